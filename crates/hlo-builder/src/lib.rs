@@ -1,0 +1,1 @@
+//! hlo-builder crate.
