@@ -1,1 +1,7 @@
-//! model crate.
+//! The RAttention transformer: configs, parameters, layers, the stack, loss and decode, traced to HLO.
+
+pub mod config;
+pub mod params;
+
+pub use config::{ConfigError, ModelConfig};
+pub use params::{init_param, param_count, param_specs, Init, ParamSpec};

@@ -1,0 +1,280 @@
+//! Model configuration: what a TOML `[model]` table says, checked on load.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Errors found while checking a configuration.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    /// A value is out of range or inconsistent with another one.
+    #[error("invalid model config: {0}")]
+    Invalid(String),
+}
+
+/// FFN activation of the gated feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FfnActivation {
+    /// SiLU-gated (SwiGLU).
+    Swiglu,
+    /// GELU-gated (GeGLU, tanh approximation).
+    Geglu,
+}
+
+/// What a local layer computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalKind {
+    /// Sliding-window attention plus residual linear attention (the paper's model).
+    Rattention,
+    /// Sliding-window attention only (the paper's SWA baseline).
+    Swa,
+}
+
+/// The kind of one layer in the stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerKind {
+    /// A local layer (see [`LocalKind`]).
+    Local,
+    /// Full causal attention without RoPE.
+    Global,
+}
+
+/// Which lowering the RLA blocks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RlaLowering {
+    /// Custom call where our kernels are registered for the target, HLO otherwise.
+    #[default]
+    Auto,
+    /// Always the custom call (CPU FFI kernels).
+    CustomCall,
+    /// Always the pure-HLO `while` lowering.
+    Hlo,
+}
+
+/// RLA feature map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FeatureMapKind {
+    /// `[softmax(x), softmax(-x)]`.
+    #[default]
+    Softmax,
+    /// `[relu(x), relu(-x)]`.
+    Relu,
+}
+
+/// Residual-linear-attention options of local layers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RlaOptions {
+    /// Feature map.
+    pub feature_map: FeatureMapKind,
+    /// Tokens per saved state.
+    pub chunk: usize,
+    /// Tokens per sub-chunk (recomputed in the backward).
+    pub sub_chunk: usize,
+    /// Lowering choice.
+    pub lowering: RlaLowering,
+}
+
+impl Default for RlaOptions {
+    fn default() -> Self {
+        Self { feature_map: FeatureMapKind::Softmax, chunk: 512, sub_chunk: 64, lowering: RlaLowering::Auto }
+    }
+}
+
+/// Compute dtype of activations and matmuls (master weights stay f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// bf16 activations and matmuls with f32 master weights, f32 norms/softmax/RLA state.
+    Bf16,
+}
+
+/// Layer pattern: a local:global ratio, or an explicit list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayerPattern {
+    /// A ratio such as `"3:1"`: three local layers then one global, repeated.
+    Ratio(String),
+    /// An explicit list such as `["local", "local", "global"]`, repeated to fill the stack.
+    List(Vec<LayerKind>),
+}
+
+impl Default for LayerPattern {
+    fn default() -> Self {
+        LayerPattern::Ratio("3:1".into())
+    }
+}
+
+/// A model configuration (`[model]` in a config file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Residual width.
+    pub d_model: usize,
+    /// Number of transformer blocks.
+    pub layers: usize,
+    /// Query heads (N).
+    pub heads: usize,
+    /// Key/value heads (G); `heads % kv_heads == 0`.
+    pub kv_heads: usize,
+    /// Head dimension (H).
+    pub head_dim: usize,
+    /// FFN hidden width.
+    pub ffn_dim: usize,
+    /// FFN activation.
+    #[serde(default = "default_ffn")]
+    pub ffn_activation: FfnActivation,
+    /// Sliding window W of local layers: key s is visible to query t iff t - W <= s <= t.
+    pub window: usize,
+    /// Local/global pattern.
+    #[serde(default)]
+    pub layer_pattern: LayerPattern,
+    /// RAttention or plain SWA for local layers.
+    #[serde(default = "default_local")]
+    pub local_kind: LocalKind,
+    /// RLA options.
+    #[serde(default)]
+    pub rla: RlaOptions,
+    /// RoPE base of local layers.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// RMSNorm on q and k (per head) before RoPE.
+    #[serde(default)]
+    pub qk_norm: bool,
+    /// Epsilon of the pre-norm RMSNorms.
+    #[serde(default = "default_eps")]
+    pub norm_eps: f64,
+    /// Share the embedding with the LM head.
+    #[serde(default = "default_true")]
+    pub tied_embeddings: bool,
+    /// Activation dtype.
+    #[serde(default)]
+    pub dtype: Dtype,
+    /// Training sequence length.
+    pub seq_len: usize,
+}
+
+fn default_ffn() -> FfnActivation {
+    FfnActivation::Swiglu
+}
+fn default_local() -> LocalKind {
+    LocalKind::Rattention
+}
+fn default_theta() -> f64 {
+    5e5
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_true() -> bool {
+    true
+}
+
+impl ModelConfig {
+    /// Check every constraint, naming the offending fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        for (name, v) in [
+            ("vocab", self.vocab),
+            ("d_model", self.d_model),
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
+            ("head_dim", self.head_dim),
+            ("ffn_dim", self.ffn_dim),
+            ("seq_len", self.seq_len),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be > 0"));
+            }
+        }
+        if self.heads % self.kv_heads != 0 {
+            return bad(format!(
+                "heads ({}) must be divisible by kv_heads ({})",
+                self.heads, self.kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim));
+        }
+        if self.rla.sub_chunk == 0 || self.rla.chunk == 0 || self.rla.chunk % self.rla.sub_chunk != 0 {
+            return bad(format!(
+                "rla.chunk ({}) must be a positive multiple of rla.sub_chunk ({})",
+                self.rla.chunk, self.rla.sub_chunk
+            ));
+        }
+        if !(self.rope_theta > 0.0) {
+            return bad(format!("rope_theta ({}) must be > 0", self.rope_theta));
+        }
+        if !(self.norm_eps >= 0.0) {
+            return bad(format!("norm_eps ({}) must be >= 0", self.norm_eps));
+        }
+        self.layer_kinds().map(|_| ())
+    }
+
+    /// The kind of every layer, expanding the pattern.
+    pub fn layer_kinds(&self) -> Result<Vec<LayerKind>, ConfigError> {
+        let unit: Vec<LayerKind> = match &self.layer_pattern {
+            LayerPattern::List(l) if l.is_empty() => {
+                return Err(ConfigError::Invalid("layer_pattern list is empty".into()))
+            }
+            LayerPattern::List(l) => l.clone(),
+            LayerPattern::Ratio(r) => {
+                let parse = || -> Option<(usize, usize)> {
+                    let (a, b) = r.split_once(':')?;
+                    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+                };
+                let (l, g) = parse().ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "layer_pattern {r:?} is not a ratio like \"3:1\" or a list like [\"local\", \"global\"]"
+                    ))
+                })?;
+                if l + g == 0 {
+                    return Err(ConfigError::Invalid(format!("layer_pattern {r:?} has no layers")));
+                }
+                std::iter::repeat_n(LayerKind::Local, l)
+                    .chain(std::iter::repeat_n(LayerKind::Global, g))
+                    .collect()
+            }
+        };
+        Ok((0..self.layers).map(|i| unit[i % unit.len()]).collect())
+    }
+
+    /// Query projection width `heads * head_dim`.
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Key/value projection width `kv_heads * head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+impl fmt::Display for ModelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "d_model {} layers {} heads {}/{} head_dim {} ffn {} window {} local {:?} vocab {} seq {}",
+            self.d_model,
+            self.layers,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+            self.ffn_dim,
+            self.window,
+            self.local_kind,
+            self.vocab,
+            self.seq_len
+        )
+    }
+}

@@ -1,0 +1,192 @@
+//! Run configuration: a TOML file with `[model]`, `[train]` and `[data]` tables, plus `key=value`
+//! overrides from the command line (`--set train.steps=50 --set model.window=16`).
+
+use anyhow::{anyhow, bail, Context, Result};
+use model::ModelConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Optimiser and schedule settings (`[train]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Sequences per step.
+    pub batch: usize,
+    /// Total optimiser steps.
+    pub steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warm-up steps.
+    pub warmup: usize,
+    /// Final learning rate of the cosine decay, as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// Decoupled weight decay (AdamW), applied to matrices only.
+    pub weight_decay: f64,
+    /// Adam β1.
+    pub beta1: f64,
+    /// Adam β2.
+    pub beta2: f64,
+    /// Adam ε.
+    pub eps: f64,
+    /// Global gradient-norm clip (0 disables).
+    pub clip_norm: f64,
+    /// Seed of initialisation and data.
+    pub seed: u64,
+    /// Steps between metrics lines.
+    pub log_every: usize,
+    /// Steps between checkpoints (0: only at the end).
+    pub checkpoint_every: usize,
+    /// Checkpoints kept.
+    pub keep_checkpoints: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch: 8,
+            steps: 100,
+            lr: 1e-3,
+            warmup: 10,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            clip_norm: 1.0,
+            seed: 0,
+            log_every: 10,
+            checkpoint_every: 0,
+            keep_checkpoints: 3,
+        }
+    }
+}
+
+/// Where the tokens come from (`[data]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `synthetic` (embedded generator), `text` (UTF-8 file or directory, byte tokenizer or a
+    /// `tokenizer.json`), `tokens` (pre-tokenized little-endian u16/u32 file).
+    pub kind: String,
+    /// Path of the text or token data (not used for `synthetic`).
+    pub path: Option<PathBuf>,
+    /// Token width of a `tokens` file: 16 or 32.
+    pub token_bits: u32,
+    /// Fraction of the data held out for `rattn eval`.
+    pub eval_fraction: f64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self { kind: "synthetic".into(), path: None, token_bits: 16, eval_fraction: 0.05 }
+    }
+}
+
+/// A whole run configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The model.
+    pub model: ModelConfig,
+    /// Training.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// Data.
+    #[serde(default)]
+    pub data: DataConfig,
+}
+
+impl RunConfig {
+    /// Load a TOML file and apply `key=value` overrides, then check everything.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::from_toml(&text, overrides).with_context(|| format!("in config {}", path.display()))
+    }
+
+    /// Parse TOML text and apply overrides.
+    pub fn from_toml(text: &str, overrides: &[String]) -> Result<RunConfig> {
+        let mut value: toml::Value = toml::from_str(text).context("config is not valid TOML")?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let cfg: RunConfig = value.try_into().map_err(|e: toml::de::Error| anyhow!("{}", e.message()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check the model and training settings.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let t = &self.train;
+        if t.batch == 0 || t.steps == 0 {
+            bail!("train.batch and train.steps must be > 0");
+        }
+        if !(t.lr > 0.0) || !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
+            bail!("train.lr must be > 0 and train.beta1/beta2 in [0, 1)");
+        }
+        if !["synthetic", "text", "tokens"].contains(&self.data.kind.as_str()) {
+            bail!("data.kind must be one of synthetic, text, tokens (got {:?})", self.data.kind);
+        }
+        if self.data.kind != "synthetic" && self.data.path.is_none() {
+            bail!("data.kind = {:?} needs data.path", self.data.kind);
+        }
+        Ok(())
+    }
+}
+
+/// Apply one `a.b.c=value` override. The value is parsed as a TOML value (`16`, `1e-3`, `true`,
+/// `"x"`, `[1, 2]`); anything that does not parse is taken as a string.
+pub fn apply_override(root: &mut toml::Value, o: &str) -> Result<()> {
+    let (key, raw) = o
+        .split_once('=')
+        .ok_or_else(|| anyhow!("override {o:?} is not key=value (e.g. train.steps=50)"))?;
+    let key = key.trim();
+    let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("override key {key:?} is malformed");
+    }
+    let mut cur = root;
+    for p in &parts[..parts.len() - 1] {
+        let table = cur.as_table_mut().ok_or_else(|| anyhow!("override {key:?}: {p:?} is not a table"))?;
+        cur = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    let table = cur.as_table_mut().ok_or_else(|| anyhow!("override {key:?}: parent is not a table"))?;
+    table.insert(parts[parts.len() - 1].to_string(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> String {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/tiny.toml")).unwrap()
+    }
+
+    #[test]
+    fn overrides_apply_and_unknown_keys_are_named() {
+        let cfg = RunConfig::from_toml(&tiny(), &["train.steps=7".into(), "model.window=5".into()]).unwrap();
+        assert_eq!(cfg.train.steps, 7);
+        assert_eq!(cfg.model.window, 5);
+        let err = RunConfig::from_toml(&tiny(), &["model.windw=5".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("windw"), "{err:#}");
+        let err = RunConfig::from_toml(&tiny(), &["train.steps".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("key=value"), "{err:#}");
+        let err = RunConfig::from_toml(&tiny(), &["model.kv_heads=3".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("divisible"), "{err:#}");
+    }
+
+    #[test]
+    fn every_shipped_config_loads() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs");
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            RunConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+        }
+    }
+}
