@@ -1,0 +1,184 @@
+//! Checkpoints in safetensors: parameters, optimiser moments, step, data position, config and seed.
+//!
+//! Writes are atomic (temp file in the same directory, fsync, rename, fsync of the directory), the
+//! last K checkpoints are kept, and loading refuses a truncated or corrupt file, or one written for
+//! another model configuration, with a message that says which.
+
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A named f32 host tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    /// Dotted name (`params.layers.0.attn.wq`, `adam_m.…`, `adam_v.…`).
+    pub name: String,
+    /// Row-major dims.
+    pub shape: Vec<usize>,
+    /// Values.
+    pub data: Vec<f32>,
+}
+
+/// Everything needed to resume bit-exactly.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    /// Optimiser steps taken.
+    pub step: u64,
+    /// Next data index.
+    pub data_position: u64,
+    /// Seed of the run.
+    pub seed: u64,
+    /// The `[model]` table as TOML (must match to resume).
+    pub model_config: String,
+    /// Tensors.
+    pub tensors: Vec<NamedTensor>,
+}
+
+/// File name of the checkpoint at `step`.
+pub fn file_name(step: u64) -> String {
+    format!("ckpt_{step:08}.safetensors")
+}
+
+/// Write atomically into `dir` and keep the newest `keep` checkpoints. Returns the path.
+pub fn save(dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint dir {}", dir.display()))?;
+    let bytes: Vec<Vec<u8>> = ckpt.tensors.iter().map(|t| t.data.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let views = ckpt
+        .tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| Ok((t.name.clone(), TensorView::new(Dtype::F32, t.shape.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let meta: HashMap<String, String> = [
+        ("format".to_string(), "rattention-checkpoint-v1".to_string()),
+        ("step".to_string(), ckpt.step.to_string()),
+        ("data_position".to_string(), ckpt.data_position.to_string()),
+        ("seed".to_string(), ckpt.seed.to_string()),
+        ("model_config".to_string(), ckpt.model_config.clone()),
+    ]
+    .into_iter()
+    .collect();
+    let data = safetensors::serialize(views, &Some(meta))?;
+    let path = dir.join(file_name(ckpt.step));
+    let tmp = dir.join(format!(".{}.tmp{}", file_name(ckpt.step), std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot rename into {}", path.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    let mut all = list(dir)?;
+    while all.len() > keep.max(1) {
+        let (_, old) = all.remove(0);
+        std::fs::remove_file(&old).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+    }
+    Ok(path)
+}
+
+/// Checkpoints in `dir`, oldest first, as (step, path).
+pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut v = Vec::new();
+    if !dir.exists() {
+        return Ok(v);
+    }
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some(step) = name.strip_prefix("ckpt_").and_then(|s| s.strip_suffix(".safetensors")) {
+            if let Ok(s) = step.parse() {
+                v.push((s, p));
+            }
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// The newest checkpoint in `dir`, if any.
+pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(list(dir)?.pop().map(|(_, p)| p))
+}
+
+/// Load and check a checkpoint. `expect_model_config`: the current `[model]` TOML; a mismatch is refused.
+pub fn load(path: &Path, expect_model_config: Option<&str>) -> Result<Checkpoint> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    let corrupt = |e: &dyn std::fmt::Display| {
+        anyhow!("checkpoint {} is truncated or corrupt ({e}); nothing was loaded", path.display())
+    };
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(&e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&e))?;
+    let md = meta.metadata().clone().unwrap_or_default();
+    let get = |k: &str| md.get(k).cloned().ok_or_else(|| corrupt(&format!("metadata key {k:?} missing")));
+    if get("format")? != "rattention-checkpoint-v1" {
+        bail!("{} is not a rattention checkpoint", path.display());
+    }
+    let model_config = get("model_config")?;
+    if let Some(expect) = expect_model_config {
+        if expect.trim() != model_config.trim() {
+            bail!(
+                "checkpoint {} was written for another model configuration; refusing to load it.\n\
+                 checkpoint:\n{model_config}\ncurrent:\n{expect}",
+                path.display()
+            );
+        }
+    }
+    let num = |k: &str| -> Result<u64> { get(k)?.parse().map_err(|e| corrupt(&e)) };
+    let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+    names.sort();
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        let t = st.tensor(&name).map_err(|e| corrupt(&e))?;
+        if t.dtype() != Dtype::F32 {
+            return Err(corrupt(&format!("tensor {name} is {:?}, expected F32", t.dtype())));
+        }
+        let data = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        tensors.push(NamedTensor { name, shape: t.shape().to_vec(), data });
+    }
+    Ok(Checkpoint { step: num("step")?, data_position: num("data_position")?, seed: num("seed")?, model_config, tensors })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ck(step: u64) -> Checkpoint {
+        Checkpoint {
+            step,
+            data_position: step * 8,
+            seed: 5,
+            model_config: "d_model = 4".into(),
+            tensors: vec![
+                NamedTensor { name: "params.w".into(), shape: vec![2, 2], data: vec![1.0, -2.5, 3.0, f32::MIN_POSITIVE] },
+                NamedTensor { name: "adam_m.w".into(), shape: vec![2, 2], data: vec![0.1; 4] },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip_keep_last_and_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        for s in 1..=5 {
+            save(dir.path(), &ck(s), 2).unwrap();
+        }
+        let l = list(dir.path()).unwrap();
+        assert_eq!(l.iter().map(|x| x.0).collect::<Vec<_>>(), vec![4, 5]);
+        let back = load(&l[1].1, Some("d_model = 4")).unwrap();
+        let mut want = ck(5);
+        want.tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(back, want);
+        let e = load(&l[1].1, Some("d_model = 8")).unwrap_err().to_string();
+        assert!(e.contains("another model configuration"), "{e}");
+        // Truncate a copy: refused, and the original is untouched.
+        let bytes = std::fs::read(&l[1].1).unwrap();
+        let bad = dir.path().join("bad.safetensors");
+        std::fs::write(&bad, &bytes[..bytes.len() - 3]).unwrap();
+        let e = load(&bad, None).unwrap_err().to_string();
+        assert!(e.contains("truncated or corrupt"), "{e}");
+        assert!(load(&l[1].1, None).is_ok());
+    }
+}
