@@ -1,7 +1,114 @@
-//! Safe Rust bindings to the PJRT C API, loaded at run time from an XLA plugin.
+//! Safe Rust bindings to the PJRT C API, loaded at run time from an XLA plugin, plus safe XLA FFI
+//! custom-call handlers.
 //!
-//! All `unsafe` code of the workspace lives in this crate.
+//! All `unsafe` code of the workspace lives in this crate. The C layouts follow the PJRT 0.114
+//! header (checked against the 0.115 CPU plugin) and XLA FFI 0.3; see
+//! `shared/reference/pjrt-ffi-facts.md`.
+//!
+//! # Plugins
+//! ```no_run
+//! // Install (pip download + unzip + SHA-256 check, cached) and load the CPU plugin once.
+//! let plugin = pjrt::cpu_plugin()?;
+//! assert_eq!(plugin.api_version().0, 0);
+//! // Or a specific file:
+//! let same = pjrt::Plugin::load(plugin.path())?;
+//! # Ok::<(), pjrt::Error>(())
+//! ```
+//!
+//! # Clients and devices
+//! ```no_run
+//! use pjrt::{Client, NamedValue};
+//! let client = Client::new(&pjrt::cpu_plugin()?, &[("cpu_device_count", NamedValue::I64(8))])?;
+//! assert_eq!(client.platform_name()?, "cpu");
+//! assert_eq!(client.addressable_devices()?.len(), 8);
+//! # Ok::<(), pjrt::Error>(())
+//! ```
+//!
+//! # Compile and execute
+//! ```no_run
+//! use pjrt::{Client, CompileOptions, Program};
+//! let client = Client::cpu()?;
+//! let module = r#"
+//! func.func @main(%a: tensor<4xf32>, %b: tensor<4xf32>) -> tensor<4xf32> {
+//!   %0 = stablehlo.add %a, %b : tensor<4xf32>
+//!   return %0 : tensor<4xf32>
+//! }"#;
+//! let exe = client.compile(Program::Mlir(module), &CompileOptions::default())?;
+//! let a = client.buffer_from_host(&[1.0f32, 2.0, 3.0, 4.0], &[4], None)?;
+//! let b = client.buffer_from_host(&[10.0f32; 4], &[4], None)?;
+//! let out = exe.execute(&[&a, &b])?;
+//! assert_eq!(out[0].to_host::<f32>()?, vec![11.0, 12.0, 13.0, 14.0]);
+//! // Save and reload.
+//! let exe2 = client.deserialize_executable(&exe.serialize()?)?;
+//! # Ok::<(), pjrt::Error>(())
+//! ```
+//!
+//! # SPMD
+//! ```no_run
+//! # use pjrt::{Client, CompileOptions, Program};
+//! # let client = Client::cpu()?; let module = "";
+//! // A module whose parameters carry `mhlo.sharding = "{devices=[4]<=[4]}"`:
+//! let exe = client.compile(Program::Mlir(module), &CompileOptions::spmd(4))?;
+//! let devices = client.addressable_devices()?;
+//! let shards: Vec<_> = devices.iter().enumerate()
+//!     .map(|(i, d)| client.buffer_from_host(&[i as f32; 4], &[4], Some(d)))
+//!     .collect::<Result<_, _>>()?;
+//! let outs = exe.execute_sharded(&shards.iter().map(|b| vec![b]).collect::<Vec<_>>())?;
+//! # Ok::<(), pjrt::Error>(())
+//! ```
+//!
+//! # FFI handlers
+//! ```no_run
+//! use pjrt::ffi::{CallFrame, FfiError};
+//! fn double(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
+//!     let x = frame.arg(0)?.as_slice::<f32>()?;
+//!     let mut y = frame.ret(0)?;
+//!     for (o, i) in y.as_mut_slice::<f32>()?.iter_mut().zip(x) { *o = 2.0 * i; }
+//!     Ok(())
+//! }
+//! pjrt::ffi_handler!(DOUBLE, double);
+//! let client = pjrt::Client::cpu()?;
+//! // Registers (process-global) and proves XLA can find the target.
+//! client.register_ffi_handler("my_double", DOUBLE)?;
+//! # Ok::<(), pjrt::Error>(())
+//! ```
 
+pub mod buffer;
+pub mod client;
 pub mod dtype;
+pub mod error;
+pub mod executable;
+pub mod ffi;
+pub mod install;
+pub mod options;
+pub mod plugin;
+mod sys;
 
+use std::sync::{Mutex, OnceLock};
+
+pub use buffer::Buffer;
+pub use client::{Client, Device};
 pub use dtype::{ElementType, NativeType};
+pub use error::{Error, ErrorCode, Result};
+pub use executable::{CompiledMemoryStats, LoadedExecutable};
+pub use ffi::FfiHandlerFn;
+pub use options::{CompileOptions, Program};
+pub use plugin::{NamedValue, Plugin};
+
+/// The CPU plugin, located (explicit `RATTN_PJRT_PLUGIN`, else the cache, installing it on first
+/// use) and loaded once per process. Concurrent first calls wait for one installation.
+pub fn cpu_plugin() -> Result<Plugin> {
+    static CPU: OnceLock<Plugin> = OnceLock::new();
+    static INIT: Mutex<()> = Mutex::new(());
+    if let Some(p) = CPU.get() {
+        return Ok(p.clone());
+    }
+    let _guard = INIT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = CPU.get() {
+        return Ok(p.clone());
+    }
+    let path = install::locate(None, install::PluginKind::Cpu)?;
+    let plugin = Plugin::load(path)?;
+    let _ = CPU.set(plugin.clone());
+    Ok(plugin)
+}

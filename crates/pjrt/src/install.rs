@@ -1,0 +1,346 @@
+//! Plugin provisioning: download a pinned PyPI wheel with `pip download --no-deps`, unzip the
+//! plugin shared library, verify its SHA-256 and cache it.
+//!
+//! Layout: `cache_dir()/<package>-<version>/<library file>`, plus `<library file>.sha256` (written
+//! only after verification) and `<package>-<version>.lock` (an exclusive file lock held while
+//! installing). The library is written under a temporary name and renamed into place, so
+//! concurrent callers (threads or processes) either see a complete, verified file or wait.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Which plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PluginKind {
+    /// XLA's CPU plugin (PyPI `lammps-jax-pjrt-cpu` 0.11.2, PJRT API 0.115).
+    Cpu,
+    /// XLA's CUDA 13 plugin (PyPI `jax-cuda13-pjrt` 0.12.0.1, PJRT API 0.116). Compiles without a
+    /// GPU given a target spec; needs `ptxas`/libdevice (see the GPU notes).
+    Cuda,
+    /// `libtpu` 0.0.52 (PJRT API 0.117). `TPU_SKIP_MDS_QUERY=1` is set on load if unset.
+    Tpu,
+}
+
+/// A pinned wheel and the plugin library inside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pin {
+    /// PyPI package name.
+    pub package: &'static str,
+    /// Exact version.
+    pub version: &'static str,
+    /// Path of the shared library inside the wheel.
+    pub member: &'static str,
+    /// Size of the shared library in bytes.
+    pub size: u64,
+    /// SHA-256 (hex) of the shared library.
+    pub sha256: &'static str,
+    /// SHA-256 (hex) of the wheel file.
+    pub wheel_sha256: &'static str,
+    /// Extra `pip download` arguments (e.g. the Python version a wheel is tagged for).
+    pub pip_args: &'static [&'static str],
+}
+
+impl PluginKind {
+    /// Every kind.
+    pub const ALL: [PluginKind; 3] = [PluginKind::Cpu, PluginKind::Cuda, PluginKind::Tpu];
+
+    /// The lower-case name (`cpu`, `cuda`, `tpu`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PluginKind::Cpu => "cpu",
+            PluginKind::Cuda => "cuda",
+            PluginKind::Tpu => "tpu",
+        }
+    }
+
+    /// Parses [`PluginKind::name`].
+    pub fn from_name(s: &str) -> Option<PluginKind> {
+        PluginKind::ALL.into_iter().find(|k| k.name().eq_ignore_ascii_case(s))
+    }
+
+    /// The pinned package. All three were downloaded and measured when the pins were recorded.
+    pub fn pin(self) -> Pin {
+        match self {
+            PluginKind::Cpu => Pin {
+                package: "lammps-jax-pjrt-cpu",
+                version: "0.11.2",
+                member: "lammps_jax_pjrt_cpu/pjrt_c_api_cpu_plugin.so",
+                size: 201_600_336,
+                sha256: "ad1309ac822b1b24d51b7f9947c7c9fa9ef5d67f390584cbc3d1fa2428fed9c2",
+                wheel_sha256: "1319390d948b39f69f7dade496b7c385149d9ca6097a6b62114da113216d9ad1",
+                pip_args: &[],
+            },
+            PluginKind::Cuda => Pin {
+                package: "jax-cuda13-pjrt",
+                version: "0.12.0.1",
+                member: "jax_plugins/xla_cuda13/xla_cuda_plugin.so",
+                size: 395_967_648,
+                sha256: "b6de513893c09af2c77e71afcef46d9706f8c259337cdef4cd5cae2353886f75",
+                wheel_sha256: "5899bb6177eda86ea532afb9a26794f2bdd04966f6a01f9028266b16c2b6cf90",
+                pip_args: &[],
+            },
+            PluginKind::Tpu => Pin {
+                package: "libtpu",
+                version: "0.0.52",
+                member: "libtpu/libtpu.so",
+                size: 467_479_448,
+                sha256: "f86de4d04a058e6b5101f73e0824b95f27e2cec996d2b9191d9cffda75c03077",
+                wheel_sha256: "f5e2e596eaea9357fbb5a6755a7a9007c6ab75bfde4a55191b03eff402971140",
+                // The wheel is tagged cp311; ask for it whatever the local Python is.
+                pip_args: &["--only-binary=:all:", "--python-version", "3.11"],
+            },
+        }
+    }
+
+    fn dir_name(self) -> String {
+        let p = self.pin();
+        format!("{}-{}", p.package, p.version)
+    }
+
+    fn file_name(self) -> &'static str {
+        let m = self.pin().member;
+        m.rsplit('/').next().unwrap_or(m)
+    }
+}
+
+impl std::fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The plugin cache: `$RATTN_CACHE/plugins` if `RATTN_CACHE` is set (it names the rattention
+/// cache root), else `~/.cache/rattention/plugins` (`$XDG_CACHE_HOME/rattention/plugins` when
+/// set).
+pub fn cache_dir() -> PathBuf {
+    if let Some(root) = std::env::var_os("RATTN_CACHE").filter(|v| !v.is_empty()) {
+        return PathBuf::from(root).join("plugins");
+    }
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("rattention").join("plugins");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    home.join(".cache").join("rattention").join("plugins")
+}
+
+fn target_path(kind: PluginKind) -> PathBuf {
+    cache_dir().join(kind.dir_name()).join(kind.file_name())
+}
+
+fn marker_path(lib: &Path) -> PathBuf {
+    let mut s = lib.as_os_str().to_owned();
+    s.push(".sha256");
+    PathBuf::from(s)
+}
+
+/// The installed, verified library of `kind`, if present (checks size and the verification marker;
+/// does not re-hash the file).
+pub fn installed(kind: PluginKind) -> Option<PathBuf> {
+    let path = target_path(kind);
+    let pin = kind.pin();
+    let meta = fs::metadata(&path).ok()?;
+    if meta.len() != pin.size {
+        return None;
+    }
+    let marker = fs::read_to_string(marker_path(&path)).ok()?;
+    (marker.trim() == pin.sha256).then_some(path)
+}
+
+/// Every installed plugin.
+pub fn list() -> Vec<(PluginKind, PathBuf)> {
+    PluginKind::ALL.into_iter().filter_map(|k| installed(k).map(|p| (k, p))).collect()
+}
+
+/// Lower-case hex of bytes.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = fs::File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// Installs `kind` into [`cache_dir`] (no-op if already installed) and returns the library path.
+///
+/// Runs `pip download --no-deps <package>==<version>` (pip must be on `PATH`, or named by
+/// `RATTN_PIP`; `python3 -m pip` is tried as a fallback), checks the wheel's and the library's
+/// SHA-256 against the pins, and renames the verified library into place under an exclusive lock.
+pub fn install(kind: PluginKind) -> Result<PathBuf> {
+    if let Some(p) = installed(kind) {
+        return Ok(p);
+    }
+    let pin = kind.pin();
+    let dir = cache_dir().join(kind.dir_name());
+    fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let lock_path = dir.join(".install.lock");
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(format!("opening lock {}", lock_path.display()), e))?;
+    fs2::FileExt::lock_exclusive(&lock).map_err(|e| Error::io(format!("locking {}", lock_path.display()), e))?;
+    // Another process may have finished while we waited.
+    if let Some(p) = installed(kind) {
+        return Ok(p);
+    }
+    let unique = format!(
+        "{}.{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    );
+    let tmp_dir = dir.join(format!(".download-{unique}"));
+    let result = install_locked(kind, &pin, &dir, &tmp_dir, &unique);
+    let _ = fs::remove_dir_all(&tmp_dir);
+    drop(lock);
+    result
+}
+
+fn install_locked(kind: PluginKind, pin: &Pin, dir: &Path, tmp_dir: &Path, unique: &str) -> Result<PathBuf> {
+    fs::create_dir_all(tmp_dir).map_err(|e| Error::io(format!("creating {}", tmp_dir.display()), e))?;
+    let wheel = pip_download(pin, tmp_dir)?;
+    let wheel_sha = sha256_file(&wheel)?;
+    if wheel_sha != pin.wheel_sha256 {
+        return Err(Error::Install(format!(
+            "{} has SHA-256 {wheel_sha}, expected {} for {}=={}",
+            wheel.display(),
+            pin.wheel_sha256,
+            pin.package,
+            pin.version
+        )));
+    }
+    let file = fs::File::open(&wheel).map_err(|e| Error::io(format!("opening {}", wheel.display()), e))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .map_err(|e| Error::Install(format!("{} is not a readable wheel: {e}", wheel.display())))?;
+    let mut entry = archive
+        .by_name(pin.member)
+        .map_err(|e| Error::Install(format!("{} has no {}: {e}", wheel.display(), pin.member)))?;
+    let target = dir.join(kind.file_name());
+    let tmp_lib = dir.join(format!(".{}.{unique}.tmp", kind.file_name()));
+    let mut out = fs::File::create(&tmp_lib).map_err(|e| Error::io(format!("creating {}", tmp_lib.display()), e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut written: u64 = 0;
+    let copy = (|| -> std::io::Result<()> {
+        loop {
+            let n = entry.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+            written += n as u64;
+        }
+        out.sync_all()
+    })();
+    if let Err(e) = copy {
+        let _ = fs::remove_file(&tmp_lib);
+        return Err(Error::io(format!("unpacking {} from {}", pin.member, wheel.display()), e));
+    }
+    let sha = hex(&h.finalize());
+    if sha != pin.sha256 || written != pin.size {
+        let _ = fs::remove_file(&tmp_lib);
+        return Err(Error::Install(format!(
+            "{} from {}=={} has SHA-256 {sha} and {written} bytes, expected {} and {} bytes",
+            pin.member, pin.package, pin.version, pin.sha256, pin.size
+        )));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions(&tmp_lib, fs::Permissions::from_mode(0o755));
+    }
+    fs::rename(&tmp_lib, &target).map_err(|e| Error::io(format!("renaming into {}", target.display()), e))?;
+    let marker = marker_path(&target);
+    let tmp_marker = dir.join(format!(".marker.{unique}.tmp"));
+    fs::write(&tmp_marker, format!("{}\n", pin.sha256)).map_err(|e| Error::io("writing the checksum marker", e))?;
+    fs::rename(&tmp_marker, &marker).map_err(|e| Error::io(format!("renaming into {}", marker.display()), e))?;
+    Ok(target)
+}
+
+fn pip_download(pin: &Pin, dest: &Path) -> Result<PathBuf> {
+    let spec = format!("{}=={}", pin.package, pin.version);
+    let mut candidates: Vec<(String, Vec<String>)> = Vec::new();
+    if let Some(p) = std::env::var_os("RATTN_PIP").filter(|v| !v.is_empty()) {
+        candidates.push((p.to_string_lossy().into_owned(), Vec::new()));
+    }
+    candidates.push(("pip".into(), Vec::new()));
+    candidates.push(("pip3".into(), Vec::new()));
+    candidates.push(("python3".into(), vec!["-m".into(), "pip".into()]));
+    let mut failures = Vec::new();
+    for (program, prefix) in candidates {
+        let mut cmd = Command::new(&program);
+        cmd.args(&prefix)
+            .args(["download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+            .arg(dest)
+            .args(pin.pip_args)
+            .arg(&spec);
+        match cmd.output() {
+            Err(e) => failures.push(format!("{program}: {e}")),
+            Ok(out) if !out.status.success() => failures.push(format!(
+                "{program} {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Ok(_) => {
+                let wheel = fs::read_dir(dest)
+                    .map_err(|e| Error::io(format!("listing {}", dest.display()), e))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .find(|p| p.extension().is_some_and(|x| x == "whl"));
+                return wheel.ok_or_else(|| {
+                    Error::Install(format!("`{program} download {spec}` succeeded but left no .whl in {}", dest.display()))
+                });
+            }
+        }
+    }
+    Err(Error::Install(format!("could not download {spec}: {}", failures.join("; "))))
+}
+
+/// Finds the plugin library to use, in order: `explicit`, then `RATTN_PJRT_PLUGIN`, then the
+/// cache (installing the CPU plugin automatically; CUDA/TPU must be installed explicitly with
+/// [`install`] because they are large).
+pub fn locate(explicit: Option<&Path>, kind: PluginKind) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return check_exists(p, "the explicit plugin path");
+    }
+    if let Some(p) = std::env::var_os("RATTN_PJRT_PLUGIN").filter(|v| !v.is_empty()) {
+        return check_exists(Path::new(&p), "RATTN_PJRT_PLUGIN");
+    }
+    if let Some(p) = installed(kind) {
+        return Ok(p);
+    }
+    match kind {
+        PluginKind::Cpu => install(kind),
+        _ => Err(Error::Install(format!(
+            "the {kind} plugin ({}=={}) is not installed in {}; install it with pjrt::install::install(PluginKind::{kind:?}) \
+             (or `rattn plugin install {kind}`), or point RATTN_PJRT_PLUGIN at a plugin library",
+            kind.pin().package,
+            kind.pin().version,
+            cache_dir().display()
+        ))),
+    }
+}
+
+fn check_exists(p: &Path, what: &str) -> Result<PathBuf> {
+    if p.is_file() {
+        Ok(p.to_path_buf())
+    } else {
+        Err(Error::Load { path: p.to_path_buf(), message: format!("{what} does not name an existing file") })
+    }
+}
