@@ -22,7 +22,12 @@ impl Drop for Buffer {
         let mut a = sys::HandleArgs::new();
         a.handle = self.raw;
         // SAFETY: the buffer is owned by `self` and destroyed exactly once.
-        let _ = unsafe { self.client.inner.plugin.call(slot::BUFFER_DESTROY, "PJRT_Buffer_Destroy", &mut a) };
+        let _ = unsafe {
+            self.client
+                .inner
+                .plugin
+                .call(slot::BUFFER_DESTROY, "PJRT_Buffer_Destroy", &mut a)
+        };
     }
 }
 
@@ -41,7 +46,10 @@ impl std::fmt::Debug for Buffer {
 
 impl Buffer {
     pub(crate) fn from_raw(client: &Client, raw: Ptr) -> Buffer {
-        Buffer { raw, client: client.clone() }
+        Buffer {
+            raw,
+            client: client.clone(),
+        }
     }
 
     /// The client that owns the buffer.
@@ -54,11 +62,20 @@ impl Buffer {
         let mut a = sys::BufferElementTypeArgs::new();
         a.buffer = self.raw;
         // SAFETY: slot 59 takes PJRT_Buffer_ElementType_Args.
-        unsafe { self.client.inner.plugin.call(slot::BUFFER_ELEMENT_TYPE, "PJRT_Buffer_ElementType", &mut a) }?;
+        unsafe {
+            self.client.inner.plugin.call(
+                slot::BUFFER_ELEMENT_TYPE,
+                "PJRT_Buffer_ElementType",
+                &mut a,
+            )
+        }?;
         ElementType::from_pjrt_code(a.element_type).ok_or_else(|| Error::Pjrt {
             code: ErrorCode::Unimplemented,
             function: "PJRT_Buffer_ElementType",
-            message: format!("PJRT buffer type {} is not supported by this crate", a.element_type),
+            message: format!(
+                "PJRT buffer type {} is not supported by this crate",
+                a.element_type
+            ),
         })
     }
 
@@ -67,7 +84,12 @@ impl Buffer {
         let mut a = sys::BufferDimensionsArgs::new();
         a.buffer = self.raw;
         // SAFETY: slot 60 takes PJRT_Buffer_Dimensions_Args.
-        unsafe { self.client.inner.plugin.call(slot::BUFFER_DIMENSIONS, "PJRT_Buffer_Dimensions", &mut a) }?;
+        unsafe {
+            self.client
+                .inner
+                .plugin
+                .call(slot::BUFFER_DIMENSIONS, "PJRT_Buffer_Dimensions", &mut a)
+        }?;
         if a.num_dims == 0 || a.dims.is_null() {
             return Ok(Vec::new());
         }
@@ -85,7 +107,13 @@ impl Buffer {
         let mut a = sys::HandleWordArgs::new();
         a.handle = self.raw;
         // SAFETY: slot 64 takes PJRT_Buffer_OnDeviceSizeInBytes_Args (same layout).
-        unsafe { self.client.inner.plugin.call(slot::BUFFER_ON_DEVICE_SIZE, "PJRT_Buffer_OnDeviceSizeInBytes", &mut a) }?;
+        unsafe {
+            self.client.inner.plugin.call(
+                slot::BUFFER_ON_DEVICE_SIZE,
+                "PJRT_Buffer_OnDeviceSizeInBytes",
+                &mut a,
+            )
+        }?;
         Ok(a.value)
     }
 
@@ -94,7 +122,12 @@ impl Buffer {
         let mut a = sys::HandleWordArgs::new();
         a.handle = self.raw;
         // SAFETY: slot 65 takes PJRT_Buffer_Device_Args {buffer, device out} (same layout).
-        unsafe { self.client.inner.plugin.call(slot::BUFFER_DEVICE, "PJRT_Buffer_Device", &mut a) }?;
+        unsafe {
+            self.client
+                .inner
+                .plugin
+                .call(slot::BUFFER_DEVICE, "PJRT_Buffer_Device", &mut a)
+        }?;
         Device::from_raw(&self.client, a.value as Ptr)
     }
 
@@ -103,7 +136,12 @@ impl Buffer {
         let mut a = sys::BufferIsDeletedArgs::new();
         a.buffer = self.raw;
         // SAFETY: slot 68 takes PJRT_Buffer_IsDeleted_Args.
-        unsafe { self.client.inner.plugin.call(slot::BUFFER_IS_DELETED, "PJRT_Buffer_IsDeleted", &mut a) }?;
+        unsafe {
+            self.client
+                .inner
+                .plugin
+                .call(slot::BUFFER_IS_DELETED, "PJRT_Buffer_IsDeleted", &mut a)
+        }?;
         Ok(a.is_deleted)
     }
 
@@ -113,7 +151,13 @@ impl Buffer {
         let mut a = sys::HandleWordArgs::new();
         a.handle = self.raw;
         // SAFETY: slot 73 takes PJRT_Buffer_UnsafePointer_Args {buffer, uintptr out}.
-        unsafe { self.client.inner.plugin.call(slot::BUFFER_UNSAFE_POINTER, "PJRT_Buffer_UnsafePointer", &mut a) }?;
+        unsafe {
+            self.client.inner.plugin.call(
+                slot::BUFFER_UNSAFE_POINTER,
+                "PJRT_Buffer_UnsafePointer",
+                &mut a,
+            )
+        }?;
         Ok(a.value)
     }
 
@@ -123,7 +167,13 @@ impl Buffer {
         a.buffer = self.raw;
         a.dst_device = device.raw;
         // SAFETY: slot 69 takes PJRT_Buffer_CopyToDevice_Args.
-        unsafe { self.client.inner.plugin.call(slot::BUFFER_COPY_TO_DEVICE, "PJRT_Buffer_CopyToDevice", &mut a) }?;
+        unsafe {
+            self.client.inner.plugin.call(
+                slot::BUFFER_COPY_TO_DEVICE,
+                "PJRT_Buffer_CopyToDevice",
+                &mut a,
+            )
+        }?;
         Ok(Buffer::from_raw(&self.client, a.dst_buffer))
     }
 
@@ -152,12 +202,17 @@ impl Buffer {
             let mut out = vec![T::default(); n];
             let normalized: Vec<u8> = bytes.iter().map(|&b| u8::from(b != 0)).collect();
             // SAFETY: T is bool (1 byte) and every byte is 0 or 1, a valid bool.
-            unsafe { std::ptr::copy_nonoverlapping(normalized.as_ptr(), out.as_mut_ptr() as *mut u8, n) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(normalized.as_ptr(), out.as_mut_ptr() as *mut u8, n)
+            };
             return Ok(out);
         }
         let mut out = vec![T::default(); n];
         // SAFETY: non-bool NativeTypes accept every bit pattern; the Vec holds exactly the bytes.
-        self.copy_into(out.as_mut_ptr() as *mut u8, std::mem::size_of_val(out.as_slice()))?;
+        self.copy_into(
+            out.as_mut_ptr() as *mut u8,
+            std::mem::size_of_val(out.as_slice()),
+        )?;
         Ok(out)
     }
 
@@ -166,7 +221,12 @@ impl Buffer {
         a.src = self.raw;
         // Ask for the size first so a mismatch is an error, not an overrun.
         // SAFETY: slot 70 with dst = null only reports the required size.
-        unsafe { self.client.inner.plugin.call(slot::BUFFER_TO_HOST, "PJRT_Buffer_ToHostBuffer", &mut a) }?;
+        unsafe {
+            self.client
+                .inner
+                .plugin
+                .call(slot::BUFFER_TO_HOST, "PJRT_Buffer_ToHostBuffer", &mut a)
+        }?;
         if a.dst_size != len {
             return Err(Error::Shape(format!(
                 "PJRT_Buffer_ToHostBuffer needs {} bytes but the host array has {len}",
@@ -182,7 +242,15 @@ impl Buffer {
         a.dst_size = len;
         // SAFETY: `dst` is valid for `len` writable bytes and stays alive until the event has
         // been awaited below.
-        unsafe { self.client.inner.plugin.call(slot::BUFFER_TO_HOST, "PJRT_Buffer_ToHostBuffer", &mut a) }?;
-        self.client.inner.plugin.await_event(a.event, "PJRT_Buffer_ToHostBuffer")
+        unsafe {
+            self.client
+                .inner
+                .plugin
+                .call(slot::BUFFER_TO_HOST, "PJRT_Buffer_ToHostBuffer", &mut a)
+        }?;
+        self.client
+            .inner
+            .plugin
+            .await_event(a.event, "PJRT_Buffer_ToHostBuffer")
     }
 }

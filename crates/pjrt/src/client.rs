@@ -36,13 +36,18 @@ impl Drop for ClientInner {
         a.client = self.raw;
         // SAFETY: the client is live and destroyed exactly once; every buffer/executable holds a
         // clone of the `Arc`, so none outlives it.
-        let _ = unsafe { self.plugin.call(slot::CLIENT_DESTROY, "PJRT_Client_Destroy", &mut a) };
+        let _ = unsafe {
+            self.plugin
+                .call(slot::CLIENT_DESTROY, "PJRT_Client_Destroy", &mut a)
+        };
     }
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("plugin", &self.inner.plugin.path()).finish()
+        f.debug_struct("Client")
+            .field("plugin", &self.inner.plugin.path())
+            .finish()
     }
 }
 
@@ -114,7 +119,13 @@ impl Device {
         let mut d = sys::DeviceGetDescriptionArgs::new();
         d.device = raw;
         // SAFETY: `raw` is a live PJRT_Device of this client.
-        unsafe { plugin.call(slot::DEVICE_GET_DESCRIPTION, "PJRT_Device_GetDescription", &mut d) }?;
+        unsafe {
+            plugin.call(
+                slot::DEVICE_GET_DESCRIPTION,
+                "PJRT_Device_GetDescription",
+                &mut d,
+            )
+        }?;
         let desc = d.description;
         let int = |s: usize, name: &'static str, handle: Ptr| -> Result<i32> {
             let mut a = sys::HandleIntArgs::new();
@@ -132,18 +143,38 @@ impl Device {
             // SAFETY: valid for value_size bytes while the client lives.
             Ok(unsafe { copy_string(a.value, a.value_size) })
         };
-        let id = int(slot::DEVICE_DESCRIPTION_ID, "PJRT_DeviceDescription_Id", desc)?;
-        let process_index =
-            int(slot::DEVICE_DESCRIPTION_PROCESS_INDEX, "PJRT_DeviceDescription_ProcessIndex", desc)?;
+        let id = int(
+            slot::DEVICE_DESCRIPTION_ID,
+            "PJRT_DeviceDescription_Id",
+            desc,
+        )?;
+        let process_index = int(
+            slot::DEVICE_DESCRIPTION_PROCESS_INDEX,
+            "PJRT_DeviceDescription_ProcessIndex",
+            desc,
+        )?;
         let kind = string(slot::DEVICE_DESCRIPTION_KIND, "PJRT_DeviceDescription_Kind")?;
-        let debug_string = string(slot::DEVICE_DESCRIPTION_DEBUG_STRING, "PJRT_DeviceDescription_DebugString")?;
+        let debug_string = string(
+            slot::DEVICE_DESCRIPTION_DEBUG_STRING,
+            "PJRT_DeviceDescription_DebugString",
+        )?;
         let mut a = sys::DeviceIsAddressableArgs::new();
         a.device = raw;
         // SAFETY: slot 30 takes PJRT_Device_IsAddressable_Args.
-        unsafe { plugin.call(slot::DEVICE_IS_ADDRESSABLE, "PJRT_Device_IsAddressable", &mut a) }?;
+        unsafe {
+            plugin.call(
+                slot::DEVICE_IS_ADDRESSABLE,
+                "PJRT_Device_IsAddressable",
+                &mut a,
+            )
+        }?;
         let is_addressable = a.is_addressable;
         let local_hardware_id = if is_addressable {
-            int(slot::DEVICE_LOCAL_HARDWARE_ID, "PJRT_Device_LocalHardwareId", raw)?
+            int(
+                slot::DEVICE_LOCAL_HARDWARE_ID,
+                "PJRT_Device_LocalHardwareId",
+                raw,
+            )?
         } else {
             -1
         };
@@ -177,7 +208,12 @@ impl Client {
                 message: "the plugin returned no client".into(),
             });
         }
-        Ok(Client { inner: Arc::new(ClientInner { plugin: plugin.clone(), raw: a.client }) })
+        Ok(Client {
+            inner: Arc::new(ClientInner {
+                plugin: plugin.clone(),
+                raw: a.client,
+            }),
+        })
     }
 
     /// A client of the CPU plugin (installed and loaded by [`crate::cpu_plugin`]) with default
@@ -215,11 +251,22 @@ impl Client {
         let mut a = sys::ClientProcessIndexArgs::new();
         a.client = self.inner.raw;
         // SAFETY: slot 13 takes PJRT_Client_ProcessIndex_Args.
-        unsafe { self.inner.plugin.call(slot::CLIENT_PROCESS_INDEX, "PJRT_Client_ProcessIndex", &mut a) }?;
+        unsafe {
+            self.inner.plugin.call(
+                slot::CLIENT_PROCESS_INDEX,
+                "PJRT_Client_ProcessIndex",
+                &mut a,
+            )
+        }?;
         Ok(a.process_index)
     }
 
-    pub(crate) fn device_list(&self, s: usize, name: &'static str, owner: Ptr) -> Result<Vec<Device>> {
+    pub(crate) fn device_list(
+        &self,
+        s: usize,
+        name: &'static str,
+        owner: Ptr,
+    ) -> Result<Vec<Device>> {
         let mut a = sys::DeviceListArgs::new();
         a.owner = owner;
         // SAFETY: the slot takes a (owner, device array out) args struct of this layout.
@@ -230,7 +277,9 @@ impl Client {
             // SAFETY: the plugin returned an array of num_devices device pointers that it owns.
             unsafe { std::slice::from_raw_parts(a.devices, a.num_devices) }.to_vec()
         };
-        raws.into_iter().map(|d| Device::from_raw(self, d)).collect()
+        raws.into_iter()
+            .map(|d| Device::from_raw(self, d))
+            .collect()
     }
 
     /// All devices (addressable or not).
@@ -240,13 +289,21 @@ impl Client {
 
     /// The devices this process can use.
     pub fn addressable_devices(&self) -> Result<Vec<Device>> {
-        self.device_list(slot::CLIENT_ADDRESSABLE_DEVICES, "PJRT_Client_AddressableDevices", self.inner.raw)
+        self.device_list(
+            slot::CLIENT_ADDRESSABLE_DEVICES,
+            "PJRT_Client_AddressableDevices",
+            self.inner.raw,
+        )
     }
 
     /// Compiles `program` with `options` after validating the options against this client's
     /// devices (refusing every combination known to abort the plugin, see
     /// [`CompileOptions::validate`]).
-    pub fn compile(&self, program: Program<'_>, options: &CompileOptions) -> Result<LoadedExecutable> {
+    pub fn compile(
+        &self,
+        program: Program<'_>,
+        options: &CompileOptions,
+    ) -> Result<LoadedExecutable> {
         let devices = self.devices()?;
         options.validate(devices.len())?;
         options.validate_for_program(&program)?;
@@ -266,7 +323,9 @@ impl Client {
             Program::Mlir(text) => (text.as_bytes(), "mlir"),
         };
         if code.is_empty() {
-            return Err(Error::InvalidArgument("cannot compile an empty program".into()));
+            return Err(Error::InvalidArgument(
+                "cannot compile an empty program".into(),
+            ));
         }
         let mut p = sys::Program::new();
         p.code = code.as_ptr() as *mut u8;
@@ -280,7 +339,11 @@ impl Client {
         a.compile_options_size = encoded.len();
         // SAFETY: slot 20 takes PJRT_Client_Compile_Args; the program and options outlive the
         // call and the plugin does not write to `code`.
-        unsafe { self.inner.plugin.call(slot::CLIENT_COMPILE, "PJRT_Client_Compile", &mut a) }?;
+        unsafe {
+            self.inner
+                .plugin
+                .call(slot::CLIENT_COMPILE, "PJRT_Client_Compile", &mut a)
+        }?;
         LoadedExecutable::from_raw(self, a.executable)
     }
 
@@ -288,7 +351,9 @@ impl Client {
     /// version and machine type; CPU executables are specific to the host CPU's features).
     pub fn deserialize_executable(&self, bytes: &[u8]) -> Result<LoadedExecutable> {
         if bytes.is_empty() {
-            return Err(Error::InvalidArgument("cannot deserialize an empty executable".into()));
+            return Err(Error::InvalidArgument(
+                "cannot deserialize an empty executable".into(),
+            ));
         }
         let mut a = sys::ExecutableDeserializeArgs::new();
         a.client = self.inner.raw;
@@ -307,17 +372,32 @@ impl Client {
 
     /// Copies `data` (row-major, shape `dims`) to a new device buffer on `device` (default: the
     /// first addressable device).
-    pub fn buffer_from_host<T: NativeType>(&self, data: &[T], dims: &[i64], device: Option<&Device>) -> Result<Buffer> {
+    pub fn buffer_from_host<T: NativeType>(
+        &self,
+        data: &[T],
+        dims: &[i64],
+        device: Option<&Device>,
+    ) -> Result<Buffer> {
         // SAFETY: `T: NativeType` types are plain-old-data of `T::TYPE.byte_size()` bytes each
         // (bool is one byte holding 0 or 1), so viewing them as bytes is valid.
-        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) };
+        let bytes = unsafe {
+            std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data))
+        };
         self.buffer_from_bytes(bytes, T::TYPE, dims, device)
     }
 
     /// Copies raw little-endian element bytes (row-major, shape `dims`) to a new device buffer.
-    pub fn buffer_from_bytes(&self, bytes: &[u8], ty: ElementType, dims: &[i64], device: Option<&Device>) -> Result<Buffer> {
+    pub fn buffer_from_bytes(
+        &self,
+        bytes: &[u8],
+        ty: ElementType,
+        dims: &[i64],
+        device: Option<&Device>,
+    ) -> Result<Buffer> {
         let count = element_count(dims)?;
-        let expected = count.checked_mul(ty.byte_size()).ok_or_else(|| Error::Shape(format!("{ty}{dims:?} is too large")))?;
+        let expected = count
+            .checked_mul(ty.byte_size())
+            .ok_or_else(|| Error::Shape(format!("{ty}{dims:?} is too large")))?;
         if bytes.len() != expected {
             return Err(Error::Shape(format!(
                 "buffer_from_bytes: {ty}{dims:?} needs {expected} bytes ({count} elements), got {} bytes",
@@ -327,7 +407,10 @@ impl Client {
         let device = match device {
             Some(d) => {
                 if !Arc::ptr_eq(&d.client.inner, &self.inner) {
-                    return Err(Error::InvalidArgument(format!("device {} belongs to another client", d.id())));
+                    return Err(Error::InvalidArgument(format!(
+                        "device {} belongs to another client",
+                        d.id()
+                    )));
                 }
                 d.raw
             }
@@ -337,7 +420,11 @@ impl Client {
         a.client = self.inner.raw;
         // A zero-sized host slice may have a dangling pointer; give the plugin a real one.
         let one = 0u64;
-        a.data = if bytes.is_empty() { &one as *const u64 as *const _ } else { bytes.as_ptr() as *const _ };
+        a.data = if bytes.is_empty() {
+            &one as *const u64 as *const _
+        } else {
+            bytes.as_ptr() as *const _
+        };
         a.element_type = ty.pjrt_code();
         a.dims = dims.as_ptr();
         a.num_dims = dims.len();
@@ -345,9 +432,17 @@ impl Client {
         a.device = device;
         // SAFETY: slot 22 takes PJRT_Client_BufferFromHostBuffer_Args; data and dims outlive the
         // call and the done event is awaited before returning.
-        unsafe { self.inner.plugin.call(slot::CLIENT_BUFFER_FROM_HOST, "PJRT_Client_BufferFromHostBuffer", &mut a) }?;
+        unsafe {
+            self.inner.plugin.call(
+                slot::CLIENT_BUFFER_FROM_HOST,
+                "PJRT_Client_BufferFromHostBuffer",
+                &mut a,
+            )
+        }?;
         let buffer = Buffer::from_raw(self, a.buffer);
-        self.inner.plugin.await_event(a.done_with_host_buffer, "PJRT_Client_BufferFromHostBuffer")?;
+        self.inner
+            .plugin
+            .await_event(a.done_with_host_buffer, "PJRT_Client_BufferFromHostBuffer")?;
         Ok(buffer)
     }
 
@@ -355,9 +450,17 @@ impl Client {
         let mut a = sys::DeviceListArgs::new();
         a.owner = self.inner.raw;
         // SAFETY: slot 16 takes PJRT_Client_AddressableDevices_Args.
-        unsafe { self.inner.plugin.call(slot::CLIENT_ADDRESSABLE_DEVICES, "PJRT_Client_AddressableDevices", &mut a) }?;
+        unsafe {
+            self.inner.plugin.call(
+                slot::CLIENT_ADDRESSABLE_DEVICES,
+                "PJRT_Client_AddressableDevices",
+                &mut a,
+            )
+        }?;
         if a.num_devices == 0 || a.devices.is_null() {
-            return Err(Error::InvalidArgument("the client has no addressable devices".into()));
+            return Err(Error::InvalidArgument(
+                "the client has no addressable devices".into(),
+            ));
         }
         // SAFETY: the array has at least one element.
         Ok(unsafe { *a.devices })
@@ -368,14 +471,20 @@ impl Client {
     /// fail here with NOT_FOUND). See [`Plugin::register_ffi_handler`].
     pub fn register_ffi_handler(&self, target: &str, handler: FfiHandlerFn) -> Result<()> {
         let platform = self.platform_name()?;
-        self.inner.plugin.register_ffi_handler(target, &platform, handler)?;
+        self.inner
+            .plugin
+            .register_ffi_handler(target, &platform, handler)?;
         self.check_ffi_target(target)
     }
 
     /// Compiles (does not run) a module with a typed-FFI custom call to `target`; a NOT_FOUND
     /// compile error means no handler is registered for this client's platform.
     pub fn check_ffi_target(&self, target: &str) -> Result<()> {
-        if !target.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') || target.is_empty() {
+        if !target
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+            || target.is_empty()
+        {
             // The probe spells the target as a symbol; other names cannot be probed this way.
             return Ok(());
         }
@@ -400,8 +509,11 @@ impl Client {
 pub(crate) fn element_count(dims: &[i64]) -> Result<usize> {
     let mut n: usize = 1;
     for &d in dims {
-        let d = usize::try_from(d).map_err(|_| Error::Shape(format!("negative dimension in {dims:?}")))?;
-        n = n.checked_mul(d).ok_or_else(|| Error::Shape(format!("shape {dims:?} overflows")))?;
+        let d = usize::try_from(d)
+            .map_err(|_| Error::Shape(format!("negative dimension in {dims:?}")))?;
+        n = n
+            .checked_mul(d)
+            .ok_or_else(|| Error::Shape(format!("shape {dims:?} overflows")))?;
     }
     Ok(n)
 }

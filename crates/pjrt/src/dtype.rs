@@ -181,7 +181,10 @@ mod tests {
     #[test]
     fn numberings_round_trip_and_differ_where_xla_does() {
         for t in ElementType::ALL {
-            assert_eq!(ElementType::from_primitive_type(t.primitive_type()), Some(t));
+            assert_eq!(
+                ElementType::from_primitive_type(t.primitive_type()),
+                Some(t)
+            );
             assert_eq!(ElementType::from_pjrt_code(t.pjrt_code()), Some(t));
             assert_eq!(ElementType::from_ffi_code(t.ffi_code()), Some(t));
             assert_eq!(ElementType::from_name(t.name()), Some(t));

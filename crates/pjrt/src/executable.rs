@@ -53,7 +53,11 @@ impl Drop for ExecInner {
         a.handle = self.raw;
         // SAFETY: owned by us and destroyed exactly once.
         let _ = unsafe {
-            self.client.inner.plugin.call(slot::LOADED_EXECUTABLE_DESTROY, "PJRT_LoadedExecutable_Destroy", &mut a)
+            self.client.inner.plugin.call(
+                slot::LOADED_EXECUTABLE_DESTROY,
+                "PJRT_LoadedExecutable_Destroy",
+                &mut a,
+            )
         };
     }
 }
@@ -63,7 +67,15 @@ impl std::fmt::Debug for LoadedExecutable {
         f.debug_struct("LoadedExecutable")
             .field("name", &self.name().unwrap_or_default())
             .field("num_outputs", &self.inner.num_outputs)
-            .field("devices", &self.inner.devices.iter().map(Device::id).collect::<Vec<_>>())
+            .field(
+                "devices",
+                &self
+                    .inner
+                    .devices
+                    .iter()
+                    .map(Device::id)
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -79,7 +91,13 @@ impl Drop for ExecutableRef<'_> {
         let mut a = sys::HandleArgs::new();
         a.handle = self.raw;
         // SAFETY: the caller of GetExecutable owns the returned executable and must destroy it.
-        let _ = unsafe { self.client.inner.plugin.call(slot::EXECUTABLE_DESTROY, "PJRT_Executable_Destroy", &mut a) };
+        let _ = unsafe {
+            self.client.inner.plugin.call(
+                slot::EXECUTABLE_DESTROY,
+                "PJRT_Executable_Destroy",
+                &mut a,
+            )
+        };
     }
 }
 
@@ -93,9 +111,15 @@ impl LoadedExecutable {
             });
         }
         let mut exe = LoadedExecutable {
-            inner: Arc::new(ExecInner { raw, client: client.clone(), num_outputs: 0, devices: Vec::new() }),
+            inner: Arc::new(ExecInner {
+                raw,
+                client: client.clone(),
+                num_outputs: 0,
+                devices: Vec::new(),
+            }),
         };
-        let num_outputs = exe.word_query(slot::EXECUTABLE_NUM_OUTPUTS, "PJRT_Executable_NumOutputs")?;
+        let num_outputs =
+            exe.word_query(slot::EXECUTABLE_NUM_OUTPUTS, "PJRT_Executable_NumOutputs")?;
         let devices = client.device_list(
             slot::LOADED_EXECUTABLE_ADDRESSABLE_DEVICES,
             "PJRT_LoadedExecutable_AddressableDevices",
@@ -116,9 +140,16 @@ impl LoadedExecutable {
         a.handle = self.inner.raw;
         // SAFETY: slot 51 takes PJRT_LoadedExecutable_GetExecutable_Args.
         unsafe {
-            self.plugin().call(slot::LOADED_EXECUTABLE_GET_EXECUTABLE, "PJRT_LoadedExecutable_GetExecutable", &mut a)
+            self.plugin().call(
+                slot::LOADED_EXECUTABLE_GET_EXECUTABLE,
+                "PJRT_LoadedExecutable_GetExecutable",
+                &mut a,
+            )
         }?;
-        Ok(ExecutableRef { raw: a.value as Ptr, client: &self.inner.client })
+        Ok(ExecutableRef {
+            raw: a.value as Ptr,
+            client: &self.inner.client,
+        })
     }
 
     fn word_query(&self, s: usize, name: &'static str) -> Result<usize> {
@@ -168,7 +199,10 @@ impl LoadedExecutable {
 
     /// Number of partitions the program was compiled for.
     pub fn num_partitions(&self) -> Result<usize> {
-        self.word_query(slot::EXECUTABLE_NUM_PARTITIONS, "PJRT_Executable_NumPartitions")
+        self.word_query(
+            slot::EXECUTABLE_NUM_PARTITIONS,
+            "PJRT_Executable_NumPartitions",
+        )
     }
 
     /// Element type and (per-device) dims of every output.
@@ -177,11 +211,23 @@ impl LoadedExecutable {
         let mut t = sys::ExecutableOutputTypesArgs::new();
         t.executable = exe.raw;
         // SAFETY: slot 90 takes PJRT_Executable_OutputElementTypes_Args.
-        unsafe { self.plugin().call(slot::EXECUTABLE_OUTPUT_ELEMENT_TYPES, "PJRT_Executable_OutputElementTypes", &mut t) }?;
+        unsafe {
+            self.plugin().call(
+                slot::EXECUTABLE_OUTPUT_ELEMENT_TYPES,
+                "PJRT_Executable_OutputElementTypes",
+                &mut t,
+            )
+        }?;
         let mut d = sys::ExecutableOutputDimsArgs::new();
         d.executable = exe.raw;
         // SAFETY: slot 91 takes PJRT_Executable_OutputDimensions_Args.
-        unsafe { self.plugin().call(slot::EXECUTABLE_OUTPUT_DIMENSIONS, "PJRT_Executable_OutputDimensions", &mut d) }?;
+        unsafe {
+            self.plugin().call(
+                slot::EXECUTABLE_OUTPUT_DIMENSIONS,
+                "PJRT_Executable_OutputDimensions",
+                &mut d,
+            )
+        }?;
         if t.num_output_types != d.num_outputs {
             return Err(Error::Shape(format!(
                 "the plugin reports {} output types but {} output shapes",
@@ -218,22 +264,66 @@ impl LoadedExecutable {
         Ok(out)
     }
 
-    /// The optimized program: a serialized `HloModuleProto` after XLA's passes.
+    /// The optimized program: a serialized `HloModuleProto` after XLA's passes (unwrapped from
+    /// the `HloModuleProtoWithConfig` that the plugin returns as format `"hlo_with_config"`).
     pub fn optimized_program(&self) -> Result<Vec<u8>> {
+        let (format, code) = self.optimized_program_raw()?;
+        match format.as_str() {
+            "hlo" => Ok(code),
+            "hlo_with_config" => {
+                use prost::Message;
+                /// `xla.HloModuleProtoWithConfig { HloModuleProto hlo_module = 1; ... }`.
+                #[derive(Clone, PartialEq, prost::Message)]
+                struct WithConfig {
+                    #[prost(bytes = "vec", tag = "1")]
+                    hlo_module: Vec<u8>,
+                }
+                let w = WithConfig::decode(code.as_slice()).map_err(|e| Error::Pjrt {
+                    code: ErrorCode::Internal,
+                    function: "PJRT_Executable_OptimizedProgram",
+                    message: format!("cannot decode HloModuleProtoWithConfig: {e}"),
+                })?;
+                Ok(w.hlo_module)
+            }
+            other => Err(Error::Pjrt {
+                code: ErrorCode::Unimplemented,
+                function: "PJRT_Executable_OptimizedProgram",
+                message: format!("unexpected optimized program format {other:?}"),
+            }),
+        }
+    }
+
+    /// The optimized program as the plugin returns it: `(format, bytes)`, e.g.
+    /// `("hlo_with_config", <HloModuleProtoWithConfig>)`.
+    pub fn optimized_program_raw(&self) -> Result<(String, Vec<u8>)> {
         let exe = self.executable()?;
         let mut p = sys::Program::new();
         let mut a = sys::ExecutableOptimizedProgramArgs::new();
         a.executable = exe.raw;
         a.program = &mut p;
         // SAFETY: slot 48 with program.code = null reports the required code_size.
-        unsafe { self.plugin().call(slot::EXECUTABLE_OPTIMIZED_PROGRAM, "PJRT_Executable_OptimizedProgram", &mut a) }?;
+        unsafe {
+            self.plugin().call(
+                slot::EXECUTABLE_OPTIMIZED_PROGRAM,
+                "PJRT_Executable_OptimizedProgram",
+                &mut a,
+            )
+        }?;
         let mut code = vec![0u8; p.code_size];
         p.code = code.as_mut_ptr();
         a.program = &mut p;
         // SAFETY: `code` has code_size writable bytes.
-        unsafe { self.plugin().call(slot::EXECUTABLE_OPTIMIZED_PROGRAM, "PJRT_Executable_OptimizedProgram", &mut a) }?;
+        unsafe {
+            self.plugin().call(
+                slot::EXECUTABLE_OPTIMIZED_PROGRAM,
+                "PJRT_Executable_OptimizedProgram",
+                &mut a,
+            )
+        }?;
         code.truncate(p.code_size);
-        Ok(code)
+        // SAFETY: the format string is a static string of the plugin, valid for format_size bytes.
+        let format = unsafe { crate::plugin::copy_string(p.format, p.format_size) };
+        Ok((format, code))
     }
 
     /// Compile-time memory statistics.
@@ -243,7 +333,11 @@ impl LoadedExecutable {
         a.executable = exe.raw;
         // SAFETY: slot 96 takes PJRT_Executable_GetCompiledMemoryStats_Args.
         unsafe {
-            self.plugin().call(slot::EXECUTABLE_COMPILED_MEMORY_STATS, "PJRT_Executable_GetCompiledMemoryStats", &mut a)
+            self.plugin().call(
+                slot::EXECUTABLE_COMPILED_MEMORY_STATS,
+                "PJRT_Executable_GetCompiledMemoryStats",
+                &mut a,
+            )
         }?;
         Ok(CompiledMemoryStats {
             generated_code_size_in_bytes: a.generated_code_size_in_bytes,
@@ -270,17 +364,25 @@ impl LoadedExecutable {
         let mut a = sys::ExecutableSerializeArgs::new();
         a.executable = exe.raw;
         // SAFETY: slot 49 takes PJRT_Executable_Serialize_Args.
-        unsafe { self.plugin().call(slot::EXECUTABLE_SERIALIZE, "PJRT_Executable_Serialize", &mut a) }?;
+        unsafe {
+            self.plugin().call(
+                slot::EXECUTABLE_SERIALIZE,
+                "PJRT_Executable_Serialize",
+                &mut a,
+            )
+        }?;
         let bytes = if a.serialized_bytes.is_null() || a.serialized_bytes_size == 0 {
             Vec::new()
         } else {
             // SAFETY: valid until the deleter runs (below).
-            unsafe { std::slice::from_raw_parts(a.serialized_bytes, a.serialized_bytes_size) }.to_vec()
+            unsafe { std::slice::from_raw_parts(a.serialized_bytes, a.serialized_bytes_size) }
+                .to_vec()
         };
         if !a.serialized_executable_deleter.is_null() {
             type Deleter = unsafe extern "C" fn(Ptr);
             // SAFETY: the plugin hands back `void deleter(PJRT_SerializedExecutable*)`.
-            let deleter: Deleter = unsafe { std::mem::transmute::<Ptr, Deleter>(a.serialized_executable_deleter) };
+            let deleter: Deleter =
+                unsafe { std::mem::transmute::<Ptr, Deleter>(a.serialized_executable_deleter) };
             // SAFETY: releases the serialized executable exactly once.
             unsafe { deleter(a.serialized_executable) };
         }
@@ -292,7 +394,11 @@ impl LoadedExecutable {
     pub fn fingerprint(&self) -> Result<String> {
         match self.string_query(slot::EXECUTABLE_FINGERPRINT, "PJRT_Executable_Fingerprint") {
             Ok(s) if !s.is_empty() => Ok(s),
-            Ok(_) | Err(Error::Pjrt { code: ErrorCode::Unimplemented, .. }) => {
+            Ok(_)
+            | Err(Error::Pjrt {
+                code: ErrorCode::Unimplemented,
+                ..
+            }) => {
                 use sha2::Digest;
                 let digest = sha2::Sha256::digest(self.serialize()?);
                 Ok(format!("sha256:{}", crate::install::hex(&digest)))
@@ -338,7 +444,9 @@ impl LoadedExecutable {
     fn execute_raw(&self, args: &[Vec<&Buffer>], donate: bool) -> Result<Vec<Vec<Buffer>>> {
         let num_devices = args.len();
         if num_devices == 0 {
-            return Err(Error::InvalidArgument("execute needs at least one argument list".into()));
+            return Err(Error::InvalidArgument(
+                "execute needs at least one argument list".into(),
+            ));
         }
         if num_devices != self.inner.devices.len() {
             return Err(Error::InvalidArgument(format!(
@@ -356,16 +464,25 @@ impl LoadedExecutable {
         }
         for b in args.iter().flatten() {
             if !Arc::ptr_eq(&b.client.inner, &self.inner.client.inner) {
-                return Err(Error::InvalidArgument("an argument buffer belongs to another client".into()));
+                return Err(Error::InvalidArgument(
+                    "an argument buffer belongs to another client".into(),
+                ));
             }
         }
-        let raw_lists: Vec<Vec<Ptr>> = args.iter().map(|l| l.iter().map(|b| b.raw).collect()).collect();
+        let raw_lists: Vec<Vec<Ptr>> = args
+            .iter()
+            .map(|l| l.iter().map(|b| b.raw).collect())
+            .collect();
         let list_ptrs: Vec<*const Ptr> = raw_lists.iter().map(|l| l.as_ptr()).collect();
         let n_out = self.inner.num_outputs;
         let mut outputs: Vec<Vec<Ptr>> = vec![vec![std::ptr::null_mut(); n_out]; num_devices];
         let out_ptrs: Vec<*mut Ptr> = outputs.iter_mut().map(|l| l.as_mut_ptr()).collect();
         let mut events: Vec<Ptr> = vec![std::ptr::null_mut(); num_devices];
-        let non_donatable: Vec<i64> = if donate { Vec::new() } else { (0..num_args as i64).collect() };
+        let non_donatable: Vec<i64> = if donate {
+            Vec::new()
+        } else {
+            (0..num_args as i64).collect()
+        };
         let mut opts = sys::ExecuteOptions::new();
         opts.non_donatable_input_indices = non_donatable.as_ptr();
         opts.num_non_donatable_input_indices = non_donatable.len();
@@ -379,16 +496,30 @@ impl LoadedExecutable {
         a.device_complete_events = events.as_mut_ptr();
         // SAFETY: slot 55 takes PJRT_LoadedExecutable_Execute_Args; every array outlives the call
         // and has the sizes given (num_devices lists of num_args inputs / num_outputs outputs).
-        let result = unsafe { self.plugin().call(slot::LOADED_EXECUTABLE_EXECUTE, "PJRT_LoadedExecutable_Execute", &mut a) };
+        let result = unsafe {
+            self.plugin().call(
+                slot::LOADED_EXECUTABLE_EXECUTE,
+                "PJRT_LoadedExecutable_Execute",
+                &mut a,
+            )
+        };
         // Take ownership of whatever the plugin produced, even on error, so nothing leaks.
         let client = &self.inner.client;
         let buffers: Vec<Vec<Buffer>> = outputs
             .iter()
-            .map(|l| l.iter().filter(|p| !p.is_null()).map(|&p| Buffer::from_raw(client, p)).collect())
+            .map(|l| {
+                l.iter()
+                    .filter(|p| !p.is_null())
+                    .map(|&p| Buffer::from_raw(client, p))
+                    .collect()
+            })
             .collect();
         let mut first_err = result.err();
         for &ev in &events {
-            if let Err(e) = self.plugin().await_event(ev, "PJRT_LoadedExecutable_Execute") {
+            if let Err(e) = self
+                .plugin()
+                .await_event(ev, "PJRT_LoadedExecutable_Execute")
+            {
                 first_err.get_or_insert(e);
             }
         }

@@ -43,7 +43,10 @@ pub struct FfiError {
 impl FfiError {
     /// An error with an explicit code.
     pub fn new(code: FfiErrorCode, message: impl Into<String>) -> Self {
-        FfiError { code, message: message.into() }
+        FfiError {
+            code,
+            message: message.into(),
+        }
     }
     /// `INVALID_ARGUMENT` (wrong shapes, types, attribute values).
     pub fn invalid_argument(message: impl Into<String>) -> Self {
@@ -112,11 +115,17 @@ fn metadata_answered() -> &'static Mutex<HashSet<usize>> {
 }
 
 pub(crate) fn reset_metadata_seen(handler: usize) {
-    metadata_answered().lock().unwrap_or_else(|p| p.into_inner()).remove(&handler);
+    metadata_answered()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&handler);
 }
 
 pub(crate) fn metadata_seen(handler: usize) -> bool {
-    metadata_answered().lock().unwrap_or_else(|p| p.into_inner()).contains(&handler)
+    metadata_answered()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&handler)
 }
 
 /// The FFI API version our handlers declare in the metadata query (the measured one).
@@ -158,7 +167,10 @@ pub unsafe fn __dispatch(
                         m.state_type_id = 0;
                     }
                 }
-                metadata_answered().lock().unwrap_or_else(|p| p.into_inner()).insert(this as usize);
+                metadata_answered()
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(this as usize);
             }
             return std::ptr::null_mut();
         }
@@ -173,7 +185,10 @@ pub unsafe fn __dispatch(
         return std::ptr::null_mut();
     }
     let result = catch_unwind(AssertUnwindSafe(|| {
-        let mut cf = CallFrame { raw, _p: PhantomData };
+        let mut cf = CallFrame {
+            raw,
+            _p: PhantomData,
+        };
         body(&mut cf)
     }));
     let err = match result {
@@ -197,14 +212,19 @@ pub unsafe fn __dispatch(
 unsafe fn create_error(api: *const sys::XlaFfiApi, err: &FfiError) -> *mut c_void {
     // SAFETY: guaranteed by the caller; we check struct_size before reading error_create.
     let create = unsafe {
-        if api.is_null() || (*api).struct_size < sys::XlaFfiApi::STRUCT_SIZE || (*api).error_create.is_null() {
+        if api.is_null()
+            || (*api).struct_size < sys::XlaFfiApi::STRUCT_SIZE
+            || (*api).error_create.is_null()
+        {
             None
         } else {
             Some((*api).error_create)
         }
     };
     let Some(create) = create else {
-        eprintln!("pjrt: FFI handler failed ({err}) but the XLA FFI API offers no Error_Create; aborting");
+        eprintln!(
+            "pjrt: FFI handler failed ({err}) but the XLA FFI API offers no Error_Create; aborting"
+        );
         std::process::abort();
     };
     let msg = std::ffi::CString::new(err.message.replace('\0', "\\0")).unwrap_or_default();
@@ -261,12 +281,23 @@ pub struct BufferRet<'a> {
     _p: PhantomData<&'a mut [u8]>,
 }
 
-fn typed_len<T: NativeType>(ty: ElementType, len: usize, data: *const u8, what: &str) -> Result<usize, FfiError> {
+fn typed_len<T: NativeType>(
+    ty: ElementType,
+    len: usize,
+    data: *const u8,
+    what: &str,
+) -> Result<usize, FfiError> {
     if T::TYPE != ty {
-        return Err(FfiError::invalid_argument(format!("{what} has element type {ty}, read as {}", T::TYPE)));
+        return Err(FfiError::invalid_argument(format!(
+            "{what} has element type {ty}, read as {}",
+            T::TYPE
+        )));
     }
     if len > 0 && (data as usize) & (std::mem::align_of::<T>() - 1) != 0 {
-        return Err(FfiError::internal(format!("{what} data is not aligned for {}", T::TYPE)));
+        return Err(FfiError::internal(format!(
+            "{what} data is not aligned for {}",
+            T::TYPE
+        )));
     }
     Ok(len)
 }
@@ -298,7 +329,9 @@ impl<'a> BufferArg<'a> {
             // SAFETY: the buffer holds n readable bytes for the duration of the call.
             let bytes = unsafe { std::slice::from_raw_parts(self.data, n) };
             if bytes.iter().any(|&b| b > 1) {
-                return Err(FfiError::invalid_argument("pred argument holds bytes other than 0/1; use as_bytes"));
+                return Err(FfiError::invalid_argument(
+                    "pred argument holds bytes other than 0/1; use as_bytes",
+                ));
             }
         }
         // SAFETY: XLA guarantees `len` elements of the declared type at `data` (checked aligned,
@@ -368,20 +401,32 @@ impl<'a> CallFrame<'a> {
         self.raw.rets.size.max(0) as usize
     }
 
-    fn buffer(list: &sys::FfiArgs, i: usize, what: &str) -> Result<(ElementType, &'a [i64], *mut u8, usize), FfiError> {
+    fn buffer(
+        list: &sys::FfiArgs,
+        i: usize,
+        what: &str,
+    ) -> Result<(ElementType, &'a [i64], *mut u8, usize), FfiError> {
         let n = list.size.max(0) as usize;
         if i >= n {
-            return Err(FfiError::invalid_argument(format!("{what} {i} requested but the custom call has {n}")));
+            return Err(FfiError::invalid_argument(format!(
+                "{what} {i} requested but the custom call has {n}"
+            )));
         }
         // SAFETY: `types` and `args` hold `size` entries for the duration of the call.
         let (ty, ptr) = unsafe { (*list.types.add(i), *list.args.add(i)) };
         if ty != sys::FFI_BUFFER || ptr.is_null() {
-            return Err(FfiError::invalid_argument(format!("{what} {i} is not a buffer (type {ty})")));
+            return Err(FfiError::invalid_argument(format!(
+                "{what} {i} is not a buffer (type {ty})"
+            )));
         }
         // SAFETY: a BUFFER entry points to an XLA_FFI_Buffer.
         let b = unsafe { &*(ptr as *const sys::FfiBuffer) };
-        let et = ElementType::from_ffi_code(b.dtype)
-            .ok_or_else(|| FfiError::unimplemented(format!("{what} {i} has FFI dtype {} (unsupported)", b.dtype)))?;
+        let et = ElementType::from_ffi_code(b.dtype).ok_or_else(|| {
+            FfiError::unimplemented(format!(
+                "{what} {i} has FFI dtype {} (unsupported)",
+                b.dtype
+            ))
+        })?;
         let rank = b.rank.max(0) as usize;
         let dims: &'a [i64] = if rank == 0 {
             &[]
@@ -392,7 +437,10 @@ impl<'a> CallFrame<'a> {
         let mut len = 1usize;
         for &d in dims {
             len = len
-                .checked_mul(usize::try_from(d).map_err(|_| FfiError::internal(format!("{what} {i} dims {dims:?}")))?)
+                .checked_mul(
+                    usize::try_from(d)
+                        .map_err(|_| FfiError::internal(format!("{what} {i} dims {dims:?}")))?,
+                )
                 .ok_or_else(|| FfiError::internal(format!("{what} {i} dims {dims:?} overflow")))?;
         }
         if len > 0 && b.data.is_null() {
@@ -405,12 +453,23 @@ impl<'a> CallFrame<'a> {
     /// while results are written.
     pub fn arg(&self, i: usize) -> Result<BufferArg<'a>, FfiError> {
         let (ty, dims, data, len) = Self::buffer(&self.raw.args, i, "argument")?;
-        Ok(BufferArg { ty, dims, data, len })
+        Ok(BufferArg {
+            ty,
+            dims,
+            data,
+            len,
+        })
     }
 
     fn ret_unchecked(&self, i: usize) -> Result<BufferRet<'a>, FfiError> {
         let (ty, dims, data, len) = Self::buffer(&self.raw.rets, i, "result")?;
-        let r = BufferRet { ty, dims, data, len, _p: PhantomData };
+        let r = BufferRet {
+            ty,
+            dims,
+            data,
+            len,
+            _p: PhantomData,
+        };
         // Results must not overlap arguments (an aliased custom call would make the argument
         // slices and the result slice alias).
         let (lo, hi) = (data as usize, data as usize + len * ty.byte_size());
@@ -434,7 +493,9 @@ impl<'a> CallFrame<'a> {
 
     /// All results at once (they are distinct buffers), for kernels with several outputs.
     pub fn rets_mut(&mut self) -> Result<Vec<BufferRet<'_>>, FfiError> {
-        let rets: Vec<BufferRet<'_>> = (0..self.num_rets()).map(|i| self.ret_unchecked(i)).collect::<Result<_, _>>()?;
+        let rets: Vec<BufferRet<'_>> = (0..self.num_rets())
+            .map(|i| self.ret_unchecked(i))
+            .collect::<Result<_, _>>()?;
         for (i, a) in rets.iter().enumerate() {
             for (j, b) in rets.iter().enumerate().skip(i + 1) {
                 let (alo, ahi) = (a.data as usize, a.data as usize + a.len * a.ty.byte_size());
@@ -454,7 +515,13 @@ impl<'a> CallFrame<'a> {
         for i in 0..n {
             // SAFETY: `types`, `names`, `attrs` hold `size` entries during the call; names are
             // byte spans.
-            let (ty, name, ptr) = unsafe { (*attrs.types.add(i), *attrs.names.add(i), *attrs.attrs.add(i)) };
+            let (ty, name, ptr) = unsafe {
+                (
+                    *attrs.types.add(i),
+                    *attrs.names.add(i),
+                    *attrs.attrs.add(i),
+                )
+            };
             if name.is_null() {
                 continue;
             }
@@ -486,7 +553,9 @@ impl<'a> CallFrame<'a> {
             .find(|(n, _, _)| *n == name)
             .ok_or_else(|| FfiError::not_found(format!("custom call has no attribute {name:?}")))?;
         if ptr.is_null() {
-            return Err(FfiError::internal(format!("attribute {name:?} has a null value")));
+            return Err(FfiError::internal(format!(
+                "attribute {name:?} has a null value"
+            )));
         }
         use sys::ffi_attr as a;
         Ok(match ty {
@@ -508,10 +577,9 @@ impl<'a> CallFrame<'a> {
                     // SAFETY: valid during the call.
                     unsafe { std::slice::from_raw_parts(span.ptr, span.len) }
                 };
-                AttrValue::Str(
-                    std::str::from_utf8(bytes)
-                        .map_err(|_| FfiError::invalid_argument(format!("attribute {name:?} is not UTF-8")))?,
-                )
+                AttrValue::Str(std::str::from_utf8(bytes).map_err(|_| {
+                    FfiError::invalid_argument(format!("attribute {name:?} is not UTF-8"))
+                })?)
             }
             a::ARRAY => {
                 // SAFETY: an ARRAY attribute points to XLA_FFI_Array.
@@ -542,7 +610,9 @@ impl<'a> CallFrame<'a> {
     pub fn attr_i64(&self, name: &str) -> Result<i64, FfiError> {
         match self.attr(name)? {
             AttrValue::Int(v) => Ok(v),
-            other => Err(FfiError::invalid_argument(format!("attribute {name:?} is {other:?}, expected an integer"))),
+            other => Err(FfiError::invalid_argument(format!(
+                "attribute {name:?} is {other:?}, expected an integer"
+            ))),
         }
     }
 
@@ -551,7 +621,9 @@ impl<'a> CallFrame<'a> {
         match self.attr(name)? {
             AttrValue::Float(v) => Ok(v),
             AttrValue::Int(v) => Ok(v as f64),
-            other => Err(FfiError::invalid_argument(format!("attribute {name:?} is {other:?}, expected a float"))),
+            other => Err(FfiError::invalid_argument(format!(
+                "attribute {name:?} is {other:?}, expected a float"
+            ))),
         }
     }
 
@@ -560,7 +632,9 @@ impl<'a> CallFrame<'a> {
         match self.attr(name)? {
             AttrValue::Int(0) => Ok(false),
             AttrValue::Int(1) => Ok(true),
-            other => Err(FfiError::invalid_argument(format!("attribute {name:?} is {other:?}, expected a bool"))),
+            other => Err(FfiError::invalid_argument(format!(
+                "attribute {name:?} is {other:?}, expected a bool"
+            ))),
         }
     }
 
@@ -568,7 +642,9 @@ impl<'a> CallFrame<'a> {
     pub fn attr_str(&self, name: &str) -> Result<&'a str, FfiError> {
         match self.attr(name)? {
             AttrValue::Str(s) => Ok(s),
-            other => Err(FfiError::invalid_argument(format!("attribute {name:?} is {other:?}, expected a string"))),
+            other => Err(FfiError::invalid_argument(format!(
+                "attribute {name:?} is {other:?}, expected a string"
+            ))),
         }
     }
 
@@ -576,7 +652,9 @@ impl<'a> CallFrame<'a> {
     pub fn attr_array_i64(&self, name: &str) -> Result<Vec<i64>, FfiError> {
         match self.attr(name)? {
             AttrValue::IntArray(v) => Ok(v),
-            other => Err(FfiError::invalid_argument(format!("attribute {name:?} is {other:?}, expected an int array"))),
+            other => Err(FfiError::invalid_argument(format!(
+                "attribute {name:?} is {other:?}, expected an int array"
+            ))),
         }
     }
 
@@ -585,7 +663,9 @@ impl<'a> CallFrame<'a> {
         match self.attr(name)? {
             AttrValue::FloatArray(v) => Ok(v),
             AttrValue::IntArray(v) => Ok(v.into_iter().map(|x| x as f64).collect()),
-            other => Err(FfiError::invalid_argument(format!("attribute {name:?} is {other:?}, expected a float array"))),
+            other => Err(FfiError::invalid_argument(format!(
+                "attribute {name:?} is {other:?}, expected a float array"
+            ))),
         }
     }
 }
@@ -604,18 +684,32 @@ unsafe fn read_number<'a>(dtype: u32, p: *const c_void, k: usize) -> Option<Attr
         Some(match ty {
             ElementType::Pred => AttrValue::Int(i64::from(*(p as *const u8).add(k) != 0)),
             ElementType::S8 => AttrValue::Int(i64::from((p as *const i8).add(k).read_unaligned())),
-            ElementType::S16 => AttrValue::Int(i64::from((p as *const i16).add(k).read_unaligned())),
-            ElementType::S32 => AttrValue::Int(i64::from((p as *const i32).add(k).read_unaligned())),
+            ElementType::S16 => {
+                AttrValue::Int(i64::from((p as *const i16).add(k).read_unaligned()))
+            }
+            ElementType::S32 => {
+                AttrValue::Int(i64::from((p as *const i32).add(k).read_unaligned()))
+            }
             ElementType::S64 => AttrValue::Int((p as *const i64).add(k).read_unaligned()),
             ElementType::U8 => AttrValue::Int(i64::from(*(p as *const u8).add(k))),
-            ElementType::U16 => AttrValue::Int(i64::from((p as *const u16).add(k).read_unaligned())),
-            ElementType::U32 => AttrValue::Int(i64::from((p as *const u32).add(k).read_unaligned())),
-            ElementType::U64 => AttrValue::Int(i64::try_from((p as *const u64).add(k).read_unaligned()).ok()?),
-            ElementType::F16 => AttrValue::Float(half::f16::from_bits((p as *const u16).add(k).read_unaligned()).to_f64()),
-            ElementType::Bf16 => {
-                AttrValue::Float(half::bf16::from_bits((p as *const u16).add(k).read_unaligned()).to_f64())
+            ElementType::U16 => {
+                AttrValue::Int(i64::from((p as *const u16).add(k).read_unaligned()))
             }
-            ElementType::F32 => AttrValue::Float(f64::from((p as *const f32).add(k).read_unaligned())),
+            ElementType::U32 => {
+                AttrValue::Int(i64::from((p as *const u32).add(k).read_unaligned()))
+            }
+            ElementType::U64 => {
+                AttrValue::Int(i64::try_from((p as *const u64).add(k).read_unaligned()).ok()?)
+            }
+            ElementType::F16 => AttrValue::Float(
+                half::f16::from_bits((p as *const u16).add(k).read_unaligned()).to_f64(),
+            ),
+            ElementType::Bf16 => AttrValue::Float(
+                half::bf16::from_bits((p as *const u16).add(k).read_unaligned()).to_f64(),
+            ),
+            ElementType::F32 => {
+                AttrValue::Float(f64::from((p as *const f32).add(k).read_unaligned()))
+            }
             ElementType::F64 => AttrValue::Float((p as *const f64).add(k).read_unaligned()),
         })
     }

@@ -61,7 +61,9 @@ impl PluginKind {
 
     /// Parses [`PluginKind::name`].
     pub fn from_name(s: &str) -> Option<PluginKind> {
-        PluginKind::ALL.into_iter().find(|k| k.name().eq_ignore_ascii_case(s))
+        PluginKind::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s))
     }
 
     /// The pinned package. All three were downloaded and measured when the pins were recorded.
@@ -125,7 +127,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(xdg).join("rattention").join("plugins");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     home.join(".cache").join("rattention").join("plugins")
 }
 
@@ -154,7 +158,10 @@ pub fn installed(kind: PluginKind) -> Option<PathBuf> {
 
 /// Every installed plugin.
 pub fn list() -> Vec<(PluginKind, PathBuf)> {
-    PluginKind::ALL.into_iter().filter_map(|k| installed(k).map(|p| (k, p))).collect()
+    PluginKind::ALL
+        .into_iter()
+        .filter_map(|k| installed(k).map(|p| (k, p)))
+        .collect()
 }
 
 /// Lower-case hex of bytes.
@@ -163,11 +170,14 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = fs::File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let mut f =
+        fs::File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
         if n == 0 {
             break;
         }
@@ -195,7 +205,8 @@ pub fn install(kind: PluginKind) -> Result<PathBuf> {
         .write(true)
         .open(&lock_path)
         .map_err(|e| Error::io(format!("opening lock {}", lock_path.display()), e))?;
-    fs2::FileExt::lock_exclusive(&lock).map_err(|e| Error::io(format!("locking {}", lock_path.display()), e))?;
+    fs2::FileExt::lock_exclusive(&lock)
+        .map_err(|e| Error::io(format!("locking {}", lock_path.display()), e))?;
     // Another process may have finished while we waited.
     if let Some(p) = installed(kind) {
         return Ok(p);
@@ -203,7 +214,10 @@ pub fn install(kind: PluginKind) -> Result<PathBuf> {
     let unique = format!(
         "{}.{}",
         std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
     );
     let tmp_dir = dir.join(format!(".download-{unique}"));
     let result = install_locked(kind, &pin, &dir, &tmp_dir, &unique);
@@ -212,8 +226,15 @@ pub fn install(kind: PluginKind) -> Result<PathBuf> {
     result
 }
 
-fn install_locked(kind: PluginKind, pin: &Pin, dir: &Path, tmp_dir: &Path, unique: &str) -> Result<PathBuf> {
-    fs::create_dir_all(tmp_dir).map_err(|e| Error::io(format!("creating {}", tmp_dir.display()), e))?;
+fn install_locked(
+    kind: PluginKind,
+    pin: &Pin,
+    dir: &Path,
+    tmp_dir: &Path,
+    unique: &str,
+) -> Result<PathBuf> {
+    fs::create_dir_all(tmp_dir)
+        .map_err(|e| Error::io(format!("creating {}", tmp_dir.display()), e))?;
     let wheel = pip_download(pin, tmp_dir)?;
     let wheel_sha = sha256_file(&wheel)?;
     if wheel_sha != pin.wheel_sha256 {
@@ -225,7 +246,8 @@ fn install_locked(kind: PluginKind, pin: &Pin, dir: &Path, tmp_dir: &Path, uniqu
             pin.version
         )));
     }
-    let file = fs::File::open(&wheel).map_err(|e| Error::io(format!("opening {}", wheel.display()), e))?;
+    let file =
+        fs::File::open(&wheel).map_err(|e| Error::io(format!("opening {}", wheel.display()), e))?;
     let mut archive = zip::ZipArchive::new(file)
         .map_err(|e| Error::Install(format!("{} is not a readable wheel: {e}", wheel.display())))?;
     let mut entry = archive
@@ -233,7 +255,8 @@ fn install_locked(kind: PluginKind, pin: &Pin, dir: &Path, tmp_dir: &Path, uniqu
         .map_err(|e| Error::Install(format!("{} has no {}: {e}", wheel.display(), pin.member)))?;
     let target = dir.join(kind.file_name());
     let tmp_lib = dir.join(format!(".{}.{unique}.tmp", kind.file_name()));
-    let mut out = fs::File::create(&tmp_lib).map_err(|e| Error::io(format!("creating {}", tmp_lib.display()), e))?;
+    let mut out = fs::File::create(&tmp_lib)
+        .map_err(|e| Error::io(format!("creating {}", tmp_lib.display()), e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut written: u64 = 0;
@@ -251,7 +274,10 @@ fn install_locked(kind: PluginKind, pin: &Pin, dir: &Path, tmp_dir: &Path, uniqu
     })();
     if let Err(e) = copy {
         let _ = fs::remove_file(&tmp_lib);
-        return Err(Error::io(format!("unpacking {} from {}", pin.member, wheel.display()), e));
+        return Err(Error::io(
+            format!("unpacking {} from {}", pin.member, wheel.display()),
+            e,
+        ));
     }
     let sha = hex(&h.finalize());
     if sha != pin.sha256 || written != pin.size {
@@ -266,11 +292,14 @@ fn install_locked(kind: PluginKind, pin: &Pin, dir: &Path, tmp_dir: &Path, uniqu
         use std::os::unix::fs::PermissionsExt;
         let _ = fs::set_permissions(&tmp_lib, fs::Permissions::from_mode(0o755));
     }
-    fs::rename(&tmp_lib, &target).map_err(|e| Error::io(format!("renaming into {}", target.display()), e))?;
+    fs::rename(&tmp_lib, &target)
+        .map_err(|e| Error::io(format!("renaming into {}", target.display()), e))?;
     let marker = marker_path(&target);
     let tmp_marker = dir.join(format!(".marker.{unique}.tmp"));
-    fs::write(&tmp_marker, format!("{}\n", pin.sha256)).map_err(|e| Error::io("writing the checksum marker", e))?;
-    fs::rename(&tmp_marker, &marker).map_err(|e| Error::io(format!("renaming into {}", marker.display()), e))?;
+    fs::write(&tmp_marker, format!("{}\n", pin.sha256))
+        .map_err(|e| Error::io("writing the checksum marker", e))?;
+    fs::rename(&tmp_marker, &marker)
+        .map_err(|e| Error::io(format!("renaming into {}", marker.display()), e))?;
     Ok(target)
 }
 
@@ -287,7 +316,13 @@ fn pip_download(pin: &Pin, dest: &Path) -> Result<PathBuf> {
     for (program, prefix) in candidates {
         let mut cmd = Command::new(&program);
         cmd.args(&prefix)
-            .args(["download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+            .args([
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+            ])
             .arg(dest)
             .args(pin.pip_args)
             .arg(&spec);
@@ -304,12 +339,18 @@ fn pip_download(pin: &Pin, dest: &Path) -> Result<PathBuf> {
                     .filter_map(|e| e.ok().map(|e| e.path()))
                     .find(|p| p.extension().is_some_and(|x| x == "whl"));
                 return wheel.ok_or_else(|| {
-                    Error::Install(format!("`{program} download {spec}` succeeded but left no .whl in {}", dest.display()))
+                    Error::Install(format!(
+                        "`{program} download {spec}` succeeded but left no .whl in {}",
+                        dest.display()
+                    ))
                 });
             }
         }
     }
-    Err(Error::Install(format!("could not download {spec}: {}", failures.join("; "))))
+    Err(Error::Install(format!(
+        "could not download {spec}: {}",
+        failures.join("; ")
+    )))
 }
 
 /// Finds the plugin library to use, in order: `explicit`, then `RATTN_PJRT_PLUGIN`, then the
@@ -341,6 +382,9 @@ fn check_exists(p: &Path, what: &str) -> Result<PathBuf> {
     if p.is_file() {
         Ok(p.to_path_buf())
     } else {
-        Err(Error::Load { path: p.to_path_buf(), message: format!("{what} does not name an existing file") })
+        Err(Error::Load {
+            path: p.to_path_buf(),
+            message: format!("{what} does not name an existing file"),
+        })
     }
 }

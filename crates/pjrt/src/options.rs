@@ -51,17 +51,25 @@ impl Default for CompileOptions {
 impl CompileOptions {
     /// Options for an SPMD program over `num_partitions` devices (GSPMD).
     pub fn spmd(num_partitions: usize) -> Self {
-        CompileOptions { num_partitions, use_spmd_partitioning: true, ..Default::default() }
+        CompileOptions {
+            num_partitions,
+            use_spmd_partitioning: true,
+            ..Default::default()
+        }
     }
 
     /// Checks the options against a client with `num_devices` devices, refusing everything known
     /// to make the plugin abort the process (zero replicas or partitions) or fail obscurely.
     pub fn validate(&self, num_devices: usize) -> Result<()> {
         if self.num_replicas == 0 {
-            return Err(Error::InvalidOptions("num_replicas must be at least 1 (the plugin aborts on 0)".into()));
+            return Err(Error::InvalidOptions(
+                "num_replicas must be at least 1 (the plugin aborts on 0)".into(),
+            ));
         }
         if self.num_partitions == 0 {
-            return Err(Error::InvalidOptions("num_partitions must be at least 1 (the plugin aborts on 0)".into()));
+            return Err(Error::InvalidOptions(
+                "num_partitions must be at least 1 (the plugin aborts on 0)".into(),
+            ));
         }
         if self.num_replicas > i32::MAX as usize || self.num_partitions > i32::MAX as usize {
             return Err(Error::InvalidOptions(format!(
@@ -100,7 +108,9 @@ impl CompileOptions {
                     )));
                 }
                 if !seen.insert(id) {
-                    return Err(Error::InvalidOptions(format!("device_assignment uses device {id} twice")));
+                    return Err(Error::InvalidOptions(format!(
+                        "device_assignment uses device {id} twice"
+                    )));
                 }
             }
         }
@@ -130,20 +140,27 @@ impl CompileOptions {
     /// The serialized `xla.CompileOptionsProto`.
     pub fn encode(&self) -> Vec<u8> {
         use prost::Message;
-        let device_assignment = self.device_assignment.as_ref().map(|da| proto::DeviceAssignmentProto {
-            replica_count: self.num_replicas as i32,
-            computation_count: self.num_partitions as i32,
-            computation_devices: (0..self.num_partitions)
-                .map(|p| proto::ComputationDevice { replica_device_ids: da.iter().map(|r| r[p]).collect() })
-                .collect(),
-        });
+        let device_assignment =
+            self.device_assignment
+                .as_ref()
+                .map(|da| proto::DeviceAssignmentProto {
+                    replica_count: self.num_replicas as i32,
+                    computation_count: self.num_partitions as i32,
+                    computation_devices: (0..self.num_partitions)
+                        .map(|p| proto::ComputationDevice {
+                            replica_device_ids: da.iter().map(|r| r[p]).collect(),
+                        })
+                        .collect(),
+                });
         let msg = proto::CompileOptionsProto {
             executable_build_options: Some(proto::ExecutableBuildOptionsProto {
                 num_replicas: self.num_replicas as i64,
                 num_partitions: self.num_partitions as i64,
                 use_spmd_partitioning: self.use_spmd_partitioning,
                 device_assignment,
-                allow_spmd_sharding_propagation_to_output: self.allow_spmd_sharding_propagation_to_output.clone(),
+                allow_spmd_sharding_propagation_to_output: self
+                    .allow_spmd_sharding_propagation_to_output
+                    .clone(),
                 allow_spmd_sharding_propagation_to_parameters: self
                     .allow_spmd_sharding_propagation_to_parameters
                     .clone(),
@@ -204,7 +221,10 @@ mod tests {
     #[test]
     fn default_options_encode_to_the_measured_minimal_proto() {
         // CompileOptionsProto{ executable_build_options(3) { num_replicas(4)=1, num_partitions(5)=1 } }
-        assert_eq!(CompileOptions::default().encode(), vec![0x1a, 0x04, 0x20, 0x01, 0x28, 0x01]);
+        assert_eq!(
+            CompileOptions::default().encode(),
+            vec![0x1a, 0x04, 0x20, 0x01, 0x28, 0x01]
+        );
     }
 
     #[test]
@@ -212,12 +232,31 @@ mod tests {
         let ok = CompileOptions::default();
         assert!(ok.validate(4).is_ok());
         for bad in [
-            CompileOptions { num_replicas: 0, ..Default::default() },
-            CompileOptions { num_partitions: 0, ..Default::default() },
-            CompileOptions { num_partitions: 8, use_spmd_partitioning: true, ..Default::default() },
-            CompileOptions { num_partitions: 2, ..Default::default() },
-            CompileOptions { device_assignment: Some(vec![vec![7]]), ..Default::default() },
-            CompileOptions { device_assignment: Some(vec![vec![0, 1]]), ..Default::default() },
+            CompileOptions {
+                num_replicas: 0,
+                ..Default::default()
+            },
+            CompileOptions {
+                num_partitions: 0,
+                ..Default::default()
+            },
+            CompileOptions {
+                num_partitions: 8,
+                use_spmd_partitioning: true,
+                ..Default::default()
+            },
+            CompileOptions {
+                num_partitions: 2,
+                ..Default::default()
+            },
+            CompileOptions {
+                device_assignment: Some(vec![vec![7]]),
+                ..Default::default()
+            },
+            CompileOptions {
+                device_assignment: Some(vec![vec![0, 1]]),
+                ..Default::default()
+            },
             CompileOptions {
                 num_partitions: 2,
                 use_spmd_partitioning: true,
@@ -225,12 +264,22 @@ mod tests {
                 ..Default::default()
             },
         ] {
-            assert!(matches!(bad.validate(4), Err(Error::InvalidOptions(_))), "{bad:?} accepted");
+            assert!(
+                matches!(bad.validate(4), Err(Error::InvalidOptions(_))),
+                "{bad:?} accepted"
+            );
         }
-        let shardy = CompileOptions { use_shardy_partitioner: true, ..Default::default() };
+        let shardy = CompileOptions {
+            use_shardy_partitioner: true,
+            ..Default::default()
+        };
         assert!(shardy.validate_for_program(&Program::Hlo(&[1])).is_err());
-        assert!(shardy.validate_for_program(&Program::Mlir("mhlo.sharding = \"{replicated}\"")).is_err());
-        assert!(shardy.validate_for_program(&Program::Mlir("module {}")).is_ok());
+        assert!(shardy
+            .validate_for_program(&Program::Mlir("mhlo.sharding = \"{replicated}\""))
+            .is_err());
+        assert!(shardy
+            .validate_for_program(&Program::Mlir("module {}"))
+            .is_ok());
     }
 
     #[test]
@@ -244,7 +293,11 @@ mod tests {
             ..Default::default()
         };
         let decoded = proto::CompileOptionsProto::decode(o.encode().as_slice()).unwrap();
-        let da = decoded.executable_build_options.unwrap().device_assignment.unwrap();
+        let da = decoded
+            .executable_build_options
+            .unwrap()
+            .device_assignment
+            .unwrap();
         assert_eq!(da.computation_devices.len(), 2);
         assert_eq!(da.computation_devices[0].replica_device_ids, vec![3]);
         assert_eq!(da.computation_devices[1].replica_device_ids, vec![1]);

@@ -85,8 +85,13 @@ impl Plugin {
     }
 
     fn load_uncached(path: &Path) -> Result<Plugin> {
-        let load_err = |message: String| Error::Load { path: path.to_path_buf(), message };
-        if path.file_name().is_some_and(|n| n.to_string_lossy().contains("libtpu"))
+        let load_err = |message: String| Error::Load {
+            path: path.to_path_buf(),
+            message,
+        };
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().contains("libtpu"))
             && std::env::var_os("TPU_SKIP_MDS_QUERY").is_none()
         {
             // libtpu otherwise spends minutes querying a metadata server during initialisation.
@@ -107,7 +112,10 @@ impl Plugin {
         }
         // SAFETY: `api` is non-null and points to a `PJRT_Api`, which starts with this header.
         let header = unsafe { *api };
-        let version = (header.pjrt_api_version.major_version, header.pjrt_api_version.minor_version);
+        let version = (
+            header.pjrt_api_version.major_version,
+            header.pjrt_api_version.minor_version,
+        );
         let api_struct_size = header.struct_size;
         let slots = api_struct_size.saturating_sub(sys::API_TABLE_OFFSET) / 8;
         let need = slot::REQUIRED_MAX + 1;
@@ -182,7 +190,12 @@ impl Plugin {
     ///
     /// # Safety
     /// `A` must be the `*_Args` struct that the function in `slot` expects, with valid pointers.
-    pub(crate) unsafe fn call<A>(&self, slot: usize, name: &'static str, args: &mut A) -> Result<()> {
+    pub(crate) unsafe fn call<A>(
+        &self,
+        slot: usize,
+        name: &'static str,
+        args: &mut A,
+    ) -> Result<()> {
         let f = self.fn_at(slot, name)?;
         // SAFETY: guaranteed by the caller.
         let err = unsafe { f(args as *mut A as *mut c_void) };
@@ -222,7 +235,11 @@ impl Plugin {
             // SAFETY: destroys the error exactly once; nothing refers to it afterwards.
             unsafe { f(&mut d as *mut _ as *mut c_void) };
         }
-        Error::Pjrt { code, function, message }
+        Error::Pjrt {
+            code,
+            function,
+            message,
+        }
     }
 
     /// Awaits and destroys a PJRT event (null is a no-op).
@@ -239,7 +256,11 @@ impl Plugin {
         // SAFETY: destroys the event exactly once.
         let _ = unsafe { self.call(slot::EVENT_DESTROY, "PJRT_Event_Destroy", &mut d) };
         awaited.map_err(|e| match e {
-            Error::Pjrt { code, message, .. } => Error::Pjrt { code, function, message },
+            Error::Pjrt { code, message, .. } => Error::Pjrt {
+                code,
+                function,
+                message,
+            },
             other => other,
         })
     }
@@ -301,9 +322,16 @@ impl Plugin {
     /// same `(target, platform)` again with the same handler is a no-op, with a different handler
     /// an error. A platform the plugin does not serve is not detected here; use
     /// [`crate::Client::register_ffi_handler`], which also compiles a probe module.
-    pub fn register_ffi_handler(&self, target: &str, platform: &str, handler: FfiHandlerFn) -> Result<()> {
+    pub fn register_ffi_handler(
+        &self,
+        target: &str,
+        platform: &str,
+        handler: FfiHandlerFn,
+    ) -> Result<()> {
         if target.is_empty() || target.contains('\0') {
-            return Err(Error::Ffi(format!("invalid custom-call target name {target:?}")));
+            return Err(Error::Ffi(format!(
+                "invalid custom-call target name {target:?}"
+            )));
         }
         if platform.is_empty() || platform.contains('\0') {
             return Err(Error::Ffi(format!("invalid platform name {platform:?}")));
@@ -311,7 +339,11 @@ impl Plugin {
         let canonical = canonical_platform(platform);
         let key = (target.to_string(), canonical.clone());
         let addr = handler as usize;
-        let mut registry = self.inner.ffi_registry.lock().unwrap_or_else(|p| p.into_inner());
+        let mut registry = self
+            .inner
+            .ffi_registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(&existing) = registry.get(&key) {
             return if existing == addr {
                 Ok(())
@@ -322,13 +354,22 @@ impl Plugin {
                 )))
             };
         }
-        let ext = self.find_extension(sys::EXTENSION_TYPE_FFI).ok_or_else(|| {
-            Error::Ffi(format!("plugin {} has no FFI extension", self.inner.path.display()))
-        })?;
+        let ext = self
+            .find_extension(sys::EXTENSION_TYPE_FFI)
+            .ok_or_else(|| {
+                Error::Ffi(format!(
+                    "plugin {} has no FFI extension",
+                    self.inner.path.display()
+                ))
+            })?;
         // SAFETY: an extension of type FFI is a PJRT_FFI_Extension.
         let ffi_ext = unsafe { *(ext as *const sys::FfiExtension) };
-        if ffi_ext.struct_size < sys::FfiExtension::STRUCT_SIZE || ffi_ext.register_handler.is_null() {
-            return Err(Error::Ffi("the plugin's FFI extension has no register_handler".into()));
+        if ffi_ext.struct_size < sys::FfiExtension::STRUCT_SIZE
+            || ffi_ext.register_handler.is_null()
+        {
+            return Err(Error::Ffi(
+                "the plugin's FFI extension has no register_handler".into(),
+            ));
         }
         let mut args = sys::FfiRegisterHandlerArgs::new();
         args.target_name = target.as_ptr();
@@ -339,7 +380,8 @@ impl Plugin {
         crate::ffi::reset_metadata_seen(addr);
         // SAFETY: register_handler has the PJRT function signature and takes these args; the
         // strings outlive the call (XLA copies them).
-        let f: sys::PjrtFn = unsafe { std::mem::transmute::<Ptr, sys::PjrtFn>(ffi_ext.register_handler) };
+        let f: sys::PjrtFn =
+            unsafe { std::mem::transmute::<Ptr, sys::PjrtFn>(ffi_ext.register_handler) };
         // SAFETY: see above.
         let err = unsafe { f(&mut args as *mut _ as *mut c_void) };
         if !err.is_null() {
@@ -387,7 +429,9 @@ unsafe fn read_named_value(nv: &sys::NamedValueRaw) -> (String, NamedValue) {
     let name = unsafe { copy_string(nv.name, nv.name_size) };
     let value = match nv.value_type {
         // SAFETY: a string value is (pointer, value_size).
-        t::STRING => NamedValue::Str(unsafe { copy_string(nv.value as usize as *const u8, nv.value_size) }),
+        t::STRING => {
+            NamedValue::Str(unsafe { copy_string(nv.value as usize as *const u8, nv.value_size) })
+        }
         t::INT64 => NamedValue::I64(nv.value as i64),
         t::INT64_LIST => {
             let p = nv.value as usize as *const i64;
@@ -395,7 +439,9 @@ unsafe fn read_named_value(nv: &sys::NamedValueRaw) -> (String, NamedValue) {
                 NamedValue::I64List(Vec::new())
             } else {
                 // SAFETY: an int64 list is (pointer, value_size elements).
-                NamedValue::I64List(unsafe { std::slice::from_raw_parts(p, nv.value_size) }.to_vec())
+                NamedValue::I64List(
+                    unsafe { std::slice::from_raw_parts(p, nv.value_size) }.to_vec(),
+                )
             }
         }
         t::FLOAT => NamedValue::F32(f32::from_bits(nv.value as u32)),
@@ -458,6 +504,11 @@ impl RawNamedValues {
             raw.push(nv);
         }
         // Moving a Vec<String>/Vec<Vec<i64>> does not move the heap data the pointers refer to.
-        RawNamedValues { raw, _names: names, _lists: lists, _strings: strings }
+        RawNamedValues {
+            raw,
+            _names: names,
+            _lists: lists,
+            _strings: strings,
+        }
     }
 }
