@@ -318,7 +318,7 @@ fn buffer_round_trips_every_dtype() {
         };
         assert!(matches!(wrong, Err(Error::Shape(_))));
     }
-    let n = 6;
+    let n: i32 = 6;
     check(
         &c,
         (0..n).map(|i| i as f32 * 1.25 - 2.0).collect::<Vec<f32>>(),
@@ -336,7 +336,7 @@ fn buffer_round_trips_every_dtype() {
             .map(|i| f16::from_f32(i as f32 - 2.5))
             .collect::<Vec<_>>(),
     );
-    check(&c, (0..n).map(|i| i as i32 * -7).collect::<Vec<i32>>());
+    check(&c, (0..n).map(|i| i * -7).collect::<Vec<i32>>());
     check(&c, (0..n).map(|i| (i as i64) << 40).collect::<Vec<i64>>());
     check(&c, (0..n).map(|i| i as i8 - 3).collect::<Vec<i8>>());
     check(&c, (0..n).map(|i| i as i16 * 1000).collect::<Vec<i16>>());
