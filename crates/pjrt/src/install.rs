@@ -104,11 +104,6 @@ impl PluginKind {
         let p = self.pin();
         format!("{}-{}", p.package, p.version)
     }
-
-    fn file_name(self) -> &'static str {
-        let m = self.pin().member;
-        m.rsplit('/').next().unwrap_or(m)
-    }
 }
 
 impl std::fmt::Display for PluginKind {
@@ -133,10 +128,6 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("rattention").join("plugins")
 }
 
-fn target_path(kind: PluginKind) -> PathBuf {
-    cache_dir().join(kind.dir_name()).join(kind.file_name())
-}
-
 fn marker_path(lib: &Path) -> PathBuf {
     let mut s = lib.as_os_str().to_owned();
     s.push(".sha256");
@@ -146,8 +137,15 @@ fn marker_path(lib: &Path) -> PathBuf {
 /// The installed, verified library of `kind`, if present (checks size and the verification marker;
 /// does not re-hash the file).
 pub fn installed(kind: PluginKind) -> Option<PathBuf> {
-    let path = target_path(kind);
-    let pin = kind.pin();
+    installed_at(&kind.pin(), &cache_dir().join(kind.dir_name()))
+}
+
+fn member_file_name(pin: &Pin) -> &'static str {
+    pin.member.rsplit('/').next().unwrap_or(pin.member)
+}
+
+fn installed_at(pin: &Pin, dir: &Path) -> Option<PathBuf> {
+    let path = dir.join(member_file_name(pin));
     let meta = fs::metadata(&path).ok()?;
     if meta.len() != pin.size {
         return None;
@@ -192,12 +190,21 @@ fn sha256_file(path: &Path) -> Result<String> {
 /// `RATTN_PIP`; `python3 -m pip` is tried as a fallback), checks the wheel's and the library's
 /// SHA-256 against the pins, and renames the verified library into place under an exclusive lock.
 pub fn install(kind: PluginKind) -> Result<PathBuf> {
-    if let Some(p) = installed(kind) {
+    install_pin(
+        &kind.pin(),
+        &cache_dir().join(kind.dir_name()),
+        &pip_download,
+    )
+}
+
+/// The download step: fetch the pinned wheel into the given (empty, private) directory.
+type Fetch<'a> = &'a (dyn Fn(&Pin, &Path) -> Result<PathBuf> + Sync);
+
+fn install_pin(pin: &Pin, dir: &Path, fetch: Fetch<'_>) -> Result<PathBuf> {
+    if let Some(p) = installed_at(pin, dir) {
         return Ok(p);
     }
-    let pin = kind.pin();
-    let dir = cache_dir().join(kind.dir_name());
-    fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let lock_path = dir.join(".install.lock");
     let lock = fs::OpenOptions::new()
         .create(true)
@@ -207,8 +214,8 @@ pub fn install(kind: PluginKind) -> Result<PathBuf> {
         .map_err(|e| Error::io(format!("opening lock {}", lock_path.display()), e))?;
     fs2::FileExt::lock_exclusive(&lock)
         .map_err(|e| Error::io(format!("locking {}", lock_path.display()), e))?;
-    // Another process may have finished while we waited.
-    if let Some(p) = installed(kind) {
+    // Another thread or process may have finished while we waited.
+    if let Some(p) = installed_at(pin, dir) {
         return Ok(p);
     }
     let unique = format!(
@@ -220,22 +227,22 @@ pub fn install(kind: PluginKind) -> Result<PathBuf> {
             .unwrap_or(0)
     );
     let tmp_dir = dir.join(format!(".download-{unique}"));
-    let result = install_locked(kind, &pin, &dir, &tmp_dir, &unique);
+    let result = install_locked(pin, dir, &tmp_dir, &unique, fetch);
     let _ = fs::remove_dir_all(&tmp_dir);
     drop(lock);
     result
 }
 
 fn install_locked(
-    kind: PluginKind,
     pin: &Pin,
     dir: &Path,
     tmp_dir: &Path,
     unique: &str,
+    fetch: Fetch<'_>,
 ) -> Result<PathBuf> {
     fs::create_dir_all(tmp_dir)
         .map_err(|e| Error::io(format!("creating {}", tmp_dir.display()), e))?;
-    let wheel = pip_download(pin, tmp_dir)?;
+    let wheel = fetch(pin, tmp_dir)?;
     let wheel_sha = sha256_file(&wheel)?;
     if wheel_sha != pin.wheel_sha256 {
         return Err(Error::Install(format!(
@@ -253,8 +260,9 @@ fn install_locked(
     let mut entry = archive
         .by_name(pin.member)
         .map_err(|e| Error::Install(format!("{} has no {}: {e}", wheel.display(), pin.member)))?;
-    let target = dir.join(kind.file_name());
-    let tmp_lib = dir.join(format!(".{}.{unique}.tmp", kind.file_name()));
+    let file_name = member_file_name(pin);
+    let target = dir.join(file_name);
+    let tmp_lib = dir.join(format!(".{file_name}.{unique}.tmp"));
     let mut out = fs::File::create(&tmp_lib)
         .map_err(|e| Error::io(format!("creating {}", tmp_lib.display()), e))?;
     let mut h = Sha256::new();
@@ -386,5 +394,137 @@ fn check_exists(p: &Path, what: &str) -> Result<PathBuf> {
             path: p.to_path_buf(),
             message: format!("{what} does not name an existing file"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn fake_wheel(dir: &Path, member: &str, payload: &[u8]) -> PathBuf {
+        let path = dir.join("fake-0.1-py3-none-any.whl");
+        let mut w = zip::ZipWriter::new(fs::File::create(&path).unwrap());
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        w.start_file("fake/__init__.py", opts).unwrap();
+        w.write_all(b"").unwrap();
+        w.start_file(member, opts).unwrap();
+        w.write_all(payload).unwrap();
+        w.finish().unwrap();
+        path
+    }
+
+    fn leak(s: String) -> &'static str {
+        Box::leak(s.into_boxed_str())
+    }
+
+    /// Builds a pin for a generated payload and its wheel (the wheel's hash is fixed by building
+    /// it once in `probe`).
+    fn pin_for(payload: &[u8], probe: &Path) -> Pin {
+        let member = "fake/libfake_plugin.so";
+        let wheel = fake_wheel(probe, member, payload);
+        let wheel_sha = sha256_file(&wheel).unwrap();
+        Pin {
+            package: "fake",
+            version: "0.1",
+            member,
+            size: payload.len() as u64,
+            sha256: leak(hex(&Sha256::digest(payload))),
+            wheel_sha256: leak(wheel_sha),
+            pip_args: &[],
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("pjrt-install-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn concurrent_installs_download_once_and_agree() {
+        let root = scratch("race");
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let probe = root.join("probe");
+        fs::create_dir_all(&probe).unwrap();
+        let pin = pin_for(&payload, &probe);
+        let wheel_bytes = fs::read(probe.join("fake-0.1-py3-none-any.whl")).unwrap();
+        let downloads = AtomicUsize::new(0);
+        let fetch = |_: &Pin, dest: &Path| -> Result<PathBuf> {
+            downloads.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let p = dest.join("fake-0.1-py3-none-any.whl");
+            fs::write(&p, &wheel_bytes).unwrap();
+            Ok(p)
+        };
+        let dir = root.join("cache");
+        let paths: Vec<PathBuf> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| install_pin(&pin, &dir, &fetch).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            downloads.load(Ordering::SeqCst),
+            1,
+            "the lock must serialise installs"
+        );
+        assert!(paths.iter().all(|p| p == &paths[0]));
+        assert_eq!(fs::read(&paths[0]).unwrap(), payload);
+        assert_eq!(installed_at(&pin, &dir), Some(paths[0].clone()));
+        // No temporary files are left behind.
+        let leftovers: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp") || n.starts_with(".download"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn checksum_mismatch_is_refused_and_leaves_nothing() {
+        let root = scratch("badsum");
+        let payload = b"real plugin bytes".to_vec();
+        let probe = root.join("probe");
+        fs::create_dir_all(&probe).unwrap();
+        let mut pin = pin_for(&payload, &probe);
+        let wheel_bytes = fs::read(probe.join("fake-0.1-py3-none-any.whl")).unwrap();
+        let fetch = |_: &Pin, dest: &Path| -> Result<PathBuf> {
+            let p = dest.join("w.whl");
+            fs::write(&p, &wheel_bytes).unwrap();
+            Ok(p)
+        };
+        let dir = root.join("cache");
+        // Wrong library hash.
+        pin.sha256 = "00";
+        let err = install_pin(&pin, &dir, &fetch).unwrap_err();
+        assert!(
+            matches!(err, Error::Install(ref m) if m.contains("SHA-256")),
+            "{err}"
+        );
+        assert!(installed_at(&pin, &dir).is_none());
+        assert!(!dir.join("libfake_plugin.so").exists());
+        // Wrong wheel hash.
+        pin.wheel_sha256 = "11";
+        assert!(matches!(
+            install_pin(&pin, &dir, &fetch),
+            Err(Error::Install(_))
+        ));
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn pins_are_complete() {
+        for k in PluginKind::ALL {
+            let p = k.pin();
+            assert_eq!(p.sha256.len(), 64, "{k}");
+            assert_eq!(p.wheel_sha256.len(), 64, "{k}");
+            assert!(p.member.ends_with(".so"));
+            assert_eq!(PluginKind::from_name(k.name()), Some(k));
+        }
     }
 }
