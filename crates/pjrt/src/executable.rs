@@ -10,22 +10,36 @@ use crate::sys::{self, slot, Ptr};
 
 /// Compile-time memory statistics (`PJRT_Executable_GetCompiledMemoryStats`), in bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[allow(missing_docs)]
 pub struct CompiledMemoryStats {
+    /// Generated code size (bytes, or a count for `indefinite_allocations`).
     pub generated_code_size_in_bytes: i64,
+    /// Argument size (bytes, or a count for `indefinite_allocations`).
     pub argument_size_in_bytes: i64,
+    /// Output size (bytes, or a count for `indefinite_allocations`).
     pub output_size_in_bytes: i64,
+    /// Alias size (bytes, or a count for `indefinite_allocations`).
     pub alias_size_in_bytes: i64,
+    /// Temp size (bytes, or a count for `indefinite_allocations`).
     pub temp_size_in_bytes: i64,
+    /// Host generated code size (bytes, or a count for `indefinite_allocations`).
     pub host_generated_code_size_in_bytes: i64,
+    /// Host argument size (bytes, or a count for `indefinite_allocations`).
     pub host_argument_size_in_bytes: i64,
+    /// Host output size (bytes, or a count for `indefinite_allocations`).
     pub host_output_size_in_bytes: i64,
+    /// Host alias size (bytes, or a count for `indefinite_allocations`).
     pub host_alias_size_in_bytes: i64,
+    /// Host temp size (bytes, or a count for `indefinite_allocations`).
     pub host_temp_size_in_bytes: i64,
+    /// Peak memory (bytes, or a count for `indefinite_allocations`).
     pub peak_memory_in_bytes: i64,
+    /// Total size (bytes, or a count for `indefinite_allocations`).
     pub total_size_in_bytes: i64,
+    /// Total allocation bytes (bytes, or a count for `indefinite_allocations`).
     pub total_allocation_bytes: i64,
+    /// Indefinite allocations (bytes, or a count for `indefinite_allocations`).
     pub indefinite_allocations: i64,
+    /// Peak unpadded heap bytes (bytes, or a count for `indefinite_allocations`).
     pub peak_unpadded_heap_bytes: i64,
 }
 

@@ -73,6 +73,8 @@
 //! # Ok::<(), pjrt::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod buffer;
 pub mod client;
 pub mod dtype;
