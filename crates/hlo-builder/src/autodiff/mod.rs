@@ -1,0 +1,534 @@
+//! Reverse-mode automatic differentiation traced into the same builder (JAX style).
+//!
+//! [`Builder::vjp`] walks the instructions made so far in reverse creation order, starting from
+//! the outputs, and emits the backward pass as new instructions of the same builder. Only
+//! instructions on a path from one of `wrt` to one of the outputs are visited; values of integer
+//! or `pred` element type (indices, masks, compare results) never carry a cotangent.
+//!
+//! Cotangents of tuple-shaped values are kept per element: `get-tuple-element` adds into its
+//! element, `tuple` hands each element's cotangent to its operand.
+//!
+//! Each op family's rules live in their own file: [`elementwise`](self) (unary, binary,
+//! select, clamp, convert), shape ops (reshape, transpose, broadcast, reverse, slice,
+//! dynamic-slice, dynamic-update-slice, concatenate, pad), reductions (add/max/min reducers),
+//! `dot_general`, and control flow (tuples, custom VJPs; `while`, `conditional`, `call` and
+//! custom calls need a [`Builder::custom_vjp`]).
+//!
+//! Choices where the derivative is not unique:
+//! * `max`/`min` (binary): on ties each operand gets half of the cotangent.
+//! * `reduce` with a max/min reducer: the cotangent is split evenly among all positions equal to
+//!   the result; the init value gets none.
+//! * `abs` at 0, `sign`, `floor`, `ceil`, `round`: zero.
+//! * `clamp(lo, x, hi)`: `x` gets the cotangent where `lo <= x <= hi`, `lo` where `x < lo`, `hi`
+//!   where `x > hi`.
+//! * `dot_general` whose cotangent type differs from an operand's type (a preferred element
+//!   type): the backward dots run in the wider of the two types and are converted to the
+//!   operand's type.
+//!
+//! ```
+//! use hlo_builder::{Builder, ElementType, Shape};
+//! let b = Builder::new("f");
+//! let x = b.parameter(Shape::array(ElementType::F32, &[3]), "x").unwrap();
+//! let y = b.reduce_sum(b.mul(x, x).unwrap(), &[0]).unwrap(); // sum(x^2)
+//! let g = b.grad(y, &[x]).unwrap(); // 2x
+//! let comp = b.build(b.tuple(&[y, g[0]]).unwrap()).unwrap();
+//! assert!(comp.to_text().contains("multiply"));
+//! ```
+
+mod control;
+mod dot;
+mod elementwise;
+mod reduce;
+mod shape_ops;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::Location;
+use std::sync::Arc;
+
+use crate::builder::{Builder, Kind};
+use crate::error::Result;
+use crate::shape::Shape;
+use crate::Op;
+
+/// A user-supplied vector–Jacobian product for a block registered with [`Builder::custom_vjp`].
+///
+/// Closures `Fn(&Builder, &[Op], Op, &[Option<Op>]) -> Result<Vec<Option<Op>>>` implement it.
+pub trait VjpRule: Send + Sync {
+    /// `cotangents[i]` is the cotangent of tuple element `i` of `output` (or of the array output
+    /// when `i == 0`), `None` where it is zero. Returns one entry per input: `Some(cotangent)`
+    /// with the input's shape, or `None` (zero / not differentiable).
+    fn vjp(
+        &self,
+        b: &Builder,
+        inputs: &[Op],
+        output: Op,
+        cotangents: &[Option<Op>],
+    ) -> Result<Vec<Option<Op>>>;
+}
+
+impl<F> VjpRule for F
+where
+    F: Fn(&Builder, &[Op], Op, &[Option<Op>]) -> Result<Vec<Option<Op>>> + Send + Sync,
+{
+    fn vjp(
+        &self,
+        b: &Builder,
+        inputs: &[Op],
+        output: Op,
+        cotangents: &[Option<Op>],
+    ) -> Result<Vec<Option<Op>>> {
+        self(b, inputs, output, cotangents)
+    }
+}
+
+/// A registered custom VJP: the block's inputs and its rule.
+#[derive(Clone)]
+pub(crate) struct CustomVjp {
+    pub(crate) inputs: Vec<Op>,
+    pub(crate) rule: Arc<dyn VjpRule>,
+}
+
+impl fmt::Debug for CustomVjp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CustomVjp")
+            .field("inputs", &self.inputs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A cotangent: an array op, or per-element cotangents of a tuple value (`None` = zero).
+#[derive(Debug, Clone)]
+pub(crate) enum Ct {
+    Array(Op),
+    Tuple(Vec<Option<Ct>>),
+}
+
+/// What a rule needs to know about the instruction it differentiates.
+#[derive(Debug)]
+pub(crate) struct Node {
+    /// The instruction itself.
+    pub(crate) op: Op,
+    pub(crate) kind: Kind,
+    pub(crate) operands: Vec<Op>,
+    pub(crate) operand_shapes: Vec<Shape>,
+    pub(crate) shape: Shape,
+    /// Ids of called computations.
+    pub(crate) called: Vec<i64>,
+    /// Which operands need a cotangent (on a path from `wrt`, differentiable dtype).
+    pub(crate) need: Vec<bool>,
+    /// `name.id` of the instruction, for error messages.
+    pub(crate) full_name: String,
+    /// Where the instruction was built, for error messages.
+    pub(crate) built_at: String,
+}
+
+impl Node {
+    /// Element type of the (array) result.
+    pub(crate) fn ty(&self) -> crate::ElementType {
+        self.shape.ty().unwrap_or(crate::ElementType::F32)
+    }
+}
+
+/// True for float arrays and tuples holding at least one float array.
+pub(crate) fn differentiable(s: &Shape) -> bool {
+    match s {
+        Shape::Array { ty, .. } => ty.is_float(),
+        Shape::Tuple(e) => e.iter().any(differentiable),
+    }
+}
+
+/// Add `new` into `slot`.
+pub(crate) fn accumulate(b: &Builder, slot: &mut Option<Ct>, new: Ct) -> Result<()> {
+    let merged = match (slot.take(), new) {
+        (None, n) => n,
+        (Some(Ct::Array(a)), Ct::Array(c)) => Ct::Array(b.add(a, c)?),
+        (Some(Ct::Tuple(mut a)), Ct::Tuple(c)) => {
+            for (ai, ci) in a.iter_mut().zip(c) {
+                if let Some(ci) = ci {
+                    accumulate(b, ai, ci)?;
+                }
+            }
+            Ct::Tuple(a)
+        }
+        (Some(old), new) => {
+            // Shapes are checked before seeding, so this is an internal inconsistency.
+            return Err(b.invalid(
+                Location::caller(),
+                "vjp",
+                format!("internal error: cotangent kinds differ ({old:?} vs {new:?})"),
+            ));
+        }
+    };
+    *slot = Some(merged);
+    Ok(())
+}
+
+/// A concrete op for a cotangent of `shape` (zeros where it is absent).
+pub(crate) fn materialize(b: &Builder, ct: Option<&Ct>, shape: &Shape) -> Result<Op> {
+    match (ct, shape) {
+        (Some(Ct::Array(op)), _) => Ok(*op),
+        (None, Shape::Array { ty, dims }) => b.zeros(*ty, dims),
+        (Some(Ct::Tuple(e)), Shape::Tuple(s)) => {
+            let ops = s
+                .iter()
+                .enumerate()
+                .map(|(i, si)| materialize(b, e.get(i).and_then(Option::as_ref), si))
+                .collect::<Result<Vec<_>>>()?;
+            b.tuple(&ops)
+        }
+        (None, Shape::Tuple(s)) => {
+            let ops = s
+                .iter()
+                .map(|si| materialize(b, None, si))
+                .collect::<Result<Vec<_>>>()?;
+            b.tuple(&ops)
+        }
+        (Some(Ct::Tuple(_)), Shape::Array { .. }) => Err(b.invalid(
+            Location::caller(),
+            "vjp",
+            format!(
+                "internal error: tuple cotangent for array shape {}",
+                shape.short()
+            ),
+        )),
+    }
+}
+
+/// Split a user-given (possibly tuple-shaped) cotangent op into a [`Ct`].
+pub(crate) fn ct_from_op(b: &Builder, op: Op, shape: &Shape) -> Result<Ct> {
+    match shape {
+        Shape::Array { .. } => Ok(Ct::Array(op)),
+        Shape::Tuple(e) => {
+            let mut v = Vec::with_capacity(e.len());
+            for (i, s) in e.iter().enumerate() {
+                v.push(Some(ct_from_op(b, b.get_tuple_element(op, i)?, s)?));
+            }
+            Ok(Ct::Tuple(v))
+        }
+    }
+}
+
+/// The forward-graph facts the walk needs, taken under one lock.
+struct Plan {
+    /// Instruction count when the walk started (backward ops come after).
+    n: usize,
+    /// Per instruction: on a path from `wrt` to the outputs.
+    active: Vec<bool>,
+    /// Snapshot of the active instructions, by index.
+    nodes: HashMap<usize, Node>,
+}
+
+impl Builder {
+    /// Vector–Jacobian product: the cotangents of `wrt` given the cotangents of `outputs`.
+    ///
+    /// `cotangents[i]` must have the shape of `outputs[i]` (a tuple-shaped op for a tuple
+    /// output). The backward pass is emitted into this builder; a `wrt` with no path to any
+    /// output (or of integer type) gets zeros. Errors name any op on the path that cannot be
+    /// differentiated (`while`, `conditional`, `call`, custom calls without a
+    /// [`Builder::custom_vjp`], non-add/max/min reducers).
+    #[track_caller]
+    pub fn vjp(&self, outputs: &[Op], cotangents: &[Op], wrt: &[Op]) -> Result<Vec<Op>> {
+        let loc = Location::caller();
+        if outputs.len() != cotangents.len() {
+            return Err(self.invalid(
+                loc,
+                "vjp",
+                format!(
+                    "{} outputs but {} cotangents",
+                    outputs.len(),
+                    cotangents.len()
+                ),
+            ));
+        }
+        let out_shapes = self.shapes_of(loc, "vjp", outputs)?;
+        let ct_shapes = self.shapes_of(loc, "vjp", cotangents)?;
+        let wrt_shapes = self.shapes_of(loc, "vjp", wrt)?;
+        for (i, (o, c)) in out_shapes.iter().zip(&ct_shapes).enumerate() {
+            if o != c {
+                return Err(self.invalid(
+                    loc,
+                    "vjp",
+                    format!(
+                        "cotangent {i} has shape {} but output {i} has shape {}",
+                        c.short(),
+                        o.short()
+                    ),
+                ));
+            }
+        }
+        let customs: HashMap<usize, CustomVjp> = self
+            .custom_vjps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let plan = self.plan(outputs, wrt, &customs);
+
+        let mut cts: Vec<Option<Ct>> = vec![None; plan.n];
+        for ((o, c), s) in outputs.iter().zip(cotangents).zip(&out_shapes) {
+            if plan.active[o.index()] {
+                let ct = ct_from_op(self, *c, s)?;
+                accumulate(self, &mut cts[o.index()], ct)?;
+            }
+        }
+        for i in (0..plan.n).rev() {
+            if !plan.active[i] {
+                continue;
+            }
+            let Some(ct) = cts[i].clone() else { continue };
+            let node = &plan.nodes[&i];
+            let contributions: Vec<(Op, Ct)> = if let Some(custom) = customs.get(&i) {
+                control::custom(self, loc, node, custom, &ct)?
+            } else {
+                self.operand_cotangents(loc, node, ct)?
+            };
+            for (operand, c) in contributions {
+                if operand.index() < plan.n && plan.active[operand.index()] {
+                    accumulate(self, &mut cts[operand.index()], c)?;
+                }
+            }
+        }
+        wrt.iter()
+            .zip(&wrt_shapes)
+            .map(|(w, s)| materialize(self, cts.get(w.index()).and_then(Option::as_ref), s))
+            .collect()
+    }
+
+    /// Gradient of a scalar floating-point `loss` w.r.t. each of `wrt` (zeros where `loss` does
+    /// not depend on it).
+    #[track_caller]
+    pub fn grad(&self, loss: Op, wrt: &[Op]) -> Result<Vec<Op>> {
+        let loc = Location::caller();
+        let s = self.shape_of(loc, "grad", loss)?;
+        let ty = match s.ty() {
+            Some(ty) if ty.is_float() && s.is_scalar() => ty,
+            _ => {
+                return Err(self.invalid(
+                    loc,
+                    "grad",
+                    format!("loss must be a floating-point scalar, got {}", s.short()),
+                ))
+            }
+        };
+        let one = self.scalar_typed(ty, 1.0)?;
+        self.vjp(&[loss], &[one], wrt)
+    }
+
+    /// Mark `output` (an array, or a tuple-shaped op such as a custom call returning a tuple or a
+    /// `tuple(...)` of a while's results) as computed from `inputs`, with `rule` as its VJP.
+    /// Autodiff calls `rule` instead of differentiating whatever produced `output`, and never
+    /// walks into that block.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use hlo_builder::{Builder, ElementType, Op, Shape};
+    /// let b = Builder::new("f");
+    /// let x = b.parameter(Shape::array(ElementType::F32, &[4]), "x").unwrap();
+    /// let y = b.exp(x).unwrap(); // pretend this is an opaque kernel
+    /// b.custom_vjp(&[x], y, Arc::new(|b: &Builder, _ins: &[Op], out: Op, ct: &[Option<Op>]| {
+    ///     Ok(vec![match ct[0] { Some(c) => Some(b.mul(c, out)?), None => None }])
+    /// })).unwrap();
+    /// let g = b.grad(b.reduce_sum(y, &[0]).unwrap(), &[x]).unwrap();
+    /// ```
+    #[track_caller]
+    pub fn custom_vjp(&self, inputs: &[Op], output: Op, rule: Arc<dyn VjpRule>) -> Result<()> {
+        let loc = Location::caller();
+        self.shapes_of(loc, "custom_vjp", inputs)?;
+        self.shape_of(loc, "custom_vjp", output)?;
+        if let Some(i) = inputs.iter().position(|x| x.index() > output.index()) {
+            return Err(self.invalid(loc, "custom_vjp", format!("input {i} was made after the output; inputs must come before the block they feed")));
+        }
+        let mut map = self.custom_vjps.lock().unwrap_or_else(|e| e.into_inner());
+        if map.contains_key(&output.index()) {
+            return Err(self.invalid(loc, "custom_vjp", "this output already has a custom VJP"));
+        }
+        map.insert(
+            output.index(),
+            CustomVjp {
+                inputs: inputs.to_vec(),
+                rule,
+            },
+        );
+        Ok(())
+    }
+
+    /// Reachability from `wrt` and to `outputs`; snapshot of the instructions on those paths.
+    fn plan(&self, outputs: &[Op], wrt: &[Op], customs: &HashMap<usize, CustomVjp>) -> Plan {
+        self.with_instrs(|instrs| {
+            let n = instrs.len();
+            let deps = |i: usize| -> &[Op] {
+                customs
+                    .get(&i)
+                    .map(|c| c.inputs.as_slice())
+                    .unwrap_or(&instrs[i].operands)
+            };
+            let mut from = vec![false; n];
+            for w in wrt {
+                from[w.index()] = differentiable(&instrs[w.index()].shape);
+            }
+            for i in 0..n {
+                if !from[i] && differentiable(&instrs[i].shape) {
+                    from[i] = deps(i).iter().any(|o| from[o.index()]);
+                }
+            }
+            let mut to = vec![false; n];
+            for o in outputs {
+                to[o.index()] = true;
+            }
+            let mut active = vec![false; n];
+            for i in (0..n).rev() {
+                if to[i] && from[i] {
+                    active[i] = true;
+                    for d in deps(i) {
+                        to[d.index()] = true;
+                    }
+                }
+            }
+            let mut nodes = HashMap::new();
+            for i in (0..n).filter(|&i| active[i]) {
+                let ins = &instrs[i];
+                let operands = deps(i).to_vec();
+                let operand_shapes: Vec<Shape> = operands
+                    .iter()
+                    .map(|o| instrs[o.index()].shape.clone())
+                    .collect();
+                let need = operands
+                    .iter()
+                    .zip(&operand_shapes)
+                    .map(|(o, s)| active[o.index()] && differentiable(s))
+                    .collect();
+                let scope = if ins.scope.is_empty() {
+                    String::new()
+                } else {
+                    format!(" in {}", ins.scope)
+                };
+                nodes.insert(
+                    i,
+                    Node {
+                        op: self.op_at(i),
+                        kind: ins.kind.clone(),
+                        operands,
+                        operand_shapes,
+                        shape: ins.shape.clone(),
+                        called: ins.called.clone(),
+                        need,
+                        full_name: ins.full_name(),
+                        built_at: format!("{}:{}{scope}", ins.location.file(), ins.location.line()),
+                    },
+                );
+            }
+            Plan { n, active, nodes }
+        })
+    }
+
+    /// Cotangent contributions of one (non-custom) instruction to its operands.
+    fn operand_cotangents(
+        &self,
+        loc: &'static Location<'static>,
+        node: &Node,
+        ct: Ct,
+    ) -> Result<Vec<(Op, Ct)>> {
+        // Structural ops on tuples.
+        match (&node.kind, ct) {
+            (Kind::Parameter(_) | Kind::Constant(_) | Kind::Iota(_), _) => Ok(Vec::new()),
+            (Kind::Tuple, Ct::Tuple(elems)) => Ok(node
+                .operands
+                .iter()
+                .zip(elems)
+                .zip(&node.need)
+                .filter_map(|((o, e), &need)| if need { e.map(|e| (*o, e)) } else { None })
+                .collect()),
+            (Kind::GetTupleElement(k), ct) => {
+                let n = node.operand_shapes[0]
+                    .tuple_elements()
+                    .map_or(0, <[Shape]>::len);
+                let mut v: Vec<Option<Ct>> = vec![None; n];
+                v[*k as usize] = Some(ct);
+                Ok(vec![(node.operands[0], Ct::Tuple(v))])
+            }
+            (_, Ct::Array(ct)) => {
+                let grads = match &node.kind {
+                    Kind::Unary(_)
+                    | Kind::Binary(_)
+                    | Kind::Select
+                    | Kind::Clamp
+                    | Kind::Convert => elementwise::vjp(self, node, ct)?,
+                    Kind::Reshape
+                    | Kind::Transpose(_)
+                    | Kind::Broadcast(_)
+                    | Kind::Reverse(_)
+                    | Kind::Slice { .. }
+                    | Kind::DynamicSlice(_)
+                    | Kind::DynamicUpdateSlice
+                    | Kind::Concatenate(_)
+                    | Kind::Pad(_) => shape_ops::vjp(self, node, ct)?,
+                    Kind::Reduce(_) => reduce::vjp(self, loc, node, ct)?,
+                    Kind::Dot { .. } => dot::vjp(self, node, ct)?,
+                    _ => return Err(control::not_differentiable(self, loc, node)),
+                };
+                Ok(node
+                    .operands
+                    .iter()
+                    .zip(grads)
+                    .zip(&node.need)
+                    .filter_map(|((o, g), &need)| {
+                        if need {
+                            g.map(|g| (*o, Ct::Array(g)))
+                        } else {
+                            None
+                        }
+                    })
+                    .collect())
+            }
+            (_, Ct::Tuple(_)) => Err(control::not_differentiable(self, loc, node)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ElementType;
+
+    #[test]
+    fn pruning_visits_only_paths() {
+        let b = Builder::new("p");
+        let x = b
+            .parameter(Shape::array(ElementType::F32, &[3]), "x")
+            .unwrap();
+        let y = b
+            .parameter(Shape::array(ElementType::F32, &[3]), "y")
+            .unwrap();
+        let unrelated = b.exp(y).unwrap();
+        let l = b.reduce_sum(b.mul(x, x).unwrap(), &[0]).unwrap();
+        let customs = HashMap::new();
+        let plan = b.plan(&[l], &[x], &customs);
+        assert!(plan.active[x.index()]);
+        assert!(!plan.active[y.index()]);
+        assert!(!plan.active[unrelated.index()]);
+        // Gradient w.r.t. y (no path) is zeros of its shape.
+        let g = b.grad(l, &[x, y]).unwrap();
+        assert_eq!(b.shape(g[1]).unwrap(), Shape::array(ElementType::F32, &[3]));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let b = Builder::new("e");
+        let x = b
+            .parameter(Shape::array(ElementType::F32, &[3]), "x")
+            .unwrap();
+        let e = b.grad(x, &[x]).unwrap_err().to_string();
+        assert!(
+            e.contains("loss must be a floating-point scalar, got f32[3]"),
+            "{e}"
+        );
+        let c = b
+            .parameter(Shape::array(ElementType::F32, &[2]), "c")
+            .unwrap();
+        let e = b.vjp(&[x], &[c], &[x]).unwrap_err().to_string();
+        assert!(
+            e.contains("cotangent 0 has shape f32[2] but output 0 has shape f32[3]"),
+            "{e}"
+        );
+    }
+}
