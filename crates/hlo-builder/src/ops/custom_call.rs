@@ -1,0 +1,206 @@
+//! Typed-FFI custom calls (`custom_call_api_version = 4`) with attributes passed as an MLIR
+//! dictionary in `backend_config`, which XLA decodes into FFI attributes.
+
+use std::panic::Location;
+
+use crate::builder::{Builder, Kind};
+use crate::error::Result;
+use crate::shape::{Shape, ShapeError};
+use crate::Op;
+
+/// A custom-call attribute value (decoded by XLA FFI as scalar, string or array).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attr {
+    /// `i32` scalar.
+    I32(i32),
+    /// `i64` scalar.
+    I64(i64),
+    /// `f32` scalar.
+    F32(f32),
+    /// `f64` scalar.
+    F64(f64),
+    /// Boolean (`i1`).
+    Bool(bool),
+    /// String.
+    Str(String),
+    /// Dense `i64` array.
+    I64Array(Vec<i64>),
+    /// Dense `f32` array.
+    F32Array(Vec<f32>),
+}
+
+/// A float in the style MLIR prints (`2.000000e+00`), with enough digits to round-trip.
+fn mlir_float(v: f64, is_f32: bool) -> String {
+    if v.is_nan() {
+        return if is_f32 {
+            "0x7FC00000".into()
+        } else {
+            "0x7FF8000000000000".into()
+        };
+    }
+    if v.is_infinite() {
+        let bits = match (is_f32, v > 0.0) {
+            (true, true) => "0x7F800000",
+            (true, false) => "0xFF800000",
+            (false, true) => "0x7FF0000000000000",
+            (false, false) => "0xFFF0000000000000",
+        };
+        return bits.into();
+    }
+    let roundtrips = |s: &str| {
+        if is_f32 {
+            s.parse::<f32>().ok() == Some(v as f32)
+        } else {
+            s.parse::<f64>().ok() == Some(v)
+        }
+    };
+    let digits = [6usize, 8, 16]
+        .into_iter()
+        .find(|&p| roundtrips(&format!("{v:.p$e}")))
+        .unwrap_or(16);
+    let s = format!("{v:.digits$e}");
+    // Rust prints `2.000000e0`; MLIR / C print `2.000000e+00`.
+    match s.split_once('e') {
+        Some((m, e)) => {
+            let exp: i32 = e.parse().unwrap_or(0);
+            format!("{m}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+        }
+        None => s,
+    }
+}
+
+fn mlir_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for b in s.bytes() {
+        match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            0x20..=0x7e => out.push(b as char),
+            _ => out.push_str(&format!("\\{b:02X}")),
+        }
+    }
+    out.push('"');
+    out
+}
+
+impl Attr {
+    /// The MLIR attribute syntax of the value (`512 : i64`, `"softmax"`, `array<i64: 1, 2>`).
+    pub fn to_mlir(&self) -> String {
+        match self {
+            Attr::I32(v) => format!("{v} : i32"),
+            Attr::I64(v) => format!("{v} : i64"),
+            Attr::F32(v) => format!("{} : f32", mlir_float(f64::from(*v), true)),
+            Attr::F64(v) => format!("{} : f64", mlir_float(*v, false)),
+            Attr::Bool(v) => v.to_string(),
+            Attr::Str(s) => mlir_string(s),
+            Attr::I64Array(v) => format!(
+                "array<i64{}{}>",
+                if v.is_empty() { "" } else { ": " },
+                v.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+            ),
+            Attr::F32Array(v) => {
+                format!(
+                    "array<f32{}{}>",
+                    if v.is_empty() { "" } else { ": " },
+                    v.iter()
+                        .map(|x| mlir_float(f64::from(*x), true))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        }
+    }
+}
+
+/// The MLIR dictionary string of `attrs`, sorted by name as MLIR requires:
+/// `{chunk = 512 : i64, feature_map = "softmax", scale = 2.000000e+00 : f32}`.
+pub fn mlir_dictionary(attrs: &[(&str, Attr)]) -> Result<String, ShapeError> {
+    let mut sorted: Vec<&(&str, Attr)> = attrs.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    for w in sorted.windows(2) {
+        if w[0].0 == w[1].0 {
+            return Err(ShapeError::new(
+                "custom_call",
+                format!("attribute `{}` given twice", w[0].0),
+            ));
+        }
+    }
+    for (name, _) in &sorted {
+        let ok = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '$');
+        if !ok {
+            return Err(ShapeError::new(
+                "custom_call",
+                format!("attribute name `{name}` is not a bare MLIR identifier"),
+            ));
+        }
+    }
+    let body: Vec<String> = sorted
+        .iter()
+        .map(|(n, a)| format!("{n} = {}", a.to_mlir()))
+        .collect();
+    Ok(format!("{{{}}}", body.join(", ")))
+}
+
+impl Builder {
+    /// A typed-FFI custom call of `target` producing `result` (array or tuple of arrays).
+    /// The handler must be registered with the runtime (a missing one is a compile error).
+    #[track_caller]
+    pub fn custom_call(
+        &self,
+        target: &str,
+        operands: &[Op],
+        result: Shape,
+        attrs: &[(&str, Attr)],
+    ) -> Result<Op> {
+        let loc = Location::caller();
+        self.shapes_of(loc, "custom_call", operands)?;
+        if target.is_empty() {
+            return Err(self.invalid(loc, "custom_call", "empty target name"));
+        }
+        let backend_config = mlir_dictionary(attrs).map_err(|e| self.shape_err(loc, e))?;
+        let kind = Kind::CustomCall {
+            target: target.to_string(),
+            backend_config,
+            has_side_effect: false,
+        };
+        Ok(self.push(loc, kind, operands.to_vec(), result, Vec::new()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dictionary_format() {
+        let d = mlir_dictionary(&[
+            ("scale", Attr::F32(2.0)),
+            ("feature_map", Attr::Str("softmax".into())),
+            ("chunk", Attr::I64(512)),
+        ])
+        .unwrap();
+        assert_eq!(
+            d,
+            "{chunk = 512 : i64, feature_map = \"softmax\", scale = 2.000000e+00 : f32}"
+        );
+        assert_eq!(Attr::F32(0.1).to_mlir(), "1.000000e-01 : f32");
+        // 6 digits do not round-trip this f64, so more are printed.
+        let s = Attr::F64(0.1234567891).to_mlir();
+        let mantissa = s.trim_end_matches(" : f64");
+        assert_eq!(mantissa.parse::<f64>().unwrap(), 0.1234567891, "{s}");
+        assert!(mantissa.len() > "1.234568e-01".len(), "{s}");
+        assert_eq!(Attr::F32(1.0e10).to_mlir(), "1.000000e+10 : f32");
+        assert_eq!(Attr::F64(-1.5e-7).to_mlir(), "-1.500000e-07 : f64");
+        assert_eq!(Attr::I64Array(vec![1, 2]).to_mlir(), "array<i64: 1, 2>");
+        assert_eq!(Attr::Str("a\"b".into()).to_mlir(), "\"a\\\"b\"");
+        assert!(mlir_dictionary(&[("a", Attr::I32(1)), ("a", Attr::I32(2))]).is_err());
+        assert!(mlir_dictionary(&[("bad name", Attr::I32(1))]).is_err());
+        assert_eq!(mlir_dictionary(&[]).unwrap(), "{}");
+    }
+}

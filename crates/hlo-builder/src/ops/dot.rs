@@ -1,0 +1,244 @@
+//! `dot_general` (batched tensor contraction) and the matrix convenience `dot`.
+
+use std::panic::Location;
+
+use crate::builder::{Builder, Kind};
+use crate::error::Result;
+use crate::proto;
+use crate::shape::{expect_array, Shape, ShapeError, ShapeResult};
+use crate::{ElementType, Op};
+
+/// Dimension numbers of [`Builder::dot_general`].
+///
+/// The result dims are: batch dims, then lhs free dims (in order), then rhs free dims.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct DotDims {
+    /// Batch dims of lhs.
+    pub lhs_batch: Vec<i64>,
+    /// Batch dims of rhs (paired with `lhs_batch`).
+    pub rhs_batch: Vec<i64>,
+    /// Contracting dims of lhs.
+    pub lhs_contracting: Vec<i64>,
+    /// Contracting dims of rhs (paired with `lhs_contracting`).
+    pub rhs_contracting: Vec<i64>,
+}
+
+impl DotDims {
+    /// Plain matrix product `[m,k] x [k,n]`.
+    pub fn matmul() -> DotDims {
+        DotDims {
+            lhs_contracting: vec![1],
+            rhs_contracting: vec![0],
+            ..Default::default()
+        }
+    }
+
+    /// The `DotDimensionNumbers` proto.
+    pub fn to_proto(&self) -> proto::DotDimensionNumbers {
+        proto::DotDimensionNumbers {
+            lhs_contracting_dimensions: self.lhs_contracting.clone(),
+            rhs_contracting_dimensions: self.rhs_contracting.clone(),
+            lhs_batch_dimensions: self.lhs_batch.clone(),
+            rhs_batch_dimensions: self.rhs_batch.clone(),
+        }
+    }
+}
+
+/// Operand precision of a dot (both operands get the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// Backend default (may use bf16 passes on some hardware).
+    Default,
+    /// Higher precision.
+    High,
+    /// Full precision.
+    Highest,
+}
+
+impl Precision {
+    /// `PrecisionConfig.Precision` number.
+    pub fn proto(self) -> i32 {
+        match self {
+            Precision::Default => 0,
+            Precision::High => 1,
+            Precision::Highest => 2,
+        }
+    }
+}
+
+/// Shape rule of `dot_general`; `preferred` overrides the result element type.
+pub fn dot_general(
+    lhs: &Shape,
+    rhs: &Shape,
+    dims: &DotDims,
+    preferred: Option<ElementType>,
+) -> ShapeResult {
+    const OP: &str = "dot_general";
+    let (lt, ld) = expect_array(OP, "lhs", lhs)?;
+    let (rt, rd) = expect_array(OP, "rhs", rhs)?;
+    let ctx = || format!("lhs {}, rhs {}", lhs.short(), rhs.short());
+    if lt != rt && preferred.is_none() {
+        return Err(ShapeError::new(
+            OP,
+            format!(
+                "operand element types differ and no preferred type is given: {}",
+                ctx()
+            ),
+        ));
+    }
+    if dims.lhs_batch.len() != dims.rhs_batch.len()
+        || dims.lhs_contracting.len() != dims.rhs_contracting.len()
+    {
+        return Err(ShapeError::new(
+            OP,
+            format!(
+                "lhs and rhs need the same number of batch and contracting dims ({dims:?}): {}",
+                ctx()
+            ),
+        ));
+    }
+    let check = |what: &str, side: &str, d: i64, rank: usize| -> Result<usize, ShapeError> {
+        if d < 0 || d as usize >= rank {
+            Err(ShapeError::new(
+                OP,
+                format!("{side} {what} dim {d} out of range: {}", ctx()),
+            ))
+        } else {
+            Ok(d as usize)
+        }
+    };
+    let mut lused = vec![false; ld.len()];
+    let mut rused = vec![false; rd.len()];
+    for (what, lv, rv) in [
+        ("batch", &dims.lhs_batch, &dims.rhs_batch),
+        ("contracting", &dims.lhs_contracting, &dims.rhs_contracting),
+    ] {
+        for (&l, &r) in lv.iter().zip(rv) {
+            let (li, ri) = (
+                check(what, "lhs", l, ld.len())?,
+                check(what, "rhs", r, rd.len())?,
+            );
+            if std::mem::replace(&mut lused[li], true) || std::mem::replace(&mut rused[ri], true) {
+                return Err(ShapeError::new(
+                    OP,
+                    format!("dim used twice in {dims:?}: {}", ctx()),
+                ));
+            }
+            if ld[li] != rd[ri] {
+                return Err(ShapeError::new(
+                    OP,
+                    format!(
+                        "lhs {what} dim {l} (size {}) != rhs {what} dim {r} (size {}): {}",
+                        ld[li],
+                        rd[ri],
+                        ctx()
+                    ),
+                ));
+            }
+        }
+    }
+    let mut out: Vec<i64> = dims.lhs_batch.iter().map(|&d| ld[d as usize]).collect();
+    out.extend((0..ld.len()).filter(|&i| !lused[i]).map(|i| ld[i]));
+    out.extend((0..rd.len()).filter(|&i| !rused[i]).map(|i| rd[i]));
+    Ok(Shape::array(preferred.unwrap_or(lt), &out))
+}
+
+impl Builder {
+    /// General dot product (XLA `dot`): contract `lhs_contracting` with `rhs_contracting`,
+    /// batch over `lhs_batch`/`rhs_batch`. Result: batch dims, lhs free dims, rhs free dims.
+    #[track_caller]
+    pub fn dot_general(
+        &self,
+        lhs: Op,
+        rhs: Op,
+        dims: &DotDims,
+        precision: Option<Precision>,
+        preferred: Option<ElementType>,
+    ) -> Result<Op> {
+        let loc = Location::caller();
+        let s = self.shapes_of(loc, "dot_general", &[lhs, rhs])?;
+        let out = dot_general(&s[0], &s[1], dims, preferred).map_err(|e| self.shape_err(loc, e))?;
+        Ok(self.push(
+            loc,
+            Kind::Dot {
+                dims: dims.clone(),
+                precision,
+            },
+            vec![lhs, rhs],
+            out,
+            Vec::new(),
+        ))
+    }
+
+    /// Matrix/vector product: `[m,k]x[k,n]`, `[m,k]x[k]`, `[k]x[k,n]` or `[k]x[k]`.
+    #[track_caller]
+    pub fn dot(&self, lhs: Op, rhs: Op) -> Result<Op> {
+        let loc = Location::caller();
+        let s = self.shapes_of(loc, "dot", &[lhs, rhs])?;
+        if s[0].rank() == 0 || s[0].rank() > 2 || s[1].rank() == 0 || s[1].rank() > 2 {
+            return Err(self.shape_err(
+                loc,
+                ShapeError::new(
+                    "dot",
+                    format!(
+                        "needs rank-1 or rank-2 operands, got lhs {}, rhs {}",
+                        s[0].short(),
+                        s[1].short()
+                    ),
+                ),
+            ));
+        }
+        let dims = DotDims {
+            lhs_contracting: vec![s[0].rank() as i64 - 1],
+            rhs_contracting: vec![0],
+            ..Default::default()
+        };
+        self.dot_general(lhs, rhs, &dims, None, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(d: &[i64]) -> Shape {
+        Shape::array(ElementType::F32, d)
+    }
+
+    #[test]
+    fn dot_rules() {
+        assert_eq!(
+            dot_general(&f(&[2, 3]), &f(&[3, 5]), &DotDims::matmul(), None),
+            Ok(f(&[2, 5]))
+        );
+        let e = dot_general(&f(&[2, 3]), &f(&[4, 5]), &DotDims::matmul(), None).unwrap_err();
+        assert_eq!(e.to_string(), "dot_general: lhs contracting dim 1 (size 3) != rhs contracting dim 0 (size 4): lhs f32[2,3], rhs f32[4,5]");
+        let d = DotDims {
+            lhs_batch: vec![0],
+            rhs_batch: vec![0],
+            lhs_contracting: vec![2],
+            rhs_contracting: vec![1],
+        };
+        assert_eq!(
+            dot_general(&f(&[7, 2, 3]), &f(&[7, 3, 4]), &d, None),
+            Ok(f(&[7, 2, 4]))
+        );
+        let d = DotDims {
+            lhs_batch: vec![1],
+            rhs_batch: vec![0],
+            lhs_contracting: vec![2],
+            rhs_contracting: vec![2],
+        };
+        assert_eq!(
+            dot_general(&f(&[5, 7, 3]), &f(&[7, 4, 3]), &d, Some(ElementType::F64)),
+            Ok(Shape::array(ElementType::F64, &[7, 5, 4]))
+        );
+        assert!(dot_general(
+            &f(&[2, 3]),
+            &Shape::array(ElementType::Bf16, &[3, 2]),
+            &DotDims::matmul(),
+            None
+        )
+        .is_err());
+    }
+}

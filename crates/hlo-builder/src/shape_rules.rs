@@ -1,0 +1,14 @@
+//! All pure shape-inference rules, one function per op: `(operand shapes, attributes) ->
+//! Result<Shape, ShapeError>`. They need no builder, so they can be unit-tested and reused.
+
+pub use crate::ops::constant::iota;
+pub use crate::ops::control::{call, conditional, get_tuple_element, while_loop};
+pub use crate::ops::dot::dot_general;
+pub use crate::ops::elementwise::{
+    binary, bitcast_convert, clamp, compare, convert, select, unary,
+};
+pub use crate::ops::reduce::reduce;
+pub use crate::ops::shape_ops::{
+    broadcast_in_dim, concatenate, dynamic_slice, dynamic_update_slice, pad, reshape, reverse,
+    slice, transpose,
+};
