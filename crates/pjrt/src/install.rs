@@ -361,6 +361,68 @@ fn pip_download(pin: &Pin, dest: &Path) -> Result<PathBuf> {
     )))
 }
 
+/// The NVIDIA tools the CUDA plugin needs to compile without a local CUDA install: `ptxas`
+/// (PyPI `nvidia-cuda-nvcc` 13.0.88) and `libdevice.10.bc` (PyPI `nvidia-nvvm` 13.0.88), pinned to
+/// the CUDA 13.0 that the pinned plugin reports (`cuda_version=13000`).
+///
+/// Each entry is `(pin, directory under the CUDA root)`. Both are NVIDIA-proprietary binaries,
+/// downloaded from PyPI, never vendored.
+pub fn cuda_tool_pins() -> [(Pin, &'static str); 2] {
+    [
+        (
+            Pin {
+                package: "nvidia-cuda-nvcc",
+                version: "13.0.88",
+                member: "nvidia/cu13/bin/ptxas",
+                size: 37_741_528,
+                sha256: "daba837a68265cae38c832d13399b61dab811891de9b8914defddef143b849f2",
+                wheel_sha256: "56fe502eb77625a12f25172caa3cdddb4e4c8ba2c8c17dba44b164761b380f03",
+                pip_args: &["--only-binary=:all:"],
+            },
+            "bin",
+        ),
+        (
+            Pin {
+                package: "nvidia-nvvm",
+                version: "13.0.88",
+                member: "nvidia/cu13/nvvm/libdevice/libdevice.10.bc",
+                size: 464_132,
+                sha256: "91334d6e12748f6cb5bbf0a1cd965a56bcd93dc4f496d2e5c5f8c6e523094356",
+                wheel_sha256: "c5f41ffeb6466944a026dfa5317d7d85355c119bbec279205d22f1869d1054e0",
+                pip_args: &["--only-binary=:all:"],
+            },
+            "nvvm/libdevice",
+        ),
+    ]
+}
+
+/// The CUDA root that holds the tools of [`cuda_tool_pins`]: `cache_dir()/nvidia/cu13`, with
+/// `bin/ptxas` and `nvvm/libdevice/libdevice.10.bc`. The CUDA plugin searches
+/// `<plugin dir>/../nvidia/cu13` by itself, which is this directory for a plugin installed by
+/// [`install`]; for a plugin elsewhere, pass the root as `--xla_gpu_cuda_data_dir`.
+pub fn cuda_tools_root() -> PathBuf {
+    cache_dir().join("nvidia").join("cu13")
+}
+
+/// The CUDA root of [`cuda_tools_root`] if both tools are installed and verified.
+pub fn installed_cuda_tools() -> Option<PathBuf> {
+    let root = cuda_tools_root();
+    cuda_tool_pins()
+        .iter()
+        .all(|(pin, sub)| installed_at(pin, &root.join(sub)).is_some())
+        .then_some(root)
+}
+
+/// Installs `ptxas` and libdevice (see [`cuda_tool_pins`]) into [`cuda_tools_root`] (no-op when
+/// present; same download, checksum and locking as [`install`]) and returns the root.
+pub fn install_cuda_tools() -> Result<PathBuf> {
+    let root = cuda_tools_root();
+    for (pin, sub) in cuda_tool_pins() {
+        install_pin(&pin, &root.join(sub), &pip_download)?;
+    }
+    Ok(root)
+}
+
 /// Finds the plugin library to use, in order: `explicit`, then `RATTN_PJRT_PLUGIN`, then the
 /// cache (installing the CPU plugin automatically; CUDA/TPU must be installed explicitly with
 /// [`install`] because they are large).

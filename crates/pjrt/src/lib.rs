@@ -85,6 +85,7 @@ pub mod install;
 pub mod options;
 pub mod plugin;
 mod sys;
+pub mod topology;
 
 use std::sync::{Mutex, OnceLock};
 
@@ -96,6 +97,7 @@ pub use executable::{CompiledMemoryStats, LoadedExecutable};
 pub use ffi::FfiHandlerFn;
 pub use options::{CompileOptions, Program};
 pub use plugin::{NamedValue, Plugin};
+pub use topology::{CostAnalysis, DeviceDescription, Executable, Topology};
 
 /// The CPU plugin, located (explicit `RATTN_PJRT_PLUGIN`, else the cache, installing it on first
 /// use) and loaded once per process. Concurrent first calls wait for one installation.

@@ -112,6 +112,7 @@ pub(crate) mod slot {
     pub(crate) const CLIENT_BUFFER_FROM_HOST: usize = 22;
     pub(crate) const DEVICE_DESCRIPTION_ID: usize = 23;
     pub(crate) const DEVICE_DESCRIPTION_PROCESS_INDEX: usize = 24;
+    pub(crate) const DEVICE_DESCRIPTION_ATTRIBUTES: usize = 25;
     pub(crate) const DEVICE_DESCRIPTION_KIND: usize = 26;
     pub(crate) const DEVICE_DESCRIPTION_DEBUG_STRING: usize = 27;
     pub(crate) const DEVICE_GET_DESCRIPTION: usize = 29;
@@ -122,6 +123,7 @@ pub(crate) mod slot {
     pub(crate) const EXECUTABLE_NUM_REPLICAS: usize = 42;
     pub(crate) const EXECUTABLE_NUM_PARTITIONS: usize = 43;
     pub(crate) const EXECUTABLE_NUM_OUTPUTS: usize = 44;
+    pub(crate) const EXECUTABLE_GET_COST_ANALYSIS: usize = 46;
     pub(crate) const EXECUTABLE_OPTIMIZED_PROGRAM: usize = 48;
     pub(crate) const EXECUTABLE_SERIALIZE: usize = 49;
     pub(crate) const LOADED_EXECUTABLE_DESTROY: usize = 50;
@@ -138,6 +140,14 @@ pub(crate) mod slot {
     pub(crate) const BUFFER_COPY_TO_DEVICE: usize = 69;
     pub(crate) const BUFFER_TO_HOST: usize = 70;
     pub(crate) const BUFFER_UNSAFE_POINTER: usize = 73;
+    pub(crate) const TOPOLOGY_CREATE: usize = 82;
+    pub(crate) const TOPOLOGY_DESTROY: usize = 83;
+    pub(crate) const TOPOLOGY_PLATFORM_NAME: usize = 84;
+    pub(crate) const TOPOLOGY_PLATFORM_VERSION: usize = 85;
+    pub(crate) const TOPOLOGY_GET_DEVICE_DESCRIPTIONS: usize = 86;
+    pub(crate) const TOPOLOGY_SERIALIZE: usize = 87;
+    pub(crate) const TOPOLOGY_ATTRIBUTES: usize = 88;
+    pub(crate) const COMPILE: usize = 89;
     pub(crate) const EXECUTABLE_OUTPUT_ELEMENT_TYPES: usize = 90;
     pub(crate) const EXECUTABLE_OUTPUT_DIMENSIONS: usize = 91;
     pub(crate) const EXECUTABLE_FINGERPRINT: usize = 94;
@@ -304,6 +314,54 @@ c_struct!(ExecuteArgs [size 80, struct_size 80] {
     argument_lists: *const *const Ptr => 32, num_devices: usize => 40, num_args: usize => 48,
     output_lists: *const *mut Ptr => 56, device_complete_events: *mut Ptr => 64, execute_device: Ptr => 72,
 });
+
+// ---------------------------------------------------------------------------------------------
+// Topologies and client-less compilation (ahead of time)
+// ---------------------------------------------------------------------------------------------
+
+c_struct!(TopologyCreateArgs [size 56, struct_size 56] {
+    struct_size: usize => 0, extension_start: Ptr => 8, topology_name: *const u8 => 16, topology_name_size: usize => 24,
+    create_options: *const NamedValueRaw => 32, num_options: usize => 40, topology: Ptr => 48,
+});
+c_struct!(
+    /// `PJRT_TopologyDescription_GetDeviceDescriptions_Args`.
+    TopologyDeviceDescriptionsArgs [size 40, struct_size 40] {
+        struct_size: usize => 0, extension_start: Ptr => 8, topology: Ptr => 16, descriptions: *const Ptr => 24,
+        num_descriptions: usize => 32,
+    }
+);
+c_struct!(TopologySerializeArgs [size 56, struct_size 56] {
+    struct_size: usize => 0, extension_start: Ptr => 8, topology: Ptr => 16, serialized_bytes: *const u8 => 24,
+    serialized_bytes_size: usize => 32, serialized_topology: Ptr => 40, serialized_topology_deleter: Ptr => 48,
+});
+c_struct!(
+    /// `PJRT_TopologyDescription_Attributes_Args` (pointer before count).
+    TopologyAttributesArgs [size 40, struct_size 40] {
+        struct_size: usize => 0, extension_start: Ptr => 8, topology: Ptr => 16, attributes: *const NamedValueRaw => 24,
+        num_attributes: usize => 32,
+    }
+);
+c_struct!(
+    /// `PJRT_DeviceDescription_Attributes_Args` (count before pointer).
+    DeviceDescriptionAttributesArgs [size 40, struct_size 40] {
+        struct_size: usize => 0, extension_start: Ptr => 8, device_description: Ptr => 16, num_attributes: usize => 24,
+        attributes: *const NamedValueRaw => 32,
+    }
+);
+c_struct!(
+    /// `PJRT_Compile_Args`: compile for a topology, optionally without a client.
+    CompileArgs [size 64, struct_size 64] {
+        struct_size: usize => 0, extension_start: Ptr => 8, topology: Ptr => 16, program: *const Program => 24,
+        compile_options: *const u8 => 32, compile_options_size: usize => 40, client: Ptr => 48, executable: Ptr => 56,
+    }
+);
+c_struct!(
+    /// `PJRT_Executable_GetCostAnalysis_Args` (count before pointer).
+    CostAnalysisArgs [size 40, struct_size 40] {
+        struct_size: usize => 0, extension_start: Ptr => 8, executable: Ptr => 16, num_properties: usize => 24,
+        properties: *const NamedValueRaw => 32,
+    }
+);
 
 // ---------------------------------------------------------------------------------------------
 // Buffers
