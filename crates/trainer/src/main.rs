@@ -1,7 +1,144 @@
-//! `rattn`: train, evaluate, generate, dump, benchmark and manage PJRT plugins.
+//! `rattn`: train, evaluate, generate, dump, and manage PJRT plugins.
 
-mod config;
 mod checkpoint;
+mod config;
 mod data;
+mod runtime;
+mod step;
+mod train;
 
-fn main() {}
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "rattn", version, about = "RAttention models traced to XLA HLO and run through PJRT plugins")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// Run configuration (TOML with [model], [train], [data]).
+    #[arg(long, default_value = "configs/tiny.toml")]
+    config: PathBuf,
+    /// Override a config value, e.g. `--set train.steps=50 --set model.window=16`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// PJRT plugin: cpu (default), cuda, tpu, or a path to a plugin .so.
+    #[arg(long)]
+    plugin: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a model (default: the tiny config on the embedded synthetic data).
+    Train {
+        #[command(flatten)]
+        common: Common,
+        /// Directory for checkpoints and metrics.
+        #[arg(long, default_value = "runs/tiny")]
+        out: PathBuf,
+        /// Resume from the newest checkpoint in --out.
+        #[arg(long)]
+        resume: bool,
+        /// No progress bar (metrics still go to metrics.jsonl).
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Evaluate a checkpoint: loss, perplexity and (synthetic data) recall by distance.
+    Eval {
+        #[command(flatten)]
+        common: Common,
+        /// Checkpoint file, or a run directory (its newest checkpoint).
+        #[arg(long, default_value = "runs/tiny")]
+        checkpoint: PathBuf,
+        /// Number of held-out sequences.
+        #[arg(long, default_value_t = 64)]
+        sequences: usize,
+    },
+    /// Manage PJRT plugins.
+    Plugin {
+        #[command(subcommand)]
+        cmd: PluginCmd,
+    },
+    /// Show the plugin, its API version, platform and devices.
+    Doctor {
+        /// PJRT plugin: cpu (default), cuda, tpu, or a path.
+        #[arg(long)]
+        plugin: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCmd {
+    /// Download (pip download --no-deps), verify and cache a plugin: cpu, cuda or tpu.
+    Install {
+        /// cpu, cuda or tpu.
+        kind: String,
+    },
+    /// List installed plugins and their PJRT API versions.
+    List,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Train { common, out, resume, quiet } => {
+            let cfg = config::RunConfig::load(&common.config, &common.overrides)?;
+            train::train(&cfg, common.plugin.as_deref(), &out, resume, quiet).map(|_| ())
+        }
+        Cmd::Eval { common, checkpoint, sequences } => {
+            let cfg = config::RunConfig::load(&common.config, &common.overrides)?;
+            train::eval(&cfg, common.plugin.as_deref(), &checkpoint, sequences).map(|_| ())
+        }
+        Cmd::Plugin { cmd: PluginCmd::Install { kind } } => {
+            let Some(k) = pjrt::install::PluginKind::from_name(&kind) else {
+                bail!("unknown plugin kind {kind:?}: use cpu, cuda or tpu");
+            };
+            let path = pjrt::install::install(k)?;
+            println!("{} plugin installed at {}", k.name(), path.display());
+            Ok(())
+        }
+        Cmd::Plugin { cmd: PluginCmd::List } => {
+            println!("plugin cache: {}", pjrt::install::cache_dir().display());
+            let list = pjrt::install::list();
+            if list.is_empty() {
+                println!("no plugins installed (rattn plugin install cpu)");
+            }
+            for (kind, path) in list {
+                let api = match pjrt::Plugin::load(&path) {
+                    Ok(p) => format!("PJRT API {}.{}", p.api_version().0, p.api_version().1),
+                    Err(e) => format!("cannot load: {e}"),
+                };
+                println!("{:<5} {api}  {}", kind.name(), path.display());
+            }
+            Ok(())
+        }
+        Cmd::Doctor { plugin } => {
+            let p = runtime::load_plugin(plugin.as_deref())?;
+            let (maj, min) = p.api_version();
+            println!("plugin:   {}", p.path().display());
+            println!("PJRT API: {maj}.{min}");
+            let client = pjrt::Client::new(&p, &[])?;
+            println!("platform: {} ({})", client.platform_name()?, client.platform_version()?);
+            for d in client.devices()? {
+                println!(
+                    "device {}: kind {:?}, process {}, addressable {}",
+                    d.id(),
+                    d.kind(),
+                    d.process_index(),
+                    d.is_addressable()
+                );
+            }
+            Ok(())
+        }
+    }
+}

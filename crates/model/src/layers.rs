@@ -1,0 +1,193 @@
+//! Layers as builder functions: each takes graph handles and returns graph handles, and reads like
+//! DESIGN §2. Composite ops (RMSNorm, softmax, RoPE) are built from hlo-builder primitives here.
+
+use crate::config::{Dtype, FfnActivation};
+use hlo_builder::{Builder, DotDims, ElementType, Op, Result};
+
+const F32: ElementType = ElementType::F32;
+
+/// Dims of an op (arrays only).
+pub fn dims(b: &Builder, x: Op) -> Result<Vec<i64>> {
+    Ok(b.shape(x)?.dims().to_vec())
+}
+
+/// Broadcast `x` to `out` with `x`'s dims mapped to `map` (XLA's broadcast_in_dim).
+pub fn bcast(b: &Builder, x: Op, out: &[i64], map: &[i64]) -> Result<Op> {
+    b.broadcast_in_dim(x, out, map)
+}
+
+/// Broadcast `x` (whose dims are a prefix of `out`) along trailing dims.
+pub fn bcast_prefix(b: &Builder, x: Op, out: &[i64]) -> Result<Op> {
+    let r = b.shape(x)?.rank() as i64;
+    b.broadcast_in_dim(x, out, &(0..r).collect::<Vec<_>>())
+}
+
+/// Broadcast `x` (whose dims are a suffix of `out`) along leading dims.
+pub fn bcast_suffix(b: &Builder, x: Op, out: &[i64]) -> Result<Op> {
+    let r = b.shape(x)?.rank() as i64;
+    let off = out.len() as i64 - r;
+    b.broadcast_in_dim(x, out, &(off..off + r).collect::<Vec<_>>())
+}
+
+/// `x · w` contracting the last dim of `x` with the first of `w`. In bf16 mode both operands are
+/// rounded to bf16 and the product accumulates in f32.
+pub fn linear(b: &Builder, x: Op, w: Op, dtype: Dtype) -> Result<Op> {
+    let r = b.shape(x)?.rank() as i64;
+    let dd = DotDims { lhs_contracting: vec![r - 1], rhs_contracting: vec![0], ..Default::default() };
+    match dtype {
+        Dtype::F32 => b.dot_general(x, w, &dd, None, None),
+        Dtype::Bf16 => {
+            let (xb, wb) = (b.convert(x, ElementType::Bf16)?, b.convert(w, ElementType::Bf16)?);
+            b.dot_general(xb, wb, &dd, None, Some(F32))
+        }
+    }
+}
+
+/// RMS normalisation over the last `groups` dims of width given by `scale`'s shape:
+/// `x · rsqrt(mean(x²) + eps) · scale`, in f32. `scale` has the shape of `x`'s last `scale.rank()` dims;
+/// the mean is over the last dim only.
+pub fn rms_norm(b: &Builder, x: Op, scale: Op, eps: f64) -> Result<Op> {
+    let d = dims(b, x)?;
+    let last = d.len() as i64 - 1;
+    let width = d[d.len() - 1] as f32;
+    let ms = b.mul(b.reduce_sum(b.mul(x, x)?, &[last])?, b.scalar(1.0f32 / width)?)?;
+    let inv = b.rsqrt(b.add(ms, b.scalar(eps as f32)?)?)?;
+    let y = b.mul(x, bcast_prefix(b, inv, &d)?)?;
+    b.mul(y, bcast_suffix(b, scale, &d)?)
+}
+
+/// Softmax over the last dim (max-subtracted, f32).
+pub fn softmax_last(b: &Builder, x: Op) -> Result<Op> {
+    let d = dims(b, x)?;
+    let last = d.len() as i64 - 1;
+    let m = bcast_prefix(b, b.reduce_max(x, &[last])?, &d)?;
+    let e = b.exp(b.sub(x, m)?)?;
+    let z = bcast_prefix(b, b.reduce_sum(e, &[last])?, &d)?;
+    b.div(e, z)
+}
+
+/// Interleaved RoPE on `x [B,T,heads,H]` at positions `pos [T]` (f32): dims (2i, 2i+1) rotate by
+/// pos · θ^(−2i/H).
+pub fn rope(b: &Builder, x: Op, pos: Op, theta: f64) -> Result<Op> {
+    let _s = b.name_scope("rope");
+    let d = dims(b, x)?;
+    let (bt, t, nh, h) = (d[0], d[1], d[2], d[3]);
+    let half = h / 2;
+    let freqs: Vec<f32> = (0..half).map(|i| theta.powf(-((2 * i) as f64) / h as f64) as f32).collect();
+    let freq = b.constant_vec(freqs, &[half])?;
+    let angle = b.mul(bcast(b, pos, &[t, half], &[0])?, bcast(b, freq, &[t, half], &[1])?)?;
+    let full = [bt, t, nh, half, 1];
+    let cos = bcast(b, b.cos(angle)?, &full, &[1, 3])?;
+    let sin = bcast(b, b.sin(angle)?, &full, &[1, 3])?;
+    let x5 = b.reshape(x, &[bt, t, nh, half, 2])?;
+    let x0 = b.slice_in_dim(x5, 0, 1, 4)?;
+    let x1 = b.slice_in_dim(x5, 1, 2, 4)?;
+    let y0 = b.sub(b.mul(x0, cos)?, b.mul(x1, sin)?)?;
+    let y1 = b.add(b.mul(x0, sin)?, b.mul(x1, cos)?)?;
+    b.reshape(b.concatenate(&[y0, y1], 4)?, &[bt, t, nh, h])
+}
+
+/// Causal attention for q `[B,T,N,H]`, k/v `[B,T,G,H]` (GQA), already rotated and scaled.
+///
+/// `window = Some(W)`: key s is visible to query t iff t − W ≤ s ≤ t, computed in O(T·W) by
+/// blocks: each block of `W` queries attends to itself and the block before it, never a dense
+/// T×T mask. `window = None`: full causal attention.
+pub fn causal_attention(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>) -> Result<Op> {
+    let qd = dims(b, q)?;
+    let kd = dims(b, k)?;
+    let (bs, t, n, h) = (qd[0], qd[1], qd[2], qd[3]);
+    let g = kd[2];
+    let r = n / g;
+    // Block size and look-back (in tokens, a multiple of the block).
+    let (blk, back) = match window {
+        Some(w) if (w as i64) < t => {
+            let blk = (w as i64).clamp(16, 512).min(t);
+            (blk, (w as i64 + blk - 1) / blk * blk)
+        }
+        _ => (t, 0),
+    };
+    let nb = (t + blk - 1) / blk;
+    let tp = nb * blk;
+    let zero = b.scalar(0.0f32)?;
+    let pad_t = |x: Op, front: i64, back_pad: i64| b.pad(x, zero, &[(0, 0, 0), (front, back_pad, 0), (0, 0, 0), (0, 0, 0)]);
+    let qb = b.reshape(pad_t(q, 0, tp - t)?, &[bs, nb, blk, g, r, h])?;
+    // Key/value spans: block i sees padded blocks i .. i + back/blk (absolute start i·blk − back).
+    let span_of = |x: Op| -> Result<Op> {
+        let xp = b.reshape(pad_t(x, back, tp - t)?, &[bs, nb + back / blk, blk, g, h])?;
+        let parts: Vec<Op> =
+            (0..=back / blk).map(|j| b.slice_in_dim(xp, j, j + nb, 1)).collect::<Result<_>>()?;
+        if parts.len() == 1 {
+            Ok(parts[0])
+        } else {
+            b.concatenate(&parts, 2)
+        }
+    };
+    let (ks, vs) = (span_of(k)?, span_of(v)?);
+    let s = blk + back;
+    // scores [B, nb, G, blk, R, S]
+    let dd = DotDims { lhs_batch: vec![0, 1, 3], rhs_batch: vec![0, 1, 3], lhs_contracting: vec![5], rhs_contracting: vec![4] };
+    let scores = b.dot_general(qb, ks, &dd, None, Some(F32))?;
+    // Visibility from iotas: query t = i·blk + a, key s = i·blk − back + j.
+    let md = [nb, blk, s];
+    let (i, a, j) = (b.iota(ElementType::S32, &md, 0)?, b.iota(ElementType::S32, &md, 1)?, b.iota(ElementType::S32, &md, 2)?);
+    let rel = b.add(b.sub(a, j)?, b.scalar(back as i32)?)?; // t − s
+    let mut vis = b.compare(rel, b.scalar(0i32)?, hlo_builder::Cmp::Ge)?;
+    if let Some(w) = window {
+        vis = b.and(vis, b.compare(rel, b.scalar(w as i32)?, hlo_builder::Cmp::Le)?)?;
+    }
+    let abs_s = b.add(b.mul(i, b.scalar(blk as i32)?)?, b.sub(j, b.scalar(back as i32)?)?)?;
+    vis = b.and(vis, b.compare(abs_s, b.scalar(0i32)?, hlo_builder::Cmp::Ge)?)?;
+    let sd = [bs, nb, g, blk, r, s];
+    let vis = bcast(b, vis, &sd, &[1, 3, 5])?;
+    let neg = b.full(F32, -1e30, &sd)?;
+    let p = softmax_last(b, b.select(vis, scores, neg)?)?;
+    // out [B, nb, G, blk, R, H]
+    let dd = DotDims { lhs_batch: vec![0, 1, 2], rhs_batch: vec![0, 1, 3], lhs_contracting: vec![5], rhs_contracting: vec![2] };
+    let o = b.dot_general(p, vs, &dd, None, Some(F32))?;
+    let o = b.transpose(o, &[0, 1, 3, 2, 4, 5])?;
+    let o = b.reshape(o, &[bs, tp, n, h])?;
+    if tp == t {
+        Ok(o)
+    } else {
+        b.slice_in_dim(o, 0, t, 1)
+    }
+}
+
+/// Gated feed-forward block: `(act(x·Wg) ⊙ x·Wu) · Wd`.
+pub fn ffn(b: &Builder, x: Op, w_gate: Op, w_up: Op, w_down: Op, act: FfnActivation, dtype: Dtype) -> Result<Op> {
+    let gate = linear(b, x, w_gate, dtype)?;
+    let up = linear(b, x, w_up, dtype)?;
+    let a = match act {
+        FfnActivation::Swiglu => b.mul(gate, b.logistic(gate)?)?,
+        FfnActivation::Geglu => {
+            // 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³)))
+            let g3 = b.mul(b.mul(gate, gate)?, gate)?;
+            let inner = b.mul(b.add(gate, b.mul(g3, b.scalar(0.044715f32)?)?)?, b.scalar((2.0f32 / std::f32::consts::PI).sqrt())?)?;
+            b.mul(b.mul(gate, b.scalar(0.5f32)?)?, b.add(b.tanh(inner)?, b.scalar(1.0f32)?)?)?
+        }
+    };
+    linear(b, b.mul(a, up)?, w_down, dtype)
+}
+
+/// One-hot rows of `tokens` (s32, any shape) over `vocab`, as f32 with a trailing vocab dim.
+pub fn one_hot(b: &Builder, tokens: Op, vocab: i64) -> Result<Op> {
+    let mut d = dims(b, tokens)?;
+    d.push(vocab);
+    let ids = bcast_prefix(b, tokens, &d)?;
+    let iota = b.iota(ElementType::S32, &d, d.len() - 1)?;
+    b.convert(b.compare(ids, iota, hlo_builder::Cmp::Eq)?, F32)
+}
+
+/// Mean cross-entropy of `logits [B,T,V]` against `targets [B,T]` (s32) weighted by `mask [B,T]` (f32).
+pub fn cross_entropy(b: &Builder, logits: Op, targets: Op, mask: Op) -> Result<Op> {
+    let _s = b.name_scope("loss");
+    let d = dims(b, logits)?;
+    let m = b.reduce_max(logits, &[2])?;
+    let shifted = b.sub(logits, bcast_prefix(b, m, &d)?)?;
+    let lse = b.add(b.log(b.reduce_sum(b.exp(shifted)?, &[2])?)?, m)?;
+    let tgt = b.reduce_sum(b.mul(one_hot(b, targets, d[2])?, logits)?, &[2])?;
+    let nll = b.mul(b.sub(lse, tgt)?, mask)?;
+    let total = b.reduce_sum(nll, &[0, 1])?;
+    let count = b.max(b.reduce_sum(mask, &[0, 1])?, b.scalar(1.0f32)?)?;
+    b.div(total, count)
+}

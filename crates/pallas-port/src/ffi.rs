@@ -1,0 +1,107 @@
+//! The RLA blocks as XLA FFI handlers (typed FFI, api_version 4) over the CPU kernels.
+//!
+//! Targets `rattention.rla_fwd` and `rattention.rla_bwd`; attributes `window`, `sub_chunk`,
+//! `chunk` (i64) and `feature_map` (string), delivered by XLA from the custom call's
+//! `backend_config` dictionary. Inputs may be f32 or bf16 (computed in f32); outputs are f32.
+//! No `unsafe` here: `pjrt::ffi_handler!` generates the C entry point and decodes the frame.
+
+use crate::config::{FeatureMap, RlaConfig, RlaDims};
+use crate::kernel;
+use pjrt::ffi::{BufferArg, CallFrame, FfiError};
+use pjrt::ElementType;
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Custom-call target of the forward block.
+pub const FWD_TARGET: &str = "rattention.rla_fwd";
+/// Custom-call target of the backward block.
+pub const BWD_TARGET: &str = "rattention.rla_bwd";
+
+static REGISTERED: AtomicBool = AtomicBool::new(false);
+
+/// True once [`register_cpu_kernels`] succeeded in this process (the registry is process-global).
+pub fn kernels_registered() -> bool {
+    REGISTERED.load(Ordering::Acquire)
+}
+
+fn usize_attr(frame: &CallFrame<'_>, name: &str) -> Result<usize, FfiError> {
+    let v = frame.attr_i64(name)?;
+    usize::try_from(v).map_err(|_| FfiError::invalid_argument(format!("rla: attribute {name} = {v} must be >= 0")))
+}
+
+fn config(frame: &CallFrame<'_>) -> Result<RlaConfig, FfiError> {
+    let fm: FeatureMap = frame
+        .attr_str("feature_map")?
+        .parse()
+        .map_err(|e| FfiError::invalid_argument(format!("rla: feature_map: {e}")))?;
+    Ok(RlaConfig {
+        window: usize_attr(frame, "window")?,
+        sub_chunk: usize_attr(frame, "sub_chunk")?,
+        chunk: usize_attr(frame, "chunk")?,
+        feature_map: fm,
+    })
+}
+
+fn f32_input<'a>(a: &BufferArg<'a>, what: &str) -> Result<Cow<'a, [f32]>, FfiError> {
+    match a.dtype() {
+        ElementType::F32 => Ok(Cow::Borrowed(a.as_slice::<f32>()?)),
+        ElementType::Bf16 => Ok(Cow::Owned(a.as_slice::<half::bf16>()?.iter().map(|x| x.to_f32()).collect())),
+        t => Err(FfiError::invalid_argument(format!("rla: {what} must be f32 or bf16, got {t}"))),
+    }
+}
+
+fn dims_of(q: &BufferArg<'_>, k: &BufferArg<'_>) -> Result<RlaDims, FfiError> {
+    let (qd, kd) = (q.dims(), k.dims());
+    if qd.len() != 4 || kd.len() != 4 {
+        return Err(FfiError::invalid_argument(format!("rla: q {qd:?} and k {kd:?} must be [B,T,heads,H]")));
+    }
+    Ok(RlaDims {
+        batch: qd[0] as usize,
+        seq: qd[1] as usize,
+        heads: qd[2] as usize,
+        kv_heads: kd[2] as usize,
+        head_dim: qd[3] as usize,
+    })
+}
+
+fn to_ffi(e: crate::RlaError) -> FfiError {
+    FfiError::invalid_argument(e.to_string())
+}
+
+fn rla_fwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
+    let cfg = config(frame)?;
+    let (qa, ka, va) = (frame.arg(0)?, frame.arg(1)?, frame.arg(2)?);
+    let d = dims_of(&qa, &ka)?;
+    let (q, k, v) = (f32_input(&qa, "q")?, f32_input(&ka, "k")?, f32_input(&va, "v")?);
+    let mut rets = frame.rets_mut()?;
+    let [o, cs, fs] = rets.as_mut_slice() else {
+        return Err(FfiError::invalid_argument("rla_fwd: expected 3 results (o, chunk_states, final_state)"));
+    };
+    kernel::rla_fwd(&cfg, &d, &q, &k, &v, o.as_mut_slice()?, cs.as_mut_slice()?, fs.as_mut_slice()?).map_err(to_ffi)
+}
+
+fn rla_bwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
+    let cfg = config(frame)?;
+    let (qa, ka, va, csa, doa) = (frame.arg(0)?, frame.arg(1)?, frame.arg(2)?, frame.arg(3)?, frame.arg(4)?);
+    let d = dims_of(&qa, &ka)?;
+    let (q, k, v) = (f32_input(&qa, "q")?, f32_input(&ka, "k")?, f32_input(&va, "v")?);
+    let cs = csa.as_slice::<f32>()?;
+    let d_o = f32_input(&doa, "d_o")?;
+    let mut rets = frame.rets_mut()?;
+    let [dq, dk, dv] = rets.as_mut_slice() else {
+        return Err(FfiError::invalid_argument("rla_bwd: expected 3 results (dq, dk, dv)"));
+    };
+    kernel::rla_bwd(&cfg, &d, &q, &k, &v, cs, &d_o, dq.as_mut_slice()?, dk.as_mut_slice()?, dv.as_mut_slice()?)
+        .map_err(to_ffi)
+}
+
+pjrt::ffi_handler!(RLA_FWD_HANDLER, rla_fwd_handler);
+pjrt::ffi_handler!(RLA_BWD_HANDLER, rla_bwd_handler);
+
+/// Register both blocks' CPU kernels for `client`'s platform (process-global; idempotent).
+pub fn register_cpu_kernels(client: &pjrt::Client) -> pjrt::Result<()> {
+    client.register_ffi_handler(FWD_TARGET, RLA_FWD_HANDLER)?;
+    client.register_ffi_handler(BWD_TARGET, RLA_BWD_HANDLER)?;
+    REGISTERED.store(true, Ordering::Release);
+    Ok(())
+}

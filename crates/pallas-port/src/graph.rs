@@ -1,0 +1,176 @@
+//! Adding RLA to a graph: one call, two lowerings, and the block pair as the custom VJP.
+//!
+//! ```no_run
+//! use hlo_builder::{Builder, ElementType, Shape};
+//! use pallas_port::{rla, FeatureMap, Lowering, RlaConfig};
+//! let b = Builder::new("rla");
+//! let q = b.parameter(Shape::array(ElementType::F32, &[1, 64, 4, 16]), "q")?;
+//! let k = b.parameter(Shape::array(ElementType::F32, &[1, 64, 2, 16]), "k")?;
+//! let v = b.parameter(Shape::array(ElementType::F32, &[1, 64, 2, 16]), "v")?;
+//! let cfg = RlaConfig { window: 8, sub_chunk: 16, chunk: 32, feature_map: FeatureMap::Softmax };
+//! let o = rla(&b, q, k, v, &cfg, Lowering::Hlo)?;   // f32[1, 64, 4, 16]
+//! let grads = b.grad(b.reduce_sum(o, &[0, 1, 2, 3])?, &[q, k, v])?; // uses rla_bwd, never the while loop
+//! # Ok::<(), hlo_builder::Error>(())
+//! ```
+
+use crate::config::{RlaConfig, RlaDims};
+use crate::ffi::{kernels_registered, BWD_TARGET, FWD_TARGET};
+use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape};
+use std::sync::Arc;
+
+/// How a block is lowered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lowering {
+    /// Typed-FFI custom call served by our CPU kernels.
+    CustomCall,
+    /// Pure HLO (`while` over chunks): runs anywhere, TPU first.
+    Hlo,
+    /// Custom call when our handlers are registered in this process, HLO otherwise.
+    #[default]
+    Auto,
+}
+
+impl Lowering {
+    /// The concrete lowering `Auto` picks now.
+    pub fn resolve(self) -> Lowering {
+        match self {
+            Lowering::Auto if kernels_registered() => Lowering::CustomCall,
+            Lowering::Auto => Lowering::Hlo,
+            l => l,
+        }
+    }
+}
+
+fn attrs(cfg: &RlaConfig) -> Vec<(&'static str, Attr)> {
+    vec![
+        ("chunk", Attr::I64(cfg.chunk as i64)),
+        ("feature_map", Attr::Str(cfg.feature_map.as_str().to_string())),
+        ("sub_chunk", Attr::I64(cfg.sub_chunk as i64)),
+        ("window", Attr::I64(cfg.window as i64)),
+    ]
+}
+
+fn invalid(msg: String) -> hlo_builder::Error {
+    hlo_builder::Error::Invalid { op: "rla", message: msg, location: String::new(), scope: String::new() }
+}
+
+/// Check q `[B,T,N,H]`, k, v `[B,T,G,H]` and the config; return the dims.
+pub fn check_shapes(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig) -> Result<RlaDims> {
+    let (qs, ks, vs) = (b.shape(q)?, b.shape(k)?, b.shape(v)?);
+    let (qd, kd) = (qs.dims(), ks.dims());
+    if qd.len() != 4 || kd.len() != 4 || ks != vs || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] {
+        return Err(invalid(format!(
+            "q must be [B,T,N,H] and k, v [B,T,G,H] with equal B, T, H: got q {}, k {}, v {}",
+            qs.short(),
+            ks.short(),
+            vs.short()
+        )));
+    }
+    let d = RlaDims {
+        batch: qd[0] as usize,
+        seq: qd[1] as usize,
+        heads: qd[2] as usize,
+        kv_heads: kd[2] as usize,
+        head_dim: qd[3] as usize,
+    };
+    d.validate().map_err(|e| invalid(e.to_string()))?;
+    cfg.validate().map_err(|e| invalid(e.to_string()))?;
+    Ok(d)
+}
+
+fn f32_shape(dims: &[usize]) -> Shape {
+    Shape::array(ElementType::F32, &dims.iter().map(|&x| x as i64).collect::<Vec<_>>())
+}
+
+/// The forward block as a tuple op `(o, chunk_states, final_state)`, without a VJP.
+pub fn rla_fwd_block(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig, lowering: Lowering) -> Result<Op> {
+    let d = check_shapes(b, q, k, v, cfg)?;
+    let _s = b.name_scope("fwd");
+    match lowering.resolve() {
+        Lowering::Hlo => crate::hlo::rla_fwd_hlo(b, q, k, v, cfg),
+        _ => {
+            let out = Shape::tuple(vec![
+                f32_shape(&d.q_shape()),
+                f32_shape(&d.chunk_states_shape(cfg)),
+                f32_shape(&d.final_state_shape()),
+            ]);
+            b.custom_call(FWD_TARGET, &[q, k, v], out, &attrs(cfg))
+        }
+    }
+}
+
+/// The backward block as a tuple op `(dq, dk, dv)` (f32).
+pub fn rla_bwd_block(
+    b: &Builder,
+    (q, k, v): (Op, Op, Op),
+    chunk_states: Op,
+    d_o: Op,
+    cfg: &RlaConfig,
+    lowering: Lowering,
+) -> Result<Op> {
+    let d = check_shapes(b, q, k, v, cfg)?;
+    let _s = b.name_scope("bwd");
+    match lowering.resolve() {
+        Lowering::Hlo => crate::hlo::rla_bwd_hlo(b, q, k, v, chunk_states, d_o, cfg),
+        _ => {
+            let out = Shape::tuple(vec![f32_shape(&d.q_shape()), f32_shape(&d.kv_shape()), f32_shape(&d.kv_shape())]);
+            b.custom_call(BWD_TARGET, &[q, k, v, chunk_states, d_o], out, &attrs(cfg))
+        }
+    }
+}
+
+/// The VJP of the forward block: the backward block.
+struct RlaVjp {
+    cfg: RlaConfig,
+    lowering: Lowering,
+}
+
+impl hlo_builder::autodiff::VjpRule for RlaVjp {
+    fn vjp(&self, b: &Builder, inputs: &[Op], output: Op, cts: &[Option<Op>]) -> Result<Vec<Option<Op>>> {
+        if cts.iter().skip(1).any(Option::is_some) {
+            return Err(invalid(
+                "gradients flow only through rla's output o; chunk_states and final_state are not differentiable".into(),
+            ));
+        }
+        let Some(d_o) = cts.first().copied().flatten() else {
+            return Ok(vec![None, None, None]);
+        };
+        let chunk_states = b.get_tuple_element(output, 1)?;
+        let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
+        let g = rla_bwd_block(b, (q, k, v), chunk_states, d_o, &self.cfg, self.lowering)?;
+        let mut out = Vec::new();
+        for (i, x) in [q, k, v].into_iter().enumerate() {
+            let gi = b.get_tuple_element(g, i)?;
+            let ty = b.shape(x)?.ty().unwrap_or(ElementType::F32);
+            out.push(Some(if ty == ElementType::F32 { gi } else { b.convert(gi, ty)? }));
+        }
+        Ok(out)
+    }
+}
+
+/// RLA outputs with the block's saved state.
+pub struct RlaOutputs {
+    /// `o f32[B,T,N,H]` (differentiable).
+    pub o: Op,
+    /// `chunk_states f32[B,G,n_chunks,2H,H]`.
+    pub chunk_states: Op,
+    /// `final_state f32[B,G,2H,H]`: the state after all T tokens (what decode continues from).
+    pub final_state: Op,
+}
+
+/// Add RLA to the graph and return all three outputs; `grad` through `o` uses `rla_bwd`.
+pub fn rla_with_state(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig, lowering: Lowering) -> Result<RlaOutputs> {
+    let lowering = lowering.resolve();
+    let fwd = rla_fwd_block(b, q, k, v, cfg, lowering)?;
+    b.custom_vjp(&[q, k, v], fwd, Arc::new(RlaVjp { cfg: *cfg, lowering }))?;
+    Ok(RlaOutputs {
+        o: b.get_tuple_element(fwd, 0)?,
+        chunk_states: b.get_tuple_element(fwd, 1)?,
+        final_state: b.get_tuple_element(fwd, 2)?,
+    })
+}
+
+/// Add residual linear attention over q `[B,T,N,H]`, k, v `[B,T,G,H]`; returns `o f32[B,T,N,H]`.
+pub fn rla(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig, lowering: Lowering) -> Result<Op> {
+    Ok(rla_with_state(b, q, k, v, cfg, lowering)?.o)
+}
