@@ -719,3 +719,37 @@ fn mlp_softmax_cross_entropy_trains_with_sgd() {
     assert!(last < 0.5 * first, "loss did not fall enough: {losses:?}");
     assert!(losses.iter().all(|l| l.is_finite()));
 }
+
+#[test]
+fn vjp_with_several_outputs_and_a_tuple_output() {
+    // outputs: exp(x) and (x*x, sin(x)); cotangents c1 and (c2, c3):
+    // dx = c1 exp(x) + 2 x c2 + cos(x) c3.
+    let b = Builder::new("vjp_multi");
+    let s = Shape::array(F64, &[3]);
+    let x = b.parameter(s.clone(), "x").unwrap();
+    let c: Vec<Op> = (1..=3)
+        .map(|i| b.parameter(s.clone(), &format!("c{i}")).unwrap())
+        .collect();
+    let y1 = b.exp(x).unwrap();
+    let t = b.tuple(&[b.mul(x, x).unwrap(), b.sin(x).unwrap()]).unwrap();
+    let ct_t = b.tuple(&[c[1], c[2]]).unwrap();
+    let g = b.vjp(&[y1, t], &[c[0], ct_t], &[x]).unwrap();
+    let exe = compile(&b.build(g[0]).unwrap());
+    let xv = vec![0.3, -0.8, 1.1];
+    let cv = [
+        vec![1.0, -2.0, 0.5],
+        vec![0.25, 1.5, -1.0],
+        vec![2.0, 0.0, -0.75],
+    ];
+    let mut args = vec![(xv.clone(), vec![3])];
+    args.extend(cv.iter().map(|v| (v.clone(), vec![3])));
+    let out = run(&exe, &args);
+    for i in 0..3 {
+        let want = cv[0][i] * xv[i].exp() + 2.0 * xv[i] * cv[1][i] + xv[i].cos() * cv[2][i];
+        assert!(
+            (out[0][i] - want).abs() < 1e-12,
+            "dx[{i}] {} vs {want}",
+            out[0][i]
+        );
+    }
+}

@@ -121,6 +121,8 @@ pub(crate) struct Node {
     pub(crate) full_name: String,
     /// Where the instruction was built, for error messages.
     pub(crate) built_at: String,
+    /// Name scope of the instruction.
+    pub(crate) scope: Arc<str>,
 }
 
 impl Node {
@@ -209,6 +211,24 @@ pub(crate) fn ct_from_op(b: &Builder, op: Op, shape: &Shape) -> Result<Ct> {
     }
 }
 
+/// The scope (below the current one) for the backward ops of a forward op made in scope `fwd`.
+fn backward_scope(current: &str, fwd: &str) -> String {
+    let rel = if current.is_empty() {
+        fwd
+    } else if fwd == current {
+        ""
+    } else {
+        fwd.strip_prefix(current)
+            .and_then(|r| r.strip_prefix('/'))
+            .unwrap_or(fwd)
+    };
+    if rel.is_empty() {
+        "vjp".to_string()
+    } else {
+        format!("vjp/{rel}")
+    }
+}
+
 /// The forward-graph facts the walk needs, taken under one lock.
 struct Plan {
     /// Instruction count when the walk started (backward ops come after).
@@ -271,12 +291,16 @@ impl Builder {
                 accumulate(self, &mut cts[o.index()], ct)?;
             }
         }
+        let current = self.current_scope();
         for i in (0..plan.n).rev() {
             if !plan.active[i] {
                 continue;
             }
             let Some(ct) = cts[i].clone() else { continue };
             let node = &plan.nodes[&i];
+            // Backward ops of a forward op made in scope `s` go to `vjp/s` (relative to the
+            // scope active now), so profiles attribute them to their layer.
+            let _scope = self.name_scope(&backward_scope(&current, &node.scope));
             let contributions: Vec<(Op, Ct)> = if let Some(custom) = customs.get(&i) {
                 control::custom(self, loc, node, custom, &ct)?
             } else {
@@ -414,6 +438,7 @@ impl Builder {
                         need,
                         full_name: ins.full_name(),
                         built_at: format!("{}:{}{scope}", ins.location.file(), ins.location.line()),
+                        scope: ins.scope.clone(),
                     },
                 );
             }
@@ -509,6 +534,26 @@ mod tests {
         // Gradient w.r.t. y (no path) is zeros of its shape.
         let g = b.grad(l, &[x, y]).unwrap();
         assert_eq!(b.shape(g[1]).unwrap(), Shape::array(ElementType::F32, &[3]));
+    }
+
+    #[test]
+    fn backward_ops_are_scoped_under_vjp() {
+        assert_eq!(backward_scope("", ""), "vjp");
+        assert_eq!(backward_scope("", "layer_0/mlp"), "vjp/layer_0/mlp");
+        assert_eq!(backward_scope("train", "train/layer_0"), "vjp/layer_0");
+        assert_eq!(backward_scope("train", "train"), "vjp");
+        assert_eq!(backward_scope("train", "other"), "vjp/other");
+        let b = Builder::new("s");
+        let x = b
+            .parameter(Shape::array(ElementType::F32, &[3]), "x")
+            .unwrap();
+        let y = {
+            let _g = b.name_scope("layer_0");
+            b.reduce_sum(b.exp(x).unwrap(), &[0]).unwrap()
+        };
+        let g = b.grad(y, &[x]).unwrap();
+        let text = b.build(g[0]).unwrap().to_text();
+        assert!(text.contains("op_name=\"vjp/layer_0/multiply."), "{text}");
     }
 
     #[test]
