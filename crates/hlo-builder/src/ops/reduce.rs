@@ -131,6 +131,7 @@ impl Builder {
     }
 
     /// The module's cached `(T, T) -> T` reducer applying `op`.
+    #[track_caller]
     fn scalar_reducer(
         &self,
         loc: &'static Location<'static>,
