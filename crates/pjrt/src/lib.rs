@@ -57,6 +57,19 @@
 //! # Ok::<(), pjrt::Error>(())
 //! ```
 //!
+//! # Ahead-of-time compilation for TPU and GPU (no accelerator needed)
+//! ```no_run
+//! use pjrt::topology::{gpu_plugin, tpu_plugin};
+//! use pjrt::{CompileOptions, Program, Topology};
+//! pjrt::install::install(pjrt::install::PluginKind::Tpu)?; // once, cached
+//! let v5e = Topology::tpu(&tpu_plugin()?, "v5e:2x2")?;
+//! let exe = v5e.compile(Program::Mlir("module { ... }"), &CompileOptions::default())?;
+//! exe.check_fits_in_device_memory()?; // peak bytes vs the chip's HBM
+//! let flops = exe.cost_analysis()?.flops();
+//! let h100 = Topology::gpu_named(&gpu_plugin()?, "h100", "1x1x8")?; // or Topology::gpu(spec file)
+//! # Ok::<(), pjrt::Error>(())
+//! ```
+//!
 //! # FFI handlers
 //! ```no_run
 //! use pjrt::ffi::{CallFrame, FfiError};

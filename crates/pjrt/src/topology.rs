@@ -33,9 +33,14 @@
 //! `TPU_SKIP_MDS_QUERY=1` (otherwise initialisation spends minutes querying a cloud metadata
 //! server), `ALLOW_MULTIPLE_LIBTPU_LOAD=1` (so parallel test processes do not collide on
 //! `/tmp/libtpu_lockfile`) and `TPU_STDERR_LOG_LEVEL=3`/`TPU_MIN_LOG_LEVEL=3` (quiet logs, no log
-//! files under `/tmp/tpu_logs`), then loads the plugin. [`gpu_plugin`] sets
-//! `TF_CPP_MIN_LOG_LEVEL=1` when unset. These are process-wide `setenv` calls made before the
-//! plugin is loaded.
+//! files under `/tmp/tpu_logs`), plus `TPU_ACCELERATOR_TYPE=v5litepod-4` and
+//! `TPU_WORKER_HOSTNAMES=localhost` (which only silence two start-up warnings), then loads the
+//! plugin. On a machine with TPU chips only the multi-process and log settings are made
+//! ([`Plugin::load`] itself still sets `TPU_SKIP_MDS_QUERY=1` for any libtpu when unset).
+//! [`gpu_plugin`] sets `TF_CPP_MIN_LOG_LEVEL=1` when unset. These are process-wide `setenv` calls
+//! made before the plugin is loaded; the GPU path may also append `--xla_gpu_cuda_data_dir` to
+//! `XLA_FLAGS` when the CUDA plugin is not beside the installed `ptxas` (see
+//! [`install::install_cuda_tools`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -145,13 +150,31 @@ fn set_env_if_unset(key: &str, value: &str) {
     }
 }
 
-/// Sets the environment libtpu needs on a machine without TPUs (see the module docs). Called by
-/// [`tpu_plugin`]; call it yourself before [`Plugin::load`] on a libtpu found elsewhere.
+/// Whether this machine has TPU chips (a PCI device of Google's vendor id 0x1ae0).
+pub fn tpu_chips_present() -> bool {
+    let Ok(entries) = std::fs::read_dir("/sys/bus/pci/devices") else {
+        return false;
+    };
+    entries.filter_map(|e| e.ok()).any(|e| {
+        std::fs::read_to_string(e.path().join("vendor")).is_ok_and(|v| v.trim() == "0x1ae0")
+    })
+}
+
+/// Sets the environment libtpu needs on a machine without TPUs (see the module docs); variables
+/// already set are left alone. On a machine with TPU chips ([`tpu_chips_present`]) only the
+/// multi-process and log settings are made, so libtpu initialises the real chips as usual.
+/// Called by [`tpu_plugin`]; call it yourself before [`Plugin::load`] on a libtpu found elsewhere.
 pub fn set_tpu_environment() {
-    set_env_if_unset("TPU_SKIP_MDS_QUERY", "1");
     set_env_if_unset("ALLOW_MULTIPLE_LIBTPU_LOAD", "1");
     set_env_if_unset("TPU_STDERR_LOG_LEVEL", "3");
     set_env_if_unset("TPU_MIN_LOG_LEVEL", "3");
+    if !tpu_chips_present() {
+        set_env_if_unset("TPU_SKIP_MDS_QUERY", "1");
+        // Without these two, libtpu prints start-up warnings that no log level silences. They do
+        // not restrict the topologies one can compile for (measured: v4, v5p, v6e, tpu7x).
+        set_env_if_unset("TPU_ACCELERATOR_TYPE", "v5litepod-4");
+        set_env_if_unset("TPU_WORKER_HOSTNAMES", "localhost");
+    }
 }
 
 /// The installed libtpu (see [`install::install`]), loaded once per process after
