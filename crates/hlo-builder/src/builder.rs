@@ -359,6 +359,8 @@ pub struct Builder {
     name: String,
     pub(crate) module: Arc<ModuleShared>,
     state: Mutex<State>,
+    /// User VJP rules of [`Builder::custom_vjp`], by output instruction index (autodiff hook).
+    pub(crate) custom_vjps: Mutex<HashMap<usize, crate::autodiff::CustomVjp>>,
 }
 
 /// RAII guard of [`Builder::name_scope`]; the scope ends when it is dropped.
@@ -414,6 +416,7 @@ impl Builder {
                 params: Vec::new(),
                 scopes,
             }),
+            custom_vjps: Mutex::new(HashMap::new()),
         }
     }
 

@@ -28,6 +28,7 @@
 //! assert!(comp.to_text().contains("op_name=\"softmax/divide."));
 //! ```
 
+pub mod autodiff;
 mod builder;
 mod error;
 pub mod ops;

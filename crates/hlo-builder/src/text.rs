@@ -493,8 +493,9 @@ impl Ctx<'_> {
         match (op, names.len()) {
             (_, 0) => {}
             ("while", 2) => {
-                a.push(format!("condition={}", names[0]));
-                a.push(format!("body={}", names[1]));
+                // Stored as [body, condition]; printed condition first, like XLA.
+                a.push(format!("condition={}", names[1]));
+                a.push(format!("body={}", names[0]));
             }
             ("conditional", 2)
                 if operand_shapes

@@ -131,7 +131,8 @@ impl Builder {
             &s,
         )
         .map_err(|e| self.shape_err(loc, e))?;
-        Ok(self.push(loc, Kind::While, vec![init], out, vec![c.id, b.id]))
+        // XLA stores a while's called computations as [body, condition].
+        Ok(self.push(loc, Kind::While, vec![init], out, vec![b.id, c.id]))
     }
 
     /// Run one of `branches` on its operand: `selector` is `pred[]` (branches = [true, false]) or

@@ -249,7 +249,14 @@ mod tests {
             ),
             Ok(f(&[2, 4]))
         );
-        let e = reduce(&[f(&[2, 3])], std::slice::from_ref(&sc), std::slice::from_ref(&sc), &sc, &[1]).unwrap_err();
+        let e = reduce(
+            &[f(&[2, 3])],
+            std::slice::from_ref(&sc),
+            std::slice::from_ref(&sc),
+            &sc,
+            &[1],
+        )
+        .unwrap_err();
         assert_eq!(
             e.to_string(),
             "reduce: reducer must be (f32[], f32[]) -> f32[], got (f32[]) -> f32[]"
