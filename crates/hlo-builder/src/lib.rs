@@ -28,6 +28,8 @@
 //! assert!(comp.to_text().contains("op_name=\"softmax/divide."));
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod autodiff;
 mod builder;
 mod error;
