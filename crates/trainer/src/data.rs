@@ -73,7 +73,7 @@ pub fn synthetic_sequence(seed: u64, index: u64, len: usize) -> (Vec<u32>, Vec<P
     while toks.len() < len {
         let r = rng.below(100);
         let room = len - toks.len();
-        if r < 8 && room >= 3 && facts.len() < N_KEYS as usize {
+        if r < 10 && room >= 3 && facts.len() < N_KEYS as usize {
             // New fact with a key not used yet in this sequence.
             let mut k = rng.below(N_KEYS as u64) as u32;
             while facts.iter().any(|f| f.0 == k) {
@@ -82,7 +82,7 @@ pub fn synthetic_sequence(seed: u64, index: u64, len: usize) -> (Vec<u32>, Vec<P
             let v = rng.below(N_VALUES as u64) as u32;
             toks.extend([KEY, KEYS + k, VALUES + v]);
             facts.push((k, v, toks.len() - 1));
-        } else if r < 14 && room >= 3 && !facts.is_empty() {
+        } else if r < 25 && room >= 3 && !facts.is_empty() {
             let (k, v, at) = facts[rng.below(facts.len() as u64) as usize];
             toks.extend([ASK, KEYS + k, VALUES + v]);
             probes.push(Probe { pos: toks.len() - 1, distance: toks.len() - 1 - at });

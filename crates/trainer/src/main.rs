@@ -93,7 +93,14 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Train { common, out, resume, quiet } => {
             let cfg = config::RunConfig::load(&common.config, &common.overrides)?;
-            train::train(&cfg, common.plugin.as_deref(), &out, resume, quiet).map(|_| ())
+            let report = train::train(&cfg, common.plugin.as_deref(), &out, resume, quiet)?;
+            if let Some(last) = report.losses.last() {
+                println!("final loss {last:.4} after {} steps", report.losses.len());
+            }
+            if let Some(p) = report.last_checkpoint {
+                println!("checkpoint: {}", p.display());
+            }
+            Ok(())
         }
         Cmd::Eval { common, checkpoint, sequences } => {
             let cfg = config::RunConfig::load(&common.config, &common.overrides)?;

@@ -127,6 +127,10 @@ pub fn train(cfg: &RunConfig, plugin: Option<&str>, out: &Path, resume: bool, qu
                 last_ckpt.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into())
             );
         }
+        let host_lr = step::lr_at(&cfg.train, start as usize) as f32;
+        if (lr - host_lr).abs() > 1e-4 * host_lr.abs().max(1e-12) {
+            bail!("in-graph learning rate {lr} differs from the schedule's {host_lr} at step {start}");
+        }
         state = outs;
         start += 1;
         position += cfg.train.batch as u64;
