@@ -88,8 +88,18 @@ impl Geo {
     }
 }
 
-fn invalid(b: &Builder, loc: &'static Location<'static>, op: &'static str, message: String) -> Error {
-    Error::Invalid { op, message, location: format!("{}:{}", loc.file(), loc.line()), scope: b.current_scope() }
+fn invalid(
+    b: &Builder,
+    loc: &'static Location<'static>,
+    op: &'static str,
+    message: String,
+) -> Error {
+    Error::Invalid {
+        op,
+        message,
+        location: format!("{}:{}", loc.file(), loc.line()),
+        scope: b.current_scope(),
+    }
 }
 
 /// Checks the config and operand shapes and derives the sizes.
@@ -102,24 +112,46 @@ fn geometry(
     v: Op,
     cfg: &RlaConfig,
 ) -> Result<Geo> {
-    cfg.validate().map_err(|e| invalid(b, loc, op, e.to_string()))?;
+    cfg.validate()
+        .map_err(|e| invalid(b, loc, op, e.to_string()))?;
     let (qs, ks, vs) = (b.shape(q)?, b.shape(k)?, b.shape(v)?);
     for (name, s) in [("q", &qs), ("k", &ks), ("v", &vs)] {
         check_float(b, loc, op, name, s)?;
         if s.rank() != 4 {
-            return Err(invalid(b, loc, op, format!("`{name}` must have rank 4 ([B,T,heads,H]), got {}", s.short())));
+            return Err(invalid(
+                b,
+                loc,
+                op,
+                format!(
+                    "`{name}` must have rank 4 ([B,T,heads,H]), got {}",
+                    s.short()
+                ),
+            ));
         }
     }
     let (qd, kd) = (qs.dims(), ks.dims());
     if kd != vs.dims() {
-        return Err(invalid(b, loc, op, format!("`k` {} and `v` {} must have the same shape [B,T,G,H]", ks.short(), vs.short())));
+        return Err(invalid(
+            b,
+            loc,
+            op,
+            format!(
+                "`k` {} and `v` {} must have the same shape [B,T,G,H]",
+                ks.short(),
+                vs.short()
+            ),
+        ));
     }
     if qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] {
         return Err(invalid(
             b,
             loc,
             op,
-            format!("`q` {} and `k` {} must agree on B, T and H (q [B,T,N,H], k [B,T,G,H])", qs.short(), ks.short()),
+            format!(
+                "`q` {} and `k` {} must agree on B, T and H (q [B,T,N,H], k [B,T,G,H])",
+                qs.short(),
+                ks.short()
+            ),
         ));
     }
     if qd.iter().chain(kd).any(|&d| d == 0) || qd[2] % kd[2] != 0 {
@@ -127,19 +159,47 @@ fn geometry(
             b,
             loc,
             op,
-            format!("sizes must be >= 1 and N a multiple of G, got q {} and k {}", qs.short(), ks.short()),
+            format!(
+                "sizes must be >= 1 and N a multiple of G, got q {} and k {}",
+                qs.short(),
+                ks.short()
+            ),
         ));
     }
     let (t, l, c) = (qd[1], cfg.chunk as i64, cfg.sub_chunk as i64);
     let nc = (t + l - 1) / l;
     let sh = (cfg.window as u64).saturating_add(1).min(t as u64) as i64;
-    Ok(Geo { b: qd[0], t, n: qd[2], g: kd[2], h: qd[3], r: qd[2] / kd[2], c, l, m: l / c, nc, tp: nc * l, sh })
+    Ok(Geo {
+        b: qd[0],
+        t,
+        n: qd[2],
+        g: kd[2],
+        h: qd[3],
+        r: qd[2] / kd[2],
+        c,
+        l,
+        m: l / c,
+        nc,
+        tp: nc * l,
+        sh,
+    })
 }
 
-fn check_float(b: &Builder, loc: &'static Location<'static>, op: &'static str, name: &str, s: &Shape) -> Result<()> {
+fn check_float(
+    b: &Builder,
+    loc: &'static Location<'static>,
+    op: &'static str,
+    name: &str,
+    s: &Shape,
+) -> Result<()> {
     match s.ty() {
         Some(ElementType::F32) | Some(ElementType::Bf16) => Ok(()),
-        _ => Err(invalid(b, loc, op, format!("`{name}` must be an f32 or bf16 array, got {}", s.short()))),
+        _ => Err(invalid(
+            b,
+            loc,
+            op,
+            format!("`{name}` must be an f32 or bf16 array, got {}", s.short()),
+        )),
     }
 }
 
@@ -166,7 +226,11 @@ fn shift_kv(b: &Builder, x: Op, geo: &Geo) -> Result<Op> {
         return b.zeros(F32, &[geo.b, geo.tp, geo.g, geo.h]);
     }
     let zero = b.scalar(0.0f32)?;
-    let shifted = b.pad(x, zero, &[(0, 0, 0), (geo.sh, -geo.sh, 0), (0, 0, 0), (0, 0, 0)])?;
+    let shifted = b.pad(
+        x,
+        zero,
+        &[(0, 0, 0), (geo.sh, -geo.sh, 0), (0, 0, 0), (0, 0, 0)],
+    )?;
     pad_time(b, shifted, geo.t, geo.tp)
 }
 
@@ -177,7 +241,11 @@ fn unshift_kv(b: &Builder, acc: Op, geo: &Geo) -> Result<Op> {
     }
     let cut = b.slice_in_dim(acc, 0, geo.t, 1)?;
     let zero = b.scalar(0.0f32)?;
-    b.pad(cut, zero, &[(0, 0, 0), (-geo.sh, geo.sh, 0), (0, 0, 0), (0, 0, 0)])
+    b.pad(
+        cut,
+        zero,
+        &[(0, 0, 0), (-geo.sh, geo.sh, 0), (0, 0, 0), (0, 0, 0)],
+    )
 }
 
 /// `[B, L, N, H]` → `[B, G, m, C·R, H]` (rows ordered (position, head of the group)).
@@ -265,7 +333,12 @@ fn phi_vjp(b: &Builder, fm: FeatureMap, x: Op, dy: Op) -> Result<Op> {
 
 /// `dot_general` batched over the leading `(B, G, m)` dims.
 fn bdot(b: &Builder, lhs: Op, rhs: Op, lc: i64, rc: i64) -> Result<Op> {
-    let dims = DotDims { lhs_batch: vec![0, 1, 2], rhs_batch: vec![0, 1, 2], lhs_contracting: vec![lc], rhs_contracting: vec![rc] };
+    let dims = DotDims {
+        lhs_batch: vec![0, 1, 2],
+        rhs_batch: vec![0, 1, 2],
+        lhs_contracting: vec![lc],
+        rhs_contracting: vec![rc],
+    };
     b.dot_general(lhs, rhs, &dims, PREC, None)
 }
 
@@ -296,7 +369,11 @@ fn exclusive_scan(b: &Builder, u: Op, g: &Geo, upper: bool) -> Result<Op> {
         }
     }
     let tri = b.constant_vec(tri, &[g.m, g.m])?;
-    let dims = DotDims { lhs_contracting: vec![1], rhs_contracting: vec![2], ..Default::default() };
+    let dims = DotDims {
+        lhs_contracting: vec![1],
+        rhs_contracting: vec![2],
+        ..Default::default()
+    };
     let s = b.dot_general(tri, u, &dims, PREC, None)?; // [m, B, G, 2H, H]
     b.transpose(s, &[1, 2, 0, 3, 4])
 }
@@ -305,7 +382,11 @@ fn exclusive_scan(b: &Builder, u: Op, g: &Geo, upper: bool) -> Result<Op> {
 fn sub_states(b: &Builder, g: &Geo, s: Op, fk: Op, vg: Op) -> Result<(Op, Op)> {
     let u = bdot(b, fk, vg, 3, 3)?; // [B, G, m, 2H, H]
     let sb = b.broadcast_in_dim(s, &g.sub_state_dims(), &[0, 1, 3, 4])?;
-    let sj = if g.m > 1 { b.add(sb, exclusive_scan(b, u, g, false)?)? } else { sb };
+    let sj = if g.m > 1 {
+        b.add(sb, exclusive_scan(b, u, g, false)?)?
+    } else {
+        sb
+    };
     Ok((sj, u))
 }
 
@@ -323,19 +404,42 @@ struct ChunkIn {
     vg: Op,
 }
 
-fn load_chunk(b: &Builder, g: &Geo, fm: FeatureMap, qp: Op, kp: Op, vp: Op, start: Op, zero: Op) -> Result<ChunkIn> {
+/// Slices chunk `start / L` out of the padded `[qp, kp, vp]` and maps the features.
+fn load_chunk(
+    b: &Builder,
+    g: &Geo,
+    fm: FeatureMap,
+    [qp, kp, vp]: [Op; 3],
+    start: Op,
+    zero: Op,
+) -> Result<ChunkIn> {
     let qc = b.dynamic_slice(qp, &[zero, start, zero, zero], &[g.b, g.l, g.n, g.h])?;
     let kc = b.dynamic_slice(kp, &[zero, start, zero, zero], &[g.b, g.l, g.g, g.h])?;
     let vc = b.dynamic_slice(vp, &[zero, start, zero, zero], &[g.b, g.l, g.g, g.h])?;
     let qg = q_to_grouped(b, qc, g)?;
     let kg = kv_to_grouped(b, kc, g)?;
     let vg = kv_to_grouped(b, vc, g)?;
-    Ok(ChunkIn { fq: phi(b, fm, qg)?, fk: phi(b, fm, kg)?, qg, kg, vg })
+    Ok(ChunkIn {
+        fq: phi(b, fm, qg)?,
+        fk: phi(b, fm, kg)?,
+        qg,
+        kg,
+        vg,
+    })
 }
 
 /// `c < limit` (forward) or `c >= 0` (backward) on element 0 of the carry.
-fn loop_cond(b: &Builder, carry: &Shape, forward: bool, limit: i64) -> Result<hlo_builder::Computation> {
-    let cb = b.sub_builder(if forward { "rla_fwd_cond" } else { "rla_bwd_cond" });
+fn loop_cond(
+    b: &Builder,
+    carry: &Shape,
+    forward: bool,
+    limit: i64,
+) -> Result<hlo_builder::Computation> {
+    let cb = b.sub_builder(if forward {
+        "rla_fwd_cond"
+    } else {
+        "rla_bwd_cond"
+    });
     let p = cb.parameter(carry.clone(), "carry")?;
     let c = cb.get_tuple_element(p, 0)?;
     let pred = if forward {
@@ -390,7 +494,7 @@ pub fn rla_fwd_hlo(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig) -> Result<
         let start = sb.mul(c, sb.scalar(g.l as i32)?)?;
         let s5 = sb.reshape(s, &[g.b, g.g, 1, 2 * g.h, g.h])?;
         let cs = sb.dynamic_update_slice(cs, s5, &[zero, zero, c, zero, zero])?;
-        let ch = load_chunk(&sb, &g, cfg.feature_map, qp, kp, vp, start, zero)?;
+        let ch = load_chunk(&sb, &g, cfg.feature_map, [qp, kp, vp], start, zero)?;
         let (sj, u) = sub_states(&sb, &g, s, ch.fk, ch.vg)?;
         let inter = bdot(&sb, ch.fq, sj, 4, 3)?; // [B, G, m, C·R, H]
         let a = apply_mask(&sb, causal_mask(&sb, &g)?, bdot(&sb, ch.fq, ch.fk, 4, 4)?)?;
@@ -407,7 +511,11 @@ pub fn rla_fwd_hlo(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig) -> Result<
     let s = b.get_tuple_element(out, 1)?;
     let o = b.get_tuple_element(out, 2)?;
     let cs = b.get_tuple_element(out, 3)?;
-    let o = if g.tp == g.t { o } else { b.slice_in_dim(o, 0, g.t, 1)? };
+    let o = if g.tp == g.t {
+        o
+    } else {
+        b.slice_in_dim(o, 0, g.t, 1)?
+    };
     b.tuple(&[o, cs, s])
 }
 
@@ -421,7 +529,15 @@ pub fn rla_fwd_hlo(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig) -> Result<
 ///
 /// Errors name `rla_bwd_hlo` and the offending shapes or config.
 #[track_caller]
-pub fn rla_bwd_hlo(b: &Builder, q: Op, k: Op, v: Op, chunk_states: Op, d_o: Op, cfg: &RlaConfig) -> Result<Op> {
+pub fn rla_bwd_hlo(
+    b: &Builder,
+    q: Op,
+    k: Op,
+    v: Op,
+    chunk_states: Op,
+    d_o: Op,
+    cfg: &RlaConfig,
+) -> Result<Op> {
     const OP: &str = "rla_bwd_hlo";
     let loc = Location::caller();
     let g = geometry(b, loc, OP, q, k, v, cfg)?;
@@ -429,7 +545,16 @@ pub fn rla_bwd_hlo(b: &Builder, q: Op, k: Op, v: Op, chunk_states: Op, d_o: Op, 
     check_float(b, loc, OP, "d_o", &ds)?;
     check_float(b, loc, OP, "chunk_states", &css)?;
     if ds.dims() != qs.dims() {
-        return Err(invalid(b, loc, OP, format!("`d_o` {} must have the shape of `q` {}", ds.short(), qs.short())));
+        return Err(invalid(
+            b,
+            loc,
+            OP,
+            format!(
+                "`d_o` {} must have the shape of `q` {}",
+                ds.short(),
+                qs.short()
+            ),
+        ));
     }
     if css.dims() != g.chunk_states_dims() {
         return Err(invalid(
@@ -475,9 +600,13 @@ pub fn rla_bwd_hlo(b: &Builder, q: Op, k: Op, v: Op, chunk_states: Op, d_o: Op, 
         let (qp, kp, vp, dop, cs) = (e[5], e[6], e[7], e[8], e[9]);
         let zero = sb.scalar(0i32)?;
         let start = sb.mul(c, sb.scalar(g.l as i32)?)?;
-        let s = sb.dynamic_slice(cs, &[zero, zero, c, zero, zero], &[g.b, g.g, 1, 2 * g.h, g.h])?;
+        let s = sb.dynamic_slice(
+            cs,
+            &[zero, zero, c, zero, zero],
+            &[g.b, g.g, 1, 2 * g.h, g.h],
+        )?;
         let s = sb.reshape(s, &g.state_dims())?;
-        let ch = load_chunk(&sb, &g, cfg.feature_map, qp, kp, vp, start, zero)?;
+        let ch = load_chunk(&sb, &g, cfg.feature_map, [qp, kp, vp], start, zero)?;
         let doc = sb.dynamic_slice(dop, &[zero, start, zero, zero], &[g.b, g.l, g.n, g.h])?;
         let dog = q_to_grouped(&sb, doc, &g)?; // [B, G, m, C·R, H]
         let (sj, _) = sub_states(&sb, &g, s, ch.fk, ch.vg)?;
@@ -485,7 +614,11 @@ pub fn rla_bwd_hlo(b: &Builder, q: Op, k: Op, v: Op, chunk_states: Op, d_o: Op, 
         // dS entering each sub-chunk from the right: carried dS + Σ_{i>j} φQᵢᵀ dOᵢ.
         let vq = bdot(&sb, ch.fq, dog, 3, 3)?; // [B, G, m, 2H, H]
         let dsb = sb.broadcast_in_dim(ds, &g.sub_state_dims(), &[0, 1, 3, 4])?;
-        let dsj = if g.m > 1 { sb.add(dsb, exclusive_scan(&sb, vq, &g, true)?)? } else { dsb };
+        let dsj = if g.m > 1 {
+            sb.add(dsb, exclusive_scan(&sb, vq, &g, true)?)?
+        } else {
+            dsb
+        };
 
         let mask = causal_mask(&sb, &g)?;
         let a = apply_mask(&sb, mask, bdot(&sb, ch.fq, ch.fk, 4, 4)?)?; // [B, G, m, C·R, C]
@@ -512,7 +645,11 @@ pub fn rla_bwd_hlo(b: &Builder, q: Op, k: Op, v: Op, chunk_states: Op, d_o: Op, 
     let dq = b.get_tuple_element(out, 2)?;
     let dk = b.get_tuple_element(out, 3)?;
     let dv = b.get_tuple_element(out, 4)?;
-    let dq = if g.tp == g.t { dq } else { b.slice_in_dim(dq, 0, g.t, 1)? };
+    let dq = if g.tp == g.t {
+        dq
+    } else {
+        b.slice_in_dim(dq, 0, g.t, 1)?
+    };
     let dk = unshift_kv(b, dk, &g)?;
     let dv = unshift_kv(b, dv, &g)?;
     b.tuple(&[dq, dk, dv])

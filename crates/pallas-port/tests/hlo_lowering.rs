@@ -25,7 +25,9 @@ impl Rng {
         ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
     }
     fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| (self.next() * 2.0 - 1.0) as f32 * scale).collect()
+        (0..n)
+            .map(|_| (self.next() * 2.0 - 1.0) as f32 * scale)
+            .collect()
     }
 }
 
@@ -33,7 +35,10 @@ impl Rng {
 fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "length mismatch");
     let scale = want.iter().fold(0.0f64, |m, &x| m.max(x.abs()));
-    let diff = got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0.0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()));
     if scale == 0.0 {
         diff
     } else {
@@ -43,8 +48,12 @@ fn rel_err(got: &[f32], want: &[f64]) -> f64 {
 
 fn check(what: &str, case: &str, got: &[f32], want: &[f64]) {
     let e = rel_err(got, want);
+    eprintln!("{case}: {what} rel err {e:.2e}");
     assert!(e <= TOL, "{case}: {what} relative error {e:.3e} > {TOL:e}");
-    assert!(got.iter().all(|x| x.is_finite()), "{case}: {what} has non-finite values");
+    assert!(
+        got.iter().all(|x| x.is_finite()),
+        "{case}: {what} has non-finite values"
+    );
 }
 
 fn check_f32(what: &str, case: &str, got: &[f32], want: &[f32]) {
@@ -60,15 +69,24 @@ fn run(b: &Builder, root: Op, args: &[(&[f32], Vec<i64>)]) -> Vec<Vec<f32>> {
     let comp = b.build(root).expect("build");
     let client = pjrt::Client::cpu().expect("CPU plugin");
     let exe = client
-        .compile(pjrt::Program::Hlo(&comp.to_bytes()), &pjrt::CompileOptions::default())
+        .compile(
+            pjrt::Program::Hlo(&comp.to_bytes()),
+            &pjrt::CompileOptions::default(),
+        )
         .expect("compile");
     let bufs: Vec<pjrt::Buffer> = args
         .iter()
-        .map(|(data, dims)| client.buffer_from_host::<f32>(data, dims, None).expect("upload"))
+        .map(|(data, dims)| {
+            client
+                .buffer_from_host::<f32>(data, dims, None)
+                .expect("upload")
+        })
         .collect();
     let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
     let outs = exe.execute(&refs).expect("execute");
-    outs.iter().map(|o| o.to_host::<f32>().expect("download")).collect()
+    outs.iter()
+        .map(|o| o.to_host::<f32>().expect("download"))
+        .collect()
 }
 
 struct Case {
@@ -80,10 +98,31 @@ struct Case {
 
 impl Case {
     #[allow(clippy::too_many_arguments)]
-    fn new(b: usize, t: usize, n: usize, g: usize, h: usize, w: usize, c: usize, l: usize, fm: FeatureMap) -> Case {
+    fn new(
+        b: usize,
+        t: usize,
+        n: usize,
+        g: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        l: usize,
+        fm: FeatureMap,
+    ) -> Case {
         Case {
-            d: RlaDims { batch: b, seq: t, heads: n, kv_heads: g, head_dim: h },
-            cfg: RlaConfig { window: w, sub_chunk: c, chunk: l, feature_map: fm },
+            d: RlaDims {
+                batch: b,
+                seq: t,
+                heads: n,
+                kv_heads: g,
+                head_dim: h,
+            },
+            cfg: RlaConfig {
+                window: w,
+                sub_chunk: c,
+                chunk: l,
+                feature_map: fm,
+            },
             bf16: false,
         }
     }
@@ -101,7 +140,9 @@ impl Case {
     }
 
     fn param(&self, b: &Builder, dims: &[usize], name: &str) -> Op {
-        let p = b.parameter(Shape::array(ElementType::F32, &dims_i64(dims)), name).expect("parameter");
+        let p = b
+            .parameter(Shape::array(ElementType::F32, &dims_i64(dims)), name)
+            .expect("parameter");
         if self.bf16 {
             b.convert(p, ElementType::Bf16).expect("convert")
         } else {
@@ -136,12 +177,28 @@ fn check_case(case: &Case, seed: u64) {
 
     // Forward.
     let b = Builder::new("rla_fwd_test");
-    let (qp, kp, vp) = (case.param(&b, &qs, "q"), case.param(&b, &kvs, "k"), case.param(&b, &kvs, "v"));
+    let (qp, kp, vp) = (
+        case.param(&b, &qs, "q"),
+        case.param(&b, &kvs, "k"),
+        case.param(&b, &kvs, "v"),
+    );
     let root = rla_fwd_hlo(&b, qp, kp, vp, cfg).expect("rla_fwd_hlo");
-    let outs = run(&b, root, &[(&q, dims_i64(&qs)), (&k, dims_i64(&kvs)), (&v, dims_i64(&kvs))]);
+    let outs = run(
+        &b,
+        root,
+        &[
+            (&q, dims_i64(&qs)),
+            (&k, dims_i64(&kvs)),
+            (&v, dims_i64(&kvs)),
+        ],
+    );
     assert_eq!(outs.len(), 3, "{name}: forward returns 3 buffers");
     let (o, cs, fs) = (&outs[0], &outs[1], &outs[2]);
-    assert_eq!(cs.len(), d.chunk_states_len(cfg), "{name}: chunk_states length");
+    assert_eq!(
+        cs.len(),
+        d.chunk_states_len(cfg),
+        "{name}: chunk_states length"
+    );
     assert_eq!(fs.len(), d.final_state_len(), "{name}: final_state length");
 
     let (q64, k64, v64, do64) = (to_f64(&q), to_f64(&k), to_f64(&v), to_f64(&d_o));
@@ -152,7 +209,11 @@ fn check_case(case: &Case, seed: u64) {
     check("chunk_states", &name, cs, &scan.chunk_states);
     check("final_state", &name, fs, &scan.final_state);
 
-    let (mut ko, mut kcs, mut kfs) = (vec![0.0; d.q_len()], vec![0.0; d.chunk_states_len(cfg)], vec![0.0; d.final_state_len()]);
+    let (mut ko, mut kcs, mut kfs) = (
+        vec![0.0; d.q_len()],
+        vec![0.0; d.chunk_states_len(cfg)],
+        vec![0.0; d.final_state_len()],
+    );
     kernel::rla_fwd(cfg, d, &q, &k, &v, &mut ko, &mut kcs, &mut kfs).expect("kernel fwd");
     check_f32("o (vs kernel)", &name, o, &ko);
     check_f32("chunk_states (vs kernel)", &name, cs, &kcs);
@@ -160,14 +221,29 @@ fn check_case(case: &Case, seed: u64) {
 
     // Backward, fed the lowering's own chunk_states.
     let b = Builder::new("rla_bwd_test");
-    let (qp, kp, vp) = (case.param(&b, &qs, "q"), case.param(&b, &kvs, "k"), case.param(&b, &kvs, "v"));
-    let csp = b.parameter(Shape::array(ElementType::F32, &dims_i64(&css)), "chunk_states").expect("parameter");
+    let (qp, kp, vp) = (
+        case.param(&b, &qs, "q"),
+        case.param(&b, &kvs, "k"),
+        case.param(&b, &kvs, "v"),
+    );
+    let csp = b
+        .parameter(
+            Shape::array(ElementType::F32, &dims_i64(&css)),
+            "chunk_states",
+        )
+        .expect("parameter");
     let dop = case.param(&b, &qs, "d_o");
     let root = rla_bwd_hlo(&b, qp, kp, vp, csp, dop, cfg).expect("rla_bwd_hlo");
     let outs = run(
         &b,
         root,
-        &[(&q, dims_i64(&qs)), (&k, dims_i64(&kvs)), (&v, dims_i64(&kvs)), (cs, dims_i64(&css)), (&d_o, dims_i64(&qs))],
+        &[
+            (&q, dims_i64(&qs)),
+            (&k, dims_i64(&kvs)),
+            (&v, dims_i64(&kvs)),
+            (cs, dims_i64(&css)),
+            (&d_o, dims_i64(&qs)),
+        ],
     );
     assert_eq!(outs.len(), 3, "{name}: backward returns 3 buffers");
     let (dq, dk, dv) = (&outs[0], &outs[1], &outs[2]);
@@ -176,8 +252,13 @@ fn check_case(case: &Case, seed: u64) {
     check("dk", &name, dk, &grads.dk);
     check("dv", &name, dv, &grads.dv);
 
-    let (mut kdq, mut kdk, mut kdv) = (vec![0.0; d.q_len()], vec![0.0; d.kv_len()], vec![0.0; d.kv_len()]);
-    kernel::rla_bwd(cfg, d, &q, &k, &v, &kcs, &d_o, &mut kdq, &mut kdk, &mut kdv).expect("kernel bwd");
+    let (mut kdq, mut kdk, mut kdv) = (
+        vec![0.0; d.q_len()],
+        vec![0.0; d.kv_len()],
+        vec![0.0; d.kv_len()],
+    );
+    kernel::rla_bwd(cfg, d, &q, &k, &v, &kcs, &d_o, &mut kdq, &mut kdk, &mut kdv)
+        .expect("kernel bwd");
     check_f32("dq (vs kernel)", &name, dq, &kdq);
     check_f32("dk (vs kernel)", &name, dk, &kdk);
     check_f32("dv (vs kernel)", &name, dv, &kdv);
@@ -235,20 +316,41 @@ fn bf16_inputs() {
 fn errors_name_the_op_and_shapes() {
     let b = Builder::new("bad");
     let f = |d: &[i64], n: &str| b.parameter(Shape::array(ElementType::F32, d), n).unwrap();
-    let cfg = RlaConfig { window: 3, sub_chunk: 4, chunk: 8, feature_map: Softmax };
-    let (q, k, v) = (f(&[1, 8, 3, 16], "q"), f(&[1, 8, 2, 16], "k"), f(&[1, 8, 2, 16], "v"));
+    let cfg = RlaConfig {
+        window: 3,
+        sub_chunk: 4,
+        chunk: 8,
+        feature_map: Softmax,
+    };
+    let (q, k, v) = (
+        f(&[1, 8, 3, 16], "q"),
+        f(&[1, 8, 2, 16], "k"),
+        f(&[1, 8, 2, 16], "v"),
+    );
     let e = rla_fwd_hlo(&b, q, k, v, &cfg).unwrap_err().to_string();
-    assert!(e.contains("rla_fwd_hlo") && e.contains("f32[1,8,3,16]"), "{e}");
+    assert!(
+        e.contains("rla_fwd_hlo") && e.contains("f32[1,8,3,16]"),
+        "{e}"
+    );
 
-    let (q, k, v) = (f(&[1, 8, 4, 16], "q"), f(&[1, 8, 2, 16], "k"), f(&[1, 8, 2, 16], "v"));
+    let (q, k, v) = (
+        f(&[1, 8, 4, 16], "q"),
+        f(&[1, 8, 2, 16], "k"),
+        f(&[1, 8, 2, 16], "v"),
+    );
     let bad = RlaConfig { chunk: 6, ..cfg };
     let e = rla_fwd_hlo(&b, q, k, v, &bad).unwrap_err().to_string();
     assert!(e.contains("rla_fwd_hlo") && e.contains("chunk=6"), "{e}");
 
     let cs = f(&[1, 2, 2, 32, 16], "cs");
     let d_o = f(&[1, 8, 4, 16], "d_o");
-    let e = rla_bwd_hlo(&b, q, k, v, cs, d_o, &cfg).unwrap_err().to_string();
-    assert!(e.contains("rla_bwd_hlo") && e.contains("chunk_states"), "{e}");
+    let e = rla_bwd_hlo(&b, q, k, v, cs, d_o, &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("rla_bwd_hlo") && e.contains("chunk_states"),
+        "{e}"
+    );
     let cs = f(&[1, 2, 1, 32, 16], "cs");
     assert!(rla_bwd_hlo(&b, q, k, v, cs, d_o, &cfg).is_ok());
 }
@@ -256,10 +358,21 @@ fn errors_name_the_op_and_shapes() {
 #[test]
 fn lowering_is_one_while_over_chunks() {
     let b = Builder::new("structure");
-    let q = b.parameter(Shape::array(ElementType::F32, &[1, 64, 4, 16]), "q").unwrap();
-    let k = b.parameter(Shape::array(ElementType::F32, &[1, 64, 2, 16]), "k").unwrap();
-    let v = b.parameter(Shape::array(ElementType::F32, &[1, 64, 2, 16]), "v").unwrap();
-    let cfg = RlaConfig { window: 7, sub_chunk: 8, chunk: 32, feature_map: Softmax };
+    let q = b
+        .parameter(Shape::array(ElementType::F32, &[1, 64, 4, 16]), "q")
+        .unwrap();
+    let k = b
+        .parameter(Shape::array(ElementType::F32, &[1, 64, 2, 16]), "k")
+        .unwrap();
+    let v = b
+        .parameter(Shape::array(ElementType::F32, &[1, 64, 2, 16]), "v")
+        .unwrap();
+    let cfg = RlaConfig {
+        window: 7,
+        sub_chunk: 8,
+        chunk: 32,
+        feature_map: Softmax,
+    };
     let root = rla_fwd_hlo(&b, q, k, v, &cfg).unwrap();
     let text = b.build(root).unwrap().to_text();
     assert_eq!(text.matches(" while(").count(), 1, "{text}");
