@@ -1,0 +1,263 @@
+//! Forward chunked scan.
+
+use rayon::prelude::*;
+
+use super::feature::phi_rows;
+use super::mm::{gemm, view, view_mut};
+use crate::config::{RlaConfig, RlaDims};
+
+/// Geometry shared by the forward and backward passes.
+#[derive(Clone, Copy)]
+pub(crate) struct Geo {
+    pub t: usize,
+    pub n: usize,
+    pub g: usize,
+    pub h: usize,
+    pub r: usize,
+    pub w: usize,
+    pub c: usize,
+    pub l: usize,
+    pub nc: usize,
+}
+
+impl Geo {
+    pub(crate) fn new(cfg: &RlaConfig, d: &RlaDims) -> Self {
+        Geo {
+            t: d.seq,
+            n: d.heads,
+            g: d.kv_heads,
+            h: d.head_dim,
+            r: d.group_size(),
+            w: cfg.window,
+            c: cfg.sub_chunk,
+            l: cfg.chunk,
+            nc: d.n_chunks(cfg),
+        }
+    }
+
+    /// Size of one state, 2H·H.
+    pub(crate) fn ss(&self) -> usize {
+        2 * self.h * self.h
+    }
+
+    /// Offset of k/v row (b, s, kv head gi).
+    pub(crate) fn kv_off(&self, b: usize, s: usize, gi: usize) -> usize {
+        ((b * self.t + s) * self.g + gi) * self.h
+    }
+
+    /// Offset of q/o row (b, t, head n).
+    pub(crate) fn q_off(&self, b: usize, t: usize, n: usize) -> usize {
+        ((b * self.t + t) * self.n + n) * self.h
+    }
+
+    /// First query position whose shifted key is valid: W + 1.
+    pub(crate) fn first_key(&self) -> usize {
+        self.w.saturating_add(1)
+    }
+}
+
+/// One sub-chunk of query positions `[t0, t0 + ce)` and its valid shifted keys `[j_lo, t0 + ce)`.
+#[derive(Clone, Copy)]
+pub(crate) struct Sub {
+    pub t0: usize,
+    pub ce: usize,
+    /// State entering the sub-chunk may be nonzero (some valid key lies before t0).
+    pub has_state: bool,
+    /// First query position with a valid shifted key inside the sub-chunk.
+    pub j_lo: usize,
+    /// Number of valid shifted keys (0 if none).
+    pub nk: usize,
+}
+
+impl Sub {
+    pub(crate) fn new(geo: &Geo, t0: usize) -> Self {
+        let ce = geo.c.min(geo.t - t0);
+        let fk = geo.first_key();
+        let j_lo = t0.max(fk);
+        let nk = (t0 + ce).saturating_sub(j_lo);
+        Sub {
+            t0,
+            ce,
+            has_state: t0 > fk,
+            j_lo,
+            nk,
+        }
+    }
+
+    /// Key index `s = j_lo − W − 1` of the first valid shifted key.
+    pub(crate) fn s_lo(&self, geo: &Geo) -> usize {
+        self.j_lo - geo.first_key()
+    }
+
+    pub(crate) fn active(&self) -> bool {
+        self.has_state || self.nk > 0
+    }
+}
+
+/// Zeroes entries of `a` (`[M, nk]`, rows ordered (tl, r)) whose key comes after the query.
+pub(crate) fn causal_mask(a: &mut [f32], sub: &Sub, r: usize) {
+    let nk = sub.nk;
+    for (m, row) in a.chunks_exact_mut(nk).take(sub.ce * r).enumerate() {
+        let tq = sub.t0 + m / r;
+        // key jj (position j_lo + jj) is visible iff j_lo + jj <= tq
+        let keep = if tq < sub.j_lo {
+            0
+        } else {
+            (tq - sub.j_lo + 1).min(nk)
+        };
+        row[keep..].fill(0.0);
+    }
+}
+
+/// Gathers φ of the R query heads of group `gi` at positions `[t0, t0+ce)` into `fq`
+/// (`[ce·R, 2H]`, rows ordered (tl, r)).
+pub(crate) fn phi_q(
+    cfg: &RlaConfig,
+    geo: &Geo,
+    q: &[f32],
+    b: usize,
+    gi: usize,
+    sub: &Sub,
+    fq: &mut [f32],
+) {
+    let (h, r) = (geo.h, geo.r);
+    for tl in 0..sub.ce {
+        let off = geo.q_off(b, sub.t0 + tl, gi * r);
+        phi_rows(
+            cfg.feature_map,
+            &q[off..off + r * h],
+            h,
+            r,
+            h,
+            &mut fq[tl * r * 2 * h..],
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &mut [f32],
+    chunk_states: &mut [f32],
+    final_state: &mut [f32],
+) {
+    let geo = Geo::new(cfg, d);
+    let ss = geo.ss();
+    let (h, gh) = (geo.h, geo.g * geo.h);
+
+    // Phase 1: chunk states per (b, kv head), chunk-sized GEMMs S += φK̃ᵀ Ṽ.
+    chunk_states
+        .par_chunks_mut(geo.nc * ss)
+        .zip(final_state.par_chunks_mut(ss))
+        .enumerate()
+        .for_each(|(bg, (cs, fs))| {
+            let (b, gi) = (bg / geo.g, bg % geo.g);
+            let mut s_ = vec![0.0f32; ss];
+            let mut fk = vec![0.0f32; geo.l * 2 * h];
+            for c in 0..geo.nc {
+                cs[c * ss..(c + 1) * ss].copy_from_slice(&s_);
+                let j0 = c * geo.l;
+                let j1 = (j0 + geo.l).min(geo.t);
+                let j_lo = j0.max(geo.first_key());
+                if j_lo >= j1 {
+                    continue;
+                }
+                let nk = j1 - j_lo;
+                let off = geo.kv_off(b, j_lo - geo.first_key(), gi);
+                phi_rows(cfg.feature_map, &k[off..], gh, nk, h, &mut fk);
+                let fkv = view(&fk, nk, 2 * h, 2 * h);
+                let vv = view(&v[off..], nk, h, gh);
+                gemm(1.0, &fkv.t(), &vv, 1.0, &mut view_mut(&mut s_, 2 * h, h, h));
+            }
+            fs.copy_from_slice(&s_);
+        });
+
+    // Phase 2: outputs, parallel over (b, chunk) and kv heads within.
+    let row = geo.n * h;
+    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(d.batch * geo.nc);
+    for (b, ob) in o.chunks_mut(geo.t * row).enumerate() {
+        for (c, oc) in ob.chunks_mut(geo.l * row).enumerate() {
+            tasks.push((b, c, oc));
+        }
+    }
+    let cs_ro: &[f32] = chunk_states;
+    tasks.into_par_iter().for_each(|(b, c, oc)| {
+        let bufs: Vec<Vec<f32>> = (0..geo.g)
+            .into_par_iter()
+            .map(|gi| {
+                let st = &cs_ro[((b * geo.g + gi) * geo.nc + c) * ss..][..ss];
+                chunk_group(cfg, &geo, q, k, v, b, c, gi, st)
+            })
+            .collect();
+        let rh = geo.r * h;
+        for (tl, orow) in oc.chunks_exact_mut(row).enumerate() {
+            for (gi, buf) in bufs.iter().enumerate() {
+                orow[gi * rh..(gi + 1) * rh].copy_from_slice(&buf[tl * rh..(tl + 1) * rh]);
+            }
+        }
+    });
+}
+
+/// Outputs of chunk `c` for the query heads of group `gi`: `[rows, R, H]`.
+#[allow(clippy::too_many_arguments)]
+fn chunk_group(
+    cfg: &RlaConfig,
+    geo: &Geo,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    b: usize,
+    c: usize,
+    gi: usize,
+    state: &[f32],
+) -> Vec<f32> {
+    let (h, r, sc) = (geo.h, geo.r, geo.c);
+    let gh = geo.g * h;
+    let c0 = c * geo.l;
+    let rows = geo.l.min(geo.t - c0);
+    let mut buf = vec![0.0f32; rows * r * h];
+    let mut s_ = state.to_vec();
+    let mut fq = vec![0.0f32; sc * r * 2 * h];
+    let mut fk = vec![0.0f32; sc * 2 * h];
+    let mut a = vec![0.0f32; sc * r * sc];
+    let n_sub = rows.div_ceil(sc);
+    for i in 0..n_sub {
+        let sub = Sub::new(geo, c0 + i * sc);
+        if !sub.active() {
+            continue;
+        }
+        let mrows = sub.ce * r;
+        phi_q(cfg, geo, q, b, gi, &sub, &mut fq);
+        let fqv = view(&fq, mrows, 2 * h, 2 * h);
+        let out = &mut buf[i * sc * r * h..][..mrows * h];
+        if sub.has_state {
+            let sv = view(&s_, 2 * h, h, h);
+            gemm(1.0, &fqv, &sv, 0.0, &mut view_mut(out, mrows, h, h));
+        }
+        if sub.nk > 0 {
+            let nk = sub.nk;
+            let off = geo.kv_off(b, sub.s_lo(geo), gi);
+            phi_rows(cfg.feature_map, &k[off..], gh, nk, h, &mut fk);
+            let fkv = view(&fk, nk, 2 * h, 2 * h);
+            let vv = view(&v[off..], nk, h, gh);
+            gemm(
+                1.0,
+                &fqv,
+                &fkv.t(),
+                0.0,
+                &mut view_mut(&mut a, mrows, nk, nk),
+            );
+            causal_mask(&mut a, &sub, r);
+            let av = view(&a, mrows, nk, nk);
+            gemm(1.0, &av, &vv, 1.0, &mut view_mut(out, mrows, h, h));
+            if i + 1 < n_sub {
+                gemm(1.0, &fkv.t(), &vv, 1.0, &mut view_mut(&mut s_, 2 * h, h, h));
+            }
+        }
+    }
+    buf
+}

@@ -1,0 +1,124 @@
+//! Fast fp32 CPU kernels for the RLA blocks (DESIGN §3).
+//!
+//! Algorithm: the chunked scan with one saved state per chunk of `cfg.chunk` tokens and the
+//! sub-chunk (`cfg.sub_chunk`) states recomputed on the fly. The N/G query heads of a kv group are
+//! stacked so each sub-chunk does `[R·C, 2H]×[2H, H]`-sized GEMMs (R = N/G). φ(q), φ(k) are computed
+//! per sub-chunk into small scratch, never written to full-size arrays. The shift by W+1 is index
+//! arithmetic: the shifted key of query position j is `k[j − W − 1]`, valid iff `j ≥ W + 1`.
+//! Work whose keys are all masked is skipped.
+//!
+//! Parallelism (rayon):
+//! - forward: phase 1 computes the chunk states per (batch, kv head) with chunk-sized GEMMs;
+//!   phase 2 computes outputs in parallel over (batch, chunk, kv head).
+//! - backward: parallel over (batch, kv head), chunks in reverse carrying dS; results are
+//!   scattered into the `[B, T, heads, H]` outputs in parallel.
+
+mod bwd;
+pub(crate) mod feature;
+mod fwd;
+pub(crate) mod mm;
+
+use crate::config::{check_len, RlaConfig, RlaDims, RlaError};
+
+/// RLA forward block: `(q, k, v) -> (o, chunk_states, final_state)`.
+///
+/// Shapes: `q`/`o` `[B,T,N,H]`, `k`/`v` `[B,T,G,H]`, `chunk_states` `[B,G,ceil(T/chunk),2H,H]`
+/// (the state entering each chunk), `final_state` `[B,G,2H,H]` (the state after all T tokens,
+/// Σ_{s ≤ T−W−2} φ(k_s)ᵀ v_s). Every output element is written.
+#[allow(clippy::too_many_arguments)]
+pub fn rla_fwd(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &mut [f32],
+    chunk_states: &mut [f32],
+    final_state: &mut [f32],
+) -> Result<(), RlaError> {
+    const OP: &str = "rla_fwd";
+    cfg.check(OP)?;
+    d.check(OP)?;
+    check_len(OP, "q", q.len(), &d.q_shape(), d)?;
+    check_len(OP, "k", k.len(), &d.kv_shape(), d)?;
+    check_len(OP, "v", v.len(), &d.kv_shape(), d)?;
+    check_len(OP, "o", o.len(), &d.q_shape(), d)?;
+    check_len(
+        OP,
+        "chunk_states",
+        chunk_states.len(),
+        &d.chunk_states_shape(cfg),
+        d,
+    )?;
+    check_len(
+        OP,
+        "final_state",
+        final_state.len(),
+        &d.final_state_shape(),
+        d,
+    )?;
+    fwd::forward(cfg, d, q, k, v, o, chunk_states, final_state);
+    Ok(())
+}
+
+/// RLA backward block: `(q, k, v, chunk_states, d_o) -> (dq, dk, dv)`.
+///
+/// `chunk_states` must be the one [`rla_fwd`] produced for the same inputs and config.
+/// Shapes as in [`rla_fwd`]; `d_o`/`dq` `[B,T,N,H]`, `dk`/`dv` `[B,T,G,H]`. Every output element
+/// is written.
+#[allow(clippy::too_many_arguments)]
+pub fn rla_bwd(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    chunk_states: &[f32],
+    d_o: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) -> Result<(), RlaError> {
+    const OP: &str = "rla_bwd";
+    cfg.check(OP)?;
+    d.check(OP)?;
+    check_len(OP, "q", q.len(), &d.q_shape(), d)?;
+    check_len(OP, "k", k.len(), &d.kv_shape(), d)?;
+    check_len(OP, "v", v.len(), &d.kv_shape(), d)?;
+    check_len(
+        OP,
+        "chunk_states",
+        chunk_states.len(),
+        &d.chunk_states_shape(cfg),
+        d,
+    )?;
+    check_len(OP, "d_o", d_o.len(), &d.q_shape(), d)?;
+    check_len(OP, "dq", dq.len(), &d.q_shape(), d)?;
+    check_len(OP, "dk", dk.len(), &d.kv_shape(), d)?;
+    check_len(OP, "dv", dv.len(), &d.kv_shape(), d)?;
+    bwd::backward(cfg, d, q, k, v, chunk_states, d_o, dq, dk, dv);
+    Ok(())
+}
+
+fn sub_chunks_per_group(cfg: &RlaConfig, d: &RlaDims) -> f64 {
+    (d.batch * d.kv_heads * d.seq.div_ceil(cfg.sub_chunk.max(1))) as f64
+}
+
+/// Nominal FLOPs of the chunked forward (as the Pallas kernel does it: every sub-chunk dense, no
+/// skipping of masked work), per (batch, kv head, sub-chunk) with M = (N/G)·C stacked query rows:
+/// `φQ·S` 4MH² + `φQ φK̃ᵀ` 4MCH + `(A⊙M)Ṽ` 2MCH + state update 4CH². Feature maps not counted.
+pub fn flops_fwd(cfg: &RlaConfig, d: &RlaDims) -> f64 {
+    let (c, h) = (cfg.sub_chunk as f64, d.head_dim as f64);
+    let m = d.group_size() as f64 * c;
+    sub_chunks_per_group(cfg, d) * (4.0 * m * h * h + 6.0 * m * c * h + 4.0 * c * h * h)
+}
+
+/// Nominal FLOPs of the chunked backward (DESIGN §3, dense sub-chunks, recomputation included):
+/// per (batch, kv head, sub-chunk) with M = (N/G)·C: state recompute 4CH², `dO Sᵀ` 4MH²,
+/// `dO Ṽᵀ` 2MCH, `P φK̃` 4MCH, `Pᵀ φQ` 4MCH, `Ṽ dSᵀ` 4CH², `φQ φK̃ᵀ` 4MCH, `Aᵀ dO` 2MCH,
+/// `φK̃ dS` 4CH², `φQᵀ dO` 4MH²; total 8MH² + 16MCH + 12CH².
+pub fn flops_bwd(cfg: &RlaConfig, d: &RlaDims) -> f64 {
+    let (c, h) = (cfg.sub_chunk as f64, d.head_dim as f64);
+    let m = d.group_size() as f64 * c;
+    sub_chunks_per_group(cfg, d) * (8.0 * m * h * h + 16.0 * m * c * h + 12.0 * c * h * h)
+}
