@@ -64,7 +64,11 @@ pub struct RlaConfig {
 }
 
 impl Default for RlaConfig {
-    /// W = 512, sub-chunk 64 (measured best on the 2-core CPU, see the bench), chunk 512, softmax.
+    /// W = 512, sub-chunk 64, chunk 512, softmax.
+    ///
+    /// Sub-chunk 64 was picked with `benches/rla_kernel.rs` (`RLA_BENCH_SUB_CHUNKS=16,32,64,128`) at
+    /// B1 N8 G2 H128 T4096: 32 and 64 are within noise of each other (64 better at T=1024
+    /// fwd+bwd), 128 is ~25 % slower (more masked intra-sub-chunk work), 16 is no faster.
     fn default() -> Self {
         RlaConfig {
             window: 512,
@@ -82,7 +86,7 @@ impl RlaConfig {
     }
 
     pub(crate) fn check(&self, op: &'static str) -> Result<(), RlaError> {
-        if self.sub_chunk == 0 || self.chunk == 0 || self.chunk % self.sub_chunk != 0 {
+        if self.sub_chunk == 0 || self.chunk == 0 || !self.chunk.is_multiple_of(self.sub_chunk) {
             return Err(RlaError::Config {
                 op,
                 message: format!(
@@ -124,7 +128,7 @@ impl RlaDims {
                 message: format!("every size must be >= 1, got {d}"),
             });
         }
-        if d.heads % d.kv_heads != 0 {
+        if !d.heads.is_multiple_of(d.kv_heads) {
             return Err(RlaError::Dims {
                 op,
                 message: format!(
