@@ -81,7 +81,12 @@ pub struct RlaOptions {
 
 impl Default for RlaOptions {
     fn default() -> Self {
-        Self { feature_map: FeatureMapKind::Softmax, chunk: 512, sub_chunk: 64, lowering: RlaLowering::Auto }
+        Self {
+            feature_map: FeatureMapKind::Softmax,
+            chunk: 512,
+            sub_chunk: 64,
+            lowering: RlaLowering::Auto,
+        }
     }
 }
 
@@ -197,25 +202,31 @@ impl ModelConfig {
                 return bad(format!("{name} must be > 0"));
             }
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
                 "heads ({}) must be divisible by kv_heads ({})",
                 self.heads, self.kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim ({}) must be even for RoPE",
+                self.head_dim
+            ));
         }
-        if self.rla.sub_chunk == 0 || self.rla.chunk == 0 || self.rla.chunk % self.rla.sub_chunk != 0 {
+        if self.rla.sub_chunk == 0
+            || self.rla.chunk == 0
+            || !self.rla.chunk.is_multiple_of(self.rla.sub_chunk)
+        {
             return bad(format!(
                 "rla.chunk ({}) must be a positive multiple of rla.sub_chunk ({})",
                 self.rla.chunk, self.rla.sub_chunk
             ));
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return bad(format!("rope_theta ({}) must be > 0", self.rope_theta));
         }
-        if !(self.norm_eps >= 0.0) {
+        if self.norm_eps.is_nan() || self.norm_eps < 0.0 {
             return bad(format!("norm_eps ({}) must be >= 0", self.norm_eps));
         }
         self.layer_kinds().map(|_| ())
@@ -239,7 +250,9 @@ impl ModelConfig {
                     ))
                 })?;
                 if l + g == 0 {
-                    return Err(ConfigError::Invalid(format!("layer_pattern {r:?} has no layers")));
+                    return Err(ConfigError::Invalid(format!(
+                        "layer_pattern {r:?} has no layers"
+                    )));
                 }
                 std::iter::repeat_n(LayerKind::Local, l)
                     .chain(std::iter::repeat_n(LayerKind::Global, g))

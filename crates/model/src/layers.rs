@@ -33,11 +33,18 @@ pub fn bcast_suffix(b: &Builder, x: Op, out: &[i64]) -> Result<Op> {
 /// rounded to bf16 and the product accumulates in f32.
 pub fn linear(b: &Builder, x: Op, w: Op, dtype: Dtype) -> Result<Op> {
     let r = b.shape(x)?.rank() as i64;
-    let dd = DotDims { lhs_contracting: vec![r - 1], rhs_contracting: vec![0], ..Default::default() };
+    let dd = DotDims {
+        lhs_contracting: vec![r - 1],
+        rhs_contracting: vec![0],
+        ..Default::default()
+    };
     match dtype {
         Dtype::F32 => b.dot_general(x, w, &dd, None, None),
         Dtype::Bf16 => {
-            let (xb, wb) = (b.convert(x, ElementType::Bf16)?, b.convert(w, ElementType::Bf16)?);
+            let (xb, wb) = (
+                b.convert(x, ElementType::Bf16)?,
+                b.convert(w, ElementType::Bf16)?,
+            );
             b.dot_general(xb, wb, &dd, None, Some(F32))
         }
     }
@@ -50,7 +57,10 @@ pub fn rms_norm(b: &Builder, x: Op, scale: Op, eps: f64) -> Result<Op> {
     let d = dims(b, x)?;
     let last = d.len() as i64 - 1;
     let width = d[d.len() - 1] as f32;
-    let ms = b.mul(b.reduce_sum(b.mul(x, x)?, &[last])?, b.scalar(1.0f32 / width)?)?;
+    let ms = b.mul(
+        b.reduce_sum(b.mul(x, x)?, &[last])?,
+        b.scalar(1.0f32 / width)?,
+    )?;
     let inv = b.rsqrt(b.add(ms, b.scalar(eps as f32)?)?)?;
     let y = b.mul(x, bcast_prefix(b, inv, &d)?)?;
     b.mul(y, bcast_suffix(b, scale, &d)?)
@@ -73,9 +83,14 @@ pub fn rope(b: &Builder, x: Op, pos: Op, theta: f64) -> Result<Op> {
     let d = dims(b, x)?;
     let (bt, t, nh, h) = (d[0], d[1], d[2], d[3]);
     let half = h / 2;
-    let freqs: Vec<f32> = (0..half).map(|i| theta.powf(-((2 * i) as f64) / h as f64) as f32).collect();
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| theta.powf(-((2 * i) as f64) / h as f64) as f32)
+        .collect();
     let freq = b.constant_vec(freqs, &[half])?;
-    let angle = b.mul(bcast(b, pos, &[t, half], &[0])?, bcast(b, freq, &[t, half], &[1])?)?;
+    let angle = b.mul(
+        bcast(b, pos, &[t, half], &[0])?,
+        bcast(b, freq, &[t, half], &[1])?,
+    )?;
     let full = [bt, t, nh, half, 1];
     let cos = bcast(b, b.cos(angle)?, &full, &[1, 3])?;
     let sin = bcast(b, b.sin(angle)?, &full, &[1, 3])?;
@@ -109,13 +124,20 @@ pub fn causal_attention(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>)
     let nb = (t + blk - 1) / blk;
     let tp = nb * blk;
     let zero = b.scalar(0.0f32)?;
-    let pad_t = |x: Op, front: i64, back_pad: i64| b.pad(x, zero, &[(0, 0, 0), (front, back_pad, 0), (0, 0, 0), (0, 0, 0)]);
+    let pad_t = |x: Op, front: i64, back_pad: i64| {
+        b.pad(
+            x,
+            zero,
+            &[(0, 0, 0), (front, back_pad, 0), (0, 0, 0), (0, 0, 0)],
+        )
+    };
     let qb = b.reshape(pad_t(q, 0, tp - t)?, &[bs, nb, blk, g, r, h])?;
     // Key/value spans: block i sees padded blocks i .. i + back/blk (absolute start i·blk − back).
     let span_of = |x: Op| -> Result<Op> {
         let xp = b.reshape(pad_t(x, back, tp - t)?, &[bs, nb + back / blk, blk, g, h])?;
-        let parts: Vec<Op> =
-            (0..=back / blk).map(|j| b.slice_in_dim(xp, j, j + nb, 1)).collect::<Result<_>>()?;
+        let parts: Vec<Op> = (0..=back / blk)
+            .map(|j| b.slice_in_dim(xp, j, j + nb, 1))
+            .collect::<Result<_>>()?;
         if parts.len() == 1 {
             Ok(parts[0])
         } else {
@@ -125,24 +147,47 @@ pub fn causal_attention(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>)
     let (ks, vs) = (span_of(k)?, span_of(v)?);
     let s = blk + back;
     // scores [B, nb, G, blk, R, S]
-    let dd = DotDims { lhs_batch: vec![0, 1, 3], rhs_batch: vec![0, 1, 3], lhs_contracting: vec![5], rhs_contracting: vec![4] };
+    let dd = DotDims {
+        lhs_batch: vec![0, 1, 3],
+        rhs_batch: vec![0, 1, 3],
+        lhs_contracting: vec![5],
+        rhs_contracting: vec![4],
+    };
     let scores = b.dot_general(qb, ks, &dd, None, Some(F32))?;
     // Visibility from iotas: query t = i·blk + a, key s = i·blk − back + j.
     let md = [nb, blk, s];
-    let (i, a, j) = (b.iota(ElementType::S32, &md, 0)?, b.iota(ElementType::S32, &md, 1)?, b.iota(ElementType::S32, &md, 2)?);
+    let (i, a, j) = (
+        b.iota(ElementType::S32, &md, 0)?,
+        b.iota(ElementType::S32, &md, 1)?,
+        b.iota(ElementType::S32, &md, 2)?,
+    );
     let rel = b.add(b.sub(a, j)?, b.scalar(back as i32)?)?; // t − s
     let mut vis = b.compare(rel, b.scalar(0i32)?, hlo_builder::Cmp::Ge)?;
     if let Some(w) = window {
-        vis = b.and(vis, b.compare(rel, b.scalar(w as i32)?, hlo_builder::Cmp::Le)?)?;
+        vis = b.and(
+            vis,
+            b.compare(rel, b.scalar(w as i32)?, hlo_builder::Cmp::Le)?,
+        )?;
     }
-    let abs_s = b.add(b.mul(i, b.scalar(blk as i32)?)?, b.sub(j, b.scalar(back as i32)?)?)?;
-    vis = b.and(vis, b.compare(abs_s, b.scalar(0i32)?, hlo_builder::Cmp::Ge)?)?;
+    let abs_s = b.add(
+        b.mul(i, b.scalar(blk as i32)?)?,
+        b.sub(j, b.scalar(back as i32)?)?,
+    )?;
+    vis = b.and(
+        vis,
+        b.compare(abs_s, b.scalar(0i32)?, hlo_builder::Cmp::Ge)?,
+    )?;
     let sd = [bs, nb, g, blk, r, s];
     let vis = bcast(b, vis, &sd, &[1, 3, 5])?;
     let neg = b.full(F32, -1e30, &sd)?;
     let p = softmax_last(b, b.select(vis, scores, neg)?)?;
     // out [B, nb, G, blk, R, H]
-    let dd = DotDims { lhs_batch: vec![0, 1, 2], rhs_batch: vec![0, 1, 3], lhs_contracting: vec![5], rhs_contracting: vec![2] };
+    let dd = DotDims {
+        lhs_batch: vec![0, 1, 2],
+        rhs_batch: vec![0, 1, 3],
+        lhs_contracting: vec![5],
+        rhs_contracting: vec![2],
+    };
     let o = b.dot_general(p, vs, &dd, None, Some(F32))?;
     let o = b.transpose(o, &[0, 1, 3, 2, 4, 5])?;
     let o = b.reshape(o, &[bs, tp, n, h])?;
@@ -154,7 +199,15 @@ pub fn causal_attention(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>)
 }
 
 /// Gated feed-forward block: `(act(x·Wg) ⊙ x·Wu) · Wd`.
-pub fn ffn(b: &Builder, x: Op, w_gate: Op, w_up: Op, w_down: Op, act: FfnActivation, dtype: Dtype) -> Result<Op> {
+pub fn ffn(
+    b: &Builder,
+    x: Op,
+    w_gate: Op,
+    w_up: Op,
+    w_down: Op,
+    act: FfnActivation,
+    dtype: Dtype,
+) -> Result<Op> {
     let gate = linear(b, x, w_gate, dtype)?;
     let up = linear(b, x, w_up, dtype)?;
     let a = match act {
@@ -162,8 +215,14 @@ pub fn ffn(b: &Builder, x: Op, w_gate: Op, w_up: Op, w_down: Op, act: FfnActivat
         FfnActivation::Geglu => {
             // 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³)))
             let g3 = b.mul(b.mul(gate, gate)?, gate)?;
-            let inner = b.mul(b.add(gate, b.mul(g3, b.scalar(0.044715f32)?)?)?, b.scalar((2.0f32 / std::f32::consts::PI).sqrt())?)?;
-            b.mul(b.mul(gate, b.scalar(0.5f32)?)?, b.add(b.tanh(inner)?, b.scalar(1.0f32)?)?)?
+            let inner = b.mul(
+                b.add(gate, b.mul(g3, b.scalar(0.044715f32)?)?)?,
+                b.scalar((2.0f32 / std::f32::consts::PI).sqrt())?,
+            )?;
+            b.mul(
+                b.mul(gate, b.scalar(0.5f32)?)?,
+                b.add(b.tanh(inner)?, b.scalar(1.0f32)?)?,
+            )?
         }
     };
     linear(b, b.mul(a, up)?, w_down, dtype)

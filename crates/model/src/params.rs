@@ -35,28 +35,73 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
     let std = 0.02f32;
     let out_std = std / (2.0 * cfg.layers as f32).sqrt();
     let mut v = Vec::new();
-    let mut push = |name: String, shape: Vec<usize>, init: Init| v.push(ParamSpec { name, shape, init });
+    let mut push =
+        |name: String, shape: Vec<usize>, init: Init| v.push(ParamSpec { name, shape, init });
     push("embed".into(), vec![cfg.vocab, d], Init::Normal(std));
     let kinds = cfg.layer_kinds().unwrap_or_default();
     for (i, kind) in kinds.iter().enumerate() {
         let p = format!("layers.{i}");
         push(format!("{p}.attn_norm.scale"), vec![d], Init::Ones);
-        push(format!("{p}.attn.wq"), vec![d, cfg.q_dim()], Init::Normal(std));
-        push(format!("{p}.attn.wk"), vec![d, cfg.kv_dim()], Init::Normal(std));
-        push(format!("{p}.attn.wv"), vec![d, cfg.kv_dim()], Init::Normal(std));
-        push(format!("{p}.attn.wo"), vec![cfg.q_dim(), d], Init::Normal(out_std));
+        push(
+            format!("{p}.attn.wq"),
+            vec![d, cfg.q_dim()],
+            Init::Normal(std),
+        );
+        push(
+            format!("{p}.attn.wk"),
+            vec![d, cfg.kv_dim()],
+            Init::Normal(std),
+        );
+        push(
+            format!("{p}.attn.wv"),
+            vec![d, cfg.kv_dim()],
+            Init::Normal(std),
+        );
+        push(
+            format!("{p}.attn.wo"),
+            vec![cfg.q_dim(), d],
+            Init::Normal(out_std),
+        );
         if cfg.qk_norm {
-            push(format!("{p}.attn.q_norm.scale"), vec![cfg.head_dim], Init::Ones);
-            push(format!("{p}.attn.k_norm.scale"), vec![cfg.head_dim], Init::Ones);
+            push(
+                format!("{p}.attn.q_norm.scale"),
+                vec![cfg.head_dim],
+                Init::Ones,
+            );
+            push(
+                format!("{p}.attn.k_norm.scale"),
+                vec![cfg.head_dim],
+                Init::Ones,
+            );
         }
         if *kind == LayerKind::Local && cfg.local_kind == LocalKind::Rattention {
-            push(format!("{p}.attn.swa_norm.scale"), vec![cfg.heads, cfg.head_dim], Init::Ones);
-            push(format!("{p}.attn.rla_norm.scale"), vec![cfg.heads, cfg.head_dim], Init::Ones);
+            push(
+                format!("{p}.attn.swa_norm.scale"),
+                vec![cfg.heads, cfg.head_dim],
+                Init::Ones,
+            );
+            push(
+                format!("{p}.attn.rla_norm.scale"),
+                vec![cfg.heads, cfg.head_dim],
+                Init::Ones,
+            );
         }
         push(format!("{p}.ffn_norm.scale"), vec![d], Init::Ones);
-        push(format!("{p}.ffn.w_gate"), vec![d, cfg.ffn_dim], Init::Normal(std));
-        push(format!("{p}.ffn.w_up"), vec![d, cfg.ffn_dim], Init::Normal(std));
-        push(format!("{p}.ffn.w_down"), vec![cfg.ffn_dim, d], Init::Normal(out_std));
+        push(
+            format!("{p}.ffn.w_gate"),
+            vec![d, cfg.ffn_dim],
+            Init::Normal(std),
+        );
+        push(
+            format!("{p}.ffn.w_up"),
+            vec![d, cfg.ffn_dim],
+            Init::Normal(std),
+        );
+        push(
+            format!("{p}.ffn.w_down"),
+            vec![cfg.ffn_dim, d],
+            Init::Normal(out_std),
+        );
     }
     push("final_norm.scale".into(), vec![d], Init::Ones);
     if !cfg.tied_embeddings {
@@ -80,7 +125,9 @@ fn splitmix64(mut x: u64) -> u64 {
 
 fn name_hash(name: &str) -> u64 {
     // FNV-1a: stable across platforms and Rust versions (unlike DefaultHasher).
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Deterministic host initialisation of one parameter from `seed`: the same (seed, name) always gives

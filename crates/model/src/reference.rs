@@ -21,7 +21,11 @@ pub fn rope(x: &mut [f64], pos: usize, theta: f64) {
 /// RLA feature map φ: H → 2H.
 pub fn feature(x: &[f64], fm: FeatureMapKind) -> Vec<f64> {
     match fm {
-        FeatureMapKind::Relu => x.iter().map(|v| v.max(0.0)).chain(x.iter().map(|v| (-v).max(0.0))).collect(),
+        FeatureMapKind::Relu => x
+            .iter()
+            .map(|v| v.max(0.0))
+            .chain(x.iter().map(|v| (-v).max(0.0)))
+            .collect(),
         FeatureMapKind::Softmax => {
             let sm = |s: f64| {
                 let m = x.iter().map(|v| s * v).fold(f64::NEG_INFINITY, f64::max);
@@ -37,7 +41,12 @@ pub fn feature(x: &[f64], fm: FeatureMapKind) -> Vec<f64> {
 /// Per-head RMSNorm over the last `h` values with a per-(head, dim) scale (`scale` has n·h values).
 pub fn group_rms_norm(x: &[f64], n: usize, h: usize, scale: &[f64], eps: f64) -> Vec<f64> {
     let mut out = vec![0.0; x.len()];
-    for (row, o) in x.chunks(h).zip(out.chunks_mut(h)).enumerate().map(|(i, (r, o))| ((i, r), o)) {
+    for (row, o) in x
+        .chunks(h)
+        .zip(out.chunks_mut(h))
+        .enumerate()
+        .map(|(i, (r, o))| ((i, r), o))
+    {
         let (i, r) = row;
         let head = i % n;
         let ms = r.iter().map(|v| v * v).sum::<f64>() / h as f64;
@@ -95,13 +104,20 @@ pub fn attention(
     for b in 0..d.b {
         for n in 0..d.n {
             let g = n / rep;
-            let keys: Vec<Vec<f64>> = (0..d.t).map(|s| rot(&k[d.kv(b, s, g)..][..d.h], s)).collect();
+            let keys: Vec<Vec<f64>> = (0..d.t)
+                .map(|s| rot(&k[d.kv(b, s, g)..][..d.h], s))
+                .collect();
             for t in 0..d.t {
                 let qt = rot(&q[d.q(b, t, n)..][..d.h], t);
                 let scale = 1.0 / (d.h as f64).sqrt();
                 let scores: Vec<(usize, f64)> = (0..d.t)
                     .filter(|&s| visible(t, s))
-                    .map(|s| (s, scale * qt.iter().zip(&keys[s]).map(|(a, b)| a * b).sum::<f64>()))
+                    .map(|s| {
+                        (
+                            s,
+                            scale * qt.iter().zip(&keys[s]).map(|(a, b)| a * b).sum::<f64>(),
+                        )
+                    })
                     .collect();
                 let m = scores.iter().map(|x| x.1).fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = scores.iter().map(|x| (x.1 - m).exp()).sum();
@@ -130,7 +146,9 @@ pub fn rla(q: &[f64], k: &[f64], v: &[f64], d: AttnDims, w: usize, fm: FeatureMa
     for b in 0..d.b {
         for n in 0..d.n {
             let g = n / rep;
-            let fk: Vec<Vec<f64>> = (0..d.t).map(|s| feature(&k[d.kv(b, s, g)..][..d.h], fm)).collect();
+            let fk: Vec<Vec<f64>> = (0..d.t)
+                .map(|s| feature(&k[d.kv(b, s, g)..][..d.h], fm))
+                .collect();
             for t in 0..d.t {
                 let fq = feature(&q[d.q(b, t, n)..][..d.h], fm);
                 let o = &mut out[d.q(b, t, n)..][..d.h];
@@ -171,7 +189,11 @@ pub fn local_layer(
     let ones = vec![1.0; d.n * d.h];
     let a = group_rms_norm(&swa_o, d.n, d.h, &ones, 1e-8);
     let b = group_rms_norm(&rla_o, d.n, d.h, &ones, 1e-8);
-    LocalOut { mixed: a.iter().zip(&b).map(|(x, y)| x + y).collect(), swa: swa_o, rla: rla_o }
+    LocalOut {
+        mixed: a.iter().zip(&b).map(|(x, y)| x + y).collect(),
+        swa: swa_o,
+        rla: rla_o,
+    }
 }
 
 fn matmul(x: &[f64], rows: usize, w: &[f64], k: usize, n: usize) -> Vec<f64> {
@@ -194,15 +216,34 @@ fn rms_norm(x: &[f64], width: usize, scale: &[f64], eps: f64) -> Vec<f64> {
 }
 
 /// Logits `[B, T, vocab]` of the whole model for `tokens` `[B, T]`, from named f32 parameters.
-pub fn logits(cfg: &ModelConfig, params: &HashMap<String, Vec<f32>>, tokens: &[u32], batch: usize) -> Vec<f64> {
+pub fn logits(
+    cfg: &ModelConfig,
+    params: &HashMap<String, Vec<f32>>,
+    tokens: &[u32],
+    batch: usize,
+) -> Vec<f64> {
     let p = |name: &str| -> Vec<f64> {
-        params.get(name).unwrap_or_else(|| panic!("missing parameter {name}")).iter().map(|&x| x as f64).collect()
+        params
+            .get(name)
+            .unwrap_or_else(|| panic!("missing parameter {name}"))
+            .iter()
+            .map(|&x| x as f64)
+            .collect()
     };
     let (t, dm, h) = (tokens.len() / batch, cfg.d_model, cfg.head_dim);
     let rows = batch * t;
     let emb = p("embed");
-    let mut x: Vec<f64> = tokens.iter().flat_map(|&tok| emb[tok as usize * dm..][..dm].to_vec()).collect();
-    let d = AttnDims { b: batch, t, n: cfg.heads, g: cfg.kv_heads, h };
+    let mut x: Vec<f64> = tokens
+        .iter()
+        .flat_map(|&tok| emb[tok as usize * dm..][..dm].to_vec())
+        .collect();
+    let d = AttnDims {
+        b: batch,
+        t,
+        n: cfg.heads,
+        g: cfg.kv_heads,
+        h,
+    };
     let fm = cfg.rla.feature_map;
     for (i, kind) in cfg.layer_kinds().unwrap().into_iter().enumerate() {
         let pre = format!("layers.{i}");
@@ -212,8 +253,20 @@ pub fn logits(cfg: &ModelConfig, params: &HashMap<String, Vec<f32>>, tokens: &[u
         let v = matmul(&xn, rows, &p(&format!("{pre}.attn.wv")), dm, cfg.kv_dim());
         let (raw_q, raw_k) = (q.clone(), k.clone());
         if cfg.qk_norm {
-            q = group_rms_norm(&q, 1, h, &p(&format!("{pre}.attn.q_norm.scale")), cfg.norm_eps);
-            k = group_rms_norm(&k, 1, h, &p(&format!("{pre}.attn.k_norm.scale")), cfg.norm_eps);
+            q = group_rms_norm(
+                &q,
+                1,
+                h,
+                &p(&format!("{pre}.attn.q_norm.scale")),
+                cfg.norm_eps,
+            );
+            k = group_rms_norm(
+                &k,
+                1,
+                h,
+                &p(&format!("{pre}.attn.k_norm.scale")),
+                cfg.norm_eps,
+            );
         }
         let ctx = match kind {
             LayerKind::Global => attention(&q, &k, &v, d, None, |t, s| s <= t),
@@ -223,8 +276,10 @@ pub fn logits(cfg: &ModelConfig, params: &HashMap<String, Vec<f32>>, tokens: &[u
                     s
                 } else {
                     let r = rla(&raw_q, &raw_k, &v, d, cfg.window, fm);
-                    let a = group_rms_norm(&s, d.n, h, &p(&format!("{pre}.attn.swa_norm.scale")), 1e-8);
-                    let b = group_rms_norm(&r, d.n, h, &p(&format!("{pre}.attn.rla_norm.scale")), 1e-8);
+                    let a =
+                        group_rms_norm(&s, d.n, h, &p(&format!("{pre}.attn.swa_norm.scale")), 1e-8);
+                    let b =
+                        group_rms_norm(&r, d.n, h, &p(&format!("{pre}.attn.rla_norm.scale")), 1e-8);
                     a.iter().zip(&b).map(|(x, y)| x + y).collect()
                 }
             }
@@ -241,13 +296,23 @@ pub fn logits(cfg: &ModelConfig, params: &HashMap<String, Vec<f32>>, tokens: &[u
                 let a = match cfg.ffn_activation {
                     FfnActivation::Swiglu => g / (1.0 + (-g).exp()),
                     FfnActivation::Geglu => {
-                        0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh())
+                        0.5 * g
+                            * (1.0
+                                + ((2.0 / std::f64::consts::PI).sqrt()
+                                    * (g + 0.044715 * g * g * g))
+                                    .tanh())
                     }
                 };
                 a * u
             })
             .collect();
-        let f = matmul(&act, rows, &p(&format!("{pre}.ffn.w_down")), cfg.ffn_dim, dm);
+        let f = matmul(
+            &act,
+            rows,
+            &p(&format!("{pre}.ffn.w_down")),
+            cfg.ffn_dim,
+            dm,
+        );
         x.iter_mut().zip(&f).for_each(|(a, b)| *a += b);
     }
     let xn = rms_norm(&x, dm, &p("final_norm.scale"), cfg.norm_eps);
@@ -256,7 +321,8 @@ pub fn logits(cfg: &ModelConfig, params: &HashMap<String, Vec<f32>>, tokens: &[u
         let mut out = vec![0.0; rows * cfg.vocab];
         for r in 0..rows {
             for vtok in 0..cfg.vocab {
-                out[r * cfg.vocab + vtok] = (0..dm).map(|i| xn[r * dm + i] * emb[vtok * dm + i]).sum();
+                out[r * cfg.vocab + vtok] =
+                    (0..dm).map(|i| xn[r * dm + i] * emb[vtok * dm + i]).sum();
             }
         }
         out

@@ -11,11 +11,18 @@ pub type ParamOps = HashMap<String, Op>;
 
 /// A model-level error in the builder's error type.
 pub fn model_error(message: String) -> hlo_builder::Error {
-    hlo_builder::Error::Invalid { op: "model", message, location: String::new(), scope: String::new() }
+    hlo_builder::Error::Invalid {
+        op: "model",
+        message,
+        location: String::new(),
+        scope: String::new(),
+    }
 }
 
 fn param(p: &ParamOps, name: &str) -> Result<Op> {
-    p.get(name).copied().ok_or_else(|| model_error(format!("parameter {name:?} is missing")))
+    p.get(name)
+        .copied()
+        .ok_or_else(|| model_error(format!("parameter {name:?} is missing")))
 }
 
 /// The RLA block configuration of local layers.
@@ -62,8 +69,18 @@ pub fn attention_core(
     let h = cfg.head_dim as f32;
     let (mut qn, mut kn) = (q, k);
     if cfg.qk_norm {
-        qn = rms_norm(b, q, param(p, &format!("{prefix}.q_norm.scale"))?, cfg.norm_eps)?;
-        kn = rms_norm(b, k, param(p, &format!("{prefix}.k_norm.scale"))?, cfg.norm_eps)?;
+        qn = rms_norm(
+            b,
+            q,
+            param(p, &format!("{prefix}.q_norm.scale"))?,
+            cfg.norm_eps,
+        )?;
+        kn = rms_norm(
+            b,
+            k,
+            param(p, &format!("{prefix}.k_norm.scale"))?,
+            cfg.norm_eps,
+        )?;
     }
     let inv_sqrt_h = b.scalar(1.0 / h.sqrt())?;
     match kind {
@@ -98,27 +115,61 @@ pub fn attention_core(
 pub fn forward(b: &Builder, cfg: &ModelConfig, p: &ParamOps, tokens: Op) -> Result<Op> {
     let td = dims(b, tokens)?;
     let (bs, t) = (td[0], td[1]);
-    let (n, g, h, d) = (cfg.heads as i64, cfg.kv_heads as i64, cfg.head_dim as i64, cfg.d_model as i64);
+    let (n, g, h, d) = (
+        cfg.heads as i64,
+        cfg.kv_heads as i64,
+        cfg.head_dim as i64,
+        cfg.d_model as i64,
+    );
     let embed = param(p, "embed")?;
     let mut x = {
         let _s = b.name_scope("embed");
-        linear(b, one_hot(b, tokens, cfg.vocab as i64)?, embed, crate::config::Dtype::F32)?
+        linear(
+            b,
+            one_hot(b, tokens, cfg.vocab as i64)?,
+            embed,
+            crate::config::Dtype::F32,
+        )?
     };
     let pos = b.iota(ElementType::F32, &[t], 0)?;
     let kinds = cfg.layer_kinds().map_err(|e| model_error(e.to_string()))?;
     for (i, kind) in kinds.into_iter().enumerate() {
         let _s = b.name_scope(&format!("layer_{i}"));
         let pre = format!("layers.{i}");
-        let xn = rms_norm(b, x, param(p, &format!("{pre}.attn_norm.scale"))?, cfg.norm_eps)?;
+        let xn = rms_norm(
+            b,
+            x,
+            param(p, &format!("{pre}.attn_norm.scale"))?,
+            cfg.norm_eps,
+        )?;
         let ap = format!("{pre}.attn");
-        let q = b.reshape(linear(b, xn, param(p, &format!("{ap}.wq"))?, cfg.dtype)?, &[bs, t, n, h])?;
-        let k = b.reshape(linear(b, xn, param(p, &format!("{ap}.wk"))?, cfg.dtype)?, &[bs, t, g, h])?;
-        let v = b.reshape(linear(b, xn, param(p, &format!("{ap}.wv"))?, cfg.dtype)?, &[bs, t, g, h])?;
+        let q = b.reshape(
+            linear(b, xn, param(p, &format!("{ap}.wq"))?, cfg.dtype)?,
+            &[bs, t, n, h],
+        )?;
+        let k = b.reshape(
+            linear(b, xn, param(p, &format!("{ap}.wk"))?, cfg.dtype)?,
+            &[bs, t, g, h],
+        )?;
+        let v = b.reshape(
+            linear(b, xn, param(p, &format!("{ap}.wv"))?, cfg.dtype)?,
+            &[bs, t, g, h],
+        )?;
         let ctx = attention_core(b, cfg, p, &ap, kind, (q, k, v), pos)?;
-        let o = linear(b, b.reshape(ctx, &[bs, t, n * h])?, param(p, &format!("{ap}.wo"))?, cfg.dtype)?;
+        let o = linear(
+            b,
+            b.reshape(ctx, &[bs, t, n * h])?,
+            param(p, &format!("{ap}.wo"))?,
+            cfg.dtype,
+        )?;
         x = b.add(x, o)?;
         let _f = b.name_scope("ffn");
-        let xn = rms_norm(b, x, param(p, &format!("{pre}.ffn_norm.scale"))?, cfg.norm_eps)?;
+        let xn = rms_norm(
+            b,
+            x,
+            param(p, &format!("{pre}.ffn_norm.scale"))?,
+            cfg.norm_eps,
+        )?;
         let f = ffn(
             b,
             xn,
@@ -133,7 +184,11 @@ pub fn forward(b: &Builder, cfg: &ModelConfig, p: &ParamOps, tokens: Op) -> Resu
     let _s = b.name_scope("head");
     let xn = rms_norm(b, x, param(p, "final_norm.scale")?, cfg.norm_eps)?;
     if cfg.tied_embeddings {
-        let dd = DotDims { lhs_contracting: vec![2], rhs_contracting: vec![1], ..Default::default() };
+        let dd = DotDims {
+            lhs_contracting: vec![2],
+            rhs_contracting: vec![1],
+            ..Default::default()
+        };
         b.dot_general(xn, embed, &dd, None, None)
     } else {
         let _ = d;
@@ -147,7 +202,10 @@ pub fn declare_params(b: &Builder, cfg: &ModelConfig) -> Result<(Vec<Op>, ParamO
     let mut map = HashMap::new();
     for spec in crate::param_specs(cfg) {
         let dims: Vec<i64> = spec.shape.iter().map(|&d| d as i64).collect();
-        let op = b.parameter(hlo_builder::Shape::array(ElementType::F32, &dims), &spec.name)?;
+        let op = b.parameter(
+            hlo_builder::Shape::array(ElementType::F32, &dims),
+            &spec.name,
+        )?;
         ops.push(op);
         map.insert(spec.name, op);
     }

@@ -20,21 +20,43 @@ fn client() -> &'static pjrt::Client {
 }
 
 /// Compile `comp` and run it on f32/s32 inputs; returns every output as f32.
-fn run(comp: &hlo_builder::Computation, inputs: &[(Vec<f32>, Vec<i64>)], ints: &[(Vec<i32>, Vec<i64>)]) -> Vec<Vec<f32>> {
+fn run(
+    comp: &hlo_builder::Computation,
+    inputs: &[(Vec<f32>, Vec<i64>)],
+    ints: &[(Vec<i32>, Vec<i64>)],
+) -> Vec<Vec<f32>> {
     let c = client();
-    let exe = c.compile(pjrt::Program::Hlo(&comp.to_bytes()), &pjrt::CompileOptions::default()).unwrap();
-    let mut bufs: Vec<pjrt::Buffer> =
-        inputs.iter().map(|(d, s)| c.buffer_from_host(d, s, None).unwrap()).collect();
-    bufs.extend(ints.iter().map(|(d, s)| c.buffer_from_host(d, s, None).unwrap()));
+    let exe = c
+        .compile(
+            pjrt::Program::Hlo(&comp.to_bytes()),
+            &pjrt::CompileOptions::default(),
+        )
+        .unwrap();
+    let mut bufs: Vec<pjrt::Buffer> = inputs
+        .iter()
+        .map(|(d, s)| c.buffer_from_host(d, s, None).unwrap())
+        .collect();
+    bufs.extend(
+        ints.iter()
+            .map(|(d, s)| c.buffer_from_host(d, s, None).unwrap()),
+    );
     let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
-    exe.execute(&refs).unwrap().iter().map(|b| b.to_host::<f32>().unwrap()).collect()
+    exe.execute(&refs)
+        .unwrap()
+        .iter()
+        .map(|b| b.to_host::<f32>().unwrap())
+        .collect()
 }
 
 fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
         })
         .collect()
@@ -43,11 +65,19 @@ fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 fn max_rel(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().map(|x| x.abs()).fold(1e-6, f64::max);
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max) / scale
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - y).abs())
+        .fold(0.0, f64::max)
+        / scale
 }
 
 fn tiny(window: usize, fm: FeatureMapKind) -> ModelConfig {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/tiny.toml")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../configs/tiny.toml"
+    ))
+    .unwrap();
     let mut t: toml::Table = toml::from_str(&text).unwrap();
     let mut cfg: ModelConfig = t.remove("model").unwrap().try_into().unwrap();
     cfg.window = window;
@@ -57,17 +87,34 @@ fn tiny(window: usize, fm: FeatureMapKind) -> ModelConfig {
 }
 
 /// Build the local attention core from q, k, v parameters with unit norm scales as parameters.
-fn local_core_graph(cfg: &ModelConfig, d: AttnDims, kind: LayerKind) -> (hlo_builder::Computation, [Op; 3]) {
+fn local_core_graph(
+    cfg: &ModelConfig,
+    d: AttnDims,
+    kind: LayerKind,
+) -> (hlo_builder::Computation, [Op; 3]) {
     let b = Builder::new("local_core");
     let f = |dims: &[usize], name: &str| {
-        b.parameter(Shape::array(ElementType::F32, &dims.iter().map(|&x| x as i64).collect::<Vec<_>>()), name).unwrap()
+        b.parameter(
+            Shape::array(
+                ElementType::F32,
+                &dims.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+            ),
+            name,
+        )
+        .unwrap()
     };
     let q = f(&[d.b, d.t, d.n, d.h], "q");
     let k = f(&[d.b, d.t, d.g, d.h], "k");
     let v = f(&[d.b, d.t, d.g, d.h], "v");
     let mut p: ParamOps = HashMap::new();
-    p.insert("l.swa_norm.scale".into(), b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap());
-    p.insert("l.rla_norm.scale".into(), b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap());
+    p.insert(
+        "l.swa_norm.scale".into(),
+        b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
+    );
+    p.insert(
+        "l.rla_norm.scale".into(),
+        b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
+    );
     let pos = b.iota(ElementType::F32, &[d.t as i64], 0).unwrap();
     let out = attention_core(&b, cfg, &p, "l", kind, (q, k, v), pos).unwrap();
     (b.build(out).unwrap(), [q, k, v])
@@ -76,12 +123,22 @@ fn local_core_graph(cfg: &ModelConfig, d: AttnDims, kind: LayerKind) -> (hlo_bui
 #[test]
 fn local_layer_matches_f64_reference() {
     // GQA, windows that leave RLA active (not multiples of the sub-chunk), both feature maps.
-    for (w, fm, t) in [(5, FeatureMapKind::Softmax, 48), (17, FeatureMapKind::Relu, 70), (0, FeatureMapKind::Softmax, 33)] {
+    for (w, fm, t) in [
+        (5, FeatureMapKind::Softmax, 48),
+        (17, FeatureMapKind::Relu, 70),
+        (0, FeatureMapKind::Softmax, 33),
+    ] {
         let mut cfg = tiny(w, fm);
         cfg.heads = 4;
         cfg.kv_heads = 2;
         cfg.head_dim = 8;
-        let d = AttnDims { b: 2, t, n: 4, g: 2, h: 8 };
+        let d = AttnDims {
+            b: 2,
+            t,
+            n: 4,
+            g: 2,
+            h: 8,
+        };
         let q = rand(d.b * d.t * d.n * d.h, 1, 1.0);
         let k = rand(d.b * d.t * d.g * d.h, 2, 1.0);
         let v = rand(d.b * d.t * d.g * d.h, 3, 1.0);
@@ -89,18 +146,30 @@ fn local_layer_matches_f64_reference() {
         let dims = |x: &[usize]| x.iter().map(|&v| v as i64).collect::<Vec<_>>();
         let got = run(
             &comp,
-            &[(q.clone(), dims(&[d.b, d.t, d.n, d.h])), (k.clone(), dims(&[d.b, d.t, d.g, d.h])), (v.clone(), dims(&[d.b, d.t, d.g, d.h]))],
+            &[
+                (q.clone(), dims(&[d.b, d.t, d.n, d.h])),
+                (k.clone(), dims(&[d.b, d.t, d.g, d.h])),
+                (v.clone(), dims(&[d.b, d.t, d.g, d.h])),
+            ],
             &[],
         );
         let f64v = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
-        let want = reference::local_layer(&f64v(&q), &f64v(&k), &f64v(&v), d, w, cfg.rope_theta, fm);
+        let want =
+            reference::local_layer(&f64v(&q), &f64v(&k), &f64v(&v), d, w, cfg.rope_theta, fm);
         let err = max_rel(&got[0], &want.mixed);
         assert!(err < 1e-4, "w={w} {fm:?}: local layer error {err}");
     }
 }
 
 fn npz(name: &str) -> NpzReader<std::fs::File> {
-    NpzReader::new(std::fs::File::open(format!("{}/../../tests/data/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()).unwrap()
+    NpzReader::new(
+        std::fs::File::open(format!(
+            "{}/../../tests/data/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap()
 }
 
 fn get(z: &mut NpzReader<std::fs::File>, k: &str) -> Vec<f32> {
@@ -110,25 +179,43 @@ fn get(z: &mut NpzReader<std::fs::File>, k: &str) -> Vec<f32> {
 
 #[test]
 fn local_layer_and_its_vjp_match_axlearn() {
-    for (file, fm) in
-        [("axlearn_rla_softmax_gqa_w37.npz", FeatureMapKind::Softmax), ("axlearn_rla_relu_mqa_w0.npz", FeatureMapKind::Relu)]
-    {
+    for (file, fm) in [
+        ("axlearn_rla_softmax_gqa_w37.npz", FeatureMapKind::Softmax),
+        ("axlearn_rla_relu_mqa_w0.npz", FeatureMapKind::Relu),
+    ] {
         let mut z = npz(file);
         let c: ArrayD<i64> = z.by_name("config").unwrap();
         let c: Vec<usize> = c.iter().map(|&x| x as usize).collect();
-        let d = AttnDims { b: c[0], n: c[1], g: c[2], t: c[3], h: c[4] };
+        let d = AttnDims {
+            b: c[0],
+            n: c[1],
+            g: c[2],
+            t: c[3],
+            h: c[4],
+        };
         let mut cfg = tiny(c[5], fm);
         (cfg.heads, cfg.kv_heads, cfg.head_dim) = (d.n, d.g, d.h);
         // Forward + VJP in one graph: outputs (local_out, swa_out, dq, dk, dv).
         let b = Builder::new("local_vjp");
-        let sh = |dims: &[usize]| Shape::array(ElementType::F32, &dims.iter().map(|&x| x as i64).collect::<Vec<_>>());
+        let sh = |dims: &[usize]| {
+            Shape::array(
+                ElementType::F32,
+                &dims.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+            )
+        };
         let q = b.parameter(sh(&[d.b, d.t, d.n, d.h]), "q").unwrap();
         let k = b.parameter(sh(&[d.b, d.t, d.g, d.h]), "k").unwrap();
         let v = b.parameter(sh(&[d.b, d.t, d.g, d.h]), "v").unwrap();
         let cot = b.parameter(sh(&[d.b, d.t, d.n, d.h]), "cot").unwrap();
         let mut p: ParamOps = HashMap::new();
-        p.insert("l.swa_norm.scale".into(), b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap());
-        p.insert("l.rla_norm.scale".into(), b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap());
+        p.insert(
+            "l.swa_norm.scale".into(),
+            b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
+        );
+        p.insert(
+            "l.rla_norm.scale".into(),
+            b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
+        );
         let pos = b.iota(ElementType::F32, &[d.t as i64], 0).unwrap();
         let out = attention_core(&b, &cfg, &p, "l", LayerKind::Local, (q, k, v), pos).unwrap();
         let mut swa_cfg = cfg.clone();
@@ -148,10 +235,22 @@ fn local_layer_and_its_vjp_match_axlearn() {
             ],
             &[],
         );
-        let abs = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        let abs = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max)
+        };
         let tol_fwd = 1e-4;
-        assert!(abs(&got[1], &get(&mut z, "swa_out")) < 1e-5, "{file}: swa_out");
-        assert!(abs(&got[0], &get(&mut z, "local_out")) < tol_fwd, "{file}: local_out {}", abs(&got[0], &get(&mut z, "local_out")));
+        assert!(
+            abs(&got[1], &get(&mut z, "swa_out")) < 1e-5,
+            "{file}: swa_out"
+        );
+        assert!(
+            abs(&got[0], &get(&mut z, "local_out")) < tol_fwd,
+            "{file}: local_out {}",
+            abs(&got[0], &get(&mut z, "local_out"))
+        );
         for (i, key) in [(2, "local_dq"), (3, "local_dk"), (4, "local_dv")] {
             let want = get(&mut z, key);
             let scale = want.iter().fold(1.0f32, |m, x| m.max(x.abs()));
@@ -166,14 +265,35 @@ fn window_at_least_t_gives_full_attention_and_zero_rla() {
     let t = 40;
     let mut cfg = tiny(t + 3, FeatureMapKind::Softmax);
     (cfg.heads, cfg.kv_heads, cfg.head_dim) = (2, 1, 8);
-    let d = AttnDims { b: 1, t, n: 2, g: 1, h: 8 };
-    let (q, k, v) = (rand(t * 16, 7, 1.0), rand(t * 8, 8, 1.0), rand(t * 8, 9, 1.0));
-    let ins = [(q.clone(), vec![1, t as i64, 2, 8]), (k.clone(), vec![1, t as i64, 1, 8]), (v.clone(), vec![1, t as i64, 1, 8])];
+    let d = AttnDims {
+        b: 1,
+        t,
+        n: 2,
+        g: 1,
+        h: 8,
+    };
+    let (q, k, v) = (
+        rand(t * 16, 7, 1.0),
+        rand(t * 8, 8, 1.0),
+        rand(t * 8, 9, 1.0),
+    );
+    let ins = [
+        (q.clone(), vec![1, t as i64, 2, 8]),
+        (k.clone(), vec![1, t as i64, 1, 8]),
+        (v.clone(), vec![1, t as i64, 1, 8]),
+    ];
     // RAttention with W >= T: RLA sees nothing, so the layer is GroupRMSNorm(SWA) = GroupRMSNorm(full causal, RoPE).
     let (comp, _) = local_core_graph(&cfg, d, LayerKind::Local);
     let got = run(&comp, &ins, &[]);
     let f64v = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
-    let full = reference::attention(&f64v(&q), &f64v(&k), &f64v(&v), d, Some(cfg.rope_theta), |t, s| s <= t);
+    let full = reference::attention(
+        &f64v(&q),
+        &f64v(&k),
+        &f64v(&v),
+        d,
+        Some(cfg.rope_theta),
+        |t, s| s <= t,
+    );
     let want = reference::group_rms_norm(&full, 2, 8, &[1.0; 16], 1e-8);
     assert!(max_rel(&got[0], &want) < 1e-4);
     // SWA-only layer with W >= T equals full causal attention with RoPE.
@@ -182,7 +302,9 @@ fn window_at_least_t_gives_full_attention_and_zero_rla() {
     assert!(max_rel(&run(&comp, &ins, &[])[0], &full) < 1e-5);
 }
 
-fn tiny_params(cfg: &ModelConfig, seed: u64) -> (Vec<(Vec<f32>, Vec<i64>)>, HashMap<String, Vec<f32>>) {
+type HostParams = (Vec<(Vec<f32>, Vec<i64>)>, HashMap<String, Vec<f32>>);
+
+fn tiny_params(cfg: &ModelConfig, seed: u64) -> HostParams {
     let specs = model::param_specs(cfg);
     let mut map = HashMap::new();
     let mut list = Vec::new();
@@ -210,12 +332,26 @@ fn tiny_model_logits_match_f64_reference() {
     let (bs, t) = (2usize, 40usize);
     let b = Builder::new("forward");
     let (_, named) = declare_params(&b, &cfg).unwrap();
-    let tokens = b.parameter(Shape::array(ElementType::S32, &[bs as i64, t as i64]), "tokens").unwrap();
+    let tokens = b
+        .parameter(
+            Shape::array(ElementType::S32, &[bs as i64, t as i64]),
+            "tokens",
+        )
+        .unwrap();
     let logits = forward(&b, &cfg, &named, tokens).unwrap();
     let comp = b.build(logits).unwrap();
     let (params, map) = tiny_params(&cfg, 3);
-    let toks: Vec<u32> = (0..bs * t).map(|i| ((i * 37 + 11) % cfg.vocab) as u32).collect();
-    let got = run(&comp, &params, &[(toks.iter().map(|&x| x as i32).collect(), vec![bs as i64, t as i64])]);
+    let toks: Vec<u32> = (0..bs * t)
+        .map(|i| ((i * 37 + 11) % cfg.vocab) as u32)
+        .collect();
+    let got = run(
+        &comp,
+        &params,
+        &[(
+            toks.iter().map(|&x| x as i32).collect(),
+            vec![bs as i64, t as i64],
+        )],
+    );
     let want = reference::logits(&cfg, &map, &toks, bs);
     let e = max_rel(&got[0], &want);
     assert!(e < 1e-4, "logits relative error {e}");
@@ -229,15 +365,29 @@ fn loss_gradients_match_finite_differences_of_the_f64_reference() {
     let (bs, t) = (1usize, 24usize);
     let b = Builder::new("loss_grad");
     let (params, named) = declare_params(&b, &cfg).unwrap();
-    let tokens = b.parameter(Shape::array(ElementType::S32, &[bs as i64, t as i64 + 1]), "tokens").unwrap();
+    let tokens = b
+        .parameter(
+            Shape::array(ElementType::S32, &[bs as i64, t as i64 + 1]),
+            "tokens",
+        )
+        .unwrap();
     let l = model::transformer::loss(&b, &cfg, &named, tokens).unwrap();
     let grads = b.grad(l, &params).unwrap();
     let mut outs = vec![l];
     outs.extend(&grads);
     let comp = b.build(b.tuple(&outs).unwrap()).unwrap();
     let (plist, map) = tiny_params(&cfg, 4);
-    let toks: Vec<u32> = (0..bs * (t + 1)).map(|i| ((i * 53 + 5) % cfg.vocab) as u32).collect();
-    let got = run(&comp, &plist, &[(toks.iter().map(|&x| x as i32).collect(), vec![bs as i64, t as i64 + 1])]);
+    let toks: Vec<u32> = (0..bs * (t + 1))
+        .map(|i| ((i * 53 + 5) % cfg.vocab) as u32)
+        .collect();
+    let got = run(
+        &comp,
+        &plist,
+        &[(
+            toks.iter().map(|&x| x as i32).collect(),
+            vec![bs as i64, t as i64 + 1],
+        )],
+    );
     // f64 loss from the reference logits.
     let loss64 = |m: &HashMap<String, Vec<f32>>, delta: Option<(&str, usize, f64)>| -> f64 {
         let mut m64: HashMap<String, Vec<f32>> = m.clone();
@@ -264,17 +414,36 @@ fn loss_gradients_match_finite_differences_of_the_f64_reference() {
             / t as f64
     };
     let l0 = loss64(&map, None);
-    assert!((got[0][0] as f64 - l0).abs() < 1e-4 * l0.abs().max(1.0), "loss {} vs {l0}", got[0][0]);
+    assert!(
+        (got[0][0] as f64 - l0).abs() < 1e-4 * l0.abs().max(1.0),
+        "loss {} vs {l0}",
+        got[0][0]
+    );
     let specs = model::param_specs(&cfg);
     // Spot-check entries of a local layer's projections (through SWA + RLA), the mixing norm, the FFN and the embedding.
-    for name in ["layers.0.attn.wq", "layers.1.attn.wk", "layers.2.attn.wv", "layers.0.attn.rla_norm.scale", "layers.3.attn.wq", "layers.1.ffn.w_up", "embed"] {
+    for name in [
+        "layers.0.attn.wq",
+        "layers.1.attn.wk",
+        "layers.2.attn.wv",
+        "layers.0.attn.rla_norm.scale",
+        "layers.3.attn.wq",
+        "layers.1.ffn.w_up",
+        "embed",
+    ] {
         let pi = specs.iter().position(|s| s.name == name).unwrap();
         let g = &got[1 + pi];
         // The entry with the largest analytic gradient: well above FD noise.
-        let (i, &gi) = g.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap();
+        let (i, &gi) = g
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .unwrap();
         let h = 1e-3;
         let fd = (loss64(&map, Some((name, i, h))) - loss64(&map, Some((name, i, -h)))) / (2.0 * h);
         let err = (gi as f64 - fd).abs() / fd.abs().max(1e-3);
-        assert!(err < 2e-2, "{name}[{i}]: autodiff {gi} vs finite difference {fd} (rel {err})");
+        assert!(
+            err < 2e-2,
+            "{name}[{i}]: autodiff {gi} vs finite difference {fd} (rel {err})"
+        );
     }
 }

@@ -18,18 +18,28 @@ fn arr(z: &mut NpzReader<std::fs::File>, k: &str) -> Vec<f64> {
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 #[test]
 fn reference_local_layer_matches_axlearn() {
-    for (file, fm) in
-        [("axlearn_rla_softmax_gqa_w37.npz", FeatureMapKind::Softmax), ("axlearn_rla_relu_mqa_w0.npz", FeatureMapKind::Relu)]
-    {
+    for (file, fm) in [
+        ("axlearn_rla_softmax_gqa_w37.npz", FeatureMapKind::Softmax),
+        ("axlearn_rla_relu_mqa_w0.npz", FeatureMapKind::Relu),
+    ] {
         let mut z = load(file);
         let cfg: ArrayD<i64> = z.by_name("config").unwrap();
         let c: Vec<usize> = cfg.iter().map(|&x| x as usize).collect();
-        let d = AttnDims { b: c[0], n: c[1], g: c[2], t: c[3], h: c[4] };
+        let d = AttnDims {
+            b: c[0],
+            n: c[1],
+            g: c[2],
+            t: c[3],
+            h: c[4],
+        };
         let (q, k, v) = (arr(&mut z, "q"), arr(&mut z, "k"), arr(&mut z, "v"));
         let out = local_layer(&q, &k, &v, d, c[5], 5e5, fm);
         let e_swa = max_abs_diff(&out.swa, &arr(&mut z, "swa_out"));

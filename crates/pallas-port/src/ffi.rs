@@ -26,7 +26,9 @@ pub fn kernels_registered() -> bool {
 
 fn usize_attr(frame: &CallFrame<'_>, name: &str) -> Result<usize, FfiError> {
     let v = frame.attr_i64(name)?;
-    usize::try_from(v).map_err(|_| FfiError::invalid_argument(format!("rla: attribute {name} = {v} must be >= 0")))
+    usize::try_from(v).map_err(|_| {
+        FfiError::invalid_argument(format!("rla: attribute {name} = {v} must be >= 0"))
+    })
 }
 
 fn config(frame: &CallFrame<'_>) -> Result<RlaConfig, FfiError> {
@@ -45,15 +47,24 @@ fn config(frame: &CallFrame<'_>) -> Result<RlaConfig, FfiError> {
 fn f32_input<'a>(a: &BufferArg<'a>, what: &str) -> Result<Cow<'a, [f32]>, FfiError> {
     match a.dtype() {
         ElementType::F32 => Ok(Cow::Borrowed(a.as_slice::<f32>()?)),
-        ElementType::Bf16 => Ok(Cow::Owned(a.as_slice::<half::bf16>()?.iter().map(|x| x.to_f32()).collect())),
-        t => Err(FfiError::invalid_argument(format!("rla: {what} must be f32 or bf16, got {t}"))),
+        ElementType::Bf16 => Ok(Cow::Owned(
+            a.as_slice::<half::bf16>()?
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+        )),
+        t => Err(FfiError::invalid_argument(format!(
+            "rla: {what} must be f32 or bf16, got {t}"
+        ))),
     }
 }
 
 fn dims_of(q: &BufferArg<'_>, k: &BufferArg<'_>) -> Result<RlaDims, FfiError> {
     let (qd, kd) = (q.dims(), k.dims());
     if qd.len() != 4 || kd.len() != 4 {
-        return Err(FfiError::invalid_argument(format!("rla: q {qd:?} and k {kd:?} must be [B,T,heads,H]")));
+        return Err(FfiError::invalid_argument(format!(
+            "rla: q {qd:?} and k {kd:?} must be [B,T,heads,H]"
+        )));
     }
     Ok(RlaDims {
         batch: qd[0] as usize,
@@ -72,27 +83,66 @@ fn rla_fwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     let cfg = config(frame)?;
     let (qa, ka, va) = (frame.arg(0)?, frame.arg(1)?, frame.arg(2)?);
     let d = dims_of(&qa, &ka)?;
-    let (q, k, v) = (f32_input(&qa, "q")?, f32_input(&ka, "k")?, f32_input(&va, "v")?);
+    let (q, k, v) = (
+        f32_input(&qa, "q")?,
+        f32_input(&ka, "k")?,
+        f32_input(&va, "v")?,
+    );
     let mut rets = frame.rets_mut()?;
     let [o, cs, fs] = rets.as_mut_slice() else {
-        return Err(FfiError::invalid_argument("rla_fwd: expected 3 results (o, chunk_states, final_state)"));
+        return Err(FfiError::invalid_argument(
+            "rla_fwd: expected 3 results (o, chunk_states, final_state)",
+        ));
     };
-    kernel::rla_fwd(&cfg, &d, &q, &k, &v, o.as_mut_slice()?, cs.as_mut_slice()?, fs.as_mut_slice()?).map_err(to_ffi)
+    kernel::rla_fwd(
+        &cfg,
+        &d,
+        &q,
+        &k,
+        &v,
+        o.as_mut_slice()?,
+        cs.as_mut_slice()?,
+        fs.as_mut_slice()?,
+    )
+    .map_err(to_ffi)
 }
 
 fn rla_bwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     let cfg = config(frame)?;
-    let (qa, ka, va, csa, doa) = (frame.arg(0)?, frame.arg(1)?, frame.arg(2)?, frame.arg(3)?, frame.arg(4)?);
+    let (qa, ka, va, csa, doa) = (
+        frame.arg(0)?,
+        frame.arg(1)?,
+        frame.arg(2)?,
+        frame.arg(3)?,
+        frame.arg(4)?,
+    );
     let d = dims_of(&qa, &ka)?;
-    let (q, k, v) = (f32_input(&qa, "q")?, f32_input(&ka, "k")?, f32_input(&va, "v")?);
+    let (q, k, v) = (
+        f32_input(&qa, "q")?,
+        f32_input(&ka, "k")?,
+        f32_input(&va, "v")?,
+    );
     let cs = csa.as_slice::<f32>()?;
     let d_o = f32_input(&doa, "d_o")?;
     let mut rets = frame.rets_mut()?;
     let [dq, dk, dv] = rets.as_mut_slice() else {
-        return Err(FfiError::invalid_argument("rla_bwd: expected 3 results (dq, dk, dv)"));
+        return Err(FfiError::invalid_argument(
+            "rla_bwd: expected 3 results (dq, dk, dv)",
+        ));
     };
-    kernel::rla_bwd(&cfg, &d, &q, &k, &v, cs, &d_o, dq.as_mut_slice()?, dk.as_mut_slice()?, dv.as_mut_slice()?)
-        .map_err(to_ffi)
+    kernel::rla_bwd(
+        &cfg,
+        &d,
+        &q,
+        &k,
+        &v,
+        cs,
+        &d_o,
+        dq.as_mut_slice()?,
+        dk.as_mut_slice()?,
+        dv.as_mut_slice()?,
+    )
+    .map_err(to_ffi)
 }
 
 pjrt::ffi_handler!(RLA_FWD_HANDLER, rla_fwd_handler);

@@ -44,21 +44,35 @@ impl Lowering {
 fn attrs(cfg: &RlaConfig) -> Vec<(&'static str, Attr)> {
     vec![
         ("chunk", Attr::I64(cfg.chunk as i64)),
-        ("feature_map", Attr::Str(cfg.feature_map.as_str().to_string())),
+        (
+            "feature_map",
+            Attr::Str(cfg.feature_map.as_str().to_string()),
+        ),
         ("sub_chunk", Attr::I64(cfg.sub_chunk as i64)),
         ("window", Attr::I64(cfg.window as i64)),
     ]
 }
 
 fn invalid(msg: String) -> hlo_builder::Error {
-    hlo_builder::Error::Invalid { op: "rla", message: msg, location: String::new(), scope: String::new() }
+    hlo_builder::Error::Invalid {
+        op: "rla",
+        message: msg,
+        location: String::new(),
+        scope: String::new(),
+    }
 }
 
 /// Check q `[B,T,N,H]`, k, v `[B,T,G,H]` and the config; return the dims.
 pub fn check_shapes(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig) -> Result<RlaDims> {
     let (qs, ks, vs) = (b.shape(q)?, b.shape(k)?, b.shape(v)?);
     let (qd, kd) = (qs.dims(), ks.dims());
-    if qd.len() != 4 || kd.len() != 4 || ks != vs || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] {
+    if qd.len() != 4
+        || kd.len() != 4
+        || ks != vs
+        || qd[0] != kd[0]
+        || qd[1] != kd[1]
+        || qd[3] != kd[3]
+    {
         return Err(invalid(format!(
             "q must be [B,T,N,H] and k, v [B,T,G,H] with equal B, T, H: got q {}, k {}, v {}",
             qs.short(),
@@ -79,11 +93,21 @@ pub fn check_shapes(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig) -> Result
 }
 
 fn f32_shape(dims: &[usize]) -> Shape {
-    Shape::array(ElementType::F32, &dims.iter().map(|&x| x as i64).collect::<Vec<_>>())
+    Shape::array(
+        ElementType::F32,
+        &dims.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+    )
 }
 
 /// The forward block as a tuple op `(o, chunk_states, final_state)`, without a VJP.
-pub fn rla_fwd_block(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig, lowering: Lowering) -> Result<Op> {
+pub fn rla_fwd_block(
+    b: &Builder,
+    q: Op,
+    k: Op,
+    v: Op,
+    cfg: &RlaConfig,
+    lowering: Lowering,
+) -> Result<Op> {
     let d = check_shapes(b, q, k, v, cfg)?;
     let _s = b.name_scope("fwd");
     match lowering.resolve() {
@@ -113,7 +137,11 @@ pub fn rla_bwd_block(
     match lowering.resolve() {
         Lowering::Hlo => crate::hlo::rla_bwd_hlo(b, q, k, v, chunk_states, d_o, cfg),
         _ => {
-            let out = Shape::tuple(vec![f32_shape(&d.q_shape()), f32_shape(&d.kv_shape()), f32_shape(&d.kv_shape())]);
+            let out = Shape::tuple(vec![
+                f32_shape(&d.q_shape()),
+                f32_shape(&d.kv_shape()),
+                f32_shape(&d.kv_shape()),
+            ]);
             b.custom_call(BWD_TARGET, &[q, k, v, chunk_states, d_o], out, &attrs(cfg))
         }
     }
@@ -126,7 +154,13 @@ struct RlaVjp {
 }
 
 impl hlo_builder::autodiff::VjpRule for RlaVjp {
-    fn vjp(&self, b: &Builder, inputs: &[Op], output: Op, cts: &[Option<Op>]) -> Result<Vec<Option<Op>>> {
+    fn vjp(
+        &self,
+        b: &Builder,
+        inputs: &[Op],
+        output: Op,
+        cts: &[Option<Op>],
+    ) -> Result<Vec<Option<Op>>> {
         if cts.iter().skip(1).any(Option::is_some) {
             return Err(invalid(
                 "gradients flow only through rla's output o; chunk_states and final_state are not differentiable".into(),
@@ -142,7 +176,11 @@ impl hlo_builder::autodiff::VjpRule for RlaVjp {
         for (i, x) in [q, k, v].into_iter().enumerate() {
             let gi = b.get_tuple_element(g, i)?;
             let ty = b.shape(x)?.ty().unwrap_or(ElementType::F32);
-            out.push(Some(if ty == ElementType::F32 { gi } else { b.convert(gi, ty)? }));
+            out.push(Some(if ty == ElementType::F32 {
+                gi
+            } else {
+                b.convert(gi, ty)?
+            }));
         }
         Ok(out)
     }
@@ -159,10 +197,24 @@ pub struct RlaOutputs {
 }
 
 /// Add RLA to the graph and return all three outputs; `grad` through `o` uses `rla_bwd`.
-pub fn rla_with_state(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig, lowering: Lowering) -> Result<RlaOutputs> {
+pub fn rla_with_state(
+    b: &Builder,
+    q: Op,
+    k: Op,
+    v: Op,
+    cfg: &RlaConfig,
+    lowering: Lowering,
+) -> Result<RlaOutputs> {
     let lowering = lowering.resolve();
     let fwd = rla_fwd_block(b, q, k, v, cfg, lowering)?;
-    b.custom_vjp(&[q, k, v], fwd, Arc::new(RlaVjp { cfg: *cfg, lowering }))?;
+    b.custom_vjp(
+        &[q, k, v],
+        fwd,
+        Arc::new(RlaVjp {
+            cfg: *cfg,
+            lowering,
+        }),
+    )?;
     Ok(RlaOutputs {
         o: b.get_tuple_element(fwd, 0)?,
         chunk_states: b.get_tuple_element(fwd, 1)?,

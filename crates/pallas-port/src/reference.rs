@@ -177,7 +177,7 @@ pub fn rla_scan_f64(
                     chunk_states[ci..ci + ss].copy_from_slice(&s_);
                 }
                 // Absorb key s = t - W - 1 (if it exists) before reading at t.
-                if t >= cfg.window + 1 {
+                if t > cfg.window {
                     let s = t - cfg.window - 1;
                     let ki = ((b * t_ + s) * g_ + g) * h;
                     let fk = feature_map_f64(cfg.feature_map, &k[ki..ki + h]);

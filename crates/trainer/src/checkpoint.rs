@@ -43,13 +43,23 @@ pub fn file_name(step: u64) -> String {
 
 /// Write atomically into `dir` and keep the newest `keep` checkpoints. Returns the path.
 pub fn save(dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint dir {}", dir.display()))?;
-    let bytes: Vec<Vec<u8>> = ckpt.tensors.iter().map(|t| t.data.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create checkpoint dir {}", dir.display()))?;
+    let bytes: Vec<Vec<u8>> = ckpt
+        .tensors
+        .iter()
+        .map(|t| t.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
     let views = ckpt
         .tensors
         .iter()
         .zip(&bytes)
-        .map(|(t, b)| Ok((t.name.clone(), TensorView::new(Dtype::F32, t.shape.clone(), b)?)))
+        .map(|(t, b)| {
+            Ok((
+                t.name.clone(),
+                TensorView::new(Dtype::F32, t.shape.clone(), b)?,
+            ))
+        })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let meta: HashMap<String, String> = [
         ("format".to_string(), "rattention-checkpoint-v1".to_string()),
@@ -62,20 +72,27 @@ pub fn save(dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf> {
     .collect();
     let data = safetensors::serialize(views, &Some(meta))?;
     let path = dir.join(file_name(ckpt.step));
-    let tmp = dir.join(format!(".{}.tmp{}", file_name(ckpt.step), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        file_name(ckpt.step),
+        std::process::id()
+    ));
     {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
         f.write_all(&data)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot rename into {}", path.display()))?;
+    std::fs::rename(&tmp, &path)
+        .with_context(|| format!("cannot rename into {}", path.display()))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
     let mut all = list(dir)?;
     while all.len() > keep.max(1) {
         let (_, old) = all.remove(0);
-        std::fs::remove_file(&old).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+        std::fs::remove_file(&old)
+            .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
     }
     Ok(path)
 }
@@ -89,7 +106,10 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     for e in std::fs::read_dir(dir)? {
         let p = e?.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(step) = name.strip_prefix("ckpt_").and_then(|s| s.strip_suffix(".safetensors")) {
+        if let Some(step) = name
+            .strip_prefix("ckpt_")
+            .and_then(|s| s.strip_suffix(".safetensors"))
+        {
             if let Ok(s) = step.parse() {
                 v.push((s, p));
             }
@@ -106,14 +126,22 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
 
 /// Load and check a checkpoint. `expect_model_config`: the current `[model]` TOML; a mismatch is refused.
 pub fn load(path: &Path, expect_model_config: Option<&str>) -> Result<Checkpoint> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
     let corrupt = |e: &dyn std::fmt::Display| {
-        anyhow!("checkpoint {} is truncated or corrupt ({e}); nothing was loaded", path.display())
+        anyhow!(
+            "checkpoint {} is truncated or corrupt ({e}); nothing was loaded",
+            path.display()
+        )
     };
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(&e))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&e))?;
     let md = meta.metadata().clone().unwrap_or_default();
-    let get = |k: &str| md.get(k).cloned().ok_or_else(|| corrupt(&format!("metadata key {k:?} missing")));
+    let get = |k: &str| {
+        md.get(k)
+            .cloned()
+            .ok_or_else(|| corrupt(&format!("metadata key {k:?} missing")))
+    };
     if get("format")? != "rattention-checkpoint-v1" {
         bail!("{} is not a rattention checkpoint", path.display());
     }
@@ -134,12 +162,29 @@ pub fn load(path: &Path, expect_model_config: Option<&str>) -> Result<Checkpoint
     for name in names {
         let t = st.tensor(&name).map_err(|e| corrupt(&e))?;
         if t.dtype() != Dtype::F32 {
-            return Err(corrupt(&format!("tensor {name} is {:?}, expected F32", t.dtype())));
+            return Err(corrupt(&format!(
+                "tensor {name} is {:?}, expected F32",
+                t.dtype()
+            )));
         }
-        let data = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        tensors.push(NamedTensor { name, shape: t.shape().to_vec(), data });
+        let data = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        tensors.push(NamedTensor {
+            name,
+            shape: t.shape().to_vec(),
+            data,
+        });
     }
-    Ok(Checkpoint { step: num("step")?, data_position: num("data_position")?, seed: num("seed")?, model_config, tensors })
+    Ok(Checkpoint {
+        step: num("step")?,
+        data_position: num("data_position")?,
+        seed: num("seed")?,
+        model_config,
+        tensors,
+    })
 }
 
 #[cfg(test)]
@@ -153,8 +198,16 @@ mod tests {
             seed: 5,
             model_config: "d_model = 4".into(),
             tensors: vec![
-                NamedTensor { name: "params.w".into(), shape: vec![2, 2], data: vec![1.0, -2.5, 3.0, f32::MIN_POSITIVE] },
-                NamedTensor { name: "adam_m.w".into(), shape: vec![2, 2], data: vec![0.1; 4] },
+                NamedTensor {
+                    name: "params.w".into(),
+                    shape: vec![2, 2],
+                    data: vec![1.0, -2.5, 3.0, f32::MIN_POSITIVE],
+                },
+                NamedTensor {
+                    name: "adam_m.w".into(),
+                    shape: vec![2, 2],
+                    data: vec![0.1; 4],
+                },
             ],
         }
     }

@@ -78,7 +78,12 @@ pub struct DataConfig {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { kind: "synthetic".into(), path: None, token_bits: 16, eval_fraction: 0.05 }
+        Self {
+            kind: "synthetic".into(),
+            path: None,
+            token_bits: 16,
+            eval_fraction: 0.05,
+        }
     }
 }
 
@@ -110,7 +115,9 @@ impl RunConfig {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let cfg: RunConfig = value.try_into().map_err(|e: toml::de::Error| anyhow!("{}", e.message()))?;
+        let cfg: RunConfig = value
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow!("{}", e.message()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -122,11 +129,18 @@ impl RunConfig {
         if t.batch == 0 || t.steps == 0 {
             bail!("train.batch and train.steps must be > 0");
         }
-        if !(t.lr > 0.0) || !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
+        if t.lr.is_nan()
+            || t.lr <= 0.0
+            || !(0.0..1.0).contains(&t.beta1)
+            || !(0.0..1.0).contains(&t.beta2)
+        {
             bail!("train.lr must be > 0 and train.beta1/beta2 in [0, 1)");
         }
         if !["synthetic", "text", "tokens"].contains(&self.data.kind.as_str()) {
-            bail!("data.kind must be one of synthetic, text, tokens (got {:?})", self.data.kind);
+            bail!(
+                "data.kind must be one of synthetic, text, tokens (got {:?})",
+                self.data.kind
+            );
         }
         if self.data.kind != "synthetic" && self.data.path.is_none() {
             bail!("data.kind = {:?} needs data.path", self.data.kind);
@@ -152,10 +166,16 @@ pub fn apply_override(root: &mut toml::Value, o: &str) -> Result<()> {
     }
     let mut cur = root;
     for p in &parts[..parts.len() - 1] {
-        let table = cur.as_table_mut().ok_or_else(|| anyhow!("override {key:?}: {p:?} is not a table"))?;
-        cur = table.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        let table = cur
+            .as_table_mut()
+            .ok_or_else(|| anyhow!("override {key:?}: {p:?} is not a table"))?;
+        cur = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
     }
-    let table = cur.as_table_mut().ok_or_else(|| anyhow!("override {key:?}: parent is not a table"))?;
+    let table = cur
+        .as_table_mut()
+        .ok_or_else(|| anyhow!("override {key:?}: parent is not a table"))?;
     table.insert(parts[parts.len() - 1].to_string(), parsed);
     Ok(())
 }
@@ -165,12 +185,17 @@ mod tests {
     use super::*;
 
     fn tiny() -> String {
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/tiny.toml")).unwrap()
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../configs/tiny.toml"
+        ))
+        .unwrap()
     }
 
     #[test]
     fn overrides_apply_and_unknown_keys_are_named() {
-        let cfg = RunConfig::from_toml(&tiny(), &["train.steps=7".into(), "model.window=5".into()]).unwrap();
+        let cfg = RunConfig::from_toml(&tiny(), &["train.steps=7".into(), "model.window=5".into()])
+            .unwrap();
         assert_eq!(cfg.train.steps, 7);
         assert_eq!(cfg.model.window, 5);
         let err = RunConfig::from_toml(&tiny(), &["model.windw=5".into()]).unwrap_err();

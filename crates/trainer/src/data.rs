@@ -85,9 +85,16 @@ pub fn synthetic_sequence(seed: u64, index: u64, len: usize) -> (Vec<u32>, Vec<P
         } else if r < 25 && room >= 3 && !facts.is_empty() {
             let (k, v, at) = facts[rng.below(facts.len() as u64) as usize];
             toks.extend([ASK, KEYS + k, VALUES + v]);
-            probes.push(Probe { pos: toks.len() - 1, distance: toks.len() - 1 - at });
+            probes.push(Probe {
+                pos: toks.len() - 1,
+                distance: toks.len() - 1 - at,
+            });
         } else {
-            filler = if rng.below(10) < 8 { (3 * filler + 1) % N_FILLER } else { rng.below(N_FILLER as u64) as u32 };
+            filler = if rng.below(10) < 8 {
+                (3 * filler + 1) % N_FILLER
+            } else {
+                rng.below(N_FILLER as u64) as u32
+            };
             toks.push(FILLER + filler);
         }
     }
@@ -116,7 +123,10 @@ impl Source {
         match cfg.kind.as_str() {
             "synthetic" => {
                 if vocab < synth::VOCAB {
-                    bail!("the synthetic corpus needs model.vocab >= {} (got {vocab})", synth::VOCAB);
+                    bail!(
+                        "the synthetic corpus needs model.vocab >= {} (got {vocab})",
+                        synth::VOCAB
+                    );
                 }
                 Ok(Source::Synthetic { seed })
             }
@@ -127,7 +137,10 @@ impl Source {
                     _ => read_tokens(path, cfg.token_bits)?,
                 };
                 if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
-                    bail!("token {t} in {} is outside the vocabulary (model.vocab = {vocab})", path.display());
+                    bail!(
+                        "token {t} in {} is outside the vocabulary (model.vocab = {vocab})",
+                        path.display()
+                    );
                 }
                 if tokens.len() < 2 {
                     bail!("{} holds fewer than 2 tokens", path.display());
@@ -158,7 +171,9 @@ impl Source {
 pub fn read_text(path: &Path) -> Result<Vec<u32>> {
     let mut files = Vec::new();
     if path.is_dir() {
-        for e in std::fs::read_dir(path).with_context(|| format!("cannot list {}", path.display()))? {
+        for e in
+            std::fs::read_dir(path).with_context(|| format!("cannot list {}", path.display()))?
+        {
             let p = e?.path();
             if p.is_file() {
                 files.push(p);
@@ -170,7 +185,8 @@ pub fn read_text(path: &Path) -> Result<Vec<u32>> {
     }
     let mut out = Vec::new();
     for f in files {
-        let s = std::fs::read_to_string(&f).with_context(|| format!("cannot read text file {}", f.display()))?;
+        let s = std::fs::read_to_string(&f)
+            .with_context(|| format!("cannot read text file {}", f.display()))?;
         out.extend(s.bytes().map(u32::from));
     }
     Ok(out)
@@ -178,11 +194,22 @@ pub fn read_text(path: &Path) -> Result<Vec<u32>> {
 
 /// Read a little-endian u16 or u32 token file.
 pub fn read_tokens(path: &Path, bits: u32) -> Result<Vec<u32>> {
-    let b = std::fs::read(path).with_context(|| format!("cannot read token file {}", path.display()))?;
+    let b = std::fs::read(path)
+        .with_context(|| format!("cannot read token file {}", path.display()))?;
     match bits {
-        16 if b.len() % 2 == 0 => Ok(b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect()),
-        32 if b.len() % 4 == 0 => Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-        16 | 32 => bail!("{} has {} bytes, not a whole number of u{bits} tokens", path.display(), b.len()),
+        16 if b.len() % 2 == 0 => Ok(b
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+            .collect()),
+        32 if b.len() % 4 == 0 => Ok(b
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()),
+        16 | 32 => bail!(
+            "{} has {} bytes, not a whole number of u{bits} tokens",
+            path.display(),
+            b.len()
+        ),
         _ => bail!("data.token_bits must be 16 or 32 (got {bits})"),
     }
 }
@@ -207,7 +234,10 @@ mod tests {
             assert_eq!(a[fact], a[p.pos], "same value");
         }
         // Over many sequences, queries reach well beyond a 32-token window.
-        let far = (0..50).flat_map(|i| synthetic_sequence(0, i, 256).1).filter(|p| p.distance > 64).count();
+        let far = (0..50)
+            .flat_map(|i| synthetic_sequence(0, i, 256).1)
+            .filter(|p| p.distance > 64)
+            .count();
         assert!(far > 50, "{far}");
     }
 

@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "rattn", version, about = "RAttention models traced to XLA HLO and run through PJRT plugins")]
+#[command(
+    name = "rattn",
+    version,
+    about = "RAttention models traced to XLA HLO and run through PJRT plugins"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -91,7 +95,12 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Train { common, out, resume, quiet } => {
+        Cmd::Train {
+            common,
+            out,
+            resume,
+            quiet,
+        } => {
             let cfg = config::RunConfig::load(&common.config, &common.overrides)?;
             let report = train::train(&cfg, common.plugin.as_deref(), &out, resume, quiet)?;
             if let Some(last) = report.losses.last() {
@@ -102,11 +111,17 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Eval { common, checkpoint, sequences } => {
+        Cmd::Eval {
+            common,
+            checkpoint,
+            sequences,
+        } => {
             let cfg = config::RunConfig::load(&common.config, &common.overrides)?;
             train::eval(&cfg, common.plugin.as_deref(), &checkpoint, sequences).map(|_| ())
         }
-        Cmd::Plugin { cmd: PluginCmd::Install { kind } } => {
+        Cmd::Plugin {
+            cmd: PluginCmd::Install { kind },
+        } => {
             let Some(k) = pjrt::install::PluginKind::from_name(&kind) else {
                 bail!("unknown plugin kind {kind:?}: use cpu, cuda or tpu");
             };
@@ -114,7 +129,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("{} plugin installed at {}", k.name(), path.display());
             Ok(())
         }
-        Cmd::Plugin { cmd: PluginCmd::List } => {
+        Cmd::Plugin {
+            cmd: PluginCmd::List,
+        } => {
             println!("plugin cache: {}", pjrt::install::cache_dir().display());
             let list = pjrt::install::list();
             if list.is_empty() {
@@ -135,7 +152,11 @@ fn run(cli: Cli) -> Result<()> {
             println!("plugin:   {}", p.path().display());
             println!("PJRT API: {maj}.{min}");
             let client = pjrt::Client::new(&p, &[])?;
-            println!("platform: {} ({})", client.platform_name()?, client.platform_version()?);
+            println!(
+                "platform: {} ({})",
+                client.platform_name()?,
+                client.platform_version()?
+            );
             for d in client.devices()? {
                 println!(
                     "device {}: kind {:?}, process {}, addressable {}",

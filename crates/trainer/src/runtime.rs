@@ -13,7 +13,7 @@ pub fn load_plugin(arg: Option<&str>) -> Result<Plugin> {
         Some(kind) => pjrt::install::locate(None, kind)?,
         None => pjrt::install::locate(Some(Path::new(arg)), PluginKind::Cpu)?,
     };
-    Ok(Plugin::load(&path).with_context(|| format!("loading PJRT plugin {}", path.display()))?)
+    Plugin::load(&path).with_context(|| format!("loading PJRT plugin {}", path.display()))
 }
 
 /// A client on `--plugin`, with our RLA kernels registered where the platform is the host.

@@ -24,12 +24,22 @@ pub fn lr_at(t: &TrainConfig, step: usize) -> f64 {
 fn lr_graph(b: &Builder, t: &TrainConfig, step: Op) -> Result<Op> {
     let _s = b.name_scope("schedule");
     let c = |v: f64| b.scalar(v as f32);
-    let warm = b.div(b.mul(c(t.lr)?, b.add(step, c(1.0)?)?)?, c(t.warmup.max(1) as f64)?)?;
+    let warm = b.div(
+        b.mul(c(t.lr)?, b.add(step, c(1.0)?)?)?,
+        c(t.warmup.max(1) as f64)?,
+    )?;
     let span = (t.steps.saturating_sub(t.warmup)).max(1) as f64;
-    let progress = b.clamp(c(0.0)?, b.div(b.sub(step, c(t.warmup as f64)?)?, c(span)?)?, c(1.0)?)?;
+    let progress = b.clamp(
+        c(0.0)?,
+        b.div(b.sub(step, c(t.warmup as f64)?)?, c(span)?)?,
+        c(1.0)?,
+    )?;
     let min = t.lr * t.min_lr_ratio;
     let cos = b.cos(b.mul(progress, c(std::f64::consts::PI)?)?)?;
-    let decay = b.add(c(min)?, b.mul(c((t.lr - min) * 0.5)?, b.add(cos, c(1.0)?)?)?)?;
+    let decay = b.add(
+        c(min)?,
+        b.mul(c((t.lr - min) * 0.5)?, b.add(cos, c(1.0)?)?)?,
+    )?;
     let in_warmup = b.compare(step, c(t.warmup as f64)?, hlo_builder::Cmp::Lt)?;
     b.select(in_warmup, warm, decay)
 }
@@ -46,14 +56,20 @@ pub fn build_train_step(cfg: &RunConfig) -> Result<Computation> {
             .iter()
             .map(|s| {
                 let dims: Vec<i64> = s.shape.iter().map(|&d| d as i64).collect();
-                b.parameter(Shape::array(ElementType::F32, &dims), &format!("{prefix}.{}", s.name))
+                b.parameter(
+                    Shape::array(ElementType::F32, &dims),
+                    &format!("{prefix}.{}", s.name),
+                )
             })
             .collect()
     };
     let adam_m = moments("adam_m")?;
     let adam_v = moments("adam_v")?;
     let step = b.parameter(Shape::scalar(ElementType::F32), "step")?;
-    let tokens = b.parameter(Shape::array(ElementType::S32, &[t.batch as i64, m.seq_len as i64 + 1]), "tokens")?;
+    let tokens = b.parameter(
+        Shape::array(ElementType::S32, &[t.batch as i64, m.seq_len as i64 + 1]),
+        "tokens",
+    )?;
     let l = {
         let _s = b.name_scope("forward");
         loss(&b, m, &named, tokens)?
@@ -84,7 +100,10 @@ pub fn build_train_step(cfg: &RunConfig) -> Result<Computation> {
     for (i, spec) in specs.iter().enumerate() {
         let g = b.mul(grads[i], scale)?;
         let m1 = b.add(b.mul(adam_m[i], c(t.beta1)?)?, b.mul(g, c(1.0 - t.beta1)?)?)?;
-        let v1 = b.add(b.mul(adam_v[i], c(t.beta2)?)?, b.mul(b.mul(g, g)?, c(1.0 - t.beta2)?)?)?;
+        let v1 = b.add(
+            b.mul(adam_v[i], c(t.beta2)?)?,
+            b.mul(b.mul(g, g)?, c(1.0 - t.beta2)?)?,
+        )?;
         let mhat = b.div(m1, bc1)?;
         let vhat = b.div(v1, bc2)?;
         let mut upd = b.div(mhat, b.add(b.sqrt(vhat)?, c(t.eps)?)?)?;
@@ -108,7 +127,10 @@ pub fn build_train_step(cfg: &RunConfig) -> Result<Computation> {
 pub fn build_forward(cfg: &model::ModelConfig, batch: usize, len: usize) -> Result<Computation> {
     let b = Builder::new("forward");
     let (_, named) = declare_params(&b, cfg)?;
-    let tokens = b.parameter(Shape::array(ElementType::S32, &[batch as i64, len as i64]), "tokens")?;
+    let tokens = b.parameter(
+        Shape::array(ElementType::S32, &[batch as i64, len as i64]),
+        "tokens",
+    )?;
     let logits = model::transformer::forward(&b, cfg, &named, tokens)?;
     b.build(logits)
 }
@@ -119,7 +141,13 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays_to_the_floor() {
-        let t = TrainConfig { lr: 1.0, warmup: 10, steps: 110, min_lr_ratio: 0.1, ..Default::default() };
+        let t = TrainConfig {
+            lr: 1.0,
+            warmup: 10,
+            steps: 110,
+            min_lr_ratio: 0.1,
+            ..Default::default()
+        };
         assert!((lr_at(&t, 0) - 0.1).abs() < 1e-12);
         assert!((lr_at(&t, 9) - 1.0).abs() < 1e-12);
         assert!((lr_at(&t, 10) - 1.0).abs() < 1e-12);

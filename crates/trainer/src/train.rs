@@ -32,11 +32,20 @@ fn upload_f32(client: &Client, data: &[f32], shape: &[usize]) -> Result<Buffer> 
 /// Tokens of batch `index` (sequences `index·B .. index·B + B`) as s32 `[B, T+1]`.
 pub fn batch_tokens(src: &Source, cfg: &RunConfig, first_sequence: u64) -> Vec<i32> {
     let (b, t) = (cfg.train.batch, cfg.model.seq_len);
-    (0..b as u64).flat_map(|i| src.sequence(first_sequence + i, t)).map(|x| x as i32).collect()
+    (0..b as u64)
+        .flat_map(|i| src.sequence(first_sequence + i, t))
+        .map(|x| x as i32)
+        .collect()
 }
 
 /// Train per `cfg`, writing checkpoints and `metrics.jsonl` into `out`.
-pub fn train(cfg: &RunConfig, plugin: Option<&str>, out: &Path, resume: bool, quiet: bool) -> Result<TrainReport> {
+pub fn train(
+    cfg: &RunConfig,
+    plugin: Option<&str>,
+    out: &Path,
+    resume: bool,
+    quiet: bool,
+) -> Result<TrainReport> {
     let client = runtime::open_client(plugin)?;
     let specs = model::param_specs(&cfg.model);
     let t0 = Instant::now();
@@ -44,7 +53,8 @@ pub fn train(cfg: &RunConfig, plugin: Option<&str>, out: &Path, resume: bool, qu
     let exe = runtime::compile(&client, &comp)?;
     let compile_s = t0.elapsed().as_secs_f64();
     let src = Source::open(&cfg.data, cfg.train.seed, cfg.model.vocab)?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create run dir {}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create run dir {}", out.display()))?;
 
     // State: parameters and both moments, as host vectors in spec order.
     let mtoml = model_toml(cfg);
@@ -53,14 +63,25 @@ pub fn train(cfg: &RunConfig, plugin: Option<&str>, out: &Path, resume: bool, qu
             .with_context(|| format!("--resume: no checkpoint in {}", out.display()))?;
         let ck = checkpoint::load(&path, Some(&mtoml))?;
         let find = |name: &str| -> Result<Vec<f32>> {
-            Ok(ck.tensors.iter().find(|t| t.name == name).with_context(|| format!("checkpoint lacks {name}"))?.data.clone())
+            Ok(ck
+                .tensors
+                .iter()
+                .find(|t| t.name == name)
+                .with_context(|| format!("checkpoint lacks {name}"))?
+                .data
+                .clone())
         };
         let mut v = Vec::new();
         for prefix in ["params", "adam_m", "adam_v"] {
             for s in &specs {
                 let d = find(&format!("{prefix}.{}", s.name))?;
                 if d.len() != s.numel() {
-                    bail!("checkpoint tensor {prefix}.{} has {} values, expected {}", s.name, d.len(), s.numel());
+                    bail!(
+                        "checkpoint tensor {prefix}.{} has {} values, expected {}",
+                        s.name,
+                        d.len(),
+                        s.numel()
+                    );
                 }
                 v.push(d);
             }
@@ -68,15 +89,23 @@ pub fn train(cfg: &RunConfig, plugin: Option<&str>, out: &Path, resume: bool, qu
         eprintln!("resuming from {} (step {})", path.display(), ck.step);
         (ck.step, ck.data_position, v)
     } else {
-        let mut v: Vec<Vec<f32>> = specs.iter().map(|s| model::init_param(s, cfg.train.seed)).collect();
+        let mut v: Vec<Vec<f32>> = specs
+            .iter()
+            .map(|s| model::init_param(s, cfg.train.seed))
+            .collect();
         v.extend(specs.iter().map(|s| vec![0.0; s.numel()]));
         v.extend(specs.iter().map(|s| vec![0.0; s.numel()]));
         (0, 0, v)
     };
     let np = specs.len();
-    let shapes: Vec<&[usize]> = (0..3).flat_map(|_| specs.iter().map(|s| s.shape.as_slice())).collect();
-    let mut state: Vec<Buffer> =
-        host.iter().zip(&shapes).map(|(d, s)| upload_f32(&client, d, s)).collect::<Result<_>>()?;
+    let shapes: Vec<&[usize]> = (0..3)
+        .flat_map(|_| specs.iter().map(|s| s.shape.as_slice()))
+        .collect();
+    let mut state: Vec<Buffer> = host
+        .iter()
+        .zip(&shapes)
+        .map(|(d, s)| upload_f32(&client, d, s))
+        .collect::<Result<_>>()?;
     drop(host);
 
     let total = cfg.train.steps as u64;
@@ -93,7 +122,10 @@ pub fn train(cfg: &RunConfig, plugin: Option<&str>, out: &Path, resume: bool, qu
         bar
     };
     bar.set_position(start);
-    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(out.join("metrics.jsonl"))?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out.join("metrics.jsonl"))?;
     let tokens_per_step = (cfg.train.batch * cfg.model.seq_len) as f64;
     let mut losses = Vec::new();
     let mut last_ckpt = checkpoint::latest(out)?;
@@ -105,38 +137,64 @@ pub fn train(cfg: &RunConfig, plugin: Option<&str>, out: &Path, resume: bool, qu
         for (i, buf) in state.iter().enumerate() {
             let prefix = ["params", "adam_m", "adam_v"][i / np];
             let s = &specs[i % np];
-            tensors.push(NamedTensor { name: format!("{prefix}.{}", s.name), shape: s.shape.clone(), data: buf.to_host::<f32>()? });
+            tensors.push(NamedTensor {
+                name: format!("{prefix}.{}", s.name),
+                shape: s.shape.clone(),
+                data: buf.to_host::<f32>()?,
+            });
         }
-        let ck = Checkpoint { step, data_position: position, seed: cfg.train.seed, model_config: mtoml.clone(), tensors };
+        let ck = Checkpoint {
+            step,
+            data_position: position,
+            seed: cfg.train.seed,
+            model_config: mtoml.clone(),
+            tensors,
+        };
         checkpoint::save(out, &ck, cfg.train.keep_checkpoints)
     };
     while start < total {
         let toks = batch_tokens(&src, cfg, position);
-        let tok_buf = client.buffer_from_host(&toks, &[cfg.train.batch as i64, cfg.model.seq_len as i64 + 1], None)?;
+        let tok_buf = client.buffer_from_host(
+            &toks,
+            &[cfg.train.batch as i64, cfg.model.seq_len as i64 + 1],
+            None,
+        )?;
         let step_buf = client.buffer_from_host(&[start as f32], &[], None)?;
         let mut args: Vec<&Buffer> = state.iter().collect();
         args.push(&step_buf);
         args.push(&tok_buf);
         let mut outs = exe.execute(&args)?;
         let lr = outs.pop().context("missing lr output")?.to_host::<f32>()?[0];
-        let gnorm = outs.pop().context("missing grad-norm output")?.to_host::<f32>()?[0];
-        let loss = outs.pop().context("missing loss output")?.to_host::<f32>()?[0];
+        let gnorm = outs
+            .pop()
+            .context("missing grad-norm output")?
+            .to_host::<f32>()?[0];
+        let loss = outs
+            .pop()
+            .context("missing loss output")?
+            .to_host::<f32>()?[0];
         if !loss.is_finite() {
             bail!(
                 "loss is {loss} at step {start}; stopping. Last good checkpoint: {}",
-                last_ckpt.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into())
+                last_ckpt
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none".into())
             );
         }
         let host_lr = step::lr_at(&cfg.train, start as usize) as f32;
         if (lr - host_lr).abs() > 1e-4 * host_lr.abs().max(1e-12) {
-            bail!("in-graph learning rate {lr} differs from the schedule's {host_lr} at step {start}");
+            bail!(
+                "in-graph learning rate {lr} differs from the schedule's {host_lr} at step {start}"
+            );
         }
         state = outs;
         start += 1;
         position += cfg.train.batch as u64;
         losses.push(loss);
         window_steps += 1;
-        let tps = tokens_per_step * window_steps as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
+        let tps =
+            tokens_per_step * window_steps as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
         bar.set_position(start);
         bar.set_message(format!("loss {loss:.4}  {tps:.0} tok/s"));
         if start % cfg.train.log_every.max(1) as u64 == 0 || start == total {
@@ -157,7 +215,10 @@ pub fn train(cfg: &RunConfig, plugin: Option<&str>, out: &Path, resume: bool, qu
         }
     }
     bar.finish();
-    Ok(TrainReport { losses, last_checkpoint: last_ckpt })
+    Ok(TrainReport {
+        losses,
+        last_checkpoint: last_ckpt,
+    })
 }
 
 /// Results of `rattn eval`.
@@ -172,7 +233,12 @@ pub struct EvalReport {
 }
 
 /// Evaluate the newest checkpoint (or a given file) on held-out sequences.
-pub fn eval(cfg: &RunConfig, plugin: Option<&str>, ckpt: &Path, sequences: usize) -> Result<EvalReport> {
+pub fn eval(
+    cfg: &RunConfig,
+    plugin: Option<&str>,
+    ckpt: &Path,
+    sequences: usize,
+) -> Result<EvalReport> {
     let client = runtime::open_client(plugin)?;
     let path = if ckpt.is_dir() {
         checkpoint::latest(ckpt)?.with_context(|| format!("no checkpoint in {}", ckpt.display()))?
@@ -183,21 +249,31 @@ pub fn eval(cfg: &RunConfig, plugin: Option<&str>, ckpt: &Path, sequences: usize
     let specs = model::param_specs(&cfg.model);
     let mut params = Vec::new();
     for s in &specs {
-        let t = ck.tensors.iter().find(|t| t.name == format!("params.{}", s.name)).with_context(|| format!("checkpoint lacks params.{}", s.name))?;
+        let t = ck
+            .tensors
+            .iter()
+            .find(|t| t.name == format!("params.{}", s.name))
+            .with_context(|| format!("checkpoint lacks params.{}", s.name))?;
         params.push(upload_f32(&client, &t.data, &s.shape)?);
     }
     let (bs, t, v) = (cfg.train.batch, cfg.model.seq_len, cfg.model.vocab);
     let exe = runtime::compile(&client, &step::build_forward(&cfg.model, bs, t)?)?;
     // Held-out stream: a different seed for synthetic data, the tail of the stream otherwise.
     let src = match Source::open(&cfg.data, cfg.train.seed, v)? {
-        Source::Synthetic { seed } => Source::Synthetic { seed: seed ^ 0xE7A1_0000_0000_0001 },
+        Source::Synthetic { seed } => Source::Synthetic {
+            seed: seed ^ 0xE7A1_0000_0000_0001,
+        },
         s => s,
     };
     let w = cfg.model.window;
     let buckets: Vec<(String, usize, usize)> = vec![
         (format!("<= W ({w})"), 0, w),
         (format!("W..2W ({}..{})", w + 1, 2 * w), w + 1, 2 * w),
-        (format!("2W..4W ({}..{})", 2 * w + 1, 4 * w), 2 * w + 1, 4 * w),
+        (
+            format!("2W..4W ({}..{})", 2 * w + 1, 4 * w),
+            2 * w + 1,
+            4 * w,
+        ),
         (format!("> 4W (> {})", 4 * w), 4 * w + 1, usize::MAX),
     ];
     let mut hits = vec![(0usize, 0usize); buckets.len()];
@@ -206,7 +282,10 @@ pub fn eval(cfg: &RunConfig, plugin: Option<&str>, ckpt: &Path, sequences: usize
     for bi in 0..batches {
         let first = 1_000_000_007u64 + (bi * bs) as u64;
         let seqs: Vec<Vec<u32>> = (0..bs as u64).map(|i| src.sequence(first + i, t)).collect();
-        let toks: Vec<i32> = seqs.iter().flat_map(|s| s[..t].iter().map(|&x| x as i32)).collect();
+        let toks: Vec<i32> = seqs
+            .iter()
+            .flat_map(|s| s[..t].iter().map(|&x| x as i32))
+            .collect();
         let tb = client.buffer_from_host(&toks, &[bs as i64, t as i64], None)?;
         let mut args: Vec<&Buffer> = params.iter().collect();
         args.push(&tb);
@@ -225,8 +304,18 @@ pub fn eval(cfg: &RunConfig, plugin: Option<&str>, ckpt: &Path, sequences: usize
                 for p in probes {
                     // The answer at p.pos is predicted from position p.pos − 1.
                     let row = &logits[(si * t + p.pos - 1) * v..][..v];
-                    let pred = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (i, &x)| if x > a.1 { (i, x) } else { a }).0;
-                    if let Some(k) = buckets.iter().position(|b| p.distance >= b.1 && p.distance <= b.2) {
+                    let pred = row
+                        .iter()
+                        .enumerate()
+                        .fold(
+                            (0, f32::NEG_INFINITY),
+                            |a, (i, &x)| if x > a.1 { (i, x) } else { a },
+                        )
+                        .0;
+                    if let Some(k) = buckets
+                        .iter()
+                        .position(|b| p.distance >= b.1 && p.distance <= b.2)
+                    {
                         hits[k].1 += 1;
                         if pred as u32 == seq[p.pos] {
                             hits[k].0 += 1;
@@ -240,14 +329,28 @@ pub fn eval(cfg: &RunConfig, plugin: Option<&str>, ckpt: &Path, sequences: usize
     let report = EvalReport {
         loss,
         perplexity: loss.exp(),
-        recall: buckets.iter().zip(&hits).map(|(b, h)| (b.0.clone(), h.0, h.1)).collect(),
+        recall: buckets
+            .iter()
+            .zip(&hits)
+            .map(|(b, h)| (b.0.clone(), h.0, h.1))
+            .collect(),
     };
     println!("checkpoint {} (step {})", path.display(), ck.step);
-    println!("eval loss {:.4}  perplexity {:.3}  over {count} tokens", report.loss, report.perplexity);
+    println!(
+        "eval loss {:.4}  perplexity {:.3}  over {count} tokens",
+        report.loss, report.perplexity
+    );
     if matches!(src, Source::Synthetic { .. }) {
-        println!("recall by distance from the fact (chance = 1/{}):", crate::data::synth::N_VALUES);
+        println!(
+            "recall by distance from the fact (chance = 1/{}):",
+            crate::data::synth::N_VALUES
+        );
         for (label, c, n) in &report.recall {
-            let acc = if *n > 0 { 100.0 * *c as f64 / *n as f64 } else { f64::NAN };
+            let acc = if *n > 0 {
+                100.0 * *c as f64 / *n as f64
+            } else {
+                f64::NAN
+            };
             println!("  {label:<22} {c:>5}/{n:<5} {acc:6.1} %");
         }
     }

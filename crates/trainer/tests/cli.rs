@@ -15,13 +15,23 @@ fn rattn(args: &[&str]) -> Output {
 }
 
 fn ok(out: &Output) {
-    assert!(out.status.success(), "rattn failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "rattn failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn fail_with(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure mentioning {needle:?}");
-    assert!(err.contains(needle), "stderr does not mention {needle:?}:\n{err}");
+    assert!(
+        !out.status.success(),
+        "expected failure mentioning {needle:?}"
+    );
+    assert!(
+        err.contains(needle),
+        "stderr does not mention {needle:?}:\n{err}"
+    );
 }
 
 /// (step, loss) pairs of a metrics file.
@@ -36,31 +46,67 @@ fn losses(dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-const SMALL: &[&str] = &["--set", "model.seq_len=64", "--set", "train.batch=4", "--set", "train.log_every=1", "--quiet"];
+const SMALL: &[&str] = &[
+    "--set",
+    "model.seq_len=64",
+    "--set",
+    "train.batch=4",
+    "--set",
+    "train.log_every=1",
+    "--quiet",
+];
 
 #[test]
 fn training_lowers_the_loss_and_resume_is_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let r = run.to_str().unwrap();
-    let mut args = vec!["train", "--out", r, "--set", "train.steps=40", "--set", "train.warmup=5", "--set", "train.checkpoint_every=20"];
+    let mut args = vec![
+        "train",
+        "--out",
+        r,
+        "--set",
+        "train.steps=40",
+        "--set",
+        "train.warmup=5",
+        "--set",
+        "train.checkpoint_every=20",
+    ];
     args.extend(SMALL);
     ok(&rattn(&args));
     let full = losses(&run);
     assert_eq!(full.len(), 40);
     let first: f64 = full[..5].iter().map(|x| x.1).sum::<f64>() / 5.0;
     let last: f64 = full[35..].iter().map(|x| x.1).sum::<f64>() / 5.0;
-    assert!(last < first - 1.0, "loss did not fall clearly: {first} -> {last}");
+    assert!(
+        last < first - 1.0,
+        "loss did not fall clearly: {first} -> {last}"
+    );
 
     // Drop the final checkpoint and resume from step 20: steps 21..40 must repeat bit for bit.
     std::fs::remove_file(run.join("ckpt_00000040.safetensors")).unwrap();
     std::fs::rename(run.join("metrics.jsonl"), run.join("first.jsonl")).unwrap();
-    let mut args = vec!["train", "--resume", "--out", r, "--set", "train.steps=40", "--set", "train.warmup=5", "--set", "train.checkpoint_every=20"];
+    let mut args = vec![
+        "train",
+        "--resume",
+        "--out",
+        r,
+        "--set",
+        "train.steps=40",
+        "--set",
+        "train.warmup=5",
+        "--set",
+        "train.checkpoint_every=20",
+    ];
     args.extend(SMALL);
     ok(&rattn(&args));
     let resumed = losses(&run);
     assert_eq!(resumed.first().map(|x| x.0), Some(21));
-    assert_eq!(&resumed[..], &full[20..], "resumed losses differ from the uninterrupted run");
+    assert_eq!(
+        &resumed[..],
+        &full[20..],
+        "resumed losses differ from the uninterrupted run"
+    );
 
     // A truncated checkpoint is refused and nothing is overwritten.
     let ck = run.join("ckpt_00000040.safetensors");
@@ -72,27 +118,61 @@ fn training_lowers_the_loss_and_resume_is_bit_exact() {
     assert_eq!(std::fs::read(&ck).unwrap().len(), bytes.len() / 2);
     // A checkpoint from another model configuration is refused.
     std::fs::write(&ck, &bytes).unwrap();
-    let mut args = vec!["train", "--resume", "--out", r, "--set", "train.steps=60", "--set", "model.window=8"];
+    let mut args = vec![
+        "train",
+        "--resume",
+        "--out",
+        r,
+        "--set",
+        "train.steps=60",
+        "--set",
+        "model.window=8",
+    ];
     args.extend(SMALL);
     fail_with(&rattn(&args), "another model configuration");
 
     // eval reads the checkpoint and reports loss, perplexity and recall buckets.
-    let out = rattn(&["eval", "--checkpoint", r, "--sequences", "8", "--set", "model.seq_len=64", "--set", "train.batch=4"]);
+    let out = rattn(&[
+        "eval",
+        "--checkpoint",
+        r,
+        "--sequences",
+        "8",
+        "--set",
+        "model.seq_len=64",
+        "--set",
+        "train.batch=4",
+    ]);
     ok(&out);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("perplexity") && text.contains("recall"), "{text}");
+    assert!(
+        text.contains("perplexity") && text.contains("recall"),
+        "{text}"
+    );
 }
 
 #[test]
 fn cli_errors_are_clear() {
     fail_with(&rattn(&["train", "--set", "model.windw=3"]), "windw");
     fail_with(&rattn(&["train", "--set", "train.steps"]), "key=value");
-    fail_with(&rattn(&["train", "--config", "configs/nope.toml"]), "cannot read config file");
     fail_with(
-        &rattn(&["train", "--set", "data.kind=\"text\"", "--set", "data.path=\"/nonexistent/corpus.txt\""]),
+        &rattn(&["train", "--config", "configs/nope.toml"]),
+        "cannot read config file",
+    );
+    fail_with(
+        &rattn(&[
+            "train",
+            "--set",
+            "data.kind=\"text\"",
+            "--set",
+            "data.path=\"/nonexistent/corpus.txt\"",
+        ]),
         "/nonexistent/corpus.txt",
     );
-    fail_with(&rattn(&["train", "--plugin", "/nonexistent/plugin.so"]), "/nonexistent/plugin.so");
+    fail_with(
+        &rattn(&["train", "--plugin", "/nonexistent/plugin.so"]),
+        "/nonexistent/plugin.so",
+    );
     fail_with(&rattn(&["plugin", "install", "gpu"]), "cpu, cuda or tpu");
 }
 
