@@ -115,6 +115,15 @@ impl Drop for ExecutableRef<'_> {
     }
 }
 
+impl ExecutableRef<'_> {
+    fn handle(&self) -> ExecHandle<'_> {
+        ExecHandle {
+            raw: self.raw,
+            plugin: &self.client.inner.plugin,
+        }
+    }
+}
+
 impl LoadedExecutable {
     pub(crate) fn from_raw(client: &Client, raw: Ptr) -> Result<LoadedExecutable> {
         if raw.is_null() {
@@ -167,23 +176,11 @@ impl LoadedExecutable {
     }
 
     fn word_query(&self, s: usize, name: &'static str) -> Result<usize> {
-        let exe = self.executable()?;
-        let mut a = sys::HandleWordArgs::new();
-        a.handle = exe.raw;
-        // SAFETY: the slot takes a (executable, size_t out) args struct of this layout.
-        unsafe { self.plugin().call(s, name, &mut a) }?;
-        Ok(a.value)
+        self.executable()?.handle().word_query(s, name)
     }
 
     fn string_query(&self, s: usize, name: &'static str) -> Result<String> {
-        let exe = self.executable()?;
-        let mut a = sys::HandleStringArgs::new();
-        a.handle = exe.raw;
-        // SAFETY: the slot takes a (executable, string out) args struct of this layout; the string
-        // is owned by the executable, which lives until `exe` drops.
-        unsafe { self.plugin().call(s, name, &mut a) }?;
-        // SAFETY: valid for value_size bytes while `exe` lives.
-        Ok(unsafe { crate::plugin::copy_string(a.value, a.value_size) })
+        self.executable()?.handle().string_query(s, name)
     }
 
     /// The client the executable belongs to.
@@ -281,144 +278,29 @@ impl LoadedExecutable {
     /// The optimized program: a serialized `HloModuleProto` after XLA's passes (unwrapped from
     /// the `HloModuleProtoWithConfig` that the plugin returns as format `"hlo_with_config"`).
     pub fn optimized_program(&self) -> Result<Vec<u8>> {
-        let (format, code) = self.optimized_program_raw()?;
-        match format.as_str() {
-            "hlo" => Ok(code),
-            "hlo_with_config" => {
-                use prost::Message;
-                /// `xla.HloModuleProtoWithConfig { HloModuleProto hlo_module = 1; ... }`.
-                #[derive(Clone, PartialEq, prost::Message)]
-                struct WithConfig {
-                    #[prost(bytes = "vec", tag = "1")]
-                    hlo_module: Vec<u8>,
-                }
-                let w = WithConfig::decode(code.as_slice()).map_err(|e| Error::Pjrt {
-                    code: ErrorCode::Internal,
-                    function: "PJRT_Executable_OptimizedProgram",
-                    message: format!("cannot decode HloModuleProtoWithConfig: {e}"),
-                })?;
-                Ok(w.hlo_module)
-            }
-            other => Err(Error::Pjrt {
-                code: ErrorCode::Unimplemented,
-                function: "PJRT_Executable_OptimizedProgram",
-                message: format!("unexpected optimized program format {other:?}"),
-            }),
-        }
+        self.executable()?.handle().optimized_program()
     }
 
     /// The optimized program as the plugin returns it: `(format, bytes)`, e.g.
     /// `("hlo_with_config", <HloModuleProtoWithConfig>)`.
     pub fn optimized_program_raw(&self) -> Result<(String, Vec<u8>)> {
-        let exe = self.executable()?;
-        let mut p = sys::Program::new();
-        let mut a = sys::ExecutableOptimizedProgramArgs::new();
-        a.executable = exe.raw;
-        a.program = &mut p;
-        // SAFETY: slot 48 with program.code = null reports the required code_size.
-        unsafe {
-            self.plugin().call(
-                slot::EXECUTABLE_OPTIMIZED_PROGRAM,
-                "PJRT_Executable_OptimizedProgram",
-                &mut a,
-            )
-        }?;
-        let mut code = vec![0u8; p.code_size];
-        p.code = code.as_mut_ptr();
-        a.program = &mut p;
-        // SAFETY: `code` has code_size writable bytes.
-        unsafe {
-            self.plugin().call(
-                slot::EXECUTABLE_OPTIMIZED_PROGRAM,
-                "PJRT_Executable_OptimizedProgram",
-                &mut a,
-            )
-        }?;
-        code.truncate(p.code_size);
-        // SAFETY: the format string is a static string of the plugin, valid for format_size bytes.
-        let format = unsafe { crate::plugin::copy_string(p.format, p.format_size) };
-        Ok((format, code))
+        self.executable()?.handle().optimized_program_raw()
     }
 
     /// Compile-time memory statistics.
     pub fn memory_stats(&self) -> Result<CompiledMemoryStats> {
-        let exe = self.executable()?;
-        let mut a = sys::ExecutableMemoryStatsArgs::new();
-        a.executable = exe.raw;
-        // SAFETY: slot 96 takes PJRT_Executable_GetCompiledMemoryStats_Args.
-        unsafe {
-            self.plugin().call(
-                slot::EXECUTABLE_COMPILED_MEMORY_STATS,
-                "PJRT_Executable_GetCompiledMemoryStats",
-                &mut a,
-            )
-        }?;
-        Ok(CompiledMemoryStats {
-            generated_code_size_in_bytes: a.generated_code_size_in_bytes,
-            argument_size_in_bytes: a.argument_size_in_bytes,
-            output_size_in_bytes: a.output_size_in_bytes,
-            alias_size_in_bytes: a.alias_size_in_bytes,
-            temp_size_in_bytes: a.temp_size_in_bytes,
-            host_generated_code_size_in_bytes: a.host_generated_code_size_in_bytes,
-            host_argument_size_in_bytes: a.host_argument_size_in_bytes,
-            host_output_size_in_bytes: a.host_output_size_in_bytes,
-            host_alias_size_in_bytes: a.host_alias_size_in_bytes,
-            host_temp_size_in_bytes: a.host_temp_size_in_bytes,
-            peak_memory_in_bytes: a.peak_memory_in_bytes,
-            total_size_in_bytes: a.total_size_in_bytes,
-            total_allocation_bytes: a.total_allocation_bytes,
-            indefinite_allocations: a.indefinite_allocations,
-            peak_unpadded_heap_bytes: a.peak_unpadded_heap_bytes,
-        })
+        self.executable()?.handle().memory_stats()
     }
 
     /// Serializes the executable (reload with [`Client::deserialize_executable`]).
     pub fn serialize(&self) -> Result<Vec<u8>> {
-        let exe = self.executable()?;
-        let mut a = sys::ExecutableSerializeArgs::new();
-        a.executable = exe.raw;
-        // SAFETY: slot 49 takes PJRT_Executable_Serialize_Args.
-        unsafe {
-            self.plugin().call(
-                slot::EXECUTABLE_SERIALIZE,
-                "PJRT_Executable_Serialize",
-                &mut a,
-            )
-        }?;
-        let bytes = if a.serialized_bytes.is_null() || a.serialized_bytes_size == 0 {
-            Vec::new()
-        } else {
-            // SAFETY: valid until the deleter runs (below).
-            unsafe { std::slice::from_raw_parts(a.serialized_bytes, a.serialized_bytes_size) }
-                .to_vec()
-        };
-        if !a.serialized_executable_deleter.is_null() {
-            type Deleter = unsafe extern "C" fn(Ptr);
-            // SAFETY: the plugin hands back `void deleter(PJRT_SerializedExecutable*)`.
-            let deleter: Deleter =
-                unsafe { std::mem::transmute::<Ptr, Deleter>(a.serialized_executable_deleter) };
-            // SAFETY: releases the serialized executable exactly once.
-            unsafe { deleter(a.serialized_executable) };
-        }
-        Ok(bytes)
+        self.executable()?.handle().serialize()
     }
 
     /// A fingerprint of the executable: the plugin's (`PJRT_Executable_Fingerprint`) where it
     /// implements one, else `sha256:<hex>` of [`LoadedExecutable::serialize`].
     pub fn fingerprint(&self) -> Result<String> {
-        match self.string_query(slot::EXECUTABLE_FINGERPRINT, "PJRT_Executable_Fingerprint") {
-            Ok(s) if !s.is_empty() => Ok(s),
-            Ok(_)
-            | Err(Error::Pjrt {
-                code: ErrorCode::Unimplemented,
-                ..
-            }) => {
-                use sha2::Digest;
-                let digest = sha2::Sha256::digest(self.serialize()?);
-                Ok(format!("sha256:{}", crate::install::hex(&digest)))
-            }
-            Err(e) => Err(e),
-        }
+        self.executable()?.handle().fingerprint()
     }
 
     /// Runs a single-device program on its device with borrowed arguments (never donated) and
@@ -549,4 +431,195 @@ impl LoadedExecutable {
         }
         Ok(buffers)
     }
+}
+
+/// A borrowed `PJRT_Executable` (loaded executables hand one out; client-less compiles own one):
+/// the queries both kinds of executable share, written once.
+pub(crate) struct ExecHandle<'a> {
+    pub(crate) raw: Ptr,
+    pub(crate) plugin: &'a crate::Plugin,
+}
+
+impl ExecHandle<'_> {
+    pub(crate) fn word_query(&self, s: usize, name: &'static str) -> Result<usize> {
+        let mut a = sys::HandleWordArgs::new();
+        a.handle = self.raw;
+        // SAFETY: the slot takes a (executable, size_t out) args struct of this layout.
+        unsafe { self.plugin.call(s, name, &mut a) }?;
+        Ok(a.value)
+    }
+
+    pub(crate) fn string_query(&self, s: usize, name: &'static str) -> Result<String> {
+        let mut a = sys::HandleStringArgs::new();
+        a.handle = self.raw;
+        // SAFETY: the slot takes a (executable, string out) args struct of this layout; the string
+        // is owned by the executable, which outlives `self`.
+        unsafe { self.plugin.call(s, name, &mut a) }?;
+        // SAFETY: valid for value_size bytes while the executable lives.
+        Ok(unsafe { crate::plugin::copy_string(a.value, a.value_size) })
+    }
+
+    pub(crate) fn optimized_program_raw(&self) -> Result<(String, Vec<u8>)> {
+        let mut p = sys::Program::new();
+        let mut a = sys::ExecutableOptimizedProgramArgs::new();
+        a.executable = self.raw;
+        a.program = &mut p;
+        // SAFETY: slot 48 with program.code = null reports the required code_size.
+        unsafe {
+            self.plugin.call(
+                slot::EXECUTABLE_OPTIMIZED_PROGRAM,
+                "PJRT_Executable_OptimizedProgram",
+                &mut a,
+            )
+        }?;
+        let mut code = vec![0u8; p.code_size];
+        p.code = code.as_mut_ptr();
+        a.program = &mut p;
+        // SAFETY: `code` has code_size writable bytes.
+        unsafe {
+            self.plugin.call(
+                slot::EXECUTABLE_OPTIMIZED_PROGRAM,
+                "PJRT_Executable_OptimizedProgram",
+                &mut a,
+            )
+        }?;
+        code.truncate(p.code_size);
+        // SAFETY: the format string is a static string of the plugin, valid for format_size bytes.
+        let format = unsafe { crate::plugin::copy_string(p.format, p.format_size) };
+        Ok((format, code))
+    }
+
+    pub(crate) fn optimized_program(&self) -> Result<Vec<u8>> {
+        let (format, code) = self.optimized_program_raw()?;
+        match format.as_str() {
+            "hlo" => Ok(code),
+            "hlo_with_config" => {
+                use prost::Message;
+                /// `xla.HloModuleProtoWithConfig { HloModuleProto hlo_module = 1; ... }`.
+                #[derive(Clone, PartialEq, prost::Message)]
+                struct WithConfig {
+                    #[prost(bytes = "vec", tag = "1")]
+                    hlo_module: Vec<u8>,
+                }
+                WithConfig::decode(code.as_slice())
+                    .map(|w| w.hlo_module)
+                    .map_err(|e| Error::Pjrt {
+                        code: ErrorCode::Internal,
+                        function: "PJRT_Executable_OptimizedProgram",
+                        message: format!("cannot decode HloModuleProtoWithConfig: {e}"),
+                    })
+            }
+            other => Err(Error::Pjrt {
+                code: ErrorCode::Unimplemented,
+                function: "PJRT_Executable_OptimizedProgram",
+                message: format!("unexpected optimized program format {other:?}"),
+            }),
+        }
+    }
+
+    pub(crate) fn memory_stats(&self) -> Result<CompiledMemoryStats> {
+        let mut a = sys::ExecutableMemoryStatsArgs::new();
+        a.executable = self.raw;
+        // SAFETY: slot 96 takes PJRT_Executable_GetCompiledMemoryStats_Args.
+        unsafe {
+            self.plugin.call(
+                slot::EXECUTABLE_COMPILED_MEMORY_STATS,
+                "PJRT_Executable_GetCompiledMemoryStats",
+                &mut a,
+            )
+        }?;
+        Ok(CompiledMemoryStats {
+            generated_code_size_in_bytes: a.generated_code_size_in_bytes,
+            argument_size_in_bytes: a.argument_size_in_bytes,
+            output_size_in_bytes: a.output_size_in_bytes,
+            alias_size_in_bytes: a.alias_size_in_bytes,
+            temp_size_in_bytes: a.temp_size_in_bytes,
+            host_generated_code_size_in_bytes: a.host_generated_code_size_in_bytes,
+            host_argument_size_in_bytes: a.host_argument_size_in_bytes,
+            host_output_size_in_bytes: a.host_output_size_in_bytes,
+            host_alias_size_in_bytes: a.host_alias_size_in_bytes,
+            host_temp_size_in_bytes: a.host_temp_size_in_bytes,
+            peak_memory_in_bytes: a.peak_memory_in_bytes,
+            total_size_in_bytes: a.total_size_in_bytes,
+            total_allocation_bytes: a.total_allocation_bytes,
+            indefinite_allocations: a.indefinite_allocations,
+            peak_unpadded_heap_bytes: a.peak_unpadded_heap_bytes,
+        })
+    }
+
+    pub(crate) fn serialize(&self) -> Result<Vec<u8>> {
+        let mut a = sys::ExecutableSerializeArgs::new();
+        a.executable = self.raw;
+        // SAFETY: slot 49 takes PJRT_Executable_Serialize_Args.
+        unsafe {
+            self.plugin.call(
+                slot::EXECUTABLE_SERIALIZE,
+                "PJRT_Executable_Serialize",
+                &mut a,
+            )
+        }?;
+        // SAFETY: valid until the deleter runs.
+        let bytes = unsafe { copy_bytes(a.serialized_bytes, a.serialized_bytes_size) };
+        // SAFETY: the deleter frees the serialized executable exactly once.
+        unsafe { run_deleter(a.serialized_executable_deleter, a.serialized_executable) };
+        Ok(bytes)
+    }
+
+    /// The plugin's fingerprint (printable as is, else hex: libtpu returns raw hash bytes), or
+    /// `sha256:<hex>` of the serialized executable where the plugin has none.
+    pub(crate) fn fingerprint(&self) -> Result<String> {
+        let mut a = sys::HandleStringArgs::new();
+        a.handle = self.raw;
+        // SAFETY: slot 94 takes PJRT_Executable_Fingerprint_Args (executable, bytes out, size
+        // out); the bytes are owned by the executable, alive here.
+        let result = unsafe {
+            self.plugin.call(
+                slot::EXECUTABLE_FINGERPRINT,
+                "PJRT_Executable_Fingerprint",
+                &mut a,
+            )
+        }
+        // SAFETY: valid for value_size bytes while the executable lives.
+        .map(|()| unsafe { copy_bytes(a.value, a.value_size) });
+        match result {
+            Ok(bytes) if !bytes.is_empty() => Ok(if bytes.iter().all(|b| b.is_ascii_graphic()) {
+                String::from_utf8_lossy(&bytes).into_owned()
+            } else {
+                crate::install::hex(&bytes)
+            }),
+            Ok(_)
+            | Err(Error::Pjrt {
+                code: ErrorCode::Unimplemented,
+                ..
+            }) => {
+                use sha2::Digest;
+                let digest = sha2::Sha256::digest(self.serialize()?);
+                Ok(format!("sha256:{}", crate::install::hex(&digest)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// # Safety
+/// `ptr` must be valid for `len` bytes (or null).
+pub(crate) unsafe fn copy_bytes(ptr: *const u8, len: usize) -> Vec<u8> {
+    if ptr.is_null() || len == 0 {
+        return Vec::new();
+    }
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec()
+}
+
+/// # Safety
+/// `deleter` must be null or a plugin function `void(T*)` that frees `object`, called once.
+pub(crate) unsafe fn run_deleter(deleter: Ptr, object: Ptr) {
+    if deleter.is_null() {
+        return;
+    }
+    type Deleter = unsafe extern "C" fn(Ptr);
+    // SAFETY: guaranteed by the caller.
+    let f: Deleter = unsafe { std::mem::transmute::<Ptr, Deleter>(deleter) };
+    // SAFETY: guaranteed by the caller.
+    unsafe { f(object) };
 }

@@ -46,7 +46,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorCode, Result};
-use crate::executable::CompiledMemoryStats;
+use crate::executable::{copy_bytes, run_deleter, CompiledMemoryStats, ExecHandle};
 use crate::install::{self, PluginKind};
 use crate::options::{CompileOptions, Program};
 use crate::plugin::{copy_string, NamedValue, Plugin, RawNamedValues};
@@ -1051,29 +1051,6 @@ unsafe fn read_named_values(ptr: *const sys::NamedValueRaw, n: usize) -> Vec<(St
         .collect()
 }
 
-/// # Safety
-/// `ptr` must be valid for `len` bytes (or null).
-unsafe fn copy_bytes(ptr: *const u8, len: usize) -> Vec<u8> {
-    if ptr.is_null() || len == 0 {
-        return Vec::new();
-    }
-    // SAFETY: guaranteed by the caller.
-    unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec()
-}
-
-/// # Safety
-/// `deleter` must be null or a plugin function `void(T*)` that frees `object`, called once.
-unsafe fn run_deleter(deleter: Ptr, object: Ptr) {
-    if deleter.is_null() {
-        return;
-    }
-    type Deleter = unsafe extern "C" fn(Ptr);
-    // SAFETY: guaranteed by the caller.
-    let f: Deleter = unsafe { std::mem::transmute::<Ptr, Deleter>(deleter) };
-    // SAFETY: guaranteed by the caller.
-    unsafe { f(object) };
-}
-
 /// The cost analysis of a compiled program (`PJRT_Executable_GetCostAnalysis`): named numbers
 /// such as `flops`, `transcendentals`, `bytes accessed`, `optimal_seconds`. TPU only (the CUDA
 /// plugin does not implement it).
@@ -1155,21 +1132,19 @@ impl Executable {
         &self.inner.topology.plugin
     }
 
+    fn handle(&self) -> ExecHandle<'_> {
+        ExecHandle {
+            raw: self.inner.raw,
+            plugin: self.plugin(),
+        }
+    }
+
     fn word_query(&self, s: usize, function: &'static str) -> Result<usize> {
-        let mut a = sys::HandleWordArgs::new();
-        a.handle = self.inner.raw;
-        // SAFETY: the slot takes (executable, size_t out) in this layout.
-        unsafe { self.plugin().call(s, function, &mut a) }?;
-        Ok(a.value)
+        self.handle().word_query(s, function)
     }
 
     fn string_query(&self, s: usize, function: &'static str) -> Result<String> {
-        let mut a = sys::HandleStringArgs::new();
-        a.handle = self.inner.raw;
-        // SAFETY: the slot takes (executable, string out) in this layout.
-        unsafe { self.plugin().call(s, function, &mut a) }?;
-        // SAFETY: owned by the executable, alive here.
-        Ok(unsafe { copy_string(a.value, a.value_size) })
+        self.handle().string_query(s, function)
     }
 
     /// The topology it was compiled for.
@@ -1205,33 +1180,7 @@ impl Executable {
     /// Per-device memory the compiled program needs. TPU fills every device field; the CUDA
     /// plugin reports `generated_code_size_in_bytes` and `total_size_in_bytes` as 0.
     pub fn memory_stats(&self) -> Result<CompiledMemoryStats> {
-        let mut a = sys::ExecutableMemoryStatsArgs::new();
-        a.executable = self.inner.raw;
-        // SAFETY: slot 96 takes PJRT_Executable_GetCompiledMemoryStats_Args.
-        unsafe {
-            self.plugin().call(
-                slot::EXECUTABLE_COMPILED_MEMORY_STATS,
-                "PJRT_Executable_GetCompiledMemoryStats",
-                &mut a,
-            )
-        }?;
-        Ok(CompiledMemoryStats {
-            generated_code_size_in_bytes: a.generated_code_size_in_bytes,
-            argument_size_in_bytes: a.argument_size_in_bytes,
-            output_size_in_bytes: a.output_size_in_bytes,
-            alias_size_in_bytes: a.alias_size_in_bytes,
-            temp_size_in_bytes: a.temp_size_in_bytes,
-            host_generated_code_size_in_bytes: a.host_generated_code_size_in_bytes,
-            host_argument_size_in_bytes: a.host_argument_size_in_bytes,
-            host_output_size_in_bytes: a.host_output_size_in_bytes,
-            host_alias_size_in_bytes: a.host_alias_size_in_bytes,
-            host_temp_size_in_bytes: a.host_temp_size_in_bytes,
-            peak_memory_in_bytes: a.peak_memory_in_bytes,
-            total_size_in_bytes: a.total_size_in_bytes,
-            total_allocation_bytes: a.total_allocation_bytes,
-            indefinite_allocations: a.indefinite_allocations,
-            peak_unpadded_heap_bytes: a.peak_unpadded_heap_bytes,
-        })
+        self.handle().memory_stats()
     }
 
     /// Checks the peak memory per device against the topology's device memory and returns the
@@ -1309,125 +1258,26 @@ impl Executable {
     /// The optimized program as the plugin returns it: `(format, bytes)`, normally
     /// `("hlo_with_config", <HloModuleProtoWithConfig>)`.
     pub fn optimized_program_raw(&self) -> Result<(String, Vec<u8>)> {
-        let mut p = sys::Program::new();
-        let mut a = sys::ExecutableOptimizedProgramArgs::new();
-        a.executable = self.inner.raw;
-        a.program = &mut p;
-        // SAFETY: slot 48 with program.code = null reports the needed code_size.
-        unsafe {
-            self.plugin().call(
-                slot::EXECUTABLE_OPTIMIZED_PROGRAM,
-                "PJRT_Executable_OptimizedProgram",
-                &mut a,
-            )
-        }?;
-        let mut code = vec![0u8; p.code_size];
-        p.code = code.as_mut_ptr();
-        a.program = &mut p;
-        // SAFETY: `code` has code_size writable bytes.
-        unsafe {
-            self.plugin().call(
-                slot::EXECUTABLE_OPTIMIZED_PROGRAM,
-                "PJRT_Executable_OptimizedProgram",
-                &mut a,
-            )
-        }?;
-        code.truncate(p.code_size);
-        // SAFETY: a static string of the plugin, valid for format_size bytes.
-        let format = unsafe { copy_string(p.format, p.format_size) };
-        Ok((format, code))
+        self.handle().optimized_program_raw()
     }
 
     /// The optimized, target-specific program as a serialized `HloModuleProto` (TPU: tiled
     /// layouts and fusions; GPU: Triton/cuBLAS fusions).
     pub fn optimized_program(&self) -> Result<Vec<u8>> {
-        let (format, code) = self.optimized_program_raw()?;
-        match format.as_str() {
-            "hlo" => Ok(code),
-            "hlo_with_config" => {
-                use prost::Message;
-                /// `xla.HloModuleProtoWithConfig { HloModuleProto hlo_module = 1; ... }`.
-                #[derive(Clone, PartialEq, prost::Message)]
-                struct WithConfig {
-                    #[prost(bytes = "vec", tag = "1")]
-                    hlo_module: Vec<u8>,
-                }
-                WithConfig::decode(code.as_slice())
-                    .map(|w| w.hlo_module)
-                    .map_err(|e| Error::Pjrt {
-                        code: ErrorCode::Internal,
-                        function: "PJRT_Executable_OptimizedProgram",
-                        message: format!("cannot decode HloModuleProtoWithConfig: {e}"),
-                    })
-            }
-            other => Err(Error::Pjrt {
-                code: ErrorCode::Unimplemented,
-                function: "PJRT_Executable_OptimizedProgram",
-                message: format!("unexpected optimized program format {other:?}"),
-            }),
-        }
+        self.handle().optimized_program()
     }
 
     /// The serialized executable (TPU: the compiled program; GPU: an `ExecutableAndOptionsProto`
     /// with the cubins). Loading it needs a client on the real hardware with the same plugin
     /// version, which was not tested here.
     pub fn serialize(&self) -> Result<Vec<u8>> {
-        let mut a = sys::ExecutableSerializeArgs::new();
-        a.executable = self.inner.raw;
-        // SAFETY: slot 49 takes PJRT_Executable_Serialize_Args.
-        unsafe {
-            self.plugin().call(
-                slot::EXECUTABLE_SERIALIZE,
-                "PJRT_Executable_Serialize",
-                &mut a,
-            )
-        }?;
-        // SAFETY: valid until the deleter runs.
-        let bytes = unsafe { copy_bytes(a.serialized_bytes, a.serialized_bytes_size) };
-        // SAFETY: the deleter frees the serialized executable exactly once.
-        unsafe { run_deleter(a.serialized_executable_deleter, a.serialized_executable) };
-        Ok(bytes)
+        self.handle().serialize()
     }
 
-    /// The plugin's fingerprint (`PJRT_Executable_Fingerprint`), else `sha256:<hex>` of
-    /// [`Executable::serialize`].
+    /// The plugin's fingerprint (`PJRT_Executable_Fingerprint`; raw hash bytes shown as hex), else
+    /// `sha256:<hex>` of [`Executable::serialize`].
     pub fn fingerprint(&self) -> Result<String> {
-        let mut a = sys::HandleStringArgs::new();
-        a.handle = self.inner.raw;
-        // SAFETY: slot 94 takes PJRT_Executable_Fingerprint_Args (executable, bytes out, size
-        // out); the bytes are owned by the executable, alive here.
-        let result = unsafe {
-            self.plugin().call(
-                slot::EXECUTABLE_FINGERPRINT,
-                "PJRT_Executable_Fingerprint",
-                &mut a,
-            )
-        }
-        // SAFETY: valid for value_size bytes while the executable lives.
-        .map(|()| unsafe { copy_bytes(a.value, a.value_size) });
-        match result {
-            Ok(bytes) if !bytes.is_empty() => Ok(fingerprint_text(&bytes)),
-            Ok(_)
-            | Err(Error::Pjrt {
-                code: ErrorCode::Unimplemented,
-                ..
-            }) => {
-                use sha2::Digest;
-                let digest = sha2::Sha256::digest(self.serialize()?);
-                Ok(format!("sha256:{}", install::hex(&digest)))
-            }
-            Err(e) => Err(e),
-        }
-    }
-}
-
-/// libtpu returns a raw 32-byte hash as the fingerprint, the CUDA plugin a hex string: keep
-/// printable ASCII as is and show anything else as hex.
-fn fingerprint_text(bytes: &[u8]) -> String {
-    if bytes.iter().all(|b| b.is_ascii_graphic()) {
-        String::from_utf8_lossy(bytes).into_owned()
-    } else {
-        install::hex(bytes)
+        self.handle().fingerprint()
     }
 }
 
