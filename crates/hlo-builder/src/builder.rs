@@ -661,6 +661,7 @@ impl Builder {
             data,
             module: self.module.clone(),
             module_name: self.name.clone(),
+            aliases: Vec::new(),
         })
     }
 }
@@ -672,6 +673,8 @@ pub struct Computation {
     pub(crate) data: Arc<CompData>,
     pub(crate) module: Arc<ModuleShared>,
     module_name: String,
+    /// (tuple output index, parameter number) pairs whose buffers may be shared (donation).
+    aliases: Vec<(usize, usize)>,
 }
 
 impl Computation {
@@ -693,6 +696,44 @@ impl Computation {
     /// Number of instructions of this computation (not counting called computations).
     pub fn instruction_count(&self) -> usize {
         self.data.instrs.len()
+    }
+
+    /// Let output `output` (an element of the tuple result) reuse the buffer of parameter `param`
+    /// when the caller donates it (XLA's `input_output_alias`, kind may-alias). The shapes must match.
+    pub fn with_input_output_alias(mut self, output: usize, param: usize) -> Result<Computation> {
+        let bad = |message: String| Error::Invalid {
+            op: "input_output_alias",
+            message,
+            location: String::new(),
+            scope: String::new(),
+        };
+        let (params, result) = self.program_shape();
+        let out = result
+            .tuple_elements()
+            .and_then(|e| e.get(output))
+            .ok_or_else(|| {
+                bad(format!(
+                    "the result {} has no tuple element {output}",
+                    result.short()
+                ))
+            })?;
+        let p = params
+            .get(param)
+            .ok_or_else(|| bad(format!("there is no parameter {param}")))?;
+        if out != p {
+            return Err(bad(format!(
+                "output {output} is {} but parameter {param} is {}",
+                out.short(),
+                p.short()
+            )));
+        }
+        if self.aliases.iter().any(|&(o, q)| o == output || q == param) {
+            return Err(bad(format!(
+                "output {output} or parameter {param} is already aliased"
+            )));
+        }
+        self.aliases.push((output, param));
+        Ok(self)
     }
 
     /// The module with this computation as entry and every computation it calls, callees first.
@@ -733,6 +774,20 @@ impl Computation {
             computations: order.iter().map(|c| c.to_proto()).collect(),
             host_program_shape: Some(self.data.program_shape_proto()),
             id: self.data.id,
+            input_output_alias: (!self.aliases.is_empty()).then(|| {
+                proto::HloInputOutputAliasProto {
+                    entries: self
+                        .aliases
+                        .iter()
+                        .map(|&(o, p)| proto::AliasEntryProto {
+                            output_shape_index: vec![o as i64],
+                            parameter_number: p as i64,
+                            parameter_shape_index: Vec::new(),
+                            kind: 1,
+                        })
+                        .collect(),
+                }
+            }),
             ..Default::default()
         }
     }

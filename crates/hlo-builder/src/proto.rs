@@ -30,6 +30,9 @@ pub struct HloModuleProto {
     /// Id of the entry computation.
     #[prost(int64, tag = "6")]
     pub entry_computation_id: i64,
+    /// Outputs that reuse (alias) parameter buffers, for donation.
+    #[prost(message, optional, tag = "8")]
+    pub input_output_alias: Option<HloInputOutputAliasProto>,
     /// Whether the module has dynamic shapes.
     #[prost(bool, tag = "11")]
     pub is_dynamic: bool,
@@ -42,6 +45,31 @@ pub struct HloModuleProto {
     /// Frontend attributes of the module.
     #[prost(message, optional, tag = "19")]
     pub frontend_attributes: Option<FrontendAttributes>,
+}
+
+/// `xla.HloInputOutputAliasProto`: which outputs may live in which parameters' buffers.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HloInputOutputAliasProto {
+    /// One entry per aliased output.
+    #[prost(message, repeated, tag = "1")]
+    pub entries: Vec<AliasEntryProto>,
+}
+
+/// `xla.HloInputOutputAliasProto.AliasEntryProto`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AliasEntryProto {
+    /// Index of the output within the (tuple) result.
+    #[prost(int64, repeated, tag = "1")]
+    pub output_shape_index: Vec<i64>,
+    /// The aliased parameter.
+    #[prost(int64, tag = "2")]
+    pub parameter_number: i64,
+    /// Index within the parameter (empty for an array parameter).
+    #[prost(int64, repeated, tag = "3")]
+    pub parameter_shape_index: Vec<i64>,
+    /// `xla.Kind`: 0 undefined, 1 may-alias, 2 must-alias.
+    #[prost(int32, tag = "4")]
+    pub kind: i32,
 }
 
 /// `xla.HloComputationProto`.

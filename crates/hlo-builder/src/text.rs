@@ -695,6 +695,31 @@ pub fn print_module(m: &HloModuleProto) -> String {
         .as_ref()
         .or_else(|| entry.and_then(|e| e.program_shape.as_ref()));
     let _ = write!(out, "HloModule {}", m.name);
+    if let Some(a) = m
+        .input_output_alias
+        .as_ref()
+        .filter(|a| !a.entries.is_empty())
+    {
+        let idx = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        let entries: Vec<String> = a
+            .entries
+            .iter()
+            .map(|e| {
+                let kind = if e.kind == 2 {
+                    "must-alias"
+                } else {
+                    "may-alias"
+                };
+                format!(
+                    "{{{}}}: ({}, {{{}}}, {kind})",
+                    idx(&e.output_shape_index),
+                    e.parameter_number,
+                    idx(&e.parameter_shape_index)
+                )
+            })
+            .collect();
+        let _ = write!(out, ", input_output_alias={{ {} }}", entries.join(", "));
+    }
     if let Some(ps) = ps {
         let _ = write!(
             out,
