@@ -3,7 +3,8 @@
 //! stay on the device between steps; only the token batch crosses.
 //!
 //! Arguments: `params… , m… , v… , step: f32[], tokens: s32[B, T+1]`.
-//! Results (a flat tuple): `params'… , m'… , v'… , loss, grad_norm, lr`.
+//! Results (a flat tuple): `params'… , m'… , v'… , loss, grad_norm, lr`. Each updated parameter and
+//! moment aliases its input (`input_output_alias`), so a donating caller updates them in place.
 
 use crate::config::{RunConfig, TrainConfig};
 use hlo_builder::{Builder, Computation, ElementType, Op, Result, Shape};
@@ -120,7 +121,12 @@ pub fn build_train_step(cfg: &RunConfig) -> Result<Computation> {
     outs.extend(nv);
     outs.extend([l, gnorm, lr]);
     let root = b.tuple(&outs)?;
-    b.build(root)
+    // Parameters and moments are updated in place when the caller donates them.
+    let mut comp = b.build(root)?;
+    for i in 0..3 * specs.len() {
+        comp = comp.with_input_output_alias(i, i)?;
+    }
+    Ok(comp)
 }
 
 /// Build a forward-only computation: `params…, tokens s32[B, T]` → logits `f32[B, T, V]`.

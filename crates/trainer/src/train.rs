@@ -160,10 +160,11 @@ pub fn train(
             None,
         )?;
         let step_buf = client.buffer_from_host(&[start as f32], &[], None)?;
-        let mut args: Vec<&Buffer> = state.iter().collect();
-        args.push(&step_buf);
-        args.push(&tok_buf);
-        let mut outs = exe.execute(&args)?;
+        // Donate the state: the step writes the new parameters and moments into the same memory.
+        let mut args = std::mem::take(&mut state);
+        args.push(step_buf);
+        args.push(tok_buf);
+        let mut outs = exe.execute_donating(args)?;
         let lr = outs.pop().context("missing lr output")?.to_host::<f32>()?[0];
         let gnorm = outs
             .pop()
