@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::ops::constant::Literal;
 use crate::ops::dot::{DotDims, Precision};
 use crate::ops::elementwise::{BinaryOp, Cmp, UnaryOp};
+use crate::ops::gather::{GatherDims, ScatterDims, ScatterUpdate};
 use crate::proto;
 use crate::shape::{Shape, ShapeError};
 use crate::sharding::Sharding;
@@ -66,6 +67,14 @@ pub(crate) enum Kind {
         dims: DotDims,
         precision: Option<Precision>,
     },
+    Gather {
+        dims: GatherDims,
+        slice_sizes: Vec<i64>,
+    },
+    Scatter {
+        dims: ScatterDims,
+        update: ScatterUpdate,
+    },
     While,
     Conditional,
     Call,
@@ -103,6 +112,8 @@ impl Kind {
             Kind::Pad(_) => "pad",
             Kind::Reduce(_) => "reduce",
             Kind::Dot { .. } => "dot",
+            Kind::Gather { .. } => "gather",
+            Kind::Scatter { .. } => "scatter",
             Kind::While => "while",
             Kind::Conditional => "conditional",
             Kind::Call => "call",
@@ -161,6 +172,11 @@ impl Kind {
                     });
                 }
             }
+            Kind::Gather { dims, slice_sizes } => {
+                p.gather_dimension_numbers = Some(dims.to_proto());
+                p.gather_slice_sizes = slice_sizes.clone();
+            }
+            Kind::Scatter { dims, .. } => p.scatter_dimension_numbers = Some(dims.to_proto()),
             Kind::GetTupleElement(i) => p.tuple_index = *i,
             Kind::CustomCall {
                 target,

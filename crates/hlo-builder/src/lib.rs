@@ -45,6 +45,7 @@ pub use error::{Error, Result};
 pub use ops::custom_call::{mlir_dictionary, Attr};
 pub use ops::dot::{DotDims, Precision};
 pub use ops::elementwise::{BinaryOp, Cmp, UnaryOp};
+pub use ops::gather::{GatherDims, ScatterDims, ScatterUpdate};
 pub use ops::rng::threefry2x32_host;
 pub use pjrt::{ElementType, NativeType};
 pub use shape::{Shape, ShapeError, ShapeResult};

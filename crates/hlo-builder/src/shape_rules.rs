@@ -7,6 +7,7 @@ pub use crate::ops::dot::dot_general;
 pub use crate::ops::elementwise::{
     binary, bitcast_convert, clamp, compare, convert, select, unary,
 };
+pub use crate::ops::gather::{gather, scatter};
 pub use crate::ops::reduce::reduce;
 pub use crate::ops::shape_ops::{
     broadcast_in_dim, concatenate, dynamic_slice, dynamic_update_slice, pad, reshape, reverse,

@@ -11,8 +11,8 @@
 //! Each op family's rules live in their own file: [`elementwise`](self) (unary, binary,
 //! select, clamp, convert), shape ops (reshape, transpose, broadcast, reverse, slice,
 //! dynamic-slice, dynamic-update-slice, concatenate, pad), reductions (add/max/min reducers),
-//! `dot_general`, and control flow (tuples, custom VJPs; `while`, `conditional`, `call` and
-//! custom calls need a [`Builder::custom_vjp`]).
+//! `dot_general`, `gather` / `scatter`, and control flow (tuples, custom VJPs; `while`,
+//! `conditional`, `call` and custom calls need a [`Builder::custom_vjp`]).
 //!
 //! Choices where the derivative is not unique:
 //! * `max`/`min` (binary): on ties each operand gets half of the cotangent.
@@ -38,6 +38,7 @@
 mod control;
 mod dot;
 mod elementwise;
+mod gather;
 mod reduce;
 mod shape_ops;
 
@@ -489,6 +490,7 @@ impl Builder {
                     | Kind::Pad(_) => shape_ops::vjp(self, node, ct)?,
                     Kind::Reduce(_) => reduce::vjp(self, loc, node, ct)?,
                     Kind::Dot { .. } => dot::vjp(self, node, ct)?,
+                    Kind::Gather { .. } | Kind::Scatter { .. } => gather::vjp(self, node, ct)?,
                     _ => return Err(control::not_differentiable(self, loc, node)),
                 };
                 Ok(node

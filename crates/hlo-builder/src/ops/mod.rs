@@ -6,6 +6,7 @@ pub mod control;
 pub mod custom_call;
 pub mod dot;
 pub mod elementwise;
+pub mod gather;
 pub mod reduce;
 pub mod rng;
 pub mod shape_ops;

@@ -1,0 +1,657 @@
+//! Indexed data movement: `gather`, `scatter` (add / replace) and the `take_rows` convenience.
+//!
+//! Semantics follow XLA's operation semantics. Batching dims (`operand_batching_dims`,
+//! `input_batching_dims`) are not supported: every operand dim is either collapsed / inserted
+//! or part of the slice window.
+
+use std::panic::Location;
+
+use crate::builder::{Builder, Kind};
+use crate::error::Result;
+use crate::ops::elementwise::BinaryOp;
+use crate::proto;
+use crate::shape::{expect_array, Shape, ShapeError, ShapeResult};
+use crate::{ElementType, Op};
+
+/// Dimension numbers of a `gather` (XLA's `GatherDimensionNumbers` without batching dims).
+///
+/// The output has the batch dims of `indices` (all dims but `index_vector_dim`, in order) and
+/// the slice dims that are not collapsed, the latter placed at `offset_dims`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GatherDims {
+    /// Output dims that hold the (non-collapsed) slice dims, increasing.
+    pub offset_dims: Vec<i64>,
+    /// Operand dims whose slice size is 1 and that are dropped from the output, increasing.
+    pub collapsed_slice_dims: Vec<i64>,
+    /// `start_index_map[k]`: the operand dim that component `k` of an index vector starts.
+    pub start_index_map: Vec<i64>,
+    /// The dim of `indices` that holds the index vectors; `indices.rank` means an implicit
+    /// trailing dim of size 1.
+    pub index_vector_dim: i64,
+}
+
+impl GatherDims {
+    pub(crate) fn to_proto(&self) -> proto::GatherDimensionNumbers {
+        proto::GatherDimensionNumbers {
+            offset_dims: self.offset_dims.clone(),
+            collapsed_slice_dims: self.collapsed_slice_dims.clone(),
+            start_index_map: self.start_index_map.clone(),
+            index_vector_dim: self.index_vector_dim,
+            ..Default::default()
+        }
+    }
+}
+
+/// Dimension numbers of a `scatter` (XLA's `ScatterDimensionNumbers` without batching dims).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ScatterDims {
+    /// Dims of `updates` that hold the update window, increasing.
+    pub update_window_dims: Vec<i64>,
+    /// Operand dims of window size 1 that have no dim in `updates`, increasing.
+    pub inserted_window_dims: Vec<i64>,
+    /// `scatter_dims_to_operand_dims[k]`: the operand dim that index component `k` addresses.
+    pub scatter_dims_to_operand_dims: Vec<i64>,
+    /// The dim of `indices` that holds the index vectors; `indices.rank` means an implicit
+    /// trailing dim of size 1.
+    pub index_vector_dim: i64,
+}
+
+impl ScatterDims {
+    pub(crate) fn to_proto(&self) -> proto::ScatterDimensionNumbers {
+        proto::ScatterDimensionNumbers {
+            update_window_dims: self.update_window_dims.clone(),
+            inserted_window_dims: self.inserted_window_dims.clone(),
+            scatter_dims_to_operand_dims: self.scatter_dims_to_operand_dims.clone(),
+            index_vector_dim: self.index_vector_dim,
+            ..Default::default()
+        }
+    }
+}
+
+/// How `scatter` combines an update with the operand element it lands on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScatterUpdate {
+    /// `operand + update`; repeated indices accumulate.
+    Add,
+    /// `update` replaces the element; with repeated indices XLA picks one update (unspecified).
+    Replace,
+}
+
+/// Check that `v` is strictly increasing with entries in `[0, bound)`.
+fn check_sorted_in_range(
+    op: &'static str,
+    what: &str,
+    v: &[i64],
+    bound: usize,
+    context: &dyn Fn() -> String,
+) -> Result<(), ShapeError> {
+    for (i, &d) in v.iter().enumerate() {
+        if d < 0 || d as usize >= bound {
+            return Err(ShapeError::new(
+                op,
+                format!(
+                    "{what} {v:?}: {d} is out of range [0, {bound}) ({})",
+                    context()
+                ),
+            ));
+        }
+        if i > 0 && d <= v[i - 1] {
+            return Err(ShapeError::new(
+                op,
+                format!("{what} {v:?} must be strictly increasing ({})", context()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Check that `v` has distinct entries in `[0, bound)` (any order).
+fn check_distinct_in_range(
+    op: &'static str,
+    what: &str,
+    v: &[i64],
+    bound: usize,
+    context: &dyn Fn() -> String,
+) -> Result<(), ShapeError> {
+    let mut seen = vec![false; bound];
+    for &d in v {
+        if d < 0 || d as usize >= bound {
+            return Err(ShapeError::new(
+                op,
+                format!(
+                    "{what} {v:?}: {d} is out of range [0, {bound}) ({})",
+                    context()
+                ),
+            ));
+        }
+        if std::mem::replace(&mut seen[d as usize], true) {
+            return Err(ShapeError::new(
+                op,
+                format!("{what} {v:?} repeats {d} ({})", context()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Check the integer index array and `index_vector_dim` (which may equal the rank: an implicit
+/// trailing dim of size 1); returns (index vector length, batch dims in order).
+fn index_dims(
+    op: &'static str,
+    indices: &Shape,
+    index_vector_dim: i64,
+    context: &dyn Fn() -> String,
+) -> Result<(i64, Vec<i64>), ShapeError> {
+    let (ity, idims) = expect_array(op, "indices", indices)?;
+    if !ity.is_integer() {
+        return Err(ShapeError::new(
+            op,
+            format!(
+                "indices must have an integer type, got {} ({})",
+                indices.short(),
+                context()
+            ),
+        ));
+    }
+    if index_vector_dim < 0 || index_vector_dim as usize > idims.len() {
+        return Err(ShapeError::new(
+            op,
+            format!(
+                "index_vector_dim {index_vector_dim} must be in [0, {}] for indices {} ({})",
+                idims.len(),
+                indices.short(),
+                context()
+            ),
+        ));
+    }
+    let ivd = index_vector_dim as usize;
+    let len = idims.get(ivd).copied().unwrap_or(1);
+    let batch: Vec<i64> = idims
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != ivd)
+        .map(|(_, &d)| d)
+        .collect();
+    Ok((len, batch))
+}
+
+/// Shape rule of `gather` (XLA semantics, no batching dims).
+///
+/// The output rank is `batch rank + offset_dims.len()`; output dim `offset_dims[k]` has the size
+/// of the `k`-th non-collapsed entry of `slice_sizes`, the other output dims are the batch dims
+/// of `indices` in order.
+pub fn gather(
+    operand: &Shape,
+    indices: &Shape,
+    dims: &GatherDims,
+    slice_sizes: &[i64],
+) -> ShapeResult {
+    const OP: &str = "gather";
+    let (ty, od) = expect_array(OP, "operand", operand)?;
+    let ctx = || {
+        format!(
+            "operand {}, indices {}, {dims:?}, slice_sizes {slice_sizes:?}",
+            operand.short(),
+            indices.short()
+        )
+    };
+    let (len, batch) = index_dims(OP, indices, dims.index_vector_dim, &ctx)?;
+    let out_rank = batch.len() + dims.offset_dims.len();
+    check_sorted_in_range(OP, "offset_dims", &dims.offset_dims, out_rank, &ctx)?;
+    check_sorted_in_range(
+        OP,
+        "collapsed_slice_dims",
+        &dims.collapsed_slice_dims,
+        od.len(),
+        &ctx,
+    )?;
+    check_distinct_in_range(OP, "start_index_map", &dims.start_index_map, od.len(), &ctx)?;
+    if dims.start_index_map.len() as i64 != len {
+        return Err(ShapeError::new(
+            OP,
+            format!(
+                "start_index_map has {} entries but the index vectors have length {len} ({})",
+                dims.start_index_map.len(),
+                ctx()
+            ),
+        ));
+    }
+    if slice_sizes.len() != od.len() {
+        return Err(ShapeError::new(
+            OP,
+            format!(
+                "slice_sizes must have one entry per operand dim ({}), got {} ({})",
+                od.len(),
+                slice_sizes.len(),
+                ctx()
+            ),
+        ));
+    }
+    for (i, (&s, &d)) in slice_sizes.iter().zip(od).enumerate() {
+        if s < 0 || s > d {
+            return Err(ShapeError::new(
+                OP,
+                format!(
+                    "slice size {s} of operand dim {i} is not in [0, {d}] ({})",
+                    ctx()
+                ),
+            ));
+        }
+    }
+    for &c in &dims.collapsed_slice_dims {
+        if slice_sizes[c as usize] > 1 {
+            return Err(ShapeError::new(
+                OP,
+                format!(
+                    "collapsed dim {c} has slice size {} (must be 0 or 1) ({})",
+                    slice_sizes[c as usize],
+                    ctx()
+                ),
+            ));
+        }
+    }
+    if dims.offset_dims.len() + dims.collapsed_slice_dims.len() != od.len() {
+        return Err(ShapeError::new(
+            OP,
+            format!(
+                "offset_dims ({}) + collapsed_slice_dims ({}) must cover the operand rank {} \
+                 (batching dims are not supported) ({})",
+                dims.offset_dims.len(),
+                dims.collapsed_slice_dims.len(),
+                od.len(),
+                ctx()
+            ),
+        ));
+    }
+    let mut window = (0..od.len())
+        .filter(|i| !dims.collapsed_slice_dims.contains(&(*i as i64)))
+        .map(|i| slice_sizes[i]);
+    let mut batch_it = batch.iter().copied();
+    let out: Vec<i64> = (0..out_rank as i64)
+        .map(|i| {
+            if dims.offset_dims.contains(&i) {
+                window.next().unwrap_or(0)
+            } else {
+                batch_it.next().unwrap_or(0)
+            }
+        })
+        .collect();
+    Ok(Shape::array(ty, &out))
+}
+
+/// Shape rule of `scatter` (XLA semantics, one operand, no batching dims): the result has the
+/// operand's shape.
+pub fn scatter(
+    operand: &Shape,
+    indices: &Shape,
+    updates: &Shape,
+    dims: &ScatterDims,
+) -> ShapeResult {
+    const OP: &str = "scatter";
+    let (ty, od) = expect_array(OP, "operand", operand)?;
+    let (uty, ud) = expect_array(OP, "updates", updates)?;
+    let ctx = || {
+        format!(
+            "operand {}, indices {}, updates {}, {dims:?}",
+            operand.short(),
+            indices.short(),
+            updates.short()
+        )
+    };
+    if uty != ty {
+        return Err(ShapeError::new(
+            OP,
+            format!("updates must have the operand's element type ({})", ctx()),
+        ));
+    }
+    let (len, batch) = index_dims(OP, indices, dims.index_vector_dim, &ctx)?;
+    check_sorted_in_range(
+        OP,
+        "update_window_dims",
+        &dims.update_window_dims,
+        ud.len(),
+        &ctx,
+    )?;
+    check_sorted_in_range(
+        OP,
+        "inserted_window_dims",
+        &dims.inserted_window_dims,
+        od.len(),
+        &ctx,
+    )?;
+    check_distinct_in_range(
+        OP,
+        "scatter_dims_to_operand_dims",
+        &dims.scatter_dims_to_operand_dims,
+        od.len(),
+        &ctx,
+    )?;
+    if dims.scatter_dims_to_operand_dims.len() as i64 != len {
+        return Err(ShapeError::new(
+            OP,
+            format!(
+                "scatter_dims_to_operand_dims has {} entries but the index vectors have length {len} ({})",
+                dims.scatter_dims_to_operand_dims.len(),
+                ctx()
+            ),
+        ));
+    }
+    if dims.update_window_dims.len() + dims.inserted_window_dims.len() != od.len() {
+        return Err(ShapeError::new(
+            OP,
+            format!(
+                "update_window_dims ({}) + inserted_window_dims ({}) must cover the operand rank {} \
+                 (batching dims are not supported) ({})",
+                dims.update_window_dims.len(),
+                dims.inserted_window_dims.len(),
+                od.len(),
+                ctx()
+            ),
+        ));
+    }
+    if ud.len() != dims.update_window_dims.len() + batch.len() {
+        return Err(ShapeError::new(
+            OP,
+            format!(
+                "updates must have rank {} (window dims) + {} (scatter dims of the indices) ({})",
+                dims.update_window_dims.len(),
+                batch.len(),
+                ctx()
+            ),
+        ));
+    }
+    let window_operand_dims =
+        (0..od.len()).filter(|i| !dims.inserted_window_dims.contains(&(*i as i64)));
+    for (&w, o) in dims.update_window_dims.iter().zip(window_operand_dims) {
+        if ud[w as usize] > od[o] {
+            return Err(ShapeError::new(
+                OP,
+                format!(
+                    "update window dim {w} (size {}) is larger than operand dim {o} (size {}) ({})",
+                    ud[w as usize],
+                    od[o],
+                    ctx()
+                ),
+            ));
+        }
+    }
+    let scatter_sizes: Vec<i64> = (0..ud.len())
+        .filter(|i| !dims.update_window_dims.contains(&(*i as i64)))
+        .map(|i| ud[i])
+        .collect();
+    if scatter_sizes != batch {
+        return Err(ShapeError::new(
+            OP,
+            format!(
+                "the scatter dims of updates {scatter_sizes:?} must equal the indices' dims without \
+                 index_vector_dim {batch:?} ({})",
+                ctx()
+            ),
+        ));
+    }
+    Ok(operand.clone())
+}
+
+impl Builder {
+    /// XLA `gather`: slices of `operand` of size `slice_sizes` starting at the index vectors in
+    /// `indices` (start indices are clamped so that each slice lies inside the operand).
+    ///
+    /// ```
+    /// use hlo_builder::{Builder, ElementType, GatherDims, Shape};
+    /// let b = Builder::new("g");
+    /// let t = b.parameter(Shape::array(ElementType::F32, &[10, 4]), "table").unwrap();
+    /// let i = b.parameter(Shape::array(ElementType::S32, &[3]), "ids").unwrap();
+    /// let dims = GatherDims {
+    ///     offset_dims: vec![1],
+    ///     collapsed_slice_dims: vec![0],
+    ///     start_index_map: vec![0],
+    ///     index_vector_dim: 1,
+    /// };
+    /// let g = b.gather(t, i, &dims, &[1, 4]).unwrap();
+    /// assert_eq!(b.shape(g).unwrap(), Shape::array(ElementType::F32, &[3, 4]));
+    /// ```
+    #[track_caller]
+    pub fn gather(
+        &self,
+        operand: Op,
+        indices: Op,
+        dims: &GatherDims,
+        slice_sizes: &[i64],
+    ) -> Result<Op> {
+        let loc = Location::caller();
+        let s = self.shapes_of(loc, "gather", &[operand, indices])?;
+        let out = gather(&s[0], &s[1], dims, slice_sizes).map_err(|e| self.shape_err(loc, e))?;
+        Ok(self.push(
+            loc,
+            Kind::Gather {
+                dims: dims.clone(),
+                slice_sizes: slice_sizes.to_vec(),
+            },
+            vec![operand, indices],
+            out,
+            Vec::new(),
+        ))
+    }
+
+    /// XLA `scatter` of `updates` into `operand` at `indices`, combining with `update` (the
+    /// reducer computation is built for you). Update windows that would fall outside the operand
+    /// are skipped (XLA semantics).
+    #[track_caller]
+    pub fn scatter(
+        &self,
+        operand: Op,
+        indices: Op,
+        updates: Op,
+        dims: &ScatterDims,
+        update: ScatterUpdate,
+    ) -> Result<Op> {
+        let loc = Location::caller();
+        let s = self.shapes_of(loc, "scatter", &[operand, indices, updates])?;
+        let out = scatter(&s[0], &s[1], &s[2], dims).map_err(|e| self.shape_err(loc, e))?;
+        let ty = out.ty().unwrap_or(ElementType::F32);
+        let reducer = self.scatter_reducer(update, ty)?;
+        Ok(self.push(
+            loc,
+            Kind::Scatter {
+                dims: dims.clone(),
+                update,
+            },
+            vec![operand, indices, updates],
+            out,
+            vec![reducer],
+        ))
+    }
+
+    /// Rows of `table` (`[V, D...]`) at the integer `ids` (any shape): result
+    /// `ids.shape + [D...]`. Out-of-range ids are clamped to `[0, V - 1]` (XLA gather).
+    ///
+    /// ```
+    /// use hlo_builder::{Builder, ElementType, Shape};
+    /// let b = Builder::new("emb");
+    /// let t = b.parameter(Shape::array(ElementType::F32, &[32, 8]), "table").unwrap();
+    /// let ids = b.parameter(Shape::array(ElementType::S32, &[2, 5]), "ids").unwrap();
+    /// let x = b.take_rows(t, ids).unwrap();
+    /// assert_eq!(b.shape(x).unwrap(), Shape::array(ElementType::F32, &[2, 5, 8]));
+    /// ```
+    #[track_caller]
+    pub fn take_rows(&self, table: Op, ids: Op) -> Result<Op> {
+        let loc = Location::caller();
+        let s = self.shapes_of(loc, "take_rows", &[table, ids])?;
+        let td = s[0].dims();
+        if !s[0].is_array() || td.is_empty() {
+            return Err(self.shape_err(
+                loc,
+                ShapeError::new(
+                    "take_rows",
+                    format!(
+                        "table must be an array of rank >= 1, got {} (ids {})",
+                        s[0].short(),
+                        s[1].short()
+                    ),
+                ),
+            ));
+        }
+        let r = s[1].rank() as i64;
+        let dims = GatherDims {
+            offset_dims: (r..r + td.len() as i64 - 1).collect(),
+            collapsed_slice_dims: vec![0],
+            start_index_map: vec![0],
+            index_vector_dim: r,
+        };
+        let mut sizes = td.to_vec();
+        sizes[0] = 1;
+        let out = gather(&s[0], &s[1], &dims, &sizes)
+            .map_err(|e| self.shape_err(loc, ShapeError::new("take_rows", e.message)))?;
+        Ok(self.push(
+            loc,
+            Kind::Gather {
+                dims,
+                slice_sizes: sizes,
+            },
+            vec![table, ids],
+            out,
+            Vec::new(),
+        ))
+    }
+
+    /// The `(T, T) -> T` computation of a scatter: the module's cached add reducer, or a fresh
+    /// "take the update" computation.
+    fn scatter_reducer(&self, update: ScatterUpdate, ty: ElementType) -> Result<i64> {
+        match update {
+            ScatterUpdate::Add => {
+                let cached = self
+                    .module
+                    .reducers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&(BinaryOp::Add, ty))
+                    .copied();
+                if let Some(id) = cached {
+                    return Ok(id);
+                }
+                let r = self.sub_builder(&format!("region_add_{}", ty.name()));
+                let a = r.parameter(Shape::scalar(ty), "Arg_0")?;
+                let x = r.parameter(Shape::scalar(ty), "Arg_1")?;
+                let c = r.build(r.add(a, x)?)?;
+                self.module
+                    .reducers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((BinaryOp::Add, ty), c.id());
+                Ok(c.id())
+            }
+            ScatterUpdate::Replace => {
+                let r = self.sub_builder(&format!("region_replace_{}", ty.name()));
+                r.parameter(Shape::scalar(ty), "Arg_0")?;
+                let x = r.parameter(Shape::scalar(ty), "Arg_1")?;
+                Ok(r.build(x)?.id())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(d: &[i64]) -> Shape {
+        Shape::array(ElementType::F32, d)
+    }
+    fn s32(d: &[i64]) -> Shape {
+        Shape::array(ElementType::S32, d)
+    }
+    fn rows(r: i64) -> GatherDims {
+        GatherDims {
+            offset_dims: vec![r],
+            collapsed_slice_dims: vec![0],
+            start_index_map: vec![0],
+            index_vector_dim: r,
+        }
+    }
+
+    #[test]
+    fn gather_rule() {
+        // Embedding lookup with an implicit index vector dim.
+        assert_eq!(
+            gather(&f(&[10, 4]), &s32(&[2, 3]), &rows(2), &[1, 4]),
+            Ok(f(&[2, 3, 4]))
+        );
+        // Explicit index vector dim in the middle, 2-d starts, window kept in front.
+        let d = GatherDims {
+            offset_dims: vec![0, 1],
+            collapsed_slice_dims: vec![],
+            start_index_map: vec![1, 0],
+            index_vector_dim: 1,
+        };
+        assert_eq!(
+            gather(&f(&[6, 7]), &s32(&[5, 2, 3]), &d, &[2, 3]),
+            Ok(f(&[2, 3, 5, 3]))
+        );
+        let e = gather(&f(&[10, 4]), &f(&[3]), &rows(1), &[1, 4]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("indices must have an integer type, got f32[3]"),
+            "{e}"
+        );
+        let e = gather(&f(&[10, 4]), &s32(&[3]), &rows(1), &[2, 4]).unwrap_err();
+        assert!(
+            e.to_string().contains("collapsed dim 0 has slice size 2"),
+            "{e}"
+        );
+        let e = gather(&f(&[10, 4]), &s32(&[3]), &rows(1), &[1, 5]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("slice size 5 of operand dim 1 is not in [0, 4]"),
+            "{e}"
+        );
+        let e = gather(&f(&[10, 4]), &s32(&[3]), &rows(2), &[1, 4]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("gather: index_vector_dim 2 must be in [0, 1]"),
+            "{e}"
+        );
+        let mut bad = rows(1);
+        bad.collapsed_slice_dims = vec![];
+        let e = gather(&f(&[10, 4]), &s32(&[3]), &bad, &[1, 4]).unwrap_err();
+        assert!(
+            e.to_string().contains("must cover the operand rank 2"),
+            "{e}"
+        );
+        bad = rows(1);
+        bad.start_index_map = vec![0, 1];
+        let e = gather(&f(&[10, 4]), &s32(&[3]), &bad, &[1, 4]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("start_index_map has 2 entries but the index vectors have length 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn scatter_rule() {
+        let d = ScatterDims {
+            update_window_dims: vec![2],
+            inserted_window_dims: vec![0],
+            scatter_dims_to_operand_dims: vec![0],
+            index_vector_dim: 2,
+        };
+        assert_eq!(
+            scatter(&f(&[10, 4]), &s32(&[2, 3]), &f(&[2, 3, 4]), &d),
+            Ok(f(&[10, 4]))
+        );
+        let e = scatter(&f(&[10, 4]), &s32(&[2, 3]), &f(&[2, 3, 5]), &d).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("update window dim 2 (size 5) is larger than operand dim 1 (size 4)"),
+            "{e}"
+        );
+        let e = scatter(&f(&[10, 4]), &s32(&[2, 3]), &f(&[3, 2, 4]), &d).unwrap_err();
+        assert!(e.to_string().contains("scatter dims of updates [3, 2] must equal the indices' dims without index_vector_dim [2, 3]"), "{e}");
+        let e = scatter(&f(&[10, 4]), &s32(&[2, 3]), &s32(&[2, 3, 4]), &d).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("scatter: updates must have the operand's element type"),
+            "{e}"
+        );
+    }
+}
