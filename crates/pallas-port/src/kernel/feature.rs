@@ -2,8 +2,6 @@
 
 use crate::config::FeatureMap;
 
-const LANES: usize = 8;
-
 /// exp(x) for x ≤ 88 (inputs below −87 are clamped, giving ~1e−38 instead of a smaller value).
 /// Range reduction x = n·ln2 + r, |r| ≤ ln2/2, then a degree-7 Taylor polynomial
 /// (relative error ≈ 5e−9 before fp32 rounding). Branch-free so loops over it vectorise.
@@ -33,82 +31,77 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     p * scale
 }
 
+/// (max, min) of `x` with explicit SIMD max/min (the compiler's own vectorisation of a scalar
+/// compare-and-select loop produced slow mask shuffling).
 #[inline(always)]
-fn max_min(x: &[f32]) -> (f32, f32) {
-    let mut mx = [f32::NEG_INFINITY; LANES];
-    let mut mn = [f32::INFINITY; LANES];
-    let mut it = x.chunks_exact(LANES);
-    for c in &mut it {
-        for i in 0..LANES {
-            mx[i] = if c[i] > mx[i] { c[i] } else { mx[i] };
-            mn[i] = if c[i] < mn[i] { c[i] } else { mn[i] };
-        }
+fn max_min<S: pulp::Simd>(simd: S, x: &[f32]) -> (f32, f32) {
+    let (head, tail) = S::as_simd_f32s(x);
+    let mut mx = simd.splat_f32s(f32::NEG_INFINITY);
+    let mut mn = simd.splat_f32s(f32::INFINITY);
+    for &v in head {
+        mx = simd.max_f32s(mx, v);
+        mn = simd.min_f32s(mn, v);
     }
-    for &v in it.remainder() {
-        mx[0] = mx[0].max(v);
-        mn[0] = mn[0].min(v);
+    let (mut m, mut n) = (simd.reduce_max_f32s(mx), simd.reduce_min_f32s(mn));
+    for &v in tail {
+        m = m.max(v);
+        n = n.min(v);
     }
-    (
-        mx.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-        mn.iter().copied().fold(f32::INFINITY, f32::min),
-    )
+    (m, n)
 }
 
 #[inline(always)]
-fn sum(x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let mut it = x.chunks_exact(LANES);
-    for c in &mut it {
-        for i in 0..LANES {
-            acc[i] += c[i];
-        }
+fn sum<S: pulp::Simd>(simd: S, x: &[f32]) -> f32 {
+    let (head, tail) = S::as_simd_f32s(x);
+    let mut acc = simd.splat_f32s(0.0);
+    for &v in head {
+        acc = simd.add_f32s(acc, v);
     }
-    let mut s: f32 = acc.iter().sum();
-    for &v in it.remainder() {
-        s += v;
-    }
-    s
+    simd.reduce_sum_f32s(acc) + tail.iter().sum::<f32>()
 }
 
 #[inline(always)]
-fn dot(x: &[f32], y: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let mut ix = x.chunks_exact(LANES);
-    let mut iy = y.chunks_exact(LANES);
-    for (a, b) in (&mut ix).zip(&mut iy) {
-        for i in 0..LANES {
-            acc[i] += a[i] * b[i];
-        }
+fn dot<S: pulp::Simd>(simd: S, x: &[f32], y: &[f32]) -> f32 {
+    let (hx, tx) = S::as_simd_f32s(x);
+    let (hy, ty) = S::as_simd_f32s(y);
+    let mut acc = simd.splat_f32s(0.0);
+    for (&a, &b) in hx.iter().zip(hy) {
+        acc = simd.mul_add_f32s(a, b, acc);
     }
-    let mut s: f32 = acc.iter().sum();
-    for (a, b) in ix.remainder().iter().zip(iy.remainder()) {
-        s += a * b;
+    simd.reduce_sum_f32s(acc) + tx.iter().zip(ty).map(|(a, b)| a * b).sum::<f32>()
+}
+
+/// `x *= s` for every element.
+#[inline(always)]
+fn scale<S: pulp::Simd>(simd: S, x: &mut [f32], s: f32) {
+    let (head, tail) = S::as_mut_simd_f32s(x);
+    let sv = simd.splat_f32s(s);
+    for v in head {
+        *v = simd.mul_f32s(*v, sv);
     }
-    s
+    for v in tail {
+        *v *= s;
+    }
 }
 
 /// φ of one row: `x` has H values, `out` gets 2H.
 #[inline(always)]
-fn phi_row(fm: FeatureMap, x: &[f32], out: &mut [f32]) {
+fn phi_row<S: pulp::Simd>(simd: S, fm: FeatureMap, x: &[f32], out: &mut [f32]) {
     let h = x.len();
     let (pos, neg) = out[..2 * h].split_at_mut(h);
     match fm {
         FeatureMap::Softmax => {
-            let (mx, mn) = max_min(x);
+            let (mx, mn) = max_min(simd, x);
             for (o, &v) in pos.iter_mut().zip(x) {
                 *o = fast_exp(v - mx);
             }
             for (o, &v) in neg.iter_mut().zip(x) {
                 *o = fast_exp(mn - v);
             }
-            let sp = 1.0 / sum(pos);
-            let sn = 1.0 / sum(neg);
-            for o in pos.iter_mut() {
-                *o *= sp;
-            }
-            for o in neg.iter_mut() {
-                *o *= sn;
-            }
+            let sp = 1.0 / sum(simd, pos);
+            let sn = 1.0 / sum(simd, neg);
+            scale(simd, pos, sp);
+            scale(simd, neg, sn);
         }
         FeatureMap::Relu => {
             for ((p, n), &v) in pos.iter_mut().zip(neg.iter_mut()).zip(x) {
@@ -140,7 +133,7 @@ pub(crate) fn phi_rows(
     impl pulp::WithSimd for Op<'_> {
         type Output = ();
         #[inline(always)]
-        fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        fn with_simd<S: pulp::Simd>(self, simd: S) {
             let Op {
                 fm,
                 src,
@@ -150,7 +143,7 @@ pub(crate) fn phi_rows(
                 dst,
             } = self;
             for (r, out) in dst.chunks_exact_mut(2 * h).take(rows).enumerate() {
-                phi_row(fm, &src[r * stride..r * stride + h], out);
+                phi_row(simd, fm, &src[r * stride..r * stride + h], out);
             }
         }
     }
@@ -184,7 +177,7 @@ pub(crate) fn phi_vjp_rows(
     impl pulp::WithSimd for Op<'_> {
         type Output = ();
         #[inline(always)]
-        fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        fn with_simd<S: pulp::Simd>(self, simd: S) {
             let Op {
                 fm,
                 y,
@@ -195,6 +188,7 @@ pub(crate) fn phi_vjp_rows(
             } = self;
             for (m, dxr) in dx.chunks_exact_mut(h).take(rows).enumerate() {
                 phi_vjp_row(
+                    simd,
                     fm,
                     &y[m * 2 * h..(m + 1) * 2 * h],
                     &dy[m * 2 * h..(m + 1) * 2 * h],
@@ -216,14 +210,14 @@ pub(crate) fn phi_vjp_rows(
 /// VJP of φ for one row given its output `y` (2H) and cotangent `dy` (2H): writes dx (H).
 /// softmax half: y ⊙ (dy − ⟨dy, y⟩), the second half negated; relu: the mask of each half.
 #[inline(always)]
-fn phi_vjp_row(fm: FeatureMap, y: &[f32], dy: &[f32], dx: &mut [f32]) {
+fn phi_vjp_row<S: pulp::Simd>(simd: S, fm: FeatureMap, y: &[f32], dy: &[f32], dx: &mut [f32]) {
     let h = dx.len();
     let (y1, y2) = y[..2 * h].split_at(h);
     let (d1, d2) = dy[..2 * h].split_at(h);
     match fm {
         FeatureMap::Softmax => {
-            let c1 = dot(y1, d1);
-            let c2 = dot(y2, d2);
+            let c1 = dot(simd, y1, d1);
+            let c2 = dot(simd, y2, d2);
             for i in 0..h {
                 dx[i] = y1[i] * (d1[i] - c1) - y2[i] * (d2[i] - c2);
             }
