@@ -20,11 +20,11 @@ pub mod synth {
     /// First key token.
     pub const KEYS: u32 = 16;
     /// Number of distinct keys.
-    pub const N_KEYS: u32 = 48;
+    pub const N_KEYS: u32 = 16;
     /// First value token.
     pub const VALUES: u32 = 64;
     /// Number of distinct values (chance recall is 1 / N_VALUES).
-    pub const N_VALUES: u32 = 64;
+    pub const N_VALUES: u32 = 16;
     /// Smallest vocabulary the corpus needs.
     pub const VOCAB: usize = (VALUES + N_VALUES) as usize;
 }
