@@ -3,6 +3,8 @@
 mod checkpoint;
 mod config;
 mod data;
+mod dump;
+mod plot;
 mod runtime;
 mod step;
 mod train;
@@ -67,6 +69,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PluginCmd,
     },
+    /// Write the train (and decode) step as HLO before and after XLA's optimizations, plus a
+    /// summary: parameters, FLOPs per token, compiled memory, KV-cache / RLA-state bytes.
+    Dump(dump::DumpArgs),
+    /// Plot a metric (default loss) of metrics.jsonl files against the step into a PNG.
+    Plot(plot::PlotArgs),
     /// Show the plugin, its API version, platform and devices.
     Doctor {
         /// PJRT plugin: cpu (default), cuda, tpu, or a path.
@@ -146,6 +153,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Dump(args) => dump::run(&args),
+        Cmd::Plot(args) => plot::run(&args),
         Cmd::Doctor { plugin } => {
             let p = runtime::load_plugin(plugin.as_deref())?;
             let (maj, min) = p.api_version();

@@ -1,0 +1,568 @@
+//! `rattn dump`: the train step (and the decode step, where the model has one) as HLO before and
+//! after XLA's optimizations, named like XLA's `--xla_dump_to`, plus a summary of the model's size,
+//! FLOPs, compiled memory and KV-cache / RLA-state bytes against the SWA and full-attention baselines.
+
+use crate::config::RunConfig;
+use crate::{runtime, step};
+use anyhow::{Context, Result};
+use hlo_builder::Computation;
+use model::config::{Dtype, LayerKind, LayerPattern, LocalKind};
+use model::ModelConfig;
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// What `rattn dump` was asked to do.
+#[derive(Debug, Clone)]
+pub struct DumpOptions {
+    /// Output directory (created).
+    pub out: PathBuf,
+    /// Context length of the cache numbers (default: the config's `seq_len`).
+    pub context: Option<usize>,
+    /// Compile the modules (after-optimization files and memory stats); off for models too big
+    /// to compile usefully on the host.
+    pub compile: bool,
+    /// `--plugin` of the compile.
+    pub plugin: Option<String>,
+}
+
+/// Per-sequence decode-cache bytes of one model at one context length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Cache {
+    /// Keys and values of every layer: global layers keep the whole context, local layers
+    /// `min(W, context)` tokens, in the activation dtype.
+    pub kv: u64,
+    /// RLA states of the RAttention local layers: `kv_heads × 2H × H` f32 each.
+    pub rla_state: u64,
+}
+
+impl Cache {
+    /// KV plus RLA state.
+    pub fn total(&self) -> u64 {
+        self.kv + self.rla_state
+    }
+}
+
+/// Bytes of one activation element in the model's compute dtype.
+fn act_bytes(m: &ModelConfig) -> u64 {
+    match m.dtype {
+        Dtype::F32 => 4,
+        Dtype::Bf16 => 2,
+    }
+}
+
+/// Decode-cache bytes per sequence at `context` tokens (the paper's convention: a local layer keeps
+/// the last W tokens; our decode ring buffer holds W+1, one more token per layer).
+pub fn cache_bytes(m: &ModelConfig, context: usize) -> Result<Cache> {
+    let kinds = m.layer_kinds()?;
+    let per_token = 2 * (m.kv_dim() as u64) * act_bytes(m);
+    let state = (m.kv_heads * 2 * m.head_dim * m.head_dim) as u64 * 4;
+    let mut c = Cache {
+        kv: 0,
+        rla_state: 0,
+    };
+    for k in kinds {
+        match k {
+            LayerKind::Global => c.kv += per_token * context as u64,
+            LayerKind::Local => {
+                c.kv += per_token * m.window.min(context) as u64;
+                if m.local_kind == LocalKind::Rattention {
+                    c.rla_state += state;
+                }
+            }
+        }
+    }
+    Ok(c)
+}
+
+/// The SWA baseline of `m`: the same layers and window, local layers without RLA.
+pub fn swa_baseline(m: &ModelConfig) -> ModelConfig {
+    ModelConfig {
+        local_kind: LocalKind::Swa,
+        ..m.clone()
+    }
+}
+
+/// The full-attention baseline of `m`: every layer global.
+pub fn full_baseline(m: &ModelConfig) -> ModelConfig {
+    ModelConfig {
+        layer_pattern: LayerPattern::List(vec![LayerKind::Global]),
+        local_kind: LocalKind::Swa,
+        ..m.clone()
+    }
+}
+
+/// Training FLOPs per token (forward + backward) at the config's `seq_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Flops {
+    /// `6·N` with N the parameters that enter matmuls (all weight matrices except norm scales and
+    /// an untied input embedding, which is a gather).
+    pub dense: f64,
+    /// `12·heads·head_dim·k` per layer (QKᵀ and AV, 2 FLOPs per multiply-add, backward 2× forward),
+    /// k = seq_len for global layers and `min(W, seq_len)` for local layers; no causal halving.
+    pub attention: f64,
+    /// The chunked RLA kernels' nominal forward + backward FLOPs
+    /// (`pallas_port::kernel::flops_fwd + flops_bwd`, recomputation included) over `seq_len`.
+    pub rla: f64,
+}
+
+impl Flops {
+    /// Sum of the parts.
+    pub fn total(&self) -> f64 {
+        self.dense + self.attention + self.rla
+    }
+}
+
+/// Parameters that enter matmuls (see [`Flops::dense`]).
+pub fn matmul_params(m: &ModelConfig) -> u64 {
+    model::param_specs(m)
+        .iter()
+        .filter(|s| {
+            s.shape.len() >= 2
+                && !s.name.ends_with(".scale")
+                && (m.tied_embeddings || s.name != "embed")
+        })
+        .map(|s| s.numel() as u64)
+        .sum()
+}
+
+/// Training FLOPs per token of `m` (see [`Flops`] for the formulas).
+pub fn flops_per_token(m: &ModelConfig) -> Result<Flops> {
+    let t = m.seq_len;
+    let qh = (m.heads * m.head_dim) as f64;
+    let mut attention = 0.0;
+    let mut rla_layers = 0usize;
+    for k in m.layer_kinds()? {
+        let keys = match k {
+            LayerKind::Global => t,
+            LayerKind::Local => {
+                if m.local_kind == LocalKind::Rattention {
+                    rla_layers += 1;
+                }
+                m.window.min(t)
+            }
+        };
+        attention += 12.0 * qh * keys as f64;
+    }
+    let rla = if rla_layers == 0 {
+        0.0
+    } else {
+        let rc = pallas_port::RlaConfig {
+            window: m.window,
+            sub_chunk: m.rla.sub_chunk,
+            chunk: m.rla.chunk,
+            feature_map: match m.rla.feature_map {
+                model::config::FeatureMapKind::Softmax => pallas_port::FeatureMap::Softmax,
+                model::config::FeatureMapKind::Relu => pallas_port::FeatureMap::Relu,
+            },
+        };
+        let d = pallas_port::RlaDims {
+            batch: 1,
+            seq: t,
+            heads: m.heads,
+            kv_heads: m.kv_heads,
+            head_dim: m.head_dim,
+        };
+        let per_layer =
+            pallas_port::kernel::flops_fwd(&rc, &d) + pallas_port::kernel::flops_bwd(&rc, &d);
+        rla_layers as f64 * per_layer / t as f64
+    };
+    Ok(Flops {
+        dense: 6.0 * matmul_params(m) as f64,
+        attention,
+        rla,
+    })
+}
+
+/// One module's files and compiled statistics.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModuleDump {
+    /// `train_step` or `decode_step`.
+    pub name: String,
+    /// Instructions of the entry computation as we built it.
+    pub instructions: usize,
+    /// Files written.
+    pub files: Vec<PathBuf>,
+    /// Compiled memory statistics (bytes), or why there are none.
+    pub memory: Result<MemoryStats, String>,
+}
+
+/// The compiled memory statistics we report (bytes).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MemoryStats {
+    /// Arguments.
+    pub argument: i64,
+    /// Outputs.
+    pub output: i64,
+    /// Outputs aliased to arguments.
+    pub alias: i64,
+    /// Temporaries.
+    pub temp: i64,
+    /// Generated code.
+    pub generated_code: i64,
+    /// Peak (0 where the plugin does not report it).
+    pub peak: i64,
+}
+
+/// Cache numbers of one model against its baselines.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheReport {
+    /// Context length.
+    pub context: usize,
+    /// This config.
+    pub model: Cache,
+    /// Same window, local layers without RLA.
+    pub swa: Cache,
+    /// Every layer global.
+    pub full: Cache,
+    /// `1 − kv/kv_swa` in %.
+    pub kv_saving_vs_swa_pct: f64,
+    /// `1 − kv/kv_full` in %.
+    pub kv_saving_vs_full_pct: f64,
+    /// `1 − (kv + rla_state)/kv_full` in %.
+    pub total_saving_vs_full_pct: f64,
+    /// The decode step's own accounting (`model::decode::cache_bytes`, ring buffers of W+1), when
+    /// the model crate has a decode step.
+    pub decode_allocation: Option<Cache>,
+}
+
+/// Everything `rattn dump` reports (also written as `summary.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Parameter count.
+    pub parameters: u64,
+    /// Parameters entering matmuls.
+    pub matmul_parameters: u64,
+    /// Training FLOPs per token.
+    pub flops_per_token: Flops,
+    /// Tokens per train step (batch × seq_len).
+    pub tokens_per_step: u64,
+    /// Modules written.
+    pub modules: Vec<ModuleDump>,
+    /// Cache sizes per sequence.
+    pub cache: CacheReport,
+    /// The platform compiled for (None with `--no-compile`).
+    pub platform: Option<String>,
+}
+
+fn pct(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        100.0 * (1.0 - part as f64 / whole as f64)
+    }
+}
+
+/// Cache numbers of `m` at `context` against its baselines.
+pub fn cache_report(m: &ModelConfig, context: usize) -> Result<CacheReport> {
+    let model = cache_bytes(m, context)?;
+    let swa = cache_bytes(&swa_baseline(m), context)?;
+    let full = cache_bytes(&full_baseline(m), context)?;
+    Ok(CacheReport {
+        context,
+        model,
+        swa,
+        full,
+        kv_saving_vs_swa_pct: pct(model.kv, swa.kv),
+        kv_saving_vs_full_pct: pct(model.kv, full.kv),
+        total_saving_vs_full_pct: pct(model.total(), full.kv),
+        decode_allocation: None,
+    })
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Write one module's files; compile it when `client` is given.
+fn dump_module(
+    out: &Path,
+    index: usize,
+    name: &str,
+    comp: &Computation,
+    client: Option<&pjrt::Client>,
+) -> Result<ModuleDump> {
+    let stem = format!("module_{index:04}.{name}");
+    let mut files = Vec::new();
+    let before_txt = out.join(format!("{stem}.before_optimizations.txt"));
+    write(&before_txt, comp.to_text().as_bytes())?;
+    let before_pb = out.join(format!("{stem}.before_optimizations.hlo.pb"));
+    write(&before_pb, &comp.to_bytes())?;
+    files.extend([before_txt, before_pb]);
+    let memory = match client {
+        None => Err("not compiled (--no-compile)".to_string()),
+        Some(client) => {
+            let exe = runtime::compile(client, comp)?;
+            let platform = client.platform_name()?.to_lowercase();
+            let optimized = exe
+                .optimized_program()
+                .with_context(|| format!("optimized program of {name}"))?;
+            let text = hlo_builder::print_module_bytes(&optimized)
+                .with_context(|| format!("printing the optimized {name}"))?;
+            let after_txt = out.join(format!("{stem}.{platform}_after_optimizations.txt"));
+            write(&after_txt, text.as_bytes())?;
+            let after_pb = out.join(format!("{stem}.{platform}_after_optimizations.hlo.pb"));
+            write(&after_pb, &optimized)?;
+            files.extend([after_txt, after_pb]);
+            exe.memory_stats()
+                .map(|s| MemoryStats {
+                    argument: s.argument_size_in_bytes,
+                    output: s.output_size_in_bytes,
+                    alias: s.alias_size_in_bytes,
+                    temp: s.temp_size_in_bytes,
+                    generated_code: s.generated_code_size_in_bytes,
+                    peak: s.peak_memory_in_bytes,
+                })
+                .map_err(|e| format!("unavailable: {e}"))
+        }
+    };
+    Ok(ModuleDump {
+        name: name.to_string(),
+        instructions: comp.instruction_count(),
+        files,
+        memory,
+    })
+}
+
+/// Write the dump of `cfg` into `opts.out`; returns the summary (also in `summary.txt` and
+/// `summary.json`).
+pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
+    let m = &cfg.model;
+    let context = opts.context.unwrap_or(m.seq_len);
+    if context == 0 {
+        anyhow::bail!("--context must be > 0");
+    }
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("cannot create dump dir {}", opts.out.display()))?;
+    let client = if opts.compile {
+        Some(runtime::open_client(opts.plugin.as_deref())?)
+    } else {
+        None
+    };
+    let platform = match &client {
+        Some(c) => Some(c.platform_name()?.to_lowercase()),
+        None => None,
+    };
+    let train = step::build_train_step(cfg).context("building the train step")?;
+    let modules = vec![dump_module(
+        &opts.out,
+        0,
+        "train_step",
+        &train,
+        client.as_ref(),
+    )?];
+    drop(train);
+    let summary = Summary {
+        parameters: model::param_count(m) as u64,
+        matmul_parameters: matmul_params(m),
+        flops_per_token: flops_per_token(m)?,
+        tokens_per_step: (cfg.train.batch * m.seq_len) as u64,
+        modules,
+        cache: cache_report(m, context)?,
+        platform,
+    };
+    let text = render(cfg, &summary);
+    write(&opts.out.join("summary.txt"), text.as_bytes())?;
+    let json = serde_json::to_string_pretty(&summary)?;
+    write(&opts.out.join("summary.json"), json.as_bytes())?;
+    Ok((summary, text))
+}
+
+fn human(x: f64, unit: &str) -> String {
+    let (v, p) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")]
+        .into_iter()
+        .find(|&(s, _)| x.abs() >= s)
+        .map(|(s, p)| (x / s, p))
+        .unwrap_or((x, ""));
+    format!("{v:.3} {p}{unit}")
+}
+
+fn mib(b: u64) -> String {
+    format!("{b} B ({:.2} MiB)", b as f64 / (1u64 << 20) as f64)
+}
+
+/// The human-readable summary.
+fn render(cfg: &RunConfig, s: &Summary) -> String {
+    let m = &cfg.model;
+    let mut o = String::new();
+    let f = &s.flops_per_token;
+    let _ = writeln!(o, "model: {m}");
+    let _ = writeln!(
+        o,
+        "parameters: {} ({}); in matmuls: {}",
+        s.parameters,
+        human(s.parameters as f64, ""),
+        s.matmul_parameters
+    );
+    let _ = writeln!(
+        o,
+        "train FLOPs per token at seq_len {}: {} = dense {} (6·matmul params) + attention {} \
+         (12·heads·head_dim·k per layer, k = seq_len global / min(W, seq_len) local, no causal halving) \
+         + RLA {} (chunked kernels fwd+bwd, recompute included)",
+        m.seq_len,
+        human(f.total(), "FLOP"),
+        human(f.dense, "FLOP"),
+        human(f.attention, "FLOP"),
+        human(f.rla, "FLOP"),
+    );
+    let _ = writeln!(
+        o,
+        "train FLOPs per step ({} tokens): {}",
+        s.tokens_per_step,
+        human(f.total() * s.tokens_per_step as f64, "FLOP")
+    );
+    for md in &s.modules {
+        let _ = writeln!(o, "{}: {} entry instructions", md.name, md.instructions);
+        match &md.memory {
+            Ok(ms) => {
+                let _ = writeln!(
+                    o,
+                    "  compiled memory: arguments {}, outputs {}, aliased {}, temp {}, code {}{}",
+                    mib(ms.argument as u64),
+                    mib(ms.output as u64),
+                    mib(ms.alias as u64),
+                    mib(ms.temp as u64),
+                    mib(ms.generated_code as u64),
+                    if ms.peak > 0 {
+                        format!(", peak {}", mib(ms.peak as u64))
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            Err(why) => {
+                let _ = writeln!(o, "  compiled memory: {why}");
+            }
+        }
+        for p in &md.files {
+            let _ = writeln!(o, "  wrote {}", p.display());
+        }
+    }
+    let c = &s.cache;
+    let _ = writeln!(
+        o,
+        "decode cache per sequence at context {} (local layers keep min(W, context) = {} tokens, \
+         global layers the context; {} KV):",
+        c.context,
+        m.window.min(c.context),
+        match m.dtype {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+        }
+    );
+    let _ = writeln!(
+        o,
+        "  this model:     KV {}, RLA state {} (f32)",
+        mib(c.model.kv),
+        mib(c.model.rla_state)
+    );
+    let _ = writeln!(o, "  SWA baseline:   KV {}", mib(c.swa.kv));
+    let _ = writeln!(o, "  full attention: KV {}", mib(c.full.kv));
+    let _ = writeln!(
+        o,
+        "  KV saving vs SWA: {:.2} % (KV + RLA state vs SWA's KV: {:+.2} %)",
+        c.kv_saving_vs_swa_pct,
+        -pct(c.model.total(), c.swa.kv)
+    );
+    let _ = writeln!(
+        o,
+        "  KV saving vs full attention: {:.2} %",
+        c.kv_saving_vs_full_pct
+    );
+    let _ = writeln!(
+        o,
+        "  KV + RLA state saving vs full attention: {:.2} %",
+        c.total_saving_vs_full_pct
+    );
+    if let Some(d) = &c.decode_allocation {
+        let _ = writeln!(
+            o,
+            "  decode step's allocation (ring buffers of W+1): KV {}, RLA state {}",
+            mib(d.kv),
+            mib(d.rla_state)
+        );
+    }
+    o
+}
+
+/// `rattn dump` arguments.
+#[derive(clap::Args)]
+pub(crate) struct DumpArgs {
+    #[command(flatten)]
+    pub(crate) common: crate::Common,
+    /// Output directory (files named like XLA's --xla_dump_to).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Context length of the KV-cache / RLA-state numbers (default: model.seq_len).
+    #[arg(long)]
+    pub(crate) context: Option<usize>,
+    /// Do not compile: write only the before-optimization modules and the summary (for models
+    /// too big to compile usefully on the host, e.g. configs/12b.toml).
+    #[arg(long)]
+    pub(crate) no_compile: bool,
+}
+
+/// Run `rattn dump`: write the files and print the summary.
+pub(crate) fn run(args: &DumpArgs) -> Result<()> {
+    let cfg = RunConfig::load(&args.common.config, &args.common.overrides)?;
+    let (_, text) = dump(
+        &cfg,
+        &DumpOptions {
+            out: args.out.clone(),
+            context: args.context,
+            compile: !args.no_compile,
+            plugin: args.common.plugin.clone(),
+        },
+    )?;
+    print!("{text}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg12b(window: usize) -> ModelConfig {
+        let mut c = RunConfig::load(
+            Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../configs/12b.toml"
+            )),
+            &[format!("model.window={window}")],
+        )
+        .unwrap()
+        .model;
+        c.window = window;
+        c
+    }
+
+    #[test]
+    fn kv_savings_of_the_12b_config_at_4k() {
+        // 40 layers, 3:1 → 30 local + 10 global; full attention keeps 40 × 4096 tokens.
+        for (w, want) in [(1024, 56.25), (512, 65.625)] {
+            let r = cache_report(&cfg12b(w), 4096).unwrap();
+            assert!(
+                (r.kv_saving_vs_full_pct - want).abs() < 1e-9,
+                "W={w}: {r:?}"
+            );
+            // bf16 K and V, 8 kv heads × 128: 4096 B per token per layer.
+            assert_eq!(r.full.kv, 40 * 4096 * 4096);
+            assert_eq!(r.model.kv, (30 * w as u64 + 10 * 4096) * 4096);
+            assert_eq!(r.swa.kv, r.model.kv);
+            assert_eq!(r.model.rla_state, 30 * 8 * 256 * 128 * 4);
+            assert_eq!(r.swa.rla_state, 0);
+        }
+    }
+
+    #[test]
+    fn dense_flops_exclude_the_untied_input_embedding_only() {
+        let m = cfg12b(512);
+        let all = model::param_count(&m) as u64;
+        let norms: u64 = model::param_specs(&m)
+            .iter()
+            .filter(|s| s.shape.len() < 2 || s.name.ends_with(".scale"))
+            .map(|s| s.numel() as u64)
+            .sum();
+        assert_eq!(matmul_params(&m), all - norms - 32768 * 5120);
+    }
+}
