@@ -1,6 +1,7 @@
 //! `rattn`: train, evaluate, generate, dump, and manage PJRT plugins.
 
 mod checkpoint;
+mod compile;
 mod config;
 mod data;
 mod dump;
@@ -74,6 +75,9 @@ enum Cmd {
     Dump(dump::DumpArgs),
     /// Plot a metric (default loss) of metrics.jsonl files against the step into a PNG.
     Plot(plot::PlotArgs),
+    /// Compile the model ahead of time for a TPU topology or a GPU (no device needed): compile
+    /// time, per-device memory against the device's limit, and on TPU XLA's cost analysis.
+    Compile(compile::CompileArgs),
     /// Show the plugin, its API version, platform and devices.
     Doctor {
         /// PJRT plugin: cpu (default), cuda, tpu, or a path.
@@ -155,6 +159,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Dump(args) => dump::run(&args),
         Cmd::Plot(args) => plot::run(&args),
+        Cmd::Compile(args) => compile::run(&args),
         Cmd::Doctor { plugin } => {
             let p = runtime::load_plugin(plugin.as_deref())?;
             let (maj, min) = p.api_version();
