@@ -14,6 +14,7 @@
 //! ```
 
 pub mod config;
+pub mod decode;
 pub mod layers;
 pub mod params;
 pub mod reference;

@@ -2,7 +2,7 @@
 //! the final norm, the LM head and the loss — one traced graph.
 
 use crate::config::{FeatureMapKind, LayerKind, LocalKind, ModelConfig, RlaLowering};
-use crate::layers::{causal_attention, cross_entropy, dims, ffn, linear, one_hot, rms_norm, rope};
+use crate::layers::{causal_attention, cross_entropy, dims, ffn, linear, rms_norm, rope};
 use hlo_builder::{Builder, DotDims, ElementType, Op, Result};
 use std::collections::HashMap;
 
@@ -55,6 +55,44 @@ pub struct AttnParts {
     pub qkv: (Op, Op, Op),
 }
 
+/// Optional per-head RMSNorm of q and k (`cfg.qk_norm`), applied before RoPE in SWA and global
+/// attention (never in RLA).
+pub fn qk_norm(
+    b: &Builder,
+    cfg: &ModelConfig,
+    p: &ParamOps,
+    prefix: &str,
+    q: Op,
+    k: Op,
+) -> Result<(Op, Op)> {
+    if !cfg.qk_norm {
+        return Ok((q, k));
+    }
+    Ok((
+        rms_norm(
+            b,
+            q,
+            param(p, &format!("{prefix}.q_norm.scale"))?,
+            cfg.norm_eps,
+        )?,
+        rms_norm(
+            b,
+            k,
+            param(p, &format!("{prefix}.k_norm.scale"))?,
+            cfg.norm_eps,
+        )?,
+    ))
+}
+
+/// The mixing of a RAttention layer: `GroupRMSNorm_swa(swa) + GroupRMSNorm_rla(rla)` over
+/// `[..., N, H]` contexts.
+pub fn mix_local(b: &Builder, p: &ParamOps, prefix: &str, swa: Op, rla: Op) -> Result<Op> {
+    let _s = b.name_scope("mix");
+    let a = rms_norm(b, swa, param(p, &format!("{prefix}.swa_norm.scale"))?, 1e-8)?;
+    let c = rms_norm(b, rla, param(p, &format!("{prefix}.rla_norm.scale"))?, 1e-8)?;
+    b.add(a, c)
+}
+
 /// The attention core of one layer from projected `q [B,T,N,H]`, `k, v [B,T,G,H]`: SWA (+ RLA and the
 /// mixing) for local layers, full causal attention without RoPE for global ones.
 pub fn attention_core(
@@ -63,30 +101,33 @@ pub fn attention_core(
     p: &ParamOps,
     prefix: &str,
     kind: LayerKind,
-    (q, k, v): (Op, Op, Op),
+    qkv: (Op, Op, Op),
     pos: Op,
 ) -> Result<Op> {
+    Ok(attention_core_with_state(b, cfg, p, prefix, kind, qkv, pos)?.0)
+}
+
+/// [`attention_core`] that also returns the RLA block's `final_state f32[B,G,2H,H]` for RAttention
+/// local layers (`None` for SWA-only and global layers): what decoding continues from.
+pub fn attention_core_with_state(
+    b: &Builder,
+    cfg: &ModelConfig,
+    p: &ParamOps,
+    prefix: &str,
+    kind: LayerKind,
+    (q, k, v): (Op, Op, Op),
+    pos: Op,
+) -> Result<(Op, Option<Op>)> {
     let h = cfg.head_dim as f32;
-    let (mut qn, mut kn) = (q, k);
-    if cfg.qk_norm {
-        qn = rms_norm(
-            b,
-            q,
-            param(p, &format!("{prefix}.q_norm.scale"))?,
-            cfg.norm_eps,
-        )?;
-        kn = rms_norm(
-            b,
-            k,
-            param(p, &format!("{prefix}.k_norm.scale"))?,
-            cfg.norm_eps,
-        )?;
-    }
+    let (qn, kn) = qk_norm(b, cfg, p, prefix, q, k)?;
     let inv_sqrt_h = b.scalar(1.0 / h.sqrt())?;
     match kind {
         LayerKind::Global => {
             let _s = b.name_scope("global");
-            causal_attention(b, b.mul(qn, inv_sqrt_h)?, kn, v, None)
+            Ok((
+                causal_attention(b, b.mul(qn, inv_sqrt_h)?, kn, v, None)?,
+                None,
+            ))
         }
         LayerKind::Local => {
             let _s = b.name_scope("local");
@@ -97,90 +138,82 @@ pub fn attention_core(
                 causal_attention(b, qr, kr, v, Some(cfg.window))?
             };
             if cfg.local_kind == LocalKind::Swa {
-                return Ok(swa);
+                return Ok((swa, None));
             }
             let rla = {
                 let _s = b.name_scope("rla");
-                pallas_port::rla(b, q, k, v, &rla_config(cfg), rla_lowering(cfg))?
+                pallas_port::rla_with_state(b, q, k, v, &rla_config(cfg), rla_lowering(cfg))?
             };
-            let _s = b.name_scope("mix");
-            let a = rms_norm(b, swa, param(p, &format!("{prefix}.swa_norm.scale"))?, 1e-8)?;
-            let c = rms_norm(b, rla, param(p, &format!("{prefix}.rla_norm.scale"))?, 1e-8)?;
-            b.add(a, c)
+            Ok((mix_local(b, p, prefix, swa, rla.o)?, Some(rla.final_state)))
         }
     }
 }
 
-/// Logits `[B, T, vocab]` (f32) for `tokens [B, T]` (s32).
-pub fn forward(b: &Builder, cfg: &ModelConfig, p: &ParamOps, tokens: Op) -> Result<Op> {
-    let td = dims(b, tokens)?;
-    let (bs, t) = (td[0], td[1]);
-    let (n, g, h, d) = (
-        cfg.heads as i64,
-        cfg.kv_heads as i64,
-        cfg.head_dim as i64,
-        cfg.d_model as i64,
-    );
-    let embed = param(p, "embed")?;
-    let mut x = {
-        let _s = b.name_scope("embed");
-        linear(
-            b,
-            one_hot(b, tokens, cfg.vocab as i64)?,
-            embed,
-            crate::config::Dtype::F32,
-        )?
+/// Token embedding: `tokens [B, T]` (s32) to `x [B, T, d_model]` (f32), a gather of rows of
+/// `embed [vocab, d_model]` (ids outside `[0, vocab)` are clamped; no `[B, T, vocab]` one-hot).
+pub fn embed(b: &Builder, _cfg: &ModelConfig, p: &ParamOps, tokens: Op) -> Result<Op> {
+    let _s = b.name_scope("embed");
+    b.take_rows(param(p, "embed")?, tokens)
+}
+
+/// One pre-norm block `layers.{layer}` on `x [B, T, d_model]`: `y = x + Wo·attn(q, k, v)`, then
+/// `y + FFN(RMSNorm(y))`. `attn` maps the projected `q [B,T,N,H]`, `k, v [B,T,G,H]` to the context
+/// `[B,T,N,H]` ([`attention_core`] in the forward, cached attention when decoding).
+pub fn block(
+    b: &Builder,
+    cfg: &ModelConfig,
+    p: &ParamOps,
+    layer: usize,
+    x: Op,
+    attn: impl FnOnce(Op, Op, Op) -> Result<Op>,
+) -> Result<Op> {
+    let xd = dims(b, x)?;
+    let (bs, t) = (xd[0], xd[1]);
+    let (n, g, h) = (cfg.heads as i64, cfg.kv_heads as i64, cfg.head_dim as i64);
+    let pre = format!("layers.{layer}");
+    let xn = rms_norm(
+        b,
+        x,
+        param(p, &format!("{pre}.attn_norm.scale"))?,
+        cfg.norm_eps,
+    )?;
+    let ap = format!("{pre}.attn");
+    let proj = |w: &str, heads: i64| -> Result<Op> {
+        b.reshape(
+            linear(b, xn, param(p, &format!("{ap}.{w}"))?, cfg.dtype)?,
+            &[bs, t, heads, h],
+        )
     };
-    let pos = b.iota(ElementType::F32, &[t], 0)?;
-    let kinds = cfg.layer_kinds().map_err(|e| model_error(e.to_string()))?;
-    for (i, kind) in kinds.into_iter().enumerate() {
-        let _s = b.name_scope(&format!("layer_{i}"));
-        let pre = format!("layers.{i}");
-        let xn = rms_norm(
-            b,
-            x,
-            param(p, &format!("{pre}.attn_norm.scale"))?,
-            cfg.norm_eps,
-        )?;
-        let ap = format!("{pre}.attn");
-        let q = b.reshape(
-            linear(b, xn, param(p, &format!("{ap}.wq"))?, cfg.dtype)?,
-            &[bs, t, n, h],
-        )?;
-        let k = b.reshape(
-            linear(b, xn, param(p, &format!("{ap}.wk"))?, cfg.dtype)?,
-            &[bs, t, g, h],
-        )?;
-        let v = b.reshape(
-            linear(b, xn, param(p, &format!("{ap}.wv"))?, cfg.dtype)?,
-            &[bs, t, g, h],
-        )?;
-        let ctx = attention_core(b, cfg, p, &ap, kind, (q, k, v), pos)?;
-        let o = linear(
-            b,
-            b.reshape(ctx, &[bs, t, n * h])?,
-            param(p, &format!("{ap}.wo"))?,
-            cfg.dtype,
-        )?;
-        x = b.add(x, o)?;
-        let _f = b.name_scope("ffn");
-        let xn = rms_norm(
-            b,
-            x,
-            param(p, &format!("{pre}.ffn_norm.scale"))?,
-            cfg.norm_eps,
-        )?;
-        let f = ffn(
-            b,
-            xn,
-            param(p, &format!("{pre}.ffn.w_gate"))?,
-            param(p, &format!("{pre}.ffn.w_up"))?,
-            param(p, &format!("{pre}.ffn.w_down"))?,
-            cfg.ffn_activation,
-            cfg.dtype,
-        )?;
-        x = b.add(x, f)?;
-    }
+    let (q, k, v) = (proj("wq", n)?, proj("wk", g)?, proj("wv", g)?);
+    let ctx = attn(q, k, v)?;
+    let o = linear(
+        b,
+        b.reshape(ctx, &[bs, t, n * h])?,
+        param(p, &format!("{ap}.wo"))?,
+        cfg.dtype,
+    )?;
+    let x = b.add(x, o)?;
+    let _f = b.name_scope("ffn");
+    let xn = rms_norm(
+        b,
+        x,
+        param(p, &format!("{pre}.ffn_norm.scale"))?,
+        cfg.norm_eps,
+    )?;
+    let f = ffn(
+        b,
+        xn,
+        param(p, &format!("{pre}.ffn.w_gate"))?,
+        param(p, &format!("{pre}.ffn.w_up"))?,
+        param(p, &format!("{pre}.ffn.w_down"))?,
+        cfg.ffn_activation,
+        cfg.dtype,
+    )?;
+    b.add(x, f)
+}
+
+/// The final norm and the LM head: `x [B, T, d_model]` to logits `[B, T, vocab]` (f32).
+pub fn head(b: &Builder, cfg: &ModelConfig, p: &ParamOps, x: Op) -> Result<Op> {
     let _s = b.name_scope("head");
     let xn = rms_norm(b, x, param(p, "final_norm.scale")?, cfg.norm_eps)?;
     if cfg.tied_embeddings {
@@ -189,11 +222,26 @@ pub fn forward(b: &Builder, cfg: &ModelConfig, p: &ParamOps, tokens: Op) -> Resu
             rhs_contracting: vec![1],
             ..Default::default()
         };
-        b.dot_general(xn, embed, &dd, None, None)
+        b.dot_general(xn, param(p, "embed")?, &dd, None, None)
     } else {
-        let _ = d;
         linear(b, xn, param(p, "lm_head")?, cfg.dtype)
     }
+}
+
+/// Logits `[B, T, vocab]` (f32) for `tokens [B, T]` (s32).
+pub fn forward(b: &Builder, cfg: &ModelConfig, p: &ParamOps, tokens: Op) -> Result<Op> {
+    let t = dims(b, tokens)?[1];
+    let mut x = embed(b, cfg, p, tokens)?;
+    let pos = b.iota(ElementType::F32, &[t], 0)?;
+    let kinds = cfg.layer_kinds().map_err(|e| model_error(e.to_string()))?;
+    for (i, kind) in kinds.into_iter().enumerate() {
+        let _s = b.name_scope(&format!("layer_{i}"));
+        let ap = format!("layers.{i}.attn");
+        x = block(b, cfg, p, i, x, |q, k, v| {
+            attention_core(b, cfg, p, &ap, kind, (q, k, v), pos)
+        })?;
+    }
+    head(b, cfg, p, x)
 }
 
 /// Parameters of the graph in [`crate::param_specs`] order, as f32 parameters of `b`.
