@@ -4,6 +4,7 @@ use rayon::prelude::*;
 
 use super::feature::phi_rows;
 use super::mm::{gemm, view, view_mut};
+use super::{split_scratch, with_scratch};
 use crate::config::{RlaConfig, RlaDims};
 
 /// Geometry shared by the forward and backward passes.
@@ -156,53 +157,50 @@ pub(crate) fn forward(
         .enumerate()
         .for_each(|(bg, (cs, fs))| {
             let (b, gi) = (bg / geo.g, bg % geo.g);
-            let mut s_ = vec![0.0f32; ss];
-            let mut fk = vec![0.0f32; geo.l * 2 * h];
-            for c in 0..geo.nc {
-                cs[c * ss..(c + 1) * ss].copy_from_slice(&s_);
-                let j0 = c * geo.l;
-                let j1 = (j0 + geo.l).min(geo.t);
-                let j_lo = j0.max(geo.first_key());
-                if j_lo >= j1 {
-                    continue;
+            with_scratch(ss + geo.l * 2 * h, |buf| {
+                let [s_, fk] = split_scratch(buf, [ss, geo.l * 2 * h]);
+                s_.fill(0.0);
+                for c in 0..geo.nc {
+                    cs[c * ss..(c + 1) * ss].copy_from_slice(s_);
+                    let j0 = c * geo.l;
+                    let j1 = (j0 + geo.l).min(geo.t);
+                    let j_lo = j0.max(geo.first_key());
+                    if j_lo >= j1 {
+                        continue;
+                    }
+                    let nk = j1 - j_lo;
+                    let off = geo.kv_off(b, j_lo - geo.first_key(), gi);
+                    phi_rows(cfg.feature_map, &k[off..], gh, nk, h, fk);
+                    let fkv = view(fk, nk, 2 * h, 2 * h);
+                    let vv = view(&v[off..], nk, h, gh);
+                    gemm(1.0, &fkv.t(), &vv, 1.0, &mut view_mut(s_, 2 * h, h, h));
                 }
-                let nk = j1 - j_lo;
-                let off = geo.kv_off(b, j_lo - geo.first_key(), gi);
-                phi_rows(cfg.feature_map, &k[off..], gh, nk, h, &mut fk);
-                let fkv = view(&fk, nk, 2 * h, 2 * h);
-                let vv = view(&v[off..], nk, h, gh);
-                gemm(1.0, &fkv.t(), &vv, 1.0, &mut view_mut(&mut s_, 2 * h, h, h));
-            }
-            fs.copy_from_slice(&s_);
+                fs.copy_from_slice(s_);
+            });
         });
 
-    // Phase 2: outputs, parallel over (b, chunk) and kv heads within.
-    let row = geo.n * h;
-    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(d.batch * geo.nc);
-    for (b, ob) in o.chunks_mut(geo.t * row).enumerate() {
-        for (c, oc) in ob.chunks_mut(geo.l * row).enumerate() {
-            tasks.push((b, c, oc));
+    // Phase 2: outputs, parallel over (b, kv head, chunk); each task writes its own rows of o.
+    let rh = geo.r * h;
+    let mut tasks: Vec<Vec<&mut [f32]>> = (0..d.batch * geo.g * geo.nc)
+        .map(|_| Vec::with_capacity(geo.l))
+        .collect();
+    for (bt, row) in o.chunks_mut(geo.n * h).enumerate() {
+        let (b, t) = (bt / geo.t, bt % geo.t);
+        for (gi, piece) in row.chunks_mut(rh).enumerate() {
+            tasks[(b * geo.g + gi) * geo.nc + t / geo.l].push(piece);
         }
     }
     let cs_ro: &[f32] = chunk_states;
-    tasks.into_par_iter().for_each(|(b, c, oc)| {
-        let bufs: Vec<Vec<f32>> = (0..geo.g)
-            .into_par_iter()
-            .map(|gi| {
-                let st = &cs_ro[((b * geo.g + gi) * geo.nc + c) * ss..][..ss];
-                chunk_group(cfg, &geo, q, k, v, b, c, gi, st)
-            })
-            .collect();
-        let rh = geo.r * h;
-        for (tl, orow) in oc.chunks_exact_mut(row).enumerate() {
-            for (gi, buf) in bufs.iter().enumerate() {
-                orow[gi * rh..(gi + 1) * rh].copy_from_slice(&buf[tl * rh..(tl + 1) * rh]);
-            }
-        }
+    tasks.into_par_iter().enumerate().for_each(|(bgc, rows)| {
+        let (bg, c) = (bgc / geo.nc, bgc % geo.nc);
+        let (b, gi) = (bg / geo.g, bg % geo.g);
+        let st = &cs_ro[(bg * geo.nc + c) * ss..][..ss];
+        chunk_group(cfg, &geo, q, k, v, b, c, gi, st, rows);
     });
 }
 
-/// Outputs of chunk `c` for the query heads of group `gi`: `[rows, R, H]`.
+/// Outputs of chunk `c` for the query heads of group `gi` into `out` (one piece of `R·H` per
+/// position of the chunk).
 #[allow(clippy::too_many_arguments)]
 fn chunk_group(
     cfg: &RlaConfig,
@@ -214,50 +212,59 @@ fn chunk_group(
     c: usize,
     gi: usize,
     state: &[f32],
-) -> Vec<f32> {
+    mut out_rows: Vec<&mut [f32]>,
+) {
     let (h, r, sc) = (geo.h, geo.r, geo.c);
     let gh = geo.g * h;
     let c0 = c * geo.l;
     let rows = geo.l.min(geo.t - c0);
-    let mut buf = vec![0.0f32; rows * r * h];
-    let mut s_ = state.to_vec();
-    let mut fq = vec![0.0f32; sc * r * 2 * h];
-    let mut fk = vec![0.0f32; sc * 2 * h];
-    let mut a = vec![0.0f32; sc * r * sc];
-    let n_sub = rows.div_ceil(sc);
-    for i in 0..n_sub {
-        let sub = Sub::new(geo, c0 + i * sc);
-        if !sub.active() {
-            continue;
-        }
-        let mrows = sub.ce * r;
-        phi_q(cfg, geo, q, b, gi, &sub, &mut fq);
-        let fqv = view(&fq, mrows, 2 * h, 2 * h);
-        let out = &mut buf[i * sc * r * h..][..mrows * h];
-        if sub.has_state {
-            let sv = view(&s_, 2 * h, h, h);
-            gemm(1.0, &fqv, &sv, 0.0, &mut view_mut(out, mrows, h, h));
-        }
-        if sub.nk > 0 {
-            let nk = sub.nk;
-            let off = geo.kv_off(b, sub.s_lo(geo), gi);
-            phi_rows(cfg.feature_map, &k[off..], gh, nk, h, &mut fk);
-            let fkv = view(&fk, nk, 2 * h, 2 * h);
-            let vv = view(&v[off..], nk, h, gh);
-            gemm(
-                1.0,
-                &fqv,
-                &fkv.t(),
-                0.0,
-                &mut view_mut(&mut a, mrows, nk, nk),
-            );
-            causal_mask(&mut a, &sub, r);
-            let av = view(&a, mrows, nk, nk);
-            gemm(1.0, &av, &vv, 1.0, &mut view_mut(out, mrows, h, h));
-            if i + 1 < n_sub {
-                gemm(1.0, &fkv.t(), &vv, 1.0, &mut view_mut(&mut s_, 2 * h, h, h));
+    let lens = [
+        state.len(),
+        sc * r * 2 * h,
+        sc * 2 * h,
+        sc * r * sc,
+        sc * r * h,
+    ];
+    with_scratch(lens.iter().sum(), |buf| {
+        let [s_, fq, fk, a, ob] = split_scratch(buf, lens);
+        s_.copy_from_slice(state);
+        let n_sub = rows.div_ceil(sc);
+        for i in 0..n_sub {
+            let sub = Sub::new(geo, c0 + i * sc);
+            let out_i = &mut out_rows[i * sc..i * sc + sub.ce];
+            if !sub.active() {
+                for row in out_i.iter_mut() {
+                    row.fill(0.0);
+                }
+                continue;
+            }
+            let mrows = sub.ce * r;
+            phi_q(cfg, geo, q, b, gi, &sub, fq);
+            let fqv = view(fq, mrows, 2 * h, 2 * h);
+            let out = &mut ob[..mrows * h];
+            if sub.has_state {
+                let sv = view(s_, 2 * h, h, h);
+                gemm(1.0, &fqv, &sv, 0.0, &mut view_mut(out, mrows, h, h));
+            }
+            if sub.nk > 0 {
+                let nk = sub.nk;
+                let off = geo.kv_off(b, sub.s_lo(geo), gi);
+                phi_rows(cfg.feature_map, &k[off..], gh, nk, h, fk);
+                let fkv = view(fk, nk, 2 * h, 2 * h);
+                let vv = view(&v[off..], nk, h, gh);
+                let a = &mut a[..mrows * nk];
+                gemm(1.0, &fqv, &fkv.t(), 0.0, &mut view_mut(a, mrows, nk, nk));
+                causal_mask(a, &sub, r);
+                let av = view(a, mrows, nk, nk);
+                let beta = if sub.has_state { 1.0 } else { 0.0 };
+                gemm(1.0, &av, &vv, beta, &mut view_mut(out, mrows, h, h));
+                if i + 1 < n_sub {
+                    gemm(1.0, &fkv.t(), &vv, 1.0, &mut view_mut(s_, 2 * h, h, h));
+                }
+            }
+            for (row, src) in out_i.iter_mut().zip(out.chunks_exact(r * h)) {
+                row.copy_from_slice(src);
             }
         }
-    }
-    buf
+    });
 }

@@ -18,7 +18,44 @@ pub(crate) mod feature;
 mod fwd;
 pub(crate) mod mm;
 
+use std::cell::RefCell;
+
 use crate::config::{check_len, RlaConfig, RlaDims, RlaError};
+
+thread_local! {
+    /// Per-thread scratch reused across calls (no fresh allocation and page faults per call).
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a per-thread scratch slice of `len` floats whose contents are unspecified
+/// (finite values left from earlier calls, or zeros). Re-entrant: a nested call on the same thread
+/// (rayon work stealing) gets a fresh buffer instead of the one in use.
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|s| s.take());
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let out = f(&mut buf[..len]);
+    SCRATCH.with(|s| {
+        let mut cur = s.borrow_mut();
+        if cur.len() < buf.len() {
+            *cur = buf;
+        }
+    });
+    out
+}
+
+/// Splits `buf` into consecutive pieces of the given lengths.
+pub(crate) fn split_scratch<const K: usize>(
+    mut buf: &mut [f32],
+    lens: [usize; K],
+) -> [&mut [f32]; K] {
+    lens.map(|n| {
+        let (head, tail) = std::mem::take(&mut buf).split_at_mut(n);
+        buf = tail;
+        head
+    })
+}
 
 /// RLA forward block: `(q, k, v) -> (o, chunk_states, final_state)`.
 ///
