@@ -5,6 +5,7 @@ mod compile;
 mod config;
 mod data;
 mod dump;
+mod generate;
 mod plot;
 mod runtime;
 mod step;
@@ -70,14 +71,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PluginCmd,
     },
+    /// Compile the model ahead of time for a TPU topology or a GPU (no device needed): compile
+    /// time, per-device memory against the device's limit, and on TPU XLA's cost analysis.
+    Compile(compile::CompileArgs),
     /// Write the train (and decode) step as HLO before and after XLA's optimizations, plus a
     /// summary: parameters, FLOPs per token, compiled memory, KV-cache / RLA-state bytes.
     Dump(dump::DumpArgs),
     /// Plot a metric (default loss) of metrics.jsonl files against the step into a PNG.
     Plot(plot::PlotArgs),
-    /// Compile the model ahead of time for a TPU topology or a GPU (no device needed): compile
-    /// time, per-device memory against the device's limit, and on TPU XLA's cost analysis.
-    Compile(compile::CompileArgs),
+    /// Generate tokens from a checkpoint: prefill the prompt, then decode with on-device caches
+    /// (greedy, or temperature + top-k sampling); prints the tokens and tokens/s.
+    Generate(generate::GenerateArgs),
     /// Show the plugin, its API version, platform and devices.
     Doctor {
         /// PJRT plugin: cpu (default), cuda, tpu, or a path.
@@ -157,9 +161,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Compile(args) => compile::run(&args),
         Cmd::Dump(args) => dump::run(&args),
         Cmd::Plot(args) => plot::run(&args),
-        Cmd::Compile(args) => compile::run(&args),
+        Cmd::Generate(args) => generate::run(&args),
         Cmd::Doctor { plugin } => {
             let p = runtime::load_plugin(plugin.as_deref())?;
             let (maj, min) = p.api_version();

@@ -1,0 +1,281 @@
+//! `rattn generate`: prefill a prompt, then decode token by token with the caches kept on the device
+//! (model::decode), greedy or temperature + top-k sampling.
+
+use crate::checkpoint;
+use crate::config::RunConfig;
+use crate::runtime;
+use anyhow::{bail, Context, Result};
+use pjrt::Buffer;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Arguments of `rattn generate`.
+#[derive(clap::Args, Clone)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    common: crate::Common,
+    /// Checkpoint file, or a run directory (its newest checkpoint).
+    #[arg(long, default_value = "runs/tiny")]
+    checkpoint: PathBuf,
+    /// Prompt: text for `text` data (byte tokenizer), else comma-separated token ids.
+    #[arg(long, conflicts_with = "tokens")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids, e.g. `--tokens 0,1,17,70` (any data kind).
+    #[arg(long)]
+    tokens: Option<String>,
+    /// Number of tokens to generate.
+    #[arg(long, default_value_t = 32)]
+    max_new: usize,
+    /// Sampling temperature; 0 = greedy (argmax).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Sample only among the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Seed of the sampler (same seed, same tokens).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Parse `"0, 1,17"` into token ids below `vocab`.
+pub fn parse_ids(s: &str, vocab: usize) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            let id: u32 = t
+                .parse()
+                .with_context(|| format!("prompt token {t:?} is not a non-negative integer"))?;
+            if id as usize >= vocab {
+                bail!("prompt token {id} is outside the vocabulary (model.vocab = {vocab})");
+            }
+            Ok(id)
+        })
+        .collect()
+}
+
+/// SplitMix64 stream for sampling.
+struct Rng(u64);
+impl Rng {
+    fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut x = self.0;
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Pick the next token from one row of logits: argmax when `temperature <= 0`, else a sample from
+/// softmax(logits / temperature) restricted to the `top_k` largest (all when 0).
+fn pick(logits: &[f32], temperature: f64, top_k: usize, rng: &mut Rng) -> u32 {
+    let argmax = |xs: &[f32]| {
+        xs.iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |a, (i, &x)| if x > a.1 { (i, x) } else { a },
+            )
+            .0
+    };
+    if temperature <= 0.0 {
+        return argmax(logits) as u32;
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if top_k > 0 {
+        idx.truncate(top_k);
+    }
+    let m = logits[idx[0]] as f64;
+    let w: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i] as f64 - m) / temperature).exp())
+        .collect();
+    let mut u = rng.uniform() * w.iter().sum::<f64>();
+    for (&i, &wi) in idx.iter().zip(&w) {
+        if u < wi {
+            return i as u32;
+        }
+        u -= wi;
+    }
+    idx[idx.len() - 1] as u32
+}
+
+/// Run `rattn generate`.
+pub fn run(args: &GenerateArgs) -> Result<()> {
+    let cfg = RunConfig::load(&args.common.config, &args.common.overrides)?;
+    let path = if args.checkpoint.is_dir() {
+        checkpoint::latest(&args.checkpoint)?
+            .with_context(|| format!("no checkpoint in {}", args.checkpoint.display()))?
+    } else {
+        args.checkpoint.clone()
+    };
+    // The checkpoint's own [model] table is authoritative (seq_len etc. do not matter for decoding).
+    let ck = checkpoint::load(&path, None)?;
+    let model: model::ModelConfig = toml::from_str(&ck.model_config).with_context(|| {
+        format!(
+            "checkpoint {} has an unreadable model config",
+            path.display()
+        )
+    })?;
+    model.validate()?;
+    if model != cfg.model {
+        eprintln!(
+            "note: using the model configuration stored in {} (it differs from {})",
+            path.display(),
+            args.common.config.display()
+        );
+    }
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        bail!(
+            "--temperature must be a finite number >= 0 (got {})",
+            args.temperature
+        );
+    }
+    let text_mode = cfg.data.kind == "text";
+    let prompt: Vec<u32> = match (&args.tokens, &args.prompt) {
+        (Some(ids), _) => parse_ids(ids, model.vocab)?,
+        (None, Some(p)) if text_mode => p.bytes().map(u32::from).collect(),
+        (None, Some(p)) => parse_ids(p, model.vocab).context(
+            "for non-text data the prompt is a comma-separated list of token ids (e.g. 0,1,17,70)",
+        )?,
+        (None, None) => bail!("give a prompt: --prompt TEXT_OR_IDS or --tokens 0,1,17,70"),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= model.vocab) {
+        bail!(
+            "prompt token {t} is outside the vocabulary (model.vocab = {})",
+            model.vocab
+        );
+    }
+    let (l, max_len) = (prompt.len(), prompt.len() + args.max_new);
+
+    let client = runtime::open_client(args.common.plugin.as_deref())?;
+    let specs = model::param_specs(&model);
+    let mut params = Vec::new();
+    for s in &specs {
+        let t = ck
+            .tensors
+            .iter()
+            .find(|t| t.name == format!("params.{}", s.name))
+            .with_context(|| format!("checkpoint lacks params.{}", s.name))?;
+        if t.data.len() != s.numel() {
+            bail!(
+                "checkpoint tensor params.{} has {} values, expected {}",
+                s.name,
+                t.data.len(),
+                s.numel()
+            );
+        }
+        let dims: Vec<i64> = s.shape.iter().map(|&d| d as i64).collect();
+        params.push(client.buffer_from_host(&t.data, &dims, None)?);
+    }
+    let t0 = Instant::now();
+    let prefill = runtime::compile(
+        &client,
+        &model::decode::build_prefill(&model, 1, l, max_len)?,
+    )?;
+    let step = runtime::compile(
+        &client,
+        &model::decode::build_decode_step(&model, 1, max_len)?,
+    )?;
+    let compile_s = t0.elapsed().as_secs_f64();
+
+    let v = model.vocab;
+    let mut rng = Rng(args.seed ^ 0x6A09_E667_F3BC_C908);
+    let mut out: Vec<u32> = Vec::with_capacity(args.max_new);
+    let t0 = Instant::now();
+    let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
+    let tb = client.buffer_from_host(&ids, &[1, l as i64], None)?;
+    let mut call: Vec<&Buffer> = params.iter().collect();
+    call.push(&tb);
+    let mut outs = prefill.execute(&call)?;
+    let logits = outs.remove(0).to_host::<f32>()?;
+    let mut cache = outs;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    if args.max_new > 0 {
+        out.push(pick(
+            &logits[(l - 1) * v..],
+            args.temperature,
+            args.top_k,
+            &mut rng,
+        ));
+    }
+    while out.len() < args.max_new {
+        let pos = l + out.len() - 1;
+        let tok = client.buffer_from_host(&[out[out.len() - 1] as i32], &[1], None)?;
+        let posb = client.buffer_from_host(&[pos as i32], &[], None)?;
+        let mut call: Vec<&Buffer> = params.iter().collect();
+        call.extend(cache.iter());
+        call.push(&tok);
+        call.push(&posb);
+        let mut outs = step.execute(&call)?;
+        let logits = outs.remove(0).to_host::<f32>()?;
+        cache = outs;
+        out.push(pick(&logits, args.temperature, args.top_k, &mut rng));
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+
+    let ids = out.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    println!("tokens: {ids}");
+    if text_mode {
+        let bytes: Vec<u8> = out.iter().map(|&t| t.min(255) as u8).collect();
+        println!("text: {}", String::from_utf8_lossy(&bytes));
+    }
+    let steps = out.len().saturating_sub(1);
+    eprintln!(
+        "prompt {l} tokens, generated {} | compile {compile_s:.2} s, prefill {:.1} ms ({:.0} tok/s), decode {:.1} tok/s",
+        out.len(),
+        prefill_s * 1e3,
+        l as f64 / prefill_s.max(1e-9),
+        steps as f64 / decode_s.max(1e-9),
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_is_argmax_and_top1_sampling_is_greedy() {
+        let logits = [0.1f32, 2.0, -1.0, 1.9];
+        let mut rng = Rng(1);
+        assert_eq!(pick(&logits, 0.0, 0, &mut rng), 1);
+        for _ in 0..20 {
+            assert_eq!(pick(&logits, 1.5, 1, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax() {
+        // p ∝ exp(l / T) over the top 2 = {1: 2.0, 3: 1.0} at T = 1: p(1) = e / (e + 1).
+        let logits = [0.0f32, 2.0, -5.0, 1.0];
+        let mut rng = Rng(7);
+        let n = 20_000;
+        let hits = (0..n)
+            .map(|_| pick(&logits, 1.0, 2, &mut rng))
+            .inspect(|&t| assert!(t == 1 || t == 3))
+            .filter(|&t| t == 1)
+            .count();
+        let want = std::f64::consts::E / (std::f64::consts::E + 1.0);
+        assert!((hits as f64 / n as f64 - want).abs() < 0.015);
+    }
+
+    #[test]
+    fn ids_parse_and_are_checked() {
+        assert_eq!(parse_ids("0, 1,17,70", 128).unwrap(), [0, 1, 17, 70]);
+        assert!(parse_ids("1,x", 128)
+            .unwrap_err()
+            .to_string()
+            .contains("\"x\""));
+        assert!(parse_ids("300", 128)
+            .unwrap_err()
+            .to_string()
+            .contains("outside the vocabulary"));
+    }
+}
