@@ -12,8 +12,10 @@
 //! between iterations; the timed call is `exe.execute`, which waits for completion.
 //!
 //! GFLOP/s use the nominal chunked-algorithm FLOPs `kernel::flops_fwd` / `flops_bwd` of each
-//! config. After the criterion runs a table prints ms (median over criterion's samples), GFLOP/s
-//! and the ratio HLO / custom call.
+//! config. After the criterion runs a table prints, per implementation, wall ms and CPU ms per
+//! call (medians over criterion's samples; CPU time summed over all threads of the process, which
+//! still measures the work when other jobs load the machine), GFLOP/s on wall time, and the
+//! ratios HLO / custom call.
 //!
 //! Environment: `RLA_BENCH_T=1024,4096` (sequence lengths), `RLA_BENCH_SUB_CHUNK` (sub-chunk of the
 //! custom call and the kernel, default the config default), `RLA_BENCH_HLO_SUB_CHUNK` (sub-chunk of
@@ -99,26 +101,61 @@ fn fwd_bwd_graph(cfg: &RlaConfig, d: &RlaDims, lowering: Lowering) -> Vec<u8> {
     b.build(root).expect("build").to_bytes()
 }
 
-/// Per-iteration times (seconds) recorded by `iter_custom`, keyed by bench id.
-static TIMES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
+/// Per-iteration (wall, CPU) seconds recorded by `iter_custom`, keyed by bench id.
+static TIMES: Mutex<BTreeMap<String, Vec<(f64, f64)>>> = Mutex::new(BTreeMap::new());
 
-fn record(id: &str, iters: u64, total: Duration) {
+/// Seconds on the CPU of all threads of this process so far (Linux; NaN elsewhere). On a machine
+/// other jobs keep busy, wall time measures the scheduler; CPU time still measures the work.
+fn cpu_s() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return f64::NAN;
+    };
+    let mut ns = 0u64;
+    for e in dir.flatten() {
+        if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
+            ns += s
+                .split_whitespace()
+                .next()
+                .and_then(|x| x.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    ns as f64 * 1e-9
+}
+
+/// Times `iters` calls of `f`, records wall and CPU time per call under `id`, returns the wall time.
+fn timed(id: &str, iters: u64, mut f: impl FnMut()) -> Duration {
+    let c0 = cpu_s();
+    let start = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    let el = start.elapsed();
+    let cpu = cpu_s() - c0;
+    let n = iters.max(1) as f64;
     TIMES
         .lock()
         .expect("times lock")
         .entry(id.to_string())
         .or_default()
-        .push(total.as_secs_f64() / iters.max(1) as f64);
+        .push((el.as_secs_f64() / n, cpu / n));
+    el
 }
 
-/// Median of the last `SAMPLES` recorded per-iteration times (criterion's measurement samples;
-/// earlier entries are its warm-up).
-fn median_ms(id: &str) -> Option<f64> {
+/// Medians (wall ms, CPU ms) of the last `SAMPLES` recorded per-call times (criterion's
+/// measurement samples; earlier entries are its warm-up).
+fn median_ms(id: &str) -> Option<(f64, f64)> {
     let times = TIMES.lock().expect("times lock");
     let v = times.get(id)?;
-    let mut last: Vec<f64> = v[v.len().saturating_sub(SAMPLES)..].to_vec();
-    last.sort_by(|a, b| a.total_cmp(b));
-    last.get(last.len() / 2).map(|s| s * 1e3)
+    let last = &v[v.len().saturating_sub(SAMPLES)..];
+    let med = |mut x: Vec<f64>| {
+        x.sort_by(|a, b| a.total_cmp(b));
+        x.get(x.len() / 2).map_or(f64::NAN, |s| s * 1e3)
+    };
+    Some((
+        med(last.iter().map(|t| t.0).collect()),
+        med(last.iter().map(|t| t.1).collect()),
+    ))
 }
 
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {
@@ -198,28 +235,20 @@ fn bench(c: &mut Criterion) {
         group.throughput(Throughput::Elements(ff as u64));
         group.bench_function(BenchmarkId::from_parameter(&k_fwd), |bch| {
             bch.iter_custom(|iters| {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    kernel::rla_fwd(&cfg, &d, &q, &k, &v, &mut o, &mut cs, &mut fs).unwrap();
-                }
-                let el = start.elapsed();
-                record(&k_fwd, iters, el);
-                el
+                timed(&k_fwd, iters, || {
+                    kernel::rla_fwd(&cfg, &d, &q, &k, &v, &mut o, &mut cs, &mut fs).unwrap()
+                })
             })
         });
         let k_fb = id("kernel", "fwd_bwd", ff + fb, sc);
         group.throughput(Throughput::Elements((ff + fb) as u64));
         group.bench_function(BenchmarkId::from_parameter(&k_fb), |bch| {
             bch.iter_custom(|iters| {
-                let start = Instant::now();
-                for _ in 0..iters {
+                timed(&k_fb, iters, || {
                     kernel::rla_fwd(&cfg, &d, &q, &k, &v, &mut o, &mut cs, &mut fs).unwrap();
                     kernel::rla_bwd(&cfg, &d, &q, &k, &v, &cs, &d_o, &mut dq, &mut dk, &mut dv)
                         .unwrap();
-                }
-                let el = start.elapsed();
-                record(&k_fb, iters, el);
-                el
+                })
             })
         });
 
@@ -250,31 +279,26 @@ fn bench(c: &mut Criterion) {
             group.throughput(Throughput::Elements(f_fwd as u64));
             group.bench_function(BenchmarkId::from_parameter(&i_f), |bch| {
                 bch.iter_custom(|iters| {
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        drop(exe_f.execute(&[&bq, &bk, &bv]).unwrap());
-                    }
-                    let el = start.elapsed();
-                    record(&i_f, iters, el);
-                    el
+                    timed(&i_f, iters, || {
+                        drop(exe_f.execute(&[&bq, &bk, &bv]).unwrap())
+                    })
                 })
             });
             let i_fb = id(name, "fwd_bwd", f_fb, c.sub_chunk);
             group.throughput(Throughput::Elements(f_fb as u64));
             group.bench_function(BenchmarkId::from_parameter(&i_fb), |bch| {
                 bch.iter_custom(|iters| {
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        drop(exe_fb.execute(&[&bq, &bk, &bv, &bdo]).unwrap());
-                    }
-                    let el = start.elapsed();
-                    record(&i_fb, iters, el);
-                    el
+                    timed(&i_fb, iters, || {
+                        drop(exe_fb.execute(&[&bq, &bk, &bv, &bdo]).unwrap())
+                    })
                 })
             });
             ids.push(((i_f, f_fwd), (i_fb, f_fb)));
         }
-        let [(cc_f, cc_fb), (h_f, h_fb)] = <[_; 2]>::try_from(ids).ok().expect("two lowerings");
+        let mut ids = ids.into_iter();
+        let (Some((cc_f, cc_fb)), Some((h_f, h_fb))) = (ids.next(), ids.next()) else {
+            unreachable!("two lowerings were benchmarked")
+        };
         rows.push(Row {
             t,
             mode: "fwd",
@@ -301,26 +325,43 @@ fn print_table(rows: &[Row], sc: usize, sc_hlo: usize) {
          HLO sub_chunk {sc_hlo}; median of {SAMPLES} samples; 1-min load {load}"
     );
     println!(
-        "{:>5} {:>8} | {:>9} {:>7} | {:>9} {:>7} | {:>9} {:>7} | {:>8}",
-        "T", "pass", "kernel ms", "GFLOP/s", "cc ms", "GFLOP/s", "hlo ms", "GFLOP/s", "hlo/cc"
+        "{:>5} {:>8} | {:>8} {:>7} {:>7} | {:>8} {:>7} {:>7} | {:>8} {:>7} {:>7} | {:>7} {:>7}",
+        "T",
+        "pass",
+        "kern ms",
+        "cpu ms",
+        "GFLOP/s",
+        "cc ms",
+        "cpu ms",
+        "GFLOP/s",
+        "hlo ms",
+        "cpu ms",
+        "GFLOP/s",
+        "hlo/cc",
+        "cpu"
     );
     for r in rows {
         let cell = |(id, fl): &(String, f64)| {
-            median_ms(id).map_or((f64::NAN, f64::NAN), |ms| (ms, fl / 1e9 / (ms / 1e3)))
+            median_ms(id).map_or((f64::NAN, f64::NAN, f64::NAN), |(ms, cpu)| {
+                (ms, cpu, fl / 1e9 / (ms / 1e3))
+            })
         };
-        let (km, kg) = cell(&r.entries[0]);
-        let (cm, cg) = cell(&r.entries[1]);
-        let (hm, hg) = cell(&r.entries[2]);
+        let (km, kc, kg) = cell(&r.entries[0]);
+        let (cm, cc, cg) = cell(&r.entries[1]);
+        let (hm, hc, hg) = cell(&r.entries[2]);
         println!(
-            "{:>5} {:>8} | {km:>9.1} {kg:>7.1} | {cm:>9.1} {cg:>7.1} | {hm:>9.1} {hg:>7.1} | {:>7.2}x",
+            "{:>5} {:>8} | {km:>8.1} {kc:>7.1} {kg:>7.1} | {cm:>8.1} {cc:>7.1} {cg:>7.1} | {hm:>8.1} {hc:>7.1} {hg:>7.1} | {:>6.2}x {:>6.2}x",
             r.t,
             r.mode,
-            hm / cm
+            hm / cm,
+            hc / cc
         );
     }
     println!(
-        "(GFLOP/s on each config's nominal chunked FLOPs, kernel::flops_fwd/flops_bwd; targets at \
-         T=4096: custom call ≤ 45 ms fwd, ≤ 170 ms fwd+bwd, ≥ 2× HLO, ≥ 95 GFLOP/s)"
+        "(ms: wall time; cpu ms: CPU time of all threads of the process per call; GFLOP/s: each \
+         config's nominal chunked FLOPs, kernel::flops_fwd/flops_bwd, per wall second; hlo/cc: \
+         wall and CPU ratios. Targets at T=4096: custom call ≤ 45 ms fwd, ≤ 170 ms fwd+bwd, \
+         ≥ 2× HLO, ≥ 95 GFLOP/s)"
     );
 }
 
