@@ -263,8 +263,8 @@ fn run_child(args: &CompileArgs) -> Result<()> {
     let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
     bail!(
-        "the {} plugin {how} while compiling for {} (a plugin CHECK failure or crash; it ran in a child \
-         process). Last lines of its log:\n{}",
+        "the {} plugin {how} while compiling for {} (a plugin CHECK failure or crash, or the process was \
+         killed; it ran in a child process). Last lines of its log:\n{}",
         if args.target.starts_with("tpu") {
             "TPU (libtpu)"
         } else {
@@ -289,6 +289,7 @@ fn describe_exit(status: &std::process::ExitStatus) -> String {
                 8 => "SIGFPE",
                 9 => "SIGKILL",
                 11 => "SIGSEGV",
+                15 => "SIGTERM",
                 _ => "signal",
             };
             return format!("was killed by {name} ({sig})");
@@ -376,14 +377,24 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     report.programs.push(p);
 
     if args.decode {
-        // The decode step lives in `model::decode` once it exists; until then say so.
-        let note =
-            "--decode: skipped, this build has no decode step (model::decode::build_decode_step)"
-                .to_string();
+        // One new token per sequence against caches sized for `seq_len` tokens.
+        let t0 = Instant::now();
+        let comp = model::decode::build_decode_step(&cfg.model, cfg.train.batch, cfg.model.seq_len)
+            .context("tracing the decode step")?;
+        let p = compile_program(
+            &topo,
+            target,
+            &comp,
+            "decode_step",
+            1,
+            t0.elapsed().as_secs_f64(),
+            cfg.train.batch,
+            args.out.as_deref(),
+        )?;
         if !args.json {
-            println!("note: {note}");
+            print_program(&p, report.device_memory_bytes);
         }
-        report.notes.push(note);
+        report.programs.push(p);
     }
 
     if args.json {

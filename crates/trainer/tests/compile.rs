@@ -1,4 +1,4 @@
-//! `rattn compile` end to end: the tiny model's train step compiles ahead of time for TPU
+//! `rattn compile` end to end: the tiny model's train step (and decode step) compiles ahead of time for TPU
 //! topologies (libtpu) and an H100 (the CUDA plugin) with plausible memory statistics and cost
 //! analysis; an oversize model is reported as not fitting; bad targets and the CPU-only RLA custom
 //! call give clear errors.
@@ -149,7 +149,16 @@ fn tiny_train_step_compiles_for_tpu_v5e_and_v6e() {
         ("tpu:v5e:2x2", "TPU v5 lite", 4),
         ("tpu:v6e:1x1", "TPU v6 lite", 1),
     ] {
-        let r = report(&with(TINY, &["--target", topology, "--out", out]));
+        // The decode step too, on one of them.
+        let decode = topology == "tpu:v6e:1x1";
+        let mut args = with(TINY, &["--target", topology, "--out", out]);
+        if decode {
+            args.push("--decode");
+        }
+        let r = report(&args);
+        if decode {
+            check_tiny_decode(&r, out);
+        }
         assert_eq!(r["device_kind"], kind);
         assert_eq!(r["topology_devices"], devices);
         let p = check_tiny(&r, "tpu");
@@ -190,6 +199,36 @@ fn tiny_train_step_compiles_for_tpu_v5e_and_v6e() {
             "no tiled layouts in the optimized TPU HLO"
         );
     }
+}
+
+/// The decode step of the tiny model (batch 2, caches for 64 tokens): its arguments hold the f32
+/// parameters and every cache (3 RAttention layers: k and v rings of W+1 = 33 slots and an RLA
+/// state; 1 global layer: k and v for 64 positions; 2 kv heads of 16).
+fn check_tiny_decode(r: &Value, out: &str) {
+    let p = &r["programs"][1];
+    assert_eq!(p["name"], "decode_step", "{r}");
+    assert_eq!(p["fits"], true, "{p}");
+    let (b, g, h) = (2.0, 2.0, 16.0);
+    let local = 2.0 * b * 33.0 * g * h + b * g * 2.0 * h * h;
+    let global = 2.0 * b * 64.0 * g * h;
+    let cache_bytes = 4.0 * (3.0 * local + global);
+    let param_bytes = 4.0 * r["param_count"].as_f64().unwrap();
+    let arg = p["memory"]["argument_bytes"].as_f64().unwrap();
+    assert!(
+        arg >= param_bytes + cache_bytes,
+        "decode arguments {arg} < params {param_bytes} + caches {cache_bytes}"
+    );
+    let secs = p["cost"]["optimal_seconds"].as_f64().unwrap();
+    let tps = p["cost"]["tokens_per_second"].as_f64().unwrap();
+    assert!(
+        (tps * secs - b).abs() < 1e-6 * b,
+        "one token per sequence per step"
+    );
+    let path = format!("{out}/module_0001.decode_step.tpu_after_optimizations.txt");
+    assert_eq!(p["optimized_hlo"].as_str().unwrap(), path);
+    assert!(std::fs::read_to_string(&path)
+        .unwrap()
+        .starts_with("HloModule "));
 }
 
 #[test]
