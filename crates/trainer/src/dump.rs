@@ -43,36 +43,16 @@ impl Cache {
     }
 }
 
-/// Bytes of one activation element in the model's compute dtype.
-fn act_bytes(m: &ModelConfig) -> u64 {
-    match m.dtype {
-        Dtype::F32 => 4,
-        Dtype::Bf16 => 2,
-    }
-}
-
 /// Decode-cache bytes per sequence at `context` tokens (the paper's convention: a local layer keeps
-/// the last W tokens; our decode ring buffer holds W+1, one more token per layer).
+/// the last W tokens; our decode ring buffer holds W+1, one more token per layer), from
+/// [`model::decode::cache_bytes`].
 pub fn cache_bytes(m: &ModelConfig, context: usize) -> Result<Cache> {
-    let kinds = m.layer_kinds()?;
-    let per_token = 2 * (m.kv_dim() as u64) * act_bytes(m);
-    let state = (m.kv_heads * 2 * m.head_dim * m.head_dim) as u64 * 4;
-    let mut c = Cache {
-        kv: 0,
-        rla_state: 0,
-    };
-    for k in kinds {
-        match k {
-            LayerKind::Global => c.kv += per_token * context as u64,
-            LayerKind::Local => {
-                c.kv += per_token * m.window.min(context) as u64;
-                if m.local_kind == LocalKind::Rattention {
-                    c.rla_state += state;
-                }
-            }
-        }
-    }
-    Ok(c)
+    m.layer_kinds()?;
+    let c = model::decode::cache_bytes(m, context);
+    Ok(Cache {
+        kv: c.kv,
+        rla_state: c.rla_state,
+    })
 }
 
 /// The SWA baseline of `m`: the same layers and window, local layers without RLA.
@@ -270,6 +250,24 @@ pub fn cache_report(m: &ModelConfig, context: usize) -> Result<CacheReport> {
     })
 }
 
+/// What the decode step actually allocates (`model::decode::cache_specs`, all f32): the K/V
+/// buffers (rings of W+1 or full caches) and the RLA states.
+fn decode_allocation(m: &ModelConfig, context: usize) -> Cache {
+    let mut c = Cache {
+        kv: 0,
+        rla_state: 0,
+    };
+    for (name, shape) in model::decode::cache_specs(m, 1, context) {
+        let bytes = 4 * shape.iter().product::<usize>() as u64;
+        if name.ends_with("rla_state") {
+            c.rla_state += bytes;
+        } else {
+            c.kv += bytes;
+        }
+    }
+    c
+}
+
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
@@ -344,7 +342,7 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
         None => None,
     };
     let train = step::build_train_step(cfg).context("building the train step")?;
-    let modules = vec![dump_module(
+    let mut modules = vec![dump_module(
         &opts.out,
         0,
         "train_step",
@@ -352,13 +350,27 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
         client.as_ref(),
     )?];
     drop(train);
+    // The decode step at batch 1 with a cache of `context` tokens.
+    let decode =
+        model::decode::build_decode_step(m, 1, context).context("building the decode step")?;
+    modules.push(dump_module(
+        &opts.out,
+        1,
+        "decode_step",
+        &decode,
+        client.as_ref(),
+    )?);
+    drop(decode);
     let summary = Summary {
         parameters: model::param_count(m) as u64,
         matmul_parameters: matmul_params(m),
         flops_per_token: flops_per_token(m)?,
         tokens_per_step: (cfg.train.batch * m.seq_len) as u64,
         modules,
-        cache: cache_report(m, context)?,
+        cache: CacheReport {
+            decode_allocation: Some(decode_allocation(m, context)),
+            ..cache_report(m, context)?
+        },
         platform,
     };
     let text = render(cfg, &summary);

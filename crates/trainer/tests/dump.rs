@@ -91,9 +91,16 @@ fn dump_of_the_tiny_config_writes_parsable_modules_and_a_checked_summary() {
     );
     assert!(after.contains("rattention.rla_fwd") && after.contains("rattention.rla_bwd"));
     assert!(after.contains("fusion"), "XLA fused nothing?");
+    // The decode step: the ring buffers are updated with dynamic-update-slice, before and after XLA.
+    let dec = text("module_0001.decode_step.before_optimizations.txt");
+    assert!(dec.starts_with("HloModule") && dec.contains("dynamic-update-slice"));
+    let dec_after = text("module_0001.decode_step.cpu_after_optimizations.txt");
+    assert!(dec_after.starts_with("HloModule"));
     for pb in [
         "module_0000.train_step.before_optimizations.hlo.pb",
         "module_0000.train_step.cpu_after_optimizations.hlo.pb",
+        "module_0001.decode_step.before_optimizations.hlo.pb",
+        "module_0001.decode_step.cpu_after_optimizations.hlo.pb",
     ] {
         let bytes = std::fs::read(out.join(pb)).unwrap();
         let m = hlo_builder::proto::HloModuleProto::decode(bytes.as_slice())
