@@ -70,6 +70,9 @@ pub struct DataConfig {
     pub kind: String,
     /// Path of the text or token data (not used for `synthetic`).
     pub path: Option<PathBuf>,
+    /// A Hugging Face `tokenizer.json` for `text` data. When unset, a `tokenizer.json` inside a
+    /// `path` directory is used, else the byte tokenizer (vocab 256).
+    pub tokenizer: Option<PathBuf>,
     /// Token width of a `tokens` file: 16 or 32.
     pub token_bits: u32,
     /// Fraction of the data held out for `rattn eval`.
@@ -81,6 +84,7 @@ impl Default for DataConfig {
         Self {
             kind: "synthetic".into(),
             path: None,
+            tokenizer: None,
             token_bits: 16,
             eval_fraction: 0.05,
         }

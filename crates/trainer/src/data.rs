@@ -133,7 +133,7 @@ impl Source {
             kind => {
                 let path = cfg.path.as_deref().context("data.path is required")?;
                 let tokens = match kind {
-                    "text" => read_text(path)?,
+                    "text" => read_text_tokens(path, cfg.tokenizer.as_deref())?,
                     _ => read_tokens(path, cfg.token_bits)?,
                 };
                 if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
@@ -167,8 +167,39 @@ impl Source {
     }
 }
 
-/// Read a UTF-8 file, or every file in a directory (sorted), as bytes: the byte tokenizer (vocab 256).
-pub fn read_text(path: &Path) -> Result<Vec<u32>> {
+/// The `tokenizer.json` that `text` data at `path` uses: the explicit one, else one inside a
+/// `path` directory, else none (the byte tokenizer).
+pub fn find_tokenizer(path: &Path, explicit: Option<&Path>) -> Option<std::path::PathBuf> {
+    explicit
+        .map(Path::to_path_buf)
+        .or_else(|| Some(path.join("tokenizer.json")).filter(|p| path.is_dir() && p.is_file()))
+}
+
+/// Tokenize UTF-8 text at `path` (a file, or every file of a directory in name order, skipping
+/// `tokenizer.json`) with a Hugging Face `tokenizer.json` (see [`find_tokenizer`]) or the byte
+/// tokenizer.
+pub fn read_text_tokens(path: &Path, tokenizer: Option<&Path>) -> Result<Vec<u32>> {
+    let Some(tk) = find_tokenizer(path, tokenizer) else {
+        return read_text(path);
+    };
+    let tok = tokenizers::Tokenizer::from_file(&tk)
+        .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", tk.display()))?;
+    let mut out = Vec::new();
+    for f in text_files(path)? {
+        if f.file_name().is_some_and(|n| n == "tokenizer.json") {
+            continue;
+        }
+        let s = std::fs::read_to_string(&f)
+            .with_context(|| format!("cannot read text file {}", f.display()))?;
+        let enc = tok.encode(s.as_str(), false).map_err(|e| {
+            anyhow::anyhow!("tokenizing {} with {}: {e}", f.display(), tk.display())
+        })?;
+        out.extend_from_slice(enc.get_ids());
+    }
+    Ok(out)
+}
+
+fn text_files(path: &Path) -> Result<Vec<std::path::PathBuf>> {
     let mut files = Vec::new();
     if path.is_dir() {
         for e in
@@ -183,6 +214,12 @@ pub fn read_text(path: &Path) -> Result<Vec<u32>> {
     } else {
         files.push(path.to_path_buf());
     }
+    Ok(files)
+}
+
+/// Read a UTF-8 file, or every file in a directory (sorted), as bytes: the byte tokenizer (vocab 256).
+pub fn read_text(path: &Path) -> Result<Vec<u32>> {
+    let files = text_files(path)?;
     let mut out = Vec::new();
     for f in files {
         let s = std::fs::read_to_string(&f)
@@ -239,6 +276,41 @@ mod tests {
             .filter(|p| p.distance > 64)
             .count();
         assert!(far > 50, "{far}");
+    }
+
+    #[test]
+    fn tokenizer_json_is_used_for_text_directories() {
+        use std::collections::HashMap;
+        use tokenizers::models::wordlevel::WordLevel;
+        use tokenizers::pre_tokenizers::whitespace::Whitespace;
+        let dir = tempfile::tempdir().unwrap();
+        let vocab: HashMap<String, u32> = [("[UNK]", 0), ("the", 1), ("cat", 2), ("sat", 3)]
+            .iter()
+            .map(|(w, i)| (w.to_string(), *i))
+            .collect();
+        let model = WordLevel::builder()
+            .vocab(vocab.into_iter().collect())
+            .unk_token("[UNK]".into())
+            .build()
+            .unwrap();
+        let mut tok = tokenizers::Tokenizer::new(model);
+        tok.with_pre_tokenizer(Some(Whitespace {}));
+        tok.save(dir.path().join("tokenizer.json"), false).unwrap();
+        std::fs::write(dir.path().join("a.txt"), "the cat sat").unwrap();
+        std::fs::write(dir.path().join("b.txt"), "the dog").unwrap();
+        assert_eq!(
+            read_text_tokens(dir.path(), None).unwrap(),
+            vec![1, 2, 3, 1, 0]
+        );
+        // Without a tokenizer.json the byte tokenizer reads the same files.
+        std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+        assert_eq!(
+            read_text_tokens(dir.path(), None).unwrap().len(),
+            "the cat satthe dog".len()
+        );
+        let e = read_text_tokens(dir.path(), Some(Path::new("/nonexistent/tokenizer.json")))
+            .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/tokenizer.json"), "{e}");
     }
 
     #[test]

@@ -134,8 +134,23 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         );
     }
     let text_mode = cfg.data.kind == "text";
+    // Text data with a tokenizer.json encodes and decodes through it; otherwise bytes.
+    let tokenizer = match (text_mode, &cfg.data.path) {
+        (true, Some(path)) => crate::data::find_tokenizer(path, cfg.data.tokenizer.as_deref())
+            .map(|tk| {
+                tokenizers::Tokenizer::from_file(&tk)
+                    .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", tk.display()))
+            })
+            .transpose()?,
+        _ => None,
+    };
     let prompt: Vec<u32> = match (&args.tokens, &args.prompt) {
         (Some(ids), _) => parse_ids(ids, model.vocab)?,
+        (None, Some(p)) if tokenizer.is_some() => tokenizer
+            .as_ref()
+            .and_then(|t| t.encode(p.as_str(), false).ok())
+            .map(|e| e.get_ids().to_vec())
+            .context("tokenizing the prompt")?,
         (None, Some(p)) if text_mode => p.bytes().map(u32::from).collect(),
         (None, Some(p)) => parse_ids(p, model.vocab).context(
             "for non-text data the prompt is a comma-separated list of token ids (e.g. 0,1,17,70)",
@@ -222,7 +237,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
 
     let ids = out.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     println!("tokens: {ids}");
-    if text_mode {
+    if let Some(tk) = &tokenizer {
+        let text = tk
+            .decode(&out, false)
+            .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+        println!("text: {text}");
+    } else if text_mode {
         let bytes: Vec<u8> = out.iter().map(|&t| t.min(255) as u8).collect();
         println!("text: {}", String::from_utf8_lossy(&bytes));
     }
