@@ -6,6 +6,8 @@
 //! - [`graph`]: [`rla`] adds the block pair to a graph (custom call or HLO lowering, custom VJP).
 //! - [`reference`]: naive f64 formulas the kernels are tested against.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod ffi;
 pub mod graph;
