@@ -88,9 +88,7 @@ fn check_inputs(
 
 /// Features of every row: `x` is `[B,T,heads,H]`, the result `[B,T,heads,2H]`.
 fn features(fm: FeatureMap, x: &[f64], h: usize) -> Vec<f64> {
-    x.chunks(h)
-        .flat_map(|row| feature(row, fm))
-        .collect()
+    x.chunks(h).flat_map(|row| feature(row, fm)).collect()
 }
 
 /// O(T²) RLA output: `o_t = Σ_{s ≤ t−W−1} ⟨φ(q_t), φ(k_s)⟩ v_s`, returned as `[B,T,N,H]`.

@@ -85,7 +85,9 @@ fn absorb_then_read_matches_the_reference_rla() {
             let one = b.slice_in_dim(x, s as i64, s as i64 + 1, 1).unwrap();
             b.reshape(one, &[2, 2, h as i64]).unwrap()
         };
-        let mut state = b.zeros(ElementType::F32, &[2, 2, 2 * h as i64, h as i64]).unwrap();
+        let mut state = b
+            .zeros(ElementType::F32, &[2, 2, 2 * h as i64, h as i64])
+            .unwrap();
         let mut outs = Vec::new();
         for t in 0..t_ {
             // The token leaving the window at step t is t − W − 1; before that, feed a real
@@ -103,11 +105,7 @@ fn absorb_then_read_matches_the_reference_rla() {
         let got = run(
             &b,
             o,
-            &[
-                (&q, &d.q_shape()),
-                (&k, &d.kv_shape()),
-                (&v, &d.kv_shape()),
-            ],
+            &[(&q, &d.q_shape()), (&k, &d.kv_shape()), (&v, &d.kv_shape())],
         );
         let cfg = RlaConfig {
             window,
@@ -120,7 +118,10 @@ fn absorb_then_read_matches_the_reference_rla() {
         assert!(e < 1e-5, "{fm} W={window}: decode relative error {e:.2e}");
         let last = d.q_len() - d.heads * h;
         let e_last = rel_err(&got[last..], &want[last..]);
-        assert!(e_last < 1e-5, "{fm} W={window}: last token error {e_last:.2e}");
+        assert!(
+            e_last < 1e-5,
+            "{fm} W={window}: last token error {e_last:.2e}"
+        );
     }
 }
 
@@ -168,7 +169,9 @@ fn rla_refuses_an_unresolved_auto() {
         chunk: 4,
         feature_map: FeatureMap::Softmax,
     };
-    let e = rla(&b, q, k, k, &cfg, Lowering::Auto).unwrap_err().to_string();
+    let e = rla(&b, q, k, k, &cfg, Lowering::Auto)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("Auto") && e.contains("for_platform"), "{e}");
     assert!(rla(&b, q, k, k, &cfg, Lowering::Auto.for_platform("tpu")).is_ok());
 }
@@ -207,7 +210,10 @@ fn enums_use_the_model_config_spellings() {
             "{text:?}"
         );
         let back = toml::to_string(&r).unwrap();
-        assert!(back.contains(fm.as_str()) && back.contains(l.as_str()), "{back}");
+        assert!(
+            back.contains(fm.as_str()) && back.contains(l.as_str()),
+            "{back}"
+        );
     }
     for bad in [
         "lowering = \"Auto\"",
