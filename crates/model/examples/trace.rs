@@ -22,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Shape::array(ElementType::S32, &[1, cfg.seq_len as i64 + 1]),
             "tokens",
         )?;
-        let l = loss(&b, &cfg, &named, tokens)?;
+        let l = loss(&b, &cfg, &named, tokens, "tpu")?;
         let grads = b.grad(l, &params)?;
         let mut outs = vec![l];
         outs.extend(grads);

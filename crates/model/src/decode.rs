@@ -102,11 +102,14 @@ fn ring_from_prompt(b: &Builder, x: Op, window: usize) -> Result<Op> {
 /// what [`build_decode_step`] continues from at position `L`: ring buffers holding the last W+1
 /// tokens in slot `t mod (W+1)`, the RLA state after token `L−W−2` (the block's `final_state`; zero
 /// when `L ≤ W+1`), and the global caches filled up to position `L−1`. Needs `L ≤ max_len`.
+/// `platform` is where the graph runs (it picks the RLA lowering, see
+/// [`transformer::rla_lowering`](crate::transformer::rla_lowering)).
 pub fn build_prefill(
     cfg: &ModelConfig,
     batch: usize,
     prompt_len: usize,
     max_len: usize,
+    platform: &str,
 ) -> Result<Computation> {
     let kinds = check(cfg, "build_prefill", batch, max_len)?;
     if prompt_len == 0 || prompt_len > max_len {
@@ -127,7 +130,8 @@ pub fn build_prefill(
         let _s = b.name_scope(&format!("layer_{i}"));
         let ap = format!("layers.{i}.attn");
         x = block(&b, cfg, &p, i, x, |q, k, v| {
-            let (ctx, state) = attention_core_with_state(&b, cfg, &p, &ap, kind, (q, k, v), pos)?;
+            let (ctx, state) =
+                attention_core_with_state(&b, cfg, &p, &ap, kind, (q, k, v), pos, platform)?;
             let _c = b.name_scope("cache");
             match kind {
                 LayerKind::Local => {

@@ -7,7 +7,7 @@
 //! let b = hlo_builder::Builder::new("forward");
 //! let (_params, named) = model::transformer::declare_params(&b, &cfg)?;
 //! let tokens = b.parameter(hlo_builder::Shape::array(hlo_builder::ElementType::S32, &[2, 64]), "tokens")?;
-//! let logits = model::transformer::forward(&b, &cfg, &named, tokens)?;
+//! let logits = model::transformer::forward(&b, &cfg, &named, tokens, "cpu")?;
 //! let module = b.build(logits)?;
 //! println!("{}", module.to_text());
 //! # Ok(()) }

@@ -38,13 +38,15 @@ pub fn rla_config(cfg: &ModelConfig) -> pallas_port::RlaConfig {
     }
 }
 
-/// The lowering chosen for the RLA blocks.
-pub fn rla_lowering(cfg: &ModelConfig) -> pallas_port::Lowering {
+/// The lowering of the RLA blocks for a graph that runs on `platform` (a PJRT platform name such
+/// as `"cpu"`, `"cuda"`, `"tpu"`): `auto` resolves with [`pallas_port::Lowering::for_platform`].
+pub fn rla_lowering(cfg: &ModelConfig, platform: &str) -> pallas_port::Lowering {
     match cfg.rla.lowering {
         RlaLowering::Auto => pallas_port::Lowering::Auto,
         RlaLowering::CustomCall => pallas_port::Lowering::CustomCall,
         RlaLowering::Hlo => pallas_port::Lowering::Hlo,
     }
+    .for_platform(platform)
 }
 
 /// What a local layer's attention returns besides its output (used by tests and dumps).
@@ -94,7 +96,9 @@ pub fn mix_local(b: &Builder, p: &ParamOps, prefix: &str, swa: Op, rla: Op) -> R
 }
 
 /// The attention core of one layer from projected `q [B,T,N,H]`, `k, v [B,T,G,H]`: SWA (+ RLA and the
-/// mixing) for local layers, full causal attention without RoPE for global ones.
+/// mixing) for local layers, full causal attention without RoPE for global ones. `platform` is
+/// where the graph runs (see [`rla_lowering`]).
+#[allow(clippy::too_many_arguments)]
 pub fn attention_core(
     b: &Builder,
     cfg: &ModelConfig,
@@ -103,12 +107,14 @@ pub fn attention_core(
     kind: LayerKind,
     qkv: (Op, Op, Op),
     pos: Op,
+    platform: &str,
 ) -> Result<Op> {
-    Ok(attention_core_with_state(b, cfg, p, prefix, kind, qkv, pos)?.0)
+    Ok(attention_core_with_state(b, cfg, p, prefix, kind, qkv, pos, platform)?.0)
 }
 
 /// [`attention_core`] that also returns the RLA block's `final_state f32[B,G,2H,H]` for RAttention
 /// local layers (`None` for SWA-only and global layers): what decoding continues from.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_core_with_state(
     b: &Builder,
     cfg: &ModelConfig,
@@ -117,6 +123,7 @@ pub fn attention_core_with_state(
     kind: LayerKind,
     (q, k, v): (Op, Op, Op),
     pos: Op,
+    platform: &str,
 ) -> Result<(Op, Option<Op>)> {
     let h = cfg.head_dim as f32;
     let (qn, kn) = qk_norm(b, cfg, p, prefix, q, k)?;
@@ -142,7 +149,14 @@ pub fn attention_core_with_state(
             }
             let rla = {
                 let _s = b.name_scope("rla");
-                pallas_port::rla_with_state(b, q, k, v, &rla_config(cfg), rla_lowering(cfg))?
+                pallas_port::rla_with_state(
+                    b,
+                    q,
+                    k,
+                    v,
+                    &rla_config(cfg),
+                    rla_lowering(cfg, platform),
+                )?
             };
             Ok((mix_local(b, p, prefix, swa, rla.o)?, Some(rla.final_state)))
         }
@@ -228,8 +242,15 @@ pub fn head(b: &Builder, cfg: &ModelConfig, p: &ParamOps, x: Op) -> Result<Op> {
     }
 }
 
-/// Logits `[B, T, vocab]` (f32) for `tokens [B, T]` (s32).
-pub fn forward(b: &Builder, cfg: &ModelConfig, p: &ParamOps, tokens: Op) -> Result<Op> {
+/// Logits `[B, T, vocab]` (f32) for `tokens [B, T]` (s32), for a graph that runs on `platform`
+/// (see [`rla_lowering`]).
+pub fn forward(
+    b: &Builder,
+    cfg: &ModelConfig,
+    p: &ParamOps,
+    tokens: Op,
+    platform: &str,
+) -> Result<Op> {
     let t = dims(b, tokens)?[1];
     let mut x = embed(b, cfg, p, tokens)?;
     let pos = b.iota(ElementType::F32, &[t], 0)?;
@@ -238,7 +259,7 @@ pub fn forward(b: &Builder, cfg: &ModelConfig, p: &ParamOps, tokens: Op) -> Resu
         let _s = b.name_scope(&format!("layer_{i}"));
         let ap = format!("layers.{i}.attn");
         x = block(b, cfg, p, i, x, |q, k, v| {
-            attention_core(b, cfg, p, &ap, kind, (q, k, v), pos)
+            attention_core(b, cfg, p, &ap, kind, (q, k, v), pos, platform)
         })?;
     }
     head(b, cfg, p, x)
@@ -261,11 +282,18 @@ pub fn declare_params(b: &Builder, cfg: &ModelConfig) -> Result<(Vec<Op>, ParamO
 }
 
 /// Mean next-token loss of `tokens [B, T+1]`: inputs are the first T, targets the last T, all weighted 1.
-pub fn loss(b: &Builder, cfg: &ModelConfig, p: &ParamOps, tokens: Op) -> Result<Op> {
+/// `platform` is where the graph runs (see [`rla_lowering`]).
+pub fn loss(
+    b: &Builder,
+    cfg: &ModelConfig,
+    p: &ParamOps,
+    tokens: Op,
+    platform: &str,
+) -> Result<Op> {
     let td = dims(b, tokens)?;
     let inputs = b.slice_in_dim(tokens, 0, td[1] - 1, 1)?;
     let targets = b.slice_in_dim(tokens, 1, td[1], 1)?;
-    let logits = forward(b, cfg, p, inputs)?;
+    let logits = forward(b, cfg, p, inputs, platform)?;
     let mask = b.full(ElementType::F32, 1.0, &[td[0], td[1] - 1])?;
     cross_entropy(b, logits, targets, mask)
 }

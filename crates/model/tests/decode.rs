@@ -99,7 +99,7 @@ fn full_logits(cfg: &ModelConfig, p: &[pjrt::Buffer], tokens: &[i32], bs: usize)
             "tokens",
         )
         .unwrap();
-    let logits = forward(&b, cfg, &named, tok).unwrap();
+    let logits = forward(&b, cfg, &named, tok, "cpu").unwrap();
     let exe = compile(&b.build(logits).unwrap());
     let tb = client()
         .buffer_from_host(tokens, &[bs as i64, t as i64], None)
@@ -124,7 +124,7 @@ fn check_decode(name: &str, cfg: &ModelConfig, bs: usize, total: usize, prompts:
     let n_cache = cache_specs(cfg, bs, total).len();
     let mut worst = 0.0f64;
     for &l in prompts {
-        let prefill = compile(&build_prefill(cfg, bs, l, total).unwrap());
+        let prefill = compile(&build_prefill(cfg, bs, l, total, "cpu").unwrap());
         let prompt: Vec<i32> = (0..bs)
             .flat_map(|bi| tokens[bi * total..bi * total + l].to_vec())
             .collect();
@@ -211,7 +211,9 @@ fn decode_matches_forward_swa_only() {
 #[test]
 fn decode_errors_name_the_problem() {
     let cfg = tiny();
-    let e = build_prefill(&cfg, 1, 65, 64).unwrap_err().to_string();
+    let e = build_prefill(&cfg, 1, 65, 64, "cpu")
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("prompt_len (65)") && e.contains("max_len (64)"),
         "{e}"

@@ -116,7 +116,7 @@ fn local_core_graph(
         b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
     );
     let pos = b.iota(ElementType::F32, &[d.t as i64], 0).unwrap();
-    let out = attention_core(&b, cfg, &p, "l", kind, (q, k, v), pos).unwrap();
+    let out = attention_core(&b, cfg, &p, "l", kind, (q, k, v), pos, "cpu").unwrap();
     (b.build(out).unwrap(), [q, k, v])
 }
 
@@ -217,10 +217,21 @@ fn local_layer_and_its_vjp_match_axlearn() {
             b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
         );
         let pos = b.iota(ElementType::F32, &[d.t as i64], 0).unwrap();
-        let out = attention_core(&b, &cfg, &p, "l", LayerKind::Local, (q, k, v), pos).unwrap();
+        let out =
+            attention_core(&b, &cfg, &p, "l", LayerKind::Local, (q, k, v), pos, "cpu").unwrap();
         let mut swa_cfg = cfg.clone();
         swa_cfg.local_kind = LocalKind::Swa;
-        let swa = attention_core(&b, &swa_cfg, &p, "s", LayerKind::Local, (q, k, v), pos).unwrap();
+        let swa = attention_core(
+            &b,
+            &swa_cfg,
+            &p,
+            "s",
+            LayerKind::Local,
+            (q, k, v),
+            pos,
+            "cpu",
+        )
+        .unwrap();
         let g = b.vjp(&[out], &[cot], &[q, k, v]).unwrap();
         let root = b.tuple(&[out, swa, g[0], g[1], g[2]]).unwrap();
         let comp = b.build(root).unwrap();
@@ -338,7 +349,7 @@ fn tiny_model_logits_match_f64_reference() {
             "tokens",
         )
         .unwrap();
-    let logits = forward(&b, &cfg, &named, tokens).unwrap();
+    let logits = forward(&b, &cfg, &named, tokens, "cpu").unwrap();
     let comp = b.build(logits).unwrap();
     let (params, map) = tiny_params(&cfg, 3);
     let toks: Vec<u32> = (0..bs * t)
@@ -371,7 +382,7 @@ fn loss_gradients_match_finite_differences_of_the_f64_reference() {
             "tokens",
         )
         .unwrap();
-    let l = model::transformer::loss(&b, &cfg, &named, tokens).unwrap();
+    let l = model::transformer::loss(&b, &cfg, &named, tokens, "cpu").unwrap();
     let grads = b.grad(l, &params).unwrap();
     let mut outs = vec![l];
     outs.extend(&grads);

@@ -191,7 +191,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
     let prefill = runtime::compile(
         &client,
-        &model::decode::build_prefill(&model, 1, l, max_len)?,
+        &model::decode::build_prefill(&model, 1, l, max_len, &client.platform_name()?)?,
     )?;
     let step = runtime::compile(
         &client,

@@ -45,8 +45,9 @@ fn lr_graph(b: &Builder, t: &TrainConfig, step: Op) -> Result<Op> {
     b.select(in_warmup, warm, decay)
 }
 
-/// Build the train-step computation for `cfg`.
-pub fn build_train_step(cfg: &RunConfig) -> Result<Computation> {
+/// Build the train-step computation for `cfg`, to run on `platform` (the PJRT platform name; it
+/// picks the RLA lowering, see [`model::transformer::rla_lowering`]).
+pub fn build_train_step(cfg: &RunConfig, platform: &str) -> Result<Computation> {
     let m = &cfg.model;
     let t = &cfg.train;
     let b = Builder::new("train_step");
@@ -73,7 +74,7 @@ pub fn build_train_step(cfg: &RunConfig) -> Result<Computation> {
     )?;
     let l = {
         let _s = b.name_scope("forward");
-        loss(&b, m, &named, tokens)?
+        loss(&b, m, &named, tokens, platform)?
     };
     let grads = {
         let _s = b.name_scope("backward");
@@ -129,15 +130,21 @@ pub fn build_train_step(cfg: &RunConfig) -> Result<Computation> {
     Ok(comp)
 }
 
-/// Build a forward-only computation: `params…, tokens s32[B, T]` → logits `f32[B, T, V]`.
-pub fn build_forward(cfg: &model::ModelConfig, batch: usize, len: usize) -> Result<Computation> {
+/// Build a forward-only computation: `params…, tokens s32[B, T]` → logits `f32[B, T, V]`, to run
+/// on `platform`.
+pub fn build_forward(
+    cfg: &model::ModelConfig,
+    batch: usize,
+    len: usize,
+    platform: &str,
+) -> Result<Computation> {
     let b = Builder::new("forward");
     let (_, named) = declare_params(&b, cfg)?;
     let tokens = b.parameter(
         Shape::array(ElementType::S32, &[batch as i64, len as i64]),
         "tokens",
     )?;
-    let logits = model::transformer::forward(&b, cfg, &named, tokens)?;
+    let logits = model::transformer::forward(&b, cfg, &named, tokens, platform)?;
     b.build(logits)
 }
 

@@ -49,7 +49,7 @@ pub fn train(
     let client = runtime::open_client(plugin)?;
     let specs = model::param_specs(&cfg.model);
     let t0 = Instant::now();
-    let comp = step::build_train_step(cfg)?;
+    let comp = step::build_train_step(cfg, &client.platform_name()?)?;
     let exe = runtime::compile(&client, &comp)?;
     let compile_s = t0.elapsed().as_secs_f64();
     let src = Source::open(&cfg.data, cfg.train.seed, cfg.model.vocab)?;
@@ -258,7 +258,8 @@ pub fn eval(
         params.push(upload_f32(&client, &t.data, &s.shape)?);
     }
     let (bs, t, v) = (cfg.train.batch, cfg.model.seq_len, cfg.model.vocab);
-    let exe = runtime::compile(&client, &step::build_forward(&cfg.model, bs, t)?)?;
+    let platform = client.platform_name()?;
+    let exe = runtime::compile(&client, &step::build_forward(&cfg.model, bs, t, &platform)?)?;
     // Held-out stream: a different seed for synthetic data, the tail of the stream otherwise.
     let src = match Source::open(&cfg.data, cfg.train.seed, v)? {
         Source::Synthetic { seed } => Source::Synthetic {
