@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::error::{Error, Result};
 use crate::ops::constant::Leaf;
 use crate::ops::elementwise::BinaryOp;
-pub(crate) use crate::ops::Kind;
+use crate::ops::Kind;
 use crate::proto;
 use crate::shape::Shape;
 use crate::sharding::Sharding;

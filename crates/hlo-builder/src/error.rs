@@ -124,3 +124,51 @@ impl Builder {
 
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ElementType, Shape};
+
+    fn location_of(e: &Error) -> &str {
+        match e {
+            Error::Invalid { location, .. } | Error::Shape { location, .. } => location,
+            Error::Decode(_) => "",
+        }
+    }
+
+    #[test]
+    fn constructors_record_the_call_site_and_scope() {
+        let here = line!() + 1;
+        let e = Error::invalid("model", "bad");
+        assert_eq!(location_of(&e), format!("{}:{here}", file!()));
+        assert_eq!(
+            e.to_string(),
+            format!("model: bad (built at {}:{here})", file!())
+        );
+
+        let b = Builder::new("b");
+        let _scope = b.name_scope("layer_0");
+        let here = line!() + 1;
+        let e = b.error("rla", "chunk too large");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "rla: chunk too large (built at {}:{here} in layer_0)",
+                file!()
+            )
+        );
+    }
+
+    #[test]
+    fn alias_errors_name_the_caller() {
+        let b = Builder::new("a");
+        let x = b
+            .parameter(Shape::array(ElementType::F32, &[2]), "x")
+            .unwrap();
+        let comp = b.build(b.tuple(&[x]).unwrap()).unwrap();
+        let here = line!() + 1;
+        let e = comp.with_input_output_alias(1, 0).unwrap_err();
+        assert_eq!(location_of(&e), format!("{}:{here}", file!()));
+    }
+}

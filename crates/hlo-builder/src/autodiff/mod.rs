@@ -41,8 +41,9 @@ use std::collections::HashMap;
 use std::panic::Location;
 use std::sync::Arc;
 
-use crate::builder::{Builder, Kind};
+use crate::builder::Builder;
 use crate::error::{Error, Result};
+use crate::ops::Kind;
 use crate::shape::Shape;
 use crate::Op;
 

@@ -6,10 +6,10 @@ use std::any::Any;
 use std::panic::Location;
 
 use crate::autodiff::{Ct, Node};
-use crate::builder::{Builder, Kind};
+use crate::builder::Builder;
 use crate::error::Result;
 use crate::ops::shape_ops::ShapeOp;
-use crate::ops::Family;
+use crate::ops::{Family, Kind};
 use crate::proto;
 use crate::shape::{Shape, ShapeError, ShapeResult};
 use crate::{ElementType, NativeType, Op};

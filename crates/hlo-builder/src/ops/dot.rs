@@ -11,10 +11,10 @@
 use std::panic::Location;
 
 use crate::autodiff::Node;
-use crate::builder::{Builder, Kind};
+use crate::builder::Builder;
 use crate::error::Result;
 use crate::ops::shape_ops::inverse_perm;
-use crate::ops::Family;
+use crate::ops::{Family, Kind};
 use crate::proto;
 use crate::shape::{expect_array, Shape, ShapeError, ShapeResult};
 use crate::{ElementType, Op};

@@ -53,11 +53,7 @@ pub(crate) trait Family: std::fmt::Debug {
     /// [`Family::array_vjp`] and a tuple-shaped one is an error.
     fn vjp(&self, b: &Builder, n: &Node, ct: Ct) -> Result<Vec<Option<Ct>>> {
         match ct {
-            Ct::Array(ct) => Ok(self
-                .array_vjp(b, n, ct)?
-                .into_iter()
-                .map(|g| g.map(Ct::Array))
-                .collect()),
+            Ct::Array(ct) => Ok(array_cts(self.array_vjp(b, n, ct)?)),
             Ct::Tuple(_) => Err(n.not_differentiable(b, &n.describe())),
         }
     }
@@ -66,6 +62,11 @@ pub(crate) trait Family: std::fmt::Debug {
     fn array_vjp(&self, b: &Builder, n: &Node, _ct: Op) -> Result<Vec<Option<Op>>> {
         Err(n.not_differentiable(b, &n.describe()))
     }
+}
+
+/// Array cotangents as [`Ct`]s.
+pub(crate) fn array_cts(grads: Vec<Option<Op>>) -> Vec<Option<Ct>> {
+    grads.into_iter().map(|g| g.map(Ct::Array)).collect()
 }
 
 /// The opcode of an instruction together with its attributes: one variant per family.

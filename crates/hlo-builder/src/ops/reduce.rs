@@ -9,10 +9,10 @@
 use std::panic::Location;
 
 use crate::autodiff::{Ct, Node};
-use crate::builder::{Builder, Kind};
+use crate::builder::Builder;
 use crate::error::Result;
 use crate::ops::elementwise::{BinaryOp, Cmp};
-use crate::ops::Family;
+use crate::ops::{array_cts, Family, Kind};
 use crate::proto;
 use crate::shape::{check_dim, expect_array, Shape, ShapeError, ShapeResult};
 use crate::{Computation, ElementType, Op};
@@ -261,11 +261,7 @@ impl Family for Reduce {
 
     fn vjp(&self, b: &Builder, n: &Node, ct: Ct) -> Result<Vec<Option<Ct>>> {
         match ct {
-            Ct::Array(ct) => Ok(self
-                .array_vjp(b, n, ct)?
-                .into_iter()
-                .map(|g| g.map(Ct::Array))
-                .collect()),
+            Ct::Array(ct) => Ok(array_cts(self.array_vjp(b, n, ct)?)),
             // A variadic reduce.
             Ct::Tuple(_) => Err(n.not_differentiable(
                 b,

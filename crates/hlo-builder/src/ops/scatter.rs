@@ -16,10 +16,10 @@ use super::gather::{
     check_distinct_in_range, check_sorted_in_range, index_dims, upper_bounds, GatherDims,
 };
 use crate::autodiff::Node;
-use crate::builder::{Builder, Kind};
+use crate::builder::Builder;
 use crate::error::Result;
 use crate::ops::elementwise::{BinaryOp, Cmp};
-use crate::ops::Family;
+use crate::ops::{Family, Kind};
 use crate::proto;
 use crate::shape::{expect_array, Shape, ShapeError, ShapeResult};
 use crate::{ElementType, Op};

@@ -3,10 +3,10 @@
 use std::panic::Location;
 
 use crate::autodiff::Node;
-use crate::builder::{Builder, Kind};
+use crate::builder::Builder;
 use crate::error::Result;
 use crate::ops::constant::check_dims;
-use crate::ops::Family;
+use crate::ops::{Family, Kind};
 use crate::proto;
 use crate::shape::{check_dim, expect_array, Shape, ShapeError, ShapeResult};
 use crate::{ElementType, Op};

@@ -1,5 +1,6 @@
-//! Elementwise ops. Unary math ([`unary`]) and binary arithmetic/logic ([`binary`]) have their
-//! own files; this one holds `compare`, `select`, `clamp`, `convert` and `bitcast-convert`.
+//! Elementwise ops. Unary math ([`unary`](mod@unary)) and binary arithmetic/logic
+//! ([`binary`](mod@binary)) have their own files; this one holds `compare`, `select`, `clamp`,
+//! `convert` and `bitcast-convert`.
 //!
 //! Binary ops take operands of equal shape; a rank-0 operand is broadcast implicitly (the
 //! builder emits a `broadcast` instruction for it).
@@ -10,9 +11,9 @@ pub mod unary;
 use std::panic::Location;
 
 use crate::autodiff::Node;
-use crate::builder::{Builder, Kind};
+use crate::builder::Builder;
 use crate::error::Result;
-use crate::ops::Family;
+use crate::ops::{Family, Kind};
 use crate::proto;
 use crate::shape::{expect_array, Shape, ShapeError, ShapeResult};
 use crate::{ElementType, Op};
