@@ -1,4 +1,6 @@
 //! The graph builder: [`Builder`], op handles ([`Op`]), built [`Computation`]s and proto emission.
+//! Emission here writes the fields every instruction has; each op family (`crate::ops`) writes
+//! its own opcode and attributes.
 //!
 //! Instructions are stored in creation order (a topological order) as [`Instr`] records whose
 //! fields are readable from the rest of the crate (autodiff walks them). Ids come from one
