@@ -102,8 +102,9 @@ impl Builder {
         self.error_at(Location::caller(), op, message)
     }
 
-    /// [`Builder::error`] at an explicit call site (for methods that took their caller early).
-    pub(crate) fn error_at(
+    /// [`Builder::error`] at an explicit call site (for methods that took their caller early with
+    /// `Location::caller()` and report errors from helpers).
+    pub fn error_at(
         &self,
         loc: &'static Location<'static>,
         op: &'static str,

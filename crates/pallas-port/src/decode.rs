@@ -26,25 +26,12 @@
 //! # Ok::<(), hlo_builder::Error>(())
 //! ```
 
-use std::panic::Location;
-
-use hlo_builder::{Builder, DotDims, ElementType, Error, Op, Result};
+use hlo_builder::{Builder, DotDims, ElementType, Op, Result};
 
 use crate::config::FeatureMap;
 use crate::feature::feature_map;
 
 const F32: ElementType = ElementType::F32;
-
-#[track_caller]
-fn invalid(b: &Builder, op: &'static str, message: String) -> Error {
-    let loc = Location::caller();
-    Error::Invalid {
-        op,
-        message,
-        location: format!("{}:{}", loc.file(), loc.line()),
-        scope: b.current_scope(),
-    }
-}
 
 /// `S + φ(k)ᵀ v` where `leaving` is true, `S` otherwise: absorbs the token leaving the window.
 ///
@@ -69,9 +56,7 @@ pub fn absorb(
     );
     let kd = ks.dims();
     if kd.len() != 3 || vs.dims() != kd || ss.ty() != Some(F32) {
-        return Err(invalid(
-            b,
-            OP,
+        return Err(b.error(OP,
             format!(
                 "need state f32[B,G,2H,H] and old_k, old_v [B,G,H], got state {}, old_k {}, old_v {}",
                 ss.short(),
@@ -82,8 +67,7 @@ pub fn absorb(
     }
     let sd = [kd[0], kd[1], 2 * kd[2], kd[2]];
     if ss.dims() != sd {
-        return Err(invalid(
-            b,
+        return Err(b.error(
             OP,
             format!(
                 "state {} must be [B,G,2H,H] = {sd:?} for old_k {}",
@@ -93,8 +77,7 @@ pub fn absorb(
         ));
     }
     if ls.ty() != Some(ElementType::Pred) || ls.rank() != 0 {
-        return Err(invalid(
-            b,
+        return Err(b.error(
             OP,
             format!("`leaving` must be a pred scalar, got {}", ls.short()),
         ));
@@ -132,9 +115,7 @@ pub fn read(b: &Builder, q: Op, state: Op, fm: FeatureMap) -> Result<Op> {
         && sd[2] == 2 * qd[3]
         && sd[3] == qd[3];
     if !ok {
-        return Err(invalid(
-            b,
-            OP,
+        return Err(b.error(OP,
             format!(
                 "need q [B,1,N,H] and state f32[B,G,2H,H] with N a multiple of G, got q {}, state {}",
                 qs.short(),

@@ -77,11 +77,14 @@ impl Lowering {
         match self {
             Lowering::Hlo => Ok(true),
             Lowering::CustomCall => Ok(false),
-            Lowering::Auto => Err(invalid(format!(
+            Lowering::Auto => Err(hlo_builder::Error::invalid(
+                "rla",
+                format!(
                 "{op}: the lowering is `Auto`, which depends on where the graph runs; resolve it \
                  for the target platform first with `lowering.for_platform(platform)` (custom \
                  call on \"cpu\", HLO on \"tpu\", \"cuda\", ...)"
-            ))),
+            ),
+            )),
         }
     }
 }
@@ -104,15 +107,6 @@ fn attrs(cfg: &RlaConfig) -> Vec<(&'static str, Attr)> {
     ]
 }
 
-fn invalid(msg: String) -> hlo_builder::Error {
-    hlo_builder::Error::Invalid {
-        op: "rla",
-        message: msg,
-        location: String::new(),
-        scope: String::new(),
-    }
-}
-
 /// Check q `[B,T,N,H]`, k, v `[B,T,G,H]` and the config; return the dims.
 pub fn check_shapes(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig) -> Result<RlaDims> {
     let (qs, ks, vs) = (b.shape(q)?, b.shape(k)?, b.shape(v)?);
@@ -124,12 +118,15 @@ pub fn check_shapes(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig) -> Result
         || qd[1] != kd[1]
         || qd[3] != kd[3]
     {
-        return Err(invalid(format!(
-            "q must be [B,T,N,H] and k, v [B,T,G,H] with equal B, T, H: got q {}, k {}, v {}",
-            qs.short(),
-            ks.short(),
-            vs.short()
-        )));
+        return Err(b.error(
+            "rla",
+            format!(
+                "q must be [B,T,N,H] and k, v [B,T,G,H] with equal B, T, H: got q {}, k {}, v {}",
+                qs.short(),
+                ks.short(),
+                vs.short()
+            ),
+        ));
     }
     let d = RlaDims {
         batch: qd[0] as usize,
@@ -138,8 +135,8 @@ pub fn check_shapes(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig) -> Result
         kv_heads: kd[2] as usize,
         head_dim: qd[3] as usize,
     };
-    d.validate().map_err(|e| invalid(e.to_string()))?;
-    cfg.validate().map_err(|e| invalid(e.to_string()))?;
+    d.validate().map_err(|e| b.error("rla", e.to_string()))?;
+    cfg.validate().map_err(|e| b.error("rla", e.to_string()))?;
     Ok(d)
 }
 
@@ -212,8 +209,8 @@ impl hlo_builder::autodiff::VjpRule for RlaVjp {
         cts: &[Option<Op>],
     ) -> Result<Vec<Option<Op>>> {
         if cts.iter().skip(1).any(Option::is_some) {
-            return Err(invalid(
-                "gradients flow only through rla's output o; chunk_states and final_state are not differentiable".into(),
+            return Err(b.error("rla", 
+                "gradients flow only through rla's output o; chunk_states and final_state are not differentiable",
             ));
         }
         let Some(d_o) = cts.first().copied().flatten() else {

@@ -40,7 +40,7 @@
 
 use std::panic::Location;
 
-use hlo_builder::{Builder, Cmp, DotDims, ElementType, Error, Op, Precision, Result, Shape};
+use hlo_builder::{Builder, Cmp, DotDims, ElementType, Op, Precision, Result, Shape};
 
 use crate::config::{FeatureMap, RlaConfig};
 use crate::feature::{feature_map, feature_map_vjp};
@@ -89,20 +89,6 @@ impl Geo {
     }
 }
 
-fn invalid(
-    b: &Builder,
-    loc: &'static Location<'static>,
-    op: &'static str,
-    message: String,
-) -> Error {
-    Error::Invalid {
-        op,
-        message,
-        location: format!("{}:{}", loc.file(), loc.line()),
-        scope: b.current_scope(),
-    }
-}
-
 /// Checks the config and operand shapes and derives the sizes.
 fn geometry(
     b: &Builder,
@@ -114,13 +100,12 @@ fn geometry(
     cfg: &RlaConfig,
 ) -> Result<Geo> {
     cfg.validate()
-        .map_err(|e| invalid(b, loc, op, e.to_string()))?;
+        .map_err(|e| b.error_at(loc, op, e.to_string()))?;
     let (qs, ks, vs) = (b.shape(q)?, b.shape(k)?, b.shape(v)?);
     for (name, s) in [("q", &qs), ("k", &ks), ("v", &vs)] {
         check_float(b, loc, op, name, s)?;
         if s.rank() != 4 {
-            return Err(invalid(
-                b,
+            return Err(b.error_at(
                 loc,
                 op,
                 format!(
@@ -132,8 +117,7 @@ fn geometry(
     }
     let (qd, kd) = (qs.dims(), ks.dims());
     if kd != vs.dims() {
-        return Err(invalid(
-            b,
+        return Err(b.error_at(
             loc,
             op,
             format!(
@@ -144,8 +128,7 @@ fn geometry(
         ));
     }
     if qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] {
-        return Err(invalid(
-            b,
+        return Err(b.error_at(
             loc,
             op,
             format!(
@@ -156,8 +139,7 @@ fn geometry(
         ));
     }
     if qd.iter().chain(kd).any(|&d| d == 0) || qd[2] % kd[2] != 0 {
-        return Err(invalid(
-            b,
+        return Err(b.error_at(
             loc,
             op,
             format!(
@@ -195,8 +177,7 @@ fn check_float(
 ) -> Result<()> {
     match s.ty() {
         Some(ElementType::F32) | Some(ElementType::Bf16) => Ok(()),
-        _ => Err(invalid(
-            b,
+        _ => Err(b.error_at(
             loc,
             op,
             format!("`{name}` must be an f32 or bf16 array, got {}", s.short()),
@@ -489,8 +470,7 @@ pub fn rla_bwd_hlo(
     check_float(b, loc, OP, "d_o", &ds)?;
     check_float(b, loc, OP, "chunk_states", &css)?;
     if ds.dims() != qs.dims() {
-        return Err(invalid(
-            b,
+        return Err(b.error_at(
             loc,
             OP,
             format!(
@@ -501,8 +481,7 @@ pub fn rla_bwd_hlo(
         ));
     }
     if css.dims() != g.chunk_states_dims() {
-        return Err(invalid(
-            b,
+        return Err(b.error_at(
             loc,
             OP,
             format!(
