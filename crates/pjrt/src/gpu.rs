@@ -173,13 +173,7 @@ impl Topology {
         } else {
             summary.device.clone()
         };
-        let topo = Self::create(
-            plugin,
-            &name,
-            &values,
-            TopologyKind::Gpu,
-            cuda_data_dir,
-        )?;
+        let topo = Self::create(plugin, &name, &values, TopologyKind::Gpu, cuda_data_dir)?;
         let platform = topo.platform_name()?;
         if platform != "cuda" {
             return Err(Error::InvalidArgument(format!(

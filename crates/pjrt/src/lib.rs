@@ -5,6 +5,23 @@
 //! header (checked against the 0.115 CPU plugin) and XLA FFI 0.3; see
 //! `shared/reference/pjrt-ffi-facts.md`.
 //!
+//! # Modules
+//! * [`plugin`]: loading a plugin, its function table, named values; [`install`]: the pinned
+//!   wheels and the [`install::PluginCache`] they are installed into.
+//! * [`client`] (clients and their devices), [`device`] (device descriptions, shared with
+//!   topologies), [`buffer`], [`dtype`], [`options`] (programs and compile options).
+//! * [`executable`]: loaded executables (run on a client's devices) and unloaded ones (compiled
+//!   for a topology), with one memory-statistics type and one set of queries.
+//! * Ahead of time, without the hardware: [`topology`] (the wrapper and its compile),
+//!   [`tpu`] (libtpu: generations, names, environment), [`gpu`] (built-in specs, shapes,
+//!   environment), [`gpu_spec`] (spec checks and the text-format reader); the CUDA tool search
+//!   is private.
+//! * [`ffi`]: safe XLA FFI handlers; [`error`]: the crate's error type.
+//!
+//! Nothing here reads a program's own configuration: callers pass caches, paths and options,
+//! and set the plugins' environment with [`tpu::set_environment`] / [`gpu::set_environment`]
+//! before any thread starts.
+//!
 //! # Plugins
 //! ```no_run
 //! // Install (pip download + unzip + SHA-256 check, cached) and load the CPU plugin once.

@@ -192,10 +192,10 @@ impl CompileOptions {
                 .map(|(k, v)| {
                     use proto::option_override::Value;
                     let value = match v {
-                        OptionOverride::Str(s) => Value::StringField(s.clone()),
-                        OptionOverride::Bool(b) => Value::BoolField(*b),
-                        OptionOverride::Int(i) => Value::IntField(*i),
-                        OptionOverride::Float(f) => Value::DoubleField(*f),
+                        OptionOverride::Str(s) => Value::String(s.clone()),
+                        OptionOverride::Bool(b) => Value::Bool(*b),
+                        OptionOverride::Int(i) => Value::Int(*i),
+                        OptionOverride::Float(f) => Value::Double(*f),
                     };
                     (k.clone(), proto::OptionOverrideProto { value: Some(value) })
                 })
@@ -225,13 +225,13 @@ mod proto {
         #[derive(Clone, PartialEq, prost::Oneof)]
         pub(crate) enum Value {
             #[prost(string, tag = "1")]
-            StringField(String),
+            String(String),
             #[prost(bool, tag = "2")]
-            BoolField(bool),
+            Bool(bool),
             #[prost(int64, tag = "3")]
-            IntField(i64),
+            Int(i64),
             #[prost(double, tag = "4")]
-            DoubleField(f64),
+            Double(f64),
         }
     }
 
@@ -353,11 +353,11 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert_eq!(
             got["xla_gpu_cuda_data_dir"].value,
-            Some(proto::option_override::Value::StringField("/opt/cu13".into()))
+            Some(proto::option_override::Value::String("/opt/cu13".into()))
         );
         assert_eq!(
             got["xla_dump_hlo_as_text"].value,
-            Some(proto::option_override::Value::BoolField(true))
+            Some(proto::option_override::Value::Bool(true))
         );
         // Field 7, after executable_build_options (field 3).
         assert_eq!(o.encode()[6], 0x3a);

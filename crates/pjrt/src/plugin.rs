@@ -303,7 +303,12 @@ impl Plugin {
     /// # Safety
     /// The function in `slot` must take an args struct of the `HandleIntArgs` layout, and
     /// `handle` must be a live object of this plugin of the kind that function expects.
-    pub(crate) unsafe fn query_i32(&self, slot: usize, name: &'static str, handle: Ptr) -> Result<i32> {
+    pub(crate) unsafe fn query_i32(
+        &self,
+        slot: usize,
+        name: &'static str,
+        handle: Ptr,
+    ) -> Result<i32> {
         let mut a = sys::HandleIntArgs::new();
         a.handle = handle;
         // SAFETY: guaranteed by the caller.
@@ -596,5 +601,31 @@ impl RawNamedValues {
             _lists: lists,
             _strings: strings,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_is_not_changed_while_other_threads_run() {
+        let key = "PJRT_TEST_SET_UNSET_ENV";
+        // A second thread that is alive while the variable would be set.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || rx.recv());
+        let result = set_unset_env(&[(key, "1")], "the test");
+        match other_threads() {
+            Some(_) => {
+                let e = result.unwrap_err();
+                assert!(matches!(e, Error::Environment(_)), "{e}");
+                assert!(e.to_string().contains("PJRT_TEST_SET_UNSET_ENV=1"), "{e}");
+                assert!(std::env::var_os(key).is_none());
+            }
+            // Systems that cannot count threads: set as asked.
+            None => assert!(result.is_ok()),
+        }
+        drop(tx);
+        let _ = other.join();
     }
 }

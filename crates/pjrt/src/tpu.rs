@@ -191,8 +191,8 @@ impl Topology {
     pub fn tpu_with(plugin: &Plugin, name: &str, options: &TpuTopologyOptions) -> Result<Topology> {
         check_tpu_name(name)?;
         let values = options.named_values()?;
-        let topo = Self::create(plugin, name, &values, TopologyKind::Tpu, None).map_err(|e| {
-            match e {
+        let topo =
+            Self::create(plugin, name, &values, TopologyKind::Tpu, None).map_err(|e| match e {
                 Error::Pjrt {
                     code,
                     function,
@@ -203,8 +203,7 @@ impl Topology {
                     message: format!("{message} (topology {name:?}; {})", known_names()),
                 },
                 other => other,
-            }
-        })?;
+            })?;
         let platform = topo.platform_name()?;
         if platform != "tpu" {
             return Err(Error::InvalidArgument(format!(
@@ -257,6 +256,16 @@ mod tests {
             vars.iter().any(|(k, _)| *k == "TPU_SKIP_MDS_QUERY"),
             !tpu_chips_present()
         );
+    }
+
+    #[test]
+    fn libtpu_is_refused_where_it_would_query_the_metadata_server() {
+        let unset = std::env::var_os("TPU_SKIP_MDS_QUERY").is_none();
+        let e = check_environment();
+        assert_eq!(e.is_err(), unset && !tpu_chips_present(), "{e:?}");
+        if let Err(e) = e {
+            assert!(e.to_string().contains("pjrt::tpu::set_environment"), "{e}");
+        }
     }
 
     #[test]

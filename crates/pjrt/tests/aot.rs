@@ -63,7 +63,11 @@ fn gpu(test: &str) -> Option<Plugin> {
         );
         return None;
     }
-    Some(cache.load(PluginKind::Cuda).expect("loading the CUDA plugin"))
+    Some(
+        cache
+            .load(PluginKind::Cuda)
+            .expect("loading the CUDA plugin"),
+    )
 }
 
 /// `tanh(a @ b)` over `a: f32[m,k]`, `b: f32[k,n]`.

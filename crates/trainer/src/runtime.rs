@@ -40,9 +40,9 @@ pub fn with_install_hint(e: pjrt::Error) -> anyhow::Error {
         pjrt::Error::NotInstalled { kind, .. } => {
             anyhow!("{e}. Install it once with `rattn plugin install {kind}`")
         }
-        pjrt::Error::CudaToolsNotFound { .. } => anyhow!(
-            "{e}. `rattn plugin install cuda` installs them with the CUDA plugin"
-        ),
+        pjrt::Error::CudaToolsNotFound { .. } => {
+            anyhow!("{e}. `rattn plugin install cuda` installs them with the CUDA plugin")
+        }
         _ => anyhow!(e),
     }
 }

@@ -27,9 +27,7 @@ fn cache() -> PluginCache {
 
 fn have_tpu(test: &str) -> bool {
     if forced() {
-        cache()
-            .install(PluginKind::Tpu)
-            .expect("installing libtpu");
+        cache().install(PluginKind::Tpu).expect("installing libtpu");
         return true;
     }
     let ok = cache().installed(PluginKind::Tpu).is_some();
