@@ -34,13 +34,12 @@ unsafe impl Sync for ClientInner {}
 
 impl Drop for ClientInner {
     fn drop(&mut self) {
-        let mut a = sys::ClientDestroyArgs::new();
-        a.client = self.raw;
-        // SAFETY: the client is live and destroyed exactly once; every buffer/executable holds a
-        // clone of the `Arc`, so none outlives it.
-        let _ = unsafe {
+        // SAFETY: PJRT_Client_Destroy_Args has the handle layout; the client is live and
+        // destroyed exactly once; every buffer/executable holds a clone of the `Arc`, so none
+        // outlives it.
+        unsafe {
             self.plugin
-                .call(slot::CLIENT_DESTROY, "PJRT_Client_Destroy", &mut a)
+                .destroy(slot::CLIENT_DESTROY, "PJRT_Client_Destroy", self.raw)
         };
     }
 }

@@ -173,15 +173,7 @@ impl Topology {
         } else {
             summary.device.clone()
         };
-        let topo = Self::create(plugin, &name, &values, TopologyKind::Gpu, cuda_data_dir)?;
-        let platform = topo.platform_name()?;
-        if platform != "cuda" {
-            return Err(Error::InvalidArgument(format!(
-                "plugin {} made a {platform:?} topology; Topology::gpu needs the CUDA plugin (PluginKind::Cuda)",
-                plugin.path().display()
-            )));
-        }
-        Ok(topo)
+        Self::create(plugin, &name, &values, TopologyKind::Gpu, cuda_data_dir)
     }
 }
 

@@ -297,6 +297,19 @@ impl Plugin {
         Ok(unsafe { copy_string(a.value, a.value_size) })
     }
 
+    /// Destroys `handle` with the plugin's destroy function in `slot` (`PJRT_Buffer_Destroy`,
+    /// `PJRT_Client_Destroy`, ...). An error is dropped: a destructor has nobody to report it to.
+    ///
+    /// # Safety
+    /// The function in `slot` must take an args struct of the `HandleArgs` layout, and `handle`
+    /// must be a live object of that kind that the caller owns; it is invalid afterwards.
+    pub(crate) unsafe fn destroy(&self, slot: usize, name: &'static str, handle: Ptr) {
+        let mut a = sys::HandleArgs::new();
+        a.handle = handle;
+        // SAFETY: guaranteed by the caller.
+        let _ = unsafe { self.call(slot, name, &mut a) };
+    }
+
     /// Calls a PJRT query that takes a handle and returns an `int` (`PJRT_DeviceDescription_Id`,
     /// `PJRT_Device_LocalHardwareId`, ...).
     ///

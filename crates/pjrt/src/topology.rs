@@ -80,17 +80,10 @@ unsafe impl Sync for TopologyInner {}
 
 impl Drop for TopologyInner {
     fn drop(&mut self) {
-        let mut a = sys::HandleArgs::new();
-        a.handle = self.raw;
+        let (s, name) = (slot::TOPOLOGY_DESTROY, "PJRT_TopologyDescription_Destroy");
         // SAFETY: the topology is owned by us and destroyed exactly once; every executable holds
         // a clone of the `Topology`, so none outlives it.
-        let _ = unsafe {
-            self.plugin.call(
-                slot::TOPOLOGY_DESTROY,
-                "PJRT_TopologyDescription_Destroy",
-                &mut a,
-            )
-        };
+        unsafe { self.plugin.destroy(s, name, self.raw) };
     }
 }
 
@@ -105,7 +98,8 @@ impl std::fmt::Debug for Topology {
 }
 
 impl Topology {
-    /// Creates a topology with the plugin's create options `values` and reads its devices.
+    /// Creates a topology with the plugin's create options `values`, reads its devices and
+    /// checks that the plugin made one of `kind` (libtpu for TPU, the CUDA plugin for GPU).
     pub(crate) fn create(
         plugin: &Plugin,
         name: &str,
@@ -150,9 +144,25 @@ impl Topology {
                 "topology {name:?} has no devices"
             )));
         }
-        Ok(Topology {
+        let topology = Topology {
             inner: Arc::new(inner),
-        })
+        };
+        let (platform, constructor, plugin_kind) = match kind {
+            TopologyKind::Tpu => ("tpu", "Topology::tpu", "libtpu (PluginKind::Tpu)"),
+            TopologyKind::Gpu => (
+                "cuda",
+                "Topology::gpu",
+                "the CUDA plugin (PluginKind::Cuda)",
+            ),
+        };
+        let made = topology.platform_name()?;
+        if made != platform {
+            return Err(Error::InvalidArgument(format!(
+                "plugin {} made a {made:?} topology for {name:?}; {constructor} needs {plugin_kind}",
+                plugin.path().display()
+            )));
+        }
+        Ok(topology)
     }
 
     /// The plugin the topology came from.

@@ -191,27 +191,18 @@ impl Topology {
     pub fn tpu_with(plugin: &Plugin, name: &str, options: &TpuTopologyOptions) -> Result<Topology> {
         check_tpu_name(name)?;
         let values = options.named_values()?;
-        let topo =
-            Self::create(plugin, name, &values, TopologyKind::Tpu, None).map_err(|e| match e {
-                Error::Pjrt {
-                    code,
-                    function,
-                    message,
-                } if code == ErrorCode::InvalidArgument => Error::Pjrt {
-                    code,
-                    function,
-                    message: format!("{message} (topology {name:?}; {})", known_names()),
-                },
-                other => other,
-            })?;
-        let platform = topo.platform_name()?;
-        if platform != "tpu" {
-            return Err(Error::InvalidArgument(format!(
-                "plugin {} made a {platform:?} topology for {name:?}; Topology::tpu needs libtpu (PluginKind::Tpu)",
-                plugin.path().display()
-            )));
-        }
-        Ok(topo)
+        Self::create(plugin, name, &values, TopologyKind::Tpu, None).map_err(|e| match e {
+            Error::Pjrt {
+                code,
+                function,
+                message,
+            } if code == ErrorCode::InvalidArgument => Error::Pjrt {
+                code,
+                function,
+                message: format!("{message} (topology {name:?}; {})", known_names()),
+            },
+            other => other,
+        })
     }
 }
 

@@ -50,12 +50,10 @@ fn gpu(test: &str) -> Option<Plugin> {
     plugin_environment();
     let cache = PluginCache::default();
     if forced() {
-        cache
+        let installed = cache
             .install(PluginKind::Cuda)
-            .expect("installing the CUDA plugin");
-        cache
-            .install_cuda_tools()
-            .expect("installing ptxas and libdevice");
+            .and(cache.install_cuda_tools());
+        installed.expect("installing the CUDA plugin, ptxas and libdevice");
     } else if cache.installed(PluginKind::Cuda).is_none() || cache.installed_cuda_tools().is_none()
     {
         eprintln!(

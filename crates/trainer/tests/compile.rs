@@ -40,12 +40,10 @@ fn have_tpu(test: &str) -> bool {
 fn have_gpu(test: &str) -> bool {
     let cache = cache();
     if forced() {
-        cache
+        let installed = cache
             .install(PluginKind::Cuda)
-            .expect("installing the CUDA plugin");
-        cache
-            .install_cuda_tools()
-            .expect("installing ptxas and libdevice");
+            .and(cache.install_cuda_tools());
+        installed.expect("installing the CUDA plugin, ptxas and libdevice");
         return true;
     }
     let ok = cache.installed(PluginKind::Cuda).is_some() && cache.installed_cuda_tools().is_some();

@@ -29,16 +29,12 @@ unsafe impl Sync for ExecInner {}
 
 impl Drop for ExecInner {
     fn drop(&mut self) {
-        let mut a = sys::HandleArgs::new();
-        a.handle = self.raw;
+        let (s, name) = (
+            slot::LOADED_EXECUTABLE_DESTROY,
+            "PJRT_LoadedExecutable_Destroy",
+        );
         // SAFETY: owned by us and destroyed exactly once.
-        let _ = unsafe {
-            self.client.inner.plugin.call(
-                slot::LOADED_EXECUTABLE_DESTROY,
-                "PJRT_LoadedExecutable_Destroy",
-                &mut a,
-            )
-        };
+        unsafe { self.client.inner.plugin.destroy(s, name, self.raw) };
     }
 }
 
@@ -68,16 +64,9 @@ struct ExecutableRef<'a> {
 
 impl Drop for ExecutableRef<'_> {
     fn drop(&mut self) {
-        let mut a = sys::HandleArgs::new();
-        a.handle = self.raw;
+        let (s, name) = (slot::EXECUTABLE_DESTROY, "PJRT_Executable_Destroy");
         // SAFETY: the caller of GetExecutable owns the returned executable and must destroy it.
-        let _ = unsafe {
-            self.client.inner.plugin.call(
-                slot::EXECUTABLE_DESTROY,
-                "PJRT_Executable_Destroy",
-                &mut a,
-            )
-        };
+        unsafe { self.client.inner.plugin.destroy(s, name, self.raw) };
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::{CompiledMemoryStats, CostAnalysis, ExecHandle};
 use crate::error::{Error, ErrorCode, Result};
 use crate::plugin::Plugin;
-use crate::sys::{self, slot, Ptr};
+use crate::sys::{slot, Ptr};
 use crate::topology::Topology;
 
 /// An unloaded executable compiled for a [`Topology`] (`PJRT_Executable`). It cannot run here;
@@ -29,15 +29,10 @@ unsafe impl Sync for UnloadedInner {}
 
 impl Drop for UnloadedInner {
     fn drop(&mut self) {
-        let mut a = sys::HandleArgs::new();
-        a.handle = self.raw;
+        let (s, name) = (slot::EXECUTABLE_DESTROY, "PJRT_Executable_Destroy");
         // SAFETY: PJRT_Compile's caller owns the executable; destroyed exactly once, before the
         // topology (and with it the plugin's topology object) it holds.
-        let _ = unsafe {
-            self.topology
-                .plugin()
-                .call(slot::EXECUTABLE_DESTROY, "PJRT_Executable_Destroy", &mut a)
-        };
+        unsafe { self.topology.plugin().destroy(s, name, self.raw) };
     }
 }
 
