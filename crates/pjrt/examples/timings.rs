@@ -21,7 +21,8 @@ fn ms(t: Instant) -> f64 {
 
 fn main() -> pjrt::Result<()> {
     let t = Instant::now();
-    let path = pjrt::install::locate(None, pjrt::install::PluginKind::Cpu)?;
+    let path =
+        pjrt::install::PluginCache::default().locate(None, pjrt::install::PluginKind::Cpu)?;
     println!("locate/install CPU plugin: {:.2} ms", ms(t));
     let t = Instant::now();
     let plugin = pjrt::Plugin::load(&path)?;

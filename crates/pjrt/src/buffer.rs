@@ -19,15 +19,9 @@ unsafe impl Sync for Buffer {}
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        let mut a = sys::HandleArgs::new();
-        a.handle = self.raw;
+        let (s, name) = (slot::BUFFER_DESTROY, "PJRT_Buffer_Destroy");
         // SAFETY: the buffer is owned by `self` and destroyed exactly once.
-        let _ = unsafe {
-            self.client
-                .inner
-                .plugin
-                .call(slot::BUFFER_DESTROY, "PJRT_Buffer_Destroy", &mut a)
-        };
+        unsafe { self.client.inner.plugin.destroy(s, name, self.raw) };
     }
 }
 

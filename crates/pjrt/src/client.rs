@@ -3,12 +3,14 @@
 use std::sync::Arc;
 
 use crate::buffer::Buffer;
+use crate::compile;
+use crate::device::DeviceDescription;
 use crate::dtype::{ElementType, NativeType, RuntimeCodes};
 use crate::error::{Error, ErrorCode, Result};
 use crate::executable::LoadedExecutable;
 use crate::ffi::FfiHandlerFn;
 use crate::options::{CompileOptions, Program};
-use crate::plugin::{copy_string, NamedValue, Plugin, RawNamedValues};
+use crate::plugin::{NamedValue, Plugin, RawNamedValues};
 use crate::sys::{self, slot, Ptr};
 
 /// A PJRT client: the entry point for devices, compilation and buffers.
@@ -32,13 +34,12 @@ unsafe impl Sync for ClientInner {}
 
 impl Drop for ClientInner {
     fn drop(&mut self) {
-        let mut a = sys::ClientDestroyArgs::new();
-        a.client = self.raw;
-        // SAFETY: the client is live and destroyed exactly once; every buffer/executable holds a
-        // clone of the `Arc`, so none outlives it.
-        let _ = unsafe {
+        // SAFETY: PJRT_Client_Destroy_Args has the handle layout; the client is live and
+        // destroyed exactly once; every buffer/executable holds a clone of the `Arc`, so none
+        // outlives it.
+        unsafe {
             self.plugin
-                .call(slot::CLIENT_DESTROY, "PJRT_Client_Destroy", &mut a)
+                .destroy(slot::CLIENT_DESTROY, "PJRT_Client_Destroy", self.raw)
         };
     }
 }
@@ -56,12 +57,9 @@ impl std::fmt::Debug for Client {
 pub struct Device {
     pub(crate) raw: Ptr,
     pub(crate) client: Client,
-    id: i32,
-    kind: String,
-    process_index: i32,
+    description: DeviceDescription,
     is_addressable: bool,
     local_hardware_id: i32,
-    debug_string: String,
 }
 
 // SAFETY: a `PJRT_Device*` is an immutable handle owned by the client, usable from any thread.
@@ -72,12 +70,12 @@ unsafe impl Sync for Device {}
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Device")
-            .field("id", &self.id)
-            .field("kind", &self.kind)
-            .field("process_index", &self.process_index)
+            .field("id", &self.description.id)
+            .field("kind", &self.description.kind)
+            .field("process_index", &self.description.process_index)
             .field("is_addressable", &self.is_addressable)
             .field("local_hardware_id", &self.local_hardware_id)
-            .field("debug_string", &self.debug_string)
+            .field("debug_string", &self.description.debug_string)
             .finish()
     }
 }
@@ -91,15 +89,15 @@ impl PartialEq for Device {
 impl Device {
     /// The global device id.
     pub fn id(&self) -> i32 {
-        self.id
+        self.description.id
     }
     /// The device kind, e.g. `"cpu"`.
     pub fn kind(&self) -> &str {
-        &self.kind
+        &self.description.kind
     }
     /// The index of the process that owns the device.
     pub fn process_index(&self) -> i32 {
-        self.process_index
+        self.description.process_index
     }
     /// Whether this process can place buffers on the device.
     pub fn is_addressable(&self) -> bool {
@@ -111,7 +109,11 @@ impl Device {
     }
     /// The plugin's debug string, e.g. `"cpu:0"`.
     pub fn debug_string(&self) -> &str {
-        &self.debug_string
+        &self.description.debug_string
+    }
+    /// The whole description, with the plugin's device attributes.
+    pub fn description(&self) -> &DeviceDescription {
+        &self.description
     }
 
     pub(crate) fn from_raw(client: &Client, raw: Ptr) -> Result<Device> {
@@ -126,38 +128,8 @@ impl Device {
                 &mut d,
             )
         }?;
-        let desc = d.description;
-        let int = |s: usize, name: &'static str, handle: Ptr| -> Result<i32> {
-            let mut a = sys::HandleIntArgs::new();
-            a.handle = handle;
-            // SAFETY: the slot takes a (handle, int out) args struct of this layout.
-            unsafe { plugin.call(s, name, &mut a) }?;
-            Ok(a.value)
-        };
-        let string = |s: usize, name: &'static str| -> Result<String> {
-            let mut a = sys::HandleStringArgs::new();
-            a.handle = desc;
-            // SAFETY: the slot takes a (description, string out) args struct of this layout; the
-            // string is owned by the description.
-            unsafe { plugin.call(s, name, &mut a) }?;
-            // SAFETY: valid for value_size bytes while the client lives.
-            Ok(unsafe { copy_string(a.value, a.value_size) })
-        };
-        let id = int(
-            slot::DEVICE_DESCRIPTION_ID,
-            "PJRT_DeviceDescription_Id",
-            desc,
-        )?;
-        let process_index = int(
-            slot::DEVICE_DESCRIPTION_PROCESS_INDEX,
-            "PJRT_DeviceDescription_ProcessIndex",
-            desc,
-        )?;
-        let kind = string(slot::DEVICE_DESCRIPTION_KIND, "PJRT_DeviceDescription_Kind")?;
-        let debug_string = string(
-            slot::DEVICE_DESCRIPTION_DEBUG_STRING,
-            "PJRT_DeviceDescription_DebugString",
-        )?;
+        // SAFETY: the description is owned by the device, which the client keeps alive.
+        let description = unsafe { DeviceDescription::read(plugin, d.description) }?;
         let mut a = sys::DeviceIsAddressableArgs::new();
         a.device = raw;
         // SAFETY: slot 30 takes PJRT_Device_IsAddressable_Args.
@@ -170,23 +142,23 @@ impl Device {
         }?;
         let is_addressable = a.is_addressable;
         let local_hardware_id = if is_addressable {
-            int(
-                slot::DEVICE_LOCAL_HARDWARE_ID,
-                "PJRT_Device_LocalHardwareId",
-                raw,
-            )?
+            // SAFETY: slot 31 takes (device, int out) args; `raw` is a live device.
+            unsafe {
+                plugin.query_i32(
+                    slot::DEVICE_LOCAL_HARDWARE_ID,
+                    "PJRT_Device_LocalHardwareId",
+                    raw,
+                )
+            }?
         } else {
             -1
         };
         Ok(Device {
             raw,
             client: client.clone(),
-            id,
-            kind,
-            process_index,
+            description,
             is_addressable,
             local_hardware_id,
-            debug_string,
         })
     }
 }
@@ -228,12 +200,9 @@ impl Client {
     }
 
     fn string_query(&self, s: usize, name: &'static str) -> Result<String> {
-        let mut a = sys::ClientStringArgs::new();
-        a.client = self.inner.raw;
-        // SAFETY: the slot takes a (client, string out) args struct of this layout.
-        unsafe { self.inner.plugin.call(s, name, &mut a) }?;
-        // SAFETY: the string is owned by the client and valid for value_size bytes.
-        Ok(unsafe { copy_string(a.value, a.value_size) })
+        // SAFETY: the slot takes a (client, string out) args struct of the handle-string layout,
+        // and the client is live.
+        unsafe { self.inner.plugin.query_string(s, name, self.inner.raw) }
     }
 
     /// The platform name, e.g. `"cpu"`.
@@ -304,39 +273,14 @@ impl Client {
         program: Program<'_>,
         options: &CompileOptions,
     ) -> Result<LoadedExecutable> {
-        let devices = self.devices()?;
-        options.validate(devices.len())?;
-        options.validate_for_program(&program)?;
-        if let Some(da) = &options.device_assignment {
-            for id in da.iter().flatten() {
-                if !devices.iter().any(|d| i64::from(d.id()) == *id) {
-                    return Err(Error::InvalidOptions(format!(
-                        "device_assignment names device id {id}, which this client does not have (ids: {:?})",
-                        devices.iter().map(|d| d.id()).collect::<Vec<_>>()
-                    )));
-                }
-            }
-        }
-        let encoded = options.encode();
-        let (code, format): (&[u8], &str) = match program {
-            Program::Hlo(bytes) => (bytes, "hlo"),
-            Program::Mlir(text) => (text.as_bytes(), "mlir"),
-        };
-        if code.is_empty() {
-            return Err(Error::InvalidArgument(
-                "cannot compile an empty program".into(),
-            ));
-        }
-        let mut p = sys::Program::new();
-        p.code = code.as_ptr() as *mut u8;
-        p.code_size = code.len();
-        p.format = format.as_ptr();
-        p.format_size = format.len();
+        let ids: Vec<i32> = self.devices()?.iter().map(Device::id).collect();
+        let prepared = compile::prepare(program, options, &ids, "this client", None)?;
+        let p = prepared.program();
         let mut a = sys::ClientCompileArgs::new();
         a.client = self.inner.raw;
         a.program = &p;
-        a.compile_options = encoded.as_ptr();
-        a.compile_options_size = encoded.len();
+        a.compile_options = prepared.options.as_ptr();
+        a.compile_options_size = prepared.options.len();
         // SAFETY: slot 20 takes PJRT_Client_Compile_Args; the program and options outlive the
         // call and the plugin does not write to `code`.
         unsafe {

@@ -147,6 +147,36 @@ pub enum Error {
     /// Installing a plugin (pip download, unzip, checksum) failed.
     #[error("plugin install failed: {0}")]
     Install(String),
+    /// A plugin that is never installed implicitly (CUDA, TPU: they are large) is not in the
+    /// cache. Install it with [`crate::install::PluginCache::install`].
+    #[error(
+        "the {kind} plugin ({}=={}) is not installed in {}",
+        kind.pin().package,
+        kind.pin().version,
+        dir.display()
+    )]
+    NotInstalled {
+        /// Which plugin.
+        kind: crate::install::PluginKind,
+        /// The cache directory that was searched.
+        dir: PathBuf,
+    },
+    /// The CUDA plugin cannot compile without `ptxas` and libdevice, and none were found.
+    /// Install them with [`crate::install::PluginCache::install_cuda_tools`].
+    #[error(
+        "the CUDA plugin needs ptxas and libdevice to compile; none found in {}. Install them \
+         (PyPI nvidia-cuda-nvcc and nvidia-nvvm 13.0.88, see pjrt::install::cuda_tool_pins), or \
+         set XLA_FLAGS=--xla_gpu_cuda_data_dir=<dir with bin/ptxas and \
+         nvvm/libdevice/libdevice.10.bc>",
+        searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    CudaToolsNotFound {
+        /// The CUDA roots that were searched, in order.
+        searched: Vec<PathBuf>,
+    },
+    /// The process environment is not what a plugin needs, or cannot be changed safely.
+    #[error("environment: {0}")]
+    Environment(String),
     /// FFI handler registration or use failed.
     #[error("FFI: {0}")]
     Ffi(String),

@@ -1,9 +1,9 @@
 //! Plugin provisioning: download a pinned PyPI wheel with `pip download --no-deps`, unzip the
 //! plugin shared library, verify its SHA-256 and cache it.
 //!
-//! Layout: `cache_dir()/<package>-<version>/<library file>`, plus `<library file>.sha256` (written
-//! only after verification) and `<package>-<version>.lock` (an exclusive file lock held while
-//! installing). The library is written under a temporary name and renamed into place, so
+//! Layout: `<cache dir>/<package>-<version>/<library file>`, plus `<library file>.sha256` (written
+//! only after verification) and `<package>-<version>/.install.lock` (an exclusive file lock held
+//! while installing). The library is written under a temporary name and renamed into place, so
 //! concurrent callers (threads or processes) either see a complete, verified file or wait.
 
 use std::fs;
@@ -14,6 +14,7 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::plugin::Plugin;
 
 /// Which plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -23,7 +24,8 @@ pub enum PluginKind {
     /// XLA's CUDA 13 plugin (PyPI `jax-cuda13-pjrt` 0.12.0.1, PJRT API 0.116). Compiles without a
     /// GPU given a target spec; needs `ptxas`/libdevice (see the GPU notes).
     Cuda,
-    /// `libtpu` 0.0.52 (PJRT API 0.117). `TPU_SKIP_MDS_QUERY=1` is set on load if unset.
+    /// `libtpu` 0.0.52 (PJRT API 0.117). Reads its environment when loaded: see
+    /// [`crate::tpu::set_environment`].
     Tpu,
 }
 
@@ -112,32 +114,162 @@ impl std::fmt::Display for PluginKind {
     }
 }
 
-/// The plugin cache: `$RATTN_CACHE/plugins` if `RATTN_CACHE` is set (it names the rattention
-/// cache root), else `~/.cache/rattention/plugins` (`$XDG_CACHE_HOME/rattention/plugins` when
-/// set).
-pub fn cache_dir() -> PathBuf {
-    if let Some(root) = std::env::var_os("RATTN_CACHE").filter(|v| !v.is_empty()) {
-        return PathBuf::from(root).join("plugins");
+/// A plugin cache: the directory that [`PluginCache::install`] fills and [`PluginCache::locate`]
+/// searches, and the pip program that downloads the wheels.
+///
+/// Nothing here reads the caller's configuration: a program that lets its users choose the
+/// directory (an environment variable, a flag) builds the cache with [`PluginCache::new`].
+/// [`PluginCache::default`] is `$XDG_CACHE_HOME/rattention/plugins`, else
+/// `~/.cache/rattention/plugins`.
+///
+/// ```no_run
+/// use pjrt::install::{PluginCache, PluginKind};
+/// let cache = PluginCache::default();
+/// let libtpu = cache.install(PluginKind::Tpu)?; // pip download, verify, cache (once)
+/// assert_eq!(cache.installed(PluginKind::Tpu), Some(libtpu));
+/// # Ok::<(), pjrt::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginCache {
+    dir: PathBuf,
+    pip: Option<PathBuf>,
+}
+
+impl Default for PluginCache {
+    fn default() -> Self {
+        PluginCache::new(PluginCache::default_dir())
     }
-    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(xdg).join("rattention").join("plugins");
+}
+
+impl PluginCache {
+    /// A cache in `dir` (the directory that holds `<package>-<version>/` folders).
+    pub fn new(dir: impl Into<PathBuf>) -> PluginCache {
+        PluginCache {
+            dir: dir.into(),
+            pip: None,
+        }
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    home.join(".cache").join("rattention").join("plugins")
+
+    /// The default directory: `$XDG_CACHE_HOME/rattention/plugins` when `XDG_CACHE_HOME` is set,
+    /// else `~/.cache/rattention/plugins`.
+    pub fn default_dir() -> PathBuf {
+        if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+            return PathBuf::from(xdg).join("rattention").join("plugins");
+        }
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        home.join(".cache").join("rattention").join("plugins")
+    }
+
+    /// Downloads with this pip program first (then `pip`, `pip3`, `python3 -m pip` as always).
+    pub fn with_pip(mut self, program: impl Into<PathBuf>) -> PluginCache {
+        self.pip = Some(program.into());
+        self
+    }
+
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The installed, verified library of `kind`, if present (checks size and the verification
+    /// marker; does not re-hash the file).
+    pub fn installed(&self, kind: PluginKind) -> Option<PathBuf> {
+        installed_at(&kind.pin(), &self.dir.join(kind.dir_name()))
+    }
+
+    /// Every installed plugin.
+    pub fn list(&self) -> Vec<(PluginKind, PathBuf)> {
+        PluginKind::ALL
+            .into_iter()
+            .filter_map(|k| self.installed(k).map(|p| (k, p)))
+            .collect()
+    }
+
+    /// Installs `kind` (no-op if already installed) and returns the library path.
+    ///
+    /// Runs `pip download --no-deps <package>==<version>` (the program of
+    /// [`PluginCache::with_pip`], else `pip`, `pip3` or `python3 -m pip` from `PATH`), checks the
+    /// wheel's and the library's SHA-256 against the pins, and renames the verified library into
+    /// place under an exclusive lock.
+    pub fn install(&self, kind: PluginKind) -> Result<PathBuf> {
+        install_pin(
+            &kind.pin(),
+            &self.dir.join(kind.dir_name()),
+            &|pin: &Pin, dest: &Path| pip_download(self.pip.as_deref(), pin, dest),
+        )
+    }
+
+    /// The CUDA root that holds the tools of [`cuda_tool_pins`]: `<dir>/nvidia/cu13`, with
+    /// `bin/ptxas` and `nvvm/libdevice/libdevice.10.bc`. The CUDA plugin searches
+    /// `<plugin dir>/../nvidia/cu13` by itself, which is this directory for a plugin installed
+    /// in the same cache.
+    pub fn cuda_tools_root(&self) -> PathBuf {
+        self.dir.join("nvidia").join("cu13")
+    }
+
+    /// The CUDA root of [`PluginCache::cuda_tools_root`] if both tools are installed and
+    /// verified.
+    pub fn installed_cuda_tools(&self) -> Option<PathBuf> {
+        let root = self.cuda_tools_root();
+        cuda_tool_pins()
+            .iter()
+            .all(|(pin, sub)| installed_at(pin, &root.join(sub)).is_some())
+            .then_some(root)
+    }
+
+    /// Installs `ptxas` and libdevice (see [`cuda_tool_pins`]) into
+    /// [`PluginCache::cuda_tools_root`] (no-op when present; same download, checksum and locking
+    /// as [`PluginCache::install`]) and returns the root.
+    pub fn install_cuda_tools(&self) -> Result<PathBuf> {
+        let root = self.cuda_tools_root();
+        for (pin, sub) in cuda_tool_pins() {
+            install_pin(&pin, &root.join(sub), &|pin: &Pin, dest: &Path| {
+                pip_download(self.pip.as_deref(), pin, dest)
+            })?;
+        }
+        Ok(root)
+    }
+
+    /// The plugin library to load: `explicit` if given (it must exist), else the installed
+    /// library of `kind`. The CPU plugin is installed on first use; CUDA and TPU fail with
+    /// [`Error::NotInstalled`] (they are large, so only [`PluginCache::install`] downloads them).
+    pub fn locate(&self, explicit: Option<&Path>, kind: PluginKind) -> Result<PathBuf> {
+        if let Some(p) = explicit {
+            return if p.is_file() {
+                Ok(p.to_path_buf())
+            } else {
+                Err(Error::Load {
+                    path: p.to_path_buf(),
+                    message: "the explicit plugin path does not name an existing file".into(),
+                })
+            };
+        }
+        if let Some(p) = self.installed(kind) {
+            return Ok(p);
+        }
+        match kind {
+            PluginKind::Cpu => self.install(kind),
+            _ => Err(Error::NotInstalled {
+                kind,
+                dir: self.dir.clone(),
+            }),
+        }
+    }
+
+    /// [`PluginCache::locate`] (no explicit path) and [`Plugin::load`]: the installed plugin of
+    /// `kind`, loaded once per process. libtpu needs its environment first
+    /// ([`crate::tpu::set_environment`]).
+    pub fn load(&self, kind: PluginKind) -> Result<Plugin> {
+        Plugin::load(self.locate(None, kind)?)
+    }
 }
 
 fn marker_path(lib: &Path) -> PathBuf {
     let mut s = lib.as_os_str().to_owned();
     s.push(".sha256");
     PathBuf::from(s)
-}
-
-/// The installed, verified library of `kind`, if present (checks size and the verification marker;
-/// does not re-hash the file).
-pub fn installed(kind: PluginKind) -> Option<PathBuf> {
-    installed_at(&kind.pin(), &cache_dir().join(kind.dir_name()))
 }
 
 fn member_file_name(pin: &Pin) -> &'static str {
@@ -152,14 +284,6 @@ fn installed_at(pin: &Pin, dir: &Path) -> Option<PathBuf> {
     }
     let marker = fs::read_to_string(marker_path(&path)).ok()?;
     (marker.trim() == pin.sha256).then_some(path)
-}
-
-/// Every installed plugin.
-pub fn list() -> Vec<(PluginKind, PathBuf)> {
-    PluginKind::ALL
-        .into_iter()
-        .filter_map(|k| installed(k).map(|p| (k, p)))
-        .collect()
 }
 
 /// Lower-case hex of bytes.
@@ -182,19 +306,6 @@ fn sha256_file(path: &Path) -> Result<String> {
         h.update(&buf[..n]);
     }
     Ok(hex(&h.finalize()))
-}
-
-/// Installs `kind` into [`cache_dir`] (no-op if already installed) and returns the library path.
-///
-/// Runs `pip download --no-deps <package>==<version>` (pip must be on `PATH`, or named by
-/// `RATTN_PIP`; `python3 -m pip` is tried as a fallback), checks the wheel's and the library's
-/// SHA-256 against the pins, and renames the verified library into place under an exclusive lock.
-pub fn install(kind: PluginKind) -> Result<PathBuf> {
-    install_pin(
-        &kind.pin(),
-        &cache_dir().join(kind.dir_name()),
-        &pip_download,
-    )
 }
 
 /// The download step: fetch the pinned wheel into the given (empty, private) directory.
@@ -311,10 +422,10 @@ fn install_locked(
     Ok(target)
 }
 
-fn pip_download(pin: &Pin, dest: &Path) -> Result<PathBuf> {
+fn pip_download(pip: Option<&Path>, pin: &Pin, dest: &Path) -> Result<PathBuf> {
     let spec = format!("{}=={}", pin.package, pin.version);
     let mut candidates: Vec<(String, Vec<String>)> = Vec::new();
-    if let Some(p) = std::env::var_os("RATTN_PIP").filter(|v| !v.is_empty()) {
+    if let Some(p) = pip {
         candidates.push((p.to_string_lossy().into_owned(), Vec::new()));
     }
     candidates.push(("pip".into(), Vec::new()));
@@ -394,69 +505,6 @@ pub fn cuda_tool_pins() -> [(Pin, &'static str); 2] {
             "nvvm/libdevice",
         ),
     ]
-}
-
-/// The CUDA root that holds the tools of [`cuda_tool_pins`]: `cache_dir()/nvidia/cu13`, with
-/// `bin/ptxas` and `nvvm/libdevice/libdevice.10.bc`. The CUDA plugin searches
-/// `<plugin dir>/../nvidia/cu13` by itself, which is this directory for a plugin installed by
-/// [`install`]; for a plugin elsewhere, pass the root as `--xla_gpu_cuda_data_dir`.
-pub fn cuda_tools_root() -> PathBuf {
-    cache_dir().join("nvidia").join("cu13")
-}
-
-/// The CUDA root of [`cuda_tools_root`] if both tools are installed and verified.
-pub fn installed_cuda_tools() -> Option<PathBuf> {
-    let root = cuda_tools_root();
-    cuda_tool_pins()
-        .iter()
-        .all(|(pin, sub)| installed_at(pin, &root.join(sub)).is_some())
-        .then_some(root)
-}
-
-/// Installs `ptxas` and libdevice (see [`cuda_tool_pins`]) into [`cuda_tools_root`] (no-op when
-/// present; same download, checksum and locking as [`install`]) and returns the root.
-pub fn install_cuda_tools() -> Result<PathBuf> {
-    let root = cuda_tools_root();
-    for (pin, sub) in cuda_tool_pins() {
-        install_pin(&pin, &root.join(sub), &pip_download)?;
-    }
-    Ok(root)
-}
-
-/// Finds the plugin library to use, in order: `explicit`, then `RATTN_PJRT_PLUGIN`, then the
-/// cache (installing the CPU plugin automatically; CUDA/TPU must be installed explicitly with
-/// [`install`] because they are large).
-pub fn locate(explicit: Option<&Path>, kind: PluginKind) -> Result<PathBuf> {
-    if let Some(p) = explicit {
-        return check_exists(p, "the explicit plugin path");
-    }
-    if let Some(p) = std::env::var_os("RATTN_PJRT_PLUGIN").filter(|v| !v.is_empty()) {
-        return check_exists(Path::new(&p), "RATTN_PJRT_PLUGIN");
-    }
-    if let Some(p) = installed(kind) {
-        return Ok(p);
-    }
-    match kind {
-        PluginKind::Cpu => install(kind),
-        _ => Err(Error::Install(format!(
-            "the {kind} plugin ({}=={}) is not installed in {}; install it with pjrt::install::install(PluginKind::{kind:?}) \
-             (or `rattn plugin install {kind}`), or point RATTN_PJRT_PLUGIN at a plugin library",
-            kind.pin().package,
-            kind.pin().version,
-            cache_dir().display()
-        ))),
-    }
-}
-
-fn check_exists(p: &Path, what: &str) -> Result<PathBuf> {
-    if p.is_file() {
-        Ok(p.to_path_buf())
-    } else {
-        Err(Error::Load {
-            path: p.to_path_buf(),
-            message: format!("{what} does not name an existing file"),
-        })
-    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,23 @@
 //! header (checked against the 0.115 CPU plugin) and XLA FFI 0.3; see
 //! `shared/reference/pjrt-ffi-facts.md`.
 //!
+//! # Modules
+//! * [`plugin`]: loading a plugin, its function table, named values; [`install`]: the pinned
+//!   wheels and the [`install::PluginCache`] they are installed into.
+//! * [`client`] (clients and their devices), [`device`] (device descriptions, shared with
+//!   topologies), [`buffer`], [`dtype`], [`options`] (programs and compile options).
+//! * [`executable`]: loaded executables (run on a client's devices) and unloaded ones (compiled
+//!   for a topology), with one memory-statistics type and one set of queries.
+//! * Ahead of time, without the hardware: [`topology`] (the wrapper and its compile),
+//!   [`tpu`] (libtpu: generations, names, environment), [`gpu`] (built-in specs, shapes,
+//!   environment), [`gpu_spec`] (spec checks and the text-format reader); the CUDA tool search
+//!   is private.
+//! * [`ffi`]: safe XLA FFI handlers; [`error`]: the crate's error type.
+//!
+//! Nothing here reads a program's own configuration: callers pass caches, paths and options,
+//! and set the plugins' environment with [`tpu::set_environment`] / [`gpu::set_environment`]
+//! before any thread starts.
+//!
 //! # Plugins
 //! ```no_run
 //! // Install (pip download + unzip + SHA-256 check, cached) and load the CPU plugin once.
@@ -59,14 +76,19 @@
 //!
 //! # Ahead-of-time compilation for TPU and GPU (no accelerator needed)
 //! ```no_run
-//! use pjrt::topology::{gpu_plugin, tpu_plugin};
+//! use pjrt::install::{PluginCache, PluginKind};
 //! use pjrt::{CompileOptions, Program, Topology};
-//! pjrt::install::install(pjrt::install::PluginKind::Tpu)?; // once, cached
-//! let v5e = Topology::tpu(&tpu_plugin()?, "v5e:2x2")?;
+//! // First thing in main, before any thread starts: libtpu and the CUDA plugin read these.
+//! pjrt::tpu::set_environment()?;
+//! pjrt::gpu::set_environment()?;
+//! let cache = PluginCache::default();
+//! cache.install(PluginKind::Tpu)?; // once, cached
+//! let v5e = Topology::tpu(&cache.load(PluginKind::Tpu)?, "v5e:2x2")?;
 //! let exe = v5e.compile(Program::Mlir("module { ... }"), &CompileOptions::default())?;
 //! exe.check_fits_in_device_memory()?; // peak bytes vs the chip's HBM
 //! let flops = exe.cost_analysis()?.flops();
-//! let h100 = Topology::gpu_named(&gpu_plugin()?, "h100", "1x1x8")?; // or Topology::gpu(spec file)
+//! // or Topology::gpu(plugin, spec file, shape)
+//! let h100 = Topology::gpu_named(&cache.load(PluginKind::Cuda)?, "h100", "1x1x8")?;
 //! # Ok::<(), pjrt::Error>(())
 //! ```
 //!
@@ -90,30 +112,37 @@
 
 pub mod buffer;
 pub mod client;
+mod compile;
+mod cuda_tools;
+pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod executable;
 pub mod ffi;
+pub mod gpu;
+pub mod gpu_spec;
 pub mod install;
 pub mod options;
 pub mod plugin;
 mod sys;
 pub mod topology;
+pub mod tpu;
 
 use std::sync::{Mutex, OnceLock};
 
 pub use buffer::Buffer;
 pub use client::{Client, Device};
+pub use device::DeviceDescription;
 pub use dtype::{ElementType, NativeType};
 pub use error::{Error, ErrorCode, Result};
-pub use executable::{CompiledMemoryStats, LoadedExecutable};
+pub use executable::{CompiledMemoryStats, CostAnalysis, Executable, LoadedExecutable};
 pub use ffi::FfiHandlerFn;
-pub use options::{CompileOptions, Program};
+pub use options::{CompileOptions, OptionOverride, Program};
 pub use plugin::{NamedValue, Plugin};
-pub use topology::{CostAnalysis, DeviceDescription, Executable, Topology};
+pub use topology::Topology;
 
-/// The CPU plugin, located (explicit `RATTN_PJRT_PLUGIN`, else the cache, installing it on first
-/// use) and loaded once per process. Concurrent first calls wait for one installation.
+/// The CPU plugin of the default cache ([`install::PluginCache::default`]), installed there on
+/// first use and loaded once per process. Concurrent first calls wait for one installation.
 pub fn cpu_plugin() -> Result<Plugin> {
     static CPU: OnceLock<Plugin> = OnceLock::new();
     static INIT: Mutex<()> = Mutex::new(());
@@ -124,8 +153,7 @@ pub fn cpu_plugin() -> Result<Plugin> {
     if let Some(p) = CPU.get() {
         return Ok(p.clone());
     }
-    let path = install::locate(None, install::PluginKind::Cpu)?;
-    let plugin = Plugin::load(path)?;
+    let plugin = install::PluginCache::default().load(install::PluginKind::Cpu)?;
     let _ = CPU.set(plugin.clone());
     Ok(plugin)
 }

@@ -1,6 +1,8 @@
 //! Programs and compile options: the typed, validated [`CompileOptions`], encoded as
 //! `xla.CompileOptionsProto` (the prost messages of `xla_data::compile_options`).
 
+use std::collections::BTreeMap;
+
 use crate::error::{Error, Result};
 use xla_data::compile_options as proto;
 use xla_data::proto::{ComputationDevice, DeviceAssignmentProto};
@@ -34,6 +36,23 @@ pub struct CompileOptions {
     pub allow_spmd_sharding_propagation_to_output: Vec<bool>,
     /// Per-parameter flags allowing SPMD sharding propagation to the parameters.
     pub allow_spmd_sharding_propagation_to_parameters: Vec<bool>,
+    /// XLA debug options for this compile only, by name (`xla_gpu_cuda_data_dir`, ...): sent as
+    /// `CompileOptionsProto.env_option_overrides`, which the plugin applies on top of its
+    /// defaults and `XLA_FLAGS` (an unknown name fails the compile).
+    pub debug_overrides: BTreeMap<String, OptionOverride>,
+}
+
+/// The value of one entry of [`CompileOptions::debug_overrides`] (`xla.OptionOverrideProto`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum OptionOverride {
+    /// A string option.
+    Str(String),
+    /// A boolean option.
+    Bool(bool),
+    /// An integer or enum option.
+    Int(i64),
+    /// A floating-point option.
+    Float(f64),
 }
 
 impl Default for CompileOptions {
@@ -46,6 +65,7 @@ impl Default for CompileOptions {
             device_assignment: None,
             allow_spmd_sharding_propagation_to_output: Vec::new(),
             allow_spmd_sharding_propagation_to_parameters: Vec::new(),
+            debug_overrides: BTreeMap::new(),
         }
     }
 }
@@ -168,6 +188,20 @@ impl CompileOptions {
                     .clone(),
                 use_shardy_partitioner: self.use_shardy_partitioner,
             }),
+            env_option_overrides: self
+                .debug_overrides
+                .iter()
+                .map(|(k, v)| {
+                    use proto::option_override::Value;
+                    let value = match v {
+                        OptionOverride::Str(s) => Value::String(s.clone()),
+                        OptionOverride::Bool(b) => Value::Bool(*b),
+                        OptionOverride::Int(i) => Value::Int(*i),
+                        OptionOverride::Float(f) => Value::Double(*f),
+                    };
+                    (k.clone(), proto::OptionOverrideProto { value: Some(value) })
+                })
+                .collect(),
         };
         msg.encode_to_vec()
     }
@@ -239,6 +273,31 @@ mod tests {
         assert!(shardy
             .validate_for_program(&Program::Mlir("module {}"))
             .is_ok());
+    }
+
+    #[test]
+    fn debug_overrides_encode_as_env_option_overrides() {
+        use prost::Message;
+        let mut o = CompileOptions::default();
+        o.debug_overrides.insert(
+            "xla_gpu_cuda_data_dir".into(),
+            OptionOverride::Str("/opt/cu13".into()),
+        );
+        o.debug_overrides
+            .insert("xla_dump_hlo_as_text".into(), OptionOverride::Bool(true));
+        let decoded = proto::CompileOptionsProto::decode(o.encode().as_slice()).unwrap();
+        let got = &decoded.env_option_overrides;
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            got["xla_gpu_cuda_data_dir"].value,
+            Some(proto::option_override::Value::String("/opt/cu13".into()))
+        );
+        assert_eq!(
+            got["xla_dump_hlo_as_text"].value,
+            Some(proto::option_override::Value::Bool(true))
+        );
+        // Field 7, after executable_build_options (field 3).
+        assert_eq!(o.encode()[6], 0x3a);
     }
 
     #[test]

@@ -92,10 +92,10 @@ impl Plugin {
         if path
             .file_name()
             .is_some_and(|n| n.to_string_lossy().contains("libtpu"))
-            && std::env::var_os("TPU_SKIP_MDS_QUERY").is_none()
         {
-            // libtpu otherwise spends minutes querying a metadata server during initialisation.
-            std::env::set_var("TPU_SKIP_MDS_QUERY", "1");
+            // libtpu reads its environment while it initialises; refuse to load it into an
+            // environment that would make it hang (see `crate::tpu::set_environment`).
+            crate::tpu::check_environment()?;
         }
         // SAFETY: loading a shared library runs its initialisers; PJRT plugins are ordinary
         // shared libraries whose initialisers only set up their own state.
@@ -271,15 +271,62 @@ impl Plugin {
         let mut a = sys::PluginAttributesArgs::new();
         // SAFETY: slot 4 takes PJRT_Plugin_Attributes_Args.
         unsafe { self.call(slot::PLUGIN_ATTRIBUTES, "PJRT_Plugin_Attributes", &mut a) }?;
-        let mut out = Vec::with_capacity(a.num_attributes);
-        for i in 0..a.num_attributes {
-            // SAFETY: the plugin returned an array of `num_attributes` named values that live as
-            // long as the plugin.
-            let nv = unsafe { &*a.attributes.add(i) };
-            // SAFETY: as above; the value union is read according to its type tag.
-            out.push(unsafe { read_named_value(nv) });
-        }
-        Ok(out)
+        // SAFETY: the plugin returned an array of `num_attributes` named values that live as long
+        // as the plugin.
+        Ok(unsafe { read_named_values(a.attributes, a.num_attributes) })
+    }
+
+    /// Calls a PJRT query that takes a handle and returns a string it owns (`*_Name`,
+    /// `*_PlatformName`, `PJRT_DeviceDescription_Kind`, ...) and copies the string.
+    ///
+    /// # Safety
+    /// The function in `slot` must take an args struct of the `HandleStringArgs` layout, and
+    /// `handle` must be a live object of this plugin of the kind that function expects.
+    pub(crate) unsafe fn query_string(
+        &self,
+        slot: usize,
+        name: &'static str,
+        handle: Ptr,
+    ) -> Result<String> {
+        let mut a = sys::HandleStringArgs::new();
+        a.handle = handle;
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.call(slot, name, &mut a) }?;
+        // SAFETY: the string is owned by `handle`, alive during this call, and valid for
+        // `value_size` bytes.
+        Ok(unsafe { copy_string(a.value, a.value_size) })
+    }
+
+    /// Destroys `handle` with the plugin's destroy function in `slot` (`PJRT_Buffer_Destroy`,
+    /// `PJRT_Client_Destroy`, ...). An error is dropped: a destructor has nobody to report it to.
+    ///
+    /// # Safety
+    /// The function in `slot` must take an args struct of the `HandleArgs` layout, and `handle`
+    /// must be a live object of that kind that the caller owns; it is invalid afterwards.
+    pub(crate) unsafe fn destroy(&self, slot: usize, name: &'static str, handle: Ptr) {
+        let mut a = sys::HandleArgs::new();
+        a.handle = handle;
+        // SAFETY: guaranteed by the caller.
+        let _ = unsafe { self.call(slot, name, &mut a) };
+    }
+
+    /// Calls a PJRT query that takes a handle and returns an `int` (`PJRT_DeviceDescription_Id`,
+    /// `PJRT_Device_LocalHardwareId`, ...).
+    ///
+    /// # Safety
+    /// The function in `slot` must take an args struct of the `HandleIntArgs` layout, and
+    /// `handle` must be a live object of this plugin of the kind that function expects.
+    pub(crate) unsafe fn query_i32(
+        &self,
+        slot: usize,
+        name: &'static str,
+        handle: Ptr,
+    ) -> Result<i32> {
+        let mut a = sys::HandleIntArgs::new();
+        a.handle = handle;
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.call(slot, name, &mut a) }?;
+        Ok(a.value)
     }
 
     /// The extension type ids in the plugin's `PJRT_Api` extension chain (5 = FFI, 24 =
@@ -421,34 +468,91 @@ pub(crate) unsafe fn copy_string(ptr: *const u8, len: usize) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Copies `n` PJRT named values (plugin, device and topology attributes, cost analyses).
+///
 /// # Safety
-/// `nv` must be a valid `PJRT_NamedValue` whose pointers are live.
-unsafe fn read_named_value(nv: &sys::NamedValueRaw) -> (String, NamedValue) {
+/// `ptr` must point to `n` valid `PJRT_NamedValue`s whose pointers are live (or `n == 0`).
+pub(crate) unsafe fn read_named_values(
+    ptr: *const sys::NamedValueRaw,
+    n: usize,
+) -> Vec<(String, NamedValue)> {
     use sys::named_value_type as t;
+    if ptr.is_null() || n == 0 {
+        return Vec::new();
+    }
     // SAFETY: guaranteed by the caller.
-    let name = unsafe { copy_string(nv.name, nv.name_size) };
-    let value = match nv.value_type {
-        // SAFETY: a string value is (pointer, value_size).
-        t::STRING => {
-            NamedValue::Str(unsafe { copy_string(nv.value as usize as *const u8, nv.value_size) })
-        }
-        t::INT64 => NamedValue::I64(nv.value as i64),
-        t::INT64_LIST => {
-            let p = nv.value as usize as *const i64;
-            if p.is_null() || nv.value_size == 0 {
-                NamedValue::I64List(Vec::new())
-            } else {
-                // SAFETY: an int64 list is (pointer, value_size elements).
-                NamedValue::I64List(
-                    unsafe { std::slice::from_raw_parts(p, nv.value_size) }.to_vec(),
-                )
-            }
-        }
-        t::FLOAT => NamedValue::F32(f32::from_bits(nv.value as u32)),
-        t::BOOL => NamedValue::Bool(nv.value as u8 != 0),
-        other => NamedValue::Str(format!("<unknown named value type {other}>")),
-    };
-    (name, value)
+    let values = unsafe { std::slice::from_raw_parts(ptr, n) };
+    values
+        .iter()
+        .map(|nv| {
+            // SAFETY: the name is (pointer, name_size), live per the caller.
+            let name = unsafe { copy_string(nv.name, nv.name_size) };
+            let value = match nv.value_type {
+                // SAFETY: a string value is (pointer, value_size).
+                t::STRING => NamedValue::Str(unsafe {
+                    copy_string(nv.value as usize as *const u8, nv.value_size)
+                }),
+                t::INT64 => NamedValue::I64(nv.value as i64),
+                t::INT64_LIST => {
+                    let p = nv.value as usize as *const i64;
+                    if p.is_null() || nv.value_size == 0 {
+                        NamedValue::I64List(Vec::new())
+                    } else {
+                        // SAFETY: an int64 list is (pointer, value_size elements).
+                        NamedValue::I64List(
+                            unsafe { std::slice::from_raw_parts(p, nv.value_size) }.to_vec(),
+                        )
+                    }
+                }
+                t::FLOAT => NamedValue::F32(f32::from_bits(nv.value as u32)),
+                t::BOOL => NamedValue::Bool(nv.value as u8 != 0),
+                other => NamedValue::Str(format!("<unknown named value type {other}>")),
+            };
+            (name, value)
+        })
+        .collect()
+}
+
+/// Sets each of `vars` that is unset in the process environment, for a plugin that reads them
+/// when it is loaded. Refuses (changing nothing) when the process already runs other threads:
+/// `setenv` while another thread reads the environment is undefined behaviour, and plugins read
+/// it from their own threads.
+pub(crate) fn set_unset_env(vars: &[(&str, &str)], caller: &str) -> Result<()> {
+    let missing: Vec<&(&str, &str)> = vars
+        .iter()
+        .filter(|(k, _)| std::env::var_os(k).is_none())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if let Some(n) = other_threads() {
+        return Err(Error::Environment(format!(
+            "{caller} must run before any thread is started (at the top of main), but this process \
+             already runs {n} other threads; set {} in the environment instead",
+            missing
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )));
+    }
+    for (k, v) in missing {
+        std::env::set_var(k, v);
+    }
+    Ok(())
+}
+
+/// How many threads besides the calling one the process runs, where the system says (Linux:
+/// `/proc/self/status`); `None` when it is only this one or cannot be told.
+fn other_threads() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let n: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    (n > 1).then(|| n - 1)
 }
 
 /// Named values converted to the C layout, keeping the storage they point into alive.
@@ -510,5 +614,31 @@ impl RawNamedValues {
             _lists: lists,
             _strings: strings,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_is_not_changed_while_other_threads_run() {
+        let key = "PJRT_TEST_SET_UNSET_ENV";
+        // A second thread that is alive while the variable would be set.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || rx.recv());
+        let result = set_unset_env(&[(key, "1")], "the test");
+        match other_threads() {
+            Some(_) => {
+                let e = result.unwrap_err();
+                assert!(matches!(e, Error::Environment(_)), "{e}");
+                assert!(e.to_string().contains("PJRT_TEST_SET_UNSET_ENV=1"), "{e}");
+                assert!(std::env::var_os(key).is_none());
+            }
+            // Systems that cannot count threads: set as asked.
+            None => assert!(result.is_ok()),
+        }
+        drop(tx);
+        let _ = other.join();
     }
 }

@@ -6,38 +6,66 @@
 //! in the cache; otherwise each test prints a skip line and returns.
 
 use std::path::PathBuf;
+use std::sync::Once;
 
-use pjrt::install::{self, PluginKind};
-use pjrt::topology::{self, Topology, TopologyKind};
+use pjrt::install::{PluginCache, PluginKind};
+use pjrt::topology::{Topology, TopologyKind};
 use pjrt::{CompileOptions, Error, ErrorCode, Plugin, Program};
 
 fn forced() -> bool {
     std::env::var("RATTN_AOT_TESTS").is_ok_and(|v| v == "1")
 }
 
+/// Sets the environment libtpu and the CUDA plugin read when they load, once per test process,
+/// before the first plugin is loaded. `pjrt::tpu::set_environment` refuses to run here because
+/// the test harness already runs threads; setting the variables is still sound because every
+/// test reaches a plugin only through this `Once`, so no plugin code runs while they change.
+fn plugin_environment() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        for (k, v) in pjrt::tpu::environment()
+            .into_iter()
+            .chain(pjrt::gpu::environment())
+        {
+            if std::env::var_os(k).is_none() {
+                std::env::set_var(k, v);
+            }
+        }
+    });
+}
+
 fn tpu(test: &str) -> Option<Plugin> {
+    plugin_environment();
+    let cache = PluginCache::default();
     if forced() {
-        install::install(PluginKind::Tpu).expect("installing libtpu");
-    } else if install::installed(PluginKind::Tpu).is_none() {
+        cache.install(PluginKind::Tpu).expect("installing libtpu");
+    } else if cache.installed(PluginKind::Tpu).is_none() {
         eprintln!("skip {test}: libtpu not installed (set RATTN_AOT_TESTS=1 to install and run)");
         return None;
     }
-    Some(topology::tpu_plugin().expect("loading libtpu"))
+    Some(cache.load(PluginKind::Tpu).expect("loading libtpu"))
 }
 
 fn gpu(test: &str) -> Option<Plugin> {
+    plugin_environment();
+    let cache = PluginCache::default();
     if forced() {
-        install::install(PluginKind::Cuda).expect("installing the CUDA plugin");
-        install::install_cuda_tools().expect("installing ptxas and libdevice");
-    } else if install::installed(PluginKind::Cuda).is_none()
-        || install::installed_cuda_tools().is_none()
+        let installed = cache
+            .install(PluginKind::Cuda)
+            .and(cache.install_cuda_tools());
+        installed.expect("installing the CUDA plugin, ptxas and libdevice");
+    } else if cache.installed(PluginKind::Cuda).is_none() || cache.installed_cuda_tools().is_none()
     {
         eprintln!(
             "skip {test}: the CUDA plugin or ptxas/libdevice is not installed (set RATTN_AOT_TESTS=1 to install and run)"
         );
         return None;
     }
-    Some(topology::gpu_plugin().expect("loading the CUDA plugin"))
+    Some(
+        cache
+            .load(PluginKind::Cuda)
+            .expect("loading the CUDA plugin"),
+    )
 }
 
 /// `tanh(a @ b)` over `a: f32[m,k]`, `b: f32[k,n]`.
@@ -323,7 +351,7 @@ fn h100_spec_file() -> PathBuf {
         return shared;
     }
     let path = std::env::temp_dir().join(format!("pjrt-aot-h100-{}.txtpb", std::process::id()));
-    std::fs::write(&path, topology::H100_SXM).unwrap();
+    std::fs::write(&path, pjrt::gpu::H100_SXM).unwrap();
     path
 }
 
@@ -391,7 +419,7 @@ fn gpu_memory_check_and_bad_gpu_inputs() {
     };
     // A made-up GPU with 200 KB of memory: the CUDA compiler does not check memory, so the
     // Rust-side check must catch it.
-    let tiny = topology::H100_SXM.replace(
+    let tiny = pjrt::gpu::H100_SXM.replace(
         "device_memory_size: 84929347584",
         "device_memory_size: 200000",
     );

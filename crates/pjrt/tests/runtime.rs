@@ -494,11 +494,12 @@ fn missing_plugin_path_is_a_clear_error() {
         err.to_string().contains("/nonexistent/dir/pjrt_plugin.so"),
         "{err}"
     );
-    let err = pjrt::install::locate(
-        Some(std::path::Path::new("/nonexistent/x.so")),
-        pjrt::install::PluginKind::Cpu,
-    )
-    .unwrap_err();
+    let err = pjrt::install::PluginCache::default()
+        .locate(
+            Some(std::path::Path::new("/nonexistent/x.so")),
+            pjrt::install::PluginKind::Cpu,
+        )
+        .unwrap_err();
     assert!(matches!(err, Error::Load { .. }));
     // A file that is not a shared library.
     let not_lib = std::env::temp_dir().join(format!("pjrt-not-a-plugin-{}.so", std::process::id()));

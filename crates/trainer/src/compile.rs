@@ -15,7 +15,8 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use hlo_builder::Computation;
 use model::config::RlaLowering;
-use pjrt::topology::{self, Topology, TopologyKind};
+use pjrt::install::PluginKind;
+use pjrt::topology::{Topology, TopologyKind};
 use pjrt::{CompileOptions, ErrorCode, Program};
 use serde::Serialize;
 
@@ -302,16 +303,13 @@ fn describe_exit(status: &std::process::ExitStatus) -> String {
 }
 
 fn open_topology(target: &Target) -> Result<Topology> {
+    let cache = crate::runtime::plugin_cache();
+    let hint = crate::runtime::with_install_hint;
     Ok(match target {
-        Target::Tpu(name) => {
-            let plugin = topology::tpu_plugin()
-                .map_err(|e| anyhow!("{e}. Install libtpu once with `rattn plugin install tpu`"))?;
-            Topology::tpu(&plugin, name)?
-        }
+        Target::Tpu(name) => Topology::tpu(&cache.load(PluginKind::Tpu).map_err(hint)?, name)?,
         Target::Gpu { name, shape } => {
-            let plugin = topology::gpu_plugin()
-                .map_err(|e| anyhow!("{e}. Install it once with `rattn plugin install cuda`"))?;
-            Topology::gpu_named(&plugin, name, shape)?
+            Topology::gpu_named(&cache.load(PluginKind::Cuda).map_err(hint)?, name, shape)
+                .map_err(hint)?
         }
     })
 }
@@ -445,10 +443,7 @@ fn compile_program(
         Err(e) => return Err(anyhow!(e).context(format!("compiling {name} for {}", topo.name()))),
     };
     let s = exe.memory_stats()?;
-    let peak = s.peak_memory_in_bytes.max(
-        s.argument_size_in_bytes + s.output_size_in_bytes + s.temp_size_in_bytes
-            - s.alias_size_in_bytes,
-    );
+    let peak = s.peak_bytes();
     p.memory = Some(MemoryReport {
         argument_bytes: s.argument_size_in_bytes,
         output_bytes: s.output_size_in_bytes,

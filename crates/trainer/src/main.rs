@@ -104,7 +104,9 @@ enum PluginCmd {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    // Before anything else, while this is the only thread: the plugins read their environment
+    // when they are loaded, and changing it once threads run is unsound.
+    if let Err(e) = runtime::prepare_environment().and_then(|()| run(Cli::parse())) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -142,15 +144,22 @@ fn run(cli: Cli) -> Result<()> {
             let Some(k) = pjrt::install::PluginKind::from_name(&kind) else {
                 bail!("unknown plugin kind {kind:?}: use cpu, cuda or tpu");
             };
-            let path = pjrt::install::install(k)?;
+            let cache = runtime::plugin_cache();
+            let path = cache.install(k)?;
             println!("{} plugin installed at {}", k.name(), path.display());
+            if k == pjrt::install::PluginKind::Cuda {
+                // The CUDA plugin compiles only with ptxas and libdevice; it finds these beside it.
+                let tools = cache.install_cuda_tools()?;
+                println!("ptxas and libdevice installed in {}", tools.display());
+            }
             Ok(())
         }
         Cmd::Plugin {
             cmd: PluginCmd::List,
         } => {
-            println!("plugin cache: {}", pjrt::install::cache_dir().display());
-            let list = pjrt::install::list();
+            let cache = runtime::plugin_cache();
+            println!("plugin cache: {}", cache.dir().display());
+            let list = cache.list();
             if list.is_empty() {
                 println!("no plugins installed (rattn plugin install cpu)");
             }

@@ -1,18 +1,83 @@
-//! Opening a PJRT client for `--plugin cpu|cuda|tpu|PATH` and compiling our graphs on it.
+//! The `rattn` side of the PJRT runtime: the process environment the plugins read, the plugin
+//! cache and discovery as the `RATTN_*` variables configure them, `--plugin cpu|cuda|tpu|PATH`,
+//! the install hints of plugin errors, and compiling our graphs on a client.
+//!
+//! Variables: `RATTN_CACHE` (cache root; plugins in `$RATTN_CACHE/plugins`, else the `pjrt`
+//! default), `RATTN_PIP` (the pip program to download with), `RATTN_PJRT_PLUGIN` (a plugin
+//! library used for `--plugin cpu|cuda|tpu` instead of the cache).
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use hlo_builder::Computation;
-use pjrt::install::PluginKind;
+use pjrt::install::{PluginCache, PluginKind};
 use pjrt::{Client, CompileOptions, LoadedExecutable, Plugin, Program};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Sets the environment libtpu and the CUDA plugin read when they are loaded (variables already
+/// set are kept). Must run first in `main`, before any thread starts.
+pub fn prepare_environment() -> Result<()> {
+    pjrt::tpu::set_environment()?;
+    pjrt::gpu::set_environment()?;
+    Ok(())
+}
+
+/// The plugin cache: `$RATTN_CACHE/plugins` if `RATTN_CACHE` is set, else the default
+/// (`$XDG_CACHE_HOME/rattention/plugins` or `~/.cache/rattention/plugins`); downloads with
+/// `$RATTN_PIP` first when set.
+pub fn plugin_cache() -> PluginCache {
+    let mut cache = match std::env::var_os("RATTN_CACHE").filter(|v| !v.is_empty()) {
+        Some(root) => PluginCache::new(PathBuf::from(root).join("plugins")),
+        None => PluginCache::default(),
+    };
+    if let Some(pip) = std::env::var_os("RATTN_PIP").filter(|v| !v.is_empty()) {
+        cache = cache.with_pip(pip);
+    }
+    cache
+}
+
+/// Adds the `rattn` command that fixes a missing plugin or missing CUDA tools.
+pub fn with_install_hint(e: pjrt::Error) -> anyhow::Error {
+    match &e {
+        pjrt::Error::NotInstalled { kind, .. } => {
+            anyhow!("{e}. Install it once with `rattn plugin install {kind}`")
+        }
+        pjrt::Error::CudaToolsNotFound { .. } => {
+            anyhow!("{e}. `rattn plugin install cuda` installs them with the CUDA plugin")
+        }
+        _ => anyhow!(e),
+    }
+}
+
+/// Resolve `--plugin` (a kind name or a path; default cpu) to a plugin library: a path as given;
+/// a kind from `RATTN_PJRT_PLUGIN` if set, else from the cache (installing the CPU plugin on
+/// first use).
+pub fn locate_plugin(arg: Option<&str>) -> Result<PathBuf> {
+    let arg = arg.unwrap_or("cpu");
+    let cache = plugin_cache();
+    let Some(kind) = PluginKind::from_name(arg) else {
+        return Ok(cache.locate(Some(Path::new(arg)), PluginKind::Cpu)?);
+    };
+    if let Some(p) = std::env::var_os("RATTN_PJRT_PLUGIN").filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!(
+                "RATTN_PJRT_PLUGIN={} does not name an existing file",
+                p.display()
+            );
+        }
+        return Ok(p);
+    }
+    cache.locate(None, kind).map_err(|e| match e {
+        pjrt::Error::NotInstalled { .. } => anyhow!(
+            "{}, or point RATTN_PJRT_PLUGIN at a plugin library",
+            with_install_hint(e)
+        ),
+        e => with_install_hint(e),
+    })
+}
 
 /// Resolve `--plugin` (a kind name or a path; default cpu) to a loaded plugin.
 pub fn load_plugin(arg: Option<&str>) -> Result<Plugin> {
-    let arg = arg.unwrap_or("cpu");
-    let path = match PluginKind::from_name(arg) {
-        Some(kind) => pjrt::install::locate(None, kind)?,
-        None => pjrt::install::locate(Some(Path::new(arg)), PluginKind::Cpu)?,
-    };
+    let path = locate_plugin(arg)?;
     Plugin::load(&path).with_context(|| format!("loading PJRT plugin {}", path.display()))
 }
 

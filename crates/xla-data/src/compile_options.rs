@@ -12,6 +12,39 @@ pub struct CompileOptionsProto {
     /// Options of the executable build.
     #[prost(message, optional, tag = "3")]
     pub executable_build_options: Option<ExecutableBuildOptionsProto>,
+    /// Per-compile overrides of XLA's debug options by name (`xla_gpu_cuda_data_dir` …), applied
+    /// on top of the defaults and `XLA_FLAGS` (unlike a whole `DebugOptions` message, which would
+    /// reset every unset field to zero).
+    #[prost(btree_map = "string, message", tag = "7")]
+    pub env_option_overrides: std::collections::BTreeMap<String, OptionOverrideProto>,
+}
+
+/// `xla.OptionOverrideProto`: one typed override value.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OptionOverrideProto {
+    /// The value.
+    #[prost(oneof = "option_override::Value", tags = "1, 2, 3, 4")]
+    pub value: Option<option_override::Value>,
+}
+
+/// The `value` oneof of [`OptionOverrideProto`].
+pub mod option_override {
+    /// A string, bool, integer or double override.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Value {
+        /// `string_field`.
+        #[prost(string, tag = "1")]
+        String(String),
+        /// `bool_field`.
+        #[prost(bool, tag = "2")]
+        Bool(bool),
+        /// `int_field`.
+        #[prost(int64, tag = "3")]
+        Int(i64),
+        /// `double_field`.
+        #[prost(double, tag = "4")]
+        Double(f64),
+    }
 }
 
 /// `xla.ExecutableBuildOptionsProto`.

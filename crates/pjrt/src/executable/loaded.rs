@@ -1,47 +1,13 @@
-//! Compiled executables and execution.
+//! Executables compiled by a client and loaded on its devices: queries and execution.
 
 use std::sync::Arc;
 
+use super::{CompiledMemoryStats, ExecHandle};
 use crate::buffer::Buffer;
 use crate::client::{Client, Device};
 use crate::dtype::{ElementType, RuntimeCodes};
 use crate::error::{Error, ErrorCode, Result};
 use crate::sys::{self, slot, Ptr};
-
-/// Compile-time memory statistics (`PJRT_Executable_GetCompiledMemoryStats`), in bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CompiledMemoryStats {
-    /// Generated code size (bytes, or a count for `indefinite_allocations`).
-    pub generated_code_size_in_bytes: i64,
-    /// Argument size (bytes, or a count for `indefinite_allocations`).
-    pub argument_size_in_bytes: i64,
-    /// Output size (bytes, or a count for `indefinite_allocations`).
-    pub output_size_in_bytes: i64,
-    /// Alias size (bytes, or a count for `indefinite_allocations`).
-    pub alias_size_in_bytes: i64,
-    /// Temp size (bytes, or a count for `indefinite_allocations`).
-    pub temp_size_in_bytes: i64,
-    /// Host generated code size (bytes, or a count for `indefinite_allocations`).
-    pub host_generated_code_size_in_bytes: i64,
-    /// Host argument size (bytes, or a count for `indefinite_allocations`).
-    pub host_argument_size_in_bytes: i64,
-    /// Host output size (bytes, or a count for `indefinite_allocations`).
-    pub host_output_size_in_bytes: i64,
-    /// Host alias size (bytes, or a count for `indefinite_allocations`).
-    pub host_alias_size_in_bytes: i64,
-    /// Host temp size (bytes, or a count for `indefinite_allocations`).
-    pub host_temp_size_in_bytes: i64,
-    /// Peak memory (bytes, or a count for `indefinite_allocations`).
-    pub peak_memory_in_bytes: i64,
-    /// Total size (bytes, or a count for `indefinite_allocations`).
-    pub total_size_in_bytes: i64,
-    /// Total allocation bytes (bytes, or a count for `indefinite_allocations`).
-    pub total_allocation_bytes: i64,
-    /// Indefinite allocations (bytes, or a count for `indefinite_allocations`).
-    pub indefinite_allocations: i64,
-    /// Peak unpadded heap bytes (bytes, or a count for `indefinite_allocations`).
-    pub peak_unpadded_heap_bytes: i64,
-}
 
 /// A compiled program loaded on its devices. Cheap to clone; `Send + Sync`.
 #[derive(Clone)]
@@ -63,16 +29,12 @@ unsafe impl Sync for ExecInner {}
 
 impl Drop for ExecInner {
     fn drop(&mut self) {
-        let mut a = sys::HandleArgs::new();
-        a.handle = self.raw;
+        let (s, name) = (
+            slot::LOADED_EXECUTABLE_DESTROY,
+            "PJRT_LoadedExecutable_Destroy",
+        );
         // SAFETY: owned by us and destroyed exactly once.
-        let _ = unsafe {
-            self.client.inner.plugin.call(
-                slot::LOADED_EXECUTABLE_DESTROY,
-                "PJRT_LoadedExecutable_Destroy",
-                &mut a,
-            )
-        };
+        unsafe { self.client.inner.plugin.destroy(s, name, self.raw) };
     }
 }
 
@@ -102,16 +64,9 @@ struct ExecutableRef<'a> {
 
 impl Drop for ExecutableRef<'_> {
     fn drop(&mut self) {
-        let mut a = sys::HandleArgs::new();
-        a.handle = self.raw;
+        let (s, name) = (slot::EXECUTABLE_DESTROY, "PJRT_Executable_Destroy");
         // SAFETY: the caller of GetExecutable owns the returned executable and must destroy it.
-        let _ = unsafe {
-            self.client.inner.plugin.call(
-                slot::EXECUTABLE_DESTROY,
-                "PJRT_Executable_Destroy",
-                &mut a,
-            )
-        };
+        unsafe { self.client.inner.plugin.destroy(s, name, self.raw) };
     }
 }
 
@@ -431,195 +386,4 @@ impl LoadedExecutable {
         }
         Ok(buffers)
     }
-}
-
-/// A borrowed `PJRT_Executable` (loaded executables hand one out; client-less compiles own one):
-/// the queries both kinds of executable share, written once.
-pub(crate) struct ExecHandle<'a> {
-    pub(crate) raw: Ptr,
-    pub(crate) plugin: &'a crate::Plugin,
-}
-
-impl ExecHandle<'_> {
-    pub(crate) fn word_query(&self, s: usize, name: &'static str) -> Result<usize> {
-        let mut a = sys::HandleWordArgs::new();
-        a.handle = self.raw;
-        // SAFETY: the slot takes a (executable, size_t out) args struct of this layout.
-        unsafe { self.plugin.call(s, name, &mut a) }?;
-        Ok(a.value)
-    }
-
-    pub(crate) fn string_query(&self, s: usize, name: &'static str) -> Result<String> {
-        let mut a = sys::HandleStringArgs::new();
-        a.handle = self.raw;
-        // SAFETY: the slot takes a (executable, string out) args struct of this layout; the string
-        // is owned by the executable, which outlives `self`.
-        unsafe { self.plugin.call(s, name, &mut a) }?;
-        // SAFETY: valid for value_size bytes while the executable lives.
-        Ok(unsafe { crate::plugin::copy_string(a.value, a.value_size) })
-    }
-
-    pub(crate) fn optimized_program_raw(&self) -> Result<(String, Vec<u8>)> {
-        let mut p = sys::Program::new();
-        let mut a = sys::ExecutableOptimizedProgramArgs::new();
-        a.executable = self.raw;
-        a.program = &mut p;
-        // SAFETY: slot 48 with program.code = null reports the required code_size.
-        unsafe {
-            self.plugin.call(
-                slot::EXECUTABLE_OPTIMIZED_PROGRAM,
-                "PJRT_Executable_OptimizedProgram",
-                &mut a,
-            )
-        }?;
-        let mut code = vec![0u8; p.code_size];
-        p.code = code.as_mut_ptr();
-        a.program = &mut p;
-        // SAFETY: `code` has code_size writable bytes.
-        unsafe {
-            self.plugin.call(
-                slot::EXECUTABLE_OPTIMIZED_PROGRAM,
-                "PJRT_Executable_OptimizedProgram",
-                &mut a,
-            )
-        }?;
-        code.truncate(p.code_size);
-        // SAFETY: the format string is a static string of the plugin, valid for format_size bytes.
-        let format = unsafe { crate::plugin::copy_string(p.format, p.format_size) };
-        Ok((format, code))
-    }
-
-    pub(crate) fn optimized_program(&self) -> Result<Vec<u8>> {
-        let (format, code) = self.optimized_program_raw()?;
-        match format.as_str() {
-            "hlo" => Ok(code),
-            "hlo_with_config" => {
-                use prost::Message;
-                /// `xla.HloModuleProtoWithConfig { HloModuleProto hlo_module = 1; ... }`.
-                #[derive(Clone, PartialEq, prost::Message)]
-                struct WithConfig {
-                    #[prost(bytes = "vec", tag = "1")]
-                    hlo_module: Vec<u8>,
-                }
-                WithConfig::decode(code.as_slice())
-                    .map(|w| w.hlo_module)
-                    .map_err(|e| Error::Pjrt {
-                        code: ErrorCode::Internal,
-                        function: "PJRT_Executable_OptimizedProgram",
-                        message: format!("cannot decode HloModuleProtoWithConfig: {e}"),
-                    })
-            }
-            other => Err(Error::Pjrt {
-                code: ErrorCode::Unimplemented,
-                function: "PJRT_Executable_OptimizedProgram",
-                message: format!("unexpected optimized program format {other:?}"),
-            }),
-        }
-    }
-
-    pub(crate) fn memory_stats(&self) -> Result<CompiledMemoryStats> {
-        let mut a = sys::ExecutableMemoryStatsArgs::new();
-        a.executable = self.raw;
-        // SAFETY: slot 96 takes PJRT_Executable_GetCompiledMemoryStats_Args.
-        unsafe {
-            self.plugin.call(
-                slot::EXECUTABLE_COMPILED_MEMORY_STATS,
-                "PJRT_Executable_GetCompiledMemoryStats",
-                &mut a,
-            )
-        }?;
-        Ok(CompiledMemoryStats {
-            generated_code_size_in_bytes: a.generated_code_size_in_bytes,
-            argument_size_in_bytes: a.argument_size_in_bytes,
-            output_size_in_bytes: a.output_size_in_bytes,
-            alias_size_in_bytes: a.alias_size_in_bytes,
-            temp_size_in_bytes: a.temp_size_in_bytes,
-            host_generated_code_size_in_bytes: a.host_generated_code_size_in_bytes,
-            host_argument_size_in_bytes: a.host_argument_size_in_bytes,
-            host_output_size_in_bytes: a.host_output_size_in_bytes,
-            host_alias_size_in_bytes: a.host_alias_size_in_bytes,
-            host_temp_size_in_bytes: a.host_temp_size_in_bytes,
-            peak_memory_in_bytes: a.peak_memory_in_bytes,
-            total_size_in_bytes: a.total_size_in_bytes,
-            total_allocation_bytes: a.total_allocation_bytes,
-            indefinite_allocations: a.indefinite_allocations,
-            peak_unpadded_heap_bytes: a.peak_unpadded_heap_bytes,
-        })
-    }
-
-    pub(crate) fn serialize(&self) -> Result<Vec<u8>> {
-        let mut a = sys::ExecutableSerializeArgs::new();
-        a.executable = self.raw;
-        // SAFETY: slot 49 takes PJRT_Executable_Serialize_Args.
-        unsafe {
-            self.plugin.call(
-                slot::EXECUTABLE_SERIALIZE,
-                "PJRT_Executable_Serialize",
-                &mut a,
-            )
-        }?;
-        // SAFETY: valid until the deleter runs.
-        let bytes = unsafe { copy_bytes(a.serialized_bytes, a.serialized_bytes_size) };
-        // SAFETY: the deleter frees the serialized executable exactly once.
-        unsafe { run_deleter(a.serialized_executable_deleter, a.serialized_executable) };
-        Ok(bytes)
-    }
-
-    /// The plugin's fingerprint (printable as is, else hex: libtpu returns raw hash bytes), or
-    /// `sha256:<hex>` of the serialized executable where the plugin has none.
-    pub(crate) fn fingerprint(&self) -> Result<String> {
-        let mut a = sys::HandleStringArgs::new();
-        a.handle = self.raw;
-        // SAFETY: slot 94 takes PJRT_Executable_Fingerprint_Args (executable, bytes out, size
-        // out); the bytes are owned by the executable, alive here.
-        let result = unsafe {
-            self.plugin.call(
-                slot::EXECUTABLE_FINGERPRINT,
-                "PJRT_Executable_Fingerprint",
-                &mut a,
-            )
-        }
-        // SAFETY: valid for value_size bytes while the executable lives.
-        .map(|()| unsafe { copy_bytes(a.value, a.value_size) });
-        match result {
-            Ok(bytes) if !bytes.is_empty() => Ok(if bytes.iter().all(|b| b.is_ascii_graphic()) {
-                String::from_utf8_lossy(&bytes).into_owned()
-            } else {
-                crate::install::hex(&bytes)
-            }),
-            Ok(_)
-            | Err(Error::Pjrt {
-                code: ErrorCode::Unimplemented,
-                ..
-            }) => {
-                use sha2::Digest;
-                let digest = sha2::Sha256::digest(self.serialize()?);
-                Ok(format!("sha256:{}", crate::install::hex(&digest)))
-            }
-            Err(e) => Err(e),
-        }
-    }
-}
-
-/// # Safety
-/// `ptr` must be valid for `len` bytes (or null).
-pub(crate) unsafe fn copy_bytes(ptr: *const u8, len: usize) -> Vec<u8> {
-    if ptr.is_null() || len == 0 {
-        return Vec::new();
-    }
-    // SAFETY: guaranteed by the caller.
-    unsafe { std::slice::from_raw_parts(ptr, len) }.to_vec()
-}
-
-/// # Safety
-/// `deleter` must be null or a plugin function `void(T*)` that frees `object`, called once.
-pub(crate) unsafe fn run_deleter(deleter: Ptr, object: Ptr) {
-    if deleter.is_null() {
-        return;
-    }
-    type Deleter = unsafe extern "C" fn(Ptr);
-    // SAFETY: guaranteed by the caller.
-    let f: Deleter = unsafe { std::mem::transmute::<Ptr, Deleter>(deleter) };
-    // SAFETY: guaranteed by the caller.
-    unsafe { f(object) };
 }
