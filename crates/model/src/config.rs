@@ -101,6 +101,16 @@ pub enum Dtype {
     Bf16,
 }
 
+impl Dtype {
+    /// The element type of activations in this mode.
+    pub fn element_type(self) -> hlo_builder::ElementType {
+        match self {
+            Dtype::F32 => hlo_builder::ElementType::F32,
+            Dtype::Bf16 => hlo_builder::ElementType::Bf16,
+        }
+    }
+}
+
 /// Layer pattern: a local:global ratio, or an explicit list.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]

@@ -3,7 +3,8 @@
 //! Nothing here shares code with the traced graph: it exists so tests can compare the graph (and
 //! the RLA kernels) against the math. Tensors are flat row-major `Vec<f64>` with explicit dims.
 
-use crate::config::{FeatureMapKind, FfnActivation, LayerKind, LocalKind, ModelConfig};
+use crate::config::{FeatureMapKind, FfnActivation};
+use crate::model::{Attention, Model};
 use std::collections::HashMap;
 
 /// Interleaved RoPE at position `pos`: dims (2i, 2i+1) rotate by pos · θ^(−2i/H).
@@ -217,7 +218,7 @@ fn rms_norm(x: &[f64], width: usize, scale: &[f64], eps: f64) -> Vec<f64> {
 
 /// Logits `[B, T, vocab]` of the whole model for `tokens` `[B, T]`, from named f32 parameters.
 pub fn logits(
-    cfg: &ModelConfig,
+    model: &Model,
     params: &HashMap<String, Vec<f32>>,
     tokens: &[u32],
     batch: usize,
@@ -230,6 +231,7 @@ pub fn logits(
             .map(|&x| x as f64)
             .collect()
     };
+    let cfg = model.config();
     let (t, dm, h) = (tokens.len() / batch, cfg.d_model, cfg.head_dim);
     let rows = batch * t;
     let emb = p("embed");
@@ -245,7 +247,7 @@ pub fn logits(
         h,
     };
     let fm = cfg.rla.feature_map;
-    for (i, kind) in cfg.layer_kinds().unwrap().into_iter().enumerate() {
+    for (i, &attn) in model.layers().iter().enumerate() {
         let pre = format!("layers.{i}");
         let xn = rms_norm(&x, dm, &p(&format!("{pre}.attn_norm.scale")), cfg.norm_eps);
         let mut q = matmul(&xn, rows, &p(&format!("{pre}.attn.wq")), dm, cfg.q_dim());
@@ -268,20 +270,15 @@ pub fn logits(
                 cfg.norm_eps,
             );
         }
-        let ctx = match kind {
-            LayerKind::Global => attention(&q, &k, &v, d, None, |t, s| s <= t),
-            LayerKind::Local => {
+        let ctx = match attn {
+            Attention::Global => attention(&q, &k, &v, d, None, |t, s| s <= t),
+            Attention::Swa => swa(&q, &k, &v, d, cfg.window, cfg.rope_theta),
+            Attention::Rattention => {
                 let s = swa(&q, &k, &v, d, cfg.window, cfg.rope_theta);
-                if cfg.local_kind == LocalKind::Swa {
-                    s
-                } else {
-                    let r = rla(&raw_q, &raw_k, &v, d, cfg.window, fm);
-                    let a =
-                        group_rms_norm(&s, d.n, h, &p(&format!("{pre}.attn.swa_norm.scale")), 1e-8);
-                    let b =
-                        group_rms_norm(&r, d.n, h, &p(&format!("{pre}.attn.rla_norm.scale")), 1e-8);
-                    a.iter().zip(&b).map(|(x, y)| x + y).collect()
-                }
+                let r = rla(&raw_q, &raw_k, &v, d, cfg.window, fm);
+                let a = group_rms_norm(&s, d.n, h, &p(&format!("{pre}.attn.swa_norm.scale")), 1e-8);
+                let b = group_rms_norm(&r, d.n, h, &p(&format!("{pre}.attn.rla_norm.scale")), 1e-8);
+                a.iter().zip(&b).map(|(x, y)| x + y).collect()
             }
         };
         let o = matmul(&ctx, rows, &p(&format!("{pre}.attn.wo")), cfg.q_dim(), dm);

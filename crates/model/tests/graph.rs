@@ -4,7 +4,7 @@
 use hlo_builder::{Builder, ElementType, Op, Shape};
 use model::config::{FeatureMapKind, LayerKind, LocalKind, ModelConfig, RlaLowering};
 use model::reference::{self, AttnDims};
-use model::transformer::{attention_core, declare_params, forward, ParamOps};
+use model::{Attention, Model, ParamOps};
 use ndarray::ArrayD;
 use ndarray_npy::NpzReader;
 use std::collections::HashMap;
@@ -116,7 +116,9 @@ fn local_core_graph(
         b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
     );
     let pos = b.iota(ElementType::F32, &[d.t as i64], 0).unwrap();
-    let out = attention_core(&b, cfg, &p, "l", kind, (q, k, v), pos).unwrap();
+    let m = Model::new(cfg.clone()).unwrap();
+    let attn = Attention::resolve(kind, cfg.local_kind);
+    let out = m.attention_core(&b, &p, "l", attn, (q, k, v), pos).unwrap();
     (b.build(out).unwrap(), [q, k, v])
 }
 
@@ -217,10 +219,14 @@ fn local_layer_and_its_vjp_match_axlearn() {
             b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
         );
         let pos = b.iota(ElementType::F32, &[d.t as i64], 0).unwrap();
-        let out = attention_core(&b, &cfg, &p, "l", LayerKind::Local, (q, k, v), pos).unwrap();
-        let mut swa_cfg = cfg.clone();
-        swa_cfg.local_kind = LocalKind::Swa;
-        let swa = attention_core(&b, &swa_cfg, &p, "s", LayerKind::Local, (q, k, v), pos).unwrap();
+        let m = Model::new(cfg.clone()).unwrap();
+        let out = m
+            .attention_core(&b, &p, "l", Attention::Rattention, (q, k, v), pos)
+            .unwrap();
+        let swa = m.swa_baseline();
+        let swa = swa
+            .attention_core(&b, &p, "s", Attention::Swa, (q, k, v), pos)
+            .unwrap();
         let g = b.vjp(&[out], &[cot], &[q, k, v]).unwrap();
         let root = b.tuple(&[out, swa, g[0], g[1], g[2]]).unwrap();
         let comp = b.build(root).unwrap();
@@ -305,10 +311,11 @@ fn window_at_least_t_gives_full_attention_and_zero_rla() {
 type HostParams = (Vec<(Vec<f32>, Vec<i64>)>, HashMap<String, Vec<f32>>);
 
 fn tiny_params(cfg: &ModelConfig, seed: u64) -> HostParams {
-    let specs = model::param_specs(cfg);
+    let m = Model::new(cfg.clone()).unwrap();
+    let specs = m.param_specs();
     let mut map = HashMap::new();
     let mut list = Vec::new();
-    for s in &specs {
+    for s in specs {
         let mut v = model::init_param(s, seed);
         if s.name.ends_with(".scale") {
             // Non-trivial norm scales so the test sees them.
@@ -330,15 +337,16 @@ fn tiny_model_logits_match_f64_reference() {
     cfg.seq_len = 40;
     cfg.qk_norm = true;
     let (bs, t) = (2usize, 40usize);
+    let m = Model::new(cfg.clone()).unwrap();
     let b = Builder::new("forward");
-    let (_, named) = declare_params(&b, &cfg).unwrap();
+    let (_, named) = m.declare_params(&b).unwrap();
     let tokens = b
         .parameter(
             Shape::array(ElementType::S32, &[bs as i64, t as i64]),
             "tokens",
         )
         .unwrap();
-    let logits = forward(&b, &cfg, &named, tokens).unwrap();
+    let logits = m.forward(&b, &named, tokens).unwrap();
     let comp = b.build(logits).unwrap();
     let (params, map) = tiny_params(&cfg, 3);
     let toks: Vec<u32> = (0..bs * t)
@@ -352,7 +360,7 @@ fn tiny_model_logits_match_f64_reference() {
             vec![bs as i64, t as i64],
         )],
     );
-    let want = reference::logits(&cfg, &map, &toks, bs);
+    let want = reference::logits(&m, &map, &toks, bs);
     let e = max_rel(&got[0], &want);
     assert!(e < 1e-4, "logits relative error {e}");
 }
@@ -363,15 +371,16 @@ fn loss_gradients_match_finite_differences_of_the_f64_reference() {
     cfg.seq_len = 24;
     cfg.layers = 4;
     let (bs, t) = (1usize, 24usize);
+    let model = Model::new(cfg.clone()).unwrap();
     let b = Builder::new("loss_grad");
-    let (params, named) = declare_params(&b, &cfg).unwrap();
+    let (params, named) = model.declare_params(&b).unwrap();
     let tokens = b
         .parameter(
             Shape::array(ElementType::S32, &[bs as i64, t as i64 + 1]),
             "tokens",
         )
         .unwrap();
-    let l = model::transformer::loss(&b, &cfg, &named, tokens).unwrap();
+    let l = model.loss(&b, &named, tokens).unwrap();
     let grads = b.grad(l, &params).unwrap();
     let mut outs = vec![l];
     outs.extend(&grads);
@@ -401,7 +410,7 @@ fn loss_gradients_match_finite_differences_of_the_f64_reference() {
         }
         let _ = bump;
         let inputs: Vec<u32> = toks[..t].to_vec();
-        let logits = reference::logits(&cfg, &m64, &inputs, bs);
+        let logits = reference::logits(&model, &m64, &inputs, bs);
         let v = cfg.vocab;
         (0..t)
             .map(|p| {
@@ -419,7 +428,7 @@ fn loss_gradients_match_finite_differences_of_the_f64_reference() {
         "loss {} vs {l0}",
         got[0][0]
     );
-    let specs = model::param_specs(&cfg);
+    let specs = model.param_specs();
     // Spot-check entries of a local layer's projections (through SWA + RLA), the mixing norm, the FFN and the embedding.
     for name in [
         "layers.0.attn.wq",

@@ -333,7 +333,8 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         .map(|d| d.kind.clone())
         .unwrap_or_default();
     let device_memory_bytes = topo.device_memory_bytes().unwrap_or(0);
-    let param_count = model::param_count(&cfg.model);
+    let model = model::Model::new(cfg.model.clone())?;
+    let param_count = model.param_count();
     let mut report = Report {
         target: args.target.clone(),
         platform: target.platform().into(),
@@ -379,7 +380,8 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     if args.decode {
         // One new token per sequence against caches sized for `seq_len` tokens.
         let t0 = Instant::now();
-        let comp = model::decode::build_decode_step(&cfg.model, cfg.train.batch, cfg.model.seq_len)
+        let comp = model
+            .decode_step(cfg.train.batch, cfg.model.seq_len)
             .context("tracing the decode step")?;
         let p = compile_program(
             &topo,
