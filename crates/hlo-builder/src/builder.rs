@@ -1,4 +1,6 @@
 //! The graph builder: [`Builder`], op handles ([`Op`]), built [`Computation`]s and proto emission.
+//! Emission here writes the fields every instruction has; each op family (`crate::ops`) writes
+//! its own opcode and attributes.
 //!
 //! Instructions are stored in creation order (a topological order) as [`Instr`] records whose
 //! fields are readable from the rest of the crate (autodiff walks them). Ids come from one
@@ -10,12 +12,11 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
-use crate::ops::constant::Literal;
-use crate::ops::dot::{DotDims, Precision};
-use crate::ops::elementwise::{BinaryOp, Cmp, UnaryOp};
-use crate::ops::gather::{GatherDims, ScatterDims, ScatterUpdate};
+use crate::ops::constant::Leaf;
+use crate::ops::elementwise::BinaryOp;
+use crate::ops::Kind;
 use crate::proto;
-use crate::shape::{Shape, ShapeError};
+use crate::shape::Shape;
 use crate::sharding::Sharding;
 
 static NEXT_BUILDER: AtomicU32 = AtomicU32::new(1);
@@ -33,174 +34,6 @@ impl Op {
     /// Position of the instruction in its builder (creation order).
     pub fn index(self) -> usize {
         self.idx as usize
-    }
-}
-
-/// The opcode of an instruction together with its opcode-specific attributes.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Kind {
-    Parameter(i64),
-    Constant(Literal),
-    Iota(i64),
-    Unary(UnaryOp),
-    Binary(BinaryOp),
-    Compare(Cmp),
-    Select,
-    Clamp,
-    Convert,
-    BitcastConvert,
-    Reshape,
-    Transpose(Vec<i64>),
-    Broadcast(Vec<i64>),
-    Reverse(Vec<i64>),
-    Slice {
-        start: Vec<i64>,
-        limit: Vec<i64>,
-        strides: Vec<i64>,
-    },
-    DynamicSlice(Vec<i64>),
-    DynamicUpdateSlice,
-    Concatenate(i64),
-    Pad(Vec<(i64, i64, i64)>),
-    Reduce(Vec<i64>),
-    Dot {
-        dims: DotDims,
-        precision: Option<Precision>,
-    },
-    Gather {
-        dims: GatherDims,
-        slice_sizes: Vec<i64>,
-    },
-    Scatter {
-        dims: ScatterDims,
-        update: ScatterUpdate,
-    },
-    While,
-    Conditional,
-    Call,
-    Tuple,
-    GetTupleElement(i64),
-    CustomCall {
-        target: String,
-        backend_config: String,
-        has_side_effect: bool,
-    },
-}
-
-impl Kind {
-    /// XLA's opcode spelling.
-    pub(crate) fn opcode(&self) -> &'static str {
-        match self {
-            Kind::Parameter(_) => "parameter",
-            Kind::Constant(_) => "constant",
-            Kind::Iota(_) => "iota",
-            Kind::Unary(u) => u.opcode(),
-            Kind::Binary(b) => b.opcode(),
-            Kind::Compare(_) => "compare",
-            Kind::Select => "select",
-            Kind::Clamp => "clamp",
-            Kind::Convert => "convert",
-            Kind::BitcastConvert => "bitcast-convert",
-            Kind::Reshape => "reshape",
-            Kind::Transpose(_) => "transpose",
-            Kind::Broadcast(_) => "broadcast",
-            Kind::Reverse(_) => "reverse",
-            Kind::Slice { .. } => "slice",
-            Kind::DynamicSlice(_) => "dynamic-slice",
-            Kind::DynamicUpdateSlice => "dynamic-update-slice",
-            Kind::Concatenate(_) => "concatenate",
-            Kind::Pad(_) => "pad",
-            Kind::Reduce(_) => "reduce",
-            Kind::Dot { .. } => "dot",
-            Kind::Gather { .. } => "gather",
-            Kind::Scatter { .. } => "scatter",
-            Kind::While => "while",
-            Kind::Conditional => "conditional",
-            Kind::Call => "call",
-            Kind::Tuple => "tuple",
-            Kind::GetTupleElement(_) => "get-tuple-element",
-            Kind::CustomCall { .. } => "custom-call",
-        }
-    }
-
-    /// Write the opcode-specific attributes into the instruction proto.
-    fn fill(&self, p: &mut proto::HloInstructionProto) {
-        match self {
-            Kind::Parameter(n) => p.parameter_number = *n,
-            Kind::Constant(l) => p.literal = Some(l.to_proto()),
-            Kind::Iota(d) => p.dimensions = vec![*d],
-            Kind::Compare(c) => p.comparison_direction = c.direction().to_string(),
-            Kind::Transpose(d) | Kind::Broadcast(d) | Kind::Reverse(d) | Kind::Reduce(d) => {
-                p.dimensions = d.clone()
-            }
-            Kind::Concatenate(d) => p.dimensions = vec![*d],
-            Kind::Slice {
-                start,
-                limit,
-                strides,
-            } => {
-                p.slice_dimensions = start
-                    .iter()
-                    .zip(limit)
-                    .zip(strides)
-                    .map(|((&start, &limit), &stride)| proto::SliceDimensions {
-                        start,
-                        limit,
-                        stride,
-                    })
-                    .collect()
-            }
-            Kind::DynamicSlice(sizes) => p.dynamic_slice_sizes = sizes.clone(),
-            Kind::Pad(cfg) => {
-                p.padding_config = Some(proto::PaddingConfig {
-                    dimensions: cfg
-                        .iter()
-                        .map(|&(lo, hi, interior)| proto::PaddingConfigDimension {
-                            edge_padding_low: lo,
-                            edge_padding_high: hi,
-                            interior_padding: interior,
-                        })
-                        .collect(),
-                })
-            }
-            Kind::Dot { dims, precision } => {
-                p.dot_dimension_numbers = Some(dims.to_proto());
-                if let Some(pr) = precision {
-                    p.precision_config = Some(proto::PrecisionConfig {
-                        operand_precision: vec![pr.proto(), pr.proto()],
-                        algorithm: 0,
-                    });
-                }
-            }
-            Kind::Gather { dims, slice_sizes } => {
-                p.gather_dimension_numbers = Some(dims.to_proto());
-                p.gather_slice_sizes = slice_sizes.clone();
-            }
-            Kind::Scatter { dims, .. } => p.scatter_dimension_numbers = Some(dims.to_proto()),
-            Kind::GetTupleElement(i) => p.tuple_index = *i,
-            Kind::CustomCall {
-                target,
-                backend_config,
-                has_side_effect,
-            } => {
-                p.custom_call_target = target.clone();
-                p.backend_config = backend_config.as_bytes().to_vec();
-                p.custom_call_api_version = 4;
-                p.custom_call_has_side_effect = *has_side_effect;
-            }
-            Kind::Unary(_)
-            | Kind::Binary(_)
-            | Kind::Select
-            | Kind::Clamp
-            | Kind::Convert
-            | Kind::BitcastConvert
-            | Kind::Reshape
-            | Kind::DynamicUpdateSlice
-            | Kind::While
-            | Kind::Conditional
-            | Kind::Call
-            | Kind::Tuple => {}
-        }
     }
 }
 
@@ -235,9 +68,9 @@ impl Instr {
     }
 
     fn metadata(&self, full_name: &str) -> proto::OpMetadata {
-        let op_name = match (&self.kind, self.name.as_deref()) {
-            (Kind::Parameter(_), Some(n)) if self.scope.is_empty() => n.to_string(),
-            (Kind::Parameter(_), Some(n)) => format!("{}/{n}", self.scope),
+        let op_name = match (self.kind.is_parameter(), self.name.as_deref()) {
+            (true, Some(n)) if self.scope.is_empty() => n.to_string(),
+            (true, Some(n)) => format!("{}/{n}", self.scope),
             _ if self.scope.is_empty() => full_name.to_string(),
             _ => format!("{}/{full_name}", self.scope),
         };
@@ -313,7 +146,7 @@ impl CompData {
                     sharding: ins.sharding.as_ref().map(Sharding::to_proto),
                     ..Default::default()
                 };
-                ins.kind.fill(&mut p);
+                ins.kind.family().emit(&mut p);
                 p
             })
             .collect();
@@ -474,30 +307,6 @@ impl Builder {
         self.lock().instrs.len()
     }
 
-    /// Turn a shape-rule error into an [`Error`] with the caller location and scope.
-    pub(crate) fn shape_err(&self, loc: &'static Location<'static>, e: ShapeError) -> Error {
-        Error::Shape {
-            source: e,
-            location: format!("{}:{}", loc.file(), loc.line()),
-            scope: self.current_scope(),
-        }
-    }
-
-    /// An [`Error::Invalid`] with the caller location and scope.
-    pub(crate) fn invalid(
-        &self,
-        loc: &'static Location<'static>,
-        op: &'static str,
-        message: impl Into<String>,
-    ) -> Error {
-        Error::Invalid {
-            op,
-            message: message.into(),
-            location: format!("{}:{}", loc.file(), loc.line()),
-            scope: self.current_scope(),
-        }
-    }
-
     /// Shapes of `ops`, checking they belong to this builder.
     pub(crate) fn shapes_of(
         &self,
@@ -510,12 +319,8 @@ impl Builder {
             .enumerate()
             .map(|(i, o)| {
                 if o.builder != self.uid || o.index() >= st.instrs.len() {
-                    Err(Error::Invalid {
-                        op: op_name,
-                        message: format!("operand {i} does not belong to builder `{}` (it was made by another builder)", self.name),
-                        location: format!("{}:{}", loc.file(), loc.line()),
-                        scope: st.scope().to_string(),
-                    })
+                    // The state is locked here, so the scope is read from it directly.
+                    Err(Error::invalid_at(loc, st.scope().to_string(), op_name, format!("operand {i} does not belong to builder `{}` (it was made by another builder)", self.name)))
                 } else {
                     Ok(st.instrs[o.index()].shape.clone())
                 }
@@ -541,10 +346,10 @@ impl Builder {
         c: &'c crate::Computation,
     ) -> Result<&'c Arc<CompData>> {
         if !Arc::ptr_eq(&c.module, &self.module) {
-            return Err(self.invalid(loc, op_name, format!("computation `{}` belongs to another module; build it with sub_builder of this builder", c.data.name)));
+            return Err(self.error_at(loc, op_name, format!("computation `{}` belongs to another module; build it with sub_builder of this builder", c.data.name)));
         }
         if c.data.builder == self.uid {
-            return Err(self.invalid(
+            return Err(self.error_at(
                 loc,
                 op_name,
                 format!("computation `{}` cannot call itself", c.data.name),
@@ -623,7 +428,8 @@ impl Builder {
     pub fn parameter(&self, shape: Shape, name: &str) -> Result<Op> {
         let loc = Location::caller();
         let number = self.lock().params.len() as i64;
-        let op = self.push(loc, Kind::Parameter(number), Vec::new(), shape, Vec::new());
+        let kind = Kind::Leaf(Leaf::Parameter(number));
+        let op = self.push(loc, kind, Vec::new(), shape, Vec::new());
         let mut st = self.lock();
         st.instrs[op.index()].name = Some(sanitize(name).into_boxed_str());
         st.params.push(op.index());
@@ -716,37 +522,37 @@ impl Computation {
 
     /// Let output `output` (an element of the tuple result) reuse the buffer of parameter `param`
     /// when the caller donates it (XLA's `input_output_alias`, kind may-alias). The shapes must match.
+    #[track_caller]
     pub fn with_input_output_alias(mut self, output: usize, param: usize) -> Result<Computation> {
-        let bad = |message: String| Error::Invalid {
-            op: "input_output_alias",
-            message,
-            location: String::new(),
-            scope: String::new(),
-        };
+        const OP: &str = "input_output_alias";
         let (params, result) = self.program_shape();
-        let out = result
-            .tuple_elements()
-            .and_then(|e| e.get(output))
-            .ok_or_else(|| {
-                bad(format!(
+        let Some(out) = result.tuple_elements().and_then(|e| e.get(output)) else {
+            return Err(Error::invalid(
+                OP,
+                format!(
                     "the result {} has no tuple element {output}",
                     result.short()
-                ))
-            })?;
-        let p = params
-            .get(param)
-            .ok_or_else(|| bad(format!("there is no parameter {param}")))?;
+                ),
+            ));
+        };
+        let Some(p) = params.get(param) else {
+            return Err(Error::invalid(OP, format!("there is no parameter {param}")));
+        };
         if out != p {
-            return Err(bad(format!(
-                "output {output} is {} but parameter {param} is {}",
-                out.short(),
-                p.short()
-            )));
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "output {output} is {} but parameter {param} is {}",
+                    out.short(),
+                    p.short()
+                ),
+            ));
         }
         if self.aliases.iter().any(|&(o, q)| o == output || q == param) {
-            return Err(bad(format!(
-                "output {output} or parameter {param} is already aliased"
-            )));
+            return Err(Error::invalid(
+                OP,
+                format!("output {output} or parameter {param} is already aliased"),
+            ));
         }
         self.aliases.push((output, param));
         Ok(self)

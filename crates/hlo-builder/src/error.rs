@@ -1,5 +1,9 @@
-//! The crate's error type.
+//! The crate's error type and its constructors: every error names the op, the Rust call site
+//! (`#[track_caller]`) and, where a builder is at hand, its current name scope.
 
+use std::panic::Location;
+
+use crate::builder::Builder;
 use crate::shape::ShapeError;
 
 /// Errors of graph construction and module decoding.
@@ -45,5 +49,126 @@ fn scope_suffix(scope: &str) -> String {
     }
 }
 
+impl Error {
+    /// An [`Error::Invalid`] for code that has no [`Builder`] at hand: `op` and `message`, the
+    /// caller's `file:line`, no name scope. With a builder, prefer [`Builder::error`].
+    ///
+    /// ```
+    /// let e = hlo_builder::Error::invalid("model", "parameter \"w\" is missing");
+    /// assert!(e.to_string().starts_with("model: parameter \"w\" is missing (built at "));
+    /// ```
+    #[track_caller]
+    pub fn invalid(op: &'static str, message: impl Into<String>) -> Error {
+        Error::invalid_at(Location::caller(), String::new(), op, message)
+    }
+
+    /// The one place an [`Error::Invalid`] is put together.
+    pub(crate) fn invalid_at(
+        loc: &'static Location<'static>,
+        scope: String,
+        op: &'static str,
+        message: impl Into<String>,
+    ) -> Error {
+        Error::Invalid {
+            op,
+            message: message.into(),
+            location: location(loc),
+            scope,
+        }
+    }
+}
+
+/// `file:line` of a call site.
+fn location(loc: &Location<'_>) -> String {
+    format!("{}:{}", loc.file(), loc.line())
+}
+
+impl Builder {
+    /// An [`Error::Invalid`] for `op` with the caller's `file:line` and this builder's current
+    /// name scope. Code outside this crate (layers, kernels) uses it for its own checks, so its
+    /// errors read like the builder's.
+    ///
+    /// ```
+    /// use hlo_builder::Builder;
+    /// let b = Builder::new("m");
+    /// let _scope = b.name_scope("layer_0");
+    /// let e = b.error("rla", "chunk must divide the sequence length");
+    /// let text = e.to_string();
+    /// assert!(text.starts_with("rla: chunk must divide the sequence length (built at "));
+    /// assert!(text.ends_with(" in layer_0)"));
+    /// ```
+    #[track_caller]
+    pub fn error(&self, op: &'static str, message: impl Into<String>) -> Error {
+        self.error_at(Location::caller(), op, message)
+    }
+
+    /// [`Builder::error`] at an explicit call site (for methods that took their caller early).
+    pub(crate) fn error_at(
+        &self,
+        loc: &'static Location<'static>,
+        op: &'static str,
+        message: impl Into<String>,
+    ) -> Error {
+        Error::invalid_at(loc, self.current_scope(), op, message)
+    }
+
+    /// Turn a shape-rule error into an [`Error::Shape`] with the call site and name scope.
+    pub(crate) fn shape_err(&self, loc: &'static Location<'static>, e: ShapeError) -> Error {
+        Error::Shape {
+            source: e,
+            location: location(loc),
+            scope: self.current_scope(),
+        }
+    }
+}
+
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ElementType, Shape};
+
+    fn location_of(e: &Error) -> &str {
+        match e {
+            Error::Invalid { location, .. } | Error::Shape { location, .. } => location,
+            Error::Decode(_) => "",
+        }
+    }
+
+    #[test]
+    fn constructors_record_the_call_site_and_scope() {
+        let here = line!() + 1;
+        let e = Error::invalid("model", "bad");
+        assert_eq!(location_of(&e), format!("{}:{here}", file!()));
+        assert_eq!(
+            e.to_string(),
+            format!("model: bad (built at {}:{here})", file!())
+        );
+
+        let b = Builder::new("b");
+        let _scope = b.name_scope("layer_0");
+        let here = line!() + 1;
+        let e = b.error("rla", "chunk too large");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "rla: chunk too large (built at {}:{here} in layer_0)",
+                file!()
+            )
+        );
+    }
+
+    #[test]
+    fn alias_errors_name_the_caller() {
+        let b = Builder::new("a");
+        let x = b
+            .parameter(Shape::array(ElementType::F32, &[2]), "x")
+            .unwrap();
+        let comp = b.build(b.tuple(&[x]).unwrap()).unwrap();
+        let here = line!() + 1;
+        let e = comp.with_input_output_alias(1, 0).unwrap_err();
+        assert_eq!(location_of(&e), format!("{}:{here}", file!()));
+    }
+}

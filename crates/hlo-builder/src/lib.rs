@@ -1,5 +1,5 @@
-//! An XlaBuilder-like graph API that emits XLA's `HloModuleProto` (via hand-written `prost`
-//! messages) and XLA HLO text.
+//! An XlaBuilder-like graph API that emits XLA's `HloModuleProto` (the `prost` messages of
+//! `xla-data`) and XLA HLO text.
 //!
 //! * [`Builder`] makes instructions through `&self` methods that return cheap [`Op`] handles;
 //!   every method checks its operands with a pure shape rule ([`shape_rules`]) and reports
@@ -28,6 +28,7 @@
 //! assert!(comp.to_text().contains("op_name=\"softmax/divide."));
 //! ```
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod autodiff;
@@ -47,10 +48,10 @@ pub use ops::dot::{DotDims, Precision};
 pub use ops::elementwise::{BinaryOp, Cmp, UnaryOp};
 pub use ops::gather::{GatherDims, ScatterDims, ScatterUpdate};
 pub use ops::rng::threefry2x32_host;
-pub use pjrt::{ElementType, NativeType};
 pub use shape::{Shape, ShapeError, ShapeResult};
 pub use sharding::Sharding;
 pub use text::{print_module, shape_to_string};
+pub use xla_data::{ElementType, NativeType};
 
 /// Decode a serialized `HloModuleProto` (e.g. an optimized module from PJRT) and print it.
 pub fn print_module_bytes(bytes: &[u8]) -> Result<String> {

@@ -120,29 +120,29 @@ fn literal_values(l: &LiteralProto, ty: i32) -> Option<Vec<String>> {
             .map(|c| fmt_float(f(u16::from_le_bytes([c[0], c[1]]))))
             .collect::<Vec<_>>()
     };
-    Some(match ty {
-        1 => l.preds.iter().map(|b| b.to_string()).collect(),
-        2 => l.s8s.iter().map(|&b| (b as i8).to_string()).collect(),
-        3 => l
+    use crate::ElementType as E;
+    Some(match E::from_primitive_type(ty)? {
+        E::Pred => l.preds.iter().map(|b| b.to_string()).collect(),
+        E::S8 => l.s8s.iter().map(|&b| (b as i8).to_string()).collect(),
+        E::S16 => l
             .s16s
             .chunks_exact(2)
             .map(|c| i16::from_le_bytes([c[0], c[1]]).to_string())
             .collect(),
-        4 => l.s32s.iter().map(i32::to_string).collect(),
-        5 => l.s64s.iter().map(i64::to_string).collect(),
-        6 => l.u8s.iter().map(u8::to_string).collect(),
-        7 => l
+        E::S32 => l.s32s.iter().map(i32::to_string).collect(),
+        E::S64 => l.s64s.iter().map(i64::to_string).collect(),
+        E::U8 => l.u8s.iter().map(u8::to_string).collect(),
+        E::U16 => l
             .u16s
             .chunks_exact(2)
             .map(|c| u16::from_le_bytes([c[0], c[1]]).to_string())
             .collect(),
-        8 => l.u32s.iter().map(u32::to_string).collect(),
-        9 => l.u64s.iter().map(u64::to_string).collect(),
-        10 => halves(&l.f16s, |b| half::f16::from_bits(b).to_f64()),
-        16 => halves(&l.bf16s, |b| half::bf16::from_bits(b).to_f64()),
-        11 => l.f32s.iter().map(|&v| fmt_float(f64::from(v))).collect(),
-        12 => l.f64s.iter().map(|&v| fmt_float(v)).collect(),
-        _ => return None,
+        E::U32 => l.u32s.iter().map(u32::to_string).collect(),
+        E::U64 => l.u64s.iter().map(u64::to_string).collect(),
+        E::F16 => halves(&l.f16s, |b| half::f16::from_bits(b).to_f64()),
+        E::Bf16 => halves(&l.bf16s, |b| half::bf16::from_bits(b).to_f64()),
+        E::F32 => l.f32s.iter().map(|&v| fmt_float(f64::from(v))).collect(),
+        E::F64 => l.f64s.iter().map(|&v| fmt_float(v)).collect(),
     })
 }
 
@@ -498,10 +498,9 @@ impl Ctx<'_> {
                 a.push(format!("body={}", names[0]));
             }
             ("conditional", 2)
-                if operand_shapes
-                    .first()
-                    .and_then(|s| *s)
-                    .is_some_and(|s| s.element_type == 1) =>
+                if operand_shapes.first().and_then(|s| *s).is_some_and(|s| {
+                    s.element_type == crate::ElementType::Pred.primitive_type()
+                }) =>
             {
                 a.push(format!("true_computation={}", names[0]));
                 a.push(format!("false_computation={}", names[1]));

@@ -12,7 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut cfg: model::ModelConfig =
             t.remove("model").ok_or("no [model] table")?.try_into()?;
         // Trace with the HLO lowering so the count includes the RLA while loops (what TPU gets).
-        cfg.rla.lowering = model::config::RlaLowering::Hlo;
+        cfg.rla.lowering = model::config::Lowering::Hlo;
         let m = model::Model::new(cfg)?;
         let cfg = m.config();
         let t0 = Instant::now();
@@ -22,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Shape::array(ElementType::S32, &[1, cfg.seq_len as i64 + 1]),
             "tokens",
         )?;
-        let l = m.loss(&b, &named, tokens)?;
+        let l = m.loss(&b, &named, tokens, "tpu")?;
         let grads = b.grad(l, &params)?;
         let mut outs = vec![l];
         outs.extend(grads);

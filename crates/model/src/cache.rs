@@ -241,22 +241,29 @@ impl CacheLayout {
 
     /// The graph values of every layer's cache, flattened in [`CacheLayout::buffers`] order;
     /// checks that each layer supplies exactly the buffers the layout names.
+    #[track_caller]
     pub fn flatten(&self, caches: &[LayerCacheOps]) -> Result<Vec<Op>> {
         if caches.len() != self.layers.len() {
-            return Err(crate::transformer::model_error(format!(
-                "cache of {} layers for a model of {}",
-                caches.len(),
-                self.layers.len()
-            )));
+            return Err(hlo_builder::Error::invalid(
+                "model",
+                format!(
+                    "cache of {} layers for a model of {}",
+                    caches.len(),
+                    self.layers.len()
+                ),
+            ));
         }
         let mut out = Vec::new();
         for (i, (layer, c)) in self.layers.iter().zip(caches).enumerate() {
             let wants_state = matches!(layer, LayerCache::Ring { rla_state: true });
             if wants_state != c.rla_state.is_some() {
-                return Err(crate::transformer::model_error(format!(
-                    "layer {i}: cache {layer:?} {} an RLA state",
-                    if wants_state { "needs" } else { "has no" }
-                )));
+                return Err(hlo_builder::Error::invalid(
+                    "model",
+                    format!(
+                        "layer {i}: cache {layer:?} {} an RLA state",
+                        if wants_state { "needs" } else { "has no" }
+                    ),
+                ));
             }
             out.extend([c.k, c.v]);
             out.extend(c.rla_state);

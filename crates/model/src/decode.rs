@@ -9,11 +9,12 @@
 //! [`Model::attention_core`].
 
 use crate::cache::{CacheBytes, CacheLayout, LayerCacheOps};
-use crate::config::FeatureMapKind;
 use crate::layers::{bcast, dims, rope, softmax_last};
 use crate::model::Model;
-use crate::transformer::{mix_local, model_error, ParamOps};
+use crate::transformer::{mix_local, ParamOps};
+use hlo_builder::Error;
 use hlo_builder::{Builder, Cmp, Computation, DotDims, ElementType, Op, Result, Shape};
+use pallas_port::decode::{absorb, read};
 use std::ops::Range;
 
 const F32: ElementType = ElementType::F32;
@@ -74,11 +75,13 @@ impl DecodeIo {
     }
 }
 
-fn check_sizes(what: &str, batch: usize, max_len: usize) -> Result<()> {
+#[track_caller]
+fn check_sizes(what: &'static str, batch: usize, max_len: usize) -> Result<()> {
     if batch == 0 || max_len == 0 {
-        return Err(model_error(format!(
-            "{what}: batch ({batch}) and max_len ({max_len}) must be > 0"
-        )));
+        return Err(Error::invalid(
+            what,
+            format!("batch ({batch}) and max_len ({max_len}) must be > 0"),
+        ));
     }
     Ok(())
 }
@@ -141,13 +144,22 @@ impl Model {
     /// [`CacheLayout::buffers`] order) are what [`Model::decode_step`] continues from at position
     /// `L`: ring buffers holding the last W+1 tokens in slot `t mod (W+1)`, the RLA state after
     /// token `L−W−2` (the block's `final_state`; zero when `L ≤ W+1`), and the global caches
-    /// filled up to position `L−1`. Needs `L ≤ max_len`.
-    pub fn prefill(&self, batch: usize, prompt_len: usize, max_len: usize) -> Result<Computation> {
+    /// filled up to position `L−1`. Needs `L ≤ max_len`. `platform` is where the graph runs (it
+    /// picks the RLA lowering, see [`Model::rla_lowering`]); the decode step has no RLA block and
+    /// runs anywhere.
+    pub fn prefill(
+        &self,
+        batch: usize,
+        prompt_len: usize,
+        max_len: usize,
+        platform: &str,
+    ) -> Result<Computation> {
         check_sizes("prefill", batch, max_len)?;
         if prompt_len == 0 || prompt_len > max_len {
-            return Err(model_error(format!(
-                "prefill: prompt_len ({prompt_len}) must be in 1..=max_len ({max_len})"
-            )));
+            return Err(Error::invalid(
+                "prefill",
+                format!("prompt_len ({prompt_len}) must be in 1..=max_len ({max_len})"),
+            ));
         }
         let cfg = self.config();
         let layout = self.cache_layout(batch, max_len);
@@ -165,7 +177,7 @@ impl Model {
             let ap = format!("layers.{i}.attn");
             x = self.block(&b, &p, i, x, |q, k, v| {
                 let (ctx, state) =
-                    self.attention_core_with_state(&b, &p, &ap, attn, (q, k, v), pos)?;
+                    self.attention_core_with_state(&b, &p, &ap, attn, (q, k, v), pos, platform)?;
                 let _c = b.name_scope("cache");
                 caches.push(if attn.is_local() {
                     LayerCacheOps {
@@ -234,20 +246,6 @@ impl Model {
     }
 }
 
-/// φ(x) over the last dim (H → 2H), f32: `[softmax(x), softmax(−x)]` or `[relu(x), relu(−x)]`.
-fn feature_map(b: &Builder, fm: FeatureMapKind, x: Op) -> Result<Op> {
-    let last = dims(b, x)?.len() as i64 - 1;
-    let nx = b.neg(x)?;
-    let (a, c) = match fm {
-        FeatureMapKind::Softmax => (softmax_last(b, x)?, softmax_last(b, nx)?),
-        FeatureMapKind::Relu => {
-            let zero = b.zeros(F32, &dims(b, x)?)?;
-            (b.max(x, zero)?, b.max(nx, zero)?)
-        }
-    };
-    b.concatenate(&[a, c], last)
-}
-
 /// Attention of one query token `q [B,1,N,H]` (rotated and scaled) over `k, v [B,S,G,H]` where
 /// key `s` is visible iff `visible[s]` (pred `[S]`); fp32 softmax. Returns `[B,1,N,H]`.
 fn attend_one(b: &Builder, q: Op, k: Op, v: Op, visible: Op) -> Result<Op> {
@@ -273,43 +271,6 @@ fn attend_one(b: &Builder, q: Op, k: Op, v: Op, visible: Op) -> Result<Op> {
     };
     let o = b.dot_general(p, v, &dd, None, Some(F32))?; // [B, G, R, H]
     b.reshape(o, &[bs, 1, n, h])
-}
-
-/// `S + φ(k)ᵀ v` for the token `k, v [B,G,H]` in the ring slot about to be overwritten at
-/// position `pos` (s32 scalar), which has left the window when `pos ≥ slots` (`slots` = W+1);
-/// `S [B,G,2H,H]` unchanged otherwise.
-fn absorb(
-    b: &Builder,
-    fm: FeatureMapKind,
-    state: Op,
-    (k, v): (Op, Op),
-    pos: Op,
-    slots: i64,
-) -> Result<Op> {
-    let sd = dims(b, state)?;
-    let outer = b.mul(
-        bcast(b, feature_map(b, fm, k)?, &sd, &[0, 1, 2])?,
-        bcast(b, v, &sd, &[0, 1, 3])?,
-    )?;
-    let leaving = b.compare(pos, b.scalar(slots as i32)?, Cmp::Ge)?;
-    b.select(bcast(b, leaving, &sd, &[])?, b.add(state, outer)?, state)
-}
-
-/// The RLA read `φ(q)·S` of one query token `q [B,1,N,H]` against `S [B,G,2H,H]`: `[B,1,N,H]`.
-fn read(b: &Builder, fm: FeatureMapKind, q: Op, state: Op) -> Result<Op> {
-    let (qd, sd) = (dims(b, q)?, dims(b, state)?);
-    let (bs, n, h, g) = (qd[0], qd[2], qd[3], sd[1]);
-    let fq = b.reshape(feature_map(b, fm, q)?, &[bs, g, n / g, 2 * h])?;
-    let dd = DotDims {
-        lhs_batch: vec![0, 1],
-        rhs_batch: vec![0, 1],
-        lhs_contracting: vec![3],
-        rhs_contracting: vec![2],
-    };
-    b.reshape(
-        b.dot_general(fq, state, &dd, None, Some(F32))?,
-        &[bs, 1, n, h],
-    )
 }
 
 impl Model {
@@ -343,8 +304,9 @@ impl Model {
                         &[bs, g, h],
                     )
                 };
-                let old_kv = (old(k_ring)?, old(v_ring)?);
-                Some(absorb(b, fm, state, old_kv, pos, m)?)
+                let (old_k, old_v) = (old(k_ring)?, old(v_ring)?);
+                let leaving = b.compare(pos, b.scalar(m as i32)?, Cmp::Ge)?;
+                Some(absorb(b, state, old_k, old_v, leaving, fm)?)
             }
             None => None,
         };
@@ -380,7 +342,7 @@ impl Model {
         };
         let rla = {
             let _s = b.name_scope("rla");
-            read(b, fm, q, s)?
+            read(b, q, s, fm)?
         };
         Ok((mix_local(b, p, prefix, swa, rla)?, new_cache))
     }

@@ -19,6 +19,8 @@
 //! # Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod cache;
 pub mod config;
 pub mod cost;
@@ -30,7 +32,7 @@ pub mod reference;
 pub mod transformer;
 
 pub use cache::{CacheBuffer, CacheBytes, CacheLayout, CachePart, LayerCache, LayerCacheOps};
-pub use config::{ConfigError, FeatureMapKind, ModelConfig};
+pub use config::{ConfigError, FeatureMap, Lowering, ModelConfig};
 pub use cost::{Cost, Costs, Flops};
 pub use decode::DecodeIo;
 pub use model::{Attention, Model};

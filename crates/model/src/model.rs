@@ -3,9 +3,8 @@
 //! they trace: the stack in [`transformer`](crate::transformer), decoding in
 //! [`decode`](crate::decode), costs in [`cost`](crate::cost).
 
-use crate::config::{ConfigError, LayerKind, LayerPattern, LocalKind, ModelConfig, RlaLowering};
+use crate::config::{ConfigError, LayerKind, LayerPattern, LocalKind, ModelConfig};
 use crate::params::{self, ParamSpec};
-use crate::FeatureMapKind;
 
 /// What the attention of one layer computes: the layer pattern and `local_kind`, resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -113,20 +112,15 @@ impl Model {
             window: c.window,
             sub_chunk: c.rla.sub_chunk,
             chunk: c.rla.chunk,
-            feature_map: match c.rla.feature_map {
-                FeatureMapKind::Softmax => pallas_port::FeatureMap::Softmax,
-                FeatureMapKind::Relu => pallas_port::FeatureMap::Relu,
-            },
+            feature_map: c.rla.feature_map,
         }
     }
 
-    /// The lowering the RLA blocks use.
-    pub fn rla_lowering(&self) -> pallas_port::Lowering {
-        match self.cfg.rla.lowering {
-            RlaLowering::Auto => pallas_port::Lowering::Auto,
-            RlaLowering::CustomCall => pallas_port::Lowering::CustomCall,
-            RlaLowering::Hlo => pallas_port::Lowering::Hlo,
-        }
+    /// The lowering of the RLA blocks in a graph that runs on `platform` (a PJRT platform name
+    /// such as `"cpu"`, `"cuda"`, `"tpu"`): `auto` resolves with
+    /// [`pallas_port::Lowering::for_platform`].
+    pub fn rla_lowering(&self, platform: &str) -> pallas_port::Lowering {
+        self.cfg.rla.lowering.for_platform(platform)
     }
 
     /// The paper's SWA baseline: the same layers and window, local layers without RLA.

@@ -9,20 +9,17 @@ use std::collections::HashMap;
 /// Named parameter handles (the leaves of the parameter tree as graph values).
 pub type ParamOps = HashMap<String, Op>;
 
-/// A model-level error in the builder's error type.
-pub fn model_error(message: String) -> hlo_builder::Error {
-    hlo_builder::Error::Invalid {
-        op: "model",
-        message,
-        location: String::new(),
-        scope: String::new(),
-    }
-}
-
+/// The handle of parameter `name`; an error naming it (and the model code that asked) when the
+/// map lacks it.
+#[track_caller]
 pub(crate) fn param(p: &ParamOps, name: &str) -> Result<Op> {
-    p.get(name)
-        .copied()
-        .ok_or_else(|| model_error(format!("parameter {name:?} is missing")))
+    match p.get(name) {
+        Some(&op) => Ok(op),
+        None => Err(hlo_builder::Error::invalid(
+            "model",
+            format!("parameter {name:?} is missing"),
+        )),
+    }
 }
 
 /// The mixing of a RAttention layer: `GroupRMSNorm_swa(swa) + GroupRMSNorm_rla(rla)` over
@@ -85,7 +82,9 @@ impl Model {
     /// The attention core of one layer from projected `q [B,T,N,H]`, `k, v [B,T,G,H]` at
     /// positions `pos [T]`: SWA (+ RLA and the mixing) for local layers, full causal attention
     /// without RoPE for global ones. `prefix` names the layer's attention parameters
-    /// (`layers.{i}.attn`).
+    /// (`layers.{i}.attn`); `platform` is where the graph runs (it picks the RLA lowering, see
+    /// [`Model::rla_lowering`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn attention_core(
         &self,
         b: &Builder,
@@ -94,14 +93,16 @@ impl Model {
         attn: Attention,
         qkv: (Op, Op, Op),
         pos: Op,
+        platform: &str,
     ) -> Result<Op> {
         Ok(self
-            .attention_core_with_state(b, p, prefix, attn, qkv, pos)?
+            .attention_core_with_state(b, p, prefix, attn, qkv, pos, platform)?
             .0)
     }
 
     /// [`Model::attention_core`] that also returns the RLA block's `final_state f32[B,G,2H,H]` for
     /// RAttention layers (`None` for SWA-only and global layers): what decoding continues from.
+    #[allow(clippy::too_many_arguments)]
     pub fn attention_core_with_state(
         &self,
         b: &Builder,
@@ -110,6 +111,7 @@ impl Model {
         attn: Attention,
         (q, k, v): (Op, Op, Op),
         pos: Op,
+        platform: &str,
     ) -> Result<(Op, Option<Op>)> {
         let cfg = self.config();
         let h = cfg.head_dim as f32;
@@ -134,7 +136,14 @@ impl Model {
         }
         let rla = {
             let _s = b.name_scope("rla");
-            pallas_port::rla_with_state(b, q, k, v, &self.rla_config(), self.rla_lowering())?
+            pallas_port::rla_with_state(
+                b,
+                q,
+                k,
+                v,
+                &self.rla_config(),
+                self.rla_lowering(platform),
+            )?
         };
         Ok((mix_local(b, p, prefix, swa, rla.o)?, Some(rla.final_state)))
     }
@@ -221,8 +230,9 @@ impl Model {
         }
     }
 
-    /// Logits `[B, T, vocab]` (f32) for `tokens [B, T]` (s32).
-    pub fn forward(&self, b: &Builder, p: &ParamOps, tokens: Op) -> Result<Op> {
+    /// Logits `[B, T, vocab]` (f32) for `tokens [B, T]` (s32), in a graph that runs on
+    /// `platform` (see [`Model::rla_lowering`]).
+    pub fn forward(&self, b: &Builder, p: &ParamOps, tokens: Op, platform: &str) -> Result<Op> {
         let t = dims(b, tokens)?[1];
         let mut x = self.embed(b, p, tokens)?;
         let pos = b.iota(ElementType::F32, &[t], 0)?;
@@ -230,19 +240,19 @@ impl Model {
             let _s = b.name_scope(&format!("layer_{i}"));
             let ap = format!("layers.{i}.attn");
             x = self.block(b, p, i, x, |q, k, v| {
-                self.attention_core(b, p, &ap, attn, (q, k, v), pos)
+                self.attention_core(b, p, &ap, attn, (q, k, v), pos, platform)
             })?;
         }
         self.head(b, p, x)
     }
 
     /// Mean next-token loss of `tokens [B, T+1]`: inputs are the first T, targets the last T, all
-    /// weighted 1.
-    pub fn loss(&self, b: &Builder, p: &ParamOps, tokens: Op) -> Result<Op> {
+    /// weighted 1. `platform` is where the graph runs (see [`Model::rla_lowering`]).
+    pub fn loss(&self, b: &Builder, p: &ParamOps, tokens: Op, platform: &str) -> Result<Op> {
         let td = dims(b, tokens)?;
         let inputs = b.slice_in_dim(tokens, 0, td[1] - 1, 1)?;
         let targets = b.slice_in_dim(tokens, 1, td[1], 1)?;
-        let logits = self.forward(b, p, inputs)?;
+        let logits = self.forward(b, p, inputs, platform)?;
         let mask = b.full(ElementType::F32, 1.0, &[td[0], td[1] - 1])?;
         cross_entropy(b, logits, targets, mask)
     }

@@ -4,7 +4,7 @@
 //! cache-size accounting against the paper's figures.
 
 use hlo_builder::{Builder, ElementType, Shape};
-use model::config::{FeatureMapKind, LocalKind, ModelConfig, RlaLowering};
+use model::config::{FeatureMap, LocalKind, Lowering, ModelConfig};
 use model::Model;
 use std::sync::OnceLock;
 
@@ -52,7 +52,7 @@ fn load_model(name: &str) -> ModelConfig {
 
 fn tiny() -> ModelConfig {
     let mut cfg = load_model("tiny");
-    cfg.rla.lowering = RlaLowering::CustomCall;
+    cfg.rla.lowering = Lowering::CustomCall;
     cfg
 }
 
@@ -98,7 +98,7 @@ fn full_logits(m: &Model, p: &[pjrt::Buffer], tokens: &[i32], bs: usize) -> Vec<
             "tokens",
         )
         .unwrap();
-    let logits = m.forward(&b, &named, tok).unwrap();
+    let logits = m.forward(&b, &named, tok, "cpu").unwrap();
     let exe = compile(&b.build(logits).unwrap());
     let tb = client()
         .buffer_from_host(tokens, &[bs as i64, t as i64], None)
@@ -124,7 +124,7 @@ fn check_decode(name: &str, cfg: &ModelConfig, bs: usize, total: usize, prompts:
     let n_cache = m.cache_layout(bs, total).buffers().len();
     let mut worst = 0.0f64;
     for &l in prompts {
-        let prefill = compile(&m.prefill(bs, l, total).unwrap());
+        let prefill = compile(&m.prefill(bs, l, total, "cpu").unwrap());
         let prompt: Vec<i32> = (0..bs)
             .flat_map(|bi| tokens[bi * total..bi * total + l].to_vec())
             .collect();
@@ -184,7 +184,7 @@ fn decode_matches_forward_tiny() {
 fn decode_matches_forward_qk_norm_relu_w0() {
     let mut cfg = tiny();
     cfg.qk_norm = true;
-    cfg.rla.feature_map = FeatureMapKind::Relu;
+    cfg.rla.feature_map = FeatureMap::Relu;
     cfg.window = 0;
     cfg.tied_embeddings = false;
     cfg.ffn_activation = model::config::FfnActivation::Geglu;
@@ -211,7 +211,7 @@ fn decode_matches_forward_swa_only() {
 #[test]
 fn decode_errors_name_the_problem() {
     let m = Model::new(tiny()).unwrap();
-    let e = m.prefill(1, 65, 64).unwrap_err().to_string();
+    let e = m.prefill(1, 65, 64, "cpu").unwrap_err().to_string();
     assert!(
         e.contains("prompt_len (65)") && e.contains("max_len (64)"),
         "{e}"
@@ -298,7 +298,7 @@ fn decode_io_names_the_arguments_and_results_of_both_graphs() {
     let res = res.tuple_elements().unwrap();
     assert_eq!(res[io.logits], Shape::array(F32, &[bs as i64, 128]));
     assert_eq!(res[io.cache_out.clone()], cache_shapes[..]);
-    let (args, res) = m.prefill(bs, l, max_len).unwrap().program_shape();
+    let (args, res) = m.prefill(bs, l, max_len, "cpu").unwrap().program_shape();
     assert_eq!(args.len(), io.prompt + 1);
     assert_eq!(args[io.prompt], Shape::array(S32, &[bs as i64, l as i64]));
     let res = res.tuple_elements().unwrap();

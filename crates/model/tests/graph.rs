@@ -2,7 +2,7 @@
 //! the CPU plugin with our RLA kernels registered.
 
 use hlo_builder::{Builder, ElementType, Op, Shape};
-use model::config::{FeatureMapKind, LayerKind, LocalKind, ModelConfig, RlaLowering};
+use model::config::{FeatureMap, LayerKind, LocalKind, Lowering, ModelConfig};
 use model::reference::{self, AttnDims};
 use model::{Attention, Model, ParamOps};
 use ndarray::ArrayD;
@@ -72,7 +72,7 @@ fn max_rel(a: &[f32], b: &[f64]) -> f64 {
         / scale
 }
 
-fn tiny(window: usize, fm: FeatureMapKind) -> ModelConfig {
+fn tiny(window: usize, fm: FeatureMap) -> ModelConfig {
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../configs/tiny.toml"
@@ -82,7 +82,7 @@ fn tiny(window: usize, fm: FeatureMapKind) -> ModelConfig {
     let mut cfg: ModelConfig = t.remove("model").unwrap().try_into().unwrap();
     cfg.window = window;
     cfg.rla.feature_map = fm;
-    cfg.rla.lowering = RlaLowering::CustomCall;
+    cfg.rla.lowering = Lowering::CustomCall;
     cfg
 }
 
@@ -118,7 +118,9 @@ fn local_core_graph(
     let pos = b.iota(ElementType::F32, &[d.t as i64], 0).unwrap();
     let m = Model::new(cfg.clone()).unwrap();
     let attn = Attention::resolve(kind, cfg.local_kind);
-    let out = m.attention_core(&b, &p, "l", attn, (q, k, v), pos).unwrap();
+    let out = m
+        .attention_core(&b, &p, "l", attn, (q, k, v), pos, "cpu")
+        .unwrap();
     (b.build(out).unwrap(), [q, k, v])
 }
 
@@ -126,9 +128,9 @@ fn local_core_graph(
 fn local_layer_matches_f64_reference() {
     // GQA, windows that leave RLA active (not multiples of the sub-chunk), both feature maps.
     for (w, fm, t) in [
-        (5, FeatureMapKind::Softmax, 48),
-        (17, FeatureMapKind::Relu, 70),
-        (0, FeatureMapKind::Softmax, 33),
+        (5, FeatureMap::Softmax, 48),
+        (17, FeatureMap::Relu, 70),
+        (0, FeatureMap::Softmax, 33),
     ] {
         let mut cfg = tiny(w, fm);
         cfg.heads = 4;
@@ -182,8 +184,8 @@ fn get(z: &mut NpzReader<std::fs::File>, k: &str) -> Vec<f32> {
 #[test]
 fn local_layer_and_its_vjp_match_axlearn() {
     for (file, fm) in [
-        ("axlearn_rla_softmax_gqa_w37.npz", FeatureMapKind::Softmax),
-        ("axlearn_rla_relu_mqa_w0.npz", FeatureMapKind::Relu),
+        ("axlearn_rla_softmax_gqa_w37.npz", FeatureMap::Softmax),
+        ("axlearn_rla_relu_mqa_w0.npz", FeatureMap::Relu),
     ] {
         let mut z = npz(file);
         let c: ArrayD<i64> = z.by_name("config").unwrap();
@@ -221,11 +223,11 @@ fn local_layer_and_its_vjp_match_axlearn() {
         let pos = b.iota(ElementType::F32, &[d.t as i64], 0).unwrap();
         let m = Model::new(cfg.clone()).unwrap();
         let out = m
-            .attention_core(&b, &p, "l", Attention::Rattention, (q, k, v), pos)
+            .attention_core(&b, &p, "l", Attention::Rattention, (q, k, v), pos, "cpu")
             .unwrap();
         let swa = m.swa_baseline();
         let swa = swa
-            .attention_core(&b, &p, "s", Attention::Swa, (q, k, v), pos)
+            .attention_core(&b, &p, "s", Attention::Swa, (q, k, v), pos, "cpu")
             .unwrap();
         let g = b.vjp(&[out], &[cot], &[q, k, v]).unwrap();
         let root = b.tuple(&[out, swa, g[0], g[1], g[2]]).unwrap();
@@ -269,7 +271,7 @@ fn local_layer_and_its_vjp_match_axlearn() {
 #[test]
 fn window_at_least_t_gives_full_attention_and_zero_rla() {
     let t = 40;
-    let mut cfg = tiny(t + 3, FeatureMapKind::Softmax);
+    let mut cfg = tiny(t + 3, FeatureMap::Softmax);
     (cfg.heads, cfg.kv_heads, cfg.head_dim) = (2, 1, 8);
     let d = AttnDims {
         b: 1,
@@ -333,7 +335,7 @@ fn tiny_params(cfg: &ModelConfig, seed: u64) -> HostParams {
 
 #[test]
 fn tiny_model_logits_match_f64_reference() {
-    let mut cfg = tiny(6, FeatureMapKind::Softmax);
+    let mut cfg = tiny(6, FeatureMap::Softmax);
     cfg.seq_len = 40;
     cfg.qk_norm = true;
     let (bs, t) = (2usize, 40usize);
@@ -346,7 +348,7 @@ fn tiny_model_logits_match_f64_reference() {
             "tokens",
         )
         .unwrap();
-    let logits = m.forward(&b, &named, tokens).unwrap();
+    let logits = m.forward(&b, &named, tokens, "cpu").unwrap();
     let comp = b.build(logits).unwrap();
     let (params, map) = tiny_params(&cfg, 3);
     let toks: Vec<u32> = (0..bs * t)
@@ -367,7 +369,7 @@ fn tiny_model_logits_match_f64_reference() {
 
 #[test]
 fn loss_gradients_match_finite_differences_of_the_f64_reference() {
-    let mut cfg = tiny(5, FeatureMapKind::Softmax);
+    let mut cfg = tiny(5, FeatureMap::Softmax);
     cfg.seq_len = 24;
     cfg.layers = 4;
     let (bs, t) = (1usize, 24usize);
@@ -380,7 +382,7 @@ fn loss_gradients_match_finite_differences_of_the_f64_reference() {
             "tokens",
         )
         .unwrap();
-    let l = model.loss(&b, &named, tokens).unwrap();
+    let l = model.loss(&b, &named, tokens, "cpu").unwrap();
     let grads = b.grad(l, &params).unwrap();
     let mut outs = vec![l];
     outs.extend(&grads);

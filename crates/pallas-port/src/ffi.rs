@@ -3,7 +3,8 @@
 //! Targets `rattention.rla_fwd` and `rattention.rla_bwd`; attributes `window`, `sub_chunk`,
 //! `chunk` (i64) and `feature_map` (string), delivered by XLA from the custom call's
 //! `backend_config` dictionary. Inputs may be f32 or bf16 (computed in f32); outputs are f32.
-//! No `unsafe` here: `pjrt::ffi_handler!` generates the C entry point and decodes the frame.
+//! No `unsafe` here: `pjrt::ffi_handler!` implements `pjrt::ffi::FfiHandler` for each body, and
+//! pjrt's generic shim is the C entry point that decodes the frame.
 
 use crate::config::{FeatureMap, RlaConfig, RlaDims};
 use crate::kernel;

@@ -14,30 +14,81 @@
 //! ```
 
 use crate::config::{RlaConfig, RlaDims};
-use crate::ffi::{kernels_registered, BWD_TARGET, FWD_TARGET};
+use crate::ffi::{BWD_TARGET, FWD_TARGET};
 use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape};
+use serde::{Deserialize, Serialize};
+use std::fmt;
 use std::sync::Arc;
 
 /// How a block is lowered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// Serialized in snake_case (`"auto"`, `"custom_call"`, `"hlo"`), the spelling of the model
+/// config's `rla.lowering`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Lowering {
-    /// Typed-FFI custom call served by our CPU kernels.
+    /// Typed-FFI custom call served by our CPU kernels (registered with
+    /// [`crate::register_cpu_kernels`] on the PJRT CPU client).
     CustomCall,
     /// Pure HLO (`while` over chunks): runs anywhere, TPU first.
     Hlo,
-    /// Custom call when our handlers are registered in this process, HLO otherwise.
+    /// The custom call on the CPU platform, HLO elsewhere. Resolve it with
+    /// [`Lowering::for_platform`] before building: [`rla`] refuses an unresolved `Auto`.
     #[default]
     Auto,
 }
 
 impl Lowering {
-    /// The concrete lowering `Auto` picks now.
-    pub fn resolve(self) -> Lowering {
+    /// The concrete lowering for the PJRT platform the graph will run on (`platform_name()` of
+    /// the client or topology: `"cpu"`, `"cuda"`, `"tpu"`, ...; case-insensitive).
+    ///
+    /// `Auto` becomes [`Lowering::CustomCall`] on the CPU platform (`"cpu"` or `"host"`), where
+    /// the caller registers our kernels, and [`Lowering::Hlo`] on every other platform. Explicit
+    /// choices are returned unchanged.
+    ///
+    /// ```
+    /// use pallas_port::Lowering;
+    /// assert_eq!(Lowering::Auto.for_platform("cpu"), Lowering::CustomCall);
+    /// assert_eq!(Lowering::Auto.for_platform("tpu"), Lowering::Hlo);
+    /// assert_eq!(Lowering::CustomCall.for_platform("tpu"), Lowering::CustomCall);
+    /// ```
+    pub fn for_platform(self, platform: &str) -> Lowering {
+        let host = ["cpu", "host"]
+            .iter()
+            .any(|p| platform.eq_ignore_ascii_case(p));
         match self {
-            Lowering::Auto if kernels_registered() => Lowering::CustomCall,
+            Lowering::Auto if host => Lowering::CustomCall,
             Lowering::Auto => Lowering::Hlo,
             l => l,
         }
+    }
+
+    /// The config spelling: `"auto"`, `"custom_call"` or `"hlo"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Lowering::CustomCall => "custom_call",
+            Lowering::Hlo => "hlo",
+            Lowering::Auto => "auto",
+        }
+    }
+
+    /// `true` for the HLO lowering, `false` for the custom call; an error for `Auto`.
+    fn is_hlo(self, op: &str) -> Result<bool> {
+        match self {
+            Lowering::Hlo => Ok(true),
+            Lowering::CustomCall => Ok(false),
+            Lowering::Auto => Err(invalid(format!(
+                "{op}: the lowering is `Auto`, which depends on where the graph runs; resolve it \
+                 for the target platform first with `lowering.for_platform(platform)` (custom \
+                 call on \"cpu\", HLO on \"tpu\", \"cuda\", ...)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Lowering {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -100,6 +151,7 @@ fn f32_shape(dims: &[usize]) -> Shape {
 }
 
 /// The forward block as a tuple op `(o, chunk_states, final_state)`, without a VJP.
+/// `lowering` must be concrete (not `Auto`).
 pub fn rla_fwd_block(
     b: &Builder,
     q: Op,
@@ -109,21 +161,20 @@ pub fn rla_fwd_block(
     lowering: Lowering,
 ) -> Result<Op> {
     let d = check_shapes(b, q, k, v, cfg)?;
+    let hlo = lowering.is_hlo("rla_fwd_block")?;
     let _s = b.name_scope("fwd");
-    match lowering.resolve() {
-        Lowering::Hlo => crate::hlo::rla_fwd_hlo(b, q, k, v, cfg),
-        _ => {
-            let out = Shape::tuple(vec![
-                f32_shape(&d.q_shape()),
-                f32_shape(&d.chunk_states_shape(cfg)),
-                f32_shape(&d.final_state_shape()),
-            ]);
-            b.custom_call(FWD_TARGET, &[q, k, v], out, &attrs(cfg))
-        }
+    if hlo {
+        return crate::hlo::rla_fwd_hlo(b, q, k, v, cfg);
     }
+    let out = Shape::tuple(vec![
+        f32_shape(&d.q_shape()),
+        f32_shape(&d.chunk_states_shape(cfg)),
+        f32_shape(&d.final_state_shape()),
+    ]);
+    b.custom_call(FWD_TARGET, &[q, k, v], out, &attrs(cfg))
 }
 
-/// The backward block as a tuple op `(dq, dk, dv)` (f32).
+/// The backward block as a tuple op `(dq, dk, dv)` (f32). `lowering` must be concrete (not `Auto`).
 pub fn rla_bwd_block(
     b: &Builder,
     (q, k, v): (Op, Op, Op),
@@ -133,18 +184,17 @@ pub fn rla_bwd_block(
     lowering: Lowering,
 ) -> Result<Op> {
     let d = check_shapes(b, q, k, v, cfg)?;
+    let hlo = lowering.is_hlo("rla_bwd_block")?;
     let _s = b.name_scope("bwd");
-    match lowering.resolve() {
-        Lowering::Hlo => crate::hlo::rla_bwd_hlo(b, q, k, v, chunk_states, d_o, cfg),
-        _ => {
-            let out = Shape::tuple(vec![
-                f32_shape(&d.q_shape()),
-                f32_shape(&d.kv_shape()),
-                f32_shape(&d.kv_shape()),
-            ]);
-            b.custom_call(BWD_TARGET, &[q, k, v, chunk_states, d_o], out, &attrs(cfg))
-        }
+    if hlo {
+        return crate::hlo::rla_bwd_hlo(b, q, k, v, chunk_states, d_o, cfg);
     }
+    let out = Shape::tuple(vec![
+        f32_shape(&d.q_shape()),
+        f32_shape(&d.kv_shape()),
+        f32_shape(&d.kv_shape()),
+    ]);
+    b.custom_call(BWD_TARGET, &[q, k, v, chunk_states, d_o], out, &attrs(cfg))
 }
 
 /// The VJP of the forward block: the backward block.
@@ -197,6 +247,9 @@ pub struct RlaOutputs {
 }
 
 /// Add RLA to the graph and return all three outputs; `grad` through `o` uses `rla_bwd`.
+///
+/// `lowering` must be concrete (`CustomCall` or `Hlo`): resolve `Auto` for the platform the graph
+/// will run on with [`Lowering::for_platform`]; an unresolved `Auto` is an error.
 pub fn rla_with_state(
     b: &Builder,
     q: Op,
@@ -205,7 +258,7 @@ pub fn rla_with_state(
     cfg: &RlaConfig,
     lowering: Lowering,
 ) -> Result<RlaOutputs> {
-    let lowering = lowering.resolve();
+    lowering.is_hlo("rla")?;
     let fwd = rla_fwd_block(b, q, k, v, cfg, lowering)?;
     b.custom_vjp(
         &[q, k, v],
@@ -223,6 +276,8 @@ pub fn rla_with_state(
 }
 
 /// Add residual linear attention over q `[B,T,N,H]`, k, v `[B,T,G,H]`; returns `o f32[B,T,N,H]`.
+///
+/// `lowering` must be concrete, as for [`rla_with_state`].
 pub fn rla(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig, lowering: Lowering) -> Result<Op> {
     Ok(rla_with_state(b, q, k, v, cfg, lowering)?.o)
 }

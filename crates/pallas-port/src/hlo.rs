@@ -25,9 +25,9 @@
 //!   `φQᵢᵀ dOᵢ` (strictly upper-triangular). This replaces the Pallas kernel's sequential
 //!   sub-chunk loop by a few large batched products, which XLA schedules much better than an
 //!   inner `while`; the state memory per chunk is `B·G·m·2H·H·4` bytes.
-//! - **Feature maps** are computed per chunk inside the loop body (never on full-size arrays),
-//!   and recomputed in the backward; their VJP is the softmax Jacobian-vector product
-//!   `y ⊙ (dy − ⟨dy, y⟩)` (second half negated) or the relu masks.
+//! - **Feature maps** ([`crate::feature_map`]) are computed per chunk inside the loop body (never
+//!   on full-size arrays), and recomputed in the backward; their VJP is the softmax
+//!   Jacobian-vector product `y ⊙ (dy − ⟨dy, y⟩)` (second half negated) or the relu masks.
 //! - **Precision.** Every `dot` asks for `Precision::Highest` so that TPUs do true fp32 products
 //!   (the block contract is fp32); inputs may be f32 or bf16 and are converted to f32.
 //!
@@ -43,6 +43,7 @@ use std::panic::Location;
 use hlo_builder::{Builder, Cmp, DotDims, ElementType, Error, Op, Precision, Result, Shape};
 
 use crate::config::{FeatureMap, RlaConfig};
+use crate::feature::{feature_map, feature_map_vjp};
 
 const F32: ElementType = ElementType::F32;
 const S32: ElementType = ElementType::S32;
@@ -274,63 +275,6 @@ fn grouped_to_kv(b: &Builder, x: Op, g: &Geo) -> Result<Op> {
     b.reshape(x, &[g.b, g.l, g.g, g.h])
 }
 
-/// Broadcasts a reduction over the last dim back to `x`'s shape.
-fn bcast_last(b: &Builder, red: Op, dims: &[i64]) -> Result<Op> {
-    let keep: Vec<i64> = (0..dims.len() as i64 - 1).collect();
-    b.broadcast_in_dim(red, dims, &keep)
-}
-
-/// Max-subtracted softmax over the last dim.
-fn softmax_last(b: &Builder, x: Op) -> Result<Op> {
-    let dims = b.shape(x)?.dims().to_vec();
-    let last = dims.len() as i64 - 1;
-    let mx = bcast_last(b, b.reduce_max(x, &[last])?, &dims)?;
-    let e = b.exp(b.sub(x, mx)?)?;
-    let s = bcast_last(b, b.reduce_sum(e, &[last])?, &dims)?;
-    b.div(e, s)
-}
-
-/// φ over the last dim: `[..., H]` → `[..., 2H]`.
-fn phi(b: &Builder, fm: FeatureMap, x: Op) -> Result<Op> {
-    let last = b.shape(x)?.rank() as i64 - 1;
-    let nx = b.neg(x)?;
-    let (p, n) = match fm {
-        FeatureMap::Softmax => (softmax_last(b, x)?, softmax_last(b, nx)?),
-        FeatureMap::Relu => {
-            let zero = b.zeros(F32, b.shape(x)?.dims())?;
-            (b.max(x, zero)?, b.max(nx, zero)?)
-        }
-    };
-    b.concatenate(&[p, n], last)
-}
-
-/// VJP of φ at `x` (`[..., H]`) for the cotangent `dy` (`[..., 2H]`).
-fn phi_vjp(b: &Builder, fm: FeatureMap, x: Op, dy: Op) -> Result<Op> {
-    let dims = b.shape(x)?.dims().to_vec();
-    let last = dims.len() - 1;
-    let h = dims[last];
-    let dy1 = b.slice_in_dim(dy, 0, h, last)?;
-    let dy2 = b.slice_in_dim(dy, h, 2 * h, last)?;
-    match fm {
-        FeatureMap::Softmax => {
-            let half = |xs: Op, dys: Op| -> Result<Op> {
-                let y = softmax_last(b, xs)?;
-                let dot = bcast_last(b, b.reduce_sum(b.mul(y, dys)?, &[last as i64])?, &dims)?;
-                b.mul(y, b.sub(dys, dot)?)
-            };
-            let g1 = half(x, dy1)?;
-            let g2 = half(b.neg(x)?, dy2)?;
-            b.sub(g1, g2)
-        }
-        FeatureMap::Relu => {
-            let zero = b.zeros(F32, &dims)?;
-            let pos = b.select(b.compare(x, zero, Cmp::Gt)?, dy1, zero)?;
-            let neg = b.select(b.compare(x, zero, Cmp::Lt)?, dy2, zero)?;
-            b.sub(pos, neg)
-        }
-    }
-}
-
 /// `dot_general` batched over the leading `(B, G, m)` dims.
 fn bdot(b: &Builder, lhs: Op, rhs: Op, lc: i64, rc: i64) -> Result<Op> {
     let dims = DotDims {
@@ -420,8 +364,8 @@ fn load_chunk(
     let kg = kv_to_grouped(b, kc, g)?;
     let vg = kv_to_grouped(b, vc, g)?;
     Ok(ChunkIn {
-        fq: phi(b, fm, qg)?,
-        fk: phi(b, fm, kg)?,
+        fq: feature_map(b, qg, fm)?,
+        fk: feature_map(b, kg, fm)?,
         qg,
         kg,
         vg,
@@ -628,8 +572,8 @@ pub fn rla_bwd_hlo(
         let dfk = sb.add(bdot(&sb, pm, ch.fq, 3, 3)?, bdot(&sb, ch.vg, dsj, 4, 4)?)?; // [B, G, m, C, 2H]
         let dvg = sb.add(bdot(&sb, a, dog, 3, 3)?, bdot(&sb, ch.fk, dsj, 4, 3)?)?; // [B, G, m, C, H]
 
-        let dqc = grouped_to_q(&sb, phi_vjp(&sb, cfg.feature_map, ch.qg, dfq)?, &g)?;
-        let dkc = grouped_to_kv(&sb, phi_vjp(&sb, cfg.feature_map, ch.kg, dfk)?, &g)?;
+        let dqc = grouped_to_q(&sb, feature_map_vjp(&sb, ch.qg, dfq, cfg.feature_map)?, &g)?;
+        let dkc = grouped_to_kv(&sb, feature_map_vjp(&sb, ch.kg, dfk, cfg.feature_map)?, &g)?;
         let dvc = grouped_to_kv(&sb, dvg, &g)?;
         let at = [zero, start, zero, zero];
         let dq = sb.dynamic_update_slice(dq, dqc, &at)?;

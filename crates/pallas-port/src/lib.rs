@@ -3,10 +3,18 @@
 //! - [`config`]: the block contract ([`RlaConfig`] attributes, [`RlaDims`] shapes, [`RlaError`]).
 //! - [`kernel`]: fast fp32 CPU kernels `rla_fwd` / `rla_bwd` (chunked scan, DESIGN §3).
 //! - [`ffi`]: the kernels as XLA FFI handlers (`rattention.rla_fwd` / `rattention.rla_bwd`).
-//! - [`graph`]: [`rla`] adds the block pair to a graph (custom call or HLO lowering, custom VJP).
-//! - [`reference`]: naive f64 formulas the kernels are tested against.
+//! - [`graph`]: [`rla`] adds the block pair to a graph (custom call or HLO lowering, custom VJP);
+//!   [`Lowering::for_platform`] picks the lowering for the platform the graph runs on.
+//! - [`feature`]: [`feature_map`], the feature map φ as graph ops.
+//! - [`decode`]: the one-token decode step ([`decode::absorb`], [`decode::read`]).
+//! - [`reference`]: naive f64 formulas the kernels are tested against ([`reference::feature`]
+//!   is φ).
+
+#![forbid(unsafe_code)]
 
 pub mod config;
+pub mod decode;
+pub mod feature;
 pub mod ffi;
 pub mod graph;
 pub mod hlo;
@@ -14,5 +22,6 @@ pub mod kernel;
 pub mod reference;
 
 pub use config::{FeatureMap, RlaConfig, RlaDims, RlaError};
+pub use feature::feature_map;
 pub use ffi::{kernels_registered, register_cpu_kernels};
 pub use graph::{rla, rla_with_state, Lowering, RlaOutputs};

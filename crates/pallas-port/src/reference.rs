@@ -13,7 +13,9 @@ pub fn to_f64(x: &[f32]) -> Vec<f64> {
 }
 
 /// φ(x) in f64: `[softmax(x), softmax(−x)]` (max-subtracted) or `[relu(x), relu(−x)]`; length 2H.
-pub fn feature_map_f64(fm: FeatureMap, x: &[f64]) -> Vec<f64> {
+///
+/// The reference for the graph φ, [`crate::feature_map`].
+pub fn feature(x: &[f64], fm: FeatureMap) -> Vec<f64> {
     let h = x.len();
     let mut out = vec![0.0; 2 * h];
     match fm {
@@ -41,9 +43,9 @@ pub fn feature_map_f64(fm: FeatureMap, x: &[f64]) -> Vec<f64> {
 }
 
 /// VJP of φ at `x`: given dy (length 2H) returns dx (length H).
-pub fn feature_map_vjp_f64(fm: FeatureMap, x: &[f64], dy: &[f64]) -> Vec<f64> {
+pub fn feature_vjp(x: &[f64], dy: &[f64], fm: FeatureMap) -> Vec<f64> {
     let h = x.len();
-    let y = feature_map_f64(fm, x);
+    let y = feature(x, fm);
     let mut dx = vec![0.0; h];
     match fm {
         FeatureMap::Softmax => {
@@ -86,9 +88,7 @@ fn check_inputs(
 
 /// Features of every row: `x` is `[B,T,heads,H]`, the result `[B,T,heads,2H]`.
 fn features(fm: FeatureMap, x: &[f64], h: usize) -> Vec<f64> {
-    x.chunks(h)
-        .flat_map(|row| feature_map_f64(fm, row))
-        .collect()
+    x.chunks(h).flat_map(|row| feature(row, fm)).collect()
 }
 
 /// O(T²) RLA output: `o_t = Σ_{s ≤ t−W−1} ⟨φ(q_t), φ(k_s)⟩ v_s`, returned as `[B,T,N,H]`.
@@ -180,7 +180,7 @@ pub fn rla_scan_f64(
                 if t > cfg.window {
                     let s = t - cfg.window - 1;
                     let ki = ((b * t_ + s) * g_ + g) * h;
-                    let fk = feature_map_f64(cfg.feature_map, &k[ki..ki + h]);
+                    let fk = feature(&k[ki..ki + h], cfg.feature_map);
                     for a in 0..2 * h {
                         for c in 0..h {
                             s_[a * h + c] += fk[a] * v[ki + c];
@@ -189,7 +189,7 @@ pub fn rla_scan_f64(
                 }
                 for n in g * r..(g + 1) * r {
                     let qi = ((b * t_ + t) * n_ + n) * h;
-                    let fq = feature_map_f64(cfg.feature_map, &q[qi..qi + h]);
+                    let fq = feature(&q[qi..qi + h], cfg.feature_map);
                     for a in 0..2 * h {
                         for c in 0..h {
                             o[qi + c] += fq[a] * s_[a * h + c];
@@ -268,7 +268,7 @@ pub fn rla_vjp_f64(
     let vjp = |x: &[f64], dy: &[f64]| -> Vec<f64> {
         x.chunks(h)
             .zip(dy.chunks(2 * h))
-            .flat_map(|(xr, dyr)| feature_map_vjp_f64(cfg.feature_map, xr, dyr))
+            .flat_map(|(xr, dyr)| feature_vjp(xr, dyr, cfg.feature_map))
             .collect()
     };
     Ok(Grads {

@@ -1,7 +1,7 @@
 //! Device buffers.
 
 use crate::client::{element_count, Client, Device};
-use crate::dtype::{ElementType, NativeType};
+use crate::dtype::{ElementType, NativeType, RuntimeCodes};
 use crate::error::{Error, ErrorCode, Result};
 use crate::sys::{self, slot, Ptr};
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::buffer::Buffer;
-use crate::dtype::{ElementType, NativeType};
+use crate::dtype::{ElementType, NativeType, RuntimeCodes};
 use crate::error::{Error, ErrorCode, Result};
 use crate::executable::LoadedExecutable;
 use crate::ffi::FfiHandlerFn;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::buffer::Buffer;
 use crate::client::{Client, Device};
-use crate::dtype::ElementType;
+use crate::dtype::{ElementType, RuntimeCodes};
 use crate::error::{Error, ErrorCode, Result};
 use crate::sys::{self, slot, Ptr};
 

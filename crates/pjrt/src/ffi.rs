@@ -1,9 +1,11 @@
 //! XLA FFI custom-call handlers written in safe Rust.
 //!
-//! Define a handler with [`ffi_handler!`](crate::ffi_handler) around a safe function
-//! `fn(&mut CallFrame<'_>) -> Result<(), FfiError>`, then register it with
-//! [`Client::register_ffi_handler`](crate::Client::register_ffi_handler). The generated
-//! `extern "C"` function calls a dispatcher in this crate that
+//! A handler is a type implementing [`FfiHandler`] (a safe function
+//! `fn(&mut CallFrame<'_>) -> Result<(), FfiError>`); [`handler_fn`] gives its C entry point,
+//! which [`Client::register_ffi_handler`](crate::Client::register_ffi_handler) registers.
+//! [`ffi_handler!`](crate::ffi_handler) writes both for a plain function. The entry point is a
+//! generic `extern "C"` shim defined in this crate, so the crates that define handlers contain no
+//! `unsafe` code (they can `#![forbid(unsafe_code)]`). The shim calls a dispatcher that
 //!
 //! * answers XLA's registration-time metadata query (FFI API version 0.3),
 //! * ignores the instantiate/prepare/initialize stages (only EXECUTE runs the body),
@@ -21,7 +23,7 @@ use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, OnceLock};
 
-use crate::dtype::{ElementType, NativeType};
+use crate::dtype::{ElementType, NativeType, RuntimeCodes};
 use crate::error::ErrorCode;
 use crate::sys;
 
@@ -78,8 +80,53 @@ impl std::fmt::Display for FfiError {
 
 impl std::error::Error for FfiError {}
 
+/// A custom-call handler: a type whose [`call`](FfiHandler::call) is the safe body that runs
+/// for each invocation. Get its C entry point with [`handler_fn`].
+///
+/// ```
+/// use pjrt::ffi::{handler_fn, CallFrame, FfiError, FfiHandler};
+/// use pjrt::FfiHandlerFn;
+///
+/// struct Negate;
+/// impl FfiHandler for Negate {
+///     fn call(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
+///         let x = frame.arg(0)?.as_slice::<f32>()?;
+///         let mut y = frame.ret(0)?;
+///         for (o, i) in y.as_mut_slice::<f32>()?.iter_mut().zip(x) {
+///             *o = -i;
+///         }
+///         Ok(())
+///     }
+/// }
+/// const NEGATE: FfiHandlerFn = handler_fn::<Negate>();
+/// ```
+pub trait FfiHandler: 'static {
+    /// Runs one custom-call invocation.
+    fn call(frame: &mut CallFrame<'_>) -> Result<(), FfiError>;
+}
+
+/// The C entry point of handler `H`, for [`Client::register_ffi_handler`](crate::Client::register_ffi_handler).
+///
+/// Each `H` gets its own function (and so its own address, which the registration check uses to
+/// see that XLA queried this handler's metadata).
+pub const fn handler_fn<H: FfiHandler>() -> FfiHandlerFn {
+    shim::<H>
+}
+
+/// The `extern "C"` entry point XLA calls; generic so that it is instantiated in the crate that
+/// names `H` while its `unsafe` code stays in this crate.
+///
+/// # Safety
+/// XLA calls it with a valid `XLA_FFI_CallFrame*` (or null).
+unsafe extern "C" fn shim<H: FfiHandler>(frame: *mut c_void) -> *mut c_void {
+    // SAFETY: XLA calls FFI handlers with a valid `XLA_FFI_CallFrame*`; the dispatcher
+    // validates struct sizes before reading anything else.
+    unsafe { dispatch(frame, H::call, shim::<H> as FfiHandlerFn) }
+}
+
 /// Defines a `const` [`FfiHandlerFn`] named `$name` that runs the safe function `$body`
-/// (`fn(&mut CallFrame<'_>) -> Result<(), FfiError>`) through this crate's dispatcher.
+/// (`fn(&mut CallFrame<'_>) -> Result<(), FfiError>`) through this crate's dispatcher. It expands
+/// to safe code only (an [`FfiHandler`] impl and [`handler_fn`]).
 ///
 /// ```
 /// use pjrt::ffi::{CallFrame, FfiError};
@@ -99,12 +146,15 @@ impl std::error::Error for FfiError {}
 macro_rules! ffi_handler {
     ($vis:vis $name:ident, $body:path) => {
         $vis const $name: $crate::ffi::FfiHandlerFn = {
-            unsafe extern "C" fn __pjrt_ffi_handler(frame: *mut ::std::ffi::c_void) -> *mut ::std::ffi::c_void {
-                // SAFETY: XLA calls FFI handlers with a valid `XLA_FFI_CallFrame*`; the dispatcher
-                // validates struct sizes before reading anything else.
-                unsafe { $crate::ffi::__dispatch(frame, $body, __pjrt_ffi_handler as $crate::ffi::FfiHandlerFn) }
+            struct __PjrtFfiHandler;
+            impl $crate::ffi::FfiHandler for __PjrtFfiHandler {
+                fn call(
+                    frame: &mut $crate::ffi::CallFrame<'_>,
+                ) -> ::std::result::Result<(), $crate::ffi::FfiError> {
+                    $body(frame)
+                }
             }
-            __pjrt_ffi_handler
+            $crate::ffi::handler_fn::<__PjrtFfiHandler>()
         };
     };
 }
@@ -131,12 +181,11 @@ pub(crate) fn metadata_seen(handler: usize) -> bool {
 /// The FFI API version our handlers declare in the metadata query (the measured one).
 const HANDLER_API_VERSION: (i32, i32) = (0, 3);
 
-/// Dispatcher behind [`ffi_handler!`]; not for direct use.
+/// The dispatcher behind [`shim`].
 ///
 /// # Safety
 /// `frame` must be the `XLA_FFI_CallFrame*` XLA passed to the handler `this`.
-#[doc(hidden)]
-pub unsafe fn __dispatch(
+unsafe fn dispatch(
     frame: *mut c_void,
     body: fn(&mut CallFrame<'_>) -> Result<(), FfiError>,
     this: FfiHandlerFn,

@@ -1,7 +1,9 @@
-//! Programs and compile options (`xla.CompileOptionsProto`, encoded with hand-derived prost
-//! messages).
+//! Programs and compile options: the typed, validated [`CompileOptions`], encoded as
+//! `xla.CompileOptionsProto` (the prost messages of `xla_data::compile_options`).
 
 use crate::error::{Error, Result};
+use xla_data::compile_options as proto;
+use xla_data::proto::{ComputationDevice, DeviceAssignmentProto};
 
 /// A program to compile.
 #[derive(Debug, Clone, Copy)]
@@ -140,18 +142,18 @@ impl CompileOptions {
     /// The serialized `xla.CompileOptionsProto`.
     pub fn encode(&self) -> Vec<u8> {
         use prost::Message;
-        let device_assignment =
-            self.device_assignment
-                .as_ref()
-                .map(|da| proto::DeviceAssignmentProto {
-                    replica_count: self.num_replicas as i32,
-                    computation_count: self.num_partitions as i32,
-                    computation_devices: (0..self.num_partitions)
-                        .map(|p| proto::ComputationDevice {
-                            replica_device_ids: da.iter().map(|r| r[p]).collect(),
-                        })
-                        .collect(),
-                });
+        let device_assignment = self
+            .device_assignment
+            .as_ref()
+            .map(|da| DeviceAssignmentProto {
+                replica_count: self.num_replicas as i32,
+                computation_count: self.num_partitions as i32,
+                computation_devices: (0..self.num_partitions)
+                    .map(|p| ComputationDevice {
+                        replica_device_ids: da.iter().map(|r| r[p]).collect(),
+                    })
+                    .collect(),
+            });
         let msg = proto::CompileOptionsProto {
             executable_build_options: Some(proto::ExecutableBuildOptionsProto {
                 num_replicas: self.num_replicas as i64,
@@ -168,49 +170,6 @@ impl CompileOptions {
             }),
         };
         msg.encode_to_vec()
-    }
-}
-
-/// Hand-derived subsets of `xla/pjrt/compile_options.proto` and `xla/xla_data.proto`.
-mod proto {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct CompileOptionsProto {
-        #[prost(message, optional, tag = "3")]
-        pub executable_build_options: Option<ExecutableBuildOptionsProto>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct ExecutableBuildOptionsProto {
-        #[prost(int64, tag = "4")]
-        pub num_replicas: i64,
-        #[prost(int64, tag = "5")]
-        pub num_partitions: i64,
-        #[prost(bool, tag = "6")]
-        pub use_spmd_partitioning: bool,
-        #[prost(message, optional, tag = "9")]
-        pub device_assignment: Option<DeviceAssignmentProto>,
-        #[prost(bool, repeated, tag = "12")]
-        pub allow_spmd_sharding_propagation_to_output: Vec<bool>,
-        #[prost(bool, repeated, tag = "18")]
-        pub allow_spmd_sharding_propagation_to_parameters: Vec<bool>,
-        #[prost(bool, tag = "19")]
-        pub use_shardy_partitioner: bool,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct DeviceAssignmentProto {
-        #[prost(int32, tag = "1")]
-        pub replica_count: i32,
-        #[prost(int32, tag = "2")]
-        pub computation_count: i32,
-        #[prost(message, repeated, tag = "3")]
-        pub computation_devices: Vec<ComputationDevice>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct ComputationDevice {
-        #[prost(int64, repeated, tag = "1")]
-        pub replica_device_ids: Vec<i64>,
     }
 }
 

@@ -80,7 +80,9 @@ mod hlo;
 
 fn module_name(proto: &[u8]) -> String {
     use prost::Message;
-    hlo::ModuleName::decode(proto).expect("HloModuleProto").name
+    xla_data::proto::HloModuleProto::decode(proto)
+        .expect("HloModuleProto")
+        .name
 }
 
 /// Checks a compiled `tanh(a @ b)` against numbers computed here from the shapes.

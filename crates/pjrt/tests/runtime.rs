@@ -79,7 +79,7 @@ fn hlo_proto_add_multiply() {
     assert_eq!(stats.output_size_in_bytes, 16);
     let optimized = exe.optimized_program().unwrap();
     use prost::Message;
-    let m = hlo::HloModuleProto::decode(optimized.as_slice())
+    let m = xla_data::proto::HloModuleProto::decode(optimized.as_slice())
         .expect("optimized program is an HloModuleProto");
     assert!(!m.computations.is_empty());
     assert!(

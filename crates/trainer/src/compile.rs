@@ -5,8 +5,8 @@
 //!
 //! The plugin work runs in a child process (this binary re-invoked with a hidden flag), so a
 //! plugin that aborts (a CHECK failure, SIGFPE) turns into a clear error instead of a crash.
-//! Our CPU RLA kernels are never registered here, and the RLA lowering is forced to pure HLO: the
-//! typed-FFI custom calls exist only in our CPU plugin process.
+//! The train step is traced for the target's platform, so RLA `auto` lowers to pure HLO (and
+//! `custom_call` is refused): the typed-FFI custom calls exist only in our CPU plugin process.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use hlo_builder::Computation;
-use model::config::RlaLowering;
+use model::config::Lowering;
 use pjrt::topology::{self, Topology, TopologyKind};
 use pjrt::{CompileOptions, ErrorCode, Program};
 use serde::Serialize;
@@ -190,7 +190,8 @@ const CHILD_ERROR: &str = "rattn-compile-child-error: ";
 const CPU_ONLY_TARGETS: &[&str] = &[pallas_port::ffi::FWD_TARGET, pallas_port::ffi::BWD_TARGET];
 
 /// Load the config and apply `--batch` and the lowering policy for an accelerator target: `auto`
-/// becomes `hlo`; `custom_call` is refused, naming the CPU-only custom calls.
+/// stays (tracing for the target's platform resolves it to `hlo`); `custom_call` is refused,
+/// naming the CPU-only custom calls.
 pub fn prepare_config(args: &CompileArgs, target: &Target) -> Result<RunConfig> {
     let mut cfg = RunConfig::load(&args.config, &args.overrides)?;
     if let Some(b) = args.batch {
@@ -200,9 +201,8 @@ pub fn prepare_config(args: &CompileArgs, target: &Target) -> Result<RunConfig> 
         cfg.train.batch = b;
     }
     match cfg.model.rla.lowering {
-        RlaLowering::Hlo => {}
-        RlaLowering::Auto => cfg.model.rla.lowering = RlaLowering::Hlo,
-        RlaLowering::CustomCall => bail!(
+        Lowering::Hlo | Lowering::Auto => {}
+        Lowering::CustomCall => bail!(
             "model.rla.lowering = \"custom_call\" lowers RLA to the custom calls {}, which are served only by \
              our CPU FFI kernels (registered with the PJRT CPU plugin); {} has no handler for them. Use \
              model.rla.lowering = \"hlo\" or \"auto\" (auto picks the HLO lowering for {})",
@@ -318,9 +318,6 @@ fn open_topology(target: &Target) -> Result<Topology> {
 
 fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     let cfg = prepare_config(args, target)?;
-    if pallas_port::kernels_registered() {
-        bail!("internal: the RLA CPU kernels are registered in the compile process");
-    }
     let topo = open_topology(target)?;
     if std::env::var_os("RATTN_COMPILE_TEST_ABORT").is_some() {
         // Test hook: die the way a plugin CHECK failure does, after the plugin is loaded.
@@ -359,7 +356,8 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     }
 
     let t0 = Instant::now();
-    let comp = crate::step::build_train_step(&cfg).context("tracing the train step")?;
+    let comp =
+        crate::step::build_train_step(&cfg, target.platform()).context("tracing the train step")?;
     let trace_seconds = t0.elapsed().as_secs_f64();
     let tokens = cfg.train.batch * cfg.model.seq_len;
     let p = compile_program(

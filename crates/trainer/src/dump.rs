@@ -195,7 +195,9 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
         Some(c) => Some(c.platform_name()?.to_lowercase()),
         None => None,
     };
-    let train = step::build_train_step(cfg).context("building the train step")?;
+    // Without a client (`--no-compile`) the graph targets no platform: RLA `auto` lowers to HLO.
+    let train = step::build_train_step(cfg, platform.as_deref().unwrap_or(""))
+        .context("building the train step")?;
     let mut modules = vec![dump_module(
         &opts.out,
         0,

@@ -186,7 +186,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         params.push(client.buffer_from_host(&t.data, &dims, None)?);
     }
     let t0 = Instant::now();
-    let prefill = runtime::compile(&client, &model.prefill(1, l, max_len)?)?;
+    let platform = client.platform_name()?;
+    let prefill = runtime::compile(&client, &model.prefill(1, l, max_len, &platform)?)?;
     let step = runtime::compile(&client, &model.decode_step(1, max_len)?)?;
     let io = model.decode_io(1, max_len);
     let compile_s = t0.elapsed().as_secs_f64();

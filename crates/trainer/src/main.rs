@@ -1,5 +1,7 @@
 //! `rattn`: train, evaluate, generate, dump, and manage PJRT plugins.
 
+#![forbid(unsafe_code)]
+
 mod checkpoint;
 mod compile;
 mod config;

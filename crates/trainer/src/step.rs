@@ -231,10 +231,11 @@ fn lr_graph(b: &Builder, t: &TrainConfig, step: Op) -> Result<Op> {
 }
 
 /// Build the train-step computation for `cfg`, with the signature [`StepIo::new`] gives for the
-/// model's parameter count.
-pub fn build_train_step(cfg: &RunConfig) -> Result<Computation> {
+/// model's parameter count, to run on `platform` (the PJRT platform name; it picks the RLA
+/// lowering, see [`Model::rla_lowering`]).
+pub fn build_train_step(cfg: &RunConfig, platform: &str) -> Result<Computation> {
     let model = Model::new(cfg.model.clone())
-        .map_err(|e| model::transformer::model_error(e.to_string()))?;
+        .map_err(|e| hlo_builder::Error::invalid("train_step", e.to_string()))?;
     let m = model.config();
     let t = &cfg.train;
     let specs = model.param_specs();
@@ -262,7 +263,7 @@ pub fn build_train_step(cfg: &RunConfig) -> Result<Computation> {
     )?;
     let l = {
         let _s = b.name_scope("forward");
-        model.loss(&b, &named, tokens)?
+        model.loss(&b, &named, tokens, platform)?
     };
     let grads = {
         let _s = b.name_scope("backward");
@@ -332,15 +333,21 @@ pub fn decays(spec: &ParamSpec) -> bool {
     }
 }
 
-/// Build a forward-only computation: `params…, tokens s32[B, T]` → logits `f32[B, T, V]`.
-pub fn build_forward(model: &Model, batch: usize, len: usize) -> Result<Computation> {
+/// Build a forward-only computation: `params…, tokens s32[B, T]` → logits `f32[B, T, V]`, to run
+/// on `platform`.
+pub fn build_forward(
+    model: &Model,
+    batch: usize,
+    len: usize,
+    platform: &str,
+) -> Result<Computation> {
     let b = Builder::new("forward");
     let (_, named) = model.declare_params(&b)?;
     let tokens = b.parameter(
         Shape::array(ElementType::S32, &[batch as i64, len as i64]),
         "tokens",
     )?;
-    let logits = model.forward(&b, &named, tokens)?;
+    let logits = model.forward(&b, &named, tokens, platform)?;
     b.build(logits)
 }
 
@@ -378,7 +385,7 @@ mod tests {
         let model = Model::new(cfg.model.clone()).unwrap();
         let specs = model.param_specs();
         let io = StepIo::new(specs.len());
-        let (args, result) = build_train_step(&cfg).unwrap().program_shape();
+        let (args, result) = build_train_step(&cfg, "cpu").unwrap().program_shape();
         assert_eq!(args.len(), io.state_len() + 2);
         assert_eq!(args[io.args.step], Shape::scalar(ElementType::F32));
         assert_eq!(

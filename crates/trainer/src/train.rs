@@ -54,7 +54,7 @@ pub fn train(
     let io = StepIo::new(specs.len());
     let state_tensors = step::state_tensors(specs);
     let t0 = Instant::now();
-    let comp = step::build_train_step(cfg)?;
+    let comp = step::build_train_step(cfg, &client.platform_name()?)?;
     let exe = runtime::compile(&client, &comp)?;
     let compile_s = t0.elapsed().as_secs_f64();
     let src = Source::open(&cfg.data, cfg.train.seed, cfg.model.vocab)?;
@@ -251,7 +251,8 @@ pub fn eval(
         params.push(upload_f32(&client, &t.data, &s.shape)?);
     }
     let (bs, t, v) = (cfg.train.batch, cfg.model.seq_len, cfg.model.vocab);
-    let exe = runtime::compile(&client, &step::build_forward(&model, bs, t)?)?;
+    let platform = client.platform_name()?;
+    let exe = runtime::compile(&client, &step::build_forward(&model, bs, t, &platform)?)?;
     // Held-out stream: a different seed for synthetic data, the tail of the stream otherwise.
     let src = match Source::open(&cfg.data, cfg.train.seed, v)? {
         Source::Synthetic { seed } => Source::Synthetic {

@@ -8,11 +8,11 @@
 //! Cotangents of tuple-shaped values are kept per element: `get-tuple-element` adds into its
 //! element, `tuple` hands each element's cotangent to its operand.
 //!
-//! Each op family's rules live in their own file: [`elementwise`](self) (unary, binary,
-//! select, clamp, convert), shape ops (reshape, transpose, broadcast, reverse, slice,
-//! dynamic-slice, dynamic-update-slice, concatenate, pad), reductions (add/max/min reducers),
-//! `dot_general`, `gather` / `scatter`, and control flow (tuples, custom VJPs; `while`,
-//! `conditional`, `call` and custom calls need a [`Builder::custom_vjp`]).
+//! This module is only the backward walk: which instructions lie on a path (the plan), the
+//! cotangent accumulation, and user rules of [`Builder::custom_vjp`] (in `custom.rs`). The VJP
+//! rule of each op sits in its family's file under [`crate::ops`], beside the op's shape rule
+//! and emission; the walk reaches it through one trait call. `while`, `conditional`, `call` and
+//! custom calls need a [`Builder::custom_vjp`].
 //!
 //! Choices where the derivative is not unique:
 //! * `max`/`min` (binary): on ties each operand gets half of the cotangent.
@@ -35,68 +35,20 @@
 //! assert!(comp.to_text().contains("multiply"));
 //! ```
 
-mod control;
-mod dot;
-mod elementwise;
-mod gather;
-mod reduce;
-mod shape_ops;
+mod custom;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::panic::Location;
 use std::sync::Arc;
 
-use crate::builder::{Builder, Kind};
-use crate::error::Result;
+use crate::builder::Builder;
+use crate::error::{Error, Result};
+use crate::ops::Kind;
 use crate::shape::Shape;
 use crate::Op;
 
-/// A user-supplied vector–Jacobian product for a block registered with [`Builder::custom_vjp`].
-///
-/// Closures `Fn(&Builder, &[Op], Op, &[Option<Op>]) -> Result<Vec<Option<Op>>>` implement it.
-pub trait VjpRule: Send + Sync {
-    /// `cotangents[i]` is the cotangent of tuple element `i` of `output` (or of the array output
-    /// when `i == 0`), `None` where it is zero. Returns one entry per input: `Some(cotangent)`
-    /// with the input's shape, or `None` (zero / not differentiable).
-    fn vjp(
-        &self,
-        b: &Builder,
-        inputs: &[Op],
-        output: Op,
-        cotangents: &[Option<Op>],
-    ) -> Result<Vec<Option<Op>>>;
-}
-
-impl<F> VjpRule for F
-where
-    F: Fn(&Builder, &[Op], Op, &[Option<Op>]) -> Result<Vec<Option<Op>>> + Send + Sync,
-{
-    fn vjp(
-        &self,
-        b: &Builder,
-        inputs: &[Op],
-        output: Op,
-        cotangents: &[Option<Op>],
-    ) -> Result<Vec<Option<Op>>> {
-        self(b, inputs, output, cotangents)
-    }
-}
-
-/// A registered custom VJP: the block's inputs and its rule.
-#[derive(Clone)]
-pub(crate) struct CustomVjp {
-    pub(crate) inputs: Vec<Op>,
-    pub(crate) rule: Arc<dyn VjpRule>,
-}
-
-impl fmt::Debug for CustomVjp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CustomVjp")
-            .field("inputs", &self.inputs)
-            .finish_non_exhaustive()
-    }
-}
+pub(crate) use custom::CustomVjp;
+pub use custom::VjpRule;
 
 /// A cotangent: an array op, or per-element cotangents of a tuple value (`None` = zero).
 #[derive(Debug, Clone)]
@@ -124,12 +76,34 @@ pub(crate) struct Node {
     pub(crate) built_at: String,
     /// Name scope of the instruction.
     pub(crate) scope: Arc<str>,
+    /// The caller of [`Builder::vjp`], where errors of the walk are reported.
+    pub(crate) vjp_caller: &'static Location<'static>,
 }
 
 impl Node {
     /// Element type of the (array) result.
     pub(crate) fn ty(&self) -> crate::ElementType {
         self.shape.ty().unwrap_or(crate::ElementType::F32)
+    }
+
+    /// ``opcode `name.id` (built at file:line in scope)``, to name the instruction in errors.
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "{} `{}` (built at {})",
+            self.kind.opcode(),
+            self.full_name,
+            self.built_at
+        )
+    }
+
+    /// The error for an instruction on the path that has no VJP rule; `what` names it (usually
+    /// [`Node::describe`]).
+    pub(crate) fn not_differentiable(&self, b: &Builder, what: &str) -> Error {
+        b.error_at(
+            self.vjp_caller,
+            "vjp",
+            format!("{what} is not differentiable; give the block a custom_vjp"),
+        )
     }
 }
 
@@ -156,8 +130,7 @@ pub(crate) fn accumulate(b: &Builder, slot: &mut Option<Ct>, new: Ct) -> Result<
         }
         (Some(old), new) => {
             // Shapes are checked before seeding, so this is an internal inconsistency.
-            return Err(b.invalid(
-                Location::caller(),
+            return Err(b.error(
                 "vjp",
                 format!("internal error: cotangent kinds differ ({old:?} vs {new:?})"),
             ));
@@ -187,8 +160,7 @@ pub(crate) fn materialize(b: &Builder, ct: Option<&Ct>, shape: &Shape) -> Result
                 .collect::<Result<Vec<_>>>()?;
             b.tuple(&ops)
         }
-        (Some(Ct::Tuple(_)), Shape::Array { .. }) => Err(b.invalid(
-            Location::caller(),
+        (Some(Ct::Tuple(_)), Shape::Array { .. }) => Err(b.error(
             "vjp",
             format!(
                 "internal error: tuple cotangent for array shape {}",
@@ -252,7 +224,7 @@ impl Builder {
     pub fn vjp(&self, outputs: &[Op], cotangents: &[Op], wrt: &[Op]) -> Result<Vec<Op>> {
         let loc = Location::caller();
         if outputs.len() != cotangents.len() {
-            return Err(self.invalid(
+            return Err(self.error_at(
                 loc,
                 "vjp",
                 format!(
@@ -267,7 +239,7 @@ impl Builder {
         let wrt_shapes = self.shapes_of(loc, "vjp", wrt)?;
         for (i, (o, c)) in out_shapes.iter().zip(&ct_shapes).enumerate() {
             if o != c {
-                return Err(self.invalid(
+                return Err(self.error_at(
                     loc,
                     "vjp",
                     format!(
@@ -283,7 +255,7 @@ impl Builder {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let plan = self.plan(outputs, wrt, &customs);
+        let plan = self.plan(loc, outputs, wrt, &customs);
 
         let mut cts: Vec<Option<Ct>> = vec![None; plan.n];
         for ((o, c), s) in outputs.iter().zip(cotangents).zip(&out_shapes) {
@@ -303,9 +275,16 @@ impl Builder {
             // scope active now), so profiles attribute them to their layer.
             let _scope = self.name_scope(&backward_scope(&current, &node.scope));
             let contributions: Vec<(Op, Ct)> = if let Some(custom) = customs.get(&i) {
-                control::custom(self, loc, node, custom, &ct)?
+                custom.run(self, node, &ct)?
             } else {
-                self.operand_cotangents(loc, node, ct)?
+                // The family's rule: one entry per operand; keep those that need one.
+                let grads = node.kind.family().vjp(self, node, ct)?;
+                node.operands
+                    .iter()
+                    .zip(grads)
+                    .zip(&node.need)
+                    .filter_map(|((o, g), &need)| g.filter(|_| need).map(|g| (*o, g)))
+                    .collect()
             };
             for (operand, c) in contributions {
                 if operand.index() < plan.n && plan.active[operand.index()] {
@@ -328,7 +307,7 @@ impl Builder {
         let ty = match s.ty() {
             Some(ty) if ty.is_float() && s.is_scalar() => ty,
             _ => {
-                return Err(self.invalid(
+                return Err(self.error_at(
                     loc,
                     "grad",
                     format!("loss must be a floating-point scalar, got {}", s.short()),
@@ -339,46 +318,14 @@ impl Builder {
         self.vjp(&[loss], &[one], wrt)
     }
 
-    /// Mark `output` (an array, or a tuple-shaped op such as a custom call returning a tuple or a
-    /// `tuple(...)` of a while's results) as computed from `inputs`, with `rule` as its VJP.
-    /// Autodiff calls `rule` instead of differentiating whatever produced `output`, and never
-    /// walks into that block.
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use hlo_builder::{Builder, ElementType, Op, Shape};
-    /// let b = Builder::new("f");
-    /// let x = b.parameter(Shape::array(ElementType::F32, &[4]), "x").unwrap();
-    /// let y = b.exp(x).unwrap(); // pretend this is an opaque kernel
-    /// b.custom_vjp(&[x], y, Arc::new(|b: &Builder, _ins: &[Op], out: Op, ct: &[Option<Op>]| {
-    ///     Ok(vec![match ct[0] { Some(c) => Some(b.mul(c, out)?), None => None }])
-    /// })).unwrap();
-    /// let g = b.grad(b.reduce_sum(y, &[0]).unwrap(), &[x]).unwrap();
-    /// ```
-    #[track_caller]
-    pub fn custom_vjp(&self, inputs: &[Op], output: Op, rule: Arc<dyn VjpRule>) -> Result<()> {
-        let loc = Location::caller();
-        self.shapes_of(loc, "custom_vjp", inputs)?;
-        self.shape_of(loc, "custom_vjp", output)?;
-        if let Some(i) = inputs.iter().position(|x| x.index() > output.index()) {
-            return Err(self.invalid(loc, "custom_vjp", format!("input {i} was made after the output; inputs must come before the block they feed")));
-        }
-        let mut map = self.custom_vjps.lock().unwrap_or_else(|e| e.into_inner());
-        if map.contains_key(&output.index()) {
-            return Err(self.invalid(loc, "custom_vjp", "this output already has a custom VJP"));
-        }
-        map.insert(
-            output.index(),
-            CustomVjp {
-                inputs: inputs.to_vec(),
-                rule,
-            },
-        );
-        Ok(())
-    }
-
     /// Reachability from `wrt` and to `outputs`; snapshot of the instructions on those paths.
-    fn plan(&self, outputs: &[Op], wrt: &[Op], customs: &HashMap<usize, CustomVjp>) -> Plan {
+    fn plan(
+        &self,
+        vjp_caller: &'static Location<'static>,
+        outputs: &[Op],
+        wrt: &[Op],
+        customs: &HashMap<usize, CustomVjp>,
+    ) -> Plan {
         self.with_instrs(|instrs| {
             let n = instrs.len();
             let deps = |i: usize| -> &[Op] {
@@ -440,75 +387,12 @@ impl Builder {
                         full_name: ins.full_name(),
                         built_at: format!("{}:{}{scope}", ins.location.file(), ins.location.line()),
                         scope: ins.scope.clone(),
+                        vjp_caller,
                     },
                 );
             }
             Plan { n, active, nodes }
         })
-    }
-
-    /// Cotangent contributions of one (non-custom) instruction to its operands.
-    fn operand_cotangents(
-        &self,
-        loc: &'static Location<'static>,
-        node: &Node,
-        ct: Ct,
-    ) -> Result<Vec<(Op, Ct)>> {
-        // Structural ops on tuples.
-        match (&node.kind, ct) {
-            (Kind::Parameter(_) | Kind::Constant(_) | Kind::Iota(_), _) => Ok(Vec::new()),
-            (Kind::Tuple, Ct::Tuple(elems)) => Ok(node
-                .operands
-                .iter()
-                .zip(elems)
-                .zip(&node.need)
-                .filter_map(|((o, e), &need)| if need { e.map(|e| (*o, e)) } else { None })
-                .collect()),
-            (Kind::GetTupleElement(k), ct) => {
-                let n = node.operand_shapes[0]
-                    .tuple_elements()
-                    .map_or(0, <[Shape]>::len);
-                let mut v: Vec<Option<Ct>> = vec![None; n];
-                v[*k as usize] = Some(ct);
-                Ok(vec![(node.operands[0], Ct::Tuple(v))])
-            }
-            (_, Ct::Array(ct)) => {
-                let grads = match &node.kind {
-                    Kind::Unary(_)
-                    | Kind::Binary(_)
-                    | Kind::Select
-                    | Kind::Clamp
-                    | Kind::Convert => elementwise::vjp(self, node, ct)?,
-                    Kind::Reshape
-                    | Kind::Transpose(_)
-                    | Kind::Broadcast(_)
-                    | Kind::Reverse(_)
-                    | Kind::Slice { .. }
-                    | Kind::DynamicSlice(_)
-                    | Kind::DynamicUpdateSlice
-                    | Kind::Concatenate(_)
-                    | Kind::Pad(_) => shape_ops::vjp(self, node, ct)?,
-                    Kind::Reduce(_) => reduce::vjp(self, loc, node, ct)?,
-                    Kind::Dot { .. } => dot::vjp(self, node, ct)?,
-                    Kind::Gather { .. } | Kind::Scatter { .. } => gather::vjp(self, node, ct)?,
-                    _ => return Err(control::not_differentiable(self, loc, node)),
-                };
-                Ok(node
-                    .operands
-                    .iter()
-                    .zip(grads)
-                    .zip(&node.need)
-                    .filter_map(|((o, g), &need)| {
-                        if need {
-                            g.map(|g| (*o, Ct::Array(g)))
-                        } else {
-                            None
-                        }
-                    })
-                    .collect())
-            }
-            (_, Ct::Tuple(_)) => Err(control::not_differentiable(self, loc, node)),
-        }
     }
 }
 
@@ -529,7 +413,7 @@ mod tests {
         let unrelated = b.exp(y).unwrap();
         let l = b.reduce_sum(b.mul(x, x).unwrap(), &[0]).unwrap();
         let customs = HashMap::new();
-        let plan = b.plan(&[l], &[x], &customs);
+        let plan = b.plan(Location::caller(), &[l], &[x], &customs);
         assert!(plan.active[x.index()]);
         assert!(!plan.active[y.index()]);
         assert!(!plan.active[unrelated.index()]);

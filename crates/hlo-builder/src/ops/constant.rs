@@ -1,13 +1,52 @@
-//! Constants, scalars, filled arrays and `iota`.
+//! Leaves (instructions without operands): `parameter` (declared by [`Builder::parameter`]),
+//! constants, scalars, filled arrays and `iota`. Leaves end the backward walk: their VJP sends
+//! nothing further.
 
 use std::any::Any;
 use std::panic::Location;
 
-use crate::builder::{Builder, Kind};
+use crate::autodiff::{Ct, Node};
+use crate::builder::Builder;
 use crate::error::Result;
+use crate::ops::shape_ops::ShapeOp;
+use crate::ops::{Family, Kind};
 use crate::proto;
 use crate::shape::{Shape, ShapeError, ShapeResult};
 use crate::{ElementType, NativeType, Op};
+
+/// Attributes of a leaf instruction.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Leaf {
+    /// `parameter(number)`.
+    Parameter(i64),
+    /// A dense literal.
+    Constant(Literal),
+    /// `iota` along the dimension.
+    Iota(i64),
+}
+
+impl Family for Leaf {
+    fn opcode(&self) -> &'static str {
+        match self {
+            Leaf::Parameter(_) => "parameter",
+            Leaf::Constant(_) => "constant",
+            Leaf::Iota(_) => "iota",
+        }
+    }
+
+    fn emit(&self, p: &mut proto::HloInstructionProto) {
+        match self {
+            Leaf::Parameter(n) => p.parameter_number = *n,
+            Leaf::Constant(l) => p.literal = Some(l.to_proto()),
+            Leaf::Iota(d) => p.dimensions = vec![*d],
+        }
+    }
+
+    /// No operands: the cotangent stops here (a parameter's is read off by the walk).
+    fn vjp(&self, _b: &Builder, _n: &Node, _ct: Ct) -> Result<Vec<Option<Ct>>> {
+        Ok(Vec::new())
+    }
+}
 
 /// The values of a constant, one vector per element type.
 #[derive(Debug, Clone, PartialEq)]
@@ -187,7 +226,7 @@ impl Builder {
         let dims: Vec<i64> = array.shape().iter().map(|&d| d as i64).collect();
         let values: Vec<T> = array.iter().copied().collect();
         let data = LiteralData::from_vec(values).ok_or_else(|| {
-            self.invalid(
+            self.error_at(
                 loc,
                 "constant",
                 format!(
@@ -200,10 +239,10 @@ impl Builder {
         let shape = Shape::array(T::TYPE, &dims);
         Ok(self.push(
             loc,
-            Kind::Constant(Literal {
+            Kind::Leaf(Leaf::Constant(Literal {
                 shape: shape.clone(),
                 data,
-            }),
+            })),
             Vec::new(),
             shape,
             Vec::new(),
@@ -229,7 +268,7 @@ impl Builder {
             ));
         }
         let data = LiteralData::from_vec(values).ok_or_else(|| {
-            self.invalid(
+            self.error_at(
                 loc,
                 "constant",
                 format!(
@@ -242,10 +281,10 @@ impl Builder {
         let shape = Shape::array(T::TYPE, dims);
         Ok(self.push(
             loc,
-            Kind::Constant(Literal {
+            Kind::Leaf(Leaf::Constant(Literal {
                 shape: shape.clone(),
                 data,
-            }),
+            })),
             Vec::new(),
             shape,
             Vec::new(),
@@ -267,7 +306,13 @@ impl Builder {
             shape: shape.clone(),
             data: LiteralData::splat(ty, v, 1),
         };
-        Ok(self.push(loc, Kind::Constant(lit), Vec::new(), shape, Vec::new()))
+        Ok(self.push(
+            loc,
+            Kind::Leaf(Leaf::Constant(lit)),
+            Vec::new(),
+            shape,
+            Vec::new(),
+        ))
     }
 
     /// An array of `dims` filled with `v` (a scalar constant broadcast, so it stays small).
@@ -281,7 +326,7 @@ impl Builder {
         }
         Ok(self.push(
             loc,
-            Kind::Broadcast(Vec::new()),
+            Kind::Shape(ShapeOp::Broadcast(Vec::new())),
             vec![s],
             Shape::array(ty, dims),
             Vec::new(),
@@ -307,7 +352,7 @@ impl Builder {
         let out = iota(ty, dims, iota_dim).map_err(|e| self.shape_err(loc, e))?;
         Ok(self.push(
             loc,
-            Kind::Iota(iota_dim as i64),
+            Kind::Leaf(Leaf::Iota(iota_dim as i64)),
             Vec::new(),
             out,
             Vec::new(),

@@ -1,9 +1,16 @@
 //! Control flow and tuples: `while`, `conditional`, `call`, `tuple`, `get-tuple-element`.
+//!
+//! VJP: `tuple` hands each element's cotangent to its operand and `get-tuple-element` adds into
+//! its element (cotangents of tuples are kept per element). `while`, `conditional` and `call`
+//! need a [`Builder::custom_vjp`] on the block.
 
 use std::panic::Location;
 
-use crate::builder::{Builder, Kind};
+use crate::autodiff::{Ct, Node};
+use crate::builder::Builder;
 use crate::error::Result;
+use crate::ops::{Family, Kind};
+use crate::proto;
 use crate::shape::{Shape, ShapeError, ShapeResult};
 use crate::{Computation, ElementType, Op};
 
@@ -132,7 +139,13 @@ impl Builder {
         )
         .map_err(|e| self.shape_err(loc, e))?;
         // XLA stores a while's called computations as [body, condition].
-        Ok(self.push(loc, Kind::While, vec![init], out, vec![b.id, c.id]))
+        Ok(self.push(
+            loc,
+            Kind::Control(Control::While),
+            vec![init],
+            out,
+            vec![b.id, c.id],
+        ))
     }
 
     /// Run one of `branches` on its operand: `selector` is `pred[]` (branches = [true, false]) or
@@ -161,7 +174,7 @@ impl Builder {
         let out = conditional(&s[0], &sigs, &s[1..]).map_err(|e| self.shape_err(loc, e))?;
         Ok(self.push(
             loc,
-            Kind::Conditional,
+            Kind::Control(Control::Conditional),
             ops,
             out,
             datas.iter().map(|d| d.id).collect(),
@@ -176,7 +189,13 @@ impl Builder {
         let s = self.shapes_of(loc, "call", operands)?;
         let out =
             call(&d.param_shapes(), d.result_shape(), &s).map_err(|e| self.shape_err(loc, e))?;
-        Ok(self.push(loc, Kind::Call, operands.to_vec(), out, vec![d.id]))
+        Ok(self.push(
+            loc,
+            Kind::Control(Control::Call),
+            operands.to_vec(),
+            out,
+            vec![d.id],
+        ))
     }
 
     /// Make a tuple.
@@ -186,7 +205,7 @@ impl Builder {
         let s = self.shapes_of(loc, "tuple", elements)?;
         Ok(self.push(
             loc,
-            Kind::Tuple,
+            Kind::Control(Control::Tuple),
             elements.to_vec(),
             Shape::Tuple(s),
             Vec::new(),
@@ -201,11 +220,59 @@ impl Builder {
         let out = get_tuple_element(&s, index).map_err(|e| self.shape_err(loc, e))?;
         Ok(self.push(
             loc,
-            Kind::GetTupleElement(index as i64),
+            Kind::Control(Control::GetTupleElement(index as i64)),
             vec![t],
             out,
             Vec::new(),
         ))
+    }
+}
+
+/// Attributes of control flow and tuple ops (the called computations are the instruction's).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Control {
+    /// `while` (called: body, condition).
+    While,
+    /// `conditional` (called: the branches).
+    Conditional,
+    /// `call` (called: the callee).
+    Call,
+    /// `tuple`.
+    Tuple,
+    /// `get-tuple-element` of the index.
+    GetTupleElement(i64),
+}
+
+impl Family for Control {
+    fn opcode(&self) -> &'static str {
+        match self {
+            Control::While => "while",
+            Control::Conditional => "conditional",
+            Control::Call => "call",
+            Control::Tuple => "tuple",
+            Control::GetTupleElement(_) => "get-tuple-element",
+        }
+    }
+
+    fn emit(&self, p: &mut proto::HloInstructionProto) {
+        if let Control::GetTupleElement(i) = self {
+            p.tuple_index = *i;
+        }
+    }
+
+    fn vjp(&self, b: &Builder, n: &Node, ct: Ct) -> Result<Vec<Option<Ct>>> {
+        match (self, ct) {
+            (Control::Tuple, Ct::Tuple(elems)) => Ok(elems),
+            (Control::GetTupleElement(k), ct) => {
+                let len = n.operand_shapes[0]
+                    .tuple_elements()
+                    .map_or(0, <[Shape]>::len);
+                let mut v: Vec<Option<Ct>> = vec![None; len];
+                v[*k as usize] = Some(ct);
+                Ok(vec![Some(Ct::Tuple(v))])
+            }
+            _ => Err(n.not_differentiable(b, &n.describe())),
+        }
     }
 }
 

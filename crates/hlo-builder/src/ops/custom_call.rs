@@ -1,10 +1,15 @@
 //! Typed-FFI custom calls (`custom_call_api_version = 4`) with attributes passed as an MLIR
 //! dictionary in `backend_config`, which XLA decodes into FFI attributes.
+//!
+//! A custom call is opaque to autodiff: give the block a [`Builder::custom_vjp`].
 
 use std::panic::Location;
 
-use crate::builder::{Builder, Kind};
+use crate::autodiff::{Ct, Node};
+use crate::builder::Builder;
 use crate::error::Result;
+use crate::ops::{Family, Kind};
+use crate::proto;
 use crate::shape::{Shape, ShapeError};
 use crate::Op;
 
@@ -161,15 +166,48 @@ impl Builder {
         let loc = Location::caller();
         self.shapes_of(loc, "custom_call", operands)?;
         if target.is_empty() {
-            return Err(self.invalid(loc, "custom_call", "empty target name"));
+            return Err(self.error_at(loc, "custom_call", "empty target name"));
         }
         let backend_config = mlir_dictionary(attrs).map_err(|e| self.shape_err(loc, e))?;
-        let kind = Kind::CustomCall {
+        let kind = Kind::CustomCall(CustomCall {
             target: target.to_string(),
             backend_config,
             has_side_effect: false,
-        };
+        });
         Ok(self.push(loc, kind, operands.to_vec(), result, Vec::new()))
+    }
+}
+
+/// Attributes of a typed-FFI `custom-call`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct CustomCall {
+    /// The registered handler's name.
+    pub(crate) target: String,
+    /// The attributes as an MLIR dictionary ([`mlir_dictionary`]).
+    pub(crate) backend_config: String,
+    pub(crate) has_side_effect: bool,
+}
+
+impl Family for CustomCall {
+    fn opcode(&self) -> &'static str {
+        "custom-call"
+    }
+
+    fn emit(&self, p: &mut proto::HloInstructionProto) {
+        p.custom_call_target = self.target.clone();
+        p.backend_config = self.backend_config.as_bytes().to_vec();
+        p.custom_call_api_version = 4;
+        p.custom_call_has_side_effect = self.has_side_effect;
+    }
+
+    fn vjp(&self, b: &Builder, n: &Node, _ct: Ct) -> Result<Vec<Option<Ct>>> {
+        Err(n.not_differentiable(
+            b,
+            &format!(
+                "custom-call `{}` (target {:?}, built at {})",
+                n.full_name, self.target, n.built_at
+            ),
+        ))
     }
 }
 

@@ -1,9 +1,20 @@
-//! `dot_general` (batched tensor contraction) and the matrix convenience `dot`.
+//! `dot_general` (batched tensor contraction) and the matrix convenience `dot`: dimension
+//! numbers, shape rule, builder methods, emission and VJP.
+//!
+//! VJP: with `out = dot_general(x, y)` laid out as `[batch, x free, y free]`, the cotangent of
+//! `x` is `dot_general(ct, y)` contracting the y-free dims of `ct` with y's free dims and
+//! batching over the batch dims; that yields `[batch, x free, x contracting (in y's contracting
+//! order sorted)]`, which a transpose puts back into x's dim order. Symmetrically for `y`. When
+//! the cotangent's type differs from an operand's (a preferred element type), the backward dot
+//! runs in the wider of the two and is converted to the operand's type.
 
 use std::panic::Location;
 
-use crate::builder::{Builder, Kind};
+use crate::autodiff::Node;
+use crate::builder::Builder;
 use crate::error::Result;
+use crate::ops::shape_ops::inverse_perm;
+use crate::ops::{Family, Kind};
 use crate::proto;
 use crate::shape::{expect_array, Shape, ShapeError, ShapeResult};
 use crate::{ElementType, Op};
@@ -160,10 +171,10 @@ impl Builder {
         let out = dot_general(&s[0], &s[1], dims, preferred).map_err(|e| self.shape_err(loc, e))?;
         Ok(self.push(
             loc,
-            Kind::Dot {
+            Kind::Dot(Dot {
                 dims: dims.clone(),
                 precision,
-            },
+            }),
             vec![lhs, rhs],
             out,
             Vec::new(),
@@ -195,6 +206,124 @@ impl Builder {
         };
         self.dot_general(lhs, rhs, &dims, None, None)
     }
+}
+
+/// Attributes of `dot`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Dot {
+    pub(crate) dims: DotDims,
+    pub(crate) precision: Option<Precision>,
+}
+
+impl Family for Dot {
+    fn opcode(&self) -> &'static str {
+        "dot"
+    }
+
+    fn emit(&self, p: &mut proto::HloInstructionProto) {
+        p.dot_dimension_numbers = Some(self.dims.to_proto());
+        if let Some(pr) = self.precision {
+            p.precision_config = Some(proto::PrecisionConfig {
+                operand_precision: vec![pr.proto(), pr.proto()],
+                algorithm: 0,
+            });
+        }
+    }
+
+    /// One entry per operand (`[lhs, rhs]`).
+    fn array_vjp(&self, b: &Builder, n: &Node, ct: Op) -> Result<Vec<Option<Op>>> {
+        let d = &self.dims;
+        let (xs, ys) = (&n.operand_shapes[0], &n.operand_shapes[1]);
+        let nb = d.lhs_batch.len() as i64;
+        let mut lhs = Side::new(n.operands[0], xs, &d.lhs_batch, &d.lhs_contracting);
+        let mut rhs = Side::new(n.operands[1], ys, &d.rhs_batch, &d.rhs_contracting);
+        let (nxf, nyf) = (lhs.free.len() as i64, rhs.free.len() as i64);
+        lhs.out_free = (nb..nb + nxf).collect();
+        rhs.out_free = (nb + nxf..nb + nxf + nyf).collect();
+        let gx = if n.need[0] {
+            Some(side_cotangent(b, ct, &lhs, &rhs, self.precision)?)
+        } else {
+            None
+        };
+        let gy = if n.need[1] {
+            Some(side_cotangent(b, ct, &rhs, &lhs, self.precision)?)
+        } else {
+            None
+        };
+        Ok(vec![gx, gy])
+    }
+}
+
+/// One operand of a dot as its VJP sees it.
+struct Side<'a> {
+    op: Op,
+    ty: ElementType,
+    batch: &'a [i64],
+    contracting: &'a [i64],
+    /// Dims that are neither batch nor contracting, in order.
+    free: Vec<i64>,
+    /// The result dims that hold `free` (the result is `[batch, lhs free, rhs free]`).
+    out_free: Vec<i64>,
+}
+
+impl<'a> Side<'a> {
+    fn new(op: Op, shape: &Shape, batch: &'a [i64], contracting: &'a [i64]) -> Side<'a> {
+        Side {
+            op,
+            ty: shape.ty().unwrap_or(ElementType::F32),
+            batch,
+            contracting,
+            free: (0..shape.rank() as i64)
+                .filter(|d| !batch.contains(d) && !contracting.contains(d))
+                .collect(),
+            out_free: Vec::new(),
+        }
+    }
+}
+
+/// The cotangent of side `me`: contract the result dims holding `other`'s free dims with
+/// `other`, then transpose back into `me`'s dim order.
+fn side_cotangent(
+    b: &Builder,
+    ct: Op,
+    me: &Side,
+    other: &Side,
+    precision: Option<Precision>,
+) -> Result<Op> {
+    let dims = DotDims {
+        lhs_batch: (0..me.batch.len() as i64).collect(),
+        rhs_batch: other.batch.to_vec(),
+        lhs_contracting: other.out_free.clone(),
+        rhs_contracting: other.free.clone(),
+    };
+    // Compute in the wider of the two types (they differ under a preferred element type).
+    let ct_ty = b.shape(ct)?.ty().unwrap_or(me.ty);
+    let wide = if ct_ty.byte_size() >= other.ty.byte_size() {
+        ct_ty
+    } else {
+        other.ty
+    };
+    let r = b.dot_general(
+        b.convert(ct, wide)?,
+        b.convert(other.op, wide)?,
+        &dims,
+        precision,
+        None,
+    )?;
+    // Result axes: batch (me.batch), my free dims, then the other side's remaining (=
+    // contracting) dims in increasing order, each paired with my contracting dim.
+    let mut sorted_oc: Vec<(i64, i64)> = other
+        .contracting
+        .iter()
+        .copied()
+        .zip(me.contracting.iter().copied())
+        .collect();
+    sorted_oc.sort_unstable();
+    let mut src: Vec<i64> = me.batch.to_vec();
+    src.extend_from_slice(&me.free);
+    src.extend(sorted_oc.iter().map(|&(_, sc)| sc));
+    let r = b.transpose(r, &inverse_perm(&src))?;
+    b.convert(r, me.ty)
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Indexed data movement: `gather`, `scatter` (add / replace) and the `take_rows` convenience.
+//! Indexed reads: `gather` and the `take_rows` convenience, plus the index checks that
+//! [`scatter`](super::scatter) shares.
 //!
 //! Semantics follow XLA's operation semantics. Batching dims (`operand_batching_dims`,
 //! `input_batching_dims`) are not supported: every operand dim is either collapsed / inserted
@@ -6,12 +7,15 @@
 
 use std::panic::Location;
 
-use crate::builder::{Builder, Kind};
+use crate::autodiff::Node;
+use crate::builder::Builder;
 use crate::error::Result;
-use crate::ops::elementwise::BinaryOp;
+use crate::ops::{Family, Kind};
 use crate::proto;
 use crate::shape::{expect_array, Shape, ShapeError, ShapeResult};
 use crate::{ElementType, Op};
+
+pub use super::scatter::{ScatterDims, ScatterUpdate};
 
 /// Dimension numbers of a `gather` (XLA's `GatherDimensionNumbers` without batching dims).
 ///
@@ -42,43 +46,8 @@ impl GatherDims {
     }
 }
 
-/// Dimension numbers of a `scatter` (XLA's `ScatterDimensionNumbers` without batching dims).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ScatterDims {
-    /// Dims of `updates` that hold the update window, increasing.
-    pub update_window_dims: Vec<i64>,
-    /// Operand dims of window size 1 that have no dim in `updates`, increasing.
-    pub inserted_window_dims: Vec<i64>,
-    /// `scatter_dims_to_operand_dims[k]`: the operand dim that index component `k` addresses.
-    pub scatter_dims_to_operand_dims: Vec<i64>,
-    /// The dim of `indices` that holds the index vectors; `indices.rank` means an implicit
-    /// trailing dim of size 1.
-    pub index_vector_dim: i64,
-}
-
-impl ScatterDims {
-    pub(crate) fn to_proto(&self) -> proto::ScatterDimensionNumbers {
-        proto::ScatterDimensionNumbers {
-            update_window_dims: self.update_window_dims.clone(),
-            inserted_window_dims: self.inserted_window_dims.clone(),
-            scatter_dims_to_operand_dims: self.scatter_dims_to_operand_dims.clone(),
-            index_vector_dim: self.index_vector_dim,
-            ..Default::default()
-        }
-    }
-}
-
-/// How `scatter` combines an update with the operand element it lands on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ScatterUpdate {
-    /// `operand + update`; repeated indices accumulate.
-    Add,
-    /// `update` replaces the element; with repeated indices XLA picks one update (unspecified).
-    Replace,
-}
-
 /// Check that `v` is strictly increasing with entries in `[0, bound)`.
-fn check_sorted_in_range(
+pub(super) fn check_sorted_in_range(
     op: &'static str,
     what: &str,
     v: &[i64],
@@ -106,7 +75,7 @@ fn check_sorted_in_range(
 }
 
 /// Check that `v` has distinct entries in `[0, bound)` (any order).
-fn check_distinct_in_range(
+pub(super) fn check_distinct_in_range(
     op: &'static str,
     what: &str,
     v: &[i64],
@@ -136,7 +105,7 @@ fn check_distinct_in_range(
 
 /// Check the integer index array and `index_vector_dim` (which may equal the rank: an implicit
 /// trailing dim of size 1); returns (index vector length, batch dims in order).
-fn index_dims(
+pub(super) fn index_dims(
     op: &'static str,
     indices: &Shape,
     index_vector_dim: i64,
@@ -279,119 +248,6 @@ pub fn gather(
     Ok(Shape::array(ty, &out))
 }
 
-/// Shape rule of `scatter` (XLA semantics, one operand, no batching dims): the result has the
-/// operand's shape.
-pub fn scatter(
-    operand: &Shape,
-    indices: &Shape,
-    updates: &Shape,
-    dims: &ScatterDims,
-) -> ShapeResult {
-    const OP: &str = "scatter";
-    let (ty, od) = expect_array(OP, "operand", operand)?;
-    let (uty, ud) = expect_array(OP, "updates", updates)?;
-    let ctx = || {
-        format!(
-            "operand {}, indices {}, updates {}, {dims:?}",
-            operand.short(),
-            indices.short(),
-            updates.short()
-        )
-    };
-    if uty != ty {
-        return Err(ShapeError::new(
-            OP,
-            format!("updates must have the operand's element type ({})", ctx()),
-        ));
-    }
-    let (len, batch) = index_dims(OP, indices, dims.index_vector_dim, &ctx)?;
-    check_sorted_in_range(
-        OP,
-        "update_window_dims",
-        &dims.update_window_dims,
-        ud.len(),
-        &ctx,
-    )?;
-    check_sorted_in_range(
-        OP,
-        "inserted_window_dims",
-        &dims.inserted_window_dims,
-        od.len(),
-        &ctx,
-    )?;
-    check_distinct_in_range(
-        OP,
-        "scatter_dims_to_operand_dims",
-        &dims.scatter_dims_to_operand_dims,
-        od.len(),
-        &ctx,
-    )?;
-    if dims.scatter_dims_to_operand_dims.len() as i64 != len {
-        return Err(ShapeError::new(
-            OP,
-            format!(
-                "scatter_dims_to_operand_dims has {} entries but the index vectors have length {len} ({})",
-                dims.scatter_dims_to_operand_dims.len(),
-                ctx()
-            ),
-        ));
-    }
-    if dims.update_window_dims.len() + dims.inserted_window_dims.len() != od.len() {
-        return Err(ShapeError::new(
-            OP,
-            format!(
-                "update_window_dims ({}) + inserted_window_dims ({}) must cover the operand rank {} \
-                 (batching dims are not supported) ({})",
-                dims.update_window_dims.len(),
-                dims.inserted_window_dims.len(),
-                od.len(),
-                ctx()
-            ),
-        ));
-    }
-    if ud.len() != dims.update_window_dims.len() + batch.len() {
-        return Err(ShapeError::new(
-            OP,
-            format!(
-                "updates must have rank {} (window dims) + {} (scatter dims of the indices) ({})",
-                dims.update_window_dims.len(),
-                batch.len(),
-                ctx()
-            ),
-        ));
-    }
-    let window_operand_dims =
-        (0..od.len()).filter(|i| !dims.inserted_window_dims.contains(&(*i as i64)));
-    for (&w, o) in dims.update_window_dims.iter().zip(window_operand_dims) {
-        if ud[w as usize] > od[o] {
-            return Err(ShapeError::new(
-                OP,
-                format!(
-                    "update window dim {w} (size {}) is larger than operand dim {o} (size {}) ({})",
-                    ud[w as usize],
-                    od[o],
-                    ctx()
-                ),
-            ));
-        }
-    }
-    let scatter_sizes: Vec<i64> = (0..ud.len())
-        .filter(|i| !dims.update_window_dims.contains(&(*i as i64)))
-        .map(|i| ud[i])
-        .collect();
-    if scatter_sizes != batch {
-        return Err(ShapeError::new(
-            OP,
-            format!(
-                "the scatter dims of updates {scatter_sizes:?} must equal the indices' dims without \
-                 index_vector_dim {batch:?} ({})",
-                ctx()
-            ),
-        ));
-    }
-    Ok(operand.clone())
-}
-
 impl Builder {
     /// XLA `gather`: slices of `operand` of size `slice_sizes` starting at the index vectors in
     /// `indices` (start indices are clamped so that each slice lies inside the operand).
@@ -423,42 +279,13 @@ impl Builder {
         let out = gather(&s[0], &s[1], dims, slice_sizes).map_err(|e| self.shape_err(loc, e))?;
         Ok(self.push(
             loc,
-            Kind::Gather {
+            Kind::Gather(Gather {
                 dims: dims.clone(),
                 slice_sizes: slice_sizes.to_vec(),
-            },
+            }),
             vec![operand, indices],
             out,
             Vec::new(),
-        ))
-    }
-
-    /// XLA `scatter` of `updates` into `operand` at `indices`, combining with `update` (the
-    /// reducer computation is built for you). Update windows that would fall outside the operand
-    /// are skipped (XLA semantics).
-    #[track_caller]
-    pub fn scatter(
-        &self,
-        operand: Op,
-        indices: Op,
-        updates: Op,
-        dims: &ScatterDims,
-        update: ScatterUpdate,
-    ) -> Result<Op> {
-        let loc = Location::caller();
-        let s = self.shapes_of(loc, "scatter", &[operand, indices, updates])?;
-        let out = scatter(&s[0], &s[1], &s[2], dims).map_err(|e| self.shape_err(loc, e))?;
-        let ty = out.ty().unwrap_or(ElementType::F32);
-        let reducer = self.scatter_reducer(update, ty)?;
-        Ok(self.push(
-            loc,
-            Kind::Scatter {
-                dims: dims.clone(),
-                update,
-            },
-            vec![operand, indices, updates],
-            out,
-            vec![reducer],
         ))
     }
 
@@ -504,50 +331,101 @@ impl Builder {
             .map_err(|e| self.shape_err(loc, ShapeError::new("take_rows", e.message)))?;
         Ok(self.push(
             loc,
-            Kind::Gather {
+            Kind::Gather(Gather {
                 dims,
                 slice_sizes: sizes,
-            },
+            }),
             vec![table, ids],
             out,
             Vec::new(),
         ))
     }
+}
 
-    /// The `(T, T) -> T` computation of a scatter: the module's cached add reducer, or a fresh
-    /// "take the update" computation.
-    fn scatter_reducer(&self, update: ScatterUpdate, ty: ElementType) -> Result<i64> {
-        match update {
-            ScatterUpdate::Add => {
-                let cached = self
-                    .module
-                    .reducers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&(BinaryOp::Add, ty))
-                    .copied();
-                if let Some(id) = cached {
-                    return Ok(id);
-                }
-                let r = self.sub_builder(&format!("region_add_{}", ty.name()));
-                let a = r.parameter(Shape::scalar(ty), "Arg_0")?;
-                let x = r.parameter(Shape::scalar(ty), "Arg_1")?;
-                let c = r.build(r.add(a, x)?)?;
-                self.module
-                    .reducers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert((BinaryOp::Add, ty), c.id());
-                Ok(c.id())
-            }
-            ScatterUpdate::Replace => {
-                let r = self.sub_builder(&format!("region_replace_{}", ty.name()));
-                r.parameter(Shape::scalar(ty), "Arg_0")?;
-                let x = r.parameter(Shape::scalar(ty), "Arg_1")?;
-                Ok(r.build(x)?.id())
-            }
-        }
+/// Attributes of `gather`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Gather {
+    pub(crate) dims: GatherDims,
+    pub(crate) slice_sizes: Vec<i64>,
+}
+
+impl Family for Gather {
+    fn opcode(&self) -> &'static str {
+        "gather"
     }
+
+    fn emit(&self, p: &mut proto::HloInstructionProto) {
+        p.gather_dimension_numbers = Some(self.dims.to_proto());
+        p.gather_slice_sizes = self.slice_sizes.clone();
+    }
+
+    /// The operand gets a scatter-add of the cotangent into zeros at the same start indices,
+    /// clamped as the forward gather clamps them; the indices get none.
+    fn array_vjp(&self, b: &Builder, n: &Node, ct: Op) -> Result<Vec<Option<Op>>> {
+        let mut out: Vec<Option<Op>> = vec![None; n.operands.len()];
+        if n.need[0] {
+            let dims = &self.dims;
+            let xs = &n.operand_shapes[0];
+            let idx = clamp_starts(
+                b,
+                n.operands[1],
+                xs.dims(),
+                &self.slice_sizes,
+                &dims.start_index_map,
+                dims.index_vector_dim,
+            )?;
+            let zeros = b.zeros(xs.ty().unwrap_or(ElementType::F32), xs.dims())?;
+            let sd = ScatterDims {
+                update_window_dims: dims.offset_dims.clone(),
+                inserted_window_dims: dims.collapsed_slice_dims.clone(),
+                scatter_dims_to_operand_dims: dims.start_index_map.clone(),
+                index_vector_dim: dims.index_vector_dim,
+            };
+            out[0] = Some(b.scatter(zeros, idx, ct, &sd, ScatterUpdate::Add)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Per index component `k`, the largest start that keeps the window inside the operand:
+/// `operand[map[k]] - window[map[k]]`, broadcast to the indices' shape along `index_vector_dim`.
+pub(super) fn upper_bounds(
+    b: &Builder,
+    indices: Op,
+    operand_dims: &[i64],
+    window: &[i64],
+    map: &[i64],
+    index_vector_dim: i64,
+) -> Result<Op> {
+    let is = b.shape(indices)?;
+    let ity = is.ty().unwrap_or(ElementType::S32);
+    let bounds: Vec<i64> = map
+        .iter()
+        .map(|&d| operand_dims[d as usize] - window[d as usize])
+        .collect();
+    let k = bounds.len() as i64;
+    let v = b.convert(b.constant_vec(bounds, &[k])?, ity)?;
+    if index_vector_dim as usize == is.rank() {
+        // Implicit trailing index vector of length 1.
+        b.broadcast_in_dim(b.reshape(v, &[])?, is.dims(), &[])
+    } else {
+        b.broadcast_in_dim(v, is.dims(), &[index_vector_dim])
+    }
+}
+
+/// The start indices as XLA's gather uses them: clamped to `[0, operand - slice]` per component.
+fn clamp_starts(
+    b: &Builder,
+    indices: Op,
+    operand_dims: &[i64],
+    slice_sizes: &[i64],
+    map: &[i64],
+    index_vector_dim: i64,
+) -> Result<Op> {
+    let is = b.shape(indices)?;
+    let hi = upper_bounds(b, indices, operand_dims, slice_sizes, map, index_vector_dim)?;
+    let lo = b.zeros(is.ty().unwrap_or(ElementType::S32), is.dims())?;
+    b.clamp(lo, indices, hi)
 }
 
 #[cfg(test)]
@@ -623,34 +501,6 @@ mod tests {
         assert!(
             e.to_string()
                 .contains("start_index_map has 2 entries but the index vectors have length 1"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn scatter_rule() {
-        let d = ScatterDims {
-            update_window_dims: vec![2],
-            inserted_window_dims: vec![0],
-            scatter_dims_to_operand_dims: vec![0],
-            index_vector_dim: 2,
-        };
-        assert_eq!(
-            scatter(&f(&[10, 4]), &s32(&[2, 3]), &f(&[2, 3, 4]), &d),
-            Ok(f(&[10, 4]))
-        );
-        let e = scatter(&f(&[10, 4]), &s32(&[2, 3]), &f(&[2, 3, 5]), &d).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("update window dim 2 (size 5) is larger than operand dim 1 (size 4)"),
-            "{e}"
-        );
-        let e = scatter(&f(&[10, 4]), &s32(&[2, 3]), &f(&[3, 2, 4]), &d).unwrap_err();
-        assert!(e.to_string().contains("scatter dims of updates [3, 2] must equal the indices' dims without index_vector_dim [2, 3]"), "{e}");
-        let e = scatter(&f(&[10, 4]), &s32(&[2, 3]), &s32(&[2, 3, 4]), &d).unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("scatter: updates must have the operand's element type"),
             "{e}"
         );
     }

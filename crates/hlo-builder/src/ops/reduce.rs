@@ -1,10 +1,19 @@
 //! Reductions: `reduce` with a reducer computation (variadic), and `reduce_sum/max/min`.
+//!
+//! VJP (single-operand reduces whose reducer is one add, max or min):
+//! * add: the cotangent is broadcast back over the reduced dims; the init value gets the sum of
+//!   the cotangent.
+//! * max/min: the cotangent is split evenly among all positions equal to the result (ties
+//!   share); the init value gets none.
 
 use std::panic::Location;
 
-use crate::builder::{Builder, Kind};
+use crate::autodiff::{Ct, Node};
+use crate::builder::Builder;
 use crate::error::Result;
-use crate::ops::elementwise::BinaryOp;
+use crate::ops::elementwise::{BinaryOp, Cmp};
+use crate::ops::{array_cts, Family, Kind};
+use crate::proto;
 use crate::shape::{check_dim, expect_array, Shape, ShapeError, ShapeResult};
 use crate::{Computation, ElementType, Op};
 
@@ -127,7 +136,13 @@ impl Builder {
             dims,
         )
         .map_err(|e| self.shape_err(loc, e))?;
-        Ok(self.push(loc, Kind::Reduce(dims.to_vec()), ops, out, vec![data.id]))
+        Ok(self.push(
+            loc,
+            Kind::Reduce(Reduce(dims.to_vec())),
+            ops,
+            out,
+            vec![data.id],
+        ))
     }
 
     /// The module's cached `(T, T) -> T` reducer applying `op`.
@@ -181,7 +196,7 @@ impl Builder {
         let init = self.scalar_typed(ty, init)?;
         let data = self
             .computation_data(rid)
-            .ok_or_else(|| self.invalid(loc, "reduce", "cached reducer vanished"))?;
+            .ok_or_else(|| self.error_at(loc, "reduce", "cached reducer vanished"))?;
         let out = reduce(
             &[s],
             &[Shape::scalar(ty)],
@@ -192,7 +207,7 @@ impl Builder {
         .map_err(|e| self.shape_err(loc, e))?;
         Ok(self.push(
             loc,
-            Kind::Reduce(dims.to_vec()),
+            Kind::Reduce(Reduce(dims.to_vec())),
             vec![x, init],
             out,
             vec![rid],
@@ -229,6 +244,98 @@ impl Builder {
         };
         self.reduce_with(BinaryOp::Min, init, x, dims)
     }
+}
+
+/// Attributes of `reduce`: the reduced dims (the reducer is the called computation).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Reduce(pub(crate) Vec<i64>);
+
+impl Family for Reduce {
+    fn opcode(&self) -> &'static str {
+        "reduce"
+    }
+
+    fn emit(&self, p: &mut proto::HloInstructionProto) {
+        p.dimensions = self.0.clone();
+    }
+
+    fn vjp(&self, b: &Builder, n: &Node, ct: Ct) -> Result<Vec<Option<Ct>>> {
+        match ct {
+            Ct::Array(ct) => Ok(array_cts(self.array_vjp(b, n, ct)?)),
+            // A variadic reduce.
+            Ct::Tuple(_) => Err(n.not_differentiable(
+                b,
+                &format!(
+                    "reduce `{}` (built at {}) with this reducer",
+                    n.full_name, n.built_at
+                ),
+            )),
+        }
+    }
+
+    /// One entry per operand (`[x, init]`).
+    fn array_vjp(&self, b: &Builder, n: &Node, ct: Op) -> Result<Vec<Option<Op>>> {
+        let dims = &self.0;
+        let op = match (n.operands.len(), n.called.first()) {
+            (2, Some(&id)) => reducer_op(b, id),
+            _ => None,
+        };
+        let Some(op @ (BinaryOp::Add | BinaryOp::Max | BinaryOp::Min)) = op else {
+            return Err(b.error_at(
+                n.vjp_caller,
+                "vjp",
+                format!(
+                    "reduce `{}` (built at {}) is not differentiable: only single-operand reduces with an add, max or min reducer are; give the block a custom_vjp",
+                    n.full_name, n.built_at
+                ),
+            ));
+        };
+        let xs = &n.operand_shapes[0];
+        let xd = xs.dims();
+        let ty = xs.ty().unwrap_or(ElementType::F32);
+        let kept: Vec<i64> = (0..xd.len() as i64).filter(|d| !dims.contains(d)).collect();
+        let mut out = vec![None, None];
+        if op == BinaryOp::Add {
+            if n.need[0] {
+                out[0] = Some(b.broadcast_in_dim(ct, xd, &kept)?);
+            }
+            if n.need[1] {
+                let all: Vec<i64> = (0..n.shape.rank() as i64).collect();
+                out[1] = Some(if all.is_empty() {
+                    ct
+                } else {
+                    b.reduce_sum(ct, &all)?
+                });
+            }
+            return Ok(out);
+        }
+        if n.need[0] {
+            let x = n.operands[0];
+            let yb = b.broadcast_in_dim(n.op, xd, &kept)?;
+            let hit = b.convert(b.compare(x, yb, Cmp::Eq)?, ty)?;
+            let count = b.reduce_sum(hit, dims)?;
+            let share = b.div(ct, count)?;
+            out[0] = Some(b.mul(hit, b.broadcast_in_dim(share, xd, &kept)?)?);
+        }
+        Ok(out)
+    }
+}
+
+/// The binary op a reducer computation applies to its two parameters, if it is that simple.
+fn reducer_op(b: &Builder, id: i64) -> Option<BinaryOp> {
+    let comp = b.computation_data(id)?;
+    if comp.params.len() != 2 {
+        return None;
+    }
+    let root = &comp.instrs[comp.root];
+    let Kind::Binary(op) = root.kind else {
+        return None;
+    };
+    let mut ops: Vec<usize> = root.operands.iter().map(|o| o.index()).collect();
+    ops.sort_unstable();
+    let mut params = comp.params.clone();
+    params.sort_unstable();
+    (ops == params).then_some(op)
 }
 
 #[cfg(test)]

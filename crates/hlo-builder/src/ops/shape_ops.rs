@@ -2,9 +2,12 @@
 
 use std::panic::Location;
 
-use crate::builder::{Builder, Kind};
+use crate::autodiff::Node;
+use crate::builder::Builder;
 use crate::error::Result;
 use crate::ops::constant::check_dims;
+use crate::ops::{Family, Kind};
+use crate::proto;
 use crate::shape::{check_dim, expect_array, Shape, ShapeError, ShapeResult};
 use crate::{ElementType, Op};
 
@@ -265,7 +268,7 @@ impl Builder {
         if out == s {
             return Ok(x);
         }
-        Ok(self.push(loc, Kind::Reshape, vec![x], out, Vec::new()))
+        Ok(self.push(loc, Kind::Shape(ShapeOp::Reshape), vec![x], out, Vec::new()))
     }
 
     /// Permute dimensions: output dim `i` is input dim `perm[i]`.
@@ -279,7 +282,7 @@ impl Builder {
         }
         Ok(self.push(
             loc,
-            Kind::Transpose(perm.to_vec()),
+            Kind::Shape(ShapeOp::Transpose(perm.to_vec())),
             vec![x],
             out,
             Vec::new(),
@@ -306,14 +309,20 @@ impl Builder {
             let kept_dims: Vec<i64> = keep.iter().map(|&i| dims[i]).collect();
             operand = self.push(
                 loc,
-                Kind::Reshape,
+                Kind::Shape(ShapeOp::Reshape),
                 vec![x],
                 s.with_dims(&kept_dims),
                 Vec::new(),
             );
             bdims = keep.iter().map(|&i| broadcast_dims[i]).collect();
         }
-        Ok(self.push(loc, Kind::Broadcast(bdims), vec![operand], out, Vec::new()))
+        Ok(self.push(
+            loc,
+            Kind::Shape(ShapeOp::Broadcast(bdims)),
+            vec![operand],
+            out,
+            Vec::new(),
+        ))
     }
 
     /// Reverse the order of elements along `dims`.
@@ -322,7 +331,13 @@ impl Builder {
         let loc = Location::caller();
         let s = self.shape_of(loc, "reverse", x)?;
         let out = reverse(&s, dims).map_err(|e| self.shape_err(loc, e))?;
-        Ok(self.push(loc, Kind::Reverse(dims.to_vec()), vec![x], out, Vec::new()))
+        Ok(self.push(
+            loc,
+            Kind::Shape(ShapeOp::Reverse(dims.to_vec())),
+            vec![x],
+            out,
+            Vec::new(),
+        ))
     }
 
     /// Static strided slice `[start, limit)` with `strides`.
@@ -331,11 +346,11 @@ impl Builder {
         let loc = Location::caller();
         let s = self.shape_of(loc, "slice", x)?;
         let out = slice(&s, start, limit, strides).map_err(|e| self.shape_err(loc, e))?;
-        let kind = Kind::Slice {
+        let kind = Kind::Shape(ShapeOp::Slice {
             start: start.to_vec(),
             limit: limit.to_vec(),
             strides: strides.to_vec(),
-        };
+        });
         Ok(self.push(loc, kind, vec![x], out, Vec::new()))
     }
 
@@ -370,7 +385,7 @@ impl Builder {
         let out = dynamic_slice(&s[0], &s[1..], sizes).map_err(|e| self.shape_err(loc, e))?;
         Ok(self.push(
             loc,
-            Kind::DynamicSlice(sizes.to_vec()),
+            Kind::Shape(ShapeOp::DynamicSlice(sizes.to_vec())),
             ops,
             out,
             Vec::new(),
@@ -386,7 +401,13 @@ impl Builder {
         let s = self.shapes_of(loc, "dynamic_update_slice", &ops)?;
         let out =
             dynamic_update_slice(&s[0], &s[1], &s[2..]).map_err(|e| self.shape_err(loc, e))?;
-        Ok(self.push(loc, Kind::DynamicUpdateSlice, ops, out, Vec::new()))
+        Ok(self.push(
+            loc,
+            Kind::Shape(ShapeOp::DynamicUpdateSlice),
+            ops,
+            out,
+            Vec::new(),
+        ))
     }
 
     /// Concatenate along `dim`.
@@ -398,7 +419,13 @@ impl Builder {
         if xs.len() == 1 {
             return Ok(xs[0]);
         }
-        Ok(self.push(loc, Kind::Concatenate(dim), xs.to_vec(), out, Vec::new()))
+        Ok(self.push(
+            loc,
+            Kind::Shape(ShapeOp::Concatenate(dim)),
+            xs.to_vec(),
+            out,
+            Vec::new(),
+        ))
     }
 
     /// Pad with `value` (a scalar): per dim `(low, high, interior)`.
@@ -409,12 +436,222 @@ impl Builder {
         let out = pad(&s[0], &s[1], config).map_err(|e| self.shape_err(loc, e))?;
         Ok(self.push(
             loc,
-            Kind::Pad(config.to_vec()),
+            Kind::Shape(ShapeOp::Pad(config.to_vec())),
             vec![x, value],
             out,
             Vec::new(),
         ))
     }
+}
+
+/// Attributes of the data-movement ops.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ShapeOp {
+    /// `reshape` (row-major).
+    Reshape,
+    /// `transpose` by the permutation.
+    Transpose(Vec<i64>),
+    /// `broadcast`: operand dim `i` becomes output dim `dims[i]` (sizes equal).
+    Broadcast(Vec<i64>),
+    /// `reverse` along the dims.
+    Reverse(Vec<i64>),
+    /// Static strided `slice`.
+    Slice {
+        /// First index per dim.
+        start: Vec<i64>,
+        /// One past the last index per dim.
+        limit: Vec<i64>,
+        /// Step per dim.
+        strides: Vec<i64>,
+    },
+    /// `dynamic-slice` of these sizes.
+    DynamicSlice(Vec<i64>),
+    /// `dynamic-update-slice`.
+    DynamicUpdateSlice,
+    /// `concatenate` along the dim.
+    Concatenate(i64),
+    /// `pad` with `(low, high, interior)` per dim.
+    Pad(Vec<(i64, i64, i64)>),
+}
+
+impl Family for ShapeOp {
+    fn opcode(&self) -> &'static str {
+        match self {
+            ShapeOp::Reshape => "reshape",
+            ShapeOp::Transpose(_) => "transpose",
+            ShapeOp::Broadcast(_) => "broadcast",
+            ShapeOp::Reverse(_) => "reverse",
+            ShapeOp::Slice { .. } => "slice",
+            ShapeOp::DynamicSlice(_) => "dynamic-slice",
+            ShapeOp::DynamicUpdateSlice => "dynamic-update-slice",
+            ShapeOp::Concatenate(_) => "concatenate",
+            ShapeOp::Pad(_) => "pad",
+        }
+    }
+
+    fn emit(&self, p: &mut proto::HloInstructionProto) {
+        match self {
+            ShapeOp::Transpose(d) | ShapeOp::Broadcast(d) | ShapeOp::Reverse(d) => {
+                p.dimensions = d.clone()
+            }
+            ShapeOp::Concatenate(d) => p.dimensions = vec![*d],
+            ShapeOp::Slice {
+                start,
+                limit,
+                strides,
+            } => {
+                p.slice_dimensions = start
+                    .iter()
+                    .zip(limit)
+                    .zip(strides)
+                    .map(|((&start, &limit), &stride)| proto::SliceDimensions {
+                        start,
+                        limit,
+                        stride,
+                    })
+                    .collect()
+            }
+            ShapeOp::DynamicSlice(sizes) => p.dynamic_slice_sizes = sizes.clone(),
+            ShapeOp::Pad(cfg) => {
+                p.padding_config = Some(proto::PaddingConfig {
+                    dimensions: cfg
+                        .iter()
+                        .map(|&(lo, hi, interior)| proto::PaddingConfigDimension {
+                            edge_padding_low: lo,
+                            edge_padding_high: hi,
+                            interior_padding: interior,
+                        })
+                        .collect(),
+                })
+            }
+            ShapeOp::Reshape | ShapeOp::DynamicUpdateSlice => {}
+        }
+    }
+
+    /// Each op's transpose: the cotangent is moved back to where the operand's elements came
+    /// from (zeros elsewhere); one entry per operand.
+    fn array_vjp(&self, b: &Builder, n: &Node, ct: Op) -> Result<Vec<Option<Op>>> {
+        let xs = &n.operand_shapes[0];
+        let ty = xs.ty().unwrap_or(ElementType::F32);
+        let xd = xs.dims();
+        let mut out: Vec<Option<Op>> = vec![None; n.operands.len()];
+        match self {
+            ShapeOp::Reshape => out[0] = Some(b.reshape(ct, xd)?),
+            ShapeOp::Transpose(perm) => out[0] = Some(b.transpose(ct, &inverse_perm(perm))?),
+            ShapeOp::Broadcast(bdims) => {
+                out[0] = Some(unbroadcast(b, ct, xd, n.shape.dims(), bdims)?)
+            }
+            ShapeOp::Reverse(dims) => out[0] = Some(b.reverse(ct, dims)?),
+            ShapeOp::Slice { start, strides, .. } => {
+                let od = n.shape.dims();
+                if od.contains(&0) {
+                    out[0] = Some(b.zeros(ty, xd)?);
+                } else {
+                    // Scatter back: zeros before `start`, after the last taken element, and
+                    // `stride - 1` zeros between taken elements.
+                    let cfg: Vec<(i64, i64, i64)> = (0..xd.len())
+                        .map(|i| {
+                            (
+                                start[i],
+                                xd[i] - (start[i] + (od[i] - 1) * strides[i]) - 1,
+                                strides[i] - 1,
+                            )
+                        })
+                        .collect();
+                    let zero = b.scalar_typed(ty, 0.0)?;
+                    out[0] = Some(b.pad(ct, zero, &cfg)?);
+                }
+            }
+            ShapeOp::DynamicSlice(_) => {
+                // XLA clamps the starts the same way in dynamic-slice and dynamic-update-slice.
+                let starts = &n.operands[1..];
+                let zeros = b.zeros(ty, xd)?;
+                out[0] = Some(b.dynamic_update_slice(zeros, ct, starts)?);
+            }
+            ShapeOp::DynamicUpdateSlice => {
+                let starts = &n.operands[2..];
+                let us = &n.operand_shapes[1];
+                if n.need[0] {
+                    let uz = b.zeros(us.ty().unwrap_or(ty), us.dims())?;
+                    out[0] = Some(b.dynamic_update_slice(ct, uz, starts)?);
+                }
+                if n.need[1] {
+                    out[1] = Some(b.dynamic_slice(ct, starts, us.dims())?);
+                }
+            }
+            ShapeOp::Concatenate(dim) => {
+                let d = *dim as usize;
+                let mut offset = 0;
+                for (j, s) in n.operand_shapes.iter().enumerate() {
+                    let size = s.dims()[d];
+                    if n.need[j] {
+                        out[j] = Some(b.slice_in_dim(ct, offset, offset + size, d)?);
+                    }
+                    offset += size;
+                }
+            }
+            ShapeOp::Pad(cfg) => {
+                // Undo the edge padding (negative where the forward pad cropped), then take
+                // every (interior + 1)-th element.
+                let zero = b.scalar_typed(ty, 0.0)?;
+                let unpad: Vec<(i64, i64, i64)> =
+                    cfg.iter().map(|&(lo, hi, _)| (-lo, -hi, 0)).collect();
+                let unpadded = b.pad(ct, zero, &unpad)?;
+                let ud = b.shape(unpadded)?.dims().to_vec();
+                let strides: Vec<i64> = cfg.iter().map(|&(_, _, interior)| interior + 1).collect();
+                let gx = b.slice(unpadded, &vec![0; ud.len()], &ud, &strides)?;
+                if n.need[0] {
+                    out[0] = Some(gx);
+                }
+                if n.need[1] {
+                    // The padding value appears at every position not taken from the operand.
+                    let all: Vec<i64> = (0..n.shape.rank() as i64).collect();
+                    out[1] = Some(b.sub(b.reduce_sum(ct, &all)?, b.reduce_sum(gx, &all)?)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `perm` such that `transpose(transpose(x, p), perm) == x` (`perm[p[i]] = i`).
+pub(crate) fn inverse_perm(p: &[i64]) -> Vec<i64> {
+    let mut inv = vec![0; p.len()];
+    for (i, &d) in p.iter().enumerate() {
+        inv[d as usize] = i as i64;
+    }
+    inv
+}
+
+/// Transpose of HLO `broadcast`: sum over the new dims and over size-1 operand dims that were
+/// expanded, then restore the operand's dim order and size-1 dims.
+fn unbroadcast(b: &Builder, ct: Op, xd: &[i64], od: &[i64], bdims: &[i64]) -> Result<Op> {
+    let mut summed: Vec<i64> = (0..od.len() as i64)
+        .filter(|d| !bdims.contains(d))
+        .collect();
+    let mut kept: Vec<usize> = Vec::new(); // operand dims that survive, by operand index
+    for (i, &bd) in bdims.iter().enumerate() {
+        if xd[i] == od[bd as usize] {
+            kept.push(i);
+        } else {
+            summed.push(bd);
+        }
+    }
+    summed.sort_unstable();
+    let r = if summed.is_empty() {
+        ct
+    } else {
+        b.reduce_sum(ct, &summed)?
+    };
+    // After the reduce, the kept dims appear in increasing output-dim order.
+    let mut by_out = kept.clone();
+    by_out.sort_by_key(|&i| bdims[i]);
+    let perm: Vec<i64> = kept
+        .iter()
+        .map(|i| by_out.iter().position(|j| j == i).unwrap_or(0) as i64)
+        .collect();
+    let r = b.transpose(r, &perm)?;
+    b.reshape(r, xd)
 }
 
 #[cfg(test)]

@@ -1,82 +1,22 @@
-//! A minimal hand-derived `xla.HloModuleProto` shared by the pjrt tests (field numbers from
-//! hlo.proto / xla_data.proto). hlo-builder cannot be used here: it depends on this crate.
+//! A minimal `xla.HloModuleProto` shared by the pjrt tests, built from `xla_data`'s protos.
 #![allow(dead_code)]
 
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct LayoutProto {
-    #[prost(int64, repeated, tag = "1")]
-    pub minor_to_major: Vec<i64>,
-}
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ShapeProto {
-    #[prost(int32, tag = "2")]
-    pub element_type: i32,
-    #[prost(int64, repeated, tag = "3")]
-    pub dimensions: Vec<i64>,
-    #[prost(message, optional, tag = "5")]
-    pub layout: Option<LayoutProto>,
-}
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ProgramShapeProto {
-    #[prost(message, repeated, tag = "1")]
-    pub parameters: Vec<ShapeProto>,
-    #[prost(message, optional, tag = "2")]
-    pub result: Option<ShapeProto>,
-    #[prost(string, repeated, tag = "3")]
-    pub parameter_names: Vec<String>,
-}
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct HloInstructionProto {
-    #[prost(string, tag = "1")]
-    pub name: String,
-    #[prost(string, tag = "2")]
-    pub opcode: String,
-    #[prost(message, optional, tag = "3")]
-    pub shape: Option<ShapeProto>,
-    #[prost(int64, tag = "9")]
-    pub parameter_number: i64,
-    #[prost(int64, tag = "35")]
-    pub id: i64,
-    #[prost(int64, repeated, tag = "36")]
-    pub operand_ids: Vec<i64>,
-}
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct HloComputationProto {
-    #[prost(string, tag = "1")]
-    pub name: String,
-    #[prost(message, repeated, tag = "2")]
-    pub instructions: Vec<HloInstructionProto>,
-    #[prost(message, optional, tag = "4")]
-    pub program_shape: Option<ProgramShapeProto>,
-    #[prost(int64, tag = "5")]
-    pub id: i64,
-    #[prost(int64, tag = "6")]
-    pub root_id: i64,
-}
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct HloModuleProto {
-    #[prost(string, tag = "1")]
-    pub name: String,
-    #[prost(string, tag = "2")]
-    pub entry_computation_name: String,
-    #[prost(message, repeated, tag = "3")]
-    pub computations: Vec<HloComputationProto>,
-    #[prost(message, optional, tag = "4")]
-    pub host_program_shape: Option<ProgramShapeProto>,
-    #[prost(int64, tag = "5")]
-    pub id: i64,
-    #[prost(int64, tag = "6")]
-    pub entry_computation_id: i64,
-}
+use xla_data::proto::{
+    HloComputationProto, HloInstructionProto, HloModuleProto, LayoutProto, ProgramShapeProto,
+    ShapeProto,
+};
+use xla_data::ElementType;
 
 /// `f32[n]` with the default layout.
 pub fn vec_f32(n: i64) -> ShapeProto {
     ShapeProto {
-        element_type: 11,
+        element_type: ElementType::F32.primitive_type(),
         dimensions: vec![n],
         layout: Some(LayoutProto {
             minor_to_major: vec![0],
+            ..Default::default()
         }),
+        ..Default::default()
     }
 }
 
@@ -91,6 +31,7 @@ pub fn add_mul_module(n: i64) -> Vec<u8> {
         parameter_number: param,
         id,
         operand_ids: ops,
+        ..Default::default()
     };
     let ps = ProgramShapeProto {
         parameters: vec![s.clone(), s.clone()],
@@ -108,6 +49,7 @@ pub fn add_mul_module(n: i64) -> Vec<u8> {
         program_shape: Some(ps.clone()),
         id: 5,
         root_id: 4,
+        ..Default::default()
     };
     HloModuleProto {
         name: "add_mul".into(),
@@ -116,13 +58,7 @@ pub fn add_mul_module(n: i64) -> Vec<u8> {
         host_program_shape: Some(ps),
         id: 1,
         entry_computation_id: 5,
+        ..Default::default()
     }
     .encode_to_vec()
-}
-
-/// Just the name of a module (field 1), to read back optimized programs.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ModuleName {
-    #[prost(string, tag = "1")]
-    pub name: String,
 }
