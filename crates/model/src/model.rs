@@ -48,7 +48,7 @@ impl Attention {
 /// let b = hlo_builder::Builder::new("forward");
 /// let (_params, named) = m.declare_params(&b)?;
 /// let tokens = b.parameter(hlo_builder::Shape::array(hlo_builder::ElementType::S32, &[2, 64]), "tokens")?;
-/// let logits = m.forward(&b, &named, tokens)?;
+/// let logits = m.forward(&b, &named, tokens, "cpu")?;
 /// println!("{}", b.build(logits)?.to_text());
 /// # Ok(()) }
 /// ```
