@@ -4,7 +4,6 @@
 //! `cargo run --release -p model --example trace -- configs/3b.toml`
 
 use hlo_builder::{Builder, ElementType, Shape};
-use model::transformer::{declare_params, loss};
 use std::time::Instant;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -13,16 +12,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut cfg: model::ModelConfig =
             t.remove("model").ok_or("no [model] table")?.try_into()?;
         // Trace with the HLO lowering so the count includes the RLA while loops (what TPU gets).
-        cfg.rla.lowering = model::config::RlaLowering::Hlo;
-        cfg.validate()?;
+        cfg.rla.lowering = model::config::Lowering::Hlo;
+        let m = model::Model::new(cfg)?;
+        let cfg = m.config();
         let t0 = Instant::now();
         let b = Builder::new("train_step");
-        let (params, named) = declare_params(&b, &cfg)?;
+        let (params, named) = m.declare_params(&b)?;
         let tokens = b.parameter(
             Shape::array(ElementType::S32, &[1, cfg.seq_len as i64 + 1]),
             "tokens",
         )?;
-        let l = loss(&b, &cfg, &named, tokens, "tpu")?;
+        let l = m.loss(&b, &named, tokens, "tpu")?;
         let grads = b.grad(l, &params)?;
         let mut outs = vec![l];
         outs.extend(grads);
@@ -33,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let ser = t1.elapsed();
         println!(
             "{path}: {} parameters, traced fwd+bwd (T={}) in {:.3} s, {} instructions in the entry computation, serialized {} MB in {:.3} s",
-            model::param_count(&cfg),
+            m.param_count(),
             cfg.seq_len,
             traced.as_secs_f64(),
             comp.instruction_count(),

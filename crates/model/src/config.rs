@@ -41,51 +41,32 @@ pub enum LayerKind {
     Global,
 }
 
-/// Which lowering the RLA blocks use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum RlaLowering {
-    /// Custom call where our kernels are registered for the target, HLO otherwise.
-    #[default]
-    Auto,
-    /// Always the custom call (CPU FFI kernels).
-    CustomCall,
-    /// Always the pure-HLO `while` lowering.
-    Hlo,
-}
-
-/// RLA feature map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum FeatureMapKind {
-    /// `[softmax(x), softmax(-x)]`.
-    #[default]
-    Softmax,
-    /// `[relu(x), relu(-x)]`.
-    Relu,
-}
+/// The RLA blocks' enums, owned by pallas-port and read from the same config strings:
+/// `rla.feature_map` is `"softmax"` or `"relu"` ([`FeatureMap`]), `rla.lowering` is `"auto"`,
+/// `"custom_call"` or `"hlo"` ([`Lowering`], resolved for the platform a graph runs on).
+pub use pallas_port::{FeatureMap, Lowering};
 
 /// Residual-linear-attention options of local layers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RlaOptions {
     /// Feature map.
-    pub feature_map: FeatureMapKind,
+    pub feature_map: FeatureMap,
     /// Tokens per saved state.
     pub chunk: usize,
     /// Tokens per sub-chunk (recomputed in the backward).
     pub sub_chunk: usize,
     /// Lowering choice.
-    pub lowering: RlaLowering,
+    pub lowering: Lowering,
 }
 
 impl Default for RlaOptions {
     fn default() -> Self {
         Self {
-            feature_map: FeatureMapKind::Softmax,
+            feature_map: FeatureMap::Softmax,
             chunk: 512,
             sub_chunk: 64,
-            lowering: RlaLowering::Auto,
+            lowering: Lowering::Auto,
         }
     }
 }
@@ -99,6 +80,16 @@ pub enum Dtype {
     F32,
     /// bf16 activations and matmuls with f32 master weights, f32 norms/softmax/RLA state.
     Bf16,
+}
+
+impl Dtype {
+    /// The element type of activations in this mode.
+    pub fn element_type(self) -> hlo_builder::ElementType {
+        match self {
+            Dtype::F32 => hlo_builder::ElementType::F32,
+            Dtype::Bf16 => hlo_builder::ElementType::Bf16,
+        }
+    }
 }
 
 /// Layer pattern: a local:global ratio, or an explicit list.

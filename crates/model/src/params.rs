@@ -1,6 +1,10 @@
-//! The parameter tree: names, shapes, initialisers and counts, without allocating anything.
+//! The parameter tree: names, shapes, roles, logical axes and initialisers, without allocating
+//! anything. [`Model::param_specs`](crate::Model::param_specs) lists a model's parameters.
 
-use crate::config::{LayerKind, LocalKind, ModelConfig};
+use crate::config::ModelConfig;
+use crate::model::Attention;
+use std::fmt;
+use std::str::FromStr;
 
 /// How a parameter is initialised.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -11,6 +15,92 @@ pub enum Init {
     Normal(f32),
 }
 
+/// What a parameter is to the model: decides weight decay, FLOP counts and (later) sharding
+/// defaults, so nothing downstream guesses from names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParamRole {
+    /// The token embedding `[vocab, embed]`: a gather in the input, and the LM head's matrix when
+    /// embeddings are tied.
+    Embedding,
+    /// A weight matrix entering a matmul (attention and FFN projections, an untied LM head).
+    Matrix,
+    /// An RMSNorm scale (pre-norms, qk-norm, the RAttention mixing norms, the final norm).
+    NormScale,
+}
+
+/// The logical name of one tensor dimension, in MaxText's style: a sharding rule table maps these
+/// names to mesh axes, so the model is written once and sharded many ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LogicalAxis {
+    /// Sequences of a batch (activations, tokens, caches).
+    Batch,
+    /// Positions of a sequence (activations, tokens).
+    Length,
+    /// The vocabulary.
+    Vocab,
+    /// The residual width `d_model`.
+    Embed,
+    /// Query heads; a flattened `heads × head_dim` projection dim is named by its heads.
+    QHeads,
+    /// Key/value heads; a flattened `kv_heads × head_dim` projection dim is named by its heads.
+    KvHeads,
+    /// The head dim H on its own (per-head norm scales).
+    HeadDim,
+    /// The FFN hidden width.
+    Mlp,
+}
+
+impl LogicalAxis {
+    /// Every axis, in declaration order.
+    pub const ALL: [LogicalAxis; 8] = [
+        LogicalAxis::Batch,
+        LogicalAxis::Length,
+        LogicalAxis::Vocab,
+        LogicalAxis::Embed,
+        LogicalAxis::QHeads,
+        LogicalAxis::KvHeads,
+        LogicalAxis::HeadDim,
+        LogicalAxis::Mlp,
+    ];
+
+    /// The name a config rule table keys on: `batch`, `length`, `vocab`, `embed`, `q_heads`,
+    /// `kv_heads`, `head_dim`, `mlp`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogicalAxis::Batch => "batch",
+            LogicalAxis::Length => "length",
+            LogicalAxis::Vocab => "vocab",
+            LogicalAxis::Embed => "embed",
+            LogicalAxis::QHeads => "q_heads",
+            LogicalAxis::KvHeads => "kv_heads",
+            LogicalAxis::HeadDim => "head_dim",
+            LogicalAxis::Mlp => "mlp",
+        }
+    }
+}
+
+impl fmt::Display for LogicalAxis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is not a [`LogicalAxis`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown logical axis {0:?} (known: batch, length, vocab, embed, q_heads, kv_heads, head_dim, mlp)")]
+pub struct UnknownAxis(pub String);
+
+impl FromStr for LogicalAxis {
+    type Err = UnknownAxis;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        LogicalAxis::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| UnknownAxis(s.to_string()))
+    }
+}
+
 /// One named parameter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamSpec {
@@ -18,6 +108,10 @@ pub struct ParamSpec {
     pub name: String,
     /// Row-major shape.
     pub shape: Vec<usize>,
+    /// What the parameter is.
+    pub role: ParamRole,
+    /// The logical axis of every dimension (`axes.len() == shape.len()`).
+    pub axes: Vec<LogicalAxis>,
     /// Initialiser.
     pub init: Init,
 }
@@ -29,90 +123,65 @@ impl ParamSpec {
     }
 }
 
-/// The parameters of a model, in a fixed order (the order of the train step's arguments).
-pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
+/// The parameters of a model with these resolved `layers`, in a fixed order (the order of the
+/// train step's arguments).
+pub(crate) fn specs(cfg: &ModelConfig, layers: &[Attention]) -> Vec<ParamSpec> {
+    use LogicalAxis::{Embed, HeadDim, KvHeads, Mlp, QHeads, Vocab};
     let d = cfg.d_model;
     let std = 0.02f32;
     let out_std = std / (2.0 * cfg.layers as f32).sqrt();
     let mut v = Vec::new();
     let mut push =
-        |name: String, shape: Vec<usize>, init: Init| v.push(ParamSpec { name, shape, init });
-    push("embed".into(), vec![cfg.vocab, d], Init::Normal(std));
-    let kinds = cfg.layer_kinds().unwrap_or_default();
-    for (i, kind) in kinds.iter().enumerate() {
+        |name: String, dims: &[(usize, LogicalAxis)], (role, init): (ParamRole, Init)| {
+            v.push(ParamSpec {
+                name,
+                shape: dims.iter().map(|x| x.0).collect(),
+                role,
+                axes: dims.iter().map(|x| x.1).collect(),
+                init,
+            })
+        };
+    // Matrices are drawn with std 0.02, the output projections (wo, w_down) scaled down by
+    // sqrt(2·layers); norm scales start at 1.
+    let (matrix, out) = (
+        (ParamRole::Matrix, Init::Normal(std)),
+        (ParamRole::Matrix, Init::Normal(out_std)),
+    );
+    let scale = (ParamRole::NormScale, Init::Ones);
+    let (embed, vocab, mlp) = ((d, Embed), (cfg.vocab, Vocab), (cfg.ffn_dim, Mlp));
+    let (q, kv) = ((cfg.q_dim(), QHeads), (cfg.kv_dim(), KvHeads));
+    let head_dim = (cfg.head_dim, HeadDim);
+    push(
+        "embed".into(),
+        &[vocab, embed],
+        (ParamRole::Embedding, Init::Normal(std)),
+    );
+    for (i, attn) in layers.iter().enumerate() {
         let p = format!("layers.{i}");
-        push(format!("{p}.attn_norm.scale"), vec![d], Init::Ones);
-        push(
-            format!("{p}.attn.wq"),
-            vec![d, cfg.q_dim()],
-            Init::Normal(std),
-        );
-        push(
-            format!("{p}.attn.wk"),
-            vec![d, cfg.kv_dim()],
-            Init::Normal(std),
-        );
-        push(
-            format!("{p}.attn.wv"),
-            vec![d, cfg.kv_dim()],
-            Init::Normal(std),
-        );
-        push(
-            format!("{p}.attn.wo"),
-            vec![cfg.q_dim(), d],
-            Init::Normal(out_std),
-        );
+        push(format!("{p}.attn_norm.scale"), &[embed], scale);
+        push(format!("{p}.attn.wq"), &[embed, q], matrix);
+        push(format!("{p}.attn.wk"), &[embed, kv], matrix);
+        push(format!("{p}.attn.wv"), &[embed, kv], matrix);
+        push(format!("{p}.attn.wo"), &[q, embed], out);
         if cfg.qk_norm {
-            push(
-                format!("{p}.attn.q_norm.scale"),
-                vec![cfg.head_dim],
-                Init::Ones,
-            );
-            push(
-                format!("{p}.attn.k_norm.scale"),
-                vec![cfg.head_dim],
-                Init::Ones,
-            );
+            push(format!("{p}.attn.q_norm.scale"), &[head_dim], scale);
+            push(format!("{p}.attn.k_norm.scale"), &[head_dim], scale);
         }
-        if *kind == LayerKind::Local && cfg.local_kind == LocalKind::Rattention {
-            push(
-                format!("{p}.attn.swa_norm.scale"),
-                vec![cfg.heads, cfg.head_dim],
-                Init::Ones,
-            );
-            push(
-                format!("{p}.attn.rla_norm.scale"),
-                vec![cfg.heads, cfg.head_dim],
-                Init::Ones,
-            );
+        if attn.has_rla() {
+            let heads = [(cfg.heads, QHeads), head_dim];
+            push(format!("{p}.attn.swa_norm.scale"), &heads, scale);
+            push(format!("{p}.attn.rla_norm.scale"), &heads, scale);
         }
-        push(format!("{p}.ffn_norm.scale"), vec![d], Init::Ones);
-        push(
-            format!("{p}.ffn.w_gate"),
-            vec![d, cfg.ffn_dim],
-            Init::Normal(std),
-        );
-        push(
-            format!("{p}.ffn.w_up"),
-            vec![d, cfg.ffn_dim],
-            Init::Normal(std),
-        );
-        push(
-            format!("{p}.ffn.w_down"),
-            vec![cfg.ffn_dim, d],
-            Init::Normal(out_std),
-        );
+        push(format!("{p}.ffn_norm.scale"), &[embed], scale);
+        push(format!("{p}.ffn.w_gate"), &[embed, mlp], matrix);
+        push(format!("{p}.ffn.w_up"), &[embed, mlp], matrix);
+        push(format!("{p}.ffn.w_down"), &[mlp, embed], out);
     }
-    push("final_norm.scale".into(), vec![d], Init::Ones);
+    push("final_norm.scale".into(), &[embed], scale);
     if !cfg.tied_embeddings {
-        push("lm_head".into(), vec![d, cfg.vocab], Init::Normal(std));
+        push("lm_head".into(), &[embed, vocab], matrix);
     }
     v
-}
-
-/// Total number of parameters.
-pub fn param_count(cfg: &ModelConfig) -> usize {
-    param_specs(cfg).iter().map(ParamSpec::numel).sum()
 }
 
 /// SplitMix64: a tiny counter-based generator, so initialisation depends only on (seed, name, index).

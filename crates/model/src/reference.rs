@@ -1,9 +1,12 @@
 //! An independent f64 reference of the model, written straight from DESIGN §2 with naive loops.
 //!
 //! Nothing here shares code with the traced graph: it exists so tests can compare the graph (and
-//! the RLA kernels) against the math. Tensors are flat row-major `Vec<f64>` with explicit dims.
+//! the RLA kernels) against the math. φ is pallas-port's f64 reference
+//! ([`pallas_port::reference::feature`]). Tensors are flat row-major `Vec<f64>` with explicit dims.
 
-use crate::config::{FeatureMapKind, FfnActivation, LayerKind, LocalKind, ModelConfig};
+use crate::config::{FeatureMap, FfnActivation};
+use crate::model::{Attention, Model};
+use pallas_port::reference::feature;
 use std::collections::HashMap;
 
 /// Interleaved RoPE at position `pos`: dims (2i, 2i+1) rotate by pos · θ^(−2i/H).
@@ -15,26 +18,6 @@ pub fn rope(x: &mut [f64], pos: usize, theta: f64) {
         let (a, b) = (x[2 * i], x[2 * i + 1]);
         x[2 * i] = a * c - b * s;
         x[2 * i + 1] = a * s + b * c;
-    }
-}
-
-/// RLA feature map φ: H → 2H.
-pub fn feature(x: &[f64], fm: FeatureMapKind) -> Vec<f64> {
-    match fm {
-        FeatureMapKind::Relu => x
-            .iter()
-            .map(|v| v.max(0.0))
-            .chain(x.iter().map(|v| (-v).max(0.0)))
-            .collect(),
-        FeatureMapKind::Softmax => {
-            let sm = |s: f64| {
-                let m = x.iter().map(|v| s * v).fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = x.iter().map(|v| (s * v - m).exp()).collect();
-                let z: f64 = e.iter().sum();
-                e.into_iter().map(move |v| v / z)
-            };
-            sm(1.0).chain(sm(-1.0)).collect()
-        }
     }
 }
 
@@ -140,7 +123,7 @@ pub fn swa(q: &[f64], k: &[f64], v: &[f64], d: AttnDims, w: usize, theta: f64) -
 }
 
 /// Residual linear attention, naive O(T²): o_t = Σ_{s ≤ t−W−1} ⟨φ(q_t), φ(k_s)⟩ v_s (raw q, k).
-pub fn rla(q: &[f64], k: &[f64], v: &[f64], d: AttnDims, w: usize, fm: FeatureMapKind) -> Vec<f64> {
+pub fn rla(q: &[f64], k: &[f64], v: &[f64], d: AttnDims, w: usize, fm: FeatureMap) -> Vec<f64> {
     let mut out = vec![0.0; d.b * d.t * d.n * d.h];
     let rep = d.n / d.g;
     for b in 0..d.b {
@@ -182,7 +165,7 @@ pub fn local_layer(
     d: AttnDims,
     w: usize,
     theta: f64,
-    fm: FeatureMapKind,
+    fm: FeatureMap,
 ) -> LocalOut {
     let swa_o = swa(q, k, v, d, w, theta);
     let rla_o = rla(q, k, v, d, w, fm);
@@ -217,7 +200,7 @@ fn rms_norm(x: &[f64], width: usize, scale: &[f64], eps: f64) -> Vec<f64> {
 
 /// Logits `[B, T, vocab]` of the whole model for `tokens` `[B, T]`, from named f32 parameters.
 pub fn logits(
-    cfg: &ModelConfig,
+    model: &Model,
     params: &HashMap<String, Vec<f32>>,
     tokens: &[u32],
     batch: usize,
@@ -230,6 +213,7 @@ pub fn logits(
             .map(|&x| x as f64)
             .collect()
     };
+    let cfg = model.config();
     let (t, dm, h) = (tokens.len() / batch, cfg.d_model, cfg.head_dim);
     let rows = batch * t;
     let emb = p("embed");
@@ -245,7 +229,7 @@ pub fn logits(
         h,
     };
     let fm = cfg.rla.feature_map;
-    for (i, kind) in cfg.layer_kinds().unwrap().into_iter().enumerate() {
+    for (i, &attn) in model.layers().iter().enumerate() {
         let pre = format!("layers.{i}");
         let xn = rms_norm(&x, dm, &p(&format!("{pre}.attn_norm.scale")), cfg.norm_eps);
         let mut q = matmul(&xn, rows, &p(&format!("{pre}.attn.wq")), dm, cfg.q_dim());
@@ -268,20 +252,15 @@ pub fn logits(
                 cfg.norm_eps,
             );
         }
-        let ctx = match kind {
-            LayerKind::Global => attention(&q, &k, &v, d, None, |t, s| s <= t),
-            LayerKind::Local => {
+        let ctx = match attn {
+            Attention::Global => attention(&q, &k, &v, d, None, |t, s| s <= t),
+            Attention::Swa => swa(&q, &k, &v, d, cfg.window, cfg.rope_theta),
+            Attention::Rattention => {
                 let s = swa(&q, &k, &v, d, cfg.window, cfg.rope_theta);
-                if cfg.local_kind == LocalKind::Swa {
-                    s
-                } else {
-                    let r = rla(&raw_q, &raw_k, &v, d, cfg.window, fm);
-                    let a =
-                        group_rms_norm(&s, d.n, h, &p(&format!("{pre}.attn.swa_norm.scale")), 1e-8);
-                    let b =
-                        group_rms_norm(&r, d.n, h, &p(&format!("{pre}.attn.rla_norm.scale")), 1e-8);
-                    a.iter().zip(&b).map(|(x, y)| x + y).collect()
-                }
+                let r = rla(&raw_q, &raw_k, &v, d, cfg.window, fm);
+                let a = group_rms_norm(&s, d.n, h, &p(&format!("{pre}.attn.swa_norm.scale")), 1e-8);
+                let b = group_rms_norm(&r, d.n, h, &p(&format!("{pre}.attn.rla_norm.scale")), 1e-8);
+                a.iter().zip(&b).map(|(x, y)| x + y).collect()
             }
         };
         let o = matmul(&ctx, rows, &p(&format!("{pre}.attn.wo")), cfg.q_dim(), dm);

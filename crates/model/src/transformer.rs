@@ -1,89 +1,25 @@
 //! The stack: embedding, pre-norm blocks of [local, local, local, global] attention and a gated FFN,
-//! the final norm, the LM head and the loss — one traced graph.
+//! the final norm, the LM head and the loss — one traced graph, as methods of [`Model`].
 
-use crate::config::{FeatureMapKind, LayerKind, LocalKind, ModelConfig, RlaLowering};
 use crate::layers::{causal_attention, cross_entropy, dims, ffn, linear, rms_norm, rope};
+use crate::model::{Attention, Model};
 use hlo_builder::{Builder, DotDims, ElementType, Op, Result};
 use std::collections::HashMap;
 
 /// Named parameter handles (the leaves of the parameter tree as graph values).
 pub type ParamOps = HashMap<String, Op>;
 
-/// A model-level error in the builder's error type.
-pub fn model_error(message: String) -> hlo_builder::Error {
-    hlo_builder::Error::Invalid {
-        op: "model",
-        message,
-        location: String::new(),
-        scope: String::new(),
+/// The handle of parameter `name`; an error naming it (and the model code that asked) when the
+/// map lacks it.
+#[track_caller]
+pub(crate) fn param(p: &ParamOps, name: &str) -> Result<Op> {
+    match p.get(name) {
+        Some(&op) => Ok(op),
+        None => Err(hlo_builder::Error::invalid(
+            "model",
+            format!("parameter {name:?} is missing"),
+        )),
     }
-}
-
-fn param(p: &ParamOps, name: &str) -> Result<Op> {
-    p.get(name)
-        .copied()
-        .ok_or_else(|| model_error(format!("parameter {name:?} is missing")))
-}
-
-/// The RLA block configuration of local layers.
-pub fn rla_config(cfg: &ModelConfig) -> pallas_port::RlaConfig {
-    pallas_port::RlaConfig {
-        window: cfg.window,
-        sub_chunk: cfg.rla.sub_chunk,
-        chunk: cfg.rla.chunk,
-        feature_map: match cfg.rla.feature_map {
-            FeatureMapKind::Softmax => pallas_port::FeatureMap::Softmax,
-            FeatureMapKind::Relu => pallas_port::FeatureMap::Relu,
-        },
-    }
-}
-
-/// The lowering of the RLA blocks for a graph that runs on `platform` (a PJRT platform name such
-/// as `"cpu"`, `"cuda"`, `"tpu"`): `auto` resolves with [`pallas_port::Lowering::for_platform`].
-pub fn rla_lowering(cfg: &ModelConfig, platform: &str) -> pallas_port::Lowering {
-    match cfg.rla.lowering {
-        RlaLowering::Auto => pallas_port::Lowering::Auto,
-        RlaLowering::CustomCall => pallas_port::Lowering::CustomCall,
-        RlaLowering::Hlo => pallas_port::Lowering::Hlo,
-    }
-    .for_platform(platform)
-}
-
-/// What a local layer's attention returns besides its output (used by tests and dumps).
-pub struct AttnParts {
-    /// Context before the output projection `[B,T,N,H]`.
-    pub ctx: Op,
-    /// Projected q, k, v before any norm or rotation.
-    pub qkv: (Op, Op, Op),
-}
-
-/// Optional per-head RMSNorm of q and k (`cfg.qk_norm`), applied before RoPE in SWA and global
-/// attention (never in RLA).
-pub fn qk_norm(
-    b: &Builder,
-    cfg: &ModelConfig,
-    p: &ParamOps,
-    prefix: &str,
-    q: Op,
-    k: Op,
-) -> Result<(Op, Op)> {
-    if !cfg.qk_norm {
-        return Ok((q, k));
-    }
-    Ok((
-        rms_norm(
-            b,
-            q,
-            param(p, &format!("{prefix}.q_norm.scale"))?,
-            cfg.norm_eps,
-        )?,
-        rms_norm(
-            b,
-            k,
-            param(p, &format!("{prefix}.k_norm.scale"))?,
-            cfg.norm_eps,
-        )?,
-    ))
 }
 
 /// The mixing of a RAttention layer: `GroupRMSNorm_swa(swa) + GroupRMSNorm_rla(rla)` over
@@ -95,205 +31,229 @@ pub fn mix_local(b: &Builder, p: &ParamOps, prefix: &str, swa: Op, rla: Op) -> R
     b.add(a, c)
 }
 
-/// The attention core of one layer from projected `q [B,T,N,H]`, `k, v [B,T,G,H]`: SWA (+ RLA and the
-/// mixing) for local layers, full causal attention without RoPE for global ones. `platform` is
-/// where the graph runs (see [`rla_lowering`]).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_core(
-    b: &Builder,
-    cfg: &ModelConfig,
-    p: &ParamOps,
-    prefix: &str,
-    kind: LayerKind,
-    qkv: (Op, Op, Op),
-    pos: Op,
-    platform: &str,
-) -> Result<Op> {
-    Ok(attention_core_with_state(b, cfg, p, prefix, kind, qkv, pos, platform)?.0)
-}
+impl Model {
+    /// Parameters of a graph in [`Model::param_specs`] order, as f32 parameters of `b`, and the
+    /// same handles by name.
+    pub fn declare_params(&self, b: &Builder) -> Result<(Vec<Op>, ParamOps)> {
+        let mut ops = Vec::new();
+        let mut map = HashMap::new();
+        for spec in self.param_specs() {
+            let dims: Vec<i64> = spec.shape.iter().map(|&d| d as i64).collect();
+            let op = b.parameter(
+                hlo_builder::Shape::array(ElementType::F32, &dims),
+                &spec.name,
+            )?;
+            ops.push(op);
+            map.insert(spec.name.clone(), op);
+        }
+        Ok((ops, map))
+    }
 
-/// [`attention_core`] that also returns the RLA block's `final_state f32[B,G,2H,H]` for RAttention
-/// local layers (`None` for SWA-only and global layers): what decoding continues from.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_core_with_state(
-    b: &Builder,
-    cfg: &ModelConfig,
-    p: &ParamOps,
-    prefix: &str,
-    kind: LayerKind,
-    (q, k, v): (Op, Op, Op),
-    pos: Op,
-    platform: &str,
-) -> Result<(Op, Option<Op>)> {
-    let h = cfg.head_dim as f32;
-    let (qn, kn) = qk_norm(b, cfg, p, prefix, q, k)?;
-    let inv_sqrt_h = b.scalar(1.0 / h.sqrt())?;
-    match kind {
-        LayerKind::Global => {
+    /// Optional per-head RMSNorm of q and k (`qk_norm`), applied before RoPE in SWA and global
+    /// attention (never in RLA).
+    pub fn qk_norm(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        prefix: &str,
+        q: Op,
+        k: Op,
+    ) -> Result<(Op, Op)> {
+        let cfg = self.config();
+        if !cfg.qk_norm {
+            return Ok((q, k));
+        }
+        Ok((
+            rms_norm(
+                b,
+                q,
+                param(p, &format!("{prefix}.q_norm.scale"))?,
+                cfg.norm_eps,
+            )?,
+            rms_norm(
+                b,
+                k,
+                param(p, &format!("{prefix}.k_norm.scale"))?,
+                cfg.norm_eps,
+            )?,
+        ))
+    }
+
+    /// The attention core of one layer from projected `q [B,T,N,H]`, `k, v [B,T,G,H]` at
+    /// positions `pos [T]`: SWA (+ RLA and the mixing) for local layers, full causal attention
+    /// without RoPE for global ones. `prefix` names the layer's attention parameters
+    /// (`layers.{i}.attn`); `platform` is where the graph runs (it picks the RLA lowering, see
+    /// [`Model::rla_lowering`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_core(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        prefix: &str,
+        attn: Attention,
+        qkv: (Op, Op, Op),
+        pos: Op,
+        platform: &str,
+    ) -> Result<Op> {
+        Ok(self
+            .attention_core_with_state(b, p, prefix, attn, qkv, pos, platform)?
+            .0)
+    }
+
+    /// [`Model::attention_core`] that also returns the RLA block's `final_state f32[B,G,2H,H]` for
+    /// RAttention layers (`None` for SWA-only and global layers): what decoding continues from.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_core_with_state(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        prefix: &str,
+        attn: Attention,
+        (q, k, v): (Op, Op, Op),
+        pos: Op,
+        platform: &str,
+    ) -> Result<(Op, Option<Op>)> {
+        let cfg = self.config();
+        let h = cfg.head_dim as f32;
+        let (qn, kn) = self.qk_norm(b, p, prefix, q, k)?;
+        let inv_sqrt_h = b.scalar(1.0 / h.sqrt())?;
+        if attn == Attention::Global {
             let _s = b.name_scope("global");
-            Ok((
+            return Ok((
                 causal_attention(b, b.mul(qn, inv_sqrt_h)?, kn, v, None)?,
                 None,
-            ))
+            ));
         }
-        LayerKind::Local => {
-            let _s = b.name_scope("local");
-            let swa = {
-                let _s = b.name_scope("swa");
-                let qr = b.mul(rope(b, qn, pos, cfg.rope_theta)?, inv_sqrt_h)?;
-                let kr = rope(b, kn, pos, cfg.rope_theta)?;
-                causal_attention(b, qr, kr, v, Some(cfg.window))?
-            };
-            if cfg.local_kind == LocalKind::Swa {
-                return Ok((swa, None));
-            }
-            let rla = {
-                let _s = b.name_scope("rla");
-                pallas_port::rla_with_state(
-                    b,
-                    q,
-                    k,
-                    v,
-                    &rla_config(cfg),
-                    rla_lowering(cfg, platform),
-                )?
-            };
-            Ok((mix_local(b, p, prefix, swa, rla.o)?, Some(rla.final_state)))
-        }
-    }
-}
-
-/// Token embedding: `tokens [B, T]` (s32) to `x [B, T, d_model]` (f32), a gather of rows of
-/// `embed [vocab, d_model]` (ids outside `[0, vocab)` are clamped; no `[B, T, vocab]` one-hot).
-pub fn embed(b: &Builder, _cfg: &ModelConfig, p: &ParamOps, tokens: Op) -> Result<Op> {
-    let _s = b.name_scope("embed");
-    b.take_rows(param(p, "embed")?, tokens)
-}
-
-/// One pre-norm block `layers.{layer}` on `x [B, T, d_model]`: `y = x + Wo·attn(q, k, v)`, then
-/// `y + FFN(RMSNorm(y))`. `attn` maps the projected `q [B,T,N,H]`, `k, v [B,T,G,H]` to the context
-/// `[B,T,N,H]` ([`attention_core`] in the forward, cached attention when decoding).
-pub fn block(
-    b: &Builder,
-    cfg: &ModelConfig,
-    p: &ParamOps,
-    layer: usize,
-    x: Op,
-    attn: impl FnOnce(Op, Op, Op) -> Result<Op>,
-) -> Result<Op> {
-    let xd = dims(b, x)?;
-    let (bs, t) = (xd[0], xd[1]);
-    let (n, g, h) = (cfg.heads as i64, cfg.kv_heads as i64, cfg.head_dim as i64);
-    let pre = format!("layers.{layer}");
-    let xn = rms_norm(
-        b,
-        x,
-        param(p, &format!("{pre}.attn_norm.scale"))?,
-        cfg.norm_eps,
-    )?;
-    let ap = format!("{pre}.attn");
-    let proj = |w: &str, heads: i64| -> Result<Op> {
-        b.reshape(
-            linear(b, xn, param(p, &format!("{ap}.{w}"))?, cfg.dtype)?,
-            &[bs, t, heads, h],
-        )
-    };
-    let (q, k, v) = (proj("wq", n)?, proj("wk", g)?, proj("wv", g)?);
-    let ctx = attn(q, k, v)?;
-    let o = linear(
-        b,
-        b.reshape(ctx, &[bs, t, n * h])?,
-        param(p, &format!("{ap}.wo"))?,
-        cfg.dtype,
-    )?;
-    let x = b.add(x, o)?;
-    let _f = b.name_scope("ffn");
-    let xn = rms_norm(
-        b,
-        x,
-        param(p, &format!("{pre}.ffn_norm.scale"))?,
-        cfg.norm_eps,
-    )?;
-    let f = ffn(
-        b,
-        xn,
-        param(p, &format!("{pre}.ffn.w_gate"))?,
-        param(p, &format!("{pre}.ffn.w_up"))?,
-        param(p, &format!("{pre}.ffn.w_down"))?,
-        cfg.ffn_activation,
-        cfg.dtype,
-    )?;
-    b.add(x, f)
-}
-
-/// The final norm and the LM head: `x [B, T, d_model]` to logits `[B, T, vocab]` (f32).
-pub fn head(b: &Builder, cfg: &ModelConfig, p: &ParamOps, x: Op) -> Result<Op> {
-    let _s = b.name_scope("head");
-    let xn = rms_norm(b, x, param(p, "final_norm.scale")?, cfg.norm_eps)?;
-    if cfg.tied_embeddings {
-        let dd = DotDims {
-            lhs_contracting: vec![2],
-            rhs_contracting: vec![1],
-            ..Default::default()
+        let _s = b.name_scope("local");
+        let swa = {
+            let _s = b.name_scope("swa");
+            let qr = b.mul(rope(b, qn, pos, cfg.rope_theta)?, inv_sqrt_h)?;
+            let kr = rope(b, kn, pos, cfg.rope_theta)?;
+            causal_attention(b, qr, kr, v, Some(cfg.window))?
         };
-        b.dot_general(xn, param(p, "embed")?, &dd, None, None)
-    } else {
-        linear(b, xn, param(p, "lm_head")?, cfg.dtype)
+        if !attn.has_rla() {
+            return Ok((swa, None));
+        }
+        let rla = {
+            let _s = b.name_scope("rla");
+            pallas_port::rla_with_state(
+                b,
+                q,
+                k,
+                v,
+                &self.rla_config(),
+                self.rla_lowering(platform),
+            )?
+        };
+        Ok((mix_local(b, p, prefix, swa, rla.o)?, Some(rla.final_state)))
     }
-}
 
-/// Logits `[B, T, vocab]` (f32) for `tokens [B, T]` (s32), for a graph that runs on `platform`
-/// (see [`rla_lowering`]).
-pub fn forward(
-    b: &Builder,
-    cfg: &ModelConfig,
-    p: &ParamOps,
-    tokens: Op,
-    platform: &str,
-) -> Result<Op> {
-    let t = dims(b, tokens)?[1];
-    let mut x = embed(b, cfg, p, tokens)?;
-    let pos = b.iota(ElementType::F32, &[t], 0)?;
-    let kinds = cfg.layer_kinds().map_err(|e| model_error(e.to_string()))?;
-    for (i, kind) in kinds.into_iter().enumerate() {
-        let _s = b.name_scope(&format!("layer_{i}"));
-        let ap = format!("layers.{i}.attn");
-        x = block(b, cfg, p, i, x, |q, k, v| {
-            attention_core(b, cfg, p, &ap, kind, (q, k, v), pos, platform)
-        })?;
+    /// Token embedding: `tokens [B, T]` (s32) to `x [B, T, d_model]` (f32), a gather of rows of
+    /// `embed [vocab, d_model]` (ids outside `[0, vocab)` are clamped; no `[B, T, vocab]` one-hot).
+    pub fn embed(&self, b: &Builder, p: &ParamOps, tokens: Op) -> Result<Op> {
+        let _s = b.name_scope("embed");
+        b.take_rows(param(p, "embed")?, tokens)
     }
-    head(b, cfg, p, x)
-}
 
-/// Parameters of the graph in [`crate::param_specs`] order, as f32 parameters of `b`.
-pub fn declare_params(b: &Builder, cfg: &ModelConfig) -> Result<(Vec<Op>, ParamOps)> {
-    let mut ops = Vec::new();
-    let mut map = HashMap::new();
-    for spec in crate::param_specs(cfg) {
-        let dims: Vec<i64> = spec.shape.iter().map(|&d| d as i64).collect();
-        let op = b.parameter(
-            hlo_builder::Shape::array(ElementType::F32, &dims),
-            &spec.name,
+    /// One pre-norm block `layers.{layer}` on `x [B, T, d_model]`: `y = x + Wo·attn(q, k, v)`, then
+    /// `y + FFN(RMSNorm(y))`. `attn` maps the projected `q [B,T,N,H]`, `k, v [B,T,G,H]` to the
+    /// context `[B,T,N,H]` ([`Model::attention_core`] in the forward, cached attention when
+    /// decoding).
+    pub fn block(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        layer: usize,
+        x: Op,
+        attn: impl FnOnce(Op, Op, Op) -> Result<Op>,
+    ) -> Result<Op> {
+        let cfg = self.config();
+        let xd = dims(b, x)?;
+        let (bs, t) = (xd[0], xd[1]);
+        let (n, g, h) = (cfg.heads as i64, cfg.kv_heads as i64, cfg.head_dim as i64);
+        let pre = format!("layers.{layer}");
+        let xn = rms_norm(
+            b,
+            x,
+            param(p, &format!("{pre}.attn_norm.scale"))?,
+            cfg.norm_eps,
         )?;
-        ops.push(op);
-        map.insert(spec.name, op);
+        let ap = format!("{pre}.attn");
+        let proj = |w: &str, heads: i64| -> Result<Op> {
+            b.reshape(
+                linear(b, xn, param(p, &format!("{ap}.{w}"))?, cfg.dtype)?,
+                &[bs, t, heads, h],
+            )
+        };
+        let (q, k, v) = (proj("wq", n)?, proj("wk", g)?, proj("wv", g)?);
+        let ctx = attn(q, k, v)?;
+        let o = linear(
+            b,
+            b.reshape(ctx, &[bs, t, n * h])?,
+            param(p, &format!("{ap}.wo"))?,
+            cfg.dtype,
+        )?;
+        let x = b.add(x, o)?;
+        let _f = b.name_scope("ffn");
+        let xn = rms_norm(
+            b,
+            x,
+            param(p, &format!("{pre}.ffn_norm.scale"))?,
+            cfg.norm_eps,
+        )?;
+        let f = ffn(
+            b,
+            xn,
+            param(p, &format!("{pre}.ffn.w_gate"))?,
+            param(p, &format!("{pre}.ffn.w_up"))?,
+            param(p, &format!("{pre}.ffn.w_down"))?,
+            cfg.ffn_activation,
+            cfg.dtype,
+        )?;
+        b.add(x, f)
     }
-    Ok((ops, map))
-}
 
-/// Mean next-token loss of `tokens [B, T+1]`: inputs are the first T, targets the last T, all weighted 1.
-/// `platform` is where the graph runs (see [`rla_lowering`]).
-pub fn loss(
-    b: &Builder,
-    cfg: &ModelConfig,
-    p: &ParamOps,
-    tokens: Op,
-    platform: &str,
-) -> Result<Op> {
-    let td = dims(b, tokens)?;
-    let inputs = b.slice_in_dim(tokens, 0, td[1] - 1, 1)?;
-    let targets = b.slice_in_dim(tokens, 1, td[1], 1)?;
-    let logits = forward(b, cfg, p, inputs, platform)?;
-    let mask = b.full(ElementType::F32, 1.0, &[td[0], td[1] - 1])?;
-    cross_entropy(b, logits, targets, mask)
+    /// The final norm and the LM head: `x [B, T, d_model]` to logits `[B, T, vocab]` (f32).
+    pub fn head(&self, b: &Builder, p: &ParamOps, x: Op) -> Result<Op> {
+        let cfg = self.config();
+        let _s = b.name_scope("head");
+        let xn = rms_norm(b, x, param(p, "final_norm.scale")?, cfg.norm_eps)?;
+        if cfg.tied_embeddings {
+            let dd = DotDims {
+                lhs_contracting: vec![2],
+                rhs_contracting: vec![1],
+                ..Default::default()
+            };
+            b.dot_general(xn, param(p, "embed")?, &dd, None, None)
+        } else {
+            linear(b, xn, param(p, "lm_head")?, cfg.dtype)
+        }
+    }
+
+    /// Logits `[B, T, vocab]` (f32) for `tokens [B, T]` (s32), in a graph that runs on
+    /// `platform` (see [`Model::rla_lowering`]).
+    pub fn forward(&self, b: &Builder, p: &ParamOps, tokens: Op, platform: &str) -> Result<Op> {
+        let t = dims(b, tokens)?[1];
+        let mut x = self.embed(b, p, tokens)?;
+        let pos = b.iota(ElementType::F32, &[t], 0)?;
+        for (i, &attn) in self.layers().iter().enumerate() {
+            let _s = b.name_scope(&format!("layer_{i}"));
+            let ap = format!("layers.{i}.attn");
+            x = self.block(b, p, i, x, |q, k, v| {
+                self.attention_core(b, p, &ap, attn, (q, k, v), pos, platform)
+            })?;
+        }
+        self.head(b, p, x)
+    }
+
+    /// Mean next-token loss of `tokens [B, T+1]`: inputs are the first T, targets the last T, all
+    /// weighted 1. `platform` is where the graph runs (see [`Model::rla_lowering`]).
+    pub fn loss(&self, b: &Builder, p: &ParamOps, tokens: Op, platform: &str) -> Result<Op> {
+        let td = dims(b, tokens)?;
+        let inputs = b.slice_in_dim(tokens, 0, td[1] - 1, 1)?;
+        let targets = b.slice_in_dim(tokens, 1, td[1], 1)?;
+        let logits = self.forward(b, p, inputs, platform)?;
+        let mask = b.full(ElementType::F32, 1.0, &[td[0], td[1] - 1])?;
+        cross_entropy(b, logits, targets, mask)
+    }
 }

@@ -1,7 +1,7 @@
 //! Config checks and parameter counts of the paper's models.
 
 use model::config::{LayerKind, ModelConfig};
-use model::{param_count, param_specs};
+use model::{LogicalAxis, Model, ParamRole};
 
 fn load(name: &str) -> ModelConfig {
     let path = format!("{}/../../configs/{name}.toml", env!("CARGO_MANIFEST_DIR"));
@@ -17,7 +17,7 @@ fn paper_models_have_their_nominal_sizes() {
     // plus untied 32768-vocab embedding and head.
     let c3 = load("3b");
     let per_layer = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 6656;
-    let n3 = param_count(&c3);
+    let n3 = Model::new(c3).unwrap().param_count();
     assert!(
         n3 > 56 * per_layer && n3 < 56 * per_layer + 2 * 32768 * 2048 + 56 * 100_000,
         "{n3}"
@@ -26,7 +26,7 @@ fn paper_models_have_their_nominal_sizes() {
         (2.9e9..3.1e9).contains(&(n3 as f64)),
         "3B config has {n3} parameters"
     );
-    let n12 = param_count(&load("12b"));
+    let n12 = Model::new(load("12b")).unwrap().param_count();
     assert!(
         (12.5e9..13.2e9).contains(&(n12 as f64)),
         "12B config has {n12} parameters"
@@ -45,16 +45,23 @@ fn layer_pattern_expands_and_bad_configs_are_named() {
             LayerKind::Global
         ]
     );
-    assert!(param_specs(&c)
+    let m = Model::new(c.clone()).unwrap();
+    assert!(m
+        .param_specs()
         .iter()
         .any(|p| p.name == "layers.0.attn.rla_norm.scale"));
-    assert!(!param_specs(&c)
+    assert!(!m
+        .param_specs()
         .iter()
         .any(|p| p.name == "layers.3.attn.rla_norm.scale"));
     let mut bad = c.clone();
     bad.kv_heads = 3;
     assert!(bad
         .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("heads (4) must be divisible by kv_heads (3)"));
+    assert!(Model::new(bad)
         .unwrap_err()
         .to_string()
         .contains("heads (4) must be divisible by kv_heads (3)"));
@@ -68,4 +75,53 @@ fn layer_pattern_expands_and_bad_configs_are_named() {
     let mut bad = c;
     bad.layer_pattern = model::config::LayerPattern::Ratio("three".into());
     assert!(bad.validate().unwrap_err().to_string().contains("three"));
+}
+
+#[test]
+fn every_parameter_has_a_role_and_one_logical_axis_per_dimension() {
+    use LogicalAxis::*;
+    for name in ["tiny", "3b", "12b", "12b-full", "3b-swa4k"] {
+        let mut cfg = load(name);
+        for (qk_norm, tied) in [(false, true), (true, false)] {
+            (cfg.qk_norm, cfg.tied_embeddings) = (qk_norm, tied);
+            let m = Model::new(cfg.clone()).unwrap();
+            for s in m.param_specs() {
+                assert_eq!(s.axes.len(), s.shape.len(), "{name}: {}", s.name);
+                assert_eq!(
+                    s.role == ParamRole::NormScale,
+                    s.name.ends_with(".scale"),
+                    "{name}: {}",
+                    s.name
+                );
+            }
+        }
+    }
+    let m = Model::new(load("12b")).unwrap(); // qk-norm, untied
+    let axes = |n: &str| {
+        let s = m.param_specs().iter().find(|s| s.name == n).unwrap();
+        (s.role, s.axes.clone())
+    };
+    assert_eq!(axes("embed"), (ParamRole::Embedding, vec![Vocab, Embed]));
+    assert_eq!(axes("lm_head"), (ParamRole::Matrix, vec![Embed, Vocab]));
+    assert_eq!(axes("layers.0.attn.wq").1, [Embed, QHeads]);
+    assert_eq!(axes("layers.0.attn.wk").1, [Embed, KvHeads]);
+    assert_eq!(axes("layers.0.attn.wv").1, [Embed, KvHeads]);
+    assert_eq!(axes("layers.0.attn.wo").1, [QHeads, Embed]);
+    assert_eq!(axes("layers.0.ffn.w_gate").1, [Embed, Mlp]);
+    assert_eq!(axes("layers.0.ffn.w_down").1, [Mlp, Embed]);
+    assert_eq!(axes("layers.0.attn_norm.scale").1, [Embed]);
+    assert_eq!(axes("layers.0.attn.q_norm.scale").1, [HeadDim]);
+    assert_eq!(
+        axes("layers.0.attn.rla_norm.scale"),
+        (ParamRole::NormScale, vec![QHeads, HeadDim])
+    );
+    for a in LogicalAxis::ALL {
+        assert_eq!(a.name().parse::<LogicalAxis>().unwrap(), a);
+    }
+    assert_eq!(QHeads.name(), "q_heads");
+    assert!("heads"
+        .parse::<LogicalAxis>()
+        .unwrap_err()
+        .to_string()
+        .contains("q_heads"));
 }

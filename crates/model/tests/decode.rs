@@ -4,9 +4,8 @@
 //! cache-size accounting against the paper's figures.
 
 use hlo_builder::{Builder, ElementType, Shape};
-use model::config::{FeatureMapKind, LocalKind, ModelConfig, RlaLowering};
-use model::decode::{build_decode_step, build_prefill, cache_bytes, cache_specs};
-use model::transformer::{declare_params, forward};
+use model::config::{FeatureMap, LocalKind, Lowering, ModelConfig};
+use model::Model;
 use std::sync::OnceLock;
 
 fn client() -> &'static pjrt::Client {
@@ -53,14 +52,14 @@ fn load_model(name: &str) -> ModelConfig {
 
 fn tiny() -> ModelConfig {
     let mut cfg = load_model("tiny");
-    cfg.rla.lowering = RlaLowering::CustomCall;
+    cfg.rla.lowering = Lowering::CustomCall;
     cfg
 }
 
 /// Random parameters: init_param scaled ×5 for matrices (so attention is far from uniform) and
 /// norm scales perturbed around 1 (so every scale is seen).
-fn params(cfg: &ModelConfig, seed: u64) -> Vec<pjrt::Buffer> {
-    model::param_specs(cfg)
+fn params(m: &Model, seed: u64) -> Vec<pjrt::Buffer> {
+    m.param_specs()
         .iter()
         .enumerate()
         .map(|(i, s)| {
@@ -89,17 +88,17 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
 }
 
 /// Full-forward logits `[B, T, V]` for `tokens [B, T]`.
-fn full_logits(cfg: &ModelConfig, p: &[pjrt::Buffer], tokens: &[i32], bs: usize) -> Vec<f32> {
+fn full_logits(m: &Model, p: &[pjrt::Buffer], tokens: &[i32], bs: usize) -> Vec<f32> {
     let t = tokens.len() / bs;
     let b = Builder::new("forward");
-    let (_, named) = declare_params(&b, cfg).unwrap();
+    let (_, named) = m.declare_params(&b).unwrap();
     let tok = b
         .parameter(
             Shape::array(ElementType::S32, &[bs as i64, t as i64]),
             "tokens",
         )
         .unwrap();
-    let logits = forward(&b, cfg, &named, tok, "cpu").unwrap();
+    let logits = m.forward(&b, &named, tok, "cpu").unwrap();
     let exe = compile(&b.build(logits).unwrap());
     let tb = client()
         .buffer_from_host(tokens, &[bs as i64, t as i64], None)
@@ -112,19 +111,20 @@ fn full_logits(cfg: &ModelConfig, p: &[pjrt::Buffer], tokens: &[i32], bs: usize)
 /// Prefill the first `prompt` tokens, decode the rest one by one, and compare every position's
 /// logits with the full forward. Returns the worst relative error.
 fn check_decode(name: &str, cfg: &ModelConfig, bs: usize, total: usize, prompts: &[usize]) -> f64 {
+    let m = Model::new(cfg.clone()).unwrap();
     let v = cfg.vocab;
-    let p = params(cfg, 7);
+    let p = params(&m, 7);
     let tokens: Vec<i32> = rand(bs * total, 42, 1.0)
         .iter()
         .map(|x| ((x.abs() * v as f32) as i32).min(v as i32 - 1))
         .collect();
-    let want = full_logits(cfg, &p, &tokens, bs);
+    let want = full_logits(&m, &p, &tokens, bs);
     let row = |bi: usize, t: usize| &want[(bi * total + t) * v..][..v];
-    let step = compile(&build_decode_step(cfg, bs, total).unwrap());
-    let n_cache = cache_specs(cfg, bs, total).len();
+    let step = compile(&m.decode_step(bs, total).unwrap());
+    let n_cache = m.cache_layout(bs, total).buffers().len();
     let mut worst = 0.0f64;
     for &l in prompts {
-        let prefill = compile(&build_prefill(cfg, bs, l, total, "cpu").unwrap());
+        let prefill = compile(&m.prefill(bs, l, total, "cpu").unwrap());
         let prompt: Vec<i32> = (0..bs)
             .flat_map(|bi| tokens[bi * total..bi * total + l].to_vec())
             .collect();
@@ -184,7 +184,7 @@ fn decode_matches_forward_tiny() {
 fn decode_matches_forward_qk_norm_relu_w0() {
     let mut cfg = tiny();
     cfg.qk_norm = true;
-    cfg.rla.feature_map = FeatureMapKind::Relu;
+    cfg.rla.feature_map = FeatureMap::Relu;
     cfg.window = 0;
     cfg.tied_embeddings = false;
     cfg.ffn_activation = model::config::FfnActivation::Geglu;
@@ -210,27 +210,25 @@ fn decode_matches_forward_swa_only() {
 
 #[test]
 fn decode_errors_name_the_problem() {
-    let cfg = tiny();
-    let e = build_prefill(&cfg, 1, 65, 64, "cpu")
-        .unwrap_err()
-        .to_string();
+    let m = Model::new(tiny()).unwrap();
+    let e = m.prefill(1, 65, 64, "cpu").unwrap_err().to_string();
     assert!(
         e.contains("prompt_len (65)") && e.contains("max_len (64)"),
         "{e}"
     );
-    let e = build_decode_step(&cfg, 0, 64).unwrap_err().to_string();
+    let e = m.decode_step(0, 64).unwrap_err().to_string();
     assert!(e.contains("batch (0)"), "{e}");
-    let mut bad = cfg.clone();
+    let mut bad = tiny();
     bad.heads = 3;
-    let e = build_decode_step(&bad, 1, 64).unwrap_err().to_string();
+    let e = Model::new(bad).unwrap_err().to_string();
     assert!(e.contains("kv_heads"), "{e}");
 }
 
 #[test]
 fn cache_specs_shapes() {
-    let cfg = tiny(); // W 32, G 2, H 16, [local ×3, global]
-    let specs = cache_specs(&cfg, 3, 128);
-    let names: Vec<&str> = specs.iter().map(|s| s.0.as_str()).collect();
+    let m = Model::new(tiny()).unwrap(); // W 32, G 2, H 16, [local ×3, global]
+    let specs = m.cache_layout(3, 128).buffers();
+    let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
         [
@@ -247,28 +245,108 @@ fn cache_specs_shapes() {
             "layers.3.v",
         ]
     );
-    assert_eq!(specs[0].1, [3, 33, 2, 16]);
-    assert_eq!(specs[2].1, [3, 2, 32, 16]);
-    assert_eq!(specs[9].1, [3, 128, 2, 16]);
+    assert_eq!(specs[0].shape, [3, 33, 2, 16]);
+    assert_eq!(specs[2].shape, [3, 2, 32, 16]);
+    assert_eq!(specs[9].shape, [3, 128, 2, 16]);
 }
 
 #[test]
 fn cache_bytes_12b_at_4k() {
-    let full = load_model("12b-full");
-    let full_kv = cache_bytes(&full, 4096);
+    let full = Model::new(load_model("12b-full")).unwrap();
+    let full_kv = full.cache_bytes(4096);
     // 40 layers × k and v × 4096 tokens × 8 kv heads × 128 × bf16.
     assert_eq!(full_kv.kv, 40 * 2 * 4096 * 8 * 128 * 2);
     assert_eq!(full_kv.rla_state, 0);
     for (w, saving) in [(1024usize, 0.5625f64), (512, 0.65625)] {
         let mut cfg = load_model("12b");
         cfg.window = w;
-        let c = cache_bytes(&cfg, 4096);
+        let c = Model::new(cfg).unwrap().cache_bytes(4096);
         let s = 1.0 - c.kv as f64 / full_kv.kv as f64;
         assert!((s - saving).abs() < 1e-12, "W={w}: saving {s}");
         // 30 RAttention layers × 8 kv heads × f32 [256, 128].
         assert_eq!(c.rla_state, 30 * 8 * 256 * 128 * 4);
     }
     // Shorter contexts than the window cost the same as full attention.
-    let cfg = load_model("12b");
-    assert_eq!(cache_bytes(&cfg, 256).kv, cache_bytes(&full, 256).kv);
+    let m = Model::new(load_model("12b")).unwrap();
+    assert_eq!(m.cache_bytes(256).kv, full.cache_bytes(256).kv);
+}
+
+#[test]
+fn decode_io_names_the_arguments_and_results_of_both_graphs() {
+    use hlo_builder::ElementType::{F32, S32};
+    let m = Model::new(tiny()).unwrap();
+    let (bs, l, max_len) = (2, 5, 40);
+    let io = m.decode_io(bs, max_len);
+    let layout = m.cache_layout(bs, max_len);
+    let buffers = layout.buffers();
+    let cache_shapes: Vec<Shape> = buffers
+        .iter()
+        .map(|c| {
+            let d: Vec<i64> = c.shape.iter().map(|&x| x as i64).collect();
+            Shape::array(c.dtype, &d)
+        })
+        .collect();
+    let (args, res) = m.decode_step(bs, max_len).unwrap().program_shape();
+    assert_eq!(args.len(), io.pos.max(io.token) + 1);
+    assert_eq!(args[io.token], Shape::array(S32, &[bs as i64]));
+    assert_eq!(args[io.pos], Shape::array(S32, &[]));
+    assert_eq!(args[io.cache.clone()], cache_shapes[..]);
+    for (i, s) in io.params.clone().zip(m.param_specs()) {
+        let d: Vec<i64> = s.shape.iter().map(|&x| x as i64).collect();
+        assert_eq!(args[i], Shape::array(F32, &d), "{}", s.name);
+    }
+    let res = res.tuple_elements().unwrap();
+    assert_eq!(res[io.logits], Shape::array(F32, &[bs as i64, 128]));
+    assert_eq!(res[io.cache_out.clone()], cache_shapes[..]);
+    let (args, res) = m.prefill(bs, l, max_len, "cpu").unwrap().program_shape();
+    assert_eq!(args.len(), io.prompt + 1);
+    assert_eq!(args[io.prompt], Shape::array(S32, &[bs as i64, l as i64]));
+    let res = res.tuple_elements().unwrap();
+    assert_eq!(
+        res[io.logits],
+        Shape::array(F32, &[bs as i64, l as i64, 128])
+    );
+    assert_eq!(res[io.cache_out.clone()], cache_shapes[..]);
+    // Both byte counts derive from the same buffers.
+    let alloc = layout.allocated_bytes();
+    let state: u64 = buffers
+        .iter()
+        .filter(|b| b.part == model::CachePart::RlaState)
+        .map(|b| b.bytes())
+        .sum();
+    assert_eq!(alloc.rla_state, state);
+    assert_eq!(
+        alloc.rla_state,
+        m.cache_bytes(max_len).rla_state * bs as u64
+    );
+    assert_eq!(
+        alloc.kv,
+        (2 * 3 * 33 + 2 * max_len as u64) * bs as u64 * 2 * 16 * 4
+    );
+}
+
+#[test]
+fn costs_compare_the_model_with_its_baselines() {
+    let m = Model::new(load_model("12b")).unwrap();
+    let c = m.costs(4096);
+    let full = Model::new(load_model("12b-full")).unwrap();
+    assert_eq!(c.model.cache, m.cache_bytes(4096));
+    assert_eq!(c.full.cache, full.cache_bytes(4096));
+    assert_eq!(c.full.parameters, full.param_count() as u64);
+    assert_eq!(
+        (c.swa.cache.kv, c.swa.cache.rla_state),
+        (c.model.cache.kv, 0)
+    );
+    assert_eq!(
+        (c.swa.flops_per_token.rla, c.full.flops_per_token.rla),
+        (0.0, 0.0)
+    );
+    assert!(c.model.flops_per_token.rla > 0.0);
+    // The baselines lose only the mixing norms of the 30 RAttention layers.
+    assert_eq!(c.model.parameters - c.swa.parameters, 30 * 2 * 40 * 128);
+    assert_eq!(c.model.matmul_parameters, c.swa.matmul_parameters);
+    assert_eq!(
+        c.model.cache_allocated,
+        m.cache_layout(1, 4096).allocated_bytes()
+    );
 }

@@ -2,9 +2,9 @@
 //! the CPU plugin with our RLA kernels registered.
 
 use hlo_builder::{Builder, ElementType, Op, Shape};
-use model::config::{FeatureMapKind, LayerKind, LocalKind, ModelConfig, RlaLowering};
+use model::config::{FeatureMap, LayerKind, LocalKind, Lowering, ModelConfig};
 use model::reference::{self, AttnDims};
-use model::transformer::{attention_core, declare_params, forward, ParamOps};
+use model::{Attention, Model, ParamOps};
 use ndarray::ArrayD;
 use ndarray_npy::NpzReader;
 use std::collections::HashMap;
@@ -72,7 +72,7 @@ fn max_rel(a: &[f32], b: &[f64]) -> f64 {
         / scale
 }
 
-fn tiny(window: usize, fm: FeatureMapKind) -> ModelConfig {
+fn tiny(window: usize, fm: FeatureMap) -> ModelConfig {
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../configs/tiny.toml"
@@ -82,7 +82,7 @@ fn tiny(window: usize, fm: FeatureMapKind) -> ModelConfig {
     let mut cfg: ModelConfig = t.remove("model").unwrap().try_into().unwrap();
     cfg.window = window;
     cfg.rla.feature_map = fm;
-    cfg.rla.lowering = RlaLowering::CustomCall;
+    cfg.rla.lowering = Lowering::CustomCall;
     cfg
 }
 
@@ -116,7 +116,11 @@ fn local_core_graph(
         b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
     );
     let pos = b.iota(ElementType::F32, &[d.t as i64], 0).unwrap();
-    let out = attention_core(&b, cfg, &p, "l", kind, (q, k, v), pos, "cpu").unwrap();
+    let m = Model::new(cfg.clone()).unwrap();
+    let attn = Attention::resolve(kind, cfg.local_kind);
+    let out = m
+        .attention_core(&b, &p, "l", attn, (q, k, v), pos, "cpu")
+        .unwrap();
     (b.build(out).unwrap(), [q, k, v])
 }
 
@@ -124,9 +128,9 @@ fn local_core_graph(
 fn local_layer_matches_f64_reference() {
     // GQA, windows that leave RLA active (not multiples of the sub-chunk), both feature maps.
     for (w, fm, t) in [
-        (5, FeatureMapKind::Softmax, 48),
-        (17, FeatureMapKind::Relu, 70),
-        (0, FeatureMapKind::Softmax, 33),
+        (5, FeatureMap::Softmax, 48),
+        (17, FeatureMap::Relu, 70),
+        (0, FeatureMap::Softmax, 33),
     ] {
         let mut cfg = tiny(w, fm);
         cfg.heads = 4;
@@ -180,8 +184,8 @@ fn get(z: &mut NpzReader<std::fs::File>, k: &str) -> Vec<f32> {
 #[test]
 fn local_layer_and_its_vjp_match_axlearn() {
     for (file, fm) in [
-        ("axlearn_rla_softmax_gqa_w37.npz", FeatureMapKind::Softmax),
-        ("axlearn_rla_relu_mqa_w0.npz", FeatureMapKind::Relu),
+        ("axlearn_rla_softmax_gqa_w37.npz", FeatureMap::Softmax),
+        ("axlearn_rla_relu_mqa_w0.npz", FeatureMap::Relu),
     ] {
         let mut z = npz(file);
         let c: ArrayD<i64> = z.by_name("config").unwrap();
@@ -217,21 +221,14 @@ fn local_layer_and_its_vjp_match_axlearn() {
             b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
         );
         let pos = b.iota(ElementType::F32, &[d.t as i64], 0).unwrap();
-        let out =
-            attention_core(&b, &cfg, &p, "l", LayerKind::Local, (q, k, v), pos, "cpu").unwrap();
-        let mut swa_cfg = cfg.clone();
-        swa_cfg.local_kind = LocalKind::Swa;
-        let swa = attention_core(
-            &b,
-            &swa_cfg,
-            &p,
-            "s",
-            LayerKind::Local,
-            (q, k, v),
-            pos,
-            "cpu",
-        )
-        .unwrap();
+        let m = Model::new(cfg.clone()).unwrap();
+        let out = m
+            .attention_core(&b, &p, "l", Attention::Rattention, (q, k, v), pos, "cpu")
+            .unwrap();
+        let swa = m.swa_baseline();
+        let swa = swa
+            .attention_core(&b, &p, "s", Attention::Swa, (q, k, v), pos, "cpu")
+            .unwrap();
         let g = b.vjp(&[out], &[cot], &[q, k, v]).unwrap();
         let root = b.tuple(&[out, swa, g[0], g[1], g[2]]).unwrap();
         let comp = b.build(root).unwrap();
@@ -274,7 +271,7 @@ fn local_layer_and_its_vjp_match_axlearn() {
 #[test]
 fn window_at_least_t_gives_full_attention_and_zero_rla() {
     let t = 40;
-    let mut cfg = tiny(t + 3, FeatureMapKind::Softmax);
+    let mut cfg = tiny(t + 3, FeatureMap::Softmax);
     (cfg.heads, cfg.kv_heads, cfg.head_dim) = (2, 1, 8);
     let d = AttnDims {
         b: 1,
@@ -316,10 +313,11 @@ fn window_at_least_t_gives_full_attention_and_zero_rla() {
 type HostParams = (Vec<(Vec<f32>, Vec<i64>)>, HashMap<String, Vec<f32>>);
 
 fn tiny_params(cfg: &ModelConfig, seed: u64) -> HostParams {
-    let specs = model::param_specs(cfg);
+    let m = Model::new(cfg.clone()).unwrap();
+    let specs = m.param_specs();
     let mut map = HashMap::new();
     let mut list = Vec::new();
-    for s in &specs {
+    for s in specs {
         let mut v = model::init_param(s, seed);
         if s.name.ends_with(".scale") {
             // Non-trivial norm scales so the test sees them.
@@ -337,19 +335,20 @@ fn tiny_params(cfg: &ModelConfig, seed: u64) -> HostParams {
 
 #[test]
 fn tiny_model_logits_match_f64_reference() {
-    let mut cfg = tiny(6, FeatureMapKind::Softmax);
+    let mut cfg = tiny(6, FeatureMap::Softmax);
     cfg.seq_len = 40;
     cfg.qk_norm = true;
     let (bs, t) = (2usize, 40usize);
+    let m = Model::new(cfg.clone()).unwrap();
     let b = Builder::new("forward");
-    let (_, named) = declare_params(&b, &cfg).unwrap();
+    let (_, named) = m.declare_params(&b).unwrap();
     let tokens = b
         .parameter(
             Shape::array(ElementType::S32, &[bs as i64, t as i64]),
             "tokens",
         )
         .unwrap();
-    let logits = forward(&b, &cfg, &named, tokens, "cpu").unwrap();
+    let logits = m.forward(&b, &named, tokens, "cpu").unwrap();
     let comp = b.build(logits).unwrap();
     let (params, map) = tiny_params(&cfg, 3);
     let toks: Vec<u32> = (0..bs * t)
@@ -363,26 +362,27 @@ fn tiny_model_logits_match_f64_reference() {
             vec![bs as i64, t as i64],
         )],
     );
-    let want = reference::logits(&cfg, &map, &toks, bs);
+    let want = reference::logits(&m, &map, &toks, bs);
     let e = max_rel(&got[0], &want);
     assert!(e < 1e-4, "logits relative error {e}");
 }
 
 #[test]
 fn loss_gradients_match_finite_differences_of_the_f64_reference() {
-    let mut cfg = tiny(5, FeatureMapKind::Softmax);
+    let mut cfg = tiny(5, FeatureMap::Softmax);
     cfg.seq_len = 24;
     cfg.layers = 4;
     let (bs, t) = (1usize, 24usize);
+    let model = Model::new(cfg.clone()).unwrap();
     let b = Builder::new("loss_grad");
-    let (params, named) = declare_params(&b, &cfg).unwrap();
+    let (params, named) = model.declare_params(&b).unwrap();
     let tokens = b
         .parameter(
             Shape::array(ElementType::S32, &[bs as i64, t as i64 + 1]),
             "tokens",
         )
         .unwrap();
-    let l = model::transformer::loss(&b, &cfg, &named, tokens, "cpu").unwrap();
+    let l = model.loss(&b, &named, tokens, "cpu").unwrap();
     let grads = b.grad(l, &params).unwrap();
     let mut outs = vec![l];
     outs.extend(&grads);
@@ -412,7 +412,7 @@ fn loss_gradients_match_finite_differences_of_the_f64_reference() {
         }
         let _ = bump;
         let inputs: Vec<u32> = toks[..t].to_vec();
-        let logits = reference::logits(&cfg, &m64, &inputs, bs);
+        let logits = reference::logits(&model, &m64, &inputs, bs);
         let v = cfg.vocab;
         (0..t)
             .map(|p| {
@@ -430,7 +430,7 @@ fn loss_gradients_match_finite_differences_of_the_f64_reference() {
         "loss {} vs {l0}",
         got[0][0]
     );
-    let specs = model::param_specs(&cfg);
+    let specs = model.param_specs();
     // Spot-check entries of a local layer's projections (through SWA + RLA), the mixing norm, the FFN and the embedding.
     for name in [
         "layers.0.attn.wq",

@@ -1,7 +1,7 @@
 //! The f64 reference (written from DESIGN §2) against AXLearn's own numbers: this checks the
 //! reference, which the graph tests then trust.
 
-use model::config::FeatureMapKind;
+use model::config::FeatureMap;
 use model::reference::{local_layer, AttnDims};
 use ndarray::ArrayD;
 use ndarray_npy::NpzReader;
@@ -27,8 +27,8 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
 #[test]
 fn reference_local_layer_matches_axlearn() {
     for (file, fm) in [
-        ("axlearn_rla_softmax_gqa_w37.npz", FeatureMapKind::Softmax),
-        ("axlearn_rla_relu_mqa_w0.npz", FeatureMapKind::Relu),
+        ("axlearn_rla_softmax_gqa_w37.npz", FeatureMap::Softmax),
+        ("axlearn_rla_relu_mqa_w0.npz", FeatureMap::Relu),
     ] {
         let mut z = load(file);
         let cfg: ArrayD<i64> = z.by_name("config").unwrap();

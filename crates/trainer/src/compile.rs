@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use hlo_builder::Computation;
-use model::config::RlaLowering;
+use model::config::Lowering;
 use pjrt::install::PluginKind;
 use pjrt::topology::{Topology, TopologyKind};
 use pjrt::{CompileOptions, ErrorCode, Program};
@@ -202,8 +202,8 @@ pub fn prepare_config(args: &CompileArgs, target: &Target) -> Result<RunConfig> 
         cfg.train.batch = b;
     }
     match cfg.model.rla.lowering {
-        RlaLowering::Hlo | RlaLowering::Auto => {}
-        RlaLowering::CustomCall => bail!(
+        Lowering::Hlo | Lowering::Auto => {}
+        Lowering::CustomCall => bail!(
             "model.rla.lowering = \"custom_call\" lowers RLA to the custom calls {}, which are served only by \
              our CPU FFI kernels (registered with the PJRT CPU plugin); {} has no handler for them. Use \
              model.rla.lowering = \"hlo\" or \"auto\" (auto picks the HLO lowering for {})",
@@ -328,7 +328,8 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         .map(|d| d.kind.clone())
         .unwrap_or_default();
     let device_memory_bytes = topo.device_memory_bytes().unwrap_or(0);
-    let param_count = model::param_count(&cfg.model);
+    let model = model::Model::new(cfg.model.clone())?;
+    let param_count = model.param_count();
     let mut report = Report {
         target: args.target.clone(),
         platform: target.platform().into(),
@@ -375,7 +376,8 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     if args.decode {
         // One new token per sequence against caches sized for `seq_len` tokens.
         let t0 = Instant::now();
-        let comp = model::decode::build_decode_step(&cfg.model, cfg.train.batch, cfg.model.seq_len)
+        let comp = model
+            .decode_step(cfg.train.batch, cfg.model.seq_len)
             .context("tracing the decode step")?;
         let p = compile_program(
             &topo,

@@ -6,8 +6,8 @@ use crate::config::RunConfig;
 use crate::{runtime, step};
 use anyhow::{Context, Result};
 use hlo_builder::Computation;
-use model::config::{Dtype, LayerKind, LayerPattern, LocalKind};
-use model::ModelConfig;
+use model::config::Dtype;
+use model::{CacheBytes, Costs, Flops, Model};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -24,134 +24,6 @@ pub struct DumpOptions {
     pub compile: bool,
     /// `--plugin` of the compile.
     pub plugin: Option<String>,
-}
-
-/// Per-sequence decode-cache bytes of one model at one context length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Cache {
-    /// Keys and values of every layer: global layers keep the whole context, local layers
-    /// `min(W, context)` tokens, in the activation dtype.
-    pub kv: u64,
-    /// RLA states of the RAttention local layers: `kv_heads × 2H × H` f32 each.
-    pub rla_state: u64,
-}
-
-impl Cache {
-    /// KV plus RLA state.
-    pub fn total(&self) -> u64 {
-        self.kv + self.rla_state
-    }
-}
-
-/// Decode-cache bytes per sequence at `context` tokens (the paper's convention: a local layer keeps
-/// the last W tokens; our decode ring buffer holds W+1, one more token per layer), from
-/// [`model::decode::cache_bytes`].
-pub fn cache_bytes(m: &ModelConfig, context: usize) -> Result<Cache> {
-    m.layer_kinds()?;
-    let c = model::decode::cache_bytes(m, context);
-    Ok(Cache {
-        kv: c.kv,
-        rla_state: c.rla_state,
-    })
-}
-
-/// The SWA baseline of `m`: the same layers and window, local layers without RLA.
-pub fn swa_baseline(m: &ModelConfig) -> ModelConfig {
-    ModelConfig {
-        local_kind: LocalKind::Swa,
-        ..m.clone()
-    }
-}
-
-/// The full-attention baseline of `m`: every layer global.
-pub fn full_baseline(m: &ModelConfig) -> ModelConfig {
-    ModelConfig {
-        layer_pattern: LayerPattern::List(vec![LayerKind::Global]),
-        local_kind: LocalKind::Swa,
-        ..m.clone()
-    }
-}
-
-/// Training FLOPs per token (forward + backward) at the config's `seq_len`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Flops {
-    /// `6·N` with N the parameters that enter matmuls (all weight matrices except norm scales and
-    /// an untied input embedding, which is a gather).
-    pub dense: f64,
-    /// `12·heads·head_dim·k` per layer (QKᵀ and AV, 2 FLOPs per multiply-add, backward 2× forward),
-    /// k = seq_len for global layers and `min(W, seq_len)` for local layers; no causal halving.
-    pub attention: f64,
-    /// The chunked RLA kernels' nominal forward + backward FLOPs
-    /// (`pallas_port::kernel::flops_fwd + flops_bwd`, recomputation included) over `seq_len`.
-    pub rla: f64,
-}
-
-impl Flops {
-    /// Sum of the parts.
-    pub fn total(&self) -> f64 {
-        self.dense + self.attention + self.rla
-    }
-}
-
-/// Parameters that enter matmuls (see [`Flops::dense`]).
-pub fn matmul_params(m: &ModelConfig) -> u64 {
-    model::param_specs(m)
-        .iter()
-        .filter(|s| {
-            s.shape.len() >= 2
-                && !s.name.ends_with(".scale")
-                && (m.tied_embeddings || s.name != "embed")
-        })
-        .map(|s| s.numel() as u64)
-        .sum()
-}
-
-/// Training FLOPs per token of `m` (see [`Flops`] for the formulas).
-pub fn flops_per_token(m: &ModelConfig) -> Result<Flops> {
-    let t = m.seq_len;
-    let qh = (m.heads * m.head_dim) as f64;
-    let mut attention = 0.0;
-    let mut rla_layers = 0usize;
-    for k in m.layer_kinds()? {
-        let keys = match k {
-            LayerKind::Global => t,
-            LayerKind::Local => {
-                if m.local_kind == LocalKind::Rattention {
-                    rla_layers += 1;
-                }
-                m.window.min(t)
-            }
-        };
-        attention += 12.0 * qh * keys as f64;
-    }
-    let rla = if rla_layers == 0 {
-        0.0
-    } else {
-        let rc = pallas_port::RlaConfig {
-            window: m.window,
-            sub_chunk: m.rla.sub_chunk,
-            chunk: m.rla.chunk,
-            feature_map: match m.rla.feature_map {
-                model::config::FeatureMapKind::Softmax => pallas_port::FeatureMap::Softmax,
-                model::config::FeatureMapKind::Relu => pallas_port::FeatureMap::Relu,
-            },
-        };
-        let d = pallas_port::RlaDims {
-            batch: 1,
-            seq: t,
-            heads: m.heads,
-            kv_heads: m.kv_heads,
-            head_dim: m.head_dim,
-        };
-        let per_layer =
-            pallas_port::kernel::flops_fwd(&rc, &d) + pallas_port::kernel::flops_bwd(&rc, &d);
-        rla_layers as f64 * per_layer / t as f64
-    };
-    Ok(Flops {
-        dense: 6.0 * matmul_params(m) as f64,
-        attention,
-        rla,
-    })
 }
 
 /// One module's files and compiled statistics.
@@ -189,21 +61,22 @@ pub struct MemoryStats {
 pub struct CacheReport {
     /// Context length.
     pub context: usize,
-    /// This config.
-    pub model: Cache,
+    /// This config ([`Model::cache_bytes`]: a local layer keeps the last W tokens, the paper's
+    /// convention; our decode ring buffer holds W+1, one more token per layer).
+    pub model: CacheBytes,
     /// Same window, local layers without RLA.
-    pub swa: Cache,
+    pub swa: CacheBytes,
     /// Every layer global.
-    pub full: Cache,
+    pub full: CacheBytes,
     /// `1 − kv/kv_swa` in %.
     pub kv_saving_vs_swa_pct: f64,
     /// `1 − kv/kv_full` in %.
     pub kv_saving_vs_full_pct: f64,
     /// `1 − (kv + rla_state)/kv_full` in %.
     pub total_saving_vs_full_pct: f64,
-    /// The decode step's own accounting (`model::decode::cache_bytes`, ring buffers of W+1), when
-    /// the model crate has a decode step.
-    pub decode_allocation: Option<Cache>,
+    /// The decode step's own allocation (`CacheLayout::allocated_bytes`: ring buffers of W+1,
+    /// all f32).
+    pub decode_allocation: Option<CacheBytes>,
 }
 
 /// Everything `rattn dump` reports (also written as `summary.json`).
@@ -233,39 +106,19 @@ fn pct(part: u64, whole: u64) -> f64 {
     }
 }
 
-/// Cache numbers of `m` at `context` against its baselines.
-pub fn cache_report(m: &ModelConfig, context: usize) -> Result<CacheReport> {
-    let model = cache_bytes(m, context)?;
-    let swa = cache_bytes(&swa_baseline(m), context)?;
-    let full = cache_bytes(&full_baseline(m), context)?;
-    Ok(CacheReport {
-        context,
+/// Cache numbers of a model against its baselines, from [`Model::costs`].
+pub fn cache_report(costs: &Costs) -> CacheReport {
+    let (model, swa, full) = (costs.model.cache, costs.swa.cache, costs.full.cache);
+    CacheReport {
+        context: costs.model.context,
         model,
         swa,
         full,
         kv_saving_vs_swa_pct: pct(model.kv, swa.kv),
         kv_saving_vs_full_pct: pct(model.kv, full.kv),
         total_saving_vs_full_pct: pct(model.total(), full.kv),
-        decode_allocation: None,
-    })
-}
-
-/// What the decode step actually allocates (`model::decode::cache_specs`, all f32): the K/V
-/// buffers (rings of W+1 or full caches) and the RLA states.
-fn decode_allocation(m: &ModelConfig, context: usize) -> Cache {
-    let mut c = Cache {
-        kv: 0,
-        rla_state: 0,
-    };
-    for (name, shape) in model::decode::cache_specs(m, 1, context) {
-        let bytes = 4 * shape.iter().product::<usize>() as u64;
-        if name.ends_with("rla_state") {
-            c.rla_state += bytes;
-        } else {
-            c.kv += bytes;
-        }
+        decode_allocation: Some(costs.model.cache_allocated),
     }
-    c
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -325,7 +178,8 @@ fn dump_module(
 /// Write the dump of `cfg` into `opts.out`; returns the summary (also in `summary.txt` and
 /// `summary.json`).
 pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
-    let m = &cfg.model;
+    let model = Model::new(cfg.model.clone())?;
+    let m = model.config();
     let context = opts.context.unwrap_or(m.seq_len);
     if context == 0 {
         anyhow::bail!("--context must be > 0");
@@ -353,8 +207,9 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
     )?];
     drop(train);
     // The decode step at batch 1 with a cache of `context` tokens.
-    let decode =
-        model::decode::build_decode_step(m, 1, context).context("building the decode step")?;
+    let decode = model
+        .decode_step(1, context)
+        .context("building the decode step")?;
     modules.push(dump_module(
         &opts.out,
         1,
@@ -363,16 +218,14 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
         client.as_ref(),
     )?);
     drop(decode);
+    let costs = model.costs(context);
     let summary = Summary {
-        parameters: model::param_count(m) as u64,
-        matmul_parameters: matmul_params(m),
-        flops_per_token: flops_per_token(m)?,
+        parameters: costs.model.parameters,
+        matmul_parameters: costs.model.matmul_parameters,
+        flops_per_token: costs.model.flops_per_token,
         tokens_per_step: (cfg.train.batch * m.seq_len) as u64,
         modules,
-        cache: CacheReport {
-            decode_allocation: Some(decode_allocation(m, context)),
-            ..cache_report(m, context)?
-        },
+        cache: cache_report(&costs),
         platform,
     };
     let text = render(cfg, &summary);
@@ -536,7 +389,7 @@ pub(crate) fn run(args: &DumpArgs) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn cfg12b(window: usize) -> ModelConfig {
+    fn cfg12b(window: usize) -> Model {
         let mut c = RunConfig::load(
             Path::new(concat!(
                 env!("CARGO_MANIFEST_DIR"),
@@ -547,14 +400,14 @@ mod tests {
         .unwrap()
         .model;
         c.window = window;
-        c
+        Model::new(c).unwrap()
     }
 
     #[test]
     fn kv_savings_of_the_12b_config_at_4k() {
         // 40 layers, 3:1 → 30 local + 10 global; full attention keeps 40 × 4096 tokens.
         for (w, want) in [(1024, 56.25), (512, 65.625)] {
-            let r = cache_report(&cfg12b(w), 4096).unwrap();
+            let r = cache_report(&cfg12b(w).costs(4096));
             assert!(
                 (r.kv_saving_vs_full_pct - want).abs() < 1e-9,
                 "W={w}: {r:?}"
@@ -571,12 +424,13 @@ mod tests {
     #[test]
     fn dense_flops_exclude_the_untied_input_embedding_only() {
         let m = cfg12b(512);
-        let all = model::param_count(&m) as u64;
-        let norms: u64 = model::param_specs(&m)
+        let all = m.param_count() as u64;
+        let norms: u64 = m
+            .param_specs()
             .iter()
             .filter(|s| s.shape.len() < 2 || s.name.ends_with(".scale"))
             .map(|s| s.numel() as u64)
             .sum();
-        assert_eq!(matmul_params(&m), all - norms - 32768 * 5120);
+        assert_eq!(m.matmul_params(), all - norms - 32768 * 5120);
     }
 }

@@ -113,14 +113,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     };
     // The checkpoint's own [model] table is authoritative (seq_len etc. do not matter for decoding).
     let ck = checkpoint::load(&path, None)?;
-    let model: model::ModelConfig = toml::from_str(&ck.model_config).with_context(|| {
+    let model_cfg: model::ModelConfig = toml::from_str(&ck.model_config).with_context(|| {
         format!(
             "checkpoint {} has an unreadable model config",
             path.display()
         )
     })?;
-    model.validate()?;
-    if model != cfg.model {
+    let model = model::Model::new(model_cfg)?;
+    if *model.config() != cfg.model {
         eprintln!(
             "note: using the model configuration stored in {} (it differs from {})",
             path.display(),
@@ -133,6 +133,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             args.temperature
         );
     }
+    let vocab = model.config().vocab;
     let text_mode = cfg.data.kind == "text";
     // Text data with a tokenizer.json encodes and decodes through it; otherwise bytes.
     let tokenizer = match (text_mode, &cfg.data.path) {
@@ -145,14 +146,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         _ => None,
     };
     let prompt: Vec<u32> = match (&args.tokens, &args.prompt) {
-        (Some(ids), _) => parse_ids(ids, model.vocab)?,
+        (Some(ids), _) => parse_ids(ids, vocab)?,
         (None, Some(p)) if tokenizer.is_some() => tokenizer
             .as_ref()
             .and_then(|t| t.encode(p.as_str(), false).ok())
             .map(|e| e.get_ids().to_vec())
             .context("tokenizing the prompt")?,
         (None, Some(p)) if text_mode => p.bytes().map(u32::from).collect(),
-        (None, Some(p)) => parse_ids(p, model.vocab).context(
+        (None, Some(p)) => parse_ids(p, vocab).context(
             "for non-text data the prompt is a comma-separated list of token ids (e.g. 0,1,17,70)",
         )?,
         (None, None) => bail!("give a prompt: --prompt TEXT_OR_IDS or --tokens 0,1,17,70"),
@@ -160,18 +161,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
-    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= model.vocab) {
-        bail!(
-            "prompt token {t} is outside the vocabulary (model.vocab = {})",
-            model.vocab
-        );
+    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        bail!("prompt token {t} is outside the vocabulary (model.vocab = {vocab})");
     }
     let (l, max_len) = (prompt.len(), prompt.len() + args.max_new);
 
     let client = runtime::open_client(args.common.plugin.as_deref())?;
-    let specs = model::param_specs(&model);
     let mut params = Vec::new();
-    for s in &specs {
+    for s in model.param_specs() {
         let t = ck
             .tensors
             .iter()
@@ -189,27 +186,24 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         params.push(client.buffer_from_host(&t.data, &dims, None)?);
     }
     let t0 = Instant::now();
-    let prefill = runtime::compile(
-        &client,
-        &model::decode::build_prefill(&model, 1, l, max_len, &client.platform_name()?)?,
-    )?;
-    let step = runtime::compile(
-        &client,
-        &model::decode::build_decode_step(&model, 1, max_len)?,
-    )?;
+    let platform = client.platform_name()?;
+    let prefill = runtime::compile(&client, &model.prefill(1, l, max_len, &platform)?)?;
+    let step = runtime::compile(&client, &model.decode_step(1, max_len)?)?;
+    let io = model.decode_io(1, max_len);
     let compile_s = t0.elapsed().as_secs_f64();
 
-    let v = model.vocab;
+    let v = vocab;
     let mut rng = Rng(args.seed ^ 0x6A09_E667_F3BC_C908);
     let mut out: Vec<u32> = Vec::with_capacity(args.max_new);
     let t0 = Instant::now();
     let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
     let tb = client.buffer_from_host(&ids, &[1, l as i64], None)?;
     let mut call: Vec<&Buffer> = params.iter().collect();
-    call.push(&tb);
-    let mut outs = prefill.execute(&call)?;
-    let logits = outs.remove(0).to_host::<f32>()?;
-    let mut cache = outs;
+    call.insert(io.prompt, &tb);
+    let (logits, mut cache) = io
+        .split_results(prefill.execute(&call)?)
+        .context("the prefill returned an unexpected number of results")?;
+    let logits = logits.to_host::<f32>()?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     if args.max_new > 0 {
@@ -224,13 +218,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         let pos = l + out.len() - 1;
         let tok = client.buffer_from_host(&[out[out.len() - 1] as i32], &[1], None)?;
         let posb = client.buffer_from_host(&[pos as i32], &[], None)?;
-        let mut call: Vec<&Buffer> = params.iter().collect();
-        call.extend(cache.iter());
-        call.push(&tok);
-        call.push(&posb);
-        let mut outs = step.execute(&call)?;
-        let logits = outs.remove(0).to_host::<f32>()?;
-        cache = outs;
+        let call = io.step_arguments(params.iter().collect(), cache.iter().collect(), &tok, &posb);
+        let (logits, next) = io
+            .split_results(step.execute(&call)?)
+            .context("the decode step returned an unexpected number of results")?;
+        let logits = logits.to_host::<f32>()?;
+        cache = next;
         out.push(pick(&logits, args.temperature, args.top_k, &mut rng));
     }
     let decode_s = t1.elapsed().as_secs_f64();

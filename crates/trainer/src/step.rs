@@ -2,13 +2,198 @@
 //! clipping, the learning-rate schedule and AdamW — one XLA program. Parameters and both Adam moments
 //! stay on the device between steps; only the token batch crosses.
 //!
-//! Arguments: `params… , m… , v… , step: f32[], tokens: s32[B, T+1]`.
-//! Results (a flat tuple): `params'… , m'… , v'… , loss, grad_norm, lr`. Each updated parameter and
-//! moment aliases its input (`input_output_alias`), so a donating caller updates them in place.
+//! The arguments and results are named by [`StepIo`]: the state (parameters, then both moments, a
+//! tensor per parameter each) comes first in both, then `step` and `tokens` among the arguments and
+//! `loss`, `grad_norm`, `lr` among the results. Each updated parameter and moment aliases its input
+//! (`input_output_alias`), so a donating caller updates them in place.
 
 use crate::config::{RunConfig, TrainConfig};
 use hlo_builder::{Builder, Computation, ElementType, Op, Result, Shape};
-use model::transformer::{declare_params, loss};
+use model::{Model, ParamSpec};
+use std::ops::Range;
+
+/// A group of the train state: a tensor per parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateGroup {
+    /// The parameters.
+    Params,
+    /// Adam's first moments.
+    AdamM,
+    /// Adam's second moments.
+    AdamV,
+}
+
+impl StateGroup {
+    /// The groups in state order.
+    pub const ALL: [StateGroup; 3] = [StateGroup::Params, StateGroup::AdamM, StateGroup::AdamV];
+
+    /// The prefix of the group's tensors in checkpoints (and of the moments in the graph).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            StateGroup::Params => "params",
+            StateGroup::AdamM => "adam_m",
+            StateGroup::AdamV => "adam_v",
+        }
+    }
+}
+
+/// One tensor of the train state.
+#[derive(Debug, Clone)]
+pub struct StateTensor<'a> {
+    /// Its group.
+    pub group: StateGroup,
+    /// Checkpoint name `{group}.{parameter}`, e.g. `adam_m.layers.0.attn.wq`.
+    pub name: String,
+    /// The parameter it belongs to (the tensor has its shape).
+    pub spec: &'a ParamSpec,
+}
+
+/// The train state's tensors in order: every group of [`StateGroup::ALL`], a tensor per parameter.
+pub fn state_tensors(specs: &[ParamSpec]) -> Vec<StateTensor<'_>> {
+    StateGroup::ALL
+        .into_iter()
+        .flat_map(|group| {
+            specs.iter().map(move |spec| StateTensor {
+                group,
+                name: format!("{}.{}", group.prefix(), spec.name),
+                spec,
+            })
+        })
+        .collect()
+}
+
+/// Positions of the train step's arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepArgs {
+    /// Parameters, in [`Model::param_specs`] order.
+    pub params: Range<usize>,
+    /// Adam first moments, one per parameter.
+    pub adam_m: Range<usize>,
+    /// Adam second moments, one per parameter.
+    pub adam_v: Range<usize>,
+    /// The 0-based step, `f32[]`.
+    pub step: usize,
+    /// The token batch, `s32[B, T+1]`.
+    pub tokens: usize,
+}
+
+/// Positions of the train step's results (a flat tuple).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepResults {
+    /// Updated parameters (aliasing [`StepArgs::params`]).
+    pub params: Range<usize>,
+    /// Updated first moments (aliasing [`StepArgs::adam_m`]).
+    pub adam_m: Range<usize>,
+    /// Updated second moments (aliasing [`StepArgs::adam_v`]).
+    pub adam_v: Range<usize>,
+    /// Mean loss of the batch, `f32[]`.
+    pub loss: usize,
+    /// Global gradient norm before clipping, `f32[]`.
+    pub grad_norm: usize,
+    /// Learning rate of the step, `f32[]`.
+    pub lr: usize,
+}
+
+/// The train step's signature: where each named input and output sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepIo {
+    /// Arguments.
+    pub args: StepArgs,
+    /// Results.
+    pub results: StepResults,
+}
+
+/// The train step's results, by name.
+#[derive(Debug)]
+pub struct StepOutputs<T> {
+    /// The updated state, in [`state_tensors`] order.
+    pub state: Vec<T>,
+    /// Mean loss.
+    pub loss: T,
+    /// Global gradient norm.
+    pub grad_norm: T,
+    /// Learning rate.
+    pub lr: T,
+}
+
+impl StepIo {
+    /// The signature of the train step of a model with `n_params` parameters.
+    pub fn new(n_params: usize) -> StepIo {
+        let n = n_params;
+        StepIo {
+            args: StepArgs {
+                params: 0..n,
+                adam_m: n..2 * n,
+                adam_v: 2 * n..3 * n,
+                step: 3 * n,
+                tokens: 3 * n + 1,
+            },
+            results: StepResults {
+                params: 0..n,
+                adam_m: n..2 * n,
+                adam_v: 2 * n..3 * n,
+                loss: 3 * n,
+                grad_norm: 3 * n + 1,
+                lr: 3 * n + 2,
+            },
+        }
+    }
+
+    /// Tensors in the state (`3 × parameters`).
+    pub fn state_len(&self) -> usize {
+        self.args.params.len() + self.args.adam_m.len() + self.args.adam_v.len()
+    }
+
+    /// `(argument, result)` position of every state tensor, in [`state_tensors`] order: the
+    /// step's input-output aliases.
+    pub fn state_positions(&self) -> Vec<(usize, usize)> {
+        let (a, r) = (&self.args, &self.results);
+        [
+            (&a.params, &r.params),
+            (&a.adam_m, &r.adam_m),
+            (&a.adam_v, &r.adam_v),
+        ]
+        .into_iter()
+        .flat_map(|(a, r)| a.clone().zip(r.clone()))
+        .collect()
+    }
+
+    /// The argument list from the state (in [`state_tensors`] order), the step and the tokens.
+    pub fn arguments<T>(&self, state: Vec<T>, step: T, tokens: T) -> Vec<T> {
+        assert_eq!(state.len(), self.state_len(), "train state size");
+        let mut slots: Vec<Option<T>> = (0..self.state_len() + 2).map(|_| None).collect();
+        for ((arg, _), t) in self.state_positions().into_iter().zip(state) {
+            slots[arg] = Some(t);
+        }
+        slots[self.args.step] = Some(step);
+        slots[self.args.tokens] = Some(tokens);
+        slots
+            .into_iter()
+            .map(|s| s.expect("every argument position is filled once"))
+            .collect()
+    }
+
+    /// Name the results of one execution; `None` when there are not exactly as many as the
+    /// signature says.
+    pub fn outputs<T>(&self, results: Vec<T>) -> Option<StepOutputs<T>> {
+        let r = &self.results;
+        if results.len() != self.state_len() + 3 {
+            return None;
+        }
+        let mut slots: Vec<Option<T>> = results.into_iter().map(Some).collect();
+        let state = self
+            .state_positions()
+            .into_iter()
+            .map(|(_, res)| slots[res].take())
+            .collect::<Option<Vec<T>>>()?;
+        Some(StepOutputs {
+            state,
+            loss: slots[r.loss].take()?,
+            grad_norm: slots[r.grad_norm].take()?,
+            lr: slots[r.lr].take()?,
+        })
+    }
+}
 
 /// Learning rate at `step` (0-based) on the host, mirroring the in-graph schedule.
 pub fn lr_at(t: &TrainConfig, step: usize) -> f64 {
@@ -45,14 +230,18 @@ fn lr_graph(b: &Builder, t: &TrainConfig, step: Op) -> Result<Op> {
     b.select(in_warmup, warm, decay)
 }
 
-/// Build the train-step computation for `cfg`, to run on `platform` (the PJRT platform name; it
-/// picks the RLA lowering, see [`model::transformer::rla_lowering`]).
+/// Build the train-step computation for `cfg`, with the signature [`StepIo::new`] gives for the
+/// model's parameter count, to run on `platform` (the PJRT platform name; it picks the RLA
+/// lowering, see [`Model::rla_lowering`]).
 pub fn build_train_step(cfg: &RunConfig, platform: &str) -> Result<Computation> {
-    let m = &cfg.model;
+    let model = Model::new(cfg.model.clone())
+        .map_err(|e| hlo_builder::Error::invalid("train_step", e.to_string()))?;
+    let m = model.config();
     let t = &cfg.train;
+    let specs = model.param_specs();
+    let io = StepIo::new(specs.len());
     let b = Builder::new("train_step");
-    let (params, named) = declare_params(&b, m)?;
-    let specs = model::param_specs(m);
+    let (params, named) = model.declare_params(&b)?;
     let moments = |prefix: &str| -> Result<Vec<Op>> {
         specs
             .iter()
@@ -65,8 +254,8 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str) -> Result<Computation> 
             })
             .collect()
     };
-    let adam_m = moments("adam_m")?;
-    let adam_v = moments("adam_v")?;
+    let adam_m = moments(StateGroup::AdamM.prefix())?;
+    let adam_v = moments(StateGroup::AdamV.prefix())?;
     let step = b.parameter(Shape::scalar(ElementType::F32), "step")?;
     let tokens = b.parameter(
         Shape::array(ElementType::S32, &[t.batch as i64, m.seq_len as i64 + 1]),
@@ -74,7 +263,7 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str) -> Result<Computation> 
     )?;
     let l = {
         let _s = b.name_scope("forward");
-        loss(&b, m, &named, tokens, platform)?
+        model.loss(&b, &named, tokens, platform)?
     };
     let grads = {
         let _s = b.name_scope("backward");
@@ -109,42 +298,56 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str) -> Result<Computation> 
         let mhat = b.div(m1, bc1)?;
         let vhat = b.div(v1, bc2)?;
         let mut upd = b.div(mhat, b.add(b.sqrt(vhat)?, c(t.eps)?)?)?;
-        // Decoupled weight decay on matrices only (not norm scales).
-        if spec.shape.len() >= 2 && !spec.name.ends_with(".scale") && t.weight_decay > 0.0 {
+        // Decoupled weight decay on the embedding and matrices (not norm scales).
+        if decays(spec) && t.weight_decay > 0.0 {
             upd = b.add(upd, b.mul(params[i], c(t.weight_decay)?)?)?;
         }
         np.push(b.sub(params[i], b.mul(upd, lr)?)?);
         nm.push(m1);
         nv.push(v1);
     }
-    let mut outs = np;
-    outs.extend(nm);
-    outs.extend(nv);
-    outs.extend([l, gnorm, lr]);
+    let mut results: Vec<Option<Op>> = vec![None; io.state_len() + 3];
+    let state = np.into_iter().chain(nm).chain(nv);
+    for ((_, r), op) in io.state_positions().into_iter().zip(state) {
+        results[r] = Some(op);
+    }
+    results[io.results.loss] = Some(l);
+    results[io.results.grad_norm] = Some(gnorm);
+    results[io.results.lr] = Some(lr);
+    let outs: Vec<Op> = results.into_iter().flatten().collect();
     let root = b.tuple(&outs)?;
     // Parameters and moments are updated in place when the caller donates them.
     let mut comp = b.build(root)?;
-    for i in 0..3 * specs.len() {
-        comp = comp.with_input_output_alias(i, i)?;
+    for (arg, res) in io.state_positions() {
+        comp = comp.with_input_output_alias(res, arg)?;
     }
     Ok(comp)
+}
+
+/// Whether AdamW's decoupled weight decay applies to a parameter: the embedding and the weight
+/// matrices, never norm scales.
+pub fn decays(spec: &ParamSpec) -> bool {
+    match spec.role {
+        model::ParamRole::Embedding | model::ParamRole::Matrix => true,
+        model::ParamRole::NormScale => false,
+    }
 }
 
 /// Build a forward-only computation: `params…, tokens s32[B, T]` → logits `f32[B, T, V]`, to run
 /// on `platform`.
 pub fn build_forward(
-    cfg: &model::ModelConfig,
+    model: &Model,
     batch: usize,
     len: usize,
     platform: &str,
 ) -> Result<Computation> {
     let b = Builder::new("forward");
-    let (_, named) = declare_params(&b, cfg)?;
+    let (_, named) = model.declare_params(&b)?;
     let tokens = b.parameter(
         Shape::array(ElementType::S32, &[batch as i64, len as i64]),
         "tokens",
     )?;
-    let logits = model::transformer::forward(&b, cfg, &named, tokens, platform)?;
+    let logits = model.forward(&b, &named, tokens, platform)?;
     b.build(logits)
 }
 
@@ -166,5 +369,49 @@ mod tests {
         assert!((lr_at(&t, 10) - 1.0).abs() < 1e-12);
         assert!((lr_at(&t, 60) - 0.55).abs() < 1e-12);
         assert!((lr_at(&t, 110) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_signature_names_every_argument_and_result_of_the_built_step() {
+        let cfg = RunConfig::from_toml(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../configs/tiny.toml"
+            ))
+            .unwrap(),
+            &["model.seq_len=16".into(), "train.batch=2".into()],
+        )
+        .unwrap();
+        let model = Model::new(cfg.model.clone()).unwrap();
+        let specs = model.param_specs();
+        let io = StepIo::new(specs.len());
+        let (args, result) = build_train_step(&cfg, "cpu").unwrap().program_shape();
+        assert_eq!(args.len(), io.state_len() + 2);
+        assert_eq!(args[io.args.step], Shape::scalar(ElementType::F32));
+        assert_eq!(
+            args[io.args.tokens],
+            Shape::array(ElementType::S32, &[2, 17])
+        );
+        let results = result.tuple_elements().unwrap();
+        assert_eq!(results.len(), io.state_len() + 3);
+        for i in [io.results.loss, io.results.grad_norm, io.results.lr] {
+            assert_eq!(results[i], Shape::scalar(ElementType::F32));
+        }
+        let names = state_tensors(specs);
+        for ((arg, res), t) in io.state_positions().into_iter().zip(&names) {
+            let dims: Vec<i64> = t.spec.shape.iter().map(|&d| d as i64).collect();
+            let want = Shape::array(ElementType::F32, &dims);
+            assert_eq!((&args[arg], &results[res]), (&want, &want), "{}", t.name);
+        }
+        assert_eq!(names[specs.len()].name, format!("adam_m.{}", specs[0].name));
+        // Arguments and outputs round-trip through the names.
+        let state: Vec<usize> = (0..io.state_len()).collect();
+        let n = io.state_len();
+        let a = io.arguments(state.clone(), n, n + 1);
+        assert_eq!((a[io.args.step], a[io.args.tokens]), (n, n + 1));
+        let out = io.outputs((0..n + 3).collect::<Vec<_>>()).unwrap();
+        assert_eq!(out.state, state);
+        assert_eq!((out.loss, out.grad_norm, out.lr), (n, n + 1, n + 2));
+        assert!(io.outputs(vec![0; n]).is_none());
     }
 }

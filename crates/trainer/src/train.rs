@@ -3,8 +3,10 @@
 use crate::checkpoint::{self, Checkpoint, NamedTensor};
 use crate::config::RunConfig;
 use crate::data::{synthetic_sequence, Source};
-use crate::{runtime, step};
+use crate::runtime;
+use crate::step::{self, StateGroup, StepIo};
 use anyhow::{bail, Context, Result};
+use model::Model;
 use pjrt::{Buffer, Client};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -47,7 +49,10 @@ pub fn train(
     quiet: bool,
 ) -> Result<TrainReport> {
     let client = runtime::open_client(plugin)?;
-    let specs = model::param_specs(&cfg.model);
+    let model = Model::new(cfg.model.clone())?;
+    let specs = model.param_specs();
+    let io = StepIo::new(specs.len());
+    let state_tensors = step::state_tensors(specs);
     let t0 = Instant::now();
     let comp = step::build_train_step(cfg, &client.platform_name()?)?;
     let exe = runtime::compile(&client, &comp)?;
@@ -72,39 +77,35 @@ pub fn train(
                 .clone())
         };
         let mut v = Vec::new();
-        for prefix in ["params", "adam_m", "adam_v"] {
-            for s in &specs {
-                let d = find(&format!("{prefix}.{}", s.name))?;
-                if d.len() != s.numel() {
-                    bail!(
-                        "checkpoint tensor {prefix}.{} has {} values, expected {}",
-                        s.name,
-                        d.len(),
-                        s.numel()
-                    );
-                }
-                v.push(d);
+        for t in &state_tensors {
+            let d = find(&t.name)?;
+            if d.len() != t.spec.numel() {
+                bail!(
+                    "checkpoint tensor {} has {} values, expected {}",
+                    t.name,
+                    d.len(),
+                    t.spec.numel()
+                );
             }
+            v.push(d);
         }
         eprintln!("resuming from {} (step {})", path.display(), ck.step);
         (ck.step, ck.data_position, v)
     } else {
-        let mut v: Vec<Vec<f32>> = specs
+        // Parameters from their initialisers, both moments zero.
+        let v: Vec<Vec<f32>> = state_tensors
             .iter()
-            .map(|s| model::init_param(s, cfg.train.seed))
+            .map(|t| match t.group {
+                StateGroup::Params => model::init_param(t.spec, cfg.train.seed),
+                StateGroup::AdamM | StateGroup::AdamV => vec![0.0; t.spec.numel()],
+            })
             .collect();
-        v.extend(specs.iter().map(|s| vec![0.0; s.numel()]));
-        v.extend(specs.iter().map(|s| vec![0.0; s.numel()]));
         (0, 0, v)
     };
-    let np = specs.len();
-    let shapes: Vec<&[usize]> = (0..3)
-        .flat_map(|_| specs.iter().map(|s| s.shape.as_slice()))
-        .collect();
     let mut state: Vec<Buffer> = host
         .iter()
-        .zip(&shapes)
-        .map(|(d, s)| upload_f32(&client, d, s))
+        .zip(&state_tensors)
+        .map(|(d, t)| upload_f32(&client, d, &t.spec.shape))
         .collect::<Result<_>>()?;
     drop(host);
 
@@ -134,12 +135,10 @@ pub fn train(
     let mut window_steps = 0usize;
     let save = |state: &[Buffer], step: u64, position: u64| -> Result<PathBuf> {
         let mut tensors = Vec::new();
-        for (i, buf) in state.iter().enumerate() {
-            let prefix = ["params", "adam_m", "adam_v"][i / np];
-            let s = &specs[i % np];
+        for (buf, t) in state.iter().zip(&state_tensors) {
             tensors.push(NamedTensor {
-                name: format!("{prefix}.{}", s.name),
-                shape: s.shape.clone(),
+                name: t.name.clone(),
+                shape: t.spec.shape.clone(),
                 data: buf.to_host::<f32>()?,
             });
         }
@@ -161,19 +160,13 @@ pub fn train(
         )?;
         let step_buf = client.buffer_from_host(&[start as f32], &[], None)?;
         // Donate the state: the step writes the new parameters and moments into the same memory.
-        let mut args = std::mem::take(&mut state);
-        args.push(step_buf);
-        args.push(tok_buf);
-        let mut outs = exe.execute_donating(args)?;
-        let lr = outs.pop().context("missing lr output")?.to_host::<f32>()?[0];
-        let gnorm = outs
-            .pop()
-            .context("missing grad-norm output")?
-            .to_host::<f32>()?[0];
-        let loss = outs
-            .pop()
-            .context("missing loss output")?
-            .to_host::<f32>()?[0];
+        let args = io.arguments(std::mem::take(&mut state), step_buf, tok_buf);
+        let outs = io
+            .outputs(exe.execute_donating(args)?)
+            .context("the train step returned an unexpected number of results")?;
+        let lr = outs.lr.to_host::<f32>()?[0];
+        let gnorm = outs.grad_norm.to_host::<f32>()?[0];
+        let loss = outs.loss.to_host::<f32>()?[0];
         if !loss.is_finite() {
             bail!(
                 "loss is {loss} at step {start}; stopping. Last good checkpoint: {}",
@@ -189,7 +182,7 @@ pub fn train(
                 "in-graph learning rate {lr} differs from the schedule's {host_lr} at step {start}"
             );
         }
-        state = outs;
+        state = outs.state;
         start += 1;
         position += cfg.train.batch as u64;
         losses.push(loss);
@@ -247,9 +240,9 @@ pub fn eval(
         ckpt.to_path_buf()
     };
     let ck = checkpoint::load(&path, Some(&model_toml(cfg)))?;
-    let specs = model::param_specs(&cfg.model);
+    let model = Model::new(cfg.model.clone())?;
     let mut params = Vec::new();
-    for s in &specs {
+    for s in model.param_specs() {
         let t = ck
             .tensors
             .iter()
@@ -259,7 +252,7 @@ pub fn eval(
     }
     let (bs, t, v) = (cfg.train.batch, cfg.model.seq_len, cfg.model.vocab);
     let platform = client.platform_name()?;
-    let exe = runtime::compile(&client, &step::build_forward(&cfg.model, bs, t, &platform)?)?;
+    let exe = runtime::compile(&client, &step::build_forward(&model, bs, t, &platform)?)?;
     // Held-out stream: a different seed for synthetic data, the tail of the stream otherwise.
     let src = match Source::open(&cfg.data, cfg.train.seed, v)? {
         Source::Synthetic { seed } => Source::Synthetic {

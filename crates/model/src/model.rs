@@ -1,0 +1,149 @@
+//! [`Model`]: a checked configuration with its layer list resolved once, and everything derived
+//! from it (parameters, RLA block settings, baselines). The tracing methods live beside the code
+//! they trace: the stack in [`transformer`](crate::transformer), decoding in
+//! [`decode`](crate::decode), costs in [`cost`](crate::cost).
+
+use crate::config::{ConfigError, LayerKind, LayerPattern, LocalKind, ModelConfig};
+use crate::params::{self, ParamSpec};
+
+/// What the attention of one layer computes: the layer pattern and `local_kind`, resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Attention {
+    /// Sliding-window attention plus residual linear attention (a RAttention local layer).
+    Rattention,
+    /// Sliding-window attention only (a local layer of the SWA baseline).
+    Swa,
+    /// Full causal attention without RoPE (a global layer).
+    Global,
+}
+
+impl Attention {
+    /// The attention of a layer of `kind` in a model whose local layers are `local`.
+    pub fn resolve(kind: LayerKind, local: LocalKind) -> Attention {
+        match (kind, local) {
+            (LayerKind::Global, _) => Attention::Global,
+            (LayerKind::Local, LocalKind::Rattention) => Attention::Rattention,
+            (LayerKind::Local, LocalKind::Swa) => Attention::Swa,
+        }
+    }
+
+    /// Local (sliding-window) layers: RAttention and SWA.
+    pub fn is_local(self) -> bool {
+        self != Attention::Global
+    }
+
+    /// Layers with an RLA branch (and its state when decoding).
+    pub fn has_rla(self) -> bool {
+        self == Attention::Rattention
+    }
+}
+
+/// A model: its configuration, checked once, and the layer list resolved from it.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut t: toml::Table = toml::from_str(&std::fs::read_to_string("configs/tiny.toml")?)?;
+/// let cfg: model::ModelConfig = t.remove("model").unwrap().try_into()?;
+/// let m = model::Model::new(cfg)?;
+/// let b = hlo_builder::Builder::new("forward");
+/// let (_params, named) = m.declare_params(&b)?;
+/// let tokens = b.parameter(hlo_builder::Shape::array(hlo_builder::ElementType::S32, &[2, 64]), "tokens")?;
+/// let logits = m.forward(&b, &named, tokens, "cpu")?;
+/// println!("{}", b.build(logits)?.to_text());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Model {
+    cfg: ModelConfig,
+    layers: Vec<Attention>,
+    params: Vec<ParamSpec>,
+}
+
+impl Model {
+    /// Check `cfg` (naming the offending fields) and resolve its layers.
+    pub fn new(cfg: ModelConfig) -> Result<Model, ConfigError> {
+        cfg.validate()?;
+        let kinds = cfg.layer_kinds()?;
+        Ok(Model::resolved(cfg, &kinds))
+    }
+
+    fn resolved(cfg: ModelConfig, kinds: &[LayerKind]) -> Model {
+        let layers = kinds
+            .iter()
+            .map(|&k| Attention::resolve(k, cfg.local_kind))
+            .collect();
+        Model::with_layers(cfg, layers)
+    }
+
+    fn with_layers(cfg: ModelConfig, layers: Vec<Attention>) -> Model {
+        let params = params::specs(&cfg, &layers);
+        Model {
+            cfg,
+            layers,
+            params,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The attention of every layer, in stack order.
+    pub fn layers(&self) -> &[Attention] {
+        &self.layers
+    }
+
+    /// The parameters in a fixed order: the order of every graph's parameter arguments and of
+    /// the train step's state.
+    pub fn param_specs(&self) -> &[ParamSpec] {
+        &self.params
+    }
+
+    /// Total number of parameters.
+    pub fn param_count(&self) -> usize {
+        self.params.iter().map(ParamSpec::numel).sum()
+    }
+
+    /// The RLA block configuration of the local layers.
+    pub fn rla_config(&self) -> pallas_port::RlaConfig {
+        let c = &self.cfg;
+        pallas_port::RlaConfig {
+            window: c.window,
+            sub_chunk: c.rla.sub_chunk,
+            chunk: c.rla.chunk,
+            feature_map: c.rla.feature_map,
+        }
+    }
+
+    /// The lowering of the RLA blocks in a graph that runs on `platform` (a PJRT platform name
+    /// such as `"cpu"`, `"cuda"`, `"tpu"`): `auto` resolves with
+    /// [`pallas_port::Lowering::for_platform`].
+    pub fn rla_lowering(&self, platform: &str) -> pallas_port::Lowering {
+        self.cfg.rla.lowering.for_platform(platform)
+    }
+
+    /// The paper's SWA baseline: the same layers and window, local layers without RLA.
+    pub fn swa_baseline(&self) -> Model {
+        let layers = self
+            .layers
+            .iter()
+            .map(|&a| if a.has_rla() { Attention::Swa } else { a })
+            .collect();
+        let cfg = ModelConfig {
+            local_kind: LocalKind::Swa,
+            ..self.cfg.clone()
+        };
+        Model::with_layers(cfg, layers)
+    }
+
+    /// The full-attention baseline: every layer global.
+    pub fn full_baseline(&self) -> Model {
+        let cfg = ModelConfig {
+            layer_pattern: LayerPattern::List(vec![LayerKind::Global]),
+            local_kind: LocalKind::Swa,
+            ..self.cfg.clone()
+        };
+        Model::with_layers(cfg, vec![Attention::Global; self.layers.len()])
+    }
+}
