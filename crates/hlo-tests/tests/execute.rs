@@ -616,3 +616,52 @@ fn tiled_sharding_compiles_for_four_partitions() {
         (0..16).map(|i| 2.0 * i as f32 + 1.0).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn softmax_matches_f64_on_every_axis() {
+    let (r, c) = (3usize, 5usize);
+    let x = values(r * c, -4.0, 4.0, 11);
+    let b = Builder::new("softmax");
+    let p = b
+        .parameter(Shape::array(F32, &[r as i64, c as i64]), "x")
+        .unwrap();
+    let rows = b.softmax(p, -1).unwrap();
+    let cols = b.softmax(p, 0).unwrap();
+    let comp = b.build(b.tuple(&[rows, cols]).unwrap()).unwrap();
+    let res = compile(&comp)
+        .execute(&[&f32_buf(&x, &[r as i64, c as i64])])
+        .unwrap();
+    let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    // Plain exp/sum in f64 (no max subtraction): an independent formula.
+    let mut want_rows = vec![0.0; r * c];
+    let mut want_cols = vec![0.0; r * c];
+    for i in 0..r {
+        let z: f64 = (0..c).map(|j| xd[i * c + j].exp()).sum();
+        for j in 0..c {
+            want_rows[i * c + j] = xd[i * c + j].exp() / z;
+        }
+    }
+    for j in 0..c {
+        let z: f64 = (0..r).map(|i| xd[i * c + j].exp()).sum();
+        for i in 0..r {
+            want_cols[i * c + j] = xd[i * c + j].exp() / z;
+        }
+    }
+    assert_close(
+        "softmax(-1)",
+        &res[0].to_host::<f32>().unwrap(),
+        &want_rows,
+        1e-6,
+    );
+    assert_close(
+        "softmax(0)",
+        &res[1].to_host::<f32>().unwrap(),
+        &want_cols,
+        1e-6,
+    );
+    let e = b.softmax(p, 2).unwrap_err().to_string();
+    assert!(
+        e.contains("softmax: axis 2 is out of range for f32[3,5]"),
+        "{e}"
+    );
+}

@@ -9,7 +9,7 @@
 //! [`Model::attention_core`].
 
 use crate::cache::{CacheBytes, CacheLayout, LayerCacheOps};
-use crate::layers::{bcast, dims, rope, softmax_last};
+use crate::layers::{bcast, dims, rope};
 use crate::model::Model;
 use crate::transformer::{mix_local, ParamOps};
 use hlo_builder::Error;
@@ -262,7 +262,7 @@ fn attend_one(b: &Builder, q: Op, k: Op, v: Op, visible: Op) -> Result<Op> {
     let scores = b.dot_general(qg, k, &dd, None, Some(F32))?; // [B, G, R, S]
     let sd = [bs, g, r, s];
     let vis = bcast(b, visible, &sd, &[3])?;
-    let p = softmax_last(b, b.select(vis, scores, b.full(F32, -1e30, &sd)?)?)?;
+    let p = b.softmax(b.select(vis, scores, b.full(F32, -1e30, &sd)?)?, -1)?;
     let dd = DotDims {
         lhs_batch: vec![0, 1],
         rhs_batch: vec![0, 2],

@@ -66,16 +66,6 @@ pub fn rms_norm(b: &Builder, x: Op, scale: Op, eps: f64) -> Result<Op> {
     b.mul(y, bcast_suffix(b, scale, &d)?)
 }
 
-/// Softmax over the last dim (max-subtracted, f32).
-pub fn softmax_last(b: &Builder, x: Op) -> Result<Op> {
-    let d = dims(b, x)?;
-    let last = d.len() as i64 - 1;
-    let m = bcast_prefix(b, b.reduce_max(x, &[last])?, &d)?;
-    let e = b.exp(b.sub(x, m)?)?;
-    let z = bcast_prefix(b, b.reduce_sum(e, &[last])?, &d)?;
-    b.div(e, z)
-}
-
 /// Interleaved RoPE on `x [B,T,heads,H]` at positions `pos [T]` (f32): dims (2i, 2i+1) rotate by
 /// pos · θ^(−2i/H).
 pub fn rope(b: &Builder, x: Op, pos: Op, theta: f64) -> Result<Op> {
@@ -180,7 +170,7 @@ pub fn causal_attention(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>)
     let sd = [bs, nb, g, blk, r, s];
     let vis = bcast(b, vis, &sd, &[1, 3, 5])?;
     let neg = b.full(F32, -1e30, &sd)?;
-    let p = softmax_last(b, b.select(vis, scores, neg)?)?;
+    let p = b.softmax(b.select(vis, scores, neg)?, -1)?;
     // out [B, nb, G, blk, R, H]
     let dd = DotDims {
         lhs_batch: vec![0, 1, 2],

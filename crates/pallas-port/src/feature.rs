@@ -23,16 +23,6 @@ fn bcast_last(b: &Builder, red: Op, dims: &[i64]) -> Result<Op> {
     b.broadcast_in_dim(red, dims, &keep)
 }
 
-/// Max-subtracted softmax over the last dim.
-fn softmax_last(b: &Builder, x: Op) -> Result<Op> {
-    let dims = b.shape(x)?.dims().to_vec();
-    let last = dims.len() as i64 - 1;
-    let mx = bcast_last(b, b.reduce_max(x, &[last])?, &dims)?;
-    let e = b.exp(b.sub(x, mx)?)?;
-    let s = bcast_last(b, b.reduce_sum(e, &[last])?, &dims)?;
-    b.div(e, s)
-}
-
 /// φ over the last dim, `[..., H]` → `[..., 2H]` in f32: `[softmax(x), softmax(−x)]`
 /// (max-subtracted) or `[relu(x), relu(−x)]`.
 ///
@@ -47,7 +37,7 @@ pub fn feature_map(b: &Builder, x: Op, fm: FeatureMap) -> Result<Op> {
     let last = b.shape(x)?.rank() as i64 - 1;
     let nx = b.neg(x)?;
     let (p, n) = match fm {
-        FeatureMap::Softmax => (softmax_last(b, x)?, softmax_last(b, nx)?),
+        FeatureMap::Softmax => (b.softmax(x, -1)?, b.softmax(nx, -1)?),
         FeatureMap::Relu => {
             let zero = b.zeros(F32, b.shape(x)?.dims())?;
             (b.max(x, zero)?, b.max(nx, zero)?)
@@ -68,7 +58,7 @@ pub(crate) fn feature_map_vjp(b: &Builder, x: Op, dy: Op, fm: FeatureMap) -> Res
     match fm {
         FeatureMap::Softmax => {
             let half = |xs: Op, dys: Op| -> Result<Op> {
-                let y = softmax_last(b, xs)?;
+                let y = b.softmax(xs, -1)?;
                 let dot = bcast_last(b, b.reduce_sum(b.mul(y, dys)?, &[last as i64])?, &dims)?;
                 b.mul(y, b.sub(dys, dot)?)
             };

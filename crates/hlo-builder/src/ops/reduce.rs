@@ -220,6 +220,31 @@ impl Builder {
         self.reduce_with(BinaryOp::Add, 0.0, x, dims)
     }
 
+    /// Max-subtracted softmax over `axis` (negative counts from the end, as in JAX:
+    /// −1 is the last dim): `exp(x − max) / Σ exp(x − max)`, composed of
+    /// `reduce_max`, `exp`, `reduce_sum` and `divide` (a composite, not a new opcode). The one
+    /// softmax that the model's attention and the RLA feature map use.
+    #[track_caller]
+    pub fn softmax(&self, x: Op, axis: i64) -> Result<Op> {
+        let loc = Location::caller();
+        let s = self.shape_of(loc, "softmax", x)?;
+        let dims = s.dims().to_vec();
+        let rank = dims.len() as i64;
+        let axis = if axis < 0 { axis + rank } else { axis };
+        if !(0..rank).contains(&axis) {
+            return Err(self.error_at(
+                loc,
+                "softmax",
+                format!("axis {axis} is out of range for {}", s.short()),
+            ));
+        }
+        let keep: Vec<i64> = (0..rank).filter(|&d| d != axis).collect();
+        let max = self.broadcast_in_dim(self.reduce_max(x, &[axis])?, &dims, &keep)?;
+        let e = self.exp(self.sub(x, max)?)?;
+        let z = self.broadcast_in_dim(self.reduce_sum(e, &[axis])?, &dims, &keep)?;
+        self.div(e, z)
+    }
+
     /// Maximum over `dims` (init: -inf for floats, the type's minimum for integers).
     #[track_caller]
     pub fn reduce_max(&self, x: Op, dims: &[i64]) -> Result<Op> {
