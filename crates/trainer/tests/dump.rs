@@ -139,7 +139,7 @@ fn dump_of_the_tiny_config_writes_parsable_modules_and_a_checked_summary() {
     // Compiled memory: the arguments are params, both moments, the step and the tokens.
     let m = &s["modules"][0]["memory"]["Ok"];
     assert_eq!(
-        m["argument"].as_u64().unwrap(),
+        m["argument_bytes"].as_u64().unwrap(),
         3 * 4 * params + 4 + 4 * 2 * 65,
         "{m}"
     );
