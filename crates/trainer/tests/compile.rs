@@ -8,7 +8,10 @@
 //! otherwise each prints a skip line and returns. Errors found before any plugin is loaded are
 //! tested unconditionally.
 
-use std::process::{Command, Output};
+mod common;
+
+use common::rattn;
+use std::process::Output;
 
 use pjrt::install::{PluginCache, PluginKind};
 use serde_json::Value;
@@ -53,16 +56,6 @@ fn have_gpu(test: &str) -> bool {
         );
     }
     ok
-}
-
-fn rattn(args: &[&str]) -> Output {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    Command::new(env!("CARGO_BIN_EXE_rattn"))
-        .current_dir(root)
-        .env("TF_CPP_MIN_LOG_LEVEL", "2")
-        .args(args)
-        .output()
-        .expect("run rattn")
 }
 
 /// The tiny model, shortened so a compile takes seconds: 4 layers (3 RAttention + 1 global),
