@@ -3,24 +3,26 @@
 //! and report compile time, per-device memory against the device's limit, and on TPU XLA's cost
 //! analysis (FLOPs, bytes accessed, optimal seconds, implied tokens/s).
 //!
-//! The plugin work runs in a child process (this binary re-invoked with a hidden flag), so a
-//! plugin that aborts (a CHECK failure, SIGFPE) turns into a clear error instead of a crash.
+//! The plugin work runs in a child process (this binary re-invoked with a hidden flag, supervised
+//! by [`crate::supervise`]), so a plugin that aborts (a CHECK failure, SIGFPE) turns into a clear
+//! error instead of a crash. Tracing, compiling and dumping go through [`crate::inspect`], the
+//! path `rattn dump` takes too.
 //! The train step is traced for the target's platform, so RLA `auto` lowers to pure HLO (and
 //! `custom_call` is refused): the typed-FFI custom calls exist only in our CPU plugin process.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::path::PathBuf;
+use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
-use hlo_builder::Computation;
 use model::config::Lowering;
 use pjrt::install::PluginKind;
 use pjrt::topology::{Topology, TopologyKind};
-use pjrt::{CompileOptions, ErrorCode, Program};
+use pjrt::ErrorCode;
 use serde::Serialize;
 
 use crate::config::RunConfig;
+use crate::inspect::{units, Compiler, Dump, Format, MemoryReport, Module};
+use crate::supervise::{self, ChildError};
 
 /// Arguments of `rattn compile`.
 #[derive(clap::Args, Clone, Debug)]
@@ -96,23 +98,6 @@ impl Target {
     }
 }
 
-/// Memory of one compiled program on one device, in bytes.
-#[derive(Debug, Clone, Serialize)]
-pub struct MemoryReport {
-    /// Arguments (parameters, Adam moments, tokens).
-    pub argument_bytes: i64,
-    /// Outputs.
-    pub output_bytes: i64,
-    /// Outputs that alias arguments.
-    pub alias_bytes: i64,
-    /// Temporaries.
-    pub temp_bytes: i64,
-    /// Generated code (0 on GPU).
-    pub generated_code_bytes: i64,
-    /// Peak: the plugin's peak, or arguments + outputs + temporaries - aliases if larger.
-    pub peak_bytes: i64,
-}
-
 /// XLA's cost analysis of one program (TPU only).
 #[derive(Debug, Clone, Serialize)]
 pub struct CostReport {
@@ -184,9 +169,6 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
-/// Marks the child's error on its stderr.
-const CHILD_ERROR: &str = "rattn-compile-child-error: ";
-
 /// The CPU-only custom-call targets of our RLA kernels.
 const CPU_ONLY_TARGETS: &[&str] = &[pallas_port::ffi::FWD_TARGET, pallas_port::ffi::BWD_TARGET];
 
@@ -219,86 +201,39 @@ pub fn prepare_config(args: &CompileArgs, target: &Target) -> Result<RunConfig> 
     Ok(cfg)
 }
 
-/// `rattn compile`: in the parent, re-run this binary as a child that does the plugin work;
-/// with `--in-process`, do it here.
+/// `rattn compile`: in the parent, re-run this binary as a supervised child that does the plugin
+/// work; with `--in-process`, do it here.
 pub fn run(args: &CompileArgs) -> Result<()> {
     let target = Target::parse(&args.target)?;
     // Config errors are cheap to find here, without a child process.
     prepare_config(args, &target)?;
     if args.in_process {
-        // The parent finds our own error by this marker among the plugins' log lines.
-        if let Err(e) = run_in_process(args, &target) {
-            eprintln!("{CHILD_ERROR}{e:#}");
-            std::process::exit(1);
-        }
-        return Ok(());
+        // In a child, `serve` sends the outcome to the parent and exits.
+        return supervise::serve(|| run_in_process(args, &target));
     }
-    run_child(args)
-}
-
-fn run_child(args: &CompileArgs) -> Result<()> {
     let exe = std::env::current_exe()
         .context("locating the rattn binary to run the compile in a child")?;
-    let mut cmd = Command::new(&exe);
-    cmd.args(std::env::args_os().skip(1))
-        .arg("--in-process")
-        .stdin(Stdio::null())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::piped());
-    let out = cmd
-        .spawn()
-        .and_then(|c| c.wait_with_output())
-        .with_context(|| format!("running {} for the compile", exe.display()))?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() {
-        eprint!("{stderr}");
-        return Ok(());
-    }
-    // The child's own error follows its marker; everything before is plugin logging.
-    if let Some(pos) = stderr.rfind(CHILD_ERROR) {
-        eprint!("{}", &stderr[..pos]);
-        let msg = stderr[pos + CHILD_ERROR.len()..].trim_end();
-        return Err(anyhow!("{msg}"));
-    }
-    let how = describe_exit(&out.status);
-    let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
-    bail!(
-        "the {} plugin {how} while compiling for {} (a plugin CHECK failure or crash, or the process was \
-         killed; it ran in a child process). Last lines of its log:\n{}",
-        if args.target.starts_with("tpu") {
-            "TPU (libtpu)"
-        } else {
-            "CUDA"
-        },
-        args.target,
-        if tail.is_empty() {
-            "(none)".to_string()
-        } else {
-            tail.join("\n")
-        }
-    )
+    let mut child = Command::new(&exe);
+    child.args(std::env::args_os().skip(1)).arg("--in-process");
+    supervise::run::<()>(child).map_err(|e| child_error(&args.target, e))
 }
 
-fn describe_exit(status: &std::process::ExitStatus) -> String {
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::ExitStatusExt;
-        if let Some(sig) = status.signal() {
-            let name = match sig {
-                6 => "SIGABRT",
-                8 => "SIGFPE",
-                9 => "SIGKILL",
-                11 => "SIGSEGV",
-                15 => "SIGTERM",
-                _ => "signal",
-            };
-            return format!("was killed by {name} ({sig})");
-        }
-    }
-    match status.code() {
-        Some(c) => format!("exited with status {c}"),
-        None => "ended abnormally".into(),
+/// The error of a compile child that failed: its own error as it is; a child that died (a plugin
+/// CHECK failure, a crash, a kill) named with the plugin, the target and its last log lines.
+fn child_error(target: &str, e: ChildError) -> anyhow::Error {
+    match e {
+        ChildError::Failed(message) => anyhow!("{message}"),
+        ChildError::Died { how, log_tail } => anyhow!(
+            "the {} plugin {how} while compiling for {target} (a plugin CHECK failure or crash, or the \
+             process was killed; it ran in a child process). Last lines of its log:\n{}",
+            if target.starts_with("tpu") {
+                "TPU (libtpu)"
+            } else {
+                "CUDA"
+            },
+            supervise::log_tail_text(&log_tail)
+        ),
+        ChildError::Supervisor(e) => e.context(format!("running the compile for {target}")),
     }
 }
 
@@ -317,11 +252,6 @@ fn open_topology(target: &Target) -> Result<Topology> {
 fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     let cfg = prepare_config(args, target)?;
     let topo = open_topology(target)?;
-    if std::env::var_os("RATTN_COMPILE_TEST_ABORT").is_some() {
-        // Test hook: die the way a plugin CHECK failure does, after the plugin is loaded.
-        eprintln!("RATTN_COMPILE_TEST_ABORT is set: aborting the compile child");
-        std::process::abort();
-    }
     let device_kind = topo
         .devices()
         .first()
@@ -348,51 +278,50 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     if !args.json {
         print_header(&report);
     }
-    if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating --out directory {}", dir.display()))?;
-    }
+    let dump = match &args.out {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating --out directory {}", dir.display()))?;
+            Some(Dump {
+                dir,
+                formats: &[Format::Text],
+            })
+        }
+        None => None,
+    };
 
-    let t0 = Instant::now();
-    let comp =
-        crate::step::build_train_step(&cfg, target.platform()).context("tracing the train step")?;
-    let trace_seconds = t0.elapsed().as_secs_f64();
-    let tokens = cfg.train.batch * cfg.model.seq_len;
-    let p = compile_program(
-        &topo,
-        target,
-        &comp,
-        "train_step",
-        0,
-        trace_seconds,
-        tokens,
-        args.out.as_deref(),
-    )?;
-    if !args.json {
-        print_program(&p, report.device_memory_bytes);
-    }
-    report.programs.push(p);
-
-    if args.decode {
-        // One new token per sequence against caches sized for `seq_len` tokens.
-        let t0 = Instant::now();
-        let comp = model
-            .decode_step(cfg.train.batch, cfg.model.seq_len)
-            .context("tracing the decode step")?;
-        let p = compile_program(
-            &topo,
-            target,
-            &comp,
-            "decode_step",
-            1,
-            t0.elapsed().as_secs_f64(),
-            cfg.train.batch,
-            args.out.as_deref(),
-        )?;
+    let mut add = |p: ProgramReport| {
         if !args.json {
             print_program(&p, report.device_memory_bytes);
         }
         report.programs.push(p);
+    };
+    let train = Module::trace(0, "train_step", || {
+        crate::step::build_train_step(&cfg, target.platform()).context("tracing the train step")
+    })?;
+    let tokens = cfg.train.batch * cfg.model.seq_len;
+    add(compile_program(
+        &topo,
+        target,
+        &train,
+        tokens,
+        dump.as_ref(),
+    )?);
+    drop(train);
+    if args.decode {
+        // One new token per sequence against caches sized for `seq_len` tokens.
+        let decode = Module::trace(1, "decode_step", || {
+            model
+                .decode_step(cfg.train.batch, cfg.model.seq_len)
+                .context("tracing the decode step")
+        })?;
+        add(compile_program(
+            &topo,
+            target,
+            &decode,
+            cfg.train.batch,
+            dump.as_ref(),
+        )?);
     }
 
     if args.json {
@@ -405,34 +334,30 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Compiles `module` for the topology and reports its memory, whether it fits, the TPU cost
+/// analysis of `tokens` tokens per step, and the optimized HLO written to `dump`.
 fn compile_program(
     topo: &Topology,
     target: &Target,
-    comp: &Computation,
-    name: &str,
-    index: usize,
-    trace_seconds: f64,
+    module: &Module,
     tokens: usize,
-    out: Option<&Path>,
+    dump: Option<&Dump<'_>>,
 ) -> Result<ProgramReport> {
-    let bytes = comp.to_bytes();
-    let t0 = Instant::now();
-    let compiled = topo.compile(Program::Hlo(&bytes), &CompileOptions::default());
-    let compile_seconds = t0.elapsed().as_secs_f64();
+    let name = &module.name;
+    let compilation = module.compile(Compiler::Topology(topo));
     let mut p = ProgramReport {
-        name: name.into(),
-        trace_seconds,
-        hlo_bytes: bytes.len(),
-        compile_seconds,
+        name: name.clone(),
+        trace_seconds: module.trace_seconds,
+        hlo_bytes: compilation.hlo_bytes,
+        compile_seconds: compilation.seconds,
         memory: None,
         fits: false,
         verdict: String::new(),
         cost: None,
         optimized_hlo: None,
     };
-    let exe = match compiled {
-        Ok(exe) => exe,
+    let compiled = match compilation.result {
+        Ok(compiled) => compiled,
         Err(pjrt::Error::Pjrt {
             code: ErrorCode::ResourceExhausted,
             message,
@@ -444,20 +369,15 @@ fn compile_program(
         }
         Err(e) => return Err(anyhow!(e).context(format!("compiling {name} for {}", topo.name()))),
     };
-    let s = exe.memory_stats()?;
-    let peak = s.peak_bytes();
-    p.memory = Some(MemoryReport {
-        argument_bytes: s.argument_size_in_bytes,
-        output_bytes: s.output_size_in_bytes,
-        alias_bytes: s.alias_size_in_bytes,
-        temp_bytes: s.temp_size_in_bytes,
-        generated_code_bytes: s.generated_code_size_in_bytes,
-        peak_bytes: peak,
-    });
+    let Some(exe) = compiled.unloaded() else {
+        bail!("{name} was not compiled for a topology");
+    };
+    let memory = compiled.memory()?;
+    p.memory = Some(memory);
     match exe.check_fits_in_device_memory() {
         Ok(headroom) => {
             p.fits = true;
-            p.verdict = format!("fits, {} free", gib(headroom));
+            p.verdict = format!("fits, {} free", units::bytes(headroom));
         }
         Err(pjrt::Error::Pjrt {
             code: ErrorCode::ResourceExhausted,
@@ -465,12 +385,12 @@ fn compile_program(
         }) => {
             p.verdict = format!(
                 "does not fit: needs {} per device, a {} has {}",
-                gib(peak),
+                units::bytes(memory.peak_bytes),
                 topo.devices()
                     .first()
                     .map(|d| d.kind.as_str())
                     .unwrap_or("device"),
-                gib(topo.device_memory_bytes().unwrap_or(0))
+                units::bytes(topo.device_memory_bytes().unwrap_or(0))
             );
         }
         Err(e) => return Err(e.into()),
@@ -492,30 +412,11 @@ fn compile_program(
                 .collect(),
         });
     }
-    if let Some(dir) = out {
-        let proto = exe.optimized_program()?;
-        let text = hlo_builder::print_module_bytes(&proto)
-            .with_context(|| format!("printing the optimized {name}"))?;
-        let path = dir.join(format!(
-            "module_{index:04}.{name}.{}_after_optimizations.txt",
-            target.platform()
-        ));
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        p.optimized_hlo = Some(path);
+    if let Some(dump) = dump {
+        let files = dump.after(module, target.platform(), &compiled)?;
+        p.optimized_hlo = files.into_iter().next();
     }
     Ok(p)
-}
-
-/// Bytes in GiB, or MiB/KiB for small amounts.
-fn gib(b: i64) -> String {
-    let x = b as f64;
-    if x.abs() >= (1u64 << 30) as f64 {
-        format!("{:.2} GiB", x / (1u64 << 30) as f64)
-    } else if x.abs() >= (1u64 << 20) as f64 {
-        format!("{:.1} MiB", x / (1u64 << 20) as f64)
-    } else {
-        format!("{:.1} KiB", x / 1024.0)
-    }
 }
 
 fn print_header(r: &Report) {
@@ -524,14 +425,14 @@ fn print_header(r: &Report) {
         r.target,
         r.topology_devices,
         r.device_kind,
-        gib(r.device_memory_bytes),
+        units::bytes(r.device_memory_bytes),
         r.platform_version.lines().next().unwrap_or("")
     );
     println!(
         "model: {} parameters ({} as f32 params + Adam m, v), batch {} × {} tokens, RLA lowering {}; \
          compiled for one device (num_partitions 1)",
         r.param_count,
-        gib(r.param_and_adam_bytes as i64),
+        units::bytes(r.param_and_adam_bytes as i64),
         r.batch,
         r.seq_len,
         r.rla_lowering
@@ -540,40 +441,32 @@ fn print_header(r: &Report) {
 
 fn print_program(p: &ProgramReport, limit: i64) {
     println!(
-        "{}: traced in {:.2} s ({} MB HLO), compiled in {:.1} s",
+        "{}: traced in {:.2} s ({} HLO), compiled in {:.1} s",
         p.name,
         p.trace_seconds,
-        p.hlo_bytes / 1_000_000,
+        units::megabytes(p.hlo_bytes),
         p.compile_seconds
     );
     if let Some(m) = &p.memory {
         println!(
             "  memory per device: arguments {}, outputs {} (aliased {}), temporaries {}, code {}, peak {} of {}",
-            gib(m.argument_bytes),
-            gib(m.output_bytes),
-            gib(m.alias_bytes),
-            gib(m.temp_bytes),
-            gib(m.generated_code_bytes),
-            gib(m.peak_bytes),
-            gib(limit)
+            units::bytes(m.argument_bytes),
+            units::bytes(m.output_bytes),
+            units::bytes(m.alias_bytes),
+            units::bytes(m.temp_bytes),
+            units::bytes(m.generated_code_bytes),
+            units::bytes(m.peak_bytes),
+            units::bytes(limit)
         );
     }
     println!("  {}", p.verdict);
     if let Some(c) = &p.cost {
-        let f = |v: Option<f64>| {
-            v.map(|x| format!("{x:.4e}"))
-                .unwrap_or_else(|| "n/a".into())
-        };
         println!(
             "  cost: {} FLOPs, {} bytes accessed, optimal {} s, {} tokens/s",
-            f(c.flops),
-            f(c.bytes_accessed),
-            c.optimal_seconds
-                .map(|s| format!("{s:.4}"))
-                .unwrap_or_else(|| "n/a".into()),
-            c.tokens_per_second
-                .map(|t| format!("{t:.0}"))
-                .unwrap_or_else(|| "n/a".into())
+            units::scientific(c.flops),
+            units::scientific(c.bytes_accessed),
+            units::fixed(c.optimal_seconds, 4),
+            units::fixed(c.tokens_per_second, 0)
         );
     }
     if let Some(path) = &p.optimized_hlo {
@@ -609,5 +502,39 @@ mod tests {
             let e = Target::parse(bad).unwrap_err().to_string();
             assert!(e.contains("tpu:<topology>"), "{bad:?}: {e}");
         }
+    }
+
+    /// A child that dies the way a plugin CHECK failure kills the compile child.
+    fn aborting_child() -> ChildError {
+        let mut sh = Command::new("sh");
+        sh.args([
+            "-c",
+            "ulimit -c 0; echo 'F0000 check failed: shape' >&2; kill -ABRT $$",
+        ]);
+        supervise::run::<()>(sh).unwrap_err()
+    }
+
+    #[test]
+    fn a_plugin_crash_in_the_child_becomes_an_error() {
+        // A child that dies by a signal must give an error naming the signal, the target and
+        // the plugin's last log lines, not kill the command.
+        let e = child_error("tpu:v6e:1x1", aborting_child()).to_string();
+        for needle in [
+            "TPU (libtpu) plugin",
+            "SIGABRT",
+            "tpu:v6e:1x1",
+            "child process",
+            "F0000 check failed: shape",
+        ] {
+            assert!(e.contains(needle), "{needle:?} not in {e}");
+        }
+        let e = child_error("gpu:h100", aborting_child()).to_string();
+        assert!(e.contains("CUDA plugin was killed by SIGABRT (6)"), "{e}");
+        // The child's own error passes through as it is.
+        let e = child_error(
+            "gpu:h100",
+            ChildError::Failed("train_step: does not fit".into()),
+        );
+        assert_eq!(e.to_string(), "train_step: does not fit");
     }
 }

@@ -1,13 +1,18 @@
 //! `rattn dump`: the train step (and the decode step, where the model has one) as HLO before and
 //! after XLA's optimizations, named like XLA's `--xla_dump_to`, plus a summary of the model's size,
 //! FLOPs, compiled memory and KV-cache / RLA-state bytes against the SWA and full-attention baselines.
+//!
+//! Tracing, compiling on the `--plugin` client and writing the modules go through
+//! [`crate::inspect`], the path `rattn compile` takes too; the numbers of the model come from
+//! [`Model::costs`].
 
 use crate::config::RunConfig;
+use crate::inspect::{units, Compiler, Dump, Format, MemoryReport, Module};
 use crate::{runtime, step};
 use anyhow::{Context, Result};
-use hlo_builder::Computation;
 use model::config::Dtype;
 use model::{CacheBytes, Costs, Flops, Model};
+use pjrt::Client;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -35,25 +40,8 @@ pub struct ModuleDump {
     pub instructions: usize,
     /// Files written.
     pub files: Vec<PathBuf>,
-    /// Compiled memory statistics (bytes), or why there are none.
-    pub memory: Result<MemoryStats, String>,
-}
-
-/// The compiled memory statistics we report (bytes).
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct MemoryStats {
-    /// Arguments.
-    pub argument: i64,
-    /// Outputs.
-    pub output: i64,
-    /// Outputs aliased to arguments.
-    pub alias: i64,
-    /// Temporaries.
-    pub temp: i64,
-    /// Generated code.
-    pub generated_code: i64,
-    /// Peak (0 where the plugin does not report it).
-    pub peak: i64,
+    /// Compiled memory per device, or why there is none.
+    pub memory: Result<MemoryReport, String>,
 }
 
 /// Cache numbers of one model against its baselines.
@@ -125,51 +113,30 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Write one module's files; compile it when `client` is given.
-fn dump_module(
-    out: &Path,
-    index: usize,
-    name: &str,
-    comp: &Computation,
-    client: Option<&pjrt::Client>,
-) -> Result<ModuleDump> {
-    let stem = format!("module_{index:04}.{name}");
-    let mut files = Vec::new();
-    let before_txt = out.join(format!("{stem}.before_optimizations.txt"));
-    write(&before_txt, comp.to_text().as_bytes())?;
-    let before_pb = out.join(format!("{stem}.before_optimizations.hlo.pb"));
-    write(&before_pb, &comp.to_bytes())?;
-    files.extend([before_txt, before_pb]);
+/// Both stages of a module in both formats.
+const FORMATS: &[Format] = &[Format::Text, Format::Proto];
+
+/// Write one module's files; compile it when `client` is given (with its lower-case platform).
+fn dump_module(out: &Path, module: &Module, client: Option<(&Client, &str)>) -> Result<ModuleDump> {
+    let dump = Dump {
+        dir: out,
+        formats: FORMATS,
+    };
+    let mut files = dump.before(module)?;
     let memory = match client {
         None => Err("not compiled (--no-compile)".to_string()),
-        Some(client) => {
-            let exe = runtime::compile(client, comp)?;
-            let platform = client.platform_name()?.to_lowercase();
-            let optimized = exe
-                .optimized_program()
-                .with_context(|| format!("optimized program of {name}"))?;
-            let text = hlo_builder::print_module_bytes(&optimized)
-                .with_context(|| format!("printing the optimized {name}"))?;
-            let after_txt = out.join(format!("{stem}.{platform}_after_optimizations.txt"));
-            write(&after_txt, text.as_bytes())?;
-            let after_pb = out.join(format!("{stem}.{platform}_after_optimizations.hlo.pb"));
-            write(&after_pb, &optimized)?;
-            files.extend([after_txt, after_pb]);
-            exe.memory_stats()
-                .map(|s| MemoryStats {
-                    argument: s.argument_size_in_bytes,
-                    output: s.output_size_in_bytes,
-                    alias: s.alias_size_in_bytes,
-                    temp: s.temp_size_in_bytes,
-                    generated_code: s.generated_code_size_in_bytes,
-                    peak: s.peak_memory_in_bytes,
-                })
-                .map_err(|e| format!("unavailable: {e}"))
+        Some((client, platform)) => {
+            let compiled = module
+                .compile(Compiler::Client(client))
+                .result
+                .with_context(|| format!("compiling {}", module.comp.name()))?;
+            files.extend(dump.after(module, platform, &compiled)?);
+            compiled.memory().map_err(|e| format!("unavailable: {e}"))
         }
     };
     Ok(ModuleDump {
-        name: name.to_string(),
-        instructions: comp.instruction_count(),
+        name: module.name.clone(),
+        instructions: module.instructions(),
         files,
         memory,
     })
@@ -195,28 +162,21 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
         Some(c) => Some(c.platform_name()?.to_lowercase()),
         None => None,
     };
+    let compile_on = client.as_ref().zip(platform.as_deref());
     // Without a client (`--no-compile`) the graph targets no platform: RLA `auto` lowers to HLO.
-    let train = step::build_train_step(cfg, platform.as_deref().unwrap_or(""))
-        .context("building the train step")?;
-    let mut modules = vec![dump_module(
-        &opts.out,
-        0,
-        "train_step",
-        &train,
-        client.as_ref(),
-    )?];
+    let train = Module::trace(0, "train_step", || {
+        step::build_train_step(cfg, platform.as_deref().unwrap_or(""))
+            .context("building the train step")
+    })?;
+    let mut modules = vec![dump_module(&opts.out, &train, compile_on)?];
     drop(train);
     // The decode step at batch 1 with a cache of `context` tokens.
-    let decode = model
-        .decode_step(1, context)
-        .context("building the decode step")?;
-    modules.push(dump_module(
-        &opts.out,
-        1,
-        "decode_step",
-        &decode,
-        client.as_ref(),
-    )?);
+    let decode = Module::trace(1, "decode_step", || {
+        model
+            .decode_step(1, context)
+            .context("building the decode step")
+    })?;
+    modules.push(dump_module(&opts.out, &decode, compile_on)?);
     drop(decode);
     let costs = model.costs(context);
     let summary = Summary {
@@ -235,19 +195,6 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
     Ok((summary, text))
 }
 
-fn human(x: f64, unit: &str) -> String {
-    let (v, p) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")]
-        .into_iter()
-        .find(|&(s, _)| x.abs() >= s)
-        .map(|(s, p)| (x / s, p))
-        .unwrap_or((x, ""));
-    format!("{v:.3} {p}{unit}")
-}
-
-fn mib(b: u64) -> String {
-    format!("{b} B ({:.2} MiB)", b as f64 / (1u64 << 20) as f64)
-}
-
 /// The human-readable summary.
 fn render(cfg: &RunConfig, s: &Summary) -> String {
     let m = &cfg.model;
@@ -258,7 +205,7 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
         o,
         "parameters: {} ({}); in matmuls: {}",
         s.parameters,
-        human(s.parameters as f64, ""),
+        units::si(s.parameters as f64, ""),
         s.matmul_parameters
     );
     let _ = writeln!(
@@ -267,16 +214,16 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
          (12·heads·head_dim·k per layer, k = seq_len global / min(W, seq_len) local, no causal halving) \
          + RLA {} (chunked kernels fwd+bwd, recompute included)",
         m.seq_len,
-        human(f.total(), "FLOP"),
-        human(f.dense, "FLOP"),
-        human(f.attention, "FLOP"),
-        human(f.rla, "FLOP"),
+        units::si(f.total(), "FLOP"),
+        units::si(f.dense, "FLOP"),
+        units::si(f.attention, "FLOP"),
+        units::si(f.rla, "FLOP"),
     );
     let _ = writeln!(
         o,
         "train FLOPs per step ({} tokens): {}",
         s.tokens_per_step,
-        human(f.total() * s.tokens_per_step as f64, "FLOP")
+        units::si(f.total() * s.tokens_per_step as f64, "FLOP")
     );
     for md in &s.modules {
         let _ = writeln!(o, "{}: {} entry instructions", md.name, md.instructions);
@@ -284,17 +231,13 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
             Ok(ms) => {
                 let _ = writeln!(
                     o,
-                    "  compiled memory: arguments {}, outputs {}, aliased {}, temp {}, code {}{}",
-                    mib(ms.argument as u64),
-                    mib(ms.output as u64),
-                    mib(ms.alias as u64),
-                    mib(ms.temp as u64),
-                    mib(ms.generated_code as u64),
-                    if ms.peak > 0 {
-                        format!(", peak {}", mib(ms.peak as u64))
-                    } else {
-                        String::new()
-                    }
+                    "  compiled memory: arguments {}, outputs {}, aliased {}, temp {}, code {}, peak {}",
+                    units::bytes_exact(ms.argument_bytes as u64),
+                    units::bytes_exact(ms.output_bytes as u64),
+                    units::bytes_exact(ms.alias_bytes as u64),
+                    units::bytes_exact(ms.temp_bytes as u64),
+                    units::bytes_exact(ms.generated_code_bytes as u64),
+                    units::bytes_exact(ms.peak_bytes as u64),
                 );
             }
             Err(why) => {
@@ -320,11 +263,11 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
     let _ = writeln!(
         o,
         "  this model:     KV {}, RLA state {} (f32)",
-        mib(c.model.kv),
-        mib(c.model.rla_state)
+        units::bytes_exact(c.model.kv),
+        units::bytes_exact(c.model.rla_state)
     );
-    let _ = writeln!(o, "  SWA baseline:   KV {}", mib(c.swa.kv));
-    let _ = writeln!(o, "  full attention: KV {}", mib(c.full.kv));
+    let _ = writeln!(o, "  SWA baseline:   KV {}", units::bytes_exact(c.swa.kv));
+    let _ = writeln!(o, "  full attention: KV {}", units::bytes_exact(c.full.kv));
     let _ = writeln!(
         o,
         "  KV saving vs SWA: {:.2} % (KV + RLA state vs SWA's KV: {:+.2} %)",
@@ -345,8 +288,8 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
         let _ = writeln!(
             o,
             "  decode step's allocation (ring buffers of W+1): KV {}, RLA state {}",
-            mib(d.kv),
-            mib(d.rla_state)
+            units::bytes_exact(d.kv),
+            units::bytes_exact(d.rla_state)
         );
     }
     o

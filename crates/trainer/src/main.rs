@@ -8,9 +8,11 @@ mod config;
 mod data;
 mod dump;
 mod generate;
+mod inspect;
 mod plot;
 mod runtime;
 mod step;
+mod supervise;
 mod train;
 
 use anyhow::{bail, Result};

@@ -1,26 +1,11 @@
 //! `rattn` end to end on the CPU plugin: training lowers the loss, resume is bit-exact, corrupt
 //! checkpoints are refused, and CLI mistakes give clear errors.
 
+mod common;
+
+use common::{ok, rattn};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn rattn(args: &[&str]) -> Output {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    Command::new(env!("CARGO_BIN_EXE_rattn"))
-        .current_dir(root)
-        .env("TF_CPP_MIN_LOG_LEVEL", "2")
-        .args(args)
-        .output()
-        .expect("run rattn")
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "rattn failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use std::process::Output;
 
 fn fail_with(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
@@ -61,19 +46,26 @@ fn training_lowers_the_loss_and_resume_is_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let r = run.to_str().unwrap();
-    let mut args = vec![
-        "train",
-        "--out",
-        r,
-        "--set",
-        "train.steps=40",
-        "--set",
-        "train.warmup=5",
-        "--set",
-        "train.checkpoint_every=20",
-    ];
-    args.extend(SMALL);
-    ok(&rattn(&args));
+    // 40 steps with a checkpoint at 20 and 40, from scratch or resumed from the newest checkpoint.
+    let train_40 = |resume: bool| {
+        let mut args = vec!["train"];
+        if resume {
+            args.push("--resume");
+        }
+        args.extend([
+            "--out",
+            r,
+            "--set",
+            "train.steps=40",
+            "--set",
+            "train.warmup=5",
+            "--set",
+            "train.checkpoint_every=20",
+        ]);
+        args.extend(SMALL);
+        ok(&rattn(&args));
+    };
+    train_40(false);
     let full = losses(&run);
     assert_eq!(full.len(), 40);
     let first: f64 = full[..5].iter().map(|x| x.1).sum::<f64>() / 5.0;
@@ -86,20 +78,7 @@ fn training_lowers_the_loss_and_resume_is_bit_exact() {
     // Drop the final checkpoint and resume from step 20: steps 21..40 must repeat bit for bit.
     std::fs::remove_file(run.join("ckpt_00000040.safetensors")).unwrap();
     std::fs::rename(run.join("metrics.jsonl"), run.join("first.jsonl")).unwrap();
-    let mut args = vec![
-        "train",
-        "--resume",
-        "--out",
-        r,
-        "--set",
-        "train.steps=40",
-        "--set",
-        "train.warmup=5",
-        "--set",
-        "train.checkpoint_every=20",
-    ];
-    args.extend(SMALL);
-    ok(&rattn(&args));
+    train_40(true);
     let resumed = losses(&run);
     assert_eq!(resumed.first().map(|x| x.0), Some(21));
     assert_eq!(

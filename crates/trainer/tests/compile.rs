@@ -8,7 +8,10 @@
 //! otherwise each prints a skip line and returns. Errors found before any plugin is loaded are
 //! tested unconditionally.
 
-use std::process::{Command, Output};
+mod common;
+
+use common::rattn;
+use std::process::Output;
 
 use pjrt::install::{PluginCache, PluginKind};
 use serde_json::Value;
@@ -53,16 +56,6 @@ fn have_gpu(test: &str) -> bool {
         );
     }
     ok
-}
-
-fn rattn(args: &[&str]) -> Output {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    Command::new(env!("CARGO_BIN_EXE_rattn"))
-        .current_dir(root)
-        .env("TF_CPP_MIN_LOG_LEVEL", "2")
-        .args(args)
-        .output()
-        .expect("run rattn")
 }
 
 /// The tiny model, shortened so a compile takes seconds: 4 layers (3 RAttention + 1 global),
@@ -331,19 +324,5 @@ fn malformed_targets_and_cpu_only_custom_calls_are_refused_without_a_plugin() {
     }
 }
 
-#[test]
-fn a_plugin_crash_in_the_child_becomes_an_error() {
-    // The compile runs in a child process; a child that dies by a signal (as a plugin CHECK
-    // failure would) must give an error naming the target, not kill the command.
-    if !have_tpu("a_plugin_crash_in_the_child_becomes_an_error") {
-        return;
-    }
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    let out = Command::new(env!("CARGO_BIN_EXE_rattn"))
-        .current_dir(root)
-        .env("RATTN_COMPILE_TEST_ABORT", "1")
-        .args(with(TINY, &["--target", "tpu:v6e:1x1"]))
-        .output()
-        .unwrap();
-    fail_with(&out, &["SIGABRT", "tpu:v6e:1x1", "child process"]);
-}
+// A plugin that crashes the compile child: `compile::tests::a_plugin_crash_in_the_child_becomes_an_error`
+// (src/compile.rs) and the supervisor's own tests (src/supervise.rs) run children that abort.

@@ -2,28 +2,11 @@
 //! the summary's numbers match an independent count, and the plot is a PNG of the requested size
 //! with both runs' lines in it.
 
+mod common;
+
+use common::{ok, rattn};
 use prost::Message;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn rattn(args: &[&str]) -> Output {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    Command::new(env!("CARGO_BIN_EXE_rattn"))
-        .current_dir(root)
-        .env("TF_CPP_MIN_LOG_LEVEL", "2")
-        .args(args)
-        .output()
-        .expect("run rattn")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "rattn failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn summary(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
@@ -139,7 +122,7 @@ fn dump_of_the_tiny_config_writes_parsable_modules_and_a_checked_summary() {
     // Compiled memory: the arguments are params, both moments, the step and the tokens.
     let m = &s["modules"][0]["memory"]["Ok"];
     assert_eq!(
-        m["argument"].as_u64().unwrap(),
+        m["argument_bytes"].as_u64().unwrap(),
         3 * 4 * params + 4 + 4 * 2 * 65,
         "{m}"
     );

@@ -1,26 +1,9 @@
 //! `rattn generate` end to end on the CPU plugin: train a tiny model for a few steps, then generate
 //! greedily (deterministic, the requested length) and by sampling (deterministic from the seed).
 
-use std::process::{Command, Output};
+mod common;
 
-fn rattn(args: &[&str]) -> Output {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    Command::new(env!("CARGO_BIN_EXE_rattn"))
-        .current_dir(root)
-        .env("TF_CPP_MIN_LOG_LEVEL", "2")
-        .args(args)
-        .output()
-        .expect("run rattn")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "rattn failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{ok, rattn};
 
 /// The ids of the `tokens: a,b,c` line.
 fn generated(stdout: &str) -> Vec<u32> {
