@@ -36,6 +36,34 @@ pub struct Checkpoint {
     pub tensors: Vec<NamedTensor>,
 }
 
+impl Checkpoint {
+    /// The parameter tensors (`params.<name>`) of `model`, in [`model::Model::param_specs`] order,
+    /// each checked for presence, shape and element count.
+    pub fn params(&self, model: &model::Model) -> Result<Vec<&NamedTensor>> {
+        model
+            .param_specs()
+            .iter()
+            .map(|s| {
+                let name = format!("params.{}", s.name);
+                let t = self
+                    .tensors
+                    .iter()
+                    .find(|t| t.name == name)
+                    .with_context(|| format!("checkpoint lacks {name}"))?;
+                if t.shape != s.shape || t.data.len() != s.numel() {
+                    bail!(
+                        "checkpoint tensor {name} has shape {:?} ({} values), the model expects {:?}",
+                        t.shape,
+                        t.data.len(),
+                        s.shape
+                    );
+                }
+                Ok(t)
+            })
+            .collect()
+    }
+}
+
 /// File name of the checkpoint at `step`.
 pub fn file_name(step: u64) -> String {
     format!("ckpt_{step:08}.safetensors")

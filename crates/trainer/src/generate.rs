@@ -168,22 +168,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
 
     let client = runtime::open_client(args.common.plugin.as_deref())?;
     let mut params = Vec::new();
-    for s in model.param_specs() {
-        let t = ck
-            .tensors
-            .iter()
-            .find(|t| t.name == format!("params.{}", s.name))
-            .with_context(|| format!("checkpoint lacks params.{}", s.name))?;
-        if t.data.len() != s.numel() {
-            bail!(
-                "checkpoint tensor params.{} has {} values, expected {}",
-                s.name,
-                t.data.len(),
-                s.numel()
-            );
-        }
-        let dims: Vec<i64> = s.shape.iter().map(|&d| d as i64).collect();
-        params.push(client.buffer_from_host(&t.data, &dims, None)?);
+    for t in ck.params(&model)? {
+        params.push(runtime::upload_f32(&client, &t.data, &t.shape)?);
     }
     let t0 = Instant::now();
     let platform = client.platform_name()?;

@@ -98,3 +98,9 @@ pub fn compile(client: &Client, comp: &Computation) -> Result<LoadedExecutable> 
         .compile(Program::Hlo(&bytes), &CompileOptions::default())
         .with_context(|| format!("compiling {}", comp.name()))
 }
+
+/// Uploads a row-major f32 host tensor of `shape` to the client's first device.
+pub fn upload_f32(client: &Client, data: &[f32], shape: &[usize]) -> Result<pjrt::Buffer> {
+    let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    Ok(client.buffer_from_host(data, &dims, None)?)
+}

@@ -3,11 +3,11 @@
 use crate::checkpoint::{self, Checkpoint, NamedTensor};
 use crate::config::RunConfig;
 use crate::data::{synthetic_sequence, Source};
-use crate::runtime;
+use crate::runtime::{self, upload_f32};
 use crate::step::{self, StateGroup, StepIo};
 use anyhow::{bail, Context, Result};
 use model::Model;
-use pjrt::{Buffer, Client};
+use pjrt::Buffer;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,11 +24,6 @@ pub struct TrainReport {
 /// The `[model]` table as TOML, stored in checkpoints and compared on resume.
 pub fn model_toml(cfg: &RunConfig) -> String {
     toml::to_string(&cfg.model).unwrap_or_default()
-}
-
-fn upload_f32(client: &Client, data: &[f32], shape: &[usize]) -> Result<Buffer> {
-    let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-    Ok(client.buffer_from_host(data, &dims, None)?)
 }
 
 /// Tokens of batch `index` (sequences `index·B .. index·B + B`) as s32 `[B, T+1]`.
@@ -242,13 +237,8 @@ pub fn eval(
     let ck = checkpoint::load(&path, Some(&model_toml(cfg)))?;
     let model = Model::new(cfg.model.clone())?;
     let mut params = Vec::new();
-    for s in model.param_specs() {
-        let t = ck
-            .tensors
-            .iter()
-            .find(|t| t.name == format!("params.{}", s.name))
-            .with_context(|| format!("checkpoint lacks params.{}", s.name))?;
-        params.push(upload_f32(&client, &t.data, &s.shape)?);
+    for t in ck.params(&model)? {
+        params.push(upload_f32(&client, &t.data, &t.shape)?);
     }
     let (bs, t, v) = (cfg.train.batch, cfg.model.seq_len, cfg.model.vocab);
     let platform = client.platform_name()?;
