@@ -19,6 +19,9 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+/// Held-out sequences of `rattn eval` and of the evaluation that ends `rattn train`.
+const EVAL_SEQUENCES: usize = 64;
+
 #[derive(Parser)]
 #[command(
     name = "rattn",
@@ -58,6 +61,9 @@ enum Cmd {
         /// No progress bar (metrics still go to metrics.jsonl).
         #[arg(long)]
         quiet: bool,
+        /// Held-out sequences of the evaluation that ends the run (0: no evaluation).
+        #[arg(long, default_value_t = EVAL_SEQUENCES)]
+        eval_sequences: usize,
     },
     /// Evaluate a checkpoint: loss, perplexity and (synthetic data) recall by distance.
     Eval {
@@ -67,7 +73,7 @@ enum Cmd {
         #[arg(long, default_value = "runs/tiny")]
         checkpoint: PathBuf,
         /// Number of held-out sequences.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = EVAL_SEQUENCES)]
         sequences: usize,
     },
     /// Manage PJRT plugins.
@@ -121,6 +127,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             resume,
             quiet,
+            eval_sequences,
         } => {
             let cfg = config::RunConfig::load(&common.config, &common.overrides)?;
             let report = train::train(&cfg, common.plugin.as_deref(), &out, resume, quiet)?;
@@ -129,6 +136,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(p) = report.last_checkpoint {
                 println!("checkpoint: {}", p.display());
+                if eval_sequences > 0 {
+                    train::eval(&cfg, common.plugin.as_deref(), &p, eval_sequences)?;
+                }
             }
             Ok(())
         }

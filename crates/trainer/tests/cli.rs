@@ -47,10 +47,13 @@ fn training_lowers_the_loss_and_resume_is_bit_exact() {
     let run = dir.path().join("run");
     let r = run.to_str().unwrap();
     // 40 steps with a checkpoint at 20 and 40, from scratch or resumed from the newest checkpoint.
+    // The run ends with an evaluation of its last checkpoint unless --eval-sequences is 0.
     let train_40 = |resume: bool| {
         let mut args = vec!["train"];
         if resume {
-            args.push("--resume");
+            args.extend(["--resume", "--eval-sequences", "0"]);
+        } else {
+            args.extend(["--eval-sequences", "4"]);
         }
         args.extend([
             "--out",
@@ -63,9 +66,16 @@ fn training_lowers_the_loss_and_resume_is_bit_exact() {
             "train.checkpoint_every=20",
         ]);
         args.extend(SMALL);
-        ok(&rattn(&args));
+        ok(&rattn(&args))
     };
-    train_40(false);
+    let stdout = train_40(false);
+    assert!(
+        stdout.contains("final loss")
+            && stdout.contains("eval loss")
+            && stdout.contains("over 256 tokens")
+            && stdout.contains("recall by distance from the fact (chance = 1/16)"),
+        "train did not end with its evaluation:\n{stdout}"
+    );
     let full = losses(&run);
     assert_eq!(full.len(), 40);
     let first: f64 = full[..5].iter().map(|x| x.1).sum::<f64>() / 5.0;
@@ -78,7 +88,8 @@ fn training_lowers_the_loss_and_resume_is_bit_exact() {
     // Drop the final checkpoint and resume from step 20: steps 21..40 must repeat bit for bit.
     std::fs::remove_file(run.join("ckpt_00000040.safetensors")).unwrap();
     std::fs::rename(run.join("metrics.jsonl"), run.join("first.jsonl")).unwrap();
-    train_40(true);
+    let stdout = train_40(true);
+    assert!(!stdout.contains("eval loss"), "{stdout}");
     let resumed = losses(&run);
     assert_eq!(resumed.first().map(|x| x.0), Some(21));
     assert_eq!(
