@@ -32,7 +32,7 @@ use pallas_port::{kernel, rla, Lowering, RlaConfig, RlaDims};
 
 mod common;
 
-use common::{bench_config, bench_dims, cpu_s, env_list, load, Inputs, Outputs};
+use common::{bench_config, bench_dims, cpu_s, env_list, inputs, load, outputs};
 
 const SAMPLES: usize = 10;
 
@@ -143,7 +143,7 @@ fn bench(c: &mut Criterion) {
         let d = bench_dims(t);
         let cfg = bench_config(sc);
         let cfg_hlo = bench_config(sc_hlo);
-        let Inputs { q, k, v, d_o } = Inputs::new(&d);
+        let (q, k, v, d_o) = inputs(&d);
         let up = |x: &[f32], shape: &[usize]| {
             let s: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
             client.buffer_from_host::<f32>(x, &s, None).expect("upload")
@@ -160,14 +160,7 @@ fn bench(c: &mut Criterion) {
         let fb_h = kernel::flops_bwd(&cfg_hlo, &d);
 
         // Raw kernels, and the reference outputs the compiled graphs are checked against once.
-        let Outputs {
-            mut o,
-            mut cs,
-            mut fs,
-            mut dq,
-            mut dk,
-            mut dv,
-        } = Outputs::new(&cfg, &d);
+        let [mut o, mut cs, mut fs, mut dq, mut dk, mut dv] = outputs(&cfg, &d);
         kernel::rla_fwd(&cfg, &d, &q, &k, &v, &mut o, &mut cs, &mut fs).expect("rla_fwd");
         kernel::rla_bwd(&cfg, &d, &q, &k, &v, &cs, &d_o, &mut dq, &mut dk, &mut dv)
             .expect("rla_bwd");

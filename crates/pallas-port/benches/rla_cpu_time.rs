@@ -15,7 +15,7 @@ use pallas_port::{kernel, RlaConfig};
 
 mod common;
 
-use common::{bench_config, bench_dims, cpu_s, data, load, Inputs, Outputs};
+use common::{bench_config, bench_dims, cpu_s, data, inputs, load, outputs};
 
 /// Runs `f` at least `min_iters` times and for at least `min_s` seconds of CPU time; returns
 /// (wall ms, cpu ms) per call, the minimum over 5 rounds.
@@ -50,15 +50,8 @@ fn main() {
         .unwrap_or(RlaConfig::default().sub_chunk);
     let cfg = bench_config(sc);
     let d = bench_dims(t);
-    let Inputs { q, k, v, d_o } = Inputs::new(&d);
-    let Outputs {
-        mut o,
-        mut cs,
-        mut fs,
-        mut dq,
-        mut dk,
-        mut dv,
-    } = Outputs::new(&cfg, &d);
+    let (q, k, v, d_o) = inputs(&d);
+    let [mut o, mut cs, mut fs, mut dq, mut dk, mut dv] = outputs(&cfg, &d);
     let ff = kernel::flops_fwd(&cfg, &d);
     let fb = kernel::flops_bwd(&cfg, &d);
     let threads = rayon::current_num_threads();

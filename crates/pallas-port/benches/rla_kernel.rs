@@ -10,7 +10,7 @@ use pallas_port::{kernel, RlaConfig};
 
 mod common;
 
-use common::{bench_config, bench_dims, env_list, Inputs, Outputs};
+use common::{bench_config, bench_dims, env_list, inputs, outputs};
 
 fn bench(c: &mut Criterion) {
     let default = RlaConfig::default();
@@ -22,15 +22,8 @@ fn bench(c: &mut Criterion) {
         for &sc in &subs {
             let cfg = bench_config(sc);
             let d = bench_dims(t);
-            let Inputs { q, k, v, d_o } = Inputs::new(&d);
-            let Outputs {
-                mut o,
-                mut cs,
-                mut fs,
-                mut dq,
-                mut dk,
-                mut dv,
-            } = Outputs::new(&cfg, &d);
+            let (q, k, v, d_o) = inputs(&d);
+            let [mut o, mut cs, mut fs, mut dq, mut dk, mut dv] = outputs(&cfg, &d);
             let ff = kernel::flops_fwd(&cfg, &d);
             let fb = kernel::flops_bwd(&cfg, &d);
             eprintln!(

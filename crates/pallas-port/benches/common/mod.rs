@@ -39,49 +39,27 @@ pub fn bench_dims(t: usize) -> RlaDims {
     }
 }
 
-/// The kernels' inputs q, k, v and the output cotangent d_o (seeds 1 to 4).
-pub struct Inputs {
-    pub q: Vec<f32>,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    pub d_o: Vec<f32>,
+/// The kernels' inputs `(q, k, v, d_o)` for dims `d` (seeds 1 to 4).
+pub fn inputs(d: &RlaDims) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    (
+        data(d.q_len(), 1),
+        data(d.kv_len(), 2),
+        data(d.kv_len(), 3),
+        data(d.q_len(), 4),
+    )
 }
 
-impl Inputs {
-    /// Deterministic inputs for dims `d`.
-    pub fn new(d: &RlaDims) -> Inputs {
-        Inputs {
-            q: data(d.q_len(), 1),
-            k: data(d.kv_len(), 2),
-            v: data(d.kv_len(), 3),
-            d_o: data(d.q_len(), 4),
-        }
-    }
-}
-
-/// Zeroed output buffers of `kernel::rla_fwd` (o, chunk_states, final_state) and
-/// `kernel::rla_bwd` (dq, dk, dv).
-pub struct Outputs {
-    pub o: Vec<f32>,
-    pub cs: Vec<f32>,
-    pub fs: Vec<f32>,
-    pub dq: Vec<f32>,
-    pub dk: Vec<f32>,
-    pub dv: Vec<f32>,
-}
-
-impl Outputs {
-    /// Buffers sized for `cfg` and `d`.
-    pub fn new(cfg: &RlaConfig, d: &RlaDims) -> Outputs {
-        Outputs {
-            o: vec![0.0; d.q_len()],
-            cs: vec![0.0; d.chunk_states_len(cfg)],
-            fs: vec![0.0; d.final_state_len()],
-            dq: vec![0.0; d.q_len()],
-            dk: vec![0.0; d.kv_len()],
-            dv: vec![0.0; d.kv_len()],
-        }
-    }
+/// The kernels' outputs, zeroed: `(o, chunk_states, final_state)` of `kernel::rla_fwd` and
+/// `(dq, dk, dv)` of `kernel::rla_bwd`, sized for `cfg` and `d`.
+pub fn outputs(cfg: &RlaConfig, d: &RlaDims) -> [Vec<f32>; 6] {
+    [
+        vec![0.0; d.q_len()],
+        vec![0.0; d.chunk_states_len(cfg)],
+        vec![0.0; d.final_state_len()],
+        vec![0.0; d.q_len()],
+        vec![0.0; d.kv_len()],
+        vec![0.0; d.kv_len()],
+    ]
 }
 
 /// Seconds on the CPU of all threads of this process so far, from
