@@ -10,7 +10,7 @@ use ndarray_npy::NpzReader;
 use std::collections::HashMap;
 
 mod common;
-use common::{client, compile, load_model, max_rel, npz, npz_dims, rand};
+use common::{axlearn_case, client, compile, load_model, max_rel, rand, AXLEARN_CASES};
 
 /// Compile `comp` and run it on f32/s32 inputs; returns every output as f32.
 fn run(
@@ -139,12 +139,8 @@ fn get(z: &mut NpzReader<std::fs::File>, k: &str) -> Vec<f32> {
 
 #[test]
 fn local_layer_and_its_vjp_match_axlearn() {
-    for (file, fm) in [
-        ("axlearn_rla_softmax_gqa_w37.npz", FeatureMap::Softmax),
-        ("axlearn_rla_relu_mqa_w0.npz", FeatureMap::Relu),
-    ] {
-        let mut z = npz(file);
-        let (d, window) = npz_dims(&mut z);
+    for (file, fm) in AXLEARN_CASES {
+        let (mut z, d, window) = axlearn_case(file);
         let mut cfg = tiny(window, fm);
         (cfg.heads, cfg.kv_heads, cfg.head_dim) = (d.n, d.g, d.h);
         // Forward + VJP in one graph: outputs (local_out, swa_out, dq, dk, dv).

@@ -1,13 +1,12 @@
 //! The f64 reference (written from DESIGN §2) against AXLearn's own numbers: this checks the
 //! reference, which the graph tests then trust.
 
-use model::config::FeatureMap;
 use model::reference::local_layer;
 use ndarray::ArrayD;
 use ndarray_npy::NpzReader;
 
 mod common;
-use common::{npz, npz_dims};
+use common::{axlearn_case, AXLEARN_CASES};
 
 fn arr(z: &mut NpzReader<std::fs::File>, k: &str) -> Vec<f64> {
     let a: ArrayD<f32> = z.by_name(k).unwrap();
@@ -24,12 +23,8 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
 
 #[test]
 fn reference_local_layer_matches_axlearn() {
-    for (file, fm) in [
-        ("axlearn_rla_softmax_gqa_w37.npz", FeatureMap::Softmax),
-        ("axlearn_rla_relu_mqa_w0.npz", FeatureMap::Relu),
-    ] {
-        let mut z = npz(file);
-        let (d, window) = npz_dims(&mut z);
+    for (file, fm) in AXLEARN_CASES {
+        let (mut z, d, window) = axlearn_case(file);
         let (q, k, v) = (arr(&mut z, "q"), arr(&mut z, "k"), arr(&mut z, "v"));
         let out = local_layer(&q, &k, &v, d, window, 5e5, fm);
         let e_swa = max_abs_diff(&out.swa, &arr(&mut z, "swa_out"));

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use model::config::ModelConfig;
+use model::config::{FeatureMap, ModelConfig};
 use model::reference::AttnDims;
 use ndarray::ArrayD;
 use ndarray_npy::NpzReader;
@@ -55,15 +55,17 @@ pub fn load_model(name: &str) -> ModelConfig {
     t.remove("model").unwrap().try_into().unwrap()
 }
 
-/// Opens `tests/data/{name}` (an AXLearn reference file).
-pub fn npz(name: &str) -> NpzReader<std::fs::File> {
-    let p = format!("{}/../../tests/data/{name}", env!("CARGO_MANIFEST_DIR"));
-    NpzReader::new(std::fs::File::open(p).unwrap()).unwrap()
-}
+/// The AXLearn reference files in `tests/data/` and the feature map each was made with.
+pub const AXLEARN_CASES: [(&str, FeatureMap); 2] = [
+    ("axlearn_rla_softmax_gqa_w37.npz", FeatureMap::Softmax),
+    ("axlearn_rla_relu_mqa_w0.npz", FeatureMap::Relu),
+];
 
-/// The attention dims and the window stored in an AXLearn file's `config` array
-/// (`[b, n, g, t, h, window]`).
-pub fn npz_dims(z: &mut NpzReader<std::fs::File>) -> (AttnDims, usize) {
+/// Opens `tests/data/{file}` (an AXLearn reference file) and reads the attention dims and the
+/// window from its `config` array (`[b, n, g, t, h, window]`).
+pub fn axlearn_case(file: &str) -> (NpzReader<std::fs::File>, AttnDims, usize) {
+    let p = format!("{}/../../tests/data/{file}", env!("CARGO_MANIFEST_DIR"));
+    let mut z = NpzReader::new(std::fs::File::open(p).unwrap()).unwrap();
     let c: ArrayD<i64> = z.by_name("config").unwrap();
     let c: Vec<usize> = c.iter().map(|&x| x as usize).collect();
     let d = AttnDims {
@@ -73,7 +75,7 @@ pub fn npz_dims(z: &mut NpzReader<std::fs::File>) -> (AttnDims, usize) {
         t: c[3],
         h: c[4],
     };
-    (d, c[5])
+    (z, d, c[5])
 }
 
 /// max |got − want| / max |want| (the scale floored at 1e-6).
