@@ -114,18 +114,15 @@ impl LoadedExecutable {
     }
 
     fn executable(&self) -> Result<ExecutableRef<'_>> {
-        let mut a = sys::HandleWordArgs::new();
-        a.handle = self.inner.raw;
-        // SAFETY: slot 51 takes PJRT_LoadedExecutable_GetExecutable_Args.
-        unsafe {
-            self.plugin().call(
-                slot::LOADED_EXECUTABLE_GET_EXECUTABLE,
-                "PJRT_LoadedExecutable_GetExecutable",
-                &mut a,
-            )
-        }?;
+        let (s, name) = (
+            slot::LOADED_EXECUTABLE_GET_EXECUTABLE,
+            "PJRT_LoadedExecutable_GetExecutable",
+        );
+        // SAFETY: slot 51 takes PJRT_LoadedExecutable_GetExecutable_Args (HandleWordArgs
+        // layout).
+        let raw = unsafe { self.plugin().query_word(s, name, self.inner.raw) }?;
         Ok(ExecutableRef {
-            raw: a.value as Ptr,
+            raw: raw as Ptr,
             client: &self.inner.client,
         })
     }

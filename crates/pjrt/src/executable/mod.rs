@@ -104,11 +104,9 @@ pub(crate) struct ExecHandle<'a> {
 
 impl ExecHandle<'_> {
     pub(crate) fn word_query(&self, s: usize, name: &'static str) -> Result<usize> {
-        let mut a = sys::HandleWordArgs::new();
-        a.handle = self.raw;
-        // SAFETY: the slot takes a (executable, size_t out) args struct of this layout.
-        unsafe { self.plugin.call(s, name, &mut a) }?;
-        Ok(a.value)
+        // SAFETY: the slot takes a (executable, size_t out) args struct of the HandleWordArgs
+        // layout; the executable outlives `self`.
+        unsafe { self.plugin.query_word(s, name, self.raw) }
     }
 
     pub(crate) fn string_query(&self, s: usize, name: &'static str) -> Result<String> {
