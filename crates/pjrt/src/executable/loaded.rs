@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{CompiledMemoryStats, ExecHandle};
+use super::{check_returned, CompiledMemoryStats, ExecHandle};
 use crate::buffer::Buffer;
 use crate::client::{Client, Device};
 use crate::dtype::{ElementType, RuntimeCodes};
@@ -81,13 +81,7 @@ impl ExecutableRef<'_> {
 
 impl LoadedExecutable {
     pub(crate) fn from_raw(client: &Client, raw: Ptr) -> Result<LoadedExecutable> {
-        if raw.is_null() {
-            return Err(Error::Pjrt {
-                code: ErrorCode::Internal,
-                function: "PJRT_Client_Compile",
-                message: "the plugin returned no executable".into(),
-            });
-        }
+        check_returned(raw, "PJRT_Client_Compile")?;
         let mut exe = LoadedExecutable {
             inner: Arc::new(ExecInner {
                 raw,
@@ -96,8 +90,7 @@ impl LoadedExecutable {
                 devices: Vec::new(),
             }),
         };
-        let num_outputs =
-            exe.word_query(slot::EXECUTABLE_NUM_OUTPUTS, "PJRT_Executable_NumOutputs")?;
+        let num_outputs = exe.executable()?.handle().num_outputs()?;
         let devices = client.device_list(
             slot::LOADED_EXECUTABLE_ADDRESSABLE_DEVICES,
             "PJRT_LoadedExecutable_AddressableDevices",
