@@ -1,6 +1,7 @@
 //! `input_output_alias`: a donated parameter's buffer is reused for the aliased output.
 
 use hlo_builder::{Builder, ElementType, Shape};
+use hlo_tests::{compile, upload};
 
 #[test]
 fn aliased_output_reuses_the_donated_parameter() {
@@ -30,18 +31,10 @@ fn aliased_output_reuses_the_donated_parameter() {
         "{text}"
     );
 
-    let client = pjrt::Client::cpu().unwrap();
-    let exe = client
-        .compile(
-            pjrt::Program::Hlo(&comp.to_bytes()),
-            &pjrt::CompileOptions::default(),
-        )
-        .unwrap();
+    let exe = compile(&comp);
     let xs: Vec<f32> = (0..1024).map(|i| i as f32).collect();
-    let xb = client.buffer_from_host(&xs, &[1024], None).unwrap();
-    let yb = client
-        .buffer_from_host(&[1.0f32, 2.0, 3.0, 4.0], &[4], None)
-        .unwrap();
+    let xb = upload(&xs, &[1024]);
+    let yb = upload(&[1.0f32, 2.0, 3.0, 4.0], &[4]);
     let addr = xb.device_address().unwrap();
     let out = exe.execute_donating(vec![xb, yb]).unwrap();
     assert_eq!(

@@ -2,16 +2,12 @@
 //! differences of the forward graph, plus custom VJPs, error cases and a small MLP that trains.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use hlo_builder::{Builder, Cmp, DotDims, ElementType, Op, Result, Shape};
+use hlo_tests::{assert_grads_match_finite_differences, compile, loss_and_grads, run_f64, upload};
 
 const F64: ElementType = ElementType::F64;
-
-fn client() -> &'static pjrt::Client {
-    static C: OnceLock<pjrt::Client> = OnceLock::new();
-    C.get_or_init(|| pjrt::Client::cpu().expect("CPU PJRT client"))
-}
 
 /// Deterministic uniform numbers in `[lo, hi)` (xorshift64*).
 struct Rng(u64);
@@ -50,28 +46,6 @@ fn inp(dims: &[i64], lo: f64, hi: f64) -> In {
     }
 }
 
-fn compile(comp: &hlo_builder::Computation) -> pjrt::LoadedExecutable {
-    client()
-        .compile(
-            pjrt::Program::Hlo(&comp.to_bytes()),
-            &pjrt::CompileOptions::default(),
-        )
-        .unwrap_or_else(|e| panic!("compile failed: {e}\n{}", comp.to_text()))
-}
-
-fn run(exe: &pjrt::LoadedExecutable, args: &[(Vec<f64>, Vec<i64>)]) -> Vec<Vec<f64>> {
-    let bufs: Vec<pjrt::Buffer> = args
-        .iter()
-        .map(|(d, dims)| client().buffer_from_host::<f64>(d, dims, None).unwrap())
-        .collect();
-    let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
-    exe.execute(&refs)
-        .unwrap()
-        .iter()
-        .map(|b| b.to_host::<f64>().unwrap())
-        .collect()
-}
-
 /// Check the gradient of `L = sum(f(x...) * W)` (W fixed random) against central differences.
 fn check(name: &str, inputs: &[In], f: impl Fn(&Builder, &[Op]) -> Result<Op>) {
     let mut rng = Rng::new(name);
@@ -84,20 +58,8 @@ fn check(name: &str, inputs: &[In], f: impl Fn(&Builder, &[Op]) -> Result<Op>) {
                 .unwrap()
         })
         .collect();
-    let y = f(&b, &params).unwrap_or_else(|e| panic!("{name}: forward: {e}"));
-    let ys = b.shape(y).unwrap();
-    let wdata = rng.vec(ys.numel() as usize, -1.0, 1.0);
-    let w = b.constant_vec(wdata, ys.dims()).unwrap();
-    let all: Vec<i64> = (0..ys.rank() as i64).collect();
-    let loss = b.reduce_sum(b.mul(y, w).unwrap(), &all).unwrap();
-    let grads = b
-        .grad(loss, &params)
-        .unwrap_or_else(|e| panic!("{name}: grad: {e}"));
-    let mut outs = vec![loss];
-    outs.extend(&grads);
-    let comp = b.build(b.tuple(&outs).unwrap()).unwrap();
+    let comp = loss_and_grads(name, &b, &params, |n| rng.vec(n, -1.0, 1.0), f);
     let exe = compile(&comp);
-
     let args: Vec<(Vec<f64>, Vec<i64>)> = inputs
         .iter()
         .map(|x| {
@@ -107,27 +69,7 @@ fn check(name: &str, inputs: &[In], f: impl Fn(&Builder, &[Op]) -> Result<Op>) {
             )
         })
         .collect();
-    let base = run(&exe, &args);
-    assert_eq!(
-        base.len(),
-        1 + inputs.len(),
-        "{name}: one output per tuple element"
-    );
-    let h = 1e-6;
-    for k in 0..inputs.len() {
-        for (e, &got) in base[1 + k].iter().enumerate() {
-            let mut a = args.clone();
-            a[k].0[e] += h;
-            let lp = run(&exe, &a)[0][0];
-            a[k].0[e] -= 2.0 * h;
-            let lm = run(&exe, &a)[0][0];
-            let fd = (lp - lm) / (2.0 * h);
-            assert!(
-                (got - fd).abs() <= 1e-6 * (1.0 + fd.abs()),
-                "{name}: d/dx{k}[{e}]: autodiff {got}, finite difference {fd}"
-            );
-        }
-    }
+    assert_grads_match_finite_differences(name, &exe, &args);
 }
 
 #[test]
@@ -283,7 +225,7 @@ fn reduce_max_ties_split_evenly() {
     let y = b.max(x, b.scalar(2.0f64).unwrap()).unwrap();
     let g2 = b.grad(b.reduce_sum(y, &[0]).unwrap(), &[x]).unwrap();
     let exe = compile(&b.build(b.tuple(&[g[0], g2[0]]).unwrap()).unwrap());
-    let out = run(&exe, &[(vec![1.0, 3.0, 3.0, 2.0], vec![4])]);
+    let out = run_f64(&exe, &[(vec![1.0, 3.0, 3.0, 2.0], vec![4])]);
     assert_eq!(out[0], vec![0.0, 0.5, 0.5, 0.0]);
     // max(x, 2): x wins where x > 2, tie at x == 2 splits.
     assert_eq!(out[1], vec![0.0, 1.0, 1.0, 0.5]);
@@ -370,12 +312,8 @@ fn dot_preferred_element_type() {
         Shape::array(ElementType::F32, &[3, 4])
     );
     let exe = compile(&b.build(b.tuple(&g).unwrap()).unwrap());
-    let bx = client()
-        .buffer_from_host::<f32>(&xv, &[m as i64, k as i64], None)
-        .unwrap();
-    let by = client()
-        .buffer_from_host::<f32>(&yv, &[k as i64, n as i64], None)
-        .unwrap();
+    let bx = upload::<f32>(&xv, &[m as i64, k as i64]);
+    let by = upload::<f32>(&yv, &[k as i64, n as i64]);
     let out = exe.execute(&[&bx, &by]).unwrap();
     let gx = out[0].to_host::<f32>().unwrap();
     let gy = out[1].to_host::<f32>().unwrap();
@@ -422,7 +360,7 @@ fn convert_between_float_types() {
         .unwrap();
     let g = b.grad(loss, &[x]).unwrap();
     let exe = compile(&b.build(g[0]).unwrap());
-    let out = run(&exe, &[(vec![0.1, 0.2, 0.3, 0.4], vec![4])]);
+    let out = run_f64(&exe, &[(vec![0.1, 0.2, 0.3, 0.4], vec![4])]);
     let want: Vec<f64> = w.iter().map(|v| 2.0 * v).collect();
     assert_eq!(out[0], want);
 }
@@ -455,13 +393,9 @@ fn integer_inputs_get_no_gradient() {
     assert_eq!(b.shape(g[1]).unwrap(), Shape::scalar(ElementType::S32));
     let comp = b.build(b.tuple(&g).unwrap()).unwrap();
     let exe = compile(&comp);
-    let bk = client()
-        .buffer_from_host::<i32>(&[2, -1, 4], &[3], None)
-        .unwrap();
-    let bi = client().buffer_from_host::<i32>(&[1], &[], None).unwrap();
-    let bx = client()
-        .buffer_from_host::<f64>(&[0.0; 5], &[5], None)
-        .unwrap();
+    let bk = upload::<i32>(&[2, -1, 4], &[3]);
+    let bi = upload::<i32>(&[1], &[]);
+    let bx = upload::<f64>(&[0.0; 5], &[5]);
     let out = exe.execute(&[&bk, &bi, &bx]).unwrap();
     assert_eq!(out[0].to_host::<i32>().unwrap(), vec![0, 0, 0]);
     assert_eq!(out[1].to_host::<i32>().unwrap(), vec![0]);
@@ -593,7 +527,7 @@ fn custom_vjp_replaces_the_block() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     let exe = compile(&b.build(b.tuple(&[g[0], g[1]]).unwrap()).unwrap());
     let xv = vec![0.5, -1.0, 2.0];
-    let out = run(
+    let out = run_f64(
         &exe,
         &[(xv.clone(), vec![3]), (vec![1.0, 2.0, 3.0], vec![3])],
     );
@@ -617,7 +551,10 @@ fn custom_vjp_replaces_the_block() {
     .unwrap();
     let g = b.grad(b.reduce_sum(y, &[0]).unwrap(), &[x]).unwrap();
     let exe = compile(&b.build(g[0]).unwrap());
-    assert_eq!(run(&exe, &[(vec![0.3, -0.7], vec![2])])[0], vec![3.0, 3.0]);
+    assert_eq!(
+        run_f64(&exe, &[(vec![0.3, -0.7], vec![2])])[0],
+        vec![3.0, 3.0]
+    );
 
     // A rule returning the wrong shape is reported.
     let b = Builder::new("custom3");
@@ -686,9 +623,8 @@ fn mlp_softmax_cross_entropy_trains_with_sgd() {
         b.tuple(&outs)
     };
     let exe = compile(&b.build(step().unwrap()).unwrap());
-    let cl = client();
-    let bx = cl.buffer_from_host::<f32>(&xs, &[n, d], None).unwrap();
-    let by = cl.buffer_from_host::<f32>(&ys, &[n, c], None).unwrap();
+    let bx = upload::<f32>(&xs, &[n, d]);
+    let by = upload::<f32>(&ys, &[n, c]);
     let mut params: Vec<pjrt::Buffer> = [
         (vec![d, hdim], 0.5),
         (vec![hdim], 0.0),
@@ -702,7 +638,7 @@ fn mlp_softmax_cross_entropy_trains_with_sgd() {
             .into_iter()
             .map(|v| (v * scale) as f32)
             .collect();
-        cl.buffer_from_host::<f32>(&v, dims, None).unwrap()
+        upload::<f32>(&v, dims)
     })
     .collect();
     let mut losses = Vec::new();
@@ -743,7 +679,7 @@ fn vjp_with_several_outputs_and_a_tuple_output() {
     ];
     let mut args = vec![(xv.clone(), vec![3])];
     args.extend(cv.iter().map(|v| (v.clone(), vec![3])));
-    let out = run(&exe, &args);
+    let out = run_f64(&exe, &args);
     for i in 0..3 {
         let want = cv[0][i] * xv[i].exp() + 2.0 * xv[i] * cv[1][i] + xv[i].cos() * cv[2][i];
         assert!(

@@ -1,53 +1,13 @@
 //! Every op family executed on the PJRT CPU plugin and compared with an independent host
 //! reference (f64 formulas, ndarray, a host Threefry). Many ops share one compile.
 
-use std::sync::OnceLock;
-
 use hlo_builder::{
-    threefry2x32_host, Attr, Builder, Cmp, Computation, DotDims, ElementType, Op, Shape, Sharding,
+    threefry2x32_host, Attr, Builder, Cmp, DotDims, ElementType, Op, Shape, Sharding,
 };
+use hlo_tests::{assert_close, client, compile, flat, upload, values};
 use ndarray::{s, Array, ArrayD, Axis, IxDyn};
 
 const F32: ElementType = ElementType::F32;
-
-fn client() -> &'static pjrt::Client {
-    static C: OnceLock<pjrt::Client> = OnceLock::new();
-    C.get_or_init(|| pjrt::Client::cpu().expect("CPU PJRT client"))
-}
-
-fn compile(comp: &Computation) -> pjrt::LoadedExecutable {
-    client()
-        .compile(
-            pjrt::Program::Hlo(&comp.to_bytes()),
-            &pjrt::CompileOptions::default(),
-        )
-        .unwrap_or_else(|e| panic!("compile failed: {e}\n{}", comp.to_text()))
-}
-
-fn f32_buf(data: &[f32], dims: &[i64]) -> pjrt::Buffer {
-    client().buffer_from_host::<f32>(data, dims, None).unwrap()
-}
-
-/// Deterministic values in `[lo, hi)`.
-fn values(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
-}
-
-fn assert_close(name: &str, got: &[f32], want: &[f64], rtol: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let ok = (g as f64 - w).abs() <= rtol * w.abs().max(1.0) || (w.is_nan() && g.is_nan());
-        assert!(ok, "{name}[{i}]: got {g}, want {w}");
-    }
-}
 
 #[test]
 fn elementwise_ops_match_f64() {
@@ -140,7 +100,7 @@ fn elementwise_ops_match_f64() {
     let comp = b.build(b.tuple(&ops).unwrap()).unwrap();
     let exe = compile(&comp);
     let res = exe
-        .execute(&[&f32_buf(&x, &d), &f32_buf(&y, &d), &f32_buf(&sg, &d)])
+        .execute(&[&upload(&x, &d), &upload(&y, &d), &upload(&sg, &d)])
         .unwrap();
     assert_eq!(res.len(), outs.len());
     for ((name, _, f), buf) in outs.iter().zip(&res) {
@@ -153,10 +113,6 @@ fn elementwise_ops_match_f64() {
 
 fn nd(v: &[f32], d: &[usize]) -> ArrayD<f64> {
     Array::from_shape_vec(IxDyn(d), v.iter().map(|&x| x as f64).collect()).unwrap()
-}
-
-fn flat(a: &ArrayD<f64>) -> Vec<f64> {
-    a.iter().copied().collect()
 }
 
 #[test]
@@ -244,8 +200,8 @@ fn data_movement_ops_match_ndarray() {
     let ops: Vec<Op> = outs.iter().map(|o| o.1).collect();
     let comp = b.build(b.tuple(&ops).unwrap()).unwrap();
     let exe = compile(&comp);
-    let i = client().buffer_from_host::<i32>(&[1], &[], None).unwrap();
-    let res = exe.execute(&[&f32_buf(&xv, &[4, 6]), &i]).unwrap();
+    let i = upload::<i32>(&[1], &[]);
+    let res = exe.execute(&[&upload(&xv, &[4, 6]), &i]).unwrap();
     for ((name, _, want), buf) in outs.iter().zip(&res) {
         assert_close(name, &buf.to_host::<f32>().unwrap(), want, 0.0);
     }
@@ -341,7 +297,7 @@ fn reductions_and_dots_match_naive_loops() {
     let comp = b.build(b.tuple(&ops).unwrap()).unwrap();
     let exe = compile(&comp);
     let res = exe
-        .execute(&[&f32_buf(&av, &[2, 3, 4]), &f32_buf(&bv, &[2, 4, 5])])
+        .execute(&[&upload(&av, &[2, 3, 4]), &upload(&bv, &[2, 4, 5])])
         .unwrap();
     // The printer handles XLA's optimized module (fusions, copies, layouts) too.
     let optimized = hlo_builder::print_module_bytes(&exe.optimized_program().unwrap()).unwrap();
@@ -427,8 +383,8 @@ fn control_flow_runs() {
         .unwrap();
     let exe = compile(&comp);
     let xv = [1.0f32, -2.0, 0.5];
-    let nb = client().buffer_from_host::<i32>(&[5], &[], None).unwrap();
-    let res = exe.execute(&[&nb, &f32_buf(&xv, &[3])]).unwrap();
+    let nb = upload::<i32>(&[5], &[]);
+    let res = exe.execute(&[&nb, &upload(&xv, &[3])]).unwrap();
     let mut want: Vec<f64> = xv.iter().map(|&v| v as f64).collect();
     for i in 0..5 {
         for w in &mut want {
@@ -538,7 +494,7 @@ fn custom_call_reaches_ffi_handler_with_attributes() {
     let z = b.add(y, b.scalar(1.0f32).unwrap()).unwrap();
     let exe = compile(&b.build(z).unwrap());
     let out = exe
-        .execute(&[&f32_buf(&[1.0, 2.0, -1.0, 0.0], &[4])])
+        .execute(&[&upload::<f32>(&[1.0, 2.0, -1.0, 0.0], &[4])])
         .unwrap();
     assert_eq!(out[0].to_host::<f32>().unwrap(), vec![0.5, 3.0, -4.5, -2.0]);
 
@@ -629,7 +585,7 @@ fn softmax_matches_f64_on_every_axis() {
     let cols = b.softmax(p, 0).unwrap();
     let comp = b.build(b.tuple(&[rows, cols]).unwrap()).unwrap();
     let res = compile(&comp)
-        .execute(&[&f32_buf(&x, &[r as i64, c as i64])])
+        .execute(&[&upload(&x, &[r as i64, c as i64])])
         .unwrap();
     let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
     // Plain exp/sum in f64 (no max subtraction): an independent formula.

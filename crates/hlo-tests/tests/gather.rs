@@ -2,10 +2,12 @@
 //! (including clamped / skipped out-of-range indices and repeated indices), and their VJPs against
 //! f64 central differences. Their HLO text and errors are tested in hlo-builder's tests/gather.rs.
 
-use std::sync::OnceLock;
-
 use hlo_builder::{
-    Builder, Computation, ElementType, GatherDims, Op, Result, ScatterDims, ScatterUpdate, Shape,
+    Builder, ElementType, GatherDims, Op, Result, ScatterDims, ScatterUpdate, Shape,
+};
+use hlo_tests::{
+    assert_close, assert_grads_match_finite_differences, compile, flat, loss_and_grads, upload,
+    values_f64,
 };
 use ndarray::{s, Array2, Array3, ArrayD, IxDyn};
 
@@ -13,57 +15,32 @@ const F32: ElementType = ElementType::F32;
 const F64: ElementType = ElementType::F64;
 const S32: ElementType = ElementType::S32;
 
-fn client() -> &'static pjrt::Client {
-    static C: OnceLock<pjrt::Client> = OnceLock::new();
-    C.get_or_init(|| pjrt::Client::cpu().expect("CPU PJRT client"))
-}
-
-fn compile(comp: &Computation) -> pjrt::LoadedExecutable {
-    client()
-        .compile(
-            pjrt::Program::Hlo(&comp.to_bytes()),
-            &pjrt::CompileOptions::default(),
-        )
-        .unwrap_or_else(|e| panic!("compile failed: {e}\n{}", comp.to_text()))
-}
-
-/// Deterministic values in `[lo, hi)` (xorshift).
-fn values(n: usize, lo: f64, hi: f64, seed: u64) -> Vec<f64> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            lo + (hi - lo) * ((s >> 11) as f64 / (1u64 << 53) as f64)
-        })
-        .collect()
-}
-
-/// [`values`] rounded to f32 (inputs of the f32 tests).
+/// [`values_f64`] rounded to f32 (inputs of the f32 tests).
 fn values32(n: usize, seed: u64) -> Vec<f64> {
-    values(n, -2.0, 2.0, seed)
+    values_f64(n, -2.0, 2.0, seed)
         .into_iter()
         .map(|x| x as f32 as f64)
         .collect()
 }
 
-fn assert_close(name: &str, got: &[f32], want: &[f64], rtol: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g as f64 - w).abs() <= rtol * w.abs().max(1.0),
-            "{name}[{i}]: got {g}, want {w}"
-        );
-    }
-}
-
-fn flat(a: &ArrayD<f64>) -> Vec<f64> {
-    a.iter().copied().collect()
-}
-
 fn clampi(i: i32, hi: i64) -> usize {
     (i as i64).clamp(0, hi) as usize
+}
+
+/// Uploads f64 values (already f32-exact, see [`values32`]) as f32.
+fn upload_f32(v: &[f64], dims: &[i64]) -> pjrt::Buffer {
+    upload(&v.iter().map(|&x| x as f32).collect::<Vec<_>>(), dims)
+}
+
+/// Builds the tuple of the named ops in `outs`, runs it on `args` and compares each output with
+/// its reference (relative tolerance `rtol`).
+fn run_and_compare(b: &Builder, outs: &[(&str, Op, Vec<f64>)], args: &[pjrt::Buffer], rtol: f64) {
+    let ops: Vec<Op> = outs.iter().map(|o| o.1).collect();
+    let exe = compile(&b.build(b.tuple(&ops).unwrap()).unwrap());
+    let res = exe.execute(&args.iter().collect::<Vec<_>>()).unwrap();
+    for ((name, _, want), buf) in outs.iter().zip(&res) {
+        assert_close(name, &buf.to_host::<f32>().unwrap(), want, rtol);
+    }
 }
 
 #[test]
@@ -162,24 +139,14 @@ fn gather_and_take_rows_match_ndarray() {
         flat(&want.into_dyn()),
     ));
 
-    let ops: Vec<Op> = outs.iter().map(|o| o.1).collect();
-    let comp = b.build(b.tuple(&ops).unwrap()).unwrap();
-    let exe = compile(&comp);
-    let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
-    let c = client();
     let args = [
-        c.buffer_from_host::<f32>(&f32s(&tv), &[7, 3], None)
-            .unwrap(),
-        c.buffer_from_host::<f32>(&f32s(&xv), &[6, 7], None)
-            .unwrap(),
-        c.buffer_from_host::<i32>(&ids, &[2, 5], None).unwrap(),
-        c.buffer_from_host::<i32>(&starts, &[4, 2], None).unwrap(),
+        upload_f32(&tv, &[7, 3]),
+        upload_f32(&xv, &[6, 7]),
+        upload::<i32>(&ids, &[2, 5]),
+        upload::<i32>(&starts, &[4, 2]),
     ];
-    let res = exe.execute(&args.iter().collect::<Vec<_>>()).unwrap();
-    for ((name, _, want), buf) in outs.iter().zip(&res) {
-        // Gather copies values: exact.
-        assert_close(name, &buf.to_host::<f32>().unwrap(), want, 0.0);
-    }
+    // Gather copies values: exact.
+    run_and_compare(&b, &outs, &args, 0.0);
 }
 
 #[test]
@@ -260,27 +227,15 @@ fn scatter_matches_ndarray() {
         flat(&want.into_dyn()),
     ));
 
-    let ops: Vec<Op> = outs.iter().map(|o| o.1).collect();
-    let comp = b.build(b.tuple(&ops).unwrap()).unwrap();
-    let exe = compile(&comp);
-    let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
-    let c = client();
     let args = [
-        c.buffer_from_host::<f32>(&f32s(&xv), &[5, 3], None)
-            .unwrap(),
-        c.buffer_from_host::<f32>(&f32s(&uv), &[6, 3], None)
-            .unwrap(),
-        c.buffer_from_host::<i32>(&ids, &[6], None).unwrap(),
-        c.buffer_from_host::<f32>(&f32s(&gv), &[6, 7], None)
-            .unwrap(),
-        c.buffer_from_host::<f32>(&f32s(&wv), &[3, 2, 3], None)
-            .unwrap(),
-        c.buffer_from_host::<i32>(&starts, &[3, 2], None).unwrap(),
+        upload_f32(&xv, &[5, 3]),
+        upload_f32(&uv, &[6, 3]),
+        upload::<i32>(&ids, &[6]),
+        upload_f32(&gv, &[6, 7]),
+        upload_f32(&wv, &[3, 2, 3]),
+        upload::<i32>(&starts, &[3, 2]),
     ];
-    let res = exe.execute(&args.iter().collect::<Vec<_>>()).unwrap();
-    for ((name, _, want), buf) in outs.iter().zip(&res) {
-        assert_close(name, &buf.to_host::<f32>().unwrap(), want, 1e-6);
-    }
+    run_and_compare(&b, &outs, &args, 1e-6);
 }
 
 /// Gradient of `L = sum(f(x...) * W)` (W fixed random) against f64 central differences.
@@ -291,54 +246,17 @@ fn check(name: &str, dims: &[&[i64]], f: impl Fn(&Builder, &[Op]) -> Result<Op>)
         .enumerate()
         .map(|(i, d)| b.parameter(Shape::array(F64, d), &format!("x{i}")).unwrap())
         .collect();
-    let y = f(&b, &params).unwrap_or_else(|e| panic!("{name}: forward: {e}"));
-    let ys = b.shape(y).unwrap();
-    let w = b
-        .constant_vec(values(ys.numel() as usize, -1.0, 1.0, 7), ys.dims())
-        .unwrap();
-    let all: Vec<i64> = (0..ys.rank() as i64).collect();
-    let loss = b.reduce_sum(b.mul(y, w).unwrap(), &all).unwrap();
-    let grads = b
-        .grad(loss, &params)
-        .unwrap_or_else(|e| panic!("{name}: grad: {e}"));
-    let mut outs = vec![loss];
-    outs.extend(&grads);
-    let exe = compile(&b.build(b.tuple(&outs).unwrap()).unwrap());
-    let run = |args: &[Vec<f64>]| -> Vec<Vec<f64>> {
-        let bufs: Vec<pjrt::Buffer> = args
-            .iter()
-            .zip(dims)
-            .map(|(v, d)| client().buffer_from_host::<f64>(v, d, None).unwrap())
-            .collect();
-        exe.execute(&bufs.iter().collect::<Vec<_>>())
-            .unwrap()
-            .iter()
-            .map(|b| b.to_host::<f64>().unwrap())
-            .collect()
-    };
-    let args: Vec<Vec<f64>> = dims
+    let comp = loss_and_grads(name, &b, &params, |n| values_f64(n, -1.0, 1.0, 7), f);
+    let exe = compile(&comp);
+    let args: Vec<(Vec<f64>, Vec<i64>)> = dims
         .iter()
         .enumerate()
-        .map(|(i, d)| values(d.iter().product::<i64>() as usize, -1.5, 1.5, 11 + i as u64))
+        .map(|(i, d)| {
+            let n = d.iter().product::<i64>() as usize;
+            (values_f64(n, -1.5, 1.5, 11 + i as u64), d.to_vec())
+        })
         .collect();
-    let base = run(&args);
-    let h = 1e-6;
-    let mut nonzero = 0;
-    for k in 0..dims.len() {
-        for (e, &got) in base[1 + k].iter().enumerate() {
-            let mut a = args.clone();
-            a[k][e] += h;
-            let lp = run(&a)[0][0];
-            a[k][e] -= 2.0 * h;
-            let lm = run(&a)[0][0];
-            let fd = (lp - lm) / (2.0 * h);
-            assert!(
-                (got - fd).abs() <= 1e-6 * (1.0 + fd.abs()),
-                "{name}: d/dx{k}[{e}]: autodiff {got}, finite difference {fd}"
-            );
-            nonzero += usize::from(fd.abs() > 1e-3);
-        }
-    }
+    let nonzero = assert_grads_match_finite_differences(name, &exe, &args);
     assert!(
         nonzero > 0,
         "{name}: all gradients vanish; the check is vacuous"

@@ -6,49 +6,9 @@
 use hlo_builder::{Builder, ElementType, Shape};
 use model::config::{FeatureMap, LocalKind, Lowering, ModelConfig};
 use model::Model;
-use std::sync::OnceLock;
 
-fn client() -> &'static pjrt::Client {
-    static C: OnceLock<pjrt::Client> = OnceLock::new();
-    C.get_or_init(|| {
-        let c = pjrt::Client::cpu().expect("CPU plugin");
-        pallas_port::register_cpu_kernels(&c).expect("register RLA kernels");
-        c
-    })
-}
-
-fn compile(comp: &hlo_builder::Computation) -> pjrt::LoadedExecutable {
-    client()
-        .compile(
-            pjrt::Program::Hlo(&comp.to_bytes()),
-            &pjrt::CompileOptions::default(),
-        )
-        .unwrap_or_else(|e| panic!("compiling {}: {e}", comp.name()))
-}
-
-fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
-
-fn load_model(name: &str) -> ModelConfig {
-    let text = std::fs::read_to_string(format!(
-        "{}/../../configs/{name}.toml",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
-    let mut t: toml::Table = toml::from_str(&text).unwrap();
-    t.remove("model").unwrap().try_into().unwrap()
-}
+mod common;
+use common::{client, compile, load_model, max_rel, rand};
 
 fn tiny() -> ModelConfig {
     let mut cfg = load_model("tiny");
@@ -74,17 +34,6 @@ fn params(m: &Model, seed: u64) -> Vec<pjrt::Buffer> {
             client().buffer_from_host(&v, &dims, None).unwrap()
         })
         .collect()
-}
-
-/// max |got − want| / max |want| over one row.
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().map(|x| x.abs() as f64).fold(1e-6, f64::max);
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0.0, f64::max)
-        / scale
 }
 
 /// Full-forward logits `[B, T, V]` for `tokens [B, T]`.
@@ -138,7 +87,7 @@ fn check_decode(name: &str, cfg: &ModelConfig, bs: usize, total: usize, prompts:
         let logits = outs.remove(0).to_host::<f32>().unwrap();
         for bi in 0..bs {
             for t in 0..l {
-                let e = rel_err(&logits[(bi * l + t) * v..][..v], row(bi, t));
+                let e = max_rel(&logits[(bi * l + t) * v..][..v], row(bi, t));
                 assert!(
                     e <= 1e-4,
                     "{name} L={l}: prefill logits at b={bi} t={t}: rel err {e:.2e}"
@@ -158,7 +107,7 @@ fn check_decode(name: &str, cfg: &ModelConfig, bs: usize, total: usize, prompts:
             let mut outs = step.execute(&args).unwrap();
             let logits = outs.remove(0).to_host::<f32>().unwrap();
             for bi in 0..bs {
-                let e = rel_err(&logits[bi * v..][..v], row(bi, t));
+                let e = max_rel(&logits[bi * v..][..v], row(bi, t));
                 assert!(
                     e <= 1e-4,
                     "{name} L={l}: decode logits at b={bi} t={t}: rel err {e:.2e}"

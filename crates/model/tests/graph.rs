@@ -8,16 +8,9 @@ use model::{Attention, Model, ParamOps};
 use ndarray::ArrayD;
 use ndarray_npy::NpzReader;
 use std::collections::HashMap;
-use std::sync::OnceLock;
 
-fn client() -> &'static pjrt::Client {
-    static C: OnceLock<pjrt::Client> = OnceLock::new();
-    C.get_or_init(|| {
-        let c = pjrt::Client::cpu().expect("CPU plugin");
-        pallas_port::register_cpu_kernels(&c).expect("register RLA kernels");
-        c
-    })
-}
+mod common;
+use common::{axlearn_case, client, compile, load_model, max_rel, rand, AXLEARN_CASES};
 
 /// Compile `comp` and run it on f32/s32 inputs; returns every output as f32.
 fn run(
@@ -26,12 +19,7 @@ fn run(
     ints: &[(Vec<i32>, Vec<i64>)],
 ) -> Vec<Vec<f32>> {
     let c = client();
-    let exe = c
-        .compile(
-            pjrt::Program::Hlo(&comp.to_bytes()),
-            &pjrt::CompileOptions::default(),
-        )
-        .unwrap();
+    let exe = compile(comp);
     let mut bufs: Vec<pjrt::Buffer> = inputs
         .iter()
         .map(|(d, s)| c.buffer_from_host(d, s, None).unwrap())
@@ -48,42 +36,42 @@ fn run(
         .collect()
 }
 
-fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
-
-fn max_rel(a: &[f32], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().map(|x| x.abs()).fold(1e-6, f64::max);
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - y).abs())
-        .fold(0.0, f64::max)
-        / scale
-}
-
 fn tiny(window: usize, fm: FeatureMap) -> ModelConfig {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../configs/tiny.toml"
-    ))
-    .unwrap();
-    let mut t: toml::Table = toml::from_str(&text).unwrap();
-    let mut cfg: ModelConfig = t.remove("model").unwrap().try_into().unwrap();
+    let mut cfg = load_model("tiny");
     cfg.window = window;
     cfg.rla.feature_map = fm;
     cfg.rla.lowering = Lowering::CustomCall;
     cfg
+}
+
+/// An f32 parameter of dims `dims`.
+fn f32_param(b: &Builder, dims: &[usize], name: &str) -> Op {
+    let dims: Vec<i64> = dims.iter().map(|&x| x as i64).collect();
+    b.parameter(Shape::array(ElementType::F32, &dims), name)
+        .unwrap()
+}
+
+/// Parameters q `[b, t, n, h]`, k and v `[b, t, g, h]`.
+fn qkv_params(b: &Builder, d: AttnDims) -> [Op; 3] {
+    [
+        f32_param(b, &[d.b, d.t, d.n, d.h], "q"),
+        f32_param(b, &[d.b, d.t, d.g, d.h], "k"),
+        f32_param(b, &[d.b, d.t, d.g, d.h], "v"),
+    ]
+}
+
+/// Unit norm scales of layer `l` (both branches) and positions `0..t`: the inputs
+/// `attention_core` takes besides q, k, v.
+fn unit_scales_and_positions(b: &Builder, d: AttnDims) -> (ParamOps, Op) {
+    let mut p: ParamOps = HashMap::new();
+    for name in ["l.swa_norm.scale", "l.rla_norm.scale"] {
+        p.insert(
+            name.into(),
+            b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
+        );
+    }
+    let pos = b.iota(ElementType::F32, &[d.t as i64], 0).unwrap();
+    (p, pos)
 }
 
 /// Build the local attention core from q, k, v parameters with unit norm scales as parameters.
@@ -93,29 +81,8 @@ fn local_core_graph(
     kind: LayerKind,
 ) -> (hlo_builder::Computation, [Op; 3]) {
     let b = Builder::new("local_core");
-    let f = |dims: &[usize], name: &str| {
-        b.parameter(
-            Shape::array(
-                ElementType::F32,
-                &dims.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-            ),
-            name,
-        )
-        .unwrap()
-    };
-    let q = f(&[d.b, d.t, d.n, d.h], "q");
-    let k = f(&[d.b, d.t, d.g, d.h], "k");
-    let v = f(&[d.b, d.t, d.g, d.h], "v");
-    let mut p: ParamOps = HashMap::new();
-    p.insert(
-        "l.swa_norm.scale".into(),
-        b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
-    );
-    p.insert(
-        "l.rla_norm.scale".into(),
-        b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
-    );
-    let pos = b.iota(ElementType::F32, &[d.t as i64], 0).unwrap();
+    let [q, k, v] = qkv_params(&b, d);
+    let (p, pos) = unit_scales_and_positions(&b, d);
     let m = Model::new(cfg.clone()).unwrap();
     let attn = Attention::resolve(kind, cfg.local_kind);
     let out = m
@@ -165,17 +132,6 @@ fn local_layer_matches_f64_reference() {
     }
 }
 
-fn npz(name: &str) -> NpzReader<std::fs::File> {
-    NpzReader::new(
-        std::fs::File::open(format!(
-            "{}/../../tests/data/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap(),
-    )
-    .unwrap()
-}
-
 fn get(z: &mut NpzReader<std::fs::File>, k: &str) -> Vec<f32> {
     let a: ArrayD<f32> = z.by_name(k).unwrap();
     a.iter().copied().collect()
@@ -183,44 +139,15 @@ fn get(z: &mut NpzReader<std::fs::File>, k: &str) -> Vec<f32> {
 
 #[test]
 fn local_layer_and_its_vjp_match_axlearn() {
-    for (file, fm) in [
-        ("axlearn_rla_softmax_gqa_w37.npz", FeatureMap::Softmax),
-        ("axlearn_rla_relu_mqa_w0.npz", FeatureMap::Relu),
-    ] {
-        let mut z = npz(file);
-        let c: ArrayD<i64> = z.by_name("config").unwrap();
-        let c: Vec<usize> = c.iter().map(|&x| x as usize).collect();
-        let d = AttnDims {
-            b: c[0],
-            n: c[1],
-            g: c[2],
-            t: c[3],
-            h: c[4],
-        };
-        let mut cfg = tiny(c[5], fm);
+    for (file, fm) in AXLEARN_CASES {
+        let (mut z, d, window) = axlearn_case(file);
+        let mut cfg = tiny(window, fm);
         (cfg.heads, cfg.kv_heads, cfg.head_dim) = (d.n, d.g, d.h);
         // Forward + VJP in one graph: outputs (local_out, swa_out, dq, dk, dv).
         let b = Builder::new("local_vjp");
-        let sh = |dims: &[usize]| {
-            Shape::array(
-                ElementType::F32,
-                &dims.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-            )
-        };
-        let q = b.parameter(sh(&[d.b, d.t, d.n, d.h]), "q").unwrap();
-        let k = b.parameter(sh(&[d.b, d.t, d.g, d.h]), "k").unwrap();
-        let v = b.parameter(sh(&[d.b, d.t, d.g, d.h]), "v").unwrap();
-        let cot = b.parameter(sh(&[d.b, d.t, d.n, d.h]), "cot").unwrap();
-        let mut p: ParamOps = HashMap::new();
-        p.insert(
-            "l.swa_norm.scale".into(),
-            b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
-        );
-        p.insert(
-            "l.rla_norm.scale".into(),
-            b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
-        );
-        let pos = b.iota(ElementType::F32, &[d.t as i64], 0).unwrap();
+        let [q, k, v] = qkv_params(&b, d);
+        let cot = f32_param(&b, &[d.b, d.t, d.n, d.h], "cot");
+        let (p, pos) = unit_scales_and_positions(&b, d);
         let m = Model::new(cfg.clone()).unwrap();
         let out = m
             .attention_core(&b, &p, "l", Attention::Rattention, (q, k, v), pos, "cpu")

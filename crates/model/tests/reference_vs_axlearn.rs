@@ -1,15 +1,12 @@
 //! The f64 reference (written from DESIGN §2) against AXLearn's own numbers: this checks the
 //! reference, which the graph tests then trust.
 
-use model::config::FeatureMap;
-use model::reference::{local_layer, AttnDims};
+use model::reference::local_layer;
 use ndarray::ArrayD;
 use ndarray_npy::NpzReader;
 
-fn load(name: &str) -> NpzReader<std::fs::File> {
-    let p = format!("{}/../../tests/data/{name}", env!("CARGO_MANIFEST_DIR"));
-    NpzReader::new(std::fs::File::open(p).unwrap()).unwrap()
-}
+mod common;
+use common::{axlearn_case, AXLEARN_CASES};
 
 fn arr(z: &mut NpzReader<std::fs::File>, k: &str) -> Vec<f64> {
     let a: ArrayD<f32> = z.by_name(k).unwrap();
@@ -26,22 +23,10 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
 
 #[test]
 fn reference_local_layer_matches_axlearn() {
-    for (file, fm) in [
-        ("axlearn_rla_softmax_gqa_w37.npz", FeatureMap::Softmax),
-        ("axlearn_rla_relu_mqa_w0.npz", FeatureMap::Relu),
-    ] {
-        let mut z = load(file);
-        let cfg: ArrayD<i64> = z.by_name("config").unwrap();
-        let c: Vec<usize> = cfg.iter().map(|&x| x as usize).collect();
-        let d = AttnDims {
-            b: c[0],
-            n: c[1],
-            g: c[2],
-            t: c[3],
-            h: c[4],
-        };
+    for (file, fm) in AXLEARN_CASES {
+        let (mut z, d, window) = axlearn_case(file);
         let (q, k, v) = (arr(&mut z, "q"), arr(&mut z, "k"), arr(&mut z, "v"));
-        let out = local_layer(&q, &k, &v, d, c[5], 5e5, fm);
+        let out = local_layer(&q, &k, &v, d, window, 5e5, fm);
         let e_swa = max_abs_diff(&out.swa, &arr(&mut z, "swa_out"));
         let e_rla = max_abs_diff(&out.rla, &arr(&mut z, "rla_out"));
         let e_mix = max_abs_diff(&out.mixed, &arr(&mut z, "local_out"));

@@ -28,46 +28,13 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use hlo_builder::{Builder, ElementType, Op, Shape};
 use pallas_port::graph::rla_fwd_block;
-use pallas_port::{kernel, rla, FeatureMap, Lowering, RlaConfig, RlaDims};
+use pallas_port::{kernel, rla, Lowering, RlaConfig, RlaDims};
+
+mod common;
+
+use common::{bench_config, bench_dims, cpu_s, env_list, inputs, load, outputs};
 
 const SAMPLES: usize = 10;
-
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn env_list(name: &str) -> Option<Vec<usize>> {
-    std::env::var(name)
-        .ok()
-        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-}
-
-fn cfg_with(sub_chunk: usize) -> RlaConfig {
-    RlaConfig {
-        window: 512,
-        sub_chunk,
-        chunk: 512,
-        feature_map: FeatureMap::Softmax,
-    }
-}
-
-fn dims(t: usize) -> RlaDims {
-    RlaDims {
-        batch: 1,
-        seq: t,
-        heads: 8,
-        kv_heads: 2,
-        head_dim: 128,
-    }
-}
 
 fn f32_param(b: &Builder, dims: &[usize], name: &str) -> Op {
     let d: Vec<i64> = dims.iter().map(|&x| x as i64).collect();
@@ -103,25 +70,6 @@ fn fwd_bwd_graph(cfg: &RlaConfig, d: &RlaDims, lowering: Lowering) -> Vec<u8> {
 
 /// Per-iteration (wall, CPU) seconds recorded by `iter_custom`, keyed by bench id.
 static TIMES: Mutex<BTreeMap<String, Vec<(f64, f64)>>> = Mutex::new(BTreeMap::new());
-
-/// Seconds on the CPU of all threads of this process so far (Linux; NaN elsewhere). On a machine
-/// other jobs keep busy, wall time measures the scheduler; CPU time still measures the work.
-fn cpu_s() -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return f64::NAN;
-    };
-    let mut ns = 0u64;
-    for e in dir.flatten() {
-        if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
-            ns += s
-                .split_whitespace()
-                .next()
-                .and_then(|x| x.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    ns as f64 * 1e-9
-}
 
 /// Times `iters` calls of `f`, records wall and CPU time per call under `id`, returns the wall time.
 fn timed(id: &str, iters: u64, mut f: impl FnMut()) -> Duration {
@@ -192,13 +140,10 @@ fn bench(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(4));
     let mut rows = Vec::new();
     for &t in &ts {
-        let d = dims(t);
-        let cfg = cfg_with(sc);
-        let cfg_hlo = cfg_with(sc_hlo);
-        let q = data(d.q_len(), 1);
-        let k = data(d.kv_len(), 2);
-        let v = data(d.kv_len(), 3);
-        let d_o = data(d.q_len(), 4);
+        let d = bench_dims(t);
+        let cfg = bench_config(sc);
+        let cfg_hlo = bench_config(sc_hlo);
+        let (q, k, v, d_o) = inputs(&d);
         let up = |x: &[f32], shape: &[usize]| {
             let s: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
             client.buffer_from_host::<f32>(x, &s, None).expect("upload")
@@ -215,14 +160,7 @@ fn bench(c: &mut Criterion) {
         let fb_h = kernel::flops_bwd(&cfg_hlo, &d);
 
         // Raw kernels, and the reference outputs the compiled graphs are checked against once.
-        let mut o = vec![0.0; d.q_len()];
-        let mut cs = vec![0.0; d.chunk_states_len(&cfg)];
-        let mut fs = vec![0.0; d.final_state_len()];
-        let (mut dq, mut dk, mut dv) = (
-            vec![0.0; d.q_len()],
-            vec![0.0; d.kv_len()],
-            vec![0.0; d.kv_len()],
-        );
+        let [mut o, mut cs, mut fs, mut dq, mut dk, mut dv] = outputs(&cfg, &d);
         kernel::rla_fwd(&cfg, &d, &q, &k, &v, &mut o, &mut cs, &mut fs).expect("rla_fwd");
         kernel::rla_bwd(&cfg, &d, &q, &k, &v, &cs, &d_o, &mut dq, &mut dk, &mut dv)
             .expect("rla_bwd");
@@ -315,10 +253,7 @@ fn bench(c: &mut Criterion) {
 }
 
 fn print_table(rows: &[Row], sc: usize, sc_hlo: usize) {
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into());
+    let load = load();
     println!();
     println!(
         "RLA blocks, B1 N8 G2 H128 W512 chunk 512 softmax; kernel and custom call sub_chunk {sc}, \

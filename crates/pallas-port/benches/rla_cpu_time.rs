@@ -11,44 +11,11 @@
 
 use std::time::Instant;
 
-use pallas_port::{kernel, FeatureMap, RlaConfig, RlaDims};
+use pallas_port::{kernel, RlaConfig};
 
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+mod common;
 
-/// Seconds on the CPU of all threads of this process so far.
-fn cpu_s() -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return f64::NAN;
-    };
-    let mut ns = 0u64;
-    for e in dir.flatten() {
-        if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
-            ns += s
-                .split_whitespace()
-                .next()
-                .and_then(|x| x.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    ns as f64 * 1e-9
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
-}
+use common::{bench_config, bench_dims, cpu_s, data, inputs, load, outputs};
 
 /// Runs `f` at least `min_iters` times and for at least `min_s` seconds of CPU time; returns
 /// (wall ms, cpu ms) per call, the minimum over 5 rounds.
@@ -81,33 +48,10 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(RlaConfig::default().sub_chunk);
-    let cfg = RlaConfig {
-        window: 512,
-        sub_chunk: sc,
-        chunk: 512,
-        feature_map: FeatureMap::Softmax,
-    };
-    let d = RlaDims {
-        batch: 1,
-        seq: t,
-        heads: 8,
-        kv_heads: 2,
-        head_dim: 128,
-    };
-    let (q, k, v, d_o) = (
-        data(d.q_len(), 1),
-        data(d.kv_len(), 2),
-        data(d.kv_len(), 3),
-        data(d.q_len(), 4),
-    );
-    let mut o = vec![0.0; d.q_len()];
-    let mut cs = vec![0.0; d.chunk_states_len(&cfg)];
-    let mut fs = vec![0.0; d.final_state_len()];
-    let (mut dq, mut dk, mut dv) = (
-        vec![0.0; d.q_len()],
-        vec![0.0; d.kv_len()],
-        vec![0.0; d.kv_len()],
-    );
+    let cfg = bench_config(sc);
+    let d = bench_dims(t);
+    let (q, k, v, d_o) = inputs(&d);
+    let [mut o, mut cs, mut fs, mut dq, mut dk, mut dv] = outputs(&cfg, &d);
     let ff = kernel::flops_fwd(&cfg, &d);
     let fb = kernel::flops_bwd(&cfg, &d);
     let threads = rayon::current_num_threads();

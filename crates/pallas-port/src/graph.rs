@@ -147,6 +147,11 @@ fn f32_shape(dims: &[usize]) -> Shape {
     )
 }
 
+/// The tuple of f32 arrays of dims `parts` (a block's outputs).
+fn f32_tuple(parts: &[&[usize]]) -> Shape {
+    Shape::tuple(parts.iter().map(|p| f32_shape(p)).collect())
+}
+
 /// The forward block as a tuple op `(o, chunk_states, final_state)`, without a VJP.
 /// `lowering` must be concrete (not `Auto`).
 pub fn rla_fwd_block(
@@ -163,10 +168,10 @@ pub fn rla_fwd_block(
     if hlo {
         return crate::hlo::rla_fwd_hlo(b, q, k, v, cfg);
     }
-    let out = Shape::tuple(vec![
-        f32_shape(&d.q_shape()),
-        f32_shape(&d.chunk_states_shape(cfg)),
-        f32_shape(&d.final_state_shape()),
+    let out = f32_tuple(&[
+        &d.q_shape(),
+        &d.chunk_states_shape(cfg),
+        &d.final_state_shape(),
     ]);
     b.custom_call(FWD_TARGET, &[q, k, v], out, &attrs(cfg))
 }
@@ -186,11 +191,7 @@ pub fn rla_bwd_block(
     if hlo {
         return crate::hlo::rla_bwd_hlo(b, q, k, v, chunk_states, d_o, cfg);
     }
-    let out = Shape::tuple(vec![
-        f32_shape(&d.q_shape()),
-        f32_shape(&d.kv_shape()),
-        f32_shape(&d.kv_shape()),
-    ]);
+    let out = f32_tuple(&[&d.q_shape(), &d.kv_shape(), &d.kv_shape()]);
     b.custom_call(BWD_TARGET, &[q, k, v, chunk_states, d_o], out, &attrs(cfg))
 }
 

@@ -3,40 +3,10 @@
 
 mod common;
 
-use common::{rel_err, Rng};
-use hlo_builder::{Builder, Cmp, ElementType, Op, Shape};
+use common::{f32_shape, rel_err, run, Rng};
+use hlo_builder::{Builder, Cmp, ElementType, Op};
 use pallas_port::reference::{feature, rla_naive_f64, to_f64};
 use pallas_port::{decode, feature_map, rla, FeatureMap, Lowering, RlaConfig, RlaDims};
-
-fn f32_shape(d: &[usize]) -> Shape {
-    Shape::array(
-        ElementType::F32,
-        &d.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-    )
-}
-
-/// Compiles `root` and runs it on the CPU plugin with f32 arguments; returns output 0 as f32.
-fn run(b: &Builder, root: Op, args: &[(&[f32], &[usize])]) -> Vec<f32> {
-    let comp = b.build(root).expect("build");
-    let client = pjrt::Client::cpu().expect("CPU plugin");
-    let exe = client
-        .compile(
-            pjrt::Program::Hlo(&comp.to_bytes()),
-            &pjrt::CompileOptions::default(),
-        )
-        .expect("compile");
-    let bufs: Vec<pjrt::Buffer> = args
-        .iter()
-        .map(|(data, dims)| {
-            let dims: Vec<i64> = dims.iter().map(|&x| x as i64).collect();
-            client.buffer_from_host(data, &dims, None).expect("upload")
-        })
-        .collect();
-    let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
-    exe.execute(&refs).expect("execute")[0]
-        .to_host::<f32>()
-        .expect("download")
-}
 
 #[test]
 fn graph_feature_map_matches_the_f64_reference() {
@@ -47,7 +17,7 @@ fn graph_feature_map_matches_the_f64_reference() {
         let xp = b.parameter(f32_shape(&[2, 3, h]), "x").unwrap();
         let fx = feature_map(&b, xp, fm).unwrap();
         assert_eq!(b.shape(fx).unwrap().dims(), &[2, 3, 2 * h as i64]);
-        let got = run(&b, fx, &[(&x, &[2, 3, h])]);
+        let got = run(&b, fx, &[(&x, &[2, 3, h])]).remove(0);
         let want: Vec<f64> = to_f64(&x).chunks(h).flat_map(|r| feature(r, fm)).collect();
         let e = rel_err(&got, &want);
         assert!(e < 1e-6, "{fm}: φ relative error {e:.2e}");
@@ -106,7 +76,8 @@ fn absorb_then_read_matches_the_reference_rla() {
             &b,
             o,
             &[(&q, &d.q_shape()), (&k, &d.kv_shape()), (&v, &d.kv_shape())],
-        );
+        )
+        .remove(0);
         let cfg = RlaConfig {
             window,
             sub_chunk: 1,

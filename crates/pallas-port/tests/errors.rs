@@ -34,6 +34,31 @@ fn fwd(
     kernel::rla_fwd(cfg, d, &qv, &kk, &vv, &mut o, &mut c, &mut f)
 }
 
+/// `rla_bwd` on zero inputs of lengths q, kv, kv, cs, q with outputs of lengths q, kv, dv.
+fn bwd(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    q: usize,
+    kv: usize,
+    cs: usize,
+    dv: usize,
+) -> Result<(), RlaError> {
+    let z = |n: usize| vec![0.0f32; n];
+    let (mut dq, mut dk, mut dvv) = (z(q), z(kv), z(dv));
+    kernel::rla_bwd(
+        cfg,
+        d,
+        &z(q),
+        &z(kv),
+        &z(kv),
+        &z(cs),
+        &z(q),
+        &mut dq,
+        &mut dk,
+        &mut dvv,
+    )
+}
+
 #[test]
 fn wrong_buffer_lengths_name_op_buffer_and_shape() {
     let (cfg, d) = setup();
@@ -61,41 +86,12 @@ fn wrong_buffer_lengths_name_op_buffer_and_shape() {
         "{e}"
     );
 
-    let z = |n: usize| vec![0.0f32; n];
-    let (mut dq, mut dk, mut dv) = (z(q), z(kv), z(kv + 1));
-    let e = kernel::rla_bwd(
-        &cfg,
-        &d,
-        &z(q),
-        &z(kv),
-        &z(kv),
-        &z(cs),
-        &z(q),
-        &mut dq,
-        &mut dk,
-        &mut dv,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = bwd(&cfg, &d, q, kv, cs, kv + 1).unwrap_err().to_string();
     assert!(
         e.contains("rla_bwd") && e.contains("`dv`") && e.contains("[1, 10, 2, 8]"),
         "{e}"
     );
-    let mut dv = z(kv);
-    let e = kernel::rla_bwd(
-        &cfg,
-        &d,
-        &z(q),
-        &z(kv),
-        &z(kv),
-        &z(cs - 1),
-        &z(q),
-        &mut dq,
-        &mut dk,
-        &mut dv,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = bwd(&cfg, &d, q, kv, cs - 1, kv).unwrap_err().to_string();
     assert!(e.contains("rla_bwd") && e.contains("chunk_states"), "{e}");
 }
 

@@ -5,46 +5,14 @@
 use hlo_builder::{Builder, ElementType, Op, Shape};
 use pallas_port::hlo::{rla_bwd_hlo, rla_fwd_hlo};
 use pallas_port::reference::{rla_naive_f64, rla_scan_f64, rla_vjp_f64, to_f64};
-use pallas_port::{kernel, FeatureMap, RlaConfig, RlaDims};
+use pallas_port::{FeatureMap, RlaConfig, RlaDims};
+
+mod common;
+
+use common::{f32_shape, rel_err, run, run_bwd, run_fwd, Rng};
 
 /// DESIGN §7: fp32 paths within 1e-5 of the f64 reference (norm-relative).
 const TOL: f64 = 1e-5;
-
-/// Deterministic splitmix64 generator of f32 values in [-scale, scale).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
-    }
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| (self.next() * 2.0 - 1.0) as f32 * scale)
-            .collect()
-    }
-}
-
-/// max |got − want| / max |want| (the absolute error if `want` is all zero).
-fn rel_err(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len(), "length mismatch");
-    let scale = want.iter().fold(0.0f64, |m, &x| m.max(x.abs()));
-    let diff = got
-        .iter()
-        .zip(want)
-        .fold(0.0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()));
-    if scale == 0.0 {
-        diff
-    } else {
-        diff / scale
-    }
-}
 
 fn check(what: &str, case: &str, got: &[f32], want: &[f64]) {
     let e = rel_err(got, want);
@@ -58,35 +26,6 @@ fn check(what: &str, case: &str, got: &[f32], want: &[f64]) {
 
 fn check_f32(what: &str, case: &str, got: &[f32], want: &[f32]) {
     check(what, case, got, &to_f64(want));
-}
-
-fn dims_i64(d: &[usize]) -> Vec<i64> {
-    d.iter().map(|&x| x as i64).collect()
-}
-
-/// Compiles and runs `root` (a tuple) on the CPU plugin with the given f32 arguments.
-fn run(b: &Builder, root: Op, args: &[(&[f32], Vec<i64>)]) -> Vec<Vec<f32>> {
-    let comp = b.build(root).expect("build");
-    let client = pjrt::Client::cpu().expect("CPU plugin");
-    let exe = client
-        .compile(
-            pjrt::Program::Hlo(&comp.to_bytes()),
-            &pjrt::CompileOptions::default(),
-        )
-        .expect("compile");
-    let bufs: Vec<pjrt::Buffer> = args
-        .iter()
-        .map(|(data, dims)| {
-            client
-                .buffer_from_host::<f32>(data, dims, None)
-                .expect("upload")
-        })
-        .collect();
-    let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
-    let outs = exe.execute(&refs).expect("execute");
-    outs.iter()
-        .map(|o| o.to_host::<f32>().expect("download"))
-        .collect()
 }
 
 struct Case {
@@ -140,9 +79,7 @@ impl Case {
     }
 
     fn param(&self, b: &Builder, dims: &[usize], name: &str) -> Op {
-        let p = b
-            .parameter(Shape::array(ElementType::F32, &dims_i64(dims)), name)
-            .expect("parameter");
+        let p = b.parameter(f32_shape(dims), name).expect("parameter");
         if self.bf16 {
             b.convert(p, ElementType::Bf16).expect("convert")
         } else {
@@ -162,7 +99,7 @@ fn round_bf16(x: &mut [f32]) {
 fn check_case(case: &Case, seed: u64) {
     let (d, cfg) = (&case.d, &case.cfg);
     let name = case.name();
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::from_state(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03);
     // Scale 2 gives the softmax feature map peaked, not flat, rows.
     let mut q = rng.vec(d.q_len(), 2.0);
     let mut k = rng.vec(d.kv_len(), 2.0);
@@ -183,15 +120,7 @@ fn check_case(case: &Case, seed: u64) {
         case.param(&b, &kvs, "v"),
     );
     let root = rla_fwd_hlo(&b, qp, kp, vp, cfg).expect("rla_fwd_hlo");
-    let outs = run(
-        &b,
-        root,
-        &[
-            (&q, dims_i64(&qs)),
-            (&k, dims_i64(&kvs)),
-            (&v, dims_i64(&kvs)),
-        ],
-    );
+    let outs = run(&b, root, &[(&q, &qs), (&k, &kvs), (&v, &kvs)]);
     assert_eq!(outs.len(), 3, "{name}: forward returns 3 buffers");
     let (o, cs, fs) = (&outs[0], &outs[1], &outs[2]);
     assert_eq!(
@@ -209,12 +138,7 @@ fn check_case(case: &Case, seed: u64) {
     check("chunk_states", &name, cs, &scan.chunk_states);
     check("final_state", &name, fs, &scan.final_state);
 
-    let (mut ko, mut kcs, mut kfs) = (
-        vec![0.0; d.q_len()],
-        vec![0.0; d.chunk_states_len(cfg)],
-        vec![0.0; d.final_state_len()],
-    );
-    kernel::rla_fwd(cfg, d, &q, &k, &v, &mut ko, &mut kcs, &mut kfs).expect("kernel fwd");
+    let (ko, kcs, kfs) = run_fwd(cfg, d, &q, &k, &v);
     check_f32("o (vs kernel)", &name, o, &ko);
     check_f32("chunk_states (vs kernel)", &name, cs, &kcs);
     check_f32("final_state (vs kernel)", &name, fs, &kfs);
@@ -227,23 +151,14 @@ fn check_case(case: &Case, seed: u64) {
         case.param(&b, &kvs, "v"),
     );
     let csp = b
-        .parameter(
-            Shape::array(ElementType::F32, &dims_i64(&css)),
-            "chunk_states",
-        )
+        .parameter(f32_shape(&css), "chunk_states")
         .expect("parameter");
     let dop = case.param(&b, &qs, "d_o");
     let root = rla_bwd_hlo(&b, qp, kp, vp, csp, dop, cfg).expect("rla_bwd_hlo");
     let outs = run(
         &b,
         root,
-        &[
-            (&q, dims_i64(&qs)),
-            (&k, dims_i64(&kvs)),
-            (&v, dims_i64(&kvs)),
-            (cs, dims_i64(&css)),
-            (&d_o, dims_i64(&qs)),
-        ],
+        &[(&q, &qs), (&k, &kvs), (&v, &kvs), (cs, &css), (&d_o, &qs)],
     );
     assert_eq!(outs.len(), 3, "{name}: backward returns 3 buffers");
     let (dq, dk, dv) = (&outs[0], &outs[1], &outs[2]);
@@ -252,13 +167,7 @@ fn check_case(case: &Case, seed: u64) {
     check("dk", &name, dk, &grads.dk);
     check("dv", &name, dv, &grads.dv);
 
-    let (mut kdq, mut kdk, mut kdv) = (
-        vec![0.0; d.q_len()],
-        vec![0.0; d.kv_len()],
-        vec![0.0; d.kv_len()],
-    );
-    kernel::rla_bwd(cfg, d, &q, &k, &v, &kcs, &d_o, &mut kdq, &mut kdk, &mut kdv)
-        .expect("kernel bwd");
+    let (kdq, kdk, kdv) = run_bwd(cfg, d, &q, &k, &v, &kcs, &d_o);
     check_f32("dq (vs kernel)", &name, dq, &kdq);
     check_f32("dk (vs kernel)", &name, dk, &kdk);
     check_f32("dv (vs kernel)", &name, dv, &kdv);

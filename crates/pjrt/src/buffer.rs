@@ -98,31 +98,21 @@ impl Buffer {
 
     /// Bytes the buffer occupies on the device.
     pub fn on_device_size(&self) -> Result<usize> {
-        let mut a = sys::HandleWordArgs::new();
-        a.handle = self.raw;
-        // SAFETY: slot 64 takes PJRT_Buffer_OnDeviceSizeInBytes_Args (same layout).
-        unsafe {
-            self.client.inner.plugin.call(
-                slot::BUFFER_ON_DEVICE_SIZE,
-                "PJRT_Buffer_OnDeviceSizeInBytes",
-                &mut a,
-            )
-        }?;
-        Ok(a.value)
+        let (s, name) = (
+            slot::BUFFER_ON_DEVICE_SIZE,
+            "PJRT_Buffer_OnDeviceSizeInBytes",
+        );
+        // SAFETY: slot 64 takes PJRT_Buffer_OnDeviceSizeInBytes_Args (HandleWordArgs layout).
+        unsafe { self.client.inner.plugin.query_word(s, name, self.raw) }
     }
 
     /// The device holding the buffer.
     pub fn device(&self) -> Result<Device> {
-        let mut a = sys::HandleWordArgs::new();
-        a.handle = self.raw;
-        // SAFETY: slot 65 takes PJRT_Buffer_Device_Args {buffer, device out} (same layout).
-        unsafe {
-            self.client
-                .inner
-                .plugin
-                .call(slot::BUFFER_DEVICE, "PJRT_Buffer_Device", &mut a)
-        }?;
-        Device::from_raw(&self.client, a.value as Ptr)
+        let (s, name) = (slot::BUFFER_DEVICE, "PJRT_Buffer_Device");
+        // SAFETY: slot 65 takes PJRT_Buffer_Device_Args {buffer, device out} (HandleWordArgs
+        // layout).
+        let device = unsafe { self.client.inner.plugin.query_word(s, name, self.raw) }?;
+        Device::from_raw(&self.client, device as Ptr)
     }
 
     /// Whether the buffer was deleted (for example donated to an execution).
@@ -142,17 +132,10 @@ impl Buffer {
     /// The device address of the buffer's data, as an integer (for identity checks such as
     /// verifying that donation reused an input's memory; never dereference it).
     pub fn device_address(&self) -> Result<usize> {
-        let mut a = sys::HandleWordArgs::new();
-        a.handle = self.raw;
-        // SAFETY: slot 73 takes PJRT_Buffer_UnsafePointer_Args {buffer, uintptr out}.
-        unsafe {
-            self.client.inner.plugin.call(
-                slot::BUFFER_UNSAFE_POINTER,
-                "PJRT_Buffer_UnsafePointer",
-                &mut a,
-            )
-        }?;
-        Ok(a.value)
+        let (s, name) = (slot::BUFFER_UNSAFE_POINTER, "PJRT_Buffer_UnsafePointer");
+        // SAFETY: slot 73 takes PJRT_Buffer_UnsafePointer_Args {buffer, uintptr out}
+        // (HandleWordArgs layout).
+        unsafe { self.client.inner.plugin.query_word(s, name, self.raw) }
     }
 
     /// Copies the buffer to another device of the same client.

@@ -276,22 +276,37 @@ impl Plugin {
         Ok(unsafe { read_named_values(a.attributes, a.num_attributes) })
     }
 
+    /// Calls the one-handle function in `slot` with an args struct of layout `A` built for
+    /// `handle`, and returns the struct the plugin filled in.
+    ///
+    /// # Safety
+    /// The function in `slot` must take an args struct of layout `A`, and `handle` must be a
+    /// live object of this plugin of the kind that function expects.
+    pub(crate) unsafe fn query<A: sys::HandleQuery>(
+        &self,
+        slot: usize,
+        name: &'static str,
+        handle: Ptr,
+    ) -> Result<A> {
+        let mut a = A::for_handle(handle);
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.call(slot, name, &mut a) }?;
+        Ok(a)
+    }
+
     /// Calls a PJRT query that takes a handle and returns a string it owns (`*_Name`,
     /// `*_PlatformName`, `PJRT_DeviceDescription_Kind`, ...) and copies the string.
     ///
     /// # Safety
-    /// The function in `slot` must take an args struct of the `HandleStringArgs` layout, and
-    /// `handle` must be a live object of this plugin of the kind that function expects.
+    /// As for [`Plugin::query`] with the `HandleStringArgs` layout.
     pub(crate) unsafe fn query_string(
         &self,
         slot: usize,
         name: &'static str,
         handle: Ptr,
     ) -> Result<String> {
-        let mut a = sys::HandleStringArgs::new();
-        a.handle = handle;
         // SAFETY: guaranteed by the caller.
-        unsafe { self.call(slot, name, &mut a) }?;
+        let a: sys::HandleStringArgs = unsafe { self.query(slot, name, handle) }?;
         // SAFETY: the string is owned by `handle`, alive during this call, and valid for
         // `value_size` bytes.
         Ok(unsafe { copy_string(a.value, a.value_size) })
@@ -301,32 +316,41 @@ impl Plugin {
     /// `PJRT_Client_Destroy`, ...). An error is dropped: a destructor has nobody to report it to.
     ///
     /// # Safety
-    /// The function in `slot` must take an args struct of the `HandleArgs` layout, and `handle`
-    /// must be a live object of that kind that the caller owns; it is invalid afterwards.
+    /// As for [`Plugin::query`] with the `HandleArgs` layout; `handle` must be owned by the
+    /// caller and is invalid afterwards.
     pub(crate) unsafe fn destroy(&self, slot: usize, name: &'static str, handle: Ptr) {
-        let mut a = sys::HandleArgs::new();
-        a.handle = handle;
         // SAFETY: guaranteed by the caller.
-        let _ = unsafe { self.call(slot, name, &mut a) };
+        let _ = unsafe { self.query::<sys::HandleArgs>(slot, name, handle) };
     }
 
     /// Calls a PJRT query that takes a handle and returns an `int` (`PJRT_DeviceDescription_Id`,
     /// `PJRT_Device_LocalHardwareId`, ...).
     ///
     /// # Safety
-    /// The function in `slot` must take an args struct of the `HandleIntArgs` layout, and
-    /// `handle` must be a live object of this plugin of the kind that function expects.
+    /// As for [`Plugin::query`] with the `HandleIntArgs` layout.
     pub(crate) unsafe fn query_i32(
         &self,
         slot: usize,
         name: &'static str,
         handle: Ptr,
     ) -> Result<i32> {
-        let mut a = sys::HandleIntArgs::new();
-        a.handle = handle;
         // SAFETY: guaranteed by the caller.
-        unsafe { self.call(slot, name, &mut a) }?;
-        Ok(a.value)
+        Ok(unsafe { self.query::<sys::HandleIntArgs>(slot, name, handle) }?.value)
+    }
+
+    /// Calls a PJRT query that takes a handle and returns a `size_t` or a pointer
+    /// (`PJRT_Executable_NumOutputs`, `PJRT_Buffer_Device`, ...).
+    ///
+    /// # Safety
+    /// As for [`Plugin::query`] with the `HandleWordArgs` layout.
+    pub(crate) unsafe fn query_word(
+        &self,
+        slot: usize,
+        name: &'static str,
+        handle: Ptr,
+    ) -> Result<usize> {
+        // SAFETY: guaranteed by the caller.
+        Ok(unsafe { self.query::<sys::HandleWordArgs>(slot, name, handle) }?.value)
     }
 
     /// The extension type ids in the plugin's `PJRT_Api` extension chain (5 = FFI, 24 =

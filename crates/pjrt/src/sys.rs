@@ -271,6 +271,27 @@ c_struct!(
     /// `PJRT_*_Destroy_Args` for executables, buffers, clients (one handle).
     HandleArgs [size 24, struct_size 24] { struct_size: usize => 0, extension_start: Ptr => 8, handle: Ptr => 16 }
 );
+
+/// Args structs of the one-handle PJRT functions (destroy, and queries returning an int, a word
+/// or a string): each is built from the handle alone, so one call path serves them all
+/// (`Plugin::query`).
+pub(crate) trait HandleQuery {
+    /// A zeroed args struct for `handle`.
+    fn for_handle(handle: Ptr) -> Self;
+}
+
+macro_rules! handle_query {
+    ($($t:ident),*) => {$(
+        impl HandleQuery for $t {
+            fn for_handle(handle: Ptr) -> Self {
+                let mut a = Self::new();
+                a.handle = handle;
+                a
+            }
+        }
+    )*};
+}
+handle_query!(HandleArgs, HandleIntArgs, HandleStringArgs, HandleWordArgs);
 c_struct!(ExecutableOptimizedProgramArgs [size 32, struct_size 32] {
     struct_size: usize => 0, extension_start: Ptr => 8, executable: Ptr => 16, program: *mut Program => 24,
 });

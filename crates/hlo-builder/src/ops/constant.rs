@@ -222,31 +222,8 @@ impl Builder {
     /// A constant array with the values of `array` (any memory order; stored row-major).
     #[track_caller]
     pub fn constant<T: NativeType>(&self, array: ndarray::ArrayViewD<T>) -> Result<Op> {
-        let loc = Location::caller();
         let dims: Vec<i64> = array.shape().iter().map(|&d| d as i64).collect();
-        let values: Vec<T> = array.iter().copied().collect();
-        let data = LiteralData::from_vec(values).ok_or_else(|| {
-            self.error_at(
-                loc,
-                "constant",
-                format!(
-                    "Rust type {} is not the native type of {}",
-                    std::any::type_name::<T>(),
-                    T::TYPE
-                ),
-            )
-        })?;
-        let shape = Shape::array(T::TYPE, &dims);
-        Ok(self.push(
-            loc,
-            Kind::Leaf(Leaf::Constant(Literal {
-                shape: shape.clone(),
-                data,
-            })),
-            Vec::new(),
-            shape,
-            Vec::new(),
-        ))
+        self.constant_vec(array.iter().copied().collect(), &dims)
     }
 
     /// A constant from a flat row-major vector and dims.

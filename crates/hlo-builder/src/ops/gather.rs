@@ -46,6 +46,27 @@ impl GatherDims {
     }
 }
 
+/// Check that the entry `d` of the dim list `v` (named `what`) lies in `[0, bound)`.
+fn check_in_range(
+    op: &'static str,
+    what: &str,
+    v: &[i64],
+    d: i64,
+    bound: usize,
+    context: &dyn Fn() -> String,
+) -> Result<(), ShapeError> {
+    if d < 0 || d as usize >= bound {
+        return Err(ShapeError::new(
+            op,
+            format!(
+                "{what} {v:?}: {d} is out of range [0, {bound}) ({})",
+                context()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Check that `v` is strictly increasing with entries in `[0, bound)`.
 pub(super) fn check_sorted_in_range(
     op: &'static str,
@@ -55,15 +76,7 @@ pub(super) fn check_sorted_in_range(
     context: &dyn Fn() -> String,
 ) -> Result<(), ShapeError> {
     for (i, &d) in v.iter().enumerate() {
-        if d < 0 || d as usize >= bound {
-            return Err(ShapeError::new(
-                op,
-                format!(
-                    "{what} {v:?}: {d} is out of range [0, {bound}) ({})",
-                    context()
-                ),
-            ));
-        }
+        check_in_range(op, what, v, d, bound, context)?;
         if i > 0 && d <= v[i - 1] {
             return Err(ShapeError::new(
                 op,
@@ -84,15 +97,7 @@ pub(super) fn check_distinct_in_range(
 ) -> Result<(), ShapeError> {
     let mut seen = vec![false; bound];
     for &d in v {
-        if d < 0 || d as usize >= bound {
-            return Err(ShapeError::new(
-                op,
-                format!(
-                    "{what} {v:?}: {d} is out of range [0, {bound}) ({})",
-                    context()
-                ),
-            ));
-        }
+        check_in_range(op, what, v, d, bound, context)?;
         if std::mem::replace(&mut seen[d as usize], true) {
             return Err(ShapeError::new(
                 op,

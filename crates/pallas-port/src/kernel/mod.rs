@@ -57,6 +57,22 @@ pub(crate) fn split_scratch<const K: usize>(
     })
 }
 
+/// Checks the config, the dims and the lengths of the inputs `q`, `k`, `v` both blocks take.
+fn check_inputs(
+    op: &'static str,
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Result<(), RlaError> {
+    cfg.check(op)?;
+    d.check(op)?;
+    check_len(op, "q", q.len(), &d.q_shape(), d)?;
+    check_len(op, "k", k.len(), &d.kv_shape(), d)?;
+    check_len(op, "v", v.len(), &d.kv_shape(), d)
+}
+
 /// RLA forward block: `(q, k, v) -> (o, chunk_states, final_state)`.
 ///
 /// Shapes: `q`/`o` `[B,T,N,H]`, `k`/`v` `[B,T,G,H]`, `chunk_states` `[B,G,ceil(T/chunk),2H,H]`
@@ -74,26 +90,11 @@ pub fn rla_fwd(
     final_state: &mut [f32],
 ) -> Result<(), RlaError> {
     const OP: &str = "rla_fwd";
-    cfg.check(OP)?;
-    d.check(OP)?;
-    check_len(OP, "q", q.len(), &d.q_shape(), d)?;
-    check_len(OP, "k", k.len(), &d.kv_shape(), d)?;
-    check_len(OP, "v", v.len(), &d.kv_shape(), d)?;
+    check_inputs(OP, cfg, d, q, k, v)?;
     check_len(OP, "o", o.len(), &d.q_shape(), d)?;
-    check_len(
-        OP,
-        "chunk_states",
-        chunk_states.len(),
-        &d.chunk_states_shape(cfg),
-        d,
-    )?;
-    check_len(
-        OP,
-        "final_state",
-        final_state.len(),
-        &d.final_state_shape(),
-        d,
-    )?;
+    let (cs, fs) = (d.chunk_states_shape(cfg), d.final_state_shape());
+    check_len(OP, "chunk_states", chunk_states.len(), &cs, d)?;
+    check_len(OP, "final_state", final_state.len(), &fs, d)?;
     fwd::forward(cfg, d, q, k, v, o, chunk_states, final_state);
     Ok(())
 }
@@ -117,18 +118,9 @@ pub fn rla_bwd(
     dv: &mut [f32],
 ) -> Result<(), RlaError> {
     const OP: &str = "rla_bwd";
-    cfg.check(OP)?;
-    d.check(OP)?;
-    check_len(OP, "q", q.len(), &d.q_shape(), d)?;
-    check_len(OP, "k", k.len(), &d.kv_shape(), d)?;
-    check_len(OP, "v", v.len(), &d.kv_shape(), d)?;
-    check_len(
-        OP,
-        "chunk_states",
-        chunk_states.len(),
-        &d.chunk_states_shape(cfg),
-        d,
-    )?;
+    check_inputs(OP, cfg, d, q, k, v)?;
+    let cs = d.chunk_states_shape(cfg);
+    check_len(OP, "chunk_states", chunk_states.len(), &cs, d)?;
     check_len(OP, "d_o", d_o.len(), &d.q_shape(), d)?;
     check_len(OP, "dq", dq.len(), &d.q_shape(), d)?;
     check_len(OP, "dk", dk.len(), &d.kv_shape(), d)?;

@@ -1,6 +1,7 @@
 //! Shared helpers for the pallas-port tests.
 #![allow(dead_code)]
 
+use hlo_builder::{Builder, ElementType, Op, Shape};
 use pallas_port::{kernel, RlaConfig, RlaDims};
 
 /// Deterministic splitmix64-based generator of f32 values in [-scale, scale).
@@ -9,6 +10,10 @@ pub struct Rng(u64);
 impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1))
+    }
+    /// A generator started from the raw state `state` (for streams seeded another way).
+    pub fn from_state(state: u64) -> Self {
+        Rng(state)
     }
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -80,4 +85,38 @@ pub fn run_bwd(
     let mut dv = vec![f32::NAN; d.kv_len()];
     kernel::rla_bwd(cfg, d, q, k, v, cs, d_o, &mut dq, &mut dk, &mut dv).expect("rla_bwd");
     (dq, dk, dv)
+}
+
+/// The f32 array shape of dims `d`.
+pub fn f32_shape(d: &[usize]) -> Shape {
+    Shape::array(
+        ElementType::F32,
+        &d.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+    )
+}
+
+/// Compiles `root` and runs it on the CPU plugin with f32 arguments `(data, dims)`; returns
+/// every output as f32.
+pub fn run(b: &Builder, root: Op, args: &[(&[f32], &[usize])]) -> Vec<Vec<f32>> {
+    let comp = b.build(root).expect("build");
+    let client = pjrt::Client::cpu().expect("CPU plugin");
+    let exe = client
+        .compile(
+            pjrt::Program::Hlo(&comp.to_bytes()),
+            &pjrt::CompileOptions::default(),
+        )
+        .expect("compile");
+    let bufs: Vec<pjrt::Buffer> = args
+        .iter()
+        .map(|(data, dims)| {
+            let dims: Vec<i64> = dims.iter().map(|&x| x as i64).collect();
+            client.buffer_from_host(data, &dims, None).expect("upload")
+        })
+        .collect();
+    let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
+    exe.execute(&refs)
+        .expect("execute")
+        .iter()
+        .map(|o| o.to_host::<f32>().expect("download"))
+        .collect()
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{CompiledMemoryStats, ExecHandle};
+use super::{check_returned, CompiledMemoryStats, ExecHandle};
 use crate::buffer::Buffer;
 use crate::client::{Client, Device};
 use crate::dtype::{ElementType, RuntimeCodes};
@@ -81,13 +81,7 @@ impl ExecutableRef<'_> {
 
 impl LoadedExecutable {
     pub(crate) fn from_raw(client: &Client, raw: Ptr) -> Result<LoadedExecutable> {
-        if raw.is_null() {
-            return Err(Error::Pjrt {
-                code: ErrorCode::Internal,
-                function: "PJRT_Client_Compile",
-                message: "the plugin returned no executable".into(),
-            });
-        }
+        check_returned(raw, "PJRT_Client_Compile")?;
         let mut exe = LoadedExecutable {
             inner: Arc::new(ExecInner {
                 raw,
@@ -96,8 +90,7 @@ impl LoadedExecutable {
                 devices: Vec::new(),
             }),
         };
-        let num_outputs =
-            exe.word_query(slot::EXECUTABLE_NUM_OUTPUTS, "PJRT_Executable_NumOutputs")?;
+        let num_outputs = exe.executable()?.handle().num_outputs()?;
         let devices = client.device_list(
             slot::LOADED_EXECUTABLE_ADDRESSABLE_DEVICES,
             "PJRT_LoadedExecutable_AddressableDevices",
@@ -114,18 +107,15 @@ impl LoadedExecutable {
     }
 
     fn executable(&self) -> Result<ExecutableRef<'_>> {
-        let mut a = sys::HandleWordArgs::new();
-        a.handle = self.inner.raw;
-        // SAFETY: slot 51 takes PJRT_LoadedExecutable_GetExecutable_Args.
-        unsafe {
-            self.plugin().call(
-                slot::LOADED_EXECUTABLE_GET_EXECUTABLE,
-                "PJRT_LoadedExecutable_GetExecutable",
-                &mut a,
-            )
-        }?;
+        let (s, name) = (
+            slot::LOADED_EXECUTABLE_GET_EXECUTABLE,
+            "PJRT_LoadedExecutable_GetExecutable",
+        );
+        // SAFETY: slot 51 takes PJRT_LoadedExecutable_GetExecutable_Args (HandleWordArgs
+        // layout).
+        let raw = unsafe { self.plugin().query_word(s, name, self.inner.raw) }?;
         Ok(ExecutableRef {
-            raw: a.value as Ptr,
+            raw: raw as Ptr,
             client: &self.inner.client,
         })
     }

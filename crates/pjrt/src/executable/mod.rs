@@ -102,13 +102,28 @@ pub(crate) struct ExecHandle<'a> {
     pub(crate) plugin: &'a crate::Plugin,
 }
 
+/// Refuses a null executable handle that the compile function `function` returned.
+pub(crate) fn check_returned(raw: Ptr, function: &'static str) -> Result<()> {
+    if raw.is_null() {
+        return Err(Error::Pjrt {
+            code: ErrorCode::Internal,
+            function,
+            message: "the plugin returned no executable".into(),
+        });
+    }
+    Ok(())
+}
+
 impl ExecHandle<'_> {
+    /// Number of outputs per device (`PJRT_Executable_NumOutputs`).
+    pub(crate) fn num_outputs(&self) -> Result<usize> {
+        self.word_query(slot::EXECUTABLE_NUM_OUTPUTS, "PJRT_Executable_NumOutputs")
+    }
+
     pub(crate) fn word_query(&self, s: usize, name: &'static str) -> Result<usize> {
-        let mut a = sys::HandleWordArgs::new();
-        a.handle = self.raw;
-        // SAFETY: the slot takes a (executable, size_t out) args struct of this layout.
-        unsafe { self.plugin.call(s, name, &mut a) }?;
-        Ok(a.value)
+        // SAFETY: the slot takes a (executable, size_t out) args struct of the HandleWordArgs
+        // layout; the executable outlives `self`.
+        unsafe { self.plugin.query_word(s, name, self.raw) }
     }
 
     pub(crate) fn string_query(&self, s: usize, name: &'static str) -> Result<String> {

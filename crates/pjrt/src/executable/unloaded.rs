@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{CompiledMemoryStats, CostAnalysis, ExecHandle};
+use super::{check_returned, CompiledMemoryStats, CostAnalysis, ExecHandle};
 use crate::error::{Error, ErrorCode, Result};
 use crate::plugin::Plugin;
 use crate::sys::{slot, Ptr};
@@ -49,13 +49,7 @@ impl std::fmt::Debug for Executable {
 impl Executable {
     /// Takes ownership of `raw`, an executable that `PJRT_Compile` returned for `topology`.
     pub(crate) fn from_raw(topology: &Topology, raw: Ptr) -> Result<Executable> {
-        if raw.is_null() {
-            return Err(Error::Pjrt {
-                code: ErrorCode::Internal,
-                function: "PJRT_Compile",
-                message: "the plugin returned no executable".into(),
-            });
-        }
+        check_returned(raw, "PJRT_Compile")?;
         let mut exe = Executable {
             inner: Arc::new(UnloadedInner {
                 raw,
@@ -63,9 +57,7 @@ impl Executable {
                 num_outputs: 0,
             }),
         };
-        let num_outputs = exe
-            .handle()
-            .word_query(slot::EXECUTABLE_NUM_OUTPUTS, "PJRT_Executable_NumOutputs")?;
+        let num_outputs = exe.handle().num_outputs()?;
         Arc::get_mut(&mut exe.inner)
             .expect("not shared yet")
             .num_outputs = num_outputs;
