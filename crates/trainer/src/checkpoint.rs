@@ -4,7 +4,7 @@
 //! last K checkpoints are kept, and loading refuses a truncated or corrupt file, or one written for
 //! another model configuration, with a message that says which.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 use std::io::Write;
@@ -152,15 +152,63 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
     Ok(list(dir)?.pop().map(|(_, p)| p))
 }
 
+/// A checkpoint file that cannot be read back (truncated, not safetensors, missing metadata).
+#[derive(Debug)]
+pub struct Corrupt {
+    /// The file.
+    pub path: PathBuf,
+    /// What was wrong.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Corrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "checkpoint {} is truncated or corrupt ({}); nothing was loaded",
+            self.path.display(),
+            self.reason
+        )
+    }
+}
+
+impl std::error::Error for Corrupt {}
+
+/// The newest checkpoint in `dir` that loads, for `--resume`. A corrupt newer one (a crash during
+/// a copy, a full disk) is moved aside to `<name>.corrupt`, kept for inspection and out of the
+/// rotation, and the next older one is tried, saying so on stderr. Any other error (a checkpoint
+/// of another model configuration) stops the search.
+pub fn load_newest_valid(dir: &Path, model_config: &str) -> Result<Option<(PathBuf, Checkpoint)>> {
+    let mut all = list(dir)?;
+    while let Some((_, path)) = all.pop() {
+        match load(&path, Some(model_config)) {
+            Ok(ck) => return Ok(Some((path, ck))),
+            Err(e) => {
+                let Some(c) = e.downcast_ref::<Corrupt>() else {
+                    return Err(e);
+                };
+                let aside = PathBuf::from(format!("{}.corrupt", path.display()));
+                std::fs::rename(&path, &aside)
+                    .with_context(|| format!("{c}; cannot move it aside to {}", aside.display()))?;
+                eprintln!(
+                    "warning: {c}; moved it to {} and trying the previous checkpoint",
+                    aside.display()
+                );
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Load and check a checkpoint. `expect_model_config`: the current `[model]` TOML; a mismatch is refused.
 pub fn load(path: &Path, expect_model_config: Option<&str>) -> Result<Checkpoint> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
     let corrupt = |e: &dyn std::fmt::Display| {
-        anyhow!(
-            "checkpoint {} is truncated or corrupt ({e}); nothing was loaded",
-            path.display()
-        )
+        anyhow::Error::new(Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
     };
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(&e))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&e))?;

@@ -35,6 +35,25 @@ pub fn batch_tokens(src: &Source, cfg: &RunConfig, first_sequence: u64) -> Vec<i
         .collect()
 }
 
+/// A fresh run must not write into the directory of an earlier one: its checkpoints would sit
+/// beside the new run's (and `--resume` would later pick the wrong one) and metrics would mix.
+fn refuse_earlier_run(out: &Path) -> Result<()> {
+    let newest = checkpoint::latest(out)?;
+    let metrics = out.join("metrics.jsonl");
+    if newest.is_some() || metrics.exists() {
+        let what = newest.map_or_else(
+            || format!("{}", metrics.display()),
+            |p| format!("checkpoints (newest {})", p.display()),
+        );
+        bail!(
+            "{} holds an earlier run ({what}); continue it with --resume, or train into a fresh \
+             --out directory",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// Train per `cfg`, writing checkpoints and `metrics.jsonl` into `out`.
 pub fn train(
     cfg: &RunConfig,
@@ -53,15 +72,17 @@ pub fn train(
     let exe = runtime::compile(&client, &comp)?;
     let compile_s = t0.elapsed().as_secs_f64();
     let src = Source::open(&cfg.data, cfg.train.seed, cfg.model.vocab)?;
+    if !resume {
+        refuse_earlier_run(out)?;
+    }
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create run dir {}", out.display()))?;
 
     // State: parameters and both moments, as host vectors in spec order.
     let mtoml = model_toml(cfg);
     let (mut start, mut position, host): (u64, u64, Vec<Vec<f32>>) = if resume {
-        let path = checkpoint::latest(out)?
+        let (path, ck) = checkpoint::load_newest_valid(out, &mtoml)?
             .with_context(|| format!("--resume: no checkpoint in {}", out.display()))?;
-        let ck = checkpoint::load(&path, Some(&mtoml))?;
         let find = |name: &str| -> Result<Vec<f32>> {
             Ok(ck
                 .tensors

@@ -41,6 +41,17 @@ const SMALL: &[&str] = &[
     "--quiet",
 ];
 
+/// The checkpoint file names in `dir`, sorted.
+fn checkpoint_files(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ckpt_"))
+        .collect();
+    v.sort();
+    v
+}
+
 #[test]
 fn training_lowers_the_loss_and_resume_is_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
@@ -98,16 +109,39 @@ fn training_lowers_the_loss_and_resume_is_bit_exact() {
         "resumed losses differ from the uninterrupted run"
     );
 
-    // A truncated checkpoint is refused and nothing is overwritten.
+    // A fresh run into a directory holding an earlier run is refused, naming both ways out, and
+    // nothing there changes.
+    let before = checkpoint_files(&run);
+    let mut args = vec!["train", "--out", r, "--set", "train.steps=60"];
+    args.extend(SMALL);
+    fail_with(&rattn(&args), "holds an earlier run");
+    fail_with(&rattn(&args), "--resume, or train into a fresh --out");
+    assert_eq!(checkpoint_files(&run), before);
+
+    // A truncated newest checkpoint does not block --resume: it is moved aside (kept, byte for
+    // byte) and the run resumes from the previous one, saying so.
     let ck = run.join("ckpt_00000040.safetensors");
     let bytes = std::fs::read(&ck).unwrap();
     std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
-    let mut args = vec!["train", "--resume", "--out", r, "--set", "train.steps=60"];
+    std::fs::rename(run.join("metrics.jsonl"), run.join("second.jsonl")).unwrap();
+    let mut args = vec!["train", "--resume", "--eval-sequences", "0", "--out", r];
+    args.extend(["--set", "train.steps=60"]);
     args.extend(SMALL);
-    fail_with(&rattn(&args), "truncated or corrupt");
-    assert_eq!(std::fs::read(&ck).unwrap().len(), bytes.len() / 2);
+    let out = rattn(&args);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is truncated or corrupt")
+            && err.contains("ckpt_00000020.safetensors (step 20)"),
+        "{err}"
+    );
+    let aside = run.join("ckpt_00000040.safetensors.corrupt");
+    assert_eq!(std::fs::read(&aside).unwrap().len(), bytes.len() / 2);
+    let again = losses(&run);
+    assert_eq!(again.first().map(|x| x.0), Some(21));
+    assert_eq!(again.last().map(|x| x.0), Some(60));
+
     // A checkpoint from another model configuration is refused.
-    std::fs::write(&ck, &bytes).unwrap();
     let mut args = vec![
         "train",
         "--resume",
