@@ -672,14 +672,11 @@ impl Model {
 }
 
 impl fmt::Display for Mesh {
-    /// `8 devices = data 1 × fsdp 4 × seq 1 × tensor 2`
+    /// `8 devices = data 1 × fsdp 4 × seq 1 × tensor 2`, `1 device = data 1 × …`
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} devices = {}",
-            self.device_count(),
-            self.axes_text(&MeshAxis::ALL)
-        )
+        let n = self.device_count();
+        let noun = if n == 1 { "device" } else { "devices" };
+        write!(f, "{n} {noun} = {}", self.axes_text(&MeshAxis::ALL))
     }
 }
 
