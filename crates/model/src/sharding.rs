@@ -396,7 +396,7 @@ impl MeshConfig {
             .product();
         let mut sizes = MeshAxis::ALL.map(|a| self.size(a).max(1) as usize);
         if let Some(r) = rest {
-            if devices % fixed != 0 {
+            if !devices.is_multiple_of(fixed) {
                 return Err(MeshError::RestNotDivisible {
                     sizes: self.sizes_text(),
                     product: fixed,
@@ -519,7 +519,7 @@ impl Mesh {
                 owner.insert(m, dim);
             }
             let shards = self.shards(&mesh_axes);
-            if size % shards != 0 {
+            if !size.is_multiple_of(shards) {
                 return Err(MeshError::NotDivisible {
                     tensor: name.to_string(),
                     dim,
@@ -545,7 +545,7 @@ impl Mesh {
     ) -> Result<(), MeshError> {
         let axes = &spec.0[dim];
         let shards = self.shards(axes);
-        if count % shards != 0 {
+        if !count.is_multiple_of(shards) {
             return Err(MeshError::HeadsNotDivisible {
                 tensor: name.to_string(),
                 dim,

@@ -358,9 +358,12 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
         "mesh: {} (device order data, fsdp, seq, tensor; not yet used to compile)",
         mr.text
     );
-    for (logical, axes) in &mr.rules {
-        let _ = writeln!(o, "  {logical} → [{}]", axes.join(", "));
-    }
+    let rules: Vec<String> = mr
+        .rules
+        .iter()
+        .map(|(logical, axes)| format!("{logical} → [{}]", axes.join(", ")))
+        .collect();
+    let _ = writeln!(o, "  rules: {}", rules.join(", "));
     let _ = writeln!(
         o,
         "  train state per device (f32): parameters {} of {}, Adam moments {}, total {}",

@@ -135,8 +135,13 @@ fn dump_of_the_tiny_config_writes_parsable_modules_and_a_checked_summary() {
         stdout.contains("mesh: 1 device = data 1 × fsdp 1 × seq 1 × tensor 1"),
         "{stdout}"
     );
-    assert!(stdout.contains("  embed → [fsdp]\n"), "{stdout}");
-    assert!(stdout.contains("  batch → [data, fsdp]\n"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "  rules: batch → [data, fsdp], embed → [fsdp], head_dim → [], kv_heads → [tensor], \
+             length → [seq], mlp → [tensor], q_heads → [tensor], vocab → [tensor]\n"
+        ),
+        "{stdout}"
+    );
 }
 
 #[test]
