@@ -29,6 +29,7 @@ pub mod layers;
 pub mod model;
 pub mod params;
 pub mod reference;
+pub mod sharding;
 pub mod transformer;
 
 pub use cache::{CacheBuffer, CacheBytes, CacheLayout, CachePart, LayerCache, LayerCacheOps};
@@ -37,4 +38,7 @@ pub use cost::{Cost, Costs, Flops};
 pub use decode::DecodeIo;
 pub use model::{Attention, Model};
 pub use params::{init_param, Init, LogicalAxis, ParamRole, ParamSpec};
+pub use sharding::{
+    AxisRules, Mesh, MeshAxis, MeshConfig, MeshError, ParamSharding, PartitionSpec,
+};
 pub use transformer::ParamOps;

@@ -1,8 +1,9 @@
-//! Run configuration: a TOML file with `[model]`, `[train]` and `[data]` tables, plus `key=value`
-//! overrides from the command line (`--set train.steps=50 --set model.window=16`).
+//! Run configuration: a TOML file with `[model]`, `[train]`, `[data]` and `[mesh]` tables, plus
+//! `key=value` overrides from the command line (`--set train.steps=50 --set model.window=16
+//! --set mesh.fsdp=8 --set 'mesh.rules.embed=["fsdp"]'`).
 
 use anyhow::{anyhow, bail, Context, Result};
-use model::ModelConfig;
+use model::{MeshConfig, ModelConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -103,6 +104,10 @@ pub struct RunConfig {
     /// Data.
     #[serde(default)]
     pub data: DataConfig,
+    /// The device mesh and the logical-axis rules (default: one device). Only `rattn dump`
+    /// reads it so far: nothing is compiled sharded yet.
+    #[serde(default)]
+    pub mesh: MeshConfig,
 }
 
 impl RunConfig {
@@ -149,6 +154,7 @@ impl RunConfig {
         if self.data.kind != "synthetic" && self.data.path.is_none() {
             bail!("data.kind = {:?} needs data.path", self.data.kind);
         }
+        self.mesh.check()?;
         Ok(())
     }
 }
@@ -208,6 +214,68 @@ mod tests {
         assert!(format!("{err:#}").contains("key=value"), "{err:#}");
         let err = RunConfig::from_toml(&tiny(), &["model.kv_heads=3".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("divisible"), "{err:#}");
+    }
+
+    #[test]
+    fn mesh_defaults_to_one_device_and_takes_overrides() {
+        use model::{LogicalAxis, MeshAxis};
+        let cfg = RunConfig::from_toml(&tiny(), &[]).unwrap();
+        assert_eq!(cfg.mesh, MeshConfig::default());
+        assert_eq!(cfg.mesh.fixed_device_count().unwrap(), Some(1));
+        let cfg = RunConfig::from_toml(
+            &tiny(),
+            &[
+                "mesh.fsdp=-1".into(),
+                "mesh.tensor=2".into(),
+                r#"mesh.rules.embed=["fsdp", "data"]"#.into(),
+                "mesh.rules.mlp=[]".into(),
+                "mesh.rules.vocab=fsdp".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!((cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.data), (-1, 2, 1));
+        let r = &cfg.mesh.rules;
+        assert_eq!(r.get(LogicalAxis::Embed), [MeshAxis::Fsdp, MeshAxis::Data]);
+        assert_eq!(r.get(LogicalAxis::Mlp), []);
+        assert_eq!(r.get(LogicalAxis::Vocab), [MeshAxis::Fsdp]);
+        assert_eq!(r.get(LogicalAxis::QHeads), [MeshAxis::Tensor]);
+        assert_eq!(cfg.mesh.resolve(16).unwrap().size(MeshAxis::Fsdp), 8);
+        // The same in a config file.
+        let text = format!("{}\n[mesh]\nfsdp = 4\n[mesh.rules]\nembed = []\n", tiny());
+        let cfg = RunConfig::from_toml(&text, &[]).unwrap();
+        assert_eq!(cfg.mesh.fsdp, 4);
+        assert_eq!(cfg.mesh.rules.get(LogicalAxis::Embed), []);
+    }
+
+    #[test]
+    fn bad_meshes_are_refused_at_load() {
+        let err = |o: &[&str]| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            format!("{:#}", RunConfig::from_toml(&tiny(), &o).unwrap_err())
+        };
+        let e = err(&["mesh.data=0"]);
+        assert!(
+            e.contains("mesh.data = 0: a mesh size must be >= 1, or -1"),
+            "{e}"
+        );
+        let e = err(&["mesh.data=-1", "mesh.seq=-1"]);
+        assert!(e.contains("mesh.data and mesh.seq are both -1"), "{e}");
+        let e = err(&["mesh.rules.embd=[]"]);
+        assert!(e.contains("unknown logical axis \"embd\""), "{e}");
+        let e = err(&[r#"mesh.rules.embed=["model"]"#]);
+        assert!(
+            e.contains(
+                "mesh.rules.embed: unknown mesh axis \"model\" (known: data, fsdp, seq, tensor)"
+            ),
+            "{e}"
+        );
+        let e = err(&[r#"mesh.rules.batch=["data", "data"]"#]);
+        assert!(
+            e.contains("mesh.rules.batch lists mesh axis data twice"),
+            "{e}"
+        );
+        let e = err(&["mesh.pipeline=2"]);
+        assert!(e.contains("pipeline"), "{e}");
     }
 
     #[test]

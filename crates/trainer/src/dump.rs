@@ -1,6 +1,8 @@
 //! `rattn dump`: the train step (and the decode step, where the model has one) as HLO before and
 //! after XLA's optimizations, named like XLA's `--xla_dump_to`, plus a summary of the model's size,
-//! FLOPs, compiled memory and KV-cache / RLA-state bytes against the SWA and full-attention baselines.
+//! FLOPs, compiled memory, KV-cache / RLA-state bytes against the SWA and full-attention baselines,
+//! and the `[mesh]`: its sizes, rules and the train state's bytes per device under it (computed
+//! from the parameters' shardings; nothing is compiled sharded yet).
 //!
 //! Tracing, compiling on the `--plugin` client and writing the modules go through
 //! [`crate::inspect`], the path `rattn compile` takes too; the numbers of the model come from
@@ -11,9 +13,10 @@ use crate::inspect::{units, Compiler, Dump, Format, MemoryReport, Module};
 use crate::{runtime, step};
 use anyhow::{Context, Result};
 use model::config::Dtype;
-use model::{CacheBytes, Costs, Flops, Model};
+use model::{CacheBytes, Costs, Flops, MeshAxis, Model};
 use pjrt::Client;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -29,6 +32,8 @@ pub struct DumpOptions {
     pub compile: bool,
     /// `--plugin` of the compile.
     pub plugin: Option<String>,
+    /// Devices the `[mesh]` spans (default: the product of its sizes; needed when one is -1).
+    pub devices: Option<usize>,
 }
 
 /// One module's files and compiled statistics.
@@ -67,6 +72,57 @@ pub struct CacheReport {
     pub decode_allocation: Option<CacheBytes>,
 }
 
+/// The mesh and the train state's size per device under it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeshReport {
+    /// Devices.
+    pub devices: usize,
+    /// Size of each mesh axis.
+    pub sizes: BTreeMap<&'static str, usize>,
+    /// The logical-axis rules: logical axis → mesh axes.
+    pub rules: BTreeMap<&'static str, Vec<&'static str>>,
+    /// Parameter bytes of the whole model (f32).
+    pub param_bytes: u64,
+    /// Parameter bytes on each device.
+    pub param_bytes_per_device: u64,
+    /// Both Adam moments' bytes on each device (sharded like their parameters).
+    pub adam_bytes_per_device: u64,
+    /// `text` of the mesh, e.g. `8 devices = data 1 × fsdp 8 × seq 1 × tensor 1`.
+    pub text: String,
+}
+
+/// The `[mesh]` of `cfg` on `devices` devices (default: the product of its sizes) and the train
+/// state's bytes per device: the first errors (mesh, rules, a parameter's dims) end here.
+pub fn mesh_report(cfg: &RunConfig, model: &Model, devices: Option<usize>) -> Result<MeshReport> {
+    let devices = match (devices, cfg.mesh.fixed_device_count()?) {
+        (Some(d), _) | (None, Some(d)) => d,
+        (None, None) => anyhow::bail!(
+            "one [mesh] size is -1 (the rest of the devices): pass --devices N to say how many"
+        ),
+    };
+    let mesh = cfg.mesh.resolve(devices)?;
+    let state = step::state_shardings(model, &mesh)?;
+    let f32_bytes = |n: usize| 4 * n as u64;
+    let n = model.param_specs().len();
+    let (params, adam) = state.split_at(n);
+    Ok(MeshReport {
+        devices,
+        sizes: MeshAxis::ALL
+            .into_iter()
+            .map(|a| (a.name(), mesh.size(a)))
+            .collect(),
+        rules: mesh
+            .rules()
+            .iter()
+            .map(|(l, m)| (l.name(), m.iter().map(|a| a.name()).collect()))
+            .collect(),
+        param_bytes: f32_bytes(model.param_count()),
+        param_bytes_per_device: params.iter().map(|p| f32_bytes(p.shard_numel())).sum(),
+        adam_bytes_per_device: adam.iter().map(|p| f32_bytes(p.shard_numel())).sum(),
+        text: mesh.to_string(),
+    })
+}
+
 /// Everything `rattn dump` reports (also written as `summary.json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -84,6 +140,8 @@ pub struct Summary {
     pub cache: CacheReport,
     /// The platform compiled for (None with `--no-compile`).
     pub platform: Option<String>,
+    /// The mesh and the state's bytes per device.
+    pub mesh: MeshReport,
 }
 
 fn pct(part: u64, whole: u64) -> f64 {
@@ -151,6 +209,7 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
     if context == 0 {
         anyhow::bail!("--context must be > 0");
     }
+    let mesh = mesh_report(cfg, &model, opts.devices)?;
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create dump dir {}", opts.out.display()))?;
     let client = if opts.compile {
@@ -187,6 +246,7 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
         modules,
         cache: cache_report(&costs),
         platform,
+        mesh,
     };
     let text = render(cfg, &summary);
     write(&opts.out.join("summary.txt"), text.as_bytes())?;
@@ -292,6 +352,26 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
             units::bytes_exact(d.rla_state)
         );
     }
+    let mr = &s.mesh;
+    let _ = writeln!(
+        o,
+        "mesh: {} (device order data, fsdp, seq, tensor; not yet used to compile)",
+        mr.text
+    );
+    let rules: Vec<String> = mr
+        .rules
+        .iter()
+        .map(|(logical, axes)| format!("{logical} → [{}]", axes.join(", ")))
+        .collect();
+    let _ = writeln!(o, "  rules: {}", rules.join(", "));
+    let _ = writeln!(
+        o,
+        "  train state per device (f32): parameters {} of {}, Adam moments {}, total {}",
+        units::bytes_exact(mr.param_bytes_per_device),
+        units::bytes_exact(mr.param_bytes),
+        units::bytes_exact(mr.adam_bytes_per_device),
+        units::bytes_exact(mr.param_bytes_per_device + mr.adam_bytes_per_device),
+    );
     o
 }
 
@@ -310,6 +390,10 @@ pub(crate) struct DumpArgs {
     /// too big to compile usefully on the host, e.g. configs/12b.toml).
     #[arg(long)]
     pub(crate) no_compile: bool,
+    /// Devices the [mesh] spans, for its per-device sizes (default: the product of the mesh
+    /// sizes; required when one is -1).
+    #[arg(long)]
+    pub(crate) devices: Option<usize>,
 }
 
 /// Run `rattn dump`: write the files and print the summary.
@@ -322,6 +406,7 @@ pub(crate) fn run(args: &DumpArgs) -> Result<()> {
             context: args.context,
             compile: !args.no_compile,
             plugin: args.common.plugin.clone(),
+            devices: args.devices,
         },
     )?;
     print!("{text}");

@@ -35,7 +35,7 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// Run configuration (TOML with [model], [train], [data]).
+    /// Run configuration (TOML with [model], [train], [data], [mesh]).
     #[arg(long, default_value = "configs/tiny.toml")]
     config: PathBuf,
     /// Override a config value, e.g. `--set train.steps=50 --set model.window=16`.

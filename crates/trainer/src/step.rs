@@ -9,7 +9,7 @@
 
 use crate::config::{RunConfig, TrainConfig};
 use hlo_builder::{Builder, Computation, ElementType, Op, Result, Shape};
-use model::{Model, ParamSpec};
+use model::{Mesh, MeshError, Model, ParamSharding, ParamSpec};
 use std::ops::Range;
 
 /// A group of the train state: a tensor per parameter.
@@ -60,6 +60,24 @@ pub fn state_tensors(specs: &[ParamSpec]) -> Vec<StateTensor<'_>> {
             })
         })
         .collect()
+}
+
+/// The sharding of every state tensor under `mesh`, in [`state_tensors`] order: both Adam moments
+/// take their parameter's ([`Model::param_shardings`]).
+pub fn state_shardings(
+    model: &Model,
+    mesh: &Mesh,
+) -> std::result::Result<Vec<ParamSharding>, MeshError> {
+    let params = model.param_shardings(mesh)?;
+    Ok(StateGroup::ALL
+        .into_iter()
+        .flat_map(|group| {
+            params.iter().map(move |p| ParamSharding {
+                name: format!("{}.{}", group.prefix(), p.name),
+                ..p.clone()
+            })
+        })
+        .collect())
 }
 
 /// Positions of the train step's arguments.
@@ -369,6 +387,43 @@ mod tests {
         assert!((lr_at(&t, 10) - 1.0).abs() < 1e-12);
         assert!((lr_at(&t, 60) - 0.55).abs() < 1e-12);
         assert!((lr_at(&t, 110) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn adam_moments_share_their_parameters_shardings() {
+        let model = Model::new(
+            RunConfig::from_toml(
+                &std::fs::read_to_string(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../../configs/tiny.toml"
+                ))
+                .unwrap(),
+                &[],
+            )
+            .unwrap()
+            .model,
+        )
+        .unwrap();
+        let mesh = model::MeshConfig {
+            fsdp: 2,
+            tensor: 2,
+            ..Default::default()
+        }
+        .resolve(4)
+        .unwrap();
+        let state = state_shardings(&model, &mesh).unwrap();
+        let tensors = state_tensors(model.param_specs());
+        let n = model.param_specs().len();
+        assert_eq!(state.len(), 3 * n);
+        for (i, (s, t)) in state.iter().zip(&tensors).enumerate() {
+            assert_eq!(s.name, t.name);
+            assert_eq!(s.sharding, state[i % n].sharding, "{}", s.name);
+            assert_eq!(s.spec, state[i % n].spec, "{}", s.name);
+        }
+        assert!(matches!(
+            state[n].sharding,
+            hlo_builder::Sharding::Tiled { .. }
+        ));
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub fn train(
     resume: bool,
     quiet: bool,
 ) -> Result<TrainReport> {
+    cfg.mesh.resolve(1).context(
+        "sharded training is not implemented yet (issue 11 item 2): `rattn train` runs on one \
+         device, so [mesh] must span 1; `rattn dump --devices N` shows the per-device sizes",
+    )?;
     let client = runtime::open_client(plugin)?;
     let model = Model::new(cfg.model.clone())?;
     let specs = model.param_specs();
@@ -361,4 +365,24 @@ pub fn eval(
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_multi_device_mesh_is_refused_before_anything_runs() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../configs/tiny.toml"
+        ))
+        .unwrap();
+        let cfg = RunConfig::from_toml(&text, &["mesh.fsdp=2".into()]).unwrap();
+        let dir = std::env::temp_dir().join(format!("rattn-mesh-refused-{}", std::process::id()));
+        let e = format!("{:#}", train(&cfg, None, &dir, false, true).unwrap_err());
+        assert!(e.contains("sharded training is not implemented yet"), "{e}");
+        assert!(e.contains("spans 2 devices but there are 1"), "{e}");
+        assert!(!dir.exists(), "nothing is written");
+    }
 }

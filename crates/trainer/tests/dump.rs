@@ -126,6 +126,22 @@ fn dump_of_the_tiny_config_writes_parsable_modules_and_a_checked_summary() {
         3 * 4 * params + 4 + 4 * 2 * 65,
         "{m}"
     );
+    // The default mesh: one device holding everything.
+    let mesh = &s["mesh"];
+    assert_eq!(mesh["devices"].as_u64().unwrap(), 1);
+    assert_eq!(mesh["param_bytes_per_device"].as_u64().unwrap(), 4 * params);
+    assert_eq!(mesh["adam_bytes_per_device"].as_u64().unwrap(), 8 * params);
+    assert!(
+        stdout.contains("mesh: 1 device = data 1 × fsdp 1 × seq 1 × tensor 1"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "  rules: batch → [data, fsdp], embed → [fsdp], head_dim → [], kv_heads → [tensor], \
+             length → [seq], mlp → [tensor], q_heads → [tensor], vocab → [tensor]\n"
+        ),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -142,6 +158,11 @@ fn dump_of_12b_without_compiling_reports_the_paper_kv_savings() {
             "--context",
             "4096",
             "--no-compile",
+            // fsdp takes the rest of 16 devices.
+            "--set",
+            "mesh.fsdp=-1",
+            "--devices",
+            "16",
             "--out",
             out.to_str().unwrap(),
         ]));
@@ -174,6 +195,19 @@ fn dump_of_12b_without_compiling_reports_the_paper_kv_savings() {
         let layers: Vec<bool> = (0..40).map(|i| i % 4 != 3).collect();
         let params = count_params(32768, 5120, &layers, 40, 8, 128, 16384, true, false);
         assert_eq!(s["parameters"].as_u64().unwrap(), params);
+        // fsdp 16 shards every parameter with an embed dim 16 ways; the per-head norms (q/k
+        // norms [head_dim], the mixing norms [q_heads, head_dim] with tensor 1) stay whole.
+        let whole = 40 * 2 * 128 + 30 * 2 * 40 * 128;
+        let mesh = &s["mesh"];
+        assert_eq!(mesh["sizes"]["fsdp"].as_u64().unwrap(), 16);
+        assert_eq!(mesh["param_bytes"].as_u64().unwrap(), 4 * params);
+        let per = 4 * ((params - whole) / 16 + whole);
+        assert_eq!(mesh["param_bytes_per_device"].as_u64().unwrap(), per);
+        assert_eq!(mesh["adam_bytes_per_device"].as_u64().unwrap(), 2 * per);
+        assert!(
+            stdout.contains("mesh: 16 devices = data 1 × fsdp 16 × seq 1 × tensor 1"),
+            "{stdout}"
+        );
     }
 }
 

@@ -1,0 +1,149 @@
+//! Parameter shardings of the shipped configs under meshes: partition specs from the default
+//! rules, per-device sizes, and the errors that name a parameter.
+
+mod common;
+
+use common::load_model;
+use model::{Mesh, MeshAxis, MeshConfig, MeshError, Model, ParamRole, PartitionSpec};
+use MeshAxis::{Fsdp, Tensor};
+
+fn mesh(data: i64, fsdp: i64, tensor: i64, devices: usize) -> Mesh {
+    MeshConfig {
+        data,
+        fsdp,
+        tensor,
+        ..MeshConfig::default()
+    }
+    .resolve(devices)
+    .unwrap()
+}
+
+fn spec_of(m: &Model, mesh: &Mesh, name: &str) -> PartitionSpec {
+    m.param_shardings(mesh)
+        .unwrap()
+        .into_iter()
+        .find(|p| p.name == name)
+        .unwrap_or_else(|| panic!("no parameter {name}"))
+        .spec
+}
+
+#[test]
+fn tiny_specs_follow_the_default_rules() {
+    let m = Model::new(load_model("tiny")).unwrap();
+    let mesh = mesh(1, 2, 2, 4);
+    let s = |n: &str| spec_of(&m, &mesh, n).to_string();
+    assert_eq!(s("embed"), "[tensor, fsdp]");
+    assert_eq!(s("layers.0.attn.wq"), "[fsdp, tensor]");
+    assert_eq!(s("layers.0.attn.wk"), "[fsdp, tensor]");
+    assert_eq!(s("layers.0.attn.wo"), "[tensor, fsdp]");
+    assert_eq!(s("layers.0.attn.swa_norm.scale"), "[tensor, -]");
+    assert_eq!(s("layers.0.ffn.w_down"), "[tensor, fsdp]");
+    assert_eq!(s("final_norm.scale"), "[fsdp]");
+    assert_eq!(
+        spec_of(&m, &mesh, "layers.0.attn.wq"),
+        PartitionSpec(vec![vec![Fsdp], vec![Tensor]])
+    );
+}
+
+#[test]
+fn the_1_device_mesh_replicates_everything() {
+    let m = Model::new(load_model("3b")).unwrap();
+    let shardings = m.param_shardings(&Mesh::single()).unwrap();
+    assert_eq!(shardings.len(), m.param_specs().len());
+    for (p, s) in m.param_specs().iter().zip(&shardings) {
+        assert_eq!(s.sharding, hlo_builder::Sharding::Replicated, "{}", p.name);
+        assert_eq!(s.shard_shape, p.shape, "{}", p.name);
+    }
+}
+
+#[test]
+fn three_b_on_fsdp_16_tensor_4() {
+    let m = Model::new(load_model("3b")).unwrap();
+    let mesh = mesh(1, 16, 4, 64);
+    let by_name = |n: &str| {
+        m.param_shardings(&mesh)
+            .unwrap()
+            .into_iter()
+            .find(|p| p.name == n)
+            .unwrap()
+    };
+    let wq = by_name("layers.0.attn.wq");
+    assert_eq!(wq.spec.to_string(), "[fsdp, tensor]");
+    assert_eq!(wq.shard_shape, vec![2048 / 16, 2048 / 4]);
+    let wk = by_name("layers.0.attn.wk");
+    assert_eq!(wk.shard_shape, vec![128, 512 / 4]);
+    assert_eq!(by_name("lm_head").spec.to_string(), "[fsdp, tensor]");
+    assert_eq!(by_name("lm_head").shard_shape, vec![128, 32768 / 4]);
+    assert_eq!(
+        by_name("layers.0.attn.q_norm.scale").spec.to_string(),
+        "[-]"
+    );
+    // The mesh uses every non-trivial axis: fsdp × tensor tiles, replicated over data 1 × seq 1.
+    match &wq.sharding {
+        hlo_builder::Sharding::Tiled {
+            tile_assignment_dims,
+            last_tile_dim_replicate,
+            devices,
+        } => {
+            assert_eq!(tile_assignment_dims, &[16, 4]);
+            assert!(!last_tile_dim_replicate);
+            // fsdp outer, tensor inner, as in the mesh's device order: devices in order.
+            assert_eq!(devices, &(0..64).collect::<Vec<i64>>());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn three_b_errors_name_the_parameter() {
+    let m = Model::new(load_model("3b")).unwrap();
+    // 4 kv heads cannot split 8 ways although the flattened 512 can.
+    let e = m.param_shardings(&mesh(1, 1, 8, 8)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "layers.0.attn.wk: dim 1 (kv_heads) holds 4 heads, not divisible by 8 = tensor 8 \
+         (mesh.rules.kv_heads): a shard would split a head"
+    );
+    // 3 does not divide 2048.
+    let e = m.param_shardings(&mesh(1, 3, 1, 3)).unwrap_err();
+    assert!(matches!(e, MeshError::NotDivisible { .. }), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "embed: dim 1 (embed) of size 2048 is not divisible by 3 = fsdp 3 (mesh.rules.embed)"
+    );
+}
+
+#[test]
+fn per_device_sizes_divide_the_total_as_the_specs_say() {
+    let m = Model::new(load_model("tiny")).unwrap();
+    let total: usize = m.param_count();
+    // data only: every device holds everything.
+    let per = |mesh: &Mesh| -> usize {
+        m.param_shardings(mesh)
+            .unwrap()
+            .iter()
+            .map(|s| s.shard_numel())
+            .sum()
+    };
+    assert_eq!(per(&mesh(4, 1, 1, 4)), total);
+    // fsdp 2 × tensor 2: matrices (both dims ruled) split 4 ways, norm scales 2 ways (embed →
+    // fsdp, or q_heads → tensor with head_dim unsharded).
+    let (matrices, norms): (usize, usize) =
+        m.param_specs()
+            .iter()
+            .fold((0, 0), |(a, b), p| match p.role {
+                ParamRole::NormScale => (a, b + p.numel()),
+                _ => (a + p.numel(), b),
+            });
+    assert_eq!(matrices + norms, total);
+    assert_eq!(per(&mesh(1, 2, 2, 4)), matrices / 4 + norms / 2);
+    // fsdp 4 alone: everything with an embed dim splits 4 ways; the RAttention mixing norms
+    // ([q_heads, head_dim]) stay whole.
+    let mixing: usize = m
+        .param_specs()
+        .iter()
+        .filter(|p| p.name.ends_with("swa_norm.scale") || p.name.ends_with("rla_norm.scale"))
+        .map(|p| p.numel())
+        .sum();
+    assert_eq!(per(&mesh(1, 4, 1, 4)), (total - mixing) / 4 + mixing);
+}
