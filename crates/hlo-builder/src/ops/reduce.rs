@@ -9,7 +9,7 @@
 use std::panic::Location;
 
 use crate::autodiff::{Ct, Node};
-use crate::builder::Builder;
+use crate::builder::{Builder, CompData};
 use crate::error::Result;
 use crate::ops::elementwise::{BinaryOp, Cmp};
 use crate::ops::{array_cts, Family, Kind};
@@ -128,21 +128,7 @@ impl Builder {
         ops.extend_from_slice(inits);
         let s = self.shapes_of(loc, "reduce", &ops)?;
         let (xs_s, inits_s) = s.split_at(xs.len());
-        let out = reduce(
-            xs_s,
-            inits_s,
-            &data.param_shapes(),
-            data.result_shape(),
-            dims,
-        )
-        .map_err(|e| self.shape_err(loc, e))?;
-        Ok(self.push(
-            loc,
-            Kind::Reduce(Reduce(dims.to_vec())),
-            ops,
-            out,
-            vec![data.id],
-        ))
+        self.push_reduce(loc, ops, (xs_s, inits_s), data, dims)
     }
 
     /// The module's cached `(T, T) -> T` reducer applying `op`.
@@ -197,20 +183,39 @@ impl Builder {
         let data = self
             .computation_data(rid)
             .ok_or_else(|| self.error_at(loc, "reduce", "cached reducer vanished"))?;
+        self.push_reduce(
+            loc,
+            vec![x, init],
+            (&[s], &[Shape::scalar(ty)]),
+            &data,
+            dims,
+        )
+    }
+
+    /// Checks a reduce of `ops` (inputs then inits, with these shapes) with `reducer` over `dims`
+    /// and appends it.
+    fn push_reduce(
+        &self,
+        loc: &'static Location<'static>,
+        ops: Vec<Op>,
+        (xs, inits): (&[Shape], &[Shape]),
+        reducer: &CompData,
+        dims: &[i64],
+    ) -> Result<Op> {
         let out = reduce(
-            &[s],
-            &[Shape::scalar(ty)],
-            &data.param_shapes(),
-            data.result_shape(),
+            xs,
+            inits,
+            &reducer.param_shapes(),
+            reducer.result_shape(),
             dims,
         )
         .map_err(|e| self.shape_err(loc, e))?;
         Ok(self.push(
             loc,
             Kind::Reduce(Reduce(dims.to_vec())),
-            vec![x, init],
+            ops,
             out,
-            vec![rid],
+            vec![reducer.id],
         ))
     }
 
