@@ -11,6 +11,7 @@
 //!   qk-norm (what attention reads).
 
 use crate::model::{Attention, Model};
+use crate::params::LogicalAxis;
 use hlo_builder::{Builder, ElementType, Op, Result, Shape};
 use serde::Serialize;
 
@@ -64,6 +65,10 @@ pub struct CacheBuffer {
     pub shape: Vec<usize>,
     /// Element type of the buffer.
     pub dtype: ElementType,
+    /// The logical axis of each dimension, for sharding rules: k/v
+    /// `[batch, cache_length, kv_heads, head_dim]`, the RLA state `[batch, kv_heads, feature,
+    /// head_dim]`.
+    pub axes: Vec<LogicalAxis>,
 }
 
 impl CacheBuffer {
@@ -141,12 +146,17 @@ impl CacheLayout {
     /// The buffers of layer `layer`, in order: k, v, then the RLA state where there is one.
     pub fn layer_buffers(&self, layer: usize) -> Vec<CacheBuffer> {
         let (bs, g, h) = (self.batch, self.kv_heads, self.head_dim);
+        use LogicalAxis::{Batch, CacheLength, Feature, HeadDim, KvHeads};
         let buf = |part, suffix: &str, shape: Vec<usize>| CacheBuffer {
             layer,
             part,
             name: format!("layers.{layer}.{suffix}"),
             shape,
             dtype: self.dtype,
+            axes: match part {
+                CachePart::RlaState => vec![Batch, KvHeads, Feature, HeadDim],
+                CachePart::Key | CachePart::Value => vec![Batch, CacheLength, KvHeads, HeadDim],
+            },
         };
         match self.layers[layer] {
             LayerCache::Ring { rla_state } => {

@@ -48,11 +48,16 @@ pub enum LogicalAxis {
     HeadDim,
     /// The FFN hidden width.
     Mlp,
+    /// The slots of a decode cache: the W+1 ring-buffer entries of a local layer, the `max_len`
+    /// positions of a global layer.
+    CacheLength,
+    /// The feature dim 2H of φ (rows of the RLA state `[B, G, 2H, H]`).
+    Feature,
 }
 
 impl LogicalAxis {
     /// Every axis, in declaration order.
-    pub const ALL: [LogicalAxis; 8] = [
+    pub const ALL: [LogicalAxis; 10] = [
         LogicalAxis::Batch,
         LogicalAxis::Length,
         LogicalAxis::Vocab,
@@ -61,10 +66,12 @@ impl LogicalAxis {
         LogicalAxis::KvHeads,
         LogicalAxis::HeadDim,
         LogicalAxis::Mlp,
+        LogicalAxis::CacheLength,
+        LogicalAxis::Feature,
     ];
 
     /// The name a config rule table keys on: `batch`, `length`, `vocab`, `embed`, `q_heads`,
-    /// `kv_heads`, `head_dim`, `mlp`.
+    /// `kv_heads`, `head_dim`, `mlp`, `cache_length`, `feature`.
     pub fn name(self) -> &'static str {
         match self {
             LogicalAxis::Batch => "batch",
@@ -75,6 +82,8 @@ impl LogicalAxis {
             LogicalAxis::KvHeads => "kv_heads",
             LogicalAxis::HeadDim => "head_dim",
             LogicalAxis::Mlp => "mlp",
+            LogicalAxis::CacheLength => "cache_length",
+            LogicalAxis::Feature => "feature",
         }
     }
 }
@@ -87,7 +96,7 @@ impl fmt::Display for LogicalAxis {
 
 /// A name that is not a [`LogicalAxis`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown logical axis {0:?} (known: batch, length, vocab, embed, q_heads, kv_heads, head_dim, mlp)")]
+#[error("unknown logical axis {0:?} (known: batch, length, vocab, embed, q_heads, kv_heads, head_dim, mlp, cache_length, feature)")]
 pub struct UnknownAxis(pub String);
 
 impl FromStr for LogicalAxis {

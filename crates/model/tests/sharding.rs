@@ -147,3 +147,22 @@ fn per_device_sizes_divide_the_total_as_the_specs_say() {
         .sum();
     assert_eq!(per(&mesh(1, 4, 1, 4)), (total - mixing) / 4 + mixing);
 }
+
+#[test]
+fn cache_buffers_carry_logical_axes_and_shard_by_batch_and_kv_heads() {
+    let m = Model::new(load_model("3b")).unwrap();
+    let layout = model::CacheLayout::new(&m, 8, 4096);
+    let mesh = mesh(2, 2, 2, 8);
+    let bufs = layout.buffers();
+    assert!(bufs.iter().any(|b| b.part == model::CachePart::RlaState));
+    for b in &bufs {
+        assert_eq!(b.axes.len(), b.shape.len(), "{}", b.name);
+        let spec = mesh.partition_spec(&b.name, &b.shape, &b.axes).unwrap();
+        // Batch over data × fsdp, kv heads over tensor; slots, φ features and H stay whole.
+        let want = match b.part {
+            model::CachePart::RlaState => "[(data, fsdp), tensor, -, -]",
+            _ => "[(data, fsdp), -, tensor, -]",
+        };
+        assert_eq!(spec.to_string(), want, "{}", b.name);
+    }
+}

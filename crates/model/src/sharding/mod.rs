@@ -210,7 +210,7 @@ pub struct AxisRules(BTreeMap<LogicalAxis, Vec<MeshAxis>>);
 
 impl Default for AxisRules {
     /// batch → [data, fsdp], length → [seq], vocab → [tensor], embed → [fsdp],
-    /// q_heads / kv_heads / mlp → [tensor], head_dim → [].
+    /// q_heads / kv_heads / mlp → [tensor], head_dim / cache_length / feature → [].
     fn default() -> Self {
         use LogicalAxis as L;
         use MeshAxis::{Data, Fsdp, Seq, Tensor};
@@ -220,7 +220,7 @@ impl Default for AxisRules {
                 L::Length => vec![Seq],
                 L::Vocab | L::QHeads | L::KvHeads | L::Mlp => vec![Tensor],
                 L::Embed => vec![Fsdp],
-                L::HeadDim => vec![],
+                L::HeadDim | L::CacheLength | L::Feature => vec![],
             };
             (a, m)
         });

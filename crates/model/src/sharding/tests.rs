@@ -27,7 +27,8 @@ fn defaults_are_one_device_and_maxtext_rules() {
     assert_eq!(
         r.to_string(),
         "batch → [data, fsdp], length → [seq], vocab → [tensor], embed → [fsdp], \
-         q_heads → [tensor], kv_heads → [tensor], head_dim → [], mlp → [tensor]"
+         q_heads → [tensor], kv_heads → [tensor], head_dim → [], mlp → [tensor], \
+         cache_length → [], feature → []"
     );
 }
 
