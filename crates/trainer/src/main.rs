@@ -9,6 +9,7 @@ mod data;
 mod dump;
 mod generate;
 mod inspect;
+mod mfu;
 mod plot;
 mod runtime;
 mod step;
@@ -92,12 +93,25 @@ enum Cmd {
     /// Generate tokens from a checkpoint: prefill the prompt, then decode with on-device caches
     /// (greedy, or temperature + top-k sampling); prints the tokens and tokens/s.
     Generate(generate::GenerateArgs),
+    /// Measurements of this machine (`rattn bench peak`: the f32 matmul peak MFU is reported
+    /// against).
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
     /// Show the plugin, its API version, platform and devices.
     Doctor {
         /// PJRT plugin: cpu (default), cuda, tpu, or a path.
         #[arg(long)]
         plugin: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Measure (once; cached) the f32 matmul FLOP/s XLA reaches here on a large `dot`, all
+    /// threads: the peak `rattn train` reports MFU against.
+    Peak(mfu::PeakArgs),
 }
 
 #[derive(Subcommand)]
@@ -133,6 +147,24 @@ fn run(cli: Cli) -> Result<()> {
             let report = train::train(&cfg, common.plugin.as_deref(), &out, resume, quiet)?;
             if let Some(last) = report.losses.last() {
                 println!("final loss {last:.4} after {} steps", report.losses.len());
+            }
+            if let Some(u) = report.utilization {
+                println!(
+                    "model FLOPs/token {:.4e}, {:.0} tokens/s, achieved {}",
+                    u.flops_per_token,
+                    u.tokens_per_s,
+                    mfu::format_flops(u.flops_per_s)
+                );
+                match u.mfu {
+                    Some(m) => println!(
+                        "MFU {:.1} % of the measured peak {}",
+                        100.0 * m,
+                        mfu::format_flops(u.flops_per_s / m)
+                    ),
+                    None => {
+                        println!("MFU: run `rattn bench peak` once to measure this machine's peak")
+                    }
+                }
             }
             if let Some(p) = report.last_checkpoint {
                 println!("checkpoint: {}", p.display());
@@ -187,6 +219,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Compile(args) => compile::run(&args),
         Cmd::Dump(args) => dump::run(&args),
         Cmd::Plot(args) => plot::run(&args),
+        Cmd::Bench {
+            cmd: BenchCmd::Peak(args),
+        } => mfu::run_peak(&args),
         Cmd::Generate(args) => generate::run(&args),
         Cmd::Doctor { plugin } => {
             let p = runtime::load_plugin(plugin.as_deref())?;

@@ -20,12 +20,25 @@ pub fn prepare_environment() -> Result<()> {
     Ok(())
 }
 
+/// The rattention cache root: `$RATTN_CACHE` if set, else the directory above the default plugin
+/// cache (`$XDG_CACHE_HOME/rattention` or `~/.cache/rattention`). Plugins live in its `plugins`
+/// folder, the measured matmul peak in `peak.json`.
+pub fn cache_root() -> PathBuf {
+    match std::env::var_os("RATTN_CACHE").filter(|v| !v.is_empty()) {
+        Some(root) => PathBuf::from(root),
+        None => {
+            let plugins = PluginCache::default_dir();
+            plugins.parent().map(Path::to_path_buf).unwrap_or(plugins)
+        }
+    }
+}
+
 /// The plugin cache: `$RATTN_CACHE/plugins` if `RATTN_CACHE` is set, else the default
 /// (`$XDG_CACHE_HOME/rattention/plugins` or `~/.cache/rattention/plugins`); downloads with
 /// `$RATTN_PIP` first when set.
 pub fn plugin_cache() -> PluginCache {
     let mut cache = match std::env::var_os("RATTN_CACHE").filter(|v| !v.is_empty()) {
-        Some(root) => PluginCache::new(PathBuf::from(root).join("plugins")),
+        Some(_) => PluginCache::new(cache_root().join("plugins")),
         None => PluginCache::default(),
     };
     if let Some(pip) = std::env::var_os("RATTN_PIP").filter(|v| !v.is_empty()) {

@@ -3,6 +3,7 @@
 use crate::checkpoint::{self, Checkpoint, NamedTensor};
 use crate::config::RunConfig;
 use crate::data::{synthetic_sequence, Source};
+use crate::mfu::{self, Utilization};
 use crate::runtime::{self, upload_f32};
 use crate::step::{self, StateGroup, StepIo};
 use anyhow::{bail, Context, Result};
@@ -19,6 +20,9 @@ pub struct TrainReport {
     pub losses: Vec<f32>,
     /// Path of the last checkpoint written.
     pub last_checkpoint: Option<PathBuf>,
+    /// Tokens/s over the steps of this invocation (checkpoint writes excluded), model FLOP/s and
+    /// MFU against the cached peak; `None` when no step ran.
+    pub utilization: Option<Utilization>,
 }
 
 /// The `[model]` table as TOML, stored in checkpoints and compared on resume.
@@ -148,6 +152,10 @@ pub fn train(
         .append(true)
         .open(out.join("metrics.jsonl"))?;
     let tokens_per_step = (cfg.train.batch * cfg.model.seq_len) as f64;
+    // Model FLOPs per token from the model's own count, and the peak only if already measured.
+    let flops_per_token = model.cost(cfg.model.seq_len).flops_per_token.total();
+    let peak = mfu::cached_peak(&client.platform_name()?).map(|p| p.flops_per_s);
+    let mut step_time = 0.0f64;
     let mut losses = Vec::new();
     let mut last_ckpt = checkpoint::latest(out)?;
     let run_start = Instant::now();
@@ -172,6 +180,7 @@ pub fn train(
         checkpoint::save(out, &ck, cfg.train.keep_checkpoints)
     };
     while start < total {
+        let step_start = Instant::now();
         let toks = batch_tokens(&src, cfg, position);
         let tok_buf = client.buffer_from_host(
             &toks,
@@ -212,10 +221,15 @@ pub fn train(
         bar.set_position(start);
         bar.set_message(format!("loss {loss:.4}  {tps:.0} tok/s"));
         if start % cfg.train.log_every.max(1) as u64 == 0 || start == total {
-            let line = serde_json::json!({
+            let u = Utilization::new(flops_per_token, tps, peak);
+            let mut line = serde_json::json!({
                 "step": start, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps,
+                "model_flops_per_s": u.flops_per_s,
                 "wall_s": run_start.elapsed().as_secs_f64(), "compile_s": compile_s,
             });
+            if let Some(m) = u.mfu {
+                line["mfu"] = m.into();
+            }
             writeln!(metrics, "{line}")?;
             if quiet {
                 eprintln!("step {start}/{total} loss {loss:.4} lr {lr:.2e} grad_norm {gnorm:.3} {tps:.0} tok/s");
@@ -223,15 +237,21 @@ pub fn train(
             window_start = Instant::now();
             window_steps = 0;
         }
+        step_time += step_start.elapsed().as_secs_f64();
         let every = cfg.train.checkpoint_every as u64;
         if (every > 0 && start % every == 0) || start == total {
             last_ckpt = Some(save(&state, start, position)?);
         }
     }
     bar.finish();
+    let utilization = (!losses.is_empty()).then(|| {
+        let tps = tokens_per_step * losses.len() as f64 / step_time.max(1e-9);
+        Utilization::new(flops_per_token, tps, peak)
+    });
     Ok(TrainReport {
         losses,
         last_checkpoint: last_ckpt,
+        utilization,
     })
 }
 
