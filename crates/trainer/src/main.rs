@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bench_rla;
 mod checkpoint;
 mod compile;
 mod config;
@@ -94,7 +95,7 @@ enum Cmd {
     /// (greedy, or temperature + top-k sampling); prints the tokens and tokens/s.
     Generate(generate::GenerateArgs),
     /// Measurements of this machine (`rattn bench peak`: the f32 matmul peak MFU is reported
-    /// against).
+    /// against; `rattn bench rla`: the RLA blocks per lowering, timed and checked).
     Bench {
         #[command(subcommand)]
         cmd: BenchCmd,
@@ -112,6 +113,9 @@ enum BenchCmd {
     /// Measure (once; cached) the f32 matmul FLOP/s XLA reaches here on a large `dot`, all
     /// threads: the peak `rattn train` reports MFU against.
     Peak(mfu::PeakArgs),
+    /// Time the RLA blocks (forward, forward+backward) for each lowering on one device of the
+    /// plugin, and check their outputs against our CPU kernels run on the host.
+    Rla(bench_rla::RlaArgs),
 }
 
 #[derive(Subcommand)]
@@ -222,6 +226,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench {
             cmd: BenchCmd::Peak(args),
         } => mfu::run_peak(&args),
+        Cmd::Bench {
+            cmd: BenchCmd::Rla(args),
+        } => bench_rla::run(&args),
         Cmd::Generate(args) => generate::run(&args),
         Cmd::Doctor { plugin } => {
             let p = runtime::load_plugin(plugin.as_deref())?;

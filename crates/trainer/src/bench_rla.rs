@@ -1,0 +1,401 @@
+//! `rattn bench rla`: the RLA blocks on one PJRT device, every lowering side by side, timed and
+//! checked against our CPU kernels run directly on host slices.
+//!
+//! For each lowering the forward graph `(q, k, v) -> (o, chunk_states, final_state)` and the
+//! forward+backward graph `(q, k, v, d_o) -> (o, dq, dk, dv)` (built the way a model does it:
+//! `o = rla(q, k, v)`, then `grad(sum(o ⊙ d_o))`, so the backward block comes in through the custom
+//! VJP) are compiled and run on the plugin's first device. Inputs stay on the device; after a
+//! warm-up, `--reps` calls are timed back to back and closed by a read of a small output, so the
+//! mean covers the device's work on platforms that run asynchronously. Each lowering's outputs are
+//! compared with [`pallas_port::kernel::rla_fwd`] / [`pallas_port::kernel::rla_bwd`] (run here on the
+//! host, not through any plugin): the error printed is `max |x − ref| / max |ref|` per array.
+
+use crate::runtime;
+use anyhow::{bail, Context, Result};
+use hlo_builder::{Builder, ElementType, Op, Shape};
+use pallas_port::graph::rla_fwd_block;
+use pallas_port::{kernel, rla, FeatureMap, Lowering, RlaConfig, RlaDims};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Arguments of `rattn bench rla`.
+#[derive(clap::Args, Clone)]
+pub struct RlaArgs {
+    /// PJRT plugin: cpu (default), cuda, tpu, or a path to a plugin .so.
+    #[arg(long)]
+    pub plugin: Option<String>,
+    /// Lowerings to run, comma-separated (custom_call, hlo, ...); default: the platform's choice
+    /// (`auto` resolved for it) and `hlo`.
+    #[arg(long, value_delimiter = ',')]
+    pub lowering: Vec<String>,
+    /// Batch B.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Sequence length T.
+    #[arg(long, default_value_t = 4096)]
+    pub seq: usize,
+    /// Query heads N.
+    #[arg(long, default_value_t = 8)]
+    pub heads: usize,
+    /// KV heads G.
+    #[arg(long, default_value_t = 2)]
+    pub kv_heads: usize,
+    /// Head dim H.
+    #[arg(long, default_value_t = 128)]
+    pub head_dim: usize,
+    /// Sliding window W.
+    #[arg(long, default_value_t = 512)]
+    pub window: usize,
+    /// Chunk (one saved state per chunk).
+    #[arg(long, default_value_t = 512)]
+    pub chunk: usize,
+    /// Sub-chunk.
+    #[arg(long, default_value_t = RlaConfig::default().sub_chunk)]
+    pub sub_chunk: usize,
+    /// Feature map: softmax or relu.
+    #[arg(long, default_value = "softmax")]
+    pub feature_map: String,
+    /// Timed calls per graph (after two warm-up calls).
+    #[arg(long, default_value_t = 10)]
+    pub reps: usize,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// One lowering's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct RlaBenchRow {
+    /// The lowering (`custom_call`, `hlo`, ...).
+    pub lowering: String,
+    /// Mean milliseconds per forward call.
+    pub fwd_ms: f64,
+    /// Mean milliseconds per forward+backward call.
+    pub fwd_bwd_ms: f64,
+    /// Seconds to compile the forward and the forward+backward graphs.
+    pub compile_s: f64,
+    /// `max |x − ref| / max |ref|` of o, chunk_states, final_state (forward graph).
+    pub fwd_err: [f64; 3],
+    /// The same for o, dq, dk, dv (forward+backward graph).
+    pub fwd_bwd_err: [f64; 4],
+}
+
+/// The whole `rattn bench rla` report.
+#[derive(Debug, Clone, Serialize)]
+pub struct RlaBenchReport {
+    /// PJRT platform name.
+    pub platform: String,
+    /// Device kind of the first device.
+    pub device: String,
+    /// Dims.
+    pub dims: RlaDims,
+    /// Config.
+    pub config: RlaConfig,
+    /// Timed calls per graph.
+    pub reps: usize,
+    /// Host milliseconds of `kernel::rla_fwd` and of `rla_fwd` + `rla_bwd` (the reference run).
+    pub host_kernel_ms: [f64; 2],
+    /// One row per lowering.
+    pub rows: Vec<RlaBenchRow>,
+}
+
+/// `n` deterministic values in `[-1, 1)` (xorshift64 from `seed`).
+fn inputs(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// `max |x − r| / max |r|` (0 when both are all zero; infinite on a length mismatch or NaN).
+fn rel_err(x: &[f32], r: &[f32]) -> f64 {
+    if x.len() != r.len() {
+        return f64::INFINITY;
+    }
+    let scale = r.iter().fold(0f64, |m, v| m.max(f64::from(v.abs())));
+    let mut diff = 0f64;
+    for (a, b) in x.iter().zip(r) {
+        let d = f64::from(a - b).abs();
+        if d.is_nan() {
+            return f64::INFINITY;
+        }
+        diff = diff.max(d);
+    }
+    if scale == 0.0 {
+        diff
+    } else {
+        diff / scale
+    }
+}
+
+fn param(b: &Builder, dims: &[usize], name: &str) -> Result<Op> {
+    let d: Vec<i64> = dims.iter().map(|&x| x as i64).collect();
+    Ok(b.parameter(Shape::array(ElementType::F32, &d), name)?)
+}
+
+fn fwd_graph(cfg: &RlaConfig, d: &RlaDims, lowering: Lowering) -> Result<hlo_builder::Computation> {
+    let b = Builder::new("rla_fwd_bench");
+    let q = param(&b, &d.q_shape(), "q")?;
+    let k = param(&b, &d.kv_shape(), "k")?;
+    let v = param(&b, &d.kv_shape(), "v")?;
+    let root = rla_fwd_block(&b, q, k, v, cfg, lowering)?;
+    Ok(b.build(root)?)
+}
+
+fn fwd_bwd_graph(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    lowering: Lowering,
+) -> Result<hlo_builder::Computation> {
+    let b = Builder::new("rla_fwd_bwd_bench");
+    let q = param(&b, &d.q_shape(), "q")?;
+    let k = param(&b, &d.kv_shape(), "k")?;
+    let v = param(&b, &d.kv_shape(), "v")?;
+    let d_o = param(&b, &d.q_shape(), "d_o")?;
+    let o = rla(&b, q, k, v, cfg, lowering)?;
+    let loss = b.reduce_sum(b.mul(o, d_o)?, &[0, 1, 2, 3])?;
+    let g = b.grad(loss, &[q, k, v])?;
+    Ok(b.build(b.tuple(&[o, g[0], g[1], g[2]])?)?)
+}
+
+/// Runs `exe` twice to warm up, then `reps` times back to back, closing with a host read of output
+/// `sync`; returns the outputs of the last call and the mean seconds per call.
+fn time(
+    exe: &pjrt::LoadedExecutable,
+    args: &[&pjrt::Buffer],
+    reps: usize,
+    sync: usize,
+) -> Result<(Vec<pjrt::Buffer>, f64)> {
+    for _ in 0..2 {
+        let out = exe.execute(args)?;
+        drop(out[sync].to_host::<f32>()?);
+    }
+    let t0 = Instant::now();
+    let mut last = Vec::new();
+    for _ in 0..reps {
+        last = exe.execute(args)?;
+    }
+    drop(last[sync].to_host::<f32>()?);
+    Ok((last, t0.elapsed().as_secs_f64() / reps as f64))
+}
+
+fn parse_lowering(s: &str) -> Result<Lowering> {
+    serde_json::from_value(serde_json::Value::String(s.trim().to_string())).map_err(|_| {
+        anyhow::anyhow!(
+            "--lowering: unknown lowering {s:?}; use {} (comma-separated)",
+            [Lowering::CustomCall, Lowering::Hlo, Lowering::Auto]
+                .map(|l| l.as_str())
+                .join(", ")
+        )
+    })
+}
+
+/// `rattn bench rla`.
+pub fn run(args: &RlaArgs) -> Result<()> {
+    let d = RlaDims {
+        batch: args.batch,
+        seq: args.seq,
+        heads: args.heads,
+        kv_heads: args.kv_heads,
+        head_dim: args.head_dim,
+    };
+    let feature_map: FeatureMap = args
+        .feature_map
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--feature-map: {e}"))?;
+    let cfg = RlaConfig {
+        window: args.window,
+        sub_chunk: args.sub_chunk,
+        chunk: args.chunk,
+        feature_map,
+    };
+    d.validate().context("rattn bench rla: bad shape flags")?;
+    cfg.validate()
+        .context("rattn bench rla: bad config flags")?;
+    if args.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    let client = runtime::open_client(args.plugin.as_deref())?;
+    let platform = client.platform_name()?;
+    let device = client
+        .devices()?
+        .first()
+        .map(|dev| dev.kind().to_string())
+        .unwrap_or_default();
+    let mut lowerings: Vec<Lowering> = Vec::new();
+    let wanted: Vec<Lowering> = if args.lowering.is_empty() {
+        vec![Lowering::Auto, Lowering::Hlo]
+    } else {
+        args.lowering
+            .iter()
+            .map(|s| parse_lowering(s))
+            .collect::<Result<_>>()?
+    };
+    for l in wanted {
+        let l = l.for_platform(&platform);
+        if !lowerings.contains(&l) {
+            lowerings.push(l);
+        }
+    }
+
+    let (q, k, v, d_o) = (
+        inputs(d.q_len(), 1),
+        inputs(d.kv_len(), 2),
+        inputs(d.kv_len(), 3),
+        inputs(d.q_len(), 4),
+    );
+    // The reference: our CPU kernels on host slices.
+    let mut o = vec![0.0; d.q_len()];
+    let mut cs = vec![0.0; d.chunk_states_len(&cfg)];
+    let mut fs = vec![0.0; d.final_state_len()];
+    let t0 = Instant::now();
+    kernel::rla_fwd(&cfg, &d, &q, &k, &v, &mut o, &mut cs, &mut fs)?;
+    let host_fwd = t0.elapsed().as_secs_f64();
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0; d.q_len()],
+        vec![0.0; d.kv_len()],
+        vec![0.0; d.kv_len()],
+    );
+    let t0 = Instant::now();
+    kernel::rla_bwd(&cfg, &d, &q, &k, &v, &cs, &d_o, &mut dq, &mut dk, &mut dv)?;
+    let host_bwd = t0.elapsed().as_secs_f64();
+
+    let up = |x: &[f32], s: &[usize]| runtime::upload_f32(&client, x, s);
+    let (bq, bk, bv, bdo) = (
+        up(&q, &d.q_shape())?,
+        up(&k, &d.kv_shape())?,
+        up(&v, &d.kv_shape())?,
+        up(&d_o, &d.q_shape())?,
+    );
+    let mut rows = Vec::new();
+    for &lowering in &lowerings {
+        let what = format!("lowering {lowering} on {platform}");
+        let c0 = Instant::now();
+        let fwd = runtime::compile(&client, &fwd_graph(&cfg, &d, lowering)?)
+            .with_context(|| what.clone())?;
+        let fb = runtime::compile(&client, &fwd_bwd_graph(&cfg, &d, lowering)?)
+            .with_context(|| what.clone())?;
+        let compile_s = c0.elapsed().as_secs_f64();
+        let (out, fwd_s) = time(&fwd, &[&bq, &bk, &bv], args.reps, 2)?;
+        let host = |i: usize| -> Result<Vec<f32>> { Ok(out[i].to_host::<f32>()?) };
+        let fwd_err = [
+            rel_err(&host(0)?, &o),
+            rel_err(&host(1)?, &cs),
+            rel_err(&host(2)?, &fs),
+        ];
+        let (out, fb_s) = time(&fb, &[&bq, &bk, &bv, &bdo], args.reps, 0)?;
+        let host = |i: usize| -> Result<Vec<f32>> { Ok(out[i].to_host::<f32>()?) };
+        let fwd_bwd_err = [
+            rel_err(&host(0)?, &o),
+            rel_err(&host(1)?, &dq),
+            rel_err(&host(2)?, &dk),
+            rel_err(&host(3)?, &dv),
+        ];
+        rows.push(RlaBenchRow {
+            lowering: lowering.as_str().to_string(),
+            fwd_ms: fwd_s * 1e3,
+            fwd_bwd_ms: fb_s * 1e3,
+            compile_s,
+            fwd_err,
+            fwd_bwd_err,
+        });
+    }
+    let report = RlaBenchReport {
+        platform,
+        device,
+        dims: d,
+        config: cfg,
+        reps: args.reps,
+        host_kernel_ms: [host_fwd * 1e3, (host_fwd + host_bwd) * 1e3],
+        rows,
+    };
+    print_report(&report);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn print_report(r: &RlaBenchReport) {
+    let d = &r.dims;
+    println!(
+        "RLA blocks on {} ({}): B{} T{} N{} G{} H{} W{} chunk {} sub-chunk {} {}; mean of {} calls",
+        r.platform,
+        r.device,
+        d.batch,
+        d.seq,
+        d.heads,
+        d.kv_heads,
+        d.head_dim,
+        r.config.window,
+        r.config.chunk,
+        r.config.sub_chunk,
+        r.config.feature_map,
+        r.reps
+    );
+    println!(
+        "reference: CPU kernels on the host, {:.1} ms fwd, {:.1} ms fwd+bwd (one call, {} threads)",
+        r.host_kernel_ms[0],
+        r.host_kernel_ms[1],
+        std::thread::available_parallelism().map_or(1, |t| t.get())
+    );
+    println!(
+        "{:<12} {:>10} {:>12} {:>10}  {:<30} {:<38}",
+        "lowering",
+        "fwd ms",
+        "fwd+bwd ms",
+        "compile s",
+        "err fwd (o, states, final)",
+        "err fwd+bwd (o, dq, dk, dv)"
+    );
+    for row in &r.rows {
+        let e = |x: &[f64]| {
+            x.iter()
+                .map(|v| format!("{v:.1e}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!(
+            "{:<12} {:>10.2} {:>12.2} {:>10.1}  {:<30} {:<38}",
+            row.lowering,
+            row.fwd_ms,
+            row.fwd_bwd_ms,
+            row.compile_s,
+            e(&row.fwd_err),
+            e(&row.fwd_bwd_err)
+        );
+    }
+    if let Some(base) = r.rows.iter().find(|x| x.lowering == "hlo") {
+        for row in r.rows.iter().filter(|x| x.lowering != "hlo") {
+            println!(
+                "{} vs hlo: {:.2}x fwd, {:.2}x fwd+bwd (hlo time / its time)",
+                row.lowering,
+                base.fwd_ms / row.fwd_ms,
+                base.fwd_bwd_ms / row.fwd_bwd_ms
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_error_is_scaled_by_the_reference_and_catches_nan_and_length() {
+        assert_eq!(rel_err(&[1.0, 2.0], &[1.0, 4.0]), 0.5);
+        assert_eq!(rel_err(&[0.0], &[0.0]), 0.0);
+        assert!(rel_err(&[f32::NAN], &[1.0]).is_infinite());
+        assert!(rel_err(&[1.0], &[1.0, 2.0]).is_infinite());
+        let x = inputs(1000, 7);
+        assert!(x.iter().all(|v| (-1.0..1.0).contains(v)));
+        assert!(x.iter().any(|v| *v < -0.5) && x.iter().any(|v| *v > 0.5));
+    }
+}
