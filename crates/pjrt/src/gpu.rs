@@ -85,8 +85,24 @@ pub fn set_environment() -> Result<()> {
     set_unset_env(&environment(), "pjrt::gpu::set_environment")
 }
 
-/// Parses a GPU topology shape `"<partitions>x<hosts per partition>x<devices per host>"`.
-fn parse_gpu_shape(shape: &str) -> Result<[u32; 3]> {
+/// The built-in spec text of [`GPU_SPECS`] named `gpu` (case-insensitive); an error listing the
+/// built-in names otherwise. Needs no plugin.
+pub fn builtin_spec(gpu: &str) -> Result<&'static str> {
+    GPU_SPECS
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(gpu))
+        .map(|(_, s)| *s)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "unknown GPU {gpu:?}; built-in specs: {} (or pass a GpuTargetConfigProto file to Topology::gpu)",
+                GPU_SPECS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            ))
+        })
+}
+
+/// Parses a GPU topology shape `"<partitions>x<hosts per partition>x<devices per host>"`
+/// (positive integers); needs no plugin, so callers can check a target before loading one.
+pub fn parse_gpu_shape(shape: &str) -> Result<[u32; 3]> {
     let parts: Vec<&str> = shape.split('x').collect();
     let parsed: Vec<u32> = parts
         .iter()
@@ -135,17 +151,7 @@ impl Topology {
 
     /// [`Topology::gpu`] for a built-in spec by name: one of [`GPU_SPECS`] (`"h100"`, `"a100"`).
     pub fn gpu_named(plugin: &Plugin, gpu: &str, topology: &str) -> Result<Topology> {
-        let spec = GPU_SPECS
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(gpu))
-            .map(|(_, s)| *s)
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "unknown GPU {gpu:?}; built-in specs: {} (or pass a GpuTargetConfigProto file to Topology::gpu)",
-                    GPU_SPECS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-                ))
-            })?;
-        Self::gpu_from_spec(plugin, spec, topology)
+        Self::gpu_from_spec(plugin, builtin_spec(gpu)?, topology)
     }
 
     /// [`Topology::gpu`] from the spec text itself.

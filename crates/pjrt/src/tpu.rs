@@ -138,7 +138,8 @@ fn known_names() -> String {
 }
 
 /// Checks `<generation>[:=_]<A>x<B>[x<C>][_twisted|_untwisted]` against [`TPU_GENERATIONS`].
-fn check_tpu_name(name: &str) -> Result<()> {
+/// Needs no plugin, so callers can check a target before loading libtpu.
+pub fn check_tpu_name(name: &str) -> Result<()> {
     let bad = |why: String| {
         Error::InvalidArgument(format!(
             "TPU topology {name:?}: {why}; {}. GCP accelerator types (v5litepod-4, v6e-8, v7x) \

@@ -74,12 +74,22 @@ impl Target {
         let usage = "expected tpu:<topology> (e.g. tpu:v5p:2x2x1, tpu:v5e:2x2, tpu:v6e:1x1) or \
                      gpu:<name>[:<shape>] (e.g. gpu:h100, gpu:a100, gpu:h100:1x1x8)";
         match s.split_once(':') {
-            Some(("tpu", rest)) if !rest.is_empty() => Ok(Target::Tpu(rest.to_string())),
+            Some(("tpu", rest)) if !rest.is_empty() => {
+                // The name is checked here, before any plugin is looked for, so a bad generation
+                // is named as such even where libtpu is not installed.
+                pjrt::tpu::check_tpu_name(rest)
+                    .map_err(|e| anyhow::anyhow!("--target {s:?}: {e}"))?;
+                Ok(Target::Tpu(rest.to_string()))
+            }
             Some(("gpu", rest)) if !rest.is_empty() => {
                 let (name, shape) = rest.split_once(':').unwrap_or((rest, "1x1x1"));
                 if name.is_empty() || shape.is_empty() {
                     bail!("--target {s:?}: {usage}");
                 }
+                pjrt::gpu::builtin_spec(name)
+                    .map_err(|e| anyhow::anyhow!("--target {s:?}: {e}"))?;
+                pjrt::gpu::parse_gpu_shape(shape)
+                    .map_err(|e| anyhow::anyhow!("--target {s:?}: {e}"))?;
                 Ok(Target::Gpu {
                     name: name.to_string(),
                     shape: shape.to_string(),
@@ -107,7 +117,8 @@ pub struct CostReport {
     pub bytes_accessed: Option<f64>,
     /// Transcendental operations.
     pub transcendentals: Option<f64>,
-    /// XLA's lower bound on the step time, in seconds.
+    /// XLA's lower bound on the step time, in seconds (`None` where the plugin gave none or a
+    /// negative value).
     pub optimal_seconds: Option<f64>,
     /// `batch · tokens per sequence / optimal_seconds`.
     pub tokens_per_second: Option<f64>,
@@ -397,7 +408,8 @@ fn compile_program(
     }
     if topo.kind() == TopologyKind::Tpu {
         let c = exe.cost_analysis()?;
-        let opt = c.optimal_seconds();
+        // libtpu's cost model can return a negative bound (v5e:8x8 gave -19.0): no estimate.
+        let opt = c.optimal_seconds().filter(|&s| s >= 0.0);
         p.cost = Some(CostReport {
             flops: c.flops(),
             bytes_accessed: c.bytes_accessed(),
@@ -462,11 +474,15 @@ fn print_program(p: &ProgramReport, limit: i64) {
     println!("  {}", p.verdict);
     if let Some(c) = &p.cost {
         println!(
-            "  cost: {} FLOPs, {} bytes accessed, optimal {} s, {} tokens/s",
+            "  cost: {} FLOPs, {} bytes accessed, optimal {}, {}",
             units::scientific(c.flops),
             units::scientific(c.bytes_accessed),
-            units::fixed(c.optimal_seconds, 4),
-            units::fixed(c.tokens_per_second, 0)
+            c.optimal_seconds
+                .map_or("time: no estimate".into(), |s| format!("{s:.4} s")),
+            c.tokens_per_second
+                .map_or("no tokens/s estimate".into(), |t| format!(
+                    "{t:.0} tokens/s"
+                ))
         );
     }
     if let Some(path) = &p.optimized_hlo {
@@ -502,6 +518,19 @@ mod tests {
             let e = Target::parse(bad).unwrap_err().to_string();
             assert!(e.contains("tpu:<topology>"), "{bad:?}: {e}");
         }
+        // Names are checked without any plugin: the bad part is named.
+        let e = Target::parse("tpu:v9:2x2").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown TPU generation \"v9\"") && e.contains("v5p"),
+            "{e}"
+        );
+        let e = Target::parse("gpu:h200").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown GPU \"h200\"") && e.contains("h100, a100"),
+            "{e}"
+        );
+        let e = Target::parse("gpu:h100:1x8").unwrap_err().to_string();
+        assert!(e.contains("GPU topology shape \"1x8\""), "{e}");
     }
 
     /// A child that dies the way a plugin CHECK failure kills the compile child.

@@ -127,6 +127,13 @@ enum PluginCmd {
     },
     /// List installed plugins and their PJRT API versions.
     List,
+    /// Load one plugin and print its PJRT API version (`plugin list` runs this in a child
+    /// process, so what plugins log while they load stays out of the list).
+    #[command(hide = true)]
+    Probe {
+        /// Plugin library.
+        path: PathBuf,
+    },
 }
 
 fn main() {
@@ -135,6 +142,32 @@ fn main() {
     if let Err(e) = runtime::prepare_environment().and_then(|()| run(Cli::parse())) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// `PJRT API x.y` of the plugin at `path`, loaded in a child `rattn plugin probe` whose stderr
+/// (plugins log while they load, some before their logging is configured) is kept out of the
+/// list; `cannot load: …` with the child's last error line when it fails or crashes.
+fn probe_plugin(path: &std::path::Path) -> String {
+    let out = std::env::current_exe().and_then(|exe| {
+        std::process::Command::new(exe)
+            .args(["plugin", "probe"])
+            .arg(path)
+            .output()
+    });
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            let last = err
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("error:"))
+                .or_else(|| err.lines().last())
+                .unwrap_or("no output");
+            format!("cannot load ({}): {last}", o.status)
+        }
+        Err(e) => format!("cannot load: cannot start a child rattn: {e}"),
     }
 }
 
@@ -212,12 +245,20 @@ fn run(cli: Cli) -> Result<()> {
                 println!("no plugins installed (rattn plugin install cpu)");
             }
             for (kind, path) in list {
-                let api = match pjrt::Plugin::load(&path) {
-                    Ok(p) => format!("PJRT API {}.{}", p.api_version().0, p.api_version().1),
-                    Err(e) => format!("cannot load: {e}"),
-                };
-                println!("{:<5} {api}  {}", kind.name(), path.display());
+                println!(
+                    "{:<5} {}  {}",
+                    kind.name(),
+                    probe_plugin(&path),
+                    path.display()
+                );
             }
+            Ok(())
+        }
+        Cmd::Plugin {
+            cmd: PluginCmd::Probe { path },
+        } => {
+            let p = pjrt::Plugin::load(&path)?;
+            println!("PJRT API {}.{}", p.api_version().0, p.api_version().1);
             Ok(())
         }
         Cmd::Compile(args) => compile::run(&args),

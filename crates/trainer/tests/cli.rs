@@ -209,3 +209,17 @@ fn doctor_reports_the_cpu_plugin() {
     assert!(text.contains("platform: cpu"), "{text}");
     assert!(text.contains("device 3"), "{text}");
 }
+
+#[test]
+fn plugin_list_keeps_what_plugins_log_while_loading_out_of_its_output() {
+    // The CUDA plugin prints absl warnings to stderr when it is loaded (before its logging is
+    // configured); `plugin list` loads each plugin in a child process and drops those lines.
+    let out = rattn(&["plugin", "list"]);
+    let text = ok(&out);
+    assert!(text.contains("plugin cache:"), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.trim().is_empty(), "stderr of plugin list: {err}");
+    for line in text.lines().skip(1) {
+        assert!(line.contains("PJRT API 0.1"), "{line}");
+    }
+}

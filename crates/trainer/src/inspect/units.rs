@@ -47,11 +47,6 @@ pub fn scientific(v: Option<f64>) -> String {
     v.map_or_else(|| "n/a".into(), |x| format!("{x:.4e}"))
 }
 
-/// A number a plugin may not report, with `decimals` decimals, or `n/a`.
-pub fn fixed(v: Option<f64>, decimals: usize) -> String {
-    v.map_or_else(|| "n/a".into(), |x| format!("{x:.decimals$}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,8 +70,5 @@ mod tests {
         assert_eq!(si(2.5e13, "FLOP"), "25.000 TFLOP");
         assert_eq!(scientific(Some(86_600_000_000_000.0)), "8.6600e13");
         assert_eq!(scientific(None), "n/a");
-        assert_eq!(fixed(Some(0.52149), 4), "0.5215");
-        assert_eq!(fixed(Some(7860.4), 0), "7860");
-        assert_eq!(fixed(None, 0), "n/a");
     }
 }
