@@ -19,6 +19,7 @@ pub mod ffi;
 pub mod graph;
 pub mod hlo;
 pub mod kernel;
+pub mod lang;
 pub mod reference;
 
 pub use config::{FeatureMap, RlaConfig, RlaDims, RlaError};
