@@ -478,7 +478,7 @@ fn binary(op: BinOp, a: &Val, b: &Val) -> Val {
     }
 }
 
-fn cmp(op: CmpOp, a: i64, b: i64) -> bool {
+fn cmp<T: PartialOrd>(op: CmpOp, a: T, b: T) -> bool {
     match op {
         CmpOp::Lt => a < b,
         CmpOp::Le => a <= b,
@@ -493,6 +493,10 @@ fn compare(op: CmpOp, a: &Val, b: &Val) -> Val {
     match (a, b) {
         (Val::Int(x), Val::Int(y)) => Val::Bool(cmp(op, *x, *y)),
         (Val::I(s, x), Val::I(_, y)) => Val::B(
+            s.clone(),
+            x.iter().zip(y).map(|(&x, &y)| cmp(op, x, y)).collect(),
+        ),
+        (Val::F(s, x), Val::F(_, y)) => Val::B(
             s.clone(),
             x.iter().zip(y).map(|(&x, &y)| cmp(op, x, y)).collect(),
         ),

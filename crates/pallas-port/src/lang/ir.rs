@@ -266,7 +266,7 @@ pub enum UnOp {
     Neg,
 }
 
-/// Integer comparisons (scalars or tiles) giving predicates.
+/// Comparisons of i32 (scalars or tiles) or f32 tiles, giving predicates (ordered for floats).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CmpOp {
     /// a < b.
@@ -348,7 +348,7 @@ pub enum Op {
         /// The operand.
         x: Value,
     },
-    /// Integer comparison.
+    /// Comparison (i32 or f32).
     Compare {
         /// The predicate.
         op: CmpOp,
@@ -542,8 +542,10 @@ pub fn unary_rule(x: &Type) -> Result<Type, String> {
 
 /// Result type of a comparison.
 pub fn compare_rule(a: &Type, b: &Type) -> Result<Type, String> {
-    if a != b || a.dtype() != DType::I32 {
-        return Err(format!("operands must be one i32 type, got {a} and {b}"));
+    if a != b || a.dtype() == DType::Bool {
+        return Err(format!(
+            "operands must be one i32 or f32 type, got {a} and {b}"
+        ));
     }
     Ok(match a {
         Type::Scalar(_) => Type::Scalar(DType::Bool),
@@ -822,6 +824,11 @@ impl KernelBuilder {
         Ok(self.kernel.types[i].clone())
     }
 
+    /// The type of a value built so far (an error for a value out of scope).
+    pub fn type_of(&self, v: Value) -> LangResult<Type> {
+        self.ty("type_of", v)
+    }
+
     fn new_value(&mut self, t: Type) -> Value {
         self.kernel.types.push(t);
         self.scope_of.push(*self.scopes.last().unwrap_or(&0));
@@ -959,7 +966,7 @@ impl KernelBuilder {
         self.unary(UnOp::Neg, x)
     }
 
-    /// Integer comparison.
+    /// Comparison (i32 or f32).
     pub fn cmp(&mut self, op: CmpOp, a: Value, b: Value) -> LangResult<Value> {
         let (ta, tb) = (self.ty("compare", a)?, self.ty("compare", b)?);
         let t = self.rule("compare", compare_rule(&ta, &tb))?;
