@@ -302,6 +302,9 @@ pub enum Precision {
     Ieee,
     /// TF32 products (10-bit mantissa inputs) on tensor cores; faster, ~1e-3 relative error.
     Tf32,
+    /// Three TF32 products per f32 product (hi/lo splitting) on tensor cores: close to f32
+    /// accuracy at tensor-core speed and code size.
+    Tf32x3,
 }
 
 /// The operation of an instruction.
@@ -706,6 +709,7 @@ pub struct KernelBuilder {
     /// Scope ids of the open blocks.
     scopes: Vec<u32>,
     next_scope: u32,
+    precision: Precision,
 }
 
 impl KernelBuilder {
@@ -727,6 +731,7 @@ impl KernelBuilder {
             scope_of: Vec::new(),
             scopes: vec![0],
             next_scope: 1,
+            precision: Precision::Ieee,
         }
     }
 
@@ -1018,9 +1023,15 @@ impl KernelBuilder {
         Ok(self.push(Op::Reduce { op, x, axis }, t))
     }
 
-    /// `a · b (+ acc)` with f32 accumulation and full-f32 inputs ([`Precision::Ieee`]).
+    /// `a · b (+ acc)` with f32 accumulation at the builder's precision
+    /// ([`KernelBuilder::set_precision`], [`Precision::Ieee`] unless set).
     pub fn dot(&mut self, a: Value, b: Value, acc: Option<Value>) -> LangResult<Value> {
-        self.dot_with(a, b, acc, Precision::Ieee)
+        self.dot_with(a, b, acc, self.precision)
+    }
+
+    /// Sets the precision [`KernelBuilder::dot`] uses.
+    pub fn set_precision(&mut self, p: Precision) {
+        self.precision = p;
     }
 
     /// `a · b (+ acc)` with f32 accumulation at the given input precision.

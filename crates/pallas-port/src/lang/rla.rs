@@ -304,6 +304,16 @@ pub fn check_tiles(cfg: &RlaConfig, d: &RlaDims) -> LangResult<()> {
     Ok(())
 }
 
+/// The matmul precision of the RLA kernels: `RATTN_RLA_DOT_PRECISION` = `ieee` (default),
+/// `tf32x3` or `tf32`, read when the kernels are built.
+pub fn dot_precision() -> Precision {
+    match std::env::var("RATTN_RLA_DOT_PRECISION").as_deref() {
+        Ok("tf32x3") => Precision::Tf32x3,
+        Ok("tf32") => Precision::Tf32,
+        _ => Precision::Ieee,
+    }
+}
+
 fn grid3(a: usize, b: usize, c: usize) -> Vec<GridAxis> {
     vec![
         GridAxis::parallel(a),
@@ -329,6 +339,7 @@ pub fn fwd_states_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g)],
     );
     kb.launch(geo.warps(), 1);
+    kb.set_precision(dot_precision());
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
     let csr = kb.output("chunk_states", &geo.cs_shape());
@@ -370,6 +381,7 @@ pub fn fwd_out_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     let geo = Geo::new(cfg, d);
     let mut kb = KernelBuilder::new("rla_fwd_out", &grid3(geo.b, geo.n, geo.nc));
     kb.launch(geo.warps(), 1);
+    kb.set_precision(dot_precision());
     let qr = kb.input("q", &geo.q_shape());
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
@@ -412,6 +424,7 @@ pub fn bwd_dstates_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g)],
     );
     kb.launch(geo.warps(), 1);
+    kb.set_precision(dot_precision());
     let qr = kb.input("q", &geo.q_shape());
     let dor = kb.input("d_o", &geo.q_shape());
     let dsr = kb.output("d_states", &geo.cs_shape());
@@ -446,6 +459,7 @@ pub fn bwd_dq_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     let geo = Geo::new(cfg, d);
     let mut kb = KernelBuilder::new("rla_bwd_dq", &grid3(geo.b, geo.n, geo.nc));
     kb.launch(geo.warps(), 1);
+    kb.set_precision(dot_precision());
     let qr = kb.input("q", &geo.q_shape());
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
@@ -488,6 +502,7 @@ pub fn bwd_dkdv_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     let geo = Geo::new(cfg, d);
     let mut kb = KernelBuilder::new("rla_bwd_dkdv", &grid3(geo.b, geo.g, geo.nc));
     kb.launch(geo.warps(), 1);
+    kb.set_precision(dot_precision());
     let qr = kb.input("q", &geo.q_shape());
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
@@ -596,4 +611,60 @@ pub fn interpret_bwd(
     let mut kv = interp::run(&kdkv, &[q, k, v, d_o, &ds])?.into_iter();
     let (dk, dv) = (kv.next().unwrap_or_default(), kv.next().unwrap_or_default());
     Ok((dq, dk, dv))
+}
+
+fn lang_err(b: &hlo_builder::Builder, e: LangError) -> hlo_builder::Error {
+    b.error("rla", e.to_string())
+}
+
+/// `x` as f32 (the Triton kernels read f32; bf16 inputs are widened in the graph).
+fn as_f32(b: &hlo_builder::Builder, x: hlo_builder::Op) -> hlo_builder::Result<hlo_builder::Op> {
+    use hlo_builder::ElementType;
+    match b.shape(x)?.ty() {
+        Some(ElementType::F32) => Ok(x),
+        _ => b.convert(x, ElementType::F32),
+    }
+}
+
+/// The forward block as Triton custom calls: `(o, chunk_states, final_state)` (a tuple op, the
+/// contract of [`crate::graph::rla_fwd_block`]). Two calls: `rla_fwd_states` then `rla_fwd_out`.
+pub fn triton_fwd(
+    b: &hlo_builder::Builder,
+    (q, k, v): (hlo_builder::Op, hlo_builder::Op, hlo_builder::Op),
+    cfg: &RlaConfig,
+    d: &RlaDims,
+) -> hlo_builder::Result<hlo_builder::Op> {
+    use super::triton::custom_call;
+    check_tiles(cfg, d).map_err(|e| lang_err(b, e))?;
+    let (q, k, v) = (as_f32(b, q)?, as_f32(b, k)?, as_f32(b, v)?);
+    let [ks, ko] = fwd_kernels(cfg, d).map_err(|e| lang_err(b, e))?;
+    let st = custom_call(b, &ks, &[k, v])?;
+    let cs = b.get_tuple_element(st, 0)?;
+    let fs = b.get_tuple_element(st, 1)?;
+    let o = custom_call(b, &ko, &[q, k, v, cs])?;
+    b.tuple(&[o, cs, fs])
+}
+
+/// The backward block as Triton custom calls: `(dq, dk, dv)` (a tuple op, the contract of
+/// [`crate::graph::rla_bwd_block`]). Three calls: `rla_bwd_dstates`, `rla_bwd_dq`,
+/// `rla_bwd_dkdv`.
+pub fn triton_bwd(
+    b: &hlo_builder::Builder,
+    (q, k, v): (hlo_builder::Op, hlo_builder::Op, hlo_builder::Op),
+    chunk_states: hlo_builder::Op,
+    d_o: hlo_builder::Op,
+    cfg: &RlaConfig,
+    d: &RlaDims,
+) -> hlo_builder::Result<hlo_builder::Op> {
+    use super::triton::custom_call;
+    check_tiles(cfg, d).map_err(|e| lang_err(b, e))?;
+    let (q, k, v) = (as_f32(b, q)?, as_f32(b, k)?, as_f32(b, v)?);
+    let (cs, d_o) = (as_f32(b, chunk_states)?, as_f32(b, d_o)?);
+    let [kds, kdq, kdkv] = bwd_kernels(cfg, d).map_err(|e| lang_err(b, e))?;
+    let ds = custom_call(b, &kds, &[q, d_o])?;
+    let dq = custom_call(b, &kdq, &[q, k, v, cs, d_o])?;
+    let dkdv = custom_call(b, &kdkv, &[q, k, v, d_o, ds])?;
+    let dk = b.get_tuple_element(dkdv, 0)?;
+    let dv = b.get_tuple_element(dkdv, 1)?;
+    b.tuple(&[dq, dk, dv])
 }
