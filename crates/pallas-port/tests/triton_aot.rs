@@ -96,43 +96,67 @@ fn compile(topo: &Topology, what: &str, d: &RlaDims, cfg: &RlaConfig) {
     );
 }
 
+/// Small tiles keep the compile short (ptxas and Triton take ~30 s for the five kernels at
+/// H 32 on 2 cores, several minutes at H 128): this is a check of the TTIR, not of speed.
 #[test]
 fn rla_triton_kernels_compile_for_h100_and_a100() {
     let Some(plugin) = gpu("rla_triton_kernels_compile_for_h100_and_a100") else {
         return;
-    };
-    // The benchmark shape (H 128, T 4096) and a small one with H 64 and a ragged T, both maps.
-    let big = RlaDims {
-        batch: 1,
-        seq: 4096,
-        heads: 8,
-        kv_heads: 2,
-        head_dim: 128,
     };
     let small = RlaDims {
         batch: 2,
         seq: 200,
         heads: 4,
         kv_heads: 2,
-        head_dim: 64,
+        head_dim: 32,
     };
     let cfg = RlaConfig {
-        window: 512,
-        sub_chunk: 64,
-        chunk: 512,
+        window: 37,
+        sub_chunk: 16,
+        chunk: 64,
         feature_map: FeatureMap::Softmax,
     };
+    let h100 = Topology::gpu_named(&plugin, "h100", "1x1x1").unwrap();
+    compile(&h100, "h100", &small, &cfg);
+    let a100 = Topology::gpu_named(&plugin, "a100", "1x1x1").unwrap();
     let relu = RlaConfig {
-        window: 17,
-        sub_chunk: 32,
-        chunk: 64,
         feature_map: FeatureMap::Relu,
+        ..cfg
+    };
+    compile(&a100, "a100", &small, &relu);
+}
+
+/// The benchmark shape (H 128, T 4096) and H 64: minutes of compile on 2 cores, so only with
+/// `RATTN_AOT_BIG=1`.
+#[test]
+fn rla_triton_kernels_compile_at_head_dims_64_and_128() {
+    if !std::env::var("RATTN_AOT_BIG").is_ok_and(|v| v == "1") {
+        eprintln!(
+            "skip rla_triton_kernels_compile_at_head_dims_64_and_128: several minutes of compile \
+             (set RATTN_AOT_BIG=1 to run)"
+        );
+        return;
+    }
+    let Some(plugin) = gpu("rla_triton_kernels_compile_at_head_dims_64_and_128") else {
+        return;
     };
     let h100 = Topology::gpu_named(&plugin, "h100", "1x1x1").unwrap();
-    compile(&h100, "h100", &big, &cfg);
-    compile(&h100, "h100", &small, &relu);
-    let a100 = Topology::gpu_named(&plugin, "a100", "1x1x1").unwrap();
-    compile(&a100, "a100", &small, &cfg);
+    for (h, t, w, c, l) in [(128, 4096, 512, 64, 512), (64, 300, 37, 32, 64)] {
+        let d = RlaDims {
+            batch: 1,
+            seq: t,
+            heads: 8,
+            kv_heads: 2,
+            head_dim: h,
+        };
+        let cfg = RlaConfig {
+            window: w,
+            sub_chunk: c,
+            chunk: l,
+            feature_map: FeatureMap::Softmax,
+        };
+        compile(&h100, "h100", &d, &cfg);
+    }
 }
 
 #[test]
