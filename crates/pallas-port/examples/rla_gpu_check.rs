@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! cargo build --release -p pallas-port --example rla_gpu_check
-//! target/release/examples/rla_gpu_check --plugin /path/to/xla_cuda_plugin.so [--cases small,bench] [--hlo] [--iters 10]
+//! target/release/examples/rla_gpu_check [--plugin /path/to/xla_cuda_plugin.so] [--cases small,bench] [--hlo] [--iters 10]
 //! ```
+//! Without `--plugin`, the plugin of the `jax-cuda13-pjrt` (or cu12) wheel python3 imports is used.
 //! Prints one line per case and tensor (`rel_err` = max |gpu − cpu| / max |cpu|, limit 1e-4)
 //! and per lowering the forward and forward+backward times (median of `--iters` runs, each
 //! ending with a device→host copy of one small output). Exit status 1 when a check fails.
@@ -145,6 +146,22 @@ fn cases(which: &str) -> Vec<Case> {
     out
 }
 
+/// The CUDA plugin of an installed `jax-cuda13-pjrt` (or cu12) wheel, asked from `python3`.
+fn find_plugin() -> String {
+    let script = "import importlib, os\nfor m in ('jax_plugins.xla_cuda13', 'jax_plugins.xla_cuda12'):\n    try:\n        d = os.path.dirname(importlib.import_module(m).__file__)\n        print(os.path.join(d, 'xla_cuda_plugin.so')); break\n    except Exception: pass\n";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .expect("no --plugin given and python3 could not be run to find jax_plugins.xla_cuda13");
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        !path.is_empty(),
+        "no --plugin given and no jax_plugins.xla_cuda13 / xla_cuda12 module found by python3"
+    );
+    println!("plugin {path}");
+    path
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -157,7 +174,7 @@ fn main() {
             .position(|a| a == name)
             .and_then(|i| args.get(i + 1).cloned())
     };
-    let plugin_path = arg("--plugin").expect("--plugin /path/to/xla_cuda_plugin.so");
+    let plugin_path = arg("--plugin").unwrap_or_else(find_plugin);
     let which = arg("--cases").unwrap_or_else(|| "small,bench".into());
     let iters: usize = arg("--iters").map_or(10, |s| s.parse().expect("--iters N"));
     let with_hlo = args.iter().any(|a| a == "--hlo");

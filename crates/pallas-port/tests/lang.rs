@@ -120,3 +120,98 @@ fn tiles_must_be_powers_of_two() {
         .to_string();
     assert!(e.contains("head_dim = 80"), "{e}");
 }
+
+mod builder {
+    use pallas_port::lang::{interp, triton, GridAxis, Index, KernelBuilder};
+
+    #[test]
+    fn shape_rules_name_the_op_and_shapes() {
+        let mut k = KernelBuilder::new("bad", &[GridAxis::parallel(1)]);
+        let a = k.zeros(&[16, 32]).unwrap();
+        let b = k.zeros(&[16, 32]).unwrap();
+        let e = k.dot(a, b, None).unwrap_err().to_string();
+        assert!(
+            e.contains("kernel bad: dot:") && e.contains("f32[16,32] · f32[16,32]"),
+            "{e}"
+        );
+        let e = k.broadcast(a, &[32, 32]).unwrap_err().to_string();
+        assert!(e.contains("broadcast") && e.contains("f32[16,32]"), "{e}");
+        let x = k.input("x", &[4, 8]);
+        let zero = k.int(0);
+        let e = k
+            .load(x, &[Index::Slice(zero, 4), Index::Slice(zero, 16)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("load") && e.contains("slice of 16 along dim 1"),
+            "{e}"
+        );
+        // A loop-body value used after the loop.
+        let (lo, hi, one) = (k.int(0), k.int(2), k.int(1));
+        let mut inner = None;
+        k.for_loop(lo, hi, one, &[], |k, _, _| {
+            inner = Some(k.zeros(&[16])?);
+            Ok(vec![])
+        })
+        .unwrap();
+        let e = k.neg(inner.unwrap()).unwrap_err().to_string();
+        assert!(e.contains("outside the loop body"), "{e}");
+    }
+
+    #[test]
+    fn interpreter_loops_masks_and_unwritten_results() {
+        // y[i, :] = sum over j < 3 of (x[i, :] + j), rows past the array end masked.
+        let mut k = KernelBuilder::new("acc", &[GridAxis::parallel(2)]);
+        let x = k.input("x", &[3, 16]);
+        let y = k.output("y", &[3, 16]);
+        let i = k.program_id(0).unwrap();
+        let two = k.int(2);
+        let row0 = k.mul(i, two).unwrap();
+        let zero = k.int(0);
+        let ix = [Index::Slice(row0, 2), Index::Slice(zero, 16)];
+        let t = k.load(x, &ix).unwrap();
+        let init = k.zeros(&[2, 16]).unwrap();
+        let (lo, hi, one) = (k.int(0), k.int(3), k.int(1));
+        let out = k
+            .for_loop(lo, hi, one, &[init], |k, j, acc| {
+                let js = k.splat(j, &[2, 16])?;
+                let jf = k.iota(&[2, 16], 0)?; // an i32 tile: compare, then select 1.0 / 0.0
+                let _ = k.cmp(pallas_port::lang::CmpOp::Ge, js, jf)?;
+                let s = k.add(acc[0], t)?;
+                Ok(vec![s])
+            })
+            .unwrap();
+        k.store(y, &ix, out[0]).unwrap();
+        let kernel = k.finish().unwrap();
+        let xs: Vec<f32> = (0..48).map(|v| v as f32).collect();
+        let ys = interp::run(&kernel, &[&xs]).unwrap().pop().unwrap();
+        assert_eq!(ys, xs.iter().map(|v| 3.0 * v).collect::<Vec<_>>());
+        // Triton refuses a dot below 16 and a grid axis y above 65535, naming them.
+        let mut k =
+            KernelBuilder::new("tiny", &[GridAxis::parallel(1), GridAxis::parallel(70_000)]);
+        let a = k.zeros(&[8, 16]).unwrap();
+        let b = k.zeros(&[16, 16]).unwrap();
+        k.dot(a, b, None).unwrap();
+        let e = triton::emit(&k.finish().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("70000") && e.contains("65535"), "{e}");
+        let mut k = KernelBuilder::new("tiny", &[GridAxis::parallel(1)]);
+        let a = k.zeros(&[8, 16]).unwrap();
+        let b = k.zeros(&[16, 16]).unwrap();
+        k.dot(a, b, None).unwrap();
+        let e = triton::emit(&k.finish().unwrap()).unwrap_err().to_string();
+        assert!(e.contains("tt.dot needs every dim ≥ 16"), "{e}");
+        // A result element nobody writes is an error.
+        let mut k = KernelBuilder::new("half", &[GridAxis::parallel(1)]);
+        let y = k.output("y", &[32]);
+        let zero = k.int(0);
+        let z = k.zeros(&[16]).unwrap();
+        k.store(y, &[Index::Slice(zero, 16)], z).unwrap();
+        let e = interp::run(&k.finish().unwrap(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("result `y`") && e.contains("[16]") && e.contains("never written"),
+            "{e}"
+        );
+    }
+}
