@@ -108,18 +108,18 @@ fn cases(which: &str) -> Vec<Case> {
                     },
                 });
                 out.push(Case {
-                    name: "small-relu-h128",
+                    name: "small-relu-h32",
                     d: RlaDims {
                         batch: 1,
                         seq: 200,
                         heads: 2,
                         kv_heads: 1,
-                        head_dim: 128,
+                        head_dim: 32,
                     },
                     cfg: RlaConfig {
                         window: 20,
-                        sub_chunk: 64,
-                        chunk: 128,
+                        sub_chunk: 16,
+                        chunk: 64,
                         feature_map: FeatureMap::Relu,
                     },
                 });
