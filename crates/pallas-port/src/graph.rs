@@ -1,4 +1,5 @@
-//! Adding RLA to a graph: one call, two lowerings, and the block pair as the custom VJP.
+//! Adding RLA to a graph: one call, three lowerings (CPU custom call, Triton, HLO), and the block
+//! pair as the custom VJP.
 //!
 //! ```no_run
 //! use hlo_builder::{Builder, ElementType, Shape};
@@ -22,17 +23,21 @@ use std::sync::Arc;
 
 /// How a block is lowered.
 ///
-/// Serialized in snake_case (`"auto"`, `"custom_call"`, `"hlo"`), the spelling of the model
-/// config's `rla.lowering`.
+/// Serialized in snake_case (`"auto"`, `"custom_call"`, `"hlo"`, `"triton"`), the spelling of
+/// the model config's `rla.lowering`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Lowering {
     /// Typed-FFI custom call served by our CPU kernels (registered with
     /// [`crate::register_cpu_kernels`] on the PJRT CPU client).
     CustomCall,
-    /// Pure HLO (`while` over chunks): runs anywhere, TPU first.
+    /// Pure HLO (`while` over chunks): runs anywhere, TPU first; the fallback everywhere.
     Hlo,
-    /// The custom call on the CPU platform, HLO elsewhere. Resolve it with
+    /// Triton kernels written in the kernel language ([`crate::lang::rla`]) in
+    /// `__gpu$xla.gpu.triton` custom calls, compiled by XLA's GPU back end (CUDA, Ampere or
+    /// newer). Needs power-of-two `sub_chunk` and head dim ≥ 16.
+    Triton,
+    /// The custom call on the CPU platform, Triton on CUDA, HLO elsewhere. Resolve it with
     /// [`Lowering::for_platform`] before building: [`rla`] refuses an unresolved `Auto`.
     #[default]
     Auto,
@@ -43,12 +48,15 @@ impl Lowering {
     /// the client or topology: `"cpu"`, `"cuda"`, `"tpu"`, ...; case-insensitive).
     ///
     /// `Auto` becomes [`Lowering::CustomCall`] on the CPU platform (`"cpu"` or `"host"`), where
-    /// the caller registers our kernels, and [`Lowering::Hlo`] on every other platform. Explicit
-    /// choices are returned unchanged.
+    /// the caller registers our kernels, [`Lowering::Triton`] on `"cuda"` (the CUDA PJRT
+    /// plugin's platform name), and [`Lowering::Hlo`] on every other platform (`"tpu"`,
+    /// `"rocm"`, the generic `"gpu"`, ...). Explicit choices are returned unchanged, so
+    /// `Lowering::Hlo` stays available on CUDA as the fallback.
     ///
     /// ```
     /// use pallas_port::Lowering;
     /// assert_eq!(Lowering::Auto.for_platform("cpu"), Lowering::CustomCall);
+    /// assert_eq!(Lowering::Auto.for_platform("cuda"), Lowering::Triton);
     /// assert_eq!(Lowering::Auto.for_platform("tpu"), Lowering::Hlo);
     /// assert_eq!(Lowering::CustomCall.for_platform("tpu"), Lowering::CustomCall);
     /// ```
@@ -58,31 +66,32 @@ impl Lowering {
             .any(|p| platform.eq_ignore_ascii_case(p));
         match self {
             Lowering::Auto if host => Lowering::CustomCall,
+            Lowering::Auto if platform.eq_ignore_ascii_case("cuda") => Lowering::Triton,
             Lowering::Auto => Lowering::Hlo,
             l => l,
         }
     }
 
-    /// The config spelling: `"auto"`, `"custom_call"` or `"hlo"`.
+    /// The config spelling: `"auto"`, `"custom_call"`, `"hlo"` or `"triton"`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Lowering::CustomCall => "custom_call",
             Lowering::Hlo => "hlo",
+            Lowering::Triton => "triton",
             Lowering::Auto => "auto",
         }
     }
 
-    /// `true` for the HLO lowering, `false` for the custom call; an error for `Auto`.
-    fn is_hlo(self, op: &str) -> Result<bool> {
+    /// The concrete lowering; an error for `Auto`.
+    fn resolved(self, op: &str) -> Result<Lowering> {
         match self {
-            Lowering::Hlo => Ok(true),
-            Lowering::CustomCall => Ok(false),
+            Lowering::Hlo | Lowering::CustomCall | Lowering::Triton => Ok(self),
             Lowering::Auto => Err(hlo_builder::Error::invalid(
                 "rla",
                 format!(
                 "{op}: the lowering is `Auto`, which depends on where the graph runs; resolve it \
                  for the target platform first with `lowering.for_platform(platform)` (custom \
-                 call on \"cpu\", HLO on \"tpu\", \"cuda\", ...)"
+                 call on \"cpu\", Triton on \"cuda\", HLO on \"tpu\", ...)"
             ),
             )),
         }
@@ -163,10 +172,12 @@ pub fn rla_fwd_block(
     lowering: Lowering,
 ) -> Result<Op> {
     let d = check_shapes(b, q, k, v, cfg)?;
-    let hlo = lowering.is_hlo("rla_fwd_block")?;
+    let lowering = lowering.resolved("rla_fwd_block")?;
     let _s = b.name_scope("fwd");
-    if hlo {
-        return crate::hlo::rla_fwd_hlo(b, q, k, v, cfg);
+    match lowering {
+        Lowering::Hlo => return crate::hlo::rla_fwd_hlo(b, q, k, v, cfg),
+        Lowering::Triton => return crate::lang::rla::triton_fwd(b, (q, k, v), cfg, &d),
+        _ => {}
     }
     let out = f32_tuple(&[
         &d.q_shape(),
@@ -186,10 +197,14 @@ pub fn rla_bwd_block(
     lowering: Lowering,
 ) -> Result<Op> {
     let d = check_shapes(b, q, k, v, cfg)?;
-    let hlo = lowering.is_hlo("rla_bwd_block")?;
+    let lowering = lowering.resolved("rla_bwd_block")?;
     let _s = b.name_scope("bwd");
-    if hlo {
-        return crate::hlo::rla_bwd_hlo(b, q, k, v, chunk_states, d_o, cfg);
+    match lowering {
+        Lowering::Hlo => return crate::hlo::rla_bwd_hlo(b, q, k, v, chunk_states, d_o, cfg),
+        Lowering::Triton => {
+            return crate::lang::rla::triton_bwd(b, (q, k, v), chunk_states, d_o, cfg, &d)
+        }
+        _ => {}
     }
     let out = f32_tuple(&[&d.q_shape(), &d.kv_shape(), &d.kv_shape()]);
     b.custom_call(BWD_TARGET, &[q, k, v, chunk_states, d_o], out, &attrs(cfg))
@@ -246,7 +261,7 @@ pub struct RlaOutputs {
 
 /// Add RLA to the graph and return all three outputs; `grad` through `o` uses `rla_bwd`.
 ///
-/// `lowering` must be concrete (`CustomCall` or `Hlo`): resolve `Auto` for the platform the graph
+/// `lowering` must be concrete (`CustomCall`, `Triton` or `Hlo`): resolve `Auto` for the platform the graph
 /// will run on with [`Lowering::for_platform`]; an unresolved `Auto` is an error.
 pub fn rla_with_state(
     b: &Builder,
@@ -256,7 +271,7 @@ pub fn rla_with_state(
     cfg: &RlaConfig,
     lowering: Lowering,
 ) -> Result<RlaOutputs> {
-    lowering.is_hlo("rla")?;
+    lowering.resolved("rla")?;
     let fwd = rla_fwd_block(b, q, k, v, cfg, lowering)?;
     b.custom_vjp(
         &[q, k, v],

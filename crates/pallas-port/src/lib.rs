@@ -3,7 +3,9 @@
 //! - [`config`]: the block contract ([`RlaConfig`] attributes, [`RlaDims`] shapes, [`RlaError`]).
 //! - [`kernel`]: fast fp32 CPU kernels `rla_fwd` / `rla_bwd` (chunked scan, DESIGN §3).
 //! - [`ffi`]: the kernels as XLA FFI handlers (`rattention.rla_fwd` / `rattention.rla_bwd`).
-//! - [`graph`]: [`rla`] adds the block pair to a graph (custom call or HLO lowering, custom VJP);
+//! - [`lang`]: a small kernel language (IR, CPU interpreter, Triton back end) and the RLA
+//!   kernels written in it ([`lang::rla`]), the GPU lowering [`Lowering::Triton`].
+//! - [`graph`]: [`rla`] adds the block pair to a graph (custom call, Triton or HLO lowering, custom VJP);
 //!   [`Lowering::for_platform`] picks the lowering for the platform the graph runs on.
 //! - [`feature`]: [`feature_map`], the feature map φ as graph ops.
 //! - [`decode`]: the one-token decode step ([`decode::absorb`], [`decode::read`]).
@@ -19,6 +21,7 @@ pub mod ffi;
 pub mod graph;
 pub mod hlo;
 pub mod kernel;
+pub mod lang;
 pub mod reference;
 
 pub use config::{FeatureMap, RlaConfig, RlaDims, RlaError};

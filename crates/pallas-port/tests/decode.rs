@@ -120,10 +120,13 @@ fn decode_step_rejects_bad_shapes_naming_the_op() {
 fn auto_resolves_from_the_named_platform_only() {
     assert_eq!(Lowering::Auto.for_platform("cpu"), Lowering::CustomCall);
     assert_eq!(Lowering::Auto.for_platform("Host"), Lowering::CustomCall);
-    for p in ["tpu", "cuda", "gpu", "rocm", ""] {
+    // The CUDA plugin's platform compiles the Triton kernels (issue 15); the rest take HLO.
+    assert_eq!(Lowering::Auto.for_platform("cuda"), Lowering::Triton);
+    assert_eq!(Lowering::Auto.for_platform("CUDA"), Lowering::Triton);
+    for p in ["tpu", "gpu", "rocm", ""] {
         assert_eq!(Lowering::Auto.for_platform(p), Lowering::Hlo, "{p}");
     }
-    for l in [Lowering::CustomCall, Lowering::Hlo] {
+    for l in [Lowering::CustomCall, Lowering::Hlo, Lowering::Triton] {
         assert_eq!(l.for_platform("cpu"), l);
         assert_eq!(l.for_platform("tpu"), l);
     }
@@ -169,6 +172,11 @@ fn enums_use_the_model_config_spellings() {
             Lowering::CustomCall,
         ),
         ("lowering = \"hlo\"", FeatureMap::Softmax, Lowering::Hlo),
+        (
+            "lowering = \"triton\"",
+            FeatureMap::Softmax,
+            Lowering::Triton,
+        ),
         ("", FeatureMap::Softmax, Lowering::Auto),
     ] {
         let r = parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));

@@ -196,6 +196,12 @@ pub fn prepare_config(args: &CompileArgs, target: &Target) -> Result<RunConfig> 
     }
     match cfg.model.rla.lowering {
         Lowering::Hlo | Lowering::Auto => {}
+        Lowering::Triton if matches!(target, Target::Gpu { .. }) => {}
+        Lowering::Triton => bail!(
+            "model.rla.lowering = \"triton\" emits Triton GPU kernels, which {} cannot compile; use \
+             model.rla.lowering = \"hlo\" or \"auto\"",
+            target.platform().to_uppercase()
+        ),
         Lowering::CustomCall => bail!(
             "model.rla.lowering = \"custom_call\" lowers RLA to the custom calls {}, which are served only by \
              our CPU FFI kernels (registered with the PJRT CPU plugin); {} has no handler for them. Use \

@@ -1,0 +1,670 @@
+//! The RLA blocks as kernel programs (DESIGN §3), the same math and saved-state layout as the
+//! CPU kernels in [`crate::kernel`].
+//!
+//! φ is split into its two halves everywhere (φ(x) = [φ⁺(x), φ⁻(x)], each `[C, H]`), so the
+//! state `S` (`[2H, H]`) is two `[H, H]` tiles `S⁺`, `S⁻` (rows `0..H` and `H..2H` of the
+//! `chunk_states` layout) and nothing is ever concatenated:
+//! `φQ S = φ⁺Q S⁺ + φ⁻Q S⁻`, `φQ φKᵀ = φ⁺Q φ⁺Kᵀ + φ⁻Q φ⁻Kᵀ`.
+//!
+//! Forward (two kernels):
+//! - `rla_fwd_states`, grid (B, G): the chunk loop in order carrying S; stores `chunk_states`
+//!   and `final_state`.
+//! - `rla_fwd_out`, grid (B, N, chunks), all parallel: S from `chunk_states`, the sub-chunk loop
+//!   carrying S; stores `o`.
+//!
+//! Backward (three kernels):
+//! - `rla_bwd_dstates`, grid (B, G): chunks in reverse carrying dS (summed over the group's
+//!   query heads); stores `d_states[b, g, c]`, the dS of every query after key chunk `c`'s last
+//!   query (position `(c+1)·chunk + W + 1` on), in the `chunk_states` layout.
+//! - `rla_bwd_dq`, grid (B, N, chunks): like `rla_fwd_out`, gives dq.
+//! - `rla_bwd_dkdv`, grid (B, G, chunks) over chunks of *keys*: sub-chunks in reverse carrying dS
+//!   from `d_states`, an inner loop over the group's query heads; gives dk and dv. Working in key
+//!   space makes every key row the job of exactly one program, so every result element is
+//!   written (XLA's custom-call results start uninitialised).
+//!
+//! The shift by W + 1 is a load offset: the shifted keys of query rows `t0..t0+C` are key rows
+//! `t0−W−1..`, and rows outside `[0, T)` load as 0 (their products with Ṽ vanish, although
+//! φ(0) ≠ 0). Query rows past `T` load as 0 and are not stored; keys whose query position lies
+//! past `T` are masked out of the forward states explicitly.
+
+use super::interp;
+use super::ir::*;
+use crate::config::{FeatureMap, RlaConfig, RlaDims};
+
+/// Sizes of one RLA call as the kernels see them.
+#[derive(Debug, Clone, Copy)]
+struct Geo {
+    b: usize,
+    t: usize,
+    n: usize,
+    g: usize,
+    h: usize,
+    r: usize,
+    w: usize,
+    c: usize,
+    l: usize,
+    nc: usize,
+    fm: FeatureMap,
+}
+
+impl Geo {
+    fn new(cfg: &RlaConfig, d: &RlaDims) -> Self {
+        Geo {
+            b: d.batch,
+            t: d.seq,
+            n: d.heads,
+            g: d.kv_heads,
+            h: d.head_dim,
+            r: d.group_size(),
+            w: cfg.window,
+            c: cfg.sub_chunk,
+            l: cfg.chunk,
+            nc: d.n_chunks(cfg),
+            fm: cfg.feature_map,
+        }
+    }
+
+    fn q_shape(&self) -> [usize; 4] {
+        [self.b, self.t, self.n, self.h]
+    }
+
+    fn kv_shape(&self) -> [usize; 4] {
+        [self.b, self.t, self.g, self.h]
+    }
+
+    fn cs_shape(&self) -> [usize; 5] {
+        [self.b, self.g, self.nc, 2 * self.h, self.h]
+    }
+
+    fn fs_shape(&self) -> [usize; 4] {
+        [self.b, self.g, 2 * self.h, self.h]
+    }
+
+    /// Warps per program: 8 when the `[H, H]` state tiles are large.
+    fn warps(&self) -> u32 {
+        if self.h >= 128 {
+            8
+        } else {
+            4
+        }
+    }
+}
+
+/// Small composite helpers over the builder (not new primitives).
+struct K<'a> {
+    kb: &'a mut KernelBuilder,
+    geo: Geo,
+}
+
+impl K<'_> {
+    /// `[C, H]` rows `row0..row0+C` of head `head` of batch `b` of a `[B, T, heads, H]` array.
+    fn rows(&mut self, arr: Ref, b: Value, row0: Value, head: Value) -> LangResult<Value> {
+        let zero = self.kb.int(0);
+        self.kb.load(
+            arr,
+            &[
+                Index::At(b),
+                Index::Slice(row0, self.geo.c),
+                Index::At(head),
+                Index::Slice(zero, self.geo.h),
+            ],
+        )
+    }
+
+    fn store_rows(
+        &mut self,
+        arr: Ref,
+        b: Value,
+        row0: Value,
+        head: Value,
+        x: Value,
+    ) -> LangResult<()> {
+        let zero = self.kb.int(0);
+        self.kb.store(
+            arr,
+            &[
+                Index::At(b),
+                Index::Slice(row0, self.geo.c),
+                Index::At(head),
+                Index::Slice(zero, self.geo.h),
+            ],
+            x,
+        )
+    }
+
+    /// The state index of `[.., 2H, H]` arrays: leading `At`s, then the half's rows.
+    fn state_index(&mut self, lead: &[Value], half: usize) -> Vec<Index> {
+        let h = self.geo.h;
+        let row0 = self.kb.int((half * h) as i64);
+        let zero = self.kb.int(0);
+        let mut ix: Vec<Index> = lead.iter().map(|&v| Index::At(v)).collect();
+        ix.push(Index::Slice(row0, h));
+        ix.push(Index::Slice(zero, h));
+        ix
+    }
+
+    fn load_state(&mut self, arr: Ref, lead: &[Value]) -> LangResult<(Value, Value)> {
+        let ip = self.state_index(lead, 0);
+        let p = self.kb.load(arr, &ip)?;
+        let ineg = self.state_index(lead, 1);
+        let n = self.kb.load(arr, &ineg)?;
+        Ok((p, n))
+    }
+
+    fn store_state(&mut self, arr: Ref, lead: &[Value], (p, n): (Value, Value)) -> LangResult<()> {
+        let ip = self.state_index(lead, 0);
+        self.kb.store(arr, &ip, p)?;
+        let ineg = self.state_index(lead, 1);
+        self.kb.store(arr, &ineg, n)
+    }
+
+    /// Broadcasts a per-row `[M]` vector to `[M, N]`.
+    fn rows_bcast(&mut self, v: Value, n: usize) -> LangResult<Value> {
+        let m = self.kb.type_of(v)?.shape()[0];
+        let e = self.kb.expand_dims(v, 1)?;
+        self.kb.broadcast(e, &[m, n])
+    }
+
+    /// φ⁺(x), φ⁻(x) of a `[C, H]` tile, row-wise.
+    fn phi(&mut self, x: Value) -> LangResult<(Value, Value)> {
+        let h = self.geo.h;
+        match self.geo.fm {
+            FeatureMap::Softmax => {
+                let mx = self.kb.reduce(ReduceOp::Max, x, 1)?;
+                let mx = self.rows_bcast(mx, h)?;
+                let mn = self.kb.reduce(ReduceOp::Min, x, 1)?;
+                let mn = self.rows_bcast(mn, h)?;
+                let dp = self.kb.sub(x, mx)?;
+                let dn = self.kb.sub(mn, x)?;
+                let mut out = Vec::new();
+                for d in [dp, dn] {
+                    let e = self.kb.exp(d)?;
+                    let s = self.kb.reduce(ReduceOp::Sum, e, 1)?;
+                    let s = self.rows_bcast(s, h)?;
+                    out.push(self.kb.div(e, s)?);
+                }
+                Ok((out[0], out[1]))
+            }
+            FeatureMap::Relu => {
+                let shape = [self.geo.c, h];
+                let z = self.kb.zeros(&shape)?;
+                let p = self.kb.max(x, z)?;
+                let nx = self.kb.neg(x)?;
+                let n = self.kb.max(nx, z)?;
+                Ok((p, n))
+            }
+        }
+    }
+
+    /// dx from dφ⁺, dφ⁻ given x and φ⁺(x), φ⁻(x).
+    fn phi_vjp(
+        &mut self,
+        x: Value,
+        (p, n): (Value, Value),
+        (dp, dn): (Value, Value),
+    ) -> LangResult<Value> {
+        let h = self.geo.h;
+        let shape = [self.geo.c, h];
+        match self.geo.fm {
+            FeatureMap::Softmax => {
+                // y ⊙ (dy − ⟨dy, y⟩) for each half; the second half negated.
+                let mut halves = Vec::new();
+                for (y, dy) in [(p, dp), (n, dn)] {
+                    let yd = self.kb.mul(y, dy)?;
+                    let c = self.kb.reduce(ReduceOp::Sum, yd, 1)?;
+                    let c = self.rows_bcast(c, h)?;
+                    let diff = self.kb.sub(dy, c)?;
+                    halves.push(self.kb.mul(y, diff)?);
+                }
+                self.kb.sub(halves[0], halves[1])
+            }
+            FeatureMap::Relu => {
+                let z = self.kb.zeros(&shape)?;
+                let pos = self.kb.cmp(CmpOp::Gt, x, z)?;
+                let neg = self.kb.cmp(CmpOp::Lt, x, z)?;
+                let a = self.kb.select(pos, dp, z)?;
+                let b = self.kb.select(neg, dn, z)?;
+                self.kb.sub(a, b)
+            }
+        }
+    }
+
+    /// Zeroes the entries above the diagonal of a `[C, C]` tile (query row i sees key col j ≤ i).
+    fn causal(&mut self, a: Value) -> LangResult<Value> {
+        let c = self.geo.c;
+        let i = self.kb.iota(&[c, c], 0)?;
+        let j = self.kb.iota(&[c, c], 1)?;
+        let keep = self.kb.cmp(CmpOp::Ge, i, j)?;
+        let z = self.kb.zeros(&[c, c])?;
+        self.kb.select(keep, a, z)
+    }
+
+    /// `a · bᵀ`.
+    fn dot_t(&mut self, a: Value, b: Value, acc: Option<Value>) -> LangResult<Value> {
+        let bt = self.kb.transpose(b)?;
+        self.kb.dot(a, bt, acc)
+    }
+
+    /// `aᵀ · b`.
+    fn t_dot(&mut self, a: Value, b: Value, acc: Option<Value>) -> LangResult<Value> {
+        let at = self.kb.transpose(a)?;
+        self.kb.dot(at, b, acc)
+    }
+
+    /// `x · k + y` on scalars.
+    fn affine(&mut self, x: Value, k: i64, y: Value) -> LangResult<Value> {
+        let kv = self.kb.int(k);
+        let xk = self.kb.mul(x, kv)?;
+        self.kb.add(xk, y)
+    }
+
+    /// `x + k` on scalars.
+    fn plus(&mut self, x: Value, k: i64) -> LangResult<Value> {
+        let kv = self.kb.int(k);
+        self.kb.add(x, kv)
+    }
+
+    /// A loop `for i in 0..n` with carried values.
+    fn range(
+        &mut self,
+        n: usize,
+        init: &[Value],
+        body: impl FnOnce(&mut K<'_>, Value, &[Value]) -> LangResult<Vec<Value>>,
+    ) -> LangResult<Vec<Value>> {
+        let geo = self.geo;
+        let lo = self.kb.int(0);
+        let hi = self.kb.int(n as i64);
+        let one = self.kb.int(1);
+        self.kb.for_loop(lo, hi, one, init, |kb, i, args| {
+            let mut k = K { kb, geo };
+            body(&mut k, i, args)
+        })
+    }
+}
+
+/// Checks what the kernels need beyond [`RlaConfig::validate`] / [`RlaDims::validate`]: tiles of
+/// power-of-two sizes ≥ 16 (Triton's `tt.make_range` and `tt.dot`).
+pub fn check_tiles(cfg: &RlaConfig, d: &RlaDims) -> LangResult<()> {
+    cfg.validate()
+        .map_err(|e| LangError::new("rla", "config", e.to_string()))?;
+    d.validate()
+        .map_err(|e| LangError::new("rla", "dims", e.to_string()))?;
+    for (what, x) in [("sub_chunk", cfg.sub_chunk), ("head_dim", d.head_dim)] {
+        if !x.is_power_of_two() || x < 16 {
+            return Err(LangError::new(
+                "rla",
+                "tiles",
+                format!(
+                    "{what} = {x}: the kernel language's RLA kernels need a power of two ≥ 16 \
+                     (tile dims of tt.make_range / tt.dot); got {cfg:?} with {d}"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The matmul precision of the RLA kernels: `RATTN_RLA_DOT_PRECISION` = `ieee` (default),
+/// `tf32x3` or `tf32`, read when the kernels are built.
+pub fn dot_precision() -> Precision {
+    match std::env::var("RATTN_RLA_DOT_PRECISION").as_deref() {
+        Ok("tf32x3") => Precision::Tf32x3,
+        Ok("tf32") => Precision::Tf32,
+        _ => Precision::Ieee,
+    }
+}
+
+fn grid3(a: usize, b: usize, c: usize) -> Vec<GridAxis> {
+    vec![
+        GridAxis::parallel(a),
+        GridAxis::parallel(b),
+        GridAxis::parallel(c),
+    ]
+}
+
+fn sub_start(k: &mut K<'_>, c: Value, j: Value) -> LangResult<Value> {
+    let (l, sc) = (k.geo.l as i64, k.geo.c as i64);
+    let jc = {
+        let scv = k.kb.int(sc);
+        k.kb.mul(j, scv)?
+    };
+    k.affine(c, l, jc)
+}
+
+/// `rla_fwd_states(k, v) -> (chunk_states, final_state)`, grid (B, G).
+pub fn fwd_states_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
+    let geo = Geo::new(cfg, d);
+    let mut kb = KernelBuilder::new(
+        "rla_fwd_states",
+        &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g)],
+    );
+    kb.launch(geo.warps(), 1);
+    kb.set_precision(dot_precision());
+    let kr = kb.input("k", &geo.kv_shape());
+    let vr = kb.input("v", &geo.kv_shape());
+    let csr = kb.output("chunk_states", &geo.cs_shape());
+    let fsr = kb.output("final_state", &geo.fs_shape());
+    let mut k = K { kb: &mut kb, geo };
+    let b = k.kb.program_id(0)?;
+    let g = k.kb.program_id(1)?;
+    let hh = [geo.h, geo.h];
+    let init = [k.kb.zeros(&hh)?, k.kb.zeros(&hh)?];
+    let fin = k.range(geo.nc, &init, |k, c, s| {
+        k.store_state(csr, &[b, g, c], (s[0], s[1]))?;
+        k.range(geo.l / geo.c, s, |k, j, s| {
+            let t0 = sub_start(k, c, j)?;
+            let s0 = k.plus(t0, -(geo.w as i64) - 1)?;
+            let kt = k.rows(kr, b, s0, g)?;
+            let vt = k.rows(vr, b, s0, g)?;
+            // Keys whose query position t0 + i lies past T never contribute.
+            let shape = [geo.c, geo.h];
+            let i = k.kb.iota(&shape, 0)?;
+            let t0s = k.kb.splat(t0, &shape)?;
+            let pos = k.kb.add(i, t0s)?;
+            let tv = k.kb.int(geo.t as i64);
+            let ts = k.kb.splat(tv, &shape)?;
+            let valid = k.kb.cmp(CmpOp::Lt, pos, ts)?;
+            let z = k.kb.zeros(&shape)?;
+            let vt = k.kb.select(valid, vt, z)?;
+            let (pk, nk) = k.phi(kt)?;
+            let sp = k.t_dot(pk, vt, Some(s[0]))?;
+            let sn = k.t_dot(nk, vt, Some(s[1]))?;
+            Ok(vec![sp, sn])
+        })
+    })?;
+    k.store_state(fsr, &[b, g], (fin[0], fin[1]))?;
+    kb.finish()
+}
+
+/// `rla_fwd_out(q, k, v, chunk_states) -> o`, grid (B, N, chunks).
+pub fn fwd_out_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
+    let geo = Geo::new(cfg, d);
+    let mut kb = KernelBuilder::new("rla_fwd_out", &grid3(geo.b, geo.n, geo.nc));
+    kb.launch(geo.warps(), 1);
+    kb.set_precision(dot_precision());
+    let qr = kb.input("q", &geo.q_shape());
+    let kr = kb.input("k", &geo.kv_shape());
+    let vr = kb.input("v", &geo.kv_shape());
+    let csr = kb.input("chunk_states", &geo.cs_shape());
+    let or = kb.output("o", &geo.q_shape());
+    let mut k = K { kb: &mut kb, geo };
+    let b = k.kb.program_id(0)?;
+    let n = k.kb.program_id(1)?;
+    let c = k.kb.program_id(2)?;
+    let rv = k.kb.int(geo.r as i64);
+    let g = k.kb.div(n, rv)?;
+    let (sp, sn) = k.load_state(csr, &[b, g, c])?;
+    k.range(geo.l / geo.c, &[sp, sn], |k, j, s| {
+        let t0 = sub_start(k, c, j)?;
+        let s0 = k.plus(t0, -(geo.w as i64) - 1)?;
+        let qt = k.rows(qr, b, t0, n)?;
+        let kt = k.rows(kr, b, s0, g)?;
+        let vt = k.rows(vr, b, s0, g)?;
+        let (pq, nq) = k.phi(qt)?;
+        let (pk, nk) = k.phi(kt)?;
+        let a = k.dot_t(pq, pk, None)?;
+        let a = k.dot_t(nq, nk, Some(a))?;
+        let a = k.causal(a)?;
+        let o = k.kb.dot(pq, s[0], None)?;
+        let o = k.kb.dot(nq, s[1], Some(o))?;
+        let o = k.kb.dot(a, vt, Some(o))?;
+        k.store_rows(or, b, t0, n, o)?;
+        let sp = k.t_dot(pk, vt, Some(s[0]))?;
+        let sn = k.t_dot(nk, vt, Some(s[1]))?;
+        Ok(vec![sp, sn])
+    })?;
+    kb.finish()
+}
+
+/// `rla_bwd_dstates(q, d_o) -> d_states`, grid (B, G).
+pub fn bwd_dstates_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
+    let geo = Geo::new(cfg, d);
+    let mut kb = KernelBuilder::new(
+        "rla_bwd_dstates",
+        &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g)],
+    );
+    kb.launch(geo.warps(), 1);
+    kb.set_precision(dot_precision());
+    let qr = kb.input("q", &geo.q_shape());
+    let dor = kb.input("d_o", &geo.q_shape());
+    let dsr = kb.output("d_states", &geo.cs_shape());
+    let mut k = K { kb: &mut kb, geo };
+    let b = k.kb.program_id(0)?;
+    let g = k.kb.program_id(1)?;
+    let hh = [geo.h, geo.h];
+    let init = [k.kb.zeros(&hh)?, k.kb.zeros(&hh)?];
+    k.range(geo.nc, &init, |k, i, s| {
+        let last = k.kb.int(geo.nc as i64 - 1);
+        let c = k.kb.sub(last, i)?;
+        k.store_state(dsr, &[b, g, c], (s[0], s[1]))?;
+        k.range(geo.l / geo.c, s, |k, j, s| {
+            let s0 = sub_start(k, c, j)?;
+            let p0 = k.plus(s0, geo.w as i64 + 1)?;
+            k.range(geo.r, s, |k, r, s| {
+                let n = k.affine(g, geo.r as i64, r)?;
+                let qt = k.rows(qr, b, p0, n)?;
+                let dot = k.rows(dor, b, p0, n)?;
+                let (pq, nq) = k.phi(qt)?;
+                let sp = k.t_dot(pq, dot, Some(s[0]))?;
+                let sn = k.t_dot(nq, dot, Some(s[1]))?;
+                Ok(vec![sp, sn])
+            })
+        })
+    })?;
+    kb.finish()
+}
+
+/// `rla_bwd_dq(q, k, v, chunk_states, d_o) -> dq`, grid (B, N, chunks).
+pub fn bwd_dq_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
+    let geo = Geo::new(cfg, d);
+    let mut kb = KernelBuilder::new("rla_bwd_dq", &grid3(geo.b, geo.n, geo.nc));
+    kb.launch(geo.warps(), 1);
+    kb.set_precision(dot_precision());
+    let qr = kb.input("q", &geo.q_shape());
+    let kr = kb.input("k", &geo.kv_shape());
+    let vr = kb.input("v", &geo.kv_shape());
+    let csr = kb.input("chunk_states", &geo.cs_shape());
+    let dor = kb.input("d_o", &geo.q_shape());
+    let dqr = kb.output("dq", &geo.q_shape());
+    let mut k = K { kb: &mut kb, geo };
+    let b = k.kb.program_id(0)?;
+    let n = k.kb.program_id(1)?;
+    let c = k.kb.program_id(2)?;
+    let rv = k.kb.int(geo.r as i64);
+    let g = k.kb.div(n, rv)?;
+    let (sp, sn) = k.load_state(csr, &[b, g, c])?;
+    k.range(geo.l / geo.c, &[sp, sn], |k, j, s| {
+        let t0 = sub_start(k, c, j)?;
+        let s0 = k.plus(t0, -(geo.w as i64) - 1)?;
+        let qt = k.rows(qr, b, t0, n)?;
+        let dot = k.rows(dor, b, t0, n)?;
+        let kt = k.rows(kr, b, s0, g)?;
+        let vt = k.rows(vr, b, s0, g)?;
+        let phq = k.phi(qt)?;
+        let (pk, nk) = k.phi(kt)?;
+        let p = k.dot_t(dot, vt, None)?;
+        let p = k.causal(p)?;
+        let dpq = k.dot_t(dot, s[0], None)?;
+        let dpq = k.kb.dot(p, pk, Some(dpq))?;
+        let dnq = k.dot_t(dot, s[1], None)?;
+        let dnq = k.kb.dot(p, nk, Some(dnq))?;
+        let dq = k.phi_vjp(qt, phq, (dpq, dnq))?;
+        k.store_rows(dqr, b, t0, n, dq)?;
+        let sp = k.t_dot(pk, vt, Some(s[0]))?;
+        let sn = k.t_dot(nk, vt, Some(s[1]))?;
+        Ok(vec![sp, sn])
+    })?;
+    kb.finish()
+}
+
+/// `rla_bwd_dkdv(q, k, v, d_o, d_states) -> (dk, dv)`, grid (B, G, key chunks).
+pub fn bwd_dkdv_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
+    let geo = Geo::new(cfg, d);
+    let mut kb = KernelBuilder::new("rla_bwd_dkdv", &grid3(geo.b, geo.g, geo.nc));
+    kb.launch(geo.warps(), 1);
+    kb.set_precision(dot_precision());
+    let qr = kb.input("q", &geo.q_shape());
+    let kr = kb.input("k", &geo.kv_shape());
+    let vr = kb.input("v", &geo.kv_shape());
+    let dor = kb.input("d_o", &geo.q_shape());
+    let dsr = kb.input("d_states", &geo.cs_shape());
+    let dkr = kb.output("dk", &geo.kv_shape());
+    let dvr = kb.output("dv", &geo.kv_shape());
+    let mut k = K { kb: &mut kb, geo };
+    let b = k.kb.program_id(0)?;
+    let g = k.kb.program_id(1)?;
+    let c = k.kb.program_id(2)?;
+    let (dsp, dsn) = k.load_state(dsr, &[b, g, c])?;
+    let m = geo.l / geo.c;
+    let (ch, hh) = ([geo.c, geo.h], [geo.h, geo.h]);
+    k.range(m, &[dsp, dsn], |k, jj, ds| {
+        let last = k.kb.int(m as i64 - 1);
+        let j = k.kb.sub(last, jj)?;
+        let s0 = sub_start(k, c, j)?;
+        let p0 = k.plus(s0, geo.w as i64 + 1)?;
+        let kt = k.rows(kr, b, s0, g)?;
+        let vt = k.rows(vr, b, s0, g)?;
+        let (pk, nk) = k.phi(kt)?;
+        let init = [
+            k.kb.zeros(&ch)?,
+            k.kb.zeros(&ch)?,
+            k.kb.zeros(&ch)?,
+            k.kb.zeros(&hh)?,
+            k.kb.zeros(&hh)?,
+        ];
+        let acc = k.range(geo.r, &init, |k, r, acc| {
+            let n = k.affine(g, geo.r as i64, r)?;
+            let qt = k.rows(qr, b, p0, n)?;
+            let dot = k.rows(dor, b, p0, n)?;
+            let (pq, nq) = k.phi(qt)?;
+            let a = k.dot_t(pq, pk, None)?;
+            let a = k.dot_t(nq, nk, Some(a))?;
+            let a = k.causal(a)?;
+            let p = k.dot_t(dot, vt, None)?;
+            let p = k.causal(p)?;
+            let dfp = k.t_dot(p, pq, Some(acc[0]))?;
+            let dfn = k.t_dot(p, nq, Some(acc[1]))?;
+            let dv = k.t_dot(a, dot, Some(acc[2]))?;
+            let ip = k.t_dot(pq, dot, Some(acc[3]))?;
+            let inn = k.t_dot(nq, dot, Some(acc[4]))?;
+            Ok(vec![dfp, dfn, dv, ip, inn])
+        })?;
+        let dfp = k.dot_t(vt, ds[0], Some(acc[0]))?;
+        let dfn = k.dot_t(vt, ds[1], Some(acc[1]))?;
+        let dv = k.kb.dot(pk, ds[0], Some(acc[2]))?;
+        let dv = k.kb.dot(nk, ds[1], Some(dv))?;
+        let dk = k.phi_vjp(kt, (pk, nk), (dfp, dfn))?;
+        k.store_rows(dkr, b, s0, g, dk)?;
+        k.store_rows(dvr, b, s0, g, dv)?;
+        let dsp = k.kb.add(ds[0], acc[3])?;
+        let dsn = k.kb.add(ds[1], acc[4])?;
+        Ok(vec![dsp, dsn])
+    })?;
+    kb.finish()
+}
+
+/// The two forward kernels: `[rla_fwd_states, rla_fwd_out]`.
+pub fn fwd_kernels(cfg: &RlaConfig, d: &RlaDims) -> LangResult<[Kernel; 2]> {
+    Ok([fwd_states_kernel(cfg, d)?, fwd_out_kernel(cfg, d)?])
+}
+
+/// The three backward kernels: `[rla_bwd_dstates, rla_bwd_dq, rla_bwd_dkdv]`.
+pub fn bwd_kernels(cfg: &RlaConfig, d: &RlaDims) -> LangResult<[Kernel; 3]> {
+    Ok([
+        bwd_dstates_kernel(cfg, d)?,
+        bwd_dq_kernel(cfg, d)?,
+        bwd_dkdv_kernel(cfg, d)?,
+    ])
+}
+
+/// The forward block run by the interpreter: `(o, chunk_states, final_state)`.
+pub fn interpret_fwd(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> LangResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let [ks, ko] = fwd_kernels(cfg, d)?;
+    let mut st = interp::run(&ks, &[k, v])?.into_iter();
+    let (cs, fs) = (st.next().unwrap_or_default(), st.next().unwrap_or_default());
+    let o = interp::run(&ko, &[q, k, v, &cs])?.pop().unwrap_or_default();
+    Ok((o, cs, fs))
+}
+
+/// The backward block run by the interpreter: `(dq, dk, dv)`.
+#[allow(clippy::too_many_arguments)]
+pub fn interpret_bwd(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    chunk_states: &[f32],
+    d_o: &[f32],
+) -> LangResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let [kds, kdq, kdkv] = bwd_kernels(cfg, d)?;
+    let ds = interp::run(&kds, &[q, d_o])?.pop().unwrap_or_default();
+    let dq = interp::run(&kdq, &[q, k, v, chunk_states, d_o])?
+        .pop()
+        .unwrap_or_default();
+    let mut kv = interp::run(&kdkv, &[q, k, v, d_o, &ds])?.into_iter();
+    let (dk, dv) = (kv.next().unwrap_or_default(), kv.next().unwrap_or_default());
+    Ok((dq, dk, dv))
+}
+
+fn lang_err(b: &hlo_builder::Builder, e: LangError) -> hlo_builder::Error {
+    b.error("rla", e.to_string())
+}
+
+/// `x` as f32 (the Triton kernels read f32; bf16 inputs are widened in the graph).
+fn as_f32(b: &hlo_builder::Builder, x: hlo_builder::Op) -> hlo_builder::Result<hlo_builder::Op> {
+    use hlo_builder::ElementType;
+    match b.shape(x)?.ty() {
+        Some(ElementType::F32) => Ok(x),
+        _ => b.convert(x, ElementType::F32),
+    }
+}
+
+/// The forward block as Triton custom calls: `(o, chunk_states, final_state)` (a tuple op, the
+/// contract of [`crate::graph::rla_fwd_block`]). Two calls: `rla_fwd_states` then `rla_fwd_out`.
+pub fn triton_fwd(
+    b: &hlo_builder::Builder,
+    (q, k, v): (hlo_builder::Op, hlo_builder::Op, hlo_builder::Op),
+    cfg: &RlaConfig,
+    d: &RlaDims,
+) -> hlo_builder::Result<hlo_builder::Op> {
+    use super::triton::custom_call;
+    check_tiles(cfg, d).map_err(|e| lang_err(b, e))?;
+    let (q, k, v) = (as_f32(b, q)?, as_f32(b, k)?, as_f32(b, v)?);
+    let [ks, ko] = fwd_kernels(cfg, d).map_err(|e| lang_err(b, e))?;
+    let st = custom_call(b, &ks, &[k, v])?;
+    let cs = b.get_tuple_element(st, 0)?;
+    let fs = b.get_tuple_element(st, 1)?;
+    let o = custom_call(b, &ko, &[q, k, v, cs])?;
+    b.tuple(&[o, cs, fs])
+}
+
+/// The backward block as Triton custom calls: `(dq, dk, dv)` (a tuple op, the contract of
+/// [`crate::graph::rla_bwd_block`]). Three calls: `rla_bwd_dstates`, `rla_bwd_dq`,
+/// `rla_bwd_dkdv`.
+pub fn triton_bwd(
+    b: &hlo_builder::Builder,
+    (q, k, v): (hlo_builder::Op, hlo_builder::Op, hlo_builder::Op),
+    chunk_states: hlo_builder::Op,
+    d_o: hlo_builder::Op,
+    cfg: &RlaConfig,
+    d: &RlaDims,
+) -> hlo_builder::Result<hlo_builder::Op> {
+    use super::triton::custom_call;
+    check_tiles(cfg, d).map_err(|e| lang_err(b, e))?;
+    let (q, k, v) = (as_f32(b, q)?, as_f32(b, k)?, as_f32(b, v)?);
+    let (cs, d_o) = (as_f32(b, chunk_states)?, as_f32(b, d_o)?);
+    let [kds, kdq, kdkv] = bwd_kernels(cfg, d).map_err(|e| lang_err(b, e))?;
+    let ds = custom_call(b, &kds, &[q, d_o])?;
+    let dq = custom_call(b, &kdq, &[q, k, v, cs, d_o])?;
+    let dkdv = custom_call(b, &kdkv, &[q, k, v, d_o, ds])?;
+    let dk = b.get_tuple_element(dkdv, 0)?;
+    let dv = b.get_tuple_element(dkdv, 1)?;
+    b.tuple(&[dq, dk, dv])
+}

@@ -1,0 +1,201 @@
+//! The Triton lowering of the RLA blocks compiled ahead of time for H100 and A100 through the
+//! CUDA PJRT plugin (no GPU needed). The plugin parses and verifies our TTIR with its bundled
+//! Triton and runs ptxas, so a malformed kernel fails here.
+//!
+//! Runs when the CUDA plugin, ptxas and libdevice are in the plugin cache (CI installs them;
+//! `RATTN_AOT_TESTS=1` installs what is missing); otherwise each test prints a skip line.
+
+use hlo_builder::{Builder, ElementType, Shape};
+use pallas_port::lang::rla::{bwd_kernels, fwd_kernels};
+use pallas_port::lang::triton;
+use pallas_port::{rla, FeatureMap, Lowering, RlaConfig, RlaDims};
+use pjrt::install::{PluginCache, PluginKind};
+use pjrt::topology::Topology;
+use pjrt::{CompileOptions, Plugin, Program};
+
+fn gpu(test: &str) -> Option<Plugin> {
+    for (k, v) in pjrt::gpu::environment() {
+        if std::env::var_os(k).is_none() {
+            // Set before any plugin loads; every test here reaches the plugin only after this.
+            std::env::set_var(k, v);
+        }
+    }
+    let cache = PluginCache::default();
+    if std::env::var("RATTN_AOT_TESTS").is_ok_and(|v| v == "1") {
+        cache
+            .install(PluginKind::Cuda)
+            .and(cache.install_cuda_tools())
+            .expect("installing the CUDA plugin, ptxas and libdevice");
+    } else if cache.installed(PluginKind::Cuda).is_none() || cache.installed_cuda_tools().is_none()
+    {
+        eprintln!(
+            "skip {test}: the CUDA plugin or ptxas/libdevice is not installed (set RATTN_AOT_TESTS=1 to install and run)"
+        );
+        return None;
+    }
+    Some(
+        cache
+            .load(PluginKind::Cuda)
+            .expect("loading the CUDA plugin"),
+    )
+}
+
+fn f32(dims: &[usize]) -> Shape {
+    Shape::array(
+        ElementType::F32,
+        &dims.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+    )
+}
+
+/// The graph `sum(rla(q, k, v) · w)` and its gradients with respect to q, k, v.
+fn fwd_bwd_module(d: &RlaDims, cfg: &RlaConfig) -> Vec<u8> {
+    let b = Builder::new("rla_triton");
+    let q = b.parameter(f32(&d.q_shape()), "q").unwrap();
+    let k = b.parameter(f32(&d.kv_shape()), "k").unwrap();
+    let v = b.parameter(f32(&d.kv_shape()), "v").unwrap();
+    let w = b.parameter(f32(&d.q_shape()), "w").unwrap();
+    let o = rla(&b, q, k, v, cfg, Lowering::Triton).unwrap();
+    let ow = b.mul(o, w).unwrap();
+    let loss = b.reduce_sum(ow, &[0, 1, 2, 3]).unwrap();
+    let g = b.grad(loss, &[q, k, v]).unwrap();
+    let root = b.tuple(&[o, g[0], g[1], g[2]]).unwrap();
+    b.build(root).unwrap().to_bytes()
+}
+
+fn compile(topo: &Topology, what: &str, d: &RlaDims, cfg: &RlaConfig) {
+    let t = std::time::Instant::now();
+    let exe = topo
+        .compile(
+            Program::Hlo(&fwd_bwd_module(d, cfg)),
+            &CompileOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("{what} {d} {cfg:?}: {e}"));
+    let blob = exe.serialize().unwrap();
+    assert!(
+        blob.windows(4).any(|w| w == b"\x7fELF"),
+        "{what}: no cubin in {} bytes",
+        blob.len()
+    );
+    let opt = String::from_utf8_lossy(&exe.optimized_program().unwrap()).to_string();
+    for name in [
+        "rla_fwd_states",
+        "rla_fwd_out",
+        "rla_bwd_dstates",
+        "rla_bwd_dq",
+        "rla_bwd_dkdv",
+    ] {
+        assert!(
+            opt.contains(name),
+            "{what}: kernel {name} missing from the optimized HLO"
+        );
+    }
+    eprintln!(
+        "{what}: {d} {cfg:?} compiled in {:?}; {:?}",
+        t.elapsed(),
+        exe.memory_stats().unwrap()
+    );
+}
+
+/// Small tiles keep the compile short (ptxas and Triton take ~30 s for the five kernels at
+/// H 32 on 2 cores, several minutes at H 128): this is a check of the TTIR, not of speed.
+#[test]
+fn rla_triton_kernels_compile_for_h100_and_a100() {
+    let Some(plugin) = gpu("rla_triton_kernels_compile_for_h100_and_a100") else {
+        return;
+    };
+    let small = RlaDims {
+        batch: 2,
+        seq: 200,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 32,
+    };
+    let cfg = RlaConfig {
+        window: 37,
+        sub_chunk: 16,
+        chunk: 64,
+        feature_map: FeatureMap::Softmax,
+    };
+    let h100 = Topology::gpu_named(&plugin, "h100", "1x1x1").unwrap();
+    compile(&h100, "h100", &small, &cfg);
+    let a100 = Topology::gpu_named(&plugin, "a100", "1x1x1").unwrap();
+    let relu = RlaConfig {
+        feature_map: FeatureMap::Relu,
+        ..cfg
+    };
+    compile(&a100, "a100", &small, &relu);
+}
+
+/// The benchmark shape (H 128, T 4096) and H 64: minutes of compile on 2 cores, so only with
+/// `RATTN_AOT_BIG=1`.
+#[test]
+fn rla_triton_kernels_compile_at_head_dims_64_and_128() {
+    if !std::env::var("RATTN_AOT_BIG").is_ok_and(|v| v == "1") {
+        eprintln!(
+            "skip rla_triton_kernels_compile_at_head_dims_64_and_128: several minutes of compile \
+             (set RATTN_AOT_BIG=1 to run)"
+        );
+        return;
+    }
+    let Some(plugin) = gpu("rla_triton_kernels_compile_at_head_dims_64_and_128") else {
+        return;
+    };
+    let h100 = Topology::gpu_named(&plugin, "h100", "1x1x1").unwrap();
+    for (h, t, w, c, l) in [(128, 4096, 512, 64, 512), (64, 300, 37, 32, 64)] {
+        let d = RlaDims {
+            batch: 1,
+            seq: t,
+            heads: 8,
+            kv_heads: 2,
+            head_dim: h,
+        };
+        let cfg = RlaConfig {
+            window: w,
+            sub_chunk: c,
+            chunk: l,
+            feature_map: FeatureMap::Softmax,
+        };
+        compile(&h100, "h100", &d, &cfg);
+    }
+}
+
+#[test]
+fn ttir_has_the_expected_ops() {
+    // No plugin needed: the emitted text itself.
+    let d = RlaDims {
+        batch: 1,
+        seq: 100,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 16,
+    };
+    let cfg = RlaConfig {
+        window: 3,
+        sub_chunk: 16,
+        chunk: 32,
+        feature_map: FeatureMap::Softmax,
+    };
+    let [_, out] = fwd_kernels(&cfg, &d).unwrap();
+    let ir = triton::emit(&out).unwrap();
+    for needle in [
+        "tt.func public @rla_fwd_out(%arg0: !tt.ptr<f32>",
+        "tt.get_program_id z : i32",
+        "scf.for",
+        "iter_args(",
+        "inputPrecision = ieee",
+        "\"tt.reduce\"",
+        "tt.trans",
+        "math.exp",
+        "tt.store",
+    ] {
+        assert!(ir.contains(needle), "missing {needle:?} in\n{ir}");
+    }
+    // Five pointer arguments: q, k, v, chunk_states, then o.
+    assert!(ir.contains("%arg4: !tt.ptr<f32>") && !ir.contains("%arg5"));
+    let [_, _, dkdv] = bwd_kernels(&cfg, &d).unwrap();
+    let ir = triton::emit(&dkdv).unwrap();
+    assert!(ir.contains("scf.for") && ir.contains("%arg6: !tt.ptr<f32>"));
+    let cfgs = triton::backend_config(&dkdv, &ir);
+    assert_eq!(cfgs[2].1, hlo_builder::Attr::I32(1)); // grid_x = B
+    assert_eq!(cfgs[4].1, hlo_builder::Attr::I32(4)); // grid_z = ceil(100 / 32) key chunks
+}
