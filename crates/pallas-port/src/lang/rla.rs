@@ -27,6 +27,7 @@
 //! φ(0) ≠ 0). Query rows past `T` load as 0 and are not stored; keys whose query position lies
 //! past `T` are masked out of the forward states explicitly.
 
+use super::builder::KernelBuilder;
 use super::interp;
 use super::ir::*;
 use crate::config::{FeatureMap, RlaConfig, RlaDims};
