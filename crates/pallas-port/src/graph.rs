@@ -30,8 +30,12 @@ pub enum Lowering {
     /// Typed-FFI custom call served by our CPU kernels (registered with
     /// [`crate::register_cpu_kernels`] on the PJRT CPU client).
     CustomCall,
-    /// Pure HLO (`while` over chunks): runs anywhere, TPU first.
+    /// Pure HLO (`while` over chunks): runs anywhere; the fallback everywhere.
     Hlo,
+    /// Mosaic kernels written in the kernel language ([`crate::lang::rla_mosaic`]) in
+    /// `tpu_custom_call`s, compiled by libtpu (TPU). Needs `sub_chunk` and head dim multiples
+    /// of 8.
+    Mosaic,
     /// The custom call on the CPU platform, HLO elsewhere. Resolve it with
     /// [`Lowering::for_platform`] before building: [`rla`] refuses an unresolved `Auto`.
     #[default]
@@ -43,13 +47,15 @@ impl Lowering {
     /// the client or topology: `"cpu"`, `"cuda"`, `"tpu"`, ...; case-insensitive).
     ///
     /// `Auto` becomes [`Lowering::CustomCall`] on the CPU platform (`"cpu"` or `"host"`), where
-    /// the caller registers our kernels, and [`Lowering::Hlo`] on every other platform. Explicit
-    /// choices are returned unchanged.
+    /// the caller registers our kernels, [`Lowering::Mosaic`] on `"tpu"`, and [`Lowering::Hlo`]
+    /// on every other platform. Explicit choices are returned unchanged (so `Hlo` stays the
+    /// fallback on TPU).
     ///
     /// ```
     /// use pallas_port::Lowering;
     /// assert_eq!(Lowering::Auto.for_platform("cpu"), Lowering::CustomCall);
-    /// assert_eq!(Lowering::Auto.for_platform("tpu"), Lowering::Hlo);
+    /// assert_eq!(Lowering::Auto.for_platform("tpu"), Lowering::Mosaic);
+    /// assert_eq!(Lowering::Hlo.for_platform("tpu"), Lowering::Hlo);
     /// assert_eq!(Lowering::CustomCall.for_platform("tpu"), Lowering::CustomCall);
     /// ```
     pub fn for_platform(self, platform: &str) -> Lowering {
@@ -58,16 +64,18 @@ impl Lowering {
             .any(|p| platform.eq_ignore_ascii_case(p));
         match self {
             Lowering::Auto if host => Lowering::CustomCall,
+            Lowering::Auto if platform.eq_ignore_ascii_case("tpu") => Lowering::Mosaic,
             Lowering::Auto => Lowering::Hlo,
             l => l,
         }
     }
 
-    /// The config spelling: `"auto"`, `"custom_call"` or `"hlo"`.
+    /// The config spelling: `"auto"`, `"custom_call"`, `"hlo"` or `"mosaic"`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Lowering::CustomCall => "custom_call",
             Lowering::Hlo => "hlo",
+            Lowering::Mosaic => "mosaic",
             Lowering::Auto => "auto",
         }
     }
@@ -76,7 +84,7 @@ impl Lowering {
     fn is_hlo(self, op: &str) -> Result<bool> {
         match self {
             Lowering::Hlo => Ok(true),
-            Lowering::CustomCall => Ok(false),
+            Lowering::CustomCall | Lowering::Mosaic => Ok(false),
             Lowering::Auto => Err(hlo_builder::Error::invalid(
                 "rla",
                 format!(
@@ -168,6 +176,9 @@ pub fn rla_fwd_block(
     if hlo {
         return crate::hlo::rla_fwd_hlo(b, q, k, v, cfg);
     }
+    if lowering == Lowering::Mosaic {
+        return crate::lang::rla_mosaic::mosaic_fwd(b, (q, k, v), cfg, &d);
+    }
     let out = f32_tuple(&[
         &d.q_shape(),
         &d.chunk_states_shape(cfg),
@@ -190,6 +201,9 @@ pub fn rla_bwd_block(
     let _s = b.name_scope("bwd");
     if hlo {
         return crate::hlo::rla_bwd_hlo(b, q, k, v, chunk_states, d_o, cfg);
+    }
+    if lowering == Lowering::Mosaic {
+        return crate::lang::rla_mosaic::mosaic_bwd(b, (q, k, v), chunk_states, d_o, cfg, &d);
     }
     let out = f32_tuple(&[&d.q_shape(), &d.kv_shape(), &d.kv_shape()]);
     b.custom_call(BWD_TARGET, &[q, k, v, chunk_states, d_o], out, &attrs(cfg))

@@ -173,8 +173,8 @@ pub struct Report {
 const CPU_ONLY_TARGETS: &[&str] = &[pallas_port::ffi::FWD_TARGET, pallas_port::ffi::BWD_TARGET];
 
 /// Load the config and apply `--batch` and the lowering policy for an accelerator target: `auto`
-/// stays (tracing for the target's platform resolves it to `hlo`); `custom_call` is refused,
-/// naming the CPU-only custom calls.
+/// stays (tracing for the target's platform resolves it: `mosaic` on TPU, `hlo` elsewhere);
+/// `custom_call` is refused, naming the CPU-only custom calls; `mosaic` only on TPU.
 pub fn prepare_config(args: &CompileArgs, target: &Target) -> Result<RunConfig> {
     let mut cfg = RunConfig::load(&args.config, &args.overrides)?;
     if let Some(b) = args.batch {
@@ -185,6 +185,12 @@ pub fn prepare_config(args: &CompileArgs, target: &Target) -> Result<RunConfig> 
     }
     match cfg.model.rla.lowering {
         Lowering::Hlo | Lowering::Auto => {}
+        Lowering::Mosaic if target.platform() == "tpu" => {}
+        Lowering::Mosaic => bail!(
+            "model.rla.lowering = \"mosaic\" lowers RLA to TPU kernels (tpu_custom_call), which {} cannot \
+             run; use \"hlo\" or \"auto\"",
+            target.platform().to_uppercase()
+        ),
         Lowering::CustomCall => bail!(
             "model.rla.lowering = \"custom_call\" lowers RLA to the custom calls {}, which are served only by \
              our CPU FFI kernels (registered with the PJRT CPU plugin); {} has no handler for them. Use \
