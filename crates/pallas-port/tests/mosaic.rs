@@ -89,13 +89,17 @@ fn mosaic_kernels_match_reference_in_the_interpreter() {
         cfg(5, 16, 32, FeatureMap::Softmax),
         1,
     );
+    check_numerics(dims(1, 77, 4, 1, 8), cfg(40, 8, 24, FeatureMap::Softmax), 2);
     check_numerics(
-        dims(1, 77, 4, 1, 8),
-        cfg(40, 8, 24, FeatureMap::Softmax),
-        2,
+        dims(1, 64, 2, 2, 32),
+        cfg(0, 16, 16, FeatureMap::Softmax),
+        3,
     );
-    check_numerics(dims(1, 64, 2, 2, 32), cfg(0, 16, 16, FeatureMap::Softmax), 3);
-    check_numerics(dims(1, 20, 1, 1, 16), cfg(30, 16, 32, FeatureMap::Softmax), 4);
+    check_numerics(
+        dims(1, 20, 1, 1, 16),
+        cfg(30, 16, 32, FeatureMap::Softmax),
+        4,
+    );
     check_numerics(dims(1, 90, 4, 1, 16), cfg(7, 16, 32, FeatureMap::Relu), 5);
 }
 
@@ -103,7 +107,12 @@ fn mosaic_kernels_match_reference_in_the_interpreter() {
 fn hlo_layout_change_equals_the_host_one() {
     // The graph wrapper's transpose/pad/reshape (run by XLA CPU) and its inverse against the
     // host functions the interpreter test uses: shifts inside T, past T' and zero.
-    for (t, shift, sub, chunk) in [(37, 6, 8, 16), (20, 31, 8, 16), (48, 0, 8, 24), (16, 40, 8, 8)] {
+    for (t, shift, sub, chunk) in [
+        (37, 6, 8, 16),
+        (20, 31, 8, 16),
+        (48, 0, 8, 24),
+        (16, 40, 8, 8),
+    ] {
         let d = dims(2, t, 3, 3, 8);
         let c = cfg(shift.max(1) - 1, sub, chunk, FeatureMap::Softmax);
         let l = Layout::new(&c, &d).unwrap();
@@ -142,7 +151,9 @@ fn add_kernel(array: &[usize], block: &[usize], grid: usize) -> Result<Kernel, S
     let x = k
         .input_block("x", array, spec.clone())
         .map_err(|e| e.to_string())?;
-    let y = k.output_block("y", array, spec).map_err(|e| e.to_string())?;
+    let y = k
+        .output_block("y", array, spec)
+        .map_err(|e| e.to_string())?;
     let zero = k.int(0);
     let ix = [Index::Slice(zero, block[0]), Index::Slice(zero, block[1])];
     let t = k.load(x, &ix).map_err(|e| e.to_string())?;
@@ -165,22 +176,34 @@ fn checks_refuse_what_libtpu_accepts_silently() {
     assert_eq!(r.flops, 64 * 256);
     // A grid of 9 blocks over an array that holds 8.
     let e = check_err(&add_kernel(&[64, 256], &[8, 256], 9).unwrap(), usize::MAX);
-    assert!(e.contains("visits blocks 0..=8") && e.contains("holds 8 block"), "{e}");
+    assert!(
+        e.contains("visits blocks 0..=8") && e.contains("holds 8 block"),
+        "{e}"
+    );
     // Misaligned tiles: 100 lanes of 256, 4 sublanes of 64.
     let mut bad = ok.clone();
     bad.inputs[0].block.shape = vec![8, 100];
     let e = check_err(&bad, usize::MAX);
-    assert!(e.contains("misaligned along dim 1") && e.contains("multiple of 128"), "{e}");
+    assert!(
+        e.contains("misaligned along dim 1") && e.contains("multiple of 128"),
+        "{e}"
+    );
     bad.inputs[0].block.shape = vec![4, 256];
     let e = check_err(&bad, usize::MAX);
-    assert!(e.contains("misaligned along dim 0") && e.contains("multiple of 8"), "{e}");
+    assert!(
+        e.contains("misaligned along dim 0") && e.contains("multiple of 8"),
+        "{e}"
+    );
     // A block larger than its array (the builder refuses it too; a hand-made kernel is checked).
     bad.inputs[0].block.shape = vec![8, 512];
     let e = check_err(&bad, usize::MAX);
     assert!(e.contains("larger than the array along dim 1"), "{e}");
     // VMEM over the budget.
     let e = check_err(&ok, 16 * 1024);
-    assert!(e.contains("needs 32768 bytes of VMEM") && e.contains("budget of 16384"), "{e}");
+    assert!(
+        e.contains("needs 32768 bytes of VMEM") && e.contains("budget of 16384"),
+        "{e}"
+    );
     // An access that may leave its block (rows 4..12 of an 8-row block).
     let mut k = KernelBuilder::new("oob", &[GridAxis::parallel(8)]);
     let spec = BlockSpec {
@@ -190,11 +213,16 @@ fn checks_refuse_what_libtpu_accepts_silently() {
     let x = k.input_block("x", &[64, 256], spec.clone()).unwrap();
     let y = k.output_block("y", &[64, 256], spec).unwrap();
     let (zero, four) = (k.int(0), k.int(4));
-    let t = k.load(x, &[Index::Slice(four, 8), Index::Slice(zero, 256)]).unwrap();
+    let t = k
+        .load(x, &[Index::Slice(four, 8), Index::Slice(zero, 256)])
+        .unwrap();
     k.store(y, &[Index::Slice(zero, 8), Index::Slice(zero, 256)], t)
         .unwrap();
     let e = check_err(&k.finish().unwrap(), usize::MAX);
-    assert!(e.contains("`x`") && e.contains("may leave the block"), "{e}");
+    assert!(
+        e.contains("`x`") && e.contains("may leave the block"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -355,12 +383,37 @@ fn rla_kernels_compile_for_head_dim_64_and_relu() {
     in_child(test, |plugin| {
         let d = dims(2, 700, 8, 2, 64);
         let c = cfg(100, 64, 256, FeatureMap::Relu);
-        for k in [
-            rla_mosaic::fwd_kernel(&c, &d).unwrap(),
-            rla_mosaic::bwd_kernel(&c, &d).unwrap(),
-        ] {
-            compile_kernel(plugin, "v5e:2x2", &k);
+        let fwd = rla_mosaic::fwd_kernel(&c, &d).unwrap();
+        for k in [&fwd, &rla_mosaic::bwd_kernel(&c, &d).unwrap()] {
+            compile_kernel(plugin, "v5e:2x2", k);
         }
+        // Without our cost estimate XLA's cost model sees no work in the kernel.
+        let b = Builder::new("no_estimate");
+        let args: Vec<_> = fwd
+            .inputs
+            .iter()
+            .map(|a| b.parameter(f32_shape(&a.shape), &a.name).unwrap())
+            .collect();
+        let result =
+            hlo_builder::Shape::tuple(fwd.outputs.iter().map(|a| f32_shape(&a.shape)).collect());
+        let config = mosaic::backend_config(&mosaic::emit(&fwd).unwrap(), None);
+        let root = b
+            .custom_call_with_config(mosaic::TARGET, &args, result, &config, 1)
+            .unwrap();
+        let topo = pjrt::topology::Topology::tpu(plugin, "v5e:2x2").unwrap();
+        let exe = topo
+            .compile(
+                pjrt::Program::Hlo(&b.build(root).unwrap().to_bytes()),
+                &pjrt::CompileOptions::default(),
+            )
+            .unwrap();
+        let flops = exe.cost_analysis().unwrap().flops().unwrap_or(0.0);
+        let ours = mosaic::check(&fwd, usize::MAX).unwrap().flops as f64;
+        eprintln!("v5e: rla_fwd_mosaic without cost_estimate: XLA flops {flops} (ours {ours})");
+        assert!(
+            flops < 1e-3 * ours,
+            "XLA counted {flops} flops in an opaque kernel"
+        );
     });
 }
 
@@ -389,7 +442,11 @@ fn rla_with_grad_compiles_for_v5p_with_mosaic_lowering() {
             )
             .unwrap();
         let opt = String::from_utf8_lossy(&exe.optimized_program().unwrap()).into_owned();
-        assert_eq!(opt.matches("tpu_custom_call").count(), 2, "fwd and bwd kernels");
+        assert_eq!(
+            opt.matches("tpu_custom_call").count(),
+            2,
+            "fwd and bwd kernels"
+        );
         eprintln!("v5p: rla + grad: {:?}", exe.memory_stats().unwrap());
     });
 }

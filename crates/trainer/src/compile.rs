@@ -277,7 +277,7 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         param_and_adam_bytes: 4 * 3 * param_count,
         batch: cfg.train.batch,
         seq_len: cfg.model.seq_len,
-        rla_lowering: "hlo".into(),
+        rla_lowering: model.rla_lowering(target.platform()).as_str().into(),
         programs: Vec::new(),
         notes: Vec::new(),
     };

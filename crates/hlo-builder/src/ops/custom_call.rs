@@ -240,8 +240,11 @@ impl Family for CustomCall {
         p.custom_call_has_side_effect = self.has_side_effect;
         if !self.row_major_operands.is_empty() {
             p.constrain_layout = true;
-            p.operand_shapes_with_layout =
-                self.row_major_operands.iter().map(Shape::to_proto).collect();
+            p.operand_shapes_with_layout = self
+                .row_major_operands
+                .iter()
+                .map(Shape::to_proto)
+                .collect();
         }
     }
 

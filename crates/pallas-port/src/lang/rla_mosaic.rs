@@ -412,7 +412,12 @@ pub fn from_kernel_layout(l: &Layout, y: &[f32], heads: usize, shift: usize) -> 
 
 /// [`to_kernel_layout`] in HLO: transpose, one `pad` (shift and padding; negative high padding
 /// drops rows), reshape. `x` is f32 `[B, T, heads, H]`.
-pub fn to_kernel_layout_hlo(b: &Builder, l: &Layout, x: HloOp, shift: usize) -> hlo_builder::Result<HloOp> {
+pub fn to_kernel_layout_hlo(
+    b: &Builder,
+    l: &Layout,
+    x: HloOp,
+    shift: usize,
+) -> hlo_builder::Result<HloOp> {
     let s = b.shape(x)?;
     let heads = s.dims()[2];
     let xt = b.transpose(x, &[0, 2, 1, 3])?;
@@ -439,7 +444,12 @@ pub fn to_kernel_layout_hlo(b: &Builder, l: &Layout, x: HloOp, shift: usize) -> 
 
 /// [`from_kernel_layout`] in HLO: reshape, one `pad` (negative low padding drops the first
 /// `shift` rows), transpose back to `[B, T, heads, H]`.
-pub fn from_kernel_layout_hlo(b: &Builder, l: &Layout, y: HloOp, shift: usize) -> hlo_builder::Result<HloOp> {
+pub fn from_kernel_layout_hlo(
+    b: &Builder,
+    l: &Layout,
+    y: HloOp,
+    shift: usize,
+) -> hlo_builder::Result<HloOp> {
     let s = b.shape(y)?;
     let heads = s.dims()[1];
     let (t, tp, sh) = (l.t as i64, l.tp() as i64, shift as i64);
@@ -448,7 +458,11 @@ pub fn from_kernel_layout_hlo(b: &Builder, l: &Layout, y: HloOp, shift: usize) -
     let y4 = if sh >= tp {
         b.zeros(ElementType::F32, &[l.b as i64, heads, t, l.h as i64])?
     } else {
-        b.pad(y4, zero, &[(0, 0, 0), (0, 0, 0), (-sh, t - tp + sh, 0), (0, 0, 0)])?
+        b.pad(
+            y4,
+            zero,
+            &[(0, 0, 0), (0, 0, 0), (-sh, t - tp + sh, 0), (0, 0, 0)],
+        )?
     };
     b.transpose(y4, &[0, 2, 1, 3])
 }
@@ -564,7 +578,12 @@ pub fn mosaic_bwd(
     let k5 = to_kernel_layout_hlo(b, &l, k, l.shift)?;
     let v5 = to_kernel_layout_hlo(b, &l, v, l.shift)?;
     let do5 = to_kernel_layout_hlo(b, &l, d_o, 0)?;
-    let out = mosaic::custom_call(b, &kern, &[q5, k5, v5, cs, do5], mosaic::DEFAULT_VMEM_BUDGET)?;
+    let out = mosaic::custom_call(
+        b,
+        &kern,
+        &[q5, k5, v5, cs, do5],
+        mosaic::DEFAULT_VMEM_BUDGET,
+    )?;
     let dq = from_kernel_layout_hlo(b, &l, b.get_tuple_element(out, 0)?, 0)?;
     let dk = from_kernel_layout_hlo(b, &l, b.get_tuple_element(out, 1)?, l.shift)?;
     let dv = from_kernel_layout_hlo(b, &l, b.get_tuple_element(out, 2)?, l.shift)?;
