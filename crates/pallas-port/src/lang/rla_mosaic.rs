@@ -107,7 +107,7 @@ pub fn check_config(cfg: &RlaConfig, d: &RlaDims) -> LangResult<()> {
                 "tiles",
                 format!(
                     "{what} = {x}: the Mosaic RLA kernels need a multiple of 8 (the f32 sublane \
-                     tile); got {cfg:?} with {d}"
+                     tile); got {cfg:?} with {d}; use the lowering \"hlo\" for this config"
                 ),
             ));
         }
