@@ -315,7 +315,7 @@ fn compile_kernel(plugin: &pjrt::Plugin, topo_name: &str, k: &Kernel) {
         .map(|a| b.parameter(f32_shape(&a.shape), &a.name).unwrap())
         .collect();
     let gen = topo_name.split(':').next().unwrap();
-    let budget = mosaic::vmem_capacity(gen).unwrap();
+    let budget = mosaic::scoped_vmem_limit(gen).unwrap();
     let report = mosaic::check(k, budget).unwrap();
     let root = mosaic::custom_call(&b, k, &args, budget).unwrap();
     let comp = b.build(root).unwrap();

@@ -25,7 +25,9 @@
 //!   analysis of the scalar index arithmetic), and its last two dims start at constant, tile
 //!   aligned offsets (Mosaic has no masked access; the interpreter's "out of range reads 0"
 //!   does not exist here);
-//! - VMEM use (2 buffers per operand/result block + scratch, padded to tiles) fits the budget.
+//! - VMEM use (2 buffers per operand/result block + scratch, padded to tiles) fits the budget
+//!   (libtpu checks its own total, which adds Mosaic's internal scratch, against its scoped
+//!   limit and fails cleanly with `E1001 CompileTimeScopedVmemOom`).
 //!
 //! Semantics that differ from the interpreter: scratch is **not** zeroed at launch (a kernel
 //! initialises it itself, as the RLA kernels do on their first chunk), and the parallel grid
@@ -46,9 +48,8 @@ pub const TARGET: &str = "tpu_custom_call";
 /// The `stable_mosaic.version` we emit (libtpu 0.0.52 accepts ≤ 20 and upgrades older ones).
 pub const MOSAIC_VERSION: i64 = 11;
 
-/// The VMEM budget a kernel is checked against when no chip is named: 16 MiB, the smallest
-/// VMEM of the generations libtpu 0.0.52 compiles for (v4: 16 MiB per core; v5p 64 MiB, v5e
-/// and v6e 128 MiB, tpu7x 64 MiB; jax `_src/tpu_info.py`), and the scoped default.
+/// The VMEM budget a kernel is checked against when no chip is named: 16 MiB, libtpu's default
+/// scoped VMEM limit on v5e and v5p ([`scoped_vmem_limit`]).
 pub const DEFAULT_VMEM_BUDGET: usize = 16 << 20;
 
 /// VMEM per TensorCore of a TPU generation (the name as in topology names: `v4`, `v5e`, `v5p`,
@@ -60,6 +61,19 @@ pub fn vmem_capacity(generation: &str) -> Option<usize> {
         "v5p" | "v5" => 64,
         "v6e" => 128,
         "tpu7x" => 64,
+        _ => return None,
+    };
+    Some(mib << 20)
+}
+
+/// libtpu 0.0.52's default scoped VMEM limit, the most a kernel may use without raising it
+/// (`scoped_memory_configs`), measured by compiling kernels of 16, 32 and 64 MiB of blocks:
+/// 16 MiB on v5e and v5p, 32 MiB on v6e (`E1001 CompileTimeScopedVmemOom … limit 16.00M`).
+/// It covers our blocks and scratch plus Mosaic's internal scratch. `None` where unmeasured.
+pub fn scoped_vmem_limit(generation: &str) -> Option<usize> {
+    let mib = match generation.to_ascii_lowercase().as_str() {
+        "v5e" | "v5p" | "v5" => 16,
+        "v6e" => 32,
         _ => return None,
     };
     Some(mib << 20)
