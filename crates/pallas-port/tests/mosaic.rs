@@ -295,18 +295,6 @@ fn in_child(test: &str, body: impl FnOnce(&pjrt::Plugin)) -> bool {
     true
 }
 
-/// libtpu's VMEM figure for the kernel: `used_scoped_memory_configs` in the optimized
-/// program's custom-call backend config.
-fn libtpu_vmem(optimized: &[u8]) -> Option<usize> {
-    let text = String::from_utf8_lossy(optimized);
-    let call = text.find("custom_call_config")?;
-    let at = call + text[call..].find("used_scoped_memory_configs")?;
-    let rest = &text[at..];
-    let s = rest.find("\"size\":\"")? + 8;
-    let e = rest[s..].find('"')?;
-    rest[s..s + e].parse().ok()
-}
-
 fn compile_kernel(plugin: &pjrt::Plugin, topo_name: &str, k: &Kernel) {
     let b = Builder::new(&k.name);
     let args: Vec<_> = k
@@ -334,7 +322,7 @@ fn compile_kernel(plugin: &pjrt::Plugin, topo_name: &str, k: &Kernel) {
             )
         });
     let opt = exe.optimized_program().unwrap();
-    let vmem = libtpu_vmem(&opt);
+    let vmem = mosaic::compiled_vmem(&opt).first().copied();
     let cost = exe.cost_analysis().unwrap();
     eprintln!(
         "{topo_name}: {} compiled in {:?}; VMEM ours {} libtpu {vmem:?}; flops ours {} XLA {:?}",

@@ -136,6 +136,19 @@ pub struct ProgramReport {
     pub cost: Option<CostReport>,
     /// Where the optimized HLO text was written.
     pub optimized_hlo: Option<PathBuf>,
+    /// The Mosaic kernels (`tpu_custom_call`, the `mosaic` RLA lowering) in the program.
+    pub mosaic_kernels: Option<KernelVmemReport>,
+}
+
+/// VMEM of the Mosaic kernels of a compiled TPU program, as libtpu reports it per kernel.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelVmemReport {
+    /// Number of `tpu_custom_call`s.
+    pub calls: usize,
+    /// Smallest VMEM use of one kernel, bytes.
+    pub min_vmem_bytes: usize,
+    /// Largest VMEM use of one kernel, bytes.
+    pub max_vmem_bytes: usize,
 }
 
 /// The whole report of one `rattn compile`.
@@ -361,6 +374,7 @@ fn compile_program(
         verdict: String::new(),
         cost: None,
         optimized_hlo: None,
+        mosaic_kernels: None,
     };
     let compiled = match compilation.result {
         Ok(compiled) => compiled,
@@ -418,6 +432,16 @@ fn compile_program(
                 .collect(),
         });
     }
+    if topo.kind() == TopologyKind::Tpu {
+        let vmem = pallas_port::lang::mosaic::compiled_vmem(&exe.optimized_program()?);
+        if let (Some(&min), Some(&max)) = (vmem.iter().min(), vmem.iter().max()) {
+            p.mosaic_kernels = Some(KernelVmemReport {
+                calls: vmem.len(),
+                min_vmem_bytes: min,
+                max_vmem_bytes: max,
+            });
+        }
+    }
     if let Some(dump) = dump {
         let files = dump.after(module, target.platform(), &compiled)?;
         p.optimized_hlo = files.into_iter().next();
@@ -473,6 +497,14 @@ fn print_program(p: &ProgramReport, limit: i64) {
             units::scientific(c.bytes_accessed),
             units::fixed(c.optimal_seconds, 4),
             units::fixed(c.tokens_per_second, 0)
+        );
+    }
+    if let Some(k) = &p.mosaic_kernels {
+        println!(
+            "  Mosaic kernels: {} tpu_custom_calls, VMEM {} to {} per kernel (libtpu's figure)",
+            k.calls,
+            units::bytes(k.min_vmem_bytes as i64),
+            units::bytes(k.max_vmem_bytes as i64)
         );
     }
     if let Some(path) = &p.optimized_hlo {

@@ -1185,6 +1185,36 @@ pub fn backend_config(body: &str, report: Option<&MosaicReport>) -> String {
     )
 }
 
+/// libtpu's VMEM figure for every Mosaic kernel of a compiled program, in order: the
+/// `used_scoped_memory_configs` size that libtpu writes into each `tpu_custom_call`'s backend
+/// config (our blocks and scratch plus Mosaic's internal scratch). `optimized_program` is the
+/// serialized optimized `HloModuleProto` (`Executable::optimized_program`).
+pub fn compiled_vmem(optimized_program: &[u8]) -> Vec<usize> {
+    let text = String::from_utf8_lossy(optimized_program);
+    let mut out = Vec::new();
+    let mut rest: &str = &text;
+    while let Some(call) = rest.find("custom_call_config") {
+        rest = &rest[call + "custom_call_config".len()..];
+        // The next call's config starts a new search; stay inside this one.
+        let end = rest.find("custom_call_config").unwrap_or(rest.len());
+        let this = &rest[..end];
+        let size = this.find("used_scoped_memory_configs").and_then(|at| {
+            let cfg = &this[at..];
+            let s = cfg.find("\"size\"")? + "\"size\"".len();
+            let digits: String = cfg[s..]
+                .chars()
+                .skip_while(|c| !c.is_ascii_digit())
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        });
+        if let Some(v) = size {
+            out.push(v);
+        }
+    }
+    out
+}
+
 fn f32_shape(dims: &[usize]) -> Shape {
     Shape::array(
         ElementType::F32,
