@@ -43,7 +43,8 @@ pub enum LayerKind {
 
 /// The RLA blocks' enums, owned by pallas-port and read from the same config strings:
 /// `rla.feature_map` is `"softmax"` or `"relu"` ([`FeatureMap`]), `rla.lowering` is `"auto"`,
-/// `"custom_call"` or `"hlo"` ([`Lowering`], resolved for the platform a graph runs on).
+/// `"custom_call"`, `"hlo"` or `"mosaic"` ([`Lowering`], resolved for the platform a graph runs
+/// on: custom call on CPU, mosaic on TPU, hlo elsewhere).
 pub use pallas_port::{FeatureMap, Lowering};
 
 /// Residual-linear-attention options of local layers.

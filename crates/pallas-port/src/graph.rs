@@ -31,13 +31,17 @@ pub enum Lowering {
     /// Typed-FFI custom call served by our CPU kernels (registered with
     /// [`crate::register_cpu_kernels`] on the PJRT CPU client).
     CustomCall,
-    /// Pure HLO (`while` over chunks): runs anywhere, TPU first; the fallback everywhere.
+    /// Pure HLO (`while` over chunks): runs anywhere; the fallback everywhere.
     Hlo,
     /// Triton kernels written in the kernel language ([`crate::lang::rla`]) in
     /// `__gpu$xla.gpu.triton` custom calls, compiled by XLA's GPU back end (CUDA, Ampere or
     /// newer). Needs power-of-two `sub_chunk` and head dim ≥ 16.
     Triton,
-    /// The custom call on the CPU platform, Triton on CUDA, HLO elsewhere. Resolve it with
+    /// Mosaic kernels written in the kernel language ([`crate::lang::rla_mosaic`]) in
+    /// `tpu_custom_call`s, compiled by libtpu (TPU). Needs `sub_chunk` and head dim multiples
+    /// of 8.
+    Mosaic,
+    /// The custom call on the CPU platform, Triton on CUDA, Mosaic on TPU, HLO elsewhere. Resolve it with
     /// [`Lowering::for_platform`] before building: [`rla`] refuses an unresolved `Auto`.
     #[default]
     Auto,
@@ -49,15 +53,16 @@ impl Lowering {
     ///
     /// `Auto` becomes [`Lowering::CustomCall`] on the CPU platform (`"cpu"` or `"host"`), where
     /// the caller registers our kernels, [`Lowering::Triton`] on `"cuda"` (the CUDA PJRT
-    /// plugin's platform name), and [`Lowering::Hlo`] on every other platform (`"tpu"`,
-    /// `"rocm"`, the generic `"gpu"`, ...). Explicit choices are returned unchanged, so
-    /// `Lowering::Hlo` stays available on CUDA as the fallback.
+    /// plugin's platform name), [`Lowering::Mosaic`] on `"tpu"`, and [`Lowering::Hlo`] on every
+    /// other platform (`"rocm"`, the generic `"gpu"`, ...). Explicit choices are returned
+    /// unchanged, so `Lowering::Hlo` stays available everywhere as the fallback.
     ///
     /// ```
     /// use pallas_port::Lowering;
     /// assert_eq!(Lowering::Auto.for_platform("cpu"), Lowering::CustomCall);
     /// assert_eq!(Lowering::Auto.for_platform("cuda"), Lowering::Triton);
-    /// assert_eq!(Lowering::Auto.for_platform("tpu"), Lowering::Hlo);
+    /// assert_eq!(Lowering::Auto.for_platform("tpu"), Lowering::Mosaic);
+    /// assert_eq!(Lowering::Hlo.for_platform("tpu"), Lowering::Hlo);
     /// assert_eq!(Lowering::CustomCall.for_platform("tpu"), Lowering::CustomCall);
     /// ```
     pub fn for_platform(self, platform: &str) -> Lowering {
@@ -67,17 +72,19 @@ impl Lowering {
         match self {
             Lowering::Auto if host => Lowering::CustomCall,
             Lowering::Auto if platform.eq_ignore_ascii_case("cuda") => Lowering::Triton,
+            Lowering::Auto if platform.eq_ignore_ascii_case("tpu") => Lowering::Mosaic,
             Lowering::Auto => Lowering::Hlo,
             l => l,
         }
     }
 
-    /// The config spelling: `"auto"`, `"custom_call"`, `"hlo"` or `"triton"`.
+    /// The config spelling: `"auto"`, `"custom_call"`, `"hlo"`, `"triton"` or `"mosaic"`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Lowering::CustomCall => "custom_call",
             Lowering::Hlo => "hlo",
             Lowering::Triton => "triton",
+            Lowering::Mosaic => "mosaic",
             Lowering::Auto => "auto",
         }
     }
@@ -85,7 +92,7 @@ impl Lowering {
     /// The concrete lowering; an error for `Auto`.
     fn resolved(self, op: &str) -> Result<Lowering> {
         match self {
-            Lowering::Hlo | Lowering::CustomCall | Lowering::Triton => Ok(self),
+            Lowering::Hlo | Lowering::CustomCall | Lowering::Triton | Lowering::Mosaic => Ok(self),
             Lowering::Auto => Err(hlo_builder::Error::invalid(
                 "rla",
                 format!(
@@ -177,6 +184,7 @@ pub fn rla_fwd_block(
     match lowering {
         Lowering::Hlo => return crate::hlo::rla_fwd_hlo(b, q, k, v, cfg),
         Lowering::Triton => return crate::lang::rla::triton_fwd(b, (q, k, v), cfg, &d),
+        Lowering::Mosaic => return crate::lang::rla_mosaic::mosaic_fwd(b, (q, k, v), cfg, &d),
         _ => {}
     }
     let out = f32_tuple(&[
@@ -203,6 +211,9 @@ pub fn rla_bwd_block(
         Lowering::Hlo => return crate::hlo::rla_bwd_hlo(b, q, k, v, chunk_states, d_o, cfg),
         Lowering::Triton => {
             return crate::lang::rla::triton_bwd(b, (q, k, v), chunk_states, d_o, cfg, &d)
+        }
+        Lowering::Mosaic => {
+            return crate::lang::rla_mosaic::mosaic_bwd(b, (q, k, v), chunk_states, d_o, cfg, &d)
         }
         _ => {}
     }

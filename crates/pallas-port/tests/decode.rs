@@ -120,13 +120,16 @@ fn decode_step_rejects_bad_shapes_naming_the_op() {
 fn auto_resolves_from_the_named_platform_only() {
     assert_eq!(Lowering::Auto.for_platform("cpu"), Lowering::CustomCall);
     assert_eq!(Lowering::Auto.for_platform("Host"), Lowering::CustomCall);
-    // The CUDA plugin's platform compiles the Triton kernels (issue 15); the rest take HLO.
+    // The CUDA plugin's platform compiles the Triton kernels (issue 15), TPU our Mosaic kernels
+    // (issue 14); the rest take HLO.
     assert_eq!(Lowering::Auto.for_platform("cuda"), Lowering::Triton);
     assert_eq!(Lowering::Auto.for_platform("CUDA"), Lowering::Triton);
-    for p in ["tpu", "gpu", "rocm", ""] {
+    assert_eq!(Lowering::Auto.for_platform("tpu"), Lowering::Mosaic);
+    assert_eq!(Lowering::Auto.for_platform("TPU"), Lowering::Mosaic);
+    for p in ["gpu", "rocm", ""] {
         assert_eq!(Lowering::Auto.for_platform(p), Lowering::Hlo, "{p}");
     }
-    for l in [Lowering::CustomCall, Lowering::Hlo, Lowering::Triton] {
+    for l in [Lowering::CustomCall, Lowering::Hlo, Lowering::Triton, Lowering::Mosaic] {
         assert_eq!(l.for_platform("cpu"), l);
         assert_eq!(l.for_platform("tpu"), l);
     }
@@ -147,7 +150,13 @@ fn rla_refuses_an_unresolved_auto() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("Auto") && e.contains("for_platform"), "{e}");
-    assert!(rla(&b, q, k, k, &cfg, Lowering::Auto.for_platform("tpu")).is_ok());
+    assert!(rla(&b, q, k, k, &cfg, Lowering::Auto.for_platform("rocm")).is_ok());
+    // On TPU, auto means the Mosaic kernels, whose f32 tiles need multiples of 8: a clear error
+    // pointing at the `hlo` fallback for this config (sub_chunk 4, head dim 4).
+    let e = rla(&b, q, k, k, &cfg, Lowering::Auto.for_platform("tpu"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sub_chunk = 4") && e.contains("\"hlo\""), "{e}");
 }
 
 #[test]

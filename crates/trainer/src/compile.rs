@@ -147,6 +147,19 @@ pub struct ProgramReport {
     pub cost: Option<CostReport>,
     /// Where the optimized HLO text was written.
     pub optimized_hlo: Option<PathBuf>,
+    /// The Mosaic kernels (`tpu_custom_call`, the `mosaic` RLA lowering) in the program.
+    pub mosaic_kernels: Option<KernelVmemReport>,
+}
+
+/// VMEM of the Mosaic kernels of a compiled TPU program, as libtpu reports it per kernel.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelVmemReport {
+    /// Number of `tpu_custom_call`s.
+    pub calls: usize,
+    /// Smallest VMEM use of one kernel, bytes.
+    pub min_vmem_bytes: usize,
+    /// Largest VMEM use of one kernel, bytes.
+    pub max_vmem_bytes: usize,
 }
 
 /// The whole report of one `rattn compile`.
@@ -184,8 +197,8 @@ pub struct Report {
 const CPU_ONLY_TARGETS: &[&str] = &[pallas_port::ffi::FWD_TARGET, pallas_port::ffi::BWD_TARGET];
 
 /// Load the config and apply `--batch` and the lowering policy for an accelerator target: `auto`
-/// stays (tracing for the target's platform resolves it to `hlo`); `custom_call` is refused,
-/// naming the CPU-only custom calls.
+/// stays (tracing for the target's platform resolves it: `mosaic` on TPU, `hlo` elsewhere);
+/// `custom_call` is refused, naming the CPU-only custom calls; `mosaic` only on TPU.
 pub fn prepare_config(args: &CompileArgs, target: &Target) -> Result<RunConfig> {
     let mut cfg = RunConfig::load(&args.config, &args.overrides)?;
     if let Some(b) = args.batch {
@@ -200,6 +213,12 @@ pub fn prepare_config(args: &CompileArgs, target: &Target) -> Result<RunConfig> 
         Lowering::Triton => bail!(
             "model.rla.lowering = \"triton\" emits Triton GPU kernels, which {} cannot compile; use \
              model.rla.lowering = \"hlo\" or \"auto\"",
+            target.platform().to_uppercase()
+        ),
+        Lowering::Mosaic if target.platform() == "tpu" => {}
+        Lowering::Mosaic => bail!(
+            "model.rla.lowering = \"mosaic\" lowers RLA to TPU kernels (tpu_custom_call), which {} cannot \
+             run; use \"hlo\" or \"auto\"",
             target.platform().to_uppercase()
         ),
         Lowering::CustomCall => bail!(
@@ -288,7 +307,7 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         param_and_adam_bytes: 4 * 3 * param_count,
         batch: cfg.train.batch,
         seq_len: cfg.model.seq_len,
-        rla_lowering: "hlo".into(),
+        rla_lowering: model.rla_lowering(target.platform()).as_str().into(),
         programs: Vec::new(),
         notes: Vec::new(),
     };
@@ -372,6 +391,7 @@ fn compile_program(
         verdict: String::new(),
         cost: None,
         optimized_hlo: None,
+        mosaic_kernels: None,
     };
     let compiled = match compilation.result {
         Ok(compiled) => compiled,
@@ -429,6 +449,16 @@ fn compile_program(
                 .cloned()
                 .collect(),
         });
+    }
+    if topo.kind() == TopologyKind::Tpu {
+        let vmem = pallas_port::lang::mosaic::compiled_vmem(&exe.optimized_program()?);
+        if let (Some(&min), Some(&max)) = (vmem.iter().min(), vmem.iter().max()) {
+            p.mosaic_kernels = Some(KernelVmemReport {
+                calls: vmem.len(),
+                min_vmem_bytes: min,
+                max_vmem_bytes: max,
+            });
+        }
     }
     if let Some(dump) = dump {
         let files = dump.after(module, target.platform(), &compiled)?;
@@ -489,6 +519,14 @@ fn print_program(p: &ProgramReport, limit: i64) {
                 .map_or("no tokens/s estimate".into(), |t| format!(
                     "{t:.0} tokens/s"
                 ))
+        );
+    }
+    if let Some(k) = &p.mosaic_kernels {
+        println!(
+            "  Mosaic kernels: {} tpu_custom_calls, VMEM {} to {} per kernel (libtpu's figure)",
+            k.calls,
+            units::bytes(k.min_vmem_bytes as i64),
+            units::bytes(k.max_vmem_bytes as i64)
         );
     }
     if let Some(path) = &p.optimized_hlo {

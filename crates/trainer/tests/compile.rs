@@ -117,7 +117,9 @@ fn check_tiny(r: &Value, platform: &str) -> Value {
         "param_count {params} vs formula {}",
         tiny_params()
     );
-    assert_eq!(r["rla_lowering"], "hlo");
+    // `auto` resolves to the Mosaic kernels on TPU, the `while` lowering on GPU.
+    let lowering = if platform == "tpu" { "mosaic" } else { "hlo" };
+    assert_eq!(r["rla_lowering"], lowering);
     let p = &r["programs"][0];
     assert_eq!(p["name"], "train_step");
     assert_eq!(p["fits"], true, "{p}");
@@ -185,6 +187,11 @@ fn tiny_train_step_compiles_for_tpu_v5e_and_v6e() {
             (tps * secs - TOKENS).abs() < 1e-6 * TOKENS,
             "{tps} tokens/s × {secs} s"
         );
+        // Three local layers: an RLA forward and backward Mosaic kernel each, within VMEM.
+        let k = &p["mosaic_kernels"];
+        assert_eq!(k["calls"], 6, "{topology}: {k}");
+        let max_vmem = k["max_vmem_bytes"].as_f64().unwrap();
+        assert!(max_vmem > 0.0 && max_vmem <= 16.0 * 1024.0 * 1024.0, "{k}");
         let hlo = p["optimized_hlo"].as_str().unwrap();
         assert!(
             hlo.ends_with("module_0000.train_step.tpu_after_optimizations.txt"),

@@ -173,6 +173,41 @@ impl Builder {
             target: target.to_string(),
             backend_config,
             has_side_effect: false,
+            api_version: 4,
+            row_major_operands: Vec::new(),
+        });
+        Ok(self.push(loc, kind, operands.to_vec(), result, Vec::new()))
+    }
+
+    /// A custom call of `target` whose `backend_config` is passed verbatim (not an FFI
+    /// attribute dictionary), with the given `custom_call_api_version` (1 = original, what
+    /// `tpu_custom_call` uses; its config is JSON). For back-end kernels such as Mosaic's, which
+    /// index their operands in row-major order: the operand and result layouts are constrained
+    /// to row-major (`constrain_layout`), so XLA's layout assignment cannot transpose them.
+    #[track_caller]
+    pub fn custom_call_with_config(
+        &self,
+        target: &str,
+        operands: &[Op],
+        result: Shape,
+        backend_config: &str,
+        api_version: i32,
+    ) -> Result<Op> {
+        let loc = Location::caller();
+        let shapes = self.shapes_of(loc, "custom_call", operands)?;
+        if target.is_empty() || !(1..=4).contains(&api_version) {
+            return Err(self.error_at(
+                loc,
+                "custom_call",
+                format!("need a target name and api_version 1..=4, got {target:?}, {api_version}"),
+            ));
+        }
+        let kind = Kind::CustomCall(CustomCall {
+            target: target.to_string(),
+            backend_config: backend_config.to_string(),
+            has_side_effect: false,
+            api_version,
+            row_major_operands: shapes,
         });
         Ok(self.push(loc, kind, operands.to_vec(), result, Vec::new()))
     }
@@ -186,6 +221,11 @@ pub(crate) struct CustomCall {
     /// The attributes as an MLIR dictionary ([`mlir_dictionary`]).
     pub(crate) backend_config: String,
     pub(crate) has_side_effect: bool,
+    /// `custom_call_api_version` (4 = typed FFI).
+    pub(crate) api_version: i32,
+    /// When non-empty: the operand shapes, whose row-major layouts (and the result's) are
+    /// constrained.
+    pub(crate) row_major_operands: Vec<Shape>,
 }
 
 impl Family for CustomCall {
@@ -196,8 +236,16 @@ impl Family for CustomCall {
     fn emit(&self, p: &mut proto::HloInstructionProto) {
         p.custom_call_target = self.target.clone();
         p.backend_config = self.backend_config.as_bytes().to_vec();
-        p.custom_call_api_version = 4;
+        p.custom_call_api_version = self.api_version;
         p.custom_call_has_side_effect = self.has_side_effect;
+        if !self.row_major_operands.is_empty() {
+            p.constrain_layout = true;
+            p.operand_shapes_with_layout = self
+                .row_major_operands
+                .iter()
+                .map(Shape::to_proto)
+                .collect();
+        }
     }
 
     fn vjp(&self, b: &Builder, n: &Node, _ct: Ct) -> Result<Vec<Option<Ct>>> {

@@ -7,6 +7,8 @@
 //!   ([`rules`]).
 //! - [`interp`]: a CPU interpreter that runs a kernel on host slices (the numerics check).
 //! - [`triton`]: the Triton back end (textual TTIR in a `__gpu$xla.gpu.triton` custom call).
+//! - [`mosaic`]: the Mosaic back end (TPU): MLIR text in a `tpu_custom_call`, with the checks
+//!   libtpu does not make; [`rla_mosaic`]: the RLA kernels in the blocked form it needs.
 //! - [`rla`]: the RLA forward and backward kernels written in it, and their graph wrappers.
 //!
 //! The IR speaks of blocks and tiles, never pointers, so a Mosaic (TPU) back end can read the
@@ -15,7 +17,9 @@
 pub mod builder;
 pub mod interp;
 pub mod ir;
+pub mod mosaic;
 pub mod rla;
+pub mod rla_mosaic;
 pub mod rules;
 pub mod triton;
 

@@ -34,7 +34,7 @@ use crate::config::{FeatureMap, RlaConfig, RlaDims};
 
 /// Sizes of one RLA call as the kernels see them.
 #[derive(Debug, Clone, Copy)]
-struct Geo {
+pub(super) struct Geo {
     b: usize,
     t: usize,
     n: usize,
@@ -49,7 +49,7 @@ struct Geo {
 }
 
 impl Geo {
-    fn new(cfg: &RlaConfig, d: &RlaDims) -> Self {
+    pub(super) fn new(cfg: &RlaConfig, d: &RlaDims) -> Self {
         Geo {
             b: d.batch,
             t: d.seq,
@@ -92,9 +92,9 @@ impl Geo {
 }
 
 /// Small composite helpers over the builder (not new primitives).
-struct K<'a> {
-    kb: &'a mut KernelBuilder,
-    geo: Geo,
+pub(super) struct K<'a> {
+    pub(super) kb: &'a mut KernelBuilder,
+    pub(super) geo: Geo,
 }
 
 impl K<'_> {
@@ -160,14 +160,14 @@ impl K<'_> {
     }
 
     /// Broadcasts a per-row `[M]` vector to `[M, N]`.
-    fn rows_bcast(&mut self, v: Value, n: usize) -> LangResult<Value> {
+    pub(super) fn rows_bcast(&mut self, v: Value, n: usize) -> LangResult<Value> {
         let m = self.kb.type_of(v)?.shape()[0];
         let e = self.kb.expand_dims(v, 1)?;
         self.kb.broadcast(e, &[m, n])
     }
 
     /// φ⁺(x), φ⁻(x) of a `[C, H]` tile, row-wise.
-    fn phi(&mut self, x: Value) -> LangResult<(Value, Value)> {
+    pub(super) fn phi(&mut self, x: Value) -> LangResult<(Value, Value)> {
         let h = self.geo.h;
         match self.geo.fm {
             FeatureMap::Softmax => {
@@ -198,7 +198,7 @@ impl K<'_> {
     }
 
     /// dx from dφ⁺, dφ⁻ given x and φ⁺(x), φ⁻(x).
-    fn phi_vjp(
+    pub(super) fn phi_vjp(
         &mut self,
         x: Value,
         (p, n): (Value, Value),
@@ -231,7 +231,7 @@ impl K<'_> {
     }
 
     /// Zeroes the entries above the diagonal of a `[C, C]` tile (query row i sees key col j ≤ i).
-    fn causal(&mut self, a: Value) -> LangResult<Value> {
+    pub(super) fn causal(&mut self, a: Value) -> LangResult<Value> {
         let c = self.geo.c;
         let i = self.kb.iota(&[c, c], 0)?;
         let j = self.kb.iota(&[c, c], 1)?;
@@ -241,32 +241,32 @@ impl K<'_> {
     }
 
     /// `a · bᵀ`.
-    fn dot_t(&mut self, a: Value, b: Value, acc: Option<Value>) -> LangResult<Value> {
+    pub(super) fn dot_t(&mut self, a: Value, b: Value, acc: Option<Value>) -> LangResult<Value> {
         let bt = self.kb.transpose(b)?;
         self.kb.dot(a, bt, acc)
     }
 
     /// `aᵀ · b`.
-    fn t_dot(&mut self, a: Value, b: Value, acc: Option<Value>) -> LangResult<Value> {
+    pub(super) fn t_dot(&mut self, a: Value, b: Value, acc: Option<Value>) -> LangResult<Value> {
         let at = self.kb.transpose(a)?;
         self.kb.dot(at, b, acc)
     }
 
     /// `x · k + y` on scalars.
-    fn affine(&mut self, x: Value, k: i64, y: Value) -> LangResult<Value> {
+    pub(super) fn affine(&mut self, x: Value, k: i64, y: Value) -> LangResult<Value> {
         let kv = self.kb.int(k);
         let xk = self.kb.mul(x, kv)?;
         self.kb.add(xk, y)
     }
 
     /// `x + k` on scalars.
-    fn plus(&mut self, x: Value, k: i64) -> LangResult<Value> {
+    pub(super) fn plus(&mut self, x: Value, k: i64) -> LangResult<Value> {
         let kv = self.kb.int(k);
         self.kb.add(x, kv)
     }
 
     /// A loop `for i in 0..n` with carried values.
-    fn range(
+    pub(super) fn range(
         &mut self,
         n: usize,
         init: &[Value],
