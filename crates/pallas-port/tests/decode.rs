@@ -129,7 +129,12 @@ fn auto_resolves_from_the_named_platform_only() {
     for p in ["gpu", "rocm", ""] {
         assert_eq!(Lowering::Auto.for_platform(p), Lowering::Hlo, "{p}");
     }
-    for l in [Lowering::CustomCall, Lowering::Hlo, Lowering::Triton, Lowering::Mosaic] {
+    for l in [
+        Lowering::CustomCall,
+        Lowering::Hlo,
+        Lowering::Triton,
+        Lowering::Mosaic,
+    ] {
         assert_eq!(l.for_platform("cpu"), l);
         assert_eq!(l.for_platform("tpu"), l);
     }

@@ -215,3 +215,12 @@ mod builder {
         );
     }
 }
+
+#[test]
+fn interpreter_matches_reference_at_the_tiny_model_shape() {
+    check(
+        dims(8, 256, 4, 2, 16),
+        cfg(32, 16, 64, FeatureMap::Softmax),
+        9,
+    );
+}

@@ -47,18 +47,29 @@ fn f32(dims: &[usize]) -> Shape {
     )
 }
 
-/// The graph `sum(rla(q, k, v) · w)` and its gradients with respect to q, k, v.
+/// A model's use of the blocks: q projected from `x [B·T, D]` and reshaped to `[B, T, N, H]`, the
+/// output reshaped and projected back, `loss = sum(y ⊙ y)`, gradients for the projections, k and
+/// v. Here XLA's layout assignment would like other layouts for the kernels' buffers (it gave `o`
+/// and `d_o` `{1,0,3,2}` inside the tiny model) — which row-major kernels must not get.
 fn fwd_bwd_module(d: &RlaDims, cfg: &RlaConfig) -> Vec<u8> {
     let b = Builder::new("rla_triton");
-    let q = b.parameter(f32(&d.q_shape()), "q").unwrap();
+    let [bb, t, n, h] = d.q_shape();
+    let dm = 24;
+    let x = b.parameter(f32(&[bb * t, dm]), "x").unwrap();
+    let wq = b.parameter(f32(&[dm, n * h]), "wq").unwrap();
+    let wo = b.parameter(f32(&[n * h, dm]), "wo").unwrap();
     let k = b.parameter(f32(&d.kv_shape()), "k").unwrap();
     let v = b.parameter(f32(&d.kv_shape()), "v").unwrap();
-    let w = b.parameter(f32(&d.q_shape()), "w").unwrap();
+    let dims = |s: &[usize]| s.iter().map(|&x| x as i64).collect::<Vec<_>>();
+    let q = b
+        .reshape(b.dot(x, wq).unwrap(), &dims(&d.q_shape()))
+        .unwrap();
     let o = rla(&b, q, k, v, cfg, Lowering::Triton).unwrap();
-    let ow = b.mul(o, w).unwrap();
-    let loss = b.reduce_sum(ow, &[0, 1, 2, 3]).unwrap();
-    let g = b.grad(loss, &[q, k, v]).unwrap();
-    let root = b.tuple(&[o, g[0], g[1], g[2]]).unwrap();
+    let o2 = b.reshape(o, &dims(&[bb * t, n * h])).unwrap();
+    let y = b.dot(o2, wo).unwrap();
+    let loss = b.reduce_sum(b.mul(y, y).unwrap(), &[0, 1]).unwrap();
+    let g = b.grad(loss, &[wq, wo, k, v]).unwrap();
+    let root = b.tuple(&[y, g[0], g[1], g[2], g[3]]).unwrap();
     b.build(root).unwrap().to_bytes()
 }
 
@@ -88,6 +99,26 @@ fn compile(topo: &Topology, what: &str, d: &RlaDims, cfg: &RlaConfig) {
             opt.contains(name),
             "{what}: kernel {name} missing from the optimized HLO"
         );
+    }
+    // The kernels index their buffers row-major: every operand and result of every Triton
+    // call must keep a row-major layout (`{n-1,...,1,0}`) after XLA's layout assignment.
+    let calls: Vec<&str> = opt
+        .lines()
+        .filter(|l| l.contains("__gpu$xla.gpu.triton"))
+        .collect();
+    assert_eq!(calls.len(), 5, "{what}: Triton calls in the optimized HLO");
+    for line in calls {
+        for part in line.split("]{").skip(1) {
+            let layout: Vec<usize> = part
+                .split('}')
+                .next()
+                .unwrap()
+                .split(',')
+                .map(|x| x.parse().unwrap())
+                .collect();
+            let row_major: Vec<usize> = (0..layout.len()).rev().collect();
+            assert_eq!(layout, row_major, "{what}: non-row-major buffer in {line}");
+        }
     }
     eprintln!(
         "{what}: {d} {cfg:?} compiled in {:?}; {:?}",

@@ -64,21 +64,23 @@ pub struct RlaArgs {
     pub json: Option<PathBuf>,
 }
 
-/// One lowering's results.
-#[derive(Debug, Clone, Serialize)]
+/// One lowering's results (`None` where that graph failed to compile or run; see `errors`).
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct RlaBenchRow {
     /// The lowering (`custom_call`, `hlo`, ...).
     pub lowering: String,
     /// Mean milliseconds per forward call.
-    pub fwd_ms: f64,
+    pub fwd_ms: Option<f64>,
     /// Mean milliseconds per forward+backward call.
-    pub fwd_bwd_ms: f64,
-    /// Seconds to compile the forward and the forward+backward graphs.
+    pub fwd_bwd_ms: Option<f64>,
+    /// Seconds to compile the forward and the forward+backward graphs (those that compiled).
     pub compile_s: f64,
     /// `max |x − ref| / max |ref|` of o, chunk_states, final_state (forward graph).
-    pub fwd_err: [f64; 3],
+    pub fwd_err: Option<[f64; 3]>,
     /// The same for o, dq, dk, dv (forward+backward graph).
-    pub fwd_bwd_err: [f64; 4],
+    pub fwd_bwd_err: Option<[f64; 4]>,
+    /// What failed, one line per graph.
+    pub errors: Vec<String>,
 }
 
 /// The whole `rattn bench rla` report.
@@ -189,9 +191,14 @@ fn parse_lowering(s: &str) -> Result<Lowering> {
     serde_json::from_value(serde_json::Value::String(s.trim().to_string())).map_err(|_| {
         anyhow::anyhow!(
             "--lowering: unknown lowering {s:?}; use {} (comma-separated)",
-            [Lowering::CustomCall, Lowering::Hlo, Lowering::Auto]
-                .map(|l| l.as_str())
-                .join(", ")
+            [
+                Lowering::CustomCall,
+                Lowering::Hlo,
+                Lowering::Triton,
+                Lowering::Auto
+            ]
+            .map(|l| l.as_str())
+            .join(", ")
         )
     })
 }
@@ -274,37 +281,64 @@ pub fn run(args: &RlaArgs) -> Result<()> {
         up(&d_o, &d.q_shape())?,
     );
     let mut rows = Vec::new();
+    let inputs_fwd = [&bq, &bk, &bv];
+    let inputs_fb = [&bq, &bk, &bv, &bdo];
     for &lowering in &lowerings {
         let what = format!("lowering {lowering} on {platform}");
-        let c0 = Instant::now();
-        let fwd = runtime::compile(&client, &fwd_graph(&cfg, &d, lowering)?)
-            .with_context(|| what.clone())?;
-        let fb = runtime::compile(&client, &fwd_bwd_graph(&cfg, &d, lowering)?)
-            .with_context(|| what.clone())?;
-        let compile_s = c0.elapsed().as_secs_f64();
-        let (out, fwd_s) = time(&fwd, &[&bq, &bk, &bv], args.reps, 2)?;
-        let host = |i: usize| -> Result<Vec<f32>> { Ok(out[i].to_host::<f32>()?) };
-        let fwd_err = [
-            rel_err(&host(0)?, &o),
-            rel_err(&host(1)?, &cs),
-            rel_err(&host(2)?, &fs),
-        ];
-        let (out, fb_s) = time(&fb, &[&bq, &bk, &bv, &bdo], args.reps, 0)?;
-        let host = |i: usize| -> Result<Vec<f32>> { Ok(out[i].to_host::<f32>()?) };
-        let fwd_bwd_err = [
-            rel_err(&host(0)?, &o),
-            rel_err(&host(1)?, &dq),
-            rel_err(&host(2)?, &dk),
-            rel_err(&host(3)?, &dv),
-        ];
-        rows.push(RlaBenchRow {
+        let mut row = RlaBenchRow {
             lowering: lowering.as_str().to_string(),
-            fwd_ms: fwd_s * 1e3,
-            fwd_bwd_ms: fb_s * 1e3,
-            compile_s,
-            fwd_err,
-            fwd_bwd_err,
-        });
+            ..RlaBenchRow::default()
+        };
+        // Forward and forward+backward are measured separately: one failing (a kernel over the
+        // device's shared memory, say) leaves the other's numbers and is reported beside them.
+        let fwd = (|| -> Result<(f64, f64, [f64; 3])> {
+            let c0 = Instant::now();
+            let exe = runtime::compile(&client, &fwd_graph(&cfg, &d, lowering)?)?;
+            let compile_s = c0.elapsed().as_secs_f64();
+            let (out, secs) = time(&exe, &inputs_fwd, args.reps, 2)?;
+            let host = |i: usize| -> Result<Vec<f32>> { Ok(out[i].to_host::<f32>()?) };
+            let err = [
+                rel_err(&host(0)?, &o),
+                rel_err(&host(1)?, &cs),
+                rel_err(&host(2)?, &fs),
+            ];
+            Ok((compile_s, secs, err))
+        })();
+        match fwd {
+            Ok((c, secs, err)) => {
+                row.compile_s += c;
+                row.fwd_ms = Some(secs * 1e3);
+                row.fwd_err = Some(err);
+            }
+            Err(e) => row
+                .errors
+                .push(format!("forward: {:#}", e.context(what.clone()))),
+        }
+        let fb = (|| -> Result<(f64, f64, [f64; 4])> {
+            let c0 = Instant::now();
+            let exe = runtime::compile(&client, &fwd_bwd_graph(&cfg, &d, lowering)?)?;
+            let compile_s = c0.elapsed().as_secs_f64();
+            let (out, secs) = time(&exe, &inputs_fb, args.reps, 0)?;
+            let host = |i: usize| -> Result<Vec<f32>> { Ok(out[i].to_host::<f32>()?) };
+            let err = [
+                rel_err(&host(0)?, &o),
+                rel_err(&host(1)?, &dq),
+                rel_err(&host(2)?, &dk),
+                rel_err(&host(3)?, &dv),
+            ];
+            Ok((compile_s, secs, err))
+        })();
+        match fb {
+            Ok((c, secs, err)) => {
+                row.compile_s += c;
+                row.fwd_bwd_ms = Some(secs * 1e3);
+                row.fwd_bwd_err = Some(err);
+            }
+            Err(e) => row
+                .errors
+                .push(format!("forward+backward: {:#}", e.context(what.clone()))),
+        }
+        rows.push(row);
     }
     let report = RlaBenchReport {
         platform,
@@ -319,6 +353,13 @@ pub fn run(args: &RlaArgs) -> Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let failed = report.rows.iter().filter(|r| !r.errors.is_empty()).count();
+    if failed > 0 {
+        bail!(
+            "{failed} of {} lowerings failed (see above)",
+            report.rows.len()
+        );
     }
     Ok(())
 }
@@ -355,30 +396,40 @@ fn print_report(r: &RlaBenchReport) {
         "err fwd (o, states, final)",
         "err fwd+bwd (o, dq, dk, dv)"
     );
-    for row in &r.rows {
-        let e = |x: &[f64]| {
+    let ms = |x: Option<f64>| x.map_or("failed".to_string(), |v| format!("{v:.2}"));
+    let errs = |x: Option<&[f64]>| {
+        x.map_or("-".to_string(), |x| {
             x.iter()
                 .map(|v| format!("{v:.1e}"))
                 .collect::<Vec<_>>()
                 .join(" ")
-        };
+        })
+    };
+    for row in &r.rows {
         println!(
-            "{:<12} {:>10.2} {:>12.2} {:>10.1}  {:<30} {:<38}",
+            "{:<12} {:>10} {:>12} {:>10.1}  {:<30} {:<38}",
             row.lowering,
-            row.fwd_ms,
-            row.fwd_bwd_ms,
+            ms(row.fwd_ms),
+            ms(row.fwd_bwd_ms),
             row.compile_s,
-            e(&row.fwd_err),
-            e(&row.fwd_bwd_err)
+            errs(row.fwd_err.as_ref().map(|e| &e[..])),
+            errs(row.fwd_bwd_err.as_ref().map(|e| &e[..]))
         );
+        for e in &row.errors {
+            println!("  {}: {e}", row.lowering);
+        }
     }
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.2}x", a / b),
+        _ => "-".to_string(),
+    };
     if let Some(base) = r.rows.iter().find(|x| x.lowering == "hlo") {
         for row in r.rows.iter().filter(|x| x.lowering != "hlo") {
             println!(
-                "{} vs hlo: {:.2}x fwd, {:.2}x fwd+bwd (hlo time / its time)",
+                "{} vs hlo: {} fwd, {} fwd+bwd (hlo time / its time)",
                 row.lowering,
-                base.fwd_ms / row.fwd_ms,
-                base.fwd_bwd_ms / row.fwd_bwd_ms
+                ratio(base.fwd_ms, row.fwd_ms),
+                ratio(base.fwd_bwd_ms, row.fwd_bwd_ms)
             );
         }
     }

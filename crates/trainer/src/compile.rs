@@ -99,6 +99,15 @@ impl Target {
         }
     }
 
+    /// The PJRT platform name of the target's plugin (`tpu`, `cuda`), which resolves the RLA
+    /// lowering `auto` exactly as on a client of that plugin (Mosaic on TPU, Triton on CUDA).
+    fn pjrt_platform(&self) -> &'static str {
+        match self {
+            Target::Tpu(_) => "tpu",
+            Target::Gpu { .. } => "cuda",
+        }
+    }
+
     /// `tpu` or `gpu` (the suffix of XLA's dump names).
     fn platform(&self) -> &'static str {
         match self {
@@ -307,7 +316,7 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         param_and_adam_bytes: 4 * 3 * param_count,
         batch: cfg.train.batch,
         seq_len: cfg.model.seq_len,
-        rla_lowering: model.rla_lowering(target.platform()).as_str().into(),
+        rla_lowering: model.rla_lowering(target.pjrt_platform()).as_str().into(),
         programs: Vec::new(),
         notes: Vec::new(),
     };
@@ -333,7 +342,8 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         report.programs.push(p);
     };
     let train = Module::trace(0, "train_step", || {
-        crate::step::build_train_step(&cfg, target.platform()).context("tracing the train step")
+        crate::step::build_train_step(&cfg, target.pjrt_platform())
+            .context("tracing the train step")
     })?;
     let tokens = cfg.train.batch * cfg.model.seq_len;
     add(compile_program(

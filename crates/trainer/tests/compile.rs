@@ -117,8 +117,12 @@ fn check_tiny(r: &Value, platform: &str) -> Value {
         "param_count {params} vs formula {}",
         tiny_params()
     );
-    // `auto` resolves to the Mosaic kernels on TPU, the `while` lowering on GPU.
-    let lowering = if platform == "tpu" { "mosaic" } else { "hlo" };
+    // `auto` resolves to our kernels: Mosaic on TPU, Triton on CUDA GPUs.
+    let lowering = if platform == "tpu" {
+        "mosaic"
+    } else {
+        "triton"
+    };
     assert_eq!(r["rla_lowering"], lowering);
     let p = &r["programs"][0];
     assert_eq!(p["name"], "train_step");
@@ -258,6 +262,31 @@ fn tiny_train_step_compiles_for_h100() {
         text.contains("fusion"),
         "no fusions in the optimized GPU HLO"
     );
+    // `auto` is Triton on CUDA: the five RLA kernels per local layer's step, every buffer of
+    // theirs row-major (the kernels index row-major; unconstrained, XLA gave the output and the
+    // output cotangent the layout {1,0,3,2} here, and the GPU loss went wrong by 0.5 %).
+    let calls: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("__gpu$xla.gpu.triton"))
+        .collect();
+    assert!(
+        !calls.is_empty() && calls.len() % 5 == 0,
+        "Triton calls: 5 kernels per local layer, got {}",
+        calls.len()
+    );
+    for line in calls {
+        for part in line.split("]{").skip(1) {
+            let layout: Vec<usize> = part
+                .split('}')
+                .next()
+                .unwrap()
+                .split(',')
+                .map(|x| x.parse().unwrap())
+                .collect();
+            let row_major: Vec<usize> = (0..layout.len()).rev().collect();
+            assert_eq!(layout, row_major, "non-row-major Triton buffer: {line}");
+        }
+    }
 }
 
 /// Tiny with a 16384-wide residual and a 32768-wide FFN: 6.4e9 parameters, 77 GB of f32

@@ -163,8 +163,34 @@ impl Builder {
         result: Shape,
         attrs: &[(&str, Attr)],
     ) -> Result<Op> {
-        let loc = Location::caller();
-        self.shapes_of(loc, "custom_call", operands)?;
+        self.typed_ffi_call(Location::caller(), target, operands, result, attrs, false)
+    }
+
+    /// [`Builder::custom_call`] whose operand and result layouts are constrained to row-major
+    /// (`constrain_layout`, `operand_shapes_with_layout`): for kernels that index their buffers
+    /// in row-major order themselves (Triton), which XLA's layout assignment would otherwise be
+    /// free to hand transposed operands (as it does where an operand comes from a transpose).
+    #[track_caller]
+    pub fn custom_call_row_major(
+        &self,
+        target: &str,
+        operands: &[Op],
+        result: Shape,
+        attrs: &[(&str, Attr)],
+    ) -> Result<Op> {
+        self.typed_ffi_call(Location::caller(), target, operands, result, attrs, true)
+    }
+
+    fn typed_ffi_call(
+        &self,
+        loc: &'static Location<'static>,
+        target: &str,
+        operands: &[Op],
+        result: Shape,
+        attrs: &[(&str, Attr)],
+        row_major: bool,
+    ) -> Result<Op> {
+        let shapes = self.shapes_of(loc, "custom_call", operands)?;
         if target.is_empty() {
             return Err(self.error_at(loc, "custom_call", "empty target name"));
         }
@@ -174,7 +200,7 @@ impl Builder {
             backend_config,
             has_side_effect: false,
             api_version: 4,
-            row_major_operands: Vec::new(),
+            row_major_operands: if row_major { shapes } else { Vec::new() },
         });
         Ok(self.push(loc, kind, operands.to_vec(), result, Vec::new()))
     }

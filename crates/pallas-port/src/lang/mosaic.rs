@@ -786,7 +786,9 @@ impl Emitter<'_> {
                 };
                 let (nl, nr) = (self.name(lhs).to_string(), self.name(rhs).to_string());
                 let prec = match precision {
-                    Precision::Ieee => "fp32",
+                    // The TPU has no tf32: the cheap GPU mode maps to bf16x3, the 3-pass one to
+                    // full fp32.
+                    Precision::Ieee | Precision::Tf32x3 => "fp32",
                     Precision::Tf32 => "bf16x3",
                 };
                 self.def(

@@ -23,6 +23,7 @@
 //! The wrapper un-shifts dk̃, dṽ (another `pad`) and transposes back. Tiles are `[C, H]`,
 //! `[C, C]`, `[H, H]`; blocks hold one chunk (`chunk/C` sub-chunks) of R heads.
 
+use super::builder::KernelBuilder;
 use super::interp;
 use super::ir::*;
 use super::mosaic;
