@@ -5,8 +5,8 @@
 #   scripts/gpu-check.sh run       on the GPU machine (needs jax-cuda13-pjrt's plugin and the
 #                                  CUDA wheels in python3's site-packages; $OUT: where logs go)
 # Environment for `run`: CHECK_T (sequence lengths, default "4096 1024"), CHECK_LOWERINGS
-# (comma-separated, default "hlo,triton"). The 20-step train uses the config's lowering, `auto`:
-# Triton on CUDA.
+# (comma-separated, default "hlo,triton"), CHECK_TRAIN_LOWERING (the 20-step train's RLA
+# lowering, default triton; the CPU reference uses the custom call).
 set -u
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -64,7 +64,8 @@ long64s  1 1000 4 1 64 100 32 128 softmax
 CASES
   rm -rf /tmp/g20
   timeout 150 $R train --plugin "$P" --config .gpu/tiny.toml --set train.steps=20 \
-    --set train.log_every=1 --eval-sequences 0 --quiet --out /tmp/g20
+    --set train.log_every=1 --set "model.rla.lowering=\"${CHECK_TRAIN_LOWERING:-triton}\"" \
+    --eval-sequences 0 --quiet --out /tmp/g20
   cp /tmp/g20/metrics.jsonl "$OUT/gpu_metrics.jsonl" 2>/dev/null
   python3 - <<'PY'
 import json

@@ -41,7 +41,8 @@ pub enum Lowering {
     /// `tpu_custom_call`s, compiled by libtpu (TPU). Needs `sub_chunk` and head dim multiples
     /// of 8.
     Mosaic,
-    /// The custom call on the CPU platform, Triton on CUDA, Mosaic on TPU, HLO elsewhere. Resolve it with
+    /// The custom call on the CPU platform, Mosaic on TPU, HLO elsewhere (CUDA included: the
+    /// Triton kernels are opt-in until they fit and win at head dim 128). Resolve it with
     /// [`Lowering::for_platform`] before building: [`rla`] refuses an unresolved `Auto`.
     #[default]
     Auto,
@@ -52,15 +53,16 @@ impl Lowering {
     /// the client or topology: `"cpu"`, `"cuda"`, `"tpu"`, ...; case-insensitive).
     ///
     /// `Auto` becomes [`Lowering::CustomCall`] on the CPU platform (`"cpu"` or `"host"`), where
-    /// the caller registers our kernels, [`Lowering::Triton`] on `"cuda"` (the CUDA PJRT
-    /// plugin's platform name), [`Lowering::Mosaic`] on `"tpu"`, and [`Lowering::Hlo`] on every
-    /// other platform (`"rocm"`, the generic `"gpu"`, ...). Explicit choices are returned
-    /// unchanged, so `Lowering::Hlo` stays available everywhere as the fallback.
+    /// the caller registers our kernels, [`Lowering::Mosaic`] on `"tpu"`, and [`Lowering::Hlo`] on
+    /// every other platform, `"cuda"` included: the Triton kernels ([`Lowering::Triton`]) are
+    /// chosen explicitly, because at head dim 128 their backward needs more shared memory than
+    /// an H100/H200 block has, and at 64 the `while` lowering was faster on an H200. Explicit
+    /// choices are returned unchanged.
     ///
     /// ```
     /// use pallas_port::Lowering;
     /// assert_eq!(Lowering::Auto.for_platform("cpu"), Lowering::CustomCall);
-    /// assert_eq!(Lowering::Auto.for_platform("cuda"), Lowering::Triton);
+    /// assert_eq!(Lowering::Auto.for_platform("cuda"), Lowering::Hlo);
     /// assert_eq!(Lowering::Auto.for_platform("tpu"), Lowering::Mosaic);
     /// assert_eq!(Lowering::Hlo.for_platform("tpu"), Lowering::Hlo);
     /// assert_eq!(Lowering::CustomCall.for_platform("tpu"), Lowering::CustomCall);
@@ -71,7 +73,6 @@ impl Lowering {
             .any(|p| platform.eq_ignore_ascii_case(p));
         match self {
             Lowering::Auto if host => Lowering::CustomCall,
-            Lowering::Auto if platform.eq_ignore_ascii_case("cuda") => Lowering::Triton,
             Lowering::Auto if platform.eq_ignore_ascii_case("tpu") => Lowering::Mosaic,
             Lowering::Auto => Lowering::Hlo,
             l => l,

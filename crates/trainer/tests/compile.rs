@@ -252,7 +252,17 @@ fn tiny_train_step_compiles_for_h100() {
     }
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_str().unwrap();
-    let r = report(&with(TINY, &["--target", "gpu:h100", "--out", out]));
+    let r = report(&with(
+        TINY,
+        &[
+            "--target",
+            "gpu:h100",
+            "--out",
+            out,
+            "--set",
+            "model.rla.lowering=\"triton\"",
+        ],
+    ));
     assert_eq!(r["device_kind"], "NVIDIA H100 80GB HBM3");
     let p = check_tiny(&r, "gpu");
     assert!(p["cost"].is_null(), "the CUDA plugin has no cost analysis");
@@ -262,7 +272,7 @@ fn tiny_train_step_compiles_for_h100() {
         text.contains("fusion"),
         "no fusions in the optimized GPU HLO"
     );
-    // `auto` is Triton on CUDA: the five RLA kernels per local layer's step, every buffer of
+    // Triton: the five RLA kernels per local layer's step, every buffer of
     // theirs row-major (the kernels index row-major; unconstrained, XLA gave the output and the
     // output cotangent the layout {1,0,3,2} here, and the GPU loss went wrong by 0.5 %).
     let calls: Vec<&str> = text
