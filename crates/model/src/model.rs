@@ -5,6 +5,7 @@
 
 use crate::config::{ConfigError, LayerKind, LayerPattern, LocalKind, ModelConfig};
 use crate::params::{self, ParamSpec};
+use crate::sharding::Mesh;
 
 /// What the attention of one layer computes: the layer pattern and `local_kind`, resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,6 +58,8 @@ pub struct Model {
     cfg: ModelConfig,
     layers: Vec<Attention>,
     params: Vec<ParamSpec>,
+    /// The mesh its graphs are annotated for ([`Model::with_mesh`]; one device by default).
+    pub(crate) mesh: Mesh,
 }
 
 impl Model {
@@ -81,6 +84,7 @@ impl Model {
             cfg,
             layers,
             params,
+            mesh: Mesh::single(),
         }
     }
 
