@@ -297,7 +297,8 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         report.programs.push(p);
     };
     let train = Module::trace(0, "train_step", || {
-        crate::step::build_train_step(&cfg, target.platform(), &model::Mesh::single()).context("tracing the train step")
+        crate::step::build_train_step(&cfg, target.platform(), &model::Mesh::single())
+            .context("tracing the train step")
     })?;
     let tokens = cfg.train.batch * cfg.model.seq_len;
     add(compile_program(

@@ -224,8 +224,12 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
     let compile_on = client.as_ref().zip(platform.as_deref());
     // Without a client (`--no-compile`) the graph targets no platform: RLA `auto` lowers to HLO.
     let train = Module::trace(0, "train_step", || {
-        step::build_train_step(cfg, platform.as_deref().unwrap_or(""), &model::Mesh::single())
-            .context("building the train step")
+        step::build_train_step(
+            cfg,
+            platform.as_deref().unwrap_or(""),
+            &model::Mesh::single(),
+        )
+        .context("building the train step")
     })?;
     let mut modules = vec![dump_module(&opts.out, &train, compile_on)?];
     drop(train);

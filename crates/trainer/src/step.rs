@@ -95,7 +95,11 @@ pub struct StepShardings {
 impl StepShardings {
     /// The shardings of `cfg`'s train step on `mesh`; errors name the tensor that does not
     /// split (a parameter, or the token batch when B does not divide).
-    pub fn new(cfg: &RunConfig, model: &Model, mesh: &Mesh) -> std::result::Result<Self, MeshError> {
+    pub fn new(
+        cfg: &RunConfig,
+        model: &Model,
+        mesh: &Mesh,
+    ) -> std::result::Result<Self, MeshError> {
         Ok(StepShardings {
             state: state_shardings(model, mesh)?,
             tokens: mesh.batch_sharding(
@@ -493,7 +497,9 @@ mod tests {
         let model = Model::new(cfg.model.clone()).unwrap();
         let specs = model.param_specs();
         let io = StepIo::new(specs.len());
-        let (args, result) = build_train_step(&cfg, "cpu", &model::Mesh::single()).unwrap().program_shape();
+        let (args, result) = build_train_step(&cfg, "cpu", &model::Mesh::single())
+            .unwrap()
+            .program_shape();
         assert_eq!(args.len(), io.state_len() + 2);
         assert_eq!(args[io.args.step], Shape::scalar(ElementType::F32));
         assert_eq!(

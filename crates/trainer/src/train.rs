@@ -7,8 +7,8 @@ use crate::mfu::{self, Utilization};
 use crate::runtime::{self, upload_f32};
 use crate::spmd::{self, Placement};
 use crate::step::{self, StateGroup, StateTensor, StepIo, StepShardings};
-use hlo_builder::Sharding;
 use anyhow::{bail, Context, Result};
+use hlo_builder::Sharding;
 use model::Model;
 use pjrt::Buffer;
 use std::io::Write;
@@ -440,21 +440,4 @@ pub fn eval(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_multi_device_mesh_is_refused_before_anything_runs() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../configs/tiny.toml"
-        ))
-        .unwrap();
-        let cfg = RunConfig::from_toml(&text, &["mesh.fsdp=2".into()]).unwrap();
-        let dir = std::env::temp_dir().join(format!("rattn-mesh-refused-{}", std::process::id()));
-        let e = format!("{:#}", train(&cfg, None, &dir, false, true).unwrap_err());
-        assert!(e.contains("sharded training is not implemented yet"), "{e}");
-        assert!(e.contains("spans 2 devices but there are 1"), "{e}");
-        assert!(!dir.exists(), "nothing is written");
-    }
-}
+mod tests;

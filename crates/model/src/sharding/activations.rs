@@ -90,7 +90,8 @@ impl Model {
             .mesh
             .partition_spec("rla.q", &shape, &[Batch, Length, KvHeads, HeadDim])?;
         let kv_heads = self.config().kv_heads;
-        self.mesh.check_heads("rla.k", &spec, 2, KvHeads, kv_heads)?;
+        self.mesh
+            .check_heads("rla.k", &spec, 2, KvHeads, kv_heads)?;
         Ok(Some(self.mesh.sharding(&spec)))
     }
 }
