@@ -104,8 +104,8 @@ pub struct RunConfig {
     /// Data.
     #[serde(default)]
     pub data: DataConfig,
-    /// The device mesh and the logical-axis rules (default: one device). Only `rattn dump`
-    /// reads it so far: nothing is compiled sharded yet.
+    /// The device mesh and the logical-axis rules (default: one device): `rattn train` runs the
+    /// step sharded on it (`--devices N` when a size is −1); `rattn dump` reports it.
     #[serde(default)]
     pub mesh: MeshConfig,
 }

@@ -2,7 +2,8 @@
 //! after XLA's optimizations, named like XLA's `--xla_dump_to`, plus a summary of the model's size,
 //! FLOPs, compiled memory, KV-cache / RLA-state bytes against the SWA and full-attention baselines,
 //! and the `[mesh]`: its sizes, rules and the train state's bytes per device under it (computed
-//! from the parameters' shardings; nothing is compiled sharded yet).
+//! from the parameters' shardings; the modules are compiled for one device, `rattn train` runs
+//! sharded).
 //!
 //! Tracing, compiling on the `--plugin` client and writing the modules go through
 //! [`crate::inspect`], the path `rattn compile` takes too; the numbers of the model come from
@@ -359,7 +360,7 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
     let mr = &s.mesh;
     let _ = writeln!(
         o,
-        "mesh: {} (device order data, fsdp, seq, tensor; not yet used to compile)",
+        "mesh: {} (device order data, fsdp, seq, tensor; `rattn train` runs on it, dump compiles for 1 device)",
         mr.text
     );
     let rules: Vec<String> = mr

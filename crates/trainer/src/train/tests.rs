@@ -131,6 +131,13 @@ fn data_and_tensor_parallel_training_equals_one_device() {
 }
 
 #[test]
+fn tensor_parallel_training_with_the_while_lowering_equals_one_device() {
+    // The `while` lowering of the RLA blocks in the same manual regions, against the 1-device
+    // custom-call run (the two lowerings agree to fp32 rounding).
+    sharded_equals_one_device(&["mesh.tensor=2", "model.rla.lowering=\"hlo\""]);
+}
+
+#[test]
 fn each_device_holds_only_its_shard() {
     let cfg = tiny(1, &["mesh.fsdp=2", "mesh.tensor=2"]);
     let mesh = train_mesh(&cfg, None).unwrap();
