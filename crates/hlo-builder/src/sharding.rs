@@ -340,7 +340,7 @@ fn for_each_row(
         f(0, 1);
         return;
     }
-    if block.iter().any(|&b| b == 0) {
+    if block.contains(&0) {
         return;
     }
     let mut strides = vec![1usize; rank];
