@@ -105,7 +105,7 @@ pub fn train(
     }
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create run dir {}", out.display()))?;
-    if mesh.device_count() > 1 && !quiet {
+    if mesh.device_count() > 1 {
         eprintln!("mesh: {mesh}");
     }
 
