@@ -184,7 +184,9 @@ impl Sharding {
                 last_tile_dim_replicate,
                 ..
             } => {
-                let n = tile_assignment_dims.len() - usize::from(*last_tile_dim_replicate);
+                let n = tile_assignment_dims
+                    .len()
+                    .saturating_sub(usize::from(*last_tile_dim_replicate));
                 if n != rank {
                     return Err(ShapeError::new(
                         "sharding",
