@@ -2,7 +2,9 @@
 //! the final norm, the LM head and the loss — one traced graph, as methods of [`Model`].
 
 use crate::layers::{causal_attention, cross_entropy, dims, ffn, linear, rms_norm, rope};
-use crate::model::{Attention, Model};
+use crate::model::{Attention, Model, Remat};
+use hlo_builder::autodiff::BlockFn;
+use std::sync::Arc;
 use crate::params::LogicalAxis::{ActivationEmbed, Batch, HeadDim, KvHeads, Length, QHeads, Vocab};
 use hlo_builder::{Builder, DotDims, ElementType, Op, Result};
 use std::collections::HashMap;
@@ -219,6 +221,41 @@ impl Model {
         b.add(x, f)
     }
 
+    /// Block `layer` on `x` under [`Remat::LayerInputs`]: a checkpointed block whose inputs are
+    /// `x` and the layer's parameters, traced again in the backward pass.
+    fn remat_block(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        layer: usize,
+        x: Op,
+        platform: &str,
+    ) -> Result<Op> {
+        let prefix = format!("layers.{layer}.");
+        let names: Vec<String> = self
+            .param_specs()
+            .iter()
+            .filter(|s| s.name.starts_with(&prefix))
+            .map(|s| s.name.clone())
+            .collect();
+        let mut inputs = vec![x];
+        for n in &names {
+            inputs.push(param(p, n)?);
+        }
+        let (me, platform) = (self.clone(), platform.to_string());
+        let attn = self.layers()[layer];
+        let f: BlockFn = Arc::new(move |b: &Builder, ins: &[Op]| {
+            let p: ParamOps = names.iter().cloned().zip(ins[1..].iter().copied()).collect();
+            let t = dims(b, ins[0])?[1];
+            let pos = b.iota(ElementType::F32, &[t], 0)?;
+            let ap = format!("layers.{layer}.attn");
+            me.block(b, &p, layer, ins[0], |q, k, v| {
+                me.attention_core(b, &p, &ap, attn, (q, k, v), pos, &platform)
+            })
+        });
+        b.checkpoint(&inputs, f)
+    }
+
     /// The final norm and the LM head: `x [B, T, d_model]` to logits `[B, T, vocab]` (f32).
     pub fn head(&self, b: &Builder, p: &ParamOps, x: Op) -> Result<Op> {
         let cfg = self.config();
@@ -249,9 +286,12 @@ impl Model {
         for (i, &attn) in self.layers().iter().enumerate() {
             let _s = b.name_scope(&format!("layer_{i}"));
             let ap = format!("layers.{i}.attn");
-            x = self.block(b, p, i, x, |q, k, v| {
-                self.attention_core(b, p, &ap, attn, (q, k, v), pos, platform)
-            })?;
+            x = match self.remat() {
+                Remat::None => self.block(b, p, i, x, |q, k, v| {
+                    self.attention_core(b, p, &ap, attn, (q, k, v), pos, platform)
+                })?,
+                Remat::LayerInputs => self.remat_block(b, p, i, x, platform)?,
+            };
             x = self.constrain(b, x, &format!("layers.{i}.out"), &residual)?;
         }
         let logits = self.head(b, p, x)?;

@@ -36,6 +36,7 @@
 //! ```
 
 mod custom;
+mod remat;
 
 use std::collections::HashMap;
 use std::panic::Location;
@@ -49,6 +50,7 @@ use crate::Op;
 
 pub(crate) use custom::CustomVjp;
 pub use custom::VjpRule;
+pub use remat::BlockFn;
 
 /// A cotangent: an array op, or per-element cotangents of a tuple value (`None` = zero).
 #[derive(Debug, Clone)]
