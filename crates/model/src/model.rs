@@ -10,7 +10,9 @@ use crate::sharding::Mesh;
 /// What the backward pass keeps of the forward (`[train] remat`, MaxText's `remat_policy`).
 ///
 /// Serialized in snake_case: `"none"`, `"layer_inputs"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Remat {
     /// Keep every intermediate value the backward pass needs (fastest, most memory).

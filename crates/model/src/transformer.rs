@@ -3,11 +3,11 @@
 
 use crate::layers::{causal_attention, cross_entropy, dims, ffn, linear, rms_norm, rope};
 use crate::model::{Attention, Model, Remat};
-use hlo_builder::autodiff::BlockFn;
-use std::sync::Arc;
 use crate::params::LogicalAxis::{ActivationEmbed, Batch, HeadDim, KvHeads, Length, QHeads, Vocab};
+use hlo_builder::autodiff::BlockFn;
 use hlo_builder::{Builder, DotDims, ElementType, Op, Result};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Named parameter handles (the leaves of the parameter tree as graph values).
 pub type ParamOps = HashMap<String, Op>;
@@ -245,7 +245,11 @@ impl Model {
         let (me, platform) = (self.clone(), platform.to_string());
         let attn = self.layers()[layer];
         let f: BlockFn = Arc::new(move |b: &Builder, ins: &[Op]| {
-            let p: ParamOps = names.iter().cloned().zip(ins[1..].iter().copied()).collect();
+            let p: ParamOps = names
+                .iter()
+                .cloned()
+                .zip(ins[1..].iter().copied())
+                .collect();
             let t = dims(b, ins[0])?[1];
             let pos = b.iota(ElementType::F32, &[t], 0)?;
             let ap = format!("layers.{layer}.attn");

@@ -45,7 +45,10 @@ fn layer_input_remat_gives_the_same_gradients_with_less_memory() {
     let tokens: Vec<i32> = (0..130).map(|i| (i * 37 % 128) as i32).collect();
     let (l0, g0, temp0) = loss_and_grads(Remat::None, &tokens);
     let (l1, g1, temp1) = loss_and_grads(Remat::LayerInputs, &tokens);
-    assert!((l0[0] - l1[0]).abs() <= 1e-6 * l0[0].abs(), "{l0:?} vs {l1:?}");
+    assert!(
+        (l0[0] - l1[0]).abs() <= 1e-6 * l0[0].abs(),
+        "{l0:?} vs {l1:?}"
+    );
     let mut worst = 0.0f64;
     for (a, b) in g1.iter().zip(&g0) {
         let scale = b.iter().fold(0.0f64, |m, &x| m.max(x.abs() as f64));
@@ -57,5 +60,8 @@ fn layer_input_remat_gives_the_same_gradients_with_less_memory() {
     }
     eprintln!("remat layer_inputs: gradients within {worst:.1e}; temp {temp1} B vs {temp0} B");
     assert!(worst <= 1e-5, "gradients differ by {worst:e}");
-    assert!(temp1 < temp0, "remat keeps {temp1} B of temporaries, none {temp0} B");
+    assert!(
+        temp1 < temp0,
+        "remat keeps {temp1} B of temporaries, none {temp0} B"
+    );
 }

@@ -39,6 +39,9 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Checkpoints kept.
     pub keep_checkpoints: usize,
+    /// What the backward pass keeps of the forward: `none` (everything) or `layer_inputs`
+    /// (each layer's input; the blocks are traced again in the backward pass).
+    pub remat: model::Remat,
 }
 
 impl Default for TrainConfig {
@@ -58,6 +61,7 @@ impl Default for TrainConfig {
             log_every: 10,
             checkpoint_every: 0,
             keep_checkpoints: 3,
+            remat: model::Remat::None,
         }
     }
 }

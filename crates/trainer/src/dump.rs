@@ -143,6 +143,8 @@ pub struct Summary {
     pub platform: Option<String>,
     /// The mesh and the state's bytes per device.
     pub mesh: MeshReport,
+    /// The train step's rematerialization policy (`[train] remat`).
+    pub remat: String,
 }
 
 fn pct(part: u64, whole: u64) -> f64 {
@@ -252,6 +254,7 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
         cache: cache_report(&costs),
         platform,
         mesh,
+        remat: cfg.train.remat.to_string(),
     };
     let text = render(cfg, &summary);
     write(&opts.out.join("summary.txt"), text.as_bytes())?;
@@ -292,6 +295,14 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
     );
     for md in &s.modules {
         let _ = writeln!(o, "{}: {} entry instructions", md.name, md.instructions);
+        if md.name == "train_step" {
+            let _ = writeln!(
+                o,
+                "  remat: {} (what the backward pass keeps: none = everything, layer_inputs = \
+                 each layer's input, the blocks are traced again)",
+                s.remat
+            );
+        }
         match &md.memory {
             Ok(ms) => {
                 let _ = writeln!(

@@ -292,7 +292,8 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str, mesh: &Mesh) -> Result<
     let model = Model::new(cfg.model.clone())
         .map_err(|e| invalid(e.to_string()))?
         .with_mesh(mesh.clone())
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| invalid(e.to_string()))?
+        .with_remat(cfg.train.remat);
     let sharded = mesh.device_count() > 1;
     let shardings = StepShardings::new(cfg, &model, mesh).map_err(|e| invalid(e.to_string()))?;
     let m = model.config();
@@ -527,5 +528,33 @@ mod tests {
         assert_eq!(out.state, state);
         assert_eq!((out.loss, out.grad_norm, out.lr), (n, n + 1, n + 2));
         assert!(io.outputs(vec![0; n]).is_none());
+    }
+
+    #[test]
+    fn remat_is_a_train_setting_that_recomputes_the_blocks() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../configs/tiny.toml"
+        ))
+        .unwrap();
+        let over = |v: &str| {
+            RunConfig::from_toml(
+                &text,
+                &["model.seq_len=64".into(), format!("train.remat={v}")],
+            )
+        };
+        let cfg = over("\"layer_inputs\"").unwrap();
+        assert_eq!(cfg.train.remat, model::Remat::LayerInputs);
+        let one = model::Mesh::single();
+        let remat = build_train_step(&cfg, "cpu", &one).unwrap().to_text();
+        // One barrier per layer, and each layer's RLA forward block twice (forward, recompute).
+        assert_eq!(remat.matches(" opt-barrier(").count(), 4);
+        assert_eq!(remat.matches("\"rattention.rla_fwd\"").count(), 6);
+        let plain = build_train_step(&over("\"none\"").unwrap(), "cpu", &one)
+            .unwrap()
+            .to_text();
+        assert_eq!(plain.matches(" opt-barrier(").count(), 0);
+        let e = format!("{:#}", over("\"dots\"").unwrap_err());
+        assert!(e.contains("layer_inputs"), "{e}");
     }
 }

@@ -38,7 +38,10 @@ impl VjpRule for Remat {
             .collect::<Result<Vec<_>>>()?;
         let ct = b.get_tuple_element(t, inputs.len())?;
         let out = (self.f)(b, &again)?;
-        Ok(b.vjp(&[out], &[ct], &again)?.into_iter().map(Some).collect())
+        Ok(b.vjp(&[out], &[ct], &again)?
+            .into_iter()
+            .map(Some)
+            .collect())
     }
 }
 

@@ -233,9 +233,14 @@ impl Builder {
     pub fn optimization_barrier(&self, x: Op) -> Result<Op> {
         let loc = Location::caller();
         let shape = self.shape_of(loc, "optimization_barrier", x)?;
-        Ok(self.push(loc, Kind::Control(Control::OptBarrier), vec![x], shape, Vec::new()))
+        Ok(self.push(
+            loc,
+            Kind::Control(Control::OptBarrier),
+            vec![x],
+            shape,
+            Vec::new(),
+        ))
     }
-
 }
 
 /// Attributes of control flow and tuple ops (the called computations are the instruction's).
