@@ -42,7 +42,7 @@ fn loss_and_grads(remat: Remat, tokens: &[i32]) -> (Vec<f32>, Vec<Vec<f32>>, i64
 
 #[test]
 fn layer_input_remat_gives_the_same_gradients_with_less_memory() {
-    let tokens: Vec<i32> = (0..130).map(|i| (i * 37 % 128) as i32).collect();
+    let tokens: Vec<i32> = (0..130).map(|i| i * 37 % 128).collect();
     let (l0, g0, temp0) = loss_and_grads(Remat::None, &tokens);
     let (l1, g1, temp1) = loss_and_grads(Remat::LayerInputs, &tokens);
     assert!(
