@@ -181,6 +181,8 @@ struct State {
     instrs: Vec<Instr>,
     params: Vec<usize>,
     scopes: Vec<Arc<str>>,
+    /// Shardings of [`Builder::manual_scope`]s, innermost last: new instructions get the last.
+    shardings: Vec<Sharding>,
 }
 
 impl State {
@@ -225,6 +227,19 @@ impl Drop for ScopeGuard<'_> {
     }
 }
 
+/// RAII guard of [`Builder::manual_scope`]; the scope ends when it is dropped.
+#[must_use = "the scope ends when the guard is dropped"]
+#[derive(Debug)]
+pub struct ShardingScope<'a> {
+    builder: &'a Builder,
+}
+
+impl Drop for ShardingScope<'_> {
+    fn drop(&mut self) {
+        self.builder.lock().shardings.pop();
+    }
+}
+
 /// Keep XLA-legal name characters (`[A-Za-z0-9_.-]`), replacing others by `_`.
 pub(crate) fn sanitize(name: &str) -> String {
     let s: String = name
@@ -264,6 +279,7 @@ impl Builder {
                 instrs: Vec::new(),
                 params: Vec::new(),
                 scopes,
+                shardings: Vec::new(),
             }),
             custom_vjps: Mutex::new(HashMap::new()),
         }
@@ -371,6 +387,7 @@ impl Builder {
         let mut st = self.lock();
         let scope = st.scope();
         let idx = st.instrs.len() as u32;
+        let sharding = st.shardings.last().map(|s| s.for_shape(&shape));
         st.instrs.push(Instr {
             id,
             kind,
@@ -380,7 +397,7 @@ impl Builder {
             name: None,
             scope,
             location: loc,
-            sharding: None,
+            sharding,
         });
         Op {
             idx,
@@ -452,6 +469,29 @@ impl Builder {
             .map_err(|e| self.shape_err(loc, e))?;
         self.lock().instrs[op.index()].sharding = Some(sharding);
         Ok(())
+    }
+
+    /// The sharding annotation of an op of this builder, if it has one.
+    #[track_caller]
+    pub fn sharding(&self, op: Op) -> Result<Option<Sharding>> {
+        self.shape_of(Location::caller(), "sharding", op)?;
+        Ok(self.lock().instrs[op.index()].sharding.clone())
+    }
+
+    /// Set an annotation already known to fit the op's shape.
+    pub(crate) fn set_sharding_unchecked(&self, op: Op, sharding: Sharding) {
+        self.lock().instrs[op.index()].sharding = Some(sharding);
+    }
+
+    /// The body of a manual region (between [`Builder::full_to_shard`] and
+    /// [`Builder::shard_to_full`]): every instruction this builder makes while the guard lives
+    /// is annotated `{manual}` (a tuple of them for tuple values), so the partitioner runs it
+    /// as it is on each device's piece. Instructions of other computations (while bodies,
+    /// reducers) are not annotated; the partitioner gives them their caller's sharding.
+    /// Autodiff puts the backward pass of a `{manual}` instruction in such a scope too.
+    pub fn manual_scope(&self) -> ShardingScope<'_> {
+        self.lock().shardings.push(Sharding::Manual);
+        ShardingScope { builder: self }
     }
 
     /// Finish the computation with `root` as its result (a tuple op for several results).

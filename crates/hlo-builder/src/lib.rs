@@ -41,7 +41,7 @@ pub mod shape_rules;
 mod sharding;
 mod text;
 
-pub use builder::{Builder, Computation, Op, ScopeGuard};
+pub use builder::{Builder, Computation, Op, ScopeGuard, ShardingScope};
 pub use error::{Error, Result};
 pub use ops::custom_call::{mlir_dictionary, Attr};
 pub use ops::dot::{DotDims, Precision};

@@ -27,6 +27,10 @@ pub enum Sharding {
     },
     /// One sharding per tuple element.
     Tuple(Vec<Sharding>),
+    /// Inside a manually partitioned region (`shard_map`): the value already is one device's
+    /// piece and the partitioner leaves it alone: `{manual}`. Made by
+    /// [`Builder::full_to_shard`](crate::Builder::full_to_shard).
+    Manual,
 }
 
 impl Sharding {
@@ -44,7 +48,7 @@ impl Sharding {
     pub fn validate(&self, shape: &Shape) -> Result<(), ShapeError> {
         const OP: &str = "set_sharding";
         match (self, shape) {
-            (Sharding::Replicated, _) => Ok(()),
+            (Sharding::Replicated | Sharding::Manual, _) => Ok(()),
             (Sharding::Maximal { device }, _) if *device >= 0 => Ok(()),
             (Sharding::Maximal { device }, _) => Err(ShapeError::new(
                 OP,
@@ -152,6 +156,277 @@ impl Sharding {
                 replicate_on_last_tile_dim: *last_tile_dim_replicate,
                 ..Default::default()
             },
+            Sharding::Manual => proto::OpSharding {
+                r#type: 4,
+                ..Default::default()
+            },
         }
+    }
+
+    /// The same sharding on every array of `shape`: itself for an array, a
+    /// [`Sharding::Tuple`] of it (nested like the shape) for a tuple.
+    pub fn for_shape(&self, shape: &Shape) -> Sharding {
+        match shape {
+            Shape::Tuple(elems) => {
+                Sharding::Tuple(elems.iter().map(|e| self.for_shape(e)).collect())
+            }
+            Shape::Array { .. } => self.clone(),
+        }
+    }
+
+    /// Pieces per dimension of an array of rank `rank` (1 where the dim is not cut), or an error
+    /// for a sharding without tiles per dimension (maximal, tuple, manual).
+    pub fn tiles_per_dim(&self, rank: usize) -> Result<Vec<usize>, ShapeError> {
+        match self {
+            Sharding::Replicated => Ok(vec![1; rank]),
+            Sharding::Tiled {
+                tile_assignment_dims,
+                last_tile_dim_replicate,
+                ..
+            } => {
+                let n = tile_assignment_dims
+                    .len()
+                    .saturating_sub(usize::from(*last_tile_dim_replicate));
+                if n != rank {
+                    return Err(ShapeError::new(
+                        "sharding",
+                        format!(
+                            "tile assignment dims {tile_assignment_dims:?} do not fit a rank-{rank} array"
+                        ),
+                    ));
+                }
+                Ok(tile_assignment_dims[..n]
+                    .iter()
+                    .map(|&t| t as usize)
+                    .collect())
+            }
+            other => Err(ShapeError::new(
+                "sharding",
+                format!("{other:?} has no tiles per dimension"),
+            )),
+        }
+    }
+
+    /// One device's piece of an array of `dims` under this sharding: the dims divided by their
+    /// tiles, or an error naming the dim that does not divide.
+    pub fn shard_dims(&self, dims: &[usize]) -> Result<Vec<usize>, ShapeError> {
+        let tiles = self.tiles_per_dim(dims.len())?;
+        dims.iter()
+            .zip(&tiles)
+            .enumerate()
+            .map(|(i, (&d, &t))| {
+                if d % t == 0 {
+                    Ok(d / t)
+                } else {
+                    Err(ShapeError::new(
+                        "sharding",
+                        format!(
+                            "dim {i} of size {d} does not split into {t} tiles (dims {dims:?})"
+                        ),
+                    ))
+                }
+            })
+            .collect()
+    }
+
+    /// Where device `device` holds its piece of an array of `dims`: the offset of its tile in
+    /// each dim (the shape is [`Sharding::shard_dims`]). `None` when the device holds no tile.
+    /// A replicated value is at offset 0 everywhere.
+    pub fn tile_offset(
+        &self,
+        device: i64,
+        dims: &[usize],
+    ) -> Result<Option<Vec<usize>>, ShapeError> {
+        let shard = self.shard_dims(dims)?;
+        let Sharding::Tiled {
+            tile_assignment_dims,
+            devices,
+            ..
+        } = self
+        else {
+            return Ok(Some(vec![0; dims.len()]));
+        };
+        let Some(pos) = devices.iter().position(|&d| d == device) else {
+            return Ok(None);
+        };
+        // Row-major coordinates of `pos` over the tile assignment (the trailing replication dim,
+        // if any, is dropped).
+        let mut coords = vec![0usize; tile_assignment_dims.len()];
+        let mut rest = pos;
+        for (c, &t) in coords.iter_mut().zip(tile_assignment_dims).rev() {
+            *c = rest % t as usize;
+            rest /= t as usize;
+        }
+        Ok(Some(
+            shard.iter().zip(&coords).map(|(&s, &c)| s * c).collect(),
+        ))
+    }
+
+    /// Split a row-major host array of `dims` into the pieces of `devices` `0..n` (each piece
+    /// row-major, [`Sharding::shard_dims`] shaped). Errors when a device holds no piece.
+    pub fn split_host<T: Copy>(
+        &self,
+        data: &[T],
+        dims: &[usize],
+        n: usize,
+    ) -> Result<Vec<Vec<T>>, ShapeError> {
+        let numel: usize = dims.iter().product();
+        if data.len() != numel {
+            return Err(ShapeError::new(
+                "split_host",
+                format!("{} values for dims {dims:?} ({numel})", data.len()),
+            ));
+        }
+        let shard = self.shard_dims(dims)?;
+        (0..n as i64)
+            .map(|d| {
+                let off = self.tile_offset(d, dims)?.ok_or_else(|| {
+                    ShapeError::new(
+                        "split_host",
+                        format!("device {d} holds no tile of {self:?}"),
+                    )
+                })?;
+                let mut out = Vec::with_capacity(shard.iter().product());
+                for_each_row(dims, &shard, &off, |start, len| {
+                    out.extend_from_slice(&data[start..start + len])
+                });
+                Ok(out)
+            })
+            .collect()
+    }
+
+    /// The inverse of [`Sharding::split_host`]: assemble a row-major array of `dims` from the
+    /// pieces of devices `0..pieces.len()` (replicated pieces are read once, from the first
+    /// device holding them).
+    pub fn assemble_host<T: Copy + Default>(
+        &self,
+        pieces: &[Vec<T>],
+        dims: &[usize],
+    ) -> Result<Vec<T>, ShapeError> {
+        let shard = self.shard_dims(dims)?;
+        let per: usize = shard.iter().product();
+        let mut out = vec![T::default(); dims.iter().product()];
+        for (d, piece) in pieces.iter().enumerate() {
+            if piece.len() != per {
+                return Err(ShapeError::new(
+                    "assemble_host",
+                    format!(
+                        "device {d} has {} values, its piece {shard:?} needs {per}",
+                        piece.len()
+                    ),
+                ));
+            }
+            let Some(off) = self.tile_offset(d as i64, dims)? else {
+                continue;
+            };
+            let mut at = 0;
+            for_each_row(dims, &shard, &off, |start, len| {
+                out[start..start + len].copy_from_slice(&piece[at..at + len]);
+                at += len;
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Calls `f(start, len)` for every contiguous run (a row of the last dim) of the block of shape
+/// `block` at `offset` inside a row-major array of `dims`, in row-major order of the block.
+fn for_each_row(
+    dims: &[usize],
+    block: &[usize],
+    offset: &[usize],
+    mut f: impl FnMut(usize, usize),
+) {
+    let rank = dims.len();
+    if rank == 0 {
+        f(0, 1);
+        return;
+    }
+    if block.contains(&0) {
+        return;
+    }
+    let mut strides = vec![1usize; rank];
+    for i in (0..rank - 1).rev() {
+        strides[i] = strides[i + 1] * dims[i + 1];
+    }
+    let rows: usize = block[..rank - 1].iter().product();
+    let mut idx = vec![0usize; rank - 1];
+    for _ in 0..rows {
+        let start: usize = (0..rank - 1)
+            .map(|i| (offset[i] + idx[i]) * strides[i])
+            .sum::<usize>()
+            + offset[rank - 1];
+        f(start, block[rank - 1]);
+        for i in (0..rank - 1).rev() {
+            idx[i] += 1;
+            if idx[i] < block[i] {
+                break;
+            }
+            idx[i] = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_and_assemble_follow_the_tile_assignment() {
+        // [4, 6] cut 2 × 3 over devices listed out of order: tile (i, j) is on devices[3i + j].
+        let s = Sharding::Tiled {
+            tile_assignment_dims: vec![2, 3],
+            devices: vec![5, 4, 3, 2, 1, 0],
+            last_tile_dim_replicate: false,
+        };
+        let dims = [4, 6];
+        let data: Vec<i32> = (0..24).collect();
+        let pieces = s.split_host(&data, &dims, 6).unwrap();
+        for (d, piece) in pieces.iter().enumerate() {
+            let pos = 5 - d; // devices[pos] == d
+            let (ti, tj) = (pos / 3, pos % 3);
+            // Naive: element (r, c) of the piece is element (2 ti + r, 2 tj + c) of the whole.
+            let want: Vec<i32> = (0..2)
+                .flat_map(|r| (0..2).map(move |c| ((2 * ti + r) * 6 + 2 * tj + c) as i32))
+                .collect();
+            assert_eq!(piece, &want, "device {d}");
+        }
+        assert_eq!(s.assemble_host(&pieces, &dims).unwrap(), data);
+        assert_eq!(s.tile_offset(7, &dims).unwrap(), None);
+        assert!(
+            s.split_host(&data, &dims, 7).is_err(),
+            "device 6 holds nothing"
+        );
+    }
+
+    #[test]
+    fn replicated_tiles_and_scalars() {
+        // [4] cut in 2, each half on two devices (last_tile_dim_replicate).
+        let s = Sharding::Tiled {
+            tile_assignment_dims: vec![2, 2],
+            devices: vec![0, 1, 2, 3],
+            last_tile_dim_replicate: true,
+        };
+        let pieces = s.split_host(&[1.0f32, 2.0, 3.0, 4.0], &[4], 4).unwrap();
+        assert_eq!(
+            pieces,
+            vec![
+                vec![1.0, 2.0],
+                vec![1.0, 2.0],
+                vec![3.0, 4.0],
+                vec![3.0, 4.0]
+            ]
+        );
+        assert_eq!(
+            s.assemble_host(&pieces, &[4]).unwrap(),
+            vec![1.0, 2.0, 3.0, 4.0]
+        );
+        let r = Sharding::Replicated;
+        assert_eq!(
+            r.split_host(&[7i32], &[], 2).unwrap(),
+            vec![vec![7], vec![7]]
+        );
+        assert_eq!(r.shard_dims(&[3, 5]).unwrap(), vec![3, 5]);
+        assert!(Sharding::Manual.shard_dims(&[2]).is_err());
     }
 }

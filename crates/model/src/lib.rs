@@ -36,7 +36,7 @@ pub use cache::{CacheBuffer, CacheBytes, CacheLayout, CachePart, LayerCache, Lay
 pub use config::{ConfigError, FeatureMap, Lowering, ModelConfig};
 pub use cost::{Cost, Costs, Flops};
 pub use decode::DecodeIo;
-pub use model::{Attention, Model};
+pub use model::{Attention, Model, Remat};
 pub use params::{init_param, Init, LogicalAxis, ParamRole, ParamSpec};
 pub use sharding::{
     AxisRules, Mesh, MeshAxis, MeshConfig, MeshError, ParamSharding, PartitionSpec,

@@ -5,6 +5,39 @@
 
 use crate::config::{ConfigError, LayerKind, LayerPattern, LocalKind, ModelConfig};
 use crate::params::{self, ParamSpec};
+use crate::sharding::Mesh;
+
+/// What the backward pass keeps of the forward (`[train] remat`, MaxText's `remat_policy`).
+///
+/// Serialized in snake_case: `"none"`, `"layer_inputs"`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Remat {
+    /// Keep every intermediate value the backward pass needs (fastest, most memory).
+    #[default]
+    None,
+    /// Keep only each layer's input: the backward pass traces every block again from its input
+    /// and parameters (`hlo_builder::Builder::checkpoint`), about one more forward of compute.
+    LayerInputs,
+}
+
+impl Remat {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Remat::None => "none",
+            Remat::LayerInputs => "layer_inputs",
+        }
+    }
+}
+
+impl std::fmt::Display for Remat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// What the attention of one layer computes: the layer pattern and `local_kind`, resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,6 +90,10 @@ pub struct Model {
     cfg: ModelConfig,
     layers: Vec<Attention>,
     params: Vec<ParamSpec>,
+    /// The mesh its graphs are annotated for ([`Model::with_mesh`]; one device by default).
+    pub(crate) mesh: Mesh,
+    /// What the backward pass keeps ([`Model::with_remat`]).
+    remat: Remat,
 }
 
 impl Model {
@@ -81,7 +118,21 @@ impl Model {
             cfg,
             layers,
             params,
+            mesh: Mesh::single(),
+            remat: Remat::None,
         }
+    }
+
+    /// This model with the rematerialization `policy` in its forward graphs (it changes what
+    /// the backward pass keeps, never the numbers).
+    pub fn with_remat(mut self, policy: Remat) -> Model {
+        self.remat = policy;
+        self
+    }
+
+    /// The rematerialization policy.
+    pub fn remat(&self) -> Remat {
+        self.remat
     }
 
     /// The configuration.

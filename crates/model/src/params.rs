@@ -53,11 +53,15 @@ pub enum LogicalAxis {
     CacheLength,
     /// The feature dim 2H of φ (rows of the RLA state `[B, G, 2H, H]`).
     Feature,
+    /// The residual width `d_model` of activations `[batch, length, activation_embed]` at layer
+    /// boundaries (MaxText's `activation_embed`): its own rule, because `embed` shards the
+    /// parameters over `fsdp`, which already cuts the activations' batch.
+    ActivationEmbed,
 }
 
 impl LogicalAxis {
     /// Every axis, in declaration order.
-    pub const ALL: [LogicalAxis; 10] = [
+    pub const ALL: [LogicalAxis; 11] = [
         LogicalAxis::Batch,
         LogicalAxis::Length,
         LogicalAxis::Vocab,
@@ -68,10 +72,11 @@ impl LogicalAxis {
         LogicalAxis::Mlp,
         LogicalAxis::CacheLength,
         LogicalAxis::Feature,
+        LogicalAxis::ActivationEmbed,
     ];
 
     /// The name a config rule table keys on: `batch`, `length`, `vocab`, `embed`, `q_heads`,
-    /// `kv_heads`, `head_dim`, `mlp`, `cache_length`, `feature`.
+    /// `kv_heads`, `head_dim`, `mlp`, `cache_length`, `feature`, `activation_embed`.
     pub fn name(self) -> &'static str {
         match self {
             LogicalAxis::Batch => "batch",
@@ -84,6 +89,7 @@ impl LogicalAxis {
             LogicalAxis::Mlp => "mlp",
             LogicalAxis::CacheLength => "cache_length",
             LogicalAxis::Feature => "feature",
+            LogicalAxis::ActivationEmbed => "activation_embed",
         }
     }
 }
@@ -96,7 +102,7 @@ impl fmt::Display for LogicalAxis {
 
 /// A name that is not a [`LogicalAxis`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown logical axis {0:?} (known: batch, length, vocab, embed, q_heads, kv_heads, head_dim, mlp, cache_length, feature)")]
+#[error("unknown logical axis {0:?} (known: batch, length, vocab, embed, q_heads, kv_heads, head_dim, mlp, cache_length, feature, activation_embed)")]
 pub struct UnknownAxis(pub String);
 
 impl FromStr for LogicalAxis {

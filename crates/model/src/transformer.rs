@@ -2,9 +2,12 @@
 //! the final norm, the LM head and the loss — one traced graph, as methods of [`Model`].
 
 use crate::layers::{causal_attention, cross_entropy, dims, ffn, linear, rms_norm, rope};
-use crate::model::{Attention, Model};
+use crate::model::{Attention, Model, Remat};
+use crate::params::LogicalAxis::{ActivationEmbed, Batch, HeadDim, KvHeads, Length, QHeads, Vocab};
+use hlo_builder::autodiff::BlockFn;
 use hlo_builder::{Builder, DotDims, ElementType, Op, Result};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Named parameter handles (the leaves of the parameter tree as graph values).
 pub type ParamOps = HashMap<String, Op>;
@@ -136,14 +139,16 @@ impl Model {
         }
         let rla = {
             let _s = b.name_scope("rla");
-            pallas_port::rla_with_state(
-                b,
-                q,
-                k,
-                v,
-                &self.rla_config(),
-                self.rla_lowering(platform),
-            )?
+            let (cfg, lowering) = (self.rla_config(), self.rla_lowering(platform));
+            // Under a mesh the blocks run in a manual region over batch and kv heads: the
+            // partitioner cannot split them.
+            let region = self
+                .rla_sharding(b.shape(q)?.dims())
+                .map_err(|e| b.error("rla", e.to_string()))?;
+            match region {
+                Some(s) => pallas_port::rla_in_region(b, (q, k, v), &cfg, lowering, &s)?,
+                None => pallas_port::rla_with_state(b, q, k, v, &cfg, lowering)?,
+            }
         };
         Ok((mix_local(b, p, prefix, swa, rla.o)?, Some(rla.final_state)))
     }
@@ -186,6 +191,9 @@ impl Model {
             )
         };
         let (q, k, v) = (proj("wq", n)?, proj("wk", g)?, proj("wv", g)?);
+        let q = self.constrain(b, q, &format!("{ap}.q"), &[Batch, Length, QHeads, HeadDim])?;
+        let k = self.constrain(b, k, &format!("{ap}.k"), &[Batch, Length, KvHeads, HeadDim])?;
+        let v = self.constrain(b, v, &format!("{ap}.v"), &[Batch, Length, KvHeads, HeadDim])?;
         let ctx = attn(q, k, v)?;
         let o = linear(
             b,
@@ -213,6 +221,45 @@ impl Model {
         b.add(x, f)
     }
 
+    /// Block `layer` on `x` under [`Remat::LayerInputs`]: a checkpointed block whose inputs are
+    /// `x` and the layer's parameters, traced again in the backward pass.
+    fn remat_block(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        layer: usize,
+        x: Op,
+        platform: &str,
+    ) -> Result<Op> {
+        let prefix = format!("layers.{layer}.");
+        let names: Vec<String> = self
+            .param_specs()
+            .iter()
+            .filter(|s| s.name.starts_with(&prefix))
+            .map(|s| s.name.clone())
+            .collect();
+        let mut inputs = vec![x];
+        for n in &names {
+            inputs.push(param(p, n)?);
+        }
+        let (me, platform) = (self.clone(), platform.to_string());
+        let attn = self.layers()[layer];
+        let f: BlockFn = Arc::new(move |b: &Builder, ins: &[Op]| {
+            let p: ParamOps = names
+                .iter()
+                .cloned()
+                .zip(ins[1..].iter().copied())
+                .collect();
+            let t = dims(b, ins[0])?[1];
+            let pos = b.iota(ElementType::F32, &[t], 0)?;
+            let ap = format!("layers.{layer}.attn");
+            me.block(b, &p, layer, ins[0], |q, k, v| {
+                me.attention_core(b, &p, &ap, attn, (q, k, v), pos, &platform)
+            })
+        });
+        b.checkpoint(&inputs, f)
+    }
+
     /// The final norm and the LM head: `x [B, T, d_model]` to logits `[B, T, vocab]` (f32).
     pub fn head(&self, b: &Builder, p: &ParamOps, x: Op) -> Result<Op> {
         let cfg = self.config();
@@ -234,16 +281,25 @@ impl Model {
     /// `platform` (see [`Model::rla_lowering`]).
     pub fn forward(&self, b: &Builder, p: &ParamOps, tokens: Op, platform: &str) -> Result<Op> {
         let t = dims(b, tokens)?[1];
-        let mut x = self.embed(b, p, tokens)?;
+        // Activations at layer boundaries are `[batch, length, activation_embed]` (a constraint
+        // under a mesh, nothing on one device).
+        let residual = [Batch, Length, ActivationEmbed];
+        let x = self.embed(b, p, tokens)?;
+        let mut x = self.constrain(b, x, "embed.out", &residual)?;
         let pos = b.iota(ElementType::F32, &[t], 0)?;
         for (i, &attn) in self.layers().iter().enumerate() {
             let _s = b.name_scope(&format!("layer_{i}"));
             let ap = format!("layers.{i}.attn");
-            x = self.block(b, p, i, x, |q, k, v| {
-                self.attention_core(b, p, &ap, attn, (q, k, v), pos, platform)
-            })?;
+            x = match self.remat() {
+                Remat::None => self.block(b, p, i, x, |q, k, v| {
+                    self.attention_core(b, p, &ap, attn, (q, k, v), pos, platform)
+                })?,
+                Remat::LayerInputs => self.remat_block(b, p, i, x, platform)?,
+            };
+            x = self.constrain(b, x, &format!("layers.{i}.out"), &residual)?;
         }
-        self.head(b, p, x)
+        let logits = self.head(b, p, x)?;
+        self.constrain(b, logits, "logits", &[Batch, Length, Vocab])
     }
 
     /// Mean next-token loss of `tokens [B, T+1]`: inputs are the first T, targets the last T, all

@@ -166,3 +166,80 @@ fn cache_buffers_carry_logical_axes_and_shard_by_batch_and_kv_heads() {
         assert_eq!(spec.to_string(), want, "{}", b.name);
     }
 }
+
+#[test]
+fn a_model_under_a_mesh_constrains_its_activations_and_runs_rla_in_manual_regions() {
+    use hlo_builder::{Builder, ElementType, Shape};
+    let m = Model::new(load_model("tiny"))
+        .unwrap()
+        .with_mesh(mesh(2, 1, 2, 4))
+        .unwrap();
+    let b = Builder::new("forward");
+    let (_, named) = m.declare_params(&b).unwrap();
+    let tokens = b
+        .parameter(Shape::array(ElementType::S32, &[4, 64]), "tokens")
+        .unwrap();
+    let text = b
+        .build(m.forward(&b, &named, tokens, "cpu").unwrap())
+        .unwrap()
+        .to_text();
+    // The residual stream [batch, length, activation_embed]: batch over data (devices {0,1} ×
+    // {2,3} rows), d_model over tensor.
+    assert!(
+        text.contains("f32[4,64,64]{2,1,0} custom-call(")
+            && text.contains("sharding={devices=[2,1,2]0,1,2,3}"),
+        "{text}"
+    );
+    // Three local layers: each RLA forward block runs {manual} on [B/2, T, N/2, H] pieces.
+    assert_eq!(
+        text.matches("custom_call_target=\"rattention.rla_fwd\"")
+            .count(),
+        3
+    );
+    let fwd = text
+        .lines()
+        .find(|l| l.contains("rattention.rla_fwd"))
+        .unwrap();
+    assert!(
+        fwd.contains("(f32[2,64,2,16]{3,2,1,0}, f32[2,1,1,32,16]"),
+        "{fwd}"
+    );
+    assert!(
+        fwd.contains("sharding={{manual}, {manual}, {manual}}"),
+        "{fwd}"
+    );
+    // q, k, v in, o / chunk_states / final_state out, per layer.
+    assert_eq!(text.matches("SPMDFullToShardShape").count(), 9);
+    assert_eq!(text.matches("SPMDShardToFullShape").count(), 9);
+    // One device: no annotations at all.
+    let one = Model::new(load_model("tiny")).unwrap();
+    let b = Builder::new("forward");
+    let (_, named) = one.declare_params(&b).unwrap();
+    let tokens = b
+        .parameter(Shape::array(ElementType::S32, &[4, 64]), "tokens")
+        .unwrap();
+    let text = b
+        .build(one.forward(&b, &named, tokens, "cpu").unwrap())
+        .unwrap()
+        .to_text();
+    assert!(!text.contains("sharding="), "{text}");
+}
+
+#[test]
+fn with_mesh_refuses_what_it_cannot_run() {
+    let m = Model::new(load_model("tiny")).unwrap();
+    let seq = MeshConfig {
+        seq: 2,
+        ..MeshConfig::default()
+    }
+    .resolve(2)
+    .unwrap();
+    let e = m.clone().with_mesh(seq).unwrap_err().to_string();
+    assert!(
+        e.contains("mesh.seq = 2: sequence parallelism is not implemented yet"),
+        "{e}"
+    );
+    // tiny has 2 kv heads: tensor 4 would split one.
+    let e = m.with_mesh(mesh(1, 1, 4, 4)).unwrap_err().to_string();
+    assert!(e.contains("kv_heads"), "{e}");
+}

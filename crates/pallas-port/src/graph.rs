@@ -16,7 +16,7 @@
 
 use crate::config::{RlaConfig, RlaDims};
 use crate::ffi::{BWD_TARGET, FWD_TARGET};
-use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape};
+use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape, Sharding};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;
@@ -244,6 +244,8 @@ impl hlo_builder::autodiff::VjpRule for RlaVjp {
         let Some(d_o) = cts.first().copied().flatten() else {
             return Ok(vec![None, None, None]);
         };
+        // Inside a manual region the forward block is `{manual}`, and autodiff builds this rule
+        // in a manual scope: the backward block runs on the same per-device pieces.
         let chunk_states = b.get_tuple_element(output, 1)?;
         let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
         let g = rla_bwd_block(b, (q, k, v), chunk_states, d_o, &self.cfg, self.lowering)?;
@@ -305,4 +307,88 @@ pub fn rla_with_state(
 /// `lowering` must be concrete, as for [`rla_with_state`].
 pub fn rla(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig, lowering: Lowering) -> Result<Op> {
     Ok(rla_with_state(b, q, k, v, cfg, lowering)?.o)
+}
+
+/// The shardings of a block's values when its q, k, v `[B,T,heads,H]` are laid out by `qkv`:
+/// states `[B,G,…]` take the batch and head cuts of `qkv` over the same devices.
+fn state_sharding(qkv: &Sharding, rank: usize) -> Sharding {
+    match qkv {
+        Sharding::Tiled {
+            tile_assignment_dims: t,
+            devices,
+            last_tile_dim_replicate,
+        } => {
+            let mut dims = vec![1i64; rank];
+            dims[0] = t[0];
+            dims[1] = t[2];
+            if *last_tile_dim_replicate {
+                dims.push(t[4]);
+            }
+            Sharding::Tiled {
+                tile_assignment_dims: dims,
+                devices: devices.clone(),
+                last_tile_dim_replicate: *last_tile_dim_replicate,
+            }
+        }
+        other => other.clone(),
+    }
+}
+
+/// [`rla_with_state`] on q `[B,T,N,H]`, k, v `[B,T,G,H]` laid out across devices by `qkv` (a
+/// sharding of the `[B,T,heads,H]` arrays: cuts of the batch and of the heads only), as a
+/// manually partitioned region — the `shard_map` pattern: q, k, v go from full to per-device
+/// pieces (`SPMDFullToShardShape`), both blocks run `{manual}` on each device's sequences and
+/// heads, and o, chunk_states, final_state go back to full values (`SPMDShardToFullShape`), laid
+/// out by the same batch and head cuts. The XLA partitioner cannot split the blocks' custom
+/// calls (nor see through the `while` lowering); inside the region it does not have to.
+///
+/// Both q's `N` and k/v's `G` heads are cut into the same number of contiguous pieces, so
+/// every query head sits with its kv head (`g = n / (N/G)`). With `qkv` replicated this is
+/// [`rla_with_state`]. Errors: a cut of T or H (sequence parallelism is issue 11 item 4), or
+/// a dim that does not divide.
+pub fn rla_in_region(
+    b: &Builder,
+    (q, k, v): (Op, Op, Op),
+    cfg: &RlaConfig,
+    lowering: Lowering,
+    qkv: &Sharding,
+) -> Result<RlaOutputs> {
+    let d = check_shapes(b, q, k, v, cfg)?;
+    let tiles = qkv
+        .tiles_per_dim(4)
+        .map_err(|e| b.error("rla_in_region", format!("q/k/v sharding: {}", e.message)))?;
+    if tiles.iter().all(|&t| t == 1) {
+        return rla_with_state(b, q, k, v, cfg, lowering);
+    }
+    if tiles[1] != 1 || tiles[3] != 1 {
+        return Err(b.error(
+            "rla_in_region",
+            format!(
+                "the RLA region splits batch and heads only, but the q/k/v sharding cuts T into \
+                 {} and H into {} pieces (sequence parallelism of RLA is not implemented)",
+                tiles[1], tiles[3]
+            ),
+        ));
+    }
+    let ql = b.full_to_shard(q, qkv.clone())?;
+    let kl = b.full_to_shard(k, qkv.clone())?;
+    let vl = b.full_to_shard(v, qkv.clone())?;
+    let local = {
+        let _m = b.manual_scope();
+        rla_with_state(b, ql, kl, vl, cfg, lowering)?
+    };
+    let dims = |v: &[usize]| -> Vec<i64> { v.iter().map(|&x| x as i64).collect() };
+    Ok(RlaOutputs {
+        o: b.shard_to_full(local.o, qkv.clone(), &dims(&d.q_shape()))?,
+        chunk_states: b.shard_to_full(
+            local.chunk_states,
+            state_sharding(qkv, 5),
+            &dims(&d.chunk_states_shape(cfg)),
+        )?,
+        final_state: b.shard_to_full(
+            local.final_state,
+            state_sharding(qkv, 4),
+            &dims(&d.final_state_shape()),
+        )?,
+    })
 }

@@ -27,4 +27,4 @@ pub mod reference;
 pub use config::{FeatureMap, RlaConfig, RlaDims, RlaError};
 pub use feature::feature_map;
 pub use ffi::{kernels_registered, register_cpu_kernels};
-pub use graph::{rla, rla_with_state, Lowering, RlaOutputs};
+pub use graph::{rla, rla_in_region, rla_with_state, Lowering, RlaOutputs};

@@ -196,6 +196,8 @@ pub struct Report {
     pub seq_len: usize,
     /// The RLA lowering used.
     pub rla_lowering: String,
+    /// The train step's rematerialization policy (`[train] remat`).
+    pub remat: String,
     /// One entry per compiled program.
     pub programs: Vec<ProgramReport>,
     /// Things skipped, in words.
@@ -317,6 +319,7 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         batch: cfg.train.batch,
         seq_len: cfg.model.seq_len,
         rla_lowering: model.rla_lowering(target.pjrt_platform()).as_str().into(),
+        remat: cfg.train.remat.to_string(),
         programs: Vec::new(),
         notes: Vec::new(),
     };
@@ -342,7 +345,7 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         report.programs.push(p);
     };
     let train = Module::trace(0, "train_step", || {
-        crate::step::build_train_step(&cfg, target.pjrt_platform())
+        crate::step::build_train_step(&cfg, target.pjrt_platform(), &model::Mesh::single())
             .context("tracing the train step")
     })?;
     let tokens = cfg.train.batch * cfg.model.seq_len;
@@ -487,13 +490,14 @@ fn print_header(r: &Report) {
         r.platform_version.lines().next().unwrap_or("")
     );
     println!(
-        "model: {} parameters ({} as f32 params + Adam m, v), batch {} × {} tokens, RLA lowering {}; \
-         compiled for one device (num_partitions 1)",
+        "model: {} parameters ({} as f32 params + Adam m, v), batch {} × {} tokens, RLA lowering {}, \
+         remat {}; compiled for one device (num_partitions 1)",
         r.param_count,
         units::bytes(r.param_and_adam_bytes as i64),
         r.batch,
         r.seq_len,
-        r.rla_lowering
+        r.rla_lowering,
+        r.remat
     );
 }
 

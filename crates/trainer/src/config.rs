@@ -39,6 +39,9 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Checkpoints kept.
     pub keep_checkpoints: usize,
+    /// What the backward pass keeps of the forward: `none` (everything) or `layer_inputs`
+    /// (each layer's input; the blocks are traced again in the backward pass).
+    pub remat: model::Remat,
 }
 
 impl Default for TrainConfig {
@@ -58,6 +61,7 @@ impl Default for TrainConfig {
             log_every: 10,
             checkpoint_every: 0,
             keep_checkpoints: 3,
+            remat: model::Remat::None,
         }
     }
 }
@@ -104,8 +108,8 @@ pub struct RunConfig {
     /// Data.
     #[serde(default)]
     pub data: DataConfig,
-    /// The device mesh and the logical-axis rules (default: one device). Only `rattn dump`
-    /// reads it so far: nothing is compiled sharded yet.
+    /// The device mesh and the logical-axis rules (default: one device): `rattn train` runs the
+    /// step sharded on it (`--devices N` when a size is −1); `rattn dump` reports it.
     #[serde(default)]
     pub mesh: MeshConfig,
 }

@@ -2,7 +2,8 @@
 //! after XLA's optimizations, named like XLA's `--xla_dump_to`, plus a summary of the model's size,
 //! FLOPs, compiled memory, KV-cache / RLA-state bytes against the SWA and full-attention baselines,
 //! and the `[mesh]`: its sizes, rules and the train state's bytes per device under it (computed
-//! from the parameters' shardings; nothing is compiled sharded yet).
+//! from the parameters' shardings; the modules are compiled for one device, `rattn train` runs
+//! sharded).
 //!
 //! Tracing, compiling on the `--plugin` client and writing the modules go through
 //! [`crate::inspect`], the path `rattn compile` takes too; the numbers of the model come from
@@ -142,6 +143,8 @@ pub struct Summary {
     pub platform: Option<String>,
     /// The mesh and the state's bytes per device.
     pub mesh: MeshReport,
+    /// The train step's rematerialization policy (`[train] remat`).
+    pub remat: String,
 }
 
 fn pct(part: u64, whole: u64) -> f64 {
@@ -224,8 +227,12 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
     let compile_on = client.as_ref().zip(platform.as_deref());
     // Without a client (`--no-compile`) the graph targets no platform: RLA `auto` lowers to HLO.
     let train = Module::trace(0, "train_step", || {
-        step::build_train_step(cfg, platform.as_deref().unwrap_or(""))
-            .context("building the train step")
+        step::build_train_step(
+            cfg,
+            platform.as_deref().unwrap_or(""),
+            &model::Mesh::single(),
+        )
+        .context("building the train step")
     })?;
     let mut modules = vec![dump_module(&opts.out, &train, compile_on)?];
     drop(train);
@@ -247,6 +254,7 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
         cache: cache_report(&costs),
         platform,
         mesh,
+        remat: cfg.train.remat.to_string(),
     };
     let text = render(cfg, &summary);
     write(&opts.out.join("summary.txt"), text.as_bytes())?;
@@ -287,6 +295,14 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
     );
     for md in &s.modules {
         let _ = writeln!(o, "{}: {} entry instructions", md.name, md.instructions);
+        if md.name == "train_step" {
+            let _ = writeln!(
+                o,
+                "  remat: {} (what the backward pass keeps: none = everything, layer_inputs = \
+                 each layer's input, the blocks are traced again)",
+                s.remat
+            );
+        }
         match &md.memory {
             Ok(ms) => {
                 let _ = writeln!(
@@ -355,7 +371,7 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
     let mr = &s.mesh;
     let _ = writeln!(
         o,
-        "mesh: {} (device order data, fsdp, seq, tensor; not yet used to compile)",
+        "mesh: {} (device order data, fsdp, seq, tensor; `rattn train` runs on it, dump compiles for 1 device)",
         mr.text
     );
     let rules: Vec<String> = mr

@@ -13,6 +13,7 @@ mod inspect;
 mod mfu;
 mod plot;
 mod runtime;
+mod spmd;
 mod step;
 mod supervise;
 mod train;
@@ -66,6 +67,10 @@ enum Cmd {
         /// Held-out sequences of the evaluation that ends the run (0: no evaluation).
         #[arg(long, default_value_t = EVAL_SEQUENCES)]
         eval_sequences: usize,
+        /// Devices the [mesh] spans (default: the product of its sizes; needed when one is -1).
+        /// On the CPU plugin the client is made with this many devices.
+        #[arg(long)]
+        devices: Option<usize>,
     },
     /// Evaluate a checkpoint: loss, perplexity and (synthetic data) recall by distance.
     Eval {
@@ -179,9 +184,11 @@ fn run(cli: Cli) -> Result<()> {
             resume,
             quiet,
             eval_sequences,
+            devices,
         } => {
             let cfg = config::RunConfig::load(&common.config, &common.overrides)?;
-            let report = train::train(&cfg, common.plugin.as_deref(), &out, resume, quiet)?;
+            let report =
+                train::train(&cfg, common.plugin.as_deref(), &out, resume, quiet, devices)?;
             if let Some(last) = report.losses.last() {
                 println!("final loss {last:.4} after {} steps", report.losses.len());
             }

@@ -8,7 +8,7 @@
 //! (`input_output_alias`), so a donating caller updates them in place.
 
 use crate::config::{RunConfig, TrainConfig};
-use hlo_builder::{Builder, Computation, ElementType, Op, Result, Shape};
+use hlo_builder::{Builder, Computation, ElementType, Op, Result, Shape, Sharding};
 use model::{Mesh, MeshError, Model, ParamSharding, ParamSpec};
 use std::ops::Range;
 
@@ -78,6 +78,36 @@ pub fn state_shardings(
             })
         })
         .collect())
+}
+
+/// How the train step's arguments and results lie across the mesh's devices: the state like
+/// the parameters ([`state_shardings`]), the token batch `[B, T+1]` cut by the `batch` rule,
+/// `step` and the scalar results replicated. One owner for the graph's annotations and for the
+/// host's uploads and downloads.
+#[derive(Debug, Clone)]
+pub struct StepShardings {
+    /// Every state tensor, in [`state_tensors`] order.
+    pub state: Vec<ParamSharding>,
+    /// The token batch.
+    pub tokens: Sharding,
+}
+
+impl StepShardings {
+    /// The shardings of `cfg`'s train step on `mesh`; errors name the tensor that does not
+    /// split (a parameter, or the token batch when B does not divide).
+    pub fn new(
+        cfg: &RunConfig,
+        model: &Model,
+        mesh: &Mesh,
+    ) -> std::result::Result<Self, MeshError> {
+        Ok(StepShardings {
+            state: state_shardings(model, mesh)?,
+            tokens: mesh.batch_sharding(
+                "tokens (train.batch)",
+                &[cfg.train.batch, cfg.model.seq_len + 1],
+            )?,
+        })
+    }
 }
 
 /// Positions of the train step's arguments.
@@ -250,10 +280,22 @@ fn lr_graph(b: &Builder, t: &TrainConfig, step: Op) -> Result<Op> {
 
 /// Build the train-step computation for `cfg`, with the signature [`StepIo::new`] gives for the
 /// model's parameter count, to run on `platform` (the PJRT platform name; it picks the RLA
-/// lowering, see [`Model::rla_lowering`]).
-pub fn build_train_step(cfg: &RunConfig, platform: &str) -> Result<Computation> {
+/// lowering, see [`Model::rla_lowering`]) over the devices of `mesh`.
+///
+/// On a mesh of more than one device the program is annotated for XLA's SPMD partitioner: the
+/// parameters, both Adam moments and the updated state carry their shardings, the token batch
+/// is cut by the `batch` rule, `step` and the scalar results are replicated, the model constrains
+/// its activations at layer boundaries and runs the RLA blocks in manual regions
+/// ([`Model::with_mesh`]). On one device nothing is annotated.
+pub fn build_train_step(cfg: &RunConfig, platform: &str, mesh: &Mesh) -> Result<Computation> {
+    let invalid = |e: String| hlo_builder::Error::invalid("train_step", e);
     let model = Model::new(cfg.model.clone())
-        .map_err(|e| hlo_builder::Error::invalid("train_step", e.to_string()))?;
+        .map_err(|e| invalid(e.to_string()))?
+        .with_mesh(mesh.clone())
+        .map_err(|e| invalid(e.to_string()))?
+        .with_remat(cfg.train.remat);
+    let sharded = mesh.device_count() > 1;
+    let shardings = StepShardings::new(cfg, &model, mesh).map_err(|e| invalid(e.to_string()))?;
     let m = model.config();
     let t = &cfg.train;
     let specs = model.param_specs();
@@ -279,6 +321,14 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str) -> Result<Computation> 
         Shape::array(ElementType::S32, &[t.batch as i64, m.seq_len as i64 + 1]),
         "tokens",
     )?;
+    if sharded {
+        let state = params.iter().chain(&adam_m).chain(&adam_v);
+        for (&op, s) in state.zip(&shardings.state) {
+            b.set_sharding(op, s.sharding.clone())?;
+        }
+        b.set_sharding(step, Sharding::Replicated)?;
+        b.set_sharding(tokens, shardings.tokens.clone())?;
+    }
     let l = {
         let _s = b.name_scope("forward");
         model.loss(&b, &named, tokens, platform)?
@@ -334,6 +384,14 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str) -> Result<Computation> 
     results[io.results.lr] = Some(lr);
     let outs: Vec<Op> = results.into_iter().flatten().collect();
     let root = b.tuple(&outs)?;
+    if sharded {
+        // The updated state keeps its layout (it aliases its input); the scalars are replicated.
+        let mut out: Vec<Sharding> = vec![Sharding::Replicated; io.state_len() + 3];
+        for ((_, r), s) in io.state_positions().into_iter().zip(&shardings.state) {
+            out[r] = s.sharding.clone();
+        }
+        b.set_sharding(root, Sharding::Tuple(out))?;
+    }
     // Parameters and moments are updated in place when the caller donates them.
     let mut comp = b.build(root)?;
     for (arg, res) in io.state_positions() {
@@ -440,7 +498,9 @@ mod tests {
         let model = Model::new(cfg.model.clone()).unwrap();
         let specs = model.param_specs();
         let io = StepIo::new(specs.len());
-        let (args, result) = build_train_step(&cfg, "cpu").unwrap().program_shape();
+        let (args, result) = build_train_step(&cfg, "cpu", &model::Mesh::single())
+            .unwrap()
+            .program_shape();
         assert_eq!(args.len(), io.state_len() + 2);
         assert_eq!(args[io.args.step], Shape::scalar(ElementType::F32));
         assert_eq!(
@@ -468,5 +528,33 @@ mod tests {
         assert_eq!(out.state, state);
         assert_eq!((out.loss, out.grad_norm, out.lr), (n, n + 1, n + 2));
         assert!(io.outputs(vec![0; n]).is_none());
+    }
+
+    #[test]
+    fn remat_is_a_train_setting_that_recomputes_the_blocks() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../configs/tiny.toml"
+        ))
+        .unwrap();
+        let over = |v: &str| {
+            RunConfig::from_toml(
+                &text,
+                &["model.seq_len=64".into(), format!("train.remat={v}")],
+            )
+        };
+        let cfg = over("\"layer_inputs\"").unwrap();
+        assert_eq!(cfg.train.remat, model::Remat::LayerInputs);
+        let one = model::Mesh::single();
+        let remat = build_train_step(&cfg, "cpu", &one).unwrap().to_text();
+        // One barrier per layer, and each layer's RLA forward block twice (forward, recompute).
+        assert_eq!(remat.matches(" opt-barrier(").count(), 4);
+        assert_eq!(remat.matches("\"rattention.rla_fwd\"").count(), 6);
+        let plain = build_train_step(&over("\"none\"").unwrap(), "cpu", &one)
+            .unwrap()
+            .to_text();
+        assert_eq!(plain.matches(" opt-barrier(").count(), 0);
+        let e = format!("{:#}", over("\"dots\"").unwrap_err());
+        assert!(e.contains("layer_inputs"), "{e}");
     }
 }

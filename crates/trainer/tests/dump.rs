@@ -137,9 +137,9 @@ fn dump_of_the_tiny_config_writes_parsable_modules_and_a_checked_summary() {
     );
     assert!(
         stdout.contains(
-            "  rules: batch → [data, fsdp], cache_length → [], embed → [fsdp], feature → [], \
-             head_dim → [], kv_heads → [tensor], length → [seq], mlp → [tensor], \
-             q_heads → [tensor], vocab → [tensor]\n"
+            "  rules: activation_embed → [tensor], batch → [data, fsdp], cache_length → [], \
+             embed → [fsdp], feature → [], head_dim → [], kv_heads → [tensor], \
+             length → [seq], mlp → [tensor], q_heads → [tensor], vocab → [tensor]\n"
         ),
         "{stdout}"
     );

@@ -36,6 +36,7 @@
 //! ```
 
 mod custom;
+mod remat;
 
 use std::collections::HashMap;
 use std::panic::Location;
@@ -49,6 +50,7 @@ use crate::Op;
 
 pub(crate) use custom::CustomVjp;
 pub use custom::VjpRule;
+pub use remat::BlockFn;
 
 /// A cotangent: an array op, or per-element cotangents of a tuple value (`None` = zero).
 #[derive(Debug, Clone)]
@@ -184,6 +186,15 @@ pub(crate) fn ct_from_op(b: &Builder, op: Op, shape: &Shape) -> Result<Ct> {
     }
 }
 
+/// `{manual}`, or a tuple of only `{manual}` elements.
+fn is_manual(s: &crate::Sharding) -> bool {
+    match s {
+        crate::Sharding::Manual => true,
+        crate::Sharding::Tuple(e) => !e.is_empty() && e.iter().all(is_manual),
+        _ => false,
+    }
+}
+
 /// The scope (below the current one) for the backward ops of a forward op made in scope `fwd`.
 fn backward_scope(current: &str, fwd: &str) -> String {
     let rel = if current.is_empty() {
@@ -208,6 +219,9 @@ struct Plan {
     n: usize,
     /// Per instruction: on a path from `wrt` to the outputs.
     active: Vec<bool>,
+    /// Per instruction: inside a manual region (annotated `{manual}`); its backward ops and
+    /// the sums of its cotangents are made in a [`Builder::manual_scope`] too.
+    manual: Vec<bool>,
     /// Snapshot of the active instructions, by index.
     nodes: HashMap<usize, Node>,
 }
@@ -274,6 +288,7 @@ impl Builder {
             // Backward ops of a forward op made in scope `s` go to `vjp/s` (relative to the
             // scope active now), so profiles attribute them to their layer.
             let _scope = self.name_scope(&backward_scope(&current, &node.scope));
+            let manual = plan.manual[i].then(|| self.manual_scope());
             let contributions: Vec<(Op, Ct)> = if let Some(custom) = customs.get(&i) {
                 custom.run(self, node, &ct)?
             } else {
@@ -286,9 +301,12 @@ impl Builder {
                     .filter_map(|((o, g), &need)| g.filter(|_| need).map(|g| (*o, g)))
                     .collect()
             };
+            drop(manual);
             for (operand, c) in contributions {
-                if operand.index() < plan.n && plan.active[operand.index()] {
-                    accumulate(self, &mut cts[operand.index()], c)?;
+                let k = operand.index();
+                if k < plan.n && plan.active[k] {
+                    let _manual = plan.manual[k].then(|| self.manual_scope());
+                    accumulate(self, &mut cts[k], c)?;
                 }
             }
         }
@@ -391,7 +409,16 @@ impl Builder {
                     },
                 );
             }
-            Plan { n, active, nodes }
+            let manual = instrs
+                .iter()
+                .map(|ins| ins.sharding.as_ref().is_some_and(is_manual))
+                .collect();
+            Plan {
+                n,
+                active,
+                manual,
+                nodes,
+            }
         })
     }
 }

@@ -226,6 +226,21 @@ impl Builder {
             Vec::new(),
         ))
     }
+    /// `opt-barrier(x)`: `x` unchanged (array or tuple), a fence XLA's passes do not optimize
+    /// across: what is computed from the result is not merged with (or hoisted above) what
+    /// was computed before it.
+    #[track_caller]
+    pub fn optimization_barrier(&self, x: Op) -> Result<Op> {
+        let loc = Location::caller();
+        let shape = self.shape_of(loc, "optimization_barrier", x)?;
+        Ok(self.push(
+            loc,
+            Kind::Control(Control::OptBarrier),
+            vec![x],
+            shape,
+            Vec::new(),
+        ))
+    }
 }
 
 /// Attributes of control flow and tuple ops (the called computations are the instruction's).
@@ -241,6 +256,9 @@ pub(crate) enum Control {
     Tuple,
     /// `get-tuple-element` of the index.
     GetTupleElement(i64),
+    /// `opt-barrier`: the value unchanged, but XLA may neither move computations across it nor
+    /// merge what follows with what precedes (used by rematerialization).
+    OptBarrier,
 }
 
 impl Family for Control {
@@ -251,6 +269,7 @@ impl Family for Control {
             Control::Call => "call",
             Control::Tuple => "tuple",
             Control::GetTupleElement(_) => "get-tuple-element",
+            Control::OptBarrier => "opt-barrier",
         }
     }
 
@@ -263,6 +282,8 @@ impl Family for Control {
     fn vjp(&self, b: &Builder, n: &Node, ct: Ct) -> Result<Vec<Option<Ct>>> {
         match (self, ct) {
             (Control::Tuple, Ct::Tuple(elems)) => Ok(elems),
+            // The identity: the cotangent passes through (no barrier on the way back).
+            (Control::OptBarrier, ct) => Ok(vec![Some(ct)]),
             (Control::GetTupleElement(k), ct) => {
                 let len = n.operand_shapes[0]
                     .tuple_elements()

@@ -19,6 +19,7 @@
 //! | [`gather`], [`scatter`] | `gather`, `take_rows`; `scatter` (add / replace) |
 //! | [`control`] | `while`, `conditional`, `call`, `tuple`, `get-tuple-element` |
 //! | [`custom_call`] | typed-FFI `custom-call` |
+//! | [`partition`] | the partitioner's `Sharding` / `SPMDFullToShardShape` / `SPMDShardToFullShape` custom calls (manual regions) |
 //! | [`rng`] | Threefry random numbers (composite: no instruction of its own) |
 
 pub mod constant;
@@ -27,6 +28,7 @@ pub mod custom_call;
 pub mod dot;
 pub mod elementwise;
 pub mod gather;
+pub mod partition;
 pub mod reduce;
 pub mod rng;
 pub mod scatter;
@@ -94,6 +96,8 @@ pub(crate) enum Kind {
     Control(control::Control),
     /// `custom-call`.
     CustomCall(custom_call::CustomCall),
+    /// The partitioner's custom calls.
+    Partition(partition::Partition),
 }
 
 impl Kind {
@@ -111,6 +115,7 @@ impl Kind {
             Kind::Scatter(k) => k,
             Kind::Control(k) => k,
             Kind::CustomCall(k) => k,
+            Kind::Partition(k) => k,
         }
     }
 

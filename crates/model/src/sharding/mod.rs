@@ -128,7 +128,7 @@ pub enum MeshError {
     #[error("unknown mesh axis {0:?} (known: data, fsdp, seq, tensor)")]
     UnknownMeshAxis(String),
     /// A rule names an unknown logical axis.
-    #[error("mesh.rules: unknown logical axis {0:?} (known: batch, length, vocab, embed, q_heads, kv_heads, head_dim, mlp)")]
+    #[error("mesh.rules: unknown logical axis {0:?} (known: batch, length, vocab, embed, q_heads, kv_heads, head_dim, mlp, cache_length, feature, activation_embed)")]
     UnknownLogicalAxis(String),
     /// A rule lists a mesh axis twice.
     #[error("mesh.rules.{logical} lists mesh axis {axis} twice")]
@@ -180,6 +180,9 @@ pub enum MeshError {
         /// Their product.
         shards: usize,
     },
+    /// A mesh that cuts the sequence: sequence parallelism is not implemented yet.
+    #[error("mesh.seq = {0}: sequence parallelism is not implemented yet (issue 11 item 4); shard over data, fsdp and tensor")]
+    SeqParallel(usize),
     /// A head dimension would split inside a head.
     #[error("{tensor}: dim {dim} ({logical}) holds {heads} heads, not divisible by {shards} = {axes} (mesh.rules.{logical}): a shard would split a head")]
     HeadsNotDivisible {
@@ -210,7 +213,9 @@ pub struct AxisRules(BTreeMap<LogicalAxis, Vec<MeshAxis>>);
 
 impl Default for AxisRules {
     /// batch → [data, fsdp], length → [seq], vocab → [tensor], embed → [fsdp],
-    /// q_heads / kv_heads / mlp → [tensor], head_dim / cache_length / feature → [].
+    /// q_heads / kv_heads / mlp → [tensor], head_dim / cache_length / feature → [],
+    /// activation_embed → [tensor] (MaxText's: between layers the residual stream's width is
+    /// cut over `tensor`).
     fn default() -> Self {
         use LogicalAxis as L;
         use MeshAxis::{Data, Fsdp, Seq, Tensor};
@@ -218,7 +223,7 @@ impl Default for AxisRules {
             let m = match a {
                 L::Batch => vec![Data, Fsdp],
                 L::Length => vec![Seq],
-                L::Vocab | L::QHeads | L::KvHeads | L::Mlp => vec![Tensor],
+                L::Vocab | L::QHeads | L::KvHeads | L::Mlp | L::ActivationEmbed => vec![Tensor],
                 L::Embed => vec![Fsdp],
                 L::HeadDim | L::CacheLength | L::Feature => vec![],
             };
@@ -680,5 +685,6 @@ impl fmt::Display for Mesh {
     }
 }
 
+mod activations;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,97 @@
+//! The model's graphs under a mesh: [`Model::with_mesh`] picks the mesh, and the tracing code
+//! names the logical axes of its activations ([`Model::constrain`]) and of the RLA blocks'
+//! operands ([`Model::rla_sharding`]); the rules decide the rest. On one device nothing is
+//! annotated, so 1-device graphs are exactly what they were.
+
+use super::{Mesh, MeshAxis, MeshError, PartitionSpec};
+use crate::params::LogicalAxis;
+use crate::Model;
+use hlo_builder::{Builder, Op, Sharding};
+
+impl Mesh {
+    /// The sharding of an array of `shape` whose dim 0 is the batch and whose other dims are
+    /// not cut (the token batch `[B, T+1]`); an error names `name` when B does not divide.
+    pub fn batch_sharding(&self, name: &str, shape: &[usize]) -> Result<Sharding, MeshError> {
+        let mut spec = vec![Vec::new(); shape.len()];
+        if let Some(first) = spec.first_mut() {
+            *first = self.rules().get(LogicalAxis::Batch).to_vec();
+        }
+        let spec = PartitionSpec(spec);
+        // The spec of the batch dim alone, checked like any tensor's.
+        if let Some(&b) = shape.first() {
+            self.partition_spec(name, &[b], &[LogicalAxis::Batch])?;
+        }
+        Ok(self.sharding(&spec))
+    }
+}
+
+impl Model {
+    /// This model with its graphs annotated for `mesh`: parameters, activations at layer
+    /// boundaries and the RLA blocks' manual regions follow the mesh's rules. Checks every
+    /// parameter's sharding first (errors name the parameter); a mesh with `seq` > 1 is refused
+    /// (sequence parallelism is issue 11 item 4).
+    pub fn with_mesh(mut self, mesh: Mesh) -> Result<Model, MeshError> {
+        if mesh.size(MeshAxis::Seq) > 1 {
+            return Err(MeshError::SeqParallel(mesh.size(MeshAxis::Seq)));
+        }
+        self.param_shardings(&mesh)?;
+        self.mesh = mesh;
+        Ok(self)
+    }
+
+    /// The mesh the graphs are annotated for (one device unless [`Model::with_mesh`]).
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+
+    /// The sharding of the activation `name` of `dims` with these logical `axes` under the
+    /// model's mesh.
+    pub fn activation_sharding(
+        &self,
+        name: &str,
+        dims: &[i64],
+        axes: &[LogicalAxis],
+    ) -> Result<Sharding, MeshError> {
+        let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+        let spec = self.mesh.partition_spec(name, &shape, axes)?;
+        Ok(self.mesh.sharding(&spec))
+    }
+
+    /// Constrain the activation `x` (named `name` in errors) with logical `axes` to its sharding
+    /// under the rules (a `Sharding` custom call the partitioner keeps). Nothing on one device.
+    pub fn constrain(
+        &self,
+        b: &Builder,
+        x: Op,
+        name: &str,
+        axes: &[LogicalAxis],
+    ) -> hlo_builder::Result<Op> {
+        if self.mesh.device_count() == 1 {
+            return Ok(x);
+        }
+        let dims = b.shape(x)?.dims().to_vec();
+        let s = self
+            .activation_sharding(name, &dims, axes)
+            .map_err(|e| b.error("constrain", e.to_string()))?;
+        b.sharding_constraint(x, s)
+    }
+
+    /// The layout of the RLA blocks' q `[B,T,N,H]` (and k, v `[B,T,G,H]`) of `q_dims` under
+    /// the mesh: sequences by the `batch` rule, q and kv heads both by the `kv_heads` rule (so
+    /// a query head stays with its kv head), T and H whole. `None` on one device; the blocks
+    /// then run without a region.
+    pub fn rla_sharding(&self, q_dims: &[i64]) -> Result<Option<Sharding>, MeshError> {
+        if self.mesh.device_count() == 1 {
+            return Ok(None);
+        }
+        use LogicalAxis::{Batch, HeadDim, KvHeads, Length};
+        let shape: Vec<usize> = q_dims.iter().map(|&d| d as usize).collect();
+        let spec = self
+            .mesh
+            .partition_spec("rla.q", &shape, &[Batch, Length, KvHeads, HeadDim])?;
+        let kv_heads = self.config().kv_heads;
+        self.mesh
+            .check_heads("rla.k", &spec, 2, KvHeads, kv_heads)?;
+        Ok(Some(self.mesh.sharding(&spec)))
+    }
+}
