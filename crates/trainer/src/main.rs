@@ -65,6 +65,9 @@ enum Cmd {
         /// Held-out sequences of the evaluation that ends the run (0: no evaluation).
         #[arg(long, default_value_t = EVAL_SEQUENCES)]
         eval_sequences: usize,
+        /// Seed of initialisation and data order (the same as `--set train.seed=N`).
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Evaluate a checkpoint: loss, perplexity and (synthetic data) recall by distance.
     Eval {
@@ -142,8 +145,11 @@ fn run(cli: Cli) -> Result<()> {
             resume,
             quiet,
             eval_sequences,
+            seed,
         } => {
-            let cfg = config::RunConfig::load(&common.config, &common.overrides)?;
+            let mut overrides = common.overrides.clone();
+            overrides.extend(seed.map(|s| format!("train.seed={s}")));
+            let cfg = config::RunConfig::load(&common.config, &overrides)?;
             let report = train::train(&cfg, common.plugin.as_deref(), &out, resume, quiet)?;
             if let Some(last) = report.losses.last() {
                 println!("final loss {last:.4} after {} steps", report.losses.len());
