@@ -11,7 +11,7 @@ mod common;
 use common::{client, compile, load_model, max_rel, rand};
 
 fn tiny() -> ModelConfig {
-    let mut cfg = load_model("tiny");
+    let mut cfg = load_model("tiny-3to1");
     cfg.rla.lowering = Lowering::CustomCall;
     cfg
 }

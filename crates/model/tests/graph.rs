@@ -37,7 +37,7 @@ fn run(
 }
 
 fn tiny(window: usize, fm: FeatureMap) -> ModelConfig {
-    let mut cfg = load_model("tiny");
+    let mut cfg = load_model("tiny-3to1");
     cfg.window = window;
     cfg.rla.feature_map = fm;
     cfg.rla.lowering = Lowering::CustomCall;

@@ -165,7 +165,11 @@ pub fn distance_buckets(window: usize, local: usize) -> Vec<Bucket> {
         edges.push((format!("W..LW ({}..{lw})", w + 1), w + 1, lw));
     }
     edges.push((format!("LW..2LW ({}..{})", lw + 1, 2 * lw), lw + 1, 2 * lw));
-    edges.push((format!("2LW..4LW ({}..{})", 2 * lw + 1, 4 * lw), 2 * lw + 1, 4 * lw));
+    edges.push((
+        format!("2LW..4LW ({}..{})", 2 * lw + 1, 4 * lw),
+        2 * lw + 1,
+        4 * lw,
+    ));
     edges.push((format!("> 4LW (> {})", 4 * lw), 4 * lw + 1, usize::MAX));
     edges
         .into_iter()
@@ -409,7 +413,10 @@ mod tests {
         for i in 0..200 {
             for p in recall_sequence(0, i, 257).probes {
                 queries += 1;
-                counts[buckets.iter().position(|b| b.lo <= p.distance && p.distance <= b.hi).unwrap()] += 1;
+                counts[buckets
+                    .iter()
+                    .position(|b| b.lo <= p.distance && p.distance <= b.hi)
+                    .unwrap()] += 1;
             }
         }
         eprintln!("{queries} queries in 200 sequences, by bucket: {counts:?}");
