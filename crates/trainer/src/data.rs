@@ -1,4 +1,4 @@
-//! Token sources: the embedded synthetic corpus, UTF-8 text with a byte tokenizer, and
+//! Token sources: the embedded recall task ([`recall_sequence`]), UTF-8 text with a byte tokenizer, and
 //! pre-tokenized little-endian u16/u32 files. Batches come in a deterministic order from the seed,
 //! and the position is a single counter so a run can resume exactly.
 
@@ -193,7 +193,7 @@ pub struct Sequence {
 
 /// A source of training/eval sequences.
 pub enum Source {
-    /// The embedded synthetic corpus.
+    /// The embedded recall task ([`recall_sequence`]).
     Synthetic {
         /// Seed of the corpus (eval uses a different stream).
         seed: u64,
