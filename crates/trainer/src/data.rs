@@ -1,6 +1,6 @@
-//! Token sources: the embedded recall task ([`recall_sequence`]), UTF-8 text with a byte tokenizer, and
-//! pre-tokenized little-endian u16/u32 files. Batches come in a deterministic order from the seed,
-//! and the position is a single counter so a run can resume exactly.
+//! Token sources: the embedded recall task ([`recall_sequence`]), UTF-8 text with a byte
+//! tokenizer, and pre-tokenized little-endian u16/u32 files. Batches come in a deterministic order
+//! from the seed, and the position is a single counter so a run can resume exactly.
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
