@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 out=${1:-runs/recall}
 shift || true
 cargo build --release -p trainer
+rev=$(git describe --always --dirty 2>/dev/null || echo unknown)
 mkdir -p "$out"
 # A copy of the binary, so a rebuild while the table runs cannot change it.
 cp target/release/rattn "$out/rattn"
@@ -23,14 +24,15 @@ for seed in 0 1 2; do
       --set "model.local_kind=\"$kind\"" "$@" >"$dir/stdout.txt" 2>"$dir/stderr.txt"
     end=$(date +%s)
     {
-      echo "wall_s $((end - start)) load $(cut -d' ' -f1-3 /proc/loadavg)"
+      echo "wall_s $((end - start)) load $(cut -d' ' -f1-3 /proc/loadavg) commit $rev"
       cat "$dir/stdout.txt"
     } >"$dir/eval.txt"
     echo "$kind seed $seed: $((end - start)) s"
   done
 done
 # A Markdown table, one row per run: recall % per distance bucket, answer loss, seconds.
-echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(nproc) cores, $(date -u +%F)"
+echo "built from commit(s) $(head -qn1 "$out"/*/eval.txt | awk '{print $NF}' | sort -u | tr '\n' ' ')\
+on $(nproc) cores, $(date -u +%F); load = 1-minute load average at the end of each run"
 first="$out/rattention-seed0/eval.txt"
 printf '| %-17s' "run"
 grep -E '^  .* %$' "$first" | sed -E 's/^  (.{22}).*/\1/; s/ +$//' | while read -r b; do printf ' | %-18s' "$b"; done
