@@ -306,10 +306,36 @@ impl Model {
     /// weighted 1. `platform` is where the graph runs (see [`Model::rla_lowering`]).
     pub fn loss(&self, b: &Builder, p: &ParamOps, tokens: Op, platform: &str) -> Result<Op> {
         let td = dims(b, tokens)?;
+        let weights = b.full(ElementType::F32, 1.0, &[td[0], td[1] - 1])?;
+        self.weighted_loss(b, p, tokens, weights, platform)
+    }
+
+    /// Weighted mean next-token loss of `tokens [B, T+1]` with `weights f32[B, T]` (one per
+    /// target): `Σ w·nll / max(Σ w, 1)`. Weights 0 and 1 score a subset of the targets, such as
+    /// the answers of a recall task.
+    pub fn weighted_loss(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        tokens: Op,
+        weights: Op,
+        platform: &str,
+    ) -> Result<Op> {
+        let td = dims(b, tokens)?;
+        let wd = dims(b, weights)?;
+        if wd != [td[0], td[1] - 1] {
+            return Err(hlo_builder::Error::invalid(
+                "weighted_loss",
+                format!(
+                    "weights f32{wd:?} must be [batch, T] = [{}, {}] for tokens s32{td:?}",
+                    td[0],
+                    td[1] - 1
+                ),
+            ));
+        }
         let inputs = b.slice_in_dim(tokens, 0, td[1] - 1, 1)?;
         let targets = b.slice_in_dim(tokens, 1, td[1], 1)?;
         let logits = self.forward(b, p, inputs, platform)?;
-        let mask = b.full(ElementType::F32, 1.0, &[td[0], td[1] - 1])?;
-        cross_entropy(b, logits, targets, mask)
+        cross_entropy(b, logits, targets, weights)
     }
 }

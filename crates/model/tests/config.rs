@@ -35,7 +35,7 @@ fn paper_models_have_their_nominal_sizes() {
 
 #[test]
 fn layer_pattern_expands_and_bad_configs_are_named() {
-    let c = load("tiny");
+    let c = load("tiny-3to1");
     assert_eq!(
         c.layer_kinds().unwrap(),
         vec![
@@ -45,6 +45,14 @@ fn layer_pattern_expands_and_bad_configs_are_named() {
             LayerKind::Global
         ]
     );
+    // The default tiny model is all local ("1:0"): RLA alone reaches beyond layers × W.
+    let all_local = load("tiny");
+    assert_eq!(all_local.layer_kinds().unwrap(), vec![LayerKind::Local; 2]);
+    assert!(Model::new(all_local)
+        .unwrap()
+        .layers()
+        .iter()
+        .all(|a| *a == model::Attention::Rattention));
     let m = Model::new(c.clone()).unwrap();
     assert!(m
         .param_specs()
@@ -80,7 +88,7 @@ fn layer_pattern_expands_and_bad_configs_are_named() {
 #[test]
 fn every_parameter_has_a_role_and_one_logical_axis_per_dimension() {
     use LogicalAxis::*;
-    for name in ["tiny", "3b", "12b", "12b-full", "3b-swa4k"] {
+    for name in ["tiny", "tiny-3to1", "3b", "12b", "12b-full", "3b-swa4k"] {
         let mut cfg = load(name);
         for (qk_norm, tied) in [(false, true), (true, false)] {
             (cfg.qk_norm, cfg.tied_embeddings) = (qk_norm, tied);

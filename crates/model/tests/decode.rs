@@ -11,7 +11,7 @@ mod common;
 use common::{client, compile, load_model, max_rel, rand};
 
 fn tiny() -> ModelConfig {
-    let mut cfg = load_model("tiny");
+    let mut cfg = load_model("tiny-3to1");
     cfg.rla.lowering = Lowering::CustomCall;
     cfg
 }
@@ -245,7 +245,8 @@ fn decode_io_names_the_arguments_and_results_of_both_graphs() {
         assert_eq!(args[i], Shape::array(F32, &d), "{}", s.name);
     }
     let res = res.tuple_elements().unwrap();
-    assert_eq!(res[io.logits], Shape::array(F32, &[bs as i64, 128]));
+    // tiny-3to1's vocabulary: 288.
+    assert_eq!(res[io.logits], Shape::array(F32, &[bs as i64, 288]));
     assert_eq!(res[io.cache_out.clone()], cache_shapes[..]);
     let (args, res) = m.prefill(bs, l, max_len, "cpu").unwrap().program_shape();
     assert_eq!(args.len(), io.prompt + 1);
@@ -253,7 +254,7 @@ fn decode_io_names_the_arguments_and_results_of_both_graphs() {
     let res = res.tuple_elements().unwrap();
     assert_eq!(
         res[io.logits],
-        Shape::array(F32, &[bs as i64, l as i64, 128])
+        Shape::array(F32, &[bs as i64, l as i64, 288])
     );
     assert_eq!(res[io.cache_out.clone()], cache_shapes[..]);
     // Both byte counts derive from the same buffers.

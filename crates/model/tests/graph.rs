@@ -37,7 +37,7 @@ fn run(
 }
 
 fn tiny(window: usize, fm: FeatureMap) -> ModelConfig {
-    let mut cfg = load_model("tiny");
+    let mut cfg = load_model("tiny-3to1");
     cfg.window = window;
     cfg.rla.feature_map = fm;
     cfg.rla.lowering = Lowering::CustomCall;
@@ -292,6 +292,102 @@ fn tiny_model_logits_match_f64_reference() {
     let want = reference::logits(&m, &map, &toks, bs);
     let e = max_rel(&got[0], &want);
     assert!(e < 1e-4, "logits relative error {e}");
+}
+
+#[test]
+fn weighted_loss_matches_the_f64_reference_and_checks_its_weights() {
+    let mut cfg = tiny(5, FeatureMap::Softmax);
+    cfg.seq_len = 20;
+    let (bs, t) = (2usize, 20usize);
+    let model = Model::new(cfg.clone()).unwrap();
+    let b = Builder::new("weighted_loss");
+    let (_, named) = model.declare_params(&b).unwrap();
+    let tokens = b
+        .parameter(
+            Shape::array(ElementType::S32, &[bs as i64, t as i64 + 1]),
+            "tokens",
+        )
+        .unwrap();
+    let weights = b
+        .parameter(
+            Shape::array(ElementType::F32, &[bs as i64, t as i64]),
+            "weights",
+        )
+        .unwrap();
+    let l = model
+        .weighted_loss(&b, &named, tokens, weights, "cpu")
+        .unwrap();
+    let (plist, map) = tiny_params(&cfg, 5);
+    let toks: Vec<u32> = (0..bs * (t + 1))
+        .map(|i| ((i * 29 + 7) % cfg.vocab) as u32)
+        .collect();
+    // f64: logits of each sequence's first t tokens, nll of the next token, weighted mean.
+    let nll: Vec<f64> = (0..bs)
+        .flat_map(|s| {
+            let seq = &toks[s * (t + 1)..][..t + 1];
+            let logits = reference::logits(&model, &map, &seq[..t], 1);
+            let v = cfg.vocab;
+            (0..t)
+                .map(|p| {
+                    let row = &logits[p * v..][..v];
+                    let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+                    lse - row[seq[p + 1] as usize]
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    // Parameters, tokens, then the weights: the builder's parameter order.
+    let c = client();
+    let exe = compile(&b.build(l).unwrap());
+    let mut bufs: Vec<pjrt::Buffer> = plist
+        .iter()
+        .map(|(d, s)| c.buffer_from_host(d, s, None).unwrap())
+        .collect();
+    let tok: Vec<i32> = toks.iter().map(|&x| x as i32).collect();
+    bufs.push(
+        c.buffer_from_host(&tok, &[bs as i64, t as i64 + 1], None)
+            .unwrap(),
+    );
+    // Every third target scored, a few with weight 2.5; then no target scored at all (loss 0).
+    let some: Vec<f32> = (0..bs * t)
+        .map(|i| match i % 7 {
+            0 => 2.5,
+            _ if i % 3 == 0 => 1.0,
+            _ => 0.0,
+        })
+        .collect();
+    for w in [some, vec![0.0; bs * t]] {
+        let total: f64 = w.iter().map(|&x| x as f64).sum();
+        let want = nll.iter().zip(&w).map(|(n, &x)| n * x as f64).sum::<f64>() / total.max(1.0);
+        let wb = c
+            .buffer_from_host(&w, &[bs as i64, t as i64], None)
+            .unwrap();
+        let mut args: Vec<&pjrt::Buffer> = bufs.iter().collect();
+        args.push(&wb);
+        let got = exe.execute(&args).unwrap()[0].to_host::<f32>().unwrap()[0] as f64;
+        assert!(
+            (got - want).abs() < 1e-4 * want.abs().max(1.0),
+            "weighted loss {got} vs f64 {want} (total weight {total})"
+        );
+    }
+    // Weights of the wrong shape are refused, naming both shapes.
+    let b = Builder::new("bad_weights");
+    let (_, named) = model.declare_params(&b).unwrap();
+    let tokens = b
+        .parameter(Shape::array(ElementType::S32, &[2, 21]), "tokens")
+        .unwrap();
+    let weights = b
+        .parameter(Shape::array(ElementType::F32, &[2, 21]), "weights")
+        .unwrap();
+    let e = model
+        .weighted_loss(&b, &named, tokens, weights, "cpu")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("weights f32[2, 21] must be [batch, T] = [2, 20] for tokens s32[2, 21]"),
+        "{e}"
+    );
 }
 
 #[test]

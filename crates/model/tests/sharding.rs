@@ -29,7 +29,7 @@ fn spec_of(m: &Model, mesh: &Mesh, name: &str) -> PartitionSpec {
 
 #[test]
 fn tiny_specs_follow_the_default_rules() {
-    let m = Model::new(load_model("tiny")).unwrap();
+    let m = Model::new(load_model("tiny-3to1")).unwrap();
     let mesh = mesh(1, 2, 2, 4);
     let s = |n: &str| spec_of(&m, &mesh, n).to_string();
     assert_eq!(s("embed"), "[tensor, fsdp]");
@@ -115,7 +115,7 @@ fn three_b_errors_name_the_parameter() {
 
 #[test]
 fn per_device_sizes_divide_the_total_as_the_specs_say() {
-    let m = Model::new(load_model("tiny")).unwrap();
+    let m = Model::new(load_model("tiny-3to1")).unwrap();
     let total: usize = m.param_count();
     // data only: every device holds everything.
     let per = |mesh: &Mesh| -> usize {

@@ -1,40 +1,49 @@
-//! Token sources: the embedded synthetic corpus, UTF-8 text with a byte tokenizer, and
-//! pre-tokenized little-endian u16/u32 files. Batches come in a deterministic order from the seed,
-//! and the position is a single counter so a run can resume exactly.
+//! Token sources: the embedded recall task ([`recall_sequence`]), UTF-8 text with a byte
+//! tokenizer, and pre-tokenized little-endian u16/u32 files. Batches come in a deterministic order
+//! from the seed, and the position is a single counter so a run can resume exactly.
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
-/// Special tokens of the synthetic corpus.
+/// Tokens of the embedded recall task.
 pub mod synth {
     /// Beginning of sequence.
     pub const BOS: u32 = 0;
-    /// Marks a fact: `KEY k v`.
-    pub const KEY: u32 = 1;
-    /// Marks a query: `ASK k` → the model should say `v`.
-    pub const ASK: u32 = 2;
-    /// First filler token; filler tokens are `FILLER..FILLER + N_FILLER`.
+    /// First filler token; filler tokens are `FILLER..FILLER + N_FILLER`, drawn uniformly.
     pub const FILLER: u32 = 4;
     /// Number of filler tokens.
     pub const N_FILLER: u32 = 12;
-    /// First key token.
+    /// First key token: a query is `KEYS + k` followed by its answer, the fact about `k`.
     pub const KEYS: u32 = 16;
-    /// Number of distinct keys.
+    /// Number of distinct keys (at most this many facts per sequence: a key is bound once).
     pub const N_KEYS: u32 = 16;
-    /// First value token.
-    pub const VALUES: u32 = 64;
-    /// Number of distinct values (chance recall is 1 / N_VALUES).
+    /// Values a key can have (chance recall is 1 / N_VALUES).
     pub const N_VALUES: u32 = 16;
-    /// Smallest vocabulary the corpus needs.
-    pub const VOCAB: usize = (VALUES + N_VALUES) as usize;
+    /// First fact token: `FACTS + k·N_VALUES + v` states "key k has value v" in one token.
+    pub const FACTS: u32 = 32;
+    /// Smallest vocabulary the task needs.
+    pub const VOCAB: usize = (FACTS + N_KEYS * N_VALUES) as usize;
+    /// Fewest and most facts bound in one sequence (drawn uniformly per sequence).
+    pub const FACTS_PER_SEQUENCE: (usize, usize) = (6, 12);
+    /// Chance in percent that a free position (no query due) states a new fact while the
+    /// sequence's facts last; otherwise it holds one filler token.
+    pub const P_FACT: u64 = 25;
+    /// Shortest gap between a pair's appearance and its next answer (a query takes 2 tokens).
+    pub const MIN_GAP: usize = 2;
+
+    /// The token stating that key `k` has value `v`.
+    pub fn fact(k: u32, v: u32) -> u32 {
+        FACTS + k * N_VALUES + v
+    }
 }
 
-/// One query of the synthetic corpus: where the answer is and how far back the fact was.
+/// One query of the recall task: where its answer is and how far back the pair last appeared.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Probe {
     /// Position of the answer token (the target predicted from position `pos - 1`).
     pub pos: usize,
-    /// Distance in tokens from the fact's value token to the answer.
+    /// Distance in tokens from the pair's most recent earlier value token (its fact, or an
+    /// earlier query of the same key) to the answer: how far back the model must reach.
     pub distance: usize,
 }
 
@@ -55,57 +64,136 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
 }
 
-/// Generate synthetic sequence number `index` of length `len` for `seed` (pure function).
+/// One sequence of the recall task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecallSequence {
+    /// The tokens.
+    pub tokens: Vec<u32>,
+    /// Every query whose answer lies inside `tokens`, in order.
+    pub probes: Vec<Probe>,
+}
+
+/// Sequence number `index` of `len` tokens of the recall task for `seed`: a pure function of
+/// the three, so the data order depends on nothing but the seed and the step.
 ///
-/// Filler follows a noisy local rule (next = 3·prev + 1 mod 12 with probability 0.8), which a
-/// sliding window learns. Facts `KEY k v` are placed as the sequence goes, and queries `ASK k v`
-/// ask for a fact placed earlier, at distances from a few tokens to most of the sequence, so recall
-/// beyond the window needs the RLA or global layers.
-pub fn synthetic_sequence(seed: u64, index: u64, len: usize) -> (Vec<u32>, Vec<Probe>) {
+/// After `BOS`, each position starts a query `k f` (the key token, then the answer: the fact
+/// token `f` = [`synth::fact`]`(k, v)` restating the key's value) of a bound key whose query is
+/// due, else (with [`synth::P_FACT`] % while the sequence's
+/// [`synth::FACTS_PER_SEQUENCE`] last) a fact token [`synth::fact`]`(k, v)` binding a key not
+/// bound yet in this sequence to a uniform value, else one uniform filler token. A fact is one
+/// token, and every later appearance of the pair is that same token, so one attention layer
+/// can look it up: the query's key matches the fact's key part and copies the fact, with no
+/// earlier layer needed to bind a key to a value beside it (the induction-head step whose late,
+/// seed-dependent formation made recall fragile). Each appearance of a pair schedules the pair's
+/// next query a gap later, drawn log-uniformly from [`synth::MIN_GAP`] to `len`, so about as
+/// many queries fall within 16 tokens of the pair's last appearance as at 16–64 or at 64–256:
+/// near queries teach the lookup, far ones need attention that reaches back. A query's distance
+/// is to the pair's most recent appearance (the fact, or an earlier answer restating it). Nothing depends on a model setting, so models
+/// with different windows see the same data. Only the answers are predictable, and only they
+/// are scored ([`Source::sequence`]).
+pub fn recall_sequence(seed: u64, index: u64, len: usize) -> RecallSequence {
     use synth::*;
     let mut rng = Rng(mix(seed ^ mix(index.wrapping_add(0x5151))));
-    let mut toks = vec![BOS];
+    let (lo, hi) = FACTS_PER_SEQUENCE;
+    let n_facts = lo + rng.below((hi - lo + 1) as u64) as usize;
+    // Keys in a random order: the sequence's facts take them from the front.
+    let mut keys: Vec<u32> = (0..N_KEYS).collect();
+    for i in (1..keys.len()).rev() {
+        keys.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let span = (len.max(MIN_GAP + 1) as f64 / MIN_GAP as f64).ln();
+    let gap = |rng: &mut Rng| (MIN_GAP as f64 * (rng.unit() * span).exp()) as usize;
+    let mut tokens = vec![BOS];
     let mut probes = Vec::new();
-    let mut facts: Vec<(u32, u32, usize)> = Vec::new(); // key, value, position of value
-    let mut filler = rng.below(N_FILLER as u64) as u32;
-    while toks.len() < len {
-        let r = rng.below(100);
-        let room = len - toks.len();
-        if r < 10 && room >= 3 && facts.len() < N_KEYS as usize {
-            // New fact with a key not used yet in this sequence.
-            let mut k = rng.below(N_KEYS as u64) as u32;
-            while facts.iter().any(|f| f.0 == k) {
-                k = (k + 1) % N_KEYS;
-            }
-            let v = rng.below(N_VALUES as u64) as u32;
-            toks.extend([KEY, KEYS + k, VALUES + v]);
-            facts.push((k, v, toks.len() - 1));
-        } else if r < 25 && room >= 3 && !facts.is_empty() {
-            let (k, v, at) = facts[rng.below(facts.len() as u64) as usize];
-            toks.extend([ASK, KEYS + k, VALUES + v]);
+    // (key, value, position of the pair's most recent appearance, answer position of its next query)
+    let mut facts: Vec<(u32, u32, usize, usize)> = Vec::new();
+    while tokens.len() + 2 <= len {
+        let at = tokens.len();
+        let due = (0..facts.len())
+            .filter(|&i| facts[i].3 <= at + 1)
+            .min_by_key(|&i| facts[i].3);
+        if let Some(i) = due {
+            let (k, v, last, _) = facts[i];
+            tokens.extend([KEYS + k, fact(k, v)]);
             probes.push(Probe {
-                pos: toks.len() - 1,
-                distance: toks.len() - 1 - at,
+                pos: at + 1,
+                distance: at + 1 - last,
             });
+            facts[i].2 = at + 1;
+            facts[i].3 = at + 1 + gap(&mut rng);
+        } else if facts.len() < n_facts && (facts.is_empty() || rng.below(100) < P_FACT) {
+            let (k, v) = (keys[facts.len()], rng.below(N_VALUES as u64) as u32);
+            tokens.push(fact(k, v));
+            facts.push((k, v, at, at + gap(&mut rng)));
         } else {
-            filler = if rng.below(10) < 8 {
-                (3 * filler + 1) % N_FILLER
-            } else {
-                rng.below(N_FILLER as u64) as u32
-            };
-            toks.push(FILLER + filler);
+            tokens.push(FILLER + rng.below(N_FILLER as u64) as u32);
         }
     }
-    toks.truncate(len);
-    probes.retain(|p| p.pos < len);
-    (toks, probes)
+    while tokens.len() < len {
+        tokens.push(FILLER + rng.below(N_FILLER as u64) as u32);
+    }
+    RecallSequence { tokens, probes }
+}
+
+/// A distance bucket of the recall evaluation: answers whose [`Probe::distance`] lies in
+/// `lo..=hi`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bucket {
+    /// What the bucket means, e.g. `2LW..4LW (65..128)`.
+    pub label: String,
+    /// Smallest distance.
+    pub lo: usize,
+    /// Largest distance (`usize::MAX`: no limit).
+    pub hi: usize,
+}
+
+/// The distance buckets of the recall evaluation for local layers of window `window`, `local`
+/// of them: inside the window, beyond it but within what a stack of `local` sliding windows
+/// can relay (`local × window`, "LW"), then 1–2, 2–4 and more than 4 times that. Empty buckets
+/// (`local` ≤ 1) are left out; the last bucket is the farthest.
+pub fn distance_buckets(window: usize, local: usize) -> Vec<Bucket> {
+    let w = window.max(1);
+    let lw = w * local.max(1);
+    let mut edges = vec![(format!("<= W ({w})"), 1, w)];
+    if lw > w {
+        edges.push((format!("W..LW ({}..{lw})", w + 1), w + 1, lw));
+    }
+    edges.push((format!("LW..2LW ({}..{})", lw + 1, 2 * lw), lw + 1, 2 * lw));
+    edges.push((
+        format!("2LW..4LW ({}..{})", 2 * lw + 1, 4 * lw),
+        2 * lw + 1,
+        4 * lw,
+    ));
+    edges.push((format!("> 4LW (> {})", 4 * lw), 4 * lw + 1, usize::MAX));
+    edges
+        .into_iter()
+        .map(|(label, lo, hi)| Bucket { label, lo, hi })
+        .collect()
+}
+
+/// One training or evaluation sequence: `len + 1` tokens (inputs are the first `len`, next-token
+/// targets the last `len`), the loss weight of each of the `len` targets, and the recall task's
+/// queries (none for text and token data).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sequence {
+    /// `len + 1` tokens.
+    pub tokens: Vec<u32>,
+    /// Weight of target `i` (token `i + 1`): 1 on the recall task's answers (0 elsewhere), 1
+    /// everywhere for text and token data.
+    pub weights: Vec<f32>,
+    /// The recall task's queries (answer positions index `tokens`).
+    pub probes: Vec<Probe>,
 }
 
 /// A source of training/eval sequences.
 pub enum Source {
-    /// The embedded synthetic corpus.
+    /// The embedded recall task ([`recall_sequence`]).
     Synthetic {
         /// Seed of the corpus (eval uses a different stream).
         seed: u64,
@@ -150,10 +238,22 @@ impl Source {
         }
     }
 
-    /// Sequence `index` of `len` tokens (inputs and next-token targets share one buffer of `len + 1`).
-    pub fn sequence(&self, index: u64, len: usize) -> Vec<u32> {
+    /// Sequence `index` of `len` inputs (and `len` targets: one buffer of `len + 1` tokens), with
+    /// its loss weights and (recall task) queries.
+    pub fn sequence(&self, index: u64, len: usize) -> Sequence {
         match self {
-            Source::Synthetic { seed } => synthetic_sequence(*seed, index, len + 1).0,
+            Source::Synthetic { seed } => {
+                let r = recall_sequence(*seed, index, len + 1);
+                let mut weights = vec![0.0; len];
+                for p in &r.probes {
+                    weights[p.pos - 1] = 1.0;
+                }
+                Sequence {
+                    tokens: r.tokens,
+                    weights,
+                    probes: r.probes,
+                }
+            }
             Source::Stream { tokens } => {
                 let n = tokens.len();
                 let span = len + 1;
@@ -161,7 +261,11 @@ impl Source {
                 // Deterministic shuffle of window starts via a multiplicative hash of the index.
                 let w = mix(index) % windows;
                 let start = (w as usize * len) % n;
-                (0..span).map(|i| tokens[(start + i) % n]).collect()
+                Sequence {
+                    tokens: (0..span).map(|i| tokens[(start + i) % n]).collect(),
+                    weights: vec![1.0; len],
+                    probes: Vec::new(),
+                }
             }
         }
     }
@@ -256,26 +360,72 @@ mod tests {
     use super::*;
 
     #[test]
-    fn synthetic_is_deterministic_and_probes_point_at_their_facts() {
-        let (a, pa) = synthetic_sequence(3, 17, 256);
-        let (b, _) = synthetic_sequence(3, 17, 256);
-        assert_eq!(a, b);
-        assert_ne!(a, synthetic_sequence(3, 18, 256).0);
-        assert_eq!(a.len(), 256);
-        assert!(!pa.is_empty());
-        for p in &pa {
-            assert_eq!(a[p.pos - 2], synth::ASK);
-            let fact = p.pos - p.distance;
-            assert_eq!(a[fact - 2], synth::KEY);
-            assert_eq!(a[fact - 1], a[p.pos - 1], "same key");
-            assert_eq!(a[fact], a[p.pos], "same value");
+    fn recall_is_deterministic_and_probes_point_at_their_pairs() {
+        let a = recall_sequence(3, 17, 257);
+        assert_eq!(a, recall_sequence(3, 17, 257));
+        assert_ne!(a.tokens, recall_sequence(3, 18, 257).tokens);
+        assert_ne!(a.tokens, recall_sequence(4, 17, 257).tokens);
+        assert_eq!(a.tokens.len(), 257);
+        assert_eq!(a.tokens[0], synth::BOS);
+        assert!(!a.probes.is_empty());
+        let is_key = |t: u32| (synth::KEYS..synth::KEYS + synth::N_KEYS).contains(&t);
+        for p in &a.probes {
+            let (key, answer) = (a.tokens[p.pos - 1], a.tokens[p.pos]);
+            assert!(is_key(key));
+            assert_eq!((answer - synth::FACTS) / synth::N_VALUES, key - synth::KEYS);
+            // The pair's last appearance: the same fact token, not seen in between.
+            let last = p.pos - p.distance;
+            assert_eq!(a.tokens[last], answer);
+            assert!(!a.tokens[last + 1..p.pos].contains(&answer));
+            // The first appearance is the fact, not an answer.
+            let first = a.tokens.iter().position(|&t| t == answer).unwrap();
+            assert!(!is_key(a.tokens[first - 1]));
         }
-        // Over many sequences, queries reach well beyond a 32-token window.
-        let far = (0..50)
-            .flat_map(|i| synthetic_sequence(0, i, 256).1)
-            .filter(|p| p.distance > 64)
-            .count();
-        assert!(far > 50, "{far}");
+        // A key is bound once per sequence.
+        let facts: Vec<u32> = (1..a.tokens.len())
+            .filter(|&i| a.tokens[i] >= synth::FACTS && !is_key(a.tokens[i - 1]))
+            .map(|i| (a.tokens[i] - synth::FACTS) / synth::N_VALUES)
+            .collect();
+        let mut unique = facts.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), facts.len());
+        assert!((synth::FACTS_PER_SEQUENCE.0..=synth::FACTS_PER_SEQUENCE.1).contains(&facts.len()));
+        // Loss weights: exactly the answers.
+        let s = Source::Synthetic { seed: 3 }.sequence(17, 256);
+        assert_eq!(s.tokens, a.tokens);
+        let scored: Vec<usize> = (0..256).filter(|&i| s.weights[i] == 1.0).collect();
+        let answers: Vec<usize> = a.probes.iter().map(|p| p.pos - 1).collect();
+        assert_eq!(scored, answers);
+        assert_eq!(s.weights.iter().sum::<f32>(), a.probes.len() as f32);
+    }
+
+    #[test]
+    fn recall_queries_cover_every_distance_bucket() {
+        // W = 16, 2 local layers: LW = 32, buckets <= 16, 17..32, 33..64, 65..128, > 128.
+        let buckets = distance_buckets(16, 2);
+        assert_eq!(
+            buckets.iter().map(|b| (b.lo, b.hi)).collect::<Vec<_>>(),
+            [(1, 16), (17, 32), (33, 64), (65, 128), (129, usize::MAX)]
+        );
+        let mut counts = vec![0usize; buckets.len()];
+        let mut queries = 0;
+        for i in 0..200 {
+            for p in recall_sequence(0, i, 257).probes {
+                queries += 1;
+                counts[buckets
+                    .iter()
+                    .position(|b| b.lo <= p.distance && p.distance <= b.hi)
+                    .unwrap()] += 1;
+            }
+        }
+        eprintln!("{queries} queries in 200 sequences, by bucket: {counts:?}");
+        assert!(queries > 200 * 30, "{queries}");
+        for c in &counts {
+            assert!(*c > queries / 20, "{counts:?}");
+        }
+        // One local layer: no W..LW bucket.
+        assert_eq!(distance_buckets(8, 1).len(), 4);
     }
 
     #[test]

@@ -71,6 +71,9 @@ enum Cmd {
         /// On the CPU plugin the client is made with this many devices.
         #[arg(long)]
         devices: Option<usize>,
+        /// Seed of initialisation and data order (the same as `--set train.seed=N`).
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Evaluate a checkpoint: loss, perplexity and (synthetic data) recall by distance.
     Eval {
@@ -185,8 +188,11 @@ fn run(cli: Cli) -> Result<()> {
             quiet,
             eval_sequences,
             devices,
+            seed,
         } => {
-            let cfg = config::RunConfig::load(&common.config, &common.overrides)?;
+            let mut overrides = common.overrides.clone();
+            overrides.extend(seed.map(|s| format!("train.seed={s}")));
+            let cfg = config::RunConfig::load(&common.config, &overrides)?;
             let report =
                 train::train(&cfg, common.plugin.as_deref(), &out, resume, quiet, devices)?;
             if let Some(last) = report.losses.last() {

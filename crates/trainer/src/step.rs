@@ -5,7 +5,8 @@
 //! The arguments and results are named by [`StepIo`]: the state (parameters, then both moments, a
 //! tensor per parameter each) comes first in both, then `step` and `tokens` among the arguments and
 //! `loss`, `grad_norm`, `lr` among the results. Each updated parameter and moment aliases its input
-//! (`input_output_alias`), so a donating caller updates them in place.
+//! (`input_output_alias`), so a donating caller updates them in place. `weights` (one per target
+//! token) choose which targets the loss scores: the recall task's answers, or every token of text.
 
 use crate::config::{RunConfig, TrainConfig};
 use hlo_builder::{Builder, Computation, ElementType, Op, Result, Shape, Sharding};
@@ -123,6 +124,8 @@ pub struct StepArgs {
     pub step: usize,
     /// The token batch, `s32[B, T+1]`.
     pub tokens: usize,
+    /// The loss weight of every target, `f32[B, T]`.
+    pub weights: usize,
 }
 
 /// Positions of the train step's results (a flat tuple).
@@ -134,7 +137,7 @@ pub struct StepResults {
     pub adam_m: Range<usize>,
     /// Updated second moments (aliasing [`StepArgs::adam_v`]).
     pub adam_v: Range<usize>,
-    /// Mean loss of the batch, `f32[]`.
+    /// Weighted mean loss of the batch (over the targets the weights score), `f32[]`.
     pub loss: usize,
     /// Global gradient norm before clipping, `f32[]`.
     pub grad_norm: usize,
@@ -175,6 +178,7 @@ impl StepIo {
                 adam_v: 2 * n..3 * n,
                 step: 3 * n,
                 tokens: 3 * n + 1,
+                weights: 3 * n + 2,
             },
             results: StepResults {
                 params: 0..n,
@@ -206,15 +210,17 @@ impl StepIo {
         .collect()
     }
 
-    /// The argument list from the state (in [`state_tensors`] order), the step and the tokens.
-    pub fn arguments<T>(&self, state: Vec<T>, step: T, tokens: T) -> Vec<T> {
+    /// The argument list from the state (in [`state_tensors`] order), the step, the tokens and
+    /// their loss weights.
+    pub fn arguments<T>(&self, state: Vec<T>, step: T, tokens: T, weights: T) -> Vec<T> {
         assert_eq!(state.len(), self.state_len(), "train state size");
-        let mut slots: Vec<Option<T>> = (0..self.state_len() + 2).map(|_| None).collect();
+        let mut slots: Vec<Option<T>> = (0..self.state_len() + 3).map(|_| None).collect();
         for ((arg, _), t) in self.state_positions().into_iter().zip(state) {
             slots[arg] = Some(t);
         }
         slots[self.args.step] = Some(step);
         slots[self.args.tokens] = Some(tokens);
+        slots[self.args.weights] = Some(weights);
         slots
             .into_iter()
             .map(|s| s.expect("every argument position is filled once"))
@@ -321,17 +327,23 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str, mesh: &Mesh) -> Result<
         Shape::array(ElementType::S32, &[t.batch as i64, m.seq_len as i64 + 1]),
         "tokens",
     )?;
+    let weights = b.parameter(
+        Shape::array(ElementType::F32, &[t.batch as i64, m.seq_len as i64]),
+        "weights",
+    )?;
     if sharded {
         let state = params.iter().chain(&adam_m).chain(&adam_v);
         for (&op, s) in state.zip(&shardings.state) {
             b.set_sharding(op, s.sharding.clone())?;
         }
         b.set_sharding(step, Sharding::Replicated)?;
+        // The answer weights are cut along the batch like the tokens (both rank 2).
         b.set_sharding(tokens, shardings.tokens.clone())?;
+        b.set_sharding(weights, shardings.tokens.clone())?;
     }
     let l = {
         let _s = b.name_scope("forward");
-        model.loss(&b, &named, tokens, platform)?
+        model.weighted_loss(&b, &named, tokens, weights, platform)?
     };
     let grads = {
         let _s = b.name_scope("backward");
@@ -501,11 +513,15 @@ mod tests {
         let (args, result) = build_train_step(&cfg, "cpu", &model::Mesh::single())
             .unwrap()
             .program_shape();
-        assert_eq!(args.len(), io.state_len() + 2);
+        assert_eq!(args.len(), io.state_len() + 3);
         assert_eq!(args[io.args.step], Shape::scalar(ElementType::F32));
         assert_eq!(
             args[io.args.tokens],
             Shape::array(ElementType::S32, &[2, 17])
+        );
+        assert_eq!(
+            args[io.args.weights],
+            Shape::array(ElementType::F32, &[2, 16])
         );
         let results = result.tuple_elements().unwrap();
         assert_eq!(results.len(), io.state_len() + 3);
@@ -522,8 +538,11 @@ mod tests {
         // Arguments and outputs round-trip through the names.
         let state: Vec<usize> = (0..io.state_len()).collect();
         let n = io.state_len();
-        let a = io.arguments(state.clone(), n, n + 1);
-        assert_eq!((a[io.args.step], a[io.args.tokens]), (n, n + 1));
+        let a = io.arguments(state.clone(), n, n + 1, n + 2);
+        assert_eq!(
+            (a[io.args.step], a[io.args.tokens], a[io.args.weights]),
+            (n, n + 1, n + 2)
+        );
         let out = io.outputs((0..n + 3).collect::<Vec<_>>()).unwrap();
         assert_eq!(out.state, state);
         assert_eq!((out.loss, out.grad_norm, out.lr), (n, n + 1, n + 2));

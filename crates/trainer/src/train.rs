@@ -2,7 +2,7 @@
 
 use crate::checkpoint::{self, Checkpoint, NamedTensor};
 use crate::config::RunConfig;
-use crate::data::{synthetic_sequence, Source};
+use crate::data::{distance_buckets, synth, Source};
 use crate::mfu::{self, Utilization};
 use crate::runtime::{self, upload_f32};
 use crate::spmd::{self, Placement};
@@ -32,13 +32,17 @@ pub fn model_toml(cfg: &RunConfig) -> String {
     toml::to_string(&cfg.model).unwrap_or_default()
 }
 
-/// Tokens of batch `index` (sequences `index·B .. index·B + B`) as s32 `[B, T+1]`.
-pub fn batch_tokens(src: &Source, cfg: &RunConfig, first_sequence: u64) -> Vec<i32> {
+/// The batch of sequences `first_sequence .. first_sequence + B`: tokens as s32 `[B, T+1]` and
+/// the loss weight of every target as f32 `[B, T]`.
+pub fn batch(src: &Source, cfg: &RunConfig, first_sequence: u64) -> (Vec<i32>, Vec<f32>) {
     let (b, t) = (cfg.train.batch, cfg.model.seq_len);
-    (0..b as u64)
-        .flat_map(|i| src.sequence(first_sequence + i, t))
-        .map(|x| x as i32)
-        .collect()
+    let (mut tokens, mut weights) = (Vec::new(), Vec::new());
+    for i in 0..b as u64 {
+        let s = src.sequence(first_sequence + i, t);
+        tokens.extend(s.tokens.iter().map(|&x| x as i32));
+        weights.extend(s.weights);
+    }
+    (tokens, weights)
 }
 
 /// A fresh run must not write into the directory of an earlier one: its checkpoints would sit
@@ -203,19 +207,21 @@ pub fn train(
     };
     while start < total {
         let step_start = Instant::now();
-        let toks = batch_tokens(&src, cfg, position);
-        let tok_bufs = placement.upload(
-            &client,
-            &toks,
-            &[cfg.train.batch, cfg.model.seq_len + 1],
-            &shardings.tokens,
-        )?;
+        let (toks, weights) = batch(&src, cfg, position);
+        let (bs, t) = (cfg.train.batch, cfg.model.seq_len);
+        // Tokens and answer weights are cut along the batch the same way.
+        let tok_bufs = placement.upload(&client, &toks, &[bs, t + 1], &shardings.tokens)?;
+        let weight_bufs = placement.upload(&client, &weights, &[bs, t], &shardings.tokens)?;
         let step_bufs = placement.upload(&client, &[start as f32], &[], &Sharding::Replicated)?;
         // Donate the state: the step writes the new parameters and moments into the same memory.
         let args: Vec<Vec<Buffer>> = std::mem::take(&mut state)
             .into_iter()
-            .zip(step_bufs.into_iter().zip(tok_bufs))
-            .map(|(s, (st, tok))| io.arguments(s, st, tok))
+            .zip(
+                step_bufs
+                    .into_iter()
+                    .zip(tok_bufs.into_iter().zip(weight_bufs)),
+            )
+            .map(|(s, (st, (tok, w)))| io.arguments(s, st, tok, w))
             .collect();
         let outs = exe
             .execute_sharded_donating(args)?
@@ -307,15 +313,38 @@ pub fn upload_state(
     Ok(state)
 }
 
+/// Recall of one distance bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BucketRecall {
+    /// The bucket ([`distance_buckets`]).
+    pub label: String,
+    /// Answers predicted right (greedy).
+    pub correct: usize,
+    /// Answers in the bucket.
+    pub total: usize,
+}
+
+impl BucketRecall {
+    /// Correct / total in percent (NaN when the bucket is empty).
+    pub fn percent(&self) -> f64 {
+        if self.total == 0 {
+            f64::NAN
+        } else {
+            100.0 * self.correct as f64 / self.total as f64
+        }
+    }
+}
+
 /// Results of `rattn eval`.
 #[derive(Debug, Clone)]
 pub struct EvalReport {
-    /// Mean next-token loss.
+    /// Mean next-token loss over the scored targets (the recall task's answers; every token of
+    /// text data).
     pub loss: f64,
     /// exp(loss).
     pub perplexity: f64,
-    /// Synthetic data: (bucket label, correct, total) of recall by distance from the fact.
-    pub recall: Vec<(String, usize, usize)>,
+    /// Recall task: recall by distance from the pair's last appearance, nearest bucket first.
+    pub recall: Vec<BucketRecall>,
 }
 
 /// Evaluate the newest checkpoint (or a given file) on held-out sequences.
@@ -347,93 +376,98 @@ pub fn eval(
         },
         s => s,
     };
-    let w = cfg.model.window;
-    let buckets: Vec<(String, usize, usize)> = vec![
-        (format!("<= W ({w})"), 0, w),
-        (format!("W..2W ({}..{})", w + 1, 2 * w), w + 1, 2 * w),
-        (
-            format!("2W..4W ({}..{})", 2 * w + 1, 4 * w),
-            2 * w + 1,
-            4 * w,
-        ),
-        (format!("> 4W (> {})", 4 * w), 4 * w + 1, usize::MAX),
-    ];
+    let synthetic = matches!(src, Source::Synthetic { .. });
+    let local = model.layers().iter().filter(|a| a.is_local()).count();
+    let buckets = distance_buckets(cfg.model.window, local);
     let mut hits = vec![(0usize, 0usize); buckets.len()];
-    let (mut nll, mut count) = (0.0f64, 0usize);
+    let (mut nll, mut weight) = (0.0f64, 0.0f64);
     let batches = sequences.div_ceil(bs);
     for bi in 0..batches {
         let first = 1_000_000_007u64 + (bi * bs) as u64;
-        let seqs: Vec<Vec<u32>> = (0..bs as u64).map(|i| src.sequence(first + i, t)).collect();
+        let seqs: Vec<_> = (0..bs as u64).map(|i| src.sequence(first + i, t)).collect();
         let toks: Vec<i32> = seqs
             .iter()
-            .flat_map(|s| s[..t].iter().map(|&x| x as i32))
+            .flat_map(|s| s.tokens[..t].iter().map(|&x| x as i32))
             .collect();
         let tb = client.buffer_from_host(&toks, &[bs as i64, t as i64], None)?;
         let mut args: Vec<&Buffer> = params.iter().collect();
         args.push(&tb);
         let logits = exe.execute(&args)?.remove(0).to_host::<f32>()?;
         for (si, seq) in seqs.iter().enumerate() {
-            for pos in 0..t {
-                let row = &logits[(si * t + pos) * v..][..v];
-                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-                let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-                nll += lse - row[seq[pos + 1] as usize] as f64;
-                count += 1;
+            let row = |pos: usize| &logits[(si * t + pos) * v..][..v];
+            for (pos, &w) in seq.weights.iter().enumerate() {
+                if w == 0.0 {
+                    continue;
+                }
+                let r = row(pos);
+                let m = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let lse = m + r.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                nll += w as f64 * (lse - r[seq.tokens[pos + 1] as usize] as f64);
+                weight += w as f64;
             }
-            if let Source::Synthetic { seed } = &src {
-                let (full, probes) = synthetic_sequence(*seed, first + si as u64, t + 1);
-                debug_assert_eq!(&full, seq);
-                for p in probes {
-                    // The answer at p.pos is predicted from position p.pos − 1.
-                    let row = &logits[(si * t + p.pos - 1) * v..][..v];
-                    let pred = row
-                        .iter()
-                        .enumerate()
-                        .fold(
-                            (0, f32::NEG_INFINITY),
-                            |a, (i, &x)| if x > a.1 { (i, x) } else { a },
-                        )
-                        .0;
-                    if let Some(k) = buckets
-                        .iter()
-                        .position(|b| p.distance >= b.1 && p.distance <= b.2)
-                    {
-                        hits[k].1 += 1;
-                        if pred as u32 == seq[p.pos] {
-                            hits[k].0 += 1;
-                        }
+            for p in &seq.probes {
+                // The answer at p.pos is predicted from position p.pos − 1.
+                let pred = row(p.pos - 1)
+                    .iter()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |a, (i, &x)| if x > a.1 { (i, x) } else { a },
+                    )
+                    .0;
+                if let Some(k) = buckets
+                    .iter()
+                    .position(|b| p.distance >= b.lo && p.distance <= b.hi)
+                {
+                    hits[k].1 += 1;
+                    if pred as u32 == seq.tokens[p.pos] {
+                        hits[k].0 += 1;
                     }
                 }
             }
         }
     }
-    let loss = nll / count.max(1) as f64;
+    let loss = nll / weight.max(1.0);
     let report = EvalReport {
         loss,
         perplexity: loss.exp(),
-        recall: buckets
-            .iter()
-            .zip(&hits)
-            .map(|(b, h)| (b.0.clone(), h.0, h.1))
-            .collect(),
+        recall: if synthetic {
+            buckets
+                .iter()
+                .zip(&hits)
+                .map(|(b, h)| BucketRecall {
+                    label: b.label.clone(),
+                    correct: h.0,
+                    total: h.1,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
     };
     println!("checkpoint {} (step {})", path.display(), ck.step);
+    let what = if synthetic { "answer tokens" } else { "tokens" };
     println!(
-        "eval loss {:.4}  perplexity {:.3}  over {count} tokens",
+        "eval loss {:.4}  perplexity {:.3}  over {weight} {what}",
         report.loss, report.perplexity
     );
-    if matches!(src, Source::Synthetic { .. }) {
+    if synthetic {
+        let chance = 100.0 / synth::N_VALUES as f64;
         println!(
-            "recall by distance from the fact (chance = 1/{}):",
-            crate::data::synth::N_VALUES
+            "recall by distance from the fact's last appearance (W = {}, {local} local layers: \
+             LW = {}; chance {chance:.1} % = 1/{}):",
+            cfg.model.window,
+            cfg.model.window * local.max(1),
+            synth::N_VALUES
         );
-        for (label, c, n) in &report.recall {
-            let acc = if *n > 0 {
-                100.0 * *c as f64 / *n as f64
-            } else {
-                f64::NAN
-            };
-            println!("  {label:<22} {c:>5}/{n:<5} {acc:6.1} %");
+        for r in &report.recall {
+            println!(
+                "  {:<22} {:>5}/{:<5} {:6.1} %",
+                r.label,
+                r.correct,
+                r.total,
+                r.percent()
+            );
         }
     }
     Ok(report)

@@ -31,11 +31,15 @@ fn losses(dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// Short sequences; 16 of them per step and a high learning rate, so that 40 steps learn enough
+/// of the recall task's answers (a few per sequence, the only scored tokens) to show in the loss.
 const SMALL: &[&str] = &[
     "--set",
     "model.seq_len=64",
     "--set",
-    "train.batch=4",
+    "train.batch=16",
+    "--set",
+    "train.lr=1e-2",
     "--set",
     "train.log_every=1",
     "--quiet",
@@ -83,10 +87,28 @@ fn training_lowers_the_loss_and_resume_is_bit_exact() {
     assert!(
         stdout.contains("final loss")
             && stdout.contains("eval loss")
-            && stdout.contains("over 256 tokens")
-            && stdout.contains("recall by distance from the fact (chance = 1/16)"),
+            && stdout.contains("recall by distance from the fact's last appearance")
+            && stdout.contains("(W = 16, 2 local layers: LW = 32; chance 6.2 % = 1/16)"),
         "train did not end with its evaluation:\n{stdout}"
     );
+    // The loss is over the answers, and every answer falls in one distance bucket.
+    let answers: usize = stdout
+        .split(" answer tokens")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no answer count in:\n{stdout}"));
+    let bucket_totals: Vec<usize> = stdout
+        .lines()
+        .filter(|l| l.starts_with("  ") && l.ends_with('%'))
+        .map(|l| {
+            let frac = l.split_whitespace().rev().nth(2).unwrap();
+            frac.split('/').nth(1).unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(bucket_totals.len(), 5, "{stdout}");
+    assert!(answers > 4 * 5, "{stdout}");
+    assert_eq!(bucket_totals.iter().sum::<usize>(), answers, "{stdout}");
     let full = losses(&run);
     assert_eq!(full.len(), 40);
     let first: f64 = full[..5].iter().map(|x| x.1).sum::<f64>() / 5.0;

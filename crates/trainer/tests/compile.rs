@@ -58,12 +58,12 @@ fn have_gpu(test: &str) -> bool {
     ok
 }
 
-/// The tiny model, shortened so a compile takes seconds: 4 layers (3 RAttention + 1 global),
-/// T = 64, batch 2.
+/// The tiny model in the 3:1 layout, shortened so a compile takes seconds: 4 layers (3
+/// RAttention + 1 global), T = 64, batch 2.
 const TINY: &[&str] = &[
     "compile",
     "--config",
-    "configs/tiny.toml",
+    "configs/tiny-3to1.toml",
     "--set",
     "model.seq_len=64",
     "--batch",
@@ -99,11 +99,11 @@ fn fail_with(out: &Output, needles: &[&str]) {
     }
 }
 
-/// Independent parameter count of the tiny config with tied embeddings (vocab 128, d 64, 4 layers,
+/// Independent parameter count of the tiny-3to1 config with tied embeddings (vocab 288, d 64, 4 layers,
 /// 4 heads / 2 kv heads of 16, SwiGLU FFN 192, no qk-norm): embedding, per layer the two norm
 /// scales, q/k/v/o and the three FFN matrices, and the final norm.
 fn tiny_params() -> f64 {
-    let (v, d, l, q, kv, f) = (128.0, 64.0, 4.0, 64.0, 32.0, 192.0);
+    let (v, d, l, q, kv, f) = (288.0, 64.0, 4.0, 64.0, 32.0, 192.0);
     v * d + l * (2.0 * d + d * q + 2.0 * d * kv + q * d + 3.0 * d * f) + d
 }
 

@@ -47,10 +47,11 @@ fn count_params(
 fn dump_of_the_tiny_config_writes_parsable_modules_and_a_checked_summary() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("dump");
+    // The tiny model in the 3:1 layout, so both kinds of layer are dumped.
     let stdout = ok(&rattn(&[
         "dump",
         "--config",
-        "configs/tiny.toml",
+        "configs/tiny-3to1.toml",
         "--set",
         "model.seq_len=64",
         "--set",
@@ -96,13 +97,13 @@ fn dump_of_the_tiny_config_writes_parsable_modules_and_a_checked_summary() {
     assert_eq!(text("summary.txt"), stdout);
 
     let s = summary(&out);
-    // tiny: vocab 128, d 64, 4 layers [L L L G], 4/2 heads of 16, ffn 192, no qk-norm, tied.
+    // tiny-3to1: vocab 288, d 64, 4 layers [L L L G], 4/2 heads of 16, ffn 192, no qk-norm, tied.
     let layers = [true, true, true, false];
-    let params = count_params(128, 64, &layers, 4, 2, 16, 192, false, true);
+    let params = count_params(288, 64, &layers, 4, 2, 16, 192, false, true);
     assert_eq!(s["parameters"].as_u64().unwrap(), params);
     assert!(stdout.contains(&format!("parameters: {params} ")));
     // Dense FLOPs: 6 × matmul weights (tied embedding counts once, as the LM head).
-    let matmul = 128 * 64 + 4 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 192);
+    let matmul = 288 * 64 + 4 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 192);
     let f = &s["flops_per_token"];
     assert_eq!(f["dense"].as_f64().unwrap(), 6.0 * matmul as f64);
     // Attention at T = 64: local layers see min(32, 64) keys, the global layer 64.
@@ -119,11 +120,12 @@ fn dump_of_the_tiny_config_writes_parsable_modules_and_a_checked_summary() {
         c["model"]["rla_state"].as_u64().unwrap(),
         3 * 2 * 32 * 16 * 4
     );
-    // Compiled memory: the arguments are params, both moments, the step and the tokens.
+    // Compiled memory: the arguments are params, both moments, the step, the tokens [2, 65] and
+    // their loss weights [2, 64].
     let m = &s["modules"][0]["memory"]["Ok"];
     assert_eq!(
         m["argument_bytes"].as_u64().unwrap(),
-        3 * 4 * params + 4 + 4 * 2 * 65,
+        3 * 4 * params + 4 + 4 * 2 * 65 + 4 * 2 * 64,
         "{m}"
     );
     // The default mesh: one device holding everything.

@@ -31,7 +31,7 @@ fn generate_after_training_is_deterministic() {
         "train.steps=5",
         "--quiet",
     ]));
-    // Prompt longer than the window (W = 32) so the RLA state is non-empty after the prefill.
+    // Prompt longer than the window (W = 16) so the RLA state is non-empty after the prefill.
     let prompt: Vec<String> = (0..40)
         .map(|i| (4 + (3 * i + 1) % 12).to_string())
         .collect();
@@ -53,7 +53,10 @@ fn generate_after_training_is_deterministic() {
     };
     let a = greedy(&[]);
     assert_eq!(a.len(), 20);
-    assert!(a.iter().all(|&t| t < 128), "{a:?}");
+    assert!(
+        a.iter().all(|&t| t < 288),
+        "inside the tiny vocabulary: {a:?}"
+    );
     let b = greedy(&["--seed", "99"]);
     assert_eq!(
         a, b,
