@@ -551,9 +551,10 @@ mod tests {
 
     #[test]
     fn remat_is_a_train_setting_that_recomputes_the_blocks() {
+        // The 3:1 stack (3 local + 1 global layer).
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../../configs/tiny.toml"
+            "/../../configs/tiny-3to1.toml"
         ))
         .unwrap();
         let over = |v: &str| {
