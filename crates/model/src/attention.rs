@@ -224,32 +224,38 @@ fn block(b: &Builder, q: Op, k: Op, v: Op, nb: i64, vis: Option<(Op, Vec<i64>)>)
         }
         None => scores,
     };
-    let p = b.softmax(scores, -1)?;
-    // o [..., M, R, H]
-    let o = b.dot_general(p, v, &dd(nb, vec![nb + 2], vec![nb]), None, Some(F32))?;
+    // Softmax with the normalisation moved past the second dot: e = exp(s − max), z = Σ e,
+    // o = (e V) / z, so the [..., M, R, S] probabilities are never written out.
+    let last = sd.len() as i64 - 1;
+    let rows: Vec<i64> = (0..last).collect();
+    let m = bcast(b, b.reduce_max(scores, &[last])?, &sd, &rows)?;
+    let e = b.exp(b.sub(scores, m)?)?;
+    let z = b.reduce_sum(e, &[last])?; // [..., M, R]
+    let ev = b.dot_general(e, v, &dd(nb, vec![nb + 2], vec![nb]), None, Some(F32))?;
+    let od = dims(b, ev)?;
+    let o = b.div(ev, bcast(b, z, &od, &rows)?)?;
     let rule =
         move |b: &Builder, ins: &[Op], o: Op, ct: &[Option<Op>]| -> Result<Vec<Option<Op>>> {
             let Some(d_o) = ct[0] else {
                 return Ok(vec![None, None, None]);
             };
             let (q, k, v) = (ins[0], ins[1], ins[2]);
-            let od = dims(b, o)?;
-            let sd = dims(b, p)?;
-            let last = od.len() as i64 - 1;
-            // dV = Pᵀ dO  [..., S, H]
+            // With P = e / z: dO/z [..., M, R, H] carries the normalisation into the dots.
+            let d_oz = b.div(d_o, bcast(b, z, &od, &rows)?)?;
+            // dV = Pᵀ dO = eᵀ (dO/z)  [..., S, H]
             let dv = b.dot_general(
-                p,
-                d_o,
+                e,
+                d_oz,
                 &dd(nb, vec![nb, nb + 1], vec![nb, nb + 1]),
                 None,
                 None,
             )?;
-            // dP = dO Vᵀ  [..., M, R, S]
-            let dp = b.dot_general(d_o, v, &dd(nb, vec![nb + 2], vec![nb + 1]), None, None)?;
-            // rowsum(dP ⊙ P) = rowsum(dO ⊙ O)  [..., M, R]
-            let delta = b.reduce_sum(b.mul(d_o, o)?, &[last])?;
-            let keep: Vec<i64> = (0..last).collect();
-            let ds = b.mul(p, b.sub(dp, bcast(b, delta, &sd, &keep)?)?)?;
+            // dP/z = (dO/z) Vᵀ  [..., M, R, S]
+            let dpz = b.dot_general(d_oz, v, &dd(nb, vec![nb + 2], vec![nb + 1]), None, None)?;
+            // rowsum(dP ⊙ P) = rowsum(dO ⊙ O)  [..., M, R], divided by z like dP
+            let delta = b.reduce_sum(b.mul(d_oz, o)?, &[last])?;
+            // dS = P ⊙ (dP − δ) = e ⊙ (dP/z − δ/z)
+            let ds = b.mul(e, b.sub(dpz, bcast(b, delta, &sd, &rows)?)?)?;
             // dQ = dS K  [..., M, R, H];  dK = dSᵀ Q  [..., S, H]
             let dq = b.dot_general(ds, k, &dd(nb, vec![nb + 2], vec![nb]), None, None)?;
             let dk = b.dot_general(
