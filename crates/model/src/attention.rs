@@ -6,16 +6,19 @@
 //!
 //! * **global** ([`causal_attention`] with `window = None`, or a window ≥ T − 1): query block i
 //!   (rows `i·Bq .. (i+1)·Bq`) attends to the key prefix `0 .. (i+1)·Bq`, one block of the
-//!   static unroll per query block; only the diagonal block is masked. About (n+1)/(2n) of the
-//!   T×T scores for n = ⌈T/Bq⌉ blocks, and no padding when T is not a multiple of Bq.
+//!   static unroll per query block; the mask hides keys only inside the diagonal block. About
+//!   (n+1)/(2n) of the T×T scores for n = ⌈T/Bq⌉ blocks, and no padding when T is not a
+//!   multiple of Bq.
 //! * **sliding window** (W < T − 1): all query blocks at once in a `[B,G,nb,Bq,R,S]` layout whose
 //!   key span S = Bq + ⌈W/Bq⌉·Bq covers the band; Bq below W keeps S close to the W+1 keys each
 //!   query needs.
 //!
-//! Each block is one softmax with its own VJP ([`Builder::custom_vjp`]): the backward is the
-//! textbook one (dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), dQ = dS K, dK = dSᵀ Q), over the
-//! same blocks as the forward, so it never reintroduces the masked work, and the row max of the
-//! forward is a constant (softmax does not depend on it). [`causal_attention_dense`] is the
+//! Each block is one softmax with its own VJP ([`Builder::custom_vjp`]). The forward keeps the
+//! unnormalised e = exp(s − rowmax) and divides after the second dot, o = (e V) / z with
+//! z = Σ e, so no probabilities are written out. The backward is the textbook one (dV = Pᵀ dO,
+//! dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), dQ = dS K, dK = dSᵀ Q) with P = e / z folded into dO / z,
+//! over the same blocks as the forward, so it never reintroduces the masked work; the row max is
+//! a constant of the backward (softmax does not depend on it). [`causal_attention_dense`] is the
 //! earlier whole-matrix version, kept as a reference for tests and benches.
 
 use std::sync::Arc;
