@@ -21,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod cost;

@@ -5,7 +5,6 @@
 mod bench_rla;
 mod checkpoint;
 mod compile;
-mod config;
 mod data;
 mod dump;
 mod generate;
@@ -14,13 +13,13 @@ mod mfu;
 mod plot;
 mod runtime;
 mod spmd;
-mod step;
 mod supervise;
 mod train;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use trainer::{config, step};
 
 /// Held-out sequences of `rattn eval` and of the evaluation that ends `rattn train`.
 const EVAL_SEQUENCES: usize = 64;

@@ -1,0 +1,370 @@
+//! Causal softmax attention that never computes a key block the mask hides entirely.
+//!
+//! q `[B,T,N,H]`, k/v `[B,T,G,H]` (GQA: query head n reads kv head n / (N/G)), already rotated
+//! and scaled. Key s is visible to query t iff s ≤ t (global layers) and also t − W ≤ s (a
+//! window W). Queries are cut into blocks; each block attends to the keys its rows can see:
+//!
+//! * **global** ([`causal_attention`] with `window = None`, or a window ≥ T − 1): query block i
+//!   (rows `i·Bq .. (i+1)·Bq`) attends to the key prefix `0 .. (i+1)·Bq`, one block of the
+//!   static unroll per query block; the mask hides keys only inside the diagonal block. About
+//!   (n+1)/(2n) of the T×T scores for n = ⌈T/Bq⌉ blocks, and no padding when T is not a
+//!   multiple of Bq.
+//! * **sliding window** (W < T − 1): all query blocks at once in a `[B,G,nb,Bq,R,S]` layout whose
+//!   key span S = Bq + ⌈W/Bq⌉·Bq covers the band; Bq below W keeps S close to the W+1 keys each
+//!   query needs.
+//!
+//! Each block is one softmax with its own VJP ([`Builder::custom_vjp`]). The forward keeps the
+//! unnormalised e = exp(s − rowmax) and divides after the second dot, o = (e V) / z with
+//! z = Σ e, so no probabilities are written out. The backward is the textbook one (dV = Pᵀ dO,
+//! dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), dQ = dS K, dK = dSᵀ Q) with P = e / z folded into dO / z,
+//! over the same blocks as the forward, so it never reintroduces the masked work; the row max is
+//! a constant of the backward (softmax does not depend on it). [`causal_attention_dense`] is the
+//! earlier whole-matrix version, kept as a reference for tests and benches.
+
+use std::sync::Arc;
+
+use crate::layers::{bcast, dims};
+use hlo_builder::{Builder, Cmp, DotDims, ElementType, Op, Result};
+
+const F32: ElementType = ElementType::F32;
+
+/// Query-block sizes of [`causal_attention_with`]: `global` for causal attention over the whole
+/// prefix, `banded` for a sliding window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionBlocks {
+    /// Query (and key) block of global layers.
+    pub global: usize,
+    /// Query block of sliding-window layers (the key span is this plus ⌈W/block⌉ blocks).
+    pub banded: usize,
+}
+
+impl AttentionBlocks {
+    /// The sizes [`causal_attention`] uses for sequence length `t` and `window`, chosen by
+    /// `cargo bench -p model --bench attention` on XLA CPU: global blocks of max(256, T/8) rows
+    /// (256 runs fastest; T/8 keeps the unroll, and so the compile time, at ≤ 8 blocks), window
+    /// blocks of W/4 clamped to 32..=256.
+    pub fn for_shape(t: usize, window: Option<usize>) -> AttentionBlocks {
+        AttentionBlocks {
+            global: (t / 8).max(256),
+            banded: window.map_or(256, |w| (w / 4).clamp(32, 256)),
+        }
+    }
+}
+
+/// Causal attention for q `[B,T,N,H]`, k/v `[B,T,G,H]` (GQA), already rotated and scaled, with
+/// the block sizes of [`AttentionBlocks::for_shape`].
+///
+/// `window = Some(W)`: key s is visible to query t iff t − W ≤ s ≤ t (W+1 keys), computed over
+/// the band's blocks only. `window = None`: full causal attention over the blocks on or below
+/// the diagonal. Returns `[B,T,N,H]`.
+pub fn causal_attention(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>) -> Result<Op> {
+    let t = dims(b, q)?[1] as usize;
+    causal_attention_with(b, q, k, v, window, AttentionBlocks::for_shape(t, window))
+}
+
+/// [`causal_attention`] with explicit block sizes (benches try several).
+pub fn causal_attention_with(
+    b: &Builder,
+    q: Op,
+    k: Op,
+    v: Op,
+    window: Option<usize>,
+    blocks: AttentionBlocks,
+) -> Result<Op> {
+    let (qd, kd) = (dims(b, q)?, dims(b, k)?);
+    if qd.len() != 4
+        || kd.len() != 4
+        || kd != dims(b, v)?
+        || qd[..2] != kd[..2]
+        || qd[3] != kd[3]
+        || kd[2] == 0
+        || qd[2] % kd[2] != 0
+    {
+        return Err(b.error(
+            "causal_attention",
+            format!(
+                "q {:?} must be [B,T,N,H] and k, v {:?} [B,T,G,H] with G dividing N",
+                qd, kd
+            ),
+        ));
+    }
+    if blocks.global == 0 || blocks.banded == 0 {
+        return Err(b.error(
+            "causal_attention",
+            format!("block sizes must be positive, got {blocks:?}"),
+        ));
+    }
+    let (bs, t, n, h) = (qd[0], qd[1], qd[2], qd[3]);
+    let g = kd[2];
+    let r = n / g;
+    // Group-major layouts: q [B,G,T,R,H], k/v [B,G,T,H].
+    let qt = b.transpose(b.reshape(q, &[bs, t, g, r, h])?, &[0, 2, 1, 3, 4])?;
+    let kt = b.transpose(k, &[0, 2, 1, 3])?;
+    let vt = b.transpose(v, &[0, 2, 1, 3])?;
+    let o = match window {
+        Some(w) if (w as i64) + 1 < t => banded(b, qt, kt, vt, w as i64, blocks.banded as i64)?,
+        _ => global(b, qt, kt, vt, blocks.global as i64)?,
+    };
+    // o [B,G,T,R,H] -> [B,T,N,H]
+    b.reshape(b.transpose(o, &[0, 2, 1, 3, 4])?, &[bs, t, n, h])
+}
+
+/// Global causal attention on group-major q `[B,G,T,R,H]`, k/v `[B,G,T,H]`: query block i sees
+/// the key prefix up to the end of its own rows. Returns `[B,G,T,R,H]`.
+fn global(b: &Builder, q: Op, k: Op, v: Op, blk: i64) -> Result<Op> {
+    let t = dims(b, q)?[2];
+    let mut outs = Vec::new();
+    let mut start = 0;
+    while start < t {
+        let end = (start + blk).min(t);
+        let qi = b.slice_in_dim(q, start, end, 2)?;
+        let (ki, vi) = if end == t {
+            (k, v)
+        } else {
+            (b.slice_in_dim(k, 0, end, 2)?, b.slice_in_dim(v, 0, end, 2)?)
+        };
+        // Row a is query start + a; key s is visible iff s ≤ start + a. Rows before the last
+        // block of keys see all of them, so only blocks that reach the diagonal need a mask.
+        let md = [end - start, end];
+        let rel = b.sub(
+            b.iota(ElementType::S32, &md, 1)?,
+            b.iota(ElementType::S32, &md, 0)?,
+        )?; // s − a
+        let vis = b.compare(rel, b.scalar(start as i32)?, Cmp::Le)?;
+        outs.push(block(b, qi, ki, vi, 2, Some((vis, vec![2, 4])))?);
+        start = end;
+    }
+    if outs.len() == 1 {
+        Ok(outs[0])
+    } else {
+        b.concatenate(&outs, 2)
+    }
+}
+
+/// Sliding-window attention on group-major q `[B,G,T,R,H]`, k/v `[B,G,T,H]` with window `w`, in
+/// blocks of `blk` queries that each see a key span of `blk + back` (back = ⌈w/blk⌉·blk).
+/// Returns `[B,G,T,R,H]`.
+fn banded(b: &Builder, q: Op, k: Op, v: Op, w: i64, blk: i64) -> Result<Op> {
+    let qd = dims(b, q)?;
+    let (bs, g, t, r, h) = (qd[0], qd[1], qd[2], qd[3], qd[4]);
+    let blk = blk.min(t);
+    let back = (w + blk - 1) / blk * blk;
+    let nb = (t + blk - 1) / blk;
+    let tp = nb * blk;
+    let zero = b.scalar(0.0f32)?;
+    let qp = b.pad(
+        q,
+        zero,
+        &[(0, 0, 0), (0, 0, 0), (0, tp - t, 0), (0, 0, 0), (0, 0, 0)],
+    )?;
+    let qb = b.reshape(qp, &[bs, g, nb, blk, r, h])?;
+    // Key span of block i: padded key blocks i .. i + back/blk (absolute start i·blk − back).
+    let span_of = |x: Op| -> Result<Op> {
+        let xp = b.pad(
+            x,
+            zero,
+            &[(0, 0, 0), (0, 0, 0), (back, tp - t, 0), (0, 0, 0)],
+        )?;
+        let xp = b.reshape(xp, &[bs, g, nb + back / blk, blk, h])?;
+        let parts: Vec<Op> = (0..=back / blk)
+            .map(|j| b.slice_in_dim(xp, j, j + nb, 2))
+            .collect::<Result<_>>()?;
+        if parts.len() == 1 {
+            Ok(parts[0])
+        } else {
+            b.concatenate(&parts, 3)
+        }
+    };
+    let (ks, vs) = (span_of(k)?, span_of(v)?);
+    let s = blk + back;
+    // Visibility from iotas: query t = i·blk + a, key s = i·blk − back + j.
+    let md = [nb, blk, s];
+    let (i, a, j) = (
+        b.iota(ElementType::S32, &md, 0)?,
+        b.iota(ElementType::S32, &md, 1)?,
+        b.iota(ElementType::S32, &md, 2)?,
+    );
+    let rel = b.add(b.sub(a, j)?, b.scalar(back as i32)?)?; // t − s
+    let vis = b.and(
+        b.compare(rel, b.scalar(0i32)?, Cmp::Ge)?,
+        b.compare(rel, b.scalar(w as i32)?, Cmp::Le)?,
+    )?;
+    let abs_s = b.add(
+        b.mul(i, b.scalar(blk as i32)?)?,
+        b.sub(j, b.scalar(back as i32)?)?,
+    )?;
+    let vis = b.and(vis, b.compare(abs_s, b.scalar(0i32)?, Cmp::Ge)?)?;
+    let o = block(b, qb, ks, vs, 3, Some((vis, vec![2, 3, 5])))?;
+    let o = b.reshape(o, &[bs, g, tp, r, h])?;
+    if tp == t {
+        Ok(o)
+    } else {
+        b.slice_in_dim(o, 0, t, 2)
+    }
+}
+
+/// Dot dims with `nb` leading batch dims on both sides.
+fn dd(nb: i64, lc: Vec<i64>, rc: Vec<i64>) -> DotDims {
+    DotDims {
+        lhs_batch: (0..nb).collect(),
+        rhs_batch: (0..nb).collect(),
+        lhs_contracting: lc,
+        rhs_contracting: rc,
+    }
+}
+
+/// One block of softmax attention with `nb` leading batch dims: q `[..., M, R, H]`, k/v
+/// `[..., S, H]`, `vis` a pred mask with the dims map into the scores `[..., M, R, S]` (`None`:
+/// all visible). Returns o `[..., M, R, H]`, with the block's VJP registered.
+fn block(b: &Builder, q: Op, k: Op, v: Op, nb: i64, vis: Option<(Op, Vec<i64>)>) -> Result<Op> {
+    // scores [..., M, R, S]
+    let scores = b.dot_general(q, k, &dd(nb, vec![nb + 2], vec![nb + 1]), None, Some(F32))?;
+    let sd = dims(b, scores)?;
+    let scores = match vis {
+        Some((m, map)) => {
+            let m = bcast(b, m, &sd, &map)?;
+            b.select(m, scores, b.full(F32, -1e30, &sd)?)?
+        }
+        None => scores,
+    };
+    // Softmax with the normalisation moved past the second dot: e = exp(s − max), z = Σ e,
+    // o = (e V) / z, so the [..., M, R, S] probabilities are never written out.
+    let last = sd.len() as i64 - 1;
+    let rows: Vec<i64> = (0..last).collect();
+    let m = bcast(b, b.reduce_max(scores, &[last])?, &sd, &rows)?;
+    let e = b.exp(b.sub(scores, m)?)?;
+    let z = b.reduce_sum(e, &[last])?; // [..., M, R]
+    let ev = b.dot_general(e, v, &dd(nb, vec![nb + 2], vec![nb]), None, Some(F32))?;
+    let od = dims(b, ev)?;
+    let o = b.div(ev, bcast(b, z, &od, &rows)?)?;
+    let rule =
+        move |b: &Builder, ins: &[Op], o: Op, ct: &[Option<Op>]| -> Result<Vec<Option<Op>>> {
+            let Some(d_o) = ct[0] else {
+                return Ok(vec![None, None, None]);
+            };
+            let (q, k, v) = (ins[0], ins[1], ins[2]);
+            // With P = e / z: dO/z [..., M, R, H] carries the normalisation into the dots.
+            let d_oz = b.div(d_o, bcast(b, z, &od, &rows)?)?;
+            // dV = Pᵀ dO = eᵀ (dO/z)  [..., S, H]
+            let dv = b.dot_general(
+                e,
+                d_oz,
+                &dd(nb, vec![nb, nb + 1], vec![nb, nb + 1]),
+                None,
+                None,
+            )?;
+            // dP/z = (dO/z) Vᵀ  [..., M, R, S]
+            let dpz = b.dot_general(d_oz, v, &dd(nb, vec![nb + 2], vec![nb + 1]), None, None)?;
+            // rowsum(dP ⊙ P) = rowsum(dO ⊙ O)  [..., M, R], divided by z like dP
+            let delta = b.reduce_sum(b.mul(d_oz, o)?, &[last])?;
+            // dS = P ⊙ (dP − δ) = e ⊙ (dP/z − δ/z)
+            let ds = b.mul(e, b.sub(dpz, bcast(b, delta, &sd, &rows)?)?)?;
+            // dQ = dS K  [..., M, R, H];  dK = dSᵀ Q  [..., S, H]
+            let dq = b.dot_general(ds, k, &dd(nb, vec![nb + 2], vec![nb]), None, None)?;
+            let dk = b.dot_general(
+                ds,
+                q,
+                &dd(nb, vec![nb, nb + 1], vec![nb, nb + 1]),
+                None,
+                None,
+            )?;
+            Ok(vec![Some(dq), Some(dk), Some(dv)])
+        };
+    b.custom_vjp(&[q, k, v], o, Arc::new(rule))?;
+    Ok(o)
+}
+
+/// The earlier causal attention that computes every score of its blocks: `window = None` is the
+/// whole T×T matrix with the upper half masked, a window W blocks of W queries against 2W keys.
+/// Same arguments and result as [`causal_attention`]; kept as the reference the blocked version
+/// is tested and benchmarked against.
+pub fn causal_attention_dense(
+    b: &Builder,
+    q: Op,
+    k: Op,
+    v: Op,
+    window: Option<usize>,
+) -> Result<Op> {
+    let qd = dims(b, q)?;
+    let kd = dims(b, k)?;
+    let (bs, t, n, h) = (qd[0], qd[1], qd[2], qd[3]);
+    let g = kd[2];
+    let r = n / g;
+    // Block size and look-back (in tokens, a multiple of the block).
+    let (blk, back) = match window {
+        Some(w) if (w as i64) < t => {
+            let blk = (w as i64).clamp(16, 512).min(t);
+            (blk, (w as i64 + blk - 1) / blk * blk)
+        }
+        _ => (t, 0),
+    };
+    let nb = (t + blk - 1) / blk;
+    let tp = nb * blk;
+    let zero = b.scalar(0.0f32)?;
+    let pad_t = |x: Op, front: i64, back_pad: i64| {
+        b.pad(
+            x,
+            zero,
+            &[(0, 0, 0), (front, back_pad, 0), (0, 0, 0), (0, 0, 0)],
+        )
+    };
+    let qb = b.reshape(pad_t(q, 0, tp - t)?, &[bs, nb, blk, g, r, h])?;
+    // Key/value spans: block i sees padded blocks i .. i + back/blk (absolute start i·blk − back).
+    let span_of = |x: Op| -> Result<Op> {
+        let xp = b.reshape(pad_t(x, back, tp - t)?, &[bs, nb + back / blk, blk, g, h])?;
+        let parts: Vec<Op> = (0..=back / blk)
+            .map(|j| b.slice_in_dim(xp, j, j + nb, 1))
+            .collect::<Result<_>>()?;
+        if parts.len() == 1 {
+            Ok(parts[0])
+        } else {
+            b.concatenate(&parts, 2)
+        }
+    };
+    let (ks, vs) = (span_of(k)?, span_of(v)?);
+    let s = blk + back;
+    // scores [B, nb, G, blk, R, S]
+    let dd = DotDims {
+        lhs_batch: vec![0, 1, 3],
+        rhs_batch: vec![0, 1, 3],
+        lhs_contracting: vec![5],
+        rhs_contracting: vec![4],
+    };
+    let scores = b.dot_general(qb, ks, &dd, None, Some(F32))?;
+    // Visibility from iotas: query t = i·blk + a, key s = i·blk − back + j.
+    let md = [nb, blk, s];
+    let (i, a, j) = (
+        b.iota(ElementType::S32, &md, 0)?,
+        b.iota(ElementType::S32, &md, 1)?,
+        b.iota(ElementType::S32, &md, 2)?,
+    );
+    let rel = b.add(b.sub(a, j)?, b.scalar(back as i32)?)?; // t − s
+    let mut vis = b.compare(rel, b.scalar(0i32)?, Cmp::Ge)?;
+    if let Some(w) = window {
+        vis = b.and(vis, b.compare(rel, b.scalar(w as i32)?, Cmp::Le)?)?;
+    }
+    let abs_s = b.add(
+        b.mul(i, b.scalar(blk as i32)?)?,
+        b.sub(j, b.scalar(back as i32)?)?,
+    )?;
+    vis = b.and(vis, b.compare(abs_s, b.scalar(0i32)?, Cmp::Ge)?)?;
+    let sd = [bs, nb, g, blk, r, s];
+    let vis = bcast(b, vis, &sd, &[1, 3, 5])?;
+    let neg = b.full(F32, -1e30, &sd)?;
+    let p = b.softmax(b.select(vis, scores, neg)?, -1)?;
+    // out [B, nb, G, blk, R, H]
+    let dd = DotDims {
+        lhs_batch: vec![0, 1, 2],
+        rhs_batch: vec![0, 1, 3],
+        lhs_contracting: vec![5],
+        rhs_contracting: vec![2],
+    };
+    let o = b.dot_general(p, vs, &dd, None, Some(F32))?;
+    let o = b.transpose(o, &[0, 1, 3, 2, 4, 5])?;
+    let o = b.reshape(o, &[bs, tp, n, h])?;
+    if tp == t {
+        Ok(o)
+    } else {
+        b.slice_in_dim(o, 0, t, 1)
+    }
+}
