@@ -170,7 +170,7 @@ fn cache_buffers_carry_logical_axes_and_shard_by_batch_and_kv_heads() {
 #[test]
 fn a_model_under_a_mesh_constrains_its_activations_and_runs_rla_in_manual_regions() {
     use hlo_builder::{Builder, ElementType, Shape};
-    let m = Model::new(load_model("tiny"))
+    let m = Model::new(load_model("tiny-3to1"))
         .unwrap()
         .with_mesh(mesh(2, 1, 2, 4))
         .unwrap();
@@ -212,7 +212,7 @@ fn a_model_under_a_mesh_constrains_its_activations_and_runs_rla_in_manual_region
     assert_eq!(text.matches("SPMDFullToShardShape").count(), 9);
     assert_eq!(text.matches("SPMDShardToFullShape").count(), 9);
     // One device: no annotations at all.
-    let one = Model::new(load_model("tiny")).unwrap();
+    let one = Model::new(load_model("tiny-3to1")).unwrap();
     let b = Builder::new("forward");
     let (_, named) = one.declare_params(&b).unwrap();
     let tokens = b

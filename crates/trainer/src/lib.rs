@@ -8,7 +8,7 @@
 //!     std::path::Path::new("configs/bench.toml"),
 //!     &["model.seq_len=1024".to_string()],
 //! )?;
-//! let step = trainer::step::build_train_step(&cfg, "cpu")?;
+//! let step = trainer::step::build_train_step(&cfg, "cpu", &model::Mesh::single())?;
 //! println!("{}", step.name());
 //! # Ok(()) }
 //! ```
