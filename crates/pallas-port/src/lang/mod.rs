@@ -28,3 +28,56 @@ pub use ir::{
     Affine, ArrayDecl, BinOp, Block, BlockSpec, CmpOp, DType, GridAxis, Index, Inst, Kernel,
     LangError, LangResult, Op, Precision, ReduceOp, Ref, Semantics, Type, UnOp, Value,
 };
+
+use hlo_builder::{Builder, ElementType, Op as HloOp, Shape};
+
+/// The f32 array shape of `dims`.
+fn f32_shape(dims: &[usize]) -> Shape {
+    Shape::array(
+        ElementType::F32,
+        &dims.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+    )
+}
+
+/// What both back ends' custom calls check before emitting `k`: one f32 operand per kernel input,
+/// shaped as declared (errors under `op`, naming the kernel and the operand). Returns the call's
+/// result shape: the one output's array, else a tuple of them.
+fn call_result_shape(
+    b: &Builder,
+    op: &'static str,
+    k: &Kernel,
+    operands: &[HloOp],
+) -> hlo_builder::Result<Shape> {
+    if operands.len() != k.inputs.len() {
+        let names: Vec<&str> = k.inputs.iter().map(|a| a.name.as_str()).collect();
+        return Err(b.error(
+            op,
+            format!(
+                "kernel {} takes {} operands ({}), got {}",
+                k.name,
+                k.inputs.len(),
+                names.join(", "),
+                operands.len()
+            ),
+        ));
+    }
+    for (a, &x) in k.inputs.iter().zip(operands) {
+        let (got, want) = (b.shape(x)?, f32_shape(&a.shape));
+        if got != want {
+            return Err(b.error(
+                op,
+                format!(
+                    "kernel {} operand `{}` must be {}, got {}",
+                    k.name,
+                    a.name,
+                    want.short(),
+                    got.short()
+                ),
+            ));
+        }
+    }
+    Ok(match k.outputs.as_slice() {
+        [one] => f32_shape(&one.shape),
+        many => Shape::tuple(many.iter().map(|a| f32_shape(&a.shape)).collect()),
+    })
+}

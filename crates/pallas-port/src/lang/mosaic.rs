@@ -38,7 +38,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use hlo_builder::{Builder, ElementType, Op as HloOp, Shape};
+use hlo_builder::{Builder, Op as HloOp};
 
 use super::ir::*;
 
@@ -1217,13 +1217,6 @@ pub fn compiled_vmem(optimized_program: &[u8]) -> Vec<usize> {
     out
 }
 
-fn f32_shape(dims: &[usize]) -> Shape {
-    Shape::array(
-        ElementType::F32,
-        &dims.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-    )
-}
-
 /// `k` as a `tpu_custom_call` over `operands` (f32 arrays shaped like the kernel's inputs):
 /// checks it against `vmem_budget` ([`check`]), emits it ([`emit`]) and returns the result
 /// (an array for one output, else a tuple).
@@ -1234,39 +1227,9 @@ pub fn custom_call(
     vmem_budget: usize,
 ) -> hlo_builder::Result<HloOp> {
     let lang = |e: LangError| b.error("mosaic", e.to_string());
-    if operands.len() != k.inputs.len() {
-        return Err(b.error(
-            "mosaic",
-            format!(
-                "kernel {} takes {} operands, got {}",
-                k.name,
-                k.inputs.len(),
-                operands.len()
-            ),
-        ));
-    }
-    for (a, &x) in k.inputs.iter().zip(operands) {
-        let s = b.shape(x)?;
-        let want = f32_shape(&a.shape);
-        if s != want {
-            return Err(b.error(
-                "mosaic",
-                format!(
-                    "kernel {} operand `{}` must be {}, got {}",
-                    k.name,
-                    a.name,
-                    want.short(),
-                    s.short()
-                ),
-            ));
-        }
-    }
+    let result = super::call_result_shape(b, "mosaic", k, operands)?;
     let report = check(k, vmem_budget).map_err(lang)?;
     let body = emit(k).map_err(lang)?;
-    let result = match k.outputs.as_slice() {
-        [one] => f32_shape(&one.shape),
-        many => Shape::tuple(many.iter().map(|a| f32_shape(&a.shape)).collect()),
-    };
     let _s = b.name_scope(&k.name);
     b.custom_call_with_config(
         TARGET,

@@ -15,7 +15,7 @@
 use std::fmt::Write as _;
 
 use super::ir::*;
-use hlo_builder::{Attr, Builder, ElementType, Op as HloOp, Shape};
+use hlo_builder::{Attr, Builder, Op as HloOp};
 
 /// The custom-call target XLA's GPU back end compiles as a Triton kernel.
 pub const TARGET: &str = "__gpu$xla.gpu.triton";
@@ -589,53 +589,10 @@ pub fn backend_config(k: &Kernel, ir: &str) -> Vec<(&'static str, Attr)> {
 /// Adds `k` to the graph as a `__gpu$xla.gpu.triton` custom call on `operands` (f32, the
 /// kernel's operand shapes). Returns the result array, or a tuple when the kernel has several.
 pub fn custom_call(b: &Builder, k: &Kernel, operands: &[HloOp]) -> hlo_builder::Result<HloOp> {
-    if operands.len() != k.inputs.len() {
-        return Err(b.error(
-            "triton_call",
-            format!(
-                "kernel {} takes {} operands ({}), got {}",
-                k.name,
-                k.inputs.len(),
-                k.inputs
-                    .iter()
-                    .map(|a| a.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                operands.len()
-            ),
-        ));
-    }
-    for (a, &op) in k.inputs.iter().zip(operands) {
-        let s = b.shape(op)?;
-        let want = f32_shape(&a.shape);
-        if s != want {
-            return Err(b.error(
-                "triton_call",
-                format!(
-                    "kernel {} operand `{}` must be {}, got {}",
-                    k.name,
-                    a.name,
-                    want.short(),
-                    s.short()
-                ),
-            ));
-        }
-    }
+    let result = super::call_result_shape(b, "triton_call", k, operands)?;
     let ir = emit(k).map_err(|e| b.error("triton_call", e.to_string()))?;
-    let result = if k.outputs.len() == 1 {
-        f32_shape(&k.outputs[0].shape)
-    } else {
-        Shape::tuple(k.outputs.iter().map(|a| f32_shape(&a.shape)).collect())
-    };
     // Row-major layouts constrained: the kernel indexes its buffers row-major, and XLA's layout
     // assignment may otherwise pick others (inside the model it gave `o` and `d_o` the layout
     // {1,0,3,2}: wrong results on an H200, while a bench with parameter operands was right).
     b.custom_call_row_major(TARGET, operands, result, &backend_config(k, &ir))
-}
-
-fn f32_shape(dims: &[usize]) -> Shape {
-    Shape::array(
-        ElementType::F32,
-        &dims.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-    )
 }
