@@ -4,6 +4,7 @@
 //! This module only gathers them under one path; each rule is defined in its op family's file
 //! under [`crate::ops`], beside the op's builder method, emission and VJP rule.
 
+pub use crate::ops::collective::{all_gather, collective_permute, reduce_scatter};
 pub use crate::ops::constant::iota;
 pub use crate::ops::control::{call, conditional, get_tuple_element, while_loop};
 pub use crate::ops::dot::dot_general;

@@ -262,6 +262,40 @@ impl Sharding {
         ))
     }
 
+    /// The devices that hold the pieces of one line of tiles along `dim` of a rank-`rank`
+    /// array: one group per position of the other tile coordinates (the replication one
+    /// included), each ordered by the tile index along `dim`. These are the replica groups of a
+    /// collective over the mesh axis that cuts `dim` (global device ids); device `group[i]`
+    /// holds piece `i`. A value not cut along `dim` gives groups of one device.
+    pub fn groups_along(&self, dim: usize, rank: usize) -> Result<Vec<Vec<i64>>, ShapeError> {
+        let tiles = self.tiles_per_dim(rank)?;
+        if dim >= rank {
+            return Err(ShapeError::new(
+                "groups_along",
+                format!("dim {dim} out of range for rank {rank}"),
+            ));
+        }
+        let Sharding::Tiled {
+            tile_assignment_dims: t,
+            devices,
+            ..
+        } = self
+        else {
+            return Ok(vec![vec![0]]);
+        };
+        // Row-major over the tile assignment: `dim` has stride `inner`.
+        let inner: usize = t[dim + 1..].iter().map(|&x| x as usize).product();
+        let n = tiles[dim];
+        let mut groups = Vec::new();
+        for start in 0..devices.len() {
+            if (start / inner) % n != 0 {
+                continue;
+            }
+            groups.push((0..n).map(|i| devices[start + i * inner]).collect());
+        }
+        Ok(groups)
+    }
+
     /// Split a row-major host array of `dims` into the pieces of `devices` `0..n` (each piece
     /// row-major, [`Sharding::shard_dims`] shaped). Errors when a device holds no piece.
     pub fn split_host<T: Copy>(
@@ -396,6 +430,30 @@ mod tests {
         assert!(
             s.split_host(&data, &dims, 7).is_err(),
             "device 6 holds nothing"
+        );
+    }
+
+    #[test]
+    fn groups_along_a_dim_follow_the_tile_assignment() {
+        // [B, T, G, H] cut 2 × 2 × 1 × 1, replicated 2 ways (data 2 × seq 2 × tensor 2 with G
+        // whole): devices in data, seq, tensor order.
+        let s = Sharding::Tiled {
+            tile_assignment_dims: vec![2, 2, 1, 1, 2],
+            devices: (0..8).collect(),
+            last_tile_dim_replicate: true,
+        };
+        assert_eq!(
+            s.groups_along(1, 4).unwrap(),
+            vec![vec![0, 2], vec![1, 3], vec![4, 6], vec![5, 7]]
+        );
+        assert_eq!(
+            s.groups_along(0, 4).unwrap(),
+            vec![vec![0, 4], vec![1, 5], vec![2, 6], vec![3, 7]]
+        );
+        assert_eq!(s.groups_along(2, 4).unwrap().len(), 8);
+        assert_eq!(
+            Sharding::Replicated.groups_along(1, 4).unwrap(),
+            vec![vec![0]]
         );
     }
 

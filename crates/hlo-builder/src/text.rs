@@ -478,6 +478,17 @@ impl Ctx<'_> {
                 .collect();
             a.push(format!("replica_groups={{{}}}", g.join(",")));
         }
+        if !ins.source_target_pairs.is_empty() {
+            let g: Vec<String> = ins
+                .source_target_pairs
+                .iter()
+                .map(|p| format!("{{{},{}}}", p.source, p.target))
+                .collect();
+            a.push(format!("source_target_pairs={{{}}}", g.join(",")));
+        }
+        if ins.use_global_device_ids {
+            a.push("use_global_device_ids=true".into());
+        }
         if op == "fusion" {
             a.push(format!(
                 "kind={}",

@@ -211,6 +211,9 @@ pub struct HloInstructionProto {
     /// Replica groups of collectives.
     #[prost(message, repeated, tag = "49")]
     pub replica_groups: Vec<ReplicaGroup>,
+    /// Source/target pairs of a `collective-permute` (partition ids in SPMD programs).
+    #[prost(message, repeated, tag = "52")]
+    pub source_target_pairs: Vec<SourceTarget>,
     /// Convolution feature group count.
     #[prost(int64, tag = "50")]
     pub feature_group_count: i64,
@@ -250,6 +253,9 @@ pub struct HloInstructionProto {
     /// RNG algorithm of `rng-bit-generator`.
     #[prost(int32, tag = "70")]
     pub rng_algorithm: i32,
+    /// Whether the replica groups of a collective hold global device ids.
+    #[prost(bool, tag = "71")]
+    pub use_global_device_ids: bool,
     /// Comparison type (`"FLOAT"`, `"TOTALORDER"`, `"SIGNED"`, `"UNSIGNED"`).
     #[prost(string, tag = "72")]
     pub comparison_type: String,
@@ -564,6 +570,17 @@ pub struct ReplicaGroup {
     /// Replica ids in the group.
     #[prost(int64, repeated, tag = "1")]
     pub replica_ids: Vec<i64>,
+}
+
+/// `xla.SourceTarget`: one pair of a `collective-permute`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SourceTarget {
+    /// The sending id.
+    #[prost(int64, tag = "1")]
+    pub source: i64,
+    /// The receiving id.
+    #[prost(int64, tag = "2")]
+    pub target: i64,
 }
 
 /// `xla.FrontendAttributes`.

@@ -20,8 +20,10 @@
 //! | [`control`] | `while`, `conditional`, `call`, `tuple`, `get-tuple-element` |
 //! | [`custom_call`] | typed-FFI `custom-call` |
 //! | [`partition`] | the partitioner's `Sharding` / `SPMDFullToShardShape` / `SPMDShardToFullShape` custom calls (manual regions) |
+//! | [`collective`] | `collective-permute`, `all-gather`, `reduce-scatter` (inside manual regions) |
 //! | [`rng`] | Threefry random numbers (composite: no instruction of its own) |
 
+pub mod collective;
 pub mod constant;
 pub mod control;
 pub mod custom_call;
@@ -98,6 +100,8 @@ pub(crate) enum Kind {
     CustomCall(custom_call::CustomCall),
     /// The partitioner's custom calls.
     Partition(partition::Partition),
+    /// Cross-device collectives.
+    Collective(collective::Collective),
 }
 
 impl Kind {
@@ -116,6 +120,7 @@ impl Kind {
             Kind::Control(k) => k,
             Kind::CustomCall(k) => k,
             Kind::Partition(k) => k,
+            Kind::Collective(k) => k,
         }
     }
 

@@ -133,7 +133,7 @@ impl Builder {
 
     /// The module's cached `(T, T) -> T` reducer applying `op`.
     #[track_caller]
-    fn scalar_reducer(
+    pub(crate) fn scalar_reducer(
         &self,
         loc: &'static Location<'static>,
         op: BinaryOp,
