@@ -16,6 +16,7 @@
 
 use crate::config::{RlaConfig, RlaDims};
 use crate::ffi::{BWD_TARGET, FWD_TARGET};
+use crate::seq::{derived_sharding, SeqShards};
 use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape, Sharding};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -309,43 +310,31 @@ pub fn rla(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig, lowering: Lowering
     Ok(rla_with_state(b, q, k, v, cfg, lowering)?.o)
 }
 
-/// The shardings of a block's values when its q, k, v `[B,T,heads,H]` are laid out by `qkv`:
-/// states `[B,G,…]` take the batch and head cuts of `qkv` over the same devices.
-fn state_sharding(qkv: &Sharding, rank: usize) -> Sharding {
-    match qkv {
-        Sharding::Tiled {
-            tile_assignment_dims: t,
-            devices,
-            last_tile_dim_replicate,
-        } => {
-            let mut dims = vec![1i64; rank];
-            dims[0] = t[0];
-            dims[1] = t[2];
-            if *last_tile_dim_replicate {
-                dims.push(t[4]);
-            }
-            Sharding::Tiled {
-                tile_assignment_dims: dims,
-                devices: devices.clone(),
-                last_tile_dim_replicate: *last_tile_dim_replicate,
-            }
-        }
-        other => other.clone(),
-    }
-}
-
 /// [`rla_with_state`] on q `[B,T,N,H]`, k, v `[B,T,G,H]` laid out across devices by `qkv` (a
-/// sharding of the `[B,T,heads,H]` arrays: cuts of the batch and of the heads only), as a
+/// sharding of the `[B,T,heads,H]` arrays: cuts of the batch, the sequence and the heads), as a
 /// manually partitioned region — the `shard_map` pattern: q, k, v go from full to per-device
-/// pieces (`SPMDFullToShardShape`), both blocks run `{manual}` on each device's sequences and
-/// heads, and o, chunk_states, final_state go back to full values (`SPMDShardToFullShape`), laid
-/// out by the same batch and head cuts. The XLA partitioner cannot split the blocks' custom
-/// calls (nor see through the `while` lowering); inside the region it does not have to.
+/// pieces (`SPMDFullToShardShape`), both blocks run `{manual}` on each device's piece, and o,
+/// chunk_states, final_state go back to full values (`SPMDShardToFullShape`). The XLA
+/// partitioner cannot split the blocks' custom calls (nor see through the `while` lowering);
+/// inside the region it does not have to.
 ///
 /// Both q's `N` and k/v's `G` heads are cut into the same number of contiguous pieces, so
 /// every query head sits with its kv head (`g = n / (N/G)`). With `qkv` replicated this is
-/// [`rla_with_state`]. Errors: a cut of T or H (sequence parallelism is issue 11 item 4), or
-/// a dim that does not divide.
+/// [`rla_with_state`].
+///
+/// **Sequence parallelism** (T cut into S shards of T/S tokens) is exact: shard `i` at offset
+/// `off = i·T/S` needs the keys s ≤ t − W − 1 of each of its queries t. It runs the blocks with
+/// window 0 on k, v shifted by W tokens (k̃_j = k_{off+j−W}: the W tokens before the shard come
+/// as a halo through `collective-permute`, from several shards when W > T/S, zeros before the
+/// sequence start), which covers the keys off − W ≤ s ≤ t − W − 1; the earlier keys are the
+/// state h0 = Σ_{shards r < i} Σ_j φ(k̃ʳ_j)ᵀ ṽʳ_j, an exclusive prefix sum over the shards
+/// (all-gather of each shard's contribution, masked sum), and o = block(q, k̃, ṽ) + φ(q)·h0
+/// (RLA is linear in its state, so the blocks need no initial-state input). Gradients flow
+/// through h0 back into the earlier shards' k and v (the transposes of the collectives).
+/// final_state is the last shard's, on every shard; chunk_states are each shard's saved states
+/// plus its h0 (`[B, G, S·⌈(T/S)/chunk⌉, 2H, H]`, the unsharded ones when chunk divides T/S).
+///
+/// Errors: a cut of H, or a dim that does not divide.
 pub fn rla_in_region(
     b: &Builder,
     (q, k, v): (Op, Op, Op),
@@ -360,35 +349,133 @@ pub fn rla_in_region(
     if tiles.iter().all(|&t| t == 1) {
         return rla_with_state(b, q, k, v, cfg, lowering);
     }
-    if tiles[1] != 1 || tiles[3] != 1 {
+    if tiles[3] != 1 {
         return Err(b.error(
             "rla_in_region",
             format!(
-                "the RLA region splits batch and heads only, but the q/k/v sharding cuts T into \
-                 {} and H into {} pieces (sequence parallelism of RLA is not implemented)",
-                tiles[1], tiles[3]
+                "the RLA region splits batch, sequence and heads, but the q/k/v sharding cuts \
+                 the head dim H into {} pieces",
+                tiles[3]
             ),
         ));
     }
+    let seq = if tiles[1] > 1 {
+        Some(SeqShards::new(b, qkv, 4, 1)?)
+    } else {
+        None
+    };
     let ql = b.full_to_shard(q, qkv.clone())?;
     let kl = b.full_to_shard(k, qkv.clone())?;
     let vl = b.full_to_shard(v, qkv.clone())?;
     let local = {
         let _m = b.manual_scope();
-        rla_with_state(b, ql, kl, vl, cfg, lowering)?
+        match &seq {
+            None => rla_with_state(b, ql, kl, vl, cfg, lowering)?,
+            Some(seq) => rla_seq_shard(b, seq, (ql, kl, vl), d.seq, cfg, lowering)?,
+        }
     };
-    let dims = |v: &[usize]| -> Vec<i64> { v.iter().map(|&x| x as i64).collect() };
+    let full = |op: Op| -> Result<Vec<i64>> { Ok(b.shape(op)?.dims().to_vec()) };
+    let mut cs_full = full(local.chunk_states)?;
+    cs_full[0] *= tiles[0] as i64;
+    cs_full[1] *= tiles[2] as i64;
+    cs_full[2] *= tiles[1] as i64;
+    let states = derived_sharding(qkv, &[Some(0), Some(2), None, None]);
     Ok(RlaOutputs {
-        o: b.shard_to_full(local.o, qkv.clone(), &dims(&d.q_shape()))?,
+        o: b.shard_to_full(local.o, qkv.clone(), &dims_i64(&d.q_shape()))?,
         chunk_states: b.shard_to_full(
             local.chunk_states,
-            state_sharding(qkv, 5),
-            &dims(&d.chunk_states_shape(cfg)),
+            derived_sharding(qkv, &[Some(0), Some(2), Some(1), None, None]),
+            &cs_full,
         )?,
-        final_state: b.shard_to_full(
-            local.final_state,
-            state_sharding(qkv, 4),
-            &dims(&d.final_state_shape()),
-        )?,
+        final_state: b.shard_to_full(local.final_state, states, &dims_i64(&d.final_state_shape()))?,
+    })
+}
+
+fn dims_i64(v: &[usize]) -> Vec<i64> {
+    v.iter().map(|&x| x as i64).collect()
+}
+
+/// One sequence shard of RLA, inside the manual scope (see [`rla_in_region`]): q `[B,Tl,N,H]`,
+/// k, v `[B,Tl,G,H]` of the shard, `t` the full sequence length.
+fn rla_seq_shard(
+    b: &Builder,
+    seq: &SeqShards,
+    (q, k, v): (Op, Op, Op),
+    t: usize,
+    cfg: &RlaConfig,
+    lowering: Lowering,
+) -> Result<RlaOutputs> {
+    let kd = b.shape(k)?.dims().to_vec();
+    let (bs, tl, g, h) = (kd[0], kd[1] as usize, kd[2], kd[3]);
+    let qd = b.shape(q)?.dims().to_vec();
+    let n = qd[2];
+    let s = seq.shards();
+    // Shifting by ≥ T leaves nothing: the shift is capped at T, the halo at the S − 1 shards
+    // before the last.
+    let shift = cfg.window.min(t);
+    let halo = shift.min((s - 1) * tl);
+    let shifted = |x: Op| -> Result<Op> {
+        if shift == 0 {
+            return Ok(x);
+        }
+        let mut parts = Vec::new();
+        if shift > halo {
+            let ty = b.shape(x)?.ty().unwrap_or(ElementType::F32);
+            parts.push(b.zeros(ty, &[bs, (shift - halo) as i64, g, h])?);
+        }
+        if halo > 0 {
+            parts.push(seq.halo(b, x, 1, halo)?);
+        }
+        parts.push(x);
+        b.slice_in_dim(b.concatenate(&parts, 1)?, 0, tl as i64, 1)
+    };
+    let (ks, vs) = (shifted(k)?, shifted(v)?);
+    let cfg0 = RlaConfig { window: 0, ..*cfg };
+    let out = rla_with_state(b, q, ks, vs, &cfg0, lowering)?;
+    // This shard's state contribution Σ_j φ(k̃_j)ᵀ ṽ_j  [B, G, 2H, H].
+    let f32 = |x: Op| -> Result<Op> {
+        if b.shape(x)?.ty() == Some(ElementType::F32) {
+            Ok(x)
+        } else {
+            b.convert(x, ElementType::F32)
+        }
+    };
+    let fk = crate::feature_map(b, ks, cfg.feature_map)?;
+    let batch_t = hlo_builder::DotDims {
+        lhs_batch: vec![0, 2],
+        rhs_batch: vec![0, 2],
+        lhs_contracting: vec![1],
+        rhs_contracting: vec![1],
+    };
+    let contrib = b.dot_general(fk, f32(vs)?, &batch_t, None, None)?;
+    let h0 = seq.exclusive_sum(b, contrib)?;
+    // o += φ(q)·h0, query head n reading kv head n / (N/G).
+    let r = n / g;
+    let fq = b.reshape(
+        crate::feature_map(b, q, cfg.feature_map)?,
+        &[bs, tl as i64, g, r, 2 * h],
+    )?;
+    let read = hlo_builder::DotDims {
+        lhs_batch: vec![0, 2],
+        rhs_batch: vec![0, 1],
+        lhs_contracting: vec![4],
+        rhs_contracting: vec![2],
+    };
+    let prior = b.dot_general(fq, h0, &read, None, None)?; // [B, G, Tl, R, H]
+    let prior = b.reshape(
+        b.transpose(prior, &[0, 2, 1, 3, 4])?,
+        &[bs, tl as i64, n, h],
+    )?;
+    let o = b.add(out.o, prior)?;
+    let cs_dims = b.shape(out.chunk_states)?.dims().to_vec();
+    let chunk_states = b.add(
+        out.chunk_states,
+        b.broadcast_in_dim(h0, &cs_dims, &[0, 1, 3, 4])?,
+    )?;
+    let final_state = seq.last(b, b.add(out.final_state, h0)?)?;
+    Ok(RlaOutputs {
+        o,
+        chunk_states,
+        final_state,
     })
 }

@@ -9,6 +9,8 @@
 //!   [`Lowering::for_platform`] picks the lowering for the platform the graph runs on.
 //! - [`feature`]: [`feature_map`], the feature map φ as graph ops.
 //! - [`decode`]: the one-token decode step ([`decode::absorb`], [`decode::read`]).
+//! - [`seq`]: sequence parallelism in a manual region (halos, gathers, prefix sums over the
+//!   sequence shards); [`rla_in_region`] uses it when the sequence is cut.
 //! - [`reference`]: naive f64 formulas the kernels are tested against ([`reference::feature`]
 //!   is φ).
 
@@ -23,6 +25,7 @@ pub mod hlo;
 pub mod kernel;
 pub mod lang;
 pub mod reference;
+pub mod seq;
 
 pub use config::{FeatureMap, RlaConfig, RlaDims, RlaError};
 pub use feature::feature_map;
