@@ -24,7 +24,8 @@
 use std::sync::Arc;
 
 use crate::layers::{bcast, dims};
-use hlo_builder::{Builder, Cmp, DotDims, ElementType, Op, Result};
+use hlo_builder::{Builder, Cmp, DotDims, ElementType, Op, Result, Sharding};
+use pallas_port::seq::SeqShards;
 
 const F32: ElementType = ElementType::F32;
 
@@ -102,11 +103,92 @@ pub fn causal_attention_with(
     let kt = b.transpose(k, &[0, 2, 1, 3])?;
     let vt = b.transpose(v, &[0, 2, 1, 3])?;
     let o = match window {
-        Some(w) if (w as i64) + 1 < t => banded(b, qt, kt, vt, w as i64, blocks.banded as i64)?,
+        Some(w) if (w as i64) + 1 < t => {
+            banded(b, qt, kt, vt, w as i64, blocks.banded as i64, None)?
+        }
         _ => global(b, qt, kt, vt, blocks.global as i64)?,
     };
     // o [B,G,T,R,H] -> [B,T,N,H]
     b.reshape(b.transpose(o, &[0, 2, 1, 3, 4])?, &[bs, t, n, h])
+}
+
+/// [`causal_attention`] on q `[B,T,N,H]`, k/v `[B,T,G,H]` laid out by `qkv`, a sharding of the
+/// `[B,T,heads,H]` arrays that cuts T into S sequence shards (and possibly the batch and the
+/// heads, q's N and k/v's G into the same pieces): exact sequence parallelism in a manually
+/// partitioned region ([`pallas_port::seq`]). Shard `i` holds queries `i·T/S ..`:
+///
+/// * **global** (`window = None`, or W + 1 ≥ T): keys and values are gathered over the shards
+///   (`all-gather`); the shard's queries attend to all T keys with the causal mask at their
+///   global positions (dense: T/S × T scores per shard);
+/// * **sliding window**: the W keys/values before the shard arrive as a halo
+///   (`collective-permute`, from several shards when W > T/S); the banded blocks of
+///   [`causal_attention`] run over `[halo; own]`, keys before the sequence start masked.
+///
+/// Returns `[B,T,N,H]` laid out by `qkv`. Gradients flow back through the collectives'
+/// transposes (reduce-scatter, the reversed permutes).
+pub fn causal_attention_seq(
+    b: &Builder,
+    q: Op,
+    k: Op,
+    v: Op,
+    window: Option<usize>,
+    qkv: &Sharding,
+) -> Result<Op> {
+    let (qd, kd) = (dims(b, q)?, dims(b, k)?);
+    if qd.len() != 4 || kd.len() != 4 || kd[2] == 0 || qd[2] % kd[2] != 0 {
+        return Err(b.error(
+            "causal_attention_seq",
+            format!("q {qd:?} must be [B,T,N,H] and k, v {kd:?} [B,T,G,H] with G dividing N"),
+        ));
+    }
+    let t = qd[1];
+    let seq = SeqShards::new(b, qkv, 4, 1)?;
+    let s = seq.shards() as i64;
+    let (ql, kl, vl) = (
+        b.full_to_shard(q, qkv.clone())?,
+        b.full_to_shard(k, qkv.clone())?,
+        b.full_to_shard(v, qkv.clone())?,
+    );
+    let o = {
+        let _m = b.manual_scope();
+        let (qd, kd) = (dims(b, ql)?, dims(b, kl)?);
+        let (bs, tl, n, h, g) = (qd[0], qd[1], qd[2], qd[3], kd[2]);
+        let r = n / g;
+        let offset = b.mul(seq.index(b)?, b.scalar(tl as i32)?)?;
+        let qt = b.transpose(b.reshape(ql, &[bs, tl, g, r, h])?, &[0, 2, 1, 3, 4])?;
+        let gm = |x: Op| b.transpose(x, &[0, 2, 1, 3]);
+        let o = match window {
+            Some(w) if (w as i64) + 1 < t => {
+                let w = w as i64;
+                let hl = w.min((s - 1) * tl);
+                let halo = if hl > 0 {
+                    Some(Halo {
+                        k: gm(seq.halo(b, kl, 1, hl as usize)?)?,
+                        v: gm(seq.halo(b, vl, 1, hl as usize)?)?,
+                        offset,
+                    })
+                } else {
+                    None
+                };
+                let blk = AttentionBlocks::for_shape(tl as usize, Some(w as usize)).banded;
+                banded(b, qt, gm(kl)?, gm(vl)?, w, blk as i64, halo)?
+            }
+            _ => {
+                let kg = gm(seq.all_gather(b, kl, 1)?)?;
+                let vg = gm(seq.all_gather(b, vl, 1)?)?;
+                // Row a is query offset + a; key s is visible iff s − a ≤ offset.
+                let md = [tl, t];
+                let rel = b.sub(
+                    b.iota(ElementType::S32, &md, 1)?,
+                    b.iota(ElementType::S32, &md, 0)?,
+                )?;
+                let vis = b.compare(rel, b.broadcast_in_dim(offset, &md, &[])?, Cmp::Le)?;
+                block(b, qt, kg, vg, 2, Some((vis, vec![2, 4])))?
+            }
+        };
+        b.reshape(b.transpose(o, &[0, 2, 1, 3, 4])?, &[bs, tl, n, h])?
+    };
+    b.shard_to_full(o, qkv.clone(), &qd)
 }
 
 /// Global causal attention on group-major q `[B,G,T,R,H]`, k/v `[B,G,T,H]`: query block i sees
@@ -141,10 +223,20 @@ fn global(b: &Builder, q: Op, k: Op, v: Op, blk: i64) -> Result<Op> {
     }
 }
 
+/// The keys and values before a sequence shard (group-major k/v `[B,G,L,H]`, L ≤ W) and the
+/// global position of the shard's first token (`s32[]`): keys at negative global positions
+/// (zeros from the halo exchange) are masked.
+struct Halo {
+    k: Op,
+    v: Op,
+    offset: Op,
+}
+
 /// Sliding-window attention on group-major q `[B,G,T,R,H]`, k/v `[B,G,T,H]` with window `w`, in
 /// blocks of `blk` queries that each see a key span of `blk + back` (back = ⌈w/blk⌉·blk).
+/// With a `halo` the span before the first block holds the halo's keys instead of zeros.
 /// Returns `[B,G,T,R,H]`.
-fn banded(b: &Builder, q: Op, k: Op, v: Op, w: i64, blk: i64) -> Result<Op> {
+fn banded(b: &Builder, q: Op, k: Op, v: Op, w: i64, blk: i64, halo: Option<Halo>) -> Result<Op> {
     let qd = dims(b, q)?;
     let (bs, g, t, r, h) = (qd[0], qd[1], qd[2], qd[3], qd[4]);
     let blk = blk.min(t);
@@ -159,12 +251,24 @@ fn banded(b: &Builder, q: Op, k: Op, v: Op, w: i64, blk: i64) -> Result<Op> {
     )?;
     let qb = b.reshape(qp, &[bs, g, nb, blk, r, h])?;
     // Key span of block i: padded key blocks i .. i + back/blk (absolute start i·blk − back).
-    let span_of = |x: Op| -> Result<Op> {
-        let xp = b.pad(
-            x,
-            zero,
-            &[(0, 0, 0), (0, 0, 0), (back, tp - t, 0), (0, 0, 0)],
-        )?;
+    let span_of = |x: Op, front: Option<Op>| -> Result<Op> {
+        let xp = match front {
+            None => b.pad(
+                x,
+                zero,
+                &[(0, 0, 0), (0, 0, 0), (back, tp - t, 0), (0, 0, 0)],
+            )?,
+            Some(f) => {
+                let fl = dims(b, f)?[2];
+                let f = b.pad(
+                    f,
+                    zero,
+                    &[(0, 0, 0), (0, 0, 0), (back - fl, 0, 0), (0, 0, 0)],
+                )?;
+                let x = b.pad(x, zero, &[(0, 0, 0), (0, 0, 0), (0, tp - t, 0), (0, 0, 0)])?;
+                b.concatenate(&[f, x], 2)?
+            }
+        };
         let xp = b.reshape(xp, &[bs, g, nb + back / blk, blk, h])?;
         let parts: Vec<Op> = (0..=back / blk)
             .map(|j| b.slice_in_dim(xp, j, j + nb, 2))
@@ -175,7 +279,10 @@ fn banded(b: &Builder, q: Op, k: Op, v: Op, w: i64, blk: i64) -> Result<Op> {
             b.concatenate(&parts, 3)
         }
     };
-    let (ks, vs) = (span_of(k)?, span_of(v)?);
+    let (ks, vs) = (
+        span_of(k, halo.as_ref().map(|h| h.k))?,
+        span_of(v, halo.as_ref().map(|h| h.v))?,
+    );
     let s = blk + back;
     // Visibility from iotas: query t = i·blk + a, key s = i·blk − back + j.
     let md = [nb, blk, s];
@@ -193,6 +300,11 @@ fn banded(b: &Builder, q: Op, k: Op, v: Op, w: i64, blk: i64) -> Result<Op> {
         b.mul(i, b.scalar(blk as i32)?)?,
         b.sub(j, b.scalar(back as i32)?)?,
     )?;
+    // Keys before the sequence start: local position < 0, or < −offset in a sequence shard.
+    let abs_s = match &halo {
+        Some(hl) => b.add(abs_s, b.broadcast_in_dim(hl.offset, &md, &[])?)?,
+        None => abs_s,
+    };
     let vis = b.and(vis, b.compare(abs_s, b.scalar(0i32)?, Cmp::Ge)?)?;
     let o = block(b, qb, ks, vs, 3, Some((vis, vec![2, 3, 5])))?;
     let o = b.reshape(o, &[bs, g, tp, r, h])?;

@@ -120,19 +120,25 @@ impl Model {
         let h = cfg.head_dim as f32;
         let (qn, kn) = self.qk_norm(b, p, prefix, q, k)?;
         let inv_sqrt_h = b.scalar(1.0 / h.sqrt())?;
+        // With the sequence cut (mesh.seq > 1) attention runs in a manual region that exchanges
+        // keys and values between the sequence shards; otherwise the partitioner splits it.
+        let seq_region = self
+            .seq_region(b.shape(q)?.dims())
+            .map_err(|e| b.error("attention", e.to_string()))?;
+        let attend = |q: Op, k: Op, v: Op, window: Option<usize>| match &seq_region {
+            Some(s) => crate::attention::causal_attention_seq(b, q, k, v, window, s),
+            None => causal_attention(b, q, k, v, window),
+        };
         if attn == Attention::Global {
             let _s = b.name_scope("global");
-            return Ok((
-                causal_attention(b, b.mul(qn, inv_sqrt_h)?, kn, v, None)?,
-                None,
-            ));
+            return Ok((attend(b.mul(qn, inv_sqrt_h)?, kn, v, None)?, None));
         }
         let _s = b.name_scope("local");
         let swa = {
             let _s = b.name_scope("swa");
             let qr = b.mul(rope(b, qn, pos, cfg.rope_theta)?, inv_sqrt_h)?;
             let kr = rope(b, kn, pos, cfg.rope_theta)?;
-            causal_attention(b, qr, kr, v, Some(cfg.window))?
+            attend(qr, kr, v, Some(cfg.window))?
         };
         if !attn.has_rla() {
             return Ok((swa, None));
@@ -140,8 +146,8 @@ impl Model {
         let rla = {
             let _s = b.name_scope("rla");
             let (cfg, lowering) = (self.rla_config(), self.rla_lowering(platform));
-            // Under a mesh the blocks run in a manual region over batch and kv heads: the
-            // partitioner cannot split them.
+            // Under a mesh the blocks run in a manual region over batch, sequence and kv heads:
+            // the partitioner cannot split them.
             let region = self
                 .rla_sharding(b.shape(q)?.dims())
                 .map_err(|e| b.error("rla", e.to_string()))?;

@@ -28,11 +28,13 @@ impl Mesh {
 impl Model {
     /// This model with its graphs annotated for `mesh`: parameters, activations at layer
     /// boundaries and the RLA blocks' manual regions follow the mesh's rules. Checks every
-    /// parameter's sharding first (errors name the parameter); a mesh with `seq` > 1 is refused
-    /// (sequence parallelism is issue 11 item 4).
+    /// parameter's sharding first (errors name the parameter), and with `seq` > 1 that the
+    /// sequence length splits into whole shards.
     pub fn with_mesh(mut self, mesh: Mesh) -> Result<Model, MeshError> {
-        if mesh.size(MeshAxis::Seq) > 1 {
-            return Err(MeshError::SeqParallel(mesh.size(MeshAxis::Seq)));
+        let seq = mesh.size(MeshAxis::Seq);
+        let t = self.config().seq_len;
+        if !t.is_multiple_of(seq) {
+            return Err(MeshError::SeqLength { seq_len: t, seq });
         }
         self.param_shardings(&mesh)?;
         self.mesh = mesh;
@@ -76,10 +78,27 @@ impl Model {
         b.sharding_constraint(x, s)
     }
 
+    /// The layout of the attention regions' q `[B,T,N,H]` (and k, v) when the mesh cuts the
+    /// sequence (`seq` > 1 and the `length` rule uses it): [`Model::rla_sharding`]. `None`
+    /// otherwise; attention is then left to the partitioner.
+    pub fn seq_region(&self, q_dims: &[i64]) -> Result<Option<Sharding>, MeshError> {
+        let cuts_t = self
+            .mesh
+            .rules()
+            .get(LogicalAxis::Length)
+            .iter()
+            .any(|&a| self.mesh.size(a) > 1);
+        if !cuts_t {
+            return Ok(None);
+        }
+        self.rla_sharding(q_dims)
+    }
+
     /// The layout of the RLA blocks' q `[B,T,N,H]` (and k, v `[B,T,G,H]`) of `q_dims` under
     /// the mesh: sequences by the `batch` rule, q and kv heads both by the `kv_heads` rule (so
-    /// a query head stays with its kv head), T and H whole. `None` on one device; the blocks
-    /// then run without a region.
+    /// a query head stays with its kv head), T by the `length` rule (sequence parallelism,
+    /// [`pallas_port::rla_in_region`]), H whole. `None` on one device; the blocks then run
+    /// without a region.
     pub fn rla_sharding(&self, q_dims: &[i64]) -> Result<Option<Sharding>, MeshError> {
         if self.mesh.device_count() == 1 {
             return Ok(None);

@@ -180,9 +180,14 @@ pub enum MeshError {
         /// Their product.
         shards: usize,
     },
-    /// A mesh that cuts the sequence: sequence parallelism is not implemented yet.
-    #[error("mesh.seq = {0}: sequence parallelism is not implemented yet (issue 11 item 4); shard over data, fsdp and tensor")]
-    SeqParallel(usize),
+    /// The sequence length does not split into `seq` whole shards.
+    #[error("model.seq_len = {seq_len} is not divisible by mesh.seq = {seq}: each sequence shard holds seq_len / seq tokens")]
+    SeqLength {
+        /// T.
+        seq_len: usize,
+        /// The `seq` axis size.
+        seq: usize,
+    },
     /// A head dimension would split inside a head.
     #[error("{tensor}: dim {dim} ({logical}) holds {heads} heads, not divisible by {shards} = {axes} (mesh.rules.{logical}): a shard would split a head")]
     HeadsNotDivisible {
