@@ -288,7 +288,7 @@ impl Sharding {
         let n = tiles[dim];
         let mut groups = Vec::new();
         for start in 0..devices.len() {
-            if (start / inner) % n != 0 {
+            if !(start / inner).is_multiple_of(n) {
                 continue;
             }
             groups.push((0..n).map(|i| devices[start + i * inner]).collect());

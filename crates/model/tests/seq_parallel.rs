@@ -131,9 +131,18 @@ fn run(
     let mut lists: Vec<Vec<pjrt::Buffer>> = (0..n).map(|_| Vec::new()).collect();
     for (data, d) in inputs.iter().zip(&dims) {
         let pieces = sh.split_host(data, d, n).unwrap();
-        let piece: Vec<i64> = sh.shard_dims(d).unwrap().iter().map(|&x| x as i64).collect();
+        let piece: Vec<i64> = sh
+            .shard_dims(d)
+            .unwrap()
+            .iter()
+            .map(|&x| x as i64)
+            .collect();
         for (dev, x) in pieces.iter().enumerate() {
-            lists[dev].push(client.buffer_from_host(x, &piece, Some(&devices[dev])).unwrap());
+            lists[dev].push(
+                client
+                    .buffer_from_host(x, &piece, Some(&devices[dev]))
+                    .unwrap(),
+            );
         }
     }
     let refs: Vec<Vec<&pjrt::Buffer>> = lists.iter().map(|l| l.iter().collect()).collect();
@@ -168,13 +177,20 @@ fn check(attn: Attention, window: usize, mesh: (i64, i64), lowering: Lowering) -
     let (q, k, v) = (f64v(&inputs[0]), f64v(&inputs[1]), f64v(&inputs[2]));
     let want = match attn {
         Attention::Global => reference::attention(&q, &k, &v, D, None, |t, s| s <= t),
-        _ => reference::local_layer(&q, &k, &v, D, window, cfg.rope_theta, FeatureMap::Softmax)
-            .mixed,
+        _ => {
+            reference::local_layer(&q, &k, &v, D, window, cfg.rope_theta, FeatureMap::Softmax).mixed
+        }
     };
     let e_ref = max_rel(&sharded[0], &want);
-    let name = format!("{attn:?} W={window} data {} × seq {} ({lowering})", mesh.0, mesh.1);
+    let name = format!(
+        "{attn:?} W={window} data {} × seq {} ({lowering})",
+        mesh.0, mesh.1
+    );
     eprintln!("{name}: out vs f64 reference {e_ref:.1e}");
-    assert!(e_ref <= 1e-5, "{name}: out differs from the f64 reference by {e_ref:e}");
+    assert!(
+        e_ref <= 1e-5,
+        "{name}: out differs from the f64 reference by {e_ref:e}"
+    );
     for (i, what) in ["out", "dq", "dk", "dv"].iter().enumerate() {
         let e = max_rel(&sharded[i], &one[i]);
         eprintln!("{name}: {what} vs 1 device {e:.1e}");
@@ -206,6 +222,9 @@ fn local_layer_over_sequence_shards_equals_one_device() {
 #[test]
 fn global_layer_over_sequence_shards_equals_one_device() {
     let hlo = check(Attention::Global, 8, (1, 8), Lowering::CustomCall);
-    assert!(hlo.contains("all-gather"), "keys and values are not gathered");
+    assert!(
+        hlo.contains("all-gather"),
+        "keys and values are not gathered"
+    );
     check(Attention::Global, 8, (2, 4), Lowering::CustomCall);
 }

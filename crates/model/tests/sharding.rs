@@ -228,16 +228,21 @@ fn a_model_under_a_mesh_constrains_its_activations_and_runs_rla_in_manual_region
 #[test]
 fn with_mesh_refuses_what_it_cannot_run() {
     let m = Model::new(load_model("tiny")).unwrap();
-    let seq = MeshConfig {
-        seq: 2,
-        ..MeshConfig::default()
-    }
-    .resolve(2)
-    .unwrap();
-    let e = m.clone().with_mesh(seq).unwrap_err().to_string();
-    assert!(
-        e.contains("mesh.seq = 2: sequence parallelism is not implemented yet"),
-        "{e}"
+    // tiny's T = 256 splits into 2 sequence shards but not into 3.
+    let seq = |n: i64| {
+        MeshConfig {
+            seq: n,
+            ..MeshConfig::default()
+        }
+        .resolve(n as usize)
+        .unwrap()
+    };
+    assert!(m.clone().with_mesh(seq(2)).is_ok());
+    let e = m.clone().with_mesh(seq(3)).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "model.seq_len = 256 is not divisible by mesh.seq = 3: each sequence shard holds \
+         seq_len / seq tokens"
     );
     // tiny has 2 kv heads: tensor 4 would split one.
     let e = m.with_mesh(mesh(1, 1, 4, 4)).unwrap_err().to_string();

@@ -387,7 +387,11 @@ pub fn rla_in_region(
             derived_sharding(qkv, &[Some(0), Some(2), Some(1), None, None]),
             &cs_full,
         )?,
-        final_state: b.shard_to_full(local.final_state, states, &dims_i64(&d.final_state_shape()))?,
+        final_state: b.shard_to_full(
+            local.final_state,
+            states,
+            &dims_i64(&d.final_state_shape()),
+        )?,
     })
 }
 

@@ -38,7 +38,7 @@ fn run(
 ) -> (Vec<Vec<f32>>, String) {
     let qd = d.q_shape();
     let kd = d.kv_shape();
-    let dims = [qd.clone(), kd.clone(), kd.clone(), qd.clone()];
+    let dims = [qd, kd, kd, qd];
     let b = Builder::new("seq_region");
     let p: Vec<Op> = dims
         .iter()
@@ -61,7 +61,8 @@ fn run(
     let root = b
         .tuple(&[out.o, g[0], g[1], g[2], out.final_state])
         .unwrap();
-    let state_sh = s.map(|s| pallas_port::seq::derived_sharding(s, &[Some(0), Some(2), None, None]));
+    let state_sh =
+        s.map(|s| pallas_port::seq::derived_sharding(s, &[Some(0), Some(2), None, None]));
     if let (Some(s), Some(st)) = (s, &state_sh) {
         b.set_sharding(
             root,
@@ -89,7 +90,12 @@ fn run(
     let mut lists: Vec<Vec<pjrt::Buffer>> = (0..n).map(|_| Vec::new()).collect();
     for (data, dd) in inputs.iter().zip(&dims) {
         let pieces = sh.split_host(data, dd, n).unwrap();
-        let piece_dims: Vec<i64> = sh.shard_dims(dd).unwrap().iter().map(|&x| x as i64).collect();
+        let piece_dims: Vec<i64> = sh
+            .shard_dims(dd)
+            .unwrap()
+            .iter()
+            .map(|&x| x as i64)
+            .collect();
         for (dev, piece) in pieces.iter().enumerate() {
             let buf = client
                 .buffer_from_host(piece, &piece_dims, Some(&devices[dev]))
@@ -99,7 +105,7 @@ fn run(
     }
     let refs: Vec<Vec<&pjrt::Buffer>> = lists.iter().map(|l| l.iter().collect()).collect();
     let outs = exe.execute_sharded(&refs).expect("execute");
-    let out_dims = [qd.clone(), qd, kd.clone(), kd, d.final_state_shape()];
+    let out_dims = [qd, qd, kd, kd, d.final_state_shape()];
     let st = state_sh.unwrap_or(Sharding::Replicated);
     let res = (0..5)
         .map(|i| {
@@ -155,8 +161,14 @@ fn check(s: &Sharding, window: usize, lowering: Lowering) -> String {
         eprintln!(
             "{lowering} W={window} {s:?}: {name}: vs f64 {e_ref:.1e}, vs 1 device {e_one:.1e}"
         );
-        assert!(e_ref <= 1e-6, "W={window}: {name} differs from f64 by {e_ref:e}");
-        assert!(e_one <= 1e-6, "W={window}: {name} differs from 1 device by {e_one:e}");
+        assert!(
+            e_ref <= 1e-6,
+            "W={window}: {name} differs from f64 by {e_ref:e}"
+        );
+        assert!(
+            e_one <= 1e-6,
+            "W={window}: {name} differs from 1 device by {e_one:e}"
+        );
         if window < d.seq {
             assert!(want[i].iter().any(|&x| x != 0.0), "{name} is all zero");
         }
@@ -167,10 +179,13 @@ fn check(s: &Sharding, window: usize, lowering: Lowering) -> String {
 #[test]
 fn rla_over_8_sequence_shards_is_exact_for_every_window() {
     let s = Sharding::tiled(&[1, 8, 1, 1]); // T = 32 in 8 shards of 4 tokens
-    // W = 0: no halo, the prefix does everything; 3: a halo within one shard; 9: a halo over
-    // three shards; 40 ≥ T: nothing is visible.
+                                            // W = 0: no halo, the prefix does everything; 3: a halo within one shard; 9: a halo over
+                                            // three shards; 40 ≥ T: nothing is visible.
     let hlo = check(&s, 9, Lowering::CustomCall);
-    assert!(hlo.contains("collective-permute"), "no halo permute:\n{hlo}");
+    assert!(
+        hlo.contains("collective-permute"),
+        "no halo permute:\n{hlo}"
+    );
     assert!(hlo.contains("all-gather"), "no state gather");
     for w in [0, 3, 40] {
         check(&s, w, Lowering::CustomCall);
