@@ -197,12 +197,6 @@ pub fn train(
             sharding: s.sharding.clone(),
         })
         .collect();
-    let barrier = |what: &str| -> Result<()> {
-        match dist {
-            Some(d) => d.barrier(what),
-            None => Ok(()),
-        }
-    };
     let save = |state: &[Vec<Buffer>], step: u64, position: u64| -> Result<PathBuf> {
         let meta = checkpoint::CheckpointMeta {
             step,
@@ -211,25 +205,14 @@ pub fn train(
             model_config: mtoml.clone(),
         };
         if sharded_save {
-            let writer = checkpoint::sharded::Writer {
-                partitions: placement.len(),
-                local: placement.local(),
-                process: (process, processes),
-                barrier: dist.map(|_| &barrier as &(dyn Fn(&str) -> Result<()> + Sync)),
-                mesh: mesh.to_string(),
-            };
-            return checkpoint::sharded::save(
+            return save_sharded(
                 out,
                 &meta,
+                &placement,
+                state,
                 &layouts,
-                &writer,
+                &mesh,
                 cfg.train.keep_checkpoints,
-                |ti, p| {
-                    let at = placement.local().binary_search(&p).map_err(|_| {
-                        anyhow::anyhow!("partition {p} is not on this process")
-                    })?;
-                    Ok(state[at][ti].to_host::<f32>()?)
-                },
             );
         }
         let mut tensors = Vec::new();
@@ -356,6 +339,41 @@ pub fn upload_state(
         }
     }
     Ok(state)
+}
+
+/// Save the state (`state[local][tensor]`, laid out by `layouts`) as a sharded checkpoint:
+/// each of this process's devices writes the pieces it owns, straight from its buffers; with
+/// several processes they meet at barriers and process 0 commits.
+pub fn save_sharded(
+    out: &Path,
+    meta: &checkpoint::CheckpointMeta,
+    placement: &Placement,
+    state: &[Vec<Buffer>],
+    layouts: &[checkpoint::sharded::TensorLayout],
+    mesh: &model::Mesh,
+    keep: usize,
+) -> Result<PathBuf> {
+    let dist = crate::distributed::global();
+    let barrier = |what: &str| -> Result<()> {
+        match dist {
+            Some(d) => d.barrier(what),
+            None => Ok(()),
+        }
+    };
+    let writer = checkpoint::sharded::Writer {
+        partitions: placement.len(),
+        local: placement.local(),
+        process: dist.map_or((0, 1), |d| (d.process_id, d.num_processes)),
+        barrier: dist.map(|_| &barrier as &(dyn Fn(&str) -> Result<()> + Sync)),
+        mesh: mesh.to_string(),
+    };
+    checkpoint::sharded::save(out, meta, layouts, &writer, keep, |ti, p| {
+        let at = placement
+            .local()
+            .binary_search(&p)
+            .map_err(|_| anyhow::anyhow!("partition {p} is not on this process"))?;
+        Ok(state[at][ti].to_host::<f32>()?)
+    })
 }
 
 /// Restore the state from a checkpoint onto this process's devices (`result[local][tensor]`):

@@ -199,15 +199,16 @@ pub fn save(
         }
     };
     if process == 0 {
+        // A directory of this step already there is an unfinished save (a process killed while
+        // saving) or an older run's save of the step being re-saved: start it afresh, so no file
+        // of another mesh stays beside the new ones.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot remove the old {}", dir.display()))?;
+        }
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create checkpoint dir {}", dir.display()))?;
-        // Re-saving a step (a resumed run reaching it again): un-commit before touching files.
-        let marker = dir.join(COMMIT);
-        if marker.exists() {
-            std::fs::remove_file(&marker)
-                .with_context(|| format!("cannot remove {}", marker.display()))?;
-            sync_dir(&dir);
-        }
+        sync_dir(run_dir);
     }
     barrier("begin")?;
     let delay = std::env::var(SHARD_DELAY_ENV)
