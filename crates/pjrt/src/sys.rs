@@ -233,7 +233,8 @@ c_struct!(
 );
 /// `PJRT_CallbackError`: the plugin's function that makes a `PJRT_Error*` from a code and a
 /// message (copied) for a callback to return.
-pub(crate) type CallbackErrorFn = unsafe extern "C" fn(code: u32, message: *const u8, size: usize) -> Ptr;
+pub(crate) type CallbackErrorFn =
+    unsafe extern "C" fn(code: u32, message: *const u8, size: usize) -> Ptr;
 c_struct!(ClientDestroyArgs [size 24, struct_size 24] { struct_size: usize => 0, extension_start: Ptr => 8, client: Ptr => 16 });
 c_struct!(
     /// `PJRT_Client_PlatformName_Args` / `PJRT_Client_PlatformVersion_Args` (same layout).

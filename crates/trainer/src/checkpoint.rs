@@ -303,11 +303,22 @@ impl Stored {
                     .find(|t| t.name == name)
                     .with_context(|| format!("checkpoint lacks {name}"))?;
                 if t.data.len() != t.shape.iter().product::<usize>() {
-                    bail!("checkpoint tensor {name} has {} values for shape {:?}", t.data.len(), t.shape);
+                    bail!(
+                        "checkpoint tensor {name} has {} values for shape {:?}",
+                        t.data.len(),
+                        t.shape
+                    );
                 }
                 sharded::check_block(name, &t.shape, offset, shape)?;
                 let mut out = vec![0f32; shape.iter().product()];
-                sharded::copy_box(&t.data, &t.shape, &vec![0; t.shape.len()], &mut out, shape, offset);
+                sharded::copy_box(
+                    &t.data,
+                    &t.shape,
+                    &vec![0; t.shape.len()],
+                    &mut out,
+                    shape,
+                    offset,
+                );
                 Ok(out)
             }
         }
@@ -317,7 +328,11 @@ impl Stored {
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
         match self {
             Stored::Sharded(s) => s.tensors.get(name).map(|t| t.shape.clone()),
-            Stored::Whole(c) => c.tensors.iter().find(|t| t.name == name).map(|t| t.shape.clone()),
+            Stored::Whole(c) => c
+                .tensors
+                .iter()
+                .find(|t| t.name == name)
+                .map(|t| t.shape.clone()),
         }
     }
 }

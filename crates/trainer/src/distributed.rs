@@ -151,7 +151,11 @@ impl Table {
             if now >= deadline {
                 return None;
             }
-            map = self.changed.wait_timeout(map, deadline - now).expect("kv table").0;
+            map = self
+                .changed
+                .wait_timeout(map, deadline - now)
+                .expect("kv table")
+                .0;
         }
     }
 }
@@ -276,7 +280,11 @@ impl std::fmt::Display for KvError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KvError::Timeout { key, waited } => {
-                write!(f, "key {key:?} did not appear within {:.1} s", waited.as_secs_f64())
+                write!(
+                    f,
+                    "key {key:?} did not appear within {:.1} s",
+                    waited.as_secs_f64()
+                )
             }
             KvError::Io(m) => write!(f, "key-value store: {m}"),
         }
@@ -303,8 +311,7 @@ impl KvClient {
                 Ok(addrs) => {
                     for a in addrs {
                         let left = deadline.saturating_duration_since(Instant::now());
-                        match TcpStream::connect_timeout(&a, left.max(Duration::from_millis(10)))
-                        {
+                        match TcpStream::connect_timeout(&a, left.max(Duration::from_millis(10))) {
                             Ok(s) => {
                                 s.set_nodelay(true)?;
                                 let r = BufReader::new(s.try_clone()?);
@@ -331,9 +338,17 @@ impl KvClient {
         }
     }
 
-    fn request(&self, op: u8, key: &str, tail: &[u8]) -> std::result::Result<(u8, Vec<u8>), KvError> {
+    fn request(
+        &self,
+        op: u8,
+        key: &str,
+        tail: &[u8],
+    ) -> std::result::Result<(u8, Vec<u8>), KvError> {
         let io = |e: std::io::Error| KvError::Io(format!("{} ({e})", self.addr));
-        let mut c = self.conn.lock().map_err(|_| KvError::Io("poisoned".into()))?;
+        let mut c = self
+            .conn
+            .lock()
+            .map_err(|_| KvError::Io("poisoned".into()))?;
         let (r, w) = &mut *c;
         w.write_all(&[op]).map_err(io)?;
         write_bytes(w, key.as_bytes()).map_err(io)?;
@@ -383,7 +398,9 @@ struct PluginStore(Arc<KvClient>);
 
 impl pjrt::KeyValueStore for PluginStore {
     fn get(&self, key: &str, timeout: Duration) -> std::result::Result<Vec<u8>, pjrt::KvError> {
-        self.0.get(&format!("pjrt/{key}"), timeout).map_err(plugin_error)
+        self.0
+            .get(&format!("pjrt/{key}"), timeout)
+            .map_err(plugin_error)
     }
 
     fn try_get(&self, key: &str) -> std::result::Result<Option<Vec<u8>>, pjrt::KvError> {
@@ -391,7 +408,9 @@ impl pjrt::KeyValueStore for PluginStore {
     }
 
     fn put(&self, key: &str, value: &[u8]) -> std::result::Result<(), pjrt::KvError> {
-        self.0.set(&format!("pjrt/{key}"), value).map_err(plugin_error)
+        self.0
+            .set(&format!("pjrt/{key}"), value)
+            .map_err(plugin_error)
     }
 }
 
@@ -467,7 +486,12 @@ impl Distributed {
                 }
                 Err(KvError::Timeout { .. }) => {
                     let missing: Vec<usize> = (q..cfg.num_processes)
-                        .filter(|r| kv.try_get(&format!("rendezvous/{r}")).ok().flatten().is_none())
+                        .filter(|r| {
+                            kv.try_get(&format!("rendezvous/{r}"))
+                                .ok()
+                                .flatten()
+                                .is_none()
+                        })
                         .collect();
                     bail!(
                         "timed out after {:.1} s waiting for processes {missing:?} of {} at the \
@@ -498,7 +522,8 @@ impl Distributed {
 
     /// Wait until every process has reached the barrier `name` (each name used once per run).
     pub fn barrier(&self, name: &str) -> Result<()> {
-        self.kv.set(&format!("barrier/{name}/{}", self.process_id), b"1")?;
+        self.kv
+            .set(&format!("barrier/{name}/{}", self.process_id), b"1")?;
         let start = Instant::now();
         for q in 0..self.num_processes {
             let left = self.timeout.saturating_sub(start.elapsed());
@@ -548,12 +573,18 @@ mod tests {
             c.set("late", &[0, 1, 2, 255]).unwrap();
         });
         let t0 = Instant::now();
-        assert_eq!(b.get("late", Duration::from_secs(10)).unwrap(), vec![0, 1, 2, 255]);
+        assert_eq!(
+            b.get("late", Duration::from_secs(10)).unwrap(),
+            vec![0, 1, 2, 255]
+        );
         assert!(t0.elapsed() >= Duration::from_millis(150));
         setter.join().unwrap();
         // An empty value is a value.
         a.set("empty", b"").unwrap();
-        assert_eq!(b.get("empty", Duration::from_secs(1)).unwrap(), Vec::<u8>::new());
+        assert_eq!(
+            b.get("empty", Duration::from_secs(1)).unwrap(),
+            Vec::<u8>::new()
+        );
         let e = b.get("never", Duration::from_millis(100)).unwrap_err();
         assert!(matches!(e, KvError::Timeout { .. }), "{e}");
     }
@@ -561,12 +592,19 @@ mod tests {
     #[test]
     fn an_unreachable_coordinator_is_named() {
         // A port that was free a moment ago: nobody listens there.
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let addr = format!("127.0.0.1:{port}");
         let e = KvClient::connect(&addr, Duration::from_millis(300))
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains(&format!("cannot reach the coordinator at {addr}")), "{e}");
+        assert!(
+            e.contains(&format!("cannot reach the coordinator at {addr}")),
+            "{e}"
+        );
     }
 }

@@ -142,7 +142,9 @@ impl Placement {
             .collect();
         self.local
             .iter()
-            .map(|&p| Ok(client.buffer_from_host(&pieces[p], &piece_dims, Some(&self.devices[p]))?))
+            .map(|&p| {
+                Ok(client.buffer_from_host(&pieces[p], &piece_dims, Some(&self.devices[p]))?)
+            })
             .collect()
     }
 

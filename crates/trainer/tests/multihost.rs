@@ -84,7 +84,10 @@ fn kill_9_during_a_sharded_save_leaves_the_previous_checkpoint_loadable() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(c4.exists() && !committed(&c4), "step 4 is an unfinished save");
+    assert!(
+        c4.exists() && !committed(&c4),
+        "step 4 is an unfinished save"
+    );
 
     // eval and --resume pass over it, saying so, and use step 2.
     let out = rattn(&train_args(r, "train.steps=4", true));
@@ -140,7 +143,13 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_process(id: usize, n: usize, addr: &str, timeout: &str, dir: &Path) -> std::process::Child {
+fn start_process(
+    id: usize,
+    n: usize,
+    addr: &str,
+    timeout: &str,
+    dir: &Path,
+) -> std::process::Child {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
     Command::new(env!("CARGO_BIN_EXE_rattn"))
         .current_dir(root)
@@ -178,14 +187,19 @@ fn processes_rendezvous_on_loopback_and_a_missing_one_times_out() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "process {id}: {err}");
         assert!(
-            err.contains(&format!("process {id} of 3: every process arrived at the coordinator {addr}")),
+            err.contains(&format!(
+                "process {id} of 3: every process arrived at the coordinator {addr}"
+            )),
             "process {id}: {err}"
         );
         assert!(
             err.contains("the CPU plugin cannot run multi-process programs"),
             "process {id}: {err}"
         );
-        assert!(!tmp.path().join(format!("p{id}")).exists(), "nothing written");
+        assert!(
+            !tmp.path().join(format!("p{id}")).exists(),
+            "nothing written"
+        );
     }
 
     // Process 1 of 2 never starts: process 0 names it after its timeout.
@@ -211,7 +225,9 @@ fn processes_rendezvous_on_loopback_and_a_missing_one_times_out() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains(&format!("cannot reach the coordinator at {addr} within 1.0 s")),
+        err.contains(&format!(
+            "cannot reach the coordinator at {addr} within 1.0 s"
+        )),
         "{err}"
     );
 }

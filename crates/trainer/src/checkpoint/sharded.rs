@@ -152,7 +152,9 @@ fn owner(sharding: &Sharding, shape: &[usize], p: usize, partitions: usize) -> R
 
 /// Write `bytes` to `path` atomically: a temporary file in the same directory, synced, renamed.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().context("a checkpoint file needs a directory")?;
+    let dir = path
+        .parent()
+        .context("a checkpoint file needs a directory")?;
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -165,7 +167,8 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             .with_context(|| format!("cannot write {}", tmp.display()))?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename into {}", path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename into {}", path.display()))?;
     sync_dir(dir);
     Ok(())
 }
@@ -251,7 +254,8 @@ pub fn save(
                 .tile_offset(p as i64, &t.shape)?
                 .with_context(|| format!("partition {p} holds no piece of {}", t.name))?;
             let shape = t.sharding.shard_dims(&t.shape)?;
-            let data = piece(ti, p).with_context(|| format!("reading {} from partition {p}", t.name))?;
+            let data =
+                piece(ti, p).with_context(|| format!("reading {} from partition {p}", t.name))?;
             if data.len() != shape.iter().product::<usize>() {
                 bail!(
                     "partition {p}'s piece of {} has {} values, its shape {shape:?} needs {}",
@@ -272,7 +276,11 @@ pub fn save(
                     shape: shape.clone(),
                 });
             names.push(t.name.clone());
-            datas.push(data.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+            datas.push(
+                data.iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            );
             shapes.push(shape);
         }
         if names.is_empty() {
@@ -309,7 +317,10 @@ pub fn save(
             step: meta.step,
             indexes: (0..process_count).map(index_file).collect(),
         };
-        write_atomic(&dir.join(COMMIT), serde_json::to_string(&commit)?.as_bytes())?;
+        write_atomic(
+            &dir.join(COMMIT),
+            serde_json::to_string(&commit)?.as_bytes(),
+        )?;
         super::rotate(run_dir, meta.step, keep)?;
     }
     barrier("committed")?;
@@ -441,7 +452,11 @@ impl ShardedCheckpoint {
             if t.dtype != "F32" {
                 return Err(corrupt(&format!("{name} is {}, expected F32", t.dtype)));
             }
-            let covered: usize = t.pieces.iter().map(|p| p.shape.iter().product::<usize>()).sum();
+            let covered: usize = t
+                .pieces
+                .iter()
+                .map(|p| p.shape.iter().product::<usize>())
+                .sum();
             let numel: usize = t.shape.iter().product();
             let inside = t.pieces.iter().all(|p| {
                 p.offset.len() == t.shape.len()
@@ -495,7 +510,9 @@ impl ShardedCheckpoint {
         let mut text = vec![0u8; n as usize];
         f.read_exact(&mut text).map_err(|e| corrupt(&e))?;
         let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| corrupt(&e))?;
-        let obj = v.as_object().ok_or_else(|| corrupt(&"header is not an object"))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| corrupt(&"header is not an object"))?;
         let data_start = 8 + n;
         let mut tensors = HashMap::new();
         for (name, e) in obj {
@@ -586,10 +603,19 @@ impl ShardedCheckpoint {
 }
 
 /// Refuse a block that does not fit inside a tensor of `dims`.
-pub(crate) fn check_block(name: &str, dims: &[usize], offset: &[usize], shape: &[usize]) -> Result<()> {
+pub(crate) fn check_block(
+    name: &str,
+    dims: &[usize],
+    offset: &[usize],
+    shape: &[usize],
+) -> Result<()> {
     if offset.len() != dims.len()
         || shape.len() != dims.len()
-        || offset.iter().zip(shape).zip(dims).any(|((&o, &s), &d)| o + s > d)
+        || offset
+            .iter()
+            .zip(shape)
+            .zip(dims)
+            .any(|((&o, &s), &d)| o + s > d)
     {
         bail!("block at {offset:?} of shape {shape:?} does not fit {name} of shape {dims:?}");
     }
@@ -597,9 +623,7 @@ pub(crate) fn check_block(name: &str, dims: &[usize], offset: &[usize], shape: &
 }
 
 fn overlaps(a_off: &[usize], a_shape: &[usize], b_off: &[usize], b_shape: &[usize]) -> bool {
-    (0..a_off.len()).all(|i| {
-        a_off[i] < b_off[i] + b_shape[i] && b_off[i] < a_off[i] + a_shape[i]
-    })
+    (0..a_off.len()).all(|i| a_off[i] < b_off[i] + b_shape[i] && b_off[i] < a_off[i] + a_shape[i])
 }
 
 /// Copy the intersection of the block `src` (shape `src_shape` at global offset `src_off`) into
@@ -686,7 +710,14 @@ mod tests {
         // src = block at [1,2,0] of [3,4,3]; dst = block at [2,0,1] of [3,5,2].
         let src = naive_block(&full, &dims, &[1, 2, 0], &[3, 4, 3]);
         let mut dst = vec![-1.0; 30];
-        copy_box(&src, &[3, 4, 3], &[1, 2, 0], &mut dst, &[3, 5, 2], &[2, 0, 1]);
+        copy_box(
+            &src,
+            &[3, 4, 3],
+            &[1, 2, 0],
+            &mut dst,
+            &[3, 5, 2],
+            &[2, 0, 1],
+        );
         let want = naive_block(&full, &dims, &[2, 0, 1], &[3, 5, 2]);
         for (k, (&g, &w)) in dst.iter().zip(&want).enumerate() {
             let (a, b) = (k / 10 + 2, (k / 2) % 5);

@@ -282,7 +282,9 @@ fn a_sharded_checkpoint_restores_bit_exactly_onto_another_mesh() {
         .enumerate()
         .map(|(ti, t)| {
             (0..t.spec.numel())
-                .map(|i| ((ti * 1_000_003 + i) as f32 * 0.618_034).sin() * 10f32.powi((i % 7) as i32 - 3))
+                .map(|i| {
+                    ((ti * 1_000_003 + i) as f32 * 0.618_034).sin() * 10f32.powi((i % 7) as i32 - 3)
+                })
                 .collect()
         })
         .collect();
@@ -317,7 +319,10 @@ fn a_sharded_checkpoint_restores_bit_exactly_onto_another_mesh() {
         .map(|p| p.shape.iter().product::<usize>())
         .sum();
     let want_values: usize = tensors.iter().map(|t| t.spec.numel()).sum();
-    assert_eq!(stored_values, want_values, "a piece stored twice or missing");
+    assert_eq!(
+        stored_values, want_values,
+        "a piece stored twice or missing"
+    );
     assert_eq!(stored.meta(), meta);
     drop((state, pl_a, client_a));
 
@@ -336,13 +341,20 @@ fn a_sharded_checkpoint_restores_bit_exactly_onto_another_mesh() {
             let dims: Vec<i64> = s.shard_shape.iter().map(|&d| d as i64).collect();
             assert_eq!(pieces[0].dims().unwrap(), dims, "{mesh_b}: {}", t.name);
         }
-        eprintln!("fsdp 4 → {mesh_b}: {} tensors restored bit for bit", tensors.len());
+        eprintln!(
+            "fsdp 4 → {mesh_b}: {} tensors restored bit for bit",
+            tensors.len()
+        );
     }
     // The single-file loader assembles the same state (eval and generate read it that way).
     let whole = checkpoint::load(&path, None).unwrap();
     for (t, h) in tensors.iter().zip(&host) {
         let w = whole.tensors.iter().find(|w| w.name == t.name).unwrap();
-        assert!(w.data.iter().zip(h).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(w
+            .data
+            .iter()
+            .zip(h)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -366,7 +378,11 @@ fn resume_on_any_mesh_sees_the_same_batches() {
         .iter()
         .map(|(_, p)| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, ["ckpt_00000002", "ckpt_00000004"], "sharded directories");
+    assert_eq!(
+        names,
+        ["ckpt_00000002", "ckpt_00000004"],
+        "sharded directories"
+    );
     for mesh in [&["mesh.data=2", "mesh.tensor=2"][..], &[][..]] {
         let _ = std::fs::remove_dir_all(dir.join("ckpt_00000004"));
         let _ = std::fs::remove_file(dir.join("ckpt_00000004.safetensors"));
@@ -376,7 +392,11 @@ fn resume_on_any_mesh_sees_the_same_batches() {
             let e = ((a - b) / b).abs();
             assert!(e <= 1e-5, "{mesh:?}: step {} loss {a} vs {b}", s + 3);
         }
-        eprintln!("resumed on {mesh:?}: steps 3, 4 losses {:?} vs {:?}", resumed.losses, &full.losses[2..]);
+        eprintln!(
+            "resumed on {mesh:?}: steps 3, 4 losses {:?} vs {:?}",
+            resumed.losses,
+            &full.losses[2..]
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
