@@ -261,7 +261,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(p) = report.last_checkpoint {
                 println!("checkpoint: {}", p.display());
-                if eval_sequences > 0 {
+                // The evaluation runs on one device: not in a multi-process run (its client
+                // is the run's; evaluate the checkpoint afterwards with `rattn eval`).
+                if eval_sequences > 0 && distributed::global().is_none() {
                     train::eval(&cfg, common.plugin.as_deref(), &p, eval_sequences)?;
                 }
             }

@@ -364,7 +364,7 @@ pub fn save_sharded(
         partitions: placement.len(),
         local: placement.local(),
         process: dist.map_or((0, 1), |d| (d.process_id, d.num_processes)),
-        barrier: dist.map(|_| &barrier as &(dyn Fn(&str) -> Result<()> + Sync)),
+        barrier: dist.map(|_| &barrier as checkpoint::sharded::Barrier<'_>),
         mesh: mesh.to_string(),
     };
     checkpoint::sharded::save(out, meta, layouts, &writer, keep, |ti, p| {

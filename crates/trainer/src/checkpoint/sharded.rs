@@ -64,6 +64,9 @@ pub struct TensorLayout {
     pub sharding: Sharding,
 }
 
+/// Waits until every process reached the point its argument names.
+pub type Barrier<'a> = &'a (dyn Fn(&str) -> Result<()> + Sync);
+
 /// Which part of the mesh this process writes, and how it waits for the others.
 pub struct Writer<'a> {
     /// Partitions of the mesh (devices of the program).
@@ -74,7 +77,7 @@ pub struct Writer<'a> {
     pub process: (usize, usize),
     /// Waits until every process reached the point named by the argument (multi-process only;
     /// `None` with one process).
-    pub barrier: Option<&'a (dyn Fn(&str) -> Result<()> + Sync)>,
+    pub barrier: Option<Barrier<'a>>,
     /// The mesh, recorded in the index for people (`8 devices = data 2 × …`).
     pub mesh: String,
 }
