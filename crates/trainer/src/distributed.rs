@@ -590,6 +590,32 @@ mod tests {
     }
 
     #[test]
+    fn settings_from_flags_are_checked() {
+        let from = |a: Option<&str>, n, i| {
+            DistributedConfig::from_flags_and_env(a.map(String::from), n, i, Some(5.0))
+        };
+        assert_eq!(from(None, Some(1), None).unwrap(), None, "one process");
+        let c = from(Some("10.0.0.1:8476"), Some(4), Some(3))
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.num_processes, c.process_id), (4, 3));
+        assert_eq!(c.timeout, Duration::from_secs(5));
+        let e = from(Some("h:1"), Some(2), Some(2)).unwrap_err().to_string();
+        assert!(
+            e.contains("--process-id 2 is out of range for --num-processes 2"),
+            "{e}"
+        );
+        if std::env::var_os("RATTN_COORDINATOR_ADDRESS").is_none() {
+            let e = from(None, Some(2), Some(0)).unwrap_err().to_string();
+            assert!(e.contains("--coordinator-address HOST:PORT"), "{e}");
+        }
+        if std::env::var_os("RATTN_PROCESS_ID").is_none() {
+            let e = from(Some("h:1"), Some(2), None).unwrap_err().to_string();
+            assert!(e.contains("--process-id N"), "{e}");
+        }
+    }
+
+    #[test]
     fn an_unreachable_coordinator_is_named() {
         // A port that was free a moment ago: nobody listens there.
         let port = TcpListener::bind("127.0.0.1:0")

@@ -706,6 +706,107 @@ mod tests {
             .collect()
     }
 
+    /// A [6, 4] tensor cut 2 × 2 over 4 partitions (tile (i, j) on partition 2i + j) and a
+    /// replicated [3] one, saved from host data by one process.
+    fn save_step(dir: &Path, step: u64, keep: usize) -> (Vec<f32>, Vec<f32>) {
+        let a: Vec<f32> = (0..24).map(|x| x as f32 * 0.5 + step as f32).collect();
+        let b = vec![1.5, -2.0, step as f32];
+        let layouts = [
+            TensorLayout {
+                name: "params.a".into(),
+                shape: vec![6, 4],
+                sharding: Sharding::tiled(&[2, 2]),
+            },
+            TensorLayout {
+                name: "params.b".into(),
+                shape: vec![3],
+                sharding: Sharding::Replicated,
+            },
+        ];
+        let meta = CheckpointMeta {
+            step,
+            data_position: 10 * step,
+            seed: 1,
+            model_config: "d = 1".into(),
+        };
+        let writer = Writer {
+            partitions: 4,
+            local: &[0, 1, 2, 3],
+            process: (0, 1),
+            barrier: None,
+            mesh: "4 devices".into(),
+        };
+        let (a2, b2) = (a.clone(), b.clone());
+        save(dir, &meta, &layouts, &writer, keep, |t, p| {
+            Ok(if t == 0 {
+                // Partition p's tile: rows 3(p/2).., cols 2(p%2)..
+                let (r0, c0) = (3 * (p / 2), 2 * (p % 2));
+                (0..3)
+                    .flat_map(|r| (0..2).map(move |c| (r, c)))
+                    .map(|(r, c)| a2[(r0 + r) * 4 + c0 + c])
+                    .collect()
+            } else {
+                assert_eq!(p, 0, "a replicated tensor is written by partition 0 only");
+                b2.clone()
+            })
+        })
+        .unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn sharded_save_keeps_the_last_k_and_reads_any_block() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        for step in 1..=3 {
+            save_step(dir, step, 2);
+        }
+        // An unfinished save older than the next one is removed by it.
+        std::fs::create_dir_all(dir.join("ckpt_00000004")).unwrap();
+        std::fs::write(
+            dir.join("ckpt_00000004/shard_00000.safetensors"),
+            b"partial",
+        )
+        .unwrap();
+        let (a, b) = save_step(dir, 5, 2);
+        let names: Vec<String> = super::super::list(dir)
+            .unwrap()
+            .iter()
+            .map(|(_, p)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["ckpt_00000003", "ckpt_00000005"]);
+        assert!(!dir.join("ckpt_00000004").exists());
+        let ck = ShardedCheckpoint::open(&dir.join("ckpt_00000005")).unwrap();
+        assert_eq!(ck.meta.data_position, 50);
+        // Blocks of another layout: rows 1..5 × cols 1..4 (crosses all four tiles), the whole.
+        let block = ck.read_block("params.a", &[1, 1], &[4, 3]).unwrap();
+        let want: Vec<f32> = (1..5)
+            .flat_map(|r| (1..4).map(move |c| (r, c)))
+            .map(|(r, c)| a[r * 4 + c])
+            .collect();
+        assert_eq!(block, want);
+        assert_eq!(ck.read_block("params.a", &[0, 0], &[6, 4]).unwrap(), a);
+        assert_eq!(ck.read_block("params.b", &[0], &[3]).unwrap(), b);
+        let e = ck
+            .read_block("params.a", &[4, 0], &[3, 4])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not fit params.a"), "{e}");
+        // A shard file gone: the checkpoint is corrupt, named.
+        std::fs::remove_file(dir.join("ckpt_00000005/shard_00003.safetensors")).unwrap();
+        let e = ShardedCheckpoint::open(&dir.join("ckpt_00000005"))
+            .err()
+            .unwrap();
+        assert!(e.downcast_ref::<Corrupt>().is_some(), "{e}");
+        assert!(e.to_string().contains("shard_00003.safetensors"), "{e}");
+        // No commit marker: skipped as unfinished.
+        std::fs::remove_file(dir.join("ckpt_00000003").join(COMMIT)).unwrap();
+        let e = ShardedCheckpoint::open(&dir.join("ckpt_00000003"))
+            .err()
+            .unwrap();
+        assert!(e.downcast_ref::<Uncommitted>().is_some(), "{e}");
+    }
+
     #[test]
     fn copy_box_copies_the_intersection() {
         let dims = [5, 6, 3];
