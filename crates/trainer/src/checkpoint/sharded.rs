@@ -311,7 +311,7 @@ pub fn save(
     }
     write_atomic(
         &dir.join(index_file(process)),
-        serde_json::to_string_pretty(&index)?.as_bytes(),
+        serde_json::to_string(&index)?.as_bytes(),
     )?;
     barrier("written")?;
     if process == 0 {
