@@ -25,6 +25,9 @@ pub struct Client {
 pub(crate) struct ClientInner {
     pub(crate) plugin: Plugin,
     pub(crate) raw: Ptr,
+    /// The key-value store the plugin's callbacks reach (multi-process clients); dropped after
+    /// the client is destroyed.
+    _kv: Option<Box<crate::kv::KvState>>,
 }
 
 // SAFETY: PJRT clients are thread-safe by contract of the PJRT C API.
@@ -167,10 +170,35 @@ impl Client {
     /// Creates a client with plugin-specific create options, e.g.
     /// `[("cpu_device_count", NamedValue::I64(8))]` for the CPU plugin.
     pub fn new(plugin: &Plugin, options: &[(&str, NamedValue)]) -> Result<Client> {
+        Client::create(plugin, options, None)
+    }
+
+    /// Creates a client of a multi-process run: the plugin reaches `store` through the
+    /// `kv_get` / `kv_put` / `kv_try_get` callbacks of `PJRT_Client_Create` (the TPU and GPU
+    /// plugins exchange topology there; pass `node_id` / `num_nodes` in `options` as JAX does).
+    /// The store lives as long as the client.
+    pub fn new_with_kv(
+        plugin: &Plugin,
+        options: &[(&str, NamedValue)],
+        store: Arc<dyn crate::kv::KeyValueStore>,
+    ) -> Result<Client> {
+        Client::create(plugin, options, Some(store))
+    }
+
+    fn create(
+        plugin: &Plugin,
+        options: &[(&str, NamedValue)],
+        store: Option<Arc<dyn crate::kv::KeyValueStore>>,
+    ) -> Result<Client> {
         let values = RawNamedValues::new(options);
         let mut a = sys::ClientCreateArgs::new();
         a.create_options = values.raw.as_ptr();
         a.num_options = values.raw.len();
+        // Boxed, so its address (the callbacks' user_arg) stays put when the box moves.
+        let kv = store.map(|store| Box::new(crate::kv::KvState { store }));
+        if let Some(k) = &kv {
+            k.install(&mut a);
+        }
         // SAFETY: slot 10 takes PJRT_Client_Create_Args; the options outlive the call.
         unsafe { plugin.call(slot::CLIENT_CREATE, "PJRT_Client_Create", &mut a) }?;
         if a.client.is_null() {
@@ -184,6 +212,7 @@ impl Client {
             inner: Arc::new(ClientInner {
                 plugin: plugin.clone(),
                 raw: a.client,
+                _kv: kv,
             }),
         })
     }

@@ -205,6 +205,36 @@ c_struct!(ClientCreateArgs [size 88, struct_size 88] {
     kv_get_callback: Ptr => 32, kv_get_user_arg: Ptr => 40, kv_put_callback: Ptr => 48, kv_put_user_arg: Ptr => 56,
     client: Ptr => 64, kv_try_get_callback: Ptr => 72, kv_try_get_user_arg: Ptr => 80,
 });
+c_struct!(
+    /// `PJRT_KeyValueGetCallback_Args`: the plugin asks for `key`, waiting up to `timeout_in_ms`;
+    /// the callback fills `value`, `value_size` and a deleter the plugin calls on `value`.
+    /// `callback_error` points to the plugin's `PJRT_CallbackError` function pointer.
+    KvGetCallbackArgs [size 80, struct_size 80] {
+        struct_size: usize => 0, extension_start: Ptr => 8, key: *const u8 => 16, key_size: usize => 24,
+        timeout_in_ms: i32 => 32, callback_error: Ptr => 40, user_arg: Ptr => 48, value: *mut u8 => 56,
+        value_size: usize => 64, value_deleter_callback: Ptr => 72,
+    }
+);
+c_struct!(
+    /// `PJRT_KeyValueTryGetCallback_Args`: like the get args without the timeout; a missing key
+    /// is a NOT_FOUND error.
+    KvTryGetCallbackArgs [size 72, struct_size 72] {
+        struct_size: usize => 0, extension_start: Ptr => 8, key: *const u8 => 16, key_size: usize => 24,
+        callback_error: Ptr => 32, user_arg: Ptr => 40, value: *mut u8 => 48, value_size: usize => 56,
+        value_deleter_callback: Ptr => 64,
+    }
+);
+c_struct!(
+    /// `PJRT_KeyValuePutCallback_Args`.
+    KvPutCallbackArgs [size 64, struct_size 64] {
+        struct_size: usize => 0, extension_start: Ptr => 8, key: *const u8 => 16, key_size: usize => 24,
+        value: *const u8 => 32, value_size: usize => 40, callback_error: Ptr => 48, user_arg: Ptr => 56,
+    }
+);
+/// `PJRT_CallbackError`: the plugin's function that makes a `PJRT_Error*` from a code and a
+/// message (copied) for a callback to return.
+pub(crate) type CallbackErrorFn =
+    unsafe extern "C" fn(code: u32, message: *const u8, size: usize) -> Ptr;
 c_struct!(ClientDestroyArgs [size 24, struct_size 24] { struct_size: usize => 0, extension_start: Ptr => 8, client: Ptr => 16 });
 c_struct!(
     /// `PJRT_Client_PlatformName_Args` / `PJRT_Client_PlatformVersion_Args` (same layout).

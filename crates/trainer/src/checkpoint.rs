@@ -1,8 +1,13 @@
 //! Checkpoints in safetensors: parameters, optimiser moments, step, data position, config and seed.
 //!
+//! Two layouts, both read everywhere: one file `ckpt_<step>.safetensors` holding every tensor
+//! whole (1-device runs), and a sharded directory `ckpt_<step>/` where every process writes the
+//! pieces its devices hold, with an index and a commit marker ([`sharded`]; runs on a mesh).
 //! Writes are atomic (temp file in the same directory, fsync, rename, fsync of the directory), the
 //! last K checkpoints are kept, and loading refuses a truncated or corrupt file, or one written for
 //! another model configuration, with a message that says which.
+
+pub mod sharded;
 
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -20,6 +25,22 @@ pub struct NamedTensor {
     /// Values.
     pub data: Vec<f32>,
 }
+
+/// What a checkpoint records besides its tensors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointMeta {
+    /// Optimiser steps taken.
+    pub step: u64,
+    /// Next data index (global: the same on every mesh).
+    pub data_position: u64,
+    /// Seed of the run.
+    pub seed: u64,
+    /// The `[model]` table as TOML (must match to resume).
+    pub model_config: String,
+}
+
+/// `format` of single-file checkpoints.
+pub const FORMAT: &str = "rattention-checkpoint-v1";
 
 /// Everything needed to resume bit-exactly.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,17 +137,21 @@ pub fn save(dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf> {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
-    let mut all = list(dir)?;
-    while all.len() > keep.max(1) {
-        let (_, old) = all.remove(0);
-        std::fs::remove_file(&old)
-            .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
-    }
+    rotate(dir, ckpt.step, keep)?;
     Ok(path)
 }
 
-/// Checkpoints in `dir`, oldest first, as (step, path).
-pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+/// One checkpoint of a run directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    step: u64,
+    path: PathBuf,
+    /// A single file, or a sharded directory with its commit marker.
+    complete: bool,
+}
+
+/// Every checkpoint in `dir` (files, sharded directories committed or not), oldest first.
+fn entries(dir: &Path) -> Result<Vec<Entry>> {
     let mut v = Vec::new();
     if !dir.exists() {
         return Ok(v);
@@ -134,21 +159,76 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     for e in std::fs::read_dir(dir)? {
         let p = e?.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(step) = name
-            .strip_prefix("ckpt_")
-            .and_then(|s| s.strip_suffix(".safetensors"))
-        {
-            if let Ok(s) = step.parse() {
-                v.push((s, p));
+        let Some(rest) = name.strip_prefix("ckpt_") else {
+            continue;
+        };
+        if let Some(step) = rest.strip_suffix(".safetensors") {
+            if let Ok(step) = step.parse() {
+                v.push(Entry {
+                    step,
+                    path: p,
+                    complete: true,
+                });
+            }
+        } else if p.is_dir() {
+            if let Ok(step) = rest.parse() {
+                let complete = p.join(sharded::COMMIT).exists();
+                v.push(Entry {
+                    step,
+                    path: p,
+                    complete,
+                });
             }
         }
     }
-    v.sort();
+    v.sort_by(|a, b| (a.step, &a.path).cmp(&(b.step, &b.path)));
     Ok(v)
 }
 
-/// The newest checkpoint in `dir`, if any.
+/// After saving `step`: keep the newest `keep` complete checkpoints, and remove unfinished
+/// sharded saves older than `step` (a process killed while saving).
+pub(crate) fn rotate(dir: &Path, step: u64, keep: usize) -> Result<()> {
+    let remove = |p: &Path| -> Result<()> {
+        if p.is_dir() {
+            std::fs::remove_dir_all(p)
+        } else {
+            std::fs::remove_file(p)
+        }
+        .with_context(|| format!("cannot remove old checkpoint {}", p.display()))
+    };
+    let all = entries(dir)?;
+    for e in all.iter().filter(|e| !e.complete && e.step < step) {
+        remove(&e.path)?;
+    }
+    let complete: Vec<&Entry> = all.iter().filter(|e| e.complete).collect();
+    let extra = complete.len().saturating_sub(keep.max(1));
+    for e in &complete[..extra] {
+        remove(&e.path)?;
+    }
+    Ok(())
+}
+
+/// Complete checkpoints in `dir` (files, and sharded directories with their commit marker),
+/// oldest first, as (step, path).
+pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    Ok(entries(dir)?
+        .into_iter()
+        .filter(|e| e.complete)
+        .map(|e| (e.step, e.path))
+        .collect())
+}
+
+/// The newest checkpoint in `dir`, finished or not (a fresh run refuses a directory with one).
+pub fn newest_any(dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(entries(dir)?.pop().map(|e| e.path))
+}
+
+/// The newest complete checkpoint in `dir`, if any; `dir` itself when it is a sharded
+/// checkpoint.
 pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
+    if sharded::is_sharded(dir) {
+        return Ok(Some(dir.to_path_buf()));
+    }
     Ok(list(dir)?.pop().map(|(_, p)| p))
 }
 
@@ -174,14 +254,116 @@ impl std::fmt::Display for Corrupt {
 
 impl std::error::Error for Corrupt {}
 
-/// The newest checkpoint in `dir` that loads, for `--resume`. A corrupt newer one (a crash during
-/// a copy, a full disk) is moved aside to `<name>.corrupt`, kept for inspection and out of the
-/// rotation, and the next older one is tried, saying so on stderr. Any other error (a checkpoint
-/// of another model configuration) stops the search.
-pub fn load_newest_valid(dir: &Path, model_config: &str) -> Result<Option<(PathBuf, Checkpoint)>> {
-    let mut all = list(dir)?;
-    while let Some((_, path)) = all.pop() {
-        match load(&path, Some(model_config)) {
+/// A checkpoint opened for restoring: a single file read whole, or a sharded directory whose
+/// pieces are read on demand.
+pub enum Stored {
+    /// A single-file checkpoint.
+    Whole(Checkpoint),
+    /// A sharded checkpoint.
+    Sharded(sharded::ShardedCheckpoint),
+}
+
+impl Stored {
+    /// Step, data position, seed and `[model]` table.
+    pub fn meta(&self) -> CheckpointMeta {
+        match self {
+            Stored::Whole(c) => CheckpointMeta {
+                step: c.step,
+                data_position: c.data_position,
+                seed: c.seed,
+                model_config: c.model_config.clone(),
+            },
+            Stored::Sharded(s) => s.meta.clone(),
+        }
+    }
+
+    /// Open the checkpoint at `path` (a file or a sharded directory), refusing one of another
+    /// `[model]` table when `expect_model_config` is given.
+    pub fn open(path: &Path, expect_model_config: Option<&str>) -> Result<Stored> {
+        if path.is_dir() {
+            let s = sharded::ShardedCheckpoint::open(path)?;
+            if let Some(expect) = expect_model_config {
+                check_model_config(path, &s.meta.model_config, expect)?;
+            }
+            Ok(Stored::Sharded(s))
+        } else {
+            Ok(Stored::Whole(load(path, expect_model_config)?))
+        }
+    }
+
+    /// The block of tensor `name` at `offset` with `shape`: one device's piece on the mesh being
+    /// restored onto (whatever mesh the checkpoint was saved from), or the whole tensor.
+    pub fn read_block(&self, name: &str, offset: &[usize], shape: &[usize]) -> Result<Vec<f32>> {
+        match self {
+            Stored::Sharded(s) => s.read_block(name, offset, shape),
+            Stored::Whole(c) => {
+                let t = c
+                    .tensors
+                    .iter()
+                    .find(|t| t.name == name)
+                    .with_context(|| format!("checkpoint lacks {name}"))?;
+                if t.data.len() != t.shape.iter().product::<usize>() {
+                    bail!(
+                        "checkpoint tensor {name} has {} values for shape {:?}",
+                        t.data.len(),
+                        t.shape
+                    );
+                }
+                sharded::check_block(name, &t.shape, offset, shape)?;
+                let mut out = vec![0f32; shape.iter().product()];
+                sharded::copy_box(
+                    &t.data,
+                    &t.shape,
+                    &vec![0; t.shape.len()],
+                    &mut out,
+                    shape,
+                    offset,
+                );
+                Ok(out)
+            }
+        }
+    }
+
+    /// The global shape of tensor `name`.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match self {
+            Stored::Sharded(s) => s.tensors.get(name).map(|t| t.shape.clone()),
+            Stored::Whole(c) => c
+                .tensors
+                .iter()
+                .find(|t| t.name == name)
+                .map(|t| t.shape.clone()),
+        }
+    }
+}
+
+fn check_model_config(path: &Path, stored: &str, expect: &str) -> Result<()> {
+    if expect.trim() != stored.trim() {
+        bail!(
+            "checkpoint {} was written for another model configuration; refusing to load it.\n\
+             checkpoint:\n{stored}\ncurrent:\n{expect}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The newest checkpoint in `dir` that loads, for `--resume`. A sharded directory without its
+/// commit marker (a save that did not finish) is skipped, saying so; a corrupt newer one (a
+/// crash during a copy, a full disk) is moved aside to `<name>.corrupt`, kept for inspection and
+/// out of the rotation, and the next older one is tried, saying so on stderr. Any other error (a
+/// checkpoint of another model configuration) stops the search.
+pub fn load_newest_valid(dir: &Path, model_config: &str) -> Result<Option<(PathBuf, Stored)>> {
+    let mut all = entries(dir)?;
+    while let Some(Entry { path, complete, .. }) = all.pop() {
+        if !complete {
+            eprintln!(
+                "warning: {}; skipping it and trying the previous checkpoint",
+                sharded::Uncommitted { path }
+            );
+            continue;
+        }
+        match Stored::open(&path, Some(model_config)) {
             Ok(ck) => return Ok(Some((path, ck))),
             Err(e) => {
                 let Some(c) = e.downcast_ref::<Corrupt>() else {
@@ -202,6 +384,9 @@ pub fn load_newest_valid(dir: &Path, model_config: &str) -> Result<Option<(PathB
 
 /// Load and check a checkpoint. `expect_model_config`: the current `[model]` TOML; a mismatch is refused.
 pub fn load(path: &Path, expect_model_config: Option<&str>) -> Result<Checkpoint> {
+    if path.is_dir() {
+        return load_sharded_whole(path, expect_model_config);
+    }
     let bytes = std::fs::read(path)
         .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
     let corrupt = |e: &dyn std::fmt::Display| {
@@ -218,18 +403,12 @@ pub fn load(path: &Path, expect_model_config: Option<&str>) -> Result<Checkpoint
             .cloned()
             .ok_or_else(|| corrupt(&format!("metadata key {k:?} missing")))
     };
-    if get("format")? != "rattention-checkpoint-v1" {
+    if get("format")? != FORMAT {
         bail!("{} is not a rattention checkpoint", path.display());
     }
     let model_config = get("model_config")?;
     if let Some(expect) = expect_model_config {
-        if expect.trim() != model_config.trim() {
-            bail!(
-                "checkpoint {} was written for another model configuration; refusing to load it.\n\
-                 checkpoint:\n{model_config}\ncurrent:\n{expect}",
-                path.display()
-            );
-        }
+        check_model_config(path, &model_config, expect)?;
     }
     let num = |k: &str| -> Result<u64> { get(k)?.parse().map_err(|e| corrupt(&e)) };
     let mut names: Vec<String> = st.names().into_iter().cloned().collect();
@@ -259,6 +438,33 @@ pub fn load(path: &Path, expect_model_config: Option<&str>) -> Result<Checkpoint
         data_position: num("data_position")?,
         seed: num("seed")?,
         model_config,
+        tensors,
+    })
+}
+
+/// A sharded checkpoint assembled whole on the host (every tensor, names sorted): for `eval`
+/// and `generate`, which run on one device.
+fn load_sharded_whole(path: &Path, expect_model_config: Option<&str>) -> Result<Checkpoint> {
+    let s = sharded::ShardedCheckpoint::open(path)?;
+    if let Some(expect) = expect_model_config {
+        check_model_config(path, &s.meta.model_config, expect)?;
+    }
+    let tensors = s
+        .tensors
+        .iter()
+        .map(|(name, t)| {
+            Ok(NamedTensor {
+                name: name.clone(),
+                shape: t.shape.clone(),
+                data: s.read_block(name, &vec![0; t.shape.len()], &t.shape)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Checkpoint {
+        step: s.meta.step,
+        data_position: s.meta.data_position,
+        seed: s.meta.seed,
+        model_config: s.meta.model_config.clone(),
         tensors,
     })
 }

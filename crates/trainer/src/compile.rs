@@ -37,6 +37,12 @@ pub struct CompileArgs {
     /// Override a config value, e.g. `--set model.layers=8`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Compile the train step sharded over a mesh of the topology's devices, e.g.
+    /// `--mesh fsdp=4` or `--mesh data=2,tensor=2` (sizes of the `[mesh]` axes data, fsdp,
+    /// tensor, seq; one may be -1 for the rest). The product must be the topology's device
+    /// count. Memory is per chip; tokens/s is for the whole slice and per chip.
+    #[arg(long, value_name = "AXIS=N,...")]
+    pub mesh: Option<String>,
     /// Sequences per step (overrides `train.batch`).
     #[arg(long)]
     pub batch: Option<usize>,
@@ -129,8 +135,11 @@ pub struct CostReport {
     /// XLA's lower bound on the step time, in seconds (`None` where the plugin gave none or a
     /// negative value).
     pub optimal_seconds: Option<f64>,
-    /// `batch · tokens per sequence / optimal_seconds`.
+    /// `batch · tokens per sequence / optimal_seconds` (the whole step, all chips: an SPMD
+    /// program's cost analysis is one partition's, and every partition runs at once).
     pub tokens_per_second: Option<f64>,
+    /// `tokens_per_second` divided by the chips of the mesh.
+    pub tokens_per_second_per_chip: Option<f64>,
     /// Every property the plugin reported, except the per-unit `utilization*` entries.
     pub properties: std::collections::BTreeMap<String, f64>,
 }
@@ -180,7 +189,7 @@ pub struct Report {
     pub platform: String,
     /// Device kind, e.g. `TPU v5`.
     pub device_kind: String,
-    /// Devices in the topology (the program uses one).
+    /// Devices in the topology (the train step uses `mesh_devices` of them).
     pub topology_devices: usize,
     /// Memory of one device, bytes.
     pub device_memory_bytes: i64,
@@ -198,6 +207,10 @@ pub struct Report {
     pub rla_lowering: String,
     /// The train step's rematerialization policy (`[train] remat`).
     pub remat: String,
+    /// The mesh the train step is sharded over (`1 device = …` without `--mesh`).
+    pub mesh: String,
+    /// Devices the train step runs on (the mesh's).
+    pub mesh_devices: usize,
     /// One entry per compiled program.
     pub programs: Vec<ProgramReport>,
     /// Things skipped, in words.
@@ -211,7 +224,16 @@ const CPU_ONLY_TARGETS: &[&str] = &[pallas_port::ffi::FWD_TARGET, pallas_port::f
 /// stays (tracing for the target's platform resolves it: `mosaic` on TPU, `hlo` elsewhere);
 /// `custom_call` is refused, naming the CPU-only custom calls; `mosaic` only on TPU.
 pub fn prepare_config(args: &CompileArgs, target: &Target) -> Result<RunConfig> {
-    let mut cfg = RunConfig::load(&args.config, &args.overrides)?;
+    let mut overrides = args.overrides.clone();
+    if let Some(m) = &args.mesh {
+        for part in m.split(',').filter(|p| !p.trim().is_empty()) {
+            let Some((axis, size)) = part.split_once('=') else {
+                bail!("--mesh {m:?}: expected AXIS=N[,AXIS=N…], e.g. fsdp=4 or data=2,tensor=2");
+            };
+            overrides.push(format!("mesh.{}={}", axis.trim(), size.trim()));
+        }
+    }
+    let mut cfg = RunConfig::load(&args.config, &overrides)?;
     if let Some(b) = args.batch {
         if b == 0 {
             bail!("--batch must be > 0");
@@ -305,6 +327,14 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         .map(|d| d.kind.clone())
         .unwrap_or_default();
     let device_memory_bytes = topo.device_memory_bytes().unwrap_or(0);
+    // The mesh: `-1` is the rest of the topology's devices; a mesh must cover them all.
+    let mesh = if cfg.mesh.fixed_device_count()? == Some(1) {
+        model::Mesh::single()
+    } else {
+        cfg.mesh
+            .resolve(topo.devices().len())
+            .with_context(|| format!("--mesh for {}", args.target))?
+    };
     let model = model::Model::new(cfg.model.clone())?;
     let param_count = model.param_count();
     let mut report = Report {
@@ -320,6 +350,8 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         seq_len: cfg.model.seq_len,
         rla_lowering: model.rla_lowering(target.pjrt_platform()).as_str().into(),
         remat: cfg.train.remat.to_string(),
+        mesh: mesh.to_string(),
+        mesh_devices: mesh.device_count(),
         programs: Vec::new(),
         notes: Vec::new(),
     };
@@ -345,15 +377,31 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         report.programs.push(p);
     };
     let train = Module::trace(0, "train_step", || {
-        crate::step::build_train_step(&cfg, target.pjrt_platform(), &model::Mesh::single())
+        crate::step::build_train_step(&cfg, target.pjrt_platform(), &mesh)
             .context("tracing the train step")
     })?;
     let tokens = cfg.train.batch * cfg.model.seq_len;
+    // SPMD over the first N devices of the topology, partition p on device p.
+    let options = if mesh.device_count() > 1 {
+        pjrt::CompileOptions {
+            device_assignment: Some(vec![topo
+                .devices()
+                .iter()
+                .take(mesh.device_count())
+                .map(|d| d.id as i64)
+                .collect()]),
+            ..pjrt::CompileOptions::spmd(mesh.device_count())
+        }
+    } else {
+        pjrt::CompileOptions::default()
+    };
     add(compile_program(
         &topo,
         target,
         &train,
         tokens,
+        mesh.device_count(),
+        &options,
         dump.as_ref(),
     )?);
     drop(train);
@@ -369,6 +417,8 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
             target,
             &decode,
             cfg.train.batch,
+            1,
+            &pjrt::CompileOptions::default(),
             dump.as_ref(),
         )?);
     }
@@ -390,10 +440,12 @@ fn compile_program(
     target: &Target,
     module: &Module,
     tokens: usize,
+    devices: usize,
+    options: &pjrt::CompileOptions,
     dump: Option<&Dump<'_>>,
 ) -> Result<ProgramReport> {
     let name = &module.name;
-    let compilation = module.compile(Compiler::Topology(topo));
+    let compilation = module.compile_with(Compiler::Topology(topo), options);
     let mut p = ProgramReport {
         name: name.clone(),
         trace_seconds: module.trace_seconds,
@@ -455,6 +507,9 @@ fn compile_program(
             transcendentals: c.transcendentals(),
             optimal_seconds: opt,
             tokens_per_second: opt.filter(|&s| s > 0.0).map(|s| tokens as f64 / s),
+            tokens_per_second_per_chip: opt
+                .filter(|&s| s > 0.0)
+                .map(|s| tokens as f64 / s / devices as f64),
             properties: c
                 .properties
                 .iter()
@@ -491,13 +546,18 @@ fn print_header(r: &Report) {
     );
     println!(
         "model: {} parameters ({} as f32 params + Adam m, v), batch {} × {} tokens, RLA lowering {}, \
-         remat {}; compiled for one device (num_partitions 1)",
+         remat {}; {}",
         r.param_count,
         units::bytes(r.param_and_adam_bytes as i64),
         r.batch,
         r.seq_len,
         r.rla_lowering,
-        r.remat
+        r.remat,
+        if r.mesh_devices == 1 {
+            "compiled for one device (num_partitions 1)".to_string()
+        } else {
+            format!("train step sharded over the mesh {} (GSPMD, num_partitions {})", r.mesh, r.mesh_devices)
+        }
     );
 }
 
@@ -529,10 +589,13 @@ fn print_program(p: &ProgramReport, limit: i64) {
             units::scientific(c.bytes_accessed),
             c.optimal_seconds
                 .map_or("time: no estimate".into(), |s| format!("{s:.4} s")),
-            c.tokens_per_second
-                .map_or("no tokens/s estimate".into(), |t| format!(
-                    "{t:.0} tokens/s"
-                ))
+            match (c.tokens_per_second, c.tokens_per_second_per_chip) {
+                (Some(t), Some(pc)) if (t - pc).abs() > 1e-9 * t => {
+                    format!("{t:.0} tokens/s ({pc:.0} per chip)")
+                }
+                (Some(t), _) => format!("{t:.0} tokens/s"),
+                _ => "no tokens/s estimate".into(),
+            }
         );
     }
     if let Some(k) = &p.mosaic_kernels {

@@ -6,6 +6,7 @@ mod bench_rla;
 mod checkpoint;
 mod compile;
 mod data;
+mod distributed;
 mod dump;
 mod generate;
 mod inspect;
@@ -48,6 +49,45 @@ struct Common {
     plugin: Option<String>,
 }
 
+/// Multi-host runs (the settings of `jax.distributed.initialize`); flags override the
+/// `RATTN_*` environment variables named.
+#[derive(clap::Args, Clone)]
+struct DistArgs {
+    /// host:port where process 0 serves the coordinator [env: RATTN_COORDINATOR_ADDRESS].
+    #[arg(long)]
+    coordinator_address: Option<String>,
+    /// Number of processes (one per host) [env: RATTN_NUM_PROCESSES].
+    #[arg(long)]
+    num_processes: Option<usize>,
+    /// This process's index, 0..num_processes [env: RATTN_PROCESS_ID].
+    #[arg(long)]
+    process_id: Option<usize>,
+    /// Seconds to wait for the coordinator and the other processes (default 300)
+    /// [env: RATTN_DISTRIBUTED_TIMEOUT].
+    #[arg(long)]
+    distributed_timeout: Option<f64>,
+}
+
+impl DistArgs {
+    /// Join the multi-process run these settings describe, if any (before any client exists).
+    fn initialize(&self) -> Result<()> {
+        let cfg = distributed::DistributedConfig::from_flags_and_env(
+            self.coordinator_address.clone(),
+            self.num_processes,
+            self.process_id,
+            self.distributed_timeout,
+        )?;
+        if let Some(cfg) = cfg {
+            let d = distributed::initialize(&cfg)?;
+            eprintln!(
+                "process {} of {}: every process arrived at the coordinator {}",
+                d.process_id, d.num_processes, d.coordinator_address
+            );
+        }
+        Ok(())
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Train a model (default: the tiny config on the embedded synthetic data).
@@ -73,6 +113,8 @@ enum Cmd {
         /// Seed of initialisation and data order (the same as `--set train.seed=N`).
         #[arg(long)]
         seed: Option<u64>,
+        #[command(flatten)]
+        dist: DistArgs,
     },
     /// Evaluate a checkpoint: loss, perplexity and (synthetic data) recall by distance.
     Eval {
@@ -188,10 +230,12 @@ fn run(cli: Cli) -> Result<()> {
             eval_sequences,
             devices,
             seed,
+            dist,
         } => {
             let mut overrides = common.overrides.clone();
             overrides.extend(seed.map(|s| format!("train.seed={s}")));
             let cfg = config::RunConfig::load(&common.config, &overrides)?;
+            dist.initialize()?;
             let report =
                 train::train(&cfg, common.plugin.as_deref(), &out, resume, quiet, devices)?;
             if let Some(last) = report.losses.last() {
@@ -217,7 +261,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(p) = report.last_checkpoint {
                 println!("checkpoint: {}", p.display());
-                if eval_sequences > 0 {
+                // The evaluation runs on one device: not in a multi-process run (its client
+                // is the run's; evaluate the checkpoint afterwards with `rattn eval`).
+                if eval_sequences > 0 && distributed::global().is_none() {
                     train::eval(&cfg, common.plugin.as_deref(), &p, eval_sequences)?;
                 }
             }

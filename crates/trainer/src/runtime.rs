@@ -95,9 +95,37 @@ pub fn load_plugin(arg: Option<&str>) -> Result<Plugin> {
 }
 
 /// A client on `--plugin`, with our RLA kernels registered where the platform is the host.
+///
+/// In a multi-process run ([`crate::distributed::global`]) the client is created with the
+/// coordinator's key-value store behind the plugin's callbacks and `node_id` / `num_nodes`
+/// options, as `jax.distributed` does; the CPU plugin cannot join processes and is refused.
 pub fn open_client(arg: Option<&str>) -> Result<Client> {
     let plugin = load_plugin(arg)?;
-    let client = Client::new(&plugin, &[])?;
+    let client = match crate::distributed::global() {
+        Some(d) => {
+            if matches!(arg, None | Some("cpu")) {
+                bail!(
+                    "the CPU plugin cannot run multi-process programs ({} processes were asked \
+                     for); use --plugin tpu or --plugin cuda on every host, or one process with \
+                     --devices N",
+                    d.num_processes
+                );
+            }
+            let options = [
+                ("node_id", pjrt::NamedValue::I64(d.process_id as i64)),
+                ("num_nodes", pjrt::NamedValue::I64(d.num_processes as i64)),
+            ];
+            Client::new_with_kv(&plugin, &options, d.plugin_store()).with_context(|| {
+                format!(
+                    "creating the {} client of process {} of {}",
+                    plugin.path().display(),
+                    d.process_id,
+                    d.num_processes
+                )
+            })?
+        }
+        None => Client::new(&plugin, &[])?,
+    };
     if client.platform_name()? == "cpu" {
         pallas_port::register_cpu_kernels(&client).context("registering the RLA CPU kernels")?;
     }

@@ -5,16 +5,19 @@
 //! Partition `p` of a program runs on device `p` of the client (the device assignment
 //! `[0, 1, …, N−1]`), which is the device numbering of the mesh and of the tile assignments of
 //! [`model::Mesh::sharding`]. One device is the plain case: default compile options, the whole
-//! array on the first device.
+//! array on the first device. With several processes (multi-host) the devices are the client's
+//! global devices in id order, and each process feeds and reads only the partitions whose devices
+//! it can address ([`Placement::local`]).
 
 use anyhow::{bail, Context, Result};
 use hlo_builder::{Computation, Sharding};
 use pjrt::{Buffer, Client, CompileOptions, Device, LoadedExecutable, NativeType, Program};
 
-/// The devices a program runs on, in partition order.
+/// The devices a program runs on, in partition order, and which of them this process addresses.
 #[derive(Debug, Clone)]
 pub struct Placement {
     devices: Vec<Device>,
+    local: Vec<usize>,
 }
 
 /// A client of `plugin` with at least `devices` devices and the RLA kernels registered. On the
@@ -26,7 +29,8 @@ pub fn open_client(plugin: Option<&str>, devices: usize) -> Result<Client> {
         bail!("a mesh needs at least one device");
     }
     let client = crate::runtime::open_client(plugin)?;
-    let have = client.addressable_devices()?.len();
+    // All devices, of every process (multi-host); the addressable ones with one process.
+    let have = client.devices()?.len();
     if devices == 1 || have == devices {
         return Ok(client);
     }
@@ -56,23 +60,39 @@ pub fn open_client(plugin: Option<&str>, devices: usize) -> Result<Client> {
 }
 
 impl Placement {
-    /// The first `n` addressable devices of `client`.
+    /// The first `n` devices of `client` in global id order (with one process: its addressable
+    /// devices); partition `p` runs on the `p`-th.
     pub fn new(client: &Client, n: usize) -> Result<Placement> {
-        let devices = client.addressable_devices()?;
+        let mut devices = client.devices()?;
+        devices.sort_by_key(Device::id);
         if devices.len() < n {
             bail!(
                 "the program needs {n} devices but the client has {}",
                 devices.len()
             );
         }
-        Ok(Placement {
-            devices: devices.into_iter().take(n).collect(),
-        })
+        devices.truncate(n);
+        let local: Vec<usize> = (0..n).filter(|&p| devices[p].is_addressable()).collect();
+        if local.is_empty() {
+            bail!("none of the program's {n} devices is addressable from this process");
+        }
+        Ok(Placement { devices, local })
     }
 
-    /// Number of devices.
+    /// Number of devices (partitions), in all processes.
     pub fn len(&self) -> usize {
         self.devices.len()
+    }
+
+    /// The partitions whose devices this process addresses, ascending (all of them with one
+    /// process). Per-device argument and result lists follow this order.
+    pub fn local(&self) -> &[usize] {
+        &self.local
+    }
+
+    /// The device of partition `p`.
+    pub fn device(&self, p: usize) -> &Device {
+        &self.devices[p]
     }
 
     /// The compile options: SPMD over the devices (`num_partitions` = N, `num_replicas` = 1,
@@ -95,7 +115,7 @@ impl Placement {
         let exe = client
             .compile(Program::Hlo(&bytes), &self.compile_options())
             .with_context(|| format!("compiling {} for {} devices", comp.name(), self.len()))?;
-        let want: Vec<i32> = self.devices.iter().map(Device::id).collect();
+        let want: Vec<i32> = self.local.iter().map(|&p| self.devices[p].id()).collect();
         let got: Vec<i32> = exe.addressable_devices().iter().map(Device::id).collect();
         if got != want {
             bail!("{} runs on devices {got:?}, expected {want:?}", comp.name());
@@ -104,7 +124,7 @@ impl Placement {
     }
 
     /// Upload a row-major host array of `dims` laid out by `sharding`: device `p` receives only
-    /// its piece (one buffer per device, in partition order).
+    /// its piece (one buffer per local device, in partition order).
     pub fn upload<T: NativeType + Copy>(
         &self,
         client: &Client,
@@ -120,10 +140,11 @@ impl Placement {
             .iter()
             .map(|&d| d as i64)
             .collect();
-        pieces
+        self.local
             .iter()
-            .zip(&self.devices)
-            .map(|(p, d)| Ok(client.buffer_from_host(p, &piece_dims, Some(d))?))
+            .map(|&p| {
+                Ok(client.buffer_from_host(&pieces[p], &piece_dims, Some(&self.devices[p]))?)
+            })
             .collect()
     }
 

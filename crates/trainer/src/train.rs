@@ -48,7 +48,7 @@ pub fn batch(src: &Source, cfg: &RunConfig, first_sequence: u64) -> (Vec<i32>, V
 /// A fresh run must not write into the directory of an earlier one: its checkpoints would sit
 /// beside the new run's (and `--resume` would later pick the wrong one) and metrics would mix.
 fn refuse_earlier_run(out: &Path) -> Result<()> {
-    let newest = checkpoint::latest(out)?;
+    let newest = checkpoint::newest_any(out)?;
     let metrics = out.join("metrics.jsonl");
     if newest.is_some() || metrics.exists() {
         let what = newest.map_or_else(
@@ -82,7 +82,11 @@ pub fn train_mesh(cfg: &RunConfig, devices: Option<usize>) -> Result<model::Mesh
 /// On a mesh of N > 1 devices the step is compiled for XLA's SPMD partitioner and every device
 /// holds only its shard of the parameters, both Adam moments and the token batch, between steps
 /// too; on the CPU plugin the client is made with N devices. Checkpoints are gathered to the
-/// host and saved whole (sharded checkpoints are issue 11 item 7).
+/// host and saved whole on one device; on a mesh every process writes the pieces its devices
+/// hold ([`checkpoint::sharded`]). `--resume` restores onto any mesh: each device's piece is
+/// assembled from the stored pieces, and the data position is global, so the batches continue
+/// the same whatever the mesh. With several processes ([`crate::distributed`]) each feeds only
+/// its addressable devices.
 pub fn train(
     cfg: &RunConfig,
     plugin: Option<&str>,
@@ -104,8 +108,14 @@ pub fn train(
     let exe = placement.compile(&client, &comp)?;
     let compile_s = t0.elapsed().as_secs_f64();
     let src = Source::open(&cfg.data, cfg.train.seed, cfg.model.vocab)?;
+    let dist = crate::distributed::global();
+    let (process, processes) = dist.map_or((0, 1), |d| (d.process_id, d.num_processes));
     if !resume {
         refuse_earlier_run(out)?;
+    }
+    if let Some(d) = dist {
+        // Nobody writes into the run directory before every process has looked at it.
+        d.barrier("run-dir-checked")?;
     }
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create run dir {}", out.display()))?;
@@ -115,47 +125,31 @@ pub fn train(
 
     // State: parameters and both moments, as host vectors in spec order.
     let mtoml = model_toml(cfg);
-    let (mut start, mut position, host): (u64, u64, Vec<Vec<f32>>) = if resume {
-        let (path, ck) = checkpoint::load_newest_valid(out, &mtoml)?
+    let (mut start, mut position, mut state) = if resume {
+        let (path, stored) = checkpoint::load_newest_valid(out, &mtoml)?
             .with_context(|| format!("--resume: no checkpoint in {}", out.display()))?;
-        let find = |name: &str| -> Result<Vec<f32>> {
-            Ok(ck
-                .tensors
-                .iter()
-                .find(|t| t.name == name)
-                .with_context(|| format!("checkpoint lacks {name}"))?
-                .data
-                .clone())
-        };
-        let mut v = Vec::new();
-        for t in &state_tensors {
-            let d = find(&t.name)?;
-            if d.len() != t.spec.numel() {
-                bail!(
-                    "checkpoint tensor {} has {} values, expected {}",
-                    t.name,
-                    d.len(),
-                    t.spec.numel()
-                );
-            }
-            v.push(d);
+        let meta = stored.meta();
+        // Per device, its block of every tensor, assembled from the stored pieces whatever mesh
+        // they were saved from.
+        let state = restore_state(&client, &placement, &stored, &state_tensors, &shardings)?;
+        eprintln!("resuming from {} (step {})", path.display(), meta.step);
+        if let checkpoint::Stored::Sharded(s) = &stored {
+            eprintln!("  saved on {}, restored onto {mesh}", s.mesh);
         }
-        eprintln!("resuming from {} (step {})", path.display(), ck.step);
-        (ck.step, ck.data_position, v)
+        (meta.step, meta.data_position, state)
     } else {
         // Parameters from their initialisers, both moments zero.
-        let v: Vec<Vec<f32>> = state_tensors
+        let host: Vec<Vec<f32>> = state_tensors
             .iter()
             .map(|t| match t.group {
                 StateGroup::Params => model::init_param(t.spec, cfg.train.seed),
                 StateGroup::AdamM | StateGroup::AdamV => vec![0.0; t.spec.numel()],
             })
             .collect();
-        (0, 0, v)
+        // Per device, its shard of every state tensor (`state[device][tensor]`).
+        let state = upload_state(&client, &placement, &host, &state_tensors, &shardings)?;
+        (0, 0, state)
     };
-    // Per device, its shard of every state tensor (`state[device][tensor]`).
-    let mut state = upload_state(&client, &placement, &host, &state_tensors, &shardings)?;
-    drop(host);
 
     let total = cfg.train.steps as u64;
     let bar = if quiet {
@@ -171,10 +165,17 @@ pub fn train(
         bar
     };
     bar.set_position(start);
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out.join("metrics.jsonl"))?;
+    // One metrics file per run: process 0 writes it, the others log nowhere.
+    let mut metrics: Box<dyn Write> = if process == 0 {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(out.join("metrics.jsonl"))?,
+        )
+    } else {
+        Box::new(std::io::sink())
+    };
     let tokens_per_step = (cfg.train.batch * cfg.model.seq_len) as f64;
     // Model FLOPs per token from the model's own count, and the peak only if already measured.
     let flops_per_token = model.cost(cfg.model.seq_len).flops_per_token.total();
@@ -185,8 +186,35 @@ pub fn train(
     let run_start = Instant::now();
     let mut window_start = Instant::now();
     let mut window_steps = 0usize;
-    // Checkpoints are gathered to the host and written whole.
+    // One device: the checkpoint is one file. A mesh: every process writes its devices' pieces.
+    let sharded_save = placement.len() > 1 || processes > 1;
+    let layouts: Vec<checkpoint::sharded::TensorLayout> = state_tensors
+        .iter()
+        .zip(&shardings.state)
+        .map(|(t, s)| checkpoint::sharded::TensorLayout {
+            name: t.name.clone(),
+            shape: t.spec.shape.clone(),
+            sharding: s.sharding.clone(),
+        })
+        .collect();
     let save = |state: &[Vec<Buffer>], step: u64, position: u64| -> Result<PathBuf> {
+        let meta = checkpoint::CheckpointMeta {
+            step,
+            data_position: position,
+            seed: cfg.train.seed,
+            model_config: mtoml.clone(),
+        };
+        if sharded_save {
+            return save_sharded(
+                out,
+                &meta,
+                &placement,
+                state,
+                &layouts,
+                &mesh,
+                cfg.train.keep_checkpoints,
+            );
+        }
         let mut tensors = Vec::new();
         for (i, (t, s)) in state_tensors.iter().zip(&shardings.state).enumerate() {
             let pieces: Vec<&Buffer> = state.iter().map(|l| &l[i]).collect();
@@ -197,10 +225,10 @@ pub fn train(
             });
         }
         let ck = Checkpoint {
-            step,
-            data_position: position,
-            seed: cfg.train.seed,
-            model_config: mtoml.clone(),
+            step: meta.step,
+            data_position: meta.data_position,
+            seed: meta.seed,
+            model_config: meta.model_config,
             tensors,
         };
         checkpoint::save(out, &ck, cfg.train.keep_checkpoints)
@@ -301,13 +329,85 @@ pub fn upload_state(
     tensors: &[StateTensor<'_>],
     shardings: &StepShardings,
 ) -> Result<Vec<Vec<Buffer>>> {
-    let mut state: Vec<Vec<Buffer>> = (0..placement.len()).map(|_| Vec::new()).collect();
+    let mut state: Vec<Vec<Buffer>> = placement.local().iter().map(|_| Vec::new()).collect();
     for ((data, t), s) in host.iter().zip(tensors).zip(&shardings.state) {
         let pieces = placement
             .upload(client, data, &t.spec.shape, &s.sharding)
             .with_context(|| format!("uploading {}", t.name))?;
         for (device, piece) in state.iter_mut().zip(pieces) {
             device.push(piece);
+        }
+    }
+    Ok(state)
+}
+
+/// Save the state (`state[local][tensor]`, laid out by `layouts`) as a sharded checkpoint:
+/// each of this process's devices writes the pieces it owns, straight from its buffers; with
+/// several processes they meet at barriers and process 0 commits.
+pub fn save_sharded(
+    out: &Path,
+    meta: &checkpoint::CheckpointMeta,
+    placement: &Placement,
+    state: &[Vec<Buffer>],
+    layouts: &[checkpoint::sharded::TensorLayout],
+    mesh: &model::Mesh,
+    keep: usize,
+) -> Result<PathBuf> {
+    let dist = crate::distributed::global();
+    let barrier = |what: &str| -> Result<()> {
+        match dist {
+            Some(d) => d.barrier(what),
+            None => Ok(()),
+        }
+    };
+    let writer = checkpoint::sharded::Writer {
+        partitions: placement.len(),
+        local: placement.local(),
+        process: dist.map_or((0, 1), |d| (d.process_id, d.num_processes)),
+        barrier: dist.map(|_| &barrier as checkpoint::sharded::Barrier<'_>),
+        mesh: mesh.to_string(),
+    };
+    checkpoint::sharded::save(out, meta, layouts, &writer, keep, |ti, p| {
+        let at = placement
+            .local()
+            .binary_search(&p)
+            .map_err(|_| anyhow::anyhow!("partition {p} is not on this process"))?;
+        Ok(state[at][ti].to_host::<f32>()?)
+    })
+}
+
+/// Restore the state from a checkpoint onto this process's devices (`result[local][tensor]`):
+/// each device's block of every tensor, under this mesh's sharding, is assembled from the stored
+/// pieces (a sharded checkpoint from any mesh, or a single file) and uploaded. Only one block is
+/// on the host at a time.
+pub fn restore_state(
+    client: &pjrt::Client,
+    placement: &Placement,
+    stored: &checkpoint::Stored,
+    tensors: &[StateTensor<'_>],
+    shardings: &StepShardings,
+) -> Result<Vec<Vec<Buffer>>> {
+    let mut state: Vec<Vec<Buffer>> = placement.local().iter().map(|_| Vec::new()).collect();
+    for (t, s) in tensors.iter().zip(&shardings.state) {
+        match stored.shape(&t.name) {
+            Some(shape) if shape == t.spec.shape => {}
+            Some(shape) => bail!(
+                "checkpoint tensor {} has shape {shape:?}, the model expects {:?}",
+                t.name,
+                t.spec.shape
+            ),
+            None => bail!("checkpoint lacks {}", t.name),
+        }
+        let dims: Vec<i64> = s.shard_shape.iter().map(|&d| d as i64).collect();
+        for (device, &p) in state.iter_mut().zip(placement.local()) {
+            let offset = s
+                .sharding
+                .tile_offset(p as i64, &t.spec.shape)?
+                .with_context(|| format!("partition {p} holds no piece of {}", t.name))?;
+            let block = stored
+                .read_block(&t.name, &offset, &s.shard_shape)
+                .with_context(|| format!("restoring {} onto partition {p}", t.name))?;
+            device.push(client.buffer_from_host(&block, &dims, Some(placement.device(p)))?);
         }
     }
     Ok(state)

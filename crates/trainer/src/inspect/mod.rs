@@ -61,9 +61,14 @@ impl Module {
     /// kept as pjrt's, so that a caller can tell a refusal for memory
     /// ([`pjrt::ErrorCode::ResourceExhausted`]) from a failure.
     pub fn compile(&self, compiler: Compiler<'_>) -> Compilation {
+        self.compile_with(compiler, &CompileOptions::default())
+    }
+
+    /// [`Module::compile`] with explicit compile options (an SPMD program over a mesh).
+    pub fn compile_with(&self, compiler: Compiler<'_>, options: &CompileOptions) -> Compilation {
         let bytes = self.comp.to_bytes();
         let t0 = Instant::now();
-        let result = compiler.compile(&bytes);
+        let result = compiler.compile(&bytes, options);
         Compilation {
             hlo_bytes: bytes.len(),
             seconds: t0.elapsed().as_secs_f64(),
@@ -83,12 +88,11 @@ pub enum Compiler<'a> {
 }
 
 impl Compiler<'_> {
-    fn compile(self, hlo: &[u8]) -> pjrt::Result<Compiled> {
-        let options = CompileOptions::default();
+    fn compile(self, hlo: &[u8], options: &CompileOptions) -> pjrt::Result<Compiled> {
         match self {
-            Compiler::Client(c) => c.compile(Program::Hlo(hlo), &options).map(Compiled::Loaded),
+            Compiler::Client(c) => c.compile(Program::Hlo(hlo), options).map(Compiled::Loaded),
             Compiler::Topology(t) => t
-                .compile(Program::Hlo(hlo), &options)
+                .compile(Program::Hlo(hlo), options)
                 .map(Compiled::Unloaded),
         }
     }

@@ -1,0 +1,124 @@
+//! `rattn compile --mesh` (issue 11 item 8): the tiny model's train step compiled ahead of time
+//! for a 4-chip v5p slice, sharded by GSPMD over fsdp = 4 and over data 2 × tensor 2, against the
+//! same step on one chip: per-chip arguments and FLOPs shrink with the mesh, the verdict is per
+//! chip, and a mesh that does not fit the slice or splits a head is a clear error.
+//!
+//! Needs libtpu (about 470 MB): runs when it is installed or with `RATTN_AOT_TESTS=1` (which
+//! installs it); otherwise prints a skip line.
+
+mod common;
+
+use common::rattn;
+use pjrt::install::{PluginCache, PluginKind};
+use serde_json::Value;
+
+fn have_tpu(test: &str) -> bool {
+    let cache = match std::env::var_os("RATTN_CACHE").filter(|v| !v.is_empty()) {
+        Some(root) => PluginCache::new(std::path::PathBuf::from(root).join("plugins")),
+        None => PluginCache::default(),
+    };
+    if std::env::var("RATTN_AOT_TESTS").is_ok_and(|v| v == "1") {
+        cache.install(PluginKind::Tpu).expect("installing libtpu");
+        return true;
+    }
+    let ok = cache.installed(PluginKind::Tpu).is_some();
+    if !ok {
+        eprintln!("skip {test}: libtpu not installed (set RATTN_AOT_TESTS=1 to install and run)");
+    }
+    ok
+}
+
+const TINY: &[&str] = &[
+    "compile",
+    "--target",
+    "tpu:v5p:2x2x1",
+    "--config",
+    "configs/tiny-3to1.toml",
+    "--set",
+    "model.seq_len=64",
+    "--batch",
+    "4",
+    "--json",
+];
+
+fn compile(mesh: &[&str]) -> Value {
+    let args: Vec<&str> = TINY.iter().chain(mesh).copied().collect();
+    let out = rattn(&args);
+    assert!(
+        out.status.success(),
+        "rattn {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn train_step(r: &Value) -> (f64, f64) {
+    let p = &r["programs"][0];
+    assert_eq!(p["name"], "train_step");
+    assert_eq!(p["fits"], true, "{p}");
+    (
+        p["memory"]["argument_bytes"].as_f64().unwrap(),
+        p["cost"]["flops"].as_f64().unwrap(),
+    )
+}
+
+#[test]
+fn a_sharded_train_step_compiles_for_a_v5p_slice() {
+    if !have_tpu("a_sharded_train_step_compiles_for_a_v5p_slice") {
+        return;
+    }
+    let one = compile(&[]);
+    assert_eq!(one["mesh_devices"], 1);
+    let (args1, flops1) = train_step(&one);
+    let params = one["param_count"].as_f64().unwrap();
+    for mesh in ["fsdp=4", "data=2,tensor=2"] {
+        let r = compile(&["--mesh", mesh]);
+        assert_eq!(r["mesh_devices"], 4, "{mesh}");
+        let (args4, flops4) = train_step(&r);
+        // fsdp cuts every embed-dim tensor of the state (12 bytes per parameter on one chip) in
+        // four; data × tensor cuts the heads and FFN in two. The FLOPs of one partition are about
+        // a quarter of the step's (the model's matmuls split four ways).
+        let bound = if mesh == "fsdp=4" { 0.35 } else { 0.6 };
+        assert!(
+            args4 <= bound * args1 && args4 >= 12.0 * params / 4.0,
+            "{mesh}: per-chip arguments {args4} B vs {args1} B on one chip"
+        );
+        assert!(
+            flops4 <= 0.3 * flops1 && flops4 >= 0.2 * flops1,
+            "{mesh}: per-chip FLOPs {flops4:e} vs {flops1:e} on one chip"
+        );
+        let cost = &r["programs"][0]["cost"];
+        if let (Some(t), Some(pc)) = (
+            cost["tokens_per_second"].as_f64(),
+            cost["tokens_per_second_per_chip"].as_f64(),
+        ) {
+            assert!((t / 4.0 - pc).abs() <= 1e-9 * t, "{cost}");
+        }
+        eprintln!(
+            "{mesh}: per-chip arguments {args4} B (1 chip: {args1} B), FLOPs {flops4:e} (1 chip: {flops1:e})"
+        );
+    }
+
+    // Bad meshes: not the slice's device count; a split kv head. Both before any compile.
+    let args: Vec<&str> = TINY.iter().chain(&["--mesh", "fsdp=2"]).copied().collect();
+    let out = rattn(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("spans 2 devices but there are 4"),
+        "{err}"
+    );
+    let args: Vec<&str> = TINY
+        .iter()
+        .chain(&["--mesh", "tensor=4"])
+        .copied()
+        .collect();
+    let out = rattn(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("layers.0.attn.wk") && err.contains("kv_heads"),
+        "{err}"
+    );
+    let args: Vec<&str> = TINY.iter().chain(&["--mesh", "fsdp4"]).copied().collect();
+    let err = String::from_utf8_lossy(&rattn(&args).stderr).into_owned();
+    assert!(err.contains("expected AXIS=N"), "{err}");
+}
