@@ -48,5 +48,8 @@ fn jax_model_matches_rattn_train_on_the_same_checkpoint() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("2 passed, 0 failed"), "unexpected summary:\n{stdout}");
+    assert!(
+        stdout.contains("2 passed, 0 failed"),
+        "unexpected summary:\n{stdout}"
+    );
 }
