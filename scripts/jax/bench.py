@@ -69,8 +69,9 @@ def run_rattn(rattn, config, sets, steps, log_every):
     return {"tokens_per_s": statistics.fmean(steady), "compile_s": lines[0]["compile_s"]}
 
 
-def run_jax(python, config, sets, steps, rla, rla_chunk):
-    cmd = [python, str(HERE / "bench_jax.py"), "--config", config, "--steps", str(steps), "--rla", rla]
+def run_jax(python, config, sets, steps, rla, rla_chunk, swa):
+    cmd = [python, str(HERE / "bench_jax.py"), "--config", config, "--steps", str(steps), "--rla", rla,
+           "--swa", swa]
     if rla_chunk:
         cmd += ["--rla-chunk", str(rla_chunk)]
     for s in sets:
@@ -98,6 +99,8 @@ def main():
     ap.add_argument("--log-every", type=int, default=5, help="rattn's tokens/s window")
     ap.add_argument("--rla", default="parallel", choices=["parallel", "scan"], help="JAX RLA form")
     ap.add_argument("--rla-chunk", type=int, default=None, help="JAX RLA chunk (default rla.sub_chunk)")
+    ap.add_argument("--swa", default="masked", choices=["masked", "blocked"],
+                    help="JAX SWA form: the whole T×T scores with a band mask, or W-query blocks")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra overrides given to both")
     ap.add_argument("--quick", action="store_true", help="T=128 B=2 W=16, 4 steps, 1 round")
@@ -108,7 +111,7 @@ def main():
     if not Path(args.rattn).exists():
         sys.exit(f"no rattn binary at {args.rattn}: cargo build --release -p trainer, or pass --rattn")
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  {os.cpu_count()} CPUs  config {args.config}")
-    print(f"# rattn {args.rattn}; JAX RLA {args.rla}; {args.steps} steps a run, {args.rounds} rounds")
+    print(f"# rattn {args.rattn}; JAX RLA {args.rla}, SWA {args.swa}; {args.steps} steps a run, {args.rounds} rounds")
     rows = []
     for shape in args.shapes:
         for kind in args.kinds:
@@ -121,7 +124,7 @@ def main():
                     if who == "rattn":
                         r = run_rattn(args.rattn, args.config, sets, args.steps, args.log_every)
                     else:
-                        r = run_jax(args.python, args.config, sets, args.steps, args.rla, args.rla_chunk)
+                        r = run_jax(args.python, args.config, sets, args.steps, args.rla, args.rla_chunk, args.swa)
                     l1 = load()
                     res[who].append(r)
                     res["load"] += [l0, l1]

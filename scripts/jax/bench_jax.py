@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default train.steps)")
     ap.add_argument("--rla", default="parallel", choices=["parallel", "scan"], help="RLA form")
     ap.add_argument("--rla-chunk", type=int, default=None, help="RLA chunk (default rla.sub_chunk)")
+    ap.add_argument("--swa", default="masked", choices=["masked", "blocked"], help="SWA form")
     args = ap.parse_args()
     cfg = Config.load(args.config, args.overrides)
     b, t = cfg.train["batch"], cfg.model["seq_len"]
@@ -42,7 +43,7 @@ def main():
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.model["vocab"], size=(b, t + 1)), jnp.int32)
     weights = jnp.ones((b, t), jnp.float32)
-    step_fn = make_train_step(cfg, rla_impl=args.rla, rla_chunk=args.rla_chunk)
+    step_fn = make_train_step(cfg, rla_impl=args.rla, rla_chunk=args.rla_chunk, swa_impl=args.swa)
     t0 = time.perf_counter()
     compiled = step_fn.lower(params, adam_m, adam_v, jnp.float32(0), tokens, weights).compile()
     compile_s = time.perf_counter() - t0
@@ -67,6 +68,7 @@ def main():
         "loss_first": first,
         "loss_last": last if steps > 1 else first,
         "rla": args.rla,
+        "swa": args.swa,
         "rla_chunk": args.rla_chunk or cfg.model["rla"]["sub_chunk"],
     }
     print(json.dumps(out))

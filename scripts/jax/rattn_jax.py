@@ -15,7 +15,8 @@ hyper-parameters match, and follows DESIGN §2 and crates/model/src exactly:
 * the train step: jit(value_and_grad) + global-norm clipping + warmup/cosine schedule + AdamW with
   decoupled decay on the embedding and matrices only — the formulas of crates/trainer/src/step.rs.
 
-Attention is einsum over the whole T×T score matrix with a mask (what one writes in JAX); RLA is
+Attention is einsum over the whole T×T score matrix with a mask (what one writes in JAX; SWA can
+also run `blocked`: W queries against 2W keys); RLA is
 chunked in plain jnp, either all chunks at once with an exclusive prefix sum of the per-chunk
 states (`parallel`) or a `jax.lax.scan` over chunks carrying the state (`scan`).
 
@@ -238,6 +239,33 @@ def attention(q, k, v, window: int | None):
     return o.reshape(b, t, n, h)
 
 
+def attention_blocked(q, k, v, window: int):
+    """Sliding-window attention in blocks of W queries, each against its own and the previous
+    block of keys (2W keys, not T): the same result as `attention(q, k, v, window)`."""
+    b, t, n, h = q.shape
+    g = k.shape[2]
+    c = max(window, 1)
+    tp = -(-t // c) * c
+    nb = tp // c
+    pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
+    qb = jnp.pad(q, pad).reshape(b, nb, c, g, n // g, h)
+
+    def two_blocks(x):
+        xb = jnp.pad(x, pad).reshape(b, nb, c, g, h)
+        prev = jnp.pad(xb, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :nb]
+        return jnp.concatenate([prev, xb], axis=2)  # [B, nb, 2c, G, H]
+
+    kk, vv = two_blocks(k), two_blocks(v)
+    s = jnp.einsum("bncgrh,bndgh->bngrcd", qb, kk)
+    tq = jnp.arange(nb)[:, None, None] * c + jnp.arange(c)[None, :, None]  # absolute query pos
+    tk = jnp.arange(nb)[:, None, None] * c - c + jnp.arange(2 * c)[None, None, :]  # absolute key pos
+    mask = (tk >= 0) & (tk <= tq) & (tq - tk <= window)  # [nb, c, 2c]
+    s = jnp.where(mask[None, :, None, None], s, jnp.finfo(F32).min)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bngrcd,bndgh->bncgrh", p, vv)
+    return o.reshape(b, tp, n, h)[:, :t]
+
+
 def feature(x, kind: str):
     """φ over the head dim: [softmax(x), softmax(−x)] or [relu(x), relu(−x)]; H → 2H."""
     if kind == "softmax":
@@ -292,8 +320,16 @@ def rla(q, k, v, window: int, chunk: int, fm: str, impl: str = "parallel"):
     return o.reshape(b, tp, n, h)[:, :t]
 
 
-def forward(params, tokens, cfg: Config, rla_impl: str = "parallel", rla_chunk: int | None = None):
-    """Logits [B,T,vocab] (f32) for tokens [B,T] (int32)."""
+def forward(
+    params,
+    tokens,
+    cfg: Config,
+    rla_impl: str = "parallel",
+    rla_chunk: int | None = None,
+    swa_impl: str = "masked",
+):
+    """Logits [B,T,vocab] (f32) for tokens [B,T] (int32). `swa_impl`: `masked` (the whole T×T
+    scores with a band mask) or `blocked` ([`attention_blocked`])."""
     m = cfg.model
     n, g, h = m["heads"], m["kv_heads"], m["head_dim"]
     eps, w = m["norm_eps"], m["window"]
@@ -315,7 +351,13 @@ def forward(params, tokens, cfg: Config, rla_impl: str = "parallel", rla_chunk: 
             ctx = attention(qn * F32(inv), kn, v, None)
         else:
             theta = m["rope_theta"]
-            ctx = attention(rope(qn, theta) * F32(inv), rope(kn, theta), v, w)
+            qr, kr = rope(qn, theta) * F32(inv), rope(kn, theta)
+            if swa_impl == "masked":
+                ctx = attention(qr, kr, v, w)
+            elif swa_impl == "blocked":
+                ctx = attention_blocked(qr, kr, v, w)
+            else:
+                raise ValueError(f"swa impl {swa_impl!r} is not masked or blocked")
             if kind == "rattention":
                 o_rla = rla(q, k, v, w, chunk, m["rla"]["feature_map"], rla_impl)
                 ctx = rms_norm(ctx, params[f"{p}.attn.swa_norm.scale"], 1e-8) + rms_norm(
