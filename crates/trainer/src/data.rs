@@ -206,7 +206,13 @@ pub fn length_buckets(
     let mut k = 1;
     while k * t < eval_len {
         let (lo, hi) = (k * t + 1, 2 * k * t);
-        let name = |m: usize| if m == 1 { "T".to_string() } else { format!("{m}T") };
+        let name = |m: usize| {
+            if m == 1 {
+                "T".to_string()
+            } else {
+                format!("{m}T")
+            }
+        };
         buckets.push(Bucket {
             label: format!("{}..{} ({lo}..{hi})", name(k), name(2 * k)),
             lo,
@@ -588,7 +594,9 @@ mod tests {
         let mut far = 0;
         for i in 0..20 {
             for p in recall_sequence(0, i, 2049).probes {
-                let k = b.iter().position(|b| b.lo <= p.distance && p.distance <= b.hi);
+                let k = b
+                    .iter()
+                    .position(|b| b.lo <= p.distance && p.distance <= b.hi);
                 far += usize::from(k == Some(b.len() - 1));
                 assert!(k.is_some(), "{p:?}");
             }
@@ -612,7 +620,9 @@ mod tests {
         // 1000 bytes over two files, read in name order.
         // Letters from a hash, so every 17-token window occurs once.
         let letters = |n: u64, base: u8| -> String {
-            (0..n).map(|i| (base + (mix(i + base as u64) % 26) as u8) as char).collect()
+            (0..n)
+                .map(|i| (base + (mix(i + base as u64) % 26) as u8) as char)
+                .collect()
         };
         let (a, b) = (letters(600, b'a'), letters(400, b'A'));
         std::fs::write(dir.path().join("1.txt"), &a).unwrap();
@@ -644,7 +654,10 @@ mod tests {
             assert_eq!(s.tokens.len(), 17);
             assert_eq!(s.weights, vec![1.0; 16]);
             let start = train.windows(17).position(|w| w == s.tokens.as_slice());
-            assert!(start.is_some_and(|p| p % 16 == 0), "window {i} at {start:?}");
+            assert!(
+                start.is_some_and(|p| p % 16 == 0),
+                "window {i} at {start:?}"
+            );
         }
         // 50 held-out tokens hold (50 − 17) / 16 = 2 whole windows; index 2 starts over.
         for i in 0..2u64 {
@@ -656,9 +669,15 @@ mod tests {
         // Nothing held out: eval has no data; a bad fraction is named.
         let err = |r: Result<Source>| r.map(|_| ()).unwrap_err();
         let e = err(Source::held_out(&text_config(dir.path(), 0.0), 0, 256));
-        assert!(format!("{e:#}").contains("data.eval_fraction is 0"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("data.eval_fraction is 0"),
+            "{e:#}"
+        );
         let e = err(Source::open(&text_config(dir.path(), 1.0), 0, 256));
-        assert!(format!("{e:#}").contains("eval_fraction must be in [0, 1)"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("eval_fraction must be in [0, 1)"),
+            "{e:#}"
+        );
         let e = err(Source::open(&text_config(dir.path(), 0.999), 0, 256));
         assert!(format!("{e:#}").contains("too short"), "{e:#}");
     }

@@ -400,8 +400,21 @@ pub fn eval_lengths(
         if len == 0 {
             bail!("eval: a sequence length must be > 0 (lengths {lengths:?})");
         }
-        let r = eval_at(&client, &model, &params, &src, len, cfg.train.batch, sequences)?;
-        print_report(cfg, &model, &r, lengths.len() > 1 || len != cfg.model.seq_len);
+        let r = eval_at(
+            &client,
+            &model,
+            &params,
+            &src,
+            len,
+            cfg.train.batch,
+            sequences,
+        )?;
+        print_report(
+            cfg,
+            &model,
+            &r,
+            lengths.len() > 1 || len != cfg.model.seq_len,
+        );
         reports.push(r);
     }
     Ok(reports)
@@ -413,11 +426,12 @@ pub fn eval_lengths(
 fn eval_buckets(model: &Model, len: usize) -> (Vec<crate::data::Bucket>, usize) {
     let cfg = model.config();
     let local = model.layers().iter().filter(|a| a.is_local()).count();
-    let relay = if local == 0 { model.layers().len() } else { local };
-    (
-        length_buckets(cfg.window, relay, cfg.seq_len, len),
-        relay,
-    )
+    let relay = if local == 0 {
+        model.layers().len()
+    } else {
+        local
+    };
+    (length_buckets(cfg.window, relay, cfg.seq_len, len), relay)
 }
 
 /// Loss (and recall) of `model` with device `params` on `sequences` held-out sequences of `len`
@@ -556,6 +570,6 @@ fn print_report(cfg: &RunConfig, model: &Model, report: &EvalReport, header: boo
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod length_tests;
+#[cfg(test)]
+mod tests;

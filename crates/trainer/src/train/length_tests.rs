@@ -114,11 +114,21 @@ fn eval_beyond_the_training_length_matches_the_f64_reference_at_that_length() {
         match len {
             32 => assert_eq!(
                 labels,
-                ["<= W (16)", "LW..2LW (17..32)", "2LW..4LW (33..64)", "> 4LW (> 64)"]
+                [
+                    "<= W (16)",
+                    "LW..2LW (17..32)",
+                    "2LW..4LW (33..64)",
+                    "> 4LW (> 64)"
+                ]
             ),
             80 => assert_eq!(
                 labels,
-                ["<= W (16)", "LW..2LW (17..32)", "T..2T (33..64)", "2T..4T (65..128)"]
+                [
+                    "<= W (16)",
+                    "LW..2LW (17..32)",
+                    "T..2T (33..64)",
+                    "2T..4T (65..128)"
+                ]
             ),
             _ => assert_eq!(
                 labels,
