@@ -97,13 +97,14 @@ pub fn train(
     let specs = model.param_specs();
     let io = StepIo::new(specs.len());
     let state_tensors = step::state_tensors(specs);
+    // The data first: a missing corpus is reported before anything is compiled.
+    let src = Source::open(&cfg.data, cfg.train.seed, cfg.model.vocab)?;
     let client = spmd::open_client(plugin, mesh.device_count())?;
     let placement = Placement::new(&client, mesh.device_count())?;
     let t0 = Instant::now();
     let comp = step::build_train_step(cfg, &client.platform_name()?, &mesh)?;
     let exe = placement.compile(&client, &comp)?;
     let compile_s = t0.elapsed().as_secs_f64();
-    let src = Source::open(&cfg.data, cfg.train.seed, cfg.model.vocab)?;
     if !resume {
         refuse_earlier_run(out)?;
     }
