@@ -5,6 +5,7 @@
 # global), at equal steps; each run ends with the held-out loss (the corpus's last 5 %, never
 # trained on), then `rattn eval` scores it again at 2T and 4T without retraining.
 #   scripts/text_table.sh [OUT_DIR] [SEEDS...]   (default runs/text, seed 0)
+#   STEPS=N scripts/text_table.sh ...            (train N steps instead of the config's 600)
 # Finished steps are skipped when the script is restarted (train.txt, lengths.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,8 @@ seeds=("$@")
 [ ${#seeds[@]} -gt 0 ] || seeds=(0)
 kinds=(rattention swa full)
 lengths=512,1024,2048
+steps_arg=()
+[ -z "${STEPS:-}" ] || steps_arg=(--set "train.steps=$STEPS")
 scripts/get_text.sh
 cargo build --release -p trainer
 rev=$(git describe --always --dirty 2>/dev/null || echo unknown)
@@ -35,7 +38,7 @@ for seed in "${seeds[@]}"; do
       mkdir -p "$dir"
       start=$(date +%s)
       "$out/rattn" train --config configs/text-tiny.toml --out "$dir" --quiet --seed "$seed" \
-        --set "$set_arg" >"$dir/stdout.txt" 2>"$dir/stderr.txt"
+        --set "$set_arg" "${steps_arg[@]}" >"$dir/stdout.txt" 2>"$dir/stderr.txt"
       end=$(date +%s)
       {
         echo "wall_s $((end - start)) load $(cut -d' ' -f1-3 /proc/loadavg) commit $rev"
