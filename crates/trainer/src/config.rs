@@ -80,8 +80,11 @@ pub struct DataConfig {
     pub tokenizer: Option<PathBuf>,
     /// Token width of a `tokens` file: 16 or 32.
     pub token_bits: u32,
-    /// Fraction of the data held out for `rattn eval`.
+    /// Fraction of a text or token stream held out for `rattn eval` (its tail; never trained on).
     pub eval_fraction: f64,
+    /// The command that installs the data at `path` (e.g. `scripts/get_text.sh`), named in the
+    /// error when `path` does not exist.
+    pub install: Option<String>,
 }
 
 impl Default for DataConfig {
@@ -92,6 +95,7 @@ impl Default for DataConfig {
             tokenizer: None,
             token_bits: 16,
             eval_fraction: 0.05,
+            install: None,
         }
     }
 }

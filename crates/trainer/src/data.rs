@@ -1,6 +1,8 @@
 //! Token sources: the embedded recall task ([`recall_sequence`]), UTF-8 text with a byte
 //! tokenizer, and pre-tokenized little-endian u16/u32 files. Batches come in a deterministic order
-//! from the seed, and the position is a single counter so a run can resume exactly.
+//! from the seed, and the position is a single counter so a run can resume exactly. Text and token
+//! streams are split once: the last `data.eval_fraction` of the stream is held out for
+//! evaluation ([`Source::held_out`]) and never trained on.
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -177,6 +179,50 @@ pub fn distance_buckets(window: usize, local: usize) -> Vec<Bucket> {
         .collect()
 }
 
+/// The distance buckets of an evaluation at `eval_len` tokens of a model trained at `train_len`:
+/// [`distance_buckets`] while `eval_len <= train_len`; beyond, the buckets stop at `train_len`
+/// (the farthest is relabelled `..T`) and doubling buckets follow, `T..2T`, `2T..4T`, …, the last
+/// reaching `eval_len`: distances no training sequence held.
+pub fn length_buckets(
+    window: usize,
+    local: usize,
+    train_len: usize,
+    eval_len: usize,
+) -> Vec<Bucket> {
+    let mut buckets = distance_buckets(window, local);
+    if eval_len <= train_len {
+        return buckets;
+    }
+    let t = train_len.max(1);
+    buckets.retain(|b| b.lo <= t);
+    if let Some(last) = buckets.last_mut() {
+        if last.hi > t {
+            let name = last.label.split(" (").next().unwrap_or("").to_string();
+            let name = name.trim_start_matches("> ");
+            last.label = format!("{name}..T ({}..{t})", last.lo);
+            last.hi = t;
+        }
+    }
+    let mut k = 1;
+    while k * t < eval_len {
+        let (lo, hi) = (k * t + 1, 2 * k * t);
+        let name = |m: usize| {
+            if m == 1 {
+                "T".to_string()
+            } else {
+                format!("{m}T")
+            }
+        };
+        buckets.push(Bucket {
+            label: format!("{}..{} ({lo}..{hi})", name(k), name(2 * k)),
+            lo,
+            hi,
+        });
+        k *= 2;
+    }
+    buckets
+}
+
 /// One training or evaluation sequence: `len + 1` tokens (inputs are the first `len`, next-token
 /// targets the last `len`), the loss weight of each of the `len` targets, and the recall task's
 /// queries (none for text and token data).
@@ -200,14 +246,64 @@ pub enum Source {
     },
     /// A flat token stream, cut into windows of `len + 1`.
     Stream {
-        /// All tokens.
+        /// The tokens of this split.
         tokens: Vec<u32>,
+        /// Windows in a hashed order (training); else window `index` in order (evaluation).
+        shuffle: bool,
     },
 }
 
+/// How a stream of `n` tokens is split: the first `train` tokens are trained on, the rest (the
+/// last `eval_fraction`, rounded up) held out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StreamSplit {
+    /// Tokens of the training part (the stream's head).
+    pub train: usize,
+    /// Tokens of the held-out part (the stream's tail).
+    pub held_out: usize,
+}
+
+impl StreamSplit {
+    /// The split of `n` tokens that holds out `eval_fraction` (in [0, 1)) of them; each part
+    /// that exists must hold at least 2 tokens (one input, one target).
+    pub fn new(n: usize, eval_fraction: f64) -> Result<StreamSplit> {
+        if !(0.0..1.0).contains(&eval_fraction) {
+            bail!("data.eval_fraction must be in [0, 1) (got {eval_fraction})");
+        }
+        let held_out = (n as f64 * eval_fraction).ceil() as usize;
+        let train = n - held_out;
+        if train < 2 || (eval_fraction > 0.0 && held_out < 2) {
+            bail!(
+                "a stream of {n} tokens is too short to hold out data.eval_fraction = \
+                 {eval_fraction}: {train} tokens left to train on, {held_out} held out \
+                 (each part needs at least 2)"
+            );
+        }
+        Ok(StreamSplit { train, held_out })
+    }
+}
+
 impl Source {
-    /// Open the source described by a data config, checking tokens fit the vocabulary.
+    /// Open the training data described by a data config, checking tokens fit the vocabulary:
+    /// the recall task for `seed`, or the head of a text or token stream (all but its last
+    /// `eval_fraction`).
     pub fn open(cfg: &crate::config::DataConfig, seed: u64, vocab: usize) -> Result<Source> {
+        Self::open_split(cfg, seed, vocab, false)
+    }
+
+    /// Open the held-out data of the same config, what `rattn eval` scores: the recall task on
+    /// a seed no training run uses (seed ^ 0xE7A1_0000_0000_0001), or the tail of the stream,
+    /// read window by window in order. An `eval_fraction` of 0 is refused for streams.
+    pub fn held_out(cfg: &crate::config::DataConfig, seed: u64, vocab: usize) -> Result<Source> {
+        Self::open_split(cfg, seed, vocab, true)
+    }
+
+    fn open_split(
+        cfg: &crate::config::DataConfig,
+        seed: u64,
+        vocab: usize,
+        held_out: bool,
+    ) -> Result<Source> {
         match cfg.kind.as_str() {
             "synthetic" => {
                 if vocab < synth::VOCAB {
@@ -216,10 +312,27 @@ impl Source {
                         synth::VOCAB
                     );
                 }
-                Ok(Source::Synthetic { seed })
+                Ok(Source::Synthetic {
+                    seed: if held_out {
+                        seed ^ 0xE7A1_0000_0000_0001
+                    } else {
+                        seed
+                    },
+                })
             }
             kind => {
                 let path = cfg.path.as_deref().context("data.path is required")?;
+                if !path.exists() {
+                    let hint = cfg
+                        .install
+                        .as_deref()
+                        .map(|c| format!("; `{c}` installs it"))
+                        .unwrap_or_default();
+                    bail!(
+                        "data.path {} (data.kind = {kind:?}) does not exist{hint}",
+                        path.display()
+                    );
+                }
                 let tokens = match kind {
                     "text" => read_text_tokens(path, cfg.tokenizer.as_deref())?,
                     _ => read_tokens(path, cfg.token_bits)?,
@@ -233,7 +346,25 @@ impl Source {
                 if tokens.len() < 2 {
                     bail!("{} holds fewer than 2 tokens", path.display());
                 }
-                Ok(Source::Stream { tokens })
+                let split = StreamSplit::new(tokens.len(), cfg.eval_fraction)
+                    .with_context(|| format!("splitting {}", path.display()))?;
+                if held_out && split.held_out == 0 {
+                    bail!(
+                        "data.eval_fraction is 0: no part of {} is held out to evaluate on",
+                        path.display()
+                    );
+                }
+                let mut tokens = tokens;
+                let part = if held_out {
+                    tokens.split_off(split.train)
+                } else {
+                    tokens.truncate(split.train);
+                    tokens
+                };
+                Ok(Source::Stream {
+                    tokens: part,
+                    shuffle: !held_out,
+                })
             }
         }
     }
@@ -254,12 +385,13 @@ impl Source {
                     probes: r.probes,
                 }
             }
-            Source::Stream { tokens } => {
+            Source::Stream { tokens, shuffle } => {
                 let n = tokens.len();
                 let span = len + 1;
                 let windows = (n.saturating_sub(span) / len).max(1) as u64;
-                // Deterministic shuffle of window starts via a multiplicative hash of the index.
-                let w = mix(index) % windows;
+                // Training: a deterministic shuffle of window starts via a hash of the index;
+                // evaluation: the windows in order (index 0 is the part's first window).
+                let w = if *shuffle { mix(index) } else { index } % windows;
                 let start = (w as usize * len) % n;
                 Sequence {
                     tokens: (0..span).map(|i| tokens[(start + i) % n]).collect(),
@@ -426,6 +558,154 @@ mod tests {
         }
         // One local layer: no W..LW bucket.
         assert_eq!(distance_buckets(8, 1).len(), 4);
+    }
+
+    #[test]
+    fn buckets_beyond_the_training_length_double_up_to_the_eval_length() {
+        // At the training length (or below) the buckets are the usual ones.
+        assert_eq!(length_buckets(16, 2, 256, 256), distance_buckets(16, 2));
+        assert_eq!(length_buckets(16, 2, 256, 100), distance_buckets(16, 2));
+        let b = length_buckets(16, 2, 256, 2048);
+        let got: Vec<(&str, usize, usize)> =
+            b.iter().map(|b| (b.label.as_str(), b.lo, b.hi)).collect();
+        assert_eq!(
+            got,
+            [
+                ("<= W (16)", 1, 16),
+                ("W..LW (17..32)", 17, 32),
+                ("LW..2LW (33..64)", 33, 64),
+                ("2LW..4LW (65..128)", 65, 128),
+                ("4LW..T (129..256)", 129, 256),
+                ("T..2T (257..512)", 257, 512),
+                ("2T..4T (513..1024)", 513, 1024),
+                ("4T..8T (1025..2048)", 1025, 2048),
+            ]
+        );
+        // An eval length between the powers of two: the last bucket still reaches it.
+        let b = length_buckets(16, 2, 256, 600);
+        assert_eq!((b.last().unwrap().lo, b.last().unwrap().hi), (513, 1024));
+        // A window stack reaching past the training length: buckets beyond T are cut at T.
+        let b = length_buckets(64, 2, 256, 512);
+        let got: Vec<(usize, usize)> = b.iter().map(|b| (b.lo, b.hi)).collect();
+        assert_eq!(got, [(1, 64), (65, 128), (129, 256), (257, 512)]);
+        assert_eq!(b[2].label, "LW..2LW (129..256)");
+        // Every query of a recall sequence at 8T falls in one of them, and the farthest is used.
+        let b = length_buckets(16, 2, 256, 2048);
+        let mut far = 0;
+        for i in 0..20 {
+            for p in recall_sequence(0, i, 2049).probes {
+                let k = b
+                    .iter()
+                    .position(|b| b.lo <= p.distance && p.distance <= b.hi);
+                far += usize::from(k == Some(b.len() - 1));
+                assert!(k.is_some(), "{p:?}");
+            }
+        }
+        assert!(far > 20, "{far} answers at 1025..2048 in 20 sequences");
+    }
+
+    fn text_config(dir: &Path, eval_fraction: f64) -> crate::config::DataConfig {
+        crate::config::DataConfig {
+            kind: "text".into(),
+            path: Some(dir.to_path_buf()),
+            eval_fraction,
+            install: Some("scripts/get_text.sh".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn text_is_split_into_a_training_head_and_a_held_out_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        // 1000 bytes over two files, read in name order.
+        // Letters from a hash, so every 17-token window occurs once.
+        let letters = |n: u64, base: u8| -> String {
+            (0..n)
+                .map(|i| (base + (mix(i + base as u64) % 26) as u8) as char)
+                .collect()
+        };
+        let (a, b) = (letters(600, b'a'), letters(400, b'A'));
+        std::fs::write(dir.path().join("1.txt"), &a).unwrap();
+        std::fs::write(dir.path().join("2.txt"), &b).unwrap();
+        let all: Vec<u32> = format!("{a}{b}").bytes().map(u32::from).collect();
+        assert_eq!(
+            StreamSplit::new(1000, 0.05).unwrap(),
+            StreamSplit {
+                train: 950,
+                held_out: 50
+            }
+        );
+        let cfg = text_config(dir.path(), 0.05);
+        let Source::Stream { tokens: train, .. } = Source::open(&cfg, 0, 256).unwrap() else {
+            panic!("text is a stream")
+        };
+        let held = Source::held_out(&cfg, 0, 256).unwrap();
+        let Source::Stream { tokens: tail, .. } = &held else {
+            panic!("text is a stream")
+        };
+        assert_eq!(train, all[..950]);
+        assert_eq!(tail[..], all[950..]);
+        // Training windows come from the head only, in a hashed order, the same every
+        // time; held-out windows are the tail's, in order.
+        let src = Source::open(&cfg, 7, 256).unwrap();
+        for i in 0..50 {
+            let s = src.sequence(i, 16);
+            assert_eq!(s, Source::open(&cfg, 7, 256).unwrap().sequence(i, 16));
+            assert_eq!(s.tokens.len(), 17);
+            assert_eq!(s.weights, vec![1.0; 16]);
+            let start = train.windows(17).position(|w| w == s.tokens.as_slice());
+            assert!(
+                start.is_some_and(|p| p % 16 == 0),
+                "window {i} at {start:?}"
+            );
+        }
+        // 50 held-out tokens hold (50 − 17) / 16 = 2 whole windows; index 2 starts over.
+        for i in 0..2u64 {
+            let s = held.sequence(i, 16);
+            let at = 950 + 16 * i as usize;
+            assert_eq!(s.tokens, all[at..at + 17], "held-out window {i}");
+        }
+        assert_eq!(held.sequence(2, 16), held.sequence(0, 16));
+        // Nothing held out: eval has no data; a bad fraction is named.
+        let err = |r: Result<Source>| r.map(|_| ()).unwrap_err();
+        let e = err(Source::held_out(&text_config(dir.path(), 0.0), 0, 256));
+        assert!(
+            format!("{e:#}").contains("data.eval_fraction is 0"),
+            "{e:#}"
+        );
+        let e = err(Source::open(&text_config(dir.path(), 1.0), 0, 256));
+        assert!(
+            format!("{e:#}").contains("eval_fraction must be in [0, 1)"),
+            "{e:#}"
+        );
+        let e = err(Source::open(&text_config(dir.path(), 0.999), 0, 256));
+        assert!(format!("{e:#}").contains("too short"), "{e:#}");
+    }
+
+    #[test]
+    fn a_missing_corpus_names_the_script_that_installs_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("shakespeare");
+        let e = Source::open(&text_config(&missing, 0.05), 0, 256)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("data.path {} ", missing.display()))
+                && e.contains("`scripts/get_text.sh` installs it"),
+            "{e}"
+        );
+        // The shipped text config names it too.
+        let cfg = crate::config::RunConfig::load(
+            Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../configs/text-tiny.toml"
+            )),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.data.install.as_deref(), Some("scripts/get_text.sh"));
+        assert!(cfg.model.vocab >= 256, "byte tokens need vocab >= 256");
     }
 
     #[test]

@@ -123,9 +123,14 @@ enum Cmd {
         /// Checkpoint file, or a run directory (its newest checkpoint).
         #[arg(long, default_value = "runs/tiny")]
         checkpoint: PathBuf,
-        /// Number of held-out sequences.
+        /// Number of held-out sequences (at each length).
         #[arg(long, default_value_t = EVAL_SEQUENCES)]
         sequences: usize,
+        /// Sequence lengths to evaluate at, e.g. `--seq-len 512,1024,2048` (default: the
+        /// training length). The same parameters run at every length; beyond the training
+        /// length T recall gets buckets T..2T, 2T..4T, ….
+        #[arg(long, value_delimiter = ',')]
+        seq_len: Vec<usize>,
     },
     /// Manage PJRT plugins.
     Plugin {
@@ -273,9 +278,16 @@ fn run(cli: Cli) -> Result<()> {
             common,
             checkpoint,
             sequences,
+            seq_len,
         } => {
             let cfg = config::RunConfig::load(&common.config, &common.overrides)?;
-            train::eval(&cfg, common.plugin.as_deref(), &checkpoint, sequences).map(|_| ())
+            let lengths = if seq_len.is_empty() {
+                vec![cfg.model.seq_len]
+            } else {
+                seq_len
+            };
+            let p = common.plugin.as_deref();
+            train::eval_lengths(&cfg, p, &checkpoint, sequences, &lengths).map(|_| ())
         }
         Cmd::Plugin {
             cmd: PluginCmd::Install { kind },

@@ -2,7 +2,7 @@
 
 use crate::checkpoint::{self, Checkpoint, NamedTensor};
 use crate::config::RunConfig;
-use crate::data::{distance_buckets, synth, Source};
+use crate::data::{length_buckets, synth, Source};
 use crate::mfu::{self, Utilization};
 use crate::runtime::{self, upload_f32};
 use crate::spmd::{self, Placement};
@@ -101,13 +101,14 @@ pub fn train(
     let specs = model.param_specs();
     let io = StepIo::new(specs.len());
     let state_tensors = step::state_tensors(specs);
+    // The data first: a missing corpus is reported before anything is compiled.
+    let src = Source::open(&cfg.data, cfg.train.seed, cfg.model.vocab)?;
     let client = spmd::open_client(plugin, mesh.device_count())?;
     let placement = Placement::new(&client, mesh.device_count())?;
     let t0 = Instant::now();
     let comp = step::build_train_step(cfg, &client.platform_name()?, &mesh)?;
     let exe = placement.compile(&client, &comp)?;
     let compile_s = t0.elapsed().as_secs_f64();
-    let src = Source::open(&cfg.data, cfg.train.seed, cfg.model.vocab)?;
     let dist = crate::distributed::global();
     let (process, processes) = dist.map_or((0, 1), |d| (d.process_id, d.num_processes));
     if !resume {
@@ -416,7 +417,7 @@ pub fn restore_state(
 /// Recall of one distance bucket.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BucketRecall {
-    /// The bucket ([`distance_buckets`]).
+    /// The bucket ([`crate::data::distance_buckets`], [`length_buckets`]).
     pub label: String,
     /// Answers predicted right (greedy).
     pub correct: usize,
@@ -435,25 +436,52 @@ impl BucketRecall {
     }
 }
 
-/// Results of `rattn eval`.
+/// Results of `rattn eval` at one sequence length.
 #[derive(Debug, Clone)]
 pub struct EvalReport {
+    /// The sequence length evaluated at (tokens per input).
+    pub seq_len: usize,
+    /// Held-out sequences evaluated (whole batches: the request rounded up).
+    pub sequences: usize,
     /// Mean next-token loss over the scored targets (the recall task's answers; every token of
     /// text data).
     pub loss: f64,
     /// exp(loss).
     pub perplexity: f64,
+    /// Scored targets (their summed weight).
+    pub targets: f64,
     /// Recall task: recall by distance from the pair's last appearance, nearest bucket first.
     pub recall: Vec<BucketRecall>,
 }
 
-/// Evaluate the newest checkpoint (or a given file) on held-out sequences.
+/// Index of the first held-out recall sequence (the synthetic held-out stream is also on its own
+/// seed; text and token data are read from their held-out tail's first window).
+const FIRST_EVAL_SEQUENCE: u64 = 1_000_000_007;
+
+/// Evaluate the newest checkpoint (or a given file) on held-out sequences at the training length.
 pub fn eval(
     cfg: &RunConfig,
     plugin: Option<&str>,
     ckpt: &Path,
     sequences: usize,
 ) -> Result<EvalReport> {
+    let mut reports = eval_lengths(cfg, plugin, ckpt, sequences, &[cfg.model.seq_len])?;
+    Ok(reports.remove(0))
+}
+
+/// Evaluate a checkpoint on `sequences` held-out sequences at each of `lengths` (tokens per
+/// input), without retraining: the parameters do not depend on the length (RoPE positions and the
+/// RLA state extend), so the forward graph is built again at each length. Prints and returns one
+/// report per length. On the recall task the data are generated at that length (query distances
+/// grow with it) and, beyond the training length T, recall is reported in extra buckets
+/// `T..2T`, `2T..4T`, … ([`length_buckets`]).
+pub fn eval_lengths(
+    cfg: &RunConfig,
+    plugin: Option<&str>,
+    ckpt: &Path,
+    sequences: usize,
+    lengths: &[usize],
+) -> Result<Vec<EvalReport>> {
     let client = runtime::open_client(plugin)?;
     let path = if ckpt.is_dir() {
         checkpoint::latest(ckpt)?.with_context(|| format!("no checkpoint in {}", ckpt.display()))?
@@ -466,24 +494,71 @@ pub fn eval(
     for t in ck.params(&model)? {
         params.push(upload_f32(&client, &t.data, &t.shape)?);
     }
-    let (bs, t, v) = (cfg.train.batch, cfg.model.seq_len, cfg.model.vocab);
-    let platform = client.platform_name()?;
-    let exe = runtime::compile(&client, &step::build_forward(&model, bs, t, &platform)?)?;
-    // Held-out stream: a different seed for synthetic data, the tail of the stream otherwise.
-    let src = match Source::open(&cfg.data, cfg.train.seed, v)? {
-        Source::Synthetic { seed } => Source::Synthetic {
-            seed: seed ^ 0xE7A1_0000_0000_0001,
-        },
-        s => s,
-    };
-    let synthetic = matches!(src, Source::Synthetic { .. });
+    let src = Source::held_out(&cfg.data, cfg.train.seed, cfg.model.vocab)?;
+    println!("checkpoint {} (step {})", path.display(), ck.step);
+    let mut reports = Vec::new();
+    for &len in lengths {
+        if len == 0 {
+            bail!("eval: a sequence length must be > 0 (lengths {lengths:?})");
+        }
+        let r = eval_at(
+            &client,
+            &model,
+            &params,
+            &src,
+            len,
+            cfg.train.batch,
+            sequences,
+        )?;
+        print_report(
+            cfg,
+            &model,
+            &r,
+            lengths.len() > 1 || len != cfg.model.seq_len,
+        );
+        reports.push(r);
+    }
+    Ok(reports)
+}
+
+/// The distance buckets of the recall evaluation at `len` for `model` (trained at its
+/// `seq_len`). A stack without local layers (full attention) gets the buckets of the all-local
+/// stack of the same depth, so it can be compared with one.
+fn eval_buckets(model: &Model, len: usize) -> (Vec<crate::data::Bucket>, usize) {
+    let cfg = model.config();
     let local = model.layers().iter().filter(|a| a.is_local()).count();
-    let buckets = distance_buckets(cfg.model.window, local);
+    let relay = if local == 0 {
+        model.layers().len()
+    } else {
+        local
+    };
+    (length_buckets(cfg.window, relay, cfg.seq_len, len), relay)
+}
+
+/// Loss (and recall) of `model` with device `params` on `sequences` held-out sequences of `len`
+/// tokens from `src`, in batches of at most `batch`.
+fn eval_at(
+    client: &pjrt::Client,
+    model: &Model,
+    params: &[Buffer],
+    src: &Source,
+    len: usize,
+    batch: usize,
+    sequences: usize,
+) -> Result<EvalReport> {
+    let (t, v) = (len, model.config().vocab);
+    let bs = batch.min(sequences).max(1);
+    let platform = client.platform_name()?;
+    let exe = runtime::compile(client, &step::build_forward(model, bs, t, &platform)?)
+        .with_context(|| format!("compiling the eval forward at batch {bs}, length {t}"))?;
+    let synthetic = matches!(src, Source::Synthetic { .. });
+    let first_index = if synthetic { FIRST_EVAL_SEQUENCE } else { 0 };
+    let (buckets, _) = eval_buckets(model, t);
     let mut hits = vec![(0usize, 0usize); buckets.len()];
     let (mut nll, mut weight) = (0.0f64, 0.0f64);
     let batches = sequences.div_ceil(bs);
     for bi in 0..batches {
-        let first = 1_000_000_007u64 + (bi * bs) as u64;
+        let first = first_index + (bi * bs) as u64;
         let seqs: Vec<_> = (0..bs as u64).map(|i| src.sequence(first + i, t)).collect();
         let toks: Vec<i32> = seqs
             .iter()
@@ -528,9 +603,12 @@ pub fn eval(
         }
     }
     let loss = nll / weight.max(1.0);
-    let report = EvalReport {
+    Ok(EvalReport {
+        seq_len: t,
+        sequences: batches * bs,
         loss,
         perplexity: loss.exp(),
+        targets: weight,
         recall: if synthetic {
             buckets
                 .iter()
@@ -544,20 +622,40 @@ pub fn eval(
         } else {
             Vec::new()
         },
-    };
-    println!("checkpoint {} (step {})", path.display(), ck.step);
+    })
+}
+
+/// Print one length's report as `rattn eval` shows it, after a line naming the length when
+/// `header` (several lengths, or another than the training length).
+fn print_report(cfg: &RunConfig, model: &Model, report: &EvalReport, header: bool) {
+    let train_len = cfg.model.seq_len;
+    if header {
+        let ratio = report.seq_len as f64 / train_len as f64;
+        println!(
+            "at seq_len {} ({ratio}× the training length {train_len}), {} sequences:",
+            report.seq_len, report.sequences
+        );
+    }
+    let synthetic = !report.recall.is_empty();
     let what = if synthetic { "answer tokens" } else { "tokens" };
     println!(
-        "eval loss {:.4}  perplexity {:.3}  over {weight} {what}",
-        report.loss, report.perplexity
+        "eval loss {:.4}  perplexity {:.3}  over {} {what}",
+        report.loss, report.perplexity, report.targets
     );
     if synthetic {
+        let (_, relay) = eval_buckets(model, report.seq_len);
+        let local = model.layers().iter().filter(|a| a.is_local()).count();
         let chance = 100.0 / synth::N_VALUES as f64;
+        let stack = if local == 0 {
+            format!("no local layers: buckets of an all-local stack of {relay}")
+        } else {
+            format!("{local} local layers")
+        };
         println!(
-            "recall by distance from the fact's last appearance (W = {}, {local} local layers: \
+            "recall by distance from the fact's last appearance (W = {}, {stack}: \
              LW = {}; chance {chance:.1} % = 1/{}):",
             cfg.model.window,
-            cfg.model.window * local.max(1),
+            cfg.model.window * relay.max(1),
             synth::N_VALUES
         );
         for r in &report.recall {
@@ -570,8 +668,9 @@ pub fn eval(
             );
         }
     }
-    Ok(report)
 }
 
+#[cfg(test)]
+mod length_tests;
 #[cfg(test)]
 mod tests;

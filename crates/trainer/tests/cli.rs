@@ -195,6 +195,26 @@ fn training_lowers_the_loss_and_resume_is_bit_exact() {
         text.contains("perplexity") && text.contains("recall"),
         "{text}"
     );
+    // The same checkpoint at twice its training length: extra buckets beyond T.
+    let out = rattn(&[
+        "eval",
+        "--checkpoint",
+        r,
+        "--sequences",
+        "4",
+        "--seq-len",
+        "64,128",
+        "--set",
+        "model.seq_len=64",
+        "--set",
+        "train.batch=4",
+    ]);
+    let text = ok(&out);
+    assert!(
+        text.contains("at seq_len 128 (2× the training length 64), 4 sequences:")
+            && text.contains("T..2T (65..128)"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -220,6 +240,18 @@ fn cli_errors_are_clear() {
         "/nonexistent/plugin.so",
     );
     fail_with(&rattn(&["plugin", "install", "gpu"]), "cpu, cuda or tpu");
+    // A missing corpus names the script that installs it (before anything is compiled).
+    fail_with(
+        &rattn(&[
+            "train",
+            "--config",
+            "configs/text-tiny.toml",
+            "--set",
+            "data.path=\"/nonexistent/shakespeare\"",
+        ]),
+        "data.path /nonexistent/shakespeare (data.kind = \"text\") does not exist; \
+         `scripts/get_text.sh` installs it",
+    );
 }
 
 #[test]
