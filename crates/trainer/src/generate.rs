@@ -45,6 +45,10 @@ pub struct GenerateArgs {
     /// Greedy decoding: tokens produced per dispatch of the on-device loop (0 = all in one).
     #[arg(long, default_value_t = 0)]
     chunk: usize,
+    /// Write a trace (trace.json: Perfetto / chrome://tracing) with time per HLO op of the
+    /// prefill and the decode step, and a summary of the hot ops, into this directory.
+    #[arg(long, value_name = "DIR")]
+    profile: Option<PathBuf>,
 }
 
 /// Parse `"0, 1,17"` into token ids below `vocab`.
@@ -114,6 +118,9 @@ fn pick(logits: &[f32], temperature: f64, top_k: usize, rng: &mut Rng) -> u32 {
 
 /// Run `rattn generate`.
 pub fn run(args: &GenerateArgs) -> Result<()> {
+    if let Some(dir) = &args.profile {
+        crate::profile::start(dir)?;
+    }
     let cfg = RunConfig::load(&args.common.config, &args.common.overrides)?;
     let path = if args.checkpoint.is_dir() {
         checkpoint::latest(&args.checkpoint)?
@@ -241,6 +248,17 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         None
     };
     let compile_s = t0.elapsed().as_secs_f64();
+    crate::profile::executable("prefill", &prefill);
+    for (k, exe) in &loops {
+        crate::profile::executable(&format!("decode_loop_{k}"), exe);
+    }
+    if let Some(step) = &step {
+        crate::profile::executable("decode_step", step);
+    } else if crate::profile::active() && rest > 0 {
+        // The loop is one `while` op; the step (its body) shows the ops inside it.
+        let exe = runtime::compile(&client, &model.decode_step(bs, max_len)?)?;
+        crate::profile::executable("decode_step", &exe);
+    }
 
     let v = vocab;
     let mut rng = Rng(args.seed ^ 0x6A09_E667_F3BC_C908);
@@ -251,7 +269,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let mut call: Vec<&Buffer> = params.iter().collect();
     call.insert(io.prompt, &tb);
     let (logits, mut cache) = io
-        .split_results(prefill.execute(&call)?)
+        .split_results(crate::profile::span("prefill", || prefill.execute(&call))?)
         .context("the prefill returned an unexpected number of results")?;
     let logits = logits.to_host::<f32>()?;
     let prefill_s = t0.elapsed().as_secs_f64();
@@ -273,7 +291,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         dispatches += 1;
         if let Some(step) = &step {
             let (logits, next) = io
-                .split_results(step.execute_donating_some(&call, &donated)?)
+                .split_results(crate::profile::span("decode_step", || {
+                    step.execute_donating_some(&call, &donated)
+                })?)
                 .context("the decode step returned an unexpected number of results")?;
             let logits = logits.to_host::<f32>()?;
             cache = next;
@@ -289,7 +309,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             let k = chunk.min(args.max_new - out[0].len());
             let exe = &loops[&k];
             let (tokens, _logits, next) = lio
-                .split_results(exe.execute_donating_some(&call, &donated)?)
+                .split_results(crate::profile::span(&format!("decode_loop_{k}"), || {
+                    exe.execute_donating_some(&call, &donated)
+                })?)
                 .context("the decode loop returned an unexpected number of results")?;
             let tokens = tokens.to_host::<i32>()?;
             cache = next;
@@ -313,7 +335,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         (bs * steps) as f64 / decode_s.max(1e-9),
         steps as f64 / decode_s.max(1e-9),
     );
-    Ok(())
+    crate::profile::finish()
 }
 
 /// Print one generated sequence: `tokens: a,b,c` and, for text data, `text: ...`.
