@@ -12,8 +12,9 @@
 //! Every dispatch decodes at positions just below T, so a global layer attends over the whole
 //! cache (the decode step always reads all T slots, masked; the cost does not depend on the
 //! position). After criterion's runs a table per T and batch prints wall and CPU ms per dispatch,
-//! tokens/s (batch × tokens per dispatch / wall time), each kind relative to full attention, and
-//! the cache bytes the batch allocates, with the load average beside it.
+//! tokens/s (batch × tokens per dispatch / wall time), each kind relative to full attention, the
+//! cache bytes the batch allocates, with the load average beside it, and tokens per CPU-second
+//! (the work, when other jobs load the machine).
 //!
 //! `cargo bench -p rattention-benches --bench decode_batch` (add `-- --quick` for a short run;
 //! env `RATTN_BENCH_T=1024` picks cache lengths, `RATTN_BENCH_B=1,8` batches).
@@ -184,6 +185,25 @@ fn main() {
                     b.total() as f64 / 1e6,
                     b.kv as f64 / 1e6,
                     b.rla_state as f64 / 1e6
+                );
+            }
+            tables.push(s);
+            // On a loaded machine wall time measures the scheduler too; tokens per CPU-second (all
+            // threads of the process) measure the work.
+            let mut s = format!(
+                "tokens per CPU-second (batch × tokens / CPU s), batch {bs}, T={t} W={w}\n  {:<14} {:>10} {:>10}\n",
+                "", "loop", "step"
+            );
+            for (kind, _) in &bytes {
+                let per_cpu_s = |rows: &[Row], toks: usize| {
+                    rows.iter()
+                        .find(|r| r.label == *kind)
+                        .map_or(f64::NAN, |r| toks as f64 / (r.cpu_ms * 1e-3))
+                };
+                s += &format!(
+                    "  {kind:<14} {:>10.0} {:>10.0}\n",
+                    per_cpu_s(&loop_rows, bs * STEPS),
+                    per_cpu_s(&step_rows, bs)
                 );
             }
             tables.push(s);
