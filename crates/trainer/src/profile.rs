@@ -22,8 +22,8 @@
 //!    warmth, XLA's concurrent thunk scheduling) and adds a dispatch overhead per op (~10–30 µs,
 //!    the time of an empty module is printed); a `while` is timed whole (its body is not split).
 //!
-//! Files in DIR: `trace.json` (Chrome trace event format) and `summary.txt` (also printed): the
-//! hot ops by replayed time.
+//! Files in DIR: `trace.json` (Chrome trace event format), `summary.txt` (also printed): the
+//! hot ops by replayed time, and `replay/<program>/op_NNNN.pb`: each op's replay module.
 //!
 //! The session is process-global (like a tracing subscriber), so the train and generate loops
 //! only call [`span`] and [`executable`]; nothing is recorded unless [`start`] was called.
@@ -471,7 +471,10 @@ pub fn replay_child(dir: &Path, plugin: Option<&str>, start: usize) -> Result<()
 ///
 /// The replays run in a child process (`rattn profile-replay`, restarted after the op that
 /// crashed it): XLA CHECK-fails, killing the process, on some optimized HLO fed back as input.
-pub fn replay_ops(exe: &LoadedExecutable) -> Result<(Vec<OpTime>, f64)> {
+///
+/// The modules stay in `dir` as `op_NNNN.pb` (serialized `HloModuleProto`, numbered like the
+/// ops returned), for a closer look at one op.
+pub fn replay_ops(exe: &LoadedExecutable, dir: &Path) -> Result<(Vec<OpTime>, f64)> {
     let bytes = exe.optimized_program()?;
     let module = HloModuleProto::decode(bytes.as_slice())
         .context("decoding the optimized program as an HloModuleProto")?;
@@ -480,7 +483,7 @@ pub fn replay_ops(exe: &LoadedExecutable) -> Result<(Vec<OpTime>, f64)> {
         .iter()
         .find(|c| c.id == module.entry_computation_id)
         .context("the optimized program has no entry computation")?;
-    let tmp = tempfile::tempdir()?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut out = Vec::new();
     for inst in entry
         .instructions
@@ -489,7 +492,7 @@ pub fn replay_ops(exe: &LoadedExecutable) -> Result<(Vec<OpTime>, f64)> {
     {
         let (m, _) = isolate(&module, inst);
         std::fs::write(
-            tmp.path().join(format!("op_{:04}.pb", out.len())),
+            dir.join(format!("op_{:04}.pb", out.len())),
             m.encode_to_vec(),
         )?;
         out.push(OpTime {
@@ -513,7 +516,7 @@ pub fn replay_ops(exe: &LoadedExecutable) -> Result<(Vec<OpTime>, f64)> {
         let child = std::process::Command::new(&me)
             .args(["profile-replay", "--plugin", &plugin, "--start"])
             .arg(start.to_string())
-            .arg(tmp.path())
+            .arg(dir)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -714,7 +717,8 @@ pub fn finish() -> Result<()> {
     let mut overhead = f64::NAN;
     for (name, exe) in &sess.executables {
         let t = Instant::now();
-        let (list, o) = replay_ops(exe).with_context(|| format!("profiling {name}"))?;
+        let (list, o) = replay_ops(exe, &sess.dir.join("replay").join(name))
+            .with_context(|| format!("profiling {name}"))?;
         overhead = o;
         eprintln!(
             "profile: {name}: {} ops replayed in {:.1} s",
