@@ -234,7 +234,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let mut loops = std::collections::BTreeMap::new();
     let step = if greedy {
         for k in [chunk, rest % chunk] {
-            if k > 0 && !loops.contains_key(&k) {
+            if rest > 0 && k > 0 && !loops.contains_key(&k) {
                 loops.insert(
                     k,
                     runtime::compile(&client, &model.decode_loop(bs, max_len, k)?)?,
