@@ -249,6 +249,36 @@ impl CacheLayout {
             .collect()
     }
 
+    /// The inverse of [`CacheLayout::flatten`]: one [`LayerCacheOps`] per layer from graph values
+    /// in [`CacheLayout::buffers`] order (for example the elements of a `while` carry).
+    #[track_caller]
+    pub fn unflatten(&self, ops: &[Op]) -> Result<Vec<LayerCacheOps>> {
+        let want = self.buffers().len();
+        if ops.len() != want {
+            return Err(hlo_builder::Error::invalid(
+                "model",
+                format!("{} cache values for a layout of {want} buffers", ops.len()),
+            ));
+        }
+        let mut rest = ops;
+        let mut out = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let n = if matches!(layer, LayerCache::Ring { rla_state: true }) {
+                3
+            } else {
+                2
+            };
+            let (mine, tail) = rest.split_at(n);
+            out.push(LayerCacheOps {
+                k: mine[0],
+                v: mine[1],
+                rla_state: mine.get(2).copied(),
+            });
+            rest = tail;
+        }
+        Ok(out)
+    }
+
     /// The graph values of every layer's cache, flattened in [`CacheLayout::buffers`] order;
     /// checks that each layer supplies exactly the buffers the layout names.
     #[track_caller]

@@ -213,7 +213,9 @@ impl Model {
     /// `params..., cache..., token s32[B], pos s32[] -> tuple(logits f32[B, V], cache'...)`: one
     /// token at position `pos` (its caches in [`CacheLayout::buffers`] order, holding positions
     /// `< pos`). Positions must stay below `max_len` (global caches clamp the write index
-    /// otherwise).
+    /// otherwise). Each cache output aliases its cache parameter (`input_output_alias`), so a
+    /// caller that donates the cache (`LoadedExecutable::execute_donating_some`) has it updated in
+    /// place; a caller that does not donate gets a copy.
     pub fn decode_step(&self, batch: usize, max_len: usize) -> Result<Computation> {
         check_sizes("decode_step", batch, max_len)?;
         let layout = self.cache_layout(batch, max_len);
@@ -222,28 +224,189 @@ impl Model {
         let cache_in = layout.declare(&b)?;
         let token = b.parameter(Shape::array(S32, &[batch as i64]), "token")?;
         let pos = b.parameter(Shape::array(S32, &[]), "pos")?;
-        let mut x = self.embed(&b, &p, b.reshape(token, &[batch as i64, 1])?)?;
+        let (logits, cache_out) = self.step_core(&b, &p, &cache_in, token, pos)?;
+        let mut outs = vec![logits];
+        outs.extend(layout.flatten(&cache_out)?);
+        let root = b.tuple(&outs)?;
+        let io = self.decode_io(batch, max_len);
+        alias_cache(b.build(root)?, io.cache, io.cache_out.start)
+    }
+
+    /// `params..., cache..., token s32[B], pos s32[] -> tuple(tokens s32[B, steps], logits f32[B,
+    /// steps, V], cache'...)`: `steps` greedy decode steps in one dispatch, an HLO `while` around
+    /// the step of [`Model::decode_step`] that carries the caches, the position and the token
+    /// buffer. Step `i` feeds the token of step `i − 1` (`token` for `i = 0`) at position
+    /// `pos + i`, writes its logits to `logits[:, i]` and their argmax (the first maximum, as the
+    /// host's greedy pick) to `tokens[:, i]`. The arguments are those of [`Model::decode_step`]
+    /// ([`DecodeIo::step_arguments`]); the results sit where [`LoopIo`] says. Every sequence of
+    /// the batch is at the same position; `pos + steps ≤ max_len`. The cache outputs alias the
+    /// cache parameters, as in [`Model::decode_step`].
+    pub fn decode_loop(&self, batch: usize, max_len: usize, steps: usize) -> Result<Computation> {
+        check_sizes("decode_loop", batch, max_len)?;
+        if steps == 0 || steps > max_len {
+            return Err(Error::invalid(
+                "decode_loop",
+                format!("steps ({steps}) must be in 1..=max_len ({max_len})"),
+            ));
+        }
+        let layout = self.cache_layout(batch, max_len);
+        let (bs, n, v) = (batch as i64, steps as i64, self.config().vocab as i64);
+        let b = Builder::new("decode_loop");
+        let (params, _) = self.declare_params(&b)?;
+        let cache_in = layout.flatten(&layout.declare(&b)?)?;
+        let token = b.parameter(Shape::array(S32, &[bs]), "token")?;
+        let pos = b.parameter(Shape::array(S32, &[]), "pos")?;
+        // Carry: (i, pos, token, tokens, logits, params..., cache...).
+        const FIXED: usize = 5;
+        let mut init = vec![
+            b.scalar(0i32)?,
+            pos,
+            token,
+            b.zeros(S32, &[bs, n])?,
+            b.zeros(F32, &[bs, n, v])?,
+        ];
+        init.extend(&params);
+        init.extend(&cache_in);
+        let init = b.tuple(&init)?;
+        let carry = b.shape(init)?;
+        let np = params.len();
+        let body = {
+            let sb = b.sub_builder("decode_loop_body");
+            let c = sb.parameter(carry.clone(), "carry")?;
+            let e = (0..FIXED + np + cache_in.len())
+                .map(|i| sb.get_tuple_element(c, i))
+                .collect::<Result<Vec<Op>>>()?;
+            let (i, pos, token, toks, lgs) = (e[0], e[1], e[2], e[3], e[4]);
+            let p: ParamOps = self
+                .param_specs()
+                .iter()
+                .zip(&e[FIXED..FIXED + np])
+                .map(|(s, &op)| (s.name.clone(), op))
+                .collect();
+            let cache = layout.unflatten(&e[FIXED + np..])?;
+            let (logits, cache) = self.step_core(&sb, &p, &cache, token, pos)?;
+            let next = argmax_last(&sb, logits)?;
+            let zero = sb.scalar(0i32)?;
+            let toks = sb.dynamic_update_slice(toks, sb.reshape(next, &[bs, 1])?, &[zero, i])?;
+            let lgs =
+                sb.dynamic_update_slice(lgs, sb.reshape(logits, &[bs, 1, v])?, &[zero, i, zero])?;
+            let one = sb.scalar(1i32)?;
+            let mut out = vec![sb.add(i, one)?, sb.add(pos, one)?, next, toks, lgs];
+            out.extend(&e[FIXED..FIXED + np]);
+            out.extend(layout.flatten(&cache)?);
+            let root = sb.tuple(&out)?;
+            sb.build(root)?
+        };
+        let cond = {
+            let cb = b.sub_builder("decode_loop_cond");
+            let c = cb.parameter(carry, "carry")?;
+            let i = cb.get_tuple_element(c, 0)?;
+            let pred = cb.compare(i, cb.scalar(steps as i32)?, Cmp::Lt)?;
+            cb.build(pred)?
+        };
+        let out = b.while_loop(&cond, &body, init)?;
+        let mut outs = vec![b.get_tuple_element(out, 3)?, b.get_tuple_element(out, 4)?];
+        for j in 0..cache_in.len() {
+            outs.push(b.get_tuple_element(out, FIXED + np + j)?);
+        }
+        let root = b.tuple(&outs)?;
+        let io = self.loop_io(batch, max_len);
+        alias_cache(
+            b.build(root)?,
+            self.decode_io(batch, max_len).cache,
+            io.cache_out.start,
+        )
+    }
+
+    /// The results of [`Model::decode_loop`].
+    pub fn loop_io(&self, batch: usize, max_len: usize) -> LoopIo {
+        let nc = self.cache_layout(batch, max_len).buffers().len();
+        LoopIo {
+            tokens: 0,
+            logits: 1,
+            cache_out: 2..2 + nc,
+        }
+    }
+
+    /// One decode step on graph values: the token `s32[B]` at position `pos` (`s32[]`) through
+    /// every layer with its cache; returns the logits `[B, V]` and the updated caches.
+    fn step_core(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        cache_in: &[LayerCacheOps],
+        token: Op,
+        pos: Op,
+    ) -> Result<(Op, Vec<LayerCacheOps>)> {
+        let batch = dims(b, token)?[0];
+        let mut x = self.embed(b, p, b.reshape(token, &[batch, 1])?)?;
         let mut cache_out = Vec::new();
-        for (i, (&attn, cache)) in self.layers().iter().zip(&cache_in).enumerate() {
+        for (i, (&attn, cache)) in self.layers().iter().zip(cache_in).enumerate() {
             let _s = b.name_scope(&format!("layer_{i}"));
             let ap = format!("layers.{i}.attn");
-            x = self.block(&b, &p, i, x, |q, k, v| {
+            x = self.block(b, p, i, x, |q, k, v| {
                 let (ctx, c) = if attn.is_local() {
-                    self.local_step(&b, &p, &ap, (q, k, v), cache, pos)?
+                    self.local_step(b, p, &ap, (q, k, v), cache, pos)?
                 } else {
-                    self.global_step(&b, &p, &ap, (q, k, v), cache, pos)?
+                    self.global_step(b, p, &ap, (q, k, v), cache, pos)?
                 };
                 cache_out.push(c);
                 Ok(ctx)
             })?;
         }
         let vocab = self.config().vocab as i64;
-        let logits = b.reshape(self.head(&b, &p, x)?, &[batch as i64, vocab])?;
-        let mut outs = vec![logits];
-        outs.extend(layout.flatten(&cache_out)?);
-        let root = b.tuple(&outs)?;
-        b.build(root)
+        let logits = b.reshape(self.head(b, p, x)?, &[batch, vocab])?;
+        Ok((logits, cache_out))
     }
+}
+
+/// Where the results of [`Model::decode_loop`] sit (its arguments are [`DecodeIo`]'s step
+/// arguments).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopIo {
+    /// The greedy tokens `s32[B, steps]`.
+    pub tokens: usize,
+    /// The logits of every step `f32[B, steps, V]`.
+    pub logits: usize,
+    /// The cache, in [`CacheLayout::buffers`] order.
+    pub cache_out: Range<usize>,
+}
+
+impl LoopIo {
+    /// Split the loop's results into tokens, logits and the cache.
+    pub fn split_results<T>(&self, results: Vec<T>) -> Option<(T, T, Vec<T>)> {
+        if results.len() != 2 + self.cache_out.len() {
+            return None;
+        }
+        let mut it = results.into_iter();
+        let tokens = it.next()?;
+        let logits = it.next()?;
+        Some((tokens, logits, it.collect()))
+    }
+}
+
+/// Let cache output `first_out + j` alias cache parameter `params.start + j`.
+fn alias_cache(
+    mut comp: Computation,
+    params: Range<usize>,
+    first_out: usize,
+) -> Result<Computation> {
+    for (j, param) in params.enumerate() {
+        comp = comp.with_input_output_alias(first_out + j, param)?;
+    }
+    Ok(comp)
+}
+
+/// The index of the first maximum along the last dim of `x [B, V]`, `s32[B]` (greedy decoding;
+/// the same tie rule as a host argmax that keeps the first of equal values).
+fn argmax_last(b: &Builder, x: Op) -> Result<Op> {
+    let d = dims(b, x)?;
+    let (bs, v) = (d[0], d[1]);
+    let max = bcast(b, b.reduce_max(x, &[1])?, &[bs, v], &[0])?;
+    let idx = b.iota(S32, &[bs, v], 1)?;
+    let at_max = b.compare(x, max, Cmp::Eq)?;
+    let cand = b.select(at_max, idx, b.full(S32, v as f64, &[bs, v])?)?;
+    b.reduce_min(cand, &[1])
 }
 
 /// Attention of one query token `q [B,1,N,H]` (rotated and scaled) over `k, v [B,S,G,H]` where

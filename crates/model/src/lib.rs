@@ -36,7 +36,7 @@ pub mod transformer;
 pub use cache::{CacheBuffer, CacheBytes, CacheLayout, CachePart, LayerCache, LayerCacheOps};
 pub use config::{ConfigError, FeatureMap, Lowering, ModelConfig};
 pub use cost::{Cost, Costs, Flops};
-pub use decode::DecodeIo;
+pub use decode::{DecodeIo, LoopIo};
 pub use model::{Attention, Model, Remat};
 pub use params::{init_param, Init, LogicalAxis, ParamRole, ParamSpec};
 pub use sharding::{

@@ -1,5 +1,7 @@
-//! `rattn generate`: prefill a prompt, then decode token by token with the caches kept on the device
-//! (model::decode), greedy or temperature + top-k sampling.
+//! `rattn generate`: prefill a batch of prompts, then decode with the caches kept on the device and
+//! donated to every call (updated in place, model::decode). Greedy decoding runs the on-device loop
+//! ([`model::Model::decode_loop`]): `--chunk` tokens per dispatch, the argmax on the device;
+//! temperature + top-k sampling runs one step per dispatch and picks on the host.
 
 use crate::checkpoint;
 use crate::config::RunConfig;
@@ -35,6 +37,18 @@ pub struct GenerateArgs {
     /// Seed of the sampler (same seed, same tokens).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Decode this many sequences at once: the prompt repeated (sampling draws each row on its
+    /// own). Prompts given as `--tokens 1,2;3,4` (equal lengths, `;` between them) set the batch
+    /// themselves.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Greedy decoding: tokens produced per dispatch of the on-device loop (0 = all in one).
+    #[arg(long, default_value_t = 0)]
+    chunk: usize,
+    /// Write a trace (trace.json: Perfetto / chrome://tracing) with time per HLO op of the
+    /// prefill and the decode step, and a summary of the hot ops, into this directory.
+    #[arg(long, value_name = "DIR")]
+    profile: Option<PathBuf>,
 }
 
 /// Parse `"0, 1,17"` into token ids below `vocab`.
@@ -104,6 +118,9 @@ fn pick(logits: &[f32], temperature: f64, top_k: usize, rng: &mut Rng) -> u32 {
 
 /// Run `rattn generate`.
 pub fn run(args: &GenerateArgs) -> Result<()> {
+    if let Some(dir) = &args.profile {
+        crate::profile::start(dir)?;
+    }
     let cfg = RunConfig::load(&args.common.config, &args.common.overrides)?;
     let path = if args.checkpoint.is_dir() {
         checkpoint::latest(&args.checkpoint)?
@@ -145,25 +162,53 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             .transpose()?,
         _ => None,
     };
-    let prompt: Vec<u32> = match (&args.tokens, &args.prompt) {
-        (Some(ids), _) => parse_ids(ids, vocab)?,
-        (None, Some(p)) if tokenizer.is_some() => tokenizer
-            .as_ref()
-            .and_then(|t| t.encode(p.as_str(), false).ok())
-            .map(|e| e.get_ids().to_vec())
-            .context("tokenizing the prompt")?,
-        (None, Some(p)) if text_mode => p.bytes().map(u32::from).collect(),
-        (None, Some(p)) => parse_ids(p, vocab).context(
-            "for non-text data the prompt is a comma-separated list of token ids (e.g. 0,1,17,70)",
-        )?,
+    let encode = |p: &str| -> Result<Vec<u32>> {
+        match &tokenizer {
+            Some(t) => t
+                .encode(p, false)
+                .ok()
+                .map(|e| e.get_ids().to_vec())
+                .context("tokenizing the prompt"),
+            None if text_mode => Ok(p.bytes().map(u32::from).collect()),
+            None => parse_ids(p, vocab).context(
+                "for non-text data the prompt is a comma-separated list of token ids (e.g. 0,1,17,70)",
+            ),
+        }
+    };
+    let mut prompts: Vec<Vec<u32>> = match (&args.tokens, &args.prompt) {
+        (Some(ids), _) => ids
+            .split(';')
+            .map(|p| parse_ids(p, vocab))
+            .collect::<Result<_>>()?,
+        (None, Some(p)) => vec![encode(p)?],
         (None, None) => bail!("give a prompt: --prompt TEXT_OR_IDS or --tokens 0,1,17,70"),
     };
-    if prompt.is_empty() {
+    if prompts.iter().any(Vec::is_empty) {
         bail!("the prompt is empty");
     }
-    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        bail!("prompt token {t} is outside the vocabulary (model.vocab = {vocab})");
+    if prompts.iter().any(|p| p.len() != prompts[0].len()) {
+        let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        bail!("the prompts of a batch must have the same length (got {lens:?} tokens)");
     }
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if prompts.len() == 1 {
+        prompts = vec![prompts[0].clone(); args.batch];
+    } else if args.batch != 1 && args.batch != prompts.len() {
+        bail!(
+            "--batch {} but {} prompts were given",
+            args.batch,
+            prompts.len()
+        );
+    }
+    for p in &prompts {
+        if let Some(&t) = p.iter().find(|&&t| t as usize >= vocab) {
+            bail!("prompt token {t} is outside the vocabulary (model.vocab = {vocab})");
+        }
+    }
+    let bs = prompts.len();
+    let prompt = &prompts[0];
     let (l, max_len) = (prompt.len(), prompt.len() + args.max_new);
 
     let client = runtime::open_client(args.common.plugin.as_deref())?;
@@ -171,68 +216,145 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     for t in ck.params(&model)? {
         params.push(runtime::upload_f32(&client, &t.data, &t.shape)?);
     }
+    let greedy = args.temperature <= 0.0;
+    // Tokens after the prefill's first one; the loop runs `chunk` of them per dispatch.
+    let rest = args.max_new.saturating_sub(1);
+    let chunk = if args.chunk == 0 {
+        rest
+    } else {
+        args.chunk.min(rest)
+    }
+    .max(1);
     let t0 = Instant::now();
     let platform = client.platform_name()?;
-    let prefill = runtime::compile(&client, &model.prefill(1, l, max_len, &platform)?)?;
-    let step = runtime::compile(&client, &model.decode_step(1, max_len)?)?;
-    let io = model.decode_io(1, max_len);
+    let prefill = runtime::compile(&client, &model.prefill(bs, l, max_len, &platform)?)?;
+    let io = model.decode_io(bs, max_len);
+    let lio = model.loop_io(bs, max_len);
+    // Greedy: loops of `chunk` steps and one of the remainder; sampling: the single step.
+    let mut loops = std::collections::BTreeMap::new();
+    let step = if greedy {
+        for k in [chunk, rest % chunk] {
+            if rest > 0 && k > 0 && !loops.contains_key(&k) {
+                loops.insert(
+                    k,
+                    runtime::compile(&client, &model.decode_loop(bs, max_len, k)?)?,
+                );
+            }
+        }
+        None
+    } else if rest > 0 {
+        Some(runtime::compile(&client, &model.decode_step(bs, max_len)?)?)
+    } else {
+        None
+    };
     let compile_s = t0.elapsed().as_secs_f64();
+    crate::profile::executable("prefill", &prefill);
+    for (k, exe) in &loops {
+        crate::profile::executable(&format!("decode_loop_{k}"), exe);
+    }
+    if let Some(step) = &step {
+        crate::profile::executable("decode_step", step);
+    } else if crate::profile::active() && rest > 0 {
+        // The loop is one `while` op; the step (its body) shows the ops inside it.
+        let exe = runtime::compile(&client, &model.decode_step(bs, max_len)?)?;
+        crate::profile::executable("decode_step", &exe);
+    }
 
     let v = vocab;
     let mut rng = Rng(args.seed ^ 0x6A09_E667_F3BC_C908);
-    let mut out: Vec<u32> = Vec::with_capacity(args.max_new);
+    let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(args.max_new); bs];
     let t0 = Instant::now();
-    let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
-    let tb = client.buffer_from_host(&ids, &[1, l as i64], None)?;
+    let ids: Vec<i32> = prompts.iter().flatten().map(|&t| t as i32).collect();
+    let tb = client.buffer_from_host(&ids, &[bs as i64, l as i64], None)?;
     let mut call: Vec<&Buffer> = params.iter().collect();
     call.insert(io.prompt, &tb);
     let (logits, mut cache) = io
-        .split_results(prefill.execute(&call)?)
+        .split_results(crate::profile::span("prefill", || prefill.execute(&call))?)
         .context("the prefill returned an unexpected number of results")?;
     let logits = logits.to_host::<f32>()?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
+    let mut dispatches = 0usize;
     if args.max_new > 0 {
-        out.push(pick(
-            &logits[(l - 1) * v..],
-            args.temperature,
-            args.top_k,
-            &mut rng,
-        ));
+        for (bi, o) in out.iter_mut().enumerate() {
+            let row = &logits[((bi + 1) * l - 1) * v..][..v];
+            o.push(pick(row, args.temperature, args.top_k, &mut rng));
+        }
     }
-    while out.len() < args.max_new {
-        let pos = l + out.len() - 1;
-        let tok = client.buffer_from_host(&[out[out.len() - 1] as i32], &[1], None)?;
+    let donated: Vec<usize> = io.cache.clone().collect();
+    while out[0].len() < args.max_new {
+        let pos = l + out[0].len() - 1;
+        let last: Vec<i32> = out.iter().map(|o| o[o.len() - 1] as i32).collect();
+        let tok = client.buffer_from_host(&last, &[bs as i64], None)?;
         let posb = client.buffer_from_host(&[pos as i32], &[], None)?;
         let call = io.step_arguments(params.iter().collect(), cache.iter().collect(), &tok, &posb);
-        let (logits, next) = io
-            .split_results(step.execute(&call)?)
-            .context("the decode step returned an unexpected number of results")?;
-        let logits = logits.to_host::<f32>()?;
-        cache = next;
-        out.push(pick(&logits, args.temperature, args.top_k, &mut rng));
+        dispatches += 1;
+        if let Some(step) = &step {
+            let (logits, next) = io
+                .split_results(crate::profile::span("decode_step", || {
+                    step.execute_donating_some(&call, &donated)
+                })?)
+                .context("the decode step returned an unexpected number of results")?;
+            let logits = logits.to_host::<f32>()?;
+            cache = next;
+            for (bi, o) in out.iter_mut().enumerate() {
+                o.push(pick(
+                    &logits[bi * v..][..v],
+                    args.temperature,
+                    args.top_k,
+                    &mut rng,
+                ));
+            }
+        } else {
+            let k = chunk.min(args.max_new - out[0].len());
+            let exe = &loops[&k];
+            let (tokens, _logits, next) = lio
+                .split_results(crate::profile::span(&format!("decode_loop_{k}"), || {
+                    exe.execute_donating_some(&call, &donated)
+                })?)
+                .context("the decode loop returned an unexpected number of results")?;
+            let tokens = tokens.to_host::<i32>()?;
+            cache = next;
+            for (bi, o) in out.iter_mut().enumerate() {
+                o.extend(tokens[bi * k..(bi + 1) * k].iter().map(|&t| t as u32));
+            }
+        }
     }
     let decode_s = t1.elapsed().as_secs_f64();
 
+    for o in &out {
+        print_sequence(o, tokenizer.as_ref(), text_mode)?;
+    }
+    let steps = out[0].len().saturating_sub(1);
+    let cache_mb = model.cache_layout(bs, max_len).allocated_bytes().total() as f64 / 1e6;
+    eprintln!(
+        "batch {bs}, prompt {l} tokens, generated {} each | compile {compile_s:.2} s, prefill {:.1} ms ({:.0} tok/s), decode {:.1} tok/s ({:.1} per sequence, {dispatches} dispatches), cache {cache_mb:.2} MB",
+        out[0].len(),
+        prefill_s * 1e3,
+        (bs * l) as f64 / prefill_s.max(1e-9),
+        (bs * steps) as f64 / decode_s.max(1e-9),
+        steps as f64 / decode_s.max(1e-9),
+    );
+    crate::profile::finish()
+}
+
+/// Print one generated sequence: `tokens: a,b,c` and, for text data, `text: ...`.
+fn print_sequence(
+    out: &[u32],
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    text_mode: bool,
+) -> Result<()> {
     let ids = out.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     println!("tokens: {ids}");
-    if let Some(tk) = &tokenizer {
+    if let Some(tk) = tokenizer {
         let text = tk
-            .decode(&out, false)
+            .decode(out, false)
             .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
         println!("text: {text}");
     } else if text_mode {
         let bytes: Vec<u8> = out.iter().map(|&t| t.min(255) as u8).collect();
         println!("text: {}", String::from_utf8_lossy(&bytes));
     }
-    let steps = out.len().saturating_sub(1);
-    eprintln!(
-        "prompt {l} tokens, generated {} | compile {compile_s:.2} s, prefill {:.1} ms ({:.0} tok/s), decode {:.1} tok/s",
-        out.len(),
-        prefill_s * 1e3,
-        l as f64 / prefill_s.max(1e-9),
-        steps as f64 / decode_s.max(1e-9),
-    );
     Ok(())
 }
 

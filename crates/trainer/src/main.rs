@@ -12,6 +12,7 @@ mod generate;
 mod inspect;
 mod mfu;
 mod plot;
+mod profile;
 mod runtime;
 mod spmd;
 mod supervise;
@@ -115,6 +116,10 @@ enum Cmd {
         seed: Option<u64>,
         #[command(flatten)]
         dist: DistArgs,
+        /// Write a trace (trace.json: Perfetto / chrome://tracing) with time per HLO op of the
+        /// train step, and a summary of the hot ops, into this directory.
+        #[arg(long, value_name = "DIR")]
+        profile: Option<PathBuf>,
     },
     /// Evaluate a checkpoint: loss, perplexity and (synthetic data) recall by distance.
     Eval {
@@ -153,6 +158,18 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         cmd: BenchCmd,
+    },
+    /// Time the replay modules of `--profile` in a child process (see src/profile.rs).
+    #[command(hide = true)]
+    ProfileReplay {
+        /// Directory of op_NNNN.pb modules.
+        dir: PathBuf,
+        /// PJRT plugin (a path).
+        #[arg(long)]
+        plugin: Option<String>,
+        /// First module number.
+        #[arg(long, default_value_t = 0)]
+        start: usize,
     },
     /// Show the plugin, its API version, platform and devices.
     Doctor {
@@ -236,13 +253,18 @@ fn run(cli: Cli) -> Result<()> {
             devices,
             seed,
             dist,
+            profile,
         } => {
+            if let Some(dir) = &profile {
+                profile::start(dir)?;
+            }
             let mut overrides = common.overrides.clone();
             overrides.extend(seed.map(|s| format!("train.seed={s}")));
             let cfg = config::RunConfig::load(&common.config, &overrides)?;
             dist.initialize()?;
             let report =
                 train::train(&cfg, common.plugin.as_deref(), &out, resume, quiet, devices)?;
+            profile::finish()?;
             if let Some(last) = report.losses.last() {
                 println!("final loss {last:.4} after {} steps", report.losses.len());
             }
@@ -341,6 +363,9 @@ fn run(cli: Cli) -> Result<()> {
             cmd: BenchCmd::Rla(args),
         } => bench_rla::run(&args),
         Cmd::Generate(args) => generate::run(&args),
+        Cmd::ProfileReplay { dir, plugin, start } => {
+            profile::replay_child(&dir, plugin.as_deref(), start)
+        }
         Cmd::Doctor { plugin } => {
             let p = runtime::load_plugin(plugin.as_deref())?;
             let (maj, min) = p.api_version();

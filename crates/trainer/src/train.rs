@@ -107,7 +107,8 @@ pub fn train(
     let placement = Placement::new(&client, mesh.device_count())?;
     let t0 = Instant::now();
     let comp = step::build_train_step(cfg, &client.platform_name()?, &mesh)?;
-    let exe = placement.compile(&client, &comp)?;
+    let exe = crate::profile::span("compile train_step", || placement.compile(&client, &comp))?;
+    crate::profile::executable("train_step", &exe);
     let compile_s = t0.elapsed().as_secs_f64();
     let dist = crate::distributed::global();
     let (process, processes) = dist.map_or((0, 1), |d| (d.process_id, d.num_processes));
@@ -252,8 +253,7 @@ pub fn train(
             )
             .map(|(s, (st, (tok, w)))| io.arguments(s, st, tok, w))
             .collect();
-        let outs = exe
-            .execute_sharded_donating(args)?
+        let outs = crate::profile::span("train_step", || exe.execute_sharded_donating(args))?
             .into_iter()
             .map(|o| io.outputs(o))
             .collect::<Option<Vec<_>>>()

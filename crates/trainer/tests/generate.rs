@@ -1,5 +1,6 @@
 //! `rattn generate` end to end on the CPU plugin: train a tiny model for a few steps, then generate
-//! greedily (deterministic, the requested length) and by sampling (deterministic from the seed).
+//! greedily (deterministic, the requested length, the same in one dispatch of the on-device loop,
+//! in chunks and at batch 3) and by sampling (deterministic from the seed).
 
 mod common;
 
@@ -62,6 +63,26 @@ fn generate_after_training_is_deterministic() {
         a, b,
         "greedy decoding must not depend on the seed or the run"
     );
+    // The on-device loop in chunks (3 dispatches of 7, 7, 5) and step by step give the same
+    // tokens as one dispatch; so does every row of a batch of 3.
+    assert_eq!(greedy(&["--chunk", "7"]), a);
+    assert_eq!(greedy(&["--chunk", "1"]), a);
+    let out = ok(&rattn(&[
+        "generate",
+        "--checkpoint",
+        r,
+        "--tokens",
+        &prompt,
+        "--max-new",
+        "20",
+        "--batch",
+        "3",
+    ]));
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("tokens: ")).collect();
+    assert_eq!(rows.len(), 3, "{out}");
+    for row in rows {
+        assert_eq!(generated(row), a);
+    }
 
     let sample = |seed: &str| {
         generated(&ok(&rattn(&[

@@ -252,7 +252,34 @@ impl LoadedExecutable {
     /// returns its outputs.
     pub fn execute(&self, args: &[&Buffer]) -> Result<Vec<Buffer>> {
         let lists = [args.to_vec()];
-        Ok(self.execute_raw(&lists, false)?.pop().unwrap_or_default())
+        Ok(self
+            .execute_raw(&lists, |_| false)?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    /// Like [`LoadedExecutable::execute`], but the arguments at positions `donated` are given to
+    /// the execution: where the program aliases one to an output (HLO `input_output_alias`) the
+    /// output reuses its memory, so a decode cache is updated in place. The donated buffers are
+    /// deleted by the call ([`Buffer::is_deleted`]); drop them. The other arguments stay usable
+    /// (parameters reused call after call).
+    pub fn execute_donating_some(
+        &self,
+        args: &[&Buffer],
+        donated: &[usize],
+    ) -> Result<Vec<Buffer>> {
+        if let Some(&i) = donated.iter().find(|&&i| i >= args.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "donated argument {i} of executable {:?} is out of range ({} arguments)",
+                self.name().unwrap_or_default(),
+                args.len()
+            )));
+        }
+        let lists = [args.to_vec()];
+        Ok(self
+            .execute_raw(&lists, |i| donated.contains(&i))?
+            .pop()
+            .unwrap_or_default())
     }
 
     /// Like [`LoadedExecutable::execute`] but gives the arguments to the execution, so inputs that
@@ -261,7 +288,10 @@ impl LoadedExecutable {
     /// consumed either way.
     pub fn execute_donating(&self, args: Vec<Buffer>) -> Result<Vec<Buffer>> {
         let refs: Vec<&Buffer> = args.iter().collect();
-        let out = self.execute_raw(&[refs], true)?.pop().unwrap_or_default();
+        let out = self
+            .execute_raw(&[refs], |_| true)?
+            .pop()
+            .unwrap_or_default();
         drop(args);
         Ok(out)
     }
@@ -270,19 +300,23 @@ impl LoadedExecutable {
     /// [`LoadedExecutable::addressable_devices`] order), one output list per device back.
     /// Arguments are not donated.
     pub fn execute_sharded(&self, args: &[Vec<&Buffer>]) -> Result<Vec<Vec<Buffer>>> {
-        self.execute_raw(args, false)
+        self.execute_raw(args, |_| false)
     }
 
     /// [`LoadedExecutable::execute_sharded`] with donation (see
     /// [`LoadedExecutable::execute_donating`]).
     pub fn execute_sharded_donating(&self, args: Vec<Vec<Buffer>>) -> Result<Vec<Vec<Buffer>>> {
         let refs: Vec<Vec<&Buffer>> = args.iter().map(|l| l.iter().collect()).collect();
-        let out = self.execute_raw(&refs, true)?;
+        let out = self.execute_raw(&refs, |_| true)?;
         drop(args);
         Ok(out)
     }
 
-    fn execute_raw(&self, args: &[Vec<&Buffer>], donate: bool) -> Result<Vec<Vec<Buffer>>> {
+    fn execute_raw(
+        &self,
+        args: &[Vec<&Buffer>],
+        donated: impl Fn(usize) -> bool,
+    ) -> Result<Vec<Vec<Buffer>>> {
         let num_devices = args.len();
         if num_devices == 0 {
             return Err(Error::InvalidArgument(
@@ -319,11 +353,10 @@ impl LoadedExecutable {
         let mut outputs: Vec<Vec<Ptr>> = vec![vec![std::ptr::null_mut(); n_out]; num_devices];
         let out_ptrs: Vec<*mut Ptr> = outputs.iter_mut().map(|l| l.as_mut_ptr()).collect();
         let mut events: Vec<Ptr> = vec![std::ptr::null_mut(); num_devices];
-        let non_donatable: Vec<i64> = if donate {
-            Vec::new()
-        } else {
-            (0..num_args as i64).collect()
-        };
+        let non_donatable: Vec<i64> = (0..num_args)
+            .filter(|&i| !donated(i))
+            .map(|i| i as i64)
+            .collect();
         let mut opts = sys::ExecuteOptions::new();
         opts.non_donatable_input_indices = non_donatable.as_ptr();
         opts.num_non_donatable_input_indices = non_donatable.len();
