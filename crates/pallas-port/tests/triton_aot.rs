@@ -7,6 +7,7 @@
 
 use hlo_builder::{Builder, ElementType, Shape};
 use pallas_port::lang::rla::{bwd_kernels, fwd_kernels};
+use pallas_port::lang::Kernel;
 use pallas_port::lang::triton;
 use pallas_port::{rla, FeatureMap, Lowering, RlaConfig, RlaDims};
 use pjrt::install::{PluginCache, PluginKind};
@@ -229,4 +230,80 @@ fn ttir_has_the_expected_ops() {
     let cfgs = triton::backend_config(&dkdv, &ir);
     assert_eq!(cfgs[2].1, hlo_builder::Attr::I32(1)); // grid_x = B
     assert_eq!(cfgs[4].1, hlo_builder::Attr::I32(4)); // grid_z = ceil(100 / 32) key chunks
+}
+
+/// One kernel alone in a module (parameters for its operands), compiled for `topo`: `Ok(())`,
+/// or the compile error's text (XLA's "Shared memory size limit exceeded: requested N,
+/// available M" when a kernel does not fit).
+fn compile_kernel(topo: &Topology, k: &Kernel) -> Result<(), String> {
+    let b = Builder::new(&k.name);
+    let ops: Vec<_> = k
+        .inputs
+        .iter()
+        .map(|a| b.parameter(f32(&a.shape), &a.name).unwrap())
+        .collect();
+    let root = triton::custom_call(&b, k, &ops).unwrap();
+    let module = b.build(root).unwrap().to_bytes();
+    topo.compile(Program::Hlo(&module), &CompileOptions::default())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Every RLA kernel compiled alone for H100 and A100 at head dims 128, 64, 32 and 16 (the
+/// benchmark's chunk 512, sub-chunk 64 at H 128 and 64; chunk 64, sub-chunk 16 below): each
+/// must fit the GPU's shared memory (232,448 B on H100, 166,912 B on A100). Prints each
+/// kernel's outcome. Tens of minutes on 2 cores, so ignored in CI:
+/// `RATTN_AOT_TESTS=1 cargo test --release -p pallas-port --test triton_aot -- --ignored
+/// --nocapture rla_triton_kernels_fit_shared_memory` (`RATTN_AOT_HEADS="128"` to choose the
+/// head dims, `RATTN_AOT_GPUS="h100"` the GPUs).
+#[test]
+#[ignore]
+fn rla_triton_kernels_fit_shared_memory() {
+    let Some(plugin) = gpu("rla_triton_kernels_fit_shared_memory") else {
+        return;
+    };
+    let list = |var: &str, default: &str| -> Vec<String> {
+        std::env::var(var)
+            .unwrap_or_else(|_| default.to_string())
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let mut failed = Vec::new();
+    for gpu_name in list("RATTN_AOT_GPUS", "h100 a100") {
+        let topo = Topology::gpu_named(&plugin, &gpu_name, "1x1x1").unwrap();
+        for h in list("RATTN_AOT_HEADS", "128 64 32 16") {
+            let h: usize = h.parse().unwrap();
+            let (c, l) = if h >= 64 { (64, 512) } else { (16, 64) };
+            let d = RlaDims {
+                batch: 1,
+                seq: 1024,
+                heads: 8,
+                kv_heads: 2,
+                head_dim: h,
+            };
+            let cfg = RlaConfig {
+                window: 512,
+                sub_chunk: c,
+                chunk: l,
+                feature_map: FeatureMap::Softmax,
+            };
+            let [s, o] = fwd_kernels(&cfg, &d).unwrap();
+            let [ds, dq, dkdv] = bwd_kernels(&cfg, &d).unwrap();
+            for k in [s, o, ds, dq, dkdv] {
+                let t = std::time::Instant::now();
+                let r = compile_kernel(&topo, &k);
+                let what = format!("{gpu_name} H{h} {}", k.name);
+                match &r {
+                    Ok(()) => eprintln!("{what}: fits ({:.0?})", t.elapsed()),
+                    Err(e) => {
+                        let at = e.find("Shared memory").unwrap_or(0);
+                        eprintln!("{what}: FAILS: {}", &e[at..e.len().min(at + 300)]);
+                        failed.push(what);
+                    }
+                }
+            }
+        }
+    }
+    assert!(failed.is_empty(), "kernels that do not compile: {failed:?}");
 }

@@ -133,6 +133,70 @@ impl K<'_> {
         )
     }
 
+    /// `[C, width]` rows `row0..row0+C`, columns `col0..col0+width` of head `head` of batch `b`
+    /// of a `[B, T, heads, H]` array.
+    fn cols(
+        &mut self,
+        arr: Ref,
+        b: Value,
+        row0: Value,
+        head: Value,
+        col0: Value,
+        width: usize,
+    ) -> LangResult<Value> {
+        self.kb.load(
+            arr,
+            &[
+                Index::At(b),
+                Index::Slice(row0, self.geo.c),
+                Index::At(head),
+                Index::Slice(col0, width),
+            ],
+        )
+    }
+
+    fn store_cols(
+        &mut self,
+        arr: Ref,
+        b: Value,
+        row0: Value,
+        head: Value,
+        col0: Value,
+        x: Value,
+    ) -> LangResult<()> {
+        let width = self.kb.type_of(x)?.shape()[1];
+        self.kb.store(
+            arr,
+            &[
+                Index::At(b),
+                Index::Slice(row0, self.geo.c),
+                Index::At(head),
+                Index::Slice(col0, width),
+            ],
+            x,
+        )
+    }
+
+    /// Columns `col0..col0+width` of both halves of a `[.., 2H, H]` state: two `[H, width]`.
+    fn load_state_cols(
+        &mut self,
+        arr: Ref,
+        lead: &[Value],
+        col0: Value,
+        width: usize,
+    ) -> LangResult<(Value, Value)> {
+        let h = self.geo.h;
+        let mut out = Vec::new();
+        for half in 0..2 {
+            let row0 = self.kb.int((half * h) as i64);
+            let mut ix: Vec<Index> = lead.iter().map(|&v| Index::At(v)).collect();
+            ix.push(Index::Slice(row0, h));
+            ix.push(Index::Slice(col0, width));
+            out.push(self.kb.load(arr, &ix)?);
+        }
+        Ok((out[0], out[1]))
+    }
+
     /// The state index of `[.., 2H, H]` arrays: leading `At`s, then the half's rows.
     fn state_index(&mut self, lead: &[Value], half: usize) -> Vec<Index> {
         let h = self.geo.h;
@@ -305,13 +369,33 @@ pub fn check_tiles(cfg: &RlaConfig, d: &RlaDims) -> LangResult<()> {
     Ok(())
 }
 
-/// The matmul precision of the RLA kernels: `RATTN_RLA_DOT_PRECISION` = `ieee` (default),
-/// `tf32x3` or `tf32`, read when the kernels are built.
-pub fn dot_precision() -> Precision {
-    match std::env::var("RATTN_RLA_DOT_PRECISION").as_deref() {
-        Ok("tf32x3") => Precision::Tf32x3,
-        Ok("tf32") => Precision::Tf32,
-        _ => Precision::Ieee,
+/// The environment variable choosing the RLA kernels' matmul precision.
+pub const DOT_PRECISION_VAR: &str = "RATTN_RLA_DOT_PRECISION";
+
+/// The matmul precision of the RLA kernels: `RATTN_RLA_DOT_PRECISION` = `ieee` (default when
+/// unset or empty), `tf32x3` or `tf32`, read when the kernels are built. Any other value is an
+/// error naming the variable and the accepted values.
+pub fn dot_precision() -> LangResult<Precision> {
+    match std::env::var(DOT_PRECISION_VAR) {
+        Err(std::env::VarError::NotPresent) => Ok(Precision::Ieee),
+        Ok(v) => match v.as_str() {
+            "" | "ieee" => Ok(Precision::Ieee),
+            "tf32x3" => Ok(Precision::Tf32x3),
+            "tf32" => Ok(Precision::Tf32),
+            other => Err(LangError::new(
+                "rla",
+                DOT_PRECISION_VAR,
+                format!(
+                    "{DOT_PRECISION_VAR}={other:?} is not a matmul precision; accepted: \
+                     ieee (default), tf32x3, tf32"
+                ),
+            )),
+        },
+        Err(e) => Err(LangError::new(
+            "rla",
+            DOT_PRECISION_VAR,
+            format!("{DOT_PRECISION_VAR}: {e}; accepted: ieee (default), tf32x3, tf32"),
+        )),
     }
 }
 
@@ -340,7 +424,7 @@ pub fn fwd_states_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g)],
     );
     kb.launch(geo.warps(), 1);
-    kb.set_precision(dot_precision());
+    kb.set_precision(dot_precision()?);
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
     let csr = kb.output("chunk_states", &geo.cs_shape());
@@ -382,7 +466,7 @@ pub fn fwd_out_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     let geo = Geo::new(cfg, d);
     let mut kb = KernelBuilder::new("rla_fwd_out", &grid3(geo.b, geo.n, geo.nc));
     kb.launch(geo.warps(), 1);
-    kb.set_precision(dot_precision());
+    kb.set_precision(dot_precision()?);
     let qr = kb.input("q", &geo.q_shape());
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
@@ -425,7 +509,7 @@ pub fn bwd_dstates_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g)],
     );
     kb.launch(geo.warps(), 1);
-    kb.set_precision(dot_precision());
+    kb.set_precision(dot_precision()?);
     let qr = kb.input("q", &geo.q_shape());
     let dor = kb.input("d_o", &geo.q_shape());
     let dsr = kb.output("d_states", &geo.cs_shape());
@@ -460,7 +544,7 @@ pub fn bwd_dq_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     let geo = Geo::new(cfg, d);
     let mut kb = KernelBuilder::new("rla_bwd_dq", &grid3(geo.b, geo.n, geo.nc));
     kb.launch(geo.warps(), 1);
-    kb.set_precision(dot_precision());
+    kb.set_precision(dot_precision()?);
     let qr = kb.input("q", &geo.q_shape());
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
@@ -498,45 +582,95 @@ pub fn bwd_dq_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     kb.finish()
 }
 
-/// `rla_bwd_dkdv(q, k, v, d_o, d_states) -> (dk, dv)`, grid (B, G, key chunks).
+/// The width of the value-column blocks `rla_bwd_dkdv` splits the head dim into: the whole
+/// head up to H 32, then 32 columns (H 64: 2 blocks, H 128: 4), which keeps every tile of a
+/// program at most `[max(C, H), 32]` besides the `[C, H]` key tiles — at H 128 the untiled
+/// kernel asked for more shared memory than an H100/H200 has.
+pub fn dkdv_value_block(head_dim: usize) -> usize {
+    head_dim.min(32)
+}
+
+/// The shape of `rla_bwd_dkdv`'s `dk` result: `[B, T, G, H]` with one value block, else the
+/// per-block partial sums `[H / value_block, B, T, G, H]` (summed by the caller).
+pub fn dkdv_dk_shape(d: &RlaDims, value_block: usize) -> Vec<usize> {
+    let nv = d.head_dim / value_block.max(1);
+    let kv = d.kv_shape();
+    if nv <= 1 {
+        kv.to_vec()
+    } else {
+        std::iter::once(nv).chain(kv).collect()
+    }
+}
+
+/// `rla_bwd_dkdv(q, k, v, d_o, d_states) -> (dk, dv)` with [`dkdv_value_block`]'s tiling.
 pub fn bwd_dkdv_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
+    bwd_dkdv_kernel_tiled(cfg, d, dkdv_value_block(d.head_dim))
+}
+
+/// `rla_bwd_dkdv(q, k, v, d_o, d_states) -> (dk, dv)`, grid (B, G · H/value_block, key chunks):
+/// program `(b, g·nv + j, c)` handles value columns `j·value_block..` of kv head `g`.
+///
+/// Everything but `dk` splits by value columns without cross terms (`dv[:, J]`, the carried
+/// `dS[:, J]`, `P = dO Vᵀ = Σ_J dO[:, J] V[:, J]ᵀ`), and `dk` is linear in the per-block
+/// `dφK` for fixed k (both feature maps' VJPs are), so each program writes its block's partial
+/// `dk` (shape [`dkdv_dk_shape`]) and the caller sums over the leading axis.
+pub fn bwd_dkdv_kernel_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+) -> LangResult<Kernel> {
     let geo = Geo::new(cfg, d);
-    let mut kb = KernelBuilder::new("rla_bwd_dkdv", &grid3(geo.b, geo.g, geo.nc));
+    let hv = value_block;
+    if hv == 0 || geo.h % hv != 0 {
+        return Err(LangError::new(
+            "rla_bwd_dkdv",
+            "value_block",
+            format!("value_block = {hv} must divide head_dim = {}", geo.h),
+        ));
+    }
+    let nv = geo.h / hv;
+    let mut kb = KernelBuilder::new("rla_bwd_dkdv", &grid3(geo.b, geo.g * nv, geo.nc));
     kb.launch(geo.warps(), 1);
-    kb.set_precision(dot_precision());
+    kb.set_precision(dot_precision()?);
     let qr = kb.input("q", &geo.q_shape());
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
     let dor = kb.input("d_o", &geo.q_shape());
     let dsr = kb.input("d_states", &geo.cs_shape());
-    let dkr = kb.output("dk", &geo.kv_shape());
+    let dkr = kb.output("dk", &dkdv_dk_shape(d, hv));
     let dvr = kb.output("dv", &geo.kv_shape());
     let mut k = K { kb: &mut kb, geo };
     let b = k.kb.program_id(0)?;
-    let g = k.kb.program_id(1)?;
+    let gj = k.kb.program_id(1)?;
     let c = k.kb.program_id(2)?;
-    let (dsp, dsn) = k.load_state(dsr, &[b, g, c])?;
+    let nvv = k.kb.int(nv as i64);
+    let g = k.kb.div(gj, nvv)?;
+    let gn = k.kb.mul(g, nvv)?;
+    let j = k.kb.sub(gj, gn)?;
+    let hvv = k.kb.int(hv as i64);
+    let col0 = k.kb.mul(j, hvv)?;
+    let (dsp, dsn) = k.load_state_cols(dsr, &[b, g, c], col0, hv)?;
     let m = geo.l / geo.c;
-    let (ch, hh) = ([geo.c, geo.h], [geo.h, geo.h]);
+    let (ch, cv, hx) = ([geo.c, geo.h], [geo.c, hv], [geo.h, hv]);
     k.range(m, &[dsp, dsn], |k, jj, ds| {
         let last = k.kb.int(m as i64 - 1);
-        let j = k.kb.sub(last, jj)?;
-        let s0 = sub_start(k, c, j)?;
+        let sj = k.kb.sub(last, jj)?;
+        let s0 = sub_start(k, c, sj)?;
         let p0 = k.plus(s0, geo.w as i64 + 1)?;
         let kt = k.rows(kr, b, s0, g)?;
-        let vt = k.rows(vr, b, s0, g)?;
+        let vt = k.cols(vr, b, s0, g, col0, hv)?;
         let (pk, nk) = k.phi(kt)?;
         let init = [
             k.kb.zeros(&ch)?,
             k.kb.zeros(&ch)?,
-            k.kb.zeros(&ch)?,
-            k.kb.zeros(&hh)?,
-            k.kb.zeros(&hh)?,
+            k.kb.zeros(&cv)?,
+            k.kb.zeros(&hx)?,
+            k.kb.zeros(&hx)?,
         ];
         let acc = k.range(geo.r, &init, |k, r, acc| {
             let n = k.affine(g, geo.r as i64, r)?;
             let qt = k.rows(qr, b, p0, n)?;
-            let dot = k.rows(dor, b, p0, n)?;
+            let dot = k.cols(dor, b, p0, n, col0, hv)?;
             let (pq, nq) = k.phi(qt)?;
             let a = k.dot_t(pq, pk, None)?;
             let a = k.dot_t(nq, nk, Some(a))?;
@@ -555,13 +689,42 @@ pub fn bwd_dkdv_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         let dv = k.kb.dot(pk, ds[0], Some(acc[2]))?;
         let dv = k.kb.dot(nk, ds[1], Some(dv))?;
         let dk = k.phi_vjp(kt, (pk, nk), (dfp, dfn))?;
-        k.store_rows(dkr, b, s0, g, dk)?;
-        k.store_rows(dvr, b, s0, g, dv)?;
+        if nv == 1 {
+            k.store_rows(dkr, b, s0, g, dk)?;
+        } else {
+            let zero = k.kb.int(0);
+            k.kb.store(
+                dkr,
+                &[
+                    Index::At(j),
+                    Index::At(b),
+                    Index::Slice(s0, geo.c),
+                    Index::At(g),
+                    Index::Slice(zero, geo.h),
+                ],
+                dk,
+            )?;
+        }
+        k.store_cols(dvr, b, s0, g, col0, dv)?;
         let dsp = k.kb.add(ds[0], acc[3])?;
         let dsn = k.kb.add(ds[1], acc[4])?;
         Ok(vec![dsp, dsn])
     })?;
     kb.finish()
+}
+
+/// Sums `rla_bwd_dkdv`'s partial `dk` over its leading value-block axis (no-op for one block).
+fn sum_dk_parts(parts: Vec<f32>, kv_len: usize) -> Vec<f32> {
+    if parts.len() == kv_len {
+        return parts;
+    }
+    let mut dk = vec![0f32; kv_len];
+    for part in parts.chunks(kv_len) {
+        for (a, x) in dk.iter_mut().zip(part) {
+            *a += x;
+        }
+    }
+    dk
 }
 
 /// The two forward kernels: `[rla_fwd_states, rla_fwd_out]`.
@@ -611,7 +774,7 @@ pub fn interpret_bwd(
         .unwrap_or_default();
     let mut kv = interp::run(&kdkv, &[q, k, v, d_o, &ds])?.into_iter();
     let (dk, dv) = (kv.next().unwrap_or_default(), kv.next().unwrap_or_default());
-    Ok((dq, dk, dv))
+    Ok((dq, sum_dk_parts(dk, d.kv_len()), dv))
 }
 
 fn lang_err(b: &hlo_builder::Builder, e: LangError) -> hlo_builder::Error {
@@ -666,6 +829,11 @@ pub fn triton_bwd(
     let dq = custom_call(b, &kdq, &[q, k, v, cs, d_o])?;
     let dkdv = custom_call(b, &kdkv, &[q, k, v, d_o, ds])?;
     let dk = b.get_tuple_element(dkdv, 0)?;
+    let dk = if b.shape(dk)?.rank() == 5 {
+        b.reduce_sum(dk, &[0])?
+    } else {
+        dk
+    };
     let dv = b.get_tuple_element(dkdv, 1)?;
     b.tuple(&[dq, dk, dv])
 }
