@@ -6,7 +6,7 @@
 //! `RATTN_AOT_TESTS=1` installs what is missing); otherwise each test prints a skip line.
 
 use hlo_builder::{Builder, ElementType, Shape};
-use pallas_port::lang::rla::{bwd_kernels, fwd_kernels};
+use pallas_port::lang::rla::{bwd_kernels, bwd_kernels_tiled, fwd_kernels, fwd_kernels_tiled, value_block};
 use pallas_port::lang::Kernel;
 use pallas_port::lang::triton;
 use pallas_port::{rla, FeatureMap, Lowering, RlaConfig, RlaDims};
@@ -275,6 +275,9 @@ fn rla_triton_kernels_fit_shared_memory() {
         for h in list("RATTN_AOT_HEADS", "128 64 32 16") {
             let h: usize = h.parse().unwrap();
             let (c, l) = if h >= 64 { (64, 512) } else { (16, 64) };
+            let c = std::env::var("RATTN_AOT_SUB_CHUNK").map_or(c, |v| v.parse().unwrap());
+            let vb = std::env::var("RATTN_AOT_VALUE_BLOCK")
+                .map_or(value_block(h), |v| v.parse().unwrap());
             let d = RlaDims {
                 batch: 1,
                 seq: 1024,
@@ -288,12 +291,16 @@ fn rla_triton_kernels_fit_shared_memory() {
                 chunk: l,
                 feature_map: FeatureMap::Softmax,
             };
-            let [s, o] = fwd_kernels(&cfg, &d).unwrap();
-            let [ds, dq, dkdv] = bwd_kernels(&cfg, &d).unwrap();
+            let [s, o] = fwd_kernels_tiled(&cfg, &d, vb).unwrap();
+            let [ds, dq, dkdv] = bwd_kernels_tiled(&cfg, &d, vb).unwrap();
+            let only = std::env::var("RATTN_AOT_KERNELS").unwrap_or_default();
             for k in [s, o, ds, dq, dkdv] {
+                if !only.is_empty() && !only.split_whitespace().any(|n| n == k.name) {
+                    continue;
+                }
                 let t = std::time::Instant::now();
                 let r = compile_kernel(&topo, &k);
-                let what = format!("{gpu_name} H{h} {}", k.name);
+                let what = format!("{gpu_name} H{h} C{c} value block {vb} {}", k.name);
                 match &r {
                     Ok(()) => eprintln!("{what}: fits ({:.0?})", t.elapsed()),
                     Err(e) => {

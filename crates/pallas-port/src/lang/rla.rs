@@ -197,30 +197,24 @@ impl K<'_> {
         Ok((out[0], out[1]))
     }
 
-    /// The state index of `[.., 2H, H]` arrays: leading `At`s, then the half's rows.
-    fn state_index(&mut self, lead: &[Value], half: usize) -> Vec<Index> {
+    /// Stores two `[H, width]` tiles as columns `col0..` of both halves of a `[.., 2H, H]` state.
+    fn store_state_cols(
+        &mut self,
+        arr: Ref,
+        lead: &[Value],
+        col0: Value,
+        (p, n): (Value, Value),
+    ) -> LangResult<()> {
         let h = self.geo.h;
-        let row0 = self.kb.int((half * h) as i64);
-        let zero = self.kb.int(0);
-        let mut ix: Vec<Index> = lead.iter().map(|&v| Index::At(v)).collect();
-        ix.push(Index::Slice(row0, h));
-        ix.push(Index::Slice(zero, h));
-        ix
-    }
-
-    fn load_state(&mut self, arr: Ref, lead: &[Value]) -> LangResult<(Value, Value)> {
-        let ip = self.state_index(lead, 0);
-        let p = self.kb.load(arr, &ip)?;
-        let ineg = self.state_index(lead, 1);
-        let n = self.kb.load(arr, &ineg)?;
-        Ok((p, n))
-    }
-
-    fn store_state(&mut self, arr: Ref, lead: &[Value], (p, n): (Value, Value)) -> LangResult<()> {
-        let ip = self.state_index(lead, 0);
-        self.kb.store(arr, &ip, p)?;
-        let ineg = self.state_index(lead, 1);
-        self.kb.store(arr, &ineg, n)
+        let width = self.kb.type_of(p)?.shape()[1];
+        for (half, x) in [(0, p), (1, n)] {
+            let row0 = self.kb.int((half * h) as i64);
+            let mut ix: Vec<Index> = lead.iter().map(|&v| Index::At(v)).collect();
+            ix.push(Index::Slice(row0, h));
+            ix.push(Index::Slice(col0, width));
+            self.kb.store(arr, &ix, x)?;
+        }
+        Ok(())
     }
 
     /// Broadcasts a per-row `[M]` vector to `[M, N]`.
@@ -416,12 +410,103 @@ fn sub_start(k: &mut K<'_>, c: Value, j: Value) -> LangResult<Value> {
     k.affine(c, l, jc)
 }
 
-/// `rla_fwd_states(k, v) -> (chunk_states, final_state)`, grid (B, G).
+/// The width of the value-column blocks the kernels split the head dim into: the whole head up
+/// to H 32 (the kernels measured on an H200), then 32 columns (H 64: 2 blocks, H 128: 4).
+///
+/// Every kernel splits by value columns `J`: the states `S[:, J] = Σ φKᵀ V[:, J]`, `o[:, J]`,
+/// `dS[:, J]`, `dv[:, J]` have no cross terms, and `dq`, `dk` are linear in the per-block
+/// `dφ` (`P = dO Vᵀ = Σ_J dO[:, J] V[:, J]ᵀ`, `dO Sᵀ = Σ_J dO[:, J] S[:, J]ᵀ`; both feature
+/// maps' VJPs are linear in `dφ` for fixed input), so their kernels write per-block partial
+/// sums (shape [`partial_shape`]) that the caller sums. At H 128 the unsplit `rla_bwd_dkdv`
+/// asked for more shared memory than an H100/H200 has, and `rla_fwd_out` more than an A100's.
+pub fn value_block(head_dim: usize) -> usize {
+    head_dim.min(32)
+}
+
+/// The shape of a kernel result that holds per-value-block partial sums of a `[B, T, heads, H]`
+/// array (`heads_shape`): itself with one block, else `[H / value_block, B, T, heads, H]`.
+pub fn partial_shape(heads_shape: [usize; 4], value_block: usize) -> Vec<usize> {
+    let nv = heads_shape[3] / value_block.max(1);
+    if nv <= 1 {
+        heads_shape.to_vec()
+    } else {
+        std::iter::once(nv).chain(heads_shape).collect()
+    }
+}
+
+fn check_value_block(name: &str, geo: &Geo, hv: usize) -> LangResult<usize> {
+    if hv == 0 || geo.h % hv != 0 || (hv < geo.h && hv < 16) {
+        return Err(LangError::new(
+            name,
+            "value_block",
+            format!(
+                "value_block = {hv} must divide head_dim = {} and be ≥ 16 (tt.dot dims)",
+                geo.h
+            ),
+        ));
+    }
+    Ok(geo.h / hv)
+}
+
+/// Splits program id `pid` = `outer · nv + j` into `(outer, j, first column j · hv)`.
+fn split_pid(k: &mut K<'_>, pid: Value, nv: usize, hv: usize) -> LangResult<(Value, Value, Value)> {
+    let nvv = k.kb.int(nv as i64);
+    let outer = k.kb.div(pid, nvv)?;
+    let on = k.kb.mul(outer, nvv)?;
+    let j = k.kb.sub(pid, on)?;
+    let hvv = k.kb.int(hv as i64);
+    let col0 = k.kb.mul(j, hvv)?;
+    Ok((outer, j, col0))
+}
+
+/// Stores a `[C, H]` partial sum: rows `row0..` of head `head` of value block `j` (of `nv`).
+#[allow(clippy::too_many_arguments)]
+fn store_part(
+    k: &mut K<'_>,
+    arr: Ref,
+    nv: usize,
+    j: Value,
+    b: Value,
+    row0: Value,
+    head: Value,
+    x: Value,
+) -> LangResult<()> {
+    if nv == 1 {
+        return k.store_rows(arr, b, row0, head, x);
+    }
+    let zero = k.kb.int(0);
+    let (c, h) = (k.geo.c, k.geo.h);
+    k.kb.store(
+        arr,
+        &[
+            Index::At(j),
+            Index::At(b),
+            Index::Slice(row0, c),
+            Index::At(head),
+            Index::Slice(zero, h),
+        ],
+        x,
+    )
+}
+
+/// `rla_fwd_states(k, v) -> (chunk_states, final_state)` with [`value_block`]'s tiling.
 pub fn fwd_states_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
+    fwd_states_kernel_tiled(cfg, d, value_block(d.head_dim))
+}
+
+/// `rla_fwd_states(k, v) -> (chunk_states, final_state)`, grid (B, G · H/value_block): program
+/// `(b, g·nv + j)` carries the state's value columns `j·value_block..`.
+pub fn fwd_states_kernel_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+) -> LangResult<Kernel> {
     let geo = Geo::new(cfg, d);
+    let hv = value_block;
+    let nv = check_value_block("rla_fwd_states", &geo, hv)?;
     let mut kb = KernelBuilder::new(
         "rla_fwd_states",
-        &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g)],
+        &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g * nv)],
     );
     kb.launch(geo.warps(), 1);
     kb.set_precision(dot_precision()?);
@@ -431,18 +516,19 @@ pub fn fwd_states_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     let fsr = kb.output("final_state", &geo.fs_shape());
     let mut k = K { kb: &mut kb, geo };
     let b = k.kb.program_id(0)?;
-    let g = k.kb.program_id(1)?;
-    let hh = [geo.h, geo.h];
-    let init = [k.kb.zeros(&hh)?, k.kb.zeros(&hh)?];
+    let gj = k.kb.program_id(1)?;
+    let (g, _, col0) = split_pid(&mut k, gj, nv, hv)?;
+    let hx = [geo.h, hv];
+    let init = [k.kb.zeros(&hx)?, k.kb.zeros(&hx)?];
     let fin = k.range(geo.nc, &init, |k, c, s| {
-        k.store_state(csr, &[b, g, c], (s[0], s[1]))?;
+        k.store_state_cols(csr, &[b, g, c], col0, (s[0], s[1]))?;
         k.range(geo.l / geo.c, s, |k, j, s| {
             let t0 = sub_start(k, c, j)?;
             let s0 = k.plus(t0, -(geo.w as i64) - 1)?;
             let kt = k.rows(kr, b, s0, g)?;
-            let vt = k.rows(vr, b, s0, g)?;
+            let vt = k.cols(vr, b, s0, g, col0, hv)?;
             // Keys whose query position t0 + i lies past T never contribute.
-            let shape = [geo.c, geo.h];
+            let shape = [geo.c, hv];
             let i = k.kb.iota(&shape, 0)?;
             let t0s = k.kb.splat(t0, &shape)?;
             let pos = k.kb.add(i, t0s)?;
@@ -457,14 +543,26 @@ pub fn fwd_states_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
             Ok(vec![sp, sn])
         })
     })?;
-    k.store_state(fsr, &[b, g], (fin[0], fin[1]))?;
+    k.store_state_cols(fsr, &[b, g], col0, (fin[0], fin[1]))?;
     kb.finish()
 }
 
-/// `rla_fwd_out(q, k, v, chunk_states) -> o`, grid (B, N, chunks).
+/// `rla_fwd_out(q, k, v, chunk_states) -> o` with [`value_block`]'s tiling.
 pub fn fwd_out_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
+    fwd_out_kernel_tiled(cfg, d, value_block(d.head_dim))
+}
+
+/// `rla_fwd_out(q, k, v, chunk_states) -> o`, grid (B, N · H/value_block, chunks), all
+/// parallel: program `(b, n·nv + j, c)` gives `o`'s value columns `j·value_block..`.
+pub fn fwd_out_kernel_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+) -> LangResult<Kernel> {
     let geo = Geo::new(cfg, d);
-    let mut kb = KernelBuilder::new("rla_fwd_out", &grid3(geo.b, geo.n, geo.nc));
+    let hv = value_block;
+    let nv = check_value_block("rla_fwd_out", &geo, hv)?;
+    let mut kb = KernelBuilder::new("rla_fwd_out", &grid3(geo.b, geo.n * nv, geo.nc));
     kb.launch(geo.warps(), 1);
     kb.set_precision(dot_precision()?);
     let qr = kb.input("q", &geo.q_shape());
@@ -474,17 +572,18 @@ pub fn fwd_out_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     let or = kb.output("o", &geo.q_shape());
     let mut k = K { kb: &mut kb, geo };
     let b = k.kb.program_id(0)?;
-    let n = k.kb.program_id(1)?;
+    let nj = k.kb.program_id(1)?;
     let c = k.kb.program_id(2)?;
+    let (n, _, col0) = split_pid(&mut k, nj, nv, hv)?;
     let rv = k.kb.int(geo.r as i64);
     let g = k.kb.div(n, rv)?;
-    let (sp, sn) = k.load_state(csr, &[b, g, c])?;
+    let (sp, sn) = k.load_state_cols(csr, &[b, g, c], col0, hv)?;
     k.range(geo.l / geo.c, &[sp, sn], |k, j, s| {
         let t0 = sub_start(k, c, j)?;
         let s0 = k.plus(t0, -(geo.w as i64) - 1)?;
         let qt = k.rows(qr, b, t0, n)?;
         let kt = k.rows(kr, b, s0, g)?;
-        let vt = k.rows(vr, b, s0, g)?;
+        let vt = k.cols(vr, b, s0, g, col0, hv)?;
         let (pq, nq) = k.phi(qt)?;
         let (pk, nk) = k.phi(kt)?;
         let a = k.dot_t(pq, pk, None)?;
@@ -493,7 +592,7 @@ pub fn fwd_out_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         let o = k.kb.dot(pq, s[0], None)?;
         let o = k.kb.dot(nq, s[1], Some(o))?;
         let o = k.kb.dot(a, vt, Some(o))?;
-        k.store_rows(or, b, t0, n, o)?;
+        k.store_cols(or, b, t0, n, col0, o)?;
         let sp = k.t_dot(pk, vt, Some(s[0]))?;
         let sn = k.t_dot(nk, vt, Some(s[1]))?;
         Ok(vec![sp, sn])
@@ -501,12 +600,24 @@ pub fn fwd_out_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     kb.finish()
 }
 
-/// `rla_bwd_dstates(q, d_o) -> d_states`, grid (B, G).
+/// `rla_bwd_dstates(q, d_o) -> d_states` with [`value_block`]'s tiling.
 pub fn bwd_dstates_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
+    bwd_dstates_kernel_tiled(cfg, d, value_block(d.head_dim))
+}
+
+/// `rla_bwd_dstates(q, d_o) -> d_states`, grid (B, G · H/value_block): program `(b, g·nv + j)`
+/// carries dS's value columns `j·value_block..`.
+pub fn bwd_dstates_kernel_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+) -> LangResult<Kernel> {
     let geo = Geo::new(cfg, d);
+    let hv = value_block;
+    let nv = check_value_block("rla_bwd_dstates", &geo, hv)?;
     let mut kb = KernelBuilder::new(
         "rla_bwd_dstates",
-        &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g)],
+        &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g * nv)],
     );
     kb.launch(geo.warps(), 1);
     kb.set_precision(dot_precision()?);
@@ -515,20 +626,21 @@ pub fn bwd_dstates_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     let dsr = kb.output("d_states", &geo.cs_shape());
     let mut k = K { kb: &mut kb, geo };
     let b = k.kb.program_id(0)?;
-    let g = k.kb.program_id(1)?;
-    let hh = [geo.h, geo.h];
-    let init = [k.kb.zeros(&hh)?, k.kb.zeros(&hh)?];
+    let gj = k.kb.program_id(1)?;
+    let (g, _, col0) = split_pid(&mut k, gj, nv, hv)?;
+    let hx = [geo.h, hv];
+    let init = [k.kb.zeros(&hx)?, k.kb.zeros(&hx)?];
     k.range(geo.nc, &init, |k, i, s| {
         let last = k.kb.int(geo.nc as i64 - 1);
         let c = k.kb.sub(last, i)?;
-        k.store_state(dsr, &[b, g, c], (s[0], s[1]))?;
+        k.store_state_cols(dsr, &[b, g, c], col0, (s[0], s[1]))?;
         k.range(geo.l / geo.c, s, |k, j, s| {
             let s0 = sub_start(k, c, j)?;
             let p0 = k.plus(s0, geo.w as i64 + 1)?;
             k.range(geo.r, s, |k, r, s| {
                 let n = k.affine(g, geo.r as i64, r)?;
                 let qt = k.rows(qr, b, p0, n)?;
-                let dot = k.rows(dor, b, p0, n)?;
+                let dot = k.cols(dor, b, p0, n, col0, hv)?;
                 let (pq, nq) = k.phi(qt)?;
                 let sp = k.t_dot(pq, dot, Some(s[0]))?;
                 let sn = k.t_dot(nq, dot, Some(s[1]))?;
@@ -539,10 +651,18 @@ pub fn bwd_dstates_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     kb.finish()
 }
 
-/// `rla_bwd_dq(q, k, v, chunk_states, d_o) -> dq`, grid (B, N, chunks).
+/// `rla_bwd_dq(q, k, v, chunk_states, d_o) -> dq` with [`value_block`]'s tiling.
 pub fn bwd_dq_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
+    bwd_dq_kernel_tiled(cfg, d, value_block(d.head_dim))
+}
+
+/// `rla_bwd_dq(q, k, v, chunk_states, d_o) -> dq`, grid (B, N · H/value_block, chunks): program
+/// `(b, n·nv + j, c)` writes value block `j`'s partial dq (shape [`partial_shape`]).
+pub fn bwd_dq_kernel_tiled(cfg: &RlaConfig, d: &RlaDims, value_block: usize) -> LangResult<Kernel> {
     let geo = Geo::new(cfg, d);
-    let mut kb = KernelBuilder::new("rla_bwd_dq", &grid3(geo.b, geo.n, geo.nc));
+    let hv = value_block;
+    let nv = check_value_block("rla_bwd_dq", &geo, hv)?;
+    let mut kb = KernelBuilder::new("rla_bwd_dq", &grid3(geo.b, geo.n * nv, geo.nc));
     kb.launch(geo.warps(), 1);
     kb.set_precision(dot_precision()?);
     let qr = kb.input("q", &geo.q_shape());
@@ -550,21 +670,22 @@ pub fn bwd_dq_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     let vr = kb.input("v", &geo.kv_shape());
     let csr = kb.input("chunk_states", &geo.cs_shape());
     let dor = kb.input("d_o", &geo.q_shape());
-    let dqr = kb.output("dq", &geo.q_shape());
+    let dqr = kb.output("dq", &partial_shape(geo.q_shape(), hv));
     let mut k = K { kb: &mut kb, geo };
     let b = k.kb.program_id(0)?;
-    let n = k.kb.program_id(1)?;
+    let nj = k.kb.program_id(1)?;
     let c = k.kb.program_id(2)?;
+    let (n, vj, col0) = split_pid(&mut k, nj, nv, hv)?;
     let rv = k.kb.int(geo.r as i64);
     let g = k.kb.div(n, rv)?;
-    let (sp, sn) = k.load_state(csr, &[b, g, c])?;
+    let (sp, sn) = k.load_state_cols(csr, &[b, g, c], col0, hv)?;
     k.range(geo.l / geo.c, &[sp, sn], |k, j, s| {
         let t0 = sub_start(k, c, j)?;
         let s0 = k.plus(t0, -(geo.w as i64) - 1)?;
         let qt = k.rows(qr, b, t0, n)?;
-        let dot = k.rows(dor, b, t0, n)?;
+        let dot = k.cols(dor, b, t0, n, col0, hv)?;
         let kt = k.rows(kr, b, s0, g)?;
-        let vt = k.rows(vr, b, s0, g)?;
+        let vt = k.cols(vr, b, s0, g, col0, hv)?;
         let phq = k.phi(qt)?;
         let (pk, nk) = k.phi(kt)?;
         let p = k.dot_t(dot, vt, None)?;
@@ -574,7 +695,7 @@ pub fn bwd_dq_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         let dnq = k.dot_t(dot, s[1], None)?;
         let dnq = k.kb.dot(p, nk, Some(dnq))?;
         let dq = k.phi_vjp(qt, phq, (dpq, dnq))?;
-        k.store_rows(dqr, b, t0, n, dq)?;
+        store_part(k, dqr, nv, vj, b, t0, n, dq)?;
         let sp = k.t_dot(pk, vt, Some(s[0]))?;
         let sn = k.t_dot(nk, vt, Some(s[1]))?;
         Ok(vec![sp, sn])
@@ -582,38 +703,14 @@ pub fn bwd_dq_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     kb.finish()
 }
 
-/// The width of the value-column blocks `rla_bwd_dkdv` splits the head dim into: the whole
-/// head up to H 32, then 32 columns (H 64: 2 blocks, H 128: 4), which keeps every tile of a
-/// program at most `[max(C, H), 32]` besides the `[C, H]` key tiles — at H 128 the untiled
-/// kernel asked for more shared memory than an H100/H200 has.
-pub fn dkdv_value_block(head_dim: usize) -> usize {
-    head_dim.min(32)
-}
-
-/// The shape of `rla_bwd_dkdv`'s `dk` result: `[B, T, G, H]` with one value block, else the
-/// per-block partial sums `[H / value_block, B, T, G, H]` (summed by the caller).
-pub fn dkdv_dk_shape(d: &RlaDims, value_block: usize) -> Vec<usize> {
-    let nv = d.head_dim / value_block.max(1);
-    let kv = d.kv_shape();
-    if nv <= 1 {
-        kv.to_vec()
-    } else {
-        std::iter::once(nv).chain(kv).collect()
-    }
-}
-
-/// `rla_bwd_dkdv(q, k, v, d_o, d_states) -> (dk, dv)` with [`dkdv_value_block`]'s tiling.
+/// `rla_bwd_dkdv(q, k, v, d_o, d_states) -> (dk, dv)` with [`value_block`]'s tiling.
 pub fn bwd_dkdv_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
-    bwd_dkdv_kernel_tiled(cfg, d, dkdv_value_block(d.head_dim))
+    bwd_dkdv_kernel_tiled(cfg, d, value_block(d.head_dim))
 }
 
 /// `rla_bwd_dkdv(q, k, v, d_o, d_states) -> (dk, dv)`, grid (B, G · H/value_block, key chunks):
-/// program `(b, g·nv + j, c)` handles value columns `j·value_block..` of kv head `g`.
-///
-/// Everything but `dk` splits by value columns without cross terms (`dv[:, J]`, the carried
-/// `dS[:, J]`, `P = dO Vᵀ = Σ_J dO[:, J] V[:, J]ᵀ`), and `dk` is linear in the per-block
-/// `dφK` for fixed k (both feature maps' VJPs are), so each program writes its block's partial
-/// `dk` (shape [`dkdv_dk_shape`]) and the caller sums over the leading axis.
+/// program `(b, g·nv + j, c)` handles value columns `j·value_block..` of kv head `g`, writing
+/// `dv`'s columns and its partial dk (shape [`partial_shape`]).
 pub fn bwd_dkdv_kernel_tiled(
     cfg: &RlaConfig,
     d: &RlaDims,
@@ -621,14 +718,7 @@ pub fn bwd_dkdv_kernel_tiled(
 ) -> LangResult<Kernel> {
     let geo = Geo::new(cfg, d);
     let hv = value_block;
-    if hv == 0 || geo.h % hv != 0 {
-        return Err(LangError::new(
-            "rla_bwd_dkdv",
-            "value_block",
-            format!("value_block = {hv} must divide head_dim = {}", geo.h),
-        ));
-    }
-    let nv = geo.h / hv;
+    let nv = check_value_block("rla_bwd_dkdv", &geo, hv)?;
     let mut kb = KernelBuilder::new("rla_bwd_dkdv", &grid3(geo.b, geo.g * nv, geo.nc));
     kb.launch(geo.warps(), 1);
     kb.set_precision(dot_precision()?);
@@ -637,18 +727,13 @@ pub fn bwd_dkdv_kernel_tiled(
     let vr = kb.input("v", &geo.kv_shape());
     let dor = kb.input("d_o", &geo.q_shape());
     let dsr = kb.input("d_states", &geo.cs_shape());
-    let dkr = kb.output("dk", &dkdv_dk_shape(d, hv));
+    let dkr = kb.output("dk", &partial_shape(geo.kv_shape(), hv));
     let dvr = kb.output("dv", &geo.kv_shape());
     let mut k = K { kb: &mut kb, geo };
     let b = k.kb.program_id(0)?;
     let gj = k.kb.program_id(1)?;
     let c = k.kb.program_id(2)?;
-    let nvv = k.kb.int(nv as i64);
-    let g = k.kb.div(gj, nvv)?;
-    let gn = k.kb.mul(g, nvv)?;
-    let j = k.kb.sub(gj, gn)?;
-    let hvv = k.kb.int(hv as i64);
-    let col0 = k.kb.mul(j, hvv)?;
+    let (g, vj, col0) = split_pid(&mut k, gj, nv, hv)?;
     let (dsp, dsn) = k.load_state_cols(dsr, &[b, g, c], col0, hv)?;
     let m = geo.l / geo.c;
     let (ch, cv, hx) = ([geo.c, geo.h], [geo.c, hv], [geo.h, hv]);
@@ -689,22 +774,7 @@ pub fn bwd_dkdv_kernel_tiled(
         let dv = k.kb.dot(pk, ds[0], Some(acc[2]))?;
         let dv = k.kb.dot(nk, ds[1], Some(dv))?;
         let dk = k.phi_vjp(kt, (pk, nk), (dfp, dfn))?;
-        if nv == 1 {
-            k.store_rows(dkr, b, s0, g, dk)?;
-        } else {
-            let zero = k.kb.int(0);
-            k.kb.store(
-                dkr,
-                &[
-                    Index::At(j),
-                    Index::At(b),
-                    Index::Slice(s0, geo.c),
-                    Index::At(g),
-                    Index::Slice(zero, geo.h),
-                ],
-                dk,
-            )?;
-        }
+        store_part(k, dkr, nv, vj, b, s0, g, dk)?;
         k.store_cols(dvr, b, s0, g, col0, dv)?;
         let dsp = k.kb.add(ds[0], acc[3])?;
         let dsn = k.kb.add(ds[1], acc[4])?;
@@ -713,31 +783,54 @@ pub fn bwd_dkdv_kernel_tiled(
     kb.finish()
 }
 
-/// Sums `rla_bwd_dkdv`'s partial `dk` over its leading value-block axis (no-op for one block).
-fn sum_dk_parts(parts: Vec<f32>, kv_len: usize) -> Vec<f32> {
-    if parts.len() == kv_len {
+/// Sums per-value-block partials (a leading axis, see [`partial_shape`]) into `len` elements
+/// (a no-op for one block).
+fn sum_parts(parts: Vec<f32>, len: usize) -> Vec<f32> {
+    if parts.len() == len {
         return parts;
     }
-    let mut dk = vec![0f32; kv_len];
-    for part in parts.chunks(kv_len) {
-        for (a, x) in dk.iter_mut().zip(part) {
+    let mut out = vec![0f32; len];
+    for part in parts.chunks(len) {
+        for (a, x) in out.iter_mut().zip(part) {
             *a += x;
         }
     }
-    dk
+    out
 }
 
-/// The two forward kernels: `[rla_fwd_states, rla_fwd_out]`.
+/// The two forward kernels: `[rla_fwd_states, rla_fwd_out]`, with [`value_block`]'s tiling.
 pub fn fwd_kernels(cfg: &RlaConfig, d: &RlaDims) -> LangResult<[Kernel; 2]> {
-    Ok([fwd_states_kernel(cfg, d)?, fwd_out_kernel(cfg, d)?])
+    fwd_kernels_tiled(cfg, d, value_block(d.head_dim))
 }
 
-/// The three backward kernels: `[rla_bwd_dstates, rla_bwd_dq, rla_bwd_dkdv]`.
-pub fn bwd_kernels(cfg: &RlaConfig, d: &RlaDims) -> LangResult<[Kernel; 3]> {
+/// The two forward kernels with value blocks of `value_block` columns.
+pub fn fwd_kernels_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+) -> LangResult<[Kernel; 2]> {
     Ok([
-        bwd_dstates_kernel(cfg, d)?,
-        bwd_dq_kernel(cfg, d)?,
-        bwd_dkdv_kernel(cfg, d)?,
+        fwd_states_kernel_tiled(cfg, d, value_block)?,
+        fwd_out_kernel_tiled(cfg, d, value_block)?,
+    ])
+}
+
+/// The three backward kernels: `[rla_bwd_dstates, rla_bwd_dq, rla_bwd_dkdv]`, with
+/// [`value_block`]'s tiling (`dq` and `dk` come as per-block partials, [`partial_shape`]).
+pub fn bwd_kernels(cfg: &RlaConfig, d: &RlaDims) -> LangResult<[Kernel; 3]> {
+    bwd_kernels_tiled(cfg, d, value_block(d.head_dim))
+}
+
+/// The three backward kernels with value blocks of `value_block` columns.
+pub fn bwd_kernels_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+) -> LangResult<[Kernel; 3]> {
+    Ok([
+        bwd_dstates_kernel_tiled(cfg, d, value_block)?,
+        bwd_dq_kernel_tiled(cfg, d, value_block)?,
+        bwd_dkdv_kernel_tiled(cfg, d, value_block)?,
     ])
 }
 
@@ -749,7 +842,19 @@ pub fn interpret_fwd(
     k: &[f32],
     v: &[f32],
 ) -> LangResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let [ks, ko] = fwd_kernels(cfg, d)?;
+    interpret_fwd_tiled(cfg, d, value_block(d.head_dim), q, k, v)
+}
+
+/// [`interpret_fwd`] with value blocks of `value_block` columns.
+pub fn interpret_fwd_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> LangResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let [ks, ko] = fwd_kernels_tiled(cfg, d, value_block)?;
     let mut st = interp::run(&ks, &[k, v])?.into_iter();
     let (cs, fs) = (st.next().unwrap_or_default(), st.next().unwrap_or_default());
     let o = interp::run(&ko, &[q, k, v, &cs])?.pop().unwrap_or_default();
@@ -767,14 +872,45 @@ pub fn interpret_bwd(
     chunk_states: &[f32],
     d_o: &[f32],
 ) -> LangResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let [kds, kdq, kdkv] = bwd_kernels(cfg, d)?;
+    interpret_bwd_tiled(cfg, d, value_block(d.head_dim), q, k, v, chunk_states, d_o)
+}
+
+/// [`interpret_bwd`] with value blocks of `value_block` columns (partials summed here).
+#[allow(clippy::too_many_arguments)]
+pub fn interpret_bwd_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    chunk_states: &[f32],
+    d_o: &[f32],
+) -> LangResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let [kds, kdq, kdkv] = bwd_kernels_tiled(cfg, d, value_block)?;
     let ds = interp::run(&kds, &[q, d_o])?.pop().unwrap_or_default();
     let dq = interp::run(&kdq, &[q, k, v, chunk_states, d_o])?
         .pop()
         .unwrap_or_default();
     let mut kv = interp::run(&kdkv, &[q, k, v, d_o, &ds])?.into_iter();
     let (dk, dv) = (kv.next().unwrap_or_default(), kv.next().unwrap_or_default());
-    Ok((dq, sum_dk_parts(dk, d.kv_len()), dv))
+    Ok((
+        sum_parts(dq, d.q_len()),
+        sum_parts(dk, d.kv_len()),
+        dv,
+    ))
+}
+
+/// Sums a kernel's per-value-block partials over their leading axis (rank 5 → 4) in the graph.
+fn sum_parts_op(
+    b: &hlo_builder::Builder,
+    x: hlo_builder::Op,
+) -> hlo_builder::Result<hlo_builder::Op> {
+    if b.shape(x)?.rank() == 5 {
+        b.reduce_sum(x, &[0])
+    } else {
+        Ok(x)
+    }
 }
 
 fn lang_err(b: &hlo_builder::Builder, e: LangError) -> hlo_builder::Error {
@@ -826,14 +962,9 @@ pub fn triton_bwd(
     let (cs, d_o) = (as_f32(b, chunk_states)?, as_f32(b, d_o)?);
     let [kds, kdq, kdkv] = bwd_kernels(cfg, d).map_err(|e| lang_err(b, e))?;
     let ds = custom_call(b, &kds, &[q, d_o])?;
-    let dq = custom_call(b, &kdq, &[q, k, v, cs, d_o])?;
+    let dq = sum_parts_op(b, custom_call(b, &kdq, &[q, k, v, cs, d_o])?)?;
     let dkdv = custom_call(b, &kdkv, &[q, k, v, d_o, ds])?;
-    let dk = b.get_tuple_element(dkdv, 0)?;
-    let dk = if b.shape(dk)?.rank() == 5 {
-        b.reduce_sum(dk, &[0])?
-    } else {
-        dk
-    };
+    let dk = sum_parts_op(b, b.get_tuple_element(dkdv, 0)?)?;
     let dv = b.get_tuple_element(dkdv, 1)?;
     b.tuple(&[dq, dk, dv])
 }
