@@ -5,7 +5,7 @@ mod common;
 
 use common::{rel_err, run_bwd, run_fwd, Rng};
 use pallas_port::lang::rla::{
-    check_tiles, interpret_bwd_tiled, interpret_fwd_tiled, value_block,
+    check_tiles, interpret_bwd_tiled, interpret_fwd_tiled, tile_rows, value_block,
 };
 use pallas_port::reference::{rla_naive_f64, rla_scan_f64, rla_vjp_f64, to_f64};
 use pallas_port::{FeatureMap, RlaConfig, RlaDims};
@@ -242,6 +242,13 @@ fn interpreter_matches_reference_at_head_dim_128() {
         11,
     );
     check(dims(1, 50, 2, 2, 128), cfg(20, 16, 32, FeatureMap::Relu), 12);
+    // Sub-chunk 64 runs as tiles of 32 rows at H 128 (the benchmark's sub-chunk).
+    assert_eq!((tile_rows(64, 128), tile_rows(64, 64), tile_rows(16, 128)), (32, 64, 16));
+    check(
+        dims(1, 150, 2, 1, 128),
+        cfg(40, 64, 128, FeatureMap::Softmax),
+        13,
+    );
 }
 
 #[test]

@@ -434,6 +434,22 @@ pub fn partial_shape(heads_shape: [usize; 4], value_block: usize) -> Vec<usize> 
     }
 }
 
+/// The rows of the kernels' `[C, H]` tiles: the sub-chunk, capped at 4096 / H (32 rows at
+/// H 128, 64 at H 64) so that a `[C, H]` f32 tile stays ≤ 16 KiB. The sub-chunk is only a tiling
+/// of the chunk (the saved states depend on the chunk), so any power of two dividing it gives
+/// the same results; at H 128 with sub-chunk 64 the value-split `rla_bwd_dkdv` still asked for
+/// 180,224 B of shared memory, more than an A100 has (166,912 B).
+pub fn tile_rows(sub_chunk: usize, head_dim: usize) -> usize {
+    sub_chunk.min((4096 / head_dim.max(1)).max(16))
+}
+
+/// [`Geo`] with the sub-chunk replaced by [`tile_rows`].
+fn kernel_geo(cfg: &RlaConfig, d: &RlaDims) -> Geo {
+    let mut geo = Geo::new(cfg, d);
+    geo.c = tile_rows(geo.c, geo.h);
+    geo
+}
+
 fn check_value_block(name: &str, geo: &Geo, hv: usize) -> LangResult<usize> {
     if hv == 0 || geo.h % hv != 0 || (hv < geo.h && hv < 16) {
         return Err(LangError::new(
@@ -501,7 +517,7 @@ pub fn fwd_states_kernel_tiled(
     d: &RlaDims,
     value_block: usize,
 ) -> LangResult<Kernel> {
-    let geo = Geo::new(cfg, d);
+    let geo = kernel_geo(cfg, d);
     let hv = value_block;
     let nv = check_value_block("rla_fwd_states", &geo, hv)?;
     let mut kb = KernelBuilder::new(
@@ -559,7 +575,7 @@ pub fn fwd_out_kernel_tiled(
     d: &RlaDims,
     value_block: usize,
 ) -> LangResult<Kernel> {
-    let geo = Geo::new(cfg, d);
+    let geo = kernel_geo(cfg, d);
     let hv = value_block;
     let nv = check_value_block("rla_fwd_out", &geo, hv)?;
     let mut kb = KernelBuilder::new("rla_fwd_out", &grid3(geo.b, geo.n * nv, geo.nc));
@@ -612,7 +628,7 @@ pub fn bwd_dstates_kernel_tiled(
     d: &RlaDims,
     value_block: usize,
 ) -> LangResult<Kernel> {
-    let geo = Geo::new(cfg, d);
+    let geo = kernel_geo(cfg, d);
     let hv = value_block;
     let nv = check_value_block("rla_bwd_dstates", &geo, hv)?;
     let mut kb = KernelBuilder::new(
@@ -659,7 +675,7 @@ pub fn bwd_dq_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
 /// `rla_bwd_dq(q, k, v, chunk_states, d_o) -> dq`, grid (B, N · H/value_block, chunks): program
 /// `(b, n·nv + j, c)` writes value block `j`'s partial dq (shape [`partial_shape`]).
 pub fn bwd_dq_kernel_tiled(cfg: &RlaConfig, d: &RlaDims, value_block: usize) -> LangResult<Kernel> {
-    let geo = Geo::new(cfg, d);
+    let geo = kernel_geo(cfg, d);
     let hv = value_block;
     let nv = check_value_block("rla_bwd_dq", &geo, hv)?;
     let mut kb = KernelBuilder::new("rla_bwd_dq", &grid3(geo.b, geo.n * nv, geo.nc));
@@ -716,7 +732,7 @@ pub fn bwd_dkdv_kernel_tiled(
     d: &RlaDims,
     value_block: usize,
 ) -> LangResult<Kernel> {
-    let geo = Geo::new(cfg, d);
+    let geo = kernel_geo(cfg, d);
     let hv = value_block;
     let nv = check_value_block("rla_bwd_dkdv", &geo, hv)?;
     let mut kb = KernelBuilder::new("rla_bwd_dkdv", &grid3(geo.b, geo.g * nv, geo.nc));
