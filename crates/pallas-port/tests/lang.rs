@@ -48,7 +48,8 @@ fn check_tiled(d: RlaDims, cfg: RlaConfig, vb: usize, seed: u64) {
         assert!(ec <= t, "{tag}: {name} rel err {ec} vs the CPU kernel");
     }
 
-    let (dq, dk, dv) = interpret_bwd_tiled(&cfg, &d, vb, &q, &k, &v, &cs, &d_o).expect("interpret_bwd");
+    let (dq, dk, dv) =
+        interpret_bwd_tiled(&cfg, &d, vb, &q, &k, &v, &cs, &d_o).expect("interpret_bwd");
     let g = rla_vjp_f64(&cfg, &d, &qf, &kf, &vf, &dof).unwrap();
     let (dq_c, dk_c, dv_c) = run_bwd(&cfg, &d, &q, &k, &v, &cs_cpu, &d_o);
     for (name, got, want, cpu) in [
@@ -241,9 +242,16 @@ fn interpreter_matches_reference_at_head_dim_128() {
         cfg(9, 16, 32, FeatureMap::Softmax),
         11,
     );
-    check(dims(1, 50, 2, 2, 128), cfg(20, 16, 32, FeatureMap::Relu), 12);
+    check(
+        dims(1, 50, 2, 2, 128),
+        cfg(20, 16, 32, FeatureMap::Relu),
+        12,
+    );
     // Sub-chunk 64 runs as tiles of 32 rows at H 128 (the benchmark's sub-chunk).
-    assert_eq!((tile_rows(64, 128), tile_rows(64, 64), tile_rows(16, 128)), (32, 64, 16));
+    assert_eq!(
+        (tile_rows(64, 128), tile_rows(64, 64), tile_rows(16, 128)),
+        (32, 64, 16)
+    );
     check(
         dims(1, 150, 2, 1, 128),
         cfg(40, 64, 128, FeatureMap::Softmax),
@@ -254,21 +262,33 @@ fn interpreter_matches_reference_at_head_dim_128() {
 #[test]
 fn value_blocks_give_the_same_results() {
     // Unsplit at H ≤ 32 by default; forced splits here, and H 64's default (2 blocks).
-    assert_eq!((value_block(16), value_block(32), value_block(64)), (16, 32, 32));
+    assert_eq!(
+        (value_block(16), value_block(32), value_block(64)),
+        (16, 32, 32)
+    );
     check_tiled(
         dims(2, 100, 4, 2, 32),
         cfg(5, 16, 32, FeatureMap::Softmax),
         16,
         21,
     );
-    check_tiled(dims(1, 90, 2, 1, 32), cfg(7, 16, 32, FeatureMap::Relu), 16, 22);
+    check_tiled(
+        dims(1, 90, 2, 1, 32),
+        cfg(7, 16, 32, FeatureMap::Relu),
+        16,
+        22,
+    );
     check_tiled(
         dims(1, 80, 4, 2, 64),
         cfg(40, 16, 64, FeatureMap::Softmax),
         16,
         23,
     );
-    check(dims(1, 80, 2, 1, 64), cfg(3, 32, 64, FeatureMap::Softmax), 24);
+    check(
+        dims(1, 80, 2, 1, 64),
+        cfg(3, 32, 64, FeatureMap::Softmax),
+        24,
+    );
     let e = pallas_port::lang::rla::bwd_kernels_tiled(
         &cfg(5, 16, 32, FeatureMap::Softmax),
         &dims(1, 8, 1, 1, 32),

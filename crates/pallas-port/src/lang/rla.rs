@@ -6,21 +6,29 @@
 //! `chunk_states` layout) and nothing is ever concatenated:
 //! `φQ S = φ⁺Q S⁺ + φ⁻Q S⁻`, `φQ φKᵀ = φ⁺Q φ⁺Kᵀ + φ⁻Q φ⁻Kᵀ`.
 //!
+//! Every kernel splits the head dim's *value columns* into `nv = H / value_block` blocks
+//! ([`value_block`]: unsplit up to H 32, 32 columns above) over its second grid axis, and tiles
+//! rows by [`tile_rows`] (the sub-chunk, capped at 4096 / H): at H 128 the unsplit backward
+//! asked for more shared memory than a GPU has. `dq` and `dk` are linear in the per-block
+//! contributions, so their kernels write per-block partial sums (a leading axis of `nv`,
+//! [`partial_shape`]) that the graph (or [`interpret_bwd`]) sums.
+//!
 //! Forward (two kernels):
-//! - `rla_fwd_states`, grid (B, G): the chunk loop in order carrying S; stores `chunk_states`
-//!   and `final_state`.
-//! - `rla_fwd_out`, grid (B, N, chunks), all parallel: S from `chunk_states`, the sub-chunk loop
-//!   carrying S; stores `o`.
+//! - `rla_fwd_states`, grid (B, G·nv): the chunk loop in order carrying S's value block;
+//!   stores `chunk_states` and `final_state`.
+//! - `rla_fwd_out`, grid (B, N·nv, chunks), all parallel: S from `chunk_states`, the sub-chunk
+//!   loop carrying S; stores `o`'s value block.
 //!
 //! Backward (three kernels):
-//! - `rla_bwd_dstates`, grid (B, G): chunks in reverse carrying dS (summed over the group's
+//! - `rla_bwd_dstates`, grid (B, G·nv): chunks in reverse carrying dS (summed over the group's
 //!   query heads); stores `d_states[b, g, c]`, the dS of every query after key chunk `c`'s last
 //!   query (position `(c+1)·chunk + W + 1` on), in the `chunk_states` layout.
-//! - `rla_bwd_dq`, grid (B, N, chunks): like `rla_fwd_out`, gives dq.
-//! - `rla_bwd_dkdv`, grid (B, G, chunks) over chunks of *keys*: sub-chunks in reverse carrying dS
-//!   from `d_states`, an inner loop over the group's query heads; gives dk and dv. Working in key
-//!   space makes every key row the job of exactly one program, so every result element is
-//!   written (XLA's custom-call results start uninitialised).
+//! - `rla_bwd_dq`, grid (B, N·nv, chunks): like `rla_fwd_out`, gives partial dq.
+//! - `rla_bwd_dkdv`, grid (B, G·nv, chunks) over chunks of *keys*: sub-chunks in reverse
+//!   carrying dS from `d_states`, an inner loop over the group's query heads; gives partial dk
+//!   and dv's value block. Working in key space makes every key row the job of exactly one
+//!   program per value block, so every result element is written (XLA's custom-call results
+//!   start uninitialised).
 //!
 //! The shift by W + 1 is a load offset: the shifted keys of query rows `t0..t0+C` are key rows
 //! `t0−W−1..`, and rows outside `[0, T)` load as 0 (their products with Ṽ vanish, although
@@ -910,11 +918,7 @@ pub fn interpret_bwd_tiled(
         .unwrap_or_default();
     let mut kv = interp::run(&kdkv, &[q, k, v, d_o, &ds])?.into_iter();
     let (dk, dv) = (kv.next().unwrap_or_default(), kv.next().unwrap_or_default());
-    Ok((
-        sum_parts(dq, d.q_len()),
-        sum_parts(dk, d.kv_len()),
-        dv,
-    ))
+    Ok((sum_parts(dq, d.q_len()), sum_parts(dk, d.kv_len()), dv))
 }
 
 /// Sums a kernel's per-value-block partials over their leading axis (rank 5 → 4) in the graph.
