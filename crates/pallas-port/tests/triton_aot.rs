@@ -162,44 +162,60 @@ fn rla_triton_kernels_compile_for_h100_and_a100() {
 
 /// The benchmark shape (B1 N8 G2 H128 W512, chunk 512, sub-chunk 64, T 4096) forward+backward
 /// for H100 (softmax) and A100 (relu: a different kernel text, so XLA's kernel cache cannot
-/// answer the second compile), and H 64 for H100. Before the value-column split the H 128
-/// backward asked for 278,528 B of shared memory on an H200 (232,448 available). Minutes of
-/// compile on a loaded 2-core machine, so only with `RATTN_AOT_BIG=1`:
-/// `RATTN_AOT_BIG=1 RATTN_AOT_TESTS=1 cargo test --release -p pallas-port --test triton_aot --
-/// --nocapture rla_triton_kernels_compile_at_head_dims_64_and_128`.
+/// answer the second compile). Before the value-column split the H 128 backward asked for
+/// 278,528 B of shared memory on an H200 (232,448 available) and took minutes to compile; now
+/// ~18 s per GPU on 2 cores.
 #[test]
-fn rla_triton_kernels_compile_at_head_dims_64_and_128() {
-    if !std::env::var("RATTN_AOT_BIG").is_ok_and(|v| v == "1") {
-        eprintln!(
-            "skip rla_triton_kernels_compile_at_head_dims_64_and_128: several minutes of compile \
-             (set RATTN_AOT_BIG=1 to run)"
-        );
-        return;
-    }
-    let Some(plugin) = gpu("rla_triton_kernels_compile_at_head_dims_64_and_128") else {
+fn rla_triton_kernels_compile_at_head_dim_128() {
+    let Some(plugin) = gpu("rla_triton_kernels_compile_at_head_dim_128") else {
         return;
     };
-    for (gpu_name, h, t, w, c, l, fm) in [
-        ("h100", 128, 4096, 512, 64, 512, FeatureMap::Softmax),
-        ("a100", 128, 4096, 512, 64, 512, FeatureMap::Relu),
-        ("h100", 64, 300, 37, 32, 64, FeatureMap::Softmax),
-    ] {
+    for (gpu_name, fm) in [("h100", FeatureMap::Softmax), ("a100", FeatureMap::Relu)] {
         let topo = Topology::gpu_named(&plugin, gpu_name, "1x1x1").unwrap();
         let d = RlaDims {
             batch: 1,
-            seq: t,
+            seq: 4096,
             heads: 8,
             kv_heads: 2,
-            head_dim: h,
+            head_dim: 128,
         };
         let cfg = RlaConfig {
-            window: w,
-            sub_chunk: c,
-            chunk: l,
+            window: 512,
+            sub_chunk: 64,
+            chunk: 512,
             feature_map: fm,
         };
         compile(&topo, gpu_name, &d, &cfg);
     }
+}
+
+/// H 64 forward+backward for H100, only with `RATTN_AOT_BIG=1`:
+/// `RATTN_AOT_BIG=1 RATTN_AOT_TESTS=1 cargo test --release -p pallas-port --test triton_aot --
+/// --nocapture rla_triton_kernels_compile_at_head_dim_64`.
+#[test]
+fn rla_triton_kernels_compile_at_head_dim_64() {
+    if !std::env::var("RATTN_AOT_BIG").is_ok_and(|v| v == "1") {
+        eprintln!("skip rla_triton_kernels_compile_at_head_dim_64: set RATTN_AOT_BIG=1 to run");
+        return;
+    }
+    let Some(plugin) = gpu("rla_triton_kernels_compile_at_head_dim_64") else {
+        return;
+    };
+    let h100 = Topology::gpu_named(&plugin, "h100", "1x1x1").unwrap();
+    let d = RlaDims {
+        batch: 1,
+        seq: 300,
+        heads: 8,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    let cfg = RlaConfig {
+        window: 37,
+        sub_chunk: 32,
+        chunk: 64,
+        feature_map: FeatureMap::Softmax,
+    };
+    compile(&h100, "h100", &d, &cfg);
 }
 
 #[test]
