@@ -459,7 +459,7 @@ fn kernel_geo(cfg: &RlaConfig, d: &RlaDims) -> Geo {
 }
 
 fn check_value_block(name: &str, geo: &Geo, hv: usize) -> LangResult<usize> {
-    if hv == 0 || geo.h % hv != 0 || (hv < geo.h && hv < 16) {
+    if hv == 0 || !geo.h.is_multiple_of(hv) || (hv < geo.h && hv < 16) {
         return Err(LangError::new(
             name,
             "value_block",
