@@ -276,16 +276,92 @@ fn compile_kernel(topo: &Topology, k: &Kernel) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// Protobuf fields of `b`: `(field number, varint value or bytes)`; `None` on malformed input.
+fn proto_fields(b: &[u8]) -> Option<Vec<(u64, Result<u64, &[u8]>)>> {
+    fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
+        let mut x = 0u64;
+        for shift in (0..64).step_by(7) {
+            let c = *b.get(*i)?;
+            *i += 1;
+            x |= u64::from(c & 0x7f) << shift;
+            if c < 0x80 {
+                return Some(x);
+            }
+        }
+        None
+    }
+    let (mut i, mut out) = (0, Vec::new());
+    while i < b.len() {
+        let key = varint(b, &mut i)?;
+        let v = match key & 7 {
+            0 => Ok(varint(b, &mut i)?),
+            2 => {
+                let n = varint(b, &mut i)? as usize;
+                let v = b.get(i..i + n)?;
+                i += n;
+                Err(v)
+            }
+            5 => {
+                i += 4;
+                Ok(0)
+            }
+            1 => {
+                i += 8;
+                Ok(0)
+            }
+            _ => return None,
+        };
+        out.push((key >> 3, v));
+    }
+    Some(out)
+}
+
+/// The shared memory XLA launches kernel `name` with, from its kernel cache file
+/// (`--xla_gpu_kernel_cache_file`: a `CompilationCacheProto`, entries keyed by kernel name,
+/// `shmem_bytes` field 4 of each entry); the last entry of that name.
+fn cached_shmem(path: &std::path::Path, name: &str) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    let mut found = None;
+    for (f, v) in proto_fields(&bytes)? {
+        let (1, Err(entry)) = (f, v) else { continue };
+        let fields = proto_fields(entry)?;
+        let is_name = fields
+            .iter()
+            .any(|(f, v)| *f == 1 && *v == Err(name.as_bytes()));
+        for (f, v) in &fields {
+            if let (2, Err(e), true) = (*f, v, is_name) {
+                for (f, v) in proto_fields(e)? {
+                    if let (4, Ok(n)) = (f, v) {
+                        found = Some(n);
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
 /// Every RLA kernel compiled alone for H100 and A100 at head dims 128, 64, 32 and 16 (the
 /// benchmark's chunk 512, sub-chunk 64 at H 128 and 64; chunk 64, sub-chunk 16 below): each
 /// must fit the GPU's shared memory (232,448 B on H100, 166,912 B on A100). Prints each
-/// kernel's outcome. Tens of minutes on 2 cores, so ignored in CI:
+/// kernel's outcome and, when this test loads the plugin (run it alone) with `XLA_FLAGS` unset,
+/// the shared memory XLA will launch it with (read back from a kernel cache file this test
+/// asks for). H100 compiles the softmax kernels, A100 the relu ones (identical kernel text would
+/// be answered from that cache). A few minutes on 2 cores, so ignored in CI:
 /// `RATTN_AOT_TESTS=1 cargo test --release -p pallas-port --test triton_aot -- --ignored
 /// --nocapture rla_triton_kernels_fit_shared_memory` (`RATTN_AOT_HEADS="128"` to choose the
 /// head dims, `RATTN_AOT_GPUS="h100"` the GPUs).
 #[test]
 #[ignore]
 fn rla_triton_kernels_fit_shared_memory() {
+    let cache = std::env::temp_dir().join(format!("rattn_kernel_cache_{}", std::process::id()));
+    if std::env::var_os("XLA_FLAGS").is_none() {
+        let _ = std::fs::remove_file(&cache);
+        std::env::set_var(
+            "XLA_FLAGS",
+            format!("--xla_gpu_kernel_cache_file={}", cache.display()),
+        );
+    }
     let Some(plugin) = gpu("rla_triton_kernels_fit_shared_memory") else {
         return;
     };
@@ -316,7 +392,11 @@ fn rla_triton_kernels_fit_shared_memory() {
                 window: 512,
                 sub_chunk: c,
                 chunk: l,
-                feature_map: FeatureMap::Softmax,
+                feature_map: if gpu_name == "a100" {
+                    FeatureMap::Relu
+                } else {
+                    FeatureMap::Softmax
+                },
             };
             let [s, o] = fwd_kernels_tiled(&cfg, &d, vb).unwrap();
             let [ds, dq, dkdv] = bwd_kernels_tiled(&cfg, &d, vb).unwrap();
@@ -328,12 +408,18 @@ fn rla_triton_kernels_fit_shared_memory() {
                 let t = std::time::Instant::now();
                 let r = compile_kernel(&topo, &k);
                 let what = format!(
-                    "{gpu_name} H{h} sub-chunk {c} (tiles of {} rows) value block {vb} {}",
+                    "{gpu_name} H{h} {:?} sub-chunk {c} (tiles of {} rows) value block {vb} {}",
+                    cfg.feature_map,
                     tile_rows(c, h),
                     k.name
                 );
                 match &r {
-                    Ok(()) => eprintln!("{what}: fits ({:.0?})", t.elapsed()),
+                    Ok(()) => eprintln!(
+                        "{what}: fits, shared memory {} B ({:.0?})",
+                        cached_shmem(&cache, &k.name)
+                            .map_or("unknown".to_string(), |n| n.to_string()),
+                        t.elapsed()
+                    ),
                     Err(e) => {
                         let at = e.find("Shared memory").unwrap_or(0);
                         eprintln!("{what}: FAILS: {}", &e[at..e.len().min(at + 300)]);
@@ -343,5 +429,6 @@ fn rla_triton_kernels_fit_shared_memory() {
             }
         }
     }
+    let _ = std::fs::remove_file(&cache);
     assert!(failed.is_empty(), "kernels that do not compile: {failed:?}");
 }
