@@ -346,7 +346,8 @@ fn cached_shmem(path: &std::path::Path, name: &str) -> Option<u64> {
 /// must fit the GPU's shared memory (232,448 B on H100, 166,912 B on A100). Prints each
 /// kernel's outcome and, when this test loads the plugin (run it alone) with `XLA_FLAGS` unset,
 /// the shared memory XLA will launch it with (read back from a kernel cache file this test
-/// asks for). H100 compiles the softmax kernels, A100 the relu ones (identical kernel text would
+/// asks for; each compile renames its kernel `<kernel>_<gpu>_h<H>` since that file keeps the
+/// first entry of a name). H100 compiles the softmax kernels, A100 the relu ones (identical kernel text would
 /// be answered from that cache). A few minutes on 2 cores, so ignored in CI:
 /// `RATTN_AOT_TESTS=1 cargo test --release -p pallas-port --test triton_aot -- --ignored
 /// --nocapture rla_triton_kernels_fit_shared_memory` (`RATTN_AOT_HEADS="128"` to choose the
@@ -401,10 +402,13 @@ fn rla_triton_kernels_fit_shared_memory() {
             let [s, o] = fwd_kernels_tiled(&cfg, &d, vb).unwrap();
             let [ds, dq, dkdv] = bwd_kernels_tiled(&cfg, &d, vb).unwrap();
             let only = std::env::var("RATTN_AOT_KERNELS").unwrap_or_default();
-            for k in [s, o, ds, dq, dkdv] {
+            for mut k in [s, o, ds, dq, dkdv] {
                 if !only.is_empty() && !only.split_whitespace().any(|n| n == k.name) {
                     continue;
                 }
+                // A name of its own per compile: XLA's kernel cache file keeps the first entry
+                // of each name.
+                k.name = format!("{}_{gpu_name}_h{h}", k.name);
                 let t = std::time::Instant::now();
                 let r = compile_kernel(&topo, &k);
                 let what = format!(
