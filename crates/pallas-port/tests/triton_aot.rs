@@ -276,8 +276,11 @@ fn compile_kernel(topo: &Topology, k: &Kernel) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Protobuf fields of `b`: `(field number, varint value or bytes)`; `None` on malformed input.
-fn proto_fields(b: &[u8]) -> Option<Vec<(u64, Result<u64, &[u8]>)>> {
+/// A protobuf field: its number and its varint value (`Ok`) or bytes (`Err`).
+type Field<'a> = (u64, Result<u64, &'a [u8]>);
+
+/// Protobuf fields of `b`; `None` on malformed input.
+fn proto_fields(b: &[u8]) -> Option<Vec<Field<'_>>> {
     fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
         let mut x = 0u64;
         for shift in (0..64).step_by(7) {
