@@ -4,7 +4,9 @@
 mod common;
 
 use common::{rel_err, run_bwd, run_fwd, Rng};
-use pallas_port::lang::rla::{check_tiles, interpret_bwd, interpret_fwd};
+use pallas_port::lang::rla::{
+    check_tiles, interpret_bwd_tiled, interpret_fwd_tiled, tile_rows, value_block,
+};
 use pallas_port::reference::{rla_naive_f64, rla_scan_f64, rla_vjp_f64, to_f64};
 use pallas_port::{FeatureMap, RlaConfig, RlaDims};
 
@@ -16,7 +18,12 @@ fn tol(fm: FeatureMap) -> f64 {
 }
 
 fn check(d: RlaDims, cfg: RlaConfig, seed: u64) {
-    let tag = format!("{d} {cfg:?}");
+    check_tiled(d, cfg, value_block(d.head_dim), seed)
+}
+
+/// [`check`] with the kernels split into value blocks of `vb` columns.
+fn check_tiled(d: RlaDims, cfg: RlaConfig, vb: usize, seed: u64) {
+    let tag = format!("{d} {cfg:?} value block {vb}");
     let mut rng = Rng::new(seed);
     let q = rng.vec(d.q_len(), 2.0);
     let k = rng.vec(d.kv_len(), 2.0);
@@ -25,7 +32,7 @@ fn check(d: RlaDims, cfg: RlaConfig, seed: u64) {
     let (qf, kf, vf, dof) = (to_f64(&q), to_f64(&k), to_f64(&v), to_f64(&d_o));
     let t = tol(cfg.feature_map);
 
-    let (o, cs, fs) = interpret_fwd(&cfg, &d, &q, &k, &v).expect("interpret_fwd");
+    let (o, cs, fs) = interpret_fwd_tiled(&cfg, &d, vb, &q, &k, &v).expect("interpret_fwd");
     let o_ref = rla_naive_f64(&cfg, &d, &qf, &kf, &vf).unwrap();
     let scan = rla_scan_f64(&cfg, &d, &qf, &kf, &vf).unwrap();
     let (o_cpu, cs_cpu, fs_cpu) = run_fwd(&cfg, &d, &q, &k, &v);
@@ -41,7 +48,8 @@ fn check(d: RlaDims, cfg: RlaConfig, seed: u64) {
         assert!(ec <= t, "{tag}: {name} rel err {ec} vs the CPU kernel");
     }
 
-    let (dq, dk, dv) = interpret_bwd(&cfg, &d, &q, &k, &v, &cs, &d_o).expect("interpret_bwd");
+    let (dq, dk, dv) =
+        interpret_bwd_tiled(&cfg, &d, vb, &q, &k, &v, &cs, &d_o).expect("interpret_bwd");
     let g = rla_vjp_f64(&cfg, &d, &qf, &kf, &vf, &dof).unwrap();
     let (dq_c, dk_c, dv_c) = run_bwd(&cfg, &d, &q, &k, &v, &cs_cpu, &d_o);
     for (name, got, want, cpu) in [
@@ -222,5 +230,74 @@ fn interpreter_matches_reference_at_the_tiny_model_shape() {
         dims(8, 256, 4, 2, 16),
         cfg(32, 16, 64, FeatureMap::Softmax),
         9,
+    );
+}
+
+#[test]
+fn interpreter_matches_reference_at_head_dim_128() {
+    // H 128: every kernel in 4 value-column blocks of 32 (dq and dk partials summed), small T.
+    assert_eq!(value_block(128), 32);
+    check(
+        dims(1, 70, 2, 1, 128),
+        cfg(9, 16, 32, FeatureMap::Softmax),
+        11,
+    );
+    check(
+        dims(1, 50, 2, 2, 128),
+        cfg(20, 16, 32, FeatureMap::Relu),
+        12,
+    );
+    // Sub-chunk 64 runs as tiles of 32 rows at H 128 (the benchmark's sub-chunk).
+    assert_eq!(
+        (tile_rows(64, 128), tile_rows(64, 64), tile_rows(16, 128)),
+        (32, 64, 16)
+    );
+    check(
+        dims(1, 150, 2, 1, 128),
+        cfg(40, 64, 128, FeatureMap::Softmax),
+        13,
+    );
+}
+
+#[test]
+fn value_blocks_give_the_same_results() {
+    // Unsplit at H ≤ 32 by default; forced splits here, and H 64's default (2 blocks).
+    assert_eq!(
+        (value_block(16), value_block(32), value_block(64)),
+        (16, 32, 32)
+    );
+    check_tiled(
+        dims(2, 100, 4, 2, 32),
+        cfg(5, 16, 32, FeatureMap::Softmax),
+        16,
+        21,
+    );
+    check_tiled(
+        dims(1, 90, 2, 1, 32),
+        cfg(7, 16, 32, FeatureMap::Relu),
+        16,
+        22,
+    );
+    check_tiled(
+        dims(1, 80, 4, 2, 64),
+        cfg(40, 16, 64, FeatureMap::Softmax),
+        16,
+        23,
+    );
+    check(
+        dims(1, 80, 2, 1, 64),
+        cfg(3, 32, 64, FeatureMap::Softmax),
+        24,
+    );
+    let e = pallas_port::lang::rla::bwd_kernels_tiled(
+        &cfg(5, 16, 32, FeatureMap::Softmax),
+        &dims(1, 8, 1, 1, 32),
+        24,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("value_block = 24") && e.contains("head_dim = 32"),
+        "{e}"
     );
 }

@@ -6,21 +6,29 @@
 //! `chunk_states` layout) and nothing is ever concatenated:
 //! `φQ S = φ⁺Q S⁺ + φ⁻Q S⁻`, `φQ φKᵀ = φ⁺Q φ⁺Kᵀ + φ⁻Q φ⁻Kᵀ`.
 //!
+//! Every kernel splits the head dim's *value columns* into `nv = H / value_block` blocks
+//! ([`value_block`]: unsplit up to H 32, 32 columns above) over its second grid axis, and tiles
+//! rows by [`tile_rows`] (the sub-chunk, capped at 4096 / H): at H 128 the unsplit backward
+//! asked for more shared memory than a GPU has. `dq` and `dk` are linear in the per-block
+//! contributions, so their kernels write per-block partial sums (a leading axis of `nv`,
+//! [`partial_shape`]) that the graph (or [`interpret_bwd`]) sums.
+//!
 //! Forward (two kernels):
-//! - `rla_fwd_states`, grid (B, G): the chunk loop in order carrying S; stores `chunk_states`
-//!   and `final_state`.
-//! - `rla_fwd_out`, grid (B, N, chunks), all parallel: S from `chunk_states`, the sub-chunk loop
-//!   carrying S; stores `o`.
+//! - `rla_fwd_states`, grid (B, G·nv): the chunk loop in order carrying S's value block;
+//!   stores `chunk_states` and `final_state`.
+//! - `rla_fwd_out`, grid (B, N·nv, chunks), all parallel: S from `chunk_states`, the sub-chunk
+//!   loop carrying S; stores `o`'s value block.
 //!
 //! Backward (three kernels):
-//! - `rla_bwd_dstates`, grid (B, G): chunks in reverse carrying dS (summed over the group's
+//! - `rla_bwd_dstates`, grid (B, G·nv): chunks in reverse carrying dS (summed over the group's
 //!   query heads); stores `d_states[b, g, c]`, the dS of every query after key chunk `c`'s last
 //!   query (position `(c+1)·chunk + W + 1` on), in the `chunk_states` layout.
-//! - `rla_bwd_dq`, grid (B, N, chunks): like `rla_fwd_out`, gives dq.
-//! - `rla_bwd_dkdv`, grid (B, G, chunks) over chunks of *keys*: sub-chunks in reverse carrying dS
-//!   from `d_states`, an inner loop over the group's query heads; gives dk and dv. Working in key
-//!   space makes every key row the job of exactly one program, so every result element is
-//!   written (XLA's custom-call results start uninitialised).
+//! - `rla_bwd_dq`, grid (B, N·nv, chunks): like `rla_fwd_out`, gives partial dq.
+//! - `rla_bwd_dkdv`, grid (B, G·nv, chunks) over chunks of *keys*: sub-chunks in reverse
+//!   carrying dS from `d_states`, an inner loop over the group's query heads; gives partial dk
+//!   and dv's value block. Working in key space makes every key row the job of exactly one
+//!   program per value block, so every result element is written (XLA's custom-call results
+//!   start uninitialised).
 //!
 //! The shift by W + 1 is a load offset: the shifted keys of query rows `t0..t0+C` are key rows
 //! `t0−W−1..`, and rows outside `[0, T)` load as 0 (their products with Ṽ vanish, although
@@ -133,30 +141,88 @@ impl K<'_> {
         )
     }
 
-    /// The state index of `[.., 2H, H]` arrays: leading `At`s, then the half's rows.
-    fn state_index(&mut self, lead: &[Value], half: usize) -> Vec<Index> {
+    /// `[C, width]` rows `row0..row0+C`, columns `col0..col0+width` of head `head` of batch `b`
+    /// of a `[B, T, heads, H]` array.
+    fn cols(
+        &mut self,
+        arr: Ref,
+        b: Value,
+        row0: Value,
+        head: Value,
+        col0: Value,
+        width: usize,
+    ) -> LangResult<Value> {
+        self.kb.load(
+            arr,
+            &[
+                Index::At(b),
+                Index::Slice(row0, self.geo.c),
+                Index::At(head),
+                Index::Slice(col0, width),
+            ],
+        )
+    }
+
+    fn store_cols(
+        &mut self,
+        arr: Ref,
+        b: Value,
+        row0: Value,
+        head: Value,
+        col0: Value,
+        x: Value,
+    ) -> LangResult<()> {
+        let width = self.kb.type_of(x)?.shape()[1];
+        self.kb.store(
+            arr,
+            &[
+                Index::At(b),
+                Index::Slice(row0, self.geo.c),
+                Index::At(head),
+                Index::Slice(col0, width),
+            ],
+            x,
+        )
+    }
+
+    /// Columns `col0..col0+width` of both halves of a `[.., 2H, H]` state: two `[H, width]`.
+    fn load_state_cols(
+        &mut self,
+        arr: Ref,
+        lead: &[Value],
+        col0: Value,
+        width: usize,
+    ) -> LangResult<(Value, Value)> {
         let h = self.geo.h;
-        let row0 = self.kb.int((half * h) as i64);
-        let zero = self.kb.int(0);
-        let mut ix: Vec<Index> = lead.iter().map(|&v| Index::At(v)).collect();
-        ix.push(Index::Slice(row0, h));
-        ix.push(Index::Slice(zero, h));
-        ix
+        let mut out = Vec::new();
+        for half in 0..2 {
+            let row0 = self.kb.int((half * h) as i64);
+            let mut ix: Vec<Index> = lead.iter().map(|&v| Index::At(v)).collect();
+            ix.push(Index::Slice(row0, h));
+            ix.push(Index::Slice(col0, width));
+            out.push(self.kb.load(arr, &ix)?);
+        }
+        Ok((out[0], out[1]))
     }
 
-    fn load_state(&mut self, arr: Ref, lead: &[Value]) -> LangResult<(Value, Value)> {
-        let ip = self.state_index(lead, 0);
-        let p = self.kb.load(arr, &ip)?;
-        let ineg = self.state_index(lead, 1);
-        let n = self.kb.load(arr, &ineg)?;
-        Ok((p, n))
-    }
-
-    fn store_state(&mut self, arr: Ref, lead: &[Value], (p, n): (Value, Value)) -> LangResult<()> {
-        let ip = self.state_index(lead, 0);
-        self.kb.store(arr, &ip, p)?;
-        let ineg = self.state_index(lead, 1);
-        self.kb.store(arr, &ineg, n)
+    /// Stores two `[H, width]` tiles as columns `col0..` of both halves of a `[.., 2H, H]` state.
+    fn store_state_cols(
+        &mut self,
+        arr: Ref,
+        lead: &[Value],
+        col0: Value,
+        (p, n): (Value, Value),
+    ) -> LangResult<()> {
+        let h = self.geo.h;
+        let width = self.kb.type_of(p)?.shape()[1];
+        for (half, x) in [(0, p), (1, n)] {
+            let row0 = self.kb.int((half * h) as i64);
+            let mut ix: Vec<Index> = lead.iter().map(|&v| Index::At(v)).collect();
+            ix.push(Index::Slice(row0, h));
+            ix.push(Index::Slice(col0, width));
+            self.kb.store(arr, &ix, x)?;
+        }
+        Ok(())
     }
 
     /// Broadcasts a per-row `[M]` vector to `[M, N]`.
@@ -305,13 +371,33 @@ pub fn check_tiles(cfg: &RlaConfig, d: &RlaDims) -> LangResult<()> {
     Ok(())
 }
 
-/// The matmul precision of the RLA kernels: `RATTN_RLA_DOT_PRECISION` = `ieee` (default),
-/// `tf32x3` or `tf32`, read when the kernels are built.
-pub fn dot_precision() -> Precision {
-    match std::env::var("RATTN_RLA_DOT_PRECISION").as_deref() {
-        Ok("tf32x3") => Precision::Tf32x3,
-        Ok("tf32") => Precision::Tf32,
-        _ => Precision::Ieee,
+/// The environment variable choosing the RLA kernels' matmul precision.
+pub const DOT_PRECISION_VAR: &str = "RATTN_RLA_DOT_PRECISION";
+
+/// The matmul precision of the RLA kernels: `RATTN_RLA_DOT_PRECISION` = `ieee` (default when
+/// unset or empty), `tf32x3` or `tf32`, read when the kernels are built. Any other value is an
+/// error naming the variable and the accepted values.
+pub fn dot_precision() -> LangResult<Precision> {
+    match std::env::var(DOT_PRECISION_VAR) {
+        Err(std::env::VarError::NotPresent) => Ok(Precision::Ieee),
+        Ok(v) => match v.as_str() {
+            "" | "ieee" => Ok(Precision::Ieee),
+            "tf32x3" => Ok(Precision::Tf32x3),
+            "tf32" => Ok(Precision::Tf32),
+            other => Err(LangError::new(
+                "rla",
+                DOT_PRECISION_VAR,
+                format!(
+                    "{DOT_PRECISION_VAR}={other:?} is not a matmul precision; accepted: \
+                     ieee (default), tf32x3, tf32"
+                ),
+            )),
+        },
+        Err(e) => Err(LangError::new(
+            "rla",
+            DOT_PRECISION_VAR,
+            format!("{DOT_PRECISION_VAR}: {e}; accepted: ieee (default), tf32x3, tf32"),
+        )),
     }
 }
 
@@ -332,33 +418,141 @@ fn sub_start(k: &mut K<'_>, c: Value, j: Value) -> LangResult<Value> {
     k.affine(c, l, jc)
 }
 
-/// `rla_fwd_states(k, v) -> (chunk_states, final_state)`, grid (B, G).
+/// The width of the value-column blocks the kernels split the head dim into: the whole head up
+/// to H 32 (the kernels measured on an H200), then 32 columns (H 64: 2 blocks, H 128: 4).
+///
+/// Every kernel splits by value columns `J`: the states `S[:, J] = Σ φKᵀ V[:, J]`, `o[:, J]`,
+/// `dS[:, J]`, `dv[:, J]` have no cross terms, and `dq`, `dk` are linear in the per-block
+/// `dφ` (`P = dO Vᵀ = Σ_J dO[:, J] V[:, J]ᵀ`, `dO Sᵀ = Σ_J dO[:, J] S[:, J]ᵀ`; both feature
+/// maps' VJPs are linear in `dφ` for fixed input), so their kernels write per-block partial
+/// sums (shape [`partial_shape`]) that the caller sums. At H 128 the unsplit `rla_bwd_dkdv`
+/// asked for more shared memory than an H100/H200 has, and `rla_fwd_out` more than an A100's.
+pub fn value_block(head_dim: usize) -> usize {
+    head_dim.min(32)
+}
+
+/// The shape of a kernel result that holds per-value-block partial sums of a `[B, T, heads, H]`
+/// array (`heads_shape`): itself with one block, else `[H / value_block, B, T, heads, H]`.
+pub fn partial_shape(heads_shape: [usize; 4], value_block: usize) -> Vec<usize> {
+    let nv = heads_shape[3] / value_block.max(1);
+    if nv <= 1 {
+        heads_shape.to_vec()
+    } else {
+        std::iter::once(nv).chain(heads_shape).collect()
+    }
+}
+
+/// The rows of the kernels' `[C, H]` tiles: the sub-chunk, capped at 4096 / H (32 rows at
+/// H 128, 64 at H 64) so that a `[C, H]` f32 tile stays ≤ 16 KiB. The sub-chunk is only a tiling
+/// of the chunk (the saved states depend on the chunk), so any power of two dividing it gives
+/// the same results; at H 128 with sub-chunk 64 the value-split `rla_bwd_dkdv` still asked for
+/// 180,224 B of shared memory, more than an A100 has (166,912 B).
+pub fn tile_rows(sub_chunk: usize, head_dim: usize) -> usize {
+    sub_chunk.min((4096 / head_dim.max(1)).max(16))
+}
+
+/// [`Geo`] with the sub-chunk replaced by [`tile_rows`].
+fn kernel_geo(cfg: &RlaConfig, d: &RlaDims) -> Geo {
+    let mut geo = Geo::new(cfg, d);
+    geo.c = tile_rows(geo.c, geo.h);
+    geo
+}
+
+fn check_value_block(name: &str, geo: &Geo, hv: usize) -> LangResult<usize> {
+    if hv == 0 || !geo.h.is_multiple_of(hv) || (hv < geo.h && hv < 16) {
+        return Err(LangError::new(
+            name,
+            "value_block",
+            format!(
+                "value_block = {hv} must divide head_dim = {} and be ≥ 16 (tt.dot dims)",
+                geo.h
+            ),
+        ));
+    }
+    Ok(geo.h / hv)
+}
+
+/// Splits program id `pid` = `outer · nv + j` into `(outer, j, first column j · hv)`.
+fn split_pid(k: &mut K<'_>, pid: Value, nv: usize, hv: usize) -> LangResult<(Value, Value, Value)> {
+    let nvv = k.kb.int(nv as i64);
+    let outer = k.kb.div(pid, nvv)?;
+    let on = k.kb.mul(outer, nvv)?;
+    let j = k.kb.sub(pid, on)?;
+    let hvv = k.kb.int(hv as i64);
+    let col0 = k.kb.mul(j, hvv)?;
+    Ok((outer, j, col0))
+}
+
+/// Stores a `[C, H]` partial sum: rows `row0..` of head `head` of value block `j` (of `nv`).
+#[allow(clippy::too_many_arguments)]
+fn store_part(
+    k: &mut K<'_>,
+    arr: Ref,
+    nv: usize,
+    j: Value,
+    b: Value,
+    row0: Value,
+    head: Value,
+    x: Value,
+) -> LangResult<()> {
+    if nv == 1 {
+        return k.store_rows(arr, b, row0, head, x);
+    }
+    let zero = k.kb.int(0);
+    let (c, h) = (k.geo.c, k.geo.h);
+    k.kb.store(
+        arr,
+        &[
+            Index::At(j),
+            Index::At(b),
+            Index::Slice(row0, c),
+            Index::At(head),
+            Index::Slice(zero, h),
+        ],
+        x,
+    )
+}
+
+/// `rla_fwd_states(k, v) -> (chunk_states, final_state)` with [`value_block`]'s tiling.
 pub fn fwd_states_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
-    let geo = Geo::new(cfg, d);
+    fwd_states_kernel_tiled(cfg, d, value_block(d.head_dim))
+}
+
+/// `rla_fwd_states(k, v) -> (chunk_states, final_state)`, grid (B, G · H/value_block): program
+/// `(b, g·nv + j)` carries the state's value columns `j·value_block..`.
+pub fn fwd_states_kernel_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+) -> LangResult<Kernel> {
+    let geo = kernel_geo(cfg, d);
+    let hv = value_block;
+    let nv = check_value_block("rla_fwd_states", &geo, hv)?;
     let mut kb = KernelBuilder::new(
         "rla_fwd_states",
-        &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g)],
+        &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g * nv)],
     );
     kb.launch(geo.warps(), 1);
-    kb.set_precision(dot_precision());
+    kb.set_precision(dot_precision()?);
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
     let csr = kb.output("chunk_states", &geo.cs_shape());
     let fsr = kb.output("final_state", &geo.fs_shape());
     let mut k = K { kb: &mut kb, geo };
     let b = k.kb.program_id(0)?;
-    let g = k.kb.program_id(1)?;
-    let hh = [geo.h, geo.h];
-    let init = [k.kb.zeros(&hh)?, k.kb.zeros(&hh)?];
+    let gj = k.kb.program_id(1)?;
+    let (g, _, col0) = split_pid(&mut k, gj, nv, hv)?;
+    let hx = [geo.h, hv];
+    let init = [k.kb.zeros(&hx)?, k.kb.zeros(&hx)?];
     let fin = k.range(geo.nc, &init, |k, c, s| {
-        k.store_state(csr, &[b, g, c], (s[0], s[1]))?;
+        k.store_state_cols(csr, &[b, g, c], col0, (s[0], s[1]))?;
         k.range(geo.l / geo.c, s, |k, j, s| {
             let t0 = sub_start(k, c, j)?;
             let s0 = k.plus(t0, -(geo.w as i64) - 1)?;
             let kt = k.rows(kr, b, s0, g)?;
-            let vt = k.rows(vr, b, s0, g)?;
+            let vt = k.cols(vr, b, s0, g, col0, hv)?;
             // Keys whose query position t0 + i lies past T never contribute.
-            let shape = [geo.c, geo.h];
+            let shape = [geo.c, hv];
             let i = k.kb.iota(&shape, 0)?;
             let t0s = k.kb.splat(t0, &shape)?;
             let pos = k.kb.add(i, t0s)?;
@@ -373,16 +567,28 @@ pub fn fwd_states_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
             Ok(vec![sp, sn])
         })
     })?;
-    k.store_state(fsr, &[b, g], (fin[0], fin[1]))?;
+    k.store_state_cols(fsr, &[b, g], col0, (fin[0], fin[1]))?;
     kb.finish()
 }
 
-/// `rla_fwd_out(q, k, v, chunk_states) -> o`, grid (B, N, chunks).
+/// `rla_fwd_out(q, k, v, chunk_states) -> o` with [`value_block`]'s tiling.
 pub fn fwd_out_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
-    let geo = Geo::new(cfg, d);
-    let mut kb = KernelBuilder::new("rla_fwd_out", &grid3(geo.b, geo.n, geo.nc));
+    fwd_out_kernel_tiled(cfg, d, value_block(d.head_dim))
+}
+
+/// `rla_fwd_out(q, k, v, chunk_states) -> o`, grid (B, N · H/value_block, chunks), all
+/// parallel: program `(b, n·nv + j, c)` gives `o`'s value columns `j·value_block..`.
+pub fn fwd_out_kernel_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+) -> LangResult<Kernel> {
+    let geo = kernel_geo(cfg, d);
+    let hv = value_block;
+    let nv = check_value_block("rla_fwd_out", &geo, hv)?;
+    let mut kb = KernelBuilder::new("rla_fwd_out", &grid3(geo.b, geo.n * nv, geo.nc));
     kb.launch(geo.warps(), 1);
-    kb.set_precision(dot_precision());
+    kb.set_precision(dot_precision()?);
     let qr = kb.input("q", &geo.q_shape());
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
@@ -390,17 +596,18 @@ pub fn fwd_out_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     let or = kb.output("o", &geo.q_shape());
     let mut k = K { kb: &mut kb, geo };
     let b = k.kb.program_id(0)?;
-    let n = k.kb.program_id(1)?;
+    let nj = k.kb.program_id(1)?;
     let c = k.kb.program_id(2)?;
+    let (n, _, col0) = split_pid(&mut k, nj, nv, hv)?;
     let rv = k.kb.int(geo.r as i64);
     let g = k.kb.div(n, rv)?;
-    let (sp, sn) = k.load_state(csr, &[b, g, c])?;
+    let (sp, sn) = k.load_state_cols(csr, &[b, g, c], col0, hv)?;
     k.range(geo.l / geo.c, &[sp, sn], |k, j, s| {
         let t0 = sub_start(k, c, j)?;
         let s0 = k.plus(t0, -(geo.w as i64) - 1)?;
         let qt = k.rows(qr, b, t0, n)?;
         let kt = k.rows(kr, b, s0, g)?;
-        let vt = k.rows(vr, b, s0, g)?;
+        let vt = k.cols(vr, b, s0, g, col0, hv)?;
         let (pq, nq) = k.phi(qt)?;
         let (pk, nk) = k.phi(kt)?;
         let a = k.dot_t(pq, pk, None)?;
@@ -409,7 +616,7 @@ pub fn fwd_out_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         let o = k.kb.dot(pq, s[0], None)?;
         let o = k.kb.dot(nq, s[1], Some(o))?;
         let o = k.kb.dot(a, vt, Some(o))?;
-        k.store_rows(or, b, t0, n, o)?;
+        k.store_cols(or, b, t0, n, col0, o)?;
         let sp = k.t_dot(pk, vt, Some(s[0]))?;
         let sn = k.t_dot(nk, vt, Some(s[1]))?;
         Ok(vec![sp, sn])
@@ -417,34 +624,47 @@ pub fn fwd_out_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     kb.finish()
 }
 
-/// `rla_bwd_dstates(q, d_o) -> d_states`, grid (B, G).
+/// `rla_bwd_dstates(q, d_o) -> d_states` with [`value_block`]'s tiling.
 pub fn bwd_dstates_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
-    let geo = Geo::new(cfg, d);
+    bwd_dstates_kernel_tiled(cfg, d, value_block(d.head_dim))
+}
+
+/// `rla_bwd_dstates(q, d_o) -> d_states`, grid (B, G · H/value_block): program `(b, g·nv + j)`
+/// carries dS's value columns `j·value_block..`.
+pub fn bwd_dstates_kernel_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+) -> LangResult<Kernel> {
+    let geo = kernel_geo(cfg, d);
+    let hv = value_block;
+    let nv = check_value_block("rla_bwd_dstates", &geo, hv)?;
     let mut kb = KernelBuilder::new(
         "rla_bwd_dstates",
-        &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g)],
+        &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g * nv)],
     );
     kb.launch(geo.warps(), 1);
-    kb.set_precision(dot_precision());
+    kb.set_precision(dot_precision()?);
     let qr = kb.input("q", &geo.q_shape());
     let dor = kb.input("d_o", &geo.q_shape());
     let dsr = kb.output("d_states", &geo.cs_shape());
     let mut k = K { kb: &mut kb, geo };
     let b = k.kb.program_id(0)?;
-    let g = k.kb.program_id(1)?;
-    let hh = [geo.h, geo.h];
-    let init = [k.kb.zeros(&hh)?, k.kb.zeros(&hh)?];
+    let gj = k.kb.program_id(1)?;
+    let (g, _, col0) = split_pid(&mut k, gj, nv, hv)?;
+    let hx = [geo.h, hv];
+    let init = [k.kb.zeros(&hx)?, k.kb.zeros(&hx)?];
     k.range(geo.nc, &init, |k, i, s| {
         let last = k.kb.int(geo.nc as i64 - 1);
         let c = k.kb.sub(last, i)?;
-        k.store_state(dsr, &[b, g, c], (s[0], s[1]))?;
+        k.store_state_cols(dsr, &[b, g, c], col0, (s[0], s[1]))?;
         k.range(geo.l / geo.c, s, |k, j, s| {
             let s0 = sub_start(k, c, j)?;
             let p0 = k.plus(s0, geo.w as i64 + 1)?;
             k.range(geo.r, s, |k, r, s| {
                 let n = k.affine(g, geo.r as i64, r)?;
                 let qt = k.rows(qr, b, p0, n)?;
-                let dot = k.rows(dor, b, p0, n)?;
+                let dot = k.cols(dor, b, p0, n, col0, hv)?;
                 let (pq, nq) = k.phi(qt)?;
                 let sp = k.t_dot(pq, dot, Some(s[0]))?;
                 let sn = k.t_dot(nq, dot, Some(s[1]))?;
@@ -455,32 +675,41 @@ pub fn bwd_dstates_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     kb.finish()
 }
 
-/// `rla_bwd_dq(q, k, v, chunk_states, d_o) -> dq`, grid (B, N, chunks).
+/// `rla_bwd_dq(q, k, v, chunk_states, d_o) -> dq` with [`value_block`]'s tiling.
 pub fn bwd_dq_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
-    let geo = Geo::new(cfg, d);
-    let mut kb = KernelBuilder::new("rla_bwd_dq", &grid3(geo.b, geo.n, geo.nc));
+    bwd_dq_kernel_tiled(cfg, d, value_block(d.head_dim))
+}
+
+/// `rla_bwd_dq(q, k, v, chunk_states, d_o) -> dq`, grid (B, N · H/value_block, chunks): program
+/// `(b, n·nv + j, c)` writes value block `j`'s partial dq (shape [`partial_shape`]).
+pub fn bwd_dq_kernel_tiled(cfg: &RlaConfig, d: &RlaDims, value_block: usize) -> LangResult<Kernel> {
+    let geo = kernel_geo(cfg, d);
+    let hv = value_block;
+    let nv = check_value_block("rla_bwd_dq", &geo, hv)?;
+    let mut kb = KernelBuilder::new("rla_bwd_dq", &grid3(geo.b, geo.n * nv, geo.nc));
     kb.launch(geo.warps(), 1);
-    kb.set_precision(dot_precision());
+    kb.set_precision(dot_precision()?);
     let qr = kb.input("q", &geo.q_shape());
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
     let csr = kb.input("chunk_states", &geo.cs_shape());
     let dor = kb.input("d_o", &geo.q_shape());
-    let dqr = kb.output("dq", &geo.q_shape());
+    let dqr = kb.output("dq", &partial_shape(geo.q_shape(), hv));
     let mut k = K { kb: &mut kb, geo };
     let b = k.kb.program_id(0)?;
-    let n = k.kb.program_id(1)?;
+    let nj = k.kb.program_id(1)?;
     let c = k.kb.program_id(2)?;
+    let (n, vj, col0) = split_pid(&mut k, nj, nv, hv)?;
     let rv = k.kb.int(geo.r as i64);
     let g = k.kb.div(n, rv)?;
-    let (sp, sn) = k.load_state(csr, &[b, g, c])?;
+    let (sp, sn) = k.load_state_cols(csr, &[b, g, c], col0, hv)?;
     k.range(geo.l / geo.c, &[sp, sn], |k, j, s| {
         let t0 = sub_start(k, c, j)?;
         let s0 = k.plus(t0, -(geo.w as i64) - 1)?;
         let qt = k.rows(qr, b, t0, n)?;
-        let dot = k.rows(dor, b, t0, n)?;
+        let dot = k.cols(dor, b, t0, n, col0, hv)?;
         let kt = k.rows(kr, b, s0, g)?;
-        let vt = k.rows(vr, b, s0, g)?;
+        let vt = k.cols(vr, b, s0, g, col0, hv)?;
         let phq = k.phi(qt)?;
         let (pk, nk) = k.phi(kt)?;
         let p = k.dot_t(dot, vt, None)?;
@@ -490,7 +719,7 @@ pub fn bwd_dq_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         let dnq = k.dot_t(dot, s[1], None)?;
         let dnq = k.kb.dot(p, nk, Some(dnq))?;
         let dq = k.phi_vjp(qt, phq, (dpq, dnq))?;
-        k.store_rows(dqr, b, t0, n, dq)?;
+        store_part(k, dqr, nv, vj, b, t0, n, dq)?;
         let sp = k.t_dot(pk, vt, Some(s[0]))?;
         let sn = k.t_dot(nk, vt, Some(s[1]))?;
         Ok(vec![sp, sn])
@@ -498,45 +727,59 @@ pub fn bwd_dq_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     kb.finish()
 }
 
-/// `rla_bwd_dkdv(q, k, v, d_o, d_states) -> (dk, dv)`, grid (B, G, key chunks).
+/// `rla_bwd_dkdv(q, k, v, d_o, d_states) -> (dk, dv)` with [`value_block`]'s tiling.
 pub fn bwd_dkdv_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
-    let geo = Geo::new(cfg, d);
-    let mut kb = KernelBuilder::new("rla_bwd_dkdv", &grid3(geo.b, geo.g, geo.nc));
+    bwd_dkdv_kernel_tiled(cfg, d, value_block(d.head_dim))
+}
+
+/// `rla_bwd_dkdv(q, k, v, d_o, d_states) -> (dk, dv)`, grid (B, G · H/value_block, key chunks):
+/// program `(b, g·nv + j, c)` handles value columns `j·value_block..` of kv head `g`, writing
+/// `dv`'s columns and its partial dk (shape [`partial_shape`]).
+pub fn bwd_dkdv_kernel_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+) -> LangResult<Kernel> {
+    let geo = kernel_geo(cfg, d);
+    let hv = value_block;
+    let nv = check_value_block("rla_bwd_dkdv", &geo, hv)?;
+    let mut kb = KernelBuilder::new("rla_bwd_dkdv", &grid3(geo.b, geo.g * nv, geo.nc));
     kb.launch(geo.warps(), 1);
-    kb.set_precision(dot_precision());
+    kb.set_precision(dot_precision()?);
     let qr = kb.input("q", &geo.q_shape());
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
     let dor = kb.input("d_o", &geo.q_shape());
     let dsr = kb.input("d_states", &geo.cs_shape());
-    let dkr = kb.output("dk", &geo.kv_shape());
+    let dkr = kb.output("dk", &partial_shape(geo.kv_shape(), hv));
     let dvr = kb.output("dv", &geo.kv_shape());
     let mut k = K { kb: &mut kb, geo };
     let b = k.kb.program_id(0)?;
-    let g = k.kb.program_id(1)?;
+    let gj = k.kb.program_id(1)?;
     let c = k.kb.program_id(2)?;
-    let (dsp, dsn) = k.load_state(dsr, &[b, g, c])?;
+    let (g, vj, col0) = split_pid(&mut k, gj, nv, hv)?;
+    let (dsp, dsn) = k.load_state_cols(dsr, &[b, g, c], col0, hv)?;
     let m = geo.l / geo.c;
-    let (ch, hh) = ([geo.c, geo.h], [geo.h, geo.h]);
+    let (ch, cv, hx) = ([geo.c, geo.h], [geo.c, hv], [geo.h, hv]);
     k.range(m, &[dsp, dsn], |k, jj, ds| {
         let last = k.kb.int(m as i64 - 1);
-        let j = k.kb.sub(last, jj)?;
-        let s0 = sub_start(k, c, j)?;
+        let sj = k.kb.sub(last, jj)?;
+        let s0 = sub_start(k, c, sj)?;
         let p0 = k.plus(s0, geo.w as i64 + 1)?;
         let kt = k.rows(kr, b, s0, g)?;
-        let vt = k.rows(vr, b, s0, g)?;
+        let vt = k.cols(vr, b, s0, g, col0, hv)?;
         let (pk, nk) = k.phi(kt)?;
         let init = [
             k.kb.zeros(&ch)?,
             k.kb.zeros(&ch)?,
-            k.kb.zeros(&ch)?,
-            k.kb.zeros(&hh)?,
-            k.kb.zeros(&hh)?,
+            k.kb.zeros(&cv)?,
+            k.kb.zeros(&hx)?,
+            k.kb.zeros(&hx)?,
         ];
         let acc = k.range(geo.r, &init, |k, r, acc| {
             let n = k.affine(g, geo.r as i64, r)?;
             let qt = k.rows(qr, b, p0, n)?;
-            let dot = k.rows(dor, b, p0, n)?;
+            let dot = k.cols(dor, b, p0, n, col0, hv)?;
             let (pq, nq) = k.phi(qt)?;
             let a = k.dot_t(pq, pk, None)?;
             let a = k.dot_t(nq, nk, Some(a))?;
@@ -555,8 +798,8 @@ pub fn bwd_dkdv_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         let dv = k.kb.dot(pk, ds[0], Some(acc[2]))?;
         let dv = k.kb.dot(nk, ds[1], Some(dv))?;
         let dk = k.phi_vjp(kt, (pk, nk), (dfp, dfn))?;
-        k.store_rows(dkr, b, s0, g, dk)?;
-        k.store_rows(dvr, b, s0, g, dv)?;
+        store_part(k, dkr, nv, vj, b, s0, g, dk)?;
+        k.store_cols(dvr, b, s0, g, col0, dv)?;
         let dsp = k.kb.add(ds[0], acc[3])?;
         let dsn = k.kb.add(ds[1], acc[4])?;
         Ok(vec![dsp, dsn])
@@ -564,17 +807,54 @@ pub fn bwd_dkdv_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     kb.finish()
 }
 
-/// The two forward kernels: `[rla_fwd_states, rla_fwd_out]`.
-pub fn fwd_kernels(cfg: &RlaConfig, d: &RlaDims) -> LangResult<[Kernel; 2]> {
-    Ok([fwd_states_kernel(cfg, d)?, fwd_out_kernel(cfg, d)?])
+/// Sums per-value-block partials (a leading axis, see [`partial_shape`]) into `len` elements
+/// (a no-op for one block).
+fn sum_parts(parts: Vec<f32>, len: usize) -> Vec<f32> {
+    if parts.len() == len {
+        return parts;
+    }
+    let mut out = vec![0f32; len];
+    for part in parts.chunks(len) {
+        for (a, x) in out.iter_mut().zip(part) {
+            *a += x;
+        }
+    }
+    out
 }
 
-/// The three backward kernels: `[rla_bwd_dstates, rla_bwd_dq, rla_bwd_dkdv]`.
-pub fn bwd_kernels(cfg: &RlaConfig, d: &RlaDims) -> LangResult<[Kernel; 3]> {
+/// The two forward kernels: `[rla_fwd_states, rla_fwd_out]`, with [`value_block`]'s tiling.
+pub fn fwd_kernels(cfg: &RlaConfig, d: &RlaDims) -> LangResult<[Kernel; 2]> {
+    fwd_kernels_tiled(cfg, d, value_block(d.head_dim))
+}
+
+/// The two forward kernels with value blocks of `value_block` columns.
+pub fn fwd_kernels_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+) -> LangResult<[Kernel; 2]> {
     Ok([
-        bwd_dstates_kernel(cfg, d)?,
-        bwd_dq_kernel(cfg, d)?,
-        bwd_dkdv_kernel(cfg, d)?,
+        fwd_states_kernel_tiled(cfg, d, value_block)?,
+        fwd_out_kernel_tiled(cfg, d, value_block)?,
+    ])
+}
+
+/// The three backward kernels: `[rla_bwd_dstates, rla_bwd_dq, rla_bwd_dkdv]`, with
+/// [`value_block`]'s tiling (`dq` and `dk` come as per-block partials, [`partial_shape`]).
+pub fn bwd_kernels(cfg: &RlaConfig, d: &RlaDims) -> LangResult<[Kernel; 3]> {
+    bwd_kernels_tiled(cfg, d, value_block(d.head_dim))
+}
+
+/// The three backward kernels with value blocks of `value_block` columns.
+pub fn bwd_kernels_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+) -> LangResult<[Kernel; 3]> {
+    Ok([
+        bwd_dstates_kernel_tiled(cfg, d, value_block)?,
+        bwd_dq_kernel_tiled(cfg, d, value_block)?,
+        bwd_dkdv_kernel_tiled(cfg, d, value_block)?,
     ])
 }
 
@@ -586,7 +866,19 @@ pub fn interpret_fwd(
     k: &[f32],
     v: &[f32],
 ) -> LangResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let [ks, ko] = fwd_kernels(cfg, d)?;
+    interpret_fwd_tiled(cfg, d, value_block(d.head_dim), q, k, v)
+}
+
+/// [`interpret_fwd`] with value blocks of `value_block` columns.
+pub fn interpret_fwd_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> LangResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let [ks, ko] = fwd_kernels_tiled(cfg, d, value_block)?;
     let mut st = interp::run(&ks, &[k, v])?.into_iter();
     let (cs, fs) = (st.next().unwrap_or_default(), st.next().unwrap_or_default());
     let o = interp::run(&ko, &[q, k, v, &cs])?.pop().unwrap_or_default();
@@ -604,14 +896,41 @@ pub fn interpret_bwd(
     chunk_states: &[f32],
     d_o: &[f32],
 ) -> LangResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let [kds, kdq, kdkv] = bwd_kernels(cfg, d)?;
+    interpret_bwd_tiled(cfg, d, value_block(d.head_dim), q, k, v, chunk_states, d_o)
+}
+
+/// [`interpret_bwd`] with value blocks of `value_block` columns (partials summed here).
+#[allow(clippy::too_many_arguments)]
+pub fn interpret_bwd_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    chunk_states: &[f32],
+    d_o: &[f32],
+) -> LangResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let [kds, kdq, kdkv] = bwd_kernels_tiled(cfg, d, value_block)?;
     let ds = interp::run(&kds, &[q, d_o])?.pop().unwrap_or_default();
     let dq = interp::run(&kdq, &[q, k, v, chunk_states, d_o])?
         .pop()
         .unwrap_or_default();
     let mut kv = interp::run(&kdkv, &[q, k, v, d_o, &ds])?.into_iter();
     let (dk, dv) = (kv.next().unwrap_or_default(), kv.next().unwrap_or_default());
-    Ok((dq, dk, dv))
+    Ok((sum_parts(dq, d.q_len()), sum_parts(dk, d.kv_len()), dv))
+}
+
+/// Sums a kernel's per-value-block partials over their leading axis (rank 5 → 4) in the graph.
+fn sum_parts_op(
+    b: &hlo_builder::Builder,
+    x: hlo_builder::Op,
+) -> hlo_builder::Result<hlo_builder::Op> {
+    if b.shape(x)?.rank() == 5 {
+        b.reduce_sum(x, &[0])
+    } else {
+        Ok(x)
+    }
 }
 
 fn lang_err(b: &hlo_builder::Builder, e: LangError) -> hlo_builder::Error {
@@ -663,9 +982,9 @@ pub fn triton_bwd(
     let (cs, d_o) = (as_f32(b, chunk_states)?, as_f32(b, d_o)?);
     let [kds, kdq, kdkv] = bwd_kernels(cfg, d).map_err(|e| lang_err(b, e))?;
     let ds = custom_call(b, &kds, &[q, d_o])?;
-    let dq = custom_call(b, &kdq, &[q, k, v, cs, d_o])?;
+    let dq = sum_parts_op(b, custom_call(b, &kdq, &[q, k, v, cs, d_o])?)?;
     let dkdv = custom_call(b, &kdkv, &[q, k, v, d_o, ds])?;
-    let dk = b.get_tuple_element(dkdv, 0)?;
+    let dk = sum_parts_op(b, b.get_tuple_element(dkdv, 0)?)?;
     let dv = b.get_tuple_element(dkdv, 1)?;
     b.tuple(&[dq, dk, dv])
 }
