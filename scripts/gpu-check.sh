@@ -38,9 +38,9 @@ run)
   export RATTN_CACHE=/tmp/rattn-cache
   R=.gpu/rattn
   timeout 60 $R doctor --plugin "$P"
-  # The benchmark shape (B1 N8 G2 H128 W512 chunk 512) at each T in CHECK_T (default none:
-  # the Triton backward exceeds the H200's shared memory at H128).
-  for T in ${CHECK_T:-}; do
+  # The benchmark shape (B1 N8 G2 H128 W512 chunk 512) at each T in CHECK_T (default "4096 1024";
+  # CHECK_T="" skips it).
+  for T in ${CHECK_T-4096 1024}; do
     timeout 200 $R bench rla --plugin "$P" --seq "$T" --reps 10 \
       --lowering "${CHECK_LOWERINGS:-hlo,triton}" --json "$OUT/bench_rla_T$T.json"
   done

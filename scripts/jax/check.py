@@ -102,7 +102,10 @@ def run_case(name, rattn, config, extra, work: Path):
     p1, m1, v1, meta = load_checkpoint(out / f"ckpt_{last - 1:08}.safetensors", cfg)
     p2, _, _, _ = load_checkpoint(out / f"ckpt_{last:08}.safetensors", cfg)
     step = int(meta["step"])
-    toks, weights = stream_batch(tokens.astype(np.int64), int(meta["data_position"]), b, t)
+    # rattn trains on the head of the stream; the last data.eval_fraction (rounded up) is held out.
+    frac = float(cfg.data.get("eval_fraction", 0.05))
+    head = len(tokens) - int(np.ceil(len(tokens) * frac))
+    toks, weights = stream_batch(tokens[:head].astype(np.int64), int(meta["data_position"]), b, t)
 
     # The exact loss of the checkpoint's parameters (f64) and the f32 train step.
     f64 = {k: jnp.asarray(v, jnp.float64) for k, v in p1.items()}
