@@ -345,6 +345,10 @@ pub struct EvalReport {
     pub perplexity: f64,
     /// Recall task: recall by distance from the pair's last appearance, nearest bucket first.
     pub recall: Vec<BucketRecall>,
+    /// Recall task: `(correct, total)` answers at each distance (index = distance in tokens,
+    /// `0..=seq_len`), for buckets other than [`distance_buckets`] (e.g. `rattn sweep`'s, the same
+    /// for every window); empty for text and token data.
+    pub by_distance: Vec<(usize, usize)>,
 }
 
 /// Evaluate the newest checkpoint (or a given file) on held-out sequences.
@@ -380,6 +384,7 @@ pub fn eval(
     let local = model.layers().iter().filter(|a| a.is_local()).count();
     let buckets = distance_buckets(cfg.model.window, local);
     let mut hits = vec![(0usize, 0usize); buckets.len()];
+    let mut by_distance = vec![(0usize, 0usize); t + 1];
     let (mut nll, mut weight) = (0.0f64, 0.0f64);
     let batches = sequences.div_ceil(bs);
     for bi in 0..batches {
@@ -415,6 +420,11 @@ pub fn eval(
                         |a, (i, &x)| if x > a.1 { (i, x) } else { a },
                     )
                     .0;
+                let right = pred as u32 == seq.tokens[p.pos];
+                if let Some(d) = by_distance.get_mut(p.distance) {
+                    d.0 += right as usize;
+                    d.1 += 1;
+                }
                 if let Some(k) = buckets
                     .iter()
                     .position(|b| p.distance >= b.lo && p.distance <= b.hi)
@@ -444,6 +454,7 @@ pub fn eval(
         } else {
             Vec::new()
         },
+        by_distance: if synthetic { by_distance } else { Vec::new() },
     };
     println!("checkpoint {} (step {})", path.display(), ck.step);
     let what = if synthetic { "answer tokens" } else { "tokens" };
