@@ -338,7 +338,10 @@ fn rla_norm_off_logits_match_f64_reference_and_differ_from_norm_on() {
     // The switch changes the model: the same weights (minus rla_norm.scale) give other logits.
     let (on, _) = tiny_logits_and_reference(true);
     let diff = max_rel(&got, &on);
-    assert!(diff > 1e-3, "norm on and off gave the same logits (rel diff {diff})");
+    assert!(
+        diff > 1e-3,
+        "norm on and off gave the same logits (rel diff {diff})"
+    );
     let names: Vec<String> = {
         let mut cfg = tiny(6, FeatureMap::Softmax);
         cfg.rla.norm = false;

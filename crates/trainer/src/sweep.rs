@@ -744,14 +744,20 @@ impl SweepArgs {
             .iter()
             .map(|s| match Variant::parse(s)? {
                 v @ (Variant::Swa | Variant::Rattention | Variant::Full) => Ok(v),
-                v => bail!("--kinds: {} is an ablation: give it in --ablations", v.name()),
+                v => bail!(
+                    "--kinds: {} is an ablation: give it in --ablations",
+                    v.name()
+                ),
             })
             .collect::<Result<Vec<_>>>()?;
         let ablations = names(&self.ablations)
             .iter()
             .map(|s| match Variant::parse(s)? {
                 v @ (Variant::Relu | Variant::NoNorm) => Ok(v),
-                v => bail!("--ablations: {} is not an ablation (relu, nonorm)", v.name()),
+                v => bail!(
+                    "--ablations: {} is not an ablation (relu, nonorm)",
+                    v.name()
+                ),
             })
             .collect::<Result<Vec<_>>>()?;
         let stacks = names(&self.stacks)
@@ -762,7 +768,12 @@ impl SweepArgs {
             .iter()
             .map(|s| Stack::parse(s))
             .collect::<Result<Vec<_>>>()?;
-        if let Some(w) = self.windows.iter().chain(&self.ablation_windows).find(|&&w| w == 0) {
+        if let Some(w) = self
+            .windows
+            .iter()
+            .chain(&self.ablation_windows)
+            .find(|&&w| w == 0)
+        {
             bail!("--windows/--ablation-windows: window {w} must be > 0");
         }
         Ok(Grid {
