@@ -199,12 +199,12 @@ pub struct Grid {
 }
 
 impl Grid {
-    /// Every run of the grid, seed-major (all cells of the first seed, then the next seed), so a
-    /// sweep stopped early has whole seeds; within a seed, stack by stack.
+    /// Every run of the grid, stack by stack (in `stacks` order) and within a stack seed by seed,
+    /// so a sweep stopped early has whole stacks with every seed, then whole seeds.
     pub fn cells(&self) -> Vec<Cell> {
         let mut out = Vec::new();
-        for &seed in &self.seeds {
-            for &stack in &self.stacks {
+        for &stack in &self.stacks {
+            for &seed in &self.seeds {
                 let mut push = |variant, window| {
                     let c = Cell {
                         stack,

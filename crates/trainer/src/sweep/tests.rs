@@ -27,8 +27,13 @@ fn default_grid_is_the_issue_grid_seed_major() {
     assert_eq!(cells.len(), 48);
     let names: std::collections::HashSet<String> = cells.iter().map(|c| c.dir_name()).collect();
     assert_eq!(names.len(), 48, "directory names must be unique");
-    assert!(cells[..24].iter().all(|c| c.seed == 0));
-    assert!(cells[24..].iter().all(|c| c.seed == 1));
+    // Stack-major, then seed-major: local seed 0 (13), local seed 1, 3to1 seed 0 (11), 3to1 seed 1.
+    let order: Vec<(Stack, u64)> = cells.iter().map(|c| (c.stack, c.seed)).collect();
+    let mut want = vec![(Stack::Local, 0); 13];
+    want.extend(vec![(Stack::Local, 1); 13]);
+    want.extend(vec![(Stack::ThreeToOne, 0); 11]);
+    want.extend(vec![(Stack::ThreeToOne, 1); 11]);
+    assert_eq!(order, want);
     for stack in [Stack::Local, Stack::ThreeToOne] {
         for v in [Variant::Swa, Variant::Rattention] {
             let ws: Vec<usize> = cells
