@@ -61,8 +61,14 @@ pub struct RlaOptions {
     pub lowering: Lowering,
     /// GroupRMSNorm of the RLA branch before the mix (DESIGN §2; default on). Off is the
     /// ablation of the paper's norm: ctx = GroupRMSNorm_swa(o_swa) + o_rla, and the layer has no
-    /// `rla_norm.scale` parameter.
+    /// `rla_norm.scale` parameter. Written out only when off, so the `[model]` text stored in
+    /// checkpoints of default models is what it was before the switch existed.
+    #[serde(skip_serializing_if = "is_true")]
     pub norm: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl Default for RlaOptions {

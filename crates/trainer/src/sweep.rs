@@ -387,6 +387,22 @@ fn run_one(dir: &Path, plugin: Option<&str>) -> Result<RunResult> {
     Ok(result)
 }
 
+/// Bytes for an axis label: `512 B`, `4 KiB`, `1.5 MiB`.
+fn format_bytes(x: f64) -> String {
+    if x >= 1024.0 * 1024.0 {
+        format!("{} MiB", trim(x / 1024.0 / 1024.0))
+    } else if x >= 1024.0 {
+        format!("{} KiB", trim(x / 1024.0))
+    } else {
+        format!("{x:.0} B")
+    }
+}
+
+fn trim(x: f64) -> String {
+    let s = format!("{x:.1}");
+    s.strip_suffix(".0").map(str::to_string).unwrap_or(s)
+}
+
 fn fmt_pct(x: f64) -> String {
     if x.is_nan() {
         "–".into()
@@ -521,6 +537,8 @@ pub fn table(cells: &[Cell], results: &[RunResult], failed: &[(Cell, String)]) -
 struct Line {
     label: String,
     color: RGBColor,
+    /// Drawn with triangles (an ablation), else circles.
+    ablation: bool,
     /// `(cache bytes, far recall %, eval loss, window)`, seed means, by cache bytes.
     points: Vec<(f64, f64, f64, Option<usize>)>,
 }
@@ -558,6 +576,7 @@ fn lines(cells: &[Cell], results: &[RunResult]) -> Vec<Line> {
             None => out.push(Line {
                 label,
                 color: colors(key.stack, key.variant),
+                ablation: matches!(key.variant, Variant::Relu | Variant::NoNorm),
                 points: vec![point],
             }),
         }
@@ -615,19 +634,13 @@ fn draw_pareto(
                 .x_label_area_size(44)
                 .y_label_area_size(56);
         }
-        let mut chart = b.build_cartesian_2d((x0..x1).log_scale(), ylo..yhi)?;
+        let mut chart = b.build_cartesian_2d((x0..x1).log_scale().base(2.0), ylo..yhi)?;
         if text {
             chart
                 .configure_mesh()
                 .x_desc("KV + RLA state bytes per sequence (log)")
                 .y_desc(if recall { "recall %" } else { "loss" })
-                .x_label_formatter(&|x| {
-                    if *x >= 1024.0 * 1024.0 {
-                        format!("{:.1}M", x / 1024.0 / 1024.0)
-                    } else {
-                        format!("{:.0}K", x / 1024.0)
-                    }
-                })
+                .x_label_formatter(&|x| format_bytes(*x))
                 .light_line_style(RGBColor(235, 235, 235))
                 .draw()?;
         } else {
@@ -647,7 +660,14 @@ fn draw_pareto(
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
                 });
             }
-            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+            if l.ablation {
+                chart.draw_series(
+                    pts.iter()
+                        .map(|&p| TriangleMarker::new(p, 7, color.filled())),
+                )?;
+            } else {
+                chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+            }
             if text {
                 let labels: Vec<(f64, f64, String)> = l
                     .points
@@ -655,11 +675,13 @@ fn draw_pareto(
                     .filter_map(|p| {
                         let y = if recall { p.1 } else { p.2 };
                         (y.is_finite() && p.3.is_some())
-                            .then(|| (p.0, y, format!("{}", p.3.unwrap_or(0))))
+                            .then(|| (p.0, y, format!("W{}", p.3.unwrap_or(0))))
                     })
                     .collect();
+                // The window beside its point, offset so it does not hide the marker.
                 chart.draw_series(labels.into_iter().map(|(x, y, s)| {
-                    Text::new(s, (x, y), ("sans-serif", 12).into_font().color(&color))
+                    EmptyElement::at((x, y))
+                        + Text::new(s, (6, -16), ("sans-serif", 12).into_font().color(&color))
                 }))?;
             }
         }
