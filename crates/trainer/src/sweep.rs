@@ -239,7 +239,7 @@ impl Grid {
 }
 
 /// What a run's child is told (`DIR/run.json`): enough to repeat it with `rattn train`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSpec {
     /// The cell.
     pub cell: Cell,
@@ -330,6 +330,33 @@ pub fn pending(out: &Path, cells: &[Cell]) -> Vec<Cell> {
         .filter(|c| !result_path(&out.join(c.dir_name())).is_file())
         .copied()
         .collect()
+}
+
+/// Refuse to mix budgets: every finished run of `cells` under `out` must have been made from the
+/// spec `spec` gives it now (same config file, overrides — steps included — and evaluation).
+pub fn check_finished(out: &Path, cells: &[Cell], spec: impl Fn(Cell) -> RunSpec) -> Result<()> {
+    let mut stale = Vec::new();
+    for &c in cells {
+        let dir = out.join(c.dir_name());
+        if !result_path(&dir).is_file() {
+            continue;
+        }
+        let had: Option<RunSpec> = std::fs::read_to_string(dir.join("run.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        if had.as_ref() != Some(&spec(c)) {
+            stale.push(c.dir_name());
+        }
+    }
+    if !stale.is_empty() {
+        bail!(
+            "{} finished runs in {} were made with other settings (config, --steps, --set or              --eval-sequences) than this sweep gives them: {}; use another --out, or the same options",
+            stale.len(),
+            out.display(),
+            stale.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Every readable `result.json` of `cells` under `out`.
@@ -853,6 +880,7 @@ pub(crate) fn run(args: &SweepArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let font = args.font.as_deref();
+    check_finished(&args.out, &cells, |c| args.spec(c))?;
     if args.report_only {
         report(&args.out, &cells, &[], font)?;
         println!("wrote {}/sweep.md and sweep.png", args.out.display());

@@ -256,3 +256,30 @@ fn table_and_png_from_fake_results() {
         "the all-local RAttention line is missing ({red} pixels)"
     );
 }
+
+#[test]
+fn finished_runs_made_with_other_settings_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path();
+    let a = args(&["--windows", "8", "--stacks", "local", "--steps", "400"]);
+    let cells = a.grid().unwrap().cells();
+    let r = fake(cells[0], (1, 4), 1.0, 1, 0);
+    write_result(out, &r);
+    let dir = out.join(cells[0].dir_name());
+    std::fs::write(
+        dir.join("run.json"),
+        serde_json::to_string(&a.spec(cells[0])).unwrap(),
+    )
+    .unwrap();
+    check_finished(out, &cells, |c| a.spec(c)).unwrap();
+    // The same directory swept again with another budget.
+    let b = args(&["--windows", "8", "--stacks", "local", "--steps", "200"]);
+    let e = format!(
+        "{:#}",
+        check_finished(out, &cells, |c| b.spec(c)).unwrap_err()
+    );
+    assert!(
+        e.contains("1 finished runs") && e.contains(&cells[0].dir_name()),
+        "{e}"
+    );
+}
