@@ -701,8 +701,8 @@ fn draw_pareto(
                     .iter()
                     .filter_map(|p| {
                         let y = if recall { p.1 } else { p.2 };
-                        (y.is_finite() && p.3.is_some())
-                            .then(|| (p.0, y, format!("W{}", p.3.unwrap_or(0))))
+                        let name = p.3.map_or("full".to_string(), |w| format!("W{w}"));
+                        y.is_finite().then_some((p.0, y, name))
                     })
                     .collect();
                 // The window beside its point, offset so it does not hide the marker.
