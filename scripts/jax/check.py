@@ -72,6 +72,7 @@ CASES = {
         'model.ffn_activation="geglu"',
         'model.rla.feature_map="relu"',
     ],
+    "rattention-rla-norm-off": ["model.rla.norm=false"],
 }
 TOL = {"loss": 1e-6, "alt_loss": 1e-6, "grad_norm": 1e-4, "update": 1e-3}
 

@@ -47,7 +47,13 @@ MODEL_DEFAULTS = {
     "tied_embeddings": True,
     "dtype": "f32",
 }
-RLA_DEFAULTS = {"feature_map": "softmax", "chunk": 512, "sub_chunk": 64, "lowering": "auto"}
+RLA_DEFAULTS = {
+    "feature_map": "softmax",
+    "chunk": 512,
+    "sub_chunk": 64,
+    "lowering": "auto",
+    "norm": True,
+}
 TRAIN_DEFAULTS = {
     "batch": 8,
     "steps": 100,
@@ -139,7 +145,8 @@ def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
             out[f"{p}.attn.k_norm.scale"] = (h,)
         if kind == "rattention":
             out[f"{p}.attn.swa_norm.scale"] = (m["heads"], h)
-            out[f"{p}.attn.rla_norm.scale"] = (m["heads"], h)
+            if m["rla"]["norm"]:
+                out[f"{p}.attn.rla_norm.scale"] = (m["heads"], h)
         out[f"{p}.ffn_norm.scale"] = (d,)
         out[f"{p}.ffn.w_gate"] = (d, m["ffn_dim"])
         out[f"{p}.ffn.w_up"] = (d, m["ffn_dim"])
@@ -360,9 +367,9 @@ def forward(
                 raise ValueError(f"swa impl {swa_impl!r} is not masked or blocked")
             if kind == "rattention":
                 o_rla = rla(q, k, v, w, chunk, m["rla"]["feature_map"], rla_impl)
-                ctx = rms_norm(ctx, params[f"{p}.attn.swa_norm.scale"], 1e-8) + rms_norm(
-                    o_rla, params[f"{p}.attn.rla_norm.scale"], 1e-8
-                )
+                if m["rla"]["norm"]:
+                    o_rla = rms_norm(o_rla, params[f"{p}.attn.rla_norm.scale"], 1e-8)
+                ctx = rms_norm(ctx, params[f"{p}.attn.swa_norm.scale"], 1e-8) + o_rla
         x = x + ctx.reshape(b, t, n * h) @ params[f"{p}.attn.wo"]
         xn = rms_norm(x, params[f"{p}.ffn_norm.scale"], eps)
         gate = xn @ params[f"{p}.ffn.w_gate"]

@@ -59,6 +59,16 @@ pub struct RlaOptions {
     pub sub_chunk: usize,
     /// Lowering choice.
     pub lowering: Lowering,
+    /// GroupRMSNorm of the RLA branch before the mix (DESIGN §2; default on). Off is the
+    /// ablation of the paper's norm: ctx = GroupRMSNorm_swa(o_swa) + o_rla, and the layer has no
+    /// `rla_norm.scale` parameter. Written out only when off, so the `[model]` text stored in
+    /// checkpoints of default models is what it was before the switch existed.
+    #[serde(skip_serializing_if = "is_true")]
+    pub norm: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl Default for RlaOptions {
@@ -68,6 +78,7 @@ impl Default for RlaOptions {
             chunk: 512,
             sub_chunk: 64,
             lowering: Lowering::Auto,
+            norm: true,
         }
     }
 }

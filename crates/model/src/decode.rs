@@ -507,7 +507,8 @@ impl Model {
             let _s = b.name_scope("rla");
             read(b, q, s, fm)?
         };
-        Ok((mix_local(b, p, prefix, swa, rla)?, new_cache))
+        let norm = self.config().rla.norm;
+        Ok((mix_local(b, p, prefix, swa, rla, norm)?, new_cache))
     }
 
     /// One global layer at position `pos`: writes k (after qk-norm) and v into the full caches and

@@ -185,7 +185,9 @@ pub(crate) fn specs(cfg: &ModelConfig, layers: &[Attention]) -> Vec<ParamSpec> {
         if attn.has_rla() {
             let heads = [(cfg.heads, QHeads), head_dim];
             push(format!("{p}.attn.swa_norm.scale"), &heads, scale);
-            push(format!("{p}.attn.rla_norm.scale"), &heads, scale);
+            if cfg.rla.norm {
+                push(format!("{p}.attn.rla_norm.scale"), &heads, scale);
+            }
         }
         push(format!("{p}.ffn_norm.scale"), &[embed], scale);
         push(format!("{p}.ffn.w_gate"), &[embed, mlp], matrix);

@@ -259,7 +259,11 @@ pub fn logits(
                 let s = swa(&q, &k, &v, d, cfg.window, cfg.rope_theta);
                 let r = rla(&raw_q, &raw_k, &v, d, cfg.window, fm);
                 let a = group_rms_norm(&s, d.n, h, &p(&format!("{pre}.attn.swa_norm.scale")), 1e-8);
-                let b = group_rms_norm(&r, d.n, h, &p(&format!("{pre}.attn.rla_norm.scale")), 1e-8);
+                let b = if cfg.rla.norm {
+                    group_rms_norm(&r, d.n, h, &p(&format!("{pre}.attn.rla_norm.scale")), 1e-8)
+                } else {
+                    r
+                };
                 a.iter().zip(&b).map(|(x, y)| x + y).collect()
             }
         };

@@ -26,11 +26,23 @@ pub(crate) fn param(p: &ParamOps, name: &str) -> Result<Op> {
 }
 
 /// The mixing of a RAttention layer: `GroupRMSNorm_swa(swa) + GroupRMSNorm_rla(rla)` over
-/// `[..., N, H]` contexts.
-pub fn mix_local(b: &Builder, p: &ParamOps, prefix: &str, swa: Op, rla: Op) -> Result<Op> {
+/// `[..., N, H]` contexts; with `rla_norm` false (the `rla.norm = false` ablation) the RLA
+/// branch enters unnormalised: `GroupRMSNorm_swa(swa) + rla`.
+pub fn mix_local(
+    b: &Builder,
+    p: &ParamOps,
+    prefix: &str,
+    swa: Op,
+    rla: Op,
+    rla_norm: bool,
+) -> Result<Op> {
     let _s = b.name_scope("mix");
     let a = rms_norm(b, swa, param(p, &format!("{prefix}.swa_norm.scale"))?, 1e-8)?;
-    let c = rms_norm(b, rla, param(p, &format!("{prefix}.rla_norm.scale"))?, 1e-8)?;
+    let c = if rla_norm {
+        rms_norm(b, rla, param(p, &format!("{prefix}.rla_norm.scale"))?, 1e-8)?
+    } else {
+        rla
+    };
     b.add(a, c)
 }
 
@@ -156,7 +168,11 @@ impl Model {
                 None => pallas_port::rla_with_state(b, q, k, v, &cfg, lowering)?,
             }
         };
-        Ok((mix_local(b, p, prefix, swa, rla.o)?, Some(rla.final_state)))
+        let norm = self.config().rla.norm;
+        Ok((
+            mix_local(b, p, prefix, swa, rla.o, norm)?,
+            Some(rla.final_state),
+        ))
     }
 
     /// Token embedding: `tokens [B, T]` (s32) to `x [B, T, d_model]` (f32), a gather of rows of

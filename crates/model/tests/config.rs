@@ -133,3 +133,25 @@ fn every_parameter_has_a_role_and_one_logical_axis_per_dimension() {
         .to_string()
         .contains("q_heads"));
 }
+
+#[test]
+fn rla_norm_switch_defaults_on_and_is_written_only_when_off() {
+    let on = load("tiny");
+    assert!(on.rla.norm);
+    // The default writes no `norm` key: the [model] text in checkpoints of default models is
+    // unchanged by the switch.
+    let text = toml::to_string(&on).unwrap();
+    assert!(!text.lines().any(|l| l.starts_with("norm = ")), "{text}");
+    let mut off = on.clone();
+    off.rla.norm = false;
+    let text = toml::to_string(&off).unwrap();
+    assert!(text.lines().any(|l| l == "norm = false"), "{text}");
+    let back: ModelConfig = toml::from_str(&text).unwrap();
+    assert_eq!(back, off);
+    // Off: one scale fewer per RAttention layer ([heads, head_dim] each).
+    let (n_on, n_off) = (
+        Model::new(on.clone()).unwrap().param_count(),
+        Model::new(off).unwrap().param_count(),
+    );
+    assert_eq!(n_on - n_off, on.layers * on.heads * on.head_dim);
+}

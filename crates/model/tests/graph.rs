@@ -294,6 +294,64 @@ fn tiny_model_logits_match_f64_reference() {
     assert!(e < 1e-4, "logits relative error {e}");
 }
 
+/// Logits of the tiny 3:1 model (W = 6, T = 40, qk-norm, non-trivial norm scales) on the CPU
+/// plugin and from the f64 reference, for one `rla.norm` setting.
+fn tiny_logits_and_reference(rla_norm: bool) -> (Vec<f32>, Vec<f64>) {
+    let mut cfg = tiny(6, FeatureMap::Softmax);
+    cfg.seq_len = 40;
+    cfg.qk_norm = true;
+    cfg.rla.norm = rla_norm;
+    let (bs, t) = (2usize, 40usize);
+    let m = Model::new(cfg.clone()).unwrap();
+    let b = Builder::new("forward");
+    let (_, named) = m.declare_params(&b).unwrap();
+    let tokens = b
+        .parameter(
+            Shape::array(ElementType::S32, &[bs as i64, t as i64]),
+            "tokens",
+        )
+        .unwrap();
+    let logits = m.forward(&b, &named, tokens, "cpu").unwrap();
+    let comp = b.build(logits).unwrap();
+    let (params, map) = tiny_params(&cfg, 3);
+    let toks: Vec<u32> = (0..bs * t)
+        .map(|i| ((i * 37 + 11) % cfg.vocab) as u32)
+        .collect();
+    let got = run(
+        &comp,
+        &params,
+        &[(
+            toks.iter().map(|&x| x as i32).collect(),
+            vec![bs as i64, t as i64],
+        )],
+    );
+    let want = reference::logits(&m, &map, &toks, bs);
+    (got.into_iter().next().unwrap(), want)
+}
+
+#[test]
+fn rla_norm_off_logits_match_f64_reference_and_differ_from_norm_on() {
+    // The ablation `rla.norm = false`: ctx = GroupRMSNorm_swa(o_swa) + o_rla, no rla_norm.scale.
+    let (got, want) = tiny_logits_and_reference(false);
+    let e = max_rel(&got, &want);
+    assert!(e < 1e-4, "norm-off logits relative error {e}");
+    // The switch changes the model: the same weights (minus rla_norm.scale) give other logits.
+    let (on, _) = tiny_logits_and_reference(true);
+    let diff = max_rel(&got, &on);
+    assert!(
+        diff > 1e-3,
+        "norm on and off gave the same logits (rel diff {diff})"
+    );
+    let names: Vec<String> = {
+        let mut cfg = tiny(6, FeatureMap::Softmax);
+        cfg.rla.norm = false;
+        let m = Model::new(cfg).unwrap();
+        m.param_specs().iter().map(|s| s.name.clone()).collect()
+    };
+    assert!(names.iter().any(|n| n.ends_with("swa_norm.scale")));
+    assert!(!names.iter().any(|n| n.ends_with("rla_norm.scale")));
+}
+
 #[test]
 fn weighted_loss_matches_the_f64_reference_and_checks_its_weights() {
     let mut cfg = tiny(5, FeatureMap::Softmax);

@@ -134,7 +134,10 @@ impl RunConfig {
         }
         let cfg: RunConfig = value
             .try_into()
-            .map_err(|e: toml::de::Error| anyhow!("{}", e.message()))?;
+            // The message and, on a second line, the key it is about ("in `model.rla.norm`").
+            .map_err(|e: toml::de::Error| {
+                anyhow!("{}", e.to_string().trim_end().replace('\n', " "))
+            })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -284,6 +287,23 @@ mod tests {
         );
         let e = err(&["mesh.pipeline=2"]);
         assert!(e.contains("pipeline"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let err = |o: &str| {
+            format!(
+                "{:#}",
+                RunConfig::from_toml(&tiny(), &[o.into()]).unwrap_err()
+            )
+        };
+        let e = err(r#"model.rla.norm="off""#);
+        assert!(e.contains("expected a boolean in `model.rla.norm`"), "{e}");
+        let e = err(r#"model.rla.feature_map="gelu""#);
+        assert!(e.contains("model.rla.feature_map"), "{e}");
+        let cfg = RunConfig::from_toml(&tiny(), &["model.rla.norm=false".into()]).unwrap();
+        assert!(!cfg.model.rla.norm);
+        assert!(RunConfig::from_toml(&tiny(), &[]).unwrap().model.rla.norm);
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod profile;
 mod runtime;
 mod spmd;
 mod supervise;
+mod sweep;
 mod train;
 
 use anyhow::{bail, Result};
@@ -150,6 +151,9 @@ enum Cmd {
     Dump(dump::DumpArgs),
     /// Plot a metric (default loss) of metrics.jsonl files against the step into a PNG.
     Plot(plot::PlotArgs),
+    /// The window sweep: windows × {SWA, RAttention} + full attention, all-local and 3:1 stacks,
+    /// ablations, several seeds; a table and a PNG of quality against KV-cache bytes.
+    Sweep(sweep::SweepArgs),
     /// Generate tokens from a checkpoint: prefill the prompt, then decode with on-device caches
     /// (greedy, or temperature + top-k sampling); prints the tokens and tokens/s.
     Generate(generate::GenerateArgs),
@@ -356,6 +360,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Compile(args) => compile::run(&args),
         Cmd::Dump(args) => dump::run(&args),
         Cmd::Plot(args) => plot::run(&args),
+        Cmd::Sweep(args) => sweep::run(&args),
         Cmd::Bench {
             cmd: BenchCmd::Peak(args),
         } => mfu::run_peak(&args),

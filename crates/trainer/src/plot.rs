@@ -113,7 +113,7 @@ pub fn read_series(path: &Path, metric: &str) -> Result<Vec<(f64, f64)>> {
 }
 
 /// Find and register a font for plotters' text; `None` when none can be loaded.
-fn load_font(explicit: Option<&Path>) -> Result<Option<PathBuf>> {
+pub(crate) fn load_font(explicit: Option<&Path>) -> Result<Option<PathBuf>> {
     let candidates: Vec<PathBuf> = match explicit {
         Some(p) => vec![p.to_path_buf()],
         None => SYSTEM_FONTS.iter().map(PathBuf::from).collect(),

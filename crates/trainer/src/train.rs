@@ -452,6 +452,10 @@ pub struct EvalReport {
     pub targets: f64,
     /// Recall task: recall by distance from the pair's last appearance, nearest bucket first.
     pub recall: Vec<BucketRecall>,
+    /// Recall task: `(correct, total)` answers at each distance (index = distance in tokens,
+    /// `0..=seq_len`), for buckets other than [`distance_buckets`] (e.g. `rattn sweep`'s, the same
+    /// for every window); empty for text and token data.
+    pub by_distance: Vec<(usize, usize)>,
 }
 
 /// Index of the first held-out recall sequence (the synthetic held-out stream is also on its own
@@ -555,6 +559,7 @@ fn eval_at(
     let first_index = if synthetic { FIRST_EVAL_SEQUENCE } else { 0 };
     let (buckets, _) = eval_buckets(model, t);
     let mut hits = vec![(0usize, 0usize); buckets.len()];
+    let mut by_distance = vec![(0usize, 0usize); t + 1];
     let (mut nll, mut weight) = (0.0f64, 0.0f64);
     let batches = sequences.div_ceil(bs);
     for bi in 0..batches {
@@ -590,6 +595,11 @@ fn eval_at(
                         |a, (i, &x)| if x > a.1 { (i, x) } else { a },
                     )
                     .0;
+                let right = pred as u32 == seq.tokens[p.pos];
+                if let Some(d) = by_distance.get_mut(p.distance) {
+                    d.0 += right as usize;
+                    d.1 += 1;
+                }
                 if let Some(k) = buckets
                     .iter()
                     .position(|b| p.distance >= b.lo && p.distance <= b.hi)
@@ -622,6 +632,7 @@ fn eval_at(
         } else {
             Vec::new()
         },
+        by_distance: if synthetic { by_distance } else { Vec::new() },
     })
 }
 
