@@ -2,7 +2,9 @@
 //! local layer (SWA + RLA + the mixing norms) and a global layer traced under a mesh that cuts
 //! the sequence give the same output and the same gradients of q, k, v as the 1-device graph
 //! (within 1e-6 of the largest value; gradients 2e-6), the output equals the f64 reference of
-//! DESIGN §2, and the gradients its central differences.
+//! DESIGN §2, and the gradients of both programs are within 1e-6 of its central differences at
+//! every element (the exact gradients; the two programs round in their own directions, so they
+//! may differ from each other by up to twice that).
 //! Windows: 0 (RLA over everything before the token), below one shard, above one shard (a halo
 //! over several shards); meshes seq 8 and data 2 × seq 4.
 
@@ -186,7 +188,7 @@ fn check(attn: Attention, window: usize, mesh: (i64, i64), lowering: Lowering) -
         "{attn:?} W={window} data {} × seq {} ({lowering})",
         mesh.0, mesh.1
     );
-    // Gradients against central differences of the f64 reference at 12 points of each of q,
+    // The exact gradients: central differences of the f64 reference at every element of q,
     // k, v (the reference is independent of both programs).
     let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
         let out = match attn {
@@ -204,37 +206,35 @@ fn check(attn: Attention, window: usize, mesh: (i64, i64), lowering: Lowering) -
     let mut worst_fd = [0.0f64; 2];
     for which in 0..3 {
         let x = [&q, &k, &v][which];
-        let scale = one[1 + which]
-            .iter()
-            .fold(1e-6f64, |m, &g| m.max(g.abs() as f64));
-        for j in 0..12 {
-            let i = (j * x.len()) / 12 + j % 5;
-            let eps = 1e-5;
-            let at = |d: f64| {
-                let mut xs = [q.clone(), k.clone(), v.clone()];
-                xs[which][i] += d;
-                loss(&xs[0], &xs[1], &xs[2])
-            };
-            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-            for (w, got) in worst_fd.iter_mut().zip([&sharded, &one]) {
-                *w = w.max((got[1 + which][i] as f64 - fd).abs() / scale);
-            }
+        let exact: Vec<f64> = (0..x.len())
+            .map(|i| {
+                let eps = 1e-5;
+                let at = |d: f64| {
+                    let mut xs = [q.clone(), k.clone(), v.clone()];
+                    xs[which][i] += d;
+                    loss(&xs[0], &xs[1], &xs[2])
+                };
+                (at(eps) - at(-eps)) / (2.0 * eps)
+            })
+            .collect();
+        for (w, got) in worst_fd.iter_mut().zip([&sharded, &one]) {
+            *w = w.max(max_rel(&got[1 + which], &exact));
         }
     }
     eprintln!(
         "{name}: gradients vs f64 central differences: sharded {:.1e}, 1 device {:.1e}",
         worst_fd[0], worst_fd[1]
     );
+    // Issue 11's 1e-6, against the exact gradients: each program rounds on its own.
+    for (w, which) in worst_fd.iter().zip(["sharded", "1-device"]) {
+        assert!(*w <= 1e-6, "{name}: {which} gradients off by {w:e}");
+    }
     assert!(
         worst_fd[0] <= 1e-5,
         "{name}: sharded gradients off by {:e}",
         worst_fd[0]
     );
     let e_ref = max_rel(&sharded[0], &want);
-    let name = format!(
-        "{attn:?} W={window} data {} × seq {} ({lowering})",
-        mesh.0, mesh.1
-    );
     eprintln!("{name}: out vs f64 reference {e_ref:.1e}");
     assert!(
         e_ref <= 1e-5,
@@ -243,10 +243,11 @@ fn check(attn: Attention, window: usize, mesh: (i64, i64), lowering: Lowering) -
     for (i, what) in ["out", "dq", "dk", "dv"].iter().enumerate() {
         let e = max_rel(&sharded[i], &one[i]);
         eprintln!("{name}: {what} vs 1 device {e:.1e}");
-        // The forward within 1e-6. The gradients within 2e-6: the 1-device program's own RLA
-        // gradients are up to 7e-7 off the f64 VJP (pallas-port/tests/seq_region.rs prints
-        // both), and the mixing norm's backward amplifies fp32 rounding of another summation
-        // order (W = 0: dk 1.1e-6).
+        // The forward within 1e-6. The gradients within 2e-6 of each other: each is within
+        // 1e-6 of the exact gradient (asserted above), in its own direction. At W = 0 dk is
+        // 8.4e-7 (sharded) and 4.3e-7 (1 device) off the exact one, 1.1e-6 off each other: the
+        // sharded program sums the RLA state's cotangent over the later shards (the
+        // reduce-scatter of the prefix sum), the 1-device kernel over its chunks in reverse.
         let tol = if i == 0 { 1e-6 } else { 2e-6 };
         assert!(e <= tol, "{name}: {what} differs from 1 device by {e:e}");
         assert!(one[i].iter().any(|&x| x != 0.0), "{what} is all zero");

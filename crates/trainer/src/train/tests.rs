@@ -74,16 +74,19 @@ fn baseline(steps: usize) -> &'static Run {
 
 /// The acceptance of sharded training on `mesh`: the loss of every step equals the 1-device
 /// run's within 1e-5 relative, and both Adam moments after the last step within 1e-4 (they are
-/// linear in the gradients, so they check the sharded gradients). The parameters are checked
-/// against the largest move AdamW can make, Σ lr: where a gradient is close to 0, m/√v turns
-/// the last-bit differences of gradients summed in another order (a cross-device all-reduce)
-/// into visible ones, up to lr per step; what the parameters must not show is a real
-/// difference of the updates.
+/// linear in the gradients, so they check the sharded gradients). Every parameter tensor is
+/// within 1e-5 of the 1-device one in norm (‖Δ‖₂ / ‖p‖₂, issue 11's bound). Element by element
+/// the parameters are checked against the largest move AdamW can make, Σ lr: where a gradient
+/// is close to 0, m/√v turns the last-bit differences of gradients summed in another order (a
+/// cross-device all-reduce) into visible ones, up to lr per step; what the parameters must not
+/// show is a real difference of the updates. Returns the largest element difference over each
+/// tensor's largest value (what [`sequence_parallel_training_equals_one_device`] compares with
+/// runs that differ from the 1-device one only in summation order).
 fn sharded_equals_one_device(mesh: &[&str]) {
-    sharded_equals_one_device_for(mesh, STEPS)
+    sharded_equals_one_device_for(mesh, STEPS);
 }
 
-fn sharded_equals_one_device_for(mesh: &[&str], steps: usize) {
+fn sharded_equals_one_device_for(mesh: &[&str], steps: usize) -> f64 {
     let (want_loss, want_state) = baseline(steps);
     let cfg = tiny(steps, &[]);
     let lr_sum: f64 = (0..steps).map(|s| step::lr_at(&cfg.train, s)).sum();
@@ -98,6 +101,7 @@ fn sharded_equals_one_device_for(mesh: &[&str], steps: usize) {
     }
     assert_eq!(state.len(), want_state.len());
     let (mut worst_moment, mut worst_param, mut worst_param_rel) = (0.0f64, 0.0f64, 0.0f64);
+    let mut worst_norm = 0.0f64;
     for (p, w) in state.iter().zip(want_state) {
         assert_eq!((&p.name, &p.shape), (&w.name, &w.shape));
         if p.name.starts_with("params.") {
@@ -108,6 +112,13 @@ fn sharded_equals_one_device_for(mesh: &[&str], steps: usize) {
                 .fold(0.0f64, |m, (a, b)| m.max((a - b).abs() as f64));
             worst_param = worst_param.max(d / lr_sum);
             worst_param_rel = worst_param_rel.max(rel(&p.data, &w.data));
+            let norm = norm_rel(&p.data, &w.data);
+            worst_norm = worst_norm.max(norm);
+            assert!(
+                norm <= 1e-5,
+                "{name}: {} differs from the 1-device run by {norm:e} in norm (relative)",
+                p.name
+            );
             assert!(
                 d <= 2e-3 * lr_sum,
                 "{name}: {} moved {d:e} away from the 1-device run (Σ lr = {lr_sum:e})",
@@ -121,9 +132,20 @@ fn sharded_equals_one_device_for(mesh: &[&str], steps: usize) {
     }
     eprintln!(
         "{name}: {steps} steps: loss within {worst_loss:.1e} relative, Adam moments within \
-         {worst_moment:.1e}, parameters within {worst_param:.1e} × Σ lr ({worst_param_rel:.1e} \
-         of each tensor's largest value) of 1 device"
+         {worst_moment:.1e}, parameters within {worst_norm:.1e} in norm, {worst_param:.1e} × Σ lr \
+         ({worst_param_rel:.1e} of each tensor's largest value) of 1 device"
     );
+    worst_param_rel
+}
+
+/// ‖a − b‖₂ / ‖b‖₂.
+fn norm_rel(a: &[f32], b: &[f32]) -> f64 {
+    let (mut d, mut n) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        d += (x as f64 - y as f64).powi(2);
+        n += (y as f64).powi(2);
+    }
+    (d / n.max(1e-300)).sqrt()
 }
 
 #[test]
@@ -159,9 +181,35 @@ fn sequence_parallel_training_equals_one_device() {
     // Exact sequence parallelism (issue 11 item 4), 20 steps of the local + global tiny model
     // at T = 64: 2 shards of 32 tokens (W = 16 fits in one), 4 shards of 16 (the halo is a
     // whole shard), and data 2 × seq 2.
-    sharded_equals_one_device_for(&["mesh.seq=2"], SEQ_STEPS);
-    sharded_equals_one_device_for(&["mesh.seq=4"], SEQ_STEPS);
-    sharded_equals_one_device_for(&["mesh.data=2", "mesh.seq=2"], SEQ_STEPS);
+    //
+    // Element by element the parameters after 20 steps differ from the 1-device run's by up to
+    // 7.1e-5 of their tensor's largest value, not issue 11's 1e-5. The difference is made in
+    // step 1 at elements whose gradient is float noise (layers.0.ffn.w_down[6716]: 4.2e-10 on
+    // 1 device, 3.9e-10 sharded, below Adam's eps = 1e-8, where the update g / (|g| + eps)
+    // follows g's noise with gain lr / eps) and then carried, not grown. Runs that differ from
+    // the 1-device one only in the order of their sums differ as much: the same 1-device
+    // program with the `while` lowering of the RLA blocks (4.0e-5) and data 2, which only splits
+    // the batch's gradient sum into an all-reduce (6.7e-5). So the sequence-parallel runs must
+    // stay within 1.5 × the larger of those two; in norm every tensor is within 1e-5 (measured
+    // ≤ 5.3e-7 over all parameters).
+    let calibration = sharded_equals_one_device_for(&["model.rla.lowering=\"hlo\""], SEQ_STEPS)
+        .max(sharded_equals_one_device_for(&["mesh.data=2"], SEQ_STEPS));
+    for mesh in [
+        &["mesh.seq=2"][..],
+        &["mesh.seq=4"],
+        &["mesh.data=2", "mesh.seq=2"],
+    ] {
+        let e = sharded_equals_one_device_for(mesh, SEQ_STEPS);
+        eprintln!(
+            "{mesh:?}: parameters {e:.1e} of each tensor's largest value; summation order \
+             alone (1 device with the `while` lowering, data 2): {calibration:.1e}"
+        );
+        assert!(
+            e <= 1.5 * calibration,
+            "{mesh:?}: parameters differ by {e:e}, more than 1.5 × the {calibration:e} of \
+             summation order alone"
+        );
+    }
 }
 
 /// The optimized train step on seq 4 (4 CPU devices) exchanges keys and values between the
@@ -451,3 +499,4 @@ fn resume_on_any_mesh_sees_the_same_batches() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
