@@ -191,6 +191,106 @@ pub fn causal_attention_seq(
     b.shard_to_full(o, qkv.clone(), &qd)
 }
 
+/// A RAttention local layer's SWA and RLA under sequence parallelism in **one** manual region,
+/// so the keys and values before each shard travel once: `swa_qk` = (q, k) of SWA (rotated,
+/// q scaled), `qkv` = the projected q, k, v RLA reads (v is SWA's too), all `[B,T,heads,H]`
+/// laid out by `sharding` (T cut into S shards; see [`causal_attention_seq`] and
+/// [`pallas_port::rla_in_region`]). The halo of the W tokens before a shard — SWA's rotated
+/// keys, RLA's keys and the values they share — is packed along H and exchanged by one
+/// `collective-permute` per shard it spans (one send of v instead of two, one collective
+/// instead of four); SWA's banded blocks and RLA's shifted blocks then read their parts of it.
+/// Requires W + 1 < T (else SWA is global: use the two separate regions).
+///
+/// Returns SWA's output `[B,T,N,H]` and RLA's outputs (full values), equal to the separate
+/// regions' bit for bit.
+pub fn local_attention_seq(
+    b: &Builder,
+    (sq, sk): (Op, Op),
+    (q, k, v): (Op, Op, Op),
+    rla: &pallas_port::RlaConfig,
+    lowering: pallas_port::Lowering,
+    sharding: &Sharding,
+) -> Result<(Op, pallas_port::RlaOutputs)> {
+    let d = pallas_port::graph::check_shapes(b, q, k, v, rla)?;
+    let (qd, skd) = (dims(b, sq)?, dims(b, sk)?);
+    let kd = dims(b, k)?;
+    let (t, w) = (d.seq as i64, rla.window as i64);
+    if qd != dims(b, q)? || skd != kd || w + 1 >= t {
+        return Err(b.error(
+            "local_attention_seq",
+            format!(
+                "SWA's q {qd:?}, k {skd:?} must match RLA's q, k {kd:?}, and W + 1 = {} must be \
+                 below T = {t}",
+                w + 1
+            ),
+        ));
+    }
+    let seq = SeqShards::new(b, sharding, 4, 1)?;
+    let s = seq.shards();
+    let enter = |x: Op| b.full_to_shard(x, sharding.clone());
+    let (sql, skl) = (enter(sq)?, enter(sk)?);
+    let (ql, kl, vl) = (enter(q)?, enter(k)?, enter(v)?);
+    let (swa, local) = {
+        let _m = b.manual_scope();
+        let (bs, tl, n, h) = (qd[0], dims(b, ql)?[1], dims(b, ql)?[2], qd[3]);
+        let g = dims(b, kl)?[2];
+        let hl = pallas_port::rla_halo_len(rla, d.seq, s, tl as usize) as i64;
+        debug_assert_eq!(hl, w.min((s as i64 - 1) * tl));
+        // The halo of [SWA's k | RLA's k | v] in one exchange (the parts keep their types when
+        // they differ: then one exchange per type).
+        let halo = if hl > 0 {
+            let parts = [skl, kl, vl];
+            let tys: Vec<_> = parts
+                .iter()
+                .map(|&x| Ok(b.shape(x)?.ty()))
+                .collect::<Result<_>>()?;
+            let got: Vec<Op> = if tys.iter().all(|t| *t == tys[0]) {
+                let packed = seq.halo(b, b.concatenate(&parts, 3)?, 1, hl as usize)?;
+                (0..3)
+                    .map(|i| b.slice_in_dim(packed, i * h, (i + 1) * h, 3))
+                    .collect::<Result<_>>()?
+            } else {
+                parts
+                    .iter()
+                    .map(|&x| seq.halo(b, x, 1, hl as usize))
+                    .collect::<Result<_>>()?
+            };
+            Some((got[0], got[1], got[2]))
+        } else {
+            None
+        };
+        let gm = |x: Op| b.transpose(x, &[0, 2, 1, 3]);
+        let offset = b.mul(seq.index(b)?, b.scalar(tl as i32)?)?;
+        let r = n / g;
+        let qt = b.transpose(b.reshape(sql, &[bs, tl, g, r, h])?, &[0, 2, 1, 3, 4])?;
+        let swa_halo = match halo {
+            Some((hk, _, hv)) => Some(Halo {
+                k: gm(hk)?,
+                v: gm(hv)?,
+                offset,
+            }),
+            None => None,
+        };
+        let blk = AttentionBlocks::for_shape(tl as usize, Some(w as usize)).banded;
+        let o = banded(b, qt, gm(skl)?, gm(vl)?, w, blk as i64, swa_halo)?;
+        let swa = b.reshape(b.transpose(o, &[0, 2, 1, 3, 4])?, &[bs, tl, n, h])?;
+        let local = pallas_port::rla_seq_shard(
+            b,
+            &seq,
+            (ql, kl, vl),
+            d.seq,
+            rla,
+            lowering,
+            halo.map(|(_, hk, hv)| (hk, hv)),
+        )?;
+        (swa, local)
+    };
+    Ok((
+        b.shard_to_full(swa, sharding.clone(), &qd)?,
+        pallas_port::rla_region_outputs(b, local, sharding, &d)?,
+    ))
+}
+
 /// Global causal attention on group-major q `[B,G,T,R,H]`, k/v `[B,G,T,H]`: query block i sees
 /// the key prefix up to the end of its own rows. Returns `[B,G,T,R,H]`.
 fn global(b: &Builder, q: Op, k: Op, v: Op, blk: i64) -> Result<Op> {

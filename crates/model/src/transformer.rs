@@ -146,10 +146,37 @@ impl Model {
             return Ok((attend(b.mul(qn, inv_sqrt_h)?, kn, v, None)?, None));
         }
         let _s = b.name_scope("local");
+        let (qr, kr) = {
+            let _s = b.name_scope("swa");
+            (
+                b.mul(rope(b, qn, pos, cfg.rope_theta)?, inv_sqrt_h)?,
+                rope(b, kn, pos, cfg.rope_theta)?,
+            )
+        };
+        // Sequence-parallel RAttention layers run SWA and RLA in one region that exchanges
+        // the keys/values halo once (SWA over the whole sequence keeps two regions).
+        let t = b.shape(q)?.dims()[1];
+        if let Some(s) = seq_region.as_ref().filter(|_| attn.has_rla()) {
+            if (cfg.window as i64) + 1 < t {
+                let _s = b.name_scope("swa_rla");
+                let (rla_cfg, lowering) = (self.rla_config(), self.rla_lowering(platform));
+                let (swa, rla) = crate::attention::local_attention_seq(
+                    b,
+                    (qr, kr),
+                    (q, k, v),
+                    &rla_cfg,
+                    lowering,
+                    s,
+                )?;
+                let norm = cfg.rla.norm;
+                return Ok((
+                    mix_local(b, p, prefix, swa, rla.o, norm)?,
+                    Some(rla.final_state),
+                ));
+            }
+        }
         let swa = {
             let _s = b.name_scope("swa");
-            let qr = b.mul(rope(b, qn, pos, cfg.rope_theta)?, inv_sqrt_h)?;
-            let kr = rope(b, kn, pos, cfg.rope_theta)?;
             attend(qr, kr, v, Some(cfg.window))?
         };
         if !attn.has_rla() {

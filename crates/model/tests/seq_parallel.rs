@@ -17,20 +17,9 @@ use std::collections::HashMap;
 mod common;
 use common::{load_model, max_rel, rand};
 
-const DEVICES: usize = 8;
-
-fn client() -> &'static pjrt::Client {
-    static C: std::sync::OnceLock<pjrt::Client> = std::sync::OnceLock::new();
-    C.get_or_init(|| {
-        let c = pjrt::Client::new(
-            &pjrt::cpu_plugin().expect("CPU plugin"),
-            &[("cpu_device_count", pjrt::NamedValue::I64(DEVICES as i64))],
-        )
-        .expect("client");
-        pallas_port::register_cpu_kernels(&c).expect("register RLA kernels");
-        c
-    })
-}
+#[path = "../../pallas-port/tests/common/spmd.rs"]
+mod spmd;
+use spmd::DEVICES;
 
 const D: AttnDims = AttnDims {
     b: 2,
@@ -117,50 +106,15 @@ fn run(
             .unwrap();
     }
     let comp = b.build(root).unwrap();
-    let client = client();
-    let options = if n > 1 {
-        pjrt::CompileOptions {
-            device_assignment: Some(vec![(0..n as i64).collect()]),
-            ..pjrt::CompileOptions::spmd(n)
-        }
-    } else {
-        pjrt::CompileOptions::default()
-    };
-    let exe = client
-        .compile(pjrt::Program::Hlo(&comp.to_bytes()), &options)
-        .expect("compile");
-    let hlo = hlo_builder::print_module_bytes(&exe.optimized_program().unwrap()).unwrap();
-    let devices = client.addressable_devices().unwrap();
-    let mut lists: Vec<Vec<pjrt::Buffer>> = (0..n).map(|_| Vec::new()).collect();
-    for (data, d) in inputs.iter().zip(&dims) {
-        let pieces = sh.split_host(data, d, n).unwrap();
-        let piece: Vec<i64> = sh
-            .shard_dims(d)
-            .unwrap()
-            .iter()
-            .map(|&x| x as i64)
-            .collect();
-        for (dev, x) in pieces.iter().enumerate() {
-            lists[dev].push(
-                client
-                    .buffer_from_host(x, &piece, Some(&devices[dev]))
-                    .unwrap(),
-            );
-        }
-    }
-    let refs: Vec<Vec<&pjrt::Buffer>> = lists.iter().map(|l| l.iter().collect()).collect();
-    let outs = exe.execute_sharded(&refs).expect("execute");
-    let out_dims = [qd, qd, kd, kd];
-    let res = (0..4)
-        .map(|i| {
-            let pieces: Vec<Vec<f32>> = outs
-                .iter()
-                .map(|l| l[i].to_host::<f32>().unwrap())
-                .collect();
-            sh.assemble_host(&pieces, &out_dims[i]).unwrap()
-        })
+    let exe = spmd::compile(&comp, n);
+    let ins: Vec<(&[f32], &[usize], &Sharding)> = inputs
+        .iter()
+        .zip(&dims)
+        .map(|(x, d)| (x.as_slice(), d.as_slice(), &sh))
         .collect();
-    (res, hlo)
+    let out_dims = [qd, qd, kd, kd];
+    let outs: Vec<(&[usize], &Sharding)> = out_dims.iter().map(|d| (d.as_slice(), &sh)).collect();
+    (spmd::run(&exe, n, &ins, &outs), spmd::optimized_hlo(&exe))
 }
 
 /// Runs `attn` with `window` on the mesh and on 1 device; asserts the agreement and returns the
@@ -277,4 +231,107 @@ fn global_layer_over_sequence_shards_equals_one_device() {
         "keys and values are not gathered"
     );
     check(Attention::Global, 8, (2, 4), Lowering::CustomCall);
+}
+
+/// (swa, rla o, rla final_state, and the gradients of sq, sk, q, k, v) of
+/// `sum(swa · w1) + sum(rla · w2)` on 8 sequence shards, built with one region for SWA and RLA
+/// (`shared`, [`model::attention::local_attention_seq`]) or with two, and the optimized HLO.
+fn swa_and_rla(window: usize, shared: bool) -> (Vec<Vec<f32>>, String) {
+    let sh = Sharding::tiled(&[1, 8, 1, 1]);
+    let cfg = pallas_port::RlaConfig {
+        window,
+        sub_chunk: 4,
+        chunk: 8,
+        feature_map: FeatureMap::Softmax,
+    };
+    let lowering = pallas_port::Lowering::CustomCall;
+    let qd = [D.b, D.t, D.n, D.h];
+    let kd = [D.b, D.t, D.g, D.h];
+    let dims = [qd, kd, qd, kd, kd, qd, qd];
+    let b = Builder::new("swa_and_rla");
+    let p: Vec<Op> = dims
+        .iter()
+        .zip(["sq", "sk", "q", "k", "v", "w1", "w2"])
+        .map(|(d, n)| {
+            let d: Vec<i64> = d.iter().map(|&x| x as i64).collect();
+            let x = b
+                .parameter(hlo_builder::Shape::array(ElementType::F32, &d), n)
+                .unwrap();
+            b.set_sharding(x, sh.clone()).unwrap();
+            x
+        })
+        .collect();
+    let (swa, rla) = if shared {
+        model::attention::local_attention_seq(
+            &b,
+            (p[0], p[1]),
+            (p[2], p[3], p[4]),
+            &cfg,
+            lowering,
+            &sh,
+        )
+        .unwrap()
+    } else {
+        (
+            model::attention::causal_attention_seq(&b, p[0], p[1], p[4], Some(window), &sh)
+                .unwrap(),
+            pallas_port::rla_in_region(&b, (p[2], p[3], p[4]), &cfg, lowering, &sh).unwrap(),
+        )
+    };
+    let all = [0, 1, 2, 3];
+    let l = b
+        .add(
+            b.reduce_sum(b.mul(swa, p[5]).unwrap(), &all).unwrap(),
+            b.reduce_sum(b.mul(rla.o, p[6]).unwrap(), &all).unwrap(),
+        )
+        .unwrap();
+    let g = b.grad(l, &p[..5]).unwrap();
+    let st = pallas_port::seq::derived_sharding(&sh, &[Some(0), Some(2), None, None]);
+    let mut outs = vec![swa, rla.o, rla.final_state];
+    outs.extend(&g);
+    let root = b.tuple(&outs).unwrap();
+    let mut layouts = vec![sh.clone(), sh.clone(), st.clone()];
+    layouts.extend(std::iter::repeat_n(sh.clone(), 5));
+    b.set_sharding(root, Sharding::Tuple(layouts.clone()))
+        .unwrap();
+    let exe = spmd::compile(&b.build(root).unwrap(), DEVICES);
+    let inputs: Vec<Vec<f32>> = dims
+        .iter()
+        .enumerate()
+        .map(|(i, d)| rand(d.iter().product(), 300 + i as u64, 1.0))
+        .collect();
+    let ins: Vec<(&[f32], &[usize], &Sharding)> = inputs
+        .iter()
+        .zip(&dims)
+        .map(|(x, d)| (x.as_slice(), d.as_slice(), &sh))
+        .collect();
+    let fs = [D.b, D.g, 2 * D.h, D.h];
+    let out_dims: Vec<&[usize]> = vec![&qd, &qd, &fs, &qd, &kd, &qd, &kd, &kd];
+    let outs: Vec<(&[usize], &Sharding)> = out_dims.into_iter().zip(&layouts).collect();
+    (
+        spmd::run(&exe, DEVICES, &ins, &outs),
+        spmd::optimized_hlo(&exe),
+    )
+}
+
+#[test]
+fn one_halo_exchange_per_local_layer_equals_two_regions_bit_for_bit() {
+    // W = 3 (halo within one 4-token shard) and 13 (over 4 shards).
+    for window in [3, 13] {
+        let (one, hlo_one) = swa_and_rla(window, true);
+        let (two, hlo_two) = swa_and_rla(window, false);
+        let names = ["swa", "rla", "final_state", "dsq", "dsk", "dq", "dk", "dv"];
+        for ((a, b), name) in one.iter().zip(&two).zip(names) {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "W={window}: {name} differs between one and two regions");
+            assert!(a.iter().any(|&x| x != 0.0), "{name} is all zero");
+        }
+        let permutes = |h: &str| h.matches(" collective-permute(").count();
+        eprintln!(
+            "W={window}: one region {} collective-permutes, two regions {} (forward + backward)",
+            permutes(&hlo_one),
+            permutes(&hlo_two)
+        );
+        assert!(permutes(&hlo_one) < permutes(&hlo_two));
+    }
 }

@@ -371,9 +371,25 @@ pub fn rla_in_region(
         let _m = b.manual_scope();
         match &seq {
             None => rla_with_state(b, ql, kl, vl, cfg, lowering)?,
-            Some(seq) => rla_seq_shard(b, seq, (ql, kl, vl), d.seq, cfg, lowering)?,
+            Some(seq) => rla_seq_shard(b, seq, (ql, kl, vl), d.seq, cfg, lowering, None)?,
         }
     };
+    rla_region_outputs(b, local, qkv, &d)
+}
+
+/// The full values of a region's per-device RLA outputs `local` (made inside the manual scope
+/// of q/k/v laid out by `qkv`, RLA dims `d` of the full arrays): o like q, chunk_states and
+/// final_state cut by batch and heads (and the chunk_states by the sequence shards), copies
+/// elsewhere. Call it outside the manual scope.
+pub fn rla_region_outputs(
+    b: &Builder,
+    local: RlaOutputs,
+    qkv: &Sharding,
+    d: &RlaDims,
+) -> Result<RlaOutputs> {
+    let tiles = qkv
+        .tiles_per_dim(4)
+        .map_err(|e| b.error("rla_in_region", format!("q/k/v sharding: {}", e.message)))?;
     let full = |op: Op| -> Result<Vec<i64>> { Ok(b.shape(op)?.dims().to_vec()) };
     let mut cs_full = full(local.chunk_states)?;
     cs_full[0] *= tiles[0] as i64;
@@ -395,19 +411,30 @@ pub fn rla_in_region(
     })
 }
 
+/// The number of tokens before a sequence shard whose keys and values [`rla_seq_shard`] needs
+/// from the earlier shards: the shift W (capped at the sequence length `t`), at most the
+/// (S − 1)·`tl` tokens of the shards before the last (S shards of `tl` tokens).
+pub fn rla_halo_len(cfg: &RlaConfig, t: usize, shards: usize, tl: usize) -> usize {
+    cfg.window.min(t).min(shards.saturating_sub(1) * tl)
+}
+
 fn dims_i64(v: &[usize]) -> Vec<i64> {
     v.iter().map(|&x| x as i64).collect()
 }
 
 /// One sequence shard of RLA, inside the manual scope (see [`rla_in_region`]): q `[B,Tl,N,H]`,
-/// k, v `[B,Tl,G,H]` of the shard, `t` the full sequence length.
-fn rla_seq_shard(
+/// k, v `[B,Tl,G,H]` of the shard, `t` the full sequence length. `halo` is the keys and values
+/// `[B,L,G,H]` of the L = [`rla_halo_len`] tokens before the shard, when the caller has already
+/// exchanged them (a local layer shares one exchange between SWA and RLA); `None` exchanges them
+/// here (`collective-permute`).
+pub fn rla_seq_shard(
     b: &Builder,
     seq: &SeqShards,
     (q, k, v): (Op, Op, Op),
     t: usize,
     cfg: &RlaConfig,
     lowering: Lowering,
+    halo: Option<(Op, Op)>,
 ) -> Result<RlaOutputs> {
     let kd = b.shape(k)?.dims().to_vec();
     let (bs, tl, g, h) = (kd[0], kd[1] as usize, kd[2], kd[3]);
@@ -417,23 +444,45 @@ fn rla_seq_shard(
     // Shifting by ≥ T leaves nothing: the shift is capped at T, the halo at the S − 1 shards
     // before the last.
     let shift = cfg.window.min(t);
-    let halo = shift.min((s - 1) * tl);
-    let shifted = |x: Op| -> Result<Op> {
+    let hl = rla_halo_len(cfg, t, s, tl);
+    let halos = match halo {
+        Some((hk, hv)) => {
+            for (x, what) in [(hk, "k"), (hv, "v")] {
+                let got = b.shape(x)?.dims().to_vec();
+                if got != [bs, hl as i64, g, h] {
+                    return Err(b.error(
+                        "rla_seq_shard",
+                        format!(
+                            "the {what} halo must be [B, L, G, H] = [{bs}, {hl}, {g}, {h}] \
+                             (L = min(W, T, (S − 1)·T/S)), got {got:?}"
+                        ),
+                    ));
+                }
+            }
+            Some((hk, hv))
+        }
+        None if hl > 0 => Some((seq.halo(b, k, 1, hl)?, seq.halo(b, v, 1, hl)?)),
+        None => None,
+    };
+    let shifted = |x: Op, before: Option<Op>| -> Result<Op> {
         if shift == 0 {
             return Ok(x);
         }
         let mut parts = Vec::new();
-        if shift > halo {
+        if shift > hl {
             let ty = b.shape(x)?.ty().unwrap_or(ElementType::F32);
-            parts.push(b.zeros(ty, &[bs, (shift - halo) as i64, g, h])?);
+            parts.push(b.zeros(ty, &[bs, (shift - hl) as i64, g, h])?);
         }
-        if halo > 0 {
-            parts.push(seq.halo(b, x, 1, halo)?);
+        if let Some(p) = before {
+            parts.push(p);
         }
         parts.push(x);
         b.slice_in_dim(b.concatenate(&parts, 1)?, 0, tl as i64, 1)
     };
-    let (ks, vs) = (shifted(k)?, shifted(v)?);
+    let (ks, vs) = (
+        shifted(k, halos.map(|h| h.0))?,
+        shifted(v, halos.map(|h| h.1))?,
+    );
     let cfg0 = RlaConfig { window: 0, ..*cfg };
     let out = rla_with_state(b, q, ks, vs, &cfg0, lowering)?;
     // This shard's state contribution Σ_j φ(k̃_j)ᵀ ṽ_j  [B, G, 2H, H].

@@ -30,4 +30,7 @@ pub mod seq;
 pub use config::{FeatureMap, RlaConfig, RlaDims, RlaError};
 pub use feature::feature_map;
 pub use ffi::{kernels_registered, register_cpu_kernels};
-pub use graph::{rla, rla_in_region, rla_with_state, Lowering, RlaOutputs};
+pub use graph::{
+    rla, rla_halo_len, rla_in_region, rla_region_outputs, rla_seq_shard, rla_with_state, Lowering,
+    RlaOutputs,
+};

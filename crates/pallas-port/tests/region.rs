@@ -8,7 +8,7 @@ use pallas_port::{rla_in_region, rla_with_state, FeatureMap, Lowering, RlaConfig
 
 mod common;
 
-use common::{f32_shape, rel_err, Rng};
+use common::{f32_shape, rel_err, spmd, Rng};
 
 const DEVICES: usize = 4;
 
@@ -59,66 +59,22 @@ fn run(
             .unwrap();
     }
     let comp = b.build(root).unwrap();
-    let client = pjrt::Client::cpu().expect("CPU plugin");
-    pallas_port::register_cpu_kernels(&client).expect("register RLA kernels");
     let n = if sharded { DEVICES } else { 1 };
-    let options = if sharded {
-        pjrt::CompileOptions {
-            device_assignment: Some(vec![(0..n as i64).collect()]),
-            ..pjrt::CompileOptions::spmd(n)
-        }
+    let exe = spmd::compile(&comp, n);
+    let sh = if sharded {
+        s.clone()
     } else {
-        pjrt::CompileOptions::default()
+        Sharding::Replicated
     };
-    let exe = client
-        .compile(pjrt::Program::Hlo(&comp.to_bytes()), &options)
-        .expect("compile");
-    let devices = client.addressable_devices().unwrap();
     // One argument list per device, each holding only that device's piece.
-    let mut lists: Vec<Vec<pjrt::Buffer>> = (0..n).map(|_| Vec::new()).collect();
-    for (data, d) in inputs.iter().zip(dims) {
-        let sh = if sharded {
-            s.clone()
-        } else {
-            Sharding::Replicated
-        };
-        let pieces = sh.split_host(data, d, n).unwrap();
-        let piece_dims: Vec<i64> = sh
-            .shard_dims(d)
-            .unwrap()
-            .iter()
-            .map(|&x| x as i64)
-            .collect();
-        for (dev, piece) in pieces.iter().enumerate() {
-            let buf = client
-                .buffer_from_host(piece, &piece_dims, Some(&devices[dev]))
-                .unwrap();
-            assert_eq!(
-                buf.dims().unwrap(),
-                piece_dims,
-                "device {dev} gets its piece only"
-            );
-            lists[dev].push(buf);
-        }
-    }
-    let refs: Vec<Vec<&pjrt::Buffer>> = lists.iter().map(|l| l.iter().collect()).collect();
-    let outs = exe.execute_sharded(&refs).expect("execute");
+    let ins: Vec<(&[f32], &[usize], &Sharding)> = inputs
+        .iter()
+        .zip(dims)
+        .map(|(x, d)| (x.as_slice(), d.as_slice(), &sh))
+        .collect();
     let out_dims = [dims[0], dims[0], dims[1], dims[2]];
-    (0..4)
-        .map(|i| {
-            let pieces: Vec<Vec<f32>> = outs
-                .iter()
-                .map(|l| l[i].to_host::<f32>().unwrap())
-                .collect();
-            let sh = if sharded {
-                s.clone()
-            } else {
-                Sharding::Replicated
-            };
-            sh.assemble_host(&pieces[..n.min(pieces.len())], &out_dims[i])
-                .unwrap()
-        })
-        .collect()
+    let outs: Vec<(&[usize], &Sharding)> = out_dims.iter().map(|d| (d.as_slice(), &sh)).collect();
+    spmd::run(&exe, n, &ins, &outs)
 }
 
 fn check(lowering: Lowering) {

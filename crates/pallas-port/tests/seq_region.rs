@@ -10,22 +10,9 @@ use pallas_port::{rla_in_region, rla_with_state, FeatureMap, Lowering, RlaConfig
 
 mod common;
 
-use common::{f32_shape, rel_err, Rng};
+use common::{f32_shape, rel_err, spmd, Rng};
 
-const DEVICES: usize = 8;
-
-fn client() -> &'static pjrt::Client {
-    static C: std::sync::OnceLock<pjrt::Client> = std::sync::OnceLock::new();
-    C.get_or_init(|| {
-        let c = pjrt::Client::new(
-            &pjrt::cpu_plugin().expect("CPU plugin"),
-            &[("cpu_device_count", pjrt::NamedValue::I64(DEVICES as i64))],
-        )
-        .expect("client");
-        pallas_port::register_cpu_kernels(&c).expect("register RLA kernels");
-        c
-    })
-}
+use spmd::DEVICES;
 
 /// (o, dq, dk, dv, final_state) of `sum(o · w)` built in a region laid out by `s` on 8
 /// devices, or without one on 1 device (`s = None`).
@@ -71,53 +58,23 @@ fn run(
         .unwrap();
     }
     let comp = b.build(root).unwrap();
-    let client = client();
     let n = if s.is_some() { DEVICES } else { 1 };
-    let options = if n > 1 {
-        pjrt::CompileOptions {
-            device_assignment: Some(vec![(0..n as i64).collect()]),
-            ..pjrt::CompileOptions::spmd(n)
-        }
-    } else {
-        pjrt::CompileOptions::default()
-    };
-    let exe = client
-        .compile(pjrt::Program::Hlo(&comp.to_bytes()), &options)
-        .expect("compile");
-    let hlo = hlo_builder::print_module_bytes(&exe.optimized_program().unwrap()).unwrap();
-    let devices = client.addressable_devices().unwrap();
+    let exe = spmd::compile(&comp, n);
+    let hlo = spmd::optimized_hlo(&exe);
     let sh = s.cloned().unwrap_or(Sharding::Replicated);
-    let mut lists: Vec<Vec<pjrt::Buffer>> = (0..n).map(|_| Vec::new()).collect();
-    for (data, dd) in inputs.iter().zip(&dims) {
-        let pieces = sh.split_host(data, dd, n).unwrap();
-        let piece_dims: Vec<i64> = sh
-            .shard_dims(dd)
-            .unwrap()
-            .iter()
-            .map(|&x| x as i64)
-            .collect();
-        for (dev, piece) in pieces.iter().enumerate() {
-            let buf = client
-                .buffer_from_host(piece, &piece_dims, Some(&devices[dev]))
-                .unwrap();
-            lists[dev].push(buf);
-        }
-    }
-    let refs: Vec<Vec<&pjrt::Buffer>> = lists.iter().map(|l| l.iter().collect()).collect();
-    let outs = exe.execute_sharded(&refs).expect("execute");
-    let out_dims = [qd, qd, kd, kd, d.final_state_shape()];
     let st = state_sh.unwrap_or(Sharding::Replicated);
-    let res = (0..5)
-        .map(|i| {
-            let pieces: Vec<Vec<f32>> = outs
-                .iter()
-                .map(|l| l[i].to_host::<f32>().unwrap())
-                .collect();
-            let shi = if i == 4 { &st } else { &sh };
-            shi.assemble_host(&pieces, &out_dims[i]).unwrap()
-        })
+    let ins: Vec<(&[f32], &[usize], &Sharding)> = inputs
+        .iter()
+        .zip(&dims)
+        .map(|(x, d)| (x.as_slice(), d.as_slice(), &sh))
         .collect();
-    (res, hlo)
+    let out_dims = [qd, qd, kd, kd, d.final_state_shape()];
+    let outs: Vec<(&[usize], &Sharding)> = out_dims
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.as_slice(), if i == 4 { &st } else { &sh }))
+        .collect();
+    (spmd::run(&exe, n, &ins, &outs), hlo)
 }
 
 /// Checks one layout and window against the f64 formulas and the 1-device program; returns

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use hlo_builder::{Builder, ElementType, Op, Shape};
+
+pub mod spmd;
 use pallas_port::{kernel, RlaConfig, RlaDims};
 
 /// Deterministic splitmix64-based generator of f32 values in [-scale, scale).
