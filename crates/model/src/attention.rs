@@ -201,8 +201,9 @@ pub fn causal_attention_seq(
 /// instead of four); SWA's banded blocks and RLA's shifted blocks then read their parts of it.
 /// Requires W + 1 < T (else SWA is global: use the two separate regions).
 ///
-/// Returns SWA's output `[B,T,N,H]` and RLA's outputs (full values), equal to the separate
-/// regions' bit for bit.
+/// Returns SWA's output `[B,T,N,H]` and RLA's outputs (full values), the separate regions'
+/// bit for bit; in the backward pass the two cotangents of v's halo are added before they
+/// travel back (the separate regions add them after), so dv may differ in the last bit.
 pub fn local_attention_seq(
     b: &Builder,
     (sq, sk): (Op, Op),
@@ -232,7 +233,8 @@ pub fn local_attention_seq(
     let (ql, kl, vl) = (enter(q)?, enter(k)?, enter(v)?);
     let (swa, local) = {
         let _m = b.manual_scope();
-        let (bs, tl, n, h) = (qd[0], dims(b, ql)?[1], dims(b, ql)?[2], qd[3]);
+        let ld = dims(b, ql)?;
+        let (bs, tl, n, h) = (ld[0], ld[1], ld[2], ld[3]);
         let g = dims(b, kl)?[2];
         let hl = pallas_port::rla_halo_len(rla, d.seq, s, tl as usize) as i64;
         debug_assert_eq!(hl, w.min((s as i64 - 1) * tl));

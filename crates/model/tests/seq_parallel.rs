@@ -315,15 +315,23 @@ fn swa_and_rla(window: usize, shared: bool) -> (Vec<Vec<f32>>, String) {
 }
 
 #[test]
-fn one_halo_exchange_per_local_layer_equals_two_regions_bit_for_bit() {
+fn one_halo_exchange_per_local_layer_equals_two_regions() {
     // W = 3 (halo within one 4-token shard) and 13 (over 4 shards).
     for window in [3, 13] {
         let (one, hlo_one) = swa_and_rla(window, true);
         let (two, hlo_two) = swa_and_rla(window, false);
         let names = ["swa", "rla", "final_state", "dsq", "dsk", "dq", "dk", "dv"];
-        for ((a, b), name) in one.iter().zip(&two).zip(names) {
+        for (i, ((a, b), name)) in one.iter().zip(&two).zip(names).enumerate() {
             let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same, "W={window}: {name} differs between one and two regions");
+            let e = max_rel(a, b);
+            eprintln!("W={window}: {name}: one vs two regions {e:.1e} (bit for bit: {same})");
+            // The forward moves the same values; the backward adds v's two halo cotangents
+            // (SWA's, RLA's) before the reversed permute instead of after: an fp32 reordering.
+            if i < 3 {
+                assert!(same, "W={window}: {name} differs between one and two regions");
+            } else {
+                assert!(e <= 1e-6, "W={window}: {name} differs by {e:e}");
+            }
             assert!(a.iter().any(|&x| x != 0.0), "{name} is all zero");
         }
         let permutes = |h: &str| h.matches(" collective-permute(").count();
