@@ -2,8 +2,11 @@
 //! after XLA's optimizations, named like XLA's `--xla_dump_to`, plus a summary of the model's size,
 //! FLOPs, compiled memory, KV-cache / RLA-state bytes against the SWA and full-attention baselines,
 //! and the `[mesh]`: its sizes, rules and the train state's bytes per device under it (computed
-//! from the parameters' shardings; the modules are compiled for one device, `rattn train` runs
-//! sharded).
+//! from the parameters' shardings). On a mesh of N > 1 devices the train step is traced with its
+//! sharding annotations and compiled as `rattn train` compiles it (SPMD over N devices, on a
+//! client with N devices: `cpu_device_count = N` on the CPU plugin); its after-optimization files
+//! are then one device's partitioned program, and the summary lists the collectives in it. The
+//! decode step is compiled for one device.
 //!
 //! Tracing, compiling on the `--plugin` client and writing the modules go through
 //! [`crate::inspect`], the path `rattn compile` takes too; the numbers of the model come from
@@ -11,7 +14,7 @@
 
 use crate::config::RunConfig;
 use crate::inspect::{units, Compiler, Dump, Format, MemoryReport, Module};
-use crate::{runtime, step};
+use crate::{spmd, step};
 use anyhow::{Context, Result};
 use model::config::Dtype;
 use model::{CacheBytes, Costs, Flops, MeshAxis, Model};
@@ -48,6 +51,30 @@ pub struct ModuleDump {
     pub files: Vec<PathBuf>,
     /// Compiled memory per device, or why there is none.
     pub memory: Result<MemoryReport, String>,
+    /// Devices the module was compiled for (its partitions; 1 without a mesh).
+    pub devices: usize,
+    /// Collectives in the optimized program (`all-gather`, `all-reduce`, `reduce-scatter`,
+    /// `collective-permute`, `all-to-all`; async `-start` forms counted with their op), by kind;
+    /// empty when not compiled or when there are none.
+    pub collectives: BTreeMap<String, usize>,
+}
+
+/// The collective ops of an HLO text, by kind (an async `-start` counts once, with its op).
+pub fn count_collectives(hlo: &str) -> BTreeMap<String, usize> {
+    [
+        "all-gather",
+        "all-reduce",
+        "reduce-scatter",
+        "collective-permute",
+        "all-to-all",
+    ]
+    .iter()
+    .map(|k| {
+        let n = hlo.matches(&format!(" {k}(")).count() + hlo.matches(&format!(" {k}-start(")).count();
+        (k.to_string(), n)
+    })
+    .filter(|(_, n)| *n > 0)
+    .collect()
 }
 
 /// Cache numbers of one model against its baselines.
@@ -177,21 +204,36 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Both stages of a module in both formats.
 const FORMATS: &[Format] = &[Format::Text, Format::Proto];
 
-/// Write one module's files; compile it when `client` is given (with its lower-case platform).
-fn dump_module(out: &Path, module: &Module, client: Option<(&Client, &str)>) -> Result<ModuleDump> {
+/// Write one module's files; compile it when `client` is given (with its lower-case platform),
+/// for the devices of `placement` (one device when `None`).
+fn dump_module(
+    out: &Path,
+    module: &Module,
+    client: Option<(&Client, &str)>,
+    placement: Option<&spmd::Placement>,
+) -> Result<ModuleDump> {
     let dump = Dump {
         dir: out,
         formats: FORMATS,
     };
     let mut files = dump.before(module)?;
+    let devices = placement.map_or(1, spmd::Placement::len);
+    let mut collectives = BTreeMap::new();
     let memory = match client {
         None => Err("not compiled (--no-compile)".to_string()),
         Some((client, platform)) => {
-            let compiled = module
-                .compile(Compiler::Client(client))
+            let compilation = match placement {
+                Some(p) => module.compile_with(Compiler::Client(client), &p.compile_options()),
+                None => module.compile(Compiler::Client(client)),
+            };
+            let compiled = compilation
                 .result
-                .with_context(|| format!("compiling {}", module.comp.name()))?;
+                .with_context(|| {
+                    format!("compiling {} for {devices} device(s)", module.comp.name())
+                })?;
             files.extend(dump.after(module, platform, &compiled)?);
+            let proto = compiled.optimized_program()?;
+            collectives = count_collectives(&hlo_builder::print_module_bytes(&proto)?);
             compiled.memory().map_err(|e| format!("unavailable: {e}"))
         }
     };
@@ -200,6 +242,8 @@ fn dump_module(out: &Path, module: &Module, client: Option<(&Client, &str)>) -> 
         instructions: module.instructions(),
         files,
         memory,
+        devices,
+        collectives,
     })
 }
 
@@ -213,12 +257,19 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
         anyhow::bail!("--context must be > 0");
     }
     let mesh = mesh_report(cfg, &model, opts.devices)?;
+    let train_mesh = cfg.mesh.resolve(mesh.devices)?;
+    // The model's checks under the mesh (T divisible by seq, …) before anything is written.
+    Model::new(cfg.model.clone())?.with_mesh(train_mesh.clone())?;
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create dump dir {}", opts.out.display()))?;
     let client = if opts.compile {
-        Some(runtime::open_client(opts.plugin.as_deref())?)
+        Some(spmd::open_client(opts.plugin.as_deref(), mesh.devices)?)
     } else {
         None
+    };
+    let placement = match &client {
+        Some(c) if mesh.devices > 1 => Some(spmd::Placement::new(c, mesh.devices)?),
+        _ => None,
     };
     let platform = match &client {
         Some(c) => Some(c.platform_name()?.to_lowercase()),
@@ -227,14 +278,15 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
     let compile_on = client.as_ref().zip(platform.as_deref());
     // Without a client (`--no-compile`) the graph targets no platform: RLA `auto` lowers to HLO.
     let train = Module::trace(0, "train_step", || {
-        step::build_train_step(
-            cfg,
-            platform.as_deref().unwrap_or(""),
-            &model::Mesh::single(),
-        )
-        .context("building the train step")
+        step::build_train_step(cfg, platform.as_deref().unwrap_or(""), &train_mesh)
+            .context("building the train step")
     })?;
-    let mut modules = vec![dump_module(&opts.out, &train, compile_on)?];
+    let mut modules = vec![dump_module(
+        &opts.out,
+        &train,
+        compile_on,
+        placement.as_ref(),
+    )?];
     drop(train);
     // The decode step at batch 1 with a cache of `context` tokens.
     let decode = Module::trace(1, "decode_step", || {
@@ -242,7 +294,7 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
             .decode_step(1, context)
             .context("building the decode step")
     })?;
-    modules.push(dump_module(&opts.out, &decode, compile_on)?);
+    modules.push(dump_module(&opts.out, &decode, compile_on, None)?);
     drop(decode);
     let costs = model.costs(context);
     let summary = Summary {
@@ -301,6 +353,24 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
                 "  remat: {} (what the backward pass keeps: none = everything, layer_inputs = \
                  each layer's input, the blocks are traced again)",
                 s.remat
+            );
+        }
+        if md.devices > 1 {
+            let kinds: Vec<String> = md
+                .collectives
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            let _ = writeln!(
+                o,
+                "  SPMD over {} devices; the after-optimization files and the memory are one \
+                 device's partitioned program; collectives: {}",
+                md.devices,
+                if kinds.is_empty() {
+                    "none".to_string()
+                } else {
+                    kinds.join(", ")
+                }
             );
         }
         match &md.memory {
@@ -371,8 +441,13 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
     let mr = &s.mesh;
     let _ = writeln!(
         o,
-        "mesh: {} (device order data, fsdp, seq, tensor; `rattn train` runs on it, dump compiles for 1 device)",
-        mr.text
+        "mesh: {} (device order data, fsdp, seq, tensor; `rattn train` runs on it{})",
+        mr.text,
+        if mr.devices > 1 {
+            ", and dump compiles the train step for it"
+        } else {
+            ""
+        }
     );
     let rules: Vec<String> = mr
         .rules
@@ -476,5 +551,79 @@ mod tests {
             .map(|s| s.numel() as u64)
             .sum();
         assert_eq!(m.matmul_params(), all - norms - 32768 * 5120);
+    }
+
+    /// A dump of the tiny model (2 layers, T = 64, batch 8) on `mesh` into a fresh directory.
+    fn tiny_dump(name: &str, mesh: &[&str]) -> (Summary, String, PathBuf) {
+        let mut o: Vec<String> = [
+            "model.seq_len=64",
+            "model.layers=2",
+            "model.layer_pattern=\"1:1\"",
+            "train.batch=8",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        o.extend(mesh.iter().map(|s| s.to_string()));
+        let cfg = RunConfig::load(
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/tiny.toml")),
+            &o,
+        )
+        .unwrap();
+        let out = std::env::temp_dir().join(format!("rattn-dump-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let opts = DumpOptions {
+            out: out.clone(),
+            context: None,
+            compile: true,
+            plugin: None,
+            devices: None,
+        };
+        let (s, text) = dump(&cfg, &opts).unwrap();
+        (s, text, out)
+    }
+
+    /// `rattn dump` on fsdp 4 × seq 2 (8 CPU devices, `cpu_device_count = 8`): the train step is
+    /// the SPMD-partitioned per-device program, its arguments a fraction of the 1-device step's,
+    /// and the summary names the mesh and the collectives the optimized program holds.
+    #[test]
+    fn a_dump_on_a_mesh_writes_the_partitioned_per_device_program() {
+        let (one, _, dir1) = tiny_dump("one", &[]);
+        let (s, text, dir) = tiny_dump("fsdp4-seq2", &["mesh.fsdp=4", "mesh.seq=2"]);
+        print!("{text}");
+        let (t1, t8) = (&one.modules[0], &s.modules[0]);
+        assert_eq!((t1.devices, t8.devices), (1, 8));
+        assert!(t1.collectives.is_empty(), "{:?}", t1.collectives);
+        let (a1, a8) = (
+            t1.memory.as_ref().unwrap().argument_bytes,
+            t8.memory.as_ref().unwrap().argument_bytes,
+        );
+        eprintln!("train step arguments: {a8} B per device on 8, {a1} B on 1");
+        // fsdp 4 cuts every embed dim in 4 (and the tokens in 4), seq 2 cuts nothing it holds.
+        assert!(4 * a8 <= a1 + 4 * 4096, "{a8} B per device vs {a1} B");
+        // fsdp gathers parameters and reduces gradients; seq exchanges the halo and gathers
+        // the global layer's keys and values.
+        for kind in ["all-gather", "collective-permute"] {
+            assert!(t8.collectives.contains_key(kind), "{:?}", t8.collectives);
+        }
+        assert!(
+            t8.collectives.contains_key("all-reduce") || t8.collectives.contains_key("reduce-scatter"),
+            "{:?}",
+            t8.collectives
+        );
+        assert!(text.contains("mesh: 8 devices = data 1 × fsdp 4 × seq 2 × tensor 1"));
+        assert!(text.contains("SPMD over 8 devices") && text.contains("collective-permute"));
+        // The after-optimization text is one device's program: the batch of 8 is 2 there, the
+        // 64 tokens 32.
+        let after = std::fs::read_to_string(
+            dir.join("module_0000.train_step.cpu_after_optimizations.txt"),
+        )
+        .unwrap();
+        assert!(after.contains("s32[2,65]"), "the token batch is not cut");
+        assert!(after.contains("num_partitions=8") || after.contains("collective-permute"));
+        // The decode step stays a 1-device program.
+        assert_eq!(s.modules[1].devices, 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&dir1).unwrap();
     }
 }
