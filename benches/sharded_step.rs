@@ -1,0 +1,236 @@
+//! The sharded train step against the 1-device one on 8 CPU devices (the CPU plugin with
+//! `cpu_device_count = 8`, all in this process): issue 11's target is the sharded step's
+//! throughput within 20 % of the 1-device step on this machine. The 8 "devices" share the
+//! host's cores, so this measures the overhead of partitioning (collectives, smaller ops, the
+//! per-device dispatch), not a speed-up.
+//!
+//! Model: `configs/bench.toml` (d_model 256, 4 layers 3 local : 1 global, 4 heads / 2 kv heads,
+//! head dim 64, FFN 768) at T = 256, batch 8, W = 64. Meshes: 1 device; data 8; fsdp 8;
+//! tensor 2 × data 4 (2 kv heads allow at most tensor 2); seq 8 (32-token shards, the W = 64
+//! halo from 2 shards back); data 2 × seq 4; fsdp 4 × tensor 2. Each step is what `rattn train`
+//! runs: state donated and fed back, each device holding only its shard, the token batch split
+//! on the host.
+//!
+//! After criterion's runs one table prints wall and CPU ms per step (medians; CPU summed over
+//! all threads of the process) and each mesh's throughput relative to 1 device, with the load
+//! average beside it.
+//!
+//! `cargo bench -p rattention-benches --bench sharded_step` (add `-- --quick` for a short run;
+//! env `RATTN_BENCH_MESHES=data8,seq8` picks meshes by label).
+
+use std::cell::RefCell;
+use std::path::Path;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion};
+use model::{init_param, Model};
+use pjrt::{Buffer, Client, CompileOptions, LoadedExecutable, NamedValue, Program};
+use rattention_benches::{load, ratio_table, Row, Timings};
+use trainer::config::RunConfig;
+use trainer::step::{build_train_step, state_tensors, StepIo, StepShardings};
+
+const DEVICES: usize = 8;
+const T: usize = 256;
+const BATCH: usize = 8;
+
+/// Label and `[mesh]` overrides of each run.
+const MESHES: [(&str, &[&str]); 7] = [
+    ("1 device", &[]),
+    ("data8", &["mesh.data=8"]),
+    ("fsdp8", &["mesh.fsdp=8"]),
+    ("data4xtensor2", &["mesh.data=4", "mesh.tensor=2"]),
+    ("seq8", &["mesh.seq=8"]),
+    ("data2xseq4", &["mesh.data=2", "mesh.seq=4"]),
+    ("fsdp4xtensor2", &["mesh.fsdp=4", "mesh.tensor=2"]),
+];
+
+fn config(mesh: &[&str]) -> RunConfig {
+    let mut o: Vec<String> = vec![
+        format!("model.seq_len={T}"),
+        format!("train.batch={BATCH}"),
+        "model.window=64".into(),
+        "model.rla.chunk=32".into(),
+        "model.rla.sub_chunk=16".into(),
+    ];
+    o.extend(mesh.iter().map(|s| s.to_string()));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/bench.toml");
+    RunConfig::load(&path, &o).expect("configs/bench.toml")
+}
+
+/// One compiled step on `n` devices and its per-device state.
+struct Sharded {
+    exe: LoadedExecutable,
+    n: usize,
+    io: StepIo,
+    state: RefCell<Vec<Vec<Buffer>>>,
+    /// Per device: its piece of the tokens and of the weights, and their dims.
+    tokens: Vec<(Vec<i32>, Vec<i64>)>,
+    weights: Vec<(Vec<f32>, Vec<i64>)>,
+}
+
+fn setup(client: &Client, mesh: &[&str]) -> Sharded {
+    let cfg = config(mesh);
+    let n = cfg.mesh.fixed_device_count().unwrap().unwrap_or(1);
+    let m = cfg.mesh.resolve(n).expect("mesh");
+    let model = Model::new(cfg.model.clone())
+        .expect("model")
+        .with_mesh(m.clone())
+        .expect("model on the mesh");
+    let shardings = StepShardings::new(&cfg, &model, &m).expect("shardings");
+    let comp = build_train_step(&cfg, "cpu", &m).expect("train step");
+    let options = if n > 1 {
+        CompileOptions {
+            device_assignment: Some(vec![(0..n as i64).collect()]),
+            ..CompileOptions::spmd(n)
+        }
+    } else {
+        CompileOptions::default()
+    };
+    let exe = client
+        .compile(Program::Hlo(&comp.to_bytes()), &options)
+        .expect("compile");
+    let devices = client.addressable_devices().unwrap();
+    let tensors = state_tensors(model.param_specs());
+    let mut state: Vec<Vec<Buffer>> = (0..n).map(|_| Vec::new()).collect();
+    for (t, s) in tensors.iter().zip(&shardings.state) {
+        let host = if t.name.starts_with("params.") {
+            init_param(t.spec, 0)
+        } else {
+            vec![0.0; t.spec.numel()]
+        };
+        let pieces = s.sharding.split_host(&host, &t.spec.shape, n).unwrap();
+        let dims: Vec<i64> = s.shard_shape.iter().map(|&x| x as i64).collect();
+        for (d, p) in pieces.iter().enumerate() {
+            state[d].push(
+                client
+                    .buffer_from_host(p, &dims, Some(&devices[d]))
+                    .unwrap(),
+            );
+        }
+    }
+    let tok: Vec<i32> = (0..BATCH * (T + 1)).map(|i| (i * 7 % 256) as i32).collect();
+    let w = vec![1.0f32; BATCH * T];
+    let split = |dims: [usize; 2]| {
+        let piece: Vec<i64> = shardings
+            .tokens
+            .shard_dims(&dims)
+            .unwrap()
+            .iter()
+            .map(|&x| x as i64)
+            .collect();
+        piece
+    };
+    let tdims = split([BATCH, T + 1]);
+    let wdims = split([BATCH, T]);
+    let tokens = shardings
+        .tokens
+        .split_host(&tok, &[BATCH, T + 1], n)
+        .unwrap()
+        .into_iter()
+        .map(|p| (p, tdims.clone()))
+        .collect();
+    let weights = shardings
+        .tokens
+        .split_host(&w, &[BATCH, T], n)
+        .unwrap()
+        .into_iter()
+        .map(|p| (p, wdims.clone()))
+        .collect();
+    Sharded {
+        exe,
+        n,
+        io: StepIo::new(model.param_specs().len()),
+        state: RefCell::new(state),
+        tokens,
+        weights,
+    }
+}
+
+impl Sharded {
+    /// One train step: the state donated, its per-device outputs kept for the next.
+    fn step(&self, client: &Client) {
+        let devices = client.addressable_devices().unwrap();
+        let state = self.state.take();
+        let args: Vec<Vec<Buffer>> = state
+            .into_iter()
+            .enumerate()
+            .map(|(d, st)| {
+                let dev = Some(&devices[d]);
+                let step = client.buffer_from_host(&[1.0f32], &[], dev).unwrap();
+                let (tp, td) = &self.tokens[d];
+                let (wp, wd) = &self.weights[d];
+                let tok = client.buffer_from_host(tp, td, dev).unwrap();
+                let w = client.buffer_from_host(wp, wd, dev).unwrap();
+                self.io.arguments(st, step, tok, w)
+            })
+            .collect();
+        let outs = if self.n > 1 {
+            self.exe.execute_sharded_donating(args).unwrap()
+        } else {
+            let one = args.into_iter().next().unwrap();
+            vec![self.exe.execute_donating(one).unwrap()]
+        };
+        let mut next = Vec::with_capacity(self.n);
+        for (d, o) in outs.into_iter().enumerate() {
+            let out = self.io.outputs(o).unwrap();
+            if d == 0 {
+                out.loss.to_host::<f32>().unwrap();
+            }
+            next.push(out.state);
+        }
+        self.state.replace(next);
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(5))
+        .configure_from_args();
+    let pick: Option<Vec<String>> = std::env::var("RATTN_BENCH_MESHES")
+        .ok()
+        .map(|s| s.split(',').map(|x| x.trim().to_string()).collect());
+    let plugin = pjrt::cpu_plugin().expect("XLA CPU plugin (run `rattn plugin install cpu`)");
+    let client = Client::new(
+        &plugin,
+        &[("cpu_device_count", NamedValue::I64(DEVICES as i64))],
+    )
+    .expect("CPU client with 8 devices");
+    pallas_port::register_cpu_kernels(&client).expect("register the RLA FFI handlers");
+    let timings = Timings::default();
+    let mut rows = Vec::new();
+    let load_before = load();
+    let mut group = c.benchmark_group(format!("sharded_T{T}_B{BATCH}"));
+    for (label, mesh) in MESHES {
+        if label != "1 device" && pick.as_ref().is_some_and(|p| !p.iter().any(|x| x == label)) {
+            continue;
+        }
+        let s = setup(&client, mesh);
+        group.bench_function(BenchmarkId::from_parameter(label), |b| {
+            b.iter_custom(|iters| timings.time(label, iters, || s.step(&client)))
+        });
+        if let Some((wall_ms, cpu_ms)) = timings.median_ms(label) {
+            rows.push(Row {
+                label: label.into(),
+                wall_ms,
+                cpu_ms,
+            });
+        }
+    }
+    group.finish();
+    c.final_summary();
+    println!(
+        "{}",
+        ratio_table(
+            &format!(
+                "train step of configs/bench.toml, T={T} B={BATCH} W=64, on {DEVICES} CPU devices \
+                 (load {load_before} before, {} after)",
+                load()
+            ),
+            &rows,
+            (BATCH * T) as f64,
+            "1 device",
+        )
+    );
+}
