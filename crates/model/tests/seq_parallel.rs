@@ -328,7 +328,10 @@ fn one_halo_exchange_per_local_layer_equals_two_regions() {
             // The forward moves the same values; the backward adds v's two halo cotangents
             // (SWA's, RLA's) before the reversed permute instead of after: an fp32 reordering.
             if i < 3 {
-                assert!(same, "W={window}: {name} differs between one and two regions");
+                assert!(
+                    same,
+                    "W={window}: {name} differs between one and two regions"
+                );
             } else {
                 assert!(e <= 1e-6, "W={window}: {name} differs by {e:e}");
             }

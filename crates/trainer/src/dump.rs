@@ -70,7 +70,8 @@ pub fn count_collectives(hlo: &str) -> BTreeMap<String, usize> {
     ]
     .iter()
     .map(|k| {
-        let n = hlo.matches(&format!(" {k}(")).count() + hlo.matches(&format!(" {k}-start(")).count();
+        let n =
+            hlo.matches(&format!(" {k}(")).count() + hlo.matches(&format!(" {k}-start(")).count();
         (k.to_string(), n)
     })
     .filter(|(_, n)| *n > 0)
@@ -226,11 +227,9 @@ fn dump_module(
                 Some(p) => module.compile_with(Compiler::Client(client), &p.compile_options()),
                 None => module.compile(Compiler::Client(client)),
             };
-            let compiled = compilation
-                .result
-                .with_context(|| {
-                    format!("compiling {} for {devices} device(s)", module.comp.name())
-                })?;
+            let compiled = compilation.result.with_context(|| {
+                format!("compiling {} for {devices} device(s)", module.comp.name())
+            })?;
             files.extend(dump.after(module, platform, &compiled)?);
             let proto = compiled.optimized_program()?;
             collectives = count_collectives(&hlo_builder::print_module_bytes(&proto)?);
@@ -566,7 +565,10 @@ mod tests {
         .collect();
         o.extend(mesh.iter().map(|s| s.to_string()));
         let cfg = RunConfig::load(
-            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/tiny.toml")),
+            Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../configs/tiny.toml"
+            )),
             &o,
         )
         .unwrap();
@@ -607,7 +609,8 @@ mod tests {
             assert!(t8.collectives.contains_key(kind), "{:?}", t8.collectives);
         }
         assert!(
-            t8.collectives.contains_key("all-reduce") || t8.collectives.contains_key("reduce-scatter"),
+            t8.collectives.contains_key("all-reduce")
+                || t8.collectives.contains_key("reduce-scatter"),
             "{:?}",
             t8.collectives
         );
@@ -615,10 +618,9 @@ mod tests {
         assert!(text.contains("SPMD over 8 devices") && text.contains("collective-permute"));
         // The after-optimization text is one device's program: the batch of 8 is 2 there, the
         // 64 tokens 32.
-        let after = std::fs::read_to_string(
-            dir.join("module_0000.train_step.cpu_after_optimizations.txt"),
-        )
-        .unwrap();
+        let after =
+            std::fs::read_to_string(dir.join("module_0000.train_step.cpu_after_optimizations.txt"))
+                .unwrap();
         assert!(after.contains("s32[2,65]"), "the token batch is not cut");
         assert!(after.contains("num_partitions=8") || after.contains("collective-permute"));
         // The decode step stays a 1-device program.

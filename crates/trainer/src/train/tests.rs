@@ -239,7 +239,10 @@ fn a_sequence_parallel_step_holds_the_halo_and_gather_collectives() {
     // kv head and token; W = 16 is one shard back) and its transpose: 2 (the separate SWA and
     // RLA regions took 8). The global layer gathers k and v, the RLA prefix gathers the states.
     assert_eq!(ours.len(), 2, "{ours:#?}");
-    assert!(ours.iter().all(|l| l.contains("f32[4,16,2,48]")), "{ours:#?}");
+    assert!(
+        ours.iter().all(|l| l.contains("f32[4,16,2,48]")),
+        "{ours:#?}"
+    );
     assert!(gathers >= 3, "{gathers} all-gathers");
     assert!(hlo.contains("source_target_pairs={{0,1},{1,2},{2,3}}"));
     assert!(hlo.contains("rattention.rla_fwd") && hlo.contains("rattention.rla_bwd"));
@@ -509,4 +512,3 @@ fn resume_on_any_mesh_sees_the_same_batches() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
-
