@@ -5,8 +5,9 @@
 //! from the parameters' shardings). On a mesh of N > 1 devices the train step is traced with its
 //! sharding annotations and compiled as `rattn train` compiles it (SPMD over N devices, on a
 //! client with N devices: `cpu_device_count = N` on the CPU plugin); its after-optimization files
-//! are then one device's partitioned program, and the summary lists the collectives in it. The
-//! decode step is compiled for one device.
+//! are then one device's partitioned program, and the summary lists the collectives in it. With
+//! `--no-compile` the train step is traced for one device. The decode step is compiled for one
+//! device.
 //!
 //! Tracing, compiling on the `--plugin` client and writing the modules go through
 //! [`crate::inspect`], the path `rattn compile` takes too; the numbers of the model come from
@@ -275,9 +276,17 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
         None => None,
     };
     let compile_on = client.as_ref().zip(platform.as_deref());
+    // The train step is traced on the mesh when it is compiled for it; `--no-compile` keeps the
+    // 1-device trace (the mesh's numbers come from the shardings), so a mesh whose batch does
+    // not divide (12B at batch 1 on 16 devices) can still be sized.
+    let trace_mesh = if placement.is_some() {
+        train_mesh.clone()
+    } else {
+        model::Mesh::single()
+    };
     // Without a client (`--no-compile`) the graph targets no platform: RLA `auto` lowers to HLO.
     let train = Module::trace(0, "train_step", || {
-        step::build_train_step(cfg, platform.as_deref().unwrap_or(""), &train_mesh)
+        step::build_train_step(cfg, platform.as_deref().unwrap_or(""), &trace_mesh)
             .context("building the train step")
     })?;
     let mut modules = vec![dump_module(
@@ -442,8 +451,10 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
         o,
         "mesh: {} (device order data, fsdp, seq, tensor; `rattn train` runs on it{})",
         mr.text,
-        if mr.devices > 1 {
-            ", and dump compiles the train step for it"
+        if s.modules.first().is_some_and(|m| m.devices > 1) {
+            ", and dump compiled the train step for it"
+        } else if mr.devices > 1 {
+            "; with --no-compile dump traces the train step for 1 device"
         } else {
             ""
         }
