@@ -94,9 +94,67 @@ impl Model {
         ))
     }
 
+    /// The keys a global layer attends with, from projected `k [B,T,G,H]` at positions
+    /// `pos [T]` (f32): after the optional qk-norm, rotated by RoPE at `pos` when `global_rope`.
+    /// What the full attention of [`Model::attention_core`] reads and what the decode cache of a
+    /// global layer stores (so cached keys are already rotated at their absolute positions).
+    pub fn global_keys(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        prefix: &str,
+        k: Op,
+        pos: Op,
+    ) -> Result<Op> {
+        let cfg = self.config();
+        let kn = match cfg.qk_norm {
+            true => rms_norm(
+                b,
+                k,
+                param(p, &format!("{prefix}.k_norm.scale"))?,
+                cfg.norm_eps,
+            )?,
+            false => k,
+        };
+        if cfg.global_rope {
+            rope(b, kn, pos, cfg.rope_theta)
+        } else {
+            Ok(kn)
+        }
+    }
+
+    /// The queries a global layer attends with, from projected `q [B,T,N,H]` at positions
+    /// `pos [T]` (f32): after the optional qk-norm, rotated by RoPE when `global_rope`, and
+    /// scaled by `H^-1/2`.
+    pub fn global_queries(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        prefix: &str,
+        q: Op,
+        pos: Op,
+    ) -> Result<Op> {
+        let cfg = self.config();
+        let qn = match cfg.qk_norm {
+            true => rms_norm(
+                b,
+                q,
+                param(p, &format!("{prefix}.q_norm.scale"))?,
+                cfg.norm_eps,
+            )?,
+            false => q,
+        };
+        let qr = if cfg.global_rope {
+            rope(b, qn, pos, cfg.rope_theta)?
+        } else {
+            qn
+        };
+        b.mul(qr, b.scalar(1.0 / (cfg.head_dim as f32).sqrt())?)
+    }
+
     /// The attention core of one layer from projected `q [B,T,N,H]`, `k, v [B,T,G,H]` at
     /// positions `pos [T]`: SWA (+ RLA and the mixing) for local layers, full causal attention
-    /// without RoPE for global ones. `prefix` names the layer's attention parameters
+    /// for global ones (RoPE at `pos` only with `global_rope`). `prefix` names the layer's attention parameters
     /// (`layers.{i}.attn`); `platform` is where the graph runs (it picks the RLA lowering, see
     /// [`Model::rla_lowering`]).
     #[allow(clippy::too_many_arguments)]
@@ -129,9 +187,6 @@ impl Model {
         platform: &str,
     ) -> Result<(Op, Option<Op>)> {
         let cfg = self.config();
-        let h = cfg.head_dim as f32;
-        let (qn, kn) = self.qk_norm(b, p, prefix, q, k)?;
-        let inv_sqrt_h = b.scalar(1.0 / h.sqrt())?;
         // With the sequence cut (mesh.seq > 1) attention runs in a manual region that exchanges
         // keys and values between the sequence shards; otherwise the partitioner splits it.
         let seq_region = self
@@ -143,9 +198,13 @@ impl Model {
         };
         if attn == Attention::Global {
             let _s = b.name_scope("global");
-            return Ok((attend(b.mul(qn, inv_sqrt_h)?, kn, v, None)?, None));
+            let qr = self.global_queries(b, p, prefix, q, pos)?;
+            let kr = self.global_keys(b, p, prefix, k, pos)?;
+            return Ok((attend(qr, kr, v, None)?, None));
         }
         let _s = b.name_scope("local");
+        let (qn, kn) = self.qk_norm(b, p, prefix, q, k)?;
+        let inv_sqrt_h = b.scalar(1.0 / (cfg.head_dim as f32).sqrt())?;
         let swa = {
             let _s = b.name_scope("swa");
             let qr = b.mul(rope(b, qn, pos, cfg.rope_theta)?, inv_sqrt_h)?;
