@@ -74,24 +74,29 @@ impl Model {
         q: Op,
         k: Op,
     ) -> Result<(Op, Op)> {
+        Ok((
+            self.head_norm(b, p, prefix, "q_norm", q)?,
+            self.head_norm(b, p, prefix, "k_norm", k)?,
+        ))
+    }
+
+    /// `x` through the per-head RMSNorm `{prefix}.{which}.scale` when `qk_norm`, else `x`.
+    fn head_norm(&self, b: &Builder, p: &ParamOps, prefix: &str, which: &str, x: Op) -> Result<Op> {
         let cfg = self.config();
         if !cfg.qk_norm {
-            return Ok((q, k));
+            return Ok(x);
         }
-        Ok((
-            rms_norm(
-                b,
-                q,
-                param(p, &format!("{prefix}.q_norm.scale"))?,
-                cfg.norm_eps,
-            )?,
-            rms_norm(
-                b,
-                k,
-                param(p, &format!("{prefix}.k_norm.scale"))?,
-                cfg.norm_eps,
-            )?,
-        ))
+        let scale = param(p, &format!("{prefix}.{which}.scale"))?;
+        rms_norm(b, x, scale, cfg.norm_eps)
+    }
+
+    /// `x [B,T,heads,H]` rotated by RoPE at `pos [T]` when `global_rope`, else `x`.
+    fn global_rotation(&self, b: &Builder, x: Op, pos: Op) -> Result<Op> {
+        let cfg = self.config();
+        match cfg.global_rope {
+            true => rope(b, x, pos, cfg.rope_theta),
+            false => Ok(x),
+        }
     }
 
     /// The keys a global layer attends with, from projected `k [B,T,G,H]` at positions
@@ -106,26 +111,13 @@ impl Model {
         k: Op,
         pos: Op,
     ) -> Result<Op> {
-        let cfg = self.config();
-        let kn = match cfg.qk_norm {
-            true => rms_norm(
-                b,
-                k,
-                param(p, &format!("{prefix}.k_norm.scale"))?,
-                cfg.norm_eps,
-            )?,
-            false => k,
-        };
-        if cfg.global_rope {
-            rope(b, kn, pos, cfg.rope_theta)
-        } else {
-            Ok(kn)
-        }
+        let kn = self.head_norm(b, p, prefix, "k_norm", k)?;
+        self.global_rotation(b, kn, pos)
     }
 
     /// The queries a global layer attends with, from projected `q [B,T,N,H]` at positions
-    /// `pos [T]` (f32): after the optional qk-norm, rotated by RoPE when `global_rope`, and
-    /// scaled by `H^-1/2`.
+    /// `pos [T]` (f32): after the optional qk-norm, rotated by RoPE at `pos` when `global_rope`,
+    /// and scaled by `H^-1/2`.
     pub fn global_queries(
         &self,
         b: &Builder,
@@ -134,22 +126,10 @@ impl Model {
         q: Op,
         pos: Op,
     ) -> Result<Op> {
-        let cfg = self.config();
-        let qn = match cfg.qk_norm {
-            true => rms_norm(
-                b,
-                q,
-                param(p, &format!("{prefix}.q_norm.scale"))?,
-                cfg.norm_eps,
-            )?,
-            false => q,
-        };
-        let qr = if cfg.global_rope {
-            rope(b, qn, pos, cfg.rope_theta)?
-        } else {
-            qn
-        };
-        b.mul(qr, b.scalar(1.0 / (cfg.head_dim as f32).sqrt())?)
+        let qn = self.head_norm(b, p, prefix, "q_norm", q)?;
+        let qr = self.global_rotation(b, qn, pos)?;
+        let inv_sqrt_h = 1.0 / (self.config().head_dim as f32).sqrt();
+        b.mul(qr, b.scalar(inv_sqrt_h)?)
     }
 
     /// The attention core of one layer from projected `q [B,T,N,H]`, `k, v [B,T,G,H]` at
