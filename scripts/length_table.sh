@@ -1,60 +1,27 @@
 #!/usr/bin/env bash
 # The README's length-generalisation table (issue 12 item 4): the tiny all-local stack trained at
 # T = 256 (configs/tiny.toml, 800 steps) with RAttention, with plain SWA local layers, and as full
-# attention (the same 2-layer stack, every layer global), 2 seeds each; every checkpoint is then
+# attention (the same 2-layer stack, every layer global) with RoPE on its layers (full-rope, the
+# paper's baseline) and without positional encoding (full-nope); every checkpoint is then
 # evaluated without retraining at T, 2T, 4T and 8T (`rattn eval --seq-len 256,512,1024,2048`) on
 # 32 held-out recall sequences per length.
-#   scripts/length_table.sh [OUT_DIR]   (default OUT_DIR runs/length)
-# Finished steps are skipped when the script is restarted: a run whose train.txt exists is not
-# trained again, one whose lengths.txt exists is not evaluated again.
+#   scripts/length_table.sh [OUT_DIR] [SEEDS...]   (default runs/length, seeds 0 1)
+#   KINDS="full-rope full-nope" scripts/length_table.sh ...   (a part of the kinds)
+# Finished steps are skipped when the script is restarted (train.txt, lengths.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/table_runs.sh
 out=${1:-runs/length}
-seeds=(0 1)
-kinds=(rattention swa full)
+shift || true
+seeds=("$@")
+[ ${#seeds[@]} -gt 0 ] || seeds=(0 1)
+read -r -a kinds <<<"${KINDS:-rattention swa full-rope full-nope}"
 lengths=256,512,1024,2048
 sequences=32
-cargo build --release -p trainer
-rev=$(git describe --always --dirty 2>/dev/null || echo unknown)
-mkdir -p "$out"
-# A copy of the binary, so a rebuild while the table runs cannot change it.
-cp target/release/rattn "$out/rattn.new" && mv -f "$out/rattn.new" "$out/rattn"
-model_args() {
-  case $1 in
-    rattention) echo 'model.local_kind="rattention"' ;;
-    swa) echo 'model.local_kind="swa"' ;;
-    full) echo 'model.layer_pattern="0:1"' ;;
-  esac
-}
+table_setup "$out"
 for seed in "${seeds[@]}"; do
   for kind in "${kinds[@]}"; do
-    dir="$out/$kind-seed$seed"
-    set_arg=$(model_args "$kind")
-    if [ ! -f "$dir/train.txt" ]; then
-      rm -rf "$dir"
-      mkdir -p "$dir"
-      start=$(date +%s)
-      "$out/rattn" train --config configs/tiny.toml --out "$dir" --quiet --seed "$seed" \
-        --set "$set_arg" --eval-sequences 0 >"$dir/stdout.txt" 2>"$dir/stderr.txt"
-      end=$(date +%s)
-      {
-        echo "wall_s $((end - start)) load $(cut -d' ' -f1-3 /proc/loadavg) commit $rev"
-        cat "$dir/stdout.txt"
-      } >"$dir/train.txt"
-      echo "trained $kind seed $seed: $((end - start)) s"
-    fi
-    if [ ! -f "$dir/lengths.txt" ]; then
-      start=$(date +%s)
-      "$out/rattn" eval --config configs/tiny.toml --checkpoint "$dir" --set "$set_arg" \
-        --seq-len "$lengths" --sequences "$sequences" >"$dir/lengths.tmp" 2>"$dir/eval-stderr.txt"
-      end=$(date +%s)
-      {
-        echo "wall_s $((end - start)) load $(cut -d' ' -f1-3 /proc/loadavg) commit $rev"
-        cat "$dir/lengths.tmp"
-      } >"$dir/lengths.txt"
-      rm -f "$dir/lengths.tmp"
-      echo "evaluated $kind seed $seed at $lengths: $((end - start)) s"
-    fi
+    table_run "$out" "$kind" "$seed" configs/tiny.toml "$lengths" "$sequences" --eval-sequences 0
   done
 done
 # A Markdown table, one row per run: the answer loss at each length, then the recall of the
@@ -75,11 +42,13 @@ summary() {
       print row
     }' "$1"
 }
-printf '| run | loss T | loss 2T | loss 4T | loss 8T | > 4LW at T | T..2T at 2T | 2T..4T at 4T | 4T..8T at 8T | <= W at 8T |\n'
-printf '|---|---|---|---|---|---|---|---|---|---|\n'
+printf '| run | loss T | loss 2T | loss 4T | loss 8T | > 4LW at T | T..2T at 2T | 2T..4T at 4T | 4T..8T at 8T | <= W at 8T | wall s train (load) |\n'
+printf '|---|---|---|---|---|---|---|---|---|---|---|\n'
 for seed in "${seeds[@]}"; do
   for kind in "${kinds[@]}"; do
-    printf '| %s seed %s%s |\n' "$kind" "$seed" "$(summary "$out/$kind-seed$seed/lengths.txt")"
+    dir="$out/$kind-seed$seed"
+    printf '| %s seed %s%s | %s (%s) |\n' "$kind" "$seed" "$(summary "$dir/lengths.txt")" \
+      "$(head -1 "$dir/train.txt" | cut -d' ' -f2)" "$(head -1 "$dir/train.txt" | cut -d' ' -f4)"
   done
 done
 echo "recall: correct answers in the bucket (answers in it); chance 6.2 %"

@@ -2,56 +2,29 @@
 # The README's real-text table (issue 12 item 6): configs/text-tiny.toml (2 layers, W = 32,
 # T = 512, 600 steps of 8 sequences, byte tokens) on Shakespeare (scripts/get_text.sh), trained
 # as an all-local RAttention stack, an all-local SWA stack and full attention (every layer
-# global), at equal steps; each run ends with the held-out loss (the corpus's last 5 %, never
-# trained on), then `rattn eval` scores it again at 2T and 4T without retraining.
+# global) with RoPE on its layers (full-rope, the paper's baseline) and without positional
+# encoding (full-nope), at equal steps; each run ends with the held-out loss (the corpus's last
+# 5 %, never trained on), then `rattn eval` scores it again at 2T and 4T without retraining.
 #   scripts/text_table.sh [OUT_DIR] [SEEDS...]   (default runs/text, seed 0)
 #   STEPS=N scripts/text_table.sh ...            (train N steps instead of the config's 600)
+#   KINDS="swa full-rope" scripts/text_table.sh ...   (a part of the kinds)
 # Finished steps are skipped when the script is restarted (train.txt, lengths.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/table_runs.sh
 out=${1:-runs/text}
 shift || true
 seeds=("$@")
 [ ${#seeds[@]} -gt 0 ] || seeds=(0)
-kinds=(rattention swa full)
+read -r -a kinds <<<"${KINDS:-rattention swa full-rope full-nope}"
 lengths=512,1024,2048
 steps_arg=()
 [ -z "${STEPS:-}" ] || steps_arg=(--set "train.steps=$STEPS")
 scripts/get_text.sh
-cargo build --release -p trainer
-rev=$(git describe --always --dirty 2>/dev/null || echo unknown)
-mkdir -p "$out"
-cp target/release/rattn "$out/rattn.new" && mv -f "$out/rattn.new" "$out/rattn"
-model_args() {
-  case $1 in
-    rattention) echo 'model.local_kind="rattention"' ;;
-    swa) echo 'model.local_kind="swa"' ;;
-    full) echo 'model.layer_pattern="0:1"' ;;
-  esac
-}
+table_setup "$out"
 for seed in "${seeds[@]}"; do
   for kind in "${kinds[@]}"; do
-    dir="$out/$kind-seed$seed"
-    set_arg=$(model_args "$kind")
-    if [ ! -f "$dir/train.txt" ]; then
-      rm -rf "$dir"
-      mkdir -p "$dir"
-      start=$(date +%s)
-      "$out/rattn" train --config configs/text-tiny.toml --out "$dir" --quiet --seed "$seed" \
-        --set "$set_arg" "${steps_arg[@]}" >"$dir/stdout.txt" 2>"$dir/stderr.txt"
-      end=$(date +%s)
-      {
-        echo "wall_s $((end - start)) load $(cut -d' ' -f1-3 /proc/loadavg) commit $rev"
-        cat "$dir/stdout.txt"
-      } >"$dir/train.txt"
-      echo "trained $kind seed $seed: $((end - start)) s"
-    fi
-    if [ ! -f "$dir/lengths.txt" ]; then
-      "$out/rattn" eval --config configs/text-tiny.toml --checkpoint "$dir" --set "$set_arg" \
-        --seq-len "$lengths" --sequences 32 >"$dir/lengths.tmp" 2>"$dir/eval-stderr.txt"
-      mv "$dir/lengths.tmp" "$dir/lengths.txt"
-      echo "evaluated $kind seed $seed at $lengths"
-    fi
+    table_run "$out" "$kind" "$seed" configs/text-tiny.toml "$lengths" 32 "${steps_arg[@]}"
   done
 done
 echo "built from commit(s) $(head -qn1 "$out"/*/train.txt | awk '{print $NF}' | sort -u | tr '\n' ' ')\

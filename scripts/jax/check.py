@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Numerics check: the JAX model against `rattn train`, on the same checkpoint and batch.
 
-For every case (RAttention with a global layer, SWA, full attention, and RAttention with qk-norm,
+For every case (RAttention with a global layer, SWA, full attention without and with RoPE
+(`model.global_rope`), RAttention with RoPE on its global layer, and RAttention with qk-norm,
 untied head, GeGLU and the relu feature map) this
 
 1. writes a random little-endian u16 token file and trains `rattn train` for 4 steps on it
@@ -66,6 +67,8 @@ CASES = {
     "rattention": [],
     "swa": ['model.local_kind="swa"'],
     "full": ['model.layer_pattern=["global"]'],
+    "full-rope": ['model.layer_pattern=["global"]', "model.global_rope=true"],
+    "rattention-global-rope-qknorm": ["model.global_rope=true", "model.qk_norm=true"],
     "rattention-qknorm-untied-geglu-relu": [
         "model.qk_norm=true",
         "model.tied_embeddings=false",

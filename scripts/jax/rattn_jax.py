@@ -10,7 +10,8 @@ hyper-parameters match, and follows DESIGN §2 and crates/model/src exactly:
   RAttention adds residual linear attention on the *raw* q, k (no RoPE, no scaling, no qk-norm)
   over the keys s ≤ t−W−1 with φ(x) = [softmax(x), softmax(−x)] (or relu) and no denominator,
   mixed as GroupRMSNorm_swa(o_swa) + GroupRMSNorm_rla(o_rla) (eps 1e-8, per-head scales [N, H]);
-* global layers: full causal attention without RoPE;
+* global layers: full causal attention, without RoPE unless `model.global_rope` (then the same
+  rotation as local layers, after the optional qk-norm);
 * loss: weighted mean next-token cross-entropy `Σ w·nll / max(Σ w, 1)`;
 * the train step: jit(value_and_grad) + global-norm clipping + warmup/cosine schedule + AdamW with
   decoupled decay on the embedding and matrices only — the formulas of crates/trainer/src/step.rs.
@@ -42,6 +43,7 @@ MODEL_DEFAULTS = {
     "layer_pattern": "3:1",
     "local_kind": "rattention",
     "rope_theta": 5e5,
+    "global_rope": False,
     "qk_norm": False,
     "norm_eps": 1e-6,
     "tied_embeddings": True,
@@ -355,6 +357,8 @@ def forward(
             kn = rms_norm(k, params[f"{p}.attn.k_norm.scale"], eps)
         inv = 1.0 / math.sqrt(h)
         if kind == "global":
+            if m["global_rope"]:
+                qn, kn = rope(qn, m["rope_theta"]), rope(kn, m["rope_theta"])
             ctx = attention(qn * F32(inv), kn, v, None)
         else:
             theta = m["rope_theta"]

@@ -8,7 +8,7 @@
 //!   RAttention layers also keep `rla_state [B, G, 2H, H]` = Σ φ(k_s)ᵀ v_s over the tokens that have
 //!   left the window.
 //! - global layer ([`LayerCache::Full`]): `k`, `v` `[B, max_len, G, H]`; `k` is stored after
-//!   qk-norm (what attention reads).
+//!   qk-norm, and rotated at its absolute position with `global_rope` (what attention reads).
 
 use crate::model::{Attention, Model};
 use crate::params::LogicalAxis;
@@ -24,7 +24,8 @@ pub enum LayerCache {
         /// The layer keeps an RLA state (RAttention layers).
         rla_state: bool,
     },
-    /// A global layer: keys (after qk-norm) and values of every position below `max_len`.
+    /// A global layer: keys (after qk-norm, rotated with `global_rope`) and values of every
+    /// position below `max_len`.
     Full,
 }
 

@@ -37,7 +37,7 @@ pub enum LocalKind {
 pub enum LayerKind {
     /// A local layer (see [`LocalKind`]).
     Local,
-    /// Full causal attention without RoPE.
+    /// Full causal attention (without RoPE unless `global_rope`).
     Global,
 }
 
@@ -69,6 +69,10 @@ pub struct RlaOptions {
 
 fn is_true(b: &bool) -> bool {
     *b
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Default for RlaOptions {
@@ -152,9 +156,16 @@ pub struct ModelConfig {
     /// RLA options.
     #[serde(default)]
     pub rla: RlaOptions,
-    /// RoPE base of local layers.
+    /// RoPE base of local layers (and of global layers with `global_rope`).
     #[serde(default = "default_theta")]
     pub rope_theta: f64,
+    /// RoPE on the q and k of global layers too, the same rotation as local layers (base
+    /// `rope_theta`, true positions). Off by default: the paper's RAttention stacks (and AXLearn)
+    /// use global layers without positional encoding; on, a stack of global layers is the
+    /// paper's full-attention baseline. Written out only when on, so the `[model]` text stored in
+    /// checkpoints of default models is what it was before the switch existed.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub global_rope: bool,
     /// RMSNorm on q and k (per head) before RoPE.
     #[serde(default)]
     pub qk_norm: bool,
@@ -232,7 +243,19 @@ impl ModelConfig {
         if self.norm_eps.is_nan() || self.norm_eps < 0.0 {
             return bad(format!("norm_eps ({}) must be >= 0", self.norm_eps));
         }
-        self.layer_kinds().map(|_| ())
+        let kinds = self.layer_kinds()?;
+        if self.global_rope && !kinds.contains(&LayerKind::Global) {
+            return bad(format!(
+                "global_rope = true has no effect: layer_pattern {} gives no global layer in {} layers \
+                 (set global_rope = false, or a pattern with global layers such as \"0:1\")",
+                match &self.layer_pattern {
+                    LayerPattern::Ratio(r) => format!("{r:?}"),
+                    LayerPattern::List(l) => format!("{l:?}"),
+                },
+                self.layers
+            ));
+        }
+        Ok(())
     }
 
     /// The kind of every layer, expanding the pattern.

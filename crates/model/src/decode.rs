@@ -186,7 +186,7 @@ impl Model {
                         rla_state: state,
                     }
                 } else {
-                    let (_, kn) = self.qk_norm(&b, &p, &ap, q, k)?;
+                    let kn = self.global_keys(&b, &p, &ap, k, pos)?;
                     let zero = b.scalar(0.0f32)?;
                     let pad = [
                         (0, 0, 0),
@@ -511,8 +511,8 @@ impl Model {
         Ok((mix_local(b, p, prefix, swa, rla, norm)?, new_cache))
     }
 
-    /// One global layer at position `pos`: writes k (after qk-norm) and v into the full caches and
-    /// attends causally over positions `≤ pos`, no RoPE.
+    /// One global layer at position `pos`: writes k (after qk-norm, and RoPE at `pos` with
+    /// `global_rope`) and v into the full caches and attends causally over positions `≤ pos`.
     fn global_step(
         &self,
         b: &Builder,
@@ -523,7 +523,11 @@ impl Model {
         pos: Op,
     ) -> Result<(Op, LayerCacheOps)> {
         let max_len = dims(b, cache.k)?[1];
-        let (qn, kn) = self.qk_norm(b, p, prefix, q, k)?;
+        let fpos = b.reshape(b.convert(pos, F32)?, &[1])?;
+        let (qr, kn) = (
+            self.global_queries(b, p, prefix, q, fpos)?,
+            self.global_keys(b, p, prefix, k, fpos)?,
+        );
         let zero = b.scalar(0i32)?;
         let at = [zero, pos, zero, zero];
         let kc = b.dynamic_update_slice(cache.k, kn, &at)?;
@@ -533,8 +537,7 @@ impl Model {
             bcast(b, pos, &[max_len], &[])?,
             Cmp::Le,
         )?;
-        let inv_sqrt_h = b.scalar(1.0 / (self.config().head_dim as f32).sqrt())?;
-        let ctx = attend_one(b, b.mul(qn, inv_sqrt_h)?, kc, vc, visible)?;
+        let ctx = attend_one(b, qr, kc, vc, visible)?;
         let new_cache = LayerCacheOps {
             k: kc,
             v: vc,

@@ -46,7 +46,7 @@ pub enum Attention {
     Rattention,
     /// Sliding-window attention only (a local layer of the SWA baseline).
     Swa,
-    /// Full causal attention without RoPE (a global layer).
+    /// Full causal attention (a global layer; RoPE only with `global_rope`).
     Global,
 }
 

@@ -253,7 +253,10 @@ pub fn logits(
             );
         }
         let ctx = match attn {
-            Attention::Global => attention(&q, &k, &v, d, None, |t, s| s <= t),
+            Attention::Global => {
+                let theta = cfg.global_rope.then_some(cfg.rope_theta);
+                attention(&q, &k, &v, d, theta, |t, s| s <= t)
+            }
             Attention::Swa => swa(&q, &k, &v, d, cfg.window, cfg.rope_theta),
             Attention::Rattention => {
                 let s = swa(&q, &k, &v, d, cfg.window, cfg.rope_theta);

@@ -74,29 +74,67 @@ impl Model {
         q: Op,
         k: Op,
     ) -> Result<(Op, Op)> {
+        Ok((
+            self.head_norm(b, p, prefix, "q_norm", q)?,
+            self.head_norm(b, p, prefix, "k_norm", k)?,
+        ))
+    }
+
+    /// `x` through the per-head RMSNorm `{prefix}.{which}.scale` when `qk_norm`, else `x`.
+    fn head_norm(&self, b: &Builder, p: &ParamOps, prefix: &str, which: &str, x: Op) -> Result<Op> {
         let cfg = self.config();
         if !cfg.qk_norm {
-            return Ok((q, k));
+            return Ok(x);
         }
-        Ok((
-            rms_norm(
-                b,
-                q,
-                param(p, &format!("{prefix}.q_norm.scale"))?,
-                cfg.norm_eps,
-            )?,
-            rms_norm(
-                b,
-                k,
-                param(p, &format!("{prefix}.k_norm.scale"))?,
-                cfg.norm_eps,
-            )?,
-        ))
+        let scale = param(p, &format!("{prefix}.{which}.scale"))?;
+        rms_norm(b, x, scale, cfg.norm_eps)
+    }
+
+    /// `x [B,T,heads,H]` rotated by RoPE at `pos [T]` when `global_rope`, else `x`.
+    fn global_rotation(&self, b: &Builder, x: Op, pos: Op) -> Result<Op> {
+        let cfg = self.config();
+        match cfg.global_rope {
+            true => rope(b, x, pos, cfg.rope_theta),
+            false => Ok(x),
+        }
+    }
+
+    /// The keys a global layer attends with, from projected `k [B,T,G,H]` at positions
+    /// `pos [T]` (f32): after the optional qk-norm, rotated by RoPE at `pos` when `global_rope`.
+    /// What the full attention of [`Model::attention_core`] reads and what the decode cache of a
+    /// global layer stores (so cached keys are already rotated at their absolute positions).
+    pub fn global_keys(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        prefix: &str,
+        k: Op,
+        pos: Op,
+    ) -> Result<Op> {
+        let kn = self.head_norm(b, p, prefix, "k_norm", k)?;
+        self.global_rotation(b, kn, pos)
+    }
+
+    /// The queries a global layer attends with, from projected `q [B,T,N,H]` at positions
+    /// `pos [T]` (f32): after the optional qk-norm, rotated by RoPE at `pos` when `global_rope`,
+    /// and scaled by `H^-1/2`.
+    pub fn global_queries(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        prefix: &str,
+        q: Op,
+        pos: Op,
+    ) -> Result<Op> {
+        let qn = self.head_norm(b, p, prefix, "q_norm", q)?;
+        let qr = self.global_rotation(b, qn, pos)?;
+        let inv_sqrt_h = 1.0 / (self.config().head_dim as f32).sqrt();
+        b.mul(qr, b.scalar(inv_sqrt_h)?)
     }
 
     /// The attention core of one layer from projected `q [B,T,N,H]`, `k, v [B,T,G,H]` at
     /// positions `pos [T]`: SWA (+ RLA and the mixing) for local layers, full causal attention
-    /// without RoPE for global ones. `prefix` names the layer's attention parameters
+    /// for global ones (RoPE at `pos` only with `global_rope`). `prefix` names the layer's attention parameters
     /// (`layers.{i}.attn`); `platform` is where the graph runs (it picks the RLA lowering, see
     /// [`Model::rla_lowering`]).
     #[allow(clippy::too_many_arguments)]
@@ -129,9 +167,6 @@ impl Model {
         platform: &str,
     ) -> Result<(Op, Option<Op>)> {
         let cfg = self.config();
-        let h = cfg.head_dim as f32;
-        let (qn, kn) = self.qk_norm(b, p, prefix, q, k)?;
-        let inv_sqrt_h = b.scalar(1.0 / h.sqrt())?;
         // With the sequence cut (mesh.seq > 1) attention runs in a manual region that exchanges
         // keys and values between the sequence shards; otherwise the partitioner splits it.
         let seq_region = self
@@ -143,9 +178,13 @@ impl Model {
         };
         if attn == Attention::Global {
             let _s = b.name_scope("global");
-            return Ok((attend(b.mul(qn, inv_sqrt_h)?, kn, v, None)?, None));
+            let qr = self.global_queries(b, p, prefix, q, pos)?;
+            let kr = self.global_keys(b, p, prefix, k, pos)?;
+            return Ok((attend(qr, kr, v, None)?, None));
         }
         let _s = b.name_scope("local");
+        let (qn, kn) = self.qk_norm(b, p, prefix, q, k)?;
+        let inv_sqrt_h = b.scalar(1.0 / (cfg.head_dim as f32).sqrt())?;
         let (qr, kr) = {
             let _s = b.name_scope("swa");
             (

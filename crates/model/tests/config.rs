@@ -155,3 +155,40 @@ fn rla_norm_switch_defaults_on_and_is_written_only_when_off() {
     );
     assert_eq!(n_on - n_off, on.layers * on.heads * on.head_dim);
 }
+
+#[test]
+fn global_rope_defaults_off_is_written_only_when_on_and_bad_values_are_refused() {
+    let off = load("tiny-3to1");
+    assert!(!off.global_rope);
+    // Off writes no key: the [model] text in checkpoints of default models is unchanged.
+    let text = toml::to_string(&off).unwrap();
+    assert!(!text.contains("global_rope"), "{text}");
+    let mut on = off.clone();
+    on.global_rope = true;
+    on.validate().unwrap();
+    let text = toml::to_string(&on).unwrap();
+    assert!(text.lines().any(|l| l == "global_rope = true"), "{text}");
+    let back: ModelConfig = toml::from_str(&text).unwrap();
+    assert_eq!(back, on);
+    // The switch adds no parameter.
+    assert_eq!(
+        Model::new(on).unwrap().param_count(),
+        Model::new(off.clone()).unwrap().param_count()
+    );
+    // A stack without global layers: the switch would do nothing, so it is refused.
+    let mut local = load("tiny");
+    local.global_rope = true;
+    let e = local.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("global_rope = true has no effect") && e.contains("\"1:0\""),
+        "{e}"
+    );
+    // Not a boolean: serde names the key and what it expected.
+    let mut t: toml::Table = toml::from_str(&toml::to_string(&off).unwrap()).unwrap();
+    t.insert("global_rope".into(), toml::Value::String("yes".into()));
+    let e = toml::Value::Table(t)
+        .try_into::<ModelConfig>()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expected a boolean"), "{e}");
+}

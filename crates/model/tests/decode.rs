@@ -158,6 +158,23 @@ fn decode_matches_forward_swa_only() {
 }
 
 #[test]
+fn decode_matches_forward_global_rope() {
+    // RoPE on the global layer of the 3:1 stack (with qk-norm): the cache keeps keys rotated at
+    // their absolute positions; prompts inside and beyond the window. Then a stack of global
+    // layers only (the full-attention baseline) with a small RoPE base, so rotations wrap many
+    // times over the 48 positions.
+    let mut cfg = tiny();
+    cfg.global_rope = true;
+    cfg.qk_norm = true;
+    check_decode("3:1 global_rope", &cfg, 2, 48, &[1, 40]);
+    let mut full = tiny();
+    full.global_rope = true;
+    full.layer_pattern = model::config::LayerPattern::Ratio("0:1".into());
+    full.rope_theta = 100.0;
+    check_decode("full global_rope", &full, 2, 48, &[7, 33]);
+}
+
+#[test]
 fn decode_errors_name_the_problem() {
     let m = Model::new(tiny()).unwrap();
     let e = m.prefill(1, 65, 64, "cpu").unwrap_err().to_string();

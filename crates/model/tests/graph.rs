@@ -132,6 +132,95 @@ fn local_layer_matches_f64_reference() {
     }
 }
 
+#[test]
+fn global_layer_with_rope_matches_f64_reference() {
+    // `global_rope`: full causal attention with RoPE at true positions (GQA, T = 70, a small
+    // base so the rotation wraps many times) against the naive f64 attention; without the
+    // switch the same layer is the NoPE attention, and the two differ.
+    let d = AttnDims {
+        b: 2,
+        t: 70,
+        n: 4,
+        g: 2,
+        h: 8,
+    };
+    let q = rand(d.b * d.t * d.n * d.h, 11, 1.0);
+    let k = rand(d.b * d.t * d.g * d.h, 12, 1.0);
+    let v = rand(d.b * d.t * d.g * d.h, 13, 1.0);
+    let f64v = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    let dims = |x: &[usize]| x.iter().map(|&v| v as i64).collect::<Vec<_>>();
+    let mut outs = Vec::new();
+    for global_rope in [true, false] {
+        let mut cfg = tiny(5, FeatureMap::Softmax);
+        (cfg.heads, cfg.kv_heads, cfg.head_dim) = (4, 2, 8);
+        cfg.rope_theta = 50.0;
+        cfg.global_rope = global_rope;
+        let (comp, _) = local_core_graph(&cfg, d, LayerKind::Global);
+        let got = run(
+            &comp,
+            &[
+                (q.clone(), dims(&[d.b, d.t, d.n, d.h])),
+                (k.clone(), dims(&[d.b, d.t, d.g, d.h])),
+                (v.clone(), dims(&[d.b, d.t, d.g, d.h])),
+            ],
+            &[],
+        );
+        let theta = global_rope.then_some(cfg.rope_theta);
+        let want = reference::attention(&f64v(&q), &f64v(&k), &f64v(&v), d, theta, |t, s| s <= t);
+        let err = max_rel(&got[0], &want);
+        eprintln!("global layer, global_rope = {global_rope}: max rel error {err:.1e}");
+        assert!(err < 1e-5, "global_rope = {global_rope}: error {err}");
+        outs.push(want);
+    }
+    let diff = outs[0]
+        .iter()
+        .zip(&outs[1])
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff > 0.1,
+        "RoPE changed the global layer's output by only {diff}"
+    );
+}
+
+#[test]
+fn full_rope_model_logits_match_f64_reference() {
+    // Every layer global with RoPE (the paper's full-attention baseline), qk-norm on.
+    let mut cfg = tiny(6, FeatureMap::Softmax);
+    cfg.seq_len = 40;
+    cfg.qk_norm = true;
+    cfg.global_rope = true;
+    cfg.rope_theta = 100.0;
+    cfg.layer_pattern = model::config::LayerPattern::Ratio("0:1".into());
+    let (bs, t) = (2usize, 40usize);
+    let m = Model::new(cfg.clone()).unwrap();
+    assert!(m.layers().iter().all(|&a| a == Attention::Global));
+    let b = Builder::new("forward");
+    let (_, named) = m.declare_params(&b).unwrap();
+    let tokens = b
+        .parameter(
+            Shape::array(ElementType::S32, &[bs as i64, t as i64]),
+            "tokens",
+        )
+        .unwrap();
+    let logits = m.forward(&b, &named, tokens, "cpu").unwrap();
+    let comp = b.build(logits).unwrap();
+    let (params, map) = tiny_params(&cfg, 3);
+    let toks: Vec<u32> = (0..bs * t)
+        .map(|i| ((i * 37 + 11) % cfg.vocab) as u32)
+        .collect();
+    let got = run(
+        &comp,
+        &params,
+        &[(
+            toks.iter().map(|&x| x as i32).collect(),
+            vec![bs as i64, t as i64],
+        )],
+    );
+    let want = reference::logits(&m, &map, &toks, bs);
+    let e = max_rel(&got[0], &want);
+    assert!(e < 1e-4, "logits relative error {e}");
+}
+
 fn get(z: &mut NpzReader<std::fs::File>, k: &str) -> Vec<f32> {
     let a: ArrayD<f32> = z.by_name(k).unwrap();
     a.iter().copied().collect()

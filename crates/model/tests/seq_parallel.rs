@@ -120,7 +120,17 @@ fn run(
 /// Runs `attn` with `window` on the mesh and on 1 device; asserts the agreement and returns the
 /// sharded program's optimized HLO.
 fn check(attn: Attention, window: usize, mesh: (i64, i64), lowering: Lowering) -> String {
-    let cfg = config(window, lowering);
+    check_config(config(window, lowering), attn, window, mesh, lowering)
+}
+
+/// [`check`] with a given config (built from [`config`]).
+fn check_config(
+    cfg: ModelConfig,
+    attn: Attention,
+    window: usize,
+    mesh: (i64, i64),
+    lowering: Lowering,
+) -> String {
     let seed = 100 + window as u64;
     let inputs = [
         rand(D.b * D.t * D.n * D.h, seed, 1.0),
@@ -132,21 +142,24 @@ fn check(attn: Attention, window: usize, mesh: (i64, i64), lowering: Lowering) -
     let (one, _) = run(&cfg, attn, None, &inputs);
     let f64v = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
     let (q, k, v) = (f64v(&inputs[0]), f64v(&inputs[1]), f64v(&inputs[2]));
+    let global_theta = cfg.global_rope.then_some(cfg.rope_theta);
     let want = match attn {
-        Attention::Global => reference::attention(&q, &k, &v, D, None, |t, s| s <= t),
+        Attention::Global => reference::attention(&q, &k, &v, D, global_theta, |t, s| s <= t),
         _ => {
             reference::local_layer(&q, &k, &v, D, window, cfg.rope_theta, FeatureMap::Softmax).mixed
         }
     };
     let name = format!(
-        "{attn:?} W={window} data {} × seq {} ({lowering})",
-        mesh.0, mesh.1
+        "{attn:?}{} W={window} data {} × seq {} ({lowering})",
+        if cfg.global_rope { " global_rope" } else { "" },
+        mesh.0,
+        mesh.1
     );
     // The exact gradients: central differences of the f64 reference at every element of q,
     // k, v (the reference is independent of both programs).
     let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
         let out = match attn {
-            Attention::Global => reference::attention(q, k, v, D, None, |t, s| s <= t),
+            Attention::Global => reference::attention(q, k, v, D, global_theta, |t, s| s <= t),
             _ => {
                 reference::local_layer(q, k, v, D, window, cfg.rope_theta, FeatureMap::Softmax)
                     .mixed
@@ -231,6 +244,12 @@ fn global_layer_over_sequence_shards_equals_one_device() {
         "keys and values are not gathered"
     );
     check(Attention::Global, 8, (2, 4), Lowering::CustomCall);
+    // RoPE on the global layer: the positions of each shard's queries and keys are its slice of
+    // the whole sequence's (T = 32 over seq 8, shards of 4), a small base so they matter.
+    let mut cfg = config(8, Lowering::CustomCall);
+    cfg.global_rope = true;
+    cfg.rope_theta = 20.0;
+    check_config(cfg, Attention::Global, 8, (1, 8), Lowering::CustomCall);
 }
 
 /// (swa, rla o, rla final_state, and the gradients of sq, sk, q, k, v) of

@@ -80,8 +80,12 @@ pub enum Variant {
     Swa,
     /// Local layers are SWA + residual linear attention (the paper's model).
     Rattention,
-    /// Every layer global: full causal attention (the ceiling, and the largest cache).
+    /// Every layer global: full causal attention with RoPE on every layer (`model.global_rope`;
+    /// the paper's full-attention baseline, the ceiling, and the largest cache).
     Full,
+    /// Every layer global without positional encoding (our global layers as the RAttention
+    /// stacks use them): the full-attention baseline of sweeps before `global_rope` existed.
+    FullNope,
     /// Ablation: RAttention with the relu feature map.
     Relu,
     /// Ablation: RAttention without the RLA branch's GroupRMSNorm.
@@ -89,12 +93,13 @@ pub enum Variant {
 }
 
 impl Variant {
-    /// Short name: `swa`, `rattention`, `full`, `relu`, `nonorm`.
+    /// Short name: `swa`, `rattention`, `full`, `full-nope`, `relu`, `nonorm`.
     pub fn name(self) -> &'static str {
         match self {
             Variant::Swa => "swa",
             Variant::Rattention => "rattention",
             Variant::Full => "full",
+            Variant::FullNope => "full-nope",
             Variant::Relu => "relu",
             Variant::NoNorm => "nonorm",
         }
@@ -105,10 +110,16 @@ impl Variant {
             "swa" => Ok(Variant::Swa),
             "rattention" => Ok(Variant::Rattention),
             "full" => Ok(Variant::Full),
+            "full-nope" => Ok(Variant::FullNope),
             "relu" => Ok(Variant::Relu),
             "nonorm" => Ok(Variant::NoNorm),
-            _ => bail!("unknown kind {s:?} (use swa, rattention, full, relu, nonorm)"),
+            _ => bail!("unknown kind {s:?} (use swa, rattention, full, full-nope, relu, nonorm)"),
         }
+    }
+
+    /// Full attention in every layer (no window).
+    pub fn is_full(self) -> bool {
+        matches!(self, Variant::Full | Variant::FullNope)
     }
 
     /// What the table calls it.
@@ -116,7 +127,8 @@ impl Variant {
         match self {
             Variant::Swa => "SWA",
             Variant::Rattention => "RAttention",
-            Variant::Full => "full attention",
+            Variant::Full => "full attention (RoPE)",
+            Variant::FullNope => "full attention, no RoPE",
             Variant::Relu => "RAttention, relu φ",
             Variant::NoNorm => "RAttention, RLA norm off",
         }
@@ -165,7 +177,11 @@ impl Cell {
         match self.variant {
             Variant::Swa => o.push("model.local_kind=\"swa\"".into()),
             Variant::Rattention => o.push("model.local_kind=\"rattention\"".into()),
-            Variant::Full => o.push("model.layer_pattern=\"0:1\"".into()),
+            Variant::Full => {
+                o.push("model.layer_pattern=\"0:1\"".into());
+                o.push("model.global_rope=true".into());
+            }
+            Variant::FullNope => o.push("model.layer_pattern=\"0:1\"".into()),
             Variant::Relu => {
                 o.push("model.local_kind=\"rattention\"".into());
                 o.push("model.rla.feature_map=\"relu\"".into());
@@ -218,13 +234,13 @@ impl Grid {
                 };
                 for &w in &self.windows {
                     for &k in &self.kinds {
-                        if k != Variant::Full {
+                        if !k.is_full() {
                             push(k, Some(w));
                         }
                     }
                 }
-                if self.kinds.contains(&Variant::Full) {
-                    push(Variant::Full, None);
+                for &k in self.kinds.iter().filter(|k| k.is_full()) {
+                    push(k, None);
                 }
                 let ablate = self.ablation_stacks.contains(&stack);
                 for &w in self.ablation_windows.iter().filter(|_| ablate) {
@@ -576,11 +592,13 @@ fn lines(cells: &[Cell], results: &[RunResult]) -> Vec<Line> {
             (Stack::Local, Variant::Rattention) => RGBColor(214, 39, 40),
             (Stack::Local, Variant::Swa) => RGBColor(31, 119, 180),
             (Stack::Local, Variant::Full) => RGBColor(0, 0, 0),
+            (Stack::Local, Variant::FullNope) => RGBColor(44, 160, 44),
             (Stack::Local, Variant::Relu) => RGBColor(255, 127, 14),
             (Stack::Local, Variant::NoNorm) => RGBColor(148, 103, 189),
             (Stack::ThreeToOne, Variant::Rattention) => RGBColor(255, 152, 150),
             (Stack::ThreeToOne, Variant::Swa) => RGBColor(158, 202, 225),
             (Stack::ThreeToOne, Variant::Full) => RGBColor(127, 127, 127),
+            (Stack::ThreeToOne, Variant::FullNope) => RGBColor(152, 223, 138),
             (Stack::ThreeToOne, Variant::Relu) => RGBColor(253, 208, 162),
             (Stack::ThreeToOne, Variant::NoNorm) => RGBColor(197, 176, 213),
         }
@@ -740,7 +758,8 @@ pub(crate) struct SweepArgs {
     /// Stacks: local (all-local, --local-config), 3to1 (the paper's 3:1, --three-to-one-config).
     #[arg(long, value_delimiter = ',', default_value = "local,3to1")]
     stacks: Vec<String>,
-    /// Kinds at every window: swa, rattention; full runs once per stack.
+    /// Kinds at every window: swa, rattention; full (RoPE on every layer, the paper's baseline)
+    /// and full-nope (no positional encoding) run once per stack.
     #[arg(long, value_delimiter = ',', default_value = "swa,rattention,full")]
     kinds: Vec<String>,
     /// Ablations run at --ablation-windows: relu (feature map), nonorm (RLA norm off); "" for none.
@@ -792,7 +811,9 @@ impl SweepArgs {
         let kinds = names(&self.kinds)
             .iter()
             .map(|s| match Variant::parse(s)? {
-                v @ (Variant::Swa | Variant::Rattention | Variant::Full) => Ok(v),
+                v @ (Variant::Swa | Variant::Rattention | Variant::Full | Variant::FullNope) => {
+                    Ok(v)
+                }
                 v => bail!(
                     "--kinds: {} is an ablation: give it in --ablations",
                     v.name()

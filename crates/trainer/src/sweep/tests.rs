@@ -117,7 +117,7 @@ fn every_cell_loads_as_the_config_it_names() {
             .filter(|k| **k == model::config::LayerKind::Local)
             .count();
         match c.variant {
-            Variant::Full => assert_eq!(locals, 0, "{}", c.dir_name()),
+            Variant::Full | Variant::FullNope => assert_eq!(locals, 0, "{}", c.dir_name()),
             Variant::Swa => assert_eq!(m.local_kind, model::config::LocalKind::Swa),
             _ => assert_eq!(m.local_kind, model::config::LocalKind::Rattention),
         }
@@ -131,7 +131,45 @@ fn every_cell_loads_as_the_config_it_names() {
             c.variant == Variant::Relu
         );
         assert_eq!(m.rla.norm, c.variant != Variant::NoNorm);
+        // The paper's full-attention baseline has RoPE on its layers; full-nope has none.
+        assert_eq!(
+            m.global_rope,
+            c.variant == Variant::Full,
+            "{}",
+            c.dir_name()
+        );
     }
+}
+
+#[test]
+fn full_nope_is_a_kind_of_its_own_beside_full() {
+    let cells = args(&[
+        "--kinds",
+        "swa,full,full-nope",
+        "--stacks",
+        "local",
+        "--seeds",
+        "0",
+    ])
+    .grid()
+    .unwrap()
+    .cells();
+    let names: Vec<String> = cells.iter().map(|c| c.dir_name()).collect();
+    assert!(names.contains(&"local-full-seed0".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"local-full-nope-seed0".to_string()),
+        "{names:?}"
+    );
+    let full = cells.iter().find(|c| c.variant == Variant::Full).unwrap();
+    assert!(full
+        .overrides()
+        .contains(&"model.global_rope=true".to_string()));
+    let nope = cells
+        .iter()
+        .find(|c| c.variant == Variant::FullNope)
+        .unwrap();
+    assert!(!nope.overrides().iter().any(|o| o.contains("global_rope")));
+    assert_eq!(Variant::FullNope.title(), "full attention, no RoPE");
 }
 
 fn fake(cell: Cell, far: (usize, usize), loss: f64, kv: u64, rla: u64) -> RunResult {
