@@ -202,10 +202,7 @@ impl Model {
                 let _c = b.name_scope("cache");
                 let (_, kn) = self.qk_norm(&b, &p, &ap, q, k)?;
                 caches.push(if attn.is_local() {
-                    let raw = matches!(
-                        layout.layers[i],
-                        LayerCache::Ring { raw_keys: true, .. }
-                    );
+                    let raw = matches!(layout.layers[i], LayerCache::Ring { raw_keys: true, .. });
                     LayerCacheOps {
                         k: ring_from_prompt(&b, rope(&b, kn, pos, cfg.rope_theta)?, cfg.window)?,
                         v: ring_from_prompt(&b, v, cfg.window)?,
