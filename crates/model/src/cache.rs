@@ -3,12 +3,19 @@
 //! byte counts all derive from [`CacheLayout`].
 //!
 //! Per layer, in stack order:
-//! - local layer ([`LayerCache::Ring`]): ring buffers `k_ring`, `v_ring` `[B, W+1, G, H]` of *raw*
-//!   k and v (before qk-norm and RoPE: RLA needs the raw k); token `p` lives in slot `p mod (W+1)`.
-//!   RAttention layers also keep `rla_state [B, G, 2H, H]` = Σ φ(k_s)ᵀ v_s over the tokens that have
-//!   left the window.
-//! - global layer ([`LayerCache::Full`]): `k`, `v` `[B, max_len, G, H]`; `k` is stored after
+//! - local layer ([`LayerCache::Ring`]): ring buffers `k_ring`, `v_ring` `[B, G, W+1, H]`; token
+//!   `p` lives in slot `p mod (W+1)`. `k_ring` holds the keys as SWA reads them, after qk-norm and
+//!   RoPE at the token's own position (rotated once, when written), so a decode step does no RoPE
+//!   over the ring. RAttention layers also keep `rla_state [B, G, 2H, H]` = Σ φ(k_s)ᵀ v_s over the
+//!   tokens that have left the window. RLA absorbs the *raw* key of the token leaving the window:
+//!   without qk-norm it is the ring's key rotated back (one position's RoPE per step); with qk-norm
+//!   (not invertible) the layer also keeps `k_raw [B, G, W+1, H]`, the raw keys.
+//! - global layer ([`LayerCache::Full`]): `k`, `v` `[B, G, max_len, H]`; `k` is stored after
 //!   qk-norm, and rotated at its absolute position with `global_rope` (what attention reads).
+//!
+//! Keys and values are head-major (`[B, G, slots, H]`): the decode step's score dot contracts the
+//! minor dim of both operands and the value dot reads rows, so XLA inserts no transposing copy of
+//! the cache before either dot.
 
 use crate::model::{Attention, Model};
 use crate::params::LogicalAxis;
@@ -18,11 +25,14 @@ use serde::Serialize;
 /// The cache one layer keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerCache {
-    /// A local layer: ring buffers of the last W+1 raw keys and values, plus the RLA state when
-    /// `rla_state`.
+    /// A local layer: ring buffers of the last W+1 keys (after qk-norm and RoPE) and values, plus
+    /// the RLA state when `rla_state` and the raw keys when `raw_keys`.
     Ring {
         /// The layer keeps an RLA state (RAttention layers).
         rla_state: bool,
+        /// The layer keeps the raw keys too (RAttention with qk-norm: the normalised key cannot be
+        /// turned back into the raw key RLA absorbs).
+        raw_keys: bool,
     },
     /// A global layer: keys (after qk-norm, rotated with `global_rope`) and values of every
     /// position below `max_len`.
@@ -30,13 +40,25 @@ pub enum LayerCache {
 }
 
 impl LayerCache {
-    /// The cache of a layer with this attention.
-    pub fn of(attn: Attention) -> LayerCache {
+    /// The cache of a layer with this attention, in a model with or without `qk_norm`.
+    pub fn of(attn: Attention, qk_norm: bool) -> LayerCache {
         match attn {
             Attention::Global => LayerCache::Full,
             a => LayerCache::Ring {
                 rla_state: a.has_rla(),
+                raw_keys: a.has_rla() && qk_norm,
             },
+        }
+    }
+
+    /// Buffers of this layer: k, v, then the raw keys and the RLA state where there are.
+    fn buffer_count(&self) -> usize {
+        match *self {
+            LayerCache::Ring {
+                rla_state,
+                raw_keys,
+            } => 2 + rla_state as usize + raw_keys as usize,
+            LayerCache::Full => 2,
         }
     }
 }
@@ -44,8 +66,10 @@ impl LayerCache {
 /// What a cache buffer holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CachePart {
-    /// Keys (a ring buffer or the full cache).
+    /// Keys as attention reads them (a ring buffer or the full cache).
     Key,
+    /// Raw keys of a local RAttention layer with qk-norm (what RLA absorbs).
+    RawKey,
     /// Values (a ring buffer or the full cache).
     Value,
     /// The RLA state `S`.
@@ -59,15 +83,15 @@ pub struct CacheBuffer {
     pub layer: usize,
     /// What it holds.
     pub part: CachePart,
-    /// `layers.{i}.k_ring`, `layers.{i}.v_ring`, `layers.{i}.rla_state`, `layers.{i}.k`,
-    /// `layers.{i}.v`.
+    /// `layers.{i}.k_ring`, `layers.{i}.v_ring`, `layers.{i}.k_raw`, `layers.{i}.rla_state`,
+    /// `layers.{i}.k`, `layers.{i}.v`.
     pub name: String,
     /// Row-major shape.
     pub shape: Vec<usize>,
     /// Element type of the buffer.
     pub dtype: ElementType,
     /// The logical axis of each dimension, for sharding rules: k/v
-    /// `[batch, cache_length, kv_heads, head_dim]`, the RLA state `[batch, kv_heads, feature,
+    /// `[batch, kv_heads, cache_length, head_dim]`, the RLA state `[batch, kv_heads, feature,
     /// head_dim]`.
     pub axes: Vec<LogicalAxis>,
 }
@@ -86,6 +110,8 @@ pub struct LayerCacheOps {
     pub k: Op,
     /// Values.
     pub v: Op,
+    /// The raw keys of layers with [`LayerCache::Ring`]`{ raw_keys: true }`.
+    pub k_raw: Option<Op>,
     /// The RLA state of RAttention layers.
     pub rla_state: Option<Op>,
 }
@@ -103,6 +129,27 @@ impl CacheBytes {
     /// `kv + rla_state`.
     pub fn total(&self) -> u64 {
         self.kv + self.rla_state
+    }
+}
+
+impl LayerCache {
+    /// This layer's [`LayerCacheOps`] from its buffers' values in [`CacheLayout::layer_buffers`]
+    /// order.
+    fn ops(&self, ops: &[Op]) -> LayerCacheOps {
+        let raw = matches!(self, LayerCache::Ring { raw_keys: true, .. });
+        let state = matches!(
+            self,
+            LayerCache::Ring {
+                rla_state: true,
+                ..
+            }
+        );
+        LayerCacheOps {
+            k: ops[0],
+            v: ops[1],
+            k_raw: raw.then(|| ops[2]),
+            rla_state: state.then(|| ops[2 + raw as usize]),
+        }
     }
 }
 
@@ -140,11 +187,16 @@ impl CacheLayout {
             head_dim: cfg.head_dim,
             dtype: ElementType::F32,
             activation: cfg.dtype.element_type(),
-            layers: model.layers().iter().map(|&a| LayerCache::of(a)).collect(),
+            layers: model
+                .layers()
+                .iter()
+                .map(|&a| LayerCache::of(a, cfg.qk_norm))
+                .collect(),
         }
     }
 
-    /// The buffers of layer `layer`, in order: k, v, then the RLA state where there is one.
+    /// The buffers of layer `layer`, in order: k, v, then the raw keys and the RLA state where
+    /// the layer keeps them.
     pub fn layer_buffers(&self, layer: usize) -> Vec<CacheBuffer> {
         let (bs, g, h) = (self.batch, self.kv_heads, self.head_dim);
         use LogicalAxis::{Batch, CacheLength, Feature, HeadDim, KvHeads};
@@ -156,23 +208,31 @@ impl CacheLayout {
             dtype: self.dtype,
             axes: match part {
                 CachePart::RlaState => vec![Batch, KvHeads, Feature, HeadDim],
-                CachePart::Key | CachePart::Value => vec![Batch, CacheLength, KvHeads, HeadDim],
+                CachePart::Key | CachePart::RawKey | CachePart::Value => {
+                    vec![Batch, KvHeads, CacheLength, HeadDim]
+                }
             },
         };
         match self.layers[layer] {
-            LayerCache::Ring { rla_state } => {
-                let ring = vec![bs, self.window + 1, g, h];
+            LayerCache::Ring {
+                rla_state,
+                raw_keys,
+            } => {
+                let ring = vec![bs, g, self.window + 1, h];
                 let mut v = vec![
                     buf(CachePart::Key, "k_ring", ring.clone()),
-                    buf(CachePart::Value, "v_ring", ring),
+                    buf(CachePart::Value, "v_ring", ring.clone()),
                 ];
+                if raw_keys {
+                    v.push(buf(CachePart::RawKey, "k_raw", ring));
+                }
                 if rla_state {
                     v.push(buf(CachePart::RlaState, "rla_state", vec![bs, g, 2 * h, h]));
                 }
                 v
             }
             LayerCache::Full => {
-                let full = vec![bs, self.max_len, g, h];
+                let full = vec![bs, g, self.max_len, h];
                 vec![
                     buf(CachePart::Key, "k", full.clone()),
                     buf(CachePart::Value, "v", full),
@@ -198,7 +258,7 @@ impl CacheLayout {
         for buf in self.buffers() {
             match buf.part {
                 CachePart::RlaState => c.rla_state += buf.bytes(),
-                CachePart::Key | CachePart::Value => c.kv += buf.bytes(),
+                CachePart::Key | CachePart::RawKey | CachePart::Value => c.kv += buf.bytes(),
             }
         }
         c
@@ -208,7 +268,9 @@ impl CacheLayout {
     /// a local layer counting its `min(W, max_len)`-token window, a global layer the whole
     /// context; RLA states `G · 2H · H` in `dtype`, independent of the context. The ring buffer's
     /// extra slot holds the token being decoded, which every attention variant needs as well, so
-    /// it is not counted (it adds 1/W to the local term in [`CacheLayout::allocated_bytes`]).
+    /// it is not counted (it adds 1/W to the local term in [`CacheLayout::allocated_bytes`]); nor
+    /// is `k_raw`, a second copy of the keys this implementation keeps so that no step rotates the
+    /// ring (it is in [`CacheLayout::allocated_bytes`]).
     pub fn nominal_bytes(&self) -> CacheBytes {
         let (g, h) = (self.kv_heads as u64, self.head_dim as u64);
         let act = self.activation.byte_size() as u64;
@@ -222,7 +284,10 @@ impl CacheLayout {
                 LayerCache::Full => self.max_len,
             } as u64;
             out.kv += 2 * tokens * g * h * act;
-            if let LayerCache::Ring { rla_state: true } = layer {
+            if let LayerCache::Ring {
+                rla_state: true, ..
+            } = layer
+            {
                 out.rla_state += g * 2 * h * h * self.dtype.byte_size() as u64;
             }
         }
@@ -241,11 +306,7 @@ impl CacheLayout {
                         b.parameter(Shape::array(buf.dtype, &dims), &buf.name)
                     })
                     .collect::<Result<Vec<Op>>>()?;
-                Ok(LayerCacheOps {
-                    k: ops[0],
-                    v: ops[1],
-                    rla_state: ops.get(2).copied(),
-                })
+                Ok(self.layers[i].ops(&ops))
             })
             .collect()
     }
@@ -264,17 +325,8 @@ impl CacheLayout {
         let mut rest = ops;
         let mut out = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let n = if matches!(layer, LayerCache::Ring { rla_state: true }) {
-                3
-            } else {
-                2
-            };
-            let (mine, tail) = rest.split_at(n);
-            out.push(LayerCacheOps {
-                k: mine[0],
-                v: mine[1],
-                rla_state: mine.get(2).copied(),
-            });
+            let (mine, tail) = rest.split_at(layer.buffer_count());
+            out.push(layer.ops(mine));
             rest = tail;
         }
         Ok(out)
@@ -296,17 +348,29 @@ impl CacheLayout {
         }
         let mut out = Vec::new();
         for (i, (layer, c)) in self.layers.iter().zip(caches).enumerate() {
-            let wants_state = matches!(layer, LayerCache::Ring { rla_state: true });
-            if wants_state != c.rla_state.is_some() {
-                return Err(hlo_builder::Error::invalid(
-                    "model",
-                    format!(
-                        "layer {i}: cache {layer:?} {} an RLA state",
-                        if wants_state { "needs" } else { "has no" }
-                    ),
-                ));
+            let (wants_raw, wants_state) = match *layer {
+                LayerCache::Ring {
+                    rla_state,
+                    raw_keys,
+                } => (raw_keys, rla_state),
+                LayerCache::Full => (false, false),
+            };
+            for (what, wants, has) in [
+                ("an RLA state", wants_state, c.rla_state.is_some()),
+                ("raw keys", wants_raw, c.k_raw.is_some()),
+            ] {
+                if wants != has {
+                    return Err(hlo_builder::Error::invalid(
+                        "model",
+                        format!(
+                            "layer {i}: cache {layer:?} {} {what}",
+                            if wants { "needs" } else { "has no" }
+                        ),
+                    ));
+                }
             }
             out.extend([c.k, c.v]);
+            out.extend(c.k_raw);
             out.extend(c.rla_state);
         }
         Ok(out)

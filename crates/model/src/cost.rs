@@ -6,17 +6,21 @@ use crate::model::Model;
 use crate::params::ParamRole;
 use serde::Serialize;
 
-/// Training FLOPs per token (forward + backward) at the config's `seq_len`.
+/// Model FLOPs per training token (forward + backward) at the config's `seq_len`, counted as
+/// MaxText counts them (`calculate_tflops_training_per_device`): the work the model needs, never
+/// recomputation, whatever the implementation executes.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Flops {
     /// `6·N` with N the parameters that enter matmuls (all weight matrices except norm scales and
     /// an untied input embedding, which is a gather).
     pub dense: f64,
-    /// `12·heads·head_dim·k` per layer (QKᵀ and AV, 2 FLOPs per multiply-add, backward 2× forward),
-    /// k = seq_len for global layers and `min(W, seq_len)` for local layers; no causal halving.
+    /// `6·heads·head_dim·k` per layer: QKᵀ and AV (2 FLOPs per multiply-add, 4·heads·head_dim·k
+    /// forward), backward 2× forward, halved for the causal mask as MaxText does; k = seq_len for
+    /// global layers and `min(W, seq_len)` for local layers (MaxText's Gemma 2 count halves those
+    /// too, which undercounts a window's W keys per query: the conservative side for MFU).
     pub attention: f64,
-    /// The chunked RLA kernels' nominal forward + backward FLOPs
-    /// (`pallas_port::kernel::flops_fwd + flops_bwd`, recomputation included) over `seq_len`.
+    /// 3× the chunked RLA forward's nominal FLOPs (`pallas_port::kernel::flops_fwd`; backward 2×
+    /// forward, as for the matmuls; the kernels' recomputation is not model work) over `seq_len`.
     pub rla: f64,
 }
 
@@ -81,7 +85,7 @@ impl Model {
         let mut attention = 0.0;
         for attn in self.layers() {
             let keys = if attn.is_local() { m.window.min(t) } else { t };
-            attention += 12.0 * qh * keys as f64;
+            attention += 6.0 * qh * keys as f64;
         }
         let rla_layers = self.layers().iter().filter(|a| a.has_rla()).count();
         let rla = if rla_layers == 0 {
@@ -95,8 +99,7 @@ impl Model {
                 kv_heads: m.kv_heads,
                 head_dim: m.head_dim,
             };
-            let per_layer =
-                pallas_port::kernel::flops_fwd(&rc, &d) + pallas_port::kernel::flops_bwd(&rc, &d);
+            let per_layer = 3.0 * pallas_port::kernel::flops_fwd(&rc, &d);
             rla_layers as f64 * per_layer / t as f64
         };
         Flops {

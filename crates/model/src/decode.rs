@@ -3,12 +3,14 @@
 //! between steps.
 //!
 //! At step `t` a local layer first absorbs the token leaving the window: if `t ≥ W+1`, slot
-//! `t mod (W+1)` holds token `t−W−1`, so `S += φ(k)ᵀ v` for it; then the slot is overwritten with
-//! token `t`. SWA attends over the W+1 slots (valid ones only) with RoPE at their true positions, RLA
-//! reads `φ(q_t)·S` with the raw q, and the two outputs are mixed exactly as in
-//! [`Model::attention_core`].
+//! `t mod (W+1)` holds token `t−W−1`, so `S += φ(k)ᵀ v` for its raw key (the ring's rotated key
+//! turned back by RoPE at position `t−W−1`, or the `k_raw` ring with qk-norm); then the slot is
+//! overwritten with token `t`, its key normalised and rotated once, at write. SWA attends over the
+//! W+1 slots (valid ones only) as stored, RLA reads `φ(q_t)·S` with the raw q, and the two outputs
+//! are mixed exactly as in [`Model::attention_core`]. Caches are head-major `[B, G, slots, H]`
+//! ([`crate::cache`]).
 
-use crate::cache::{CacheBytes, CacheLayout, LayerCacheOps};
+use crate::cache::{CacheBytes, CacheLayout, LayerCache, LayerCacheOps};
 use crate::layers::{bcast, dims, rope};
 use crate::model::Model;
 use crate::transformer::{mix_local, ParamOps};
@@ -86,27 +88,45 @@ fn check_sizes(what: &'static str, batch: usize, max_len: usize) -> Result<()> {
     Ok(())
 }
 
-/// Ring buffer `[B, W+1, G, H]` holding the last `min(L, W+1)` tokens of `x [B, L, G, H]` in slot
+/// `[B, T, G, H]` to the caches' head-major `[B, G, T, H]`.
+fn head_major(b: &Builder, x: Op) -> Result<Op> {
+    b.transpose(x, &[0, 2, 1, 3])
+}
+
+/// One token's `[B, 1, G, H]` as a cache slot `[B, G, 1, H]` (the same elements in the same
+/// order, so a reshape).
+fn as_slot(b: &Builder, x: Op) -> Result<Op> {
+    let d = dims(b, x)?;
+    b.reshape(x, &[d[0], d[2], 1, d[3]])
+}
+
+/// Ring buffer `[B, G, W+1, H]` holding the last `min(L, W+1)` tokens of `x [B, L, G, H]` in slot
 /// `p mod (W+1)`; slots never written are zero.
 fn ring_from_prompt(b: &Builder, x: Op, window: usize) -> Result<Op> {
     let d = dims(b, x)?;
     let (l, m) = (d[1], window as i64 + 1);
     if l < m {
         let zero = b.scalar(0.0f32)?;
-        return b.pad(x, zero, &[(0, 0, 0), (0, m - l, 0), (0, 0, 0), (0, 0, 0)]);
+        return head_major(
+            b,
+            b.pad(x, zero, &[(0, 0, 0), (0, m - l, 0), (0, 0, 0), (0, 0, 0)])?,
+        );
     }
     // last[i] is position L−m+i, which belongs in slot (r + i) mod m with r = L mod m.
     let last = b.slice_in_dim(x, l - m, l, 1)?;
     let r = l % m;
     if r == 0 {
-        return Ok(last);
+        return head_major(b, last);
     }
-    b.concatenate(
-        &[
-            b.slice_in_dim(last, m - r, m, 1)?,
-            b.slice_in_dim(last, 0, m - r, 1)?,
-        ],
-        1,
+    head_major(
+        b,
+        b.concatenate(
+            &[
+                b.slice_in_dim(last, m - r, m, 1)?,
+                b.slice_in_dim(last, 0, m - r, 1)?,
+            ],
+            1,
+        )?,
     )
 }
 
@@ -142,7 +162,8 @@ impl Model {
     /// `params..., tokens s32[B, L] -> tuple(logits f32[B, L, V], cache...)`: the prefill of `L`
     /// prompt tokens. The logits equal [`Model::forward`]'s; the caches (in
     /// [`CacheLayout::buffers`] order) are what [`Model::decode_step`] continues from at position
-    /// `L`: ring buffers holding the last W+1 tokens in slot `t mod (W+1)`, the RLA state after
+    /// `L`: ring buffers holding the last W+1 tokens in slot `t mod (W+1)` (keys after qk-norm and
+    /// RoPE at their positions; raw keys in `k_raw` where the layout has it), the RLA state after
     /// token `L−W−2` (the block's `final_state`; zero when `L ≤ W+1`), and the global caches
     /// filled up to position `L−1`. Needs `L ≤ max_len`. `platform` is where the graph runs (it
     /// picks the RLA lowering, see [`Model::rla_lowering`]); the decode step has no RLA block and
@@ -179,10 +200,17 @@ impl Model {
                 let (ctx, state) =
                     self.attention_core_with_state(&b, &p, &ap, attn, (q, k, v), pos, platform)?;
                 let _c = b.name_scope("cache");
+                let (_, kn) = self.qk_norm(&b, &p, &ap, q, k)?;
                 caches.push(if attn.is_local() {
+                    let raw = matches!(layout.layers[i], LayerCache::Ring { raw_keys: true, .. });
                     LayerCacheOps {
-                        k: ring_from_prompt(&b, k, cfg.window)?,
+                        k: ring_from_prompt(&b, rope(&b, kn, pos, cfg.rope_theta)?, cfg.window)?,
                         v: ring_from_prompt(&b, v, cfg.window)?,
+                        k_raw: if raw {
+                            Some(ring_from_prompt(&b, k, cfg.window)?)
+                        } else {
+                            None
+                        },
                         rla_state: state,
                     }
                 } else {
@@ -195,8 +223,9 @@ impl Model {
                         (0, 0, 0),
                     ];
                     LayerCacheOps {
-                        k: b.pad(kn, zero, &pad)?,
-                        v: b.pad(v, zero, &pad)?,
+                        k: head_major(&b, b.pad(kn, zero, &pad)?)?,
+                        v: head_major(&b, b.pad(v, zero, &pad)?)?,
+                        k_raw: None,
                         rla_state: None,
                     }
                 });
@@ -409,16 +438,18 @@ fn argmax_last(b: &Builder, x: Op) -> Result<Op> {
     b.reduce_min(cand, &[1])
 }
 
-/// Attention of one query token `q [B,1,N,H]` (rotated and scaled) over `k, v [B,S,G,H]` where
-/// key `s` is visible iff `visible[s]` (pred `[S]`); fp32 softmax. Returns `[B,1,N,H]`.
+/// Attention of one query token `q [B,1,N,H]` (rotated and scaled) over head-major
+/// `k, v [B,G,S,H]` where key `s` is visible iff `visible[s]` (pred `[S]`); fp32 softmax. Both dots
+/// take the cache as it lies (scores contract the minor dims, values read rows). Returns
+/// `[B,1,N,H]`.
 fn attend_one(b: &Builder, q: Op, k: Op, v: Op, visible: Op) -> Result<Op> {
     let (qd, kd) = (dims(b, q)?, dims(b, k)?);
-    let (bs, n, h, s, g) = (qd[0], qd[2], qd[3], kd[1], kd[2]);
+    let (bs, n, h, g, s) = (qd[0], qd[2], qd[3], kd[1], kd[2]);
     let r = n / g;
     let qg = b.reshape(q, &[bs, g, r, h])?;
     let dd = DotDims {
         lhs_batch: vec![0, 1],
-        rhs_batch: vec![0, 2],
+        rhs_batch: vec![0, 1],
         lhs_contracting: vec![3],
         rhs_contracting: vec![3],
     };
@@ -428,9 +459,9 @@ fn attend_one(b: &Builder, q: Op, k: Op, v: Op, visible: Op) -> Result<Op> {
     let p = b.softmax(b.select(vis, scores, b.full(F32, -1e30, &sd)?)?, -1)?;
     let dd = DotDims {
         lhs_batch: vec![0, 1],
-        rhs_batch: vec![0, 2],
+        rhs_batch: vec![0, 1],
         lhs_contracting: vec![3],
-        rhs_contracting: vec![1],
+        rhs_contracting: vec![2],
     };
     let o = b.dot_general(p, v, &dd, None, Some(F32))?; // [B, G, R, H]
     b.reshape(o, &[bs, 1, n, h])
@@ -438,7 +469,8 @@ fn attend_one(b: &Builder, q: Op, k: Op, v: Op, visible: Op) -> Result<Op> {
 
 impl Model {
     /// One local layer at position `pos` (s32 scalar) for projected `q [B,1,N,H]`, `k, v [B,1,G,H]`:
-    /// returns the context `[B,1,N,H]` and the updated cache.
+    /// returns the context `[B,1,N,H]` and the updated cache. The new key is normalised and
+    /// rotated here, once; the ring's keys are used as stored.
     fn local_step(
         &self,
         b: &Builder,
@@ -455,29 +487,51 @@ impl Model {
         let m = cfg.window as i64 + 1;
         let zero = b.scalar(0i32)?;
         let slot = b.rem(pos, b.scalar(m as i32)?)?;
-        let at_slot = [zero, slot, zero, zero];
-        let (k_ring, v_ring) = (cache.k, cache.v);
+        let at_slot = [zero, zero, slot, zero];
+        let (qn, kn) = self.qk_norm(b, p, prefix, q, k)?;
+        let qpos = b.reshape(b.convert(pos, F32)?, &[1])?;
         let state = match cache.rla_state {
             Some(state) => {
                 let _s = b.name_scope("absorb");
                 // The slot about to be overwritten holds token pos − W − 1 when pos ≥ W + 1.
                 let old = |ring: Op| {
                     b.reshape(
-                        b.dynamic_slice(ring, &at_slot, &[bs, 1, g, h])?,
-                        &[bs, g, h],
+                        b.dynamic_slice(ring, &at_slot, &[bs, g, 1, h])?,
+                        &[bs, 1, g, h],
                     )
                 };
-                let (old_k, old_v) = (old(k_ring)?, old(v_ring)?);
+                let old_k = match cache.k_raw {
+                    Some(raw) => old(raw)?,
+                    None => {
+                        // Without qk-norm the ring holds RoPE(k) at the token's position: turn it
+                        // back with the opposite angle (one position's cos/sin).
+                        // −(pos − W − 1), exact in f32; the angle is exactly the negated one.
+                        let minus = b.sub(b.constant_vec(vec![m as f32], &[1])?, qpos)?;
+                        rope(b, old(cache.k)?, minus, cfg.rope_theta)?
+                    }
+                };
+                let flat = |x: Op| b.reshape(x, &[bs, g, h]);
                 let leaving = b.compare(pos, b.scalar(m as i32)?, Cmp::Ge)?;
-                Some(absorb(b, state, old_k, old_v, leaving, fm)?)
+                Some(absorb(
+                    b,
+                    state,
+                    flat(old_k)?,
+                    flat(old(cache.v)?)?,
+                    leaving,
+                    fm,
+                )?)
             }
             None => None,
         };
-        let k_ring = b.dynamic_update_slice(k_ring, k, &at_slot)?;
-        let v_ring = b.dynamic_update_slice(v_ring, v, &at_slot)?;
+        let kr = rope(b, kn, qpos, cfg.rope_theta)?;
+        let write = |ring: Op, x: Op| b.dynamic_update_slice(ring, as_slot(b, x)?, &at_slot);
         let new_cache = LayerCacheOps {
-            k: k_ring,
-            v: v_ring,
+            k: write(cache.k, kr)?,
+            v: write(cache.v, v)?,
+            k_raw: match cache.k_raw {
+                Some(raw) => Some(write(raw, k)?),
+                None => None,
+            },
             rla_state: state,
         };
         let swa = {
@@ -493,12 +547,9 @@ impl Model {
             )?;
             let slot_pos = b.sub(bcast(b, pos, &[m], &[])?, back)?;
             let valid = b.compare(slot_pos, b.zeros(S32, &[m])?, Cmp::Ge)?;
-            let (qn, kn) = self.qk_norm(b, p, prefix, q, k_ring)?;
             let inv_sqrt_h = b.scalar(1.0 / (h as f32).sqrt())?;
-            let qpos = b.reshape(b.convert(pos, F32)?, &[1])?;
             let qr = b.mul(rope(b, qn, qpos, cfg.rope_theta)?, inv_sqrt_h)?;
-            let kr = rope(b, kn, b.convert(slot_pos, F32)?, cfg.rope_theta)?;
-            attend_one(b, qr, kr, v_ring, valid)?
+            attend_one(b, qr, new_cache.k, new_cache.v, valid)?
         };
         let Some(s) = state else {
             return Ok((swa, new_cache));
@@ -522,16 +573,16 @@ impl Model {
         cache: &LayerCacheOps,
         pos: Op,
     ) -> Result<(Op, LayerCacheOps)> {
-        let max_len = dims(b, cache.k)?[1];
+        let max_len = dims(b, cache.k)?[2];
         let fpos = b.reshape(b.convert(pos, F32)?, &[1])?;
         let (qr, kn) = (
             self.global_queries(b, p, prefix, q, fpos)?,
             self.global_keys(b, p, prefix, k, fpos)?,
         );
         let zero = b.scalar(0i32)?;
-        let at = [zero, pos, zero, zero];
-        let kc = b.dynamic_update_slice(cache.k, kn, &at)?;
-        let vc = b.dynamic_update_slice(cache.v, v, &at)?;
+        let at = [zero, zero, pos, zero];
+        let kc = b.dynamic_update_slice(cache.k, as_slot(b, kn)?, &at)?;
+        let vc = b.dynamic_update_slice(cache.v, as_slot(b, v)?, &at)?;
         let visible = b.compare(
             b.iota(S32, &[max_len], 0)?,
             bcast(b, pos, &[max_len], &[])?,
@@ -541,6 +592,7 @@ impl Model {
         let new_cache = LayerCacheOps {
             k: kc,
             v: vc,
+            k_raw: None,
             rla_state: None,
         };
         Ok((ctx, new_cache))

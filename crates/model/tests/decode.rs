@@ -211,9 +211,52 @@ fn cache_specs_shapes() {
             "layers.3.v",
         ]
     );
-    assert_eq!(specs[0].shape, [3, 33, 2, 16]);
+    // Head-major caches [B, G, slots, H] (the decode step's dots read them without a transpose).
+    assert_eq!(specs[0].shape, [3, 2, 33, 16]);
     assert_eq!(specs[2].shape, [3, 2, 32, 16]);
-    assert_eq!(specs[9].shape, [3, 128, 2, 16]);
+    assert_eq!(specs[9].shape, [3, 2, 128, 16]);
+}
+
+#[test]
+fn qk_norm_rattention_keeps_raw_keys_for_rla() {
+    // With qk-norm the ring's keys (normalised, rotated) cannot give back the raw key RLA absorbs,
+    // so RAttention layers keep k_raw too; SWA-only layers never need it.
+    let mut cfg = tiny();
+    cfg.qk_norm = true;
+    let m = Model::new(cfg.clone()).unwrap();
+    let names: Vec<String> = m
+        .cache_layout(1, 64)
+        .buffers()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(
+        names[..4],
+        [
+            "layers.0.k_ring",
+            "layers.0.v_ring",
+            "layers.0.k_raw",
+            "layers.0.rla_state"
+        ]
+    );
+    assert_eq!(names.len(), 3 * 4 + 2);
+    let raw = m
+        .cache_layout(1, 64)
+        .buffers()
+        .into_iter()
+        .find(|b| b.part == model::CachePart::RawKey)
+        .unwrap();
+    assert_eq!(raw.shape, [1, 2, 33, 16]);
+    // The paper's accounting counts k and v only.
+    let plain = Model::new(tiny()).unwrap();
+    assert_eq!(m.cache_bytes(64), plain.cache_bytes(64));
+    cfg.local_kind = LocalKind::Swa;
+    let swa = Model::new(cfg).unwrap();
+    assert!(swa
+        .cache_layout(1, 64)
+        .buffers()
+        .iter()
+        .all(|b| b.part != model::CachePart::RawKey));
 }
 
 #[test]

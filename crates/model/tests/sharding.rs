@@ -158,11 +158,9 @@ fn cache_buffers_carry_logical_axes_and_shard_by_batch_and_kv_heads() {
     for b in &bufs {
         assert_eq!(b.axes.len(), b.shape.len(), "{}", b.name);
         let spec = mesh.partition_spec(&b.name, &b.shape, &b.axes).unwrap();
-        // Batch over data × fsdp, kv heads over tensor; slots, φ features and H stay whole.
-        let want = match b.part {
-            model::CachePart::RlaState => "[(data, fsdp), tensor, -, -]",
-            _ => "[(data, fsdp), -, tensor, -]",
-        };
+        // Batch over data × fsdp, kv heads over tensor; slots, φ features and H stay whole
+        // (every buffer is [batch, kv_heads, ..]).
+        let want = "[(data, fsdp), tensor, -, -]";
         assert_eq!(spec.to_string(), want, "{}", b.name);
     }
 }

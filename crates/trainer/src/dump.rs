@@ -339,8 +339,8 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
     let _ = writeln!(
         o,
         "train FLOPs per token at seq_len {}: {} = dense {} (6·matmul params) + attention {} \
-         (12·heads·head_dim·k per layer, k = seq_len global / min(W, seq_len) local, no causal halving) \
-         + RLA {} (chunked kernels fwd+bwd, recompute included)",
+         (6·heads·head_dim·k per layer, k = seq_len global / min(W, seq_len) local, causal halving as MaxText) \
+         + RLA {} (3× the chunked forward; no recompute)",
         m.seq_len,
         units::si(f.total(), "FLOP"),
         units::si(f.dense, "FLOP"),

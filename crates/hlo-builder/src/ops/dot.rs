@@ -283,6 +283,12 @@ impl<'a> Side<'a> {
 
 /// The cotangent of side `me`: contract the result dims holding `other`'s free dims with
 /// `other`, then transpose back into `me`'s dim order.
+///
+/// The dot is written with whichever operand order gives `me`'s dims in order, so that no
+/// transpose follows it where one order does: for `y = x · w` that is `dw = xᵀ · dy` as
+/// `dot(x, dy)` (contracting the rows of both), not `transpose(dot(dy, x))`. XLA CPU turns the
+/// latter into a transposing copy of the (large) cotangent before an Eigen dot; the former it
+/// runs as a plain row-major matmul after transposing `x`, once for every weight that reads it.
 fn side_cotangent(
     b: &Builder,
     ct: Op,
@@ -290,28 +296,8 @@ fn side_cotangent(
     other: &Side,
     precision: Option<Precision>,
 ) -> Result<Op> {
-    let dims = DotDims {
-        lhs_batch: (0..me.batch.len() as i64).collect(),
-        rhs_batch: other.batch.to_vec(),
-        lhs_contracting: other.out_free.clone(),
-        rhs_contracting: other.free.clone(),
-    };
-    // Compute in the wider of the two types (they differ under a preferred element type).
-    let ct_ty = b.shape(ct)?.ty().unwrap_or(me.ty);
-    let wide = if ct_ty.byte_size() >= other.ty.byte_size() {
-        ct_ty
-    } else {
-        other.ty
-    };
-    let r = b.dot_general(
-        b.convert(ct, wide)?,
-        b.convert(other.op, wide)?,
-        &dims,
-        precision,
-        None,
-    )?;
-    // Result axes: batch (me.batch), my free dims, then the other side's remaining (=
-    // contracting) dims in increasing order, each paired with my contracting dim.
+    // The other side's contracting dims in increasing order, each paired with my contracting dim
+    // (the dot's result holds them in that order).
     let mut sorted_oc: Vec<(i64, i64)> = other
         .contracting
         .iter()
@@ -319,10 +305,44 @@ fn side_cotangent(
         .zip(me.contracting.iter().copied())
         .collect();
     sorted_oc.sort_unstable();
+    let paired = sorted_oc.iter().map(|&(_, sc)| sc);
+    // dot(ct, other): batch, my free dims, then the paired contracting dims.
     let mut src: Vec<i64> = me.batch.to_vec();
     src.extend_from_slice(&me.free);
-    src.extend(sorted_oc.iter().map(|&(_, sc)| sc));
-    let r = b.transpose(r, &inverse_perm(&src))?;
+    src.extend(paired.clone());
+    // dot(other, ct): batch, the paired contracting dims, then my free dims.
+    let mut swapped_src: Vec<i64> = me.batch.to_vec();
+    swapped_src.extend(paired);
+    swapped_src.extend_from_slice(&me.free);
+    let in_order = |p: &[i64]| p.iter().enumerate().all(|(i, &d)| d == i as i64);
+    let swap = !in_order(&src) && in_order(&swapped_src);
+    // Compute in the wider of the two types (they differ under a preferred element type).
+    let ct_ty = b.shape(ct)?.ty().unwrap_or(me.ty);
+    let wide = if ct_ty.byte_size() >= other.ty.byte_size() {
+        ct_ty
+    } else {
+        other.ty
+    };
+    let (ctw, ow) = (b.convert(ct, wide)?, b.convert(other.op, wide)?);
+    let ct_batch: Vec<i64> = (0..me.batch.len() as i64).collect();
+    let r = if swap {
+        let dims = DotDims {
+            lhs_batch: other.batch.to_vec(),
+            rhs_batch: ct_batch,
+            lhs_contracting: other.free.clone(),
+            rhs_contracting: other.out_free.clone(),
+        };
+        b.dot_general(ow, ctw, &dims, precision, None)?
+    } else {
+        let dims = DotDims {
+            lhs_batch: ct_batch,
+            rhs_batch: other.batch.to_vec(),
+            lhs_contracting: other.out_free.clone(),
+            rhs_contracting: other.free.clone(),
+        };
+        let r = b.dot_general(ctw, ow, &dims, precision, None)?;
+        b.transpose(r, &inverse_perm(&src))?
+    };
     b.convert(r, me.ty)
 }
 
