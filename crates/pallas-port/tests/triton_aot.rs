@@ -104,25 +104,9 @@ fn compile(topo: &Topology, what: &str, d: &RlaDims, cfg: &RlaConfig) {
         );
     }
     // The kernels index their buffers row-major: every operand and result of every Triton
-    // call must keep a row-major layout (`{n-1,...,1,0}`) after XLA's layout assignment.
-    let calls: Vec<&str> = opt
-        .lines()
-        .filter(|l| l.contains("__gpu$xla.gpu.triton"))
-        .collect();
-    assert_eq!(calls.len(), 5, "{what}: Triton calls in the optimized HLO");
-    for line in calls {
-        for part in line.split("]{").skip(1) {
-            let layout: Vec<usize> = part
-                .split('}')
-                .next()
-                .unwrap()
-                .split(',')
-                .map(|x| x.parse().unwrap())
-                .collect();
-            let row_major: Vec<usize> = (0..layout.len()).rev().collect();
-            assert_eq!(layout, row_major, "{what}: non-row-major buffer in {line}");
-        }
-    }
+    // call must keep a row-major layout after XLA's layout assignment.
+    let calls = triton::check_row_major_calls(&opt).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(calls, 5, "{what}: Triton calls in the optimized HLO");
     eprintln!(
         "{what}: {d} {cfg:?} compiled in {:?}; {:?}",
         t.elapsed(),
@@ -216,6 +200,32 @@ fn rla_triton_kernels_compile_at_head_dim_64() {
         feature_map: FeatureMap::Softmax,
     };
     compile(&h100, "h100", &d, &cfg);
+}
+
+/// The row-major check on hand-written optimized-HLO lines (no plugin needed): row-major
+/// buffers of every rank pass and are counted per call; a transposed layout in any position, or
+/// an unreadable one, is an error naming the line; other custom calls are not looked at.
+#[test]
+fn row_major_check_reads_layouts() {
+    let t = triton::TARGET;
+    let ok = format!(
+        "  %a = f32[2,3,4,5]{{3,2,1,0}} custom-call(f32[6,7]{{1,0}} %x, f32[8]{{0}} %y), custom_call_target=\"{t}\"\n\
+         %b = f32[9,9]{{0,1}} custom-call(f32[9,9]{{0,1}} %z), custom_call_target=\"other\"\n\
+         %c = (f32[4,4]{{1,0}}, f32[]) custom-call(f32[4]{{0}} %w), custom_call_target=\"{t}\""
+    );
+    assert_eq!(triton::check_row_major_calls(&ok), Ok(2));
+    assert_eq!(triton::check_row_major_calls("HloModule m"), Ok(0));
+    for (bad, layout) in [
+        ("f32[2,3,4,5]{1,0,3,2}", "[1, 0, 3, 2]"),
+        ("f32[6,7]{0,1}", "[0, 1]"),
+    ] {
+        let line = format!("%o = f32[8]{{0}} custom-call({bad} %x), custom_call_target=\"{t}\"");
+        let e = triton::check_row_major_calls(&line).unwrap_err();
+        assert!(e.contains(layout) && e.contains(bad), "{e}");
+    }
+    let e = triton::check_row_major_calls(&format!("f32[2]{{x}} custom_call_target=\"{t}\""))
+        .unwrap_err();
+    assert!(e.contains("unreadable layout {x}"), "{e}");
 }
 
 #[test]
