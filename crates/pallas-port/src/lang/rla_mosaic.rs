@@ -27,7 +27,7 @@ use super::builder::KernelBuilder;
 use super::interp;
 use super::ir::*;
 use super::mosaic;
-use super::rla::{Geo, K};
+use super::rla::{as_f32, lang_err, Geo, K};
 use crate::config::{RlaConfig, RlaDims};
 use hlo_builder::{Builder, ElementType, Op as HloOp};
 
@@ -146,21 +146,26 @@ fn grid(l: &Layout) -> Vec<GridAxis> {
     ]
 }
 
-/// The `[C, H]` tile of sub-chunk `j`, head `head` (within the block) of a rows block.
-fn tile(k: &mut K<'_>, l: &Layout, arr: Ref, head: Value, j: Value) -> LangResult<Value> {
+/// The index of the `[C, H]` tile of sub-chunk `j`, head `head` (within the block) of a rows
+/// block.
+fn tile_index(k: &mut K<'_>, l: &Layout, head: Value, j: Value) -> [Index; 5] {
     let zero = k.kb.int(0);
-    k.kb.load(
-        arr,
-        &[
-            Index::At(zero),
-            Index::At(head),
-            Index::At(j),
-            Index::Slice(zero, l.c),
-            Index::Slice(zero, l.h),
-        ],
-    )
+    [
+        Index::At(zero),
+        Index::At(head),
+        Index::At(j),
+        Index::Slice(zero, l.c),
+        Index::Slice(zero, l.h),
+    ]
 }
 
+/// The `[C, H]` tile of sub-chunk `j`, head `head` (within the block) of a rows block.
+fn tile(k: &mut K<'_>, l: &Layout, arr: Ref, head: Value, j: Value) -> LangResult<Value> {
+    let ix = tile_index(k, l, head, j);
+    k.kb.load(arr, &ix)
+}
+
+/// Stores `x` as the tile [`tile`] loads.
 fn store_tile(
     k: &mut K<'_>,
     l: &Layout,
@@ -169,18 +174,8 @@ fn store_tile(
     j: Value,
     x: Value,
 ) -> LangResult<()> {
-    let zero = k.kb.int(0);
-    k.kb.store(
-        arr,
-        &[
-            Index::At(zero),
-            Index::At(head),
-            Index::At(j),
-            Index::Slice(zero, l.c),
-            Index::Slice(zero, l.h),
-        ],
-        x,
-    )
+    let ix = tile_index(k, l, head, j);
+    k.kb.store(arr, &ix, x)
 }
 
 /// The index of state half `half` (rows `half·H..`) of a `[.., 2H, H]` ref with `lead` zeros.
@@ -252,22 +247,15 @@ pub fn fwd_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         let zero = k.kb.int(0);
         let kt = tile(k, &l, kr, zero, j)?;
         let vt = tile(k, &l, vr, zero, j)?;
-        let (pk, nk) = k.phi(kt)?;
+        let phk = k.phi(kt)?;
         k.range(l.r, &[], |k, r, _| {
             let qt = tile(k, &l, qr, r, j)?;
-            let (pq, nq) = k.phi(qt)?;
-            let a = k.dot_t(pq, pk, None)?;
-            let a = k.dot_t(nq, nk, Some(a))?;
-            let a = k.causal(a)?;
-            let o = k.kb.dot(pq, s[0], None)?;
-            let o = k.kb.dot(nq, s[1], Some(o))?;
-            let o = k.kb.dot(a, vt, Some(o))?;
+            let phq = k.phi(qt)?;
+            let o = k.out_tile(phq, phk, s, vt)?;
             store_tile(k, &l, or, r, j, o)?;
             Ok(vec![])
         })?;
-        let sp = k.t_dot(pk, vt, Some(s[0]))?;
-        let sn = k.t_dot(nk, vt, Some(s[1]))?;
-        Ok(vec![sp, sn])
+        k.state_step(phk, vt, s)
     })?;
     let fin = [fin[0], fin[1]];
     store_state(&mut k, &l, sr, 0, fin)?;
@@ -296,7 +284,6 @@ pub fn bwd_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     let dvr = kb.output_block("dv_shifted", &rows_kv, block(&kvb, map(5)))?;
     let dsr = kb.scratch("d_state", &[2 * l.h, l.h]);
     let mut k = K { kb: &mut kb, geo };
-    let (ch, hh) = ([l.c, l.h], [l.h, l.h]);
 
     // Pass 1: dq, with S recomputed from the chunk's saved state.
     let s0 = load_state(&mut k, &l, csr, 3)?;
@@ -304,24 +291,16 @@ pub fn bwd_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         let zero = k.kb.int(0);
         let kt = tile(k, &l, kr, zero, j)?;
         let vt = tile(k, &l, vr, zero, j)?;
-        let (pk, nk) = k.phi(kt)?;
+        let phk = k.phi(kt)?;
         k.range(l.r, &[], |k, r, _| {
             let qt = tile(k, &l, qr, r, j)?;
             let dot = tile(k, &l, dor, r, j)?;
             let phq = k.phi(qt)?;
-            let p = k.dot_t(dot, vt, None)?;
-            let p = k.causal(p)?;
-            let dpq = k.dot_t(dot, s[0], None)?;
-            let dpq = k.kb.dot(p, pk, Some(dpq))?;
-            let dnq = k.dot_t(dot, s[1], None)?;
-            let dnq = k.kb.dot(p, nk, Some(dnq))?;
-            let dq = k.phi_vjp(qt, phq, (dpq, dnq))?;
+            let dq = k.dq_tile((qt, phq), dot, phk, vt, s)?;
             store_tile(k, &l, dqr, r, j, dq)?;
             Ok(vec![])
         })?;
-        let sp = k.t_dot(pk, vt, Some(s[0]))?;
-        let sn = k.t_dot(nk, vt, Some(s[1]))?;
-        Ok(vec![sp, sn])
+        k.state_step(phk, vt, s)
     })?;
 
     // Pass 2: dk̃, dṽ over the sub-chunks in reverse, dS carried from the later chunks.
@@ -332,40 +311,17 @@ pub fn bwd_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         let zero = k.kb.int(0);
         let kt = tile(k, &l, kr, zero, j)?;
         let vt = tile(k, &l, vr, zero, j)?;
-        let (pk, nk) = k.phi(kt)?;
-        let init = [
-            k.kb.zeros(&ch)?,
-            k.kb.zeros(&ch)?,
-            k.kb.zeros(&ch)?,
-            k.kb.zeros(&hh)?,
-            k.kb.zeros(&hh)?,
-        ];
+        let phk = k.phi(kt)?;
+        let init = k.dkdv_init(l.h)?;
         let acc = k.range(l.r, &init, |k, r, acc| {
             let qt = tile(k, &l, qr, r, j)?;
             let dot = tile(k, &l, dor, r, j)?;
-            let (pq, nq) = k.phi(qt)?;
-            let a = k.dot_t(pq, pk, None)?;
-            let a = k.dot_t(nq, nk, Some(a))?;
-            let a = k.causal(a)?;
-            let p = k.dot_t(dot, vt, None)?;
-            let p = k.causal(p)?;
-            let dfp = k.t_dot(p, pq, Some(acc[0]))?;
-            let dfn = k.t_dot(p, nq, Some(acc[1]))?;
-            let dv = k.t_dot(a, dot, Some(acc[2]))?;
-            let ip = k.t_dot(pq, dot, Some(acc[3]))?;
-            let inn = k.t_dot(nq, dot, Some(acc[4]))?;
-            Ok(vec![dfp, dfn, dv, ip, inn])
+            k.dkdv_acc(qt, dot, phk, vt, acc)
         })?;
-        let dfp = k.dot_t(vt, ds[0], Some(acc[0]))?;
-        let dfn = k.dot_t(vt, ds[1], Some(acc[1]))?;
-        let dv = k.kb.dot(pk, ds[0], Some(acc[2]))?;
-        let dv = k.kb.dot(nk, ds[1], Some(dv))?;
-        let dk = k.phi_vjp(kt, (pk, nk), (dfp, dfn))?;
+        let (dk, dv) = k.dkdv_tile((kt, phk), vt, ds, &acc)?;
         store_tile(k, &l, dkr, zero, j, dk)?;
         store_tile(k, &l, dvr, zero, j, dv)?;
-        let dsp = k.kb.add(ds[0], acc[3])?;
-        let dsn = k.kb.add(ds[1], acc[4])?;
-        Ok(vec![dsp, dsn])
+        k.ds_step(ds, &acc)
     })?;
     store_state(&mut k, &l, dsr, 0, [ds[0], ds[1]])?;
     kb.finish()
@@ -527,17 +483,6 @@ pub fn vmem_use(cfg: &RlaConfig, d: &RlaDims) -> LangResult<[(String, usize); 2]
     let rf = mosaic::check(&f, usize::MAX)?;
     let rb = mosaic::check(&b, usize::MAX)?;
     Ok([(f.name, rf.vmem_total()), (b.name, rb.vmem_total())])
-}
-
-fn lang_err(b: &Builder, e: LangError) -> hlo_builder::Error {
-    b.error("rla", e.to_string())
-}
-
-fn as_f32(b: &Builder, x: HloOp) -> hlo_builder::Result<HloOp> {
-    match b.shape(x)?.ty() {
-        Some(ElementType::F32) => Ok(x),
-        _ => b.convert(x, ElementType::F32),
-    }
 }
 
 /// The forward block as a Mosaic custom call: `(o, chunk_states, final_state)` (a tuple op, the
