@@ -200,10 +200,6 @@ fn rla_kernels_emit_and_report_vmem() {
 // ---------------------------------------------------------------------------------------------
 // libtpu AOT compiles.
 
-fn forced() -> bool {
-    std::env::var("RATTN_AOT_TESTS").is_ok_and(|v| v == "1")
-}
-
 /// Runs `body` in a child process (libtpu CHECK-aborts on some malformed kernels). Returns
 /// `false` (after printing why) when libtpu is not installed.
 fn in_child(test: &str, body: impl FnOnce(&pjrt::Plugin)) -> bool {
@@ -220,11 +216,10 @@ fn in_child(test: &str, body: impl FnOnce(&pjrt::Plugin)) -> bool {
         body(&plugin);
         return true;
     }
-    let cache = PluginCache::default();
-    if forced() {
-        cache.install(PluginKind::Tpu).expect("installing libtpu");
-    } else if cache.installed(PluginKind::Tpu).is_none() {
-        eprintln!("skip {test}: libtpu not installed (set RATTN_AOT_TESTS=1 to install and run)");
+    if !PluginCache::default()
+        .ready_for_test(PluginKind::Tpu, test)
+        .expect("installing libtpu")
+    {
         return false;
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())

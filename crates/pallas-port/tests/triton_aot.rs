@@ -27,16 +27,10 @@ fn gpu(test: &str) -> Option<Plugin> {
         }
     }
     let cache = PluginCache::default();
-    if std::env::var("RATTN_AOT_TESTS").is_ok_and(|v| v == "1") {
-        cache
-            .install(PluginKind::Cuda)
-            .and(cache.install_cuda_tools())
-            .expect("installing the CUDA plugin, ptxas and libdevice");
-    } else if cache.installed(PluginKind::Cuda).is_none() || cache.installed_cuda_tools().is_none()
+    if !cache
+        .ready_for_test(PluginKind::Cuda, test)
+        .expect("installing the CUDA plugin, ptxas and libdevice")
     {
-        eprintln!(
-            "skip {test}: the CUDA plugin or ptxas/libdevice is not installed (set RATTN_AOT_TESTS=1 to install and run)"
-        );
         return None;
     }
     Some(

@@ -10,52 +10,18 @@
 
 mod common;
 
-use common::rattn;
+use common::{have_plugin, rattn};
 use std::process::Output;
 
-use pjrt::install::{PluginCache, PluginKind};
+use pjrt::install::PluginKind;
 use serde_json::Value;
 
-fn forced() -> bool {
-    std::env::var("RATTN_AOT_TESTS").is_ok_and(|v| v == "1")
-}
-
-/// The plugin cache `rattn` uses: `$RATTN_CACHE/plugins`, else pjrt's default.
-fn cache() -> PluginCache {
-    match std::env::var_os("RATTN_CACHE").filter(|v| !v.is_empty()) {
-        Some(root) => PluginCache::new(std::path::PathBuf::from(root).join("plugins")),
-        None => PluginCache::default(),
-    }
-}
-
 fn have_tpu(test: &str) -> bool {
-    if forced() {
-        cache().install(PluginKind::Tpu).expect("installing libtpu");
-        return true;
-    }
-    let ok = cache().installed(PluginKind::Tpu).is_some();
-    if !ok {
-        eprintln!("skip {test}: libtpu not installed (set RATTN_AOT_TESTS=1 to install and run)");
-    }
-    ok
+    have_plugin(PluginKind::Tpu, test)
 }
 
 fn have_gpu(test: &str) -> bool {
-    let cache = cache();
-    if forced() {
-        let installed = cache
-            .install(PluginKind::Cuda)
-            .and(cache.install_cuda_tools());
-        installed.expect("installing the CUDA plugin, ptxas and libdevice");
-        return true;
-    }
-    let ok = cache.installed(PluginKind::Cuda).is_some() && cache.installed_cuda_tools().is_some();
-    if !ok {
-        eprintln!(
-            "skip {test}: the CUDA plugin or ptxas/libdevice is not installed (set RATTN_AOT_TESTS=1 to install and run)"
-        );
-    }
-    ok
+    have_plugin(PluginKind::Cuda, test)
 }
 
 /// The tiny model in the 3:1 layout, shortened so a compile takes seconds: 4 layers (3
