@@ -320,6 +320,11 @@ fn cpu_only_custom_call_is_rejected_on_tpu() {
         return;
     };
     let topo = Topology::tpu(&plugin, "v6e:1x1").unwrap();
+    assert_cpu_only_custom_call_refused(&topo, "TPU");
+}
+
+/// Compiling [`CPU_ONLY_CUSTOM_CALL`] for `topo` fails, naming the call and the platform.
+fn assert_cpu_only_custom_call_refused(topo: &Topology, platform: &str) {
     let err = topo
         .compile(
             Program::Mlir(CPU_ONLY_CUSTOM_CALL),
@@ -328,7 +333,8 @@ fn cpu_only_custom_call_is_rejected_on_tpu() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("\"rattn_cpu_only_kernel\"") && err.contains("does not exist on TPU"),
+        err.contains("\"rattn_cpu_only_kernel\"")
+            && err.contains(&format!("does not exist on {platform}")),
         "{err}"
     );
 }
@@ -469,15 +475,5 @@ fn cpu_only_custom_call_is_rejected_on_gpu() {
         return;
     };
     let topo = Topology::gpu_named(&plugin, "h100", "1x1x1").unwrap();
-    let err = topo
-        .compile(
-            Program::Mlir(CPU_ONLY_CUSTOM_CALL),
-            &CompileOptions::default(),
-        )
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("\"rattn_cpu_only_kernel\"") && err.contains("does not exist on GPU"),
-        "{err}"
-    );
+    assert_cpu_only_custom_call_refused(&topo, "GPU");
 }
