@@ -427,6 +427,29 @@ pub fn from_kernel_layout_hlo(
 // ---------------------------------------------------------------------------------------------
 // Whole blocks: interpreter and graph.
 
+/// q, k, v in the kernel layout on the host: q unshifted, k and v shifted by W + 1.
+fn qkv_to_kernel_layout(l: &Layout, q: &[f32], k: &[f32], v: &[f32]) -> [Vec<f32>; 3] {
+    [
+        to_kernel_layout(l, q, l.n, 0),
+        to_kernel_layout(l, k, l.g, l.shift),
+        to_kernel_layout(l, v, l.g, l.shift),
+    ]
+}
+
+/// [`qkv_to_kernel_layout`] in HLO, the inputs widened to f32 first.
+fn qkv_to_kernel_layout_hlo(
+    b: &Builder,
+    l: &Layout,
+    (q, k, v): (HloOp, HloOp, HloOp),
+) -> hlo_builder::Result<[HloOp; 3]> {
+    let (q, k, v) = (as_f32(b, q)?, as_f32(b, k)?, as_f32(b, v)?);
+    Ok([
+        to_kernel_layout_hlo(b, l, q, 0)?,
+        to_kernel_layout_hlo(b, l, k, l.shift)?,
+        to_kernel_layout_hlo(b, l, v, l.shift)?,
+    ])
+}
+
 /// The forward block run by the interpreter on `[B, T, ·, H]` host arrays, through the same
 /// layout change the graph makes: `(o, chunk_states, final_state)`.
 pub fn interpret_fwd(
@@ -438,9 +461,7 @@ pub fn interpret_fwd(
 ) -> LangResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let l = Layout::new(cfg, d)?;
     let kern = fwd_kernel(cfg, d)?;
-    let q5 = to_kernel_layout(&l, q, l.n, 0);
-    let k5 = to_kernel_layout(&l, k, l.g, l.shift);
-    let v5 = to_kernel_layout(&l, v, l.g, l.shift);
+    let [q5, k5, v5] = qkv_to_kernel_layout(&l, q, k, v);
     let mut out = interp::run(&kern, &[&q5, &k5, &v5])?.into_iter();
     let o5 = out.next().unwrap_or_default();
     let cs = out.next().unwrap_or_default();
@@ -461,9 +482,7 @@ pub fn interpret_bwd(
 ) -> LangResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let l = Layout::new(cfg, d)?;
     let kern = bwd_kernel(cfg, d)?;
-    let q5 = to_kernel_layout(&l, q, l.n, 0);
-    let k5 = to_kernel_layout(&l, k, l.g, l.shift);
-    let v5 = to_kernel_layout(&l, v, l.g, l.shift);
+    let [q5, k5, v5] = qkv_to_kernel_layout(&l, q, k, v);
     let do5 = to_kernel_layout(&l, d_o, l.n, 0);
     let mut out = interp::run(&kern, &[&q5, &k5, &v5, chunk_states, &do5])?.into_iter();
     let dq5 = out.next().unwrap_or_default();
@@ -495,10 +514,7 @@ pub fn mosaic_fwd(
 ) -> hlo_builder::Result<HloOp> {
     let l = Layout::new(cfg, d).map_err(|e| lang_err(b, e))?;
     let kern = fwd_kernel(cfg, d).map_err(|e| lang_err(b, e))?;
-    let (q, k, v) = (as_f32(b, q)?, as_f32(b, k)?, as_f32(b, v)?);
-    let q5 = to_kernel_layout_hlo(b, &l, q, 0)?;
-    let k5 = to_kernel_layout_hlo(b, &l, k, l.shift)?;
-    let v5 = to_kernel_layout_hlo(b, &l, v, l.shift)?;
+    let [q5, k5, v5] = qkv_to_kernel_layout_hlo(b, &l, (q, k, v))?;
     let out = mosaic::custom_call(b, &kern, &[q5, k5, v5], mosaic::DEFAULT_VMEM_BUDGET)?;
     let o = from_kernel_layout_hlo(b, &l, b.get_tuple_element(out, 0)?, 0)?;
     let cs = b.get_tuple_element(out, 1)?;
@@ -518,11 +534,8 @@ pub fn mosaic_bwd(
 ) -> hlo_builder::Result<HloOp> {
     let l = Layout::new(cfg, d).map_err(|e| lang_err(b, e))?;
     let kern = bwd_kernel(cfg, d).map_err(|e| lang_err(b, e))?;
-    let (q, k, v) = (as_f32(b, q)?, as_f32(b, k)?, as_f32(b, v)?);
+    let [q5, k5, v5] = qkv_to_kernel_layout_hlo(b, &l, (q, k, v))?;
     let (cs, d_o) = (as_f32(b, chunk_states)?, as_f32(b, d_o)?);
-    let q5 = to_kernel_layout_hlo(b, &l, q, 0)?;
-    let k5 = to_kernel_layout_hlo(b, &l, k, l.shift)?;
-    let v5 = to_kernel_layout_hlo(b, &l, v, l.shift)?;
     let do5 = to_kernel_layout_hlo(b, &l, d_o, 0)?;
     let out = mosaic::custom_call(
         b,
