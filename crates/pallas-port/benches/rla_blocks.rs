@@ -21,9 +21,7 @@
 //! custom call and the kernel, default the config default), `RLA_BENCH_HLO_SUB_CHUNK` (sub-chunk of
 //! the HLO lowering, default 128: its fastest).
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use hlo_builder::{Builder, ElementType, Op, Shape};
@@ -32,7 +30,8 @@ use pallas_port::{kernel, rla, Lowering, RlaConfig, RlaDims};
 
 mod common;
 
-use common::{bench_config, bench_dims, cpu_s, env_list, inputs, load, outputs};
+use common::{bench_config, bench_dims, inputs, outputs};
+use pallas_port::bench_util::{env_list, load, Timings};
 
 const SAMPLES: usize = 10;
 
@@ -69,41 +68,17 @@ fn fwd_bwd_graph(cfg: &RlaConfig, d: &RlaDims, lowering: Lowering) -> Vec<u8> {
 }
 
 /// Per-iteration (wall, CPU) seconds recorded by `iter_custom`, keyed by bench id.
-static TIMES: Mutex<BTreeMap<String, Vec<(f64, f64)>>> = Mutex::new(BTreeMap::new());
+static TIMES: Timings = Timings::new();
 
 /// Times `iters` calls of `f`, records wall and CPU time per call under `id`, returns the wall time.
-fn timed(id: &str, iters: u64, mut f: impl FnMut()) -> Duration {
-    let c0 = cpu_s();
-    let start = Instant::now();
-    for _ in 0..iters {
-        f();
-    }
-    let el = start.elapsed();
-    let cpu = cpu_s() - c0;
-    let n = iters.max(1) as f64;
-    TIMES
-        .lock()
-        .expect("times lock")
-        .entry(id.to_string())
-        .or_default()
-        .push((el.as_secs_f64() / n, cpu / n));
-    el
+fn timed(id: &str, iters: u64, f: impl FnMut()) -> Duration {
+    TIMES.time(id, iters, f)
 }
 
 /// Medians (wall ms, CPU ms) of the last `SAMPLES` recorded per-call times (criterion's
 /// measurement samples; earlier entries are its warm-up).
 fn median_ms(id: &str) -> Option<(f64, f64)> {
-    let times = TIMES.lock().expect("times lock");
-    let v = times.get(id)?;
-    let last = &v[v.len().saturating_sub(SAMPLES)..];
-    let med = |mut x: Vec<f64>| {
-        x.sort_by(|a, b| a.total_cmp(b));
-        x.get(x.len() / 2).map_or(f64::NAN, |s| s * 1e3)
-    };
-    Some((
-        med(last.iter().map(|t| t.0).collect()),
-        med(last.iter().map(|t| t.1).collect()),
-    ))
+    TIMES.median_ms_last(id, SAMPLES)
 }
 
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f64 {

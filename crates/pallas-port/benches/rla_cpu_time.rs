@@ -15,7 +15,8 @@ use pallas_port::{kernel, RlaConfig};
 
 mod common;
 
-use common::{bench_config, bench_dims, cpu_s, data, inputs, load, outputs};
+use common::{bench_config, bench_dims, inputs, outputs};
+use pallas_port::bench_util::{cpu_s, data, load};
 
 /// Runs `f` at least `min_iters` times and for at least `min_s` seconds of CPU time; returns
 /// (wall ms, cpu ms) per call, the minimum over 5 rounds.

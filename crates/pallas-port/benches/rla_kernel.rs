@@ -10,7 +10,8 @@ use pallas_port::{kernel, RlaConfig};
 
 mod common;
 
-use common::{bench_config, bench_dims, env_list, inputs, outputs};
+use common::{bench_config, bench_dims, inputs, outputs};
+use pallas_port::bench_util::env_list;
 
 fn bench(c: &mut Criterion) {
     let default = RlaConfig::default();

@@ -16,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bench_util;
 pub mod config;
 pub mod decode;
 pub mod feature;

@@ -2,25 +2,17 @@
 //! else is an error naming the variable and the accepted values. Its own test binary: the
 //! variable is process-wide.
 
+mod common;
+
+use common::{cfg, dims};
 use pallas_port::lang::rla::{dot_precision, fwd_kernels, DOT_PRECISION_VAR};
 use pallas_port::lang::Precision;
-use pallas_port::{FeatureMap, RlaConfig, RlaDims};
+use pallas_port::FeatureMap;
 
 #[test]
 fn unknown_precision_is_an_error() {
-    let d = RlaDims {
-        batch: 1,
-        seq: 40,
-        heads: 2,
-        kv_heads: 1,
-        head_dim: 16,
-    };
-    let cfg = RlaConfig {
-        window: 3,
-        sub_chunk: 16,
-        chunk: 32,
-        feature_map: FeatureMap::Softmax,
-    };
+    let d = dims(1, 40, 2, 1, 16);
+    let cfg = cfg(3, 16, 32, FeatureMap::Softmax);
     std::env::remove_var(DOT_PRECISION_VAR);
     assert_eq!(dot_precision().unwrap(), Precision::Ieee);
     for (v, p) in [

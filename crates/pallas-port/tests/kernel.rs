@@ -3,8 +3,8 @@
 
 mod common;
 
-use common::{rel_err, run_bwd, run_fwd, Rng};
-use pallas_port::reference::{rla_naive_f64, rla_scan_f64, rla_vjp_f64, to_f64};
+use common::{cfg, check_blocks, dims, rel_err, run_bwd, run_fwd, Rng};
+use pallas_port::reference::to_f64;
 use pallas_port::{FeatureMap, RlaConfig, RlaDims};
 
 struct Case {
@@ -20,61 +20,23 @@ fn case(
     feature_map: FeatureMap,
 ) -> Case {
     Case {
-        d: RlaDims {
-            batch,
-            seq,
-            heads,
-            kv_heads,
-            head_dim,
-        },
-        cfg: RlaConfig {
-            window,
-            sub_chunk,
-            chunk,
-            feature_map,
-        },
+        d: dims(batch, seq, heads, kv_heads, head_dim),
+        cfg: cfg(window, sub_chunk, chunk, feature_map),
     }
 }
 
-/// Tolerance on the norm-relative error. Relu features are unbounded, so sums of products of
-/// O(1)-sized features accumulate larger absolute rounding than softmax's simplex features.
-fn tol(fm: FeatureMap) -> f64 {
-    match fm {
-        FeatureMap::Softmax => 1e-5,
-        FeatureMap::Relu => 2e-5,
-    }
-}
-
+/// The CPU kernels against the f64 references ([`check_blocks`] with the kernels themselves as
+/// the implementation).
 fn check(c: &Case, seed: u64) {
     let (cfg, d) = (&c.cfg, &c.d);
-    let tag = format!("{d} {cfg:?}");
-    let mut rng = Rng::new(seed);
-    let q = rng.vec(d.q_len(), 2.0);
-    let k = rng.vec(d.kv_len(), 2.0);
-    let v = rng.vec(d.kv_len(), 1.0);
-    let d_o = rng.vec(d.q_len(), 1.0);
-    let (qf, kf, vf, dof) = (to_f64(&q), to_f64(&k), to_f64(&v), to_f64(&d_o));
-
-    let (o, cs, fs) = run_fwd(cfg, d, &q, &k, &v);
-    let o_ref = rla_naive_f64(cfg, d, &qf, &kf, &vf).unwrap();
-    let scan = rla_scan_f64(cfg, d, &qf, &kf, &vf).unwrap();
-    let t = tol(cfg.feature_map);
-    let e = rel_err(&o, &o_ref);
-    assert!(e <= t, "{tag}: o rel err {e}");
-    let e = rel_err(&fs, &scan.final_state);
-    assert!(e <= t, "{tag}: final_state rel err {e}");
-    let e = rel_err(&cs, &scan.chunk_states);
-    assert!(e <= t, "{tag}: chunk_states rel err {e}");
-
-    let (dq, dk, dv) = run_bwd(cfg, d, &q, &k, &v, &cs, &d_o);
-    let g = rla_vjp_f64(cfg, d, &qf, &kf, &vf, &dof).unwrap();
-    for (name, got, want) in [("dq", &dq, &g.dq), ("dk", &dk, &g.dk), ("dv", &dv, &g.dv)] {
-        let e = rel_err(got, want);
-        assert!(e <= t, "{tag}: {name} rel err {e}");
-    }
-    if cfg.window + 1 < d.seq {
-        assert!(o_ref.iter().any(|&x| x != 0.0), "{tag}: trivial case");
-    }
+    check_blocks(
+        &format!("{d} {cfg:?}"),
+        d,
+        cfg,
+        seed,
+        |q, k, v| run_fwd(cfg, d, q, k, v),
+        |q, k, v, cs, d_o| run_bwd(cfg, d, q, k, v, cs, d_o),
+    );
 }
 
 #[test]

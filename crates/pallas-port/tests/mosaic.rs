@@ -6,78 +6,24 @@
 
 mod common;
 
-use common::{f32_shape, rel_err, run, run_bwd, run_fwd, Rng};
+use common::{cfg, check_blocks, dims, f32_shape, run, Rng};
 use hlo_builder::Builder;
 use pallas_port::lang::mosaic::{self, MosaicReport};
 use pallas_port::lang::rla_mosaic::{self, Layout};
 use pallas_port::lang::{Affine, BlockSpec, GridAxis, Index, Kernel, KernelBuilder};
-use pallas_port::reference::{rla_naive_f64, rla_scan_f64, rla_vjp_f64, to_f64};
 use pallas_port::{FeatureMap, Lowering, RlaConfig, RlaDims};
 
-fn dims(batch: usize, seq: usize, heads: usize, kv_heads: usize, head_dim: usize) -> RlaDims {
-    RlaDims {
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        head_dim,
-    }
-}
-
-fn cfg(window: usize, sub_chunk: usize, chunk: usize, feature_map: FeatureMap) -> RlaConfig {
-    RlaConfig {
-        window,
-        sub_chunk,
-        chunk,
-        feature_map,
-    }
-}
-
 fn check_numerics(d: RlaDims, cfg: RlaConfig, seed: u64) {
-    let tag = format!("{d} {cfg:?}");
-    let mut rng = Rng::new(seed);
-    let q = rng.vec(d.q_len(), 2.0);
-    let k = rng.vec(d.kv_len(), 2.0);
-    let v = rng.vec(d.kv_len(), 1.0);
-    let d_o = rng.vec(d.q_len(), 1.0);
-    let (qf, kf, vf, dof) = (to_f64(&q), to_f64(&k), to_f64(&v), to_f64(&d_o));
-    let t = match cfg.feature_map {
-        FeatureMap::Softmax => 1e-5,
-        FeatureMap::Relu => 2e-5,
-    };
-    let (o, cs, fs) = rla_mosaic::interpret_fwd(&cfg, &d, &q, &k, &v).expect("interpret_fwd");
-    let o_ref = rla_naive_f64(&cfg, &d, &qf, &kf, &vf).unwrap();
-    let scan = rla_scan_f64(&cfg, &d, &qf, &kf, &vf).unwrap();
-    let (o_cpu, cs_cpu, fs_cpu) = run_fwd(&cfg, &d, &q, &k, &v);
-    for (name, got, want, cpu) in [
-        ("o", &o, &o_ref, &o_cpu),
-        ("chunk_states", &cs, &scan.chunk_states, &cs_cpu),
-        ("final_state", &fs, &scan.final_state, &fs_cpu),
-    ] {
-        let e = rel_err(got, want);
-        let ec = rel_err(got, &to_f64(cpu));
-        eprintln!("{tag}: {name} vs f64 {e:.2e}, vs CPU kernel {ec:.2e}");
-        assert!(e <= t, "{tag}: {name} rel err {e} vs the f64 reference");
-        assert!(ec <= t, "{tag}: {name} rel err {ec} vs the CPU kernel");
-    }
-    let (dq, dk, dv) =
-        rla_mosaic::interpret_bwd(&cfg, &d, &q, &k, &v, &cs, &d_o).expect("interpret_bwd");
-    let g = rla_vjp_f64(&cfg, &d, &qf, &kf, &vf, &dof).unwrap();
-    let (dq_c, dk_c, dv_c) = run_bwd(&cfg, &d, &q, &k, &v, &cs_cpu, &d_o);
-    for (name, got, want, cpu) in [
-        ("dq", &dq, &g.dq, &dq_c),
-        ("dk", &dk, &g.dk, &dk_c),
-        ("dv", &dv, &g.dv, &dv_c),
-    ] {
-        let e = rel_err(got, want);
-        let ec = rel_err(got, &to_f64(cpu));
-        eprintln!("{tag}: {name} vs f64 {e:.2e}, vs CPU kernel {ec:.2e}");
-        assert!(e <= t, "{tag}: {name} rel err {e} vs the f64 reference");
-        assert!(ec <= t, "{tag}: {name} rel err {ec} vs the CPU kernel");
-    }
-    if cfg.window + 1 < d.seq {
-        assert!(o_ref.iter().any(|&x| x != 0.0), "{tag}: trivial case");
-    }
+    check_blocks(
+        &format!("{d} {cfg:?}"),
+        &d,
+        &cfg,
+        seed,
+        |q, k, v| rla_mosaic::interpret_fwd(&cfg, &d, q, k, v).expect("interpret_fwd"),
+        |q, k, v, cs, d_o| {
+            rla_mosaic::interpret_bwd(&cfg, &d, q, k, v, cs, d_o).expect("interpret_bwd")
+        },
+    );
 }
 
 #[test]
@@ -254,10 +200,6 @@ fn rla_kernels_emit_and_report_vmem() {
 // ---------------------------------------------------------------------------------------------
 // libtpu AOT compiles.
 
-fn forced() -> bool {
-    std::env::var("RATTN_AOT_TESTS").is_ok_and(|v| v == "1")
-}
-
 /// Runs `body` in a child process (libtpu CHECK-aborts on some malformed kernels). Returns
 /// `false` (after printing why) when libtpu is not installed.
 fn in_child(test: &str, body: impl FnOnce(&pjrt::Plugin)) -> bool {
@@ -274,11 +216,10 @@ fn in_child(test: &str, body: impl FnOnce(&pjrt::Plugin)) -> bool {
         body(&plugin);
         return true;
     }
-    let cache = PluginCache::default();
-    if forced() {
-        cache.install(PluginKind::Tpu).expect("installing libtpu");
-    } else if cache.installed(PluginKind::Tpu).is_none() {
-        eprintln!("skip {test}: libtpu not installed (set RATTN_AOT_TESTS=1 to install and run)");
+    if !PluginCache::default()
+        .ready_for_test(PluginKind::Tpu, test)
+        .expect("installing libtpu")
+    {
         return false;
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())

@@ -2,19 +2,9 @@
 
 mod common;
 
-use common::Rng;
+use common::{dims, Rng};
 use pallas_port::reference::{rla_naive_f64, rla_scan_f64, rla_vjp_f64, to_f64};
-use pallas_port::{FeatureMap, RlaConfig, RlaDims};
-
-fn dims(batch: usize, seq: usize, heads: usize, kv_heads: usize, head_dim: usize) -> RlaDims {
-    RlaDims {
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        head_dim,
-    }
-}
+use pallas_port::{FeatureMap, RlaConfig};
 
 fn max_rel(a: &[f64], b: &[f64]) -> f64 {
     let scale = b.iter().fold(0.0f64, |m, &x| m.max(x.abs())).max(1e-300);

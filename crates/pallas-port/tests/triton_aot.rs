@@ -5,7 +5,10 @@
 //! Runs when the CUDA plugin, ptxas and libdevice are in the plugin cache (CI installs them;
 //! `RATTN_AOT_TESTS=1` installs what is missing); otherwise each test prints a skip line.
 
-use hlo_builder::{Builder, ElementType, Shape};
+mod common;
+
+use common::{cfg, dims, f32_shape};
+use hlo_builder::Builder;
 use pallas_port::lang::rla::{
     bwd_kernels, bwd_kernels_tiled, fwd_kernels, fwd_kernels_tiled, tile_rows, value_block,
 };
@@ -24,29 +27,16 @@ fn gpu(test: &str) -> Option<Plugin> {
         }
     }
     let cache = PluginCache::default();
-    if std::env::var("RATTN_AOT_TESTS").is_ok_and(|v| v == "1") {
-        cache
-            .install(PluginKind::Cuda)
-            .and(cache.install_cuda_tools())
-            .expect("installing the CUDA plugin, ptxas and libdevice");
-    } else if cache.installed(PluginKind::Cuda).is_none() || cache.installed_cuda_tools().is_none()
+    if !cache
+        .ready_for_test(PluginKind::Cuda, test)
+        .expect("installing the CUDA plugin, ptxas and libdevice")
     {
-        eprintln!(
-            "skip {test}: the CUDA plugin or ptxas/libdevice is not installed (set RATTN_AOT_TESTS=1 to install and run)"
-        );
         return None;
     }
     Some(
         cache
             .load(PluginKind::Cuda)
             .expect("loading the CUDA plugin"),
-    )
-}
-
-fn f32(dims: &[usize]) -> Shape {
-    Shape::array(
-        ElementType::F32,
-        &dims.iter().map(|&x| x as i64).collect::<Vec<_>>(),
     )
 }
 
@@ -58,11 +48,11 @@ fn fwd_bwd_module(d: &RlaDims, cfg: &RlaConfig) -> Vec<u8> {
     let b = Builder::new("rla_triton");
     let [bb, t, n, h] = d.q_shape();
     let dm = 24;
-    let x = b.parameter(f32(&[bb * t, dm]), "x").unwrap();
-    let wq = b.parameter(f32(&[dm, n * h]), "wq").unwrap();
-    let wo = b.parameter(f32(&[n * h, dm]), "wo").unwrap();
-    let k = b.parameter(f32(&d.kv_shape()), "k").unwrap();
-    let v = b.parameter(f32(&d.kv_shape()), "v").unwrap();
+    let x = b.parameter(f32_shape(&[bb * t, dm]), "x").unwrap();
+    let wq = b.parameter(f32_shape(&[dm, n * h]), "wq").unwrap();
+    let wo = b.parameter(f32_shape(&[n * h, dm]), "wo").unwrap();
+    let k = b.parameter(f32_shape(&d.kv_shape()), "k").unwrap();
+    let v = b.parameter(f32_shape(&d.kv_shape()), "v").unwrap();
     let dims = |s: &[usize]| s.iter().map(|&x| x as i64).collect::<Vec<_>>();
     let q = b
         .reshape(b.dot(x, wq).unwrap(), &dims(&d.q_shape()))
@@ -104,25 +94,9 @@ fn compile(topo: &Topology, what: &str, d: &RlaDims, cfg: &RlaConfig) {
         );
     }
     // The kernels index their buffers row-major: every operand and result of every Triton
-    // call must keep a row-major layout (`{n-1,...,1,0}`) after XLA's layout assignment.
-    let calls: Vec<&str> = opt
-        .lines()
-        .filter(|l| l.contains("__gpu$xla.gpu.triton"))
-        .collect();
-    assert_eq!(calls.len(), 5, "{what}: Triton calls in the optimized HLO");
-    for line in calls {
-        for part in line.split("]{").skip(1) {
-            let layout: Vec<usize> = part
-                .split('}')
-                .next()
-                .unwrap()
-                .split(',')
-                .map(|x| x.parse().unwrap())
-                .collect();
-            let row_major: Vec<usize> = (0..layout.len()).rev().collect();
-            assert_eq!(layout, row_major, "{what}: non-row-major buffer in {line}");
-        }
-    }
+    // call must keep a row-major layout after XLA's layout assignment.
+    let calls = triton::check_row_major_calls(&opt).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(calls, 5, "{what}: Triton calls in the optimized HLO");
     eprintln!(
         "{what}: {d} {cfg:?} compiled in {:?}; {:?}",
         t.elapsed(),
@@ -137,19 +111,8 @@ fn rla_triton_kernels_compile_for_h100_and_a100() {
     let Some(plugin) = gpu("rla_triton_kernels_compile_for_h100_and_a100") else {
         return;
     };
-    let small = RlaDims {
-        batch: 2,
-        seq: 200,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 32,
-    };
-    let cfg = RlaConfig {
-        window: 37,
-        sub_chunk: 16,
-        chunk: 64,
-        feature_map: FeatureMap::Softmax,
-    };
+    let small = dims(2, 200, 4, 2, 32);
+    let cfg = cfg(37, 16, 64, FeatureMap::Softmax);
     let h100 = Topology::gpu_named(&plugin, "h100", "1x1x1").unwrap();
     compile(&h100, "h100", &small, &cfg);
     let a100 = Topology::gpu_named(&plugin, "a100", "1x1x1").unwrap();
@@ -172,19 +135,8 @@ fn rla_triton_kernels_compile_at_head_dim_128() {
     };
     for (gpu_name, fm) in [("h100", FeatureMap::Softmax), ("a100", FeatureMap::Relu)] {
         let topo = Topology::gpu_named(&plugin, gpu_name, "1x1x1").unwrap();
-        let d = RlaDims {
-            batch: 1,
-            seq: 4096,
-            heads: 8,
-            kv_heads: 2,
-            head_dim: 128,
-        };
-        let cfg = RlaConfig {
-            window: 512,
-            sub_chunk: 64,
-            chunk: 512,
-            feature_map: fm,
-        };
+        let d = dims(1, 4096, 8, 2, 128);
+        let cfg = cfg(512, 64, 512, fm);
         compile(&topo, gpu_name, &d, &cfg);
     }
 }
@@ -202,38 +154,42 @@ fn rla_triton_kernels_compile_at_head_dim_64() {
         return;
     };
     let h100 = Topology::gpu_named(&plugin, "h100", "1x1x1").unwrap();
-    let d = RlaDims {
-        batch: 1,
-        seq: 300,
-        heads: 8,
-        kv_heads: 2,
-        head_dim: 64,
-    };
-    let cfg = RlaConfig {
-        window: 37,
-        sub_chunk: 32,
-        chunk: 64,
-        feature_map: FeatureMap::Softmax,
-    };
+    let d = dims(1, 300, 8, 2, 64);
+    let cfg = cfg(37, 32, 64, FeatureMap::Softmax);
     compile(&h100, "h100", &d, &cfg);
+}
+
+/// The row-major check on hand-written optimized-HLO lines (no plugin needed): row-major
+/// buffers of every rank pass and are counted per call; a transposed layout in any position, or
+/// an unreadable one, is an error naming the line; other custom calls are not looked at.
+#[test]
+fn row_major_check_reads_layouts() {
+    let t = triton::TARGET;
+    let ok = format!(
+        "  %a = f32[2,3,4,5]{{3,2,1,0}} custom-call(f32[6,7]{{1,0}} %x, f32[8]{{0}} %y), custom_call_target=\"{t}\"\n\
+         %b = f32[9,9]{{0,1}} custom-call(f32[9,9]{{0,1}} %z), custom_call_target=\"other\"\n\
+         %c = (f32[4,4]{{1,0}}, f32[]) custom-call(f32[4]{{0}} %w), custom_call_target=\"{t}\""
+    );
+    assert_eq!(triton::check_row_major_calls(&ok), Ok(2));
+    assert_eq!(triton::check_row_major_calls("HloModule m"), Ok(0));
+    for (bad, layout) in [
+        ("f32[2,3,4,5]{1,0,3,2}", "[1, 0, 3, 2]"),
+        ("f32[6,7]{0,1}", "[0, 1]"),
+    ] {
+        let line = format!("%o = f32[8]{{0}} custom-call({bad} %x), custom_call_target=\"{t}\"");
+        let e = triton::check_row_major_calls(&line).unwrap_err();
+        assert!(e.contains(layout) && e.contains(bad), "{e}");
+    }
+    let e = triton::check_row_major_calls(&format!("f32[2]{{x}} custom_call_target=\"{t}\""))
+        .unwrap_err();
+    assert!(e.contains("unreadable layout {x}"), "{e}");
 }
 
 #[test]
 fn ttir_has_the_expected_ops() {
     // No plugin needed: the emitted text itself.
-    let d = RlaDims {
-        batch: 1,
-        seq: 100,
-        heads: 2,
-        kv_heads: 1,
-        head_dim: 16,
-    };
-    let cfg = RlaConfig {
-        window: 3,
-        sub_chunk: 16,
-        chunk: 32,
-        feature_map: FeatureMap::Softmax,
-    };
+    let d = dims(1, 100, 2, 1, 16);
+    let cfg = cfg(3, 16, 32, FeatureMap::Softmax);
     let [_, out] = fwd_kernels(&cfg, &d).unwrap();
     let ir = triton::emit(&out).unwrap();
     for needle in [
@@ -267,7 +223,7 @@ fn compile_kernel(topo: &Topology, k: &Kernel) -> Result<(), String> {
     let ops: Vec<_> = k
         .inputs
         .iter()
-        .map(|a| b.parameter(f32(&a.shape), &a.name).unwrap())
+        .map(|a| b.parameter(f32_shape(&a.shape), &a.name).unwrap())
         .collect();
     let root = triton::custom_call(&b, k, &ops).unwrap();
     let module = b.build(root).unwrap().to_bytes();
@@ -385,13 +341,7 @@ fn rla_triton_kernels_fit_shared_memory() {
             let c = std::env::var("RATTN_AOT_SUB_CHUNK").map_or(c, |v| v.parse().unwrap());
             let vb = std::env::var("RATTN_AOT_VALUE_BLOCK")
                 .map_or(value_block(h), |v| v.parse().unwrap());
-            let d = RlaDims {
-                batch: 1,
-                seq: 1024,
-                heads: 8,
-                kv_heads: 2,
-                head_dim: h,
-            };
+            let d = dims(1, 1024, 8, 2, h);
             let cfg = RlaConfig {
                 window: 512,
                 sub_chunk: c,

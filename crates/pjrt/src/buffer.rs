@@ -46,6 +46,15 @@ impl Buffer {
         }
     }
 
+    /// Calls the buffer function `name` (slot `s`) with args `a`.
+    ///
+    /// # Safety
+    /// Slot `s` takes args of type `A`, filled as that function needs.
+    unsafe fn call<A>(&self, s: usize, name: &'static str, a: &mut A) -> Result<()> {
+        // SAFETY: by the caller.
+        unsafe { self.client.inner.plugin.call(s, name, a) }
+    }
+
     /// The client that owns the buffer.
     pub fn client(&self) -> &Client {
         &self.client
@@ -56,13 +65,7 @@ impl Buffer {
         let mut a = sys::BufferElementTypeArgs::new();
         a.buffer = self.raw;
         // SAFETY: slot 59 takes PJRT_Buffer_ElementType_Args.
-        unsafe {
-            self.client.inner.plugin.call(
-                slot::BUFFER_ELEMENT_TYPE,
-                "PJRT_Buffer_ElementType",
-                &mut a,
-            )
-        }?;
+        unsafe { self.call(slot::BUFFER_ELEMENT_TYPE, "PJRT_Buffer_ElementType", &mut a) }?;
         ElementType::from_pjrt_code(a.element_type).ok_or_else(|| Error::Pjrt {
             code: ErrorCode::Unimplemented,
             function: "PJRT_Buffer_ElementType",
@@ -78,12 +81,7 @@ impl Buffer {
         let mut a = sys::BufferDimensionsArgs::new();
         a.buffer = self.raw;
         // SAFETY: slot 60 takes PJRT_Buffer_Dimensions_Args.
-        unsafe {
-            self.client
-                .inner
-                .plugin
-                .call(slot::BUFFER_DIMENSIONS, "PJRT_Buffer_Dimensions", &mut a)
-        }?;
+        unsafe { self.call(slot::BUFFER_DIMENSIONS, "PJRT_Buffer_Dimensions", &mut a) }?;
         if a.num_dims == 0 || a.dims.is_null() {
             return Ok(Vec::new());
         }
@@ -120,12 +118,7 @@ impl Buffer {
         let mut a = sys::BufferIsDeletedArgs::new();
         a.buffer = self.raw;
         // SAFETY: slot 68 takes PJRT_Buffer_IsDeleted_Args.
-        unsafe {
-            self.client
-                .inner
-                .plugin
-                .call(slot::BUFFER_IS_DELETED, "PJRT_Buffer_IsDeleted", &mut a)
-        }?;
+        unsafe { self.call(slot::BUFFER_IS_DELETED, "PJRT_Buffer_IsDeleted", &mut a) }?;
         Ok(a.is_deleted)
     }
 
@@ -145,7 +138,7 @@ impl Buffer {
         a.dst_device = device.raw;
         // SAFETY: slot 69 takes PJRT_Buffer_CopyToDevice_Args.
         unsafe {
-            self.client.inner.plugin.call(
+            self.call(
                 slot::BUFFER_COPY_TO_DEVICE,
                 "PJRT_Buffer_CopyToDevice",
                 &mut a,
@@ -194,16 +187,19 @@ impl Buffer {
     }
 
     fn copy_into(&self, dst: *mut u8, len: usize) -> Result<()> {
-        let mut a = sys::BufferToHostArgs::new();
-        a.src = self.raw;
+        let to_host = |dst: *mut u8, dst_size: usize| {
+            let mut a = sys::BufferToHostArgs::new();
+            a.src = self.raw;
+            a.dst = dst as *mut _;
+            a.dst_size = dst_size;
+            // SAFETY: slot 70 takes PJRT_Buffer_ToHostBuffer_Args; with dst = null it only
+            // reports the required size, else `dst` is valid for `dst_size` writable bytes (see
+            // below).
+            unsafe { self.call(slot::BUFFER_TO_HOST, "PJRT_Buffer_ToHostBuffer", &mut a) }?;
+            Ok::<_, Error>(a)
+        };
         // Ask for the size first so a mismatch is an error, not an overrun.
-        // SAFETY: slot 70 with dst = null only reports the required size.
-        unsafe {
-            self.client
-                .inner
-                .plugin
-                .call(slot::BUFFER_TO_HOST, "PJRT_Buffer_ToHostBuffer", &mut a)
-        }?;
+        let a = to_host(std::ptr::null_mut(), 0)?;
         if a.dst_size != len {
             return Err(Error::Shape(format!(
                 "PJRT_Buffer_ToHostBuffer needs {} bytes but the host array has {len}",
@@ -213,18 +209,9 @@ impl Buffer {
         if len == 0 {
             return Ok(());
         }
-        let mut a = sys::BufferToHostArgs::new();
-        a.src = self.raw;
-        a.dst = dst as *mut _;
-        a.dst_size = len;
-        // SAFETY: `dst` is valid for `len` writable bytes and stays alive until the event has
-        // been awaited below.
-        unsafe {
-            self.client
-                .inner
-                .plugin
-                .call(slot::BUFFER_TO_HOST, "PJRT_Buffer_ToHostBuffer", &mut a)
-        }?;
+        // `dst` is valid for `len` writable bytes and stays alive until the event has been
+        // awaited below.
+        let a = to_host(dst, len)?;
         self.client
             .inner
             .plugin

@@ -16,6 +16,10 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::plugin::Plugin;
 
+/// The environment variable that lets the ahead-of-time compile tests install the plugins they
+/// need (`RATTN_AOT_TESTS=1`; see [`PluginCache::ready_for_test`]).
+pub const AOT_TESTS_VAR: &str = "RATTN_AOT_TESTS";
+
 /// Which plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PluginKind {
@@ -177,6 +181,33 @@ impl PluginCache {
     /// marker; does not re-hash the file).
     pub fn installed(&self, kind: PluginKind) -> Option<PathBuf> {
         installed_at(&kind.pin(), &self.dir.join(kind.dir_name()))
+    }
+
+    /// Whether a test named `test` that needs plugin `kind` (and, for [`PluginKind::Cuda`],
+    /// ptxas and libdevice) can run. With [`AOT_TESTS_VAR`]` = 1` it installs whatever is missing
+    /// and answers `true` (an install error is returned); otherwise it answers whether all is
+    /// installed, printing `skip <test>: … (set RATTN_AOT_TESTS=1 to install and run)` when not.
+    /// The ahead-of-time compile tests of every crate start with it.
+    pub fn ready_for_test(&self, kind: PluginKind, test: &str) -> Result<bool> {
+        let cuda = kind == PluginKind::Cuda;
+        if std::env::var(AOT_TESTS_VAR).is_ok_and(|v| v == "1") {
+            self.install(kind)?;
+            if cuda {
+                self.install_cuda_tools()?;
+            }
+            return Ok(true);
+        }
+        let ready =
+            self.installed(kind).is_some() && (!cuda || self.installed_cuda_tools().is_some());
+        if !ready {
+            let what = match kind {
+                PluginKind::Tpu => "libtpu not installed",
+                PluginKind::Cuda => "the CUDA plugin or ptxas/libdevice is not installed",
+                PluginKind::Cpu => "the CPU plugin is not installed",
+            };
+            eprintln!("skip {test}: {what} (set {AOT_TESTS_VAR}=1 to install and run)");
+        }
+        Ok(ready)
     }
 
     /// Every installed plugin.
@@ -523,6 +554,20 @@ mod tests {
         w.write_all(payload).unwrap();
         w.finish().unwrap();
         path
+    }
+
+    #[test]
+    fn an_empty_cache_is_not_ready_for_a_test_unless_forced() {
+        if std::env::var(AOT_TESTS_VAR).is_ok_and(|v| v == "1") {
+            eprintln!("skip an_empty_cache_is_not_ready_for_a_test_unless_forced: {AOT_TESTS_VAR}=1 would install");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("rattn_ready_for_test_{}", std::process::id()));
+        let cache = PluginCache::new(&dir);
+        for kind in PluginKind::ALL {
+            assert!(!cache.ready_for_test(kind, "probe").unwrap(), "{kind:?}");
+        }
+        assert!(!dir.exists(), "nothing installed");
     }
 
     fn leak(s: String) -> &'static str {

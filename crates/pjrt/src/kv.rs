@@ -116,6 +116,44 @@ fn panicked() -> KvError {
     }
 }
 
+/// Runs a store operation; a panic in it becomes an `Internal` error instead of unwinding into
+/// the plugin.
+fn guarded<T>(op: impl FnOnce() -> Result<T, KvError>) -> Result<T, KvError> {
+    catch_unwind(AssertUnwindSafe(op)).unwrap_or_else(|_| Err(panicked()))
+}
+
+/// The store of a callback's `user_arg` and its key.
+///
+/// # Safety
+/// `user_arg` is the `KvState` we installed, alive as long as the client; `key` points to
+/// `key_size` readable bytes (or `key_size` is 0).
+unsafe fn state_and_key<'a>(
+    user_arg: Ptr,
+    key: *const u8,
+    key_size: usize,
+) -> (&'a KvState, String) {
+    // SAFETY: by the caller.
+    unsafe { (&*(user_arg as *const KvState), key_of(key, key_size)) }
+}
+
+/// Hands `v` to the plugin through a get callback's `value`, `value_size` and deleter fields.
+fn hand_over(v: &[u8], value: &mut *mut u8, value_size: &mut usize, deleter: &mut Ptr) {
+    (*value, *value_size) = leak_value(v);
+    *deleter = free_value as *const () as Ptr;
+}
+
+/// A callback's return value: null on success, else the plugin's error for `r`'s error.
+///
+/// # Safety
+/// As for [`plugin_error`].
+unsafe fn reply(r: Result<(), KvError>, callback_error: Ptr) -> Ptr {
+    match r {
+        Ok(()) => std::ptr::null_mut(),
+        // SAFETY: by the caller.
+        Err(e) => unsafe { plugin_error(callback_error, &e) },
+    }
+}
+
 /// `PJRT_KeyValueGetCallback`.
 unsafe extern "C" fn kv_get(args: *mut sys::KvGetCallbackArgs) -> Ptr {
     // SAFETY: the plugin passes a valid, exclusive args struct for the duration of the call.
@@ -124,21 +162,18 @@ unsafe extern "C" fn kv_get(args: *mut sys::KvGetCallbackArgs) -> Ptr {
     };
     // SAFETY: `user_arg` is the `KvState` we installed, alive as long as the client; the key
     // has key_size bytes.
-    let (state, key) = unsafe { (&*(a.user_arg as *const KvState), key_of(a.key, a.key_size)) };
+    let (state, key) = unsafe { state_and_key(a.user_arg, a.key, a.key_size) };
     let timeout = Duration::from_millis(a.timeout_in_ms.max(0) as u64);
-    let r = catch_unwind(AssertUnwindSafe(|| state.store.get(&key, timeout)))
-        .unwrap_or_else(|_| Err(panicked()));
-    match r {
-        Ok(v) => {
-            let (p, n) = leak_value(&v);
-            a.value = p;
-            a.value_size = n;
-            a.value_deleter_callback = free_value as *const () as Ptr;
-            std::ptr::null_mut()
-        }
-        // SAFETY: `callback_error` is the plugin's, per the C API.
-        Err(e) => unsafe { plugin_error(a.callback_error, &e) },
-    }
+    let r = guarded(|| state.store.get(&key, timeout)).map(|v| {
+        hand_over(
+            &v,
+            &mut a.value,
+            &mut a.value_size,
+            &mut a.value_deleter_callback,
+        )
+    });
+    // SAFETY: `callback_error` is the plugin's, per the C API.
+    unsafe { reply(r, a.callback_error) }
 }
 
 /// `PJRT_KeyValueTryGetCallback`: a missing key is a NOT_FOUND error.
@@ -148,26 +183,22 @@ unsafe extern "C" fn kv_try_get(args: *mut sys::KvTryGetCallbackArgs) -> Ptr {
         return std::ptr::null_mut();
     };
     // SAFETY: as in `kv_get`.
-    let (state, key) = unsafe { (&*(a.user_arg as *const KvState), key_of(a.key, a.key_size)) };
-    let r = catch_unwind(AssertUnwindSafe(|| state.store.try_get(&key)))
-        .unwrap_or_else(|_| Err(panicked()));
-    let r = r.and_then(|v| {
-        v.ok_or_else(|| KvError {
+    let (state, key) = unsafe { state_and_key(a.user_arg, a.key, a.key_size) };
+    let r = guarded(|| state.store.try_get(&key)).and_then(|v| {
+        let v = v.ok_or_else(|| KvError {
             code: ErrorCode::NotFound,
             message: format!("key {key:?} is not in the store"),
-        })
+        })?;
+        hand_over(
+            &v,
+            &mut a.value,
+            &mut a.value_size,
+            &mut a.value_deleter_callback,
+        );
+        Ok(())
     });
-    match r {
-        Ok(v) => {
-            let (p, n) = leak_value(&v);
-            a.value = p;
-            a.value_size = n;
-            a.value_deleter_callback = free_value as *const () as Ptr;
-            std::ptr::null_mut()
-        }
-        // SAFETY: as in `kv_get`.
-        Err(e) => unsafe { plugin_error(a.callback_error, &e) },
-    }
+    // SAFETY: as in `kv_get`.
+    unsafe { reply(r, a.callback_error) }
 }
 
 /// `PJRT_KeyValuePutCallback`.
@@ -177,24 +208,16 @@ unsafe extern "C" fn kv_put(args: *mut sys::KvPutCallbackArgs) -> Ptr {
         return std::ptr::null_mut();
     };
     // SAFETY: as in `kv_get`; the value has value_size bytes.
-    let (state, key, value) = unsafe {
-        (
-            &*(a.user_arg as *const KvState),
-            key_of(a.key, a.key_size),
-            if a.value_size == 0 || a.value.is_null() {
-                &[][..]
-            } else {
-                std::slice::from_raw_parts(a.value, a.value_size)
-            },
-        )
+    let (state, key) = unsafe { state_and_key(a.user_arg, a.key, a.key_size) };
+    let value = if a.value_size == 0 || a.value.is_null() {
+        &[][..]
+    } else {
+        // SAFETY: the value has value_size bytes, per the C API.
+        unsafe { std::slice::from_raw_parts(a.value, a.value_size) }
     };
-    let r = catch_unwind(AssertUnwindSafe(|| state.store.put(&key, value)))
-        .unwrap_or_else(|_| Err(panicked()));
-    match r {
-        Ok(()) => std::ptr::null_mut(),
-        // SAFETY: as in `kv_get`.
-        Err(e) => unsafe { plugin_error(a.callback_error, &e) },
-    }
+    let r = guarded(|| state.store.put(&key, value));
+    // SAFETY: as in `kv_get`.
+    unsafe { reply(r, a.callback_error) }
 }
 
 #[cfg(test)]

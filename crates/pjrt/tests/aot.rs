@@ -12,10 +12,6 @@ use pjrt::install::{PluginCache, PluginKind};
 use pjrt::topology::{Topology, TopologyKind};
 use pjrt::{CompileOptions, Error, ErrorCode, Plugin, Program};
 
-fn forced() -> bool {
-    std::env::var("RATTN_AOT_TESTS").is_ok_and(|v| v == "1")
-}
-
 /// Sets the environment libtpu and the CUDA plugin read when they load, once per test process,
 /// before the first plugin is loaded. `pjrt::tpu::set_environment` refuses to run here because
 /// the test harness already runs threads; setting the variables is still sound because every
@@ -37,10 +33,10 @@ fn plugin_environment() {
 fn tpu(test: &str) -> Option<Plugin> {
     plugin_environment();
     let cache = PluginCache::default();
-    if forced() {
-        cache.install(PluginKind::Tpu).expect("installing libtpu");
-    } else if cache.installed(PluginKind::Tpu).is_none() {
-        eprintln!("skip {test}: libtpu not installed (set RATTN_AOT_TESTS=1 to install and run)");
+    if !cache
+        .ready_for_test(PluginKind::Tpu, test)
+        .expect("installing libtpu")
+    {
         return None;
     }
     Some(cache.load(PluginKind::Tpu).expect("loading libtpu"))
@@ -49,16 +45,10 @@ fn tpu(test: &str) -> Option<Plugin> {
 fn gpu(test: &str) -> Option<Plugin> {
     plugin_environment();
     let cache = PluginCache::default();
-    if forced() {
-        let installed = cache
-            .install(PluginKind::Cuda)
-            .and(cache.install_cuda_tools());
-        installed.expect("installing the CUDA plugin, ptxas and libdevice");
-    } else if cache.installed(PluginKind::Cuda).is_none() || cache.installed_cuda_tools().is_none()
+    if !cache
+        .ready_for_test(PluginKind::Cuda, test)
+        .expect("installing the CUDA plugin, ptxas and libdevice")
     {
-        eprintln!(
-            "skip {test}: the CUDA plugin or ptxas/libdevice is not installed (set RATTN_AOT_TESTS=1 to install and run)"
-        );
         return None;
     }
     Some(
@@ -330,6 +320,11 @@ fn cpu_only_custom_call_is_rejected_on_tpu() {
         return;
     };
     let topo = Topology::tpu(&plugin, "v6e:1x1").unwrap();
+    assert_cpu_only_custom_call_refused(&topo, "TPU");
+}
+
+/// Compiling [`CPU_ONLY_CUSTOM_CALL`] for `topo` fails, naming the call and the platform.
+fn assert_cpu_only_custom_call_refused(topo: &Topology, platform: &str) {
     let err = topo
         .compile(
             Program::Mlir(CPU_ONLY_CUSTOM_CALL),
@@ -338,7 +333,8 @@ fn cpu_only_custom_call_is_rejected_on_tpu() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("\"rattn_cpu_only_kernel\"") && err.contains("does not exist on TPU"),
+        err.contains("\"rattn_cpu_only_kernel\"")
+            && err.contains(&format!("does not exist on {platform}")),
         "{err}"
     );
 }
@@ -479,15 +475,5 @@ fn cpu_only_custom_call_is_rejected_on_gpu() {
         return;
     };
     let topo = Topology::gpu_named(&plugin, "h100", "1x1x1").unwrap();
-    let err = topo
-        .compile(
-            Program::Mlir(CPU_ONLY_CUSTOM_CALL),
-            &CompileOptions::default(),
-        )
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("\"rattn_cpu_only_kernel\"") && err.contains("does not exist on GPU"),
-        "{err}"
-    );
+    assert_cpu_only_custom_call_refused(&topo, "GPU");
 }

@@ -1,7 +1,7 @@
-//! `rattn compile` end to end: the tiny model's train step (and decode step) compiles ahead of time for TPU
-//! topologies (libtpu) and an H100 (the CUDA plugin) with plausible memory statistics and cost
-//! analysis; an oversize model is reported as not fitting; bad targets and the CPU-only RLA custom
-//! call give clear errors.
+//! `rattn compile` end to end: the tiny model's train step (and decode step) compiles ahead of
+//! time for TPU topologies (libtpu) and for an H100 and an A100 (the CUDA plugin, Triton kernels)
+//! with plausible memory statistics and cost analysis; an oversize model is reported as not
+//! fitting; bad targets and the CPU-only RLA custom call give clear errors.
 //!
 //! The plugins are large (libtpu 467 MB, CUDA 396 MB + ptxas), so the plugin tests run only when
 //! `RATTN_AOT_TESTS=1` (which installs what is missing) or when the plugin is already installed;
@@ -10,52 +10,18 @@
 
 mod common;
 
-use common::rattn;
+use common::{have_plugin, rattn};
 use std::process::Output;
 
-use pjrt::install::{PluginCache, PluginKind};
+use pjrt::install::PluginKind;
 use serde_json::Value;
 
-fn forced() -> bool {
-    std::env::var("RATTN_AOT_TESTS").is_ok_and(|v| v == "1")
-}
-
-/// The plugin cache `rattn` uses: `$RATTN_CACHE/plugins`, else pjrt's default.
-fn cache() -> PluginCache {
-    match std::env::var_os("RATTN_CACHE").filter(|v| !v.is_empty()) {
-        Some(root) => PluginCache::new(std::path::PathBuf::from(root).join("plugins")),
-        None => PluginCache::default(),
-    }
-}
-
 fn have_tpu(test: &str) -> bool {
-    if forced() {
-        cache().install(PluginKind::Tpu).expect("installing libtpu");
-        return true;
-    }
-    let ok = cache().installed(PluginKind::Tpu).is_some();
-    if !ok {
-        eprintln!("skip {test}: libtpu not installed (set RATTN_AOT_TESTS=1 to install and run)");
-    }
-    ok
+    have_plugin(PluginKind::Tpu, test)
 }
 
 fn have_gpu(test: &str) -> bool {
-    let cache = cache();
-    if forced() {
-        let installed = cache
-            .install(PluginKind::Cuda)
-            .and(cache.install_cuda_tools());
-        installed.expect("installing the CUDA plugin, ptxas and libdevice");
-        return true;
-    }
-    let ok = cache.installed(PluginKind::Cuda).is_some() && cache.installed_cuda_tools().is_some();
-    if !ok {
-        eprintln!(
-            "skip {test}: the CUDA plugin or ptxas/libdevice is not installed (set RATTN_AOT_TESTS=1 to install and run)"
-        );
-    }
-    ok
+    have_plugin(PluginKind::Cuda, test)
 }
 
 /// The tiny model in the 3:1 layout, shortened so a compile takes seconds: 4 layers (3
@@ -245,58 +211,55 @@ fn check_tiny_decode(r: &Value, out: &str) {
         .starts_with("HloModule "));
 }
 
-#[test]
-fn tiny_train_step_compiles_for_h100() {
-    if !have_gpu("tiny_train_step_compiles_for_h100") {
+/// The tiny train step compiled for the built-in GPU spec `gpu` with the Triton kernels: the
+/// device kind, the common checks, fusions in the optimized HLO, and the five RLA kernels per
+/// local layer's step with every buffer of theirs row-major (the kernels index row-major;
+/// unconstrained, XLA gave the output and the output cotangent the layout {1,0,3,2} here, and
+/// the GPU loss went wrong by 0.5 %).
+fn tiny_train_step_compiles_for_gpu(gpu: &str, device_kind: &str) {
+    let test = format!("tiny_train_step_compiles_for_{gpu}");
+    if !have_gpu(&test) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_str().unwrap();
+    let target = format!("gpu:{gpu}");
     let r = report(&with(
         TINY,
         &[
             "--target",
-            "gpu:h100",
+            &target,
             "--out",
             out,
             "--set",
             "model.rla.lowering=\"triton\"",
         ],
     ));
-    assert_eq!(r["device_kind"], "NVIDIA H100 80GB HBM3");
+    assert_eq!(r["device_kind"], device_kind);
     let p = check_tiny(&r, "gpu");
     assert!(p["cost"].is_null(), "the CUDA plugin has no cost analysis");
     let text = std::fs::read_to_string(p["optimized_hlo"].as_str().unwrap()).unwrap();
     assert!(text.starts_with("HloModule "));
     assert!(
         text.contains("fusion"),
-        "no fusions in the optimized GPU HLO"
+        "{gpu}: no fusions in the optimized GPU HLO"
     );
-    // Triton: the five RLA kernels per local layer's step, every buffer of
-    // theirs row-major (the kernels index row-major; unconstrained, XLA gave the output and the
-    // output cotangent the layout {1,0,3,2} here, and the GPU loss went wrong by 0.5 %).
-    let calls: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("__gpu$xla.gpu.triton"))
-        .collect();
+    let calls = pallas_port::lang::triton::check_row_major_calls(&text)
+        .unwrap_or_else(|e| panic!("{gpu}: {e}"));
     assert!(
-        !calls.is_empty() && calls.len().is_multiple_of(5),
-        "Triton calls: 5 kernels per local layer, got {}",
-        calls.len()
+        calls > 0 && calls.is_multiple_of(5),
+        "{gpu}: Triton calls: 5 kernels per local layer, got {calls}"
     );
-    for line in calls {
-        for part in line.split("]{").skip(1) {
-            let layout: Vec<usize> = part
-                .split('}')
-                .next()
-                .unwrap()
-                .split(',')
-                .map(|x| x.parse().unwrap())
-                .collect();
-            let row_major: Vec<usize> = (0..layout.len()).rev().collect();
-            assert_eq!(layout, row_major, "non-row-major Triton buffer: {line}");
-        }
-    }
+}
+
+#[test]
+fn tiny_train_step_compiles_for_h100() {
+    tiny_train_step_compiles_for_gpu("h100", "NVIDIA H100 80GB HBM3");
+}
+
+#[test]
+fn tiny_train_step_compiles_for_a100() {
+    tiny_train_step_compiles_for_gpu("a100", "NVIDIA A100-SXM4-40GB");
 }
 
 /// Tiny with a 16384-wide residual and a 32768-wide FFN: 6.4e9 parameters, 77 GB of f32

@@ -8,24 +8,12 @@
 
 mod common;
 
-use common::rattn;
-use pjrt::install::{PluginCache, PluginKind};
+use common::{have_plugin, rattn};
+use pjrt::install::PluginKind;
 use serde_json::Value;
 
 fn have_tpu(test: &str) -> bool {
-    let cache = match std::env::var_os("RATTN_CACHE").filter(|v| !v.is_empty()) {
-        Some(root) => PluginCache::new(std::path::PathBuf::from(root).join("plugins")),
-        None => PluginCache::default(),
-    };
-    if std::env::var("RATTN_AOT_TESTS").is_ok_and(|v| v == "1") {
-        cache.install(PluginKind::Tpu).expect("installing libtpu");
-        return true;
-    }
-    let ok = cache.installed(PluginKind::Tpu).is_some();
-    if !ok {
-        eprintln!("skip {test}: libtpu not installed (set RATTN_AOT_TESTS=1 to install and run)");
-    }
-    ok
+    have_plugin(PluginKind::Tpu, test)
 }
 
 const TINY: &[&str] = &[

@@ -37,7 +37,8 @@ fn generate_after_training_is_deterministic() {
         .map(|i| (4 + (3 * i + 1) % 12).to_string())
         .collect();
     let prompt = format!("0,{}", prompt.join(","));
-    let greedy = |extra: &[&str]| {
+    // `rattn generate` of 20 tokens after the prompt, with `extra` arguments.
+    let generate = |extra: &[&str]| {
         let mut a = vec![
             "generate",
             "--checkpoint",
@@ -46,11 +47,14 @@ fn generate_after_training_is_deterministic() {
             &prompt,
             "--max-new",
             "20",
-            "--temperature",
-            "0",
         ];
         a.extend(extra);
-        generated(&ok(&rattn(&a)))
+        ok(&rattn(&a))
+    };
+    let greedy = |extra: &[&str]| {
+        let mut a = vec!["--temperature", "0"];
+        a.extend(extra);
+        generated(&generate(&a))
     };
     let a = greedy(&[]);
     assert_eq!(a.len(), 20);
@@ -67,17 +71,7 @@ fn generate_after_training_is_deterministic() {
     // tokens as one dispatch; so does every row of a batch of 3.
     assert_eq!(greedy(&["--chunk", "7"]), a);
     assert_eq!(greedy(&["--chunk", "1"]), a);
-    let out = ok(&rattn(&[
-        "generate",
-        "--checkpoint",
-        r,
-        "--tokens",
-        &prompt,
-        "--max-new",
-        "20",
-        "--batch",
-        "3",
-    ]));
+    let out = generate(&["--batch", "3"]);
     let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("tokens: ")).collect();
     assert_eq!(rows.len(), 3, "{out}");
     for row in rows {

@@ -46,6 +46,81 @@ impl GatherDims {
     }
 }
 
+impl GatherDims {
+    /// The dims by their roles shared with scatter.
+    pub(super) fn roles(&self) -> DimRoles<'_> {
+        DimRoles {
+            window: ("offset_dims", &self.offset_dims),
+            dropped: ("collapsed_slice_dims", &self.collapsed_slice_dims),
+            index_map: ("start_index_map", &self.start_index_map),
+        }
+    }
+}
+
+/// The dimension numbers gather and scatter share under different names, each `(name, dims)`:
+/// the window dims (`offset_dims` / `update_window_dims`), the dropped operand dims of size 1
+/// (`collapsed_slice_dims` / `inserted_window_dims`) and the index map (`start_index_map` /
+/// `scatter_dims_to_operand_dims`).
+pub(super) struct DimRoles<'a> {
+    pub(super) window: (&'static str, &'a [i64]),
+    pub(super) dropped: (&'static str, &'a [i64]),
+    pub(super) index_map: (&'static str, &'a [i64]),
+}
+
+impl DimRoles<'_> {
+    /// Checks the window dims (increasing, below `window_rank`: the rank of gather's output or
+    /// scatter's updates), the dropped dims (increasing operand dims) and the index map
+    /// (distinct operand dims, one per component of the index vectors of length `index_len`).
+    pub(super) fn check(
+        &self,
+        op: &'static str,
+        window_rank: usize,
+        operand_rank: usize,
+        index_len: i64,
+        context: &dyn Fn() -> String,
+    ) -> Result<(), ShapeError> {
+        let ((window, wd), (dropped, dd), (map, md)) = (self.window, self.dropped, self.index_map);
+        check_sorted_in_range(op, window, wd, window_rank, context)?;
+        check_sorted_in_range(op, dropped, dd, operand_rank, context)?;
+        check_distinct_in_range(op, map, md, operand_rank, context)?;
+        if md.len() as i64 != index_len {
+            return Err(ShapeError::new(
+                op,
+                format!(
+                    "{map} has {} entries but the index vectors have length {index_len} ({})",
+                    md.len(),
+                    context()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that the window and dropped dims cover the operand's `operand_rank` dims (batching
+    /// dims are not supported).
+    pub(super) fn check_cover(
+        &self,
+        op: &'static str,
+        operand_rank: usize,
+        context: &dyn Fn() -> String,
+    ) -> Result<(), ShapeError> {
+        let ((window, wd), (dropped, dd)) = (self.window, self.dropped);
+        if wd.len() + dd.len() != operand_rank {
+            return Err(ShapeError::new(
+                op,
+                format!(
+                    "{window} ({}) + {dropped} ({}) must cover the operand rank {operand_rank} \
+                     (batching dims are not supported) ({})",
+                    wd.len(),
+                    dd.len(),
+                    context()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Check that the entry `d` of the dim list `v` (named `what`) lies in `[0, bound)`.
 fn check_in_range(
     op: &'static str,
@@ -171,25 +246,7 @@ pub fn gather(
     };
     let (len, batch) = index_dims(OP, indices, dims.index_vector_dim, &ctx)?;
     let out_rank = batch.len() + dims.offset_dims.len();
-    check_sorted_in_range(OP, "offset_dims", &dims.offset_dims, out_rank, &ctx)?;
-    check_sorted_in_range(
-        OP,
-        "collapsed_slice_dims",
-        &dims.collapsed_slice_dims,
-        od.len(),
-        &ctx,
-    )?;
-    check_distinct_in_range(OP, "start_index_map", &dims.start_index_map, od.len(), &ctx)?;
-    if dims.start_index_map.len() as i64 != len {
-        return Err(ShapeError::new(
-            OP,
-            format!(
-                "start_index_map has {} entries but the index vectors have length {len} ({})",
-                dims.start_index_map.len(),
-                ctx()
-            ),
-        ));
-    }
+    dims.roles().check(OP, out_rank, od.len(), len, &ctx)?;
     if slice_sizes.len() != od.len() {
         return Err(ShapeError::new(
             OP,
@@ -224,19 +281,7 @@ pub fn gather(
             ));
         }
     }
-    if dims.offset_dims.len() + dims.collapsed_slice_dims.len() != od.len() {
-        return Err(ShapeError::new(
-            OP,
-            format!(
-                "offset_dims ({}) + collapsed_slice_dims ({}) must cover the operand rank {} \
-                 (batching dims are not supported) ({})",
-                dims.offset_dims.len(),
-                dims.collapsed_slice_dims.len(),
-                od.len(),
-                ctx()
-            ),
-        ));
-    }
+    dims.roles().check_cover(OP, od.len(), &ctx)?;
     let mut window = (0..od.len())
         .filter(|i| !dims.collapsed_slice_dims.contains(&(*i as i64)))
         .map(|i| slice_sizes[i]);

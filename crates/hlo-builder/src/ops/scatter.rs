@@ -12,9 +12,7 @@
 
 use std::panic::Location;
 
-use super::gather::{
-    check_distinct_in_range, check_sorted_in_range, index_dims, upper_bounds, GatherDims,
-};
+use super::gather::{index_dims, upper_bounds, DimRoles, GatherDims};
 use crate::autodiff::Node;
 use crate::builder::Builder;
 use crate::error::Result;
@@ -39,6 +37,18 @@ pub struct ScatterDims {
 }
 
 impl ScatterDims {
+    /// The dims by their roles shared with gather.
+    fn roles(&self) -> DimRoles<'_> {
+        DimRoles {
+            window: ("update_window_dims", &self.update_window_dims),
+            dropped: ("inserted_window_dims", &self.inserted_window_dims),
+            index_map: (
+                "scatter_dims_to_operand_dims",
+                &self.scatter_dims_to_operand_dims,
+            ),
+        }
+    }
+
     pub(crate) fn to_proto(&self) -> proto::ScatterDimensionNumbers {
         proto::ScatterDimensionNumbers {
             update_window_dims: self.update_window_dims.clone(),
@@ -85,50 +95,9 @@ pub fn scatter(
         ));
     }
     let (len, batch) = index_dims(OP, indices, dims.index_vector_dim, &ctx)?;
-    check_sorted_in_range(
-        OP,
-        "update_window_dims",
-        &dims.update_window_dims,
-        ud.len(),
-        &ctx,
-    )?;
-    check_sorted_in_range(
-        OP,
-        "inserted_window_dims",
-        &dims.inserted_window_dims,
-        od.len(),
-        &ctx,
-    )?;
-    check_distinct_in_range(
-        OP,
-        "scatter_dims_to_operand_dims",
-        &dims.scatter_dims_to_operand_dims,
-        od.len(),
-        &ctx,
-    )?;
-    if dims.scatter_dims_to_operand_dims.len() as i64 != len {
-        return Err(ShapeError::new(
-            OP,
-            format!(
-                "scatter_dims_to_operand_dims has {} entries but the index vectors have length {len} ({})",
-                dims.scatter_dims_to_operand_dims.len(),
-                ctx()
-            ),
-        ));
-    }
-    if dims.update_window_dims.len() + dims.inserted_window_dims.len() != od.len() {
-        return Err(ShapeError::new(
-            OP,
-            format!(
-                "update_window_dims ({}) + inserted_window_dims ({}) must cover the operand rank {} \
-                 (batching dims are not supported) ({})",
-                dims.update_window_dims.len(),
-                dims.inserted_window_dims.len(),
-                od.len(),
-                ctx()
-            ),
-        ));
-    }
+    let roles = dims.roles();
+    roles.check(OP, ud.len(), od.len(), len, &ctx)?;
+    roles.check_cover(OP, od.len(), &ctx)?;
     if ud.len() != dims.update_window_dims.len() + batch.len() {
         return Err(ShapeError::new(
             OP,

@@ -106,20 +106,31 @@ pub(super) struct K<'a> {
 }
 
 impl K<'_> {
+    /// The index of `[C, width]` rows `row0..row0+C`, columns `col0..col0+width` of head `head`
+    /// of batch `b` of a `[B, T, heads, H]` array.
+    fn cols_index(
+        &self,
+        b: Value,
+        row0: Value,
+        head: Value,
+        col0: Value,
+        width: usize,
+    ) -> [Index; 4] {
+        [
+            Index::At(b),
+            Index::Slice(row0, self.geo.c),
+            Index::At(head),
+            Index::Slice(col0, width),
+        ]
+    }
+
     /// `[C, H]` rows `row0..row0+C` of head `head` of batch `b` of a `[B, T, heads, H]` array.
     fn rows(&mut self, arr: Ref, b: Value, row0: Value, head: Value) -> LangResult<Value> {
         let zero = self.kb.int(0);
-        self.kb.load(
-            arr,
-            &[
-                Index::At(b),
-                Index::Slice(row0, self.geo.c),
-                Index::At(head),
-                Index::Slice(zero, self.geo.h),
-            ],
-        )
+        self.cols(arr, b, row0, head, zero, self.geo.h)
     }
 
+    /// Stores a `[C, H]` tile as rows `row0..` of head `head` of batch `b` (see [`K::rows`]).
     fn store_rows(
         &mut self,
         arr: Ref,
@@ -129,16 +140,7 @@ impl K<'_> {
         x: Value,
     ) -> LangResult<()> {
         let zero = self.kb.int(0);
-        self.kb.store(
-            arr,
-            &[
-                Index::At(b),
-                Index::Slice(row0, self.geo.c),
-                Index::At(head),
-                Index::Slice(zero, self.geo.h),
-            ],
-            x,
-        )
+        self.store_cols(arr, b, row0, head, zero, x)
     }
 
     /// `[C, width]` rows `row0..row0+C`, columns `col0..col0+width` of head `head` of batch `b`
@@ -152,17 +154,11 @@ impl K<'_> {
         col0: Value,
         width: usize,
     ) -> LangResult<Value> {
-        self.kb.load(
-            arr,
-            &[
-                Index::At(b),
-                Index::Slice(row0, self.geo.c),
-                Index::At(head),
-                Index::Slice(col0, width),
-            ],
-        )
+        let ix = self.cols_index(b, row0, head, col0, width);
+        self.kb.load(arr, &ix)
     }
 
+    /// Stores a `[C, width]` tile at the place [`K::cols`] loads from.
     fn store_cols(
         &mut self,
         arr: Ref,
@@ -173,16 +169,25 @@ impl K<'_> {
         x: Value,
     ) -> LangResult<()> {
         let width = self.kb.type_of(x)?.shape()[1];
-        self.kb.store(
-            arr,
-            &[
-                Index::At(b),
-                Index::Slice(row0, self.geo.c),
-                Index::At(head),
-                Index::Slice(col0, width),
-            ],
-            x,
-        )
+        let ix = self.cols_index(b, row0, head, col0, width);
+        self.kb.store(arr, &ix, x)
+    }
+
+    /// The index of columns `col0..col0+width` of state half `half` (rows `half·H..`) of a
+    /// `[.., 2H, H]` state at leading indices `lead`.
+    fn state_index(
+        &mut self,
+        lead: &[Value],
+        half: usize,
+        col0: Value,
+        width: usize,
+    ) -> Vec<Index> {
+        let h = self.geo.h;
+        let row0 = self.kb.int((half * h) as i64);
+        let mut ix: Vec<Index> = lead.iter().map(|&v| Index::At(v)).collect();
+        ix.push(Index::Slice(row0, h));
+        ix.push(Index::Slice(col0, width));
+        ix
     }
 
     /// Columns `col0..col0+width` of both halves of a `[.., 2H, H]` state: two `[H, width]`.
@@ -193,16 +198,11 @@ impl K<'_> {
         col0: Value,
         width: usize,
     ) -> LangResult<(Value, Value)> {
-        let h = self.geo.h;
-        let mut out = Vec::new();
-        for half in 0..2 {
-            let row0 = self.kb.int((half * h) as i64);
-            let mut ix: Vec<Index> = lead.iter().map(|&v| Index::At(v)).collect();
-            ix.push(Index::Slice(row0, h));
-            ix.push(Index::Slice(col0, width));
-            out.push(self.kb.load(arr, &ix)?);
-        }
-        Ok((out[0], out[1]))
+        let ip = self.state_index(lead, 0, col0, width);
+        let p = self.kb.load(arr, &ip)?;
+        let ineg = self.state_index(lead, 1, col0, width);
+        let n = self.kb.load(arr, &ineg)?;
+        Ok((p, n))
     }
 
     /// Stores two `[H, width]` tiles as columns `col0..` of both halves of a `[.., 2H, H]` state.
@@ -213,13 +213,9 @@ impl K<'_> {
         col0: Value,
         (p, n): (Value, Value),
     ) -> LangResult<()> {
-        let h = self.geo.h;
         let width = self.kb.type_of(p)?.shape()[1];
         for (half, x) in [(0, p), (1, n)] {
-            let row0 = self.kb.int((half * h) as i64);
-            let mut ix: Vec<Index> = lead.iter().map(|&v| Index::At(v)).collect();
-            ix.push(Index::Slice(row0, h));
-            ix.push(Index::Slice(col0, width));
+            let ix = self.state_index(lead, half, col0, width);
             self.kb.store(arr, &ix, x)?;
         }
         Ok(())
@@ -347,6 +343,116 @@ impl K<'_> {
             body(&mut k, i, args)
         })
     }
+
+    /// One query tile's output `φQ S + causal(φQ φKᵀ) V` from the φ halves of the queries
+    /// (`phq`) and keys (`phk`), the state halves `s` and the values `vt`.
+    pub(super) fn out_tile(
+        &mut self,
+        (pq, nq): (Value, Value),
+        (pk, nk): (Value, Value),
+        s: &[Value],
+        vt: Value,
+    ) -> LangResult<Value> {
+        let a = self.dot_t(pq, pk, None)?;
+        let a = self.dot_t(nq, nk, Some(a))?;
+        let a = self.causal(a)?;
+        let o = self.kb.dot(pq, s[0], None)?;
+        let o = self.kb.dot(nq, s[1], Some(o))?;
+        self.kb.dot(a, vt, Some(o))
+    }
+
+    /// The state halves after a sub-chunk: `S + φKᵀ V` for each half of `phk`.
+    pub(super) fn state_step(
+        &mut self,
+        (pk, nk): (Value, Value),
+        vt: Value,
+        s: &[Value],
+    ) -> LangResult<Vec<Value>> {
+        let sp = self.t_dot(pk, vt, Some(s[0]))?;
+        let sn = self.t_dot(nk, vt, Some(s[1]))?;
+        Ok(vec![sp, sn])
+    }
+
+    /// One query tile's dq from the queries `qt` and their φ halves `phq`, the output cotangent
+    /// `dot`, the keys' φ halves `phk`, the values `vt` and the state halves `s`.
+    pub(super) fn dq_tile(
+        &mut self,
+        (qt, phq): (Value, (Value, Value)),
+        dot: Value,
+        (pk, nk): (Value, Value),
+        vt: Value,
+        s: &[Value],
+    ) -> LangResult<Value> {
+        let p = self.dot_t(dot, vt, None)?;
+        let p = self.causal(p)?;
+        let dpq = self.dot_t(dot, s[0], None)?;
+        let dpq = self.kb.dot(p, pk, Some(dpq))?;
+        let dnq = self.dot_t(dot, s[1], None)?;
+        let dnq = self.kb.dot(p, nk, Some(dnq))?;
+        self.phi_vjp(qt, phq, (dpq, dnq))
+    }
+
+    /// The zero accumulators of [`K::dkdv_acc`] for value blocks of `hv` columns: dφ⁺K, dφ⁻K
+    /// (`[C, H]`), dv (`[C, hv]`) and the in-chunk dS halves (`[H, hv]`).
+    pub(super) fn dkdv_init(&mut self, hv: usize) -> LangResult<Vec<Value>> {
+        let (ch, cv, hx) = ([self.geo.c, self.geo.h], [self.geo.c, hv], [self.geo.h, hv]);
+        Ok(vec![
+            self.kb.zeros(&ch)?,
+            self.kb.zeros(&ch)?,
+            self.kb.zeros(&cv)?,
+            self.kb.zeros(&hx)?,
+            self.kb.zeros(&hx)?,
+        ])
+    }
+
+    /// One query head's contribution to a key tile's gradients, added to `acc` (see
+    /// [`K::dkdv_init`]): from the queries `qt` and output cotangent `dot` of the query rows
+    /// that see the keys (φ halves `phk`) and values `vt` within the window.
+    pub(super) fn dkdv_acc(
+        &mut self,
+        qt: Value,
+        dot: Value,
+        (pk, nk): (Value, Value),
+        vt: Value,
+        acc: &[Value],
+    ) -> LangResult<Vec<Value>> {
+        let (pq, nq) = self.phi(qt)?;
+        let a = self.dot_t(pq, pk, None)?;
+        let a = self.dot_t(nq, nk, Some(a))?;
+        let a = self.causal(a)?;
+        let p = self.dot_t(dot, vt, None)?;
+        let p = self.causal(p)?;
+        let dfp = self.t_dot(p, pq, Some(acc[0]))?;
+        let dfn = self.t_dot(p, nq, Some(acc[1]))?;
+        let dv = self.t_dot(a, dot, Some(acc[2]))?;
+        let ip = self.t_dot(pq, dot, Some(acc[3]))?;
+        let inn = self.t_dot(nq, dot, Some(acc[4]))?;
+        Ok(vec![dfp, dfn, dv, ip, inn])
+    }
+
+    /// A key tile's `(dk, dv)` from its keys `kt` (φ halves `phk`), values `vt`, the dS halves
+    /// `ds` of the later queries and the accumulated in-chunk terms `acc` ([`K::dkdv_acc`]).
+    pub(super) fn dkdv_tile(
+        &mut self,
+        (kt, (pk, nk)): (Value, (Value, Value)),
+        vt: Value,
+        ds: &[Value],
+        acc: &[Value],
+    ) -> LangResult<(Value, Value)> {
+        let dfp = self.dot_t(vt, ds[0], Some(acc[0]))?;
+        let dfn = self.dot_t(vt, ds[1], Some(acc[1]))?;
+        let dv = self.kb.dot(pk, ds[0], Some(acc[2]))?;
+        let dv = self.kb.dot(nk, ds[1], Some(dv))?;
+        let dk = self.phi_vjp(kt, (pk, nk), (dfp, dfn))?;
+        Ok((dk, dv))
+    }
+
+    /// The dS halves before a key tile: `ds` plus the tile's in-chunk terms `acc[3..5]`.
+    pub(super) fn ds_step(&mut self, ds: &[Value], acc: &[Value]) -> LangResult<Vec<Value>> {
+        let dsp = self.kb.add(ds[0], acc[3])?;
+        let dsn = self.kb.add(ds[1], acc[4])?;
+        Ok(vec![dsp, dsn])
+    }
 }
 
 /// Checks what the kernels need beyond [`RlaConfig::validate`] / [`RlaDims::validate`]: tiles of
@@ -399,14 +505,6 @@ pub fn dot_precision() -> LangResult<Precision> {
             format!("{DOT_PRECISION_VAR}: {e}; accepted: ieee (default), tf32x3, tf32"),
         )),
     }
-}
-
-fn grid3(a: usize, b: usize, c: usize) -> Vec<GridAxis> {
-    vec![
-        GridAxis::parallel(a),
-        GridAxis::parallel(b),
-        GridAxis::parallel(c),
-    ]
 }
 
 fn sub_start(k: &mut K<'_>, c: Value, j: Value) -> LangResult<Value> {
@@ -472,15 +570,72 @@ fn check_value_block(name: &str, geo: &Geo, hv: usize) -> LangResult<usize> {
     Ok(geo.h / hv)
 }
 
-/// Splits program id `pid` = `outer · nv + j` into `(outer, j, first column j · hv)`.
-fn split_pid(k: &mut K<'_>, pid: Value, nv: usize, hv: usize) -> LangResult<(Value, Value, Value)> {
+/// The start of value-block kernel `name` with value blocks of `hv` columns: its geometry
+/// ([`kernel_geo`]), the number of value blocks `nv`, and a builder with the launch and matmul
+/// precision set and the parallel grid (B, `heads`·nv) or, `per_chunk`, (B, `heads`·nv, chunks).
+fn value_block_kernel(
+    name: &str,
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    hv: usize,
+    heads: usize,
+    per_chunk: bool,
+) -> LangResult<(KernelBuilder, Geo, usize)> {
+    let geo = kernel_geo(cfg, d);
+    let nv = check_value_block(name, &geo, hv)?;
+    let mut grid = vec![GridAxis::parallel(geo.b), GridAxis::parallel(heads * nv)];
+    if per_chunk {
+        grid.push(GridAxis::parallel(geo.nc));
+    }
+    let mut kb = KernelBuilder::new(name, &grid);
+    kb.launch(geo.warps(), 1);
+    kb.set_precision(dot_precision()?);
+    Ok((kb, geo, nv))
+}
+
+/// The program ids of a value-block kernel's `A` grid axes with axis 1 (`head · nv + j`) split:
+/// `([b, head, ..], j, first column j · hv)`.
+fn value_program<const A: usize>(
+    k: &mut K<'_>,
+    nv: usize,
+    hv: usize,
+) -> LangResult<([Value; A], Value, Value)> {
+    let ids = (0..A)
+        .map(|axis| k.kb.program_id(axis))
+        .collect::<LangResult<Vec<_>>>()?;
     let nvv = k.kb.int(nv as i64);
-    let outer = k.kb.div(pid, nvv)?;
-    let on = k.kb.mul(outer, nvv)?;
-    let j = k.kb.sub(pid, on)?;
+    let head = k.kb.div(ids[1], nvv)?;
+    let hn = k.kb.mul(head, nvv)?;
+    let j = k.kb.sub(ids[1], hn)?;
     let hvv = k.kb.int(hv as i64);
     let col0 = k.kb.mul(j, hvv)?;
-    Ok((outer, j, col0))
+    Ok((
+        std::array::from_fn(|a| if a == 1 { head } else { ids[a] }),
+        j,
+        col0,
+    ))
+}
+
+/// The kv head of query head `n`.
+fn kv_head(k: &mut K<'_>, n: Value) -> LangResult<Value> {
+    let rv = k.kb.int(k.geo.r as i64);
+    k.kb.div(n, rv)
+}
+
+/// The first query row `t0` of sub-chunk `j` of chunk `c` and the first row `t0 − W − 1` of its
+/// shifted keys.
+fn query_rows(k: &mut K<'_>, c: Value, j: Value) -> LangResult<(Value, Value)> {
+    let t0 = sub_start(k, c, j)?;
+    let s0 = k.plus(t0, -(k.geo.w as i64) - 1)?;
+    Ok((t0, s0))
+}
+
+/// The first key row `s0` of sub-chunk `j` of key chunk `c` and the first row `s0 + W + 1` of
+/// the queries that see them shifted.
+fn key_rows(k: &mut K<'_>, c: Value, j: Value) -> LangResult<(Value, Value)> {
+    let s0 = sub_start(k, c, j)?;
+    let p0 = k.plus(s0, k.geo.w as i64 + 1)?;
+    Ok((s0, p0))
 }
 
 /// Stores a `[C, H]` partial sum: rows `row0..` of head `head` of value block `j` (of `nv`).
@@ -499,18 +654,10 @@ fn store_part(
         return k.store_rows(arr, b, row0, head, x);
     }
     let zero = k.kb.int(0);
-    let (c, h) = (k.geo.c, k.geo.h);
-    k.kb.store(
-        arr,
-        &[
-            Index::At(j),
-            Index::At(b),
-            Index::Slice(row0, c),
-            Index::At(head),
-            Index::Slice(zero, h),
-        ],
-        x,
-    )
+    let ix: Vec<Index> = std::iter::once(Index::At(j))
+        .chain(k.cols_index(b, row0, head, zero, k.geo.h))
+        .collect();
+    k.kb.store(arr, &ix, x)
 }
 
 /// `rla_fwd_states(k, v) -> (chunk_states, final_state)` with [`value_block`]'s tiling.
@@ -525,30 +672,20 @@ pub fn fwd_states_kernel_tiled(
     d: &RlaDims,
     value_block: usize,
 ) -> LangResult<Kernel> {
-    let geo = kernel_geo(cfg, d);
     let hv = value_block;
-    let nv = check_value_block("rla_fwd_states", &geo, hv)?;
-    let mut kb = KernelBuilder::new(
-        "rla_fwd_states",
-        &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g * nv)],
-    );
-    kb.launch(geo.warps(), 1);
-    kb.set_precision(dot_precision()?);
+    let (mut kb, geo, nv) = value_block_kernel("rla_fwd_states", cfg, d, hv, d.kv_heads, false)?;
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
     let csr = kb.output("chunk_states", &geo.cs_shape());
     let fsr = kb.output("final_state", &geo.fs_shape());
     let mut k = K { kb: &mut kb, geo };
-    let b = k.kb.program_id(0)?;
-    let gj = k.kb.program_id(1)?;
-    let (g, _, col0) = split_pid(&mut k, gj, nv, hv)?;
+    let ([b, g], _, col0) = value_program(&mut k, nv, hv)?;
     let hx = [geo.h, hv];
     let init = [k.kb.zeros(&hx)?, k.kb.zeros(&hx)?];
     let fin = k.range(geo.nc, &init, |k, c, s| {
         k.store_state_cols(csr, &[b, g, c], col0, (s[0], s[1]))?;
         k.range(geo.l / geo.c, s, |k, j, s| {
-            let t0 = sub_start(k, c, j)?;
-            let s0 = k.plus(t0, -(geo.w as i64) - 1)?;
+            let (t0, s0) = query_rows(k, c, j)?;
             let kt = k.rows(kr, b, s0, g)?;
             let vt = k.cols(vr, b, s0, g, col0, hv)?;
             // Keys whose query position t0 + i lies past T never contribute.
@@ -561,10 +698,8 @@ pub fn fwd_states_kernel_tiled(
             let valid = k.kb.cmp(CmpOp::Lt, pos, ts)?;
             let z = k.kb.zeros(&shape)?;
             let vt = k.kb.select(valid, vt, z)?;
-            let (pk, nk) = k.phi(kt)?;
-            let sp = k.t_dot(pk, vt, Some(s[0]))?;
-            let sn = k.t_dot(nk, vt, Some(s[1]))?;
-            Ok(vec![sp, sn])
+            let phk = k.phi(kt)?;
+            k.state_step(phk, vt, s)
         })
     })?;
     k.store_state_cols(fsr, &[b, g], col0, (fin[0], fin[1]))?;
@@ -583,43 +718,27 @@ pub fn fwd_out_kernel_tiled(
     d: &RlaDims,
     value_block: usize,
 ) -> LangResult<Kernel> {
-    let geo = kernel_geo(cfg, d);
     let hv = value_block;
-    let nv = check_value_block("rla_fwd_out", &geo, hv)?;
-    let mut kb = KernelBuilder::new("rla_fwd_out", &grid3(geo.b, geo.n * nv, geo.nc));
-    kb.launch(geo.warps(), 1);
-    kb.set_precision(dot_precision()?);
+    let (mut kb, geo, nv) = value_block_kernel("rla_fwd_out", cfg, d, hv, d.heads, true)?;
     let qr = kb.input("q", &geo.q_shape());
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
     let csr = kb.input("chunk_states", &geo.cs_shape());
     let or = kb.output("o", &geo.q_shape());
     let mut k = K { kb: &mut kb, geo };
-    let b = k.kb.program_id(0)?;
-    let nj = k.kb.program_id(1)?;
-    let c = k.kb.program_id(2)?;
-    let (n, _, col0) = split_pid(&mut k, nj, nv, hv)?;
-    let rv = k.kb.int(geo.r as i64);
-    let g = k.kb.div(n, rv)?;
+    let ([b, n, c], _, col0) = value_program(&mut k, nv, hv)?;
+    let g = kv_head(&mut k, n)?;
     let (sp, sn) = k.load_state_cols(csr, &[b, g, c], col0, hv)?;
     k.range(geo.l / geo.c, &[sp, sn], |k, j, s| {
-        let t0 = sub_start(k, c, j)?;
-        let s0 = k.plus(t0, -(geo.w as i64) - 1)?;
+        let (t0, s0) = query_rows(k, c, j)?;
         let qt = k.rows(qr, b, t0, n)?;
         let kt = k.rows(kr, b, s0, g)?;
         let vt = k.cols(vr, b, s0, g, col0, hv)?;
-        let (pq, nq) = k.phi(qt)?;
-        let (pk, nk) = k.phi(kt)?;
-        let a = k.dot_t(pq, pk, None)?;
-        let a = k.dot_t(nq, nk, Some(a))?;
-        let a = k.causal(a)?;
-        let o = k.kb.dot(pq, s[0], None)?;
-        let o = k.kb.dot(nq, s[1], Some(o))?;
-        let o = k.kb.dot(a, vt, Some(o))?;
+        let phq = k.phi(qt)?;
+        let phk = k.phi(kt)?;
+        let o = k.out_tile(phq, phk, s, vt)?;
         k.store_cols(or, b, t0, n, col0, o)?;
-        let sp = k.t_dot(pk, vt, Some(s[0]))?;
-        let sn = k.t_dot(nk, vt, Some(s[1]))?;
-        Ok(vec![sp, sn])
+        k.state_step(phk, vt, s)
     })?;
     kb.finish()
 }
@@ -636,22 +755,13 @@ pub fn bwd_dstates_kernel_tiled(
     d: &RlaDims,
     value_block: usize,
 ) -> LangResult<Kernel> {
-    let geo = kernel_geo(cfg, d);
     let hv = value_block;
-    let nv = check_value_block("rla_bwd_dstates", &geo, hv)?;
-    let mut kb = KernelBuilder::new(
-        "rla_bwd_dstates",
-        &[GridAxis::parallel(geo.b), GridAxis::parallel(geo.g * nv)],
-    );
-    kb.launch(geo.warps(), 1);
-    kb.set_precision(dot_precision()?);
+    let (mut kb, geo, nv) = value_block_kernel("rla_bwd_dstates", cfg, d, hv, d.kv_heads, false)?;
     let qr = kb.input("q", &geo.q_shape());
     let dor = kb.input("d_o", &geo.q_shape());
     let dsr = kb.output("d_states", &geo.cs_shape());
     let mut k = K { kb: &mut kb, geo };
-    let b = k.kb.program_id(0)?;
-    let gj = k.kb.program_id(1)?;
-    let (g, _, col0) = split_pid(&mut k, gj, nv, hv)?;
+    let ([b, g], _, col0) = value_program(&mut k, nv, hv)?;
     let hx = [geo.h, hv];
     let init = [k.kb.zeros(&hx)?, k.kb.zeros(&hx)?];
     k.range(geo.nc, &init, |k, i, s| {
@@ -659,16 +769,13 @@ pub fn bwd_dstates_kernel_tiled(
         let c = k.kb.sub(last, i)?;
         k.store_state_cols(dsr, &[b, g, c], col0, (s[0], s[1]))?;
         k.range(geo.l / geo.c, s, |k, j, s| {
-            let s0 = sub_start(k, c, j)?;
-            let p0 = k.plus(s0, geo.w as i64 + 1)?;
+            let (_, p0) = key_rows(k, c, j)?;
             k.range(geo.r, s, |k, r, s| {
                 let n = k.affine(g, geo.r as i64, r)?;
                 let qt = k.rows(qr, b, p0, n)?;
                 let dot = k.cols(dor, b, p0, n, col0, hv)?;
-                let (pq, nq) = k.phi(qt)?;
-                let sp = k.t_dot(pq, dot, Some(s[0]))?;
-                let sn = k.t_dot(nq, dot, Some(s[1]))?;
-                Ok(vec![sp, sn])
+                let phq = k.phi(qt)?;
+                k.state_step(phq, dot, s)
             })
         })
     })?;
@@ -683,12 +790,8 @@ pub fn bwd_dq_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
 /// `rla_bwd_dq(q, k, v, chunk_states, d_o) -> dq`, grid (B, N · H/value_block, chunks): program
 /// `(b, n·nv + j, c)` writes value block `j`'s partial dq (shape [`partial_shape`]).
 pub fn bwd_dq_kernel_tiled(cfg: &RlaConfig, d: &RlaDims, value_block: usize) -> LangResult<Kernel> {
-    let geo = kernel_geo(cfg, d);
     let hv = value_block;
-    let nv = check_value_block("rla_bwd_dq", &geo, hv)?;
-    let mut kb = KernelBuilder::new("rla_bwd_dq", &grid3(geo.b, geo.n * nv, geo.nc));
-    kb.launch(geo.warps(), 1);
-    kb.set_precision(dot_precision()?);
+    let (mut kb, geo, nv) = value_block_kernel("rla_bwd_dq", cfg, d, hv, d.heads, true)?;
     let qr = kb.input("q", &geo.q_shape());
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
@@ -696,33 +799,20 @@ pub fn bwd_dq_kernel_tiled(cfg: &RlaConfig, d: &RlaDims, value_block: usize) -> 
     let dor = kb.input("d_o", &geo.q_shape());
     let dqr = kb.output("dq", &partial_shape(geo.q_shape(), hv));
     let mut k = K { kb: &mut kb, geo };
-    let b = k.kb.program_id(0)?;
-    let nj = k.kb.program_id(1)?;
-    let c = k.kb.program_id(2)?;
-    let (n, vj, col0) = split_pid(&mut k, nj, nv, hv)?;
-    let rv = k.kb.int(geo.r as i64);
-    let g = k.kb.div(n, rv)?;
+    let ([b, n, c], vj, col0) = value_program(&mut k, nv, hv)?;
+    let g = kv_head(&mut k, n)?;
     let (sp, sn) = k.load_state_cols(csr, &[b, g, c], col0, hv)?;
     k.range(geo.l / geo.c, &[sp, sn], |k, j, s| {
-        let t0 = sub_start(k, c, j)?;
-        let s0 = k.plus(t0, -(geo.w as i64) - 1)?;
+        let (t0, s0) = query_rows(k, c, j)?;
         let qt = k.rows(qr, b, t0, n)?;
         let dot = k.cols(dor, b, t0, n, col0, hv)?;
         let kt = k.rows(kr, b, s0, g)?;
         let vt = k.cols(vr, b, s0, g, col0, hv)?;
         let phq = k.phi(qt)?;
-        let (pk, nk) = k.phi(kt)?;
-        let p = k.dot_t(dot, vt, None)?;
-        let p = k.causal(p)?;
-        let dpq = k.dot_t(dot, s[0], None)?;
-        let dpq = k.kb.dot(p, pk, Some(dpq))?;
-        let dnq = k.dot_t(dot, s[1], None)?;
-        let dnq = k.kb.dot(p, nk, Some(dnq))?;
-        let dq = k.phi_vjp(qt, phq, (dpq, dnq))?;
+        let phk = k.phi(kt)?;
+        let dq = k.dq_tile((qt, phq), dot, phk, vt, s)?;
         store_part(k, dqr, nv, vj, b, t0, n, dq)?;
-        let sp = k.t_dot(pk, vt, Some(s[0]))?;
-        let sn = k.t_dot(nk, vt, Some(s[1]))?;
-        Ok(vec![sp, sn])
+        k.state_step(phk, vt, s)
     })?;
     kb.finish()
 }
@@ -740,12 +830,8 @@ pub fn bwd_dkdv_kernel_tiled(
     d: &RlaDims,
     value_block: usize,
 ) -> LangResult<Kernel> {
-    let geo = kernel_geo(cfg, d);
     let hv = value_block;
-    let nv = check_value_block("rla_bwd_dkdv", &geo, hv)?;
-    let mut kb = KernelBuilder::new("rla_bwd_dkdv", &grid3(geo.b, geo.g * nv, geo.nc));
-    kb.launch(geo.warps(), 1);
-    kb.set_precision(dot_precision()?);
+    let (mut kb, geo, nv) = value_block_kernel("rla_bwd_dkdv", cfg, d, hv, d.kv_heads, true)?;
     let qr = kb.input("q", &geo.q_shape());
     let kr = kb.input("k", &geo.kv_shape());
     let vr = kb.input("v", &geo.kv_shape());
@@ -754,55 +840,27 @@ pub fn bwd_dkdv_kernel_tiled(
     let dkr = kb.output("dk", &partial_shape(geo.kv_shape(), hv));
     let dvr = kb.output("dv", &geo.kv_shape());
     let mut k = K { kb: &mut kb, geo };
-    let b = k.kb.program_id(0)?;
-    let gj = k.kb.program_id(1)?;
-    let c = k.kb.program_id(2)?;
-    let (g, vj, col0) = split_pid(&mut k, gj, nv, hv)?;
+    let ([b, g, c], vj, col0) = value_program(&mut k, nv, hv)?;
     let (dsp, dsn) = k.load_state_cols(dsr, &[b, g, c], col0, hv)?;
     let m = geo.l / geo.c;
-    let (ch, cv, hx) = ([geo.c, geo.h], [geo.c, hv], [geo.h, hv]);
     k.range(m, &[dsp, dsn], |k, jj, ds| {
         let last = k.kb.int(m as i64 - 1);
         let sj = k.kb.sub(last, jj)?;
-        let s0 = sub_start(k, c, sj)?;
-        let p0 = k.plus(s0, geo.w as i64 + 1)?;
+        let (s0, p0) = key_rows(k, c, sj)?;
         let kt = k.rows(kr, b, s0, g)?;
         let vt = k.cols(vr, b, s0, g, col0, hv)?;
-        let (pk, nk) = k.phi(kt)?;
-        let init = [
-            k.kb.zeros(&ch)?,
-            k.kb.zeros(&ch)?,
-            k.kb.zeros(&cv)?,
-            k.kb.zeros(&hx)?,
-            k.kb.zeros(&hx)?,
-        ];
+        let phk = k.phi(kt)?;
+        let init = k.dkdv_init(hv)?;
         let acc = k.range(geo.r, &init, |k, r, acc| {
             let n = k.affine(g, geo.r as i64, r)?;
             let qt = k.rows(qr, b, p0, n)?;
             let dot = k.cols(dor, b, p0, n, col0, hv)?;
-            let (pq, nq) = k.phi(qt)?;
-            let a = k.dot_t(pq, pk, None)?;
-            let a = k.dot_t(nq, nk, Some(a))?;
-            let a = k.causal(a)?;
-            let p = k.dot_t(dot, vt, None)?;
-            let p = k.causal(p)?;
-            let dfp = k.t_dot(p, pq, Some(acc[0]))?;
-            let dfn = k.t_dot(p, nq, Some(acc[1]))?;
-            let dv = k.t_dot(a, dot, Some(acc[2]))?;
-            let ip = k.t_dot(pq, dot, Some(acc[3]))?;
-            let inn = k.t_dot(nq, dot, Some(acc[4]))?;
-            Ok(vec![dfp, dfn, dv, ip, inn])
+            k.dkdv_acc(qt, dot, phk, vt, acc)
         })?;
-        let dfp = k.dot_t(vt, ds[0], Some(acc[0]))?;
-        let dfn = k.dot_t(vt, ds[1], Some(acc[1]))?;
-        let dv = k.kb.dot(pk, ds[0], Some(acc[2]))?;
-        let dv = k.kb.dot(nk, ds[1], Some(dv))?;
-        let dk = k.phi_vjp(kt, (pk, nk), (dfp, dfn))?;
+        let (dk, dv) = k.dkdv_tile((kt, phk), vt, ds, &acc)?;
         store_part(k, dkr, nv, vj, b, s0, g, dk)?;
         k.store_cols(dvr, b, s0, g, col0, dv)?;
-        let dsp = k.kb.add(ds[0], acc[3])?;
-        let dsn = k.kb.add(ds[1], acc[4])?;
-        Ok(vec![dsp, dsn])
+        k.ds_step(ds, &acc)
     })?;
     kb.finish()
 }
@@ -933,12 +991,15 @@ fn sum_parts_op(
     }
 }
 
-fn lang_err(b: &hlo_builder::Builder, e: LangError) -> hlo_builder::Error {
+pub(super) fn lang_err(b: &hlo_builder::Builder, e: LangError) -> hlo_builder::Error {
     b.error("rla", e.to_string())
 }
 
 /// `x` as f32 (the Triton kernels read f32; bf16 inputs are widened in the graph).
-fn as_f32(b: &hlo_builder::Builder, x: hlo_builder::Op) -> hlo_builder::Result<hlo_builder::Op> {
+pub(super) fn as_f32(
+    b: &hlo_builder::Builder,
+    x: hlo_builder::Op,
+) -> hlo_builder::Result<hlo_builder::Op> {
     use hlo_builder::ElementType;
     match b.shape(x)?.ty() {
         Some(ElementType::F32) => Ok(x),

@@ -27,7 +27,7 @@ use super::builder::KernelBuilder;
 use super::interp;
 use super::ir::*;
 use super::mosaic;
-use super::rla::{Geo, K};
+use super::rla::{as_f32, lang_err, Geo, K};
 use crate::config::{RlaConfig, RlaDims};
 use hlo_builder::{Builder, ElementType, Op as HloOp};
 
@@ -146,21 +146,26 @@ fn grid(l: &Layout) -> Vec<GridAxis> {
     ]
 }
 
-/// The `[C, H]` tile of sub-chunk `j`, head `head` (within the block) of a rows block.
-fn tile(k: &mut K<'_>, l: &Layout, arr: Ref, head: Value, j: Value) -> LangResult<Value> {
+/// The index of the `[C, H]` tile of sub-chunk `j`, head `head` (within the block) of a rows
+/// block.
+fn tile_index(k: &mut K<'_>, l: &Layout, head: Value, j: Value) -> [Index; 5] {
     let zero = k.kb.int(0);
-    k.kb.load(
-        arr,
-        &[
-            Index::At(zero),
-            Index::At(head),
-            Index::At(j),
-            Index::Slice(zero, l.c),
-            Index::Slice(zero, l.h),
-        ],
-    )
+    [
+        Index::At(zero),
+        Index::At(head),
+        Index::At(j),
+        Index::Slice(zero, l.c),
+        Index::Slice(zero, l.h),
+    ]
 }
 
+/// The `[C, H]` tile of sub-chunk `j`, head `head` (within the block) of a rows block.
+fn tile(k: &mut K<'_>, l: &Layout, arr: Ref, head: Value, j: Value) -> LangResult<Value> {
+    let ix = tile_index(k, l, head, j);
+    k.kb.load(arr, &ix)
+}
+
+/// Stores `x` as the tile [`tile`] loads.
 fn store_tile(
     k: &mut K<'_>,
     l: &Layout,
@@ -169,18 +174,8 @@ fn store_tile(
     j: Value,
     x: Value,
 ) -> LangResult<()> {
-    let zero = k.kb.int(0);
-    k.kb.store(
-        arr,
-        &[
-            Index::At(zero),
-            Index::At(head),
-            Index::At(j),
-            Index::Slice(zero, l.c),
-            Index::Slice(zero, l.h),
-        ],
-        x,
-    )
+    let ix = tile_index(k, l, head, j);
+    k.kb.store(arr, &ix, x)
 }
 
 /// The index of state half `half` (rows `half·H..`) of a `[.., 2H, H]` ref with `lead` zeros.
@@ -252,22 +247,15 @@ pub fn fwd_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         let zero = k.kb.int(0);
         let kt = tile(k, &l, kr, zero, j)?;
         let vt = tile(k, &l, vr, zero, j)?;
-        let (pk, nk) = k.phi(kt)?;
+        let phk = k.phi(kt)?;
         k.range(l.r, &[], |k, r, _| {
             let qt = tile(k, &l, qr, r, j)?;
-            let (pq, nq) = k.phi(qt)?;
-            let a = k.dot_t(pq, pk, None)?;
-            let a = k.dot_t(nq, nk, Some(a))?;
-            let a = k.causal(a)?;
-            let o = k.kb.dot(pq, s[0], None)?;
-            let o = k.kb.dot(nq, s[1], Some(o))?;
-            let o = k.kb.dot(a, vt, Some(o))?;
+            let phq = k.phi(qt)?;
+            let o = k.out_tile(phq, phk, s, vt)?;
             store_tile(k, &l, or, r, j, o)?;
             Ok(vec![])
         })?;
-        let sp = k.t_dot(pk, vt, Some(s[0]))?;
-        let sn = k.t_dot(nk, vt, Some(s[1]))?;
-        Ok(vec![sp, sn])
+        k.state_step(phk, vt, s)
     })?;
     let fin = [fin[0], fin[1]];
     store_state(&mut k, &l, sr, 0, fin)?;
@@ -296,7 +284,6 @@ pub fn bwd_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     let dvr = kb.output_block("dv_shifted", &rows_kv, block(&kvb, map(5)))?;
     let dsr = kb.scratch("d_state", &[2 * l.h, l.h]);
     let mut k = K { kb: &mut kb, geo };
-    let (ch, hh) = ([l.c, l.h], [l.h, l.h]);
 
     // Pass 1: dq, with S recomputed from the chunk's saved state.
     let s0 = load_state(&mut k, &l, csr, 3)?;
@@ -304,24 +291,16 @@ pub fn bwd_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         let zero = k.kb.int(0);
         let kt = tile(k, &l, kr, zero, j)?;
         let vt = tile(k, &l, vr, zero, j)?;
-        let (pk, nk) = k.phi(kt)?;
+        let phk = k.phi(kt)?;
         k.range(l.r, &[], |k, r, _| {
             let qt = tile(k, &l, qr, r, j)?;
             let dot = tile(k, &l, dor, r, j)?;
             let phq = k.phi(qt)?;
-            let p = k.dot_t(dot, vt, None)?;
-            let p = k.causal(p)?;
-            let dpq = k.dot_t(dot, s[0], None)?;
-            let dpq = k.kb.dot(p, pk, Some(dpq))?;
-            let dnq = k.dot_t(dot, s[1], None)?;
-            let dnq = k.kb.dot(p, nk, Some(dnq))?;
-            let dq = k.phi_vjp(qt, phq, (dpq, dnq))?;
+            let dq = k.dq_tile((qt, phq), dot, phk, vt, s)?;
             store_tile(k, &l, dqr, r, j, dq)?;
             Ok(vec![])
         })?;
-        let sp = k.t_dot(pk, vt, Some(s[0]))?;
-        let sn = k.t_dot(nk, vt, Some(s[1]))?;
-        Ok(vec![sp, sn])
+        k.state_step(phk, vt, s)
     })?;
 
     // Pass 2: dk̃, dṽ over the sub-chunks in reverse, dS carried from the later chunks.
@@ -332,40 +311,17 @@ pub fn bwd_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         let zero = k.kb.int(0);
         let kt = tile(k, &l, kr, zero, j)?;
         let vt = tile(k, &l, vr, zero, j)?;
-        let (pk, nk) = k.phi(kt)?;
-        let init = [
-            k.kb.zeros(&ch)?,
-            k.kb.zeros(&ch)?,
-            k.kb.zeros(&ch)?,
-            k.kb.zeros(&hh)?,
-            k.kb.zeros(&hh)?,
-        ];
+        let phk = k.phi(kt)?;
+        let init = k.dkdv_init(l.h)?;
         let acc = k.range(l.r, &init, |k, r, acc| {
             let qt = tile(k, &l, qr, r, j)?;
             let dot = tile(k, &l, dor, r, j)?;
-            let (pq, nq) = k.phi(qt)?;
-            let a = k.dot_t(pq, pk, None)?;
-            let a = k.dot_t(nq, nk, Some(a))?;
-            let a = k.causal(a)?;
-            let p = k.dot_t(dot, vt, None)?;
-            let p = k.causal(p)?;
-            let dfp = k.t_dot(p, pq, Some(acc[0]))?;
-            let dfn = k.t_dot(p, nq, Some(acc[1]))?;
-            let dv = k.t_dot(a, dot, Some(acc[2]))?;
-            let ip = k.t_dot(pq, dot, Some(acc[3]))?;
-            let inn = k.t_dot(nq, dot, Some(acc[4]))?;
-            Ok(vec![dfp, dfn, dv, ip, inn])
+            k.dkdv_acc(qt, dot, phk, vt, acc)
         })?;
-        let dfp = k.dot_t(vt, ds[0], Some(acc[0]))?;
-        let dfn = k.dot_t(vt, ds[1], Some(acc[1]))?;
-        let dv = k.kb.dot(pk, ds[0], Some(acc[2]))?;
-        let dv = k.kb.dot(nk, ds[1], Some(dv))?;
-        let dk = k.phi_vjp(kt, (pk, nk), (dfp, dfn))?;
+        let (dk, dv) = k.dkdv_tile((kt, phk), vt, ds, &acc)?;
         store_tile(k, &l, dkr, zero, j, dk)?;
         store_tile(k, &l, dvr, zero, j, dv)?;
-        let dsp = k.kb.add(ds[0], acc[3])?;
-        let dsn = k.kb.add(ds[1], acc[4])?;
-        Ok(vec![dsp, dsn])
+        k.ds_step(ds, &acc)
     })?;
     store_state(&mut k, &l, dsr, 0, [ds[0], ds[1]])?;
     kb.finish()
@@ -471,6 +427,29 @@ pub fn from_kernel_layout_hlo(
 // ---------------------------------------------------------------------------------------------
 // Whole blocks: interpreter and graph.
 
+/// q, k, v in the kernel layout on the host: q unshifted, k and v shifted by W + 1.
+fn qkv_to_kernel_layout(l: &Layout, q: &[f32], k: &[f32], v: &[f32]) -> [Vec<f32>; 3] {
+    [
+        to_kernel_layout(l, q, l.n, 0),
+        to_kernel_layout(l, k, l.g, l.shift),
+        to_kernel_layout(l, v, l.g, l.shift),
+    ]
+}
+
+/// [`qkv_to_kernel_layout`] in HLO, the inputs widened to f32 first.
+fn qkv_to_kernel_layout_hlo(
+    b: &Builder,
+    l: &Layout,
+    (q, k, v): (HloOp, HloOp, HloOp),
+) -> hlo_builder::Result<[HloOp; 3]> {
+    let (q, k, v) = (as_f32(b, q)?, as_f32(b, k)?, as_f32(b, v)?);
+    Ok([
+        to_kernel_layout_hlo(b, l, q, 0)?,
+        to_kernel_layout_hlo(b, l, k, l.shift)?,
+        to_kernel_layout_hlo(b, l, v, l.shift)?,
+    ])
+}
+
 /// The forward block run by the interpreter on `[B, T, ·, H]` host arrays, through the same
 /// layout change the graph makes: `(o, chunk_states, final_state)`.
 pub fn interpret_fwd(
@@ -482,9 +461,7 @@ pub fn interpret_fwd(
 ) -> LangResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let l = Layout::new(cfg, d)?;
     let kern = fwd_kernel(cfg, d)?;
-    let q5 = to_kernel_layout(&l, q, l.n, 0);
-    let k5 = to_kernel_layout(&l, k, l.g, l.shift);
-    let v5 = to_kernel_layout(&l, v, l.g, l.shift);
+    let [q5, k5, v5] = qkv_to_kernel_layout(&l, q, k, v);
     let mut out = interp::run(&kern, &[&q5, &k5, &v5])?.into_iter();
     let o5 = out.next().unwrap_or_default();
     let cs = out.next().unwrap_or_default();
@@ -505,9 +482,7 @@ pub fn interpret_bwd(
 ) -> LangResult<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let l = Layout::new(cfg, d)?;
     let kern = bwd_kernel(cfg, d)?;
-    let q5 = to_kernel_layout(&l, q, l.n, 0);
-    let k5 = to_kernel_layout(&l, k, l.g, l.shift);
-    let v5 = to_kernel_layout(&l, v, l.g, l.shift);
+    let [q5, k5, v5] = qkv_to_kernel_layout(&l, q, k, v);
     let do5 = to_kernel_layout(&l, d_o, l.n, 0);
     let mut out = interp::run(&kern, &[&q5, &k5, &v5, chunk_states, &do5])?.into_iter();
     let dq5 = out.next().unwrap_or_default();
@@ -529,17 +504,6 @@ pub fn vmem_use(cfg: &RlaConfig, d: &RlaDims) -> LangResult<[(String, usize); 2]
     Ok([(f.name, rf.vmem_total()), (b.name, rb.vmem_total())])
 }
 
-fn lang_err(b: &Builder, e: LangError) -> hlo_builder::Error {
-    b.error("rla", e.to_string())
-}
-
-fn as_f32(b: &Builder, x: HloOp) -> hlo_builder::Result<HloOp> {
-    match b.shape(x)?.ty() {
-        Some(ElementType::F32) => Ok(x),
-        _ => b.convert(x, ElementType::F32),
-    }
-}
-
 /// The forward block as a Mosaic custom call: `(o, chunk_states, final_state)` (a tuple op, the
 /// contract of [`crate::graph::rla_fwd_block`]). bf16 inputs are widened to f32 in the graph.
 pub fn mosaic_fwd(
@@ -550,10 +514,7 @@ pub fn mosaic_fwd(
 ) -> hlo_builder::Result<HloOp> {
     let l = Layout::new(cfg, d).map_err(|e| lang_err(b, e))?;
     let kern = fwd_kernel(cfg, d).map_err(|e| lang_err(b, e))?;
-    let (q, k, v) = (as_f32(b, q)?, as_f32(b, k)?, as_f32(b, v)?);
-    let q5 = to_kernel_layout_hlo(b, &l, q, 0)?;
-    let k5 = to_kernel_layout_hlo(b, &l, k, l.shift)?;
-    let v5 = to_kernel_layout_hlo(b, &l, v, l.shift)?;
+    let [q5, k5, v5] = qkv_to_kernel_layout_hlo(b, &l, (q, k, v))?;
     let out = mosaic::custom_call(b, &kern, &[q5, k5, v5], mosaic::DEFAULT_VMEM_BUDGET)?;
     let o = from_kernel_layout_hlo(b, &l, b.get_tuple_element(out, 0)?, 0)?;
     let cs = b.get_tuple_element(out, 1)?;
@@ -573,11 +534,8 @@ pub fn mosaic_bwd(
 ) -> hlo_builder::Result<HloOp> {
     let l = Layout::new(cfg, d).map_err(|e| lang_err(b, e))?;
     let kern = bwd_kernel(cfg, d).map_err(|e| lang_err(b, e))?;
-    let (q, k, v) = (as_f32(b, q)?, as_f32(b, k)?, as_f32(b, v)?);
+    let [q5, k5, v5] = qkv_to_kernel_layout_hlo(b, &l, (q, k, v))?;
     let (cs, d_o) = (as_f32(b, chunk_states)?, as_f32(b, d_o)?);
-    let q5 = to_kernel_layout_hlo(b, &l, q, 0)?;
-    let k5 = to_kernel_layout_hlo(b, &l, k, l.shift)?;
-    let v5 = to_kernel_layout_hlo(b, &l, v, l.shift)?;
     let do5 = to_kernel_layout_hlo(b, &l, d_o, 0)?;
     let out = mosaic::custom_call(
         b,

@@ -596,3 +596,34 @@ pub fn custom_call(b: &Builder, k: &Kernel, operands: &[HloOp]) -> hlo_builder::
     // {1,0,3,2}: wrong results on an H200, while a bench with parameter operands was right).
     b.custom_call_row_major(TARGET, operands, result, &backend_config(k, &ir))
 }
+
+/// Checks the Triton calls of an optimized GPU HLO text (the CUDA plugin's optimized program,
+/// or XLA's `*.after_optimizations.txt` dump): every operand and result layout of every line
+/// calling [`TARGET`] must be row-major (`{n-1,...,1,0}`), since the kernels index their buffers
+/// row-major and the plugin runs them on other layouts without complaint. Returns the number of
+/// Triton calls, or an error naming the first call line with another layout.
+pub fn check_row_major_calls(optimized_hlo: &str) -> Result<usize, String> {
+    let calls: Vec<&str> = optimized_hlo
+        .lines()
+        .filter(|l| l.contains(TARGET))
+        .collect();
+    for line in &calls {
+        for part in line.split("]{").skip(1) {
+            let text = part.split('}').next().unwrap_or_default();
+            let layout: Vec<usize> = text
+                .split(',')
+                .filter(|x| !x.is_empty())
+                .map(|x| x.trim().parse())
+                .collect::<Result<_, _>>()
+                .map_err(|e| {
+                    format!("unreadable layout {{{text}}} ({e}) in Triton call: {line}")
+                })?;
+            if !layout.iter().rev().copied().eq(0..layout.len()) {
+                return Err(format!(
+                    "non-row-major Triton buffer (layout {layout:?}): {line}"
+                ));
+            }
+        }
+    }
+    Ok(calls.len())
+}

@@ -4,7 +4,29 @@
 use hlo_builder::{Builder, ElementType, Op, Shape};
 
 pub mod spmd;
-use pallas_port::{kernel, RlaConfig, RlaDims};
+use pallas_port::reference::{rla_naive_f64, rla_scan_f64, rla_vjp_f64, to_f64};
+use pallas_port::{kernel, FeatureMap, RlaConfig, RlaDims};
+
+/// [`RlaDims`] from its fields in order.
+pub fn dims(batch: usize, seq: usize, heads: usize, kv_heads: usize, head_dim: usize) -> RlaDims {
+    RlaDims {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        head_dim,
+    }
+}
+
+/// [`RlaConfig`] from its fields in order.
+pub fn cfg(window: usize, sub_chunk: usize, chunk: usize, feature_map: FeatureMap) -> RlaConfig {
+    RlaConfig {
+        window,
+        sub_chunk,
+        chunk,
+        feature_map,
+    }
+}
 
 /// Deterministic splitmix64-based generator of f32 values in [-scale, scale).
 pub struct Rng(u64);
@@ -121,4 +143,74 @@ pub fn run(b: &Builder, root: Op, args: &[(&[f32], &[usize])]) -> Vec<Vec<f32>> 
         .iter()
         .map(|o| o.to_host::<f32>().expect("download"))
         .collect()
+}
+
+/// Tolerance on the norm-relative error. Relu features are unbounded, so sums of products of
+/// O(1)-sized features accumulate larger absolute rounding than softmax's simplex features.
+pub fn tol(fm: FeatureMap) -> f64 {
+    match fm {
+        FeatureMap::Softmax => 1e-5,
+        FeatureMap::Relu => 2e-5,
+    }
+}
+
+/// Three outputs of an RLA block: forward `(o, chunk_states, final_state)` or backward
+/// `(dq, dk, dv)`.
+pub type Outputs = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// Runs an RLA implementation's forward `fwd(q, k, v)` and backward `bwd(q, k, v,
+/// chunk_states, d_o)` (given its own forward's chunk states) on random inputs from `seed`
+/// (q, k in ±2, v, d_o in ±1) and checks every output against the f64 references (naive output
+/// and VJP, token-by-token scan for the states) and against the CPU kernels, within [`tol`]
+/// (norm-relative); `tag` names the case. Also checks that the case is not trivially zero when
+/// the window is shorter than the sequence.
+pub fn check_blocks(
+    tag: &str,
+    d: &RlaDims,
+    cfg: &RlaConfig,
+    seed: u64,
+    fwd: impl FnOnce(&[f32], &[f32], &[f32]) -> Outputs,
+    bwd: impl FnOnce(&[f32], &[f32], &[f32], &[f32], &[f32]) -> Outputs,
+) {
+    let mut rng = Rng::new(seed);
+    let q = rng.vec(d.q_len(), 2.0);
+    let k = rng.vec(d.kv_len(), 2.0);
+    let v = rng.vec(d.kv_len(), 1.0);
+    let d_o = rng.vec(d.q_len(), 1.0);
+    let (qf, kf, vf, dof) = (to_f64(&q), to_f64(&k), to_f64(&v), to_f64(&d_o));
+    let t = tol(cfg.feature_map);
+
+    let (o, cs, fs) = fwd(&q, &k, &v);
+    let o_ref = rla_naive_f64(cfg, d, &qf, &kf, &vf).unwrap();
+    let scan = rla_scan_f64(cfg, d, &qf, &kf, &vf).unwrap();
+    let (o_cpu, cs_cpu, fs_cpu) = run_fwd(cfg, d, &q, &k, &v);
+    for (name, got, want, cpu) in [
+        ("o", &o, &o_ref, &o_cpu),
+        ("chunk_states", &cs, &scan.chunk_states, &cs_cpu),
+        ("final_state", &fs, &scan.final_state, &fs_cpu),
+    ] {
+        let e = rel_err(got, want);
+        let ec = rel_err(got, &to_f64(cpu));
+        eprintln!("{tag}: {name} vs f64 {e:.2e}, vs CPU kernel {ec:.2e}");
+        assert!(e <= t, "{tag}: {name} rel err {e} vs the f64 reference");
+        assert!(ec <= t, "{tag}: {name} rel err {ec} vs the CPU kernel");
+    }
+
+    let (dq, dk, dv) = bwd(&q, &k, &v, &cs, &d_o);
+    let g = rla_vjp_f64(cfg, d, &qf, &kf, &vf, &dof).unwrap();
+    let (dq_c, dk_c, dv_c) = run_bwd(cfg, d, &q, &k, &v, &cs_cpu, &d_o);
+    for (name, got, want, cpu) in [
+        ("dq", &dq, &g.dq, &dq_c),
+        ("dk", &dk, &g.dk, &dk_c),
+        ("dv", &dv, &g.dv, &dv_c),
+    ] {
+        let e = rel_err(got, want);
+        let ec = rel_err(got, &to_f64(cpu));
+        eprintln!("{tag}: {name} vs f64 {e:.2e}, vs CPU kernel {ec:.2e}");
+        assert!(e <= t, "{tag}: {name} rel err {e} vs the f64 reference");
+        assert!(ec <= t, "{tag}: {name} rel err {ec} vs the CPU kernel");
+    }
+    if cfg.window + 1 < d.seq {
+        assert!(o_ref.iter().any(|&x| x != 0.0), "{tag}: trivial case");
+    }
 }

@@ -162,28 +162,26 @@ impl ExecHandle<'_> {
 
     pub(crate) fn optimized_program_raw(&self) -> Result<(String, Vec<u8>)> {
         let mut p = sys::Program::new();
-        let mut a = sys::ExecutableOptimizedProgramArgs::new();
-        a.executable = self.raw;
-        a.program = &mut p;
-        // SAFETY: slot 48 with program.code = null reports the required code_size.
-        unsafe {
-            self.plugin.call(
-                slot::EXECUTABLE_OPTIMIZED_PROGRAM,
-                "PJRT_Executable_OptimizedProgram",
-                &mut a,
-            )
-        }?;
+        let optimized_program = |p: &mut sys::Program| {
+            let mut a = sys::ExecutableOptimizedProgramArgs::new();
+            a.executable = self.raw;
+            a.program = p;
+            // SAFETY: slot 48 takes PJRT_Executable_OptimizedProgram_Args; with program.code =
+            // null it reports the required code_size, else the code has code_size writable
+            // bytes (see below).
+            unsafe {
+                self.plugin.call(
+                    slot::EXECUTABLE_OPTIMIZED_PROGRAM,
+                    "PJRT_Executable_OptimizedProgram",
+                    &mut a,
+                )
+            }
+        };
+        optimized_program(&mut p)?;
         let mut code = vec![0u8; p.code_size];
         p.code = code.as_mut_ptr();
-        a.program = &mut p;
-        // SAFETY: `code` has code_size writable bytes.
-        unsafe {
-            self.plugin.call(
-                slot::EXECUTABLE_OPTIMIZED_PROGRAM,
-                "PJRT_Executable_OptimizedProgram",
-                &mut a,
-            )
-        }?;
+        // `code` has code_size writable bytes.
+        optimized_program(&mut p)?;
         code.truncate(p.code_size);
         // SAFETY: the format string is a static string of the plugin, valid for format_size bytes.
         let format = unsafe { crate::plugin::copy_string(p.format, p.format_size) };
