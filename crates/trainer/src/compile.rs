@@ -349,7 +349,7 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         batch: cfg.train.batch,
         seq_len: cfg.model.seq_len,
         rla_lowering: model.rla_lowering(target.pjrt_platform()).as_str().into(),
-        remat: cfg.train.remat.to_string(),
+        remat: crate::step::remat_label(&cfg),
         mesh: mesh.to_string(),
         mesh_devices: mesh.device_count(),
         programs: Vec::new(),
