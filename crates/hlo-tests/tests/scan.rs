@@ -132,14 +132,20 @@ fn scan_equals_the_unrolled_loop_and_the_naive_loop() {
             let exe = compile(&comp);
             if scanned {
                 let live = assert_grads_match_finite_differences(&name, &exe, &a);
-                assert!(live > 5, "{name}: only {live} finite differences are non-zero");
+                assert!(
+                    live > 5,
+                    "{name}: only {live} finite differences are non-zero"
+                );
             }
             run_f64(&exe, &a)
         };
         let (s, u) = (run(true), run(false));
         for k in 0..s.len() {
             let r = max_rel(&s[k], &u[k]);
-            assert!(r < 1e-12, "n {n}: output {k} scanned vs unrolled differs by {r}");
+            assert!(
+                r < 1e-12,
+                "n {n}: output {k} scanned vs unrolled differs by {r}"
+            );
         }
         // The forward value alone against the naive loop.
         let b = Builder::new("scan_value");
@@ -191,7 +197,10 @@ fn custom_vjps_checkpoints_and_nested_scans_inside_the_body() {
         |m| values_f64(m, -1.0, 1.0, 5),
         |b, x| b.scan(x[0], &x[1..], body.clone()),
     );
-    assert!(RULE_CALLS.load(Ordering::Relaxed) >= 1, "the custom rule ran");
+    assert!(
+        RULE_CALLS.load(Ordering::Relaxed) >= 1,
+        "the custom rule ran"
+    );
     let exe = compile(&comp);
     let live = assert_grads_match_finite_differences("scan_nested", &exe, &a);
     assert!(live > 5, "only {live} finite differences are non-zero");

@@ -192,9 +192,10 @@ impl Model {
             .zip(unrolled)
             .collect();
         let get = |name: &str| -> Result<&Vec<f32>, ConfigError> {
-            by_name.get(name).copied().ok_or_else(|| {
-                ConfigError::Invalid(format!("stack_params: no parameter {name:?}"))
-            })
+            by_name
+                .get(name)
+                .copied()
+                .ok_or_else(|| ConfigError::Invalid(format!("stack_params: no parameter {name:?}")))
         };
         self.params
             .iter()

@@ -217,7 +217,11 @@ pub(crate) fn specs(cfg: &ModelConfig, layers: &[Attention]) -> Vec<ParamSpec> {
 /// the layer pattern: `layers.{p·period + j}.X` become row `p` of `scan.{j}.X`, of shape
 /// `[layers / period, ...]` with a leading [`LogicalAxis::Layers`]. The other parameters keep
 /// their place; the stacked ones take the place of layer 0's.
-pub(crate) fn stack_specs(unrolled: &[ParamSpec], period: usize, n_layers: usize) -> Vec<ParamSpec> {
+pub(crate) fn stack_specs(
+    unrolled: &[ParamSpec],
+    period: usize,
+    n_layers: usize,
+) -> Vec<ParamSpec> {
     let periods = n_layers / period;
     let mut v = Vec::new();
     for spec in unrolled {

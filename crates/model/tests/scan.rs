@@ -61,7 +61,10 @@ fn loss_and_grads(m: &Model, values: &[Vec<f32>], tokens: &[i32]) -> (f32, Vec<V
     let comp = b.build(b.tuple(&outs).unwrap()).unwrap();
     let whiles = comp.to_text().matches(" while(").count();
     if m.scan_period().is_some() {
-        assert!(whiles >= 2, "a scanned loss+grad has a forward and a backward while");
+        assert!(
+            whiles >= 2,
+            "a scanned loss+grad has a forward and a backward while"
+        );
     }
     let exe = compile(&comp);
     let mut bufs = upload(m, values);
@@ -93,7 +96,10 @@ fn scanned_specs_and_initial_parameters_are_the_unrolled_ones_stacked() {
         assert_eq!(wq.axes[0], LogicalAxis::Layers);
         assert_eq!(wq.shape[0], m.config().layers / period);
         assert_eq!(wq.stacked.len(), wq.shape[0]);
-        assert!(!s.param_specs().iter().any(|p| p.name.starts_with("layers.")));
+        assert!(!s
+            .param_specs()
+            .iter()
+            .any(|p| p.name.starts_with("layers.")));
         let init: Vec<Vec<f32>> = m
             .param_specs()
             .iter()
@@ -142,8 +148,16 @@ fn scanned_loss_and_gradients_equal_the_unrolled_ones() {
                 .fold(0.0f64, |m, (&x, &y)| m.max((x - y).abs() as f64));
             assert!(scale > 0.0, "{name}: gradient of {} is zero", p.name);
             let (l2, mx) = (diff / norm, d / scale);
-            assert!(l2 <= tol, "{name}: gradient of {} differs by {l2:e} (L2)", p.name);
-            assert!(mx <= tol, "{name}: gradient of {} differs by {mx:e} (max)", p.name);
+            assert!(
+                l2 <= tol,
+                "{name}: gradient of {} differs by {l2:e} (L2)",
+                p.name
+            );
+            assert!(
+                mx <= tol,
+                "{name}: gradient of {} differs by {mx:e} (max)",
+                p.name
+            );
             worst_l2 = worst_l2.max(l2);
             worst_max = worst_max.max(mx);
         }
@@ -171,7 +185,9 @@ fn greedy(m: &Model, values: &[Vec<f32>], prompt: &[i32], steps: usize) -> (Vec<
     let (l, v) = (prompt.len(), m.config().vocab);
     let max_len = l + steps + 1;
     let exe = compile(&m.prefill(1, l, max_len, "cpu").unwrap());
-    let tb = client().buffer_from_host(prompt, &[1, l as i64], None).unwrap();
+    let tb = client()
+        .buffer_from_host(prompt, &[1, l as i64], None)
+        .unwrap();
     let mut args: Vec<&pjrt::Buffer> = p.iter().collect();
     args.push(&tb);
     let io = m.decode_io(1, max_len);
@@ -181,7 +197,9 @@ fn greedy(m: &Model, values: &[Vec<f32>], prompt: &[i32], steps: usize) -> (Vec<
     let mut out = vec![argmax(&all)];
     let step = compile(&m.decode_step(1, max_len).unwrap());
     for i in 0..steps {
-        let tok = client().buffer_from_host(&out[i..i + 1], &[1], None).unwrap();
+        let tok = client()
+            .buffer_from_host(&out[i..i + 1], &[1], None)
+            .unwrap();
         let pos = client()
             .buffer_from_host(&[(l + i) as i32], &[], None)
             .unwrap();

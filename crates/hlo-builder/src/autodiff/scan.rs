@@ -211,7 +211,11 @@ impl Builder {
         let saved_shape = stacked(&carry_shape, n);
         let ty = carry_shape.ty().unwrap_or(ElementType::F32);
         // State: (i, carry, saved, xs...).
-        let mut init = vec![self.scalar(0i32)?, carry, self.zeros(ty, saved_shape.dims())?];
+        let mut init = vec![
+            self.scalar(0i32)?,
+            carry,
+            self.zeros(ty, saved_shape.dims())?,
+        ];
         init.extend_from_slice(xs);
         let init = self.tuple(&init)?;
         let state = self.shape(init)?;

@@ -94,7 +94,10 @@ fn scanned_training_equals_unrolled_and_sharded_scanned_equals_one_device() {
         .zip(&p1)
         .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64))
         .fold(0.0, f64::max);
-    assert!(move_bound <= 2e-3 * lr_sum, "parameters differ by {move_bound:e}");
+    assert!(
+        move_bound <= 2e-3 * lr_sum,
+        "parameters differ by {move_bound:e}"
+    );
     let w = worst(&p1, &p0);
     // The same run under fsdp = 4 (stacked parameters sharded over their embed axis).
     let sharded = tiny(steps, &["model.scan_layers=true", "mesh.fsdp=4"]);
