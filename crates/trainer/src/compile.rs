@@ -400,7 +400,7 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     } else {
         pjrt::CompileOptions::default()
     };
-    let mut report = compile_program(
+    let mut train_report = compile_program(
         &topo,
         target,
         &train,
@@ -409,7 +409,7 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         &options,
         dump.as_ref(),
     )?;
-    if let (Some(c), true) = (&mut report.cost, cfg.model.scan_layers) {
+    if let (Some(c), true) = (&mut train_report.cost, cfg.model.scan_layers) {
         c.note = Some(
             "model.scan_layers: XLA's cost analysis counts the layer loop's body once, so \
              FLOPs and optimal seconds cover one period plus the rest, not the step; no tokens/s \
@@ -419,7 +419,7 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         c.tokens_per_second = None;
         c.tokens_per_second_per_chip = None;
     }
-    add(report);
+    add(train_report);
     drop(train);
     if args.decode {
         // One new token per sequence against caches sized for `seq_len` tokens.
