@@ -180,6 +180,18 @@ pub struct ModelConfig {
     pub dtype: Dtype,
     /// Training sequence length.
     pub seq_len: usize,
+    /// Scan over layers (MaxText's `scan_layers`): the parameters of the layers at the same
+    /// position of the pattern's period are stored stacked (`scan.{j}.*`, a leading `layers`
+    /// axis) and the forward runs one `while` over the periods, so the graph and XLA's
+    /// compile time do not grow with depth. The backward pass then always recomputes each
+    /// period from its input (like `train.remat = "layer_inputs"`, whatever `remat` says).
+    /// Needs `layers` to be a multiple of the period. Written out only when on.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub scan_layers: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn default_ffn() -> FfnActivation {

@@ -186,6 +186,7 @@ impl Model {
         let layout = self.cache_layout(batch, max_len);
         let b = Builder::new("prefill");
         let (_, p) = self.declare_params(&b)?;
+        let p = self.per_layer_params(&b, &p)?;
         let tokens = b.parameter(
             Shape::array(S32, &[batch as i64, prompt_len as i64]),
             "tokens",
@@ -367,6 +368,7 @@ impl Model {
         token: Op,
         pos: Op,
     ) -> Result<(Op, Vec<LayerCacheOps>)> {
+        let p = &self.per_layer_params(b, p)?;
         let batch = dims(b, token)?[0];
         let mut x = self.embed(b, p, b.reshape(token, &[batch, 1])?)?;
         let mut cache_out = Vec::new();

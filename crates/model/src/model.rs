@@ -94,6 +94,16 @@ pub struct Model {
     pub(crate) mesh: Mesh,
     /// What the backward pass keeps ([`Model::with_remat`]).
     remat: Remat,
+    /// Layers per scanned period (`model.scan_layers`); 0 when the stack is unrolled.
+    period: usize,
+}
+
+/// The shortest period `p` of `layers` that divides its length (`layers[i] == layers[i % p]`).
+fn scan_period(layers: &[Attention]) -> usize {
+    let n = layers.len();
+    (1..=n)
+        .find(|&p| n.is_multiple_of(p) && (0..n).all(|i| layers[i] == layers[i % p]))
+        .unwrap_or(n.max(1))
 }
 
 impl Model {
@@ -113,14 +123,125 @@ impl Model {
     }
 
     fn with_layers(cfg: ModelConfig, layers: Vec<Attention>) -> Model {
-        let params = params::specs(&cfg, &layers);
+        let mut params = params::specs(&cfg, &layers);
+        let period = if cfg.scan_layers {
+            let p = scan_period(&layers);
+            params = params::stack_specs(&params, p, layers.len());
+            p
+        } else {
+            0
+        };
         Model {
             cfg,
             layers,
             params,
             mesh: Mesh::single(),
             remat: Remat::None,
+            period,
         }
+    }
+
+    /// With `model.scan_layers`: the layers of one scanned period (the shortest repeat of the
+    /// layer list that divides the depth: 4 for a 3:1 pattern of 56 layers, 1 when every layer
+    /// is alike). `None` when the stack is unrolled.
+    pub fn scan_period(&self) -> Option<usize> {
+        (self.period > 0).then_some(self.period)
+    }
+
+    /// The same model with `model.scan_layers = on` (stacked parameters, one loop over the
+    /// periods); mesh and remat policy kept.
+    pub fn scanned(&self) -> Model {
+        self.with_scan(true)
+    }
+
+    /// The same model with `model.scan_layers = off` (one parameter set per layer, the stack
+    /// unrolled); mesh and remat policy kept.
+    pub fn unrolled(&self) -> Model {
+        self.with_scan(false)
+    }
+
+    fn with_scan(&self, on: bool) -> Model {
+        let cfg = ModelConfig {
+            scan_layers: on,
+            ..self.cfg.clone()
+        };
+        Model {
+            mesh: self.mesh.clone(),
+            remat: self.remat,
+            ..Model::with_layers(cfg, self.layers.clone())
+        }
+    }
+
+    /// This model's parameter values (in [`Model::param_specs`] order) from the values of the
+    /// unrolled model's parameters (in [`Model::unrolled`]'s order): stacked parameters are
+    /// their layers' values one after the other. The identity for an unrolled model. For tests
+    /// and for converting checkpoints between the layouts.
+    pub fn stack_params(&self, unrolled: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ConfigError> {
+        let flat = self.unrolled();
+        let specs = flat.param_specs();
+        if unrolled.len() != specs.len() {
+            return Err(ConfigError::Invalid(format!(
+                "stack_params: {} values for the {} parameters of the unrolled model",
+                unrolled.len(),
+                specs.len()
+            )));
+        }
+        let by_name: std::collections::HashMap<&str, &Vec<f32>> = specs
+            .iter()
+            .map(|s| s.name.as_str())
+            .zip(unrolled)
+            .collect();
+        let get = |name: &str| -> Result<&Vec<f32>, ConfigError> {
+            by_name
+                .get(name)
+                .copied()
+                .ok_or_else(|| ConfigError::Invalid(format!("stack_params: no parameter {name:?}")))
+        };
+        self.params
+            .iter()
+            .map(|s| {
+                if s.stacked.is_empty() {
+                    return get(&s.name).cloned();
+                }
+                let mut v = Vec::with_capacity(s.numel());
+                for n in &s.stacked {
+                    v.extend_from_slice(get(n)?);
+                }
+                Ok(v)
+            })
+            .collect()
+    }
+
+    /// The inverse of [`Model::stack_params`]: the unrolled model's parameter values (in
+    /// [`Model::unrolled`]'s order) from this model's (in [`Model::param_specs`] order).
+    pub fn unstack_params(&self, values: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ConfigError> {
+        if values.len() != self.params.len() {
+            return Err(ConfigError::Invalid(format!(
+                "unstack_params: {} values for {} parameters",
+                values.len(),
+                self.params.len()
+            )));
+        }
+        let mut by_name: std::collections::HashMap<String, Vec<f32>> = Default::default();
+        for (s, v) in self.params.iter().zip(values) {
+            if s.stacked.is_empty() {
+                by_name.insert(s.name.clone(), v.clone());
+                continue;
+            }
+            let row = v.len() / s.stacked.len();
+            for (i, n) in s.stacked.iter().enumerate() {
+                by_name.insert(n.clone(), v[i * row..(i + 1) * row].to_vec());
+            }
+        }
+        self.unrolled()
+            .param_specs()
+            .iter()
+            .map(|s| {
+                by_name.remove(&s.name).ok_or_else(|| {
+                    ConfigError::Invalid(format!("unstack_params: no value for {:?}", s.name))
+                })
+            })
+            .collect()
     }
 
     /// This model with the rematerialization `policy` in its forward graphs (it changes what

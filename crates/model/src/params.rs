@@ -57,11 +57,15 @@ pub enum LogicalAxis {
     /// boundaries (MaxText's `activation_embed`): its own rule, because `embed` shards the
     /// parameters over `fsdp`, which already cuts the activations' batch.
     ActivationEmbed,
+    /// The leading axis of a parameter stacked over the periods of the layer pattern
+    /// (`model.scan_layers`): one row per period. Never sharded by the default rules (each
+    /// device holds every layer's piece; the other axes shard as usual).
+    Layers,
 }
 
 impl LogicalAxis {
     /// Every axis, in declaration order.
-    pub const ALL: [LogicalAxis; 11] = [
+    pub const ALL: [LogicalAxis; 12] = [
         LogicalAxis::Batch,
         LogicalAxis::Length,
         LogicalAxis::Vocab,
@@ -73,10 +77,11 @@ impl LogicalAxis {
         LogicalAxis::CacheLength,
         LogicalAxis::Feature,
         LogicalAxis::ActivationEmbed,
+        LogicalAxis::Layers,
     ];
 
     /// The name a config rule table keys on: `batch`, `length`, `vocab`, `embed`, `q_heads`,
-    /// `kv_heads`, `head_dim`, `mlp`, `cache_length`, `feature`, `activation_embed`.
+    /// `kv_heads`, `head_dim`, `mlp`, `cache_length`, `feature`, `activation_embed`, `layers`.
     pub fn name(self) -> &'static str {
         match self {
             LogicalAxis::Batch => "batch",
@@ -90,6 +95,7 @@ impl LogicalAxis {
             LogicalAxis::CacheLength => "cache_length",
             LogicalAxis::Feature => "feature",
             LogicalAxis::ActivationEmbed => "activation_embed",
+            LogicalAxis::Layers => "layers",
         }
     }
 }
@@ -102,7 +108,7 @@ impl fmt::Display for LogicalAxis {
 
 /// A name that is not a [`LogicalAxis`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown logical axis {0:?} (known: batch, length, vocab, embed, q_heads, kv_heads, head_dim, mlp, cache_length, feature, activation_embed)")]
+#[error("unknown logical axis {0:?} (known: batch, length, vocab, embed, q_heads, kv_heads, head_dim, mlp, cache_length, feature, activation_embed, layers)")]
 pub struct UnknownAxis(pub String);
 
 impl FromStr for LogicalAxis {
@@ -129,6 +135,11 @@ pub struct ParamSpec {
     pub axes: Vec<LogicalAxis>,
     /// Initialiser.
     pub init: Init,
+    /// For a parameter stacked over the periods of the layer pattern (`model.scan_layers`):
+    /// the names of the unrolled model's parameters it holds, row `i` of dim 0 being
+    /// `stacked[i]` (`scan.0.attn.wq` holds `layers.0.attn.wq`, `layers.4.attn.wq`, ... for a
+    /// period of 4). Empty for an ordinary parameter.
+    pub stacked: Vec<String>,
 }
 
 impl ParamSpec {
@@ -154,6 +165,7 @@ pub(crate) fn specs(cfg: &ModelConfig, layers: &[Attention]) -> Vec<ParamSpec> {
                 role,
                 axes: dims.iter().map(|x| x.1).collect(),
                 init,
+                stacked: Vec::new(),
             })
         };
     // Matrices are drawn with std 0.02, the output projections (wo, w_down) scaled down by
@@ -201,6 +213,49 @@ pub(crate) fn specs(cfg: &ModelConfig, layers: &[Attention]) -> Vec<ParamSpec> {
     v
 }
 
+/// The parameters of `unrolled` (from [`specs`]) with the layers stacked over the periods of
+/// the layer pattern: `layers.{p·period + j}.X` become row `p` of `scan.{j}.X`, of shape
+/// `[layers / period, ...]` with a leading [`LogicalAxis::Layers`]. The other parameters keep
+/// their place; the stacked ones take the place of layer 0's.
+pub(crate) fn stack_specs(
+    unrolled: &[ParamSpec],
+    period: usize,
+    n_layers: usize,
+) -> Vec<ParamSpec> {
+    let periods = n_layers / period;
+    let mut v = Vec::new();
+    for spec in unrolled {
+        let Some((layer, rest)) = layer_of(&spec.name) else {
+            v.push(spec.clone());
+            continue;
+        };
+        if layer >= period {
+            continue;
+        }
+        let mut shape = vec![periods];
+        shape.extend(&spec.shape);
+        let mut axes = vec![LogicalAxis::Layers];
+        axes.extend(&spec.axes);
+        v.push(ParamSpec {
+            name: format!("scan.{layer}.{rest}"),
+            shape,
+            role: spec.role,
+            axes,
+            init: spec.init,
+            stacked: (0..periods)
+                .map(|p| format!("layers.{}.{rest}", p * period + layer))
+                .collect(),
+        });
+    }
+    v
+}
+
+/// `layers.{i}.rest` as `(i, rest)`.
+pub(crate) fn layer_of(name: &str) -> Option<(usize, &str)> {
+    let (i, rest) = name.strip_prefix("layers.")?.split_once('.')?;
+    Some((i.parse().ok()?, rest))
+}
+
 /// SplitMix64: a tiny counter-based generator, so initialisation depends only on (seed, name, index).
 fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -218,7 +273,31 @@ fn name_hash(name: &str) -> u64 {
 
 /// Deterministic host initialisation of one parameter from `seed`: the same (seed, name) always gives
 /// the same values, whatever else the model contains.
+///
+/// A stacked parameter (`model.scan_layers`) is its unrolled parameters' values one after the
+/// other, so a scanned model starts from exactly the unrolled model's weights.
 pub fn init_param(spec: &ParamSpec, seed: u64) -> Vec<f32> {
+    if !spec.stacked.is_empty() {
+        let row = ParamSpec {
+            shape: spec.shape[1..].to_vec(),
+            axes: spec.axes[1..].to_vec(),
+            stacked: Vec::new(),
+            ..spec.clone()
+        };
+        return spec
+            .stacked
+            .iter()
+            .flat_map(|name| {
+                init_param(
+                    &ParamSpec {
+                        name: name.clone(),
+                        ..row.clone()
+                    },
+                    seed,
+                )
+            })
+            .collect();
+    }
     let n = spec.numel();
     match spec.init {
         Init::Ones => vec![1.0; n],

@@ -368,6 +368,9 @@ impl Model {
     /// Logits `[B, T, vocab]` (f32) for `tokens [B, T]` (s32), in a graph that runs on
     /// `platform` (see [`Model::rla_lowering`]).
     pub fn forward(&self, b: &Builder, p: &ParamOps, tokens: Op, platform: &str) -> Result<Op> {
+        if let Some(period) = self.scan_period() {
+            return self.forward_scanned(b, p, tokens, platform, period);
+        }
         let t = dims(b, tokens)?[1];
         // Activations at layer boundaries are `[batch, length, activation_embed]` (a constraint
         // under a mesh, nothing on one device).
@@ -388,6 +391,73 @@ impl Model {
         }
         let logits = self.head(b, p, x)?;
         self.constrain(b, logits, "logits", &[Batch, Length, Vocab])
+    }
+
+    /// [`Model::forward`] of a scanned model (`model.scan_layers`): one [`Builder::scan`] over
+    /// the periods of the layer pattern, whose body is one period of blocks on row `i` of every
+    /// stacked parameter. The scan's backward recomputes each period from its input, so the
+    /// remat policy does not apply inside (every policy behaves as `layer_inputs` at the
+    /// granularity of a period).
+    fn forward_scanned(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        tokens: Op,
+        platform: &str,
+        period: usize,
+    ) -> Result<Op> {
+        let residual = [Batch, Length, ActivationEmbed];
+        let x = self.embed(b, p, tokens)?;
+        let x = self.constrain(b, x, "embed.out", &residual)?;
+        // The stacked parameters, and the unrolled name of row 0 of each: what the body's
+        // blocks `0..period` ask for.
+        let (mut xs, mut names) = (Vec::new(), Vec::new());
+        for s in self.param_specs().iter().filter(|s| !s.stacked.is_empty()) {
+            xs.push(param(p, &s.name)?);
+            names.push(s.stacked[0].clone());
+        }
+        let (me, platform) = (self.clone(), platform.to_string());
+        let body: hlo_builder::autodiff::ScanFn =
+            Arc::new(move |b: &Builder, x: Op, rows: &[Op]| {
+                let p: ParamOps = names.iter().cloned().zip(rows.iter().copied()).collect();
+                let t = dims(b, x)?[1];
+                let pos = b.iota(ElementType::F32, &[t], 0)?;
+                let mut x = x;
+                for (j, &attn) in me.layers()[..period].iter().enumerate() {
+                    let _s = b.name_scope(&format!("layer_{j}"));
+                    let ap = format!("layers.{j}.attn");
+                    x = me.block(b, &p, j, x, |q, k, v| {
+                        me.attention_core(b, &p, &ap, attn, (q, k, v), pos, &platform)
+                    })?;
+                    x = me.constrain(b, x, &format!("layers.{j}.out"), &residual)?;
+                }
+                Ok(x)
+            });
+        let x = {
+            let _s = b.name_scope("scan_layers");
+            b.scan(x, &xs, body)?
+        };
+        let logits = self.head(b, p, x)?;
+        self.constrain(b, logits, "logits", &[Batch, Length, Vocab])
+    }
+
+    /// The per-layer parameter handles (`layers.{i}.*`) of a scanned model: row `p` of every
+    /// stacked parameter `scan.{j}.*` sliced out for layer `p·period + j` (for decoding, which
+    /// walks the layers one by one). The map unchanged for an unrolled model.
+    pub fn per_layer_params(&self, b: &Builder, p: &ParamOps) -> Result<ParamOps> {
+        if self.scan_period().is_none() {
+            return Ok(p.clone());
+        }
+        let mut out = p.clone();
+        for s in self.param_specs().iter().filter(|s| !s.stacked.is_empty()) {
+            let op = param(p, &s.name)?;
+            let rest: Vec<i64> = s.shape[1..].iter().map(|&d| d as i64).collect();
+            for (i, name) in s.stacked.iter().enumerate() {
+                let row = b.slice_in_dim(op, i as i64, i as i64 + 1, 0)?;
+                out.insert(name.clone(), b.reshape(row, &rest)?);
+            }
+        }
+        Ok(out)
     }
 
     /// Mean next-token loss of `tokens [B, T+1]`: inputs are the first T, targets the last T, all

@@ -70,7 +70,7 @@ impl Checkpoint {
                     .tensors
                     .iter()
                     .find(|t| t.name == name)
-                    .with_context(|| format!("checkpoint lacks {name}"))?;
+                    .with_context(|| lacks(&name))?;
                 if t.shape != s.shape || t.data.len() != s.numel() {
                     bail!(
                         "checkpoint tensor {name} has shape {:?} ({} values), the model expects {:?}",
@@ -301,7 +301,7 @@ impl Stored {
                     .tensors
                     .iter()
                     .find(|t| t.name == name)
-                    .with_context(|| format!("checkpoint lacks {name}"))?;
+                    .with_context(|| lacks(name))?;
                 if t.data.len() != t.shape.iter().product::<usize>() {
                     bail!(
                         "checkpoint tensor {name} has {} values for shape {:?}",
@@ -337,8 +337,47 @@ impl Stored {
     }
 }
 
+/// "checkpoint lacks NAME", with a hint when NAME is a layer parameter of one layout
+/// (`model.scan_layers`: stacked `scan.{j}.*` or per-layer `layers.{i}.*`).
+pub fn lacks(name: &str) -> String {
+    let layer = |p: &str| name.contains(&format!(".{p}.")) || name.starts_with(&format!("{p}."));
+    if layer("scan") || layer("layers") {
+        format!(
+            "checkpoint lacks {name}: was it written with the other model.scan_layers setting? \
+             (stacked parameters are scan.{{j}}.*, per-layer ones layers.{{i}}.*)"
+        )
+    } else {
+        format!("checkpoint lacks {name}")
+    }
+}
+
 fn check_model_config(path: &Path, stored: &str, expect: &str) -> Result<()> {
     if expect.trim() != stored.trim() {
+        // The same model in the other parameter layout: say which switch differs.
+        let parse = |t: &str| toml::from_str::<model::ModelConfig>(t).ok();
+        if let (Some(a), Some(b)) = (parse(stored), parse(expect)) {
+            let same_but_scan = model::ModelConfig {
+                scan_layers: b.scan_layers,
+                ..a.clone()
+            } == b;
+            if a.scan_layers != b.scan_layers && same_but_scan {
+                bail!(
+                    "checkpoint {} was written with model.scan_layers = {} (parameters {}), \
+                     the run has model.scan_layers = {}; refusing to load it: set \
+                     `--set model.scan_layers={}` to continue it, or convert it \
+                     (model::Model::stack_params / unstack_params)",
+                    path.display(),
+                    a.scan_layers,
+                    if a.scan_layers {
+                        "stacked per period, scan.{j}.*"
+                    } else {
+                        "per layer, layers.{i}.*"
+                    },
+                    b.scan_layers,
+                    a.scan_layers
+                );
+            }
+        }
         bail!(
             "checkpoint {} was written for another model configuration; refusing to load it.\n\
              checkpoint:\n{stored}\ncurrent:\n{expect}",

@@ -142,6 +142,11 @@ pub struct CostReport {
     pub tokens_per_second_per_chip: Option<f64>,
     /// Every property the plugin reported, except the per-unit `utilization*` entries.
     pub properties: std::collections::BTreeMap<String, f64>,
+    /// Why the figures above are not the step's, where they are not: XLA's cost analysis
+    /// counts a `while` body once, so with `model.scan_layers` the layer loop counts as one
+    /// period (no tokens/s is derived then).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// What one compiled program looked like.
@@ -349,7 +354,7 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         batch: cfg.train.batch,
         seq_len: cfg.model.seq_len,
         rla_lowering: model.rla_lowering(target.pjrt_platform()).as_str().into(),
-        remat: cfg.train.remat.to_string(),
+        remat: crate::step::remat_label(&cfg),
         mesh: mesh.to_string(),
         mesh_devices: mesh.device_count(),
         programs: Vec::new(),
@@ -395,7 +400,7 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     } else {
         pjrt::CompileOptions::default()
     };
-    add(compile_program(
+    let mut train_report = compile_program(
         &topo,
         target,
         &train,
@@ -403,7 +408,18 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         mesh.device_count(),
         &options,
         dump.as_ref(),
-    )?);
+    )?;
+    if let (Some(c), true) = (&mut train_report.cost, cfg.model.scan_layers) {
+        c.note = Some(
+            "model.scan_layers: XLA's cost analysis counts the layer loop's body once, so \
+             FLOPs and optimal seconds cover one period plus the rest, not the step; no tokens/s \
+             (compile with model.scan_layers = false for the estimate)"
+                .into(),
+        );
+        c.tokens_per_second = None;
+        c.tokens_per_second_per_chip = None;
+    }
+    add(train_report);
     drop(train);
     if args.decode {
         // One new token per sequence against caches sized for `seq_len` tokens.
@@ -516,6 +532,7 @@ fn compile_program(
                 .filter(|(k, _)| !k.starts_with("utilization"))
                 .cloned()
                 .collect(),
+            note: None,
         });
     }
     if topo.kind() == TopologyKind::Tpu {
@@ -597,6 +614,9 @@ fn print_program(p: &ProgramReport, limit: i64) {
                 _ => "no tokens/s estimate".into(),
             }
         );
+        if let Some(n) = &c.note {
+            println!("  note: {n}");
+        }
     }
     if let Some(k) = &p.mosaic_kernels {
         println!(

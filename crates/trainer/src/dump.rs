@@ -314,7 +314,7 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
         cache: cache_report(&costs),
         platform,
         mesh,
-        remat: cfg.train.remat.to_string(),
+        remat: crate::step::remat_label(cfg),
     };
     let text = render(cfg, &summary);
     write(&opts.out.join("summary.txt"), text.as_bytes())?;

@@ -284,6 +284,20 @@ fn lr_graph(b: &Builder, t: &TrainConfig, step: Op) -> Result<Op> {
     b.select(in_warmup, warm, decay)
 }
 
+/// The remat policy as `rattn compile`/`dump` report it: `[train] remat`, or for a scanned
+/// model (`model.scan_layers`) what the scan does instead (the backward recomputes every
+/// period from its input, whatever the policy says).
+pub fn remat_label(cfg: &RunConfig) -> String {
+    if cfg.model.scan_layers {
+        format!(
+            "scan_layers (each period recomputed in the backward; [train] remat = {} not used)",
+            cfg.train.remat
+        )
+    } else {
+        cfg.train.remat.to_string()
+    }
+}
+
 /// Build the train-step computation for `cfg`, with the signature [`StepIo::new`] gives for the
 /// model's parameter count, to run on `platform` (the PJRT platform name; it picks the RLA
 /// lowering, see [`Model::rla_lowering`]) over the devices of `mesh`.

@@ -397,7 +397,7 @@ pub fn restore_state(
                 t.name,
                 t.spec.shape
             ),
-            None => bail!("checkpoint lacks {}", t.name),
+            None => bail!("{}", checkpoint::lacks(&t.name)),
         }
         let dims: Vec<i64> = s.shard_shape.iter().map(|&d| d as i64).collect();
         for (device, &p) in state.iter_mut().zip(placement.local()) {
@@ -683,5 +683,7 @@ fn print_report(cfg: &RunConfig, model: &Model, report: &EvalReport, header: boo
 
 #[cfg(test)]
 mod length_tests;
+#[cfg(test)]
+mod scan_tests;
 #[cfg(test)]
 mod tests;

@@ -142,7 +142,7 @@ fn dump_of_the_tiny_config_writes_parsable_modules_and_a_checked_summary() {
         stdout.contains(
             "  rules: activation_embed → [tensor], batch → [data, fsdp], cache_length → [], \
              embed → [fsdp], feature → [], head_dim → [], kv_heads → [tensor], \
-             length → [seq], mlp → [tensor], q_heads → [tensor], vocab → [tensor]\n"
+             layers → [], length → [seq], mlp → [tensor], q_heads → [tensor], vocab → [tensor]\n"
         ),
         "{stdout}"
     );

@@ -37,6 +37,7 @@
 
 mod custom;
 mod remat;
+mod scan;
 
 use std::collections::HashMap;
 use std::panic::Location;
@@ -51,6 +52,7 @@ use crate::Op;
 pub(crate) use custom::CustomVjp;
 pub use custom::VjpRule;
 pub use remat::BlockFn;
+pub use scan::ScanFn;
 
 /// A cotangent: an array op, or per-element cotangents of a tuple value (`None` = zero).
 #[derive(Debug, Clone)]

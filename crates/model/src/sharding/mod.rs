@@ -128,7 +128,7 @@ pub enum MeshError {
     #[error("unknown mesh axis {0:?} (known: data, fsdp, seq, tensor)")]
     UnknownMeshAxis(String),
     /// A rule names an unknown logical axis.
-    #[error("mesh.rules: unknown logical axis {0:?} (known: batch, length, vocab, embed, q_heads, kv_heads, head_dim, mlp, cache_length, feature, activation_embed)")]
+    #[error("mesh.rules: unknown logical axis {0:?} (known: batch, length, vocab, embed, q_heads, kv_heads, head_dim, mlp, cache_length, feature, activation_embed, layers)")]
     UnknownLogicalAxis(String),
     /// A rule lists a mesh axis twice.
     #[error("mesh.rules.{logical} lists mesh axis {axis} twice")]
@@ -218,7 +218,7 @@ pub struct AxisRules(BTreeMap<LogicalAxis, Vec<MeshAxis>>);
 
 impl Default for AxisRules {
     /// batch → [data, fsdp], length → [seq], vocab → [tensor], embed → [fsdp],
-    /// q_heads / kv_heads / mlp → [tensor], head_dim / cache_length / feature → [],
+    /// q_heads / kv_heads / mlp → [tensor], head_dim / cache_length / feature / layers → [],
     /// activation_embed → [tensor] (MaxText's: between layers the residual stream's width is
     /// cut over `tensor`).
     fn default() -> Self {
@@ -230,7 +230,7 @@ impl Default for AxisRules {
                 L::Length => vec![Seq],
                 L::Vocab | L::QHeads | L::KvHeads | L::Mlp | L::ActivationEmbed => vec![Tensor],
                 L::Embed => vec![Fsdp],
-                L::HeadDim | L::CacheLength | L::Feature => vec![],
+                L::HeadDim | L::CacheLength | L::Feature | L::Layers => vec![],
             };
             (a, m)
         });

@@ -28,7 +28,7 @@ fn defaults_are_one_device_and_maxtext_rules() {
         r.to_string(),
         "batch → [data, fsdp], length → [seq], vocab → [tensor], embed → [fsdp], \
          q_heads → [tensor], kv_heads → [tensor], head_dim → [], mlp → [tensor], \
-         cache_length → [], feature → [], activation_embed → [tensor]"
+         cache_length → [], feature → [], activation_embed → [tensor], layers → []"
     );
 }
 
