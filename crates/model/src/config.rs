@@ -190,10 +190,6 @@ pub struct ModelConfig {
     pub scan_layers: bool,
 }
 
-fn is_false(b: &bool) -> bool {
-    !*b
-}
-
 fn default_ffn() -> FfnActivation {
     FfnActivation::Swiglu
 }
