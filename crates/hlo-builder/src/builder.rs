@@ -212,6 +212,9 @@ pub struct Builder {
     state: Mutex<State>,
     /// User VJP rules of [`Builder::custom_vjp`], by output instruction index (autodiff hook).
     pub(crate) custom_vjps: Mutex<HashMap<usize, crate::autodiff::CustomVjp>>,
+    /// The dot tape of a [`Builder::checkpoint_with_policy`] block being traced (recording the
+    /// dots it saves, or replaying them in the backward pass); `None` outside such blocks.
+    pub(crate) dot_tape: Mutex<Option<crate::autodiff::DotTape>>,
 }
 
 /// RAII guard of [`Builder::name_scope`]; the scope ends when it is dropped.
@@ -282,6 +285,7 @@ impl Builder {
                 shardings: Vec::new(),
             }),
             custom_vjps: Mutex::new(HashMap::new()),
+            dot_tape: Mutex::new(None),
         }
     }
 

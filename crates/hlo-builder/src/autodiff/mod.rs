@@ -50,7 +50,8 @@ use crate::Op;
 
 pub(crate) use custom::CustomVjp;
 pub use custom::VjpRule;
-pub use remat::BlockFn;
+pub(crate) use remat::DotTape;
+pub use remat::{BlockFn, SavePolicy};
 
 /// A cotangent: an array op, or per-element cotangents of a tuple value (`None` = zero).
 #[derive(Debug, Clone)]
