@@ -142,7 +142,13 @@ fn every_policy_gives_the_naive_loss_and_gradients() {
              of the un-rematted graph's",
             got[0][0]
         );
-        assert!(vs_fd <= 1e-8, "{policy:?}: gradients off the naive ones by {vs_fd:e}");
-        assert!(vs_plain <= 1e-12, "{policy:?}: gradients off the plain graph's by {vs_plain:e}");
+        assert!(
+            vs_fd <= 1e-8,
+            "{policy:?}: gradients off the naive ones by {vs_fd:e}"
+        );
+        assert!(
+            vs_plain <= 1e-12,
+            "{policy:?}: gradients off the plain graph's by {vs_plain:e}"
+        );
     }
 }

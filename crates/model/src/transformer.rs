@@ -320,7 +320,9 @@ impl Model {
                     self.attention_core(b, p, &ap, attn, (q, k, v), pos, platform)
                 })?,
                 Remat::LayerInputs => self.remat_block(b, p, i, x, platform)?,
-                Remat::Dots | Remat::DotsWithNoBatchDims => self.remat_block(b, p, i, x, platform)?,
+                Remat::Dots | Remat::DotsWithNoBatchDims => {
+                    self.remat_block(b, p, i, x, platform)?
+                }
             };
             x = self.constrain(b, x, &format!("layers.{i}.out"), &residual)?;
         }

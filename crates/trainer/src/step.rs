@@ -609,7 +609,10 @@ mod tests {
         // The alias: only the batched attention dots (scores, context) are traced again.
         let (remat, minimal, _) = step("minimal");
         assert_eq!(remat, model::Remat::DotsWithNoBatchDims);
-        assert!(plain < minimal && minimal < full, "{plain} {minimal} {full}");
+        assert!(
+            plain < minimal && minimal < full,
+            "{plain} {minimal} {full}"
+        );
         // 4 layers × 7 projections are saved, so layer_inputs traces them again.
         assert_eq!(full - minimal, 4 * 7);
     }

@@ -228,7 +228,11 @@ impl Builder {
 
     /// Run `trace` with `tape` on this builder; the tape is taken back (and returned) even when
     /// `trace` fails.
-    fn with_dot_tape(&self, tape: DotTape, trace: impl FnOnce() -> Result<Op>) -> Result<(Op, DotTape)> {
+    fn with_dot_tape(
+        &self,
+        tape: DotTape,
+        trace: impl FnOnce() -> Result<Op>,
+    ) -> Result<(Op, DotTape)> {
         {
             let mut slot = self.dot_tape.lock().unwrap_or_else(|e| e.into_inner());
             if slot.is_some() {
@@ -396,8 +400,7 @@ mod tests {
         // (dots, tanh, sine, barriers): 4 forward dots and 2 transposes each; the policies
         // recompute the dots they do not save and every elementwise op once.
         let count = |t: &str| {
-            [" dot(", " tanh(", " sine(", " opt-barrier("]
-                .map(|op| t.matches(op).count())
+            [" dot(", " tanh(", " sine(", " opt-barrier("].map(|op| t.matches(op).count())
         };
         assert_eq!(count(&grad_text(None)), [12, 1, 1, 0]);
         assert_eq!(count(&grad_text(Some(SavePolicy::Nothing))), [16, 2, 2, 1]);
