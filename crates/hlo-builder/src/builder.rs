@@ -498,6 +498,11 @@ impl Builder {
         ShardingScope { builder: self }
     }
 
+    /// Whether a [`Builder::manual_scope`] is open (new instructions are annotated `{manual}`).
+    pub(crate) fn in_manual_scope(&self) -> bool {
+        !self.lock().shardings.is_empty()
+    }
+
     /// Finish the computation with `root` as its result (a tuple op for several results).
     ///
     /// The builder keeps its instructions; building again makes another computation.

@@ -45,7 +45,8 @@ pub enum SavePolicy {
 }
 
 impl SavePolicy {
-    /// Whether a `dot_general` with dimension numbers `dims` is saved.
+    /// Whether a `dot_general` with dimension numbers `dims` is saved (outside manual regions;
+    /// see [`Builder::checkpoint_with_policy`]).
     pub fn saves(self, dims: &DotDims) -> bool {
         match self {
             SavePolicy::Nothing => false,
@@ -186,7 +187,10 @@ impl Builder {
     /// again but takes those results from the forward instead of computing them again, so it
     /// holds no second copy of a saved dot; the memory kept is the saved results. The same
     /// contract on `f`; blocks that save dots cannot nest (a plain [`Builder::checkpoint`]
-    /// inside one can).
+    /// inside one can). Dots inside a manual region ([`Builder::manual_scope`], e.g. the
+    /// sequence-parallel attention) are recomputed: their per-device values cannot leave the
+    /// region to be saved. The saved dot's VJP emits both operand cotangents; one that is not
+    /// needed is dead code, which XLA removes.
     ///
     /// ```
     /// use std::sync::Arc;
@@ -262,7 +266,7 @@ impl Builder {
             mode: Mode::Record(saved),
         }) = slot.as_mut()
         {
-            if policy.saves(dims) {
+            if policy.saves(dims) && !self.in_manual_scope() {
                 saved.push(op);
             }
         }
@@ -294,7 +298,7 @@ impl Builder {
             else {
                 return Ok(None);
             };
-            if !policy.saves(dims) {
+            if !policy.saves(dims) || self.in_manual_scope() {
                 return Ok(None);
             }
             if *next >= *count {
@@ -412,6 +416,30 @@ mod tests {
         // twice: result and operand).
         let barrier = t.lines().find(|l| l.contains(" opt-barrier(")).unwrap();
         assert_eq!(barrier.matches("f32[").count(), 2 * 6, "{barrier}");
+    }
+
+    #[test]
+    fn dots_in_manual_regions_are_recomputed() {
+        let b = Builder::new("manual");
+        let p = |d: &[i64], n: &str| b.parameter(Shape::array(ElementType::F32, d), n).unwrap();
+        let (x, w) = (p(&[2, 3], "x"), p(&[3, 3], "w"));
+        let f: BlockFn = Arc::new(|b: &Builder, i: &[Op]| {
+            let d = {
+                let _m = b.manual_scope();
+                b.dot(i[0], i[1])?
+            };
+            b.tanh(b.dot(d, i[1])?)
+        });
+        let y = b
+            .checkpoint_with_policy(&[x, w], f, SavePolicy::Dots)
+            .unwrap();
+        let g = b.grad(b.reduce_sum(y, &[0, 1]).unwrap(), &[x, w]).unwrap();
+        let t = b.build(b.tuple(&g).unwrap()).unwrap().to_text();
+        // 2 forward dots, the manual one again, 2 transposes each.
+        assert_eq!(t.matches(" dot(").count(), 2 + 1 + 4, "{t}");
+        // The barrier: x, w, the one saved dot, the cotangent (result and operand).
+        let barrier = t.lines().find(|l| l.contains(" opt-barrier(")).unwrap();
+        assert_eq!(barrier.matches("f32[").count(), 2 * 4, "{barrier}");
     }
 
     #[test]
