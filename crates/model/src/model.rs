@@ -42,7 +42,9 @@ pub enum Remat {
 }
 
 impl Remat {
-    /// Every policy, from the most memory kept to the least.
+    /// Every policy, from the most values kept to the fewest (the compiled memory follows on
+    /// TPU; XLA CPU's buffer assignment can rank `dots_with_no_batch_dims_saveable` below
+    /// `layer_inputs`).
     pub const ALL: [Remat; 4] = [
         Remat::None,
         Remat::Dots,
