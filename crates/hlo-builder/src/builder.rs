@@ -212,6 +212,9 @@ pub struct Builder {
     state: Mutex<State>,
     /// User VJP rules of [`Builder::custom_vjp`], by output instruction index (autodiff hook).
     pub(crate) custom_vjps: Mutex<HashMap<usize, crate::autodiff::CustomVjp>>,
+    /// The dot tape of a [`Builder::checkpoint_with_policy`] block being traced (recording the
+    /// dots it saves, or replaying them in the backward pass); `None` outside such blocks.
+    pub(crate) dot_tape: Mutex<Option<crate::autodiff::DotTape>>,
 }
 
 /// RAII guard of [`Builder::name_scope`]; the scope ends when it is dropped.
@@ -282,6 +285,7 @@ impl Builder {
                 shardings: Vec::new(),
             }),
             custom_vjps: Mutex::new(HashMap::new()),
+            dot_tape: Mutex::new(None),
         }
     }
 
@@ -492,6 +496,11 @@ impl Builder {
     pub fn manual_scope(&self) -> ShardingScope<'_> {
         self.lock().shardings.push(Sharding::Manual);
         ShardingScope { builder: self }
+    }
+
+    /// Whether a [`Builder::manual_scope`] is open (new instructions are annotated `{manual}`).
+    pub(crate) fn in_manual_scope(&self) -> bool {
+        !self.lock().shardings.is_empty()
     }
 
     /// Finish the computation with `root` as its result (a tuple op for several results).

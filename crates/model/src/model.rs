@@ -9,7 +9,10 @@ use crate::sharding::Mesh;
 
 /// What the backward pass keeps of the forward (`[train] remat`, MaxText's `remat_policy`).
 ///
-/// Serialized in snake_case: `"none"`, `"layer_inputs"`.
+/// Serialized in snake_case: `"none"`, `"layer_inputs"`, `"dots_saveable"` (alias
+/// `"checkpoint_dots"`), `"dots_with_no_batch_dims_saveable"` (aliases `"minimal"`,
+/// `"checkpoint_dots_with_no_batch_dims"`): the names of `jax.checkpoint_policies` and
+/// MaxText's `remat_policy`.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
 )]
@@ -20,15 +23,68 @@ pub enum Remat {
     None,
     /// Keep only each layer's input: the backward pass traces every block again from its input
     /// and parameters (`hlo_builder::Builder::checkpoint`), about one more forward of compute.
+    /// MaxText's `remat_policy = "full"`, JAX's `nothing_saveable`.
     LayerInputs,
+    /// Keep each layer's input and the results of all its matmuls (JAX's `dots_saveable`): the
+    /// backward pass traces every block again but takes the projections and the attention
+    /// scores from the forward; the norms, activations, softmax and RLA blocks are recomputed.
+    #[serde(rename = "dots_saveable", alias = "checkpoint_dots")]
+    Dots,
+    /// Keep each layer's input and the results of its matmuls without batch dimensions: the
+    /// projections (q, k, v, o, FFN gate/up/down), not the attention scores (JAX's
+    /// `dots_with_no_batch_dims_saveable`, MaxText's `remat_policy = "minimal"`).
+    #[serde(
+        rename = "dots_with_no_batch_dims_saveable",
+        alias = "minimal",
+        alias = "checkpoint_dots_with_no_batch_dims"
+    )]
+    DotsWithNoBatchDims,
 }
 
 impl Remat {
+    /// Every policy, from the most values kept to the fewest (the compiled memory follows on
+    /// TPU; XLA CPU's buffer assignment can rank `dots_with_no_batch_dims_saveable` below
+    /// `layer_inputs`).
+    pub const ALL: [Remat; 4] = [
+        Remat::None,
+        Remat::Dots,
+        Remat::DotsWithNoBatchDims,
+        Remat::LayerInputs,
+    ];
+
     /// The config spelling.
     pub fn as_str(self) -> &'static str {
         match self {
             Remat::None => "none",
             Remat::LayerInputs => "layer_inputs",
+            Remat::Dots => "dots_saveable",
+            Remat::DotsWithNoBatchDims => "dots_with_no_batch_dims_saveable",
+        }
+    }
+
+    /// What the backward pass keeps, in words (for `rattn compile` and `rattn dump`).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Remat::None => "every intermediate value",
+            Remat::LayerInputs => "each layer's input; the blocks are traced again",
+            Remat::Dots => {
+                "each layer's input and all its matmul results; the rest of each block is traced again"
+            }
+            Remat::DotsWithNoBatchDims => {
+                "each layer's input and its projections (matmuls without batch dims); the rest of \
+                 each block, attention scores included, is traced again"
+            }
+        }
+    }
+
+    /// The checkpoint policy of each block (`None`: blocks are not checkpointed).
+    pub fn save_policy(self) -> Option<hlo_builder::autodiff::SavePolicy> {
+        use hlo_builder::autodiff::SavePolicy;
+        match self {
+            Remat::None => None,
+            Remat::LayerInputs => Some(SavePolicy::Nothing),
+            Remat::Dots => Some(SavePolicy::Dots),
+            Remat::DotsWithNoBatchDims => Some(SavePolicy::DotsWithNoBatchDims),
         }
     }
 }

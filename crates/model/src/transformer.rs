@@ -309,8 +309,10 @@ impl Model {
         b.add(x, f)
     }
 
-    /// Block `layer` on `x` under [`Remat::LayerInputs`]: a checkpointed block whose inputs are
-    /// `x` and the layer's parameters, traced again in the backward pass.
+    /// Block `layer` on `x` under a checkpointing [`Remat`] (`layer_inputs`, `dots_saveable`,
+    /// `dots_with_no_batch_dims_saveable`): a checkpointed block whose inputs are `x` and the
+    /// layer's parameters, traced again in the backward pass, where it takes the matmul results
+    /// the policy saves from the forward ([`Remat::save_policy`]).
     fn remat_block(
         &self,
         b: &Builder,
@@ -345,7 +347,8 @@ impl Model {
                 me.attention_core(b, &p, &ap, attn, (q, k, v), pos, &platform)
             })
         });
-        b.checkpoint(&inputs, f)
+        let policy = self.remat().save_policy().unwrap_or_default();
+        b.checkpoint_with_policy(&inputs, f, policy)
     }
 
     /// The final norm and the LM head: `x [B, T, d_model]` to logits `[B, T, vocab]` (f32).
@@ -386,6 +389,9 @@ impl Model {
                     self.attention_core(b, p, &ap, attn, (q, k, v), pos, platform)
                 })?,
                 Remat::LayerInputs => self.remat_block(b, p, i, x, platform)?,
+                Remat::Dots | Remat::DotsWithNoBatchDims => {
+                    self.remat_block(b, p, i, x, platform)?
+                }
             };
             x = self.constrain(b, x, &format!("layers.{i}.out"), &residual)?;
         }

@@ -212,6 +212,8 @@ pub struct Report {
     pub rla_lowering: String,
     /// The train step's rematerialization policy (`[train] remat`).
     pub remat: String,
+    /// What that policy keeps for the backward pass, in words.
+    pub remat_keeps: String,
     /// The mesh the train step is sharded over (`1 device = …` without `--mesh`).
     pub mesh: String,
     /// Devices the train step runs on (the mesh's).
@@ -355,6 +357,7 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         seq_len: cfg.model.seq_len,
         rla_lowering: model.rla_lowering(target.pjrt_platform()).as_str().into(),
         remat: crate::step::remat_label(&cfg),
+        remat_keeps: crate::step::remat_keeps(&cfg),
         mesh: mesh.to_string(),
         mesh_devices: mesh.device_count(),
         programs: Vec::new(),
@@ -563,13 +566,14 @@ fn print_header(r: &Report) {
     );
     println!(
         "model: {} parameters ({} as f32 params + Adam m, v), batch {} × {} tokens, RLA lowering {}, \
-         remat {}; {}",
+         remat {} (keeps {}); {}",
         r.param_count,
         units::bytes(r.param_and_adam_bytes as i64),
         r.batch,
         r.seq_len,
         r.rla_lowering,
         r.remat,
+        r.remat_keeps,
         if r.mesh_devices == 1 {
             "compiled for one device (num_partitions 1)".to_string()
         } else {

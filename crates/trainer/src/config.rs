@@ -39,8 +39,10 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Checkpoints kept.
     pub keep_checkpoints: usize,
-    /// What the backward pass keeps of the forward: `none` (everything) or `layer_inputs`
-    /// (each layer's input; the blocks are traced again in the backward pass).
+    /// What the backward pass keeps of the forward: `none` (everything), `layer_inputs` (each
+    /// layer's input; the blocks are traced again in the backward pass), `dots_saveable` (also
+    /// every matmul result of the blocks) or `dots_with_no_batch_dims_saveable` (alias
+    /// `minimal`: also the projections, not the attention scores). See [`model::Remat`].
     pub remat: model::Remat,
 }
 

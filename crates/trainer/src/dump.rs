@@ -174,6 +174,8 @@ pub struct Summary {
     pub mesh: MeshReport,
     /// The train step's rematerialization policy (`[train] remat`).
     pub remat: String,
+    /// What that policy keeps for the backward pass, in words.
+    pub remat_keeps: String,
 }
 
 fn pct(part: u64, whole: u64) -> f64 {
@@ -315,6 +317,7 @@ pub fn dump(cfg: &RunConfig, opts: &DumpOptions) -> Result<(Summary, String)> {
         platform,
         mesh,
         remat: crate::step::remat_label(cfg),
+        remat_keeps: crate::step::remat_keeps(cfg),
     };
     let text = render(cfg, &summary);
     write(&opts.out.join("summary.txt"), text.as_bytes())?;
@@ -358,9 +361,8 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
         if md.name == "train_step" {
             let _ = writeln!(
                 o,
-                "  remat: {} (what the backward pass keeps: none = everything, layer_inputs = \
-                 each layer's input, the blocks are traced again)",
-                s.remat
+                "  remat: {} (the backward pass keeps {})",
+                s.remat, s.remat_keeps
             );
         }
         if md.devices > 1 {

@@ -298,6 +298,15 @@ pub fn remat_label(cfg: &RunConfig) -> String {
     }
 }
 
+/// What the backward pass keeps under `cfg` (the `remat_keeps` of `rattn compile`/`dump`).
+pub fn remat_keeps(cfg: &RunConfig) -> String {
+    if cfg.model.scan_layers {
+        "each repeat's input (the scan saves the carry; the repeat is traced again)".into()
+    } else {
+        cfg.train.remat.describe().into()
+    }
+}
+
 /// Build the train-step computation for `cfg`, with the signature [`StepIo::new`] gives for the
 /// model's parameter count, to run on `platform` (the PJRT platform name; it picks the RLA
 /// lowering, see [`Model::rla_lowering`]) over the devices of `mesh`.
@@ -590,5 +599,44 @@ mod tests {
         assert_eq!(plain.matches(" opt-barrier(").count(), 0);
         let e = format!("{:#}", over("\"dots\"").unwrap_err());
         assert!(e.contains("layer_inputs"), "{e}");
+    }
+
+    #[test]
+    fn dot_saving_remat_recomputes_no_saved_matmul() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../configs/tiny-3to1.toml"
+        ))
+        .unwrap();
+        let one = model::Mesh::single();
+        let step = |v: &str| {
+            let cfg = RunConfig::from_toml(
+                &text,
+                &["model.seq_len=64".into(), format!("train.remat=\"{v}\"")],
+            )
+            .unwrap();
+            let t = build_train_step(&cfg, "cpu", &one).unwrap().to_text();
+            (
+                cfg.train.remat,
+                t.matches(" dot(").count(),
+                t.matches("\"rattention.rla_fwd\"").count(),
+            )
+        };
+        let (_, plain, _) = step("none");
+        let (_, full, _) = step("layer_inputs");
+        let (remat, dots, rla) = step("dots_saveable");
+        assert_eq!(remat, model::Remat::Dots);
+        // No dot is traced twice; the RLA forward kernel is (its results are not saved).
+        assert_eq!(dots, plain);
+        assert_eq!(rla, 6);
+        // The alias: only the batched attention dots (scores, context) are traced again.
+        let (remat, minimal, _) = step("minimal");
+        assert_eq!(remat, model::Remat::DotsWithNoBatchDims);
+        assert!(
+            plain < minimal && minimal < full,
+            "{plain} {minimal} {full}"
+        );
+        // 4 layers × 7 projections are saved, so layer_inputs traces them again.
+        assert_eq!(full - minimal, 4 * 7);
     }
 }

@@ -51,7 +51,8 @@ use crate::Op;
 
 pub(crate) use custom::CustomVjp;
 pub use custom::VjpRule;
-pub use remat::BlockFn;
+pub(crate) use remat::DotTape;
+pub use remat::{BlockFn, SavePolicy};
 pub use scan::ScanFn;
 
 /// A cotangent: an array op, or per-element cotangents of a tuple value (`None` = zero).

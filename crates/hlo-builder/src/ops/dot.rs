@@ -169,7 +169,12 @@ impl Builder {
         let loc = Location::caller();
         let s = self.shapes_of(loc, "dot_general", &[lhs, rhs])?;
         let out = dot_general(&s[0], &s[1], dims, preferred).map_err(|e| self.shape_err(loc, e))?;
-        Ok(self.push(
+        // Inside a block of `checkpoint_with_policy` that saves dots: the backward pass's
+        // re-trace takes this dot's value from the forward (no second dot).
+        if let Some(saved) = self.replay_dot(loc, [lhs, rhs], dims, precision, &out)? {
+            return Ok(saved);
+        }
+        let op = self.push(
             loc,
             Kind::Dot(Dot {
                 dims: dims.clone(),
@@ -178,7 +183,9 @@ impl Builder {
             vec![lhs, rhs],
             out,
             Vec::new(),
-        ))
+        );
+        self.record_dot(op, dims);
+        Ok(op)
     }
 
     /// Matrix/vector product: `[m,k]x[k,n]`, `[m,k]x[k]`, `[k]x[k,n]` or `[k]x[k]`.
@@ -232,26 +239,49 @@ impl Family for Dot {
 
     /// One entry per operand (`[lhs, rhs]`).
     fn array_vjp(&self, b: &Builder, n: &Node, ct: Op) -> Result<Vec<Option<Op>>> {
-        let d = &self.dims;
-        let (xs, ys) = (&n.operand_shapes[0], &n.operand_shapes[1]);
-        let nb = d.lhs_batch.len() as i64;
-        let mut lhs = Side::new(n.operands[0], xs, &d.lhs_batch, &d.lhs_contracting);
-        let mut rhs = Side::new(n.operands[1], ys, &d.rhs_batch, &d.rhs_contracting);
-        let (nxf, nyf) = (lhs.free.len() as i64, rhs.free.len() as i64);
-        lhs.out_free = (nb..nb + nxf).collect();
-        rhs.out_free = (nb + nxf..nb + nxf + nyf).collect();
-        let gx = if n.need[0] {
-            Some(side_cotangent(b, ct, &lhs, &rhs, self.precision)?)
-        } else {
-            None
-        };
-        let gy = if n.need[1] {
-            Some(side_cotangent(b, ct, &rhs, &lhs, self.precision)?)
-        } else {
-            None
-        };
+        let [gx, gy] = dot_transpose(
+            b,
+            (n.operands[0], &n.operand_shapes[0]),
+            (n.operands[1], &n.operand_shapes[1]),
+            &self.dims,
+            self.precision,
+            ct,
+            [n.need[0], n.need[1]],
+        )?;
         Ok(vec![gx, gy])
     }
+}
+
+/// The transpose rule of `dot_general(lhs, rhs, dims)`: the cotangents of `[lhs, rhs]` given the
+/// result's cotangent `ct`, computed where `need` says so. Shared by the op's VJP and by
+/// [`Builder::checkpoint_with_policy`]'s replay of a saved dot, which differentiates a saved
+/// result with respect to recomputed operands.
+pub(crate) fn dot_transpose(
+    b: &Builder,
+    (x, xs): (Op, &Shape),
+    (y, ys): (Op, &Shape),
+    d: &DotDims,
+    precision: Option<Precision>,
+    ct: Op,
+    need: [bool; 2],
+) -> Result<[Option<Op>; 2]> {
+    let nb = d.lhs_batch.len() as i64;
+    let mut lhs = Side::new(x, xs, &d.lhs_batch, &d.lhs_contracting);
+    let mut rhs = Side::new(y, ys, &d.rhs_batch, &d.rhs_contracting);
+    let (nxf, nyf) = (lhs.free.len() as i64, rhs.free.len() as i64);
+    lhs.out_free = (nb..nb + nxf).collect();
+    rhs.out_free = (nb + nxf..nb + nxf + nyf).collect();
+    let gx = if need[0] {
+        Some(side_cotangent(b, ct, &lhs, &rhs, precision)?)
+    } else {
+        None
+    };
+    let gy = if need[1] {
+        Some(side_cotangent(b, ct, &rhs, &lhs, precision)?)
+    } else {
+        None
+    };
+    Ok([gx, gy])
 }
 
 /// One operand of a dot as its VJP sees it.
