@@ -7,32 +7,11 @@ use super::*;
 /// The tiny model at T = 64, batch 4, 4 layers alternating local and global (period 2, two
 /// periods in the scan).
 fn tiny(steps: usize, extra: &[&str]) -> RunConfig {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../configs/tiny.toml"
-    ))
-    .unwrap();
-    let mut o: Vec<String> = [
-        "model.seq_len=64",
-        "model.layers=4",
-        "model.layer_pattern=\"1:1\"",
-        "train.batch=4",
-        "train.warmup=2",
-        "train.log_every=1000",
-        "train.checkpoint_every=0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    o.push(format!("train.steps={steps}"));
-    o.extend(extra.iter().map(|s| s.to_string()));
-    RunConfig::from_toml(&text, &o).unwrap()
+    super::tests::tiny_layers(4, steps, extra)
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("rattn-scan-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+    super::tests::tmp(&format!("scan-{name}"))
 }
 
 /// Losses and the final parameter values (in the run's model's order) of a run.

@@ -5,6 +5,12 @@ use super::*;
 /// The tiny model at T = 64, batch 4, a few steps: fast, and RLA, SWA and the global layer all
 /// run (the RLA blocks in their manual regions when sharded).
 fn tiny(steps: usize, mesh: &[&str]) -> RunConfig {
+    tiny_layers(2, steps, mesh)
+}
+
+/// The tiny model at T = 64, batch 4, `layers` layers alternating local and global, `steps`
+/// steps, with the `--set` overrides `extra`.
+pub(super) fn tiny_layers(layers: usize, steps: usize, extra: &[&str]) -> RunConfig {
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../configs/tiny.toml"
@@ -12,7 +18,6 @@ fn tiny(steps: usize, mesh: &[&str]) -> RunConfig {
     .unwrap();
     let mut o: Vec<String> = [
         "model.seq_len=64",
-        "model.layers=2",
         "model.layer_pattern=\"1:1\"",
         "train.batch=4",
         "train.warmup=2",
@@ -22,12 +27,14 @@ fn tiny(steps: usize, mesh: &[&str]) -> RunConfig {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    o.push(format!("model.layers={layers}"));
     o.push(format!("train.steps={steps}"));
-    o.extend(mesh.iter().map(|s| s.to_string()));
+    o.extend(extra.iter().map(|s| s.to_string()));
     RunConfig::from_toml(&text, &o).unwrap()
 }
 
-fn tmp(name: &str) -> PathBuf {
+/// A fresh temporary directory for the run `name` of this process.
+pub(super) fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("rattn-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
