@@ -5,8 +5,10 @@
 //! pieces its devices hold, with an index and a commit marker ([`sharded`]; runs on a mesh).
 //! Writes are atomic (temp file in the same directory, fsync, rename, fsync of the directory), the
 //! last K checkpoints are kept, and loading refuses a truncated or corrupt file, or one written for
-//! another model configuration, with a message that says which.
+//! another model configuration, with a message that says which. A checkpoint of the same model in
+//! the other `model.scan_layers` layout is converted on load, saying so ([`layout`]).
 
+pub mod layout;
 pub mod sharded;
 
 use anyhow::{bail, Context, Result};
@@ -94,6 +96,15 @@ pub fn file_name(step: u64) -> String {
 pub fn save(dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create checkpoint dir {}", dir.display()))?;
+    let path = dir.join(file_name(ckpt.step));
+    write_file(&path, ckpt)?;
+    rotate(dir, ckpt.step, keep)?;
+    Ok(path)
+}
+
+/// Write `ckpt` as one safetensors file at `path`, atomically: a temp file in the same
+/// directory, fsync, rename over `path`, fsync of the directory.
+pub fn write_file(path: &Path, ckpt: &Checkpoint) -> Result<()> {
     let bytes: Vec<Vec<u8>> = ckpt
         .tensors
         .iter()
@@ -111,7 +122,7 @@ pub fn save(dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf> {
         })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let meta: HashMap<String, String> = [
-        ("format".to_string(), "rattention-checkpoint-v1".to_string()),
+        ("format".to_string(), FORMAT.to_string()),
         ("step".to_string(), ckpt.step.to_string()),
         ("data_position".to_string(), ckpt.data_position.to_string()),
         ("seed".to_string(), ckpt.seed.to_string()),
@@ -120,25 +131,27 @@ pub fn save(dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf> {
     .into_iter()
     .collect();
     let data = safetensors::serialize(views, &Some(meta))?;
-    let path = dir.join(file_name(ckpt.step));
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        file_name(ckpt.step),
-        std::process::id()
-    ));
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("checkpoint path {} names no file", path.display()))?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     {
         let mut f = std::fs::File::create(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         f.write_all(&data)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, &path)
+    std::fs::rename(&tmp, path)
         .with_context(|| format!("cannot rename into {}", path.display()))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
-    rotate(dir, ckpt.step, keep)?;
-    Ok(path)
+    Ok(())
 }
 
 /// One checkpoint of a run directory.
@@ -278,12 +291,17 @@ impl Stored {
     }
 
     /// Open the checkpoint at `path` (a file or a sharded directory), refusing one of another
-    /// `[model]` table when `expect_model_config` is given.
+    /// `[model]` table when `expect_model_config` is given. One of the same model in the other
+    /// `model.scan_layers` layout is read whole and converted ([`layout::convert`]), saying so.
     pub fn open(path: &Path, expect_model_config: Option<&str>) -> Result<Stored> {
         if path.is_dir() {
             let s = sharded::ShardedCheckpoint::open(path)?;
             if let Some(expect) = expect_model_config {
-                check_model_config(path, &s.meta.model_config, expect)?;
+                if let layout::ConfigMatch::OtherLayout { target } =
+                    layout::compare(path, &s.meta.model_config, expect)?
+                {
+                    return Ok(Stored::Whole(to_layout(whole(&s)?, &target, path)?));
+                }
             }
             Ok(Stored::Sharded(s))
         } else {
@@ -338,53 +356,26 @@ impl Stored {
 }
 
 /// "checkpoint lacks NAME", with a hint when NAME is a layer parameter of one layout
-/// (`model.scan_layers`: stacked `scan.{j}.*` or per-layer `layers.{i}.*`).
+/// (`model.scan_layers`: stacked `scan.{j}.*` or per-layer `layers.{i}.*`; `rattn convert`
+/// moves a checkpoint between them).
 pub fn lacks(name: &str) -> String {
     let layer = |p: &str| name.contains(&format!(".{p}.")) || name.starts_with(&format!("{p}."));
     if layer("scan") || layer("layers") {
         format!(
             "checkpoint lacks {name}: was it written with the other model.scan_layers setting? \
-             (stacked parameters are scan.{{j}}.*, per-layer ones layers.{{i}}.*)"
+             (stacked parameters are scan.{{j}}.*, per-layer ones layers.{{i}}.*; `rattn convert` \
+             writes a checkpoint in the other layout)"
         )
     } else {
         format!("checkpoint lacks {name}")
     }
 }
 
-fn check_model_config(path: &Path, stored: &str, expect: &str) -> Result<()> {
-    if expect.trim() != stored.trim() {
-        // The same model in the other parameter layout: say which switch differs.
-        let parse = |t: &str| toml::from_str::<model::ModelConfig>(t).ok();
-        if let (Some(a), Some(b)) = (parse(stored), parse(expect)) {
-            let same_but_scan = model::ModelConfig {
-                scan_layers: b.scan_layers,
-                ..a.clone()
-            } == b;
-            if a.scan_layers != b.scan_layers && same_but_scan {
-                bail!(
-                    "checkpoint {} was written with model.scan_layers = {} (parameters {}), \
-                     the run has model.scan_layers = {}; refusing to load it: set \
-                     `--set model.scan_layers={}` to continue it, or convert it \
-                     (model::Model::stack_params / unstack_params)",
-                    path.display(),
-                    a.scan_layers,
-                    if a.scan_layers {
-                        "stacked per period, scan.{j}.*"
-                    } else {
-                        "per layer, layers.{i}.*"
-                    },
-                    b.scan_layers,
-                    a.scan_layers
-                );
-            }
-        }
-        bail!(
-            "checkpoint {} was written for another model configuration; refusing to load it.\n\
-             checkpoint:\n{stored}\ncurrent:\n{expect}",
-            path.display()
-        );
-    }
-    Ok(())
+/// `ck` converted into `target`'s parameter layout, saying so on stderr.
+fn to_layout(ck: Checkpoint, target: &model::ModelConfig, path: &Path) -> Result<Checkpoint> {
+    let (ck, line) = layout::convert(ck, target, path)?;
+    eprintln!("{line}");
+    Ok(ck)
 }
 
 /// The newest checkpoint in `dir` that loads, for `--resume`. A sharded directory without its
@@ -421,11 +412,38 @@ pub fn load_newest_valid(dir: &Path, model_config: &str) -> Result<Option<(PathB
     Ok(None)
 }
 
-/// Load and check a checkpoint. `expect_model_config`: the current `[model]` TOML; a mismatch is refused.
+/// Load and check a checkpoint (a file, or a sharded directory assembled whole).
+/// `expect_model_config`: the current `[model]` TOML; a mismatch is refused, except one in
+/// `model.scan_layers` alone: then the tensors are converted into the current layout
+/// ([`layout::convert`]), saying so on stderr.
 pub fn load(path: &Path, expect_model_config: Option<&str>) -> Result<Checkpoint> {
-    if path.is_dir() {
-        return load_sharded_whole(path, expect_model_config);
+    let (ck, found) = if path.is_dir() {
+        let s = sharded::ShardedCheckpoint::open(path)?;
+        let found = compare(path, &s.meta.model_config, expect_model_config)?;
+        (whole(&s)?, found)
+    } else {
+        read_file(path, expect_model_config)?
+    };
+    match found {
+        layout::ConfigMatch::Same => Ok(ck),
+        layout::ConfigMatch::OtherLayout { target } => to_layout(ck, &target, path),
     }
+}
+
+/// [`layout::compare`] when a `[model]` table is expected; `Same` when none is.
+fn compare(path: &Path, stored: &str, expect: Option<&str>) -> Result<layout::ConfigMatch> {
+    match expect {
+        Some(expect) => layout::compare(path, stored, expect),
+        None => Ok(layout::ConfigMatch::Same),
+    }
+}
+
+/// Read a single-file checkpoint, comparing its `[model]` table with `expect_model_config`
+/// before its tensors are read.
+fn read_file(
+    path: &Path,
+    expect_model_config: Option<&str>,
+) -> Result<(Checkpoint, layout::ConfigMatch)> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
     let corrupt = |e: &dyn std::fmt::Display| {
@@ -446,9 +464,7 @@ pub fn load(path: &Path, expect_model_config: Option<&str>) -> Result<Checkpoint
         bail!("{} is not a rattention checkpoint", path.display());
     }
     let model_config = get("model_config")?;
-    if let Some(expect) = expect_model_config {
-        check_model_config(path, &model_config, expect)?;
-    }
+    let found = compare(path, &model_config, expect_model_config)?;
     let num = |k: &str| -> Result<u64> { get(k)?.parse().map_err(|e| corrupt(&e)) };
     let mut names: Vec<String> = st.names().into_iter().cloned().collect();
     names.sort();
@@ -472,22 +488,19 @@ pub fn load(path: &Path, expect_model_config: Option<&str>) -> Result<Checkpoint
             data,
         });
     }
-    Ok(Checkpoint {
+    let ck = Checkpoint {
         step: num("step")?,
         data_position: num("data_position")?,
         seed: num("seed")?,
         model_config,
         tensors,
-    })
+    };
+    Ok((ck, found))
 }
 
-/// A sharded checkpoint assembled whole on the host (every tensor, names sorted): for `eval`
-/// and `generate`, which run on one device.
-fn load_sharded_whole(path: &Path, expect_model_config: Option<&str>) -> Result<Checkpoint> {
-    let s = sharded::ShardedCheckpoint::open(path)?;
-    if let Some(expect) = expect_model_config {
-        check_model_config(path, &s.meta.model_config, expect)?;
-    }
+/// A sharded checkpoint assembled whole on the host (every tensor, names sorted): for `eval`,
+/// `generate` and `convert`, which run on one device.
+fn whole(s: &sharded::ShardedCheckpoint) -> Result<Checkpoint> {
     let tensors = s
         .tensors
         .iter()

@@ -128,14 +128,25 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     } else {
         args.checkpoint.clone()
     };
-    // The checkpoint's own [model] table is authoritative (seq_len etc. do not matter for decoding).
+    // The checkpoint's own [model] table is authoritative (seq_len etc. do not matter for
+    // decoding), but for the parameter layout: the run's `model.scan_layers` decides it, and a
+    // checkpoint of the other layout is converted, saying so.
     let ck = checkpoint::load(&path, None)?;
-    let model_cfg: model::ModelConfig = toml::from_str(&ck.model_config).with_context(|| {
-        format!(
-            "checkpoint {} has an unreadable model config",
-            path.display()
-        )
-    })?;
+    let mut model_cfg: model::ModelConfig =
+        toml::from_str(&ck.model_config).with_context(|| {
+            format!(
+                "checkpoint {} has an unreadable model config",
+                path.display()
+            )
+        })?;
+    let ck = if model_cfg.scan_layers != cfg.model.scan_layers {
+        model_cfg.scan_layers = cfg.model.scan_layers;
+        let (ck, line) = checkpoint::layout::convert(ck, &model_cfg, &path)?;
+        eprintln!("{line}");
+        ck
+    } else {
+        ck
+    };
     let model = model::Model::new(model_cfg)?;
     if *model.config() != cfg.model {
         eprintln!(

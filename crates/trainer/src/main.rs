@@ -157,6 +157,9 @@ enum Cmd {
     /// Generate tokens from a checkpoint: prefill the prompt, then decode with on-device caches
     /// (greedy, or temperature + top-k sampling); prints the tokens and tokens/s.
     Generate(generate::GenerateArgs),
+    /// Convert a checkpoint between the scanned and unrolled parameter layouts
+    /// (`model.scan_layers`): parameters and both Adam moments, written atomically as one file.
+    Convert(checkpoint::layout::ConvertArgs),
     /// Measurements of this machine (`rattn bench peak`: the f32 matmul peak MFU is reported
     /// against; `rattn bench rla`: the RLA blocks per lowering, timed and checked).
     Bench {
@@ -368,6 +371,7 @@ fn run(cli: Cli) -> Result<()> {
             cmd: BenchCmd::Rla(args),
         } => bench_rla::run(&args),
         Cmd::Generate(args) => generate::run(&args),
+        Cmd::Convert(args) => checkpoint::layout::run(&args).map(|_| ()),
         Cmd::ProfileReplay { dir, plugin, start } => {
             profile::replay_child(&dir, plugin.as_deref(), start)
         }

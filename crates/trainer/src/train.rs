@@ -682,6 +682,8 @@ fn print_report(cfg: &RunConfig, model: &Model, report: &EvalReport, header: boo
 }
 
 #[cfg(test)]
+mod layout_tests;
+#[cfg(test)]
 mod length_tests;
 #[cfg(test)]
 mod scan_tests;

@@ -1,0 +1,178 @@
+//! Checkpoints across the `model.scan_layers` layouts: a scanned checkpoint evaluates unrolled
+//! with the same loss, `rattn convert` round-trips bit-exactly and moves every value where the
+//! stacking puts it, `--resume` continues a run in the other layout, and another model is still
+//! refused.
+
+use super::*;
+use crate::checkpoint::layout::{self, ConvertArgs};
+
+/// The tiny model at T = 64, batch 4, 4 layers alternating local and global (period 2, two
+/// periods in the scan).
+fn tiny(steps: usize, extra: &[&str]) -> RunConfig {
+    super::tests::tiny_layers(4, steps, extra)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    super::tests::tmp(&format!("layout-{name}"))
+}
+
+fn convert(from: &Path, out: PathBuf, set: &[&str]) -> Result<PathBuf> {
+    layout::run(&ConvertArgs {
+        checkpoint: from.to_path_buf(),
+        out,
+        overrides: set.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+/// Every stacked tensor `{group}.scan.{j}.X` of `scanned` (shape `[P, ...]`) against the
+/// per-layer tensors `{group}.layers.{p·period + j}.X` of `unrolled`, row by row, and every other
+/// tensor against its namesake: equal to the bit. Returns how many tensors were compared.
+fn check_unstacked(scanned: &Checkpoint, unrolled: &Checkpoint, period: usize) -> usize {
+    let find = |name: &str| {
+        unrolled
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("the unrolled checkpoint lacks {name}"))
+    };
+    let mut compared = 0;
+    for t in &scanned.tensors {
+        let (group, rest) = t.name.split_once('.').unwrap();
+        let Some(stacked) = rest.strip_prefix("scan.") else {
+            assert_eq!(find(&t.name), t);
+            compared += 1;
+            continue;
+        };
+        let (j, x) = stacked.split_once('.').unwrap();
+        let j: usize = j.parse().unwrap();
+        let periods = t.shape[0];
+        let row = t.data.len() / periods;
+        for p in 0..periods {
+            let u = find(&format!("{group}.layers.{}.{x}", p * period + j));
+            assert_eq!(u.shape, t.shape[1..], "{}", u.name);
+            let want = &t.data[p * row..(p + 1) * row];
+            assert!(
+                u.data
+                    .iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{} differs from row {p} of {}",
+                u.name,
+                t.name
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, unrolled.tensors.len(), "tensors left over");
+    compared
+}
+
+#[test]
+fn a_scanned_checkpoint_evaluates_and_converts_unrolled_and_another_model_is_refused() {
+    let dir = tmp("eval");
+    let scanned = tiny(2, &["model.scan_layers=true", "mesh.fsdp=2"]);
+    let unrolled = tiny(2, &[]);
+    let report = train(&scanned, None, &dir, false, true, None).unwrap();
+    let sharded = report.last_checkpoint.unwrap();
+    assert!(
+        sharded.is_dir(),
+        "a 2-device run writes a sharded checkpoint"
+    );
+
+    // Evaluated in either layout: the same loss and recall.
+    let a = eval(&scanned, None, &sharded, 8).unwrap();
+    let b = eval(&unrolled, None, &sharded, 8).unwrap();
+    assert!(
+        (a.loss - b.loss).abs() <= 1e-6,
+        "eval loss scanned {} vs unrolled {}",
+        a.loss,
+        b.loss
+    );
+    assert_eq!(a.by_distance, b.by_distance);
+
+    // Convert the sharded scanned checkpoint to an unrolled file: every value where the
+    // stacking puts it (checked row by row), then back: bit-exact.
+    let original = checkpoint::load(&sharded, None).unwrap();
+    let flat = convert(&sharded, dir.join("unrolled"), &[]).unwrap();
+    let c1 = checkpoint::load(&flat, None).unwrap();
+    assert_eq!(c1.model_config, model_toml(&unrolled));
+    let n = check_unstacked(&original, &c1, 2);
+    assert_eq!(
+        n,
+        3 * Model::new(unrolled.model.clone())
+            .unwrap()
+            .param_specs()
+            .len()
+    );
+    let back = convert(
+        &flat,
+        dir.join("back.safetensors"),
+        &["model.scan_layers=true"],
+    )
+    .unwrap();
+    let c2 = checkpoint::load(&back, None).unwrap();
+    assert_eq!(
+        c2, original,
+        "scanned → unrolled → scanned is not bit-exact"
+    );
+
+    // The converted file evaluates unrolled to the loss of the converted-on-load checkpoint,
+    // and the scanned file unrolled (a file converted on load) to the same.
+    let c = eval(&unrolled, None, &flat, 8).unwrap();
+    assert_eq!(c.loss.to_bits(), b.loss.to_bits());
+    let d = eval(&unrolled, None, &back, 8).unwrap();
+    assert_eq!(d.loss.to_bits(), b.loss.to_bits());
+    eprintln!(
+        "layout: eval loss scanned {} vs unrolled {} (|Δ| {:.1e}); {n} tensors moved bit-exactly",
+        a.loss,
+        b.loss,
+        (a.loss - b.loss).abs()
+    );
+
+    // Refusals: another model, overwriting, a key convert cannot change.
+    let other = tiny(2, &["model.d_model=32", "model.ffn_dim=64"]);
+    let e = format!("{:#}", eval(&other, None, &sharded, 8).unwrap_err());
+    assert!(
+        e.contains("another model configuration") && e.contains("d_model = 32"),
+        "{e}"
+    );
+    let e = format!("{:#}", convert(&sharded, flat.clone(), &[]).unwrap_err());
+    assert!(e.contains("refusing to overwrite"), "{e}");
+    let e = format!(
+        "{:#}",
+        convert(&sharded, dir.join("x.safetensors"), &["model.d_model=8"]).unwrap_err()
+    );
+    assert!(e.contains("only the parameter layout"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn resume_in_the_other_layout_continues_the_run() {
+    // An unrolled run of 4 steps on fsdp = 2 (sharded checkpoints at steps 2 and 4) ...
+    let dir = tmp("resume");
+    let every = ["train.checkpoint_every=2", "mesh.fsdp=2"];
+    let straight = train(&tiny(4, &every), None, &dir, false, true, None).unwrap();
+    // ... whose step-2 checkpoint a scanned run on one device resumes: parameters and both
+    // Adam moments stacked on load, the same losses at steps 3 and 4.
+    let all = checkpoint::list(&dir).unwrap();
+    assert_eq!(all.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 4]);
+    assert!(all[0].1.is_dir());
+    std::fs::remove_dir_all(&all[1].1).unwrap();
+    let scanned = tiny(4, &["model.scan_layers=true"]);
+    let resumed = train(&scanned, None, &dir, true, true, None).unwrap();
+    assert_eq!(resumed.losses.len(), 2);
+    for (s, (l, w)) in resumed.losses.iter().zip(&straight.losses[2..]).enumerate() {
+        let e = ((l - w) / w).abs();
+        assert!(
+            e <= 1e-5,
+            "step {}: resumed scanned {l} vs unrolled {w}",
+            s + 3
+        );
+    }
+    eprintln!(
+        "layout: resumed scanned {:?} vs unrolled {:?}",
+        resumed.losses,
+        &straight.losses[2..]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
