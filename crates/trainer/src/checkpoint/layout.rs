@@ -150,8 +150,9 @@ fn describe(path: &Path, from: &Model, to: &Model, groups: &[&str]) -> String {
     let n = from.layers().len();
     let stacked = |m: &Model| {
         m.scan_period().map(|p| {
+            let s = if p == 1 { "" } else { "s" };
             format!(
-                "scanned layout (scan.{{j}}.*: {} periods of {p} layers)",
+                "scanned layout (scan.{{j}}.*: {} periods of {p} layer{s})",
                 n / p
             )
         })
