@@ -660,9 +660,42 @@ fn store_part(
     k.kb.store(arr, &ix, x)
 }
 
-/// `rla_fwd_states(k, v) -> (chunk_states, final_state)` with [`value_block`]'s tiling.
-pub fn fwd_states_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
-    fwd_states_kernel_tiled(cfg, d, value_block(d.head_dim))
+/// A program of the kernels that carry a state over the chunks: batch `b`, kv head `g`, first
+/// value column `col0`.
+struct StateProgram {
+    b: Value,
+    g: Value,
+    col0: Value,
+}
+
+/// The loop of the kernels that carry a state over the chunks (`rla_fwd_states` from the first
+/// chunk, `rla_bwd_dstates` from the last; grid (B, G · nv)): program `(b, g·nv + j)` starts
+/// from a zero state of value columns `j·hv..`, and at each chunk `c` stores the state into
+/// `states` before `chunk` steps it past the chunk. Returns the program and the final state.
+fn over_chunks(
+    k: &mut K<'_>,
+    states: Ref,
+    nv: usize,
+    hv: usize,
+    reverse: bool,
+    mut chunk: impl FnMut(&mut K<'_>, &StateProgram, Value, &[Value]) -> LangResult<Vec<Value>>,
+) -> LangResult<(StateProgram, Vec<Value>)> {
+    let ([b, g], _, col0) = value_program(k, nv, hv)?;
+    let p = StateProgram { b, g, col0 };
+    let hx = [k.geo.h, hv];
+    let init = [k.kb.zeros(&hx)?, k.kb.zeros(&hx)?];
+    let nc = k.geo.nc;
+    let fin = k.range(nc, &init, |k, i, s| {
+        let c = if reverse {
+            let last = k.kb.int(nc as i64 - 1);
+            k.kb.sub(last, i)?
+        } else {
+            i
+        };
+        k.store_state_cols(states, &[b, g, c], col0, (s[0], s[1]))?;
+        chunk(k, &p, c, s)
+    })?;
+    Ok((p, fin))
 }
 
 /// `rla_fwd_states(k, v) -> (chunk_states, final_state)`, grid (B, G · H/value_block): program
@@ -679,15 +712,11 @@ pub fn fwd_states_kernel_tiled(
     let csr = kb.output("chunk_states", &geo.cs_shape());
     let fsr = kb.output("final_state", &geo.fs_shape());
     let mut k = K { kb: &mut kb, geo };
-    let ([b, g], _, col0) = value_program(&mut k, nv, hv)?;
-    let hx = [geo.h, hv];
-    let init = [k.kb.zeros(&hx)?, k.kb.zeros(&hx)?];
-    let fin = k.range(geo.nc, &init, |k, c, s| {
-        k.store_state_cols(csr, &[b, g, c], col0, (s[0], s[1]))?;
+    let (p, fin) = over_chunks(&mut k, csr, nv, hv, false, |k, p, c, s| {
         k.range(geo.l / geo.c, s, |k, j, s| {
             let (t0, s0) = query_rows(k, c, j)?;
-            let kt = k.rows(kr, b, s0, g)?;
-            let vt = k.cols(vr, b, s0, g, col0, hv)?;
+            let kt = k.rows(kr, p.b, s0, p.g)?;
+            let vt = k.cols(vr, p.b, s0, p.g, p.col0, hv)?;
             // Keys whose query position t0 + i lies past T never contribute.
             let shape = [geo.c, hv];
             let i = k.kb.iota(&shape, 0)?;
@@ -702,50 +731,8 @@ pub fn fwd_states_kernel_tiled(
             k.state_step(phk, vt, s)
         })
     })?;
-    k.store_state_cols(fsr, &[b, g], col0, (fin[0], fin[1]))?;
+    k.store_state_cols(fsr, &[p.b, p.g], p.col0, (fin[0], fin[1]))?;
     kb.finish()
-}
-
-/// `rla_fwd_out(q, k, v, chunk_states) -> o` with [`value_block`]'s tiling.
-pub fn fwd_out_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
-    fwd_out_kernel_tiled(cfg, d, value_block(d.head_dim))
-}
-
-/// `rla_fwd_out(q, k, v, chunk_states) -> o`, grid (B, N · H/value_block, chunks), all
-/// parallel: program `(b, n·nv + j, c)` gives `o`'s value columns `j·value_block..`.
-pub fn fwd_out_kernel_tiled(
-    cfg: &RlaConfig,
-    d: &RlaDims,
-    value_block: usize,
-) -> LangResult<Kernel> {
-    let hv = value_block;
-    let (mut kb, geo, nv) = value_block_kernel("rla_fwd_out", cfg, d, hv, d.heads, true)?;
-    let qr = kb.input("q", &geo.q_shape());
-    let kr = kb.input("k", &geo.kv_shape());
-    let vr = kb.input("v", &geo.kv_shape());
-    let csr = kb.input("chunk_states", &geo.cs_shape());
-    let or = kb.output("o", &geo.q_shape());
-    let mut k = K { kb: &mut kb, geo };
-    let ([b, n, c], _, col0) = value_program(&mut k, nv, hv)?;
-    let g = kv_head(&mut k, n)?;
-    let (sp, sn) = k.load_state_cols(csr, &[b, g, c], col0, hv)?;
-    k.range(geo.l / geo.c, &[sp, sn], |k, j, s| {
-        let (t0, s0) = query_rows(k, c, j)?;
-        let qt = k.rows(qr, b, t0, n)?;
-        let kt = k.rows(kr, b, s0, g)?;
-        let vt = k.cols(vr, b, s0, g, col0, hv)?;
-        let phq = k.phi(qt)?;
-        let phk = k.phi(kt)?;
-        let o = k.out_tile(phq, phk, s, vt)?;
-        k.store_cols(or, b, t0, n, col0, o)?;
-        k.state_step(phk, vt, s)
-    })?;
-    kb.finish()
-}
-
-/// `rla_bwd_dstates(q, d_o) -> d_states` with [`value_block`]'s tiling.
-pub fn bwd_dstates_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
-    bwd_dstates_kernel_tiled(cfg, d, value_block(d.head_dim))
 }
 
 /// `rla_bwd_dstates(q, d_o) -> d_states`, grid (B, G · H/value_block): program `(b, g·nv + j)`
@@ -761,19 +748,13 @@ pub fn bwd_dstates_kernel_tiled(
     let dor = kb.input("d_o", &geo.q_shape());
     let dsr = kb.output("d_states", &geo.cs_shape());
     let mut k = K { kb: &mut kb, geo };
-    let ([b, g], _, col0) = value_program(&mut k, nv, hv)?;
-    let hx = [geo.h, hv];
-    let init = [k.kb.zeros(&hx)?, k.kb.zeros(&hx)?];
-    k.range(geo.nc, &init, |k, i, s| {
-        let last = k.kb.int(geo.nc as i64 - 1);
-        let c = k.kb.sub(last, i)?;
-        k.store_state_cols(dsr, &[b, g, c], col0, (s[0], s[1]))?;
+    over_chunks(&mut k, dsr, nv, hv, true, |k, p, c, s| {
         k.range(geo.l / geo.c, s, |k, j, s| {
             let (_, p0) = key_rows(k, c, j)?;
             k.range(geo.r, s, |k, r, s| {
-                let n = k.affine(g, geo.r as i64, r)?;
-                let qt = k.rows(qr, b, p0, n)?;
-                let dot = k.cols(dor, b, p0, n, col0, hv)?;
+                let n = k.affine(p.g, geo.r as i64, r)?;
+                let qt = k.rows(qr, p.b, p0, n)?;
+                let dot = k.cols(dor, p.b, p0, n, p.col0, hv)?;
                 let phq = k.phi(qt)?;
                 k.state_step(phq, dot, s)
             })
@@ -782,9 +763,88 @@ pub fn bwd_dstates_kernel_tiled(
     kb.finish()
 }
 
-/// `rla_bwd_dq(q, k, v, chunk_states, d_o) -> dq` with [`value_block`]'s tiling.
-pub fn bwd_dq_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
-    bwd_dq_kernel_tiled(cfg, d, value_block(d.head_dim))
+/// One sub-chunk of a query chunk, as the kernels over query chunks see it: its first query row
+/// `t0`, the queries `qt` and their features `phq` (φ⁺, φ⁻), the shifted keys' features `phk` and the
+/// shifted keys' value block `vt`.
+struct QueryTile {
+    t0: Value,
+    qt: Value,
+    phq: (Value, Value),
+    phk: (Value, Value),
+    vt: Value,
+}
+
+/// A program of a kernel over query chunks: batch `b`, query head `n`, value block `vj` of
+/// first column `col0`.
+struct QueryProgram {
+    b: Value,
+    n: Value,
+    vj: Value,
+    col0: Value,
+}
+
+/// The inputs `q, k, v, chunk_states` that the kernels over query chunks start with.
+fn query_inputs(kb: &mut KernelBuilder, geo: &Geo) -> [Ref; 4] {
+    [
+        kb.input("q", &geo.q_shape()),
+        kb.input("k", &geo.kv_shape()),
+        kb.input("v", &geo.kv_shape()),
+        kb.input("chunk_states", &geo.cs_shape()),
+    ]
+}
+
+/// The loop of the kernels over query chunks (`rla_fwd_out`, `rla_bwd_dq`; grid (B, N · nv,
+/// chunks), all parallel): program `(b, n·nv + j, c)` loads chunk `c`'s state (value columns
+/// `j·hv..` of kv head `n / r`) and walks its sub-chunks, calling `tile` on each with the state
+/// before the sub-chunk, then stepping the state past it.
+fn over_query_chunk(
+    k: &mut K<'_>,
+    [qr, kr, vr, csr]: [Ref; 4],
+    nv: usize,
+    hv: usize,
+    mut tile: impl FnMut(&mut K<'_>, &QueryProgram, &QueryTile, &[Value]) -> LangResult<()>,
+) -> LangResult<()> {
+    let ([b, n, c], vj, col0) = value_program(k, nv, hv)?;
+    let g = kv_head(k, n)?;
+    let (sp, sn) = k.load_state_cols(csr, &[b, g, c], col0, hv)?;
+    let prog = QueryProgram { b, n, vj, col0 };
+    k.range(k.geo.l / k.geo.c, &[sp, sn], |k, j, s| {
+        let (t0, s0) = query_rows(k, c, j)?;
+        let qt = k.rows(qr, b, t0, n)?;
+        let kt = k.rows(kr, b, s0, g)?;
+        let vt = k.cols(vr, b, s0, g, col0, hv)?;
+        let phq = k.phi(qt)?;
+        let phk = k.phi(kt)?;
+        let t = QueryTile {
+            t0,
+            qt,
+            phq,
+            phk,
+            vt,
+        };
+        tile(k, &prog, &t, s)?;
+        k.state_step(phk, vt, s)
+    })?;
+    Ok(())
+}
+
+/// `rla_fwd_out(q, k, v, chunk_states) -> o`, grid (B, N · H/value_block, chunks), all
+/// parallel: program `(b, n·nv + j, c)` gives `o`'s value columns `j·value_block..`.
+pub fn fwd_out_kernel_tiled(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    value_block: usize,
+) -> LangResult<Kernel> {
+    let hv = value_block;
+    let (mut kb, geo, nv) = value_block_kernel("rla_fwd_out", cfg, d, hv, d.heads, true)?;
+    let inputs = query_inputs(&mut kb, &geo);
+    let or = kb.output("o", &geo.q_shape());
+    let mut k = K { kb: &mut kb, geo };
+    over_query_chunk(&mut k, inputs, nv, hv, |k, p, t, s| {
+        let o = k.out_tile(t.phq, t.phk, s, t.vt)?;
+        k.store_cols(or, p.b, t.t0, p.n, p.col0, o)
+    })?;
+    kb.finish()
 }
 
 /// `rla_bwd_dq(q, k, v, chunk_states, d_o) -> dq`, grid (B, N · H/value_block, chunks): program
@@ -792,34 +852,16 @@ pub fn bwd_dq_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
 pub fn bwd_dq_kernel_tiled(cfg: &RlaConfig, d: &RlaDims, value_block: usize) -> LangResult<Kernel> {
     let hv = value_block;
     let (mut kb, geo, nv) = value_block_kernel("rla_bwd_dq", cfg, d, hv, d.heads, true)?;
-    let qr = kb.input("q", &geo.q_shape());
-    let kr = kb.input("k", &geo.kv_shape());
-    let vr = kb.input("v", &geo.kv_shape());
-    let csr = kb.input("chunk_states", &geo.cs_shape());
+    let inputs = query_inputs(&mut kb, &geo);
     let dor = kb.input("d_o", &geo.q_shape());
     let dqr = kb.output("dq", &partial_shape(geo.q_shape(), hv));
     let mut k = K { kb: &mut kb, geo };
-    let ([b, n, c], vj, col0) = value_program(&mut k, nv, hv)?;
-    let g = kv_head(&mut k, n)?;
-    let (sp, sn) = k.load_state_cols(csr, &[b, g, c], col0, hv)?;
-    k.range(geo.l / geo.c, &[sp, sn], |k, j, s| {
-        let (t0, s0) = query_rows(k, c, j)?;
-        let qt = k.rows(qr, b, t0, n)?;
-        let dot = k.cols(dor, b, t0, n, col0, hv)?;
-        let kt = k.rows(kr, b, s0, g)?;
-        let vt = k.cols(vr, b, s0, g, col0, hv)?;
-        let phq = k.phi(qt)?;
-        let phk = k.phi(kt)?;
-        let dq = k.dq_tile((qt, phq), dot, phk, vt, s)?;
-        store_part(k, dqr, nv, vj, b, t0, n, dq)?;
-        k.state_step(phk, vt, s)
+    over_query_chunk(&mut k, inputs, nv, hv, |k, p, t, s| {
+        let dot = k.cols(dor, p.b, t.t0, p.n, p.col0, hv)?;
+        let dq = k.dq_tile((t.qt, t.phq), dot, t.phk, t.vt, s)?;
+        store_part(k, dqr, nv, p.vj, p.b, t.t0, p.n, dq)
     })?;
     kb.finish()
-}
-
-/// `rla_bwd_dkdv(q, k, v, d_o, d_states) -> (dk, dv)` with [`value_block`]'s tiling.
-pub fn bwd_dkdv_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
-    bwd_dkdv_kernel_tiled(cfg, d, value_block(d.head_dim))
 }
 
 /// `rla_bwd_dkdv(q, k, v, d_o, d_states) -> (dk, dv)`, grid (B, G · H/value_block, key chunks):
