@@ -3,58 +3,20 @@
 //! SWA-only, qk-norm, relu and W = 0 configs, prompts shorter and longer than the window. Plus the
 //! cache-size accounting against the paper's figures.
 
-use hlo_builder::{Builder, ElementType, Shape};
-use model::config::{FeatureMap, LocalKind, Lowering, ModelConfig};
+use hlo_builder::Shape;
+use model::config::{FeatureMap, LocalKind, ModelConfig};
 use model::Model;
 
 mod common;
-use common::{client, compile, load_model, max_rel, rand};
+use common::{client, compile, decode_params, full_logits, load_model, max_rel, rand};
 
 fn tiny() -> ModelConfig {
-    let mut cfg = load_model("tiny-3to1");
-    cfg.rla.lowering = Lowering::CustomCall;
-    cfg
+    common::tiny_3to1()
 }
 
-/// Random parameters: init_param scaled ×5 for matrices (so attention is far from uniform) and
-/// norm scales perturbed around 1 (so every scale is seen).
+/// Random parameters: matrices ×5, norm scales perturbed around 1 ([`common::decode_params`]).
 fn params(m: &Model, seed: u64) -> Vec<pjrt::Buffer> {
-    m.param_specs()
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let mut v = model::init_param(s, seed);
-            if s.name.ends_with(".scale") {
-                let r = rand(v.len(), 1000 + i as u64, 0.3);
-                v.iter_mut().zip(r).for_each(|(x, r)| *x += r);
-            } else {
-                v.iter_mut().for_each(|x| *x *= 5.0);
-            }
-            let dims: Vec<i64> = s.shape.iter().map(|&d| d as i64).collect();
-            client().buffer_from_host(&v, &dims, None).unwrap()
-        })
-        .collect()
-}
-
-/// Full-forward logits `[B, T, V]` for `tokens [B, T]`.
-fn full_logits(m: &Model, p: &[pjrt::Buffer], tokens: &[i32], bs: usize) -> Vec<f32> {
-    let t = tokens.len() / bs;
-    let b = Builder::new("forward");
-    let (_, named) = m.declare_params(&b).unwrap();
-    let tok = b
-        .parameter(
-            Shape::array(ElementType::S32, &[bs as i64, t as i64]),
-            "tokens",
-        )
-        .unwrap();
-    let logits = m.forward(&b, &named, tok, "cpu").unwrap();
-    let exe = compile(&b.build(logits).unwrap());
-    let tb = client()
-        .buffer_from_host(tokens, &[bs as i64, t as i64], None)
-        .unwrap();
-    let mut args: Vec<&pjrt::Buffer> = p.iter().collect();
-    args.push(&tb);
-    exe.execute(&args).unwrap()[0].to_host::<f32>().unwrap()
+    decode_params(m, seed, Some(0.3))
 }
 
 /// Prefill the first `prompt` tokens, decode the rest one by one, and compare every position's

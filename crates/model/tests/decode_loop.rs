@@ -4,65 +4,20 @@
 //! match the full forward over the whole sequence (prompt + generated tokens). RAttention (the ring
 //! wraps and the RLA state absorbs tokens during the loop), SWA and full attention.
 
-use hlo_builder::{Builder, ElementType, Shape};
-use model::config::{LocalKind, Lowering, ModelConfig};
+use hlo_builder::{ElementType, Shape};
+use model::config::{LocalKind, ModelConfig};
 use model::Model;
 
 mod common;
-use common::{client, compile, load_model, max_rel, rand};
+use common::{argmax, compile, decode_params, full_logits, max_rel, rand, upload_s32};
 
 fn tiny() -> ModelConfig {
-    let mut cfg = load_model("tiny-3to1"); // W 32, [local ×3, global]
-    cfg.rla.lowering = Lowering::CustomCall;
-    cfg
+    common::tiny_3to1() // W 32, [local ×3, global]
 }
 
 /// Random parameters, matrices ×5 so the logits are far from flat (no argmax near-ties).
 fn params(m: &Model, seed: u64) -> Vec<pjrt::Buffer> {
-    m.param_specs()
-        .iter()
-        .map(|s| {
-            let mut v = model::init_param(s, seed);
-            if !s.name.ends_with(".scale") {
-                v.iter_mut().for_each(|x| *x *= 5.0);
-            }
-            let dims: Vec<i64> = s.shape.iter().map(|&d| d as i64).collect();
-            client().buffer_from_host(&v, &dims, None).unwrap()
-        })
-        .collect()
-}
-
-fn argmax(xs: &[f32]) -> i32 {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
-        }
-    }
-    best as i32
-}
-
-fn upload_s32(x: &[i32], dims: &[i64]) -> pjrt::Buffer {
-    client().buffer_from_host(x, dims, None).unwrap()
-}
-
-/// Full-forward logits `[B, T, V]` for `tokens [B, T]`.
-fn full_logits(m: &Model, p: &[pjrt::Buffer], tokens: &[i32], bs: usize) -> Vec<f32> {
-    let t = tokens.len() / bs;
-    let b = Builder::new("forward");
-    let (_, named) = m.declare_params(&b).unwrap();
-    let tok = b
-        .parameter(
-            Shape::array(ElementType::S32, &[bs as i64, t as i64]),
-            "tokens",
-        )
-        .unwrap();
-    let logits = m.forward(&b, &named, tok, "cpu").unwrap();
-    let exe = compile(&b.build(logits).unwrap());
-    let tb = upload_s32(tokens, &[bs as i64, t as i64]);
-    let mut args: Vec<&pjrt::Buffer> = p.iter().collect();
-    args.push(&tb);
-    exe.execute(&args).unwrap()[0].to_host::<f32>().unwrap()
+    decode_params(m, seed, None)
 }
 
 /// Prefill `prompt [bs, l]` and return (its last logits' argmax per sequence, the cache).

@@ -10,7 +10,10 @@ use ndarray_npy::NpzReader;
 use std::collections::HashMap;
 
 mod common;
-use common::{axlearn_case, client, compile, load_model, max_rel, rand, AXLEARN_CASES};
+use common::{
+    axlearn_case, client, compile, forward_graph, load_model, max_rel, rand, tokens_param,
+    AXLEARN_CASES,
+};
 
 /// Compile `comp` and run it on f32/s32 inputs; returns every output as f32.
 fn run(
@@ -58,6 +61,37 @@ fn qkv_params(b: &Builder, d: AttnDims) -> [Op; 3] {
         f32_param(b, &[d.b, d.t, d.g, d.h], "k"),
         f32_param(b, &[d.b, d.t, d.g, d.h], "v"),
     ]
+}
+
+/// Random q `[b, t, n, h]`, k and v `[b, t, g, h]` in [-1, 1) from seeds `seed`, `seed + 1`,
+/// `seed + 2`.
+fn rand_qkv(d: AttnDims, seed: u64) -> [Vec<f32>; 3] {
+    [
+        rand(d.b * d.t * d.n * d.h, seed, 1.0),
+        rand(d.b * d.t * d.g * d.h, seed + 1, 1.0),
+        rand(d.b * d.t * d.g * d.h, seed + 2, 1.0),
+    ]
+}
+
+/// q, k, v as the inputs of [`run`] for the graphs of [`qkv_params`].
+fn qkv_inputs(d: AttnDims, [q, k, v]: &[Vec<f32>; 3]) -> Vec<(Vec<f32>, Vec<i64>)> {
+    let dims = |x: [usize; 4]| x.iter().map(|&v| v as i64).collect::<Vec<_>>();
+    vec![
+        (q.clone(), dims([d.b, d.t, d.n, d.h])),
+        (k.clone(), dims([d.b, d.t, d.g, d.h])),
+        (v.clone(), dims([d.b, d.t, d.g, d.h])),
+    ]
+}
+
+fn f64v(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// −log softmax(`row`)[`target`] in f64.
+fn nll(row: &[f64], target: u32) -> f64 {
+    let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+    lse - row[target as usize]
 }
 
 /// Unit norm scales of layer `l` (both branches) and positions `0..t`: the inputs
@@ -110,23 +144,11 @@ fn local_layer_matches_f64_reference() {
             g: 2,
             h: 8,
         };
-        let q = rand(d.b * d.t * d.n * d.h, 1, 1.0);
-        let k = rand(d.b * d.t * d.g * d.h, 2, 1.0);
-        let v = rand(d.b * d.t * d.g * d.h, 3, 1.0);
+        let qkv = rand_qkv(d, 1);
+        let [q, k, v] = &qkv;
         let (comp, _) = local_core_graph(&cfg, d, LayerKind::Local);
-        let dims = |x: &[usize]| x.iter().map(|&v| v as i64).collect::<Vec<_>>();
-        let got = run(
-            &comp,
-            &[
-                (q.clone(), dims(&[d.b, d.t, d.n, d.h])),
-                (k.clone(), dims(&[d.b, d.t, d.g, d.h])),
-                (v.clone(), dims(&[d.b, d.t, d.g, d.h])),
-            ],
-            &[],
-        );
-        let f64v = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
-        let want =
-            reference::local_layer(&f64v(&q), &f64v(&k), &f64v(&v), d, w, cfg.rope_theta, fm);
+        let got = run(&comp, &qkv_inputs(d, &qkv), &[]);
+        let want = reference::local_layer(&f64v(q), &f64v(k), &f64v(v), d, w, cfg.rope_theta, fm);
         let err = max_rel(&got[0], &want.mixed);
         assert!(err < 1e-4, "w={w} {fm:?}: local layer error {err}");
     }
@@ -144,11 +166,8 @@ fn global_layer_with_rope_matches_f64_reference() {
         g: 2,
         h: 8,
     };
-    let q = rand(d.b * d.t * d.n * d.h, 11, 1.0);
-    let k = rand(d.b * d.t * d.g * d.h, 12, 1.0);
-    let v = rand(d.b * d.t * d.g * d.h, 13, 1.0);
-    let f64v = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
-    let dims = |x: &[usize]| x.iter().map(|&v| v as i64).collect::<Vec<_>>();
+    let qkv = rand_qkv(d, 11);
+    let [q, k, v] = &qkv;
     let mut outs = Vec::new();
     for global_rope in [true, false] {
         let mut cfg = tiny(5, FeatureMap::Softmax);
@@ -156,17 +175,9 @@ fn global_layer_with_rope_matches_f64_reference() {
         cfg.rope_theta = 50.0;
         cfg.global_rope = global_rope;
         let (comp, _) = local_core_graph(&cfg, d, LayerKind::Global);
-        let got = run(
-            &comp,
-            &[
-                (q.clone(), dims(&[d.b, d.t, d.n, d.h])),
-                (k.clone(), dims(&[d.b, d.t, d.g, d.h])),
-                (v.clone(), dims(&[d.b, d.t, d.g, d.h])),
-            ],
-            &[],
-        );
+        let got = run(&comp, &qkv_inputs(d, &qkv), &[]);
         let theta = global_rope.then_some(cfg.rope_theta);
-        let want = reference::attention(&f64v(&q), &f64v(&k), &f64v(&v), d, theta, |t, s| s <= t);
+        let want = reference::attention(&f64v(q), &f64v(k), &f64v(v), d, theta, |t, s| s <= t);
         let err = max_rel(&got[0], &want);
         eprintln!("global layer, global_rope = {global_rope}: max rel error {err:.1e}");
         assert!(err < 1e-5, "global_rope = {global_rope}: error {err}");
@@ -191,33 +202,10 @@ fn full_rope_model_logits_match_f64_reference() {
     cfg.global_rope = true;
     cfg.rope_theta = 100.0;
     cfg.layer_pattern = model::config::LayerPattern::Ratio("0:1".into());
-    let (bs, t) = (2usize, 40usize);
     let m = Model::new(cfg.clone()).unwrap();
     assert!(m.layers().iter().all(|&a| a == Attention::Global));
-    let b = Builder::new("forward");
-    let (_, named) = m.declare_params(&b).unwrap();
-    let tokens = b
-        .parameter(
-            Shape::array(ElementType::S32, &[bs as i64, t as i64]),
-            "tokens",
-        )
-        .unwrap();
-    let logits = m.forward(&b, &named, tokens, "cpu").unwrap();
-    let comp = b.build(logits).unwrap();
-    let (params, map) = tiny_params(&cfg, 3);
-    let toks: Vec<u32> = (0..bs * t)
-        .map(|i| ((i * 37 + 11) % cfg.vocab) as u32)
-        .collect();
-    let got = run(
-        &comp,
-        &params,
-        &[(
-            toks.iter().map(|&x| x as i32).collect(),
-            vec![bs as i64, t as i64],
-        )],
-    );
-    let want = reference::logits(&m, &map, &toks, bs);
-    let e = max_rel(&got[0], &want);
+    let (got, want) = logits_and_reference(&cfg);
+    let e = max_rel(&got, &want);
     assert!(e < 1e-4, "logits relative error {e}");
 }
 
@@ -296,24 +284,16 @@ fn window_at_least_t_gives_full_attention_and_zero_rla() {
         g: 1,
         h: 8,
     };
-    let (q, k, v) = (
-        rand(t * 16, 7, 1.0),
-        rand(t * 8, 8, 1.0),
-        rand(t * 8, 9, 1.0),
-    );
-    let ins = [
-        (q.clone(), vec![1, t as i64, 2, 8]),
-        (k.clone(), vec![1, t as i64, 1, 8]),
-        (v.clone(), vec![1, t as i64, 1, 8]),
-    ];
+    let qkv = rand_qkv(d, 7);
+    let [q, k, v] = &qkv;
+    let ins = qkv_inputs(d, &qkv);
     // RAttention with W >= T: RLA sees nothing, so the layer is GroupRMSNorm(SWA) = GroupRMSNorm(full causal, RoPE).
     let (comp, _) = local_core_graph(&cfg, d, LayerKind::Local);
     let got = run(&comp, &ins, &[]);
-    let f64v = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
     let full = reference::attention(
-        &f64v(&q),
-        &f64v(&k),
-        &f64v(&v),
+        &f64v(q),
+        &f64v(k),
+        &f64v(v),
         d,
         Some(cfg.rope_theta),
         |t, s| s <= t,
@@ -349,60 +329,13 @@ fn tiny_params(cfg: &ModelConfig, seed: u64) -> HostParams {
     (list, map)
 }
 
-#[test]
-fn tiny_model_logits_match_f64_reference() {
-    let mut cfg = tiny(6, FeatureMap::Softmax);
-    cfg.seq_len = 40;
-    cfg.qk_norm = true;
-    let (bs, t) = (2usize, 40usize);
+/// Logits of `cfg`'s model (batch 2, T = `cfg.seq_len`, [`tiny_params`] of seed 3, fixed tokens)
+/// on the CPU plugin and from the f64 reference.
+fn logits_and_reference(cfg: &ModelConfig) -> (Vec<f32>, Vec<f64>) {
+    let (bs, t) = (2usize, cfg.seq_len);
     let m = Model::new(cfg.clone()).unwrap();
-    let b = Builder::new("forward");
-    let (_, named) = m.declare_params(&b).unwrap();
-    let tokens = b
-        .parameter(
-            Shape::array(ElementType::S32, &[bs as i64, t as i64]),
-            "tokens",
-        )
-        .unwrap();
-    let logits = m.forward(&b, &named, tokens, "cpu").unwrap();
-    let comp = b.build(logits).unwrap();
-    let (params, map) = tiny_params(&cfg, 3);
-    let toks: Vec<u32> = (0..bs * t)
-        .map(|i| ((i * 37 + 11) % cfg.vocab) as u32)
-        .collect();
-    let got = run(
-        &comp,
-        &params,
-        &[(
-            toks.iter().map(|&x| x as i32).collect(),
-            vec![bs as i64, t as i64],
-        )],
-    );
-    let want = reference::logits(&m, &map, &toks, bs);
-    let e = max_rel(&got[0], &want);
-    assert!(e < 1e-4, "logits relative error {e}");
-}
-
-/// Logits of the tiny 3:1 model (W = 6, T = 40, qk-norm, non-trivial norm scales) on the CPU
-/// plugin and from the f64 reference, for one `rla.norm` setting.
-fn tiny_logits_and_reference(rla_norm: bool) -> (Vec<f32>, Vec<f64>) {
-    let mut cfg = tiny(6, FeatureMap::Softmax);
-    cfg.seq_len = 40;
-    cfg.qk_norm = true;
-    cfg.rla.norm = rla_norm;
-    let (bs, t) = (2usize, 40usize);
-    let m = Model::new(cfg.clone()).unwrap();
-    let b = Builder::new("forward");
-    let (_, named) = m.declare_params(&b).unwrap();
-    let tokens = b
-        .parameter(
-            Shape::array(ElementType::S32, &[bs as i64, t as i64]),
-            "tokens",
-        )
-        .unwrap();
-    let logits = m.forward(&b, &named, tokens, "cpu").unwrap();
-    let comp = b.build(logits).unwrap();
-    let (params, map) = tiny_params(&cfg, 3);
+    let comp = forward_graph(&m, bs, t);
+    let (params, map) = tiny_params(cfg, 3);
     let toks: Vec<u32> = (0..bs * t)
         .map(|i| ((i * 37 + 11) % cfg.vocab) as u32)
         .collect();
@@ -416,6 +349,26 @@ fn tiny_logits_and_reference(rla_norm: bool) -> (Vec<f32>, Vec<f64>) {
     );
     let want = reference::logits(&m, &map, &toks, bs);
     (got.into_iter().next().unwrap(), want)
+}
+
+#[test]
+fn tiny_model_logits_match_f64_reference() {
+    let mut cfg = tiny(6, FeatureMap::Softmax);
+    cfg.seq_len = 40;
+    cfg.qk_norm = true;
+    let (got, want) = logits_and_reference(&cfg);
+    let e = max_rel(&got, &want);
+    assert!(e < 1e-4, "logits relative error {e}");
+}
+
+/// Logits of the tiny 3:1 model (W = 6, T = 40, qk-norm, non-trivial norm scales) on the CPU
+/// plugin and from the f64 reference, for one `rla.norm` setting.
+fn tiny_logits_and_reference(rla_norm: bool) -> (Vec<f32>, Vec<f64>) {
+    let mut cfg = tiny(6, FeatureMap::Softmax);
+    cfg.seq_len = 40;
+    cfg.qk_norm = true;
+    cfg.rla.norm = rla_norm;
+    logits_and_reference(&cfg)
 }
 
 #[test]
@@ -449,12 +402,7 @@ fn weighted_loss_matches_the_f64_reference_and_checks_its_weights() {
     let model = Model::new(cfg.clone()).unwrap();
     let b = Builder::new("weighted_loss");
     let (_, named) = model.declare_params(&b).unwrap();
-    let tokens = b
-        .parameter(
-            Shape::array(ElementType::S32, &[bs as i64, t as i64 + 1]),
-            "tokens",
-        )
-        .unwrap();
+    let tokens = tokens_param(&b, bs, t + 1);
     let weights = b
         .parameter(
             Shape::array(ElementType::F32, &[bs as i64, t as i64]),
@@ -469,18 +417,13 @@ fn weighted_loss_matches_the_f64_reference_and_checks_its_weights() {
         .map(|i| ((i * 29 + 7) % cfg.vocab) as u32)
         .collect();
     // f64: logits of each sequence's first t tokens, nll of the next token, weighted mean.
-    let nll: Vec<f64> = (0..bs)
+    let nlls: Vec<f64> = (0..bs)
         .flat_map(|s| {
             let seq = &toks[s * (t + 1)..][..t + 1];
             let logits = reference::logits(&model, &map, &seq[..t], 1);
             let v = cfg.vocab;
             (0..t)
-                .map(|p| {
-                    let row = &logits[p * v..][..v];
-                    let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
-                    lse - row[seq[p + 1] as usize]
-                })
+                .map(|p| nll(&logits[p * v..][..v], seq[p + 1]))
                 .collect::<Vec<_>>()
         })
         .collect();
@@ -506,7 +449,7 @@ fn weighted_loss_matches_the_f64_reference_and_checks_its_weights() {
         .collect();
     for w in [some, vec![0.0; bs * t]] {
         let total: f64 = w.iter().map(|&x| x as f64).sum();
-        let want = nll.iter().zip(&w).map(|(n, &x)| n * x as f64).sum::<f64>() / total.max(1.0);
+        let want = nlls.iter().zip(&w).map(|(n, &x)| n * x as f64).sum::<f64>() / total.max(1.0);
         let wb = c
             .buffer_from_host(&w, &[bs as i64, t as i64], None)
             .unwrap();
@@ -546,12 +489,7 @@ fn loss_gradients_match_finite_differences_of_the_f64_reference() {
     let model = Model::new(cfg.clone()).unwrap();
     let b = Builder::new("loss_grad");
     let (params, named) = model.declare_params(&b).unwrap();
-    let tokens = b
-        .parameter(
-            Shape::array(ElementType::S32, &[bs as i64, t as i64 + 1]),
-            "tokens",
-        )
-        .unwrap();
+    let tokens = tokens_param(&b, bs, t + 1);
     let l = model.loss(&b, &named, tokens, "cpu").unwrap();
     let grads = b.grad(l, &params).unwrap();
     let mut outs = vec![l];
@@ -585,12 +523,7 @@ fn loss_gradients_match_finite_differences_of_the_f64_reference() {
         let logits = reference::logits(&model, &m64, &inputs, bs);
         let v = cfg.vocab;
         (0..t)
-            .map(|p| {
-                let row = &logits[p * v..][..v];
-                let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let lse = mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
-                lse - row[toks[p + 1] as usize]
-            })
+            .map(|p| nll(&logits[p * v..][..v], toks[p + 1]))
             .sum::<f64>()
             / t as f64
     };

@@ -14,7 +14,7 @@ use crate::runtime;
 use anyhow::{bail, Context, Result};
 use hlo_builder::{Builder, ElementType, Op, Shape};
 use pallas_port::graph::rla_fwd_block;
-use pallas_port::{kernel, rla, FeatureMap, Lowering, RlaConfig, RlaDims};
+use pallas_port::{bench_util, kernel, rla, FeatureMap, Lowering, RlaConfig, RlaDims};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -100,19 +100,6 @@ pub struct RlaBenchReport {
     pub host_kernel_ms: [f64; 2],
     /// One row per lowering.
     pub rows: Vec<RlaBenchRow>,
-}
-
-/// `n` deterministic values in `[-1, 1)` (xorshift64 from `seed`).
-fn inputs(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
 }
 
 /// `max |x − r| / max |r|` (0 when both are all zero; infinite on a length mismatch or NaN).
@@ -252,10 +239,10 @@ pub fn run(args: &RlaArgs) -> Result<()> {
     }
 
     let (q, k, v, d_o) = (
-        inputs(d.q_len(), 1),
-        inputs(d.kv_len(), 2),
-        inputs(d.kv_len(), 3),
-        inputs(d.q_len(), 4),
+        bench_util::data(d.q_len(), 1),
+        bench_util::data(d.kv_len(), 2),
+        bench_util::data(d.kv_len(), 3),
+        bench_util::data(d.q_len(), 4),
     );
     // The reference: our CPU kernels on host slices.
     let mut o = vec![0.0; d.q_len()];
@@ -445,7 +432,7 @@ mod tests {
         assert_eq!(rel_err(&[0.0], &[0.0]), 0.0);
         assert!(rel_err(&[f32::NAN], &[1.0]).is_infinite());
         assert!(rel_err(&[1.0], &[1.0, 2.0]).is_infinite());
-        let x = inputs(1000, 7);
+        let x = bench_util::data(1000, 7);
         assert!(x.iter().all(|v| (-1.0..1.0).contains(v)));
         assert!(x.iter().any(|v| *v < -0.5) && x.iter().any(|v| *v > 0.5));
     }

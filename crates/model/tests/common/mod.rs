@@ -1,11 +1,14 @@
 //! Shared setup for the model tests: the CPU client with the RLA kernels registered, compiling,
-//! deterministic inputs, the repository's configs and AXLearn data files, an error measure.
+//! deterministic inputs, the repository's configs and AXLearn data files, an error measure, and
+//! what the decode tests compare against (random parameters, full-forward logits, argmax).
 #![allow(dead_code)]
 
 use std::sync::OnceLock;
 
-use model::config::{FeatureMap, ModelConfig};
+use hlo_builder::{Builder, ElementType, Shape};
+use model::config::{FeatureMap, Lowering, ModelConfig};
 use model::reference::AttnDims;
+use model::Model;
 use ndarray::ArrayD;
 use ndarray_npy::NpzReader;
 
@@ -87,4 +90,77 @@ pub fn max_rel<W: Copy + Into<f64>>(got: &[f32], want: &[W]) -> f64 {
         .map(|(&a, &b)| (a as f64 - b.into()).abs())
         .fold(0.0, f64::max)
         / scale
+}
+
+/// `configs/tiny-3to1.toml` (W 32, [local ×3, global]) with the RLA blocks as custom calls: the
+/// decode tests' model.
+pub fn tiny_3to1() -> ModelConfig {
+    let mut cfg = load_model("tiny-3to1");
+    cfg.rla.lowering = Lowering::CustomCall;
+    cfg
+}
+
+/// Random parameters on [`client`]: `init_param` scaled ×5 for matrices (so attention is far
+/// from uniform and the logits far from flat); norm scales kept, or with `scale_noise` perturbed
+/// by values in `[-scale_noise, scale_noise)` around them (so every scale is seen).
+pub fn decode_params(m: &Model, seed: u64, scale_noise: Option<f32>) -> Vec<pjrt::Buffer> {
+    m.param_specs()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut v = model::init_param(s, seed);
+            if !s.name.ends_with(".scale") {
+                v.iter_mut().for_each(|x| *x *= 5.0);
+            } else if let Some(noise) = scale_noise {
+                let r = rand(v.len(), 1000 + i as u64, noise);
+                v.iter_mut().zip(r).for_each(|(x, r)| *x += r);
+            }
+            let dims: Vec<i64> = s.shape.iter().map(|&d| d as i64).collect();
+            client().buffer_from_host(&v, &dims, None).unwrap()
+        })
+        .collect()
+}
+
+/// An s32 buffer on [`client`].
+pub fn upload_s32(x: &[i32], dims: &[i64]) -> pjrt::Buffer {
+    client().buffer_from_host(x, dims, None).unwrap()
+}
+
+/// An s32 `tokens` parameter `[bs, t]`.
+pub fn tokens_param(b: &Builder, bs: usize, t: usize) -> hlo_builder::Op {
+    b.parameter(
+        Shape::array(ElementType::S32, &[bs as i64, t as i64]),
+        "tokens",
+    )
+    .unwrap()
+}
+
+/// The graph of `m`'s forward: its parameters, then `tokens [bs, t]`, to logits `[bs, t, V]`.
+pub fn forward_graph(m: &Model, bs: usize, t: usize) -> hlo_builder::Computation {
+    let b = Builder::new("forward");
+    let (_, named) = m.declare_params(&b).unwrap();
+    let tok = tokens_param(&b, bs, t);
+    let logits = m.forward(&b, &named, tok, "cpu").unwrap();
+    b.build(logits).unwrap()
+}
+
+/// Full-forward logits `[B, T, V]` of `m` with parameters `p` for `tokens [B, T]`.
+pub fn full_logits(m: &Model, p: &[pjrt::Buffer], tokens: &[i32], bs: usize) -> Vec<f32> {
+    let t = tokens.len() / bs;
+    let exe = compile(&forward_graph(m, bs, t));
+    let tb = upload_s32(tokens, &[bs as i64, t as i64]);
+    let mut args: Vec<&pjrt::Buffer> = p.iter().collect();
+    args.push(&tb);
+    exe.execute(&args).unwrap()[0].to_host::<f32>().unwrap()
+}
+
+/// The index of the largest of `xs` (the first on ties).
+pub fn argmax(xs: &[f32]) -> i32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as i32
 }
