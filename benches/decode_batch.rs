@@ -20,21 +20,14 @@
 //! env `RATTN_BENCH_T=1024` picks cache lengths, `RATTN_BENCH_B=1,8` batches).
 
 use std::cell::RefCell;
-use std::path::Path;
-use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion};
-use model::{init_param, Model};
-use pjrt::{Buffer, Client, CompileOptions, LoadedExecutable, Program};
-use rattention_benches::{env_list, load, ratio_table, Row, Timings};
-use trainer::config::RunConfig;
-
-/// The attention kinds compared, with their overrides of `configs/bench.toml`.
-const KINDS: [(&str, &[&str]); 3] = [
-    ("rattention", &[]),
-    ("swa", &["model.local_kind=swa"]),
-    ("full", &["model.layer_pattern=[\"global\"]"]),
-];
+use criterion::BenchmarkId;
+use model::Model;
+use pjrt::Client;
+use rattention_benches::{
+    bench_config, compile, criterion, env_list, init_params, load, ratio_table, zero_cache, Row,
+    Timings, KINDS,
+};
 
 /// Greedy tokens per sequence in one dispatch of the loop.
 const STEPS: usize = 32;
@@ -53,29 +46,11 @@ fn model(t: usize, kind: &[&str]) -> Model {
         format!("model.window={}", window(t)),
     ];
     o.extend(kind.iter().map(|s| s.to_string()));
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/bench.toml");
-    let cfg = RunConfig::load(&path, &o).expect("configs/bench.toml");
-    Model::new(cfg.model).expect("model")
-}
-
-/// Compiles serialized HLO (a built computation's `to_bytes`) for one device.
-fn compile(client: &Client, hlo: &[u8]) -> LoadedExecutable {
-    client
-        .compile(Program::Hlo(hlo), &CompileOptions::default())
-        .expect("compile")
-}
-
-fn upload(client: &Client, data: &[f32], shape: &[usize]) -> Buffer {
-    let s: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
-    client.buffer_from_host(data, &s, None).expect("upload")
+    Model::new(bench_config(&o).model).expect("model")
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(4))
-        .configure_from_args();
+    let mut c = criterion(1, 4);
     let ts = env_list("RATTN_BENCH_T").unwrap_or_else(|| vec![1024, 4096]);
     let batches = env_list("RATTN_BENCH_B").unwrap_or_else(|| vec![1, 8, 32]);
     let client = Client::cpu().expect("XLA CPU plugin (run `rattn plugin install cpu`)");
@@ -90,18 +65,7 @@ fn main() {
                 let io = m.decode_io(bs, t);
                 let layout = m.cache_layout(bs, t);
                 bytes.push((kind, layout.allocated_bytes()));
-                let params: Vec<Buffer> = m
-                    .param_specs()
-                    .iter()
-                    .map(|s| upload(&client, &init_param(s, 0), &s.shape))
-                    .collect();
-                let fresh_cache = || -> Vec<Buffer> {
-                    layout
-                        .buffers()
-                        .iter()
-                        .map(|b| upload(&client, &vec![0.0; b.shape.iter().product()], &b.shape))
-                        .collect()
-                };
+                let params = init_params(&client, &m);
                 let donated: Vec<usize> = io.cache.clone().collect();
                 let tokens: Vec<i32> = (0..bs).map(|i| (3 + 5 * i as i32) % 256).collect();
                 let tok = client
@@ -126,7 +90,7 @@ fn main() {
                     let pos = client
                         .buffer_from_host(&[(t - per_call) as i32], &[], None)
                         .unwrap();
-                    let cache = RefCell::new(fresh_cache());
+                    let cache = RefCell::new(zero_cache(&client, &m, bs, t));
                     let id = format!("{mode}/{kind}");
                     group.bench_function(BenchmarkId::from_parameter(&id), |b| {
                         b.iter_custom(|iters| {
@@ -146,12 +110,7 @@ fn main() {
                             })
                         })
                     });
-                    if let Some((wall_ms, cpu_ms)) = timings.median_ms(&format!("{t}/{bs}/{id}")) {
-                        let row = Row {
-                            label: kind.into(),
-                            wall_ms,
-                            cpu_ms,
-                        };
+                    if let Some(row) = Row::median(&timings, &format!("{t}/{bs}/{id}"), kind) {
                         if mode == "loop" {
                             loop_rows.push(row);
                         } else {

@@ -19,13 +19,11 @@
 //! env `RATTN_BENCH_MESHES=data8,seq8` picks meshes by label).
 
 use std::cell::RefCell;
-use std::path::Path;
-use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion};
+use criterion::BenchmarkId;
 use model::{init_param, Model};
 use pjrt::{Buffer, Client, CompileOptions, LoadedExecutable, NamedValue, Program};
-use rattention_benches::{load, ratio_table, Row, Timings};
+use rattention_benches::{bench_config, criterion, load, ratio_table, Row, Timings};
 use trainer::config::RunConfig;
 use trainer::step::{build_train_step, state_tensors, StepIo, StepShardings};
 
@@ -53,8 +51,7 @@ fn config(mesh: &[&str]) -> RunConfig {
         "model.rla.sub_chunk=16".into(),
     ];
     o.extend(mesh.iter().map(|s| s.to_string()));
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/bench.toml");
-    RunConfig::load(&path, &o).expect("configs/bench.toml")
+    bench_config(&o)
 }
 
 /// One compiled step on `n` devices and its per-device state.
@@ -183,11 +180,7 @@ impl Sharded {
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(2))
-        .measurement_time(Duration::from_secs(5))
-        .configure_from_args();
+    let mut c = criterion(2, 5);
     let pick: Option<Vec<String>> = std::env::var("RATTN_BENCH_MESHES")
         .ok()
         .map(|s| s.split(',').map(|x| x.trim().to_string()).collect());
@@ -210,13 +203,7 @@ fn main() {
         group.bench_function(BenchmarkId::from_parameter(label), |b| {
             b.iter_custom(|iters| timings.time(label, iters, || s.step(&client)))
         });
-        if let Some((wall_ms, cpu_ms)) = timings.median_ms(label) {
-            rows.push(Row {
-                label: label.into(),
-                wall_ms,
-                cpu_ms,
-            });
-        }
+        rows.extend(Row::median(&timings, label, label));
     }
     group.finish();
     c.final_summary();

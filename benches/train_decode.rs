@@ -17,22 +17,16 @@
 //! env `RATTN_BENCH_T=1024` picks sequence lengths).
 
 use std::cell::RefCell;
-use std::path::Path;
-use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion};
-use model::{init_param, Model};
-use pjrt::{Buffer, Client, CompileOptions, LoadedExecutable, Program};
-use rattention_benches::{env_list, load, ratio_table, Row, Timings};
+use criterion::BenchmarkId;
+use model::Model;
+use pjrt::{Buffer, Client};
+use rattention_benches::{
+    bench_config, compile, criterion, env_list, init_params, load, ratio_table, upload,
+    zero_cache, Row, Timings, KINDS,
+};
 use trainer::config::RunConfig;
 use trainer::step::{build_train_step, StepIo};
-
-/// The attention kinds compared, with their overrides of `configs/bench.toml`.
-const KINDS: [(&str, &[&str]); 3] = [
-    ("rattention", &[]),
-    ("swa", &["model.local_kind=swa"]),
-    ("full", &["model.layer_pattern=[\"global\"]"]),
-];
 
 /// `(T, batch, window)` of the two shapes.
 fn shape(t: usize) -> (usize, usize) {
@@ -51,31 +45,14 @@ fn config(t: usize, kind: &[&str]) -> RunConfig {
         format!("model.window={w}"),
     ];
     o.extend(kind.iter().map(|s| s.to_string()));
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/bench.toml");
-    RunConfig::load(&path, &o).expect("configs/bench.toml")
-}
-
-/// Compiles serialized HLO (a built computation's `to_bytes`) for one device.
-fn compile(client: &Client, hlo: &[u8]) -> LoadedExecutable {
-    client
-        .compile(Program::Hlo(hlo), &CompileOptions::default())
-        .expect("compile")
-}
-
-fn upload(client: &Client, data: &[f32], shape: &[usize]) -> Buffer {
-    let s: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
-    client.buffer_from_host(data, &s, None).expect("upload")
+    bench_config(&o)
 }
 
 /// The train state: parameters from their initialisers, zero Adam moments.
 fn train_state(client: &Client, model: &Model) -> Vec<Buffer> {
-    let specs = model.param_specs();
-    let mut state: Vec<Buffer> = specs
-        .iter()
-        .map(|s| upload(client, &init_param(s, 0), &s.shape))
-        .collect();
+    let mut state = init_params(client, model);
     for _ in 0..2 {
-        for s in specs {
+        for s in model.param_specs() {
             state.push(upload(client, &vec![0.0; s.numel()], &s.shape));
         }
     }
@@ -83,11 +60,7 @@ fn train_state(client: &Client, model: &Model) -> Vec<Buffer> {
 }
 
 fn main() {
-    let mut c = Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(2))
-        .measurement_time(Duration::from_secs(5))
-        .configure_from_args();
+    let mut c = criterion(2, 5);
     let ts = env_list("RATTN_BENCH_T").unwrap_or_else(|| vec![1024, 4096]);
     let client = Client::cpu().expect("XLA CPU plugin (run `rattn plugin install cpu`)");
     pallas_port::register_cpu_kernels(&client).expect("register the RLA FFI handlers");
@@ -125,13 +98,7 @@ fn main() {
                     })
                 })
             });
-            if let Some((wall_ms, cpu_ms)) = timings.median_ms(&format!("{t}/{id}")) {
-                train_rows.push(Row {
-                    label: kind.into(),
-                    wall_ms,
-                    cpu_ms,
-                });
-            }
+            train_rows.extend(Row::median(&timings, &format!("{t}/{id}"), kind));
             drop(state);
 
             // Decode: one token at position T − 1, cache of T positions, batch 1.
@@ -140,17 +107,8 @@ fn main() {
                 &client,
                 &model.decode_step(1, t).expect("decode step").to_bytes(),
             );
-            let params: Vec<Buffer> = model
-                .param_specs()
-                .iter()
-                .map(|s| upload(&client, &init_param(s, 0), &s.shape))
-                .collect();
-            let cache: Vec<Buffer> = model
-                .cache_layout(1, t)
-                .buffers()
-                .iter()
-                .map(|cb| upload(&client, &vec![0.0; cb.shape.iter().product()], &cb.shape))
-                .collect();
+            let params = init_params(&client, &model);
+            let cache = zero_cache(&client, &model, 1, t);
             let token = client.buffer_from_host(&[3i32], &[1], None).unwrap();
             let pos = client.buffer_from_host(&[t as i32 - 1], &[], None).unwrap();
             let args = dio.step_arguments(
@@ -168,13 +126,7 @@ fn main() {
                     })
                 })
             });
-            if let Some((wall_ms, cpu_ms)) = timings.median_ms(&format!("{t}/{id}")) {
-                decode_rows.push(Row {
-                    label: kind.into(),
-                    wall_ms,
-                    cpu_ms,
-                });
-            }
+            decode_rows.extend(Row::median(&timings, &format!("{t}/{id}"), kind));
         }
         group.finish();
         let l = load();

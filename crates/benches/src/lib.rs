@@ -1,5 +1,7 @@
 //! Shared pieces of the workspace benches in `/benches`: CPU time of the process, the load
-//! average, per-call timing records that survive criterion's runs, and the ratio table.
+//! average, per-call timing records that survive criterion's runs, the ratio table, and the
+//! setup they all start from (`configs/bench.toml` with overrides, the attention kinds compared,
+//! compiling and uploading on the CPU plugin, criterion's settings).
 //!
 //! ```
 //! let t = rattention_benches::Timings::default();
@@ -11,6 +13,66 @@
 
 pub use pallas_port::bench_util::{cpu_s, env_list, load, Timings};
 
+use model::{init_param, Model};
+use pjrt::{Buffer, Client, CompileOptions, LoadedExecutable, Program};
+use std::time::Duration;
+use trainer::config::RunConfig;
+
+/// The attention kinds compared, with their overrides of `configs/bench.toml`: RAttention, SWA
+/// (same window, no RLA) and full attention (every layer global).
+pub const KINDS: [(&str, &[&str]); 3] = [
+    ("rattention", &[]),
+    ("swa", &["model.local_kind=swa"]),
+    ("full", &["model.layer_pattern=[\"global\"]"]),
+];
+
+/// `configs/bench.toml` with the `--set` style `overrides`.
+pub fn bench_config(overrides: &[String]) -> RunConfig {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/bench.toml");
+    RunConfig::load(&path, overrides).expect("configs/bench.toml")
+}
+
+/// Criterion with 10 samples, `warm_up` and `measurement` seconds, and the command line's flags.
+pub fn criterion(warm_up: u64, measurement: u64) -> criterion::Criterion {
+    criterion::Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(warm_up))
+        .measurement_time(Duration::from_secs(measurement))
+        .configure_from_args()
+}
+
+/// Compiles serialized HLO (a built computation's `to_bytes`) for one device.
+pub fn compile(client: &Client, hlo: &[u8]) -> LoadedExecutable {
+    client
+        .compile(Program::Hlo(hlo), &CompileOptions::default())
+        .expect("compile")
+}
+
+/// An f32 buffer of `shape` on the client's first device.
+pub fn upload(client: &Client, data: &[f32], shape: &[usize]) -> Buffer {
+    let s: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+    client.buffer_from_host(data, &s, None).expect("upload")
+}
+
+/// `model`'s parameters from their initialisers (seed 0), in [`Model::param_specs`] order.
+pub fn init_params(client: &Client, model: &Model) -> Vec<Buffer> {
+    model
+        .param_specs()
+        .iter()
+        .map(|s| upload(client, &init_param(s, 0), &s.shape))
+        .collect()
+}
+
+/// A zero decode cache of `model` for `batch` sequences of up to `max_len` positions.
+pub fn zero_cache(client: &Client, model: &Model, batch: usize, max_len: usize) -> Vec<Buffer> {
+    model
+        .cache_layout(batch, max_len)
+        .buffers()
+        .iter()
+        .map(|b| upload(client, &vec![0.0; b.shape.iter().product()], &b.shape))
+        .collect()
+}
+
 /// One row of a ratio table: a label and its (wall ms, CPU ms) per call.
 #[derive(Debug, Clone)]
 pub struct Row {
@@ -20,6 +82,17 @@ pub struct Row {
     pub wall_ms: f64,
     /// Median CPU ms per call (all threads).
     pub cpu_ms: f64,
+}
+
+impl Row {
+    /// The row `label` of the medians [`Timings`] recorded under `id`, if any.
+    pub fn median(timings: &Timings, id: &str, label: &str) -> Option<Row> {
+        timings.median_ms(id).map(|(wall_ms, cpu_ms)| Row {
+            label: label.into(),
+            wall_ms,
+            cpu_ms,
+        })
+    }
 }
 
 /// A table of `rows` with tokens/s for `tokens` per call and each row's speed relative to the
