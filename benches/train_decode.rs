@@ -22,8 +22,8 @@ use criterion::BenchmarkId;
 use model::Model;
 use pjrt::{Buffer, Client};
 use rattention_benches::{
-    bench_config, compile, criterion, env_list, init_params, load, ratio_table, upload,
-    zero_cache, Row, Timings, KINDS,
+    bench_config, compile, criterion, env_list, init_params, load, ratio_table, upload, zero_cache,
+    Row, Timings, KINDS,
 };
 use trainer::config::RunConfig;
 use trainer::step::{build_train_step, StepIo};

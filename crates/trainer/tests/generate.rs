@@ -1,6 +1,7 @@
 //! `rattn generate` end to end on the CPU plugin: train a tiny model for a few steps, then generate
 //! greedily (deterministic, the requested length, the same in one dispatch of the on-device loop,
-//! in chunks and at batch 3) and by sampling (deterministic from the seed).
+//! in chunks, at batch 3 and in the scanned parameter layout) and by sampling (deterministic from
+//! the seed).
 
 mod common;
 
@@ -71,6 +72,8 @@ fn generate_after_training_is_deterministic() {
     // tokens as one dispatch; so does every row of a batch of 3.
     assert_eq!(greedy(&["--chunk", "7"]), a);
     assert_eq!(greedy(&["--chunk", "1"]), a);
+    // The unrolled checkpoint decoded in the scanned layout (stacked on load): the same tokens.
+    assert_eq!(greedy(&["--set", "model.scan_layers=true"]), a);
     let out = generate(&["--batch", "3"]);
     let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("tokens: ")).collect();
     assert_eq!(rows.len(), 3, "{out}");
