@@ -245,6 +245,16 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
     Ok(list(dir)?.pop().map(|(_, p)| p))
 }
 
+/// The checkpoint `path` names: a file or a sharded directory itself, else the newest complete
+/// checkpoint of the run directory `path` (an error when it holds none).
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.is_dir() {
+        latest(path)?.with_context(|| format!("no checkpoint in {}", path.display()))
+    } else {
+        Ok(path.to_path_buf())
+    }
+}
+
 /// A checkpoint file that cannot be read back (truncated, not safetensors, missing metadata).
 #[derive(Debug)]
 pub struct Corrupt {

@@ -122,12 +122,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         crate::profile::start(dir)?;
     }
     let cfg = RunConfig::load(&args.common.config, &args.common.overrides)?;
-    let path = if args.checkpoint.is_dir() {
-        checkpoint::latest(&args.checkpoint)?
-            .with_context(|| format!("no checkpoint in {}", args.checkpoint.display()))?
-    } else {
-        args.checkpoint.clone()
-    };
+    let path = checkpoint::resolve(&args.checkpoint)?;
     // The checkpoint's own [model] table is authoritative (seq_len etc. do not matter for
     // decoding), but for the parameter layout: the run's `model.scan_layers` decides it, and a
     // checkpoint of the other layout is converted, saying so.

@@ -487,11 +487,7 @@ pub fn eval_lengths(
     lengths: &[usize],
 ) -> Result<Vec<EvalReport>> {
     let client = runtime::open_client(plugin)?;
-    let path = if ckpt.is_dir() {
-        checkpoint::latest(ckpt)?.with_context(|| format!("no checkpoint in {}", ckpt.display()))?
-    } else {
-        ckpt.to_path_buf()
-    };
+    let path = checkpoint::resolve(ckpt)?;
     let ck = checkpoint::load(&path, Some(&model_toml(cfg)))?;
     let model = Model::new(cfg.model.clone())?;
     let mut params = Vec::new();

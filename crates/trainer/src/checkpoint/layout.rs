@@ -221,12 +221,7 @@ fn scan_layers_override(overrides: &[String]) -> Result<Option<bool>> {
 /// Returns the path written.
 pub fn run(args: &ConvertArgs) -> Result<PathBuf> {
     let scan = scan_layers_override(&args.overrides)?;
-    let path = if args.checkpoint.is_dir() {
-        super::latest(&args.checkpoint)?
-            .with_context(|| format!("no checkpoint in {}", args.checkpoint.display()))?
-    } else {
-        args.checkpoint.clone()
-    };
+    let path = super::resolve(&args.checkpoint)?;
     let ck = super::load(&path, None)?;
     let from: ModelConfig = toml::from_str(&ck.model_config).with_context(|| {
         format!(
