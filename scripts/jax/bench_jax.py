@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,12 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rattn_jax import Config, init_params, make_train_step  # noqa: E402
+
+
+def cpu_s():
+    """User + system CPU seconds of this process, all threads (exited ones included)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def main():
@@ -44,9 +51,10 @@ def main():
     tokens = jnp.asarray(rng.integers(0, cfg.model["vocab"], size=(b, t + 1)), jnp.int32)
     weights = jnp.ones((b, t), jnp.float32)
     step_fn = make_train_step(cfg, rla_impl=args.rla, rla_chunk=args.rla_chunk, swa_impl=args.swa)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_s()
     compiled = step_fn.lower(params, adam_m, adam_v, jnp.float32(0), tokens, weights).compile()
     compile_s = time.perf_counter() - t0
+    compile_cpu_s = cpu_s() - c0
     t0 = time.perf_counter()
     params, adam_m, adam_v, loss, _, _ = compiled(params, adam_m, adam_v, jnp.float32(0), tokens, weights)
     first = float(loss)
@@ -62,6 +70,7 @@ def main():
     out = {
         "jax": jax.__version__,
         "compile_s": compile_s,
+        "compile_cpu_s": compile_cpu_s,
         "first_step_s": first_step_s,
         "step_s": dt / timed,
         "tokens_per_s": b * t * timed / dt if steps > 1 else b * t / first_step_s,

@@ -296,13 +296,23 @@ impl Client {
 
     /// Compiles `program` with `options` after validating the options against this client's
     /// devices (refusing every combination known to abort the plugin, see
-    /// [`CompileOptions::validate`]).
+    /// [`CompileOptions::validate`]). On the CPU plugin the options get
+    /// [`CompileOptions::with_cpu_defaults`] (LLVM level
+    /// [`crate::options::CPU_BACKEND_OPTIMIZATION_LEVEL`] unless the caller or `XLA_FLAGS` sets one).
     pub fn compile(
         &self,
         program: Program<'_>,
         options: &CompileOptions,
     ) -> Result<LoadedExecutable> {
         let ids: Vec<i32> = self.devices()?.iter().map(Device::id).collect();
+        let cpu_options;
+        let options = if self.platform_name()? == "cpu" {
+            let flags = std::env::var("XLA_FLAGS").ok();
+            cpu_options = options.with_cpu_defaults(flags.as_deref());
+            &cpu_options
+        } else {
+            options
+        };
         let prepared = compile::prepare(program, options, &ids, "this client", None)?;
         let p = prepared.program();
         let mut a = sys::ClientCompileArgs::new();

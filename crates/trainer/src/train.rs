@@ -64,6 +64,25 @@ fn refuse_earlier_run(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// User + system CPU seconds of this process so far, all threads (exited ones included), from
+/// `/proc/self/stat` at its 10 ms resolution; NaN where it cannot be read. `compile_cpu_s` in
+/// `metrics.jsonl` is the trace + compile's share: on a loaded machine it measures the work where
+/// the wall-clock `compile_s` also measures the other jobs.
+pub fn process_cpu_s() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // The fields after the command name (in parentheses); utime and stime are fields 14 and 15
+    // of the whole line, so 11 and 12 (0-based) after it.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
 /// The mesh `rattn train` runs on: `[mesh]` resolved on `devices` devices (default: the product
 /// of its sizes; needed when one size is −1).
 pub fn train_mesh(cfg: &RunConfig, devices: Option<usize>) -> Result<model::Mesh> {
@@ -105,11 +124,12 @@ pub fn train(
     let src = Source::open(&cfg.data, cfg.train.seed, cfg.model.vocab)?;
     let client = spmd::open_client(plugin, mesh.device_count())?;
     let placement = Placement::new(&client, mesh.device_count())?;
-    let t0 = Instant::now();
+    let (t0, cpu0) = (Instant::now(), process_cpu_s());
     let comp = step::build_train_step(cfg, &client.platform_name()?, &mesh)?;
     let exe = crate::profile::span("compile train_step", || placement.compile(&client, &comp))?;
     crate::profile::executable("train_step", &exe);
     let compile_s = t0.elapsed().as_secs_f64();
+    let compile_cpu_s = process_cpu_s() - cpu0;
     let dist = crate::distributed::global();
     let (process, processes) = dist.map_or((0, 1), |d| (d.process_id, d.num_processes));
     if !resume {
@@ -292,6 +312,7 @@ pub fn train(
                 "step": start, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps,
                 "model_flops_per_s": u.flops_per_s,
                 "wall_s": run_start.elapsed().as_secs_f64(), "compile_s": compile_s,
+                "compile_cpu_s": compile_cpu_s,
             });
             if let Some(m) = u.mfu {
                 line["mfu"] = m.into();
