@@ -83,6 +83,9 @@ fn train_state(client: &Client, model: &Model) -> Vec<Buffer> {
 }
 
 fn main() {
+    // As `rattn` does: keep the plugin's per-step buffers mapped (RATTN_MALLOC=default: glibc's
+    // defaults).
+    pjrt::host_memory::retain_freed_memory();
     let mut c = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_secs(2))

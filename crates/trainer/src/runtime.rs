@@ -13,8 +13,12 @@ use pjrt::{Client, CompileOptions, LoadedExecutable, Plugin, Program};
 use std::path::{Path, PathBuf};
 
 /// Sets the environment libtpu and the CUDA plugin read when they are loaded (variables already
-/// set are kept). Must run first in `main`, before any thread starts.
+/// set are kept), and makes glibc keep freed host memory for reuse
+/// ([`pjrt::host_memory::retain_freed_memory`]; `RATTN_MALLOC=default` leaves it as it is), so
+/// the CPU plugin's per-step buffers are not mapped afresh every step. Must run first in `main`,
+/// before any thread starts.
 pub fn prepare_environment() -> Result<()> {
+    pjrt::host_memory::retain_freed_memory();
     pjrt::tpu::set_environment()?;
     pjrt::gpu::set_environment()?;
     Ok(())
