@@ -4,7 +4,8 @@
 //!
 //! Variables: `RATTN_CACHE` (cache root; plugins in `$RATTN_CACHE/plugins`, else the `pjrt`
 //! default), `RATTN_PIP` (the pip program to download with), `RATTN_PJRT_PLUGIN` (a plugin
-//! library used for `--plugin cpu|cuda|tpu` instead of the cache).
+//! library used for `--plugin cpu|cuda|tpu` instead of the cache), `RATTN_MALLOC=default`
+//! (leave glibc's allocator as it is; see [`prepare_environment`]).
 
 use anyhow::{anyhow, bail, Context, Result};
 use hlo_builder::Computation;
