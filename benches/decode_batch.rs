@@ -50,6 +50,8 @@ fn model(t: usize, kind: &[&str]) -> Model {
 }
 
 fn main() {
+    // As `rattn` does (RATTN_MALLOC=default: glibc's defaults).
+    pjrt::host_memory::retain_freed_memory();
     let mut c = criterion(1, 4);
     let ts = env_list("RATTN_BENCH_T").unwrap_or_else(|| vec![1024, 4096]);
     let batches = env_list("RATTN_BENCH_B").unwrap_or_else(|| vec![1, 8, 32]);

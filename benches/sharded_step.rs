@@ -180,6 +180,8 @@ impl Sharded {
 }
 
 fn main() {
+    // As `rattn` does (RATTN_MALLOC=default: glibc's defaults).
+    pjrt::host_memory::retain_freed_memory();
     let mut c = criterion(2, 5);
     let pick: Option<Vec<String>> = std::env::var("RATTN_BENCH_MESHES")
         .ok()

@@ -60,6 +60,9 @@ fn train_state(client: &Client, model: &Model) -> Vec<Buffer> {
 }
 
 fn main() {
+    // As `rattn` does: keep the plugin's per-step buffers mapped (RATTN_MALLOC=default: glibc's
+    // defaults).
+    pjrt::host_memory::retain_freed_memory();
     let mut c = criterion(2, 5);
     let ts = env_list("RATTN_BENCH_T").unwrap_or_else(|| vec![1024, 4096]);
     let client = Client::cpu().expect("XLA CPU plugin (run `rattn plugin install cpu`)");

@@ -16,7 +16,8 @@
 //!   [`tpu`] (libtpu: generations, names, environment), [`gpu`] (built-in specs, shapes,
 //!   environment), [`gpu_spec`] (spec checks and the text-format reader); the CUDA tool search
 //!   is private.
-//! * [`ffi`]: safe XLA FFI handlers; [`error`]: the crate's error type.
+//! * [`ffi`]: safe XLA FFI handlers; [`error`]: the crate's error type; [`host_memory`]: glibc's
+//!   allocator set to keep the CPU plugin's per-execution buffers mapped.
 //!
 //! Nothing here reads a program's own configuration: callers pass caches, paths and options,
 //! and set the plugins' environment with [`tpu::set_environment`] / [`gpu::set_environment`]
@@ -121,6 +122,7 @@ pub mod executable;
 pub mod ffi;
 pub mod gpu;
 pub mod gpu_spec;
+pub mod host_memory;
 pub mod install;
 pub mod kv;
 pub mod options;

@@ -4,7 +4,8 @@
 //!
 //! Variables: `RATTN_CACHE` (cache root; plugins in `$RATTN_CACHE/plugins`, else the `pjrt`
 //! default), `RATTN_PIP` (the pip program to download with), `RATTN_PJRT_PLUGIN` (a plugin
-//! library used for `--plugin cpu|cuda|tpu` instead of the cache).
+//! library used for `--plugin cpu|cuda|tpu` instead of the cache), `RATTN_MALLOC=default`
+//! (leave glibc's allocator as it is; see [`prepare_environment`]).
 
 use anyhow::{anyhow, bail, Context, Result};
 use hlo_builder::Computation;
@@ -13,8 +14,12 @@ use pjrt::{Client, CompileOptions, LoadedExecutable, Plugin, Program};
 use std::path::{Path, PathBuf};
 
 /// Sets the environment libtpu and the CUDA plugin read when they are loaded (variables already
-/// set are kept). Must run first in `main`, before any thread starts.
+/// set are kept), and makes glibc keep freed host memory for reuse
+/// ([`pjrt::host_memory::retain_freed_memory`]; `RATTN_MALLOC=default` leaves it as it is), so
+/// the CPU plugin's per-step buffers are not mapped afresh every step. Must run first in `main`,
+/// before any thread starts.
 pub fn prepare_environment() -> Result<()> {
+    pjrt::host_memory::retain_freed_memory();
     pjrt::tpu::set_environment()?;
     pjrt::gpu::set_environment()?;
     Ok(())
