@@ -215,6 +215,7 @@ impl Builder {
         self.scan_impl(Location::caller(), carry, xs, body, unroll)
     }
 
+    #[track_caller]
     fn scan_impl(
         &self,
         loc: &'static Location<'static>,
