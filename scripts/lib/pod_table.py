@@ -49,25 +49,21 @@ def cpu_seconds(path):
     return float(u.group(1)) + float(s.group(1)) if u and s else None
 
 
-def command(cfg, t, slice_):
-    n = chips(slice_)
-    return (
-        f"rattn compile --target tpu:v5p:{slice_} --config configs/{cfg}.toml "
-        f"--set model.seq_len={t} --batch {n} --mesh fsdp={n} --set model.scan_layers=true --json"
-    )
-
-
 def row(out, slices, cfg, t):
     name = NAMES.get(cfg, cfg)
     tried = []
     for s in slices:
         base = os.path.join(out, f"{cfg}.T{t}.v5p-{s}.fsdp{chips(s)}")
         if not os.path.exists(base + ".json"):
-            cmd = command(cfg, t, s)
-            why = f"{tried[-1]} does not fit; " if tried else ""
+            why = f"not on {', '.join(tried)}; " if tried else ""
+            mem = ""
+            if os.path.exists(base + ".base.json"):
+                b = json.load(open(base + ".base.json"))["programs"][0]
+                if b["fits"]:
+                    mem = f"{b['memory']['peak_bytes'] / GIB:.2f} GiB (u=1 compile only)"
             return (
-                f"| {name} | {t} | not measured ({why}next: v5p {s}) | | | | | | "
-                f"`ROWS={cfg}:{t} scripts/pod_table.sh` (`{cmd}`) |"
+                f"| {name} | {t} | not measured ({why}next: v5p {s}) | | {mem} | | | | | "
+                f"`ROWS={cfg}:{t} scripts/pod_table.sh` |"
             )
         r = json.load(open(base + ".json"))
         p = r["programs"][0]
@@ -91,7 +87,7 @@ def row(out, slices, cfg, t):
         return (
             f"| {name} | {t} | v5p {s} ({chips(s)} chips)"
             + (f"; not on {', '.join(tried)}" if tried else "")
-            + f" | {r['mesh'].split(' = ')[1]}, batch {r['batch']} "
+            + f" | fsdp {r['mesh_devices']}, batch {r['batch']} "
             f"| {m['peak_bytes'] / GIB:.2f} GiB ({free / GIB:.1f} free) "
             f"| {fmt(opt, '.3f')} | {fmt(tpc, ',.0f')} | {fmt(tps, ',.0f')} | {fmt(flops, '.3e')} "
             f"| {cpu_s}{compile_s:.0f} s wall at load {load} |"
@@ -105,7 +101,7 @@ def main():
     out, slices, rows = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
     print(
         "| config | T | smallest v5p slice | mesh, batch | peak HBM / chip | est. s / step "
-        "| tokens/s / chip | tokens/s / slice | FLOPs / chip / step | compiles (both) |"
+        "| tokens/s / chip | tokens/s / slice | FLOPs / chip / step | compiles (u=1 + estimate), or the command to measure |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -118,7 +118,9 @@ fn a_sharded_train_step_compiles_for_a_v5p_slice() {
 /// `c1 + 7 · (c2 − c1)` for FLOPs, bytes, transcendentals and optimal seconds. Against the same
 /// stack unrolled with `layer_inputs` remat (each layer's forward recomputed once, as the scan
 /// recomputes each period) the FLOPs agree within a few per cent (printed; the two programs
-/// differ in what XLA fuses and recomputes around the rematerialized blocks).
+/// differ in what XLA fuses and recomputes around the rematerialized blocks). FLOPs and
+/// transcendentals are linear to 1e-3; bytes accessed and optimal seconds only to 15 %, since
+/// XLA fuses across neighbouring periods of one trip.
 #[test]
 fn a_scanned_step_gets_a_cost_estimate_linear_in_the_periods_per_trip() {
     if !have_tpu("a_scanned_step_gets_a_cost_estimate_linear_in_the_periods_per_trip") {
@@ -176,7 +178,12 @@ fn a_scanned_step_gets_a_cost_estimate_linear_in_the_periods_per_trip() {
         // The formula, in f64.
         assert!(rel(e, c1 + 7.0 * (c2 - c1)) < 1e-12, "{key}: {e} vs {c1} + 7 ({c2} - {c1})");
         // Linear in the periods per trip: 4 periods add 3 times what the second one adds.
-        let tol = if key == "optimal_seconds" { 2e-2 } else { 1e-3 };
+        // Exactly so for the operation counts; bytes (and the time bound built on them) depend
+        // on what XLA fuses across neighbouring periods (measured: u=4 adds 8 % less than 3×).
+        let tol = match key {
+            "flops" | "transcendentals" => 1e-3,
+            _ => 0.15,
+        };
         assert!(
             rel(c4 - c1, 3.0 * (c2 - c1)) < tol,
             "{key}: u=4 adds {} over u=1, u=2 adds {}",
