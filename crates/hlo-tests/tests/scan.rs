@@ -247,8 +247,12 @@ fn an_unrolled_scan_equals_the_scan_and_unroll_1_is_its_graph() {
             let r = max_rel(&got[k], &want[k]);
             assert!(r < 1e-12, "unroll {u}: output {k} differs from scan by {r}");
         }
-        let live = assert_grads_match_finite_differences(&format!("unroll {u}"), &compile(&comp), &a);
-        assert!(live > 5, "unroll {u}: only {live} finite differences are non-zero");
+        let live =
+            assert_grads_match_finite_differences(&format!("unroll {u}"), &compile(&comp), &a);
+        assert!(
+            live > 5,
+            "unroll {u}: only {live} finite differences are non-zero"
+        );
     }
     // An unroll that does not divide the trip count is refused, naming both.
     let b = Builder::new("scan_bad");

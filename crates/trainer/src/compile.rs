@@ -451,7 +451,8 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
              step; no tokens/s from them ({})",
             match second {
                 _ if args.no_scan_estimate => "--no-scan-estimate: no estimate".to_string(),
-                Some(u1) => format!("scan_estimate: from a second compile with {u1} periods per trip"),
+                Some(u1) =>
+                    format!("scan_estimate: from a second compile with {u1} periods per trip"),
                 None => format!(
                     "no estimate: {trips} trips is prime, so no second program with more periods \
                      per trip and at least 2 trips exists; set model.scan_unroll or compile with \

@@ -164,7 +164,12 @@ fn a_scanned_step_gets_a_cost_estimate_linear_in_the_periods_per_trip() {
     assert!(four["scan_estimate"].is_null(), "{four}");
     let unrolled = run(&["--set", "train.remat=layer_inputs"]);
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
-    for key in ["flops", "bytes_accessed", "transcendentals", "optimal_seconds"] {
+    for key in [
+        "flops",
+        "bytes_accessed",
+        "transcendentals",
+        "optimal_seconds",
+    ] {
         let c1 = scanned["cost"][key].as_f64().unwrap();
         let c2 = est["second_cost"][key].as_f64().unwrap();
         let c4 = four["cost"][key].as_f64().unwrap();
@@ -176,7 +181,10 @@ fn a_scanned_step_gets_a_cost_estimate_linear_in_the_periods_per_trip() {
             100.0 * (e - full) / full
         );
         // The formula, in f64.
-        assert!(rel(e, c1 + 7.0 * (c2 - c1)) < 1e-12, "{key}: {e} vs {c1} + 7 ({c2} - {c1})");
+        assert!(
+            rel(e, c1 + 7.0 * (c2 - c1)) < 1e-12,
+            "{key}: {e} vs {c1} + 7 ({c2} - {c1})"
+        );
         // Linear in the periods per trip: 4 periods add 3 times what the second one adds.
         // Exactly so for the operation counts; bytes (and the time bound built on them) depend
         // on what XLA fuses across neighbouring periods (measured: u=4 adds 8 % less than 3×).

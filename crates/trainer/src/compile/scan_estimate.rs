@@ -98,9 +98,7 @@ impl ScanEstimate {
         let c1 = second.cost.as_ref().map(LoopCost::from);
         let cost = match (c0, c1) {
             (Some(a), Some(b)) => {
-                let f = |x: Option<f64>, y: Option<f64>| {
-                    Some(extrapolate(x?, y?, periods, u0, u1))
-                };
+                let f = |x: Option<f64>, y: Option<f64>| Some(extrapolate(x?, y?, periods, u0, u1));
                 Some(LoopCost {
                     flops: f(a.flops, b.flops),
                     bytes_accessed: f(a.bytes_accessed, b.bytes_accessed),
