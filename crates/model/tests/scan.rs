@@ -251,5 +251,8 @@ fn scan_unroll_must_divide_the_periods() {
     t31.scan_layers = false;
     t31.scan_unroll = 2;
     let e = Model::new(t31).unwrap_err().to_string();
-    assert!(e.contains("scan_unroll (2) needs scan_layers = true"), "{e}");
+    assert!(
+        e.contains("scan_unroll (2) needs scan_layers = true"),
+        "{e}"
+    );
 }
