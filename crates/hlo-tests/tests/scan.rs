@@ -205,3 +205,82 @@ fn custom_vjps_checkpoints_and_nested_scans_inside_the_body() {
     let live = assert_grads_match_finite_differences("scan_nested", &exe, &a);
     assert!(live > 5, "only {live} finite differences are non-zero");
 }
+
+/// The loss-and-gradients graph of the scan over `n` steps with `unroll` iterations per trip
+/// (`None`: [`Builder::scan`] itself).
+fn scan_graph(name: &str, n: i64, unroll: Option<usize>) -> hlo_builder::Computation {
+    let b = Builder::new(name);
+    let p = params(&b, n);
+    loss_and_grads(
+        name,
+        &b,
+        &p,
+        |m| values_f64(m, -1.0, 1.0, 99),
+        |b, x| match unroll {
+            Some(u) => b.scan_unrolled(x[0], &x[1..], step_fn(), u),
+            None => b.scan(x[0], &x[1..], step_fn()),
+        },
+    )
+}
+
+/// HLO text without the `source_line=N` of its metadata.
+fn without_source_lines(text: &str) -> String {
+    text.split("source_line=")
+        .enumerate()
+        .map(|(i, part)| {
+            if i == 0 {
+                part
+            } else {
+                part.trim_start_matches(|c: char| c.is_ascii_digit())
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn an_unrolled_scan_equals_the_scan_and_unroll_1_is_its_graph() {
+    let n = 6i64;
+    let a = args(n, 21);
+    let plain = scan_graph("scan_u", n, None);
+    // unroll = 1 builds the very graph of `scan`, instruction for instruction (the two calls sit
+    // on different source lines, which the metadata records).
+    assert_eq!(
+        without_source_lines(&scan_graph("scan_u", n, Some(1)).to_text()),
+        without_source_lines(&plain.to_text())
+    );
+    let want = run_f64(&compile(&plain), &a);
+    for u in [2usize, 3, 6] {
+        let comp = scan_graph("scan_u", n, Some(u));
+        let text = comp.to_text();
+        // Two loops (forward, backward) of n / u trips, u copies of the step's dot in the
+        // forward body, and in the backward body u recomputed steps with their transposes.
+        assert_eq!(text.matches(" while(").count(), 2, "unroll {u}");
+        assert!(
+            text.contains(&format!("constant({})", n / u as i64)),
+            "unroll {u}: no trip count {} in\n{text}",
+            n / u as i64
+        );
+        let got = run_f64(&compile(&comp), &a);
+        for k in 0..want.len() {
+            let r = max_rel(&got[k], &want[k]);
+            assert!(r < 1e-12, "unroll {u}: output {k} differs from scan by {r}");
+        }
+        let live =
+            assert_grads_match_finite_differences(&format!("unroll {u}"), &compile(&comp), &a);
+        assert!(
+            live > 5,
+            "unroll {u}: only {live} finite differences are non-zero"
+        );
+    }
+    // An unroll that does not divide the trip count is refused, naming both.
+    let b = Builder::new("scan_bad");
+    let p = params(&b, n);
+    let e = b
+        .scan_unrolled(p[0], &p[1..], step_fn(), 4)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("scan: unroll 4 must be >= 1 and divide the trip count 6"),
+        "{e}"
+    );
+}

@@ -188,6 +188,20 @@ pub struct ModelConfig {
     /// Needs `layers` to be a multiple of the period. Written out only when on.
     #[serde(default, skip_serializing_if = "is_false")]
     pub scan_layers: bool,
+    /// With `scan_layers`: periods per trip of the layer loop (JAX's `lax.scan(unroll=)`);
+    /// must divide the number of periods. 1 (the default) is the plain scan. `rattn compile`
+    /// compiles a second program with 2 to estimate the cost of a scanned step (XLA's cost
+    /// analysis counts a loop body once). Written out only when not 1.
+    #[serde(default = "default_one", skip_serializing_if = "is_one")]
+    pub scan_unroll: usize,
+}
+
+fn default_one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 fn default_ffn() -> FfnActivation {

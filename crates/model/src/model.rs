@@ -167,7 +167,23 @@ impl Model {
     pub fn new(cfg: ModelConfig) -> Result<Model, ConfigError> {
         cfg.validate()?;
         let kinds = cfg.layer_kinds()?;
-        Ok(Model::resolved(cfg, &kinds))
+        let m = Model::resolved(cfg, &kinds);
+        let u = m.cfg.scan_unroll;
+        if let Some(period) = m.scan_period() {
+            let periods = m.layers.len() / period;
+            if u == 0 || !periods.is_multiple_of(u) {
+                return Err(ConfigError::Invalid(format!(
+                    "scan_unroll ({u}) must divide the {periods} periods of {period} layers that \
+                     scan_layers loops over ({} layers)",
+                    m.layers.len()
+                )));
+            }
+        } else if u != 1 {
+            return Err(ConfigError::Invalid(format!(
+                "scan_unroll ({u}) needs scan_layers = true"
+            )));
+        }
+        Ok(m)
     }
 
     fn resolved(cfg: ModelConfig, kinds: &[LayerKind]) -> Model {
@@ -219,6 +235,7 @@ impl Model {
     fn with_scan(&self, on: bool) -> Model {
         let cfg = ModelConfig {
             scan_layers: on,
+            scan_unroll: if on { self.cfg.scan_unroll } else { 1 },
             ..self.cfg.clone()
         };
         Model {

@@ -441,7 +441,7 @@ impl Model {
             });
         let x = {
             let _s = b.name_scope("scan_layers");
-            b.scan(x, &xs, body)?
+            b.scan_unrolled(x, &xs, body, self.config().scan_unroll)?
         };
         let logits = self.head(b, p, x)?;
         self.constrain(b, logits, "logits", &[Batch, Length, Vocab])

@@ -234,3 +234,25 @@ fn scanned_models_decode_the_same_tokens() {
         assert!(r <= 1e-5, "{name}: decode logits differ by {r:e}");
     }
 }
+
+/// `model.scan_unroll` must divide the periods the scan loops over, and needs `scan_layers`.
+#[test]
+fn scan_unroll_must_divide_the_periods() {
+    let (_, mut t31) = configs().pop().unwrap();
+    t31.scan_layers = true;
+    t31.scan_unroll = 2;
+    assert!(Model::new(t31.clone()).is_ok());
+    t31.scan_unroll = 3;
+    let e = Model::new(t31.clone()).unwrap_err().to_string();
+    assert!(
+        e.contains("scan_unroll (3) must divide the 2 periods of 4 layers"),
+        "{e}"
+    );
+    t31.scan_layers = false;
+    t31.scan_unroll = 2;
+    let e = Model::new(t31).unwrap_err().to_string();
+    assert!(
+        e.contains("scan_unroll (2) needs scan_layers = true"),
+        "{e}"
+    );
+}

@@ -10,7 +10,9 @@
 //! The train step is traced for the target's platform, so RLA `auto` lowers to pure HLO (and
 //! `custom_call` is refused): the typed-FFI custom calls exist only in our CPU plugin process.
 
-use std::path::PathBuf;
+mod scan_estimate;
+
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -18,11 +20,13 @@ use model::config::Lowering;
 use pjrt::install::PluginKind;
 use pjrt::topology::{Topology, TopologyKind};
 use pjrt::ErrorCode;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::config::RunConfig;
 use crate::inspect::{units, Compiler, Dump, Format, MemoryReport, Module};
 use crate::supervise::{self, ChildError};
+pub use scan_estimate::ScanEstimate;
 
 /// Arguments of `rattn compile`.
 #[derive(clap::Args, Clone, Debug)]
@@ -55,6 +59,16 @@ pub struct CompileArgs {
     /// Print the report as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// With `model.scan_layers`: skip the second, cost-only compile (the same step with twice
+    /// the periods per trip of the layer loop) that estimates the step's FLOPs, bytes, optimal
+    /// seconds and tokens/s (XLA's cost analysis counts the loop's body once).
+    #[arg(long)]
+    pub no_scan_estimate: bool,
+    /// Take the train step's compile (memory, verdict, cost) from this earlier `--json` report
+    /// of the same target, config, batch and mesh instead of compiling it again: the program is
+    /// traced and must have the same HLO size. Only the scan estimate's compile runs.
+    #[arg(long, value_name = "FILE")]
+    pub base_report: Option<PathBuf>,
     /// Internal: do the plugin work in this process (the parent runs us as a child).
     #[arg(long, hide = true)]
     pub in_process: bool,
@@ -124,7 +138,7 @@ impl Target {
 }
 
 /// XLA's cost analysis of one program (TPU only).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CostReport {
     /// Floating-point operations.
     pub flops: Option<f64>,
@@ -144,13 +158,13 @@ pub struct CostReport {
     pub properties: std::collections::BTreeMap<String, f64>,
     /// Why the figures above are not the step's, where they are not: XLA's cost analysis
     /// counts a `while` body once, so with `model.scan_layers` the layer loop counts as one
-    /// period (no tokens/s is derived then).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// trip (no tokens/s is derived then; see [`ProgramReport::scan_estimate`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
 
 /// What one compiled program looked like.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProgramReport {
     /// `train_step` or `decode_step`.
     pub name: String,
@@ -172,10 +186,14 @@ pub struct ProgramReport {
     pub optimized_hlo: Option<PathBuf>,
     /// The Mosaic kernels (`tpu_custom_call`, the `mosaic` RLA lowering) in the program.
     pub mosaic_kernels: Option<KernelVmemReport>,
+    /// A scanned train step's cost over all periods of the layer loop, from a second compile
+    /// ([`ScanEstimate`]); memory stays this program's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan_estimate: Option<ScanEstimate>,
 }
 
 /// VMEM of the Mosaic kernels of a compiled TPU program, as libtpu reports it per kernel.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KernelVmemReport {
     /// Number of `tpu_custom_call`s.
     pub calls: usize,
@@ -378,6 +396,8 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         None => None,
     };
 
+    // What a --base-report is checked against (the closure below holds `report`).
+    let header = report.clone();
     let mut add = |p: ProgramReport| {
         if !args.json {
             print_program(&p, report.device_memory_bytes);
@@ -403,27 +423,72 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     } else {
         pjrt::CompileOptions::default()
     };
-    let mut train_report = compile_program(
-        &topo,
-        target,
-        &train,
-        tokens,
-        mesh.device_count(),
-        &options,
-        dump.as_ref(),
-    )?;
-    if let (Some(c), true) = (&mut train_report.cost, cfg.model.scan_layers) {
-        c.note = Some(
-            "model.scan_layers: XLA's cost analysis counts the layer loop's body once, so \
-             FLOPs and optimal seconds cover one period plus the rest, not the step; no tokens/s \
-             (compile with model.scan_layers = false for the estimate)"
-                .into(),
-        );
+    let mut train_report = match &args.base_report {
+        Some(path) => base_report(path, &header, &train)?,
+        None => compile_program(
+            &topo,
+            target,
+            &train,
+            tokens,
+            mesh.device_count(),
+            &options,
+            dump.as_ref(),
+        )?,
+    };
+    drop(train);
+    // A scanned step: the cost analysis counts one trip of the layer loop; a second compile
+    // with more periods per trip separates the loop's cost from the rest.
+    let periods = model
+        .scan_period()
+        .map_or(0, |p| cfg.model.layers / p.max(1));
+    let u0 = cfg.model.scan_unroll;
+    let second = scan_estimate::second_unroll(periods, u0);
+    let trips = periods / u0.max(1);
+    if let (Some(c), true) = (&mut train_report.cost, trips > 1) {
+        c.note = Some(format!(
+            "model.scan_layers: XLA's cost analysis counts the layer loop's body once, so FLOPs \
+             and optimal seconds here cover {u0} of the {periods} periods plus the rest, not the \
+             step; no tokens/s from them ({})",
+            match second {
+                _ if args.no_scan_estimate => "--no-scan-estimate: no estimate".to_string(),
+                Some(u1) =>
+                    format!("scan_estimate: from a second compile with {u1} periods per trip"),
+                None => format!(
+                    "no estimate: {trips} trips is prime, so no second program with more periods \
+                     per trip and at least 2 trips exists; set model.scan_unroll or compile with \
+                     model.scan_layers = false"
+                ),
+            }
+        ));
         c.tokens_per_second = None;
         c.tokens_per_second_per_chip = None;
+        if let (false, Some(u1)) = (args.no_scan_estimate, second) {
+            let mut cfg2 = cfg.clone();
+            cfg2.model.scan_unroll = u1;
+            let module = Module::trace(0, "train_step", || {
+                crate::step::build_train_step(&cfg2, target.pjrt_platform(), &mesh)
+                    .context("tracing the train step with model.scan_unroll for the estimate")
+            })?;
+            let r2 = compile_program(
+                &topo,
+                target,
+                &module,
+                tokens,
+                mesh.device_count(),
+                &options,
+                None,
+            )?;
+            train_report.scan_estimate = Some(ScanEstimate::new(
+                periods,
+                (u0, u1),
+                &train_report,
+                &r2,
+                tokens,
+                mesh.device_count(),
+            ));
+        }
     }
     add(train_report);
-    drop(train);
     if args.decode {
         // One new token per sequence against caches sized for `seq_len` tokens.
         let decode = Module::trace(1, "decode_step", || {
@@ -452,6 +517,47 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     Ok(())
 }
 
+/// The train step's report from an earlier `rattn compile --json` output at `path`, checked
+/// against this run: the same target, batch, sequence length and mesh, and a traced program of
+/// the same size in bytes (`hlo_bytes`), so that the program compiled then is this one.
+fn base_report(path: &Path, now: &Report, train: &Module) -> Result<ProgramReport> {
+    let what = || format!("--base-report {}", path.display());
+    let text = std::fs::read_to_string(path).with_context(what)?;
+    let v: Value = serde_json::from_str(&text).with_context(what)?;
+    let want = [
+        ("target", Value::from(now.target.clone())),
+        ("batch", Value::from(now.batch)),
+        ("seq_len", Value::from(now.seq_len)),
+        ("mesh", Value::from(now.mesh.clone())),
+        ("param_count", Value::from(now.param_count)),
+    ];
+    for (key, value) in want {
+        if v[key] != value {
+            bail!(
+                "{}: {key} is {} there but {value} here; compile without --base-report",
+                what(),
+                v[key]
+            );
+        }
+    }
+    let p: ProgramReport = serde_json::from_value(v["programs"][0].clone())
+        .with_context(|| format!("{}: reading programs[0]", what()))?;
+    let bytes = train.comp.to_bytes().len();
+    if p.name != "train_step" || p.hlo_bytes != bytes {
+        bail!(
+            "{}: its {} had {} bytes of HLO, the train step traced now has {bytes}: not the same \
+             program; compile without --base-report",
+            what(),
+            p.name,
+            p.hlo_bytes
+        );
+    }
+    Ok(ProgramReport {
+        trace_seconds: train.trace_seconds,
+        ..p
+    })
+}
+
 /// Compiles `module` for the topology and reports its memory, whether it fits, the TPU cost
 /// analysis of `tokens` tokens per step, and the optimized HLO written to `dump`.
 fn compile_program(
@@ -476,6 +582,7 @@ fn compile_program(
         cost: None,
         optimized_hlo: None,
         mosaic_kernels: None,
+        scan_estimate: None,
     };
     let compiled = match compilation.result {
         Ok(compiled) => compiled,
@@ -620,6 +727,26 @@ fn print_program(p: &ProgramReport, limit: i64) {
         );
         if let Some(n) = &c.note {
             println!("  note: {n}");
+        }
+    }
+    if let Some(e) = &p.scan_estimate {
+        match &e.cost {
+            Some(c) => println!(
+                "  scan estimate (all {} periods): {} FLOPs, {} bytes accessed, optimal {}, {} \
+                 (second compile with {} periods per trip: {:.1} s)",
+                e.periods,
+                units::scientific(c.flops),
+                units::scientific(c.bytes_accessed),
+                c.optimal_seconds
+                    .map_or("time: no estimate".into(), |s| format!("{s:.4} s")),
+                match (e.tokens_per_second, e.tokens_per_second_per_chip) {
+                    (Some(t), Some(pc)) => format!("{t:.0} tokens/s ({pc:.0} per chip)"),
+                    _ => "no tokens/s estimate".into(),
+                },
+                e.second_unroll,
+                e.second_compile_seconds
+            ),
+            None => println!("  scan estimate: none ({})", e.method),
         }
     }
     if let Some(k) = &p.mosaic_kernels {

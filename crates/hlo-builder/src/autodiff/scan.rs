@@ -35,6 +35,8 @@ pub type ScanFn = Arc<dyn Fn(&Builder, Op, &[Op]) -> Result<Op> + Send + Sync>;
 struct ScanVjp {
     body: ScanFn,
     n: i64,
+    /// Iterations per trip of the loop (see [`Builder::scan_unrolled`]).
+    unroll: i64,
     carry: Shape,
     xs: Vec<Shape>,
     /// `saved [n, ...carry]`: the carry entering each iteration (an op of the caller's builder).
@@ -108,32 +110,54 @@ impl VjpRule for ScanVjp {
         let init = b.tuple(&init)?;
         let state = b.shape(init)?;
         let k0 = 3 + xs.len();
+        let (u, trips) = (self.unroll, n / self.unroll);
         let body = {
             let sb = b.sub_builder("scan_bwd_body");
             let s = sb.parameter(state.clone(), "state")?;
             let e = (0..k0 + float.len())
                 .map(|i| sb.get_tuple_element(s, i))
                 .collect::<Result<Vec<_>>>()?;
-            let (k, ct_c, saved) = (e[0], e[1], e[2]);
-            // Iterations in reverse: i = n - 1 - k.
-            let i = sb.sub(sb.scalar((n - 1) as i32)?, k)?;
-            let c_i = row(&sb, saved, &saved_shape, i)?;
-            let xs_i = (0..xs.len())
-                .map(|j| row(&sb, e[3 + j], &self.xs[j], i))
-                .collect::<Result<Vec<_>>>()?;
-            let out = (self.body)(&sb, c_i, &xs_i)?;
-            let mut wrt = vec![c_i];
-            wrt.extend(float.iter().map(|&j| xs_i[j]));
-            let g = sb.vjp(&[out], &[ct_c], &wrt)?;
-            let mut next = vec![sb.add(k, sb.scalar(1i32)?)?, g[0], saved];
+            let (k, mut ct_c, saved) = (e[0], e[1], e[2]);
+            let mut dxs = e[k0..].to_vec();
+            // Trips in reverse: trip t = trips - 1 - k holds iterations t·u .. t·u + u - 1,
+            // differentiated last to first.
+            let t = sb.sub(sb.scalar((trips - 1) as i32)?, k)?;
+            let mut last = None;
+            for m in (0..u).rev() {
+                let i = if u == 1 {
+                    t
+                } else {
+                    sb.add(sb.mul(t, sb.scalar(u as i32)?)?, sb.scalar(m as i32)?)?
+                };
+                let c_i = row(&sb, saved, &saved_shape, i)?;
+                let xs_i = (0..xs.len())
+                    .map(|j| row(&sb, e[3 + j], &self.xs[j], i))
+                    .collect::<Result<Vec<_>>>()?;
+                let out = (self.body)(&sb, c_i, &xs_i)?;
+                let mut wrt = vec![c_i];
+                wrt.extend(float.iter().map(|&j| xs_i[j]));
+                let g = sb.vjp(&[out], &[ct_c], &wrt)?;
+                ct_c = g[0];
+                if m == 0 {
+                    // The last iteration's rows are written after the counter (the order of
+                    // the graph without unrolling).
+                    last = Some((g, i));
+                } else {
+                    for (q, &j) in float.iter().enumerate() {
+                        dxs[q] = put_row(&sb, dxs[q], g[1 + q], &self.xs[j], i)?;
+                    }
+                }
+            }
+            let (g, i) = last.expect("unroll >= 1");
+            let mut next = vec![sb.add(k, sb.scalar(1i32)?)?, ct_c, saved];
             next.extend_from_slice(&e[3..k0]);
-            for (m, &j) in float.iter().enumerate() {
-                next.push(put_row(&sb, e[k0 + m], g[1 + m], &self.xs[j], i)?);
+            for (q, &j) in float.iter().enumerate() {
+                next.push(put_row(&sb, dxs[q], g[1 + q], &self.xs[j], i)?);
             }
             let root = sb.tuple(&next)?;
             sb.build(root)?
         };
-        let cond = counter_below(b, "scan_bwd_cond", &state, n)?;
+        let cond = counter_below(b, "scan_bwd_cond", &state, trips)?;
         let w = b.while_loop(&cond, &body, init)?;
         let mut grads = vec![Some(b.get_tuple_element(w, 1)?)];
         let mut m = 0;
@@ -174,8 +198,33 @@ impl Builder {
     /// ```
     #[track_caller]
     pub fn scan(&self, carry: Op, xs: &[Op], body: ScanFn) -> Result<Op> {
+        self.scan_impl(Location::caller(), carry, xs, body, 1)
+    }
+
+    /// [`Builder::scan`] whose loop runs `unroll` iterations per trip (JAX's
+    /// `lax.scan(unroll=)`): the `while` body holds `unroll` copies of `body`, on rows
+    /// `t·unroll .. t·unroll + unroll − 1`, and the loop makes `n / unroll` trips; the backward
+    /// loop likewise. The result and the gradients are those of [`Builder::scan`]; `unroll = 1`
+    /// builds exactly its graph. `unroll` must divide the trip count `n`.
+    ///
+    /// XLA's cost analysis counts a `while` body once, so the costs of `unroll = 1` and
+    /// `unroll = u` differ by `u − 1` iterations' worth of both loops' bodies: this is how
+    /// `rattn compile` estimates the cost of a scanned program.
+    #[track_caller]
+    pub fn scan_unrolled(&self, carry: Op, xs: &[Op], body: ScanFn, unroll: usize) -> Result<Op> {
+        self.scan_impl(Location::caller(), carry, xs, body, unroll)
+    }
+
+    #[track_caller]
+    fn scan_impl(
+        &self,
+        loc: &'static Location<'static>,
+        carry: Op,
+        xs: &[Op],
+        body: ScanFn,
+        unroll: usize,
+    ) -> Result<Op> {
         const OP: &str = "scan";
-        let loc = Location::caller();
         let carry_shape = self.shape_of(loc, OP, carry)?;
         let xs_shapes = self.shapes_of(loc, OP, xs)?;
         if carry_shape.tuple_elements().is_some() {
@@ -208,6 +257,14 @@ impl Builder {
                 ));
             }
         }
+        let u = unroll as i64;
+        if u < 1 || n % u != 0 {
+            return Err(self.error_at(
+                loc,
+                OP,
+                format!("unroll {unroll} must be >= 1 and divide the trip count {n}"),
+            ));
+        }
         let saved_shape = stacked(&carry_shape, n);
         let ty = carry_shape.ty().unwrap_or(ElementType::F32);
         // State: (i, carry, saved, xs...).
@@ -225,33 +282,50 @@ impl Builder {
             let e = (0..3 + xs.len())
                 .map(|i| sb.get_tuple_element(s, i))
                 .collect::<Result<Vec<_>>>()?;
-            let (i, c, saved) = (e[0], e[1], e[2]);
-            let xs_i = (0..xs.len())
-                .map(|j| row(&sb, e[3 + j], &xs_shapes[j], i))
-                .collect::<Result<Vec<_>>>()?;
-            let out = body(&sb, c, &xs_i)?;
-            let got = sb.shape(out)?;
-            if got != carry_shape {
-                return Err(self.error_at(
-                    loc,
-                    OP,
-                    format!(
-                        "the body returns {} but the carry is {}",
-                        got.short(),
-                        carry_shape.short()
-                    ),
-                ));
+            let (t, mut c, mut saved) = (e[0], e[1], e[2]);
+            let mut last = None;
+            for m in 0..u {
+                // Iteration i = t·u + m of trip t.
+                let i = if u == 1 {
+                    t
+                } else {
+                    sb.add(sb.mul(t, sb.scalar(u as i32)?)?, sb.scalar(m as i32)?)?
+                };
+                let xs_i = (0..xs.len())
+                    .map(|j| row(&sb, e[3 + j], &xs_shapes[j], i))
+                    .collect::<Result<Vec<_>>>()?;
+                let out = body(&sb, c, &xs_i)?;
+                let got = sb.shape(out)?;
+                if got != carry_shape {
+                    return Err(self.error_at(
+                        loc,
+                        OP,
+                        format!(
+                            "the body returns {} but the carry is {}",
+                            got.short(),
+                            carry_shape.short()
+                        ),
+                    ));
+                }
+                if m + 1 < u {
+                    saved = put_row(&sb, saved, c, &saved_shape, i)?;
+                } else {
+                    // The last carry is recorded after the counter (the graph without unrolling).
+                    last = Some((c, i));
+                }
+                c = out;
             }
+            let (c_last, i_last) = last.expect("unroll >= 1");
             let mut next = vec![
-                sb.add(i, sb.scalar(1i32)?)?,
-                out,
-                put_row(&sb, saved, c, &saved_shape, i)?,
+                sb.add(t, sb.scalar(1i32)?)?,
+                c,
+                put_row(&sb, saved, c_last, &saved_shape, i_last)?,
             ];
             next.extend_from_slice(&e[3..]);
             let root = sb.tuple(&next)?;
             sb.build(root)?
         };
-        let cond = counter_below(self, "scan_cond", &state, n)?;
+        let cond = counter_below(self, "scan_cond", &state, n / u)?;
         let w = self.while_loop(&cond, &fwd, init)?;
         let saved = self.get_tuple_element(w, 2)?;
         let out = self.get_tuple_element(w, 1)?;
@@ -263,6 +337,7 @@ impl Builder {
             Arc::new(ScanVjp {
                 body,
                 n,
+                unroll: u,
                 carry: carry_shape,
                 xs: xs_shapes,
                 saved,

@@ -2,10 +2,10 @@
 //! numbers both `rattn dump` and `rattn compile` print and write as JSON.
 
 use pjrt::CompiledMemoryStats;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Memory of one compiled program on one device, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryReport {
     /// Arguments (for the train step: parameters, Adam moments, step, tokens).
     pub argument_bytes: i64,
