@@ -33,8 +33,13 @@ pub fn compare(path: &Path, stored: &str, expect: &str) -> Result<ConfigMatch> {
     }
     let parse = |t: &str| toml::from_str::<ModelConfig>(t).ok();
     if let (Some(a), Some(b)) = (parse(stored), parse(expect)) {
-        if a.scan_layers != b.scan_layers && same_but_layout(&a, &b) {
-            return Ok(ConfigMatch::OtherLayout { target: b });
+        if same_but_layout(&a, &b) {
+            // `scan_unroll` alone changes the traced loop, not the parameters.
+            return Ok(if a.scan_layers == b.scan_layers {
+                ConfigMatch::Same
+            } else {
+                ConfigMatch::OtherLayout { target: b }
+            });
         }
     }
     bail!(
@@ -44,10 +49,12 @@ pub fn compare(path: &Path, stored: &str, expect: &str) -> Result<ConfigMatch> {
     )
 }
 
-/// Whether `a` and `b` are the same model but perhaps for `scan_layers`.
+/// Whether `a` and `b` are the same model but perhaps for `scan_layers` and `scan_unroll`
+/// (how many periods one trip of the layer loop runs; the parameters do not depend on it).
 fn same_but_layout(a: &ModelConfig, b: &ModelConfig) -> bool {
     ModelConfig {
         scan_layers: b.scan_layers,
+        scan_unroll: b.scan_unroll,
         ..a.clone()
     } == *b
 }

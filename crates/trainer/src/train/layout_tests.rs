@@ -176,3 +176,34 @@ fn resume_in_the_other_layout_continues_the_run() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `model.scan_unroll` changes only the traced loop: a checkpoint written with another unroll is
+/// the same model (no conversion), in either layout; anything else is still refused.
+#[test]
+fn scan_unroll_alone_is_the_same_model() {
+    let model_toml = |extra: &[&str]| {
+        let cfg = tiny(1, extra);
+        toml::to_string(&cfg.model).unwrap()
+    };
+    let path = Path::new("ckpt");
+    let scanned = model_toml(&["model.scan_layers=true"]);
+    let unrolled2 = model_toml(&["model.scan_layers=true", "model.scan_unroll=2"]);
+    assert_ne!(
+        scanned, unrolled2,
+        "scan_unroll must appear in the [model] table"
+    );
+    assert_eq!(
+        layout::compare(path, &unrolled2, &scanned).unwrap(),
+        layout::ConfigMatch::Same
+    );
+    assert!(matches!(
+        layout::compare(path, &unrolled2, &model_toml(&[])).unwrap(),
+        layout::ConfigMatch::OtherLayout { .. }
+    ));
+    let other = model_toml(&["model.scan_layers=true", "model.d_model=32"]);
+    let err = layout::compare(path, &other, &scanned).unwrap_err();
+    assert!(
+        err.to_string().contains("another model configuration"),
+        "{err}"
+    );
+}
