@@ -30,7 +30,12 @@ const TINY: &[&str] = &[
 ];
 
 fn compile(mesh: &[&str]) -> Value {
-    let args: Vec<&str> = TINY.iter().chain(mesh).copied().collect();
+    compile_with(TINY, mesh)
+}
+
+/// `rattn` with `base` then `extra` (a `compile … --json` command line): its JSON report.
+fn compile_with(base: &[&str], extra: &[&str]) -> Value {
+    let args: Vec<&str> = base.iter().chain(extra).copied().collect();
     let out = rattn(&args);
     assert!(
         out.status.success(),
@@ -140,16 +145,7 @@ fn a_scanned_step_gets_a_cost_estimate_linear_in_the_periods_per_trip() {
         "2",
         "--json",
     ];
-    let run = |extra: &[&str]| -> Value {
-        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-        let out = rattn(&args);
-        assert!(
-            out.status.success(),
-            "rattn {args:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()["programs"][0].clone()
-    };
+    let run = |extra: &[&str]| compile_with(&base, extra)["programs"][0].clone();
     let scanned = run(&["--set", "model.scan_layers=true"]);
     let est = &scanned["scan_estimate"];
     assert_eq!(est["periods"], 8, "{est}");
