@@ -362,62 +362,6 @@ mod tests {
         assert_eq!(text.matches(" opt-barrier(").count(), 1, "{text}");
     }
 
-    /// `f(x [2,4,3], w1 [3,5], w2 [5,2])`: two projections (dots without batch dims) around two
-    /// batched dots (attention-like scores and context), with elementwise ops between them.
-    fn block(b: &Builder, i: &[Op]) -> Result<Op> {
-        let batched = |lc: i64, rc: i64| DotDims {
-            lhs_batch: vec![0],
-            rhs_batch: vec![0],
-            lhs_contracting: vec![lc],
-            rhs_contracting: vec![rc],
-        };
-        let proj = DotDims {
-            lhs_contracting: vec![2],
-            rhs_contracting: vec![0],
-            ..Default::default()
-        };
-        let h = b.tanh(b.dot_general(i[0], i[1], &proj, None, None)?)?;
-        let s = b.dot_general(h, h, &batched(2, 2), None, None)?;
-        let z = b.dot_general(b.sin(s)?, h, &batched(2, 1), None, None)?;
-        b.dot_general(z, i[2], &proj, None, None)
-    }
-
-    /// The gradient graph's text under `policy` (`None`: no checkpoint at all).
-    fn grad_text(policy: Option<SavePolicy>) -> String {
-        let b = Builder::new("remat");
-        let p = |d: &[i64], n: &str| b.parameter(Shape::array(ElementType::F32, d), n).unwrap();
-        let ins = [p(&[2, 4, 3], "x"), p(&[3, 5], "w1"), p(&[5, 2], "w2")];
-        let y = match policy {
-            None => block(&b, &ins).unwrap(),
-            Some(pol) => b
-                .checkpoint_with_policy(&ins, Arc::new(block), pol)
-                .unwrap(),
-        };
-        let l = b.reduce_sum(b.mul(y, y).unwrap(), &[0, 1, 2]).unwrap();
-        let mut outs = vec![l];
-        outs.extend(b.grad(l, &ins).unwrap());
-        b.build(b.tuple(&outs).unwrap()).unwrap().to_text()
-    }
-
-    #[test]
-    fn saved_dots_are_not_computed_again() {
-        // (dots, tanh, sine, barriers): 4 forward dots and 2 transposes each; the policies
-        // recompute the dots they do not save and every elementwise op once.
-        let count = |t: &str| {
-            [" dot(", " tanh(", " sine(", " opt-barrier("].map(|op| t.matches(op).count())
-        };
-        assert_eq!(count(&grad_text(None)), [12, 1, 1, 0]);
-        assert_eq!(count(&grad_text(Some(SavePolicy::Nothing))), [16, 2, 2, 1]);
-        assert_eq!(count(&grad_text(Some(SavePolicy::Dots))), [12, 2, 2, 1]);
-        // The two batched dots are recomputed; the two projections are not.
-        let t = grad_text(Some(SavePolicy::DotsWithNoBatchDims));
-        assert_eq!(count(&t), [14, 2, 2, 1]);
-        // The barrier fences the 3 inputs, the 2 saved dots and the cotangent (6 arrays, printed
-        // twice: result and operand).
-        let barrier = t.lines().find(|l| l.contains(" opt-barrier(")).unwrap();
-        assert_eq!(barrier.matches("f32[").count(), 2 * 6, "{barrier}");
-    }
-
     #[test]
     fn dots_in_manual_regions_are_recomputed() {
         let b = Builder::new("manual");
