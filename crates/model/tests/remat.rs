@@ -4,8 +4,7 @@
 
 mod common;
 
-use common::{client, compile, load_model, rand};
-use hlo_builder::{Builder, ElementType, Shape};
+use common::{compile, load_model, loss_grad_graph, rand, run_on_params};
 use model::{Model, Remat};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -44,34 +43,18 @@ fn worst_rel(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
 }
 
 /// (loss, gradients, temp bytes of the compiled program) of tiny at B = 2, T = 64.
-fn loss_and_grads(remat: Remat, tokens: &[i32]) -> (Vec<f32>, Vec<Vec<f32>>, i64) {
+fn loss_and_grads(remat: Remat, tokens: &[i32]) -> Run {
     let mut cfg = load_model("tiny");
     cfg.seq_len = 64;
     let m = Model::new(cfg).unwrap().with_remat(remat);
-    let b = Builder::new("loss");
-    let (params, named) = m.declare_params(&b).unwrap();
-    let t = b
-        .parameter(Shape::array(ElementType::S32, &[2, 65]), "tokens")
-        .unwrap();
-    let l = m.loss(&b, &named, t, "cpu").unwrap();
-    let g = b.grad(l, &params).unwrap();
-    let mut outs = vec![l];
-    outs.extend(g);
-    let exe = compile(&b.build(b.tuple(&outs).unwrap()).unwrap());
-    let mut bufs = Vec::new();
-    for (i, s) in m.param_specs().iter().enumerate() {
-        let dims: Vec<i64> = s.shape.iter().map(|&d| d as i64).collect();
-        let data = rand(s.numel(), 100 + i as u64, 0.1);
-        bufs.push(client().buffer_from_host(&data, &dims, None).unwrap());
-    }
-    bufs.push(client().buffer_from_host(tokens, &[2, 65], None).unwrap());
-    let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
-    let res: Vec<Vec<f32>> = exe
-        .execute(&refs)
-        .unwrap()
+    let exe = compile(&loss_grad_graph(&m, 2, 64));
+    let values: Vec<Vec<f32>> = m
+        .param_specs()
         .iter()
-        .map(|o| o.to_host::<f32>().unwrap())
+        .enumerate()
+        .map(|(i, s)| rand(s.numel(), 100 + i as u64, 0.1))
         .collect();
+    let res = run_on_params(&exe, &m, &values, tokens, 2);
     let temp = exe.memory_stats().unwrap().temp_size_in_bytes;
     (res[0].clone(), res[1..].to_vec(), temp)
 }
@@ -84,15 +67,7 @@ fn layer_input_remat_gives_the_same_gradients_with_less_memory() {
         (l0[0] - l1[0]).abs() <= 1e-6 * l0[0].abs(),
         "{l0:?} vs {l1:?}"
     );
-    let mut worst = 0.0f64;
-    for (a, b) in g1.iter().zip(g0) {
-        let scale = b.iter().fold(0.0f64, |m, &x| m.max(x.abs() as f64));
-        let d = a
-            .iter()
-            .zip(b)
-            .fold(0.0f64, |m, (&x, &y)| m.max((x - y).abs() as f64));
-        worst = worst.max(d / scale.max(1e-30));
-    }
+    let worst = worst_rel(g1, g0);
     eprintln!("remat layer_inputs: gradients within {worst:.1e}; temp {temp1} B vs {temp0} B");
     assert!(worst <= 1e-5, "gradients differ by {worst:e}");
     assert!(

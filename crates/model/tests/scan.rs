@@ -5,8 +5,10 @@
 
 mod common;
 
-use common::{client, compile, load_model, max_rel, rand};
-use hlo_builder::{Builder, ElementType, Shape};
+use common::{
+    argmax, client, compile, load_model, loss_grad_graph, max_rel, rand, run_on_params,
+    upload_params,
+};
 use model::config::ModelConfig;
 use model::{LogicalAxis, Model};
 
@@ -36,29 +38,9 @@ fn unrolled_values(m: &Model) -> Vec<Vec<f32>> {
         .collect()
 }
 
-fn upload(m: &Model, values: &[Vec<f32>]) -> Vec<pjrt::Buffer> {
-    m.param_specs()
-        .iter()
-        .zip(values)
-        .map(|(s, v)| {
-            let dims: Vec<i64> = s.shape.iter().map(|&d| d as i64).collect();
-            client().buffer_from_host(v, &dims, None).unwrap()
-        })
-        .collect()
-}
-
 /// (loss, gradients in the model's parameter order) at B = 2, T = 64.
 fn loss_and_grads(m: &Model, values: &[Vec<f32>], tokens: &[i32]) -> (f32, Vec<Vec<f32>>) {
-    let b = Builder::new("loss");
-    let (params, named) = m.declare_params(&b).unwrap();
-    let t = b
-        .parameter(Shape::array(ElementType::S32, &[2, 65]), "tokens")
-        .unwrap();
-    let l = m.loss(&b, &named, t, "cpu").unwrap();
-    let g = b.grad(l, &params).unwrap();
-    let mut outs = vec![l];
-    outs.extend(g);
-    let comp = b.build(b.tuple(&outs).unwrap()).unwrap();
+    let comp = loss_grad_graph(m, 2, 64);
     let whiles = comp.to_text().matches(" while(").count();
     if m.scan_period().is_some() {
         assert!(
@@ -66,16 +48,7 @@ fn loss_and_grads(m: &Model, values: &[Vec<f32>], tokens: &[i32]) -> (f32, Vec<V
             "a scanned loss+grad has a forward and a backward while"
         );
     }
-    let exe = compile(&comp);
-    let mut bufs = upload(m, values);
-    bufs.push(client().buffer_from_host(tokens, &[2, 65], None).unwrap());
-    let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
-    let res: Vec<Vec<f32>> = exe
-        .execute(&refs)
-        .unwrap()
-        .iter()
-        .map(|o| o.to_host::<f32>().unwrap())
-        .collect();
+    let res = run_on_params(&compile(&comp), m, values, tokens, 2);
     (res[0][0], res[1..].to_vec())
 }
 
@@ -168,20 +141,10 @@ fn scanned_loss_and_gradients_equal_the_unrolled_ones() {
     }
 }
 
-fn argmax(xs: &[f32]) -> i32 {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
-        }
-    }
-    best as i32
-}
-
 /// Greedy decoding of `steps` tokens after `prompt` (prefill, then one decode step at a
 /// time): the tokens and every step's logits.
 fn greedy(m: &Model, values: &[Vec<f32>], prompt: &[i32], steps: usize) -> (Vec<i32>, Vec<f32>) {
-    let p = upload(m, values);
+    let p = upload_params(m, values);
     let (l, v) = (prompt.len(), m.config().vocab);
     let max_len = l + steps + 1;
     let exe = compile(&m.prefill(1, l, max_len, "cpu").unwrap());

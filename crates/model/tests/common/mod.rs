@@ -104,7 +104,8 @@ pub fn tiny_3to1() -> ModelConfig {
 /// from uniform and the logits far from flat); norm scales kept, or with `scale_noise` perturbed
 /// by values in `[-scale_noise, scale_noise)` around them (so every scale is seen).
 pub fn decode_params(m: &Model, seed: u64, scale_noise: Option<f32>) -> Vec<pjrt::Buffer> {
-    m.param_specs()
+    let values: Vec<Vec<f32>> = m
+        .param_specs()
         .iter()
         .enumerate()
         .map(|(i, s)| {
@@ -115,10 +116,10 @@ pub fn decode_params(m: &Model, seed: u64, scale_noise: Option<f32>) -> Vec<pjrt
                 let r = rand(v.len(), 1000 + i as u64, noise);
                 v.iter_mut().zip(r).for_each(|(x, r)| *x += r);
             }
-            let dims: Vec<i64> = s.shape.iter().map(|&d| d as i64).collect();
-            client().buffer_from_host(&v, &dims, None).unwrap()
+            v
         })
-        .collect()
+        .collect();
+    upload_params(m, &values)
 }
 
 /// An s32 buffer on [`client`].
@@ -133,6 +134,50 @@ pub fn tokens_param(b: &Builder, bs: usize, t: usize) -> hlo_builder::Op {
         "tokens",
     )
     .unwrap()
+}
+
+/// `values` (one per parameter of `m`, in its order) as buffers on [`client`].
+pub fn upload_params(m: &Model, values: &[Vec<f32>]) -> Vec<pjrt::Buffer> {
+    m.param_specs()
+        .iter()
+        .zip(values)
+        .map(|(s, v)| {
+            let dims: Vec<i64> = s.shape.iter().map(|&d| d as i64).collect();
+            client().buffer_from_host(v, &dims, None).unwrap()
+        })
+        .collect()
+}
+
+/// The graph of `m`'s loss and its gradient in every parameter: its parameters, then
+/// `tokens [bs, t + 1]`, to `(loss, gradients in the parameter order...)`.
+pub fn loss_grad_graph(m: &Model, bs: usize, t: usize) -> hlo_builder::Computation {
+    let b = Builder::new("loss");
+    let (params, named) = m.declare_params(&b).unwrap();
+    let tok = tokens_param(&b, bs, t + 1);
+    let l = m.loss(&b, &named, tok, "cpu").unwrap();
+    let g = b.grad(l, &params).unwrap();
+    let mut outs = vec![l];
+    outs.extend(g);
+    b.build(b.tuple(&outs).unwrap()).unwrap()
+}
+
+/// Runs `exe` (a graph of `m`'s parameters, then `tokens [bs, len / bs]`) on parameter values
+/// `values`; every output as f32.
+pub fn run_on_params(
+    exe: &pjrt::LoadedExecutable,
+    m: &Model,
+    values: &[Vec<f32>],
+    tokens: &[i32],
+    bs: usize,
+) -> Vec<Vec<f32>> {
+    let mut bufs = upload_params(m, values);
+    bufs.push(upload_s32(tokens, &[bs as i64, (tokens.len() / bs) as i64]));
+    let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
+    exe.execute(&refs)
+        .unwrap()
+        .iter()
+        .map(|o| o.to_host::<f32>().unwrap())
+        .collect()
 }
 
 /// The graph of `m`'s forward: its parameters, then `tokens [bs, t]`, to logits `[bs, t, V]`.
