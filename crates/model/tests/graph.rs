@@ -11,8 +11,8 @@ use std::collections::HashMap;
 
 mod common;
 use common::{
-    axlearn_case, client, compile, forward_graph, load_model, max_rel, rand, tokens_param,
-    AXLEARN_CASES,
+    axlearn_case, client, compile, forward_graph, load_model, loss_grad_graph, max_rel, rand,
+    tokens_param, AXLEARN_CASES,
 };
 
 /// Compile `comp` and run it on f32/s32 inputs; returns every output as f32.
@@ -44,6 +44,18 @@ fn tiny(window: usize, fm: FeatureMap) -> ModelConfig {
     cfg.window = window;
     cfg.rla.feature_map = fm;
     cfg.rla.lowering = Lowering::CustomCall;
+    cfg
+}
+
+/// Attention dims: batch `b`, length `t`, and `[n, g, h]` (query heads, kv heads, head dim).
+fn attn_dims(b: usize, t: usize, [n, g, h]: [usize; 3]) -> AttnDims {
+    AttnDims { b, t, n, g, h }
+}
+
+/// [`tiny`] with the heads and head dim of `d`.
+fn tiny_for(window: usize, fm: FeatureMap, d: AttnDims) -> ModelConfig {
+    let mut cfg = tiny(window, fm);
+    (cfg.heads, cfg.kv_heads, cfg.head_dim) = (d.n, d.g, d.h);
     cfg
 }
 
@@ -133,17 +145,8 @@ fn local_layer_matches_f64_reference() {
         (17, FeatureMap::Relu, 70),
         (0, FeatureMap::Softmax, 33),
     ] {
-        let mut cfg = tiny(w, fm);
-        cfg.heads = 4;
-        cfg.kv_heads = 2;
-        cfg.head_dim = 8;
-        let d = AttnDims {
-            b: 2,
-            t,
-            n: 4,
-            g: 2,
-            h: 8,
-        };
+        let d = attn_dims(2, t, [4, 2, 8]);
+        let cfg = tiny_for(w, fm, d);
         let qkv = rand_qkv(d, 1);
         let [q, k, v] = &qkv;
         let (comp, _) = local_core_graph(&cfg, d, LayerKind::Local);
@@ -159,19 +162,12 @@ fn global_layer_with_rope_matches_f64_reference() {
     // `global_rope`: full causal attention with RoPE at true positions (GQA, T = 70, a small
     // base so the rotation wraps many times) against the naive f64 attention; without the
     // switch the same layer is the NoPE attention, and the two differ.
-    let d = AttnDims {
-        b: 2,
-        t: 70,
-        n: 4,
-        g: 2,
-        h: 8,
-    };
+    let d = attn_dims(2, 70, [4, 2, 8]);
     let qkv = rand_qkv(d, 11);
     let [q, k, v] = &qkv;
     let mut outs = Vec::new();
     for global_rope in [true, false] {
-        let mut cfg = tiny(5, FeatureMap::Softmax);
-        (cfg.heads, cfg.kv_heads, cfg.head_dim) = (4, 2, 8);
+        let mut cfg = tiny_for(5, FeatureMap::Softmax, d);
         cfg.rope_theta = 50.0;
         cfg.global_rope = global_rope;
         let (comp, _) = local_core_graph(&cfg, d, LayerKind::Global);
@@ -218,8 +214,7 @@ fn get(z: &mut NpzReader<std::fs::File>, k: &str) -> Vec<f32> {
 fn local_layer_and_its_vjp_match_axlearn() {
     for (file, fm) in AXLEARN_CASES {
         let (mut z, d, window) = axlearn_case(file);
-        let mut cfg = tiny(window, fm);
-        (cfg.heads, cfg.kv_heads, cfg.head_dim) = (d.n, d.g, d.h);
+        let cfg = tiny_for(window, fm, d);
         // Forward + VJP in one graph: outputs (local_out, swa_out, dq, dk, dv).
         let b = Builder::new("local_vjp");
         let [q, k, v] = qkv_params(&b, d);
@@ -236,17 +231,10 @@ fn local_layer_and_its_vjp_match_axlearn() {
         let g = b.vjp(&[out], &[cot], &[q, k, v]).unwrap();
         let root = b.tuple(&[out, swa, g[0], g[1], g[2]]).unwrap();
         let comp = b.build(root).unwrap();
-        let i4 = |x: [usize; 4]| x.iter().map(|&v| v as i64).collect::<Vec<_>>();
-        let got = run(
-            &comp,
-            &[
-                (get(&mut z, "q"), i4([d.b, d.t, d.n, d.h])),
-                (get(&mut z, "k"), i4([d.b, d.t, d.g, d.h])),
-                (get(&mut z, "v"), i4([d.b, d.t, d.g, d.h])),
-                (get(&mut z, "d_local_cot"), i4([d.b, d.t, d.n, d.h])),
-            ],
-            &[],
-        );
+        let qkv = ["q", "k", "v"].map(|key| get(&mut z, key));
+        let mut inputs = qkv_inputs(d, &qkv);
+        inputs.push((get(&mut z, "d_local_cot"), inputs[0].1.clone()));
+        let got = run(&comp, &inputs, &[]);
         let abs = |a: &[f32], b: &[f32]| {
             a.iter()
                 .zip(b)
@@ -275,15 +263,8 @@ fn local_layer_and_its_vjp_match_axlearn() {
 #[test]
 fn window_at_least_t_gives_full_attention_and_zero_rla() {
     let t = 40;
-    let mut cfg = tiny(t + 3, FeatureMap::Softmax);
-    (cfg.heads, cfg.kv_heads, cfg.head_dim) = (2, 1, 8);
-    let d = AttnDims {
-        b: 1,
-        t,
-        n: 2,
-        g: 1,
-        h: 8,
-    };
+    let d = attn_dims(1, t, [2, 1, 8]);
+    let mut cfg = tiny_for(t + 3, FeatureMap::Softmax, d);
     let qkv = rand_qkv(d, 7);
     let [q, k, v] = &qkv;
     let ins = qkv_inputs(d, &qkv);
@@ -298,7 +279,7 @@ fn window_at_least_t_gives_full_attention_and_zero_rla() {
         Some(cfg.rope_theta),
         |t, s| s <= t,
     );
-    let want = reference::group_rms_norm(&full, 2, 8, &[1.0; 16], 1e-8);
+    let want = reference::group_rms_norm(&full, d.n, d.h, &vec![1.0; d.n * d.h], 1e-8);
     assert!(max_rel(&got[0], &want) < 1e-4);
     // SWA-only layer with W >= T equals full causal attention with RoPE.
     cfg.local_kind = LocalKind::Swa;
@@ -487,14 +468,7 @@ fn loss_gradients_match_finite_differences_of_the_f64_reference() {
     cfg.layers = 4;
     let (bs, t) = (1usize, 24usize);
     let model = Model::new(cfg.clone()).unwrap();
-    let b = Builder::new("loss_grad");
-    let (params, named) = model.declare_params(&b).unwrap();
-    let tokens = tokens_param(&b, bs, t + 1);
-    let l = model.loss(&b, &named, tokens, "cpu").unwrap();
-    let grads = b.grad(l, &params).unwrap();
-    let mut outs = vec![l];
-    outs.extend(&grads);
-    let comp = b.build(b.tuple(&outs).unwrap()).unwrap();
+    let comp = loss_grad_graph(&model, bs, t);
     let (plist, map) = tiny_params(&cfg, 4);
     let toks: Vec<u32> = (0..bs * (t + 1))
         .map(|i| ((i * 53 + 5) % cfg.vocab) as u32)
