@@ -10,10 +10,12 @@
 //! - [`mosaic`]: the Mosaic back end (TPU): MLIR text in a `tpu_custom_call`, with the checks
 //!   libtpu does not make; [`rla_mosaic`]: the RLA kernels in the blocked form it needs.
 //! - [`rla`]: the RLA forward and backward kernels written in it, and their graph wrappers.
+//! - `arith`: the MLIR op and predicate names both MLIR back ends emit for elementwise ops.
 //!
 //! The IR speaks of blocks and tiles, never pointers, so a Mosaic (TPU) back end can read the
 //! same programs.
 
+mod arith;
 pub mod builder;
 pub mod interp;
 pub mod ir;

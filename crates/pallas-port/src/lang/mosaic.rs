@@ -40,6 +40,7 @@ use std::fmt::Write as _;
 
 use hlo_builder::{Builder, Op as HloOp};
 
+use super::arith::{self, FloatMinMax};
 use super::ir::*;
 
 /// The `custom_call_target` of Mosaic kernels.
@@ -635,22 +636,8 @@ impl Emitter<'_> {
                 }
             }
             Op::Binary { op: bop, a, b } => {
-                let d = self.k.ty(*a).dtype();
-                let name = match (bop, d) {
-                    (BinOp::Add, DType::F32) => "arith.addf",
-                    (BinOp::Sub, DType::F32) => "arith.subf",
-                    (BinOp::Mul, DType::F32) => "arith.mulf",
-                    (BinOp::Div, DType::F32) => "arith.divf",
-                    (BinOp::Max, DType::F32) => "arith.maximumf",
-                    (BinOp::Min, DType::F32) => "arith.minimumf",
-                    (BinOp::Add, _) => "arith.addi",
-                    (BinOp::Sub, _) => "arith.subi",
-                    (BinOp::Mul, _) => "arith.muli",
-                    (BinOp::Div, _) => "arith.divsi",
-                    (BinOp::Max, _) => "arith.maxsi",
-                    (BinOp::Min, _) => "arith.minsi",
-                    (BinOp::And, _) => "arith.andi",
-                };
+                let float = self.k.ty(*a).dtype() == DType::F32;
+                let name = arith::binary(*bop, float, FloatMinMax::Propagating);
                 let t = self.ty(*a);
                 let (na, nb) = (self.name(*a).to_string(), self.name(*b).to_string());
                 self.def(name, &[&na, &nb], &[t.clone(), t.clone()], "", &t)
@@ -658,37 +645,18 @@ impl Emitter<'_> {
             Op::Unary { op: uop, x } => {
                 let t = self.ty(*x);
                 let nx = self.name(*x).to_string();
-                let name = match uop {
-                    UnOp::Exp => "math.exp",
-                    UnOp::Neg => "arith.negf",
-                };
-                self.def(name, &[&nx], std::slice::from_ref(&t), "", &t)
+                self.def(arith::unary(*uop), &[&nx], std::slice::from_ref(&t), "", &t)
             }
             Op::Compare { op: cop, a, b } => {
                 let ta = self.k.ty(*a).clone();
                 let float = ta.dtype() == DType::F32;
-                // arith.cmpi: eq 0, ne 1, slt 2, sle 3, sgt 4, sge 5.
-                // arith.cmpf (ordered): oeq 1, ogt 2, oge 3, olt 4, ole 5, one 6.
-                let pred = match (cop, float) {
-                    (CmpOp::Eq, false) => 0,
-                    (CmpOp::Ne, false) => 1,
-                    (CmpOp::Lt, false) => 2,
-                    (CmpOp::Le, false) => 3,
-                    (CmpOp::Gt, false) => 4,
-                    (CmpOp::Ge, false) => 5,
-                    (CmpOp::Eq, true) => 1,
-                    (CmpOp::Gt, true) => 2,
-                    (CmpOp::Ge, true) => 3,
-                    (CmpOp::Lt, true) => 4,
-                    (CmpOp::Le, true) => 5,
-                    (CmpOp::Ne, true) => 6,
-                };
+                let (cmp, _, pred) = arith::compare(*cop, float);
                 let t = mlir_type(&ta);
                 let rt = mlir_type(&Type::Tile(DType::Bool, ta.shape().to_vec()));
                 let rt = if ta.is_scalar() { "i1".to_string() } else { rt };
                 let (na, nb) = (self.name(*a).to_string(), self.name(*b).to_string());
                 self.def(
-                    if float { "arith.cmpf" } else { "arith.cmpi" },
+                    cmp,
                     &[&na, &nb],
                     &[t.clone(), t],
                     &format!("predicate = {pred} : i64"),

@@ -14,6 +14,7 @@
 
 use std::fmt::Write as _;
 
+use super::arith::{self, FloatMinMax};
 use super::ir::*;
 use hlo_builder::{Attr, Builder, Op as HloOp};
 
@@ -234,48 +235,16 @@ impl Emitter<'_> {
             }
             Op::Splat { x, .. } => format!("tt.splat {} : {} -> {rt}", self.name(*x), self.tyv(*x)),
             Op::Binary { op, a, b } => {
-                let d = k.ty(*a).dtype();
-                let name = match (op, d) {
-                    (BinOp::Add, DType::F32) => "arith.addf",
-                    (BinOp::Sub, DType::F32) => "arith.subf",
-                    (BinOp::Mul, DType::F32) => "arith.mulf",
-                    (BinOp::Div, DType::F32) => "arith.divf",
-                    (BinOp::Max, DType::F32) => "arith.maxnumf",
-                    (BinOp::Min, DType::F32) => "arith.minnumf",
-                    (BinOp::Add, _) => "arith.addi",
-                    (BinOp::Sub, _) => "arith.subi",
-                    (BinOp::Mul, _) => "arith.muli",
-                    (BinOp::Div, _) => "arith.divsi",
-                    (BinOp::Max, _) => "arith.maxsi",
-                    (BinOp::Min, _) => "arith.minsi",
-                    (BinOp::And, _) => "arith.andi",
-                };
+                let float = k.ty(*a).dtype() == DType::F32;
+                let name = arith::binary(*op, float, FloatMinMax::Num);
                 format!("{name} {}, {} : {rt}", self.name(*a), self.name(*b))
             }
             Op::Unary { op, x } => {
-                let name = match op {
-                    UnOp::Exp => "math.exp",
-                    UnOp::Neg => "arith.negf",
-                };
-                format!("{name} {} : {rt}", self.name(*x))
+                format!("{} {} : {rt}", arith::unary(*op), self.name(*x))
             }
             Op::Compare { op, a, b } => {
                 let float = k.ty(*a).dtype() == DType::F32;
-                let pred = match (op, float) {
-                    (CmpOp::Lt, false) => "slt",
-                    (CmpOp::Le, false) => "sle",
-                    (CmpOp::Gt, false) => "sgt",
-                    (CmpOp::Ge, false) => "sge",
-                    (CmpOp::Eq, false) => "eq",
-                    (CmpOp::Ne, false) => "ne",
-                    (CmpOp::Lt, true) => "olt",
-                    (CmpOp::Le, true) => "ole",
-                    (CmpOp::Gt, true) => "ogt",
-                    (CmpOp::Ge, true) => "oge",
-                    (CmpOp::Eq, true) => "oeq",
-                    (CmpOp::Ne, true) => "one",
-                };
-                let opname = if float { "arith.cmpf" } else { "arith.cmpi" };
+                let (opname, pred, _) = arith::compare(*op, float);
                 format!(
                     "{opname} {pred}, {}, {} : {}",
                     self.name(*a),
