@@ -129,7 +129,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ElementType, Shape};
+    use crate::testing::param;
+    use crate::ElementType;
 
     fn location_of(e: &Error) -> &str {
         match e {
@@ -164,9 +165,7 @@ mod tests {
     #[test]
     fn alias_errors_name_the_caller() {
         let b = Builder::new("a");
-        let x = b
-            .parameter(Shape::array(ElementType::F32, &[2]), "x")
-            .unwrap();
+        let x = param(&b, ElementType::F32, &[2], "x");
         let comp = b.build(b.tuple(&[x]).unwrap()).unwrap();
         let here = line!() + 1;
         let e = comp.with_input_output_alias(1, 0).unwrap_err();

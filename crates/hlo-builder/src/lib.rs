@@ -58,3 +58,14 @@ pub fn print_module_bytes(bytes: &[u8]) -> Result<String> {
     let m: proto::HloModuleProto = prost::Message::decode(bytes)?;
     Ok(print_module(&m))
 }
+
+/// Helpers for the unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::{Builder, ElementType, Op, Shape};
+
+    /// A parameter of type `ty` and dims `dims` named `name`.
+    pub(crate) fn param(b: &Builder, ty: ElementType, dims: &[i64], name: &str) -> Op {
+        b.parameter(Shape::array(ty, dims), name).unwrap()
+    }
+}

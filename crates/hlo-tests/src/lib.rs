@@ -24,7 +24,7 @@
 
 use std::sync::OnceLock;
 
-use hlo_builder::{Builder, Computation, Op, Result};
+use hlo_builder::{Builder, Computation, ElementType, Op, Result, Shape};
 use ndarray::ArrayD;
 
 /// The process-wide PJRT CPU client (created on first use).
@@ -41,6 +41,11 @@ pub fn compile(comp: &Computation) -> pjrt::LoadedExecutable {
             &pjrt::CompileOptions::default(),
         )
         .unwrap_or_else(|e| panic!("compile failed: {e}\n{}", comp.to_text()))
+}
+
+/// A parameter of type `ty` and dims `dims` named `name`.
+pub fn param(b: &Builder, ty: ElementType, dims: &[i64], name: &str) -> Op {
+    b.parameter(Shape::array(ty, dims), name).unwrap()
 }
 
 /// Uploads `data` with dimensions `dims` to the CPU device.

@@ -1,17 +1,13 @@
 //! `input_output_alias`: a donated parameter's buffer is reused for the aliased output.
 
-use hlo_builder::{Builder, ElementType, Shape};
-use hlo_tests::{compile, upload};
+use hlo_builder::{Builder, ElementType};
+use hlo_tests::{compile, param, upload};
 
 #[test]
 fn aliased_output_reuses_the_donated_parameter() {
     let b = Builder::new("alias");
-    let x = b
-        .parameter(Shape::array(ElementType::F32, &[1024]), "x")
-        .unwrap();
-    let y = b
-        .parameter(Shape::array(ElementType::F32, &[4]), "y")
-        .unwrap();
+    let x = param(&b, ElementType::F32, &[1024], "x");
+    let y = param(&b, ElementType::F32, &[4], "y");
     let x1 = b.add(x, b.scalar(1.0f32).unwrap()).unwrap();
     let s = b.reduce_sum(y, &[0]).unwrap();
     let comp = b.build(b.tuple(&[x1, s]).unwrap()).unwrap();

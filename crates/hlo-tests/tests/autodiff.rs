@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use hlo_builder::{Builder, Cmp, DotDims, ElementType, Op, Result, Shape};
-use hlo_tests::{assert_grads_match_finite_differences, compile, loss_and_grads, run_f64, upload};
+use hlo_tests::{
+    assert_grads_match_finite_differences, compile, loss_and_grads, param, run_f64, upload,
+};
 
 const F64: ElementType = ElementType::F64;
 
@@ -295,12 +297,8 @@ fn dot_preferred_element_type() {
         .collect();
     let wv = rng.vec(m * n, -1.0, 1.0);
     let b = Builder::new("pref");
-    let x = b
-        .parameter(Shape::array(ElementType::F32, &[m as i64, k as i64]), "x")
-        .unwrap();
-    let y = b
-        .parameter(Shape::array(ElementType::F32, &[k as i64, n as i64]), "y")
-        .unwrap();
+    let x = param(&b, ElementType::F32, &[m as i64, k as i64], "x");
+    let y = param(&b, ElementType::F32, &[k as i64, n as i64], "y");
     let z = b
         .dot_general(x, y, &DotDims::matmul(), None, Some(F64))
         .unwrap();
@@ -380,9 +378,7 @@ fn tuples_distribute_cotangents() {
 #[test]
 fn integer_inputs_get_no_gradient() {
     let b = Builder::new("ints");
-    let k = b
-        .parameter(Shape::array(ElementType::S32, &[3]), "k")
-        .unwrap();
+    let k = param(&b, ElementType::S32, &[3], "k");
     let i = b.parameter(Shape::scalar(ElementType::S32), "i").unwrap();
     let x = b.parameter(Shape::array(F64, &[5]), "x").unwrap();
     let xs = b.dynamic_slice(x, &[i], &[3]).unwrap();

@@ -429,17 +429,14 @@ impl Builder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::param;
     use crate::ElementType;
 
     #[test]
     fn pruning_visits_only_paths() {
         let b = Builder::new("p");
-        let x = b
-            .parameter(Shape::array(ElementType::F32, &[3]), "x")
-            .unwrap();
-        let y = b
-            .parameter(Shape::array(ElementType::F32, &[3]), "y")
-            .unwrap();
+        let x = param(&b, ElementType::F32, &[3], "x");
+        let y = param(&b, ElementType::F32, &[3], "y");
         let unrelated = b.exp(y).unwrap();
         let l = b.reduce_sum(b.mul(x, x).unwrap(), &[0]).unwrap();
         let customs = HashMap::new();
@@ -460,9 +457,7 @@ mod tests {
         assert_eq!(backward_scope("train", "train"), "vjp");
         assert_eq!(backward_scope("train", "other"), "vjp/other");
         let b = Builder::new("s");
-        let x = b
-            .parameter(Shape::array(ElementType::F32, &[3]), "x")
-            .unwrap();
+        let x = param(&b, ElementType::F32, &[3], "x");
         let y = {
             let _g = b.name_scope("layer_0");
             b.reduce_sum(b.exp(x).unwrap(), &[0]).unwrap()
@@ -475,17 +470,13 @@ mod tests {
     #[test]
     fn errors_name_the_problem() {
         let b = Builder::new("e");
-        let x = b
-            .parameter(Shape::array(ElementType::F32, &[3]), "x")
-            .unwrap();
+        let x = param(&b, ElementType::F32, &[3], "x");
         let e = b.grad(x, &[x]).unwrap_err().to_string();
         assert!(
             e.contains("loss must be a floating-point scalar, got f32[3]"),
             "{e}"
         );
-        let c = b
-            .parameter(Shape::array(ElementType::F32, &[2]), "c")
-            .unwrap();
+        let c = param(&b, ElementType::F32, &[2], "c");
         let e = b.vjp(&[x], &[c], &[x]).unwrap_err().to_string();
         assert!(
             e.contains("cotangent 0 has shape f32[2] but output 0 has shape f32[3]"),

@@ -344,14 +344,13 @@ impl Builder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::param;
     use crate::ElementType;
 
     #[test]
     fn the_backward_pass_recomputes_the_block_behind_a_barrier() {
         let b = Builder::new("remat");
-        let x = b
-            .parameter(Shape::array(ElementType::F32, &[3]), "x")
-            .unwrap();
+        let x = param(&b, ElementType::F32, &[3], "x");
         let f: BlockFn = Arc::new(|b: &Builder, i: &[Op]| b.exp(b.sin(i[0])?));
         let y = b.checkpoint(&[x], f).unwrap();
         let l = b.reduce_sum(y, &[0]).unwrap();
@@ -365,8 +364,10 @@ mod tests {
     #[test]
     fn dots_in_manual_regions_are_recomputed() {
         let b = Builder::new("manual");
-        let p = |d: &[i64], n: &str| b.parameter(Shape::array(ElementType::F32, d), n).unwrap();
-        let (x, w) = (p(&[2, 3], "x"), p(&[3, 3], "w"));
+        let (x, w) = (
+            param(&b, ElementType::F32, &[2, 3], "x"),
+            param(&b, ElementType::F32, &[3, 3], "w"),
+        );
         let f: BlockFn = Arc::new(|b: &Builder, i: &[Op]| {
             let d = {
                 let _m = b.manual_scope();
@@ -389,9 +390,7 @@ mod tests {
     #[test]
     fn nested_dot_saving_blocks_are_refused() {
         let b = Builder::new("nest");
-        let x = b
-            .parameter(Shape::array(ElementType::F32, &[2, 2]), "x")
-            .unwrap();
+        let x = param(&b, ElementType::F32, &[2, 2], "x");
         let inner: BlockFn = Arc::new(|b: &Builder, i: &[Op]| b.dot(i[0], i[0]));
         let outer: BlockFn = Arc::new(move |b: &Builder, i: &[Op]| {
             b.checkpoint_with_policy(i, inner.clone(), SavePolicy::Dots)

@@ -350,19 +350,14 @@ impl Builder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::param;
 
     #[test]
     fn mismatched_leading_axes_are_named() {
         let b = Builder::new("s");
-        let x = b
-            .parameter(Shape::array(ElementType::F32, &[3]), "x")
-            .unwrap();
-        let w = b
-            .parameter(Shape::array(ElementType::F32, &[4, 3]), "w")
-            .unwrap();
-        let v = b
-            .parameter(Shape::array(ElementType::F32, &[5, 3]), "v")
-            .unwrap();
+        let x = param(&b, ElementType::F32, &[3], "x");
+        let w = param(&b, ElementType::F32, &[4, 3], "w");
+        let v = param(&b, ElementType::F32, &[5, 3], "v");
         let body: ScanFn = Arc::new(|b: &Builder, c: Op, _w: &[Op]| b.exp(c));
         let e = b.scan(x, &[w, v], body.clone()).unwrap_err().to_string();
         assert!(
