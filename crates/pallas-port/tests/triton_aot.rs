@@ -26,18 +26,9 @@ fn gpu(test: &str) -> Option<Plugin> {
             std::env::set_var(k, v);
         }
     }
-    let cache = PluginCache::default();
-    if !cache
-        .ready_for_test(PluginKind::Cuda, test)
-        .expect("installing the CUDA plugin, ptxas and libdevice")
-    {
-        return None;
-    }
-    Some(
-        cache
-            .load(PluginKind::Cuda)
-            .expect("loading the CUDA plugin"),
-    )
+    PluginCache::default()
+        .load_for_test(PluginKind::Cuda, test)
+        .expect("installing or loading the CUDA plugin, ptxas and libdevice")
 }
 
 /// A model's use of the blocks: q projected from `x [B·T, D]` and reshaped to `[B, T, N, H]`, the

@@ -210,6 +210,16 @@ impl PluginCache {
         Ok(ready)
     }
 
+    /// [`PluginCache::ready_for_test`], then [`PluginCache::load`]: the plugin of `kind` for the
+    /// test named `test`, or `None` (the skip line printed) when it is not installed and
+    /// [`AOT_TESTS_VAR`] is not `1`. Set the plugin's environment first.
+    pub fn load_for_test(&self, kind: PluginKind, test: &str) -> Result<Option<Plugin>> {
+        if !self.ready_for_test(kind, test)? {
+            return Ok(None);
+        }
+        self.load(kind).map(Some)
+    }
+
     /// Every installed plugin.
     pub fn list(&self) -> Vec<(PluginKind, PathBuf)> {
         PluginKind::ALL

@@ -30,32 +30,20 @@ fn plugin_environment() {
     });
 }
 
-fn tpu(test: &str) -> Option<Plugin> {
+/// The plugin of `kind` for test `test` (`None`: not installed, the test skips).
+fn plugin(kind: PluginKind, test: &str) -> Option<Plugin> {
     plugin_environment();
-    let cache = PluginCache::default();
-    if !cache
-        .ready_for_test(PluginKind::Tpu, test)
-        .expect("installing libtpu")
-    {
-        return None;
-    }
-    Some(cache.load(PluginKind::Tpu).expect("loading libtpu"))
+    PluginCache::default()
+        .load_for_test(kind, test)
+        .unwrap_or_else(|e| panic!("installing or loading the {kind:?} plugin for {test}: {e}"))
+}
+
+fn tpu(test: &str) -> Option<Plugin> {
+    plugin(PluginKind::Tpu, test)
 }
 
 fn gpu(test: &str) -> Option<Plugin> {
-    plugin_environment();
-    let cache = PluginCache::default();
-    if !cache
-        .ready_for_test(PluginKind::Cuda, test)
-        .expect("installing the CUDA plugin, ptxas and libdevice")
-    {
-        return None;
-    }
-    Some(
-        cache
-            .load(PluginKind::Cuda)
-            .expect("loading the CUDA plugin"),
-    )
+    plugin(PluginKind::Cuda, test)
 }
 
 /// `tanh(a @ b)` over `a: f32[m,k]`, `b: f32[k,n]`.
