@@ -174,6 +174,28 @@ fn time(
     Ok((last, t0.elapsed().as_secs_f64() / reps as f64))
 }
 
+/// Builds `graph` and compiles it (together: the compile seconds), runs it ([`time`] with `reps`
+/// and `sync`) and compares its first `N` outputs with `want`: `(compile seconds, seconds per
+/// call, relative errors)`.
+fn measure<const N: usize>(
+    client: &pjrt::Client,
+    graph: impl FnOnce() -> Result<hlo_builder::Computation>,
+    inputs: &[&pjrt::Buffer],
+    reps: usize,
+    sync: usize,
+    want: [&[f32]; N],
+) -> Result<(f64, f64, [f64; N])> {
+    let c0 = Instant::now();
+    let exe = runtime::compile(client, &graph()?)?;
+    let compile_s = c0.elapsed().as_secs_f64();
+    let (out, secs) = time(&exe, inputs, reps, sync)?;
+    let mut err = [0.0; N];
+    for (i, (e, want)) in err.iter_mut().zip(want).enumerate() {
+        *e = rel_err(&out[i].to_host::<f32>()?, want);
+    }
+    Ok((compile_s, secs, err))
+}
+
 fn parse_lowering(s: &str) -> Result<Lowering> {
     serde_json::from_value(serde_json::Value::String(s.trim().to_string())).map_err(|_| {
         anyhow::anyhow!(
@@ -278,19 +300,14 @@ pub fn run(args: &RlaArgs) -> Result<()> {
         };
         // Forward and forward+backward are measured separately: one failing (a kernel over the
         // device's shared memory, say) leaves the other's numbers and is reported beside them.
-        let fwd = (|| -> Result<(f64, f64, [f64; 3])> {
-            let c0 = Instant::now();
-            let exe = runtime::compile(&client, &fwd_graph(&cfg, &d, lowering)?)?;
-            let compile_s = c0.elapsed().as_secs_f64();
-            let (out, secs) = time(&exe, &inputs_fwd, args.reps, 2)?;
-            let host = |i: usize| -> Result<Vec<f32>> { Ok(out[i].to_host::<f32>()?) };
-            let err = [
-                rel_err(&host(0)?, &o),
-                rel_err(&host(1)?, &cs),
-                rel_err(&host(2)?, &fs),
-            ];
-            Ok((compile_s, secs, err))
-        })();
+        let fwd = measure(
+            &client,
+            || fwd_graph(&cfg, &d, lowering),
+            &inputs_fwd,
+            args.reps,
+            2,
+            [&o, &cs, &fs],
+        );
         match fwd {
             Ok((c, secs, err)) => {
                 row.compile_s += c;
@@ -301,20 +318,14 @@ pub fn run(args: &RlaArgs) -> Result<()> {
                 .errors
                 .push(format!("forward: {:#}", e.context(what.clone()))),
         }
-        let fb = (|| -> Result<(f64, f64, [f64; 4])> {
-            let c0 = Instant::now();
-            let exe = runtime::compile(&client, &fwd_bwd_graph(&cfg, &d, lowering)?)?;
-            let compile_s = c0.elapsed().as_secs_f64();
-            let (out, secs) = time(&exe, &inputs_fb, args.reps, 0)?;
-            let host = |i: usize| -> Result<Vec<f32>> { Ok(out[i].to_host::<f32>()?) };
-            let err = [
-                rel_err(&host(0)?, &o),
-                rel_err(&host(1)?, &dq),
-                rel_err(&host(2)?, &dk),
-                rel_err(&host(3)?, &dv),
-            ];
-            Ok((compile_s, secs, err))
-        })();
+        let fb = measure(
+            &client,
+            || fwd_bwd_graph(&cfg, &d, lowering),
+            &inputs_fb,
+            args.reps,
+            0,
+            [&o, &dq, &dk, &dv],
+        );
         match fb {
             Ok((c, secs, err)) => {
                 row.compile_s += c;
