@@ -158,6 +158,18 @@ pub fn tol(fm: FeatureMap) -> f64 {
 /// `(dq, dk, dv)`.
 pub type Outputs = (Vec<f32>, Vec<f32>, Vec<f32>);
 
+/// Asserts each `(name, got, f64 reference, CPU kernel's)` output within `t` (norm-relative) of
+/// both the reference and the CPU kernel's output.
+fn check_outputs(tag: &str, t: f64, outputs: [(&str, &[f32], &[f64], &[f32]); 3]) {
+    for (name, got, want, cpu) in outputs {
+        let e = rel_err(got, want);
+        let ec = rel_err(got, &to_f64(cpu));
+        eprintln!("{tag}: {name} vs f64 {e:.2e}, vs CPU kernel {ec:.2e}");
+        assert!(e <= t, "{tag}: {name} rel err {e} vs the f64 reference");
+        assert!(ec <= t, "{tag}: {name} rel err {ec} vs the CPU kernel");
+    }
+}
+
 /// Runs an RLA implementation's forward `fwd(q, k, v)` and backward `bwd(q, k, v,
 /// chunk_states, d_o)` (given its own forward's chunk states) on random inputs from `seed`
 /// (q, k in ±2, v, d_o in ±1) and checks every output against the f64 references (naive output
@@ -184,32 +196,28 @@ pub fn check_blocks(
     let o_ref = rla_naive_f64(cfg, d, &qf, &kf, &vf).unwrap();
     let scan = rla_scan_f64(cfg, d, &qf, &kf, &vf).unwrap();
     let (o_cpu, cs_cpu, fs_cpu) = run_fwd(cfg, d, &q, &k, &v);
-    for (name, got, want, cpu) in [
-        ("o", &o, &o_ref, &o_cpu),
-        ("chunk_states", &cs, &scan.chunk_states, &cs_cpu),
-        ("final_state", &fs, &scan.final_state, &fs_cpu),
-    ] {
-        let e = rel_err(got, want);
-        let ec = rel_err(got, &to_f64(cpu));
-        eprintln!("{tag}: {name} vs f64 {e:.2e}, vs CPU kernel {ec:.2e}");
-        assert!(e <= t, "{tag}: {name} rel err {e} vs the f64 reference");
-        assert!(ec <= t, "{tag}: {name} rel err {ec} vs the CPU kernel");
-    }
+    check_outputs(
+        tag,
+        t,
+        [
+            ("o", &o, &o_ref, &o_cpu),
+            ("chunk_states", &cs, &scan.chunk_states, &cs_cpu),
+            ("final_state", &fs, &scan.final_state, &fs_cpu),
+        ],
+    );
 
     let (dq, dk, dv) = bwd(&q, &k, &v, &cs, &d_o);
     let g = rla_vjp_f64(cfg, d, &qf, &kf, &vf, &dof).unwrap();
     let (dq_c, dk_c, dv_c) = run_bwd(cfg, d, &q, &k, &v, &cs_cpu, &d_o);
-    for (name, got, want, cpu) in [
-        ("dq", &dq, &g.dq, &dq_c),
-        ("dk", &dk, &g.dk, &dk_c),
-        ("dv", &dv, &g.dv, &dv_c),
-    ] {
-        let e = rel_err(got, want);
-        let ec = rel_err(got, &to_f64(cpu));
-        eprintln!("{tag}: {name} vs f64 {e:.2e}, vs CPU kernel {ec:.2e}");
-        assert!(e <= t, "{tag}: {name} rel err {e} vs the f64 reference");
-        assert!(ec <= t, "{tag}: {name} rel err {ec} vs the CPU kernel");
-    }
+    check_outputs(
+        tag,
+        t,
+        [
+            ("dq", &dq, &g.dq, &dq_c),
+            ("dk", &dk, &g.dk, &dk_c),
+            ("dv", &dv, &g.dv, &dv_c),
+        ],
+    );
     if cfg.window + 1 < d.seq {
         assert!(o_ref.iter().any(|&x| x != 0.0), "{tag}: trivial case");
     }
