@@ -11,8 +11,8 @@ use std::collections::HashMap;
 
 mod common;
 use common::{
-    axlearn_case, client, compile, forward_graph, load_model, loss_grad_graph, max_rel, rand,
-    tokens_param, AXLEARN_CASES,
+    axlearn_case, client, compile, execute_f32, forward_graph, load_model, loss_grad_graph,
+    max_rel, rand, tokens_param, AXLEARN_CASES,
 };
 
 /// Compile `comp` and run it on f32/s32 inputs; returns every output as f32.
@@ -31,12 +31,7 @@ fn run(
         ints.iter()
             .map(|(d, s)| c.buffer_from_host(d, s, None).unwrap()),
     );
-    let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
-    exe.execute(&refs)
-        .unwrap()
-        .iter()
-        .map(|b| b.to_host::<f32>().unwrap())
-        .collect()
+    execute_f32(&exe, &bufs)
 }
 
 fn tiny(window: usize, fm: FeatureMap) -> ModelConfig {

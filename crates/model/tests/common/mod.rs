@@ -172,7 +172,12 @@ pub fn run_on_params(
 ) -> Vec<Vec<f32>> {
     let mut bufs = upload_params(m, values);
     bufs.push(upload_s32(tokens, &[bs as i64, (tokens.len() / bs) as i64]));
-    let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
+    execute_f32(exe, &bufs)
+}
+
+/// Runs `exe` on `args`; every output as f32.
+pub fn execute_f32(exe: &pjrt::LoadedExecutable, args: &[pjrt::Buffer]) -> Vec<Vec<f32>> {
+    let refs: Vec<&pjrt::Buffer> = args.iter().collect();
     exe.execute(&refs)
         .unwrap()
         .iter()
