@@ -34,6 +34,21 @@ fn run(
     execute_f32(&exe, &bufs)
 }
 
+/// [`run`] on host parameters `params`, then `toks` as s32 `[bs, len / bs]`.
+fn run_with_tokens(
+    comp: &hlo_builder::Computation,
+    params: &[(Vec<f32>, Vec<i64>)],
+    toks: &[u32],
+    bs: usize,
+) -> Vec<Vec<f32>> {
+    let dims = vec![bs as i64, (toks.len() / bs) as i64];
+    run(
+        comp,
+        params,
+        &[(toks.iter().map(|&x| x as i32).collect(), dims)],
+    )
+}
+
 fn tiny(window: usize, fm: FeatureMap) -> ModelConfig {
     let mut cfg = load_model("tiny-3to1");
     cfg.window = window;
@@ -315,14 +330,7 @@ fn logits_and_reference(cfg: &ModelConfig) -> (Vec<f32>, Vec<f64>) {
     let toks: Vec<u32> = (0..bs * t)
         .map(|i| ((i * 37 + 11) % cfg.vocab) as u32)
         .collect();
-    let got = run(
-        &comp,
-        &params,
-        &[(
-            toks.iter().map(|&x| x as i32).collect(),
-            vec![bs as i64, t as i64],
-        )],
-    );
+    let got = run_with_tokens(&comp, &params, &toks, bs);
     let want = reference::logits(&m, &map, &toks, bs);
     (got.into_iter().next().unwrap(), want)
 }
@@ -468,14 +476,7 @@ fn loss_gradients_match_finite_differences_of_the_f64_reference() {
     let toks: Vec<u32> = (0..bs * (t + 1))
         .map(|i| ((i * 53 + 5) % cfg.vocab) as u32)
         .collect();
-    let got = run(
-        &comp,
-        &plist,
-        &[(
-            toks.iter().map(|&x| x as i32).collect(),
-            vec![bs as i64, t as i64 + 1],
-        )],
-    );
+    let got = run_with_tokens(&comp, &plist, &toks, bs);
     // f64 loss from the reference logits.
     let loss64 = |m: &HashMap<String, Vec<f32>>, delta: Option<(&str, usize, f64)>| -> f64 {
         let mut m64: HashMap<String, Vec<f32>> = m.clone();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::load_model;
+use common::{forward_graph, load_model};
 use model::{Mesh, MeshAxis, MeshConfig, MeshError, Model, ParamRole, PartitionSpec};
 use MeshAxis::{Fsdp, Tensor};
 
@@ -167,20 +167,11 @@ fn cache_buffers_carry_logical_axes_and_shard_by_batch_and_kv_heads() {
 
 #[test]
 fn a_model_under_a_mesh_constrains_its_activations_and_runs_rla_in_manual_regions() {
-    use hlo_builder::{Builder, ElementType, Shape};
     let m = Model::new(load_model("tiny-3to1"))
         .unwrap()
         .with_mesh(mesh(2, 1, 2, 4))
         .unwrap();
-    let b = Builder::new("forward");
-    let (_, named) = m.declare_params(&b).unwrap();
-    let tokens = b
-        .parameter(Shape::array(ElementType::S32, &[4, 64]), "tokens")
-        .unwrap();
-    let text = b
-        .build(m.forward(&b, &named, tokens, "cpu").unwrap())
-        .unwrap()
-        .to_text();
+    let text = forward_graph(&m, 4, 64).to_text();
     // The residual stream [batch, length, activation_embed]: batch over data (devices {0,1} ×
     // {2,3} rows), d_model over tensor.
     assert!(
@@ -211,15 +202,7 @@ fn a_model_under_a_mesh_constrains_its_activations_and_runs_rla_in_manual_region
     assert_eq!(text.matches("SPMDShardToFullShape").count(), 9);
     // One device: no annotations at all.
     let one = Model::new(load_model("tiny-3to1")).unwrap();
-    let b = Builder::new("forward");
-    let (_, named) = one.declare_params(&b).unwrap();
-    let tokens = b
-        .parameter(Shape::array(ElementType::S32, &[4, 64]), "tokens")
-        .unwrap();
-    let text = b
-        .build(one.forward(&b, &named, tokens, "cpu").unwrap())
-        .unwrap()
-        .to_text();
+    let text = forward_graph(&one, 4, 64).to_text();
     assert!(!text.contains("sharding="), "{text}");
 }
 
