@@ -158,9 +158,11 @@ pub fn tol(fm: FeatureMap) -> f64 {
 /// `(dq, dk, dv)`.
 pub type Outputs = (Vec<f32>, Vec<f32>, Vec<f32>);
 
-/// Asserts each `(name, got, f64 reference, CPU kernel's)` output within `t` (norm-relative) of
-/// both the reference and the CPU kernel's output.
-fn check_outputs(tag: &str, t: f64, outputs: [(&str, &[f32], &[f64], &[f32]); 3]) {
+/// One output to check: `(name, got, f64 reference, the CPU kernel's)`.
+type Compared<'a> = (&'a str, &'a [f32], &'a [f64], &'a [f32]);
+
+/// Asserts each output within `t` (norm-relative) of both the reference and the CPU kernel's.
+fn check_outputs(tag: &str, t: f64, outputs: [Compared<'_>; 3]) {
     for (name, got, want, cpu) in outputs {
         let e = rel_err(got, want);
         let ec = rel_err(got, &to_f64(cpu));
