@@ -24,6 +24,7 @@
 use std::sync::Arc;
 
 use crate::layers::{bcast, dims};
+use crate::sharding::SeqGlobal;
 use hlo_builder::{Builder, Cmp, DotDims, ElementType, Op, Result, Sharding};
 use pallas_port::seq::SeqShards;
 
@@ -118,8 +119,8 @@ pub fn causal_attention_with(
 /// partitioned region ([`pallas_port::seq`]). Shard `i` holds queries `i·T/S ..`:
 ///
 /// * **global** (`window = None`, or W + 1 ≥ T): keys and values are gathered over the shards
-///   (`all-gather`); the shard's queries attend to all T keys with the causal mask at their
-///   global positions (dense: T/S × T scores per shard);
+///   (`all-gather`) and attended load-balanced ([`SeqGlobal::Zigzag`], see
+///   [`causal_attention_seq_with`]);
 /// * **sliding window**: the W keys/values before the shard arrive as a halo
 ///   (`collective-permute`, from several shards when W > T/S); the banded blocks of
 ///   [`causal_attention`] run over `[halo; own]`, keys before the sequence start masked.
@@ -133,6 +134,32 @@ pub fn causal_attention_seq(
     v: Op,
     window: Option<usize>,
     qkv: &Sharding,
+) -> Result<Op> {
+    causal_attention_seq_with(b, q, k, v, window, qkv, SeqGlobal::default())
+}
+
+/// [`causal_attention_seq`] with the global layers' scheme chosen (`mesh.seq_global`):
+///
+/// * [`SeqGlobal::Dense`]: shard `i`'s T/S queries attend to all T gathered keys with the
+///   causal mask at their global positions (T/S × T scores per shard, the upper half masked);
+/// * [`SeqGlobal::Zigzag`] (load-balanced): T in 2S chunks of c = T/(2S) tokens (shard `i`
+///   holds chunks 2i, 2i+1). Two `collective-permute`s bring shard `i` the queries of chunks
+///   `i` and 2S−1−i; against the gathered keys, chunk j needs j whole key blocks and its
+///   diagonal one, so each shard computes the same 2S−1 whole c × c blocks (which query chunk
+///   each serves is picked from the shard index) plus 2 masked diagonal ones: (2S+1)·c²
+///   scores instead of 4S·c². One softmax over each chunk's blocks (shared row max and sum,
+///   [`merged_blocks`]), then two permutes take the outputs back to the contiguous layout.
+///   With T/S odd there are no 2S whole chunks: global layers then run dense.
+///
+/// Sliding-window layers (W + 1 < T) are the same in both.
+pub fn causal_attention_seq_with(
+    b: &Builder,
+    q: Op,
+    k: Op,
+    v: Op,
+    window: Option<usize>,
+    qkv: &Sharding,
+    scheme: SeqGlobal,
 ) -> Result<Op> {
     let (qd, kd) = (dims(b, q)?, dims(b, k)?);
     if qd.len() != 4 || kd.len() != 4 || kd[2] == 0 || qd[2] % kd[2] != 0 {
@@ -172,6 +199,9 @@ pub fn causal_attention_seq(
                 };
                 let blk = AttentionBlocks::for_shape(tl as usize, Some(w as usize)).banded;
                 banded(b, qt, gm(kl)?, gm(vl)?, w, blk as i64, halo)?
+            }
+            _ if scheme == SeqGlobal::Zigzag && tl % 2 == 0 => {
+                zigzag(b, &seq, qt, gm(kl)?, gm(vl)?)?
             }
             _ => {
                 let kg = gm(seq.all_gather(b, kl, 1)?)?;
@@ -323,6 +353,178 @@ fn global(b: &Builder, q: Op, k: Op, v: Op, blk: i64) -> Result<Op> {
     } else {
         b.concatenate(&outs, 2)
     }
+}
+
+/// Load-balanced global attention of one sequence shard, inside the manual region: group-major
+/// q `[B,G,2c,R,H]`, k/v `[B,G,2c,H]` of the shard's chunks 2i, 2i+1 (c tokens each) of the
+/// 2S chunks of the sequence. Returns o `[B,G,2c,R,H]` for the same queries. See
+/// [`causal_attention_seq_with`] ([`SeqGlobal::Zigzag`]).
+fn zigzag(b: &Builder, seq: &SeqShards, q: Op, k: Op, v: Op) -> Result<Op> {
+    const S32: ElementType = ElementType::S32;
+    let qd = dims(b, q)?;
+    let (bs, g, tl, r, h) = (qd[0], qd[1], qd[2], qd[3], qd[4]);
+    let s = seq.shards() as i64;
+    let c = tl / 2;
+    let nf = 2 * s - 1; // whole key blocks per shard
+    let nm = nf + 2; // and the two diagonal ones
+                     // Chunk j's queries are worked on by shard j (j < S) or 2S−1−j: the even chunk 2p and the
+                     // odd chunk 2p+1 of shard p each travel in a permute of their own.
+    let worker = |j: i64| (if j < s { j } else { 2 * s - 1 - j }) as usize;
+    let even: Vec<usize> = (0..s).map(|p| worker(2 * p)).collect();
+    let odd: Vec<usize> = (0..s).map(|p| worker(2 * p + 1)).collect();
+    let inverse = |to: &[usize]| {
+        let mut inv = vec![0; to.len()];
+        for (j, &t) in to.iter().enumerate() {
+            inv[t] = j;
+        }
+        inv
+    };
+    let qe = seq.permute(b, b.slice_in_dim(q, 0, c, 2)?, &even)?;
+    let qo = seq.permute(b, b.slice_in_dim(q, c, tl, 2)?, &odd)?;
+    // Shard i now holds the queries of chunks je (even) and jo = 2S−1−je (odd):
+    // je = i for even i, 2S−1−i for odd i.
+    let i = seq.index(b)?;
+    let i_odd = b.compare(b.rem(i, b.scalar(2i32)?)?, b.scalar(1i32)?, Cmp::Eq)?;
+    let last = b.scalar((2 * s - 1) as i32)?;
+    let je = b.select(i_odd, b.sub(last, i)?, i)?;
+    let jo = b.sub(last, je)?;
+    // Keys and values, packed along H so they travel in one all-gather: [B,G,2S,c,2H].
+    let kv = seq.all_gather(b, b.concatenate(&[k, v], 3)?, 2)?;
+    let kv = b.reshape(kv, &[bs, g, 2 * s, c, 2 * h])?;
+    let zero = b.scalar(0i32)?;
+    let chunks_at = |x: Op, start: Op, n: i64| -> Result<Op> {
+        let mut sizes = dims(b, x)?;
+        sizes[2] = n;
+        b.dynamic_slice(x, &[zero, zero, start, zero, zero], &sizes)
+    };
+    // Whole block m < je serves chunk je with key chunk m; block m ≥ je serves chunk jo with
+    // key chunk m − je (je + jo = 2S − 1 = the number of whole blocks).
+    let first = b.slice_in_dim(kv, 0, nf, 2)?;
+    let twice = b.concatenate(&[first, first], 2)?;
+    let shifted = chunks_at(twice, b.sub(b.scalar(nf as i32)?, je)?, nf)?;
+    let m_whole = b.iota(S32, &[nf], 0)?;
+    let for_e = b.compare(m_whole, b.broadcast_in_dim(je, &[nf], &[])?, Cmp::Lt)?;
+    let kvd = dims(b, first)?;
+    let whole = b.select(bcast(b, for_e, &kvd, &[2])?, first, shifted)?;
+    let kvb = b.concatenate(&[whole, chunks_at(kv, je, 1)?, chunks_at(kv, jo, 1)?], 2)?;
+    let (kb, vb) = (
+        b.slice_in_dim(kvb, 0, h, 4)?,
+        b.slice_in_dim(kvb, h, 2 * h, 4)?,
+    );
+    // Each block's queries: its chunk's.
+    let qwd = [bs, g, nf, c, r, h];
+    let spread = |x: Op| bcast(b, x, &qwd, &[0, 1, 3, 4, 5]);
+    let qwhole = b.select(bcast(b, for_e, &qwd, &[2])?, spread(qe)?, spread(qo)?)?;
+    let one = |x: Op| b.reshape(x, &[bs, g, 1, c, r, h]);
+    let qb = b.concatenate(&[qwhole, one(qe)?, one(qo)?], 2)?;
+    // Row a sees key j of every whole block, and j ≤ a in the two diagonal ones.
+    let md = [nm, c, c];
+    let (mi, a, j) = (
+        b.iota(S32, &md, 0)?,
+        b.iota(S32, &md, 1)?,
+        b.iota(S32, &md, 2)?,
+    );
+    let vis = b.or(
+        b.compare(mi, b.scalar(nf as i32)?, Cmp::Lt)?,
+        b.compare(j, a, Cmp::Le)?,
+    )?;
+    // Blocks of chunk je: the whole ones before je and the first diagonal one.
+    let m = b.iota(S32, &[nm], 0)?;
+    let of_e = b.or(
+        b.compare(m, b.broadcast_in_dim(je, &[nm], &[])?, Cmp::Lt)?,
+        b.compare(m, b.scalar(nf as i32)?, Cmp::Eq)?,
+    )?;
+    let o = merged_blocks(b, qb, kb, vb, vis, of_e)?;
+    // Back to the shards that hold the chunks.
+    let back = |x: i64, to: &[usize]| -> Result<Op> {
+        let ox = b.reshape(b.slice_in_dim(o, x, x + 1, 2)?, &[bs, g, c, r, h])?;
+        seq.permute(b, ox, &inverse(to))
+    };
+    b.concatenate(&[back(0, &even)?, back(1, &odd)?], 2)
+}
+
+/// Per block m of `first` (pred `[M]`), the value of its group: `x0` where `first[m]`, else
+/// `x1` (both `[B,G,…]`), as `[B,G,M,…]`.
+fn per_block(b: &Builder, first: Op, x0: Op, x1: Op) -> Result<Op> {
+    let d = dims(b, x0)?;
+    let nm = dims(b, first)?[0];
+    let mut out = vec![d[0], d[1], nm];
+    out.extend_from_slice(&d[2..]);
+    let map: Vec<i64> = [0, 1].into_iter().chain(3..out.len() as i64).collect();
+    b.select(
+        bcast(b, first, &out, &[2])?,
+        bcast(b, x0, &out, &map)?,
+        bcast(b, x1, &out, &map)?,
+    )
+}
+
+/// Softmax attention over M key blocks of c keys, each serving one of two query chunks, with
+/// one softmax per chunk over all of its blocks (shared row max and sum): q `[B,G,M,c,R,H]`
+/// (block m's copy of its chunk's queries), k/v `[B,G,M,c,H]`, `vis` pred `[M,c,c]` (row a of
+/// block m sees its key j), `first` pred `[M]` (block m serves chunk 0, else chunk 1; every
+/// row sees at least one key of its chunk). Returns o `[B,G,2,c,R,H]`, with its VJP registered:
+/// [`block`]'s, with the chunk's sum and output in place of the block's.
+fn merged_blocks(b: &Builder, q: Op, k: Op, v: Op, vis: Op, first: Op) -> Result<Op> {
+    // scores [B,G,M,c,R,c]
+    let scores = b.dot_general(q, k, &dd(3, vec![5], vec![4]), None, Some(F32))?;
+    let sd = dims(b, scores)?;
+    let scores = b.select(
+        bcast(b, vis, &sd, &[2, 3, 5])?,
+        scores,
+        b.full(F32, -1e30, &sd)?,
+    )?;
+    let rd = sd[..5].to_vec(); // [B,G,M,c,R]
+    let rowmax = b.reduce_max(scores, &[5])?;
+    let neg = b.full(F32, -1e30, &rd)?;
+    let in_first = bcast(b, first, &rd, &[2])?;
+    let max0 = b.reduce_max(b.select(in_first, rowmax, neg)?, &[2])?;
+    let max1 = b.reduce_max(b.select(in_first, neg, rowmax)?, &[2])?;
+    let rows: Vec<i64> = (0..5).collect();
+    let gmax = bcast(b, per_block(b, first, max0, max1)?, &sd, &rows)?;
+    let e = b.exp(b.sub(scores, gmax)?)?;
+    let z = b.reduce_sum(e, &[5])?; // [B,G,M,c,R]
+    let u = b.dot_general(e, v, &dd(3, vec![5], vec![3]), None, Some(F32))?; // [B,G,M,c,R,H]
+    let w0 = b.convert(first, F32)?;
+    let w1 = b.sub(b.scalar(1.0f32)?, w0)?;
+    let group_sum = |x: Op, w: Op| -> Result<Op> {
+        let d = dims(b, x)?;
+        b.reduce_sum(b.mul(x, bcast(b, w, &d, &[2])?)?, &[2])
+    };
+    let (z0, z1) = (group_sum(z, w0)?, group_sum(z, w1)?); // [B,G,c,R]
+    let ud = dims(b, u)?;
+    let gd = [ud[0], ud[1], ud[3], ud[4], ud[5]]; // [B,G,c,R,H]
+    let over = |x: Op, z: Op| -> Result<Op> { b.div(x, bcast(b, z, &gd, &[0, 1, 2, 3])?) };
+    let o0 = over(group_sum(u, w0)?, z0)?;
+    let o1 = over(group_sum(u, w1)?, z1)?;
+    let one = |x: Op| b.reshape(x, &[gd[0], gd[1], 1, gd[2], gd[3], gd[4]]);
+    let o = b.concatenate(&[one(o0)?, one(o1)?], 2)?;
+    let rule =
+        move |b: &Builder, ins: &[Op], _o: Op, ct: &[Option<Op>]| -> Result<Vec<Option<Op>>> {
+            let Some(d_o) = ct[0] else {
+                return Ok(vec![None, None, None]);
+            };
+            let (q, k, v) = (ins[0], ins[1], ins[2]);
+            let part = |x: i64| b.reshape(b.slice_in_dim(d_o, x, x + 1, 2)?, &gd);
+            let over = |x: Op, z: Op| -> Result<Op> { b.div(x, bcast(b, z, &gd, &[0, 1, 2, 3])?) };
+            // With P = e / Z (Z the chunk's sum): dO/Z carries the normalisation into the dots.
+            let (dz0, dz1) = (over(part(0)?, z0)?, over(part(1)?, z1)?);
+            // rowsum(dP ⊙ P) = rowsum(dO ⊙ O), per chunk, divided by Z like dP.
+            let delta0 = b.reduce_sum(b.mul(dz0, o0)?, &[4])?;
+            let delta1 = b.reduce_sum(b.mul(dz1, o1)?, &[4])?;
+            let d_oz = per_block(b, first, dz0, dz1)?; // [B,G,M,c,R,H]
+            let delta = bcast(b, per_block(b, first, delta0, delta1)?, &sd, &rows)?;
+            // dV = Pᵀ dO  [B,G,M,c,H]
+            let dv = b.dot_general(e, d_oz, &dd(3, vec![3, 4], vec![3, 4]), None, None)?;
+            // dP/Z = (dO/Z) Vᵀ  [B,G,M,c,R,c];  dS = e ⊙ (dP/Z − δ/Z)
+            let dpz = b.dot_general(d_oz, v, &dd(3, vec![5], vec![4]), None, None)?;
+            let ds = b.mul(e, b.sub(dpz, delta)?)?;
+            // dQ = dS K  [B,G,M,c,R,H];  dK = dSᵀ Q  [B,G,M,c,H]
+            let dq = b.dot_general(ds, k, &dd(3, vec![5], vec![3]), None, None)?;
+            let dk = b.dot_general(ds, q, &dd(3, vec![3, 4], vec![3, 4]), None, None)?;
+            Ok(vec![Some(dq), Some(dk), Some(dv)])
+        };
+    b.custom_vjp(&[q, k, v], o, Arc::new(rule))?;
+    Ok(o)
 }
 
 /// The keys and values before a sequence shard (group-major k/v `[B,G,L,H]`, L ≤ W) and the

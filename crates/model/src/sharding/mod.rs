@@ -315,6 +315,31 @@ impl<'de> Deserialize<'de> for AxisRules {
     }
 }
 
+/// How global layers (full causal attention) run when the mesh cuts the sequence
+/// (`mesh.seq_global`; see [`crate::attention::causal_attention_seq_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeqGlobal {
+    /// Load-balanced: the sequence in 2S chunks, shard i attends for chunks i and 2S−1−i
+    /// (queries exchanged by `collective-permute`) over their visible key blocks only:
+    /// (2S+1)·c² scores per shard for chunks of c = T/(2S) tokens. Needs an even shard length
+    /// T/S; otherwise global layers run [`SeqGlobal::Dense`].
+    #[default]
+    Zigzag,
+    /// Each shard's T/S queries against all T gathered keys with the causal mask (4S·c²
+    /// scores per shard: twice the causal work, the upper half masked).
+    Dense,
+}
+
+impl fmt::Display for SeqGlobal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SeqGlobal::Zigzag => "zigzag",
+            SeqGlobal::Dense => "dense",
+        })
+    }
+}
+
 /// The `[mesh]` table: a size per mesh axis (at most one −1, "the rest of the devices") and the
 /// logical-axis rules. The default is a 1-device mesh with [`AxisRules::default`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -328,6 +353,8 @@ pub struct MeshConfig {
     pub tensor: i64,
     /// Sequence-parallel size.
     pub seq: i64,
+    /// Global layers under sequence parallelism: `"zigzag"` (default) or `"dense"`.
+    pub seq_global: SeqGlobal,
     /// Logical-axis rules.
     pub rules: AxisRules,
 }
@@ -339,6 +366,7 @@ impl Default for MeshConfig {
             fsdp: 1,
             tensor: 1,
             seq: 1,
+            seq_global: SeqGlobal::default(),
             rules: AxisRules::default(),
         }
     }
@@ -425,6 +453,7 @@ impl MeshConfig {
         Ok(Mesh {
             sizes,
             rules: self.rules.clone(),
+            seq_global: self.seq_global,
         })
     }
 }
@@ -457,6 +486,7 @@ impl fmt::Display for PartitionSpec {
 pub struct Mesh {
     sizes: [usize; 4],
     rules: AxisRules,
+    seq_global: SeqGlobal,
 }
 
 impl Mesh {
@@ -465,6 +495,7 @@ impl Mesh {
         Mesh {
             sizes: [1; 4],
             rules: AxisRules::default(),
+            seq_global: SeqGlobal::default(),
         }
     }
 
@@ -481,6 +512,11 @@ impl Mesh {
     /// The rules.
     pub fn rules(&self) -> &AxisRules {
         &self.rules
+    }
+
+    /// How global layers run when the sequence is cut (`mesh.seq_global`).
+    pub fn seq_global(&self) -> SeqGlobal {
+        self.seq_global
     }
 
     fn axes_text(&self, axes: &[MeshAxis]) -> String {
