@@ -148,8 +148,10 @@ pub fn causal_attention_seq(
 ///   diagonal one, so each shard computes the same 2S−1 whole c × c blocks (which query chunk
 ///   each serves is picked from the shard index) plus 2 masked diagonal ones: (2S+1)·c²
 ///   scores instead of 4S·c². One softmax over each chunk's blocks (shared row max and sum,
-///   [`merged_blocks`]), then two permutes take the outputs back to the contiguous layout.
-///   With T/S odd there are no 2S whole chunks: global layers then run dense.
+///   `merged_blocks`), then two permutes take the outputs back to the contiguous layout.
+///   T/S must be even (an error names T and S otherwise);
+/// * [`SeqGlobal::Auto`]: zigzag or dense by [`SeqGlobal::pick`] (dense for odd T/S and for
+///   chunks shorter than the head dim).
 ///
 /// Sliding-window layers (W + 1 < T) are the same in both.
 pub fn causal_attention_seq_with(
@@ -171,6 +173,16 @@ pub fn causal_attention_seq_with(
     let t = qd[1];
     let seq = SeqShards::new(b, qkv, 4, 1)?;
     let s = seq.shards() as i64;
+    let Some(picked) = scheme.pick((t / s.max(1)) as usize, qd[3] as usize) else {
+        return Err(b.error(
+            "causal_attention_seq",
+            format!(
+                "the zigzag scheme needs an even shard length: T = {t} over {s} sequence \
+                 shards gives {} tokens (q {qd:?})",
+                t / s
+            ),
+        ));
+    };
     let (ql, kl, vl) = (
         b.full_to_shard(q, qkv.clone())?,
         b.full_to_shard(k, qkv.clone())?,
@@ -200,9 +212,7 @@ pub fn causal_attention_seq_with(
                 let blk = AttentionBlocks::for_shape(tl as usize, Some(w as usize)).banded;
                 banded(b, qt, gm(kl)?, gm(vl)?, w, blk as i64, halo)?
             }
-            _ if scheme == SeqGlobal::Zigzag && tl % 2 == 0 => {
-                zigzag(b, &seq, qt, gm(kl)?, gm(vl)?)?
-            }
+            _ if picked == SeqGlobal::Zigzag => zigzag(b, &seq, qt, gm(kl)?, gm(vl)?)?,
             _ => {
                 let kg = gm(seq.all_gather(b, kl, 1)?)?;
                 let vg = gm(seq.all_gather(b, vl, 1)?)?;
@@ -359,6 +369,12 @@ fn global(b: &Builder, q: Op, k: Op, v: Op, blk: i64) -> Result<Op> {
 /// q `[B,G,2c,R,H]`, k/v `[B,G,2c,H]` of the shard's chunks 2i, 2i+1 (c tokens each) of the
 /// 2S chunks of the sequence. Returns o `[B,G,2c,R,H]` for the same queries. See
 /// [`causal_attention_seq_with`] ([`SeqGlobal::Zigzag`]).
+///
+/// Shard i attends for the near chunk i (i whole key blocks) and the far chunk 2S−1−i
+/// (2S−1−i whole blocks). Whole-block slot m < 2S−1−i serves the far chunk with key chunk m,
+/// slot m ≥ 2S−1−i the near one with key chunk 2S−2−m: the gathered chunks 0..2S−1 or their
+/// reverse, picked per slot — no run-time offsets. Each chunk's own (diagonal) keys and values
+/// travel with its queries.
 fn zigzag(b: &Builder, seq: &SeqShards, q: Op, k: Op, v: Op) -> Result<Op> {
     const S32: ElementType = ElementType::S32;
     let qd = dims(b, q)?;
@@ -367,8 +383,9 @@ fn zigzag(b: &Builder, seq: &SeqShards, q: Op, k: Op, v: Op) -> Result<Op> {
     let c = tl / 2;
     let nf = 2 * s - 1; // whole key blocks per shard
     let nm = nf + 2; // and the two diagonal ones
-                     // Chunk j's queries are worked on by shard j (j < S) or 2S−1−j: the even chunk 2p and the
-                     // odd chunk 2p+1 of shard p each travel in a permute of their own.
+                     // Chunk j is worked on by shard j (j < S) or 2S−1−j: the even chunk 2p and the odd chunk
+                     // 2p+1 of shard p each travel in a permute of their own, [q | k | v] packed along the
+                     // last dim ([B,G,c,(R+2)·H]).
     let worker = |j: i64| (if j < s { j } else { 2 * s - 1 - j }) as usize;
     let even: Vec<usize> = (0..s).map(|p| worker(2 * p)).collect();
     let odd: Vec<usize> = (0..s).map(|p| worker(2 * p + 1)).collect();
@@ -379,42 +396,46 @@ fn zigzag(b: &Builder, seq: &SeqShards, q: Op, k: Op, v: Op) -> Result<Op> {
         }
         inv
     };
-    let qe = seq.permute(b, b.slice_in_dim(q, 0, c, 2)?, &even)?;
-    let qo = seq.permute(b, b.slice_in_dim(q, c, tl, 2)?, &odd)?;
-    // Shard i now holds the queries of chunks je (even) and jo = 2S−1−je (odd):
-    // je = i for even i, 2S−1−i for odd i.
+    let pack = |from: i64, to: &[usize]| -> Result<Op> {
+        let part = |x: Op| b.slice_in_dim(x, from, from + c, 2);
+        let qp = b.reshape(part(q)?, &[bs, g, c, r * h])?;
+        seq.permute(b, b.concatenate(&[qp, part(k)?, part(v)?], 3)?, to)
+    };
+    let (pe, po) = (pack(0, &even)?, pack(c, &odd)?);
+    let queries = |p: Op| b.reshape(b.slice_in_dim(p, 0, r * h, 3)?, &[bs, g, c, r, h]);
+    let own_kv = |p: Op| {
+        b.reshape(
+            b.slice_in_dim(p, r * h, (r + 2) * h, 3)?,
+            &[bs, g, 1, c, 2 * h],
+        )
+    };
+    let (qe, qo) = (queries(pe)?, queries(po)?);
+    // Shard i now holds chunks je (even) and jo (odd): the far chunk is the even one for odd i.
+    // Keys and values of every chunk, [k | v] in one all-gather: [B,G,2S,c,2H].
     let i = seq.index(b)?;
     let i_odd = b.compare(b.rem(i, b.scalar(2i32)?)?, b.scalar(1i32)?, Cmp::Eq)?;
-    let last = b.scalar((2 * s - 1) as i32)?;
-    let je = b.select(i_odd, b.sub(last, i)?, i)?;
-    let jo = b.sub(last, je)?;
-    // Keys and values, packed along H so they travel in one all-gather: [B,G,2S,c,2H].
     let kv = seq.all_gather(b, b.concatenate(&[k, v], 3)?, 2)?;
     let kv = b.reshape(kv, &[bs, g, 2 * s, c, 2 * h])?;
-    let zero = b.scalar(0i32)?;
-    let chunks_at = |x: Op, start: Op, n: i64| -> Result<Op> {
-        let mut sizes = dims(b, x)?;
-        sizes[2] = n;
-        b.dynamic_slice(x, &[zero, zero, start, zero, zero], &sizes)
-    };
-    // Whole block m < je serves chunk je with key chunk m; block m ≥ je serves chunk jo with
-    // key chunk m − je (je + jo = 2S − 1 = the number of whole blocks).
     let first = b.slice_in_dim(kv, 0, nf, 2)?;
-    let twice = b.concatenate(&[first, first], 2)?;
-    let shifted = chunks_at(twice, b.sub(b.scalar(nf as i32)?, je)?, nf)?;
-    let m_whole = b.iota(S32, &[nf], 0)?;
-    let for_e = b.compare(m_whole, b.broadcast_in_dim(je, &[nf], &[])?, Cmp::Lt)?;
+    let far_slots = b.sub(b.scalar(nf as i32)?, i)?; // 2S − 1 − i
+    let slot = b.iota(S32, &[nf], 0)?;
+    let far = b.compare(slot, b.broadcast_in_dim(far_slots, &[nf], &[])?, Cmp::Lt)?;
     let kvd = dims(b, first)?;
-    let whole = b.select(bcast(b, for_e, &kvd, &[2])?, first, shifted)?;
-    let kvb = b.concatenate(&[whole, chunks_at(kv, je, 1)?, chunks_at(kv, jo, 1)?], 2)?;
+    let whole = b.select(bcast(b, far, &kvd, &[2])?, first, b.reverse(first, &[2])?)?;
+    let kvb = b.concatenate(&[whole, own_kv(pe)?, own_kv(po)?], 2)?; // [B,G,M,c,2H]
     let (kb, vb) = (
         b.slice_in_dim(kvb, 0, h, 4)?,
         b.slice_in_dim(kvb, h, 2 * h, 4)?,
     );
-    // Each block's queries: its chunk's.
+    // Slot m serves the even chunk iff (it serves the far chunk) == (i is odd); the two
+    // diagonal slots serve the even and the odd chunk.
+    let whole_e = b.not(b.xor(far, b.broadcast_in_dim(i_odd, &[nf], &[])?)?)?;
+    let diag_e = b.compare(b.iota(S32, &[2], 0)?, b.scalar(0i32)?, Cmp::Eq)?;
+    let of_e = b.concatenate(&[whole_e, diag_e], 0)?;
+    // Each slot's queries: its chunk's.
     let qwd = [bs, g, nf, c, r, h];
     let spread = |x: Op| bcast(b, x, &qwd, &[0, 1, 3, 4, 5]);
-    let qwhole = b.select(bcast(b, for_e, &qwd, &[2])?, spread(qe)?, spread(qo)?)?;
+    let qwhole = b.select(bcast(b, whole_e, &qwd, &[2])?, spread(qe)?, spread(qo)?)?;
     let one = |x: Op| b.reshape(x, &[bs, g, 1, c, r, h]);
     let qb = b.concatenate(&[qwhole, one(qe)?, one(qo)?], 2)?;
     // Row a sees key j of every whole block, and j ≤ a in the two diagonal ones.
@@ -427,12 +448,6 @@ fn zigzag(b: &Builder, seq: &SeqShards, q: Op, k: Op, v: Op) -> Result<Op> {
     let vis = b.or(
         b.compare(mi, b.scalar(nf as i32)?, Cmp::Lt)?,
         b.compare(j, a, Cmp::Le)?,
-    )?;
-    // Blocks of chunk je: the whole ones before je and the first diagonal one.
-    let m = b.iota(S32, &[nm], 0)?;
-    let of_e = b.or(
-        b.compare(m, b.broadcast_in_dim(je, &[nm], &[])?, Cmp::Lt)?,
-        b.compare(m, b.scalar(nf as i32)?, Cmp::Eq)?,
     )?;
     let o = merged_blocks(b, qb, kb, vb, vis, of_e)?;
     // Back to the shards that hold the chunks.
@@ -484,35 +499,32 @@ fn merged_blocks(b: &Builder, q: Op, k: Op, v: Op, vis: Op, first: Op) -> Result
     let e = b.exp(b.sub(scores, gmax)?)?;
     let z = b.reduce_sum(e, &[5])?; // [B,G,M,c,R]
     let u = b.dot_general(e, v, &dd(3, vec![5], vec![3]), None, Some(F32))?; // [B,G,M,c,R,H]
+                                                                             // The chunks' sums over their blocks as dots with the 0/1 matrix w [B,G,2,M] (w[c, m] = 1
+                                                                             // iff block m serves chunk c); its transpose spreads a chunk's value over its blocks.
     let w0 = b.convert(first, F32)?;
     let w1 = b.sub(b.scalar(1.0f32)?, w0)?;
-    let group_sum = |x: Op, w: Op| -> Result<Op> {
-        let d = dims(b, x)?;
-        b.reduce_sum(b.mul(x, bcast(b, w, &d, &[2])?)?, &[2])
-    };
-    let (z0, z1) = (group_sum(z, w0)?, group_sum(z, w1)?); // [B,G,c,R]
-    let ud = dims(b, u)?;
-    let gd = [ud[0], ud[1], ud[3], ud[4], ud[5]]; // [B,G,c,R,H]
-    let over = |x: Op, z: Op| -> Result<Op> { b.div(x, bcast(b, z, &gd, &[0, 1, 2, 3])?) };
-    let o0 = over(group_sum(u, w0)?, z0)?;
-    let o1 = over(group_sum(u, w1)?, z1)?;
-    let one = |x: Op| b.reshape(x, &[gd[0], gd[1], 1, gd[2], gd[3], gd[4]]);
-    let o = b.concatenate(&[one(o0)?, one(o1)?], 2)?;
+    let nm = rd[2];
+    let w = b.concatenate(&[b.reshape(w0, &[1, nm])?, b.reshape(w1, &[1, nm])?], 0)?;
+    let w = bcast(b, w, &[rd[0], rd[1], 2, nm], &[2, 3])?;
+    let wt = b.transpose(w, &[0, 1, 3, 2])?; // [B,G,M,2]
+    let gsum = |x: Op| b.dot_general(w, x, &dd(2, vec![3], vec![2]), None, None);
+    let zc = gsum(z)?; // [B,G,2,c,R]
+    let uc = gsum(u)?; // [B,G,2,c,R,H]
+    let od = dims(b, uc)?;
+    let o = b.div(uc, bcast(b, zc, &od, &[0, 1, 2, 3, 4])?)?;
     let rule =
-        move |b: &Builder, ins: &[Op], _o: Op, ct: &[Option<Op>]| -> Result<Vec<Option<Op>>> {
+        move |b: &Builder, ins: &[Op], o: Op, ct: &[Option<Op>]| -> Result<Vec<Option<Op>>> {
             let Some(d_o) = ct[0] else {
                 return Ok(vec![None, None, None]);
             };
             let (q, k, v) = (ins[0], ins[1], ins[2]);
-            let part = |x: i64| b.reshape(b.slice_in_dim(d_o, x, x + 1, 2)?, &gd);
-            let over = |x: Op, z: Op| -> Result<Op> { b.div(x, bcast(b, z, &gd, &[0, 1, 2, 3])?) };
+            let spread = |x: Op| b.dot_general(wt, x, &dd(2, vec![3], vec![2]), None, None);
             // With P = e / Z (Z the chunk's sum): dO/Z carries the normalisation into the dots.
-            let (dz0, dz1) = (over(part(0)?, z0)?, over(part(1)?, z1)?);
+            let dz = b.div(d_o, bcast(b, zc, &od, &[0, 1, 2, 3, 4])?)?;
             // rowsum(dP ⊙ P) = rowsum(dO ⊙ O), per chunk, divided by Z like dP.
-            let delta0 = b.reduce_sum(b.mul(dz0, o0)?, &[4])?;
-            let delta1 = b.reduce_sum(b.mul(dz1, o1)?, &[4])?;
-            let d_oz = per_block(b, first, dz0, dz1)?; // [B,G,M,c,R,H]
-            let delta = bcast(b, per_block(b, first, delta0, delta1)?, &sd, &rows)?;
+            let delta = b.reduce_sum(b.mul(dz, o)?, &[5])?;
+            let d_oz = spread(dz)?; // [B,G,M,c,R,H]
+            let delta = bcast(b, spread(delta)?, &sd, &rows)?;
             // dV = Pᵀ dO  [B,G,M,c,H]
             let dv = b.dot_general(e, d_oz, &dd(3, vec![3, 4], vec![3, 4]), None, None)?;
             // dP/Z = (dO/Z) Vᵀ  [B,G,M,c,R,c];  dS = e ⊙ (dP/Z − δ/Z)

@@ -262,49 +262,63 @@ fn local_layer_over_sequence_shards_equals_one_device() {
 
 #[test]
 fn global_layer_over_sequence_shards_equals_one_device() {
-    // Zigzag (the default): S = 8 (chunks of c = 2 tokens), data 2 × seq 4 (c = 4) and
-    // data 2 × tensor 2 × seq 2 (c = 8).
-    let hlo = check(Attention::Global, 8, (1, 8), Lowering::CustomCall);
+    // Zigzag: S = 8 (chunks of c = 2 tokens), data 2 × seq 4 (c = 4) and data 2 × tensor 2 ×
+    // seq 2 (c = 8; what `auto` picks here, c ≥ H = 8).
+    let zig = |data, seq| mesh(data, seq, SeqGlobal::Zigzag);
+    let cfg = config(8, Lowering::CustomCall);
+    let hlo = check_config(
+        cfg.clone(),
+        Attention::Global,
+        8,
+        &zig(1, 8),
+        Lowering::CustomCall,
+    );
     assert!(
         hlo.contains("all-gather"),
         "keys and values are not gathered"
     );
     assert!(hlo.contains("collective-permute"), "no query exchange");
-    check(Attention::Global, 8, (2, 4), Lowering::CustomCall);
-    let cfg = config(8, Lowering::CustomCall);
+    check_config(
+        cfg.clone(),
+        Attention::Global,
+        8,
+        &zig(2, 4),
+        Lowering::CustomCall,
+    );
     let mixed = MeshConfig {
         data: 2,
         tensor: 2,
         seq: 2,
         ..MeshConfig::default()
     };
-    check_config(cfg, Attention::Global, 8, &mixed, Lowering::CustomCall);
+    let hlo = check_config(cfg, Attention::Global, 8, &mixed, Lowering::CustomCall);
+    assert!(
+        hlo.contains("collective-permute"),
+        "auto did not pick zigzag"
+    );
     // RoPE on the global layer: the positions of each shard's queries and keys are its slice of
     // the whole sequence's (T = 32 over seq 8, shards of 4), a small base so they matter.
-    let mut cfg = config(8, Lowering::CustomCall);
-    cfg.global_rope = true;
-    cfg.rope_theta = 20.0;
-    for m in [mesh(1, 8, SeqGlobal::Zigzag), mixed] {
-        check_config(cfg.clone(), Attention::Global, 8, &m, Lowering::CustomCall);
+    let mut rope = config(8, Lowering::CustomCall);
+    rope.global_rope = true;
+    rope.rope_theta = 20.0;
+    for m in [zig(1, 8), mixed] {
+        check_config(rope.clone(), Attention::Global, 8, &m, Lowering::CustomCall);
     }
-    // The dense scheme (`mesh.seq_global = "dense"`): every shard against all T keys.
-    for rope in [false, true] {
-        let cfg = if rope {
-            cfg.clone()
-        } else {
-            config(8, Lowering::CustomCall)
-        };
-        let m = mesh(1, 8, SeqGlobal::Dense);
-        let hlo = check_config(cfg, Attention::Global, 8, &m, Lowering::CustomCall);
-        assert!(
-            !hlo.contains("collective-permute"),
-            "dense moves no queries"
-        );
+    // The dense scheme (`mesh.seq_global = "dense"`; what `auto` picks for c < H): every shard
+    // against all T keys.
+    for cfg in [config(8, Lowering::CustomCall), rope] {
+        for m in [mesh(1, 8, SeqGlobal::Dense), mesh(2, 4, SeqGlobal::Auto)] {
+            let hlo = check_config(cfg.clone(), Attention::Global, 8, &m, Lowering::CustomCall);
+            assert!(
+                !hlo.contains("collective-permute"),
+                "dense moves no queries"
+            );
+        }
     }
 }
 
 #[test]
-fn zigzag_global_layer_with_odd_chunks_and_the_dense_fallback() {
+fn zigzag_global_layer_with_odd_chunks_and_odd_shards() {
     // T = 24: data 2 × seq 4 gives shards of 6 tokens, zigzag chunks of c = 3.
     let mut cfg = config(8, Lowering::CustomCall);
     cfg.seq_len = 24;
@@ -316,26 +330,34 @@ fn zigzag_global_layer_with_odd_chunks_and_the_dense_fallback() {
         Lowering::CustomCall,
     );
     assert!(hlo.contains("collective-permute"), "no query exchange");
-    // seq 8: shards of 3 tokens do not split into 2 chunks; the layer runs dense (exact,
-    // no query exchange), the same program as with `seq_global = "dense"`.
-    let zig = check_config(
-        cfg.clone(),
-        Attention::Global,
-        8,
-        &mesh(1, 8, SeqGlobal::Zigzag),
-        Lowering::CustomCall,
-    );
-    assert!(!zig.contains("collective-permute"), "T/S odd: not dense");
+    // seq 8: shards of 3 tokens do not split into 2 chunks. Zigzag asked for is refused before
+    // anything is traced, naming T, the seq axis and the global layers; `auto` runs dense.
+    let e = Model::new(cfg.clone())
+        .unwrap()
+        .with_mesh(mesh(1, 8, SeqGlobal::Zigzag).resolve(DEVICES).unwrap())
+        .unwrap_err()
+        .to_string();
+    eprintln!("{e}");
+    for part in [
+        "mesh.seq_global = \"zigzag\"",
+        "model.seq_len = 24",
+        "mesh.seq = 8",
+        "shards of 3 tokens",
+        "layers.3",
+    ] {
+        assert!(e.contains(part), "{part:?} missing in: {e}");
+    }
     let inputs: [Vec<f32>; 4] = std::array::from_fn(|i| {
         let n = if i == 1 || i == 2 { D.g } else { D.n };
         rand(D.b * 24 * n * D.h, 7 + i as u64, 1.0)
     });
-    let run_with = |scheme| run(&cfg, Attention::Global, Some(&mesh(1, 8, scheme)), &inputs).0;
-    let (a, b) = (run_with(SeqGlobal::Zigzag), run_with(SeqGlobal::Dense));
+    let run_with = |scheme| run(&cfg, Attention::Global, Some(&mesh(1, 8, scheme)), &inputs);
+    let ((a, hlo), (b, _)) = (run_with(SeqGlobal::Auto), run_with(SeqGlobal::Dense));
+    assert!(!hlo.contains("collective-permute"), "T/S odd: not dense");
     for (x, y) in a.iter().zip(&b) {
         assert!(
             x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
-            "the fallback is not the dense program"
+            "auto is not the dense program"
         );
     }
 }

@@ -36,6 +36,24 @@ impl Model {
         if !t.is_multiple_of(seq) {
             return Err(MeshError::SeqLength { seq_len: t, seq });
         }
+        let cfg = self.config();
+        let global: Vec<String> = self
+            .layers()
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| !a.is_local() || cfg.window + 1 >= t)
+            .map(|(i, _)| format!("layers.{i}"))
+            .collect();
+        if seq > 1 && !global.is_empty() && mesh.seq_global().pick(t / seq, cfg.head_dim).is_none()
+        {
+            return Err(MeshError::ZigzagOddShard {
+                seq_len: t,
+                seq,
+                shard: t / seq,
+                twice: 2 * seq,
+                layers: global.join(", "),
+            });
+        }
         self.param_shardings(&mesh)?;
         self.mesh = mesh;
         Ok(self)

@@ -188,6 +188,20 @@ pub enum MeshError {
         /// The `seq` axis size.
         seq: usize,
     },
+    /// `mesh.seq_global = "zigzag"` with an odd shard length.
+    #[error("mesh.seq_global = \"zigzag\" needs an even shard length: model.seq_len = {seq_len} over mesh.seq = {seq} gives shards of {shard} tokens, which do not split into the 2 chunks each shard attends for in the global layers ({layers}); use a seq_len divisible by 2 × mesh.seq = {twice}, or mesh.seq_global = \"auto\" or \"dense\"")]
+    ZigzagOddShard {
+        /// T.
+        seq_len: usize,
+        /// The `seq` axis size.
+        seq: usize,
+        /// T / seq.
+        shard: usize,
+        /// 2 × seq.
+        twice: usize,
+        /// The layers that attend globally (`layers.3, layers.7`).
+        layers: String,
+    },
     /// A head dimension would split inside a head.
     #[error("{tensor}: dim {dim} ({logical}) holds {heads} heads, not divisible by {shards} = {axes} (mesh.rules.{logical}): a shard would split a head")]
     HeadsNotDivisible {
@@ -320,20 +334,42 @@ impl<'de> Deserialize<'de> for AxisRules {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SeqGlobal {
+    /// [`SeqGlobal::Zigzag`] where it is measured to win, [`SeqGlobal::Dense`] elsewhere:
+    /// zigzag when the shard length T/S is even and its chunks c = T/(2S) hold at least head
+    /// dim H tokens ([`SeqGlobal::pick`]).
+    #[default]
+    Auto,
     /// Load-balanced: the sequence in 2S chunks, shard i attends for chunks i and 2S−1−i
     /// (queries exchanged by `collective-permute`) over their visible key blocks only:
-    /// (2S+1)·c² scores per shard for chunks of c = T/(2S) tokens. Needs an even shard length
-    /// T/S; otherwise global layers run [`SeqGlobal::Dense`].
-    #[default]
+    /// (2S+1)·c² scores per shard for chunks of c = T/(2S) tokens. Needs an even T/S.
     Zigzag,
     /// Each shard's T/S queries against all T gathered keys with the causal mask (4S·c²
     /// scores per shard: twice the causal work, the upper half masked).
     Dense,
 }
 
+impl SeqGlobal {
+    /// The scheme global layers run with sequence shards of `shard_len` tokens and head dim
+    /// `head_dim`: `Auto` is zigzag when `shard_len` is even and c = `shard_len`/2 ≥
+    /// `head_dim`, else dense. Below that, on XLA CPU, zigzag's per-block copies of the
+    /// queries and per-block outputs (M·c·R·H values each, M = 2S+1 blocks) outweigh the
+    /// scores it saves (M·c·R·c); `cargo bench -p rattention-benches --bench sharded_step`
+    /// (c = 16, H = 64) runs faster dense, T = 1024 and 2048 over seq 8 (c = 64, 128) faster
+    /// zigzag. `None`: `Zigzag` asked for with an odd `shard_len` (no 2 whole chunks).
+    pub fn pick(self, shard_len: usize, head_dim: usize) -> Option<SeqGlobal> {
+        let even = shard_len.is_multiple_of(2);
+        match self {
+            SeqGlobal::Auto if even && shard_len / 2 >= head_dim => Some(SeqGlobal::Zigzag),
+            SeqGlobal::Auto | SeqGlobal::Dense => Some(SeqGlobal::Dense),
+            SeqGlobal::Zigzag => even.then_some(SeqGlobal::Zigzag),
+        }
+    }
+}
+
 impl fmt::Display for SeqGlobal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            SeqGlobal::Auto => "auto",
             SeqGlobal::Zigzag => "zigzag",
             SeqGlobal::Dense => "dense",
         })
@@ -353,7 +389,7 @@ pub struct MeshConfig {
     pub tensor: i64,
     /// Sequence-parallel size.
     pub seq: i64,
-    /// Global layers under sequence parallelism: `"zigzag"` (default) or `"dense"`.
+    /// Global layers under sequence parallelism: `"auto"` (default), `"zigzag"` or `"dense"`.
     pub seq_global: SeqGlobal,
     /// Logical-axis rules.
     pub rules: AxisRules,
