@@ -8,9 +8,9 @@
 //! head dim 64, FFN 768) at T = 256, batch 8, W = 64. Meshes: 1 device; data 8; fsdp 8;
 //! tensor 2 × data 4 (2 kv heads allow at most tensor 2); seq 8 (32-token shards, the W = 64
 //! halo from 2 shards back); data 2 × seq 4; fsdp 4 × tensor 2. The seq meshes run their
-//! global layer load-balanced (`mesh.seq_global = "zigzag"`, the default); `seq8-dense` and
-//! `data2xseq4-dense` run it dense (every shard against all T keys) for comparison. Each step is
-//! what `rattn train` runs: state donated and fed back, each device holding only its shard, the token batch split
+//! global layer as `mesh.seq_global = "auto"` picks (here dense: chunks of T/(2S) = 16 and 32
+//! tokens are below the head dim 64); `seq8-zigzag` and `data2xseq4-zigzag` run it
+//! load-balanced, for comparison. Each step is what `rattn train` runs: state donated and fed back, each device holding only its shard, the token batch split
 //! on the host.
 //!
 //! After criterion's runs one table prints wall and CPU ms per step (medians; CPU summed over
@@ -41,10 +41,10 @@ const MESHES: [(&str, &[&str]); 9] = [
     ("data4xtensor2", &["mesh.data=4", "mesh.tensor=2"]),
     ("seq8", &["mesh.seq=8"]),
     ("data2xseq4", &["mesh.data=2", "mesh.seq=4"]),
-    ("seq8-dense", &["mesh.seq=8", "mesh.seq_global=dense"]),
+    ("seq8-zigzag", &["mesh.seq=8", "mesh.seq_global=zigzag"]),
     (
-        "data2xseq4-dense",
-        &["mesh.data=2", "mesh.seq=4", "mesh.seq_global=dense"],
+        "data2xseq4-zigzag",
+        &["mesh.data=2", "mesh.seq=4", "mesh.seq_global=zigzag"],
     ),
     ("fsdp4xtensor2", &["mesh.fsdp=4", "mesh.tensor=2"]),
 ];
