@@ -23,8 +23,11 @@ use rattention_benches::{bench_config, criterion, load, ratio_table, Row, Timing
 
 const DEVICES: usize = 8;
 
-/// Label, `(data, seq)` and scheme of each run (`None`: 1 device).
-const RUNS: [(&str, Option<(i64, i64, SeqGlobal)>); 5] = [
+/// `(data, seq)` sizes and the global layers' scheme of a mesh.
+type SeqMesh = (i64, i64, SeqGlobal);
+
+/// Label and mesh of each run (`None`: 1 device).
+const RUNS: [(&str, Option<SeqMesh>); 5] = [
     ("1 device", None),
     ("seq8 dense", Some((1, 8, SeqGlobal::Dense))),
     ("seq8 zigzag", Some((1, 8, SeqGlobal::Zigzag))),
@@ -38,7 +41,7 @@ struct Layer {
     args: Vec<Vec<Buffer>>,
 }
 
-fn setup(client: &Client, t: usize, batch: usize, mesh: Option<(i64, i64, SeqGlobal)>) -> Layer {
+fn setup(client: &Client, t: usize, batch: usize, mesh: Option<SeqMesh>) -> Layer {
     let cfg = bench_config(&[format!("model.seq_len={t}")]);
     let mut m = Model::new(cfg.model.clone()).expect("model");
     let n = if let Some((data, seq, scheme)) = mesh {
