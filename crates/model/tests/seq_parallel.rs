@@ -6,7 +6,9 @@
 //! every element (the exact gradients; the two programs round in their own directions, so they
 //! may differ from each other by up to twice that).
 //! Windows: 0 (RLA over everything before the token), below one shard, above one shard (a halo
-//! over several shards); meshes seq 8 and data 2 × seq 4.
+//! over several shards); meshes seq 8 and data 2 × seq 4. Global layers both ways
+//! (`mesh.seq_global`): zigzag on seq 8, data 2 × seq 4 and data 2 × tensor 2 × seq 2 (chunks
+//! of 2, 4 and 8 tokens; 3 at T = 24), dense on seq 8 and data 2 × seq 4.
 
 use hlo_builder::{Builder, ElementType, Op, Sharding};
 use model::config::{FeatureMap, Lowering, ModelConfig};
