@@ -11,7 +11,9 @@
 //! summed over all threads of the process) and throughput relative to 1 device, with the load.
 //!
 //! `cargo bench -p rattention-benches --bench seq_global -- --quick` (env
-//! `RATTN_BENCH_SHAPES=256x8,1024x2` picks T × batch; default 256x8, 1024x2, 2048x1).
+//! `RATTN_BENCH_SHAPES=256x8,1024x2` picks T × batch; default 256x8, 1024x2, 2048x1;
+//! `RATTN_BENCH_LAYER=local` times a RAttention local layer (SWA + RLA, W = 64) instead, whose
+//! program does not depend on the scheme, for comparison).
 
 use std::collections::HashMap;
 
@@ -41,8 +43,22 @@ struct Layer {
     args: Vec<Vec<Buffer>>,
 }
 
+/// The layer timed: global, or a RAttention local layer with env `RATTN_BENCH_LAYER=local`.
+fn layer_kind() -> Attention {
+    match std::env::var("RATTN_BENCH_LAYER").as_deref() {
+        Ok("local") => Attention::Rattention,
+        Ok("global") | Err(_) => Attention::Global,
+        Ok(other) => panic!("RATTN_BENCH_LAYER = {other:?}: global or local"),
+    }
+}
+
 fn setup(client: &Client, t: usize, batch: usize, mesh: Option<SeqMesh>) -> Layer {
-    let cfg = bench_config(&[format!("model.seq_len={t}")]);
+    let cfg = bench_config(&[
+        format!("model.seq_len={t}"),
+        "model.window=64".into(),
+        "model.rla.chunk=32".into(),
+        "model.rla.sub_chunk=16".into(),
+    ]);
     let mut m = Model::new(cfg.model.clone()).expect("model");
     let n = if let Some((data, seq, scheme)) = mesh {
         let mc = MeshConfig {
@@ -79,10 +95,14 @@ fn setup(client: &Client, t: usize, batch: usize, mesh: Option<SeqMesh>) -> Laye
         b.set_sharding(x, sh.clone()).unwrap();
     }
     let pos = b.iota(ElementType::F32, &[t as i64], 0).unwrap();
-    let scales: ParamOps = HashMap::new();
+    let mut scales: ParamOps = HashMap::new();
+    for name in ["l.swa_norm.scale", "l.rla_norm.scale"] {
+        let ones = b.ones(ElementType::F32, &[nh as i64, h as i64]).unwrap();
+        scales.insert(name.into(), ones);
+    }
     let qkv = (p[0], p[1], p[2]);
     let out = m
-        .attention_core(&b, &scales, "l", Attention::Global, qkv, pos, "cpu")
+        .attention_core(&b, &scales, "l", layer_kind(), qkv, pos, "cpu")
         .unwrap();
     let l = b
         .reduce_sum(b.mul(out, p[3]).unwrap(), &[0, 1, 2, 3])
@@ -155,6 +175,8 @@ fn main() {
         &[("cpu_device_count", NamedValue::I64(DEVICES as i64))],
     )
     .expect("CPU client with 8 devices");
+    pallas_port::register_cpu_kernels(&client).expect("register the RLA FFI handlers");
+    let kind = layer_kind();
     let mut tables = Vec::new();
     for (t, batch) in shapes {
         let timings = Timings::default();
@@ -162,10 +184,17 @@ fn main() {
         let load_before = load();
         let mut group = c.benchmark_group(format!("seq_global_T{t}_B{batch}"));
         for (label, mesh) in RUNS {
+            if kind != Attention::Global && mesh.is_some_and(|m| m.2 == SeqGlobal::Zigzag) {
+                continue; // the local layer's program does not depend on the scheme
+            }
             if mesh.is_some_and(|(data, _, _)| !batch.is_multiple_of(data as usize)) {
                 eprintln!("{label}: skipped, batch {batch} does not split over data");
                 continue;
             }
+            let label = match kind {
+                Attention::Global => label,
+                _ => label.trim_end_matches(" dense"),
+            };
             let layer = setup(&client, t, batch, mesh);
             let id = format!("T{t} {label}");
             group.bench_function(BenchmarkId::from_parameter(label), |b| {
@@ -176,8 +205,13 @@ fn main() {
         group.finish();
         tables.push(ratio_table(
             &format!(
-                "global layer of configs/bench.toml (forward + dq, dk, dv), T={t} B={batch}, \
+                "{} layer of configs/bench.toml (forward + dq, dk, dv), T={t} B={batch}, \
                  on {DEVICES} CPU devices (load {load_before} before, {} after)",
+                if kind == Attention::Global {
+                    "global"
+                } else {
+                    "local (W = 64)"
+                },
                 load()
             ),
             &rows,
