@@ -7,8 +7,10 @@
 //! Model: `configs/bench.toml` (d_model 256, 4 layers 3 local : 1 global, 4 heads / 2 kv heads,
 //! head dim 64, FFN 768) at T = 256, batch 8, W = 64. Meshes: 1 device; data 8; fsdp 8;
 //! tensor 2 × data 4 (2 kv heads allow at most tensor 2); seq 8 (32-token shards, the W = 64
-//! halo from 2 shards back); data 2 × seq 4; fsdp 4 × tensor 2. Each step is what `rattn train`
-//! runs: state donated and fed back, each device holding only its shard, the token batch split
+//! halo from 2 shards back); data 2 × seq 4; fsdp 4 × tensor 2. The seq meshes run their
+//! global layer as `mesh.seq_global = "auto"` picks (here dense: chunks of T/(2S) = 16 and 32
+//! tokens are below the head dim 64); `seq8-zigzag` and `data2xseq4-zigzag` run it
+//! load-balanced, for comparison. Each step is what `rattn train` runs: state donated and fed back, each device holding only its shard, the token batch split
 //! on the host.
 //!
 //! After criterion's runs one table prints wall and CPU ms per step (medians; CPU summed over
@@ -16,7 +18,8 @@
 //! average beside it.
 //!
 //! `cargo bench -p rattention-benches --bench sharded_step` (add `-- --quick` for a short run;
-//! env `RATTN_BENCH_MESHES=data8,seq8` picks meshes by label).
+//! env `RATTN_BENCH_MESHES=data8,seq8` picks meshes by label, `RATTN_BENCH_T=1024` and
+//! `RATTN_BENCH_BATCH=2` change T and the batch).
 
 use std::cell::RefCell;
 
@@ -28,24 +31,44 @@ use trainer::config::RunConfig;
 use trainer::step::{build_train_step, state_tensors, StepIo, StepShardings};
 
 const DEVICES: usize = 8;
-const T: usize = 256;
-const BATCH: usize = 8;
+/// Tokens per sequence: 256, or env `RATTN_BENCH_T`.
+fn seq_len() -> usize {
+    env_usize("RATTN_BENCH_T", 256)
+}
+
+/// Sequences per step: 8, or env `RATTN_BENCH_BATCH`.
+fn batch() -> usize {
+    env_usize("RATTN_BENCH_BATCH", 8)
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).map_or(default, |v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name} = {v:?} is not a count"))
+    })
+}
 
 /// Label and `[mesh]` overrides of each run.
-const MESHES: [(&str, &[&str]); 7] = [
+const MESHES: [(&str, &[&str]); 9] = [
     ("1 device", &[]),
     ("data8", &["mesh.data=8"]),
     ("fsdp8", &["mesh.fsdp=8"]),
     ("data4xtensor2", &["mesh.data=4", "mesh.tensor=2"]),
     ("seq8", &["mesh.seq=8"]),
     ("data2xseq4", &["mesh.data=2", "mesh.seq=4"]),
+    ("seq8-zigzag", &["mesh.seq=8", "mesh.seq_global=zigzag"]),
+    (
+        "data2xseq4-zigzag",
+        &["mesh.data=2", "mesh.seq=4", "mesh.seq_global=zigzag"],
+    ),
     ("fsdp4xtensor2", &["mesh.fsdp=4", "mesh.tensor=2"]),
 ];
 
 fn config(mesh: &[&str]) -> RunConfig {
+    let (t, b) = (seq_len(), batch());
     let mut o: Vec<String> = vec![
-        format!("model.seq_len={T}"),
-        format!("train.batch={BATCH}"),
+        format!("model.seq_len={t}"),
+        format!("train.batch={b}"),
         "model.window=64".into(),
         "model.rla.chunk=32".into(),
         "model.rla.sub_chunk=16".into(),
@@ -105,8 +128,9 @@ fn setup(client: &Client, mesh: &[&str]) -> Sharded {
             );
         }
     }
-    let tok: Vec<i32> = (0..BATCH * (T + 1)).map(|i| (i * 7 % 256) as i32).collect();
-    let w = vec![1.0f32; BATCH * T];
+    let (tl, bsz) = (seq_len(), batch());
+    let tok: Vec<i32> = (0..bsz * (tl + 1)).map(|i| (i * 7 % 256) as i32).collect();
+    let w = vec![1.0f32; bsz * tl];
     let split = |dims: [usize; 2]| {
         let piece: Vec<i64> = shardings
             .tokens
@@ -117,18 +141,18 @@ fn setup(client: &Client, mesh: &[&str]) -> Sharded {
             .collect();
         piece
     };
-    let tdims = split([BATCH, T + 1]);
-    let wdims = split([BATCH, T]);
+    let tdims = split([bsz, tl + 1]);
+    let wdims = split([bsz, tl]);
     let tokens = shardings
         .tokens
-        .split_host(&tok, &[BATCH, T + 1], n)
+        .split_host(&tok, &[bsz, tl + 1], n)
         .unwrap()
         .into_iter()
         .map(|p| (p, tdims.clone()))
         .collect();
     let weights = shardings
         .tokens
-        .split_host(&w, &[BATCH, T], n)
+        .split_host(&w, &[bsz, tl], n)
         .unwrap()
         .into_iter()
         .map(|p| (p, wdims.clone()))
@@ -196,7 +220,8 @@ fn main() {
     let timings = Timings::default();
     let mut rows = Vec::new();
     let load_before = load();
-    let mut group = c.benchmark_group(format!("sharded_T{T}_B{BATCH}"));
+    let (tl, bsz) = (seq_len(), batch());
+    let mut group = c.benchmark_group(format!("sharded_T{tl}_B{bsz}"));
     for (label, mesh) in MESHES {
         if label != "1 device" && pick.as_ref().is_some_and(|p| !p.iter().any(|x| x == label)) {
             continue;
@@ -213,12 +238,12 @@ fn main() {
         "{}",
         ratio_table(
             &format!(
-                "train step of configs/bench.toml, T={T} B={BATCH} W=64, on {DEVICES} CPU devices \
+                "train step of configs/bench.toml, T={tl} B={bsz} W=64, on {DEVICES} CPU devices \
                  (load {load_before} before, {} after)",
                 load()
             ),
             &rows,
-            (BATCH * T) as f64,
+            (bsz * tl) as f64,
             "1 device",
         )
     );

@@ -24,6 +24,7 @@
 use std::sync::Arc;
 
 use crate::layers::{bcast, dims};
+use crate::sharding::SeqGlobal;
 use hlo_builder::{Builder, Cmp, DotDims, ElementType, Op, Result, Sharding};
 use pallas_port::seq::SeqShards;
 
@@ -118,8 +119,8 @@ pub fn causal_attention_with(
 /// partitioned region ([`pallas_port::seq`]). Shard `i` holds queries `i·T/S ..`:
 ///
 /// * **global** (`window = None`, or W + 1 ≥ T): keys and values are gathered over the shards
-///   (`all-gather`); the shard's queries attend to all T keys with the causal mask at their
-///   global positions (dense: T/S × T scores per shard);
+///   (`all-gather`) and attended load-balanced ([`SeqGlobal::Zigzag`], see
+///   [`causal_attention_seq_with`]);
 /// * **sliding window**: the W keys/values before the shard arrive as a halo
 ///   (`collective-permute`, from several shards when W > T/S); the banded blocks of
 ///   [`causal_attention`] run over `[halo; own]`, keys before the sequence start masked.
@@ -134,6 +135,34 @@ pub fn causal_attention_seq(
     window: Option<usize>,
     qkv: &Sharding,
 ) -> Result<Op> {
+    causal_attention_seq_with(b, q, k, v, window, qkv, SeqGlobal::default())
+}
+
+/// [`causal_attention_seq`] with the global layers' scheme chosen (`mesh.seq_global`):
+///
+/// * [`SeqGlobal::Dense`]: shard `i`'s T/S queries attend to all T gathered keys with the
+///   causal mask at their global positions (T/S × T scores per shard, the upper half masked);
+/// * [`SeqGlobal::Zigzag`] (load-balanced): T in 2S chunks of c = T/(2S) tokens (shard `i`
+///   holds chunks 2i, 2i+1). Two `collective-permute`s bring shard `i` the queries of chunks
+///   `i` and 2S−1−i; against the gathered keys, chunk j needs j whole key blocks and its
+///   diagonal one, so each shard computes the same 2S−1 whole c × c blocks (which query chunk
+///   each serves is picked from the shard index) plus 2 masked diagonal ones: (2S+1)·c²
+///   scores instead of 4S·c². One softmax over each chunk's blocks (shared row max and sum,
+///   `merged_blocks`), then two permutes take the outputs back to the contiguous layout.
+///   T/S must be even (an error names T and S otherwise);
+/// * [`SeqGlobal::Auto`]: zigzag or dense by [`SeqGlobal::pick`] (dense for odd T/S and for
+///   chunks shorter than the head dim).
+///
+/// Sliding-window layers (W + 1 < T) are the same in both.
+pub fn causal_attention_seq_with(
+    b: &Builder,
+    q: Op,
+    k: Op,
+    v: Op,
+    window: Option<usize>,
+    qkv: &Sharding,
+    scheme: SeqGlobal,
+) -> Result<Op> {
     let (qd, kd) = (dims(b, q)?, dims(b, k)?);
     if qd.len() != 4 || kd.len() != 4 || kd[2] == 0 || qd[2] % kd[2] != 0 {
         return Err(b.error(
@@ -144,6 +173,16 @@ pub fn causal_attention_seq(
     let t = qd[1];
     let seq = SeqShards::new(b, qkv, 4, 1)?;
     let s = seq.shards() as i64;
+    let Some(picked) = scheme.pick((t / s.max(1)) as usize, qd[3] as usize) else {
+        return Err(b.error(
+            "causal_attention_seq",
+            format!(
+                "the zigzag scheme needs an even shard length: T = {t} over {s} sequence \
+                 shards gives {} tokens (q {qd:?})",
+                t / s
+            ),
+        ));
+    };
     let (ql, kl, vl) = (
         b.full_to_shard(q, qkv.clone())?,
         b.full_to_shard(k, qkv.clone())?,
@@ -173,6 +212,7 @@ pub fn causal_attention_seq(
                 let blk = AttentionBlocks::for_shape(tl as usize, Some(w as usize)).banded;
                 banded(b, qt, gm(kl)?, gm(vl)?, w, blk as i64, halo)?
             }
+            _ if picked == SeqGlobal::Zigzag => zigzag(b, &seq, qt, gm(kl)?, gm(vl)?)?,
             _ => {
                 let kg = gm(seq.all_gather(b, kl, 1)?)?;
                 let vg = gm(seq.all_gather(b, vl, 1)?)?;
@@ -323,6 +363,180 @@ fn global(b: &Builder, q: Op, k: Op, v: Op, blk: i64) -> Result<Op> {
     } else {
         b.concatenate(&outs, 2)
     }
+}
+
+/// Load-balanced global attention of one sequence shard, inside the manual region: group-major
+/// q `[B,G,2c,R,H]`, k/v `[B,G,2c,H]` of the shard's chunks 2i, 2i+1 (c tokens each) of the
+/// 2S chunks of the sequence. Returns o `[B,G,2c,R,H]` for the same queries. See
+/// [`causal_attention_seq_with`] ([`SeqGlobal::Zigzag`]).
+///
+/// Shard i attends for the near chunk i (i whole key blocks) and the far chunk 2S−1−i
+/// (2S−1−i whole blocks). Whole-block slot m < 2S−1−i serves the far chunk with key chunk m,
+/// slot m ≥ 2S−1−i the near one with key chunk 2S−2−m: the gathered chunks 0..2S−1 or their
+/// reverse, picked per slot — no run-time offsets. Each chunk's own (diagonal) keys and values
+/// travel with its queries.
+fn zigzag(b: &Builder, seq: &SeqShards, q: Op, k: Op, v: Op) -> Result<Op> {
+    const S32: ElementType = ElementType::S32;
+    let qd = dims(b, q)?;
+    let (bs, g, tl, r, h) = (qd[0], qd[1], qd[2], qd[3], qd[4]);
+    let s = seq.shards() as i64;
+    let c = tl / 2;
+    let nf = 2 * s - 1; // whole key blocks per shard
+    let nm = nf + 2; // and the two diagonal ones
+                     // Chunk j is worked on by shard j (j < S) or 2S−1−j: the even chunk 2p and the odd chunk
+                     // 2p+1 of shard p each travel in a permute of their own, [q | k | v] packed along the
+                     // last dim ([B,G,c,(R+2)·H]).
+    let worker = |j: i64| (if j < s { j } else { 2 * s - 1 - j }) as usize;
+    let even: Vec<usize> = (0..s).map(|p| worker(2 * p)).collect();
+    let odd: Vec<usize> = (0..s).map(|p| worker(2 * p + 1)).collect();
+    let inverse = |to: &[usize]| {
+        let mut inv = vec![0; to.len()];
+        for (j, &t) in to.iter().enumerate() {
+            inv[t] = j;
+        }
+        inv
+    };
+    let pack = |from: i64, to: &[usize]| -> Result<Op> {
+        let part = |x: Op| b.slice_in_dim(x, from, from + c, 2);
+        let qp = b.reshape(part(q)?, &[bs, g, c, r * h])?;
+        seq.permute(b, b.concatenate(&[qp, part(k)?, part(v)?], 3)?, to)
+    };
+    let (pe, po) = (pack(0, &even)?, pack(c, &odd)?);
+    let queries = |p: Op| b.reshape(b.slice_in_dim(p, 0, r * h, 3)?, &[bs, g, c, r, h]);
+    let own_kv = |p: Op| {
+        b.reshape(
+            b.slice_in_dim(p, r * h, (r + 2) * h, 3)?,
+            &[bs, g, 1, c, 2 * h],
+        )
+    };
+    let (qe, qo) = (queries(pe)?, queries(po)?);
+    // Shard i now holds chunks je (even) and jo (odd): the far chunk is the even one for odd i.
+    // Keys and values of every chunk, [k | v] in one all-gather: [B,G,2S,c,2H].
+    let i = seq.index(b)?;
+    let i_odd = b.compare(b.rem(i, b.scalar(2i32)?)?, b.scalar(1i32)?, Cmp::Eq)?;
+    let kv = seq.all_gather(b, b.concatenate(&[k, v], 3)?, 2)?;
+    let kv = b.reshape(kv, &[bs, g, 2 * s, c, 2 * h])?;
+    let first = b.slice_in_dim(kv, 0, nf, 2)?;
+    let far_slots = b.sub(b.scalar(nf as i32)?, i)?; // 2S − 1 − i
+    let slot = b.iota(S32, &[nf], 0)?;
+    let far = b.compare(slot, b.broadcast_in_dim(far_slots, &[nf], &[])?, Cmp::Lt)?;
+    let kvd = dims(b, first)?;
+    let whole = b.select(bcast(b, far, &kvd, &[2])?, first, b.reverse(first, &[2])?)?;
+    let kvb = b.concatenate(&[whole, own_kv(pe)?, own_kv(po)?], 2)?; // [B,G,M,c,2H]
+    let (kb, vb) = (
+        b.slice_in_dim(kvb, 0, h, 4)?,
+        b.slice_in_dim(kvb, h, 2 * h, 4)?,
+    );
+    // Slot m serves the even chunk iff (it serves the far chunk) == (i is odd); the two
+    // diagonal slots serve the even and the odd chunk.
+    let whole_e = b.not(b.xor(far, b.broadcast_in_dim(i_odd, &[nf], &[])?)?)?;
+    let diag_e = b.compare(b.iota(S32, &[2], 0)?, b.scalar(0i32)?, Cmp::Eq)?;
+    let of_e = b.concatenate(&[whole_e, diag_e], 0)?;
+    // Each slot's queries: its chunk's.
+    let qwd = [bs, g, nf, c, r, h];
+    let spread = |x: Op| bcast(b, x, &qwd, &[0, 1, 3, 4, 5]);
+    let qwhole = b.select(bcast(b, whole_e, &qwd, &[2])?, spread(qe)?, spread(qo)?)?;
+    let one = |x: Op| b.reshape(x, &[bs, g, 1, c, r, h]);
+    let qb = b.concatenate(&[qwhole, one(qe)?, one(qo)?], 2)?;
+    // Row a sees key j of every whole block, and j ≤ a in the two diagonal ones.
+    let md = [nm, c, c];
+    let (mi, a, j) = (
+        b.iota(S32, &md, 0)?,
+        b.iota(S32, &md, 1)?,
+        b.iota(S32, &md, 2)?,
+    );
+    let vis = b.or(
+        b.compare(mi, b.scalar(nf as i32)?, Cmp::Lt)?,
+        b.compare(j, a, Cmp::Le)?,
+    )?;
+    let o = merged_blocks(b, qb, kb, vb, vis, of_e)?;
+    // Back to the shards that hold the chunks.
+    let back = |x: i64, to: &[usize]| -> Result<Op> {
+        let ox = b.reshape(b.slice_in_dim(o, x, x + 1, 2)?, &[bs, g, c, r, h])?;
+        seq.permute(b, ox, &inverse(to))
+    };
+    b.concatenate(&[back(0, &even)?, back(1, &odd)?], 2)
+}
+
+/// Per block m of `first` (pred `[M]`), the value of its group: `x0` where `first[m]`, else
+/// `x1` (both `[B,G,…]`), as `[B,G,M,…]`.
+fn per_block(b: &Builder, first: Op, x0: Op, x1: Op) -> Result<Op> {
+    let d = dims(b, x0)?;
+    let nm = dims(b, first)?[0];
+    let mut out = vec![d[0], d[1], nm];
+    out.extend_from_slice(&d[2..]);
+    let map: Vec<i64> = [0, 1].into_iter().chain(3..out.len() as i64).collect();
+    b.select(
+        bcast(b, first, &out, &[2])?,
+        bcast(b, x0, &out, &map)?,
+        bcast(b, x1, &out, &map)?,
+    )
+}
+
+/// Softmax attention over M key blocks of c keys, each serving one of two query chunks, with
+/// one softmax per chunk over all of its blocks (shared row max and sum): q `[B,G,M,c,R,H]`
+/// (block m's copy of its chunk's queries), k/v `[B,G,M,c,H]`, `vis` pred `[M,c,c]` (row a of
+/// block m sees its key j), `first` pred `[M]` (block m serves chunk 0, else chunk 1; every
+/// row sees at least one key of its chunk). Returns o `[B,G,2,c,R,H]`, with its VJP registered:
+/// [`block`]'s, with the chunk's sum and output in place of the block's.
+fn merged_blocks(b: &Builder, q: Op, k: Op, v: Op, vis: Op, first: Op) -> Result<Op> {
+    // scores [B,G,M,c,R,c]
+    let scores = b.dot_general(q, k, &dd(3, vec![5], vec![4]), None, Some(F32))?;
+    let sd = dims(b, scores)?;
+    let scores = b.select(
+        bcast(b, vis, &sd, &[2, 3, 5])?,
+        scores,
+        b.full(F32, -1e30, &sd)?,
+    )?;
+    let rd = sd[..5].to_vec(); // [B,G,M,c,R]
+    let rowmax = b.reduce_max(scores, &[5])?;
+    let neg = b.full(F32, -1e30, &rd)?;
+    let in_first = bcast(b, first, &rd, &[2])?;
+    let max0 = b.reduce_max(b.select(in_first, rowmax, neg)?, &[2])?;
+    let max1 = b.reduce_max(b.select(in_first, neg, rowmax)?, &[2])?;
+    let rows: Vec<i64> = (0..5).collect();
+    let gmax = bcast(b, per_block(b, first, max0, max1)?, &sd, &rows)?;
+    let e = b.exp(b.sub(scores, gmax)?)?;
+    let z = b.reduce_sum(e, &[5])?; // [B,G,M,c,R]
+    let u = b.dot_general(e, v, &dd(3, vec![5], vec![3]), None, Some(F32))?; // [B,G,M,c,R,H]
+                                                                             // The chunks' sums over their blocks as dots with the 0/1 matrix w [B,G,2,M] (w[c, m] = 1
+                                                                             // iff block m serves chunk c); its transpose spreads a chunk's value over its blocks.
+    let w0 = b.convert(first, F32)?;
+    let w1 = b.sub(b.scalar(1.0f32)?, w0)?;
+    let nm = rd[2];
+    let w = b.concatenate(&[b.reshape(w0, &[1, nm])?, b.reshape(w1, &[1, nm])?], 0)?;
+    let w = bcast(b, w, &[rd[0], rd[1], 2, nm], &[2, 3])?;
+    let wt = b.transpose(w, &[0, 1, 3, 2])?; // [B,G,M,2]
+    let gsum = |x: Op| b.dot_general(w, x, &dd(2, vec![3], vec![2]), None, None);
+    let zc = gsum(z)?; // [B,G,2,c,R]
+    let uc = gsum(u)?; // [B,G,2,c,R,H]
+    let od = dims(b, uc)?;
+    let o = b.div(uc, bcast(b, zc, &od, &[0, 1, 2, 3, 4])?)?;
+    let rule =
+        move |b: &Builder, ins: &[Op], o: Op, ct: &[Option<Op>]| -> Result<Vec<Option<Op>>> {
+            let Some(d_o) = ct[0] else {
+                return Ok(vec![None, None, None]);
+            };
+            let (q, k, v) = (ins[0], ins[1], ins[2]);
+            let spread = |x: Op| b.dot_general(wt, x, &dd(2, vec![3], vec![2]), None, None);
+            // With P = e / Z (Z the chunk's sum): dO/Z carries the normalisation into the dots.
+            let dz = b.div(d_o, bcast(b, zc, &od, &[0, 1, 2, 3, 4])?)?;
+            // rowsum(dP ⊙ P) = rowsum(dO ⊙ O), per chunk, divided by Z like dP.
+            let delta = b.reduce_sum(b.mul(dz, o)?, &[5])?;
+            let d_oz = spread(dz)?; // [B,G,M,c,R,H]
+            let delta = bcast(b, spread(delta)?, &sd, &rows)?;
+            // dV = Pᵀ dO  [B,G,M,c,H]
+            let dv = b.dot_general(e, d_oz, &dd(3, vec![3, 4], vec![3, 4]), None, None)?;
+            // dP/Z = (dO/Z) Vᵀ  [B,G,M,c,R,c];  dS = e ⊙ (dP/Z − δ/Z)
+            let dpz = b.dot_general(d_oz, v, &dd(3, vec![5], vec![4]), None, None)?;
+            let ds = b.mul(e, b.sub(dpz, delta)?)?;
+            // dQ = dS K  [B,G,M,c,R,H];  dK = dSᵀ Q  [B,G,M,c,H]
+            let dq = b.dot_general(ds, k, &dd(3, vec![5], vec![3]), None, None)?;
+            let dk = b.dot_general(ds, q, &dd(3, vec![3, 4], vec![3, 4]), None, None)?;
+            Ok(vec![Some(dq), Some(dk), Some(dv)])
+        };
+    b.custom_vjp(&[q, k, v], o, Arc::new(rule))?;
+    Ok(o)
 }
 
 /// The keys and values before a sequence shard (group-major k/v `[B,G,L,H]`, L ≤ W) and the

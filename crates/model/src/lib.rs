@@ -40,6 +40,6 @@ pub use decode::{DecodeIo, LoopIo};
 pub use model::{Attention, Model, Remat};
 pub use params::{init_param, Init, LogicalAxis, ParamRole, ParamSpec};
 pub use sharding::{
-    AxisRules, Mesh, MeshAxis, MeshConfig, MeshError, ParamSharding, PartitionSpec,
+    AxisRules, Mesh, MeshAxis, MeshConfig, MeshError, ParamSharding, PartitionSpec, SeqGlobal,
 };
 pub use transformer::ParamOps;

@@ -173,7 +173,15 @@ impl Model {
             .seq_region(b.shape(q)?.dims())
             .map_err(|e| b.error("attention", e.to_string()))?;
         let attend = |q: Op, k: Op, v: Op, window: Option<usize>| match &seq_region {
-            Some(s) => crate::attention::causal_attention_seq(b, q, k, v, window, s),
+            Some(s) => crate::attention::causal_attention_seq_with(
+                b,
+                q,
+                k,
+                v,
+                window,
+                s,
+                self.mesh().seq_global(),
+            ),
             None => causal_attention(b, q, k, v, window),
         };
         if attn == Attention::Global {

@@ -6,12 +6,14 @@
 //! every element (the exact gradients; the two programs round in their own directions, so they
 //! may differ from each other by up to twice that).
 //! Windows: 0 (RLA over everything before the token), below one shard, above one shard (a halo
-//! over several shards); meshes seq 8 and data 2 × seq 4.
+//! over several shards); meshes seq 8 and data 2 × seq 4. Global layers both ways
+//! (`mesh.seq_global`): zigzag on seq 8, data 2 × seq 4 and data 2 × tensor 2 × seq 2 (chunks
+//! of 2, 4 and 8 tokens; 3 at T = 24), dense on seq 8 and data 2 × seq 4.
 
 use hlo_builder::{Builder, ElementType, Op, Sharding};
 use model::config::{FeatureMap, Lowering, ModelConfig};
 use model::reference::{self, AttnDims};
-use model::{Attention, MeshConfig, Model, ParamOps};
+use model::{Attention, MeshConfig, Model, ParamOps, SeqGlobal};
 use std::collections::HashMap;
 
 mod common;
@@ -43,27 +45,39 @@ fn config(window: usize, lowering: Lowering) -> ModelConfig {
     cfg
 }
 
-/// (out, dq, dk, dv) of `sum(out · w)` for the attention core of `attn`, on the mesh
-/// `data × seq` (8 devices; `None`: 1 device, no mesh), and the optimized HLO.
+/// The attention dims of `cfg`: [`D`] with its T.
+fn dims_of(cfg: &ModelConfig) -> AttnDims {
+    AttnDims {
+        t: cfg.seq_len,
+        ..D
+    }
+}
+
+/// The `[mesh]` of `data × seq` with the global layers' `scheme`.
+fn mesh(data: i64, seq: i64, scheme: SeqGlobal) -> MeshConfig {
+    MeshConfig {
+        data,
+        seq,
+        seq_global: scheme,
+        ..MeshConfig::default()
+    }
+}
+
+/// (out, dq, dk, dv) of `sum(out · w)` for the attention core of `attn`, on `mesh`
+/// (8 devices; `None`: 1 device, no mesh), and the optimized HLO.
 fn run(
     cfg: &ModelConfig,
     attn: Attention,
-    mesh: Option<(i64, i64)>,
+    mesh: Option<&MeshConfig>,
     inputs: &[Vec<f32>; 4],
 ) -> (Vec<Vec<f32>>, String) {
+    let d = dims_of(cfg);
     let mut m = Model::new(cfg.clone()).unwrap();
-    if let Some((data, seq)) = mesh {
-        let mesh = MeshConfig {
-            data,
-            seq,
-            ..MeshConfig::default()
-        }
-        .resolve(DEVICES)
-        .unwrap();
-        m = m.with_mesh(mesh).unwrap();
+    if let Some(mesh) = mesh {
+        m = m.with_mesh(mesh.resolve(DEVICES).unwrap()).unwrap();
     }
-    let qd = [D.b, D.t, D.n, D.h];
-    let kd = [D.b, D.t, D.g, D.h];
+    let qd = [d.b, d.t, d.n, d.h];
+    let kd = [d.b, d.t, d.g, d.h];
     let dims = [qd, kd, kd, qd];
     let b = Builder::new("seq_parallel");
     let p: Vec<Op> = dims
@@ -88,10 +102,10 @@ fn run(
     for name in ["l.swa_norm.scale", "l.rla_norm.scale"] {
         scales.insert(
             name.into(),
-            b.ones(ElementType::F32, &[D.n as i64, D.h as i64]).unwrap(),
+            b.ones(ElementType::F32, &[d.n as i64, d.h as i64]).unwrap(),
         );
     }
-    let pos = b.iota(ElementType::F32, &[D.t as i64], 0).unwrap();
+    let pos = b.iota(ElementType::F32, &[d.t as i64], 0).unwrap();
     let out = m
         .attention_core(&b, &scales, "l", attn, (p[0], p[1], p[2]), pos, "cpu")
         .unwrap();
@@ -120,7 +134,8 @@ fn run(
 /// Runs `attn` with `window` on the mesh and on 1 device; asserts the agreement and returns the
 /// sharded program's optimized HLO.
 fn check(attn: Attention, window: usize, mesh: (i64, i64), lowering: Lowering) -> String {
-    check_config(config(window, lowering), attn, window, mesh, lowering)
+    let mesh = self::mesh(mesh.0, mesh.1, SeqGlobal::default());
+    check_config(config(window, lowering), attn, window, &mesh, lowering)
 }
 
 /// [`check`] with a given config (built from [`config`]).
@@ -128,15 +143,16 @@ fn check_config(
     cfg: ModelConfig,
     attn: Attention,
     window: usize,
-    mesh: (i64, i64),
+    mesh: &MeshConfig,
     lowering: Lowering,
 ) -> String {
+    let d = dims_of(&cfg);
     let seed = 100 + window as u64;
     let inputs = [
-        rand(D.b * D.t * D.n * D.h, seed, 1.0),
-        rand(D.b * D.t * D.g * D.h, seed + 1, 1.0),
-        rand(D.b * D.t * D.g * D.h, seed + 2, 1.0),
-        rand(D.b * D.t * D.n * D.h, seed + 3, 1.0),
+        rand(d.b * d.t * d.n * d.h, seed, 1.0),
+        rand(d.b * d.t * d.g * d.h, seed + 1, 1.0),
+        rand(d.b * d.t * d.g * d.h, seed + 2, 1.0),
+        rand(d.b * d.t * d.n * d.h, seed + 3, 1.0),
     ];
     let (sharded, hlo) = run(&cfg, attn, Some(mesh), &inputs);
     let (one, _) = run(&cfg, attn, None, &inputs);
@@ -144,24 +160,34 @@ fn check_config(
     let (q, k, v) = (f64v(&inputs[0]), f64v(&inputs[1]), f64v(&inputs[2]));
     let global_theta = cfg.global_rope.then_some(cfg.rope_theta);
     let want = match attn {
-        Attention::Global => reference::attention(&q, &k, &v, D, global_theta, |t, s| s <= t),
+        Attention::Global => reference::attention(&q, &k, &v, d, global_theta, |t, s| s <= t),
         _ => {
-            reference::local_layer(&q, &k, &v, D, window, cfg.rope_theta, FeatureMap::Softmax).mixed
+            reference::local_layer(&q, &k, &v, d, window, cfg.rope_theta, FeatureMap::Softmax).mixed
         }
     };
     let name = format!(
-        "{attn:?}{} W={window} data {} × seq {} ({lowering})",
+        "{attn:?}{} T={} W={window} data {} × seq {}{} ({lowering}{})",
         if cfg.global_rope { " global_rope" } else { "" },
-        mesh.0,
-        mesh.1
+        d.t,
+        mesh.data,
+        mesh.seq,
+        if mesh.tensor > 1 {
+            format!(" × tensor {}", mesh.tensor)
+        } else {
+            String::new()
+        },
+        match attn {
+            Attention::Global => format!(", {}", mesh.seq_global),
+            _ => String::new(),
+        }
     );
     // The exact gradients: central differences of the f64 reference at every element of q,
     // k, v (the reference is independent of both programs).
     let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
         let out = match attn {
-            Attention::Global => reference::attention(q, k, v, D, global_theta, |t, s| s <= t),
+            Attention::Global => reference::attention(q, k, v, d, global_theta, |t, s| s <= t),
             _ => {
-                reference::local_layer(q, k, v, D, window, cfg.rope_theta, FeatureMap::Softmax)
+                reference::local_layer(q, k, v, d, window, cfg.rope_theta, FeatureMap::Softmax)
                     .mixed
             }
         };
@@ -238,18 +264,104 @@ fn local_layer_over_sequence_shards_equals_one_device() {
 
 #[test]
 fn global_layer_over_sequence_shards_equals_one_device() {
-    let hlo = check(Attention::Global, 8, (1, 8), Lowering::CustomCall);
+    // Zigzag: S = 8 (chunks of c = 2 tokens), data 2 × seq 4 (c = 4) and data 2 × tensor 2 ×
+    // seq 2 (c = 8; what `auto` picks here, c ≥ H = 8).
+    let zig = |data, seq| mesh(data, seq, SeqGlobal::Zigzag);
+    let cfg = config(8, Lowering::CustomCall);
+    let hlo = check_config(
+        cfg.clone(),
+        Attention::Global,
+        8,
+        &zig(1, 8),
+        Lowering::CustomCall,
+    );
     assert!(
         hlo.contains("all-gather"),
         "keys and values are not gathered"
     );
-    check(Attention::Global, 8, (2, 4), Lowering::CustomCall);
+    assert!(hlo.contains("collective-permute"), "no query exchange");
+    check_config(
+        cfg.clone(),
+        Attention::Global,
+        8,
+        &zig(2, 4),
+        Lowering::CustomCall,
+    );
+    let mixed = MeshConfig {
+        data: 2,
+        tensor: 2,
+        seq: 2,
+        ..MeshConfig::default()
+    };
+    let hlo = check_config(cfg, Attention::Global, 8, &mixed, Lowering::CustomCall);
+    assert!(
+        hlo.contains("collective-permute"),
+        "auto did not pick zigzag"
+    );
     // RoPE on the global layer: the positions of each shard's queries and keys are its slice of
     // the whole sequence's (T = 32 over seq 8, shards of 4), a small base so they matter.
+    let mut rope = config(8, Lowering::CustomCall);
+    rope.global_rope = true;
+    rope.rope_theta = 20.0;
+    for m in [zig(1, 8), mixed] {
+        check_config(rope.clone(), Attention::Global, 8, &m, Lowering::CustomCall);
+    }
+    // The dense scheme (`mesh.seq_global = "dense"`; what `auto` picks for c < H): every shard
+    // against all T keys.
+    for cfg in [config(8, Lowering::CustomCall), rope] {
+        for m in [mesh(1, 8, SeqGlobal::Dense), mesh(2, 4, SeqGlobal::Auto)] {
+            let hlo = check_config(cfg.clone(), Attention::Global, 8, &m, Lowering::CustomCall);
+            assert!(
+                !hlo.contains("collective-permute"),
+                "dense moves no queries"
+            );
+        }
+    }
+}
+
+#[test]
+fn zigzag_global_layer_with_odd_chunks_and_odd_shards() {
+    // T = 24: data 2 × seq 4 gives shards of 6 tokens, zigzag chunks of c = 3.
     let mut cfg = config(8, Lowering::CustomCall);
-    cfg.global_rope = true;
-    cfg.rope_theta = 20.0;
-    check_config(cfg, Attention::Global, 8, (1, 8), Lowering::CustomCall);
+    cfg.seq_len = 24;
+    let hlo = check_config(
+        cfg.clone(),
+        Attention::Global,
+        8,
+        &mesh(2, 4, SeqGlobal::Zigzag),
+        Lowering::CustomCall,
+    );
+    assert!(hlo.contains("collective-permute"), "no query exchange");
+    // seq 8: shards of 3 tokens do not split into 2 chunks. Zigzag asked for is refused before
+    // anything is traced, naming T, the seq axis and the global layers; `auto` runs dense.
+    let e = Model::new(cfg.clone())
+        .unwrap()
+        .with_mesh(mesh(1, 8, SeqGlobal::Zigzag).resolve(DEVICES).unwrap())
+        .unwrap_err()
+        .to_string();
+    eprintln!("{e}");
+    for part in [
+        "mesh.seq_global = \"zigzag\"",
+        "model.seq_len = 24",
+        "mesh.seq = 8",
+        "shards of 3 tokens",
+        "layers.3",
+    ] {
+        assert!(e.contains(part), "{part:?} missing in: {e}");
+    }
+    let inputs: [Vec<f32>; 4] = std::array::from_fn(|i| {
+        let n = if i == 1 || i == 2 { D.g } else { D.n };
+        rand(D.b * 24 * n * D.h, 7 + i as u64, 1.0)
+    });
+    let run_with = |scheme| run(&cfg, Attention::Global, Some(&mesh(1, 8, scheme)), &inputs);
+    let ((a, hlo), (b, _)) = (run_with(SeqGlobal::Auto), run_with(SeqGlobal::Dense));
+    assert!(!hlo.contains("collective-permute"), "T/S odd: not dense");
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "auto is not the dense program"
+        );
+    }
 }
 
 /// (swa, rla o, rla final_state, and the gradients of sq, sk, q, k, v) of

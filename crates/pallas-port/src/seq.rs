@@ -113,6 +113,32 @@ impl SeqShards {
         }
     }
 
+    /// Shard `j`'s `x` sent to shard `to[j]` (one `collective-permute` within each line of
+    /// shards; `to` must be a permutation of `0..S`). The identity moves nothing and returns `x`.
+    pub fn permute(&self, b: &Builder, x: Op, to: &[usize]) -> Result<Op> {
+        let s = self.shards();
+        let mut seen = vec![false; s];
+        let ok = to.len() == s
+            && to
+                .iter()
+                .all(|&t| t < s && !std::mem::replace(&mut seen[t], true));
+        if !ok {
+            return Err(b.error(
+                "seq_permute",
+                format!("targets {to:?} must be a permutation of the {s} sequence shards"),
+            ));
+        }
+        if to.iter().enumerate().all(|(j, &t)| j == t) {
+            return Ok(x);
+        }
+        let pairs: Vec<(i64, i64)> = self
+            .groups
+            .iter()
+            .flat_map(|g| to.iter().enumerate().map(move |(j, &t)| (g[j], g[t])))
+            .collect();
+        b.collective_permute(x, &pairs)
+    }
+
     /// Every shard's `x` concatenated along `dim`, in sequence order (`all-gather`).
     pub fn all_gather(&self, b: &Builder, x: Op, dim: usize) -> Result<Op> {
         b.all_gather(x, dim as i64, &self.groups)

@@ -143,6 +143,9 @@ pub fn train(
         .with_context(|| format!("cannot create run dir {}", out.display()))?;
     if mesh.device_count() > 1 {
         eprintln!("mesh: {mesh}");
+        if let Some(note) = model.seq_global_note() {
+            eprintln!("{note}");
+        }
     }
 
     // State: parameters and both moments, as host vectors in spec order.

@@ -36,9 +36,58 @@ impl Model {
         if !t.is_multiple_of(seq) {
             return Err(MeshError::SeqLength { seq_len: t, seq });
         }
+        let cfg = self.config();
+        let global: Vec<String> = self
+            .layers()
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| !a.is_local() || cfg.window + 1 >= t)
+            .map(|(i, _)| format!("layers.{i}"))
+            .collect();
+        if seq > 1 && !global.is_empty() && mesh.seq_global().pick(t / seq, cfg.head_dim).is_none()
+        {
+            return Err(MeshError::ZigzagOddShard {
+                seq_len: t,
+                seq,
+                shard: t / seq,
+                twice: 2 * seq,
+                layers: global.join(", "),
+            });
+        }
         self.param_shardings(&mesh)?;
         self.mesh = mesh;
         Ok(self)
+    }
+
+    /// How the global layers attend when the mesh cuts the sequence: the scheme
+    /// `mesh.seq_global` resolves to ([`super::SeqGlobal::pick`]) for this T and head dim, and
+    /// why; `None` without a `seq` cut or without global layers.
+    pub fn seq_global_note(&self) -> Option<String> {
+        let seq = self.mesh.size(MeshAxis::Seq);
+        let cfg = self.config();
+        let t = cfg.seq_len;
+        let global = self
+            .layers()
+            .iter()
+            .any(|a| !a.is_local() || cfg.window + 1 >= t);
+        if seq <= 1 || !global {
+            return None;
+        }
+        let asked = self.mesh.seq_global();
+        let picked = asked.pick(t / seq, cfg.head_dim)?;
+        let shard = t / seq;
+        let why = if shard % 2 == 1 {
+            format!("shards of {shard} tokens, odd: no 2 whole chunks")
+        } else {
+            format!(
+                "chunks of T/(2·seq) = {} tokens, head dim {}",
+                shard / 2,
+                cfg.head_dim
+            )
+        };
+        Some(format!(
+            "global layers: {picked} (mesh.seq_global = {asked}; {why})"
+        ))
     }
 
     /// The mesh the graphs are annotated for (one device unless [`Model::with_mesh`]).

@@ -188,6 +188,20 @@ pub enum MeshError {
         /// The `seq` axis size.
         seq: usize,
     },
+    /// `mesh.seq_global = "zigzag"` with an odd shard length.
+    #[error("mesh.seq_global = \"zigzag\" needs an even shard length: model.seq_len = {seq_len} over mesh.seq = {seq} gives shards of {shard} tokens, which do not split into the 2 chunks each shard attends for in the global layers ({layers}); use a seq_len divisible by 2 × mesh.seq = {twice}, or mesh.seq_global = \"auto\" or \"dense\"")]
+    ZigzagOddShard {
+        /// T.
+        seq_len: usize,
+        /// The `seq` axis size.
+        seq: usize,
+        /// T / seq.
+        shard: usize,
+        /// 2 × seq.
+        twice: usize,
+        /// The layers that attend globally (`layers.3, layers.7`).
+        layers: String,
+    },
     /// A head dimension would split inside a head.
     #[error("{tensor}: dim {dim} ({logical}) holds {heads} heads, not divisible by {shards} = {axes} (mesh.rules.{logical}): a shard would split a head")]
     HeadsNotDivisible {
@@ -315,6 +329,53 @@ impl<'de> Deserialize<'de> for AxisRules {
     }
 }
 
+/// How global layers (full causal attention) run when the mesh cuts the sequence
+/// (`mesh.seq_global`; see [`crate::attention::causal_attention_seq_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeqGlobal {
+    /// [`SeqGlobal::Zigzag`] where it is measured to win, [`SeqGlobal::Dense`] elsewhere:
+    /// zigzag when the shard length T/S is even and its chunks c = T/(2S) hold at least head
+    /// dim H tokens ([`SeqGlobal::pick`]).
+    #[default]
+    Auto,
+    /// Load-balanced: the sequence in 2S chunks, shard i attends for chunks i and 2S−1−i
+    /// (queries exchanged by `collective-permute`) over their visible key blocks only:
+    /// (2S+1)·c² scores per shard for chunks of c = T/(2S) tokens. Needs an even T/S.
+    Zigzag,
+    /// Each shard's T/S queries against all T gathered keys with the causal mask (4S·c²
+    /// scores per shard: twice the causal work, the upper half masked).
+    Dense,
+}
+
+impl SeqGlobal {
+    /// The scheme global layers run with sequence shards of `shard_len` tokens and head dim
+    /// `head_dim`: `Auto` is zigzag when `shard_len` is even and c = `shard_len`/2 ≥
+    /// `head_dim`, else dense. Below that, on XLA CPU, zigzag's per-block copies of the
+    /// queries and per-block outputs (M·c·R·H values each, M = 2S+1 blocks) outweigh the
+    /// scores it saves (M·c·R·c); `cargo bench -p rattention-benches --bench sharded_step`
+    /// (c = 16, H = 64) runs faster dense, T = 1024 and 2048 over seq 8 (c = 64, 128) faster
+    /// zigzag. `None`: `Zigzag` asked for with an odd `shard_len` (no 2 whole chunks).
+    pub fn pick(self, shard_len: usize, head_dim: usize) -> Option<SeqGlobal> {
+        let even = shard_len.is_multiple_of(2);
+        match self {
+            SeqGlobal::Auto if even && shard_len / 2 >= head_dim => Some(SeqGlobal::Zigzag),
+            SeqGlobal::Auto | SeqGlobal::Dense => Some(SeqGlobal::Dense),
+            SeqGlobal::Zigzag => even.then_some(SeqGlobal::Zigzag),
+        }
+    }
+}
+
+impl fmt::Display for SeqGlobal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SeqGlobal::Auto => "auto",
+            SeqGlobal::Zigzag => "zigzag",
+            SeqGlobal::Dense => "dense",
+        })
+    }
+}
+
 /// The `[mesh]` table: a size per mesh axis (at most one −1, "the rest of the devices") and the
 /// logical-axis rules. The default is a 1-device mesh with [`AxisRules::default`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -328,6 +389,8 @@ pub struct MeshConfig {
     pub tensor: i64,
     /// Sequence-parallel size.
     pub seq: i64,
+    /// Global layers under sequence parallelism: `"auto"` (default), `"zigzag"` or `"dense"`.
+    pub seq_global: SeqGlobal,
     /// Logical-axis rules.
     pub rules: AxisRules,
 }
@@ -339,6 +402,7 @@ impl Default for MeshConfig {
             fsdp: 1,
             tensor: 1,
             seq: 1,
+            seq_global: SeqGlobal::default(),
             rules: AxisRules::default(),
         }
     }
@@ -425,6 +489,7 @@ impl MeshConfig {
         Ok(Mesh {
             sizes,
             rules: self.rules.clone(),
+            seq_global: self.seq_global,
         })
     }
 }
@@ -457,6 +522,7 @@ impl fmt::Display for PartitionSpec {
 pub struct Mesh {
     sizes: [usize; 4],
     rules: AxisRules,
+    seq_global: SeqGlobal,
 }
 
 impl Mesh {
@@ -465,6 +531,7 @@ impl Mesh {
         Mesh {
             sizes: [1; 4],
             rules: AxisRules::default(),
+            seq_global: SeqGlobal::default(),
         }
     }
 
@@ -481,6 +548,11 @@ impl Mesh {
     /// The rules.
     pub fn rules(&self) -> &AxisRules {
         &self.rules
+    }
+
+    /// How global layers run when the sequence is cut (`mesh.seq_global`).
+    pub fn seq_global(&self) -> SeqGlobal {
+        self.seq_global
     }
 
     fn axes_text(&self, axes: &[MeshAxis]) -> String {

@@ -9,7 +9,7 @@ fn mesh(data: i64, fsdp: i64, seq: i64, tensor: i64) -> MeshConfig {
         fsdp,
         seq,
         tensor,
-        rules: AxisRules::default(),
+        ..MeshConfig::default()
     }
 }
 

@@ -187,7 +187,9 @@ fn tensor_parallel_training_with_the_while_lowering_equals_one_device() {
 fn sequence_parallel_training_equals_one_device() {
     // Exact sequence parallelism (issue 11 item 4), 20 steps of the local + global tiny model
     // at T = 64: 2 shards of 32 tokens (W = 16 fits in one), 4 shards of 16 (the halo is a
-    // whole shard), and data 2 × seq 2.
+    // whole shard), and data 2 × seq 2. The global layer runs zigzag on seq 2 (`auto`: chunks
+    // of 16 tokens ≥ H = 16), dense on seq 4 (`auto`: chunks of 8), and zigzag on seq 4 when
+    // asked for (`mesh.seq_global = "zigzag"`).
     //
     // Element by element the parameters after 20 steps differ from the 1-device run's by up to
     // 7.1e-5 of their tensor's largest value, not issue 11's 1e-5. The difference is made in
@@ -204,6 +206,7 @@ fn sequence_parallel_training_equals_one_device() {
     for mesh in [
         &["mesh.seq=2"][..],
         &["mesh.seq=4"],
+        &["mesh.seq=4", "mesh.seq_global=zigzag"],
         &["mesh.data=2", "mesh.seq=2"],
     ] {
         let e = sharded_equals_one_device_for(mesh, SEQ_STEPS);
