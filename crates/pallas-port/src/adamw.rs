@@ -67,7 +67,9 @@ pub fn adamw_call(
             if t != s || s.ty() != Some(ElementType::F32) {
                 return Err(b.error(
                     "adamw_call",
-                    format!("parameter {i}: parameter {s} and its {what} {t} must be one f32 shape"),
+                    format!(
+                        "parameter {i}: parameter {s} and its {what} {t} must be one f32 shape"
+                    ),
                 ));
             }
         }

@@ -177,12 +177,11 @@ pub fn adamw(
     let scale = h.clip_scale(gnorm);
     let mut blocks = Vec::new();
     for t in tensors.iter_mut() {
-        let ins = t
-            .p
-            .chunks(NORM_BLOCK)
-            .zip(t.g.chunks(NORM_BLOCK))
-            .zip(t.m.chunks(NORM_BLOCK))
-            .zip(t.v.chunks(NORM_BLOCK));
+        let ins =
+            t.p.chunks(NORM_BLOCK)
+                .zip(t.g.chunks(NORM_BLOCK))
+                .zip(t.m.chunks(NORM_BLOCK))
+                .zip(t.v.chunks(NORM_BLOCK));
         let outs = t
             .p_out
             .chunks_mut(NORM_BLOCK)
@@ -287,7 +286,12 @@ mod tests {
         let v: Vec<Vec<f32>> = sizes
             .iter()
             .enumerate()
-            .map(|(i, &n)| noise(i as u64 + 300, n).iter().map(|x| x * x * 0.01).collect())
+            .map(|(i, &n)| {
+                noise(i as u64 + 300, n)
+                    .iter()
+                    .map(|x| x * x * 0.01)
+                    .collect()
+            })
             .collect();
         let h = AdamwHyper::from_f64(b1, b2, eps, wd, clip);
         let s = AdamwStep {
@@ -329,7 +333,12 @@ mod tests {
             for j in 0..sizes[i] {
                 let [po, mo, vo] = &outs[i];
                 // m' may cancel: its rounding is relative to its terms.
-                close("m'", mo[j], rm[i][j], (m[i][j].abs() + g[i][j].abs()) as f64);
+                close(
+                    "m'",
+                    mo[j],
+                    rm[i][j],
+                    (m[i][j].abs() + g[i][j].abs()) as f64,
+                );
                 close("v'", vo[j], rv[i][j], rv[i][j].abs().max(1e-30));
                 // The update is lr·O(1); its rounding is relative to lr, the parameter's to |p|.
                 close("p'", po[j], rp[i][j], rp[i][j].abs() + lr);
@@ -383,6 +392,9 @@ mod tests {
             bc2: 1.0,
         };
         let e = adamw(&h, &s, &mut t).unwrap_err();
-        assert!(e.contains("parameter 0") && e.contains("[3, 4, 4, 4, 4, 4]"), "{e}");
+        assert!(
+            e.contains("parameter 0") && e.contains("[3, 4, 4, 4, 4, 4]"),
+            "{e}"
+        );
     }
 }
