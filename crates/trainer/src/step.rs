@@ -7,6 +7,11 @@
 //! `loss`, `grad_norm`, `lr` among the results. Each updated parameter and moment aliases its input
 //! (`input_output_alias`), so a donating caller updates them in place. `weights` (one per target
 //! token) choose which targets the loss scores: the recall task's answers, or every token of text.
+//!
+//! The optimizer (global-norm clipping and AdamW) is lowered as `[train] optimizer_lowering`
+//! says ([`OptimizerLowering`]): element-wise HLO that XLA fuses and compiles, or on one CPU
+//! device (the `auto` choice there) one `rattention.adamw` custom call to the CPU kernel
+//! ([`pallas_port::adamw`]), which leaves XLA no optimizer kernels to compile.
 
 use crate::config::{OptimizerLowering, RunConfig, TrainConfig};
 use hlo_builder::{Builder, Computation, ElementType, Op, Result, Shape, Sharding};
@@ -316,6 +321,9 @@ pub fn remat_keeps(cfg: &RunConfig) -> String {
 /// is cut by the `batch` rule, `step` and the scalar results are replicated, the model constrains
 /// its activations at layer boundaries and runs the RLA blocks in manual regions
 /// ([`Model::with_mesh`]). On one device nothing is annotated.
+///
+/// The optimizer's lowering is `cfg.train.optimizer_lowering` resolved for `platform` and the
+/// mesh ([`OptimizerLowering::resolve`]); `kernel` on a mesh of more than one device is an error.
 pub fn build_train_step(cfg: &RunConfig, platform: &str, mesh: &Mesh) -> Result<Computation> {
     let invalid = |e: String| hlo_builder::Error::invalid("train_step", e);
     let model = Model::new(cfg.model.clone())
