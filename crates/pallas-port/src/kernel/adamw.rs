@@ -214,6 +214,9 @@ mod tests {
             .collect()
     }
 
+    /// Per parameter: updated values, first and second moments; and the global norm.
+    type Reference = (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>, f64);
+
     /// AdamW in f64, written from the formula (bias corrections from β and the step here).
     #[allow(clippy::too_many_arguments)]
     fn reference(
@@ -225,7 +228,7 @@ mod tests {
         g: &[Vec<f32>],
         m: &[Vec<f32>],
         v: &[Vec<f32>],
-    ) -> (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>, f64) {
+    ) -> Reference {
         let norm = g
             .iter()
             .flatten()
