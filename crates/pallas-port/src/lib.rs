@@ -11,11 +11,14 @@
 //! - [`decode`]: the one-token decode step ([`decode::absorb`], [`decode::read`]).
 //! - [`seq`]: sequence parallelism in a manual region (halos, gathers, prefix sums over the
 //!   sequence shards); [`rla_in_region`] uses it when the sequence is cut.
+//! - [`adamw`]: the train step's AdamW update as one custom call (`rattention.adamw`) over
+//!   [`kernel::adamw`].
 //! - [`reference`]: naive f64 formulas the kernels are tested against ([`reference::feature`]
 //!   is φ).
 
 #![forbid(unsafe_code)]
 
+pub mod adamw;
 pub mod bench_util;
 pub mod config;
 pub mod decode;

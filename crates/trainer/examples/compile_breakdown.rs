@@ -2,7 +2,9 @@
 //! HLO, autodiff included), serialise the `HloModuleProto`, PJRT compile; wall and process CPU
 //! seconds (all threads, from `/proc/self/stat`) of each, the module's size, and the optimized
 //! program's fusion / instruction counts. `XLA_FLAGS` applies as usual; `--xla NAME=VALUE`
-//! (repeatable) passes a debug option as a per-compile override instead.
+//! (repeatable) passes a debug option as a per-compile override instead. The allocator is set up
+//! as in `rattn` (`RATTN_MALLOC=default` leaves the allocator's defaults); `--steps N` also runs N steps
+//! and prints the median step's CPU ms and page faults.
 //!
 //! ```sh
 //! cargo run --release -p trainer --example compile_breakdown -- --config configs/bench.toml \
@@ -28,6 +30,17 @@ fn cpu_seconds() -> f64 {
     (ticks(14 - 3) + ticks(15 - 3)) / 100.0
 }
 
+/// Minor page faults of this process (all threads) so far.
+fn minor_faults() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    // minflt is the 10th field.
+    rest.split_whitespace()
+        .nth(10 - 3)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Wall and CPU seconds of `f`.
 fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64, f64)> {
     let (w, c) = (Instant::now(), cpu_seconds());
@@ -50,7 +63,15 @@ fn parse_override(s: &str) -> Result<(String, OptionOverride)> {
     Ok((k.to_string(), v))
 }
 
+/// jemalloc as the process's C allocator, as in `rattn` (`pjrt::host_memory`).
+#[cfg(all(feature = "jemalloc", target_os = "linux", target_env = "gnu"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> Result<()> {
+    // The allocator setup `rattn` does first (`RATTN_MALLOC=default`: the allocator's own defaults).
+    pjrt::host_memory::retain_freed_memory();
+    println!("malloc: {:?}", pjrt::host_memory::malloc_kind());
     let mut config = PathBuf::from("configs/bench.toml");
     let mut sets = Vec::new();
     let mut overrides = Vec::new();
@@ -154,12 +175,14 @@ fn run_steps(
         .map(|i| ((i * 7 + i / 13) % vocab) as i32)
         .collect();
     let weights = vec![1.0f32; b * t];
-    let (mut walls, mut cpus, mut losses) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut walls, mut cpus, mut faults, mut losses) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..steps {
         let step = client.buffer_from_host(&[i as f32], &[], None)?;
         let tok = client.buffer_from_host(&tokens, &[b as i64, t as i64 + 1], None)?;
         let w = client.buffer_from_host(&weights, &[b as i64, t as i64], None)?;
         let args = io.arguments(std::mem::take(&mut state), step, tok, w);
+        let f0 = minor_faults();
         let ((loss, st), wall, cpu) = timed(|| {
             let out = io
                 .outputs(exe.execute_donating(args)?)
@@ -171,6 +194,7 @@ fn run_steps(
         if i > 0 {
             walls.push(wall * 1e3);
             cpus.push(cpu * 1e3);
+            faults.push((minor_faults() - f0) as f64);
         }
     }
     let median = |v: &mut Vec<f64>| {
@@ -192,10 +216,11 @@ fn run_steps(
     }
     println!("losses: {}; final state hash {hash:016x}", ls.join(", "));
     println!(
-        "step (median of {} after the first): wall {:.1} ms, cpu {:.1} ms",
+        "step (median of {} after the first): wall {:.1} ms, cpu {:.1} ms, {:.0} page faults",
         walls.len(),
         median(&mut walls),
-        median(&mut cpus)
+        median(&mut cpus),
+        median(&mut faults)
     );
     Ok(())
 }

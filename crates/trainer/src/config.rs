@@ -44,6 +44,40 @@ pub struct TrainConfig {
     /// every matmul result of the blocks) or `dots_with_no_batch_dims_saveable` (alias
     /// `minimal`: also the projections, not the attention scores). See [`model::Remat`].
     pub remat: model::Remat,
+    /// How the AdamW update (with the gradient norm) is lowered: `auto` (the `kernel` on one
+    /// CPU device, else `hlo`), `hlo` (element-wise HLO, any platform and mesh) or `kernel`
+    /// (the `rattention.adamw` custom call: CPU, one device). See [`OptimizerLowering`].
+    pub optimizer_lowering: OptimizerLowering,
+}
+
+/// The lowering of the train step's optimizer (`[train] optimizer_lowering`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerLowering {
+    /// [`OptimizerLowering::Kernel`] for a graph on one CPU device, else
+    /// [`OptimizerLowering::Hlo`].
+    #[default]
+    Auto,
+    /// Element-wise HLO that XLA fuses and compiles (every platform, sharded meshes too).
+    Hlo,
+    /// One custom call to the CPU kernel (`pallas_port::adamw`): nothing for XLA to compile.
+    /// CPU only, one device (the SPMD partitioner cannot split it).
+    Kernel,
+}
+
+impl OptimizerLowering {
+    /// The concrete lowering for a graph on `platform` (a PJRT platform name) over `devices`
+    /// devices: `auto` becomes `kernel` on `"cpu"`/`"host"` with one device, else `hlo`.
+    pub fn resolve(self, platform: &str, devices: usize) -> OptimizerLowering {
+        let cpu = ["cpu", "host"]
+            .iter()
+            .any(|p| platform.eq_ignore_ascii_case(p));
+        match self {
+            OptimizerLowering::Auto if cpu && devices == 1 => OptimizerLowering::Kernel,
+            OptimizerLowering::Auto => OptimizerLowering::Hlo,
+            l => l,
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -64,6 +98,7 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             keep_checkpoints: 3,
             remat: model::Remat::None,
+            optimizer_lowering: OptimizerLowering::Auto,
         }
     }
 }

@@ -24,6 +24,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use trainer::{config, step};
 
+/// jemalloc is the process's C allocator, the plugins' included (`pjrt::host_memory`).
+#[cfg(all(feature = "jemalloc", target_os = "linux", target_env = "gnu"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Held-out sequences of `rattn eval` and of the evaluation that ends `rattn train`.
 const EVAL_SEQUENCES: usize = 64;
 

@@ -7,8 +7,13 @@
 //! `loss`, `grad_norm`, `lr` among the results. Each updated parameter and moment aliases its input
 //! (`input_output_alias`), so a donating caller updates them in place. `weights` (one per target
 //! token) choose which targets the loss scores: the recall task's answers, or every token of text.
+//!
+//! The optimizer (global-norm clipping and AdamW) is lowered as `[train] optimizer_lowering`
+//! says ([`OptimizerLowering`]): element-wise HLO that XLA fuses and compiles, or on one CPU
+//! device (the `auto` choice there) one `rattention.adamw` custom call to the CPU kernel
+//! ([`pallas_port::adamw`]), which leaves XLA no optimizer kernels to compile.
 
-use crate::config::{RunConfig, TrainConfig};
+use crate::config::{OptimizerLowering, RunConfig, TrainConfig};
 use hlo_builder::{Builder, Computation, ElementType, Op, Result, Shape, Sharding};
 use model::{Mesh, MeshError, Model, ParamSharding, ParamSpec};
 use std::ops::Range;
@@ -316,6 +321,9 @@ pub fn remat_keeps(cfg: &RunConfig) -> String {
 /// is cut by the `batch` rule, `step` and the scalar results are replicated, the model constrains
 /// its activations at layer boundaries and runs the RLA blocks in manual regions
 /// ([`Model::with_mesh`]). On one device nothing is annotated.
+///
+/// The optimizer's lowering is `cfg.train.optimizer_lowering` resolved for `platform` and the
+/// mesh ([`OptimizerLowering::resolve`]); `kernel` on a mesh of more than one device is an error.
 pub fn build_train_step(cfg: &RunConfig, platform: &str, mesh: &Mesh) -> Result<Computation> {
     let invalid = |e: String| hlo_builder::Error::invalid("train_step", e);
     let model = Model::new(cfg.model.clone())
@@ -373,42 +381,41 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str, mesh: &Mesh) -> Result<
         b.grad(l, &params)?
     };
     let _s = b.name_scope("optimizer");
-    let c = |v: f64| b.scalar(v as f32);
-    // Global gradient norm and clipping.
-    let mut sq = c(0.0)?;
-    for &g in &grads {
-        let r = b.shape(g)?.rank() as i64;
-        sq = b.add(sq, b.reduce_sum(b.mul(g, g)?, &(0..r).collect::<Vec<_>>())?)?;
-    }
-    let gnorm = b.sqrt(sq)?;
-    let scale = if t.clip_norm > 0.0 {
-        b.min(c(1.0)?, b.div(c(t.clip_norm)?, b.add(gnorm, c(1e-6)?)?)?)?
-    } else {
-        c(1.0)?
-    };
-    let lr = lr_graph(&b, t, step)?;
-    let t1 = b.add(step, c(1.0)?)?;
-    let bc1 = b.sub(c(1.0)?, b.pow(c(t.beta1)?, t1)?)?;
-    let bc2 = b.sub(c(1.0)?, b.pow(c(t.beta2)?, t1)?)?;
-    let (mut np, mut nm, mut nv) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, spec) in specs.iter().enumerate() {
-        let g = b.mul(grads[i], scale)?;
-        let m1 = b.add(b.mul(adam_m[i], c(t.beta1)?)?, b.mul(g, c(1.0 - t.beta1)?)?)?;
-        let v1 = b.add(
-            b.mul(adam_v[i], c(t.beta2)?)?,
-            b.mul(b.mul(g, g)?, c(1.0 - t.beta2)?)?,
-        )?;
-        let mhat = b.div(m1, bc1)?;
-        let vhat = b.div(v1, bc2)?;
-        let mut upd = b.div(mhat, b.add(b.sqrt(vhat)?, c(t.eps)?)?)?;
-        // Decoupled weight decay on the embedding and matrices (not norm scales).
-        if decays(spec) && t.weight_decay > 0.0 {
-            upd = b.add(upd, b.mul(params[i], c(t.weight_decay)?)?)?;
+    let decay: Vec<bool> = specs.iter().map(decays).collect();
+    let lowering = t.optimizer_lowering.resolve(platform, mesh.device_count());
+    let (np, nm, nv, gnorm, lr) = match lowering {
+        OptimizerLowering::Kernel if sharded => {
+            return Err(invalid(format!(
+                "train.optimizer_lowering = \"kernel\" runs on one device, but the mesh has {}: \
+                 use \"hlo\" or \"auto\"",
+                mesh.device_count()
+            )))
         }
-        np.push(b.sub(params[i], b.mul(upd, lr)?)?);
-        nm.push(m1);
-        nv.push(v1);
-    }
+        OptimizerLowering::Kernel => {
+            let (lr, bc1, bc2) = step_scalars(&b, t, step)?;
+            let h = pallas_port::kernel::adamw::AdamwHyper::from_f64(
+                t.beta1,
+                t.beta2,
+                t.eps,
+                t.weight_decay,
+                t.clip_norm,
+            );
+            let out = pallas_port::adamw::adamw_call(
+                &b,
+                &h,
+                (lr, bc1, bc2),
+                &params,
+                &grads,
+                &adam_m,
+                &adam_v,
+                &decay,
+            )?;
+            (out.params, out.m, out.v, out.grad_norm, lr)
+        }
+        OptimizerLowering::Hlo | OptimizerLowering::Auto => {
+            adamw_hlo(&b, t, step, &params, &grads, &adam_m, &adam_v, &decay)?
+        }
+    };
     let mut results: Vec<Option<Op>> = vec![None; io.state_len() + 3];
     let state = np.into_iter().chain(nm).chain(nv);
     for ((_, r), op) in io.state_positions().into_iter().zip(state) {
@@ -433,6 +440,69 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str, mesh: &Mesh) -> Result<
         comp = comp.with_input_output_alias(res, arg)?;
     }
     Ok(comp)
+}
+
+/// The learning rate and both bias corrections (`1 − β^t`, t = step + 1) of the step.
+fn step_scalars(b: &Builder, t: &TrainConfig, step: Op) -> Result<(Op, Op, Op)> {
+    let c = |v: f64| b.scalar(v as f32);
+    let lr = lr_graph(b, t, step)?;
+    let t1 = b.add(step, c(1.0)?)?;
+    let bc1 = b.sub(c(1.0)?, b.pow(c(t.beta1)?, t1)?)?;
+    let bc2 = b.sub(c(1.0)?, b.pow(c(t.beta2)?, t1)?)?;
+    Ok((lr, bc1, bc2))
+}
+
+/// Updated parameters, first and second moments, the global gradient norm and the learning
+/// rate.
+type Updated = (Vec<Op>, Vec<Op>, Vec<Op>, Op, Op);
+
+/// AdamW with global-norm clipping as element-wise HLO (the portable lowering;
+/// `pallas_port::kernel::adamw` does the same operations in the same order).
+#[allow(clippy::too_many_arguments)]
+fn adamw_hlo(
+    b: &Builder,
+    t: &TrainConfig,
+    step: Op,
+    params: &[Op],
+    grads: &[Op],
+    adam_m: &[Op],
+    adam_v: &[Op],
+    decay: &[bool],
+) -> Result<Updated> {
+    let c = |v: f64| b.scalar(v as f32);
+    // Global gradient norm and clipping.
+    let mut sq = c(0.0)?;
+    for &g in grads {
+        let r = b.shape(g)?.rank() as i64;
+        sq = b.add(sq, b.reduce_sum(b.mul(g, g)?, &(0..r).collect::<Vec<_>>())?)?;
+    }
+    let gnorm = b.sqrt(sq)?;
+    let scale = if t.clip_norm > 0.0 {
+        b.min(c(1.0)?, b.div(c(t.clip_norm)?, b.add(gnorm, c(1e-6)?)?)?)?
+    } else {
+        c(1.0)?
+    };
+    let (lr, bc1, bc2) = step_scalars(b, t, step)?;
+    let (mut np, mut nm, mut nv) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, &decays) in decay.iter().enumerate() {
+        let g = b.mul(grads[i], scale)?;
+        let m1 = b.add(b.mul(adam_m[i], c(t.beta1)?)?, b.mul(g, c(1.0 - t.beta1)?)?)?;
+        let v1 = b.add(
+            b.mul(adam_v[i], c(t.beta2)?)?,
+            b.mul(b.mul(g, g)?, c(1.0 - t.beta2)?)?,
+        )?;
+        let mhat = b.div(m1, bc1)?;
+        let vhat = b.div(v1, bc2)?;
+        let mut upd = b.div(mhat, b.add(b.sqrt(vhat)?, c(t.eps)?)?)?;
+        // Decoupled weight decay on the embedding and matrices (not norm scales).
+        if decays && t.weight_decay > 0.0 {
+            upd = b.add(upd, b.mul(params[i], c(t.weight_decay)?)?)?;
+        }
+        np.push(b.sub(params[i], b.mul(upd, lr)?)?);
+        nm.push(m1);
+        nv.push(v1);
+    }
+    Ok((np, nm, nv, gnorm, lr))
 }
 
 /// Whether AdamW's decoupled weight decay applies to a parameter: the embedding and the weight

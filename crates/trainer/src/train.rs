@@ -706,6 +706,8 @@ mod layout_tests;
 #[cfg(test)]
 mod length_tests;
 #[cfg(test)]
+mod optimizer_tests;
+#[cfg(test)]
 mod scan_tests;
 #[cfg(test)]
 mod tests;

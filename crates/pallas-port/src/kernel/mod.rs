@@ -13,6 +13,7 @@
 //! - backward: parallel over (batch, kv head), chunks in reverse carrying dS; results are
 //!   scattered into the `[B, T, heads, H]` outputs in parallel.
 
+pub mod adamw;
 mod bwd;
 pub(crate) mod feature;
 mod fwd;
