@@ -153,6 +153,7 @@ pjrt::ffi_handler!(RLA_BWD_HANDLER, rla_bwd_handler);
 pub fn register_cpu_kernels(client: &pjrt::Client) -> pjrt::Result<()> {
     client.register_ffi_handler(FWD_TARGET, RLA_FWD_HANDLER)?;
     client.register_ffi_handler(BWD_TARGET, RLA_BWD_HANDLER)?;
+    crate::ffi_attention::register_attention_kernels(client)?;
     REGISTERED.store(true, Ordering::Release);
     Ok(())
 }
