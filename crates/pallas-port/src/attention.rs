@@ -149,7 +149,10 @@ impl hlo_builder::autodiff::VjpRule for AttnVjp {
         };
         let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
         let d = check_shapes(b, "attention_kernel", q, k, v)?;
-        let (o, lse) = (b.get_tuple_element(output, 0)?, b.get_tuple_element(output, 1)?);
+        let (o, lse) = (
+            b.get_tuple_element(output, 0)?,
+            b.get_tuple_element(output, 1)?,
+        );
         let out = Shape::tuple(vec![
             f32_shape(&d.q_shape()),
             f32_shape(&d.kv_shape()),

@@ -80,7 +80,9 @@ fn attn_fwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
 fn attn_bwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     const OP: &str = "attn_bwd";
     let w = window(frame)?;
-    let args = (0..6).map(|i| frame.arg(i)).collect::<Result<Vec<_>, _>>()?;
+    let args = (0..6)
+        .map(|i| frame.arg(i))
+        .collect::<Result<Vec<_>, _>>()?;
     let d = dims_of(OP, &args[0], &args[1])?;
     let (q, k, v) = (
         f32_input(&args[0], OP, "q")?,

@@ -123,16 +123,8 @@ fn kernel_matches_f64_reference() {
             vec![f32::NAN; d.kv_len()],
             vec![f32::NAN; d.kv_len()],
         );
-        attn_bwd(
-            &d, w, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv,
-        )
-        .expect("attn_bwd");
-        check(
-            &case,
-            &["o", "dq", "dk", "dv"],
-            &[&o, &dq, &dk, &dv],
-            &want,
-        );
+        attn_bwd(&d, w, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv).expect("attn_bwd");
+        check(&case, &["o", "dq", "dk", "dv"], &[&o, &dq, &dk, &dv], &want);
     }
 }
 

@@ -199,15 +199,7 @@ fn gather_rows(geo: &Geo, x: &[f32], b: usize, gi: usize, t0: usize, ce: usize, 
 
 /// Copies the `[B,T,N]` row statistics of group `gi` at positions `[t0, t0 + ce)` into `dst`.
 #[allow(clippy::too_many_arguments)]
-fn gather_stats(
-    geo: &Geo,
-    x: &[f32],
-    b: usize,
-    gi: usize,
-    t0: usize,
-    ce: usize,
-    dst: &mut [f32],
-) {
+fn gather_stats(geo: &Geo, x: &[f32], b: usize, gi: usize, t0: usize, ce: usize, dst: &mut [f32]) {
     let r = geo.r;
     for tl in 0..ce {
         let off = geo.row_off(b, t0 + tl, gi);
@@ -217,7 +209,16 @@ fn gather_stats(
 
 /// Scores `s = qs · K[s0 .. s0+nk]ᵀ` (`[M, nk]`) of group `gi`.
 #[allow(clippy::too_many_arguments)]
-fn scores(geo: &Geo, qs: &[f32], k: &[f32], b: usize, gi: usize, s0: usize, m: usize, s: &mut [f32]) {
+fn scores(
+    geo: &Geo,
+    qs: &[f32],
+    k: &[f32],
+    b: usize,
+    gi: usize,
+    s0: usize,
+    m: usize,
+    s: &mut [f32],
+) {
     let nk = s.len() / m.max(1);
     let kv = view(&k[geo.kv_off(b, s0, gi)..], nk, geo.h, geo.g * geo.h);
     gemm(
@@ -244,11 +245,8 @@ fn forward(
     let o_tasks = pieces(o, geo, geo.n * h, r * h, BQ);
     let l_tasks = pieces(lse, geo, geo.n, r, BQ);
     debug_assert_eq!(o_tasks.len(), batch * geo.g * nqb);
-    o_tasks
-        .into_par_iter()
-        .zip(l_tasks)
-        .enumerate()
-        .for_each(|(task, (mut o_rows, mut l_rows))| {
+    o_tasks.into_par_iter().zip(l_tasks).enumerate().for_each(
+        |(task, (mut o_rows, mut l_rows))| {
             let (bg, qb) = (task / nqb, task % nqb);
             let (b, gi) = (bg / geo.g, bg % geo.g);
             let t0 = qb * BQ;
@@ -319,7 +317,8 @@ fn forward(
                     lrow.copy_from_slice(&mx[tl * r..(tl + 1) * r]);
                 }
             });
-        });
+        },
+    );
 }
 
 /// P = exp(S − lse) on the visible entries (0 elsewhere), then dS = P ⊙ (dP − D) in `dp`, for
@@ -373,7 +372,10 @@ fn backward(
         .zip(o.par_chunks(geo.n * h))
         .zip(d_o.par_chunks(geo.n * h))
         .for_each(|((d, orow), grow)| {
-            for ((x, oh), gh_) in d.iter_mut().zip(orow.chunks_exact(h)).zip(grow.chunks_exact(h))
+            for ((x, oh), gh_) in d
+                .iter_mut()
+                .zip(orow.chunks_exact(h))
+                .zip(grow.chunks_exact(h))
             {
                 *x = oh.iter().zip(gh_).map(|(a, b)| a * b).sum();
             }
@@ -435,11 +437,8 @@ fn backward(
     let nkb = geo.t.div_ceil(BK);
     let dk_tasks = pieces(dk, geo, gh, h, BK);
     let dv_tasks = pieces(dv, geo, gh, h, BK);
-    dk_tasks
-        .into_par_iter()
-        .zip(dv_tasks)
-        .enumerate()
-        .for_each(|(task, (mut dk_rows, mut dv_rows))| {
+    dk_tasks.into_par_iter().zip(dv_tasks).enumerate().for_each(
+        |(task, (mut dk_rows, mut dv_rows))| {
             let (bg, kb) = (task / nkb, task % nkb);
             let (b, gi) = (bg / geo.g, bg % geo.g);
             let s0 = kb * BK;
@@ -490,7 +489,8 @@ fn backward(
                     vr.copy_from_slice(&dva[j * h..(j + 1) * h]);
                 }
             });
-        });
+        },
+    );
 }
 
 /// Nominal FLOPs of the forward over the visible blocks (2 GEMMs of 2·M·nk·H per block pair).
