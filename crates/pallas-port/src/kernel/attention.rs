@@ -15,15 +15,20 @@
 
 use rayon::prelude::*;
 
-use super::feature::fast_exp;
+use super::feature::{fast_exp, max_min, scale, sum};
 use super::mm::{gemm, view, view_mut};
 use super::{split_scratch, with_scratch};
 use crate::config::{check_len, RlaDims, RlaError};
 
-/// Query positions per block (each stacks the R query heads of a kv head: BQ·R rows).
-pub const BQ: usize = 64;
-/// Keys per block.
-pub const BK: usize = 128;
+/// The (query, key) block sizes for a window: query blocks of up to 128 positions (each stacks
+/// the R query heads of a kv head: bq·R rows), key blocks of up to 256 keys; with a window W
+/// both shrink towards W so a block pair is not mostly masked.
+pub fn block_sizes(window: Option<usize>) -> (usize, usize) {
+    match window {
+        None => (128, 256),
+        Some(w) => (w.clamp(32, 128), w.clamp(64, 256)),
+    }
+}
 
 /// Geometry of one attention call.
 #[derive(Clone, Copy)]
@@ -34,6 +39,8 @@ struct Geo {
     h: usize,
     r: usize,
     w: Option<usize>,
+    bq: usize,
+    bk: usize,
 }
 
 impl Geo {
@@ -45,6 +52,8 @@ impl Geo {
             h: d.head_dim,
             r: d.group_size(),
             w: window,
+            bq: block_sizes(window).0,
+            bk: block_sizes(window).1,
         }
     }
 
@@ -241,18 +250,18 @@ fn forward(
     lse: &mut [f32],
 ) {
     let (h, r) = (geo.h, geo.r);
-    let nqb = geo.t.div_ceil(BQ);
-    let o_tasks = pieces(o, geo, geo.n * h, r * h, BQ);
-    let l_tasks = pieces(lse, geo, geo.n, r, BQ);
+    let nqb = geo.t.div_ceil(geo.bq);
+    let o_tasks = pieces(o, geo, geo.n * h, r * h, geo.bq);
+    let l_tasks = pieces(lse, geo, geo.n, r, geo.bq);
     debug_assert_eq!(o_tasks.len(), batch * geo.g * nqb);
     o_tasks.into_par_iter().zip(l_tasks).enumerate().for_each(
         |(task, (mut o_rows, mut l_rows))| {
             let (bg, qb) = (task / nqb, task % nqb);
             let (b, gi) = (bg / geo.g, bg % geo.g);
-            let t0 = qb * BQ;
-            let ce = BQ.min(geo.t - t0);
+            let t0 = qb * geo.bq;
+            let ce = geo.bq.min(geo.t - t0);
             let m = ce * r;
-            let lens = [m * h, m * h, m * BK, m, m];
+            let lens = [m * h, m * h, m * geo.bk, m, m];
             with_scratch(lens.iter().sum(), |buf| {
                 let [qs, acc, s, mx, l] = split_scratch(buf, lens);
                 gather_rows(geo, q, b, gi, t0, ce, qs);
@@ -262,39 +271,19 @@ fn forward(
                 let (klo, khi) = geo.keys_of(t0, t0 + ce);
                 let mut s0 = klo;
                 while s0 < khi {
-                    let nk = BK.min(khi - s0);
+                    let nk = geo.bk.min(khi - s0);
                     let s = &mut s[..m * nk];
                     scores(geo, qs, k, b, gi, s0, m, s);
-                    for (row, srow) in s.chunks_exact_mut(nk).enumerate() {
-                        let t = t0 + row / r;
-                        let (lo, hi) = geo.cols(t, s0, nk);
-                        if lo == hi {
-                            srow.fill(0.0);
-                            continue;
-                        }
-                        let vis = &mut srow[lo..hi];
-                        let bmax = vis.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                        let m_new = mx[row].max(bmax);
-                        let scale = if mx[row] == f32::NEG_INFINITY {
-                            0.0
-                        } else {
-                            fast_exp(mx[row] - m_new)
-                        };
-                        let mut sum = 0.0f32;
-                        for x in vis.iter_mut() {
-                            *x = fast_exp(*x - m_new);
-                            sum += *x;
-                        }
-                        srow[..lo].fill(0.0);
-                        srow[hi..].fill(0.0);
-                        mx[row] = m_new;
-                        l[row] = l[row] * scale + sum;
-                        if scale != 1.0 {
-                            for a in &mut acc[row * h..(row + 1) * h] {
-                                *a *= scale;
-                            }
-                        }
-                    }
+                    pulp::Arch::new().dispatch(OnlineSoftmax {
+                        geo,
+                        t0,
+                        s0,
+                        nk,
+                        s,
+                        mx,
+                        l,
+                        acc,
+                    });
                     let vv = view(&v[geo.kv_off(b, s0, gi)..], nk, h, geo.g * h);
                     gemm(
                         1.0,
@@ -321,38 +310,130 @@ fn forward(
     );
 }
 
-/// P = exp(S − lse) on the visible entries (0 elsewhere), then dS = P ⊙ (dP − D) in `dp`, for
-/// the block of `m` rows from query position `t0` against keys from `s0`.
-#[allow(clippy::too_many_arguments)]
-fn probs_and_ds(
-    geo: &Geo,
+/// One key block of the online softmax: turns the scores `s` (`[M, nk]`, rows from query `t0`,
+/// keys from `s0`) into exp(s − m_new) on the visible entries (0 elsewhere), updates the running
+/// row max `mx` and sum `l`, and rescales the accumulator rows `acc` (`[M, H]`) by
+/// exp(m_old − m_new). Vectorised through `pulp` (max and sum as explicit SIMD reductions).
+struct OnlineSoftmax<'a> {
+    geo: &'a Geo,
     t0: usize,
     s0: usize,
     nk: usize,
-    s: &mut [f32],
-    dp: &mut [f32],
-    lse: &[f32],
-    dd: &[f32],
-) {
-    let r = geo.r;
-    for (row, (srow, dprow)) in s
-        .chunks_exact_mut(nk)
-        .zip(dp.chunks_exact_mut(nk))
-        .enumerate()
-    {
-        let t = t0 + row / r;
-        let (lo, hi) = geo.cols(t, s0, nk);
-        let (ls, d) = (lse[row], dd[row]);
-        for (x, g) in srow[lo..hi].iter_mut().zip(&mut dprow[lo..hi]) {
-            let p = fast_exp(*x - ls);
-            *x = p;
-            *g = p * (*g - d);
+    s: &'a mut [f32],
+    mx: &'a mut [f32],
+    l: &'a mut [f32],
+    acc: &'a mut [f32],
+}
+
+impl pulp::WithSimd for OnlineSoftmax<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let OnlineSoftmax {
+            geo,
+            t0,
+            s0,
+            nk,
+            s,
+            mx,
+            l,
+            acc,
+        } = self;
+        let (h, r) = (geo.h, geo.r);
+        for (row, srow) in s.chunks_exact_mut(nk).enumerate() {
+            let t = t0 + row / r;
+            let (lo, hi) = geo.cols(t, s0, nk);
+            if lo == hi {
+                srow.fill(0.0);
+                continue;
+            }
+            let vis = &mut srow[lo..hi];
+            let m_new = mx[row].max(max_min(simd, vis).0);
+            let rescale = if mx[row] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                fast_exp(mx[row] - m_new)
+            };
+            for x in vis.iter_mut() {
+                *x = fast_exp(*x - m_new);
+            }
+            let add = sum(simd, vis);
+            srow[..lo].fill(0.0);
+            srow[hi..].fill(0.0);
+            mx[row] = m_new;
+            l[row] = l[row] * rescale + add;
+            if rescale != 1.0 {
+                scale(simd, &mut acc[row * h..(row + 1) * h], rescale);
+            }
         }
-        srow[..lo].fill(0.0);
-        srow[hi..].fill(0.0);
-        dprow[..lo].fill(0.0);
-        dprow[hi..].fill(0.0);
     }
+}
+
+/// P = exp(S − lse) on the visible entries (0 elsewhere) in `s`, then dS = P ⊙ (dP − D) in
+/// `dp`, for the block of rows from query position `t0` against `nk` keys from `s0`
+/// (vectorised through `pulp`).
+struct ProbsAndDs<'a> {
+    geo: &'a Geo,
+    t0: usize,
+    s0: usize,
+    nk: usize,
+    s: &'a mut [f32],
+    dp: &'a mut [f32],
+    lse: &'a [f32],
+    dd: &'a [f32],
+}
+
+impl pulp::WithSimd for ProbsAndDs<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let ProbsAndDs {
+            geo,
+            t0,
+            s0,
+            nk,
+            s,
+            dp,
+            lse,
+            dd,
+        } = self;
+        let r = geo.r;
+        for (row, (srow, dprow)) in s
+            .chunks_exact_mut(nk)
+            .zip(dp.chunks_exact_mut(nk))
+            .enumerate()
+        {
+            let t = t0 + row / r;
+            let (lo, hi) = geo.cols(t, s0, nk);
+            let (ls, d) = (lse[row], dd[row]);
+            for (x, g) in srow[lo..hi].iter_mut().zip(&mut dprow[lo..hi]) {
+                let p = fast_exp(*x - ls);
+                *x = p;
+                *g = p * (*g - d);
+            }
+            srow[..lo].fill(0.0);
+            srow[hi..].fill(0.0);
+            dprow[..lo].fill(0.0);
+            dprow[hi..].fill(0.0);
+        }
+    }
+}
+
+/// How many interleaved groups of key blocks the backward runs per (batch, kv head): enough
+/// tasks for every rayon thread twice over, at most 8 (each group accumulates its own dQ of
+/// the whole sequence) and at most the number of key blocks.
+fn key_groups(bg: usize, nkb: usize) -> usize {
+    let want = (2 * rayon::current_num_threads()).div_ceil(bg.max(1));
+    want.clamp(1, 8).min(nkb.max(1))
+}
+
+/// One key block's share of the backward: dK and dV rows of keys `[s0, s0 + nk)` into
+/// `dk_rows`, `dv_rows`, and its dQ contributions added to `dq_part` (`[T, R, H]` of this
+/// (batch, kv head)).
+struct KeyBlock<'a, 'b> {
+    s0: usize,
+    dk_rows: Vec<&'a mut [f32]>,
+    dv_rows: Vec<&'b mut [f32]>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -382,115 +463,121 @@ fn backward(
         });
     let dd = &dd[..];
 
-    // dQ per (b, kv head, query block).
-    let nqb = geo.t.div_ceil(BQ);
-    pieces(dq, geo, geo.n * h, r * h, BQ)
-        .into_par_iter()
+    // Tasks: (b, kv head, group p) runs the key blocks kb ≡ p (mod groups), writing their dK,
+    // dV rows and adding dS·K into the group's own dQ buffer; the buffers are summed after.
+    let nkb = geo.t.div_ceil(geo.bk);
+    let bgs = batch * geo.g;
+    let groups = key_groups(bgs, nkb);
+    let part_len = geo.t * r * h;
+    let mut dq_parts = vec![0.0f32; bgs * groups * part_len];
+    let mut work: Vec<Vec<KeyBlock<'_, '_>>> = (0..bgs * groups).map(|_| Vec::new()).collect();
+    let dk_tasks = pieces(dk, geo, gh, h, geo.bk);
+    let dv_tasks = pieces(dv, geo, gh, h, geo.bk);
+    for (task, (dk_rows, dv_rows)) in dk_tasks.into_iter().zip(dv_tasks).enumerate() {
+        let (bg, kb) = (task / nkb, task % nkb);
+        work[bg * groups + kb % groups].push(KeyBlock {
+            s0: kb * geo.bk,
+            dk_rows,
+            dv_rows,
+        });
+    }
+    work.into_par_iter()
+        .zip(dq_parts.par_chunks_mut(part_len))
         .enumerate()
-        .for_each(|(task, mut rows)| {
-            let (bg, qb) = (task / nqb, task % nqb);
+        .for_each(|(task, (blocks, dq_part))| {
+            let bg = task / groups;
             let (b, gi) = (bg / geo.g, bg % geo.g);
-            let t0 = qb * BQ;
-            let ce = BQ.min(geo.t - t0);
-            let m = ce * r;
-            let lens = [m * h, m * h, m * h, m * BK, m * BK, m, m];
-            with_scratch(lens.iter().sum(), |buf| {
-                let [qs, dos, acc, s, dp, ls, ds_] = split_scratch(buf, lens);
-                gather_rows(geo, q, b, gi, t0, ce, qs);
-                gather_rows(geo, d_o, b, gi, t0, ce, dos);
-                gather_stats(geo, lse, b, gi, t0, ce, ls);
-                gather_stats(geo, dd, b, gi, t0, ce, ds_);
-                acc.fill(0.0);
-                let (klo, khi) = geo.keys_of(t0, t0 + ce);
-                let mut s0 = klo;
-                while s0 < khi {
-                    let nk = BK.min(khi - s0);
-                    let (s, dp) = (&mut s[..m * nk], &mut dp[..m * nk]);
-                    scores(geo, qs, k, b, gi, s0, m, s);
-                    // dP = dO Vᵀ
-                    let vv = view(&v[geo.kv_off(b, s0, gi)..], nk, h, gh);
-                    gemm(
-                        1.0,
-                        &view(dos, m, h, h),
-                        &vv.t(),
-                        0.0,
-                        &mut view_mut(dp, m, nk, nk),
-                    );
-                    probs_and_ds(geo, t0, s0, nk, s, dp, ls, ds_);
-                    let kk = view(&k[geo.kv_off(b, s0, gi)..], nk, h, gh);
-                    gemm(
-                        1.0,
-                        &view(dp, m, nk, nk),
-                        &kk,
-                        1.0,
-                        &mut view_mut(acc, m, h, h),
-                    );
-                    s0 += nk;
-                }
-                for (tl, row) in rows.iter_mut().enumerate() {
-                    row.copy_from_slice(&acc[tl * r * h..(tl + 1) * r * h]);
-                }
-            });
+            for blk in blocks {
+                key_block(geo, (q, k, v), d_o, lse, dd, b, gi, blk, dq_part);
+            }
         });
 
-    // dK, dV per (b, kv head, key block).
-    let nkb = geo.t.div_ceil(BK);
-    let dk_tasks = pieces(dk, geo, gh, h, BK);
-    let dv_tasks = pieces(dv, geo, gh, h, BK);
-    dk_tasks.into_par_iter().zip(dv_tasks).enumerate().for_each(
-        |(task, (mut dk_rows, mut dv_rows))| {
-            let (bg, kb) = (task / nkb, task % nkb);
-            let (b, gi) = (bg / geo.g, bg % geo.g);
-            let s0 = kb * BK;
-            let nk = BK.min(geo.t - s0);
-            let mq = BQ * r;
-            let lens = [mq * h, mq * h, nk * h, nk * h, mq * nk, mq * nk, mq, mq];
-            with_scratch(lens.iter().sum(), |buf| {
-                let [qs, dos, dka, dva, s, dp, ls, ds_] = split_scratch(buf, lens);
-                dka.fill(0.0);
-                dva.fill(0.0);
-                let kk = view(&k[geo.kv_off(b, s0, gi)..], nk, h, gh);
-                let vv = view(&v[geo.kv_off(b, s0, gi)..], nk, h, gh);
-                let (qlo, qhi) = geo.queries_of(s0, s0 + nk);
-                let mut t0 = qlo;
-                while t0 < qhi {
-                    let ce = BQ.min(qhi - t0);
-                    let m = ce * r;
-                    let (qs, dos) = (&mut qs[..m * h], &mut dos[..m * h]);
-                    let (s, dp) = (&mut s[..m * nk], &mut dp[..m * nk]);
-                    gather_rows(geo, q, b, gi, t0, ce, qs);
-                    gather_rows(geo, d_o, b, gi, t0, ce, dos);
-                    gather_stats(geo, lse, b, gi, t0, ce, ls);
-                    gather_stats(geo, dd, b, gi, t0, ce, ds_);
-                    let qv = view(qs, m, h, h);
-                    let dov = view(dos, m, h, h);
-                    gemm(1.0, &qv, &kk.t(), 0.0, &mut view_mut(s, m, nk, nk));
-                    gemm(1.0, &dov, &vv.t(), 0.0, &mut view_mut(dp, m, nk, nk));
-                    probs_and_ds(geo, t0, s0, nk, s, dp, ls, ds_);
-                    // dV += Pᵀ dO, dK += dSᵀ Q
-                    gemm(
-                        1.0,
-                        &view(s, m, nk, nk).t(),
-                        &dov,
-                        1.0,
-                        &mut view_mut(dva, nk, h, h),
-                    );
-                    gemm(
-                        1.0,
-                        &view(dp, m, nk, nk).t(),
-                        &qv,
-                        1.0,
-                        &mut view_mut(dka, nk, h, h),
-                    );
-                    t0 += ce;
+    // dQ = Σ over the groups.
+    let parts = &dq_parts[..];
+    dq.par_chunks_mut(geo.n * h)
+        .enumerate()
+        .for_each(|(bt, row)| {
+            let (b, t) = (bt / geo.t, bt % geo.t);
+            for (gi, piece) in row.chunks_mut(r * h).enumerate() {
+                let base = (b * geo.g + gi) * groups;
+                piece.fill(0.0);
+                for p in 0..groups {
+                    let src = &parts[(base + p) * part_len + t * r * h..][..r * h];
+                    for (x, y) in piece.iter_mut().zip(src) {
+                        *x += y;
+                    }
                 }
-                for (j, (kr, vr)) in dk_rows.iter_mut().zip(dv_rows.iter_mut()).enumerate() {
-                    kr.copy_from_slice(&dka[j * h..(j + 1) * h]);
-                    vr.copy_from_slice(&dva[j * h..(j + 1) * h]);
-                }
+            }
+        });
+}
+
+/// The backward of one key block (see [`KeyBlock`]) over the query blocks that see it.
+#[allow(clippy::too_many_arguments)]
+fn key_block(
+    geo: &Geo,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    d_o: &[f32],
+    lse: &[f32],
+    dd: &[f32],
+    b: usize,
+    gi: usize,
+    blk: KeyBlock<'_, '_>,
+    dq_part: &mut [f32],
+) {
+    let (h, r, gh) = (geo.h, geo.r, geo.g * geo.h);
+    let KeyBlock {
+        s0,
+        mut dk_rows,
+        mut dv_rows,
+    } = blk;
+    let nk = geo.bk.min(geo.t - s0);
+    let mq = geo.bq * r;
+    let lens = [mq * h, mq * h, nk * h, nk * h, mq * nk, mq * nk, mq, mq];
+    with_scratch(lens.iter().sum(), |buf| {
+        let [qs, dos, dka, dva, s, dp, ls, ds_] = split_scratch(buf, lens);
+        dka.fill(0.0);
+        dva.fill(0.0);
+        let kk = view(&k[geo.kv_off(b, s0, gi)..], nk, h, gh);
+        let vv = view(&v[geo.kv_off(b, s0, gi)..], nk, h, gh);
+        let (qlo, qhi) = geo.queries_of(s0, s0 + nk);
+        let mut t0 = qlo;
+        while t0 < qhi {
+            let ce = geo.bq.min(qhi - t0);
+            let m = ce * r;
+            let (qs, dos) = (&mut qs[..m * h], &mut dos[..m * h]);
+            let (s, dp) = (&mut s[..m * nk], &mut dp[..m * nk]);
+            let (ls, ds_) = (&mut ls[..m], &mut ds_[..m]);
+            gather_rows(geo, q, b, gi, t0, ce, qs);
+            gather_rows(geo, d_o, b, gi, t0, ce, dos);
+            gather_stats(geo, lse, b, gi, t0, ce, ls);
+            gather_stats(geo, dd, b, gi, t0, ce, ds_);
+            let qv = view(qs, m, h, h);
+            let dov = view(dos, m, h, h);
+            gemm(1.0, &qv, &kk.t(), 0.0, &mut view_mut(s, m, nk, nk));
+            gemm(1.0, &dov, &vv.t(), 0.0, &mut view_mut(dp, m, nk, nk));
+            pulp::Arch::new().dispatch(ProbsAndDs {
+                geo,
+                t0,
+                s0,
+                nk,
+                s,
+                dp,
+                lse: ls,
+                dd: ds_,
             });
-        },
-    );
+            // dV += Pᵀ dO, dK += dSᵀ Q, dQ += dS K
+            let (sv, dsv) = (view(s, m, nk, nk), view(dp, m, nk, nk));
+            gemm(1.0, &sv.t(), &dov, 1.0, &mut view_mut(dva, nk, h, h));
+            gemm(1.0, &dsv.t(), &qv, 1.0, &mut view_mut(dka, nk, h, h));
+            let dqv = &mut dq_part[t0 * r * h..(t0 + ce) * r * h];
+            gemm(1.0, &dsv, &kk, 1.0, &mut view_mut(dqv, m, h, h));
+            t0 += ce;
+        }
+        for (j, (kr, vr)) in dk_rows.iter_mut().zip(dv_rows.iter_mut()).enumerate() {
+            kr.copy_from_slice(&dka[j * h..(j + 1) * h]);
+            vr.copy_from_slice(&dva[j * h..(j + 1) * h]);
+        }
+    });
 }
 
 /// Nominal FLOPs of the forward over the visible blocks (2 GEMMs of 2·M·nk·H per block pair).
@@ -499,7 +586,7 @@ pub fn flops_fwd(d: &RlaDims, window: Option<usize>) -> f64 {
     let mut f = 0.0;
     let mut t0 = 0;
     while t0 < geo.t {
-        let ce = BQ.min(geo.t - t0);
+        let ce = geo.bq.min(geo.t - t0);
         let (lo, hi) = geo.keys_of(t0, t0 + ce);
         f += 4.0 * (ce * geo.r * (hi - lo) * geo.h) as f64;
         t0 += ce;
