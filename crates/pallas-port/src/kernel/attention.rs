@@ -2,16 +2,22 @@
 //! (GQA, query head n reads kv head n / (N/G)), already rotated and scaled.
 //!
 //! Key s is visible to query t iff s ≤ t and, with a window W, t − W ≤ s. Work is cut into
-//! blocks of [`BQ`] query positions (the R = N/G query heads of a kv head stacked, so a block is
-//! `[BQ·R, H]`) against blocks of [`BK`] keys; a key block is visited only if some key in it is
-//! visible to some query of the block (the diagonal for global attention, the band for a window).
+//! blocks of bq query positions (the R = N/G query heads of a kv head stacked, so a block is
+//! `[bq·R, H]`) against blocks of bk keys ([`block_sizes`]); a key block is visited only if some
+//! key in it is visible to some query of the block (on or below the diagonal for global
+//! attention, the band for a window).
 //!
 //! - forward: online softmax over the visible key blocks (running row max m and sum l, the
 //!   accumulator rescaled by exp(m_old − m_new)); writes o and the row logsumexp
 //!   lse = m + ln l. Parallel over (batch, kv head, query block).
-//! - backward: D = rowsum(dO ⊙ O); P = exp(S − lse) recomputed per block; dS = P ⊙ (dO Vᵀ − D).
-//!   dQ = dS K in parallel over (batch, kv head, query block); dK = dSᵀ Q and dV = Pᵀ dO in
-//!   parallel over (batch, kv head, key block), so no two tasks write the same rows.
+//! - backward: D = rowsum(dO ⊙ O); per key block, over the query blocks that see it,
+//!   P = exp(S − lse) and dS = P ⊙ (dO Vᵀ − D) recomputed, dV += Pᵀ dO, dK += dSᵀ Q (the key
+//!   block's own rows) and dQ += dS K (five GEMMs per block pair). Parallel over (batch, kv
+//!   head, group of interleaved key blocks); each group adds into its own dQ buffer, and the
+//!   buffers are summed at the end, so no two tasks write the same memory.
+//!
+//! Exponentials use the branch-free polynomial `fast_exp` (relative error ~5e-9) and the row
+//! max/sum explicit SIMD reductions (`pulp`).
 
 use rayon::prelude::*;
 
