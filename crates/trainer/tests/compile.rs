@@ -340,7 +340,10 @@ fn malformed_targets_and_cpu_only_custom_calls_are_refused_without_a_plugin() {
                 "model.attention_lowering=\"kernel\"",
             ],
         ));
-        fail_with(&out, &["rattention.attn_fwd", "CPU", "attention_lowering = \"hlo\""]);
+        fail_with(
+            &out,
+            &["rattention.attn_fwd", "CPU", "attention_lowering = \"hlo\""],
+        );
     }
 }
 
