@@ -47,6 +47,11 @@ pub enum LayerKind {
 /// on: custom call on CPU, mosaic on TPU, hlo elsewhere).
 pub use pallas_port::{FeatureMap, Lowering};
 
+/// How causal softmax attention (global layers and SWA) is lowered: `"auto"` (the default: our
+/// CPU kernels as custom calls on the CPU platform, blocked HLO elsewhere), `"hlo"` or
+/// `"kernel"` ([`AttentionLowering`], resolved for the platform a graph runs on).
+pub use pallas_port::attention::AttentionLowering;
+
 /// Residual-linear-attention options of local layers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -194,6 +199,11 @@ pub struct ModelConfig {
     /// analysis counts a loop body once). Written out only when not 1.
     #[serde(default = "default_one", skip_serializing_if = "is_one")]
     pub scan_unroll: usize,
+    /// Lowering of causal softmax attention (global layers and SWA; see [`AttentionLowering`]).
+    /// Sequence-parallel attention and decoding always use the HLO lowering. Written out only
+    /// when not `"auto"`.
+    #[serde(default, skip_serializing_if = "AttentionLowering::is_auto")]
+    pub attention_lowering: AttentionLowering,
 }
 
 fn default_one() -> usize {

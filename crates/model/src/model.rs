@@ -368,6 +368,13 @@ impl Model {
         self.cfg.rla.lowering.for_platform(platform)
     }
 
+    /// The lowering of causal softmax attention in a graph that runs on `platform`: `auto`
+    /// resolves with [`pallas_port::attention::AttentionLowering::for_platform`] (our kernels on
+    /// `"cpu"`, HLO elsewhere).
+    pub fn attention_lowering(&self, platform: &str) -> pallas_port::attention::AttentionLowering {
+        self.cfg.attention_lowering.for_platform(platform)
+    }
+
     /// The paper's SWA baseline: the same layers and window, local layers without RLA.
     pub fn swa_baseline(&self) -> Model {
         let layers = self

@@ -1,6 +1,7 @@
 //! The stack: embedding, pre-norm blocks of [local, local, local, global] attention and a gated FFN,
 //! the final norm, the LM head and the loss — one traced graph, as methods of [`Model`].
 
+use crate::config::AttentionLowering;
 use crate::layers::{causal_attention, cross_entropy, dims, ffn, linear, rms_norm, rope};
 use crate::model::{Attention, Model, Remat};
 use crate::params::LogicalAxis::{ActivationEmbed, Batch, HeadDim, KvHeads, Length, QHeads, Vocab};
@@ -172,6 +173,7 @@ impl Model {
         let seq_region = self
             .seq_region(b.shape(q)?.dims())
             .map_err(|e| b.error("attention", e.to_string()))?;
+        let kernel = self.attention_lowering(platform) == AttentionLowering::Kernel;
         let attend = |q: Op, k: Op, v: Op, window: Option<usize>| match &seq_region {
             Some(s) => crate::attention::causal_attention_seq_with(
                 b,
@@ -182,6 +184,18 @@ impl Model {
                 s,
                 self.mesh().seq_global(),
             ),
+            None if kernel => {
+                // Under a mesh the custom calls run in a manual region over batch and kv heads.
+                let region = self
+                    .rla_sharding(b.shape(q)?.dims())
+                    .map_err(|e| b.error("attention", e.to_string()))?;
+                match region {
+                    Some(s) => {
+                        pallas_port::attention::attention_kernel_in_region(b, (q, k, v), window, &s)
+                    }
+                    None => pallas_port::attention::attention_kernel(b, q, k, v, window),
+                }
+            }
             None => causal_attention(b, q, k, v, window),
         };
         if attn == Attention::Global {

@@ -167,7 +167,11 @@ fn cache_buffers_carry_logical_axes_and_shard_by_batch_and_kv_heads() {
 
 #[test]
 fn a_model_under_a_mesh_constrains_its_activations_and_runs_rla_in_manual_regions() {
-    let m = Model::new(load_model("tiny-3to1"))
+    // Attention as HLO: the regions counted below are the RLA blocks' alone (the attention
+    // kernels' regions: `attention_kernels_run_in_manual_regions_under_a_mesh`).
+    let mut cfg = load_model("tiny-3to1");
+    cfg.attention_lowering = model::config::AttentionLowering::Hlo;
+    let m = Model::new(cfg)
         .unwrap()
         .with_mesh(mesh(2, 1, 2, 4))
         .unwrap();
@@ -204,6 +208,41 @@ fn a_model_under_a_mesh_constrains_its_activations_and_runs_rla_in_manual_region
     let one = Model::new(load_model("tiny-3to1")).unwrap();
     let text = forward_graph(&one, 4, 64).to_text();
     assert!(!text.contains("sharding="), "{text}");
+}
+
+/// With the CPU attention kernels (`attention_lowering = "kernel"`, the CPU default) under a
+/// data × tensor mesh, SWA of the three local layers and the global layer each run their
+/// custom call `{manual}` on [B/2, T, N/2, H] pieces, in a region of their own beside RLA's.
+#[test]
+fn attention_kernels_run_in_manual_regions_under_a_mesh() {
+    use hlo_builder::{Builder, ElementType, Shape};
+    let mut cfg = load_model("tiny-3to1");
+    cfg.attention_lowering = model::config::AttentionLowering::Kernel;
+    let m = Model::new(cfg)
+        .unwrap()
+        .with_mesh(mesh(2, 1, 2, 4))
+        .unwrap();
+    let b = Builder::new("forward");
+    let (_, named) = m.declare_params(&b).unwrap();
+    let tokens = b
+        .parameter(Shape::array(ElementType::S32, &[4, 64]), "tokens")
+        .unwrap();
+    let text = b
+        .build(m.forward(&b, &named, tokens, "cpu").unwrap())
+        .unwrap()
+        .to_text();
+    let calls: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("custom_call_target=\"rattention.attn_fwd\""))
+        .collect();
+    assert_eq!(calls.len(), 4, "{text}");
+    for l in &calls {
+        assert!(l.contains("(f32[2,64,2,16]{3,2,1,0}, f32[2,64,2]"), "{l}");
+        assert!(l.contains("sharding={{manual}, {manual}}"), "{l}");
+    }
+    // q, k, v in and o out per attention region, beside RLA's 3 + 3 per local layer.
+    assert_eq!(text.matches("SPMDFullToShardShape").count(), 9 + 4 * 3);
+    assert_eq!(text.matches("SPMDShardToFullShape").count(), 9 + 4);
 }
 
 #[test]

@@ -3,6 +3,8 @@
 //! - [`config`]: the block contract ([`RlaConfig`] attributes, [`RlaDims`] shapes, [`RlaError`]).
 //! - [`kernel`]: fast fp32 CPU kernels `rla_fwd` / `rla_bwd` (chunked scan, DESIGN §3).
 //! - [`ffi`]: the kernels as XLA FFI handlers (`rattention.rla_fwd` / `rattention.rla_bwd`).
+//! - [`attention`]: causal softmax attention as the custom-call pair `rattention.attn_fwd` /
+//!   `rattention.attn_bwd` ([`ffi_attention`], kernels in [`kernel::attention`]).
 //! - [`lang`]: a small kernel language (IR, CPU interpreter, Triton back end) and the RLA
 //!   kernels written in it ([`lang::rla`]), the GPU lowering [`Lowering::Triton`].
 //! - [`graph`]: [`rla`] adds the block pair to a graph (custom call, Triton or HLO lowering, custom VJP);
@@ -19,11 +21,13 @@
 #![forbid(unsafe_code)]
 
 pub mod adamw;
+pub mod attention;
 pub mod bench_util;
 pub mod config;
 pub mod decode;
 pub mod feature;
 pub mod ffi;
+pub mod ffi_attention;
 pub mod graph;
 pub mod hlo;
 pub mod kernel;

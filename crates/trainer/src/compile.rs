@@ -292,6 +292,16 @@ pub fn prepare_config(args: &CompileArgs, target: &Target) -> Result<RunConfig> 
             target.platform().to_uppercase(),
         ),
     }
+    if cfg.model.attention_lowering == model::config::AttentionLowering::Kernel {
+        bail!(
+            "model.attention_lowering = \"kernel\" lowers attention to the custom calls {:?} and {:?}, \
+             which are served only by our CPU FFI kernels; {} has no handler for them. Use \
+             model.attention_lowering = \"hlo\" or \"auto\" (auto picks the HLO lowering there)",
+            pallas_port::ffi_attention::ATTN_FWD_TARGET,
+            pallas_port::ffi_attention::ATTN_BWD_TARGET,
+            target.platform().to_uppercase(),
+        );
+    }
     Ok(cfg)
 }
 

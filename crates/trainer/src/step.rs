@@ -682,7 +682,12 @@ mod tests {
         let step = |v: &str| {
             let cfg = RunConfig::from_toml(
                 &text,
-                &["model.seq_len=64".into(), format!("train.remat=\"{v}\"")],
+                // Attention as HLO: the batched attention dots counted below are its.
+                &[
+                    "model.seq_len=64".into(),
+                    "model.attention_lowering=\"hlo\"".into(),
+                    format!("train.remat=\"{v}\""),
+                ],
             )
             .unwrap();
             let t = build_train_step(&cfg, "cpu", &one).unwrap().to_text();

@@ -330,6 +330,20 @@ fn malformed_targets_and_cpu_only_custom_calls_are_refused_without_a_plugin() {
             ],
         ));
         fail_with(&out, &["rattention.rla_fwd", "CPU", "lowering = \"hlo\""]);
+        // Likewise the attention kernels (`auto` picks the HLO lowering off the CPU).
+        let out = rattn(&with(
+            TINY,
+            &[
+                "--target",
+                target,
+                "--set",
+                "model.attention_lowering=\"kernel\"",
+            ],
+        ));
+        fail_with(
+            &out,
+            &["rattention.attn_fwd", "CPU", "attention_lowering = \"hlo\""],
+        );
     }
 }
 

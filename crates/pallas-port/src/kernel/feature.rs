@@ -34,7 +34,7 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
 /// (max, min) of `x` with explicit SIMD max/min (the compiler's own vectorisation of a scalar
 /// compare-and-select loop produced slow mask shuffling).
 #[inline(always)]
-fn max_min<S: pulp::Simd>(simd: S, x: &[f32]) -> (f32, f32) {
+pub(crate) fn max_min<S: pulp::Simd>(simd: S, x: &[f32]) -> (f32, f32) {
     let (head, tail) = S::as_simd_f32s(x);
     let mut mx = simd.splat_f32s(f32::NEG_INFINITY);
     let mut mn = simd.splat_f32s(f32::INFINITY);
@@ -51,7 +51,7 @@ fn max_min<S: pulp::Simd>(simd: S, x: &[f32]) -> (f32, f32) {
 }
 
 #[inline(always)]
-fn sum<S: pulp::Simd>(simd: S, x: &[f32]) -> f32 {
+pub(crate) fn sum<S: pulp::Simd>(simd: S, x: &[f32]) -> f32 {
     let (head, tail) = S::as_simd_f32s(x);
     let mut acc = simd.splat_f32s(0.0);
     for &v in head {
@@ -73,7 +73,7 @@ fn dot<S: pulp::Simd>(simd: S, x: &[f32], y: &[f32]) -> f32 {
 
 /// `x *= s` for every element.
 #[inline(always)]
-fn scale<S: pulp::Simd>(simd: S, x: &mut [f32], s: f32) {
+pub(crate) fn scale<S: pulp::Simd>(simd: S, x: &mut [f32], s: f32) {
     let (head, tail) = S::as_mut_simd_f32s(x);
     let sv = simd.splat_f32s(s);
     for v in head {

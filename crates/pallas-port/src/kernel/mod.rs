@@ -1,4 +1,5 @@
-//! Fast fp32 CPU kernels for the RLA blocks (DESIGN §3).
+//! Fast fp32 CPU kernels for the RLA blocks (DESIGN §3), and causal softmax attention
+//! ([`attention`]: [`attn_fwd`], [`attn_bwd`]).
 //!
 //! Algorithm: the chunked scan with one saved state per chunk of `cfg.chunk` tokens and the
 //! sub-chunk (`cfg.sub_chunk`) states recomputed on the fly. The N/G query heads of a kv group are
@@ -14,12 +15,15 @@
 //!   scattered into the `[B, T, heads, H]` outputs in parallel.
 
 pub mod adamw;
+pub mod attention;
 mod bwd;
 pub(crate) mod feature;
 mod fwd;
 pub(crate) mod mm;
 
 use std::cell::RefCell;
+
+pub use attention::{attn_bwd, attn_fwd};
 
 use crate::config::{check_len, RlaConfig, RlaDims, RlaError};
 

@@ -339,6 +339,34 @@ fn each_device_holds_only_its_shard() {
     assert!(hlo.contains("rattention.rla_fwd") && hlo.contains("rattention.rla_bwd"));
 }
 
+/// Attention through our CPU kernels (`model.attention_lowering = "kernel"`, the CPU default)
+/// and through the blocked HLO train alike: every step's loss within 1e-5 relative.
+#[test]
+fn attention_kernel_and_hlo_lowerings_train_alike() {
+    for (lowering, calls) in [("kernel", 4), ("hlo", 0)] {
+        let set = format!("model.attention_lowering=\"{lowering}\"");
+        let cfg = tiny(STEPS, &[&set]);
+        let text = step::build_train_step(&cfg, "cpu", &model::Mesh::single())
+            .unwrap()
+            .to_text();
+        let n = text.matches("\"rattention.attn_fwd\"").count()
+            + text.matches("\"rattention.attn_bwd\"").count();
+        assert_eq!(n, calls, "{lowering}: attention custom calls in the step");
+    }
+    let (kernel, _) = run(
+        "attn-kernel",
+        STEPS,
+        &["model.attention_lowering=\"kernel\""],
+    );
+    let (hlo, _) = run("attn-hlo", STEPS, &["model.attention_lowering=\"hlo\""]);
+    assert_eq!(kernel.len(), STEPS);
+    for (s, (a, b)) in kernel.iter().zip(&hlo).enumerate() {
+        let e = ((a - b) / b).abs();
+        eprintln!("step {}: loss kernel {a} hlo {b} (rel {e:.1e})", s + 1);
+        assert!(e <= 1e-5, "step {}: loss kernel {a} vs hlo {b}", s + 1);
+    }
+}
+
 #[test]
 fn a_mesh_that_does_not_fit_the_devices_is_refused_before_anything_runs() {
     let cfg = tiny(1, &["mesh.fsdp=2"]);

@@ -1,0 +1,244 @@
+//! Causal softmax attention as a custom-call pair in a graph: the forward
+//! `rattention.attn_fwd` with the backward `rattention.attn_bwd` as its custom VJP, served by the
+//! CPU kernels of [`crate::kernel::attention`]. The portable lowering (blocked HLO) lives in the
+//! model crate; [`AttentionLowering`] picks between them per platform.
+//!
+//! ```no_run
+//! use hlo_builder::{Builder, ElementType, Shape};
+//! let b = Builder::new("attn");
+//! let q = b.parameter(Shape::array(ElementType::F32, &[1, 64, 4, 16]), "q")?;
+//! let k = b.parameter(Shape::array(ElementType::F32, &[1, 64, 2, 16]), "k")?;
+//! let v = b.parameter(Shape::array(ElementType::F32, &[1, 64, 2, 16]), "v")?;
+//! let o = pallas_port::attention::attention_kernel(&b, q, k, v, Some(8))?; // f32[1, 64, 4, 16]
+//! let grads = b.grad(b.reduce_sum(o, &[0, 1, 2, 3])?, &[q, k, v])?; // rattention.attn_bwd
+//! # Ok::<(), hlo_builder::Error>(())
+//! ```
+
+use crate::config::RlaDims;
+use crate::ffi_attention::{ATTN_BWD_TARGET, ATTN_FWD_TARGET};
+use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape, Sharding};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::sync::Arc;
+
+/// How causal softmax attention is lowered (the model config's `attention_lowering`, serialized
+/// as `"auto"`, `"hlo"`, `"kernel"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionLowering {
+    /// Blocked HLO (the model crate's `causal_attention`): runs anywhere.
+    Hlo,
+    /// The custom-call pair over our CPU kernels ([`attention_kernel`]); needs
+    /// [`crate::register_cpu_kernels`] on the PJRT CPU client.
+    Kernel,
+    /// [`AttentionLowering::Kernel`] on the CPU platform, [`AttentionLowering::Hlo`] elsewhere
+    /// (no GPU or TPU handler exists). Resolve with [`AttentionLowering::for_platform`].
+    #[default]
+    Auto,
+}
+
+impl AttentionLowering {
+    /// The concrete lowering for the PJRT platform `platform` (`"cpu"`, `"cuda"`, `"tpu"`, ...;
+    /// case-insensitive): `Auto` is `Kernel` on `"cpu"`/`"host"` and `Hlo` elsewhere; explicit
+    /// choices are returned unchanged.
+    ///
+    /// ```
+    /// use pallas_port::attention::AttentionLowering as L;
+    /// assert_eq!(L::Auto.for_platform("cpu"), L::Kernel);
+    /// assert_eq!(L::Auto.for_platform("cuda"), L::Hlo);
+    /// assert_eq!(L::Auto.for_platform("tpu"), L::Hlo);
+    /// assert_eq!(L::Hlo.for_platform("cpu"), L::Hlo);
+    /// ```
+    pub fn for_platform(self, platform: &str) -> AttentionLowering {
+        let host = ["cpu", "host"]
+            .iter()
+            .any(|p| platform.eq_ignore_ascii_case(p));
+        match self {
+            AttentionLowering::Auto if host => AttentionLowering::Kernel,
+            AttentionLowering::Auto => AttentionLowering::Hlo,
+            l => l,
+        }
+    }
+
+    /// True for `Auto` (the default, which configs need not write out).
+    pub fn is_auto(&self) -> bool {
+        *self == AttentionLowering::Auto
+    }
+
+    /// The config spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AttentionLowering::Hlo => "hlo",
+            AttentionLowering::Kernel => "kernel",
+            AttentionLowering::Auto => "auto",
+        }
+    }
+}
+
+impl fmt::Display for AttentionLowering {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The i64 `window` attribute: −1 for global attention.
+fn attrs(window: Option<usize>) -> Vec<(&'static str, Attr)> {
+    vec![("window", Attr::I64(window.map_or(-1, |w| w as i64)))]
+}
+
+fn f32_shape(dims: &[usize]) -> Shape {
+    Shape::array(
+        ElementType::F32,
+        &dims.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+    )
+}
+
+/// Checks q `[B,T,N,H]`, k, v `[B,T,G,H]` (G dividing N); returns the dims.
+fn check_shapes(b: &Builder, op: &'static str, q: Op, k: Op, v: Op) -> Result<RlaDims> {
+    let (qs, ks, vs) = (b.shape(q)?, b.shape(k)?, b.shape(v)?);
+    let (qd, kd) = (qs.dims(), ks.dims());
+    let bad = qd.len() != 4
+        || kd.len() != 4
+        || ks != vs
+        || qd[0] != kd[0]
+        || qd[1] != kd[1]
+        || qd[3] != kd[3];
+    if bad {
+        return Err(b.error(
+            op,
+            format!(
+                "q must be [B,T,N,H] and k, v [B,T,G,H] with equal B, T, H: got q {}, k {}, v {}",
+                qs.short(),
+                ks.short(),
+                vs.short()
+            ),
+        ));
+    }
+    let d = RlaDims {
+        batch: qd[0] as usize,
+        seq: qd[1] as usize,
+        heads: qd[2] as usize,
+        kv_heads: kd[2] as usize,
+        head_dim: qd[3] as usize,
+    };
+    d.validate().map_err(|e| b.error(op, e.to_string()))?;
+    Ok(d)
+}
+
+/// The VJP of the forward call: the backward call.
+struct AttnVjp {
+    window: Option<usize>,
+}
+
+impl hlo_builder::autodiff::VjpRule for AttnVjp {
+    fn vjp(
+        &self,
+        b: &Builder,
+        inputs: &[Op],
+        output: Op,
+        cts: &[Option<Op>],
+    ) -> Result<Vec<Option<Op>>> {
+        if cts.iter().skip(1).any(Option::is_some) {
+            return Err(b.error(
+                "attention_kernel",
+                "gradients flow only through the output o; the logsumexp is not differentiable",
+            ));
+        }
+        let Some(d_o) = cts.first().copied().flatten() else {
+            return Ok(vec![None, None, None]);
+        };
+        let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
+        let d = check_shapes(b, "attention_kernel", q, k, v)?;
+        let (o, lse) = (
+            b.get_tuple_element(output, 0)?,
+            b.get_tuple_element(output, 1)?,
+        );
+        let out = Shape::tuple(vec![
+            f32_shape(&d.q_shape()),
+            f32_shape(&d.kv_shape()),
+            f32_shape(&d.kv_shape()),
+        ]);
+        let g = {
+            let _s = b.name_scope("attn_bwd");
+            b.custom_call(
+                ATTN_BWD_TARGET,
+                &[q, k, v, o, lse, d_o],
+                out,
+                &attrs(self.window),
+            )?
+        };
+        let mut grads = Vec::new();
+        for (i, x) in [q, k, v].into_iter().enumerate() {
+            let gi = b.get_tuple_element(g, i)?;
+            let ty = b.shape(x)?.ty().unwrap_or(ElementType::F32);
+            grads.push(Some(if ty == ElementType::F32 {
+                gi
+            } else {
+                b.convert(gi, ty)?
+            }));
+        }
+        Ok(grads)
+    }
+}
+
+/// Causal softmax attention over q `[B,T,N,H]`, k, v `[B,T,G,H]` (already rotated and scaled;
+/// query head n reads kv head n / (N/G)) as the custom call `rattention.attn_fwd`, whose
+/// gradient is `rattention.attn_bwd`. `window = Some(W)`: key s is visible to query t iff
+/// t − W ≤ s ≤ t; `None`: s ≤ t. Returns `o f32[B,T,N,H]`. Runs only where the handlers are
+/// registered (the CPU client, [`crate::register_cpu_kernels`]).
+pub fn attention_kernel(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>) -> Result<Op> {
+    let d = check_shapes(b, "attention_kernel", q, k, v)?;
+    let out = Shape::tuple(vec![
+        f32_shape(&d.q_shape()),
+        f32_shape(&crate::kernel::attention::lse_shape(&d)),
+    ]);
+    let fwd = {
+        let _s = b.name_scope("attn_fwd");
+        b.custom_call(ATTN_FWD_TARGET, &[q, k, v], out, &attrs(window))?
+    };
+    b.custom_vjp(&[q, k, v], fwd, Arc::new(AttnVjp { window }))?;
+    b.get_tuple_element(fwd, 0)
+}
+
+/// [`attention_kernel`] on q, k, v laid out across devices by `qkv` (a sharding of the
+/// `[B,T,heads,H]` arrays that cuts the batch and the heads, q's N and k/v's G into the same
+/// number of pieces), in a manually partitioned region like [`crate::rla_in_region`]: each
+/// device runs the custom calls on its own sequences and kv heads. The sequence must not be cut
+/// (sequence-parallel attention stays HLO) nor H. With `qkv` replicated this is
+/// [`attention_kernel`].
+pub fn attention_kernel_in_region(
+    b: &Builder,
+    (q, k, v): (Op, Op, Op),
+    window: Option<usize>,
+    qkv: &Sharding,
+) -> Result<Op> {
+    let d = check_shapes(b, "attention_kernel_in_region", q, k, v)?;
+    let tiles = qkv.tiles_per_dim(4).map_err(|e| {
+        b.error(
+            "attention_kernel_in_region",
+            format!("q/k/v sharding: {}", e.message),
+        )
+    })?;
+    if tiles.iter().all(|&t| t == 1) {
+        return attention_kernel(b, q, k, v, window);
+    }
+    if tiles[1] != 1 || tiles[3] != 1 {
+        return Err(b.error(
+            "attention_kernel_in_region",
+            format!(
+                "the attention region splits batch and heads only, but the q/k/v sharding cuts \
+                 T into {} and H into {} pieces",
+                tiles[1], tiles[3]
+            ),
+        ));
+    }
+    let ql = b.full_to_shard(q, qkv.clone())?;
+    let kl = b.full_to_shard(k, qkv.clone())?;
+    let vl = b.full_to_shard(v, qkv.clone())?;
+    let o = {
+        let _m = b.manual_scope();
+        attention_kernel(b, ql, kl, vl, window)?
+    };
+    let full: Vec<i64> = d.q_shape().iter().map(|&x| x as i64).collect();
+    b.shard_to_full(o, qkv.clone(), &full)
+}

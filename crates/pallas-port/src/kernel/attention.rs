@@ -1,0 +1,601 @@
+//! Causal softmax attention (FlashAttention-2 style) on the CPU: q `[B,T,N,H]`, k/v `[B,T,G,H]`
+//! (GQA, query head n reads kv head n / (N/G)), already rotated and scaled.
+//!
+//! Key s is visible to query t iff s ≤ t and, with a window W, t − W ≤ s. Work is cut into
+//! blocks of bq query positions (the R = N/G query heads of a kv head stacked, so a block is
+//! `[bq·R, H]`) against blocks of bk keys ([`block_sizes`]); a key block is visited only if some
+//! key in it is visible to some query of the block (on or below the diagonal for global
+//! attention, the band for a window).
+//!
+//! - forward: online softmax over the visible key blocks (running row max m and sum l, the
+//!   accumulator rescaled by exp(m_old − m_new)); writes o and the row logsumexp
+//!   lse = m + ln l. Parallel over (batch, kv head, query block).
+//! - backward: D = rowsum(dO ⊙ O); per key block, over the query blocks that see it,
+//!   P = exp(S − lse) and dS = P ⊙ (dO Vᵀ − D) recomputed, dV += Pᵀ dO, dK += dSᵀ Q (the key
+//!   block's own rows) and dQ += dS K (five GEMMs per block pair). Parallel over (batch, kv
+//!   head, group of interleaved key blocks); each group adds into its own dQ buffer, and the
+//!   buffers are summed at the end, so no two tasks write the same memory.
+//!
+//! Exponentials use the branch-free polynomial `fast_exp` (relative error ~5e-9) and the row
+//! max/sum explicit SIMD reductions (`pulp`).
+
+use rayon::prelude::*;
+
+use super::feature::{fast_exp, max_min, scale, sum};
+use super::mm::{gemm, view, view_mut};
+use super::{split_scratch, with_scratch};
+use crate::config::{check_len, RlaDims, RlaError};
+
+/// The (query, key) block sizes for a window: query blocks of up to 128 positions (each stacks
+/// the R query heads of a kv head: bq·R rows), key blocks of up to 256 keys; with a window W
+/// both shrink towards W so a block pair is not mostly masked.
+pub fn block_sizes(window: Option<usize>) -> (usize, usize) {
+    match window {
+        None => (128, 256),
+        Some(w) => (w.clamp(32, 128), w.clamp(64, 256)),
+    }
+}
+
+/// Geometry of one attention call.
+#[derive(Clone, Copy)]
+struct Geo {
+    t: usize,
+    n: usize,
+    g: usize,
+    h: usize,
+    r: usize,
+    w: Option<usize>,
+    bq: usize,
+    bk: usize,
+}
+
+impl Geo {
+    fn new(d: &RlaDims, window: Option<usize>) -> Geo {
+        Geo {
+            t: d.seq,
+            n: d.heads,
+            g: d.kv_heads,
+            h: d.head_dim,
+            r: d.group_size(),
+            w: window,
+            bq: block_sizes(window).0,
+            bk: block_sizes(window).1,
+        }
+    }
+
+    fn kv_off(&self, b: usize, s: usize, gi: usize) -> usize {
+        ((b * self.t + s) * self.g + gi) * self.h
+    }
+
+    fn q_off(&self, b: usize, t: usize, gi: usize) -> usize {
+        ((b * self.t + t) * self.n + gi * self.r) * self.h
+    }
+
+    /// Offset in `[B,T,N]` (lse, D) of query head `gi·R` at (b, t).
+    fn row_off(&self, b: usize, t: usize, gi: usize) -> usize {
+        (b * self.t + t) * self.n + gi * self.r
+    }
+
+    /// The keys `[lo, hi)` some query in `[t0, t1)` sees.
+    fn keys_of(&self, t0: usize, t1: usize) -> (usize, usize) {
+        (self.w.map_or(0, |w| t0.saturating_sub(w)), t1)
+    }
+
+    /// The queries `[lo, hi)` that see some key in `[s0, s1)`.
+    fn queries_of(&self, s0: usize, s1: usize) -> (usize, usize) {
+        (s0, self.w.map_or(self.t, |w| (s1 + w).min(self.t)))
+    }
+
+    /// The visible columns `[lo, hi)` of query `t` in a key block starting at `s0` of `nk` keys.
+    #[inline]
+    fn cols(&self, t: usize, s0: usize, nk: usize) -> (usize, usize) {
+        let first = self.w.map_or(0, |w| t.saturating_sub(w));
+        let lo = first.saturating_sub(s0).min(nk);
+        let hi = (t + 1).saturating_sub(s0).min(nk);
+        (lo, hi.max(lo))
+    }
+}
+
+/// Checks the dims and the lengths of q, k, v.
+fn check_qkv(
+    op: &'static str,
+    d: &RlaDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Result<(), RlaError> {
+    d.check(op)?;
+    check_len(op, "q", q.len(), &d.q_shape(), d)?;
+    check_len(op, "k", k.len(), &d.kv_shape(), d)?;
+    check_len(op, "v", v.len(), &d.kv_shape(), d)
+}
+
+/// The `[B,T,N]` shape of the row statistics (logsumexp).
+pub fn lse_shape(d: &RlaDims) -> Vec<usize> {
+    vec![d.batch, d.seq, d.heads]
+}
+
+/// Causal attention forward: `(q, k, v) -> (o, lse)`.
+///
+/// Shapes: `q`/`o` `[B,T,N,H]`, `k`/`v` `[B,T,G,H]`, `lse` `[B,T,N]` (the natural log of each
+/// query row's softmax denominator, max included). `window = Some(W)`: key s is visible to query
+/// t iff t − W ≤ s ≤ t; `None`: s ≤ t. Every output element is written.
+#[allow(clippy::too_many_arguments)]
+pub fn attn_fwd(
+    d: &RlaDims,
+    window: Option<usize>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &mut [f32],
+    lse: &mut [f32],
+) -> Result<(), RlaError> {
+    const OP: &str = "attn_fwd";
+    check_qkv(OP, d, q, k, v)?;
+    check_len(OP, "o", o.len(), &d.q_shape(), d)?;
+    check_len(OP, "lse", lse.len(), &lse_shape(d), d)?;
+    forward(&Geo::new(d, window), d.batch, q, k, v, o, lse);
+    Ok(())
+}
+
+/// Causal attention backward: `(q, k, v, o, lse, d_o) -> (dq, dk, dv)`.
+///
+/// `o` and `lse` must be what [`attn_fwd`] produced for the same inputs and window. Shapes as in
+/// [`attn_fwd`]; `d_o`/`dq` `[B,T,N,H]`, `dk`/`dv` `[B,T,G,H]`. Every output element is written.
+#[allow(clippy::too_many_arguments)]
+pub fn attn_bwd(
+    d: &RlaDims,
+    window: Option<usize>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    d_o: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) -> Result<(), RlaError> {
+    const OP: &str = "attn_bwd";
+    check_qkv(OP, d, q, k, v)?;
+    check_len(OP, "o", o.len(), &d.q_shape(), d)?;
+    check_len(OP, "lse", lse.len(), &lse_shape(d), d)?;
+    check_len(OP, "d_o", d_o.len(), &d.q_shape(), d)?;
+    check_len(OP, "dq", dq.len(), &d.q_shape(), d)?;
+    check_len(OP, "dk", dk.len(), &d.kv_shape(), d)?;
+    check_len(OP, "dv", dv.len(), &d.kv_shape(), d)?;
+    backward(
+        &Geo::new(d, window),
+        d.batch,
+        (q, k, v),
+        o,
+        lse,
+        d_o,
+        (dq, dk, dv),
+    );
+    Ok(())
+}
+
+/// Cuts `out` (rows of `per_row` = heads·`piece` values per (b, position)) into one list of
+/// `piece`-sized pieces per task (b, kv head, position / `blk`), in position order.
+fn pieces<'a>(
+    out: &'a mut [f32],
+    geo: &Geo,
+    per_row: usize,
+    piece: usize,
+    blk: usize,
+) -> Vec<Vec<&'a mut [f32]>> {
+    let nb = geo.t.div_ceil(blk);
+    let batch = out.len() / (per_row * geo.t).max(1);
+    let mut tasks: Vec<Vec<&mut [f32]>> = (0..batch * geo.g * nb)
+        .map(|_| Vec::with_capacity(blk))
+        .collect();
+    if piece == 0 {
+        return tasks;
+    }
+    for (bt, row) in out.chunks_mut(per_row).enumerate() {
+        let (b, t) = (bt / geo.t, bt % geo.t);
+        for (gi, p) in row.chunks_mut(piece).enumerate() {
+            tasks[(b * geo.g + gi) * nb + t / blk].push(p);
+        }
+    }
+    tasks
+}
+
+/// Copies the rows of the R query heads of group `gi` at positions `[t0, t0 + ce)` of `x`
+/// (`[B,T,N,H]`) into `dst` (`[ce·R, H]`, rows ordered (position, head)).
+fn gather_rows(geo: &Geo, x: &[f32], b: usize, gi: usize, t0: usize, ce: usize, dst: &mut [f32]) {
+    let rh = geo.r * geo.h;
+    for tl in 0..ce {
+        let off = geo.q_off(b, t0 + tl, gi);
+        dst[tl * rh..(tl + 1) * rh].copy_from_slice(&x[off..off + rh]);
+    }
+}
+
+/// Copies the `[B,T,N]` row statistics of group `gi` at positions `[t0, t0 + ce)` into `dst`.
+#[allow(clippy::too_many_arguments)]
+fn gather_stats(geo: &Geo, x: &[f32], b: usize, gi: usize, t0: usize, ce: usize, dst: &mut [f32]) {
+    let r = geo.r;
+    for tl in 0..ce {
+        let off = geo.row_off(b, t0 + tl, gi);
+        dst[tl * r..(tl + 1) * r].copy_from_slice(&x[off..off + r]);
+    }
+}
+
+/// Scores `s = qs · K[s0 .. s0+nk]ᵀ` (`[M, nk]`) of group `gi`.
+#[allow(clippy::too_many_arguments)]
+fn scores(
+    geo: &Geo,
+    qs: &[f32],
+    k: &[f32],
+    b: usize,
+    gi: usize,
+    s0: usize,
+    m: usize,
+    s: &mut [f32],
+) {
+    let nk = s.len() / m.max(1);
+    let kv = view(&k[geo.kv_off(b, s0, gi)..], nk, geo.h, geo.g * geo.h);
+    gemm(
+        1.0,
+        &view(qs, m, geo.h, geo.h),
+        &kv.t(),
+        0.0,
+        &mut view_mut(s, m, nk, nk),
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    geo: &Geo,
+    batch: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &mut [f32],
+    lse: &mut [f32],
+) {
+    let (h, r) = (geo.h, geo.r);
+    let nqb = geo.t.div_ceil(geo.bq);
+    let o_tasks = pieces(o, geo, geo.n * h, r * h, geo.bq);
+    let l_tasks = pieces(lse, geo, geo.n, r, geo.bq);
+    debug_assert_eq!(o_tasks.len(), batch * geo.g * nqb);
+    o_tasks.into_par_iter().zip(l_tasks).enumerate().for_each(
+        |(task, (mut o_rows, mut l_rows))| {
+            let (bg, qb) = (task / nqb, task % nqb);
+            let (b, gi) = (bg / geo.g, bg % geo.g);
+            let t0 = qb * geo.bq;
+            let ce = geo.bq.min(geo.t - t0);
+            let m = ce * r;
+            let lens = [m * h, m * h, m * geo.bk, m, m];
+            with_scratch(lens.iter().sum(), |buf| {
+                let [qs, acc, s, mx, l] = split_scratch(buf, lens);
+                gather_rows(geo, q, b, gi, t0, ce, qs);
+                acc.fill(0.0);
+                mx.fill(f32::NEG_INFINITY);
+                l.fill(0.0);
+                let (klo, khi) = geo.keys_of(t0, t0 + ce);
+                let mut s0 = klo;
+                while s0 < khi {
+                    let nk = geo.bk.min(khi - s0);
+                    let s = &mut s[..m * nk];
+                    scores(geo, qs, k, b, gi, s0, m, s);
+                    pulp::Arch::new().dispatch(OnlineSoftmax {
+                        geo,
+                        t0,
+                        s0,
+                        nk,
+                        s,
+                        mx,
+                        l,
+                        acc,
+                    });
+                    let vv = view(&v[geo.kv_off(b, s0, gi)..], nk, h, geo.g * h);
+                    gemm(
+                        1.0,
+                        &view(s, m, nk, nk),
+                        &vv,
+                        1.0,
+                        &mut view_mut(acc, m, h, h),
+                    );
+                    s0 += nk;
+                }
+                for row in 0..m {
+                    let inv = 1.0 / l[row];
+                    for a in &mut acc[row * h..(row + 1) * h] {
+                        *a *= inv;
+                    }
+                    mx[row] += l[row].ln();
+                }
+                for (tl, (orow, lrow)) in o_rows.iter_mut().zip(l_rows.iter_mut()).enumerate() {
+                    orow.copy_from_slice(&acc[tl * r * h..(tl + 1) * r * h]);
+                    lrow.copy_from_slice(&mx[tl * r..(tl + 1) * r]);
+                }
+            });
+        },
+    );
+}
+
+/// One key block of the online softmax: turns the scores `s` (`[M, nk]`, rows from query `t0`,
+/// keys from `s0`) into exp(s − m_new) on the visible entries (0 elsewhere), updates the running
+/// row max `mx` and sum `l`, and rescales the accumulator rows `acc` (`[M, H]`) by
+/// exp(m_old − m_new). Vectorised through `pulp` (max and sum as explicit SIMD reductions).
+struct OnlineSoftmax<'a> {
+    geo: &'a Geo,
+    t0: usize,
+    s0: usize,
+    nk: usize,
+    s: &'a mut [f32],
+    mx: &'a mut [f32],
+    l: &'a mut [f32],
+    acc: &'a mut [f32],
+}
+
+impl pulp::WithSimd for OnlineSoftmax<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let OnlineSoftmax {
+            geo,
+            t0,
+            s0,
+            nk,
+            s,
+            mx,
+            l,
+            acc,
+        } = self;
+        let (h, r) = (geo.h, geo.r);
+        for (row, srow) in s.chunks_exact_mut(nk).enumerate() {
+            let t = t0 + row / r;
+            let (lo, hi) = geo.cols(t, s0, nk);
+            if lo == hi {
+                srow.fill(0.0);
+                continue;
+            }
+            let vis = &mut srow[lo..hi];
+            let m_new = mx[row].max(max_min(simd, vis).0);
+            let rescale = if mx[row] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                fast_exp(mx[row] - m_new)
+            };
+            for x in vis.iter_mut() {
+                *x = fast_exp(*x - m_new);
+            }
+            let add = sum(simd, vis);
+            srow[..lo].fill(0.0);
+            srow[hi..].fill(0.0);
+            mx[row] = m_new;
+            l[row] = l[row] * rescale + add;
+            if rescale != 1.0 {
+                scale(simd, &mut acc[row * h..(row + 1) * h], rescale);
+            }
+        }
+    }
+}
+
+/// P = exp(S − lse) on the visible entries (0 elsewhere) in `s`, then dS = P ⊙ (dP − D) in
+/// `dp`, for the block of rows from query position `t0` against `nk` keys from `s0`
+/// (vectorised through `pulp`).
+struct ProbsAndDs<'a> {
+    geo: &'a Geo,
+    t0: usize,
+    s0: usize,
+    nk: usize,
+    s: &'a mut [f32],
+    dp: &'a mut [f32],
+    lse: &'a [f32],
+    dd: &'a [f32],
+}
+
+impl pulp::WithSimd for ProbsAndDs<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let ProbsAndDs {
+            geo,
+            t0,
+            s0,
+            nk,
+            s,
+            dp,
+            lse,
+            dd,
+        } = self;
+        let r = geo.r;
+        for (row, (srow, dprow)) in s
+            .chunks_exact_mut(nk)
+            .zip(dp.chunks_exact_mut(nk))
+            .enumerate()
+        {
+            let t = t0 + row / r;
+            let (lo, hi) = geo.cols(t, s0, nk);
+            let (ls, d) = (lse[row], dd[row]);
+            for (x, g) in srow[lo..hi].iter_mut().zip(&mut dprow[lo..hi]) {
+                let p = fast_exp(*x - ls);
+                *x = p;
+                *g = p * (*g - d);
+            }
+            srow[..lo].fill(0.0);
+            srow[hi..].fill(0.0);
+            dprow[..lo].fill(0.0);
+            dprow[hi..].fill(0.0);
+        }
+    }
+}
+
+/// How many interleaved groups of key blocks the backward runs per (batch, kv head): enough
+/// tasks for every rayon thread twice over, at most 8 (each group accumulates its own dQ of
+/// the whole sequence) and at most the number of key blocks.
+fn key_groups(bg: usize, nkb: usize) -> usize {
+    let want = (2 * rayon::current_num_threads()).div_ceil(bg.max(1));
+    want.clamp(1, 8).min(nkb.max(1))
+}
+
+/// One key block's share of the backward: dK and dV rows of keys `[s0, s0 + nk)` into
+/// `dk_rows`, `dv_rows`, and its dQ contributions added to `dq_part` (`[T, R, H]` of this
+/// (batch, kv head)).
+struct KeyBlock<'a, 'b> {
+    s0: usize,
+    dk_rows: Vec<&'a mut [f32]>,
+    dv_rows: Vec<&'b mut [f32]>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    geo: &Geo,
+    batch: usize,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    o: &[f32],
+    lse: &[f32],
+    d_o: &[f32],
+    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    let (h, r, gh) = (geo.h, geo.r, geo.g * geo.h);
+    // D = rowsum(dO ⊙ O)  [B,T,N]
+    let mut dd = vec![0.0f32; batch * geo.t * geo.n];
+    dd.par_chunks_mut(geo.n)
+        .zip(o.par_chunks(geo.n * h))
+        .zip(d_o.par_chunks(geo.n * h))
+        .for_each(|((d, orow), grow)| {
+            for ((x, oh), gh_) in d
+                .iter_mut()
+                .zip(orow.chunks_exact(h))
+                .zip(grow.chunks_exact(h))
+            {
+                *x = oh.iter().zip(gh_).map(|(a, b)| a * b).sum();
+            }
+        });
+    let dd = &dd[..];
+
+    // Tasks: (b, kv head, group p) runs the key blocks kb ≡ p (mod groups), writing their dK,
+    // dV rows and adding dS·K into the group's own dQ buffer; the buffers are summed after.
+    let nkb = geo.t.div_ceil(geo.bk);
+    let bgs = batch * geo.g;
+    let groups = key_groups(bgs, nkb);
+    let part_len = geo.t * r * h;
+    let mut dq_parts = vec![0.0f32; bgs * groups * part_len];
+    let mut work: Vec<Vec<KeyBlock<'_, '_>>> = (0..bgs * groups).map(|_| Vec::new()).collect();
+    let dk_tasks = pieces(dk, geo, gh, h, geo.bk);
+    let dv_tasks = pieces(dv, geo, gh, h, geo.bk);
+    for (task, (dk_rows, dv_rows)) in dk_tasks.into_iter().zip(dv_tasks).enumerate() {
+        let (bg, kb) = (task / nkb, task % nkb);
+        work[bg * groups + kb % groups].push(KeyBlock {
+            s0: kb * geo.bk,
+            dk_rows,
+            dv_rows,
+        });
+    }
+    work.into_par_iter()
+        .zip(dq_parts.par_chunks_mut(part_len))
+        .enumerate()
+        .for_each(|(task, (blocks, dq_part))| {
+            let bg = task / groups;
+            let (b, gi) = (bg / geo.g, bg % geo.g);
+            for blk in blocks {
+                key_block(geo, (q, k, v), d_o, lse, dd, b, gi, blk, dq_part);
+            }
+        });
+
+    // dQ = Σ over the groups.
+    let parts = &dq_parts[..];
+    dq.par_chunks_mut(geo.n * h)
+        .enumerate()
+        .for_each(|(bt, row)| {
+            let (b, t) = (bt / geo.t, bt % geo.t);
+            for (gi, piece) in row.chunks_mut(r * h).enumerate() {
+                let base = (b * geo.g + gi) * groups;
+                piece.fill(0.0);
+                for p in 0..groups {
+                    let src = &parts[(base + p) * part_len + t * r * h..][..r * h];
+                    for (x, y) in piece.iter_mut().zip(src) {
+                        *x += y;
+                    }
+                }
+            }
+        });
+}
+
+/// The backward of one key block (see [`KeyBlock`]) over the query blocks that see it.
+#[allow(clippy::too_many_arguments)]
+fn key_block(
+    geo: &Geo,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    d_o: &[f32],
+    lse: &[f32],
+    dd: &[f32],
+    b: usize,
+    gi: usize,
+    blk: KeyBlock<'_, '_>,
+    dq_part: &mut [f32],
+) {
+    let (h, r, gh) = (geo.h, geo.r, geo.g * geo.h);
+    let KeyBlock {
+        s0,
+        mut dk_rows,
+        mut dv_rows,
+    } = blk;
+    let nk = geo.bk.min(geo.t - s0);
+    let mq = geo.bq * r;
+    let lens = [mq * h, mq * h, nk * h, nk * h, mq * nk, mq * nk, mq, mq];
+    with_scratch(lens.iter().sum(), |buf| {
+        let [qs, dos, dka, dva, s, dp, ls, ds_] = split_scratch(buf, lens);
+        dka.fill(0.0);
+        dva.fill(0.0);
+        let kk = view(&k[geo.kv_off(b, s0, gi)..], nk, h, gh);
+        let vv = view(&v[geo.kv_off(b, s0, gi)..], nk, h, gh);
+        let (qlo, qhi) = geo.queries_of(s0, s0 + nk);
+        let mut t0 = qlo;
+        while t0 < qhi {
+            let ce = geo.bq.min(qhi - t0);
+            let m = ce * r;
+            let (qs, dos) = (&mut qs[..m * h], &mut dos[..m * h]);
+            let (s, dp) = (&mut s[..m * nk], &mut dp[..m * nk]);
+            let (ls, ds_) = (&mut ls[..m], &mut ds_[..m]);
+            gather_rows(geo, q, b, gi, t0, ce, qs);
+            gather_rows(geo, d_o, b, gi, t0, ce, dos);
+            gather_stats(geo, lse, b, gi, t0, ce, ls);
+            gather_stats(geo, dd, b, gi, t0, ce, ds_);
+            let qv = view(qs, m, h, h);
+            let dov = view(dos, m, h, h);
+            gemm(1.0, &qv, &kk.t(), 0.0, &mut view_mut(s, m, nk, nk));
+            gemm(1.0, &dov, &vv.t(), 0.0, &mut view_mut(dp, m, nk, nk));
+            pulp::Arch::new().dispatch(ProbsAndDs {
+                geo,
+                t0,
+                s0,
+                nk,
+                s,
+                dp,
+                lse: ls,
+                dd: ds_,
+            });
+            // dV += Pᵀ dO, dK += dSᵀ Q, dQ += dS K
+            let (sv, dsv) = (view(s, m, nk, nk), view(dp, m, nk, nk));
+            gemm(1.0, &sv.t(), &dov, 1.0, &mut view_mut(dva, nk, h, h));
+            gemm(1.0, &dsv.t(), &qv, 1.0, &mut view_mut(dka, nk, h, h));
+            let dqv = &mut dq_part[t0 * r * h..(t0 + ce) * r * h];
+            gemm(1.0, &dsv, &kk, 1.0, &mut view_mut(dqv, m, h, h));
+            t0 += ce;
+        }
+        for (j, (kr, vr)) in dk_rows.iter_mut().zip(dv_rows.iter_mut()).enumerate() {
+            kr.copy_from_slice(&dka[j * h..(j + 1) * h]);
+            vr.copy_from_slice(&dva[j * h..(j + 1) * h]);
+        }
+    });
+}
+
+/// Nominal FLOPs of the forward over the visible blocks (2 GEMMs of 2·M·nk·H per block pair).
+pub fn flops_fwd(d: &RlaDims, window: Option<usize>) -> f64 {
+    let geo = Geo::new(d, window);
+    let mut f = 0.0;
+    let mut t0 = 0;
+    while t0 < geo.t {
+        let ce = geo.bq.min(geo.t - t0);
+        let (lo, hi) = geo.keys_of(t0, t0 + ce);
+        f += 4.0 * (ce * geo.r * (hi - lo) * geo.h) as f64;
+        t0 += ce;
+    }
+    f * (d.batch * geo.g) as f64
+}

@@ -1,0 +1,214 @@
+//! The causal softmax attention kernels (`pallas_port::kernel::attention`) and their custom-call
+//! pair on the CPU plugin against a naive f64 formula (full softmax over the visible keys).
+
+use hlo_builder::Builder;
+use pallas_port::attention::attention_kernel;
+use pallas_port::kernel::{attn_bwd, attn_fwd};
+use pallas_port::RlaDims;
+
+mod common;
+
+use common::{dims, f32_shape, rel_err, Rng};
+
+/// fp32 paths within 1e-5 of the f64 reference (norm-relative).
+const TOL: f64 = 1e-5;
+
+fn visible(t: usize, s: usize, w: Option<usize>) -> bool {
+    s <= t && w.is_none_or(|w| t - s <= w)
+}
+
+/// Naive f64 attention and its VJP: returns (o, dq, dk, dv).
+fn naive(
+    d: &RlaDims,
+    w: Option<usize>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d_o: &[f32],
+) -> [Vec<f64>; 4] {
+    let (bs, t, n, g, h) = (d.batch, d.seq, d.heads, d.kv_heads, d.head_dim);
+    let r = n / g;
+    let qi = |b: usize, i: usize, hd: usize| ((b * t + i) * n + hd) * h;
+    let ki = |b: usize, s: usize, gi: usize| ((b * t + s) * g + gi) * h;
+    let mut o = vec![0.0; q.len()];
+    let mut dq = vec![0.0; q.len()];
+    let mut dk = vec![0.0; k.len()];
+    let mut dv = vec![0.0; v.len()];
+    for b in 0..bs {
+        for hd in 0..n {
+            let gi = hd / r;
+            for i in 0..t {
+                let keys: Vec<usize> = (0..t).filter(|&s| visible(i, s, w)).collect();
+                let sc: Vec<f64> = keys
+                    .iter()
+                    .map(|&s| {
+                        (0..h)
+                            .map(|x| q[qi(b, i, hd) + x] as f64 * k[ki(b, s, gi) + x] as f64)
+                            .sum()
+                    })
+                    .collect();
+                let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
+                let p: Vec<f64> = e.iter().map(|x| x / z).collect();
+                for (j, &s) in keys.iter().enumerate() {
+                    for x in 0..h {
+                        o[qi(b, i, hd) + x] += p[j] * v[ki(b, s, gi) + x] as f64;
+                    }
+                }
+                let dp: Vec<f64> = keys
+                    .iter()
+                    .map(|&s| {
+                        (0..h)
+                            .map(|x| d_o[qi(b, i, hd) + x] as f64 * v[ki(b, s, gi) + x] as f64)
+                            .sum()
+                    })
+                    .collect();
+                let pdp: f64 = p.iter().zip(&dp).map(|(a, c)| a * c).sum();
+                for (j, &s) in keys.iter().enumerate() {
+                    let ds = p[j] * (dp[j] - pdp);
+                    for x in 0..h {
+                        dq[qi(b, i, hd) + x] += ds * k[ki(b, s, gi) + x] as f64;
+                        dk[ki(b, s, gi) + x] += ds * q[qi(b, i, hd) + x] as f64;
+                        dv[ki(b, s, gi) + x] += p[j] * d_o[qi(b, i, hd) + x] as f64;
+                    }
+                }
+            }
+        }
+    }
+    [o, dq, dk, dv]
+}
+
+fn inputs(d: &RlaDims, seed: u64) -> [Vec<f32>; 4] {
+    let mut rng = Rng::new(seed);
+    [
+        rng.vec(d.q_len(), 1.0),
+        rng.vec(d.kv_len(), 1.0),
+        rng.vec(d.kv_len(), 1.0),
+        rng.vec(d.q_len(), 1.0),
+    ]
+}
+
+fn check(case: &str, names: &[&str], got: &[&[f32]], want: &[Vec<f64>]) {
+    check_tol(case, names, got, want, &[TOL; 4]);
+}
+
+fn check_tol(case: &str, names: &[&str], got: &[&[f32]], want: &[Vec<f64>], tol: &[f64]) {
+    for (((name, g), w), &t) in names.iter().zip(got).zip(want).zip(tol) {
+        let e = rel_err(g, w);
+        eprintln!("{case}: {name} rel err {e:.2e}");
+        assert!(e <= t, "{case}: {name} relative error {e:.3e} > {t:e}");
+    }
+}
+
+/// Global and windowed cases: W = 0, W below the block, W spanning several key blocks, T not a
+/// multiple of the blocks, GQA N/G = 2, B = 2.
+fn cases() -> Vec<(RlaDims, Option<usize>)> {
+    vec![
+        (dims(2, 150, 4, 2, 16), None),
+        (dims(1, 200, 2, 2, 8), Some(0)),
+        (dims(2, 150, 4, 2, 16), Some(5)),
+        (dims(1, 333, 4, 2, 16), Some(150)),
+        (dims(1, 300, 2, 1, 32), Some(299)),
+    ]
+}
+
+#[test]
+fn kernel_matches_f64_reference() {
+    for (d, w) in cases() {
+        let case = format!("{d} window {w:?}");
+        let [q, k, v, d_o] = inputs(&d, 7);
+        let want = naive(&d, w, &q, &k, &v, &d_o);
+        let mut o = vec![f32::NAN; d.q_len()];
+        let mut lse = vec![f32::NAN; d.batch * d.seq * d.heads];
+        attn_fwd(&d, w, &q, &k, &v, &mut o, &mut lse).expect("attn_fwd");
+        let (mut dq, mut dk, mut dv) = (
+            vec![f32::NAN; d.q_len()],
+            vec![f32::NAN; d.kv_len()],
+            vec![f32::NAN; d.kv_len()],
+        );
+        attn_bwd(&d, w, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv).expect("attn_bwd");
+        check(&case, &["o", "dq", "dk", "dv"], &[&o, &dq, &dk, &dv], &want);
+    }
+}
+
+#[test]
+fn kernel_rejects_wrong_lengths() {
+    let d = dims(1, 8, 2, 1, 4);
+    let (q, k) = (vec![0.0; d.q_len()], vec![0.0; d.kv_len()]);
+    let mut o = vec![0.0; d.q_len()];
+    let mut lse = vec![0.0; 3];
+    let err = attn_fwd(&d, None, &q, &k, &k, &mut o, &mut lse).unwrap_err();
+    assert!(err.to_string().contains("lse"), "{err}");
+}
+
+/// The custom-call pair through the XLA CPU plugin: forward and the gradients of Σ o ⊙ c; also
+/// with q, k, v fed as bf16 (host data rounded to bf16 first: o is f32 and within 1e-5, the
+/// gradients come back as bf16, within its 2^-8 relative rounding).
+#[test]
+fn custom_call_matches_f64_reference() {
+    let client = pjrt::Client::cpu().expect("CPU plugin");
+    pallas_port::register_cpu_kernels(&client).expect("register kernels");
+    for (d, w, bf16) in [
+        (dims(2, 150, 4, 2, 16), None, false),
+        (dims(1, 130, 4, 2, 8), Some(40), false),
+        (dims(1, 130, 4, 2, 8), Some(40), true),
+    ] {
+        let case = format!("custom call {d} window {w:?} bf16 {bf16}");
+        let [mut q, mut k, mut v, d_o] = inputs(&d, 11);
+        if bf16 {
+            for x in [&mut q, &mut k, &mut v] {
+                x.iter_mut()
+                    .for_each(|y| *y = half::bf16::from_f32(*y).to_f32());
+            }
+        }
+        let want = naive(&d, w, &q, &k, &v, &d_o);
+        let b = Builder::new("attn");
+        let (qs, ks) = (d.q_shape(), d.kv_shape());
+        let qp = b.parameter(f32_shape(&qs), "q").unwrap();
+        let kp = b.parameter(f32_shape(&ks), "k").unwrap();
+        let vp = b.parameter(f32_shape(&ks), "v").unwrap();
+        let cp = b.parameter(f32_shape(&qs), "c").unwrap();
+        let lo = |x| {
+            if bf16 {
+                b.convert(x, hlo_builder::ElementType::Bf16).unwrap()
+            } else {
+                x
+            }
+        };
+        let o = attention_kernel(&b, lo(qp), lo(kp), lo(vp), w).unwrap();
+        let loss = b.reduce_sum(b.mul(o, cp).unwrap(), &[0, 1, 2, 3]).unwrap();
+        let g = b.grad(loss, &[qp, kp, vp]).unwrap();
+        let root = b.tuple(&[o, g[0], g[1], g[2]]).unwrap();
+        let comp = b.build(root).expect("build");
+        let exe = client
+            .compile(
+                pjrt::Program::Hlo(&comp.to_bytes()),
+                &pjrt::CompileOptions::default(),
+            )
+            .expect("compile");
+        let bufs: Vec<pjrt::Buffer> = [(&q, &qs), (&k, &ks), (&v, &ks), (&d_o, &qs)]
+            .iter()
+            .map(|(x, s)| {
+                let s: Vec<i64> = s.iter().map(|&x| x as i64).collect();
+                client.buffer_from_host(x, &s, None).expect("upload")
+            })
+            .collect();
+        let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
+        let outs: Vec<Vec<f32>> = exe
+            .execute(&refs)
+            .expect("execute")
+            .iter()
+            .map(|o| o.to_host::<f32>().expect("download"))
+            .collect();
+        let got: Vec<&[f32]> = outs.iter().map(|x| x.as_slice()).collect();
+        let g_tol = if bf16 { 8e-3 } else { TOL };
+        check_tol(
+            &case,
+            &["o", "dq", "dk", "dv"],
+            &got,
+            &want,
+            &[TOL, g_tol, g_tol, g_tol],
+        );
+    }
+}
