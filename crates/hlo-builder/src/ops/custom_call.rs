@@ -425,4 +425,64 @@ mod tests {
         assert!(mlir_dictionary(&[("bad name", Attr::I32(1))]).is_err());
         assert_eq!(mlir_dictionary(&[]).unwrap(), "{}");
     }
+
+    #[test]
+    fn in_place_call_emits_output_operand_aliasing() {
+        use crate::ElementType::F32;
+        let b = Builder::new("in_place");
+        let x = b.parameter(Shape::array(F32, &[3]), "x").unwrap();
+        let y = b.parameter(Shape::array(F32, &[2, 2]), "y").unwrap();
+        let out = Shape::tuple(vec![Shape::array(F32, &[2, 2]), Shape::array(F32, &[3])]);
+        let c = b
+            .custom_call_in_place("t", &[x, y], out, &[], &[(0, 1), (1, 0)])
+            .unwrap();
+        let m = b.build(c).unwrap().to_proto();
+        let ins = m.computations[0]
+            .instructions
+            .iter()
+            .find(|i| i.opcode == "custom-call")
+            .unwrap();
+        let got: Vec<(Vec<i64>, i64, Vec<i64>)> = ins
+            .output_operand_aliasing
+            .iter()
+            .map(|a| {
+                (
+                    a.output_shape_index.clone(),
+                    a.operand_index,
+                    a.operand_shape_index.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(got, vec![(vec![0], 1, vec![]), (vec![1], 0, vec![])]);
+        assert!(ins.constrain_layout);
+        // An array result aliases as output 0 with an empty shape index; a dtype mismatch is
+        // refused naming the pair.
+        let a = b
+            .custom_call_in_place("t", &[x], Shape::array(F32, &[3]), &[], &[(0, 0)])
+            .unwrap();
+        let m = b.build(a).unwrap().to_proto();
+        let ins = m.computations[0]
+            .instructions
+            .iter()
+            .rfind(|i| i.opcode == "custom-call")
+            .unwrap();
+        assert_eq!(
+            ins.output_operand_aliasing[0].output_shape_index,
+            Vec::<i64>::new()
+        );
+        let e = b
+            .custom_call_in_place(
+                "t",
+                &[x],
+                Shape::array(crate::ElementType::F64, &[3]),
+                &[],
+                &[(0, 0)],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("custom_call") && e.contains("(output 0, operand 0)"),
+            "{e}"
+        );
+    }
 }
