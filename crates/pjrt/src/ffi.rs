@@ -883,3 +883,111 @@ unsafe fn read_number<'a>(dtype: u32, p: *const c_void, k: usize) -> Option<Attr
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call frame over host buffers: `args` and `rets` as (data, dims).
+    #[allow(clippy::vec_box)] // boxed: the buffers' addresses are taken while the list grows
+    struct Frame {
+        _bufs: Vec<Box<sys::FfiBuffer>>,
+        _ptrs: Vec<Vec<sys::Ptr>>,
+        _types: Vec<Vec<u32>>,
+        raw: Box<sys::FfiCallFrame>,
+    }
+
+    fn frame(args: &[(*mut f32, &[i64])], rets: &[(*mut f32, &[i64])]) -> Frame {
+        let mut bufs = Vec::new();
+        let mut ptrs = Vec::new();
+        let mut types = Vec::new();
+        let mut list = |xs: &[(*mut f32, &[i64])]| {
+            let mut p = Vec::new();
+            for &(data, dims) in xs {
+                let mut b = Box::new(sys::FfiBuffer::new());
+                b.dtype = ElementType::F32.ffi_code();
+                b.data = data as *mut c_void;
+                b.rank = dims.len() as i64;
+                b.dims = dims.as_ptr();
+                p.push(&mut *b as *mut sys::FfiBuffer as sys::Ptr);
+                bufs.push(b);
+            }
+            let mut l = sys::FfiArgs::new();
+            l.size = xs.len() as i64;
+            types.push(vec![sys::FFI_BUFFER; xs.len()]);
+            l.types = types.last().unwrap().as_ptr();
+            l.args = p.as_ptr();
+            ptrs.push(p);
+            l
+        };
+        let mut raw = Box::new(sys::FfiCallFrame::new());
+        raw.args = list(args);
+        raw.rets = list(rets);
+        raw.stage = sys::FFI_STAGE_EXECUTE;
+        Frame {
+            _bufs: bufs,
+            _ptrs: ptrs,
+            _types: types,
+            raw,
+        }
+    }
+
+    fn call_frame(f: &Frame) -> CallFrame<'_> {
+        CallFrame {
+            raw: &f.raw,
+            views: RefCell::new(Views::default()),
+            _p: PhantomData,
+        }
+    }
+
+    #[test]
+    fn in_place_mut_shares_an_aliased_buffer_and_copies_otherwise() {
+        let dims: &[i64] = &[2, 2];
+        let (mut x, mut y, mut r, mut s) = (
+            vec![1.0f32, 2.0, 3.0, 4.0],
+            vec![5.0f32, 6.0, 7.0, 8.0],
+            vec![0.0f32; 4],
+            vec![0.0f32; 3],
+        );
+        // Argument 0 aliased with result 0 (one buffer); argument 1 and result 1 distinct. The
+        // vectors are not touched while the frame's views live.
+        let (xp, yp) = (x.as_mut_ptr(), y.as_mut_ptr());
+        let f = frame(
+            &[(xp, dims), (yp, dims)],
+            &[(xp, dims), (r.as_mut_ptr(), dims), (s.as_mut_ptr(), &[3])],
+        );
+        let mut cf = call_frame(&f);
+        assert!(cf.same_buffer(0, 0).unwrap() && !cf.same_buffer(1, 1).unwrap());
+        // Shapes must agree; a result that overlaps an argument is refused by `ret`.
+        assert!(cf.in_place_mut::<f32>(1, 2).is_err());
+        assert!(cf.ret(0).is_err());
+        let a = cf.in_place_mut::<f32>(0, 0).unwrap();
+        let b = cf.in_place_mut::<f32>(1, 1).unwrap();
+        assert_eq!(a, [1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(b, [5.0, 6.0, 7.0, 8.0]);
+        a[0] = -1.0;
+        b[0] = -5.0;
+        // The pairs cannot be reached again.
+        assert!(cf.arg(0).is_err() && cf.arg(1).is_err());
+        assert!(cf.ret(1).is_err() && cf.rets_mut().is_err());
+        assert!(cf.in_place_mut::<f32>(0, 0).is_err());
+        cf.ret(2).unwrap().as_mut_slice::<f32>().unwrap()[0] = 9.0;
+        drop(cf);
+        assert_eq!(x, vec![-1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(r, vec![-5.0, 6.0, 7.0, 8.0]);
+        assert_eq!(
+            y,
+            vec![5.0, 6.0, 7.0, 8.0],
+            "the unaliased argument was written"
+        );
+        assert_eq!(s[0], 9.0);
+
+        // An argument already read through `arg` cannot be updated in place.
+        let yp = y.as_mut_ptr();
+        let f = frame(&[(yp, dims)], &[(yp, dims)]);
+        let mut cf = call_frame(&f);
+        let _view = cf.arg(0).unwrap().as_slice::<f32>().unwrap();
+        let e = cf.in_place_mut::<f32>(0, 0).unwrap_err().to_string();
+        assert!(e.contains("argument 0 already has a view"), "{e}");
+    }
+}
