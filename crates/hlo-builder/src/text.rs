@@ -546,6 +546,22 @@ impl Ctx<'_> {
                     .collect();
                 a.push(format!("operand_layout_constraints={{{}}}", s.join(", ")));
             }
+            if !ins.output_operand_aliasing.is_empty() {
+                let idx = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+                let s: Vec<String> = ins
+                    .output_operand_aliasing
+                    .iter()
+                    .map(|a| {
+                        format!(
+                            "{{{}}}: ({}, {{{}}})",
+                            idx(&a.output_shape_index),
+                            a.operand_index,
+                            idx(&a.operand_shape_index)
+                        )
+                    })
+                    .collect();
+                a.push(format!("output_to_operand_aliasing={{{}}}", s.join(", ")));
+            }
         }
         if let Some(s) = &ins.sharding {
             a.push(format!("sharding={}", sharding_string(s)));

@@ -7,12 +7,14 @@
 //! (`n` each) and the global gradient norm before clipping (f32 scalar). Attributes (f32):
 //! `beta1`, `one_minus_beta1`, `beta2`, `one_minus_beta2`, `eps`, `weight_decay`, `clip_norm`,
 //! and `decay` (i64 array, one 0/1 per parameter). The operands are laid out row-major
-//! (`custom_call_row_major`), as the kernel indexes them.
+//! (`custom_call_row_major`), as the kernel indexes them. Each updated parameter and moment
+//! aliases its operand (`output_operand_aliasing`), so the update runs in place
+//! ([`adamw_in_place`]) and XLA keeps one copy of the optimizer state rather than two.
 //!
 //! The custom call is for one CPU device: XLA's SPMD partitioner would replicate its operands.
 //! The element-wise HLO stays the lowering for other platforms and for sharded meshes.
 
-use crate::kernel::adamw::{adamw, AdamwHyper, AdamwStep, AdamwTensor};
+use crate::kernel::adamw::{adamw_in_place, AdamwHyper, AdamwInPlace, AdamwStep};
 use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape};
 use pjrt::ffi::{CallFrame, FfiError};
 
@@ -99,7 +101,19 @@ pub fn adamw_call(
         ("one_minus_beta2", Attr::F32(h.one_minus_beta2)),
         ("weight_decay", Attr::F32(h.weight_decay)),
     ];
-    let call = b.custom_call_row_major(ADAMW_TARGET, &operands, Shape::tuple(out), &attrs)?;
+    // p'_i, m'_i, v'_i live in the buffers of p_i, m_i, v_i (operands 3 + i, 3 + 2n + i,
+    // 3 + 3n + i; the gradients are operands 3 + n + i).
+    let aliases: Vec<(usize, usize)> = (0..n)
+        .flat_map(|i| {
+            [
+                (i, 3 + i),
+                (n + i, 3 + 2 * n + i),
+                (2 * n + i, 3 + 3 * n + i),
+            ]
+        })
+        .collect();
+    let call =
+        b.custom_call_in_place(ADAMW_TARGET, &operands, Shape::tuple(out), &attrs, &aliases)?;
     let part = |k: usize| -> Result<Vec<Op>> {
         (0..n)
             .map(|i| b.get_tuple_element(call, k * n + i))
@@ -154,39 +168,22 @@ fn adamw_handler(frame: &mut CallFrame<'_>) -> std::result::Result<(), FfiError>
             frame.num_rets()
         )));
     }
-    let args = (3..3 + 4 * n)
-        .map(|i| frame.arg(i))
+    let g = (0..n)
+        .map(|i| frame.arg(3 + n + i)?.as_slice::<f32>())
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let ins = args
-        .iter()
-        .map(|a| a.as_slice::<f32>())
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let mut rets = frame.rets_mut()?;
-    let (state, norm) = rets.split_at_mut(3 * n);
-    let mut outs = state
-        .iter_mut()
-        .map(|r| r.as_mut_slice::<f32>())
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let (po, rest) = outs.split_at_mut(n);
-    let (mo, vo) = rest.split_at_mut(n);
-    let mut tensors: Vec<AdamwTensor<'_>> = po
-        .iter_mut()
-        .zip(mo.iter_mut())
-        .zip(vo.iter_mut())
-        .enumerate()
-        .map(|(i, ((p_out, m_out), v_out))| AdamwTensor {
+    let mut tensors = Vec::with_capacity(n);
+    for (i, g) in g.into_iter().enumerate() {
+        tensors.push(AdamwInPlace {
             decay: decay[i] != 0,
-            p: ins[i],
-            g: ins[n + i],
-            m: ins[2 * n + i],
-            v: ins[3 * n + i],
-            p_out,
-            m_out,
-            v_out,
-        })
-        .collect();
-    let gnorm = adamw(&h, &s, &mut tensors).map_err(FfiError::invalid_argument)?;
-    match norm[0].as_mut_slice::<f32>()? {
+            g,
+            p: frame.in_place_mut::<f32>(3 + i, i)?,
+            m: frame.in_place_mut::<f32>(3 + 2 * n + i, n + i)?,
+            v: frame.in_place_mut::<f32>(3 + 3 * n + i, 2 * n + i)?,
+        });
+    }
+    let gnorm = adamw_in_place(&h, &s, &mut tensors).map_err(FfiError::invalid_argument)?;
+    let mut norm = frame.ret(3 * n)?;
+    match norm.as_mut_slice::<f32>()? {
         [x] => *x = gnorm,
         o => {
             return Err(FfiError::invalid_argument(format!(

@@ -17,6 +17,7 @@
 //! In the HLO or StableHLO the custom call must use the typed-FFI API (`api_version = 4`), and its
 //! attributes come from the `backend_config` dictionary (`{scale = 2.0 : f32, name = "x"}`).
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::ffi::c_void;
 use std::marker::PhantomData;
@@ -236,6 +237,7 @@ unsafe fn dispatch(
     let result = catch_unwind(AssertUnwindSafe(|| {
         let mut cf = CallFrame {
             raw,
+            views: RefCell::new(Views::default()),
             _p: PhantomData,
         };
         body(&mut cf)
@@ -289,7 +291,18 @@ unsafe fn create_error(api: *const sys::XlaFfiApi, err: &FfiError) -> *mut c_voi
 /// A safe view of one custom-call invocation: argument and result buffers and attributes.
 pub struct CallFrame<'a> {
     raw: &'a sys::FfiCallFrame,
+    views: RefCell<Views>,
     _p: PhantomData<&'a mut ()>,
+}
+
+/// Which buffers of a call have views that live as long as the call: arguments handed out by
+/// [`CallFrame::arg`] (shared) and operand/result pairs handed out by
+/// [`CallFrame::in_place_mut`] (exclusive). They keep the two kinds of view from overlapping.
+#[derive(Debug, Default)]
+struct Views {
+    shared_args: Vec<usize>,
+    in_place_args: Vec<usize>,
+    in_place_rets: Vec<usize>,
 }
 
 /// The value of a decoded attribute.
@@ -500,7 +513,20 @@ impl<'a> CallFrame<'a> {
 
     /// Argument `i` (read-only). The view borrows the call, not the frame, so it can be held
     /// while results are written.
+    ///
+    /// Errors if the argument was taken by [`CallFrame::in_place_mut`].
     pub fn arg(&self, i: usize) -> Result<BufferArg<'a>, FfiError> {
+        {
+            let mut v = self.views.borrow_mut();
+            if v.in_place_args.contains(&i) {
+                return Err(FfiError::invalid_argument(format!(
+                    "argument {i} is updated in place (in_place_mut); it cannot also be read"
+                )));
+            }
+            if !v.shared_args.contains(&i) {
+                v.shared_args.push(i);
+            }
+        }
         let (ty, dims, data, len) = Self::buffer(&self.raw.args, i, "argument")?;
         Ok(BufferArg {
             ty,
@@ -511,6 +537,11 @@ impl<'a> CallFrame<'a> {
     }
 
     fn ret_unchecked(&self, i: usize) -> Result<BufferRet<'a>, FfiError> {
+        if self.views.borrow().in_place_rets.contains(&i) {
+            return Err(FfiError::invalid_argument(format!(
+                "result {i} is updated in place (in_place_mut); it cannot be handed out again"
+            )));
+        }
         let (ty, dims, data, len) = Self::buffer(&self.raw.rets, i, "result")?;
         let r = BufferRet {
             ty,
@@ -523,16 +554,104 @@ impl<'a> CallFrame<'a> {
         // slices and the result slice alias).
         let (lo, hi) = (data as usize, data as usize + len * ty.byte_size());
         for j in 0..self.num_args() {
-            if let Ok(a) = self.arg(j) {
-                let (alo, ahi) = (a.data as usize, a.data as usize + a.len * a.ty.byte_size());
+            if let Ok((aty, _, adata, alen)) = Self::buffer(&self.raw.args, j, "argument") {
+                let (alo, ahi) = (adata as usize, adata as usize + alen * aty.byte_size());
                 if lo < ahi && alo < hi {
                     return Err(FfiError::unimplemented(format!(
-                        "result {i} overlaps argument {j} (aliased custom calls are not supported)"
+                        "result {i} overlaps argument {j} (an aliased result is reached through \
+                         in_place_mut)"
                     )));
                 }
             }
         }
         Ok(r)
+    }
+
+    /// Whether argument `arg` and result `ret` are one buffer (XLA honoured an
+    /// `output_operand_aliasing` pair). Makes no view of either.
+    pub fn same_buffer(&self, arg: usize, ret: usize) -> Result<bool, FfiError> {
+        let (_, _, a, alen) = Self::buffer(&self.raw.args, arg, "argument")?;
+        let (_, _, r, rlen) = Self::buffer(&self.raw.rets, ret, "result")?;
+        Ok(a == r && alen == rlen)
+    }
+
+    /// The elements of result `ret` holding, on entry, the value of argument `arg`, to update in
+    /// place: for a custom call that declares `output_operand_aliasing` (operand `arg` → result
+    /// `ret`), where XLA hands both the same buffer. Where XLA did not alias them (the
+    /// declaration is a request), the argument is first copied into the result. The slice
+    /// lives as long as the call, beside the other arguments' and results' views; argument
+    /// `arg` and result `ret` cannot be handed out again (nor by [`CallFrame::rets_mut`]).
+    ///
+    /// Errors if `T` is not the type of both, their dims differ, the argument was already read
+    /// through [`CallFrame::arg`], either was already taken, or the result overlaps another
+    /// argument.
+    pub fn in_place_mut<T: NativeType>(
+        &mut self,
+        arg: usize,
+        ret: usize,
+    ) -> Result<&'a mut [T], FfiError> {
+        let what = format!("in_place_mut(argument {arg}, result {ret})");
+        let (aty, adims, adata, alen) = Self::buffer(&self.raw.args, arg, "argument")?;
+        let (rty, rdims, rdata, rlen) = Self::buffer(&self.raw.rets, ret, "result")?;
+        if aty != rty || adims != rdims {
+            return Err(FfiError::invalid_argument(format!(
+                "{what}: argument {aty}{adims:?} and result {rty}{rdims:?} differ"
+            )));
+        }
+        let n = typed_len::<T>(rty, rlen, rdata, &what)?;
+        typed_len::<T>(aty, alen, adata, &what)?;
+        if aty == ElementType::Pred {
+            return Err(FfiError::unimplemented(format!(
+                "{what}: pred buffers are not updated in place"
+            )));
+        }
+        {
+            let mut v = self.views.borrow_mut();
+            if v.shared_args.contains(&arg) || v.in_place_args.contains(&arg) {
+                return Err(FfiError::invalid_argument(format!(
+                    "{what}: argument {arg} already has a view"
+                )));
+            }
+            if v.in_place_rets.contains(&ret) {
+                return Err(FfiError::invalid_argument(format!(
+                    "{what}: result {ret} was already taken"
+                )));
+            }
+            v.in_place_args.push(arg);
+            v.in_place_rets.push(ret);
+        }
+        let bytes = n * rty.byte_size();
+        let (lo, hi) = (rdata as usize, rdata as usize + bytes);
+        for j in (0..self.num_args()).filter(|&j| j != arg) {
+            if let Ok((oty, _, odata, olen)) = Self::buffer(&self.raw.args, j, "argument") {
+                let (olo, ohi) = (odata as usize, odata as usize + olen * oty.byte_size());
+                if lo < ohi && olo < hi {
+                    return Err(FfiError::internal(format!(
+                        "{what}: the result overlaps argument {j}"
+                    )));
+                }
+            }
+        }
+        if n == 0 {
+            return Ok(&mut []);
+        }
+        if adata != rdata {
+            let alo = adata as usize;
+            if lo < alo + bytes && alo < hi {
+                return Err(FfiError::internal(format!(
+                    "{what}: argument and result overlap without being the same buffer"
+                )));
+            }
+            // SAFETY: both hold `bytes` bytes for the call and do not overlap (checked); no
+            // view of either exists (argument never handed out, result taken only here).
+            unsafe { std::ptr::copy_nonoverlapping(adata as *const u8, rdata, bytes) };
+        }
+        // SAFETY: `n` aligned elements of `T` (checked) that XLA owns for the call; the buffer is
+        // the result's, and also the argument's when XLA aliased them. No other view of it
+        // exists or can be made: the argument was never handed out by `arg` and is now refused
+        // there, the result is refused by `ret`/`rets_mut`, and it overlaps no other argument
+        // (checked) nor other result (XLA gives results distinct buffers).
+        Ok(unsafe { std::slice::from_raw_parts_mut(rdata as *mut T, n) })
     }
 
     /// Result `i` (writable).
@@ -541,6 +660,7 @@ impl<'a> CallFrame<'a> {
     }
 
     /// All results at once (they are distinct buffers), for kernels with several outputs.
+    /// Errors if a result was taken by [`CallFrame::in_place_mut`].
     pub fn rets_mut(&mut self) -> Result<Vec<BufferRet<'_>>, FfiError> {
         let rets: Vec<BufferRet<'_>> = (0..self.num_rets())
             .map(|i| self.ret_unchecked(i))
@@ -761,5 +881,113 @@ unsafe fn read_number<'a>(dtype: u32, p: *const c_void, k: usize) -> Option<Attr
             }
             ElementType::F64 => AttrValue::Float((p as *const f64).add(k).read_unaligned()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call frame over host buffers: `args` and `rets` as (data, dims).
+    #[allow(clippy::vec_box)] // boxed: the buffers' addresses are taken while the list grows
+    struct Frame {
+        _bufs: Vec<Box<sys::FfiBuffer>>,
+        _ptrs: Vec<Vec<sys::Ptr>>,
+        _types: Vec<Vec<u32>>,
+        raw: Box<sys::FfiCallFrame>,
+    }
+
+    fn frame(args: &[(*mut f32, &[i64])], rets: &[(*mut f32, &[i64])]) -> Frame {
+        let mut bufs = Vec::new();
+        let mut ptrs = Vec::new();
+        let mut types = Vec::new();
+        let mut list = |xs: &[(*mut f32, &[i64])]| {
+            let mut p = Vec::new();
+            for &(data, dims) in xs {
+                let mut b = Box::new(sys::FfiBuffer::new());
+                b.dtype = ElementType::F32.ffi_code();
+                b.data = data as *mut c_void;
+                b.rank = dims.len() as i64;
+                b.dims = dims.as_ptr();
+                p.push(&mut *b as *mut sys::FfiBuffer as sys::Ptr);
+                bufs.push(b);
+            }
+            let mut l = sys::FfiArgs::new();
+            l.size = xs.len() as i64;
+            types.push(vec![sys::FFI_BUFFER; xs.len()]);
+            l.types = types.last().unwrap().as_ptr();
+            l.args = p.as_ptr();
+            ptrs.push(p);
+            l
+        };
+        let mut raw = Box::new(sys::FfiCallFrame::new());
+        raw.args = list(args);
+        raw.rets = list(rets);
+        raw.stage = sys::FFI_STAGE_EXECUTE;
+        Frame {
+            _bufs: bufs,
+            _ptrs: ptrs,
+            _types: types,
+            raw,
+        }
+    }
+
+    fn call_frame(f: &Frame) -> CallFrame<'_> {
+        CallFrame {
+            raw: &f.raw,
+            views: RefCell::new(Views::default()),
+            _p: PhantomData,
+        }
+    }
+
+    #[test]
+    fn in_place_mut_shares_an_aliased_buffer_and_copies_otherwise() {
+        let dims: &[i64] = &[2, 2];
+        let (mut x, mut y, mut r, mut s) = (
+            vec![1.0f32, 2.0, 3.0, 4.0],
+            vec![5.0f32, 6.0, 7.0, 8.0],
+            vec![0.0f32; 4],
+            vec![0.0f32; 3],
+        );
+        // Argument 0 aliased with result 0 (one buffer); argument 1 and result 1 distinct. The
+        // vectors are not touched while the frame's views live.
+        let (xp, yp) = (x.as_mut_ptr(), y.as_mut_ptr());
+        let f = frame(
+            &[(xp, dims), (yp, dims)],
+            &[(xp, dims), (r.as_mut_ptr(), dims), (s.as_mut_ptr(), &[3])],
+        );
+        let mut cf = call_frame(&f);
+        assert!(cf.same_buffer(0, 0).unwrap() && !cf.same_buffer(1, 1).unwrap());
+        // Shapes must agree; a result that overlaps an argument is refused by `ret`.
+        assert!(cf.in_place_mut::<f32>(1, 2).is_err());
+        assert!(cf.ret(0).is_err());
+        let a = cf.in_place_mut::<f32>(0, 0).unwrap();
+        let b = cf.in_place_mut::<f32>(1, 1).unwrap();
+        assert_eq!(a, [1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(b, [5.0, 6.0, 7.0, 8.0]);
+        a[0] = -1.0;
+        b[0] = -5.0;
+        // The pairs cannot be reached again.
+        assert!(cf.arg(0).is_err() && cf.arg(1).is_err());
+        assert!(cf.ret(1).is_err() && cf.rets_mut().is_err());
+        assert!(cf.in_place_mut::<f32>(0, 0).is_err());
+        cf.ret(2).unwrap().as_mut_slice::<f32>().unwrap()[0] = 9.0;
+        drop(cf);
+        assert_eq!(x, vec![-1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(r, vec![-5.0, 6.0, 7.0, 8.0]);
+        assert_eq!(
+            y,
+            vec![5.0, 6.0, 7.0, 8.0],
+            "the unaliased argument was written"
+        );
+        assert_eq!(s[0], 9.0);
+
+        // An argument already read through `arg` cannot be updated in place.
+        let yp = y.as_mut_ptr();
+        let f = frame(&[(yp, dims)], &[(yp, dims)]);
+        let mut cf = call_frame(&f);
+        let _view = cf.arg(0).unwrap().as_slice::<f32>().unwrap();
+        let e = cf.in_place_mut::<f32>(0, 0).unwrap_err().to_string();
+        assert!(e.contains("argument 0 already has a view"), "{e}");
     }
 }

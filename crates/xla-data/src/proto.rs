@@ -259,6 +259,9 @@ pub struct HloInstructionProto {
     /// Comparison type (`"FLOAT"`, `"TOTALORDER"`, `"SIGNED"`, `"UNSIGNED"`).
     #[prost(string, tag = "72")]
     pub comparison_type: String,
+    /// Custom-call outputs that reuse an operand's buffer.
+    #[prost(message, repeated, tag = "74")]
+    pub output_operand_aliasing: Vec<OutputOperandAliasing>,
     /// Custom-call API version (4 = typed FFI).
     #[prost(int32, tag = "77")]
     pub custom_call_api_version: i32,
@@ -268,6 +271,21 @@ pub struct HloInstructionProto {
     /// Top-k `largest`.
     #[prost(bool, tag = "85")]
     pub largest: bool,
+}
+
+/// `xla.OutputOperandAliasing`: the output at `output_shape_index` lives in the buffer of operand
+/// `operand_index` at `operand_shape_index`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OutputOperandAliasing {
+    /// Index into the instruction's (tuple) result; empty for an array result.
+    #[prost(int64, repeated, tag = "1")]
+    pub output_shape_index: Vec<i64>,
+    /// The aliased operand.
+    #[prost(int64, tag = "2")]
+    pub operand_index: i64,
+    /// Index into the operand's shape; empty for an array operand.
+    #[prost(int64, repeated, tag = "3")]
+    pub operand_shape_index: Vec<i64>,
 }
 
 /// `xla.ProgramShapeProto`.

@@ -163,7 +163,15 @@ impl Builder {
         result: Shape,
         attrs: &[(&str, Attr)],
     ) -> Result<Op> {
-        self.typed_ffi_call(Location::caller(), target, operands, result, attrs, false)
+        self.typed_ffi_call(
+            Location::caller(),
+            target,
+            operands,
+            result,
+            attrs,
+            false,
+            &[],
+        )
     }
 
     /// [`Builder::custom_call`] whose operand and result layouts are constrained to row-major
@@ -178,9 +186,44 @@ impl Builder {
         result: Shape,
         attrs: &[(&str, Attr)],
     ) -> Result<Op> {
-        self.typed_ffi_call(Location::caller(), target, operands, result, attrs, true)
+        self.typed_ffi_call(
+            Location::caller(),
+            target,
+            operands,
+            result,
+            attrs,
+            true,
+            &[],
+        )
     }
 
+    /// [`Builder::custom_call_row_major`] whose results update operands in place
+    /// (`output_operand_aliasing`): each `(output, operand)` pair gives result `output` (the
+    /// tuple element of a tuple result; 0 for an array result) the buffer of operand `operand`,
+    /// which must have the same shape. The handler reaches such a pair through
+    /// `pjrt::ffi::CallFrame::in_place_mut`. Errors name the pair whose shapes differ or whose
+    /// index is out of range or repeated.
+    #[track_caller]
+    pub fn custom_call_in_place(
+        &self,
+        target: &str,
+        operands: &[Op],
+        result: Shape,
+        attrs: &[(&str, Attr)],
+        aliases: &[(usize, usize)],
+    ) -> Result<Op> {
+        self.typed_ffi_call(
+            Location::caller(),
+            target,
+            operands,
+            result,
+            attrs,
+            true,
+            aliases,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn typed_ffi_call(
         &self,
         loc: &'static Location<'static>,
@@ -189,18 +232,22 @@ impl Builder {
         result: Shape,
         attrs: &[(&str, Attr)],
         row_major: bool,
+        aliases: &[(usize, usize)],
     ) -> Result<Op> {
         let shapes = self.shapes_of(loc, "custom_call", operands)?;
         if target.is_empty() {
             return Err(self.error_at(loc, "custom_call", "empty target name"));
         }
         let backend_config = mlir_dictionary(attrs).map_err(|e| self.shape_err(loc, e))?;
+        let output_operand_aliases =
+            check_aliases(target, &shapes, &result, aliases).map_err(|e| self.shape_err(loc, e))?;
         let kind = Kind::CustomCall(CustomCall {
             target: target.to_string(),
             backend_config,
             has_side_effect: false,
             api_version: 4,
             row_major_operands: if row_major { shapes } else { Vec::new() },
+            output_operand_aliases,
         });
         Ok(self.push(loc, kind, operands.to_vec(), result, Vec::new()))
     }
@@ -234,9 +281,61 @@ impl Builder {
             has_side_effect: false,
             api_version,
             row_major_operands: shapes,
+            output_operand_aliases: Vec::new(),
         });
         Ok(self.push(loc, kind, operands.to_vec(), result, Vec::new()))
     }
+}
+
+/// Checks `(output, operand)` alias pairs against the operand and result shapes; returns them as
+/// `(output shape index, operand)` (the index empty for an array result).
+fn check_aliases(
+    target: &str,
+    operands: &[Shape],
+    result: &Shape,
+    aliases: &[(usize, usize)],
+) -> std::result::Result<Vec<(Vec<i64>, usize)>, ShapeError> {
+    let err = |m: String| ShapeError::new("custom_call", format!("`{target}`: {m}"));
+    let mut out = Vec::with_capacity(aliases.len());
+    for (k, &(o, i)) in aliases.iter().enumerate() {
+        if aliases[..k].iter().any(|&(o2, i2)| o2 == o || i2 == i) {
+            return Err(err(format!(
+                "alias (output {o}, operand {i}) repeats an output or operand"
+            )));
+        }
+        let operand = operands.get(i).ok_or_else(|| {
+            err(format!(
+                "alias (output {o}, operand {i}): the call has {} operands",
+                operands.len()
+            ))
+        })?;
+        let (out_shape, index) = match result.tuple_elements() {
+            Some(elems) => (
+                elems.get(o).ok_or_else(|| {
+                    err(format!(
+                        "alias (output {o}, operand {i}): the result has {} elements",
+                        elems.len()
+                    ))
+                })?,
+                vec![o as i64],
+            ),
+            None if o == 0 => (result, Vec::new()),
+            None => {
+                return Err(err(format!(
+                    "alias (output {o}, operand {i}): the result is one array (output 0)"
+                )))
+            }
+        };
+        if !operand.is_array() || out_shape != operand {
+            return Err(err(format!(
+                "alias (output {o}, operand {i}): output {} and operand {} must be one array shape",
+                out_shape.short(),
+                operand.short()
+            )));
+        }
+        out.push((index, i));
+    }
+    Ok(out)
 }
 
 /// Attributes of a typed-FFI `custom-call`.
@@ -252,6 +351,8 @@ pub(crate) struct CustomCall {
     /// When non-empty: the operand shapes, whose row-major layouts (and the result's) are
     /// constrained.
     pub(crate) row_major_operands: Vec<Shape>,
+    /// `output_operand_aliasing`: (output shape index, operand) pairs.
+    pub(crate) output_operand_aliases: Vec<(Vec<i64>, usize)>,
 }
 
 impl Family for CustomCall {
@@ -272,6 +373,15 @@ impl Family for CustomCall {
                 .map(Shape::to_proto)
                 .collect();
         }
+        p.output_operand_aliasing = self
+            .output_operand_aliases
+            .iter()
+            .map(|(index, operand)| proto::OutputOperandAliasing {
+                output_shape_index: index.clone(),
+                operand_index: *operand as i64,
+                operand_shape_index: Vec::new(),
+            })
+            .collect();
     }
 
     fn vjp(&self, b: &Builder, n: &Node, _ct: Ct) -> Result<Vec<Option<Ct>>> {
@@ -314,5 +424,65 @@ mod tests {
         assert!(mlir_dictionary(&[("a", Attr::I32(1)), ("a", Attr::I32(2))]).is_err());
         assert!(mlir_dictionary(&[("bad name", Attr::I32(1))]).is_err());
         assert_eq!(mlir_dictionary(&[]).unwrap(), "{}");
+    }
+
+    #[test]
+    fn in_place_call_emits_output_operand_aliasing() {
+        use crate::ElementType::F32;
+        let b = Builder::new("in_place");
+        let x = b.parameter(Shape::array(F32, &[3]), "x").unwrap();
+        let y = b.parameter(Shape::array(F32, &[2, 2]), "y").unwrap();
+        let out = Shape::tuple(vec![Shape::array(F32, &[2, 2]), Shape::array(F32, &[3])]);
+        let c = b
+            .custom_call_in_place("t", &[x, y], out, &[], &[(0, 1), (1, 0)])
+            .unwrap();
+        let m = b.build(c).unwrap().to_proto();
+        let ins = m.computations[0]
+            .instructions
+            .iter()
+            .find(|i| i.opcode == "custom-call")
+            .unwrap();
+        let got: Vec<(Vec<i64>, i64, Vec<i64>)> = ins
+            .output_operand_aliasing
+            .iter()
+            .map(|a| {
+                (
+                    a.output_shape_index.clone(),
+                    a.operand_index,
+                    a.operand_shape_index.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(got, vec![(vec![0], 1, vec![]), (vec![1], 0, vec![])]);
+        assert!(ins.constrain_layout);
+        // An array result aliases as output 0 with an empty shape index; a dtype mismatch is
+        // refused naming the pair.
+        let a = b
+            .custom_call_in_place("t", &[x], Shape::array(F32, &[3]), &[], &[(0, 0)])
+            .unwrap();
+        let m = b.build(a).unwrap().to_proto();
+        let ins = m.computations[0]
+            .instructions
+            .iter()
+            .rfind(|i| i.opcode == "custom-call")
+            .unwrap();
+        assert_eq!(
+            ins.output_operand_aliasing[0].output_shape_index,
+            Vec::<i64>::new()
+        );
+        let e = b
+            .custom_call_in_place(
+                "t",
+                &[x],
+                Shape::array(crate::ElementType::F64, &[3]),
+                &[],
+                &[(0, 0)],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("custom_call") && e.contains("(output 0, operand 0)"),
+            "{e}"
+        );
     }
 }

@@ -102,6 +102,22 @@ pub struct AdamwTensor<'a> {
     pub v_out: &'a mut [f32],
 }
 
+/// One parameter's tensors updated in place: the parameter and both moments are read and
+/// overwritten (all equal length).
+#[derive(Debug)]
+pub struct AdamwInPlace<'a> {
+    /// Whether decoupled weight decay applies.
+    pub decay: bool,
+    /// Gradient.
+    pub g: &'a [f32],
+    /// Parameter, replaced by its update.
+    pub p: &'a mut [f32],
+    /// First moment, replaced by its update.
+    pub m: &'a mut [f32],
+    /// Second moment, replaced by its update.
+    pub v: &'a mut [f32],
+}
+
 /// Σ g² over every gradient, in f64: blocks of [`NORM_BLOCK`] summed in parallel, the block
 /// sums added in order (deterministic for any thread count).
 pub fn grad_sum_squares(grads: &[&[f32]]) -> f64 {
@@ -113,7 +129,32 @@ pub fn grad_sum_squares(grads: &[&[f32]]) -> f64 {
     sums.iter().sum()
 }
 
-/// The update of one block of elements (the HLO version's operations, in its order).
+/// The update of one element: `(p', m', v')` (the HLO version's operations, in its order).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn update_element(
+    h: &AdamwHyper,
+    s: &AdamwStep,
+    scale: f32,
+    wd: bool,
+    p: f32,
+    g: f32,
+    m: f32,
+    v: f32,
+) -> (f32, f32, f32) {
+    let g = g * scale;
+    let m1 = m * h.beta1 + g * h.one_minus_beta1;
+    let v1 = v * h.beta2 + (g * g) * h.one_minus_beta2;
+    let mhat = m1 / s.bc1;
+    let vhat = v1 / s.bc2;
+    let mut upd = mhat / (vhat.sqrt() + h.eps);
+    if wd {
+        upd += p * h.weight_decay;
+    }
+    (p - upd * s.lr, m1, v1)
+}
+
+/// The update of one block of elements.
 #[allow(clippy::too_many_arguments)]
 fn update_block(
     h: &AdamwHyper,
@@ -127,18 +168,22 @@ fn update_block(
 ) {
     let wd = decay && h.weight_decay > 0.0;
     for i in 0..p.len() {
-        let g = g[i] * scale;
-        let m1 = m[i] * h.beta1 + g * h.one_minus_beta1;
-        let v1 = v[i] * h.beta2 + (g * g) * h.one_minus_beta2;
-        let mhat = m1 / s.bc1;
-        let vhat = v1 / s.bc2;
-        let mut upd = mhat / (vhat.sqrt() + h.eps);
-        if wd {
-            upd += p[i] * h.weight_decay;
-        }
-        p_out[i] = p[i] - upd * s.lr;
-        m_out[i] = m1;
-        v_out[i] = v1;
+        (p_out[i], m_out[i], v_out[i]) = update_element(h, s, scale, wd, p[i], g[i], m[i], v[i]);
+    }
+}
+
+/// The update of one block of elements in place.
+fn update_block_in_place(
+    h: &AdamwHyper,
+    s: &AdamwStep,
+    scale: f32,
+    decay: bool,
+    g: &[f32],
+    (p, m, v): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    let wd = decay && h.weight_decay > 0.0;
+    for i in 0..p.len() {
+        (p[i], m[i], v[i]) = update_element(h, s, scale, wd, p[i], g[i], m[i], v[i]);
     }
 }
 
@@ -194,6 +239,41 @@ pub fn adamw(
     blocks
         .into_par_iter()
         .for_each(|(decay, ins, po, mo, vo)| update_block(h, s, scale, decay, ins, po, mo, vo));
+    Ok(gnorm)
+}
+
+/// [`adamw`] updating the parameters and moments in place (the same arithmetic, bit for bit):
+/// for the custom call whose results alias its operands. Returns the norm before clipping.
+pub fn adamw_in_place(
+    h: &AdamwHyper,
+    s: &AdamwStep,
+    tensors: &mut [AdamwInPlace<'_>],
+) -> Result<f32, String> {
+    for (i, t) in tensors.iter().enumerate() {
+        let n = t.p.len();
+        let lens = [t.g.len(), t.m.len(), t.v.len()];
+        if lens.iter().any(|&l| l != n) {
+            return Err(format!(
+                "adamw: parameter {i}: p has {n} elements but g, m, v have {lens:?}"
+            ));
+        }
+    }
+    let grads: Vec<&[f32]> = tensors.iter().map(|t| t.g).collect();
+    let gnorm = (grad_sum_squares(&grads) as f32).sqrt();
+    let scale = h.clip_scale(gnorm);
+    let mut blocks = Vec::new();
+    for t in tensors.iter_mut() {
+        let state =
+            t.p.chunks_mut(NORM_BLOCK)
+                .zip(t.m.chunks_mut(NORM_BLOCK))
+                .zip(t.v.chunks_mut(NORM_BLOCK));
+        for (g, ((p, m), v)) in t.g.chunks(NORM_BLOCK).zip(state) {
+            blocks.push((t.decay, g, (p, m, v)));
+        }
+    }
+    blocks
+        .into_par_iter()
+        .for_each(|(decay, g, pmv)| update_block_in_place(h, s, scale, decay, g, pmv));
     Ok(gnorm)
 }
 
@@ -360,6 +440,73 @@ mod tests {
         run_case(0.0, 0.5, &[NORM_BLOCK * 2, 17]);
         // Clip on but norm below it: scale 1.
         run_case(1e6, 1e-3, &[1000, 10]);
+    }
+
+    #[test]
+    fn in_place_matches_out_of_place_bit_for_bit() {
+        let sizes = [NORM_BLOCK + 3, 7, 100];
+        let (h, s) = (
+            AdamwHyper::from_f64(0.9, 0.95, 1e-8, 0.1, 1.0),
+            AdamwStep {
+                lr: 3e-3,
+                bc1: 0.3,
+                bc2: 0.05,
+            },
+        );
+        let vecs = |seed: u64, k: f32| -> Vec<Vec<f32>> {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| noise(seed + i as u64, n).iter().map(|x| x * k).collect())
+                .collect()
+        };
+        let (p, g, m) = (vecs(1, 1.0), vecs(10, 0.5), vecs(20, 0.1));
+        let v: Vec<Vec<f32>> = vecs(30, 0.1)
+            .into_iter()
+            .map(|t| t.iter().map(|x| x * x).collect())
+            .collect();
+        let mut outs: Vec<[Vec<f32>; 3]> = sizes
+            .iter()
+            .map(|&n| [vec![0.0; n], vec![0.0; n], vec![0.0; n]])
+            .collect();
+        let mut tensors: Vec<AdamwTensor<'_>> = outs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, [po, mo, vo])| AdamwTensor {
+                decay: i != 1,
+                p: &p[i],
+                g: &g[i],
+                m: &m[i],
+                v: &v[i],
+                p_out: po,
+                m_out: mo,
+                v_out: vo,
+            })
+            .collect();
+        let norm = adamw(&h, &s, &mut tensors).unwrap();
+        let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
+        let mut state: Vec<AdamwInPlace<'_>> = p2
+            .iter_mut()
+            .zip(m2.iter_mut())
+            .zip(v2.iter_mut())
+            .enumerate()
+            .map(|(i, ((p, m), v))| AdamwInPlace {
+                decay: i != 1,
+                g: &g[i],
+                p,
+                m,
+                v,
+            })
+            .collect();
+        let norm2 = adamw_in_place(&h, &s, &mut state).unwrap();
+        assert_eq!(norm.to_bits(), norm2.to_bits());
+        let bits = |t: &[f32]| t.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (i, [po, mo, vo]) in outs.iter().enumerate() {
+            assert_eq!(bits(po), bits(&p2[i]), "p' of parameter {i}");
+            assert_eq!(bits(mo), bits(&m2[i]), "m' of parameter {i}");
+            assert_eq!(bits(vo), bits(&v2[i]), "v' of parameter {i}");
+            assert_ne!(bits(po), bits(&p[i]), "parameter {i} did not change");
+        }
     }
 
     #[test]
