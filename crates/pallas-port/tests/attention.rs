@@ -39,14 +39,17 @@ fn naive(
             let gi = hd / r;
             for i in 0..t {
                 let keys: Vec<usize> = (0..t).filter(|&s| visible(i, s, w)).collect();
-                let sc: Vec<f64> = keys
-                    .iter()
-                    .map(|&s| {
-                        (0..h)
-                            .map(|x| q[qi(b, i, hd) + x] as f64 * k[ki(b, s, gi) + x] as f64)
-                            .sum()
-                    })
-                    .collect();
+                // Row (b, i, hd) of `a` · kv row (b, s, gi) of `c`, for every visible key s.
+                let dots = |a: &[f32], c: &[f32]| -> Vec<f64> {
+                    keys.iter()
+                        .map(|&s| {
+                            (0..h)
+                                .map(|x| a[qi(b, i, hd) + x] as f64 * c[ki(b, s, gi) + x] as f64)
+                                .sum()
+                        })
+                        .collect()
+                };
+                let sc = dots(q, k);
                 let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
                 let z: f64 = e.iter().sum();
@@ -56,14 +59,7 @@ fn naive(
                         o[qi(b, i, hd) + x] += p[j] * v[ki(b, s, gi) + x] as f64;
                     }
                 }
-                let dp: Vec<f64> = keys
-                    .iter()
-                    .map(|&s| {
-                        (0..h)
-                            .map(|x| d_o[qi(b, i, hd) + x] as f64 * v[ki(b, s, gi) + x] as f64)
-                            .sum()
-                    })
-                    .collect();
+                let dp = dots(d_o, v);
                 let pdp: f64 = p.iter().zip(&dp).map(|(a, c)| a * c).sum();
                 for (j, &s) in keys.iter().enumerate() {
                     let ds = p[j] * (dp[j] - pdp);
