@@ -45,13 +45,7 @@ struct Geo {
     bk: usize,
 }
 
-impl std::ops::Deref for Geo {
-    type Target = Heads;
-    #[inline]
-    fn deref(&self) -> &Heads {
-        &self.heads
-    }
-}
+deref_heads!(Geo);
 
 impl Geo {
     fn new(d: &RlaDims, window: Option<usize>) -> Geo {

@@ -17,13 +17,7 @@ pub(crate) struct Geo {
     pub nc: usize,
 }
 
-impl std::ops::Deref for Geo {
-    type Target = Heads;
-    #[inline]
-    fn deref(&self) -> &Heads {
-        &self.heads
-    }
-}
+deref_heads!(Geo);
 
 impl Geo {
     pub(crate) fn new(cfg: &RlaConfig, d: &RlaDims) -> Self {

@@ -14,6 +14,20 @@
 //! - backward: parallel over (batch, kv head), chunks in reverse carrying dS; results are
 //!   scattered into the `[B, T, heads, H]` outputs in parallel.
 
+/// `Deref<Target = Heads>` for a kernel geometry `$geo` with a `heads: Heads` field, so its
+/// sizes and offsets read `geo.t`, `geo.kv_off(..)`.
+macro_rules! deref_heads {
+    ($geo:ty) => {
+        impl std::ops::Deref for $geo {
+            type Target = super::Heads;
+            #[inline]
+            fn deref(&self) -> &super::Heads {
+                &self.heads
+            }
+        }
+    };
+}
+
 pub mod adamw;
 pub mod attention;
 mod bwd;
