@@ -700,31 +700,22 @@ fn block(b: &Builder, q: Op, k: Op, v: Op, nb: i64, vis: Option<(Op, Vec<i64>)>)
                 return Ok(vec![None, None, None]);
             };
             let (q, k, v) = (ins[0], ins[1], ins[2]);
+            let dot = |x: Op, y: Op, lc: Vec<i64>, rc: Vec<i64>| {
+                b.dot_general(x, y, &dd(nb, lc, rc), None, None)
+            };
             // With P = e / z: dO/z [..., M, R, H] carries the normalisation into the dots.
             let d_oz = b.div(d_o, bcast(b, z, &od, &rows)?)?;
             // dV = Pᵀ dO = eᵀ (dO/z)  [..., S, H]
-            let dv = b.dot_general(
-                e,
-                d_oz,
-                &dd(nb, vec![nb, nb + 1], vec![nb, nb + 1]),
-                None,
-                None,
-            )?;
+            let dv = dot(e, d_oz, vec![nb, nb + 1], vec![nb, nb + 1])?;
             // dP/z = (dO/z) Vᵀ  [..., M, R, S]
-            let dpz = b.dot_general(d_oz, v, &dd(nb, vec![nb + 2], vec![nb + 1]), None, None)?;
+            let dpz = dot(d_oz, v, vec![nb + 2], vec![nb + 1])?;
             // rowsum(dP ⊙ P) = rowsum(dO ⊙ O)  [..., M, R], divided by z like dP
             let delta = b.reduce_sum(b.mul(d_oz, o)?, &[last])?;
             // dS = P ⊙ (dP − δ) = e ⊙ (dP/z − δ/z)
             let ds = b.mul(e, b.sub(dpz, bcast(b, delta, &sd, &rows)?)?)?;
             // dQ = dS K  [..., M, R, H];  dK = dSᵀ Q  [..., S, H]
-            let dq = b.dot_general(ds, k, &dd(nb, vec![nb + 2], vec![nb]), None, None)?;
-            let dk = b.dot_general(
-                ds,
-                q,
-                &dd(nb, vec![nb, nb + 1], vec![nb, nb + 1]),
-                None,
-                None,
-            )?;
+            let dq = dot(ds, k, vec![nb + 2], vec![nb])?;
+            let dk = dot(ds, q, vec![nb, nb + 1], vec![nb, nb + 1])?;
             Ok(vec![Some(dq), Some(dk), Some(dv)])
         };
     b.custom_vjp(&[q, k, v], o, Arc::new(rule))?;
