@@ -20,9 +20,10 @@ use std::collections::HashMap;
 use criterion::BenchmarkId;
 use hlo_builder::{Builder, ElementType, Op, Sharding};
 use model::{Attention, MeshConfig, Model, ParamOps, SeqGlobal};
-use pjrt::{Buffer, Client, LoadedExecutable, NamedValue};
+use pjrt::{Buffer, Client, LoadedExecutable};
 use rattention_benches::{
-    bench_config, compile_spmd, criterion, load, ratio_table, upload_pieces, Row, Timings,
+    bench_config, compile_spmd, cpu_client, criterion, load, ratio_table, upload_pieces, Row,
+    Timings,
 };
 
 const DEVICES: usize = 8;
@@ -152,13 +153,7 @@ fn main() {
             (t.parse().expect("T"), b.parse().expect("batch"))
         })
         .collect();
-    let plugin = pjrt::cpu_plugin().expect("XLA CPU plugin (run `rattn plugin install cpu`)");
-    let client = Client::new(
-        &plugin,
-        &[("cpu_device_count", NamedValue::I64(DEVICES as i64))],
-    )
-    .expect("CPU client with 8 devices");
-    pallas_port::register_cpu_kernels(&client).expect("register the RLA FFI handlers");
+    let client = cpu_client(DEVICES);
     let kind = layer_kind();
     let mut tables = Vec::new();
     for (t, batch) in shapes {

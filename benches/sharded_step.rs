@@ -25,10 +25,10 @@ use std::cell::RefCell;
 
 use criterion::BenchmarkId;
 use model::{init_param, Model};
-use pjrt::{Buffer, Client, LoadedExecutable, NamedValue};
+use pjrt::{Buffer, Client, LoadedExecutable};
 use rattention_benches::{
-    bench_config, compile_spmd, criterion, load, piece_dims, ratio_table, upload_pieces, Row,
-    Timings,
+    bench_config, compile_spmd, cpu_client, criterion, load, piece_dims, ratio_table,
+    upload_pieces, Row, Timings,
 };
 use trainer::config::RunConfig;
 use trainer::step::{build_train_step, state_tensors, StepIo, StepShardings};
@@ -192,13 +192,7 @@ fn main() {
     let pick: Option<Vec<String>> = std::env::var("RATTN_BENCH_MESHES")
         .ok()
         .map(|s| s.split(',').map(|x| x.trim().to_string()).collect());
-    let plugin = pjrt::cpu_plugin().expect("XLA CPU plugin (run `rattn plugin install cpu`)");
-    let client = Client::new(
-        &plugin,
-        &[("cpu_device_count", NamedValue::I64(DEVICES as i64))],
-    )
-    .expect("CPU client with 8 devices");
-    pallas_port::register_cpu_kernels(&client).expect("register the RLA FFI handlers");
+    let client = cpu_client(DEVICES);
     let timings = Timings::default();
     let mut rows = Vec::new();
     let load_before = load();

@@ -15,7 +15,7 @@ pub use pallas_port::bench_util::{cpu_s, env_list, load, Timings};
 
 use hlo_builder::Sharding;
 use model::{init_param, Model};
-use pjrt::{Buffer, Client, CompileOptions, LoadedExecutable, Program};
+use pjrt::{Buffer, Client, CompileOptions, LoadedExecutable, NamedValue, Program};
 use std::time::Duration;
 use trainer::config::RunConfig;
 
@@ -40,6 +40,18 @@ pub fn criterion(warm_up: u64, measurement: u64) -> criterion::Criterion {
         .warm_up_time(Duration::from_secs(warm_up))
         .measurement_time(Duration::from_secs(measurement))
         .configure_from_args()
+}
+
+/// A CPU client with `devices` devices and our CPU kernels registered (the sharded benches).
+pub fn cpu_client(devices: usize) -> Client {
+    let plugin = pjrt::cpu_plugin().expect("XLA CPU plugin (run `rattn plugin install cpu`)");
+    let client = Client::new(
+        &plugin,
+        &[("cpu_device_count", NamedValue::I64(devices as i64))],
+    )
+    .unwrap_or_else(|e| panic!("CPU client with {devices} devices: {e}"));
+    pallas_port::register_cpu_kernels(&client).expect("register the RLA FFI handlers");
+    client
 }
 
 /// Compiles serialized HLO (a built computation's `to_bytes`) for one device.
