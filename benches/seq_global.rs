@@ -20,8 +20,11 @@ use std::collections::HashMap;
 use criterion::BenchmarkId;
 use hlo_builder::{Builder, ElementType, Op, Sharding};
 use model::{Attention, MeshConfig, Model, ParamOps, SeqGlobal};
-use pjrt::{Buffer, Client, CompileOptions, LoadedExecutable, NamedValue, Program};
-use rattention_benches::{bench_config, criterion, load, ratio_table, Row, Timings};
+use pjrt::{Buffer, Client, LoadedExecutable};
+use rattention_benches::{
+    bench_config, compile_spmd, cpu_client, criterion, load, ratio_table, upload_pieces, Row,
+    Timings,
+};
 
 const DEVICES: usize = 8;
 
@@ -114,37 +117,18 @@ fn setup(client: &Client, t: usize, batch: usize, mesh: Option<SeqMesh>) -> Laye
             .unwrap();
     }
     let comp = b.build(root).unwrap();
-    let options = if n > 1 {
-        CompileOptions {
-            device_assignment: Some(vec![(0..n as i64).collect()]),
-            ..CompileOptions::spmd(n)
-        }
-    } else {
-        CompileOptions::default()
-    };
-    let exe = client
-        .compile(Program::Hlo(&comp.to_bytes()), &options)
-        .expect("compile");
-    let devices = client.addressable_devices().unwrap();
+    let exe = compile_spmd(client, &comp.to_bytes(), n);
     let mut args: Vec<Vec<Buffer>> = (0..n).map(|_| Vec::new()).collect();
     for (i, d) in dims.iter().enumerate() {
         let numel: usize = d.iter().product();
         let host: Vec<f32> = (0..numel)
             .map(|j| ((j * 37 + i * 11) % 101) as f32 / 101.0 - 0.5)
             .collect();
-        let pieces = sh.split_host(&host, d, n).unwrap();
-        let piece: Vec<i64> = sh
-            .shard_dims(d)
-            .unwrap()
-            .iter()
-            .map(|&x| x as i64)
-            .collect();
-        for (dev, x) in pieces.iter().enumerate() {
-            args[dev].push(
-                client
-                    .buffer_from_host(x, &piece, Some(&devices[dev]))
-                    .unwrap(),
-            );
+        for (dev, x) in upload_pieces(client, &host, d, &sh, n)
+            .into_iter()
+            .enumerate()
+        {
+            args[dev].push(x);
         }
     }
     Layer { exe, args }
@@ -169,13 +153,7 @@ fn main() {
             (t.parse().expect("T"), b.parse().expect("batch"))
         })
         .collect();
-    let plugin = pjrt::cpu_plugin().expect("XLA CPU plugin (run `rattn plugin install cpu`)");
-    let client = Client::new(
-        &plugin,
-        &[("cpu_device_count", NamedValue::I64(DEVICES as i64))],
-    )
-    .expect("CPU client with 8 devices");
-    pallas_port::register_cpu_kernels(&client).expect("register the RLA FFI handlers");
+    let client = cpu_client(DEVICES);
     let kind = layer_kind();
     let mut tables = Vec::new();
     for (t, batch) in shapes {

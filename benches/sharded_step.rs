@@ -25,8 +25,11 @@ use std::cell::RefCell;
 
 use criterion::BenchmarkId;
 use model::{init_param, Model};
-use pjrt::{Buffer, Client, CompileOptions, LoadedExecutable, NamedValue, Program};
-use rattention_benches::{bench_config, criterion, load, ratio_table, Row, Timings};
+use pjrt::{Buffer, Client, LoadedExecutable};
+use rattention_benches::{
+    bench_config, compile_spmd, cpu_client, criterion, load, piece_dims, ratio_table,
+    upload_pieces, Row, Timings,
+};
 use trainer::config::RunConfig;
 use trainer::step::{build_train_step, state_tensors, StepIo, StepShardings};
 
@@ -98,18 +101,7 @@ fn setup(client: &Client, mesh: &[&str]) -> Sharded {
         .expect("model on the mesh");
     let shardings = StepShardings::new(&cfg, &model, &m).expect("shardings");
     let comp = build_train_step(&cfg, "cpu", &m).expect("train step");
-    let options = if n > 1 {
-        CompileOptions {
-            device_assignment: Some(vec![(0..n as i64).collect()]),
-            ..CompileOptions::spmd(n)
-        }
-    } else {
-        CompileOptions::default()
-    };
-    let exe = client
-        .compile(Program::Hlo(&comp.to_bytes()), &options)
-        .expect("compile");
-    let devices = client.addressable_devices().unwrap();
+    let exe = compile_spmd(client, &comp.to_bytes(), n);
     let tensors = state_tensors(model.param_specs());
     let mut state: Vec<Vec<Buffer>> = (0..n).map(|_| Vec::new()).collect();
     for (t, s) in tensors.iter().zip(&shardings.state) {
@@ -118,31 +110,16 @@ fn setup(client: &Client, mesh: &[&str]) -> Sharded {
         } else {
             vec![0.0; t.spec.numel()]
         };
-        let pieces = s.sharding.split_host(&host, &t.spec.shape, n).unwrap();
-        let dims: Vec<i64> = s.shard_shape.iter().map(|&x| x as i64).collect();
-        for (d, p) in pieces.iter().enumerate() {
-            state[d].push(
-                client
-                    .buffer_from_host(p, &dims, Some(&devices[d]))
-                    .unwrap(),
-            );
+        let pieces = upload_pieces(client, &host, &t.spec.shape, &s.sharding, n);
+        for (d, p) in pieces.into_iter().enumerate() {
+            state[d].push(p);
         }
     }
     let (tl, bsz) = (seq_len(), batch());
     let tok: Vec<i32> = (0..bsz * (tl + 1)).map(|i| (i * 7 % 256) as i32).collect();
     let w = vec![1.0f32; bsz * tl];
-    let split = |dims: [usize; 2]| {
-        let piece: Vec<i64> = shardings
-            .tokens
-            .shard_dims(&dims)
-            .unwrap()
-            .iter()
-            .map(|&x| x as i64)
-            .collect();
-        piece
-    };
-    let tdims = split([bsz, tl + 1]);
-    let wdims = split([bsz, tl]);
+    let tdims = piece_dims(&shardings.tokens, &[bsz, tl + 1]);
+    let wdims = piece_dims(&shardings.tokens, &[bsz, tl]);
     let tokens = shardings
         .tokens
         .split_host(&tok, &[bsz, tl + 1], n)
@@ -215,13 +192,7 @@ fn main() {
     let pick: Option<Vec<String>> = std::env::var("RATTN_BENCH_MESHES")
         .ok()
         .map(|s| s.split(',').map(|x| x.trim().to_string()).collect());
-    let plugin = pjrt::cpu_plugin().expect("XLA CPU plugin (run `rattn plugin install cpu`)");
-    let client = Client::new(
-        &plugin,
-        &[("cpu_device_count", NamedValue::I64(DEVICES as i64))],
-    )
-    .expect("CPU client with 8 devices");
-    pallas_port::register_cpu_kernels(&client).expect("register the RLA FFI handlers");
+    let client = cpu_client(DEVICES);
     let timings = Timings::default();
     let mut rows = Vec::new();
     let load_before = load();

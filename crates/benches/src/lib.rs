@@ -13,8 +13,9 @@
 
 pub use pallas_port::bench_util::{cpu_s, env_list, load, Timings};
 
+use hlo_builder::Sharding;
 use model::{init_param, Model};
-use pjrt::{Buffer, Client, CompileOptions, LoadedExecutable, Program};
+use pjrt::{Buffer, Client, CompileOptions, LoadedExecutable, NamedValue, Program};
 use std::time::Duration;
 use trainer::config::RunConfig;
 
@@ -41,11 +42,73 @@ pub fn criterion(warm_up: u64, measurement: u64) -> criterion::Criterion {
         .configure_from_args()
 }
 
+/// A CPU client with `devices` devices and our CPU kernels registered (the sharded benches).
+pub fn cpu_client(devices: usize) -> Client {
+    let plugin = pjrt::cpu_plugin().expect("XLA CPU plugin (run `rattn plugin install cpu`)");
+    let client = Client::new(
+        &plugin,
+        &[("cpu_device_count", NamedValue::I64(devices as i64))],
+    )
+    .unwrap_or_else(|e| panic!("CPU client with {devices} devices: {e}"));
+    pallas_port::register_cpu_kernels(&client).expect("register the RLA FFI handlers");
+    client
+}
+
 /// Compiles serialized HLO (a built computation's `to_bytes`) for one device.
 pub fn compile(client: &Client, hlo: &[u8]) -> LoadedExecutable {
     client
         .compile(Program::Hlo(hlo), &CompileOptions::default())
         .expect("compile")
+}
+
+/// Compiles serialized HLO for `n` devices: SPMD over devices `0..n` when `n > 1`, as
+/// [`compile`] for one.
+pub fn compile_spmd(client: &Client, hlo: &[u8], n: usize) -> LoadedExecutable {
+    let options = if n > 1 {
+        CompileOptions {
+            device_assignment: Some(vec![(0..n as i64).collect()]),
+            ..CompileOptions::spmd(n)
+        }
+    } else {
+        CompileOptions::default()
+    };
+    client
+        .compile(Program::Hlo(hlo), &options)
+        .expect("compile")
+}
+
+/// The dims of one device's piece of an array of `dims` laid out by `sharding`.
+pub fn piece_dims(sharding: &Sharding, dims: &[usize]) -> Vec<i64> {
+    sharding
+        .shard_dims(dims)
+        .expect("shard dims")
+        .iter()
+        .map(|&x| x as i64)
+        .collect()
+}
+
+/// The f32 host array `host` of `dims` cut by `sharding` into the pieces of devices `0..n`, each
+/// uploaded to its device (one buffer per device, in device order).
+pub fn upload_pieces(
+    client: &Client,
+    host: &[f32],
+    dims: &[usize],
+    sharding: &Sharding,
+    n: usize,
+) -> Vec<Buffer> {
+    let devices = client.addressable_devices().expect("devices");
+    let piece = piece_dims(sharding, dims);
+    sharding
+        .split_host(host, dims, n)
+        .expect("split")
+        .iter()
+        .zip(&devices)
+        .map(|(x, dev)| {
+            client
+                .buffer_from_host(x, &piece, Some(dev))
+                .expect("upload")
+        })
+        .collect()
 }
 
 /// An f32 buffer of `shape` on the client's first device.

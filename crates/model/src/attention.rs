@@ -358,11 +358,7 @@ fn global(b: &Builder, q: Op, k: Op, v: Op, blk: i64) -> Result<Op> {
         outs.push(block(b, qi, ki, vi, 2, Some((vis, vec![2, 4])))?);
         start = end;
     }
-    if outs.len() == 1 {
-        Ok(outs[0])
-    } else {
-        b.concatenate(&outs, 2)
-    }
+    concat_or_one(b, &outs, 2)
 }
 
 /// Load-balanced global attention of one sequence shard, inside the manual region: group-major
@@ -586,35 +582,18 @@ fn banded(b: &Builder, q: Op, k: Op, v: Op, w: i64, blk: i64, halo: Option<Halo>
             }
         };
         let xp = b.reshape(xp, &[bs, g, nb + back / blk, blk, h])?;
-        let parts: Vec<Op> = (0..=back / blk)
-            .map(|j| b.slice_in_dim(xp, j, j + nb, 2))
-            .collect::<Result<_>>()?;
-        if parts.len() == 1 {
-            Ok(parts[0])
-        } else {
-            b.concatenate(&parts, 3)
-        }
+        key_spans(b, xp, nb, back / blk, 2)
     };
     let (ks, vs) = (
         span_of(k, halo.as_ref().map(|h| h.k))?,
         span_of(v, halo.as_ref().map(|h| h.v))?,
     );
     let s = blk + back;
-    // Visibility from iotas: query t = i·blk + a, key s = i·blk − back + j.
     let md = [nb, blk, s];
-    let (i, a, j) = (
-        b.iota(ElementType::S32, &md, 0)?,
-        b.iota(ElementType::S32, &md, 1)?,
-        b.iota(ElementType::S32, &md, 2)?,
-    );
-    let rel = b.add(b.sub(a, j)?, b.scalar(back as i32)?)?; // t − s
+    let Band { rel, abs_s } = Band::new(b, md, back)?;
     let vis = b.and(
         b.compare(rel, b.scalar(0i32)?, Cmp::Ge)?,
         b.compare(rel, b.scalar(w as i32)?, Cmp::Le)?,
-    )?;
-    let abs_s = b.add(
-        b.mul(i, b.scalar(blk as i32)?)?,
-        b.sub(j, b.scalar(back as i32)?)?,
     )?;
     // Keys before the sequence start: local position < 0, or < −offset in a sequence shard.
     let abs_s = match &halo {
@@ -624,10 +603,60 @@ fn banded(b: &Builder, q: Op, k: Op, v: Op, w: i64, blk: i64, halo: Option<Halo>
     let vis = b.and(vis, b.compare(abs_s, b.scalar(0i32)?, Cmp::Ge)?)?;
     let o = block(b, qb, ks, vs, 3, Some((vis, vec![2, 3, 5])))?;
     let o = b.reshape(o, &[bs, g, tp, r, h])?;
+    unpad(b, o, tp, t, 2)
+}
+
+/// The first `t` of the `tp` (padded) positions of `x` along `axis`.
+fn unpad(b: &Builder, x: Op, tp: i64, t: i64, axis: usize) -> Result<Op> {
     if tp == t {
-        Ok(o)
+        Ok(x)
     } else {
-        b.slice_in_dim(o, 0, t, 2)
+        b.slice_in_dim(x, 0, t, axis)
+    }
+}
+
+/// `parts` concatenated along `axis`; the part itself when there is one.
+fn concat_or_one(b: &Builder, parts: &[Op], axis: i64) -> Result<Op> {
+    if parts.len() == 1 {
+        Ok(parts[0])
+    } else {
+        b.concatenate(parts, axis)
+    }
+}
+
+/// The key spans of `nb` query blocks from `xp`, keys padded in front by `back_blocks` blocks
+/// and cut into blocks along `axis`: block i gets the padded key blocks i ..= i + `back_blocks`
+/// (absolute start i·blk − back), concatenated along `axis + 1`.
+fn key_spans(b: &Builder, xp: Op, nb: i64, back_blocks: i64, axis: usize) -> Result<Op> {
+    let parts: Vec<Op> = (0..=back_blocks)
+        .map(|j| b.slice_in_dim(xp, j, j + nb, axis))
+        .collect::<Result<_>>()?;
+    concat_or_one(b, &parts, axis as i64 + 1)
+}
+
+/// Positions in a banded score block `md = [nb, blk, S]` (query block i, row a, span column j;
+/// the span starts `back` keys before its block), from iotas: query t = i·blk + a, key
+/// s = i·blk − back + j.
+struct Band {
+    /// t − s.
+    rel: Op,
+    /// s, the key's position in the (local) sequence; negative before its start.
+    abs_s: Op,
+}
+
+impl Band {
+    fn new(b: &Builder, md: [i64; 3], back: i64) -> Result<Band> {
+        let (i, a, j) = (
+            b.iota(ElementType::S32, &md, 0)?,
+            b.iota(ElementType::S32, &md, 1)?,
+            b.iota(ElementType::S32, &md, 2)?,
+        );
+        let rel = b.add(b.sub(a, j)?, b.scalar(back as i32)?)?;
+        let abs_s = b.add(
+            b.mul(i, b.scalar(md[1] as i32)?)?,
+            b.sub(j, b.scalar(back as i32)?)?,
+        )?;
+        Ok(Band { rel, abs_s })
     }
 }
 
@@ -671,31 +700,22 @@ fn block(b: &Builder, q: Op, k: Op, v: Op, nb: i64, vis: Option<(Op, Vec<i64>)>)
                 return Ok(vec![None, None, None]);
             };
             let (q, k, v) = (ins[0], ins[1], ins[2]);
+            let dot = |x: Op, y: Op, lc: Vec<i64>, rc: Vec<i64>| {
+                b.dot_general(x, y, &dd(nb, lc, rc), None, None)
+            };
             // With P = e / z: dO/z [..., M, R, H] carries the normalisation into the dots.
             let d_oz = b.div(d_o, bcast(b, z, &od, &rows)?)?;
             // dV = Pᵀ dO = eᵀ (dO/z)  [..., S, H]
-            let dv = b.dot_general(
-                e,
-                d_oz,
-                &dd(nb, vec![nb, nb + 1], vec![nb, nb + 1]),
-                None,
-                None,
-            )?;
+            let dv = dot(e, d_oz, vec![nb, nb + 1], vec![nb, nb + 1])?;
             // dP/z = (dO/z) Vᵀ  [..., M, R, S]
-            let dpz = b.dot_general(d_oz, v, &dd(nb, vec![nb + 2], vec![nb + 1]), None, None)?;
+            let dpz = dot(d_oz, v, vec![nb + 2], vec![nb + 1])?;
             // rowsum(dP ⊙ P) = rowsum(dO ⊙ O)  [..., M, R], divided by z like dP
             let delta = b.reduce_sum(b.mul(d_oz, o)?, &[last])?;
             // dS = P ⊙ (dP − δ) = e ⊙ (dP/z − δ/z)
             let ds = b.mul(e, b.sub(dpz, bcast(b, delta, &sd, &rows)?)?)?;
             // dQ = dS K  [..., M, R, H];  dK = dSᵀ Q  [..., S, H]
-            let dq = b.dot_general(ds, k, &dd(nb, vec![nb + 2], vec![nb]), None, None)?;
-            let dk = b.dot_general(
-                ds,
-                q,
-                &dd(nb, vec![nb, nb + 1], vec![nb, nb + 1]),
-                None,
-                None,
-            )?;
+            let dq = dot(ds, k, vec![nb + 2], vec![nb])?;
+            let dk = dot(ds, q, vec![nb, nb + 1], vec![nb, nb + 1])?;
             Ok(vec![Some(dq), Some(dk), Some(dv)])
         };
     b.custom_vjp(&[q, k, v], o, Arc::new(rule))?;
@@ -740,14 +760,7 @@ pub fn causal_attention_dense(
     // Key/value spans: block i sees padded blocks i .. i + back/blk (absolute start i·blk − back).
     let span_of = |x: Op| -> Result<Op> {
         let xp = b.reshape(pad_t(x, back, tp - t)?, &[bs, nb + back / blk, blk, g, h])?;
-        let parts: Vec<Op> = (0..=back / blk)
-            .map(|j| b.slice_in_dim(xp, j, j + nb, 1))
-            .collect::<Result<_>>()?;
-        if parts.len() == 1 {
-            Ok(parts[0])
-        } else {
-            b.concatenate(&parts, 2)
-        }
+        key_spans(b, xp, nb, back / blk, 1)
     };
     let (ks, vs) = (span_of(k)?, span_of(v)?);
     let s = blk + back;
@@ -759,22 +772,12 @@ pub fn causal_attention_dense(
         rhs_contracting: vec![4],
     };
     let scores = b.dot_general(qb, ks, &dd, None, Some(F32))?;
-    // Visibility from iotas: query t = i·blk + a, key s = i·blk − back + j.
     let md = [nb, blk, s];
-    let (i, a, j) = (
-        b.iota(ElementType::S32, &md, 0)?,
-        b.iota(ElementType::S32, &md, 1)?,
-        b.iota(ElementType::S32, &md, 2)?,
-    );
-    let rel = b.add(b.sub(a, j)?, b.scalar(back as i32)?)?; // t − s
+    let Band { rel, abs_s } = Band::new(b, md, back)?;
     let mut vis = b.compare(rel, b.scalar(0i32)?, Cmp::Ge)?;
     if let Some(w) = window {
         vis = b.and(vis, b.compare(rel, b.scalar(w as i32)?, Cmp::Le)?)?;
     }
-    let abs_s = b.add(
-        b.mul(i, b.scalar(blk as i32)?)?,
-        b.sub(j, b.scalar(back as i32)?)?,
-    )?;
     vis = b.and(vis, b.compare(abs_s, b.scalar(0i32)?, Cmp::Ge)?)?;
     let sd = [bs, nb, g, blk, r, s];
     let vis = bcast(b, vis, &sd, &[1, 3, 5])?;
@@ -790,9 +793,5 @@ pub fn causal_attention_dense(
     let o = b.dot_general(p, vs, &dd, None, Some(F32))?;
     let o = b.transpose(o, &[0, 1, 3, 2, 4, 5])?;
     let o = b.reshape(o, &[bs, tp, n, h])?;
-    if tp == t {
-        Ok(o)
-    } else {
-        b.slice_in_dim(o, 0, t, 1)
-    }
+    unpad(b, o, tp, t, 1)
 }

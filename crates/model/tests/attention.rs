@@ -3,7 +3,7 @@
 //! (forward and autodiff gradients): GQA, sequence lengths that are not multiples of the blocks,
 //! window 0, small windows, windows ≥ T, the default block sizes and small ones.
 
-use hlo_builder::{Builder, ElementType, Shape};
+use hlo_builder::{Builder, ElementType, Op, Shape};
 use model::attention::{causal_attention_dense, causal_attention_with, AttentionBlocks};
 use model::reference::{self, AttnDims};
 
@@ -79,10 +79,16 @@ fn naive(
     (o, dq, dk, dv)
 }
 
-/// Runs blocked and dense attention (forward and gradients of Σ o ⊙ d_o) in one graph and checks
-/// both against [`naive`], and the blocked against the dense.
-fn check(d: AttnDims, window: Option<usize>, blocks: AttentionBlocks) {
-    let b = Builder::new("attention_test");
+/// Builds one graph with parameters q, k, v and c that computes, for `attn(b, 0, q, k, v)` and
+/// then `attn(b, 1, q, k, v)`, the output o and the gradients of Σ o ⊙ c, and runs it through the
+/// CPU plugin on the host `[q, k, v, c]`: returns o, dq, dk, dv of the first, then of the second.
+fn run_pair(
+    name: &str,
+    d: AttnDims,
+    host: [&[f32]; 4],
+    attn: impl Fn(&Builder, usize, Op, Op, Op) -> Op,
+) -> Vec<Vec<f32>> {
+    let b = Builder::new(name);
     let p = |dims: [usize; 4], name: &str| {
         let dims: Vec<i64> = dims.iter().map(|&x| x as i64).collect();
         b.parameter(Shape::array(ElementType::F32, &dims), name)
@@ -91,39 +97,51 @@ fn check(d: AttnDims, window: Option<usize>, blocks: AttentionBlocks) {
     let q = p([d.b, d.t, d.n, d.h], "q");
     let k = p([d.b, d.t, d.g, d.h], "k");
     let v = p([d.b, d.t, d.g, d.h], "v");
-    let d_o = p([d.b, d.t, d.n, d.h], "d_o");
+    let c = p([d.b, d.t, d.n, d.h], "c");
     let mut outs = Vec::new();
-    for dense in [false, true] {
-        let o = if dense {
-            causal_attention_dense(&b, q, k, v, window).unwrap()
-        } else {
-            causal_attention_with(&b, q, k, v, window, blocks).unwrap()
-        };
-        let loss = b.reduce_sum(b.mul(o, d_o).unwrap(), &[0, 1, 2, 3]).unwrap();
+    for i in 0..2 {
+        let o = attn(&b, i, q, k, v);
+        let loss = b.reduce_sum(b.mul(o, c).unwrap(), &[0, 1, 2, 3]).unwrap();
         let g = b.grad(loss, &[q, k, v]).unwrap();
         outs.extend([o, g[0], g[1], g[2]]);
     }
     let comp = b.build(b.tuple(&outs).unwrap()).unwrap();
+    let cl = client();
+    let sh = |x: usize| vec![d.b as i64, d.t as i64, x as i64, d.h as i64];
+    let bufs: Vec<pjrt::Buffer> = host
+        .iter()
+        .zip([d.n, d.g, d.g, d.n])
+        .map(|(x, heads)| cl.buffer_from_host(x, &sh(heads), None).unwrap())
+        .collect();
+    let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
+    compile(&comp)
+        .execute(&refs)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_host::<f32>().unwrap())
+        .collect()
+}
+
+/// Runs blocked and dense attention (forward and gradients of Σ o ⊙ d_o) in one graph and checks
+/// both against [`naive`], and the blocked against the dense.
+fn check(d: AttnDims, window: Option<usize>, blocks: AttentionBlocks) {
     let (nq, nk) = (d.b * d.t * d.n * d.h, d.b * d.t * d.g * d.h);
     let hq = rand(nq, 1, 1.5);
     let hk = rand(nk, 2, 1.5);
     let hv = rand(nk, 3, 1.0);
     let hd = rand(nq, 4, 1.0);
-    let c = client();
-    let sh = |x: usize| vec![d.b as i64, d.t as i64, x as i64, d.h as i64];
-    let bufs = [
-        c.buffer_from_host(&hq, &sh(d.n), None).unwrap(),
-        c.buffer_from_host(&hk, &sh(d.g), None).unwrap(),
-        c.buffer_from_host(&hv, &sh(d.g), None).unwrap(),
-        c.buffer_from_host(&hd, &sh(d.n), None).unwrap(),
-    ];
-    let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
-    let got: Vec<Vec<f32>> = compile(&comp)
-        .execute(&refs)
-        .unwrap()
-        .iter()
-        .map(|x| x.to_host::<f32>().unwrap())
-        .collect();
+    let got = run_pair(
+        "attention_test",
+        d,
+        [&hq, &hk, &hv, &hd],
+        |b, i, q, k, v| {
+            if i == 1 {
+                causal_attention_dense(b, q, k, v, window).unwrap()
+            } else {
+                causal_attention_with(b, q, k, v, window, blocks).unwrap()
+            }
+        },
+    );
     let f64s = |x: &[f32]| x.iter().map(|&a| a as f64).collect::<Vec<_>>();
     let (o, dq, dk, dv) = naive(&f64s(&hq), &f64s(&hk), &f64s(&hv), &f64s(&hd), d, window);
     // The forward also against the model's reference (which scales q by H^-1/2 itself).
@@ -221,49 +239,21 @@ fn kernel_lowering_matches_hlo_lowering() {
         h: 16,
     };
     for window in [None, Some(0), Some(20), Some(150)] {
-        let b = Builder::new("attention_kernel_vs_hlo");
-        let p = |dims: [usize; 4], name: &str| {
-            let dims: Vec<i64> = dims.iter().map(|&x| x as i64).collect();
-            b.parameter(Shape::array(ElementType::F32, &dims), name)
-                .unwrap()
-        };
-        let q = p([d.b, d.t, d.n, d.h], "q");
-        let k = p([d.b, d.t, d.g, d.h], "k");
-        let v = p([d.b, d.t, d.g, d.h], "v");
-        let c = p([d.b, d.t, d.n, d.h], "c");
-        let mut outs = Vec::new();
-        for kernel in [true, false] {
-            let o = if kernel {
-                pallas_port::attention::attention_kernel(&b, q, k, v, window).unwrap()
-            } else {
-                model::attention::causal_attention(&b, q, k, v, window).unwrap()
-            };
-            let loss = b.reduce_sum(b.mul(o, c).unwrap(), &[0, 1, 2, 3]).unwrap();
-            let g = b.grad(loss, &[q, k, v]).unwrap();
-            outs.extend([o, g[0], g[1], g[2]]);
-        }
-        let comp = b.build(b.tuple(&outs).unwrap()).unwrap();
         let (nq, nk) = (d.b * d.t * d.n * d.h, d.b * d.t * d.g * d.h);
-        let cl = client();
-        let sh = |x: usize| vec![d.b as i64, d.t as i64, x as i64, d.h as i64];
         let host = [
             rand(nq, 11, 1.5),
             rand(nk, 12, 1.5),
             rand(nk, 13, 1.0),
             rand(nq, 14, 1.0),
         ];
-        let bufs: Vec<pjrt::Buffer> = host
-            .iter()
-            .zip([d.n, d.g, d.g, d.n])
-            .map(|(x, heads)| cl.buffer_from_host(x, &sh(heads), None).unwrap())
-            .collect();
-        let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
-        let got: Vec<Vec<f32>> = compile(&comp)
-            .execute(&refs)
-            .unwrap()
-            .iter()
-            .map(|x| x.to_host::<f32>().unwrap())
-            .collect();
+        let inputs = [&host[0][..], &host[1], &host[2], &host[3]];
+        let got = run_pair("attention_kernel_vs_hlo", d, inputs, |b, i, q, k, v| {
+            if i == 0 {
+                pallas_port::attention::attention_kernel(b, q, k, v, window).unwrap()
+            } else {
+                model::attention::causal_attention(b, q, k, v, window).unwrap()
+            }
+        });
         for (i, name) in ["o", "dq", "dk", "dv"].iter().enumerate() {
             let hlo: Vec<f64> = got[4 + i].iter().map(|&x| x as f64).collect();
             let scale = hlo.iter().fold(0.0f64, |m, x| m.max(x.abs()));

@@ -14,9 +14,11 @@
 //! # Ok::<(), hlo_builder::Error>(())
 //! ```
 
-use crate::config::RlaDims;
 use crate::ffi_attention::{ATTN_BWD_TARGET, ATTN_FWD_TARGET};
-use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape, Sharding};
+use crate::graph::{
+    dims_i64, f32_tuple, output_cotangent, qkv_dims, qkv_grads, qkv_to_shards, region_tiles,
+};
+use hlo_builder::{Attr, Builder, Op, Result, Sharding};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;
@@ -50,9 +52,7 @@ impl AttentionLowering {
     /// assert_eq!(L::Hlo.for_platform("cpu"), L::Hlo);
     /// ```
     pub fn for_platform(self, platform: &str) -> AttentionLowering {
-        let host = ["cpu", "host"]
-            .iter()
-            .any(|p| platform.eq_ignore_ascii_case(p));
+        let host = crate::graph::is_host_platform(platform);
         match self {
             AttentionLowering::Auto if host => AttentionLowering::Kernel,
             AttentionLowering::Auto => AttentionLowering::Hlo,
@@ -86,45 +86,6 @@ fn attrs(window: Option<usize>) -> Vec<(&'static str, Attr)> {
     vec![("window", Attr::I64(window.map_or(-1, |w| w as i64)))]
 }
 
-fn f32_shape(dims: &[usize]) -> Shape {
-    Shape::array(
-        ElementType::F32,
-        &dims.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-    )
-}
-
-/// Checks q `[B,T,N,H]`, k, v `[B,T,G,H]` (G dividing N); returns the dims.
-fn check_shapes(b: &Builder, op: &'static str, q: Op, k: Op, v: Op) -> Result<RlaDims> {
-    let (qs, ks, vs) = (b.shape(q)?, b.shape(k)?, b.shape(v)?);
-    let (qd, kd) = (qs.dims(), ks.dims());
-    let bad = qd.len() != 4
-        || kd.len() != 4
-        || ks != vs
-        || qd[0] != kd[0]
-        || qd[1] != kd[1]
-        || qd[3] != kd[3];
-    if bad {
-        return Err(b.error(
-            op,
-            format!(
-                "q must be [B,T,N,H] and k, v [B,T,G,H] with equal B, T, H: got q {}, k {}, v {}",
-                qs.short(),
-                ks.short(),
-                vs.short()
-            ),
-        ));
-    }
-    let d = RlaDims {
-        batch: qd[0] as usize,
-        seq: qd[1] as usize,
-        heads: qd[2] as usize,
-        kv_heads: kd[2] as usize,
-        head_dim: qd[3] as usize,
-    };
-    d.validate().map_err(|e| b.error(op, e.to_string()))?;
-    Ok(d)
-}
-
 /// The VJP of the forward call: the backward call.
 struct AttnVjp {
     window: Option<usize>,
@@ -138,26 +99,22 @@ impl hlo_builder::autodiff::VjpRule for AttnVjp {
         output: Op,
         cts: &[Option<Op>],
     ) -> Result<Vec<Option<Op>>> {
-        if cts.iter().skip(1).any(Option::is_some) {
-            return Err(b.error(
-                "attention_kernel",
-                "gradients flow only through the output o; the logsumexp is not differentiable",
-            ));
-        }
-        let Some(d_o) = cts.first().copied().flatten() else {
+        let Some(d_o) = output_cotangent(
+            b,
+            "attention_kernel",
+            "gradients flow only through the output o; the logsumexp is not differentiable",
+            cts,
+        )?
+        else {
             return Ok(vec![None, None, None]);
         };
         let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
-        let d = check_shapes(b, "attention_kernel", q, k, v)?;
+        let d = qkv_dims(b, "attention_kernel", q, k, v)?;
         let (o, lse) = (
             b.get_tuple_element(output, 0)?,
             b.get_tuple_element(output, 1)?,
         );
-        let out = Shape::tuple(vec![
-            f32_shape(&d.q_shape()),
-            f32_shape(&d.kv_shape()),
-            f32_shape(&d.kv_shape()),
-        ]);
+        let out = f32_tuple(&[&d.q_shape(), &d.kv_shape(), &d.kv_shape()]);
         let g = {
             let _s = b.name_scope("attn_bwd");
             b.custom_call(
@@ -167,17 +124,7 @@ impl hlo_builder::autodiff::VjpRule for AttnVjp {
                 &attrs(self.window),
             )?
         };
-        let mut grads = Vec::new();
-        for (i, x) in [q, k, v].into_iter().enumerate() {
-            let gi = b.get_tuple_element(g, i)?;
-            let ty = b.shape(x)?.ty().unwrap_or(ElementType::F32);
-            grads.push(Some(if ty == ElementType::F32 {
-                gi
-            } else {
-                b.convert(gi, ty)?
-            }));
-        }
-        Ok(grads)
+        qkv_grads(b, g, [q, k, v])
     }
 }
 
@@ -187,11 +134,8 @@ impl hlo_builder::autodiff::VjpRule for AttnVjp {
 /// t − W ≤ s ≤ t; `None`: s ≤ t. Returns `o f32[B,T,N,H]`. Runs only where the handlers are
 /// registered (the CPU client, [`crate::register_cpu_kernels`]).
 pub fn attention_kernel(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>) -> Result<Op> {
-    let d = check_shapes(b, "attention_kernel", q, k, v)?;
-    let out = Shape::tuple(vec![
-        f32_shape(&d.q_shape()),
-        f32_shape(&crate::kernel::attention::lse_shape(&d)),
-    ]);
+    let d = qkv_dims(b, "attention_kernel", q, k, v)?;
+    let out = f32_tuple(&[&d.q_shape(), &crate::kernel::attention::lse_shape(&d)]);
     let fwd = {
         let _s = b.name_scope("attn_fwd");
         b.custom_call(ATTN_FWD_TARGET, &[q, k, v], out, &attrs(window))?
@@ -212,13 +156,8 @@ pub fn attention_kernel_in_region(
     window: Option<usize>,
     qkv: &Sharding,
 ) -> Result<Op> {
-    let d = check_shapes(b, "attention_kernel_in_region", q, k, v)?;
-    let tiles = qkv.tiles_per_dim(4).map_err(|e| {
-        b.error(
-            "attention_kernel_in_region",
-            format!("q/k/v sharding: {}", e.message),
-        )
-    })?;
+    let d = qkv_dims(b, "attention_kernel_in_region", q, k, v)?;
+    let tiles = region_tiles(b, "attention_kernel_in_region", qkv)?;
     if tiles.iter().all(|&t| t == 1) {
         return attention_kernel(b, q, k, v, window);
     }
@@ -232,13 +171,10 @@ pub fn attention_kernel_in_region(
             ),
         ));
     }
-    let ql = b.full_to_shard(q, qkv.clone())?;
-    let kl = b.full_to_shard(k, qkv.clone())?;
-    let vl = b.full_to_shard(v, qkv.clone())?;
+    let (ql, kl, vl) = qkv_to_shards(b, (q, k, v), qkv)?;
     let o = {
         let _m = b.manual_scope();
         attention_kernel(b, ql, kl, vl, window)?
     };
-    let full: Vec<i64> = d.q_shape().iter().map(|&x| x as i64).collect();
-    b.shard_to_full(o, qkv.clone(), &full)
+    b.shard_to_full(o, qkv.clone(), &dims_i64(&d.q_shape()))
 }

@@ -18,6 +18,9 @@ pub const FWD_TARGET: &str = "rattention.rla_fwd";
 /// Custom-call target of the backward block.
 pub const BWD_TARGET: &str = "rattention.rla_bwd";
 
+/// The op name the RLA handlers' errors start with.
+const OP: &str = "rla";
+
 static REGISTERED: AtomicBool = AtomicBool::new(false);
 
 /// True once [`register_cpu_kernels`] succeeded in this process (the registry is process-global).
@@ -45,7 +48,13 @@ fn config(frame: &CallFrame<'_>) -> Result<RlaConfig, FfiError> {
     })
 }
 
-fn f32_input<'a>(a: &BufferArg<'a>, what: &str) -> Result<Cow<'a, [f32]>, FfiError> {
+/// `a` as f32 values: borrowed when it is f32, converted when it is bf16; any other dtype is an
+/// error naming `op` and the operand `what`. Shared by every CPU kernel's handler.
+pub(crate) fn f32_input<'a>(
+    a: &BufferArg<'a>,
+    op: &str,
+    what: &str,
+) -> Result<Cow<'a, [f32]>, FfiError> {
     match a.dtype() {
         ElementType::F32 => Ok(Cow::Borrowed(a.as_slice::<f32>()?)),
         ElementType::Bf16 => Ok(Cow::Owned(
@@ -55,16 +64,17 @@ fn f32_input<'a>(a: &BufferArg<'a>, what: &str) -> Result<Cow<'a, [f32]>, FfiErr
                 .collect(),
         )),
         t => Err(FfiError::invalid_argument(format!(
-            "rla: {what} must be f32 or bf16, got {t}"
+            "{op}: {what} must be f32 or bf16, got {t}"
         ))),
     }
 }
 
-fn dims_of(q: &BufferArg<'_>, k: &BufferArg<'_>) -> Result<RlaDims, FfiError> {
+/// The [`RlaDims`] of `[B,T,heads,H]` operands `q` and `k` (`kv_heads` from `k`); errors name `op`.
+pub(crate) fn dims_of(op: &str, q: &BufferArg<'_>, k: &BufferArg<'_>) -> Result<RlaDims, FfiError> {
     let (qd, kd) = (q.dims(), k.dims());
     if qd.len() != 4 || kd.len() != 4 {
         return Err(FfiError::invalid_argument(format!(
-            "rla: q {qd:?} and k {kd:?} must be [B,T,heads,H]"
+            "{op}: q {qd:?} and k {kd:?} must be [B,T,heads,H]"
         )));
     }
     Ok(RlaDims {
@@ -76,19 +86,33 @@ fn dims_of(q: &BufferArg<'_>, k: &BufferArg<'_>) -> Result<RlaDims, FfiError> {
     })
 }
 
-fn to_ffi(e: crate::RlaError) -> FfiError {
+/// Dims and f32 values of the `q`, `k`, `v` operands every attention-like handler takes first.
+pub(crate) type Qkv<'a> = (RlaDims, Cow<'a, [f32]>, Cow<'a, [f32]>, Cow<'a, [f32]>);
+
+/// [`dims_of`] and [`f32_input`] for the `q`, `k`, `v` operands of `op`.
+pub(crate) fn qkv_inputs<'a>(
+    op: &str,
+    q: &BufferArg<'a>,
+    k: &BufferArg<'a>,
+    v: &BufferArg<'a>,
+) -> Result<Qkv<'a>, FfiError> {
+    Ok((
+        dims_of(op, q, k)?,
+        f32_input(q, op, "q")?,
+        f32_input(k, op, "k")?,
+        f32_input(v, op, "v")?,
+    ))
+}
+
+/// A kernel error as an FFI `invalid_argument` error.
+pub(crate) fn to_ffi(e: crate::RlaError) -> FfiError {
     FfiError::invalid_argument(e.to_string())
 }
 
 fn rla_fwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     let cfg = config(frame)?;
     let (qa, ka, va) = (frame.arg(0)?, frame.arg(1)?, frame.arg(2)?);
-    let d = dims_of(&qa, &ka)?;
-    let (q, k, v) = (
-        f32_input(&qa, "q")?,
-        f32_input(&ka, "k")?,
-        f32_input(&va, "v")?,
-    );
+    let (d, q, k, v) = qkv_inputs(OP, &qa, &ka, &va)?;
     let mut rets = frame.rets_mut()?;
     let [o, cs, fs] = rets.as_mut_slice() else {
         return Err(FfiError::invalid_argument(
@@ -117,14 +141,9 @@ fn rla_bwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
         frame.arg(3)?,
         frame.arg(4)?,
     );
-    let d = dims_of(&qa, &ka)?;
-    let (q, k, v) = (
-        f32_input(&qa, "q")?,
-        f32_input(&ka, "k")?,
-        f32_input(&va, "v")?,
-    );
+    let (d, q, k, v) = qkv_inputs(OP, &qa, &ka, &va)?;
     let cs = csa.as_slice::<f32>()?;
-    let d_o = f32_input(&doa, "d_o")?;
+    let d_o = f32_input(&doa, OP, "d_o")?;
     let mut rets = frame.rets_mut()?;
     let [dq, dk, dv] = rets.as_mut_slice() else {
         return Err(FfiError::invalid_argument(

@@ -69,9 +69,7 @@ impl Lowering {
     /// assert_eq!(Lowering::CustomCall.for_platform("tpu"), Lowering::CustomCall);
     /// ```
     pub fn for_platform(self, platform: &str) -> Lowering {
-        let host = ["cpu", "host"]
-            .iter()
-            .any(|p| platform.eq_ignore_ascii_case(p));
+        let host = is_host_platform(platform);
         match self {
             Lowering::Auto if host => Lowering::CustomCall,
             Lowering::Auto if platform.eq_ignore_ascii_case("tpu") => Lowering::Mosaic,
@@ -107,6 +105,14 @@ impl Lowering {
     }
 }
 
+/// True for the PJRT CPU platform (`"cpu"` or `"host"`, case-insensitive), where our custom
+/// calls' handlers are registered.
+pub(crate) fn is_host_platform(platform: &str) -> bool {
+    ["cpu", "host"]
+        .iter()
+        .any(|p| platform.eq_ignore_ascii_case(p))
+}
+
 impl fmt::Display for Lowering {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -127,6 +133,15 @@ fn attrs(cfg: &RlaConfig) -> Vec<(&'static str, Attr)> {
 
 /// Check q `[B,T,N,H]`, k, v `[B,T,G,H]` and the config; return the dims.
 pub fn check_shapes(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig) -> Result<RlaDims> {
+    let d = qkv_dims(b, "rla", q, k, v)?;
+    cfg.validate().map_err(|e| b.error("rla", e.to_string()))?;
+    Ok(d)
+}
+
+/// The dims of q `[B,T,N,H]`, k, v `[B,T,G,H]` (equal B, T, H; k and v alike; G dividing N),
+/// checked for every custom call over q, k, v; errors name `op`.
+#[track_caller]
+pub(crate) fn qkv_dims(b: &Builder, op: &'static str, q: Op, k: Op, v: Op) -> Result<RlaDims> {
     let (qs, ks, vs) = (b.shape(q)?, b.shape(k)?, b.shape(v)?);
     let (qd, kd) = (qs.dims(), ks.dims());
     if qd.len() != 4
@@ -137,7 +152,7 @@ pub fn check_shapes(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig) -> Result
         || qd[3] != kd[3]
     {
         return Err(b.error(
-            "rla",
+            op,
             format!(
                 "q must be [B,T,N,H] and k, v [B,T,G,H] with equal B, T, H: got q {}, k {}, v {}",
                 qs.short(),
@@ -153,20 +168,16 @@ pub fn check_shapes(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig) -> Result
         kv_heads: kd[2] as usize,
         head_dim: qd[3] as usize,
     };
-    d.validate().map_err(|e| b.error("rla", e.to_string()))?;
-    cfg.validate().map_err(|e| b.error("rla", e.to_string()))?;
+    d.validate().map_err(|e| b.error(op, e.to_string()))?;
     Ok(d)
 }
 
 fn f32_shape(dims: &[usize]) -> Shape {
-    Shape::array(
-        ElementType::F32,
-        &dims.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-    )
+    Shape::array(ElementType::F32, &dims_i64(dims))
 }
 
 /// The tuple of f32 arrays of dims `parts` (a block's outputs).
-fn f32_tuple(parts: &[&[usize]]) -> Shape {
+pub(crate) fn f32_tuple(parts: &[&[usize]]) -> Shape {
     Shape::tuple(parts.iter().map(|p| f32_shape(p)).collect())
 }
 
@@ -237,12 +248,13 @@ impl hlo_builder::autodiff::VjpRule for RlaVjp {
         output: Op,
         cts: &[Option<Op>],
     ) -> Result<Vec<Option<Op>>> {
-        if cts.iter().skip(1).any(Option::is_some) {
-            return Err(b.error("rla", 
-                "gradients flow only through rla's output o; chunk_states and final_state are not differentiable",
-            ));
-        }
-        let Some(d_o) = cts.first().copied().flatten() else {
+        let Some(d_o) = output_cotangent(
+            b,
+            "rla",
+            "gradients flow only through rla's output o; chunk_states and final_state are not differentiable",
+            cts,
+        )?
+        else {
             return Ok(vec![None, None, None]);
         };
         // Inside a manual region the forward block is `{manual}`, and autodiff builds this rule
@@ -250,18 +262,39 @@ impl hlo_builder::autodiff::VjpRule for RlaVjp {
         let chunk_states = b.get_tuple_element(output, 1)?;
         let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
         let g = rla_bwd_block(b, (q, k, v), chunk_states, d_o, &self.cfg, self.lowering)?;
-        let mut out = Vec::new();
-        for (i, x) in [q, k, v].into_iter().enumerate() {
-            let gi = b.get_tuple_element(g, i)?;
-            let ty = b.shape(x)?.ty().unwrap_or(ElementType::F32);
-            out.push(Some(if ty == ElementType::F32 {
-                gi
-            } else {
-                b.convert(gi, ty)?
-            }));
-        }
-        Ok(out)
+        qkv_grads(b, g, [q, k, v])
     }
+}
+
+/// The cotangent of a custom call's first output (`None` when it has none), for a call whose
+/// other outputs are saved state; a cotangent on those is an error naming `op` with `message`.
+#[track_caller]
+pub(crate) fn output_cotangent(
+    b: &Builder,
+    op: &'static str,
+    message: &str,
+    cts: &[Option<Op>],
+) -> Result<Option<Op>> {
+    if cts.iter().skip(1).any(Option::is_some) {
+        return Err(b.error(op, message));
+    }
+    Ok(cts.first().copied().flatten())
+}
+
+/// The gradients of `inputs` from the f32 tuple `g` of a backward call, each converted to its
+/// input's dtype.
+pub(crate) fn qkv_grads(b: &Builder, g: Op, inputs: [Op; 3]) -> Result<Vec<Option<Op>>> {
+    let mut out = Vec::new();
+    for (i, x) in inputs.into_iter().enumerate() {
+        let gi = b.get_tuple_element(g, i)?;
+        let ty = b.shape(x)?.ty().unwrap_or(ElementType::F32);
+        out.push(Some(if ty == ElementType::F32 {
+            gi
+        } else {
+            b.convert(gi, ty)?
+        }));
+    }
+    Ok(out)
 }
 
 /// RLA outputs with the block's saved state.
@@ -343,9 +376,7 @@ pub fn rla_in_region(
     qkv: &Sharding,
 ) -> Result<RlaOutputs> {
     let d = check_shapes(b, q, k, v, cfg)?;
-    let tiles = qkv
-        .tiles_per_dim(4)
-        .map_err(|e| b.error("rla_in_region", format!("q/k/v sharding: {}", e.message)))?;
+    let tiles = region_tiles(b, "rla_in_region", qkv)?;
     if tiles.iter().all(|&t| t == 1) {
         return rla_with_state(b, q, k, v, cfg, lowering);
     }
@@ -364,9 +395,7 @@ pub fn rla_in_region(
     } else {
         None
     };
-    let ql = b.full_to_shard(q, qkv.clone())?;
-    let kl = b.full_to_shard(k, qkv.clone())?;
-    let vl = b.full_to_shard(v, qkv.clone())?;
+    let (ql, kl, vl) = qkv_to_shards(b, (q, k, v), qkv)?;
     let local = {
         let _m = b.manual_scope();
         match &seq {
@@ -387,9 +416,7 @@ pub fn rla_region_outputs(
     qkv: &Sharding,
     d: &RlaDims,
 ) -> Result<RlaOutputs> {
-    let tiles = qkv
-        .tiles_per_dim(4)
-        .map_err(|e| b.error("rla_in_region", format!("q/k/v sharding: {}", e.message)))?;
+    let tiles = region_tiles(b, "rla_in_region", qkv)?;
     let full = |op: Op| -> Result<Vec<i64>> { Ok(b.shape(op)?.dims().to_vec()) };
     let mut cs_full = full(local.chunk_states)?;
     cs_full[0] *= tiles[0] as i64;
@@ -418,8 +445,29 @@ pub fn rla_halo_len(cfg: &RlaConfig, t: usize, shards: usize, tl: usize) -> usiz
     cfg.window.min(t).min(shards.saturating_sub(1) * tl)
 }
 
-fn dims_i64(v: &[usize]) -> Vec<i64> {
+/// `v` as HLO dims.
+pub(crate) fn dims_i64(v: &[usize]) -> Vec<i64> {
     v.iter().map(|&x| x as i64).collect()
+}
+
+/// The tiles per dim of the `[B,T,heads,H]` sharding `qkv` of a manual region; errors name `op`.
+#[track_caller]
+pub(crate) fn region_tiles(b: &Builder, op: &'static str, qkv: &Sharding) -> Result<Vec<usize>> {
+    qkv.tiles_per_dim(4)
+        .map_err(|e| b.error(op, format!("q/k/v sharding: {}", e.message)))
+}
+
+/// q, k, v from full values to the per-device pieces of a manual region laid out by `qkv`.
+pub(crate) fn qkv_to_shards(
+    b: &Builder,
+    (q, k, v): (Op, Op, Op),
+    qkv: &Sharding,
+) -> Result<(Op, Op, Op)> {
+    Ok((
+        b.full_to_shard(q, qkv.clone())?,
+        b.full_to_shard(k, qkv.clone())?,
+        b.full_to_shard(v, qkv.clone())?,
+    ))
 }
 
 /// One sequence shard of RLA, inside the manual scope (see [`rla_in_region`]): q `[B,Tl,N,H]`,

@@ -8,7 +8,7 @@ use pallas_port::RlaDims;
 
 mod common;
 
-use common::{dims, f32_shape, rel_err, Rng};
+use common::{dims, f32_shape, rel_err, run, Rng};
 
 /// fp32 paths within 1e-5 of the f64 reference (norm-relative).
 const TOL: f64 = 1e-5;
@@ -39,14 +39,17 @@ fn naive(
             let gi = hd / r;
             for i in 0..t {
                 let keys: Vec<usize> = (0..t).filter(|&s| visible(i, s, w)).collect();
-                let sc: Vec<f64> = keys
-                    .iter()
-                    .map(|&s| {
-                        (0..h)
-                            .map(|x| q[qi(b, i, hd) + x] as f64 * k[ki(b, s, gi) + x] as f64)
-                            .sum()
-                    })
-                    .collect();
+                // Row (b, i, hd) of `a` · kv row (b, s, gi) of `c`, for every visible key s.
+                let dots = |a: &[f32], c: &[f32]| -> Vec<f64> {
+                    keys.iter()
+                        .map(|&s| {
+                            (0..h)
+                                .map(|x| a[qi(b, i, hd) + x] as f64 * c[ki(b, s, gi) + x] as f64)
+                                .sum()
+                        })
+                        .collect()
+                };
+                let sc = dots(q, k);
                 let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
                 let z: f64 = e.iter().sum();
@@ -56,14 +59,7 @@ fn naive(
                         o[qi(b, i, hd) + x] += p[j] * v[ki(b, s, gi) + x] as f64;
                     }
                 }
-                let dp: Vec<f64> = keys
-                    .iter()
-                    .map(|&s| {
-                        (0..h)
-                            .map(|x| d_o[qi(b, i, hd) + x] as f64 * v[ki(b, s, gi) + x] as f64)
-                            .sum()
-                    })
-                    .collect();
+                let dp = dots(d_o, v);
                 let pdp: f64 = p.iter().zip(&dp).map(|(a, c)| a * c).sum();
                 for (j, &s) in keys.iter().enumerate() {
                     let ds = p[j] * (dp[j] - pdp);
@@ -147,6 +143,7 @@ fn kernel_rejects_wrong_lengths() {
 /// gradients come back as bf16, within its 2^-8 relative rounding).
 #[test]
 fn custom_call_matches_f64_reference() {
+    // The handlers are process-global: `run`'s client finds them.
     let client = pjrt::Client::cpu().expect("CPU plugin");
     pallas_port::register_cpu_kernels(&client).expect("register kernels");
     for (d, w, bf16) in [
@@ -180,27 +177,8 @@ fn custom_call_matches_f64_reference() {
         let loss = b.reduce_sum(b.mul(o, cp).unwrap(), &[0, 1, 2, 3]).unwrap();
         let g = b.grad(loss, &[qp, kp, vp]).unwrap();
         let root = b.tuple(&[o, g[0], g[1], g[2]]).unwrap();
-        let comp = b.build(root).expect("build");
-        let exe = client
-            .compile(
-                pjrt::Program::Hlo(&comp.to_bytes()),
-                &pjrt::CompileOptions::default(),
-            )
-            .expect("compile");
-        let bufs: Vec<pjrt::Buffer> = [(&q, &qs), (&k, &ks), (&v, &ks), (&d_o, &qs)]
-            .iter()
-            .map(|(x, s)| {
-                let s: Vec<i64> = s.iter().map(|&x| x as i64).collect();
-                client.buffer_from_host(x, &s, None).expect("upload")
-            })
-            .collect();
-        let refs: Vec<&pjrt::Buffer> = bufs.iter().collect();
-        let outs: Vec<Vec<f32>> = exe
-            .execute(&refs)
-            .expect("execute")
-            .iter()
-            .map(|o| o.to_host::<f32>().expect("download"))
-            .collect();
+        let args = [(&q, &qs), (&k, &ks), (&v, &ks), (&d_o, &qs)].map(|(x, s)| (&x[..], &s[..]));
+        let outs = run(&b, root, &args);
         let got: Vec<&[f32]> = outs.iter().map(|x| x.as_slice()).collect();
         let g_tol = if bf16 { 8e-3 } else { TOL };
         check_tol(

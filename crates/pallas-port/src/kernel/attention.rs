@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use super::feature::{fast_exp, max_min, scale, sum};
 use super::mm::{gemm, view, view_mut};
-use super::{split_scratch, with_scratch};
+use super::{check_grads, check_qkv, split_scratch, with_scratch, Heads};
 use crate::config::{check_len, RlaDims, RlaError};
 
 /// The (query, key) block sizes for a window: query blocks of up to 128 positions (each stacks
@@ -36,39 +36,25 @@ pub fn block_sizes(window: Option<usize>) -> (usize, usize) {
     }
 }
 
-/// Geometry of one attention call.
+/// Geometry of one attention call (derefs to its [`Heads`]).
 #[derive(Clone, Copy)]
 struct Geo {
-    t: usize,
-    n: usize,
-    g: usize,
-    h: usize,
-    r: usize,
+    heads: Heads,
     w: Option<usize>,
     bq: usize,
     bk: usize,
 }
 
+deref_heads!(Geo);
+
 impl Geo {
     fn new(d: &RlaDims, window: Option<usize>) -> Geo {
         Geo {
-            t: d.seq,
-            n: d.heads,
-            g: d.kv_heads,
-            h: d.head_dim,
-            r: d.group_size(),
+            heads: Heads::new(d),
             w: window,
             bq: block_sizes(window).0,
             bk: block_sizes(window).1,
         }
-    }
-
-    fn kv_off(&self, b: usize, s: usize, gi: usize) -> usize {
-        ((b * self.t + s) * self.g + gi) * self.h
-    }
-
-    fn q_off(&self, b: usize, t: usize, gi: usize) -> usize {
-        ((b * self.t + t) * self.n + gi * self.r) * self.h
     }
 
     /// Offset in `[B,T,N]` (lse, D) of query head `gi·R` at (b, t).
@@ -94,20 +80,6 @@ impl Geo {
         let hi = (t + 1).saturating_sub(s0).min(nk);
         (lo, hi.max(lo))
     }
-}
-
-/// Checks the dims and the lengths of q, k, v.
-fn check_qkv(
-    op: &'static str,
-    d: &RlaDims,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-) -> Result<(), RlaError> {
-    d.check(op)?;
-    check_len(op, "q", q.len(), &d.q_shape(), d)?;
-    check_len(op, "k", k.len(), &d.kv_shape(), d)?;
-    check_len(op, "v", v.len(), &d.kv_shape(), d)
 }
 
 /// The `[B,T,N]` shape of the row statistics (logsumexp).
@@ -160,10 +132,7 @@ pub fn attn_bwd(
     check_qkv(OP, d, q, k, v)?;
     check_len(OP, "o", o.len(), &d.q_shape(), d)?;
     check_len(OP, "lse", lse.len(), &lse_shape(d), d)?;
-    check_len(OP, "d_o", d_o.len(), &d.q_shape(), d)?;
-    check_len(OP, "dq", dq.len(), &d.q_shape(), d)?;
-    check_len(OP, "dk", dk.len(), &d.kv_shape(), d)?;
-    check_len(OP, "dv", dv.len(), &d.kv_shape(), d)?;
+    check_grads(OP, d, d_o, (dq, dk, dv))?;
     backward(
         &Geo::new(d, window),
         d.batch,
@@ -207,7 +176,7 @@ fn pieces<'a>(
 fn gather_rows(geo: &Geo, x: &[f32], b: usize, gi: usize, t0: usize, ce: usize, dst: &mut [f32]) {
     let rh = geo.r * geo.h;
     for tl in 0..ce {
-        let off = geo.q_off(b, t0 + tl, gi);
+        let off = geo.q_off(b, t0 + tl, gi * geo.r);
         dst[tl * rh..(tl + 1) * rh].copy_from_slice(&x[off..off + rh]);
     }
 }
@@ -281,10 +250,7 @@ fn forward(
                     let s = &mut s[..m * nk];
                     scores(geo, qs, k, b, gi, s0, m, s);
                     pulp::Arch::new().dispatch(OnlineSoftmax {
-                        geo,
-                        t0,
-                        s0,
-                        nk,
+                        at: BlockPair { geo, t0, s0, nk },
                         s,
                         mx,
                         l,
@@ -316,15 +282,37 @@ fn forward(
     );
 }
 
-/// One key block of the online softmax: turns the scores `s` (`[M, nk]`, rows from query `t0`,
-/// keys from `s0`) into exp(s − m_new) on the visible entries (0 elsewhere), updates the running
-/// row max `mx` and sum `l`, and rescales the accumulator rows `acc` (`[M, H]`) by
-/// exp(m_old − m_new). Vectorised through `pulp` (max and sum as explicit SIMD reductions).
-struct OnlineSoftmax<'a> {
+/// A block pair: rows of the R stacked query heads from query position `t0` against the `nk`
+/// keys from `s0`.
+#[derive(Clone, Copy)]
+struct BlockPair<'a> {
     geo: &'a Geo,
     t0: usize,
     s0: usize,
     nk: usize,
+}
+
+impl BlockPair<'_> {
+    /// The visible columns `[lo, hi)` of block row `row`.
+    #[inline(always)]
+    fn cols(&self, row: usize) -> (usize, usize) {
+        self.geo.cols(self.t0 + row / self.geo.r, self.s0, self.nk)
+    }
+}
+
+/// Zeroes `row` outside its visible columns `[lo, hi)`.
+#[inline(always)]
+fn zero_outside(row: &mut [f32], lo: usize, hi: usize) {
+    row[..lo].fill(0.0);
+    row[hi..].fill(0.0);
+}
+
+/// One key block of the online softmax: turns the scores `s` (`[M, nk]` of the block pair `at`)
+/// into exp(s − m_new) on the visible entries (0 elsewhere), updates the running row max `mx`
+/// and sum `l`, and rescales the accumulator rows `acc` (`[M, H]`) by exp(m_old − m_new).
+/// Vectorised through `pulp` (max and sum as explicit SIMD reductions).
+struct OnlineSoftmax<'a> {
+    at: BlockPair<'a>,
     s: &'a mut [f32],
     mx: &'a mut [f32],
     l: &'a mut [f32],
@@ -335,20 +323,10 @@ impl pulp::WithSimd for OnlineSoftmax<'_> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, simd: S) {
-        let OnlineSoftmax {
-            geo,
-            t0,
-            s0,
-            nk,
-            s,
-            mx,
-            l,
-            acc,
-        } = self;
-        let (h, r) = (geo.h, geo.r);
-        for (row, srow) in s.chunks_exact_mut(nk).enumerate() {
-            let t = t0 + row / r;
-            let (lo, hi) = geo.cols(t, s0, nk);
+        let OnlineSoftmax { at, s, mx, l, acc } = self;
+        let h = at.geo.h;
+        for (row, srow) in s.chunks_exact_mut(at.nk).enumerate() {
+            let (lo, hi) = at.cols(row);
             if lo == hi {
                 srow.fill(0.0);
                 continue;
@@ -364,8 +342,7 @@ impl pulp::WithSimd for OnlineSoftmax<'_> {
                 *x = fast_exp(*x - m_new);
             }
             let add = sum(simd, vis);
-            srow[..lo].fill(0.0);
-            srow[hi..].fill(0.0);
+            zero_outside(srow, lo, hi);
             mx[row] = m_new;
             l[row] = l[row] * rescale + add;
             if rescale != 1.0 {
@@ -376,13 +353,9 @@ impl pulp::WithSimd for OnlineSoftmax<'_> {
 }
 
 /// P = exp(S − lse) on the visible entries (0 elsewhere) in `s`, then dS = P ⊙ (dP − D) in
-/// `dp`, for the block of rows from query position `t0` against `nk` keys from `s0`
-/// (vectorised through `pulp`).
+/// `dp`, for the block pair `at` (vectorised through `pulp`).
 struct ProbsAndDs<'a> {
-    geo: &'a Geo,
-    t0: usize,
-    s0: usize,
-    nk: usize,
+    at: BlockPair<'a>,
     s: &'a mut [f32],
     dp: &'a mut [f32],
     lse: &'a [f32],
@@ -393,34 +366,22 @@ impl pulp::WithSimd for ProbsAndDs<'_> {
     type Output = ();
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _simd: S) {
-        let ProbsAndDs {
-            geo,
-            t0,
-            s0,
-            nk,
-            s,
-            dp,
-            lse,
-            dd,
-        } = self;
-        let r = geo.r;
+        let ProbsAndDs { at, s, dp, lse, dd } = self;
+        let nk = at.nk;
         for (row, (srow, dprow)) in s
             .chunks_exact_mut(nk)
             .zip(dp.chunks_exact_mut(nk))
             .enumerate()
         {
-            let t = t0 + row / r;
-            let (lo, hi) = geo.cols(t, s0, nk);
+            let (lo, hi) = at.cols(row);
             let (ls, d) = (lse[row], dd[row]);
             for (x, g) in srow[lo..hi].iter_mut().zip(&mut dprow[lo..hi]) {
                 let p = fast_exp(*x - ls);
                 *x = p;
                 *g = p * (*g - d);
             }
-            srow[..lo].fill(0.0);
-            srow[hi..].fill(0.0);
-            dprow[..lo].fill(0.0);
-            dprow[hi..].fill(0.0);
+            zero_outside(srow, lo, hi);
+            zero_outside(dprow, lo, hi);
         }
     }
 }
@@ -562,10 +523,7 @@ fn key_block(
             gemm(1.0, &qv, &kk.t(), 0.0, &mut view_mut(s, m, nk, nk));
             gemm(1.0, &dov, &vv.t(), 0.0, &mut view_mut(dp, m, nk, nk));
             pulp::Arch::new().dispatch(ProbsAndDs {
-                geo,
-                t0,
-                s0,
-                nk,
+                at: BlockPair { geo, t0, s0, nk },
                 s,
                 dp,
                 lse: ls,

@@ -4,31 +4,25 @@ use rayon::prelude::*;
 
 use super::feature::phi_rows;
 use super::mm::{gemm, view, view_mut};
-use super::{split_scratch, with_scratch};
+use super::{split_scratch, with_scratch, Heads};
 use crate::config::{RlaConfig, RlaDims};
 
-/// Geometry shared by the forward and backward passes.
+/// Geometry shared by the forward and backward passes (derefs to its [`Heads`]).
 #[derive(Clone, Copy)]
 pub(crate) struct Geo {
-    pub t: usize,
-    pub n: usize,
-    pub g: usize,
-    pub h: usize,
-    pub r: usize,
+    pub heads: Heads,
     pub w: usize,
     pub c: usize,
     pub l: usize,
     pub nc: usize,
 }
 
+deref_heads!(Geo);
+
 impl Geo {
     pub(crate) fn new(cfg: &RlaConfig, d: &RlaDims) -> Self {
         Geo {
-            t: d.seq,
-            n: d.heads,
-            g: d.kv_heads,
-            h: d.head_dim,
-            r: d.group_size(),
+            heads: Heads::new(d),
             w: cfg.window,
             c: cfg.sub_chunk,
             l: cfg.chunk,
@@ -39,16 +33,6 @@ impl Geo {
     /// Size of one state, 2H·H.
     pub(crate) fn ss(&self) -> usize {
         2 * self.h * self.h
-    }
-
-    /// Offset of k/v row (b, s, kv head gi).
-    pub(crate) fn kv_off(&self, b: usize, s: usize, gi: usize) -> usize {
-        ((b * self.t + s) * self.g + gi) * self.h
-    }
-
-    /// Offset of q/o row (b, t, head n).
-    pub(crate) fn q_off(&self, b: usize, t: usize, n: usize) -> usize {
-        ((b * self.t + t) * self.n + n) * self.h
     }
 
     /// First query position whose shifted key is valid: W + 1.

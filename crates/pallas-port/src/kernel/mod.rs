@@ -14,6 +14,20 @@
 //! - backward: parallel over (batch, kv head), chunks in reverse carrying dS; results are
 //!   scattered into the `[B, T, heads, H]` outputs in parallel.
 
+/// `Deref<Target = Heads>` for a kernel geometry `$geo` with a `heads: Heads` field, so its
+/// sizes and offsets read `geo.t`, `geo.kv_off(..)`.
+macro_rules! deref_heads {
+    ($geo:ty) => {
+        impl std::ops::Deref for $geo {
+            type Target = super::Heads;
+            #[inline]
+            fn deref(&self) -> &super::Heads {
+                &self.heads
+            }
+        }
+    };
+}
+
 pub mod adamw;
 pub mod attention;
 mod bwd;
@@ -72,10 +86,69 @@ fn check_inputs(
     v: &[f32],
 ) -> Result<(), RlaError> {
     cfg.check(op)?;
+    check_qkv(op, d, q, k, v)
+}
+
+/// Checks the dims and the lengths of q `[B,T,N,H]`, k, v `[B,T,G,H]` (every kernel's inputs).
+pub(crate) fn check_qkv(
+    op: &'static str,
+    d: &RlaDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Result<(), RlaError> {
     d.check(op)?;
     check_len(op, "q", q.len(), &d.q_shape(), d)?;
     check_len(op, "k", k.len(), &d.kv_shape(), d)?;
     check_len(op, "v", v.len(), &d.kv_shape(), d)
+}
+
+/// Checks the lengths of a backward's `d_o`, `dq` `[B,T,N,H]` and `dk`, `dv` `[B,T,G,H]`.
+pub(crate) fn check_grads(
+    op: &'static str,
+    d: &RlaDims,
+    d_o: &[f32],
+    (dq, dk, dv): (&[f32], &[f32], &[f32]),
+) -> Result<(), RlaError> {
+    check_len(op, "d_o", d_o.len(), &d.q_shape(), d)?;
+    check_len(op, "dq", dq.len(), &d.q_shape(), d)?;
+    check_len(op, "dk", dk.len(), &d.kv_shape(), d)?;
+    check_len(op, "dv", dv.len(), &d.kv_shape(), d)
+}
+
+/// The position and head sizes of q `[B,T,N,H]` and k/v `[B,T,G,H]` as the kernels index them
+/// (R = N/G query heads per kv head); each kernel's geometry derefs to it.
+#[derive(Clone, Copy)]
+pub(crate) struct Heads {
+    pub t: usize,
+    pub n: usize,
+    pub g: usize,
+    pub h: usize,
+    pub r: usize,
+}
+
+impl Heads {
+    pub(crate) fn new(d: &RlaDims) -> Heads {
+        Heads {
+            t: d.seq,
+            n: d.heads,
+            g: d.kv_heads,
+            h: d.head_dim,
+            r: d.group_size(),
+        }
+    }
+
+    /// Offset of k/v row (b, s, kv head gi).
+    #[inline]
+    pub(crate) fn kv_off(&self, b: usize, s: usize, gi: usize) -> usize {
+        ((b * self.t + s) * self.g + gi) * self.h
+    }
+
+    /// Offset of q/o row (b, t, head n).
+    #[inline]
+    pub(crate) fn q_off(&self, b: usize, t: usize, n: usize) -> usize {
+        ((b * self.t + t) * self.n + n) * self.h
+    }
 }
 
 /// RLA forward block: `(q, k, v) -> (o, chunk_states, final_state)`.
@@ -126,10 +199,7 @@ pub fn rla_bwd(
     check_inputs(OP, cfg, d, q, k, v)?;
     let cs = d.chunk_states_shape(cfg);
     check_len(OP, "chunk_states", chunk_states.len(), &cs, d)?;
-    check_len(OP, "d_o", d_o.len(), &d.q_shape(), d)?;
-    check_len(OP, "dq", dq.len(), &d.q_shape(), d)?;
-    check_len(OP, "dk", dk.len(), &d.kv_shape(), d)?;
-    check_len(OP, "dv", dv.len(), &d.kv_shape(), d)?;
+    check_grads(OP, d, d_o, (dq, dk, dv))?;
     bwd::backward(cfg, d, q, k, v, chunk_states, d_o, dq, dk, dv);
     Ok(())
 }
