@@ -294,6 +294,42 @@ mod tests {
             .collect()
     }
 
+    /// Runs [`adamw`] on parameters, gradients and moments `[p, g, m, v]` into NaN-filled
+    /// outputs; returns each parameter's `[p', m', v']` and the global gradient norm.
+    fn out_of_place(
+        h: &AdamwHyper,
+        s: &AdamwStep,
+        decay: &[bool],
+        [p, g, m, v]: [&[Vec<f32>]; 4],
+    ) -> (Vec<[Vec<f32>; 3]>, f32) {
+        let mut outs: Vec<[Vec<f32>; 3]> = p
+            .iter()
+            .map(|t| {
+                [
+                    vec![f32::NAN; t.len()],
+                    vec![f32::NAN; t.len()],
+                    vec![f32::NAN; t.len()],
+                ]
+            })
+            .collect();
+        let mut tensors: Vec<AdamwTensor<'_>> = outs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, [po, mo, vo])| AdamwTensor {
+                decay: decay[i],
+                p: &p[i],
+                g: &g[i],
+                m: &m[i],
+                v: &v[i],
+                p_out: po,
+                m_out: mo,
+                v_out: vo,
+            })
+            .collect();
+        let norm = adamw(h, s, &mut tensors).unwrap();
+        (outs, norm)
+    }
+
     /// Per parameter: updated values, first and second moments; and the global norm.
     type Reference = (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>, f64);
 
@@ -382,25 +418,7 @@ mod tests {
             bc1: (1.0 - b1.powf(t)) as f32,
             bc2: (1.0 - b2.powf(t)) as f32,
         };
-        let mut outs: Vec<[Vec<f32>; 3]> = sizes
-            .iter()
-            .map(|&n| [vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]])
-            .collect();
-        let mut tensors: Vec<AdamwTensor<'_>> = outs
-            .iter_mut()
-            .enumerate()
-            .map(|(i, [po, mo, vo])| AdamwTensor {
-                decay: decay[i],
-                p: &p[i],
-                g: &g[i],
-                m: &m[i],
-                v: &v[i],
-                p_out: po,
-                m_out: mo,
-                v_out: vo,
-            })
-            .collect();
-        let gnorm = adamw(&h, &s, &mut tensors).unwrap();
+        let (outs, gnorm) = out_of_place(&h, &s, &decay, [&p, &g, &m, &v]);
         let (rp, rm, rv, rnorm) = reference((b1, b2, eps, wd, clip), lr, t, &decay, &p, &g, &m, &v);
         assert!(
             ((gnorm as f64) - rnorm).abs() <= 1e-6 * rnorm,
@@ -465,25 +483,8 @@ mod tests {
             .into_iter()
             .map(|t| t.iter().map(|x| x * x).collect())
             .collect();
-        let mut outs: Vec<[Vec<f32>; 3]> = sizes
-            .iter()
-            .map(|&n| [vec![0.0; n], vec![0.0; n], vec![0.0; n]])
-            .collect();
-        let mut tensors: Vec<AdamwTensor<'_>> = outs
-            .iter_mut()
-            .enumerate()
-            .map(|(i, [po, mo, vo])| AdamwTensor {
-                decay: i != 1,
-                p: &p[i],
-                g: &g[i],
-                m: &m[i],
-                v: &v[i],
-                p_out: po,
-                m_out: mo,
-                v_out: vo,
-            })
-            .collect();
-        let norm = adamw(&h, &s, &mut tensors).unwrap();
+        let decay: Vec<bool> = (0..sizes.len()).map(|i| i != 1).collect();
+        let (outs, norm) = out_of_place(&h, &s, &decay, [&p, &g, &m, &v]);
         let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
         let mut state: Vec<AdamwInPlace<'_>> = p2
             .iter_mut()
