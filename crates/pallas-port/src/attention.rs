@@ -15,9 +15,7 @@
 //! ```
 
 use crate::ffi_attention::{ATTN_BWD_TARGET, ATTN_FWD_TARGET};
-use crate::graph::{
-    dims_i64, f32_tuple, output_cotangent, qkv_dims, qkv_grads, qkv_to_shards, region_tiles,
-};
+use crate::graph::{dims_i64, f32_tuple, on_region_shards, qkv_dims, region_tiles_cut, QkvVjp};
 use hlo_builder::{Attr, Builder, Op, Result, Sharding};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -86,48 +84,6 @@ fn attrs(window: Option<usize>) -> Vec<(&'static str, Attr)> {
     vec![("window", Attr::I64(window.map_or(-1, |w| w as i64)))]
 }
 
-/// The VJP of the forward call: the backward call.
-struct AttnVjp {
-    window: Option<usize>,
-}
-
-impl hlo_builder::autodiff::VjpRule for AttnVjp {
-    fn vjp(
-        &self,
-        b: &Builder,
-        inputs: &[Op],
-        output: Op,
-        cts: &[Option<Op>],
-    ) -> Result<Vec<Option<Op>>> {
-        let Some(d_o) = output_cotangent(
-            b,
-            "attention_kernel",
-            "gradients flow only through the output o; the logsumexp is not differentiable",
-            cts,
-        )?
-        else {
-            return Ok(vec![None, None, None]);
-        };
-        let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
-        let d = qkv_dims(b, "attention_kernel", q, k, v)?;
-        let (o, lse) = (
-            b.get_tuple_element(output, 0)?,
-            b.get_tuple_element(output, 1)?,
-        );
-        let out = f32_tuple(&[&d.q_shape(), &d.kv_shape(), &d.kv_shape()]);
-        let g = {
-            let _s = b.name_scope("attn_bwd");
-            b.custom_call(
-                ATTN_BWD_TARGET,
-                &[q, k, v, o, lse, d_o],
-                out,
-                &attrs(self.window),
-            )?
-        };
-        qkv_grads(b, g, [q, k, v])
-    }
-}
-
 /// Causal softmax attention over q `[B,T,N,H]`, k, v `[B,T,G,H]` (already rotated and scaled;
 /// query head n reads kv head n / (N/G)) as the custom call `rattention.attn_fwd`, whose
 /// gradient is `rattention.attn_bwd`. `window = Some(W)`: key s is visible to query t iff
@@ -140,7 +96,21 @@ pub fn attention_kernel(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>)
         let _s = b.name_scope("attn_fwd");
         b.custom_call(ATTN_FWD_TARGET, &[q, k, v], out, &attrs(window))?
     };
-    b.custom_vjp(&[q, k, v], fwd, Arc::new(AttnVjp { window }))?;
+    let vjp = QkvVjp {
+        op: "attention_kernel",
+        message: "gradients flow only through the output o; the logsumexp is not differentiable",
+        backward: move |b: &Builder, (q, k, v), output, d_o| {
+            let out = f32_tuple(&[&d.q_shape(), &d.kv_shape(), &d.kv_shape()]);
+            let (o, lse) = (
+                b.get_tuple_element(output, 0)?,
+                b.get_tuple_element(output, 1)?,
+            );
+            let _s = b.name_scope("attn_bwd");
+            let operands = [q, k, v, o, lse, d_o];
+            b.custom_call(ATTN_BWD_TARGET, &operands, out, &attrs(window))
+        },
+    };
+    b.custom_vjp(&[q, k, v], fwd, Arc::new(vjp))?;
     b.get_tuple_element(fwd, 0)
 }
 
@@ -156,25 +126,14 @@ pub fn attention_kernel_in_region(
     window: Option<usize>,
     qkv: &Sharding,
 ) -> Result<Op> {
-    let d = qkv_dims(b, "attention_kernel_in_region", q, k, v)?;
-    let tiles = region_tiles(b, "attention_kernel_in_region", qkv)?;
+    let op = "attention_kernel_in_region";
+    let d = qkv_dims(b, op, q, k, v)?;
+    let tiles = region_tiles_cut(b, op, "attention", qkv, [true, false, true, false])?;
     if tiles.iter().all(|&t| t == 1) {
         return attention_kernel(b, q, k, v, window);
     }
-    if tiles[1] != 1 || tiles[3] != 1 {
-        return Err(b.error(
-            "attention_kernel_in_region",
-            format!(
-                "the attention region splits batch and heads only, but the q/k/v sharding cuts \
-                 T into {} and H into {} pieces",
-                tiles[1], tiles[3]
-            ),
-        ));
-    }
-    let (ql, kl, vl) = qkv_to_shards(b, (q, k, v), qkv)?;
-    let o = {
-        let _m = b.manual_scope();
-        attention_kernel(b, ql, kl, vl, window)?
-    };
+    let o = on_region_shards(b, (q, k, v), qkv, |ql, kl, vl| {
+        attention_kernel(b, ql, kl, vl, window)
+    })?;
     b.shard_to_full(o, qkv.clone(), &dims_i64(&d.q_shape()))
 }

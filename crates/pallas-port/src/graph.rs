@@ -234,13 +234,25 @@ pub fn rla_bwd_block(
     b.custom_call(BWD_TARGET, &[q, k, v, chunk_states, d_o], out, &attrs(cfg))
 }
 
-/// The VJP of the forward block: the backward block.
-struct RlaVjp {
-    cfg: RlaConfig,
-    lowering: Lowering,
+/// The custom VJP of a forward custom call over `(q, k, v)` whose first output `o` is the only
+/// differentiable one (the others are saved state): `backward(b, (q, k, v), forward_output, d_o)`
+/// builds the f32 tuple `(dq, dk, dv)`, which comes back in each input's dtype. A cotangent on
+/// the saved state is an error naming `op` with `message`. Inside a manual region the forward
+/// call is `{manual}`, and autodiff builds this rule in a manual scope: the backward call runs on
+/// the same per-device pieces.
+pub(crate) struct QkvVjp<F> {
+    /// The op errors name.
+    pub(crate) op: &'static str,
+    /// The error for a cotangent on the saved state.
+    pub(crate) message: &'static str,
+    /// Builds the backward call.
+    pub(crate) backward: F,
 }
 
-impl hlo_builder::autodiff::VjpRule for RlaVjp {
+impl<F> hlo_builder::autodiff::VjpRule for QkvVjp<F>
+where
+    F: Fn(&Builder, (Op, Op, Op), Op, Op) -> Result<Op> + Send + Sync,
+{
     fn vjp(
         &self,
         b: &Builder,
@@ -248,20 +260,11 @@ impl hlo_builder::autodiff::VjpRule for RlaVjp {
         output: Op,
         cts: &[Option<Op>],
     ) -> Result<Vec<Option<Op>>> {
-        let Some(d_o) = output_cotangent(
-            b,
-            "rla",
-            "gradients flow only through rla's output o; chunk_states and final_state are not differentiable",
-            cts,
-        )?
-        else {
+        let Some(d_o) = output_cotangent(b, self.op, self.message, cts)? else {
             return Ok(vec![None, None, None]);
         };
-        // Inside a manual region the forward block is `{manual}`, and autodiff builds this rule
-        // in a manual scope: the backward block runs on the same per-device pieces.
-        let chunk_states = b.get_tuple_element(output, 1)?;
         let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
-        let g = rla_bwd_block(b, (q, k, v), chunk_states, d_o, &self.cfg, self.lowering)?;
+        let g = (self.backward)(b, (q, k, v), output, d_o)?;
         qkv_grads(b, g, [q, k, v])
     }
 }
@@ -321,14 +324,17 @@ pub fn rla_with_state(
 ) -> Result<RlaOutputs> {
     lowering.resolved("rla")?;
     let fwd = rla_fwd_block(b, q, k, v, cfg, lowering)?;
-    b.custom_vjp(
-        &[q, k, v],
-        fwd,
-        Arc::new(RlaVjp {
-            cfg: *cfg,
-            lowering,
-        }),
-    )?;
+    let cfg = *cfg;
+    let vjp = QkvVjp {
+        op: "rla",
+        message: "gradients flow only through rla's output o; chunk_states and final_state \
+                  are not differentiable",
+        backward: move |b: &Builder, qkv, output, d_o| {
+            let chunk_states = b.get_tuple_element(output, 1)?;
+            rla_bwd_block(b, qkv, chunk_states, d_o, &cfg, lowering)
+        },
+    };
+    b.custom_vjp(&[q, k, v], fwd, Arc::new(vjp))?;
     Ok(RlaOutputs {
         o: b.get_tuple_element(fwd, 0)?,
         chunk_states: b.get_tuple_element(fwd, 1)?,
@@ -376,33 +382,19 @@ pub fn rla_in_region(
     qkv: &Sharding,
 ) -> Result<RlaOutputs> {
     let d = check_shapes(b, q, k, v, cfg)?;
-    let tiles = region_tiles(b, "rla_in_region", qkv)?;
+    let tiles = region_tiles_cut(b, "rla_in_region", "RLA", qkv, [true, true, true, false])?;
     if tiles.iter().all(|&t| t == 1) {
         return rla_with_state(b, q, k, v, cfg, lowering);
-    }
-    if tiles[3] != 1 {
-        return Err(b.error(
-            "rla_in_region",
-            format!(
-                "the RLA region splits batch, sequence and heads, but the q/k/v sharding cuts \
-                 the head dim H into {} pieces",
-                tiles[3]
-            ),
-        ));
     }
     let seq = if tiles[1] > 1 {
         Some(SeqShards::new(b, qkv, 4, 1)?)
     } else {
         None
     };
-    let (ql, kl, vl) = qkv_to_shards(b, (q, k, v), qkv)?;
-    let local = {
-        let _m = b.manual_scope();
-        match &seq {
-            None => rla_with_state(b, ql, kl, vl, cfg, lowering)?,
-            Some(seq) => rla_seq_shard(b, seq, (ql, kl, vl), d.seq, cfg, lowering, None)?,
-        }
-    };
+    let local = on_region_shards(b, (q, k, v), qkv, |ql, kl, vl| match &seq {
+        None => rla_with_state(b, ql, kl, vl, cfg, lowering),
+        Some(seq) => rla_seq_shard(b, seq, (ql, kl, vl), d.seq, cfg, lowering, None),
+    })?;
     rla_region_outputs(b, local, qkv, &d)
 }
 
@@ -457,17 +449,52 @@ pub(crate) fn region_tiles(b: &Builder, op: &'static str, qkv: &Sharding) -> Res
         .map_err(|e| b.error(op, format!("q/k/v sharding: {}", e.message)))
 }
 
-/// q, k, v from full values to the per-device pieces of a manual region laid out by `qkv`.
-pub(crate) fn qkv_to_shards(
+/// [`region_tiles`], checked against the dims a region may cut (`may_cut`, over
+/// `[B, T, heads, H]`): a cut of another dim is an error naming `op`, the `region` and the dims.
+#[track_caller]
+pub(crate) fn region_tiles_cut(
+    b: &Builder,
+    op: &'static str,
+    region: &str,
+    qkv: &Sharding,
+    may_cut: [bool; 4],
+) -> Result<Vec<usize>> {
+    const DIMS: [&str; 4] = ["batch B", "sequence T", "heads", "head dim H"];
+    let tiles = region_tiles(b, op, qkv)?;
+    let bad: Vec<String> = (0..4)
+        .filter(|&i| !may_cut[i] && tiles[i] != 1)
+        .map(|i| format!("the {} into {} pieces", DIMS[i], tiles[i]))
+        .collect();
+    if bad.is_empty() {
+        return Ok(tiles);
+    }
+    let allowed: Vec<&str> = (0..4).filter(|&i| may_cut[i]).map(|i| DIMS[i]).collect();
+    Err(b.error(
+        op,
+        format!(
+            "the {region} region splits only {}, but the q/k/v sharding cuts {}",
+            allowed.join(", "),
+            bad.join(" and ")
+        ),
+    ))
+}
+
+/// The body of a manual region (the `shard_map` pattern): q, k, v go from full values to the
+/// per-device pieces laid out by `qkv` (`SPMDFullToShardShape`), and `local` builds on those
+/// pieces in a manual scope. The caller brings its outputs back with `shard_to_full`, outside.
+pub(crate) fn on_region_shards<T>(
     b: &Builder,
     (q, k, v): (Op, Op, Op),
     qkv: &Sharding,
-) -> Result<(Op, Op, Op)> {
-    Ok((
+    local: impl FnOnce(Op, Op, Op) -> Result<T>,
+) -> Result<T> {
+    let (ql, kl, vl) = (
         b.full_to_shard(q, qkv.clone())?,
         b.full_to_shard(k, qkv.clone())?,
         b.full_to_shard(v, qkv.clone())?,
-    ))
+    );
+    let _m = b.manual_scope();
+    local(ql, kl, vl)
 }
 
 /// One sequence shard of RLA, inside the manual scope (see [`rla_in_region`]): q `[B,Tl,N,H]`,

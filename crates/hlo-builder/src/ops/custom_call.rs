@@ -163,15 +163,8 @@ impl Builder {
         result: Shape,
         attrs: &[(&str, Attr)],
     ) -> Result<Op> {
-        self.typed_ffi_call(
-            Location::caller(),
-            target,
-            operands,
-            result,
-            attrs,
-            false,
-            &[],
-        )
+        let layout = FfiLayout::Free;
+        self.typed_ffi_call(Location::caller(), target, operands, result, attrs, layout)
     }
 
     /// [`Builder::custom_call`] whose operand and result layouts are constrained to row-major
@@ -186,15 +179,8 @@ impl Builder {
         result: Shape,
         attrs: &[(&str, Attr)],
     ) -> Result<Op> {
-        self.typed_ffi_call(
-            Location::caller(),
-            target,
-            operands,
-            result,
-            attrs,
-            true,
-            &[],
-        )
+        let layout = FfiLayout::RowMajor(&[]);
+        self.typed_ffi_call(Location::caller(), target, operands, result, attrs, layout)
     }
 
     /// [`Builder::custom_call_row_major`] whose results update operands in place
@@ -212,18 +198,10 @@ impl Builder {
         attrs: &[(&str, Attr)],
         aliases: &[(usize, usize)],
     ) -> Result<Op> {
-        self.typed_ffi_call(
-            Location::caller(),
-            target,
-            operands,
-            result,
-            attrs,
-            true,
-            aliases,
-        )
+        let layout = FfiLayout::RowMajor(aliases);
+        self.typed_ffi_call(Location::caller(), target, operands, result, attrs, layout)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn typed_ffi_call(
         &self,
         loc: &'static Location<'static>,
@@ -231,25 +209,36 @@ impl Builder {
         operands: &[Op],
         result: Shape,
         attrs: &[(&str, Attr)],
-        row_major: bool,
-        aliases: &[(usize, usize)],
+        layout: FfiLayout<'_>,
     ) -> Result<Op> {
         let shapes = self.shapes_of(loc, "custom_call", operands)?;
         if target.is_empty() {
             return Err(self.error_at(loc, "custom_call", "empty target name"));
         }
         let backend_config = mlir_dictionary(attrs).map_err(|e| self.shape_err(loc, e))?;
-        let output_operand_aliases =
-            check_aliases(target, &shapes, &result, aliases).map_err(|e| self.shape_err(loc, e))?;
-        let kind = Kind::CustomCall(CustomCall {
+        let (row_major_operands, output_operand_aliases) = match layout {
+            FfiLayout::Free => (Vec::new(), Vec::new()),
+            FfiLayout::RowMajor(aliases) => {
+                let checked = check_aliases(target, &shapes, &result, aliases)
+                    .map_err(|e| self.shape_err(loc, e))?;
+                (shapes, checked)
+            }
+        };
+        let call = CustomCall {
             target: target.to_string(),
             backend_config,
             has_side_effect: false,
             api_version: 4,
-            row_major_operands: if row_major { shapes } else { Vec::new() },
+            row_major_operands,
             output_operand_aliases,
-        });
-        Ok(self.push(loc, kind, operands.to_vec(), result, Vec::new()))
+        };
+        Ok(self.push(
+            loc,
+            Kind::CustomCall(call),
+            operands.to_vec(),
+            result,
+            Vec::new(),
+        ))
     }
 
     /// A custom call of `target` whose `backend_config` is passed verbatim (not an FFI
@@ -275,16 +264,31 @@ impl Builder {
                 format!("need a target name and api_version 1..=4, got {target:?}, {api_version}"),
             ));
         }
-        let kind = Kind::CustomCall(CustomCall {
+        let call = CustomCall {
             target: target.to_string(),
             backend_config: backend_config.to_string(),
             has_side_effect: false,
             api_version,
             row_major_operands: shapes,
             output_operand_aliases: Vec::new(),
-        });
-        Ok(self.push(loc, kind, operands.to_vec(), result, Vec::new()))
+        };
+        Ok(self.push(
+            loc,
+            Kind::CustomCall(call),
+            operands.to_vec(),
+            result,
+            Vec::new(),
+        ))
     }
+}
+
+/// How a typed-FFI call's operand and result layouts are chosen.
+#[derive(Debug, Clone, Copy)]
+enum FfiLayout<'a> {
+    /// XLA's layout assignment picks them (no aliases).
+    Free,
+    /// Constrained to row-major, with these `(output, operand)` in-place aliases.
+    RowMajor(&'a [(usize, usize)]),
 }
 
 /// Checks `(output, operand)` alias pairs against the operand and result shapes; returns them as
