@@ -8,7 +8,7 @@
 
 use crate::config::{FeatureMap, RlaConfig, RlaDims};
 use crate::kernel;
-use pjrt::ffi::{BufferArg, CallFrame, FfiError};
+use pjrt::ffi::{BufferArg, BufferRet, CallFrame, FfiError};
 use pjrt::ElementType;
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,6 +104,24 @@ pub(crate) fn qkv_inputs<'a>(
     ))
 }
 
+/// The `N` f32 result buffers of `op` (from `CallFrame::rets_mut`), named `names` in the error
+/// when the call has another number of results.
+pub(crate) fn f32_rets<'r, const N: usize>(
+    rets: &'r mut [BufferRet<'_>],
+    op: &str,
+    names: &str,
+) -> Result<[&'r mut [f32]; N], FfiError> {
+    let count = || FfiError::invalid_argument(format!("{op}: expected {N} results ({names})"));
+    if rets.len() != N {
+        return Err(count());
+    }
+    let slices = rets
+        .iter_mut()
+        .map(|r| r.as_mut_slice::<f32>())
+        .collect::<Result<Vec<_>, _>>()?;
+    slices.try_into().map_err(|_| count())
+}
+
 /// A kernel error as an FFI `invalid_argument` error.
 pub(crate) fn to_ffi(e: crate::RlaError) -> FfiError {
     FfiError::invalid_argument(e.to_string())
@@ -114,22 +132,8 @@ fn rla_fwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     let (qa, ka, va) = (frame.arg(0)?, frame.arg(1)?, frame.arg(2)?);
     let (d, q, k, v) = qkv_inputs(OP, &qa, &ka, &va)?;
     let mut rets = frame.rets_mut()?;
-    let [o, cs, fs] = rets.as_mut_slice() else {
-        return Err(FfiError::invalid_argument(
-            "rla_fwd: expected 3 results (o, chunk_states, final_state)",
-        ));
-    };
-    kernel::rla_fwd(
-        &cfg,
-        &d,
-        &q,
-        &k,
-        &v,
-        o.as_mut_slice()?,
-        cs.as_mut_slice()?,
-        fs.as_mut_slice()?,
-    )
-    .map_err(to_ffi)
+    let [o, cs, fs] = f32_rets(&mut rets, "rla_fwd", "o, chunk_states, final_state")?;
+    kernel::rla_fwd(&cfg, &d, &q, &k, &v, o, cs, fs).map_err(to_ffi)
 }
 
 fn rla_bwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
@@ -145,24 +149,8 @@ fn rla_bwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     let cs = csa.as_slice::<f32>()?;
     let d_o = f32_input(&doa, OP, "d_o")?;
     let mut rets = frame.rets_mut()?;
-    let [dq, dk, dv] = rets.as_mut_slice() else {
-        return Err(FfiError::invalid_argument(
-            "rla_bwd: expected 3 results (dq, dk, dv)",
-        ));
-    };
-    kernel::rla_bwd(
-        &cfg,
-        &d,
-        &q,
-        &k,
-        &v,
-        cs,
-        &d_o,
-        dq.as_mut_slice()?,
-        dk.as_mut_slice()?,
-        dv.as_mut_slice()?,
-    )
-    .map_err(to_ffi)
+    let [dq, dk, dv] = f32_rets(&mut rets, "rla_bwd", "dq, dk, dv")?;
+    kernel::rla_bwd(&cfg, &d, &q, &k, &v, cs, &d_o, dq, dk, dv).map_err(to_ffi)
 }
 
 pjrt::ffi_handler!(RLA_FWD_HANDLER, rla_fwd_handler);
