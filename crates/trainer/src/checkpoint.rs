@@ -352,6 +352,14 @@ impl Stored {
         }
     }
 
+    /// The names of its tensors.
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            Stored::Sharded(s) => s.tensors.keys().cloned().collect(),
+            Stored::Whole(c) => c.tensors.iter().map(|t| t.name.clone()).collect(),
+        }
+    }
+
     /// The global shape of tensor `name`.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
         match self {
@@ -506,6 +514,14 @@ fn read_file(
         tensors,
     };
     Ok((ck, found))
+}
+
+/// The checkpoint `stored` whole on the host (a sharded one assembled, see [`whole`]).
+pub(crate) fn whole_of(stored: Stored) -> Result<Checkpoint> {
+    match stored {
+        Stored::Whole(c) => Ok(c),
+        Stored::Sharded(s) => whole(&s),
+    }
 }
 
 /// A sharded checkpoint assembled whole on the host (every tensor, names sorted): for `eval`,

@@ -163,7 +163,8 @@ enum Cmd {
     /// (greedy, or temperature + top-k sampling); prints the tokens and tokens/s.
     Generate(generate::GenerateArgs),
     /// Convert a checkpoint between the scanned and unrolled parameter layouts
-    /// (`model.scan_layers`): parameters and both Adam moments, written atomically as one file.
+    /// (`model.scan_layers`): parameters and both Adam moments, written atomically as one file
+    /// or as a sharded checkpoint (the source's mesh, or `--set mesh.*`).
     Convert(checkpoint::layout::ConvertArgs),
     /// Measurements of this machine (`rattn bench peak`: the f32 matmul peak MFU is reported
     /// against; `rattn bench rla`: the RLA blocks per lowering, timed and checked).

@@ -390,7 +390,7 @@ pub fn save_sharded(
         local: placement.local(),
         process: dist.map_or((0, 1), |d| (d.process_id, d.num_processes)),
         barrier: dist.map(|_| &barrier as checkpoint::sharded::Barrier<'_>),
-        mesh: mesh.to_string(),
+        mesh,
     };
     checkpoint::sharded::save(out, meta, layouts, &writer, keep, |ti, p| {
         let at = placement

@@ -25,6 +25,7 @@
 use super::{CheckpointMeta, Corrupt};
 use anyhow::{bail, Context, Result};
 use hlo_builder::Sharding;
+use model::sharding::{MeshAxis, MeshConfig};
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -78,8 +79,9 @@ pub struct Writer<'a> {
     /// Waits until every process reached the point named by the argument (multi-process only;
     /// `None` with one process).
     pub barrier: Option<Barrier<'a>>,
-    /// The mesh, recorded in the index for people (`8 devices = data 2 × …`).
-    pub mesh: String,
+    /// The mesh, recorded in the index: as text for people (`8 devices = data 2 × …`), and as
+    /// its `[mesh]` table (sizes and rules) for `rattn convert`, which keeps it by default.
+    pub mesh: &'a model::Mesh,
 }
 
 /// Where one stored piece of a tensor lies.
@@ -119,6 +121,10 @@ pub struct Index {
     pub partitions: usize,
     /// The mesh it was saved from.
     pub mesh: String,
+    /// The same mesh as a `[mesh]` table (sizes and logical-axis rules); absent in indexes
+    /// written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_config: Option<MeshConfig>,
     /// Step, data position, seed, [model] table.
     pub step: u64,
     /// Next data index.
@@ -182,6 +188,18 @@ fn sync_dir(dir: &Path) {
     }
 }
 
+/// The `[mesh]` table of `mesh` (its sizes, rules and `seq_global`).
+pub fn mesh_config(mesh: &model::Mesh) -> MeshConfig {
+    MeshConfig {
+        data: mesh.size(MeshAxis::Data) as i64,
+        fsdp: mesh.size(MeshAxis::Fsdp) as i64,
+        tensor: mesh.size(MeshAxis::Tensor) as i64,
+        seq: mesh.size(MeshAxis::Seq) as i64,
+        seq_global: mesh.seq_global(),
+        rules: mesh.rules().clone(),
+    }
+}
+
 /// Save a sharded checkpoint of `tensors` into `run_dir/ckpt_<step>/`. `piece(t, p)` returns
 /// partition `p`'s piece of tensor `t` (row-major, the sharding's shard shape); it is called only
 /// for this process's partitions, and only for the pieces they own. Returns the directory.
@@ -194,9 +212,52 @@ pub fn save(
     tensors: &[TensorLayout],
     writer: &Writer<'_>,
     keep: usize,
-    mut piece: impl FnMut(usize, usize) -> Result<Vec<f32>>,
+    piece: impl FnMut(usize, usize) -> Result<Vec<f32>>,
 ) -> Result<PathBuf> {
     let dir = run_dir.join(dir_name(meta.step));
+    let rotate = || super::rotate(run_dir, meta.step, keep);
+    write_dir(&dir, meta, tensors, writer, Start::Replace, piece, rotate)?;
+    Ok(dir)
+}
+
+/// Write a sharded checkpoint of `tensors` into the new directory `dir` (its parent is created
+/// if needed), like [`save`] but never over anything: when `dir` exists already this is an error
+/// naming it, and nothing is written. No other checkpoint is touched (no rotation). For
+/// `rattn convert`.
+pub fn write_new(
+    dir: &Path,
+    meta: &CheckpointMeta,
+    tensors: &[TensorLayout],
+    writer: &Writer<'_>,
+    piece: impl FnMut(usize, usize) -> Result<Vec<f32>>,
+) -> Result<()> {
+    write_dir(dir, meta, tensors, writer, Start::New, piece, || Ok(()))
+}
+
+/// What [`write_dir`] does with a directory already at its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// Remove it: an unfinished save, or an older run's save of the step being re-saved.
+    Replace,
+    /// Refuse to write.
+    New,
+}
+
+/// The format's one writer: shard files, this process's index, then (process 0, once every
+/// process wrote its index) the commit marker and `after_commit`.
+fn write_dir(
+    dir: &Path,
+    meta: &CheckpointMeta,
+    tensors: &[TensorLayout],
+    writer: &Writer<'_>,
+    start: Start,
+    mut piece: impl FnMut(usize, usize) -> Result<Vec<f32>>,
+    after_commit: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let parent = match dir.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let (process, process_count) = writer.process;
     let barrier = |what: &str| -> Result<()> {
         match writer.barrier {
@@ -208,13 +269,24 @@ pub fn save(
         // A directory of this step already there is an unfinished save (a process killed while
         // saving) or an older run's save of the step being re-saved: start it afresh, so no file
         // of another mesh stays beside the new ones.
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)
+        if start == Start::Replace && dir.exists() {
+            std::fs::remove_dir_all(dir)
                 .with_context(|| format!("cannot remove the old {}", dir.display()))?;
         }
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create checkpoint dir {}", dir.display()))?;
-        sync_dir(run_dir);
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create directory {}", parent.display()))?;
+        // `create_dir` (not `_all`) fails on an existing directory: nothing is written over.
+        if let Err(e) = std::fs::create_dir(dir) {
+            if e.kind() == std::io::ErrorKind::AlreadyExists && start == Start::New {
+                bail!(
+                    "{} exists; refusing to overwrite it (name another output)",
+                    dir.display()
+                );
+            }
+            return Err(e)
+                .with_context(|| format!("cannot create checkpoint dir {}", dir.display()));
+        }
+        sync_dir(parent);
     }
     barrier("begin")?;
     let delay = std::env::var(SHARD_DELAY_ENV)
@@ -225,7 +297,8 @@ pub fn save(
         process,
         process_count,
         partitions: writer.partitions,
-        mesh: writer.mesh.clone(),
+        mesh: writer.mesh.to_string(),
+        mesh_config: Some(mesh_config(writer.mesh)),
         step: meta.step,
         data_position: meta.data_position,
         seed: meta.seed,
@@ -324,10 +397,10 @@ pub fn save(
             &dir.join(COMMIT),
             serde_json::to_string(&commit)?.as_bytes(),
         )?;
-        super::rotate(run_dir, meta.step, keep)?;
+        after_commit()?;
     }
     barrier("committed")?;
-    Ok(dir)
+    Ok(())
 }
 
 /// Whether `dir` is a sharded checkpoint directory (committed or not).
@@ -369,6 +442,8 @@ pub struct ShardedCheckpoint {
     pub partitions: usize,
     /// The mesh it was saved from.
     pub mesh: String,
+    /// That mesh's `[mesh]` table, when its index records it.
+    pub mesh_config: Option<MeshConfig>,
     /// Every tensor, merged over the processes' indexes.
     pub tensors: BTreeMap<String, TensorEntry>,
     headers: Mutex<HashMap<String, std::sync::Arc<FileHeader>>>,
@@ -424,6 +499,7 @@ impl ShardedCheckpoint {
                 },
                 partitions: idx.partitions,
                 mesh: idx.mesh.clone(),
+                mesh_config: idx.mesh_config.clone(),
                 tensors: BTreeMap::new(),
                 headers: Mutex::new(HashMap::new()),
             });
@@ -555,8 +631,15 @@ impl ShardedCheckpoint {
         Ok(h)
     }
 
-    /// Read one stored piece of `name` whole.
-    fn read_piece(&self, name: &str, piece: &PieceEntry) -> Result<Vec<f32>> {
+    /// Read rows `rows` (of its first dim; all of a scalar) of one stored piece of `name`: a
+    /// contiguous range of its bytes, so a block of a few rows of a stacked tensor (one layer
+    /// of `scan.{j}.*`) reads only those.
+    fn read_piece(
+        &self,
+        name: &str,
+        piece: &PieceEntry,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>> {
         let h = self.header(&piece.file)?;
         let path = self.dir.join(&piece.file);
         let (shape, b, e) = h.tensors.get(name).ok_or_else(|| {
@@ -574,9 +657,14 @@ impl ShardedCheckpoint {
                 ),
             }));
         }
+        let row_bytes = 4 * piece.shape.iter().skip(1).product::<usize>() as u64;
+        let (first, len) = match piece.shape.first() {
+            Some(_) => (rows.start as u64 * row_bytes, rows.len() as u64 * row_bytes),
+            None => (0, e - b),
+        };
         let mut f = std::fs::File::open(&path)?;
-        f.seek(SeekFrom::Start(h.data_start + b))?;
-        let mut bytes = vec![0u8; (e - b) as usize];
+        f.seek(SeekFrom::Start(h.data_start + b + first))?;
+        let mut bytes = vec![0u8; len as usize];
         f.read_exact(&mut bytes)
             .with_context(|| format!("reading {name} from {}", path.display()))?;
         Ok(bytes
@@ -598,8 +686,20 @@ impl ShardedCheckpoint {
             if !overlaps(&p.offset, &p.shape, offset, shape) {
                 continue;
             }
-            let data = self.read_piece(name, p)?;
-            copy_box(&data, &p.shape, &p.offset, &mut out, shape, offset);
+            // Only the rows of the piece the block needs.
+            let (mut sub_off, mut sub_shape) = (p.offset.clone(), p.shape.clone());
+            let rows = match (p.offset.first(), p.shape.first()) {
+                (Some(&po), Some(&ps)) => {
+                    let lo = po.max(offset[0]);
+                    let hi = (po + ps).min(offset[0] + shape[0]);
+                    sub_off[0] = lo;
+                    sub_shape[0] = hi - lo;
+                    lo - po..hi - po
+                }
+                _ => 0..1,
+            };
+            let data = self.read_piece(name, p, rows)?;
+            copy_box(&data, &sub_shape, &sub_off, &mut out, shape, offset);
         }
         Ok(out)
     }
@@ -729,12 +829,18 @@ mod tests {
             seed: 1,
             model_config: "d = 1".into(),
         };
+        let mesh = MeshConfig {
+            fsdp: 4,
+            ..MeshConfig::default()
+        }
+        .resolve(4)
+        .unwrap();
         let writer = Writer {
             partitions: 4,
             local: &[0, 1, 2, 3],
             process: (0, 1),
             barrier: None,
-            mesh: "4 devices".into(),
+            mesh: &mesh,
         };
         let (a2, b2) = (a.clone(), b.clone());
         save(dir, &meta, &layouts, &writer, keep, |t, p| {

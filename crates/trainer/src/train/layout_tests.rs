@@ -177,6 +177,107 @@ fn resume_in_the_other_layout_continues_the_run() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `rattn convert` of a sharded scanned checkpoint (fsdp = 2) into a sharded unrolled one on
+/// another mesh (tensor = 2): the format `rattn train` writes, for that mesh; evaluates to the
+/// source's loss bit for bit and resumes the run; by default keeps the source's mesh; a mesh that
+/// does not split a tensor is refused before anything is written; nothing is overwritten.
+#[test]
+fn convert_writes_a_sharded_checkpoint_for_another_mesh() {
+    let dir = tmp("sharded-out");
+    let run_dir = dir.join("run");
+    let every = [
+        "model.scan_layers=true",
+        "mesh.fsdp=2",
+        "train.checkpoint_every=2",
+    ];
+    let straight = train(&tiny(4, &every), None, &run_dir, false, true, None).unwrap();
+    let all = checkpoint::list(&run_dir).unwrap();
+    assert_eq!(all.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 4]);
+    let source = &all[0].1;
+    assert!(
+        source.is_dir(),
+        "a 2-device run writes a sharded checkpoint"
+    );
+    let to_tensor = ["mesh.fsdp=1", "mesh.tensor=2"];
+
+    // A mesh that does not split a tensor: named (parameter, dim, axes) before anything exists.
+    let out = dir.join("unrolled");
+    let e = format!(
+        "{:#}",
+        convert(source, out.clone(), &["mesh.fsdp=1", "mesh.tensor=3"]).unwrap_err()
+    );
+    assert!(
+        e.contains("not divisible by 3 = tensor 3") && e.contains("dim ") && e.contains("layers."),
+        "{e}"
+    );
+    assert!(!out.exists(), "a refused mesh wrote {}", out.display());
+
+    // Unrolled, sharded for tensor = 2.
+    let written = convert(source, out.clone(), &to_tensor).unwrap();
+    assert_eq!(written, out.join("ckpt_00000002"));
+    let s = checkpoint::sharded::ShardedCheckpoint::open(&written).unwrap();
+    assert_eq!(s.partitions, 2);
+    let m = s.mesh_config.clone().unwrap();
+    assert_eq!((m.data, m.fsdp, m.seq, m.tensor), (1, 1, 1, 2));
+    let split = s.tensors.values().filter(|t| t.pieces.len() == 2).count();
+    assert!(split > 0, "no tensor is cut in two on tensor = 2");
+    let (from, to) = (
+        checkpoint::load(source, None).unwrap(),
+        checkpoint::load(&written, None).unwrap(),
+    );
+    let unrolled = tiny(4, &to_tensor);
+    assert_eq!(to.model_config, model_toml(&unrolled));
+    let n = check_unstacked(&from, &to, 2);
+
+    // The same loss as the source's (read unrolled, converted on load): |Δ| = 0.
+    let a = eval(&unrolled, None, source, 8).unwrap();
+    let b = eval(&unrolled, None, &written, 8).unwrap();
+    assert_eq!(
+        a.loss.to_bits(),
+        b.loss.to_bits(),
+        "{} vs {}",
+        a.loss,
+        b.loss
+    );
+
+    // By default the source's mesh is kept.
+    let kept = convert(source, dir.join("kept"), &[]).unwrap();
+    let k = checkpoint::sharded::ShardedCheckpoint::open(&kept).unwrap();
+    assert_eq!(
+        k.mesh_config.as_ref().map(|m| (m.fsdp, m.tensor)),
+        Some((2, 1))
+    );
+    assert_eq!(k.partitions, 2);
+
+    // Nothing is overwritten: not the output directory's checkpoint, not one named directly.
+    let index = std::fs::read(written.join("index_00000.json")).unwrap();
+    for target in [out.clone(), written.clone()] {
+        let e = format!("{:#}", convert(source, target, &to_tensor).unwrap_err());
+        assert!(e.contains("refusing to overwrite"), "{e}");
+    }
+    assert_eq!(
+        std::fs::read(written.join("index_00000.json")).unwrap(),
+        index
+    );
+
+    // `--resume` on tensor = 2 from the converted checkpoint continues the run.
+    let resumed = train(&unrolled, None, &out, true, true, None).unwrap();
+    assert_eq!(resumed.losses.len(), 2);
+    for (st, (l, w)) in resumed.losses.iter().zip(&straight.losses[2..]).enumerate() {
+        let e = ((l - w) / w).abs();
+        assert!(e <= 1e-5, "step {}: resumed {l} vs straight {w}", st + 3);
+    }
+    eprintln!(
+        "convert sharded: {n} tensors, {split} cut on tensor = 2; eval loss {} = {} \
+         (|Δ| 0); resumed {:?} vs {:?}",
+        a.loss,
+        b.loss,
+        resumed.losses,
+        &straight.losses[2..]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `model.scan_unroll` changes only the traced loop: a checkpoint written with another unroll is
 /// the same model (no conversion), in either layout; anything else is still refused.
 #[test]
