@@ -49,14 +49,9 @@ fn model(t: usize, kind: &[&str]) -> Model {
     Model::new(bench_config(&o).model).expect("model")
 }
 
-/// jemalloc as the process's C allocator, as in `rattn` (`pjrt::host_memory`).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+rattention_benches::jemalloc_allocator!();
 
 fn main() {
-    // As `rattn` does (RATTN_MALLOC=default: the allocator's own defaults).
-    pjrt::host_memory::retain_freed_memory();
     let mut c = criterion(1, 4);
     let ts = env_list("RATTN_BENCH_T").unwrap_or_else(|| vec![1024, 4096]);
     let batches = env_list("RATTN_BENCH_B").unwrap_or_else(|| vec![1, 8, 32]);

@@ -143,7 +143,6 @@ impl Layer {
 }
 
 fn main() {
-    pjrt::host_memory::retain_freed_memory();
     let mut c = criterion(1, 3);
     let shapes: Vec<(usize, usize)> = std::env::var("RATTN_BENCH_SHAPES")
         .unwrap_or_else(|_| "256x8,1024x2,2048x1".into())

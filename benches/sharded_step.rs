@@ -180,14 +180,9 @@ impl Sharded {
     }
 }
 
-/// jemalloc as the process's C allocator, as in `rattn` (`pjrt::host_memory`).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+rattention_benches::jemalloc_allocator!();
 
 fn main() {
-    // As `rattn` does (RATTN_MALLOC=default: the allocator's own defaults).
-    pjrt::host_memory::retain_freed_memory();
     let mut c = criterion(2, 5);
     let pick: Option<Vec<String>> = std::env::var("RATTN_BENCH_MESHES")
         .ok()

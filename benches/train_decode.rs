@@ -59,15 +59,9 @@ fn train_state(client: &Client, model: &Model) -> Vec<Buffer> {
     state
 }
 
-/// jemalloc as the process's C allocator, as in `rattn` (`pjrt::host_memory`).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+rattention_benches::jemalloc_allocator!();
 
 fn main() {
-    // As `rattn` does: keep the plugin's per-step buffers mapped (RATTN_MALLOC=default: the
-    // allocator's own defaults).
-    pjrt::host_memory::retain_freed_memory();
     let mut c = criterion(2, 5);
     let ts = env_list("RATTN_BENCH_T").unwrap_or_else(|| vec![1024, 4096]);
     let client = Client::cpu().expect("XLA CPU plugin (run `rattn plugin install cpu`)");

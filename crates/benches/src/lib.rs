@@ -27,6 +27,22 @@ pub const KINDS: [(&str, &[&str]); 3] = [
     ("full", &["model.layer_pattern=[\"global\"]"]),
 ];
 
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[doc(hidden)]
+pub use tikv_jemallocator::Jemalloc;
+
+/// Makes jemalloc the bench's C allocator, as in `rattn` (`pjrt::host_memory`): write
+/// `rattention_benches::jemalloc_allocator!();` at the top level of a bench file.
+#[macro_export]
+macro_rules! jemalloc_allocator {
+    () => {
+        /// jemalloc as the process's C allocator, as in `rattn` (`pjrt::host_memory`).
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        #[global_allocator]
+        static ALLOCATOR: $crate::Jemalloc = $crate::Jemalloc;
+    };
+}
+
 /// `configs/bench.toml` with the `--set` style `overrides`.
 pub fn bench_config(overrides: &[String]) -> RunConfig {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/bench.toml");
@@ -34,7 +50,11 @@ pub fn bench_config(overrides: &[String]) -> RunConfig {
 }
 
 /// Criterion with 10 samples, `warm_up` and `measurement` seconds, and the command line's flags.
+/// Also, as `rattn` does, keeps the plugin's freed per-step buffers mapped
+/// ([`pjrt::host_memory::retain_freed_memory`]; `RATTN_MALLOC=default`: the allocator's own
+/// defaults): call it first thing in `main`.
 pub fn criterion(warm_up: u64, measurement: u64) -> criterion::Criterion {
+    pjrt::host_memory::retain_freed_memory();
     criterion::Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_secs(warm_up))

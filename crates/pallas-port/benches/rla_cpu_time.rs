@@ -11,11 +11,11 @@
 
 use std::time::Instant;
 
-use pallas_port::{kernel, RlaConfig};
+use pallas_port::RlaConfig;
 
 mod common;
 
-use common::{bench_config, bench_dims, inputs, outputs};
+use common::Case;
 use pallas_port::bench_util::{cpu_s, data, load};
 
 /// Runs `f` at least `min_iters` times and for at least `min_s` seconds of CPU time; returns
@@ -49,12 +49,8 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(RlaConfig::default().sub_chunk);
-    let cfg = bench_config(sc);
-    let d = bench_dims(t);
-    let (q, k, v, d_o) = inputs(&d);
-    let [mut o, mut cs, mut fs, mut dq, mut dk, mut dv] = outputs(&cfg, &d);
-    let ff = kernel::flops_fwd(&cfg, &d);
-    let fb = kernel::flops_bwd(&cfg, &d);
+    let mut case = Case::new(t, sc);
+    let (ff, fb) = (case.flops_fwd, case.flops_bwd);
     let threads = rayon::current_num_threads();
     println!(
         "T={t} C={sc} threads={threads} load(1 min)={} nominal GFLOP fwd {:.2} bwd {:.2}",
@@ -62,16 +58,12 @@ fn main() {
         ff / 1e9,
         fb / 1e9
     );
-    let (w, c) = measure(2.0, || {
-        kernel::rla_fwd(&cfg, &d, &q, &k, &v, &mut o, &mut cs, &mut fs).unwrap()
-    });
+    let (w, c) = measure(2.0, || case.fwd());
     println!(
         "fwd      wall {w:7.1} ms  cpu {c:7.1} ms  {:6.1} GFLOP/cpu-s",
         ff / 1e6 / c
     );
-    let (w, c) = measure(2.0, || {
-        kernel::rla_bwd(&cfg, &d, &q, &k, &v, &cs, &d_o, &mut dq, &mut dk, &mut dv).unwrap()
-    });
+    let (w, c) = measure(2.0, || case.bwd());
     println!(
         "bwd      wall {w:7.1} ms  cpu {c:7.1} ms  {:6.1} GFLOP/cpu-s",
         fb / 1e6 / c

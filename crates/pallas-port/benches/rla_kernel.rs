@@ -6,11 +6,11 @@
 //! `RLA_BENCH_SUB_CHUNKS=32,64,128` sweeps the sub-chunk size (default: the config default).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use pallas_port::{kernel, RlaConfig};
+use pallas_port::RlaConfig;
 
 mod common;
 
-use common::{bench_config, bench_dims, inputs, outputs};
+use common::Case;
 use pallas_port::bench_util::env_list;
 
 fn bench(c: &mut Criterion) {
@@ -21,12 +21,8 @@ fn bench(c: &mut Criterion) {
     group.sample_size(10);
     for &t in &[1024usize, 4096] {
         for &sc in &subs {
-            let cfg = bench_config(sc);
-            let d = bench_dims(t);
-            let (q, k, v, d_o) = inputs(&d);
-            let [mut o, mut cs, mut fs, mut dq, mut dk, mut dv] = outputs(&cfg, &d);
-            let ff = kernel::flops_fwd(&cfg, &d);
-            let fb = kernel::flops_bwd(&cfg, &d);
+            let mut case = Case::new(t, sc);
+            let (ff, fb) = (case.flops_fwd, case.flops_bwd);
             eprintln!(
                 "T={t} C={sc}: nominal GFLOP fwd {:.3}, bwd {:.3}, fwd+bwd {:.3}",
                 ff / 1e9,
@@ -35,17 +31,12 @@ fn bench(c: &mut Criterion) {
             );
             let id = format!("T{t}_C{sc}");
             group.throughput(Throughput::Elements(ff as u64));
-            group.bench_function(BenchmarkId::new("fwd", &id), |bch| {
-                bch.iter(|| {
-                    kernel::rla_fwd(&cfg, &d, &q, &k, &v, &mut o, &mut cs, &mut fs).unwrap()
-                })
-            });
+            group.bench_function(BenchmarkId::new("fwd", &id), |bch| bch.iter(|| case.fwd()));
             group.throughput(Throughput::Elements((ff + fb) as u64));
             group.bench_function(BenchmarkId::new("fwd_bwd", &id), |bch| {
                 bch.iter(|| {
-                    kernel::rla_fwd(&cfg, &d, &q, &k, &v, &mut o, &mut cs, &mut fs).unwrap();
-                    kernel::rla_bwd(&cfg, &d, &q, &k, &v, &cs, &d_o, &mut dq, &mut dk, &mut dv)
-                        .unwrap();
+                    case.fwd();
+                    case.bwd();
                 })
             });
         }

@@ -430,6 +430,17 @@ mod tests {
         assert_eq!(mlir_dictionary(&[]).unwrap(), "{}");
     }
 
+    /// The last custom-call instruction of the graph `b` builds for `root`.
+    fn last_custom_call(b: &Builder, root: Op) -> proto::HloInstructionProto {
+        let m = b.build(root).unwrap().to_proto();
+        m.computations[0]
+            .instructions
+            .iter()
+            .rfind(|i| i.opcode == "custom-call")
+            .cloned()
+            .unwrap()
+    }
+
     #[test]
     fn in_place_call_emits_output_operand_aliasing() {
         use crate::ElementType::F32;
@@ -440,12 +451,7 @@ mod tests {
         let c = b
             .custom_call_in_place("t", &[x, y], out, &[], &[(0, 1), (1, 0)])
             .unwrap();
-        let m = b.build(c).unwrap().to_proto();
-        let ins = m.computations[0]
-            .instructions
-            .iter()
-            .find(|i| i.opcode == "custom-call")
-            .unwrap();
+        let ins = last_custom_call(&b, c);
         let got: Vec<(Vec<i64>, i64, Vec<i64>)> = ins
             .output_operand_aliasing
             .iter()
@@ -464,12 +470,7 @@ mod tests {
         let a = b
             .custom_call_in_place("t", &[x], Shape::array(F32, &[3]), &[], &[(0, 0)])
             .unwrap();
-        let m = b.build(a).unwrap().to_proto();
-        let ins = m.computations[0]
-            .instructions
-            .iter()
-            .rfind(|i| i.opcode == "custom-call")
-            .unwrap();
+        let ins = last_custom_call(&b, a);
         assert_eq!(
             ins.output_operand_aliasing[0].output_shape_index,
             Vec::<i64>::new()

@@ -217,24 +217,72 @@ fn carried_state(k: &mut K<'_>, l: &Layout, scratch: Ref) -> LangResult<[Value; 
     Ok([k.kb.select(first, z, p)?, k.kb.select(first, z, n)?])
 }
 
+/// A program's block shapes: the queries of one kv head `[1, R, M, C, H]` (rows of `rows_q`),
+/// a key/value chunk `[1, 1, M, C, H]` (rows of `rows_kv`), one chunk state `[1, 1, 1, 2H, H]`.
+struct Blocks {
+    rows_q: [usize; 5],
+    rows_kv: [usize; 5],
+    q: [usize; 5],
+    kv: [usize; 5],
+    state: [usize; 5],
+}
+
+impl Blocks {
+    fn new(l: &Layout) -> Blocks {
+        Blocks {
+            rows_q: l.rows_shape(l.n),
+            rows_kv: l.rows_shape(l.g),
+            q: [1, l.r, l.m, l.c, l.h],
+            kv: [1, 1, l.m, l.c, l.h],
+            state: [1, 1, 1, 2 * l.h, l.h],
+        }
+    }
+
+    /// The `q`, `k_shifted`, `v_shifted` inputs every kernel takes first, the chunks in order
+    /// (`reverse` false) or from the last.
+    fn qkv_inputs(
+        &self,
+        kb: &mut KernelBuilder,
+        l: &Layout,
+        reverse: bool,
+    ) -> LangResult<[Ref; 3]> {
+        let map = || chunk_map(l, 5, reverse);
+        Ok([
+            kb.input_block("q", &self.rows_q, block(&self.q, map()))?,
+            kb.input_block("k_shifted", &self.rows_kv, block(&self.kv, map()))?,
+            kb.input_block("v_shifted", &self.rows_kv, block(&self.kv, map()))?,
+        ])
+    }
+}
+
+/// The key and value tiles of sub-chunk `j` (head `zero` of the program's kv head) and φ(k)
+/// (its positive and negative halves).
+fn kv_tiles(
+    k: &mut K<'_>,
+    l: &Layout,
+    (kr, vr): (Ref, Ref),
+    zero: Value,
+    j: Value,
+) -> LangResult<(Value, Value, (Value, Value))> {
+    let kt = tile(k, l, kr, zero, j)?;
+    let vt = tile(k, l, vr, zero, j)?;
+    let phk = k.phi(kt)?;
+    Ok((kt, vt, phk))
+}
+
 /// `rla_fwd_mosaic(q, k̃, ṽ) -> (o, chunk_states, final_state)`, grid (B, G, chunks).
 pub fn fwd_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     let l = Layout::new(cfg, d)?;
     let geo = Geo::new(cfg, d);
     let mut kb = KernelBuilder::new("rla_fwd_mosaic", &grid(&l));
-    let (rows_q, rows_kv) = (l.rows_shape(l.n), l.rows_shape(l.g));
-    let qb = [1, l.r, l.m, l.c, l.h];
-    let kvb = [1, 1, l.m, l.c, l.h];
-    let csb = [1, 1, 1, 2 * l.h, l.h];
+    let bl = Blocks::new(&l);
     let fsb = [1, 1, 2 * l.h, l.h];
-    let qr = kb.input_block("q", &rows_q, block(&qb, chunk_map(&l, 5, false)))?;
-    let kr = kb.input_block("k_shifted", &rows_kv, block(&kvb, chunk_map(&l, 5, false)))?;
-    let vr = kb.input_block("v_shifted", &rows_kv, block(&kvb, chunk_map(&l, 5, false)))?;
-    let or = kb.output_block("o", &rows_q, block(&qb, chunk_map(&l, 5, false)))?;
+    let [qr, kr, vr] = bl.qkv_inputs(&mut kb, &l, false)?;
+    let or = kb.output_block("o", &bl.rows_q, block(&bl.q, chunk_map(&l, 5, false)))?;
     let csr = kb.output_block(
         "chunk_states",
         &l.cs_shape(),
-        block(&csb, chunk_map(&l, 5, false)),
+        block(&bl.state, chunk_map(&l, 5, false)),
     )?;
     let mut fs_map = chunk_map(&l, 4, false);
     fs_map[2] = Affine::constant(0);
@@ -245,9 +293,7 @@ pub fn fwd_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     store_state(&mut k, &l, csr, 3, s)?;
     let fin = k.range(l.m, &s, |k, j, s| {
         let zero = k.kb.int(0);
-        let kt = tile(k, &l, kr, zero, j)?;
-        let vt = tile(k, &l, vr, zero, j)?;
-        let phk = k.phi(kt)?;
+        let (_, vt, phk) = kv_tiles(k, &l, (kr, vr), zero, j)?;
         k.range(l.r, &[], |k, r, _| {
             let qt = tile(k, &l, qr, r, j)?;
             let phq = k.phi(qt)?;
@@ -269,19 +315,14 @@ pub fn bwd_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     let l = Layout::new(cfg, d)?;
     let geo = Geo::new(cfg, d);
     let mut kb = KernelBuilder::new("rla_bwd_mosaic", &grid(&l));
-    let (rows_q, rows_kv) = (l.rows_shape(l.n), l.rows_shape(l.g));
-    let qb = [1, l.r, l.m, l.c, l.h];
-    let kvb = [1, 1, l.m, l.c, l.h];
-    let csb = [1, 1, 1, 2 * l.h, l.h];
+    let bl = Blocks::new(&l);
     let map = |rank| chunk_map(&l, rank, true);
-    let qr = kb.input_block("q", &rows_q, block(&qb, map(5)))?;
-    let kr = kb.input_block("k_shifted", &rows_kv, block(&kvb, map(5)))?;
-    let vr = kb.input_block("v_shifted", &rows_kv, block(&kvb, map(5)))?;
-    let csr = kb.input_block("chunk_states", &l.cs_shape(), block(&csb, map(5)))?;
-    let dor = kb.input_block("d_o", &rows_q, block(&qb, map(5)))?;
-    let dqr = kb.output_block("dq", &rows_q, block(&qb, map(5)))?;
-    let dkr = kb.output_block("dk_shifted", &rows_kv, block(&kvb, map(5)))?;
-    let dvr = kb.output_block("dv_shifted", &rows_kv, block(&kvb, map(5)))?;
+    let [qr, kr, vr] = bl.qkv_inputs(&mut kb, &l, true)?;
+    let csr = kb.input_block("chunk_states", &l.cs_shape(), block(&bl.state, map(5)))?;
+    let dor = kb.input_block("d_o", &bl.rows_q, block(&bl.q, map(5)))?;
+    let dqr = kb.output_block("dq", &bl.rows_q, block(&bl.q, map(5)))?;
+    let dkr = kb.output_block("dk_shifted", &bl.rows_kv, block(&bl.kv, map(5)))?;
+    let dvr = kb.output_block("dv_shifted", &bl.rows_kv, block(&bl.kv, map(5)))?;
     let dsr = kb.scratch("d_state", &[2 * l.h, l.h]);
     let mut k = K { kb: &mut kb, geo };
 
@@ -289,9 +330,7 @@ pub fn bwd_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
     let s0 = load_state(&mut k, &l, csr, 3)?;
     k.range(l.m, &s0, |k, j, s| {
         let zero = k.kb.int(0);
-        let kt = tile(k, &l, kr, zero, j)?;
-        let vt = tile(k, &l, vr, zero, j)?;
-        let phk = k.phi(kt)?;
+        let (_, vt, phk) = kv_tiles(k, &l, (kr, vr), zero, j)?;
         k.range(l.r, &[], |k, r, _| {
             let qt = tile(k, &l, qr, r, j)?;
             let dot = tile(k, &l, dor, r, j)?;
@@ -309,9 +348,7 @@ pub fn bwd_kernel(cfg: &RlaConfig, d: &RlaDims) -> LangResult<Kernel> {
         let last = k.kb.int(l.m as i64 - 1);
         let j = k.kb.sub(last, jj)?;
         let zero = k.kb.int(0);
-        let kt = tile(k, &l, kr, zero, j)?;
-        let vt = tile(k, &l, vr, zero, j)?;
-        let phk = k.phi(kt)?;
+        let (kt, vt, phk) = kv_tiles(k, &l, (kr, vr), zero, j)?;
         let init = k.dkdv_init(l.h)?;
         let acc = k.range(l.r, &init, |k, r, acc| {
             let qt = tile(k, &l, qr, r, j)?;
