@@ -211,6 +211,7 @@ fn convert_writes_a_sharded_checkpoint_for_another_mesh() {
         "{e}"
     );
     assert!(!out.exists(), "a refused mesh wrote {}", out.display());
+    eprintln!("convert sharded: tensor = 3 refused: {e}");
 
     // Unrolled, sharded for tensor = 2.
     let written = convert(source, out.clone(), &to_tensor).unwrap();
