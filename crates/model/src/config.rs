@@ -52,6 +52,11 @@ pub use pallas_port::{FeatureMap, Lowering};
 /// `"kernel"` ([`AttentionLowering`], resolved for the platform a graph runs on).
 pub use pallas_port::attention::AttentionLowering;
 
+/// How the train loss (softmax cross-entropy) is lowered: `"auto"` (the default: our CPU kernel
+/// pair as custom calls for a graph on one CPU device, element-wise HLO elsewhere), `"hlo"` or
+/// `"kernel"` ([`LossLowering`], resolved for the platform and device count a graph runs on).
+pub use pallas_port::cross_entropy::LossLowering;
+
 /// Residual-linear-attention options of local layers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -204,6 +209,10 @@ pub struct ModelConfig {
     /// when not `"auto"`.
     #[serde(default, skip_serializing_if = "AttentionLowering::is_auto")]
     pub attention_lowering: AttentionLowering,
+    /// Lowering of the train loss (softmax cross-entropy; see [`LossLowering`]). `"kernel"`
+    /// needs one device. Written out only when not `"auto"`.
+    #[serde(default, skip_serializing_if = "LossLowering::is_auto")]
+    pub loss_lowering: LossLowering,
 }
 
 fn default_one() -> usize {

@@ -375,6 +375,15 @@ impl Model {
         self.cfg.attention_lowering.for_platform(platform)
     }
 
+    /// The lowering of the train loss in a graph that runs on `platform` over this model's mesh:
+    /// `auto` resolves with [`pallas_port::cross_entropy::LossLowering::resolve`] (our kernels
+    /// on one CPU device, HLO elsewhere).
+    pub fn loss_lowering(&self, platform: &str) -> pallas_port::cross_entropy::LossLowering {
+        self.cfg
+            .loss_lowering
+            .resolve(platform, self.mesh().device_count())
+    }
+
     /// The paper's SWA baseline: the same layers and window, local layers without RLA.
     pub fn swa_baseline(&self) -> Model {
         let layers = self

@@ -1,7 +1,7 @@
 //! The stack: embedding, pre-norm blocks of [local, local, local, global] attention and a gated FFN,
 //! the final norm, the LM head and the loss — one traced graph, as methods of [`Model`].
 
-use crate::config::AttentionLowering;
+use crate::config::{AttentionLowering, LossLowering};
 use crate::layers::{causal_attention, cross_entropy, dims, ffn, linear, rms_norm, rope};
 use crate::model::{Attention, Model, Remat};
 use crate::params::LogicalAxis::{ActivationEmbed, Batch, HeadDim, KvHeads, Length, QHeads, Vocab};
@@ -522,6 +522,19 @@ impl Model {
         let inputs = b.slice_in_dim(tokens, 0, td[1] - 1, 1)?;
         let targets = b.slice_in_dim(tokens, 1, td[1], 1)?;
         let logits = self.forward(b, p, inputs, platform)?;
-        cross_entropy(b, logits, targets, weights)
+        match self.loss_lowering(platform) {
+            LossLowering::Kernel if self.mesh().device_count() > 1 => Err(b.error(
+                "weighted_loss",
+                format!(
+                    "model.loss_lowering = \"kernel\" runs on one device, but the mesh has {}; \
+                     use \"auto\" or \"hlo\"",
+                    self.mesh().device_count()
+                ),
+            )),
+            LossLowering::Kernel => {
+                pallas_port::cross_entropy::cross_entropy_kernel(b, logits, targets, weights)
+            }
+            _ => cross_entropy(b, logits, targets, weights),
+        }
     }
 }

@@ -22,6 +22,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod cross_entropy;
 pub mod bench_util;
 pub mod config;
 pub mod decode;

@@ -30,6 +30,7 @@ macro_rules! deref_heads {
 
 pub mod adamw;
 pub mod attention;
+pub mod cross_entropy;
 mod bwd;
 pub(crate) mod feature;
 mod fwd;

@@ -1,0 +1,249 @@
+//! Weighted mean softmax cross-entropy as a custom-call pair in a graph: the forward
+//! `rattention.xent_fwd` with the backward `rattention.xent_bwd` as its custom VJP, served by the
+//! CPU kernels of [`crate::kernel::cross_entropy`]. The portable lowering (element-wise HLO and
+//! reductions) is the model crate's `layers::cross_entropy`; [`LossLowering`] picks between them.
+//!
+//! Forward: `(logits f32[..., V], targets s32[...], weights f32[...]) -> (loss f32[], lse
+//! f32[...])`; backward: `(logits, targets, weights, lse, d_loss f32[]) -> d_logits f32[..., V]`.
+//! Only the logits get a gradient (targets and weights are data). On the train step this spares
+//! XLA ~10 distinct kernels to compile (the logsumexp, the target pick, `softmax − onehot`).
+//!
+//! ```no_run
+//! use hlo_builder::{Builder, ElementType, Shape};
+//! let b = Builder::new("xent");
+//! let logits = b.parameter(Shape::array(ElementType::F32, &[2, 8, 32]), "logits")?;
+//! let targets = b.parameter(Shape::array(ElementType::S32, &[2, 8]), "targets")?;
+//! let weights = b.parameter(Shape::array(ElementType::F32, &[2, 8]), "weights")?;
+//! let loss = pallas_port::cross_entropy::cross_entropy_kernel(&b, logits, targets, weights)?;
+//! let d_logits = b.grad(loss, &[logits])?; // rattention.xent_bwd
+//! # Ok::<(), hlo_builder::Error>(())
+//! ```
+
+use crate::graph::output_cotangent;
+use crate::kernel::cross_entropy::{xent_bwd, xent_fwd};
+use hlo_builder::{Builder, ElementType, Op, Result, Shape};
+use pjrt::ffi::{CallFrame, FfiError};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::sync::Arc;
+
+/// Custom-call target of the loss forward.
+pub const XENT_FWD_TARGET: &str = "rattention.xent_fwd";
+/// Custom-call target of the loss backward.
+pub const XENT_BWD_TARGET: &str = "rattention.xent_bwd";
+
+/// How the train loss (softmax cross-entropy) is lowered (the model config's `loss_lowering`,
+/// serialized as `"auto"`, `"hlo"`, `"kernel"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossLowering {
+    /// Element-wise HLO and reductions (the model crate's `layers::cross_entropy`): runs
+    /// anywhere, under any mesh.
+    Hlo,
+    /// The custom-call pair over our CPU kernels ([`cross_entropy_kernel`]); one CPU device
+    /// (XLA's SPMD partitioner would replicate the logits), needs
+    /// [`crate::register_cpu_kernels`].
+    Kernel,
+    /// [`LossLowering::Kernel`] for a graph on one CPU device, [`LossLowering::Hlo`] otherwise.
+    /// Resolve with [`LossLowering::resolve`].
+    #[default]
+    Auto,
+}
+
+impl LossLowering {
+    /// The concrete lowering for a graph on `devices` devices of the PJRT platform `platform`
+    /// (`"cpu"`, `"cuda"`, `"tpu"`, ...; case-insensitive): `Auto` is `Kernel` on one CPU
+    /// device and `Hlo` elsewhere; explicit choices are returned unchanged.
+    ///
+    /// ```
+    /// use pallas_port::cross_entropy::LossLowering as L;
+    /// assert_eq!(L::Auto.resolve("cpu", 1), L::Kernel);
+    /// assert_eq!(L::Auto.resolve("cpu", 4), L::Hlo);
+    /// assert_eq!(L::Auto.resolve("tpu", 1), L::Hlo);
+    /// assert_eq!(L::Hlo.resolve("cpu", 1), L::Hlo);
+    /// ```
+    pub fn resolve(self, platform: &str, devices: usize) -> LossLowering {
+        let host = crate::graph::is_host_platform(platform);
+        match self {
+            LossLowering::Auto if host && devices == 1 => LossLowering::Kernel,
+            LossLowering::Auto => LossLowering::Hlo,
+            l => l,
+        }
+    }
+
+    /// True for `Auto` (the default, which configs need not write out).
+    pub fn is_auto(&self) -> bool {
+        *self == LossLowering::Auto
+    }
+
+    /// The config spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LossLowering::Hlo => "hlo",
+            LossLowering::Kernel => "kernel",
+            LossLowering::Auto => "auto",
+        }
+    }
+}
+
+impl fmt::Display for LossLowering {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The leading (row) dims of `logits f32[..., V]` after checking `targets s32[...]` and
+/// `weights f32[...]` against them; errors name `op` and the three shapes.
+#[track_caller]
+fn row_dims(
+    b: &Builder,
+    op: &'static str,
+    logits: Op,
+    targets: Op,
+    weights: Op,
+) -> Result<Vec<i64>> {
+    let (ls, ts, ws) = (b.shape(logits)?, b.shape(targets)?, b.shape(weights)?);
+    let ld = ls.dims();
+    let ok = !ld.is_empty()
+        && ls.ty() == Some(ElementType::F32)
+        && ts.ty() == Some(ElementType::S32)
+        && ws.ty() == Some(ElementType::F32)
+        && ts.dims() == &ld[..ld.len() - 1]
+        && ws.dims() == ts.dims();
+    if !ok {
+        return Err(b.error(
+            op,
+            format!(
+                "expected logits f32[..., V], targets s32[...] and weights f32[...] with the same \
+                 leading dims, got logits {ls}, targets {ts}, weights {ws}"
+            ),
+        ));
+    }
+    Ok(ld[..ld.len() - 1].to_vec())
+}
+
+/// The VJP of the forward call: the backward call.
+struct XentVjp;
+
+impl hlo_builder::autodiff::VjpRule for XentVjp {
+    fn vjp(
+        &self,
+        b: &Builder,
+        inputs: &[Op],
+        output: Op,
+        cts: &[Option<Op>],
+    ) -> Result<Vec<Option<Op>>> {
+        let Some(d_loss) = output_cotangent(
+            b,
+            "cross_entropy_kernel",
+            "gradients flow only through the loss; the logsumexp is not differentiable",
+            cts,
+        )?
+        else {
+            return Ok(vec![None, None, None]);
+        };
+        let (logits, targets, weights) = (inputs[0], inputs[1], inputs[2]);
+        let lse = b.get_tuple_element(output, 1)?;
+        let _s = b.name_scope("xent_bwd");
+        let d_logits = b.custom_call(
+            XENT_BWD_TARGET,
+            &[logits, targets, weights, lse, d_loss],
+            b.shape(logits)?,
+            &[],
+        )?;
+        Ok(vec![Some(d_logits), None, None])
+    }
+}
+
+/// The weighted mean cross-entropy `Σ w·(lse − logit[target]) / max(Σ w, 1)` of `logits f32[...,
+/// V]` against `targets s32[...]` (an id outside `[0, V)` picks nothing) with `weights
+/// f32[...]`, as the custom call `rattention.xent_fwd`, whose gradient (with respect to the
+/// logits only) is `rattention.xent_bwd`. Returns the loss `f32[]`. Runs only where the
+/// handlers are registered (the CPU client, [`crate::register_cpu_kernels`]).
+pub fn cross_entropy_kernel(b: &Builder, logits: Op, targets: Op, weights: Op) -> Result<Op> {
+    let rows = row_dims(b, "cross_entropy_kernel", logits, targets, weights)?;
+    let out = Shape::tuple(vec![
+        Shape::array(ElementType::F32, &[]),
+        Shape::array(ElementType::F32, &rows),
+    ]);
+    let fwd = {
+        let _s = b.name_scope("xent_fwd");
+        b.custom_call(XENT_FWD_TARGET, &[logits, targets, weights], out, &[])?
+    };
+    b.custom_vjp(&[logits, targets, weights], fwd, Arc::new(XentVjp))?;
+    b.get_tuple_element(fwd, 0)
+}
+
+/// `(rows, vocab)` of the handler's `logits [..., V]`; errors name `op` and the dims.
+fn rows_vocab(op: &str, frame: &CallFrame<'_>) -> std::result::Result<(usize, usize), FfiError> {
+    let d = frame.arg(0)?.dims().to_vec();
+    match d.split_last() {
+        Some((&v, lead)) if v > 0 => Ok((lead.iter().product::<i64>() as usize, v as usize)),
+        _ => Err(FfiError::invalid_argument(format!(
+            "{op}: logits {d:?} must be [..., V] with V ≥ 1"
+        ))),
+    }
+}
+
+fn xent_fwd_handler(frame: &mut CallFrame<'_>) -> std::result::Result<(), FfiError> {
+    const OP: &str = "xent_fwd";
+    let (rows, vocab) = rows_vocab(OP, frame)?;
+    let (x, t, w) = (frame.arg(0)?, frame.arg(1)?, frame.arg(2)?);
+    let (x, t, w) = (x.as_slice::<f32>()?, t.as_slice::<i32>()?, w.as_slice::<f32>()?);
+    let mut rets = frame.rets_mut()?;
+    let [loss, lse] = rets.as_mut_slice() else {
+        return Err(FfiError::invalid_argument(
+            "xent_fwd: expected 2 results (loss, lse)",
+        ));
+    };
+    let l = xent_fwd(rows, vocab, x, t, w, lse.as_mut_slice()?).map_err(FfiError::invalid_argument)?;
+    match loss.as_mut_slice::<f32>()? {
+        [s] => *s = l,
+        o => {
+            return Err(FfiError::invalid_argument(format!(
+                "xent_fwd: the loss result must be an f32 scalar, got {} elements",
+                o.len()
+            )))
+        }
+    }
+    Ok(())
+}
+
+fn xent_bwd_handler(frame: &mut CallFrame<'_>) -> std::result::Result<(), FfiError> {
+    const OP: &str = "xent_bwd";
+    let (rows, vocab) = rows_vocab(OP, frame)?;
+    let args = (0..5)
+        .map(|i| frame.arg(i))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let g = match args[4].as_slice::<f32>()? {
+        [g] => *g,
+        s => {
+            return Err(FfiError::invalid_argument(format!(
+                "xent_bwd: d_loss must be an f32 scalar, got {} elements",
+                s.len()
+            )))
+        }
+    };
+    let mut d = frame.ret(0)?;
+    xent_bwd(
+        rows,
+        vocab,
+        args[0].as_slice::<f32>()?,
+        args[1].as_slice::<i32>()?,
+        args[2].as_slice::<f32>()?,
+        args[3].as_slice::<f32>()?,
+        g,
+        d.as_mut_slice()?,
+    )
+    .map_err(FfiError::invalid_argument)
+}
+
+pjrt::ffi_handler!(XENT_FWD_HANDLER, xent_fwd_handler);
+pjrt::ffi_handler!(XENT_BWD_HANDLER, xent_bwd_handler);
+
+/// Registers the loss kernels for `client`'s platform (process-global; idempotent). Called by
+/// [`crate::register_cpu_kernels`].
+pub fn register_cpu_kernels(client: &pjrt::Client) -> pjrt::Result<()> {
+    client.register_ffi_handler(XENT_FWD_TARGET, XENT_FWD_HANDLER)?;
+    client.register_ffi_handler(XENT_BWD_TARGET, XENT_BWD_HANDLER)
+}
