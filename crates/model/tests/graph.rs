@@ -2,7 +2,7 @@
 //! the CPU plugin with our RLA kernels registered.
 
 use hlo_builder::{Builder, ElementType, Op, Shape};
-use model::config::{FeatureMap, LayerKind, LocalKind, Lowering, ModelConfig};
+use model::config::{FeatureMap, LayerKind, LocalKind, LossLowering, Lowering, ModelConfig};
 use model::reference::{self, AttnDims};
 use model::{Attention, Model, ParamOps};
 use ndarray::ArrayD;
@@ -462,6 +462,41 @@ fn weighted_loss_matches_the_f64_reference_and_checks_its_weights() {
         e.contains("weights f32[2, 21] must be [batch, T] = [2, 20] for tokens s32[2, 21]"),
         "{e}"
     );
+}
+
+/// The loss as our CPU kernel pair (`model.loss_lowering = "kernel"`, `rattention.xent_fwd` /
+/// `xent_bwd`) against the HLO cross-entropy on the same model and tokens: the loss within 1e-6
+/// relative and every parameter's gradient within 1e-5 of its largest value (the kernels
+/// themselves are tested against an f64 naive formula in `pallas_port::kernel::cross_entropy`).
+#[test]
+fn loss_kernel_matches_hlo_loss_with_gradients() {
+    let mut cfg = tiny(5, FeatureMap::Softmax);
+    cfg.seq_len = 24;
+    let (bs, t) = (2usize, 24usize);
+    let (plist, _) = tiny_params(&cfg, 9);
+    let values: Vec<Vec<f32>> = plist.iter().map(|(d, _)| d.clone()).collect();
+    let toks: Vec<i32> = (0..bs * (t + 1))
+        .map(|i| ((i * 31 + 3) % cfg.vocab) as i32)
+        .collect();
+    let mut outs = Vec::new();
+    for lowering in [LossLowering::Kernel, LossLowering::Hlo] {
+        cfg.loss_lowering = lowering;
+        let m = Model::new(cfg.clone()).unwrap();
+        let comp = loss_grad_graph(&m, bs, t);
+        let calls = comp.to_text().matches("rattention.xent_").count();
+        assert_eq!(calls > 0, lowering == LossLowering::Kernel, "{lowering}");
+        outs.push(common::run_on_params(&compile(&comp), &m, &values, &toks, bs));
+    }
+    let (k, h) = (&outs[0], &outs[1]);
+    let e = ((k[0][0] - h[0][0]) / h[0][0]).abs();
+    eprintln!("loss kernel {} hlo {} (rel {e:.1e})", k[0][0], h[0][0]);
+    assert!(e < 1e-6, "loss kernel {} vs hlo {}", k[0][0], h[0][0]);
+    let m = Model::new(cfg.clone()).unwrap();
+    for (spec, (gk, gh)) in m.param_specs().iter().zip(k[1..].iter().zip(&h[1..])) {
+        let scale = gh.iter().fold(0.0f32, |a, x| a.max(x.abs())).max(1e-30);
+        let diff = gk.iter().zip(gh).fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(diff / scale < 1e-5, "{}: gradient kernel vs hlo {:.1e}", spec.name, diff / scale);
+    }
 }
 
 #[test]

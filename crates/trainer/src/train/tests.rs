@@ -367,6 +367,46 @@ fn attention_kernel_and_hlo_lowerings_train_alike() {
     }
 }
 
+/// The loss through our CPU kernels (`model.loss_lowering = "kernel"`, the default on one CPU
+/// device) and through the HLO cross-entropy train alike: every step's loss within 1e-6
+/// relative, the final parameters within 1e-5 of each tensor's largest value; under a mesh
+/// `auto` picks the HLO loss and `"kernel"` is refused naming the device count.
+#[test]
+fn loss_kernel_and_hlo_lowerings_train_alike() {
+    for (lowering, calls) in [("kernel", 2), ("hlo", 0), ("auto", 2)] {
+        let set = format!("model.loss_lowering=\"{lowering}\"");
+        let cfg = tiny(STEPS, &[&set]);
+        let text = step::build_train_step(&cfg, "cpu", &model::Mesh::single())
+            .unwrap()
+            .to_text();
+        let n = text.matches("\"rattention.xent_fwd\"").count()
+            + text.matches("\"rattention.xent_bwd\"").count();
+        assert_eq!(n, calls, "{lowering}: loss custom calls in the step");
+    }
+    let cfg = tiny(STEPS, &["mesh.data=2"]);
+    let mesh = cfg.mesh.resolve(2).unwrap();
+    let text = step::build_train_step(&cfg, "cpu", &mesh).unwrap().to_text();
+    assert!(!text.contains("rattention.xent_fwd"), "auto under a 2-device mesh");
+    let cfg = tiny(STEPS, &["mesh.data=2", "model.loss_lowering=\"kernel\""]);
+    let e = format!(
+        "{:#}",
+        step::build_train_step(&cfg, "cpu", &mesh).unwrap_err()
+    );
+    assert!(e.contains("loss_lowering") && e.contains("2"), "{e}");
+    let (kernel, pk) = run("loss-kernel", STEPS, &["model.loss_lowering=\"kernel\""]);
+    let (hlo, ph) = run("loss-hlo", STEPS, &["model.loss_lowering=\"hlo\""]);
+    assert_eq!(kernel.len(), STEPS);
+    for (s, (a, b)) in kernel.iter().zip(&hlo).enumerate() {
+        let e = ((a - b) / b).abs();
+        eprintln!("step {}: loss kernel {a} hlo {b} (rel {e:.1e})", s + 1);
+        assert!(e <= 1e-6, "step {}: loss kernel {a} vs hlo {b}", s + 1);
+    }
+    for (a, b) in pk.iter().zip(&ph) {
+        let e = rel(&a.data, &b.data);
+        assert!(e <= 1e-5, "{}: kernel vs hlo {e:.1e}", a.name);
+    }
+}
+
 #[test]
 fn a_mesh_that_does_not_fit_the_devices_is_refused_before_anything_runs() {
     let cfg = tiny(1, &["mesh.fsdp=2"]);
