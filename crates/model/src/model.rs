@@ -376,11 +376,19 @@ impl Model {
     }
 
     /// The lowering of the train loss in a graph that runs on `platform` over this model's mesh:
-    /// `auto` resolves with [`pallas_port::cross_entropy::LossLowering::resolve`] (our kernels
-    /// on one CPU device, HLO elsewhere).
-    pub fn loss_lowering(&self, platform: &str) -> pallas_port::cross_entropy::LossLowering {
+    /// `auto` resolves with [`pallas_port::kernel_lowering::KernelLowering::resolve`] (our
+    /// kernels on one CPU device, HLO elsewhere).
+    pub fn loss_lowering(&self, platform: &str) -> pallas_port::kernel_lowering::KernelLowering {
         self.cfg
             .loss_lowering
+            .resolve(platform, self.mesh().device_count())
+    }
+
+    /// The lowering of the RMS norms in a graph that runs on `platform` over this model's mesh,
+    /// as [`Model::loss_lowering`] resolves it.
+    pub fn norm_lowering(&self, platform: &str) -> pallas_port::kernel_lowering::KernelLowering {
+        self.cfg
+            .norm_lowering
             .resolve(platform, self.mesh().device_count())
     }
 

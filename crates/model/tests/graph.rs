@@ -2,7 +2,7 @@
 //! the CPU plugin with our RLA kernels registered.
 
 use hlo_builder::{Builder, ElementType, Op, Shape};
-use model::config::{FeatureMap, LayerKind, LocalKind, LossLowering, Lowering, ModelConfig};
+use model::config::{FeatureMap, LayerKind, LocalKind, KernelLowering, Lowering, ModelConfig};
 use model::reference::{self, AttnDims};
 use model::{Attention, Model, ParamOps};
 use ndarray::ArrayD;
@@ -479,12 +479,12 @@ fn loss_kernel_matches_hlo_loss_with_gradients() {
         .map(|i| ((i * 31 + 3) % cfg.vocab) as i32)
         .collect();
     let mut outs = Vec::new();
-    for lowering in [LossLowering::Kernel, LossLowering::Hlo] {
+    for lowering in [KernelLowering::Kernel, KernelLowering::Hlo] {
         cfg.loss_lowering = lowering;
         let m = Model::new(cfg.clone()).unwrap();
         let comp = loss_grad_graph(&m, bs, t);
         let calls = comp.to_text().matches("rattention.xent_").count();
-        assert_eq!(calls > 0, lowering == LossLowering::Kernel, "{lowering}");
+        assert_eq!(calls > 0, lowering == KernelLowering::Kernel, "{lowering}");
         outs.push(common::run_on_params(&compile(&comp), &m, &values, &toks, bs));
     }
     let (k, h) = (&outs[0], &outs[1]);

@@ -1,7 +1,8 @@
 //! Weighted mean softmax cross-entropy as a custom-call pair in a graph: the forward
 //! `rattention.xent_fwd` with the backward `rattention.xent_bwd` as its custom VJP, served by the
 //! CPU kernels of [`crate::kernel::cross_entropy`]. The portable lowering (element-wise HLO and
-//! reductions) is the model crate's `layers::cross_entropy`; [`LossLowering`] picks between them.
+//! reductions) is the model crate's `layers::cross_entropy`; the model's `loss_lowering`
+//! ([`crate::kernel_lowering::KernelLowering`]) picks between them.
 //!
 //! Forward: `(logits f32[..., V], targets s32[...], weights f32[...]) -> (loss f32[], lse
 //! f32[...])`; backward: `(logits, targets, weights, lse, d_loss f32[]) -> d_logits f32[..., V]`.
@@ -23,74 +24,12 @@ use crate::graph::output_cotangent;
 use crate::kernel::cross_entropy::{xent_bwd, xent_fwd};
 use hlo_builder::{Builder, ElementType, Op, Result, Shape};
 use pjrt::ffi::{CallFrame, FfiError};
-use serde::{Deserialize, Serialize};
-use std::fmt;
 use std::sync::Arc;
 
 /// Custom-call target of the loss forward.
 pub const XENT_FWD_TARGET: &str = "rattention.xent_fwd";
 /// Custom-call target of the loss backward.
 pub const XENT_BWD_TARGET: &str = "rattention.xent_bwd";
-
-/// How the train loss (softmax cross-entropy) is lowered (the model config's `loss_lowering`,
-/// serialized as `"auto"`, `"hlo"`, `"kernel"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossLowering {
-    /// Element-wise HLO and reductions (the model crate's `layers::cross_entropy`): runs
-    /// anywhere, under any mesh.
-    Hlo,
-    /// The custom-call pair over our CPU kernels ([`cross_entropy_kernel`]); one CPU device
-    /// (XLA's SPMD partitioner would replicate the logits), needs
-    /// [`crate::register_cpu_kernels`].
-    Kernel,
-    /// [`LossLowering::Kernel`] for a graph on one CPU device, [`LossLowering::Hlo`] otherwise.
-    /// Resolve with [`LossLowering::resolve`].
-    #[default]
-    Auto,
-}
-
-impl LossLowering {
-    /// The concrete lowering for a graph on `devices` devices of the PJRT platform `platform`
-    /// (`"cpu"`, `"cuda"`, `"tpu"`, ...; case-insensitive): `Auto` is `Kernel` on one CPU
-    /// device and `Hlo` elsewhere; explicit choices are returned unchanged.
-    ///
-    /// ```
-    /// use pallas_port::cross_entropy::LossLowering as L;
-    /// assert_eq!(L::Auto.resolve("cpu", 1), L::Kernel);
-    /// assert_eq!(L::Auto.resolve("cpu", 4), L::Hlo);
-    /// assert_eq!(L::Auto.resolve("tpu", 1), L::Hlo);
-    /// assert_eq!(L::Hlo.resolve("cpu", 1), L::Hlo);
-    /// ```
-    pub fn resolve(self, platform: &str, devices: usize) -> LossLowering {
-        let host = crate::graph::is_host_platform(platform);
-        match self {
-            LossLowering::Auto if host && devices == 1 => LossLowering::Kernel,
-            LossLowering::Auto => LossLowering::Hlo,
-            l => l,
-        }
-    }
-
-    /// True for `Auto` (the default, which configs need not write out).
-    pub fn is_auto(&self) -> bool {
-        *self == LossLowering::Auto
-    }
-
-    /// The config spelling.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            LossLowering::Hlo => "hlo",
-            LossLowering::Kernel => "kernel",
-            LossLowering::Auto => "auto",
-        }
-    }
-}
-
-impl fmt::Display for LossLowering {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// The leading (row) dims of `logits f32[..., V]` after checking `targets s32[...]` and
 /// `weights f32[...]` against them; errors name `op` and the three shapes.

@@ -32,8 +32,10 @@ pub mod ffi_attention;
 pub mod graph;
 pub mod hlo;
 pub mod kernel;
+pub mod kernel_lowering;
 pub mod lang;
 pub mod reference;
+pub mod rms_norm;
 pub mod seq;
 
 pub use config::{FeatureMap, RlaConfig, RlaDims, RlaError};
