@@ -464,12 +464,15 @@ fn weighted_loss_matches_the_f64_reference_and_checks_its_weights() {
     );
 }
 
-/// The loss as our CPU kernel pair (`model.loss_lowering = "kernel"`, `rattention.xent_fwd` /
-/// `xent_bwd`) against the HLO cross-entropy on the same model and tokens: the loss within 1e-6
-/// relative and every parameter's gradient within 1e-5 of its largest value (the kernels
-/// themselves are tested against an f64 naive formula in `pallas_port::kernel::cross_entropy`).
+/// The loss and the RMS norms as our CPU kernel pairs (`model.loss_lowering` and
+/// `model.norm_lowering` = "kernel": `rattention.xent_*`, `rattention.rms_norm_*`, each alone
+/// and both) against the HLO lowerings on the same model (RAttention and global layers) and
+/// tokens: the loss within 1e-6 relative and every parameter's gradient within 1e-5 of its
+/// largest value (the kernels themselves are tested against f64 naive formulas in
+/// `pallas_port::kernel::{cross_entropy, rms_norm}`).
 #[test]
-fn loss_kernel_matches_hlo_loss_with_gradients() {
+fn loss_and_norm_kernels_match_hlo_with_gradients() {
+    use KernelLowering::{Hlo, Kernel};
     let mut cfg = tiny(5, FeatureMap::Softmax);
     cfg.seq_len = 24;
     let (bs, t) = (2usize, 24usize);
@@ -479,23 +482,28 @@ fn loss_kernel_matches_hlo_loss_with_gradients() {
         .map(|i| ((i * 31 + 3) % cfg.vocab) as i32)
         .collect();
     let mut outs = Vec::new();
-    for lowering in [KernelLowering::Kernel, KernelLowering::Hlo] {
-        cfg.loss_lowering = lowering;
+    let cases = [(Hlo, Hlo), (Kernel, Hlo), (Hlo, Kernel), (Kernel, Kernel)];
+    for (loss, norm) in cases {
+        (cfg.loss_lowering, cfg.norm_lowering) = (loss, norm);
         let m = Model::new(cfg.clone()).unwrap();
         let comp = loss_grad_graph(&m, bs, t);
-        let calls = comp.to_text().matches("rattention.xent_").count();
-        assert_eq!(calls > 0, lowering == KernelLowering::Kernel, "{lowering}");
+        let text = comp.to_text();
+        assert_eq!(text.contains("rattention.xent_bwd"), loss == Kernel, "loss {loss}");
+        assert_eq!(text.contains("rattention.rms_norm_bwd"), norm == Kernel, "norm {norm}");
         outs.push(common::run_on_params(&compile(&comp), &m, &values, &toks, bs));
     }
-    let (k, h) = (&outs[0], &outs[1]);
-    let e = ((k[0][0] - h[0][0]) / h[0][0]).abs();
-    eprintln!("loss kernel {} hlo {} (rel {e:.1e})", k[0][0], h[0][0]);
-    assert!(e < 1e-6, "loss kernel {} vs hlo {}", k[0][0], h[0][0]);
+    let h = &outs[0];
     let m = Model::new(cfg.clone()).unwrap();
-    for (spec, (gk, gh)) in m.param_specs().iter().zip(k[1..].iter().zip(&h[1..])) {
-        let scale = gh.iter().fold(0.0f32, |a, x| a.max(x.abs())).max(1e-30);
-        let diff = gk.iter().zip(gh).fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
-        assert!(diff / scale < 1e-5, "{}: gradient kernel vs hlo {:.1e}", spec.name, diff / scale);
+    for ((loss, norm), k) in cases.iter().zip(&outs).skip(1) {
+        let e = ((k[0][0] - h[0][0]) / h[0][0]).abs();
+        eprintln!("loss {loss} norm {norm}: {} vs hlo {} (rel {e:.1e})", k[0][0], h[0][0]);
+        assert!(e < 1e-6, "loss {loss} norm {norm}: {} vs hlo {}", k[0][0], h[0][0]);
+        for (spec, (gk, gh)) in m.param_specs().iter().zip(k[1..].iter().zip(&h[1..])) {
+            let scale = gh.iter().fold(0.0f32, |a, x| a.max(x.abs())).max(1e-30);
+            let diff = gk.iter().zip(gh).fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
+            let e = diff / scale;
+            assert!(e < 1e-5, "loss {loss} norm {norm}: {} gradient vs hlo {e:.1e}", spec.name);
+        }
     }
 }
 
