@@ -52,7 +52,7 @@ pub use pallas_port::{FeatureMap, Lowering};
 /// `"kernel"` ([`AttentionLowering`], resolved for the platform a graph runs on).
 pub use pallas_port::attention::AttentionLowering;
 
-/// How the train loss (softmax cross-entropy) and the RMS norms are lowered: `"auto"` (the
+/// How the train loss (softmax cross-entropy), the RMS norms and the token embedding are lowered: `"auto"` (the
 /// default: our CPU kernel pairs as custom calls for a graph on one CPU device, element-wise HLO
 /// elsewhere), `"hlo"` or `"kernel"` ([`KernelLowering`], resolved for the platform and device
 /// count a graph runs on).
@@ -219,6 +219,11 @@ pub struct ModelConfig {
     /// `"auto"`.
     #[serde(default, skip_serializing_if = "KernelLowering::is_auto")]
     pub norm_lowering: KernelLowering,
+    /// Lowering of the token embedding of the forward and the train step (a gather and its
+    /// scatter-add; see [`KernelLowering`]); decoding keeps the HLO gather. `"kernel"` needs one
+    /// device. Written out only when not `"auto"`.
+    #[serde(default, skip_serializing_if = "KernelLowering::is_auto")]
+    pub embed_lowering: KernelLowering,
 }
 
 fn default_one() -> usize {

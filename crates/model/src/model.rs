@@ -384,6 +384,14 @@ impl Model {
             .resolve(platform, self.mesh().device_count())
     }
 
+    /// The lowering of the token embedding in a graph that runs on `platform` over this model's
+    /// mesh, as [`Model::loss_lowering`] resolves it.
+    pub fn embed_lowering(&self, platform: &str) -> pallas_port::kernel_lowering::KernelLowering {
+        self.cfg
+            .embed_lowering
+            .resolve(platform, self.mesh().device_count())
+    }
+
     /// The lowering of the RMS norms in a graph that runs on `platform` over this model's mesh,
     /// as [`Model::loss_lowering`] resolves it.
     pub fn norm_lowering(&self, platform: &str) -> pallas_port::kernel_lowering::KernelLowering {

@@ -283,6 +283,37 @@ impl Model {
         b.take_rows(param(p, "embed")?, tokens)
     }
 
+    /// [`Model::embed`] of the first `t` columns of `tokens [B, L ≥ t]`, in a graph that runs
+    /// on `platform`: our CPU kernel pair ([`pallas_port::embed::embed_kernel`], which reads the
+    /// columns in place) when [`Model::embed_lowering`] resolves to it, else the HLO gather of
+    /// the slice.
+    fn embed_prefix(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        tokens: Op,
+        t: i64,
+        platform: &str,
+    ) -> Result<Op> {
+        let l = dims(b, tokens)?[1];
+        match self.embed_lowering(platform) {
+            KernelLowering::Kernel if self.mesh().device_count() > 1 => Err(b.error(
+                "embed",
+                format!(
+                    "model.embed_lowering = \"kernel\" runs on one device, but the mesh has {}; \
+                     use \"auto\" or \"hlo\"",
+                    self.mesh().device_count()
+                ),
+            )),
+            KernelLowering::Kernel => {
+                let _s = b.name_scope("embed");
+                pallas_port::embed::embed_kernel(b, param(p, "embed")?, tokens, t as usize)
+            }
+            _ if t == l => self.embed(b, p, tokens),
+            _ => self.embed(b, p, b.slice_in_dim(tokens, 0, t, 1)?),
+        }
+    }
+
     /// One pre-norm block `layers.{layer}` on `x [B, T, d_model]`: `y = x + Wo·attn(q, k, v)`, then
     /// `y + FFN(RMSNorm(y))`. `attn` maps the projected `q [B,T,N,H]`, `k, v [B,T,G,H]` to the
     /// context `[B,T,N,H]` ([`Model::attention_core`] in the forward, cached attention when
@@ -417,6 +448,20 @@ impl Model {
     /// Logits `[B, T, vocab]` (f32) for `tokens [B, T]` (s32), in a graph that runs on
     /// `platform` (see [`Model::rla_lowering`]).
     pub fn forward(&self, b: &Builder, p: &ParamOps, tokens: Op, platform: &str) -> Result<Op> {
+        let t = dims(b, tokens)?[1];
+        self.forward_prefix(b, p, tokens, t, platform)
+    }
+
+    /// [`Model::forward`] of the first `t` columns of `tokens [B, L ≥ t]` (the next-token loss
+    /// passes its whole token array: no slice when the embedding is our kernel).
+    fn forward_prefix(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        tokens: Op,
+        t: i64,
+        platform: &str,
+    ) -> Result<Op> {
         let devices = self.mesh().device_count();
         if self.config().norm_lowering == KernelLowering::Kernel && devices > 1 {
             return Err(b.error(
@@ -428,13 +473,12 @@ impl Model {
             ));
         }
         if let Some(period) = self.scan_period() {
-            return self.forward_scanned(b, p, tokens, platform, period);
+            return self.forward_scanned(b, p, (tokens, t), platform, period);
         }
-        let t = dims(b, tokens)?[1];
         // Activations at layer boundaries are `[batch, length, activation_embed]` (a constraint
         // under a mesh, nothing on one device).
         let residual = [Batch, Length, ActivationEmbed];
-        let x = self.embed(b, p, tokens)?;
+        let x = self.embed_prefix(b, p, tokens, t, platform)?;
         let mut x = self.constrain(b, x, "embed.out", &residual)?;
         let pos = b.iota(ElementType::F32, &[t], 0)?;
         let kernel_norm = self.norm_lowering(platform) == KernelLowering::Kernel;
@@ -465,12 +509,12 @@ impl Model {
         &self,
         b: &Builder,
         p: &ParamOps,
-        tokens: Op,
+        (tokens, t): (Op, i64),
         platform: &str,
         period: usize,
     ) -> Result<Op> {
         let residual = [Batch, Length, ActivationEmbed];
-        let x = self.embed(b, p, tokens)?;
+        let x = self.embed_prefix(b, p, tokens, t, platform)?;
         let x = self.constrain(b, x, "embed.out", &residual)?;
         // The stacked parameters, and the unrolled name of row 0 of each: what the body's
         // blocks `0..period` ask for.
@@ -555,9 +599,9 @@ impl Model {
                 ),
             ));
         }
-        let inputs = b.slice_in_dim(tokens, 0, td[1] - 1, 1)?;
-        let targets = b.slice_in_dim(tokens, 1, td[1], 1)?;
-        let logits = self.forward(b, p, inputs, platform)?;
+        // The inputs are the first T columns, the targets the last T: the kernels read them in
+        // place, the HLO lowerings slice.
+        let logits = self.forward_prefix(b, p, tokens, td[1] - 1, platform)?;
         match self.loss_lowering(platform) {
             KernelLowering::Kernel if self.mesh().device_count() > 1 => Err(b.error(
                 "weighted_loss",
@@ -568,9 +612,12 @@ impl Model {
                 ),
             )),
             KernelLowering::Kernel => {
-                pallas_port::cross_entropy::cross_entropy_kernel(b, logits, targets, weights)
+                pallas_port::cross_entropy::cross_entropy_kernel(b, logits, (tokens, 1), weights)
             }
-            _ => cross_entropy(b, logits, targets, weights),
+            _ => {
+                let targets = b.slice_in_dim(tokens, 1, td[1], 1)?;
+                cross_entropy(b, logits, targets, weights)
+            }
         }
     }
 }

@@ -176,6 +176,7 @@ pub fn register_cpu_kernels(client: &pjrt::Client) -> pjrt::Result<()> {
     crate::ffi_attention::register_attention_kernels(client)?;
     crate::cross_entropy::register_cpu_kernels(client)?;
     crate::rms_norm::register_cpu_kernels(client)?;
+    crate::embed::register_cpu_kernels(client)?;
     REGISTERED.store(true, Ordering::Release);
     Ok(())
 }

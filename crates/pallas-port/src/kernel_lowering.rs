@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// How an op that has a CPU kernel pair is lowered (the model config's `loss_lowering` and
-/// `norm_lowering`, serialized as `"auto"`, `"hlo"`, `"kernel"`).
+/// `norm_lowering` and `embed_lowering`, serialized as `"auto"`, `"hlo"`, `"kernel"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KernelLowering {

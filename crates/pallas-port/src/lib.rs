@@ -23,6 +23,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
+pub mod embed;
 pub mod bench_util;
 pub mod config;
 pub mod decode;

@@ -322,6 +322,16 @@ pub fn prepare_config(args: &CompileArgs, target: &Target) -> Result<RunConfig> 
             target.platform().to_uppercase(),
         );
     }
+    if cfg.model.embed_lowering == model::config::KernelLowering::Kernel {
+        bail!(
+            "model.embed_lowering = \"kernel\" lowers the token embedding to the custom calls {:?} \
+             and {:?}, which are served only by our CPU FFI kernels; {} has no handler for them. \
+             Use model.embed_lowering = \"hlo\" or \"auto\" (auto picks the HLO lowering there)",
+            pallas_port::embed::EMBED_FWD_TARGET,
+            pallas_port::embed::EMBED_BWD_TARGET,
+            target.platform().to_uppercase(),
+        );
+    }
     Ok(cfg)
 }
 

@@ -2,8 +2,9 @@
 //! as one kernel pair, so XLA compiles none of its element-wise and reduction fusions (the
 //! logsumexp, the target pick, `softmax − onehot`; ~10 distinct kernels of the train step).
 //!
-//! For `logits [R, V]`, `targets [R]` (ids; one outside `[0, V)` picks nothing, as a one-hot row
-//! of zeros does) and `weights [R]`, as the HLO lowering (`model::layers::cross_entropy`) writes it:
+//! For `logits [R, V]`, `targets` (ids read through [`Columns`], one per row; one outside
+//! `[0, V)` picks nothing, as a one-hot row of zeros does) and `weights [R]`, as the HLO lowering
+//! (`model::layers::cross_entropy`) writes it:
 //!
 //! ```text
 //! lse_r = log Σ_j exp(x_rj − m_r) + m_r          m_r = max_j x_rj
@@ -14,6 +15,7 @@
 //! Each row's exponential sum and the sums over rows are accumulated in f64 (rows in a fixed
 //! order, so the loss does not depend on the thread count); everything else is f32.
 
+use super::embed::Columns;
 use rayon::prelude::*;
 
 /// Rows per parallel task.
@@ -26,17 +28,17 @@ fn check(
     rows: usize,
     vocab: usize,
     logits: usize,
-    targets: usize,
+    (targets, cols): (usize, Columns),
     weights: usize,
 ) -> Result<(), String> {
-    if vocab == 0 || logits != rows * vocab || targets != rows || weights != rows {
+    if vocab == 0 || logits != rows * vocab || weights != rows {
         return Err(format!(
-            "{op}: logits of {logits} elements, targets of {targets} and weights of {weights} do \
-             not fit {rows} rows × vocab {vocab} (need {} / {rows} / {rows}, vocab ≥ 1)",
+            "{op}: logits of {logits} elements and weights of {weights} do not fit {rows} rows × \
+             vocab {vocab} (need {} / {rows}, vocab ≥ 1)",
             rows * vocab
         ));
     }
-    Ok(())
+    cols.check(op, rows, targets)
 }
 
 /// The target column of `t` in a vocabulary of `vocab`, `None` when out of range.
@@ -49,13 +51,14 @@ fn count(weights: &[f32]) -> f32 {
     (weights.iter().map(|&w| w as f64).sum::<f64>() as f32).max(1.0)
 }
 
-/// Forward: writes each row's logsumexp to `lse [R]` and returns the weighted mean loss.
-/// Errors (naming `xent_fwd` and the lengths) when the slices do not fit `rows × vocab`.
+/// Forward: writes each row's logsumexp to `lse [R]` and returns the weighted mean loss; row
+/// `r`'s target is `targets[cols.index(r)]`. Errors (naming `xent_fwd` and the lengths) when the
+/// slices do not fit `rows × vocab`.
 pub fn xent_fwd(
     rows: usize,
     vocab: usize,
     logits: &[f32],
-    targets: &[i32],
+    (targets, cols): (&[i32], Columns),
     weights: &[f32],
     lse: &mut [f32],
 ) -> Result<f32, String> {
@@ -64,7 +67,7 @@ pub fn xent_fwd(
         rows,
         vocab,
         logits.len(),
-        targets.len(),
+        (targets.len(), cols),
         weights.len(),
     )?;
     if lse.len() != rows {
@@ -85,7 +88,7 @@ pub fn xent_fwd(
                 let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let s: f64 = x.iter().map(|&v| (v - m).exp() as f64).sum();
                 *l = (s as f32).ln() + m;
-                let picked = column(targets[r], vocab).map_or(0.0, |c| x[c]);
+                let picked = column(targets[cols.index(r)], vocab).map_or(0.0, |c| x[c]);
                 total += ((*l - picked) * weights[r]) as f64;
             }
             total
@@ -94,13 +97,15 @@ pub fn xent_fwd(
     Ok((partial.iter().sum::<f64>() as f32) / count(weights))
 }
 
-/// Backward: `d_logits [R, V]` from the forward's `lse` and the loss cotangent `g`. Errors (naming
-/// `xent_bwd` and the lengths) when the slices do not fit `rows × vocab`.
+/// Backward: `d_logits [R, V]` from the forward's `lse` and the loss cotangent `g` (targets as
+/// in [`xent_fwd`]). Errors (naming `xent_bwd` and the lengths) when the slices do not fit `rows
+/// × vocab`.
+#[allow(clippy::too_many_arguments)]
 pub fn xent_bwd(
     rows: usize,
     vocab: usize,
     logits: &[f32],
-    targets: &[i32],
+    (targets, cols): (&[i32], Columns),
     weights: &[f32],
     lse: &[f32],
     g: f32,
@@ -111,7 +116,7 @@ pub fn xent_bwd(
         rows,
         vocab,
         logits.len(),
-        targets.len(),
+        (targets.len(), cols),
         weights.len(),
     )?;
     if lse.len() != rows || d_logits.len() != rows * vocab {
@@ -133,7 +138,7 @@ pub fn xent_bwd(
                 for (dj, &xj) in d.iter_mut().zip(x) {
                     *dj = gr * (xj - lse[r]).exp();
                 }
-                if let Some(c) = column(targets[r], vocab) {
+                if let Some(c) = column(targets[cols.index(r)], vocab) {
                     d[c] -= gr;
                 }
             }
@@ -212,10 +217,18 @@ mod tests {
             .collect();
         let w: Vec<f32> = (0..rows).map(|r| [1.0, 0.0, 0.5][r % 3]).collect();
         let mut lse = vec![0.0; rows];
-        let loss = xent_fwd(rows, vocab, &x, &t, &w, &mut lse).unwrap();
+        // The targets in columns 1..=rows of an id array with one more column (a shifted
+        // token array); the first column holds ids that must not be read.
+        let shifted: Vec<i32> = [vec![-7], t.clone()].concat();
+        let cols = Columns {
+            t: rows,
+            stride: rows + 1,
+            offset: 1,
+        };
+        let loss = xent_fwd(rows, vocab, &x, (&shifted, cols), &w, &mut lse).unwrap();
         let g = 0.75;
         let mut d = vec![0.0; rows * vocab];
-        xent_bwd(rows, vocab, &x, &t, &w, &lse, g, &mut d).unwrap();
+        xent_bwd(rows, vocab, &x, (&shifted, cols), &w, &lse, g, &mut d).unwrap();
         let (rl, rlse, rd) = reference(vocab, &x, &t, &w, g as f64);
         let el = (loss as f64 - rl).abs() / rl.abs();
         let (e_lse, ed) = (max_rel(&lse, &rlse), max_rel(&d, &rd));
@@ -232,19 +245,22 @@ mod tests {
         let x = values(rows * vocab, 1, 2.0);
         let (t, w) = (vec![0, 1, 2], vec![0.0; rows]);
         let mut lse = vec![0.0; rows];
-        assert_eq!(xent_fwd(rows, vocab, &x, &t, &w, &mut lse).unwrap(), 0.0);
+        let tc = (&t[..], Columns::all(rows));
+        assert_eq!(xent_fwd(rows, vocab, &x, tc, &w, &mut lse).unwrap(), 0.0);
         let mut d = vec![1.0; rows * vocab];
-        xent_bwd(rows, vocab, &x, &t, &w, &lse, 1.0, &mut d).unwrap();
+        xent_bwd(rows, vocab, &x, tc, &w, &lse, 1.0, &mut d).unwrap();
         assert!(d.iter().all(|&v| v == 0.0));
     }
 
     #[test]
     fn errors_name_op_and_lengths() {
         let mut lse = vec![0.0; 2];
-        let e = xent_fwd(2, 4, &[0.0; 7], &[0, 1], &[1.0, 1.0], &mut lse).unwrap_err();
+        let tc = (&[0, 1][..], Columns::all(2));
+        let e = xent_fwd(2, 4, &[0.0; 7], tc, &[1.0, 1.0], &mut lse).unwrap_err();
         assert!(e.contains("xent_fwd") && e.contains("7") && e.contains("8"), "{e}");
         let mut d = vec![0.0; 8];
-        let e = xent_bwd(2, 4, &[0.0; 8], &[0], &[1.0, 1.0], &lse, 1.0, &mut d).unwrap_err();
-        assert!(e.contains("xent_bwd") && e.contains("targets of 1"), "{e}");
+        let tc = (&[0][..], Columns::all(2));
+        let e = xent_bwd(2, 4, &[0.0; 8], tc, &[1.0, 1.0], &lse, 1.0, &mut d).unwrap_err();
+        assert!(e.contains("xent_bwd") && e.contains("ids of 1"), "{e}");
     }
 }

@@ -31,6 +31,7 @@ macro_rules! deref_heads {
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
+pub mod embed;
 pub mod rms_norm;
 mod bwd;
 pub(crate) mod feature;
