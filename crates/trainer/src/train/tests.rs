@@ -367,34 +367,34 @@ fn attention_kernel_and_hlo_lowerings_train_alike() {
     }
 }
 
-/// The loss and the RMS norms through our CPU kernels (`model.loss_lowering` and
-/// `model.norm_lowering` = "kernel", the default on one CPU device) and through the HLO train
+/// The loss, the RMS norms and the embedding through our CPU kernels (`model.loss_lowering`,
+/// `norm_lowering`, `embed_lowering` = "kernel", the default on one CPU device) and through the
+/// HLO train
 /// alike: every step's loss within 1e-6 relative, the final parameters and moments within 1e-5
 /// of each tensor's norm; under a mesh `auto` picks the HLO and `"kernel"` is refused
 /// naming the device count.
 #[test]
-fn loss_and_norm_kernels_and_hlo_lowerings_train_alike() {
-    let both = |l: &str| {
-        [
-            format!("model.loss_lowering=\"{l}\""),
-            format!("model.norm_lowering=\"{l}\""),
-        ]
+fn loss_norm_and_embed_kernels_and_hlo_lowerings_train_alike() {
+    let all = |l: &str| {
+        ["loss", "norm", "embed"].map(|op| format!("model.{op}_lowering=\"{l}\""))
     };
     for (lowering, on) in [("kernel", true), ("hlo", false), ("auto", true)] {
-        let sets = both(lowering);
-        let cfg = tiny(STEPS, &[&sets[0], &sets[1]]);
+        let sets = all(lowering);
+        let cfg = tiny(STEPS, &[&sets[0], &sets[1], &sets[2]]);
         let text = step::build_train_step(&cfg, "cpu", &model::Mesh::single())
             .unwrap()
             .to_text();
-        for target in ["\"rattention.xent_bwd\"", "\"rattention.rms_norm_bwd\""] {
-            assert_eq!(text.contains(target), on, "{lowering}: {target} in the step");
+        for target in ["xent_bwd", "rms_norm_bwd", "embed_bwd"].map(|t| format!("\"rattention.{t}\"")) {
+            assert_eq!(text.contains(&target), on, "{lowering}: {target} in the step");
         }
     }
     let cfg = tiny(STEPS, &["mesh.data=2"]);
     let mesh = cfg.mesh.resolve(2).unwrap();
     let text = step::build_train_step(&cfg, "cpu", &mesh).unwrap().to_text();
-    assert!(!text.contains("rattention.xent_fwd") && !text.contains("rattention.rms_norm_fwd"));
-    for set in both("kernel") {
+    for t in ["xent_fwd", "rms_norm_fwd", "embed_fwd"] {
+        assert!(!text.contains(&format!("rattention.{t}")), "{t} under a 2-device mesh");
+    }
+    for set in all("kernel") {
         let cfg = tiny(STEPS, &["mesh.data=2", &set]);
         let e = format!(
             "{:#}",
@@ -402,9 +402,9 @@ fn loss_and_norm_kernels_and_hlo_lowerings_train_alike() {
         );
         assert!(e.contains("_lowering = \"kernel\"") && e.contains("2"), "{e}");
     }
-    let (k, h) = (both("kernel"), both("hlo"));
-    let (kernel, pk) = run("loss-norm-kernel", STEPS, &[&k[0], &k[1]]);
-    let (hlo, ph) = run("loss-norm-hlo", STEPS, &[&h[0], &h[1]]);
+    let (k, h) = (all("kernel"), all("hlo"));
+    let (kernel, pk) = run("loss-norm-embed-kernel", STEPS, &[&k[0], &k[1], &k[2]]);
+    let (hlo, ph) = run("loss-norm-embed-hlo", STEPS, &[&h[0], &h[1], &h[2]]);
     assert_eq!(kernel.len(), STEPS);
     for (s, (a, b)) in kernel.iter().zip(&hlo).enumerate() {
         let e = ((a - b) / b).abs();
