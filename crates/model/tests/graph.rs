@@ -2,7 +2,7 @@
 //! the CPU plugin with our RLA kernels registered.
 
 use hlo_builder::{Builder, ElementType, Op, Shape};
-use model::config::{FeatureMap, LayerKind, LocalKind, KernelLowering, Lowering, ModelConfig};
+use model::config::{FeatureMap, KernelLowering, LayerKind, LocalKind, Lowering, ModelConfig};
 use model::reference::{self, AttnDims};
 use model::{Attention, Model, ParamOps};
 use ndarray::ArrayD;
@@ -499,20 +499,44 @@ fn loss_norm_and_embed_kernels_match_hlo_with_gradients() {
         let m = Model::new(cfg.clone()).unwrap();
         let comp = loss_grad_graph(&m, bs, t);
         let text = comp.to_text();
-        assert_eq!(text.contains("rattention.xent_bwd"), loss == Kernel, "loss {loss}");
-        assert_eq!(text.contains("rattention.rms_norm_bwd"), norm == Kernel, "norm {norm}");
-        assert_eq!(text.contains("rattention.embed_bwd"), embed == Kernel, "embed {embed}");
-        outs.push(common::run_on_params(&compile(&comp), &m, &values, &toks, bs));
+        assert_eq!(
+            text.contains("rattention.xent_bwd"),
+            loss == Kernel,
+            "loss {loss}"
+        );
+        assert_eq!(
+            text.contains("rattention.rms_norm_bwd"),
+            norm == Kernel,
+            "norm {norm}"
+        );
+        assert_eq!(
+            text.contains("rattention.embed_bwd"),
+            embed == Kernel,
+            "embed {embed}"
+        );
+        outs.push(common::run_on_params(
+            &compile(&comp),
+            &m,
+            &values,
+            &toks,
+            bs,
+        ));
     }
     let h = &outs[0];
     let m = Model::new(cfg.clone()).unwrap();
     for (case, k) in cases.iter().zip(&outs).skip(1) {
         let e = ((k[0][0] - h[0][0]) / h[0][0]).abs();
-        eprintln!("loss/norm/embed {case:?}: {} vs hlo {} (rel {e:.1e})", k[0][0], h[0][0]);
+        eprintln!(
+            "loss/norm/embed {case:?}: {} vs hlo {} (rel {e:.1e})",
+            k[0][0], h[0][0]
+        );
         assert!(e < 1e-6, "{case:?}: loss {} vs hlo {}", k[0][0], h[0][0]);
         for (spec, (gk, gh)) in m.param_specs().iter().zip(k[1..].iter().zip(&h[1..])) {
             let scale = gh.iter().fold(0.0f32, |a, x| a.max(x.abs())).max(1e-30);
-            let diff = gk.iter().zip(gh).fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
+            let diff = gk
+                .iter()
+                .zip(gh)
+                .fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
             let e = diff / scale;
             assert!(e < 1e-5, "{case:?}: {} gradient vs hlo {e:.1e}", spec.name);
         }

@@ -120,7 +120,13 @@ pub fn cross_entropy_kernel(
     (targets, offset): (Op, usize),
     weights: Op,
 ) -> Result<Op> {
-    let rows = row_dims(b, "cross_entropy_kernel", logits, (targets, offset), weights)?;
+    let rows = row_dims(
+        b,
+        "cross_entropy_kernel",
+        logits,
+        (targets, offset),
+        weights,
+    )?;
     let out = Shape::tuple(vec![
         Shape::array(ElementType::F32, &[]),
         Shape::array(ElementType::F32, &rows),
@@ -134,7 +140,11 @@ pub fn cross_entropy_kernel(
             &attrs(offset),
         )?
     };
-    b.custom_vjp(&[logits, targets, weights], fwd, Arc::new(XentVjp { offset }))?;
+    b.custom_vjp(
+        &[logits, targets, weights],
+        fwd,
+        Arc::new(XentVjp { offset }),
+    )?;
     b.get_tuple_element(fwd, 0)
 }
 
@@ -168,7 +178,11 @@ fn xent_fwd_handler(frame: &mut CallFrame<'_>) -> std::result::Result<(), FfiErr
     const OP: &str = "xent_fwd";
     let (rows, vocab, cols) = rows_vocab(OP, frame)?;
     let (x, t, w) = (frame.arg(0)?, frame.arg(1)?, frame.arg(2)?);
-    let (x, t, w) = (x.as_slice::<f32>()?, t.as_slice::<i32>()?, w.as_slice::<f32>()?);
+    let (x, t, w) = (
+        x.as_slice::<f32>()?,
+        t.as_slice::<i32>()?,
+        w.as_slice::<f32>()?,
+    );
     let mut rets = frame.rets_mut()?;
     let [loss, lse] = rets.as_mut_slice() else {
         return Err(FfiError::invalid_argument(

@@ -1,20 +1,21 @@
 //! The lowering choice of the ops that have a CPU kernel pair besides attention and the RLA
-//! blocks: the train loss ([`crate::cross_entropy`]) and RMS normalisation ([`crate::rms_norm`]).
-//! Their kernels serve one CPU device; the HLO lowering runs anywhere.
+//! blocks: the train loss ([`crate::cross_entropy`]), RMS normalisation ([`crate::rms_norm`]) and
+//! the token embedding ([`crate::embed`]). Each pair spares XLA CPU the compile of the op's
+//! element-wise fusions; the kernels serve one CPU device, the HLO lowering runs anywhere.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// How an op that has a CPU kernel pair is lowered (the model config's `loss_lowering` and
+/// How an op that has a CPU kernel pair is lowered (the model config's `loss_lowering`,
 /// `norm_lowering` and `embed_lowering`, serialized as `"auto"`, `"hlo"`, `"kernel"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KernelLowering {
-    /// The op's element-wise HLO and reductions (the model crate's `layers`): runs anywhere,
-    /// under any mesh.
+    /// The op's HLO (element-wise ops, reductions, gather): runs anywhere, under any mesh.
     Hlo,
     /// The custom-call pair over our CPU kernels
-    /// ([`crate::cross_entropy::cross_entropy_kernel`], [`crate::rms_norm::rms_norm_kernel`]);
+    /// ([`crate::cross_entropy::cross_entropy_kernel`], [`crate::rms_norm::rms_norm_kernel`],
+    /// [`crate::embed::embed_kernel`]);
     /// one CPU device (XLA's SPMD partitioner would replicate the operands), needs
     /// [`crate::register_cpu_kernels`].
     Kernel,

@@ -257,7 +257,10 @@ mod tests {
         let mut lse = vec![0.0; 2];
         let tc = (&[0, 1][..], Columns::all(2));
         let e = xent_fwd(2, 4, &[0.0; 7], tc, &[1.0, 1.0], &mut lse).unwrap_err();
-        assert!(e.contains("xent_fwd") && e.contains("7") && e.contains("8"), "{e}");
+        assert!(
+            e.contains("xent_fwd") && e.contains("7") && e.contains("8"),
+            "{e}"
+        );
         let mut d = vec![0.0; 8];
         let tc = (&[0][..], Columns::all(2));
         let e = xent_bwd(2, 4, &[0.0; 8], tc, &[1.0, 1.0], &lse, 1.0, &mut d).unwrap_err();

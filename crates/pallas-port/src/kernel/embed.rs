@@ -159,7 +159,11 @@ mod tests {
             for i in 0..4 {
                 let r = o * 4 + i;
                 let v = ids[o * 6 + 1 + i].clamp(0, vocab as i32 - 1) as usize;
-                assert_eq!(&out[r * d..(r + 1) * d], &table[v * d..(v + 1) * d], "row {r}");
+                assert_eq!(
+                    &out[r * d..(r + 1) * d],
+                    &table[v * d..(v + 1) * d],
+                    "row {r}"
+                );
                 for j in 0..d {
                     want[v * d + j] += d_out[r * d + j] as f64;
                 }

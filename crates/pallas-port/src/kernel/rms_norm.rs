@@ -24,7 +24,14 @@ const ROWS_PER_TASK: usize = 64;
 
 /// Checks the lengths of `x` (`rows × d`), `scale` (a multiple of `d`) and the per-row / per-`x`
 /// buffers; the error names `op` and the lengths.
-fn check(op: &str, rows: usize, d: usize, x: usize, scale: usize, others: &[(&str, usize, usize)]) -> Result<(), String> {
+fn check(
+    op: &str,
+    rows: usize,
+    d: usize,
+    x: usize,
+    scale: usize,
+    others: &[(&str, usize, usize)],
+) -> Result<(), String> {
     if d == 0 || x != rows * d || scale == 0 || scale % d != 0 {
         return Err(format!(
             "{op}: x of {x} elements and scale of {scale} do not fit {rows} rows × width {d} \
@@ -34,7 +41,9 @@ fn check(op: &str, rows: usize, d: usize, x: usize, scale: usize, others: &[(&st
     }
     for &(what, got, want) in others {
         if got != want {
-            return Err(format!("{op}: {what} of {got} elements, expected {want} ({rows} rows × width {d})"));
+            return Err(format!(
+                "{op}: {what} of {got} elements, expected {want} ({rows} rows × width {d})"
+            ));
         }
     }
     Ok(())
@@ -172,14 +181,17 @@ mod tests {
         let (mut y, mut dx, mut ds) = (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; s.len()]);
         for r in 0..rows {
             let xr: Vec<f64> = x[r * d..][..d].iter().map(|&v| v as f64).collect();
-            let sr: Vec<f64> = s[(r % period) * d..][..d].iter().map(|&v| v as f64).collect();
+            let sr: Vec<f64> = s[(r % period) * d..][..d]
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
             let ms = xr.iter().map(|v| v * v).sum::<f64>() / d as f64;
             let inv = 1.0 / (ms + eps).sqrt();
             let a: f64 = (0..d).map(|j| dy[r * d + j] as f64 * sr[j] * xr[j]).sum();
             for j in 0..d {
                 y[r * d + j] = xr[j] * inv * sr[j];
-                dx[r * d + j] = dy[r * d + j] as f64 * sr[j] * inv
-                    - a * inv.powi(3) * xr[j] / d as f64;
+                dx[r * d + j] =
+                    dy[r * d + j] as f64 * sr[j] * inv - a * inv.powi(3) * xr[j] / d as f64;
                 ds[(r % period) * d + j] += dy[r * d + j] as f64 * xr[j] * inv;
             }
         }
@@ -211,7 +223,10 @@ mod tests {
             let (ry, rdx, rds) = reference(d, eps as f64, &x, &s, &dy);
             let (ey, edx, eds) = (max_rel(&y, &ry), max_rel(&dx, &rdx), max_rel(&ds, &rds));
             println!("period {period}: y {ey:.2e} dx {edx:.2e} dscale {eds:.2e}");
-            assert!(ey < 1e-6 && edx < 1e-6 && eds < 1e-6, "period {period}: {ey} {edx} {eds}");
+            assert!(
+                ey < 1e-6 && edx < 1e-6 && eds < 1e-6,
+                "period {period}: {ey} {edx} {eds}"
+            );
         }
     }
 
@@ -219,10 +234,15 @@ mod tests {
     fn errors_name_op_and_lengths() {
         let (mut y, mut inv) = (vec![0.0; 8], vec![0.0; 2]);
         let e = rms_norm_fwd(2, 4, 1e-6, &[0.0; 8], &[1.0; 3], &mut y, &mut inv).unwrap_err();
-        assert!(e.contains("rms_norm_fwd") && e.contains("scale of 3"), "{e}");
+        assert!(
+            e.contains("rms_norm_fwd") && e.contains("scale of 3"),
+            "{e}"
+        );
         let (mut dx, mut ds) = (vec![0.0; 8], vec![0.0; 4]);
-        let e = rms_norm_bwd(2, 4, &[0.0; 8], &[1.0; 4], &inv, &[0.0; 7], &mut dx, &mut ds)
-            .unwrap_err();
+        let e = rms_norm_bwd(
+            2, 4, &[0.0; 8], &[1.0; 4], &inv, &[0.0; 7], &mut dx, &mut ds,
+        )
+        .unwrap_err();
         assert!(e.contains("rms_norm_bwd") && e.contains("dy of 7"), "{e}");
     }
 }

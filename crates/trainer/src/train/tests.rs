@@ -375,24 +375,33 @@ fn attention_kernel_and_hlo_lowerings_train_alike() {
 /// naming the device count.
 #[test]
 fn loss_norm_and_embed_kernels_and_hlo_lowerings_train_alike() {
-    let all = |l: &str| {
-        ["loss", "norm", "embed"].map(|op| format!("model.{op}_lowering=\"{l}\""))
-    };
+    let all = |l: &str| ["loss", "norm", "embed"].map(|op| format!("model.{op}_lowering=\"{l}\""));
     for (lowering, on) in [("kernel", true), ("hlo", false), ("auto", true)] {
         let sets = all(lowering);
         let cfg = tiny(STEPS, &[&sets[0], &sets[1], &sets[2]]);
         let text = step::build_train_step(&cfg, "cpu", &model::Mesh::single())
             .unwrap()
             .to_text();
-        for target in ["xent_bwd", "rms_norm_bwd", "embed_bwd"].map(|t| format!("\"rattention.{t}\"")) {
-            assert_eq!(text.contains(&target), on, "{lowering}: {target} in the step");
+        for target in
+            ["xent_bwd", "rms_norm_bwd", "embed_bwd"].map(|t| format!("\"rattention.{t}\""))
+        {
+            assert_eq!(
+                text.contains(&target),
+                on,
+                "{lowering}: {target} in the step"
+            );
         }
     }
     let cfg = tiny(STEPS, &["mesh.data=2"]);
     let mesh = cfg.mesh.resolve(2).unwrap();
-    let text = step::build_train_step(&cfg, "cpu", &mesh).unwrap().to_text();
+    let text = step::build_train_step(&cfg, "cpu", &mesh)
+        .unwrap()
+        .to_text();
     for t in ["xent_fwd", "rms_norm_fwd", "embed_fwd"] {
-        assert!(!text.contains(&format!("rattention.{t}")), "{t} under a 2-device mesh");
+        assert!(
+            !text.contains(&format!("rattention.{t}")),
+            "{t} under a 2-device mesh"
+        );
     }
     for set in all("kernel") {
         let cfg = tiny(STEPS, &["mesh.data=2", &set]);
@@ -400,7 +409,10 @@ fn loss_norm_and_embed_kernels_and_hlo_lowerings_train_alike() {
             "{:#}",
             step::build_train_step(&cfg, "cpu", &mesh).unwrap_err()
         );
-        assert!(e.contains("_lowering = \"kernel\"") && e.contains("2"), "{e}");
+        assert!(
+            e.contains("_lowering = \"kernel\"") && e.contains("2"),
+            "{e}"
+        );
     }
     let (k, h) = (all("kernel"), all("hlo"));
     let (kernel, pk) = run("loss-norm-embed-kernel", STEPS, &[&k[0], &k[1], &k[2]]);
@@ -418,7 +430,11 @@ fn loss_norm_and_embed_kernels_and_hlo_lowerings_train_alike() {
         // Max-relative is printed, not held: AdamW's update of an element whose gradient is
         // near 0 is ~±lr either way, so rounding-level gradient differences move single
         // elements by up to ~1e-4 of their tensor's largest value.
-        assert!(n <= 1e-5, "{}: kernel vs hlo {n:.1e} in norm ({e:.1e} max)", a.name);
+        assert!(
+            n <= 1e-5,
+            "{}: kernel vs hlo {n:.1e} in norm ({e:.1e} max)",
+            a.name
+        );
     }
     eprintln!("state: worst max-rel {worst_rel:.1e}, worst norm-rel {worst_norm:.1e}");
 }
