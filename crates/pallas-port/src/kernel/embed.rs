@@ -42,7 +42,7 @@ impl Columns {
     pub fn check(&self, op: &str, rows: usize, ids: usize) -> Result<(), String> {
         let ok = self.t > 0
             && self.offset + self.t <= self.stride
-            && rows % self.t == 0
+            && rows.is_multiple_of(self.t)
             && ids == rows / self.t * self.stride;
         if !ok {
             return Err(format!(
@@ -73,7 +73,7 @@ pub fn embed_fwd(
     cols: Columns,
     out: &mut [f32],
 ) -> Result<(), String> {
-    if vocab == 0 || d == 0 || table.len() != vocab * d || out.len() % d != 0 {
+    if vocab == 0 || d == 0 || table.len() != vocab * d || !out.len().is_multiple_of(d) {
         return Err(format!(
             "embed_fwd: table of {} elements for vocab {vocab} × width {d}, result of {}",
             table.len(),
@@ -105,7 +105,7 @@ pub fn embed_bwd(
     d_out: &[f32],
     d_table: &mut [f32],
 ) -> Result<(), String> {
-    if vocab == 0 || d == 0 || d_table.len() != vocab * d || d_out.len() % d != 0 {
+    if vocab == 0 || d == 0 || d_table.len() != vocab * d || !d_out.len().is_multiple_of(d) {
         return Err(format!(
             "embed_bwd: d_table of {} elements for vocab {vocab} × width {d}, d_out of {}",
             d_table.len(),

@@ -32,7 +32,7 @@ fn check(
     scale: usize,
     others: &[(&str, usize, usize)],
 ) -> Result<(), String> {
-    if d == 0 || x != rows * d || scale == 0 || scale % d != 0 {
+    if d == 0 || x != rows * d || scale == 0 || !scale.is_multiple_of(d) {
         return Err(format!(
             "{op}: x of {x} elements and scale of {scale} do not fit {rows} rows × width {d} \
              (need {} and a positive multiple of {d})",
