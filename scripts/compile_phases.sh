@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=cpu_compiler=1,fusion_compiler=1,ir_compiler=1,thunk_emitter=1 \
-  target/release/examples/compile_breakdown "$@" 2>"$log" | head -1
+  target/release/examples/compile_breakdown "$@" 2>"$log"
 python3 - "$log" <<'PY'
 import re, sys
 lines = open(sys.argv[1]).read().splitlines()

@@ -52,6 +52,12 @@ pub use pallas_port::{FeatureMap, Lowering};
 /// `"kernel"` ([`AttentionLowering`], resolved for the platform a graph runs on).
 pub use pallas_port::attention::AttentionLowering;
 
+/// How the train loss (softmax cross-entropy), the RMS norms and the token embedding are lowered: `"auto"` (the
+/// default: our CPU kernel pairs as custom calls for a graph on one CPU device, element-wise HLO
+/// elsewhere), `"hlo"` or `"kernel"` ([`KernelLowering`], resolved for the platform and device
+/// count a graph runs on).
+pub use pallas_port::kernel_lowering::KernelLowering;
+
 /// Residual-linear-attention options of local layers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -204,6 +210,20 @@ pub struct ModelConfig {
     /// when not `"auto"`.
     #[serde(default, skip_serializing_if = "AttentionLowering::is_auto")]
     pub attention_lowering: AttentionLowering,
+    /// Lowering of the train loss (softmax cross-entropy; see [`KernelLowering`]). `"kernel"`
+    /// needs one device. Written out only when not `"auto"`.
+    #[serde(default, skip_serializing_if = "KernelLowering::is_auto")]
+    pub loss_lowering: KernelLowering,
+    /// Lowering of the RMS norms of the forward and the train step (see [`KernelLowering`]);
+    /// decoding keeps the HLO norms. `"kernel"` needs one device. Written out only when not
+    /// `"auto"`.
+    #[serde(default, skip_serializing_if = "KernelLowering::is_auto")]
+    pub norm_lowering: KernelLowering,
+    /// Lowering of the token embedding of the forward and the train step (a gather and its
+    /// scatter-add; see [`KernelLowering`]); decoding keeps the HLO gather. `"kernel"` needs one
+    /// device. Written out only when not `"auto"`.
+    #[serde(default, skip_serializing_if = "KernelLowering::is_auto")]
+    pub embed_lowering: KernelLowering,
 }
 
 fn default_one() -> usize {

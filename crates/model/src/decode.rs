@@ -197,7 +197,7 @@ impl Model {
         for (i, &attn) in self.layers().iter().enumerate() {
             let _s = b.name_scope(&format!("layer_{i}"));
             let ap = format!("layers.{i}.attn");
-            x = self.block(&b, &p, i, x, |q, k, v| {
+            x = self.block(&b, &p, i, x, false, |q, k, v| {
                 let (ctx, state) =
                     self.attention_core_with_state(&b, &p, &ap, attn, (q, k, v), pos, platform)?;
                 let _c = b.name_scope("cache");
@@ -375,7 +375,7 @@ impl Model {
         for (i, (&attn, cache)) in self.layers().iter().zip(cache_in).enumerate() {
             let _s = b.name_scope(&format!("layer_{i}"));
             let ap = format!("layers.{i}.attn");
-            x = self.block(b, p, i, x, |q, k, v| {
+            x = self.block(b, p, i, x, false, |q, k, v| {
                 let (ctx, c) = if attn.is_local() {
                     self.local_step(b, p, &ap, (q, k, v), cache, pos)?
                 } else {
@@ -561,7 +561,7 @@ impl Model {
             read(b, q, s, fm)?
         };
         let norm = self.config().rla.norm;
-        Ok((mix_local(b, p, prefix, swa, rla, norm)?, new_cache))
+        Ok((mix_local(b, p, prefix, (swa, rla), norm, false)?, new_cache))
     }
 
     /// One global layer at position `pos`: writes k (after qk-norm, and RoPE at `pos` with

@@ -375,6 +375,31 @@ impl Model {
         self.cfg.attention_lowering.for_platform(platform)
     }
 
+    /// The lowering of the train loss in a graph that runs on `platform` over this model's mesh:
+    /// `auto` resolves with [`pallas_port::kernel_lowering::KernelLowering::resolve`] (our
+    /// kernels on one CPU device, HLO elsewhere).
+    pub fn loss_lowering(&self, platform: &str) -> pallas_port::kernel_lowering::KernelLowering {
+        self.cfg
+            .loss_lowering
+            .resolve(platform, self.mesh().device_count())
+    }
+
+    /// The lowering of the token embedding in a graph that runs on `platform` over this model's
+    /// mesh, as [`Model::loss_lowering`] resolves it.
+    pub fn embed_lowering(&self, platform: &str) -> pallas_port::kernel_lowering::KernelLowering {
+        self.cfg
+            .embed_lowering
+            .resolve(platform, self.mesh().device_count())
+    }
+
+    /// The lowering of the RMS norms in a graph that runs on `platform` over this model's mesh,
+    /// as [`Model::loss_lowering`] resolves it.
+    pub fn norm_lowering(&self, platform: &str) -> pallas_port::kernel_lowering::KernelLowering {
+        self.cfg
+            .norm_lowering
+            .resolve(platform, self.mesh().device_count())
+    }
+
     /// The paper's SWA baseline: the same layers and window, local layers without RLA.
     pub fn swa_baseline(&self) -> Model {
         let layers = self

@@ -1,7 +1,7 @@
 //! The stack: embedding, pre-norm blocks of [local, local, local, global] attention and a gated FFN,
 //! the final norm, the LM head and the loss — one traced graph, as methods of [`Model`].
 
-use crate::config::AttentionLowering;
+use crate::config::{AttentionLowering, KernelLowering};
 use crate::layers::{causal_attention, cross_entropy, dims, ffn, linear, rms_norm, rope};
 use crate::model::{Attention, Model, Remat};
 use crate::params::LogicalAxis::{ActivationEmbed, Batch, HeadDim, KvHeads, Length, QHeads, Vocab};
@@ -26,21 +26,33 @@ pub(crate) fn param(p: &ParamOps, name: &str) -> Result<Op> {
     }
 }
 
+/// RMS normalisation of `x` by `scale` ([`rms_norm`]'s formula): our CPU kernel pair
+/// ([`pallas_port::rms_norm::rms_norm_kernel`]) when `kernel` and `x` is f32, else the HLO.
+pub fn rms_norm_with(b: &Builder, x: Op, scale: Op, eps: f64, kernel: bool) -> Result<Op> {
+    if kernel && b.shape(x)?.ty() == Some(ElementType::F32) {
+        pallas_port::rms_norm::rms_norm_kernel(b, x, scale, eps)
+    } else {
+        rms_norm(b, x, scale, eps)
+    }
+}
+
 /// The mixing of a RAttention layer: `GroupRMSNorm_swa(swa) + GroupRMSNorm_rla(rla)` over
 /// `[..., N, H]` contexts; with `rla_norm` false (the `rla.norm = false` ablation) the RLA
-/// branch enters unnormalised: `GroupRMSNorm_swa(swa) + rla`.
+/// branch enters unnormalised: `GroupRMSNorm_swa(swa) + rla`. `kernel_norm`: the norms as our
+/// CPU kernels ([`rms_norm_with`]).
 pub fn mix_local(
     b: &Builder,
     p: &ParamOps,
     prefix: &str,
-    swa: Op,
-    rla: Op,
+    (swa, rla): (Op, Op),
     rla_norm: bool,
+    kernel_norm: bool,
 ) -> Result<Op> {
     let _s = b.name_scope("mix");
-    let a = rms_norm(b, swa, param(p, &format!("{prefix}.swa_norm.scale"))?, 1e-8)?;
+    let scale = |n: &str| param(p, &format!("{prefix}.{n}.scale"));
+    let a = rms_norm_with(b, swa, scale("swa_norm")?, 1e-8, kernel_norm)?;
     let c = if rla_norm {
-        rms_norm(b, rla, param(p, &format!("{prefix}.rla_norm.scale"))?, 1e-8)?
+        rms_norm_with(b, rla, scale("rla_norm")?, 1e-8, kernel_norm)?
     } else {
         rla
     };
@@ -174,6 +186,7 @@ impl Model {
             .seq_region(b.shape(q)?.dims())
             .map_err(|e| b.error("attention", e.to_string()))?;
         let kernel = self.attention_lowering(platform) == AttentionLowering::Kernel;
+        let kernel_norm = self.norm_lowering(platform) == KernelLowering::Kernel;
         let attend = |q: Op, k: Op, v: Op, window: Option<usize>| match &seq_region {
             Some(s) => crate::attention::causal_attention_seq_with(
                 b,
@@ -231,7 +244,7 @@ impl Model {
                 )?;
                 let norm = cfg.rla.norm;
                 return Ok((
-                    mix_local(b, p, prefix, swa, rla.o, norm)?,
+                    mix_local(b, p, prefix, (swa, rla.o), norm, kernel_norm)?,
                     Some(rla.final_state),
                 ));
             }
@@ -258,7 +271,7 @@ impl Model {
         };
         let norm = self.config().rla.norm;
         Ok((
-            mix_local(b, p, prefix, swa, rla.o, norm)?,
+            mix_local(b, p, prefix, (swa, rla.o), norm, kernel_norm)?,
             Some(rla.final_state),
         ))
     }
@@ -270,16 +283,49 @@ impl Model {
         b.take_rows(param(p, "embed")?, tokens)
     }
 
+    /// [`Model::embed`] of the first `t` columns of `tokens [B, L ≥ t]`, in a graph that runs
+    /// on `platform`: our CPU kernel pair ([`pallas_port::embed::embed_kernel`], which reads the
+    /// columns in place) when [`Model::embed_lowering`] resolves to it, else the HLO gather of
+    /// the slice.
+    fn embed_prefix(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        tokens: Op,
+        t: i64,
+        platform: &str,
+    ) -> Result<Op> {
+        let l = dims(b, tokens)?[1];
+        match self.embed_lowering(platform) {
+            KernelLowering::Kernel if self.mesh().device_count() > 1 => Err(b.error(
+                "embed",
+                format!(
+                    "model.embed_lowering = \"kernel\" runs on one device, but the mesh has {}; \
+                     use \"auto\" or \"hlo\"",
+                    self.mesh().device_count()
+                ),
+            )),
+            KernelLowering::Kernel => {
+                let _s = b.name_scope("embed");
+                pallas_port::embed::embed_kernel(b, param(p, "embed")?, tokens, t as usize)
+            }
+            _ if t == l => self.embed(b, p, tokens),
+            _ => self.embed(b, p, b.slice_in_dim(tokens, 0, t, 1)?),
+        }
+    }
+
     /// One pre-norm block `layers.{layer}` on `x [B, T, d_model]`: `y = x + Wo·attn(q, k, v)`, then
     /// `y + FFN(RMSNorm(y))`. `attn` maps the projected `q [B,T,N,H]`, `k, v [B,T,G,H]` to the
     /// context `[B,T,N,H]` ([`Model::attention_core`] in the forward, cached attention when
-    /// decoding).
+    /// decoding). `kernel_norm`: both norms as our CPU kernels ([`rms_norm_with`]; the forward
+    /// passes [`Model::norm_lowering`], decoding `false`).
     pub fn block(
         &self,
         b: &Builder,
         p: &ParamOps,
         layer: usize,
         x: Op,
+        kernel_norm: bool,
         attn: impl FnOnce(Op, Op, Op) -> Result<Op>,
     ) -> Result<Op> {
         let cfg = self.config();
@@ -287,11 +333,12 @@ impl Model {
         let (bs, t) = (xd[0], xd[1]);
         let (n, g, h) = (cfg.heads as i64, cfg.kv_heads as i64, cfg.head_dim as i64);
         let pre = format!("layers.{layer}");
-        let xn = rms_norm(
+        let xn = rms_norm_with(
             b,
             x,
             param(p, &format!("{pre}.attn_norm.scale"))?,
             cfg.norm_eps,
+            kernel_norm,
         )?;
         let ap = format!("{pre}.attn");
         let proj = |w: &str, heads: i64| -> Result<Op> {
@@ -313,11 +360,12 @@ impl Model {
         )?;
         let x = b.add(x, o)?;
         let _f = b.name_scope("ffn");
-        let xn = rms_norm(
+        let xn = rms_norm_with(
             b,
             x,
             param(p, &format!("{pre}.ffn_norm.scale"))?,
             cfg.norm_eps,
+            kernel_norm,
         )?;
         let f = ffn(
             b,
@@ -365,7 +413,8 @@ impl Model {
             let t = dims(b, ins[0])?[1];
             let pos = b.iota(ElementType::F32, &[t], 0)?;
             let ap = format!("layers.{layer}.attn");
-            me.block(b, &p, layer, ins[0], |q, k, v| {
+            let kernel_norm = me.norm_lowering(&platform) == KernelLowering::Kernel;
+            me.block(b, &p, layer, ins[0], kernel_norm, |q, k, v| {
                 me.attention_core(b, &p, &ap, attn, (q, k, v), pos, &platform)
             })
         });
@@ -375,9 +424,15 @@ impl Model {
 
     /// The final norm and the LM head: `x [B, T, d_model]` to logits `[B, T, vocab]` (f32).
     pub fn head(&self, b: &Builder, p: &ParamOps, x: Op) -> Result<Op> {
+        self.head_with(b, p, x, false)
+    }
+
+    /// [`Model::head`] with the final norm as our CPU kernels when `kernel_norm`.
+    pub fn head_with(&self, b: &Builder, p: &ParamOps, x: Op, kernel_norm: bool) -> Result<Op> {
         let cfg = self.config();
         let _s = b.name_scope("head");
-        let xn = rms_norm(b, x, param(p, "final_norm.scale")?, cfg.norm_eps)?;
+        let scale = param(p, "final_norm.scale")?;
+        let xn = rms_norm_with(b, x, scale, cfg.norm_eps, kernel_norm)?;
         if cfg.tied_embeddings {
             let dd = DotDims {
                 lhs_contracting: vec![2],
@@ -393,21 +448,45 @@ impl Model {
     /// Logits `[B, T, vocab]` (f32) for `tokens [B, T]` (s32), in a graph that runs on
     /// `platform` (see [`Model::rla_lowering`]).
     pub fn forward(&self, b: &Builder, p: &ParamOps, tokens: Op, platform: &str) -> Result<Op> {
-        if let Some(period) = self.scan_period() {
-            return self.forward_scanned(b, p, tokens, platform, period);
-        }
         let t = dims(b, tokens)?[1];
+        self.forward_prefix(b, p, tokens, t, platform)
+    }
+
+    /// [`Model::forward`] of the first `t` columns of `tokens [B, L ≥ t]` (the next-token loss
+    /// passes its whole token array: no slice when the embedding is our kernel).
+    fn forward_prefix(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        tokens: Op,
+        t: i64,
+        platform: &str,
+    ) -> Result<Op> {
+        let devices = self.mesh().device_count();
+        if self.config().norm_lowering == KernelLowering::Kernel && devices > 1 {
+            return Err(b.error(
+                "forward",
+                format!(
+                    "model.norm_lowering = \"kernel\" runs on one device, but the mesh has \
+                     {devices}; use \"auto\" or \"hlo\""
+                ),
+            ));
+        }
+        if let Some(period) = self.scan_period() {
+            return self.forward_scanned(b, p, (tokens, t), platform, period);
+        }
         // Activations at layer boundaries are `[batch, length, activation_embed]` (a constraint
         // under a mesh, nothing on one device).
         let residual = [Batch, Length, ActivationEmbed];
-        let x = self.embed(b, p, tokens)?;
+        let x = self.embed_prefix(b, p, tokens, t, platform)?;
         let mut x = self.constrain(b, x, "embed.out", &residual)?;
         let pos = b.iota(ElementType::F32, &[t], 0)?;
+        let kernel_norm = self.norm_lowering(platform) == KernelLowering::Kernel;
         for (i, &attn) in self.layers().iter().enumerate() {
             let _s = b.name_scope(&format!("layer_{i}"));
             let ap = format!("layers.{i}.attn");
             x = match self.remat() {
-                Remat::None => self.block(b, p, i, x, |q, k, v| {
+                Remat::None => self.block(b, p, i, x, kernel_norm, |q, k, v| {
                     self.attention_core(b, p, &ap, attn, (q, k, v), pos, platform)
                 })?,
                 Remat::LayerInputs => self.remat_block(b, p, i, x, platform)?,
@@ -417,7 +496,7 @@ impl Model {
             };
             x = self.constrain(b, x, &format!("layers.{i}.out"), &residual)?;
         }
-        let logits = self.head(b, p, x)?;
+        let logits = self.head_with(b, p, x, kernel_norm)?;
         self.constrain(b, logits, "logits", &[Batch, Length, Vocab])
     }
 
@@ -430,12 +509,12 @@ impl Model {
         &self,
         b: &Builder,
         p: &ParamOps,
-        tokens: Op,
+        (tokens, t): (Op, i64),
         platform: &str,
         period: usize,
     ) -> Result<Op> {
         let residual = [Batch, Length, ActivationEmbed];
-        let x = self.embed(b, p, tokens)?;
+        let x = self.embed_prefix(b, p, tokens, t, platform)?;
         let x = self.constrain(b, x, "embed.out", &residual)?;
         // The stacked parameters, and the unrolled name of row 0 of each: what the body's
         // blocks `0..period` ask for.
@@ -444,6 +523,7 @@ impl Model {
             xs.push(param(p, &s.name)?);
             names.push(s.stacked[0].clone());
         }
+        let kernel_norm = self.norm_lowering(platform) == KernelLowering::Kernel;
         let (me, platform) = (self.clone(), platform.to_string());
         let body: hlo_builder::autodiff::ScanFn =
             Arc::new(move |b: &Builder, x: Op, rows: &[Op]| {
@@ -454,7 +534,7 @@ impl Model {
                 for (j, &attn) in me.layers()[..period].iter().enumerate() {
                     let _s = b.name_scope(&format!("layer_{j}"));
                     let ap = format!("layers.{j}.attn");
-                    x = me.block(b, &p, j, x, |q, k, v| {
+                    x = me.block(b, &p, j, x, kernel_norm, |q, k, v| {
                         me.attention_core(b, &p, &ap, attn, (q, k, v), pos, &platform)
                     })?;
                     x = me.constrain(b, x, &format!("layers.{j}.out"), &residual)?;
@@ -465,7 +545,7 @@ impl Model {
             let _s = b.name_scope("scan_layers");
             b.scan_unrolled(x, &xs, body, self.config().scan_unroll)?
         };
-        let logits = self.head(b, p, x)?;
+        let logits = self.head_with(b, p, x, kernel_norm)?;
         self.constrain(b, logits, "logits", &[Batch, Length, Vocab])
     }
 
@@ -519,9 +599,25 @@ impl Model {
                 ),
             ));
         }
-        let inputs = b.slice_in_dim(tokens, 0, td[1] - 1, 1)?;
-        let targets = b.slice_in_dim(tokens, 1, td[1], 1)?;
-        let logits = self.forward(b, p, inputs, platform)?;
-        cross_entropy(b, logits, targets, weights)
+        // The inputs are the first T columns, the targets the last T: the kernels read them in
+        // place, the HLO lowerings slice.
+        let logits = self.forward_prefix(b, p, tokens, td[1] - 1, platform)?;
+        match self.loss_lowering(platform) {
+            KernelLowering::Kernel if self.mesh().device_count() > 1 => Err(b.error(
+                "weighted_loss",
+                format!(
+                    "model.loss_lowering = \"kernel\" runs on one device, but the mesh has {}; \
+                     use \"auto\" or \"hlo\"",
+                    self.mesh().device_count()
+                ),
+            )),
+            KernelLowering::Kernel => {
+                pallas_port::cross_entropy::cross_entropy_kernel(b, logits, (tokens, 1), weights)
+            }
+            _ => {
+                let targets = b.slice_in_dim(tokens, 1, td[1], 1)?;
+                cross_entropy(b, logits, targets, weights)
+            }
+        }
     }
 }

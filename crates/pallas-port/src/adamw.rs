@@ -1,8 +1,9 @@
 //! The train step's AdamW update (global-norm clipping included) as one typed-FFI custom call,
 //! `rattention.adamw`, served by [`kernel::adamw`](crate::kernel::adamw) on the CPU.
 //!
-//! Operands: `lr`, `bc1`, `bc2` (f32 scalars computed in the graph), then the parameters, the
-//! gradients, the first and the second moments, `n` tensors each (f32, any shapes, the four of
+//! Operands: `schedule f32[3]` = `(lr, bc1, bc2)` computed in the graph (one array, so XLA
+//! computes the three scalars in one fusion instead of compiling a kernel for each), then the
+//! parameters, the gradients, the first and the second moments, `n` tensors each (f32, any shapes, the four of
 //! a parameter alike). Results: a tuple of the updated parameters, first moments, second moments
 //! (`n` each) and the global gradient norm before clipping (f32 scalar). Attributes (f32):
 //! `beta1`, `one_minus_beta1`, `beta2`, `one_minus_beta2`, `eps`, `weight_decay`, `clip_norm`,
@@ -81,7 +82,9 @@ pub fn adamw_call(
         .flat_map(|_| shapes.iter().cloned())
         .chain([Shape::scalar(ElementType::F32)])
         .collect();
-    let operands: Vec<Op> = [lr, bc1, bc2]
+    let one = |x: Op| b.reshape(x, &[1]);
+    let schedule = b.concatenate(&[one(lr)?, one(bc1)?, one(bc2)?], 0)?;
+    let operands: Vec<Op> = [schedule]
         .into_iter()
         .chain(params.iter().copied())
         .chain(grads.iter().copied())
@@ -101,14 +104,14 @@ pub fn adamw_call(
         ("one_minus_beta2", Attr::F32(h.one_minus_beta2)),
         ("weight_decay", Attr::F32(h.weight_decay)),
     ];
-    // p'_i, m'_i, v'_i live in the buffers of p_i, m_i, v_i (operands 3 + i, 3 + 2n + i,
-    // 3 + 3n + i; the gradients are operands 3 + n + i).
+    // p'_i, m'_i, v'_i live in the buffers of p_i, m_i, v_i (operands 1 + i, 1 + 2n + i,
+    // 1 + 3n + i; the gradients are operands 1 + n + i).
     let aliases: Vec<(usize, usize)> = (0..n)
         .flat_map(|i| {
             [
-                (i, 3 + i),
-                (n + i, 3 + 2 * n + i),
-                (2 * n + i, 3 + 3 * n + i),
+                (i, 1 + i),
+                (n + i, 1 + 2 * n + i),
+                (2 * n + i, 1 + 3 * n + i),
             ]
         })
         .collect();
@@ -131,12 +134,12 @@ fn f32_attr(frame: &CallFrame<'_>, name: &str) -> std::result::Result<f32, FfiEr
     Ok(frame.attr_f64(name)? as f32)
 }
 
-fn scalar(frame: &CallFrame<'_>, i: usize, what: &str) -> std::result::Result<f32, FfiError> {
-    let a = frame.arg(i)?;
-    match a.as_slice::<f32>()? {
-        [x] => Ok(*x),
+/// The `(lr, bc1, bc2)` of operand 0 (`f32[3]`).
+fn schedule(frame: &CallFrame<'_>) -> std::result::Result<AdamwStep, FfiError> {
+    match frame.arg(0)?.as_slice::<f32>()? {
+        &[lr, bc1, bc2] => Ok(AdamwStep { lr, bc1, bc2 }),
         s => Err(FfiError::invalid_argument(format!(
-            "adamw: operand {i} ({what}) must be an f32 scalar, got {} elements",
+            "adamw: operand 0 (the schedule: lr, bc1, bc2) must be f32[3], got {} elements",
             s.len()
         ))),
     }
@@ -152,33 +155,29 @@ fn adamw_handler(frame: &mut CallFrame<'_>) -> std::result::Result<(), FfiError>
         weight_decay: f32_attr(frame, "weight_decay")?,
         clip_norm: f32_attr(frame, "clip_norm")?,
     };
-    let s = AdamwStep {
-        lr: scalar(frame, 0, "lr")?,
-        bc1: scalar(frame, 1, "bc1")?,
-        bc2: scalar(frame, 2, "bc2")?,
-    };
+    let s = schedule(frame)?;
     let decay = frame.attr_array_i64("decay")?;
     let n = decay.len();
-    if frame.num_args() != 3 + 4 * n || frame.num_rets() != 3 * n + 1 {
+    if frame.num_args() != 1 + 4 * n || frame.num_rets() != 3 * n + 1 {
         return Err(FfiError::invalid_argument(format!(
             "adamw: {n} decay flags need {} operands and {} results, got {} and {}",
-            3 + 4 * n,
+            1 + 4 * n,
             3 * n + 1,
             frame.num_args(),
             frame.num_rets()
         )));
     }
     let g = (0..n)
-        .map(|i| frame.arg(3 + n + i)?.as_slice::<f32>())
+        .map(|i| frame.arg(1 + n + i)?.as_slice::<f32>())
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let mut tensors = Vec::with_capacity(n);
     for (i, g) in g.into_iter().enumerate() {
         tensors.push(AdamwInPlace {
             decay: decay[i] != 0,
             g,
-            p: frame.in_place_mut::<f32>(3 + i, i)?,
-            m: frame.in_place_mut::<f32>(3 + 2 * n + i, n + i)?,
-            v: frame.in_place_mut::<f32>(3 + 3 * n + i, 2 * n + i)?,
+            p: frame.in_place_mut::<f32>(1 + i, i)?,
+            m: frame.in_place_mut::<f32>(1 + 2 * n + i, n + i)?,
+            v: frame.in_place_mut::<f32>(1 + 3 * n + i, 2 * n + i)?,
         });
     }
     let gnorm = adamw_in_place(&h, &s, &mut tensors).map_err(FfiError::invalid_argument)?;

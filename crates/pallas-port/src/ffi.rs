@@ -162,6 +162,9 @@ pub fn register_cpu_kernels(client: &pjrt::Client) -> pjrt::Result<()> {
     client.register_ffi_handler(BWD_TARGET, RLA_BWD_HANDLER)?;
     crate::adamw::register_cpu_kernel(client)?;
     crate::ffi_attention::register_attention_kernels(client)?;
+    crate::cross_entropy::register_cpu_kernels(client)?;
+    crate::rms_norm::register_cpu_kernels(client)?;
+    crate::embed::register_cpu_kernels(client)?;
     REGISTERED.store(true, Ordering::Release);
     Ok(())
 }

@@ -15,6 +15,9 @@
 //!   sequence shards); [`rla_in_region`] uses it when the sequence is cut.
 //! - [`adamw`]: the train step's AdamW update as one custom call (`rattention.adamw`) over
 //!   [`kernel::adamw`].
+//! - [`cross_entropy`], [`rms_norm`], [`embed`]: the train loss, RMS normalisation and the token
+//!   embedding as custom-call pairs over [`kernel::cross_entropy`], [`kernel::rms_norm`],
+//!   [`kernel::embed`], chosen per op by [`kernel_lowering::KernelLowering`].
 //! - [`reference`]: naive f64 formulas the kernels are tested against ([`reference::feature`]
 //!   is φ).
 
@@ -24,15 +27,19 @@ pub mod adamw;
 pub mod attention;
 pub mod bench_util;
 pub mod config;
+pub mod cross_entropy;
 pub mod decode;
+pub mod embed;
 pub mod feature;
 pub mod ffi;
 pub mod ffi_attention;
 pub mod graph;
 pub mod hlo;
 pub mod kernel;
+pub mod kernel_lowering;
 pub mod lang;
 pub mod reference;
+pub mod rms_norm;
 pub mod seq;
 
 pub use config::{FeatureMap, RlaConfig, RlaDims, RlaError};

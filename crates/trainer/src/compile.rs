@@ -302,6 +302,36 @@ pub fn prepare_config(args: &CompileArgs, target: &Target) -> Result<RunConfig> 
             target.platform().to_uppercase(),
         );
     }
+    if cfg.model.loss_lowering == model::config::KernelLowering::Kernel {
+        bail!(
+            "model.loss_lowering = \"kernel\" lowers the loss to the custom calls {:?} and {:?}, \
+             which are served only by our CPU FFI kernels; {} has no handler for them. Use \
+             model.loss_lowering = \"hlo\" or \"auto\" (auto picks the HLO lowering there)",
+            pallas_port::cross_entropy::XENT_FWD_TARGET,
+            pallas_port::cross_entropy::XENT_BWD_TARGET,
+            target.platform().to_uppercase(),
+        );
+    }
+    if cfg.model.norm_lowering == model::config::KernelLowering::Kernel {
+        bail!(
+            "model.norm_lowering = \"kernel\" lowers the RMS norms to the custom calls {:?} and \
+             {:?}, which are served only by our CPU FFI kernels; {} has no handler for them. Use \
+             model.norm_lowering = \"hlo\" or \"auto\" (auto picks the HLO lowering there)",
+            pallas_port::rms_norm::RMS_NORM_FWD_TARGET,
+            pallas_port::rms_norm::RMS_NORM_BWD_TARGET,
+            target.platform().to_uppercase(),
+        );
+    }
+    if cfg.model.embed_lowering == model::config::KernelLowering::Kernel {
+        bail!(
+            "model.embed_lowering = \"kernel\" lowers the token embedding to the custom calls {:?} \
+             and {:?}, which are served only by our CPU FFI kernels; {} has no handler for them. \
+             Use model.embed_lowering = \"hlo\" or \"auto\" (auto picks the HLO lowering there)",
+            pallas_port::embed::EMBED_FWD_TARGET,
+            pallas_port::embed::EMBED_BWD_TARGET,
+            target.platform().to_uppercase(),
+        );
+    }
     Ok(cfg)
 }
 

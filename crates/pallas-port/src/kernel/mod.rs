@@ -31,9 +31,12 @@ macro_rules! deref_heads {
 pub mod adamw;
 pub mod attention;
 mod bwd;
+pub mod cross_entropy;
+pub mod embed;
 pub(crate) mod feature;
 mod fwd;
 pub(crate) mod mm;
+pub mod rms_norm;
 
 use std::cell::RefCell;
 

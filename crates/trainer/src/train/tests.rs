@@ -367,6 +367,78 @@ fn attention_kernel_and_hlo_lowerings_train_alike() {
     }
 }
 
+/// The loss, the RMS norms and the embedding through our CPU kernels (`model.loss_lowering`,
+/// `norm_lowering`, `embed_lowering` = "kernel", the default on one CPU device) and through the
+/// HLO train
+/// alike: every step's loss within 1e-6 relative, the final parameters and moments within 1e-5
+/// of each tensor's norm; under a mesh `auto` picks the HLO and `"kernel"` is refused
+/// naming the device count.
+#[test]
+fn loss_norm_and_embed_kernels_and_hlo_lowerings_train_alike() {
+    let all = |l: &str| ["loss", "norm", "embed"].map(|op| format!("model.{op}_lowering=\"{l}\""));
+    for (lowering, on) in [("kernel", true), ("hlo", false), ("auto", true)] {
+        let sets = all(lowering);
+        let cfg = tiny(STEPS, &[&sets[0], &sets[1], &sets[2]]);
+        let text = step::build_train_step(&cfg, "cpu", &model::Mesh::single())
+            .unwrap()
+            .to_text();
+        for target in
+            ["xent_bwd", "rms_norm_bwd", "embed_bwd"].map(|t| format!("\"rattention.{t}\""))
+        {
+            assert_eq!(
+                text.contains(&target),
+                on,
+                "{lowering}: {target} in the step"
+            );
+        }
+    }
+    let cfg = tiny(STEPS, &["mesh.data=2"]);
+    let mesh = cfg.mesh.resolve(2).unwrap();
+    let text = step::build_train_step(&cfg, "cpu", &mesh)
+        .unwrap()
+        .to_text();
+    for t in ["xent_fwd", "rms_norm_fwd", "embed_fwd"] {
+        assert!(
+            !text.contains(&format!("rattention.{t}")),
+            "{t} under a 2-device mesh"
+        );
+    }
+    for set in all("kernel") {
+        let cfg = tiny(STEPS, &["mesh.data=2", &set]);
+        let e = format!(
+            "{:#}",
+            step::build_train_step(&cfg, "cpu", &mesh).unwrap_err()
+        );
+        assert!(
+            e.contains("_lowering = \"kernel\"") && e.contains("2"),
+            "{e}"
+        );
+    }
+    let (k, h) = (all("kernel"), all("hlo"));
+    let (kernel, pk) = run("loss-norm-embed-kernel", STEPS, &[&k[0], &k[1], &k[2]]);
+    let (hlo, ph) = run("loss-norm-embed-hlo", STEPS, &[&h[0], &h[1], &h[2]]);
+    assert_eq!(kernel.len(), STEPS);
+    for (s, (a, b)) in kernel.iter().zip(&hlo).enumerate() {
+        let e = ((a - b) / b).abs();
+        eprintln!("step {}: loss kernel {a} hlo {b} (rel {e:.1e})", s + 1);
+        assert!(e <= 1e-6, "step {}: loss kernel {a} vs hlo {b}", s + 1);
+    }
+    let (mut worst_rel, mut worst_norm) = (0.0f64, 0.0f64);
+    for (a, b) in pk.iter().zip(&ph) {
+        let (e, n) = (rel(&a.data, &b.data), norm_rel(&a.data, &b.data));
+        (worst_rel, worst_norm) = (worst_rel.max(e), worst_norm.max(n));
+        // Max-relative is printed, not held: AdamW's update of an element whose gradient is
+        // near 0 is ~±lr either way, so rounding-level gradient differences move single
+        // elements by up to ~1e-4 of their tensor's largest value.
+        assert!(
+            n <= 1e-5,
+            "{}: kernel vs hlo {n:.1e} in norm ({e:.1e} max)",
+            a.name
+        );
+    }
+    eprintln!("state: worst max-rel {worst_rel:.1e}, worst norm-rel {worst_norm:.1e}");
+}
+
 #[test]
 fn a_mesh_that_does_not_fit_the_devices_is_refused_before_anything_runs() {
     let cfg = tiny(1, &["mesh.fsdp=2"]);

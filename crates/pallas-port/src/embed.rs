@@ -1,0 +1,163 @@
+//! Token embedding as a custom-call pair in a graph: the forward `rattention.embed_fwd` (the
+//! table rows of the ids) with the backward `rattention.embed_bwd` (their cotangents summed into
+//! the table's rows) as its custom VJP, served by the CPU kernels of [`crate::kernel::embed`].
+//! The portable lowering is the HLO gather (`Builder::take_rows`, whose VJP is a scatter-add);
+//! the model's `embed_lowering` ([`crate::kernel_lowering::KernelLowering`]) picks between them.
+//!
+//! Forward: `(table f32[V, D], ids s32[..., L]) -> f32[..., T, D]`, attribute `columns` (i64 `T
+//! ≤ L`: the first `T` columns of the ids, so the next-token loss's inputs are read from the
+//! token array `[B, T+1]` itself, with no slice for XLA to compile); backward: `(ids, d_out) ->
+//! d_table f32[V, D]`. Ids outside `[0, V)` are clamped, as the gather clamps them.
+//!
+//! ```no_run
+//! use hlo_builder::{Builder, ElementType, Shape};
+//! let b = Builder::new("embed");
+//! let table = b.parameter(Shape::array(ElementType::F32, &[32, 16]), "table")?;
+//! let tokens = b.parameter(Shape::array(ElementType::S32, &[2, 9]), "tokens")?;
+//! let x = pallas_port::embed::embed_kernel(&b, table, tokens, 8)?; // f32[2, 8, 16]
+//! let d_table = b.grad(b.reduce_sum(x, &[0, 1, 2])?, &[table])?; // rattention.embed_bwd
+//! # Ok::<(), hlo_builder::Error>(())
+//! ```
+
+use crate::kernel::embed::{embed_bwd, embed_fwd, Columns};
+use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape};
+use pjrt::ffi::{CallFrame, FfiError};
+use std::sync::Arc;
+
+/// Custom-call target of the embedding forward.
+pub const EMBED_FWD_TARGET: &str = "rattention.embed_fwd";
+/// Custom-call target of the embedding backward.
+pub const EMBED_BWD_TARGET: &str = "rattention.embed_bwd";
+
+/// The `columns` attribute.
+fn attrs(columns: usize) -> Vec<(&'static str, Attr)> {
+    vec![("columns", Attr::I64(columns as i64))]
+}
+
+/// The VJP of the forward call: the backward call (the table's gradient only; ids are data).
+struct EmbedVjp {
+    columns: usize,
+}
+
+impl hlo_builder::autodiff::VjpRule for EmbedVjp {
+    fn vjp(
+        &self,
+        b: &Builder,
+        inputs: &[Op],
+        _output: Op,
+        cts: &[Option<Op>],
+    ) -> Result<Vec<Option<Op>>> {
+        let Some(d_out) = cts.first().copied().flatten() else {
+            return Ok(vec![None, None]);
+        };
+        let (table, ids) = (inputs[0], inputs[1]);
+        let _s = b.name_scope("embed_bwd");
+        let d_table = b.custom_call(
+            EMBED_BWD_TARGET,
+            &[ids, d_out],
+            b.shape(table)?,
+            &attrs(self.columns),
+        )?;
+        Ok(vec![Some(d_table), None])
+    }
+}
+
+/// The rows of `table f32[V, D]` picked by the first `columns` columns of `ids s32[..., L]` (ids
+/// outside `[0, V)` clamped), `f32[..., columns, D]`, as the custom call
+/// `rattention.embed_fwd`, whose gradient (the table's) is `rattention.embed_bwd`. Equals
+/// `take_rows(table, ids[..., :columns])`. Runs only where the handlers are registered (the CPU
+/// client, [`crate::register_cpu_kernels`]); errors name the op and the shapes.
+pub fn embed_kernel(b: &Builder, table: Op, ids: Op, columns: usize) -> Result<Op> {
+    let (ts, is) = (b.shape(table)?, b.shape(ids)?);
+    let (td, id) = (ts.dims(), is.dims());
+    let ok = td.len() == 2
+        && !id.is_empty()
+        && ts.ty() == Some(ElementType::F32)
+        && is.ty() == Some(ElementType::S32)
+        && columns >= 1
+        && id[id.len() - 1] >= columns as i64;
+    if !ok {
+        return Err(b.error(
+            "embed_kernel",
+            format!(
+                "expected table f32[V, D] and ids s32[..., L ≥ {columns}] (columns ≥ 1), got \
+                 table {ts}, ids {is}"
+            ),
+        ));
+    }
+    let mut out = id.to_vec();
+    *out.last_mut().expect("ids rank ≥ 1") = columns as i64;
+    out.push(td[1]);
+    let fwd = {
+        let _s = b.name_scope("embed_fwd");
+        b.custom_call(
+            EMBED_FWD_TARGET,
+            &[table, ids],
+            Shape::array(ElementType::F32, &out),
+            &attrs(columns),
+        )?
+    };
+    b.custom_vjp(&[table, ids], fwd, Arc::new(EmbedVjp { columns }))?;
+    Ok(fwd)
+}
+
+/// The [`Columns`] of the handler's ids (operand `ids_arg`, `[..., L]`) for attribute `columns`;
+/// errors name `op`.
+fn columns(
+    op: &str,
+    frame: &CallFrame<'_>,
+    ids_arg: usize,
+) -> std::result::Result<Columns, FfiError> {
+    let id = frame.arg(ids_arg)?.dims().to_vec();
+    let t = frame.attr_i64("columns")?;
+    match id.last() {
+        Some(&l) if t >= 1 && l >= t => Ok(Columns {
+            t: t as usize,
+            stride: l as usize,
+            offset: 0,
+        }),
+        _ => Err(FfiError::invalid_argument(format!(
+            "{op}: ids {id:?} must be [..., L] with L ≥ columns = {t} ≥ 1"
+        ))),
+    }
+}
+
+/// `(V, D)` of a table's dims; errors name `op`.
+fn table_dims(op: &str, d: &[i64]) -> std::result::Result<(usize, usize), FfiError> {
+    match d {
+        &[v, w] if v > 0 && w > 0 => Ok((v as usize, w as usize)),
+        _ => Err(FfiError::invalid_argument(format!(
+            "{op}: table {d:?} must be [V, D] with V, D ≥ 1"
+        ))),
+    }
+}
+
+fn embed_fwd_handler(frame: &mut CallFrame<'_>) -> std::result::Result<(), FfiError> {
+    const OP: &str = "embed_fwd";
+    let cols = columns(OP, frame, 1)?;
+    let (table, ids) = (frame.arg(0)?, frame.arg(1)?);
+    let (v, d) = table_dims(OP, table.dims())?;
+    let (table, ids) = (table.as_slice::<f32>()?, ids.as_slice::<i32>()?);
+    let mut out = frame.ret(0)?;
+    embed_fwd(v, d, table, ids, cols, out.as_mut_slice()?).map_err(FfiError::invalid_argument)
+}
+
+fn embed_bwd_handler(frame: &mut CallFrame<'_>) -> std::result::Result<(), FfiError> {
+    const OP: &str = "embed_bwd";
+    let cols = columns(OP, frame, 0)?;
+    let (ids, d_out) = (frame.arg(0)?, frame.arg(1)?);
+    let (ids, d_out) = (ids.as_slice::<i32>()?, d_out.as_slice::<f32>()?);
+    let mut d_table = frame.ret(0)?;
+    let (v, d) = table_dims(OP, d_table.dims())?;
+    embed_bwd(v, d, ids, cols, d_out, d_table.as_mut_slice()?).map_err(FfiError::invalid_argument)
+}
+
+pjrt::ffi_handler!(EMBED_FWD_HANDLER, embed_fwd_handler);
+pjrt::ffi_handler!(EMBED_BWD_HANDLER, embed_bwd_handler);
+
+/// Registers the embedding kernels for `client`'s platform (process-global; idempotent). Called
+/// by [`crate::register_cpu_kernels`].
+pub fn register_cpu_kernels(client: &pjrt::Client) -> pjrt::Result<()> {
+    client.register_ffi_handler(EMBED_FWD_TARGET, EMBED_FWD_HANDLER)?;
+    client.register_ffi_handler(EMBED_BWD_TARGET, EMBED_BWD_HANDLER)
+}
