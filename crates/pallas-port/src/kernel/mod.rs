@@ -37,7 +37,7 @@ pub(crate) mod mm;
 
 use std::cell::RefCell;
 
-pub use attention::{attn_bwd, attn_fwd};
+pub use attention::{attn_bwd, attn_bwd_at, attn_fwd, attn_fwd_at, AttnPositions};
 
 use crate::config::{check_len, RlaConfig, RlaDims, RlaError};
 
