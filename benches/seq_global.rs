@@ -57,13 +57,7 @@ fn layer_kind() -> Attention {
     }
 }
 
-fn setup(
-    client: &Client,
-    t: usize,
-    batch: usize,
-    mesh: Option<SeqMesh>,
-    lowering: &str,
-) -> Layer {
+fn setup(client: &Client, t: usize, batch: usize, mesh: Option<SeqMesh>, lowering: &str) -> Layer {
     let cfg = bench_config(&[
         format!("model.seq_len={t}"),
         "model.window=64".into(),
@@ -177,11 +171,11 @@ fn main() {
             .iter()
             .map(|&(l, m)| (l, m, "auto"))
             .chain(hlo_row)
-            .chain(
-                std::env::var("RATTN_BENCH_SEQ_HLO")
-                    .is_ok()
-                    .then_some(("seq8 hlo", Some((1, 8, SeqGlobal::Dense)), "hlo")),
-            );
+            .chain(std::env::var("RATTN_BENCH_SEQ_HLO").is_ok().then_some((
+                "seq8 hlo",
+                Some((1, 8, SeqGlobal::Dense)),
+                "hlo",
+            )));
         for (label, mesh, lowering) in runs {
             if kind != Attention::Global && mesh.is_some_and(|m| m.2 == SeqGlobal::Zigzag) {
                 continue; // the local layer's program does not depend on the scheme

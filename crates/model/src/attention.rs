@@ -174,10 +174,10 @@ pub fn causal_attention_seq_with(
 ///
 /// * sliding window: against `[halo; own]` keys (the first at offset − halo length; the halo
 ///   before the sequence start masked by position);
-/// * global with [`SeqGlobal::Dense`] or [`SeqGlobal::Auto`]: against all gathered keys, the
-///   kernel skipping the key blocks after the shard (so no shard computes masked blocks, and
-///   the work summed over the shards is the 1-device kernel's); an explicit
-///   [`SeqGlobal::Zigzag`] keeps the HLO zigzag.
+/// * global when the scheme is (or `auto` picks) [`SeqGlobal::Dense`]: against all gathered
+///   keys, the kernel skipping the key blocks after the shard (no shard computes masked
+///   blocks; the work summed over the shards is the 1-device kernel's); the zigzag scheme
+///   stays HLO.
 ///
 /// [`AttentionLowering::Hlo`] (and `Auto`) is [`causal_attention_seq_with`].
 #[allow(clippy::too_many_arguments)]
@@ -231,8 +231,7 @@ pub fn causal_attention_seq_lowered(
             Some(w) if kernel && (w as i64) + 1 < t => {
                 let hl = (w as i64).min((s - 1) * tl);
                 let (k, v) = if hl > 0 {
-                    let with_halo =
-                        |x: Op| b.concatenate(&[seq.halo(b, x, 1, hl as usize)?, x], 1);
+                    let with_halo = |x: Op| b.concatenate(&[seq.halo(b, x, 1, hl as usize)?, x], 1);
                     (with_halo(kl)?, with_halo(vl)?)
                 } else {
                     (kl, vl)
@@ -240,7 +239,7 @@ pub fn causal_attention_seq_lowered(
                 let pos = positions(b, offset, b.sub(offset, b.scalar(hl as i32)?)?)?;
                 attention_kernel_at(b, ql, k, v, Some(w), pos)?
             }
-            _ if kernel && scheme != SeqGlobal::Zigzag => {
+            _ if kernel && picked == SeqGlobal::Dense => {
                 let (kg, vg) = (seq.all_gather(b, kl, 1)?, seq.all_gather(b, vl, 1)?);
                 let pos = positions(b, offset, b.scalar(0i32)?)?;
                 attention_kernel_at(b, ql, kg, vg, None, pos)?
@@ -382,10 +381,7 @@ pub fn local_attention_seq_lowered(
         let r = n / g;
         let swa = if attention == AttentionLowering::Kernel {
             let (k, v) = match halo {
-                Some((hk, _, hv)) => (
-                    b.concatenate(&[hk, skl], 1)?,
-                    b.concatenate(&[hv, vl], 1)?,
-                ),
+                Some((hk, _, hv)) => (b.concatenate(&[hk, skl], 1)?, b.concatenate(&[hv, vl], 1)?),
                 None => (skl, vl),
             };
             let pos = positions(b, offset, b.sub(offset, b.scalar(hl as i32)?)?)?;

@@ -14,13 +14,13 @@
 //! # Ok::<(), hlo_builder::Error>(())
 //! ```
 
+use crate::config::RlaDims;
 use crate::ffi_attention::{
     ATTN_BWD_AT_TARGET, ATTN_BWD_TARGET, ATTN_FWD_AT_TARGET, ATTN_FWD_TARGET,
 };
 use crate::graph::{
     dims_i64, f32_tuple, output_cotangent, qkv_dims, qkv_grads, qkv_to_shards, region_tiles,
 };
-use crate::config::RlaDims;
 use hlo_builder::{Attr, Builder, ElementType, Op, Result, Sharding};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -180,7 +180,7 @@ impl hlo_builder::autodiff::VjpRule for AttnAtVjp {
         );
         let g = {
             let _s = b.name_scope("attn_bwd_at");
-            b.custom_call(
+            b.custom_call_row_major(
                 ATTN_BWD_AT_TARGET,
                 &[q, k, v, o, lse, d_o, pos],
                 f32_tuple(&[&d.q_shape(), &kv, &kv]),
@@ -200,8 +200,7 @@ fn qkv_dims_at(b: &Builder, q: Op, k: Op, v: Op, pos: Op) -> Result<(RlaDims, us
     let (qs, ks, vs, ps) = (b.shape(q)?, b.shape(k)?, b.shape(v)?, b.shape(pos)?);
     let (qd, kd) = (qs.dims(), ks.dims());
     let pos_ok = ps.dims() == [2] && ps.ty() == Some(ElementType::S32);
-    if qd.len() != 4 || kd.len() != 4 || ks != vs || qd[0] != kd[0] || qd[3] != kd[3] || !pos_ok
-    {
+    if qd.len() != 4 || kd.len() != 4 || ks != vs || qd[0] != kd[0] || qd[3] != kd[3] || !pos_ok {
         return Err(b.error(
             OP,
             format!(
@@ -231,7 +230,10 @@ fn qkv_dims_at(b: &Builder, q: Op, k: Op, v: Op, pos: Op) -> Result<(RlaDims, us
 /// [`crate::kernel::attention::AttnPositions`]): key s is visible to query t iff
 /// 0 ≤ k0 + s ≤ q0 + t and, with `window = Some(W)`, q0 + t − W ≤ k0 + s. A sequence shard
 /// attends its queries (q0 = its offset) to `[halo; own]` keys (k0 = offset − halo length);
-/// the kernel skips the key blocks the positions hide. Returns `o f32[B,Tq,N,H]`.
+/// the kernel skips the key blocks the positions hide. Returns `o f32[B,Tq,N,H]`. Operand and
+/// result layouts are pinned to row-major (`custom_call_row_major`): inside a sequence region
+/// XLA's layout assignment otherwise hands the backward's dk, dv the layout of the
+/// reduce-scatter that consumes them, which the kernel does not read.
 ///
 /// ```no_run
 /// use hlo_builder::{Builder, ElementType, Shape};
@@ -256,7 +258,7 @@ pub fn attention_kernel_at(
     let out = f32_tuple(&[&d.q_shape(), &crate::kernel::attention::lse_shape(&d)]);
     let fwd = {
         let _s = b.name_scope("attn_fwd_at");
-        b.custom_call(ATTN_FWD_AT_TARGET, &[q, k, v, pos], out, &attrs(window))?
+        b.custom_call_row_major(ATTN_FWD_AT_TARGET, &[q, k, v, pos], out, &attrs(window))?
     };
     b.custom_vjp(&[q, k, v, pos], fwd, Arc::new(AttnAtVjp { window }))?;
     b.get_tuple_element(fwd, 0)

@@ -79,7 +79,12 @@ fn attn_bwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
 
 /// The key count of k `[B,Tk,G,H]` after checking k, v against q `[B,Tq,N,H]` (equal B, H; v
 /// shaped like k).
-fn keys_of(op: &str, q: &BufferArg<'_>, k: &BufferArg<'_>, v: &BufferArg<'_>) -> Result<usize, FfiError> {
+fn keys_of(
+    op: &str,
+    q: &BufferArg<'_>,
+    k: &BufferArg<'_>,
+    v: &BufferArg<'_>,
+) -> Result<usize, FfiError> {
     let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
     if qd.len() != 4 || kd.len() != 4 || kd != vd || qd[0] != kd[0] || qd[3] != kd[3] {
         return Err(FfiError::invalid_argument(format!(

@@ -231,11 +231,17 @@ fn naive_at(
                 let dot = |a: &[f32], ai: usize, c: &[f32], ci: usize| -> f64 {
                     (0..h).map(|x| a[ai + x] as f64 * c[ci + x] as f64).sum()
                 };
-                let sc: Vec<f64> = vis.iter().map(|&s| dot(q, qi(b, i, hd), k, ki(b, s, gi))).collect();
+                let sc: Vec<f64> = vis
+                    .iter()
+                    .map(|&s| dot(q, qi(b, i, hd), k, ki(b, s, gi)))
+                    .collect();
                 let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
                 let p: Vec<f64> = sc.iter().map(|x| (x - mx).exp() / z).collect();
-                let dp: Vec<f64> = vis.iter().map(|&s| dot(d_o, qi(b, i, hd), v, ki(b, s, gi))).collect();
+                let dp: Vec<f64> = vis
+                    .iter()
+                    .map(|&s| dot(d_o, qi(b, i, hd), v, ki(b, s, gi)))
+                    .collect();
                 let pdp: f64 = p.iter().zip(&dp).map(|(a, c)| a * c).sum();
                 for (j, &s) in vis.iter().enumerate() {
                     let ds = p[j] * (dp[j] - pdp);
@@ -325,7 +331,11 @@ fn kernel_at_origin_is_the_plain_kernel() {
         let run = |at: bool| {
             let mut o = vec![0.0; d.q_len()];
             let mut lse = vec![0.0; d.batch * d.seq * d.heads];
-            let mut g = [vec![0.0; d.q_len()], vec![0.0; d.kv_len()], vec![0.0; d.kv_len()]];
+            let mut g = [
+                vec![0.0; d.q_len()],
+                vec![0.0; d.kv_len()],
+                vec![0.0; d.kv_len()],
+            ];
             let [dq, dk, dv] = &mut g;
             if at {
                 let p = AttnPositions::default();
@@ -341,7 +351,10 @@ fn kernel_at_origin_is_the_plain_kernel() {
         let (a, b) = (run(true), run(false));
         for (x, y) in a.iter().zip(&b) {
             let same = x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
-            assert!(same, "{d} window {w:?}: attn_*_at at (0, 0) differs from attn_*");
+            assert!(
+                same,
+                "{d} window {w:?}: attn_*_at at (0, 0) differs from attn_*"
+            );
         }
     }
 }

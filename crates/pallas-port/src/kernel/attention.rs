@@ -123,10 +123,7 @@ impl Geo {
             return (0, 0);
         }
         let lo = (s0 - self.dq).clamp(0, tq);
-        let hi = self
-            .w
-            .map_or(tq, |w| s1 + w as i64 - self.dq)
-            .clamp(lo, tq);
+        let hi = self.w.map_or(tq, |w| s1 + w as i64 - self.dq).clamp(lo, tq);
         (lo as usize, hi as usize)
     }
 
