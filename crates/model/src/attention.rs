@@ -174,10 +174,10 @@ pub fn causal_attention_seq_with(
 ///
 /// * sliding window: against `[halo; own]` keys (the first at offset − halo length; the halo
 ///   before the sequence start masked by position);
-/// * global when the scheme is (or `auto` picks) [`SeqGlobal::Dense`]: against all gathered
-///   keys, the kernel skipping the key blocks after the shard (no shard computes masked
-///   blocks; the work summed over the shards is the 1-device kernel's); the zigzag scheme
-///   stays HLO.
+/// * global with [`SeqGlobal::Dense`] or [`SeqGlobal::Auto`] (which picks dense with the
+///   kernel, [`SeqGlobal::pick_for`]): against all gathered keys, the kernel skipping the key
+///   blocks after the shard (no shard computes masked blocks; the work summed over the shards
+///   is the 1-device kernel's); an explicit [`SeqGlobal::Zigzag`] stays HLO.
 ///
 /// [`AttentionLowering::Hlo`] (and `Auto`) is [`causal_attention_seq_with`].
 #[allow(clippy::too_many_arguments)]
@@ -202,7 +202,7 @@ pub fn causal_attention_seq_lowered(
     let t = qd[1];
     let seq = SeqShards::new(b, qkv, 4, 1)?;
     let s = seq.shards() as i64;
-    let Some(picked) = scheme.pick((t / s.max(1)) as usize, qd[3] as usize) else {
+    let Some(picked) = scheme.pick_for((t / s.max(1)) as usize, qd[3] as usize, kernel) else {
         return Err(b.error(
             "causal_attention_seq",
             format!(

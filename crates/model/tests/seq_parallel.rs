@@ -339,10 +339,18 @@ fn global_layer_over_sequence_shards_equals_one_device() {
         seq: 2,
         ..MeshConfig::default()
     };
-    let hlo = check_config(cfg, Attention::Global, 8, &mixed, Lowering::CustomCall);
+    // `auto` picks zigzag for the HLO lowering (with the attention kernel it is dense).
+    let mut hlo_cfg = cfg.clone();
+    hlo_cfg.attention_lowering = pallas_port::attention::AttentionLowering::Hlo;
+    let hlo = check_config(hlo_cfg, Attention::Global, 8, &mixed, Lowering::CustomCall);
     assert!(
         hlo.contains("collective-permute"),
         "auto did not pick zigzag"
+    );
+    let hlo = check_config(cfg, Attention::Global, 8, &mixed, Lowering::CustomCall);
+    assert!(
+        !hlo.contains("collective-permute"),
+        "auto with the attention kernel is not dense"
     );
     // RoPE on the global layer: the positions of each shard's queries and keys are its slice of
     // the whole sequence's (T = 32 over seq 8, shards of 4), a small base so they matter.
