@@ -262,7 +262,10 @@ fn naive_at(
 /// queries against `[halo; own]` keys (shard 0 with its halo before the sequence start masked,
 /// a middle shard, W larger than one shard, W = 0), the dense global arm (queries at an offset
 /// against all keys, later keys masked), key blocks crossing the query blocks, GQA, B = 2.
-fn cases_at() -> Vec<(RlaDims, usize, Option<usize>, (i64, i64))> {
+/// (dims with Tq, keys, window, (q0, k0)).
+type CaseAt = (RlaDims, usize, Option<usize>, (i64, i64));
+
+fn cases_at() -> Vec<CaseAt> {
     vec![
         // shard 0 of 4 (Tq 40), W 24: the halo of 24 zeros sits at −24 ..
         (dims(2, 40, 4, 2, 16), 64, Some(24), (0, -24)),
