@@ -13,7 +13,9 @@
 //! `cargo bench -p rattention-benches --bench seq_global -- --quick` (env
 //! `RATTN_BENCH_SHAPES=256x8,1024x2` picks T × batch; default 256x8, 1024x2, 2048x1;
 //! `RATTN_BENCH_LAYER=local` times a RAttention local layer (SWA + RLA, W = 64) instead, whose
-//! program does not depend on the scheme, for comparison).
+//! program does not depend on the scheme, for comparison, plus a "1 device hlo" row with
+//! `model.attention_lowering = "hlo"`; env `RATTN_BENCH_SEQ_HLO=1` adds "seq8 hlo", the seq
+//! region with the HLO banded blocks instead of the attention kernel).
 
 use std::collections::HashMap;
 
@@ -55,12 +57,13 @@ fn layer_kind() -> Attention {
     }
 }
 
-fn setup(client: &Client, t: usize, batch: usize, mesh: Option<SeqMesh>) -> Layer {
+fn setup(client: &Client, t: usize, batch: usize, mesh: Option<SeqMesh>, lowering: &str) -> Layer {
     let cfg = bench_config(&[
         format!("model.seq_len={t}"),
         "model.window=64".into(),
         "model.rla.chunk=32".into(),
         "model.rla.sub_chunk=16".into(),
+        format!("model.attention_lowering=\"{lowering}\""),
     ]);
     let mut m = Model::new(cfg.model.clone()).expect("model");
     let n = if let Some((data, seq, scheme)) = mesh {
@@ -160,7 +163,19 @@ fn main() {
         let mut rows = Vec::new();
         let load_before = load();
         let mut group = c.benchmark_group(format!("seq_global_T{t}_B{batch}"));
-        for (label, mesh) in RUNS {
+        // The local layer also runs on 1 device with the HLO attention (what the seq region
+        // used before the kernel took runtime positions): the kernel-vs-HLO gap.
+        let hlo_row = (kind != Attention::Global).then_some(("1 device hlo", None, "hlo"));
+        let runs = RUNS
+            .iter()
+            .map(|&(l, m)| (l, m, "auto"))
+            .chain(hlo_row)
+            .chain(std::env::var("RATTN_BENCH_SEQ_HLO").is_ok().then_some((
+                "seq8 hlo",
+                Some((1, 8, SeqGlobal::Dense)),
+                "hlo",
+            )));
+        for (label, mesh, lowering) in runs {
             if kind != Attention::Global && mesh.is_some_and(|m| m.2 == SeqGlobal::Zigzag) {
                 continue; // the local layer's program does not depend on the scheme
             }
@@ -172,7 +187,7 @@ fn main() {
                 Attention::Global => label,
                 _ => label.trim_end_matches(" dense"),
             };
-            let layer = setup(&client, t, batch, mesh);
+            let layer = setup(&client, t, batch, mesh, lowering);
             let id = format!("T{t} {label}");
             group.bench_function(BenchmarkId::from_parameter(label), |b| {
                 b.iter_custom(|iters| timings.time(&id, iters, || layer.call()))

@@ -10,7 +10,9 @@
 //! halo from 2 shards back); data 2 × seq 4; fsdp 4 × tensor 2. The seq meshes run their
 //! global layer as `mesh.seq_global = "auto"` picks (here dense: chunks of T/(2S) = 16 and 32
 //! tokens are below the head dim 64); `seq8-zigzag` and `data2xseq4-zigzag` run it
-//! load-balanced, for comparison. Each step is what `rattn train` runs: state donated and fed back, each device holding only its shard, the token batch split
+//! load-balanced, for comparison; `seq8-hlo` and `data2xseq4-hlo` run the sequence region's
+//! attention as HLO blocks (`model.attention_lowering = "hlo"`) instead of the CPU kernel at
+//! runtime positions (what `auto` picks on CPU). Each step is what `rattn train` runs: state donated and fed back, each device holding only its shard, the token batch split
 //! on the host.
 //!
 //! After criterion's runs one table prints wall and CPU ms per step (medians; CPU summed over
@@ -52,7 +54,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 /// Label and `[mesh]` overrides of each run.
-const MESHES: [(&str, &[&str]); 9] = [
+const MESHES: [(&str, &[&str]); 11] = [
     ("1 device", &[]),
     ("data8", &["mesh.data=8"]),
     ("fsdp8", &["mesh.fsdp=8"]),
@@ -65,6 +67,12 @@ const MESHES: [(&str, &[&str]); 9] = [
         &["mesh.data=2", "mesh.seq=4", "mesh.seq_global=zigzag"],
     ),
     ("fsdp4xtensor2", &["mesh.fsdp=4", "mesh.tensor=2"]),
+    // The sequence region with the HLO attention blocks instead of the kernel at positions.
+    ("seq8-hlo", &["mesh.seq=8", "model.attention_lowering=hlo"]),
+    (
+        "data2xseq4-hlo",
+        &["mesh.data=2", "mesh.seq=4", "model.attention_lowering=hlo"],
+    ),
 ];
 
 fn config(mesh: &[&str]) -> RunConfig {

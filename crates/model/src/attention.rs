@@ -26,6 +26,7 @@ use std::sync::Arc;
 use crate::layers::{bcast, dims};
 use crate::sharding::SeqGlobal;
 use hlo_builder::{Builder, Cmp, DotDims, ElementType, Op, Result, Sharding};
+use pallas_port::attention::{attention_kernel_at, AttentionLowering};
 use pallas_port::seq::SeqShards;
 
 const F32: ElementType = ElementType::F32;
@@ -163,6 +164,34 @@ pub fn causal_attention_seq_with(
     qkv: &Sharding,
     scheme: SeqGlobal,
 ) -> Result<Op> {
+    causal_attention_seq_lowered(b, q, k, v, window, qkv, scheme, AttentionLowering::Hlo)
+}
+
+/// [`causal_attention_seq_with`] with the attention lowering chosen (`lowering` concrete, see
+/// [`AttentionLowering::for_platform`]). [`AttentionLowering::Kernel`] runs each shard's
+/// attention as one call of the CPU kernel at runtime positions
+/// ([`pallas_port::attention::attention_kernel_at`], queries at the shard's offset):
+///
+/// * sliding window: against `[halo; own]` keys (the first at offset − halo length; the halo
+///   before the sequence start masked by position);
+/// * global with [`SeqGlobal::Dense`] or [`SeqGlobal::Auto`] (which picks dense with the
+///   kernel, [`SeqGlobal::pick_for`]): against all gathered keys, the kernel skipping the key
+///   blocks after the shard (no shard computes masked blocks; the work summed over the shards
+///   is the 1-device kernel's); an explicit [`SeqGlobal::Zigzag`] stays HLO.
+///
+/// [`AttentionLowering::Hlo`] (and `Auto`) is [`causal_attention_seq_with`].
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_seq_lowered(
+    b: &Builder,
+    q: Op,
+    k: Op,
+    v: Op,
+    window: Option<usize>,
+    qkv: &Sharding,
+    scheme: SeqGlobal,
+    lowering: AttentionLowering,
+) -> Result<Op> {
+    let kernel = lowering == AttentionLowering::Kernel;
     let (qd, kd) = (dims(b, q)?, dims(b, k)?);
     if qd.len() != 4 || kd.len() != 4 || kd[2] == 0 || qd[2] % kd[2] != 0 {
         return Err(b.error(
@@ -173,7 +202,7 @@ pub fn causal_attention_seq_with(
     let t = qd[1];
     let seq = SeqShards::new(b, qkv, 4, 1)?;
     let s = seq.shards() as i64;
-    let Some(picked) = scheme.pick((t / s.max(1)) as usize, qd[3] as usize) else {
+    let Some(picked) = scheme.pick_for((t / s.max(1)) as usize, qd[3] as usize, kernel) else {
         return Err(b.error(
             "causal_attention_seq",
             format!(
@@ -196,7 +225,25 @@ pub fn causal_attention_seq_with(
         let offset = b.mul(seq.index(b)?, b.scalar(tl as i32)?)?;
         let qt = b.transpose(b.reshape(ql, &[bs, tl, g, r, h])?, &[0, 2, 1, 3, 4])?;
         let gm = |x: Op| b.transpose(x, &[0, 2, 1, 3]);
-        let o = match window {
+        // The HLO arms' group-major o [B,G,T,R,H] back to [B,T,N,H].
+        let back = |o: Op| b.reshape(b.transpose(o, &[0, 2, 1, 3, 4])?, &[bs, tl, n, h]);
+        match window {
+            Some(w) if kernel && (w as i64) + 1 < t => {
+                let hl = (w as i64).min((s - 1) * tl);
+                let (k, v) = if hl > 0 {
+                    let with_halo = |x: Op| b.concatenate(&[seq.halo(b, x, 1, hl as usize)?, x], 1);
+                    (with_halo(kl)?, with_halo(vl)?)
+                } else {
+                    (kl, vl)
+                };
+                let pos = positions(b, offset, b.sub(offset, b.scalar(hl as i32)?)?)?;
+                attention_kernel_at(b, ql, k, v, Some(w), pos)?
+            }
+            _ if kernel && picked == SeqGlobal::Dense => {
+                let (kg, vg) = (seq.all_gather(b, kl, 1)?, seq.all_gather(b, vl, 1)?);
+                let pos = positions(b, offset, b.scalar(0i32)?)?;
+                attention_kernel_at(b, ql, kg, vg, None, pos)?
+            }
             Some(w) if (w as i64) + 1 < t => {
                 let w = w as i64;
                 let hl = w.min((s - 1) * tl);
@@ -210,9 +257,9 @@ pub fn causal_attention_seq_with(
                     None
                 };
                 let blk = AttentionBlocks::for_shape(tl as usize, Some(w as usize)).banded;
-                banded(b, qt, gm(kl)?, gm(vl)?, w, blk as i64, halo)?
+                back(banded(b, qt, gm(kl)?, gm(vl)?, w, blk as i64, halo)?)?
             }
-            _ if picked == SeqGlobal::Zigzag => zigzag(b, &seq, qt, gm(kl)?, gm(vl)?)?,
+            _ if picked == SeqGlobal::Zigzag => back(zigzag(b, &seq, qt, gm(kl)?, gm(vl)?)?)?,
             _ => {
                 let kg = gm(seq.all_gather(b, kl, 1)?)?;
                 let vg = gm(seq.all_gather(b, vl, 1)?)?;
@@ -223,12 +270,17 @@ pub fn causal_attention_seq_with(
                     b.iota(ElementType::S32, &md, 0)?,
                 )?;
                 let vis = b.compare(rel, b.broadcast_in_dim(offset, &md, &[])?, Cmp::Le)?;
-                block(b, qt, kg, vg, 2, Some((vis, vec![2, 4])))?
+                back(block(b, qt, kg, vg, 2, Some((vis, vec![2, 4])))?)?
             }
-        };
-        b.reshape(b.transpose(o, &[0, 2, 1, 3, 4])?, &[bs, tl, n, h])?
+        }
     };
     b.shard_to_full(o, qkv.clone(), &qd)
+}
+
+/// The `s32[2]` positions operand of [`attention_kernel_at`]: the global positions of the first
+/// query and the first key (both `s32[]`).
+fn positions(b: &Builder, q0: Op, k0: Op) -> Result<Op> {
+    b.concatenate(&[b.reshape(q0, &[1])?, b.reshape(k0, &[1])?], 0)
 }
 
 /// A RAttention local layer's SWA and RLA under sequence parallelism in **one** manual region,
@@ -246,10 +298,33 @@ pub fn causal_attention_seq_with(
 /// travel back (the separate regions add them after), so dv may differ in the last bit.
 pub fn local_attention_seq(
     b: &Builder,
+    swa_qk: (Op, Op),
+    qkv: (Op, Op, Op),
+    rla: &pallas_port::RlaConfig,
+    lowering: pallas_port::Lowering,
+    sharding: &Sharding,
+) -> Result<(Op, pallas_port::RlaOutputs)> {
+    local_attention_seq_lowered(
+        b,
+        swa_qk,
+        qkv,
+        rla,
+        (lowering, AttentionLowering::Hlo),
+        sharding,
+    )
+}
+
+/// [`local_attention_seq`] with SWA's lowering chosen too (`lowerings` = (RLA's, attention's),
+/// both concrete): with [`AttentionLowering::Kernel`] SWA is one call of the CPU attention
+/// kernel at runtime positions ([`attention_kernel_at`]) over `[halo; own]` keys (the first at
+/// the shard's offset − halo length; the halo before the sequence start masked by position)
+/// instead of the HLO banded blocks. RLA and the halo exchange are the same.
+pub fn local_attention_seq_lowered(
+    b: &Builder,
     (sq, sk): (Op, Op),
     (q, k, v): (Op, Op, Op),
     rla: &pallas_port::RlaConfig,
-    lowering: pallas_port::Lowering,
+    (lowering, attention): (pallas_port::Lowering, AttentionLowering),
     sharding: &Sharding,
 ) -> Result<(Op, pallas_port::RlaOutputs)> {
     let d = pallas_port::graph::check_shapes(b, q, k, v, rla)?;
@@ -304,18 +379,27 @@ pub fn local_attention_seq(
         let gm = |x: Op| b.transpose(x, &[0, 2, 1, 3]);
         let offset = b.mul(seq.index(b)?, b.scalar(tl as i32)?)?;
         let r = n / g;
-        let qt = b.transpose(b.reshape(sql, &[bs, tl, g, r, h])?, &[0, 2, 1, 3, 4])?;
-        let swa_halo = match halo {
-            Some((hk, _, hv)) => Some(Halo {
-                k: gm(hk)?,
-                v: gm(hv)?,
-                offset,
-            }),
-            None => None,
+        let swa = if attention == AttentionLowering::Kernel {
+            let (k, v) = match halo {
+                Some((hk, _, hv)) => (b.concatenate(&[hk, skl], 1)?, b.concatenate(&[hv, vl], 1)?),
+                None => (skl, vl),
+            };
+            let pos = positions(b, offset, b.sub(offset, b.scalar(hl as i32)?)?)?;
+            attention_kernel_at(b, sql, k, v, Some(w as usize), pos)?
+        } else {
+            let qt = b.transpose(b.reshape(sql, &[bs, tl, g, r, h])?, &[0, 2, 1, 3, 4])?;
+            let swa_halo = match halo {
+                Some((hk, _, hv)) => Some(Halo {
+                    k: gm(hk)?,
+                    v: gm(hv)?,
+                    offset,
+                }),
+                None => None,
+            };
+            let blk = AttentionBlocks::for_shape(tl as usize, Some(w as usize)).banded;
+            let o = banded(b, qt, gm(skl)?, gm(vl)?, w, blk as i64, swa_halo)?;
+            b.reshape(b.transpose(o, &[0, 2, 1, 3, 4])?, &[bs, tl, n, h])?
         };
-        let blk = AttentionBlocks::for_shape(tl as usize, Some(w as usize)).banded;
-        let o = banded(b, qt, gm(skl)?, gm(vl)?, w, blk as i64, swa_halo)?;
-        let swa = b.reshape(b.transpose(o, &[0, 2, 1, 3, 4])?, &[bs, tl, n, h])?;
         let local = pallas_port::rla_seq_shard(
             b,
             &seq,

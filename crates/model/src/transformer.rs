@@ -188,7 +188,7 @@ impl Model {
         let kernel = self.attention_lowering(platform) == AttentionLowering::Kernel;
         let kernel_norm = self.norm_lowering(platform) == KernelLowering::Kernel;
         let attend = |q: Op, k: Op, v: Op, window: Option<usize>| match &seq_region {
-            Some(s) => crate::attention::causal_attention_seq_with(
+            Some(s) => crate::attention::causal_attention_seq_lowered(
                 b,
                 q,
                 k,
@@ -196,6 +196,7 @@ impl Model {
                 window,
                 s,
                 self.mesh().seq_global(),
+                self.attention_lowering(platform),
             ),
             None if kernel => {
                 // Under a mesh the custom calls run in a manual region over batch and kv heads.
@@ -234,12 +235,12 @@ impl Model {
             if (cfg.window as i64) + 1 < t {
                 let _s = b.name_scope("swa_rla");
                 let (rla_cfg, lowering) = (self.rla_config(), self.rla_lowering(platform));
-                let (swa, rla) = crate::attention::local_attention_seq(
+                let (swa, rla) = crate::attention::local_attention_seq_lowered(
                     b,
                     (qr, kr),
                     (q, k, v),
                     &rla_cfg,
-                    lowering,
+                    (lowering, self.attention_lowering(platform)),
                     s,
                 )?;
                 let norm = cfg.rla.norm;

@@ -8,7 +8,9 @@
 //! Windows: 0 (RLA over everything before the token), below one shard, above one shard (a halo
 //! over several shards); meshes seq 8 and data 2 × seq 4. Global layers both ways
 //! (`mesh.seq_global`): zigzag on seq 8, data 2 × seq 4 and data 2 × tensor 2 × seq 2 (chunks
-//! of 2, 4 and 8 tokens; 3 at T = 24), dense on seq 8 and data 2 × seq 4.
+//! of 2, 4 and 8 tokens; 3 at T = 24), dense on seq 8 and data 2 × seq 4. Attention in the
+//! sequence region through the CPU kernel at runtime positions (`model.attention_lowering`
+//! auto, the default here) and through the HLO blocks ("hlo").
 
 use hlo_builder::{Builder, ElementType, Op, Sharding};
 use model::config::{FeatureMap, Lowering, ModelConfig};
@@ -159,14 +161,16 @@ fn check_config(
     let f64v = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
     let (q, k, v) = (f64v(&inputs[0]), f64v(&inputs[1]), f64v(&inputs[2]));
     let global_theta = cfg.global_rope.then_some(cfg.rope_theta);
+    let swa = |t: usize, s: usize| s <= t && t - s <= window;
     let want = match attn {
         Attention::Global => reference::attention(&q, &k, &v, d, global_theta, |t, s| s <= t),
+        Attention::Swa => reference::attention(&q, &k, &v, d, Some(cfg.rope_theta), swa),
         _ => {
             reference::local_layer(&q, &k, &v, d, window, cfg.rope_theta, FeatureMap::Softmax).mixed
         }
     };
     let name = format!(
-        "{attn:?}{} T={} W={window} data {} × seq {}{} ({lowering}{})",
+        "{attn:?}{} T={} W={window} data {} × seq {}{} ({lowering}, attention {}{})",
         if cfg.global_rope { " global_rope" } else { "" },
         d.t,
         mesh.data,
@@ -176,6 +180,7 @@ fn check_config(
         } else {
             String::new()
         },
+        cfg.attention_lowering,
         match attn {
             Attention::Global => format!(", {}", mesh.seq_global),
             _ => String::new(),
@@ -186,6 +191,7 @@ fn check_config(
     let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
         let out = match attn {
             Attention::Global => reference::attention(q, k, v, d, global_theta, |t, s| s <= t),
+            Attention::Swa => reference::attention(q, k, v, d, Some(cfg.rope_theta), swa),
             _ => {
                 reference::local_layer(q, k, v, d, window, cfg.rope_theta, FeatureMap::Softmax)
                     .mixed
@@ -262,6 +268,46 @@ fn local_layer_over_sequence_shards_equals_one_device() {
     check(Attention::Rattention, 11, (2, 4), Lowering::Hlo);
 }
 
+/// The sequence region with `model.attention_lowering` auto (the CPU attention kernel at
+/// runtime positions: SWA over `[halo; own]` keys, the dense global layer against all keys) and
+/// "hlo" (the banded and masked HLO blocks), each against 1 device (same lowering) and f64.
+#[test]
+fn sequence_region_attention_kernel_and_hlo_lowerings() {
+    let calls =
+        |h: &str| h.contains("rattention.attn_fwd_at") && h.contains("rattention.attn_bwd_at");
+    // Kernel: a RAttention layer's SWA (W = 13 spans 4 shards of 4; W = 0, no halo, is in
+    // `local_layer_over_sequence_shards_equals_one_device`), SWA-only layers (the halo over 2
+    // shards of 8, and W = 4 within one; SWA-only W = 0 has dq = dk = 0, which the relative
+    // check against finite differences cannot score), the dense global layer.
+    let hlo = check(Attention::Rattention, 13, (1, 8), Lowering::CustomCall);
+    assert!(
+        calls(&hlo),
+        "SWA in the seq region is not the attention kernel"
+    );
+    for w in [13, 4] {
+        let hlo = check(Attention::Swa, w, (2, 4), Lowering::CustomCall);
+        assert!(calls(&hlo), "SWA-only W = {w}: not the attention kernel");
+    }
+    let dense = mesh(1, 8, SeqGlobal::Dense);
+    let cfg = config(8, Lowering::CustomCall);
+    let hlo = check_config(cfg, Attention::Global, 8, &dense, Lowering::CustomCall);
+    assert!(calls(&hlo), "dense global: not the attention kernel");
+    // HLO.
+    for (attn, w) in [
+        (Attention::Rattention, 13),
+        (Attention::Swa, 5),
+        (Attention::Global, 8),
+    ] {
+        let mut cfg = config(w, Lowering::CustomCall);
+        cfg.attention_lowering = pallas_port::attention::AttentionLowering::Hlo;
+        let hlo = check_config(cfg, attn, w, &dense, Lowering::CustomCall);
+        assert!(
+            !hlo.contains("rattention.attn_"),
+            "{attn:?}: hlo ran a kernel"
+        );
+    }
+}
+
 #[test]
 fn global_layer_over_sequence_shards_equals_one_device() {
     // Zigzag: S = 8 (chunks of c = 2 tokens), data 2 × seq 4 (c = 4) and data 2 × tensor 2 ×
@@ -293,10 +339,18 @@ fn global_layer_over_sequence_shards_equals_one_device() {
         seq: 2,
         ..MeshConfig::default()
     };
-    let hlo = check_config(cfg, Attention::Global, 8, &mixed, Lowering::CustomCall);
+    // `auto` picks zigzag for the HLO lowering (with the attention kernel it is dense).
+    let mut hlo_cfg = cfg.clone();
+    hlo_cfg.attention_lowering = pallas_port::attention::AttentionLowering::Hlo;
+    let hlo = check_config(hlo_cfg, Attention::Global, 8, &mixed, Lowering::CustomCall);
     assert!(
         hlo.contains("collective-permute"),
         "auto did not pick zigzag"
+    );
+    let hlo = check_config(cfg, Attention::Global, 8, &mixed, Lowering::CustomCall);
+    assert!(
+        !hlo.contains("collective-permute"),
+        "auto with the attention kernel is not dense"
     );
     // RoPE on the global layer: the positions of each shard's queries and keys are its slice of
     // the whole sequence's (T = 32 over seq 8, shards of 4), a small base so they matter.

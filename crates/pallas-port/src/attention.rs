@@ -14,9 +14,15 @@
 //! # Ok::<(), hlo_builder::Error>(())
 //! ```
 
-use crate::ffi_attention::{ATTN_BWD_TARGET, ATTN_FWD_TARGET};
-use crate::graph::{dims_i64, f32_tuple, on_region_shards, qkv_dims, region_tiles_cut, QkvVjp};
-use hlo_builder::{Attr, Builder, Op, Result, Sharding};
+use crate::config::RlaDims;
+use crate::ffi_attention::{
+    ATTN_BWD_AT_TARGET, ATTN_BWD_TARGET, ATTN_FWD_AT_TARGET, ATTN_FWD_TARGET,
+};
+use crate::graph::{
+    dims_i64, f32_tuple, on_region_shards, output_cotangent, qkv_dims, qkv_grads,
+    region_tiles_cut, QkvVjp,
+};
+use hlo_builder::{Attr, Builder, ElementType, Op, Result, Sharding};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;
@@ -111,6 +117,123 @@ pub fn attention_kernel(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>)
         },
     };
     b.custom_vjp(&[q, k, v], fwd, Arc::new(vjp))?;
+    b.get_tuple_element(fwd, 0)
+}
+
+/// The VJP of the forward call at runtime positions: the backward call (no gradient for the
+/// positions).
+struct AttnAtVjp {
+    window: Option<usize>,
+}
+
+impl hlo_builder::autodiff::VjpRule for AttnAtVjp {
+    fn vjp(
+        &self,
+        b: &Builder,
+        inputs: &[Op],
+        output: Op,
+        cts: &[Option<Op>],
+    ) -> Result<Vec<Option<Op>>> {
+        const OP: &str = "attention_kernel_at";
+        let Some(d_o) = output_cotangent(
+            b,
+            OP,
+            "gradients flow only through the output o; the logsumexp is not differentiable",
+            cts,
+        )?
+        else {
+            return Ok(vec![None; 4]);
+        };
+        let (q, k, v, pos) = (inputs[0], inputs[1], inputs[2], inputs[3]);
+        let (d, keys) = qkv_dims_at(b, q, k, v, pos)?;
+        let kv = [d.batch, keys, d.kv_heads, d.head_dim];
+        let (o, lse) = (
+            b.get_tuple_element(output, 0)?,
+            b.get_tuple_element(output, 1)?,
+        );
+        let g = {
+            let _s = b.name_scope("attn_bwd_at");
+            b.custom_call_row_major(
+                ATTN_BWD_AT_TARGET,
+                &[q, k, v, o, lse, d_o, pos],
+                f32_tuple(&[&d.q_shape(), &kv, &kv]),
+                &attrs(self.window),
+            )?
+        };
+        let mut grads = qkv_grads(b, g, [q, k, v])?;
+        grads.push(None);
+        Ok(grads)
+    }
+}
+
+/// The dims of q `[B,Tq,N,H]` (`seq` = Tq) and the key count Tk of k, v `[B,Tk,G,H]`, checked
+/// with `pos` `s32[2]`.
+fn qkv_dims_at(b: &Builder, q: Op, k: Op, v: Op, pos: Op) -> Result<(RlaDims, usize)> {
+    const OP: &str = "attention_kernel_at";
+    let (qs, ks, vs, ps) = (b.shape(q)?, b.shape(k)?, b.shape(v)?, b.shape(pos)?);
+    let (qd, kd) = (qs.dims(), ks.dims());
+    let pos_ok = ps.dims() == [2] && ps.ty() == Some(ElementType::S32);
+    if qd.len() != 4 || kd.len() != 4 || ks != vs || qd[0] != kd[0] || qd[3] != kd[3] || !pos_ok {
+        return Err(b.error(
+            OP,
+            format!(
+                "q must be [B,Tq,N,H], k, v [B,Tk,G,H] with equal B, H, and pos s32[2]: got q \
+                 {}, k {}, v {}, pos {}",
+                qs.short(),
+                ks.short(),
+                vs.short(),
+                ps.short()
+            ),
+        ));
+    }
+    let d = RlaDims {
+        batch: qd[0] as usize,
+        seq: qd[1] as usize,
+        heads: qd[2] as usize,
+        kv_heads: kd[2] as usize,
+        head_dim: qd[3] as usize,
+    };
+    d.validate().map_err(|e| b.error(OP, e.to_string()))?;
+    Ok((d, kd[1] as usize))
+}
+
+/// [`attention_kernel`] at runtime positions, as the custom call `rattention.attn_fwd_at`
+/// (gradient `rattention.attn_bwd_at`): q `[B,Tq,N,H]` against k, v `[B,Tk,G,H]` (any Tk), with
+/// `pos` an `s32[2]` op holding the global positions of the first query and the first key (see
+/// [`crate::kernel::attention::AttnPositions`]): key s is visible to query t iff
+/// 0 ≤ k0 + s ≤ q0 + t and, with `window = Some(W)`, q0 + t − W ≤ k0 + s. A sequence shard
+/// attends its queries (q0 = its offset) to `[halo; own]` keys (k0 = offset − halo length);
+/// the kernel skips the key blocks the positions hide. Returns `o f32[B,Tq,N,H]`. Operand and
+/// result layouts are pinned to row-major (`custom_call_row_major`): inside a sequence region
+/// XLA's layout assignment otherwise hands the backward's dk, dv the layout of the
+/// reduce-scatter that consumes them, which the kernel does not read.
+///
+/// ```no_run
+/// use hlo_builder::{Builder, ElementType, Shape};
+/// let b = Builder::new("attn_at");
+/// let q = b.parameter(Shape::array(ElementType::F32, &[1, 32, 4, 16]), "q")?;
+/// let k = b.parameter(Shape::array(ElementType::F32, &[1, 40, 2, 16]), "k")?;
+/// let v = b.parameter(Shape::array(ElementType::F32, &[1, 40, 2, 16]), "v")?;
+/// // queries at 32.., keys at 24.. (8 halo keys, then the shard's own 32)
+/// let pos = b.constant_vec(vec![32i32, 24], &[2])?;
+/// let o = pallas_port::attention::attention_kernel_at(&b, q, k, v, Some(8), pos)?;
+/// # Ok::<(), hlo_builder::Error>(())
+/// ```
+pub fn attention_kernel_at(
+    b: &Builder,
+    q: Op,
+    k: Op,
+    v: Op,
+    window: Option<usize>,
+    pos: Op,
+) -> Result<Op> {
+    let (d, _) = qkv_dims_at(b, q, k, v, pos)?;
+    let out = f32_tuple(&[&d.q_shape(), &crate::kernel::attention::lse_shape(&d)]);
+    let fwd = {
+        let _s = b.name_scope("attn_fwd_at");
+        b.custom_call_row_major(ATTN_FWD_AT_TARGET, &[q, k, v, pos], out, &attrs(window))?
+    };
+    b.custom_vjp(&[q, k, v, pos], fwd, Arc::new(AttnAtVjp { window }))?;
     b.get_tuple_element(fwd, 0)
 }
 

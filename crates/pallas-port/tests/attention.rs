@@ -190,3 +190,232 @@ fn custom_call_matches_f64_reference() {
         );
     }
 }
+
+/// Naive f64 attention at runtime positions and its VJP: q `[B,Tq,N,H]` (Tq = `d.seq`) at global
+/// positions `q0 ..`, k, v `[B,keys,G,H]` at `k0 ..`; key position p is visible to query
+/// position t iff 0 ≤ p ≤ t and t − W ≤ p. A query that sees nothing gets o = 0 and no
+/// gradient. Returns (o, dq, dk, dv).
+#[allow(clippy::too_many_arguments)]
+fn naive_at(
+    d: &RlaDims,
+    keys: usize,
+    w: Option<usize>,
+    (q0, k0): (i64, i64),
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d_o: &[f32],
+) -> [Vec<f64>; 4] {
+    let (bs, tq, n, g, h) = (d.batch, d.seq, d.heads, d.kv_heads, d.head_dim);
+    let r = n / g;
+    let qi = |b: usize, i: usize, hd: usize| ((b * tq + i) * n + hd) * h;
+    let ki = |b: usize, s: usize, gi: usize| ((b * keys + s) * g + gi) * h;
+    let mut o = vec![0.0; q.len()];
+    let mut dq = vec![0.0; q.len()];
+    let mut dk = vec![0.0; k.len()];
+    let mut dv = vec![0.0; v.len()];
+    for b in 0..bs {
+        for hd in 0..n {
+            let gi = hd / r;
+            for i in 0..tq {
+                let t = q0 + i as i64;
+                let vis: Vec<usize> = (0..keys)
+                    .filter(|&s| {
+                        let p = k0 + s as i64;
+                        p >= 0 && p <= t && w.is_none_or(|w| t - p <= w as i64)
+                    })
+                    .collect();
+                if vis.is_empty() {
+                    continue;
+                }
+                let dot = |a: &[f32], ai: usize, c: &[f32], ci: usize| -> f64 {
+                    (0..h).map(|x| a[ai + x] as f64 * c[ci + x] as f64).sum()
+                };
+                let sc: Vec<f64> = vis
+                    .iter()
+                    .map(|&s| dot(q, qi(b, i, hd), k, ki(b, s, gi)))
+                    .collect();
+                let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
+                let p: Vec<f64> = sc.iter().map(|x| (x - mx).exp() / z).collect();
+                let dp: Vec<f64> = vis
+                    .iter()
+                    .map(|&s| dot(d_o, qi(b, i, hd), v, ki(b, s, gi)))
+                    .collect();
+                let pdp: f64 = p.iter().zip(&dp).map(|(a, c)| a * c).sum();
+                for (j, &s) in vis.iter().enumerate() {
+                    let ds = p[j] * (dp[j] - pdp);
+                    for x in 0..h {
+                        o[qi(b, i, hd) + x] += p[j] * v[ki(b, s, gi) + x] as f64;
+                        dq[qi(b, i, hd) + x] += ds * k[ki(b, s, gi) + x] as f64;
+                        dk[ki(b, s, gi) + x] += ds * q[qi(b, i, hd) + x] as f64;
+                        dv[ki(b, s, gi) + x] += p[j] * d_o[qi(b, i, hd) + x] as f64;
+                    }
+                }
+            }
+        }
+    }
+    [o, dq, dk, dv]
+}
+
+/// Cases at runtime positions `(dims with Tq, keys, window, (q0, k0))`: a sequence shard's
+/// queries against `[halo; own]` keys (shard 0 with its halo before the sequence start masked,
+/// a middle shard, W larger than one shard, W = 0), the dense global arm (queries at an offset
+/// against all keys, later keys masked), key blocks crossing the query blocks, GQA, B = 2.
+/// (dims with Tq, keys, window, (q0, k0)).
+type CaseAt = (RlaDims, usize, Option<usize>, (i64, i64));
+
+fn cases_at() -> Vec<CaseAt> {
+    vec![
+        // shard 0 of 4 (Tq 40), W 24: the halo of 24 zeros sits at −24 ..
+        (dims(2, 40, 4, 2, 16), 64, Some(24), (0, -24)),
+        // shard 2 of 4, W 24
+        (dims(2, 40, 4, 2, 16), 64, Some(24), (80, 56)),
+        // W 100 larger than a shard of 40: a halo of 80 (two shards) for shard 2, and shard 1
+        // whose halo reaches 60 before the start
+        (dims(1, 40, 4, 2, 8), 120, Some(100), (80, 0)),
+        (dims(1, 40, 4, 2, 8), 140, Some(100), (40, -60)),
+        // W = 0: only the own key; shard 1 with no halo
+        (dims(1, 50, 2, 1, 8), 50, Some(0), (50, 50)),
+        // several query and key blocks (bq 40, bk 64 at W 40), Tq 150 against 190 keys
+        (dims(1, 150, 4, 2, 16), 190, Some(40), (300, 260)),
+        // dense global: shard 1 of 3 (Tq 70) against all 210 keys; keys after it masked
+        (dims(2, 70, 4, 2, 16), 210, None, (70, 0)),
+        // global over a halo that starts before the sequence
+        (dims(1, 33, 2, 2, 8), 50, None, (10, -17)),
+    ]
+}
+
+#[test]
+fn kernel_at_positions_matches_f64_reference() {
+    use pallas_port::kernel::{attn_bwd_at, attn_fwd_at, AttnPositions};
+    for (d, keys, w, (q0, k0)) in cases_at() {
+        let case = format!("{d} keys {keys} window {w:?} at ({q0}, {k0})");
+        let mut rng = Rng::new(17);
+        let kv_len = d.batch * keys * d.kv_heads * d.head_dim;
+        let (q, k, v, d_o) = (
+            rng.vec(d.q_len(), 1.0),
+            rng.vec(kv_len, 1.0),
+            rng.vec(kv_len, 1.0),
+            rng.vec(d.q_len(), 1.0),
+        );
+        let want = naive_at(&d, keys, w, (q0, k0), &q, &k, &v, &d_o);
+        let at = AttnPositions { q0, k0 };
+        let mut o = vec![f32::NAN; d.q_len()];
+        let mut lse = vec![f32::NAN; d.batch * d.seq * d.heads];
+        attn_fwd_at(&d, keys, w, at, &q, &k, &v, &mut o, &mut lse).expect("attn_fwd_at");
+        let (mut dq, mut dk, mut dv) = (
+            vec![f32::NAN; d.q_len()],
+            vec![f32::NAN; kv_len],
+            vec![f32::NAN; kv_len],
+        );
+        attn_bwd_at(
+            &d,
+            keys,
+            w,
+            at,
+            (&q, &k, &v),
+            &o,
+            &lse,
+            &d_o,
+            (&mut dq, &mut dk, &mut dv),
+        )
+        .expect("attn_bwd_at");
+        check(&case, &["o", "dq", "dk", "dv"], &[&o, &dq, &dk, &dv], &want);
+    }
+}
+
+/// Positions (0, 0) with as many keys as queries are the plain kernel, bit for bit.
+#[test]
+fn kernel_at_origin_is_the_plain_kernel() {
+    use pallas_port::kernel::{attn_bwd_at, attn_fwd_at, AttnPositions};
+    for (d, w) in cases() {
+        let [q, k, v, d_o] = inputs(&d, 5);
+        let run = |at: bool| {
+            let mut o = vec![0.0; d.q_len()];
+            let mut lse = vec![0.0; d.batch * d.seq * d.heads];
+            let mut g = [
+                vec![0.0; d.q_len()],
+                vec![0.0; d.kv_len()],
+                vec![0.0; d.kv_len()],
+            ];
+            let [dq, dk, dv] = &mut g;
+            if at {
+                let p = AttnPositions::default();
+                attn_fwd_at(&d, d.seq, w, p, &q, &k, &v, &mut o, &mut lse).unwrap();
+                attn_bwd_at(&d, d.seq, w, p, (&q, &k, &v), &o, &lse, &d_o, (dq, dk, dv)).unwrap();
+            } else {
+                attn_fwd(&d, w, &q, &k, &v, &mut o, &mut lse).unwrap();
+                attn_bwd(&d, w, &q, &k, &v, &o, &lse, &d_o, dq, dk, dv).unwrap();
+            }
+            let [dq, dk, dv] = g;
+            [o, lse, dq, dk, dv]
+        };
+        let (a, b) = (run(true), run(false));
+        for (x, y) in a.iter().zip(&b) {
+            let same = x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(
+                same,
+                "{d} window {w:?}: attn_*_at at (0, 0) differs from attn_*"
+            );
+        }
+    }
+}
+
+/// The custom-call pair at runtime positions through the XLA CPU plugin (positions as an s32[2]
+/// constant): forward and the gradients of Σ o ⊙ c against the f64 reference; also bf16 inputs.
+#[test]
+fn custom_call_at_positions_matches_f64_reference() {
+    use pallas_port::attention::attention_kernel_at;
+    let client = pjrt::Client::cpu().expect("CPU plugin");
+    pallas_port::register_cpu_kernels(&client).expect("register kernels");
+    for (i, bf16) in [(0, false), (2, false), (6, false), (1, true)] {
+        let (d, keys, w, (q0, k0)) = cases_at()[i];
+        let case = format!("custom call {d} keys {keys} window {w:?} at ({q0}, {k0}) bf16 {bf16}");
+        let mut rng = Rng::new(23);
+        let ks = [d.batch, keys, d.kv_heads, d.head_dim];
+        let kv_len: usize = ks.iter().product();
+        let (mut q, mut k, mut v, d_o) = (
+            rng.vec(d.q_len(), 1.0),
+            rng.vec(kv_len, 1.0),
+            rng.vec(kv_len, 1.0),
+            rng.vec(d.q_len(), 1.0),
+        );
+        if bf16 {
+            for x in [&mut q, &mut k, &mut v] {
+                x.iter_mut()
+                    .for_each(|y| *y = half::bf16::from_f32(*y).to_f32());
+            }
+        }
+        let want = naive_at(&d, keys, w, (q0, k0), &q, &k, &v, &d_o);
+        let b = Builder::new("attn_at");
+        let qs = d.q_shape();
+        let qp = b.parameter(f32_shape(&qs), "q").unwrap();
+        let kp = b.parameter(f32_shape(&ks), "k").unwrap();
+        let vp = b.parameter(f32_shape(&ks), "v").unwrap();
+        let cp = b.parameter(f32_shape(&qs), "c").unwrap();
+        let lo = |x| {
+            if bf16 {
+                b.convert(x, hlo_builder::ElementType::Bf16).unwrap()
+            } else {
+                x
+            }
+        };
+        let pos = b.constant_vec(vec![q0 as i32, k0 as i32], &[2]).unwrap();
+        let o = attention_kernel_at(&b, lo(qp), lo(kp), lo(vp), w, pos).unwrap();
+        let loss = b.reduce_sum(b.mul(o, cp).unwrap(), &[0, 1, 2, 3]).unwrap();
+        let g = b.grad(loss, &[qp, kp, vp]).unwrap();
+        let root = b.tuple(&[o, g[0], g[1], g[2]]).unwrap();
+        let args = [(&q, &qs), (&k, &ks), (&v, &ks), (&d_o, &qs)].map(|(x, s)| (&x[..], &s[..]));
+        let outs = run(&b, root, &args);
+        let got: Vec<&[f32]> = outs.iter().map(|x| x.as_slice()).collect();
+        let g_tol = if bf16 { 8e-3 } else { TOL };
+        check_tol(
+            &case,
+            &["o", "dq", "dk", "dv"],
+            &got,
+            &want,
+            &[TOL, g_tol, g_tol, g_tol],
+        );
+    }
+}

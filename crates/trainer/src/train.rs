@@ -143,7 +143,7 @@ pub fn train(
         .with_context(|| format!("cannot create run dir {}", out.display()))?;
     if mesh.device_count() > 1 {
         eprintln!("mesh: {mesh}");
-        if let Some(note) = model.seq_global_note() {
+        if let Some(note) = model.seq_global_note_on(&client.platform_name()?) {
             eprintln!("{note}");
         }
     }

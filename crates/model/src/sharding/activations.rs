@@ -61,8 +61,22 @@ impl Model {
 
     /// How the global layers attend when the mesh cuts the sequence: the scheme
     /// `mesh.seq_global` resolves to ([`super::SeqGlobal::pick`]) for this T and head dim, and
-    /// why; `None` without a `seq` cut or without global layers.
+    /// why; `None` without a `seq` cut or without global layers. This is the HLO lowering's
+    /// choice; [`Model::seq_global_note_on`] gives the one for a platform.
     pub fn seq_global_note(&self) -> Option<String> {
+        self.seq_global_note_with(false)
+    }
+
+    /// [`Model::seq_global_note`] for the graph built for `platform`: with the CPU attention
+    /// kernel (`model.attention_lowering` auto on CPU) `auto` is dense
+    /// ([`super::SeqGlobal::pick_for`]).
+    pub fn seq_global_note_on(&self, platform: &str) -> Option<String> {
+        let kernel =
+            self.attention_lowering(platform) == pallas_port::attention::AttentionLowering::Kernel;
+        self.seq_global_note_with(kernel)
+    }
+
+    fn seq_global_note_with(&self, kernel: bool) -> Option<String> {
         let seq = self.mesh.size(MeshAxis::Seq);
         let cfg = self.config();
         let t = cfg.seq_len;
@@ -74,9 +88,11 @@ impl Model {
             return None;
         }
         let asked = self.mesh.seq_global();
-        let picked = asked.pick(t / seq, cfg.head_dim)?;
+        let picked = asked.pick_for(t / seq, cfg.head_dim, kernel)?;
         let shard = t / seq;
-        let why = if shard % 2 == 1 {
+        let why = if kernel && asked == super::SeqGlobal::Auto {
+            "the attention kernel at runtime positions skips the masked blocks".to_string()
+        } else if shard % 2 == 1 {
             format!("shards of {shard} tokens, odd: no 2 whole chunks")
         } else {
             format!(

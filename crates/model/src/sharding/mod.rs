@@ -364,6 +364,20 @@ impl SeqGlobal {
             SeqGlobal::Zigzag => even.then_some(SeqGlobal::Zigzag),
         }
     }
+
+    /// [`SeqGlobal::pick`] for the attention lowering in use: with the CPU attention kernel
+    /// (`kernel`, `model.attention_lowering` auto on CPU) `Auto` is always dense. The kernel at
+    /// runtime positions skips the key blocks after each shard, so dense computes no masked
+    /// block, and it runs faster than the HLO zigzag: `cargo bench -p rattention-benches
+    /// --bench seq_global` (global layer, forward + gradients), CPU ms per call seq 8 dense
+    /// against zigzag 53.5 / 70.4 at T = 256 (c = 16) and 78.9 / 107.5 at T = 1024 (c = 64;
+    /// docs/results/seq-kernel). An explicit `Zigzag` stays zigzag (HLO).
+    pub fn pick_for(self, shard_len: usize, head_dim: usize, kernel: bool) -> Option<SeqGlobal> {
+        match self {
+            SeqGlobal::Auto if kernel => Some(SeqGlobal::Dense),
+            s => s.pick(shard_len, head_dim),
+        }
+    }
 }
 
 impl fmt::Display for SeqGlobal {

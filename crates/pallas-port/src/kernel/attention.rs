@@ -16,6 +16,15 @@
 //!   head, group of interleaved key blocks); each group adds into its own dQ buffer, and the
 //!   buffers are summed at the end, so no two tasks write the same memory.
 //!
+//! **Runtime positions** ([`attn_fwd_at`], [`attn_bwd_at`]): the queries and keys of a call may
+//! sit anywhere in the whole sequence, query row t at global position q0 + t and key row s at
+//! k0 + s, with Tq queries and Tk keys: key s is visible to query t iff its global position p
+//! satisfies 0 ≤ p ≤ q0 + t (and q0 + t − W ≤ p with a window). A sequence shard calls it with
+//! its own queries against `[halo; own]` keys (k0 = q0 − halo length; the halo before the
+//! sequence start, at negative positions, is masked). Block skipping follows the positions, so
+//! (q0, k0) = (0, 0) with Tq = Tk is [`attn_fwd`] itself, bit for bit. A query that sees no key
+//! at all gets o = 0 and lse = −∞.
+//!
 //! Exponentials use the branch-free polynomial `fast_exp` (relative error ~5e-9) and the row
 //! max/sum explicit SIMD reductions (`pulp`).
 
@@ -36,25 +45,55 @@ pub fn block_sizes(window: Option<usize>) -> (usize, usize) {
     }
 }
 
-/// Geometry of one attention call (derefs to its [`Heads`]).
+/// The global positions of the first query and the first key of an attention call
+/// ([`attn_fwd_at`]): query row t sits at `q0 + t`, key row s at `k0 + s`; keys at negative
+/// positions are masked. `Default` (0, 0) is the plain causal call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AttnPositions {
+    /// Global position of query row 0.
+    pub q0: i64,
+    /// Global position of key row 0 (negative: a halo reaching before the sequence start).
+    pub k0: i64,
+}
+
+/// Geometry of one attention call (derefs to its [`Heads`], whose `t` is the query length).
 #[derive(Clone, Copy)]
 struct Geo {
     heads: Heads,
     w: Option<usize>,
     bq: usize,
     bk: usize,
+    /// Keys (rows of k, v).
+    tk: usize,
+    /// q0 − k0: query row t is at key row t + dq.
+    dq: i64,
+    /// The first key row at a non-negative position, max(0, −k0).
+    first_key: i64,
 }
 
 deref_heads!(Geo);
 
 impl Geo {
     fn new(d: &RlaDims, window: Option<usize>) -> Geo {
+        Geo::at(d, d.seq, window, AttnPositions::default())
+    }
+
+    fn at(d: &RlaDims, keys: usize, window: Option<usize>, pos: AttnPositions) -> Geo {
         Geo {
             heads: Heads::new(d),
             w: window,
             bq: block_sizes(window).0,
             bk: block_sizes(window).1,
+            tk: keys,
+            dq: pos.q0 - pos.k0,
+            first_key: (-pos.k0).max(0),
         }
+    }
+
+    /// Offset of k/v row (b, s, kv head gi) (`[B,Tk,G,H]`).
+    #[inline]
+    fn key_off(&self, b: usize, s: usize, gi: usize) -> usize {
+        ((b * self.tk + s) * self.g + gi) * self.h
     }
 
     /// Offset in `[B,T,N]` (lse, D) of query head `gi·R` at (b, t).
@@ -62,23 +101,39 @@ impl Geo {
         (b * self.t + t) * self.n + gi * self.r
     }
 
-    /// The keys `[lo, hi)` some query in `[t0, t1)` sees.
-    fn keys_of(&self, t0: usize, t1: usize) -> (usize, usize) {
-        (self.w.map_or(0, |w| t0.saturating_sub(w)), t1)
+    /// The first key row query row `t` sees (before clamping to the key rows).
+    #[inline(always)]
+    fn first_col(&self, t: usize) -> i64 {
+        let first = self.w.map_or(0, |w| t as i64 + self.dq - w as i64);
+        first.max(self.first_key)
     }
 
-    /// The queries `[lo, hi)` that see some key in `[s0, s1)`.
+    /// The keys `[lo, hi)` some query in `[t0, t1)` sees (`lo == hi`: none).
+    fn keys_of(&self, t0: usize, t1: usize) -> (usize, usize) {
+        let tk = self.tk as i64;
+        let lo = self.first_col(t0).clamp(0, tk);
+        let hi = (t1 as i64 + self.dq).clamp(lo, tk);
+        (lo as usize, hi as usize)
+    }
+
+    /// The queries `[lo, hi)` that see some key in `[s0, s1)` (`lo == hi`: none).
     fn queries_of(&self, s0: usize, s1: usize) -> (usize, usize) {
-        (s0, self.w.map_or(self.t, |w| (s1 + w).min(self.t)))
+        let (tq, s0, s1) = (self.t as i64, (s0 as i64).max(self.first_key), s1 as i64);
+        if s0 >= s1 {
+            return (0, 0);
+        }
+        let lo = (s0 - self.dq).clamp(0, tq);
+        let hi = self.w.map_or(tq, |w| s1 + w as i64 - self.dq).clamp(lo, tq);
+        (lo as usize, hi as usize)
     }
 
     /// The visible columns `[lo, hi)` of query `t` in a key block starting at `s0` of `nk` keys.
     #[inline]
     fn cols(&self, t: usize, s0: usize, nk: usize) -> (usize, usize) {
-        let first = self.w.map_or(0, |w| t.saturating_sub(w));
-        let lo = first.saturating_sub(s0).min(nk);
-        let hi = (t + 1).saturating_sub(s0).min(nk);
-        (lo, hi.max(lo))
+        let (s0, nk) = (s0 as i64, nk as i64);
+        let lo = (self.first_col(t) - s0).clamp(0, nk);
+        let hi = (t as i64 + self.dq + 1 - s0).clamp(lo, nk);
+        (lo as usize, hi as usize)
     }
 }
 
@@ -107,6 +162,87 @@ pub fn attn_fwd(
     check_len(OP, "o", o.len(), &d.q_shape(), d)?;
     check_len(OP, "lse", lse.len(), &lse_shape(d), d)?;
     forward(&Geo::new(d, window), d.batch, q, k, v, o, lse);
+    Ok(())
+}
+
+/// Checks `q` `[B,Tq,N,H]` (Tq = `d.seq`) and `k`, `v` `[B,keys,G,H]` of an `_at` call.
+fn check_qkv_at(
+    op: &'static str,
+    d: &RlaDims,
+    keys: usize,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+) -> Result<[usize; 4], RlaError> {
+    d.check(op)?;
+    if keys == 0 {
+        return Err(RlaError::Dims {
+            op,
+            message: format!("need at least one key, got 0 for {d}"),
+        });
+    }
+    let kv = [d.batch, keys, d.kv_heads, d.head_dim];
+    check_len(op, "q", q.len(), &d.q_shape(), d)?;
+    check_len(op, "k", k.len(), &kv, d)?;
+    check_len(op, "v", v.len(), &kv, d)?;
+    Ok(kv)
+}
+
+/// [`attn_fwd`] at runtime positions: q `[B,Tq,N,H]` (Tq = `d.seq`) against k, v
+/// `[B,keys,G,H]`, query row t at global position `at.q0 + t` and key row s at `at.k0 + s`
+/// (see [`AttnPositions`]): key s is visible to query t iff 0 ≤ k0 + s ≤ q0 + t and, with
+/// `window = Some(W)`, q0 + t − W ≤ k0 + s. `o` `[B,Tq,N,H]`, `lse` `[B,Tq,N]` (−∞ and o = 0
+/// for a query that sees no key). With `keys == d.seq` and `at` = (0, 0) this is [`attn_fwd`]
+/// bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn attn_fwd_at(
+    d: &RlaDims,
+    keys: usize,
+    window: Option<usize>,
+    at: AttnPositions,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &mut [f32],
+    lse: &mut [f32],
+) -> Result<(), RlaError> {
+    const OP: &str = "attn_fwd_at";
+    check_qkv_at(OP, d, keys, (q, k, v))?;
+    check_len(OP, "o", o.len(), &d.q_shape(), d)?;
+    check_len(OP, "lse", lse.len(), &lse_shape(d), d)?;
+    forward(&Geo::at(d, keys, window, at), d.batch, q, k, v, o, lse);
+    Ok(())
+}
+
+/// [`attn_bwd`] at runtime positions (shapes and masking as in [`attn_fwd_at`]; `o`, `lse` from
+/// it). `dq` `[B,Tq,N,H]`, `dk`, `dv` `[B,keys,G,H]` (zero for keys no query sees).
+#[allow(clippy::too_many_arguments)]
+pub fn attn_bwd_at(
+    d: &RlaDims,
+    keys: usize,
+    window: Option<usize>,
+    at: AttnPositions,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    o: &[f32],
+    lse: &[f32],
+    d_o: &[f32],
+    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+) -> Result<(), RlaError> {
+    const OP: &str = "attn_bwd_at";
+    let kv = check_qkv_at(OP, d, keys, (q, k, v))?;
+    check_len(OP, "o", o.len(), &d.q_shape(), d)?;
+    check_len(OP, "lse", lse.len(), &lse_shape(d), d)?;
+    check_len(OP, "d_o", d_o.len(), &d.q_shape(), d)?;
+    check_len(OP, "dq", dq.len(), &d.q_shape(), d)?;
+    check_len(OP, "dk", dk.len(), &kv, d)?;
+    check_len(OP, "dv", dv.len(), &kv, d)?;
+    backward(
+        &Geo::at(d, keys, window, at),
+        d.batch,
+        (q, k, v),
+        o,
+        lse,
+        d_o,
+        (dq, dk, dv),
+    );
     Ok(())
 }
 
@@ -145,17 +281,17 @@ pub fn attn_bwd(
     Ok(())
 }
 
-/// Cuts `out` (rows of `per_row` = heads·`piece` values per (b, position)) into one list of
+/// Cuts `out` (`rows` positions of `per_row` = heads·`piece` values per (b, position)) into one list of
 /// `piece`-sized pieces per task (b, kv head, position / `blk`), in position order.
 fn pieces<'a>(
     out: &'a mut [f32],
     geo: &Geo,
-    per_row: usize,
+    (rows, per_row): (usize, usize),
     piece: usize,
     blk: usize,
 ) -> Vec<Vec<&'a mut [f32]>> {
-    let nb = geo.t.div_ceil(blk);
-    let batch = out.len() / (per_row * geo.t).max(1);
+    let nb = rows.div_ceil(blk);
+    let batch = out.len() / (per_row * rows).max(1);
     let mut tasks: Vec<Vec<&mut [f32]>> = (0..batch * geo.g * nb)
         .map(|_| Vec::with_capacity(blk))
         .collect();
@@ -163,7 +299,7 @@ fn pieces<'a>(
         return tasks;
     }
     for (bt, row) in out.chunks_mut(per_row).enumerate() {
-        let (b, t) = (bt / geo.t, bt % geo.t);
+        let (b, t) = (bt / rows, bt % rows);
         for (gi, p) in row.chunks_mut(piece).enumerate() {
             tasks[(b * geo.g + gi) * nb + t / blk].push(p);
         }
@@ -204,7 +340,7 @@ fn scores(
     s: &mut [f32],
 ) {
     let nk = s.len() / m.max(1);
-    let kv = view(&k[geo.kv_off(b, s0, gi)..], nk, geo.h, geo.g * geo.h);
+    let kv = view(&k[geo.key_off(b, s0, gi)..], nk, geo.h, geo.g * geo.h);
     gemm(
         1.0,
         &view(qs, m, geo.h, geo.h),
@@ -226,8 +362,8 @@ fn forward(
 ) {
     let (h, r) = (geo.h, geo.r);
     let nqb = geo.t.div_ceil(geo.bq);
-    let o_tasks = pieces(o, geo, geo.n * h, r * h, geo.bq);
-    let l_tasks = pieces(lse, geo, geo.n, r, geo.bq);
+    let o_tasks = pieces(o, geo, (geo.t, geo.n * h), r * h, geo.bq);
+    let l_tasks = pieces(lse, geo, (geo.t, geo.n), r, geo.bq);
     debug_assert_eq!(o_tasks.len(), batch * geo.g * nqb);
     o_tasks.into_par_iter().zip(l_tasks).enumerate().for_each(
         |(task, (mut o_rows, mut l_rows))| {
@@ -256,7 +392,7 @@ fn forward(
                         l,
                         acc,
                     });
-                    let vv = view(&v[geo.kv_off(b, s0, gi)..], nk, h, geo.g * h);
+                    let vv = view(&v[geo.key_off(b, s0, gi)..], nk, h, geo.g * h);
                     gemm(
                         1.0,
                         &view(s, m, nk, nk),
@@ -267,6 +403,12 @@ fn forward(
                     s0 += nk;
                 }
                 for row in 0..m {
+                    if l[row] == 0.0 {
+                        // No visible key (only with runtime positions): o = 0, lse = −∞.
+                        acc[row * h..(row + 1) * h].fill(0.0);
+                        mx[row] = f32::NEG_INFINITY;
+                        continue;
+                    }
                     let inv = 1.0 / l[row];
                     for a in &mut acc[row * h..(row + 1) * h] {
                         *a *= inv;
@@ -432,14 +574,14 @@ fn backward(
 
     // Tasks: (b, kv head, group p) runs the key blocks kb ≡ p (mod groups), writing their dK,
     // dV rows and adding dS·K into the group's own dQ buffer; the buffers are summed after.
-    let nkb = geo.t.div_ceil(geo.bk);
+    let nkb = geo.tk.div_ceil(geo.bk);
     let bgs = batch * geo.g;
     let groups = key_groups(bgs, nkb);
     let part_len = geo.t * r * h;
     let mut dq_parts = vec![0.0f32; bgs * groups * part_len];
     let mut work: Vec<Vec<KeyBlock<'_, '_>>> = (0..bgs * groups).map(|_| Vec::new()).collect();
-    let dk_tasks = pieces(dk, geo, gh, h, geo.bk);
-    let dv_tasks = pieces(dv, geo, gh, h, geo.bk);
+    let dk_tasks = pieces(dk, geo, (geo.tk, gh), h, geo.bk);
+    let dv_tasks = pieces(dv, geo, (geo.tk, gh), h, geo.bk);
     for (task, (dk_rows, dv_rows)) in dk_tasks.into_iter().zip(dv_tasks).enumerate() {
         let (bg, kb) = (task / nkb, task % nkb);
         work[bg * groups + kb % groups].push(KeyBlock {
@@ -497,15 +639,15 @@ fn key_block(
         mut dk_rows,
         mut dv_rows,
     } = blk;
-    let nk = geo.bk.min(geo.t - s0);
+    let nk = geo.bk.min(geo.tk - s0);
     let mq = geo.bq * r;
     let lens = [mq * h, mq * h, nk * h, nk * h, mq * nk, mq * nk, mq, mq];
     with_scratch(lens.iter().sum(), |buf| {
         let [qs, dos, dka, dva, s, dp, ls, ds_] = split_scratch(buf, lens);
         dka.fill(0.0);
         dva.fill(0.0);
-        let kk = view(&k[geo.kv_off(b, s0, gi)..], nk, h, gh);
-        let vv = view(&v[geo.kv_off(b, s0, gi)..], nk, h, gh);
+        let kk = view(&k[geo.key_off(b, s0, gi)..], nk, h, gh);
+        let vv = view(&v[geo.key_off(b, s0, gi)..], nk, h, gh);
         let (qlo, qhi) = geo.queries_of(s0, s0 + nk);
         let mut t0 = qlo;
         while t0 < qhi {

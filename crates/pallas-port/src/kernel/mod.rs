@@ -40,7 +40,7 @@ pub mod rms_norm;
 
 use std::cell::RefCell;
 
-pub use attention::{attn_bwd, attn_fwd};
+pub use attention::{attn_bwd, attn_bwd_at, attn_fwd, attn_fwd_at, AttnPositions};
 
 use crate::config::{check_len, RlaConfig, RlaDims, RlaError};
 
