@@ -19,8 +19,8 @@ use crate::ffi_attention::{
     ATTN_BWD_AT_TARGET, ATTN_BWD_TARGET, ATTN_FWD_AT_TARGET, ATTN_FWD_TARGET,
 };
 use crate::graph::{
-    dims_i64, f32_tuple, on_region_shards, output_cotangent, qkv_dims, qkv_grads,
-    region_tiles_cut, QkvVjp,
+    dims_i64, f32_tuple, on_region_shards, output_cotangent, qkv_dims, qkv_grads, region_tiles_cut,
+    QkvVjp,
 };
 use hlo_builder::{Attr, Builder, ElementType, Op, Result, Sharding};
 use serde::{Deserialize, Serialize};
