@@ -19,8 +19,7 @@ use crate::ffi_attention::{
     ATTN_BWD_AT_TARGET, ATTN_BWD_TARGET, ATTN_FWD_AT_TARGET, ATTN_FWD_TARGET,
 };
 use crate::graph::{
-    dims_i64, f32_tuple, on_region_shards, output_cotangent, qkv_dims, qkv_grads, region_tiles_cut,
-    QkvVjp,
+    dims_i64, f32_tuple, on_region_shards, qkv_dims, qkv_grads, qkv_vjp, region_tiles_cut, CallVjp,
 };
 use hlo_builder::{Attr, Builder, ElementType, Op, Result, Sharding};
 use serde::{Deserialize, Serialize};
@@ -102,10 +101,10 @@ pub fn attention_kernel(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>)
         let _s = b.name_scope("attn_fwd");
         b.custom_call(ATTN_FWD_TARGET, &[q, k, v], out, &attrs(window))?
     };
-    let vjp = QkvVjp {
-        op: "attention_kernel",
-        message: "gradients flow only through the output o; the logsumexp is not differentiable",
-        backward: move |b: &Builder, (q, k, v), output, d_o| {
+    let vjp = qkv_vjp(
+        "attention_kernel",
+        LSE_MESSAGE,
+        move |b: &Builder, (q, k, v), output, d_o| {
             let out = f32_tuple(&[&d.q_shape(), &d.kv_shape(), &d.kv_shape()]);
             let (o, lse) = (
                 b.get_tuple_element(output, 0)?,
@@ -115,55 +114,42 @@ pub fn attention_kernel(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>)
             let operands = [q, k, v, o, lse, d_o];
             b.custom_call(ATTN_BWD_TARGET, &operands, out, &attrs(window))
         },
-    };
+    );
     b.custom_vjp(&[q, k, v], fwd, Arc::new(vjp))?;
     b.get_tuple_element(fwd, 0)
 }
 
-/// The VJP of the forward call at runtime positions: the backward call (no gradient for the
-/// positions).
-struct AttnAtVjp {
-    window: Option<usize>,
-}
+/// The error for a cotangent on the saved logsumexp.
+const LSE_MESSAGE: &str =
+    "gradients flow only through the output o; the logsumexp is not differentiable";
 
-impl hlo_builder::autodiff::VjpRule for AttnAtVjp {
-    fn vjp(
-        &self,
-        b: &Builder,
-        inputs: &[Op],
-        output: Op,
-        cts: &[Option<Op>],
-    ) -> Result<Vec<Option<Op>>> {
-        const OP: &str = "attention_kernel_at";
-        let Some(d_o) = output_cotangent(
-            b,
-            OP,
-            "gradients flow only through the output o; the logsumexp is not differentiable",
-            cts,
+/// The backward call of [`attention_kernel_at`] (no gradient for the positions).
+fn attention_at_backward(
+    b: &Builder,
+    inputs: &[Op],
+    output: Op,
+    d_o: Op,
+    window: Option<usize>,
+) -> Result<Vec<Option<Op>>> {
+    let (q, k, v, pos) = (inputs[0], inputs[1], inputs[2], inputs[3]);
+    let (d, keys) = qkv_dims_at(b, q, k, v, pos)?;
+    let kv = [d.batch, keys, d.kv_heads, d.head_dim];
+    let (o, lse) = (
+        b.get_tuple_element(output, 0)?,
+        b.get_tuple_element(output, 1)?,
+    );
+    let g = {
+        let _s = b.name_scope("attn_bwd_at");
+        b.custom_call_row_major(
+            ATTN_BWD_AT_TARGET,
+            &[q, k, v, o, lse, d_o, pos],
+            f32_tuple(&[&d.q_shape(), &kv, &kv]),
+            &attrs(window),
         )?
-        else {
-            return Ok(vec![None; 4]);
-        };
-        let (q, k, v, pos) = (inputs[0], inputs[1], inputs[2], inputs[3]);
-        let (d, keys) = qkv_dims_at(b, q, k, v, pos)?;
-        let kv = [d.batch, keys, d.kv_heads, d.head_dim];
-        let (o, lse) = (
-            b.get_tuple_element(output, 0)?,
-            b.get_tuple_element(output, 1)?,
-        );
-        let g = {
-            let _s = b.name_scope("attn_bwd_at");
-            b.custom_call_row_major(
-                ATTN_BWD_AT_TARGET,
-                &[q, k, v, o, lse, d_o, pos],
-                f32_tuple(&[&d.q_shape(), &kv, &kv]),
-                &attrs(self.window),
-            )?
-        };
-        let mut grads = qkv_grads(b, g, [q, k, v])?;
-        grads.push(None);
-        Ok(grads)
-    }
+    };
+    let mut grads = qkv_grads(b, g, [q, k, v])?;
+    grads.push(None);
+    Ok(grads)
 }
 
 /// The dims of q `[B,Tq,N,H]` (`seq` = Tq) and the key count Tk of k, v `[B,Tk,G,H]`, checked
@@ -233,7 +219,14 @@ pub fn attention_kernel_at(
         let _s = b.name_scope("attn_fwd_at");
         b.custom_call_row_major(ATTN_FWD_AT_TARGET, &[q, k, v, pos], out, &attrs(window))?
     };
-    b.custom_vjp(&[q, k, v, pos], fwd, Arc::new(AttnAtVjp { window }))?;
+    let vjp = CallVjp {
+        op: "attention_kernel_at",
+        message: LSE_MESSAGE,
+        backward: move |b: &Builder, inputs: &[Op], output, d_o| {
+            attention_at_backward(b, inputs, output, d_o, window)
+        },
+    };
+    b.custom_vjp(&[q, k, v, pos], fwd, Arc::new(vjp))?;
     b.get_tuple_element(fwd, 0)
 }
 

@@ -63,6 +63,11 @@ pub fn data(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// [`data`] scaled into `[-a, a)`.
+pub fn data_scaled(n: usize, seed: u64, a: f32) -> Vec<f32> {
+    data(n, seed).into_iter().map(|v| v * a).collect()
+}
+
 /// Per-call (wall, CPU) seconds by bench id, recorded inside criterion's `iter_custom`.
 #[derive(Debug, Default)]
 pub struct Timings(Mutex<BTreeMap<String, Vec<(f64, f64)>>>);

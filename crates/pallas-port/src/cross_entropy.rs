@@ -23,7 +23,7 @@
 //! # Ok::<(), hlo_builder::Error>(())
 //! ```
 
-use crate::graph::output_cotangent;
+use crate::graph::CallVjp;
 use crate::kernel::cross_entropy::{xent_bwd, xent_fwd};
 use crate::kernel::embed::Columns;
 use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape};
@@ -68,39 +68,24 @@ fn row_dims(
     Ok(ld[..ld.len() - 1].to_vec())
 }
 
-/// The VJP of the forward call: the backward call.
-struct XentVjp {
+/// The backward call: the logits' gradient (targets and weights are data).
+fn xent_backward(
+    b: &Builder,
+    inputs: &[Op],
+    output: Op,
+    d_loss: Op,
     offset: usize,
-}
-
-impl hlo_builder::autodiff::VjpRule for XentVjp {
-    fn vjp(
-        &self,
-        b: &Builder,
-        inputs: &[Op],
-        output: Op,
-        cts: &[Option<Op>],
-    ) -> Result<Vec<Option<Op>>> {
-        let Some(d_loss) = output_cotangent(
-            b,
-            "cross_entropy_kernel",
-            "gradients flow only through the loss; the logsumexp is not differentiable",
-            cts,
-        )?
-        else {
-            return Ok(vec![None, None, None]);
-        };
-        let (logits, targets, weights) = (inputs[0], inputs[1], inputs[2]);
-        let lse = b.get_tuple_element(output, 1)?;
-        let _s = b.name_scope("xent_bwd");
-        let d_logits = b.custom_call(
-            XENT_BWD_TARGET,
-            &[logits, targets, weights, lse, d_loss],
-            b.shape(logits)?,
-            &attrs(self.offset),
-        )?;
-        Ok(vec![Some(d_logits), None, None])
-    }
+) -> Result<Vec<Option<Op>>> {
+    let (logits, targets, weights) = (inputs[0], inputs[1], inputs[2]);
+    let lse = b.get_tuple_element(output, 1)?;
+    let _s = b.name_scope("xent_bwd");
+    let d_logits = b.custom_call(
+        XENT_BWD_TARGET,
+        &[logits, targets, weights, lse, d_loss],
+        b.shape(logits)?,
+        &attrs(offset),
+    )?;
+    Ok(vec![Some(d_logits), None, None])
 }
 
 /// The `target_offset` attribute.
@@ -140,11 +125,14 @@ pub fn cross_entropy_kernel(
             &attrs(offset),
         )?
     };
-    b.custom_vjp(
-        &[logits, targets, weights],
-        fwd,
-        Arc::new(XentVjp { offset }),
-    )?;
+    let vjp = CallVjp {
+        op: "cross_entropy_kernel",
+        message: "gradients flow only through the loss; the logsumexp is not differentiable",
+        backward: move |b: &Builder, inputs: &[Op], output, d_loss| {
+            xent_backward(b, inputs, output, d_loss, offset)
+        },
+    };
+    b.custom_vjp(&[logits, targets, weights], fwd, Arc::new(vjp))?;
     b.get_tuple_element(fwd, 0)
 }
 

@@ -19,6 +19,7 @@
 //! # Ok::<(), hlo_builder::Error>(())
 //! ```
 
+use crate::graph::CallVjp;
 use crate::kernel::embed::{embed_bwd, embed_fwd, Columns};
 use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape};
 use pjrt::ffi::{CallFrame, FfiError};
@@ -34,32 +35,22 @@ fn attrs(columns: usize) -> Vec<(&'static str, Attr)> {
     vec![("columns", Attr::I64(columns as i64))]
 }
 
-/// The VJP of the forward call: the backward call (the table's gradient only; ids are data).
-struct EmbedVjp {
+/// The backward call: the table's gradient (ids are data).
+fn embed_backward(
+    b: &Builder,
+    inputs: &[Op],
+    d_out: Op,
     columns: usize,
-}
-
-impl hlo_builder::autodiff::VjpRule for EmbedVjp {
-    fn vjp(
-        &self,
-        b: &Builder,
-        inputs: &[Op],
-        _output: Op,
-        cts: &[Option<Op>],
-    ) -> Result<Vec<Option<Op>>> {
-        let Some(d_out) = cts.first().copied().flatten() else {
-            return Ok(vec![None, None]);
-        };
-        let (table, ids) = (inputs[0], inputs[1]);
-        let _s = b.name_scope("embed_bwd");
-        let d_table = b.custom_call(
-            EMBED_BWD_TARGET,
-            &[ids, d_out],
-            b.shape(table)?,
-            &attrs(self.columns),
-        )?;
-        Ok(vec![Some(d_table), None])
-    }
+) -> Result<Vec<Option<Op>>> {
+    let (table, ids) = (inputs[0], inputs[1]);
+    let _s = b.name_scope("embed_bwd");
+    let d_table = b.custom_call(
+        EMBED_BWD_TARGET,
+        &[ids, d_out],
+        b.shape(table)?,
+        &attrs(columns),
+    )?;
+    Ok(vec![Some(d_table), None])
 }
 
 /// The rows of `table f32[V, D]` picked by the first `columns` columns of `ids s32[..., L]` (ids
@@ -97,7 +88,14 @@ pub fn embed_kernel(b: &Builder, table: Op, ids: Op, columns: usize) -> Result<O
             &attrs(columns),
         )?
     };
-    b.custom_vjp(&[table, ids], fwd, Arc::new(EmbedVjp { columns }))?;
+    let vjp = CallVjp {
+        op: "embed_kernel",
+        message: "the embedding has one output",
+        backward: move |b: &Builder, inputs: &[Op], _output, d_out| {
+            embed_backward(b, inputs, d_out, columns)
+        },
+    };
+    b.custom_vjp(&[table, ids], fwd, Arc::new(vjp))?;
     Ok(fwd)
 }
 

@@ -234,24 +234,24 @@ pub fn rla_bwd_block(
     b.custom_call(BWD_TARGET, &[q, k, v, chunk_states, d_o], out, &attrs(cfg))
 }
 
-/// The custom VJP of a forward custom call over `(q, k, v)` whose first output `o` is the only
-/// differentiable one (the others are saved state): `backward(b, (q, k, v), forward_output, d_o)`
-/// builds the f32 tuple `(dq, dk, dv)`, which comes back in each input's dtype. A cotangent on
-/// the saved state is an error naming `op` with `message`. Inside a manual region the forward
-/// call is `{manual}`, and autodiff builds this rule in a manual scope: the backward call runs on
-/// the same per-device pieces.
-pub(crate) struct QkvVjp<F> {
+/// The custom VJP of a forward custom call whose first output is the only differentiable one
+/// (the others are saved state): `backward(b, inputs, forward_output, d_out)` builds one
+/// gradient per input (`None` for data such as ids or positions). A cotangent on the saved
+/// state is an error naming `op` with `message`; without a cotangent on the first output every
+/// gradient is `None`. Inside a manual region the forward call is `{manual}`, and autodiff
+/// builds this rule in a manual scope: the backward call runs on the same per-device pieces.
+pub(crate) struct CallVjp<F> {
     /// The op errors name.
     pub(crate) op: &'static str,
     /// The error for a cotangent on the saved state.
     pub(crate) message: &'static str,
-    /// Builds the backward call.
+    /// Builds the gradients.
     pub(crate) backward: F,
 }
 
-impl<F> hlo_builder::autodiff::VjpRule for QkvVjp<F>
+impl<F> hlo_builder::autodiff::VjpRule for CallVjp<F>
 where
-    F: Fn(&Builder, (Op, Op, Op), Op, Op) -> Result<Op> + Send + Sync,
+    F: Fn(&Builder, &[Op], Op, Op) -> Result<Vec<Option<Op>>> + Send + Sync,
 {
     fn vjp(
         &self,
@@ -260,12 +260,34 @@ where
         output: Op,
         cts: &[Option<Op>],
     ) -> Result<Vec<Option<Op>>> {
-        let Some(d_o) = output_cotangent(b, self.op, self.message, cts)? else {
-            return Ok(vec![None, None, None]);
-        };
-        let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
-        let g = (self.backward)(b, (q, k, v), output, d_o)?;
-        qkv_grads(b, g, [q, k, v])
+        match output_cotangent(b, self.op, self.message, cts)? {
+            Some(d_out) => (self.backward)(b, inputs, output, d_out),
+            None => Ok(vec![None; inputs.len()]),
+        }
+    }
+}
+
+/// [`CallVjp`] for a call over `(q, k, v)` (and possibly more non-differentiable inputs after
+/// them) whose backward call returns the f32 tuple `(dq, dk, dv)`: `backward(b, (q, k, v),
+/// forward_output, d_o)` builds that call; the gradients come back in each input's dtype.
+pub(crate) fn qkv_vjp<F>(
+    op: &'static str,
+    message: &'static str,
+    backward: F,
+) -> CallVjp<impl Fn(&Builder, &[Op], Op, Op) -> Result<Vec<Option<Op>>> + Send + Sync>
+where
+    F: Fn(&Builder, (Op, Op, Op), Op, Op) -> Result<Op> + Send + Sync,
+{
+    CallVjp {
+        op,
+        message,
+        backward: move |b: &Builder, inputs: &[Op], output: Op, d_o: Op| {
+            let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
+            let g = backward(b, (q, k, v), output, d_o)?;
+            let mut grads = qkv_grads(b, g, [q, k, v])?;
+            grads.resize(inputs.len(), None);
+            Ok(grads)
+        },
     }
 }
 
@@ -325,15 +347,15 @@ pub fn rla_with_state(
     lowering.resolved("rla")?;
     let fwd = rla_fwd_block(b, q, k, v, cfg, lowering)?;
     let cfg = *cfg;
-    let vjp = QkvVjp {
-        op: "rla",
-        message: "gradients flow only through rla's output o; chunk_states and final_state \
-                  are not differentiable",
-        backward: move |b: &Builder, qkv, output, d_o| {
+    let vjp = qkv_vjp(
+        "rla",
+        "gradients flow only through rla's output o; chunk_states and final_state are not \
+         differentiable",
+        move |b: &Builder, qkv, output, d_o| {
             let chunk_states = b.get_tuple_element(output, 1)?;
             rla_bwd_block(b, qkv, chunk_states, d_o, &cfg, lowering)
         },
-    };
+    );
     b.custom_vjp(&[q, k, v], fwd, Arc::new(vjp))?;
     Ok(RlaOutputs {
         o: b.get_tuple_element(fwd, 0)?,

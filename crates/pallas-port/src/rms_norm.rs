@@ -18,7 +18,7 @@
 //! # Ok::<(), hlo_builder::Error>(())
 //! ```
 
-use crate::graph::output_cotangent;
+use crate::graph::CallVjp;
 use crate::kernel::rms_norm::{rms_norm_bwd, rms_norm_fwd};
 use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape};
 use pjrt::ffi::{CallFrame, FfiError};
@@ -52,38 +52,19 @@ fn row_dims(b: &Builder, op: &'static str, x: Op, scale: Op) -> Result<Vec<i64>>
     Ok(xd[..xd.len() - 1].to_vec())
 }
 
-/// The VJP of the forward call: the backward call.
-struct RmsNormVjp;
-
-impl hlo_builder::autodiff::VjpRule for RmsNormVjp {
-    fn vjp(
-        &self,
-        b: &Builder,
-        inputs: &[Op],
-        output: Op,
-        cts: &[Option<Op>],
-    ) -> Result<Vec<Option<Op>>> {
-        let Some(dy) = output_cotangent(
-            b,
-            "rms_norm_kernel",
-            "gradients flow only through y; the reciprocal RMS is not differentiable",
-            cts,
-        )?
-        else {
-            return Ok(vec![None, None]);
-        };
-        let (x, scale) = (inputs[0], inputs[1]);
-        let inv = b.get_tuple_element(output, 1)?;
-        let out = Shape::tuple(vec![b.shape(x)?, b.shape(scale)?]);
-        let g = {
-            let _s = b.name_scope("rms_norm_bwd");
-            b.custom_call(RMS_NORM_BWD_TARGET, &[x, scale, inv, dy], out, &[])?
-        };
-        Ok(vec![
-            Some(b.get_tuple_element(g, 0)?),
-            Some(b.get_tuple_element(g, 1)?),
-        ])
-    }
+/// The backward call: the gradients of x and the scale.
+fn rms_norm_backward(b: &Builder, inputs: &[Op], output: Op, dy: Op) -> Result<Vec<Option<Op>>> {
+    let (x, scale) = (inputs[0], inputs[1]);
+    let inv = b.get_tuple_element(output, 1)?;
+    let out = Shape::tuple(vec![b.shape(x)?, b.shape(scale)?]);
+    let g = {
+        let _s = b.name_scope("rms_norm_bwd");
+        b.custom_call(RMS_NORM_BWD_TARGET, &[x, scale, inv, dy], out, &[])?
+    };
+    Ok(vec![
+        Some(b.get_tuple_element(g, 0)?),
+        Some(b.get_tuple_element(g, 1)?),
+    ])
 }
 
 /// `x · rsqrt(mean(x²) + eps) · scale` over the last dim of `x f32[..., D]`, with `scale` of
@@ -103,7 +84,12 @@ pub fn rms_norm_kernel(b: &Builder, x: Op, scale: Op, eps: f64) -> Result<Op> {
             &[("eps", Attr::F64(eps))],
         )?
     };
-    b.custom_vjp(&[x, scale], fwd, Arc::new(RmsNormVjp))?;
+    let vjp = CallVjp {
+        op: "rms_norm_kernel",
+        message: "gradients flow only through y; the reciprocal RMS is not differentiable",
+        backward: rms_norm_backward,
+    };
+    b.custom_vjp(&[x, scale], fwd, Arc::new(vjp))?;
     b.get_tuple_element(fwd, 0)
 }
 

@@ -155,17 +155,7 @@ pub fn rms_norm_bwd(
 mod tests {
     use super::*;
 
-    fn values(n: usize, seed: u64, a: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
-            })
-            .collect()
-    }
+    use crate::bench_util::data_scaled as values;
 
     /// y, dx and dscale by the naive formulas in f64 (dx by differentiating y·dy directly:
     /// ∂/∂x_i Σ_j dy_j x_j s_j (mean(x²) + eps)^-1/2).
