@@ -274,9 +274,9 @@ pub(crate) fn qkv_vjp<F>(
     op: &'static str,
     message: &'static str,
     backward: F,
-) -> CallVjp<impl Fn(&Builder, &[Op], Op, Op) -> Result<Vec<Option<Op>>> + Send + Sync>
+) -> impl hlo_builder::autodiff::VjpRule
 where
-    F: Fn(&Builder, (Op, Op, Op), Op, Op) -> Result<Op> + Send + Sync,
+    F: Fn(&Builder, (Op, Op, Op), Op, Op) -> Result<Op> + Send + Sync + 'static,
 {
     CallVjp {
         op,
