@@ -236,6 +236,12 @@ pub struct Report {
     pub mesh: String,
     /// Devices the train step runs on (the mesh's).
     pub mesh_devices: usize,
+    /// The logical-axis rules that differ from the defaults (`mesh.rules`), e.g.
+    /// `embed → [fsdp, seq] (default [fsdp])`; empty when all are the defaults.
+    pub mesh_rules: Vec<String>,
+    /// How the global layers attend when the mesh cuts the sequence (`mesh.seq_global` resolved
+    /// for this T and head dim, and why); `None` without a `seq` cut or global layers.
+    pub seq_global: Option<String>,
     /// One entry per compiled program.
     pub programs: Vec<ProgramReport>,
     /// Things skipped, in words.
@@ -372,6 +378,19 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     };
     let model = model::Model::new(cfg.model.clone())?;
     let param_count = model.param_count();
+    let defaults = model::AxisRules::default();
+    let mesh_rules = mesh
+        .rules()
+        .iter()
+        .filter(|&(l, m)| defaults.get(l) != m)
+        .map(|(l, m)| format!("{l} → {} (default {})", axes_list(m), axes_list(defaults.get(l))))
+        .collect();
+    // The scheme of the global layers (checked again, with the parameters, when the step is traced).
+    let seq_global = model
+        .clone()
+        .with_mesh(mesh.clone())
+        .ok()
+        .and_then(|m| m.seq_global_note());
     let mut report = Report {
         target: args.target.clone(),
         platform: target.platform().into(),
@@ -388,6 +407,8 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         remat_keeps: crate::step::remat_keeps(&cfg),
         mesh: mesh.to_string(),
         mesh_devices: mesh.device_count(),
+        mesh_rules,
+        seq_global,
         programs: Vec::new(),
         notes: Vec::new(),
     };
@@ -527,8 +548,15 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     Ok(())
 }
 
+/// Mesh axes as `[fsdp, seq]`.
+fn axes_list(axes: &[model::MeshAxis]) -> String {
+    let names: Vec<&str> = axes.iter().map(|a| a.name()).collect();
+    format!("[{}]", names.join(", "))
+}
+
 /// The train step's report from an earlier `rattn compile --json` output at `path`, checked
-/// against this run: the same target, batch, sequence length and mesh, and a traced program of
+/// against this run: the same target, batch, sequence length, mesh and rules (a report from
+/// before `mesh_rules` / `seq_global` existed counts as the defaults), and a traced program of
 /// the same size in bytes (`hlo_bytes`), so that the program compiled then is this one.
 fn base_report(path: &Path, now: &Report, train: &Module) -> Result<ProgramReport> {
     let what = || format!("--base-report {}", path.display());
@@ -539,14 +567,21 @@ fn base_report(path: &Path, now: &Report, train: &Module) -> Result<ProgramRepor
         ("batch", Value::from(now.batch)),
         ("seq_len", Value::from(now.seq_len)),
         ("mesh", Value::from(now.mesh.clone())),
+        ("mesh_rules", Value::from(now.mesh_rules.clone())),
+        ("seq_global", Value::from(now.seq_global.clone())),
         ("param_count", Value::from(now.param_count)),
     ];
     for (key, value) in want {
-        if v[key] != value {
+        let absent = match key {
+            "mesh_rules" => Value::Array(Vec::new()),
+            _ => Value::Null,
+        };
+        let there = v.get(key).cloned().unwrap_or(absent);
+        if there != value {
             bail!(
                 "{}: {key} is {} there but {value} here; compile without --base-report",
                 what(),
-                v[key]
+                there
             );
         }
     }
@@ -697,6 +732,12 @@ fn print_header(r: &Report) {
             format!("train step sharded over the mesh {} (GSPMD, num_partitions {})", r.mesh, r.mesh_devices)
         }
     );
+    if !r.mesh_rules.is_empty() {
+        println!("mesh rules: {}", r.mesh_rules.join(", "));
+    }
+    if let Some(note) = &r.seq_global {
+        println!("{note}");
+    }
 }
 
 fn print_program(p: &ProgramReport, limit: i64) {
