@@ -63,7 +63,14 @@ def mesh_text(r):
     """The mesh's axes larger than 1 from a report's "mesh" ("4 devices = data 1 × fsdp 2 × ...")."""
     axes = r["mesh"].split("=", 1)[1].split("×")
     big = [a.strip() for a in axes if not a.strip().endswith(" 1")]
-    return " × ".join(big) or "1 device"
+    text = " × ".join(big) or "1 device"
+    # Rules other than the defaults ("embed → [fsdp, seq] (default [fsdp])"), and the global
+    # layers' scheme under seq ("global layers: zigzag (mesh.seq_global = auto; ...)").
+    extra = [re.sub(r" \(default .*\)$", "", x) for x in r.get("mesh_rules") or []]
+    g = r.get("seq_global")
+    if g:
+        extra.append("global " + g.split(":", 1)[1].split("(", 1)[0].strip())
+    return text + (f" ({'; '.join(extra)})" if extra else "")
 
 
 def row(out, slices, cfg, t):

@@ -383,7 +383,13 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         .rules()
         .iter()
         .filter(|&(l, m)| defaults.get(l) != m)
-        .map(|(l, m)| format!("{l} → {} (default {})", axes_list(m), axes_list(defaults.get(l))))
+        .map(|(l, m)| {
+            format!(
+                "{l} → {} (default {})",
+                axes_list(m),
+                axes_list(defaults.get(l))
+            )
+        })
         .collect();
     // The scheme of the global layers (checked again, with the parameters, when the step is traced).
     let seq_global = model

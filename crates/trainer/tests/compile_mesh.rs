@@ -157,7 +157,11 @@ fn tensor_and_seq_meshes_compile_for_a_v5p_slice() {
             ),
             None => assert!(r["seq_global"].is_null(), "{mesh}: {}", r["seq_global"]),
         }
-        assert_eq!(r["mesh_rules"].as_array().unwrap().len(), extra.len() / 2, "{r}");
+        assert_eq!(
+            r["mesh_rules"].as_array().unwrap().len(),
+            extra.len() / 2,
+            "{r}"
+        );
         let (args4, flops4) = train_step(&r);
         assert!(
             args4 <= bound * args1 && args4 >= 12.0 * params / cut,
