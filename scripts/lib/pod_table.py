@@ -109,12 +109,17 @@ def row(out, slices, cfg, t):
         cpu = [c for c in (cpu_seconds(base + ".base.time.txt"), cpu_seconds(base + ".time.txt")) if c]
         cpu_s = f"{sum(cpu):.0f} CPU s, " if cpu else ""
         fmt = lambda v, f: "–" if v is None else format(v, f)
+        opt_s = fmt(opt, ".3f")
+        second = est.get("second_verdict") or ""
+        if opt is None and second.startswith("does not fit"):
+            # The estimate's compile (2 periods per trip) holds more than the step itself.
+            opt_s = "– (the estimate's u=2 compile does not fit)"
         return (
             f"| {name} | {t} | v5p {s} ({chips(s)} chips)"
             + (f"; not on {', '.join(tried)}" if tried else "")
             + f" | {mesh_text(r)}, batch {r['batch']} "
             f"| {m['peak_bytes'] / GIB:.2f} GiB ({free / GIB:.1f} free) "
-            f"| {fmt(opt, '.3f')} | {fmt(tpc, ',.0f')} | {fmt(tps, ',.0f')} | {fmt(flops, '.3e')} "
+            f"| {opt_s} | {fmt(tpc, ',.0f')} | {fmt(tps, ',.0f')} | {fmt(flops, '.3e')} "
             f"| {cpu_s}{compile_s:.0f} s wall at load {load} |"
         )
     return (
