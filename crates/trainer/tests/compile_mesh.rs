@@ -118,6 +118,20 @@ fn a_sharded_train_step_compiles_for_a_v5p_slice() {
     assert!(err.contains("expected AXIS=N"), "{err}");
 }
 
+/// One mesh of [`tensor_and_seq_meshes_compile_for_a_v5p_slice`].
+struct Case {
+    /// `--mesh`.
+    mesh: &'static str,
+    /// More flags.
+    extra: &'static [&'static str],
+    /// The start of the report's `seq_global` (`None`: no seq cut).
+    scheme: Option<&'static str>,
+    /// Parts the embed dim of the parameters is cut into.
+    cut: f64,
+    /// Bound on the per-chip arguments, as a fraction of one chip's.
+    bound: f64,
+}
+
 /// Tensor and seq meshes on a v5p slice: the tiny 3:1 step (T = 64) compiles with
 /// fsdp 2 × tensor 2, fsdp 2 × seq 2 (shards of 32 tokens: zigzag global layers, chunks of 16 =
 /// head dim) and seq 4 with MaxText's `embed → [seq]` (chunks of 8 < head dim: dense), and each
@@ -132,20 +146,37 @@ fn tensor_and_seq_meshes_compile_for_a_v5p_slice() {
     let one = compile(&[]);
     let (args1, flops1) = train_step(&one);
     let params = one["param_count"].as_f64().unwrap();
-    // (mesh, extra flags, global layers' scheme, parts the embed dim is cut into, bound on the
-    // per-chip arguments as a fraction of one chip's)
-    let cases: [(&str, &[&str], Option<&str>, f64, f64); 3] = [
-        ("fsdp=2,tensor=2", &[], None, 2.0, 0.6),
-        ("fsdp=2,seq=2", &[], Some("global layers: zigzag"), 2.0, 0.6),
-        (
-            "seq=4",
-            &["--set", "mesh.rules.embed=[\"seq\"]"],
-            Some("global layers: dense"),
-            4.0,
-            0.35,
-        ),
+    let cases = [
+        Case {
+            mesh: "fsdp=2,tensor=2",
+            extra: &[],
+            scheme: None,
+            cut: 2.0,
+            bound: 0.6,
+        },
+        Case {
+            mesh: "fsdp=2,seq=2",
+            extra: &[],
+            scheme: Some("global layers: zigzag"),
+            cut: 2.0,
+            bound: 0.6,
+        },
+        Case {
+            mesh: "seq=4",
+            extra: &["--set", "mesh.rules.embed=[\"seq\"]"],
+            scheme: Some("global layers: dense"),
+            cut: 4.0,
+            bound: 0.35,
+        },
     ];
-    for (mesh, extra, scheme, cut, bound) in cases {
+    for Case {
+        mesh,
+        extra,
+        scheme,
+        cut,
+        bound,
+    } in cases
+    {
         let flags: Vec<&str> = ["--mesh", mesh].iter().chain(extra).copied().collect();
         let r = compile(&flags);
         assert_eq!(r["mesh_devices"], 4, "{mesh}");
