@@ -93,7 +93,9 @@ def row(out, slices, cfg, t):
         r = json.load(open(base + ".json"))
         p = r["programs"][0]
         if not p["fits"]:
-            tried.append(f"v5p {s} ({chips(s)} chips)")
+            # libtpu's refusal names what the temporaries need ("... HLO temporaries (128.85G)").
+            need = re.search(r"HLO temporaries \(([^)]+)\)", p.get("verdict") or "")
+            tried.append(f"v5p {s} ({chips(s)} chips" + (f"; temporaries {need.group(1)}" if need else "") + ")")
             continue
         m = p["memory"]
         free = r["device_memory_bytes"] - m["peak_bytes"]
