@@ -568,28 +568,8 @@ fn base_report(path: &Path, now: &Report, train: &Module) -> Result<ProgramRepor
     let what = || format!("--base-report {}", path.display());
     let text = std::fs::read_to_string(path).with_context(what)?;
     let v: Value = serde_json::from_str(&text).with_context(what)?;
-    let want = [
-        ("target", Value::from(now.target.clone())),
-        ("batch", Value::from(now.batch)),
-        ("seq_len", Value::from(now.seq_len)),
-        ("mesh", Value::from(now.mesh.clone())),
-        ("mesh_rules", Value::from(now.mesh_rules.clone())),
-        ("seq_global", Value::from(now.seq_global.clone())),
-        ("param_count", Value::from(now.param_count)),
-    ];
-    for (key, value) in want {
-        let absent = match key {
-            "mesh_rules" => Value::Array(Vec::new()),
-            _ => Value::Null,
-        };
-        let there = v.get(key).cloned().unwrap_or(absent);
-        if there != value {
-            bail!(
-                "{}: {key} is {} there but {value} here; compile without --base-report",
-                what(),
-                there
-            );
-        }
+    if let Some(why) = header_differs(&v, now) {
+        bail!("{}: {why}; compile without --base-report", what());
     }
     let p: ProgramReport = serde_json::from_value(v["programs"][0].clone())
         .with_context(|| format!("{}: reading programs[0]", what()))?;
@@ -606,6 +586,30 @@ fn base_report(path: &Path, now: &Report, train: &Module) -> Result<ProgramRepor
     Ok(ProgramReport {
         trace_seconds: train.trace_seconds,
         ..p
+    })
+}
+
+/// Where the report `v` (an earlier `--json` output) was made for another target, batch, T, mesh,
+/// mesh rules, global-layer scheme or model than `now`: `"KEY is X there but Y here"`. A report
+/// from before `mesh_rules` and `seq_global` existed counts as the defaults (no rules changed,
+/// no seq scheme).
+fn header_differs(v: &Value, now: &Report) -> Option<String> {
+    let want = [
+        ("target", Value::from(now.target.clone())),
+        ("batch", Value::from(now.batch)),
+        ("seq_len", Value::from(now.seq_len)),
+        ("mesh", Value::from(now.mesh.clone())),
+        ("mesh_rules", Value::from(now.mesh_rules.clone())),
+        ("seq_global", Value::from(now.seq_global.clone())),
+        ("param_count", Value::from(now.param_count)),
+    ];
+    want.into_iter().find_map(|(key, value)| {
+        let absent = match key {
+            "mesh_rules" => Value::Array(Vec::new()),
+            _ => Value::Null,
+        };
+        let there = v.get(key).cloned().unwrap_or(absent);
+        (there != value).then(|| format!("{key} is {there} there but {value} here"))
     })
 }
 
@@ -860,6 +864,65 @@ mod tests {
         );
         let e = Target::parse("gpu:h100:1x8").unwrap_err().to_string();
         assert!(e.contains("GPU topology shape \"1x8\""), "{e}");
+    }
+
+    fn report(mesh_rules: Vec<String>, seq_global: Option<String>) -> Report {
+        Report {
+            target: "tpu:v5p:2x2x1".into(),
+            platform: "tpu".into(),
+            device_kind: "TPU v5".into(),
+            topology_devices: 4,
+            device_memory_bytes: 1,
+            platform_version: String::new(),
+            param_count: 10,
+            param_and_adam_bytes: 120,
+            batch: 4,
+            seq_len: 64,
+            rla_lowering: "mosaic".into(),
+            remat: "none".into(),
+            remat_keeps: String::new(),
+            mesh: "4 devices = data 1 × fsdp 2 × seq 2 × tensor 1".into(),
+            mesh_devices: 4,
+            mesh_rules,
+            seq_global,
+            programs: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_base_report_must_have_the_same_rules_and_seq_scheme() {
+        let rules = vec!["embed → [fsdp, seq] (default [fsdp])".to_string()];
+        let zigzag = Some("global layers: zigzag (mesh.seq_global = auto; …)".to_string());
+        let now = report(rules.clone(), zigzag.clone());
+        let same = serde_json::to_value(&now).unwrap();
+        assert_eq!(header_differs(&same, &now), None);
+        // Other rules, or the default ones: refused, naming the key.
+        let other = serde_json::to_value(report(Vec::new(), zigzag.clone())).unwrap();
+        let why = header_differs(&other, &now).unwrap();
+        assert!(why.starts_with("mesh_rules is [] there"), "{why}");
+        let dense = Some("global layers: dense (mesh.seq_global = dense; …)".to_string());
+        let other = serde_json::to_value(report(rules, dense)).unwrap();
+        let why = header_differs(&other, &now).unwrap();
+        assert!(
+            why.starts_with("seq_global is \"global layers: dense"),
+            "{why}"
+        );
+        // A report from before the two keys existed is the defaults: it matches a run with
+        // default rules and no seq scheme, not this one.
+        let mut old = serde_json::to_value(report(Vec::new(), None)).unwrap();
+        let o = old.as_object_mut().unwrap();
+        o.remove("mesh_rules");
+        o.remove("seq_global");
+        assert_eq!(header_differs(&old, &report(Vec::new(), None)), None);
+        assert!(header_differs(&old, &now).is_some());
+        // Another batch: named.
+        let mut b = same.clone();
+        b["batch"] = 8.into();
+        assert_eq!(
+            header_differs(&b, &now).unwrap(),
+            "batch is 8 there but 4 here"
+        );
     }
 
     /// A child that dies the way a plugin CHECK failure kills the compile child.
