@@ -11,13 +11,20 @@
 #                                2x2x1 2x2x2 2x2x4 2x4x4 4x4x4)
 #   RATTN=path/to/rattn         (default target/release/rattn)
 #   TABLE_ONLY=1                (print the table from the JSON there is, compile nothing)
-# One compile runs at a time. Per attempt <name> = <cfg>.T<T>.v5p-<slice>.fsdp<N>: first the
+#   MESH="fsdp=2,tensor=2"      (another mesh than fsdp over every chip; its product must be the
+#                                slice's chip count, or one axis -1 for the rest)
+#   BATCH=4                     (sequences per step; default one per chip)
+#   SETS='mesh.rules.embed=["fsdp","seq"] mesh.seq_global=dense'   (more --set overrides, split
+#                                at spaces; needs TAG)
+#   TAG=embedseq                (appended to the file names of these rows; needed with SETS)
+# One compile runs at a time. Per attempt <name> = <cfg>.T<T>.v5p-<slice>.<mesh>[.<TAG>] (<mesh>:
+# fsdp<N> by default, else MESH with "fsdp=2,tensor=2" written fsdp2-tensor2): first the
 # step's own compile, `--no-scan-estimate`, into <name>.base.json (memory and verdict; also when it
 # does not fit), then where it fits the estimate's compile, which reuses it through
 # `--base-report`, into <name>.json; each with a .time.txt (/usr/bin/time -v, load before and
 # after). A compile whose JSON exists is not run again, so a stopped run resumes where it was; one
 # that failed (not "does not fit") leaves .err.txt and is retried next time. The Markdown table
-# goes to stdout and $OUT/table.md.
+# goes to stdout and $OUT/table.md (with MESH or TAG: $OUT/table.<mesh>[.<TAG>].md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-docs/results/pods}
@@ -26,7 +33,18 @@ read -r -a slices <<<"${SLICES:-2x2x1 2x2x2 2x2x4 2x4x4 4x4x4}"
 read -r -a rows <<<"${ROWS:-3b:4096 3b-swa2k:4096 3b-swa4k:4096 3b-full:4096 12b:4096 12b-swa2k:4096 \
 12b-swa4k:4096 12b-full:4096 3b:8192 3b-swa2k:8192 3b-swa4k:8192 3b-full:8192 12b:8192 \
 12b-swa2k:8192 12b-swa4k:8192 12b-full:8192}"
+read -r -a sets <<<"${SETS:-}"
+tag=${TAG:-}
+if [ ${#sets[@]} -gt 0 ] && [ -z "$tag" ]; then
+  echo "SETS needs a TAG (the file names must differ from the rows without those overrides)" >&2
+  exit 1
+fi
 mkdir -p "$out"
+
+# The file-name part of the mesh on a slice of $1 chips: fsdp<N>, or MESH as fsdp2-tensor2.
+mesh_name() {
+  if [ -z "${MESH:-}" ]; then echo "fsdp$1"; else local m=${MESH//=/}; m=${m//-1/rest}; echo "${m//,/-}"; fi
+}
 
 chips() { local IFS=x; local n=1 d; for d in $1; do n=$((n * d)); done; echo $n; }
 
@@ -60,9 +78,11 @@ compile_row() {
   local cfg=$1 t=$2 slice name n
   for slice in "${slices[@]}"; do
     n=$(chips "$slice")
-    name=$out/$cfg.T$t.v5p-$slice.fsdp$n
+    name=$out/$cfg.T$t.v5p-$slice.$(mesh_name "$n")${tag:+.$tag}
     local args=(compile --target "tpu:v5p:$slice" --config "configs/$cfg.toml" --set "model.seq_len=$t"
-      --batch "$n" --mesh "fsdp=$n" --set model.scan_layers=true --json)
+      --batch "${BATCH:-$n}" --mesh "${MESH:-fsdp=$n}" --set model.scan_layers=true --json)
+    local kv
+    for kv in "${sets[@]}"; do args+=(--set "$kv"); done
     if [ ! -s "$name.json" ] && [ ! -s "$name.base.json" ]; then
       run_compile "$name.base" "${args[@]}" --no-scan-estimate || return 0
     fi
@@ -85,4 +105,9 @@ if [ -z "${TABLE_ONLY:-}" ]; then
     compile_row "${row%%:*}" "${row##*:}"
   done
 fi
-python3 scripts/lib/pod_table.py "$out" "${slices[*]}" "${rows[@]}" | tee "$out/table.md"
+table=$out/table.md
+if [ -n "${MESH:-}" ] || [ -n "$tag" ]; then
+  table=$out/table.$(mesh_name "")${tag:+.$tag}.md
+fi
+POD_MESH=${MESH:-} POD_TAG=$tag python3 scripts/lib/pod_table.py "$out" "${slices[*]}" "${rows[@]}" |
+  tee "$table"

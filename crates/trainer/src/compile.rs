@@ -236,6 +236,12 @@ pub struct Report {
     pub mesh: String,
     /// Devices the train step runs on (the mesh's).
     pub mesh_devices: usize,
+    /// The logical-axis rules that differ from the defaults (`mesh.rules`), e.g.
+    /// `embed → [fsdp, seq] (default [fsdp])`; empty when all are the defaults.
+    pub mesh_rules: Vec<String>,
+    /// How the global layers attend when the mesh cuts the sequence (`mesh.seq_global` resolved
+    /// for this T and head dim, and why); `None` without a `seq` cut or global layers.
+    pub seq_global: Option<String>,
     /// One entry per compiled program.
     pub programs: Vec<ProgramReport>,
     /// Things skipped, in words.
@@ -402,6 +408,25 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     };
     let model = model::Model::new(cfg.model.clone())?;
     let param_count = model.param_count();
+    let defaults = model::AxisRules::default();
+    let mesh_rules = mesh
+        .rules()
+        .iter()
+        .filter(|&(l, m)| defaults.get(l) != m)
+        .map(|(l, m)| {
+            format!(
+                "{l} → {} (default {})",
+                axes_list(m),
+                axes_list(defaults.get(l))
+            )
+        })
+        .collect();
+    // The scheme of the global layers (checked again, with the parameters, when the step is traced).
+    let seq_global = model
+        .clone()
+        .with_mesh(mesh.clone())
+        .ok()
+        .and_then(|m| m.seq_global_note());
     let mut report = Report {
         target: args.target.clone(),
         platform: target.platform().into(),
@@ -418,6 +443,8 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         remat_keeps: crate::step::remat_keeps(&cfg),
         mesh: mesh.to_string(),
         mesh_devices: mesh.device_count(),
+        mesh_rules,
+        seq_global,
         programs: Vec::new(),
         notes: Vec::new(),
     };
@@ -557,28 +584,22 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     Ok(())
 }
 
+/// Mesh axes as `[fsdp, seq]`.
+fn axes_list(axes: &[model::MeshAxis]) -> String {
+    let names: Vec<&str> = axes.iter().map(|a| a.name()).collect();
+    format!("[{}]", names.join(", "))
+}
+
 /// The train step's report from an earlier `rattn compile --json` output at `path`, checked
-/// against this run: the same target, batch, sequence length and mesh, and a traced program of
+/// against this run: the same target, batch, sequence length, mesh and rules (a report from
+/// before `mesh_rules` / `seq_global` existed counts as the defaults), and a traced program of
 /// the same size in bytes (`hlo_bytes`), so that the program compiled then is this one.
 fn base_report(path: &Path, now: &Report, train: &Module) -> Result<ProgramReport> {
     let what = || format!("--base-report {}", path.display());
     let text = std::fs::read_to_string(path).with_context(what)?;
     let v: Value = serde_json::from_str(&text).with_context(what)?;
-    let want = [
-        ("target", Value::from(now.target.clone())),
-        ("batch", Value::from(now.batch)),
-        ("seq_len", Value::from(now.seq_len)),
-        ("mesh", Value::from(now.mesh.clone())),
-        ("param_count", Value::from(now.param_count)),
-    ];
-    for (key, value) in want {
-        if v[key] != value {
-            bail!(
-                "{}: {key} is {} there but {value} here; compile without --base-report",
-                what(),
-                v[key]
-            );
-        }
+    if let Some(why) = header_differs(&v, now) {
+        bail!("{}: {why}; compile without --base-report", what());
     }
     let p: ProgramReport = serde_json::from_value(v["programs"][0].clone())
         .with_context(|| format!("{}: reading programs[0]", what()))?;
@@ -595,6 +616,30 @@ fn base_report(path: &Path, now: &Report, train: &Module) -> Result<ProgramRepor
     Ok(ProgramReport {
         trace_seconds: train.trace_seconds,
         ..p
+    })
+}
+
+/// Where the report `v` (an earlier `--json` output) was made for another target, batch, T, mesh,
+/// mesh rules, global-layer scheme or model than `now`: `"KEY is X there but Y here"`. A report
+/// from before `mesh_rules` and `seq_global` existed counts as the defaults (no rules changed,
+/// no seq scheme).
+fn header_differs(v: &Value, now: &Report) -> Option<String> {
+    let want = [
+        ("target", Value::from(now.target.clone())),
+        ("batch", Value::from(now.batch)),
+        ("seq_len", Value::from(now.seq_len)),
+        ("mesh", Value::from(now.mesh.clone())),
+        ("mesh_rules", Value::from(now.mesh_rules.clone())),
+        ("seq_global", Value::from(now.seq_global.clone())),
+        ("param_count", Value::from(now.param_count)),
+    ];
+    want.into_iter().find_map(|(key, value)| {
+        let absent = match key {
+            "mesh_rules" => Value::Array(Vec::new()),
+            _ => Value::Null,
+        };
+        let there = v.get(key).cloned().unwrap_or(absent);
+        (there != value).then(|| format!("{key} is {there} there but {value} here"))
     })
 }
 
@@ -727,6 +772,12 @@ fn print_header(r: &Report) {
             format!("train step sharded over the mesh {} (GSPMD, num_partitions {})", r.mesh, r.mesh_devices)
         }
     );
+    if !r.mesh_rules.is_empty() {
+        println!("mesh rules: {}", r.mesh_rules.join(", "));
+    }
+    if let Some(note) = &r.seq_global {
+        println!("{note}");
+    }
 }
 
 fn print_program(p: &ProgramReport, limit: i64) {
@@ -843,6 +894,65 @@ mod tests {
         );
         let e = Target::parse("gpu:h100:1x8").unwrap_err().to_string();
         assert!(e.contains("GPU topology shape \"1x8\""), "{e}");
+    }
+
+    fn report(mesh_rules: Vec<String>, seq_global: Option<String>) -> Report {
+        Report {
+            target: "tpu:v5p:2x2x1".into(),
+            platform: "tpu".into(),
+            device_kind: "TPU v5".into(),
+            topology_devices: 4,
+            device_memory_bytes: 1,
+            platform_version: String::new(),
+            param_count: 10,
+            param_and_adam_bytes: 120,
+            batch: 4,
+            seq_len: 64,
+            rla_lowering: "mosaic".into(),
+            remat: "none".into(),
+            remat_keeps: String::new(),
+            mesh: "4 devices = data 1 × fsdp 2 × seq 2 × tensor 1".into(),
+            mesh_devices: 4,
+            mesh_rules,
+            seq_global,
+            programs: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_base_report_must_have_the_same_rules_and_seq_scheme() {
+        let rules = vec!["embed → [fsdp, seq] (default [fsdp])".to_string()];
+        let zigzag = Some("global layers: zigzag (mesh.seq_global = auto; …)".to_string());
+        let now = report(rules.clone(), zigzag.clone());
+        let same = serde_json::to_value(&now).unwrap();
+        assert_eq!(header_differs(&same, &now), None);
+        // Other rules, or the default ones: refused, naming the key.
+        let other = serde_json::to_value(report(Vec::new(), zigzag.clone())).unwrap();
+        let why = header_differs(&other, &now).unwrap();
+        assert!(why.starts_with("mesh_rules is [] there"), "{why}");
+        let dense = Some("global layers: dense (mesh.seq_global = dense; …)".to_string());
+        let other = serde_json::to_value(report(rules, dense)).unwrap();
+        let why = header_differs(&other, &now).unwrap();
+        assert!(
+            why.starts_with("seq_global is \"global layers: dense"),
+            "{why}"
+        );
+        // A report from before the two keys existed is the defaults: it matches a run with
+        // default rules and no seq scheme, not this one.
+        let mut old = serde_json::to_value(report(Vec::new(), None)).unwrap();
+        let o = old.as_object_mut().unwrap();
+        o.remove("mesh_rules");
+        o.remove("seq_global");
+        assert_eq!(header_differs(&old, &report(Vec::new(), None)), None);
+        assert!(header_differs(&old, &now).is_some());
+        // Another batch: named.
+        let mut b = same.clone();
+        b["batch"] = 8.into();
+        assert_eq!(
+            header_differs(&b, &now).unwrap(),
+            "batch is 8 there but 4 here"
+        );
     }
 
     /// A child that dies the way a plugin CHECK failure kills the compile child.

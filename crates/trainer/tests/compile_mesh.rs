@@ -1,7 +1,9 @@
 //! `rattn compile --mesh` (issue 11 item 8): the tiny model's train step compiled ahead of time
 //! for a 4-chip v5p slice, sharded by GSPMD over fsdp = 4 and over data 2 × tensor 2, against the
 //! same step on one chip: per-chip arguments and FLOPs shrink with the mesh, the verdict is per
-//! chip, and a mesh that does not fit the slice or splits a head is a clear error.
+//! chip, and a mesh that does not fit the slice or splits a head is a clear error. Tensor and
+//! seq meshes (the RLA blocks as Mosaic calls in manual regions; under `seq` the exact
+//! sequence-parallel local layers and zigzag or dense global layers) compile for the slice too.
 //!
 //! Needs libtpu (about 470 MB): runs when it is installed or with `RATTN_AOT_TESTS=1` (which
 //! installs it); otherwise prints a skip line.
@@ -114,6 +116,100 @@ fn a_sharded_train_step_compiles_for_a_v5p_slice() {
     let args: Vec<&str> = TINY.iter().chain(&["--mesh", "fsdp4"]).copied().collect();
     let err = String::from_utf8_lossy(&rattn(&args).stderr).into_owned();
     assert!(err.contains("expected AXIS=N"), "{err}");
+}
+
+/// One mesh of [`tensor_and_seq_meshes_compile_for_a_v5p_slice`].
+struct Case {
+    /// `--mesh`.
+    mesh: &'static str,
+    /// More flags.
+    extra: &'static [&'static str],
+    /// The start of the report's `seq_global` (`None`: no seq cut).
+    scheme: Option<&'static str>,
+    /// Parts the embed dim of the parameters is cut into.
+    cut: f64,
+    /// Bound on the per-chip arguments, as a fraction of one chip's.
+    bound: f64,
+}
+
+/// Tensor and seq meshes on a v5p slice: the tiny 3:1 step (T = 64) compiles with
+/// fsdp 2 × tensor 2, fsdp 2 × seq 2 (shards of 32 tokens: zigzag global layers, chunks of 16 =
+/// head dim) and seq 4 with MaxText's `embed → [seq]` (chunks of 8 < head dim: dense), and each
+/// chip's arguments (parameters and both Adam moments, 12 bytes per parameter on one chip) and
+/// FLOPs are a fraction of the 1-chip step's. The default rules do not cut parameters over
+/// `seq` (embed → [fsdp]), so fsdp 2 × seq 2 holds half the state per chip, not a quarter.
+#[test]
+fn tensor_and_seq_meshes_compile_for_a_v5p_slice() {
+    if !have_tpu("tensor_and_seq_meshes_compile_for_a_v5p_slice") {
+        return;
+    }
+    let one = compile(&[]);
+    let (args1, flops1) = train_step(&one);
+    let params = one["param_count"].as_f64().unwrap();
+    let cases = [
+        Case {
+            mesh: "fsdp=2,tensor=2",
+            extra: &[],
+            scheme: None,
+            cut: 2.0,
+            bound: 0.6,
+        },
+        Case {
+            mesh: "fsdp=2,seq=2",
+            extra: &[],
+            scheme: Some("global layers: zigzag"),
+            cut: 2.0,
+            bound: 0.6,
+        },
+        Case {
+            mesh: "seq=4",
+            extra: &["--set", "mesh.rules.embed=[\"seq\"]"],
+            scheme: Some("global layers: dense"),
+            cut: 4.0,
+            bound: 0.35,
+        },
+    ];
+    for Case {
+        mesh,
+        extra,
+        scheme,
+        cut,
+        bound,
+    } in cases
+    {
+        let flags: Vec<&str> = ["--mesh", mesh].iter().chain(extra).copied().collect();
+        let r = compile(&flags);
+        assert_eq!(r["mesh_devices"], 4, "{mesh}");
+        match scheme {
+            Some(s) => assert!(
+                r["seq_global"].as_str().is_some_and(|g| g.starts_with(s)),
+                "{mesh}: {}",
+                r["seq_global"]
+            ),
+            None => assert!(r["seq_global"].is_null(), "{mesh}: {}", r["seq_global"]),
+        }
+        assert_eq!(
+            r["mesh_rules"].as_array().unwrap().len(),
+            extra.len() / 2,
+            "{r}"
+        );
+        let (args4, flops4) = train_step(&r);
+        assert!(
+            args4 <= bound * args1 && args4 >= 12.0 * params / cut,
+            "{mesh}: per-chip arguments {args4} B vs {args1} B on one chip"
+        );
+        // A quarter of the step's work per chip, plus under seq the halo's keys and values and
+        // the global layers' masked blocks (measured 0.25, 0.28, 0.32).
+        assert!(
+            flops4 <= 0.35 * flops1 && flops4 >= 0.2 * flops1,
+            "{mesh}: per-chip FLOPs {flops4:e} vs {flops1:e} on one chip"
+        );
+        eprintln!(
+            "{mesh} {extra:?}: per-chip arguments {args4} B (1 chip: {args1} B), FLOPs {flops4:e} \
+             (1 chip: {flops1:e}); {}",
+            r["seq_global"]
+        );
+    }
 }
 
 /// `rattn compile`'s estimate for a scanned step (XLA's cost analysis counts the layer loop's
