@@ -129,6 +129,25 @@ pub fn grad_sum_squares(grads: &[&[f32]]) -> f64 {
     sums.iter().sum()
 }
 
+/// Σ g² of each gradient separately, in f64 (each as [`grad_sum_squares`] of that one tensor):
+/// the per-device partial sums of a sharded step, which the graph all-gathers and adds.
+pub fn grad_sum_squares_each(grads: &[&[f32]]) -> Vec<f64> {
+    let blocks: Vec<(usize, &[f32])> = grads
+        .iter()
+        .enumerate()
+        .flat_map(|(i, g)| g.chunks(NORM_BLOCK).map(move |b| (i, b)))
+        .collect();
+    let sums: Vec<(usize, f64)> = blocks
+        .par_iter()
+        .map(|&(i, b)| (i, b.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()))
+        .collect();
+    let mut out = vec![0.0f64; grads.len()];
+    for (i, s) in sums {
+        out[i] += s;
+    }
+    out
+}
+
 /// The update of one element: `(p', m', v')` (the HLO version's operations, in its order).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -260,6 +279,28 @@ pub fn adamw_in_place(
     }
     let grads: Vec<&[f32]> = tensors.iter().map(|t| t.g).collect();
     let gnorm = (grad_sum_squares(&grads) as f32).sqrt();
+    adamw_in_place_with_norm(h, s, gnorm, tensors)?;
+    Ok(gnorm)
+}
+
+/// [`adamw_in_place`] with the global gradient norm given (computed elsewhere, e.g. from the
+/// partial sums of every device of a mesh, [`grad_sum_squares_each`]): clips by `gnorm` and
+/// updates the parameters and both moments in place, the same arithmetic per element.
+pub fn adamw_in_place_with_norm(
+    h: &AdamwHyper,
+    s: &AdamwStep,
+    gnorm: f32,
+    tensors: &mut [AdamwInPlace<'_>],
+) -> Result<(), String> {
+    for (i, t) in tensors.iter().enumerate() {
+        let n = t.p.len();
+        let lens = [t.g.len(), t.m.len(), t.v.len()];
+        if lens.iter().any(|&l| l != n) {
+            return Err(format!(
+                "adamw: parameter {i}: p has {n} elements but g, m, v have {lens:?}"
+            ));
+        }
+    }
     let scale = h.clip_scale(gnorm);
     let mut blocks = Vec::new();
     for t in tensors.iter_mut() {
@@ -274,7 +315,7 @@ pub fn adamw_in_place(
     blocks
         .into_par_iter()
         .for_each(|(decay, g, pmv)| update_block_in_place(h, s, scale, decay, g, pmv));
-    Ok(gnorm)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -520,6 +561,18 @@ mod tests {
             .install(|| grad_sum_squares(&[&g, &g[..5]]));
         let many = grad_sum_squares(&[&g, &g[..5]]);
         assert_eq!(one.to_bits(), many.to_bits());
+    }
+
+    #[test]
+    fn per_tensor_sums_add_up_to_the_global_sum() {
+        let (a, b) = (noise(3, 2 * NORM_BLOCK + 9), noise(4, 100));
+        let each = grad_sum_squares_each(&[&a, &b, &[]]);
+        let f64_sum = |g: &[f32]| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        assert!((each[0] - f64_sum(&a)).abs() <= 1e-12 * f64_sum(&a));
+        assert_eq!(each[1].to_bits(), grad_sum_squares(&[&b]).to_bits());
+        assert_eq!(each[2], 0.0);
+        let total = grad_sum_squares(&[&a, &b]);
+        assert!((each[0] + each[1] - total).abs() <= 1e-12 * total);
     }
 
     #[test]
