@@ -151,9 +151,8 @@ fn the_sharded_adamw_kernel_trains_like_the_hlo_update_with_the_global_norm() {
             .chain([format!("train.optimizer_lowering=\"{l}\"")])
             .collect()
     };
-    let refs = |v: &[String]| -> Vec<&str> { v.iter().map(|s| s.as_str()).collect() };
-    let (kl, kn, kt) = run_logged("adamw-mesh-kernel", STEPS, &refs(&with("kernel")));
-    let (hl, hn, ht) = run_logged("adamw-mesh-hlo", STEPS, &refs(&with("hlo")));
+    let (kl, kn, kt) = run_logged("adamw-mesh-kernel", STEPS, &with("kernel").iter().map(String::as_str).collect::<Vec<_>>());
+    let (hl, hn, ht) = run_logged("adamw-mesh-hlo", STEPS, &with("hlo").iter().map(String::as_str).collect::<Vec<_>>());
     let (_, one_n, _) = run_logged("adamw-one-kernel", STEPS, &["train.optimizer_lowering=\"kernel\""]);
     assert_eq!((kl.len(), kn.len(), one_n.len()), (STEPS, STEPS, STEPS));
     for s in 0..STEPS {
