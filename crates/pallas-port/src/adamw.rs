@@ -20,7 +20,7 @@
 //! clipped update of each device's pieces in place, given that global norm).
 
 use crate::kernel::adamw::{
-    adamw_in_place, adamw_in_place_with_norm, grad_sum_squares_each, AdamwHyper, AdamwInPlace,
+    adamw_in_place, adamw_in_place_with_norm, grad_sum_squares_shared, AdamwHyper, AdamwInPlace,
     AdamwStep,
 };
 use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape, Sharding};
@@ -30,7 +30,9 @@ use pjrt::ffi::{CallFrame, FfiError};
 pub const ADAMW_TARGET: &str = "rattention.adamw";
 
 /// Custom-call target of the per-tensor gradient sums of squares (sharded update, step 1):
-/// operands the `n` gradients (f32), result `f64[n]`.
+/// operands `s32[n]` (this device's copy index of each tensor's piece), then the `n`
+/// gradients (f32); attribute `copies` (i64 array: how many devices hold each piece); result
+/// `f64[n]`, each the sum over this copy's share of its piece.
 pub const ADAMW_SUMSQ_TARGET: &str = "rattention.adamw_sumsq";
 
 /// Custom-call target of the clipped update given the global norm (sharded update, step 3):
@@ -176,29 +178,32 @@ fn check_operands(
     Ok(shapes)
 }
 
-/// How device `device` of a mesh counts a tensor laid out by `sharding` in the global gradient
-/// norm: 1 when it holds a distinct piece (the first of its piece's replicas in device order),
-/// 0 when another device already counts an identical copy. A replicated tensor counts on
-/// device 0 only; a tiled one on each device whose replication coordinate
-/// (`last_tile_dim_replicate`) is 0.
-pub fn counts_in_norm(sharding: &Sharding, device: i64) -> bool {
+/// Which copy device `device` holds of its piece of a tensor laid out by `sharding` over
+/// `devices` devices, and how many devices hold that same piece: `(k, r)`. The `r` copies each
+/// sum the squares of a different `1/r` of the piece
+/// ([`replica_range`](crate::kernel::adamw::replica_range)), so every element counts once in
+/// the global norm and no device repeats another's work. A replicated tensor has `r = devices`
+/// and `k` = the device's id; a tiled one `r` = its trailing replication dim
+/// (`last_tile_dim_replicate`, else 1) and `k` = the device's coordinate along it. `None` for
+/// a device outside the tile assignment or a sharding without tiles (maximal, tuple, manual).
+pub fn norm_share(sharding: &Sharding, device: i64, devices: usize) -> Option<(usize, usize)> {
     match sharding {
         Sharding::Tiled {
             tile_assignment_dims,
-            devices,
+            devices: assigned,
             last_tile_dim_replicate,
         } => {
-            let Some(pos) = devices.iter().position(|&d| d == device) else {
-                return false;
-            };
-            let reps = match (last_tile_dim_replicate, tile_assignment_dims.last()) {
+            let pos = assigned.iter().position(|&d| d == device)?;
+            let r = match (last_tile_dim_replicate, tile_assignment_dims.last()) {
                 (true, Some(&r)) => r.max(1) as usize,
                 _ => 1,
             };
-            pos % reps == 0
+            Some((pos % r, r))
         }
-        Sharding::Maximal { device: d } => *d == device,
-        _ => device == 0,
+        Sharding::Replicated if (0..devices as i64).contains(&device) => {
+            Some((device as usize, devices))
+        }
+        _ => None,
     }
 }
 
@@ -206,11 +211,11 @@ pub fn counts_in_norm(sharding: &Sharding, device: i64) -> bool {
 /// partitioned region: every parameter, gradient and moment enters as its device's piece under
 /// `shardings[i]` (the parameter's layout, which its moments share), each device
 ///
-/// 1. sums the squares of its pieces per tensor (`rattention.adamw_sumsq`, f64),
-/// 2. all-gathers those partials (`f64[devices, n]`) and adds the ones of the devices that own
-///    a distinct piece ([`counts_in_norm`]: each element of each tensor is counted exactly
-///    once, whatever its replication), giving `‖g‖ = √(f32(Σ))` as on one device up to the
-///    order of the f64 additions,
+/// 1. sums the squares of its share of its pieces per tensor (`rattention.adamw_sumsq`, f64;
+///    a piece held by `r` devices is split among them, [`norm_share`], so each element of each
+///    tensor is counted exactly once),
+/// 2. all-gathers those partials (`f64[devices, n]`) and adds them all, giving
+///    `‖g‖ = √(f32(Σ))` as on one device up to the order of the f64 additions,
 /// 3. updates its pieces in place, clipped by that norm (`rattention.adamw_scaled`).
 ///
 /// Returns the full updated tensors (laid out as their inputs) and the replicated norm. The
@@ -247,25 +252,44 @@ pub fn adamw_sharded(
             .collect()
     };
     let (pl, gl, ml, vl) = (pieces(params)?, pieces(grads)?, pieces(m)?, pieces(v)?);
-    // 1 where device d counts tensor i in the norm, row-major [devices, n].
-    let mask: Vec<f64> = (0..devices as i64)
-        .flat_map(|d| shardings.iter().map(move |s| f64::from(u8::from(counts_in_norm(s, d)))))
-        .collect();
+    // Device d's copy index of tensor i, row-major [devices, n]; the copy counts per tensor.
+    let mut copy = Vec::with_capacity(devices * n);
+    let mut copies = vec![0i64; n];
+    for d in 0..devices as i64 {
+        for (i, s) in shardings.iter().enumerate() {
+            let Some((k, r)) = norm_share(s, d, devices) else {
+                return Err(b.error(
+                    "adamw_sharded",
+                    format!("parameter {i}: sharding {s:?} gives device {d} no tile"),
+                ));
+            };
+            copy.push(k as i32);
+            copies[i] = r as i64;
+        }
+    }
+    let copy = b.constant_vec(copy, &[devices as i64, n as i64])?;
+    // The device's own id, the shard_map way: its piece of iota(devices) cut in `devices`.
+    let ids = b.iota(ElementType::S32, &[devices as i64], 0)?;
+    let id = b.full_to_shard(ids, Sharding::tiled(&[devices as i64]))?;
+    let copy = b.full_to_shard(copy, Sharding::Replicated)?;
     let (new, gnorm_piece) = {
         let _m = b.manual_scope();
+        let id = b.reshape(id, &[])?;
+        let row = b.dynamic_slice(copy, &[id, b.scalar(0i32)?], &[1, n as i64])?;
+        let row = b.reshape(row, &[n as i64])?;
+        let sum_operands: Vec<Op> = [row].into_iter().chain(gl.iter().copied()).collect();
         let sums = b.custom_call_row_major(
             ADAMW_SUMSQ_TARGET,
-            &gl,
+            &sum_operands,
             Shape::array(ElementType::F64, &[n as i64]),
-            &[],
+            &[("copies", Attr::I64Array(copies))],
         )?;
         let all = b.all_gather(
             b.reshape(sums, &[1, n as i64])?,
             0,
             &[(0..devices as i64).collect()],
         )?;
-        let mask = b.constant_vec(mask, &[devices as i64, n as i64])?;
-        let total = b.reduce_sum(b.mul(all, mask)?, &[0, 1])?;
+        let total = b.reduce_sum(all, &[0, 1])?;
         let gnorm = b.sqrt(b.convert(total, ElementType::F32)?)?;
         let local: Vec<Shape> = pl.iter().map(|&x| b.shape(x)).collect::<Result<_>>()?;
         let out: Vec<Shape> = (0..3).flat_map(|_| local.iter().cloned()).collect();
@@ -406,11 +430,32 @@ fn adamw_handler(frame: &mut CallFrame<'_>) -> std::result::Result<(), FfiError>
 pjrt::ffi_handler!(ADAMW_HANDLER, adamw_handler);
 
 fn sumsq_handler(frame: &mut CallFrame<'_>) -> std::result::Result<(), FfiError> {
-    let n = frame.num_args();
+    let copies = frame.attr_array_i64("copies")?;
+    let n = copies.len();
+    if frame.num_args() != 1 + n {
+        return Err(FfiError::invalid_argument(format!(
+            "adamw_sumsq: {n} copy counts need {} operands (copy indices, then the gradients), \
+             got {}",
+            1 + n,
+            frame.num_args()
+        )));
+    }
+    let index = frame.arg(0)?.as_slice::<i32>()?;
+    if index.len() != n {
+        return Err(FfiError::invalid_argument(format!(
+            "adamw_sumsq: operand 0 (copy indices) must be s32[{n}], got {} elements",
+            index.len()
+        )));
+    }
+    let shares: Vec<(usize, usize)> = index
+        .iter()
+        .zip(&copies)
+        .map(|(&k, &r)| (k.max(0) as usize, r.max(1) as usize))
+        .collect();
     let g = (0..n)
-        .map(|i| frame.arg(i)?.as_slice::<f32>())
+        .map(|i| frame.arg(1 + i)?.as_slice::<f32>())
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let sums = grad_sum_squares_each(&g);
+    let sums = grad_sum_squares_shared(&g, &shares);
     let mut out = frame.ret(0)?;
     let out = out.as_mut_slice::<f64>()?;
     if out.len() != n {
@@ -457,28 +502,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_piece_counts_once_in_the_norm() {
+    fn each_piece_is_split_among_its_copies() {
         // [2, 1] tiles, each on 2 devices: devices 0,1 hold tile 0, devices 2,3 tile 1.
         let s = Sharding::Tiled {
             tile_assignment_dims: vec![2, 1, 2],
             devices: vec![0, 1, 2, 3],
             last_tile_dim_replicate: true,
         };
-        let counted: Vec<i64> = (0..4).filter(|&d| counts_in_norm(&s, d)).collect();
-        assert_eq!(counted, [0, 2]);
+        let shares: Vec<_> = (0..4).map(|d| norm_share(&s, d, 4)).collect();
+        assert_eq!(
+            shares,
+            [Some((0, 2)), Some((1, 2)), Some((0, 2)), Some((1, 2))]
+        );
         let tiled = Sharding::tiled(&[4, 1]);
-        assert!((0..4).all(|d| counts_in_norm(&tiled, d)));
-        let counted: Vec<i64> = (0..4)
-            .filter(|&d| counts_in_norm(&Sharding::Replicated, d))
+        assert!((0..4).all(|d| norm_share(&tiled, d, 4) == Some((0, 1))));
+        let shares: Vec<_> = (0..4)
+            .map(|d| norm_share(&Sharding::Replicated, d, 4))
             .collect();
-        assert_eq!(counted, [0]);
-        // Devices listed out of order: the first replica in the tile assignment counts.
+        assert_eq!(
+            shares,
+            [Some((0, 4)), Some((1, 4)), Some((2, 4)), Some((3, 4))]
+        );
+        assert_eq!(norm_share(&Sharding::Maximal { device: 0 }, 0, 4), None);
+        // Devices listed out of order: the copy index is the position in the assignment.
         let s = Sharding::Tiled {
             tile_assignment_dims: vec![1, 2],
             devices: vec![3, 1],
             last_tile_dim_replicate: true,
         };
-        let counted: Vec<i64> = (0..4).filter(|&d| counts_in_norm(&s, d)).collect();
-        assert_eq!(counted, [3]);
+        assert_eq!(norm_share(&s, 3, 4), Some((0, 2)));
+        assert_eq!(norm_share(&s, 1, 4), Some((1, 2)));
+        assert_eq!(norm_share(&s, 0, 4), None);
     }
 }

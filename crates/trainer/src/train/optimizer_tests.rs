@@ -151,13 +151,33 @@ fn the_sharded_adamw_kernel_trains_like_the_hlo_update_with_the_global_norm() {
             .chain([format!("train.optimizer_lowering=\"{l}\"")])
             .collect()
     };
-    let (kl, kn, kt) = run_logged("adamw-mesh-kernel", STEPS, &with("kernel").iter().map(String::as_str).collect::<Vec<_>>());
-    let (hl, hn, ht) = run_logged("adamw-mesh-hlo", STEPS, &with("hlo").iter().map(String::as_str).collect::<Vec<_>>());
-    let (_, one_n, _) = run_logged("adamw-one-kernel", STEPS, &["train.optimizer_lowering=\"kernel\""]);
+    let (kl, kn, kt) = run_logged(
+        "adamw-mesh-kernel",
+        STEPS,
+        &with("kernel")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let (hl, hn, ht) = run_logged(
+        "adamw-mesh-hlo",
+        STEPS,
+        &with("hlo").iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let (_, one_n, _) = run_logged(
+        "adamw-one-kernel",
+        STEPS,
+        &["train.optimizer_lowering=\"kernel\""],
+    );
     assert_eq!((kl.len(), kn.len(), one_n.len()), (STEPS, STEPS, STEPS));
     for s in 0..STEPS {
         let r = ((kl[s] - hl[s]) / hl[s]).abs();
-        assert!(r <= 1e-6, "step {s}: loss {} (kernel) vs {} (hlo): {r:e}", kl[s], hl[s]);
+        assert!(
+            r <= 1e-6,
+            "step {s}: loss {} (kernel) vs {} (hlo): {r:e}",
+            kl[s],
+            hl[s]
+        );
         // Step 1's gradients are the 1-device ones up to the order of the cross-device sums.
         let r1 = ((kn[s] - one_n[s]) / one_n[s]).abs();
         let rh = ((kn[s] - hn[s]) / hn[s]).abs();
@@ -165,8 +185,18 @@ fn the_sharded_adamw_kernel_trains_like_the_hlo_update_with_the_global_norm() {
             "step {s}: grad norm mesh kernel {} / mesh hlo {} / 1 device {}: rel {rh:.1e} {r1:.1e}",
             kn[s], hn[s], one_n[s]
         );
-        assert!(r1 <= 1e-6, "step {s}: grad norm {} vs 1 device {}: {r1:e}", kn[s], one_n[s]);
-        assert!(rh <= 1e-6, "step {s}: grad norm {} vs hlo {}: {rh:e}", kn[s], hn[s]);
+        assert!(
+            r1 <= 1e-6,
+            "step {s}: grad norm {} vs 1 device {}: {r1:e}",
+            kn[s],
+            one_n[s]
+        );
+        assert!(
+            rh <= 1e-6,
+            "step {s}: grad norm {} vs hlo {}: {rh:e}",
+            kn[s],
+            hn[s]
+        );
     }
     let mut worst = [0.0f64; 3];
     for (k, h) in kt.iter().zip(&ht) {
@@ -186,5 +216,9 @@ fn the_sharded_adamw_kernel_trains_like_the_hlo_update_with_the_global_norm() {
         "sharded adamw kernel vs hlo after {STEPS} steps: ‖Δ‖/‖x‖ params {:.1e}, m {:.1e}, v {:.1e}",
         worst[0], worst[1], worst[2]
     );
-    assert!(worst[0] <= 1e-5, "parameters differ by {:e} in norm", worst[0]);
+    assert!(
+        worst[0] <= 1e-5,
+        "parameters differ by {:e} in norm",
+        worst[0]
+    );
 }
