@@ -74,9 +74,18 @@ const MESHES: [(&str, &[&str]); 15] = [
         &["mesh.data=2", "mesh.seq=4", "model.attention_lowering=hlo"],
     ),
     // The optimizer as element-wise HLO instead of the sharded AdamW kernel (the CPU default).
-    ("data8-opthlo", &["mesh.data=8", "train.optimizer_lowering=hlo"]),
-    ("fsdp8-opthlo", &["mesh.fsdp=8", "train.optimizer_lowering=hlo"]),
-    ("seq8-opthlo", &["mesh.seq=8", "train.optimizer_lowering=hlo"]),
+    (
+        "data8-opthlo",
+        &["mesh.data=8", "train.optimizer_lowering=hlo"],
+    ),
+    (
+        "fsdp8-opthlo",
+        &["mesh.fsdp=8", "train.optimizer_lowering=hlo"],
+    ),
+    (
+        "seq8-opthlo",
+        &["mesh.seq=8", "train.optimizer_lowering=hlo"],
+    ),
     (
         "data2xseq4-opthlo",
         &["mesh.data=2", "mesh.seq=4", "train.optimizer_lowering=hlo"],
