@@ -596,6 +596,32 @@ mod tests {
     }
 
     #[test]
+    fn the_zipped_loop_is_the_indexed_one_bit_for_bit() {
+        let (h, s) = (
+            AdamwHyper::from_f64(0.9, 0.95, 1e-8, 0.1, 1.0),
+            AdamwStep {
+                lr: 3e-3,
+                bc1: 0.3,
+                bc2: 0.05,
+            },
+        );
+        let n = 1003;
+        let (p, g, m) = (noise(1, n), noise(2, n), noise(3, n));
+        let v: Vec<f32> = noise(4, n).iter().map(|x| x * x).collect();
+        let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
+        update_block_in_place(&h, &s, 0.7, true, &g, (&mut p2, &mut m2, &mut v2));
+        for i in 0..n {
+            let want = update_element(&h, &s, 0.7, true, p[i], g[i], m[i], v[i]);
+            let got = (p2[i], m2[i], v2[i]);
+            assert_eq!(
+                [got.0.to_bits(), got.1.to_bits(), got.2.to_bits()],
+                [want.0.to_bits(), want.1.to_bits(), want.2.to_bits()],
+                "element {i}"
+            );
+        }
+    }
+
+    #[test]
     fn replica_shares_count_every_element_once() {
         let g = noise(5, NORM_BLOCK + 13);
         let f64_sum = |g: &[f32]| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
