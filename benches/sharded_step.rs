@@ -54,7 +54,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 /// Label and `[mesh]` overrides of each run.
-const MESHES: [(&str, &[&str]); 11] = [
+const MESHES: [(&str, &[&str]); 15] = [
     ("1 device", &[]),
     ("data8", &["mesh.data=8"]),
     ("fsdp8", &["mesh.fsdp=8"]),
@@ -72,6 +72,23 @@ const MESHES: [(&str, &[&str]); 11] = [
     (
         "data2xseq4-hlo",
         &["mesh.data=2", "mesh.seq=4", "model.attention_lowering=hlo"],
+    ),
+    // The optimizer as element-wise HLO instead of the sharded AdamW kernel (the CPU default).
+    (
+        "data8-opthlo",
+        &["mesh.data=8", "train.optimizer_lowering=hlo"],
+    ),
+    (
+        "fsdp8-opthlo",
+        &["mesh.fsdp=8", "train.optimizer_lowering=hlo"],
+    ),
+    (
+        "seq8-opthlo",
+        &["mesh.seq=8", "train.optimizer_lowering=hlo"],
+    ),
+    (
+        "data2xseq4-opthlo",
+        &["mesh.data=2", "mesh.seq=4", "train.optimizer_lowering=hlo"],
     ),
 ];
 

@@ -54,26 +54,33 @@ pub struct TrainConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OptimizerLowering {
-    /// [`OptimizerLowering::Kernel`] for a graph on one CPU device, else
+    /// [`OptimizerLowering::Kernel`] for a graph on CPU devices (one or a mesh), else
     /// [`OptimizerLowering::Hlo`].
     #[default]
     Auto,
     /// Element-wise HLO that XLA fuses and compiles (every platform, sharded meshes too).
     Hlo,
-    /// One custom call to the CPU kernel (`pallas_port::adamw`): nothing for XLA to compile.
-    /// CPU only, one device (the SPMD partitioner cannot split it).
+    /// The CPU kernel (`pallas_port::adamw`): nothing for XLA to compile. One in-place custom
+    /// call on one device; on a mesh, a manual region where each device sums its gradient
+    /// pieces' squares, the partials are all-gathered into the global norm, and each device
+    /// updates its pieces in place. CPU only.
     Kernel,
 }
 
 impl OptimizerLowering {
-    /// The concrete lowering for a graph on `platform` (a PJRT platform name) over `devices`
-    /// devices: `auto` becomes `kernel` on `"cpu"`/`"host"` with one device, else `hlo`.
-    pub fn resolve(self, platform: &str, devices: usize) -> OptimizerLowering {
-        let cpu = ["cpu", "host"]
+    /// Whether `platform` (a PJRT platform name) is the host CPU, where the kernel runs.
+    pub fn is_cpu(platform: &str) -> bool {
+        ["cpu", "host"]
             .iter()
-            .any(|p| platform.eq_ignore_ascii_case(p));
+            .any(|p| platform.eq_ignore_ascii_case(p))
+    }
+
+    /// The concrete lowering for a graph on `platform` (a PJRT platform name) over `devices`
+    /// devices: `auto` becomes `kernel` on `"cpu"`/`"host"` (one device or a mesh), else `hlo`.
+    /// (`_devices` is kept for callers; the kernel covers any device count.)
+    pub fn resolve(self, platform: &str, _devices: usize) -> OptimizerLowering {
         match self {
-            OptimizerLowering::Auto if cpu && devices == 1 => OptimizerLowering::Kernel,
+            OptimizerLowering::Auto if Self::is_cpu(platform) => OptimizerLowering::Kernel,
             OptimizerLowering::Auto => OptimizerLowering::Hlo,
             l => l,
         }

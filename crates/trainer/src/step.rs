@@ -9,9 +9,10 @@
 //! token) choose which targets the loss scores: the recall task's answers, or every token of text.
 //!
 //! The optimizer (global-norm clipping and AdamW) is lowered as `[train] optimizer_lowering`
-//! says ([`OptimizerLowering`]): element-wise HLO that XLA fuses and compiles, or on one CPU
-//! device (the `auto` choice there) one `rattention.adamw` custom call to the CPU kernel
-//! ([`pallas_port::adamw`]), which leaves XLA no optimizer kernels to compile.
+//! says ([`OptimizerLowering`]): element-wise HLO that XLA fuses and compiles, or on CPU devices
+//! (the `auto` choice there) the CPU kernel ([`pallas_port::adamw`]), which leaves XLA no
+//! optimizer kernels to compile: one `rattention.adamw` custom call on one device, a manual
+//! region of per-device sums, an all-gather and per-device in-place updates on a mesh.
 
 use crate::config::{OptimizerLowering, RunConfig, TrainConfig};
 use hlo_builder::{Builder, Computation, ElementType, Op, Result, Shape, Sharding};
@@ -323,7 +324,10 @@ pub fn remat_keeps(cfg: &RunConfig) -> String {
 /// ([`Model::with_mesh`]). On one device nothing is annotated.
 ///
 /// The optimizer's lowering is `cfg.train.optimizer_lowering` resolved for `platform` and the
-/// mesh ([`OptimizerLowering::resolve`]); `kernel` on a mesh of more than one device is an error.
+/// mesh ([`OptimizerLowering::resolve`]). `kernel` on one device is one in-place custom call
+/// (`pallas_port::adamw::adamw_call`); on a CPU mesh a manually partitioned region where each
+/// device updates its pieces with a global norm (`pallas_port::adamw::adamw_sharded`); on a
+/// mesh of another platform an error.
 pub fn build_train_step(cfg: &RunConfig, platform: &str, mesh: &Mesh) -> Result<Computation> {
     let invalid = |e: String| hlo_builder::Error::invalid("train_step", e);
     let model = Model::new(cfg.model.clone())
@@ -384,12 +388,36 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str, mesh: &Mesh) -> Result<
     let decay: Vec<bool> = specs.iter().map(decays).collect();
     let lowering = t.optimizer_lowering.resolve(platform, mesh.device_count());
     let (np, nm, nv, gnorm, lr) = match lowering {
-        OptimizerLowering::Kernel if sharded => {
+        OptimizerLowering::Kernel if sharded && !OptimizerLowering::is_cpu(platform) => {
             return Err(invalid(format!(
-                "train.optimizer_lowering = \"kernel\" runs on one device, but the mesh has {}: \
-                 use \"hlo\" or \"auto\"",
+                "train.optimizer_lowering = \"kernel\" runs on CPU devices only, but a mesh of \
+                 {} devices on platform {platform:?} was asked for: use \"hlo\" or \"auto\"",
                 mesh.device_count()
             )))
+        }
+        OptimizerLowering::Kernel if sharded => {
+            let (lr, bc1, bc2) = step_scalars(&b, t, step)?;
+            let h = pallas_port::kernel::adamw::AdamwHyper::from_f64(
+                t.beta1,
+                t.beta2,
+                t.eps,
+                t.weight_decay,
+                t.clip_norm,
+            );
+            let layout: Vec<Sharding> = shardings.state[..params.len()]
+                .iter()
+                .map(|s| s.sharding.clone())
+                .collect();
+            let out = pallas_port::adamw::adamw_sharded(
+                &b,
+                &h,
+                (lr, bc1, bc2),
+                (&params, &grads, &adam_m, &adam_v),
+                &decay,
+                &layout,
+                mesh.device_count(),
+            )?;
+            (out.params, out.m, out.v, out.grad_norm, lr)
         }
         OptimizerLowering::Kernel => {
             let (lr, bc1, bc2) = step_scalars(&b, t, step)?;

@@ -129,6 +129,54 @@ pub fn grad_sum_squares(grads: &[&[f32]]) -> f64 {
     sums.iter().sum()
 }
 
+/// Σ x² in f64 over eight interleaved partial sums (so the loop vectorizes), added at the end.
+fn sum_squares_lanes(x: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += (v as f64) * (v as f64);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += (v as f64) * (v as f64);
+    }
+    acc.iter().sum()
+}
+
+/// The part of a tensor of `len` elements that replica `k` of `r` identical copies sums in a
+/// sharded norm: the k-th of r contiguous ranges of ⌈len / r⌉ elements (the last shorter or
+/// empty), so the r copies together count every element once.
+pub fn replica_range(len: usize, k: usize, r: usize) -> std::ops::Range<usize> {
+    let c = len.div_ceil(r.max(1));
+    (k * c).min(len)..((k + 1) * c).min(len)
+}
+
+/// Per tensor, Σ g² in f64 over its [`replica_range`] `(k, r)` (`shares[i]`): the partial sums
+/// of one device of a mesh, where `r` devices hold identical copies of a gradient piece and
+/// this one is copy `k`. Blocks of [`NORM_BLOCK`] summed in parallel (eight lanes each).
+pub fn grad_sum_squares_shared(grads: &[&[f32]], shares: &[(usize, usize)]) -> Vec<f64> {
+    let blocks: Vec<(usize, &[f32])> = grads
+        .iter()
+        .zip(shares)
+        .enumerate()
+        .flat_map(|(i, (g, &(k, r)))| {
+            g[replica_range(g.len(), k, r)]
+                .chunks(NORM_BLOCK)
+                .map(move |b| (i, b))
+        })
+        .collect();
+    let sums: Vec<(usize, f64)> = blocks
+        .par_iter()
+        .map(|&(i, b)| (i, sum_squares_lanes(b)))
+        .collect();
+    let mut out = vec![0.0f64; grads.len()];
+    for (i, s) in sums {
+        out[i] += s;
+    }
+    out
+}
+
 /// The update of one element: `(p', m', v')` (the HLO version's operations, in its order).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -167,8 +215,9 @@ fn update_block(
     v_out: &mut [f32],
 ) {
     let wd = decay && h.weight_decay > 0.0;
-    for i in 0..p.len() {
-        (p_out[i], m_out[i], v_out[i]) = update_element(h, s, scale, wd, p[i], g[i], m[i], v[i]);
+    let outs = p_out.iter_mut().zip(m_out.iter_mut()).zip(v_out.iter_mut());
+    for ((((po, mo), vo), &p), ((&g, &m), &v)) in outs.zip(p).zip(g.iter().zip(m).zip(v)) {
+        (*po, *mo, *vo) = update_element(h, s, scale, wd, p, g, m, v);
     }
 }
 
@@ -182,8 +231,10 @@ fn update_block_in_place(
     (p, m, v): (&mut [f32], &mut [f32], &mut [f32]),
 ) {
     let wd = decay && h.weight_decay > 0.0;
-    for i in 0..p.len() {
-        (p[i], m[i], v[i]) = update_element(h, s, scale, wd, p[i], g[i], m[i], v[i]);
+    // Zipped (no bounds checks), so the loop vectorizes; the operations per element are
+    // unchanged.
+    for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+        (*p, *m, *v) = update_element(h, s, scale, wd, *p, g, *m, *v);
     }
 }
 
@@ -260,6 +311,28 @@ pub fn adamw_in_place(
     }
     let grads: Vec<&[f32]> = tensors.iter().map(|t| t.g).collect();
     let gnorm = (grad_sum_squares(&grads) as f32).sqrt();
+    adamw_in_place_with_norm(h, s, gnorm, tensors)?;
+    Ok(gnorm)
+}
+
+/// [`adamw_in_place`] with the global gradient norm given (computed elsewhere, e.g. from the
+/// partial sums of every device of a mesh, [`grad_sum_squares_shared`]): clips by `gnorm` and
+/// updates the parameters and both moments in place, the same arithmetic per element.
+pub fn adamw_in_place_with_norm(
+    h: &AdamwHyper,
+    s: &AdamwStep,
+    gnorm: f32,
+    tensors: &mut [AdamwInPlace<'_>],
+) -> Result<(), String> {
+    for (i, t) in tensors.iter().enumerate() {
+        let n = t.p.len();
+        let lens = [t.g.len(), t.m.len(), t.v.len()];
+        if lens.iter().any(|&l| l != n) {
+            return Err(format!(
+                "adamw: parameter {i}: p has {n} elements but g, m, v have {lens:?}"
+            ));
+        }
+    }
     let scale = h.clip_scale(gnorm);
     let mut blocks = Vec::new();
     for t in tensors.iter_mut() {
@@ -274,7 +347,7 @@ pub fn adamw_in_place(
     blocks
         .into_par_iter()
         .for_each(|(decay, g, pmv)| update_block_in_place(h, s, scale, decay, g, pmv));
-    Ok(gnorm)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -520,6 +593,52 @@ mod tests {
             .install(|| grad_sum_squares(&[&g, &g[..5]]));
         let many = grad_sum_squares(&[&g, &g[..5]]);
         assert_eq!(one.to_bits(), many.to_bits());
+    }
+
+    #[test]
+    fn the_zipped_loop_is_the_indexed_one_bit_for_bit() {
+        let (h, s) = (
+            AdamwHyper::from_f64(0.9, 0.95, 1e-8, 0.1, 1.0),
+            AdamwStep {
+                lr: 3e-3,
+                bc1: 0.3,
+                bc2: 0.05,
+            },
+        );
+        let n = 1003;
+        let (p, g, m) = (noise(1, n), noise(2, n), noise(3, n));
+        let v: Vec<f32> = noise(4, n).iter().map(|x| x * x).collect();
+        let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
+        update_block_in_place(&h, &s, 0.7, true, &g, (&mut p2, &mut m2, &mut v2));
+        for i in 0..n {
+            let want = update_element(&h, &s, 0.7, true, p[i], g[i], m[i], v[i]);
+            let got = (p2[i], m2[i], v2[i]);
+            assert_eq!(
+                [got.0.to_bits(), got.1.to_bits(), got.2.to_bits()],
+                [want.0.to_bits(), want.1.to_bits(), want.2.to_bits()],
+                "element {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn replica_shares_count_every_element_once() {
+        let g = noise(5, NORM_BLOCK + 13);
+        let f64_sum = |g: &[f32]| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        let want = f64_sum(&g);
+        for r in [1, 2, 3, 8] {
+            let total: f64 = (0..r)
+                .map(|k| grad_sum_squares_shared(&[&g, &g[..5]], &[(k, r), (k, r)]))
+                .map(|s| s[0] + s[1])
+                .sum();
+            let want = want + f64_sum(&g[..5]);
+            assert!(
+                (total - want).abs() <= 1e-12 * want,
+                "r {r}: {total} vs {want}"
+            );
+        }
+        assert_eq!(replica_range(5, 3, 4), 5..5);
+        assert_eq!(replica_range(5, 1, 4), 2..4);
     }
 
     #[test]
