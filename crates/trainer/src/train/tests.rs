@@ -204,11 +204,11 @@ fn sequence_parallel_training_equals_one_device() {
     //
     // The sequence shards run attention through the CPU kernel at runtime positions, whose
     // blocks start at other keys than the 1-device kernel's, and the loss, norms and embedding
-    // as HLO (their CPU kernels run on one device only), and so far the optimizer as HLO too: two
-    // more runs that differ only in the order of their sums are 1 device with the HLO attention
-    // blocks and 1 device with every lowering the mesh uses as HLO (attention, loss, norms,
-    // embedding, optimizer; measured 1.4e-4 of a tensor's largest value, 7.8e-6 in norm: as far
-    // from the default 1-device run as the seq meshes are).
+    // as HLO (their CPU kernels run on one device only) and AdamW split over the devices: two more
+    // runs that differ only in the order of their sums are 1 device with the HLO attention blocks
+    // and 1 device with every lowering as HLO (attention, loss, norms, embedding, optimizer;
+    // measured 1.4e-4 of a tensor's largest value, 7.8e-6 in norm: as far from the default
+    // 1-device run as the seq meshes are).
     let calibration = sharded_equals_one_device_for(&["model.rla.lowering=\"hlo\""], SEQ_STEPS)
         .max(sharded_equals_one_device_for(&["mesh.data=2"], SEQ_STEPS))
         .max(sharded_equals_one_device_for(
