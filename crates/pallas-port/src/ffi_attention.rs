@@ -11,7 +11,7 @@
 //! positions of the first query and the first key, and k, v `[B,Tk,G,H]` of any length Tk.
 //! Registered with the RLA blocks by [`crate::register_cpu_kernels`].
 
-use crate::ffi::{dims_of, f32_input, qkv_inputs, to_ffi};
+use crate::ffi::{dims_of, f32_input, f32_rets, qkv_inputs, to_ffi};
 use crate::kernel;
 use crate::kernel::attention::AttnPositions;
 use pjrt::ffi::{BufferArg, CallFrame, FfiError};
@@ -38,12 +38,8 @@ fn attn_fwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     let (qa, ka, va) = (frame.arg(0)?, frame.arg(1)?, frame.arg(2)?);
     let (d, q, k, v) = qkv_inputs(OP, &qa, &ka, &va)?;
     let mut rets = frame.rets_mut()?;
-    let [o, lse] = rets.as_mut_slice() else {
-        return Err(FfiError::invalid_argument(
-            "attn_fwd: expected 2 results (o, lse)",
-        ));
-    };
-    kernel::attn_fwd(&d, w, &q, &k, &v, o.as_mut_slice()?, lse.as_mut_slice()?).map_err(to_ffi)
+    let [o, lse] = f32_rets(&mut rets, "attn_fwd", "o, lse")?;
+    kernel::attn_fwd(&d, w, &q, &k, &v, o, lse).map_err(to_ffi)
 }
 
 fn attn_bwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
@@ -56,25 +52,8 @@ fn attn_bwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     let (o, lse) = (args[3].as_slice::<f32>()?, args[4].as_slice::<f32>()?);
     let d_o = f32_input(&args[5], OP, "d_o")?;
     let mut rets = frame.rets_mut()?;
-    let [dq, dk, dv] = rets.as_mut_slice() else {
-        return Err(FfiError::invalid_argument(
-            "attn_bwd: expected 3 results (dq, dk, dv)",
-        ));
-    };
-    kernel::attn_bwd(
-        &d,
-        w,
-        &q,
-        &k,
-        &v,
-        o,
-        lse,
-        &d_o,
-        dq.as_mut_slice()?,
-        dk.as_mut_slice()?,
-        dv.as_mut_slice()?,
-    )
-    .map_err(to_ffi)
+    let [dq, dk, dv] = f32_rets(&mut rets, "attn_bwd", "dq, dk, dv")?;
+    kernel::attn_bwd(&d, w, &q, &k, &v, o, lse, &d_o, dq, dk, dv).map_err(to_ffi)
 }
 
 /// The key count of k `[B,Tk,G,H]` after checking k, v against q `[B,Tq,N,H]` (equal B, H; v
@@ -121,23 +100,8 @@ fn attn_fwd_at_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     let k = f32_input(&args[1], OP, "k")?;
     let v = f32_input(&args[2], OP, "v")?;
     let mut rets = frame.rets_mut()?;
-    let [o, lse] = rets.as_mut_slice() else {
-        return Err(FfiError::invalid_argument(
-            "attn_fwd_at: expected 2 results (o, lse)",
-        ));
-    };
-    kernel::attn_fwd_at(
-        &d,
-        keys,
-        w,
-        at,
-        &q,
-        &k,
-        &v,
-        o.as_mut_slice()?,
-        lse.as_mut_slice()?,
-    )
-    .map_err(to_ffi)
+    let [o, lse] = f32_rets(&mut rets, "attn_fwd_at", "o, lse")?;
+    kernel::attn_fwd_at(&d, keys, w, at, &q, &k, &v, o, lse).map_err(to_ffi)
 }
 
 fn attn_bwd_at_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
@@ -155,23 +119,8 @@ fn attn_bwd_at_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     let (o, lse) = (args[3].as_slice::<f32>()?, args[4].as_slice::<f32>()?);
     let d_o = f32_input(&args[5], OP, "d_o")?;
     let mut rets = frame.rets_mut()?;
-    let [dq, dk, dv] = rets.as_mut_slice() else {
-        return Err(FfiError::invalid_argument(
-            "attn_bwd_at: expected 3 results (dq, dk, dv)",
-        ));
-    };
-    kernel::attn_bwd_at(
-        &d,
-        keys,
-        w,
-        at,
-        (&q, &k, &v),
-        o,
-        lse,
-        &d_o,
-        (dq.as_mut_slice()?, dk.as_mut_slice()?, dv.as_mut_slice()?),
-    )
-    .map_err(to_ffi)
+    let [dq, dk, dv] = f32_rets(&mut rets, "attn_bwd_at", "dq, dk, dv")?;
+    kernel::attn_bwd_at(&d, keys, w, at, (&q, &k, &v), o, lse, &d_o, (dq, dk, dv)).map_err(to_ffi)
 }
 
 pjrt::ffi_handler!(ATTN_FWD_AT_HANDLER, attn_fwd_at_handler);
