@@ -297,15 +297,8 @@ impl Model {
         platform: &str,
     ) -> Result<Op> {
         let l = dims(b, tokens)?[1];
+        self.one_device_kernel(b, "embed", "embed_lowering", self.config().embed_lowering)?;
         match self.embed_lowering(platform) {
-            KernelLowering::Kernel if self.mesh().device_count() > 1 => Err(b.error(
-                "embed",
-                format!(
-                    "model.embed_lowering = \"kernel\" runs on one device, but the mesh has {}; \
-                     use \"auto\" or \"hlo\"",
-                    self.mesh().device_count()
-                ),
-            )),
             KernelLowering::Kernel => {
                 let _s = b.name_scope("embed");
                 pallas_port::embed::embed_kernel(b, param(p, "embed")?, tokens, t as usize)
@@ -453,6 +446,28 @@ impl Model {
         self.forward_prefix(b, p, tokens, t, platform)
     }
 
+    /// Refuses `model.<key> = "kernel"` (the loss, norm and embedding CPU kernels, which run on
+    /// one device only) on a mesh of several devices, naming `op`, the key and the device count.
+    fn one_device_kernel(
+        &self,
+        b: &Builder,
+        op: &'static str,
+        key: &str,
+        setting: KernelLowering,
+    ) -> Result<()> {
+        let devices = self.mesh().device_count();
+        if setting == KernelLowering::Kernel && devices > 1 {
+            return Err(b.error(
+                op,
+                format!(
+                    "model.{key} = \"kernel\" runs on one device, but the mesh has {devices}; \
+                     use \"auto\" or \"hlo\""
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// [`Model::forward`] of the first `t` columns of `tokens [B, L ≥ t]` (the next-token loss
     /// passes its whole token array: no slice when the embedding is our kernel).
     fn forward_prefix(
@@ -463,16 +478,7 @@ impl Model {
         t: i64,
         platform: &str,
     ) -> Result<Op> {
-        let devices = self.mesh().device_count();
-        if self.config().norm_lowering == KernelLowering::Kernel && devices > 1 {
-            return Err(b.error(
-                "forward",
-                format!(
-                    "model.norm_lowering = \"kernel\" runs on one device, but the mesh has \
-                     {devices}; use \"auto\" or \"hlo\""
-                ),
-            ));
-        }
+        self.one_device_kernel(b, "forward", "norm_lowering", self.config().norm_lowering)?;
         if let Some(period) = self.scan_period() {
             return self.forward_scanned(b, p, (tokens, t), platform, period);
         }
@@ -603,15 +609,13 @@ impl Model {
         // The inputs are the first T columns, the targets the last T: the kernels read them in
         // place, the HLO lowerings slice.
         let logits = self.forward_prefix(b, p, tokens, td[1] - 1, platform)?;
+        self.one_device_kernel(
+            b,
+            "weighted_loss",
+            "loss_lowering",
+            self.config().loss_lowering,
+        )?;
         match self.loss_lowering(platform) {
-            KernelLowering::Kernel if self.mesh().device_count() > 1 => Err(b.error(
-                "weighted_loss",
-                format!(
-                    "model.loss_lowering = \"kernel\" runs on one device, but the mesh has {}; \
-                     use \"auto\" or \"hlo\"",
-                    self.mesh().device_count()
-                ),
-            )),
             KernelLowering::Kernel => {
                 pallas_port::cross_entropy::cross_entropy_kernel(b, logits, (tokens, 1), weights)
             }

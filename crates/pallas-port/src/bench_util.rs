@@ -68,6 +68,16 @@ pub fn data_scaled(n: usize, seed: u64, a: f32) -> Vec<f32> {
     data(n, seed).into_iter().map(|v| v * a).collect()
 }
 
+/// max |a − b| / max |b| of f32 results `a` against an f64 reference `b`.
+pub fn max_rel(a: &[f32], b: &[f64]) -> f64 {
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
 /// Per-call (wall, CPU) seconds by bench id, recorded inside criterion's `iter_custom`.
 #[derive(Debug, Default)]
 pub struct Timings(Mutex<BTreeMap<String, Vec<(f64, f64)>>>);

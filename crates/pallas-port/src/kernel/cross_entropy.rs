@@ -150,7 +150,7 @@ pub fn xent_bwd(
 mod tests {
     use super::*;
 
-    use crate::bench_util::data_scaled as values;
+    use crate::bench_util::{data_scaled as values, max_rel};
 
     /// The loss and its gradient by the naive formulas in f64.
     fn reference(
@@ -180,15 +180,6 @@ mod tests {
             }
         }
         (loss, lses, d)
-    }
-
-    fn max_rel(a: &[f32], b: &[f64]) -> f64 {
-        let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-        a.iter()
-            .zip(b)
-            .map(|(&x, &y)| (x as f64 - y).abs())
-            .fold(0.0, f64::max)
-            / scale
     }
 
     #[test]

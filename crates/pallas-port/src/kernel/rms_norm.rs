@@ -155,7 +155,7 @@ pub fn rms_norm_bwd(
 mod tests {
     use super::*;
 
-    use crate::bench_util::data_scaled as values;
+    use crate::bench_util::{data_scaled as values, max_rel};
 
     /// y, dx and dscale by the naive formulas in f64 (dx by differentiating y·dy directly:
     /// ∂/∂x_i Σ_j dy_j x_j s_j (mean(x²) + eps)^-1/2).
@@ -186,15 +186,6 @@ mod tests {
             }
         }
         (y, dx, ds)
-    }
-
-    fn max_rel(a: &[f32], b: &[f64]) -> f64 {
-        let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-        a.iter()
-            .zip(b)
-            .map(|(&x, &y)| (x as f64 - y).abs())
-            .fold(0.0, f64::max)
-            / scale
     }
 
     #[test]
