@@ -196,16 +196,15 @@ impl Model {
         let mut caches = Vec::new();
         for (i, &attn) in self.layers().iter().enumerate() {
             let _s = b.name_scope(&format!("layer_{i}"));
-            let ap = format!("layers.{i}.attn");
-            x = self.block(&b, &p, i, x, false, |q, k, v| {
+            x = self.block(&b, &p, i, x, false, |ap, q, k, v| {
                 let (ctx, state) =
-                    self.attention_core_with_state(&b, &p, &ap, attn, (q, k, v), pos, platform)?;
+                    self.attention_core_with_state(&b, &p, ap, attn, (q, k, v), pos, platform)?;
                 let _c = b.name_scope("cache");
-                let (_, kn) = self.qk_norm(&b, &p, &ap, q, k)?;
                 caches.push(if attn.is_local() {
                     let raw = matches!(layout.layers[i], LayerCache::Ring { raw_keys: true, .. });
+                    let kr = self.local_keys(&b, &p, ap, k, pos)?;
                     LayerCacheOps {
-                        k: ring_from_prompt(&b, rope(&b, kn, pos, cfg.rope_theta)?, cfg.window)?,
+                        k: ring_from_prompt(&b, kr, cfg.window)?,
                         v: ring_from_prompt(&b, v, cfg.window)?,
                         k_raw: if raw {
                             Some(ring_from_prompt(&b, k, cfg.window)?)
@@ -215,7 +214,7 @@ impl Model {
                         rla_state: state,
                     }
                 } else {
-                    let kn = self.global_keys(&b, &p, &ap, k, pos)?;
+                    let kn = self.global_keys(&b, &p, ap, k, pos)?;
                     let zero = b.scalar(0.0f32)?;
                     let pad = [
                         (0, 0, 0),
@@ -374,12 +373,11 @@ impl Model {
         let mut cache_out = Vec::new();
         for (i, (&attn, cache)) in self.layers().iter().zip(cache_in).enumerate() {
             let _s = b.name_scope(&format!("layer_{i}"));
-            let ap = format!("layers.{i}.attn");
-            x = self.block(b, p, i, x, false, |q, k, v| {
+            x = self.block(b, p, i, x, false, |ap, q, k, v| {
                 let (ctx, c) = if attn.is_local() {
-                    self.local_step(b, p, &ap, (q, k, v), cache, pos)?
+                    self.local_step(b, p, ap, (q, k, v), cache, pos)?
                 } else {
-                    self.global_step(b, p, &ap, (q, k, v), cache, pos)?
+                    self.global_step(b, p, ap, (q, k, v), cache, pos)?
                 };
                 cache_out.push(c);
                 Ok(ctx)
@@ -490,7 +488,6 @@ impl Model {
         let zero = b.scalar(0i32)?;
         let slot = b.rem(pos, b.scalar(m as i32)?)?;
         let at_slot = [zero, zero, slot, zero];
-        let (qn, kn) = self.qk_norm(b, p, prefix, q, k)?;
         let qpos = b.reshape(b.convert(pos, F32)?, &[1])?;
         let state = match cache.rla_state {
             Some(state) => {
@@ -525,7 +522,7 @@ impl Model {
             }
             None => None,
         };
-        let kr = rope(b, kn, qpos, cfg.rope_theta)?;
+        let kr = self.local_keys(b, p, prefix, k, qpos)?;
         let write = |ring: Op, x: Op| b.dynamic_update_slice(ring, as_slot(b, x)?, &at_slot);
         let new_cache = LayerCacheOps {
             k: write(cache.k, kr)?,
@@ -549,8 +546,7 @@ impl Model {
             )?;
             let slot_pos = b.sub(bcast(b, pos, &[m], &[])?, back)?;
             let valid = b.compare(slot_pos, b.zeros(S32, &[m])?, Cmp::Ge)?;
-            let inv_sqrt_h = b.scalar(1.0 / (h as f32).sqrt())?;
-            let qr = b.mul(rope(b, qn, qpos, cfg.rope_theta)?, inv_sqrt_h)?;
+            let qr = self.local_queries(b, p, prefix, q, qpos)?;
             attend_one(b, qr, new_cache.k, new_cache.v, valid)?
         };
         let Some(s) = state else {

@@ -77,23 +77,8 @@ impl Model {
         Ok((ops, map))
     }
 
-    /// Optional per-head RMSNorm of q and k (`qk_norm`), applied before RoPE in SWA and global
-    /// attention (never in RLA).
-    pub fn qk_norm(
-        &self,
-        b: &Builder,
-        p: &ParamOps,
-        prefix: &str,
-        q: Op,
-        k: Op,
-    ) -> Result<(Op, Op)> {
-        Ok((
-            self.head_norm(b, p, prefix, "q_norm", q)?,
-            self.head_norm(b, p, prefix, "k_norm", k)?,
-        ))
-    }
-
-    /// `x` through the per-head RMSNorm `{prefix}.{which}.scale` when `qk_norm`, else `x`.
+    /// `x` through the per-head RMSNorm `{prefix}.{which}.scale` when `qk_norm`, else `x`: the
+    /// optional qk-norm, applied before RoPE in SWA and global attention (never in RLA).
     fn head_norm(&self, b: &Builder, p: &ParamOps, prefix: &str, which: &str, x: Op) -> Result<Op> {
         let cfg = self.config();
         if !cfg.qk_norm {
@@ -141,8 +126,43 @@ impl Model {
     ) -> Result<Op> {
         let qn = self.head_norm(b, p, prefix, "q_norm", q)?;
         let qr = self.global_rotation(b, qn, pos)?;
+        self.scale_queries(b, qr)
+    }
+
+    /// The keys a local layer's SWA attends with, from projected `k [B,T,G,H]` at positions
+    /// `pos [T]` (f32): after the optional qk-norm, rotated by RoPE at `pos`. What the decode
+    /// ring of a local layer stores.
+    pub fn local_keys(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        prefix: &str,
+        k: Op,
+        pos: Op,
+    ) -> Result<Op> {
+        let kn = self.head_norm(b, p, prefix, "k_norm", k)?;
+        rope(b, kn, pos, self.config().rope_theta)
+    }
+
+    /// The queries a local layer's SWA attends with, from projected `q [B,T,N,H]` at positions
+    /// `pos [T]` (f32): after the optional qk-norm, rotated by RoPE at `pos` and scaled by
+    /// `H^-1/2`. (RLA reads the raw q.)
+    pub fn local_queries(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        prefix: &str,
+        q: Op,
+        pos: Op,
+    ) -> Result<Op> {
+        let qn = self.head_norm(b, p, prefix, "q_norm", q)?;
+        self.scale_queries(b, rope(b, qn, pos, self.config().rope_theta)?)
+    }
+
+    /// Rotated queries `x` scaled by `H^-1/2` (the softmax temperature of every attention).
+    fn scale_queries(&self, b: &Builder, x: Op) -> Result<Op> {
         let inv_sqrt_h = 1.0 / (self.config().head_dim as f32).sqrt();
-        b.mul(qr, b.scalar(inv_sqrt_h)?)
+        b.mul(x, b.scalar(inv_sqrt_h)?)
     }
 
     /// The attention core of one layer from projected `q [B,T,N,H]`, `k, v [B,T,G,H]` at
@@ -219,13 +239,11 @@ impl Model {
             return Ok((attend(qr, kr, v, None)?, None));
         }
         let _s = b.name_scope("local");
-        let (qn, kn) = self.qk_norm(b, p, prefix, q, k)?;
-        let inv_sqrt_h = b.scalar(1.0 / (cfg.head_dim as f32).sqrt())?;
         let (qr, kr) = {
             let _s = b.name_scope("swa");
             (
-                b.mul(rope(b, qn, pos, cfg.rope_theta)?, inv_sqrt_h)?,
-                rope(b, kn, pos, cfg.rope_theta)?,
+                self.local_queries(b, p, prefix, q, pos)?,
+                self.local_keys(b, p, prefix, k, pos)?,
             )
         };
         // Sequence-parallel RAttention layers run SWA and RLA in one region that exchanges
@@ -309,9 +327,9 @@ impl Model {
     }
 
     /// One pre-norm block `layers.{layer}` on `x [B, T, d_model]`: `y = x + Wo·attn(q, k, v)`, then
-    /// `y + FFN(RMSNorm(y))`. `attn` maps the projected `q [B,T,N,H]`, `k, v [B,T,G,H]` to the
-    /// context `[B,T,N,H]` ([`Model::attention_core`] in the forward, cached attention when
-    /// decoding). `kernel_norm`: both norms as our CPU kernels ([`rms_norm_with`]; the forward
+    /// `y + FFN(RMSNorm(y))`. `attn` maps the prefix of the layer's attention parameters
+    /// (`layers.{layer}.attn`) and the projected `q [B,T,N,H]`, `k, v [B,T,G,H]` to the context
+    /// `[B,T,N,H]` ([`Model::attention_core`] in the forward, cached attention when decoding). `kernel_norm`: both norms as our CPU kernels ([`rms_norm_with`]; the forward
     /// passes [`Model::norm_lowering`], decoding `false`).
     pub fn block(
         &self,
@@ -320,7 +338,7 @@ impl Model {
         layer: usize,
         x: Op,
         kernel_norm: bool,
-        attn: impl FnOnce(Op, Op, Op) -> Result<Op>,
+        attn: impl FnOnce(&str, Op, Op, Op) -> Result<Op>,
     ) -> Result<Op> {
         let cfg = self.config();
         let xd = dims(b, x)?;
@@ -345,7 +363,7 @@ impl Model {
         let q = self.constrain(b, q, &format!("{ap}.q"), &[Batch, Length, QHeads, HeadDim])?;
         let k = self.constrain(b, k, &format!("{ap}.k"), &[Batch, Length, KvHeads, HeadDim])?;
         let v = self.constrain(b, v, &format!("{ap}.v"), &[Batch, Length, KvHeads, HeadDim])?;
-        let ctx = attn(q, k, v)?;
+        let ctx = attn(&ap, q, k, v)?;
         let o = linear(
             b,
             b.reshape(ctx, &[bs, t, n * h])?,
@@ -406,10 +424,9 @@ impl Model {
                 .collect();
             let t = dims(b, ins[0])?[1];
             let pos = b.iota(ElementType::F32, &[t], 0)?;
-            let ap = format!("layers.{layer}.attn");
             let kernel_norm = me.norm_lowering(&platform) == KernelLowering::Kernel;
-            me.block(b, &p, layer, ins[0], kernel_norm, |q, k, v| {
-                me.attention_core(b, &p, &ap, attn, (q, k, v), pos, &platform)
+            me.block(b, &p, layer, ins[0], kernel_norm, |ap, q, k, v| {
+                me.attention_core(b, &p, ap, attn, (q, k, v), pos, &platform)
             })
         });
         let policy = self.remat().save_policy().unwrap_or_default();
@@ -491,10 +508,9 @@ impl Model {
         let kernel_norm = self.norm_lowering(platform) == KernelLowering::Kernel;
         for (i, &attn) in self.layers().iter().enumerate() {
             let _s = b.name_scope(&format!("layer_{i}"));
-            let ap = format!("layers.{i}.attn");
             x = match self.remat() {
-                Remat::None => self.block(b, p, i, x, kernel_norm, |q, k, v| {
-                    self.attention_core(b, p, &ap, attn, (q, k, v), pos, platform)
+                Remat::None => self.block(b, p, i, x, kernel_norm, |ap, q, k, v| {
+                    self.attention_core(b, p, ap, attn, (q, k, v), pos, platform)
                 })?,
                 Remat::LayerInputs => self.remat_block(b, p, i, x, platform)?,
                 Remat::Dots | Remat::DotsWithNoBatchDims => {
@@ -540,9 +556,8 @@ impl Model {
                 let mut x = x;
                 for (j, &attn) in me.layers()[..period].iter().enumerate() {
                     let _s = b.name_scope(&format!("layer_{j}"));
-                    let ap = format!("layers.{j}.attn");
-                    x = me.block(b, &p, j, x, kernel_norm, |q, k, v| {
-                        me.attention_core(b, &p, &ap, attn, (q, k, v), pos, &platform)
+                    x = me.block(b, &p, j, x, kernel_norm, |ap, q, k, v| {
+                        me.attention_core(b, &p, ap, attn, (q, k, v), pos, &platform)
                     })?;
                     x = me.constrain(b, x, &format!("layers.{j}.out"), &residual)?;
                 }
