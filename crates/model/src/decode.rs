@@ -12,7 +12,7 @@
 
 use crate::cache::{CacheBytes, CacheLayout, LayerCache, LayerCacheOps};
 use crate::layers::{bcast, dims, rope};
-use crate::model::Model;
+use crate::model::{Attention, Model};
 use crate::transformer::{mix_local, ParamOps};
 use hlo_builder::Error;
 use hlo_builder::{Builder, Cmp, Computation, DotDims, ElementType, Op, Result, Shape};
@@ -200,9 +200,9 @@ impl Model {
                 let (ctx, state) =
                     self.attention_core_with_state(&b, &p, ap, attn, (q, k, v), pos, platform)?;
                 let _c = b.name_scope("cache");
+                let kr = self.attn_keys(&b, &p, ap, attn, k, pos)?;
                 caches.push(if attn.is_local() {
                     let raw = matches!(layout.layers[i], LayerCache::Ring { raw_keys: true, .. });
-                    let kr = self.local_keys(&b, &p, ap, k, pos)?;
                     LayerCacheOps {
                         k: ring_from_prompt(&b, kr, cfg.window)?,
                         v: ring_from_prompt(&b, v, cfg.window)?,
@@ -214,7 +214,6 @@ impl Model {
                         rla_state: state,
                     }
                 } else {
-                    let kn = self.global_keys(&b, &p, ap, k, pos)?;
                     let zero = b.scalar(0.0f32)?;
                     let pad = [
                         (0, 0, 0),
@@ -223,7 +222,7 @@ impl Model {
                         (0, 0, 0),
                     ];
                     LayerCacheOps {
-                        k: head_major(&b, b.pad(kn, zero, &pad)?)?,
+                        k: head_major(&b, b.pad(kr, zero, &pad)?)?,
                         v: head_major(&b, b.pad(v, zero, &pad)?)?,
                         k_raw: None,
                         rla_state: None,
@@ -375,9 +374,9 @@ impl Model {
             let _s = b.name_scope(&format!("layer_{i}"));
             x = self.block(b, p, i, x, false, |ap, q, k, v| {
                 let (ctx, c) = if attn.is_local() {
-                    self.local_step(b, p, ap, (q, k, v), cache, pos)?
+                    self.local_step(b, p, (ap, attn), (q, k, v), cache, pos)?
                 } else {
-                    self.global_step(b, p, ap, (q, k, v), cache, pos)?
+                    self.global_step(b, p, (ap, attn), (q, k, v), cache, pos)?
                 };
                 cache_out.push(c);
                 Ok(ctx)
@@ -468,14 +467,15 @@ fn attend_one(b: &Builder, q: Op, k: Op, v: Op, visible: Op) -> Result<Op> {
 }
 
 impl Model {
-    /// One local layer at position `pos` (s32 scalar) for projected `q [B,1,N,H]`, `k, v [B,1,G,H]`:
-    /// returns the context `[B,1,N,H]` and the updated cache. The new key is normalised and
-    /// rotated here, once; the ring's keys are used as stored.
+    /// One local layer (parameters under `prefix`, kind `attn`) at position `pos` (s32 scalar)
+    /// for projected `q [B,1,N,H]`, `k, v [B,1,G,H]`: returns the context `[B,1,N,H]` and the
+    /// updated cache. The new key is normalised and rotated here, once; the ring's keys are used
+    /// as stored.
     fn local_step(
         &self,
         b: &Builder,
         p: &ParamOps,
-        prefix: &str,
+        (prefix, attn): (&str, Attention),
         (q, k, v): (Op, Op, Op),
         cache: &LayerCacheOps,
         pos: Op,
@@ -522,7 +522,7 @@ impl Model {
             }
             None => None,
         };
-        let kr = self.local_keys(b, p, prefix, k, qpos)?;
+        let kr = self.attn_keys(b, p, prefix, attn, k, qpos)?;
         let write = |ring: Op, x: Op| b.dynamic_update_slice(ring, as_slot(b, x)?, &at_slot);
         let new_cache = LayerCacheOps {
             k: write(cache.k, kr)?,
@@ -546,7 +546,7 @@ impl Model {
             )?;
             let slot_pos = b.sub(bcast(b, pos, &[m], &[])?, back)?;
             let valid = b.compare(slot_pos, b.zeros(S32, &[m])?, Cmp::Ge)?;
-            let qr = self.local_queries(b, p, prefix, q, qpos)?;
+            let qr = self.attn_queries(b, p, prefix, attn, q, qpos)?;
             attend_one(b, qr, new_cache.k, new_cache.v, valid)?
         };
         let Some(s) = state else {
@@ -560,13 +560,14 @@ impl Model {
         Ok((mix_local(b, p, prefix, (swa, rla), norm, false)?, new_cache))
     }
 
-    /// One global layer at position `pos`: writes k (after qk-norm, and RoPE at `pos` with
-    /// `global_rope`) and v into the full caches and attends causally over positions `≤ pos`.
+    /// One global layer (parameters under `prefix`, kind `attn`) at position `pos`: writes k
+    /// (after qk-norm, and RoPE at `pos` with `global_rope`) and v into the full caches and
+    /// attends causally over positions `≤ pos`.
     fn global_step(
         &self,
         b: &Builder,
         p: &ParamOps,
-        prefix: &str,
+        (prefix, attn): (&str, Attention),
         (q, k, v): (Op, Op, Op),
         cache: &LayerCacheOps,
         pos: Op,
@@ -574,8 +575,8 @@ impl Model {
         let max_len = dims(b, cache.k)?[2];
         let fpos = b.reshape(b.convert(pos, F32)?, &[1])?;
         let (qr, kn) = (
-            self.global_queries(b, p, prefix, q, fpos)?,
-            self.global_keys(b, p, prefix, k, fpos)?,
+            self.attn_queries(b, p, prefix, attn, q, fpos)?,
+            self.attn_keys(b, p, prefix, attn, k, fpos)?,
         );
         let zero = b.scalar(0i32)?;
         let at = [zero, zero, pos, zero];

@@ -88,81 +88,51 @@ impl Model {
         rms_norm(b, x, scale, cfg.norm_eps)
     }
 
-    /// `x [B,T,heads,H]` rotated by RoPE at `pos [T]` when `global_rope`, else `x`.
-    fn global_rotation(&self, b: &Builder, x: Op, pos: Op) -> Result<Op> {
+    /// `x [B,T,heads,H]` of a layer of kind `attn` rotated by RoPE at `pos [T]`: always in a
+    /// local layer, in a global one only with `global_rope` (else `x`).
+    fn rotation(&self, b: &Builder, attn: Attention, x: Op, pos: Op) -> Result<Op> {
         let cfg = self.config();
-        match cfg.global_rope {
-            true => rope(b, x, pos, cfg.rope_theta),
-            false => Ok(x),
+        if attn.is_local() || cfg.global_rope {
+            rope(b, x, pos, cfg.rope_theta)
+        } else {
+            Ok(x)
         }
     }
 
-    /// The keys a global layer attends with, from projected `k [B,T,G,H]` at positions
-    /// `pos [T]` (f32): after the optional qk-norm, rotated by RoPE at `pos` when `global_rope`.
-    /// What the full attention of [`Model::attention_core`] reads and what the decode cache of a
-    /// global layer stores (so cached keys are already rotated at their absolute positions).
-    pub fn global_keys(
+    /// The keys a layer of kind `attn` attends with (SWA in a local layer, full attention in a
+    /// global one), from projected `k [B,T,G,H]` at positions `pos [T]` (f32): after the optional
+    /// qk-norm, rotated by RoPE at `pos` ([`Model::attention_core`]'s rule: a global layer only
+    /// with `global_rope`). What the decode cache of the layer stores (its ring, or the global
+    /// cache), so cached keys are already rotated at their absolute positions.
+    pub fn attn_keys(
         &self,
         b: &Builder,
         p: &ParamOps,
         prefix: &str,
+        attn: Attention,
         k: Op,
         pos: Op,
     ) -> Result<Op> {
         let kn = self.head_norm(b, p, prefix, "k_norm", k)?;
-        self.global_rotation(b, kn, pos)
+        self.rotation(b, attn, kn, pos)
     }
 
-    /// The queries a global layer attends with, from projected `q [B,T,N,H]` at positions
-    /// `pos [T]` (f32): after the optional qk-norm, rotated by RoPE at `pos` when `global_rope`,
-    /// and scaled by `H^-1/2`.
-    pub fn global_queries(
-        &self,
-        b: &Builder,
-        p: &ParamOps,
-        prefix: &str,
-        q: Op,
-        pos: Op,
-    ) -> Result<Op> {
-        let qn = self.head_norm(b, p, prefix, "q_norm", q)?;
-        let qr = self.global_rotation(b, qn, pos)?;
-        self.scale_queries(b, qr)
-    }
-
-    /// The keys a local layer's SWA attends with, from projected `k [B,T,G,H]` at positions
-    /// `pos [T]` (f32): after the optional qk-norm, rotated by RoPE at `pos`. What the decode
-    /// ring of a local layer stores.
-    pub fn local_keys(
-        &self,
-        b: &Builder,
-        p: &ParamOps,
-        prefix: &str,
-        k: Op,
-        pos: Op,
-    ) -> Result<Op> {
-        let kn = self.head_norm(b, p, prefix, "k_norm", k)?;
-        rope(b, kn, pos, self.config().rope_theta)
-    }
-
-    /// The queries a local layer's SWA attends with, from projected `q [B,T,N,H]` at positions
-    /// `pos [T]` (f32): after the optional qk-norm, rotated by RoPE at `pos` and scaled by
+    /// The queries a layer of kind `attn` attends with, from projected `q [B,T,N,H]` at positions
+    /// `pos [T]` (f32): after the optional qk-norm, rotated as [`Model::attn_keys`] and scaled by
     /// `H^-1/2`. (RLA reads the raw q.)
-    pub fn local_queries(
+    pub fn attn_queries(
         &self,
         b: &Builder,
         p: &ParamOps,
         prefix: &str,
+        attn: Attention,
         q: Op,
         pos: Op,
     ) -> Result<Op> {
         let qn = self.head_norm(b, p, prefix, "q_norm", q)?;
-        self.scale_queries(b, rope(b, qn, pos, self.config().rope_theta)?)
-    }
-
-    /// Rotated queries `x` scaled by `H^-1/2` (the softmax temperature of every attention).
-    fn scale_queries(&self, b: &Builder, x: Op) -> Result<Op> {
+        let qr = self.rotation(b, attn, qn, pos)?;
         let inv_sqrt_h = 1.0 / (self.config().head_dim as f32).sqrt();
-        b.mul(x, b.scalar(inv_sqrt_h)?)
+        b.mul(qr, b.scalar(inv_sqrt_h)?)
     }
 
     /// The attention core of one layer from projected `q [B,T,N,H]`, `k, v [B,T,G,H]` at
@@ -234,16 +204,16 @@ impl Model {
         };
         if attn == Attention::Global {
             let _s = b.name_scope("global");
-            let qr = self.global_queries(b, p, prefix, q, pos)?;
-            let kr = self.global_keys(b, p, prefix, k, pos)?;
+            let qr = self.attn_queries(b, p, prefix, attn, q, pos)?;
+            let kr = self.attn_keys(b, p, prefix, attn, k, pos)?;
             return Ok((attend(qr, kr, v, None)?, None));
         }
         let _s = b.name_scope("local");
         let (qr, kr) = {
             let _s = b.name_scope("swa");
             (
-                self.local_queries(b, p, prefix, q, pos)?,
-                self.local_keys(b, p, prefix, k, pos)?,
+                self.attn_queries(b, p, prefix, attn, q, pos)?,
+                self.attn_keys(b, p, prefix, attn, k, pos)?,
             )
         };
         // Sequence-parallel RAttention layers run SWA and RLA in one region that exchanges
