@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use hlo_builder::{Builder, ElementType, Op, Shape};
 use model::attention::{causal_attention_dense, causal_attention_with, AttentionBlocks};
-use pallas_port::bench_util::{cpu_s, data, load};
+use pallas_port::bench_util::{cpu_s, data, env_usize, load};
 
 /// `(q, k, v, d_o) -> (o, dq, dk, dv)` through `attn` and `grad`.
 fn graph(
@@ -41,10 +41,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let rounds: usize = std::env::var("ATTN_BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+    let rounds = env_usize("ATTN_BENCH_ROUNDS", 5);
     let cases =
         std::env::var("ATTN_BENCH_CASES").unwrap_or_else(|_| "1024g,1024w64,4096g,4096w512".into());
     let client = pjrt::Client::cpu().expect("XLA CPU plugin (run `rattn plugin install cpu`)");

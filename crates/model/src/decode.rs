@@ -12,7 +12,7 @@
 
 use crate::cache::{CacheBytes, CacheLayout, LayerCache, LayerCacheOps};
 use crate::layers::{bcast, dims, rope};
-use crate::model::Model;
+use crate::model::{Attention, Model};
 use crate::transformer::{mix_local, ParamOps};
 use hlo_builder::Error;
 use hlo_builder::{Builder, Cmp, Computation, DotDims, ElementType, Op, Result, Shape};
@@ -196,16 +196,15 @@ impl Model {
         let mut caches = Vec::new();
         for (i, &attn) in self.layers().iter().enumerate() {
             let _s = b.name_scope(&format!("layer_{i}"));
-            let ap = format!("layers.{i}.attn");
-            x = self.block(&b, &p, i, x, false, |q, k, v| {
+            x = self.block(&b, &p, i, x, false, |ap, q, k, v| {
                 let (ctx, state) =
-                    self.attention_core_with_state(&b, &p, &ap, attn, (q, k, v), pos, platform)?;
+                    self.attention_core_with_state(&b, &p, ap, attn, (q, k, v), pos, platform)?;
                 let _c = b.name_scope("cache");
-                let (_, kn) = self.qk_norm(&b, &p, &ap, q, k)?;
+                let kr = self.attn_keys(&b, &p, ap, attn, k, pos)?;
                 caches.push(if attn.is_local() {
                     let raw = matches!(layout.layers[i], LayerCache::Ring { raw_keys: true, .. });
                     LayerCacheOps {
-                        k: ring_from_prompt(&b, rope(&b, kn, pos, cfg.rope_theta)?, cfg.window)?,
+                        k: ring_from_prompt(&b, kr, cfg.window)?,
                         v: ring_from_prompt(&b, v, cfg.window)?,
                         k_raw: if raw {
                             Some(ring_from_prompt(&b, k, cfg.window)?)
@@ -215,7 +214,6 @@ impl Model {
                         rla_state: state,
                     }
                 } else {
-                    let kn = self.global_keys(&b, &p, &ap, k, pos)?;
                     let zero = b.scalar(0.0f32)?;
                     let pad = [
                         (0, 0, 0),
@@ -224,7 +222,7 @@ impl Model {
                         (0, 0, 0),
                     ];
                     LayerCacheOps {
-                        k: head_major(&b, b.pad(kn, zero, &pad)?)?,
+                        k: head_major(&b, b.pad(kr, zero, &pad)?)?,
                         v: head_major(&b, b.pad(v, zero, &pad)?)?,
                         k_raw: None,
                         rla_state: None,
@@ -374,12 +372,11 @@ impl Model {
         let mut cache_out = Vec::new();
         for (i, (&attn, cache)) in self.layers().iter().zip(cache_in).enumerate() {
             let _s = b.name_scope(&format!("layer_{i}"));
-            let ap = format!("layers.{i}.attn");
-            x = self.block(b, p, i, x, false, |q, k, v| {
+            x = self.block(b, p, i, x, false, |ap, q, k, v| {
                 let (ctx, c) = if attn.is_local() {
-                    self.local_step(b, p, &ap, (q, k, v), cache, pos)?
+                    self.local_step(b, p, (ap, attn), (q, k, v), cache, pos)?
                 } else {
-                    self.global_step(b, p, &ap, (q, k, v), cache, pos)?
+                    self.global_step(b, p, (ap, attn), (q, k, v), cache, pos)?
                 };
                 cache_out.push(c);
                 Ok(ctx)
@@ -470,14 +467,15 @@ fn attend_one(b: &Builder, q: Op, k: Op, v: Op, visible: Op) -> Result<Op> {
 }
 
 impl Model {
-    /// One local layer at position `pos` (s32 scalar) for projected `q [B,1,N,H]`, `k, v [B,1,G,H]`:
-    /// returns the context `[B,1,N,H]` and the updated cache. The new key is normalised and
-    /// rotated here, once; the ring's keys are used as stored.
+    /// One local layer (parameters under `prefix`, kind `attn`) at position `pos` (s32 scalar)
+    /// for projected `q [B,1,N,H]`, `k, v [B,1,G,H]`: returns the context `[B,1,N,H]` and the
+    /// updated cache. The new key is normalised and rotated here, once; the ring's keys are used
+    /// as stored.
     fn local_step(
         &self,
         b: &Builder,
         p: &ParamOps,
-        prefix: &str,
+        (prefix, attn): (&str, Attention),
         (q, k, v): (Op, Op, Op),
         cache: &LayerCacheOps,
         pos: Op,
@@ -490,7 +488,6 @@ impl Model {
         let zero = b.scalar(0i32)?;
         let slot = b.rem(pos, b.scalar(m as i32)?)?;
         let at_slot = [zero, zero, slot, zero];
-        let (qn, kn) = self.qk_norm(b, p, prefix, q, k)?;
         let qpos = b.reshape(b.convert(pos, F32)?, &[1])?;
         let state = match cache.rla_state {
             Some(state) => {
@@ -525,7 +522,7 @@ impl Model {
             }
             None => None,
         };
-        let kr = rope(b, kn, qpos, cfg.rope_theta)?;
+        let kr = self.attn_keys(b, p, prefix, attn, k, qpos)?;
         let write = |ring: Op, x: Op| b.dynamic_update_slice(ring, as_slot(b, x)?, &at_slot);
         let new_cache = LayerCacheOps {
             k: write(cache.k, kr)?,
@@ -549,8 +546,7 @@ impl Model {
             )?;
             let slot_pos = b.sub(bcast(b, pos, &[m], &[])?, back)?;
             let valid = b.compare(slot_pos, b.zeros(S32, &[m])?, Cmp::Ge)?;
-            let inv_sqrt_h = b.scalar(1.0 / (h as f32).sqrt())?;
-            let qr = b.mul(rope(b, qn, qpos, cfg.rope_theta)?, inv_sqrt_h)?;
+            let qr = self.attn_queries(b, p, prefix, attn, q, qpos)?;
             attend_one(b, qr, new_cache.k, new_cache.v, valid)?
         };
         let Some(s) = state else {
@@ -564,13 +560,14 @@ impl Model {
         Ok((mix_local(b, p, prefix, (swa, rla), norm, false)?, new_cache))
     }
 
-    /// One global layer at position `pos`: writes k (after qk-norm, and RoPE at `pos` with
-    /// `global_rope`) and v into the full caches and attends causally over positions `≤ pos`.
+    /// One global layer (parameters under `prefix`, kind `attn`) at position `pos`: writes k
+    /// (after qk-norm, and RoPE at `pos` with `global_rope`) and v into the full caches and
+    /// attends causally over positions `≤ pos`.
     fn global_step(
         &self,
         b: &Builder,
         p: &ParamOps,
-        prefix: &str,
+        (prefix, attn): (&str, Attention),
         (q, k, v): (Op, Op, Op),
         cache: &LayerCacheOps,
         pos: Op,
@@ -578,8 +575,8 @@ impl Model {
         let max_len = dims(b, cache.k)?[2];
         let fpos = b.reshape(b.convert(pos, F32)?, &[1])?;
         let (qr, kn) = (
-            self.global_queries(b, p, prefix, q, fpos)?,
-            self.global_keys(b, p, prefix, k, fpos)?,
+            self.attn_queries(b, p, prefix, attn, q, fpos)?,
+            self.attn_keys(b, p, prefix, attn, k, fpos)?,
         );
         let zero = b.scalar(0i32)?;
         let at = [zero, zero, pos, zero];

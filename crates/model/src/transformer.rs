@@ -77,23 +77,8 @@ impl Model {
         Ok((ops, map))
     }
 
-    /// Optional per-head RMSNorm of q and k (`qk_norm`), applied before RoPE in SWA and global
-    /// attention (never in RLA).
-    pub fn qk_norm(
-        &self,
-        b: &Builder,
-        p: &ParamOps,
-        prefix: &str,
-        q: Op,
-        k: Op,
-    ) -> Result<(Op, Op)> {
-        Ok((
-            self.head_norm(b, p, prefix, "q_norm", q)?,
-            self.head_norm(b, p, prefix, "k_norm", k)?,
-        ))
-    }
-
-    /// `x` through the per-head RMSNorm `{prefix}.{which}.scale` when `qk_norm`, else `x`.
+    /// `x` through the per-head RMSNorm `{prefix}.{which}.scale` when `qk_norm`, else `x`: the
+    /// optional qk-norm, applied before RoPE in SWA and global attention (never in RLA).
     fn head_norm(&self, b: &Builder, p: &ParamOps, prefix: &str, which: &str, x: Op) -> Result<Op> {
         let cfg = self.config();
         if !cfg.qk_norm {
@@ -103,44 +88,49 @@ impl Model {
         rms_norm(b, x, scale, cfg.norm_eps)
     }
 
-    /// `x [B,T,heads,H]` rotated by RoPE at `pos [T]` when `global_rope`, else `x`.
-    fn global_rotation(&self, b: &Builder, x: Op, pos: Op) -> Result<Op> {
+    /// `x [B,T,heads,H]` of a layer of kind `attn` rotated by RoPE at `pos [T]`: always in a
+    /// local layer, in a global one only with `global_rope` (else `x`).
+    fn rotation(&self, b: &Builder, attn: Attention, x: Op, pos: Op) -> Result<Op> {
         let cfg = self.config();
-        match cfg.global_rope {
-            true => rope(b, x, pos, cfg.rope_theta),
-            false => Ok(x),
+        if attn.is_local() || cfg.global_rope {
+            rope(b, x, pos, cfg.rope_theta)
+        } else {
+            Ok(x)
         }
     }
 
-    /// The keys a global layer attends with, from projected `k [B,T,G,H]` at positions
-    /// `pos [T]` (f32): after the optional qk-norm, rotated by RoPE at `pos` when `global_rope`.
-    /// What the full attention of [`Model::attention_core`] reads and what the decode cache of a
-    /// global layer stores (so cached keys are already rotated at their absolute positions).
-    pub fn global_keys(
+    /// The keys a layer of kind `attn` attends with (SWA in a local layer, full attention in a
+    /// global one), from projected `k [B,T,G,H]` at positions `pos [T]` (f32): after the optional
+    /// qk-norm, rotated by RoPE at `pos` ([`Model::attention_core`]'s rule: a global layer only
+    /// with `global_rope`). What the decode cache of the layer stores (its ring, or the global
+    /// cache), so cached keys are already rotated at their absolute positions.
+    pub fn attn_keys(
         &self,
         b: &Builder,
         p: &ParamOps,
         prefix: &str,
+        attn: Attention,
         k: Op,
         pos: Op,
     ) -> Result<Op> {
         let kn = self.head_norm(b, p, prefix, "k_norm", k)?;
-        self.global_rotation(b, kn, pos)
+        self.rotation(b, attn, kn, pos)
     }
 
-    /// The queries a global layer attends with, from projected `q [B,T,N,H]` at positions
-    /// `pos [T]` (f32): after the optional qk-norm, rotated by RoPE at `pos` when `global_rope`,
-    /// and scaled by `H^-1/2`.
-    pub fn global_queries(
+    /// The queries a layer of kind `attn` attends with, from projected `q [B,T,N,H]` at positions
+    /// `pos [T]` (f32): after the optional qk-norm, rotated as [`Model::attn_keys`] and scaled by
+    /// `H^-1/2`. (RLA reads the raw q.)
+    pub fn attn_queries(
         &self,
         b: &Builder,
         p: &ParamOps,
         prefix: &str,
+        attn: Attention,
         q: Op,
         pos: Op,
     ) -> Result<Op> {
         let qn = self.head_norm(b, p, prefix, "q_norm", q)?;
-        let qr = self.global_rotation(b, qn, pos)?;
+        let qr = self.rotation(b, attn, qn, pos)?;
         let inv_sqrt_h = 1.0 / (self.config().head_dim as f32).sqrt();
         b.mul(qr, b.scalar(inv_sqrt_h)?)
     }
@@ -214,18 +204,16 @@ impl Model {
         };
         if attn == Attention::Global {
             let _s = b.name_scope("global");
-            let qr = self.global_queries(b, p, prefix, q, pos)?;
-            let kr = self.global_keys(b, p, prefix, k, pos)?;
+            let qr = self.attn_queries(b, p, prefix, attn, q, pos)?;
+            let kr = self.attn_keys(b, p, prefix, attn, k, pos)?;
             return Ok((attend(qr, kr, v, None)?, None));
         }
         let _s = b.name_scope("local");
-        let (qn, kn) = self.qk_norm(b, p, prefix, q, k)?;
-        let inv_sqrt_h = b.scalar(1.0 / (cfg.head_dim as f32).sqrt())?;
         let (qr, kr) = {
             let _s = b.name_scope("swa");
             (
-                b.mul(rope(b, qn, pos, cfg.rope_theta)?, inv_sqrt_h)?,
-                rope(b, kn, pos, cfg.rope_theta)?,
+                self.attn_queries(b, p, prefix, attn, q, pos)?,
+                self.attn_keys(b, p, prefix, attn, k, pos)?,
             )
         };
         // Sequence-parallel RAttention layers run SWA and RLA in one region that exchanges
@@ -309,9 +297,9 @@ impl Model {
     }
 
     /// One pre-norm block `layers.{layer}` on `x [B, T, d_model]`: `y = x + Wo·attn(q, k, v)`, then
-    /// `y + FFN(RMSNorm(y))`. `attn` maps the projected `q [B,T,N,H]`, `k, v [B,T,G,H]` to the
-    /// context `[B,T,N,H]` ([`Model::attention_core`] in the forward, cached attention when
-    /// decoding). `kernel_norm`: both norms as our CPU kernels ([`rms_norm_with`]; the forward
+    /// `y + FFN(RMSNorm(y))`. `attn` maps the prefix of the layer's attention parameters
+    /// (`layers.{layer}.attn`) and the projected `q [B,T,N,H]`, `k, v [B,T,G,H]` to the context
+    /// `[B,T,N,H]` ([`Model::attention_core`] in the forward, cached attention when decoding). `kernel_norm`: both norms as our CPU kernels ([`rms_norm_with`]; the forward
     /// passes [`Model::norm_lowering`], decoding `false`).
     pub fn block(
         &self,
@@ -320,7 +308,7 @@ impl Model {
         layer: usize,
         x: Op,
         kernel_norm: bool,
-        attn: impl FnOnce(Op, Op, Op) -> Result<Op>,
+        attn: impl FnOnce(&str, Op, Op, Op) -> Result<Op>,
     ) -> Result<Op> {
         let cfg = self.config();
         let xd = dims(b, x)?;
@@ -345,7 +333,7 @@ impl Model {
         let q = self.constrain(b, q, &format!("{ap}.q"), &[Batch, Length, QHeads, HeadDim])?;
         let k = self.constrain(b, k, &format!("{ap}.k"), &[Batch, Length, KvHeads, HeadDim])?;
         let v = self.constrain(b, v, &format!("{ap}.v"), &[Batch, Length, KvHeads, HeadDim])?;
-        let ctx = attn(q, k, v)?;
+        let ctx = attn(&ap, q, k, v)?;
         let o = linear(
             b,
             b.reshape(ctx, &[bs, t, n * h])?,
@@ -406,10 +394,9 @@ impl Model {
                 .collect();
             let t = dims(b, ins[0])?[1];
             let pos = b.iota(ElementType::F32, &[t], 0)?;
-            let ap = format!("layers.{layer}.attn");
             let kernel_norm = me.norm_lowering(&platform) == KernelLowering::Kernel;
-            me.block(b, &p, layer, ins[0], kernel_norm, |q, k, v| {
-                me.attention_core(b, &p, &ap, attn, (q, k, v), pos, &platform)
+            me.block(b, &p, layer, ins[0], kernel_norm, |ap, q, k, v| {
+                me.attention_core(b, &p, ap, attn, (q, k, v), pos, &platform)
             })
         });
         let policy = self.remat().save_policy().unwrap_or_default();
@@ -491,10 +478,9 @@ impl Model {
         let kernel_norm = self.norm_lowering(platform) == KernelLowering::Kernel;
         for (i, &attn) in self.layers().iter().enumerate() {
             let _s = b.name_scope(&format!("layer_{i}"));
-            let ap = format!("layers.{i}.attn");
             x = match self.remat() {
-                Remat::None => self.block(b, p, i, x, kernel_norm, |q, k, v| {
-                    self.attention_core(b, p, &ap, attn, (q, k, v), pos, platform)
+                Remat::None => self.block(b, p, i, x, kernel_norm, |ap, q, k, v| {
+                    self.attention_core(b, p, ap, attn, (q, k, v), pos, platform)
                 })?,
                 Remat::LayerInputs => self.remat_block(b, p, i, x, platform)?,
                 Remat::Dots | Remat::DotsWithNoBatchDims => {
@@ -540,9 +526,8 @@ impl Model {
                 let mut x = x;
                 for (j, &attn) in me.layers()[..period].iter().enumerate() {
                     let _s = b.name_scope(&format!("layer_{j}"));
-                    let ap = format!("layers.{j}.attn");
-                    x = me.block(b, &p, j, x, kernel_norm, |q, k, v| {
-                        me.attention_core(b, &p, &ap, attn, (q, k, v), pos, &platform)
+                    x = me.block(b, &p, j, x, kernel_norm, |ap, q, k, v| {
+                        me.attention_core(b, &p, ap, attn, (q, k, v), pos, &platform)
                     })?;
                     x = me.constrain(b, x, &format!("layers.{j}.out"), &residual)?;
                 }

@@ -16,7 +16,7 @@ use pallas_port::RlaConfig;
 mod common;
 
 use common::Case;
-use pallas_port::bench_util::{cpu_s, data, load};
+use pallas_port::bench_util::{cpu_s, data, env_usize, load};
 
 /// Runs `f` at least `min_iters` times and for at least `min_s` seconds of CPU time; returns
 /// (wall ms, cpu ms) per call, the minimum over 5 rounds.
@@ -41,14 +41,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let t: usize = std::env::var("RLA_BENCH_T")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4096);
-    let sc: usize = std::env::var("RLA_BENCH_SUB_CHUNK")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(RlaConfig::default().sub_chunk);
+    let t = env_usize("RLA_BENCH_T", 4096);
+    let sc = env_usize("RLA_BENCH_SUB_CHUNK", RlaConfig::default().sub_chunk);
     let mut case = Case::new(t, sc);
     let (ff, fb) = (case.flops_fwd, case.flops_bwd);
     let threads = rayon::current_num_threads();

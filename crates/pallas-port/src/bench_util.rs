@@ -43,6 +43,14 @@ pub fn load() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// The number in environment variable `name`, or `default` when it is unset or unparsable.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The comma-separated numbers in environment variable `name` (unparsable items skipped).
 pub fn env_list(name: &str) -> Option<Vec<usize>> {
     std::env::var(name)

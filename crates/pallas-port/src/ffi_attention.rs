@@ -11,7 +11,7 @@
 //! positions of the first query and the first key, and k, v `[B,Tk,G,H]` of any length Tk.
 //! Registered with the RLA blocks by [`crate::register_cpu_kernels`].
 
-use crate::ffi::{dims_of, f32_input, f32_rets, qkv_inputs, to_ffi};
+use crate::ffi::{f32_input, f32_rets, qkv_inputs, to_ffi};
 use crate::kernel;
 use crate::kernel::attention::AttnPositions;
 use pjrt::ffi::{BufferArg, CallFrame, FfiError};
@@ -38,7 +38,7 @@ fn attn_fwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     let (qa, ka, va) = (frame.arg(0)?, frame.arg(1)?, frame.arg(2)?);
     let (d, q, k, v) = qkv_inputs(OP, &qa, &ka, &va)?;
     let mut rets = frame.rets_mut()?;
-    let [o, lse] = f32_rets(&mut rets, "attn_fwd", "o, lse")?;
+    let [o, lse] = f32_rets(&mut rets, OP, "o, lse")?;
     kernel::attn_fwd(&d, w, &q, &k, &v, o, lse).map_err(to_ffi)
 }
 
@@ -52,7 +52,7 @@ fn attn_bwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     let (o, lse) = (args[3].as_slice::<f32>()?, args[4].as_slice::<f32>()?);
     let d_o = f32_input(&args[5], OP, "d_o")?;
     let mut rets = frame.rets_mut()?;
-    let [dq, dk, dv] = f32_rets(&mut rets, "attn_bwd", "dq, dk, dv")?;
+    let [dq, dk, dv] = f32_rets(&mut rets, OP, "dq, dk, dv")?;
     kernel::attn_bwd(&d, w, &q, &k, &v, o, lse, &d_o, dq, dk, dv).map_err(to_ffi)
 }
 
@@ -95,12 +95,9 @@ fn attn_fwd_at_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
         .collect::<Result<Vec<_>, _>>()?;
     let keys = keys_of(OP, &args[0], &args[1], &args[2])?;
     let at = positions(OP, &args[3])?;
-    let d = dims_of(OP, &args[0], &args[1])?;
-    let q = f32_input(&args[0], OP, "q")?;
-    let k = f32_input(&args[1], OP, "k")?;
-    let v = f32_input(&args[2], OP, "v")?;
+    let (d, q, k, v) = qkv_inputs(OP, &args[0], &args[1], &args[2])?;
     let mut rets = frame.rets_mut()?;
-    let [o, lse] = f32_rets(&mut rets, "attn_fwd_at", "o, lse")?;
+    let [o, lse] = f32_rets(&mut rets, OP, "o, lse")?;
     kernel::attn_fwd_at(&d, keys, w, at, &q, &k, &v, o, lse).map_err(to_ffi)
 }
 
@@ -112,14 +109,11 @@ fn attn_bwd_at_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
         .collect::<Result<Vec<_>, _>>()?;
     let keys = keys_of(OP, &args[0], &args[1], &args[2])?;
     let at = positions(OP, &args[6])?;
-    let d = dims_of(OP, &args[0], &args[1])?;
-    let q = f32_input(&args[0], OP, "q")?;
-    let k = f32_input(&args[1], OP, "k")?;
-    let v = f32_input(&args[2], OP, "v")?;
+    let (d, q, k, v) = qkv_inputs(OP, &args[0], &args[1], &args[2])?;
     let (o, lse) = (args[3].as_slice::<f32>()?, args[4].as_slice::<f32>()?);
     let d_o = f32_input(&args[5], OP, "d_o")?;
     let mut rets = frame.rets_mut()?;
-    let [dq, dk, dv] = f32_rets(&mut rets, "attn_bwd_at", "dq, dk, dv")?;
+    let [dq, dk, dv] = f32_rets(&mut rets, OP, "dq, dk, dv")?;
     kernel::attn_bwd_at(&d, keys, w, at, (&q, &k, &v), o, lse, &d_o, (dq, dk, dv)).map_err(to_ffi)
 }
 

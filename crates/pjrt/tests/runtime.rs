@@ -348,32 +348,25 @@ fn ffi_error_and_panic_come_back_through_execute() {
     c.register_ffi_handler("rt_panicking", PANICKING).unwrap();
     let x = c.buffer_from_host(&[0.0f32; 8], &[8], None).unwrap();
 
-    let exe = c
-        .compile(
-            Program::Mlir(&custom_call_module("rt_failing", "code = 42 : i64")),
-            &CompileOptions::default(),
-        )
-        .unwrap();
-    match exe.execute(&[&x]) {
-        Err(Error::Pjrt { code, message, .. }) => {
-            assert_eq!(code, ErrorCode::FailedPrecondition);
-            assert!(message.contains("kernel refused: code=42"), "{message}");
+    // The custom call `target` with `attrs` on `x`: the code and message of its error.
+    let error_of = |target: &str, attrs: &str| {
+        let exe = c
+            .compile(
+                Program::Mlir(&custom_call_module(target, attrs)),
+                &CompileOptions::default(),
+            )
+            .unwrap();
+        match exe.execute(&[&x]) {
+            Err(Error::Pjrt { code, message, .. }) => (code, message),
+            other => panic!("expected an error from {target}, got {other:?}"),
         }
-        other => panic!("expected an FFI error, got {other:?}"),
-    }
-    let exe = c
-        .compile(
-            Program::Mlir(&custom_call_module("rt_panicking", "")),
-            &CompileOptions::default(),
-        )
-        .unwrap();
-    match exe.execute(&[&x]) {
-        Err(Error::Pjrt { code, message, .. }) => {
-            assert_eq!(code, ErrorCode::Internal);
-            assert!(message.contains("deliberate test panic"), "{message}");
-        }
-        other => panic!("expected a panic error, got {other:?}"),
-    }
+    };
+    let (code, message) = error_of("rt_failing", "code = 42 : i64");
+    assert_eq!(code, ErrorCode::FailedPrecondition);
+    assert!(message.contains("kernel refused: code=42"), "{message}");
+    let (code, message) = error_of("rt_panicking", "");
+    assert_eq!(code, ErrorCode::Internal);
+    assert!(message.contains("deliberate test panic"), "{message}");
     // The process is still fine.
     assert_eq!(x.to_host::<f32>().unwrap(), vec![0.0; 8]);
 }

@@ -174,6 +174,27 @@ fn time(
     Ok((last, t0.elapsed().as_secs_f64() / reps as f64))
 }
 
+/// One [`measure`] result into `row`: its compile seconds added and `(ms per call, errors)`
+/// returned, or its error (`label: what: …`) listed and `(None, None)`.
+fn record<const N: usize>(
+    row: &mut RlaBenchRow,
+    label: &str,
+    what: &str,
+    measured: Result<(f64, f64, [f64; N])>,
+) -> (Option<f64>, Option<[f64; N]>) {
+    match measured {
+        Ok((c, secs, err)) => {
+            row.compile_s += c;
+            (Some(secs * 1e3), Some(err))
+        }
+        Err(e) => {
+            let e = e.context(what.to_string());
+            row.errors.push(format!("{label}: {e:#}"));
+            (None, None)
+        }
+    }
+}
+
 /// Builds `graph` and compiles it (together: the compile seconds), runs it ([`time`] with `reps`
 /// and `sync`) and compares its first `N` outputs with `want`: `(compile seconds, seconds per
 /// call, relative errors)`.
@@ -308,16 +329,7 @@ pub fn run(args: &RlaArgs) -> Result<()> {
             2,
             [&o, &cs, &fs],
         );
-        match fwd {
-            Ok((c, secs, err)) => {
-                row.compile_s += c;
-                row.fwd_ms = Some(secs * 1e3);
-                row.fwd_err = Some(err);
-            }
-            Err(e) => row
-                .errors
-                .push(format!("forward: {:#}", e.context(what.clone()))),
-        }
+        (row.fwd_ms, row.fwd_err) = record(&mut row, "forward", &what, fwd);
         let fb = measure(
             &client,
             || fwd_bwd_graph(&cfg, &d, lowering),
@@ -326,16 +338,7 @@ pub fn run(args: &RlaArgs) -> Result<()> {
             0,
             [&o, &dq, &dk, &dv],
         );
-        match fb {
-            Ok((c, secs, err)) => {
-                row.compile_s += c;
-                row.fwd_bwd_ms = Some(secs * 1e3);
-                row.fwd_bwd_err = Some(err);
-            }
-            Err(e) => row
-                .errors
-                .push(format!("forward+backward: {:#}", e.context(what.clone()))),
-        }
+        (row.fwd_bwd_ms, row.fwd_bwd_err) = record(&mut row, "forward+backward", &what, fb);
         rows.push(row);
     }
     let report = RlaBenchReport {

@@ -298,45 +298,45 @@ pub fn prepare_config(args: &CompileArgs, target: &Target) -> Result<RunConfig> 
             target.platform().to_uppercase(),
         ),
     }
-    if cfg.model.attention_lowering == model::config::AttentionLowering::Kernel {
-        bail!(
-            "model.attention_lowering = \"kernel\" lowers attention to the custom calls {:?} and {:?}, \
-             which are served only by our CPU FFI kernels; {} has no handler for them. Use \
-             model.attention_lowering = \"hlo\" or \"auto\" (auto picks the HLO lowering there)",
-            pallas_port::ffi_attention::ATTN_FWD_TARGET,
-            pallas_port::ffi_attention::ATTN_BWD_TARGET,
-            target.platform().to_uppercase(),
-        );
-    }
-    if cfg.model.loss_lowering == model::config::KernelLowering::Kernel {
-        bail!(
-            "model.loss_lowering = \"kernel\" lowers the loss to the custom calls {:?} and {:?}, \
-             which are served only by our CPU FFI kernels; {} has no handler for them. Use \
-             model.loss_lowering = \"hlo\" or \"auto\" (auto picks the HLO lowering there)",
-            pallas_port::cross_entropy::XENT_FWD_TARGET,
-            pallas_port::cross_entropy::XENT_BWD_TARGET,
-            target.platform().to_uppercase(),
-        );
-    }
-    if cfg.model.norm_lowering == model::config::KernelLowering::Kernel {
-        bail!(
-            "model.norm_lowering = \"kernel\" lowers the RMS norms to the custom calls {:?} and \
-             {:?}, which are served only by our CPU FFI kernels; {} has no handler for them. Use \
-             model.norm_lowering = \"hlo\" or \"auto\" (auto picks the HLO lowering there)",
-            pallas_port::rms_norm::RMS_NORM_FWD_TARGET,
-            pallas_port::rms_norm::RMS_NORM_BWD_TARGET,
-            target.platform().to_uppercase(),
-        );
-    }
-    if cfg.model.embed_lowering == model::config::KernelLowering::Kernel {
-        bail!(
-            "model.embed_lowering = \"kernel\" lowers the token embedding to the custom calls {:?} \
-             and {:?}, which are served only by our CPU FFI kernels; {} has no handler for them. \
-             Use model.embed_lowering = \"hlo\" or \"auto\" (auto picks the HLO lowering there)",
-            pallas_port::embed::EMBED_FWD_TARGET,
-            pallas_port::embed::EMBED_BWD_TARGET,
-            target.platform().to_uppercase(),
-        );
+    // The kernels that only our CPU FFI handlers serve: (on, key, what it lowers, targets).
+    use model::config::{AttentionLowering, KernelLowering::Kernel};
+    use pallas_port::{cross_entropy as xent, embed, ffi_attention as attn, rms_norm as norm};
+    let m = &cfg.model;
+    let cpu_kernels = [
+        (
+            m.attention_lowering == AttentionLowering::Kernel,
+            "attention_lowering",
+            "attention",
+            [attn::ATTN_FWD_TARGET, attn::ATTN_BWD_TARGET],
+        ),
+        (
+            m.loss_lowering == Kernel,
+            "loss_lowering",
+            "the loss",
+            [xent::XENT_FWD_TARGET, xent::XENT_BWD_TARGET],
+        ),
+        (
+            m.norm_lowering == Kernel,
+            "norm_lowering",
+            "the RMS norms",
+            [norm::RMS_NORM_FWD_TARGET, norm::RMS_NORM_BWD_TARGET],
+        ),
+        (
+            m.embed_lowering == Kernel,
+            "embed_lowering",
+            "the token embedding",
+            [embed::EMBED_FWD_TARGET, embed::EMBED_BWD_TARGET],
+        ),
+    ];
+    for (on, key, what, [fwd, bwd]) in cpu_kernels {
+        if on {
+            bail!(
+                "model.{key} = \"kernel\" lowers {what} to the custom calls {fwd:?} and {bwd:?}, \
+                 which are served only by our CPU FFI kernels; {} has no handler for them. Use \
+                 model.{key} = \"hlo\" or \"auto\" (auto picks the HLO lowering there)",
+                target.platform().to_uppercase(),
+            );
+        }
     }
     Ok(cfg)
 }

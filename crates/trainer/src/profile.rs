@@ -232,31 +232,7 @@ fn isolate(
             .collect();
         params.sort_by_key(|p| p.0);
         let params: Vec<ShapeProto> = params.into_iter().map(|p| p.1).collect();
-        let program_shape = hlo_builder::proto::ProgramShapeProto {
-            parameters: params.clone(),
-            result: inst.shape.clone(),
-            parameter_names: (0..params.len()).map(|i| format!("p{i}")).collect(),
-        };
-        entry.program_shape = Some(program_shape.clone());
-        let mut called = Vec::new();
-        for i in &entry.instructions {
-            callees(module, &i.called_computation_ids, &mut called);
-        }
-        let mut computations: Vec<HloComputationProto> = called
-            .iter()
-            .filter_map(|id| module.computations.iter().find(|c| c.id == *id).cloned())
-            .collect();
-        computations.push(entry.clone());
-        let m = HloModuleProto {
-            name: format!("replay_{}", inst.name.replace(['.', '-'], "_")),
-            entry_computation_name: entry.name.clone(),
-            entry_computation_id: entry.id,
-            computations,
-            host_program_shape: Some(program_shape),
-            id: entry.id,
-            ..Default::default()
-        };
-        return (m, params);
+        return (replay_module(module, inst, entry, &params), params);
     }
     let entry = module
         .computations
@@ -290,33 +266,43 @@ fn isolate(
     root.operand_ids = operand_ids;
     root.control_predecessor_ids.clear();
     comp.root_id = root.id;
-    let result = root.shape.clone();
     comp.instructions.push(root);
+    (replay_module(module, inst, comp, &params), params)
+}
+
+/// The module `replay_{inst}` whose entry is `entry` (parameters `params`, the result of
+/// `inst`'s shape), with every computation of `module` the entry calls.
+fn replay_module(
+    module: &HloModuleProto,
+    inst: &HloInstructionProto,
+    mut entry: HloComputationProto,
+    params: &[ShapeProto],
+) -> HloModuleProto {
     let program_shape = hlo_builder::proto::ProgramShapeProto {
-        parameters: params.clone(),
-        result,
+        parameters: params.to_vec(),
+        result: inst.shape.clone(),
         parameter_names: (0..params.len()).map(|i| format!("p{i}")).collect(),
     };
-    comp.program_shape = Some(program_shape.clone());
+    entry.program_shape = Some(program_shape.clone());
     let mut called = Vec::new();
-    callees(module, &inst.called_computation_ids, &mut called);
+    for i in &entry.instructions {
+        callees(module, &i.called_computation_ids, &mut called);
+    }
     let mut computations: Vec<HloComputationProto> = called
         .iter()
         .filter_map(|id| module.computations.iter().find(|c| c.id == *id).cloned())
         .collect();
-    computations.push(comp.clone());
-    (
-        HloModuleProto {
-            name: format!("replay_{}", inst.name.replace(['.', '-'], "_")),
-            entry_computation_name: comp.name.clone(),
-            entry_computation_id: comp_id,
-            computations,
-            host_program_shape: Some(program_shape),
-            id: comp_id,
-            ..Default::default()
-        },
-        params,
-    )
+    let (name, id) = (entry.name.clone(), entry.id);
+    computations.push(entry);
+    HloModuleProto {
+        name: format!("replay_{}", inst.name.replace(['.', '-'], "_")),
+        entry_computation_name: name,
+        entry_computation_id: id,
+        computations,
+        host_program_shape: Some(program_shape),
+        id,
+        ..Default::default()
+    }
 }
 
 /// Sets the default (row-major) layout on `s` and its tuple elements.

@@ -32,7 +32,7 @@ use rayon::prelude::*;
 
 use super::feature::{fast_exp, max_min, scale, sum};
 use super::mm::{gemm, view, view_mut};
-use super::{check_grads, check_qkv, split_scratch, with_scratch, Heads};
+use super::{split_scratch, with_scratch, Heads};
 use crate::config::{check_len, RlaDims, RlaError};
 
 /// The (query, key) block sizes for a window: query blocks of up to 128 positions (each stacks
@@ -157,12 +157,8 @@ pub fn attn_fwd(
     o: &mut [f32],
     lse: &mut [f32],
 ) -> Result<(), RlaError> {
-    const OP: &str = "attn_fwd";
-    check_qkv(OP, d, q, k, v)?;
-    check_len(OP, "o", o.len(), &d.q_shape(), d)?;
-    check_len(OP, "lse", lse.len(), &lse_shape(d), d)?;
-    forward(&Geo::new(d, window), d.batch, q, k, v, o, lse);
-    Ok(())
+    let at = (d.seq, window, AttnPositions::default());
+    checked_fwd("attn_fwd", d, at, (q, k, v), o, lse)
 }
 
 /// Checks `q` `[B,Tq,N,H]` (Tq = `d.seq`) and `k`, `v` `[B,keys,G,H]` of an `_at` call.
@@ -204,10 +200,22 @@ pub fn attn_fwd_at(
     o: &mut [f32],
     lse: &mut [f32],
 ) -> Result<(), RlaError> {
-    const OP: &str = "attn_fwd_at";
-    check_qkv_at(OP, d, keys, (q, k, v))?;
-    check_len(OP, "o", o.len(), &d.q_shape(), d)?;
-    check_len(OP, "lse", lse.len(), &lse_shape(d), d)?;
+    checked_fwd("attn_fwd_at", d, (keys, window, at), (q, k, v), o, lse)
+}
+
+/// The forward of [`attn_fwd`] and [`attn_fwd_at`] (`(keys, window, positions)`), its errors
+/// naming `op`.
+fn checked_fwd(
+    op: &'static str,
+    d: &RlaDims,
+    (keys, window, at): (usize, Option<usize>, AttnPositions),
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    o: &mut [f32],
+    lse: &mut [f32],
+) -> Result<(), RlaError> {
+    check_qkv_at(op, d, keys, (q, k, v))?;
+    check_len(op, "o", o.len(), &d.q_shape(), d)?;
+    check_len(op, "lse", lse.len(), &lse_shape(d), d)?;
     forward(&Geo::at(d, keys, window, at), d.batch, q, k, v, o, lse);
     Ok(())
 }
@@ -220,30 +228,14 @@ pub fn attn_bwd_at(
     keys: usize,
     window: Option<usize>,
     at: AttnPositions,
-    (q, k, v): (&[f32], &[f32], &[f32]),
+    qkv: (&[f32], &[f32], &[f32]),
     o: &[f32],
     lse: &[f32],
     d_o: &[f32],
-    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+    grads: (&mut [f32], &mut [f32], &mut [f32]),
 ) -> Result<(), RlaError> {
-    const OP: &str = "attn_bwd_at";
-    let kv = check_qkv_at(OP, d, keys, (q, k, v))?;
-    check_len(OP, "o", o.len(), &d.q_shape(), d)?;
-    check_len(OP, "lse", lse.len(), &lse_shape(d), d)?;
-    check_len(OP, "d_o", d_o.len(), &d.q_shape(), d)?;
-    check_len(OP, "dq", dq.len(), &d.q_shape(), d)?;
-    check_len(OP, "dk", dk.len(), &kv, d)?;
-    check_len(OP, "dv", dv.len(), &kv, d)?;
-    backward(
-        &Geo::at(d, keys, window, at),
-        d.batch,
-        (q, k, v),
-        o,
-        lse,
-        d_o,
-        (dq, dk, dv),
-    );
-    Ok(())
+    let at = (keys, window, at);
+    checked_bwd("attn_bwd_at", d, at, qkv, (o, lse, d_o), grads)
 }
 
 /// Causal attention backward: `(q, k, v, o, lse, d_o) -> (dq, dk, dv)`.
@@ -264,18 +256,32 @@ pub fn attn_bwd(
     dk: &mut [f32],
     dv: &mut [f32],
 ) -> Result<(), RlaError> {
-    const OP: &str = "attn_bwd";
-    check_qkv(OP, d, q, k, v)?;
-    check_len(OP, "o", o.len(), &d.q_shape(), d)?;
-    check_len(OP, "lse", lse.len(), &lse_shape(d), d)?;
-    check_grads(OP, d, d_o, (dq, dk, dv))?;
+    let at = (d.seq, window, AttnPositions::default());
+    checked_bwd("attn_bwd", d, at, (q, k, v), (o, lse, d_o), (dq, dk, dv))
+}
+
+/// The backward of [`attn_bwd`] and [`attn_bwd_at`] (`(keys, window, positions)`), its errors
+/// naming `op`.
+fn checked_bwd(
+    op: &'static str,
+    d: &RlaDims,
+    (keys, window, at): (usize, Option<usize>, AttnPositions),
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    (o, lse, d_o): (&[f32], &[f32], &[f32]),
+    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+) -> Result<(), RlaError> {
+    let kv = check_qkv_at(op, d, keys, (q, k, v))?;
+    check_len(op, "o", o.len(), &d.q_shape(), d)?;
+    check_len(op, "lse", lse.len(), &lse_shape(d), d)?;
+    check_len(op, "d_o", d_o.len(), &d.q_shape(), d)?;
+    check_len(op, "dq", dq.len(), &d.q_shape(), d)?;
+    check_len(op, "dk", dk.len(), &kv, d)?;
+    check_len(op, "dv", dv.len(), &kv, d)?;
     backward(
-        &Geo::new(d, window),
+        &Geo::at(d, keys, window, at),
         d.batch,
         (q, k, v),
-        o,
-        lse,
-        d_o,
+        (o, lse, d_o),
         (dq, dk, dv),
     );
     Ok(())
@@ -550,9 +556,7 @@ fn backward(
     geo: &Geo,
     batch: usize,
     (q, k, v): (&[f32], &[f32], &[f32]),
-    o: &[f32],
-    lse: &[f32],
-    d_o: &[f32],
+    (o, lse, d_o): (&[f32], &[f32], &[f32]),
     (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
 ) {
     let (h, r, gh) = (geo.h, geo.r, geo.g * geo.h);

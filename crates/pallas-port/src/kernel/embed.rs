@@ -63,6 +63,23 @@ fn clamp(id: i32, vocab: usize) -> usize {
     (id.max(0) as usize).min(vocab - 1)
 }
 
+/// Checks a table (`(name, elements)`) of `vocab × d` and rows (`(name, elements)`) of whole
+/// rows of width `d`; returns the row count. The error names `op` and the lengths.
+fn check_rows(
+    op: &str,
+    (vocab, d): (usize, usize),
+    (table, table_len): (&str, usize),
+    (rows, rows_len): (&str, usize),
+) -> Result<usize, String> {
+    if vocab == 0 || d == 0 || table_len != vocab * d || !rows_len.is_multiple_of(d) {
+        return Err(format!(
+            "{op}: {table} of {table_len} elements for vocab {vocab} × width {d}, {rows} of \
+             {rows_len}"
+        ));
+    }
+    Ok(rows_len / d)
+}
+
 /// Forward: `out [R, D]` = the table rows `[V, D]` of the ids (through `cols`). Errors (naming
 /// `embed_fwd` and the lengths) when the slices do not fit.
 pub fn embed_fwd(
@@ -73,14 +90,8 @@ pub fn embed_fwd(
     cols: Columns,
     out: &mut [f32],
 ) -> Result<(), String> {
-    if vocab == 0 || d == 0 || table.len() != vocab * d || !out.len().is_multiple_of(d) {
-        return Err(format!(
-            "embed_fwd: table of {} elements for vocab {vocab} × width {d}, result of {}",
-            table.len(),
-            out.len()
-        ));
-    }
-    let rows = out.len() / d;
+    let table_len = ("table", table.len());
+    let rows = check_rows("embed_fwd", (vocab, d), table_len, ("result", out.len()))?;
     cols.check("embed_fwd", rows, ids.len())?;
     out.par_chunks_mut(ROWS_PER_TASK * d)
         .enumerate()
@@ -105,14 +116,8 @@ pub fn embed_bwd(
     d_out: &[f32],
     d_table: &mut [f32],
 ) -> Result<(), String> {
-    if vocab == 0 || d == 0 || d_table.len() != vocab * d || !d_out.len().is_multiple_of(d) {
-        return Err(format!(
-            "embed_bwd: d_table of {} elements for vocab {vocab} × width {d}, d_out of {}",
-            d_table.len(),
-            d_out.len()
-        ));
-    }
-    let rows = d_out.len() / d;
+    let table_len = ("d_table", d_table.len());
+    let rows = check_rows("embed_bwd", (vocab, d), table_len, ("d_out", d_out.len()))?;
     cols.check("embed_bwd", rows, ids.len())?;
     // The rows of each table row, in row order.
     let mut by_id: Vec<Vec<usize>> = vec![Vec::new(); vocab];
