@@ -206,8 +206,7 @@ fn rla_bwd_h0_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     let d_o = f32_input(&doa, OP, "d_o")?;
     let mut rets = frame.rets_mut()?;
     let [dq, dk, dv, dh0] = f32_rets(&mut rets, "rla_bwd_h0", "dq, dk, dv, dh0")?;
-    kernel::rla_bwd_h0(&cfg, &d, &q, &k, &v, cs, &d_o, d_final, (dq, dk, dv), dh0)
-        .map_err(to_ffi)
+    kernel::rla_bwd_h0(&cfg, &d, &q, &k, &v, cs, &d_o, d_final, (dq, dk, dv), dh0).map_err(to_ffi)
 }
 
 /// The [`RlaDims`] of k/v `[B,T,G,H]` alone (heads = kv heads).

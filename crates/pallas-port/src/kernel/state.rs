@@ -94,7 +94,13 @@ pub fn rla_kv_state_bwd(
                     let vv = view(&v[off..], nk, h, gh);
                     gemm(1.0, &vv, &ds.t(), 0.0, &mut view_mut(dfk, nk, h2, h2));
                     let dvb = &mut dx[..nk * h];
-                    gemm(1.0, &view(fk, nk, h2, h2), &ds, 0.0, &mut view_mut(dvb, nk, h, h));
+                    gemm(
+                        1.0,
+                        &view(fk, nk, h2, h2),
+                        &ds,
+                        0.0,
+                        &mut view_mut(dvb, nk, h, h),
+                    );
                     for (row, src) in dvr[s0..s0 + nk].iter_mut().zip(dvb.chunks_exact(h)) {
                         row.copy_from_slice(src);
                     }
