@@ -1,8 +1,8 @@
 //! Sequence parallelism inside a manually partitioned region: the collectives a shard of the
 //! sequence needs from the others — a halo of the previous tokens (`collective-permute`, over
 //! several shards when it is longer than one), everything gathered (`all-gather`), and an
-//! exclusive prefix sum over the shards before this one (a log-step scan of
-//! `collective-permute`s).
+//! exclusive prefix sum over the shards before this one (all-gather and a masked sum, or from
+//! 8 shards on a log-step scan of `collective-permute`s).
 //!
 //! A region's arrays `[B, T, …]` are laid out by a sharding that cuts T into S pieces of
 //! T/S tokens; shard `i` holds tokens `i·T/S .. (i+1)·T/S`. [`SeqShards::new`] reads the
@@ -22,7 +22,13 @@
 //! # Ok::<(), hlo_builder::Error>(())
 //! ```
 
-use hlo_builder::{Builder, ElementType, Op, Result, Sharding};
+use hlo_builder::{Builder, Cmp, ElementType, Op, Result, Sharding};
+
+/// The number of sequence shards from which [`SeqShards::exclusive_sum`] scans with
+/// `collective-permute`s instead of gathering: with RLA's states `[B,G,2H,H]` in the sharded
+/// train step (`benches/sharded_step.rs`, T 256 B 8) the scan took 3–6 % off seq 8's step CPU
+/// time and nothing off data 2 × seq 4's (two runs each, `docs/results/seq-kernel/README.md`).
+pub const SCAN_SHARDS: usize = 8;
 
 /// The shards of the sequence dim of a manual region's arrays, and this device's place among
 /// them. Made outside the manual scope ([`SeqShards::new`]); its methods build ops inside it.
@@ -152,27 +158,35 @@ impl SeqShards {
         self.all_gather(b, b.reshape(x, &dims)?, 0)
     }
 
-    /// Σ of `x` over the shards before this one (zeros on shard 0), as a log-step scan: `x`
-    /// moved one shard ahead, then ⌈log₂(S − 1)⌉ rounds that add the partial sum `d` shards
-    /// back (d = 1, 2, 4, …), each a `collective-permute` (the first d shards of a line receive
-    /// zeros). Each device moves and adds ~log₂ S copies of `x` where an all-gather and a masked
-    /// sum touch S: at seq 8 with RLA's states `[B,G,2H,H]` the step's CPU time fell by 3–6 %
-    /// (`docs/results/seq-kernel/README.md`). Its transpose is the same scan backwards.
+    /// Σ of `x` (float) over the shards before this one (zeros on shard 0). Below
+    /// [`SCAN_SHARDS`] shards: every shard's value gathered (`all-gather`), masked by
+    /// `shard < index` and summed. From [`SCAN_SHARDS`] on: a log-step scan, `x` moved one shard
+    /// ahead, then ⌈log₂(S − 1)⌉ rounds that add the partial sum `d` shards back (d = 1, 2, 4,
+    /// …), each a `collective-permute` (the first d shards of a line receive zeros): each device
+    /// moves and adds ~log₂ S copies of `x` where the gather and the masked sum touch S.
     pub fn exclusive_sum(&self, b: &Builder, x: Op) -> Result<Op> {
         let s = self.shards();
-        if s <= 1 {
-            let xs = b.shape(x)?;
-            return b.zeros(xs.ty().unwrap_or(ElementType::F32), xs.dims());
+        if s >= SCAN_SHARDS {
+            // acc_i = x_{i−1}; after the round with shift d it holds Σ x_j over
+            // i − 2d ≤ j ≤ i − 1 (j ≥ 0); the rounds stop once they cover the S − 1 shards.
+            let mut acc = b.collective_permute(x, &self.pairs(1))?;
+            let mut d = 1;
+            while d < s - 1 {
+                acc = b.add(acc, b.collective_permute(acc, &self.pairs(d))?)?;
+                d *= 2;
+            }
+            return Ok(acc);
         }
-        // acc_i = x_{i−1}; after the round with shift d it holds Σ x_j over
-        // i − 2d ≤ j ≤ i − 1 (j ≥ 0); the rounds stop once 2d covers the S − 1 shards before.
-        let mut acc = b.collective_permute(x, &self.pairs(1))?;
-        let mut d = 1;
-        while d < s - 1 {
-            acc = b.add(acc, b.collective_permute(acc, &self.pairs(d))?)?;
-            d *= 2;
-        }
-        Ok(acc)
+        let all = self.stack(b, x)?;
+        let dims = b.shape(all)?.dims().to_vec();
+        let ty = b.shape(x)?.ty().unwrap_or(ElementType::F32);
+        let before = b.compare(
+            b.iota(ElementType::S32, &[dims[0]], 0)?,
+            b.broadcast_in_dim(self.index(b)?, &[dims[0]], &[])?,
+            Cmp::Lt,
+        )?;
+        let mask = b.broadcast_in_dim(b.convert(before, ty)?, &dims, &[0])?;
+        b.reduce_sum(b.mul(all, mask)?, &[0])
     }
 
     /// The last shard's `x`, on every shard.
