@@ -12,7 +12,9 @@
 //! tokens are below the head dim 64); `seq8-zigzag` and `data2xseq4-zigzag` run it
 //! load-balanced, for comparison; `seq8-hlo` and `data2xseq4-hlo` run the sequence region's
 //! attention as HLO blocks (`model.attention_lowering = "hlo"`) instead of the CPU kernel at
-//! runtime positions (what `auto` picks on CPU). Each step is what `rattn train` runs: state donated and fed back, each device holding only its shard, the token batch split
+//! runtime positions (what `auto` picks on CPU); `seq8-rlahlo` and `data2xseq4-rlahlo` compose
+//! RLA's prefix state in HLO (`RATTN_RLA_SEQ_STATE=hlo`, the composition before the kernels
+//! took h0). Each step is what `rattn train` runs: state donated and fed back, each device holding only its shard, the token batch split
 //! on the host.
 //!
 //! After criterion's runs one table prints wall and CPU ms per step (medians; CPU summed over
@@ -54,7 +56,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 /// Label and `[mesh]` overrides of each run.
-const MESHES: [(&str, &[&str]); 15] = [
+const MESHES: [(&str, &[&str]); 17] = [
     ("1 device", &[]),
     ("data8", &["mesh.data=8"]),
     ("fsdp8", &["mesh.fsdp=8"]),
@@ -73,6 +75,10 @@ const MESHES: [(&str, &[&str]); 15] = [
         "data2xseq4-hlo",
         &["mesh.data=2", "mesh.seq=4", "model.attention_lowering=hlo"],
     ),
+    // RLA's sequence composition in HLO (φ(q)·h0, the shard state, their VJPs as graph ops:
+    // `RATTN_RLA_SEQ_STATE=hlo` while the step is built) instead of the kernels from h0.
+    ("seq8-rlahlo", &["mesh.seq=8"]),
+    ("data2xseq4-rlahlo", &["mesh.data=2", "mesh.seq=4"]),
     // The optimizer as element-wise HLO instead of the sharded AdamW kernel (the CPU default).
     (
         "data8-opthlo",
@@ -222,7 +228,14 @@ fn main() {
         if label != "1 device" && pick.as_ref().is_some_and(|p| !p.iter().any(|x| x == label)) {
             continue;
         }
+        let rla_hlo = label.ends_with("-rlahlo");
+        if rla_hlo {
+            std::env::set_var(pallas_port::graph::SEQ_STATE_VAR, "hlo");
+        }
         let s = setup(&client, mesh);
+        if rla_hlo {
+            std::env::remove_var(pallas_port::graph::SEQ_STATE_VAR);
+        }
         group.bench_function(BenchmarkId::from_parameter(label), |b| {
             b.iter_custom(|iters| timings.time(label, iters, || s.step(&client)))
         });

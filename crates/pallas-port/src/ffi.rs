@@ -2,7 +2,11 @@
 //!
 //! Targets `rattention.rla_fwd` and `rattention.rla_bwd`; attributes `window`, `sub_chunk`,
 //! `chunk` (i64) and `feature_map` (string), delivered by XLA from the custom call's
-//! `backend_config` dictionary. Inputs may be f32 or bf16 (computed in f32); outputs are f32.
+//! `backend_config` dictionary. The scan from a given state for sequence shards:
+//! `rattention.rla_fwd_h0` (q, k, v, h0) and `rattention.rla_bwd_h0` (q, k, v, chunk_states,
+//! d_o[, d_final]) -> (dq, dk, dv, dh0), same attributes; the state a shard's keys add,
+//! `rattention.rla_kv_state` (k, v) -> state and `rattention.rla_kv_state_bwd` (k, v,
+//! d_state) -> (dk, dv), attribute `feature_map`. Inputs may be f32 or bf16 (computed in f32); outputs are f32.
 //! No `unsafe` here: `pjrt::ffi_handler!` implements `pjrt::ffi::FfiHandler` for each body, and
 //! pjrt's generic shim is the C entry point that decodes the frame.
 
@@ -17,6 +21,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub const FWD_TARGET: &str = "rattention.rla_fwd";
 /// Custom-call target of the backward block.
 pub const BWD_TARGET: &str = "rattention.rla_bwd";
+
+/// Custom-call target of the forward block from an initial state h0 ([`kernel::rla_fwd_h0`]).
+pub const FWD_H0_TARGET: &str = "rattention.rla_fwd_h0";
+/// Custom-call target of its backward ([`kernel::rla_bwd_h0`]).
+pub const BWD_H0_TARGET: &str = "rattention.rla_bwd_h0";
+/// Custom-call target of the state the keys and values add ([`kernel::rla_kv_state`]).
+pub const KV_STATE_TARGET: &str = "rattention.rla_kv_state";
+/// Custom-call target of its VJP ([`kernel::rla_kv_state_bwd`]).
+pub const KV_STATE_BWD_TARGET: &str = "rattention.rla_kv_state_bwd";
 
 /// The op name the RLA handlers' errors start with.
 const OP: &str = "rla";
@@ -35,11 +48,15 @@ fn usize_attr(frame: &CallFrame<'_>, name: &str) -> Result<usize, FfiError> {
     })
 }
 
-fn config(frame: &CallFrame<'_>) -> Result<RlaConfig, FfiError> {
-    let fm: FeatureMap = frame
+fn feature_map_attr(frame: &CallFrame<'_>) -> Result<FeatureMap, FfiError> {
+    frame
         .attr_str("feature_map")?
         .parse()
-        .map_err(|e| FfiError::invalid_argument(format!("rla: feature_map: {e}")))?;
+        .map_err(|e| FfiError::invalid_argument(format!("rla: feature_map: {e}")))
+}
+
+fn config(frame: &CallFrame<'_>) -> Result<RlaConfig, FfiError> {
+    let fm = feature_map_attr(frame)?;
     Ok(RlaConfig {
         window: usize_attr(frame, "window")?,
         sub_chunk: usize_attr(frame, "sub_chunk")?,
@@ -153,13 +170,88 @@ fn rla_bwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     kernel::rla_bwd(&cfg, &d, &q, &k, &v, cs, &d_o, dq, dk, dv).map_err(to_ffi)
 }
 
+fn rla_fwd_h0_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
+    let cfg = config(frame)?;
+    let (qa, ka, va, ha) = (frame.arg(0)?, frame.arg(1)?, frame.arg(2)?, frame.arg(3)?);
+    let (d, q, k, v) = qkv_inputs(OP, &qa, &ka, &va)?;
+    let h0 = ha.as_slice::<f32>()?;
+    let mut rets = frame.rets_mut()?;
+    let [o, cs, fs] = f32_rets(&mut rets, "rla_fwd_h0", "o, chunk_states, final_state")?;
+    kernel::rla_fwd_h0(&cfg, &d, &q, &k, &v, h0, o, cs, fs).map_err(to_ffi)
+}
+
+/// (q, k, v, chunk_states, d_o) or (…, d_final): without the sixth operand the final state has
+/// no cotangent.
+fn rla_bwd_h0_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
+    let cfg = config(frame)?;
+    let (qa, ka, va, csa, doa) = (
+        frame.arg(0)?,
+        frame.arg(1)?,
+        frame.arg(2)?,
+        frame.arg(3)?,
+        frame.arg(4)?,
+    );
+    let d_final = match frame.num_args() {
+        5 => None,
+        6 => Some(frame.arg(5)?.as_slice::<f32>()?),
+        n => {
+            return Err(FfiError::invalid_argument(format!(
+                "rla_bwd_h0: expected 5 or 6 operands (q, k, v, chunk_states, d_o[, d_final]), \
+                 got {n}"
+            )))
+        }
+    };
+    let (d, q, k, v) = qkv_inputs(OP, &qa, &ka, &va)?;
+    let cs = csa.as_slice::<f32>()?;
+    let d_o = f32_input(&doa, OP, "d_o")?;
+    let mut rets = frame.rets_mut()?;
+    let [dq, dk, dv, dh0] = f32_rets(&mut rets, "rla_bwd_h0", "dq, dk, dv, dh0")?;
+    kernel::rla_bwd_h0(&cfg, &d, &q, &k, &v, cs, &d_o, d_final, (dq, dk, dv), dh0).map_err(to_ffi)
+}
+
+/// The [`RlaDims`] of k/v `[B,T,G,H]` alone (heads = kv heads).
+fn kv_dims(op: &str, k: &BufferArg<'_>) -> Result<RlaDims, FfiError> {
+    dims_of(op, k, k)
+}
+
+fn rla_kv_state_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
+    const OP: &str = "rla_kv_state";
+    let fm = feature_map_attr(frame)?;
+    let (ka, va) = (frame.arg(0)?, frame.arg(1)?);
+    let d = kv_dims(OP, &ka)?;
+    let (k, v) = (f32_input(&ka, OP, "k")?, f32_input(&va, OP, "v")?);
+    let mut rets = frame.rets_mut()?;
+    let [state] = f32_rets(&mut rets, OP, "state")?;
+    kernel::rla_kv_state(fm, &d, &k, &v, state).map_err(to_ffi)
+}
+
+fn rla_kv_state_bwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
+    const OP: &str = "rla_kv_state_bwd";
+    let fm = feature_map_attr(frame)?;
+    let (ka, va, dsa) = (frame.arg(0)?, frame.arg(1)?, frame.arg(2)?);
+    let d = kv_dims(OP, &ka)?;
+    let (k, v) = (f32_input(&ka, OP, "k")?, f32_input(&va, OP, "v")?);
+    let ds = dsa.as_slice::<f32>()?;
+    let mut rets = frame.rets_mut()?;
+    let [dk, dv] = f32_rets(&mut rets, OP, "dk, dv")?;
+    kernel::rla_kv_state_bwd(fm, &d, &k, &v, ds, dk, dv).map_err(to_ffi)
+}
+
 pjrt::ffi_handler!(RLA_FWD_HANDLER, rla_fwd_handler);
 pjrt::ffi_handler!(RLA_BWD_HANDLER, rla_bwd_handler);
+pjrt::ffi_handler!(RLA_FWD_H0_HANDLER, rla_fwd_h0_handler);
+pjrt::ffi_handler!(RLA_BWD_H0_HANDLER, rla_bwd_h0_handler);
+pjrt::ffi_handler!(RLA_KV_STATE_HANDLER, rla_kv_state_handler);
+pjrt::ffi_handler!(RLA_KV_STATE_BWD_HANDLER, rla_kv_state_bwd_handler);
 
 /// Register both blocks' CPU kernels for `client`'s platform (process-global; idempotent).
 pub fn register_cpu_kernels(client: &pjrt::Client) -> pjrt::Result<()> {
     client.register_ffi_handler(FWD_TARGET, RLA_FWD_HANDLER)?;
     client.register_ffi_handler(BWD_TARGET, RLA_BWD_HANDLER)?;
+    client.register_ffi_handler(FWD_H0_TARGET, RLA_FWD_H0_HANDLER)?;
+    client.register_ffi_handler(BWD_H0_TARGET, RLA_BWD_H0_HANDLER)?;
+    client.register_ffi_handler(KV_STATE_TARGET, RLA_KV_STATE_HANDLER)?;
+    client.register_ffi_handler(KV_STATE_BWD_TARGET, RLA_KV_STATE_BWD_HANDLER)?;
     crate::adamw::register_cpu_kernel(client)?;
     crate::ffi_attention::register_attention_kernels(client)?;
     crate::cross_entropy::register_cpu_kernels(client)?;

@@ -15,7 +15,9 @@
 //! ```
 
 use crate::config::{RlaConfig, RlaDims};
-use crate::ffi::{BWD_TARGET, FWD_TARGET};
+use crate::ffi::{
+    BWD_H0_TARGET, BWD_TARGET, FWD_H0_TARGET, FWD_TARGET, KV_STATE_BWD_TARGET, KV_STATE_TARGET,
+};
 use crate::seq::{derived_sharding, SeqShards};
 use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape, Sharding};
 use serde::{Deserialize, Serialize};
@@ -390,7 +392,10 @@ pub fn rla(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig, lowering: Lowering
 /// sequence start), which covers the keys off − W ≤ s ≤ t − W − 1; the earlier keys are the
 /// state h0 = Σ_{shards r < i} Σ_j φ(k̃ʳ_j)ᵀ ṽʳ_j, an exclusive prefix sum over the shards
 /// (all-gather of each shard's contribution, masked sum), and o = block(q, k̃, ṽ) + φ(q)·h0
-/// (RLA is linear in its state, so the blocks need no initial-state input). Gradients flow
+/// (RLA is linear in its state). With the custom-call lowering the contribution is one kernel
+/// call ([`rla_kv_state`]) and the block starts its scan from h0 ([`rla_with_state_h0`]: φ(q)·h0,
+/// the saved states' h0 and dh0 inside the kernels); the other lowerings (and
+/// [`SEQ_STATE_VAR`]`=hlo`) add φ(q)·h0 and the contribution as graph ops. Gradients flow
 /// through h0 back into the earlier shards' k and v (the transposes of the collectives).
 /// final_state is the last shard's, on every shard; chunk_states are each shard's saved states
 /// plus its h0 (`[B, G, S·⌈(T/S)/chunk⌉, 2H, H]`, the unsharded ones when chunk divides T/S).
@@ -519,6 +524,137 @@ pub(crate) fn on_region_shards<T>(
     local(ql, kl, vl)
 }
 
+/// The environment variable that, set to `hlo`, makes [`rla_seq_shard`] compose a sequence
+/// shard's prefix state in HLO (φ(q)·h0, the state dot and their VJPs as graph ops) even with
+/// the custom-call lowering: the composition before the kernels took h0, kept for A/B
+/// measurements (`benches/sharded_step.rs`, meshes `*-rlahlo`). Read when the graph is built.
+pub const SEQ_STATE_VAR: &str = "RATTN_RLA_SEQ_STATE";
+
+/// False when [`SEQ_STATE_VAR`] is `hlo`.
+fn seq_state_in_kernels() -> bool {
+    std::env::var(SEQ_STATE_VAR).map_or(true, |v| v != "hlo")
+}
+
+/// `Σ_s φ(k_s)ᵀ v_s` `f32[B,G,2H,H]` over all T keys of k, v `[B,T,G,H]` as the custom call
+/// `rattention.rla_kv_state`, whose VJP is `rattention.rla_kv_state_bwd` (CPU kernels,
+/// [`crate::kernel::rla_kv_state`]): the state a sequence shard's keys add to the scan.
+pub fn rla_kv_state(b: &Builder, k: Op, v: Op, fm: crate::FeatureMap) -> Result<Op> {
+    let (ks, vs) = (b.shape(k)?, b.shape(v)?);
+    let kd = ks.dims().to_vec();
+    if kd.len() != 4 || ks.dims() != vs.dims() {
+        return Err(b.error(
+            "rla_kv_state",
+            format!(
+                "k and v must both be [B,T,G,H], got k {}, v {}",
+                ks.short(),
+                vs.short()
+            ),
+        ));
+    }
+    let attrs = [("feature_map", Attr::Str(fm.as_str().to_string()))];
+    let state = Shape::array(ElementType::F32, &[kd[0], kd[2], 2 * kd[3], kd[3]]);
+    let fwd = b.custom_call(KV_STATE_TARGET, &[k, v], state, &attrs)?;
+    let vjp = move |b: &Builder, ins: &[Op], _out: Op, cts: &[Option<Op>]| {
+        let Some(ds) = cts[0] else {
+            return Ok(vec![None, None]);
+        };
+        let out = Shape::tuple(vec![f32_shape_i64(&kd), f32_shape_i64(&kd)]);
+        let g = {
+            let _s = b.name_scope("rla_kv_state_bwd");
+            b.custom_call(KV_STATE_BWD_TARGET, &[ins[0], ins[1], ds], out, &attrs)?
+        };
+        let mut grads = Vec::with_capacity(2);
+        for (i, &x) in ins.iter().enumerate() {
+            let gi = b.get_tuple_element(g, i)?;
+            let ty = b.shape(x)?.ty().unwrap_or(ElementType::F32);
+            grads.push(Some(if ty == ElementType::F32 {
+                gi
+            } else {
+                b.convert(gi, ty)?
+            }));
+        }
+        Ok(grads)
+    };
+    b.custom_vjp(&[k, v], fwd, Arc::new(vjp))?;
+    Ok(fwd)
+}
+
+fn f32_shape_i64(dims: &[i64]) -> Shape {
+    Shape::array(ElementType::F32, dims)
+}
+
+/// [`rla_with_state`] whose scan starts from the state `h0` `f32[B,G,2H,H]` (custom-call
+/// lowering only: `rattention.rla_fwd_h0`, [`crate::kernel::rla_fwd_h0`]): o includes
+/// φ(q)·h0, chunk_states and final_state include h0. Differentiable in q, k, v and h0 through
+/// o and final_state (`rattention.rla_bwd_h0`); a cotangent on chunk_states is an error.
+pub fn rla_with_state_h0(
+    b: &Builder,
+    (q, k, v): (Op, Op, Op),
+    h0: Op,
+    cfg: &RlaConfig,
+) -> Result<RlaOutputs> {
+    let d = check_shapes(b, q, k, v, cfg)?;
+    let fs_shape = f32_shape(&d.final_state_shape());
+    if b.shape(h0)? != fs_shape {
+        return Err(b.error(
+            "rla_with_state_h0",
+            format!(
+                "h0 must be f32[B,G,2H,H] = {}, got {}",
+                fs_shape.short(),
+                b.shape(h0)?.short()
+            ),
+        ));
+    }
+    let out = f32_tuple(&[
+        &d.q_shape(),
+        &d.chunk_states_shape(cfg),
+        &d.final_state_shape(),
+    ]);
+    let fwd = {
+        let _s = b.name_scope("fwd");
+        b.custom_call(FWD_H0_TARGET, &[q, k, v, h0], out, &attrs(cfg))?
+    };
+    let cfg = *cfg;
+    let vjp = move |b: &Builder, ins: &[Op], output: Op, cts: &[Option<Op>]| {
+        if cts.get(1).copied().flatten().is_some() {
+            return Err(b.error(
+                "rla_with_state_h0",
+                "gradients flow through o and final_state; chunk_states are not differentiable",
+            ));
+        }
+        let (d_o, d_fs) = (cts[0], cts.get(2).copied().flatten());
+        if d_o.is_none() && d_fs.is_none() {
+            return Ok(vec![None; 4]);
+        }
+        let d_o = match d_o {
+            Some(x) => x,
+            None => b.zeros(ElementType::F32, &dims_i64(&d.q_shape()))?,
+        };
+        let chunk_states = b.get_tuple_element(output, 1)?;
+        let mut operands = vec![ins[0], ins[1], ins[2], chunk_states, d_o];
+        operands.extend(d_fs);
+        let ret = f32_tuple(&[
+            &d.q_shape(),
+            &d.kv_shape(),
+            &d.kv_shape(),
+            &d.final_state_shape(),
+        ]);
+        let g = {
+            let _s = b.name_scope("bwd");
+            b.custom_call(BWD_H0_TARGET, &operands, ret, &attrs(&cfg))?
+        };
+        let mut grads = qkv_grads(b, g, [ins[0], ins[1], ins[2]])?;
+        grads.push(Some(b.get_tuple_element(g, 3)?));
+        Ok(grads)
+    };
+    b.custom_vjp(&[q, k, v, h0], fwd, Arc::new(vjp))?;
+    Ok(RlaOutputs {
+        o: b.get_tuple_element(fwd, 0)?,
+        chunk_states: b.get_tuple_element(fwd, 1)?,
+        final_state: b.get_tuple_element(fwd, 2)?,
+    })
+}
+
 /// One sequence shard of RLA, inside the manual scope (see [`rla_in_region`]): q `[B,Tl,N,H]`,
 /// k, v `[B,Tl,G,H]` of the shard, `t` the full sequence length. `halo` is the keys and values
 /// `[B,L,G,H]` of the L = [`rla_halo_len`] tokens before the shard, when the caller has already
@@ -581,6 +717,17 @@ pub fn rla_seq_shard(
         shifted(v, halos.map(|h| h.1))?,
     );
     let cfg0 = RlaConfig { window: 0, ..*cfg };
+    if lowering == Lowering::CustomCall && seq_state_in_kernels() {
+        // The shard's contribution, the prefix over the shards before it, and the scan from
+        // that prefix: φ(q)·h0, the saved states' h0 and dh0 are the kernels' work.
+        let contrib = rla_kv_state(b, ks, vs, cfg.feature_map)?;
+        let h0 = seq.exclusive_sum(b, contrib)?;
+        let out = rla_with_state_h0(b, (q, ks, vs), h0, &cfg0)?;
+        return Ok(RlaOutputs {
+            final_state: seq.last(b, out.final_state)?,
+            ..out
+        });
+    }
     let out = rla_with_state(b, q, ks, vs, &cfg0, lowering)?;
     // This shard's state contribution Σ_j φ(k̃_j)ᵀ ṽ_j  [B, G, 2H, H].
     let f32 = |x: Op| -> Result<Op> {

@@ -1,8 +1,10 @@
 //! pallas-port: the Residual Linear Attention (RLA) blocks of RAttention.
 //!
 //! - [`config`]: the block contract ([`RlaConfig`] attributes, [`RlaDims`] shapes, [`RlaError`]).
-//! - [`kernel`]: fast fp32 CPU kernels `rla_fwd` / `rla_bwd` (chunked scan, DESIGN §3).
-//! - [`ffi`]: the kernels as XLA FFI handlers (`rattention.rla_fwd` / `rattention.rla_bwd`).
+//! - [`kernel`]: fast fp32 CPU kernels `rla_fwd` / `rla_bwd` (chunked scan, DESIGN §3), their
+//!   variants from an initial state (`rla_fwd_h0` / `rla_bwd_h0`) and the state a run of keys
+//!   adds (`rla_kv_state`), for sequence shards.
+//! - [`ffi`]: the kernels as XLA FFI handlers (`rattention.rla_fwd` / `rattention.rla_bwd`, ...).
 //! - [`attention`]: causal softmax attention as the custom-call pair `rattention.attn_fwd` /
 //!   `rattention.attn_bwd` ([`ffi_attention`], kernels in [`kernel::attention`]).
 //! - [`lang`]: a small kernel language (IR, CPU interpreter, Triton back end) and the RLA
@@ -46,6 +48,6 @@ pub use config::{FeatureMap, RlaConfig, RlaDims, RlaError};
 pub use feature::feature_map;
 pub use ffi::{kernels_registered, register_cpu_kernels};
 pub use graph::{
-    rla, rla_halo_len, rla_in_region, rla_region_outputs, rla_seq_shard, rla_with_state, Lowering,
-    RlaOutputs,
+    rla, rla_halo_len, rla_in_region, rla_kv_state, rla_region_outputs, rla_seq_shard,
+    rla_with_state, rla_with_state_h0, Lowering, RlaOutputs,
 };

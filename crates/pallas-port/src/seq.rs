@@ -1,7 +1,8 @@
 //! Sequence parallelism inside a manually partitioned region: the collectives a shard of the
 //! sequence needs from the others — a halo of the previous tokens (`collective-permute`, over
 //! several shards when it is longer than one), everything gathered (`all-gather`), and an
-//! exclusive prefix sum over the shards before this one (all-gather, then a masked sum).
+//! exclusive prefix sum over the shards before this one (all-gather and a masked sum, or from
+//! 8 shards on a log-step scan of `collective-permute`s).
 //!
 //! A region's arrays `[B, T, …]` are laid out by a sharding that cuts T into S pieces of
 //! T/S tokens; shard `i` holds tokens `i·T/S .. (i+1)·T/S`. [`SeqShards::new`] reads the
@@ -22,6 +23,12 @@
 //! ```
 
 use hlo_builder::{Builder, Cmp, ElementType, Op, Result, Sharding};
+
+/// The number of sequence shards from which [`SeqShards::exclusive_sum`] scans with
+/// `collective-permute`s instead of gathering: with RLA's states `[B,G,2H,H]` in the sharded
+/// train step (`benches/sharded_step.rs`, T 256 B 8) the scan took 3–6 % off seq 8's step CPU
+/// time and nothing off data 2 × seq 4's (two runs each, `docs/results/seq-kernel/README.md`).
+pub const SCAN_SHARDS: usize = 8;
 
 /// The shards of the sequence dim of a manual region's arrays, and this device's place among
 /// them. Made outside the manual scope ([`SeqShards::new`]); its methods build ops inside it.
@@ -151,16 +158,31 @@ impl SeqShards {
         self.all_gather(b, b.reshape(x, &dims)?, 0)
     }
 
-    /// Σ of `x` (float) over the shards before this one (zeros on shard 0): the stacked values
-    /// masked by `shard < index` and summed.
+    /// Σ of `x` (float) over the shards before this one (zeros on shard 0). Below
+    /// [`SCAN_SHARDS`] shards: every shard's value gathered (`all-gather`), masked by
+    /// `shard < index` and summed. From [`SCAN_SHARDS`] on: a log-step scan, `x` moved one shard
+    /// ahead, then ⌈log₂(S − 1)⌉ rounds that add the partial sum `d` shards back (d = 1, 2, 4,
+    /// …), each a `collective-permute` (the first d shards of a line receive zeros): each device
+    /// moves and adds ~log₂ S copies of `x` where the gather and the masked sum touch S.
     pub fn exclusive_sum(&self, b: &Builder, x: Op) -> Result<Op> {
+        let s = self.shards();
+        if s >= SCAN_SHARDS {
+            // acc_i = x_{i−1}; after the round with shift d it holds Σ x_j over
+            // i − 2d ≤ j ≤ i − 1 (j ≥ 0); the rounds stop once they cover the S − 1 shards.
+            let mut acc = b.collective_permute(x, &self.pairs(1))?;
+            let mut d = 1;
+            while d < s - 1 {
+                acc = b.add(acc, b.collective_permute(acc, &self.pairs(d))?)?;
+                d *= 2;
+            }
+            return Ok(acc);
+        }
         let all = self.stack(b, x)?;
         let dims = b.shape(all)?.dims().to_vec();
         let ty = b.shape(x)?.ty().unwrap_or(ElementType::F32);
-        let s = dims[0];
         let before = b.compare(
-            b.iota(ElementType::S32, &[s], 0)?,
-            b.broadcast_in_dim(self.index(b)?, &[s], &[])?,
+            b.iota(ElementType::S32, &[dims[0]], 0)?,
+            b.broadcast_in_dim(self.index(b)?, &[dims[0]], &[])?,
             Cmp::Lt,
         )?;
         let mask = b.broadcast_in_dim(b.convert(before, ty)?, &dims, &[0])?;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{cfg, check_blocks, dims, rel_err, run_bwd, run_fwd, Rng};
+use common::{cfg, check_blocks, dims, h0_reference, rel_err, run_bwd, run_fwd, Rng};
 use pallas_port::reference::to_f64;
 use pallas_port::{FeatureMap, RlaConfig, RlaDims};
 
@@ -159,6 +159,162 @@ mod prop {
             let fm = if relu { FeatureMap::Relu } else { FeatureMap::Softmax };
             let c = case((batch, seq, kv_heads * group, kv_heads, head_dim), window, sub_chunk, sub_chunk * chunk_mul, fm);
             check(&c, seed);
+        }
+    }
+}
+
+/// `rla_fwd_h0` / `rla_bwd_h0` against [`h0_reference`]; with `d_final` or without (zero).
+fn check_h0(c: &Case, seed: u64, with_d_final: bool) {
+    let (cfg, d) = (&c.cfg, &c.d);
+    let mut rng = Rng::new(seed);
+    let q = rng.vec(d.q_len(), 2.0);
+    let k = rng.vec(d.kv_len(), 2.0);
+    let v = rng.vec(d.kv_len(), 1.0);
+    let h0 = rng.vec(d.final_state_len(), 1.0);
+    let d_o = rng.vec(d.q_len(), 1.0);
+    let d_f = if with_d_final {
+        rng.vec(d.final_state_len(), 1.0)
+    } else {
+        vec![0.0; d.final_state_len()]
+    };
+    let mut o = vec![f32::NAN; d.q_len()];
+    let mut cs = vec![f32::NAN; d.chunk_states_len(cfg)];
+    let mut fs = vec![f32::NAN; d.final_state_len()];
+    pallas_port::kernel::rla_fwd_h0(cfg, d, &q, &k, &v, &h0, &mut o, &mut cs, &mut fs).unwrap();
+    let mut g: [Vec<f32>; 4] = [
+        vec![f32::NAN; d.q_len()],
+        vec![f32::NAN; d.kv_len()],
+        vec![f32::NAN; d.kv_len()],
+        vec![f32::NAN; d.final_state_len()],
+    ];
+    {
+        let [dq, dk, dv, dh0] = &mut g;
+        let df = with_d_final.then_some(d_f.as_slice());
+        pallas_port::kernel::rla_bwd_h0(cfg, d, &q, &k, &v, &cs, &d_o, df, (dq, dk, dv), dh0)
+            .unwrap();
+    }
+    let want = h0_reference(
+        cfg,
+        d,
+        (&to_f64(&q), &to_f64(&k), &to_f64(&v)),
+        &to_f64(&h0),
+        &to_f64(&d_o),
+        &to_f64(&d_f),
+    );
+    let tol = common::tol(cfg.feature_map);
+    let got = [&o, &cs, &fs, &g[0], &g[1], &g[2], &g[3]];
+    let wants = want.fwd.iter().chain(&want.grads);
+    let names = ["o", "chunk_states", "final_state", "dq", "dk", "dv", "dh0"];
+    for ((name, got), want) in names.iter().zip(got).zip(wants) {
+        let e = rel_err(got, want);
+        eprintln!("{d} {cfg:?} d_final {with_d_final}: {name} vs f64 {e:.2e}");
+        assert!(
+            e <= tol,
+            "{d} {cfg:?}: {name} rel err {e} vs the f64 reference"
+        );
+    }
+}
+
+#[test]
+fn scan_from_h0_matches_f64_with_its_gradients() {
+    let gqa = (2, 37, 4, 2, 16);
+    check_h0(&case(gqa, 5, 4, 8, FeatureMap::Softmax), 31, true);
+    check_h0(&case(gqa, 5, 4, 8, FeatureMap::Relu), 32, false);
+    check_h0(
+        &case((1, 50, 3, 1, 16), 0, 8, 16, FeatureMap::Softmax),
+        33,
+        true,
+    );
+    // The shard shape of the sharded bench (window 0, 32 tokens, one chunk), head dim 64.
+    check_h0(
+        &case((2, 32, 4, 2, 64), 0, 16, 32, FeatureMap::Softmax),
+        34,
+        true,
+    );
+    // W ≥ T: o is φ(q)·h0 only, the final state h0 (plus d_final's nothing on the keys).
+    check_h0(
+        &case((1, 20, 2, 1, 16), 25, 4, 8, FeatureMap::Softmax),
+        35,
+        true,
+    );
+}
+
+#[test]
+fn scan_from_a_zero_h0_equals_the_block() {
+    let c = case((2, 37, 4, 2, 16), 3, 4, 8, FeatureMap::Softmax);
+    let (cfg, d) = (&c.cfg, &c.d);
+    let mut rng = Rng::new(36);
+    let (q, k, v) = (
+        rng.vec(d.q_len(), 2.0),
+        rng.vec(d.kv_len(), 2.0),
+        rng.vec(d.kv_len(), 1.0),
+    );
+    let d_o = rng.vec(d.q_len(), 1.0);
+    let (o0, cs0, fs0) = run_fwd(cfg, d, &q, &k, &v);
+    let (dq0, dk0, dv0) = run_bwd(cfg, d, &q, &k, &v, &cs0, &d_o);
+    let zero = vec![0.0; d.final_state_len()];
+    let mut o = vec![f32::NAN; d.q_len()];
+    let mut cs = vec![f32::NAN; d.chunk_states_len(cfg)];
+    let mut fs = vec![f32::NAN; d.final_state_len()];
+    pallas_port::kernel::rla_fwd_h0(cfg, d, &q, &k, &v, &zero, &mut o, &mut cs, &mut fs).unwrap();
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0; d.q_len()],
+        vec![0.0; d.kv_len()],
+        vec![0.0; d.kv_len()],
+    );
+    let mut dh0 = vec![f32::NAN; d.final_state_len()];
+    let g = (&mut dq[..], &mut dk[..], &mut dv[..]);
+    pallas_port::kernel::rla_bwd_h0(cfg, d, &q, &k, &v, &cs, &d_o, None, g, &mut dh0).unwrap();
+    // Equal values (a zero state adds exact zeros; only the sign of a zero may differ).
+    assert_eq!((o, cs, fs), (o0, cs0, fs0));
+    assert_eq!((dq, dk, dv), (dq0, dk0, dv0));
+    assert!(dh0.iter().all(|x| x.is_finite()) && dh0.iter().any(|&x| x != 0.0));
+}
+
+#[test]
+fn kv_state_and_its_vjp_match_f64() {
+    use pallas_port::kernel::{rla_kv_state, rla_kv_state_bwd};
+    use pallas_port::reference::{feature, feature_vjp};
+    // T = 300 spans three blocks of the kernel's 128 keys.
+    for (fm, seed) in [(FeatureMap::Softmax, 41), (FeatureMap::Relu, 42)] {
+        let d = dims(2, 300, 3, 3, 16);
+        let (t_, g_, h) = (d.seq, d.kv_heads, d.head_dim);
+        let mut rng = Rng::new(seed);
+        let (k, v) = (rng.vec(d.kv_len(), 2.0), rng.vec(d.kv_len(), 1.0));
+        let ds = rng.vec(d.final_state_len(), 1.0);
+        let mut st = vec![f32::NAN; d.final_state_len()];
+        rla_kv_state(fm, &d, &k, &v, &mut st).unwrap();
+        let (mut dk, mut dv) = (vec![f32::NAN; d.kv_len()], vec![f32::NAN; d.kv_len()]);
+        rla_kv_state_bwd(fm, &d, &k, &v, &ds, &mut dk, &mut dv).unwrap();
+        let (kf, vf, dsf) = (to_f64(&k), to_f64(&v), to_f64(&ds));
+        let mut st_ref = vec![0.0; st.len()];
+        let (mut dk_ref, mut dv_ref) = (vec![0.0; dk.len()], vec![0.0; dv.len()]);
+        for b in 0..d.batch {
+            for gi in 0..g_ {
+                let so = (b * g_ + gi) * 2 * h * h;
+                for s in 0..t_ {
+                    let ki = ((b * t_ + s) * g_ + gi) * h;
+                    let fk = feature(&kf[ki..ki + h], fm);
+                    let mut dfk = vec![0.0; 2 * h];
+                    for a in 0..2 * h {
+                        for c in 0..h {
+                            st_ref[so + a * h + c] += fk[a] * vf[ki + c];
+                            dfk[a] += vf[ki + c] * dsf[so + a * h + c];
+                            dv_ref[ki + c] += fk[a] * dsf[so + a * h + c];
+                        }
+                    }
+                    dk_ref[ki..ki + h].copy_from_slice(&feature_vjp(&kf[ki..ki + h], &dfk, fm));
+                }
+            }
+        }
+        for (name, got, want) in [
+            ("state", &st, &st_ref),
+            ("dk", &dk, &dk_ref),
+            ("dv", &dv, &dv_ref),
+        ] {
+            let e = rel_err(got, want);
+            eprintln!("kv_state {fm}: {name} vs f64 {e:.2e}");
+            assert!(e <= common::tol(fm), "kv_state {fm}: {name} rel err {e}");
         }
     }
 }

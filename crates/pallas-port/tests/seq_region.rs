@@ -2,7 +2,9 @@
 //! (`cpu_device_count = 8`): o, the gradients of q, k, v and final_state equal the f64 naive
 //! formulas (independent of the kernels) and the 1-device program, for windows 0, below one
 //! shard, above one shard (a halo over several shards) and beyond T; on a batch × seq × heads
-//! mesh; and with the `while` lowering.
+//! mesh; and with the `while` lowering. With the custom-call lowering a shard runs the scan from
+//! its prefix state in the kernels (`rla_with_state_h0`, `rla_kv_state`); the HLO composition
+//! (`RATTN_RLA_SEQ_STATE=hlo`) is checked too.
 
 use hlo_builder::{Builder, Op, Sharding};
 use pallas_port::reference::{rla_naive_f64, rla_scan_f64, rla_vjp_f64, to_f64};
@@ -10,7 +12,7 @@ use pallas_port::{rla_in_region, rla_with_state, FeatureMap, Lowering, RlaConfig
 
 mod common;
 
-use common::{f32_shape, rel_err, spmd, Rng};
+use common::{f32_shape, h0_reference, rel_err, spmd, Rng};
 
 use spmd::DEVICES;
 
@@ -155,4 +157,97 @@ fn rla_over_batch_seq_and_heads_is_exact() {
     let s = Sharding::tiled(&[2, 2, 2, 1]);
     check(&s, 20, Lowering::CustomCall);
     check(&s, 7, Lowering::Hlo);
+}
+
+#[test]
+fn rla_over_4_sequence_shards_and_the_hlo_composition() {
+    // batch 2 × seq 4 with W = 0 (no halo: the prefix state does everything) through the
+    // kernels from h0 (2 shards with W beyond a shard: `rla_over_batch_seq_and_heads_is_exact`).
+    let hlo = check(&Sharding::tiled(&[2, 4, 1, 1]), 0, Lowering::CustomCall);
+    for target in ["rattention.rla_fwd_h0", "rattention.rla_kv_state_bwd"] {
+        assert!(hlo.contains(target), "no {target} in:\n{hlo}");
+    }
+    // The composition in HLO (what the other lowerings build), selected by the variable while
+    // this graph is built; other tests building meanwhile are exact either way.
+    std::env::set_var(pallas_port::graph::SEQ_STATE_VAR, "hlo");
+    let hlo = check(&Sharding::tiled(&[1, 4, 2, 1]), 5, Lowering::CustomCall);
+    std::env::remove_var(pallas_port::graph::SEQ_STATE_VAR);
+    assert!(!hlo.contains("rla_fwd_h0") && hlo.contains("rattention.rla_fwd"));
+}
+
+/// `rla_with_state_h0` as a graph (custom calls through the FFI, on one device): o and
+/// final_state, and the gradients of q, k, v, h0 of `Σ o·w + Σ final_state·wf` (the final
+/// state's cotangent travels as the backward call's sixth operand) against the f64 formulas.
+#[test]
+fn scan_from_h0_in_a_graph_with_a_final_state_cotangent() {
+    let d = RlaDims {
+        batch: 2,
+        seq: 24,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+    };
+    let cfg = RlaConfig {
+        window: 3,
+        sub_chunk: 4,
+        chunk: 8,
+        feature_map: FeatureMap::Softmax,
+    };
+    let (qd, kd, sd) = (d.q_shape(), d.kv_shape(), d.final_state_shape());
+    let dims: [&[usize]; 6] = [&qd, &kd, &kd, &sd, &qd, &sd];
+    let b = Builder::new("h0");
+    let p: Vec<Op> = dims
+        .iter()
+        .zip(["q", "k", "v", "h0", "w", "wf"])
+        .map(|(d, n)| b.parameter(f32_shape(d), n).unwrap())
+        .collect();
+    let out = pallas_port::rla_with_state_h0(&b, (p[0], p[1], p[2]), p[3], &cfg).unwrap();
+    let all = [0, 1, 2, 3];
+    let l = b
+        .add(
+            b.reduce_sum(b.mul(out.o, p[4]).unwrap(), &all).unwrap(),
+            b.reduce_sum(b.mul(out.final_state, p[5]).unwrap(), &all)
+                .unwrap(),
+        )
+        .unwrap();
+    let g = b.grad(l, &p[..4]).unwrap();
+    let root = b
+        .tuple(&[out.o, out.final_state, g[0], g[1], g[2], g[3]])
+        .unwrap();
+    let exe = spmd::compile(&b.build(root).unwrap(), 1);
+    let mut rng = Rng::new(51);
+    let scales = [2.0, 2.0, 1.0, 1.0, 1.0, 1.0];
+    let inputs: Vec<Vec<f32>> = dims
+        .iter()
+        .zip(scales)
+        .map(|(d, a)| rng.vec(d.iter().product(), a))
+        .collect();
+    let rep = Sharding::Replicated;
+    let ins: Vec<(&[f32], &[usize], &Sharding)> = inputs
+        .iter()
+        .zip(dims)
+        .map(|(x, d)| (x.as_slice(), d, &rep))
+        .collect();
+    let out_dims: [&[usize]; 6] = [&qd, &sd, &qd, &kd, &kd, &sd];
+    let outs: Vec<(&[usize], &Sharding)> = out_dims.iter().map(|&d| (d, &rep)).collect();
+    let got = spmd::run(&exe, 1, &ins, &outs);
+    let f = |i: usize| to_f64(&inputs[i]);
+    let want = h0_reference(&cfg, &d, (&f(0), &f(1), &f(2)), &f(3), &f(4), &f(5));
+    let wants = [
+        &want.fwd[0],
+        &want.fwd[2],
+        &want.grads[0],
+        &want.grads[1],
+        &want.grads[2],
+        &want.grads[3],
+    ];
+    for ((name, got), want) in ["o", "final_state", "dq", "dk", "dv", "dh0"]
+        .iter()
+        .zip(&got)
+        .zip(wants)
+    {
+        let e = rel_err(got, want);
+        eprintln!("rla_with_state_h0: {name} vs f64 {e:.1e}");
+        assert!(e <= 1e-6, "{name} differs from f64 by {e:e}");
+    }
 }

@@ -10,9 +10,9 @@ use super::{split_scratch, with_scratch};
 use crate::config::{RlaConfig, RlaDims};
 
 /// Splits the rows of a `[B, T, G·w]` output into per-(batch, group) lists of `T` pieces of `w`.
-fn group_rows<'a>(
+pub(crate) fn group_rows<'a>(
     out: &'a mut [f32],
-    geo: &Geo,
+    geo: &super::Heads,
     batch: usize,
     w: usize,
 ) -> Vec<Vec<&'a mut [f32]>> {
@@ -28,6 +28,27 @@ fn group_rows<'a>(
     rows
 }
 
+/// The initial-state side of a backward scan: `h0` says the forward scan started from a given
+/// state (its saved `chunk_states` include it); `d_final` `[B,G,2H,H]` is the cotangent of the
+/// final state (the reverse scan's dS starts there; `None`: zero); `dh0` `[B,G,2H,H]` receives
+/// the cotangent of h0 (dS after the first chunk) when given.
+pub(crate) struct StateGrads<'a> {
+    pub h0: bool,
+    pub d_final: Option<&'a [f32]>,
+    pub dh0: Option<&'a mut [f32]>,
+}
+
+impl StateGrads<'_> {
+    /// The block's usual contract: from zero, no final-state cotangent, no dh0.
+    pub(crate) fn none() -> Self {
+        StateGrads {
+            h0: false,
+            d_final: None,
+            dh0: None,
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     cfg: &RlaConfig,
@@ -37,12 +58,18 @@ pub(crate) fn backward(
     v: &[f32],
     chunk_states: &[f32],
     d_o: &[f32],
+    state: StateGrads<'_>,
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
-    let geo = Geo::new(cfg, d);
+    let geo = Geo::new(cfg, d).with_h0(state.h0);
     let ss = geo.ss();
+    let d_final = state.d_final;
+    let dh0: Vec<Option<&mut [f32]>> = match state.dh0 {
+        Some(x) => x.chunks_mut(ss).map(Some).collect(),
+        None => (0..d.batch * geo.g).map(|_| None).collect(),
+    };
     // Each (batch, kv head) task writes its own rows of dq/dk/dv directly.
     let dq_rows = group_rows(dq, &geo, d.batch, geo.r * geo.h);
     let dk_rows = group_rows(dk, &geo, d.batch, geo.h);
@@ -51,24 +78,30 @@ pub(crate) fn backward(
         .into_par_iter()
         .zip(dk_rows)
         .zip(dv_rows)
+        .zip(dh0)
         .enumerate()
-        .for_each(|(bg, ((dqr, dkr), dvr))| {
+        .for_each(|(bg, (((dqr, dkr), dvr), dh0))| {
             let (b, gi) = (bg / geo.g, bg % geo.g);
             let cs = &chunk_states[bg * geo.nc * ss..(bg + 1) * geo.nc * ss];
             let out = GroupOut {
                 dq: dqr,
                 dk: dkr,
                 dv: dvr,
+                d_final: d_final.map(|x| &x[bg * ss..(bg + 1) * ss]),
+                dh0,
             };
             group_backward(cfg, &geo, q, k, v, cs, d_o, b, gi, out)
         });
 }
 
-/// Output rows of one (batch, kv head): dq `T` pieces of `R·H`, dk and dv `T` pieces of `H`.
+/// Output rows of one (batch, kv head): dq `T` pieces of `R·H`, dk and dv `T` pieces of `H`;
+/// its final-state cotangent and its dh0 (`[2H, H]` each) when the scan has them.
 struct GroupOut<'a> {
     dq: Vec<&'a mut [f32]>,
     dk: Vec<&'a mut [f32]>,
     dv: Vec<&'a mut [f32]>,
+    d_final: Option<&'a [f32]>,
+    dh0: Option<&'a mut [f32]>,
 }
 
 /// Copies `[n, w]` contiguous rows of `src` into the pieces `dst[first..first + n]`.
@@ -115,6 +148,10 @@ fn group_backward(
     with_scratch(lens.iter().sum(), |buf| {
         let [fq, dob, fk, p, a, dfq, dfk, s_, ds, dx] = split_scratch(buf, lens);
         let mut ds_nonzero = false;
+        if let Some(d_final) = out.d_final {
+            ds.copy_from_slice(d_final);
+            ds_nonzero = true;
+        }
 
         for c in (0..geo.nc).rev() {
             let c0 = c * l;
@@ -218,6 +255,15 @@ fn group_backward(
                 let dsb = if ds_nonzero { 1.0 } else { 0.0 };
                 gemm(1.0, &fqv.t(), &dov, dsb, &mut view_mut(ds, h2, h, h));
                 ds_nonzero = true;
+            }
+        }
+        // h0 is read by every query and carried into the final state: its cotangent is dS
+        // after the first chunk.
+        if let Some(dh0) = out.dh0.as_deref_mut() {
+            if ds_nonzero {
+                dh0.copy_from_slice(ds);
+            } else {
+                dh0.fill(0.0);
             }
         }
     });

@@ -15,6 +15,8 @@ pub(crate) struct Geo {
     pub c: usize,
     pub l: usize,
     pub nc: usize,
+    /// The scan starts from a given state h0 (every sub-chunk then has a state to read).
+    pub h0: bool,
 }
 
 deref_heads!(Geo);
@@ -27,7 +29,13 @@ impl Geo {
             c: cfg.sub_chunk,
             l: cfg.chunk,
             nc: d.n_chunks(cfg),
+            h0: false,
         }
+    }
+
+    /// This geometry for a scan that starts from a given state h0 (`with`) or from zero.
+    pub(crate) fn with_h0(self, with: bool) -> Self {
+        Geo { h0: with, ..self }
     }
 
     /// Size of one state, 2H·H.
@@ -46,7 +54,7 @@ impl Geo {
 pub(crate) struct Sub {
     pub t0: usize,
     pub ce: usize,
-    /// State entering the sub-chunk may be nonzero (some valid key lies before t0).
+    /// State entering the sub-chunk may be nonzero (a given h0, or some valid key before t0).
     pub has_state: bool,
     /// First query position with a valid shifted key inside the sub-chunk.
     pub j_lo: usize,
@@ -63,7 +71,7 @@ impl Sub {
         Sub {
             t0,
             ce,
-            has_state: t0 > fk,
+            has_state: geo.h0 || t0 > fk,
             j_lo,
             nk,
         }
@@ -119,6 +127,7 @@ pub(crate) fn phi_q(
     }
 }
 
+/// The scan from the state `h0` `[B,G,2H,H]` (`None`: from zero, the block's usual contract).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     cfg: &RlaConfig,
@@ -126,11 +135,12 @@ pub(crate) fn forward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    h0: Option<&[f32]>,
     o: &mut [f32],
     chunk_states: &mut [f32],
     final_state: &mut [f32],
 ) {
-    let geo = Geo::new(cfg, d);
+    let geo = Geo::new(cfg, d).with_h0(h0.is_some());
     let ss = geo.ss();
     let (h, gh) = (geo.h, geo.g * geo.h);
 
@@ -143,7 +153,10 @@ pub(crate) fn forward(
             let (b, gi) = (bg / geo.g, bg % geo.g);
             with_scratch(ss + geo.l * 2 * h, |buf| {
                 let [s_, fk] = split_scratch(buf, [ss, geo.l * 2 * h]);
-                s_.fill(0.0);
+                match h0 {
+                    Some(h0) => s_.copy_from_slice(&h0[bg * ss..(bg + 1) * ss]),
+                    None => s_.fill(0.0),
+                }
                 for c in 0..geo.nc {
                     cs[c * ss..(c + 1) * ss].copy_from_slice(s_);
                     let j0 = c * geo.l;

@@ -37,10 +37,12 @@ pub(crate) mod feature;
 mod fwd;
 pub(crate) mod mm;
 pub mod rms_norm;
+mod state;
 
 use std::cell::RefCell;
 
 pub use attention::{attn_bwd, attn_bwd_at, attn_fwd, attn_fwd_at, AttnPositions};
+pub use state::{rla_kv_state, rla_kv_state_bwd};
 
 use crate::config::{check_len, RlaConfig, RlaDims, RlaError};
 
@@ -176,7 +178,34 @@ pub fn rla_fwd(
     let (cs, fs) = (d.chunk_states_shape(cfg), d.final_state_shape());
     check_len(OP, "chunk_states", chunk_states.len(), &cs, d)?;
     check_len(OP, "final_state", final_state.len(), &fs, d)?;
-    fwd::forward(cfg, d, q, k, v, o, chunk_states, final_state);
+    fwd::forward(cfg, d, q, k, v, None, o, chunk_states, final_state);
+    Ok(())
+}
+
+/// [`rla_fwd`] whose scan starts from the state `h0` `[B,G,2H,H]` instead of zero: RLA is
+/// linear in its state, so `o_t = φ(q_t)·(h0 + Σ_{s ≤ t−W−1} φ(k_s)ᵀ v_s)`, every saved chunk
+/// state and the final state include h0. What a sequence shard runs with the prefix of the
+/// shards before it ([`crate::rla_seq_shard`]). With h0 = 0 the results equal [`rla_fwd`]'s.
+#[allow(clippy::too_many_arguments)]
+pub fn rla_fwd_h0(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    h0: &[f32],
+    o: &mut [f32],
+    chunk_states: &mut [f32],
+    final_state: &mut [f32],
+) -> Result<(), RlaError> {
+    const OP: &str = "rla_fwd_h0";
+    check_inputs(OP, cfg, d, q, k, v)?;
+    let (cs, fs) = (d.chunk_states_shape(cfg), d.final_state_shape());
+    check_len(OP, "h0", h0.len(), &fs, d)?;
+    check_len(OP, "o", o.len(), &d.q_shape(), d)?;
+    check_len(OP, "chunk_states", chunk_states.len(), &cs, d)?;
+    check_len(OP, "final_state", final_state.len(), &fs, d)?;
+    fwd::forward(cfg, d, q, k, v, Some(h0), o, chunk_states, final_state);
     Ok(())
 }
 
@@ -203,7 +232,44 @@ pub fn rla_bwd(
     let cs = d.chunk_states_shape(cfg);
     check_len(OP, "chunk_states", chunk_states.len(), &cs, d)?;
     check_grads(OP, d, d_o, (dq, dk, dv))?;
-    bwd::backward(cfg, d, q, k, v, chunk_states, d_o, dq, dk, dv);
+    let none = bwd::StateGrads::none();
+    bwd::backward(cfg, d, q, k, v, chunk_states, d_o, none, dq, dk, dv);
+    Ok(())
+}
+
+/// The backward of [`rla_fwd_h0`]: `(q, k, v, chunk_states, d_o, d_final) -> (dq, dk, dv,
+/// dh0)`, the gradients of `⟨d_o, o⟩ + ⟨d_final, final_state⟩` (`d_final` `[B,G,2H,H]`,
+/// `None` for zero). `chunk_states` must be the ones [`rla_fwd_h0`] saved (they include h0).
+/// dh0 `[B,G,2H,H]` is `d_final + Σ_t φ(q_t)ᵀ d_o_t` (over the query heads of each kv head):
+/// the reverse scan's dS after the first chunk. Every output element is written.
+#[allow(clippy::too_many_arguments)]
+pub fn rla_bwd_h0(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    chunk_states: &[f32],
+    d_o: &[f32],
+    d_final: Option<&[f32]>,
+    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+    dh0: &mut [f32],
+) -> Result<(), RlaError> {
+    const OP: &str = "rla_bwd_h0";
+    check_inputs(OP, cfg, d, q, k, v)?;
+    let (cs, fs) = (d.chunk_states_shape(cfg), d.final_state_shape());
+    check_len(OP, "chunk_states", chunk_states.len(), &cs, d)?;
+    check_grads(OP, d, d_o, (dq, dk, dv))?;
+    if let Some(x) = d_final {
+        check_len(OP, "d_final", x.len(), &fs, d)?;
+    }
+    check_len(OP, "dh0", dh0.len(), &fs, d)?;
+    let state = bwd::StateGrads {
+        h0: true,
+        d_final,
+        dh0: Some(dh0),
+    };
+    bwd::backward(cfg, d, q, k, v, chunk_states, d_o, state, dq, dk, dv);
     Ok(())
 }
 

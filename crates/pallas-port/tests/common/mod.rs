@@ -224,3 +224,92 @@ pub fn check_blocks(
         assert!(o_ref.iter().any(|&x| x != 0.0), "{tag}: trivial case");
     }
 }
+
+/// The scan from an initial state, in f64 from the formulas: `o_t = φ(q_t)·(h0 + Σ_{s ≤ t−W−1}
+/// φ(k_s)ᵀ v_s)`, the saved and final states plus h0, and the gradients of `⟨d_o, o⟩ +
+/// ⟨d_f, final_state⟩` (dh0 = d_f + Σ_t φ(q_t)ᵀ d_o_t). The h0-free parts are the f64
+/// references of the block; the h0 and d_f terms are written out here.
+pub struct H0Ref {
+    /// o, chunk_states, final_state.
+    pub fwd: [Vec<f64>; 3],
+    /// dq, dk, dv, dh0.
+    pub grads: [Vec<f64>; 4],
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn h0_reference(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    (q, k, v): (&[f64], &[f64], &[f64]),
+    h0: &[f64],
+    d_o: &[f64],
+    d_f: &[f64],
+) -> H0Ref {
+    use pallas_port::reference::{feature, feature_vjp, rla_naive_f64, rla_scan_f64, rla_vjp_f64};
+    let (t_, n_, g_, h) = (d.seq, d.heads, d.kv_heads, d.head_dim);
+    let (r, ss, nc) = (d.group_size(), 2 * h * h, d.n_chunks(cfg));
+    let fm = cfg.feature_map;
+    let mut o = rla_naive_f64(cfg, d, q, k, v).unwrap();
+    let scan = rla_scan_f64(cfg, d, q, k, v).unwrap();
+    let g = rla_vjp_f64(cfg, d, q, k, v, d_o).unwrap();
+    let (mut dq, mut dk, mut dv) = (g.dq, g.dk, g.dv);
+    let mut dh0 = d_f.to_vec();
+    let mut cs = scan.chunk_states;
+    let mut fs = scan.final_state;
+    for b in 0..d.batch {
+        for gi in 0..g_ {
+            let st = (b * g_ + gi) * ss;
+            let (h0g, dfg) = (&h0[st..st + ss], &d_f[st..st + ss]);
+            for i in 0..ss {
+                fs[st + i] += h0g[i];
+                for c in 0..nc {
+                    cs[(b * g_ + gi) * nc * ss + c * ss + i] += h0g[i];
+                }
+            }
+            for t in 0..t_ {
+                for n in gi * r..(gi + 1) * r {
+                    let qi = ((b * t_ + t) * n_ + n) * h;
+                    let fq = feature(&q[qi..qi + h], fm);
+                    let mut dfq = vec![0.0; 2 * h];
+                    for a in 0..2 * h {
+                        for c in 0..h {
+                            o[qi + c] += fq[a] * h0g[a * h + c];
+                            dfq[a] += h0g[a * h + c] * d_o[qi + c];
+                            dh0[st + a * h + c] += fq[a] * d_o[qi + c];
+                        }
+                    }
+                    for (x, y) in
+                        dq[qi..qi + h]
+                            .iter_mut()
+                            .zip(feature_vjp(&q[qi..qi + h], &dfq, fm))
+                    {
+                        *x += y;
+                    }
+                }
+                // Key t is in the final state iff t ≤ T − W − 2.
+                if t + cfg.window + 2 <= t_ {
+                    let ki = ((b * t_ + t) * g_ + gi) * h;
+                    let fk = feature(&k[ki..ki + h], fm);
+                    let mut dfk = vec![0.0; 2 * h];
+                    for a in 0..2 * h {
+                        for c in 0..h {
+                            dfk[a] += dfg[a * h + c] * v[ki + c];
+                            dv[ki + c] += fk[a] * dfg[a * h + c];
+                        }
+                    }
+                    for (x, y) in
+                        dk[ki..ki + h]
+                            .iter_mut()
+                            .zip(feature_vjp(&k[ki..ki + h], &dfk, fm))
+                    {
+                        *x += y;
+                    }
+                }
+            }
+        }
+    }
+    H0Ref {
+        fwd: [o, cs, fs],
+        grads: [dq, dk, dv, dh0],
+    }
+}
