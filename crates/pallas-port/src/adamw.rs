@@ -209,7 +209,9 @@ pub fn norm_share(sharding: &Sharding, device: i64, devices: usize) -> Option<(u
 
 /// AdamW with global-norm clipping over a mesh of `devices` devices, in one manually
 /// partitioned region: every parameter, gradient and moment enters as its device's piece under
-/// `shardings[i]` (the parameter's layout, which its moments share), each device
+/// `shardings[i]` (the moments' layout: the parameter's own, or under ZeRO-1 a finer one, in
+/// which case the partitioner slices the parameter and gradient to it and the caller's result
+/// shardings gather the updated parameter back), each device
 ///
 /// 1. sums the squares of its share of its pieces per tensor (`rattention.adamw_sumsq`, f64;
 ///    a piece held by `r` devices is split among them, [`norm_share`], so each element of each

@@ -115,8 +115,11 @@ pub struct MeshReport {
     pub param_bytes: u64,
     /// Parameter bytes on each device.
     pub param_bytes_per_device: u64,
-    /// Both Adam moments' bytes on each device (sharded like their parameters).
+    /// Both Adam moments' bytes on each device (sharded like their parameters, or finer with
+    /// `mesh.shard_optimizer`).
     pub adam_bytes_per_device: u64,
+    /// `mesh.shard_optimizer` (ZeRO-1).
+    pub shard_optimizer: bool,
     /// `text` of the mesh, e.g. `8 devices = data 1 × fsdp 8 × seq 1 × tensor 1`.
     pub text: String,
 }
@@ -149,6 +152,7 @@ pub fn mesh_report(cfg: &RunConfig, model: &Model, devices: Option<usize>) -> Re
         param_bytes: f32_bytes(model.param_count()),
         param_bytes_per_device: params.iter().map(|p| f32_bytes(p.shard_numel())).sum(),
         adam_bytes_per_device: adam.iter().map(|p| f32_bytes(p.shard_numel())).sum(),
+        shard_optimizer: mesh.shard_optimizer(),
         text: mesh.to_string(),
     })
 }
@@ -467,6 +471,13 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
         .map(|(logical, axes)| format!("{logical} → [{}]", axes.join(", ")))
         .collect();
     let _ = writeln!(o, "  rules: {}", rules.join(", "));
+    if mr.shard_optimizer {
+        let _ = writeln!(
+            o,
+            "  optimizer state: ZeRO-1 (mesh.shard_optimizer): Adam moments cut over the mesh \
+             axes each parameter is replicated over"
+        );
+    }
     let _ = writeln!(
         o,
         "  train state per device (f32): parameters {} of {}, Adam moments {}, total {}",
