@@ -418,13 +418,17 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str, mesh: &Mesh) -> Result<
             // a slice of them with `mesh.shard_optimizer` (gathered back by the results'
             // shardings below).
             let layout = moment_layout(&shardings, params.len());
+            let own: Vec<Sharding> = shardings.state[..params.len()]
+                .iter()
+                .map(|s| s.sharding.clone())
+                .collect();
             let out = pallas_port::adamw::adamw_sharded(
                 &b,
                 &h,
                 (lr, bc1, bc2),
                 (&params, &grads, &adam_m, &adam_v),
                 &decay,
-                &layout,
+                (&own, &layout),
                 mesh.device_count(),
             )?;
             (out.params, out.m, out.v, out.grad_norm, lr)

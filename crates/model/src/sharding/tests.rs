@@ -245,7 +245,10 @@ fn zero_1_appends_the_replicated_axes_to_the_first_dim_that_divides() {
         let spec = m.partition_spec("w", shape, axes).unwrap();
         m.optimizer_spec(shape, &spec).to_string()
     };
-    assert_eq!(cut(&m, &[64, 64], &[Embed, QHeads]), "[(fsdp, seq, data), tensor]");
+    assert_eq!(
+        cut(&m, &[64, 64], &[Embed, QHeads]),
+        "[(fsdp, seq, data), tensor]"
+    );
     assert_eq!(cut(&m, &[4, 16], &[QHeads, HeadDim]), "[tensor, data]");
     assert_eq!(cut(&m, &[6], &[HeadDim]), "[-]");
     // data 2 × fsdp 2 × tensor 2: wq [(fsdp, seq), tensor] gains data as the minor axis of its
@@ -270,8 +273,14 @@ fn zero_1_appends_the_replicated_axes_to_the_first_dim_that_divides() {
     c.shard_optimizer = true;
     c.rules.set(Embed, vec![Fsdp]).unwrap();
     let m = c.resolve(4).unwrap();
-    assert_eq!(cut(&m, &[64, 64], &[Embed, QHeads]), "[(fsdp, seq), tensor]");
+    assert_eq!(
+        cut(&m, &[64, 64], &[Embed, QHeads]),
+        "[(fsdp, seq), tensor]"
+    );
     // Off: the moment's spec is the parameter's.
     let m = mesh(8, 1, 1, 1).resolve(8).unwrap();
-    assert_eq!(cut(&m, &[64, 64], &[Embed, QHeads]), "[(fsdp, seq), tensor]");
+    assert_eq!(
+        cut(&m, &[64, 64], &[Embed, QHeads]),
+        "[(fsdp, seq), tensor]"
+    );
 }

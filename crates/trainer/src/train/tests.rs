@@ -500,7 +500,9 @@ fn a_mesh_that_does_not_fit_the_devices_is_refused_before_anything_runs() {
 }
 
 /// The state layouts, shardings and a client + placement of `cfg`'s mesh.
-pub(super) fn mesh_setup(cfg: &RunConfig) -> (model::Mesh, Model, StepShardings, pjrt::Client, Placement) {
+pub(super) fn mesh_setup(
+    cfg: &RunConfig,
+) -> (model::Mesh, Model, StepShardings, pjrt::Client, Placement) {
     let mesh = train_mesh(cfg, None).unwrap();
     let model = Model::new(cfg.model.clone())
         .unwrap()

@@ -7,10 +7,7 @@ use super::*;
 /// Bytes of the entry parameters `positions` of an optimized (per-device) HLO module's text:
 /// the compiled per-device arguments at those positions.
 fn entry_argument_bytes(hlo: &str, positions: &[std::ops::Range<usize>]) -> usize {
-    let entry = hlo
-        .split("\nENTRY ")
-        .nth(1)
-        .expect("an ENTRY computation");
+    let entry = hlo.split("\nENTRY ").nth(1).expect("an ENTRY computation");
     let body = &entry[..entry.find("\n}").unwrap_or(entry.len())];
     let mut total = 0;
     let mut seen = 0;
@@ -46,11 +43,14 @@ fn entry_argument_bytes(hlo: &str, positions: &[std::ops::Range<usize>]) -> usiz
 /// Data 8 with `mesh.shard_optimizer`: every moment is cut in 8 (replicated parameters get
 /// `data` on their first dim that divides), so the compiled step's per-device moment arguments
 /// are at most 1/6 of the 1-device step's (measured 1/8), the sharded AdamW kernel's update runs
-/// on those eighths (no whole `[64, 64]` matrix among its operands) and the parameters stay whole
-/// on every device.
+/// on those eighths (no whole `[64, 64]` matrix among its operands), the parameters stay whole
+/// on every device, and the updated eighths travel back in one packed all-gather.
 #[test]
 fn zero_1_on_data_8_holds_an_eighth_of_the_moments_per_device() {
-    let cfg = tiny(1, &["mesh.data=8", "train.batch=8", "mesh.shard_optimizer=true"]);
+    let cfg = tiny(
+        1,
+        &["mesh.data=8", "train.batch=8", "mesh.shard_optimizer=true"],
+    );
     let (mesh, model, shardings, client, placement) = mesh_setup(&cfg);
     assert!(mesh.shard_optimizer());
     let n = model.param_specs().len();
@@ -93,17 +93,27 @@ fn zero_1_on_data_8_holds_an_eighth_of_the_moments_per_device() {
         update.contains("f32[8,64]") && !update.contains("f32[64,64]"),
         "{update}"
     );
+    // The updated slices come back in one all-gather (packed, every parameter), beside the one
+    // of the per-device norm partials: not one collective per parameter.
+    let gathers = hlo8.matches(" all-gather(").count();
+    eprintln!("data 8 + shard_optimizer: {gathers} all-gathers in the optimized step");
+    assert_eq!(gathers, 2, "all-gathers");
 }
 
 /// 20 steps of data 8 with `mesh.shard_optimizer` train like 20 without: the loss of every step
 /// within 1e-5 relative, every parameter and moment within 1e-5 in norm (the gradient is
-/// reduced into slices instead of whole, so sums may run in another order). The HLO lowering of
-/// the update (`train.optimizer_lowering = "hlo"`, what TPUs run) with the moments cut over
-/// `seq` too (embed → [fsdp] keeps the parameters whole over seq) trains alike.
+/// reduced into slices instead of whole, so sums may run in another order). With the moments cut
+/// over `seq` too (embed → [fsdp] keeps the parameters whole over seq) the CPU kernel and the HLO
+/// lowering of the update (`train.optimizer_lowering = "hlo"`, what TPUs run) train alike.
 #[test]
 fn zero_1_trains_like_whole_moments() {
-    let cases: [(&str, usize, &[&str]); 2] = [
+    let cases: [(&str, usize, &[&str]); 3] = [
         ("data8", 20, &["mesh.data=8", "train.batch=8"]),
+        (
+            "data2xseq2",
+            3,
+            &["mesh.data=2", "mesh.seq=2", "mesh.rules.embed=[\"fsdp\"]"],
+        ),
         (
             "data2xseq2-hlo",
             3,
@@ -157,7 +167,9 @@ fn a_zero_1_checkpoint_restores_bit_exactly_without_it_on_another_mesh() {
         .enumerate()
         .map(|(ti, t)| {
             (0..t.spec.numel())
-                .map(|i| ((ti * 7_919 + i) as f32 * 0.754_877_7).cos() * 10f32.powi((i % 5) as i32 - 2))
+                .map(|i| {
+                    ((ti * 7_919 + i) as f32 * 0.754_877_7).cos() * 10f32.powi((i % 5) as i32 - 2)
+                })
                 .collect()
         })
         .collect();
@@ -191,12 +203,18 @@ fn a_zero_1_checkpoint_restores_bit_exactly_without_it_on_another_mesh() {
         .map(|p| p.shape.iter().product::<usize>())
         .sum();
     let want_values: usize = tensors.iter().map(|t| t.spec.numel()).sum();
-    assert_eq!(stored_values, want_values, "a piece stored twice or missing");
+    assert_eq!(
+        stored_values, want_values,
+        "a piece stored twice or missing"
+    );
     let pieces = |name: &str| s.tensors[name].pieces.len();
     assert_eq!(pieces("params.layers.0.attn.wq"), 1);
     assert_eq!(pieces("adam_m.layers.0.attn.wq"), 4);
     assert_eq!(pieces("adam_v.layers.0.attn.wq"), 4);
-    assert_eq!(s.mesh_config.as_ref().map(|m| m.shard_optimizer), Some(true));
+    assert_eq!(
+        s.mesh_config.as_ref().map(|m| m.shard_optimizer),
+        Some(true)
+    );
     drop((state, pl_a, client_a));
 
     for mesh_b in [
