@@ -625,7 +625,8 @@ mod tests {
             t8.memory.as_ref().unwrap().argument_bytes,
         );
         eprintln!("train step arguments: {a8} B per device on 8, {a1} B on 1");
-        // fsdp 4 cuts every embed dim in 4 (and the tokens in 4), seq 2 cuts nothing it holds.
+        // fsdp 4 × seq 2 cuts every embed dim in 8 (embed → [fsdp, seq]) and the tokens in 4;
+        // the bound is fsdp's alone (what it held when embed → [fsdp] was the default).
         assert!(4 * a8 <= a1 + 4 * 4096, "{a8} B per device vs {a1} B");
         // fsdp gathers parameters and reduces gradients; seq exchanges the halo and gathers
         // the global layer's keys and values.

@@ -591,12 +591,6 @@ impl Mesh {
         self.shard_optimizer
     }
 
-    /// The same mesh with `mesh.shard_optimizer` set to `on`.
-    pub fn with_shard_optimizer(mut self, on: bool) -> Mesh {
-        self.shard_optimizer = on;
-        self
-    }
-
     /// The ZeRO-1 layout of an optimizer moment of a parameter of `shape` laid out by `spec`:
     /// every mesh axis of size > 1 that `spec` leaves unused (the parameter is replicated over
     /// it), in the order data, fsdp, seq, tensor, is appended as the minor axis of the first
