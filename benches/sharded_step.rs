@@ -14,7 +14,11 @@
 //! attention as HLO blocks (`model.attention_lowering = "hlo"`) instead of the CPU kernel at
 //! runtime positions (what `auto` picks on CPU); `seq8-rlahlo` and `data2xseq4-rlahlo` compose
 //! RLA's prefix state in HLO (`RATTN_RLA_SEQ_STATE=hlo`, the composition before the kernels
-//! took h0). Each step is what `rattn train` runs: state donated and fed back, each device holding only its shard, the token batch split
+//! took h0). `data8-zero`, `seq8-zero` and
+//! `data2xseq4-zero` turn on `mesh.shard_optimizer` (ZeRO-1: moments cut over the axes their
+//! parameters are replicated over, each device updating its slice); `seq8-embedfsdp` and
+//! `data2xseq4-embedfsdp` keep the parameters whole over `seq` (`mesh.rules.embed = ["fsdp"]`,
+//! the default before embed → [fsdp, seq]), `seq8-embedfsdp-zero` with ZeRO-1. Each step is what `rattn train` runs: state donated and fed back, each device holding only its shard, the token batch split
 //! on the host.
 //!
 //! After criterion's runs one table prints wall and CPU ms per step (medians; CPU summed over
@@ -56,7 +60,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 /// Label and `[mesh]` overrides of each run.
-const MESHES: [(&str, &[&str]); 17] = [
+const MESHES: [(&str, &[&str]); 23] = [
     ("1 device", &[]),
     ("data8", &["mesh.data=8"]),
     ("fsdp8", &["mesh.fsdp=8"]),
@@ -95,6 +99,32 @@ const MESHES: [(&str, &[&str]); 17] = [
     (
         "data2xseq4-opthlo",
         &["mesh.data=2", "mesh.seq=4", "train.optimizer_lowering=hlo"],
+    ),
+    // ZeRO-1: the Adam moments cut over the axes their parameters are replicated over, each
+    // device updating its slice (`mesh.shard_optimizer`).
+    ("data8-zero", &["mesh.data=8", "mesh.shard_optimizer=true"]),
+    ("seq8-zero", &["mesh.seq=8", "mesh.shard_optimizer=true"]),
+    (
+        "data2xseq4-zero",
+        &["mesh.data=2", "mesh.seq=4", "mesh.shard_optimizer=true"],
+    ),
+    // The earlier default rule embed → [fsdp]: parameters and moments whole on every seq shard.
+    (
+        "seq8-embedfsdp",
+        &["mesh.seq=8", "mesh.rules.embed=[\"fsdp\"]"],
+    ),
+    (
+        "data2xseq4-embedfsdp",
+        &["mesh.data=2", "mesh.seq=4", "mesh.rules.embed=[\"fsdp\"]"],
+    ),
+    // That rule with ZeRO-1: parameters whole over seq, moments cut over it.
+    (
+        "seq8-embedfsdp-zero",
+        &[
+            "mesh.seq=8",
+            "mesh.rules.embed=[\"fsdp\"]",
+            "mesh.shard_optimizer=true",
+        ],
     ),
 ];
 

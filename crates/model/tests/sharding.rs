@@ -5,7 +5,7 @@ mod common;
 
 use common::{forward_graph, load_model};
 use model::{Mesh, MeshAxis, MeshConfig, MeshError, Model, ParamRole, PartitionSpec};
-use MeshAxis::{Fsdp, Tensor};
+use MeshAxis::{Fsdp, Seq, Tensor};
 
 fn mesh(data: i64, fsdp: i64, tensor: i64, devices: usize) -> Mesh {
     MeshConfig {
@@ -32,16 +32,16 @@ fn tiny_specs_follow_the_default_rules() {
     let m = Model::new(load_model("tiny-3to1")).unwrap();
     let mesh = mesh(1, 2, 2, 4);
     let s = |n: &str| spec_of(&m, &mesh, n).to_string();
-    assert_eq!(s("embed"), "[tensor, fsdp]");
-    assert_eq!(s("layers.0.attn.wq"), "[fsdp, tensor]");
-    assert_eq!(s("layers.0.attn.wk"), "[fsdp, tensor]");
-    assert_eq!(s("layers.0.attn.wo"), "[tensor, fsdp]");
+    assert_eq!(s("embed"), "[tensor, (fsdp, seq)]");
+    assert_eq!(s("layers.0.attn.wq"), "[(fsdp, seq), tensor]");
+    assert_eq!(s("layers.0.attn.wk"), "[(fsdp, seq), tensor]");
+    assert_eq!(s("layers.0.attn.wo"), "[tensor, (fsdp, seq)]");
     assert_eq!(s("layers.0.attn.swa_norm.scale"), "[tensor, -]");
-    assert_eq!(s("layers.0.ffn.w_down"), "[tensor, fsdp]");
-    assert_eq!(s("final_norm.scale"), "[fsdp]");
+    assert_eq!(s("layers.0.ffn.w_down"), "[tensor, (fsdp, seq)]");
+    assert_eq!(s("final_norm.scale"), "[(fsdp, seq)]");
     assert_eq!(
         spec_of(&m, &mesh, "layers.0.attn.wq"),
-        PartitionSpec(vec![vec![Fsdp], vec![Tensor]])
+        PartitionSpec(vec![vec![Fsdp, Seq], vec![Tensor]])
     );
 }
 
@@ -68,11 +68,11 @@ fn three_b_on_fsdp_16_tensor_4() {
             .unwrap()
     };
     let wq = by_name("layers.0.attn.wq");
-    assert_eq!(wq.spec.to_string(), "[fsdp, tensor]");
+    assert_eq!(wq.spec.to_string(), "[(fsdp, seq), tensor]");
     assert_eq!(wq.shard_shape, vec![2048 / 16, 2048 / 4]);
     let wk = by_name("layers.0.attn.wk");
     assert_eq!(wk.shard_shape, vec![128, 512 / 4]);
-    assert_eq!(by_name("lm_head").spec.to_string(), "[fsdp, tensor]");
+    assert_eq!(by_name("lm_head").spec.to_string(), "[(fsdp, seq), tensor]");
     assert_eq!(by_name("lm_head").shard_shape, vec![128, 32768 / 4]);
     assert_eq!(
         by_name("layers.0.attn.q_norm.scale").spec.to_string(),
@@ -109,7 +109,8 @@ fn three_b_errors_name_the_parameter() {
     assert!(matches!(e, MeshError::NotDivisible { .. }), "{e}");
     assert_eq!(
         e.to_string(),
-        "embed: dim 1 (embed) of size 2048 is not divisible by 3 = fsdp 3 (mesh.rules.embed)"
+        "embed: dim 1 (embed) of size 2048 is not divisible by 3 = fsdp 3 × seq 1 \
+         (mesh.rules.embed)"
     );
 }
 

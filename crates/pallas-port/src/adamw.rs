@@ -209,18 +209,24 @@ pub fn norm_share(sharding: &Sharding, device: i64, devices: usize) -> Option<(u
 
 /// AdamW with global-norm clipping over a mesh of `devices` devices, in one manually
 /// partitioned region: every parameter, gradient and moment enters as its device's piece under
-/// `shardings[i]` (the parameter's layout, which its moments share), each device
+/// `shardings[i]` (the moments' layout: the parameter's own, or under ZeRO-1 a finer one, in
+/// which case the partitioner slices the parameter and gradient to it and the caller's result
+/// shardings gather the updated parameter back), each device
 ///
 /// 1. sums the squares of its share of its pieces per tensor (`rattention.adamw_sumsq`, f64;
 ///    a piece held by `r` devices is split among them, [`norm_share`], so each element of each
 ///    tensor is counted exactly once),
 /// 2. all-gathers those partials (`f64[devices, n]`) and adds them all, giving
 ///    `‖g‖ = √(f32(Σ))` as on one device up to the order of the f64 additions,
-/// 3. updates its pieces in place, clipped by that norm (`rattention.adamw_scaled`).
+/// 3. updates its pieces in place, clipped by that norm (`rattention.adamw_scaled`),
+/// 4. where a parameter's own layout `param_shardings[i]` is coarser than `shardings[i]`
+///    (ZeRO-1), gathers the updated slices back into its parameter piece: every such slice
+///    that one dim cuts finer is flattened into one buffer per set of replica groups, and one
+///    `all-gather` moves them all ([`GatherPlan`]), instead of one collective per tensor.
 ///
-/// Returns the full updated tensors (laid out as their inputs) and the replicated norm. The
-/// arithmetic per element is [`adamw_call`]'s. Errors name the parameter whose tensors differ in
-/// shape or whose sharding does not divide it.
+/// Returns the full updated parameters (laid out by `param_shardings`), the moments (laid out by
+/// `shardings`) and the replicated norm. The arithmetic per element is [`adamw_call`]'s. Errors
+/// name the parameter whose tensors differ in shape or whose sharding does not divide it.
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_sharded(
     b: &Builder,
@@ -228,20 +234,27 @@ pub fn adamw_sharded(
     (lr, bc1, bc2): (Op, Op, Op),
     (params, grads, m, v): (&[Op], &[Op], &[Op], &[Op]),
     decay: &[bool],
-    shardings: &[Sharding],
+    (param_shardings, shardings): (&[Sharding], &[Sharding]),
     devices: usize,
 ) -> Result<AdamwOutputs> {
     let full = check_operands(b, "adamw_sharded", params, grads, m, v, decay)?;
     let n = params.len();
-    if shardings.len() != n || devices == 0 {
+    if shardings.len() != n || param_shardings.len() != n || devices == 0 {
         return Err(b.error(
             "adamw_sharded",
             format!(
-                "{n} parameters but {} shardings, over {devices} devices",
+                "{n} parameters but {} parameter and {} moment shardings, over {devices} devices",
+                param_shardings.len(),
                 shardings.len()
             ),
         ));
     }
+    let plans: Vec<Option<GatherPlan>> = (0..n)
+        .map(|i| {
+            let dims: Vec<usize> = full[i].dims().iter().map(|&d| d as usize).collect();
+            GatherPlan::new(&param_shardings[i], &shardings[i], &dims, devices)
+        })
+        .collect();
     let one = |x: Op| b.reshape(x, &[1]);
     let schedule = b.concatenate(&[one(lr)?, one(bc1)?, one(bc2)?], 0)?;
     let schedule = b.full_to_shard(schedule, Sharding::Replicated)?;
@@ -307,14 +320,28 @@ pub fn adamw_sharded(
             &hyper_attrs(h, decay),
             &state_aliases(n, 2),
         )?;
-        let new: Vec<Op> = (0..3 * n)
+        let mut new: Vec<Op> = (0..3 * n)
             .map(|k| b.get_tuple_element(call, k))
             .collect::<Result<_>>()?;
+        let gathered = gather_params(b, &new[..n], &plans)?;
+        for (i, g) in gathered.into_iter().enumerate() {
+            if let Some(g) = g {
+                new[i] = g;
+            }
+        }
         (new, gnorm)
     };
     let back = |k: usize| -> Result<Vec<Op>> {
         (0..n)
-            .map(|i| b.shard_to_full(new[k * n + i], shardings[i].clone(), full[i].dims()))
+            .map(|i| {
+                // A gathered parameter is its own layout's piece now; any other keeps the
+                // moments' (the partitioner reshards it, if it must).
+                let s = match (k, &plans[i]) {
+                    (0, Some(_)) => &param_shardings[i],
+                    _ => &shardings[i],
+                };
+                b.shard_to_full(new[k * n + i], s.clone(), full[i].dims())
+            })
             .collect()
     };
     Ok(AdamwOutputs {
@@ -323,6 +350,148 @@ pub fn adamw_sharded(
         v: back(2)?,
         grad_norm: b.shard_to_full(gnorm_piece, Sharding::Replicated, &[])?,
     })
+}
+
+/// How one parameter's updated slice (under its moments' finer layout) becomes its parameter
+/// piece again: the devices holding one parameter piece form a replica group, ordered by where
+/// their slices lie along the one dim `dim` the moments cut finer (into `copies` slices), so an
+/// `all-gather` along that dim within the groups rebuilds the piece. `None` from [`GatherPlan::new`]
+/// when the layouts are equal (nothing to gather) or differ in more than one dim or not as
+/// contiguous slices (the partitioner's resharding then does it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatherPlan {
+    /// The dim the slices are cut along.
+    pub dim: usize,
+    /// Slices per parameter piece (the group size).
+    pub copies: usize,
+    /// The replica groups (device ids), each in slice order, sorted by their first device.
+    pub groups: Vec<Vec<i64>>,
+    /// The slice's shape (the moments' shard shape).
+    pub slice: Vec<usize>,
+}
+
+impl GatherPlan {
+    /// The plan for a tensor of `dims` whose parameter is laid out by `param` and whose
+    /// moments (and updated slices) by `moment`, over `devices` devices.
+    pub fn new(
+        param: &Sharding,
+        moment: &Sharding,
+        dims: &[usize],
+        devices: usize,
+    ) -> Option<GatherPlan> {
+        if param == moment {
+            return None;
+        }
+        let pp = param.shard_dims(dims).ok()?;
+        let pm = moment.shard_dims(dims).ok()?;
+        let cut: Vec<usize> = (0..dims.len()).filter(|&k| pp[k] != pm[k]).collect();
+        let &[dim] = cut.as_slice() else {
+            return None;
+        };
+        let copies = pp[dim] / pm[dim];
+        let mut groups: std::collections::BTreeMap<Vec<usize>, Vec<(usize, i64)>> =
+            Default::default();
+        for d in 0..devices as i64 {
+            let tp = param.tile_offset(d, dims).ok()??;
+            let tm = moment.tile_offset(d, dims).ok()??;
+            for k in 0..dims.len() {
+                let inside = tm[k] >= tp[k] && tm[k] + pm[k] <= tp[k] + pp[k];
+                if !inside || (k != dim && tm[k] != tp[k]) {
+                    return None;
+                }
+            }
+            groups
+                .entry(tp.clone())
+                .or_default()
+                .push((tm[dim] - tp[dim], d));
+        }
+        let mut out = Vec::new();
+        for (_, mut g) in groups {
+            g.sort();
+            // The devices holding each of the `copies` slices of the piece, as many at each
+            // (the moments may be replicated over an axis that fits no dim): group q takes
+            // the q-th holder of every slice.
+            let holders = g.len() / copies;
+            if holders * copies != g.len() {
+                return None;
+            }
+            for (j, chunk) in g.chunks(holders).enumerate() {
+                if chunk.iter().any(|&(o, _)| o != j * pm[dim]) {
+                    return None;
+                }
+            }
+            for q in 0..holders {
+                out.push(
+                    (0..copies)
+                        .map(|j| g[j * holders + q].1)
+                        .collect::<Vec<i64>>(),
+                );
+            }
+        }
+        out.sort();
+        Some(GatherPlan {
+            dim,
+            copies,
+            groups: out,
+            slice: pm,
+        })
+    }
+}
+
+/// Inside the manual region: the parameter pieces of the updated slices `new` (one per
+/// parameter) whose [`GatherPlan`] is `Some`, all those with the same replica groups moved by
+/// one `all-gather` of their flattened slices, then cut apart and put back in order along their
+/// dim. `None` for the parameters without a plan.
+fn gather_params(b: &Builder, new: &[Op], plans: &[Option<GatherPlan>]) -> Result<Vec<Option<Op>>> {
+    let mut out: Vec<Option<Op>> = vec![None; new.len()];
+    let mut buckets: std::collections::BTreeMap<&Vec<Vec<i64>>, Vec<usize>> = Default::default();
+    for (i, p) in plans.iter().enumerate() {
+        if let Some(p) = p {
+            buckets.entry(&p.groups).or_default().push(i);
+        }
+    }
+    for (groups, members) in buckets {
+        let r = groups[0].len() as i64;
+        let sizes: Vec<i64> = members
+            .iter()
+            .map(|&i| {
+                plans[i]
+                    .as_ref()
+                    .map_or(0, |p| p.slice.iter().product::<usize>() as i64)
+            })
+            .collect();
+        let flat: Vec<Op> = members
+            .iter()
+            .zip(&sizes)
+            .map(|(&i, &len)| b.reshape(new[i], &[len]))
+            .collect::<Result<_>>()?;
+        let packed = if flat.len() == 1 {
+            flat[0]
+        } else {
+            b.concatenate(&flat, 0)?
+        };
+        let total: i64 = sizes.iter().sum();
+        let all = b.all_gather(packed, 0, groups)?;
+        let all = b.reshape(all, &[r, total])?;
+        let mut at = 0;
+        for (&i, &len) in members.iter().zip(&sizes) {
+            let p = plans[i].as_ref().expect("a member has a plan");
+            let part = b.slice(all, &[0, at], &[r, at + len], &[1, 1])?;
+            at += len;
+            // [r, slice…] → [slice[..dim], r, slice[dim..]] → merge r into dim.
+            let slice: Vec<i64> = p.slice.iter().map(|&d| d as i64).collect();
+            let lead: Vec<i64> = [r].into_iter().chain(slice.iter().copied()).collect();
+            let part = b.reshape(part, &lead)?;
+            let rank = slice.len() as i64;
+            let d = p.dim as i64;
+            let perm: Vec<i64> = (1..=d).chain([0]).chain(d + 1..=rank).collect();
+            let part = b.transpose(part, &perm)?;
+            let mut piece = slice.clone();
+            piece[p.dim] *= r;
+            out[i] = Some(b.reshape(part, &piece)?);
+        }
+    }
+    Ok(out)
 }
 
 fn f32_attr(frame: &CallFrame<'_>, name: &str) -> std::result::Result<f32, FfiError> {
@@ -500,6 +669,41 @@ pub fn register_cpu_kernel(client: &pjrt::Client) -> pjrt::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_zero_slice_is_gathered_along_its_one_finer_dim() {
+        // A replicated [8, 4] parameter, moments in 4 row blocks: one group of all 4 devices.
+        let rows = Sharding::tiled(&[4, 1]);
+        let p = GatherPlan::new(&Sharding::Replicated, &rows, &[8, 4], 4).unwrap();
+        assert_eq!((p.dim, p.copies, p.slice.clone()), (0, 4, vec![2, 4]));
+        assert_eq!(p.groups, vec![vec![0, 1, 2, 3]]);
+        // Parameter rows in 2 (devices 0,1 | 2,3 hold the halves), moments in 4: two groups.
+        let halves = Sharding::Tiled {
+            tile_assignment_dims: vec![2, 1, 2],
+            devices: vec![0, 1, 2, 3],
+            last_tile_dim_replicate: true,
+        };
+        let p = GatherPlan::new(&halves, &rows, &[8, 4], 4).unwrap();
+        assert_eq!((p.dim, p.copies), (0, 2));
+        assert_eq!(p.groups, vec![vec![0, 1], vec![2, 3]]);
+        let cols = Sharding::Tiled {
+            tile_assignment_dims: vec![1, 2, 2],
+            devices: vec![3, 2, 1, 0],
+            last_tile_dim_replicate: true,
+        };
+        // Moments cut along columns and replicated in pairs, listed backwards: each group
+        // takes one holder of each column slice, in slice order.
+        let p = GatherPlan::new(&Sharding::Replicated, &cols, &[8, 4], 4).unwrap();
+        assert_eq!((p.dim, p.copies, p.slice.clone()), (1, 2, vec![8, 2]));
+        assert_eq!(p.groups, vec![vec![2, 0], vec![3, 1]]);
+        // Same layout: nothing to gather; finer in two dims: left to the partitioner.
+        assert_eq!(GatherPlan::new(&rows, &rows, &[8, 4], 4), None);
+        let both = Sharding::tiled(&[2, 2]);
+        assert_eq!(
+            GatherPlan::new(&Sharding::Replicated, &both, &[8, 4], 4),
+            None
+        );
+    }
 
     #[test]
     fn each_piece_is_split_among_its_copies() {

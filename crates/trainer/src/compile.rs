@@ -237,8 +237,11 @@ pub struct Report {
     /// Devices the train step runs on (the mesh's).
     pub mesh_devices: usize,
     /// The logical-axis rules that differ from the defaults (`mesh.rules`), e.g.
-    /// `embed → [fsdp, seq] (default [fsdp])`; empty when all are the defaults.
+    /// `embed → [fsdp] (default [fsdp, seq])`; empty when all are the defaults.
     pub mesh_rules: Vec<String>,
+    /// Whether the Adam moments are cut over the axes their parameters are replicated over
+    /// (`mesh.shard_optimizer`, ZeRO-1).
+    pub shard_optimizer: bool,
     /// How the global layers attend when the mesh cuts the sequence (`mesh.seq_global` resolved
     /// for this T and head dim, and why); `None` without a `seq` cut or global layers.
     pub seq_global: Option<String>,
@@ -444,6 +447,7 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
         mesh: mesh.to_string(),
         mesh_devices: mesh.device_count(),
         mesh_rules,
+        shard_optimizer: mesh.shard_optimizer(),
         seq_global,
         programs: Vec::new(),
         notes: Vec::new(),
@@ -775,6 +779,12 @@ fn print_header(r: &Report) {
     if !r.mesh_rules.is_empty() {
         println!("mesh rules: {}", r.mesh_rules.join(", "));
     }
+    if r.shard_optimizer {
+        println!(
+            "optimizer state: ZeRO-1 (mesh.shard_optimizer): Adam moments cut over the mesh axes \
+             each parameter is replicated over"
+        );
+    }
     if let Some(note) = &r.seq_global {
         println!("{note}");
     }
@@ -914,6 +924,7 @@ mod tests {
             mesh: "4 devices = data 1 × fsdp 2 × seq 2 × tensor 1".into(),
             mesh_devices: 4,
             mesh_rules,
+            shard_optimizer: false,
             seq_global,
             programs: Vec::new(),
             notes: Vec::new(),

@@ -115,8 +115,11 @@ pub struct MeshReport {
     pub param_bytes: u64,
     /// Parameter bytes on each device.
     pub param_bytes_per_device: u64,
-    /// Both Adam moments' bytes on each device (sharded like their parameters).
+    /// Both Adam moments' bytes on each device (sharded like their parameters, or finer with
+    /// `mesh.shard_optimizer`).
     pub adam_bytes_per_device: u64,
+    /// `mesh.shard_optimizer` (ZeRO-1).
+    pub shard_optimizer: bool,
     /// `text` of the mesh, e.g. `8 devices = data 1 × fsdp 8 × seq 1 × tensor 1`.
     pub text: String,
 }
@@ -149,6 +152,7 @@ pub fn mesh_report(cfg: &RunConfig, model: &Model, devices: Option<usize>) -> Re
         param_bytes: f32_bytes(model.param_count()),
         param_bytes_per_device: params.iter().map(|p| f32_bytes(p.shard_numel())).sum(),
         adam_bytes_per_device: adam.iter().map(|p| f32_bytes(p.shard_numel())).sum(),
+        shard_optimizer: mesh.shard_optimizer(),
         text: mesh.to_string(),
     })
 }
@@ -467,6 +471,13 @@ fn render(cfg: &RunConfig, s: &Summary) -> String {
         .map(|(logical, axes)| format!("{logical} → [{}]", axes.join(", ")))
         .collect();
     let _ = writeln!(o, "  rules: {}", rules.join(", "));
+    if mr.shard_optimizer {
+        let _ = writeln!(
+            o,
+            "  optimizer state: ZeRO-1 (mesh.shard_optimizer): Adam moments cut over the mesh \
+             axes each parameter is replicated over"
+        );
+    }
     let _ = writeln!(
         o,
         "  train state per device (f32): parameters {} of {}, Adam moments {}, total {}",
@@ -614,7 +625,8 @@ mod tests {
             t8.memory.as_ref().unwrap().argument_bytes,
         );
         eprintln!("train step arguments: {a8} B per device on 8, {a1} B on 1");
-        // fsdp 4 cuts every embed dim in 4 (and the tokens in 4), seq 2 cuts nothing it holds.
+        // fsdp 4 × seq 2 cuts every embed dim in 8 (embed → [fsdp, seq]) and the tokens in 4;
+        // the bound is fsdp's alone (what it held when embed → [fsdp] was the default).
         assert!(4 * a8 <= a1 + 4 * 4096, "{a8} B per device vs {a1} B");
         // fsdp gathers parameters and reduces gradients; seq exchanges the halo and gathers
         // the global layer's keys and values.

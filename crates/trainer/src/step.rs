@@ -69,17 +69,24 @@ pub fn state_tensors(specs: &[ParamSpec]) -> Vec<StateTensor<'_>> {
         .collect()
 }
 
-/// The sharding of every state tensor under `mesh`, in [`state_tensors`] order: both Adam moments
-/// take their parameter's ([`Model::param_shardings`]).
+/// The sharding of every state tensor under `mesh`, in [`state_tensors`] order: the parameters'
+/// ([`Model::param_shardings`]), then both Adam moments' ([`Model::moment_shardings`]: their
+/// parameter's, or with `mesh.shard_optimizer` cut further over the axes the parameter is
+/// replicated over).
 pub fn state_shardings(
     model: &Model,
     mesh: &Mesh,
 ) -> std::result::Result<Vec<ParamSharding>, MeshError> {
     let params = model.param_shardings(mesh)?;
+    let moments = model.moment_shardings(mesh)?;
     Ok(StateGroup::ALL
         .into_iter()
         .flat_map(|group| {
-            params.iter().map(move |p| ParamSharding {
+            let of = match group {
+                StateGroup::Params => &params,
+                StateGroup::AdamM | StateGroup::AdamV => &moments,
+            };
+            of.iter().map(move |p| ParamSharding {
                 name: format!("{}.{}", group.prefix(), p.name),
                 ..p.clone()
             })
@@ -87,8 +94,8 @@ pub fn state_shardings(
         .collect())
 }
 
-/// How the train step's arguments and results lie across the mesh's devices: the state like
-/// the parameters ([`state_shardings`]), the token batch `[B, T+1]` cut by the `batch` rule,
+/// How the train step's arguments and results lie across the mesh's devices: the state
+/// ([`state_shardings`]: the parameters by the rules, the moments like them or ZeRO-1), the token batch `[B, T+1]` cut by the `batch` rule,
 /// `step` and the scalar results replicated. One owner for the graph's annotations and for the
 /// host's uploads and downloads.
 #[derive(Debug, Clone)]
@@ -321,7 +328,10 @@ pub fn remat_keeps(cfg: &RunConfig) -> String {
 /// parameters, both Adam moments and the updated state carry their shardings, the token batch
 /// is cut by the `batch` rule, `step` and the scalar results are replicated, the model constrains
 /// its activations at layer boundaries and runs the RLA blocks in manual regions
-/// ([`Model::with_mesh`]). On one device nothing is annotated.
+/// ([`Model::with_mesh`]). With `mesh.shard_optimizer` (ZeRO-1) the moments are cut finer than
+/// their parameters ([`state_shardings`]): the optimizer runs on the moments' pieces, each device
+/// updating only its slice of each parameter, and the results' shardings gather the new
+/// parameters back to their own layout. On one device nothing is annotated.
 ///
 /// The optimizer's lowering is `cfg.train.optimizer_lowering` resolved for `platform` and the
 /// mesh ([`OptimizerLowering::resolve`]). `kernel` on one device is one in-place custom call
@@ -404,7 +414,11 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str, mesh: &Mesh) -> Result<
                 t.weight_decay,
                 t.clip_norm,
             );
-            let layout: Vec<Sharding> = shardings.state[..params.len()]
+            // The update runs on the moments' pieces: the parameters' own under the default,
+            // a slice of them with `mesh.shard_optimizer` (gathered back by the results'
+            // shardings below).
+            let layout = moment_layout(&shardings, params.len());
+            let own: Vec<Sharding> = shardings.state[..params.len()]
                 .iter()
                 .map(|s| s.sharding.clone())
                 .collect();
@@ -414,7 +428,7 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str, mesh: &Mesh) -> Result<
                 (lr, bc1, bc2),
                 (&params, &grads, &adam_m, &adam_v),
                 &decay,
-                &layout,
+                (&own, &layout),
                 mesh.device_count(),
             )?;
             (out.params, out.m, out.v, out.grad_norm, lr)
@@ -441,6 +455,21 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str, mesh: &Mesh) -> Result<
             (out.params, out.m, out.v, out.grad_norm, lr)
         }
         OptimizerLowering::Hlo | OptimizerLowering::Auto => {
+            let (params, grads) = if sharded && mesh.shard_optimizer() {
+                // ZeRO-1: each device updates the moments' slice of its parameters (the
+                // gradient reduction can end in a reduce-scatter); the new parameters are
+                // gathered back by the results' shardings.
+                let layout = moment_layout(&shardings, params.len());
+                let cut = |xs: &[Op]| -> Result<Vec<Op>> {
+                    xs.iter()
+                        .zip(&layout)
+                        .map(|(&x, s)| b.sharding_constraint(x, s.clone()))
+                        .collect()
+                };
+                (cut(&params)?, cut(&grads)?)
+            } else {
+                (params, grads)
+            };
             adamw_hlo(&b, t, step, &params, &grads, &adam_m, &adam_v, &decay)?
         }
     };
@@ -468,6 +497,15 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str, mesh: &Mesh) -> Result<
         comp = comp.with_input_output_alias(res, arg)?;
     }
     Ok(comp)
+}
+
+/// The first moments' shardings (both moments share them), one per parameter: the layout the
+/// optimizer updates in.
+fn moment_layout(shardings: &StepShardings, n: usize) -> Vec<Sharding> {
+    shardings.state[n..2 * n]
+        .iter()
+        .map(|s| s.sharding.clone())
+        .collect()
 }
 
 /// The learning rate and both bias corrections (`1 − β^t`, t = step + 1) of the step.

@@ -711,3 +711,5 @@ mod optimizer_tests;
 mod scan_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod zero_tests;

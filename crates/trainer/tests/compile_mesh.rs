@@ -126,7 +126,8 @@ struct Case {
     extra: &'static [&'static str],
     /// The start of the report's `seq_global` (`None`: no seq cut).
     scheme: Option<&'static str>,
-    /// Parts the embed dim of the parameters is cut into.
+    /// Parts the state (parameters and moments, 12 bytes per parameter) is cut into at least:
+    /// the per-chip arguments are at least 12 · parameters / cut.
     cut: f64,
     /// Bound on the per-chip arguments, as a fraction of one chip's.
     bound: f64,
@@ -134,10 +135,12 @@ struct Case {
 
 /// Tensor and seq meshes on a v5p slice: the tiny 3:1 step (T = 64) compiles with
 /// fsdp 2 × tensor 2, fsdp 2 × seq 2 (shards of 32 tokens: zigzag global layers, chunks of 16 =
-/// head dim) and seq 4 with MaxText's `embed → [seq]` (chunks of 8 < head dim: dense), and each
+/// head dim) and seq 4 with `embed → [seq]` (chunks of 8 < head dim: dense), and each
 /// chip's arguments (parameters and both Adam moments, 12 bytes per parameter on one chip) and
-/// FLOPs are a fraction of the 1-chip step's. The default rules do not cut parameters over
-/// `seq` (embed → [fsdp]), so fsdp 2 × seq 2 holds half the state per chip, not a quarter.
+/// FLOPs are a fraction of the 1-chip step's. The default rules cut parameters over fsdp and
+/// `seq` (embed → [fsdp, seq]), so fsdp 2 × seq 2 holds a quarter of the state per chip; with
+/// the earlier default `embed → [fsdp]` half, and with `mesh.shard_optimizer` (ZeRO-1) on top of
+/// that the moments are cut over `seq` as well (4 / 2 + 8 / 4 bytes per parameter: 4 of 12).
 #[test]
 fn tensor_and_seq_meshes_compile_for_a_v5p_slice() {
     if !have_tpu("tensor_and_seq_meshes_compile_for_a_v5p_slice") {
@@ -158,8 +161,28 @@ fn tensor_and_seq_meshes_compile_for_a_v5p_slice() {
             mesh: "fsdp=2,seq=2",
             extra: &[],
             scheme: Some("global layers: zigzag"),
+            cut: 4.0,
+            bound: 0.35,
+        },
+        Case {
+            mesh: "fsdp=2,seq=2",
+            extra: &["--set", "mesh.rules.embed=[\"fsdp\"]"],
+            scheme: Some("global layers: zigzag"),
             cut: 2.0,
             bound: 0.6,
+        },
+        Case {
+            mesh: "fsdp=2,seq=2",
+            extra: &[
+                "--set",
+                "mesh.rules.embed=[\"fsdp\"]",
+                "--set",
+                "mesh.shard_optimizer=true",
+            ],
+            scheme: Some("global layers: zigzag"),
+            // Parameters in 2, moments in 4: 4/2 + 8/4 = 4 of 12 bytes per parameter.
+            cut: 3.0,
+            bound: 0.45,
         },
         Case {
             mesh: "seq=4",
@@ -190,8 +213,13 @@ fn tensor_and_seq_meshes_compile_for_a_v5p_slice() {
         }
         assert_eq!(
             r["mesh_rules"].as_array().unwrap().len(),
-            extra.len() / 2,
+            extra.iter().filter(|e| e.starts_with("mesh.rules")).count(),
             "{r}"
+        );
+        assert_eq!(
+            r["shard_optimizer"],
+            extra.contains(&"mesh.shard_optimizer=true"),
+            "{mesh}"
         );
         let (args4, flops4) = train_step(&r);
         assert!(

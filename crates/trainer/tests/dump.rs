@@ -141,7 +141,7 @@ fn dump_of_the_tiny_config_writes_parsable_modules_and_a_checked_summary() {
     assert!(
         stdout.contains(
             "  rules: activation_embed → [tensor], batch → [data, fsdp], cache_length → [], \
-             embed → [fsdp], feature → [], head_dim → [], kv_heads → [tensor], \
+             embed → [fsdp, seq], feature → [], head_dim → [], kv_heads → [tensor], \
              layers → [], length → [seq], mlp → [tensor], q_heads → [tensor], vocab → [tensor]\n"
         ),
         "{stdout}"

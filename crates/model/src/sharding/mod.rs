@@ -12,7 +12,8 @@
 //! let mesh = cfg.resolve(8)?; // fsdp takes the rest: 4
 //! assert_eq!(mesh.size(MeshAxis::Fsdp), 4);
 //! let spec = mesh.partition_spec("wq", &[64, 64], &[Embed, QHeads])?;
-//! assert_eq!(spec.to_string(), "[fsdp, tensor]");
+//! // embed → [fsdp, seq] (seq has size 1 here), q_heads → [tensor]
+//! assert_eq!(spec.to_string(), "[(fsdp, seq), tensor]");
 //! assert_eq!(mesh.shard_shape(&[64, 64], &spec), vec![16, 32]);
 //! # Ok::<(), model::sharding::MeshError>(())
 //! ```
@@ -231,10 +232,16 @@ pub enum MeshError {
 pub struct AxisRules(BTreeMap<LogicalAxis, Vec<MeshAxis>>);
 
 impl Default for AxisRules {
-    /// batch → [data, fsdp], length → [seq], vocab → [tensor], embed → [fsdp],
+    /// batch → [data, fsdp], length → [seq], vocab → [tensor], embed → [fsdp, seq],
     /// q_heads / kv_heads / mlp → [tensor], head_dim / cache_length / feature / layers → [],
     /// activation_embed → [tensor] (MaxText's: between layers the residual stream's width is
     /// cut over `tensor`).
+    ///
+    /// `embed → [fsdp, seq]` is MaxText's FSDP over the context axis: on a mesh with `seq` > 1
+    /// the parameters and both Adam moments are cut over `seq` as well (gathered for the matmuls
+    /// like fsdp's), instead of replicated on every sequence shard. A dim not divisible by
+    /// fsdp · seq is an error naming the parameter ([`MeshError::NotDivisible`]); set
+    /// `mesh.rules.embed = ["fsdp"]` to keep the parameters whole over `seq`.
     fn default() -> Self {
         use LogicalAxis as L;
         use MeshAxis::{Data, Fsdp, Seq, Tensor};
@@ -243,7 +250,7 @@ impl Default for AxisRules {
                 L::Batch => vec![Data, Fsdp],
                 L::Length => vec![Seq],
                 L::Vocab | L::QHeads | L::KvHeads | L::Mlp | L::ActivationEmbed => vec![Tensor],
-                L::Embed => vec![Fsdp],
+                L::Embed => vec![Fsdp, Seq],
                 L::HeadDim | L::CacheLength | L::Feature | L::Layers => vec![],
             };
             (a, m)
@@ -405,6 +412,11 @@ pub struct MeshConfig {
     pub seq: i64,
     /// Global layers under sequence parallelism: `"auto"` (default), `"zigzag"` or `"dense"`.
     pub seq_global: SeqGlobal,
+    /// ZeRO-1 (MaxText's `shard_optimizer_over_data`): both Adam moments are cut, beyond their
+    /// parameter's layout, over every mesh axis the parameter is replicated over (`data` first),
+    /// and each device updates only its slice of the parameters ([`Mesh::optimizer_spec`]).
+    /// Default false: the moments share their parameter's layout.
+    pub shard_optimizer: bool,
     /// Logical-axis rules.
     pub rules: AxisRules,
 }
@@ -417,6 +429,7 @@ impl Default for MeshConfig {
             tensor: 1,
             seq: 1,
             seq_global: SeqGlobal::default(),
+            shard_optimizer: false,
             rules: AxisRules::default(),
         }
     }
@@ -504,6 +517,7 @@ impl MeshConfig {
             sizes,
             rules: self.rules.clone(),
             seq_global: self.seq_global,
+            shard_optimizer: self.shard_optimizer,
         })
     }
 }
@@ -537,6 +551,7 @@ pub struct Mesh {
     sizes: [usize; 4],
     rules: AxisRules,
     seq_global: SeqGlobal,
+    shard_optimizer: bool,
 }
 
 impl Mesh {
@@ -546,6 +561,7 @@ impl Mesh {
             sizes: [1; 4],
             rules: AxisRules::default(),
             seq_global: SeqGlobal::default(),
+            shard_optimizer: false,
         }
     }
 
@@ -567,6 +583,41 @@ impl Mesh {
     /// How global layers run when the sequence is cut (`mesh.seq_global`).
     pub fn seq_global(&self) -> SeqGlobal {
         self.seq_global
+    }
+
+    /// Whether the Adam moments are cut over the axes their parameter is replicated over
+    /// (`mesh.shard_optimizer`, ZeRO-1).
+    pub fn shard_optimizer(&self) -> bool {
+        self.shard_optimizer
+    }
+
+    /// The ZeRO-1 layout of an optimizer moment of a parameter of `shape` laid out by `spec`:
+    /// every mesh axis of size > 1 that `spec` leaves unused (the parameter is replicated over
+    /// it), in the order data, fsdp, seq, tensor, is appended as the minor axis of the first
+    /// dim whose shard still divides by the axis's size. Appending it minor keeps each device's
+    /// moment piece inside its parameter piece, so taking the parameter's slice is local and
+    /// only the updated slices are gathered back. An axis that fits no dim leaves the moment
+    /// replicated over it (MaxText's `shard_optimizer_over_data` does the same). Without
+    /// `mesh.shard_optimizer` nothing is appended: `spec` is returned as it is.
+    pub fn optimizer_spec(&self, shape: &[usize], spec: &PartitionSpec) -> PartitionSpec {
+        let mut out = spec.clone();
+        if !self.shard_optimizer {
+            return out;
+        }
+        for axis in MeshAxis::ALL {
+            let size = self.size(axis);
+            if size == 1 || out.0.iter().flatten().any(|&a| a == axis) {
+                continue;
+            }
+            let fits = shape
+                .iter()
+                .zip(&out.0)
+                .position(|(&d, axes)| (d / self.shards(axes)).is_multiple_of(size));
+            if let Some(dim) = fits {
+                out.0[dim].push(axis);
+            }
+        }
+        out
     }
 
     fn axes_text(&self, axes: &[MeshAxis]) -> String {
@@ -718,7 +769,8 @@ pub struct ParamSharding {
     pub name: String,
     /// Per dim, the mesh axes that shard it.
     pub spec: PartitionSpec,
-    /// The GSPMD annotation of the parameter (and of both its Adam moments).
+    /// The GSPMD annotation of the parameter (of both its Adam moments in
+    /// [`Model::moment_shardings`]).
     pub sharding: Sharding,
     /// One device's shard.
     pub shard_shape: Vec<usize>,
@@ -764,6 +816,29 @@ impl Model {
                 })
             })
             .collect()
+    }
+}
+
+impl Model {
+    /// The sharding of both Adam moments of every parameter under `mesh`, in
+    /// [`Model::param_specs`] order: the parameter's ([`Model::param_shardings`]), or with
+    /// `mesh.shard_optimizer` its ZeRO-1 layout ([`Mesh::optimizer_spec`]), named like the
+    /// parameter.
+    pub fn moment_shardings(&self, mesh: &Mesh) -> Result<Vec<ParamSharding>, MeshError> {
+        let params = self.param_shardings(mesh)?;
+        Ok(params
+            .into_iter()
+            .zip(self.param_specs())
+            .map(|(p, s)| {
+                let spec = mesh.optimizer_spec(&s.shape, &p.spec);
+                ParamSharding {
+                    name: p.name,
+                    sharding: mesh.sharding(&spec),
+                    shard_shape: mesh.shard_shape(&s.shape, &spec),
+                    spec,
+                }
+            })
+            .collect())
     }
 }
 

@@ -19,14 +19,14 @@ fn defaults_are_one_device_and_maxtext_rules() {
     assert_eq!(m, Mesh::single());
     let r = AxisRules::default();
     assert_eq!(r.get(Batch), [Data, Fsdp]);
-    assert_eq!(r.get(Embed), [Fsdp]);
+    assert_eq!(r.get(Embed), [Fsdp, Seq]);
     assert_eq!(r.get(QHeads), [Tensor]);
     assert_eq!(r.get(Mlp), [Tensor]);
     assert_eq!(r.get(LogicalAxis::Length), [Seq]);
     assert_eq!(r.get(HeadDim), []);
     assert_eq!(
         r.to_string(),
-        "batch → [data, fsdp], length → [seq], vocab → [tensor], embed → [fsdp], \
+        "batch → [data, fsdp], length → [seq], vocab → [tensor], embed → [fsdp, seq], \
          q_heads → [tensor], kv_heads → [tensor], head_dim → [], mlp → [tensor], \
          cache_length → [], feature → [], activation_embed → [tensor], layers → []"
     );
@@ -135,7 +135,8 @@ fn two_d_tiled_sharding_with_replication_worked_by_hand() {
     // data 2 × fsdp 2 × seq 1 × tensor 2: device id = 4·d + 2·f + t.
     let m = mesh(2, 2, 1, 2).resolve(8).unwrap();
     let spec = m.partition_spec("wq", &[64, 64], &[Embed, QHeads]).unwrap();
-    assert_eq!(spec, PartitionSpec(vec![vec![Fsdp], vec![Tensor]]));
+    // embed → [fsdp, seq]; seq has size 1 here, so it cuts nothing.
+    assert_eq!(spec, PartitionSpec(vec![vec![Fsdp, Seq], vec![Tensor]]));
     // Tiles [f, t], replicated over d (seq has size 1): the assignment runs over (f, t, d, s)
     // row-major, device 4·d + 2·f + t:
     // (0,0,0)=0 (0,0,1)=4 (0,1,0)=1 (0,1,1)=5 (1,0,0)=2 (1,0,1)=6 (1,1,0)=3 (1,1,1)=7.
@@ -201,4 +202,85 @@ fn rules_deserialize_over_the_defaults() {
     );
     let e = toml::from_str::<MeshConfig>("pipeline = 2\n").unwrap_err();
     assert!(e.to_string().contains("pipeline"), "{e}");
+}
+
+#[test]
+fn embed_shards_over_fsdp_and_seq_and_a_dim_that_does_not_divide_is_named() {
+    // fsdp 2 × seq 2: embed dims in 4, each device a quarter.
+    let m = mesh(1, 2, 2, 1).resolve(4).unwrap();
+    let spec = m.partition_spec("wq", &[64, 64], &[Embed, QHeads]).unwrap();
+    assert_eq!(spec.to_string(), "[(fsdp, seq), tensor]");
+    assert_eq!(m.shard_shape(&[64, 64], &spec), vec![16, 64]);
+    // Tiles over (fsdp, seq) row-major = device 2·f + s: devices in order, nothing replicated.
+    let p = m.sharding(&spec).to_proto();
+    assert_eq!(p.tile_assignment_dimensions, vec![4, 1]);
+    assert_eq!(p.tile_assignment_devices, vec![0, 1, 2, 3]);
+    assert!(!p.replicate_on_last_tile_dim);
+    // 36 splits in 4 and in 2 but not in 4 × 2.
+    let m = mesh(1, 4, 2, 1).resolve(8).unwrap();
+    let e = m
+        .partition_spec("final_norm.scale", &[36], &[Embed])
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "final_norm.scale: dim 0 (embed) of size 36 is not divisible by 8 = fsdp 4 × seq 2 \
+         (mesh.rules.embed)"
+    );
+}
+
+#[test]
+fn zero_1_appends_the_replicated_axes_to_the_first_dim_that_divides() {
+    let on = |data, fsdp, seq, tensor| {
+        let mut c = mesh(data, fsdp, seq, tensor);
+        c.shard_optimizer = true;
+        let n = (data * fsdp * seq * tensor) as usize;
+        c.resolve(n).unwrap()
+    };
+    // data 8: a replicated [64, 64] moment is cut in 8 rows; a [4, 16] one (4 rows) in its
+    // columns; a [6] one nowhere (stays replicated, MaxText's fallback).
+    let m = on(8, 1, 1, 1);
+    assert!(m.shard_optimizer());
+    let cut = |m: &Mesh, shape: &[usize], axes: &[LogicalAxis]| {
+        let spec = m.partition_spec("w", shape, axes).unwrap();
+        m.optimizer_spec(shape, &spec).to_string()
+    };
+    assert_eq!(
+        cut(&m, &[64, 64], &[Embed, QHeads]),
+        "[(fsdp, seq, data), tensor]"
+    );
+    assert_eq!(cut(&m, &[4, 16], &[QHeads, HeadDim]), "[tensor, data]");
+    assert_eq!(cut(&m, &[6], &[HeadDim]), "[-]");
+    // data 2 × fsdp 2 × tensor 2: wq [(fsdp, seq), tensor] gains data as the minor axis of its
+    // rows; the piece is a slice of the parameter's piece on the same device.
+    let m = on(2, 2, 1, 2);
+    let shape = [64, 64];
+    let spec = m.partition_spec("wq", &shape, &[Embed, QHeads]).unwrap();
+    let zero = m.optimizer_spec(&shape, &spec);
+    assert_eq!(zero.to_string(), "[(fsdp, seq, data), tensor]");
+    assert_eq!(m.shard_shape(&shape, &zero), vec![16, 32]);
+    let (param, moment) = (m.sharding(&spec), m.sharding(&zero));
+    for d in 0..8 {
+        let p = param.tile_offset(d, &shape).unwrap().unwrap();
+        let q = moment.tile_offset(d, &shape).unwrap().unwrap();
+        assert!(
+            q[0] >= p[0] && q[0] + 16 <= p[0] + 32 && q[1] == p[1],
+            "device {d}: moment at {q:?} outside the parameter piece at {p:?}"
+        );
+    }
+    // seq kept out of embed (embed → [fsdp]): the moment is cut over seq too.
+    let mut c = mesh(1, 2, 2, 1);
+    c.shard_optimizer = true;
+    c.rules.set(Embed, vec![Fsdp]).unwrap();
+    let m = c.resolve(4).unwrap();
+    assert_eq!(
+        cut(&m, &[64, 64], &[Embed, QHeads]),
+        "[(fsdp, seq), tensor]"
+    );
+    // Off: the moment's spec is the parameter's.
+    let m = mesh(8, 1, 1, 1).resolve(8).unwrap();
+    assert_eq!(
+        cut(&m, &[64, 64], &[Embed, QHeads]),
+        "[(fsdp, seq), tensor]"
+    );
 }

@@ -188,7 +188,7 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// The `[mesh]` table of `mesh` (its sizes, rules and `seq_global`).
+/// The `[mesh]` table of `mesh` (its sizes, rules, `seq_global` and `shard_optimizer`).
 pub fn mesh_config(mesh: &model::Mesh) -> MeshConfig {
     MeshConfig {
         data: mesh.size(MeshAxis::Data) as i64,
@@ -196,6 +196,7 @@ pub fn mesh_config(mesh: &model::Mesh) -> MeshConfig {
         tensor: mesh.size(MeshAxis::Tensor) as i64,
         seq: mesh.size(MeshAxis::Seq) as i64,
         seq_global: mesh.seq_global(),
+        shard_optimizer: mesh.shard_optimizer(),
         rules: mesh.rules().clone(),
     }
 }

@@ -4,7 +4,7 @@ use super::*;
 
 /// The tiny model at T = 64, batch 4, a few steps: fast, and RLA, SWA and the global layer all
 /// run (the RLA blocks in their manual regions when sharded).
-fn tiny(steps: usize, mesh: &[&str]) -> RunConfig {
+pub(super) fn tiny(steps: usize, mesh: &[&str]) -> RunConfig {
     tiny_layers(2, steps, mesh)
 }
 
@@ -41,7 +41,7 @@ pub(super) fn tmp(name: &str) -> PathBuf {
 }
 
 /// Losses and the final parameters of a run on `mesh`.
-fn run(name: &str, steps: usize, mesh: &[&str]) -> (Vec<f32>, Vec<NamedTensor>) {
+pub(super) fn run(name: &str, steps: usize, mesh: &[&str]) -> (Vec<f32>, Vec<NamedTensor>) {
     let cfg = tiny(steps, mesh);
     let dir = tmp(name);
     let report = train(&cfg, None, &dir, false, true, None).unwrap();
@@ -146,7 +146,7 @@ fn sharded_equals_one_device_for(mesh: &[&str], steps: usize) -> f64 {
 }
 
 /// ‖a − b‖₂ / ‖b‖₂.
-fn norm_rel(a: &[f32], b: &[f32]) -> f64 {
+pub(super) fn norm_rel(a: &[f32], b: &[f32]) -> f64 {
     let (mut d, mut n) = (0.0f64, 0.0f64);
     for (&x, &y) in a.iter().zip(b) {
         d += (x as f64 - y as f64).powi(2);
@@ -500,7 +500,9 @@ fn a_mesh_that_does_not_fit_the_devices_is_refused_before_anything_runs() {
 }
 
 /// The state layouts, shardings and a client + placement of `cfg`'s mesh.
-fn mesh_setup(cfg: &RunConfig) -> (model::Mesh, Model, StepShardings, pjrt::Client, Placement) {
+pub(super) fn mesh_setup(
+    cfg: &RunConfig,
+) -> (model::Mesh, Model, StepShardings, pjrt::Client, Placement) {
     let mesh = train_mesh(cfg, None).unwrap();
     let model = Model::new(cfg.model.clone())
         .unwrap()
