@@ -358,6 +358,7 @@ impl Model {
             sub_chunk: c.rla.sub_chunk,
             chunk: c.rla.chunk,
             feature_map: c.rla.feature_map,
+            seq_state: c.rla.seq_state,
         }
     }
 
