@@ -186,7 +186,7 @@ fn rla_over_4_sequence_shards_and_the_hlo_composition() {
     assert!(!hlo.contains("rla_fwd_h0") && hlo.contains("rattention.rla_fwd"));
     // Asked for explicitly, the kernels from h0 are what `Auto` builds with the custom call.
     let hlo = check_with(
-        &Sharding::tiled(&[1, 4, 1, 1]),
+        &Sharding::tiled(&[2, 4, 1, 1]),
         2,
         Lowering::CustomCall,
         SeqState::Kernel,
