@@ -221,7 +221,10 @@ fn rla_seq_state_defaults_to_auto_is_written_only_when_set_and_bad_values_list_t
         let cfg = with(s).unwrap();
         assert_eq!(cfg.rla.seq_state, want);
         // Model::rla_config passes it on to the blocks.
-        assert_eq!(Model::new(cfg.clone()).unwrap().rla_config().seq_state, want);
+        assert_eq!(
+            Model::new(cfg.clone()).unwrap().rla_config().seq_state,
+            want
+        );
         let text = toml::to_string(&cfg).unwrap();
         assert_eq!(
             text.lines().any(|l| l == format!("seq_state = \"{s}\"")),

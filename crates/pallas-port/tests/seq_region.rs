@@ -191,7 +191,10 @@ fn rla_over_4_sequence_shards_and_the_hlo_composition() {
         Lowering::CustomCall,
         SeqState::Kernel,
     );
-    assert!(hlo.contains("rattention.rla_fwd_h0"), "no rla_fwd_h0 in:\n{hlo}");
+    assert!(
+        hlo.contains("rattention.rla_fwd_h0"),
+        "no rla_fwd_h0 in:\n{hlo}"
+    );
 }
 
 #[test]
@@ -230,7 +233,10 @@ fn kernel_seq_state_needs_the_custom_call_lowering() {
     );
     assert_eq!("hlo".parse::<SeqState>().unwrap(), SeqState::Hlo);
     let bad = "kernels".parse::<SeqState>().unwrap_err().to_string();
-    assert!(bad.contains("kernels") && bad.contains("auto, kernel or hlo"), "{bad}");
+    assert!(
+        bad.contains("kernels") && bad.contains("auto, kernel or hlo"),
+        "{bad}"
+    );
 }
 
 /// `rla_with_state_h0` as a graph (custom calls through the FFI, on one device): o and
