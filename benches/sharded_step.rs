@@ -13,7 +13,7 @@
 //! load-balanced, for comparison; `seq8-hlo` and `data2xseq4-hlo` run the sequence region's
 //! attention as HLO blocks (`model.attention_lowering = "hlo"`) instead of the CPU kernel at
 //! runtime positions (what `auto` picks on CPU); `seq8-rlahlo` and `data2xseq4-rlahlo` compose
-//! RLA's prefix state in HLO (`RATTN_RLA_SEQ_STATE=hlo`, the composition before the kernels
+//! RLA's prefix state in HLO (`model.rla.seq_state = "hlo"`, the composition before the kernels
 //! took h0). `data8-zero`, `seq8-zero` and
 //! `data2xseq4-zero` turn on `mesh.shard_optimizer` (ZeRO-1: moments cut over the axes their
 //! parameters are replicated over, each device updating its slice); `seq8-embedfsdp` and
@@ -79,10 +79,13 @@ const MESHES: [(&str, &[&str]); 23] = [
         "data2xseq4-hlo",
         &["mesh.data=2", "mesh.seq=4", "model.attention_lowering=hlo"],
     ),
-    // RLA's sequence composition in HLO (φ(q)·h0, the shard state, their VJPs as graph ops:
-    // `RATTN_RLA_SEQ_STATE=hlo` while the step is built) instead of the kernels from h0.
-    ("seq8-rlahlo", &["mesh.seq=8"]),
-    ("data2xseq4-rlahlo", &["mesh.data=2", "mesh.seq=4"]),
+    // RLA's sequence composition in HLO (φ(q)·h0, the shard state, their VJPs as graph ops)
+    // instead of the kernels from h0.
+    ("seq8-rlahlo", &["mesh.seq=8", "model.rla.seq_state=hlo"]),
+    (
+        "data2xseq4-rlahlo",
+        &["mesh.data=2", "mesh.seq=4", "model.rla.seq_state=hlo"],
+    ),
     // The optimizer as element-wise HLO instead of the sharded AdamW kernel (the CPU default).
     (
         "data8-opthlo",
@@ -258,14 +261,7 @@ fn main() {
         if label != "1 device" && pick.as_ref().is_some_and(|p| !p.iter().any(|x| x == label)) {
             continue;
         }
-        let rla_hlo = label.ends_with("-rlahlo");
-        if rla_hlo {
-            std::env::set_var(pallas_port::graph::SEQ_STATE_VAR, "hlo");
-        }
         let s = setup(&client, mesh);
-        if rla_hlo {
-            std::env::remove_var(pallas_port::graph::SEQ_STATE_VAR);
-        }
         group.bench_function(BenchmarkId::from_parameter(label), |b| {
             b.iter_custom(|iters| timings.time(label, iters, || s.step(&client)))
         });

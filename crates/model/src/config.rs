@@ -47,6 +47,12 @@ pub enum LayerKind {
 /// on: custom call on CPU, mosaic on TPU, hlo elsewhere).
 pub use pallas_port::{FeatureMap, Lowering};
 
+/// How a sequence shard of RLA composes its prefix state (the state of the shards before it):
+/// `rla.seq_state` is `"auto"` (the default: the CPU kernels from h0 with the custom-call
+/// lowering, graph ops otherwise), `"kernel"` (the kernels; an error with another lowering) or
+/// `"hlo"` (graph ops) ([`SeqState`]). Only sequence-parallel meshes read it.
+pub use pallas_port::SeqState;
+
 /// How causal softmax attention (global layers and SWA) is lowered: `"auto"` (the default: our
 /// CPU kernels as custom calls on the CPU platform, blocked HLO elsewhere), `"hlo"` or
 /// `"kernel"` ([`AttentionLowering`], resolved for the platform a graph runs on).
@@ -70,6 +76,12 @@ pub struct RlaOptions {
     pub sub_chunk: usize,
     /// Lowering choice.
     pub lowering: Lowering,
+    /// How a sequence shard composes its prefix state ([`SeqState`]: `"auto"`, `"kernel"`,
+    /// `"hlo"`); results are equal (fp32 rounding aside), the choice is for A/B measurements.
+    /// Read only with the sequence cut over devices. Written out only when not `"auto"`, so the
+    /// `[model]` text stored in checkpoints of default models is unchanged.
+    #[serde(skip_serializing_if = "SeqState::is_auto")]
+    pub seq_state: SeqState,
     /// GroupRMSNorm of the RLA branch before the mix (DESIGN §2; default on). Off is the
     /// ablation of the paper's norm: ctx = GroupRMSNorm_swa(o_swa) + o_rla, and the layer has no
     /// `rla_norm.scale` parameter. Written out only when off, so the `[model]` text stored in
@@ -93,6 +105,7 @@ impl Default for RlaOptions {
             chunk: 512,
             sub_chunk: 64,
             lowering: Lowering::Auto,
+            seq_state: SeqState::Auto,
             norm: true,
         }
     }

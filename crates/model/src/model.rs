@@ -350,7 +350,8 @@ impl Model {
         self.params.iter().map(ParamSpec::numel).sum()
     }
 
-    /// The RLA block configuration of the local layers.
+    /// The RLA block configuration of the local layers (`window` and the `rla.*` options, the
+    /// sequence shards' `rla.seq_state` included).
     pub fn rla_config(&self) -> pallas_port::RlaConfig {
         let c = &self.cfg;
         pallas_port::RlaConfig {
@@ -358,6 +359,7 @@ impl Model {
             sub_chunk: c.rla.sub_chunk,
             chunk: c.rla.chunk,
             feature_map: c.rla.feature_map,
+            seq_state: c.rla.seq_state,
         }
     }
 

@@ -192,3 +192,50 @@ fn global_rope_defaults_off_is_written_only_when_on_and_bad_values_are_refused()
         .to_string();
     assert!(e.contains("expected a boolean"), "{e}");
 }
+
+#[test]
+fn rla_seq_state_defaults_to_auto_is_written_only_when_set_and_bad_values_list_the_choices() {
+    use model::config::SeqState;
+    let auto = load("tiny");
+    assert_eq!(auto.rla.seq_state, SeqState::Auto);
+    assert_eq!(
+        Model::new(auto.clone()).unwrap().rla_config().seq_state,
+        SeqState::Auto
+    );
+    // Auto writes no key: the [model] text in checkpoints of default models is unchanged.
+    let text = toml::to_string(&auto).unwrap();
+    assert!(!text.contains("seq_state"), "{text}");
+    let with = |v: &str| {
+        let mut t: toml::Table = toml::from_str(&toml::to_string(&auto).unwrap()).unwrap();
+        t.get_mut("rla")
+            .and_then(|r| r.as_table_mut())
+            .unwrap()
+            .insert("seq_state".into(), toml::Value::String(v.into()));
+        toml::Value::Table(t).try_into::<ModelConfig>()
+    };
+    for (s, want) in [
+        ("auto", SeqState::Auto),
+        ("kernel", SeqState::Kernel),
+        ("hlo", SeqState::Hlo),
+    ] {
+        let cfg = with(s).unwrap();
+        assert_eq!(cfg.rla.seq_state, want);
+        // Model::rla_config passes it on to the blocks.
+        assert_eq!(
+            Model::new(cfg.clone()).unwrap().rla_config().seq_state,
+            want
+        );
+        let text = toml::to_string(&cfg).unwrap();
+        assert_eq!(
+            text.lines().any(|l| l == format!("seq_state = \"{s}\"")),
+            s != "auto",
+            "{text}"
+        );
+        assert_eq!(toml::from_str::<ModelConfig>(&text).unwrap(), cfg);
+    }
+    let e = with("kernels").unwrap_err().to_string();
+    assert!(
+        e.contains("kernels") && e.contains("auto") && e.contains("kernel") && e.contains("hlo"),
+        "{e}"
+    );
+}

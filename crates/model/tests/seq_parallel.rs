@@ -434,6 +434,7 @@ fn swa_and_rla(window: usize, shared: bool) -> (Vec<Vec<f32>>, String) {
         sub_chunk: 4,
         chunk: 8,
         feature_map: FeatureMap::Softmax,
+        ..Default::default()
     };
     let lowering = pallas_port::Lowering::CustomCall;
     let qd = [D.b, D.t, D.n, D.h];

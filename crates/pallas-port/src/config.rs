@@ -50,7 +50,68 @@ impl FromStr for FeatureMap {
     }
 }
 
-/// Attributes of the RLA blocks (`window`, `sub_chunk`, `chunk`, `feature_map`).
+/// How [`crate::rla_seq_shard`] composes a sequence shard's prefix state h0 (the state of the
+/// shards before it): the [`RlaConfig::seq_state`] attribute, the model config's
+/// `rla.seq_state` (serialized as `"auto"`, `"kernel"`, `"hlo"`). Results are equal either way
+/// (up to fp32 rounding); the choice is for A/B measurements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeqState {
+    /// [`SeqState::Kernel`] with the custom-call lowering, [`SeqState::Hlo`] with the others.
+    #[default]
+    Auto,
+    /// The CPU kernels: the shard's contribution is `rattention.rla_kv_state` and its scan starts
+    /// from h0 in `rattention.rla_fwd_h0` / `rla_bwd_h0` (φ(q)·h0, the saved states' h0 and dh0
+    /// inside the kernels). Needs the custom-call lowering; with another one building the graph
+    /// is an error naming the lowering.
+    Kernel,
+    /// Graph ops: φ(q)·h0, the contribution's state dot and their VJPs in HLO around the
+    /// window-0 blocks (the composition before the kernels took h0; what every lowering but the
+    /// custom call builds).
+    Hlo,
+}
+
+impl SeqState {
+    /// The config spelling: `"auto"`, `"kernel"` or `"hlo"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SeqState::Auto => "auto",
+            SeqState::Kernel => "kernel",
+            SeqState::Hlo => "hlo",
+        }
+    }
+
+    /// True for `Auto` (the default, which configs need not write out).
+    pub fn is_auto(&self) -> bool {
+        *self == SeqState::Auto
+    }
+}
+
+impl fmt::Display for SeqState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SeqState {
+    type Err = RlaError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(SeqState::Auto),
+            "kernel" => Ok(SeqState::Kernel),
+            "hlo" => Ok(SeqState::Hlo),
+            other => Err(RlaError::Config {
+                op: "SeqState::from_str",
+                message: format!("unknown seq_state {other:?}: expected auto, kernel or hlo"),
+            }),
+        }
+    }
+}
+
+/// Attributes of the RLA blocks (`window`, `sub_chunk`, `chunk`, `feature_map`) and how a
+/// sequence shard composes its prefix state (`seq_state`, graph building only: the kernels do
+/// not read it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RlaConfig {
     /// Sliding window W: key `s` contributes to query `t` iff `s <= t - W - 1`. Any value ≥ 0.
@@ -61,10 +122,14 @@ pub struct RlaConfig {
     pub chunk: usize,
     /// Feature map φ.
     pub feature_map: FeatureMap,
+    /// How [`crate::rla_seq_shard`] composes a sequence shard's prefix state ([`SeqState`];
+    /// default `Auto`). Unused without sequence shards.
+    #[serde(default)]
+    pub seq_state: SeqState,
 }
 
 impl Default for RlaConfig {
-    /// W = 512, sub-chunk 64, chunk 512, softmax.
+    /// W = 512, sub-chunk 64, chunk 512, softmax, `seq_state` auto.
     ///
     /// Sub-chunk 64 was picked with `benches/rla_kernel.rs` (`RLA_BENCH_SUB_CHUNKS=16,32,64,128`) at
     /// B1 N8 G2 H128 T4096: 32 and 64 are within noise of each other (64 better at T=1024
@@ -75,6 +140,7 @@ impl Default for RlaConfig {
             sub_chunk: 64,
             chunk: 512,
             feature_map: FeatureMap::Softmax,
+            seq_state: SeqState::Auto,
         }
     }
 }

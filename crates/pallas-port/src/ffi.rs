@@ -62,6 +62,8 @@ fn config(frame: &CallFrame<'_>) -> Result<RlaConfig, FfiError> {
         sub_chunk: usize_attr(frame, "sub_chunk")?,
         chunk: usize_attr(frame, "chunk")?,
         feature_map: fm,
+        // Graph building only: the kernels never read it.
+        seq_state: Default::default(),
     })
 }
 

@@ -8,13 +8,13 @@
 //! let q = b.parameter(Shape::array(ElementType::F32, &[1, 64, 4, 16]), "q")?;
 //! let k = b.parameter(Shape::array(ElementType::F32, &[1, 64, 2, 16]), "k")?;
 //! let v = b.parameter(Shape::array(ElementType::F32, &[1, 64, 2, 16]), "v")?;
-//! let cfg = RlaConfig { window: 8, sub_chunk: 16, chunk: 32, feature_map: FeatureMap::Softmax };
+//! let cfg = RlaConfig { window: 8, sub_chunk: 16, chunk: 32, feature_map: FeatureMap::Softmax, ..RlaConfig::default() };
 //! let o = rla(&b, q, k, v, &cfg, Lowering::Hlo)?;   // f32[1, 64, 4, 16]
 //! let grads = b.grad(b.reduce_sum(o, &[0, 1, 2, 3])?, &[q, k, v])?; // uses rla_bwd, never the while loop
 //! # Ok::<(), hlo_builder::Error>(())
 //! ```
 
-use crate::config::{RlaConfig, RlaDims};
+use crate::config::{RlaConfig, RlaDims, SeqState};
 use crate::ffi::{
     BWD_H0_TARGET, BWD_TARGET, FWD_H0_TARGET, FWD_TARGET, KV_STATE_BWD_TARGET, KV_STATE_TARGET,
 };
@@ -395,7 +395,7 @@ pub fn rla(b: &Builder, q: Op, k: Op, v: Op, cfg: &RlaConfig, lowering: Lowering
 /// (RLA is linear in its state). With the custom-call lowering the contribution is one kernel
 /// call ([`rla_kv_state`]) and the block starts its scan from h0 ([`rla_with_state_h0`]: φ(q)·h0,
 /// the saved states' h0 and dh0 inside the kernels); the other lowerings (and
-/// [`SEQ_STATE_VAR`]`=hlo`) add φ(q)·h0 and the contribution as graph ops. Gradients flow
+/// `cfg.seq_state` = [`SeqState::Hlo`]) add φ(q)·h0 and the contribution as graph ops. Gradients flow
 /// through h0 back into the earlier shards' k and v (the transposes of the collectives).
 /// final_state is the last shard's, on every shard; chunk_states are each shard's saved states
 /// plus its h0 (`[B, G, S·⌈(T/S)/chunk⌉, 2H, H]`, the unsharded ones when chunk divides T/S).
@@ -524,17 +524,6 @@ pub(crate) fn on_region_shards<T>(
     local(ql, kl, vl)
 }
 
-/// The environment variable that, set to `hlo`, makes [`rla_seq_shard`] compose a sequence
-/// shard's prefix state in HLO (φ(q)·h0, the state dot and their VJPs as graph ops) even with
-/// the custom-call lowering: the composition before the kernels took h0, kept for A/B
-/// measurements (`benches/sharded_step.rs`, meshes `*-rlahlo`). Read when the graph is built.
-pub const SEQ_STATE_VAR: &str = "RATTN_RLA_SEQ_STATE";
-
-/// False when [`SEQ_STATE_VAR`] is `hlo`.
-fn seq_state_in_kernels() -> bool {
-    std::env::var(SEQ_STATE_VAR).map_or(true, |v| v != "hlo")
-}
-
 /// `Σ_s φ(k_s)ᵀ v_s` `f32[B,G,2H,H]` over all T keys of k, v `[B,T,G,H]` as the custom call
 /// `rattention.rla_kv_state`, whose VJP is `rattention.rla_kv_state_bwd` (CPU kernels,
 /// [`crate::kernel::rla_kv_state`]): the state a sequence shard's keys add to the scan.
@@ -659,7 +648,12 @@ pub fn rla_with_state_h0(
 /// k, v `[B,Tl,G,H]` of the shard, `t` the full sequence length. `halo` is the keys and values
 /// `[B,L,G,H]` of the L = [`rla_halo_len`] tokens before the shard, when the caller has already
 /// exchanged them (a local layer shares one exchange between SWA and RLA); `None` exchanges them
-/// here (`collective-permute`).
+/// here (`collective-permute`). `cfg.seq_state` picks how the prefix state is composed
+/// ([`SeqState`]): the kernels from h0 (`Kernel`, or `Auto` with [`Lowering::CustomCall`]) or
+/// graph ops (`Hlo`, or `Auto` with another lowering).
+///
+/// Errors: `cfg.seq_state` = `Kernel` with a lowering other than the custom call, a halo of the
+/// wrong shape.
 pub fn rla_seq_shard(
     b: &Builder,
     seq: &SeqShards,
@@ -717,7 +711,22 @@ pub fn rla_seq_shard(
         shifted(v, halos.map(|h| h.1))?,
     );
     let cfg0 = RlaConfig { window: 0, ..*cfg };
-    if lowering == Lowering::CustomCall && seq_state_in_kernels() {
+    let in_kernels = match cfg.seq_state {
+        SeqState::Auto => lowering == Lowering::CustomCall,
+        SeqState::Hlo => false,
+        SeqState::Kernel if lowering == Lowering::CustomCall => true,
+        SeqState::Kernel => {
+            return Err(b.error(
+                "rla_seq_shard",
+                format!(
+                    "seq_state = \"kernel\" composes the prefix state in the CPU kernels \
+                     (rla_kv_state, rla_fwd_h0) and needs the custom_call lowering, got \
+                     lowering {lowering}; use seq_state = \"auto\" or \"hlo\""
+                ),
+            ))
+        }
+    };
+    if in_kernels {
         // The shard's contribution, the prefix over the shards before it, and the scan from
         // that prefix: φ(q)·h0, the saved states' h0 and dh0 are the kernels' work.
         let contrib = rla_kv_state(b, ks, vs, cfg.feature_map)?;

@@ -44,7 +44,7 @@ pub mod reference;
 pub mod rms_norm;
 pub mod seq;
 
-pub use config::{FeatureMap, RlaConfig, RlaDims, RlaError};
+pub use config::{FeatureMap, RlaConfig, RlaDims, RlaError, SeqState};
 pub use feature::feature_map;
 pub use ffi::{kernels_registered, register_cpu_kernels};
 pub use graph::{

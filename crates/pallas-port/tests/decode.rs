@@ -83,6 +83,7 @@ fn absorb_then_read_matches_the_reference_rla() {
             sub_chunk: 1,
             chunk: 1,
             feature_map: fm,
+            ..Default::default()
         };
         let want = rla_naive_f64(&cfg, &d, &to_f64(&q), &to_f64(&k), &to_f64(&v)).unwrap();
         let e = rel_err(&got, &want);
@@ -148,6 +149,7 @@ fn rla_refuses_an_unresolved_auto() {
         sub_chunk: 4,
         chunk: 4,
         feature_map: FeatureMap::Softmax,
+        ..Default::default()
     };
     let e = rla(&b, q, k, k, &cfg, Lowering::Auto)
         .unwrap_err()

@@ -9,6 +9,7 @@ fn setup() -> (RlaConfig, RlaDims) {
             sub_chunk: 4,
             chunk: 8,
             feature_map: FeatureMap::Softmax,
+            ..Default::default()
         },
         RlaDims {
             batch: 1,

@@ -67,6 +67,7 @@ fn check_golden(name: &str, fm: FeatureMap, tol: f64, sub_chunks: &[(usize, usiz
             sub_chunk,
             chunk,
             feature_map: fm,
+            ..Default::default()
         };
         let tag = format!("{name} C={sub_chunk} chunk={chunk}");
         let (o, cs, fs) = run_fwd(&cfg, &d, &q, &k, &v);

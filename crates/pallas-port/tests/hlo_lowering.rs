@@ -61,6 +61,7 @@ impl Case {
                 sub_chunk: c,
                 chunk: l,
                 feature_map: fm,
+                ..Default::default()
             },
             bf16: false,
         }
@@ -230,6 +231,7 @@ fn errors_name_the_op_and_shapes() {
         sub_chunk: 4,
         chunk: 8,
         feature_map: Softmax,
+        ..Default::default()
     };
     let (q, k, v) = (
         f(&[1, 8, 3, 16], "q"),
@@ -281,6 +283,7 @@ fn lowering_is_one_while_over_chunks() {
         sub_chunk: 8,
         chunk: 32,
         feature_map: Softmax,
+        ..Default::default()
     };
     let root = rla_fwd_hlo(&b, q, k, v, &cfg).unwrap();
     let text = b.build(root).unwrap().to_text();

@@ -112,6 +112,7 @@ fn results_do_not_depend_on_sub_chunk_or_chunk() {
         sub_chunk: 45,
         chunk: 45,
         feature_map: FeatureMap::Softmax,
+        ..Default::default()
     };
     let (o0, _, f0) = run_fwd(&base, &d, &q, &k, &v);
     let (_, cs0, _) = run_fwd(&base, &d, &q, &k, &v);

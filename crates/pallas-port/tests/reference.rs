@@ -27,6 +27,7 @@ fn naive_and_scan_agree_and_chunk_states_are_prefix_states() {
             sub_chunk: 2,
             chunk: 4,
             feature_map: fm,
+            ..Default::default()
         };
         let mut rng = Rng::new(7);
         let q = to_f64(&rng.vec(d.q_len(), 1.5));
@@ -87,6 +88,7 @@ fn vjp_matches_finite_differences() {
             sub_chunk: 1,
             chunk: 1,
             feature_map: fm,
+            ..Default::default()
         };
         let mut rng = Rng::new(11 + w as u64);
         let q = to_f64(&rng.vec(d.q_len(), 1.5));
@@ -131,6 +133,7 @@ fn reference_rejects_bad_shapes() {
         sub_chunk: 1,
         chunk: 2,
         feature_map: FeatureMap::Relu,
+        ..Default::default()
     };
     let e = rla_naive_f64(&cfg, &d, &[0.0; 24], &[0.0; 16], &[0.0; 16]).unwrap_err();
     assert!(e.to_string().contains("rla_naive_f64"), "{e}");

@@ -30,6 +30,7 @@ fn run(
         sub_chunk: 4,
         chunk: 8,
         feature_map: FeatureMap::Softmax,
+        ..Default::default()
     };
     let b = Builder::new("region");
     let names = ["q", "k", "v", "w"];

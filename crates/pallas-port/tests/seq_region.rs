@@ -4,11 +4,14 @@
 //! shard, above one shard (a halo over several shards) and beyond T; on a batch × seq × heads
 //! mesh; and with the `while` lowering. With the custom-call lowering a shard runs the scan from
 //! its prefix state in the kernels (`rla_with_state_h0`, `rla_kv_state`); the HLO composition
-//! (`RATTN_RLA_SEQ_STATE=hlo`) is checked too.
+//! (`RlaConfig::seq_state` = `SeqState::Hlo`) is checked too, and `SeqState::Kernel` with
+//! another lowering is refused.
 
 use hlo_builder::{Builder, Op, Sharding};
 use pallas_port::reference::{rla_naive_f64, rla_scan_f64, rla_vjp_f64, to_f64};
-use pallas_port::{rla_in_region, rla_with_state, FeatureMap, Lowering, RlaConfig, RlaDims};
+use pallas_port::{
+    rla_in_region, rla_with_state, FeatureMap, Lowering, RlaConfig, RlaDims, SeqState,
+};
 
 mod common;
 
@@ -82,6 +85,11 @@ fn run(
 /// Checks one layout and window against the f64 formulas and the 1-device program; returns
 /// the optimized HLO of the sharded program.
 fn check(s: &Sharding, window: usize, lowering: Lowering) -> String {
+    check_with(s, window, lowering, SeqState::Auto)
+}
+
+/// [`check`] with the prefix-state composition `seq_state`.
+fn check_with(s: &Sharding, window: usize, lowering: Lowering, seq_state: SeqState) -> String {
     let d = RlaDims {
         batch: 2,
         seq: 32,
@@ -94,6 +102,7 @@ fn check(s: &Sharding, window: usize, lowering: Lowering) -> String {
         sub_chunk: 4,
         chunk: 8,
         feature_map: FeatureMap::Softmax,
+        seq_state,
     };
     let mut rng = Rng::new(5 + window as u64);
     let inputs = [
@@ -167,12 +176,67 @@ fn rla_over_4_sequence_shards_and_the_hlo_composition() {
     for target in ["rattention.rla_fwd_h0", "rattention.rla_kv_state_bwd"] {
         assert!(hlo.contains(target), "no {target} in:\n{hlo}");
     }
-    // The composition in HLO (what the other lowerings build), selected by the variable while
-    // this graph is built; other tests building meanwhile are exact either way.
-    std::env::set_var(pallas_port::graph::SEQ_STATE_VAR, "hlo");
-    let hlo = check(&Sharding::tiled(&[1, 4, 2, 1]), 5, Lowering::CustomCall);
-    std::env::remove_var(pallas_port::graph::SEQ_STATE_VAR);
+    // The composition in HLO (what the other lowerings build), selected in the config.
+    let hlo = check_with(
+        &Sharding::tiled(&[1, 4, 2, 1]),
+        5,
+        Lowering::CustomCall,
+        SeqState::Hlo,
+    );
     assert!(!hlo.contains("rla_fwd_h0") && hlo.contains("rattention.rla_fwd"));
+    // Asked for explicitly, the kernels from h0 are what `Auto` builds with the custom call.
+    let hlo = check_with(
+        &Sharding::tiled(&[2, 4, 1, 1]),
+        2,
+        Lowering::CustomCall,
+        SeqState::Kernel,
+    );
+    assert!(
+        hlo.contains("rattention.rla_fwd_h0"),
+        "no rla_fwd_h0 in:\n{hlo}"
+    );
+}
+
+#[test]
+fn kernel_seq_state_needs_the_custom_call_lowering() {
+    let d = RlaDims {
+        batch: 1,
+        seq: 16,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 8,
+    };
+    let cfg = RlaConfig {
+        window: 2,
+        sub_chunk: 4,
+        chunk: 8,
+        feature_map: FeatureMap::Softmax,
+        seq_state: SeqState::Kernel,
+    };
+    let s = Sharding::tiled(&[1, 4, 1, 1]);
+    let b = Builder::new("seq_state");
+    let (qd, kd) = (d.q_shape(), d.kv_shape());
+    let p: Vec<Op> = [(&qd, "q"), (&kd, "k"), (&kd, "v")]
+        .iter()
+        .map(|(d, n)| b.parameter(f32_shape(*d), n).unwrap())
+        .collect();
+    for &x in &p {
+        b.set_sharding(x, s.clone()).unwrap();
+    }
+    let err = rla_in_region(&b, (p[0], p[1], p[2]), &cfg, Lowering::Hlo, &s)
+        .err()
+        .expect("seq_state = kernel with the hlo lowering must be refused")
+        .to_string();
+    assert!(
+        err.contains("rla_seq_shard") && err.contains("kernel") && err.contains("lowering hlo"),
+        "{err}"
+    );
+    assert_eq!("hlo".parse::<SeqState>().unwrap(), SeqState::Hlo);
+    let bad = "kernels".parse::<SeqState>().unwrap_err().to_string();
+    assert!(
+        bad.contains("kernels") && bad.contains("auto, kernel or hlo"),
+        "{bad}"
+    );
 }
 
 /// `rla_with_state_h0` as a graph (custom calls through the FFI, on one device): o and
@@ -192,6 +256,7 @@ fn scan_from_h0_in_a_graph_with_a_final_state_cotangent() {
         sub_chunk: 4,
         chunk: 8,
         feature_map: FeatureMap::Softmax,
+        ..Default::default()
     };
     let (qd, kd, sd) = (d.q_shape(), d.kv_shape(), d.final_state_shape());
     let dims: [&[usize]; 6] = [&qd, &kd, &kd, &sd, &qd, &sd];

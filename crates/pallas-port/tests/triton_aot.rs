@@ -342,6 +342,7 @@ fn rla_triton_kernels_fit_shared_memory() {
                 } else {
                     FeatureMap::Softmax
                 },
+                ..Default::default()
             };
             let [s, o] = fwd_kernels_tiled(&cfg, &d, vb).unwrap();
             let [ds, dq, dkdv] = bwd_kernels_tiled(&cfg, &d, vb).unwrap();

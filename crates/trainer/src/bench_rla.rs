@@ -251,6 +251,7 @@ pub fn run(args: &RlaArgs) -> Result<()> {
         sub_chunk: args.sub_chunk,
         chunk: args.chunk,
         feature_map,
+        ..Default::default()
     };
     d.validate().context("rattn bench rla: bad shape flags")?;
     cfg.validate()

@@ -272,6 +272,22 @@ mod tests {
     }
 
     #[test]
+    fn rla_seq_state_override_parses_and_bad_values_list_the_choices() {
+        use model::config::SeqState;
+        let cfg = RunConfig::from_toml(&tiny(), &[]).unwrap();
+        assert_eq!(cfg.model.rla.seq_state, SeqState::Auto);
+        let cfg = RunConfig::from_toml(&tiny(), &["model.rla.seq_state=hlo".into()]).unwrap();
+        assert_eq!(cfg.model.rla.seq_state, SeqState::Hlo);
+        let err = RunConfig::from_toml(&tiny(), &["model.rla.seq_state=fast".into()]).unwrap_err();
+        let e = format!("{err:#}");
+        eprintln!("{e}");
+        assert!(
+            e.contains("fast") && e.contains("`auto`, `kernel`, `hlo`"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn mesh_defaults_to_one_device_and_takes_overrides() {
         use model::{LogicalAxis, MeshAxis};
         let cfg = RunConfig::from_toml(&tiny(), &[]).unwrap();

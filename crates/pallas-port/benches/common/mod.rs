@@ -13,6 +13,7 @@ pub fn bench_config(sub_chunk: usize) -> RlaConfig {
         sub_chunk,
         chunk: 512,
         feature_map: FeatureMap::Softmax,
+        ..Default::default()
     }
 }
 

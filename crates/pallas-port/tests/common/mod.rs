@@ -25,6 +25,7 @@ pub fn cfg(window: usize, sub_chunk: usize, chunk: usize, feature_map: FeatureMa
         sub_chunk,
         chunk,
         feature_map,
+        ..Default::default()
     }
 }
 
