@@ -172,14 +172,14 @@ pub fn rla_fwd(
     chunk_states: &mut [f32],
     final_state: &mut [f32],
 ) -> Result<(), RlaError> {
-    const OP: &str = "rla_fwd";
-    check_inputs(OP, cfg, d, q, k, v)?;
-    check_len(OP, "o", o.len(), &d.q_shape(), d)?;
-    let (cs, fs) = (d.chunk_states_shape(cfg), d.final_state_shape());
-    check_len(OP, "chunk_states", chunk_states.len(), &cs, d)?;
-    check_len(OP, "final_state", final_state.len(), &fs, d)?;
-    fwd::forward(cfg, d, q, k, v, None, o, chunk_states, final_state);
-    Ok(())
+    checked_fwd(
+        "rla_fwd",
+        cfg,
+        d,
+        (q, k, v),
+        None,
+        (o, chunk_states, final_state),
+    )
 }
 
 /// [`rla_fwd`] whose scan starts from the state `h0` `[B,G,2H,H]` instead of zero: RLA is
@@ -198,14 +198,29 @@ pub fn rla_fwd_h0(
     chunk_states: &mut [f32],
     final_state: &mut [f32],
 ) -> Result<(), RlaError> {
-    const OP: &str = "rla_fwd_h0";
-    check_inputs(OP, cfg, d, q, k, v)?;
+    let outs = (o, chunk_states, final_state);
+    checked_fwd("rla_fwd_h0", cfg, d, (q, k, v), Some(h0), outs)
+}
+
+/// The one checked body of [`rla_fwd`] (`h0` = None) and [`rla_fwd_h0`]: every length checked
+/// against `d` with the errors naming `op`, then the scan.
+fn checked_fwd(
+    op: &'static str,
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    h0: Option<&[f32]>,
+    (o, chunk_states, final_state): (&mut [f32], &mut [f32], &mut [f32]),
+) -> Result<(), RlaError> {
+    check_inputs(op, cfg, d, q, k, v)?;
     let (cs, fs) = (d.chunk_states_shape(cfg), d.final_state_shape());
-    check_len(OP, "h0", h0.len(), &fs, d)?;
-    check_len(OP, "o", o.len(), &d.q_shape(), d)?;
-    check_len(OP, "chunk_states", chunk_states.len(), &cs, d)?;
-    check_len(OP, "final_state", final_state.len(), &fs, d)?;
-    fwd::forward(cfg, d, q, k, v, Some(h0), o, chunk_states, final_state);
+    if let Some(h0) = h0 {
+        check_len(op, "h0", h0.len(), &fs, d)?;
+    }
+    check_len(op, "o", o.len(), &d.q_shape(), d)?;
+    check_len(op, "chunk_states", chunk_states.len(), &cs, d)?;
+    check_len(op, "final_state", final_state.len(), &fs, d)?;
+    fwd::forward(cfg, d, q, k, v, h0, o, chunk_states, final_state);
     Ok(())
 }
 
@@ -227,14 +242,9 @@ pub fn rla_bwd(
     dk: &mut [f32],
     dv: &mut [f32],
 ) -> Result<(), RlaError> {
-    const OP: &str = "rla_bwd";
-    check_inputs(OP, cfg, d, q, k, v)?;
-    let cs = d.chunk_states_shape(cfg);
-    check_len(OP, "chunk_states", chunk_states.len(), &cs, d)?;
-    check_grads(OP, d, d_o, (dq, dk, dv))?;
+    let grads = (dq, dk, dv);
     let none = bwd::StateGrads::none();
-    bwd::backward(cfg, d, q, k, v, chunk_states, d_o, none, dq, dk, dv);
-    Ok(())
+    checked_bwd("rla_bwd", cfg, d, (q, k, v), chunk_states, d_o, none, grads)
 }
 
 /// The backward of [`rla_fwd_h0`]: `(q, k, v, chunk_states, d_o, d_final) -> (dq, dk, dv,
@@ -256,10 +266,7 @@ pub fn rla_bwd_h0(
     dh0: &mut [f32],
 ) -> Result<(), RlaError> {
     const OP: &str = "rla_bwd_h0";
-    check_inputs(OP, cfg, d, q, k, v)?;
-    let (cs, fs) = (d.chunk_states_shape(cfg), d.final_state_shape());
-    check_len(OP, "chunk_states", chunk_states.len(), &cs, d)?;
-    check_grads(OP, d, d_o, (dq, dk, dv))?;
+    let fs = d.final_state_shape();
     if let Some(x) = d_final {
         check_len(OP, "d_final", x.len(), &fs, d)?;
     }
@@ -269,6 +276,36 @@ pub fn rla_bwd_h0(
         d_final,
         dh0: Some(dh0),
     };
+    checked_bwd(
+        OP,
+        cfg,
+        d,
+        (q, k, v),
+        chunk_states,
+        d_o,
+        state,
+        (dq, dk, dv),
+    )
+}
+
+/// The one checked body of [`rla_bwd`] and [`rla_bwd_h0`] (whose state gradients `state`
+/// carries, checked by the caller): the inputs', chunk_states' and gradients' lengths checked
+/// against `d` with the errors naming `op`, then the reverse scan.
+#[allow(clippy::too_many_arguments)]
+fn checked_bwd(
+    op: &'static str,
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    chunk_states: &[f32],
+    d_o: &[f32],
+    state: bwd::StateGrads,
+    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+) -> Result<(), RlaError> {
+    check_inputs(op, cfg, d, q, k, v)?;
+    let cs = d.chunk_states_shape(cfg);
+    check_len(op, "chunk_states", chunk_states.len(), &cs, d)?;
+    check_grads(op, d, d_o, (dq, dk, dv))?;
     bwd::backward(cfg, d, q, k, v, chunk_states, d_o, state, dq, dk, dv);
     Ok(())
 }

@@ -514,16 +514,24 @@ pub(super) fn mesh_setup(
     (mesh, model, shardings, client, placement)
 }
 
-/// Issue 11 item 7: a state saved sharded on fsdp = 4 (each device writes its own pieces, from
-/// its buffers) restores bit for bit onto data 2 × tensor 2 and onto 1 device: every device's
-/// restored piece, assembled on the host, is the state that was uploaded. The reference is the
-/// host state itself (distinct values everywhere, so a misplaced element shows).
-#[test]
-fn a_sharded_checkpoint_restores_bit_exactly_onto_another_mesh() {
-    let cfg_a = tiny(1, &["mesh.fsdp=4"]);
-    let (mesh_a, model_a, sh_a, client_a, pl_a) = mesh_setup(&cfg_a);
-    let tensors = step::state_tensors(model_a.param_specs());
-    // Values that differ in every element and tensor, including tiny and negative ones.
+/// A state saved sharded on `cfg`'s mesh by [`save_distinct_state`], with what the tests
+/// compare against.
+pub(super) struct SavedState {
+    pub model: Model,
+    pub host: Vec<Vec<f32>>,
+    pub meta: checkpoint::CheckpointMeta,
+    pub dir: PathBuf,
+    pub path: PathBuf,
+    pub stored: checkpoint::Stored,
+}
+
+/// Uploads a train state of distinct values (every element and tensor differs, tiny and
+/// negative ones included, so a misplaced element shows) onto `cfg`'s mesh, saves it sharded
+/// under a fresh `tmp(name)` (each device writing its own pieces, from its buffers) and opens
+/// it again. Asserts the commit marker and that every piece is stored exactly once.
+pub(super) fn save_distinct_state(cfg: &RunConfig, name: &str, step: u64) -> SavedState {
+    let (mesh, model, sh, client, pl) = mesh_setup(cfg);
+    let tensors = step::state_tensors(model.param_specs());
     let host: Vec<Vec<f32>> = tensors
         .iter()
         .enumerate()
@@ -535,11 +543,11 @@ fn a_sharded_checkpoint_restores_bit_exactly_onto_another_mesh() {
                 .collect()
         })
         .collect();
-    let state = upload_state(&client_a, &pl_a, &host, &tensors, &sh_a).unwrap();
-    let dir = tmp("sharded-restore");
+    let state = upload_state(&client, &pl, &host, &tensors, &sh).unwrap();
+    let dir = tmp(name);
     let layouts: Vec<checkpoint::sharded::TensorLayout> = tensors
         .iter()
-        .zip(&sh_a.state)
+        .zip(&sh.state)
         .map(|(t, s)| checkpoint::sharded::TensorLayout {
             name: t.name.clone(),
             shape: t.spec.shape.clone(),
@@ -547,18 +555,18 @@ fn a_sharded_checkpoint_restores_bit_exactly_onto_another_mesh() {
         })
         .collect();
     let meta = checkpoint::CheckpointMeta {
-        step: 7,
-        data_position: 28,
+        step,
+        data_position: 4 * step,
         seed: 0,
-        model_config: model_toml(&cfg_a),
+        model_config: model_toml(cfg),
     };
-    let path = save_sharded(&dir, &meta, &pl_a, &state, &layouts, &mesh_a, 3).unwrap();
+    let path = save_sharded(&dir, &meta, &pl, &state, &layouts, &mesh, 3).unwrap();
     assert!(path.join(checkpoint::sharded::COMMIT).exists());
-    // Every piece is stored once: the shard files hold exactly the state's bytes (plus headers).
-    let stored = checkpoint::Stored::open(&path, Some(&model_toml(&cfg_a))).unwrap();
+    let stored = checkpoint::Stored::open(&path, Some(&model_toml(cfg))).unwrap();
     let checkpoint::Stored::Sharded(s) = &stored else {
         panic!("not sharded")
     };
+    // Every piece is stored once: the shard files hold exactly the state's bytes (plus headers).
     let stored_values: usize = s
         .tensors
         .values()
@@ -570,32 +578,62 @@ fn a_sharded_checkpoint_restores_bit_exactly_onto_another_mesh() {
         stored_values, want_values,
         "a piece stored twice or missing"
     );
-    assert_eq!(stored.meta(), meta);
-    drop((state, pl_a, client_a));
+    drop(tensors);
+    SavedState {
+        model,
+        host,
+        meta,
+        dir,
+        path,
+        stored,
+    }
+}
 
+impl SavedState {
+    /// The state's tensors (parameters, then both moments), as the step lays them out.
+    pub fn tensors(&self) -> Vec<step::StateTensor<'_>> {
+        step::state_tensors(self.model.param_specs())
+    }
+}
+
+/// Restores `saved` onto the mesh of `tiny(1, mesh_b)` and asserts every device's piece has
+/// its shard shape and, assembled on the host, equals the saved state bit for bit.
+pub(super) fn assert_restores_bit_exactly(saved: &SavedState, mesh_b: &[&str]) {
+    let cfg_b = tiny(1, mesh_b);
+    let (_, _, sh_b, client_b, pl_b) = mesh_setup(&cfg_b);
+    let tensors = saved.tensors();
+    let restored = restore_state(&client_b, &pl_b, &saved.stored, &tensors, &sh_b).unwrap();
+    for (i, (t, s)) in tensors.iter().zip(&sh_b.state).enumerate() {
+        let pieces: Vec<&Buffer> = restored.iter().map(|l| &l[i]).collect();
+        let back: Vec<f32> = Placement::download(&pieces, &t.spec.shape, &s.sharding).unwrap();
+        let same = back
+            .iter()
+            .zip(&saved.host[i])
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{mesh_b:?}: {} differs after the restore", t.name);
+        let dims: Vec<i64> = s.shard_shape.iter().map(|&d| d as i64).collect();
+        assert_eq!(pieces[0].dims().unwrap(), dims, "{mesh_b:?}: {}", t.name);
+    }
+    eprintln!(
+        "→ {mesh_b:?}: {} tensors restored bit for bit",
+        tensors.len()
+    );
+}
+
+/// Issue 11 item 7: a state saved sharded on fsdp = 4 (each device writes its own pieces, from
+/// its buffers) restores bit for bit onto data 2 × tensor 2 and onto 1 device: every device's
+/// restored piece, assembled on the host, is the state that was uploaded. The reference is the
+/// host state itself (distinct values everywhere, so a misplaced element shows).
+#[test]
+fn a_sharded_checkpoint_restores_bit_exactly_onto_another_mesh() {
+    let saved = save_distinct_state(&tiny(1, &["mesh.fsdp=4"]), "sharded-restore", 7);
+    assert_eq!(saved.stored.meta(), saved.meta);
     for mesh_b in [&["mesh.data=2", "mesh.tensor=2"][..], &[][..]] {
-        let cfg_b = tiny(1, mesh_b);
-        let (mesh_b, _, sh_b, client_b, pl_b) = mesh_setup(&cfg_b);
-        let restored = restore_state(&client_b, &pl_b, &stored, &tensors, &sh_b).unwrap();
-        for (i, (t, s)) in tensors.iter().zip(&sh_b.state).enumerate() {
-            let pieces: Vec<&Buffer> = restored.iter().map(|l| &l[i]).collect();
-            let back: Vec<f32> = Placement::download(&pieces, &t.spec.shape, &s.sharding).unwrap();
-            let same = back
-                .iter()
-                .zip(&host[i])
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{mesh_b}: {} differs after the restore", t.name);
-            let dims: Vec<i64> = s.shard_shape.iter().map(|&d| d as i64).collect();
-            assert_eq!(pieces[0].dims().unwrap(), dims, "{mesh_b}: {}", t.name);
-        }
-        eprintln!(
-            "fsdp 4 → {mesh_b}: {} tensors restored bit for bit",
-            tensors.len()
-        );
+        assert_restores_bit_exactly(&saved, mesh_b);
     }
     // The single-file loader assembles the same state (eval and generate read it that way).
-    let whole = checkpoint::load(&path, None).unwrap();
-    for (t, h) in tensors.iter().zip(&host) {
+    let whole = checkpoint::load(&saved.path, None).unwrap();
+    for (t, h) in saved.tensors().iter().zip(&saved.host) {
         let w = whole.tensors.iter().find(|w| w.name == t.name).unwrap();
         assert!(w
             .data
@@ -603,7 +641,7 @@ fn a_sharded_checkpoint_restores_bit_exactly_onto_another_mesh() {
             .zip(h)
             .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&saved.dir).unwrap();
 }
 
 /// Resuming on another mesh continues the same run: the data position is global, so steps 3

@@ -1,7 +1,9 @@
 //! ZeRO-1 (`mesh.shard_optimizer = true`): the Adam moments cut over the axes their parameters
 //! are replicated over, each device updating only its slice of the parameters.
 
-use super::tests::{mesh_setup, norm_rel, run, tiny, tmp};
+use super::tests::{
+    assert_restores_bit_exactly, mesh_setup, norm_rel, run, save_distinct_state, tiny,
+};
 use super::*;
 
 /// Bytes of the entry parameters `positions` of an optimized (per-device) HLO module's text:
@@ -158,55 +160,14 @@ fn zero_1_trains_like_whole_moments() {
 #[test]
 fn a_zero_1_checkpoint_restores_bit_exactly_without_it_on_another_mesh() {
     let cfg_a = tiny(1, &["mesh.data=4", "mesh.shard_optimizer=true"]);
-    let (mesh_a, model_a, sh_a, client_a, pl_a) = mesh_setup(&cfg_a);
-    let tensors = step::state_tensors(model_a.param_specs());
+    let (_, model_a, sh_a, _, _) = mesh_setup(&cfg_a);
     let n = model_a.param_specs().len();
     assert_ne!(sh_a.state[0].sharding, sh_a.state[n].sharding);
-    let host: Vec<Vec<f32>> = tensors
-        .iter()
-        .enumerate()
-        .map(|(ti, t)| {
-            (0..t.spec.numel())
-                .map(|i| {
-                    ((ti * 7_919 + i) as f32 * 0.754_877_7).cos() * 10f32.powi((i % 5) as i32 - 2)
-                })
-                .collect()
-        })
-        .collect();
-    let state = upload_state(&client_a, &pl_a, &host, &tensors, &sh_a).unwrap();
-    let dir = tmp("zero-restore");
-    let layouts: Vec<checkpoint::sharded::TensorLayout> = tensors
-        .iter()
-        .zip(&sh_a.state)
-        .map(|(t, s)| checkpoint::sharded::TensorLayout {
-            name: t.name.clone(),
-            shape: t.spec.shape.clone(),
-            sharding: s.sharding.clone(),
-        })
-        .collect();
-    let meta = checkpoint::CheckpointMeta {
-        step: 3,
-        data_position: 12,
-        seed: 0,
-        model_config: model_toml(&cfg_a),
-    };
-    let path = save_sharded(&dir, &meta, &pl_a, &state, &layouts, &mesh_a, 3).unwrap();
-    let stored = checkpoint::Stored::open(&path, Some(&model_toml(&cfg_a))).unwrap();
-    let checkpoint::Stored::Sharded(s) = &stored else {
+    let saved = save_distinct_state(&cfg_a, "zero-restore", 3);
+    let checkpoint::Stored::Sharded(s) = &saved.stored else {
         panic!("not sharded")
     };
-    // Every piece is stored once; a moment in 4 pieces, a parameter in 1.
-    let stored_values: usize = s
-        .tensors
-        .values()
-        .flat_map(|t| &t.pieces)
-        .map(|p| p.shape.iter().product::<usize>())
-        .sum();
-    let want_values: usize = tensors.iter().map(|t| t.spec.numel()).sum();
-    assert_eq!(
-        stored_values, want_values,
-        "a piece stored twice or missing"
-    );
+    // A moment in 4 pieces, a parameter in 1.
     let pieces = |name: &str| s.tensors[name].pieces.len();
     assert_eq!(pieces("params.layers.0.attn.wq"), 1);
     assert_eq!(pieces("adam_m.layers.0.attn.wq"), 4);
@@ -215,31 +176,12 @@ fn a_zero_1_checkpoint_restores_bit_exactly_without_it_on_another_mesh() {
         s.mesh_config.as_ref().map(|m| m.shard_optimizer),
         Some(true)
     );
-    drop((state, pl_a, client_a));
-
     for mesh_b in [
         &["mesh.fsdp=2", "mesh.tensor=2"][..],
         &[][..],
         &["mesh.data=2", "mesh.tensor=2", "mesh.shard_optimizer=true"][..],
     ] {
-        let cfg_b = tiny(1, mesh_b);
-        let (_, _, sh_b, client_b, pl_b) = mesh_setup(&cfg_b);
-        let restored = restore_state(&client_b, &pl_b, &stored, &tensors, &sh_b).unwrap();
-        for (i, (t, s)) in tensors.iter().zip(&sh_b.state).enumerate() {
-            let pieces: Vec<&Buffer> = restored.iter().map(|l| &l[i]).collect();
-            let back: Vec<f32> = Placement::download(&pieces, &t.spec.shape, &s.sharding).unwrap();
-            let same = back
-                .iter()
-                .zip(&host[i])
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{mesh_b:?}: {} differs after the restore", t.name);
-            let dims: Vec<i64> = s.shard_shape.iter().map(|&d| d as i64).collect();
-            assert_eq!(pieces[0].dims().unwrap(), dims, "{mesh_b:?}: {}", t.name);
-        }
-        eprintln!(
-            "data 4 + shard_optimizer → {mesh_b:?}: {} tensors restored bit for bit",
-            tensors.len()
-        );
+        assert_restores_bit_exactly(&saved, mesh_b);
     }
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&saved.dir).unwrap();
 }
