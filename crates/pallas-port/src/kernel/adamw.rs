@@ -300,15 +300,8 @@ pub fn adamw_in_place(
     s: &AdamwStep,
     tensors: &mut [AdamwInPlace<'_>],
 ) -> Result<f32, String> {
-    for (i, t) in tensors.iter().enumerate() {
-        let n = t.p.len();
-        let lens = [t.g.len(), t.m.len(), t.v.len()];
-        if lens.iter().any(|&l| l != n) {
-            return Err(format!(
-                "adamw: parameter {i}: p has {n} elements but g, m, v have {lens:?}"
-            ));
-        }
-    }
+    // The norm reads only the gradients; the update below checks every length before it
+    // writes anything.
     let grads: Vec<&[f32]> = tensors.iter().map(|t| t.g).collect();
     let gnorm = (grad_sum_squares(&grads) as f32).sqrt();
     adamw_in_place_with_norm(h, s, gnorm, tensors)?;
