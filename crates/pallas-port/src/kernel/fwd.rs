@@ -127,7 +127,17 @@ pub(crate) fn phi_q(
     }
 }
 
-/// The scan from the state `h0` `[B,G,2H,H]` (`None`: from zero, the block's usual contract).
+/// Where a forward scan starts: from zero (the block's usual contract), or from a state h0
+/// `[B,G,2H,H]`, optionally with the keys' own contribution `Σ_s φ(k_s)ᵀ v_s` over all T keys
+/// (`[B,G,2H,H]`, as [`super::rla_kv_state`] computes it), from which the final state is
+/// derived (`h0 + contrib − Σ_{s ≥ T−W−1}`) instead of scanned when that is less work.
+#[derive(Clone, Copy)]
+pub(crate) struct Start<'a> {
+    pub h0: Option<&'a [f32]>,
+    pub contrib: Option<&'a [f32]>,
+}
+
+/// The scan from `start` (see [`Start`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     cfg: &RlaConfig,
@@ -135,14 +145,26 @@ pub(crate) fn forward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    h0: Option<&[f32]>,
+    start: Start<'_>,
     o: &mut [f32],
     chunk_states: &mut [f32],
     final_state: &mut [f32],
 ) {
+    let h0 = start.h0;
     let geo = Geo::new(cfg, d).with_h0(h0.is_some());
     let ss = geo.ss();
     let (h, gh) = (geo.h, geo.g * geo.h);
+    // Keys of the last chunk's state update, and the keys after the final state's last one
+    // (s ≥ T − W − 1): with the contribution given, the final state is h0 + contrib minus the
+    // latter when they are fewer (a sequence shard at W = 0: one key instead of all).
+    let keys_in = |c: usize| {
+        let j0 = (c * geo.l).max(geo.first_key());
+        (j0..((c + 1) * geo.l).min(geo.t)).len()
+    };
+    let tail = geo.first_key().min(geo.t);
+    let contrib = start
+        .contrib
+        .filter(|_| h0.is_some() && tail < keys_in(geo.nc - 1));
 
     // Phase 1: chunk states per (b, kv head), chunk-sized GEMMs S += φK̃ᵀ Ṽ.
     chunk_states
@@ -159,6 +181,9 @@ pub(crate) fn forward(
                 }
                 for c in 0..geo.nc {
                     cs[c * ss..(c + 1) * ss].copy_from_slice(s_);
+                    if c + 1 == geo.nc && contrib.is_some() {
+                        break;
+                    }
                     let j0 = c * geo.l;
                     let j1 = (j0 + geo.l).min(geo.t);
                     let j_lo = j0.max(geo.first_key());
@@ -172,7 +197,19 @@ pub(crate) fn forward(
                     let vv = view(&v[off..], nk, h, gh);
                     gemm(1.0, &fkv.t(), &vv, 1.0, &mut view_mut(s_, 2 * h, h, h));
                 }
-                fs.copy_from_slice(s_);
+                let (Some(contrib), Some(h0)) = (contrib, h0) else {
+                    fs.copy_from_slice(s_);
+                    return;
+                };
+                let span = bg * ss..(bg + 1) * ss;
+                for ((f, a), c) in fs.iter_mut().zip(&h0[span.clone()]).zip(&contrib[span]) {
+                    *f = a + c;
+                }
+                let off = geo.kv_off(b, geo.t - tail, gi);
+                phi_rows(cfg.feature_map, &k[off..], gh, tail, h, fk);
+                let fkv = view(fk, tail, 2 * h, 2 * h);
+                let vv = view(&v[off..], tail, h, gh);
+                gemm(-1.0, &fkv.t(), &vv, 1.0, &mut view_mut(fs, 2 * h, h, h));
             });
         });
 
@@ -224,8 +261,12 @@ fn chunk_group(
     ];
     with_scratch(lens.iter().sum(), |buf| {
         let [s_, fq, fk, a, ob] = split_scratch(buf, lens);
-        s_.copy_from_slice(state);
         let n_sub = rows.div_ceil(sc);
+        // The state is advanced only between sub-chunks: one sub-chunk reads `state` in place.
+        let own = n_sub > 1;
+        if own {
+            s_.copy_from_slice(state);
+        }
         for i in 0..n_sub {
             let sub = Sub::new(geo, c0 + i * sc);
             let out_i = &mut out_rows[i * sc..i * sc + sub.ce];
@@ -240,7 +281,7 @@ fn chunk_group(
             let fqv = view(fq, mrows, 2 * h, 2 * h);
             let out = &mut ob[..mrows * h];
             if sub.has_state {
-                let sv = view(s_, 2 * h, h, h);
+                let sv = view(if own { s_ } else { state }, 2 * h, h, h);
                 gemm(1.0, &fqv, &sv, 0.0, &mut view_mut(out, mrows, h, h));
             }
             if sub.nk > 0 {
