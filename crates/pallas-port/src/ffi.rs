@@ -3,7 +3,7 @@
 //! Targets `rattention.rla_fwd` and `rattention.rla_bwd`; attributes `window`, `sub_chunk`,
 //! `chunk` (i64) and `feature_map` (string), delivered by XLA from the custom call's
 //! `backend_config` dictionary. The scan from a given state for sequence shards:
-//! `rattention.rla_fwd_h0` (q, k, v, h0) and `rattention.rla_bwd_h0` (q, k, v, chunk_states,
+//! `rattention.rla_fwd_h0` (q, k, v, h0[, contrib]) and `rattention.rla_bwd_h0` (q, k, v, chunk_states,
 //! d_o[, d_final]) -> (dq, dk, dv, dh0), same attributes; the state a shard's keys add,
 //! `rattention.rla_kv_state` (k, v) -> state and `rattention.rla_kv_state_bwd` (k, v,
 //! d_state) -> (dk, dv), attribute `feature_map`. Inputs may be f32 or bf16 (computed in f32); outputs are f32.

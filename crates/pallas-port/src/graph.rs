@@ -738,7 +738,9 @@ pub fn rla_seq_shard(
     };
     if in_kernels {
         // The shard's contribution, the prefix over the shards before it, and the scan from
-        // that prefix: φ(q)·h0, the saved states' h0 and dh0 are the kernels' work.
+        // that prefix: φ(q)·h0, the saved states' h0 and dh0 are the kernels' work. The scan
+        // gets the contribution too, so it does not scan the shard's keys again for the final
+        // state (one parallel pass at W = 0 with one chunk).
         let contrib = rla_kv_state(b, ks, vs, cfg.feature_map)?;
         let h0 = seq.exclusive_sum(b, contrib)?;
         let out = rla_with_state_h0(b, (q, ks, vs), h0, Some(contrib), &cfg0)?;

@@ -10,7 +10,9 @@
 //!
 //! Parallelism (rayon):
 //! - forward: phase 1 computes the chunk states per (batch, kv head) with chunk-sized GEMMs;
-//!   phase 2 computes outputs in parallel over (batch, chunk, kv head).
+//!   phase 2 computes outputs in parallel over (batch, chunk, kv head). Given a sequence
+//!   shard's own state contribution ([`rla_fwd_h0_with_contrib`]) and one chunk, phase 1 has
+//!   nothing left to scan and runs inside phase 2's tasks (one parallel pass).
 //! - backward: parallel over (batch, kv head), chunks in reverse carrying dS; results are
 //!   scattered into the `[B, T, heads, H]` outputs in parallel.
 
