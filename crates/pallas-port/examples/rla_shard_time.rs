@@ -6,8 +6,9 @@
 //! RAYON_NUM_THREADS=1 cargo run --release -p pallas-port --example rla_shard_time
 //! ```
 //! Fastest of `REPS` (default 30) calls each; `ONLY=text` times only the kernels whose label
-//! contains it (the 1-device block only when unset). The shard's kernels ×8 are one step's
-//! work of all 8 shards, comparable with the 1-device block over the 256 tokens.
+//! contains it (the 1-device block only when unset); `T` and `B` change the sequence length
+//! and the batch (default 256 and 8; a shard holds T/8 tokens). The shard's kernels ×8 are
+//! one step's work of all 8 shards, comparable with the 1-device block over the T tokens.
 
 use pallas_port::bench_util::data;
 use pallas_port::{kernel, FeatureMap, RlaConfig, RlaDims};
@@ -27,10 +28,13 @@ fn time(name: &str, reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let reps: usize = std::env::var("REPS")
-        .ok()
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(30);
+    let env = |name: &str, default: usize| -> usize {
+        std::env::var(name)
+            .ok()
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(default)
+    };
+    let (reps, t, batch) = (env("REPS", 30), env("T", 256), env("B", 8));
     let only = std::env::var("ONLY").unwrap_or_default();
     let want = |name: &str| only.is_empty() || name.contains(only.as_str());
     let cfg = |window| RlaConfig {
@@ -41,7 +45,7 @@ fn main() {
         ..Default::default()
     };
     let dims = |seq| RlaDims {
-        batch: 8,
+        batch,
         seq,
         heads: 4,
         kv_heads: 2,
@@ -52,24 +56,24 @@ fn main() {
         (q, k, data(d.kv_len(), 3), data(d.q_len(), 4))
     };
 
-    let (c1, d1) = (cfg(64), dims(256));
+    let (c1, d1) = (cfg(64), dims(t));
     let (q, k, v, d_o) = inputs(&d1);
     let mut o = vec![0.0; d1.q_len()];
     let mut cs = vec![0.0; d1.chunk_states_len(&c1)];
     let mut fs = vec![0.0; d1.final_state_len()];
     let (mut dq, mut dk, mut dv) = (o.clone(), vec![0.0; d1.kv_len()], vec![0.0; d1.kv_len()]);
     if only.is_empty() {
-        let fwd = time("1 device: rla_fwd, T 256", reps, || {
+        let fwd = time("1 device: rla_fwd", reps, || {
             kernel::rla_fwd(&c1, &d1, &q, &k, &v, &mut o, &mut cs, &mut fs).unwrap()
         });
-        let bwd = time("1 device: rla_bwd, T 256", reps, || {
+        let bwd = time("1 device: rla_bwd", reps, || {
             let g = (&mut dq[..], &mut dk[..], &mut dv[..]);
             kernel::rla_bwd(&c1, &d1, &q, &k, &v, &cs, &d_o, g.0, g.1, g.2).unwrap()
         });
-        println!("1 device total {:.3} ms", fwd + bwd);
+        println!("1 device (T {t}, B {batch}) total {:.3} ms", fwd + bwd);
     }
 
-    let (c0, d0) = (cfg(0), dims(32));
+    let (c0, d0) = (cfg(0), dims(t / 8));
     let (q, k, v, d_o) = inputs(&d0);
     let h0 = data(d0.final_state_len(), 5);
     let mut o = vec![0.0; d0.q_len()];
@@ -80,20 +84,20 @@ fn main() {
     let (mut dq, mut dk, mut dv) = (o.clone(), vec![0.0; d0.kv_len()], vec![0.0; d0.kv_len()]);
     let fm = c0.feature_map;
     let mut total = 0.0;
-    let name = "shard: rla_kv_state, T 32";
+    let name = "shard: rla_kv_state";
     kernel::rla_kv_state(fm, &d0, &k, &v, &mut contrib).unwrap();
     if want(name) {
         total += time(name, reps, || {
             kernel::rla_kv_state(fm, &d0, &k, &v, &mut contrib).unwrap()
         });
     }
-    let name = "shard: rla_fwd_h0 (no contribution), T 32";
+    let name = "shard: rla_fwd_h0 (no contribution)";
     if want(name) {
         time(name, reps, || {
             kernel::rla_fwd_h0(&c0, &d0, &q, &k, &v, &h0, &mut o, &mut cs, &mut fs).unwrap()
         });
     }
-    let name = "shard: rla_fwd_h0 given the contribution, T 32";
+    let name = "shard: rla_fwd_h0 given the contribution";
     if want(name) {
         total += time(name, reps, || {
             let given = (&h0[..], &contrib[..]);
@@ -101,14 +105,14 @@ fn main() {
                 .unwrap()
         });
     }
-    let name = "shard: rla_bwd_h0, T 32";
+    let name = "shard: rla_bwd_h0";
     if want(name) {
         total += time(name, reps, || {
             let g = (&mut dq[..], &mut dk[..], &mut dv[..]);
             kernel::rla_bwd_h0(&c0, &d0, &q, &k, &v, &cs, &d_o, None, g, &mut dh0).unwrap()
         });
     }
-    let name = "shard: rla_kv_state_bwd, T 32";
+    let name = "shard: rla_kv_state_bwd";
     if want(name) {
         total += time(name, reps, || {
             kernel::rla_kv_state_bwd(fm, &d0, &k, &v, &h0, &mut dk, &mut dv).unwrap()
