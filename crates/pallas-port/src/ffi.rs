@@ -3,7 +3,7 @@
 //! Targets `rattention.rla_fwd` and `rattention.rla_bwd`; attributes `window`, `sub_chunk`,
 //! `chunk` (i64) and `feature_map` (string), delivered by XLA from the custom call's
 //! `backend_config` dictionary. The scan from a given state for sequence shards:
-//! `rattention.rla_fwd_h0` (q, k, v, h0) and `rattention.rla_bwd_h0` (q, k, v, chunk_states,
+//! `rattention.rla_fwd_h0` (q, k, v, h0[, contrib]) and `rattention.rla_bwd_h0` (q, k, v, chunk_states,
 //! d_o[, d_final]) -> (dq, dk, dv, dh0), same attributes; the state a shard's keys add,
 //! `rattention.rla_kv_state` (k, v) -> state and `rattention.rla_kv_state_bwd` (k, v,
 //! d_state) -> (dk, dv), attribute `feature_map`. Inputs may be f32 or bf16 (computed in f32); outputs are f32.
@@ -155,8 +155,16 @@ fn rla_fwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     kernel::rla_fwd(&cfg, &d, &q, &k, &v, o, cs, fs).map_err(to_ffi)
 }
 
-fn rla_bwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
-    let cfg = config(frame)?;
+/// The first five operands both backward blocks take, read: dims, q, k, v (f32 or bf16),
+/// chunk_states (f32) and d_o (f32 or bf16).
+struct BwdInputs<'a> {
+    qkv: Qkv<'a>,
+    cs: &'a [f32],
+    d_o: Cow<'a, [f32]>,
+}
+
+/// Reads (q, k, v, chunk_states, d_o), operands 0 to 4 of a backward block's frame.
+fn bwd_inputs<'a>(frame: &CallFrame<'a>) -> Result<BwdInputs<'a>, FfiError> {
     let (qa, ka, va, csa, doa) = (
         frame.arg(0)?,
         frame.arg(1)?,
@@ -164,35 +172,52 @@ fn rla_bwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
         frame.arg(3)?,
         frame.arg(4)?,
     );
-    let (d, q, k, v) = qkv_inputs(OP, &qa, &ka, &va)?;
-    let cs = csa.as_slice::<f32>()?;
-    let d_o = f32_input(&doa, OP, "d_o")?;
+    Ok(BwdInputs {
+        qkv: qkv_inputs(OP, &qa, &ka, &va)?,
+        cs: csa.as_slice::<f32>()?,
+        d_o: f32_input(&doa, OP, "d_o")?,
+    })
+}
+
+fn rla_bwd_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
+    let cfg = config(frame)?;
+    let BwdInputs { qkv, cs, d_o } = bwd_inputs(frame)?;
+    let (d, q, k, v) = qkv;
     let mut rets = frame.rets_mut()?;
     let [dq, dk, dv] = f32_rets(&mut rets, "rla_bwd", "dq, dk, dv")?;
     kernel::rla_bwd(&cfg, &d, &q, &k, &v, cs, &d_o, dq, dk, dv).map_err(to_ffi)
 }
 
+/// (q, k, v, h0) or (…, contrib): with the fifth operand the final state is derived from the
+/// keys' contribution ([`kernel::rla_fwd_h0_with_contrib`]).
 fn rla_fwd_h0_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
+    const OP: &str = "rla_fwd_h0";
     let cfg = config(frame)?;
+    let contrib = match frame.num_args() {
+        4 => None,
+        5 => Some(frame.arg(4)?.as_slice::<f32>()?),
+        n => {
+            return Err(FfiError::invalid_argument(format!(
+                "{OP}: expected 4 or 5 operands (q, k, v, h0[, contrib]), got {n}"
+            )))
+        }
+    };
     let (qa, ka, va, ha) = (frame.arg(0)?, frame.arg(1)?, frame.arg(2)?, frame.arg(3)?);
     let (d, q, k, v) = qkv_inputs(OP, &qa, &ka, &va)?;
     let h0 = ha.as_slice::<f32>()?;
     let mut rets = frame.rets_mut()?;
-    let [o, cs, fs] = f32_rets(&mut rets, "rla_fwd_h0", "o, chunk_states, final_state")?;
-    kernel::rla_fwd_h0(&cfg, &d, &q, &k, &v, h0, o, cs, fs).map_err(to_ffi)
+    let [o, cs, fs] = f32_rets(&mut rets, OP, "o, chunk_states, final_state")?;
+    match contrib {
+        None => kernel::rla_fwd_h0(&cfg, &d, &q, &k, &v, h0, o, cs, fs),
+        Some(c) => kernel::rla_fwd_h0_with_contrib(&cfg, &d, &q, &k, &v, (h0, c), o, cs, fs),
+    }
+    .map_err(to_ffi)
 }
 
 /// (q, k, v, chunk_states, d_o) or (…, d_final): without the sixth operand the final state has
 /// no cotangent.
 fn rla_bwd_h0_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
     let cfg = config(frame)?;
-    let (qa, ka, va, csa, doa) = (
-        frame.arg(0)?,
-        frame.arg(1)?,
-        frame.arg(2)?,
-        frame.arg(3)?,
-        frame.arg(4)?,
-    );
     let d_final = match frame.num_args() {
         5 => None,
         6 => Some(frame.arg(5)?.as_slice::<f32>()?),
@@ -203,9 +228,8 @@ fn rla_bwd_h0_handler(frame: &mut CallFrame<'_>) -> Result<(), FfiError> {
             )))
         }
     };
-    let (d, q, k, v) = qkv_inputs(OP, &qa, &ka, &va)?;
-    let cs = csa.as_slice::<f32>()?;
-    let d_o = f32_input(&doa, OP, "d_o")?;
+    let BwdInputs { qkv, cs, d_o } = bwd_inputs(frame)?;
+    let (d, q, k, v) = qkv;
     let mut rets = frame.rets_mut()?;
     let [dq, dk, dv, dh0] = f32_rets(&mut rets, "rla_bwd_h0", "dq, dk, dv, dh0")?;
     kernel::rla_bwd_h0(&cfg, &d, &q, &k, &v, cs, &d_o, d_final, (dq, dk, dv), dh0).map_err(to_ffi)

@@ -576,23 +576,31 @@ fn f32_shape_i64(dims: &[i64]) -> Shape {
 /// lowering only: `rattention.rla_fwd_h0`, [`crate::kernel::rla_fwd_h0`]): o includes
 /// φ(q)·h0, chunk_states and final_state include h0. Differentiable in q, k, v and h0 through
 /// o and final_state (`rattention.rla_bwd_h0`); a cotangent on chunk_states is an error.
+///
+/// `contrib`, when given, must be [`rla_kv_state`] of the same k, v and feature map (the keys'
+/// own contribution `f32[B,G,2H,H]`): the kernel then derives the final state from it instead
+/// of scanning the last chunk's keys again ([`crate::kernel::rla_fwd_h0_with_contrib`]). It is
+/// a hint, not an input of the VJP: the gradients are those of the scan from k and v.
 pub fn rla_with_state_h0(
     b: &Builder,
     (q, k, v): (Op, Op, Op),
     h0: Op,
+    contrib: Option<Op>,
     cfg: &RlaConfig,
 ) -> Result<RlaOutputs> {
     let d = check_shapes(b, q, k, v, cfg)?;
     let fs_shape = f32_shape(&d.final_state_shape());
-    if b.shape(h0)? != fs_shape {
-        return Err(b.error(
-            "rla_with_state_h0",
-            format!(
-                "h0 must be f32[B,G,2H,H] = {}, got {}",
-                fs_shape.short(),
-                b.shape(h0)?.short()
-            ),
-        ));
+    for (x, what) in std::iter::once((h0, "h0")).chain(contrib.map(|c| (c, "contrib"))) {
+        if b.shape(x)? != fs_shape {
+            return Err(b.error(
+                "rla_with_state_h0",
+                format!(
+                    "{what} must be f32[B,G,2H,H] = {}, got {}",
+                    fs_shape.short(),
+                    b.shape(x)?.short()
+                ),
+            ));
+        }
     }
     let out = f32_tuple(&[
         &d.q_shape(),
@@ -601,7 +609,9 @@ pub fn rla_with_state_h0(
     ]);
     let fwd = {
         let _s = b.name_scope("fwd");
-        b.custom_call(FWD_H0_TARGET, &[q, k, v, h0], out, &attrs(cfg))?
+        let mut operands = vec![q, k, v, h0];
+        operands.extend(contrib);
+        b.custom_call(FWD_H0_TARGET, &operands, out, &attrs(cfg))?
     };
     let cfg = *cfg;
     let vjp = move |b: &Builder, ins: &[Op], output: Op, cts: &[Option<Op>]| {
@@ -728,10 +738,12 @@ pub fn rla_seq_shard(
     };
     if in_kernels {
         // The shard's contribution, the prefix over the shards before it, and the scan from
-        // that prefix: φ(q)·h0, the saved states' h0 and dh0 are the kernels' work.
+        // that prefix: φ(q)·h0, the saved states' h0 and dh0 are the kernels' work. The scan
+        // gets the contribution too, so it does not scan the shard's keys again for the final
+        // state (one parallel pass at W = 0 with one chunk).
         let contrib = rla_kv_state(b, ks, vs, cfg.feature_map)?;
         let h0 = seq.exclusive_sum(b, contrib)?;
-        let out = rla_with_state_h0(b, (q, ks, vs), h0, &cfg0)?;
+        let out = rla_with_state_h0(b, (q, ks, vs), h0, Some(contrib), &cfg0)?;
         return Ok(RlaOutputs {
             final_state: seq.last(b, out.final_state)?,
             ..out

@@ -203,6 +203,30 @@ fn check_h0(c: &Case, seed: u64, with_d_final: bool) {
         &to_f64(&d_f),
     );
     let tol = common::tol(cfg.feature_map);
+    // Given the keys' contribution (rla_kv_state of the same k, v), o and chunk_states are the
+    // same bits and the final state (derived from it when fewer keys follow it than the last
+    // chunk scans) matches f64.
+    let mut contrib = vec![f32::NAN; d.final_state_len()];
+    pallas_port::kernel::rla_kv_state(cfg.feature_map, d, &k, &v, &mut contrib).unwrap();
+    let (mut o_c, mut cs_c, mut fs_c) = (o.clone(), cs.clone(), vec![f32::NAN; fs.len()]);
+    o_c.fill(f32::NAN);
+    cs_c.fill(f32::NAN);
+    let given = (&h0[..], &contrib[..]);
+    pallas_port::kernel::rla_fwd_h0_with_contrib(
+        cfg, d, &q, &k, &v, given, &mut o_c, &mut cs_c, &mut fs_c,
+    )
+    .unwrap();
+    assert_eq!(
+        (&o_c, &cs_c),
+        (&o, &cs),
+        "{d} {cfg:?}: o, chunk_states with contrib"
+    );
+    let e = rel_err(&fs_c, &want.fwd[2]);
+    eprintln!("{d} {cfg:?}: final_state from contrib vs f64 {e:.2e}");
+    assert!(
+        e <= tol,
+        "{d} {cfg:?}: final_state from contrib rel err {e}"
+    );
     let got = [&o, &cs, &fs, &g[0], &g[1], &g[2], &g[3]];
     let wants = want.fwd.iter().chain(&want.grads);
     let names = ["o", "chunk_states", "final_state", "dq", "dk", "dv", "dh0"];
@@ -232,6 +256,8 @@ fn scan_from_h0_matches_f64_with_its_gradients() {
         34,
         true,
     );
+    // Relu, W = 2: the last chunk scans 5 keys, the contribution's tail is 3.
+    check_h0(&case(gqa, 2, 4, 16, FeatureMap::Relu), 37, true);
     // W ≥ T: o is φ(q)·h0 only, the final state h0 (plus d_final's nothing on the keys).
     check_h0(
         &case((1, 20, 2, 1, 16), 25, 4, 8, FeatureMap::Softmax),

@@ -244,6 +244,19 @@ fn kernel_seq_state_needs_the_custom_call_lowering() {
 /// state's cotangent travels as the backward call's sixth operand) against the f64 formulas.
 #[test]
 fn scan_from_h0_in_a_graph_with_a_final_state_cotangent() {
+    scan_from_h0_in_a_graph(false);
+}
+
+/// The same with the keys' contribution (`rla_kv_state` of k, v) given to the forward call
+/// as its fifth operand: the final state derived from it (W = 3: 4 keys subtracted instead of
+/// the last chunk's 8 scanned), and the gradients still exactly the scan's (the hint carries
+/// no cotangent, so k and v are not counted twice).
+#[test]
+fn scan_from_h0_in_a_graph_given_the_keys_contribution() {
+    scan_from_h0_in_a_graph(true);
+}
+
+fn scan_from_h0_in_a_graph(with_contrib: bool) {
     let d = RlaDims {
         batch: 2,
         seq: 24,
@@ -266,7 +279,9 @@ fn scan_from_h0_in_a_graph_with_a_final_state_cotangent() {
         .zip(["q", "k", "v", "h0", "w", "wf"])
         .map(|(d, n)| b.parameter(f32_shape(d), n).unwrap())
         .collect();
-    let out = pallas_port::rla_with_state_h0(&b, (p[0], p[1], p[2]), p[3], &cfg).unwrap();
+    let contrib =
+        with_contrib.then(|| pallas_port::rla_kv_state(&b, p[1], p[2], cfg.feature_map).unwrap());
+    let out = pallas_port::rla_with_state_h0(&b, (p[0], p[1], p[2]), p[3], contrib, &cfg).unwrap();
     let all = [0, 1, 2, 3];
     let l = b
         .add(
@@ -312,7 +327,7 @@ fn scan_from_h0_in_a_graph_with_a_final_state_cotangent() {
         .zip(wants)
     {
         let e = rel_err(got, want);
-        eprintln!("rla_with_state_h0: {name} vs f64 {e:.1e}");
+        eprintln!("rla_with_state_h0 (contrib given: {with_contrib}): {name} vs f64 {e:.1e}");
         assert!(e <= 1e-6, "{name} differs from f64 by {e:e}");
     }
 }

@@ -157,7 +157,12 @@ fn group_backward(
             let c0 = c * l;
             let rows = l.min(geo.t - c0);
             let n_sub = rows.div_ceil(sc);
-            s_.copy_from_slice(&cs[c * ss..(c + 1) * ss]);
+            // The state is advanced only between sub-chunks: one sub-chunk reads it in place.
+            let cs_c = &cs[c * ss..(c + 1) * ss];
+            let own = n_sub > 1;
+            if own {
+                s_.copy_from_slice(cs_c);
+            }
             let subs: Vec<Sub> = (0..n_sub).map(|i| Sub::new(geo, c0 + i * sc)).collect();
 
             // Pass 1 (forward order): dφQ = dO Sᵀ + P φK̃, S advanced sub-chunk by sub-chunk.
@@ -179,7 +184,7 @@ fn group_backward(
                 let dov = view(do_i, mrows, h, h);
                 let dfq_i = &mut dfq[..mrows * h2];
                 if sub.has_state {
-                    let sv = view(s_, h2, h, h);
+                    let sv = view(if own { s_ } else { cs_c }, h2, h, h);
                     gemm(1.0, &dov, &sv.t(), 0.0, &mut view_mut(dfq_i, mrows, h2, h2));
                 } else {
                     dfq_i.fill(0.0);

@@ -127,54 +127,62 @@ pub(crate) fn phi_q(
     }
 }
 
-/// The scan from the state `h0` `[B,G,2H,H]` (`None`: from zero, the block's usual contract).
+/// Where a forward scan starts: from zero (the block's usual contract), or from a state h0
+/// `[B,G,2H,H]`, optionally with the keys' own contribution `Σ_s φ(k_s)ᵀ v_s` over all T keys
+/// (`[B,G,2H,H]`, as [`super::rla_kv_state`] computes it), from which the final state is
+/// derived (`h0 + contrib − Σ_{s ≥ T−W−1}`) instead of scanned when that is less work.
+#[derive(Clone, Copy)]
+pub(crate) struct Start<'a> {
+    pub h0: Option<&'a [f32]>,
+    pub contrib: Option<&'a [f32]>,
+}
+
+/// The scan from `start` (see [`Start`]).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn forward(
+pub(crate) fn forward<'a>(
     cfg: &RlaConfig,
     d: &RlaDims,
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    h0: Option<&[f32]>,
+    start: Start<'a>,
     o: &mut [f32],
     chunk_states: &mut [f32],
     final_state: &mut [f32],
 ) {
+    let h0 = start.h0;
     let geo = Geo::new(cfg, d).with_h0(h0.is_some());
     let ss = geo.ss();
-    let (h, gh) = (geo.h, geo.g * geo.h);
+    let h = geo.h;
+    // Keys of the last chunk's state update, and the keys after the final state's last one
+    // (s ≥ T − W − 1): with the contribution given, the final state is h0 + contrib minus the
+    // latter when they are fewer (a sequence shard at W = 0: one key instead of all).
+    let keys_in = |c: usize| {
+        let j0 = (c * geo.l).max(geo.first_key());
+        (j0..((c + 1) * geo.l).min(geo.t)).len()
+    };
+    let tail = geo.first_key().min(geo.t);
+    let contrib = start
+        .contrib
+        .filter(|_| h0.is_some() && tail < keys_in(geo.nc - 1));
 
-    // Phase 1: chunk states per (b, kv head), chunk-sized GEMMs S += φK̃ᵀ Ṽ.
-    chunk_states
-        .par_chunks_mut(geo.nc * ss)
-        .zip(final_state.par_chunks_mut(ss))
-        .enumerate()
-        .for_each(|(bg, (cs, fs))| {
-            let (b, gi) = (bg / geo.g, bg % geo.g);
-            with_scratch(ss + geo.l * 2 * h, |buf| {
-                let [s_, fk] = split_scratch(buf, [ss, geo.l * 2 * h]);
-                match h0 {
-                    Some(h0) => s_.copy_from_slice(&h0[bg * ss..(bg + 1) * ss]),
-                    None => s_.fill(0.0),
-                }
-                for c in 0..geo.nc {
-                    cs[c * ss..(c + 1) * ss].copy_from_slice(s_);
-                    let j0 = c * geo.l;
-                    let j1 = (j0 + geo.l).min(geo.t);
-                    let j_lo = j0.max(geo.first_key());
-                    if j_lo >= j1 {
-                        continue;
-                    }
-                    let nk = j1 - j_lo;
-                    let off = geo.kv_off(b, j_lo - geo.first_key(), gi);
-                    phi_rows(cfg.feature_map, &k[off..], gh, nk, h, fk);
-                    let fkv = view(fk, nk, 2 * h, 2 * h);
-                    let vv = view(&v[off..], nk, h, gh);
-                    gemm(1.0, &fkv.t(), &vv, 1.0, &mut view_mut(s_, 2 * h, h, h));
-                }
-                fs.copy_from_slice(s_);
-            });
-        });
+    let bg_of = |x: Option<&'a [f32]>, bg: usize| x.map(|x| &x[bg * ss..(bg + 1) * ss]);
+    let states = |bg: usize, cs: &mut [f32], fs: &mut [f32]| {
+        let start = (bg_of(h0, bg), bg_of(contrib, bg));
+        scan_states(cfg, &geo, (k, v), start, tail, bg, (cs, fs));
+    };
+    // One chunk and the final state from the contribution (a sequence shard): the chunk
+    // state is h0 and the final state a rank-(W+1) update, done in the output tasks (one
+    // parallel pass instead of two).
+    let one_pass = contrib.is_some() && geo.nc == 1;
+    if !one_pass {
+        // Phase 1: chunk states per (b, kv head), chunk-sized GEMMs S += φK̃ᵀ Ṽ.
+        chunk_states
+            .par_chunks_mut(geo.nc * ss)
+            .zip(final_state.par_chunks_mut(ss))
+            .enumerate()
+            .for_each(|(bg, (cs, fs))| states(bg, cs, fs));
+    }
 
     // Phase 2: outputs, parallel over (b, kv head, chunk); each task writes its own rows of o.
     let rh = geo.r * h;
@@ -187,12 +195,82 @@ pub(crate) fn forward(
             tasks[(b * geo.g + gi) * geo.nc + t / geo.l].push(piece);
         }
     }
+    if one_pass {
+        tasks
+            .into_par_iter()
+            .zip(chunk_states.par_chunks_mut(ss))
+            .zip(final_state.par_chunks_mut(ss))
+            .enumerate()
+            .for_each(|(bg, ((rows, cs), fs))| {
+                states(bg, cs, fs);
+                let (b, gi) = (bg / geo.g, bg % geo.g);
+                chunk_group(cfg, &geo, q, k, v, b, 0, gi, cs, rows);
+            });
+        return;
+    }
     let cs_ro: &[f32] = chunk_states;
     tasks.into_par_iter().enumerate().for_each(|(bgc, rows)| {
         let (bg, c) = (bgc / geo.nc, bgc % geo.nc);
         let (b, gi) = (bg / geo.g, bg % geo.g);
         let st = &cs_ro[(bg * geo.nc + c) * ss..][..ss];
         chunk_group(cfg, &geo, q, k, v, b, c, gi, st, rows);
+    });
+}
+
+/// The chunk states `cs` (`[nc, 2H, H]`) and the final state `fs` of one (batch, kv head)
+/// `bg` from its h0 and contribution slices (`[2H, H]` each): every chunk's keys scanned, or
+/// (contribution given) all but the last chunk's, the final state then `h0 + contrib` minus
+/// the `tail` keys after it.
+fn scan_states(
+    cfg: &RlaConfig,
+    geo: &Geo,
+    (k, v): (&[f32], &[f32]),
+    (h0, contrib): (Option<&[f32]>, Option<&[f32]>),
+    tail: usize,
+    bg: usize,
+    (cs, fs): (&mut [f32], &mut [f32]),
+) {
+    let (b, gi) = (bg / geo.g, bg % geo.g);
+    let (ss, h, gh) = (geo.ss(), geo.h, geo.g * geo.h);
+    let scanned = geo.nc - usize::from(contrib.is_some());
+    with_scratch(ss + geo.l * 2 * h, |buf| {
+        let [s_, fk] = split_scratch(buf, [ss, geo.l * 2 * h]);
+        let (first, rest) = cs.split_at_mut(ss);
+        match h0 {
+            Some(h0) => first.copy_from_slice(h0),
+            None => first.fill(0.0),
+        }
+        if scanned > 0 {
+            s_.copy_from_slice(first);
+        }
+        for c in 0..scanned {
+            let j0 = c * geo.l;
+            let j1 = (j0 + geo.l).min(geo.t);
+            let j_lo = j0.max(geo.first_key());
+            if j_lo < j1 {
+                let nk = j1 - j_lo;
+                let off = geo.kv_off(b, j_lo - geo.first_key(), gi);
+                phi_rows(cfg.feature_map, &k[off..], gh, nk, h, fk);
+                let fkv = view(fk, nk, 2 * h, 2 * h);
+                let vv = view(&v[off..], nk, h, gh);
+                gemm(1.0, &fkv.t(), &vv, 1.0, &mut view_mut(s_, 2 * h, h, h));
+            }
+            if c + 1 < geo.nc {
+                rest[c * ss..(c + 1) * ss].copy_from_slice(s_);
+            }
+        }
+        let (Some(contrib), Some(h0)) = (contrib, h0) else {
+            fs.copy_from_slice(s_);
+            return;
+        };
+        for ((f, a), c) in fs.iter_mut().zip(h0).zip(contrib) {
+            *f = a + c;
+        }
+        let off = geo.kv_off(b, geo.t - tail, gi);
+        phi_rows(cfg.feature_map, &k[off..], gh, tail, h, fk);
+        let fkv = view(fk, tail, 2 * h, 2 * h);
+        let vv = view(&v[off..], tail, h, gh);
+        gemm(-1.0, &fkv.t(), &vv, 1.0, &mut view_mut(fs, 2 * h, h, h));
     });
 }
 
@@ -224,8 +302,12 @@ fn chunk_group(
     ];
     with_scratch(lens.iter().sum(), |buf| {
         let [s_, fq, fk, a, ob] = split_scratch(buf, lens);
-        s_.copy_from_slice(state);
         let n_sub = rows.div_ceil(sc);
+        // The state is advanced only between sub-chunks: one sub-chunk reads `state` in place.
+        let own = n_sub > 1;
+        if own {
+            s_.copy_from_slice(state);
+        }
         for i in 0..n_sub {
             let sub = Sub::new(geo, c0 + i * sc);
             let out_i = &mut out_rows[i * sc..i * sc + sub.ce];
@@ -240,7 +322,7 @@ fn chunk_group(
             let fqv = view(fq, mrows, 2 * h, 2 * h);
             let out = &mut ob[..mrows * h];
             if sub.has_state {
-                let sv = view(s_, 2 * h, h, h);
+                let sv = view(if own { s_ } else { state }, 2 * h, h, h);
                 gemm(1.0, &fqv, &sv, 0.0, &mut view_mut(out, mrows, h, h));
             }
             if sub.nk > 0 {

@@ -10,7 +10,9 @@
 //!
 //! Parallelism (rayon):
 //! - forward: phase 1 computes the chunk states per (batch, kv head) with chunk-sized GEMMs;
-//!   phase 2 computes outputs in parallel over (batch, chunk, kv head).
+//!   phase 2 computes outputs in parallel over (batch, chunk, kv head). Given a sequence
+//!   shard's own state contribution ([`rla_fwd_h0_with_contrib`]) and one chunk, phase 1 has
+//!   nothing left to scan and runs inside phase 2's tasks (one parallel pass).
 //! - backward: parallel over (batch, kv head), chunks in reverse carrying dS; results are
 //!   scattered into the `[B, T, heads, H]` outputs in parallel.
 
@@ -172,12 +174,16 @@ pub fn rla_fwd(
     chunk_states: &mut [f32],
     final_state: &mut [f32],
 ) -> Result<(), RlaError> {
+    let start = fwd::Start {
+        h0: None,
+        contrib: None,
+    };
     checked_fwd(
         "rla_fwd",
         cfg,
         d,
         (q, k, v),
-        None,
+        start,
         (o, chunk_states, final_state),
     )
 }
@@ -199,28 +205,62 @@ pub fn rla_fwd_h0(
     final_state: &mut [f32],
 ) -> Result<(), RlaError> {
     let outs = (o, chunk_states, final_state);
-    checked_fwd("rla_fwd_h0", cfg, d, (q, k, v), Some(h0), outs)
+    let start = fwd::Start {
+        h0: Some(h0),
+        contrib: None,
+    };
+    checked_fwd("rla_fwd_h0", cfg, d, (q, k, v), start, outs)
 }
 
-/// The one checked body of [`rla_fwd`] (`h0` = None) and [`rla_fwd_h0`]: every length checked
-/// against `d` with the errors naming `op`, then the scan.
+/// [`rla_fwd_h0`] given also the keys' own contribution `contrib` `[B,G,2H,H]`,
+/// `Σ_s φ(k_s)ᵀ v_s` over all T keys as [`rla_kv_state`] computes it for the same k, v and
+/// feature map (what a sequence shard computed anyway for the shards after it). The final
+/// state is then `h0 + contrib − Σ_{s ≥ T−W−1} φ(k_s)ᵀ v_s` (W + 1 keys) instead of a scan of
+/// the last chunk's keys, when that is fewer keys: with one chunk and W = 0, one key instead of
+/// T − 1. The same results as [`rla_fwd_h0`] up to fp32 rounding of the final state (o and
+/// chunk_states are bit-identical).
+#[allow(clippy::too_many_arguments)]
+pub fn rla_fwd_h0_with_contrib(
+    cfg: &RlaConfig,
+    d: &RlaDims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (h0, contrib): (&[f32], &[f32]),
+    o: &mut [f32],
+    chunk_states: &mut [f32],
+    final_state: &mut [f32],
+) -> Result<(), RlaError> {
+    const OP: &str = "rla_fwd_h0";
+    check_len(OP, "contrib", contrib.len(), &d.final_state_shape(), d)?;
+    let outs = (o, chunk_states, final_state);
+    let start = fwd::Start {
+        h0: Some(h0),
+        contrib: Some(contrib),
+    };
+    checked_fwd(OP, cfg, d, (q, k, v), start, outs)
+}
+
+/// The one checked body of [`rla_fwd`] (from zero), [`rla_fwd_h0`] and
+/// [`rla_fwd_h0_with_contrib`] (whose caller checked `contrib`): every length checked against
+/// `d` with the errors naming `op`, then the scan.
 fn checked_fwd(
     op: &'static str,
     cfg: &RlaConfig,
     d: &RlaDims,
     (q, k, v): (&[f32], &[f32], &[f32]),
-    h0: Option<&[f32]>,
+    start: fwd::Start<'_>,
     (o, chunk_states, final_state): (&mut [f32], &mut [f32], &mut [f32]),
 ) -> Result<(), RlaError> {
     check_inputs(op, cfg, d, q, k, v)?;
     let (cs, fs) = (d.chunk_states_shape(cfg), d.final_state_shape());
-    if let Some(h0) = h0 {
+    if let Some(h0) = start.h0 {
         check_len(op, "h0", h0.len(), &fs, d)?;
     }
     check_len(op, "o", o.len(), &d.q_shape(), d)?;
     check_len(op, "chunk_states", chunk_states.len(), &cs, d)?;
     check_len(op, "final_state", final_state.len(), &fs, d)?;
-    fwd::forward(cfg, d, q, k, v, h0, o, chunk_states, final_state);
+    fwd::forward(cfg, d, q, k, v, start, o, chunk_states, final_state);
     Ok(())
 }
 
