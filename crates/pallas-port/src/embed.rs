@@ -21,7 +21,8 @@
 
 use crate::graph::CallVjp;
 use crate::kernel::embed::{embed_bwd, embed_fwd, Columns};
-use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape};
+use crate::row_region::Rows;
+use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape, Sharding};
 use pjrt::ffi::{CallFrame, FfiError};
 use std::sync::Arc;
 
@@ -97,6 +98,50 @@ pub fn embed_kernel(b: &Builder, table: Op, ids: Op, columns: usize) -> Result<O
     };
     b.custom_vjp(&[table, ids], fwd, Arc::new(vjp))?;
     Ok(fwd)
+}
+
+/// [`embed_kernel`] whose result `f32[..., columns, D]` is laid out across devices by
+/// `sharding` (a mesh's layout of the embeddings: cuts of the row dims — batch, T — never of
+/// D), as a manually partitioned region ([`crate::row_region`]): each device picks the rows of
+/// its own ids from the whole table (the partitioner gathers it from its own layout), and the
+/// table's gradient, scattered per device into a full-size table, is summed over the row
+/// pieces. The ids' first `columns` columns are sliced out before the region. A sharding that
+/// cuts nothing runs [`embed_kernel`] as it is.
+///
+/// Errors: the shapes of [`embed_kernel`]; a sharding that cuts D or does not divide the
+/// result.
+pub fn embed_in_region(
+    b: &Builder,
+    table: Op,
+    ids: Op,
+    columns: usize,
+    sharding: &Sharding,
+) -> Result<Op> {
+    const OP: &str = "embed_in_region";
+    let (td, id) = (b.shape(table)?.dims().to_vec(), b.shape(ids)?.dims().to_vec());
+    if td.len() != 2 || id.is_empty() || columns < 1 || id[id.len() - 1] < columns as i64 {
+        // The shape errors of the kernel, which checks the same.
+        return embed_kernel(b, table, ids, columns);
+    }
+    let mut out = id.clone();
+    *out.last_mut().expect("ids rank ≥ 1") = columns as i64;
+    out.push(td[1]);
+    let Some(region) = Rows::new(b, OP, sharding, &out, id.len())? else {
+        return embed_kernel(b, table, ids, columns);
+    };
+    let ids = if id[id.len() - 1] == columns as i64 {
+        ids
+    } else {
+        b.slice_in_dim(ids, 0, columns as i64, id.len() - 1)?
+    };
+    let tp = region.param_piece(b, table, &[1, 1])?;
+    let ip = b.full_to_shard(ids, region.row_sharding())?;
+    let x = {
+        let _m = b.manual_scope();
+        let local = b.shape(ip)?.dims().to_vec();
+        embed_kernel(b, tp, ip, local[local.len() - 1] as usize)?
+    };
+    b.shard_to_full(x, sharding.clone(), &out)
 }
 
 /// The [`Columns`] of the handler's ids (operand `ids_arg`, `[..., L]`) for attribute `columns`;
