@@ -13,7 +13,7 @@ use crate::sharding::Mesh;
 pub enum RowKernel {
     /// The HLO lowering (the mesh cuts the op's feature dim).
     Hlo,
-    /// The kernel pair on the whole operand (one device, or a layout that cuts nothing).
+    /// The kernel pair on the whole operand (one device).
     Whole,
     /// The kernel pair in a manual region over the rows of the operand laid out by this
     /// sharding ([`pallas_port::row_region`]).
@@ -412,8 +412,7 @@ impl Model {
 
     /// Where one row-wise op whose lowering resolved to the kernel pair runs under this model's
     /// mesh, for its operand `name` of `dims` with logical `axes` (the last the feature dim the
-    /// kernel reduces over): on the whole value on one device (or when the layout cuts
-    /// nothing), in a manual region over the rows laid out by the rules
+    /// kernel reduces over): on the whole value on one device, in a manual region over the rows laid out by the rules
     /// ([`RowKernel::Region`]), or as HLO where the rules cut the feature dim and the setting
     /// (`model.{key}`, `setting`) is `auto`. `gather_feature`: the op takes the feature dim whole
     /// whatever the rules say (the embedding's result, which the partitioner re-cuts after the
@@ -458,10 +457,9 @@ impl Model {
             }
             return Ok(RowKernel::Hlo);
         }
-        Ok(match mesh.sharding(&spec) {
-            hlo_builder::Sharding::Replicated => RowKernel::Whole,
-            s => RowKernel::Region(s),
-        })
+        // Even a layout that cuts nothing (every device holds the whole operand) is a region:
+        // outside one the partitioner would see the custom calls.
+        Ok(RowKernel::Region(mesh.sharding(&spec)))
     }
 
     /// The paper's SWA baseline: the same layers and window, local layers without RLA.

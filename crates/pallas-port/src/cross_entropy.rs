@@ -11,6 +11,10 @@
 //! d_logits f32[..., T, V]`. Only the logits get a gradient (targets and weights are data). On the train step this spares
 //! XLA ~10 distinct kernels to compile (the logsumexp, the target pick, `softmax − onehot`).
 //!
+//! The calls' operands and results are constrained to row-major layouts (the kernels index
+//! them so): XLA's layout assignment is otherwise free to pick another (it gave the embedding's
+//! result `{1,0,2}` under a tensor mesh, where its user is a transposing dot).
+//!
 //! ```no_run
 //! use hlo_builder::{Builder, ElementType, Shape};
 //! let b = Builder::new("xent");
@@ -80,7 +84,7 @@ fn xent_backward(
     let (logits, targets, weights) = (inputs[0], inputs[1], inputs[2]);
     let lse = b.get_tuple_element(output, 1)?;
     let _s = b.name_scope("xent_bwd");
-    let d_logits = b.custom_call(
+    let d_logits = b.custom_call_row_major(
         XENT_BWD_TARGET,
         &[logits, targets, weights, lse, d_loss],
         b.shape(logits)?,
@@ -119,7 +123,7 @@ pub fn cross_entropy_kernel(
     ]);
     let fwd = {
         let _s = b.name_scope("xent_fwd");
-        b.custom_call(
+        b.custom_call_row_major(
             XENT_FWD_TARGET,
             &[logits, targets, weights],
             out,
@@ -144,7 +148,8 @@ pub fn cross_entropy_kernel(
 /// 1)`: the weights enter the region divided by `max(Σ w, 1)` over all rows, so each piece's
 /// kernel (whose own `Σ w` is then at most 1, for weights ≥ 0) returns its share `Σ_piece w·nll
 /// / max(Σ w, 1)`. The targets are sliced out of `targets` (columns `offset..offset + T`)
-/// before the region. A sharding that cuts nothing runs [`cross_entropy_kernel`] as it is.
+/// before the region. A sharding that cuts nothing runs the kernel on the whole value on
+/// every device.
 ///
 /// Errors: the shapes of [`cross_entropy_kernel`]; a sharding that cuts V or does not divide
 /// the logits.
@@ -158,9 +163,7 @@ pub fn cross_entropy_in_region(
     const OP: &str = "cross_entropy_in_region";
     let rows = row_dims(b, OP, logits, (targets, offset), weights)?;
     let ld = b.shape(logits)?.dims().to_vec();
-    let Some(region) = Rows::new(b, OP, sharding, &ld, ld.len() - 1)? else {
-        return cross_entropy_kernel(b, logits, (targets, offset), weights);
-    };
+    let region = Rows::new(b, OP, sharding, &ld, ld.len() - 1)?;
     let t = ld[ld.len() - 2];
     let tr = b.shape(targets)?.dims().len();
     let targets = if offset == 0 && b.shape(targets)?.dims()[tr - 1] == t {

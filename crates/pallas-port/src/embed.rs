@@ -9,6 +9,10 @@
 //! token array `[B, T+1]` itself, with no slice for XLA to compile); backward: `(ids, d_out) ->
 //! d_table f32[V, D]`. Ids outside `[0, V)` are clamped, as the gather clamps them.
 //!
+//! The calls' operands and results are constrained to row-major layouts (the kernels index
+//! them so): XLA's layout assignment is otherwise free to pick another (it gave the embedding's
+//! result `{1,0,2}` under a tensor mesh, where its user is a transposing dot).
+//!
 //! ```no_run
 //! use hlo_builder::{Builder, ElementType, Shape};
 //! let b = Builder::new("embed");
@@ -45,7 +49,7 @@ fn embed_backward(
 ) -> Result<Vec<Option<Op>>> {
     let (table, ids) = (inputs[0], inputs[1]);
     let _s = b.name_scope("embed_bwd");
-    let d_table = b.custom_call(
+    let d_table = b.custom_call_row_major(
         EMBED_BWD_TARGET,
         &[ids, d_out],
         b.shape(table)?,
@@ -82,7 +86,7 @@ pub fn embed_kernel(b: &Builder, table: Op, ids: Op, columns: usize) -> Result<O
     out.push(td[1]);
     let fwd = {
         let _s = b.name_scope("embed_fwd");
-        b.custom_call(
+        b.custom_call_row_major(
             EMBED_FWD_TARGET,
             &[table, ids],
             Shape::array(ElementType::F32, &out),
@@ -106,7 +110,7 @@ pub fn embed_kernel(b: &Builder, table: Op, ids: Op, columns: usize) -> Result<O
 /// its own ids from the whole table (the partitioner gathers it from its own layout), and the
 /// table's gradient, scattered per device into a full-size table, is summed over the row
 /// pieces. The ids' first `columns` columns are sliced out before the region. A sharding that
-/// cuts nothing runs [`embed_kernel`] as it is.
+/// cuts nothing runs the kernel on the whole value on every device.
 ///
 /// Errors: the shapes of [`embed_kernel`]; a sharding that cuts D or does not divide the
 /// result.
@@ -126,9 +130,7 @@ pub fn embed_in_region(
     let mut out = id.clone();
     *out.last_mut().expect("ids rank ≥ 1") = columns as i64;
     out.push(td[1]);
-    let Some(region) = Rows::new(b, OP, sharding, &out, id.len())? else {
-        return embed_kernel(b, table, ids, columns);
-    };
+    let region = Rows::new(b, OP, sharding, &out, id.len())?;
     let ids = if id[id.len() - 1] == columns as i64 {
         ids
     } else {

@@ -8,6 +8,10 @@
 //! this spares XLA ~10 distinct kernels to compile (each norm's scaling, its transposed copy for
 //! the next matmul's weight gradient, and its backward).
 //!
+//! The calls' operands and results are constrained to row-major layouts (the kernels index
+//! them so): XLA's layout assignment is otherwise free to pick another (it gave the embedding's
+//! result `{1,0,2}` under a tensor mesh, where its user is a transposing dot).
+//!
 //! ```no_run
 //! use hlo_builder::{Builder, ElementType, Shape};
 //! let b = Builder::new("norm");
@@ -60,7 +64,7 @@ fn rms_norm_backward(b: &Builder, inputs: &[Op], output: Op, dy: Op) -> Result<V
     let out = Shape::tuple(vec![b.shape(x)?, b.shape(scale)?]);
     let g = {
         let _s = b.name_scope("rms_norm_bwd");
-        b.custom_call(RMS_NORM_BWD_TARGET, &[x, scale, inv, dy], out, &[])?
+        b.custom_call_row_major(RMS_NORM_BWD_TARGET, &[x, scale, inv, dy], out, &[])?
     };
     Ok(vec![
         Some(b.get_tuple_element(g, 0)?),
@@ -78,7 +82,7 @@ pub fn rms_norm_kernel(b: &Builder, x: Op, scale: Op, eps: f64) -> Result<Op> {
     let out = Shape::tuple(vec![b.shape(x)?, Shape::array(ElementType::F32, &rows)]);
     let fwd = {
         let _s = b.name_scope("rms_norm_fwd");
-        b.custom_call(
+        b.custom_call_row_major(
             RMS_NORM_FWD_TARGET,
             &[x, scale],
             out,
@@ -100,7 +104,7 @@ pub fn rms_norm_kernel(b: &Builder, x: Op, scale: Op, eps: f64) -> Result<Op> {
 /// partitioned region ([`crate::row_region`]): each device normalises its own rows with the
 /// kernel pair, the scale reaches every row piece whole in D (the partitioner gathers it from
 /// its own layout) and its gradient is summed over the row pieces. Returns `y` laid out by
-/// `sharding`. A sharding that cuts nothing runs [`rms_norm_kernel`] as it is.
+/// `sharding`. A sharding that cuts nothing runs the kernel on the whole value on every device.
 ///
 /// Errors: the shapes of [`rms_norm_kernel`]; a sharding that cuts D or does not divide `x`.
 pub fn rms_norm_in_region(
@@ -114,9 +118,7 @@ pub fn rms_norm_in_region(
     row_dims(b, OP, x, scale)?;
     let xd = b.shape(x)?.dims().to_vec();
     let rows = xd.len() - b.shape(scale)?.dims().len();
-    let Some(region) = Rows::new(b, OP, sharding, &xd, rows)? else {
-        return rms_norm_kernel(b, x, scale, eps);
-    };
+    let region = Rows::new(b, OP, sharding, &xd, rows)?;
     let tiles = sharding
         .tiles_per_dim(xd.len())
         .map_err(|e| b.error(OP, e.message))?;

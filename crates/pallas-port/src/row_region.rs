@@ -29,9 +29,9 @@ pub(crate) struct Rows {
 }
 
 impl Rows {
-    /// The layout of `x` of `dims` under `sharding`, whose first `rows` dims are the rows;
-    /// `Ok(None)` when the sharding cuts nothing (the plain kernel runs on the whole value).
-    /// Errors (naming `op`, the dims and the sharding): a sharding without tiles per dim
+    /// The layout of `x` of `dims` under `sharding`, whose first `rows` dims are the rows (a
+    /// sharding that cuts nothing makes a region whose one piece is the whole value on every
+    /// device: XLA's partitioner must not see the custom calls outside a region). Errors (naming `op`, the dims and the sharding): a sharding without tiles per dim
     /// (maximal, tuple, manual), a cut of the last dim (the kernel's feature dim), or a dim that
     /// does not divide.
     #[track_caller]
@@ -41,7 +41,7 @@ impl Rows {
         sharding: &Sharding,
         dims: &[i64],
         rows: usize,
-    ) -> Result<Option<Rows>> {
+    ) -> Result<Rows> {
         let udims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
         let tiles = sharding
             .tiles_per_dim(dims.len())
@@ -57,14 +57,11 @@ impl Rows {
                 ),
             ));
         }
-        if tiles.iter().all(|&t| t == 1) {
-            return Ok(None);
-        }
-        Ok(Some(Rows {
+        Ok(Rows {
             sharding: sharding.clone(),
             tiles,
             rows,
-        }))
+        })
     }
 
     /// The operand's sharding.
@@ -104,7 +101,8 @@ impl Rows {
             last_tile_dim_replicate,
         } = &self.sharding
         else {
-            unreachable!("Rows::new keeps only tiled shardings with a cut")
+            // Replicated: tiles_per_dim accepts no other sharding.
+            return Sharding::Replicated;
         };
         debug_assert_eq!(
             dims.iter().product::<usize>(),

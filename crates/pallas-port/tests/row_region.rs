@@ -185,6 +185,13 @@ fn group_norm_region_with_heads_cut_equals_f64() {
         x,
     };
     norm_case(&mesh, &[4, 8, 4, 8], &[4, 8], &scale);
+    // tensor 2 alone: one row piece (G = 1), the heads cut.
+    let heads = Mesh {
+        name: "tensor 2 (heads)",
+        n: 2,
+        x: Sharding::tiled(&[1, 1, 2, 1]),
+    };
+    norm_case(&heads, &[4, 8, 4, 8], &[4, 8], &Sharding::tiled(&[2, 1]));
     for mesh in meshes(4) {
         norm_case(&mesh, &[4, 8, 4, 8], &[4, 8], &Sharding::Replicated);
     }
@@ -303,7 +310,21 @@ fn embed_region_equals_f64_on_meshes() {
         }
     }
     let (tbd, td, xd) = ([v, d], [bs, t + 1], [bs, t, d]);
-    for mesh in meshes(3) {
+    let mut cases: Vec<(Mesh, Sharding)> = meshes(3)
+        .into_iter()
+        .map(|m| (m, Sharding::Replicated))
+        .collect();
+    // tensor 2 under the default rules: the rows are whole (the region's layout replicates
+    // them), the table arrives cut over V.
+    cases.push((
+        Mesh {
+            name: "tensor 2 (table cut over V)",
+            n: 2,
+            x: Sharding::Replicated,
+        },
+        Sharding::tiled(&[2, 1]),
+    ));
+    for (mesh, table_sharding) in cases {
         let b = Builder::new("embed_region");
         let (tab, tp, wp) = (
             b.parameter(f32_shape(&tbd), "table").unwrap(),
@@ -311,7 +332,7 @@ fn embed_region_equals_f64_on_meshes() {
             b.parameter(f32_shape(&xd), "w").unwrap(),
         );
         for (p, s) in [
-            (tab, Sharding::Replicated),
+            (tab, table_sharding.clone()),
             (tp, Sharding::Replicated),
             (wp, mesh.x.clone()),
         ] {
@@ -322,7 +343,7 @@ fn embed_region_equals_f64_on_meshes() {
         let l = b.reduce_sum(b.mul(x, wp).unwrap(), &[0, 1, 2]).unwrap();
         let g = b.grad(l, &[tab]).unwrap();
         let root = b.tuple(&[x, g[0]]).unwrap();
-        b.set_sharding(root, Sharding::Tuple(vec![mesh.x.clone(), Sharding::Replicated]))
+        b.set_sharding(root, Sharding::Tuple(vec![mesh.x.clone(), table_sharding.clone()]))
             .unwrap();
         let piece: Vec<String> = mesh
             .x
@@ -341,13 +362,29 @@ fn embed_region_equals_f64_on_meshes() {
                 &["rattention.embed_fwd", "rattention.embed_bwd"],
                 &format!("s32[{}]", piece.join(",")),
             ),
-            &[(&table, &tbd, &rep), (&tokens, &td, &rep), (&w, &xd, &mesh.x)],
-            &[(&xd, &mesh.x), (&tbd, &rep)],
+            &[
+                (&table, &tbd, &table_sharding),
+                (&tokens, &td, &rep),
+                (&w, &xd, &mesh.x),
+            ],
+            &[(&xd, &mesh.x), (&tbd, &table_sharding)],
         );
         let what = format!("embedding on {}", mesh.name);
         check(&format!("{what}: x"), &out[0], &want_x);
         check(&format!("{what}: d_table"), &out[1], &want_dt);
     }
+}
+
+/// A layout that cuts nothing on a mesh (every device holds the whole operand, the embedding
+/// under tensor 2 whose D the region keeps whole) still runs the kernels in a region.
+#[test]
+fn a_replicated_layout_runs_the_kernels_on_every_device() {
+    let mesh = Mesh {
+        name: "2 devices, replicated",
+        n: 2,
+        x: Sharding::Replicated,
+    };
+    norm_case(&mesh, &[4, 8, 16], &[16], &Sharding::Replicated);
 }
 
 /// A layout that cuts the feature dim is refused, naming the op and the cut.
