@@ -122,9 +122,7 @@ impl Model {
         {
             RowKernel::Hlo => rms_norm(b, x, scale, eps),
             RowKernel::Whole => pallas_port::rms_norm::rms_norm_kernel(b, x, scale, eps),
-            RowKernel::Region(s) => {
-                pallas_port::rms_norm::rms_norm_in_region(b, x, scale, eps, &s)
-            }
+            RowKernel::Region(s) => pallas_port::rms_norm::rms_norm_in_region(b, x, scale, eps, &s),
         }
     }
 
@@ -141,9 +139,14 @@ impl Model {
     ) -> Result<Op> {
         let axes = [Batch, Length, KvHeads, HeadDim];
         let name = format!("{prefix}.mix");
-        mix_local_with(b, p, prefix, (swa, rla), self.config().rla.norm, |x, scale| {
-            self.norm(b, (x, scale), MIX_NORM_EPS, &name, &axes, kernel_norm)
-        })
+        mix_local_with(
+            b,
+            p,
+            prefix,
+            (swa, rla),
+            self.config().rla.norm,
+            |x, scale| self.norm(b, (x, scale), MIX_NORM_EPS, &name, &axes, kernel_norm),
+        )
     }
 
     /// `x` through the per-head RMSNorm `{prefix}.{which}.scale` when `qk_norm`, else `x`: the
@@ -358,8 +361,15 @@ impl Model {
                 let width = self.config().d_model as i64;
                 let setting = ("embed_lowering", self.config().embed_lowering);
                 let residual = [Batch, Length, ActivationEmbed];
-                self.row_kernel("embed", setting, "embed.out", &[td[0], t, width], &residual, true)
-                    .map_err(|e| b.error("embed", e))?
+                self.row_kernel(
+                    "embed",
+                    setting,
+                    "embed.out",
+                    &[td[0], t, width],
+                    &residual,
+                    true,
+                )
+                .map_err(|e| b.error("embed", e))?
             }
             _ => RowKernel::Hlo,
         };
@@ -669,8 +679,15 @@ impl Model {
             KernelLowering::Kernel => {
                 let setting = ("loss_lowering", self.config().loss_lowering);
                 let ld = dims(b, logits)?;
-                self.row_kernel("weighted_loss", setting, "logits", &ld, &[Batch, Length, Vocab], false)
-                    .map_err(|e| b.error("weighted_loss", e))?
+                self.row_kernel(
+                    "weighted_loss",
+                    setting,
+                    "logits",
+                    &ld,
+                    &[Batch, Length, Vocab],
+                    false,
+                )
+                .map_err(|e| b.error("weighted_loss", e))?
             }
             _ => RowKernel::Hlo,
         };

@@ -296,15 +296,23 @@ fn norm_loss_and_embed_kernels_run_in_row_regions_under_a_mesh() {
     assert_eq!(norms.len(), 4 * 2 + 3 * 2 + 1, "{t}");
     assert!(norms.iter().all(|l| l.contains("{manual}")), "{norms:#?}");
     assert!(
-        norms.iter().any(|l| l.contains("(f32[2,32,64]{2,1,0}, f32[2,32]")),
+        norms
+            .iter()
+            .any(|l| l.contains("(f32[2,32,64]{2,1,0}, f32[2,32]")),
         "{norms:#?}"
     );
     let xent = calls(&t, "xent_fwd");
     assert_eq!(xent.len(), 1, "{t}");
-    assert!(xent[0].contains("f32[2,32,") && xent[0].contains("{manual}"), "{xent:#?}");
+    assert!(
+        xent[0].contains("f32[2,32,") && xent[0].contains("{manual}"),
+        "{xent:#?}"
+    );
     let emb = calls(&t, "embed_fwd");
     assert_eq!(emb.len(), 1, "{t}");
-    assert!(emb[0].contains("f32[2,32,64]") && emb[0].contains("{manual}"), "{emb:#?}");
+    assert!(
+        emb[0].contains("f32[2,32,64]") && emb[0].contains("{manual}"),
+        "{emb:#?}"
+    );
     // data 2 × tensor 2: d_model and the vocab are cut over tensor: the residual norms and the
     // loss are HLO; the mixing's group norms (heads over tensor) and the embedding run.
     let t = text(&cfg, mesh(2, 1, 2, 4)).unwrap();

@@ -122,7 +122,10 @@ pub fn embed_in_region(
     sharding: &Sharding,
 ) -> Result<Op> {
     const OP: &str = "embed_in_region";
-    let (td, id) = (b.shape(table)?.dims().to_vec(), b.shape(ids)?.dims().to_vec());
+    let (td, id) = (
+        b.shape(table)?.dims().to_vec(),
+        b.shape(ids)?.dims().to_vec(),
+    );
     if td.len() != 2 || id.is_empty() || columns < 1 || id[id.len() - 1] < columns as i64 {
         // The shape errors of the kernel, which checks the same.
         return embed_kernel(b, table, ids, columns);

@@ -64,7 +64,11 @@ fn compile_and_run(
             .lines()
             .filter(|l| l.contains(&format!("custom_call_target=\"{t}\"")))
             .collect();
-        assert!(!calls.is_empty(), "{}: no {t} in the program:\n{hlo}", mesh.name);
+        assert!(
+            !calls.is_empty(),
+            "{}: no {t} in the program:\n{hlo}",
+            mesh.name
+        );
         if t.ends_with("_fwd") {
             assert!(
                 calls.iter().any(|l| l.contains(piece)),
@@ -91,10 +95,18 @@ fn norm_reference(
     d: usize,
     eps: f64,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let (mut y, mut dx, mut ds) = (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; scale.len()]);
+    let (mut y, mut dx, mut ds) = (
+        vec![0.0; x.len()],
+        vec![0.0; x.len()],
+        vec![0.0; scale.len()],
+    );
     for r in 0..x.len() / d {
         let row = r * d..(r + 1) * d;
-        let ms = x[row.clone()].iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
+        let ms = x[row.clone()]
+            .iter()
+            .map(|&v| (v as f64).powi(2))
+            .sum::<f64>()
+            / d as f64;
         let inv = 1.0 / (ms + eps).sqrt();
         let mut dot = 0.0;
         for i in row.clone() {
@@ -119,7 +131,11 @@ fn norm_case(mesh: &Mesh, xd: &[usize], sd: &[usize], ss: &Sharding) {
     let n = xd.iter().product();
     let x = rng.vec(n, 2.0);
     let w = rng.vec(n, 1.0);
-    let scale: Vec<f32> = rng.vec(sd.iter().product(), 0.5).iter().map(|v| v + 1.0).collect();
+    let scale: Vec<f32> = rng
+        .vec(sd.iter().product(), 0.5)
+        .iter()
+        .map(|v| v + 1.0)
+        .collect();
     let b = Builder::new("norm_region");
     let (xp, sp, wp) = (
         b.parameter(f32_shape(xd), "x").unwrap(),
@@ -134,8 +150,11 @@ fn norm_case(mesh: &Mesh, xd: &[usize], sd: &[usize], ss: &Sharding) {
     let l = b.reduce_sum(b.mul(y, wp).unwrap(), &all).unwrap();
     let g = b.grad(l, &[xp, sp]).unwrap();
     let root = b.tuple(&[y, g[0], g[1]]).unwrap();
-    b.set_sharding(root, Sharding::Tuple(vec![mesh.x.clone(), mesh.x.clone(), ss.clone()]))
-        .unwrap();
+    b.set_sharding(
+        root,
+        Sharding::Tuple(vec![mesh.x.clone(), mesh.x.clone(), ss.clone()]),
+    )
+    .unwrap();
     let piece: Vec<String> = mesh
         .x
         .shard_dims(xd)
@@ -256,12 +275,14 @@ fn cross_entropy_region_equals_f64_on_meshes() {
             b.set_sharding(p, Sharding::Replicated).unwrap();
         }
         let ids = b.convert(tp, ElementType::S32).unwrap();
-        let loss =
-            cross_entropy::cross_entropy_in_region(&b, lp, (ids, 1), wp, &mesh.x).unwrap();
+        let loss = cross_entropy::cross_entropy_in_region(&b, lp, (ids, 1), wp, &mesh.x).unwrap();
         let g = b.grad(loss, &[lp]).unwrap();
         let root = b.tuple(&[b.reshape(loss, &[1]).unwrap(), g[0]]).unwrap();
-        b.set_sharding(root, Sharding::Tuple(vec![Sharding::Replicated, mesh.x.clone()]))
-            .unwrap();
+        b.set_sharding(
+            root,
+            Sharding::Tuple(vec![Sharding::Replicated, mesh.x.clone()]),
+        )
+        .unwrap();
         let piece: Vec<String> = mesh
             .x
             .shard_dims(&ld)
@@ -278,7 +299,11 @@ fn cross_entropy_region_equals_f64_on_meshes() {
                 &["rattention.xent_fwd", "rattention.xent_bwd"],
                 &format!("(f32[{}]", piece.join(",")),
             ),
-            &[(&logits, &ld, &mesh.x), (&tokens, &td, &rep), (&weights, &wd, &rep)],
+            &[
+                (&logits, &ld, &mesh.x),
+                (&tokens, &td, &rep),
+                (&weights, &wd, &rep),
+            ],
             &[(&[1], &rep), (&ld, &mesh.x)],
         );
         let what = format!("cross-entropy on {}", mesh.name);
@@ -343,8 +368,11 @@ fn embed_region_equals_f64_on_meshes() {
         let l = b.reduce_sum(b.mul(x, wp).unwrap(), &[0, 1, 2]).unwrap();
         let g = b.grad(l, &[tab]).unwrap();
         let root = b.tuple(&[x, g[0]]).unwrap();
-        b.set_sharding(root, Sharding::Tuple(vec![mesh.x.clone(), table_sharding.clone()]))
-            .unwrap();
+        b.set_sharding(
+            root,
+            Sharding::Tuple(vec![mesh.x.clone(), table_sharding.clone()]),
+        )
+        .unwrap();
         let piece: Vec<String> = mesh
             .x
             .shard_dims(&xd)
