@@ -14,7 +14,9 @@
 //! attention as HLO blocks (`model.attention_lowering = "hlo"`) instead of the CPU kernel at
 //! runtime positions (what `auto` picks on CPU); `seq8-rlahlo` and `data2xseq4-rlahlo` compose
 //! RLA's prefix state in HLO (`model.rla.seq_state = "hlo"`, the composition before the kernels
-//! took h0). `data8-zero`, `seq8-zero` and
+//! took h0). `data8-rowhlo`, `seq8-rowhlo` and `data2xseq4-rowhlo` lower the norms, the loss
+//! and the embedding as HLO instead of their CPU kernels in manual regions over the rows.
+//! `data8-zero`, `seq8-zero` and
 //! `data2xseq4-zero` turn on `mesh.shard_optimizer` (ZeRO-1: moments cut over the axes their
 //! parameters are replicated over, each device updating its slice); `seq8-embedfsdp` and
 //! `data2xseq4-embedfsdp` keep the parameters whole over `seq` (`mesh.rules.embed = ["fsdp"]`,
@@ -60,7 +62,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 /// Label and `[mesh]` overrides of each run.
-const MESHES: [(&str, &[&str]); 23] = [
+const MESHES: [(&str, &[&str]); 26] = [
     ("1 device", &[]),
     ("data8", &["mesh.data=8"]),
     ("fsdp8", &["mesh.fsdp=8"]),
@@ -102,6 +104,36 @@ const MESHES: [(&str, &[&str]); 23] = [
     (
         "data2xseq4-opthlo",
         &["mesh.data=2", "mesh.seq=4", "train.optimizer_lowering=hlo"],
+    ),
+    // The norms, the loss and the embedding as HLO instead of their kernels in manual regions
+    // over the rows (the CPU default).
+    (
+        "data8-rowhlo",
+        &[
+            "mesh.data=8",
+            "model.norm_lowering=hlo",
+            "model.loss_lowering=hlo",
+            "model.embed_lowering=hlo",
+        ],
+    ),
+    (
+        "seq8-rowhlo",
+        &[
+            "mesh.seq=8",
+            "model.norm_lowering=hlo",
+            "model.loss_lowering=hlo",
+            "model.embed_lowering=hlo",
+        ],
+    ),
+    (
+        "data2xseq4-rowhlo",
+        &[
+            "mesh.data=2",
+            "mesh.seq=4",
+            "model.norm_lowering=hlo",
+            "model.loss_lowering=hlo",
+            "model.embed_lowering=hlo",
+        ],
     ),
     // ZeRO-1: the Adam moments cut over the axes their parameters are replicated over, each
     // device updating its slice (`mesh.shard_optimizer`).

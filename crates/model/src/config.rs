@@ -58,10 +58,13 @@ pub use pallas_port::SeqState;
 /// `"kernel"` ([`AttentionLowering`], resolved for the platform a graph runs on).
 pub use pallas_port::attention::AttentionLowering;
 
-/// How the train loss (softmax cross-entropy), the RMS norms and the token embedding are lowered: `"auto"` (the
-/// default: our CPU kernel pairs as custom calls for a graph on one CPU device, element-wise HLO
-/// elsewhere), `"hlo"` or `"kernel"` ([`KernelLowering`], resolved for the platform and device
-/// count a graph runs on).
+/// How the train loss (softmax cross-entropy), the RMS norms and the token embedding are lowered:
+/// `"auto"` (the default: our CPU kernel pairs as custom calls for a graph on the CPU platform,
+/// element-wise HLO elsewhere), `"hlo"` or `"kernel"` ([`KernelLowering`], resolved for the
+/// platform a graph runs on). Under a mesh the kernels run in manual regions over the rows
+/// (batch and sequence pieces); where the mesh cuts a norm's d_model or the loss's vocab (the
+/// default rules cut both over `tensor`), `"auto"` lowers that op as HLO and `"kernel"` is an
+/// error. The embedding gathers its table whole and runs the kernel on any CPU mesh.
 pub use pallas_port::kernel_lowering::KernelLowering;
 
 /// Residual-linear-attention options of local layers.
@@ -224,17 +227,19 @@ pub struct ModelConfig {
     #[serde(default, skip_serializing_if = "AttentionLowering::is_auto")]
     pub attention_lowering: AttentionLowering,
     /// Lowering of the train loss (softmax cross-entropy; see [`KernelLowering`]). `"kernel"`
-    /// needs one device. Written out only when not `"auto"`.
+    /// needs the vocab whole on each device (not cut over `tensor`). Written out only when not
+    /// `"auto"`.
     #[serde(default, skip_serializing_if = "KernelLowering::is_auto")]
     pub loss_lowering: KernelLowering,
     /// Lowering of the RMS norms of the forward and the train step (see [`KernelLowering`]);
-    /// decoding keeps the HLO norms. `"kernel"` needs one device. Written out only when not
-    /// `"auto"`.
+    /// decoding keeps the HLO norms. `"kernel"` needs the normalised dim whole on each device
+    /// (`activation_embed` not cut; the mixing's group norms need head dim whole). Written out
+    /// only when not `"auto"`.
     #[serde(default, skip_serializing_if = "KernelLowering::is_auto")]
     pub norm_lowering: KernelLowering,
     /// Lowering of the token embedding of the forward and the train step (a gather and its
-    /// scatter-add; see [`KernelLowering`]); decoding keeps the HLO gather. `"kernel"` needs one
-    /// device. Written out only when not `"auto"`.
+    /// scatter-add; see [`KernelLowering`]); decoding keeps the HLO gather. Under a mesh the
+    /// kernel reads the whole table on every device. Written out only when not `"auto"`.
     #[serde(default, skip_serializing_if = "KernelLowering::is_auto")]
     pub embed_lowering: KernelLowering,
 }

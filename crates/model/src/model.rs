@@ -7,6 +7,19 @@ use crate::config::{ConfigError, LayerKind, LayerPattern, LocalKind, ModelConfig
 use crate::params::{self, ParamSpec};
 use crate::sharding::Mesh;
 
+/// Where a row-wise op with a CPU kernel pair (a norm, the loss, the embedding) runs in a graph
+/// under the model's mesh ([`Model::row_kernel`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowKernel {
+    /// The HLO lowering (the mesh cuts the op's feature dim).
+    Hlo,
+    /// The kernel pair on the whole operand (one device).
+    Whole,
+    /// The kernel pair in a manual region over the rows of the operand laid out by this
+    /// sharding ([`pallas_port::row_region`]).
+    Region(hlo_builder::Sharding),
+}
+
 /// What the backward pass keeps of the forward (`[train] remat`, MaxText's `remat_policy`).
 ///
 /// Serialized in snake_case: `"none"`, `"layer_inputs"`, `"dots_saveable"` (alias
@@ -377,29 +390,76 @@ impl Model {
         self.cfg.attention_lowering.for_platform(platform)
     }
 
-    /// The lowering of the train loss in a graph that runs on `platform` over this model's mesh:
-    /// `auto` resolves with [`pallas_port::kernel_lowering::KernelLowering::resolve`] (our
-    /// kernels on one CPU device, HLO elsewhere).
+    /// The lowering of the train loss in a graph that runs on `platform`: `auto` resolves with
+    /// [`pallas_port::kernel_lowering::KernelLowering::resolve`] (our kernels on the CPU
+    /// platform, HLO elsewhere). Under a mesh the kernels run in manual regions over the rows,
+    /// or the op falls back to HLO where the mesh cuts its feature dim ([`Model::row_kernel`]).
     pub fn loss_lowering(&self, platform: &str) -> pallas_port::kernel_lowering::KernelLowering {
-        self.cfg
-            .loss_lowering
-            .resolve(platform, self.mesh().device_count())
+        self.cfg.loss_lowering.resolve(platform)
     }
 
-    /// The lowering of the token embedding in a graph that runs on `platform` over this model's
-    /// mesh, as [`Model::loss_lowering`] resolves it.
+    /// The lowering of the token embedding in a graph that runs on `platform`, as
+    /// [`Model::loss_lowering`] resolves it.
     pub fn embed_lowering(&self, platform: &str) -> pallas_port::kernel_lowering::KernelLowering {
-        self.cfg
-            .embed_lowering
-            .resolve(platform, self.mesh().device_count())
+        self.cfg.embed_lowering.resolve(platform)
     }
 
-    /// The lowering of the RMS norms in a graph that runs on `platform` over this model's mesh,
-    /// as [`Model::loss_lowering`] resolves it.
+    /// The lowering of the RMS norms in a graph that runs on `platform`, as
+    /// [`Model::loss_lowering`] resolves it.
     pub fn norm_lowering(&self, platform: &str) -> pallas_port::kernel_lowering::KernelLowering {
-        self.cfg
-            .norm_lowering
-            .resolve(platform, self.mesh().device_count())
+        self.cfg.norm_lowering.resolve(platform)
+    }
+
+    /// Where one row-wise op whose lowering resolved to the kernel pair runs under this model's
+    /// mesh, for its operand `name` of `dims` with logical `axes` (the last the feature dim the
+    /// kernel reduces over): on the whole value on one device, in a manual region over the rows laid out by the rules
+    /// ([`RowKernel::Region`]), or as HLO where the rules cut the feature dim and the setting
+    /// (`model.{key}`, `setting`) is `auto`. `gather_feature`: the op takes the feature dim whole
+    /// whatever the rules say (the embedding's result, which the partitioner re-cuts after the
+    /// region). Errors: an explicit `"kernel"` on a mesh that cuts the feature dim (naming `op`,
+    /// the key, the dim and the mesh axes), a dim the rules do not divide.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn row_kernel(
+        &self,
+        op: &'static str,
+        (key, setting): (&str, pallas_port::kernel_lowering::KernelLowering),
+        name: &str,
+        dims: &[i64],
+        axes: &[crate::params::LogicalAxis],
+        gather_feature: bool,
+    ) -> Result<RowKernel, String> {
+        let mesh = self.mesh();
+        if mesh.device_count() == 1 {
+            return Ok(RowKernel::Whole);
+        }
+        let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+        let mut spec = mesh
+            .partition_spec(name, &shape, axes)
+            .map_err(|e| e.to_string())?;
+        let last = spec.0.last_mut().expect("row-wise ops have a feature dim");
+        let cut: Vec<&str> = last
+            .iter()
+            .filter(|a| mesh.size(**a) > 1)
+            .map(|a| a.name())
+            .collect();
+        if gather_feature {
+            last.clear();
+        } else if !cut.is_empty() {
+            if setting == pallas_port::kernel_lowering::KernelLowering::Kernel {
+                return Err(format!(
+                    "{op}: model.{key} = \"kernel\" runs the kernel on each device's rows with \
+                     the feature dim whole, but the mesh cuts dim {} of {name} {dims:?} ({}) \
+                     over {}; use \"auto\" (which lowers this op as HLO there) or \"hlo\"",
+                    dims.len() - 1,
+                    axes[axes.len() - 1],
+                    cut.join(" × ")
+                ));
+            }
+            return Ok(RowKernel::Hlo);
+        }
+        // Even a layout that cuts nothing (every device holds the whole operand) is a region:
+        // outside one the partitioner would see the custom calls.
+        Ok(RowKernel::Region(mesh.sharding(&spec)))
     }
 
     /// The paper's SWA baseline: the same layers and window, local layers without RLA.

@@ -3,7 +3,8 @@
 
 use crate::config::{AttentionLowering, KernelLowering};
 use crate::layers::{causal_attention, cross_entropy, dims, ffn, linear, rms_norm, rope};
-use crate::model::{Attention, Model, Remat};
+use crate::model::{Attention, Model, Remat, RowKernel};
+use crate::params::LogicalAxis;
 use crate::params::LogicalAxis::{ActivationEmbed, Batch, HeadDim, KvHeads, Length, QHeads, Vocab};
 use hlo_builder::autodiff::BlockFn;
 use hlo_builder::{Builder, DotDims, ElementType, Op, Result};
@@ -48,11 +49,28 @@ pub fn mix_local(
     rla_norm: bool,
     kernel_norm: bool,
 ) -> Result<Op> {
+    mix_local_with(b, p, prefix, (swa, rla), rla_norm, |x, scale| {
+        rms_norm_with(b, x, scale, MIX_NORM_EPS, kernel_norm)
+    })
+}
+
+/// The epsilon of the mixing's group norms.
+const MIX_NORM_EPS: f64 = 1e-8;
+
+/// [`mix_local`] with the group norms made by `norm(x, scale)` (eps [`MIX_NORM_EPS`]).
+fn mix_local_with(
+    b: &Builder,
+    p: &ParamOps,
+    prefix: &str,
+    (swa, rla): (Op, Op),
+    rla_norm: bool,
+    norm: impl Fn(Op, Op) -> Result<Op>,
+) -> Result<Op> {
     let _s = b.name_scope("mix");
     let scale = |n: &str| param(p, &format!("{prefix}.{n}.scale"));
-    let a = rms_norm_with(b, swa, scale("swa_norm")?, 1e-8, kernel_norm)?;
+    let a = norm(swa, scale("swa_norm")?)?;
     let c = if rla_norm {
-        rms_norm_with(b, rla, scale("rla_norm")?, 1e-8, kernel_norm)?
+        norm(rla, scale("rla_norm")?)?
     } else {
         rla
     };
@@ -75,6 +93,60 @@ impl Model {
             map.insert(spec.name.clone(), op);
         }
         Ok((ops, map))
+    }
+
+    /// RMS normalisation of `x` (named `name` in errors, logical `axes`, the last the normalised
+    /// dim) by `scale` of `x`'s last dims: the HLO ([`rms_norm`]) unless `kernel` and `x` is
+    /// f32; with `kernel` our CPU kernel pair on the whole value (one device), in a manual region
+    /// over the rows as the mesh lays `x` out ([`pallas_port::rms_norm::rms_norm_in_region`]),
+    /// or the HLO where the mesh cuts the normalised dim ([`Model::row_kernel`]; an explicit
+    /// `model.norm_lowering = "kernel"` is an error there).
+    #[allow(clippy::too_many_arguments)]
+    fn norm(
+        &self,
+        b: &Builder,
+        (x, scale): (Op, Op),
+        eps: f64,
+        name: &str,
+        axes: &[LogicalAxis],
+        kernel: bool,
+    ) -> Result<Op> {
+        if !kernel || b.shape(x)?.ty() != Some(ElementType::F32) {
+            return rms_norm(b, x, scale, eps);
+        }
+        let setting = ("norm_lowering", self.config().norm_lowering);
+        let dims = b.shape(x)?.dims().to_vec();
+        match self
+            .row_kernel("rms_norm", setting, name, &dims, axes, false)
+            .map_err(|e| b.error("rms_norm", e))?
+        {
+            RowKernel::Hlo => rms_norm(b, x, scale, eps),
+            RowKernel::Whole => pallas_port::rms_norm::rms_norm_kernel(b, x, scale, eps),
+            RowKernel::Region(s) => pallas_port::rms_norm::rms_norm_in_region(b, x, scale, eps, &s),
+        }
+    }
+
+    /// [`mix_local`] in [`Model::attention_core_with_state`]: the group norms over the
+    /// `[B,T,N,H]` contexts through [`Model::norm`], laid out as the RLA regions lay out q
+    /// (heads by the `kv_heads` rule, so a cut of the heads meets the `[N, H]` scales' own).
+    fn mix(
+        &self,
+        b: &Builder,
+        p: &ParamOps,
+        prefix: &str,
+        (swa, rla): (Op, Op),
+        kernel_norm: bool,
+    ) -> Result<Op> {
+        let axes = [Batch, Length, KvHeads, HeadDim];
+        let name = format!("{prefix}.mix");
+        mix_local_with(
+            b,
+            p,
+            prefix,
+            (swa, rla),
+            self.config().rla.norm,
+            |x, scale| self.norm(b, (x, scale), MIX_NORM_EPS, &name, &axes, kernel_norm),
+        )
     }
 
     /// `x` through the per-head RMSNorm `{prefix}.{which}.scale` when `qk_norm`, else `x`: the
@@ -231,9 +303,8 @@ impl Model {
                     (lowering, self.attention_lowering(platform)),
                     s,
                 )?;
-                let norm = cfg.rla.norm;
                 return Ok((
-                    mix_local(b, p, prefix, (swa, rla.o), norm, kernel_norm)?,
+                    self.mix(b, p, prefix, (swa, rla.o), kernel_norm)?,
                     Some(rla.final_state),
                 ));
             }
@@ -258,9 +329,8 @@ impl Model {
                 None => pallas_port::rla_with_state(b, q, k, v, &cfg, lowering)?,
             }
         };
-        let norm = self.config().rla.norm;
         Ok((
-            mix_local(b, p, prefix, (swa, rla.o), norm, kernel_norm)?,
+            self.mix(b, p, prefix, (swa, rla.o), kernel_norm)?,
             Some(rla.final_state),
         ))
     }
@@ -274,8 +344,9 @@ impl Model {
 
     /// [`Model::embed`] of the first `t` columns of `tokens [B, L ≥ t]`, in a graph that runs
     /// on `platform`: our CPU kernel pair ([`pallas_port::embed::embed_kernel`], which reads the
-    /// columns in place) when [`Model::embed_lowering`] resolves to it, else the HLO gather of
-    /// the slice.
+    /// columns in place) when [`Model::embed_lowering`] resolves to it — under a mesh in a
+    /// manual region over the batch and sequence pieces with the table whole
+    /// ([`pallas_port::embed::embed_in_region`]) — else the HLO gather of the slice.
     fn embed_prefix(
         &self,
         b: &Builder,
@@ -284,15 +355,36 @@ impl Model {
         t: i64,
         platform: &str,
     ) -> Result<Op> {
-        let l = dims(b, tokens)?[1];
-        self.one_device_kernel(b, "embed", "embed_lowering", self.config().embed_lowering)?;
-        match self.embed_lowering(platform) {
+        let td = dims(b, tokens)?;
+        let how = match self.embed_lowering(platform) {
             KernelLowering::Kernel => {
-                let _s = b.name_scope("embed");
-                pallas_port::embed::embed_kernel(b, param(p, "embed")?, tokens, t as usize)
+                let width = self.config().d_model as i64;
+                let setting = ("embed_lowering", self.config().embed_lowering);
+                let residual = [Batch, Length, ActivationEmbed];
+                self.row_kernel(
+                    "embed",
+                    setting,
+                    "embed.out",
+                    &[td[0], t, width],
+                    &residual,
+                    true,
+                )
+                .map_err(|e| b.error("embed", e))?
             }
-            _ if t == l => self.embed(b, p, tokens),
-            _ => self.embed(b, p, b.slice_in_dim(tokens, 0, t, 1)?),
+            _ => RowKernel::Hlo,
+        };
+        let (table, cols) = (param(p, "embed")?, t as usize);
+        match how {
+            RowKernel::Whole => {
+                let _s = b.name_scope("embed");
+                pallas_port::embed::embed_kernel(b, table, tokens, cols)
+            }
+            RowKernel::Region(s) => {
+                let _s = b.name_scope("embed");
+                pallas_port::embed::embed_in_region(b, table, tokens, cols, &s)
+            }
+            RowKernel::Hlo if t == td[1] => self.embed(b, p, tokens),
+            RowKernel::Hlo => self.embed(b, p, b.slice_in_dim(tokens, 0, t, 1)?),
         }
     }
 
@@ -315,11 +407,13 @@ impl Model {
         let (bs, t) = (xd[0], xd[1]);
         let (n, g, h) = (cfg.heads as i64, cfg.kv_heads as i64, cfg.head_dim as i64);
         let pre = format!("layers.{layer}");
-        let xn = rms_norm_with(
+        let residual = [Batch, Length, ActivationEmbed];
+        let xn = self.norm(
             b,
-            x,
-            param(p, &format!("{pre}.attn_norm.scale"))?,
+            (x, param(p, &format!("{pre}.attn_norm.scale"))?),
             cfg.norm_eps,
+            &format!("{pre}.attn_norm.in"),
+            &residual,
             kernel_norm,
         )?;
         let ap = format!("{pre}.attn");
@@ -342,11 +436,12 @@ impl Model {
         )?;
         let x = b.add(x, o)?;
         let _f = b.name_scope("ffn");
-        let xn = rms_norm_with(
+        let xn = self.norm(
             b,
-            x,
-            param(p, &format!("{pre}.ffn_norm.scale"))?,
+            (x, param(p, &format!("{pre}.ffn_norm.scale"))?),
             cfg.norm_eps,
+            &format!("{pre}.ffn_norm.in"),
+            &residual,
             kernel_norm,
         )?;
         let f = ffn(
@@ -408,12 +503,21 @@ impl Model {
         self.head_with(b, p, x, false)
     }
 
-    /// [`Model::head`] with the final norm as our CPU kernels when `kernel_norm`.
+    /// [`Model::head`] with the final norm as our CPU kernels when `kernel_norm` (in a manual
+    /// region under a mesh that leaves d_model whole, as HLO where it cuts it).
     pub fn head_with(&self, b: &Builder, p: &ParamOps, x: Op, kernel_norm: bool) -> Result<Op> {
         let cfg = self.config();
         let _s = b.name_scope("head");
         let scale = param(p, "final_norm.scale")?;
-        let xn = rms_norm_with(b, x, scale, cfg.norm_eps, kernel_norm)?;
+        let residual = [Batch, Length, ActivationEmbed];
+        let xn = self.norm(
+            b,
+            (x, scale),
+            cfg.norm_eps,
+            "final_norm.in",
+            &residual,
+            kernel_norm,
+        )?;
         if cfg.tied_embeddings {
             let dd = DotDims {
                 lhs_contracting: vec![2],
@@ -433,28 +537,6 @@ impl Model {
         self.forward_prefix(b, p, tokens, t, platform)
     }
 
-    /// Refuses `model.<key> = "kernel"` (the loss, norm and embedding CPU kernels, which run on
-    /// one device only) on a mesh of several devices, naming `op`, the key and the device count.
-    fn one_device_kernel(
-        &self,
-        b: &Builder,
-        op: &'static str,
-        key: &str,
-        setting: KernelLowering,
-    ) -> Result<()> {
-        let devices = self.mesh().device_count();
-        if setting == KernelLowering::Kernel && devices > 1 {
-            return Err(b.error(
-                op,
-                format!(
-                    "model.{key} = \"kernel\" runs on one device, but the mesh has {devices}; \
-                     use \"auto\" or \"hlo\""
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     /// [`Model::forward`] of the first `t` columns of `tokens [B, L ≥ t]` (the next-token loss
     /// passes its whole token array: no slice when the embedding is our kernel).
     fn forward_prefix(
@@ -465,7 +547,6 @@ impl Model {
         t: i64,
         platform: &str,
     ) -> Result<Op> {
-        self.one_device_kernel(b, "forward", "norm_lowering", self.config().norm_lowering)?;
         if let Some(period) = self.scan_period() {
             return self.forward_scanned(b, p, (tokens, t), platform, period);
         }
@@ -594,17 +675,27 @@ impl Model {
         // The inputs are the first T columns, the targets the last T: the kernels read them in
         // place, the HLO lowerings slice.
         let logits = self.forward_prefix(b, p, tokens, td[1] - 1, platform)?;
-        self.one_device_kernel(
-            b,
-            "weighted_loss",
-            "loss_lowering",
-            self.config().loss_lowering,
-        )?;
-        match self.loss_lowering(platform) {
+        let how = match self.loss_lowering(platform) {
             KernelLowering::Kernel => {
-                pallas_port::cross_entropy::cross_entropy_kernel(b, logits, (tokens, 1), weights)
+                let setting = ("loss_lowering", self.config().loss_lowering);
+                let ld = dims(b, logits)?;
+                self.row_kernel(
+                    "weighted_loss",
+                    setting,
+                    "logits",
+                    &ld,
+                    &[Batch, Length, Vocab],
+                    false,
+                )
+                .map_err(|e| b.error("weighted_loss", e))?
             }
-            _ => {
+            _ => RowKernel::Hlo,
+        };
+        use pallas_port::cross_entropy::{cross_entropy_in_region, cross_entropy_kernel};
+        match how {
+            RowKernel::Whole => cross_entropy_kernel(b, logits, (tokens, 1), weights),
+            RowKernel::Region(s) => cross_entropy_in_region(b, logits, (tokens, 1), weights, &s),
+            RowKernel::Hlo => {
                 let targets = b.slice_in_dim(tokens, 1, td[1], 1)?;
                 cross_entropy(b, logits, targets, weights)
             }

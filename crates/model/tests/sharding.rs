@@ -172,6 +172,10 @@ fn a_model_under_a_mesh_constrains_its_activations_and_runs_rla_in_manual_region
     // kernels' regions: `attention_kernels_run_in_manual_regions_under_a_mesh`).
     let mut cfg = load_model("tiny-3to1");
     cfg.attention_lowering = model::config::AttentionLowering::Hlo;
+    // The norms and the embedding as HLO: their regions have a test of their own
+    // (`norm_loss_and_embed_kernels_run_in_row_regions_under_a_mesh`).
+    cfg.norm_lowering = model::config::KernelLowering::Hlo;
+    cfg.embed_lowering = model::config::KernelLowering::Hlo;
     let m = Model::new(cfg)
         .unwrap()
         .with_mesh(mesh(2, 1, 2, 4))
@@ -219,6 +223,8 @@ fn attention_kernels_run_in_manual_regions_under_a_mesh() {
     use hlo_builder::{Builder, ElementType, Shape};
     let mut cfg = load_model("tiny-3to1");
     cfg.attention_lowering = model::config::AttentionLowering::Kernel;
+    cfg.norm_lowering = model::config::KernelLowering::Hlo;
+    cfg.embed_lowering = model::config::KernelLowering::Hlo;
     let m = Model::new(cfg)
         .unwrap()
         .with_mesh(mesh(2, 1, 2, 4))
@@ -244,6 +250,89 @@ fn attention_kernels_run_in_manual_regions_under_a_mesh() {
     // q, k, v in and o out per attention region, beside RLA's 3 + 3 per local layer.
     assert_eq!(text.matches("SPMDFullToShardShape").count(), 9 + 4 * 3);
     assert_eq!(text.matches("SPMDShardToFullShape").count(), 9 + 4);
+}
+
+/// The loss, the RMS norms and the embedding (`*_lowering = "auto"`, our CPU kernels) under
+/// meshes: each kernel runs `{manual}` on its device's rows in a region of its own where the mesh
+/// leaves its feature dim whole, and the op is HLO where the mesh cuts it (tensor cuts d_model
+/// and the vocab under the default rules; the mixing's group norms keep their heads cut over
+/// tensor). An explicit `"kernel"` where the mesh cuts the feature dim is an error naming it.
+#[test]
+fn norm_loss_and_embed_kernels_run_in_row_regions_under_a_mesh() {
+    use hlo_builder::{Builder, ElementType, Shape};
+    use model::config::KernelLowering;
+    let text = |cfg: &model::ModelConfig, mesh: Mesh| -> Result<String, String> {
+        let m = Model::new(cfg.clone()).unwrap().with_mesh(mesh).unwrap();
+        let b = Builder::new("loss");
+        let (_, named) = m.declare_params(&b).unwrap();
+        let tokens = b
+            .parameter(Shape::array(ElementType::S32, &[4, 65]), "tokens")
+            .unwrap();
+        let loss = m
+            .loss(&b, &named, tokens, "cpu")
+            .map_err(|e| e.to_string())?;
+        Ok(b.build(loss).unwrap().to_text())
+    };
+    let calls = |text: &str, target: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains(&format!("custom_call_target=\"rattention.{target}\"")))
+            .map(str::to_string)
+            .collect()
+    };
+    let cfg = load_model("tiny-3to1");
+    let seq = |data: i64, seq: i64| {
+        MeshConfig {
+            data,
+            seq,
+            ..MeshConfig::default()
+        }
+        .resolve((data * seq) as usize)
+        .unwrap()
+    };
+    // data 2 × seq 2: every norm (2 per layer, 2 per local layer's mixing, the final one), the
+    // embedding and the loss in regions, on [B/2, T/2, ...] pieces.
+    let t = text(&cfg, seq(2, 2)).unwrap();
+    let norms = calls(&t, "rms_norm_fwd");
+    assert_eq!(norms.len(), 4 * 2 + 3 * 2 + 1, "{t}");
+    assert!(norms.iter().all(|l| l.contains("{manual}")), "{norms:#?}");
+    assert!(
+        norms
+            .iter()
+            .any(|l| l.contains("(f32[2,32,64]{2,1,0}, f32[2,32]")),
+        "{norms:#?}"
+    );
+    let xent = calls(&t, "xent_fwd");
+    assert_eq!(xent.len(), 1, "{t}");
+    assert!(
+        xent[0].contains("f32[2,32,") && xent[0].contains("{manual}"),
+        "{xent:#?}"
+    );
+    let emb = calls(&t, "embed_fwd");
+    assert_eq!(emb.len(), 1, "{t}");
+    assert!(
+        emb[0].contains("f32[2,32,64]") && emb[0].contains("{manual}"),
+        "{emb:#?}"
+    );
+    // data 2 × tensor 2: d_model and the vocab are cut over tensor: the residual norms and the
+    // loss are HLO; the mixing's group norms (heads over tensor) and the embedding run.
+    let t = text(&cfg, mesh(2, 1, 2, 4)).unwrap();
+    assert_eq!(calls(&t, "rms_norm_fwd").len(), 3 * 2, "{t}");
+    assert!(calls(&t, "xent_fwd").is_empty(), "{t}");
+    assert_eq!(calls(&t, "embed_fwd").len(), 1, "{t}");
+    // Asked for explicitly there, the norm and the loss kernels are refused.
+    for (which, key) in [(0, "norm_lowering"), (1, "loss_lowering")] {
+        let mut c = cfg.clone();
+        if which == 0 {
+            c.norm_lowering = KernelLowering::Kernel;
+        } else {
+            c.loss_lowering = KernelLowering::Kernel;
+        }
+        let e = text(&c, mesh(2, 1, 2, 4)).unwrap_err();
+        assert!(
+            e.contains(&format!("model.{key} = \"kernel\"")) && e.contains("over tensor"),
+            "{e}"
+        );
+    }
 }
 
 #[test]

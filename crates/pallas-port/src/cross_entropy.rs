@@ -11,6 +11,10 @@
 //! d_logits f32[..., T, V]`. Only the logits get a gradient (targets and weights are data). On the train step this spares
 //! XLA ~10 distinct kernels to compile (the logsumexp, the target pick, `softmax − onehot`).
 //!
+//! The calls' operands and results are constrained to row-major layouts (the kernels index
+//! them so): XLA's layout assignment is otherwise free to pick another (it gave the embedding's
+//! result `{1,0,2}` under a tensor mesh, where its user is a transposing dot).
+//!
 //! ```no_run
 //! use hlo_builder::{Builder, ElementType, Shape};
 //! let b = Builder::new("xent");
@@ -26,7 +30,8 @@
 use crate::graph::CallVjp;
 use crate::kernel::cross_entropy::{xent_bwd, xent_fwd};
 use crate::kernel::embed::Columns;
-use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape};
+use crate::row_region::Rows;
+use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape, Sharding};
 use pjrt::ffi::{CallFrame, FfiError};
 use std::sync::Arc;
 
@@ -79,7 +84,7 @@ fn xent_backward(
     let (logits, targets, weights) = (inputs[0], inputs[1], inputs[2]);
     let lse = b.get_tuple_element(output, 1)?;
     let _s = b.name_scope("xent_bwd");
-    let d_logits = b.custom_call(
+    let d_logits = b.custom_call_row_major(
         XENT_BWD_TARGET,
         &[logits, targets, weights, lse, d_loss],
         b.shape(logits)?,
@@ -118,7 +123,7 @@ pub fn cross_entropy_kernel(
     ]);
     let fwd = {
         let _s = b.name_scope("xent_fwd");
-        b.custom_call(
+        b.custom_call_row_major(
             XENT_FWD_TARGET,
             &[logits, targets, weights],
             out,
@@ -134,6 +139,52 @@ pub fn cross_entropy_kernel(
     };
     b.custom_vjp(&[logits, targets, weights], fwd, Arc::new(vjp))?;
     b.get_tuple_element(fwd, 0)
+}
+
+/// [`cross_entropy_kernel`] on `logits f32[..., T, V]` laid out across devices by `sharding`
+/// (a mesh's layout of the logits: cuts of the row dims — batch, T — never of V), as a manually
+/// partitioned region ([`crate::row_region`]): each device runs the kernel pair on its own rows
+/// and the pieces' losses are summed, equal to the one-device weighted mean `Σ w·nll / max(Σ w,
+/// 1)`: the weights enter the region divided by `max(Σ w, 1)` over all rows, so each piece's
+/// kernel (whose own `Σ w` is then at most 1, for weights ≥ 0) returns its share `Σ_piece w·nll
+/// / max(Σ w, 1)`. The targets are sliced out of `targets` (columns `offset..offset + T`)
+/// before the region. A sharding that cuts nothing runs the kernel on the whole value on
+/// every device.
+///
+/// Errors: the shapes of [`cross_entropy_kernel`]; a sharding that cuts V or does not divide
+/// the logits.
+pub fn cross_entropy_in_region(
+    b: &Builder,
+    logits: Op,
+    (targets, offset): (Op, usize),
+    weights: Op,
+    sharding: &Sharding,
+) -> Result<Op> {
+    const OP: &str = "cross_entropy_in_region";
+    let rows = row_dims(b, OP, logits, (targets, offset), weights)?;
+    let ld = b.shape(logits)?.dims().to_vec();
+    let region = Rows::new(b, OP, sharding, &ld, ld.len() - 1)?;
+    let t = ld[ld.len() - 2];
+    let tr = b.shape(targets)?.dims().len();
+    let targets = if offset == 0 && b.shape(targets)?.dims()[tr - 1] == t {
+        targets
+    } else {
+        b.slice_in_dim(targets, offset as i64, offset as i64 + t, tr - 1)?
+    };
+    let all: Vec<i64> = (0..rows.len() as i64).collect();
+    let count = b.max(b.reduce_sum(weights, &all)?, b.scalar(1.0f32)?)?;
+    let scaled = b.div(weights, b.broadcast_in_dim(count, &rows, &[])?)?;
+    let per_row = region.row_sharding();
+    let (lp, tp, wp) = (
+        b.full_to_shard(logits, sharding.clone())?,
+        b.full_to_shard(targets, per_row.clone())?,
+        b.full_to_shard(scaled, per_row)?,
+    );
+    let share = {
+        let _m = b.manual_scope();
+        cross_entropy_kernel(b, lp, (tp, 0), wp)?
+    };
+    region.sum_scalar(b, share)
 }
 
 /// `(rows, vocab)` of the handler's `logits [..., T, V]` and the [`Columns`] of its targets

@@ -9,6 +9,10 @@
 //! token array `[B, T+1]` itself, with no slice for XLA to compile); backward: `(ids, d_out) ->
 //! d_table f32[V, D]`. Ids outside `[0, V)` are clamped, as the gather clamps them.
 //!
+//! The calls' operands and results are constrained to row-major layouts (the kernels index
+//! them so): XLA's layout assignment is otherwise free to pick another (it gave the embedding's
+//! result `{1,0,2}` under a tensor mesh, where its user is a transposing dot).
+//!
 //! ```no_run
 //! use hlo_builder::{Builder, ElementType, Shape};
 //! let b = Builder::new("embed");
@@ -21,7 +25,8 @@
 
 use crate::graph::CallVjp;
 use crate::kernel::embed::{embed_bwd, embed_fwd, Columns};
-use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape};
+use crate::row_region::Rows;
+use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape, Sharding};
 use pjrt::ffi::{CallFrame, FfiError};
 use std::sync::Arc;
 
@@ -44,7 +49,7 @@ fn embed_backward(
 ) -> Result<Vec<Option<Op>>> {
     let (table, ids) = (inputs[0], inputs[1]);
     let _s = b.name_scope("embed_bwd");
-    let d_table = b.custom_call(
+    let d_table = b.custom_call_row_major(
         EMBED_BWD_TARGET,
         &[ids, d_out],
         b.shape(table)?,
@@ -81,7 +86,7 @@ pub fn embed_kernel(b: &Builder, table: Op, ids: Op, columns: usize) -> Result<O
     out.push(td[1]);
     let fwd = {
         let _s = b.name_scope("embed_fwd");
-        b.custom_call(
+        b.custom_call_row_major(
             EMBED_FWD_TARGET,
             &[table, ids],
             Shape::array(ElementType::F32, &out),
@@ -97,6 +102,51 @@ pub fn embed_kernel(b: &Builder, table: Op, ids: Op, columns: usize) -> Result<O
     };
     b.custom_vjp(&[table, ids], fwd, Arc::new(vjp))?;
     Ok(fwd)
+}
+
+/// [`embed_kernel`] whose result `f32[..., columns, D]` is laid out across devices by
+/// `sharding` (a mesh's layout of the embeddings: cuts of the row dims — batch, T — never of
+/// D), as a manually partitioned region ([`crate::row_region`]): each device picks the rows of
+/// its own ids from the whole table (the partitioner gathers it from its own layout), and the
+/// table's gradient, scattered per device into a full-size table, is summed over the row
+/// pieces. The ids' first `columns` columns are sliced out before the region. A sharding that
+/// cuts nothing runs the kernel on the whole value on every device.
+///
+/// Errors: the shapes of [`embed_kernel`]; a sharding that cuts D or does not divide the
+/// result.
+pub fn embed_in_region(
+    b: &Builder,
+    table: Op,
+    ids: Op,
+    columns: usize,
+    sharding: &Sharding,
+) -> Result<Op> {
+    const OP: &str = "embed_in_region";
+    let (td, id) = (
+        b.shape(table)?.dims().to_vec(),
+        b.shape(ids)?.dims().to_vec(),
+    );
+    if td.len() != 2 || id.is_empty() || columns < 1 || id[id.len() - 1] < columns as i64 {
+        // The shape errors of the kernel, which checks the same.
+        return embed_kernel(b, table, ids, columns);
+    }
+    let mut out = id.clone();
+    *out.last_mut().expect("ids rank ≥ 1") = columns as i64;
+    out.push(td[1]);
+    let region = Rows::new(b, OP, sharding, &out, id.len())?;
+    let ids = if id[id.len() - 1] == columns as i64 {
+        ids
+    } else {
+        b.slice_in_dim(ids, 0, columns as i64, id.len() - 1)?
+    };
+    let tp = region.param_piece(b, table, &[1, 1])?;
+    let ip = b.full_to_shard(ids, region.row_sharding())?;
+    let x = {
+        let _m = b.manual_scope();
+        let local = b.shape(ip)?.dims().to_vec();
+        embed_kernel(b, tp, ip, local[local.len() - 1] as usize)?
+    };
+    b.shard_to_full(x, sharding.clone(), &out)
 }
 
 /// The [`Columns`] of the handler's ids (operand `ids_arg`, `[..., L]`) for attribute `columns`;

@@ -1,7 +1,9 @@
 //! The lowering choice of the ops that have a CPU kernel pair besides attention and the RLA
 //! blocks: the train loss ([`crate::cross_entropy`]), RMS normalisation ([`crate::rms_norm`]) and
-//! the token embedding ([`crate::embed`]). Each pair spares XLA CPU the compile of the op's
-//! element-wise fusions; the kernels serve one CPU device, the HLO lowering runs anywhere.
+//! the token embedding ([`crate::embed`]). Each pair spares XLA CPU the compile and the run of
+//! the op's element-wise fusions. On one device the kernels run on the whole operand; under a
+//! mesh in manual regions over its rows ([`crate::row_region`]), where the mesh leaves the
+//! feature dim (D of a norm, V of the loss) whole. The HLO lowering runs anywhere.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -16,31 +18,39 @@ pub enum KernelLowering {
     /// The custom-call pair over our CPU kernels
     /// ([`crate::cross_entropy::cross_entropy_kernel`], [`crate::rms_norm::rms_norm_kernel`],
     /// [`crate::embed::embed_kernel`]);
-    /// one CPU device (XLA's SPMD partitioner would replicate the operands), needs
-    /// [`crate::register_cpu_kernels`].
+    /// on the CPU platform only ([`crate::register_cpu_kernels`]); under a mesh in manual
+    /// regions over the rows ([`crate::rms_norm::rms_norm_in_region`],
+    /// [`crate::cross_entropy::cross_entropy_in_region`], [`crate::embed::embed_in_region`]),
+    /// which need the feature dim whole on each device: the model refuses `Kernel` for a norm or
+    /// the loss on a mesh that cuts D or V (the embedding gathers its table whole, any mesh).
     Kernel,
-    /// [`KernelLowering::Kernel`] for a graph on one CPU device, [`KernelLowering::Hlo`] otherwise.
+    /// [`KernelLowering::Kernel`] for a graph on the CPU platform, [`KernelLowering::Hlo`]
+    /// elsewhere; under a mesh that cuts an op's feature dim the model lowers that op as HLO.
     /// Resolve with [`KernelLowering::resolve`].
     #[default]
     Auto,
 }
 
 impl KernelLowering {
-    /// The concrete lowering for a graph on `devices` devices of the PJRT platform `platform`
-    /// (`"cpu"`, `"cuda"`, `"tpu"`, ...; case-insensitive): `Auto` is `Kernel` on one CPU
-    /// device and `Hlo` elsewhere; explicit choices are returned unchanged.
+    /// The concrete lowering for a graph on the PJRT platform `platform` (`"cpu"`, `"cuda"`,
+    /// `"tpu"`, ...; case-insensitive), on one device or a mesh: `Auto` is `Kernel` on the CPU
+    /// platform and `Hlo` elsewhere; explicit choices are returned unchanged. (Under a mesh the
+    /// model still lowers an op as HLO where the mesh cuts its feature dim: `Auto` falls back,
+    /// an explicit `Kernel` is an error there.)
     ///
     /// ```
     /// use pallas_port::kernel_lowering::KernelLowering as L;
-    /// assert_eq!(L::Auto.resolve("cpu", 1), L::Kernel);
-    /// assert_eq!(L::Auto.resolve("cpu", 4), L::Hlo);
-    /// assert_eq!(L::Auto.resolve("tpu", 1), L::Hlo);
-    /// assert_eq!(L::Hlo.resolve("cpu", 1), L::Hlo);
+    /// assert_eq!(L::Auto.resolve("cpu"), L::Kernel);
+    /// assert_eq!(L::Auto.resolve("Host"), L::Kernel);
+    /// assert_eq!(L::Auto.resolve("tpu"), L::Hlo);
+    /// assert_eq!(L::Hlo.resolve("cpu"), L::Hlo);
+    /// assert_eq!(L::Kernel.resolve("cuda"), L::Kernel);
     /// ```
-    pub fn resolve(self, platform: &str, devices: usize) -> KernelLowering {
-        let host = crate::graph::is_host_platform(platform);
+    pub fn resolve(self, platform: &str) -> KernelLowering {
         match self {
-            KernelLowering::Auto if host && devices == 1 => KernelLowering::Kernel,
+            KernelLowering::Auto if crate::graph::is_host_platform(platform) => {
+                KernelLowering::Kernel
+            }
             KernelLowering::Auto => KernelLowering::Hlo,
             l => l,
         }

@@ -19,7 +19,8 @@
 //!   [`kernel::adamw`].
 //! - [`cross_entropy`], [`rms_norm`], [`embed`]: the train loss, RMS normalisation and the token
 //!   embedding as custom-call pairs over [`kernel::cross_entropy`], [`kernel::rms_norm`],
-//!   [`kernel::embed`], chosen per op by [`kernel_lowering::KernelLowering`].
+//!   [`kernel::embed`], chosen per op by [`kernel_lowering::KernelLowering`]; under a mesh
+//!   they run in manual regions over the rows ([`row_region`]).
 //! - [`reference`]: naive f64 formulas the kernels are tested against ([`reference::feature`]
 //!   is φ).
 
@@ -42,6 +43,7 @@ pub mod kernel_lowering;
 pub mod lang;
 pub mod reference;
 pub mod rms_norm;
+pub mod row_region;
 pub mod seq;
 
 pub use config::{FeatureMap, RlaConfig, RlaDims, RlaError, SeqState};

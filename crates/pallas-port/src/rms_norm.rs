@@ -8,6 +8,10 @@
 //! this spares XLA ~10 distinct kernels to compile (each norm's scaling, its transposed copy for
 //! the next matmul's weight gradient, and its backward).
 //!
+//! The calls' operands and results are constrained to row-major layouts (the kernels index
+//! them so): XLA's layout assignment is otherwise free to pick another (it gave the embedding's
+//! result `{1,0,2}` under a tensor mesh, where its user is a transposing dot).
+//!
 //! ```no_run
 //! use hlo_builder::{Builder, ElementType, Shape};
 //! let b = Builder::new("norm");
@@ -20,7 +24,8 @@
 
 use crate::graph::CallVjp;
 use crate::kernel::rms_norm::{rms_norm_bwd, rms_norm_fwd};
-use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape};
+use crate::row_region::Rows;
+use hlo_builder::{Attr, Builder, ElementType, Op, Result, Shape, Sharding};
 use pjrt::ffi::{CallFrame, FfiError};
 use std::sync::Arc;
 
@@ -59,7 +64,7 @@ fn rms_norm_backward(b: &Builder, inputs: &[Op], output: Op, dy: Op) -> Result<V
     let out = Shape::tuple(vec![b.shape(x)?, b.shape(scale)?]);
     let g = {
         let _s = b.name_scope("rms_norm_bwd");
-        b.custom_call(RMS_NORM_BWD_TARGET, &[x, scale, inv, dy], out, &[])?
+        b.custom_call_row_major(RMS_NORM_BWD_TARGET, &[x, scale, inv, dy], out, &[])?
     };
     Ok(vec![
         Some(b.get_tuple_element(g, 0)?),
@@ -77,7 +82,7 @@ pub fn rms_norm_kernel(b: &Builder, x: Op, scale: Op, eps: f64) -> Result<Op> {
     let out = Shape::tuple(vec![b.shape(x)?, Shape::array(ElementType::F32, &rows)]);
     let fwd = {
         let _s = b.name_scope("rms_norm_fwd");
-        b.custom_call(
+        b.custom_call_row_major(
             RMS_NORM_FWD_TARGET,
             &[x, scale],
             out,
@@ -91,6 +96,39 @@ pub fn rms_norm_kernel(b: &Builder, x: Op, scale: Op, eps: f64) -> Result<Op> {
     };
     b.custom_vjp(&[x, scale], fwd, Arc::new(vjp))?;
     b.get_tuple_element(fwd, 0)
+}
+
+/// [`rms_norm_kernel`] on `x f32[..., D]` laid out across devices by `sharding` (a mesh's
+/// layout of `x`: cuts of the row dims, and of the dims the scale shares with `x` where the
+/// scale may be cut alike — the heads of an `[N, H]` scale; never of D), as a manually
+/// partitioned region ([`crate::row_region`]): each device normalises its own rows with the
+/// kernel pair, the scale reaches every row piece whole in D (the partitioner gathers it from
+/// its own layout) and its gradient is summed over the row pieces. Returns `y` laid out by
+/// `sharding`. A sharding that cuts nothing runs the kernel on the whole value on every device.
+///
+/// Errors: the shapes of [`rms_norm_kernel`]; a sharding that cuts D or does not divide `x`.
+pub fn rms_norm_in_region(
+    b: &Builder,
+    x: Op,
+    scale: Op,
+    eps: f64,
+    sharding: &Sharding,
+) -> Result<Op> {
+    const OP: &str = "rms_norm_in_region";
+    row_dims(b, OP, x, scale)?;
+    let xd = b.shape(x)?.dims().to_vec();
+    let rows = xd.len() - b.shape(scale)?.dims().len();
+    let region = Rows::new(b, OP, sharding, &xd, rows)?;
+    let tiles = sharding
+        .tiles_per_dim(xd.len())
+        .map_err(|e| b.error(OP, e.message))?;
+    let sp = region.param_piece(b, scale, &tiles[rows..])?;
+    let xp = b.full_to_shard(x, sharding.clone())?;
+    let y = {
+        let _m = b.manual_scope();
+        rms_norm_kernel(b, xp, sp, eps)?
+    };
+    b.shard_to_full(y, region.sharding().clone(), &xd)
 }
 
 /// `(rows, d)` of the handler's `x [..., D]`; errors name `op` and the dims.
