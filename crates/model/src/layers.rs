@@ -2,7 +2,7 @@
 //! DESIGN §2. Composite ops (RMSNorm, softmax, RoPE) are built from hlo-builder primitives here.
 
 use crate::config::{Dtype, FfnActivation};
-use hlo_builder::{Builder, DotDims, ElementType, Op, Result};
+use hlo_builder::{Builder, DotDims, ElementType, GatherDims, Op, Result};
 
 const F32: ElementType = ElementType::F32;
 
@@ -74,18 +74,19 @@ fn rope_freqs(h: i64, theta: f64) -> Vec<f64> {
 }
 
 /// `cos` and `sin` of the RoPE angles `p · θ^(−2i/H)` at the static positions `p` in `0..t`,
-/// each `f32[t, H/2]`, from constant tables computed in f64 and rounded to f32 (exact to an f32
-/// rounding at any position, where an f32 angle `p · freq` loses digits as `p` grows).
+/// each `f32[t, H/2]`, from constant tables computed in f64 and rounded to f32 (exact to a few
+/// f32 roundings at any position, where an f32 angle `p · freq` loses digits as `p` grows).
 ///
-/// Positions split as `p = a·k + c` with `k` about `√t`: constants of the coarse angles `a·k·freq`
-/// (`[⌈t/k⌉, H/2]`) and fine ones `c·freq` (`[k, H/2]`) meet by the angle-addition formulas
-/// (a few ulp), so the graph carries O(√t · H) constants rather than `t · H`. The tables pass an
-/// optimization barrier: XLA computes them once, not in every consumer's loop (on a sequence
-/// mesh the partitioner slices them per shard).
+/// Positions split as `p = a·k + c` with `k = ⌈√t⌉`: rows of the coarse table (angles `a·k·freq`,
+/// `[⌈t/k⌉, H/2]`) and of the fine one (`c·freq`, `[k, H/2]`), gathered at an iota of positions,
+/// meet by the angle-addition formulas; the graph carries O(√t · H) constants rather than
+/// `t · H`, and on a sequence mesh each shard gathers its own rows from the replicated tables
+/// (no exchange). The result passes an optimization barrier: XLA computes the `[t, H/2]`
+/// tables once, not again in each consumer's loop.
 pub fn rope_table(b: &Builder, t: i64, h: i64, theta: f64) -> Result<(Op, Op)> {
     let half = h / 2;
     let freqs = rope_freqs(h, theta);
-    let k = (1i64..).find(|k| k * k >= t).unwrap_or(1).max(1);
+    let k = (1i64..).find(|k| k * k >= t).unwrap_or(1);
     let a_n = (t + k - 1) / k;
     let table = |rows: i64, step: i64, f: fn(f64) -> f64| -> Result<Op> {
         let v: Vec<f32> = (0..rows)
@@ -93,15 +94,22 @@ pub fn rope_table(b: &Builder, t: i64, h: i64, theta: f64) -> Result<(Op, Op)> {
             .collect();
         b.constant_vec(v, &[rows, half])
     };
-    let out = [a_n, k, half];
-    let coarse = |f| -> Result<Op> { bcast(b, table(a_n, k, f)?, &out, &[0, 2]) };
-    let fine = |f| -> Result<Op> { bcast(b, table(k, 1, f)?, &out, &[1, 2]) };
+    let p = b.iota(ElementType::S32, &[t], 0)?;
+    let (a, c) = (b.div(p, b.scalar(k as i32)?)?, b.rem(p, b.scalar(k as i32)?)?);
+    let rows_dims = GatherDims {
+        offset_dims: vec![1],
+        collapsed_slice_dims: vec![0],
+        start_index_map: vec![0],
+        index_vector_dim: 1,
+    };
+    let rows = |tab: Op, idx: Op| b.gather(tab, idx, &rows_dims, &[1, half]);
+    let coarse = |f| -> Result<Op> { rows(table(a_n, k, f)?, a) };
+    let fine = |f| -> Result<Op> { rows(table(k, 1, f)?, c) };
     let (ca, sa) = (coarse(f64::cos)?, coarse(f64::sin)?);
     let (cc, sc) = (fine(f64::cos)?, fine(f64::sin)?);
     let cos = b.sub(b.mul(ca, cc)?, b.mul(sa, sc)?)?;
     let sin = b.add(b.mul(sa, cc)?, b.mul(ca, sc)?)?;
-    let flat = |x: Op| -> Result<Op> { b.slice_in_dim(b.reshape(x, &[a_n * k, half])?, 0, t, 0) };
-    let both = b.optimization_barrier(b.tuple(&[flat(cos)?, flat(sin)?])?)?;
+    let both = b.optimization_barrier(b.tuple(&[cos, sin])?)?;
     Ok((b.get_tuple_element(both, 0)?, b.get_tuple_element(both, 1)?))
 }
 
