@@ -81,8 +81,7 @@ fn rope_freqs(h: i64, theta: f64) -> Vec<f64> {
 /// `[⌈t/k⌉, H/2]`) and of the fine one (`c·freq`, `[k, H/2]`), gathered at an iota of positions,
 /// meet by the angle-addition formulas; the graph carries O(√t · H) constants rather than
 /// `t · H`, and on a sequence mesh each shard gathers its own rows from the replicated tables
-/// (no exchange). The result passes an optimization barrier: XLA computes the `[t, H/2]`
-/// tables once, not again in each consumer's loop.
+/// (no exchange).
 pub fn rope_table(b: &Builder, t: i64, h: i64, theta: f64) -> Result<(Op, Op)> {
     let half = h / 2;
     let freqs = rope_freqs(h, theta);
@@ -90,12 +89,19 @@ pub fn rope_table(b: &Builder, t: i64, h: i64, theta: f64) -> Result<(Op, Op)> {
     let a_n = (t + k - 1) / k;
     let table = |rows: i64, step: i64, f: fn(f64) -> f64| -> Result<Op> {
         let v: Vec<f32> = (0..rows)
-            .flat_map(|r| freqs.iter().map(move |&fr| f((r * step) as f64 * fr) as f32))
+            .flat_map(|r| {
+                freqs
+                    .iter()
+                    .map(move |&fr| f((r * step) as f64 * fr) as f32)
+            })
             .collect();
         b.constant_vec(v, &[rows, half])
     };
     let p = b.iota(ElementType::S32, &[t], 0)?;
-    let (a, c) = (b.div(p, b.scalar(k as i32)?)?, b.rem(p, b.scalar(k as i32)?)?);
+    let (a, c) = (
+        b.div(p, b.scalar(k as i32)?)?,
+        b.rem(p, b.scalar(k as i32)?)?,
+    );
     let rows_dims = GatherDims {
         offset_dims: vec![1],
         collapsed_slice_dims: vec![0],
@@ -109,8 +115,7 @@ pub fn rope_table(b: &Builder, t: i64, h: i64, theta: f64) -> Result<(Op, Op)> {
     let (cc, sc) = (fine(f64::cos)?, fine(f64::sin)?);
     let cos = b.sub(b.mul(ca, cc)?, b.mul(sa, sc)?)?;
     let sin = b.add(b.mul(sa, cc)?, b.mul(ca, sc)?)?;
-    let both = b.optimization_barrier(b.tuple(&[cos, sin])?)?;
-    Ok((b.get_tuple_element(both, 0)?, b.get_tuple_element(both, 1)?))
+    Ok((cos, sin))
 }
 
 /// Interleaved RoPE on `x [B,T,heads,H]` at positions `pos [T]` (f32): dims (2i, 2i+1) rotate by
@@ -118,7 +123,9 @@ pub fn rope_table(b: &Builder, t: i64, h: i64, theta: f64) -> Result<(Op, Op)> {
 ///
 /// When `pos` is an iota (the static positions `0..T` of training and prefill) the angles'
 /// cos/sin come from [`rope_table`] (f64 tables, no transcendental in the graph); at runtime
-/// positions (decode) they are computed in f32 on `[T, H/2]`.
+/// positions (decode) they are computed from f32 angles `pos · freq` on `[T, H/2]`, whose
+/// rounding grows with the position (~5e-4 at 8192). Either way they are computed once per
+/// call, not per element of `x`.
 pub fn rope(b: &Builder, x: Op, pos: Op, theta: f64) -> Result<Op> {
     let _s = b.name_scope("rope");
     let d = dims(b, x)?;
@@ -136,6 +143,10 @@ pub fn rope(b: &Builder, x: Op, pos: Op, theta: f64) -> Result<Op> {
         )?;
         (b.cos(angle)?, b.sin(angle)?)
     };
+    // The `[T, H/2]` tables pass an optimization barrier: XLA computes them once, not again
+    // (with the transcendentals at runtime positions) in each consumer's loop.
+    let both = b.optimization_barrier(b.tuple(&[cos, sin])?)?;
+    let (cos, sin) = (b.get_tuple_element(both, 0)?, b.get_tuple_element(both, 1)?);
     rotate(b, x, cos, sin)
 }
 

@@ -87,6 +87,9 @@ fn rope_tables_match_f64_rotation_at_large_positions() {
         );
         assert!(e < 1e-6 && e_dx < 1e-6, "tables: {e}, VJP {e_dx}");
         // Runtime positions keep the f32 angle `p · freq`, whose rounding grows with p.
-        assert!(e_rt < 1e-2 && e_dx_rt < 1e-2, "runtime: {e_rt}, VJP {e_dx_rt}");
+        assert!(
+            e_rt < 1e-2 && e_dx_rt < 1e-2,
+            "runtime: {e_rt}, VJP {e_dx_rt}"
+        );
     }
 }
