@@ -124,8 +124,8 @@ pub fn rope_table(b: &Builder, t: i64, h: i64, theta: f64) -> Result<(Op, Op)> {
 /// When `pos` is an iota (the static positions `0..T` of training and prefill) the angles'
 /// cos/sin come from [`rope_table`] (f64 tables, no transcendental in the graph); at runtime
 /// positions (decode) they are computed from f32 angles `pos · freq` on `[T, H/2]`, whose
-/// rounding grows with the position (~5e-4 at 8192). Either way they are computed once per
-/// call, not per element of `x`.
+/// rounding grows with the position (~5e-4 at 8192). (No optimization barrier fences the
+/// tables: the remat policy's barriers are the only ones in a train step.)
 pub fn rope(b: &Builder, x: Op, pos: Op, theta: f64) -> Result<Op> {
     let _s = b.name_scope("rope");
     let d = dims(b, x)?;
@@ -143,10 +143,6 @@ pub fn rope(b: &Builder, x: Op, pos: Op, theta: f64) -> Result<Op> {
         )?;
         (b.cos(angle)?, b.sin(angle)?)
     };
-    // The `[T, H/2]` tables pass an optimization barrier: XLA computes them once, not again
-    // (with the transcendentals at runtime positions) in each consumer's loop.
-    let both = b.optimization_barrier(b.tuple(&[cos, sin])?)?;
-    let (cos, sin) = (b.get_tuple_element(both, 0)?, b.get_tuple_element(both, 1)?);
     rotate(b, x, cos, sin)
 }
 
