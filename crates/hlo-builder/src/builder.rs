@@ -463,6 +463,19 @@ impl Builder {
         self.shape_of(Location::caller(), "shape", op)
     }
 
+    /// `Some(d)` when `op` is an `iota` along dimension `d` (its values known while the graph is
+    /// built, e.g. the static positions `0..T` a layer may turn into constant tables), else
+    /// `None` (also for an op of another builder).
+    pub fn iota_dimension(&self, op: Op) -> Option<usize> {
+        if op.builder != self.uid {
+            return None;
+        }
+        match self.lock().instrs.get(op.index())?.kind {
+            Kind::Leaf(Leaf::Iota(d)) => Some(d as usize),
+            _ => None,
+        }
+    }
+
     /// Annotate an op with a GSPMD sharding.
     #[track_caller]
     pub fn set_sharding(&self, op: Op, sharding: Sharding) -> Result<()> {

@@ -2,7 +2,7 @@
 //! DESIGN §2. Composite ops (RMSNorm, softmax, RoPE) are built from hlo-builder primitives here.
 
 use crate::config::{Dtype, FfnActivation};
-use hlo_builder::{Builder, DotDims, ElementType, Op, Result};
+use hlo_builder::{Builder, DotDims, ElementType, GatherDims, Op, Result};
 
 const F32: ElementType = ElementType::F32;
 
@@ -66,24 +66,95 @@ pub fn rms_norm(b: &Builder, x: Op, scale: Op, eps: f64) -> Result<Op> {
     b.mul(y, bcast_suffix(b, scale, &d)?)
 }
 
+/// The RoPE frequencies `θ^(−2i/H)` of head dim `h`, `i` in `0..h/2`, in f64.
+fn rope_freqs(h: i64, theta: f64) -> Vec<f64> {
+    (0..h / 2)
+        .map(|i| theta.powf(-((2 * i) as f64) / h as f64))
+        .collect()
+}
+
+/// `cos` and `sin` of the RoPE angles `p · θ^(−2i/H)` at the static positions `p` in `0..t`,
+/// each `f32[t, H/2]`, from constant tables computed in f64 and rounded to f32 (exact to a few
+/// f32 roundings at any position, where an f32 angle `p · freq` loses digits as `p` grows).
+///
+/// Positions split as `p = a·k + c` with `k = ⌈√t⌉`: rows of the coarse table (angles `a·k·freq`,
+/// `[⌈t/k⌉, H/2]`) and of the fine one (`c·freq`, `[k, H/2]`), gathered at an iota of positions,
+/// meet by the angle-addition formulas; the graph carries O(√t · H) constants rather than
+/// `t · H`, and on a sequence mesh each shard gathers its own rows from the replicated tables
+/// (no exchange).
+pub fn rope_table(b: &Builder, t: i64, h: i64, theta: f64) -> Result<(Op, Op)> {
+    let half = h / 2;
+    let freqs = rope_freqs(h, theta);
+    let k = (1i64..).find(|k| k * k >= t).unwrap_or(1);
+    let a_n = (t + k - 1) / k;
+    let table = |rows: i64, step: i64, f: fn(f64) -> f64| -> Result<Op> {
+        let v: Vec<f32> = (0..rows)
+            .flat_map(|r| {
+                freqs
+                    .iter()
+                    .map(move |&fr| f((r * step) as f64 * fr) as f32)
+            })
+            .collect();
+        b.constant_vec(v, &[rows, half])
+    };
+    let p = b.iota(ElementType::S32, &[t], 0)?;
+    let (a, c) = (
+        b.div(p, b.scalar(k as i32)?)?,
+        b.rem(p, b.scalar(k as i32)?)?,
+    );
+    let rows_dims = GatherDims {
+        offset_dims: vec![1],
+        collapsed_slice_dims: vec![0],
+        start_index_map: vec![0],
+        index_vector_dim: 1,
+    };
+    let rows = |tab: Op, idx: Op| b.gather(tab, idx, &rows_dims, &[1, half]);
+    let coarse = |f| -> Result<Op> { rows(table(a_n, k, f)?, a) };
+    let fine = |f| -> Result<Op> { rows(table(k, 1, f)?, c) };
+    let (ca, sa) = (coarse(f64::cos)?, coarse(f64::sin)?);
+    let (cc, sc) = (fine(f64::cos)?, fine(f64::sin)?);
+    let cos = b.sub(b.mul(ca, cc)?, b.mul(sa, sc)?)?;
+    let sin = b.add(b.mul(sa, cc)?, b.mul(ca, sc)?)?;
+    Ok((cos, sin))
+}
+
 /// Interleaved RoPE on `x [B,T,heads,H]` at positions `pos [T]` (f32): dims (2i, 2i+1) rotate by
 /// pos · θ^(−2i/H).
+///
+/// When `pos` is an iota (the static positions `0..T` of training and prefill) the angles'
+/// cos/sin come from [`rope_table`] (f64 tables, no transcendental in the graph); at runtime
+/// positions (decode) they are computed from f32 angles `pos · freq` on `[T, H/2]`, whose
+/// rounding grows with the position (~5e-4 at 8192). (No optimization barrier fences the
+/// tables: the remat policy's barriers are the only ones in a train step.)
 pub fn rope(b: &Builder, x: Op, pos: Op, theta: f64) -> Result<Op> {
     let _s = b.name_scope("rope");
     let d = dims(b, x)?;
+    let (t, h) = (d[1], d[3]);
+    let static_positions = b.iota_dimension(pos) == Some(0) && dims(b, pos)? == [t];
+    let (cos, sin) = if static_positions {
+        rope_table(b, t, h, theta)?
+    } else {
+        let half = h / 2;
+        let freqs: Vec<f32> = rope_freqs(h, theta).iter().map(|&f| f as f32).collect();
+        let freq = b.constant_vec(freqs, &[half])?;
+        let angle = b.mul(
+            bcast(b, pos, &[t, half], &[0])?,
+            bcast(b, freq, &[t, half], &[1])?,
+        )?;
+        (b.cos(angle)?, b.sin(angle)?)
+    };
+    rotate(b, x, cos, sin)
+}
+
+/// `x [B,T,heads,H]` with dims (2i, 2i+1) rotated by the angle whose cosine and sine at token t
+/// are `cos[t, i]`, `sin[t, i]` (`f32[T, H/2]`).
+pub fn rotate(b: &Builder, x: Op, cos: Op, sin: Op) -> Result<Op> {
+    let d = dims(b, x)?;
     let (bt, t, nh, h) = (d[0], d[1], d[2], d[3]);
     let half = h / 2;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| theta.powf(-((2 * i) as f64) / h as f64) as f32)
-        .collect();
-    let freq = b.constant_vec(freqs, &[half])?;
-    let angle = b.mul(
-        bcast(b, pos, &[t, half], &[0])?,
-        bcast(b, freq, &[t, half], &[1])?,
-    )?;
     let full = [bt, t, nh, half, 1];
-    let cos = bcast(b, b.cos(angle)?, &full, &[1, 3])?;
-    let sin = bcast(b, b.sin(angle)?, &full, &[1, 3])?;
+    let cos = bcast(b, cos, &full, &[1, 3])?;
+    let sin = bcast(b, sin, &full, &[1, 3])?;
     let x5 = b.reshape(x, &[bt, t, nh, half, 2])?;
     let x0 = b.slice_in_dim(x5, 0, 1, 4)?;
     let x1 = b.slice_in_dim(x5, 1, 2, 4)?;
