@@ -14,8 +14,9 @@
 //! attention as HLO blocks (`model.attention_lowering = "hlo"`) instead of the CPU kernel at
 //! runtime positions (what `auto` picks on CPU); `seq8-rlahlo` and `data2xseq4-rlahlo` compose
 //! RLA's prefix state in HLO (`model.rla.seq_state = "hlo"`, the composition before the kernels
-//! took h0). `data8-rowhlo`, `seq8-rowhlo` and `data2xseq4-rowhlo` lower the norms, the loss
-//! and the embedding as HLO instead of their CPU kernels in manual regions over the rows.
+//! took h0). `data8-rowkernel`, `seq8-rowkernel` and `data2xseq4-rowkernel` run the norms, the
+//! loss and the embedding as their CPU kernels in manual regions over the rows instead of the
+//! HLO `auto` picks on a mesh.
 //! `data8-zero`, `seq8-zero` and
 //! `data2xseq4-zero` turn on `mesh.shard_optimizer` (ZeRO-1: moments cut over the axes their
 //! parameters are replicated over, each device updating its slice); `seq8-embedfsdp` and
@@ -105,34 +106,34 @@ const MESHES: [(&str, &[&str]); 26] = [
         "data2xseq4-opthlo",
         &["mesh.data=2", "mesh.seq=4", "train.optimizer_lowering=hlo"],
     ),
-    // The norms, the loss and the embedding as HLO instead of their kernels in manual regions
-    // over the rows (the CPU default).
+    // The norms, the loss and the embedding as their kernels in manual regions over the rows
+    // instead of the HLO (`auto` on a mesh).
     (
-        "data8-rowhlo",
+        "data8-rowkernel",
         &[
             "mesh.data=8",
-            "model.norm_lowering=hlo",
-            "model.loss_lowering=hlo",
-            "model.embed_lowering=hlo",
+            "model.norm_lowering=kernel",
+            "model.loss_lowering=kernel",
+            "model.embed_lowering=kernel",
         ],
     ),
     (
-        "seq8-rowhlo",
+        "seq8-rowkernel",
         &[
             "mesh.seq=8",
-            "model.norm_lowering=hlo",
-            "model.loss_lowering=hlo",
-            "model.embed_lowering=hlo",
+            "model.norm_lowering=kernel",
+            "model.loss_lowering=kernel",
+            "model.embed_lowering=kernel",
         ],
     ),
     (
-        "data2xseq4-rowhlo",
+        "data2xseq4-rowkernel",
         &[
             "mesh.data=2",
             "mesh.seq=4",
-            "model.norm_lowering=hlo",
-            "model.loss_lowering=hlo",
-            "model.embed_lowering=hlo",
+            "model.norm_lowering=kernel",
+            "model.loss_lowering=kernel",
+            "model.embed_lowering=kernel",
         ],
     ),
     // ZeRO-1: the Adam moments cut over the axes their parameters are replicated over, each

@@ -59,12 +59,13 @@ pub use pallas_port::SeqState;
 pub use pallas_port::attention::AttentionLowering;
 
 /// How the train loss (softmax cross-entropy), the RMS norms and the token embedding are lowered:
-/// `"auto"` (the default: our CPU kernel pairs as custom calls for a graph on the CPU platform,
-/// element-wise HLO elsewhere), `"hlo"` or `"kernel"` ([`KernelLowering`], resolved for the
-/// platform a graph runs on). Under a mesh the kernels run in manual regions over the rows
-/// (batch and sequence pieces); where the mesh cuts a norm's d_model or the loss's vocab (the
-/// default rules cut both over `tensor`), `"auto"` lowers that op as HLO and `"kernel"` is an
-/// error. The embedding gathers its table whole and runs the kernel on any CPU mesh.
+/// `"auto"` (the default: our CPU kernel pairs as custom calls for a graph on one CPU device,
+/// element-wise HLO elsewhere, CPU meshes included), `"hlo"` or `"kernel"` ([`KernelLowering`],
+/// resolved for the platform and device count a graph runs on). An explicit `"kernel"` under a
+/// CPU mesh runs the kernels in manual regions over the rows (batch and sequence pieces); where
+/// the mesh cuts a norm's d_model or the loss's vocab (the default rules cut both over
+/// `tensor`) it is an error. The embedding gathers its table whole and runs the kernel on any
+/// CPU mesh.
 pub use pallas_port::kernel_lowering::KernelLowering;
 
 /// Residual-linear-attention options of local layers.

@@ -391,23 +391,30 @@ impl Model {
     }
 
     /// The lowering of the train loss in a graph that runs on `platform`: `auto` resolves with
-    /// [`pallas_port::kernel_lowering::KernelLowering::resolve`] (our kernels on the CPU
-    /// platform, HLO elsewhere). Under a mesh the kernels run in manual regions over the rows,
-    /// or the op falls back to HLO where the mesh cuts its feature dim ([`Model::row_kernel`]).
+    /// [`pallas_port::kernel_lowering::KernelLowering::resolve`] (our kernels on one CPU
+    /// device, HLO elsewhere). An explicit `"kernel"` under a mesh runs the kernels in manual
+    /// regions over the rows, or is an error where the mesh cuts the feature dim
+    /// ([`Model::row_kernel`]).
     pub fn loss_lowering(&self, platform: &str) -> pallas_port::kernel_lowering::KernelLowering {
-        self.cfg.loss_lowering.resolve(platform)
+        self.cfg
+            .loss_lowering
+            .resolve(platform, self.mesh().device_count())
     }
 
     /// The lowering of the token embedding in a graph that runs on `platform`, as
     /// [`Model::loss_lowering`] resolves it.
     pub fn embed_lowering(&self, platform: &str) -> pallas_port::kernel_lowering::KernelLowering {
-        self.cfg.embed_lowering.resolve(platform)
+        self.cfg
+            .embed_lowering
+            .resolve(platform, self.mesh().device_count())
     }
 
     /// The lowering of the RMS norms in a graph that runs on `platform`, as
     /// [`Model::loss_lowering`] resolves it.
     pub fn norm_lowering(&self, platform: &str) -> pallas_port::kernel_lowering::KernelLowering {
-        self.cfg.norm_lowering.resolve(platform)
+        self.cfg
+            .norm_lowering
+            .resolve(platform, self.mesh().device_count())
     }
 
     /// Where one row-wise op whose lowering resolved to the kernel pair runs under this model's

@@ -252,11 +252,11 @@ fn attention_kernels_run_in_manual_regions_under_a_mesh() {
     assert_eq!(text.matches("SPMDShardToFullShape").count(), 9 + 4);
 }
 
-/// The loss, the RMS norms and the embedding (`*_lowering = "auto"`, our CPU kernels) under
-/// meshes: each kernel runs `{manual}` on its device's rows in a region of its own where the mesh
-/// leaves its feature dim whole, and the op is HLO where the mesh cuts it (tensor cuts d_model
-/// and the vocab under the default rules; the mixing's group norms keep their heads cut over
-/// tensor). An explicit `"kernel"` where the mesh cuts the feature dim is an error naming it.
+/// The loss, the RMS norms and the embedding under meshes: `"auto"` lowers them as HLO on a
+/// mesh; `"kernel"` runs each kernel `{manual}` on its device's rows in a region of its own
+/// where the mesh leaves its feature dim whole, and is an error naming the cut where the mesh
+/// cuts it (tensor cuts d_model and the vocab under the default rules; the embedding reads its
+/// table whole on any mesh).
 #[test]
 fn norm_loss_and_embed_kernels_run_in_row_regions_under_a_mesh() {
     use hlo_builder::{Builder, ElementType, Shape};
@@ -280,6 +280,12 @@ fn norm_loss_and_embed_kernels_run_in_row_regions_under_a_mesh() {
             .collect()
     };
     let cfg = load_model("tiny-3to1");
+    let kernels = model::ModelConfig {
+        norm_lowering: KernelLowering::Kernel,
+        loss_lowering: KernelLowering::Kernel,
+        embed_lowering: KernelLowering::Kernel,
+        ..cfg.clone()
+    };
     let seq = |data: i64, seq: i64| {
         MeshConfig {
             data,
@@ -291,7 +297,7 @@ fn norm_loss_and_embed_kernels_run_in_row_regions_under_a_mesh() {
     };
     // data 2 × seq 2: every norm (2 per layer, 2 per local layer's mixing, the final one), the
     // embedding and the loss in regions, on [B/2, T/2, ...] pieces.
-    let t = text(&cfg, seq(2, 2)).unwrap();
+    let t = text(&kernels, seq(2, 2)).unwrap();
     let norms = calls(&t, "rms_norm_fwd");
     assert_eq!(norms.len(), 4 * 2 + 3 * 2 + 1, "{t}");
     assert!(norms.iter().all(|l| l.contains("{manual}")), "{norms:#?}");
@@ -313,13 +319,20 @@ fn norm_loss_and_embed_kernels_run_in_row_regions_under_a_mesh() {
         emb[0].contains("f32[2,32,64]") && emb[0].contains("{manual}"),
         "{emb:#?}"
     );
-    // data 2 × tensor 2: d_model and the vocab are cut over tensor: the residual norms and the
-    // loss are HLO; the mixing's group norms (heads over tensor) and the embedding run.
-    let t = text(&cfg, mesh(2, 1, 2, 4)).unwrap();
-    assert_eq!(calls(&t, "rms_norm_fwd").len(), 3 * 2, "{t}");
-    assert!(calls(&t, "xent_fwd").is_empty(), "{t}");
+    // `auto` on a mesh: all three as HLO.
+    let t = text(&cfg, seq(2, 2)).unwrap();
+    for target in ["rms_norm_fwd", "xent_fwd", "embed_fwd"] {
+        assert!(calls(&t, target).is_empty(), "{target} with auto: {t}");
+    }
+    // data 2 × tensor 2: d_model and the vocab are cut over tensor; the embedding still runs
+    // (its table whole on every device).
+    let emb_only = model::ModelConfig {
+        embed_lowering: KernelLowering::Kernel,
+        ..cfg.clone()
+    };
+    let t = text(&emb_only, mesh(2, 1, 2, 4)).unwrap();
     assert_eq!(calls(&t, "embed_fwd").len(), 1, "{t}");
-    // Asked for explicitly there, the norm and the loss kernels are refused.
+    // Asked for there, the norm and the loss kernels are refused.
     for (which, key) in [(0, "norm_lowering"), (1, "loss_lowering")] {
         let mut c = cfg.clone();
         if which == 0 {

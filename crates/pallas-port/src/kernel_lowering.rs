@@ -24,31 +24,32 @@ pub enum KernelLowering {
     /// which need the feature dim whole on each device: the model refuses `Kernel` for a norm or
     /// the loss on a mesh that cuts D or V (the embedding gathers its table whole, any mesh).
     Kernel,
-    /// [`KernelLowering::Kernel`] for a graph on the CPU platform, [`KernelLowering::Hlo`]
-    /// elsewhere; under a mesh that cuts an op's feature dim the model lowers that op as HLO.
-    /// Resolve with [`KernelLowering::resolve`].
+    /// [`KernelLowering::Kernel`] for a graph on one device of the CPU platform,
+    /// [`KernelLowering::Hlo`] elsewhere (on a CPU mesh the row regions measured no faster than
+    /// the HLO: `docs/results/seq-kernel/README.md` §4). Resolve with [`KernelLowering::resolve`].
     #[default]
     Auto,
 }
 
 impl KernelLowering {
-    /// The concrete lowering for a graph on the PJRT platform `platform` (`"cpu"`, `"cuda"`,
-    /// `"tpu"`, ...; case-insensitive), on one device or a mesh: `Auto` is `Kernel` on the CPU
-    /// platform and `Hlo` elsewhere; explicit choices are returned unchanged. (Under a mesh the
-    /// model still lowers an op as HLO where the mesh cuts its feature dim: `Auto` falls back,
-    /// an explicit `Kernel` is an error there.)
+    /// The concrete lowering for a graph on `devices` devices of the PJRT platform `platform`
+    /// (`"cpu"`, `"cuda"`, `"tpu"`, ...; case-insensitive): `Auto` is `Kernel` on one CPU
+    /// device and `Hlo` elsewhere; explicit choices are returned unchanged (an explicit
+    /// `Kernel` on a CPU mesh runs the kernels in manual regions over the rows, or is an error
+    /// where the mesh cuts the op's feature dim).
     ///
     /// ```
     /// use pallas_port::kernel_lowering::KernelLowering as L;
-    /// assert_eq!(L::Auto.resolve("cpu"), L::Kernel);
-    /// assert_eq!(L::Auto.resolve("Host"), L::Kernel);
-    /// assert_eq!(L::Auto.resolve("tpu"), L::Hlo);
-    /// assert_eq!(L::Hlo.resolve("cpu"), L::Hlo);
-    /// assert_eq!(L::Kernel.resolve("cuda"), L::Kernel);
+    /// assert_eq!(L::Auto.resolve("cpu", 1), L::Kernel);
+    /// assert_eq!(L::Auto.resolve("Host", 1), L::Kernel);
+    /// assert_eq!(L::Auto.resolve("cpu", 8), L::Hlo);
+    /// assert_eq!(L::Auto.resolve("tpu", 1), L::Hlo);
+    /// assert_eq!(L::Hlo.resolve("cpu", 1), L::Hlo);
+    /// assert_eq!(L::Kernel.resolve("cpu", 8), L::Kernel);
     /// ```
-    pub fn resolve(self, platform: &str) -> KernelLowering {
+    pub fn resolve(self, platform: &str, devices: usize) -> KernelLowering {
         match self {
-            KernelLowering::Auto if crate::graph::is_host_platform(platform) => {
+            KernelLowering::Auto if crate::graph::is_host_platform(platform) && devices == 1 => {
                 KernelLowering::Kernel
             }
             KernelLowering::Auto => KernelLowering::Hlo,

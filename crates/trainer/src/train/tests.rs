@@ -204,8 +204,8 @@ fn sequence_parallel_training_equals_one_device() {
     //
     // The sequence shards run attention through the CPU kernel at runtime positions, whose
     // blocks start at other keys than the 1-device kernel's, the loss, norms and embedding
-    // kernels on each shard's rows (the loss and the parameter gradients summed over the shards)
-    // and AdamW split over the devices: two more
+    // as HLO (their CPU kernels run on one device unless asked for) and AdamW split over the
+    // devices: two more
     // runs that differ only in the order of their sums are 1 device with the HLO attention blocks
     // and 1 device with every lowering as HLO (attention, loss, norms, embedding, optimizer;
     // measured 1.4e-4 of a tensor's largest value, 7.8e-6 in norm: as far from the default
@@ -395,8 +395,9 @@ fn attention_kernel_and_hlo_lowerings_train_alike() {
 /// `norm_lowering`, `embed_lowering` = "kernel", the default on one CPU device) and through the
 /// HLO train
 /// alike: every step's loss within 1e-6 relative, the final parameters and moments within 1e-5
-/// of each tensor's norm; under a data mesh both run the kernels (in manual regions), under a
-/// tensor mesh `"kernel"` is refused for the norms and the loss, whose feature dims it cuts.
+/// of each tensor's norm; under a data mesh `auto` picks the HLO and `"kernel"` runs the
+/// kernels in manual regions; under a tensor mesh `"kernel"` is refused for the norms and the
+/// loss, whose feature dims it cuts.
 #[test]
 fn loss_norm_and_embed_kernels_and_hlo_lowerings_train_alike() {
     let all = |l: &str| ["loss", "norm", "embed"].map(|op| format!("model.{op}_lowering=\"{l}\""));
@@ -416,19 +417,28 @@ fn loss_norm_and_embed_kernels_and_hlo_lowerings_train_alike() {
             );
         }
     }
-    // Under a mesh that leaves d_model and the vocab whole the kernels run in manual regions
-    // over the rows (`auto` and "kernel" alike); where tensor cuts them, `auto` lowers the norms
-    // and the loss as HLO and "kernel" is refused naming the cut.
-    let cfg = tiny(STEPS, &["mesh.data=2"]);
-    let mesh = cfg.mesh.resolve(2).unwrap();
-    let text = step::build_train_step(&cfg, "cpu", &mesh)
-        .unwrap()
-        .to_text();
-    for t in ["xent_fwd", "rms_norm_fwd", "embed_fwd"] {
-        assert!(
-            text.contains(&format!("rattention.{t}")),
-            "no {t} under a data 2 mesh"
-        );
+    // Under a mesh `auto` lowers all three as HLO; "kernel" runs them in manual regions over
+    // the rows where the mesh leaves d_model and the vocab whole, and is refused naming the
+    // cut where tensor cuts them.
+    let k = all("kernel");
+    for (sets, on) in [
+        (vec![], false),
+        (k.iter().map(String::as_str).collect(), true),
+    ] {
+        let mut sets: Vec<&str> = sets;
+        sets.push("mesh.data=2");
+        let cfg = tiny(STEPS, &sets);
+        let mesh = cfg.mesh.resolve(2).unwrap();
+        let text = step::build_train_step(&cfg, "cpu", &mesh)
+            .unwrap()
+            .to_text();
+        for t in ["xent_fwd", "rms_norm_fwd", "embed_fwd"] {
+            assert_eq!(
+                text.contains(&format!("rattention.{t}")),
+                on,
+                "{t} under a data 2 mesh with {sets:?}"
+            );
+        }
     }
     let tensor = |extra: &str| tiny(STEPS, &["mesh.tensor=2", extra]);
     let mesh = tiny(STEPS, &["mesh.tensor=2"]).mesh.resolve(2).unwrap();
