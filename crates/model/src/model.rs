@@ -11,7 +11,7 @@ use crate::sharding::Mesh;
 /// under the model's mesh ([`Model::row_kernel`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowKernel {
-    /// The HLO lowering (the mesh cuts the op's feature dim).
+    /// The HLO lowering (the op's lowering resolved to HLO).
     Hlo,
     /// The kernel pair on the whole operand (one device).
     Whole,
@@ -419,17 +419,17 @@ impl Model {
 
     /// Where one row-wise op whose lowering resolved to the kernel pair runs under this model's
     /// mesh, for its operand `name` of `dims` with logical `axes` (the last the feature dim the
-    /// kernel reduces over): on the whole value on one device, in a manual region over the rows laid out by the rules
-    /// ([`RowKernel::Region`]), or as HLO where the rules cut the feature dim and the setting
-    /// (`model.{key}`, `setting`) is `auto`. `gather_feature`: the op takes the feature dim whole
-    /// whatever the rules say (the embedding's result, which the partitioner re-cuts after the
-    /// region). Errors: an explicit `"kernel"` on a mesh that cuts the feature dim (naming `op`,
-    /// the key, the dim and the mesh axes), a dim the rules do not divide.
-    #[allow(clippy::too_many_arguments)]
+    /// kernel reduces over): on the whole value on one device ([`RowKernel::Whole`]), else in a
+    /// manual region over the rows laid out by the rules ([`RowKernel::Region`]; on a mesh only
+    /// an explicit `model.{key} = "kernel"` gets here, `auto` resolves to HLO).
+    /// `gather_feature`: the op takes the feature dim whole whatever the rules say (the
+    /// embedding's result, which the partitioner re-cuts after the region). Errors: a mesh that
+    /// cuts the feature dim (naming `op`, the key, the dim and the mesh axes), a dim the rules
+    /// do not divide.
     pub(crate) fn row_kernel(
         &self,
         op: &'static str,
-        (key, setting): (&str, pallas_port::kernel_lowering::KernelLowering),
+        key: &str,
         name: &str,
         dims: &[i64],
         axes: &[crate::params::LogicalAxis],
@@ -452,17 +452,14 @@ impl Model {
         if gather_feature {
             last.clear();
         } else if !cut.is_empty() {
-            if setting == pallas_port::kernel_lowering::KernelLowering::Kernel {
-                return Err(format!(
-                    "{op}: model.{key} = \"kernel\" runs the kernel on each device's rows with \
+            return Err(format!(
+                "{op}: model.{key} = \"kernel\" runs the kernel on each device's rows with \
                      the feature dim whole, but the mesh cuts dim {} of {name} {dims:?} ({}) \
-                     over {}; use \"auto\" (which lowers this op as HLO there) or \"hlo\"",
-                    dims.len() - 1,
-                    axes[axes.len() - 1],
-                    cut.join(" × ")
-                ));
-            }
-            return Ok(RowKernel::Hlo);
+                     over {}; use \"auto\" or \"hlo\" (the HLO lowering)",
+                dims.len() - 1,
+                axes[axes.len() - 1],
+                cut.join(" × ")
+            ));
         }
         // Even a layout that cuts nothing (every device holds the whole operand) is a region:
         // outside one the partitioner would see the custom calls.

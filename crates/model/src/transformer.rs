@@ -98,9 +98,8 @@ impl Model {
     /// RMS normalisation of `x` (named `name` in errors, logical `axes`, the last the normalised
     /// dim) by `scale` of `x`'s last dims: the HLO ([`rms_norm`]) unless `kernel` and `x` is
     /// f32; with `kernel` our CPU kernel pair on the whole value (one device), in a manual region
-    /// over the rows as the mesh lays `x` out ([`pallas_port::rms_norm::rms_norm_in_region`]),
-    /// or the HLO where the mesh cuts the normalised dim ([`Model::row_kernel`]; an explicit
-    /// `model.norm_lowering = "kernel"` is an error there).
+    /// over the rows as the mesh lays `x` out ([`pallas_port::rms_norm::rms_norm_in_region`]);
+    /// a mesh that cuts the normalised dim is an error ([`Model::row_kernel`]).
     #[allow(clippy::too_many_arguments)]
     fn norm(
         &self,
@@ -114,10 +113,9 @@ impl Model {
         if !kernel || b.shape(x)?.ty() != Some(ElementType::F32) {
             return rms_norm(b, x, scale, eps);
         }
-        let setting = ("norm_lowering", self.config().norm_lowering);
         let dims = b.shape(x)?.dims().to_vec();
         match self
-            .row_kernel("rms_norm", setting, name, &dims, axes, false)
+            .row_kernel("rms_norm", "norm_lowering", name, &dims, axes, false)
             .map_err(|e| b.error("rms_norm", e))?
         {
             RowKernel::Hlo => rms_norm(b, x, scale, eps),
@@ -359,11 +357,10 @@ impl Model {
         let how = match self.embed_lowering(platform) {
             KernelLowering::Kernel => {
                 let width = self.config().d_model as i64;
-                let setting = ("embed_lowering", self.config().embed_lowering);
                 let residual = [Batch, Length, ActivationEmbed];
                 self.row_kernel(
                     "embed",
-                    setting,
+                    "embed_lowering",
                     "embed.out",
                     &[td[0], t, width],
                     &residual,
@@ -677,11 +674,10 @@ impl Model {
         let logits = self.forward_prefix(b, p, tokens, td[1] - 1, platform)?;
         let how = match self.loss_lowering(platform) {
             KernelLowering::Kernel => {
-                let setting = ("loss_lowering", self.config().loss_lowering);
                 let ld = dims(b, logits)?;
                 self.row_kernel(
                     "weighted_loss",
-                    setting,
+                    "loss_lowering",
                     "logits",
                     &ld,
                     &[Batch, Length, Vocab],
