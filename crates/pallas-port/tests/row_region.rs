@@ -46,6 +46,19 @@ fn meshes(rank: usize) -> Vec<Mesh> {
     ]
 }
 
+/// The first `take` dims of a device's piece of `dims` under `s`, comma-separated (as the
+/// compiled program prints a shape).
+fn piece_dims(s: &Sharding, dims: &[usize], take: usize) -> String {
+    let piece: Vec<String> = s
+        .shard_dims(dims)
+        .unwrap()
+        .iter()
+        .take(take)
+        .map(|d| d.to_string())
+        .collect();
+    piece.join(",")
+}
+
 /// Compiles `root` of `b` (made under `mesh`) for its devices, checks that the optimized
 /// program holds each of `targets` as a custom call whose operands include `piece`, and runs it.
 fn compile_and_run(
@@ -155,20 +168,14 @@ fn norm_case(mesh: &Mesh, xd: &[usize], sd: &[usize], ss: &Sharding) {
         Sharding::Tuple(vec![mesh.x.clone(), mesh.x.clone(), ss.clone()]),
     )
     .unwrap();
-    let piece: Vec<String> = mesh
-        .x
-        .shard_dims(xd)
-        .unwrap()
-        .iter()
-        .map(|d| d.to_string())
-        .collect();
+    let piece = piece_dims(&mesh.x, xd, usize::MAX);
     let out = compile_and_run(
         &b,
         root,
         mesh,
         (
             &["rattention.rms_norm_fwd", "rattention.rms_norm_bwd"],
-            &format!("(f32[{}]", piece.join(",")),
+            &format!("(f32[{}]", piece),
         ),
         &[(&x, xd, &mesh.x), (&scale, sd, ss), (&w, xd, &mesh.x)],
         &[(xd, &mesh.x), (xd, &mesh.x), (sd, ss)],
@@ -283,13 +290,7 @@ fn cross_entropy_region_equals_f64_on_meshes() {
             Sharding::Tuple(vec![Sharding::Replicated, mesh.x.clone()]),
         )
         .unwrap();
-        let piece: Vec<String> = mesh
-            .x
-            .shard_dims(&ld)
-            .unwrap()
-            .iter()
-            .map(|d| d.to_string())
-            .collect();
+        let piece = piece_dims(&mesh.x, &ld, usize::MAX);
         let rep = Sharding::Replicated;
         let out = compile_and_run(
             &b,
@@ -297,7 +298,7 @@ fn cross_entropy_region_equals_f64_on_meshes() {
             &mesh,
             (
                 &["rattention.xent_fwd", "rattention.xent_bwd"],
-                &format!("(f32[{}]", piece.join(",")),
+                &format!("(f32[{}]", piece),
             ),
             &[
                 (&logits, &ld, &mesh.x),
@@ -373,14 +374,7 @@ fn embed_region_equals_f64_on_meshes() {
             Sharding::Tuple(vec![mesh.x.clone(), table_sharding.clone()]),
         )
         .unwrap();
-        let piece: Vec<String> = mesh
-            .x
-            .shard_dims(&xd)
-            .unwrap()
-            .iter()
-            .take(2)
-            .map(|d| d.to_string())
-            .collect();
+        let piece = piece_dims(&mesh.x, &xd, 2);
         let rep = Sharding::Replicated;
         let out = compile_and_run(
             &b,
@@ -388,7 +382,7 @@ fn embed_region_equals_f64_on_meshes() {
             &mesh,
             (
                 &["rattention.embed_fwd", "rattention.embed_bwd"],
-                &format!("s32[{}]", piece.join(",")),
+                &format!("s32[{}]", piece),
             ),
             &[
                 (&table, &tbd, &table_sharding),
