@@ -109,7 +109,7 @@ impl Lowering {
 
 /// True for the PJRT CPU platform (`"cpu"` or `"host"`, case-insensitive), where our custom
 /// calls' handlers are registered.
-pub(crate) fn is_host_platform(platform: &str) -> bool {
+pub fn is_host_platform(platform: &str) -> bool {
     ["cpu", "host"]
         .iter()
         .any(|p| platform.eq_ignore_ascii_case(p))

@@ -70,9 +70,7 @@ pub enum OptimizerLowering {
 impl OptimizerLowering {
     /// Whether `platform` (a PJRT platform name) is the host CPU, where the kernel runs.
     pub fn is_cpu(platform: &str) -> bool {
-        ["cpu", "host"]
-            .iter()
-            .any(|p| platform.eq_ignore_ascii_case(p))
+        pallas_port::graph::is_host_platform(platform)
     }
 
     /// The concrete lowering for a graph on `platform` (a PJRT platform name) over `devices`
