@@ -21,10 +21,7 @@
 //! `data2xseq4-zero` turn on `mesh.shard_optimizer` (ZeRO-1: moments cut over the axes their
 //! parameters are replicated over, each device updating its slice); `seq8-embedfsdp` and
 //! `data2xseq4-embedfsdp` keep the parameters whole over `seq` (`mesh.rules.embed = ["fsdp"]`,
-//! the default before embed → [fsdp, seq]), `seq8-embedfsdp-zero` with ZeRO-1.
-//! `fsdp8-pergather`, `seq8-pergather` and `data2xseq4-pergather` let the partitioner gather
-//! each parameter where it is used (`mesh.param_gather = "per_use"`) instead of all at once in
-//! one all-gather (what `auto` picks on CPU). Each step is what `rattn train` runs: state donated and fed back, each device holding only its shard, the token batch split
+//! the default before embed → [fsdp, seq]), `seq8-embedfsdp-zero` with ZeRO-1. Each step is what `rattn train` runs: state donated and fed back, each device holding only its shard, the token batch split
 //! on the host.
 //!
 //! After criterion's runs one table prints wall and CPU ms per step (medians; CPU summed over
@@ -66,7 +63,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 /// Label and `[mesh]` overrides of each run.
-const MESHES: [(&str, &[&str]); 29] = [
+const MESHES: [(&str, &[&str]); 26] = [
     ("1 device", &[]),
     ("data8", &["mesh.data=8"]),
     ("fsdp8", &["mesh.fsdp=8"]),
@@ -155,20 +152,6 @@ const MESHES: [(&str, &[&str]); 29] = [
     (
         "data2xseq4-embedfsdp",
         &["mesh.data=2", "mesh.seq=4", "mesh.rules.embed=[\"fsdp\"]"],
-    ),
-    // Each parameter gathered where it is used, as the partitioner places the gathers, instead
-    // of all at once (`mesh.param_gather = "auto"` on CPU).
-    (
-        "fsdp8-pergather",
-        &["mesh.fsdp=8", "mesh.param_gather=per_use"],
-    ),
-    (
-        "seq8-pergather",
-        &["mesh.seq=8", "mesh.param_gather=per_use"],
-    ),
-    (
-        "data2xseq4-pergather",
-        &["mesh.data=2", "mesh.seq=4", "mesh.param_gather=per_use"],
     ),
     // That rule with ZeRO-1: parameters whole over seq, moments cut over it.
     (

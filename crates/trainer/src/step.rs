@@ -16,7 +16,6 @@
 
 use crate::config::{OptimizerLowering, RunConfig, TrainConfig};
 use hlo_builder::{Builder, Computation, ElementType, Op, Result, Shape, Sharding};
-use model::sharding::ParamGather;
 use model::{Mesh, MeshError, Model, ParamSharding, ParamSpec};
 use std::ops::Range;
 
@@ -387,13 +386,6 @@ pub fn build_train_step(cfg: &RunConfig, platform: &str, mesh: &Mesh) -> Result<
         b.set_sharding(tokens, shardings.tokens.clone())?;
         b.set_sharding(weights, shardings.tokens.clone())?;
     }
-    // On CPU meshes every parameter's gather runs at once (`mesh.param_gather`).
-    let named = if sharded && mesh.param_gather().resolve(platform) == ParamGather::Combined {
-        let whole = model.gather_params(&b, &params)?;
-        specs.iter().map(|s| s.name.clone()).zip(whole).collect()
-    } else {
-        named
-    };
     let l = {
         let _s = b.name_scope("forward");
         model.weighted_loss(&b, &named, tokens, weights, platform)?

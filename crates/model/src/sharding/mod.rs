@@ -417,10 +417,6 @@ pub struct MeshConfig {
     /// and each device updates only its slice of the parameters ([`Mesh::optimizer_spec`]).
     /// Default false: the moments share their parameter's layout.
     pub shard_optimizer: bool,
-    /// How the train step gathers parameters cut over `data`, `fsdp` or `seq`: `"auto"`
-    /// (default: all at once on the CPU platform, where use elsewhere), `"combined"` or
-    /// `"per_use"` ([`ParamGather`]).
-    pub param_gather: ParamGather,
     /// Logical-axis rules.
     pub rules: AxisRules,
 }
@@ -434,7 +430,6 @@ impl Default for MeshConfig {
             seq: 1,
             seq_global: SeqGlobal::default(),
             shard_optimizer: false,
-            param_gather: ParamGather::default(),
             rules: AxisRules::default(),
         }
     }
@@ -523,7 +518,6 @@ impl MeshConfig {
             rules: self.rules.clone(),
             seq_global: self.seq_global,
             shard_optimizer: self.shard_optimizer,
-            param_gather: self.param_gather,
         })
     }
 }
@@ -558,7 +552,6 @@ pub struct Mesh {
     rules: AxisRules,
     seq_global: SeqGlobal,
     shard_optimizer: bool,
-    param_gather: ParamGather,
 }
 
 impl Mesh {
@@ -569,7 +562,6 @@ impl Mesh {
             rules: AxisRules::default(),
             seq_global: SeqGlobal::default(),
             shard_optimizer: false,
-            param_gather: ParamGather::default(),
         }
     }
 
@@ -597,11 +589,6 @@ impl Mesh {
     /// (`mesh.shard_optimizer`, ZeRO-1).
     pub fn shard_optimizer(&self) -> bool {
         self.shard_optimizer
-    }
-
-    /// How the train step gathers parameters (`mesh.param_gather`, unresolved).
-    pub fn param_gather(&self) -> ParamGather {
-        self.param_gather
     }
 
     /// The ZeRO-1 layout of an optimizer moment of a parameter of `shape` laid out by `spec`:
@@ -865,7 +852,5 @@ impl fmt::Display for Mesh {
 }
 
 mod activations;
-mod gather;
-pub use gather::ParamGather;
 #[cfg(test)]
 mod tests;

@@ -188,8 +188,7 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// The `[mesh]` table of `mesh` (its sizes, rules, `seq_global`, `shard_optimizer` and
-/// `param_gather`).
+/// The `[mesh]` table of `mesh` (its sizes, rules, `seq_global` and `shard_optimizer`).
 pub fn mesh_config(mesh: &model::Mesh) -> MeshConfig {
     MeshConfig {
         data: mesh.size(MeshAxis::Data) as i64,
@@ -198,7 +197,6 @@ pub fn mesh_config(mesh: &model::Mesh) -> MeshConfig {
         seq: mesh.size(MeshAxis::Seq) as i64,
         seq_global: mesh.seq_global(),
         shard_optimizer: mesh.shard_optimizer(),
-        param_gather: mesh.param_gather(),
         rules: mesh.rules().clone(),
     }
 }
