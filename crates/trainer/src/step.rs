@@ -124,15 +124,48 @@ impl StepShardings {
     }
 }
 
-/// Positions of the train step's arguments.
+/// Positions of the train state in the step's arguments or in its results: the same three
+/// runs on both sides (each result aliases the argument at the same place in its run).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StepArgs {
+pub struct StateSlots {
     /// Parameters, in [`Model::param_specs`] order.
     pub params: Range<usize>,
     /// Adam first moments, one per parameter.
     pub adam_m: Range<usize>,
     /// Adam second moments, one per parameter.
     pub adam_v: Range<usize>,
+}
+
+impl StateSlots {
+    /// The three runs of `n` tensors each from position 0: parameters, first moments, second
+    /// moments.
+    fn first(n: usize) -> StateSlots {
+        StateSlots {
+            params: 0..n,
+            adam_m: n..2 * n,
+            adam_v: 2 * n..3 * n,
+        }
+    }
+
+    /// Every position, in [`state_tensors`] order.
+    fn positions(&self) -> impl Iterator<Item = usize> + '_ {
+        self.params
+            .clone()
+            .chain(self.adam_m.clone())
+            .chain(self.adam_v.clone())
+    }
+
+    /// Tensors in the state (`3 × parameters`).
+    fn len(&self) -> usize {
+        self.params.len() + self.adam_m.len() + self.adam_v.len()
+    }
+}
+
+/// Positions of the train step's arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepArgs {
+    /// The state: parameters and both Adam moments.
+    pub state: StateSlots,
     /// The 0-based step, `f32[]`.
     pub step: usize,
     /// The token batch, `s32[B, T+1]`.
@@ -144,12 +177,8 @@ pub struct StepArgs {
 /// Positions of the train step's results (a flat tuple).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepResults {
-    /// Updated parameters (aliasing [`StepArgs::params`]).
-    pub params: Range<usize>,
-    /// Updated first moments (aliasing [`StepArgs::adam_m`]).
-    pub adam_m: Range<usize>,
-    /// Updated second moments (aliasing [`StepArgs::adam_v`]).
-    pub adam_v: Range<usize>,
+    /// The updated state (aliasing [`StepArgs::state`]).
+    pub state: StateSlots,
     /// Weighted mean loss of the batch (over the targets the weights score), `f32[]`.
     pub loss: usize,
     /// Global gradient norm before clipping, `f32[]`.
@@ -186,17 +215,13 @@ impl StepIo {
         let n = n_params;
         StepIo {
             args: StepArgs {
-                params: 0..n,
-                adam_m: n..2 * n,
-                adam_v: 2 * n..3 * n,
+                state: StateSlots::first(n),
                 step: 3 * n,
                 tokens: 3 * n + 1,
                 weights: 3 * n + 2,
             },
             results: StepResults {
-                params: 0..n,
-                adam_m: n..2 * n,
-                adam_v: 2 * n..3 * n,
+                state: StateSlots::first(n),
                 loss: 3 * n,
                 grad_norm: 3 * n + 1,
                 lr: 3 * n + 2,
@@ -206,21 +231,17 @@ impl StepIo {
 
     /// Tensors in the state (`3 × parameters`).
     pub fn state_len(&self) -> usize {
-        self.args.params.len() + self.args.adam_m.len() + self.args.adam_v.len()
+        self.args.state.len()
     }
 
     /// `(argument, result)` position of every state tensor, in [`state_tensors`] order: the
     /// step's input-output aliases.
     pub fn state_positions(&self) -> Vec<(usize, usize)> {
-        let (a, r) = (&self.args, &self.results);
-        [
-            (&a.params, &r.params),
-            (&a.adam_m, &r.adam_m),
-            (&a.adam_v, &r.adam_v),
-        ]
-        .into_iter()
-        .flat_map(|(a, r)| a.clone().zip(r.clone()))
-        .collect()
+        self.args
+            .state
+            .positions()
+            .zip(self.results.state.positions())
+            .collect()
     }
 
     /// The argument list from the state (in [`state_tensors`] order), the step, the tokens and

@@ -61,7 +61,7 @@ fn zero_1_on_data_8_holds_an_eighth_of_the_moments_per_device() {
         assert_eq!(8 * m.shard_numel(), whole, "{}: {} / 8", m.name, p.spec);
     }
     let io = StepIo::new(n);
-    let moments = [io.args.adam_m.clone(), io.args.adam_v.clone()];
+    let moments = [io.args.state.adam_m.clone(), io.args.state.adam_v.clone()];
     let comp = step::build_train_step(&cfg, "cpu", &mesh).unwrap();
     let exe = placement.compile(&client, &comp).unwrap();
     let hlo8 = hlo_builder::print_module_bytes(&exe.optimized_program().unwrap()).unwrap();
@@ -76,8 +76,8 @@ fn zero_1_on_data_8_holds_an_eighth_of_the_moments_per_device() {
         entry_argument_bytes(&hlo1, &moments),
     );
     let (p8, p1) = (
-        entry_argument_bytes(&hlo8, std::slice::from_ref(&io.args.params)),
-        entry_argument_bytes(&hlo1, std::slice::from_ref(&io.args.params)),
+        entry_argument_bytes(&hlo8, std::slice::from_ref(&io.args.state.params)),
+        entry_argument_bytes(&hlo1, std::slice::from_ref(&io.args.state.params)),
     );
     eprintln!(
         "data 8 + shard_optimizer: moment arguments per device {m8} B, 1 device {m1} B \
