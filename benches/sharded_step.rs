@@ -28,6 +28,12 @@
 //! all threads of the process) and each mesh's throughput relative to 1 device, with the load
 //! average beside it.
 //!
+//! Then paired rounds: the 1-device step timed right before and after each mesh, the ratio taken
+//! against the mean of the two, its median over `RATTN_BENCH_ROUNDS` rounds (default 3; 0 turns
+//! them off) of `RATTN_BENCH_STEPS` steps (default 5): the 1-device step drifts between two modes
+//! run to run on the machines we measured, which moves the criterion table's ratios; the paired
+//! ones see both sides under the same conditions.
+//!
 //! `cargo bench -p rattention-benches --bench sharded_step` (add `-- --quick` for a short run;
 //! env `RATTN_BENCH_MESHES=data8,seq8` picks meshes by label, `RATTN_BENCH_T=1024` and
 //! `RATTN_BENCH_BATCH=2` change T and the batch).
@@ -290,6 +296,7 @@ fn main() {
     let load_before = load();
     let (tl, bsz) = (seq_len(), batch());
     let mut group = c.benchmark_group(format!("sharded_T{tl}_B{bsz}"));
+    let mut setups = Vec::new();
     for (label, mesh) in MESHES {
         if label != "1 device" && pick.as_ref().is_some_and(|p| !p.iter().any(|x| x == label)) {
             continue;
@@ -299,6 +306,7 @@ fn main() {
             b.iter_custom(|iters| timings.time(label, iters, || s.step(&client)))
         });
         rows.extend(Row::median(&timings, label, label));
+        setups.push((label, s));
     }
     group.finish();
     c.final_summary();
@@ -315,4 +323,65 @@ fn main() {
             "1 device",
         )
     );
+    let rounds = env_usize("RATTN_BENCH_ROUNDS", 3);
+    if rounds > 0 {
+        println!(
+            "{}",
+            paired(&client, &setups, rounds, env_usize("RATTN_BENCH_STEPS", 5))
+        );
+    }
+}
+
+/// Wall and CPU seconds per step of `steps` steps of `s`.
+fn per_step(client: &Client, s: &Sharded, steps: usize) -> (f64, f64) {
+    let (c0, t0) = (rattention_benches::cpu_s(), std::time::Instant::now());
+    for _ in 0..steps {
+        s.step(client);
+    }
+    let n = steps.max(1) as f64;
+    (
+        t0.elapsed().as_secs_f64() / n,
+        (rattention_benches::cpu_s() - c0) / n,
+    )
+}
+
+/// Paired rounds: the 1-device step is timed right before and right after each mesh (`steps`
+/// steps each) and the mesh's ratio is the mean of those two over the mesh's time, so a drift of
+/// the 1-device step between runs (it is bimodal on the machines we measured) moves both sides
+/// alike. Per mesh, the median ratio over `rounds` rounds and its range, wall and CPU.
+fn paired(client: &Client, setups: &[(&str, Sharded)], rounds: usize, steps: usize) -> String {
+    let Some((_, base)) = setups.iter().find(|(l, _)| *l == "1 device") else {
+        return String::new();
+    };
+    let meshes: Vec<&(&str, Sharded)> = setups.iter().filter(|(l, _)| *l != "1 device").collect();
+    let mut ratios: Vec<Vec<(f64, f64)>> = vec![Vec::new(); meshes.len()];
+    for _ in 0..rounds {
+        let mut before = per_step(client, base, steps);
+        for (i, (_, s)) in meshes.iter().enumerate() {
+            let m = per_step(client, s, steps);
+            let after = per_step(client, base, steps);
+            let wall = (before.0 + after.0) / 2.0 / m.0;
+            let cpu = (before.1 + after.1) / 2.0 / m.1;
+            ratios[i].push((wall, cpu));
+            before = after;
+        }
+    }
+    let stats = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let mut out = format!(
+        "paired rounds ({rounds} × {steps} steps; the 1-device step right before and after each \
+         mesh; load {} now)\n  {:<22} {:>22} {:>22}\n",
+        load(),
+        "1 device / mesh",
+        "wall: median (range)",
+        "CPU: median (range)"
+    );
+    for ((label, _), r) in meshes.iter().zip(ratios) {
+        let (w, w0, w1) = stats(r.iter().map(|x| x.0).collect());
+        let (c, c0, c1) = stats(r.iter().map(|x| x.1).collect());
+        out += &format!("  {label:<22} {w:>8.2} ({w0:.2}–{w1:.2}) {c:>8.2} ({c0:.2}–{c1:.2})\n");
+    }
+    out
 }
