@@ -363,9 +363,7 @@ pub fn local_attention_seq_lowered(
                 .collect::<Result<_>>()?;
             let got: Vec<Op> = if tys.iter().all(|t| *t == tys[0]) {
                 let packed = seq.halo(b, b.concatenate(&parts, 3)?, 1, hl as usize)?;
-                (0..3)
-                    .map(|i| b.slice_in_dim(packed, i * h, (i + 1) * h, 3))
-                    .collect::<Result<_>>()?
+                split_even(b, packed, 3, 3)?
             } else {
                 parts
                     .iter()
@@ -415,6 +413,39 @@ pub fn local_attention_seq_lowered(
         b.shard_to_full(swa, sharding.clone(), &qd)?,
         pallas_port::rla_region_outputs(b, local, sharding, &d)?,
     ))
+}
+
+/// `x` split into `n` equal parts along `dim`, whose VJP concatenates the parts' cotangents
+/// (zeros for a part without one) in one copy, where the slices' own VJPs would pad each to
+/// `x`'s shape and add them (the packed halo's backward held three such pads per layer).
+fn split_even(b: &Builder, x: Op, dim: usize, n: usize) -> Result<Vec<Op>> {
+    let xd = dims(b, x)?;
+    let part = xd[dim] / n as i64;
+    if part * n as i64 != xd[dim] {
+        return Err(b.error(
+            "split_even",
+            format!("dim {dim} of {xd:?} does not split into {n} equal parts"),
+        ));
+    }
+    let parts = (0..n as i64)
+        .map(|i| b.slice_in_dim(x, i * part, (i + 1) * part, dim))
+        .collect::<Result<Vec<_>>>()?;
+    let tuple = b.tuple(&parts)?;
+    let ty = b.shape(x)?.ty().unwrap_or(ElementType::F32);
+    let mut pd = xd.clone();
+    pd[dim] = part;
+    let rule = move |b: &Builder, _ins: &[Op], _out: Op, ct: &[Option<Op>]| {
+        if ct.iter().all(Option::is_none) {
+            return Ok(vec![None]);
+        }
+        let cts = ct
+            .iter()
+            .map(|c| c.map_or_else(|| b.zeros(ty, &pd), Ok))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(vec![Some(b.concatenate(&cts, dim as i64)?)])
+    };
+    b.custom_vjp(&[x], tuple, Arc::new(rule))?;
+    (0..n).map(|i| b.get_tuple_element(tuple, i)).collect()
 }
 
 /// Global causal attention on group-major q `[B,G,T,R,H]`, k/v `[B,G,T,H]`: query block i sees

@@ -160,22 +160,32 @@ impl SeqShards {
 
     /// Σ of `x` (float) over the shards before this one (zeros on shard 0). Below
     /// [`SCAN_SHARDS`] shards: every shard's value gathered (`all-gather`), masked by
-    /// `shard < index` and summed. From [`SCAN_SHARDS`] on: a log-step scan, `x` moved one shard
-    /// ahead, then ⌈log₂(S − 1)⌉ rounds that add the partial sum `d` shards back (d = 1, 2, 4,
-    /// …), each a `collective-permute` (the first d shards of a line receive zeros): each device
-    /// moves and adds ~log₂ S copies of `x` where the gather and the masked sum touch S.
+    /// `shard < index` and summed. From [`SCAN_SHARDS`] on: a log-step scan of ⌈log₂ S⌉ rounds,
+    /// each one `collective-permute` of the running inclusive sum `d` shards ahead (d = 1, 2, 4,
+    /// …; the first d shards of a line receive zeros), whose arrival is added both to the
+    /// running sum and to the result: each device moves and adds ~log₂ S copies of `x` where the
+    /// gather and the masked sum touch S, and no subtraction rounds the result.
     pub fn exclusive_sum(&self, b: &Builder, x: Op) -> Result<Op> {
         let s = self.shards();
         if s >= SCAN_SHARDS {
-            // acc_i = x_{i−1}; after the round with shift d it holds Σ x_j over
-            // i − 2d ≤ j ≤ i − 1 (j ≥ 0); the rounds stop once they cover the S − 1 shards.
-            let mut acc = b.collective_permute(x, &self.pairs(1))?;
+            // After the round with shift d: `sum_i` = Σ x_j over i − 2d < j ≤ i and `before_i`
+            // = Σ x_j over i − 2d < j < i (j ≥ 0); the rounds stop once 2d ≥ S covers every
+            // earlier shard.
+            let mut sum = x;
+            let mut before: Option<Op> = None;
             let mut d = 1;
-            while d < s - 1 {
-                acc = b.add(acc, b.collective_permute(acc, &self.pairs(d))?)?;
+            while d < s {
+                let got = b.collective_permute(sum, &self.pairs(d))?;
+                before = Some(match before {
+                    None => got,
+                    Some(acc) => b.add(acc, got)?,
+                });
                 d *= 2;
+                if d < s {
+                    sum = b.add(sum, got)?;
+                }
             }
-            return Ok(acc);
+            return Ok(before.expect("S ≥ SCAN_SHARDS ≥ 2 runs a round"));
         }
         let all = self.stack(b, x)?;
         let dims = b.shape(all)?.dims().to_vec();
