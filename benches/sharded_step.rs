@@ -44,7 +44,7 @@ use criterion::BenchmarkId;
 use model::{init_param, Model};
 use pjrt::{Buffer, Client, LoadedExecutable};
 use rattention_benches::{
-    bench_config, compile_spmd, cpu_client, criterion, load, piece_dims, ratio_table,
+    bench_config, compile_spmd, cpu_client, criterion, env_usize, load, piece_dims, ratio_table,
     upload_pieces, Row, Timings,
 };
 use trainer::config::RunConfig;
@@ -59,13 +59,6 @@ fn seq_len() -> usize {
 /// Sequences per step: 8, or env `RATTN_BENCH_BATCH`.
 fn batch() -> usize {
     env_usize("RATTN_BENCH_BATCH", 8)
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).map_or(default, |v| {
-        v.parse()
-            .unwrap_or_else(|_| panic!("{name} = {v:?} is not a count"))
-    })
 }
 
 /// Label and `[mesh]` overrides of each run.

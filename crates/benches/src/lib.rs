@@ -11,7 +11,7 @@
 
 #![forbid(unsafe_code)]
 
-pub use pallas_port::bench_util::{cpu_s, env_list, load, Timings};
+pub use pallas_port::bench_util::{cpu_s, env_list, env_usize, load, Timings};
 
 use hlo_builder::Sharding;
 use model::{init_param, Model};

@@ -67,12 +67,7 @@ fn program(n: usize, elems: i64, collective: bool, gather: bool) -> hlo_builder:
 }
 
 fn main() {
-    let env = |name: &str, default: usize| -> usize {
-        std::env::var(name)
-            .ok()
-            .and_then(|x| x.parse().ok())
-            .unwrap_or(default)
-    };
+    let env = pallas_port::bench_util::env_usize;
     let (n, elems, reps) = (env("N", 40), env("ELEMS", 65536), env("REPS", 50));
     let gather = std::env::var("OP").is_ok_and(|o| o == "all-gather");
     let name = if gather {

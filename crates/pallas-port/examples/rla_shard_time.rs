@@ -28,12 +28,7 @@ fn time(name: &str, reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let env = |name: &str, default: usize| -> usize {
-        std::env::var(name)
-            .ok()
-            .and_then(|x| x.parse().ok())
-            .unwrap_or(default)
-    };
+    let env = pallas_port::bench_util::env_usize;
     let (reps, t, batch) = (env("REPS", 30), env("T", 256), env("B", 8));
     let only = std::env::var("ONLY").unwrap_or_default();
     let want = |name: &str| only.is_empty() || name.contains(only.as_str());

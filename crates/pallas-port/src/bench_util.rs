@@ -43,12 +43,15 @@ pub fn load() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// The number in environment variable `name`, or `default` when it is unset or unparsable.
+/// The number in environment variable `name`, or `default` when it is unset. A value that is
+/// not a count stops the bench with a message naming the variable (a typo must not silently
+/// measure the default).
 pub fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).map_or(default, |v| {
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} = {v:?} is not a count"))
+    })
 }
 
 /// The comma-separated numbers in environment variable `name` (unparsable items skipped).
