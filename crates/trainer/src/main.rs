@@ -85,6 +85,15 @@ impl DistArgs {
             self.distributed_timeout,
         )?;
         if let Some(cfg) = cfg {
+            // Said before the wait, which lasts until every process arrives (up to the timeout).
+            eprintln!(
+                "process {} of {}: joining the coordinator {}, waiting up to {:.0} s for every \
+                 process (--distributed-timeout)",
+                cfg.process_id,
+                cfg.num_processes,
+                cfg.coordinator_address,
+                cfg.timeout.as_secs_f64()
+            );
             let d = distributed::initialize(&cfg)?;
             eprintln!(
                 "process {} of {}: every process arrived at the coordinator {}",

@@ -188,6 +188,12 @@ fn processes_rendezvous_on_loopback_and_a_missing_one_times_out() {
         assert!(!out.status.success(), "process {id}: {err}");
         assert!(
             err.contains(&format!(
+                "process {id} of 3: joining the coordinator {addr}, waiting up to 60 s"
+            )),
+            "process {id}: {err}"
+        );
+        assert!(
+            err.contains(&format!(
                 "process {id} of 3: every process arrived at the coordinator {addr}"
             )),
             "process {id}: {err}"
