@@ -582,46 +582,52 @@ fn backward(
     let bgs = batch * geo.g;
     let groups = key_groups(bgs, nkb);
     let part_len = geo.t * r * h;
-    let mut dq_parts = vec![0.0f32; bgs * groups * part_len];
-    let mut work: Vec<Vec<KeyBlock<'_, '_>>> = (0..bgs * groups).map(|_| Vec::new()).collect();
-    let dk_tasks = pieces(dk, geo, (geo.tk, gh), h, geo.bk);
-    let dv_tasks = pieces(dv, geo, (geo.tk, gh), h, geo.bk);
-    for (task, (dk_rows, dv_rows)) in dk_tasks.into_iter().zip(dv_tasks).enumerate() {
-        let (bg, kb) = (task / nkb, task % nkb);
-        work[bg * groups + kb % groups].push(KeyBlock {
-            s0: kb * geo.bk,
-            dk_rows,
-            dv_rows,
-        });
-    }
-    work.into_par_iter()
-        .zip(dq_parts.par_chunks_mut(part_len))
-        .enumerate()
-        .for_each(|(task, (blocks, dq_part))| {
-            let bg = task / groups;
-            let (b, gi) = (bg / geo.g, bg % geo.g);
-            for blk in blocks {
-                key_block(geo, (q, k, v), d_o, lse, dd, b, gi, blk, dq_part);
-            }
-        });
+    // The dQ buffers live in the calling thread's scratch, kept between calls: a fresh zeroed
+    // allocation of this size (8 MiB at B 1, T 4096, GQA 4/2, H 64) came from pages the OS maps
+    // on first write, each with a TLB flush on every core (25,000 page faults per train step
+    // there, 11 % of the step).
+    with_scratch(bgs * groups * part_len, |dq_parts| {
+        dq_parts.par_chunks_mut(part_len).for_each(|p| p.fill(0.0));
+        let mut work: Vec<Vec<KeyBlock<'_, '_>>> = (0..bgs * groups).map(|_| Vec::new()).collect();
+        let dk_tasks = pieces(dk, geo, (geo.tk, gh), h, geo.bk);
+        let dv_tasks = pieces(dv, geo, (geo.tk, gh), h, geo.bk);
+        for (task, (dk_rows, dv_rows)) in dk_tasks.into_iter().zip(dv_tasks).enumerate() {
+            let (bg, kb) = (task / nkb, task % nkb);
+            work[bg * groups + kb % groups].push(KeyBlock {
+                s0: kb * geo.bk,
+                dk_rows,
+                dv_rows,
+            });
+        }
+        work.into_par_iter()
+            .zip(dq_parts.par_chunks_mut(part_len))
+            .enumerate()
+            .for_each(|(task, (blocks, dq_part))| {
+                let bg = task / groups;
+                let (b, gi) = (bg / geo.g, bg % geo.g);
+                for blk in blocks {
+                    key_block(geo, (q, k, v), d_o, lse, dd, b, gi, blk, dq_part);
+                }
+            });
 
-    // dQ = Σ over the groups.
-    let parts = &dq_parts[..];
-    dq.par_chunks_mut(geo.n * h)
-        .enumerate()
-        .for_each(|(bt, row)| {
-            let (b, t) = (bt / geo.t, bt % geo.t);
-            for (gi, piece) in row.chunks_mut(r * h).enumerate() {
-                let base = (b * geo.g + gi) * groups;
-                piece.fill(0.0);
-                for p in 0..groups {
-                    let src = &parts[(base + p) * part_len + t * r * h..][..r * h];
-                    for (x, y) in piece.iter_mut().zip(src) {
-                        *x += y;
+        // dQ = Σ over the groups.
+        let parts = &*dq_parts;
+        dq.par_chunks_mut(geo.n * h)
+            .enumerate()
+            .for_each(|(bt, row)| {
+                let (b, t) = (bt / geo.t, bt % geo.t);
+                for (gi, piece) in row.chunks_mut(r * h).enumerate() {
+                    let base = (b * geo.g + gi) * groups;
+                    piece.fill(0.0);
+                    for p in 0..groups {
+                        let src = &parts[(base + p) * part_len + t * r * h..][..r * h];
+                        for (x, y) in piece.iter_mut().zip(src) {
+                            *x += y;
+                        }
                     }
                 }
-            }
-        });
+            });
+    });
 }
 
 /// The backward of one key block (see [`KeyBlock`]) over the query blocks that see it.
