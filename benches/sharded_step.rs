@@ -32,7 +32,8 @@
 //! against the mean of the two, its median over `RATTN_BENCH_ROUNDS` rounds (default 3; 0 turns
 //! them off) of `RATTN_BENCH_STEPS` steps (default 5): the 1-device step drifts between two modes
 //! run to run on the machines we measured, which moves the criterion table's ratios; the paired
-//! ones see both sides under the same conditions.
+//! ones see both sides under the same conditions. Beside them, the median wall milliseconds each
+//! mesh's step takes beyond the 1-device step.
 //!
 //! `cargo bench -p rattention-benches --bench sharded_step` (add `-- --quick` for a short run;
 //! env `RATTN_BENCH_MESHES=data8,seq8` picks meshes by label, `RATTN_BENCH_T=1024` and
@@ -341,21 +342,22 @@ fn per_step(client: &Client, s: &Sharded, steps: usize) -> (f64, f64) {
 /// Paired rounds: the 1-device step is timed right before and right after each mesh (`steps`
 /// steps each) and the mesh's ratio is the mean of those two over the mesh's time, so a drift of
 /// the 1-device step between runs (it is bimodal on the machines we measured) moves both sides
-/// alike. Per mesh, the median ratio over `rounds` rounds and its range, wall and CPU.
+/// alike. Per mesh, the median ratio over `rounds` rounds and its range, wall and CPU, and the
+/// median wall milliseconds the mesh's step takes beyond the 1-device step (a seq mesh's excess
+/// is about constant across step sizes, so this says more than the ratio when the shape changes).
 fn paired(client: &Client, setups: &[(&str, Sharded)], rounds: usize, steps: usize) -> String {
     let Some((_, base)) = setups.iter().find(|(l, _)| *l == "1 device") else {
         return String::new();
     };
     let meshes: Vec<&(&str, Sharded)> = setups.iter().filter(|(l, _)| *l != "1 device").collect();
-    let mut ratios: Vec<Vec<(f64, f64)>> = vec![Vec::new(); meshes.len()];
+    let mut ratios: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); meshes.len()];
     for _ in 0..rounds {
         let mut before = per_step(client, base, steps);
         for (i, (_, s)) in meshes.iter().enumerate() {
             let m = per_step(client, s, steps);
             let after = per_step(client, base, steps);
-            let wall = (before.0 + after.0) / 2.0 / m.0;
-            let cpu = (before.1 + after.1) / 2.0 / m.1;
-            ratios[i].push((wall, cpu));
+            let (base_wall, base_cpu) = ((before.0 + after.0) / 2.0, (before.1 + after.1) / 2.0);
+            ratios[i].push((base_wall / m.0, base_cpu / m.1, (m.0 - base_wall) * 1e3));
             before = after;
         }
     }
@@ -365,16 +367,20 @@ fn paired(client: &Client, setups: &[(&str, Sharded)], rounds: usize, steps: usi
     };
     let mut out = format!(
         "paired rounds ({rounds} × {steps} steps; the 1-device step right before and after each \
-         mesh; load {} now)\n  {:<22} {:>22} {:>22}\n",
+         mesh; load {} now)\n  {:<22} {:>22} {:>22} {:>16}\n",
         load(),
         "1 device / mesh",
         "wall: median (range)",
-        "CPU: median (range)"
+        "CPU: median (range)",
+        "excess wall ms"
     );
     for ((label, _), r) in meshes.iter().zip(ratios) {
         let (w, w0, w1) = stats(r.iter().map(|x| x.0).collect());
         let (c, c0, c1) = stats(r.iter().map(|x| x.1).collect());
-        out += &format!("  {label:<22} {w:>8.2} ({w0:.2}–{w1:.2}) {c:>8.2} ({c0:.2}–{c1:.2})\n");
+        let (e, _, _) = stats(r.iter().map(|x| x.2).collect());
+        out += &format!(
+            "  {label:<22} {w:>8.2} ({w0:.2}–{w1:.2}) {c:>8.2} ({c0:.2}–{c1:.2}) {e:>16.1}\n"
+        );
     }
     out
 }
