@@ -3,19 +3,23 @@
 //! ```sh
 //! cargo run --release -p pallas-port --example attn_time -- [B T N G H W|-1] [reps]
 //! ```
-//! Prints wall and process CPU ms (user + sys, all threads) per forward and per backward, and
-//! the forward's GFLOP/s over its visible blocks.
+//! Prints wall and process CPU ms (user + sys, all threads) per forward and per backward, the
+//! forward's GFLOP/s over its visible blocks, and the page faults per call of each (a kernel that
+//! takes fresh zeroed memory every call shows up here: the backward's dQ buffers did until they
+//! moved into the thread's scratch).
 
 use pallas_port::kernel::{attention, attn_bwd, attn_fwd};
 use pallas_port::RlaDims;
 use std::time::Instant;
 
-fn cpu_seconds() -> f64 {
+/// This process's (CPU seconds, user + sys, all threads; minor page faults), from
+/// `/proc/self/stat` (zeros elsewhere).
+fn cpu_and_faults() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    let field = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    ((field(11) + field(12)) / 100.0, field(7))
 }
 
 fn main() {
@@ -56,27 +60,33 @@ fn main() {
         vec![0.0; d.kv_len()],
     );
     let (mut fw, mut fc, mut bw, mut bc) = (0.0, 0.0, 0.0, 0.0);
+    let (mut ff, mut bf) = (0.0, 0.0);
     for r in 0..=reps {
-        let (t0, c0) = (Instant::now(), cpu_seconds());
+        let (t0, (c0, p0)) = (Instant::now(), cpu_and_faults());
         attn_fwd(&d, w, &q, &k, &v, &mut o, &mut lse).unwrap();
-        let (t1, c1) = (Instant::now(), cpu_seconds());
+        let (t1, (c1, p1)) = (Instant::now(), cpu_and_faults());
         attn_bwd(&d, w, &q, &k, &v, &o, &lse, &d_o, &mut dq, &mut dk, &mut dv).unwrap();
-        let (t2, c2) = (Instant::now(), cpu_seconds());
+        let (t2, (c2, p2)) = (Instant::now(), cpu_and_faults());
         if r > 0 {
             fw += (t1 - t0).as_secs_f64();
             bw += (t2 - t1).as_secs_f64();
             fc += c1 - c0;
             bc += c2 - c1;
+            ff += p1 - p0;
+            bf += p2 - p1;
         }
     }
     let n = reps as f64;
     let f = attention::flops_fwd(&d, w);
     println!(
-        "{d} window {w:?}: fwd wall {:.1} ms cpu {:.1} ms ({:.1} GFLOP/cpu-s), bwd wall {:.1} ms cpu {:.1} ms",
+        "{d} window {w:?}: fwd wall {:.1} ms cpu {:.1} ms ({:.1} GFLOP/cpu-s, {:.0} page faults), \
+         bwd wall {:.1} ms cpu {:.1} ms ({:.0} page faults)",
         fw / n * 1e3,
         fc / n * 1e3,
         f / (fc / n) / 1e9,
+        ff / n,
         bw / n * 1e3,
-        bc / n * 1e3
+        bc / n * 1e3,
+        bf / n
     );
 }
