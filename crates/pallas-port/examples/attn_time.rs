@@ -3,23 +3,18 @@
 //! ```sh
 //! cargo run --release -p pallas-port --example attn_time -- [B T N G H W|-1] [reps]
 //! ```
-//! Prints wall and process CPU ms (user + sys, all threads) per forward and per backward, the
+//! Prints wall and process CPU ms (all threads) per forward and per backward, the
 //! forward's GFLOP/s over its visible blocks, and the page faults per call of each (a kernel that
 //! takes fresh zeroed memory every call shows up here: the backward's dQ buffers did until they
 //! moved into the thread's scratch).
 
 use pallas_port::kernel::{attention, attn_bwd, attn_fwd};
-use pallas_port::RlaDims;
+use pallas_port::{bench_util, RlaDims};
 use std::time::Instant;
 
-/// This process's (CPU seconds, user + sys, all threads; minor page faults), from
-/// `/proc/self/stat` (zeros elsewhere).
+/// This process's (CPU seconds of all threads, minor page faults) so far.
 fn cpu_and_faults() -> (f64, f64) {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    ((field(11) + field(12)) / 100.0, field(7))
+    (bench_util::cpu_s(), bench_util::minor_faults())
 }
 
 fn main() {

@@ -18,19 +18,6 @@ use std::time::Instant;
 
 const DEVICES: usize = 8;
 
-/// The process's user + system CPU time in seconds (`/proc/self/stat`, clock ticks of 1/100 s).
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name's closing parenthesis; utime and stime are the 12th and
-    // 13th of those.
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
-}
-
 /// The ring program with `n` rounds, each `x = permute(x) + 1` (with `gather`: `x = (the
 /// all-gather of x)[a slice of x's size] + 1`; `x = x + 1` alone when `collective` is false).
 fn program(n: usize, elems: i64, collective: bool, gather: bool) -> hlo_builder::Computation {
@@ -102,12 +89,12 @@ fn main() {
             .compile(pjrt::Program::Hlo(&comp.to_bytes()), &options)
             .expect("compile");
         exe.execute_sharded(&lists).expect("warm-up");
-        let (t0, c0) = (Instant::now(), cpu_seconds());
+        let (t0, c0) = (Instant::now(), pallas_port::bench_util::cpu_s());
         for _ in 0..reps {
             exe.execute_sharded(&lists).expect("execute");
         }
         let wall = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
-        let cpu = (cpu_seconds() - c0) * 1e3 / reps as f64;
+        let cpu = (pallas_port::bench_util::cpu_s() - c0) * 1e3 / reps as f64;
         let what = if collective { name } else { "adds alone" };
         println!(
             "{n} rounds, {elems} floats per device, {what:18} wall {wall:8.3} ms  CPU {cpu:8.3} ms per run"

@@ -35,6 +35,20 @@ pub fn cpu_s() -> f64 {
     ns as f64 * 1e-9
 }
 
+/// Minor page faults of this process so far (`/proc/self/stat`, field 10; NaN elsewhere): a
+/// kernel that takes fresh zeroed memory on every call shows up here.
+pub fn minor_faults() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // The fields after the command name's closing parenthesis start at field 3 (state).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    rest.split_whitespace()
+        .nth(7)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// The 1-minute load average, or `?`.
 pub fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
