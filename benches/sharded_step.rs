@@ -37,7 +37,8 @@
 //!
 //! `cargo bench -p rattention-benches --bench sharded_step` (add `-- --quick` for a short run;
 //! env `RATTN_BENCH_MESHES=data8,seq8` picks meshes by label, `RATTN_BENCH_T=1024` and
-//! `RATTN_BENCH_BATCH=2` change T and the batch).
+//! `RATTN_BENCH_BATCH=2` change T and the batch, `RATTN_BENCH_SET='model.local_kind="swa"'`
+//! applies `;`-separated overrides to every run, the 1-device one included).
 
 use std::cell::RefCell;
 
@@ -173,8 +174,23 @@ fn config(mesh: &[&str]) -> RunConfig {
         "model.rla.chunk=32".into(),
         "model.rla.sub_chunk=16".into(),
     ];
+    o.extend(extra_overrides());
     o.extend(mesh.iter().map(|s| s.to_string()));
     bench_config(&o)
+}
+
+/// Overrides applied to every run, the 1-device one included: env `RATTN_BENCH_SET`, separated
+/// by `;` (e.g. `model.local_kind="swa"` to see what the sequence region costs without RLA).
+fn extra_overrides() -> Vec<String> {
+    std::env::var("RATTN_BENCH_SET")
+        .map(|s| {
+            s.split(';')
+                .map(str::trim)
+                .filter(|x| !x.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// One compiled step on `n` devices and its per-device state.
@@ -308,8 +324,12 @@ fn main() {
         "{}",
         ratio_table(
             &format!(
-                "train step of configs/bench.toml, T={tl} B={bsz} W=64, on {DEVICES} CPU devices \
+                "train step of configs/bench.toml, T={tl} B={bsz} W=64{}, on {DEVICES} CPU devices \
                  (load {load_before} before, {} after)",
+                extra_overrides()
+                    .iter()
+                    .map(|o| format!(", {o}"))
+                    .collect::<String>(),
                 load()
             ),
             &rows,

@@ -38,8 +38,13 @@ pub enum LogicalAxis {
     Length,
     /// The vocabulary.
     Vocab,
-    /// The residual width `d_model`.
+    /// The residual width `d_model` of the parameters that project it.
     Embed,
+    /// The `d_model` dim of an RMSNorm scale (the pre-norms, the final norm): MaxText's `norm`,
+    /// ruled apart from `embed` so the scales follow the activations they multiply (default
+    /// `[tensor]`, like `activation_embed`) instead of being cut over fsdp and seq, where every
+    /// use would gather a vector of d_model floats.
+    Norm,
     /// Query heads; a flattened `heads × head_dim` projection dim is named by its heads.
     QHeads,
     /// Key/value heads; a flattened `kv_heads × head_dim` projection dim is named by its heads.
@@ -65,11 +70,12 @@ pub enum LogicalAxis {
 
 impl LogicalAxis {
     /// Every axis, in declaration order.
-    pub const ALL: [LogicalAxis; 12] = [
+    pub const ALL: [LogicalAxis; 13] = [
         LogicalAxis::Batch,
         LogicalAxis::Length,
         LogicalAxis::Vocab,
         LogicalAxis::Embed,
+        LogicalAxis::Norm,
         LogicalAxis::QHeads,
         LogicalAxis::KvHeads,
         LogicalAxis::HeadDim,
@@ -80,7 +86,7 @@ impl LogicalAxis {
         LogicalAxis::Layers,
     ];
 
-    /// The name a config rule table keys on: `batch`, `length`, `vocab`, `embed`, `q_heads`,
+    /// The name a config rule table keys on: `batch`, `length`, `vocab`, `embed`, `norm`, `q_heads`,
     /// `kv_heads`, `head_dim`, `mlp`, `cache_length`, `feature`, `activation_embed`, `layers`.
     pub fn name(self) -> &'static str {
         match self {
@@ -88,6 +94,7 @@ impl LogicalAxis {
             LogicalAxis::Length => "length",
             LogicalAxis::Vocab => "vocab",
             LogicalAxis::Embed => "embed",
+            LogicalAxis::Norm => "norm",
             LogicalAxis::QHeads => "q_heads",
             LogicalAxis::KvHeads => "kv_heads",
             LogicalAxis::HeadDim => "head_dim",
@@ -108,7 +115,7 @@ impl fmt::Display for LogicalAxis {
 
 /// A name that is not a [`LogicalAxis`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown logical axis {0:?} (known: batch, length, vocab, embed, q_heads, kv_heads, head_dim, mlp, cache_length, feature, activation_embed, layers)")]
+#[error("unknown logical axis {0:?} (known: batch, length, vocab, embed, norm, q_heads, kv_heads, head_dim, mlp, cache_length, feature, activation_embed, layers)")]
 pub struct UnknownAxis(pub String);
 
 impl FromStr for LogicalAxis {
@@ -152,7 +159,7 @@ impl ParamSpec {
 /// The parameters of a model with these resolved `layers`, in a fixed order (the order of the
 /// train step's arguments).
 pub(crate) fn specs(cfg: &ModelConfig, layers: &[Attention]) -> Vec<ParamSpec> {
-    use LogicalAxis::{Embed, HeadDim, KvHeads, Mlp, QHeads, Vocab};
+    use LogicalAxis::{Embed, HeadDim, KvHeads, Mlp, Norm, QHeads, Vocab};
     let d = cfg.d_model;
     let std = 0.02f32;
     let out_std = std / (2.0 * cfg.layers as f32).sqrt();
@@ -176,6 +183,7 @@ pub(crate) fn specs(cfg: &ModelConfig, layers: &[Attention]) -> Vec<ParamSpec> {
     );
     let scale = (ParamRole::NormScale, Init::Ones);
     let (embed, vocab, mlp) = ((d, Embed), (cfg.vocab, Vocab), (cfg.ffn_dim, Mlp));
+    let norm = (d, Norm);
     let (q, kv) = ((cfg.q_dim(), QHeads), (cfg.kv_dim(), KvHeads));
     let head_dim = (cfg.head_dim, HeadDim);
     push(
@@ -185,7 +193,7 @@ pub(crate) fn specs(cfg: &ModelConfig, layers: &[Attention]) -> Vec<ParamSpec> {
     );
     for (i, attn) in layers.iter().enumerate() {
         let p = format!("layers.{i}");
-        push(format!("{p}.attn_norm.scale"), &[embed], scale);
+        push(format!("{p}.attn_norm.scale"), &[norm], scale);
         push(format!("{p}.attn.wq"), &[embed, q], matrix);
         push(format!("{p}.attn.wk"), &[embed, kv], matrix);
         push(format!("{p}.attn.wv"), &[embed, kv], matrix);
@@ -201,12 +209,12 @@ pub(crate) fn specs(cfg: &ModelConfig, layers: &[Attention]) -> Vec<ParamSpec> {
                 push(format!("{p}.attn.rla_norm.scale"), &heads, scale);
             }
         }
-        push(format!("{p}.ffn_norm.scale"), &[embed], scale);
+        push(format!("{p}.ffn_norm.scale"), &[norm], scale);
         push(format!("{p}.ffn.w_gate"), &[embed, mlp], matrix);
         push(format!("{p}.ffn.w_up"), &[embed, mlp], matrix);
         push(format!("{p}.ffn.w_down"), &[mlp, embed], out);
     }
-    push("final_norm.scale".into(), &[embed], scale);
+    push("final_norm.scale".into(), &[norm], scale);
     if !cfg.tied_embeddings {
         push("lm_head".into(), &[embed, vocab], matrix);
     }

@@ -381,7 +381,7 @@ impl Model {
                 pallas_port::embed::embed_in_region(b, table, tokens, cols, &s)
             }
             RowKernel::Hlo if t == td[1] => self.embed(b, p, tokens),
-            RowKernel::Hlo => self.embed(b, p, b.slice_in_dim(tokens, 0, t, 1)?),
+            RowKernel::Hlo => self.embed(b, p, self.token_columns(b, tokens, (0, t))?),
         }
     }
 
@@ -692,7 +692,7 @@ impl Model {
             RowKernel::Whole => cross_entropy_kernel(b, logits, (tokens, 1), weights),
             RowKernel::Region(s) => cross_entropy_in_region(b, logits, (tokens, 1), weights, &s),
             RowKernel::Hlo => {
-                let targets = b.slice_in_dim(tokens, 1, td[1], 1)?;
+                let targets = self.token_columns(b, tokens, (1, td[1]))?;
                 cross_entropy(b, logits, targets, weights)
             }
         }

@@ -117,7 +117,8 @@ fn every_parameter_has_a_role_and_one_logical_axis_per_dimension() {
     assert_eq!(axes("layers.0.attn.wo").1, [QHeads, Embed]);
     assert_eq!(axes("layers.0.ffn.w_gate").1, [Embed, Mlp]);
     assert_eq!(axes("layers.0.ffn.w_down").1, [Mlp, Embed]);
-    assert_eq!(axes("layers.0.attn_norm.scale").1, [Embed]);
+    assert_eq!(axes("layers.0.attn_norm.scale").1, [Norm]);
+    assert_eq!(axes("final_norm.scale").1, [Norm]);
     assert_eq!(axes("layers.0.attn.q_norm.scale").1, [HeadDim]);
     assert_eq!(
         axes("layers.0.attn.rla_norm.scale"),

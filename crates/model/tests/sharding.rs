@@ -38,7 +38,8 @@ fn tiny_specs_follow_the_default_rules() {
     assert_eq!(s("layers.0.attn.wo"), "[tensor, (fsdp, seq)]");
     assert_eq!(s("layers.0.attn.swa_norm.scale"), "[tensor, -]");
     assert_eq!(s("layers.0.ffn.w_down"), "[tensor, (fsdp, seq)]");
-    assert_eq!(s("final_norm.scale"), "[(fsdp, seq)]");
+    assert_eq!(s("final_norm.scale"), "[tensor]");
+    assert_eq!(s("layers.0.ffn_norm.scale"), "[tensor]");
     assert_eq!(
         spec_of(&m, &mesh, "layers.0.attn.wq"),
         PartitionSpec(vec![vec![Fsdp, Seq], vec![Tensor]])
@@ -127,8 +128,8 @@ fn per_device_sizes_divide_the_total_as_the_specs_say() {
             .sum()
     };
     assert_eq!(per(&mesh(4, 1, 1, 4)), total);
-    // fsdp 2 × tensor 2: matrices (both dims ruled) split 4 ways, norm scales 2 ways (embed →
-    // fsdp, or q_heads → tensor with head_dim unsharded).
+    // fsdp 2 × tensor 2: matrices (both dims ruled) split 4 ways, norm scales 2 ways (norm →
+    // tensor, or q_heads → tensor with head_dim unsharded).
     let (matrices, norms): (usize, usize) =
         m.param_specs()
             .iter()
@@ -138,15 +139,9 @@ fn per_device_sizes_divide_the_total_as_the_specs_say() {
             });
     assert_eq!(matrices + norms, total);
     assert_eq!(per(&mesh(1, 2, 2, 4)), matrices / 4 + norms / 2);
-    // fsdp 4 alone: everything with an embed dim splits 4 ways; the RAttention mixing norms
-    // ([q_heads, head_dim]) stay whole.
-    let mixing: usize = m
-        .param_specs()
-        .iter()
-        .filter(|p| p.name.ends_with("swa_norm.scale") || p.name.ends_with("rla_norm.scale"))
-        .map(|p| p.numel())
-        .sum();
-    assert_eq!(per(&mesh(1, 4, 1, 4)), (total - mixing) / 4 + mixing);
+    // fsdp 4 alone: every matrix (each has an embed dim) splits 4 ways; the norm scales (norm
+    // → tensor, the RAttention mixing norms [q_heads, head_dim]) stay whole.
+    assert_eq!(per(&mesh(1, 4, 1, 4)), matrices / 4 + norms);
 }
 
 #[test]

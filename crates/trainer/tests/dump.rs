@@ -142,7 +142,8 @@ fn dump_of_the_tiny_config_writes_parsable_modules_and_a_checked_summary() {
         stdout.contains(
             "  rules: activation_embed → [tensor], batch → [data, fsdp], cache_length → [], \
              embed → [fsdp, seq], feature → [], head_dim → [], kv_heads → [tensor], \
-             layers → [], length → [seq], mlp → [tensor], q_heads → [tensor], vocab → [tensor]\n"
+             layers → [], length → [seq], mlp → [tensor], norm → [tensor], q_heads → [tensor], \
+             vocab → [tensor]\n"
         ),
         "{stdout}"
     );
@@ -199,9 +200,10 @@ fn dump_of_12b_without_compiling_reports_the_paper_kv_savings() {
         let layers: Vec<bool> = (0..40).map(|i| i % 4 != 3).collect();
         let params = count_params(32768, 5120, &layers, 40, 8, 128, 16384, true, false);
         assert_eq!(s["parameters"].as_u64().unwrap(), params);
-        // fsdp 16 shards every parameter with an embed dim 16 ways; the per-head norms (q/k
-        // norms [head_dim], the mixing norms [q_heads, head_dim] with tensor 1) stay whole.
-        let whole = 40 * 2 * 128 + 30 * 2 * 40 * 128;
+        // fsdp 16 shards every parameter with an embed dim 16 ways; the norm scales (the
+        // pre-norms and the final norm [norm], q/k norms [head_dim], the mixing norms [q_heads,
+        // head_dim] with tensor 1) stay whole.
+        let whole = 40 * 2 * 128 + 30 * 2 * 40 * 128 + (40 * 2 + 1) * 5120;
         let mesh = &s["mesh"];
         assert_eq!(mesh["sizes"]["fsdp"].as_u64().unwrap(), 16);
         assert_eq!(mesh["param_bytes"].as_u64().unwrap(), 4 * params);

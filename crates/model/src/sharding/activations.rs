@@ -143,6 +143,30 @@ impl Model {
         b.sharding_constraint(x, s)
     }
 
+    /// Columns `lo..hi` of the token array `tokens [B, L]` (inputs or targets), laid out as the
+    /// token batch arrives: cut by the `batch` rule, whole along the sequence. Without the
+    /// constraint the partitioner gives the slice the sequence cut of the activations it feeds
+    /// and reshards the `[B, T+1]` batch to reach it (a padded copy, a collective-permute and
+    /// an all-gather of the ids on a `seq` mesh); from the whole ids each device later takes
+    /// its own columns in place. A plain slice on one device.
+    pub fn token_columns(
+        &self,
+        b: &Builder,
+        tokens: Op,
+        (lo, hi): (i64, i64),
+    ) -> hlo_builder::Result<Op> {
+        let cols = b.slice_in_dim(tokens, lo, hi, 1)?;
+        if self.mesh.device_count() == 1 {
+            return Ok(cols);
+        }
+        let dims: Vec<usize> = b.shape(cols)?.dims().iter().map(|&d| d as usize).collect();
+        let s = self
+            .mesh
+            .batch_sharding("tokens", &dims)
+            .map_err(|e| b.error("token_columns", e.to_string()))?;
+        b.sharding_constraint(cols, s)
+    }
+
     /// The layout of the attention regions' q `[B,T,N,H]` (and k, v) when the mesh cuts the
     /// sequence (`seq` > 1 and the `length` rule uses it): [`Model::rla_sharding`]. `None`
     /// otherwise; attention is then left to the partitioner.

@@ -235,7 +235,8 @@ impl Default for AxisRules {
     /// batch → [data, fsdp], length → [seq], vocab → [tensor], embed → [fsdp, seq],
     /// q_heads / kv_heads / mlp → [tensor], head_dim / cache_length / feature / layers → [],
     /// activation_embed → [tensor] (MaxText's: between layers the residual stream's width is
-    /// cut over `tensor`).
+    /// cut over `tensor`), norm → [tensor] (MaxText's: the norm scales follow the activations
+    /// they multiply, never cut over fsdp or seq).
     ///
     /// `embed → [fsdp, seq]` is MaxText's FSDP over the context axis: on a mesh with `seq` > 1
     /// the parameters and both Adam moments are cut over `seq` as well (gathered for the matmuls
@@ -249,7 +250,9 @@ impl Default for AxisRules {
             let m = match a {
                 L::Batch => vec![Data, Fsdp],
                 L::Length => vec![Seq],
-                L::Vocab | L::QHeads | L::KvHeads | L::Mlp | L::ActivationEmbed => vec![Tensor],
+                L::Vocab | L::QHeads | L::KvHeads | L::Mlp | L::ActivationEmbed | L::Norm => {
+                    vec![Tensor]
+                }
                 L::Embed => vec![Fsdp, Seq],
                 L::HeadDim | L::CacheLength | L::Feature | L::Layers => vec![],
             };

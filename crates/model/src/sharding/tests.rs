@@ -20,6 +20,7 @@ fn defaults_are_one_device_and_maxtext_rules() {
     let r = AxisRules::default();
     assert_eq!(r.get(Batch), [Data, Fsdp]);
     assert_eq!(r.get(Embed), [Fsdp, Seq]);
+    assert_eq!(r.get(LogicalAxis::Norm), [Tensor]);
     assert_eq!(r.get(QHeads), [Tensor]);
     assert_eq!(r.get(Mlp), [Tensor]);
     assert_eq!(r.get(LogicalAxis::Length), [Seq]);
@@ -27,7 +28,7 @@ fn defaults_are_one_device_and_maxtext_rules() {
     assert_eq!(
         r.to_string(),
         "batch → [data, fsdp], length → [seq], vocab → [tensor], embed → [fsdp, seq], \
-         q_heads → [tensor], kv_heads → [tensor], head_dim → [], mlp → [tensor], \
+         norm → [tensor], q_heads → [tensor], kv_heads → [tensor], head_dim → [], mlp → [tensor], \
          cache_length → [], feature → [], activation_embed → [tensor], layers → []"
     );
 }
@@ -219,12 +220,12 @@ fn embed_shards_over_fsdp_and_seq_and_a_dim_that_does_not_divide_is_named() {
     // 36 splits in 4 and in 2 but not in 4 × 2.
     let m = mesh(1, 4, 2, 1).resolve(8).unwrap();
     let e = m
-        .partition_spec("final_norm.scale", &[36], &[Embed])
+        .partition_spec("layers.0.attn.wq", &[36], &[Embed])
         .unwrap_err()
         .to_string();
     assert_eq!(
         e,
-        "final_norm.scale: dim 0 (embed) of size 36 is not divisible by 8 = fsdp 4 × seq 2 \
+        "layers.0.attn.wq: dim 0 (embed) of size 36 is not divisible by 8 = fsdp 4 × seq 2 \
          (mesh.rules.embed)"
     );
 }

@@ -141,7 +141,7 @@ fn run_logged(name: &str, steps: usize, extra: &[&str]) -> (Vec<f32>, Vec<f64>, 
 #[test]
 fn the_sharded_adamw_kernel_trains_like_the_hlo_update_with_the_global_norm() {
     // data 2 × fsdp 2 × tensor 2: matrices cut over fsdp and tensor and replicated over data,
-    // norm scales cut over fsdp and replicated over data and tensor, so the norm's sum must
+    // norm scales cut over tensor and replicated over data and fsdp, so the norm's sum must
     // count each replicated piece once.
     const STEPS: usize = 4;
     let mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"];
