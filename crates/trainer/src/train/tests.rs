@@ -260,7 +260,7 @@ fn a_sequence_parallel_step_holds_the_halo_and_gather_collectives() {
     let hlo = hlo_builder::print_module_bytes(&exe.optimized_program().unwrap()).unwrap();
     let count = |op: &str| hlo.matches(&format!(" {op}(")).count();
     let (permutes, gathers) = (count("collective-permute"), count("all-gather"));
-    // Ours, not the partitioner's (it shifts the token batch's slices between shards too).
+    // Ours, not the partitioner's.
     let ours: Vec<&str> = hlo
         .lines()
         .filter(|l| l.contains(" collective-permute(") && !l.contains("is_spmd_generated"))
@@ -278,6 +278,29 @@ fn a_sequence_parallel_step_holds_the_halo_and_gather_collectives() {
         "{ours:#?}"
     );
     assert!(gathers >= 3, "{gathers} all-gathers");
+    // The inputs and targets keep the token batch's layout (`Model::token_columns`): no
+    // collective-permute shifts token ids between shards (the partitioner did, after padding the
+    // `[B, T+1]` batch to a multiple of the shards). The RMSNorm scales are whole on every
+    // device (`norm → [tensor]`, tensor 1): no all-gather of a 1-D array.
+    let moves_ids: Vec<&str> = hlo
+        .lines()
+        .filter(|l| l.contains(" collective-permute(s32["))
+        .collect();
+    assert!(moves_ids.is_empty(), "{moves_ids:#?}");
+    assert_eq!(
+        permutes,
+        ours.len(),
+        "the partitioner's own permutes: {hlo}"
+    );
+    let gathers_1d: Vec<&str> = hlo
+        .lines()
+        .filter(|l| {
+            l.split_once(" all-gather(f32[")
+                .and_then(|(_, rest)| rest.split_once(']'))
+                .is_some_and(|(dims, _)| !dims.contains(','))
+        })
+        .collect();
+    assert!(gathers_1d.is_empty(), "{gathers_1d:#?}");
     assert!(hlo.contains("source_target_pairs={{0,1},{1,2},{2,3}}"));
     assert!(hlo.contains("rattention.rla_fwd") && hlo.contains("rattention.rla_bwd"));
 }
