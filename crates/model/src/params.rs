@@ -107,6 +107,14 @@ impl LogicalAxis {
     }
 }
 
+impl LogicalAxis {
+    /// Every axis name, comma-separated, for errors that list them.
+    pub fn known() -> String {
+        let names: Vec<&str> = LogicalAxis::ALL.iter().map(|a| a.name()).collect();
+        names.join(", ")
+    }
+}
+
 impl fmt::Display for LogicalAxis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -115,7 +123,7 @@ impl fmt::Display for LogicalAxis {
 
 /// A name that is not a [`LogicalAxis`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown logical axis {0:?} (known: batch, length, vocab, embed, norm, q_heads, kv_heads, head_dim, mlp, cache_length, feature, activation_embed, layers)")]
+#[error("unknown logical axis {0:?} (known: {known})", known = LogicalAxis::known())]
 pub struct UnknownAxis(pub String);
 
 impl FromStr for LogicalAxis {

@@ -129,7 +129,7 @@ pub enum MeshError {
     #[error("unknown mesh axis {0:?} (known: data, fsdp, seq, tensor)")]
     UnknownMeshAxis(String),
     /// A rule names an unknown logical axis.
-    #[error("mesh.rules: unknown logical axis {0:?} (known: batch, length, vocab, embed, q_heads, kv_heads, head_dim, mlp, cache_length, feature, activation_embed, layers)")]
+    #[error("mesh.rules: unknown logical axis {0:?} (known: {known})", known = LogicalAxis::known())]
     UnknownLogicalAxis(String),
     /// A rule lists a mesh axis twice.
     #[error("mesh.rules.{logical} lists mesh axis {axis} twice")]

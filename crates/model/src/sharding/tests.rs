@@ -192,7 +192,9 @@ fn rules_deserialize_over_the_defaults() {
     assert_eq!(back, cfg);
     let e = toml::from_str::<MeshConfig>("[rules]\nembd = []\n").unwrap_err();
     assert!(
-        e.to_string().contains("unknown logical axis \"embd\""),
+        e.to_string().contains("unknown logical axis \"embd\"")
+            && e.to_string()
+                .contains("(known: batch, length, vocab, embed, norm, q_heads,"),
         "{e}"
     );
     let e = toml::from_str::<MeshConfig>("[rules]\nembed = [\"fsd\"]\n").unwrap_err();
