@@ -8,7 +8,7 @@ use crate::params::{self, ParamSpec};
 use crate::sharding::Mesh;
 
 /// Where a row-wise op with a CPU kernel pair (a norm, the loss, the embedding) runs in a graph
-/// under the model's mesh ([`Model::row_kernel`]).
+/// under the model's mesh (`Model::row_kernel`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowKernel {
     /// The HLO lowering (the op's lowering resolved to HLO).
@@ -394,7 +394,7 @@ impl Model {
     /// [`pallas_port::kernel_lowering::KernelLowering::resolve`] (our kernels on one CPU
     /// device, HLO elsewhere). An explicit `"kernel"` under a mesh runs the kernels in manual
     /// regions over the rows, or is an error where the mesh cuts the feature dim
-    /// ([`Model::row_kernel`]).
+    /// (`Model::row_kernel`).
     pub fn loss_lowering(&self, platform: &str) -> pallas_port::kernel_lowering::KernelLowering {
         self.cfg
             .loss_lowering

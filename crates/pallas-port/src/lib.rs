@@ -21,7 +21,7 @@
 //!   embedding as custom-call pairs over [`kernel::cross_entropy`], [`kernel::rms_norm`],
 //!   [`kernel::embed`], chosen per op by [`kernel_lowering::KernelLowering`]; under a mesh
 //!   they run in manual regions over the rows ([`row_region`]).
-//! - [`reference`]: naive f64 formulas the kernels are tested against ([`reference::feature`]
+//! - [`reference`](mod@reference): naive f64 formulas the kernels are tested against ([`reference::feature`]
 //!   is φ).
 
 #![forbid(unsafe_code)]

@@ -35,7 +35,7 @@ pub struct CompileArgs {
     /// `gpu:<name>[:<shape>]` (e.g. `gpu:h100`, `gpu:a100`, `gpu:h100:1x1x8`).
     #[arg(long)]
     pub target: String,
-    /// Run configuration (TOML with [model], [train], [data]).
+    /// Run configuration (TOML with `[model]`, `[train]`, `[data]`).
     #[arg(long, default_value = "configs/tiny.toml")]
     pub config: PathBuf,
     /// Override a config value, e.g. `--set model.layers=8`.

@@ -504,7 +504,7 @@ pub(crate) struct DumpArgs {
     /// too big to compile usefully on the host, e.g. configs/12b.toml).
     #[arg(long)]
     pub(crate) no_compile: bool,
-    /// Devices the [mesh] spans, for its per-device sizes (default: the product of the mesh
+    /// Devices the `[mesh]` spans, for its per-device sizes (default: the product of the mesh
     /// sizes; required when one is -1).
     #[arg(long)]
     pub(crate) devices: Option<usize>,

@@ -45,7 +45,7 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// Run configuration (TOML with [model], [train], [data], [mesh]).
+    /// Run configuration (TOML with `[model]`, `[train]`, `[data]`, `[mesh]`).
     #[arg(long, default_value = "configs/tiny.toml")]
     config: PathBuf,
     /// Override a config value, e.g. `--set train.steps=50 --set model.window=16`.
@@ -122,7 +122,7 @@ enum Cmd {
         /// Held-out sequences of the evaluation that ends the run (0: no evaluation).
         #[arg(long, default_value_t = EVAL_SEQUENCES)]
         eval_sequences: usize,
-        /// Devices the [mesh] spans (default: the product of its sizes; needed when one is -1).
+        /// Devices the `[mesh]` spans (default: the product of its sizes; needed when one is -1).
         /// On the CPU plugin the client is made with this many devices.
         #[arg(long)]
         devices: Option<usize>,

@@ -477,7 +477,7 @@ pub struct EvalReport {
     /// Recall task: recall by distance from the pair's last appearance, nearest bucket first.
     pub recall: Vec<BucketRecall>,
     /// Recall task: `(correct, total)` answers at each distance (index = distance in tokens,
-    /// `0..=seq_len`), for buckets other than [`distance_buckets`] (e.g. `rattn sweep`'s, the same
+    /// `0..=seq_len`), for buckets other than [`crate::data::distance_buckets`] (e.g. `rattn sweep`'s, the same
     /// for every window); empty for text and token data.
     pub by_distance: Vec<(usize, usize)>,
 }

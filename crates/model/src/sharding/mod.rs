@@ -232,11 +232,11 @@ pub enum MeshError {
 pub struct AxisRules(BTreeMap<LogicalAxis, Vec<MeshAxis>>);
 
 impl Default for AxisRules {
-    /// batch → [data, fsdp], length → [seq], vocab → [tensor], embed → [fsdp, seq],
-    /// q_heads / kv_heads / mlp → [tensor], head_dim / cache_length / feature / layers → [],
-    /// activation_embed → [tensor] (MaxText's: between layers the residual stream's width is
-    /// cut over `tensor`), norm → [tensor] (MaxText's: the norm scales follow the activations
-    /// they multiply, never cut over fsdp or seq).
+    /// `batch → [data, fsdp]`, `length → [seq]`, `vocab → [tensor]`, `embed → [fsdp, seq]`,
+    /// `q_heads` / `kv_heads` / `mlp → [tensor]`, `head_dim` / `cache_length` / `feature` /
+    /// `layers → []`, `activation_embed → [tensor]` (MaxText's: between layers the residual
+    /// stream's width is cut over `tensor`), `norm → [tensor]` (MaxText's: the norm scales follow
+    /// the activations they multiply, never cut over fsdp or seq).
     ///
     /// `embed → [fsdp, seq]` is MaxText's FSDP over the context axis: on a mesh with `seq` > 1
     /// the parameters and both Adam moments are cut over `seq` as well (gathered for the matmuls
