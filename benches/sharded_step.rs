@@ -33,7 +33,8 @@
 //! them off) of `RATTN_BENCH_STEPS` steps (default 5): the 1-device step drifts between two modes
 //! run to run on the machines we measured, which moves the criterion table's ratios; the paired
 //! ones see both sides under the same conditions. Beside them, the median wall milliseconds each
-//! mesh's step takes beyond the 1-device step.
+//! mesh's step takes beyond the 1-device step, and the ops each device's program executes per
+//! step (the excess follows that count on a 2-core machine).
 //!
 //! `cargo bench -p rattention-benches --bench sharded_step` (add `-- --quick` for a short run;
 //! env `RATTN_BENCH_MESHES=data8,seq8` picks meshes by label, `RATTN_BENCH_T=1024` and
@@ -43,8 +44,10 @@
 use std::cell::RefCell;
 
 use criterion::BenchmarkId;
+use hlo_builder::proto::HloModuleProto;
 use model::{init_param, Model};
 use pjrt::{Buffer, Client, LoadedExecutable};
+use prost::Message;
 use rattention_benches::{
     bench_config, compile_spmd, cpu_client, criterion, env_usize, load, piece_dims, ratio_table,
     upload_pieces, Row, Timings,
@@ -197,6 +200,8 @@ fn extra_overrides() -> Vec<String> {
 struct Sharded {
     exe: LoadedExecutable,
     n: usize,
+    /// Ops the runtime executes per device and step ([`run_time_ops`]).
+    ops: usize,
     io: StepIo,
     state: RefCell<Vec<Vec<Buffer>>>,
     /// Per device: its piece of the tokens and of the weights, and their dims.
@@ -248,6 +253,7 @@ fn setup(client: &Client, mesh: &[&str]) -> Sharded {
         .map(|p| (p, wdims.clone()))
         .collect();
     Sharded {
+        ops: run_time_ops(&exe),
         exe,
         n,
         io: StepIo::new(model.param_specs().len()),
@@ -255,6 +261,23 @@ fn setup(client: &Client, mesh: &[&str]) -> Sharded {
         tokens,
         weights,
     }
+}
+
+/// The ops XLA's CPU runtime executes per device and step: the top-level instructions of the
+/// compiled per-device program that are not free at run time (views, tuples, parameters). The
+/// meshes' excess over one device follows this count on a 2-core machine (11–14 µs per op and
+/// device; `docs/results/seq-kernel/README.md`, section 8).
+fn run_time_ops(exe: &LoadedExecutable) -> usize {
+    let bytes = exe
+        .optimized_program()
+        .expect("the compiled step's optimized program");
+    let m = HloModuleProto::decode(bytes.as_slice()).expect("an HloModuleProto");
+    m.entry_computation().map_or(0, |c| {
+        c.instructions
+            .iter()
+            .filter(|i| !i.is_free_at_run_time())
+            .count()
+    })
 }
 
 impl Sharded {
@@ -387,19 +410,23 @@ fn paired(client: &Client, setups: &[(&str, Sharded)], rounds: usize, steps: usi
     };
     let mut out = format!(
         "paired rounds ({rounds} × {steps} steps; the 1-device step right before and after each \
-         mesh; load {} now)\n  {:<22} {:>22} {:>22} {:>16}\n",
+         mesh; load {} now; the 1-device step runs {} ops)\n  {:<22} {:>22} {:>22} {:>16} {:>12}\n",
         load(),
+        base.ops,
         "1 device / mesh",
         "wall: median (range)",
         "CPU: median (range)",
-        "excess wall ms"
+        "excess wall ms",
+        "ops/device"
     );
-    for ((label, _), r) in meshes.iter().zip(ratios) {
+    for ((label, s), r) in meshes.iter().zip(ratios) {
         let (w, w0, w1) = stats(r.iter().map(|x| x.0).collect());
         let (c, c0, c1) = stats(r.iter().map(|x| x.1).collect());
         let (e, _, _) = stats(r.iter().map(|x| x.2).collect());
+        let ops = s.ops;
         out += &format!(
-            "  {label:<22} {w:>8.2} ({w0:.2}–{w1:.2}) {c:>8.2} ({c0:.2}–{c1:.2}) {e:>16.1}\n"
+            "  {label:<22} {w:>8.2} ({w0:.2}–{w1:.2}) {c:>8.2} ({c0:.2}–{c1:.2}) {e:>16.1} \
+             {ops:>12}\n"
         );
     }
     out

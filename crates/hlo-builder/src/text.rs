@@ -706,16 +706,7 @@ impl Ctx<'_> {
 /// Print any `HloModuleProto` as XLA HLO text.
 pub fn print_module(m: &HloModuleProto) -> String {
     let mut out = String::new();
-    let entry = m
-        .computations
-        .iter()
-        .find(|c| c.id == m.entry_computation_id && m.entry_computation_id != 0)
-        .or_else(|| {
-            m.computations
-                .iter()
-                .find(|c| c.name == m.entry_computation_name)
-        })
-        .or(m.computations.last());
+    let entry = m.entry_computation();
     let ps = m
         .host_program_shape
         .as_ref()

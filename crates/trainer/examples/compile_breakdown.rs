@@ -112,11 +112,7 @@ fn main() -> Result<()> {
                 .filter(|i| p(&i.opcode))
                 .count()
         };
-        let entry = opt
-            .computations
-            .iter()
-            .find(|c| c.id == opt.entry_computation_id)
-            .map_or(0, |c| c.instructions.len());
+        let entry = opt.entry_computation().map_or(0, |c| c.instructions.len());
         let traced_instr: usize = HloModuleProto::decode(bytes.as_slice())?
             .computations
             .iter()

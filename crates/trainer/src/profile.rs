@@ -119,17 +119,6 @@ pub struct OpTime {
     pub error: Option<String>,
 }
 
-/// Opcodes that cost nothing at run time (views, tuples, parameters) and are not replayed.
-const FREE: [&str; 7] = [
-    "parameter",
-    "constant",
-    "tuple",
-    "get-tuple-element",
-    "bitcast",
-    "after-all",
-    "opt-barrier",
-];
-
 fn shape_str(s: &Option<ShapeProto>) -> String {
     s.as_ref()
         .map(|s| hlo_builder::shape_to_string(s, false))
@@ -234,10 +223,7 @@ fn isolate(
         let params: Vec<ShapeProto> = params.into_iter().map(|p| p.1).collect();
         return (replay_module(module, inst, entry, &params), params);
     }
-    let entry = module
-        .computations
-        .iter()
-        .find(|c| c.id == module.entry_computation_id);
+    let entry = module.entry_computation();
     // XLA numbers an instruction (computation id << 32) | local index; the replay entry is a new
     // computation, numbered after the module's.
     let comp_id = module.computations.iter().map(|c| c.id).max().unwrap_or(0) + 1;
@@ -374,7 +360,7 @@ fn detail(module: &HloModuleProto, inst: &HloInstructionProto) -> String {
                     let mut v: Vec<String> = c
                         .instructions
                         .iter()
-                        .filter(|i| !FREE.contains(&i.opcode.as_str()))
+                        .filter(|i| !i.is_free_at_run_time())
                         .map(|i| i.opcode.clone())
                         .collect();
                     v.dedup();
@@ -465,16 +451,14 @@ pub fn replay_ops(exe: &LoadedExecutable, dir: &Path) -> Result<(Vec<OpTime>, f6
     let module = HloModuleProto::decode(bytes.as_slice())
         .context("decoding the optimized program as an HloModuleProto")?;
     let entry = module
-        .computations
-        .iter()
-        .find(|c| c.id == module.entry_computation_id)
+        .entry_computation()
         .context("the optimized program has no entry computation")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut out = Vec::new();
     for inst in entry
         .instructions
         .iter()
-        .filter(|i| !FREE.contains(&i.opcode.as_str()))
+        .filter(|i| !i.is_free_at_run_time())
     {
         let (m, _) = isolate(&module, inst);
         std::fs::write(

@@ -50,6 +50,27 @@ pub struct HloModuleProto {
     pub frontend_attributes: Option<FrontendAttributes>,
 }
 
+impl HloModuleProto {
+    /// The entry computation: by `entry_computation_id` when set, else by
+    /// `entry_computation_name`, else the last computation (callees come first).
+    pub fn entry_computation(&self) -> Option<&HloComputationProto> {
+        let by_id = (self.entry_computation_id != 0)
+            .then(|| {
+                self.computations
+                    .iter()
+                    .find(|c| c.id == self.entry_computation_id)
+            })
+            .flatten();
+        by_id
+            .or_else(|| {
+                self.computations
+                    .iter()
+                    .find(|c| c.name == self.entry_computation_name)
+            })
+            .or(self.computations.last())
+    }
+}
+
 /// `xla.HloInputOutputAliasProto`: which outputs may live in which parameters' buffers.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct HloInputOutputAliasProto {
@@ -271,6 +292,26 @@ pub struct HloInstructionProto {
     /// Top-k `largest`.
     #[prost(bool, tag = "85")]
     pub largest: bool,
+}
+
+impl HloInstructionProto {
+    /// Opcodes XLA executes as nothing at run time: views and bookkeeping (`parameter`,
+    /// `constant`, `tuple`, `get-tuple-element`, `bitcast`, `after-all`, `opt-barrier`).
+    pub const FREE_OPCODES: [&'static str; 7] = [
+        "parameter",
+        "constant",
+        "tuple",
+        "get-tuple-element",
+        "bitcast",
+        "after-all",
+        "opt-barrier",
+    ];
+
+    /// Whether this instruction costs nothing at run time ([`Self::FREE_OPCODES`]); at the top
+    /// level of an optimized program every other instruction is one op the runtime executes.
+    pub fn is_free_at_run_time(&self) -> bool {
+        Self::FREE_OPCODES.contains(&self.opcode.as_str())
+    }
 }
 
 /// `xla.OutputOperandAliasing`: the output at `output_shape_index` lives in the buffer of operand
@@ -629,4 +670,49 @@ pub struct ComputationDevice {
     /// Device id of each replica of this computation.
     #[prost(int64, repeated, tag = "1")]
     pub replica_device_ids: Vec<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn comp(id: i64, name: &str) -> HloComputationProto {
+        HloComputationProto {
+            id,
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_entry_is_found_by_id_then_by_name_then_last() {
+        let mut m = HloModuleProto {
+            computations: vec![comp(3, "callee"), comp(7, "main"), comp(9, "other")],
+            entry_computation_id: 7,
+            entry_computation_name: "other".into(),
+            ..Default::default()
+        };
+        assert_eq!(m.entry_computation().unwrap().name, "main");
+        m.entry_computation_id = 0;
+        m.entry_computation_name = "callee".into();
+        assert_eq!(m.entry_computation().unwrap().name, "callee");
+        m.entry_computation_name = "nowhere".into();
+        assert_eq!(m.entry_computation().unwrap().name, "other");
+        m.computations.clear();
+        assert!(m.entry_computation().is_none());
+    }
+
+    #[test]
+    fn only_views_and_bookkeeping_are_free_at_run_time() {
+        let op = |opcode: &str| HloInstructionProto {
+            opcode: opcode.into(),
+            ..Default::default()
+        };
+        for free in HloInstructionProto::FREE_OPCODES {
+            assert!(op(free).is_free_at_run_time(), "{free}");
+        }
+        for runs in ["fusion", "custom-call", "all-gather", "copy", "dot"] {
+            assert!(!op(runs).is_free_at_run_time(), "{runs}");
+        }
+    }
 }
