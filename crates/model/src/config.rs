@@ -31,6 +31,16 @@ pub enum LocalKind {
     Swa,
 }
 
+impl LocalKind {
+    /// The config spelling: `"rattention"` or `"swa"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LocalKind::Rattention => "rattention",
+            LocalKind::Swa => "swa",
+        }
+    }
+}
+
 /// The kind of one layer in the stack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -374,7 +384,7 @@ impl fmt::Display for ModelConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "d_model {} layers {} heads {}/{} head_dim {} ffn {} window {} local {:?} vocab {} seq {}",
+            "d_model {} layers {} heads {}/{} head_dim {} ffn {} window {} local {} vocab {} seq {}",
             self.d_model,
             self.layers,
             self.heads,
@@ -382,7 +392,7 @@ impl fmt::Display for ModelConfig {
             self.head_dim,
             self.ffn_dim,
             self.window,
-            self.local_kind,
+            self.local_kind.as_str(),
             self.vocab,
             self.seq_len
         )

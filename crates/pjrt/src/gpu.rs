@@ -94,8 +94,12 @@ pub fn builtin_spec(gpu: &str) -> Result<&'static str> {
         .map(|(_, s)| *s)
         .ok_or_else(|| {
             Error::InvalidArgument(format!(
-                "unknown GPU {gpu:?}; built-in specs: {} (or pass a GpuTargetConfigProto file to Topology::gpu)",
-                GPU_SPECS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                "unknown GPU {gpu:?}; built-in specs: {}",
+                GPU_SPECS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })
 }

@@ -61,7 +61,8 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// The parameter tensors (`params.<name>`) of `model`, in [`model::Model::param_specs`] order,
-    /// each checked for presence, shape and element count.
+    /// each checked for presence, shape, element count and finite values (a run that diverged
+    /// leaves NaN or infinite parameters, which would evaluate to NaN and generate no token).
     pub fn params(&self, model: &model::Model) -> Result<Vec<&NamedTensor>> {
         model
             .param_specs()
@@ -81,10 +82,51 @@ impl Checkpoint {
                         s.shape
                     );
                 }
+                if let Some(bad) = non_finite(&t.data) {
+                    bail!(
+                        "checkpoint tensor {name} (step {}) {bad}: the run diverged before this \
+                         checkpoint was written; use an earlier checkpoint of the run",
+                        self.step
+                    );
+                }
                 Ok(t)
             })
             .collect()
     }
+}
+
+/// The metadata key of a tensor's CRC-32 (of its little-endian bytes, as 8 hex digits).
+/// Checkpoints written before checksums existed have none and load unchecked.
+fn checksum_key(name: &str) -> String {
+    format!("crc32.{name}")
+}
+
+/// CRC-32 (IEEE) of `bytes`.
+pub(crate) fn crc32(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
+}
+
+/// The error for stored bytes whose CRC-32 is not the recorded one.
+pub(crate) fn checksum_mismatch(name: &str, stored: u32, bytes: &[u8]) -> Option<String> {
+    let found = crc32(bytes);
+    (found != stored).then(|| {
+        format!(
+            "tensor {name}: its bytes have CRC-32 {found:08x}, the checkpoint recorded \
+             {stored:08x} (the file changed after it was written)"
+        )
+    })
+}
+
+/// `None` when every value is finite, else a description of the non-finite ones ("holds 3
+/// non-finite values, the first NaN at index 7").
+pub fn non_finite(data: &[f32]) -> Option<String> {
+    let first = data.iter().position(|x| !x.is_finite())?;
+    let count = data.iter().filter(|x| !x.is_finite()).count();
+    Some(format!(
+        "holds {count} non-finite value{}, the first {} at index {first}",
+        if count == 1 { "" } else { "s" },
+        data[first]
+    ))
 }
 
 /// File name of the checkpoint at `step`.
@@ -129,6 +171,12 @@ pub fn write_file(path: &Path, ckpt: &Checkpoint) -> Result<()> {
         ("model_config".to_string(), ckpt.model_config.clone()),
     ]
     .into_iter()
+    .chain(
+        ckpt.tensors
+            .iter()
+            .zip(&bytes)
+            .map(|(t, b)| (checksum_key(&t.name), format!("{:08x}", crc32(b)))),
+    )
     .collect();
     let data = safetensors::serialize(views, &Some(meta))?;
     let dir = match path.parent() {
@@ -396,12 +444,18 @@ fn to_layout(ck: Checkpoint, target: &model::ModelConfig, path: &Path) -> Result
     Ok(ck)
 }
 
-/// The newest checkpoint in `dir` that loads, for `--resume`. A sharded directory without its
-/// commit marker (a save that did not finish) is skipped, saying so; a corrupt newer one (a
-/// crash during a copy, a full disk) is moved aside to `<name>.corrupt`, kept for inspection and
-/// out of the rotation, and the next older one is tried, saying so on stderr. Any other error (a
-/// checkpoint of another model configuration) stops the search.
-pub fn load_newest_valid(dir: &Path, model_config: &str) -> Result<Option<(PathBuf, Stored)>> {
+/// The newest checkpoint in `dir` that loads, for `--resume`, with what `use_it` made of it
+/// (the restored state). A sharded directory without its commit marker (a save that did not
+/// finish) is skipped, saying so; a corrupt newer one (a crash during a copy, a full disk, bytes
+/// whose checksum fails, in the header [`Stored::open`] reads or in the tensors `use_it` reads)
+/// is moved aside to `<name>.corrupt`, kept for inspection and out of the rotation, and the next
+/// older one is tried, saying so on stderr. Any other error (a checkpoint of another model
+/// configuration) stops the search.
+pub fn load_newest_usable<T>(
+    dir: &Path,
+    model_config: &str,
+    mut use_it: impl FnMut(&Path, &Stored) -> Result<T>,
+) -> Result<Option<(PathBuf, Stored, T)>> {
     let mut all = entries(dir)?;
     while let Some(Entry { path, complete, .. }) = all.pop() {
         if !complete {
@@ -411,8 +465,10 @@ pub fn load_newest_valid(dir: &Path, model_config: &str) -> Result<Option<(PathB
             );
             continue;
         }
-        match Stored::open(&path, Some(model_config)) {
-            Ok(ck) => return Ok(Some((path, ck))),
+        let opened = Stored::open(&path, Some(model_config))
+            .and_then(|ck| use_it(&path, &ck).map(|t| (ck, t)));
+        match opened {
+            Ok((ck, t)) => return Ok(Some((path, ck, t))),
             Err(e) => {
                 let Some(c) = e.downcast_ref::<Corrupt>() else {
                     return Err(e);
@@ -494,6 +550,13 @@ fn read_file(
                 "tensor {name} is {:?}, expected F32",
                 t.dtype()
             )));
+        }
+        if let Some(hex) = md.get(&checksum_key(&name)) {
+            let stored = u32::from_str_radix(hex, 16)
+                .map_err(|e| corrupt(&format!("checksum of {name} {hex:?}: {e}")))?;
+            if let Some(m) = checksum_mismatch(&name, stored, t.data()) {
+                return Err(corrupt(&m));
+            }
         }
         let data = t
             .data()

@@ -50,7 +50,7 @@ pub struct CompileArgs {
     /// Sequences per step (overrides `train.batch`).
     #[arg(long)]
     pub batch: Option<usize>,
-    /// Also compile the decode step (needs `model::decode`).
+    /// Also compile the one-token decode step (`rattn generate`'s).
     #[arg(long)]
     pub decode: bool,
     /// Write the optimized programs as HLO text into this directory.

@@ -160,12 +160,18 @@ pub struct RunConfig {
     pub mesh: MeshConfig,
 }
 
+/// A float option's check: key under `train.`, value, the range in words, the test.
+type RangeCheck = (&'static str, f64, &'static str, fn(f64) -> bool);
+
 impl RunConfig {
     /// Load a TOML file and apply `key=value` overrides, then check everything.
     pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        Self::from_toml(&text, overrides).with_context(|| format!("in config {}", path.display()))
+        Self::from_toml(&text, overrides).with_context(|| match overrides.len() {
+            0 => format!("in config {}", path.display()),
+            _ => format!("in config {} with the --set overrides", path.display()),
+        })
     }
 
     /// Parse TOML text and apply overrides.
@@ -188,15 +194,38 @@ impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         let t = &self.train;
-        if t.batch == 0 || t.steps == 0 {
-            bail!("train.batch and train.steps must be > 0");
+        for (key, v) in [
+            ("batch", t.batch),
+            ("steps", t.steps),
+            ("log_every", t.log_every),
+            ("keep_checkpoints", t.keep_checkpoints),
+        ] {
+            if v == 0 {
+                bail!("train.{key} must be > 0 (got 0)");
+            }
         }
-        if t.lr.is_nan()
-            || t.lr <= 0.0
-            || !(0.0..1.0).contains(&t.beta1)
-            || !(0.0..1.0).contains(&t.beta2)
-        {
-            bail!("train.lr must be > 0 and train.beta1/beta2 in [0, 1)");
+        // Each float with the range it must lie in (NaN lies in none).
+        let ranges: [RangeCheck; 8] = [
+            ("lr", t.lr, "> 0", |x| x > 0.0),
+            ("eps", t.eps, "> 0", |x| x > 0.0),
+            ("beta1", t.beta1, "in [0, 1)", |x| (0.0..1.0).contains(&x)),
+            ("beta2", t.beta2, "in [0, 1)", |x| (0.0..1.0).contains(&x)),
+            ("min_lr_ratio", t.min_lr_ratio, "in [0, 1]", |x| {
+                (0.0..=1.0).contains(&x)
+            }),
+            ("weight_decay", t.weight_decay, ">= 0", |x| x >= 0.0),
+            (
+                "clip_norm",
+                t.clip_norm,
+                ">= 0 (0 disables clipping)",
+                |x| x >= 0.0,
+            ),
+            ("lr", t.lr, "finite", f64::is_finite),
+        ];
+        for (key, v, want, ok) in ranges {
+            if !ok(v) {
+                bail!("train.{key} must be {want} (got {v})");
+            }
         }
         if !["synthetic", "text", "tokens"].contains(&self.data.kind.as_str()) {
             bail!(

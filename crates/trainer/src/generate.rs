@@ -216,6 +216,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let bs = prompts.len();
     let prompt = &prompts[0];
     let (l, max_len) = (prompt.len(), prompt.len() + args.max_new);
+    if max_len > i32::MAX as usize {
+        bail!(
+            "--max-new {}: prompt + generated tokens ({max_len}) exceed the decode step's s32 \
+             positions ({})",
+            args.max_new,
+            i32::MAX
+        );
+    }
 
     let client = runtime::open_client(args.common.plugin.as_deref())?;
     let mut params = Vec::new();
@@ -268,7 +276,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
 
     let v = vocab;
     let mut rng = Rng(args.seed ^ 0x6A09_E667_F3BC_C908);
-    let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(args.max_new); bs];
+    // Grown as tokens come: a huge --max-new fails in the cache's allocation with an error, not
+    // here with an abort.
+    let mut out: Vec<Vec<u32>> = vec![Vec::with_capacity(args.max_new.min(1 << 16)); bs];
     let t0 = Instant::now();
     let ids: Vec<i32> = prompts.iter().flatten().map(|&t| t as i32).collect();
     let tb = client.buffer_from_host(&ids, &[bs as i64, l as i64], None)?;
@@ -320,6 +330,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
                 })?)
                 .context("the decode loop returned an unexpected number of results")?;
             let tokens = tokens.to_host::<i32>()?;
+            if let Some(t) = tokens.iter().find(|&&t| t < 0 || t as usize >= v) {
+                bail!(
+                    "the decode loop picked token {t}, outside the vocabulary (model.vocab = \
+                     {v}): its logits were not finite"
+                );
+            }
             cache = next;
             for (bi, o) in out.iter_mut().enumerate() {
                 o.extend(tokens[bi * k..(bi + 1) * k].iter().map(|&t| t as u32));

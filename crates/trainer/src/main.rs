@@ -116,7 +116,8 @@ enum Cmd {
         /// Resume from the newest checkpoint in --out.
         #[arg(long)]
         resume: bool,
-        /// No progress bar (metrics still go to metrics.jsonl).
+        /// No progress bar: a line per logged step on stderr instead (also what a stderr that is
+        /// not a terminal gets); metrics go to metrics.jsonl either way.
         #[arg(long)]
         quiet: bool,
         /// Held-out sequences of the evaluation that ends the run (0: no evaluation).
@@ -283,6 +284,14 @@ fn run(cli: Cli) -> Result<()> {
             let mut overrides = common.overrides.clone();
             overrides.extend(seed.map(|s| format!("train.seed={s}")));
             let cfg = config::RunConfig::load(&common.config, &overrides)?;
+            if eval_sequences > 0 && cfg.data.kind != "synthetic" && cfg.data.eval_fraction == 0.0 {
+                bail!(
+                    "data.eval_fraction is 0: no part of the {} data is held out for the \
+                     evaluation that ends the run; set data.eval_fraction > 0 or pass \
+                     --eval-sequences 0",
+                    cfg.data.kind
+                );
+            }
             dist.initialize()?;
             let report =
                 train::train(&cfg, common.plugin.as_deref(), &out, resume, quiet, devices)?;
@@ -324,6 +333,9 @@ fn run(cli: Cli) -> Result<()> {
             sequences,
             seq_len,
         } => {
+            if sequences == 0 {
+                bail!("--sequences 0: give the number of held-out sequences to evaluate (> 0)");
+            }
             let cfg = config::RunConfig::load(&common.config, &common.overrides)?;
             let lengths = if seq_len.is_empty() {
                 vec![cfg.model.seq_len]
@@ -395,7 +407,9 @@ fn run(cli: Cli) -> Result<()> {
             let (maj, min) = p.api_version();
             println!("plugin:   {}", p.path().display());
             println!("PJRT API: {maj}.{min}");
-            let client = pjrt::Client::new(&p, &[])?;
+            let client = pjrt::Client::new(&p, &[]).map_err(|e| {
+                anyhow::anyhow!("{e}{}", runtime::no_device_hint(plugin.as_deref()))
+            })?;
             println!(
                 "platform: {} ({})",
                 client.platform_name()?,

@@ -72,7 +72,14 @@ pub fn locate_plugin(arg: Option<&str>) -> Result<PathBuf> {
     let arg = arg.unwrap_or("cpu");
     let cache = plugin_cache();
     let Some(kind) = PluginKind::from_name(arg) else {
-        return Ok(cache.locate(Some(Path::new(arg)), PluginKind::Cpu)?);
+        let path = Path::new(arg);
+        if !path.is_file() {
+            bail!(
+                "--plugin {arg}: not a plugin kind (cpu, cuda or tpu) and not an existing file \
+                 (a path to a PJRT plugin library)"
+            );
+        }
+        return Ok(cache.locate(Some(path), PluginKind::Cpu)?);
     };
     if let Some(p) = std::env::var_os("RATTN_PJRT_PLUGIN").filter(|v| !v.is_empty()) {
         let p = PathBuf::from(p);
@@ -129,12 +136,28 @@ pub fn open_client(arg: Option<&str>) -> Result<Client> {
                 )
             })?
         }
-        None => Client::new(&plugin, &[])?,
+        None => Client::new(&plugin, &[]).map_err(|e| anyhow!("{e}{}", no_device_hint(arg)))?,
     };
     if client.platform_name()? == "cpu" {
         pallas_port::register_cpu_kernels(&client).context("registering the RLA CPU kernels")?;
     }
     Ok(client)
+}
+
+/// What to add to a failed client creation on `--plugin tpu` or `cuda`: the device must be on
+/// this machine, and the command that compiles for one without it.
+pub fn no_device_hint(arg: Option<&str>) -> &'static str {
+    match arg {
+        Some("tpu") => {
+            " (a TPU client needs a TPU on this machine; `rattn compile --target tpu:v5p:2x2x1` \
+             compiles for one without it)"
+        }
+        Some("cuda") => {
+            " (a CUDA client needs an NVIDIA GPU and its driver on this machine; `rattn compile \
+             --target gpu:h100` compiles for one without it)"
+        }
+        _ => "",
+    }
 }
 
 /// Compile a built computation for one device.

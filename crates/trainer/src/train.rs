@@ -48,17 +48,26 @@ pub fn batch(src: &Source, cfg: &RunConfig, first_sequence: u64) -> (Vec<i32>, V
 /// A fresh run must not write into the directory of an earlier one: its checkpoints would sit
 /// beside the new run's (and `--resume` would later pick the wrong one) and metrics would mix.
 fn refuse_earlier_run(out: &Path) -> Result<()> {
-    let newest = checkpoint::newest_any(out)?;
+    if out.exists() && !out.is_dir() {
+        bail!("--out {} is a file, not a directory", out.display());
+    }
     let metrics = out.join("metrics.jsonl");
-    if newest.is_some() || metrics.exists() {
-        let what = newest.map_or_else(
-            || format!("{}", metrics.display()),
-            |p| format!("checkpoints (newest {})", p.display()),
-        );
+    if let Some(p) = checkpoint::newest_any(out)? {
         bail!(
-            "{} holds an earlier run ({what}); continue it with --resume, or train into a fresh \
-             --out directory",
-            out.display()
+            "{} holds an earlier run (newest checkpoint {}); continue it with --resume, or train \
+             into a fresh --out directory",
+            out.display(),
+            p.display()
+        );
+    }
+    // A run that stopped before its first log line (an error in the first steps) leaves an
+    // empty metrics file and nothing to resume: the directory is free.
+    if std::fs::metadata(&metrics).is_ok_and(|m| m.len() > 0) {
+        bail!(
+            "{} holds the metrics of an earlier run that left no checkpoint ({}); there is \
+             nothing to --resume: remove that file, or train into a fresh --out directory",
+            out.display(),
+            metrics.display()
         );
     }
     Ok(())
@@ -151,12 +160,34 @@ pub fn train(
     // State: parameters and both moments, as host vectors in spec order.
     let mtoml = model_toml(cfg);
     let (mut start, mut position, mut state) = if resume {
-        let (path, stored) = checkpoint::load_newest_valid(out, &mtoml)?
-            .with_context(|| format!("--resume: no checkpoint in {}", out.display()))?;
-        let meta = stored.meta();
         // Per device, its block of every tensor, assembled from the stored pieces whatever mesh
-        // they were saved from.
-        let state = restore_state(&client, &placement, &stored, &state_tensors, &shardings)?;
+        // they were saved from (a piece whose checksum fails sends the search to the previous
+        // checkpoint).
+        let (path, stored, state) = checkpoint::load_newest_usable(out, &mtoml, |_, stored| {
+            restore_state(&client, &placement, stored, &state_tensors, &shardings)
+        })?
+        .with_context(|| format!("--resume: no usable checkpoint in {}", out.display()))?;
+        let meta = stored.meta();
+        if meta.seed != cfg.train.seed {
+            bail!(
+                "--resume: {} was written by a run with train.seed = {}, this command has {}; the \
+                 seed fixes the data order, so the run would not continue the same: drop the \
+                 override (or pass --seed {}), or train into a fresh --out directory",
+                path.display(),
+                meta.seed,
+                cfg.train.seed,
+                meta.seed
+            );
+        }
+        if meta.step >= cfg.train.steps as u64 {
+            eprintln!(
+                "note: {} is at step {}, and train.steps is {}: nothing to train (raise \
+                 train.steps to continue the run)",
+                path.display(),
+                meta.step,
+                cfg.train.steps
+            );
+        }
         eprintln!("resuming from {} (step {})", path.display(), meta.step);
         if let checkpoint::Stored::Sharded(s) = &stored {
             eprintln!("  saved on {}, restored onto {mesh}", s.mesh);
@@ -177,6 +208,8 @@ pub fn train(
     };
 
     let total = cfg.train.steps as u64;
+    // Without a terminal the bar draws nothing: log lines instead, as with --quiet.
+    let quiet = quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = if quiet {
         indicatif::ProgressBar::hidden()
     } else {
@@ -286,13 +319,7 @@ pub fn train(
         let gnorm = outs[0].grad_norm.to_host::<f32>()?[0];
         let loss = outs[0].loss.to_host::<f32>()?[0];
         if !loss.is_finite() {
-            bail!(
-                "loss is {loss} at step {start}; stopping. Last good checkpoint: {}",
-                last_ckpt
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "none".into())
-            );
+            bail!(diverged(out, loss, start, process == 0)?);
         }
         let host_lr = step::lr_at(&cfg.train, start as usize) as f32;
         if (lr - host_lr).abs() > 1e-4 * host_lr.abs().max(1e-12) {
@@ -334,6 +361,10 @@ pub fn train(
         }
     }
     bar.finish();
+    if !bar.is_hidden() {
+        // The finished bar stays on its line; what follows starts on the next.
+        eprintln!();
+    }
     let utilization = (!losses.is_empty()).then(|| {
         let tps = tokens_per_step * losses.len() as f64 / step_time.max(1e-9);
         Utilization::new(flops_per_token, tps, peak)
@@ -343,6 +374,53 @@ pub fn train(
         last_checkpoint: last_ckpt,
         utilization,
     })
+}
+
+/// The error of a run whose loss came out `loss` (not finite) at 1-based step `done + 1`: the
+/// parameters after `done` steps gave it, so their checkpoint (if one was written at `done`) is
+/// moved aside to `<name>.nonfinite` by process 0 (kept, but out of `--resume`'s way) and the
+/// message names the checkpoint `--resume` continues from.
+fn diverged(out: &Path, loss: f32, done: u64, mover: bool) -> Result<String> {
+    let mut msg = format!(
+        "loss is {loss} at step {} (the parameters after step {done}); stopping.",
+        done + 1
+    );
+    let mut all = checkpoint::list(out)?;
+    if let Some((_, path)) = all.pop_if(|(step, _)| *step == done) {
+        // A free name: a rerun that diverges at the same step again keeps the earlier copy.
+        let aside = (0..)
+            .map(|i| match i {
+                0 => PathBuf::from(format!("{}.nonfinite", path.display())),
+                i => PathBuf::from(format!("{}.nonfinite.{i}", path.display())),
+            })
+            .find(|p| !p.exists())
+            .expect("an unused name");
+        if mover {
+            std::fs::rename(&path, &aside).with_context(|| {
+                format!(
+                    "{msg} Cannot move {} aside to {}",
+                    path.display(),
+                    aside.display()
+                )
+            })?;
+        }
+        msg += &format!(
+            " Their checkpoint {} is moved to {}.",
+            path.display(),
+            aside.display()
+        );
+    }
+    msg += &match all.last() {
+        Some((step, path)) => format!(
+            " `--resume` continues from {} (step {step}); a lower train.lr or a longer \
+             train.warmup may get past this point.",
+            path.display()
+        ),
+        None => " No earlier checkpoint: train again into a fresh --out directory, with a lower \
+                 train.lr or a longer train.warmup."
+            .to_string(),
+    };
+    Ok(msg)
 }
 
 /// Upload the host state (in [`step::state_tensors`] order) as per-device shards:
@@ -690,13 +768,11 @@ fn print_report(cfg: &RunConfig, model: &Model, report: &EvalReport, header: boo
             synth::N_VALUES
         );
         for r in &report.recall {
-            println!(
-                "  {:<22} {:>5}/{:<5} {:6.1} %",
-                r.label,
-                r.correct,
-                r.total,
-                r.percent()
-            );
+            let pct = match r.total {
+                0 => "     – %".to_string(),
+                _ => format!("{:6.1} %", r.percent()),
+            };
+            println!("  {:<22} {:>5}/{:<5} {pct}", r.label, r.correct, r.total);
         }
     }
 }

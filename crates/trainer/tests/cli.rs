@@ -277,3 +277,130 @@ fn plugin_list_keeps_what_plugins_log_while_loading_out_of_its_output() {
         assert!(line.contains("PJRT API 0.1"), "{line}");
     }
 }
+
+/// Flips the bytes of one value inside tensor `name` of a single-file checkpoint (the file stays
+/// well-formed: only a checksum can tell).
+fn overwrite_value(path: &Path, name: &str, value: f32) {
+    let mut b = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    let at = 8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize + 40;
+    b[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn diverged_runs_corrupt_bytes_and_leftover_runs_are_handled() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = |out: &Path| -> Vec<String> {
+        let mut a: Vec<String> = ["train", "--out", out.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for s in [
+            "model.seq_len=32",
+            "train.batch=4",
+            "train.steps=6",
+            "train.checkpoint_every=1",
+            "train.warmup=1",
+        ] {
+            a.extend(["--set".to_string(), s.to_string()]);
+        }
+        a.extend(["--eval-sequences".into(), "0".into(), "--quiet".into()]);
+        a
+    };
+    let run = |args: &[String], extra: &[&str]| {
+        let mut v: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        v.extend(extra);
+        rattn(&v)
+    };
+
+    // A learning rate that diverges: the loss is NaN at step 3, so the parameters after step 2
+    // gave it; their checkpoint moves aside and the message names the one --resume takes.
+    let nan = dir.path().join("nan");
+    let args = base(&nan);
+    let out = run(&args, &["--set", "train.lr=1e6"]);
+    fail_with(&out, "loss is NaN at step 3 (the parameters after step 2)");
+    fail_with(&out, "ckpt_00000002.safetensors.nonfinite");
+    fail_with(&out, "`--resume` continues from");
+    assert_eq!(
+        checkpoint_files(&nan),
+        [
+            "ckpt_00000001.safetensors",
+            "ckpt_00000002.safetensors.nonfinite"
+        ]
+    );
+    // eval refuses the diverged parameters, naming a tensor and the count.
+    let aside = nan.join("ckpt_00000002.safetensors.nonfinite");
+    fail_with(
+        &rattn(&[
+            "eval",
+            "--checkpoint",
+            aside.to_str().unwrap(),
+            "--set",
+            "model.seq_len=32",
+        ]),
+        "non-finite value",
+    );
+    // --resume with another seed would change the data order: refused.
+    fail_with(
+        &run(
+            &args,
+            &["--resume", "--set", "train.lr=1e-3", "--seed", "7"],
+        ),
+        "train.seed = 0, this command has 7",
+    );
+
+    // A good run, then one value of its newest checkpoint changed on disk: the checksum refuses
+    // it in eval, and --resume moves it aside and continues from the previous one.
+    let good = dir.path().join("good");
+    let args = base(&good);
+    ok(&run(&args, &[]));
+    let newest = good.join("ckpt_00000006.safetensors");
+    overwrite_value(&newest, "params.embed", 0.5);
+    let g = good.to_str().unwrap();
+    fail_with(
+        &rattn(&["eval", "--checkpoint", g, "--set", "model.seq_len=32"]),
+        "tensor params.embed: its bytes have CRC-32",
+    );
+    let out = run(&args, &["--resume", "--set", "train.steps=7"]);
+    let err = ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ckpt_00000005.safetensors (step 5)"),
+        "{err}\n{stderr}"
+    );
+    assert!(good.join("ckpt_00000006.safetensors.corrupt").exists());
+
+    // A run that stopped before its first metrics line leaves an empty metrics file: a fresh run
+    // may use the directory. One with metrics but no checkpoint is refused, saying why.
+    let left = dir.path().join("left");
+    std::fs::create_dir_all(&left).unwrap();
+    std::fs::write(left.join("metrics.jsonl"), "").unwrap();
+    ok(&run(&base(&left), &["--set", "train.steps=1"]));
+    let stale = dir.path().join("stale");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("metrics.jsonl"), "{\"step\": 1}\n").unwrap();
+    fail_with(&run(&base(&stale), &[]), "left no checkpoint");
+
+    // Bad training options name the key and the value.
+    fail_with(
+        &run(
+            &base(&dir.path().join("x")),
+            &["--set", "train.clip_norm=-1"],
+        ),
+        "train.clip_norm must be >= 0 (0 disables clipping) (got -1)",
+    );
+    fail_with(
+        &run(
+            &base(&dir.path().join("x")),
+            &["--set", "train.log_every=0"],
+        ),
+        "train.log_every must be > 0",
+    );
+    fail_with(&rattn(&["train", "--plugin", "foo"]), "not a plugin kind");
+    fail_with(
+        &rattn(&["eval", "--sequences", "0", "--checkpoint", g]),
+        "--sequences 0",
+    );
+}

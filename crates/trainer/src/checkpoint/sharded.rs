@@ -95,6 +95,10 @@ pub struct PieceEntry {
     pub offset: Vec<usize>,
     /// Shape of the piece.
     pub shape: Vec<usize>,
+    /// CRC-32 of the piece's little-endian bytes, checked whenever the whole piece is read
+    /// (absent in checkpoints written before checksums existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32: Option<u32>,
 }
 
 /// One tensor in an index.
@@ -341,6 +345,7 @@ fn write_dir(
                     shape.iter().product::<usize>()
                 );
             }
+            let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
             index
                 .tensors
                 .get_mut(&t.name)
@@ -351,13 +356,10 @@ fn write_dir(
                     partition: p,
                     offset,
                     shape: shape.clone(),
+                    crc32: Some(super::crc32(&bytes)),
                 });
             names.push(t.name.clone());
-            datas.push(
-                data.iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect::<Vec<u8>>(),
-            );
+            datas.push(bytes);
             shapes.push(shape);
         }
         if names.is_empty() {
@@ -668,6 +670,12 @@ impl ShardedCheckpoint {
         let mut bytes = vec![0u8; len as usize];
         f.read_exact(&mut bytes)
             .with_context(|| format!("reading {name} from {}", path.display()))?;
+        let whole = len == e - b;
+        if let (true, Some(stored)) = (whole, piece.crc32) {
+            if let Some(reason) = super::checksum_mismatch(name, stored, &bytes) {
+                return Err(anyhow::Error::new(Corrupt { path, reason }));
+            }
+        }
         Ok(bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
