@@ -874,21 +874,27 @@ impl SweepArgs {
     }
 }
 
-/// Write `sweep.md` and `sweep.png` under `out` from the finished runs of `cells`.
+/// Write `sweep.md` and `sweep.png` under `out` from the finished runs of `cells`; returns what
+/// was written, for the closing line ("sweep.md and sweep.png", or only the table when no run
+/// has finished).
 fn report(
     out: &Path,
     cells: &[Cell],
     failed: &[(Cell, String)],
     font: Option<&Path>,
-) -> Result<()> {
+) -> Result<String> {
     let results = collect(out, cells);
     let md = out.join("sweep.md");
     std::fs::write(&md, table(cells, &results, failed))
         .with_context(|| format!("writing {}", md.display()))?;
-    if !results.is_empty() {
-        pareto_png(&out.join("sweep.png"), cells, &results, font)?;
+    if results.is_empty() {
+        return Ok(format!(
+            "{} (no finished run yet, so no sweep.png)",
+            md.display()
+        ));
     }
-    Ok(())
+    pareto_png(&out.join("sweep.png"), cells, &results, font)?;
+    Ok(format!("{} and sweep.png", md.display()))
 }
 
 /// Run `rattn sweep`.
@@ -903,8 +909,7 @@ pub(crate) fn run(args: &SweepArgs) -> Result<()> {
     let font = args.font.as_deref();
     check_finished(&args.out, &cells, |c| args.spec(c))?;
     if args.report_only {
-        report(&args.out, &cells, &[], font)?;
-        println!("wrote {}/sweep.md and sweep.png", args.out.display());
+        println!("wrote {}", report(&args.out, &cells, &[], font)?);
         return Ok(());
     }
     // Every run's config must load before any run starts.
@@ -970,12 +975,8 @@ pub(crate) fn run(args: &SweepArgs) -> Result<()> {
         }
         report(&args.out, &cells, &failed, font)?;
     }
-    report(&args.out, &cells, &failed, font)?;
-    println!(
-        "wrote {}/sweep.md and sweep.png; {} failed",
-        args.out.display(),
-        failed.len()
-    );
+    let wrote = report(&args.out, &cells, &failed, font)?;
+    println!("wrote {wrote}; {} failed", failed.len());
     if !failed.is_empty() {
         bail!(
             "{} of {} runs failed: {}",

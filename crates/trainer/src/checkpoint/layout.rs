@@ -46,11 +46,65 @@ pub fn compare(path: &Path, stored: &str, expect: &str) -> Result<ConfigMatch> {
             });
         }
     }
+    let diff = config_differences(stored, expect);
+    let hint = diff
+        .first()
+        .map(|(k, there, _)| format!(" (e.g. --set model.{k}={there})"))
+        .unwrap_or_default();
     bail!(
-        "checkpoint {} was written for another model configuration; refusing to load it.\n\
-         checkpoint:\n{stored}\ncurrent:\n{expect}",
-        path.display()
+        "checkpoint {} was written for another model configuration; refusing to load it. \
+         It differs in {}. Pass the checkpoint's values with --set{hint}, or the config it was \
+         trained with",
+        path.display(),
+        diff.iter()
+            .map(|(k, there, here)| format!("model.{k}: {there} in the checkpoint, {here} here"))
+            .collect::<Vec<_>>()
+            .join("; ")
     )
+}
+
+/// The keys (dotted, below `[model]`) whose values differ between two `[model]` tables, with
+/// the value in `a` and in `b` (`absent` where a table lacks the key); the whole tables as one
+/// entry when either does not parse.
+fn config_differences(a: &str, b: &str) -> Vec<(String, String, String)> {
+    fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            v => {
+                out.insert(prefix.to_string(), v.to_string());
+            }
+        }
+    }
+    let parse = |t: &str| {
+        let v: toml::Value = toml::from_str(t).ok()?;
+        let mut m = std::collections::BTreeMap::new();
+        flatten("", &v, &mut m);
+        Some(m)
+    };
+    let (Some(x), Some(y)) = (parse(a), parse(b)) else {
+        return vec![("(table)".into(), a.trim().into(), b.trim().into())];
+    };
+    let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+    let absent = || "absent".to_string();
+    keys.into_iter()
+        .filter(|k| x.get(*k) != y.get(*k))
+        .map(|k| {
+            (
+                k.clone(),
+                x.get(k).cloned().unwrap_or_else(absent),
+                y.get(k).cloned().unwrap_or_else(absent),
+            )
+        })
+        .collect()
 }
 
 /// Whether `a` and `b` are the same model but perhaps for `scan_layers` and `scan_unroll`
