@@ -176,9 +176,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
                 .map(|e| e.get_ids().to_vec())
                 .context("tokenizing the prompt"),
             None if text_mode => Ok(p.bytes().map(u32::from).collect()),
-            None => parse_ids(p, vocab).context(
-                "for non-text data the prompt is a comma-separated list of token ids (e.g. 0,1,17,70)",
-            ),
+            None => parse_ids(p, vocab).with_context(|| {
+                format!(
+                    "the config's data.kind is {:?}, whose prompts are comma-separated token ids \
+                     (e.g. 0,1,17,70); for a model trained on text, pass its config (e.g. \
+                     --config configs/text-tiny.toml: the checkpoint keeps [model], not [data])",
+                    cfg.data.kind
+                )
+            }),
         }
     };
     let mut prompts: Vec<Vec<u32>> = match (&args.tokens, &args.prompt) {

@@ -123,6 +123,12 @@ pub fn train(
     quiet: bool,
     devices: Option<usize>,
 ) -> Result<TrainReport> {
+    if resume && !out.is_dir() {
+        bail!(
+            "--resume: there is no run directory at {}; drop --resume to start a run there",
+            out.display()
+        );
+    }
     let mesh = train_mesh(cfg, devices)?;
     let model = Model::new(cfg.model.clone())?.with_mesh(mesh.clone())?;
     let shardings = step::StepShardings::new(cfg, &model, &mesh)?;

@@ -67,7 +67,11 @@ pub fn compare(path: &Path, stored: &str, expect: &str) -> Result<ConfigMatch> {
 /// the value in `a` and in `b` (`absent` where a table lacks the key); the whole tables as one
 /// entry when either does not parse.
 fn config_differences(a: &str, b: &str) -> Vec<(String, String, String)> {
-    fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+    fn flatten(
+        prefix: &str,
+        v: &toml::Value,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) {
         match v {
             toml::Value::Table(t) => {
                 for (k, v) in t {
