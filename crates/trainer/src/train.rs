@@ -185,6 +185,9 @@ pub fn train(
                 meta.seed
             );
         }
+        if process == 0 {
+            drop_metrics_after(out, meta.step)?;
+        }
         if meta.step >= cfg.train.steps as u64 {
             eprintln!(
                 "note: {} is at step {}, and train.steps is {}: nothing to train (raise \
@@ -380,6 +383,48 @@ pub fn train(
         last_checkpoint: last_ckpt,
         utilization,
     })
+}
+
+/// Resuming from step `step`: the metrics lines of later steps (written after the checkpoint
+/// by a run that went on, or one whose newer checkpoints were moved aside) would come again and
+/// twice; they move to `metrics.jsonl.dropped` (appended, kept), the rest stays in place.
+fn drop_metrics_after(out: &Path, step: u64) -> Result<()> {
+    let path = out.join("metrics.jsonl");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let later = |l: &str| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .ok()
+            .and_then(|v| v["step"].as_u64())
+            .is_some_and(|s| s > step)
+    };
+    let (drop, keep): (Vec<&str>, Vec<&str>) = text.lines().partition(|l| later(l));
+    if drop.is_empty() {
+        return Ok(());
+    }
+    let dropped = out.join("metrics.jsonl.dropped");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&dropped)
+        .with_context(|| format!("cannot open {}", dropped.display()))?;
+    for l in &drop {
+        writeln!(f, "{l}")?;
+    }
+    f.sync_all()?;
+    let tmp = out.join(".metrics.jsonl.tmp");
+    std::fs::write(
+        &tmp,
+        keep.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )?;
+    std::fs::rename(&tmp, &path)?;
+    eprintln!(
+        "moved {} metrics line(s) after step {step} to {}",
+        drop.len(),
+        dropped.display()
+    );
+    Ok(())
 }
 
 /// The error of a run whose loss came out `loss` (not finite) at 1-based step `done + 1`: the

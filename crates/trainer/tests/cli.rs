@@ -371,6 +371,12 @@ fn diverged_runs_corrupt_bytes_and_leftover_runs_are_handled() {
         "{err}\n{stderr}"
     );
     assert!(good.join("ckpt_00000006.safetensors.corrupt").exists());
+    // The metrics of step 6 (logged before the fallback) moved aside: steps still increase.
+    let steps: Vec<u64> = losses(&good).iter().map(|x| x.0).collect();
+    assert_eq!(steps, [7], "{steps:?}");
+    assert!(std::fs::read_to_string(good.join("metrics.jsonl.dropped"))
+        .unwrap()
+        .contains("\"step\":6"));
 
     // A run that stopped before its first metrics line leaves an empty metrics file: a fresh run
     // may use the directory. One with metrics but no checkpoint is refused, saying why.
