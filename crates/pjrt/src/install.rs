@@ -473,6 +473,7 @@ fn pip_download(pip: Option<&Path>, pin: &Pin, dest: &Path) -> Result<PathBuf> {
     candidates.push(("pip3".into(), Vec::new()));
     candidates.push(("python3".into(), vec!["-m".into(), "pip".into()]));
     let mut failures = Vec::new();
+    let mut found_any = false;
     for (program, prefix) in candidates {
         let mut cmd = Command::new(&program);
         cmd.args(&prefix)
@@ -488,11 +489,14 @@ fn pip_download(pip: Option<&Path>, pin: &Pin, dest: &Path) -> Result<PathBuf> {
             .arg(&spec);
         match cmd.output() {
             Err(e) => failures.push(format!("{program}: {e}")),
-            Ok(out) if !out.status.success() => failures.push(format!(
-                "{program} {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )),
+            Ok(out) if !out.status.success() => {
+                found_any = true;
+                failures.push(format!(
+                    "{program} {}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
             Ok(_) => {
                 let wheel = fs::read_dir(dest)
                     .map_err(|e| Error::io(format!("listing {}", dest.display()), e))?
@@ -506,6 +510,15 @@ fn pip_download(pip: Option<&Path>, pin: &Pin, dest: &Path) -> Result<PathBuf> {
                 });
             }
         }
+    }
+    if !found_any {
+        return Err(Error::Install(format!(
+            "could not download {spec}: no pip on this machine (tried pip, pip3 and python3 -m \
+             pip: {}); install pip first (e.g. `apt-get install python3-pip`), or fetch the \
+             wheel on another machine (`pip download --no-deps {spec}`), unzip it and pass the \
+             plugin library inside as `--plugin PATH`",
+            failures.join("; ")
+        )));
     }
     Err(Error::Install(format!(
         "could not download {spec}: {}",
