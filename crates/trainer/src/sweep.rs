@@ -268,12 +268,20 @@ pub struct RunSpec {
 }
 
 impl RunSpec {
-    /// The equivalent `rattn train` command (without `--out`).
-    pub fn train_command(&self) -> String {
+    /// The equivalent `rattn train` command, training into `out` and ending with the same
+    /// evaluation (the sweep's run also records `result.json`, which this command does not).
+    pub fn train_command(&self, out: &Path) -> String {
         let mut s = format!("rattn train --config {}", self.config.display());
         for o in &self.overrides {
             write!(s, " --set '{o}'").unwrap();
         }
+        write!(
+            s,
+            " --out {} --eval-sequences {}",
+            out.display(),
+            self.eval_sequences
+        )
+        .unwrap();
         s
     }
 }
@@ -938,7 +946,7 @@ pub(crate) fn run(args: &SweepArgs) -> Result<()> {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let spec = args.spec(c);
         std::fs::write(dir.join("run.json"), serde_json::to_string_pretty(&spec)?)?;
-        std::fs::write(dir.join("command.txt"), spec.train_command() + "\n")?;
+        std::fs::write(dir.join("command.txt"), spec.train_command(&dir) + "\n")?;
         let stdout = std::fs::File::create(dir.join("stdout.txt"))?;
         let mut child = Command::new(&exe);
         child.arg("sweep").arg("--run-one").arg(&dir).stdout(stdout);
