@@ -795,7 +795,7 @@ fn print_program(p: &ProgramReport, limit: i64) {
         "{}: traced in {:.2} s ({} HLO), compiled in {:.1} s",
         p.name,
         p.trace_seconds,
-        units::megabytes(p.hlo_bytes),
+        units::bytes(p.hlo_bytes as i64),
         p.compile_seconds
     );
     if let Some(m) = &p.memory {

@@ -64,7 +64,8 @@ pub fn compare(path: &Path, stored: &str, expect: &str) -> Result<ConfigMatch> {
 }
 
 /// The keys (dotted, below `[model]`) whose values differ between two `[model]` tables, with
-/// the value in `a` and in `b` (`absent` where a table lacks the key); the whole tables as one
+/// the value in `a` and in `b` (`absent (the default)` where a table lacks the key: tables omit
+/// options at their defaults); the whole tables as one
 /// entry when either does not parse.
 fn config_differences(a: &str, b: &str) -> Vec<(String, String, String)> {
     fn flatten(
@@ -98,7 +99,7 @@ fn config_differences(a: &str, b: &str) -> Vec<(String, String, String)> {
         return vec![("(table)".into(), a.trim().into(), b.trim().into())];
     };
     let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-    let absent = || "absent".to_string();
+    let absent = || "absent (the default)".to_string();
     keys.into_iter()
         .filter(|k| x.get(*k) != y.get(*k))
         .map(|k| {

@@ -26,11 +26,6 @@ pub fn bytes_exact(b: u64) -> String {
     format!("{b} B ({:.2} MiB)", b as f64 / MIB)
 }
 
-/// Whole decimal megabytes (`12 MB`): the size of a serialized program.
-pub fn megabytes(b: usize) -> String {
-    format!("{} MB", b / 1_000_000)
-}
-
 /// A count with an SI prefix (K, M, G, T) and three decimals: `1.481 MFLOP`, `205.760 K`.
 pub fn si(x: f64, unit: &str) -> String {
     let (v, prefix) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")]
@@ -59,7 +54,6 @@ mod tests {
         assert_eq!(bytes(0), "0.0 KiB");
         assert_eq!(bytes(-2 * (1 << 30)), "-2.00 GiB");
         assert_eq!(bytes_exact(2_469_644), "2469644 B (2.36 MiB)");
-        assert_eq!(megabytes(12_999_999), "12 MB");
     }
 
     #[test]

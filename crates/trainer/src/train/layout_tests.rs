@@ -133,7 +133,8 @@ fn a_scanned_checkpoint_evaluates_and_converts_unrolled_and_another_model_is_ref
     let other = tiny(2, &["model.d_model=32", "model.ffn_dim=64"]);
     let e = format!("{:#}", eval(&other, None, &sharded, 8).unwrap_err());
     assert!(
-        e.contains("another model configuration") && e.contains("d_model = 32"),
+        e.contains("another model configuration")
+            && e.contains("model.d_model: 64 in the checkpoint, 32 here"),
         "{e}"
     );
     let e = format!("{:#}", convert(&sharded, flat.clone(), &[]).unwrap_err());
