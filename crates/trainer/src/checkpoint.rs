@@ -303,6 +303,34 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     }
 }
 
+/// [`resolve`] then [`load`], for `eval` and `generate`: where `arg` is a run directory whose
+/// newest checkpoint is corrupt, the error names the run's previous checkpoint to pass instead.
+pub fn load_resolved(
+    arg: &Path,
+    expect_model_config: Option<&str>,
+) -> Result<(PathBuf, Checkpoint)> {
+    let path = resolve(arg)?;
+    match load(&path, expect_model_config) {
+        Ok(ck) => Ok((path, ck)),
+        Err(e) if e.downcast_ref::<Corrupt>().is_some() && path != arg => {
+            let older = list(arg)?
+                .into_iter()
+                .rev()
+                .find(|(_, p)| *p != path)
+                .map(|(_, p)| p);
+            Err(match older {
+                Some(p) => anyhow::anyhow!(
+                    "{e:#}; the run's previous checkpoint is {0}: pass it with --checkpoint {0} \
+                     (`rattn train --resume` moves the corrupt one aside)",
+                    p.display()
+                ),
+                None => e,
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// A checkpoint file that cannot be read back (truncated, not safetensors, missing metadata).
 #[derive(Debug)]
 pub struct Corrupt {

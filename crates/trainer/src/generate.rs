@@ -122,11 +122,10 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         crate::profile::start(dir)?;
     }
     let cfg = RunConfig::load(&args.common.config, &args.common.overrides)?;
-    let path = checkpoint::resolve(&args.checkpoint)?;
     // The checkpoint's own [model] table is authoritative (seq_len etc. do not matter for
     // decoding), but for the parameter layout: the run's `model.scan_layers` decides it, and a
     // checkpoint of the other layout is converted, saying so.
-    let ck = checkpoint::load(&path, None)?;
+    let (path, ck) = checkpoint::load_resolved(&args.checkpoint, None)?;
     let mut model_cfg: model::ModelConfig =
         toml::from_str(&ck.model_config).with_context(|| {
             format!(

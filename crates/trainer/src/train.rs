@@ -640,8 +640,7 @@ pub fn eval_lengths(
     lengths: &[usize],
 ) -> Result<Vec<EvalReport>> {
     let client = runtime::open_client(plugin)?;
-    let path = checkpoint::resolve(ckpt)?;
-    let ck = checkpoint::load(&path, Some(&model_toml(cfg)))?;
+    let (path, ck) = checkpoint::load_resolved(ckpt, Some(&model_toml(cfg)))?;
     let model = Model::new(cfg.model.clone())?;
     let mut params = Vec::new();
     for t in ck.params(&model)? {

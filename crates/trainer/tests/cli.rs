@@ -359,10 +359,9 @@ fn diverged_runs_corrupt_bytes_and_leftover_runs_are_handled() {
     let newest = good.join("ckpt_00000006.safetensors");
     overwrite_value(&newest, "params.embed", 0.5);
     let g = good.to_str().unwrap();
-    fail_with(
-        &rattn(&["eval", "--checkpoint", g, "--set", "model.seq_len=32"]),
-        "tensor params.embed: its bytes have CRC-32",
-    );
+    let out = rattn(&["eval", "--checkpoint", g, "--set", "model.seq_len=32"]);
+    fail_with(&out, "tensor params.embed: its bytes have CRC-32");
+    fail_with(&out, "the run's previous checkpoint is");
     let out = run(&args, &["--resume", "--set", "train.steps=7"]);
     let err = ok(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
