@@ -166,8 +166,20 @@ type RangeCheck = (&'static str, f64, &'static str, fn(f64) -> bool);
 impl RunConfig {
     /// Load a TOML file and apply `key=value` overrides, then check everything.
     pub fn load(path: &Path, overrides: &[String]) -> Result<RunConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| {
+            let hint = if path.is_relative() {
+                format!(
+                    " (relative to {}; the configs live in the repository's configs/: run from its \
+                     root or pass --config PATH)",
+                    std::env::current_dir()
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_else(|_| "the current directory".into())
+                )
+            } else {
+                String::new()
+            };
+            format!("cannot read config file {}{hint}", path.display())
+        })?;
         Self::from_toml(&text, overrides).with_context(|| match overrides.len() {
             0 => format!("in config {}", path.display()),
             _ => format!("in config {} with the --set overrides", path.display()),
