@@ -64,13 +64,40 @@ const SYSTEM_FONTS: &[&str] = &[
     "C:\\Windows\\Fonts\\arial.ttf",
 ];
 
-/// The label of a metrics file: the name of the directory holding it, else the file stem.
-pub fn run_label(path: &Path) -> String {
-    path.parent()
-        .and_then(|p| p.file_name())
-        .or_else(|| path.file_stem())
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
+/// The labels of metrics files: the name of the directory holding each (a relative path is
+/// resolved first, so `metrics.jsonl` given from inside a run is labelled by the run), with as
+/// many directories above it as it takes to tell runs of the same name apart (`a/run`, `b/run`).
+pub fn run_labels(paths: &[PathBuf]) -> Vec<String> {
+    let dirs: Vec<Vec<String>> = paths
+        .iter()
+        .map(|p| {
+            let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+            let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
+            let mut parts: Vec<String> = dir
+                .components()
+                .filter_map(|c| match c {
+                    std::path::Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
+                    _ => None,
+                })
+                .collect();
+            if parts.is_empty() {
+                parts.push(p.display().to_string());
+            }
+            parts
+        })
+        .collect();
+    let label = |d: &[String], n: usize| d[d.len().saturating_sub(n)..].join("/");
+    (0..dirs.len())
+        .map(|i| {
+            let mut n = 1;
+            while n < dirs[i].len()
+                && (0..dirs.len()).any(|j| j != i && label(&dirs[j], n) == label(&dirs[i], n))
+            {
+                n += 1;
+            }
+            label(&dirs[i], n)
+        })
+        .collect()
 }
 
 /// `(step, metric)` of every line of a metrics file that has both as numbers.
@@ -164,12 +191,14 @@ pub fn plot(files: &[PathBuf], opts: &PlotOptions) -> Result<(Vec<Series>, bool)
     if opts.out.extension().and_then(|e| e.to_str()) != Some("png") {
         bail!("--out {} must end in .png", opts.out.display());
     }
+    let labels = run_labels(files);
     let series: Vec<Series> = files
         .iter()
+        .zip(labels)
         .enumerate()
-        .map(|(i, f)| {
+        .map(|(i, (f, label))| {
             Ok(Series {
-                label: run_label(f),
+                label,
                 points: read_series(f, &opts.metric)?,
                 color: COLORS[i % COLORS.len()],
             })
@@ -303,4 +332,26 @@ pub(crate) fn run(args: &PlotArgs) -> Result<()> {
         args.height
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_tell_runs_of_the_same_name_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<PathBuf> = ["a/run", "b/run", "c/other"]
+            .iter()
+            .map(|d| {
+                let d = dir.path().join(d);
+                std::fs::create_dir_all(&d).unwrap();
+                let f = d.join("metrics.jsonl");
+                std::fs::write(&f, "").unwrap();
+                f
+            })
+            .collect();
+        assert_eq!(run_labels(&files), ["a/run", "b/run", "other"]);
+        assert_eq!(run_labels(&files[2..]), ["other"]);
+    }
 }
