@@ -131,6 +131,17 @@ pub fn train(
     }
     let mesh = train_mesh(cfg, devices)?;
     let model = Model::new(cfg.model.clone())?.with_mesh(mesh.clone())?;
+    let m = &cfg.model;
+    if m.local_kind == ::model::config::LocalKind::Rattention
+        && m.window + 1 >= m.seq_len
+        && model.layers().iter().any(|a| a.is_local())
+    {
+        eprintln!(
+            "note: model.window ({}) leaves no token of a {}-token sequence outside the window, \
+             so the RLA branch sees nothing in training (it would at longer evaluation lengths)",
+            m.window, m.seq_len
+        );
+    }
     let shardings = step::StepShardings::new(cfg, &model, &mesh)?;
     let specs = model.param_specs();
     let io = StepIo::new(specs.len());
