@@ -180,22 +180,22 @@ pub fn train(
         // Per device, its block of every tensor, assembled from the stored pieces whatever mesh
         // they were saved from (a piece whose checksum fails sends the search to the previous
         // checkpoint).
-        let (path, stored, state) = checkpoint::load_newest_usable(out, &mtoml, |_, stored| {
+        let (path, stored, state) = checkpoint::load_newest_usable(out, &mtoml, |path, stored| {
+            let seed = stored.meta().seed;
+            if seed != cfg.train.seed {
+                bail!(
+                    "--resume: {} was written by a run with train.seed = {seed}, this command \
+                         has {}; the seed fixes the data order, so the run would not continue \
+                         the same: drop the override (or pass --seed {seed}), or train into a \
+                         fresh --out directory",
+                    path.display(),
+                    cfg.train.seed,
+                );
+            }
             restore_state(&client, &placement, stored, &state_tensors, &shardings)
         })?
         .with_context(|| format!("--resume: no usable checkpoint in {}", out.display()))?;
         let meta = stored.meta();
-        if meta.seed != cfg.train.seed {
-            bail!(
-                "--resume: {} was written by a run with train.seed = {}, this command has {}; the \
-                 seed fixes the data order, so the run would not continue the same: drop the \
-                 override (or pass --seed {}), or train into a fresh --out directory",
-                path.display(),
-                meta.seed,
-                cfg.train.seed,
-                meta.seed
-            );
-        }
         if process == 0 {
             drop_metrics_after(out, meta.step)?;
         }
