@@ -354,12 +354,13 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let steps = out[0].len().saturating_sub(1);
     let cache_mb = model.cache_layout(bs, max_len).allocated_bytes().total() as f64 / 1e6;
     eprintln!(
-        "batch {bs}, prompt {l} tokens, generated {} each | compile {compile_s:.2} s, prefill {:.1} ms ({:.0} tok/s), decode {:.1} tok/s ({:.1} per sequence, {dispatches} dispatches), cache {cache_mb:.2} MB",
+        "batch {bs}, prompt {l} tokens, generated {} each | compile {compile_s:.2} s, prefill {:.1} ms ({:.0} tok/s), decode {:.1} tok/s ({:.1} per sequence, {dispatches} dispatch{}), cache {cache_mb:.2} MB",
         out[0].len(),
         prefill_s * 1e3,
         (bs * l) as f64 / prefill_s.max(1e-9),
         (bs * steps) as f64 / decode_s.max(1e-9),
         steps as f64 / decode_s.max(1e-9),
+        if dispatches == 1 { "" } else { "es" },
     );
     crate::profile::finish()
 }

@@ -282,6 +282,13 @@ fn run(cli: Cli) -> Result<()> {
                 profile::start(dir)?;
             }
             let mut overrides = common.overrides.clone();
+            if seed.is_some()
+                && overrides
+                    .iter()
+                    .any(|o| o.split('=').next().map(str::trim) == Some("train.seed"))
+            {
+                bail!("--seed and --set train.seed both give the seed: pass one of them");
+            }
             overrides.extend(seed.map(|s| format!("train.seed={s}")));
             let cfg = config::RunConfig::load(&common.config, &overrides)?;
             if eval_sequences > 0 && cfg.data.kind != "synthetic" && cfg.data.eval_fraction == 0.0 {
