@@ -240,6 +240,10 @@ fn cli_errors_are_clear() {
         "/nonexistent/plugin.so",
     );
     fail_with(&rattn(&["plugin", "install", "gpu"]), "cpu, cuda or tpu");
+    fail_with(
+        &rattn(&["train", "--seed", "3", "--set", "train.seed=5"]),
+        "--seed and --set train.seed both give the seed",
+    );
     // A missing corpus names the script that installs it (before anything is compiled).
     fail_with(
         &rattn(&[
