@@ -304,7 +304,11 @@ fn run(cli: Cli) -> Result<()> {
                 train::train(&cfg, common.plugin.as_deref(), &out, resume, quiet, devices)?;
             profile::finish()?;
             if let Some(last) = report.losses.last() {
-                println!("final loss {last:.4} after {} steps", report.losses.len());
+                let n = report.losses.len();
+                match report.last_step {
+                    s if s == n as u64 => println!("final loss {last:.4} after {n} steps"),
+                    s => println!("final loss {last:.4} after {n} steps (at step {s})"),
+                }
             }
             if let Some(u) = report.utilization {
                 println!(

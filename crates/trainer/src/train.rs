@@ -22,6 +22,8 @@ pub struct TrainReport {
     pub losses: Vec<f32>,
     /// Path of the last checkpoint written.
     pub last_checkpoint: Option<PathBuf>,
+    /// The step the run ended at (counted from the start of the run, resumed steps included).
+    pub last_step: u64,
     /// Tokens/s over the steps of this invocation (checkpoint writes excluded), model FLOP/s and
     /// MFU against the cached peak; `None` when no step ran.
     pub utilization: Option<Utilization>,
@@ -392,6 +394,7 @@ pub fn train(
     Ok(TrainReport {
         losses,
         last_checkpoint: last_ckpt,
+        last_step: start,
         utilization,
     })
 }
