@@ -923,6 +923,33 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_byte_in_a_piece_fails_its_checksum_when_the_piece_is_read_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, _) = save_step(tmp.path(), 1, 1);
+        let ckdir = tmp.path().join("ckpt_00000001");
+        // Partition 3's tile of params.a (rows 3..6, cols 2..4) holds a[23] as its last value:
+        // change that value's bytes in place (the file stays well-formed).
+        let file = ckdir.join("shard_00003.safetensors");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let last = a[23].to_le_bytes();
+        let at = bytes
+            .windows(4)
+            .rposition(|w| w == last)
+            .expect("the value's bytes");
+        bytes[at..at + 4].copy_from_slice(&7.25f32.to_le_bytes());
+        std::fs::write(&file, bytes).unwrap();
+        let ck = ShardedCheckpoint::open(&ckdir).unwrap();
+        let e = ck.read_block("params.a", &[0, 0], &[6, 4]).unwrap_err();
+        let c = e.downcast_ref::<Corrupt>().expect("a Corrupt error");
+        assert!(c.reason.contains("params.a: its bytes have CRC-32"), "{c}");
+        // A block that reads only rows of other pieces is not affected.
+        assert_eq!(
+            ck.read_block("params.a", &[0, 0], &[3, 4]).unwrap(),
+            a[..12]
+        );
+    }
+
+    #[test]
     fn copy_box_copies_the_intersection() {
         let dims = [5, 6, 3];
         let full: Vec<f32> = (0..90).map(|x| x as f32).collect();
