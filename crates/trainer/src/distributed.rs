@@ -293,9 +293,15 @@ impl std::fmt::Display for KvError {
 
 impl std::error::Error for KvError {}
 
+/// The longest a request's answer may take past its own wait before the peer counts as silent.
+const ANSWER_GRACE: Duration = Duration::from_secs(30);
+
 /// A connection to the coordinator's store. Thread-safe: requests take turns on one connection.
 pub struct KvClient {
     addr: String,
+    /// How long past a request's own wait its answer may take: the connect timeout, at most
+    /// [`ANSWER_GRACE`].
+    grace: Duration,
     conn: Mutex<(BufReader<TcpStream>, BufWriter<TcpStream>)>,
 }
 
@@ -317,6 +323,7 @@ impl KvClient {
                                 let r = BufReader::new(s.try_clone()?);
                                 return Ok(KvClient {
                                     addr: addr.to_string(),
+                                    grace: timeout.min(ANSWER_GRACE),
                                     conn: Mutex::new((r, BufWriter::new(s))),
                                 });
                             }
@@ -338,18 +345,41 @@ impl KvClient {
         }
     }
 
+    /// One request; the answer must come within `wait` plus the grace (a peer that
+    /// accepts the connection but never answers, not a rattn coordinator, is an error, not a
+    /// hang).
     fn request(
         &self,
         op: u8,
         key: &str,
         tail: &[u8],
+        wait: Duration,
     ) -> std::result::Result<(u8, Vec<u8>), KvError> {
-        let io = |e: std::io::Error| KvError::Io(format!("{} ({e})", self.addr));
+        let limit = wait.saturating_add(self.grace);
+        let io = |e: std::io::Error| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                    "; no answer within {:.1} s: is it the coordinator (process 0) of this run?",
+                    limit.as_secs_f64()
+                ),
+                std::io::ErrorKind::InvalidData => {
+                    "; the peer does not speak the rattn store's protocol: is it the coordinator \
+                     (process 0) of this run?"
+                        .to_string()
+                }
+                std::io::ErrorKind::UnexpectedEof => {
+                    "; the coordinator closed the connection".to_string()
+                }
+                _ => String::new(),
+            };
+            KvError::Io(format!("{} ({e}){hint}", self.addr))
+        };
         let mut c = self
             .conn
             .lock()
             .map_err(|_| KvError::Io("poisoned".into()))?;
         let (r, w) = &mut *c;
+        r.get_ref().set_read_timeout(Some(limit)).map_err(io)?;
         w.write_all(&[op]).map_err(io)?;
         write_bytes(w, key.as_bytes()).map_err(io)?;
         w.write_all(tail).map_err(io)?;
@@ -364,7 +394,7 @@ impl KvClient {
     pub fn set(&self, key: &str, value: &[u8]) -> std::result::Result<(), KvError> {
         let mut tail = Vec::with_capacity(4 + value.len());
         write_bytes(&mut tail, value).expect("write to a Vec");
-        match self.request(OP_SET, key, &tail)? {
+        match self.request(OP_SET, key, &tail, Duration::ZERO)? {
             (ST_OK, _) => Ok(()),
             (_, m) => Err(KvError::Io(String::from_utf8_lossy(&m).into_owned())),
         }
@@ -373,7 +403,7 @@ impl KvClient {
     /// The value of `key`, waiting up to `timeout` for some process to set it.
     pub fn get(&self, key: &str, timeout: Duration) -> std::result::Result<Vec<u8>, KvError> {
         let ms = timeout.as_millis().min(u64::MAX as u128) as u64;
-        match self.request(OP_GET, key, &ms.to_le_bytes())? {
+        match self.request(OP_GET, key, &ms.to_le_bytes(), timeout)? {
             (ST_OK, v) => Ok(v),
             (ST_TIMEOUT, _) => Err(KvError::Timeout {
                 key: key.to_string(),
@@ -385,7 +415,7 @@ impl KvClient {
 
     /// The value of `key` if set, without waiting.
     pub fn try_get(&self, key: &str) -> std::result::Result<Option<Vec<u8>>, KvError> {
-        match self.request(OP_TRY_GET, key, &[])? {
+        match self.request(OP_TRY_GET, key, &[], Duration::ZERO)? {
             (ST_OK, v) => Ok(Some(v)),
             (ST_NOT_FOUND, _) => Ok(None),
             (_, m) => Err(KvError::Io(String::from_utf8_lossy(&m).into_owned())),
@@ -632,5 +662,32 @@ mod tests {
             e.contains(&format!("cannot reach the coordinator at {addr}")),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_peer_that_never_answers_or_speaks_another_protocol_is_an_error_not_a_hang() {
+        // Accepts, then stays silent.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let c = KvClient::connect(&addr, Duration::from_millis(500)).unwrap();
+        let t = Instant::now();
+        let e = c.set("k", b"v").unwrap_err().to_string();
+        assert!(e.contains("no answer within 0.5 s"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        // Answers with HTTP.
+        let http = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = http.local_addr().unwrap().to_string();
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = http.accept().unwrap();
+            let _ = s.write_all(b"HTTP/1.0 400 Bad Request\r\n\r\n");
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        let c = KvClient::connect(&addr, Duration::from_millis(500)).unwrap();
+        let e = c.try_get("k").unwrap_err().to_string();
+        assert!(
+            e.contains("does not speak the rattn store's protocol"),
+            "{e}"
+        );
+        h.join().unwrap();
     }
 }
