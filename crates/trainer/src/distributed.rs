@@ -96,6 +96,14 @@ impl DistributedConfig {
             if num == Some(0) {
                 bail!("--num-processes must be at least 1");
             }
+            // One process: its id can only be 0.
+            if let Some(i) = id.filter(|&i| i > 0) {
+                bail!(
+                    "--process-id {i} is out of range for {} process (ids run from 0); a \
+                     multi-process run passes --num-processes N on every host",
+                    num.unwrap_or(1)
+                );
+            }
             return Ok(None);
         };
         let addr = addr.with_context(|| {
@@ -625,6 +633,16 @@ mod tests {
             DistributedConfig::from_flags_and_env(a.map(String::from), n, i, Some(5.0))
         };
         assert_eq!(from(None, Some(1), None).unwrap(), None, "one process");
+        assert_eq!(
+            from(None, Some(1), Some(0)).unwrap(),
+            None,
+            "process 0 of 1"
+        );
+        let e = from(None, Some(1), Some(1)).unwrap_err().to_string();
+        assert!(
+            e.contains("--process-id 1 is out of range for 1 process"),
+            "{e}"
+        );
         let c = from(Some("10.0.0.1:8476"), Some(4), Some(3))
             .unwrap()
             .unwrap();
