@@ -854,7 +854,7 @@ impl SweepArgs {
         {
             bail!("--windows/--ablation-windows: window {w} must be > 0");
         }
-        Ok(Grid {
+        let grid = Grid {
             windows: self.windows.clone(),
             seeds: self.seeds.clone(),
             stacks,
@@ -862,7 +862,25 @@ impl SweepArgs {
             ablations,
             ablation_windows: self.ablation_windows.clone(),
             ablation_stacks,
-        })
+        };
+        // The keys the grid sets per cell: a --set of one would run every cell with the same
+        // value under the cell's label.
+        let key = |o: &str| o.split('=').next().unwrap_or("").trim().to_string();
+        let grid_keys: std::collections::BTreeSet<String> = grid
+            .cells()
+            .iter()
+            .flat_map(|c| c.overrides())
+            .map(|o| key(&o))
+            .chain(self.steps.map(|_| "train.steps".to_string()))
+            .collect();
+        if let Some(o) = self.overrides.iter().find(|o| grid_keys.contains(&key(o))) {
+            bail!(
+                "--set {o}: the sweep sets {} for each run itself (from --windows, --kinds, \
+                 --seeds, --ablations or --steps); drop it from --set",
+                key(o)
+            );
+        }
+        Ok(grid)
     }
 
     fn spec(&self, cell: Cell) -> RunSpec {

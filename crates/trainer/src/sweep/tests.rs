@@ -93,6 +93,8 @@ fn restricted_grids_and_bad_options() {
     assert!(e(&["--kinds", "relu"]).contains("--kinds: relu is an ablation"));
     assert!(e(&["--ablations", "swa"]).contains("--ablations: swa is not an ablation"));
     assert!(e(&["--windows", "0"]).contains("window 0 must be > 0"));
+    assert!(e(&["--set", "model.window=4"])
+        .contains("--set model.window=4: the sweep sets model.window for each run itself"));
 }
 
 #[test]
