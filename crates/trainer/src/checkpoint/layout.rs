@@ -508,7 +508,12 @@ pub fn run(args: &ConvertArgs) -> Result<PathBuf> {
         }
         Output::Sharded(out, mesh) => {
             refuse(&out)?;
-            write_sharded(&stored, &plan, &target, &mesh, &meta, &out)?;
+            // A failed write leaves no half-written directory behind (it did not exist before:
+            // `refuse`), so the retry is not refused.
+            if let Err(e) = write_sharded(&stored, &plan, &target, &mesh, &meta, &out) {
+                let _ = std::fs::remove_dir_all(&out);
+                return Err(e);
+            }
             println!("mesh: {mesh}");
             out
         }
