@@ -260,11 +260,23 @@ const CPU_ONLY_TARGETS: &[&str] = &[pallas_port::ffi::FWD_TARGET, pallas_port::f
 pub fn prepare_config(args: &CompileArgs, target: &Target) -> Result<RunConfig> {
     let mut overrides = args.overrides.clone();
     if let Some(m) = &args.mesh {
+        let mut seen = Vec::new();
         for part in m.split(',').filter(|p| !p.trim().is_empty()) {
             let Some((axis, size)) = part.split_once('=') else {
                 bail!("--mesh {m:?}: expected AXIS=N[,AXIS=N…], e.g. fsdp=4 or data=2,tensor=2");
             };
-            overrides.push(format!("mesh.{}={}", axis.trim(), size.trim()));
+            let axis = axis.trim();
+            if !["data", "fsdp", "tensor", "seq"].contains(&axis) {
+                bail!("--mesh {m:?}: unknown mesh axis {axis:?} (data, fsdp, tensor or seq)");
+            }
+            if seen.contains(&axis) {
+                bail!("--mesh {m:?} gives {axis} twice");
+            }
+            seen.push(axis);
+            overrides.push(format!("mesh.{axis}={}", size.trim()));
+        }
+        if seen.is_empty() {
+            bail!("--mesh {m:?}: expected AXIS=N[,AXIS=N…], e.g. fsdp=4 or data=2,tensor=2");
         }
     }
     let mut cfg = RunConfig::load(&args.config, &overrides)?;
@@ -403,6 +415,13 @@ fn run_in_process(args: &CompileArgs, target: &Target) -> Result<()> {
     let device_memory_bytes = topo.device_memory_bytes().unwrap_or(0);
     // The mesh: `-1` is the rest of the topology's devices; a mesh must cover them all.
     let mesh = if cfg.mesh.fixed_device_count()? == Some(1) {
+        if let (Some(m), n @ 2..) = (&args.mesh, topo.devices().len()) {
+            bail!(
+                "--mesh {m:?} covers 1 device, but {} has {n}: the product of the sizes must be \
+                 {n} (or leave --mesh out to compile for one chip)",
+                args.target
+            );
+        }
         model::Mesh::single()
     } else {
         cfg.mesh

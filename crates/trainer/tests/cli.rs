@@ -244,6 +244,21 @@ fn cli_errors_are_clear() {
         &rattn(&["train", "--seed", "3", "--set", "train.seed=5"]),
         "--seed and --set train.seed both give the seed",
     );
+    // --mesh of compile: each axis once, known axes, before any plugin is needed.
+    fail_with(
+        &rattn(&[
+            "compile",
+            "--target",
+            "tpu:v5p:2x2x1",
+            "--mesh",
+            "fsdp=4,fsdp=1",
+        ]),
+        "gives fsdp twice",
+    );
+    fail_with(
+        &rattn(&["compile", "--target", "tpu:v5p:2x2x1", "--mesh", "bogus=4"]),
+        "unknown mesh axis \"bogus\"",
+    );
     // A missing corpus names the script that installs it (before anything is compiled).
     fail_with(
         &rattn(&[
