@@ -99,7 +99,7 @@ pub fn attention_kernel(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>)
     let out = f32_tuple(&[&d.q_shape(), &crate::kernel::attention::lse_shape(&d)]);
     let fwd = {
         let _s = b.name_scope("attn_fwd");
-        b.custom_call(ATTN_FWD_TARGET, &[q, k, v], out, &attrs(window))?
+        b.custom_call_row_major(ATTN_FWD_TARGET, &[q, k, v], out, &attrs(window))?
     };
     let vjp = qkv_vjp(
         "attention_kernel",
@@ -112,7 +112,7 @@ pub fn attention_kernel(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>)
             );
             let _s = b.name_scope("attn_bwd");
             let operands = [q, k, v, o, lse, d_o];
-            b.custom_call(ATTN_BWD_TARGET, &operands, out, &attrs(window))
+            b.custom_call_row_major(ATTN_BWD_TARGET, &operands, out, &attrs(window))
         },
     );
     b.custom_vjp(&[q, k, v], fwd, Arc::new(vjp))?;

@@ -54,18 +54,6 @@ impl Model {
                 layers: global.join(", "),
             });
         }
-        // The RLA regions lay q, k and v out alike, by the kv_heads rule. Whole q heads are cut
-        // there like k's; q heads cut by a rule of their own that k's do not share gave wrong
-        // values (q_heads over tensor, kv_heads whole), so that is refused.
-        if self.layers().iter().any(|a| a.has_rla()) {
-            let (q, kv) = (
-                mesh.cut_text(LogicalAxis::QHeads),
-                mesh.cut_text(LogicalAxis::KvHeads),
-            );
-            if q != "nothing" && q != kv {
-                return Err(MeshError::RlaHeadsCut { q, kv });
-            }
-        }
         self.param_shardings(&mesh)?;
         self.mesh = mesh;
         Ok(self)

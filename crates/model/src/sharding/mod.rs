@@ -189,14 +189,6 @@ pub enum MeshError {
         /// The `seq` axis size.
         seq: usize,
     },
-    /// RLA layers on a mesh whose rules cut q's heads otherwise than k's and v's.
-    #[error("the RLA blocks need q's heads cut like k's and v's, but mesh.rules.q_heads cuts them over {q} and mesh.rules.kv_heads over {kv}: give both the same mesh axes (e.g. --set 'mesh.rules.q_heads=[]' where the kv heads stay whole)")]
-    RlaHeadsCut {
-        /// The mesh axes (with sizes) of the q heads, or "nothing".
-        q: String,
-        /// Those of the kv heads.
-        kv: String,
-    },
     /// `mesh.seq_global = "zigzag"` with an odd shard length.
     #[error("mesh.seq_global = \"zigzag\" needs an even shard length: model.seq_len = {seq_len} over mesh.seq = {seq} gives shards of {shard} tokens, which do not split into the 2 chunks each shard attends for in the global layers ({layers}); use a seq_len divisible by 2 × mesh.seq = {twice}, or mesh.seq_global = \"auto\" or \"dense\"")]
     ZigzagOddShard {
@@ -629,22 +621,6 @@ impl Mesh {
             }
         }
         out
-    }
-
-    /// The mesh axes (size > 1) the rules cut `logical` over, as text ("tensor 2"; "nothing").
-    pub(crate) fn cut_text(&self, logical: LogicalAxis) -> String {
-        let cut: Vec<MeshAxis> = self
-            .rules
-            .get(logical)
-            .iter()
-            .copied()
-            .filter(|&a| self.size(a) > 1)
-            .collect();
-        if cut.is_empty() {
-            "nothing".into()
-        } else {
-            self.axes_text(&cut)
-        }
     }
 
     fn axes_text(&self, axes: &[MeshAxis]) -> String {
