@@ -8,7 +8,7 @@
 //! (`n` each) and the global gradient norm before clipping (f32 scalar). Attributes (f32):
 //! `beta1`, `one_minus_beta1`, `beta2`, `one_minus_beta2`, `eps`, `weight_decay`, `clip_norm`,
 //! and `decay` (i64 array, one 0/1 per parameter). The operands are laid out row-major
-//! (`custom_call_row_major`), as the kernel indexes them. Each updated parameter and moment
+//! (`custom_call`), as the kernel indexes them. Each updated parameter and moment
 //! aliases its operand (`output_operand_aliasing`), so the update runs in place
 //! ([`adamw_in_place`]) and XLA keeps one copy of the optimizer state rather than two.
 //!
@@ -291,7 +291,7 @@ pub fn adamw_sharded(
         let row = b.dynamic_slice(copy, &[id, b.scalar(0i32)?], &[1, n as i64])?;
         let row = b.reshape(row, &[n as i64])?;
         let sum_operands: Vec<Op> = [row].into_iter().chain(gl.iter().copied()).collect();
-        let sums = b.custom_call_row_major(
+        let sums = b.custom_call(
             ADAMW_SUMSQ_TARGET,
             &sum_operands,
             Shape::array(ElementType::F64, &[n as i64]),

@@ -99,7 +99,7 @@ pub fn attention_kernel(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>)
     let out = f32_tuple(&[&d.q_shape(), &crate::kernel::attention::lse_shape(&d)]);
     let fwd = {
         let _s = b.name_scope("attn_fwd");
-        b.custom_call_row_major(ATTN_FWD_TARGET, &[q, k, v], out, &attrs(window))?
+        b.custom_call(ATTN_FWD_TARGET, &[q, k, v], out, &attrs(window))?
     };
     let vjp = qkv_vjp(
         "attention_kernel",
@@ -112,7 +112,7 @@ pub fn attention_kernel(b: &Builder, q: Op, k: Op, v: Op, window: Option<usize>)
             );
             let _s = b.name_scope("attn_bwd");
             let operands = [q, k, v, o, lse, d_o];
-            b.custom_call_row_major(ATTN_BWD_TARGET, &operands, out, &attrs(window))
+            b.custom_call(ATTN_BWD_TARGET, &operands, out, &attrs(window))
         },
     );
     b.custom_vjp(&[q, k, v], fwd, Arc::new(vjp))?;
@@ -140,7 +140,7 @@ fn attention_at_backward(
     );
     let g = {
         let _s = b.name_scope("attn_bwd_at");
-        b.custom_call_row_major(
+        b.custom_call(
             ATTN_BWD_AT_TARGET,
             &[q, k, v, o, lse, d_o, pos],
             f32_tuple(&[&d.q_shape(), &kv, &kv]),
@@ -190,7 +190,7 @@ fn qkv_dims_at(b: &Builder, q: Op, k: Op, v: Op, pos: Op) -> Result<(RlaDims, us
 /// 0 ≤ k0 + s ≤ q0 + t and, with `window = Some(W)`, q0 + t − W ≤ k0 + s. A sequence shard
 /// attends its queries (q0 = its offset) to `[halo; own]` keys (k0 = offset − halo length);
 /// the kernel skips the key blocks the positions hide. Returns `o f32[B,Tq,N,H]`. Operand and
-/// result layouts are pinned to row-major (`custom_call_row_major`): inside a sequence region
+/// result layouts are pinned to row-major (`custom_call`): inside a sequence region
 /// XLA's layout assignment otherwise hands the backward's dk, dv the layout of the
 /// reduce-scatter that consumes them, which the kernel does not read.
 ///
@@ -217,7 +217,7 @@ pub fn attention_kernel_at(
     let out = f32_tuple(&[&d.q_shape(), &crate::kernel::attention::lse_shape(&d)]);
     let fwd = {
         let _s = b.name_scope("attn_fwd_at");
-        b.custom_call_row_major(ATTN_FWD_AT_TARGET, &[q, k, v, pos], out, &attrs(window))?
+        b.custom_call(ATTN_FWD_AT_TARGET, &[q, k, v, pos], out, &attrs(window))?
     };
     let vjp = CallVjp {
         op: "attention_kernel_at",

@@ -84,7 +84,7 @@ fn xent_backward(
     let (logits, targets, weights) = (inputs[0], inputs[1], inputs[2]);
     let lse = b.get_tuple_element(output, 1)?;
     let _s = b.name_scope("xent_bwd");
-    let d_logits = b.custom_call_row_major(
+    let d_logits = b.custom_call(
         XENT_BWD_TARGET,
         &[logits, targets, weights, lse, d_loss],
         b.shape(logits)?,
@@ -123,7 +123,7 @@ pub fn cross_entropy_kernel(
     ]);
     let fwd = {
         let _s = b.name_scope("xent_fwd");
-        b.custom_call_row_major(
+        b.custom_call(
             XENT_FWD_TARGET,
             &[logits, targets, weights],
             out,

@@ -49,7 +49,7 @@ fn embed_backward(
 ) -> Result<Vec<Option<Op>>> {
     let (table, ids) = (inputs[0], inputs[1]);
     let _s = b.name_scope("embed_bwd");
-    let d_table = b.custom_call_row_major(
+    let d_table = b.custom_call(
         EMBED_BWD_TARGET,
         &[ids, d_out],
         b.shape(table)?,
@@ -86,7 +86,7 @@ pub fn embed_kernel(b: &Builder, table: Op, ids: Op, columns: usize) -> Result<O
     out.push(td[1]);
     let fwd = {
         let _s = b.name_scope("embed_fwd");
-        b.custom_call_row_major(
+        b.custom_call(
             EMBED_FWD_TARGET,
             &[table, ids],
             Shape::array(ElementType::F32, &out),

@@ -207,7 +207,7 @@ pub fn rla_fwd_block(
         &d.chunk_states_shape(cfg),
         &d.final_state_shape(),
     ]);
-    b.custom_call_row_major(FWD_TARGET, &[q, k, v], out, &attrs(cfg))
+    b.custom_call(FWD_TARGET, &[q, k, v], out, &attrs(cfg))
 }
 
 /// The backward block as a tuple op `(dq, dk, dv)` (f32). `lowering` must be concrete (not `Auto`).
@@ -233,7 +233,7 @@ pub fn rla_bwd_block(
         _ => {}
     }
     let out = f32_tuple(&[&d.q_shape(), &d.kv_shape(), &d.kv_shape()]);
-    b.custom_call_row_major(BWD_TARGET, &[q, k, v, chunk_states, d_o], out, &attrs(cfg))
+    b.custom_call(BWD_TARGET, &[q, k, v, chunk_states, d_o], out, &attrs(cfg))
 }
 
 /// The custom VJP of a forward custom call whose first output is the only differentiable one
@@ -542,7 +542,7 @@ pub fn rla_kv_state(b: &Builder, k: Op, v: Op, fm: crate::FeatureMap) -> Result<
     }
     let attrs = [("feature_map", Attr::Str(fm.as_str().to_string()))];
     let state = Shape::array(ElementType::F32, &[kd[0], kd[2], 2 * kd[3], kd[3]]);
-    let fwd = b.custom_call_row_major(KV_STATE_TARGET, &[k, v], state, &attrs)?;
+    let fwd = b.custom_call(KV_STATE_TARGET, &[k, v], state, &attrs)?;
     let vjp = move |b: &Builder, ins: &[Op], _out: Op, cts: &[Option<Op>]| {
         let Some(ds) = cts[0] else {
             return Ok(vec![None, None]);
@@ -550,7 +550,7 @@ pub fn rla_kv_state(b: &Builder, k: Op, v: Op, fm: crate::FeatureMap) -> Result<
         let out = Shape::tuple(vec![f32_shape_i64(&kd), f32_shape_i64(&kd)]);
         let g = {
             let _s = b.name_scope("rla_kv_state_bwd");
-            b.custom_call_row_major(KV_STATE_BWD_TARGET, &[ins[0], ins[1], ds], out, &attrs)?
+            b.custom_call(KV_STATE_BWD_TARGET, &[ins[0], ins[1], ds], out, &attrs)?
         };
         let mut grads = Vec::with_capacity(2);
         for (i, &x) in ins.iter().enumerate() {
@@ -611,7 +611,7 @@ pub fn rla_with_state_h0(
         let _s = b.name_scope("fwd");
         let mut operands = vec![q, k, v, h0];
         operands.extend(contrib);
-        b.custom_call_row_major(FWD_H0_TARGET, &operands, out, &attrs(cfg))?
+        b.custom_call(FWD_H0_TARGET, &operands, out, &attrs(cfg))?
     };
     let cfg = *cfg;
     let vjp = move |b: &Builder, ins: &[Op], output: Op, cts: &[Option<Op>]| {
@@ -640,7 +640,7 @@ pub fn rla_with_state_h0(
         ]);
         let g = {
             let _s = b.name_scope("bwd");
-            b.custom_call_row_major(BWD_H0_TARGET, &operands, ret, &attrs(&cfg))?
+            b.custom_call(BWD_H0_TARGET, &operands, ret, &attrs(&cfg))?
         };
         let mut grads = qkv_grads(b, g, [ins[0], ins[1], ins[2]])?;
         grads.push(Some(b.get_tuple_element(g, 3)?));

@@ -64,7 +64,7 @@ fn rms_norm_backward(b: &Builder, inputs: &[Op], output: Op, dy: Op) -> Result<V
     let out = Shape::tuple(vec![b.shape(x)?, b.shape(scale)?]);
     let g = {
         let _s = b.name_scope("rms_norm_bwd");
-        b.custom_call_row_major(RMS_NORM_BWD_TARGET, &[x, scale, inv, dy], out, &[])?
+        b.custom_call(RMS_NORM_BWD_TARGET, &[x, scale, inv, dy], out, &[])?
     };
     Ok(vec![
         Some(b.get_tuple_element(g, 0)?),
@@ -82,7 +82,7 @@ pub fn rms_norm_kernel(b: &Builder, x: Op, scale: Op, eps: f64) -> Result<Op> {
     let out = Shape::tuple(vec![b.shape(x)?, Shape::array(ElementType::F32, &rows)]);
     let fwd = {
         let _s = b.name_scope("rms_norm_fwd");
-        b.custom_call_row_major(
+        b.custom_call(
             RMS_NORM_FWD_TARGET,
             &[x, scale],
             out,

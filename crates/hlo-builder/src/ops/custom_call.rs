@@ -153,8 +153,12 @@ pub fn mlir_dictionary(attrs: &[(&str, Attr)]) -> Result<String, ShapeError> {
 }
 
 impl Builder {
-    /// A typed-FFI custom call of `target` producing `result` (array or tuple of arrays).
-    /// The handler must be registered with the runtime (a missing one is a compile error).
+    /// A typed-FFI custom call of `target` producing `result` (array or tuple of arrays), its
+    /// operand and result layouts constrained to row-major (`constrain_layout`,
+    /// `operand_shapes_with_layout`): an FFI handler sees dims but no layout, and XLA's layout
+    /// assignment, left free, hands a call transposed operands where that saves it a copy (it
+    /// did, to the RLA kernels under one mesh and to the Triton kernels on a GPU). The handler
+    /// must be registered with the runtime (a missing one is a compile error).
     #[track_caller]
     pub fn custom_call(
         &self,
@@ -163,27 +167,10 @@ impl Builder {
         result: Shape,
         attrs: &[(&str, Attr)],
     ) -> Result<Op> {
-        let layout = FfiLayout::Free;
-        self.typed_ffi_call(Location::caller(), target, operands, result, attrs, layout)
+        self.typed_ffi_call(Location::caller(), target, operands, result, attrs, &[])
     }
 
-    /// [`Builder::custom_call`] whose operand and result layouts are constrained to row-major
-    /// (`constrain_layout`, `operand_shapes_with_layout`): for kernels that index their buffers
-    /// in row-major order themselves (Triton), which XLA's layout assignment would otherwise be
-    /// free to hand transposed operands (as it does where an operand comes from a transpose).
-    #[track_caller]
-    pub fn custom_call_row_major(
-        &self,
-        target: &str,
-        operands: &[Op],
-        result: Shape,
-        attrs: &[(&str, Attr)],
-    ) -> Result<Op> {
-        let layout = FfiLayout::RowMajor(&[]);
-        self.typed_ffi_call(Location::caller(), target, operands, result, attrs, layout)
-    }
-
-    /// [`Builder::custom_call_row_major`] whose results update operands in place
+    /// [`Builder::custom_call`] whose results update operands in place
     /// (`output_operand_aliasing`): each `(output, operand)` pair gives result `output` (the
     /// tuple element of a tuple result; 0 for an array result) the buffer of operand `operand`,
     /// which must have the same shape. The handler reaches such a pair through
@@ -198,8 +185,7 @@ impl Builder {
         attrs: &[(&str, Attr)],
         aliases: &[(usize, usize)],
     ) -> Result<Op> {
-        let layout = FfiLayout::RowMajor(aliases);
-        self.typed_ffi_call(Location::caller(), target, operands, result, attrs, layout)
+        self.typed_ffi_call(Location::caller(), target, operands, result, attrs, aliases)
     }
 
     fn typed_ffi_call(
@@ -209,21 +195,16 @@ impl Builder {
         operands: &[Op],
         result: Shape,
         attrs: &[(&str, Attr)],
-        layout: FfiLayout<'_>,
+        aliases: &[(usize, usize)],
     ) -> Result<Op> {
         let shapes = self.shapes_of(loc, "custom_call", operands)?;
         if target.is_empty() {
             return Err(self.error_at(loc, "custom_call", "empty target name"));
         }
         let backend_config = mlir_dictionary(attrs).map_err(|e| self.shape_err(loc, e))?;
-        let (row_major_operands, output_operand_aliases) = match layout {
-            FfiLayout::Free => (Vec::new(), Vec::new()),
-            FfiLayout::RowMajor(aliases) => {
-                let checked = check_aliases(target, &shapes, &result, aliases)
-                    .map_err(|e| self.shape_err(loc, e))?;
-                (shapes, checked)
-            }
-        };
+        let output_operand_aliases =
+            check_aliases(target, &shapes, &result, aliases).map_err(|e| self.shape_err(loc, e))?;
+        let row_major_operands = shapes;
         let call = CustomCall {
             target: target.to_string(),
             backend_config,
@@ -280,15 +261,6 @@ impl Builder {
             Vec::new(),
         ))
     }
-}
-
-/// How a typed-FFI call's operand and result layouts are chosen.
-#[derive(Debug, Clone, Copy)]
-enum FfiLayout<'a> {
-    /// XLA's layout assignment picks them (no aliases).
-    Free,
-    /// Constrained to row-major, with these `(output, operand)` in-place aliases.
-    RowMajor(&'a [(usize, usize)]),
 }
 
 /// Checks `(output, operand)` alias pairs against the operand and result shapes; returns them as

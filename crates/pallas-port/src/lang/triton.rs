@@ -563,7 +563,7 @@ pub fn custom_call(b: &Builder, k: &Kernel, operands: &[HloOp]) -> hlo_builder::
     // Row-major layouts constrained: the kernel indexes its buffers row-major, and XLA's layout
     // assignment may otherwise pick others (inside the model it gave `o` and `d_o` the layout
     // {1,0,3,2}: wrong results on an H200, while a bench with parameter operands was right).
-    b.custom_call_row_major(TARGET, operands, result, &backend_config(k, &ir))
+    b.custom_call(TARGET, operands, result, &backend_config(k, &ir))
 }
 
 /// Checks the Triton calls of an optimized GPU HLO text (the CUDA plugin's optimized program,
